@@ -1,0 +1,109 @@
+"""Every hyperparameter of a model in one dataclass, with a JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+FORMAT_VERSION = 1
+LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch", "gene-cell")
+POSTERIORS = ("diagonal", "full")
+
+
+@dataclass
+class Config:
+    """Architecture, objective and data layout of a :class:`~cellvae.CellVAE`.
+
+    The data-dependent fields (gene names, category orders, covariate scaling) are filled
+    from the AnnData the model was built on, so a saved model needs no AnnData to load.
+    """
+
+    gene_names: list[str] = field(default_factory=list)
+    layer: str | None = None
+    batch_key: str | None = None
+    batch_categories: list[str] = field(default_factory=list)
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    categorical_covariate_categories: dict[str, list[str]] = field(default_factory=dict)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
+    continuous_covariate_mean: list[float] = field(default_factory=list)
+    continuous_covariate_std: list[float] = field(default_factory=list)
+    n_latent: int = 10
+    n_hidden: int = 128
+    n_layers: int = 1
+    dropout: float = 0.1
+    likelihood: str = "nb"
+    dispersion: str = "gene"
+    encode_batch: bool = True
+    posterior: str = "diagonal"
+    beta: float = 1.0
+    kl_warmup: int | None = None
+    free_bits: float = 0.0
+    format_version: int = FORMAT_VERSION
+    cellvae_version: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.likelihood in LIKELIHOODS, f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),
+            (self.dispersion in DISPERSIONS, f"dispersion must be one of {DISPERSIONS}, got {self.dispersion!r}"),
+            (self.posterior in POSTERIORS, f"posterior must be one of {POSTERIORS}, got {self.posterior!r}"),
+            (_is_positive_int(self.n_latent), f"n_latent must be a positive integer, got {self.n_latent!r}"),
+            (_is_positive_int(self.n_hidden), f"n_hidden must be a positive integer, got {self.n_hidden!r}"),
+            (_is_positive_int(self.n_layers), f"n_layers must be a positive integer, got {self.n_layers!r}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
+            (self.beta >= 0.0, f"beta must be non-negative, got {self.beta!r}"),
+            (self.free_bits >= 0.0, f"free_bits must be non-negative, got {self.free_bits!r}"),
+            (
+                self.kl_warmup is None or (isinstance(self.kl_warmup, int) and self.kl_warmup >= 0),
+                f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.dispersion == "gene-batch" and not self.batch_key:
+            raise ValueError("dispersion='gene-batch' needs a batch_key; pass batch_key=... or use dispersion='gene'")
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.gene_names)
+
+    @property
+    def n_batches(self) -> int:
+        return max(len(self.batch_categories), 1)
+
+    @property
+    def n_covariates(self) -> int:
+        """Width of the covariate vector: batch one-hot, other one-hots, continuous values."""
+        n_batch = len(self.batch_categories) if self.batch_key else 0
+        n_categorical = sum(len(c) for c in self.categorical_covariate_categories.values())
+        return n_batch + n_categorical + len(self.continuous_covariate_keys)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Config:
+        """Read a config written by :meth:`to_json`, refusing unknown format versions."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a readable cellvae config.json ({error})") from error
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} is not a cellvae config.json: expected a JSON object")
+        version = raw.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has model format version {version!r}, this cellvae reads versions up to "
+                f"{FORMAT_VERSION}; upgrade cellvae to load it"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path} has unknown config fields {unknown}; is it a cellvae model?")
+        return cls(**raw)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,0 +1,417 @@
+"""CellVAE: the user-facing model. Build it on an AnnData, fit, embed, decode, save and load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cellvae import data
+from cellvae.config import Config
+from cellvae.module import VAE
+from cellvae.train import TrainSettings, default_kl_warmup, default_max_epochs, pick_device, train
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+HISTORY_FILE = "history.json"
+
+
+class CellVAE:
+    """A negative-binomial VAE for raw single-cell counts.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes AnnData with raw integer counts in ``X`` or ``layers[layer]``.
+    layer
+        Layer holding the counts; ``None`` uses ``adata.X``.
+    batch_key
+        ``obs`` column of batches to correct for (injected into decoder and, with
+        ``encode_batch``, encoder).
+    categorical_covariate_keys, continuous_covariate_keys
+        Further ``obs`` columns injected like the batch.
+    n_latent, n_hidden, n_layers, dropout
+        Size of the latent space and of the encoder/decoder networks.
+    likelihood
+        ``"nb"`` (default), ``"zinb"`` or ``"poisson"``.
+    dispersion
+        Inverse dispersion per ``"gene"``, per ``"gene-batch"`` or per ``"gene-cell"``.
+    beta
+        Weight of the KL term (rate) in the objective ``distortion + beta * rate``.
+    kl_warmup
+        Epochs of linear KL warm-up; ``None`` picks a quarter of training (at most 50).
+    free_bits
+        Per-dimension KL floor (nats) below which the KL costs nothing; counters posterior collapse.
+    encode_batch
+        Give the encoder the covariates too (the decoder always gets them).
+    posterior
+        ``"diagonal"`` Gaussian q(z|x), or ``"full"`` covariance via a Cholesky factor.
+
+    The AnnData is only read, never modified.
+    """
+
+    def __init__(
+        self,
+        adata: ad.AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        n_latent: int = 10,
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        likelihood: str = "nb",
+        dispersion: str = "gene",
+        beta: float = 1.0,
+        kl_warmup: int | None = None,
+        free_bits: float = 0.0,
+        encode_batch: bool = True,
+        posterior: str = "diagonal",
+    ):
+        _check_anndata(adata)
+        matrix = data.count_matrix(adata, layer)
+        layout = data.learn_covariate_layout(
+            adata.obs, batch_key, list(categorical_covariate_keys or []), list(continuous_covariate_keys or [])
+        )
+        if not adata.var_names.is_unique:
+            dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")
+        data.validate_counts(matrix, _where(layer))
+        from cellvae import __version__
+
+        config = Config(
+            gene_names=[str(g) for g in adata.var_names],
+            layer=layer,
+            batch_key=batch_key,
+            batch_categories=layout.batch_categories,
+            categorical_covariate_keys=layout.categorical_keys,
+            categorical_covariate_categories=layout.categorical_categories,
+            continuous_covariate_keys=layout.continuous_keys,
+            continuous_covariate_mean=layout.continuous_mean,
+            continuous_covariate_std=layout.continuous_std,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout=dropout,
+            likelihood=likelihood,
+            dispersion=dispersion,
+            beta=beta,
+            kl_warmup=kl_warmup,
+            free_bits=free_bits,
+            encode_batch=encode_batch,
+            posterior=posterior,
+            cellvae_version=__version__,
+        )
+        self._setup(config, adata)
+
+    def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
+        self.config = config
+        self.adata = adata
+        self.module = VAE(config)
+        self.module.eval()
+        self.device = torch.device("cpu")
+        self.history = pd.DataFrame()
+        self.is_trained = False
+
+    @property
+    def layout(self) -> data.CovariateLayout:
+        c = self.config
+        return data.CovariateLayout(
+            c.batch_key,
+            c.batch_categories,
+            c.categorical_covariate_keys,
+            c.categorical_covariate_categories,
+            c.continuous_covariate_keys,
+            c.continuous_covariate_mean,
+            c.continuous_covariate_std,
+        )
+
+    def __repr__(self) -> str:
+        c = self.config
+        state = "trained" if self.is_trained else "untrained"
+        return (
+            f"CellVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, likelihood={c.likelihood!r}, "
+            f"batch_key={c.batch_key!r} with {len(c.batch_categories)} batches)"
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def fit(
+        self,
+        *,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        validation_size: float = 0.1,
+        early_stopping: bool = True,
+        patience: int = 20,
+        random_state: int = 0,
+        device: str = "auto",
+        progress: bool = True,
+    ) -> CellVAE:
+        """Train on the AnnData the model was built on; returns the model.
+
+        Cells with zero total counts carry no information and are left out of training with a
+        warning (they are still embedded by :meth:`get_latent`). ``model.history`` holds the
+        per-epoch train/validation distortion, rate and ELBO (nats per cell).
+        """
+        if self.adata is None:
+            raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
+        if not 0.0 <= validation_size < 1.0:
+            raise ValueError(f"validation_size must be in [0, 1), got {validation_size}")
+        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
+            raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        loader, cells = self._loader(self.adata, pick_device(device))
+        nonempty = cells[loader.library[cells] > 0]
+        if len(nonempty) < len(cells):
+            warnings.warn(
+                f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training; "
+                "drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
+                UserWarning,
+                stacklevel=2,
+            )
+        if len(nonempty) < data.MIN_CELLS:
+            raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
+        rng = np.random.default_rng(random_state)
+        shuffled = nonempty[rng.permutation(len(nonempty))]
+        n_validation = int(round(validation_size * len(shuffled))) if validation_size > 0 else 0
+        n_validation = min(max(n_validation, 1 if validation_size > 0 else 0), len(shuffled) - 1)
+        validation_cells, train_cells = np.sort(shuffled[:n_validation]), shuffled[n_validation:]
+        epochs = max_epochs or default_max_epochs(len(nonempty))
+        settings = TrainSettings(
+            max_epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            kl_warmup_epochs=self.config.kl_warmup if self.config.kl_warmup is not None else default_kl_warmup(epochs),
+            beta=self.config.beta,
+            early_stopping=early_stopping,
+            patience=patience,
+            random_state=random_state,
+            progress=progress,
+        )
+        self.device = loader.device
+        self.module.to(self.device)
+        self.history = train(self.module, loader, train_cells, validation_cells, settings)
+        self.module.to("cpu")
+        self.device = torch.device("cpu")
+        self.is_trained = True
+        self.train_settings = settings
+        return self
+
+    # ------------------------------------------------------------------ outputs
+
+    def get_latent(
+        self, adata: ad.AnnData | None = None, *, mean: bool = True, batch_size: int = 4096, random_state: int = 0
+    ) -> np.ndarray:
+        """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``."""
+        loader, cells = self._loader(self._resolve(adata), self.device)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(random_state)
+        chunks = []
+        with torch.no_grad():
+            for mb in loader.batches(cells, batch_size):
+                q = self.module.inference(mb.counts, mb.covariates, sample=not mean)
+                chunks.append(q["z"].float().cpu().numpy())
+        torch.random.set_rng_state(generator_state)
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def get_normalized_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        library_size: float = 1e4,
+        transform_batch: str | list[str] | None = None,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Denoised expression: the decoder mean at the posterior mean, scaled to ``library_size``.
+
+        ``transform_batch`` decodes every cell as if from that batch (a list averages over
+        batches): batch-corrected expression. Returns n_cells × n_genes float32.
+        """
+        adata = self._resolve(adata)
+        loader, cells = self._loader(adata, self.device)
+        targets = self._batch_overrides(transform_batch)
+        out = np.empty((len(cells), self.config.n_genes), dtype=np.float32)
+        with torch.no_grad():
+            for mb in loader.batches(cells, batch_size):
+                z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
+                library = torch.full_like(mb.library, library_size)
+                total = 0.0
+                for covariates, batch_index in self._decode_inputs(mb, targets):
+                    total = total + self.module.generative(z, covariates, library, batch_index).mean
+                rows = np.searchsorted(cells, mb.cell_index)
+                out[rows] = (total / len(targets)).cpu().numpy()
+        return out
+
+    def get_likelihood_parameters(self, adata: ad.AnnData | None = None, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
+        """Per cell and gene: ``mean`` (at the observed library size), ``theta`` (NB/ZINB), ``zero_inflation`` (ZINB)."""
+        loader, cells = self._loader(self._resolve(adata), self.device)
+        parts: dict[str, list[np.ndarray]] = {"mean": [], "theta": [], "zero_inflation": []}
+        with torch.no_grad():
+            for mb in loader.batches(cells, batch_size):
+                z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
+                dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
+                parts["mean"].append(dist.mean.cpu().numpy())
+                if hasattr(dist, "theta"):
+                    parts["theta"].append(dist.theta.expand_as(dist.log_mean).cpu().numpy())
+                if hasattr(dist, "zi_logits"):
+                    parts["zero_inflation"].append(torch.sigmoid(dist.zi_logits).cpu().numpy())
+        return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+    def sample_counts(
+        self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
+    ) -> np.ndarray:
+        """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z). Shape cells × genes, or n_samples × cells × genes."""
+        loader, cells = self._loader(self._resolve(adata), self.device)
+        generator = torch.Generator(device=self.device).manual_seed(random_state)
+        draws = np.empty((n_samples, len(cells), self.config.n_genes), dtype=np.float32)
+        with torch.no_grad():
+            start = 0
+            for mb in loader.batches(cells, batch_size):
+                q = self.module.inference(mb.counts, mb.covariates, sample=False)
+                for s in range(n_samples):
+                    noise = torch.randn(q["mean"].shape, generator=generator, device=self.device)
+                    z = _reparameterise(self.module, q, noise)
+                    dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
+                    draws[s, start : start + len(mb.cell_index)] = dist.sample(generator).cpu().numpy()
+                start += len(mb.cell_index)
+        return draws[0] if n_samples == 1 else draws
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``history.json`` into directory ``path``.
+
+        The files are written to a temporary directory first and moved into place at the end,
+        so an interrupted save never leaves a half-written model.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.config.to_json(staging / CONFIG_FILE)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "cellvae"})
+            (staging / HISTORY_FILE).write_text(self.history.to_json(orient="records"))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CellVAE:
+        """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
+
+        ``adata`` (optional) becomes the default data of :meth:`get_latent` and :meth:`fit`.
+        """
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise ValueError(
+                f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
+                "(written by CellVAE.save)"
+            )
+        config = Config.from_json(path / CONFIG_FILE)
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
+        model = cls.__new__(cls)
+        model._setup(config, None)
+        expected = {k: tuple(v.shape) for k, v in model.module.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != found:
+            diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+            raise ValueError(
+                f"{path / WEIGHTS_FILE} does not match its config.json: tensors {diff[:5]} have other shapes or are missing"
+            )
+        model.module.load_state_dict(state)
+        history_file = path / HISTORY_FILE
+        if history_file.is_file():
+            model.history = pd.DataFrame(json.loads(history_file.read_text()))
+        model.is_trained = True
+        if adata is not None:
+            model.adata = adata
+            model._loader(adata, model.device)
+        return model
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
+        if adata is not None:
+            return adata
+        if self.adata is None:
+            raise ValueError("this model was loaded without an AnnData; pass adata=... explicitly")
+        return self.adata
+
+    def _loader(self, adata: ad.AnnData, device: torch.device) -> tuple[data.CellLoader, np.ndarray]:
+        """Validate ``adata`` against the model and wrap it in a loader (nothing is copied or modified)."""
+        _check_anndata(adata)
+        matrix = data.count_matrix(adata, self.config.layer)
+        columns = data.gene_order(adata.var_names, self.config.gene_names)
+        covariates = data.covariate_matrix(adata.obs, self.layout)
+        data.validate_counts(matrix, _where(self.config.layer))
+        library = data.library_sizes(matrix if columns is None else data.as_row_readable(matrix)[:, columns])
+        loader = data.CellLoader(matrix, covariates, library, data.batch_codes(adata.obs, self.layout), columns, device)
+        return loader, np.arange(adata.n_obs)
+
+    def _batch_overrides(self, transform_batch: str | list[str] | None) -> list[int | None]:
+        if transform_batch is None:
+            return [None]
+        if not self.config.batch_key:
+            raise ValueError("transform_batch needs a model trained with batch_key")
+        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        unknown = [n for n in names if n not in self.config.batch_categories]
+        if unknown or not names:
+            raise ValueError(f"transform_batch {unknown or names} not among the model's batches {self.config.batch_categories}")
+        return [self.config.batch_categories.index(n) for n in names]
+
+    def _decode_inputs(self, mb: data.Minibatch, targets: list[int | None]):
+        """(covariates, batch codes) with the batch one-hot replaced by each target batch."""
+        n_batches = len(self.config.batch_categories)
+        for target in targets:
+            if target is None:
+                yield mb.covariates, mb.batch_index
+                continue
+            covariates = mb.covariates.clone()
+            covariates[:, :n_batches] = 0.0
+            covariates[:, target] = 1.0
+            yield covariates, torch.full_like(mb.batch_index, target)
+
+
+def _reparameterise(vae: VAE, q: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    if vae.config.posterior == "full":
+        return q["mean"] + torch.einsum("cij,cj->ci", q["scale"], noise)
+    return q["mean"] + torch.exp(0.5 * q["scale"]) * noise
+
+
+def _check_anndata(adata) -> None:
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+
+
+def _where(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"

@@ -1,0 +1,188 @@
+"""The variational autoencoder as a torch module: inference q(z|x), generative p(x|z), loss.
+
+Counts enter as ``log1p(x)``; the encoder gives a Gaussian q(z|x) (diagonal or full
+covariance), the decoder turns z and the covariates into gene proportions that, scaled by each
+cell's observed library size, are the mean of a count likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cellvae.config import Config
+from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+
+
+class CovariateMLP(nn.Module):
+    """Hidden layers (Linear → LayerNorm → ReLU → Dropout) that see the covariates at every layer."""
+
+    def __init__(self, n_input: int, n_covariates: int, n_hidden: int, n_layers: int, dropout: float):
+        super().__init__()
+        self.linears = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        width = n_input
+        for _ in range(n_layers):
+            self.linears.append(nn.Linear(width + n_covariates, n_hidden))
+            self.norms.append(nn.LayerNorm(n_hidden))
+            width = n_hidden
+        self.dropout = nn.Dropout(dropout)
+        self.n_covariates = n_covariates
+
+    def forward(self, h: torch.Tensor, covariates: torch.Tensor) -> torch.Tensor:
+        for linear, norm in zip(self.linears, self.norms):
+            if self.n_covariates:
+                h = torch.cat([h, covariates], dim=-1)
+            h = self.dropout(torch.relu(norm(linear(h))))
+        return h
+
+
+class Encoder(nn.Module):
+    """log1p(counts) [+ covariates] → mean and scale of q(z|x)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        n_cov = config.n_covariates if config.encode_batch else 0
+        self.use_covariates = n_cov > 0
+        self.body = CovariateMLP(config.n_genes, n_cov, config.n_hidden, config.n_layers, config.dropout)
+        self.mean = nn.Linear(config.n_hidden, config.n_latent)
+        self.full = config.posterior == "full"
+        n_scale = config.n_latent * (config.n_latent + 1) // 2 if self.full else config.n_latent
+        self.scale = nn.Linear(config.n_hidden, n_scale)
+        self.tril = torch.tril_indices(config.n_latent, config.n_latent) if self.full else None
+
+    def forward(self, counts: torch.Tensor, covariates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the posterior mean and either log-variances (diagonal) or a Cholesky factor (full)."""
+        cov = covariates if self.use_covariates else covariates[:, :0]
+        h = self.body(torch.log1p(counts), cov)
+        mean = self.mean(h)
+        raw = self.scale(h).clamp(-15.0, 15.0)
+        if not self.full:
+            return mean, raw
+        n = mean.shape[-1]
+        factor = mean.new_zeros(mean.shape[0], n, n)
+        factor[:, self.tril[0], self.tril[1]] = raw
+        diagonal = torch.diagonal(factor, dim1=-2, dim2=-1)
+        factor = factor - torch.diag_embed(diagonal) + torch.diag_embed(torch.exp(0.5 * diagonal))
+        return mean, factor
+
+
+class Decoder(nn.Module):
+    """z + covariates → log mean, inverse dispersion and zero-inflation of the count likelihood."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.body = CovariateMLP(config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout)
+        self.proportions = nn.Linear(config.n_hidden, config.n_genes)
+        if config.likelihood != "poisson":
+            if config.dispersion == "gene":
+                self.log_theta = nn.Parameter(torch.zeros(config.n_genes))
+            elif config.dispersion == "gene-batch":
+                self.log_theta = nn.Parameter(torch.zeros(config.n_batches, config.n_genes))
+            else:
+                self.theta_head = nn.Linear(config.n_hidden, config.n_genes)
+        if config.likelihood == "zinb":
+            self.dropout_head = nn.Linear(config.n_hidden, config.n_genes)
+
+    def forward(self, z, covariates, library, batch_index):
+        h = self.body(z, covariates)
+        log_mean = torch.log_softmax(self.proportions(h), dim=-1) + torch.log(library)
+        if self.config.likelihood == "poisson":
+            return Poisson(log_mean)
+        if self.config.dispersion == "gene":
+            log_theta = self.log_theta
+        elif self.config.dispersion == "gene-batch":
+            log_theta = self.log_theta[batch_index]
+        else:
+            log_theta = self.theta_head(h)
+        theta = torch.exp(log_theta.clamp(-12.0, 12.0))
+        if self.config.likelihood == "zinb":
+            return ZeroInflatedNegativeBinomial(log_mean, theta, self.dropout_head(h))
+        return NegativeBinomial(log_mean, theta)
+
+
+class VAE(nn.Module):
+    """Encoder, decoder and the negative ELBO ``distortion + beta * rate``."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def inference(self, counts, covariates, sample: bool = True) -> dict[str, torch.Tensor]:
+        """q(z|x): its mean, scale parameters and (when ``sample``) a reparameterised draw z."""
+        mean, scale = self.encoder(counts, covariates)
+        z = self.sample_posterior(mean, scale) if sample else mean
+        return {"mean": mean, "scale": scale, "z": z}
+
+    def sample_posterior(self, mean: torch.Tensor, scale: torch.Tensor, n_samples: int | None = None) -> torch.Tensor:
+        """Reparameterised draws from q(z|x); shape ``[n_samples,] cells × n_latent``."""
+        shape = mean.shape if n_samples is None else (n_samples, *mean.shape)
+        noise = torch.randn(shape, device=mean.device, dtype=mean.dtype)
+        if self.config.posterior == "full":
+            return mean + torch.einsum("cij,...cj->...ci", scale, noise)
+        return mean + torch.exp(0.5 * scale) * noise
+
+    def generative(self, z, covariates, library, batch_index):
+        """p(x|z): the count distribution of each cell and gene."""
+        return self.decoder(z, covariates, library, batch_index)
+
+    def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
+        """log q(z|x) summed over latent dimensions."""
+        if self.config.posterior == "full":
+            return torch.distributions.MultivariateNormal(mean, scale_tril=scale).log_prob(z)
+        return torch.distributions.Normal(mean, torch.exp(0.5 * scale)).log_prob(z).sum(-1)
+
+    def kl_per_dimension(self, mean, scale) -> torch.Tensor:
+        """KL of each latent dimension's marginal q(z_d|x) from N(0, 1), cells × n_latent.
+
+        For the full posterior the joint KL exceeds the sum of these by the total correlation,
+        which :meth:`kl_divergence` adds.
+        """
+        variance = scale.exp() if self.config.posterior == "diagonal" else (scale**2).sum(-1)
+        return 0.5 * (variance + mean**2 - 1.0 - torch.log(variance))
+
+    def kl_divergence(self, mean, scale) -> torch.Tensor:
+        """KL(q(z|x) || N(0, I)) of each cell (the rate)."""
+        per_dim = self.kl_per_dimension(mean, scale)
+        if self.config.posterior == "diagonal":
+            return per_dim.sum(-1)
+        log_det = 2.0 * torch.log(torch.diagonal(scale, dim1=-2, dim2=-1)).sum(-1)
+        variance = (scale**2).sum(-1)
+        return 0.5 * (variance.sum(-1) + (mean**2).sum(-1) - mean.shape[-1] - log_det)
+
+    def forward(self, counts, covariates, library, batch_index, kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Loss of one minibatch plus its per-cell distortion and rate (nats per cell)."""
+        q = self.inference(counts, covariates)
+        distortion = -self.generative(q["z"], covariates, library, batch_index).log_prob(counts).sum(-1)
+        per_dim = self.kl_per_dimension(q["mean"], q["scale"])
+        rate = self.kl_divergence(q["mean"], q["scale"])
+        penalised = rate
+        if self.config.free_bits > 0:
+            # Free bits: each dimension's batch-mean KL is floored, so small ones cost nothing to use.
+            floor = per_dim.mean(0).clamp(min=self.config.free_bits).sum()
+            penalised = rate - per_dim.sum(-1) + floor
+        loss = (distortion + kl_weight * penalised).mean()
+        return {"loss": loss, "distortion": distortion, "rate": rate}
+
+
+def importance_log_weights(vae: VAE, counts, covariates, library, batch_index, n_samples: int) -> torch.Tensor:
+    """log p(x, z_k) − log q(z_k|x) for K posterior draws, shape K × cells (IWAE weights)."""
+    q = vae.inference(counts, covariates, sample=False)
+    z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
+    log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_q = vae.log_posterior_density(z, q["mean"], q["scale"])
+    flat_z = z.reshape(-1, z.shape[-1])
+    repeat = (n_samples, 1)
+    likelihood = vae.generative(flat_z, covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples))
+    log_lik = likelihood.log_prob(counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
+    return log_lik + log_prior - log_q
+
+
+def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
+    """log mean_k exp(w_k) of each cell: the importance-weighted lower bound on log p(x)."""
+    return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
