@@ -7,11 +7,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -356,6 +358,120 @@ class CellVAE:
             model._loader(adata, model.device)
         return model
 
+    # ------------------------------------------------------------------ reference mapping
+
+    def map_query(
+        self,
+        query_adata: ad.AnnData,
+        *,
+        batch_key: str | None = None,
+        train_input_layer: bool = False,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        validation_size: float = 0.1,
+        patience: int = 10,
+        random_state: int = 0,
+        device: str = "auto",
+        progress: bool = True,
+    ) -> CellVAE:
+        """Map query cells onto this (reference) model by architecture surgery; returns a new model.
+
+        Query batches unseen by the reference get new one-hot columns in every covariate-fed
+        layer (and new rows of a ``"gene-batch"`` dispersion); only these new parameters are
+        trained, every reference weight stays frozen, so the query lands in the reference's
+        latent space and reference cells embed exactly as before.
+
+        Parameters
+        ----------
+        query_adata
+            Query cells with raw counts in the same place (``X`` or the reference's layer). Genes
+            are matched by name: genes the reference lacks are dropped, reference genes missing
+            from the query are zero-filled with a warning, and fewer than 80% present is an error.
+            The query is only read, never modified.
+        batch_key
+            ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
+            batch whose name is already a reference batch is treated as that reference batch
+            (with a warning): its cells use the frozen reference parameters.
+        train_input_layer
+            Also train the encoder's first layer (all of it); then re-embed reference cells with
+            the returned model, since their embedding changes slightly.
+        max_epochs
+            Epochs over the query; ``None`` picks about 200,000 cell passes, between 20 and 200 epochs.
+        batch_size, lr, validation_size, patience, random_state, device, progress
+            As in :meth:`fit` (early stopping on the query's validation loss; no weight decay, so
+            frozen weights stay bit-identical).
+
+        Returns
+        -------
+        The query model: its config lists the reference batches followed by the new ones, it
+        holds an aligned copy of the query as ``query_model.adata`` (so ``query_model.get_latent()``
+        embeds the query) and embeds reference cells too. Save and load it like any model.
+        """
+        if not self.is_trained:
+            raise ValueError("map_query needs a trained reference model; call model.fit() first")
+        if not self.config.batch_key:
+            raise ValueError(
+                "the reference model was trained without batch_key, so it has no batch parameters to extend; "
+                "embed the query directly with model.get_latent(query_adata), or retrain with batch_key=..."
+            )
+        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
+            raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
+        _check_anndata(query_adata)
+        query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
+        aligned = _align_query(query_adata, self.config, query_batches)
+        reference_batches = self.config.batch_categories
+        overlapping = sorted(set(query_batches) & set(reference_batches))
+        if overlapping:
+            warnings.warn(
+                f"query batches {overlapping[:5]} already exist in the reference; their cells are treated as those "
+                "reference batches (frozen parameters). Rename them to map them as new batches.",
+                UserWarning,
+                stacklevel=2,
+            )
+        new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
+        config = Config(**{**asdict(self.config), "batch_categories": reference_batches + new_batches})
+        query_model = CellVAE.__new__(CellVAE)
+        query_model._setup(config, aligned)
+        query_model._loader(aligned, query_model.device)  # validate covariates before any work
+        trainable = _graft_reference(self.module, query_model.module, len(reference_batches), len(new_batches), train_input_layer)
+        query_model.is_trained = True
+        if not trainable:
+            return query_model
+        loader, cells = query_model._loader(aligned, pick_device(device))
+        cells = cells[loader.library[cells] > 0]
+        if len(cells) < data.MIN_CELLS:
+            raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
+        rng = np.random.default_rng(random_state)
+        shuffled = cells[rng.permutation(len(cells))]
+        n_validation = min(int(round(validation_size * len(shuffled))), len(shuffled) - 1)
+        epochs = max_epochs or int(np.clip(round(2e5 / len(cells)), 20, 200))
+        settings = TrainSettings(
+            max_epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=0.0,
+            kl_warmup_epochs=0,
+            beta=self.config.beta,
+            early_stopping=True,
+            patience=patience,
+            random_state=random_state,
+            progress=progress,
+        )
+        hooks = [p.register_hook(lambda grad, m=mask: grad * m) for p, mask in trainable if mask is not None]
+        query_model.module.to(loader.device)
+        try:
+            query_model.history = train(
+                query_model.module, loader, shuffled[n_validation:], np.sort(shuffled[:n_validation]), settings
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+            query_model.module.requires_grad_(True)
+            query_model.module.to("cpu")
+        query_model.train_settings = settings
+        return query_model
+
     # ------------------------------------------------------------------ helpers
 
     def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
@@ -415,3 +531,105 @@ def _check_anndata(adata) -> None:
 
 def _where(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+# ----------------------------------------------------------------------------- reference mapping helpers
+
+MIN_QUERY_GENE_FRACTION = 0.8
+
+
+def _query_batches(query: ad.AnnData, batch_key: str) -> np.ndarray:
+    """The query's batch names as strings; clear errors for a missing column or NaN values."""
+    if batch_key not in query.obs.columns:
+        raise KeyError(
+            f"batch column {batch_key!r} not found in query_adata.obs; available: {list(query.obs.columns)}. "
+            "Pass batch_key=... naming the query's batch column"
+        )
+    column = query.obs[batch_key]
+    if column.isna().any():
+        raise ValueError(
+            f"query_adata.obs[{batch_key!r}] has {int(column.isna().sum())} missing (NaN) batch values; "
+            "fill them with a batch name or drop those cells before map_query"
+        )
+    return column.astype(str).to_numpy()
+
+
+def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.AnnData:
+    """A new in-memory AnnData with the query's counts in the reference's gene order (missing genes zero)."""
+    matrix = data.count_matrix(query, config.layer)
+    if data.is_backed_matrix(matrix):
+        raise ValueError("query_adata is backed on disk; load it with query_adata.to_memory() before map_query")
+    if not query.var_names.is_unique:
+        dup = query.var_names[query.var_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"query_adata.var_names are not unique (e.g. {dup}); call query_adata.var_names_make_unique()")
+    data.validate_counts(matrix, "query " + _where(config.layer))
+    reference_genes = pd.Index(config.gene_names)
+    positions = query.var_names.get_indexer(reference_genes)
+    present = positions >= 0
+    if present.mean() < MIN_QUERY_GENE_FRACTION:
+        missing = reference_genes[~present]
+        raise ValueError(
+            f"only {int(present.sum())} of the reference's {len(reference_genes)} genes ({present.mean():.0%}) are in "
+            f"query_adata.var_names (at least {MIN_QUERY_GENE_FRACTION:.0%} needed); missing e.g. {missing[:5].tolist()}. "
+            "Check that query and reference use the same gene identifiers (symbols vs Ensembl IDs)"
+        )
+    if not present.all():
+        warnings.warn(
+            f"{int((~present).sum())} of the reference's {len(reference_genes)} genes are missing from the query "
+            f"(e.g. {reference_genes[~present][:3].tolist()}); they are filled with zero counts",
+            UserWarning,
+            stacklevel=3,
+        )
+    # A 0/1 selection matrix reorders the query's columns, drops extra genes and zero-fills missing ones.
+    selection = sp.csr_matrix(
+        (np.ones(int(present.sum()), dtype=np.float32), (positions[present], np.flatnonzero(present))),
+        shape=(query.n_vars, len(reference_genes)),
+    )
+    counts = sp.csr_matrix(matrix, dtype=np.float32) @ selection
+    obs = query.obs.copy()
+    obs[config.batch_key] = pd.Categorical(batches)
+    var = pd.DataFrame(index=reference_genes.copy())
+    if config.layer is None:
+        return ad.AnnData(X=counts.tocsr(), obs=obs, var=var)
+    return ad.AnnData(obs=obs, var=var, layers={config.layer: counts.tocsr()})
+
+
+def _graft_reference(
+    reference: VAE, query: VAE, n_reference_batches: int, n_new_batches: int, train_input_layer: bool
+) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    """Copy the reference weights into ``query`` (new batch columns start at zero) and freeze them.
+
+    Returns the trainable parameters with their gradient masks (``None``: trained fully).
+    """
+    new_state = query.state_dict()
+    for name, old in reference.state_dict().items():
+        new = new_state[name]
+        if new.shape == old.shape:
+            new.copy_(old)
+        elif name.endswith("log_theta"):  # gene-batch dispersion: new batches start at the reference mean
+            new[:n_reference_batches] = old
+            new[n_reference_batches:] = old.mean(0)
+        else:  # a covariate-fed Linear: [hidden input | batch one-hot | other covariates]
+            start = old.shape[1] - query.config.n_covariates + n_new_batches + n_reference_batches
+            new.zero_()
+            new[:, :start] = old[:, :start]
+            new[:, start + n_new_batches :] = old[:, start:]
+    query.requires_grad_(False)
+    trainable: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
+    for name, param in query.named_parameters():
+        old_shape = reference.get_parameter(name).shape
+        if param.shape != old_shape:
+            mask = torch.zeros_like(param)
+            if name.endswith("log_theta"):
+                mask[n_reference_batches:] = 1.0
+            else:
+                start = old_shape[1] - query.config.n_covariates + n_new_batches + n_reference_batches
+                mask[:, start : start + n_new_batches] = 1.0
+            trainable.append((param, mask))
+    if train_input_layer:
+        first = query.encoder.body.linears[0]
+        trainable = [(p, m) for p, m in trainable if p is not first.weight]
+        trainable += [(first.weight, None), (first.bias, None)]
+    for param, _ in trainable:
+        param.requires_grad_(True)
+    return trainable
