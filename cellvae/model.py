@@ -163,12 +163,22 @@ class CellVAE:
         random_state: int = 0,
         device: str = "auto",
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
     ) -> CellVAE:
         """Train on the AnnData the model was built on; returns the model.
 
         Cells with zero total counts carry no information and are left out of training with a
         warning (they are still embedded by :meth:`get_latent`). ``model.history`` holds the
-        per-epoch train/validation distortion, rate and ELBO (nats per cell).
+        per-epoch train/validation distortion, rate and ELBO (nats per cell). ``random_state``
+        seeds the initial weights of an untrained model, the validation split, the minibatch
+        order and dropout, so equal seeds give bitwise-equal models on the CPU.
+
+        ``checkpoint_dir`` receives ``checkpoint.safetensors`` (weights, optimizer, random-number
+        generators, history, early-stopping state) every ``checkpoint_every`` epochs, written
+        atomically. ``resume=True`` continues from it after a crash or Ctrl-C and ends with the
+        same parameters as an uninterrupted run with the same arguments.
         """
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
@@ -180,6 +190,10 @@ class CellVAE:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
         loader, cells = self._loader(self.adata, pick_device(device))
         nonempty = cells[loader.library[cells] > 0]
         if len(nonempty) < len(cells):
@@ -209,9 +223,27 @@ class CellVAE:
             random_state=random_state,
             progress=progress,
         )
+        if not self.is_trained:
+            # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(random_state)
+                self.module = VAE(self.config)
         self.device = loader.device
         self.module.to(self.device)
-        self.history = train(self.module, loader, train_cells, validation_cells, settings)
+        try:
+            self.history = train(
+                self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
+            )
+        except torch.OutOfMemoryError as error:
+            self.module.to("cpu")
+            self.device = torch.device("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise torch.OutOfMemoryError(
+                f"the {loader.device.type} device ran out of memory training with batch_size={batch_size}; "
+                f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
+                "or device='cpu'"
+            ) from error
         self.module.to("cpu")
         self.device = torch.device("cpu")
         self.is_trained = True
@@ -315,12 +347,17 @@ class CellVAE:
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "cellvae"})
             (staging / HISTORY_FILE).write_text(self.history.to_json(orient="records"))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        # Move the old model aside before renaming the new one in, so it is never deleted first.
+        previous = None
+        if path.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, previous / path.name)
+        os.replace(staging, path)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CellVAE:
@@ -339,15 +376,19 @@ class CellVAE:
             state = load_file(str(path / WEIGHTS_FILE))
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
-        model = cls.__new__(cls)
-        model._setup(config, None)
-        expected = {k: tuple(v.shape) for k, v in model.module.state_dict().items()}
+        try:
+            with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate
+                expected = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{path / CONFIG_FILE} describes no valid cellvae model ({error})") from error
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:
             diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
             raise ValueError(
                 f"{path / WEIGHTS_FILE} does not match its config.json: tensors {diff[:5]} have other shapes or are missing"
             )
+        model = cls.__new__(cls)
+        model._setup(config, None)
         model.module.load_state_dict(state)
         history_file = path / HISTORY_FILE
         if history_file.is_file():

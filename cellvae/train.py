@@ -7,14 +7,20 @@ One plain loop, used by :meth:`cellvae.CellVAE.fit`. It works on any
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from cellvae.data import CellLoader
@@ -95,11 +101,16 @@ def train(
     train_cells: np.ndarray,
     validation_cells: np.ndarray,
     settings: TrainSettings,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
 ) -> pd.DataFrame:
     """Fit ``vae`` in place and return the per-epoch history.
 
     Non-finite losses or gradients roll the parameters back to the last good epoch and halve
-    the learning rate; Ctrl-C stops early and keeps the best parameters so far.
+    the learning rate; Ctrl-C stops early and keeps the best parameters so far. With
+    ``checkpoint_dir`` the full training state is written atomically every ``checkpoint_every``
+    epochs; ``resume`` continues from it and ends with the same parameters as an uninterrupted run.
     """
     torch.manual_seed(settings.random_state)
     rng = np.random.default_rng(settings.random_state)
@@ -111,7 +122,21 @@ def train(
     last_good = copy.deepcopy(vae.state_dict())
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
-    bar = tqdm(range(settings.max_epochs), desc="cellvae", unit="epoch", disable=not settings.progress)
+    start_epoch, stop = 0, False
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+    run = None if checkpoint is None else describe_run(vae, loader, train_cells, validation_cells, settings)
+    if checkpoint is not None and resume:
+        if checkpoint.exists():
+            loop = read_checkpoint(checkpoint, run, vae, optimizer, rng)
+            best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
+            epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
+            last_good = copy.deepcopy(vae.state_dict())
+        else:
+            warnings.warn(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning, stacklevel=3)
+    epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
+    bar = tqdm(
+        epochs, desc="cellvae", unit="epoch", disable=not settings.progress, initial=epochs.start, total=settings.max_epochs
+    )
     vae.train()
     try:
         for epoch in bar:
@@ -166,8 +191,13 @@ def train(
                 epochs_without_improvement = 0
             else:
                 epochs_without_improvement += 1
-                if settings.early_stopping and epochs_without_improvement >= settings.patience:
-                    break
+                stop = settings.early_stopping and epochs_without_improvement >= settings.patience
+            if checkpoint is not None and (stop or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == settings.max_epochs):
+                loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows}
+                loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best}
+                write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
+            if stop:
+                break
     except KeyboardInterrupt:
         warnings.warn(
             f"training interrupted at epoch {len(rows)}; keeping the best parameters so far (epoch {best['epoch']})",
@@ -188,3 +218,93 @@ def _all_finite(loss: torch.Tensor, vae: VAE) -> bool:
         return False
     params = [p for p in vae.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, math.inf))) if params else True
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_VERSION = 1
+
+
+def describe_run(
+    vae: VAE, loader: CellLoader, train_cells: np.ndarray, validation_cells: np.ndarray, settings: TrainSettings
+) -> dict:
+    """What a checkpoint must share with a run to continue it bit for bit (model, settings, cells, device)."""
+    config = {k: v for k, v in asdict(vae.config).items() if k != "cellvae_version"}
+    cells = hashlib.sha256(np.ascontiguousarray(train_cells, dtype=np.int64).tobytes())
+    cells.update(np.ascontiguousarray(validation_cells, dtype=np.int64).tobytes())
+    run = {k: v for k, v in asdict(settings).items() if k != "progress"}
+    run["model_config_sha256"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    run["cells_sha256"] = cells.hexdigest()
+    run["device"] = loader.device.type
+    return run
+
+
+def write_checkpoint(
+    path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator, loop: dict
+) -> None:
+    """Write parameters, optimizer, RNG and loop state as one safetensors file (temp file, fsync, rename)."""
+    tensors = {f"model.{k}": v for k, v in vae.state_dict().items()}
+    tensors |= {f"best.{k}": v for k, v in loop["best"]["state"].items()}
+    optimizer_state = optimizer.state_dict()
+    for index, values in optimizer_state["state"].items():
+        tensors |= {f"optimizer.{index}.{name}": torch.as_tensor(value) for name, value in values.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    device = next(vae.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    meta = {k: v for k, v in loop.items() if k != "best"}
+    meta |= {"best_loss": loop["best"]["loss"], "best_epoch": loop["best"]["epoch"], "run": run}
+    meta |= {"version": CHECKPOINT_VERSION, "numpy_rng": rng.bit_generator.state, "param_groups": optimizer_state["param_groups"]}
+    blob = safetensors_bytes(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"cellvae_checkpoint": json.dumps(meta)}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(staging, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> dict:
+    """Restore ``vae``, ``optimizer``, ``rng`` and the torch RNG from ``path``; return the loop state."""
+    advice = f"delete {path} or call fit(resume=False) to start over"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable cellvae checkpoint ({error}); {advice}") from error
+    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has an unknown checkpoint version; {advice}")
+    differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
+    if differ:
+        was = {k: meta["run"].get(k) for k in differ if not k.endswith("sha256")}
+        raise ValueError(
+            f"{path} was written by a different run: {differ} differ (checkpoint: {was}); "
+            f"resume with the same data, model and fit arguments, or {advice}"
+        )
+    try:
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        vae.load_state_dict(best_state)  # checks that the best parameters fit the model too
+        vae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optimizer_state: dict = {"state": {}, "param_groups": meta["param_groups"]}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optimizer_state["state"].setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict(optimizer_state)
+        rng.bit_generator.state = meta["numpy_rng"]
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} does not fit this model ({error}); {advice}") from error
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], next(vae.parameters()).device)
+    best = {"loss": meta["best_loss"], "state": best_state, "epoch": meta["best_epoch"]}
+    return {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")} | {"best": best}
