@@ -114,7 +114,8 @@ def run_fit(args: argparse.Namespace) -> int:
     _neighbours_umap_leiden(adata, args.key_added, args.seed)
     model.save(args.model_dir, overwrite=args.overwrite)
     ad.AnnData.write_h5ad(adata, args.out)
-    print(f"trained {len(model.history)} epochs; wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden) and model {args.model_dir}")
+    print(f"trained {len(model.history)} epochs; wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden)")
+    print(f"saved the model in {args.model_dir}")
     return 0
 
 

@@ -69,7 +69,7 @@ def simulate(
     cell_type = rng.integers(0, n_cell_types, n_cells)
     batch = rng.integers(0, n_batches, n_cells)
     # Continuous within-type variation along a few random directions.
-    within = rng.normal(0.0, 0.3, (n_cells, 3)) @ rng.normal(0.0, 1.0, (3, n_genes)) * 0.3
+    within = rng.normal(0.0, 1.0, (n_cells, 3)) @ rng.normal(0.0, 0.4, (3, n_genes))
     log_rates = base + type_programme[cell_type] + batch_programme[batch] + within
     proportions = np.exp(log_rates - log_rates.max(axis=1, keepdims=True))
     proportions /= proportions.sum(axis=1, keepdims=True)

@@ -1,0 +1,70 @@
+"""The count likelihoods agree with scipy.stats on random parameters."""
+
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats as st
+import torch
+
+from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+
+
+@pytest.fixture
+def params():
+    rng = np.random.default_rng(0)
+    mean = rng.gamma(1.0, 5.0, size=(50, 20)) + 1e-3
+    theta = rng.gamma(2.0, 2.0, size=(1, 20)) + 0.05
+    pi = rng.uniform(0.0, 0.9, size=(50, 20))
+    x = rng.poisson(mean * rng.gamma(2.0, 0.5, size=mean.shape)).astype(np.float64)
+    x[0, 0] = 0.0
+    return x, mean, theta, pi
+
+
+def t(a):
+    return torch.tensor(a, dtype=torch.float64)
+
+
+def test_negative_binomial_matches_scipy(params):
+    x, mean, theta, _ = params
+    ours = NegativeBinomial(t(np.log(mean)), t(theta)).log_prob(t(x)).numpy()
+    p = theta / (theta + mean)
+    np.testing.assert_allclose(ours, st.nbinom.logpmf(x, theta, p), rtol=1e-9, atol=1e-9)
+
+
+def test_zero_inflated_negative_binomial_matches_scipy(params):
+    x, mean, theta, pi = params
+    logits = np.log(pi) - np.log1p(-pi)
+    ours = ZeroInflatedNegativeBinomial(t(np.log(mean)), t(theta), t(logits)).log_prob(t(x)).numpy()
+    nb = st.nbinom.pmf(x, theta, theta / (theta + mean))
+    expected = np.log(np.where(x == 0, pi + (1 - pi) * nb, (1 - pi) * nb))
+    np.testing.assert_allclose(ours, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_poisson_matches_scipy(params):
+    x, mean, _, _ = params
+    ours = Poisson(t(np.log(mean))).log_prob(t(x)).numpy()
+    np.testing.assert_allclose(ours, st.poisson.logpmf(x, mean), rtol=1e-9, atol=1e-9)
+
+
+def test_constant_term_is_log_factorial(params):
+    x, mean, theta, _ = params
+    nb = NegativeBinomial(t(np.log(mean)), t(theta))
+    difference = (nb.log_prob(t(x), include_constant=False) - nb.log_prob(t(x))).numpy()
+    np.testing.assert_allclose(difference, scipy.special.gammaln(x + 1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["nb", "zinb", "poisson"])
+def test_samples_have_the_stated_mean_and_variance(kind):
+    log_mean = torch.full((40_000, 3), np.log(6.0), dtype=torch.float64)
+    theta = torch.tensor([0.5, 2.0, 20.0], dtype=torch.float64)
+    dist = {
+        "nb": lambda: NegativeBinomial(log_mean, theta),
+        "zinb": lambda: ZeroInflatedNegativeBinomial(log_mean, theta, torch.full_like(log_mean, -1.0)),
+        "poisson": lambda: Poisson(log_mean),
+    }[kind]()
+    draws = dist.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(draws, draws.round()) and (draws >= 0).all()
+    np.testing.assert_allclose(draws.mean(0).numpy(), dist.mean[0].numpy(), rtol=0.05)
+    np.testing.assert_allclose(draws.var(0).numpy(), dist.variance[0].numpy(), rtol=0.12)
+    again = dist.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)

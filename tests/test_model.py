@@ -1,0 +1,214 @@
+"""CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+import cellvae
+from cellvae import CellVAE
+
+
+def knn_accuracy(representation, labels, k=15):
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    return cross_val_score(KNeighborsClassifier(k), representation, labels, cv=folds).mean()
+
+
+def test_pbmc_embedding_is_as_good_as_pca(pbmc):
+    """15-NN cell-type accuracy on the embedding ≥ 0.95 × that on 10 PCs of log-normalised data."""
+    adata = pbmc.copy()
+    model = cellvae.tl.embed(adata, random_state=0, progress=False)
+    assert adata.obsm["X_cellvae"].shape == (700, 10) and adata.obsm["X_cellvae"].dtype == np.float32
+    assert adata.uns["cellvae"]["params"]["key_added"] == "X_cellvae"
+    normalised = pbmc.copy()
+    sc.pp.normalize_total(normalised, target_sum=1e4)
+    sc.pp.log1p(normalised)
+    sc.pp.pca(normalised, n_comps=10, random_state=0)
+    labels = pbmc.obs["cell_type"].to_numpy()
+    pca_accuracy = knn_accuracy(normalised.obsm["X_pca"], labels)
+    ours = knn_accuracy(adata.obsm["X_cellvae"], labels)
+    assert ours >= 0.95 * pca_accuracy, (ours, pca_accuracy)
+    history = model.history
+    for column in ("train_distortion", "train_rate", "validation_distortion", "validation_rate", "validation_elbo"):
+        assert column in history and np.isfinite(history[column]).all()
+    assert history["validation_elbo"].iloc[-1] > history["validation_elbo"].iloc[0]
+    sc.pp.neighbors(adata, use_rep="X_cellvae")
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False)
+    assert adata.obs["leiden"].nunique() > 3
+
+
+def test_batches_mix_while_cell_types_stay_apart(two_batches):
+    model = CellVAE(two_batches, batch_key="batch").fit(max_epochs=150, random_state=0, progress=False)
+    latent = model.get_latent()
+    batch_accuracy = knn_accuracy(latent, two_batches.obs["batch"].to_numpy())
+    type_accuracy = knn_accuracy(latent, two_batches.obs["cell_type"].to_numpy())
+    assert batch_accuracy < 0.65, batch_accuracy  # two balanced batches: chance is 0.5
+    assert type_accuracy > 0.95, type_accuracy
+
+
+def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
+    small = two_batches[:300].copy()
+    first = CellVAE(small, batch_key="batch").fit(max_epochs=3, random_state=7, progress=False)
+    second = CellVAE(small, batch_key="batch").fit(max_epochs=3, random_state=7, progress=False)
+    other = CellVAE(small, batch_key="batch").fit(max_epochs=3, random_state=8, progress=False)
+    np.testing.assert_array_equal(first.get_latent(), second.get_latent())
+    assert not np.array_equal(first.get_latent(), other.get_latent())
+    first.save(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "history.json", "model.safetensors"]
+    loaded = CellVAE.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.get_latent(small), first.get_latent())
+    pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        first.save(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"likelihood": "zinb"},
+        {"likelihood": "poisson"},
+        {"dispersion": "gene-batch", "batch_key": "batch"},
+        {"dispersion": "gene-cell"},
+        {"n_layers": 2, "encode_batch": False, "batch_key": "batch"},
+        {"posterior": "full"},
+    ],
+)
+def test_model_variants_train_and_decode(two_batches, options):
+    adata = two_batches[:300].copy()
+    model = CellVAE(adata, n_latent=4, **options).fit(max_epochs=3, random_state=0, progress=False)
+    assert np.isfinite(model.history["validation_elbo"]).all()
+    params = model.get_likelihood_parameters()
+    assert params["mean"].shape == adata.shape and (params["mean"] >= 0).all()
+    assert ("zero_inflation" in params) == (options.get("likelihood") == "zinb")
+    assert ("theta" in params) == (options.get("likelihood") != "poisson")
+
+
+def test_outputs_on_new_data_with_reordered_genes(two_batches):
+    adata = two_batches[:300].copy()
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=3, random_state=0, progress=False)
+    shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)].copy()
+    np.testing.assert_allclose(model.get_latent(shuffled), model.get_latent(adata), rtol=1e-5, atol=1e-6)
+    expression = model.get_normalized_expression(library_size=1e4)
+    assert expression.shape == adata.shape
+    np.testing.assert_allclose(expression.sum(1), 1e4, rtol=1e-3)
+    corrected = model.get_normalized_expression(transform_batch="batch0")
+    assert corrected.shape == adata.shape and not np.allclose(corrected, expression)
+    draws = model.sample_counts(n_samples=2, random_state=0)
+    assert draws.shape == (2, *adata.shape) and np.array_equal(draws, np.round(draws))
+    np.testing.assert_array_equal(draws, model.sample_counts(n_samples=2, random_state=0))
+    sampled_latent = model.get_latent(mean=False)
+    assert not np.allclose(sampled_latent, model.get_latent())
+
+
+def test_covariates_are_used(two_batches):
+    adata = two_batches[:300].copy()
+    adata.obs["donor"] = pd.Categorical(np.where(np.arange(300) % 3 == 0, "d1", "d2"))
+    adata.obs["percent_mito"] = np.linspace(0, 5, 300)
+    model = CellVAE(
+        adata, batch_key="batch", categorical_covariate_keys=["donor"], continuous_covariate_keys=["percent_mito"]
+    ).fit(max_epochs=2, random_state=0, progress=False)
+    assert model.config.n_covariates == 2 + 2 + 1
+    changed = adata.copy()
+    changed.obs["percent_mito"] = 50.0
+    assert not np.allclose(model.get_normalized_expression(changed), model.get_normalized_expression(adata))
+
+
+def test_counts_from_layer_dense_and_csc(two_batches):
+    adata = two_batches[:200].copy()
+    adata.layers["counts"] = adata.X.toarray().astype(np.int32)
+    adata.X = sp.csc_matrix(adata.X)
+    for layer in ("counts", None):
+        model = CellVAE(adata, layer=layer).fit(max_epochs=2, random_state=0, progress=False)
+        assert model.get_latent().shape == (200, 10)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def assert_unchanged(before: ad.AnnData, after: ad.AnnData):
+    assert before.obs.equals(after.obs) and before.var.equals(after.var)
+    assert list(before.obsm.keys()) == list(after.obsm.keys()) and list(before.uns.keys()) == list(after.uns.keys())
+    left = before.X.toarray() if sp.issparse(before.X) else before.X
+    right = after.X.toarray() if sp.issparse(after.X) else after.X
+    np.testing.assert_array_equal(left, right)
+
+
+def small(two_batches):
+    return two_batches[:100].copy()
+
+
+@pytest.mark.parametrize(
+    "corrupt, error, message",
+    [
+        (lambda a: a, KeyError, "layer 'counts' not found"),
+        (lambda a: a.obs.drop(columns="batch", inplace=True), KeyError, "'batch'"),
+        (lambda a: setattr(a, "X", sp.csr_matrix(np.log1p(a.X.toarray()))), ValueError, "log-transformed"),
+        (lambda a: setattr(a, "X", a.X.toarray() - 1.0), ValueError, "negative values"),
+        (lambda a: a.X.data.__setitem__(0, np.nan), ValueError, "NaN"),
+        (lambda a: a.X.data.__setitem__(0, np.inf), ValueError, "infinite"),
+        (lambda a: a.obs.__setitem__("batch", a.obs["batch"].astype(object).where(a.obs.index != "cell0")), ValueError, "missing"),
+    ],
+    ids=["missing-layer", "missing-batch-key", "log-normalised", "negative", "nan", "inf", "nan-batch"],
+)
+def test_bad_input_raises_clear_error_and_leaves_adata_unchanged(two_batches, corrupt, error, message):
+    adata = small(two_batches)
+    corrupt(adata)
+    before = adata.copy()
+    layer = "counts" if message.startswith("layer") else None
+    with pytest.raises(error, match=message):
+        CellVAE(adata, layer=layer, batch_key="batch")
+    assert_unchanged(before, adata)
+
+
+def test_too_few_cells_and_zero_count_cells(two_batches):
+    with pytest.raises(ValueError, match="at least 10 cells"):
+        CellVAE(two_batches[:5].copy()).fit(max_epochs=1, progress=False)
+    adata = small(two_batches)
+    dense = adata.X.toarray()
+    dense[:3] = 0
+    adata.X = sp.csr_matrix(dense)
+    model = CellVAE(adata)
+    with pytest.warns(UserWarning, match="3 cells have zero total counts"):
+        model.fit(max_epochs=1, progress=False)
+    assert model.get_latent().shape == (100, 10)
+
+
+def test_new_data_with_missing_genes_or_unknown_batch(two_batches):
+    adata = small(two_batches)
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"2 of the model's 300 genes are missing.*gene0"):
+        model.get_latent(adata[:, 2:].copy())
+    renamed = adata.copy()
+    renamed.obs["batch"] = "new-lab"
+    with pytest.raises(ValueError, match="map_query"):
+        model.get_latent(renamed)
+
+
+def test_loading_a_directory_that_is_not_a_model(tmp_path, two_batches):
+    with pytest.raises(ValueError, match="not a saved cellvae model"):
+        CellVAE.load(tmp_path)
+    model = CellVAE(small(two_batches))
+    model.save(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        CellVAE.load(tmp_path / "m")
+
+
+def test_invalid_hyperparameters_are_rejected(two_batches):
+    adata = small(two_batches)
+    with pytest.raises(ValueError, match="likelihood"):
+        CellVAE(adata, likelihood="gaussian")
+    with pytest.raises(ValueError, match="gene-batch"):
+        CellVAE(adata, dispersion="gene-batch")
+    with pytest.raises(ValueError, match="n_latent"):
+        CellVAE(adata, n_latent=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="validation_size"):
+            CellVAE(adata).fit(validation_size=1.5)
