@@ -1,0 +1,413 @@
+"""Integration and reference-mapping benchmark: cellvae vs scVI vs PCA vs Harmony, scored by scib-metrics.
+
+Work is split into stages so that each stage can run within a time budget; embeddings and
+timings are cached (``--cache``) between stages:
+
+    python benchmarks/integration.py embed   --datasets cellbench_3cl --seeds 0 1 2
+    python benchmarks/integration.py score   --datasets cellbench_3cl
+    python benchmarks/integration.py map     --datasets cellbench_3cl --seeds 0
+    python benchmarks/integration.py summary
+
+``embed`` trains cellvae and scVI (``--seeds``) and computes PCA and Harmony on all genes of a
+dataset; ``score`` runs ``scib_metrics.benchmark.Benchmarker`` on every cached embedding and writes
+``results/integration_<dataset>.csv``; ``map`` holds out one batch, trains on the rest, maps the
+held-out batch (cellvae ``map_query``; scVI ``load_query_data``; PCA fitted on the reference),
+transfers ``cell_type`` with the same distance-weighted kNN (k=15) and writes
+``results/integration_mapping_<dataset>.csv``; ``summary`` writes ``results/integration_summary.md``.
+Cells labelled ``unknown`` are embedded but neither scored nor used as votes or truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+
+import cellvae
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+DATASETS = {  # file stem -> held-out query batch for reference mapping
+    "cellbench_3cl": "Drop-seq",
+    "kang_ifnb_muscat_example": "stim",
+    "kang_ctrl_5donors_muscat": "1016",
+    "pbmc_atlas_17k": "pbmc4k",
+}
+N_LATENT = 10
+# Datasets with more genes than this are cut to their most variable genes (seurat_v3 on counts, per batch).
+N_TOP_GENES = 2000
+N_PCS = 50
+UNLABELLED = {"unknown", "Unknown", "nan"}
+
+
+# ----------------------------------------------------------------------------- data and embeddings
+
+
+def load(name: str) -> ad.AnnData:
+    path = DATA / f"{name}.h5ad"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found; the shared data folder must sit beside the repository")
+    adata = ad.read_h5ad(path)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.obs["batch"] = adata.obs["batch"].astype(str).astype("category")
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).astype("category")
+    if N_TOP_GENES and adata.n_vars > N_TOP_GENES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key="batch")
+        adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
+    return adata
+
+
+def log_normalised(adata: ad.AnnData) -> ad.AnnData:
+    out = ad.AnnData(adata.X.copy(), obs=adata.obs[["batch", "cell_type"]].copy(), var=pd.DataFrame(index=adata.var_names))
+    sc.pp.normalize_total(out, target_sum=1e4)
+    sc.pp.log1p(out)
+    return out
+
+
+def embed_pca(adata: ad.AnnData, seed: int) -> np.ndarray:
+    norm = log_normalised(adata)
+    sc.pp.pca(norm, n_comps=min(N_PCS, adata.n_obs - 1, adata.n_vars - 1), random_state=seed)
+    return norm.obsm["X_pca"]
+
+
+def embed_harmony(pca: np.ndarray, obs: pd.DataFrame, seed: int) -> np.ndarray:
+    import harmonypy
+
+    result = harmonypy.run_harmony(pca, obs[["batch"]], ["batch"], random_state=seed, verbose=False)
+    corrected = np.asarray(result.Z_corr)
+    return corrected.T if corrected.shape[0] != pca.shape[0] else corrected
+
+
+def train_cellvae(adata: ad.AnnData, seed: int, max_epochs: int | None, model_kwargs: dict) -> cellvae.CellVAE:
+    model = cellvae.CellVAE(adata, batch_key="batch", n_latent=N_LATENT, **model_kwargs)
+    return model.fit(max_epochs=max_epochs, random_state=seed, progress=False, device="cpu")
+
+
+def train_scvi(adata: ad.AnnData, seed: int, max_epochs: int | None, likelihood: str):
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = scvi.model.SCVI(adata, n_latent=N_LATENT, gene_likelihood=likelihood)
+    model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
+    return model
+
+
+def scvi_epochs(model) -> int:
+    return int(len(model.history["elbo_train"]))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_path(cache: Path, dataset: str, key: str) -> Path:
+    return cache / dataset / f"{key}.npz"
+
+
+def save_embedding(cache: Path, dataset: str, key: str, embedding: np.ndarray, info: dict) -> None:
+    path = cache_path(cache, dataset, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, embedding=np.asarray(embedding, dtype=np.float32), info=json.dumps(info))
+    print(f"{dataset} {key}: {info}", flush=True)
+
+
+def cached(cache: Path, dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
+    out = {}
+    for path in sorted((cache / dataset).glob("*.npz")):
+        with np.load(path) as stored:
+            out[path.stem] = (stored["embedding"], json.loads(str(stored["info"])))
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_embed(args) -> None:
+    for dataset in args.datasets:
+        adata = load(dataset)
+        for method in args.methods:
+            seeds = args.seeds if method in ("cellvae", "scvi", "scvi_nb") else [0]
+            for seed in seeds:
+                key = f"{method}{args.tag}_s{seed}" if method in ("cellvae", "scvi", "scvi_nb") else method
+                if cache_path(args.cache, dataset, key).is_file() and not args.overwrite:
+                    print(f"{dataset} {key}: cached, skipped", flush=True)
+                    continue
+                started = time.perf_counter()
+                if method == "cellvae":
+                    model = train_cellvae(adata, seed, args.cellvae_max_epochs, args.cellvae_kwargs)
+                    seconds = time.perf_counter() - started
+                    embedding = model.get_latent()
+                    info = {"epochs": len(model.history), "max_epochs": args.cellvae_max_epochs, **args.cellvae_kwargs}
+                elif method in ("scvi", "scvi_nb"):
+                    model = train_scvi(adata.copy(), seed, args.scvi_max_epochs, "nb" if method == "scvi_nb" else "zinb")
+                    seconds = time.perf_counter() - started
+                    embedding = model.get_latent_representation()
+                    info = {"epochs": scvi_epochs(model), "max_epochs": args.scvi_max_epochs}
+                elif method == "pca":
+                    embedding = embed_pca(adata, 0)
+                    seconds = time.perf_counter() - started
+                    info = {}
+                elif method == "harmony":
+                    pca = embed_pca(adata, 0)
+                    started = time.perf_counter()
+                    embedding = embed_harmony(pca, adata.obs, 0)
+                    seconds = time.perf_counter() - started
+                    info = {"note": "seconds exclude the PCA"}
+                else:
+                    raise SystemExit(f"unknown method {method!r}")
+                save_embedding(args.cache, dataset, key, embedding, {"seconds": round(seconds, 2), "seed": seed, **info})
+
+
+def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: int) -> pd.DataFrame:
+    """scib-metrics totals of each embedding, on labelled cells only (PCA is the unintegrated baseline)."""
+    from scib_metrics.benchmark import Benchmarker
+
+    keep = ~adata.obs["cell_type"].astype(str).isin(UNLABELLED).to_numpy()
+    scored = ad.AnnData(obs=adata.obs.loc[keep, ["batch", "cell_type"]].copy())
+    scored.obs["cell_type"] = scored.obs["cell_type"].astype(str).astype("category")
+    for key, embedding in embeddings.items():
+        scored.obsm[key] = np.ascontiguousarray(embedding[keep], dtype=np.float32)
+    bench = Benchmarker(
+        scored,
+        batch_key="batch",
+        label_key="cell_type",
+        embedding_obsm_keys=list(embeddings),
+        pre_integrated_embedding_obsm_key="pca",
+        n_jobs=n_jobs,
+        progress_bar=False,
+    )
+    bench.benchmark()
+    table = bench.get_results(min_max_scale=False)
+    table = table.drop(index="Metric Type", errors="ignore").apply(pd.to_numeric)
+    return table
+
+
+def stage_score(args) -> None:
+    for dataset in args.datasets:
+        adata = load(dataset)
+        stored = cached(args.cache, dataset)
+        if "pca" not in stored:
+            raise SystemExit(f"{dataset}: run the embed stage with the pca method first")
+        started = time.perf_counter()
+        table = scib_scores(adata, {k: e for k, (e, _) in stored.items()}, args.n_jobs)
+        table.insert(0, "method", [k.rsplit("_s", 1)[0] if "_s" in k else k for k in table.index])
+        table.insert(1, "seed", [stored[k][1].get("seed", 0) for k in table.index])
+        table["train_seconds"] = [stored[k][1]["seconds"] for k in table.index]
+        table["epochs"] = [stored[k][1].get("epochs", np.nan) for k in table.index]
+        table["settings"] = [
+            json.dumps({x: y for x, y in stored[k][1].items() if x not in ("seconds", "seed")}) for k in table.index
+        ]
+        table.index.name = "embedding"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        table.to_csv(RESULTS / f"integration_{dataset}.csv")
+        print(f"{dataset}: scored {len(table)} embeddings in {time.perf_counter() - started:.0f} s", flush=True)
+        print(table[["method", "seed", "Bio conservation", "Batch correction", "Total", "train_seconds"]], flush=True)
+
+
+def label_transfer_scores(ref: ad.AnnData, query: ad.AnnData, ref_rep: np.ndarray, query_rep: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    reference = ad.AnnData(obs=ref.obs[["cell_type"]].copy())
+    reference.obs["cell_type"] = reference.obs["cell_type"].astype(str).where(~reference.obs["cell_type"].isin(UNLABELLED))
+    reference.obsm["rep"] = ref_rep
+    target = ad.AnnData(obs=pd.DataFrame(index=query.obs_names))
+    target.obsm["rep"] = query_rep
+    cellvae.tl.transfer_labels(reference, target, "cell_type", use_rep="rep", k=15)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    predicted = target.obs["cell_type_predicted"].astype(str).to_numpy()
+    labelled = ~np.isin(truth, list(UNLABELLED))
+    return {
+        "accuracy": accuracy_score(truth[labelled], predicted[labelled]),
+        "macro_f1": f1_score(truth[labelled], predicted[labelled], average="macro"),
+        "n_query_scored": int(labelled.sum()),
+    }
+
+
+def stage_map(args) -> None:
+    for dataset in args.datasets:
+        adata = load(dataset)
+        held_out = DATASETS[dataset]
+        is_query = (adata.obs["batch"] == held_out).to_numpy()
+        ref, query = adata[~is_query].copy(), adata[is_query].copy()
+        for key in ("batch", "cell_type"):
+            ref.obs[key] = ref.obs[key].cat.remove_unused_categories()
+            query.obs[key] = query.obs[key].cat.remove_unused_categories()
+        rows, embeddings = [], {}
+        order = np.concatenate([np.flatnonzero(~is_query), np.flatnonzero(is_query)])
+        combined = adata[order].copy()
+        for seed in args.seeds:
+            if "cellvae" in args.methods:
+                started = time.perf_counter()
+                model = train_cellvae(ref, seed, args.cellvae_max_epochs, args.cellvae_kwargs)
+                train_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    query_model = model.map_query(query, random_state=seed, progress=False, device="cpu")
+                map_seconds = time.perf_counter() - started
+                ref_rep, query_rep = query_model.get_latent(ref), query_model.get_latent()
+                embeddings[f"cellvae{args.tag}_s{seed}"] = np.vstack([ref_rep, query_rep])
+                rows.append(
+                    {
+                        "embedding": f"cellvae{args.tag}_s{seed}",
+                        "method": f"cellvae{args.tag}",
+                        "seed": seed,
+                        "ref_train_seconds": train_seconds,
+                        "map_seconds": map_seconds,
+                        "query_epochs": len(query_model.history),
+                        **label_transfer_scores(ref, query, ref_rep, query_rep),
+                    }
+                )
+            if "scvi" in args.methods:
+                import scvi
+
+                started = time.perf_counter()
+                ref_scvi = ref.copy()
+                model = train_scvi(ref_scvi, seed, args.scvi_max_epochs, "zinb")
+                train_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                query_scvi = query.copy()
+                scvi.model.SCVI.prepare_query_anndata(query_scvi, model)
+                query_model = scvi.model.SCVI.load_query_data(query_scvi, model)
+                query_model.train(
+                    max_epochs=args.scvi_query_epochs,
+                    plan_kwargs={"weight_decay": 0.0},
+                    accelerator="cpu",
+                    enable_progress_bar=False,
+                )
+                map_seconds = time.perf_counter() - started
+                ref_rep = query_model.get_latent_representation(ref_scvi)
+                query_rep = query_model.get_latent_representation()
+                embeddings[f"scvi_s{seed}"] = np.vstack([ref_rep, query_rep])
+                rows.append(
+                    {
+                        "embedding": f"scvi_s{seed}",
+                        "method": "scvi",
+                        "seed": seed,
+                        "ref_train_seconds": train_seconds,
+                        "map_seconds": map_seconds,
+                        "query_epochs": scvi_epochs(query_model),
+                        **label_transfer_scores(ref, query, ref_rep, query_rep),
+                    }
+                )
+        started = time.perf_counter()
+        ref_norm, query_norm = log_normalised(ref), log_normalised(query)
+        sc.pp.pca(ref_norm, n_comps=min(N_PCS, ref.n_obs - 1, ref.n_vars - 1), random_state=0)
+        loadings = ref_norm.varm["PCs"]
+        mean = np.asarray(ref_norm.X.mean(axis=0)).ravel()
+        query_pca = np.asarray(query_norm.X @ loadings) - mean @ loadings
+        ref_pca = np.asarray(ref_norm.X @ loadings) - mean @ loadings
+        embeddings["pca"] = np.vstack([ref_pca, query_pca])
+        rows.append(
+            {
+                "embedding": "pca",
+                "method": "pca",
+                "seed": 0,
+                "ref_train_seconds": time.perf_counter() - started,
+                "map_seconds": 0.0,
+                **label_transfer_scores(ref, query, ref_pca, query_pca),
+            }
+        )
+        table = pd.DataFrame(rows).set_index("embedding")
+        if not args.skip_scib:
+            scores = scib_scores(combined, embeddings, args.n_jobs)
+            table = table.join(scores[["Bio conservation", "Batch correction", "Total"]])
+        table.insert(0, "held_out_batch", held_out)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"integration_mapping_{dataset}{args.tag}.csv"
+        if out.is_file() and args.append:
+            previous = pd.read_csv(out, index_col=0)
+            table = pd.concat([previous[~previous.index.isin(table.index)], table])
+        table.to_csv(out)
+        print(table.round(3).to_string(), flush=True)
+
+
+def mean_sd(values: pd.Series, digits: int = 3) -> str:
+    values = values.dropna()
+    if len(values) == 0:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f} (n=1)"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f} (n={len(values)})"
+
+
+def stage_summary(args) -> None:
+    lines = ["# Integration benchmark (generated by `benchmarks/integration.py summary`)", ""]
+    notes = RESULTS / "integration_settings.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += [
+        "## scib-metrics (Benchmarker, not min-max scaled; labelled cells only)",
+        "",
+        "| dataset | method | seeds | bio conservation | batch correction | total | train seconds | epochs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("integration_*.csv")):
+        if path.name.startswith("integration_mapping_"):
+            continue
+        dataset = path.stem.removeprefix("integration_")
+        table = pd.read_csv(path)
+        for method, group in table.groupby("method", sort=False):
+            lines.append(
+                f"| {dataset} | {method} | {len(group)} | {mean_sd(group['Bio conservation'])} | "
+                f"{mean_sd(group['Batch correction'])} | {mean_sd(group['Total'])} | {mean_sd(group['train_seconds'], 1)} | "
+                f"{mean_sd(group['epochs'], 0)} |"
+            )
+    lines += [
+        "",
+        "## Reference mapping (held-out batch as query; kNN label transfer, k=15, distance-weighted)",
+        "",
+        "| dataset | held-out batch | method | seeds | accuracy | macro-F1 | scib total (ref+query) | ref train s | map s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("integration_mapping_*.csv")):
+        dataset = path.stem.removeprefix("integration_mapping_")
+        table = pd.read_csv(path)
+        for method, group in table.groupby("method", sort=False):
+            total = mean_sd(group["Total"]) if "Total" in group else "–"
+            lines.append(
+                f"| {dataset} | {group['held_out_batch'].iloc[0]} | {method} | {len(group)} | {mean_sd(group['accuracy'])} | "
+                f"{mean_sd(group['macro_f1'])} | {total} | {mean_sd(group['ref_train_seconds'], 1)} | "
+                f"{mean_sd(group['map_seconds'], 1)} |"
+            )
+    (RESULTS / "integration_summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["embed", "score", "map", "summary"])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=["pca", "harmony", "cellvae", "scvi"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--cellvae-max-epochs", type=int, default=None, help="default: cellvae's own choice")
+    parser.add_argument("--cellvae-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"encode_batch\": false}'")
+    parser.add_argument("--tag", default="", help="suffix of cellvae embedding names (for variants)")
+    parser.add_argument("--scvi-max-epochs", type=int, default=None, help="default: scVI's own choice")
+    parser.add_argument("--scvi-query-epochs", type=int, default=200)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/cellvae-integration-cache"))
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--append", action="store_true", help="map: keep rows of other seeds/methods already in the CSV")
+    parser.add_argument("--skip-scib", action="store_true", help="map: skip the scib scores of reference+query")
+    parser.add_argument("--n-jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    {"embed": stage_embed, "score": stage_score, "map": stage_map, "summary": stage_summary}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
