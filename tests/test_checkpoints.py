@@ -1,0 +1,202 @@
+"""Checkpoints: atomic writes, resume after SIGKILL or Ctrl-C ends bit for bit like an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import cellvae
+from cellvae import CellVAE
+
+CHECKPOINT = "checkpoint.safetensors"
+# Big enough that one epoch takes a few tenths of a second, so a signal lands mid-training.
+DATA = {"n_cells": 2000, "n_genes": 100, "n_batches": 2, "seed": 3}
+MODEL = {"n_hidden": 32, "n_latent": 4, "batch_key": "batch"}
+FIT = {"max_epochs": 12, "batch_size": 32, "random_state": 7, "progress": False}
+
+TRAINING_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import torch
+    import cellvae
+    from cellvae import CellVAE
+
+    data, model, fit, threads, checkpoint_dir, out = json.loads(sys.argv[1])
+    torch.set_num_threads(threads)
+    adata = cellvae.datasets.simulate(**data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained = CellVAE(adata, **model).fit(**fit, checkpoint_dir=checkpoint_dir)
+    print(json.dumps({"epochs": len(trained.history), "warnings": [str(w.message) for w in caught]}), flush=True)
+    trained.save(out)
+    resumed = CellVAE(adata, **model).fit(**fit, checkpoint_dir=checkpoint_dir, resume=True)
+    resumed.save(out + "_resumed")
+    """
+)
+
+
+def simulated():
+    return cellvae.datasets.simulate(**DATA)
+
+
+def checkpoint_epoch(path) -> int:
+    """Last completed epoch recorded in a checkpoint (-1 while there is none)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads(handle.metadata()["cellvae_checkpoint"])["epoch"]
+    except (OSError, KeyError, ValueError):
+        return -1
+
+
+def start_training(tmp_path) -> subprocess.Popen:
+    args = json.dumps([DATA, MODEL, FIT, torch.get_num_threads(), str(tmp_path / "ckpt"), str(tmp_path / "model")])
+    return subprocess.Popen(
+        [sys.executable, "-c", TRAINING_SCRIPT, args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_epoch(process: subprocess.Popen, path, epoch: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while checkpoint_epoch(path) < epoch:
+        if process.poll() is not None:
+            pytest.fail(f"training subprocess ended before epoch {epoch}: {process.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no checkpoint of epoch {epoch} within {timeout} s")
+        time.sleep(0.01)
+
+
+def assert_same_parameters(a: CellVAE, b: CellVAE) -> None:
+    state_a, state_b = a.module.state_dict(), b.module.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), f"parameter {key} differs"
+
+
+def assert_same_history(a: CellVAE, b: CellVAE) -> None:
+    columns = [c for c in a.history.columns if c != "seconds"]
+    assert list(a.history.columns) == list(b.history.columns)
+    np.testing.assert_array_equal(a.history[columns].to_numpy(), b.history[columns].to_numpy())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """The reference: the same fit without checkpoints and without interruption."""
+    return CellVAE(simulated(), **MODEL).fit(**FIT)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted):
+    process = start_training(tmp_path)
+    wait_for_epoch(process, tmp_path / "ckpt" / CHECKPOINT, 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = checkpoint_epoch(tmp_path / "ckpt" / CHECKPOINT)
+    assert 2 <= killed_at < FIT["max_epochs"] - 1, "the kill must land before training ends"
+    assert not (tmp_path / "model").exists()
+    with safe_open(str(tmp_path / "ckpt" / CHECKPOINT), framework="pt") as handle:
+        saved_history = json.loads(handle.metadata()["cellvae_checkpoint"])["history"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = CellVAE(simulated(), **MODEL).fit(**FIT, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert len(resumed.history) == FIT["max_epochs"]
+    # The epochs before the kill come from the checkpoint (their timings too), not from retraining.
+    assert resumed.history["seconds"].iloc[: killed_at + 1].tolist() == [row["seconds"] for row in saved_history]
+    assert_same_parameters(resumed, uninterrupted)
+    assert_same_history(resumed, uninterrupted)
+    np.testing.assert_array_equal(resumed.get_latent(), uninterrupted.get_latent())
+
+
+def test_ctrl_c_keeps_a_usable_model_and_resume_matches_uninterrupted_run(tmp_path, uninterrupted):
+    process = start_training(tmp_path)
+    wait_for_epoch(process, tmp_path / "ckpt" / CHECKPOINT, 2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert 3 <= report["epochs"] < FIT["max_epochs"]
+    assert any("training interrupted" in w and "keeping the best parameters" in w for w in report["warnings"])
+
+    interrupted = CellVAE.load(tmp_path / "model", adata=simulated())
+    assert len(interrupted.history) == report["epochs"]
+    assert np.isfinite(interrupted.get_latent()).all()
+
+    resumed = CellVAE.load(tmp_path / "model_resumed")
+    assert_same_parameters(resumed, uninterrupted)
+    assert len(resumed.history) == FIT["max_epochs"]
+
+
+def test_checkpointing_changes_nothing_and_leaves_no_temporary_files(tmp_path, uninterrupted):
+    model = CellVAE(simulated(), **MODEL).fit(**FIT, checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert_same_parameters(model, uninterrupted)
+    assert sorted(os.listdir(tmp_path)) == [CHECKPOINT]
+    assert checkpoint_epoch(tmp_path / CHECKPOINT) == FIT["max_epochs"] - 1  # the last epoch is always saved
+    with safe_open(str(tmp_path / CHECKPOINT), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["cellvae_checkpoint"])
+        keys = set(handle.keys())
+    assert len(meta["history"]) == FIT["max_epochs"]
+    assert {"rng.torch", "optimizer.0.exp_avg"} <= keys and any(k.startswith("best.") for k in keys)
+
+
+def test_resuming_a_finished_run_trains_no_further(tmp_path, uninterrupted):
+    CellVAE(simulated(), **MODEL).fit(**FIT, checkpoint_dir=tmp_path)
+    started = time.perf_counter()
+    again = CellVAE(simulated(), **MODEL).fit(**FIT, checkpoint_dir=tmp_path, resume=True)
+    assert time.perf_counter() - started < 5
+    assert_same_parameters(again, uninterrupted)
+    assert_same_history(again, uninterrupted)
+
+
+def test_resume_after_early_stopping_does_not_restart(tmp_path):
+    fit = {**FIT, "max_epochs": 40, "patience": 1}
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopped = CellVAE(adata, n_hidden=8, kl_warmup=1).fit(**fit, checkpoint_dir=tmp_path)
+        assert len(stopped.history) < 40, "patience=1 should stop early"
+        again = CellVAE(adata, n_hidden=8, kl_warmup=1).fit(**fit, checkpoint_dir=tmp_path, resume=True)
+    assert len(again.history) == len(stopped.history)
+    assert_same_parameters(again, stopped)
+
+
+def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    fit = {"max_epochs": 2, "progress": False}
+    CellVAE(adata, n_hidden=8).fit(**fit, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"different run: \['lr'\]"):
+        CellVAE(adata, n_hidden=8).fit(**fit, lr=1e-2, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="model_config_sha256"):
+        CellVAE(adata, n_hidden=16).fit(**fit, checkpoint_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match="cells_sha256"):
+        CellVAE(adata[:150].copy(), n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    blob = (tmp_path / CHECKPOINT).read_bytes()
+    (tmp_path / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match="not a readable cellvae checkpoint.*resume=False"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_checkpoint_arguments_are_checked(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    model = CellVAE(adata, n_hidden=8)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        model.fit(max_epochs=1, progress=False, resume=True)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        model.fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path, checkpoint_every=0)
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        fresh = CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path / "new", resume=True)
+    plain = CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False)
+    assert_same_parameters(fresh, plain)
