@@ -1,0 +1,229 @@
+"""Atlas building: batch integration, reference mapping (map_query) and label transfer."""
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from conftest import shared_dataset
+from sklearn.model_selection import KFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+import cellvae
+from cellvae import CellVAE
+
+
+def knn_accuracy(representation: np.ndarray, labels) -> float:
+    """Cross-validated accuracy of a 15-NN classifier: near chance for batches means they mix."""
+    folds = KFold(5, shuffle=True, random_state=0)
+    return float(cross_val_score(KNeighborsClassifier(15), representation, np.asarray(labels).astype(str), cv=folds).mean())
+
+
+def pca_of(adata: ad.AnnData, n_comps: int = 10) -> np.ndarray:
+    norm = ad.AnnData(adata.X.copy())
+    sc.pp.normalize_total(norm, target_sum=1e4)
+    sc.pp.log1p(norm)
+    sc.pp.pca(norm, n_comps=n_comps, random_state=0)
+    return norm.obsm["X_pca"]
+
+
+@pytest.fixture(scope="module")
+def three_batches():
+    return cellvae.datasets.simulate(n_cells=1500, n_genes=300, n_batches=3, n_cell_types=4, seed=3, batch_effect=0.8)
+
+
+@pytest.fixture(scope="module")
+def integrated(three_batches):
+    return CellVAE(three_batches, batch_key="batch").fit(max_epochs=60, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference_and_query(three_batches):
+    """A reference model trained on batch0 and batch1; batch2 held out as the query."""
+    is_query = (three_batches.obs["batch"] == "batch2").to_numpy()
+    reference, query = three_batches[~is_query].copy(), three_batches[is_query].copy()
+    model = CellVAE(reference, batch_key="batch").fit(max_epochs=60, progress=False)
+    return model, reference, query
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+def test_integration_mixes_batches_and_keeps_cell_types(three_batches, integrated):
+    latent = integrated.get_latent()
+    pca = pca_of(three_batches)
+    batches, types = three_batches.obs["batch"], three_batches.obs["cell_type"]
+    assert knn_accuracy(pca, batches) > 0.8  # the simulated batch effect is strong
+    assert knn_accuracy(latent, batches) < 0.5  # chance is 1/3
+    assert knn_accuracy(latent, types) > 0.95
+
+
+def test_transform_batch_removes_the_batch_from_expression(three_batches, integrated):
+    cells = (three_batches.obs["cell_type"] == "type0").to_numpy()
+    from_0 = cells & (three_batches.obs["batch"] == "batch0").to_numpy()
+    from_1 = cells & (three_batches.obs["batch"] == "batch1").to_numpy()
+    observed = integrated.get_normalized_expression()
+    corrected = integrated.get_normalized_expression(transform_batch="batch0")
+
+    def gap(expression):
+        return np.abs(np.log1p(expression[from_0].mean(0)) - np.log1p(expression[from_1].mean(0))).mean()
+
+    assert gap(corrected) < 0.5 * gap(observed)
+    averaged = integrated.get_normalized_expression(transform_batch=["batch0", "batch1"])
+    as_1 = integrated.get_normalized_expression(transform_batch="batch1")
+    np.testing.assert_allclose(averaged, (corrected + as_1) / 2, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not among the model's batches"):
+        integrated.get_normalized_expression(transform_batch="batch9")
+
+
+# ----------------------------------------------------------------------------- reference mapping
+
+
+def test_held_out_batch_is_mapped_and_labels_transfer(reference_and_query):
+    model, reference, query = reference_and_query
+    frozen = {k: v.clone() for k, v in model.module.state_dict().items()}
+    query_model = model.map_query(query, progress=False)
+    assert query_model.config.batch_categories == ["batch0", "batch1", "batch2"]
+    # Reference weights are untouched, in the reference model and inside the grown layers of the query model.
+    mapped = query_model.module.state_dict()
+    for name, old in frozen.items():
+        assert torch.equal(model.module.state_dict()[name], old)
+        new = mapped[name]
+        if new.shape == old.shape:
+            assert torch.equal(new, old), name
+        else:
+            start = new.shape[1] - query_model.config.n_covariates + 2
+            assert torch.equal(new[:, :start], old[:, :start]) and torch.equal(new[:, start + 1 :], old[:, start:]), name
+            assert new[:, start].abs().sum() > 0  # the new batch column was trained
+    np.testing.assert_array_equal(query_model.get_latent(reference), model.get_latent(reference))
+    reference.obsm["X_cellvae"] = query_model.get_latent(reference)
+    query.obsm["X_cellvae"] = query_model.get_latent()
+    cellvae.tl.transfer_labels(reference, query, "cell_type")
+    accuracy = (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean()
+    assert accuracy > 0.95
+    # The query lands among the reference cells instead of beside them.
+    joint = np.vstack([reference.obsm["X_cellvae"], query.obsm["X_cellvae"]])
+    assert knn_accuracy(joint, np.r_[np.zeros(reference.n_obs), np.ones(query.n_obs)]) < 0.8
+
+
+def test_mapped_model_saves_and_loads(reference_and_query, tmp_path):
+    model, _, query = reference_and_query
+    query_model = model.map_query(query, max_epochs=5, progress=False)
+    query_model.save(tmp_path / "mapped")
+    loaded = CellVAE.load(tmp_path / "mapped")
+    assert loaded.config.batch_categories == query_model.config.batch_categories
+    np.testing.assert_array_equal(loaded.get_latent(query), query_model.get_latent())
+
+
+def test_query_genes_are_aligned_by_name(reference_and_query):
+    model, _, query = reference_and_query
+    rng = np.random.default_rng(0)
+    shuffled = query[:, rng.permutation(query.n_vars)].copy()
+    extra = ad.AnnData(sp.csr_matrix(np.ones((query.n_obs, 7), dtype=np.float32)), obs=query.obs)
+    extra.var_names = [f"extra{i}" for i in range(7)]
+    with_extra = ad.concat([shuffled, extra], axis=1, merge="first")
+    expected = model.map_query(query, max_epochs=3, progress=False).get_latent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # extra genes and a new order are handled silently
+        aligned = model.map_query(with_extra, max_epochs=3, progress=False)
+    np.testing.assert_allclose(aligned.get_latent(), expected, rtol=1e-5, atol=1e-5)
+    assert aligned.adata.var_names.tolist() == model.config.gene_names
+
+
+def test_missing_query_genes_warn_or_fail(reference_and_query):
+    model, _, query = reference_and_query
+    with pytest.warns(UserWarning, match="30 of the reference's 300 genes are missing"):
+        model.map_query(query[:, 30:].copy(), max_epochs=2, progress=False)
+    before = query.copy()
+    with pytest.raises(ValueError, match=r"only 150 of the reference's 300 genes \(50%\).*missing e\.g\. \['gene"):
+        model.map_query(query[:, 150:].copy(), progress=False)
+    assert query.obs.equals(before.obs) and (query.X != before.X).nnz == 0
+
+
+def test_query_batch_already_in_reference_is_that_batch(reference_and_query):
+    model, reference, _ = reference_and_query
+    known = reference[reference.obs["batch"] == "batch1"].copy()
+    with pytest.warns(UserWarning, match=r"query batches \['batch1'\] already exist in the reference"):
+        query_model = model.map_query(known, progress=False)
+    assert query_model.config.batch_categories == model.config.batch_categories
+    np.testing.assert_array_equal(query_model.get_latent(), model.get_latent(known))
+
+
+def test_query_batch_problems_raise_clear_errors(reference_and_query):
+    model, _, query = reference_and_query
+    broken = query.copy()
+    broken.obs["batch"] = broken.obs["batch"].astype(object)
+    broken.obs.iloc[:3, broken.obs.columns.get_loc("batch")] = np.nan
+    observed = broken.obs.copy()
+    with pytest.raises(ValueError, match=r"3 missing \(NaN\) batch values"):
+        model.map_query(broken, progress=False)
+    pd.testing.assert_frame_equal(broken.obs, observed)
+    with pytest.raises(KeyError, match="batch column 'donor' not found"):
+        model.map_query(query, batch_key="donor", progress=False)
+    renamed = query.copy()
+    renamed.obs["donor"] = renamed.obs["batch"]
+    query_model = model.map_query(renamed, batch_key="donor", max_epochs=2, progress=False)
+    assert query_model.config.batch_categories[-1] == "batch2"
+    unbatched = CellVAE(query).fit(max_epochs=2, progress=False)
+    with pytest.raises(ValueError, match="trained without batch_key"):
+        unbatched.map_query(query)
+
+
+def test_train_input_layer_trains_the_first_encoder_layer(reference_and_query):
+    model, _, query = reference_and_query
+    query_model = model.map_query(query, train_input_layer=True, max_epochs=3, progress=False)
+    old = model.module.encoder.body.linears[0].weight
+    new = query_model.module.encoder.body.linears[0].weight
+    assert not torch.equal(new[:, : model.config.n_genes], old[:, : model.config.n_genes])
+    assert torch.equal(query_model.module.decoder.proportions.weight, model.module.decoder.proportions.weight)
+
+
+# ----------------------------------------------------------------------------- label transfer
+
+
+def test_transfer_labels_writes_only_its_keys_and_flags_unknowns():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0]])
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": np.repeat(["A", "B"], 50)}, index=[f"r{i}" for i in range(100)]))
+    reference.obsm["X_cellvae"] = np.repeat(centres, 50, axis=0) + rng.normal(0, 0.5, (100, 2))
+    query = ad.AnnData(obs=pd.DataFrame(index=["q0", "q1", "q2"]))
+    query.obsm["X_cellvae"] = np.array([[0.2, 0.1], [9.8, -0.2], [5.0, 0.0]])
+    reference_obs = reference.obs.copy()
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=10, unknown_threshold=0.3)
+    assert list(query.obs.columns) == ["cell_type_predicted", "cell_type_uncertainty"]
+    assert query.obs["cell_type_predicted"].astype(str).tolist()[:2] == ["A", "B"]
+    assert query.obs["cell_type_uncertainty"].iloc[:2].max() < 0.05
+    pd.testing.assert_frame_equal(reference.obs, reference_obs)
+    with pytest.raises(KeyError, match="use_rep 'X_pca' not found in ref_adata.obsm"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", use_rep="X_pca")
+    with pytest.raises(KeyError, match="label_key 'tissue' not found"):
+        cellvae.tl.transfer_labels(reference, query, "tissue")
+
+
+# ----------------------------------------------------------------------------- real data: CellBench
+
+
+def test_cellbench_platforms_integrate_and_transfer_labels():
+    """Two platforms (CEL-seq2, Drop-seq), three cell lines with demuxlet ground truth."""
+    adata = shared_dataset("cellbench_3cl.h5ad")
+    top = np.argsort(-np.asarray(adata.X.sum(axis=0)).ravel())[:2000]
+    adata = adata[:, np.sort(top)].copy()
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=100, progress=False)
+    latent = model.get_latent()
+    assert knn_accuracy(latent, adata.obs["cell_type"]) > 0.95
+    assert knn_accuracy(pca_of(adata), adata.obs["batch"]) > 0.95  # unintegrated, the platforms separate
+    assert knn_accuracy(latent, adata.obs["batch"]) < 0.75  # chance is 0.53
+
+    is_query = (adata.obs["batch"] == "Drop-seq").to_numpy()
+    reference, query = adata[~is_query].copy(), adata[is_query].copy()
+    reference_model = CellVAE(reference, batch_key="batch").fit(max_epochs=100, progress=False)
+    query_model = reference_model.map_query(query, progress=False)
+    reference.obsm["X_cellvae"] = query_model.get_latent(reference)
+    query.obsm["X_cellvae"] = query_model.get_latent()
+    cellvae.tl.transfer_labels(reference, query, "cell_type")
+    accuracy = (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean()
+    assert accuracy >= 0.95

@@ -1,0 +1,41 @@
+"""The `cellvae` command line: demo, fit and embed write what they promise."""
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+
+import cellvae
+from cellvae.cli import main
+
+
+def test_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "cellvae.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo", "fit", "embed"):
+        assert command in result.stdout
+
+
+def test_demo_writes_embedding_and_plots(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out), "--epochs", "5", "--quiet"]) == 0
+    adata = ad.read_h5ad(out / "pbmc68k.h5ad")
+    assert adata.obsm["X_cellvae"].shape == (700, 10)
+    assert {"X_umap"} <= set(adata.obsm) and "leiden" in adata.obs
+    for png in ("umap_cell_type.png", "training_history.png"):
+        assert (out / png).stat().st_size > 10_000
+    assert str(out / "umap_cell_type.png") in capsys.readouterr().out
+
+
+def test_fit_then_embed(tmp_path):
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data.layers["counts"] = data.X.copy()
+    data.write_h5ad(tmp_path / "in.h5ad")
+    args = ["fit", str(tmp_path / "in.h5ad"), "--layer", "counts", "--batch-key", "batch"]
+    args += ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model"), "--epochs", "3", "--seed", "1", "--quiet"]
+    assert main(args) == 0
+    fitted = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert fitted.obsm["X_cellvae"].shape == (300, 10) and "X_umap" in fitted.obsm and "leiden" in fitted.obs
+    assert main(["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]) == 0
+    embedded = ad.read_h5ad(tmp_path / "e.h5ad")
+    np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
