@@ -32,10 +32,22 @@ def test_fit_then_embed(tmp_path):
     data.layers["counts"] = data.X.copy()
     data.write_h5ad(tmp_path / "in.h5ad")
     args = ["fit", str(tmp_path / "in.h5ad"), "--layer", "counts", "--batch-key", "batch"]
-    args += ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model"), "--epochs", "3", "--seed", "1", "--quiet"]
+    args += [
+        "--out",
+        str(tmp_path / "out.h5ad"),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--epochs",
+        "3",
+        "--seed",
+        "1",
+        "--quiet",
+    ]
     assert main(args) == 0
     fitted = ad.read_h5ad(tmp_path / "out.h5ad")
     assert fitted.obsm["X_cellvae"].shape == (300, 10) and "X_umap" in fitted.obsm and "leiden" in fitted.obs
-    assert main(["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]) == 0
+    assert (
+        main(["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]) == 0
+    )
     embedded = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)

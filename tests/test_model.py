@@ -152,7 +152,11 @@ def small(two_batches):
         (lambda a: setattr(a, "X", a.X.toarray() - 1.0), ValueError, "negative values"),
         (lambda a: a.X.data.__setitem__(0, np.nan), ValueError, "NaN"),
         (lambda a: a.X.data.__setitem__(0, np.inf), ValueError, "infinite"),
-        (lambda a: a.obs.__setitem__("batch", a.obs["batch"].astype(object).where(a.obs.index != "cell0")), ValueError, "missing"),
+        (
+            lambda a: a.obs.__setitem__("batch", a.obs["batch"].astype(object).where(a.obs.index != "cell0")),
+            ValueError,
+            "missing",
+        ),
     ],
     ids=["missing-layer", "missing-batch-key", "log-normalised", "negative", "nan", "inf", "nan-batch"],
 )

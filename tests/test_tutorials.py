@@ -13,5 +13,7 @@ TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.i
 def test_tutorial_runs(path):
     """Runs from the repository root (so ``../shared/data`` is the shared data); notebooks write only to temp dirs."""
     notebook = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parents[1])}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parents[1])}}
+    )
     client.execute()
