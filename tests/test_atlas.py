@@ -38,7 +38,7 @@ def three_batches():
 
 @pytest.fixture(scope="module")
 def integrated(three_batches):
-    return CellVAE(three_batches, batch_key="batch").fit(max_epochs=60, progress=False)
+    return CellVAE(three_batches, batch_key="batch").fit(max_epochs=200, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def reference_and_query(three_batches):
     """A reference model trained on batch0 and batch1; batch2 held out as the query."""
     is_query = (three_batches.obs["batch"] == "batch2").to_numpy()
     reference, query = three_batches[~is_query].copy(), three_batches[is_query].copy()
-    model = CellVAE(reference, batch_key="batch").fit(max_epochs=60, progress=False)
+    model = CellVAE(reference, batch_key="batch").fit(max_epochs=200, progress=False)
     return model, reference, query
 
 
@@ -212,15 +212,15 @@ def test_cellbench_platforms_integrate_and_transfer_labels():
     adata = shared_dataset("cellbench_3cl.h5ad")
     top = np.argsort(-np.asarray(adata.X.sum(axis=0)).ravel())[:2000]
     adata = adata[:, np.sort(top)].copy()
-    model = CellVAE(adata, batch_key="batch").fit(max_epochs=100, progress=False)
+    model = CellVAE(adata, batch_key="batch").fit(progress=False)  # default epochs, as a user would run it
     latent = model.get_latent()
     assert knn_accuracy(latent, adata.obs["cell_type"]) > 0.95
     assert knn_accuracy(pca_of(adata), adata.obs["batch"]) > 0.95  # unintegrated, the platforms separate
-    assert knn_accuracy(latent, adata.obs["batch"]) < 0.75  # chance is 0.53
+    assert knn_accuracy(latent, adata.obs["batch"]) < 0.72  # chance is 0.53
 
     is_query = (adata.obs["batch"] == "Drop-seq").to_numpy()
     reference, query = adata[~is_query].copy(), adata[is_query].copy()
-    reference_model = CellVAE(reference, batch_key="batch").fit(max_epochs=100, progress=False)
+    reference_model = CellVAE(reference, batch_key="batch").fit(progress=False)
     query_model = reference_model.map_query(query, progress=False)
     reference.obsm["X_cellvae"] = query_model.get_latent(reference)
     query.obsm["X_cellvae"] = query_model.get_latent()
