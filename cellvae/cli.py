@@ -10,6 +10,7 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
 
   cellvae demo                          train on the bundled PBMC example, write UMAP plots
   cellvae fit IN.h5ad --out OUT.h5ad --model-dir DIR [--batch-key batch --layer counts]
+  torchrun --nproc_per_node=N -m cellvae.cli fit ...   the same, data-parallel over N processes
   cellvae embed IN.h5ad --model-dir DIR --out OUT.h5ad
 """
 
@@ -111,6 +112,8 @@ def run_fit(args: argparse.Namespace) -> int:
         n_latent=args.n_latent,
         likelihood=args.likelihood,
     )
+    if _distributed_rank() > 0:  # under torchrun every rank holds the same model; rank 0 writes it
+        return 0
     _neighbours_umap_leiden(adata, args.key_added, args.seed)
     model.save(args.model_dir, overwrite=args.overwrite)
     ad.AnnData.write_h5ad(adata, args.out)
@@ -128,6 +131,12 @@ def run_embed(args: argparse.Namespace) -> int:
     adata.write_h5ad(args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
+
+
+def _distributed_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _read(path: str):

@@ -102,7 +102,10 @@ class Config:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{path} has unknown config fields {unknown}; is it a cellvae model?")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as error:  # a field of the wrong type, e.g. dropout="high"
+            raise ValueError(f"{path} has a field of the wrong type ({error}); is it a cellvae model?") from error
 
 
 def _is_positive_int(value: object) -> bool:

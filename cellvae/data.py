@@ -6,6 +6,8 @@ rest of the package can trust its inputs) and never writes to the user's AnnData
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ MIN_CELLS = 10
 CHUNK_BYTES = 128 * 2**20
 # Contiguous rows read from a backed file as one block; blocks are shuffled, then rows within a buffer.
 BACKED_BLOCK_ROWS = 256
+# Minibatches the background reader prepares ahead of training.
+PREFETCH_BATCHES = 4
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None):
@@ -227,14 +231,20 @@ class Minibatch:
     library: torch.Tensor  # cells × 1 total counts
     batch_index: torch.Tensor  # cells, int64 batch code
     cell_index: np.ndarray  # positions of these cells in the AnnData
+    # (row, column) of the non-zero counts, read off the sparse matrix on CPU; lets the likelihood
+    # skip its lgamma terms at zeros without scanning the dense batch. None on accelerators.
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class CellLoader:
-    """Minibatches of densified count rows, read chunk by chunk.
+    """Minibatches of densified count rows, prepared in a background thread.
 
     In-memory matrices are gathered in a fully random order; backed (on-disk) matrices are
-    read in contiguous blocks whose order is shuffled, then shuffled again inside a buffer, so
-    a pass reads each row once with large sequential reads.
+    read in contiguous blocks whose order is shuffled, then shuffled again inside a buffer of
+    blocks, so a pass reads each row exactly once with large sequential reads and the memory
+    held is one buffer, whatever the size of the file; a background thread reads the next
+    minibatches while the model trains on the current one. On a GPU, an in-memory matrix that
+    fits is copied to the device once and minibatches are gathered there.
     """
 
     def __init__(
@@ -246,26 +256,47 @@ class CellLoader:
         gene_columns: np.ndarray | None = None,
         device: torch.device | str = "cpu",
     ):
-        self.matrix = as_row_readable(matrix)
-        self.backed = is_backed_matrix(self.matrix)
+        self.backed = is_backed_matrix(matrix)
+        # Backed CSC cannot be re-written cheaply; it is read as stored (slowly, column-major).
+        self.matrix = matrix if self.backed else as_row_readable(matrix)
         self.covariates = covariates
         self.library = library.astype(np.float32)
         self.batch_index = batch_index
         self.gene_columns = gene_columns
         self.device = torch.device(device)
+        self._on_device = None
+
+    @property
+    def n_genes(self) -> int:
+        return self.matrix.shape[1] if self.gene_columns is None else len(self.gene_columns)
 
     def batches(
         self, cells: np.ndarray, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None
     ) -> Iterator[Minibatch]:
-        """Yield minibatches covering ``cells`` once, in random order when ``shuffle``."""
+        """Yield minibatches covering ``cells`` exactly once, in random order when ``shuffle``.
+
+        The order is drawn from ``rng`` before the first minibatch, so it depends only on the
+        generator's state; backed files are read ``PREFETCH_BATCHES`` minibatches ahead in a thread.
+        """
         cells = np.asarray(cells, dtype=np.int64)
-        n_genes = self.matrix.shape[1] if self.gene_columns is None else len(self.gene_columns)
-        chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(n_genes, 1))) // batch_size * batch_size)
-        for chunk in self._chunks(cells, chunk_rows, shuffle, rng):
-            dense = self._read_rows(chunk)
+        if shuffle and rng is None:
+            raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
+        if self.device.type == "cuda" and self._fits_on_device():
+            return self._device_batches(cells, batch_size, shuffle, rng)
+        chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
+        chunks = list(self._chunks(cells, chunk_rows, shuffle, rng))
+        if not self.backed:
+            # In memory, a batch is ready in microseconds; a reader thread would only compete with
+            # torch's own threads for the cores (and slow every parallel kernel down).
+            return self._read_batches(chunks, batch_size)
+        return _prefetch(self._read_batches(chunks, batch_size), PREFETCH_BATCHES)
+
+    def _read_batches(self, chunks: list[np.ndarray], batch_size: int) -> Iterator[Minibatch]:
+        for chunk in chunks:
+            block = self._read_rows(chunk)
             for start in range(0, len(chunk), batch_size):
                 rows = slice(start, start + batch_size)
-                yield self._minibatch(dense[rows], chunk[rows])
+                yield self._minibatch(block[rows], chunk[rows])
 
     def _chunks(self, cells, chunk_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:
@@ -283,8 +314,8 @@ class CellLoader:
             chunk = np.concatenate([blocks[b] for b in block_order[s : s + blocks_per_chunk]])
             yield chunk[rng.permutation(len(chunk))]
 
-    def _read_rows(self, rows: np.ndarray) -> torch.Tensor:
-        """Dense float32 tensor of the given rows (in the given order)."""
+    def _read_rows(self, rows: np.ndarray):
+        """The given rows (in the given order) as CSR, or as a dense array if stored densely."""
         if self.backed:
             # h5py needs increasing indices: read sorted, then restore the requested order.
             order = np.argsort(rows, kind="stable")
@@ -302,16 +333,104 @@ class CellLoader:
             block = self.matrix[rows]
         if self.gene_columns is not None:
             block = block[:, self.gene_columns]
-        dense = block.toarray() if sp.issparse(block) else np.asarray(block)
-        return torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            if not block.has_canonical_format:
+                block.sum_duplicates()
+            return block
+        return np.asarray(block)
 
-    def _minibatch(self, counts: torch.Tensor, cells: np.ndarray) -> Minibatch:
+    def _minibatch(self, block, cells: np.ndarray) -> Minibatch:
+        if sp.issparse(block):
+            dense = block.toarray()
+            nz_rows, nz_cols = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)), block.indices
+        else:
+            dense = block
+            nz_rows, nz_cols = np.nonzero(block)
+        counts = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
         to = self.device
         non_blocking = to.type == "cuda"
+        nonzero = None
+        if to.type == "cpu":
+            nonzero = (torch.from_numpy(nz_rows.astype(np.int64, copy=False)), torch.from_numpy(nz_cols.astype(np.int64)))
         return Minibatch(
             counts=counts.to(to, non_blocking=non_blocking),
             covariates=torch.from_numpy(self.covariates[cells]).to(to, non_blocking=non_blocking),
             library=torch.from_numpy(self.library[cells, None]).to(to, non_blocking=non_blocking),
             batch_index=torch.from_numpy(self.batch_index[cells]).to(to, non_blocking=non_blocking),
             cell_index=cells,
+            nonzero=nonzero,
         )
+
+    # -------------------------------------------------------------- GPU: data resident on the device
+
+    def _fits_on_device(self) -> bool:
+        """Whether the in-memory counts, densified, take at most a quarter of the free GPU memory."""
+        if self.backed:
+            return False
+        if self._on_device is None:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if 4 * self.matrix.shape[0] * self.n_genes > free // 4:
+                self._on_device = False
+            else:
+                rows = self._read_rows(np.arange(self.matrix.shape[0]))
+                dense = rows.toarray() if sp.issparse(rows) else rows
+                self._on_device = (
+                    torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).to(self.device),
+                    torch.from_numpy(self.covariates).to(self.device),
+                    torch.from_numpy(self.library[:, None]).to(self.device),
+                    torch.from_numpy(self.batch_index).to(self.device),
+                )
+        return self._on_device is not False
+
+    def _device_batches(self, cells, batch_size, shuffle, rng) -> Iterator[Minibatch]:
+        counts, covariates, library, batch_index = self._on_device
+        order = cells[rng.permutation(len(cells))] if shuffle else cells
+        index = torch.from_numpy(order).to(self.device)
+        for start in range(0, len(order), batch_size):
+            rows = index[start : start + batch_size]
+            yield Minibatch(counts[rows], covariates[rows], library[rows], batch_index[rows], order[start : start + batch_size])
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run the iterator ``items`` in a background thread, at most ``depth`` items ahead."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            put(_Failure(error))
+
+    thread = threading.Thread(target=produce, name="cellvae-loader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -29,7 +29,9 @@ class Poisson:
     def variance(self) -> torch.Tensor:
         return self.mean
 
-    def log_prob(self, x: torch.Tensor, include_constant: bool = True) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         log_p = x * self.log_mean - self.mean
         return log_p - log_factorial(x) if include_constant else log_p
 
@@ -56,16 +58,30 @@ class NegativeBinomial:
         mean = self.mean
         return mean + mean**2 / self.theta
 
-    def log_prob(self, x: torch.Tensor, include_constant: bool = True) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Elementwise log-probability of the counts ``x``.
+
+        ``nonzero`` (rows, columns of the non-zero counts of a 2-D ``x``), when given, lets the
+        terms that vanish at zero counts be evaluated at those entries only; the result is the same.
+        """
         log_theta = self.theta.log()
         log_theta_plus_mean = torch.logaddexp(log_theta, self.log_mean)
-        log_p = (
-            torch.lgamma(x + self.theta)
-            - torch.lgamma(self.theta)
-            + self.theta * (log_theta - log_theta_plus_mean)
-            + x * (self.log_mean - log_theta_plus_mean)
-        )
-        return log_p - log_factorial(x) if include_constant else log_p
+        log_p = self.theta * (log_theta - log_theta_plus_mean) + x * (self.log_mean - log_theta_plus_mean)
+        if nonzero is None or x.shape != log_p.shape:
+            log_p = log_p + torch.lgamma(x + self.theta) - torch.lgamma(self.theta)
+            return log_p - log_factorial(x) if include_constant else log_p
+        # lgamma(x + theta) - lgamma(theta) and log(x!) vanish at x = 0, and most counts are zero:
+        # evaluating them (and their digamma gradients) at the non-zero counts only saves most of the work.
+        rows, columns = nonzero
+        counts = x[rows, columns]
+        theta = self.theta.expand_as(log_p)[rows, columns]
+        # lgamma(theta) over the stored theta (one per gene), then gathered: no digamma per count.
+        sparse_terms = torch.lgamma(counts + theta) - torch.lgamma(self.theta).expand_as(log_p)[rows, columns]
+        if include_constant:
+            sparse_terms = sparse_terms - log_factorial(counts)
+        return log_p.index_put((rows, columns), sparse_terms, accumulate=True)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gamma–Poisson draw; ``generator`` seeds both stages."""
@@ -91,9 +107,11 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         nb_mean = self.log_mean.exp()
         return keep * (nb_mean + nb_mean**2 / self.theta) + keep * (1 - keep) * nb_mean**2
 
-    def log_prob(self, x: torch.Tensor, include_constant: bool = True) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         nb = NegativeBinomial(self.log_mean, self.theta)
-        nb_log_p = nb.log_prob(x, include_constant=False)
+        nb_log_p = nb.log_prob(x, include_constant=False, nonzero=nonzero)
         log_pi = -F.softplus(-self.zi_logits)  # log sigmoid(logits)
         log_one_minus_pi = -F.softplus(self.zi_logits)
         # The constant log(x!) is zero at x = 0, so it can be dropped from both branches.

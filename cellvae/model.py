@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from cellvae import data
 from cellvae.config import Config
 from cellvae.module import VAE
-from cellvae.train import TrainSettings, default_kl_warmup, default_max_epochs, pick_device, train
+from cellvae.train import TrainSettings, default_kl_warmup, default_max_epochs, pick_device, setup_distributed, train
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -179,6 +179,11 @@ class CellVAE:
         generators, history, early-stopping state) every ``checkpoint_every`` epochs, written
         atomically. ``resume=True`` continues from it after a crash or Ctrl-C and ends with the
         same parameters as an uninterrupted run with the same arguments.
+
+        Data-parallel training: launched by ``torchrun --nproc_per_node=N`` (or in processes
+        that called ``torch.distributed.init_process_group``), each process trains on its own
+        shard of the cells with gradients all-reduced (DDP; gloo on CPU, nccl on GPU) and all
+        end with the same model; save it from rank 0 only.
         """
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
@@ -194,7 +199,8 @@ class CellVAE:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
-        loader, cells = self._loader(self.adata, pick_device(device))
+        # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
+        loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)))
         nonempty = cells[loader.library[cells] > 0]
         if len(nonempty) < len(cells):
             warnings.warn(

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cellvae.data import CellLoader
@@ -88,7 +90,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     totals = {"distortion": 0.0, "rate": 0.0}
     with torch.no_grad():
         for mb in loader.batches(cells, batch_size):
-            out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index)
+            out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, nonzero=mb.nonzero)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
     vae.train(was_training)
@@ -112,18 +114,23 @@ def train(
     ``checkpoint_dir`` the full training state is written atomically every ``checkpoint_every``
     epochs; ``resume`` continues from it and ends with the same parameters as an uninterrupted run.
     """
-    torch.manual_seed(settings.random_state)
-    rng = np.random.default_rng(settings.random_state)
+    has_validation = len(validation_cells) > 0
+    rank, world = rank_and_world()
+    if world > 1:  # data parallel: this process trains and validates on its own shard of the cells
+        train_cells, validation_cells = shard(train_cells, rank, world, pad=True), shard(validation_cells, rank, world)
+    torch.manual_seed(settings.random_state + rank)
+    rng = np.random.default_rng(settings.random_state if world == 1 else [settings.random_state, rank])
     optimizer = make_optimizer(vae, settings.lr, settings.weight_decay, loader.device)
     steps_per_epoch = max(1, math.ceil(len(train_cells) / settings.batch_size))
     warmup_steps = settings.kl_warmup_epochs * steps_per_epoch
-    has_validation = len(validation_cells) > 0
     best = {"loss": math.inf, "state": copy.deepcopy(vae.state_dict()), "epoch": -1}
     last_good = copy.deepcopy(vae.state_dict())
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
     start_epoch, stop = 0, False
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
+    if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
+        checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
     run = None if checkpoint is None else describe_run(vae, loader, train_cells, validation_cells, settings)
     if checkpoint is not None and resume:
         if checkpoint.exists():
@@ -134,9 +141,10 @@ def train(
         else:
             warnings.warn(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning, stacklevel=3)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
-    bar = tqdm(
-        epochs, desc="cellvae", unit="epoch", disable=not settings.progress, initial=epochs.start, total=settings.max_epochs
-    )
+    quiet = not settings.progress or rank > 0
+    bar = tqdm(epochs, desc="cellvae", unit="epoch", disable=quiet, initial=epochs.start, total=settings.max_epochs)
+    # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights).
+    forward = DistributedDataParallel(vae) if world > 1 else vae
     vae.train()
     try:
         for epoch in bar:
@@ -145,10 +153,11 @@ def train(
             seen = 0
             for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng):
                 kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
-                out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight)
+                out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, nonzero=mb.nonzero)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
-                if not _all_finite(out["loss"], vae):
+                # With several ranks only the (all-reduced) gradients are checked, so all ranks agree.
+                if not _all_finite(out["loss"] if world == 1 else None, vae):
                     retries += 1
                     if retries > MAX_NONFINITE_RETRIES:
                         raise FloatingPointError(
@@ -172,11 +181,18 @@ def train(
                 sums["distortion"] += float(out["distortion"].detach().sum())
                 sums["rate"] += float(out["rate"].detach().sum())
             last_good = copy.deepcopy(vae.state_dict())
+            if world > 1:
+                *totals, seen = all_reduce_sums([*sums.values(), seen])
+                sums = dict(zip(sums, totals))
             row = {"epoch": epoch, "kl_weight": kl_weight, "lr": optimizer.param_groups[0]["lr"]}
             row |= {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
             row["train_elbo"] = -(row["train_distortion"] + row["train_rate"])
             if has_validation:
                 val = evaluate(vae, loader, validation_cells, max(settings.batch_size, 1024))
+                if world > 1:  # every rank gets the same validation loss, hence the same early stopping
+                    n = len(validation_cells)
+                    distortion, rate, n = all_reduce_sums([val["distortion"] * n, val["rate"] * n, n])
+                    val = {"distortion": distortion / n, "rate": rate / n}
                 row["validation_distortion"], row["validation_rate"] = val["distortion"], val["rate"]
                 row["validation_loss"] = val["distortion"] + settings.beta * val["rate"]
                 row["validation_elbo"] = -(val["distortion"] + val["rate"])
@@ -212,9 +228,9 @@ def train(
     return pd.DataFrame(rows)
 
 
-def _all_finite(loss: torch.Tensor, vae: VAE) -> bool:
-    """Whether the loss and the total gradient norm (one foreach kernel) are finite."""
-    if not torch.isfinite(loss):
+def _all_finite(loss: torch.Tensor | None, vae: VAE) -> bool:
+    """Whether the loss (unless None) and the total gradient norm (one foreach kernel) are finite."""
+    if loss is not None and not torch.isfinite(loss):
         return False
     params = [p for p in vae.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, math.inf))) if params else True
@@ -308,3 +324,51 @@ def read_checkpoint(path: Path, run: dict, vae: VAE, optimizer: torch.optim.Opti
         torch.cuda.set_rng_state(tensors["rng.cuda"], next(vae.parameters()).device)
     best = {"loss": meta["best_loss"], "state": best_state, "epoch": meta["best_epoch"]}
     return {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")} | {"best": best}
+
+
+# ----------------------------------------------------------------------------- data parallel (DDP)
+
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Join the process group when launched by ``torchrun``; return this process's device.
+
+    ``torchrun --nproc_per_node=N`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; the group uses
+    nccl on CUDA and gloo on CPU. A group the caller initialised already is used as it is.
+    One process alone (no torchrun) is left untouched.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if device.type == "cuda" and (launched or (dist.is_available() and dist.is_initialized())):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if launched and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(cells: np.ndarray, rank: int, world: int, pad: bool = False) -> np.ndarray:
+    """The contiguous ``rank``-th of ``world`` parts of the sorted cells (contiguous reads on backed files).
+
+    With ``pad`` every part gets the same length (short parts repeat their first cell), so all
+    ranks take the same number of steps, as the gradient all-reduce requires.
+    """
+    parts = np.array_split(np.sort(np.asarray(cells, dtype=np.int64)), world)
+    part = parts[rank]
+    longest = max(len(p) for p in parts)
+    if pad and len(part) < longest:
+        part = np.concatenate([part, np.full(longest - len(part), part[0] if len(part) else parts[0][0])])
+    return part
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Sums over all ranks of a few numbers (float64)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()

@@ -1,0 +1,587 @@
+"""Speed benchmark: cellvae against scvi-tools in the same run, on the same data and CPU threads.
+
+Each part is a separate command (so that every locked run stays under ten minutes) and merges
+its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`` from it::
+
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py throughput
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ttq-scvi     # repeat until it says "done"
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ttq-cellvae
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py latent
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py memory
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py scaling --sizes 10000 100000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py scaling --sizes 1000000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py roofline
+    python benchmarks/speed.py table
+
+Large simulated files and scVI checkpoints go to ``--work-dir`` (default /tmp/cellvae-speed),
+never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+THREADS = 2
+ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def setup_threads() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
+def read(name: str):
+    import anndata as ad
+
+    path = DATA / name
+    if not path.is_file():
+        sys.exit(f"{path} not found: the benchmark needs ../shared/data beside the repository")
+    return ad.read_h5ad(path)
+
+
+def pbmc68k():
+    import cellvae
+
+    return cellvae.datasets.pbmc68k()
+
+
+def merge(section: str, values: dict, out: Path) -> None:
+    """Write ``values`` under ``section`` of the results JSON, keeping the other sections."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results[section] = values
+    results["machine"] = machine()
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({section: values}, indent=2))
+
+
+def machine() -> dict:
+    import platform
+
+    import scvi
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": THREADS,
+        "torch": torch.__version__,
+        "scvi_tools": scvi.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def holdout_split(n_cells: int, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n_cells)
+    n_test = int(round(fraction * n_cells))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def scvi_model(adata, batch_key: str | None, **kwargs):
+    import scvi
+
+    scvi.settings.seed = 0
+    scvi.settings.num_threads = THREADS
+    scvi.settings.dl_num_workers = 0
+    adata = adata.copy()
+    scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
+    return scvi.model.SCVI(adata, **kwargs), adata
+
+
+def epoch_timer():
+    """A Lightning callback recording the wall time of every training epoch of scVI."""
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_train_epoch_start(self, trainer, module):
+            self._start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def neg_elbo_cellvae(model, adata) -> float:
+    """Held-out negative ELBO per cell: full NB log-likelihood (with log x!) plus KL, one draw per cell."""
+    import torch
+
+    from cellvae.train import evaluate
+
+    loader, cells = model._loader(adata, torch.device("cpu"))
+    torch.manual_seed(0)
+    out = evaluate(model.module, loader, cells, 1024)
+    return out["distortion"] + out["rate"]
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def part_throughput(args) -> None:
+    """Training cells/s over whole epochs (first epoch dropped), batch 128, same architecture."""
+    import scvi
+
+    import cellvae
+
+    results = {}
+    for name, adata, batch_key in (
+        ("pbmc68k_765_genes", pbmc68k(), None),
+        ("kang_2511_genes", read("kang_ctrl_5donors_muscat.h5ad"), "batch"),
+    ):
+        epochs = args.epochs if adata.n_obs > 5000 else args.epochs * 8
+        model = cellvae.CellVAE(adata, batch_key=batch_key, **ARCH)
+        model.fit(max_epochs=epochs, batch_size=128, validation_size=0.0, early_stopping=False, progress=False)
+        ours = adata.n_obs * (epochs - 1) / model.history["seconds"].iloc[1:].sum()
+        timer = epoch_timer()
+        smodel, _ = scvi_model(adata, batch_key, **ARCH, gene_likelihood="nb")
+        smodel.train(
+            max_epochs=epochs, batch_size=128, train_size=1.0, early_stopping=False, callbacks=[timer],
+            enable_progress_bar=False, check_val_every_n_epoch=None, accelerator="cpu",
+        )
+        theirs = adata.n_obs * (epochs - 1) / sum(timer.seconds[1:])
+        results[name] = {
+            "cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs, "batch_size": 128,
+            "cellvae_cells_per_s": round(ours), "scvi_cells_per_s": round(theirs), "ratio": round(ours / theirs, 2),
+        }
+        print(name, results[name], flush=True)
+    del scvi
+    merge("throughput", results, args.out)
+
+
+# ----------------------------------------------------------------------------- time to quality
+
+
+def part_ttq_scvi(args) -> None:
+    """scVI's default run on 90% of the Kang cells, checkpointed so it can run in several commands."""
+    import torch
+
+    work = args.work_dir / "scvi_ttq"
+    work.mkdir(parents=True, exist_ok=True)
+    state_file = work / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"seconds": 0.0, "epochs_done": 0}
+    adata = read("kang_ctrl_5donors_muscat.h5ad")
+    train_cells, test_cells = holdout_split(adata.n_obs)
+    model, train_adata = scvi_model(adata[train_cells], "batch")
+    max_epochs = args.scvi_max_epochs
+    if max_epochs is None:  # scVI's own default for this data size
+        max_epochs = int(min(round((20_000 / train_adata.n_obs) * 400), 400))
+    ckpt = work / "last.ckpt"
+    from lightning.pytorch.callbacks import Callback
+
+    budget = args.chunk_seconds
+
+    class Budget(Callback):
+        def __init__(self):
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            trainer.save_checkpoint(str(ckpt))
+            state["epochs_done"] = trainer.current_epoch + 1
+            if time.perf_counter() - self.start > budget:
+                trainer.should_stop = True
+
+    started = time.perf_counter()
+    if state["epochs_done"] < max_epochs:
+        model.train(
+            max_epochs=max_epochs, callbacks=[Budget()], enable_progress_bar=False, accelerator="cpu",
+            ckpt_path=str(ckpt) if ckpt.is_file() else None,
+        )
+        state["seconds"] += time.perf_counter() - started
+        state_file.write_text(json.dumps(state))
+    if state["epochs_done"] < max_epochs:
+        print(f"scVI trained {state['epochs_done']}/{max_epochs} epochs in {state['seconds']:.0f} s; run again to continue")
+        return
+    if ckpt.is_file():  # the weights of the last epoch, from the checkpoint
+        weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        model.module.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
+        model.is_trained_ = True
+    test = adata[test_cells].copy()
+    import scvi
+
+    scvi.model.SCVI.setup_anndata(test, batch_key="batch")
+    elbo = -float(model.get_elbo(test))
+    merge(
+        "time_to_quality_scvi",
+        {
+            "data": "kang_ctrl_5donors_muscat (90% train, 10% held out, seed 0)",
+            "epochs": max_epochs, "train_seconds": round(state["seconds"], 1),
+            "heldout_neg_elbo_per_cell": round(elbo, 2), "default_epochs": args.scvi_max_epochs is None,
+        },
+        args.out,
+    )
+    print("done")
+
+
+def part_ttq_cellvae(args) -> None:
+    """cellvae's default fit on the same 90%, its held-out negative ELBO, and integration scores."""
+    import cellvae
+
+    adata = read("kang_ctrl_5donors_muscat.h5ad")
+    train_cells, test_cells = holdout_split(adata.n_obs)
+    train_adata, test_adata = adata[train_cells].copy(), adata[test_cells].copy()
+    runs = []
+    for seed in args.seeds:
+        started = time.perf_counter()
+        model = cellvae.CellVAE(train_adata, batch_key="batch").fit(random_state=seed, progress=False)
+        seconds = time.perf_counter() - started
+        elbo = neg_elbo_cellvae(model, test_adata)
+        runs.append({
+            "seed": seed, "fit_seconds": round(seconds, 1), "epochs": len(model.history),
+            "heldout_neg_elbo_per_cell": round(elbo, 2),
+            **integration_scores(model.get_latent(train_adata), train_adata),
+        })
+        print(runs[-1], flush=True)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    summary = {"runs": runs, "settings": "CellVAE(adata, batch_key='batch').fit() with the shipped defaults"}
+    scvi_run = results.get("time_to_quality_scvi")
+    if scvi_run:
+        summary["speedup_vs_scvi"] = round(scvi_run["train_seconds"] / np.mean([r["fit_seconds"] for r in runs]), 1)
+        summary["reaches_scvi_elbo"] = all(r["heldout_neg_elbo_per_cell"] <= scvi_run["heldout_neg_elbo_per_cell"] for r in runs)
+    merge("time_to_quality_cellvae", summary, args.out)
+
+
+def integration_scores(latent: np.ndarray, adata) -> dict:
+    """15-NN cell-type accuracy (5-fold) and batch mixing (neighbour batch entropy / its maximum)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    accuracy = cross_val_score(KNeighborsClassifier(15), latent, labels, cv=folds).mean()
+    batches = adata.obs["batch"].astype("category").cat.codes.to_numpy()
+    _, neighbours = NearestNeighbors(n_neighbors=16).fit(latent).kneighbors(latent)
+    counts = np.stack([(batches[neighbours[:, 1:]] == b).sum(1) for b in np.unique(batches)], axis=1) / 15.0
+    entropy = -(counts * np.log(np.where(counts > 0, counts, 1.0))).sum(1).mean() / np.log(len(np.unique(batches)))
+    return {"celltype_knn_accuracy": round(float(accuracy), 4), "batch_mixing_entropy": round(float(entropy), 4)}
+
+
+def part_ttq_scvi_scores(args) -> None:
+    """Integration scores of scVI's default run (from its checkpoint), beside cellvae's."""
+    import torch
+
+    adata = read("kang_ctrl_5donors_muscat.h5ad")
+    train_cells, _ = holdout_split(adata.n_obs)
+    model, train_adata = scvi_model(adata[train_cells], "batch")
+    weights = torch.load(args.work_dir / "scvi_ttq" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    model.module.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
+    model.is_trained_ = True
+    results = json.loads(args.out.read_text())
+    entry = results["time_to_quality_scvi"]
+    entry |= integration_scores(model.get_latent_representation(), train_adata)
+    merge("time_to_quality_scvi", entry, args.out)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def part_latent(args) -> None:
+    """get_latent cells/s at 2,000 genes (simulated), cellvae vs scVI's get_latent_representation."""
+    import cellvae
+
+    adata = cellvae.datasets.simulate(n_cells=args.latent_cells, n_genes=2000, n_batches=2, seed=0)
+    small = adata[:5000].copy()
+    model = cellvae.CellVAE(small, batch_key="batch", **ARCH).fit(max_epochs=2, progress=False)
+    model.get_latent(small)
+    started = time.perf_counter()
+    model.get_latent(adata)
+    ours = adata.n_obs / (time.perf_counter() - started)
+    smodel, sadata = scvi_model(adata, "batch", **ARCH)
+    smodel.train(max_epochs=1, train_size=1.0, enable_progress_bar=False, accelerator="cpu", check_val_every_n_epoch=None)
+    started = time.perf_counter()
+    smodel.get_latent_representation(sadata)
+    theirs = adata.n_obs / (time.perf_counter() - started)
+    merge("get_latent", {"cells": adata.n_obs, "genes": 2000, "cellvae_cells_per_s": round(ours),
+                         "scvi_cells_per_s": round(theirs), "ratio": round(ours / theirs, 2)}, args.out)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> tuple[int, int]:
+    """Current and peak resident set size of this process (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def child_fit(spec: dict) -> dict:
+    """Run in a fresh process: open the data, reset the peak RSS, fit, report times and memory."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    import cellvae
+
+    setup_threads()
+    if spec["path"] == "kang":
+        adata = read("kang_ctrl_5donors_muscat.h5ad")
+    else:
+        adata = ad.read_h5ad(spec["path"], backed="r" if spec["backed"] else None)
+    matrix_bytes = None
+    if sp.issparse(adata.X):
+        matrix_bytes = int(adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes)
+    import gc
+
+    gc.collect()
+    before, _ = rss_bytes()
+    reset_peak_rss()
+    started = time.perf_counter()
+    model = cellvae.CellVAE(adata, batch_key="batch", **ARCH)
+    model.fit(max_epochs=spec["epochs"], validation_size=0.0, early_stopping=False, progress=False,
+              batch_size=spec.get("batch_size", 128))
+    total = time.perf_counter() - started
+    _, peak = rss_bytes()
+    epoch = float(model.history["seconds"].iloc[-1])
+    return {
+        "cells": adata.n_obs, "genes": adata.n_vars, "backed": spec["backed"], "epoch_seconds": round(epoch, 2),
+        "cells_per_s": round(adata.n_obs / epoch), "fit_seconds_incl_setup": round(total, 1),
+        "rss_before_mb": round(before / 2**20), "peak_rss_mb": round(peak / 2**20),
+        "added_peak_mb": round((peak - before) / 2**20),
+        "matrix_mb": None if matrix_bytes is None else round(matrix_bytes / 2**20, 1),
+    }
+
+
+def run_child(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "child", json.dumps(spec)], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    if out.returncode:
+        raise RuntimeError(f"child run {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part_memory(args) -> None:
+    """Peak memory added by training on in-memory sparse data, as a multiple of the matrix size."""
+    runs = {}
+    path = simulated_file(args.work_dir, 100_000)
+    for name, spec in (
+        ("kang_in_memory", {"path": "kang", "backed": False, "epochs": 2}),
+        ("simulated_100k_in_memory", {"path": str(path), "backed": False, "epochs": 1}),
+    ):
+        result = run_child(spec)
+        result["added_over_matrix"] = round(result["added_peak_mb"] / result["matrix_mb"], 3)
+        runs[name] = result
+        print(name, result, flush=True)
+    merge("memory", runs, args.out)
+
+
+# ----------------------------------------------------------------------------- out-of-core scaling
+
+
+def simulated_file(work_dir: Path, n_cells: int, n_genes: int = 2000, chunk: int = 20_000) -> Path:
+    """A CSR .h5ad of simulated NB counts (5 cell types, 2 batches), written once chunk by chunk."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+
+    path = work_dir / f"simulated_{n_cells}x{n_genes}.h5ad"
+    if path.is_file():
+        return path
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.0, 1.3, n_genes)
+    programmes = np.zeros((5, n_genes))
+    for t in range(5):
+        programmes[t, rng.choice(n_genes, 40, replace=False)] = rng.uniform(1.0, 3.0, 40)
+    batch_shift = rng.normal(0.0, 0.4, (2, n_genes))
+    theta = rng.gamma(2.0, 2.0, n_genes) + 0.5
+    cell_type = rng.integers(0, 5, n_cells)
+    batch = rng.integers(0, 2, n_cells)
+    partial = path.with_suffix(".partial")
+    obs = pd.DataFrame({"batch": pd.Categorical([f"b{b}" for b in batch]), "cell_type": pd.Categorical([f"t{t}" for t in cell_type])},
+                       index=[f"c{i}" for i in range(n_cells)])
+    shell = ad.AnnData(obs=obs, var=pd.DataFrame(index=[f"g{g}" for g in range(n_genes)]))
+    shell.write_h5ad(partial)
+    with h5py.File(partial, "a") as f:
+        if "X" in f:
+            del f["X"]
+        group = f.create_group("X")
+        group.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n_cells, n_genes)})
+        data = group.create_dataset("data", (0,), maxshape=(None,), dtype="float32", chunks=(1 << 18,))
+        indices = group.create_dataset("indices", (0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,))
+        indptr = [np.zeros(1, dtype=np.int64)]
+        for start in range(0, n_cells, chunk):
+            stop = min(start + chunk, n_cells)
+            log_rate = base + programmes[cell_type[start:stop]] + batch_shift[batch[start:stop]]
+            proportions = np.exp(log_rate - log_rate.max(1, keepdims=True))
+            proportions /= proportions.sum(1, keepdims=True)
+            library = rng.lognormal(np.log(1000.0), 0.4, stop - start)[:, None]
+            mean = proportions * library
+            block = sp.csr_matrix(rng.poisson(rng.gamma(theta, mean / theta)).astype(np.float32))
+            n = data.shape[0]
+            data.resize((n + block.nnz,))
+            indices.resize((n + block.nnz,))
+            data[n:] = block.data
+            indices[n:] = block.indices
+            indptr.append(block.indptr[1:].astype(np.int64) + n)
+        group.create_dataset("indptr", data=np.concatenate(indptr))
+    partial.rename(path)
+    return path
+
+
+def part_scaling(args) -> None:
+    """Backed .h5ad training: epoch time and peak RSS at each size, plus in-memory at the smaller sizes."""
+    results = json.loads(args.out.read_text()).get("scaling", {}) if args.out.is_file() else {}
+    for n in args.sizes:
+        path = simulated_file(args.work_dir, n)
+        runs = {"backed": run_child({"path": str(path), "backed": True, "epochs": 1})}
+        if n <= 100_000:
+            runs["in_memory"] = run_child({"path": str(path), "backed": False, "epochs": 1})
+            runs["backed_over_in_memory_time"] = round(runs["backed"]["epoch_seconds"] / runs["in_memory"]["epoch_seconds"], 2)
+        results[str(n)] = runs
+        print(n, runs, flush=True)
+    merge("scaling", results, args.out)
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def part_roofline(args) -> None:
+    """FLOPs of one training step (batch 128, 2,511 genes) against the measured matmul rate."""
+    import torch
+
+    import cellvae
+    from cellvae.train import make_optimizer
+
+    setup_threads()
+    adata = read("kang_ctrl_5donors_muscat.h5ad")
+    model = cellvae.CellVAE(adata, batch_key="batch", **ARCH)
+    loader, cells = model._loader(adata, torch.device("cpu"))
+    batches = list(loader.batches(cells, 128, shuffle=True, rng=np.random.default_rng(0)))
+    vae = model.module.train()
+    optimizer = make_optimizer(vae, 1e-3, 1e-6, torch.device("cpu"))
+
+    def step(mb):
+        out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, nonzero=mb.nonzero)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+
+    for mb in batches[:5]:
+        step(mb)
+    started = time.perf_counter()
+    for mb in batches:
+        step(mb)
+    step_seconds = (time.perf_counter() - started) / len(batches)
+    b, g, h, z, c = 128, adata.n_vars, ARCH["n_hidden"], ARCH["n_latent"], model.config.n_covariates
+    forward = 2 * b * ((g + c) * h + h * 2 * z + (z + c) * h + h * g)
+    # Backward: weight gradients of every layer plus input gradients of all but the first layer.
+    backward = 2 * b * ((g + c) * h + h * 2 * z + (z + c) * h + h * g) + 2 * b * (h * 2 * z + c * 0 + h * z + h * g)
+    flops = forward + backward
+    rates = {}
+    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "step_shape_128x2511x128": (b, g, h)}.items():
+        x, y = torch.randn(m, k), torch.randn(k, n)
+        x @ y
+        reps = max(3, int(2e10 / (2 * m * k * n)))
+        started = time.perf_counter()
+        for _ in range(reps):
+            x @ y
+        rates[name] = 2 * m * k * n * reps / (time.perf_counter() - started)
+    peak = max(rates.values())
+    merge("roofline", {
+        "flops_per_step": flops, "step_ms": round(step_seconds * 1e3, 2),
+        "achieved_gflops": round(flops / step_seconds / 1e9, 1),
+        "matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
+        "share_of_matmul_peak": round(flops / step_seconds / peak, 3),
+    }, args.out)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def part_table(args) -> None:
+    r = json.loads(args.out.read_text())
+    lines = ["| measure | cellvae | scVI | ratio / target |", "|---|---|---|---|"]
+    for name, t in r.get("throughput", {}).items():
+        lines.append(f"| training cells/s, {name} (batch 128, {THREADS} threads) | {t['cellvae_cells_per_s']:,} | "
+                     f"{t['scvi_cells_per_s']:,} | {t['ratio']}× (target ≥ 5×) |")
+    s, c = r.get("time_to_quality_scvi"), r.get("time_to_quality_cellvae")
+    if s and c:
+        secs = [x["fit_seconds"] for x in c["runs"]]
+        elbos = [x["heldout_neg_elbo_per_cell"] for x in c["runs"]]
+        lines.append(f"| time to quality, Kang 5 donors (s; held-out −ELBO nats/cell) | {np.mean(secs):.0f} s; "
+                     f"{min(elbos):.1f}–{max(elbos):.1f} | {s['train_seconds']:.0f} s ({s['epochs']} epochs); "
+                     f"{s['heldout_neg_elbo_per_cell']:.1f} | {c.get('speedup_vs_scvi')}× less time (target ≥ 10×) |")
+        if "celltype_knn_accuracy" in s:
+            acc = [x["celltype_knn_accuracy"] for x in c["runs"]]
+            mix = [x["batch_mixing_entropy"] for x in c["runs"]]
+            lines.append(f"| integration: 15-NN cell-type accuracy; donor mixing entropy | {min(acc):.3f}; {min(mix):.3f} | "
+                         f"{s['celltype_knn_accuracy']:.3f}; {s['batch_mixing_entropy']:.3f} | higher is better |")
+    if "get_latent" in r:
+        g = r["get_latent"]
+        lines.append(f"| get_latent cells/s, {g['genes']} genes | {g['cellvae_cells_per_s']:,} | {g['scvi_cells_per_s']:,} | "
+                     f"{g['ratio']}× (target ≥ 50,000 cells/s) |")
+    for name, m in r.get("memory", {}).items():
+        lines.append(f"| peak memory added, {name} (matrix {m['matrix_mb']} MB) | {m['added_peak_mb']} MB = "
+                     f"{m['added_over_matrix']}× matrix | | target < 1.5× |")
+    for n, runs in sorted(r.get("scaling", {}).items(), key=lambda kv: int(kv[0])):
+        b = runs["backed"]
+        extra = ""
+        if "in_memory" in runs:
+            extra = f"; in memory {runs['in_memory']['epoch_seconds']} s ({runs['backed_over_in_memory_time']}× slower backed)"
+        lines.append(f"| backed .h5ad, {int(n):,} × 2,000: epoch; peak RSS | {b['epoch_seconds']} s; {b['peak_rss_mb']:,} MB{extra} "
+                     "| | RSS < 3 GB, ≤ 2× in-memory time |")
+    if "roofline" in r:
+        f = r["roofline"]
+        lines.append(f"| training step FLOPs vs matmul peak | {f['achieved_gflops']} GFLOP/s of "
+                     f"{max(f['matmul_gflops'].values())} = {100 * f['share_of_matmul_peak']:.0f}% | | |")
+    table = "\n".join(lines) + "\n"
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+PARTS = {
+    "throughput": part_throughput, "ttq-scvi": part_ttq_scvi, "ttq-scvi-scores": part_ttq_scvi_scores,
+    "ttq-cellvae": part_ttq_cellvae, "latent": part_latent, "memory": part_memory, "scaling": part_scaling,
+    "roofline": part_roofline, "table": part_table,
+}
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "child":
+        print(json.dumps(child_fit(json.loads(sys.argv[2]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=sorted(PARTS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/cellvae-speed"))
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per throughput run (x8 on the 700-cell set)")
+    parser.add_argument("--scvi-max-epochs", type=int, default=None, help="cap scVI's epochs (default: scVI's own)")
+    parser.add_argument("--chunk-seconds", type=float, default=480.0, help="scVI training time per ttq-scvi command")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--latent-cells", type=int, default=100_000)
+    args = parser.parse_args()
+    setup_threads()
+    PARTS[args.part](args)
+    print(f"peak RSS of this command: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

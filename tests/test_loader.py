@@ -1,0 +1,108 @@
+"""The minibatch loader: every cell once per epoch, fresh shuffles, in-memory and backed (CSR, CSC, dense)."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import cellvae
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
+
+
+def loader_for(adata, device="cpu") -> CellLoader:
+    n = adata.n_obs
+    return CellLoader(adata.X, np.zeros((n, 0), dtype=np.float32), library_sizes(adata.X), np.zeros(n, dtype=np.int64), device=device)
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return cellvae.datasets.simulate(n_cells=2 * BACKED_BLOCK_ROWS * 5 + 37, n_genes=60, seed=4)
+
+
+def stored(counts, tmp_path_factory, kind: str):
+    """The simulated counts written as .h5ad with X as CSR, CSC or dense, opened backed."""
+    matrix = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": lambda m: m.toarray()}[kind](counts.X)
+    path = tmp_path_factory.mktemp(kind) / "cells.h5ad"
+    ad.AnnData(matrix, obs=counts.obs, var=counts.var).write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+@pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
+def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_factory, kind):
+    adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
+    loader = loader_for(adata)
+    assert loader.backed == (kind != "memory")
+    expected = counts.X.toarray()
+    cells = np.arange(counts.n_obs)[::2]  # a subset, like a training split
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        seen = []
+        for mb in loader.batches(cells, 100, shuffle=True, rng=rng):
+            np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+            np.testing.assert_allclose(mb.library.numpy().ravel(), expected[mb.cell_index].sum(1), rtol=1e-6)
+            rows, columns = mb.nonzero
+            dense = np.zeros_like(mb.counts.numpy())
+            dense[rows.numpy(), columns.numpy()] = mb.counts.numpy()[rows.numpy(), columns.numpy()]
+            np.testing.assert_array_equal(dense, mb.counts.numpy())  # the non-zero list misses no count
+            seen.append(mb.cell_index)
+        seen = np.concatenate(seen)
+        assert len(seen) == len(cells) and set(seen) == set(cells)
+
+
+@pytest.mark.parametrize("kind", ["memory", "csr"])
+def test_shuffling_differs_between_epochs_and_repeats_with_the_seed(counts, tmp_path_factory, kind):
+    adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
+    loader = loader_for(adata)
+    cells = np.arange(counts.n_obs)
+
+    def epochs(seed):
+        rng = np.random.default_rng(seed)
+        return [np.concatenate([mb.cell_index for mb in loader.batches(cells, 64, shuffle=True, rng=rng)]) for _ in range(2)]
+
+    first, second = epochs(0)
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first, cells)
+    # not just rotated blocks: neighbours in a minibatch come from many places of the file
+    assert len(np.unique(first[:64] // BACKED_BLOCK_ROWS)) > 1
+    again = epochs(0)
+    np.testing.assert_array_equal(first, again[0])
+    np.testing.assert_array_equal(second, again[1])
+
+
+def test_unshuffled_batches_keep_the_given_order(counts):
+    loader = loader_for(counts)
+    cells = np.arange(counts.n_obs)[::-3]
+    order = np.concatenate([mb.cell_index for mb in loader.batches(cells, 50)])
+    np.testing.assert_array_equal(order, cells)
+
+
+def test_a_backed_model_trains_and_embeds_like_an_in_memory_one(counts, tmp_path_factory):
+    backed = stored(counts, tmp_path_factory, "csr")
+    model = cellvae.CellVAE(backed, batch_key="batch").fit(max_epochs=3, progress=False, device="cpu")
+    assert np.isfinite(model.history["validation_elbo"]).all()
+    latent = model.get_latent(backed)
+    np.testing.assert_allclose(latent, model.get_latent(counts), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_read_reaches_the_caller(counts, tmp_path_factory):
+    backed = stored(counts, tmp_path_factory, "csr")
+    loader = loader_for(backed)
+    backed.file.close()
+    with pytest.raises(Exception):  # noqa: B017 - h5py's own error for a closed file
+        list(loader.batches(np.arange(counts.n_obs), 64, shuffle=True, rng=np.random.default_rng(0)))
+
+
+def test_shuffle_needs_a_generator(counts):
+    with pytest.raises(ValueError, match="rng"):
+        loader_for(counts).batches(np.arange(10), 5, shuffle=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_gpu_keeps_fitting_data_on_the_device(counts):
+    loader = loader_for(counts, device="cuda")
+    rng = np.random.default_rng(0)
+    seen = [mb for mb in loader.batches(np.arange(counts.n_obs), 128, shuffle=True, rng=rng)]
+    assert all(mb.counts.is_cuda for mb in seen)
+    assert sorted(np.concatenate([mb.cell_index for mb in seen])) == list(range(counts.n_obs))
+    np.testing.assert_array_equal(seen[0].counts.cpu().numpy(), counts.X.toarray()[seen[0].cell_index])
