@@ -1,0 +1,539 @@
+"""Reliability: numerical faults, determinism, safe model files, the user's AnnData left untouched, extreme inputs."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from safetensors.torch import save_file
+
+import cellvae
+from cellvae import CellVAE
+from cellvae.config import FORMAT_VERSION, Config
+from cellvae.data import CellLoader
+from cellvae.module import VAE
+from cellvae.train import MAX_NONFINITE_RETRIES, TrainSettings, train
+
+TINY = {"n_hidden": 16, "n_latent": 4}
+QUICK = {"max_epochs": 3, "progress": False}
+
+
+def quiet_fit(model: CellVAE, **kwargs) -> CellVAE:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.fit(**{**QUICK, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def messy():
+    """A realistic user AnnData: log-normalised X, raw counts in a layer, covariates, obsm, uns, var annotations."""
+    adata = cellvae.datasets.simulate(n_cells=240, n_genes=40, n_batches=2, n_cell_types=3, seed=5)
+    adata.layers["counts"] = adata.X.copy()
+    normalised = adata.X.multiply(1e4 / adata.X.sum(axis=1)).tocsr()
+    normalised.data = np.log1p(normalised.data)
+    adata.X = normalised.astype(np.float32)
+    rng = np.random.default_rng(0)
+    adata.obs["donor"] = rng.choice(["d1", "d2", "d3"], adata.n_obs)
+    adata.obs["percent_mito"] = rng.uniform(0, 10, adata.n_obs)
+    adata.obs["condition"] = pd.Categorical(rng.choice(["ctrl", "stim"], adata.n_obs))
+    adata.var["highly_variable"] = rng.random(adata.n_vars) > 0.5
+    adata.obsm["X_pca"] = rng.normal(size=(adata.n_obs, 5)).astype(np.float32)
+    adata.uns["log1p"] = {"base": None}
+    adata.uns["colors"] = np.array(["red", "blue"])
+    return adata
+
+
+MODEL_ARGS = {
+    "layer": "counts",
+    "batch_key": "batch",
+    "categorical_covariate_keys": ["donor"],
+    "continuous_covariate_keys": ["percent_mito"],
+    **TINY,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(messy):
+    return quiet_fit(CellVAE(messy.copy(), **MODEL_ARGS))
+
+
+# ----------------------------------------------------------------------------- the user's AnnData is never modified
+
+
+def assert_same_matrix(before, after, where: str) -> None:
+    assert type(before) is type(after), f"{where} changed type"
+    assert before.dtype == after.dtype, f"{where} changed dtype"
+    assert before.shape == after.shape, f"{where} changed shape"
+    if sp.issparse(before):
+        for part in ("data", "indices", "indptr"):
+            np.testing.assert_array_equal(getattr(before, part), getattr(after, part), err_msg=f"{where}.{part} changed")
+    else:
+        np.testing.assert_array_equal(before, after, err_msg=f"{where} changed")
+
+
+def assert_same_uns(before, after, where: str) -> None:
+    if isinstance(before, dict):
+        assert isinstance(after, dict) and before.keys() == after.keys(), f"{where} keys changed"
+        for key in before:
+            assert_same_uns(before[key], after[key], f"{where}[{key!r}]")
+    elif isinstance(before, np.ndarray):
+        np.testing.assert_array_equal(before, after, err_msg=f"{where} changed")
+    else:
+        assert before == after or (before is None and after is None), f"{where} changed"
+
+
+def assert_unchanged(before: ad.AnnData, after: ad.AnnData, obsm=(), uns=(), obs=()) -> None:
+    """Everything but the documented keys ``obsm``, ``uns``, ``obs`` is identical, dtypes included."""
+    assert_same_matrix(before.X, after.X, "X")
+    assert before.layers.keys() == after.layers.keys()
+    for key in before.layers:
+        assert_same_matrix(before.layers[key], after.layers[key], f"layers[{key!r}]")
+    added_obs = set(after.obs.columns) - set(before.obs.columns)
+    assert added_obs <= set(obs), f"obs columns {added_obs - set(obs)} were added"
+    pd.testing.assert_frame_equal(before.obs, after.obs[before.obs.columns], check_exact=True)
+    pd.testing.assert_frame_equal(before.var, after.var, check_exact=True)
+    assert set(after.obsm.keys()) - set(before.obsm.keys()) <= set(obsm)
+    for key in before.obsm:
+        assert_same_matrix(before.obsm[key], after.obsm[key], f"obsm[{key!r}]")
+    assert set(after.uns.keys()) - set(before.uns.keys()) <= set(uns)
+    assert_same_uns(
+        {k: v for k, v in before.uns.items() if k not in uns}, {k: v for k, v in after.uns.items() if k not in uns}, "uns"
+    )
+    assert list(before.obs_names) == list(after.obs_names) and list(before.var_names) == list(after.var_names)
+
+
+def _save_and_load(model, adata, tmp_path):
+    model.save(tmp_path / "m")
+    CellVAE.load(tmp_path / "m", adata=adata).get_latent()
+
+
+CALLS = {
+    "CellVAE": lambda m, a, tmp: CellVAE(a, **MODEL_ARGS),
+    "fit": lambda m, a, tmp: quiet_fit(CellVAE(a, **MODEL_ARGS), max_epochs=1),
+    "fit_with_checkpoints": lambda m, a, tmp: quiet_fit(CellVAE(a, **MODEL_ARGS), max_epochs=1, checkpoint_dir=tmp),
+    "get_latent": lambda m, a, tmp: m.get_latent(a),
+    "get_latent_sampled": lambda m, a, tmp: m.get_latent(a, mean=False),
+    "get_normalized_expression": lambda m, a, tmp: m.get_normalized_expression(a, transform_batch=["batch0", "batch1"]),
+    "get_likelihood_parameters": lambda m, a, tmp: m.get_likelihood_parameters(a),
+    "sample_counts": lambda m, a, tmp: m.sample_counts(a, n_samples=2),
+    "save_load": _save_and_load,
+    "rate_distortion": lambda m, a, tmp: m.rate_distortion(a),
+    "kl_per_dimension": lambda m, a, tmp: m.kl_per_dimension(a),
+    "active_units": lambda m, a, tmp: m.active_units(a),
+    "marginal_log_likelihood": lambda m, a, tmp: m.marginal_log_likelihood(a, n_samples=3),
+    "inference_gaps": lambda m, a, tmp: m.inference_gaps(a[:20], n_steps=2, n_samples=3, n_elbo_samples=2),
+    "get_latent_refined": lambda m, a, tmp: m.get_latent(a, refine_steps=2),
+    "map_query": lambda m, a, tmp: quiet_fit_query(m, a),
+    "interpolate": lambda m, a, tmp: cellvae.tl.interpolate(
+        m, [0, 1], [2, 3], 3, adata=a, batch="batch0", covariates={"donor": "d1", "percent_mito": 5.0}
+    ),
+    "latent_shift": lambda m, a, tmp: cellvae.tl.latent_shift(
+        m, a, groupby="condition", source="ctrl", target="stim", apply_to=list(range(5))
+    ),
+}
+
+
+def quiet_fit_query(model, adata):
+    query = adata.copy()  # only the query copy's batches are renamed; `adata` itself stays the reference data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.map_query(query, max_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_public_functions_leave_the_anndata_unchanged(name, messy, trained, tmp_path):
+    adata = messy.copy()
+    before = adata.copy()
+    try:
+        CALLS[name](trained, adata, tmp_path)
+    except AttributeError as error:
+        pytest.skip(f"{name} is not part of this version's API ({error})")
+    assert_unchanged(before, adata)
+
+
+def test_embed_writes_only_its_documented_keys(messy):
+    adata = messy.copy()
+    before = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cellvae.tl.embed(adata, layer="counts", batch_key="batch", key_added="X_mine", max_epochs=1, progress=False, **TINY)
+    assert_unchanged(before, adata, obsm=["X_mine"], uns=["cellvae"])
+    assert adata.obsm["X_mine"].shape == (adata.n_obs, TINY["n_latent"])
+
+
+def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
+    if not hasattr(cellvae.tl, "transfer_labels"):
+        pytest.skip("tl.transfer_labels is not part of this version's API")
+    reference, query = messy[:150].copy(), messy[150:].copy()
+    reference.obsm["X_cellvae"] = trained.get_latent(reference)
+    query.obsm["X_cellvae"] = trained.get_latent(query)
+    reference_before, query_before = reference.copy(), query.copy()
+    cellvae.tl.transfer_labels(reference, query, "cell_type")
+    assert_unchanged(reference_before, reference)
+    added = set(query.obs.columns) - set(query_before.obs.columns)
+    assert added and all(c.startswith("cell_type_") for c in added)
+    assert_unchanged(query_before, query, obs=added)
+
+
+def test_backed_file_is_not_written(messy, trained, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    messy.write_h5ad(path)
+    stamp = (path.stat().st_mtime_ns, path.read_bytes())
+    backed = ad.read_h5ad(path, backed="r")
+    latent = trained.get_latent(backed)
+    np.testing.assert_array_equal(latent, trained.get_latent(messy))
+    quiet_fit(CellVAE(backed, **MODEL_ARGS), max_epochs=1)
+    backed.file.close()
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == stamp
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+
+def nan_batch_loader(n_cells: int = 120, n_genes: int = 20) -> tuple[VAE, CellLoader]:
+    """A loader whose cell 0 is a corrupt row of NaN counts (validation would reject it; we bypass it on purpose)."""
+    counts = cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, seed=1, sparse=False).X.astype(np.float32)
+    counts[0] = np.nan
+    library = np.nansum(counts, axis=1)
+    library[0] = np.nan
+    loader = CellLoader(counts, np.zeros((n_cells, 0), np.float32), library, np.zeros(n_cells, np.int64))
+    torch.manual_seed(0)
+    return VAE(Config(gene_names=[f"g{i}" for i in range(n_genes)], n_hidden=8, n_latent=2)), loader
+
+
+def settings(max_epochs: int) -> TrainSettings:
+    return TrainSettings(
+        max_epochs=max_epochs, batch_size=16, lr=1e-2, weight_decay=0.0, kl_warmup_epochs=1, beta=1.0,
+        early_stopping=False, patience=10, random_state=0, progress=False,
+    )  # fmt: skip
+
+
+def test_nan_batch_restores_parameters_and_lowers_the_learning_rate():
+    vae, loader = nan_batch_loader()
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient") as caught:
+        history = train(vae, loader, np.arange(120), np.arange(0), settings(3))
+    assert sum("non-finite" in str(w.message) for w in caught) == 3  # the NaN row is met once per epoch
+    assert len(history) == 3
+    np.testing.assert_allclose(history["lr"], [5e-3, 2.5e-3, 1.25e-3])
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    assert np.isfinite(history["train_loss"]).all()
+
+
+def test_repeated_nan_batches_end_with_a_clear_error():
+    vae, loader = nan_batch_loader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FloatingPointError, match=f"non-finite losses or gradients {MAX_NONFINITE_RETRIES + 1} times"):
+            train(vae, loader, np.arange(120), np.arange(0), settings(20))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run out of its memory")
+def test_gpu_out_of_memory_suggests_a_smaller_batch_size():
+    adata = cellvae.datasets.simulate(n_cells=4000, n_genes=2000, seed=0)
+    torch.cuda.set_per_process_memory_fraction(0.002)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match=r"smaller batch_size \(e.g. fit\(batch_size=2000\)\)"):
+            CellVAE(adata, n_hidden=1024).fit(max_epochs=1, batch_size=4000, device="cuda", progress=False)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_bitwise_identical_models_and_embeddings(messy):
+    first = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+    torch.manual_seed(12345)  # the global torch seed must not matter
+    np.random.seed(54321)
+    second = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+    for key, value in first.module.state_dict().items():
+        assert torch.equal(value, second.module.state_dict()[key]), key
+    np.testing.assert_array_equal(first.get_latent(), second.get_latent())
+    pd.testing.assert_frame_equal(first.history.drop(columns="seconds"), second.history.drop(columns="seconds"))
+
+
+def test_repeated_inference_is_identical(trained, messy):
+    np.testing.assert_array_equal(trained.get_latent(messy), trained.get_latent(messy))
+    np.testing.assert_array_equal(trained.get_latent(messy, mean=False), trained.get_latent(messy, mean=False))
+    np.testing.assert_array_equal(trained.get_normalized_expression(messy), trained.get_normalized_expression(messy))
+    np.testing.assert_array_equal(trained.sample_counts(messy, random_state=4), trained.sample_counts(messy, random_state=4))
+    # batch size only splits the work
+    np.testing.assert_allclose(trained.get_latent(messy, batch_size=7), trained.get_latent(messy), rtol=1e-5, atol=1e-6)
+
+
+def test_different_seeds_give_different_results(trained, messy):
+    other = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=1)
+    assert not np.array_equal(other.get_latent(messy), trained.get_latent(messy))
+    assert not np.array_equal(
+        trained.get_latent(messy, mean=False, random_state=0), trained.get_latent(messy, mean=False, random_state=1)
+    )
+    assert not np.array_equal(trained.sample_counts(messy, random_state=0), trained.sample_counts(messy, random_state=1))
+
+
+def test_inference_does_not_disturb_the_global_random_state(trained, messy):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    trained.get_latent(messy, mean=False)
+    trained.sample_counts(messy)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+class _MarkerPayload:
+    """Unpickling this creates a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def malicious_pickle(marker: Path) -> bytes:
+    payload = pickle.dumps(_MarkerPayload(marker))
+    control = marker.with_name(marker.name + ".control")
+    pickle.loads(pickle.dumps(_MarkerPayload(control)))  # the payload really does run when unpickled
+    assert control.exists()
+    control.unlink()
+    return payload
+
+
+@pytest.fixture()
+def saved(trained, tmp_path) -> Path:
+    trained.save(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_pickles_beside_a_model_are_never_executed(saved, tmp_path, messy):
+    marker = tmp_path / "pwned"
+    for name in ("model.pt", "model.pkl", "model.ckpt", "pytorch_model.bin", "params.pt", "optimizer.pt"):
+        (saved / name).write_bytes(malicious_pickle(marker))
+    model = CellVAE.load(saved, adata=messy)
+    assert np.isfinite(model.get_latent()).all()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "config.json", "history.json"])
+def test_a_pickle_in_place_of_a_model_file_is_refused_unexecuted(saved, tmp_path, victim):
+    marker = tmp_path / "pwned"
+    (saved / victim).write_bytes(malicious_pickle(marker))
+    with pytest.raises(ValueError, match=victim.replace(".", r"\.")):
+        CellVAE.load(saved)
+    assert not marker.exists()
+
+
+def test_a_torch_save_file_is_refused(saved, trained):
+    torch.save(trained.module.state_dict(), saved / "model.safetensors")
+    with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
+        CellVAE.load(saved)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, 0.5, 0.99])
+def test_truncated_weights_are_refused(saved, keep):
+    blob = (saved / "model.safetensors").read_bytes()
+    size = int(len(blob) * keep) if isinstance(keep, float) else keep
+    (saved / "model.safetensors").write_bytes(blob[:size])
+    with pytest.raises(ValueError, match="corrupt or not a safetensors file"):
+        CellVAE.load(saved)
+
+
+def test_truncated_config_is_refused(saved):
+    text = (saved / "config.json").read_text()
+    (saved / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match="not a readable cellvae config.json"):
+        CellVAE.load(saved)
+
+
+@pytest.mark.parametrize("field, value", [("n_latent", 5), ("n_hidden", 10**12), ("n_layers", 3), ("likelihood", "zinb")])
+def test_weights_that_disagree_with_the_config_are_refused(saved, field, value):
+    config = json.loads((saved / "config.json").read_text())
+    config[field] = value
+    (saved / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        CellVAE.load(saved)
+    assert time.perf_counter() - started < 5  # shapes are checked without allocating the hostile model
+
+
+def test_weights_with_a_missing_or_extra_tensor_are_refused(saved, trained):
+    state = {k: v.contiguous() for k, v in trained.module.state_dict().items()}
+    state["decoder.extra"] = torch.zeros(3)
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(ValueError, match="decoder.extra"):
+        CellVAE.load(saved)
+    del state["decoder.extra"], state["decoder.log_theta"]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(ValueError, match="decoder.log_theta"):
+        CellVAE.load(saved)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format_version": FORMAT_VERSION + 1},
+        {"format_version": "1"},
+        {"format_version": None},
+        {"gene_names": 5},
+        {"n_latent": "4"},
+        {"dropout": "high"},
+        {"likelihood": "gaussian"},
+        {"unknown_field": 1},
+    ],
+)
+def test_invalid_or_newer_configs_are_refused(saved, change):
+    config = json.loads((saved / "config.json").read_text())
+    config.update(change)
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json|format version|must be"):
+        CellVAE.load(saved)
+
+
+def test_newer_format_version_asks_to_upgrade(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["format_version"] = FORMAT_VERSION + 1
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"format version {FORMAT_VERSION + 1}.*upgrade cellvae"):
+        CellVAE.load(saved)
+
+
+def test_things_that_are_not_a_model_are_refused(tmp_path, saved):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hello")
+    (tmp_path / "a_file").write_text("{}")
+    for path in (tmp_path / "empty", tmp_path / "other", tmp_path / "a_file", tmp_path / "missing", saved / "config.json"):
+        with pytest.raises(ValueError, match="is not a saved cellvae model"):
+            CellVAE.load(path)
+
+
+def test_save_refuses_to_overwrite_unless_asked(trained, saved):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.save(saved)
+    trained.save(saved, overwrite=True)
+    assert sorted(os.listdir(saved)) == ["config.json", "history.json", "model.safetensors"]
+    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
+
+
+SAVE_LOOP = textwrap.dedent(
+    """
+    import sys, torch
+    import cellvae
+    from cellvae import CellVAE
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=300, seed=0)
+    model = CellVAE(adata, n_hidden=256, n_latent=8)
+    model.save(sys.argv[1], overwrite=True)
+    print("saved", flush=True)
+    while True:
+        with torch.no_grad():
+            for p in model.module.parameters():
+                p.add_(1.0)
+        model.save(sys.argv[1], overwrite=True)
+    """
+)
+
+
+def test_killing_a_save_never_leaves_a_half_written_model(tmp_path):
+    """Kill a process that keeps re-saving a model; whatever is at the path is always a complete model."""
+    target = tmp_path / "model"
+    for delay in (0.3, 0.55, 0.8):
+        process = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(target)], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "saved"
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        if target.exists():
+            model = CellVAE.load(target)
+            weights = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+            assert np.isfinite(weights.numpy()).all()
+        else:  # killed between the two renames: the previous model is set aside intact
+            olds = list(tmp_path.glob(".model.old.*/model"))
+            assert olds and CellVAE.load(olds[0])
+
+
+# ----------------------------------------------------------------------------- extreme inputs
+
+
+def test_very_large_counts_train_to_finite_results():
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, seed=2, sparse=False)
+    counts = adata.X.astype(np.float64)
+    counts[0, 0] = 1e6  # one huge entry
+    counts[1] = np.round(counts[1] / counts[1].sum() * 1e7)  # a very deep cell: 10^7 counts in total
+    counts[1, 5] += 1e7 - counts[1].sum()
+    adata.X = counts
+    assert adata.X[1].sum() == 1e7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the NaN guard must not fire
+        warnings.simplefilter("ignore", UserWarning)
+        model = CellVAE(adata, **TINY).fit(max_epochs=3, progress=False)
+    assert np.isfinite(model.history.drop(columns="seconds").to_numpy()).all()
+    assert np.isfinite(model.get_latent()).all()
+    assert np.isfinite(model.get_normalized_expression()).all()
+    assert np.isfinite(model.get_likelihood_parameters()["mean"]).all()
+    assert np.isfinite(model.sample_counts()).all()
+
+
+def test_one_gene_trains_and_embeds():
+    adata = cellvae.datasets.simulate(n_cells=80, n_genes=1, seed=0)
+    model = quiet_fit(CellVAE(adata, **TINY))
+    assert model.get_latent().shape == (80, 4) and np.isfinite(model.get_latent()).all()
+    np.testing.assert_allclose(model.get_normalized_expression(), 1e4, rtol=1e-5)
+
+
+def test_one_cell_is_refused_for_training_but_embeds(trained, messy):
+    one = messy[:1].copy()
+    with pytest.raises(ValueError, match="at least 10 cells"):
+        CellVAE(one, **MODEL_ARGS).fit(max_epochs=1, progress=False)
+    latent = trained.get_latent(one)
+    np.testing.assert_allclose(latent, trained.get_latent(messy)[:1], rtol=1e-5, atol=1e-6)
+    assert trained.sample_counts(one).shape == (1, messy.n_vars)
+
+
+# ----------------------------------------------------------------------------- a model saved by version 1 loads forever
+
+MODEL_V1 = Path(__file__).parent / "data" / "model_v1"
+
+
+def test_model_saved_by_format_version_1_still_loads_and_gives_the_same_output():
+    """tests/data/model_v1 was saved once by cellvae 0.1 (format 1) and must never be regenerated."""
+    config = json.loads((MODEL_V1 / "config.json").read_text())
+    assert config["format_version"] == 1
+    model = CellVAE.load(MODEL_V1)
+    assert model.config.gene_names == [f"gene{i}" for i in range(20)] and model.config.batch_key == "batch"
+    assert len(model.history) == 5
+    table = pd.read_csv(MODEL_V1.parent / "model_v1_input.csv", index_col=0)
+    cells = ad.AnnData(
+        X=sp.csr_matrix(table.drop(columns="batch").to_numpy(dtype=np.float32)),
+        obs=pd.DataFrame({"batch": table["batch"].to_numpy()}, index=table.index.astype(str)),
+        var=pd.DataFrame(index=table.columns.drop("batch")),
+    )
+    latent = pd.read_csv(MODEL_V1.parent / "model_v1_latent.csv", index_col=0).to_numpy()
+    expression = pd.read_csv(MODEL_V1.parent / "model_v1_expression.csv", index_col=0).to_numpy()
+    np.testing.assert_allclose(model.get_latent(cells), latent, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.get_normalized_expression(cells), expression, rtol=1e-4, atol=1e-3)
+    more_cells = ad.concat([cells] * 2, index_unique="-")  # it can be trained further on cells of its batches
+    refitted = quiet_fit(CellVAE.load(MODEL_V1, adata=more_cells), max_epochs=1)
+    assert np.isfinite(refitted.get_latent()).all()
+
+
+def test_saved_model_gets_the_usual_file_permissions(saved):
+    """Not the owner-only modes of temporary files: colleagues can read a model saved in a shared folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
+    for file in saved.iterdir():
+        assert file.stat().st_mode & 0o666 == 0o666 & ~umask, file.name
