@@ -215,11 +215,8 @@ def train(
             if stop:
                 break
     except KeyboardInterrupt:
-        warnings.warn(
-            f"training interrupted at epoch {len(rows)}; keeping the best parameters so far (epoch {best['epoch']})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        kept = f"the best parameters so far (epoch {best['epoch']})" if best["epoch"] >= 0 else "the partly trained parameters"
+        warnings.warn(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning, stacklevel=2)
     finally:
         bar.close()
     if best["epoch"] >= 0:

@@ -136,6 +136,9 @@ CALLS = {
     "inference_gaps": lambda m, a, tmp: m.inference_gaps(a[:20], n_steps=2, n_samples=3, n_elbo_samples=2),
     "get_latent_refined": lambda m, a, tmp: m.get_latent(a, refine_steps=2),
     "map_query": lambda m, a, tmp: quiet_fit_query(m, a),
+    "rate_distortion_sweep": lambda m, a, tmp: cellvae.tl.rate_distortion_sweep(
+        a, (1.0, 2.0), layer="counts", batch_key="batch", labels_key="cell_type", max_epochs=1, **TINY
+    ),
     "interpolate": lambda m, a, tmp: cellvae.tl.interpolate(
         m, [0, 1], [2, 3], 3, adata=a, batch="batch0", covariates={"donor": "d1", "percent_mito": 5.0}
     ),
