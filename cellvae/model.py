@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cellvae import data
+from cellvae import data, diagnostics
 from cellvae.config import Config
 from cellvae.module import VAE
 from cellvae.train import TrainSettings, default_kl_warmup, default_max_epochs, pick_device, setup_distributed, train
@@ -250,6 +250,7 @@ class CellVAE:
                 f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
                 "or device='cpu'"
             ) from error
+        self._warn_if_collapsed(loader, train_cells[:5000], random_state)
         self.module.to("cpu")
         self.device = torch.device("cpu")
         self.is_trained = True
@@ -259,10 +260,31 @@ class CellVAE:
     # ------------------------------------------------------------------ outputs
 
     def get_latent(
-        self, adata: ad.AnnData | None = None, *, mean: bool = True, batch_size: int = 4096, random_state: int = 0
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        mean: bool = True,
+        batch_size: int = 4096,
+        random_state: int = 0,
+        refine_steps: int = 0,
     ) -> np.ndarray:
-        """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``."""
+        """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``.
+
+        ``refine_steps > 0`` (semi-amortized inference, with ``mean=True``) improves each cell's
+        posterior by that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL``
+        from the encoder's output, the decoder frozen; this closes part of the amortization gap
+        (see :meth:`inference_gaps`) at the price of an optimisation per cell.
+        """
+        if not isinstance(refine_steps, int) or refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
+        if refine_steps and not mean:
+            raise ValueError("refine_steps refines posterior means; use it with mean=True")
         loader, cells = self._loader(self._resolve(adata), self.device)
+        if refine_steps:
+            with diagnostics.evaluation(self.module, random_state):
+                return diagnostics.refined_latent(
+                    self.module, loader, cells, n_steps=refine_steps, beta=self.config.beta, batch_size=min(batch_size, 1024)
+                )
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(random_state)
         chunks = []
@@ -519,6 +541,262 @@ class CellVAE:
         query_model.train_settings = settings
         return query_model
 
+    # ------------------------------------------------------------------ diagnostics and generation
+
+    def rate_distortion(
+        self, adata: ad.AnnData | None = None, *, n_samples: int = 1, batch_size: int = 1024, random_state: int = 0
+    ) -> pd.DataFrame:
+        """Per-cell rate and distortion (nats), the two terms of the objective ``distortion + beta * rate``.
+
+        Parameters
+        ----------
+        adata
+            Cells to evaluate; ``None`` uses the model's AnnData.
+        n_samples
+            Posterior draws of z averaged in the distortion.
+        batch_size, random_state
+            Cells per forward pass; seed of the draws.
+
+        Returns
+        -------
+        DataFrame indexed by ``obs_names`` with ``rate`` = KL(q(z|x) ‖ p(z)), ``distortion`` =
+        −E_q[log p(x|z)] (the full likelihood, including log x!) and ``elbo`` = −(distortion + rate).
+        Their means over cells are the figures to quote.
+        """
+        adata = self._resolve(adata)
+        loader, cells = self._loader(adata, self.device)
+        with diagnostics.evaluation(self.module, random_state):
+            terms = diagnostics.rate_distortion(self.module, loader, cells, n_samples=n_samples, batch_size=batch_size)
+        frame = pd.DataFrame(terms, index=adata.obs_names.copy())
+        frame["elbo"] = -(frame["rate"] + frame["distortion"])
+        return frame
+
+    def kl_per_dimension(self, adata: ad.AnnData | None = None, *, batch_size: int = 4096) -> np.ndarray:
+        """Mean over cells of each latent dimension's KL(q(z_d|x) ‖ N(0, 1)) in nats, length ``n_latent``.
+
+        Dimensions near zero carry no information (posterior collapse). For ``posterior="full"``
+        these are the marginal KLs; the rate also counts the correlations between dimensions.
+        """
+        loader, cells = self._loader(self._resolve(adata), self.device)
+        with diagnostics.evaluation(self.module, 0):
+            return diagnostics.kl_per_dimension(self.module, loader, cells, batch_size=batch_size)
+
+    def active_units(
+        self, adata: ad.AnnData | None = None, *, threshold: float = diagnostics.ACTIVITY_THRESHOLD, batch_size: int = 4096
+    ) -> int:
+        """Number of latent dimensions whose posterior mean varies across cells, Cov_x(E_q[z_d]) > ``threshold``."""
+        loader, cells = self._loader(self._resolve(adata), self.device)
+        with diagnostics.evaluation(self.module, 0):
+            activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
+        return int((activity > threshold).sum())
+
+    def marginal_log_likelihood(
+        self, adata: ad.AnnData | None = None, *, n_samples: int = 100, batch_size: int = 1024, random_state: int = 0
+    ) -> np.ndarray:
+        """Importance-weighted estimate of log p(x) of each cell (nats), the IWAE bound with ``n_samples`` draws.
+
+        The bound tightens as ``n_samples`` grows; ``n_samples=1`` is the ELBO. Memory grows with
+        ``n_samples × cells × genes``, so cells are processed in chunks.
+        """
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        loader, cells = self._loader(self._resolve(adata), self.device)
+        with diagnostics.evaluation(self.module, random_state):
+            return diagnostics.marginal_log_likelihood(self.module, loader, cells, n_samples=n_samples, batch_size=batch_size)
+
+    def inference_gaps(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        n_steps: int = 100,
+        lr: float = 0.01,
+        n_samples: int = 100,
+        n_elbo_samples: int = 64,
+        random_state: int = 0,
+    ) -> pd.DataFrame:
+        """Amortization and approximation gaps of each cell (Cremer, Li & Duvenaud, 2018), in nats.
+
+        Each cell's Gaussian q is refined by ``n_steps`` Adam steps (learning rate ``lr``) on its
+        own ELBO, starting from the encoder's output with the decoder frozen, giving q*.
+
+        Returns
+        -------
+        DataFrame indexed by ``obs_names``: ``elbo_encoder``, ``elbo_refined`` (both on the same
+        ``n_elbo_samples`` draws), ``log_px`` (IWAE bound with ``n_samples`` draws from q*),
+        ``amortization_gap`` = elbo_refined − elbo_encoder with its Monte-Carlo standard error
+        ``amortization_gap_se``, and ``approximation_gap`` = log_px − elbo_refined. Quote their
+        means; this costs an optimisation per cell, so pass a subset of cells for large data.
+        """
+        if not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+        for name, value in (("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        adata = self._resolve(adata)
+        loader, cells = self._loader(adata, self.device)
+        with diagnostics.evaluation(self.module, random_state):
+            gaps = diagnostics.inference_gaps(
+                self.module, loader, cells, n_steps=n_steps, lr=lr, n_samples=n_samples, n_elbo_samples=n_elbo_samples
+            )
+        return pd.DataFrame(gaps, index=adata.obs_names.copy())
+
+    def decode(
+        self,
+        z,
+        *,
+        batch: str | np.ndarray | None = None,
+        covariates: dict | None = None,
+        library_size: float | np.ndarray = 1e4,
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Expected expression of latent codes: the decoder mean at ``library_size`` counts per cell.
+
+        Parameters
+        ----------
+        z
+            Latent codes, n × n_latent (or one code of length n_latent).
+        batch
+            A batch name of the model, or one per code; ``None`` averages over all the model's batches.
+        covariates
+            The model's other covariates: ``{obs column: value or one value per code}``.
+        library_size
+            Total counts to scale the expression to (one number, or one per code).
+
+        Returns
+        -------
+        n × n_genes float32 array, genes in the model's order.
+        """
+        z = self._check_latent(z)
+        library = _per_row(library_size, len(z), "library_size").astype(np.float32)
+        targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
+        total = np.zeros((len(z), self.config.n_genes), dtype=np.float64)
+        for target in targets:
+            frame = self._covariate_frame(len(z), target, covariates)
+            for rows, dist in self._decoded(z, frame, library, batch_size):
+                total[rows] += dist.mean.double().cpu().numpy()
+        return (total / len(targets)).astype(np.float32)
+
+    def generate(
+        self,
+        n_cells: int,
+        *,
+        batch: str | np.ndarray | None = None,
+        covariates: dict | None = None,
+        library_size: float | np.ndarray | None = None,
+        random_state: int = 0,
+        batch_size: int = 1024,
+    ) -> ad.AnnData:
+        """Cells sampled from the model: z ~ N(0, I), then counts x ~ p(x | z, batch, covariates).
+
+        Parameters
+        ----------
+        n_cells
+            Number of cells to generate.
+        batch, covariates
+            As in :meth:`decode`. What is not given (and the library sizes, when ``library_size``
+            is None) is copied from randomly drawn cells of the model's AnnData, so batches appear
+            in their training proportions.
+        library_size
+            Total counts of each generated cell (one number or one per cell).
+        random_state
+            Seed of the draws.
+
+        Returns
+        -------
+        AnnData with ``X`` integer counts (CSR, float32), the model's genes as ``var_names``, ``obs``
+        holding the model's covariate columns (``obs[batch_key]`` etc.) and ``library_size``,
+        and the prior draws in ``obsm["z"]``.
+        """
+        if not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
+            raise ValueError(f"n_cells must be a positive integer, got {n_cells!r}")
+        c = self.config
+        given = dict(covariates or {})
+        needs_template = library_size is None or (c.batch_key and batch is None) or any(
+            k not in given for k in c.categorical_covariate_keys + c.continuous_covariate_keys
+        )
+        rng = np.random.default_rng(random_state)
+        template = None
+        if needs_template:
+            if self.adata is None:
+                raise ValueError(
+                    "this model was loaded without an AnnData, so generate() cannot copy batches, covariates and "
+                    "library sizes from it; pass batch=..., covariates=... and library_size=..."
+                )
+            loader, cells = self._loader(self.adata, torch.device("cpu"))
+            cells = cells[loader.library > 0]
+            template = cells[rng.integers(0, len(cells), n_cells)]
+            if library_size is None:
+                library_size = loader.library[template]
+            template = self.adata.obs.iloc[template]
+            if batch is None and c.batch_key:
+                batch = template[c.batch_key].astype(str).to_numpy()
+            for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
+                given.setdefault(key, template[key].to_numpy())
+        library = _per_row(library_size, n_cells, "library_size").astype(np.float32)
+        frame = self._covariate_frame(n_cells, batch, given)
+        generator = torch.Generator(device=self.device).manual_seed(random_state)
+        z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device).cpu().numpy()
+        counts = []
+        for _, dist in self._decoded(z, frame, library, batch_size):
+            counts.append(sp.csr_matrix(dist.sample(generator).cpu().numpy().astype(np.float32)))
+        obs = frame.copy()
+        obs.index = [f"generated{i}" for i in range(n_cells)]
+        obs["library_size"] = library
+        generated = ad.AnnData(X=sp.vstack(counts).tocsr(), obs=obs, var=pd.DataFrame(index=list(c.gene_names)))
+        generated.obsm["z"] = z
+        return generated
+
+    def _check_latent(self, z) -> np.ndarray:
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim == 1:
+            z = z[None, :]
+        if z.ndim != 2 or z.shape[1] != self.config.n_latent:
+            raise ValueError(f"z must have shape (n, {self.config.n_latent}) for this model, got {z.shape}")
+        if not np.all(np.isfinite(z)):
+            raise ValueError("z contains NaN or infinite values")
+        return z
+
+    def _covariate_frame(self, n: int, batch, covariates: dict | None) -> pd.DataFrame:
+        """An obs-like frame of ``n`` rows holding the model's covariate columns."""
+        c = self.config
+        covariates = dict(covariates or {})
+        needed = c.categorical_covariate_keys + c.continuous_covariate_keys
+        unknown = sorted(set(covariates) - set(needed))
+        if unknown:
+            raise ValueError(f"covariates {unknown} are not covariates of this model; it uses {needed}")
+        missing = [k for k in needed if k not in covariates]
+        if missing:
+            raise ValueError(f"this model needs covariates {missing}; pass covariates={{{missing[0]!r}: ...}}")
+        frame = pd.DataFrame(index=pd.RangeIndex(n))
+        if c.batch_key:
+            frame[c.batch_key] = _per_row(batch, n, "batch").astype(str)
+        for key in needed:
+            frame[key] = _per_row(covariates[key], n, f"covariates[{key!r}]")
+        return frame
+
+    def _decoded(self, z: np.ndarray, frame: pd.DataFrame, library: np.ndarray, batch_size: int):
+        """(row slice, p(x|z)) for chunks of latent codes decoded with the covariates in ``frame``."""
+        covariates = data.covariate_matrix(frame, self.layout)
+        codes = data.batch_codes(frame, self.layout)
+        self.module.eval()
+        with torch.no_grad():
+            for start in range(0, len(z), batch_size):
+                rows = slice(start, start + batch_size)
+                yield rows, self.module.generative(
+                    torch.from_numpy(z[rows]).to(self.device),
+                    torch.from_numpy(covariates[rows]).to(self.device),
+                    torch.from_numpy(library[rows, None]).to(self.device),
+                    torch.from_numpy(codes[rows]).to(self.device),
+                )
+
+    def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> None:
+        with diagnostics.evaluation(self.module, random_state):
+            kl = diagnostics.kl_per_dimension(self.module, loader, cells)
+            activity = diagnostics.latent_activity(self.module, loader, cells)
+        message = diagnostics.collapse_message(kl, activity)
+        if message:
+            warnings.warn(message, diagnostics.PosteriorCollapseWarning, stacklevel=3)
+
     # ------------------------------------------------------------------ helpers
 
     def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
@@ -567,6 +845,16 @@ def _reparameterise(vae: VAE, q: dict[str, torch.Tensor], noise: torch.Tensor) -
     if vae.config.posterior == "full":
         return q["mean"] + torch.einsum("cij,cj->ci", q["scale"], noise)
     return q["mean"] + torch.exp(0.5 * q["scale"]) * noise
+
+
+def _per_row(value, n: int, name: str) -> np.ndarray:
+    """A scalar repeated ``n`` times, or an array-like of length ``n``, as an array."""
+    values = np.asarray(value)
+    if values.ndim == 0:
+        return np.repeat(values, n)
+    if values.shape != (n,):
+        raise ValueError(f"{name} must be one value or one per row ({n}), got shape {values.shape}")
+    return values
 
 
 def _check_anndata(adata) -> None:

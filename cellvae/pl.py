@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 from cellvae.model import CellVAE
 
@@ -29,6 +31,64 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | No
     axes[0].figure.tight_layout()
     _finish(axes[0].figure, show, save)
     return axes
+
+
+# ----------------------------------------------------------------------------- rate–distortion and posterior collapse
+
+
+def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, save: str | None = None):
+    """The rate–distortion curve of :func:`cellvae.tl.rate_distortion_sweep`: rate on x, distortion on y, points labelled by beta.
+
+    The dashed line of slope −1 through the best-ELBO point is where distortion + rate (the
+    negative ELBO) equals its value there: points above it have a worse ELBO.
+    """
+    missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
+    if missing:
+        raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")
+    frame = frame.sort_values("rate")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot(frame["rate"], frame["distortion"], "o-", color="tab:blue")
+    for _, row in frame.iterrows():
+        ax.annotate(f"β={row['beta']:g}", (row["rate"], row["distortion"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    best = frame.loc[(frame["rate"] + frame["distortion"]).idxmin()]
+    rates = np.linspace(frame["rate"].min(), frame["rate"].max(), 2)
+    ax.plot(rates, best["rate"] + best["distortion"] - rates, "--", color="grey", lw=1, label="equal ELBO")
+    ax.set_xlabel("rate KL(q‖p) (nats per cell)")
+    ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
+    ax.legend(frameon=False)
+    ax.grid(False)
+    ax.figure.tight_layout()
+    _finish(ax.figure, show, save)
+    return ax
+
+
+def kl_per_dimension(
+    model: CellVAE,
+    adata=None,
+    *,
+    threshold: float = 0.01,
+    ax=None,
+    show: bool | None = None,
+    save: str | None = None,
+):
+    """Mean KL of each latent dimension, largest first; inactive dimensions (Cov_x(E_q[z_d]) ≤ ``threshold``) in grey."""
+    kl = model.kl_per_dimension(adata)
+    activity = model.get_latent(adata).var(0)
+    order = np.argsort(-kl)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(3.0, 0.3 * len(kl) + 1.5), 3.0))
+    colors = np.where(activity[order] > threshold, "tab:blue", "lightgrey")
+    ax.bar(np.arange(len(kl)), kl[order], color=colors)
+    ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize=7)
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats per cell)")
+    n_active = int((activity > threshold).sum())
+    ax.set_title(f"{n_active} of {len(kl)} dimensions active", fontsize=10)
+    ax.grid(False)
+    ax.figure.tight_layout()
+    _finish(ax.figure, show, save)
+    return ax
 
 
 def _finish(figure, show: bool | None, save: str | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -141,3 +143,271 @@ def transfer_labels(
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
     query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)
     query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
+
+
+# ----------------------------------------------------------------------------- rate–distortion and latent arithmetic
+
+
+def rate_distortion_sweep(
+    adata: ad.AnnData,
+    betas: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    held_out: float = 0.1,
+    warm_start: bool = False,
+    max_epochs: int | None = None,
+    random_state: int = 0,
+    progress: bool = False,
+    fit_kwargs: dict | None = None,
+    **model_kwargs,
+) -> pd.DataFrame:
+    """Train one model per ``beta`` and measure rate, distortion and ELBO on held-out cells.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` or ``layers[layer]``; only read, never modified.
+    betas
+        KL weights, trained in the given order.
+    layer, batch_key
+        As in :class:`~cellvae.CellVAE`.
+    labels_key
+        ``obs`` column of cell labels; when given, the held-out latent space is scored against it.
+    held_out
+        Fraction of cells (drawn with ``random_state``) kept out of all training and used for every figure.
+    warm_start
+        ``False`` (default) trains each beta from a fresh initialisation, so the points differ only
+        in beta. ``True`` trains one model through the betas in turn, each fit starting from the
+        previous beta's weights with no KL warm-up (unless ``kl_warmup`` is passed): later betas then
+        have had more training in total, so give each enough epochs to converge (early stopping)
+        or the curve mixes the effect of beta with that of training time.
+    max_epochs, random_state, progress, fit_kwargs
+        As in :func:`embed`; ``max_epochs`` applies to each beta.
+    **model_kwargs
+        Further :class:`~cellvae.CellVAE` arguments (``n_latent``, ``free_bits``, ...).
+
+    Returns
+    -------
+    One row per beta: ``beta``, held-out means per cell of ``rate``, ``distortion``, ``elbo`` and
+    the trained objective ``loss`` = distortion + beta·rate, ``active_units``, ``epochs``; with
+    ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
+    rescaled to [0, 1]) and ``label_nmi`` (NMI of k-means with one cluster per label).
+    """
+    if "beta" in model_kwargs:
+        raise ValueError("pass the KL weights as betas=(...), not beta=...")
+    betas = tuple(float(b) for b in betas)
+    if not betas or min(betas) < 0:
+        raise ValueError(f"betas must be a non-empty sequence of non-negative numbers, got {betas}")
+    if not 0.0 < held_out < 1.0:
+        raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
+    if labels_key is not None and labels_key not in adata.obs.columns:
+        raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+    order = np.random.default_rng(random_state).permutation(adata.n_obs)
+    n_test = max(1, int(round(held_out * adata.n_obs)))
+    test, fit_data = adata[np.sort(order[:n_test])], adata[np.sort(order[n_test:])]
+    rows, model = [], None
+    for beta in betas:
+        if warm_start and model is not None:
+            warmup = model_kwargs.get("kl_warmup", 0)
+            model.config = replace(model.config, beta=beta, kl_warmup=warmup)
+        else:
+            model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
+        model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+        terms = model.rate_distortion(test, random_state=random_state).mean()
+        row = {
+            "beta": beta,
+            "rate": terms["rate"],
+            "distortion": terms["distortion"],
+            "elbo": terms["elbo"],
+            "loss": terms["distortion"] + beta * terms["rate"],
+            "active_units": model.active_units(test),
+            "epochs": len(model.history),
+        }
+        if labels_key is not None:
+            row |= _label_scores(model.get_latent(test), test.obs[labels_key], random_state)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _label_scores(latent: np.ndarray, labels: pd.Series, random_state: int) -> dict[str, float]:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score, silhouette_score
+
+    labels = labels.astype(str).to_numpy()
+    n_labels = len(set(labels))
+    if n_labels < 2:
+        return {"label_silhouette": float("nan"), "label_nmi": float("nan")}
+    clusters = KMeans(n_clusters=n_labels, n_init=10, random_state=random_state).fit_predict(latent)
+    return {
+        "label_silhouette": float((silhouette_score(latent, labels) + 1.0) / 2.0),
+        "label_nmi": float(normalized_mutual_info_score(labels, clusters)),
+    }
+
+
+def interpolate(
+    model: CellVAE,
+    cells_a,
+    cells_b,
+    n_steps: int = 10,
+    *,
+    adata: ad.AnnData | None = None,
+    batch: str | None = None,
+    covariates: dict | None = None,
+    library_size: float = 1e4,
+) -> ad.AnnData:
+    """Decode a straight path in latent space between two cells (or the mean codes of two groups).
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    cells_a, cells_b
+        The endpoints: an obs name, a list of obs names, integer positions or a boolean mask of
+        ``adata``; a group's endpoint is the mean of its posterior means.
+    n_steps
+        Points on the path, endpoints included.
+    adata
+        Cells to pick from; ``None`` uses the model's AnnData.
+    batch, covariates, library_size
+        As in :meth:`~cellvae.CellVAE.decode`.
+
+    Returns
+    -------
+    AnnData of ``n_steps`` points: ``X`` the decoded expression, ``obs["t"]`` from 0 (a) to 1 (b),
+    ``obsm["z"]`` the latent codes.
+    """
+    if not isinstance(n_steps, int) or n_steps < 2:
+        raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
+    adata = model.adata if adata is None else adata
+    if adata is None:
+        raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
+    z_a = model.get_latent(adata[_positions(adata, cells_a, "cells_a")]).mean(0)
+    z_b = model.get_latent(adata[_positions(adata, cells_b, "cells_b")]).mean(0)
+    t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
+    z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
+    expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)
+    path = ad.AnnData(
+        X=expression,
+        obs=pd.DataFrame({"t": t}, index=[f"step{i}" for i in range(n_steps)]),
+        var=pd.DataFrame(index=list(model.config.gene_names)),
+    )
+    path.obsm["z"] = z
+    return path
+
+
+def latent_shift(
+    model: CellVAE,
+    adata: ad.AnnData,
+    *,
+    groupby: str,
+    source: str,
+    target: str,
+    apply_to,
+    reference=None,
+    stratify: str | None = None,
+    batch: str | None = None,
+    library_size: float = 1e4,
+) -> ad.AnnData:
+    """Predict how cells would look in another group by latent arithmetic (as scGen does).
+
+    The shift is the mean latent code of ``target`` cells minus that of ``source`` cells among
+    the ``reference`` cells; it is added to the codes of the ``apply_to`` cells, which are decoded.
+
+    Parameters
+    ----------
+    model
+        A trained model.
+    adata
+        The cells; only read, never modified.
+    groupby
+        ``obs`` column holding the groups, e.g. a condition.
+    source, target
+        The two groups of ``groupby`` (e.g. ``"ctrl"`` and ``"stim"``).
+    apply_to
+        Cells to shift: an obs name, a list of obs names, integer positions or a boolean mask.
+    reference
+        Cells the shift is computed from (same forms); ``None`` uses every cell not in ``apply_to``.
+        To predict a held-out cell type, leave that cell type out of the reference.
+    stratify
+        ``obs`` column (e.g. cell type): the shift is averaged over its categories that have both
+        groups in the reference, so composition differences between the groups do not leak in.
+    batch
+        Decode as this batch of the model; ``None`` keeps each cell's own covariates.
+    library_size
+        Total counts of the decoded expression.
+
+    Returns
+    -------
+    AnnData of the ``apply_to`` cells: ``X`` the predicted expression (float32, at
+    ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``
+    with the shift vector and the parameters.
+    """
+    for key in [groupby] + ([stratify] if stratify else []):
+        if key not in adata.obs.columns:
+            raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+    groups = adata.obs[groupby].astype(str).to_numpy()
+    for name, value in (("source", source), ("target", target)):
+        if value not in set(groups):
+            raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")
+    shifted = _positions(adata, apply_to, "apply_to")
+    if reference is None:
+        in_reference = np.ones(adata.n_obs, dtype=bool)
+        in_reference[shifted] = False
+    else:
+        in_reference = np.zeros(adata.n_obs, dtype=bool)
+        in_reference[_positions(adata, reference, "reference")] = True
+    latent = model.get_latent(adata)
+    strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
+    deltas = []
+    for stratum in np.unique(strata[in_reference]):
+        here = in_reference & (strata == stratum)
+        if (here & (groups == source)).any() and (here & (groups == target)).any():
+            deltas.append(latent[here & (groups == target)].mean(0) - latent[here & (groups == source)].mean(0))
+    if not deltas:
+        where = "stratum with " if stratify else ""
+        raise ValueError(f"the reference cells contain no {where}both {source!r} and {target!r} cells")
+    delta = np.mean(deltas, axis=0).astype(np.float32)
+    z = latent[shifted] + delta
+    obs = adata.obs.iloc[shifted]
+    c = model.config
+    batches = batch if batch is not None or not c.batch_key else obs[c.batch_key].astype(str).to_numpy()
+    covariates = {k: obs[k].to_numpy() for k in c.categorical_covariate_keys + c.continuous_covariate_keys}
+    expression = model.decode(z, batch=batches, covariates=covariates, library_size=library_size)
+    predicted = ad.AnnData(X=expression, obs=obs.copy(), var=pd.DataFrame(index=list(c.gene_names)))
+    predicted.obsm["z"] = z
+    predicted.uns["latent_shift"] = {
+        "groupby": groupby,
+        "source": source,
+        "target": target,
+        "stratify": stratify,
+        "delta": delta,
+        "n_strata": len(deltas),
+    }
+    return predicted
+
+
+def _positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
+    """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
+    if isinstance(cells, str):
+        cells = [cells]
+    values = np.asarray(cells)
+    if values.dtype == bool:
+        if values.shape != (adata.n_obs,):
+            raise ValueError(f"{name} as a boolean mask must have length adata.n_obs ({adata.n_obs}), got {values.shape}")
+        positions = np.flatnonzero(values)
+    elif np.issubdtype(values.dtype, np.integer):
+        positions = values.ravel()
+        if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
+            raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
+        positions = positions % adata.n_obs
+    else:
+        indexer = adata.obs_names.get_indexer(values.astype(str).ravel())
+        if (indexer < 0).any():
+            missing = values.astype(str).ravel()[indexer < 0][:5].tolist()
+            raise KeyError(f"{name} names cells not in adata.obs_names, e.g. {missing}")
+        positions = indexer
+    if positions.size == 0:
+        raise ValueError(f"{name} selects no cells")
+    return positions

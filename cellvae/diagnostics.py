@@ -1,0 +1,247 @@
+"""What a trained VAE does with its latent space: rate and distortion, posterior collapse, log p(x), inference gaps.
+
+Pure functions over a :class:`~cellvae.module.VAE` and a :class:`~cellvae.data.CellLoader`;
+:class:`~cellvae.CellVAE` exposes each one as a method. All quantities are in nats per cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from cellvae.data import CellLoader, Minibatch
+from cellvae.module import VAE, importance_log_weights, iwae_bound
+
+ACTIVITY_THRESHOLD = 0.01
+# Elements (samples × cells × genes) of one importance-sampling chunk: keeps its memory to a few hundred MiB.
+CHUNK_ELEMENTS = 2**25
+
+
+class PosteriorCollapseWarning(UserWarning):
+    """Most latent dimensions of a trained model carry no information about the cell."""
+
+
+@contextmanager
+def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
+    """Dropout off and torch's global CPU generator seeded, both restored afterwards."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_state)
+            yield
+    finally:
+        vae.train(was_training)
+
+
+def reparameterise(vae: VAE, mean: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z = mean + L·noise for standard-normal ``noise`` of shape ``[samples,] cells × n_latent``."""
+    if vae.config.posterior == "full":
+        return mean + torch.einsum("cij,...cj->...ci", scale, noise)
+    return mean + torch.exp(0.5 * scale) * noise
+
+
+def log_likelihood_draws(vae: VAE, mb: Minibatch, z: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) (the full likelihood, including log x!) for each draw of ``z`` (samples × cells × n_latent), samples × cells."""
+    n_samples = z.shape[0]
+    repeat = (n_samples, 1)
+    likelihood = vae.generative(
+        z.reshape(-1, z.shape[-1]), mb.covariates.repeat(repeat), mb.library.repeat(repeat), mb.batch_index.repeat(n_samples)
+    )
+    return likelihood.log_prob(mb.counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
+
+
+def rate_distortion(vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 1, batch_size: int = 1024) -> dict:
+    """Per-cell rate KL(q(z|x) || p(z)) and distortion −E_q[log p(x|z)] (``n_samples`` draws of z)."""
+    rate, distortion = [], []
+    with torch.no_grad():
+        for mb in loader.batches(cells, batch_size):
+            q = vae.inference(mb.counts, mb.covariates, sample=False)
+            z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
+            distortion.append(-log_likelihood_draws(vae, mb, z).mean(0).cpu().numpy())
+            rate.append(vae.kl_divergence(q["mean"], q["scale"]).cpu().numpy())
+    return {"rate": np.concatenate(rate).astype(np.float64), "distortion": np.concatenate(distortion).astype(np.float64)}
+
+
+def kl_per_dimension(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    """Mean over cells of each latent dimension's KL(q(z_d|x) || N(0, 1)), length n_latent."""
+    total = torch.zeros(vae.config.n_latent, dtype=torch.float64)
+    with torch.no_grad():
+        for mb in loader.batches(cells, batch_size):
+            q = vae.inference(mb.counts, mb.covariates, sample=False)
+            total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).double().cpu()
+    return (total / max(len(cells), 1)).numpy()
+
+
+def latent_activity(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+    """Variance across cells of each dimension's posterior mean, Cov_x(E_q[z_d]) (Burda et al., 2016)."""
+    with torch.no_grad():
+        means = [
+            vae.inference(mb.counts, mb.covariates, sample=False)["mean"].double().cpu()
+            for mb in loader.batches(cells, batch_size)
+        ]
+    return torch.cat(means).var(0, unbiased=False).numpy()
+
+
+def collapse_message(kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD) -> str | None:
+    """The posterior-collapse warning text when most dimensions are inactive or the total KL is near zero, else None."""
+    n_active, n_latent = int((activity > threshold).sum()), len(activity)
+    if 2 * n_active >= n_latent and kl.sum() >= 0.5:
+        return None
+    return (
+        f"posterior collapse: {n_active} of {n_latent} latent dimensions carry information "
+        f"(mean KL {kl.sum():.3g} nats per cell); lower beta, lengthen KL warm-up (kl_warmup=...), "
+        "or use free bits (free_bits=...)"
+    )
+
+
+def marginal_log_likelihood(
+    vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 100, batch_size: int = 1024
+) -> np.ndarray:
+    """Importance-weighted (IWAE) estimate of log p(x) of each cell with ``n_samples`` encoder draws; K=1 is the ELBO."""
+    n_genes = vae.config.n_genes
+    chunk = max(1, min(batch_size, CHUNK_ELEMENTS // (n_samples * n_genes)))
+    out = []
+    with torch.no_grad():
+        for mb in loader.batches(cells, chunk):
+            log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples)
+            out.append(iwae_bound(log_w).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- per-cell refinement
+
+
+def _to_free(vae: VAE, scale: torch.Tensor) -> torch.Tensor:
+    """Unconstrained form of a posterior scale: log-variances stay, a Cholesky factor gets a log diagonal."""
+    if vae.config.posterior == "diagonal":
+        return scale.clone()
+    diagonal = torch.diagonal(scale, dim1=-2, dim2=-1)
+    return torch.tril(scale, -1) + torch.diag_embed(torch.log(diagonal))
+
+
+def _from_free(vae: VAE, free: torch.Tensor) -> torch.Tensor:
+    if vae.config.posterior == "diagonal":
+        return free
+    return torch.tril(free, -1) + torch.diag_embed(torch.exp(torch.diagonal(free, dim1=-2, dim2=-1)))
+
+
+def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float) -> torch.Tensor:
+    """log p(x|z_s) − beta·KL per noise draw s and cell, samples × cells; its mean over draws is the ELBO at beta = 1."""
+    return log_likelihood_draws(vae, mb, reparameterise(vae, mean, scale, noise)) - beta * vae.kl_divergence(mean, scale)
+
+
+def refine_posterior(
+    vae: VAE,
+    mb: Minibatch,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    n_steps: int,
+    lr: float = 0.01,
+    beta: float = 1.0,
+    n_samples: int = 1,
+    n_check_samples: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Improve each cell's own Gaussian q(z|x) by Adam steps on its objective, the decoder frozen.
+
+    Starts from ``(mean, scale)`` (the encoder's output). Each cell's parameters get only the
+    gradient of its own term, so cells are refined independently. Stochastic steps can overshoot,
+    so at the end each cell keeps the refined q only where it scores higher than the start on
+    ``n_check_samples`` common draws. Returns the refined ``(mean, scale)``, detached.
+    """
+    if n_steps <= 0:
+        return mean.detach(), scale.detach()
+    start_mean, start_scale = mean.detach(), scale.detach()
+    free_mean = start_mean.clone().requires_grad_(True)
+    free_scale = _to_free(vae, start_scale).requires_grad_(True)
+    optimizer = torch.optim.Adam([free_mean, free_scale], lr=lr)
+    for _ in range(n_steps):
+        noise = torch.randn((n_samples, *start_mean.shape), device=mean.device, dtype=mean.dtype)
+        loss = -_objective(vae, mb, free_mean, _from_free(vae, free_scale), noise, beta).mean(0).sum()
+        grads = torch.autograd.grad(loss, [free_mean, free_scale])
+        free_mean.grad, free_scale.grad = grads
+        optimizer.step()
+    with torch.no_grad():
+        refined_mean, refined_scale = free_mean.detach(), _from_free(vae, free_scale.detach())
+        noise = torch.randn((n_check_samples, *start_mean.shape), device=mean.device, dtype=mean.dtype)
+        gain = _objective(vae, mb, refined_mean, refined_scale, noise, beta) - _objective(
+            vae, mb, start_mean, start_scale, noise, beta
+        )
+        better = gain.mean(0) > 0
+        keep = better.view(-1, *([1] * (start_scale.dim() - 1)))
+        return torch.where(better[:, None], refined_mean, start_mean), torch.where(keep, refined_scale, start_scale)
+
+
+def refined_latent(
+    vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_steps: int, lr: float = 0.01, beta: float = 1.0, batch_size: int = 1024
+) -> np.ndarray:
+    """Posterior means after :func:`refine_posterior` (semi-amortized inference), cells × n_latent."""
+    out = []
+    for mb in loader.batches(cells, batch_size):
+        with torch.no_grad():
+            q = vae.inference(mb.counts, mb.covariates, sample=False)
+        mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta)
+        out.append(mean.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _posterior_log_weights(vae: VAE, mb: Minibatch, mean, scale, n_samples: int) -> torch.Tensor:
+    """log p(x, z_k) − log q(z_k) for K draws from a given per-cell Gaussian q, K × cells."""
+    z = reparameterise(vae, mean, scale, torch.randn((n_samples, *mean.shape), device=mean.device, dtype=mean.dtype))
+    log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_q = vae.log_posterior_density(z, mean, scale)
+    repeat = (n_samples, 1)
+    likelihood = vae.generative(
+        z.reshape(-1, z.shape[-1]), mb.covariates.repeat(repeat), mb.library.repeat(repeat), mb.batch_index.repeat(n_samples)
+    )
+    log_lik = likelihood.log_prob(mb.counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
+    return log_lik + log_prior - log_q
+
+
+def inference_gaps(
+    vae: VAE,
+    loader: CellLoader,
+    cells: np.ndarray,
+    *,
+    n_steps: int = 100,
+    lr: float = 0.01,
+    n_samples: int = 100,
+    n_elbo_samples: int = 64,
+    batch_size: int = 512,
+) -> dict[str, np.ndarray]:
+    """Per-cell ELBOs of the encoder's q and of the refined per-cell q*, and an IWAE estimate of log p(x).
+
+    Following Cremer, Li & Duvenaud (2018): amortization gap = ELBO(q*) − ELBO(q_encoder),
+    approximation gap = log p(x) − ELBO(q*). Both ELBOs use the same ``n_elbo_samples`` draws of
+    noise; log p(x) is the IWAE bound with ``n_samples`` draws from q* (a tighter proposal than
+    the encoder's), which is ≥ ELBO(q*) in expectation. ``amortization_gap_se`` is the Monte-Carlo
+    standard error of each cell's amortization gap.
+    """
+    chunk = max(1, min(batch_size, CHUNK_ELEMENTS // (max(n_samples, n_elbo_samples) * vae.config.n_genes)))
+    parts: dict[str, list[np.ndarray]] = {"elbo_encoder": [], "elbo_refined": [], "log_px": [], "amortization_gap_se": []}
+    for mb in loader.batches(cells, chunk):
+        with torch.no_grad():
+            q = vae.inference(mb.counts, mb.covariates, sample=False)
+        mean, scale = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr)
+        with torch.no_grad():
+            noise = torch.randn((n_elbo_samples, *mean.shape), device=mean.device, dtype=mean.dtype)
+            encoder = _objective(vae, mb, q["mean"], q["scale"], noise, 1.0).double()
+            refined = _objective(vae, mb, mean, scale, noise, 1.0).double()
+            parts["elbo_encoder"].append(encoder.mean(0).cpu().numpy())
+            parts["elbo_refined"].append(refined.mean(0).cpu().numpy())
+            standard_error = (
+                (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(encoder[0])
+            )
+            parts["amortization_gap_se"].append(standard_error.cpu().numpy())
+            parts["log_px"].append(iwae_bound(_posterior_log_weights(vae, mb, mean, scale, n_samples)).double().cpu().numpy())
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["amortization_gap"] = out["elbo_refined"] - out["elbo_encoder"]
+    out["approximation_gap"] = out["log_px"] - out["elbo_refined"]
+    return {
+        k: out[k]
+        for k in ("elbo_encoder", "elbo_refined", "log_px", "amortization_gap", "amortization_gap_se", "approximation_gap")
+    }

@@ -1,0 +1,120 @@
+"""Rate and distortion, the beta knob, posterior collapse, log p(x) and the inference gaps, on real PBMC counts."""
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import shared_dataset
+
+import cellvae
+from cellvae import CellVAE
+from cellvae.diagnostics import PosteriorCollapseWarning
+
+KANG = "kang_ifnb_muscat_example.h5ad"  # 1,556 PBMCs × 1,267 genes, control and interferon-stimulated
+
+
+@pytest.fixture(scope="module")
+def kang():
+    return shared_dataset(KANG)
+
+
+@pytest.fixture(scope="module")
+def trained(kang):
+    """A beta = 1 model and the warnings its fit raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = CellVAE(kang, n_latent=10).fit(max_epochs=60, progress=False)
+    return model, [w for w in caught if issubclass(w.category, PosteriorCollapseWarning)]
+
+
+def test_rate_distortion_per_cell_and_consistent_with_the_elbo(kang, trained):
+    model, _ = trained
+    frame = model.rate_distortion(kang)
+    assert list(frame.index) == list(kang.obs_names)
+    assert (frame["rate"] > 0).all() and (frame["distortion"] > 0).all()
+    np.testing.assert_allclose(frame["elbo"], -(frame["rate"] + frame["distortion"]))
+    # The IWAE bound with one sample is the ELBO: a second, independent estimator of the same number.
+    iwae_1 = model.marginal_log_likelihood(kang, n_samples=1, random_state=1)
+    assert abs(iwae_1.mean() - frame["elbo"].mean()) < 1.0
+    # Same seed, same numbers.
+    np.testing.assert_array_equal(frame["distortion"], model.rate_distortion(kang)["distortion"])
+
+
+def test_kl_per_dimension_sums_to_the_rate(kang, trained):
+    model, _ = trained
+    kl = model.kl_per_dimension(kang)
+    assert kl.shape == (10,) and (kl >= 0).all()
+    assert kl.sum() == pytest.approx(model.rate_distortion(kang)["rate"].mean(), rel=1e-4)
+
+
+def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained):
+    model, collapse_warnings = trained
+    assert model.active_units(kang) >= 8
+    assert collapse_warnings == []
+
+
+def test_large_beta_collapses_the_posterior_and_free_bits_prevent_it(kang):
+    with pytest.warns(PosteriorCollapseWarning, match=r"posterior collapse: \d+ of 10 latent dimensions"):
+        collapsed = CellVAE(kang, n_latent=10, beta=100.0).fit(max_epochs=40, progress=False)
+    assert collapsed.active_units() <= 3
+    assert collapsed.kl_per_dimension().sum() < 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PosteriorCollapseWarning)
+        floored = CellVAE(kang, n_latent=10, beta=100.0, free_bits=0.5).fit(max_epochs=40, progress=False)
+    assert floored.active_units() >= 8 > collapsed.active_units()
+
+
+def test_rate_falls_and_distortion_rises_with_beta(kang):
+    betas = (0.25, 0.5, 1.0, 2.0, 4.0)
+    frame = cellvae.tl.rate_distortion_sweep(kang, betas, labels_key="cell_type", max_epochs=60, n_latent=10)
+    assert list(frame["beta"]) == list(betas)
+    rate, distortion, elbo = frame["rate"].to_numpy(), frame["distortion"].to_numpy(), frame["elbo"].to_numpy()
+    # Held-out rate falls and distortion rises (each step may wobble by Monte-Carlo and training noise).
+    assert np.all(np.diff(rate) < 0.5) and rate[0] - rate[-1] > 5.0
+    assert np.all(np.diff(distortion) > -1.0) and distortion[-1] - distortion[0] > 5.0
+    # beta = 1 trains on the ELBO itself, so its held-out ELBO is the best of the sweep up to noise.
+    assert elbo[betas.index(1.0)] >= elbo.max() - 1.0
+    assert frame["active_units"].between(0, 10).all()
+    assert frame["label_silhouette"].between(0, 1).all() and frame["label_nmi"].between(0, 1).all()
+
+
+def test_iwae_bound_rises_with_samples_above_the_elbo(kang, trained):
+    model, _ = trained
+    cells = kang[:200]
+    bounds = [model.marginal_log_likelihood(cells, n_samples=k).mean() for k in (1, 10, 100)]
+    assert bounds[0] < bounds[1] < bounds[2]
+    assert bounds[2] - bounds[0] < 20.0  # a gap of a few nats per cell, not a broken estimator
+
+
+def test_inference_gaps_are_non_negative_and_refinement_never_hurts(kang, trained):
+    model, _ = trained
+    gaps = model.inference_gaps(kang[:150], n_steps=100, n_samples=50)
+    assert {"elbo_encoder", "elbo_refined", "log_px", "amortization_gap", "approximation_gap"} <= set(gaps.columns)
+    # Per cell, up to the Monte-Carlo error of the ELBO estimates.
+    assert (gaps["amortization_gap"] > -4 * gaps["amortization_gap_se"] - 1e-3).all()
+    assert gaps["approximation_gap"].min() > -1.0
+    assert gaps["amortization_gap"].mean() > 0.1 and gaps["approximation_gap"].mean() > 0.1
+    refined = model.get_latent(kang[:150], refine_steps=50)
+    plain = model.get_latent(kang[:150])
+    assert refined.shape == plain.shape and refined.dtype == np.float32
+    assert 0 < np.abs(refined - plain).mean() < 1.0
+
+
+def test_full_covariance_posterior_gaps(kang):
+    model = CellVAE(kang, n_latent=6, posterior="full").fit(max_epochs=30, progress=False)
+    gaps = model.inference_gaps(kang[:100], n_steps=100, n_samples=30)
+    assert np.isfinite(gaps.to_numpy()).all()
+    assert (gaps["amortization_gap"] > -4 * gaps["amortization_gap_se"] - 1e-3).all()
+    assert gaps["amortization_gap"].mean() > 0.1 and gaps["approximation_gap"].mean() > 0
+
+
+def test_bad_arguments_are_refused_before_work(kang, trained):
+    model, _ = trained
+    with pytest.raises(ValueError, match="refine_steps"):
+        model.get_latent(kang, mean=False, refine_steps=5)
+    with pytest.raises(ValueError, match="n_samples"):
+        model.marginal_log_likelihood(kang, n_samples=0)
+    with pytest.raises(ValueError, match="betas"):
+        cellvae.tl.rate_distortion_sweep(kang, betas=(-1.0,))
+    with pytest.raises(KeyError, match="labels_key"):
+        cellvae.tl.rate_distortion_sweep(kang, labels_key="no_such_column")
