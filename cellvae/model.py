@@ -449,7 +449,9 @@ class CellVAE:
         Query batches unseen by the reference get new one-hot columns in every covariate-fed
         layer (and new rows of a ``"gene-batch"`` dispersion); only these new parameters are
         trained, every reference weight stays frozen, so the query lands in the reference's
-        latent space and reference cells embed exactly as before.
+        latent space and reference cells embed exactly as before. A reference trained with
+        ``encode_batch=False`` has no batch input in its encoder: the query is then embedded by the
+        frozen encoder and mapping only fits the decoder's new columns (used by decoded expression).
 
         Parameters
         ----------
