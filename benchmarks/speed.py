@@ -155,13 +155,24 @@ def part_throughput(args) -> None:
         timer = epoch_timer()
         smodel, _ = scvi_model(adata, batch_key, **ARCH, gene_likelihood="nb")
         smodel.train(
-            max_epochs=epochs, batch_size=128, train_size=1.0, early_stopping=False, callbacks=[timer],
-            enable_progress_bar=False, check_val_every_n_epoch=None, accelerator="cpu",
+            max_epochs=epochs,
+            batch_size=128,
+            train_size=1.0,
+            early_stopping=False,
+            callbacks=[timer],
+            enable_progress_bar=False,
+            check_val_every_n_epoch=None,
+            accelerator="cpu",
         )
         theirs = adata.n_obs * (epochs - 1) / sum(timer.seconds[1:])
         results[name] = {
-            "cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs, "batch_size": 128,
-            "cellvae_cells_per_s": round(ours), "scvi_cells_per_s": round(theirs), "ratio": round(ours / theirs, 2),
+            "cells": adata.n_obs,
+            "genes": adata.n_vars,
+            "epochs": epochs,
+            "batch_size": 128,
+            "cellvae_cells_per_s": round(ours),
+            "scvi_cells_per_s": round(theirs),
+            "ratio": round(ours / theirs, 2),
         }
         print(name, results[name], flush=True)
     del scvi
@@ -203,7 +214,10 @@ def part_ttq_scvi(args) -> None:
     started = time.perf_counter()
     if state["epochs_done"] < max_epochs:
         model.train(
-            max_epochs=max_epochs, callbacks=[Budget()], enable_progress_bar=False, accelerator="cpu",
+            max_epochs=max_epochs,
+            callbacks=[Budget()],
+            enable_progress_bar=False,
+            accelerator="cpu",
             ckpt_path=str(ckpt) if ckpt.is_file() else None,
         )
         state["seconds"] += time.perf_counter() - started
@@ -224,8 +238,10 @@ def part_ttq_scvi(args) -> None:
         "time_to_quality_scvi",
         {
             "data": "kang_ctrl_5donors_muscat (90% train, 10% held out, seed 0)",
-            "epochs": max_epochs, "train_seconds": round(state["seconds"], 1),
-            "heldout_neg_elbo_per_cell": round(elbo, 2), "default_epochs": args.scvi_max_epochs is None,
+            "epochs": max_epochs,
+            "train_seconds": round(state["seconds"], 1),
+            "heldout_neg_elbo_per_cell": round(elbo, 2),
+            "default_epochs": args.scvi_max_epochs is None,
         },
         args.out,
     )
@@ -245,11 +261,15 @@ def part_ttq_cellvae(args) -> None:
         model = cellvae.CellVAE(train_adata, batch_key="batch").fit(random_state=seed, progress=False)
         seconds = time.perf_counter() - started
         elbo = neg_elbo_cellvae(model, test_adata)
-        runs.append({
-            "seed": seed, "fit_seconds": round(seconds, 1), "epochs": len(model.history),
-            "heldout_neg_elbo_per_cell": round(elbo, 2),
-            **integration_scores(model.get_latent(train_adata), train_adata),
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "fit_seconds": round(seconds, 1),
+                "epochs": len(model.history),
+                "heldout_neg_elbo_per_cell": round(elbo, 2),
+                **integration_scores(model.get_latent(train_adata), train_adata),
+            }
+        )
         print(runs[-1], flush=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     summary = {"runs": runs, "settings": "CellVAE(adata, batch_key='batch').fit() with the shipped defaults"}
@@ -310,8 +330,17 @@ def part_latent(args) -> None:
     started = time.perf_counter()
     smodel.get_latent_representation(sadata)
     theirs = adata.n_obs / (time.perf_counter() - started)
-    merge("get_latent", {"cells": adata.n_obs, "genes": 2000, "cellvae_cells_per_s": round(ours),
-                         "scvi_cells_per_s": round(theirs), "ratio": round(ours / theirs, 2)}, args.out)
+    merge(
+        "get_latent",
+        {
+            "cells": adata.n_obs,
+            "genes": 2000,
+            "cellvae_cells_per_s": round(ours),
+            "scvi_cells_per_s": round(theirs),
+            "ratio": round(ours / theirs, 2),
+        },
+        args.out,
+    )
 
 
 # ----------------------------------------------------------------------------- memory
@@ -349,15 +378,25 @@ def child_fit(spec: dict) -> dict:
     reset_peak_rss()
     started = time.perf_counter()
     model = cellvae.CellVAE(adata, batch_key="batch", **ARCH)
-    model.fit(max_epochs=spec["epochs"], validation_size=0.0, early_stopping=False, progress=False,
-              batch_size=spec.get("batch_size", 128))
+    model.fit(
+        max_epochs=spec["epochs"],
+        validation_size=0.0,
+        early_stopping=False,
+        progress=False,
+        batch_size=spec.get("batch_size", 128),
+    )
     total = time.perf_counter() - started
     _, peak = rss_bytes()
     epoch = float(model.history["seconds"].iloc[-1])
     return {
-        "cells": adata.n_obs, "genes": adata.n_vars, "backed": spec["backed"], "epoch_seconds": round(epoch, 2),
-        "cells_per_s": round(adata.n_obs / epoch), "fit_seconds_incl_setup": round(total, 1),
-        "rss_before_mb": round(before / 2**20), "peak_rss_mb": round(peak / 2**20),
+        "cells": adata.n_obs,
+        "genes": adata.n_vars,
+        "backed": spec["backed"],
+        "epoch_seconds": round(epoch, 2),
+        "cells_per_s": round(adata.n_obs / epoch),
+        "fit_seconds_incl_setup": round(total, 1),
+        "rss_before_mb": round(before / 2**20),
+        "peak_rss_mb": round(peak / 2**20),
         "added_peak_mb": round((peak - before) / 2**20),
         "matrix_mb": None if matrix_bytes is None else round(matrix_bytes / 2**20, 1),
     }
@@ -411,8 +450,10 @@ def simulated_file(work_dir: Path, n_cells: int, n_genes: int = 2000, chunk: int
     cell_type = rng.integers(0, 5, n_cells)
     batch = rng.integers(0, 2, n_cells)
     partial = path.with_suffix(".partial")
-    obs = pd.DataFrame({"batch": pd.Categorical([f"b{b}" for b in batch]), "cell_type": pd.Categorical([f"t{t}" for t in cell_type])},
-                       index=[f"c{i}" for i in range(n_cells)])
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical([f"b{b}" for b in batch]), "cell_type": pd.Categorical([f"t{t}" for t in cell_type])},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
     shell = ad.AnnData(obs=obs, var=pd.DataFrame(index=[f"g{g}" for g in range(n_genes)]))
     shell.write_h5ad(partial)
     with h5py.File(partial, "a") as f:
@@ -454,6 +495,48 @@ def part_scaling(args) -> None:
         results[str(n)] = runs
         print(n, runs, flush=True)
     merge("scaling", results, args.out)
+
+
+# ----------------------------------------------------------------------------- loader choice
+
+
+def part_loader(args) -> None:
+    """One shuffled pass over a backed 100k × 2,000 CSR file: our CellLoader against scdataset."""
+    import anndata as ad
+    import scipy.sparse as sp
+    import torch
+    from scdataset import BlockShuffling, scDataset
+
+    from cellvae.data import CellLoader
+
+    path = simulated_file(args.work_dir, 100_000)
+    adata = ad.read_h5ad(path, backed="r")
+    n = adata.n_obs
+    loader = CellLoader(adata.X, np.zeros((n, 0), np.float32), np.ones(n), np.zeros(n, np.int64))
+    started = time.perf_counter()
+    seen = np.concatenate([mb.cell_index for mb in loader.batches(np.arange(n), 128, shuffle=True, rng=np.random.default_rng(0))])
+    ours = n / (time.perf_counter() - started)
+    assert np.array_equal(np.sort(seen), np.arange(n))
+
+    def densify(block):
+        return torch.from_numpy(block.toarray() if sp.issparse(block) else np.asarray(block))
+
+    dataset = scDataset(adata.X, BlockShuffling(block_size=256), batch_size=128, fetch_factor=16, batch_transform=densify, seed=0)
+    started = time.perf_counter()
+    count = sum(batch.shape[0] for batch in dataset)
+    theirs = n / (time.perf_counter() - started)
+    merge(
+        "loader",
+        {
+            "cells": n,
+            "genes": 2000,
+            "cellvae_loader_cells_per_s": round(ours),
+            "scdataset_cells_per_s": round(theirs),
+            "scdataset_cells_seen": int(count),
+            "note": "one shuffled epoch from a backed CSR .h5ad, densified to torch, 128 cells per batch",
+        },
+        args.out,
+    )
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -501,12 +584,17 @@ def part_roofline(args) -> None:
             x @ y
         rates[name] = 2 * m * k * n * reps / (time.perf_counter() - started)
     peak = max(rates.values())
-    merge("roofline", {
-        "flops_per_step": flops, "step_ms": round(step_seconds * 1e3, 2),
-        "achieved_gflops": round(flops / step_seconds / 1e9, 1),
-        "matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
-        "share_of_matmul_peak": round(flops / step_seconds / peak, 3),
-    }, args.out)
+    merge(
+        "roofline",
+        {
+            "flops_per_step": flops,
+            "step_ms": round(step_seconds * 1e3, 2),
+            "achieved_gflops": round(flops / step_seconds / 1e9, 1),
+            "matmul_gflops": {k: round(v / 1e9, 1) for k, v in rates.items()},
+            "share_of_matmul_peak": round(flops / step_seconds / peak, 3),
+        },
+        args.out,
+    )
 
 
 # ----------------------------------------------------------------------------- table
@@ -516,38 +604,50 @@ def part_table(args) -> None:
     r = json.loads(args.out.read_text())
     lines = ["| measure | cellvae | scVI | ratio / target |", "|---|---|---|---|"]
     for name, t in r.get("throughput", {}).items():
-        lines.append(f"| training cells/s, {name} (batch 128, {THREADS} threads) | {t['cellvae_cells_per_s']:,} | "
-                     f"{t['scvi_cells_per_s']:,} | {t['ratio']}× (target ≥ 5×) |")
+        lines.append(
+            f"| training cells/s, {name} (batch 128, {THREADS} threads) | {t['cellvae_cells_per_s']:,} | "
+            f"{t['scvi_cells_per_s']:,} | {t['ratio']}× (target ≥ 5×) |"
+        )
     s, c = r.get("time_to_quality_scvi"), r.get("time_to_quality_cellvae")
     if s and c:
         secs = [x["fit_seconds"] for x in c["runs"]]
         elbos = [x["heldout_neg_elbo_per_cell"] for x in c["runs"]]
-        lines.append(f"| time to quality, Kang 5 donors (s; held-out −ELBO nats/cell) | {np.mean(secs):.0f} s; "
-                     f"{min(elbos):.1f}–{max(elbos):.1f} | {s['train_seconds']:.0f} s ({s['epochs']} epochs); "
-                     f"{s['heldout_neg_elbo_per_cell']:.1f} | {c.get('speedup_vs_scvi')}× less time (target ≥ 10×) |")
+        lines.append(
+            f"| time to quality, Kang 5 donors (s; held-out −ELBO nats/cell) | {np.mean(secs):.0f} s; "
+            f"{min(elbos):.1f}–{max(elbos):.1f} | {s['train_seconds']:.0f} s ({s['epochs']} epochs); "
+            f"{s['heldout_neg_elbo_per_cell']:.1f} | {c.get('speedup_vs_scvi')}× less time (target ≥ 10×) |"
+        )
         if "celltype_knn_accuracy" in s:
             acc = [x["celltype_knn_accuracy"] for x in c["runs"]]
             mix = [x["batch_mixing_entropy"] for x in c["runs"]]
-            lines.append(f"| integration: 15-NN cell-type accuracy; donor mixing entropy | {min(acc):.3f}; {min(mix):.3f} | "
-                         f"{s['celltype_knn_accuracy']:.3f}; {s['batch_mixing_entropy']:.3f} | higher is better |")
+            lines.append(
+                f"| integration: 15-NN cell-type accuracy; donor mixing entropy | {min(acc):.3f}; {min(mix):.3f} | "
+                f"{s['celltype_knn_accuracy']:.3f}; {s['batch_mixing_entropy']:.3f} | higher is better |"
+            )
     if "get_latent" in r:
         g = r["get_latent"]
-        lines.append(f"| get_latent cells/s, {g['genes']} genes | {g['cellvae_cells_per_s']:,} | {g['scvi_cells_per_s']:,} | "
-                     f"{g['ratio']}× (target ≥ 50,000 cells/s) |")
+        lines.append(
+            f"| get_latent cells/s, {g['genes']} genes | {g['cellvae_cells_per_s']:,} | {g['scvi_cells_per_s']:,} | "
+            f"{g['ratio']}× (target ≥ 50,000 cells/s) |"
+        )
     for name, m in r.get("memory", {}).items():
-        lines.append(f"| peak memory added, {name} (matrix {m['matrix_mb']} MB) | {m['added_peak_mb']} MB = "
-                     f"{m['added_over_matrix']}× matrix | | target < 1.5× |")
+        lines.append(
+            f"| peak memory added, {name} (matrix {m['matrix_mb']} MB) | {m['added_peak_mb']} MB = "
+            f"{m['added_over_matrix']}× matrix | | target < 1.5× |"
+        )
     for n, runs in sorted(r.get("scaling", {}).items(), key=lambda kv: int(kv[0])):
         b = runs["backed"]
         extra = ""
         if "in_memory" in runs:
             extra = f"; in memory {runs['in_memory']['epoch_seconds']} s ({runs['backed_over_in_memory_time']}× slower backed)"
-        lines.append(f"| backed .h5ad, {int(n):,} × 2,000: epoch; peak RSS | {b['epoch_seconds']} s; {b['peak_rss_mb']:,} MB{extra} "
-                     "| | RSS < 3 GB, ≤ 2× in-memory time |")
+        row = f"| backed .h5ad, {int(n):,} × 2,000: epoch; peak RSS | {b['epoch_seconds']} s; {b['peak_rss_mb']:,} MB{extra} "
+        lines.append(row + "| | RSS < 3 GB, ≤ 2× in-memory time |")
     if "roofline" in r:
         f = r["roofline"]
-        lines.append(f"| training step FLOPs vs matmul peak | {f['achieved_gflops']} GFLOP/s of "
-                     f"{max(f['matmul_gflops'].values())} = {100 * f['share_of_matmul_peak']:.0f}% | | |")
+        lines.append(
+            f"| training step FLOPs vs matmul peak | {f['achieved_gflops']} GFLOP/s of "
+            f"{max(f['matmul_gflops'].values())} = {100 * f['share_of_matmul_peak']:.0f}% | | |"
+        )
     table = "\n".join(lines) + "\n"
     args.out.with_suffix(".md").write_text(table)
     print(table)
@@ -557,9 +657,16 @@ def part_table(args) -> None:
 
 
 PARTS = {
-    "throughput": part_throughput, "ttq-scvi": part_ttq_scvi, "ttq-scvi-scores": part_ttq_scvi_scores,
-    "ttq-cellvae": part_ttq_cellvae, "latent": part_latent, "memory": part_memory, "scaling": part_scaling,
-    "roofline": part_roofline, "table": part_table,
+    "throughput": part_throughput,
+    "ttq-scvi": part_ttq_scvi,
+    "ttq-scvi-scores": part_ttq_scvi_scores,
+    "ttq-cellvae": part_ttq_cellvae,
+    "latent": part_latent,
+    "memory": part_memory,
+    "scaling": part_scaling,
+    "roofline": part_roofline,
+    "table": part_table,
+    "loader": part_loader,
 }
 
 

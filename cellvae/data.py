@@ -18,6 +18,8 @@ import scipy.sparse as sp
 import torch
 
 MIN_CELLS = 10
+# Stored values checked at once: bounds the temporary arrays of count validation (~64 MB of float32).
+VALUES_PER_CHECK = 2**24
 # Rows densified at once; bounds the memory of one read to CHUNK_BYTES.
 CHUNK_BYTES = 128 * 2**20
 # Contiguous rows read from a backed file as one block; blocks are shuffled, then rows within a buffer.
@@ -53,11 +55,13 @@ def validate_counts(matrix, where: str) -> None:
 
 
 def _stored_values(matrix) -> Iterator[np.ndarray]:
-    """The stored values of a matrix, in chunks of rows (so backed files are read piecewise)."""
-    if isinstance(matrix, np.ndarray):
-        yield matrix.ravel()
-    elif sp.issparse(matrix):
-        yield matrix.data if hasattr(matrix, "data") else matrix.tocsr().data
+    """The stored values of a matrix, in pieces (so checks need little memory and backed files are read piecewise)."""
+    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
+        if isinstance(matrix, np.ndarray):
+            values = matrix.ravel()
+        else:
+            values = matrix.data if hasattr(matrix, "data") else matrix.tocsr().data
+        yield from (values[s : s + VALUES_PER_CHECK] for s in range(0, len(values), VALUES_PER_CHECK))
     else:
         for start in range(0, matrix.shape[0], 10_000):
             block = matrix[start : start + 10_000]
@@ -87,8 +91,11 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
 
 
 def library_sizes(matrix) -> np.ndarray:
-    """Total counts of each cell, as float64, read in row chunks for backed matrices."""
-    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
+    """Total counts of each cell, as float64, read in row chunks for backed and CSR matrices.
+
+    (scipy's ``sum(dtype=float64)`` of a whole sparse matrix first copies all its values as float64.)
+    """
+    if isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format != "csr"):
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     totals = [np.asarray(matrix[s : s + 10_000].sum(axis=1, dtype=np.float64)).ravel() for s in range(0, matrix.shape[0], 10_000)]
     return np.concatenate(totals)
@@ -279,6 +286,8 @@ class CellLoader:
         generator's state; backed files are read ``PREFETCH_BATCHES`` minibatches ahead in a thread.
         """
         cells = np.asarray(cells, dtype=np.int64)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if shuffle and rng is None:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
         if self.device.type == "cuda" and self._fits_on_device():
