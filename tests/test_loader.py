@@ -12,7 +12,9 @@ from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
 
 def loader_for(adata, device="cpu") -> CellLoader:
     n = adata.n_obs
-    return CellLoader(adata.X, np.zeros((n, 0), dtype=np.float32), library_sizes(adata.X), np.zeros(n, dtype=np.int64), device=device)
+    return CellLoader(
+        adata.X, np.zeros((n, 0), dtype=np.float32), library_sizes(adata.X), np.zeros(n, dtype=np.int64), device=device
+    )
 
 
 @pytest.fixture(scope="module")
