@@ -199,6 +199,9 @@ class CellVAE:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
+        _check_seed(random_state)
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)))
         nonempty = cells[loader.library[cells] > 0]
@@ -279,6 +282,7 @@ class CellVAE:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if refine_steps and not mean:
             raise ValueError("refine_steps refines posterior means; use it with mean=True")
+        _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         if refine_steps:
             with diagnostics.evaluation(self.module, random_state):
@@ -308,6 +312,8 @@ class CellVAE:
         ``transform_batch`` decodes every cell as if from that batch (a list averages over
         batches): batch-corrected expression. Returns n_cells × n_genes float32.
         """
+        if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
+            raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         targets = self._batch_overrides(transform_batch)
@@ -342,6 +348,9 @@ class CellVAE:
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
     ) -> np.ndarray:
         """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z). Shape cells × genes, or n_samples × cells × genes."""
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         draws = np.empty((n_samples, len(cells), self.config.n_genes), dtype=np.float32)
@@ -857,6 +866,13 @@ def _per_row(value, n: int, name: str) -> np.ndarray:
     if values.shape != (n,):
         raise ValueError(f"{name} must be one value or one per row ({n}), got shape {values.shape}")
     return values
+
+
+def _check_seed(random_state) -> None:
+    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
+        raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
+    if random_state < 0:
+        raise ValueError(f"random_state must be a non-negative integer, got {random_state}")
 
 
 def _check_anndata(adata) -> None:

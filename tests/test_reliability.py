@@ -540,3 +540,35 @@ def test_saved_model_gets_the_usual_file_permissions(saved):
     assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
     for file in saved.iterdir():
         assert file.stat().st_mode & 0o666 == 0o666 & ~umask, file.name
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, patience=0),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=None),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=-1),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device=3),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device="gpu"),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=0),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(batch_size=0),
+        lambda m, a: m.get_latent(a, batch_size=0),
+        lambda m, a: m.get_latent(a, batch_size=-5),
+        lambda m, a: m.get_latent(a, random_state=None),
+        lambda m, a: m.get_normalized_expression(a, batch_size=0),
+        lambda m, a: m.get_normalized_expression(a, library_size=-1.0),
+        lambda m, a: m.get_normalized_expression(a, library_size=float("nan")),
+        lambda m, a: m.get_normalized_expression(a, transform_batch="no such batch"),
+        lambda m, a: m.get_likelihood_parameters(a, batch_size=0),
+        lambda m, a: m.sample_counts(a, n_samples=0),
+        lambda m, a: m.sample_counts(a, random_state=None),
+        lambda m, a: m.sample_counts(a, batch_size=0),
+    ],
+)
+def test_bad_arguments_give_a_documented_error(call, trained, messy):
+    with pytest.raises((ValueError, TypeError)) as caught:
+        call(trained, messy)
+    assert caught.type in (ValueError, TypeError) and str(caught.value)
