@@ -16,7 +16,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from cellvae import data, diagnostics
 from cellvae.config import Config
@@ -382,8 +383,9 @@ class CellVAE:
         try:
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "cellvae"})
+            (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata={"format": "cellvae"}))
             (staging / HISTORY_FILE).write_text(self.history.to_json(orient="records"))
+            _make_durable_and_shareable(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -429,7 +431,10 @@ class CellVAE:
         model.module.load_state_dict(state)
         history_file = path / HISTORY_FILE
         if history_file.is_file():
-            model.history = pd.DataFrame(json.loads(history_file.read_text()))
+            try:
+                model.history = pd.DataFrame(json.loads(history_file.read_text()))
+            except (UnicodeDecodeError, ValueError, TypeError) as error:
+                raise ValueError(f"{history_file} is not a readable training history ({error})") from error
         model.is_trained = True
         if adata is not None:
             model.adata = adata
@@ -880,6 +885,20 @@ def _check_anndata(adata) -> None:
         raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+
+
+def _make_durable_and_shareable(folder: Path) -> None:
+    """fsync the files of ``folder`` (so a renamed model is complete after a power cut) and give it the
+    permissions of the umask, not mkdtemp's owner-only 0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    folder.chmod(0o777 & ~umask)
 
 
 def _where(layer: str | None) -> str:
