@@ -521,7 +521,17 @@ def part_loader(args) -> None:
     def densify(block):
         return torch.from_numpy(block.toarray() if sp.issparse(block) else np.asarray(block))
 
-    dataset = scDataset(adata.X, BlockShuffling(block_size=256), batch_size=128, fetch_factor=16, batch_transform=densify, seed=0)
+    class Rows:  # scdataset needs len(); h5py needs increasing indices
+        def __len__(self):
+            return n
+
+        def __getitem__(self, index):
+            index = np.asarray(index)
+            order = np.argsort(index, kind="stable")
+            block = adata.X[index[order]]
+            return block[np.argsort(order)]
+
+    dataset = scDataset(Rows(), BlockShuffling(block_size=256), batch_size=128, fetch_factor=16, batch_transform=densify, seed=0)
     started = time.perf_counter()
     count = sum(batch.shape[0] for batch in dataset)
     theirs = n / (time.perf_counter() - started)
