@@ -2,6 +2,7 @@
 
 import warnings
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from conftest import shared_dataset
@@ -51,6 +52,9 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     model, collapse_warnings = trained
     assert model.active_units(kang) >= 8
     assert collapse_warnings == []
+    ax = cellvae.pl.kl_per_dimension(model, show=False)
+    assert len(ax.patches) == 10 and "of 10 dimensions active" in ax.get_title()
+    plt.close(ax.figure)
 
 
 def test_large_beta_collapses_the_posterior_and_free_bits_prevent_it(kang):
@@ -76,6 +80,9 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     assert elbo[betas.index(1.0)] >= elbo.max() - 1.0
     assert frame["active_units"].between(0, 10).all()
     assert frame["label_silhouette"].between(0, 1).all() and frame["label_nmi"].between(0, 1).all()
+    ax = cellvae.pl.rate_distortion(frame, show=False)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(f"β={b:g}" for b in betas)
+    plt.close(ax.figure)
 
 
 def test_iwae_bound_rises_with_samples_above_the_elbo(kang, trained):
