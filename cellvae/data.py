@@ -93,9 +93,20 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
 def library_sizes(matrix) -> np.ndarray:
     """Total counts of each cell, as float64, read in row chunks for backed and CSR matrices.
 
-    (scipy's ``sum(dtype=float64)`` of a whole sparse matrix first copies all its values as float64.)
+    (scipy's ``sum(dtype=float64)`` copies all stored values, and row slices can copy the indices.)
     """
-    if isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format != "csr"):
+    if sp.issparse(matrix) and matrix.format == "csr":
+        totals = np.empty(matrix.shape[0], dtype=np.float64)
+        indptr = matrix.indptr
+        for s in range(0, matrix.shape[0], 10_000):
+            e = min(s + 10_000, matrix.shape[0])
+            nonempty = indptr[s + 1 : e + 1] > indptr[s:e]
+            totals[s:e] = 0.0
+            if nonempty.any():
+                values = matrix.data[indptr[s] : indptr[e]]
+                totals[s:e][nonempty] = np.add.reduceat(values, indptr[s:e][nonempty] - indptr[s], dtype=np.float64)
+        return totals
+    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
     totals = [np.asarray(matrix[s : s + 10_000].sum(axis=1, dtype=np.float64)).ravel() for s in range(0, matrix.shape[0], 10_000)]
     return np.concatenate(totals)
