@@ -349,6 +349,8 @@ class CellLoader:
             inverse = np.empty_like(order)
             inverse[order] = np.arange(len(order))
             block = block[inverse]
+        elif sp.issparse(self.matrix):
+            block = _gather_csr_rows(self.matrix, rows)
         else:
             block = self.matrix[rows]
         if self.gene_columns is not None:
@@ -410,6 +412,17 @@ class CellLoader:
         for start in range(0, len(order), batch_size):
             rows = index[start : start + batch_size]
             yield Minibatch(counts[rows], covariates[rows], library[rows], batch_index[rows], order[start : start + batch_size])
+
+
+def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows of a CSR matrix, copying only those rows (scipy's fancy indexing copies all the
+    column indices when ``indptr`` and ``indices`` have different integer types)."""
+    starts, ends = matrix.indptr[rows], matrix.indptr[rows + 1]
+    lengths = (ends - starts).astype(np.int64)
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    take = np.repeat(starts.astype(np.int64) - indptr[:-1], lengths) + np.arange(indptr[-1])
+    return sp.csr_matrix((matrix.data[take], matrix.indices[take], indptr), shape=(len(rows), matrix.shape[1]))
 
 
 class _Failure:
