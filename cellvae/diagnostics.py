@@ -37,13 +37,6 @@ def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
         vae.train(was_training)
 
 
-def reparameterise(vae: VAE, mean: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """z = mean + L·noise for standard-normal ``noise`` of shape ``[samples,] cells × n_latent``."""
-    if vae.config.posterior == "full":
-        return mean + torch.einsum("cij,...cj->...ci", scale, noise)
-    return mean + torch.exp(0.5 * scale) * noise
-
-
 def log_likelihood_draws(vae: VAE, mb: Minibatch, z: torch.Tensor) -> torch.Tensor:
     """log p(x|z) (the full likelihood, including log x!) for each draw of ``z`` (samples × cells × n_latent), samples × cells."""
     n_samples = z.shape[0]
@@ -92,8 +85,8 @@ def collapse_message(kl: np.ndarray, activity: np.ndarray, threshold: float = AC
     if 2 * n_active >= n_latent and kl.sum() >= 0.5:
         return None
     return (
-        f"posterior collapse: {n_active} of {n_latent} latent dimensions carry information "
-        f"(mean KL {kl.sum():.3g} nats per cell); lower beta, lengthen KL warm-up (kl_warmup=...), "
+        f"posterior collapse: {n_active} of {n_latent} latent dimensions vary across cells and the posterior "
+        f"carries only {kl.sum():.3g} nats per cell (KL); lower beta, lengthen KL warm-up (kl_warmup=...), "
         "or use free bits (free_bits=...)"
     )
 
@@ -131,7 +124,7 @@ def _from_free(vae: VAE, free: torch.Tensor) -> torch.Tensor:
 
 def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float) -> torch.Tensor:
     """log p(x|z_s) − beta·KL per noise draw s and cell, samples × cells; its mean over draws is the ELBO at beta = 1."""
-    return log_likelihood_draws(vae, mb, reparameterise(vae, mean, scale, noise)) - beta * vae.kl_divergence(mean, scale)
+    return log_likelihood_draws(vae, mb, vae.reparameterise(mean, scale, noise)) - beta * vae.kl_divergence(mean, scale)
 
 
 def refine_posterior(
@@ -189,19 +182,6 @@ def refined_latent(
     return np.concatenate(out)
 
 
-def _posterior_log_weights(vae: VAE, mb: Minibatch, mean, scale, n_samples: int) -> torch.Tensor:
-    """log p(x, z_k) − log q(z_k) for K draws from a given per-cell Gaussian q, K × cells."""
-    z = reparameterise(vae, mean, scale, torch.randn((n_samples, *mean.shape), device=mean.device, dtype=mean.dtype))
-    log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
-    log_q = vae.log_posterior_density(z, mean, scale)
-    repeat = (n_samples, 1)
-    likelihood = vae.generative(
-        z.reshape(-1, z.shape[-1]), mb.covariates.repeat(repeat), mb.library.repeat(repeat), mb.batch_index.repeat(n_samples)
-    )
-    log_lik = likelihood.log_prob(mb.counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
-    return log_lik + log_prior - log_q
-
-
 def inference_gaps(
     vae: VAE,
     loader: CellLoader,
@@ -237,7 +217,8 @@ def inference_gaps(
                 (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(encoder[0])
             )
             parts["amortization_gap_se"].append(standard_error.cpu().numpy())
-            parts["log_px"].append(iwae_bound(_posterior_log_weights(vae, mb, mean, scale, n_samples)).double().cpu().numpy())
+            log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples, (mean, scale))
+            parts["log_px"].append(iwae_bound(log_w).double().cpu().numpy())
     out = {k: np.concatenate(v) for k, v in parts.items()}
     out["amortization_gap"] = out["elbo_refined"] - out["elbo_encoder"]
     out["approximation_gap"] = out["log_px"] - out["elbo_refined"]

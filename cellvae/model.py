@@ -361,7 +361,7 @@ class CellVAE:
                 q = self.module.inference(mb.counts, mb.covariates, sample=False)
                 for s in range(n_samples):
                     noise = torch.randn(q["mean"].shape, generator=generator, device=self.device)
-                    z = _reparameterise(self.module, q, noise)
+                    z = self.module.reparameterise(q["mean"], q["scale"], noise)
                     dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
                     draws[s, start : start + len(mb.cell_index)] = dist.sample(generator).cpu().numpy()
                 start += len(mb.cell_index)
@@ -855,12 +855,6 @@ class CellVAE:
             covariates[:, :n_batches] = 0.0
             covariates[:, target] = 1.0
             yield covariates, torch.full_like(mb.batch_index, target)
-
-
-def _reparameterise(vae: VAE, q: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
-    if vae.config.posterior == "full":
-        return q["mean"] + torch.einsum("cij,cj->ci", q["scale"], noise)
-    return q["mean"] + torch.exp(0.5 * q["scale"]) * noise
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

@@ -122,7 +122,10 @@ class VAE(nn.Module):
     def sample_posterior(self, mean: torch.Tensor, scale: torch.Tensor, n_samples: int | None = None) -> torch.Tensor:
         """Reparameterised draws from q(z|x); shape ``[n_samples,] cells × n_latent``."""
         shape = mean.shape if n_samples is None else (n_samples, *mean.shape)
-        noise = torch.randn(shape, device=mean.device, dtype=mean.dtype)
+        return self.reparameterise(mean, scale, torch.randn(shape, device=mean.device, dtype=mean.dtype))
+
+    def reparameterise(self, mean: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """z = mean + L·noise for standard-normal ``noise`` of shape ``[samples,] cells × n_latent``."""
         if self.config.posterior == "full":
             return mean + torch.einsum("cij,...cj->...ci", scale, noise)
         return mean + torch.exp(0.5 * scale) * noise
@@ -174,12 +177,20 @@ class VAE(nn.Module):
         return {"loss": loss, "distortion": distortion, "rate": rate}
 
 
-def importance_log_weights(vae: VAE, counts, covariates, library, batch_index, n_samples: int) -> torch.Tensor:
-    """log p(x, z_k) − log q(z_k|x) for K posterior draws, shape K × cells (IWAE weights)."""
-    q = vae.inference(counts, covariates, sample=False)
-    z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
+def importance_log_weights(
+    vae: VAE, counts, covariates, library, batch_index, n_samples: int, posterior: tuple | None = None
+) -> torch.Tensor:
+    """log p(x, z_k) − log q(z_k|x) for K draws, shape K × cells (IWAE weights).
+
+    q is the encoder's posterior, or the given ``posterior`` (mean, scale) of each cell (e.g. a refined one).
+    """
+    if posterior is None:
+        q = vae.inference(counts, covariates, sample=False)
+        posterior = (q["mean"], q["scale"])
+    mean, scale = posterior
+    z = vae.sample_posterior(mean, scale, n_samples)
     log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
-    log_q = vae.log_posterior_density(z, q["mean"], q["scale"])
+    log_q = vae.log_posterior_density(z, mean, scale)
     flat_z = z.reshape(-1, z.shape[-1])
     repeat = (n_samples, 1)
     likelihood = vae.generative(flat_z, covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples))
