@@ -22,7 +22,15 @@ from safetensors.torch import save as safetensors_bytes
 from cellvae import data, diagnostics
 from cellvae.config import Config
 from cellvae.module import VAE
-from cellvae.train import TrainSettings, default_kl_warmup, default_max_epochs, pick_device, setup_distributed, train
+from cellvae.train import (
+    TrainSettings,
+    default_kl_warmup,
+    default_max_epochs,
+    pick_device,
+    setup_distributed,
+    split_cells,
+    train,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -215,11 +223,7 @@ class CellVAE:
             )
         if len(nonempty) < data.MIN_CELLS:
             raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
-        rng = np.random.default_rng(random_state)
-        shuffled = nonempty[rng.permutation(len(nonempty))]
-        n_validation = int(round(validation_size * len(shuffled))) if validation_size > 0 else 0
-        n_validation = min(max(n_validation, 1 if validation_size > 0 else 0), len(shuffled) - 1)
-        validation_cells, train_cells = np.sort(shuffled[:n_validation]), shuffled[n_validation:]
+        train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
         epochs = max_epochs or default_max_epochs(len(nonempty))
         settings = TrainSettings(
             max_epochs=epochs,
@@ -527,9 +531,7 @@ class CellVAE:
         cells = cells[loader.library[cells] > 0]
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
-        rng = np.random.default_rng(random_state)
-        shuffled = cells[rng.permutation(len(cells))]
-        n_validation = min(int(round(validation_size * len(shuffled))), len(shuffled) - 1)
+        train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         epochs = max_epochs or int(np.clip(round(2e5 / len(cells)), 20, 200))
         settings = TrainSettings(
             max_epochs=epochs,
@@ -546,9 +548,7 @@ class CellVAE:
         hooks = [p.register_hook(lambda grad, m=mask: grad * m) for p, mask in trainable if mask is not None]
         query_model.module.to(loader.device)
         try:
-            query_model.history = train(
-                query_model.module, loader, shuffled[n_validation:], np.sort(shuffled[:n_validation]), settings
-            )
+            query_model.history = train(query_model.module, loader, train_cells, validation_cells, settings)
         finally:
             for hook in hooks:
                 hook.remove()

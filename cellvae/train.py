@@ -56,6 +56,14 @@ def default_max_epochs(n_cells: int) -> int:
     return int(np.clip(round(5e5 / max(n_cells, 1)), 20, 400))
 
 
+def split_cells(cells: np.ndarray, validation_size: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split into (shuffled training cells, sorted validation cells); at least one of each when asked."""
+    shuffled = cells[np.random.default_rng(random_state).permutation(len(cells))]
+    n_validation = int(round(validation_size * len(shuffled))) if validation_size > 0 else 0
+    n_validation = min(max(n_validation, 1 if validation_size > 0 else 0), len(shuffled) - 1)
+    return shuffled[n_validation:], np.sort(shuffled[:n_validation])
+
+
 def default_kl_warmup(max_epochs: int) -> int:
     """Linear KL warm-up over a quarter of training, at most 50 epochs."""
     return int(min(50, max(1, max_epochs // 4)))
