@@ -8,6 +8,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 from cellvae import datasets, pl, tl
+from cellvae.data import read_zarr_lazy
 from cellvae.model import CellVAE
 
-__all__ = ["CellVAE", "datasets", "pl", "tl", "__version__"]
+__all__ = ["CellVAE", "datasets", "pl", "read_zarr_lazy", "tl", "__version__"]

@@ -10,6 +10,7 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
 
   cellvae demo                          train on the bundled PBMC example, write UMAP plots
   cellvae fit IN.h5ad --out OUT.h5ad --model-dir DIR [--batch-key batch --layer counts]
+  cellvae fit IN.zarr ...               the same from a Zarr store, its counts streamed from disk
   torchrun --nproc_per_node=N -m cellvae.cli fit ...   the same, data-parallel over N processes
   cellvae embed IN.h5ad --model-dir DIR --out OUT.h5ad
 """
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(command="demo", run=run_demo)
 
-    fit = commands.add_parser("fit", help="train a model on an .h5ad of raw counts and embed it")
-    fit.add_argument("input", help="input .h5ad with raw counts")
+    fit = commands.add_parser("fit", help="train a model on an .h5ad or .zarr of raw counts and embed it")
+    fit.add_argument("input", help="input .h5ad with raw counts, or a .zarr store (its counts are streamed from disk)")
     fit.add_argument("--out", required=True, help="output .h5ad with embedding, neighbours, UMAP and Leiden clusters")
     fit.add_argument("--model-dir", required=True, help="folder to save the trained model in")
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
@@ -56,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="folder for a training checkpoint written after every epoch (one file per process under torchrun)",
+    )
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --checkpoint-dir (same input and options, same number of torchrun processes); "
+        "ends with the same model as an uninterrupted run",
+    )
     fit.set_defaults(command="fit", run=run_fit)
 
     embed = commands.add_parser("embed", help="embed an .h5ad with a saved model")
-    embed.add_argument("input", help="input .h5ad with the model's genes as raw counts")
+    embed.add_argument("input", help="input .h5ad or .zarr store with the model's genes as raw counts")
     embed.add_argument("--model-dir", required=True, help="folder of a model saved by 'cellvae fit'")
     embed.add_argument("--out", required=True, help="output .h5ad with the embedding in obsm")
     embed.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
@@ -97,6 +109,8 @@ def run_fit(args: argparse.Namespace) -> int:
 
     from cellvae import tl
 
+    if args.resume and args.checkpoint_dir is None:
+        raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
     adata = _read(args.input)
     if Path(args.model_dir).exists() and not args.overwrite:
         raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
@@ -108,7 +122,12 @@ def run_fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
         max_epochs=args.epochs,
         progress=not args.quiet,
-        fit_kwargs={"batch_size": args.batch_size, "device": args.device},
+        fit_kwargs={
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "checkpoint_dir": args.checkpoint_dir,
+            "resume": args.resume,
+        },
         n_latent=args.n_latent,
         likelihood=args.likelihood,
     )
@@ -140,11 +159,17 @@ def _distributed_rank() -> int:
 
 
 def _read(path: str):
+    """An .h5ad read into memory, or a .zarr store whose counts stay on disk and are streamed."""
     import anndata as ad
 
-    if not Path(path).is_file():
-        raise SystemExit(f"error: input file {path} does not exist")
-    return ad.read_h5ad(path)
+    source = Path(path)
+    if not source.exists():
+        raise SystemExit(f"error: input {path} does not exist")
+    if source.is_dir():
+        from cellvae import read_zarr_lazy
+
+        return read_zarr_lazy(source)
+    return ad.read_h5ad(source)
 
 
 def _neighbours_umap_leiden(adata, key: str, seed: int) -> None:

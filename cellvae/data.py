@@ -119,6 +119,38 @@ def as_row_readable(matrix):
     return matrix
 
 
+def read_zarr_lazy(store) -> ad.AnnData:
+    """Open an AnnData Zarr store with ``X``, ``layers`` and ``raw.X`` left on disk (out of core).
+
+    The count matrices stay in the store (sparse ones as anndata's ``CSRDataset``/``CSCDataset``,
+    dense ones as ``zarr.Array``) and are read a block of rows at a time during training and
+    inference, like a backed ``.h5ad``; ``obs``, ``var``, ``obsm``, ``uns`` and the rest are read
+    into memory. The store must stay in place while the AnnData is used.
+
+    Parameters
+    ----------
+    store
+        Path of a ``.zarr`` store written by :meth:`anndata.AnnData.write_zarr` (or an open ``zarr.Group``).
+
+    Returns
+    -------
+    An AnnData that trains and embeds like an in-memory one, with memory independent of the cell count.
+    """
+    import zarr
+
+    group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
+
+    def lazy(read, name: str, elem, iospec):
+        if name == "/X" or name == "/raw/X" or (name.startswith("/layers/") and name.count("/") == 2):
+            if iospec.encoding_type in ("csr_matrix", "csc_matrix"):
+                return ad.io.sparse_dataset(elem)
+            if iospec.encoding_type == "array":
+                return elem
+        return read(elem)
+
+    return ad.experimental.read_dispatched(group, lazy)
+
+
 # ----------------------------------------------------------------------------- covariates
 
 

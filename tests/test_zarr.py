@@ -1,0 +1,115 @@
+"""Zarr stores read out of core: the streaming loader, training, embedding, and the CLI on a `.zarr` input."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+import cellvae
+from cellvae.cli import main
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
+
+FORMATS = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": lambda m: m.toarray()}
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    return cellvae.datasets.simulate(n_cells=1200, n_genes=120, n_batches=2, n_cell_types=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def stores(simulated, tmp_path_factory):
+    """The simulated counts written as Zarr stores with X as CSR, CSC and dense."""
+    folder = tmp_path_factory.mktemp("zarr")
+    paths = {}
+    with ad.settings.override(zarr_write_format=3):  # the coming default; "csr_v2" checks the current one
+        for kind, convert in FORMATS.items():
+            paths[kind] = folder / f"{kind}.zarr"
+            ad.AnnData(convert(simulated.X), obs=simulated.obs, var=simulated.var).write_zarr(paths[kind])
+    with ad.settings.override(zarr_write_format=2):
+        paths["csr_v2"] = folder / "csr_v2.zarr"
+        ad.AnnData(simulated.X, obs=simulated.obs, var=simulated.var).write_zarr(paths["csr_v2"])
+    return paths
+
+
+def knn_accuracy(latent: np.ndarray, labels) -> float:
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    return float(cross_val_score(KNeighborsClassifier(15), latent, np.asarray(labels), cv=folds).mean())
+
+
+@pytest.mark.parametrize("kind", [*FORMATS, "csr_v2"])
+def test_read_zarr_lazy_keeps_the_counts_on_disk(stores, simulated, kind):
+    adata = cellvae.read_zarr_lazy(stores[kind])
+    assert not isinstance(adata.X, (np.ndarray, sp.spmatrix, sp.sparray))
+    assert isinstance(adata.X, zarr.Array) == (kind == "dense")
+    assert adata.shape == simulated.shape
+    pd.testing.assert_frame_equal(adata.obs, simulated.obs)
+    rows = np.array([5, 700, 3])
+    block = adata.X[np.sort(rows)]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    np.testing.assert_array_equal(block, simulated.X[np.sort(rows)].toarray())
+
+
+@pytest.mark.parametrize("kind", [*FORMATS, "csr_v2"])
+def test_every_cell_once_per_epoch_in_a_new_order_with_its_own_counts(stores, simulated, kind):
+    adata = cellvae.read_zarr_lazy(stores[kind])
+    n = adata.n_obs
+    loader = CellLoader(adata.X, np.zeros((n, 0), np.float32), library_sizes(adata.X), np.zeros(n, np.int64))
+    assert loader.backed
+    expected = simulated.X.toarray()
+    cells = np.arange(n)[1:]  # a training split leaves some cells out
+    rng = np.random.default_rng(0)
+    orders = []
+    for _ in range(2):
+        seen = []
+        for mb in loader.batches(cells, 64, shuffle=True, rng=rng):
+            np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+            seen.append(mb.cell_index)
+        order = np.concatenate(seen)
+        assert len(order) == len(cells) and np.array_equal(np.sort(order), cells)
+        orders.append(order)
+    assert not np.array_equal(orders[0], orders[1])
+    assert len(np.unique(orders[0][: BACKED_BLOCK_ROWS // 4] // BACKED_BLOCK_ROWS)) > 1  # blocks are mixed, not read in turn
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_model_trained_from_a_zarr_store_embeds_cell_types_and_leaves_the_anndata_alone(stores, simulated, kind):
+    adata = cellvae.read_zarr_lazy(stores[kind])
+    obs_before, matrix = adata.obs.copy(), adata.X
+    model = cellvae.CellVAE(adata, batch_key="batch").fit(max_epochs=15, progress=False, device="cpu", random_state=0)
+    latent = model.get_latent()
+    assert latent.shape == (adata.n_obs, 10) and np.isfinite(latent).all()
+    assert knn_accuracy(latent, adata.obs["cell_type"]) > 0.9
+    assert adata.X is matrix and not adata.obsm and not adata.layers
+    pd.testing.assert_frame_equal(adata.obs, obs_before)
+    # the same model embeds the in-memory copy of the same cells identically
+    np.testing.assert_allclose(model.get_latent(simulated), latent, rtol=1e-5, atol=1e-5)
+
+
+def test_tl_embed_writes_only_obsm_on_a_lazy_anndata(stores):
+    adata = cellvae.read_zarr_lazy(stores["csr"])
+    cellvae.tl.embed(adata, batch_key="batch", max_epochs=3, progress=False, random_state=0)
+    assert adata.obsm["X_cellvae"].shape == (adata.n_obs, 10)
+    assert not isinstance(adata.X, sp.spmatrix)
+
+
+def test_cli_fit_reads_a_zarr_store(stores, tmp_path):
+    out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
+    code = main(
+        ["fit", str(stores["csr"]), "--out", str(out), "--model-dir", str(model_dir)]
+        + "--batch-key batch --epochs 3 --device cpu --quiet".split()
+    )
+    assert code == 0
+    written = ad.read_h5ad(out)
+    assert written.obsm["X_cellvae"].shape == (written.n_obs, 10)
+    assert (written.X != ad.read_zarr(stores["csr"]).X).nnz == 0  # the counts are written out unchanged
+    assert cellvae.CellVAE.load(model_dir).is_trained
+
+
+def test_cli_fit_names_a_missing_zarr_store(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["fit", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "m")])
