@@ -147,8 +147,9 @@ def train(
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
     run = None if checkpoint is None else describe_run(vae, loader, train_cells, validation_cells, settings)
     if checkpoint is not None and resume:
-        if checkpoint.exists():
-            loop = read_checkpoint(checkpoint, run, vae, optimizer, rng)
+        source = checkpoint if world == 1 else agreed_checkpoint(checkpoint)
+        if source is not None and source.exists():
+            loop = read_checkpoint(source, run, vae, optimizer, rng)
             best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
             last_good = copy.deepcopy(vae.state_dict())
@@ -293,6 +294,8 @@ def write_checkpoint(
             handle.write(blob)
             handle.flush()
             os.fsync(handle.fileno())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and path.exists():
+            os.replace(path, previous_checkpoint(path))  # see agreed_checkpoint
         os.replace(staging, path)
     except BaseException:
         staging.unlink(missing_ok=True)
@@ -337,6 +340,35 @@ def read_checkpoint(path: Path, run: dict, vae: VAE, optimizer: torch.optim.Opti
     return {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")} | {"best": best}
 
 
+def previous_checkpoint(path: Path) -> Path:
+    """Where a rank of a data-parallel run keeps its checkpoint before the last one."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def agreed_checkpoint(path: Path) -> Path | None:
+    """This rank's checkpoint of the newest epoch that every rank has (None: some rank has none).
+
+    A crash between the ranks' writes leaves some ranks one checkpoint ahead (collectives keep
+    them within one epoch of each other); those resume from their previous file, so that all
+    ranks continue from the same epoch instead of waiting forever on each other.
+    """
+    epochs = {}
+    for candidate in (previous_checkpoint(path), path):
+        try:
+            with safe_open(str(candidate), framework="pt") as handle:
+                epochs[int(json.loads((handle.metadata() or {})["cellvae_checkpoint"])["epoch"])] = candidate
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+            continue
+    agreed = int(-all_reduce_max([-max(epochs, default=-1)])[0])
+    # every rank raises (rather than one raising while the others wait for it)
+    if agreed >= 0 and all_reduce_max([float(agreed not in epochs)])[0]:
+        raise ValueError(
+            f"the ranks' checkpoints next to {path} are from different epochs (this rank has {sorted(epochs)}, "
+            f"some rank only epoch {agreed}); delete them or call fit(resume=False) to start over"
+        )
+    return epochs.get(agreed)
+
+
 # ----------------------------------------------------------------------------- data parallel (DDP)
 
 
@@ -379,7 +411,16 @@ def shard(cells: np.ndarray, rank: int, world: int, pad: bool = False) -> np.nda
 
 def all_reduce_sums(values: list[float]) -> list[float]:
     """Sums over all ranks of a few numbers (float64)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Maxima over all ranks of a few numbers (float64)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], op) -> list[float]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     totals = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
+    dist.all_reduce(totals, op=op)
     return totals.tolist()

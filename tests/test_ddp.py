@@ -1,8 +1,12 @@
 """Data-parallel training: `torchrun --nproc_per_node=2 -m cellvae.cli fit` on CPU (gloo)."""
 
+import json
 import os
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +90,86 @@ def test_python_processes_with_their_own_process_group_train_one_model_from_a_ba
     model = cellvae.CellVAE.load(tmp_path / "model", adata=adata)
     assert len(model.history) == EPOCHS and np.isfinite(model.history["train_elbo"]).all()
     assert knn_accuracy(model.get_latent(), adata.obs["cell_type"]) > 0.9
+
+
+# ----------------------------------------------------------------------------- resume after a kill
+
+RESUME_EPOCHS = 8
+
+
+def torchrun_fit(path, out_dir, *extra: str) -> subprocess.Popen:
+    """`cellvae fit` over 2 gloo processes (1 thread each)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    options = f"--batch-key batch --epochs {RESUME_EPOCHS} --batch-size 32 --device cpu --quiet --seed 4".split()
+    outputs = ["--out", str(out_dir / "out.h5ad"), "--model-dir", str(out_dir / "model")]
+    command = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "cellvae.cli", "fit", str(path), *outputs, *options]
+    return subprocess.Popen(
+        [*command, *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def checkpoint_epochs(folder) -> list[int]:
+    """Last completed epoch in each rank's checkpoint (-1 where there is none yet)."""
+    from safetensors import safe_open
+
+    epochs = []
+    for rank in range(2):
+        try:
+            with safe_open(str(folder / f"checkpoint.rank{rank}.safetensors"), framework="pt") as handle:
+                epochs.append(json.loads(handle.metadata()["cellvae_checkpoint"])["epoch"])
+        except (OSError, KeyError, ValueError):
+            epochs.append(-1)
+    return epochs
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=150)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+def test_two_process_run_killed_mid_training_resumes_to_the_uninterrupted_model(tmp_path):
+    import torch
+
+    adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, n_cell_types=4, seed=8)
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    (tmp_path / "whole").mkdir()
+    finish(torchrun_fit(path, tmp_path / "whole"))
+
+    run_dir, checkpoints = tmp_path / "interrupted", tmp_path / "interrupted" / "checkpoints"
+    run_dir.mkdir()
+    process = torchrun_fit(path, run_dir, "--checkpoint-dir", str(checkpoints))
+    deadline = time.monotonic() + 120
+    while min(checkpoint_epochs(checkpoints)) < 1:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint of epoch 1 within 120 s"
+        time.sleep(0.01)
+    # Both workers (torchrun starts them in sessions of their own), then torchrun: like a lost machine.
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    process.kill()
+    process.wait(timeout=30)
+    assert len(workers) == 2
+    killed_at = checkpoint_epochs(checkpoints)
+    assert max(killed_at) < RESUME_EPOCHS - 1, "the kill must land before training ends"
+    assert not (run_dir / "model").exists()
+
+    # A crash between the two ranks' writes: rank 0 holds the newest epoch, rank 1 has not written it.
+    lagging_dir = tmp_path / "lagging"
+    shutil.copytree(run_dir, lagging_dir)
+    (lagging_dir / "checkpoints" / "checkpoint.rank1.safetensors").unlink()
+
+    whole = cellvae.CellVAE.load(tmp_path / "whole" / "model")
+    for folder in (run_dir, lagging_dir):
+        finish(torchrun_fit(path, folder, "--checkpoint-dir", str(folder / "checkpoints"), "--resume"))
+        resumed = cellvae.CellVAE.load(folder / "model")
+        # Bit for bit: both ranks restore their own random-number state, and with two ranks the
+        # all-reduce adds the same two gradients (a + b) whatever the bucket layout.
+        expected, actual = whole.module.state_dict(), resumed.module.state_dict()
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"parameter {key} differs after resuming from {folder.name}"
+        columns = [c for c in whole.history.columns if c != "seconds"]
+        np.testing.assert_array_equal(whole.history[columns].to_numpy(), resumed.history[columns].to_numpy())
