@@ -568,7 +568,7 @@ def part_roofline(args) -> None:
     optimizer = make_optimizer(vae, 1e-3, 1e-6, torch.device("cpu"))
 
     def step(mb):
-        out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, nonzero=mb.nonzero)
+        out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

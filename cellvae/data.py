@@ -17,6 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from cellvae.distributions import SparseCounts
+
 MIN_CELLS = 10
 # Stored values checked at once: bounds the temporary arrays of count validation (~64 MB of float32).
 VALUES_PER_CHECK = 2**24
@@ -281,9 +283,9 @@ class Minibatch:
     library: torch.Tensor  # cells × 1 total counts
     batch_index: torch.Tensor  # cells, int64 batch code
     cell_index: np.ndarray  # positions of these cells in the AnnData
-    # (row, column) of the non-zero counts, read off the sparse matrix on CPU; lets the likelihood
-    # skip its lgamma terms at zeros without scanning the dense batch. None on accelerators.
-    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The non-zero counts, read off the sparse matrix on the CPU; let the likelihood skip its
+    # lgamma terms at zeros without scanning the dense batch. None on accelerators.
+    sparse: SparseCounts | None = None
 
 
 class CellLoader:
@@ -395,25 +397,25 @@ class CellLoader:
         return np.asarray(block)
 
     def _minibatch(self, block, cells: np.ndarray) -> Minibatch:
+        to = self.device
+        sparse = None
         if sp.issparse(block):
             dense = block.toarray()
-            nz_rows, nz_cols = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr)), block.indices
+            if to.type == "cpu":
+                sparse = SparseCounts.from_csr(block.indptr, block.indices, block.data, block.shape[1])
         else:
             dense = block
-            nz_rows, nz_cols = np.nonzero(block)
+            if to.type == "cpu":
+                sparse = SparseCounts.from_dense(np.asarray(block))
         counts = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
-        to = self.device
         non_blocking = to.type == "cuda"
-        nonzero = None
-        if to.type == "cpu":
-            nonzero = (torch.from_numpy(nz_rows.astype(np.int64, copy=False)), torch.from_numpy(nz_cols.astype(np.int64)))
         return Minibatch(
             counts=counts.to(to, non_blocking=non_blocking),
             covariates=torch.from_numpy(self.covariates[cells]).to(to, non_blocking=non_blocking),
             library=torch.from_numpy(self.library[cells, None]).to(to, non_blocking=non_blocking),
             batch_index=torch.from_numpy(self.batch_index[cells]).to(to, non_blocking=non_blocking),
             cell_index=cells,
-            nonzero=nonzero,
+            sparse=sparse,
         )
 
     # -------------------------------------------------------------- GPU: data resident on the device

@@ -158,14 +158,14 @@ class VAE(nn.Module):
         variance = (scale**2).sum(-1)
         return 0.5 * (variance.sum(-1) + (mean**2).sum(-1) - mean.shape[-1] - log_det)
 
-    def forward(self, counts, covariates, library, batch_index, kl_weight: float = 1.0, nonzero=None) -> dict[str, torch.Tensor]:
+    def forward(self, counts, covariates, library, batch_index, kl_weight: float = 1.0, sparse=None) -> dict[str, torch.Tensor]:
         """Loss of one minibatch plus its per-cell distortion and rate (nats per cell).
 
-        ``nonzero`` (the loader's ``Minibatch.nonzero``) only speeds up the likelihood.
+        ``sparse`` (the loader's ``Minibatch.sparse``) only speeds up the likelihood.
         """
         q = self.inference(counts, covariates)
         likelihood = self.generative(q["z"], covariates, library, batch_index)
-        distortion = -likelihood.log_prob(counts, nonzero=nonzero).sum(-1)
+        distortion = -likelihood.log_likelihood(counts, sparse)
         per_dim = self.kl_per_dimension(q["mean"], q["scale"])
         rate = self.kl_divergence(q["mean"], q["scale"])
         penalised = rate

@@ -104,7 +104,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     totals = {"distortion": 0.0, "rate": 0.0}
     with torch.no_grad():
         for mb in loader.batches(cells, batch_size):
-            out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, nonzero=mb.nonzero)
+            out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
     vae.train(was_training)
@@ -168,34 +168,27 @@ def train(
             seen = 0
             for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng):
                 kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
-                out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, nonzero=mb.nonzero)
+                out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
                 optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
-                # With several ranks only the (all-reduced) gradients are checked, so all ranks agree.
-                if not _all_finite(out["loss"] if world == 1 else None, vae):
-                    retries += 1
-                    if retries > MAX_NONFINITE_RETRIES:
-                        raise FloatingPointError(
-                            f"training produced non-finite losses or gradients {retries} times; "
-                            "check the counts for extreme values or lower lr"
-                        )
-                    vae.load_state_dict(last_good)
-                    optimizer = make_optimizer(vae, optimizer.param_groups[0]["lr"] / 2, settings.weight_decay, loader.device)
-                    warnings.warn(
-                        f"non-finite loss or gradient at epoch {epoch}; restored the last good parameters "
-                        f"and lowered lr to {optimizer.param_groups[0]['lr']:.2e}",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                loss = float(out["loss"].detach())
+                # One process checks its loss (a non-finite gradient breaks the parameters, which shows
+                # in the next loss or the end-of-epoch check); several ranks check the all-reduced
+                # gradients, so that all of them take the same decision.
+                if not (math.isfinite(loss) if world == 1 else _gradients_finite(vae)):
+                    optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
                     continue
                 optimizer.step()
                 step += 1
                 n = len(mb.cell_index)
                 seen += n
-                sums["loss"] += float(out["loss"].detach()) * n
+                sums["loss"] += loss * n
                 sums["distortion"] += float(out["distortion"].detach().sum())
                 sums["rate"] += float(out["rate"].detach().sum())
-            last_good = copy.deepcopy(vae.state_dict())
+            if _parameters_finite(vae):
+                last_good = copy.deepcopy(vae.state_dict())
+            else:
+                optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
             if world > 1:
                 *totals, seen = all_reduce_sums([*sums.values(), seen])
                 sums = dict(zip(sums, totals))
@@ -240,12 +233,32 @@ def train(
     return pd.DataFrame(rows)
 
 
-def _all_finite(loss: torch.Tensor | None, vae: VAE) -> bool:
-    """Whether the loss (unless None) and the total gradient norm (one foreach kernel) are finite."""
-    if loss is not None and not torch.isfinite(loss):
-        return False
-    params = [p for p in vae.parameters() if p.grad is not None]
-    return bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, math.inf))) if params else True
+def _gradients_finite(vae: VAE) -> bool:
+    """Whether the total gradient norm (one foreach kernel) is finite."""
+    grads = [p.grad for p in vae.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+
+
+def _parameters_finite(vae: VAE) -> bool:
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(list(vae.parameters()))))
+
+
+def _recover(vae, last_good, optimizer, settings, loader, retries, epoch) -> tuple[torch.optim.Optimizer, int]:
+    """Restore the last good parameters and halve the learning rate; raise after too many tries."""
+    retries += 1
+    if retries > MAX_NONFINITE_RETRIES:
+        raise FloatingPointError(
+            f"training produced non-finite losses or gradients {retries} times; check the counts for extreme values or lower lr"
+        )
+    vae.load_state_dict(last_good)
+    optimizer = make_optimizer(vae, optimizer.param_groups[0]["lr"] / 2, settings.weight_decay, loader.device)
+    warnings.warn(
+        f"non-finite loss or gradient at epoch {epoch}; restored the last good parameters "
+        f"and lowered lr to {optimizer.param_groups[0]['lr']:.2e}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return optimizer, retries
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from scipy.special import gammaln
 
 import cellvae
 from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
@@ -43,10 +44,12 @@ def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_f
         for mb in loader.batches(cells, 100, shuffle=True, rng=rng):
             np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
             np.testing.assert_allclose(mb.library.numpy().ravel(), expected[mb.cell_index].sum(1), rtol=1e-6)
-            rows, columns = mb.nonzero
+            rows, columns = mb.sparse.rows.numpy(), mb.sparse.columns.numpy()
             dense = np.zeros_like(mb.counts.numpy())
-            dense[rows.numpy(), columns.numpy()] = mb.counts.numpy()[rows.numpy(), columns.numpy()]
-            np.testing.assert_array_equal(dense, mb.counts.numpy())  # the non-zero list misses no count
+            dense[rows, columns] = mb.sparse.values.numpy()
+            np.testing.assert_array_equal(dense, mb.counts.numpy())  # the non-zero list is the counts, exactly
+            np.testing.assert_array_equal(mb.sparse.row_lengths.numpy(), (dense > 0).sum(1))
+            np.testing.assert_allclose(mb.sparse.log_factorial.numpy(), gammaln(dense + 1).sum(1), rtol=1e-5)
             seen.append(mb.cell_index)
         seen = np.concatenate(seen)
         assert len(seen) == len(cells) and set(seen) == set(cells)
