@@ -11,6 +11,9 @@ its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py scaling --sizes 10000 100000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py scaling --sizes 1000000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py roofline
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 10000 100000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 1000000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ddp --epochs 3
     python benchmarks/speed.py table
 
 Large simulated files and scVI checkpoints go to ``--work-dir`` (default /tmp/cellvae-speed),
@@ -40,11 +43,11 @@ ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1}
 # ----------------------------------------------------------------------------- helpers
 
 
-def setup_threads() -> None:
+def setup_threads(threads: int = THREADS) -> None:
     import torch
 
-    torch.set_num_threads(THREADS)
-    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def read(name: str):
@@ -363,9 +366,11 @@ def child_fit(spec: dict) -> dict:
 
     import cellvae
 
-    setup_threads()
+    setup_threads(spec.get("threads", THREADS))
     if spec["path"] == "kang":
         adata = read("kang_ctrl_5donors_muscat.h5ad")
+    elif spec["path"].endswith(".zarr"):
+        adata = cellvae.read_zarr_lazy(spec["path"]) if spec["backed"] else ad.read_zarr(spec["path"])
     else:
         adata = ad.read_h5ad(spec["path"], backed="r" if spec["backed"] else None)
     matrix_bytes = None
@@ -392,6 +397,7 @@ def child_fit(spec: dict) -> dict:
         "cells": adata.n_obs,
         "genes": adata.n_vars,
         "backed": spec["backed"],
+        "epochs_seconds": [round(float(x), 2) for x in model.history["seconds"]],
         "epoch_seconds": round(epoch, 2),
         "cells_per_s": round(adata.n_obs / epoch),
         "fit_seconds_incl_setup": round(total, 1),
@@ -495,6 +501,95 @@ def part_scaling(args) -> None:
         results[str(n)] = runs
         print(n, runs, flush=True)
     merge("scaling", results, args.out)
+
+
+# ----------------------------------------------------------------------------- Zarr stores
+
+
+def simulated_zarr(work_dir: Path, n_cells: int, chunk_values: int = 1 << 18) -> Path:
+    """The same simulated counts as :func:`simulated_file`, as a Zarr (v3, zstd) store, copied once piecewise."""
+    import anndata as ad
+    import h5py
+    import zarr
+
+    source = simulated_file(work_dir, n_cells)
+    path = source.with_suffix(".zarr")
+    if path.is_dir():
+        return path
+    partial = path.with_suffix(".zarr-partial")
+    shell = ad.read_h5ad(source, backed="r")
+    with ad.settings.override(zarr_write_format=3):
+        ad.AnnData(obs=shell.obs, var=shell.var).write_zarr(partial)
+    shell.file.close()
+    group = zarr.open_group(partial, mode="a")
+    if "X" in group:
+        del group["X"]
+    with h5py.File(source, "r") as f:
+        stored = f["X"]
+        matrix = group.create_group("X")
+        matrix.attrs.update({k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in stored.attrs.items()})
+        for name in ("data", "indices", "indptr"):
+            values = stored[name]
+            target = matrix.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(min(chunk_values, len(values)),))
+            step = 64 * chunk_values
+            for start in range(0, len(values), step):
+                target[start : start + step] = values[start : start + step]
+    zarr.consolidate_metadata(partial)  # readers trust the consolidated metadata written before X existed
+    partial.rename(path)
+    return path
+
+
+def part_zarr(args) -> None:
+    """Training from a Zarr store read lazily (cellvae.read_zarr_lazy): epoch time and peak RSS per size,
+    against in-memory training of the same counts at the sizes that fit comfortably."""
+    results = json.loads(args.out.read_text()).get("zarr", {}) if args.out.is_file() else {}
+    for n in args.sizes:
+        started = time.perf_counter()
+        path = simulated_zarr(args.work_dir, n)
+        print(f"{path} ready after {time.perf_counter() - started:.0f} s", flush=True)
+        runs = {"zarr": run_child({"path": str(path), "backed": True, "epochs": 1})}
+        runs["store_mb"] = round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20)
+        if n <= args.in_memory_max:
+            runs["in_memory"] = run_child({"path": str(simulated_file(args.work_dir, n)), "backed": False, "epochs": 1})
+            runs["zarr_over_in_memory_time"] = round(runs["zarr"]["epoch_seconds"] / runs["in_memory"]["epoch_seconds"], 2)
+        results[str(n)] = runs
+        print(n, runs, flush=True)
+    merge("zarr", results, args.out)
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+def part_ddp(args) -> None:
+    """One process × 2 threads against `torchrun --nproc_per_node=2` × 1 thread (gloo), backed .h5ad."""
+    import shutil
+
+    if shutil.which("torchrun") is None:
+        sys.exit("torchrun (from torch) is not on PATH")
+    n = args.ddp_cells
+    path = str(simulated_file(args.work_dir, n))
+    runs = {"one_process_2_threads_batch_128": run_child({"path": path, "backed": True, "epochs": args.epochs})}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for per_rank in (64, 128):
+        spec = {"path": path, "backed": True, "epochs": args.epochs, "threads": 1, "batch_size": per_rank}
+        command = ["torchrun", "--standalone", "--nproc_per_node=2", __file__, "child", json.dumps(spec)]
+        out = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO, env=env)
+        if out.returncode:
+            raise RuntimeError(f"torchrun run {spec} failed:\n{out.stderr[-3000:]}")
+        ranks = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        runs[f"two_processes_1_thread_batch_{per_rank}_per_rank"] = {"ranks": ranks}
+    for run in runs.values():
+        epochs = [r["epochs_seconds"] for r in run.get("ranks", [run])]
+        # all ranks wait for each other every step: an epoch lasts as long as the slowest rank's
+        seconds = float(np.mean(np.max(np.array(epochs)[:, 1:], axis=0)))  # first epoch dropped (warm-up)
+        run["epoch_seconds_after_first"] = round(seconds, 2)
+        run["cells_per_s"] = round(n / seconds)
+        run["peak_rss_mb_per_process"] = [r["peak_rss_mb"] for r in run.get("ranks", [run])]
+    base = runs["one_process_2_threads_batch_128"]["cells_per_s"]
+    for run in runs.values():
+        run["speedup_vs_one_process"] = round(run["cells_per_s"] / base, 2)
+    runs["setup"] = f"{n} simulated cells x 2000 genes, backed CSR .h5ad, {args.epochs} epochs, no validation, CPU, gloo"
+    merge("ddp", runs, args.out)
 
 
 # ----------------------------------------------------------------------------- loader choice
@@ -653,6 +748,21 @@ def part_table(args) -> None:
             extra = f"; in memory {runs['in_memory']['epoch_seconds']} s (backed/in-memory time {ratio})"
         row = f"| backed .h5ad, {int(n):,} × 2,000: epoch; peak RSS | {b['epoch_seconds']} s; {b['peak_rss_mb']:,} MB{extra} "
         lines.append(row + "| | RSS < 3 GB, ≤ 2× in-memory time |")
+    for n, runs in sorted(r.get("zarr", {}).items(), key=lambda kv: int(kv[0])):
+        z = runs["zarr"]
+        extra = ""
+        if "in_memory" in runs:
+            ratio = runs["zarr_over_in_memory_time"]
+            extra = f"; in memory {runs['in_memory']['epoch_seconds']} s (Zarr/in-memory time {ratio})"
+        row = f"| Zarr store (read_zarr_lazy), {int(n):,} × 2,000: epoch; peak RSS | {z['epoch_seconds']} s; "
+        lines.append(row + f"{z['peak_rss_mb']:,} MB{extra} | | RSS < 3 GB, ≤ 2× in-memory time |")
+    for name, run in r.get("ddp", {}).items():
+        if isinstance(run, dict):
+            lines.append(
+                f"| DDP, {run.get('ranks', [run])[0]['cells']:,} × 2,000 backed, CPU gloo: {name.replace('_', ' ')} | "
+                f"{run['cells_per_s']:,} cells/s | | "
+                f"{run['speedup_vs_one_process']}× one process (2 cores: no speed-up possible) |"
+            )
     if "roofline" in r:
         f = r["roofline"]
         lines.append(
@@ -678,6 +788,8 @@ PARTS = {
     "roofline": part_roofline,
     "table": part_table,
     "loader": part_loader,
+    "zarr": part_zarr,
+    "ddp": part_ddp,
 }
 
 
@@ -695,6 +807,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--latent-cells", type=int, default=100_000)
+    parser.add_argument("--in-memory-max", type=int, default=100_000, help="zarr: largest size also trained in memory")
+    parser.add_argument("--ddp-cells", type=int, default=50_000)
     args = parser.parse_args()
     setup_threads()
     PARTS[args.part](args)
