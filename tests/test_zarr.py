@@ -11,7 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import cellvae
 from cellvae.cli import main
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, _read_sorted_rows, library_sizes
 
 FORMATS = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": lambda m: m.toarray()}
 
@@ -74,6 +74,19 @@ def test_every_cell_once_per_epoch_in_a_new_order_with_its_own_counts(stores, si
         orders.append(order)
     assert not np.array_equal(orders[0], orders[1])
     assert len(np.unique(orders[0][: BACKED_BLOCK_ROWS // 4] // BACKED_BLOCK_ROWS)) > 1  # blocks are mixed, not read in turn
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_blocks_of_nearby_rows_and_scattered_rows_read_from_a_store_match_memory(stores, simulated, kind):
+    matrix = cellvae.read_zarr_lazy(stores[kind]).X
+    rng = np.random.default_rng(1)
+    blocks = np.sort(rng.choice(simulated.n_obs // 100, 4, replace=False))
+    nearby = np.concatenate([np.arange(b * 100, b * 100 + 100)[rng.random(100) < 0.9] for b in blocks])  # read as slices
+    scattered = np.sort(rng.choice(simulated.n_obs, 50, replace=False))  # read by one fancy index
+    for rows in (nearby, scattered, np.arange(200, 260)):
+        block = _read_sorted_rows(matrix, rows)
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        np.testing.assert_array_equal(block, simulated.X[rows].toarray())
 
 
 @pytest.mark.parametrize("kind", list(FORMATS))
