@@ -167,7 +167,8 @@ class VAE(nn.Module):
         likelihood = self.generative(q["z"], covariates, library, batch_index)
         distortion = -likelihood.log_likelihood(counts, sparse)
         per_dim = self.kl_per_dimension(q["mean"], q["scale"])
-        rate = self.kl_divergence(q["mean"], q["scale"])
+        diagonal = self.config.posterior == "diagonal"
+        rate = per_dim.sum(-1) if diagonal else self.kl_divergence(q["mean"], q["scale"])
         penalised = rate
         if self.config.free_bits > 0:
             # Free bits: each dimension's batch-mean KL is floored, so small ones cost nothing to use.
