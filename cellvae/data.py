@@ -323,12 +323,19 @@ class CellLoader:
         return self.matrix.shape[1] if self.gene_columns is None else len(self.gene_columns)
 
     def batches(
-        self, cells: np.ndarray, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None
+        self,
+        cells: np.ndarray,
+        batch_size: int,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        sparse: bool = False,
     ) -> Iterator[Minibatch]:
         """Yield minibatches covering ``cells`` exactly once, in random order when ``shuffle``.
 
         The order is drawn from ``rng`` before the first minibatch, so it depends only on the
         generator's state; backed files are read ``PREFETCH_BATCHES`` minibatches ahead in a thread.
+        ``sparse`` attaches the non-zero counts (``Minibatch.sparse``, CPU only) that the
+        likelihood's fast path uses; encoding alone does not need them.
         """
         cells = np.asarray(cells, dtype=np.int64)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -342,15 +349,15 @@ class CellLoader:
         if not self.backed:
             # In memory, a batch is ready in microseconds; a reader thread would only compete with
             # torch's own threads for the cores (and slow every parallel kernel down).
-            return self._read_batches(chunks, batch_size)
-        return _prefetch(self._read_batches(chunks, batch_size), PREFETCH_BATCHES)
+            return self._read_batches(chunks, batch_size, sparse)
+        return _prefetch(self._read_batches(chunks, batch_size, sparse), PREFETCH_BATCHES)
 
-    def _read_batches(self, chunks: list[np.ndarray], batch_size: int) -> Iterator[Minibatch]:
+    def _read_batches(self, chunks: list[np.ndarray], batch_size: int, sparse: bool) -> Iterator[Minibatch]:
         for chunk in chunks:
             block = self._read_rows(chunk)
             for start in range(0, len(chunk), batch_size):
                 rows = slice(start, start + batch_size)
-                yield self._minibatch(block[rows], chunk[rows])
+                yield self._minibatch(block[rows], chunk[rows], sparse)
 
     def _chunks(self, cells, chunk_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:
@@ -390,16 +397,16 @@ class CellLoader:
             return block
         return np.asarray(block)
 
-    def _minibatch(self, block, cells: np.ndarray) -> Minibatch:
+    def _minibatch(self, block, cells: np.ndarray, with_sparse: bool) -> Minibatch:
         to = self.device
         sparse = None
         if sp.issparse(block):
             dense = block.toarray()
-            if to.type == "cpu":
+            if with_sparse and to.type == "cpu":
                 sparse = SparseCounts.from_csr(block.indptr, block.indices, block.data, block.shape[1])
         else:
             dense = block
-            if to.type == "cpu":
+            if with_sparse and to.type == "cpu":
                 sparse = SparseCounts.from_dense(np.asarray(block))
         counts = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
         non_blocking = to.type == "cuda"

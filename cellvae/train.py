@@ -103,7 +103,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     vae.eval()
     totals = {"distortion": 0.0, "rate": 0.0}
     with torch.no_grad():
-        for mb in loader.batches(cells, batch_size):
+        for mb in loader.batches(cells, batch_size, sparse=True):
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
@@ -166,7 +166,7 @@ def train(
             started = time.perf_counter()
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
-            for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng):
+            for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, sparse=True):
                 kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
                 out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
                 optimizer.zero_grad(set_to_none=True)
