@@ -740,22 +740,16 @@ def part_table(args) -> None:
             f"| peak memory added, {name} (matrix {m['matrix_mb']} MB) | {m['added_peak_mb']} MB = "
             f"{m['added_over_matrix']}× matrix | | target < 1.5× |"
         )
-    for n, runs in sorted(r.get("scaling", {}).items(), key=lambda kv: int(kv[0])):
-        b = runs["backed"]
-        extra = ""
-        if "in_memory" in runs:
-            ratio = runs["backed_over_in_memory_time"]
-            extra = f"; in memory {runs['in_memory']['epoch_seconds']} s (backed/in-memory time {ratio})"
-        row = f"| backed .h5ad, {int(n):,} × 2,000: epoch; peak RSS | {b['epoch_seconds']} s; {b['peak_rss_mb']:,} MB{extra} "
-        lines.append(row + "| | RSS < 3 GB, ≤ 2× in-memory time |")
-    for n, runs in sorted(r.get("zarr", {}).items(), key=lambda kv: int(kv[0])):
-        z = runs["zarr"]
-        extra = ""
-        if "in_memory" in runs:
-            ratio = runs["zarr_over_in_memory_time"]
-            extra = f"; in memory {runs['in_memory']['epoch_seconds']} s (Zarr/in-memory time {ratio})"
-        row = f"| Zarr store (read_zarr_lazy), {int(n):,} × 2,000: epoch; peak RSS | {z['epoch_seconds']} s; "
-        lines.append(row + f"{z['peak_rss_mb']:,} MB{extra} | | RSS < 3 GB, ≤ 2× in-memory time |")
+    for part, stored, label in (("scaling", "backed", "backed .h5ad"), ("zarr", "zarr", "Zarr store (read_zarr_lazy)")):
+        short = label.split()[0]
+        for n, runs in sorted(r.get(part, {}).items(), key=lambda kv: int(kv[0])):
+            run = runs[stored]
+            extra = ""
+            if "in_memory" in runs:
+                ratio = runs[f"{stored}_over_in_memory_time"]
+                extra = f"; in memory {runs['in_memory']['epoch_seconds']} s ({short}/in-memory time {ratio})"
+            row = f"| {label}, {int(n):,} × 2,000: epoch; peak RSS | {run['epoch_seconds']} s; {run['peak_rss_mb']:,} MB{extra} "
+            lines.append(row + "| | RSS < 3 GB, ≤ 2× in-memory time |")
     for name, run in r.get("ddp", {}).items():
         if isinstance(run, dict):
             lines.append(
