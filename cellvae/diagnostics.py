@@ -37,16 +37,6 @@ def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
         vae.train(was_training)
 
 
-def log_likelihood_draws(vae: VAE, mb: Minibatch, z: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) (the full likelihood, including log x!) for each draw of ``z`` (samples × cells × n_latent), samples × cells."""
-    n_samples = z.shape[0]
-    repeat = (n_samples, 1)
-    likelihood = vae.generative(
-        z.reshape(-1, z.shape[-1]), mb.covariates.repeat(repeat), mb.library.repeat(repeat), mb.batch_index.repeat(n_samples)
-    )
-    return likelihood.log_prob(mb.counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
-
-
 def rate_distortion(vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 1, batch_size: int = 1024) -> dict:
     """Per-cell rate KL(q(z|x) || p(z)) and distortion −E_q[log p(x|z)] (``n_samples`` draws of z)."""
     rate, distortion = [], []
@@ -54,7 +44,8 @@ def rate_distortion(vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_sample
         for mb in loader.batches(cells, batch_size):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
-            distortion.append(-log_likelihood_draws(vae, mb, z).mean(0).cpu().numpy())
+            log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index)
+            distortion.append(-log_lik.mean(0).cpu().numpy())
             rate.append(vae.kl_divergence(q["mean"], q["scale"]).cpu().numpy())
     return {"rate": np.concatenate(rate).astype(np.float64), "distortion": np.concatenate(distortion).astype(np.float64)}
 
@@ -124,7 +115,9 @@ def _from_free(vae: VAE, free: torch.Tensor) -> torch.Tensor:
 
 def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float) -> torch.Tensor:
     """log p(x|z_s) − beta·KL per noise draw s and cell, samples × cells; its mean over draws is the ELBO at beta = 1."""
-    return log_likelihood_draws(vae, mb, vae.reparameterise(mean, scale, noise)) - beta * vae.kl_divergence(mean, scale)
+    z = vae.reparameterise(mean, scale, noise)
+    log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index)
+    return log_lik - beta * vae.kl_divergence(mean, scale)
 
 
 def refine_posterior(

@@ -134,6 +134,15 @@ class VAE(nn.Module):
         """p(x|z): the count distribution of each cell and gene."""
         return self.decoder(z, covariates, library, batch_index)
 
+    def log_likelihood_draws(self, z, counts, covariates, library, batch_index) -> torch.Tensor:
+        """log p(x|z), the full likelihood with log x!, of each draw of ``z`` (samples × cells × n_latent): samples × cells."""
+        n_samples = z.shape[0]
+        repeat = (n_samples, 1)
+        likelihood = self.generative(
+            z.reshape(-1, z.shape[-1]), covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples)
+        )
+        return likelihood.log_prob(counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
+
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
         if self.config.posterior == "full":
@@ -192,11 +201,7 @@ def importance_log_weights(
     z = vae.sample_posterior(mean, scale, n_samples)
     log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
     log_q = vae.log_posterior_density(z, mean, scale)
-    flat_z = z.reshape(-1, z.shape[-1])
-    repeat = (n_samples, 1)
-    likelihood = vae.generative(flat_z, covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples))
-    log_lik = likelihood.log_prob(counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
-    return log_lik + log_prior - log_q
+    return vae.log_likelihood_draws(z, counts, covariates, library, batch_index) + log_prior - log_q
 
 
 def iwae_bound(log_weights: torch.Tensor) -> torch.Tensor:
