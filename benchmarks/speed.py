@@ -658,7 +658,7 @@ def part_roofline(args) -> None:
     adata = read("kang_ctrl_5donors_muscat.h5ad")
     model = cellvae.CellVAE(adata, batch_key="batch", **ARCH)
     loader, cells = model._loader(adata, torch.device("cpu"))
-    batches = list(loader.batches(cells, 128, shuffle=True, rng=np.random.default_rng(0), sparse=True))
+    batches = list(loader.batches(cells, 128, shuffle=True, rng=np.random.default_rng(0), with_sparse=True))
     vae = model.module.train()
     optimizer = make_optimizer(vae, 1e-3, 1e-6, torch.device("cpu"))
 

@@ -328,13 +328,13 @@ class CellLoader:
         batch_size: int,
         shuffle: bool = False,
         rng: np.random.Generator | None = None,
-        sparse: bool = False,
+        with_sparse: bool = False,
     ) -> Iterator[Minibatch]:
         """Yield minibatches covering ``cells`` exactly once, in random order when ``shuffle``.
 
         The order is drawn from ``rng`` before the first minibatch, so it depends only on the
         generator's state; backed files are read ``PREFETCH_BATCHES`` minibatches ahead in a thread.
-        ``sparse`` attaches the non-zero counts (``Minibatch.sparse``, CPU only) that the
+        ``with_sparse`` attaches the non-zero counts (``Minibatch.sparse``, CPU only) that the
         likelihood's fast path uses; encoding alone does not need them.
         """
         cells = np.asarray(cells, dtype=np.int64)
@@ -349,15 +349,15 @@ class CellLoader:
         if not self.backed:
             # In memory, a batch is ready in microseconds; a reader thread would only compete with
             # torch's own threads for the cores (and slow every parallel kernel down).
-            return self._read_batches(chunks, batch_size, sparse)
-        return _prefetch(self._read_batches(chunks, batch_size, sparse), PREFETCH_BATCHES)
+            return self._read_batches(chunks, batch_size, with_sparse)
+        return _prefetch(self._read_batches(chunks, batch_size, with_sparse), PREFETCH_BATCHES)
 
-    def _read_batches(self, chunks: list[np.ndarray], batch_size: int, sparse: bool) -> Iterator[Minibatch]:
+    def _read_batches(self, chunks: list[np.ndarray], batch_size: int, with_sparse: bool) -> Iterator[Minibatch]:
         for chunk in chunks:
             block = self._read_rows(chunk)
             for start in range(0, len(chunk), batch_size):
                 rows = slice(start, start + batch_size)
-                yield self._minibatch(block[rows], chunk[rows], sparse)
+                yield self._minibatch(block[rows], chunk[rows], with_sparse)
 
     def _chunks(self, cells, chunk_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:

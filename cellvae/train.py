@@ -103,7 +103,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     vae.eval()
     totals = {"distortion": 0.0, "rate": 0.0}
     with torch.no_grad():
-        for mb in loader.batches(cells, batch_size, sparse=True):
+        for mb in loader.batches(cells, batch_size, with_sparse=True):
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
@@ -166,7 +166,7 @@ def train(
             started = time.perf_counter()
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
-            for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, sparse=True):
+            for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True):
                 kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
                 out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
                 optimizer.zero_grad(set_to_none=True)
@@ -240,10 +240,19 @@ def _gradients_finite(vae: VAE) -> bool:
 
 
 def _parameters_finite(vae: VAE) -> bool:
+    """Whether every parameter is finite (one foreach norm)."""
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(list(vae.parameters()))))
 
 
-def _recover(vae, last_good, optimizer, settings, loader, retries, epoch) -> tuple[torch.optim.Optimizer, int]:
+def _recover(
+    vae: VAE,
+    last_good: dict,
+    optimizer: torch.optim.Optimizer,
+    settings: TrainSettings,
+    loader: CellLoader,
+    retries: int,
+    epoch: int,
+) -> tuple[torch.optim.Optimizer, int]:
     """Restore the last good parameters and halve the learning rate; raise after too many tries."""
     retries += 1
     if retries > MAX_NONFINITE_RETRIES:

@@ -41,7 +41,7 @@ def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_f
     rng = np.random.default_rng(0)
     for _ in range(2):
         seen = []
-        for mb in loader.batches(cells, 100, shuffle=True, rng=rng, sparse=True):
+        for mb in loader.batches(cells, 100, shuffle=True, rng=rng, with_sparse=True):
             np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
             np.testing.assert_allclose(mb.library.numpy().ravel(), expected[mb.cell_index].sum(1), rtol=1e-6)
             rows, columns = mb.sparse.rows.numpy(), mb.sparse.columns.numpy()
