@@ -23,6 +23,7 @@ from cellvae import data, diagnostics
 from cellvae.config import Config
 from cellvae.module import VAE
 from cellvae.train import (
+    PRECISIONS,
     TrainSettings,
     default_kl_warmup,
     default_max_epochs,
@@ -175,6 +176,7 @@ class CellVAE:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         resume: bool = False,
+        precision: str = "float32",
     ) -> CellVAE:
         """Train on the AnnData the model was built on; returns the model.
 
@@ -188,6 +190,10 @@ class CellVAE:
         generators, history, early-stopping state) every ``checkpoint_every`` epochs, written
         atomically. ``resume=True`` continues from it after a crash or Ctrl-C and ends with the
         same parameters as an uninterrupted run with the same arguments.
+
+        ``precision="bfloat16"`` runs the two gene-wide matrix multiplies (encoder input, decoder
+        output) in bfloat16 while training, with float32 weights, optimizer, likelihood and
+        outputs: faster on CPUs with native bfloat16 (AVX512-BF16, AMX) and on recent GPUs.
 
         Data-parallel training: launched by ``torchrun --nproc_per_node=N`` (or in processes
         that called ``torch.distributed.init_process_group``), each process trains on its own
@@ -210,6 +216,8 @@ class CellVAE:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         _check_seed(random_state)
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)))
@@ -236,6 +244,7 @@ class CellVAE:
             patience=patience,
             random_state=random_state,
             progress=progress,
+            precision=precision,
         )
         if not self.is_trained:
             # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.

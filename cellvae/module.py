@@ -10,22 +10,41 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cellvae.config import Config
 from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 
 
+class GeneLinear(nn.Linear):
+    """A linear layer with all genes on one side: the encoder's input layer or a decoder output.
+
+    These hold the model's large matrix multiplies. While training with ``compute_dtype`` set
+    (``fit(precision="bfloat16")``) they multiply in that dtype and return float32; the weights,
+    their gradients and the optimizer stay float32, and evaluation always runs in float32.
+    """
+
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        if dtype is None or not self.training:
+            return super().forward(x)
+        return F.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype)).float()
+
+
 class CovariateMLP(nn.Module):
     """Hidden layers (Linear → LayerNorm → ReLU → Dropout) that see the covariates at every layer."""
 
-    def __init__(self, n_input: int, n_covariates: int, n_hidden: int, n_layers: int, dropout: float):
+    def __init__(self, n_input: int, n_covariates: int, n_hidden: int, n_layers: int, dropout: float, wide_input: bool = False):
         super().__init__()
         self.linears = nn.ModuleList()
         self.norms = nn.ModuleList()
         width = n_input
-        for _ in range(n_layers):
-            self.linears.append(nn.Linear(width + n_covariates, n_hidden))
+        for layer in range(n_layers):
+            linear = GeneLinear if wide_input and layer == 0 else nn.Linear
+            self.linears.append(linear(width + n_covariates, n_hidden))
             self.norms.append(nn.LayerNorm(n_hidden))
             width = n_hidden
         self.dropout = nn.Dropout(dropout)
@@ -46,7 +65,7 @@ class Encoder(nn.Module):
         super().__init__()
         n_cov = config.n_covariates if config.encode_batch else 0
         self.use_covariates = n_cov > 0
-        self.body = CovariateMLP(config.n_genes, n_cov, config.n_hidden, config.n_layers, config.dropout)
+        self.body = CovariateMLP(config.n_genes, n_cov, config.n_hidden, config.n_layers, config.dropout, wide_input=True)
         self.mean = nn.Linear(config.n_hidden, config.n_latent)
         self.full = config.posterior == "full"
         n_scale = config.n_latent * (config.n_latent + 1) // 2 if self.full else config.n_latent
@@ -76,16 +95,16 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.body = CovariateMLP(config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout)
-        self.proportions = nn.Linear(config.n_hidden, config.n_genes)
+        self.proportions = GeneLinear(config.n_hidden, config.n_genes)
         if config.likelihood != "poisson":
             if config.dispersion == "gene":
                 self.log_theta = nn.Parameter(torch.zeros(config.n_genes))
             elif config.dispersion == "gene-batch":
                 self.log_theta = nn.Parameter(torch.zeros(config.n_batches, config.n_genes))
             else:
-                self.theta_head = nn.Linear(config.n_hidden, config.n_genes)
+                self.theta_head = GeneLinear(config.n_hidden, config.n_genes)
         if config.likelihood == "zinb":
-            self.dropout_head = nn.Linear(config.n_hidden, config.n_genes)
+            self.dropout_head = GeneLinear(config.n_hidden, config.n_genes)
 
     def forward(self, z, covariates, library, batch_index):
         h = self.body(z, covariates)
@@ -112,6 +131,12 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
+        """Multiply in ``dtype`` in the gene-wide layers while training (None: float32)."""
+        for module in self.modules():
+            if isinstance(module, GeneLinear):
+                module.compute_dtype = dtype
 
     def inference(self, counts, covariates, sample: bool = True) -> dict[str, torch.Tensor]:
         """q(z|x): its mean, scale parameters and (when ``sample``) a reparameterised draw z."""

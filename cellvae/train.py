@@ -45,6 +45,11 @@ class TrainSettings:
     patience: int
     random_state: int
     progress: bool
+    precision: str = "float32"  # dtype of the gene-wide matrix multiplies while training (see PRECISIONS)
+
+
+# Training precisions: the dtype the gene-wide layers multiply in (weights and optimizer stay float32).
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -161,6 +166,7 @@ def train(
     # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights).
     forward = DistributedDataParallel(vae) if world > 1 else vae
     vae.train()
+    vae.set_compute_dtype(PRECISIONS[settings.precision])
     try:
         for epoch in bar:
             started = time.perf_counter()
@@ -227,6 +233,7 @@ def train(
         warnings.warn(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning, stacklevel=2)
     finally:
         bar.close()
+        vae.set_compute_dtype(None)
     if best["epoch"] >= 0:
         vae.load_state_dict(best["state"])
     vae.eval()

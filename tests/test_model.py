@@ -68,6 +68,26 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
         first.save(tmp_path / "model")
 
 
+def test_bfloat16_training_is_reproducible_and_as_good_as_float32(two_batches):
+    """precision="bfloat16" changes the training arithmetic, not the result's quality or the float32 outputs."""
+    adata = two_batches[:600].copy()
+
+    def fit(precision, seed=3):
+        return CellVAE(adata, batch_key="batch").fit(max_epochs=25, random_state=seed, progress=False, precision=precision)
+
+    full, half, again = fit("float32"), fit("bfloat16"), fit("bfloat16")
+    np.testing.assert_array_equal(half.get_latent(), again.get_latent())
+    assert not np.array_equal(half.get_latent(), full.get_latent())  # the bfloat16 multiplies did run
+    assert half.get_latent().dtype == np.float32
+    assert all(getattr(m, "compute_dtype", None) is None for m in half.module.modules())  # evaluation is float32 again
+    full_elbo, half_elbo = full.history["validation_elbo"].iloc[-1], half.history["validation_elbo"].iloc[-1]
+    assert abs(half_elbo - full_elbo) < 0.01 * abs(full_elbo), (half_elbo, full_elbo)
+    labels = adata.obs["cell_type"].to_numpy()
+    assert knn_accuracy(half.get_latent(), labels) >= knn_accuracy(full.get_latent(), labels) - 0.03
+    with pytest.raises(ValueError, match="precision must be one of"):
+        CellVAE(adata).fit(max_epochs=1, precision="float16")
+
+
 @pytest.mark.parametrize(
     "options",
     [
