@@ -255,7 +255,7 @@ def stage_map(args) -> None:
                 started = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
-                    query_model = model.map_query(query, random_state=seed, progress=False, device="cpu")
+                    query_model = model.map_query(query, random_state=seed, progress=False, device="cpu", **args.map_kwargs)
                 map_seconds = time.perf_counter() - started
                 ref_rep, query_rep = query_model.get_latent(ref), query_model.get_latent()
                 embeddings[f"cellvae{args.tag}_s{seed}"] = np.vstack([ref_rep, query_rep])
@@ -394,6 +394,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cellvae-max-epochs", type=int, default=None, help="default: cellvae's own choice")
     parser.add_argument("--cellvae-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"encode_batch\": false}'")
+    parser.add_argument("--map-kwargs", type=json.loads, default={}, help="map: JSON options of CellVAE.map_query")
     parser.add_argument("--tag", default="", help="suffix of cellvae embedding names (for variants)")
     parser.add_argument("--scvi-max-epochs", type=int, default=None, help="default: scVI's own choice")
     parser.add_argument("--scvi-query-epochs", type=int, default=200)
