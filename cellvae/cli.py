@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    fit.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="dtype of the gene-wide matrix multiplies while training (default: float32)",
+    )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument(
@@ -125,6 +131,7 @@ def run_fit(args: argparse.Namespace) -> int:
         fit_kwargs={
             "batch_size": args.batch_size,
             "device": args.device,
+            "precision": args.precision,
             "checkpoint_dir": args.checkpoint_dir,
             "resume": args.resume,
         },

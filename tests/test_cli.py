@@ -5,6 +5,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pytest
 
 import cellvae
 from cellvae.cli import main
@@ -51,3 +52,17 @@ def test_fit_then_embed(tmp_path):
     )
     embedded = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_precision_option_reaches_the_model(tmp_path):
+    """--precision bfloat16 trains exactly as fit(precision="bfloat16") with the same seed; bad values are refused."""
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data.write_h5ad(tmp_path / "in.h5ad")
+    common = ["--batch-key", "batch", "--epochs", "3", "--seed", "1", "--quiet"]
+    out, model_dir = str(tmp_path / "out.h5ad"), str(tmp_path / "model")
+    common += ["--out", out, "--model-dir", model_dir]
+    assert main(["fit", str(tmp_path / "in.h5ad"), "--precision", "bfloat16", *common]) == 0
+    expected = cellvae.CellVAE(data, batch_key="batch").fit(max_epochs=3, random_state=1, progress=False, precision="bfloat16")
+    np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
+    with pytest.raises(SystemExit):
+        main(["fit", str(tmp_path / "in.h5ad"), "--precision", "float16", *common])
