@@ -22,12 +22,17 @@ from cellvae.distributions import SparseCounts
 MIN_CELLS = 10
 # Stored values checked at once: bounds the temporary arrays of count validation (~64 MB of float32).
 VALUES_PER_CHECK = 2**24
+# Rows of a backed matrix read at once when checking it or summing its rows.
+ROWS_PER_READ = 10_000
 # Rows densified at once; bounds the memory of one read to CHUNK_BYTES.
 CHUNK_BYTES = 128 * 2**20
 # Contiguous rows read from a backed file as one block; blocks are shuffled, then rows within a buffer.
 BACKED_BLOCK_ROWS = 256
 # Minibatches the background reader prepares ahead of training.
 PREFETCH_BATCHES = 4
+# Counts densified per minibatch, at most, by passes that only evaluate the model (encoding,
+# validation, diagnostics): 32 MB of float32, so that many genes do not blow up their memory.
+EVALUATION_VALUES = 2**23
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None):
@@ -47,13 +52,17 @@ def is_backed_matrix(matrix) -> bool:
 
 def validate_counts(matrix, where: str) -> None:
     """Raise a clear error unless ``matrix`` holds finite, non-negative integer counts."""
+    _check_count_matrix(matrix, where)
+    for values in _stored_values(matrix):
+        _check_count_values(values, where)
+
+
+def _check_count_matrix(matrix, where: str) -> None:
     dtype = np.dtype(matrix.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):
         raise TypeError(f"{where} has dtype {dtype}; cellvae needs numeric raw counts")
     if 0 in matrix.shape:
         raise ValueError(f"{where} is empty (shape {matrix.shape}); cellvae needs at least one cell and one gene")
-    for values in _stored_values(matrix):
-        _check_count_values(values, where)
 
 
 def _stored_values(matrix) -> Iterator[np.ndarray]:
@@ -65,8 +74,8 @@ def _stored_values(matrix) -> Iterator[np.ndarray]:
             values = matrix.data if hasattr(matrix, "data") else matrix.tocsr().data
         yield from (values[s : s + VALUES_PER_CHECK] for s in range(0, len(values), VALUES_PER_CHECK))
     else:
-        for start in range(0, matrix.shape[0], 10_000):
-            block = matrix[start : start + 10_000]
+        for start in range(0, matrix.shape[0], ROWS_PER_READ):
+            block = matrix[start : start + ROWS_PER_READ]
             yield block.data if sp.issparse(block) else np.asarray(block).ravel()
 
 
@@ -92,26 +101,46 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         )
 
 
-def library_sizes(matrix) -> np.ndarray:
-    """Total counts of each cell, as float64, read in row chunks for backed and CSR matrices.
+def library_sizes(matrix, columns: np.ndarray | None = None, check_as: str | None = None) -> np.ndarray:
+    """Total counts of each cell over the genes ``columns`` (default: all), as float64.
 
-    (scipy's ``sum(dtype=float64)`` copies all stored values, and row slices can copy the indices.)
+    With ``check_as`` the values are first validated as counts (errors name ``check_as``); a
+    backed matrix is then read once, each block checked and summed, instead of twice.
     """
-    if sp.issparse(matrix) and matrix.format == "csr":
-        totals = np.empty(matrix.shape[0], dtype=np.float64)
-        indptr = matrix.indptr
-        for s in range(0, matrix.shape[0], 10_000):
-            e = min(s + 10_000, matrix.shape[0])
-            nonempty = indptr[s + 1 : e + 1] > indptr[s:e]
-            totals[s:e] = 0.0
-            if nonempty.any():
-                values = matrix.data[indptr[s] : indptr[e]]
-                totals[s:e][nonempty] = np.add.reduceat(values, indptr[s:e][nonempty] - indptr[s], dtype=np.float64)
-        return totals
-    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
+    if is_backed_matrix(matrix):
+        if check_as is not None:
+            _check_count_matrix(matrix, check_as)
+        totals = []
+        for start in range(0, matrix.shape[0], ROWS_PER_READ):
+            block = matrix[start : start + ROWS_PER_READ]
+            if check_as is not None:
+                _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
+            totals.append(_row_sums(block, columns))
+        return np.concatenate(totals)
+    if check_as is not None:
+        validate_counts(matrix, check_as)
+    if columns is not None or not (sp.issparse(matrix) and matrix.format == "csr"):
+        return _row_sums(matrix, columns)
+    # CSR in chunks: scipy's sum(dtype=float64) copies all stored values
+    totals = np.empty(matrix.shape[0], dtype=np.float64)
+    indptr = matrix.indptr
+    for s in range(0, matrix.shape[0], ROWS_PER_READ):
+        e = min(s + ROWS_PER_READ, matrix.shape[0])
+        nonempty = indptr[s + 1 : e + 1] > indptr[s:e]
+        totals[s:e] = 0.0
+        if nonempty.any():
+            values = matrix.data[indptr[s] : indptr[e]]
+            totals[s:e][nonempty] = np.add.reduceat(values, indptr[s:e][nonempty] - indptr[s], dtype=np.float64)
+    return totals
+
+
+def _row_sums(matrix, columns: np.ndarray | None) -> np.ndarray:
+    """Row sums (float64) over ``columns``, without copying the matrix."""
+    if columns is None:
         return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
-    totals = [np.asarray(matrix[s : s + 10_000].sum(axis=1, dtype=np.float64)).ravel() for s in range(0, matrix.shape[0], 10_000)]
-    return np.concatenate(totals)
+    selected = np.zeros(matrix.shape[1], dtype=np.float64)
+    selected[columns] = 1.0
+    return np.asarray(matrix @ selected).ravel()
 
 
 def as_row_readable(matrix):
@@ -338,8 +367,7 @@ class CellLoader:
         likelihood's fast path uses; encoding alone does not need them.
         """
         cells = np.asarray(cells, dtype=np.int64)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         if shuffle and rng is None:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
         if self.device.type == "cuda" and self._fits_on_device():
@@ -351,6 +379,12 @@ class CellLoader:
             # torch's own threads for the cores (and slow every parallel kernel down).
             return self._read_batches(chunks, batch_size, with_sparse)
         return _prefetch(self._read_batches(chunks, batch_size, with_sparse), PREFETCH_BATCHES)
+
+    def evaluation_batch_size(self, batch_size: int) -> int:
+        """``batch_size``, or fewer cells where genes are many: passes that only evaluate the model
+        densify at most ``EVALUATION_VALUES`` counts per minibatch, which bounds their memory."""
+        _check_batch_size(batch_size)
+        return int(max(1, min(batch_size, EVALUATION_VALUES // max(self.n_genes, 1))))
 
     def _read_batches(self, chunks: list[np.ndarray], batch_size: int, with_sparse: bool) -> Iterator[Minibatch]:
         for chunk in chunks:
@@ -447,6 +481,11 @@ class CellLoader:
         for start in range(0, len(order), batch_size):
             rows = index[start : start + batch_size]
             yield Minibatch(counts[rows], covariates[rows], library[rows], batch_index[rows], order[start : start + batch_size])
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:

@@ -40,8 +40,9 @@ def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
 def rate_distortion(vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 1, batch_size: int = 1024) -> dict:
     """Per-cell rate KL(q(z|x) || p(z)) and distortion −E_q[log p(x|z)] (``n_samples`` draws of z)."""
     rate, distortion = [], []
+    rows = max(1, loader.evaluation_batch_size(batch_size) // n_samples)  # the draws multiply the memory
     with torch.no_grad():
-        for mb in loader.batches(cells, batch_size):
+        for mb in loader.batches(cells, rows):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
             log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index)
@@ -54,7 +55,7 @@ def kl_per_dimension(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_s
     """Mean over cells of each latent dimension's KL(q(z_d|x) || N(0, 1)), length n_latent."""
     total = torch.zeros(vae.config.n_latent, dtype=torch.float64)
     with torch.no_grad():
-        for mb in loader.batches(cells, batch_size):
+        for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).double().cpu()
     return (total / max(len(cells), 1)).numpy()
@@ -65,7 +66,7 @@ def latent_activity(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_si
     with torch.no_grad():
         means = [
             vae.inference(mb.counts, mb.covariates, sample=False)["mean"].double().cpu()
-            for mb in loader.batches(cells, batch_size)
+            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size))
         ]
     return torch.cat(means).var(0, unbiased=False).numpy()
 
@@ -167,7 +168,7 @@ def refined_latent(
 ) -> np.ndarray:
     """Posterior means after :func:`refine_posterior` (semi-amortized inference), cells × n_latent."""
     out = []
-    for mb in loader.batches(cells, batch_size):
+    for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
         with torch.no_grad():
             q = vae.inference(mb.counts, mb.covariates, sample=False)
         mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta)

@@ -288,6 +288,9 @@ class CellVAE:
     ) -> np.ndarray:
         """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``.
 
+        Cells are encoded ``batch_size`` at a time, fewer where genes are many (at most 2**23
+        counts densified at once), so memory stays bounded.
+
         ``refine_steps > 0`` (semi-amortized inference, with ``mean=True``) improves each cell's
         posterior by that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL``
         from the encoder's output, the decoder frozen; this closes part of the amortization gap
@@ -308,7 +311,7 @@ class CellVAE:
         torch.manual_seed(random_state)
         chunks = []
         with torch.no_grad():
-            for mb in loader.batches(cells, batch_size):
+            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 q = self.module.inference(mb.counts, mb.covariates, sample=not mean)
                 chunks.append(q["z"].float().cpu().numpy())
         torch.random.set_rng_state(generator_state)
@@ -334,7 +337,7 @@ class CellVAE:
         targets = self._batch_overrides(transform_batch)
         out = np.empty((len(cells), self.config.n_genes), dtype=np.float32)
         with torch.no_grad():
-            for mb in loader.batches(cells, batch_size):
+            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 library = torch.full_like(mb.library, library_size)
                 total = 0.0
@@ -349,7 +352,7 @@ class CellVAE:
         loader, cells = self._loader(self._resolve(adata), self.device)
         parts: dict[str, list[np.ndarray]] = {"mean": [], "theta": [], "zero_inflation": []}
         with torch.no_grad():
-            for mb in loader.batches(cells, batch_size):
+            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
                 parts["mean"].append(dist.mean.cpu().numpy())
@@ -371,7 +374,7 @@ class CellVAE:
         draws = np.empty((n_samples, len(cells), self.config.n_genes), dtype=np.float32)
         with torch.no_grad():
             start = 0
-            for mb in loader.batches(cells, batch_size):
+            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 q = self.module.inference(mb.counts, mb.covariates, sample=False)
                 for s in range(n_samples):
                     noise = torch.randn(q["mean"].shape, generator=generator, device=self.device)
@@ -840,8 +843,7 @@ class CellVAE:
         matrix = data.count_matrix(adata, self.config.layer)
         columns = data.gene_order(adata.var_names, self.config.gene_names)
         covariates = data.covariate_matrix(adata.obs, self.layout)
-        data.validate_counts(matrix, _where(self.config.layer))
-        library = data.library_sizes(matrix if columns is None else data.as_row_readable(matrix)[:, columns])
+        library = data.library_sizes(matrix, columns, check_as=_where(self.config.layer))
         loader = data.CellLoader(matrix, covariates, library, data.batch_codes(adata.obs, self.layout), columns, device)
         return loader, np.arange(adata.n_obs)
 

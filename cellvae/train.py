@@ -108,7 +108,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     vae.eval()
     totals = {"distortion": 0.0, "rate": 0.0}
     with torch.no_grad():
-        for mb in loader.batches(cells, batch_size, with_sparse=True):
+        for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size), with_sparse=True):
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())

@@ -90,6 +90,29 @@ def test_a_backed_model_trains_and_embeds_like_an_in_memory_one(counts, tmp_path
     np.testing.assert_allclose(latent, model.get_latent(counts), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
+def test_library_sizes_over_chosen_genes_in_memory_and_backed(counts, tmp_path_factory, kind):
+    adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
+    columns = np.array([5, 0, 59, 17, 33])  # a reordered subset, as when a model's genes are a part of the file's
+    expected = counts.X.toarray()
+    np.testing.assert_allclose(library_sizes(adata.X), expected.sum(1))
+    np.testing.assert_allclose(library_sizes(adata.X, columns, check_as="adata.X"), expected[:, columns].sum(1))
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_path_factory, kind):
+    spoiled = counts.copy()
+    spoiled.X = spoiled.X.astype(np.float32).tocsr()
+    spoiled.X.data[spoiled.X.indptr[700]] = 2.5  # one fractional value, mid-file
+    matrix = spoiled.X if kind == "csr" else spoiled.X.toarray()
+    path = tmp_path_factory.mktemp("spoiled") / "cells.h5ad"
+    ad.AnnData(matrix, obs=counts.obs, var=counts.var).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.5\)"):
+        library_sizes(backed.X, check_as="adata.X")
+    np.testing.assert_allclose(library_sizes(backed.X), spoiled.X.toarray().sum(1))  # unchecked: just sums
+
+
 def test_a_failing_read_reaches_the_caller(counts, tmp_path_factory):
     backed = stored(counts, tmp_path_factory, "csr")
     loader = loader_for(backed)
@@ -111,3 +134,16 @@ def test_gpu_keeps_fitting_data_on_the_device(counts):
     assert all(mb.counts.is_cuda for mb in seen)
     assert sorted(np.concatenate([mb.cell_index for mb in seen])) == list(range(counts.n_obs))
     np.testing.assert_array_equal(seen[0].counts.cpu().numpy(), counts.X.toarray()[seen[0].cell_index])
+
+
+def test_evaluation_passes_densify_a_bounded_number_of_counts(counts, monkeypatch):
+    loader = loader_for(counts)
+    assert loader.evaluation_batch_size(100) == 100
+    monkeypatch.setattr(cellvae.data, "EVALUATION_VALUES", 60 * 37)  # 37 cells of 60 genes
+    assert loader.evaluation_batch_size(4096) == 37
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        loader.evaluation_batch_size(0)
+    model = cellvae.CellVAE(counts, batch_key="batch").fit(max_epochs=2, progress=False, device="cpu")
+    bounded = model.get_latent()
+    monkeypatch.setattr(cellvae.data, "EVALUATION_VALUES", 2**23)
+    np.testing.assert_allclose(bounded, model.get_latent(), rtol=1e-5, atol=1e-6)
