@@ -14,6 +14,7 @@ its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 10000 100000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 1000000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ddp --epochs 3
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py layouts --sizes 20000
     python benchmarks/speed.py table
 
 Large simulated files and scVI checkpoints go to ``--work-dir`` (default /tmp/cellvae-speed),
@@ -176,11 +177,10 @@ def part_throughput(args) -> None:
             "genes": adata.n_vars,
             "epochs": epochs,
             "batch_size": 128,
-            "cellvae_cells_per_s": round(ours["float32"]),
-            "scvi_cells_per_s": round(theirs),
-            "ratio": round(ours["float32"] / theirs, 2),
-            "cellvae_bfloat16_cells_per_s": round(ours["bfloat16"]),
-            "ratio_bfloat16": round(ours["bfloat16"] / theirs, 2),
+            "cellvae_cells_per_s": round(float(np.median(ours))),
+            "scvi_cells_per_s": round(float(np.median(theirs))),
+            "ratio": round(float(np.median(ours) / np.median(theirs)), 2),
+            "repeats": {"cellvae": [round(x) for x in ours], "scvi": [round(x) for x in theirs]},
         }
         print(name, results[name], flush=True)
     del scvi
@@ -330,24 +330,25 @@ def part_latent(args) -> None:
     small = adata[:5000].copy()
     model = cellvae.CellVAE(small, batch_key="batch", **ARCH).fit(max_epochs=2, progress=False)
     model.get_latent(small)
-    started = time.perf_counter()
-    model.get_latent(adata)
-    ours = adata.n_obs / (time.perf_counter() - started)
     smodel, sadata = scvi_model(adata, "batch", **ARCH)
     smodel.train(max_epochs=1, train_size=1.0, enable_progress_bar=False, accelerator="cpu", check_val_every_n_epoch=None)
-    started = time.perf_counter()
-    smodel.get_latent_representation(sadata)
-    theirs = adata.n_obs / (time.perf_counter() - started)
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # interleaved: this machine's speed drifts between runs
+        started = time.perf_counter()
+        model.get_latent(adata)
+        ours.append(adata.n_obs / (time.perf_counter() - started))
+        started = time.perf_counter()
+        smodel.get_latent_representation(sadata)
+        theirs.append(adata.n_obs / (time.perf_counter() - started))
     merge(
         "get_latent",
         {
             "cells": adata.n_obs,
             "genes": 2000,
-            "cellvae_cells_per_s": round(ours["float32"]),
-            "scvi_cells_per_s": round(theirs),
-            "ratio": round(ours["float32"] / theirs, 2),
-            "cellvae_bfloat16_cells_per_s": round(ours["bfloat16"]),
-            "ratio_bfloat16": round(ours["bfloat16"] / theirs, 2),
+            "cellvae_cells_per_s": round(float(np.median(ours))),
+            "scvi_cells_per_s": round(float(np.median(theirs))),
+            "ratio": round(float(np.median(ours) / np.median(theirs)), 2),
+            "repeats": {"cellvae": [round(x) for x in ours], "scvi": [round(x) for x in theirs]},
         },
         args.out,
     )
@@ -376,6 +377,8 @@ def child_fit(spec: dict) -> dict:
     setup_threads(spec.get("threads", THREADS))
     if spec["path"] == "kang":
         adata = read("kang_ctrl_5donors_muscat.h5ad")
+    elif spec["path"].startswith("shared:"):
+        adata = read(spec["path"].removeprefix("shared:"))
     elif spec["path"].endswith(".zarr"):
         adata = cellvae.read_zarr_lazy(spec["path"]) if spec["backed"] else ad.read_zarr(spec["path"])
     else:
@@ -385,6 +388,10 @@ def child_fit(spec: dict) -> dict:
         matrix_bytes = int(adata.X.data.nbytes + adata.X.indices.nbytes + adata.X.indptr.nbytes)
     import gc
 
+    if spec.get("warm_runtime"):  # start torch's runtime (threads, kernels, allocator) on a tiny fit first
+        small = cellvae.datasets.simulate(n_cells=300, n_genes=adata.n_vars, seed=0)
+        cellvae.CellVAE(small, batch_key="batch", **ARCH).fit(max_epochs=1, validation_size=0.1, progress=False)
+        del small
     gc.collect()
     before, _ = rss_bytes()
     reset_peak_rss()
@@ -424,13 +431,22 @@ def run_child(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PBMC3K = {"path": "shared:pbmc3k.h5ad", "backed": False, "epochs": 2}  # all 16,579 genes: wide minibatches
+
+
 def part_memory(args) -> None:
-    """Peak memory added by training on in-memory sparse data, as a multiple of the matrix size."""
+    """Peak memory added by training on in-memory sparse data, as a multiple of the matrix size.
+
+    The ``_warm_runtime`` runs fit a 300-cell model before the baseline, so that torch's fixed
+    runtime memory is not counted: what remains grows with the data."""
     runs = {}
     path = simulated_file(args.work_dir, 100_000)
     for name, spec in (
         ("kang_in_memory", {"path": "kang", "backed": False, "epochs": 2}),
         ("simulated_100k_in_memory", {"path": str(path), "backed": False, "epochs": 1}),
+        ("kang_in_memory_warm_runtime", {"path": "kang", "backed": False, "epochs": 2, "warm_runtime": True}),
+        ("simulated_100k_in_memory_warm_runtime", {"path": str(path), "backed": False, "epochs": 1, "warm_runtime": True}),
+        ("pbmc3k_16579_genes_in_memory_warm_runtime", {**PBMC3K, "warm_runtime": True}),
     ):
         result = run_child(spec)
         result["added_over_matrix"] = round(result["added_peak_mb"] / result["matrix_mb"], 3)
@@ -508,6 +524,39 @@ def part_scaling(args) -> None:
         results[str(n)] = runs
         print(n, runs, flush=True)
     merge("scaling", results, args.out)
+
+
+def layout_file(work_dir: Path, n_cells: int, layout: str) -> Path:
+    """The simulated counts of :func:`simulated_file` with X stored as ``csr``, ``csc`` or ``dense``."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    path = simulated_file(work_dir, n_cells)
+    if layout == "csr":
+        return path
+    out = path.with_name(f"{path.stem}_{layout}.h5ad")
+    if not out.is_file():
+        adata = ad.read_h5ad(path)
+        adata.X = sp.csc_matrix(adata.X) if layout == "csc" else adata.X.toarray()
+        adata.write_h5ad(out.with_suffix(".partial"))
+        out.with_suffix(".partial").rename(out)
+    return out
+
+
+def part_layouts(args) -> None:
+    """Backed training from each on-disk layout of X (CSR, CSC, dense) against in-memory CSR, one size.
+
+    ``fit_seconds_incl_setup`` adds the model's checks and library sizes, which read the whole file."""
+    results = json.loads(args.out.read_text()).get("layouts", {}) if args.out.is_file() else {}
+    n = args.sizes[0]
+    runs = {"in_memory": run_child({"path": str(layout_file(args.work_dir, n, "csr")), "backed": False, "epochs": 1})}
+    for layout in ("csr", "csc", "dense"):
+        run = run_child({"path": str(layout_file(args.work_dir, n, layout)), "backed": True, "epochs": 1})
+        run["over_in_memory_time"] = round(run["epoch_seconds"] / runs["in_memory"]["epoch_seconds"], 2)
+        runs[f"backed_{layout}"] = run
+        print(layout, run, flush=True)
+    results[str(n)] = runs
+    merge("layouts", results, args.out)
 
 
 # ----------------------------------------------------------------------------- Zarr stores
@@ -762,6 +811,15 @@ def part_table(args) -> None:
                 extra = f"; in memory {runs['in_memory']['epoch_seconds']} s ({short}/in-memory time {ratio})"
             row = f"| {label}, {int(n):,} × 2,000: epoch; peak RSS | {run['epoch_seconds']} s; {run['peak_rss_mb']:,} MB{extra} "
             lines.append(row + "| | RSS < 3 GB, ≤ 2× in-memory time |")
+    for n, runs in r.get("layouts", {}).items():
+        memory = runs["in_memory"]
+        for layout in ("csr", "csc", "dense"):
+            run = runs[f"backed_{layout}"]
+            lines.append(
+                f"| backed .h5ad, X stored {layout.upper()}, {int(n):,} × 2,000: epoch (fit incl. setup); peak RSS | "
+                f"{run['epoch_seconds']} s ({run['fit_seconds_incl_setup']} s); {run['peak_rss_mb']:,} MB; "
+                f"in memory {memory['epoch_seconds']} s ({run['over_in_memory_time']}×) | | RSS < 3 GB, ≤ 2× in-memory time |"
+            )
     for name, run in r.get("ddp", {}).items():
         if isinstance(run, dict):
             lines.append(
@@ -795,6 +853,7 @@ PARTS = {
     "table": part_table,
     "loader": part_loader,
     "zarr": part_zarr,
+    "layouts": part_layouts,
     "ddp": part_ddp,
 }
 
@@ -813,6 +872,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--latent-cells", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=5, help="latent: interleaved timings of each program")
     parser.add_argument("--in-memory-max", type=int, default=100_000, help="zarr: largest size also trained in memory")
     parser.add_argument("--ddp-cells", type=int, default=50_000)
     args = parser.parse_args()
