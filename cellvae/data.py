@@ -135,12 +135,17 @@ def library_sizes(matrix, columns: np.ndarray | None = None, check_as: str | Non
 
 
 def _row_sums(matrix, columns: np.ndarray | None) -> np.ndarray:
-    """Row sums (float64) over ``columns``, without copying the matrix."""
-    if columns is None:
-        return np.asarray(matrix.sum(axis=1, dtype=np.float64)).ravel()
+    """Row sums (float64) over ``columns`` of an in-memory matrix, copying at most a block of rows."""
+    if columns is None or (sp.issparse(matrix) and matrix.format == "csc"):  # CSC: columns are cheap to pick
+        picked = matrix if columns is None else matrix[:, columns]
+        return np.asarray(picked.sum(axis=1, dtype=np.float64)).ravel()
+    matrix = as_row_readable(matrix)  # COO and other formats cannot be sliced by rows
     selected = np.zeros(matrix.shape[1], dtype=np.float64)
     selected[columns] = 1.0
-    return np.asarray(matrix @ selected).ravel()
+    # (a product with a float64 vector converts the stored values to float64: do it a block at a time)
+    stored = matrix.nnz if sp.issparse(matrix) else matrix.size
+    rows = max(1, int(matrix.shape[0] * VALUES_PER_CHECK // max(stored, 1)))
+    return np.concatenate([np.asarray(matrix[s : s + rows] @ selected).ravel() for s in range(0, matrix.shape[0], rows)])
 
 
 def as_row_readable(matrix):
