@@ -52,6 +52,9 @@ def is_backed_matrix(matrix) -> bool:
 
 def validate_counts(matrix, where: str) -> None:
     """Raise a clear error unless ``matrix`` holds finite, non-negative integer counts."""
+    if is_backed_matrix(matrix):  # read block by block, each block checked (its row sums go unused)
+        library_sizes(matrix, check_as=where)
+        return
     _check_count_matrix(matrix, where)
     for values in _stored_values(matrix):
         _check_count_values(values, where)
@@ -66,17 +69,12 @@ def _check_count_matrix(matrix, where: str) -> None:
 
 
 def _stored_values(matrix) -> Iterator[np.ndarray]:
-    """The stored values of a matrix, in pieces (so checks need little memory and backed files are read piecewise)."""
-    if isinstance(matrix, np.ndarray) or sp.issparse(matrix):
-        if isinstance(matrix, np.ndarray):
-            values = matrix.ravel()
-        else:
-            values = matrix.data if hasattr(matrix, "data") else matrix.tocsr().data
-        yield from (values[s : s + VALUES_PER_CHECK] for s in range(0, len(values), VALUES_PER_CHECK))
+    """The stored values of an in-memory matrix, in pieces (so checks need little memory)."""
+    if isinstance(matrix, np.ndarray):
+        values = matrix.ravel()
     else:
-        for start in range(0, matrix.shape[0], ROWS_PER_READ):
-            block = matrix[start : start + ROWS_PER_READ]
-            yield block.data if sp.issparse(block) else np.asarray(block).ravel()
+        values = matrix.data if hasattr(matrix, "data") else matrix.tocsr().data
+    yield from (values[s : s + VALUES_PER_CHECK] for s in range(0, len(values), VALUES_PER_CHECK))
 
 
 def _check_count_values(values: np.ndarray, where: str) -> None:
