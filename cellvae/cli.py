@@ -11,6 +11,7 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
   cellvae demo                          train on the bundled PBMC example, write UMAP plots
   cellvae fit IN.h5ad --out OUT.h5ad --model-dir DIR [--batch-key batch --layer counts]
   cellvae fit IN.zarr ...               the same from a Zarr store, its counts streamed from disk
+  cellvae fit IN.h5ad --backed ...      the same, the .h5ad's counts streamed from disk
   torchrun --nproc_per_node=N -m cellvae.cli fit ...   the same, data-parallel over N processes
   cellvae embed IN.h5ad --model-dir DIR --out OUT.h5ad
 """
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("input", help="input .h5ad with raw counts, or a .zarr store (its counts are streamed from disk)")
     fit.add_argument("--out", required=True, help="output .h5ad with embedding, neighbours, UMAP and Leiden clusters")
     fit.add_argument("--model-dir", required=True, help="folder to save the trained model in")
+    fit.add_argument(
+        "--backed",
+        action="store_true",
+        help="stream the counts of an .h5ad from disk instead of loading them (for files larger than memory; "
+        "under torchrun each process then reads only its own part of the cells)",
+    )
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of batches to integrate")
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
@@ -113,33 +120,39 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     import anndata as ad
 
-    from cellvae import tl
+    from cellvae import CellVAE, tl
+    from cellvae.train import pick_device, rank_and_world, setup_distributed
 
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
-    adata = _read(args.input)
+    if args.backed and Path(args.input).is_dir():
+        raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
+    if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
+        raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
+    adata = _read(args.input, backed=args.backed)
     if Path(args.model_dir).exists() and not args.overwrite:
         raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
+    setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
+    model_kwargs = {"layer": args.layer, "batch_key": args.batch_key, "n_latent": args.n_latent, "likelihood": args.likelihood}
+    fit_kwargs = {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "precision": args.precision,
+        "checkpoint_dir": args.checkpoint_dir,
+        "resume": args.resume,
+    }
+    if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
+        CellVAE(adata, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
+        return 0
     model = tl.embed(
         adata,
-        layer=args.layer,
-        batch_key=args.batch_key,
         key_added=args.key_added,
         random_state=args.seed,
         max_epochs=args.epochs,
         progress=not args.quiet,
-        fit_kwargs={
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "precision": args.precision,
-            "checkpoint_dir": args.checkpoint_dir,
-            "resume": args.resume,
-        },
-        n_latent=args.n_latent,
-        likelihood=args.likelihood,
+        fit_kwargs=fit_kwargs,
+        **model_kwargs,
     )
-    if _distributed_rank() > 0:  # under torchrun every rank holds the same model; rank 0 writes it
-        return 0
     _neighbours_umap_leiden(adata, args.key_added, args.seed)
     model.save(args.model_dir, overwrite=args.overwrite)
     ad.AnnData.write_h5ad(adata, args.out)
@@ -159,14 +172,8 @@ def run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _distributed_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _read(path: str):
-    """An .h5ad read into memory, or a .zarr store whose counts stay on disk and are streamed."""
+def _read(path: str, backed: bool = False):
+    """An .h5ad read into memory (or opened read-only with ``backed``), or a .zarr store whose counts stay on disk."""
     import anndata as ad
 
     source = Path(path)
@@ -176,7 +183,7 @@ def _read(path: str):
         from cellvae import read_zarr_lazy
 
         return read_zarr_lazy(source)
-    return ad.read_h5ad(source)
+    return ad.read_h5ad(source, backed="r" if backed else None)
 
 
 def _neighbours_umap_leiden(adata, key: str, seed: int) -> None:

@@ -50,8 +50,14 @@ def is_backed_matrix(matrix) -> bool:
     return not isinstance(matrix, (np.ndarray, sp.spmatrix, sp.sparray))
 
 
-def validate_counts(matrix, where: str) -> None:
-    """Raise a clear error unless ``matrix`` holds finite, non-negative integer counts."""
+def validate_counts(matrix, where: str, read_values: bool = True) -> None:
+    """Raise a clear error unless ``matrix`` holds finite, non-negative integer counts.
+
+    ``read_values=False`` checks only the dtype and shape (the values are checked later, as read).
+    """
+    if not read_values:
+        _check_count_matrix(matrix, where)
+        return
     if is_backed_matrix(matrix):  # read block by block, each block checked (its row sums go unused)
         library_sizes(matrix, check_as=where)
         return
@@ -99,22 +105,28 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         )
 
 
-def library_sizes(matrix, columns: np.ndarray | None = None, check_as: str | None = None) -> np.ndarray:
+def library_sizes(
+    matrix, columns: np.ndarray | None = None, check_as: str | None = None, rows: range | None = None
+) -> np.ndarray:
     """Total counts of each cell over the genes ``columns`` (default: all), as float64.
 
     With ``check_as`` the values are first validated as counts (errors name ``check_as``); a
     backed matrix is then read once, each block checked and summed, instead of twice.
+    ``rows`` (backed matrices only) reads, checks and sums just that range of cells.
     """
     if is_backed_matrix(matrix):
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
-        totals = []
-        for start in range(0, matrix.shape[0], ROWS_PER_READ):
-            block = matrix[start : start + ROWS_PER_READ]
+        rows = range(matrix.shape[0]) if rows is None else rows
+        totals = [np.zeros(0)]
+        for start in range(rows.start, rows.stop, ROWS_PER_READ):
+            block = matrix[start : min(start + ROWS_PER_READ, rows.stop)]
             if check_as is not None:
                 _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
             totals.append(_row_sums(block, columns))
         return np.concatenate(totals)
+    if rows is not None:
+        raise ValueError("library_sizes(rows=...) reads part of a backed matrix; an in-memory one is summed whole")
     if check_as is not None:
         validate_counts(matrix, check_as)
     if columns is not None or not (sp.issparse(matrix) and matrix.format == "csr"):

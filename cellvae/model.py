@@ -27,7 +27,9 @@ from cellvae.train import (
     TrainSettings,
     default_kl_warmup,
     default_max_epochs,
+    library_sizes_across_ranks,
     pick_device,
+    rank_and_world,
     setup_distributed,
     split_cells,
     train,
@@ -100,7 +102,8 @@ class CellVAE:
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")
-        data.validate_counts(matrix, _where(layer))
+        # In a data-parallel run fit checks a backed matrix's values, each process only its part of the cells.
+        data.validate_counts(matrix, _where(layer), read_values=not (data.is_backed_matrix(matrix) and rank_and_world()[1] > 1))
         from cellvae import __version__
 
         config = Config(
@@ -221,7 +224,7 @@ class CellVAE:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         _check_seed(random_state)
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
-        loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)))
+        loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)), all_ranks=True)
         nonempty = cells[loader.library[cells] > 0]
         if len(nonempty) < len(cells):
             warnings.warn(
@@ -837,13 +840,21 @@ class CellVAE:
             raise ValueError("this model was loaded without an AnnData; pass adata=... explicitly")
         return self.adata
 
-    def _loader(self, adata: ad.AnnData, device: torch.device) -> tuple[data.CellLoader, np.ndarray]:
-        """Validate ``adata`` against the model and wrap it in a loader (nothing is copied or modified)."""
+    def _loader(self, adata: ad.AnnData, device: torch.device, all_ranks: bool = False) -> tuple[data.CellLoader, np.ndarray]:
+        """Validate ``adata`` against the model and wrap it in a loader (nothing is copied or modified).
+
+        ``all_ranks`` (in ``fit``, which every rank of a data-parallel run calls): each rank checks and
+        sums only its part of a backed matrix.
+        """
         _check_anndata(adata)
         matrix = data.count_matrix(adata, self.config.layer)
         columns = data.gene_order(adata.var_names, self.config.gene_names)
         covariates = data.covariate_matrix(adata.obs, self.layout)
-        library = data.library_sizes(matrix, columns, check_as=_where(self.config.layer))
+        where = _where(self.config.layer)
+        if all_ranks:
+            library = library_sizes_across_ranks(matrix, columns, check_as=where)
+        else:
+            library = data.library_sizes(matrix, columns, check_as=where)
         loader = data.CellLoader(matrix, covariates, library, data.batch_codes(adata.obs, self.layout), columns, device)
         return loader, np.arange(adata.n_obs)
 

@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from cellvae.data import CellLoader
+from cellvae.data import CellLoader, is_backed_matrix, library_sizes
 from cellvae.module import VAE
 
 MAX_NONFINITE_RETRIES = 5
@@ -438,6 +438,34 @@ def shard(cells: np.ndarray, rank: int, world: int, pad: bool = False) -> np.nda
     return part
 
 
+def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str) -> np.ndarray:
+    """Checked library sizes of all cells; in a data-parallel run each rank reads only its part of a backed matrix.
+
+    Rank ``r`` of ``N`` checks and sums the ``r``-th contiguous ``1/N`` of the cells, then the ranks
+    add up their parts. If any rank finds invalid counts, every rank raises (that rank with the
+    details), so none waits forever for the others. In-memory matrices (every rank holds all of
+    them) and single processes are checked and summed whole.
+    """
+    rank, world = rank_and_world()
+    if world == 1 or not is_backed_matrix(matrix):
+        return library_sizes(matrix, columns, check_as=check_as)
+    bounds = np.linspace(0, matrix.shape[0], world + 1).astype(np.int64)
+    rows = range(int(bounds[rank]), int(bounds[rank + 1]))
+    problem: Exception | None = None
+    try:
+        part = library_sizes(matrix, columns, check_as=check_as, rows=rows)
+    except (TypeError, ValueError) as error:
+        problem, part = error, np.zeros(len(rows))
+    if all_reduce_max([float(problem is not None)])[0]:
+        if problem is not None:
+            raise problem
+        raise ValueError(f"{check_as} has invalid counts in the cells another process read; its error says which")
+    totals = torch.zeros(matrix.shape[0], dtype=torch.float64, device=_collective_device())
+    totals[rows.start : rows.stop] = torch.from_numpy(part).to(totals.device)
+    dist.all_reduce(totals)
+    return totals.cpu().numpy()
+
+
 def all_reduce_sums(values: list[float]) -> list[float]:
     """Sums over all ranks of a few numbers (float64)."""
     return _all_reduce(values, dist.ReduceOp.SUM)
@@ -449,7 +477,11 @@ def all_reduce_max(values: list[float]) -> list[float]:
 
 
 def _all_reduce(values: list[float], op) -> list[float]:
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    totals = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(totals, op=op)
     return totals.tolist()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for collectives live: the rank's GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

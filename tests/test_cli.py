@@ -54,6 +54,24 @@ def test_fit_then_embed(tmp_path):
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
 
 
+def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    source = tmp_path / "in.h5ad"
+    data.write_h5ad(source)
+    before = source.read_bytes()
+    outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    assert main(["fit", str(source), "--backed", "--batch-key", "batch", "--epochs", "3", "--quiet", *outputs]) == 0
+    fitted = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert fitted.obsm["X_cellvae"].shape == (300, 10) and np.isfinite(fitted.obsm["X_cellvae"]).all()
+    assert (fitted.X != data.X).nnz == 0  # the counts are copied to the output as they were
+    assert source.read_bytes() == before
+    with pytest.raises(SystemExit, match="give --out another path"):
+        main(["fit", str(source), "--backed", "--out", str(source), "--model-dir", str(tmp_path / "m2")])
+    data.write_zarr(tmp_path / "in.zarr")
+    with pytest.raises(SystemExit, match="a .zarr store is always streamed"):
+        main(["fit", str(tmp_path / "in.zarr"), "--backed", "--out", str(tmp_path / "z.h5ad"), "--model-dir", "m3"])
+
+
 def test_fit_precision_option_reaches_the_model(tmp_path):
     """--precision bfloat16 trains exactly as fit(precision="bfloat16") with the same seed; bad values are refused."""
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)

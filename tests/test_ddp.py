@@ -39,7 +39,7 @@ def test_two_process_gloo_training_gives_a_valid_model_as_good_as_one_process(tm
     adata.write_h5ad(path)
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     # 2 ranks x 64 cells per step: the same global batch and number of steps as one process with 128.
-    options = f"--batch-key batch --epochs {EPOCHS} --batch-size 64 --device cpu --quiet".split()
+    options = f"--batch-key batch --epochs {EPOCHS} --batch-size 64 --device cpu --quiet --backed".split()
     outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
     command = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "cellvae.cli", "fit", str(path), *outputs, *options]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150, check=False)
@@ -90,6 +90,43 @@ def test_python_processes_with_their_own_process_group_train_one_model_from_a_ba
     model = cellvae.CellVAE.load(tmp_path / "model", adata=adata)
     assert len(model.history) == EPOCHS and np.isfinite(model.history["train_elbo"]).all()
     assert knn_accuracy(model.get_latent(), adata.obs["cell_type"]) > 0.9
+
+
+def _check_counts_on_rank(rank: int, init_file: str, clean: str, spoiled: str, out_dir: str) -> None:
+    import anndata as ad
+    import torch.distributed as dist
+
+    from cellvae.train import library_sizes_across_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    out = Path(out_dir)
+    np.save(out / f"library{rank}.npy", library_sizes_across_ranks(ad.read_h5ad(clean, backed="r").X, None, "adata.X"))
+    model = cellvae.CellVAE(ad.read_h5ad(spoiled, backed="r"), batch_key="batch")  # values are checked in fit
+    try:
+        model.fit(max_epochs=1, progress=False, device="cpu")
+    except ValueError as error:
+        (out / f"error{rank}.txt").write_text(str(error))
+    dist.destroy_process_group()
+
+
+def test_each_rank_checks_and_sums_only_its_part_of_a_backed_file_and_all_ranks_stop_on_bad_counts(tmp_path):
+    import torch.multiprocessing as mp
+
+    adata = cellvae.datasets.simulate(n_cells=1000, n_genes=80, n_batches=2, seed=6)
+    adata.write_h5ad(tmp_path / "clean.h5ad")
+    spoiled = adata.copy()
+    spoiled.X = spoiled.X.astype(np.float32).tocsr()
+    spoiled.X.data[spoiled.X.indptr[900]] = 0.5  # in the second half of the cells: rank 1's part
+    spoiled.write_h5ad(tmp_path / "spoiled.h5ad")
+    files = [str(tmp_path / name) for name in ("clean.h5ad", "spoiled.h5ad")]
+    mp.spawn(_check_counts_on_rank, args=(str(tmp_path / "init"), *files, str(tmp_path)), nprocs=2, join=True)
+
+    whole = np.asarray(adata.X.sum(1)).ravel()
+    for rank in range(2):  # every rank gets every cell's library size, though it read only half of them
+        np.testing.assert_array_equal(np.load(tmp_path / f"library{rank}.npy"), whole)
+    # rank 1 found the fractional value; rank 0, which never read those cells, stops too instead of waiting
+    assert "non-integer values (e.g. 0.5)" in (tmp_path / "error1.txt").read_text()
+    assert "another process" in (tmp_path / "error0.txt").read_text()
 
 
 # ----------------------------------------------------------------------------- resume after a kill

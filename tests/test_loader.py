@@ -114,6 +114,13 @@ def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_p
     with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.5\)"):
         library_sizes(backed.X, check_as="adata.X")
     np.testing.assert_allclose(library_sizes(backed.X), spoiled.X.toarray().sum(1))  # unchecked: just sums
+    # a part of the cells (one rank's share in a data-parallel run) is read, checked and summed alone
+    after = range(701, counts.n_obs)
+    np.testing.assert_allclose(library_sizes(backed.X, check_as="adata.X", rows=after), spoiled.X.toarray().sum(1)[701:])
+    with pytest.raises(ValueError, match="non-integer"):
+        library_sizes(backed.X, check_as="adata.X", rows=range(650, 720))
+    with pytest.raises(ValueError, match="part of a backed matrix"):
+        library_sizes(spoiled.X, rows=after)
 
 
 def test_a_failing_read_reaches_the_caller(counts, tmp_path_factory):
