@@ -202,7 +202,10 @@ class CellVAE:
         Data-parallel training: launched by ``torchrun --nproc_per_node=N`` (or in processes
         that called ``torch.distributed.init_process_group``), each process trains on its own
         shard of the cells with gradients all-reduced (DDP; gloo on CPU, nccl on GPU) and all
-        end with the same model; save it from rank 0 only.
+        end with the same model; save it from rank 0 only. From a backed or Zarr matrix each process
+        reads only its part of the cells: here it checks their counts and sums their library sizes
+        (the model built on that matrix checked only its dtype and shape), and a bad count found by
+        one process stops all of them.
         """
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
