@@ -173,6 +173,9 @@ def read_zarr_lazy(store) -> ad.AnnData:
     inference, like a backed ``.h5ad``; ``obs``, ``var``, ``obsm``, ``uns`` and the rest are read
     into memory. The store must stay in place while the AnnData is used.
 
+    CSR is the fastest layout to stream. A dense ``X`` reads faster when its chunks hold whole
+    rows: ``adata.write_zarr(path, chunks=(256, adata.n_vars))``.
+
     Parameters
     ----------
     store
