@@ -10,6 +10,7 @@ FORMAT_VERSION = 1
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 POSTERIORS = ("diagonal", "full")
+NORMALIZATIONS = ("layer", "batch")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Config:
     n_hidden: int = 128
     n_layers: int = 1
     dropout: float = 0.1
+    normalization: str = "layer"
     likelihood: str = "nb"
     dispersion: str = "gene"
     encode_batch: bool = True
@@ -48,6 +50,10 @@ class Config:
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),
             (self.dispersion in DISPERSIONS, f"dispersion must be one of {DISPERSIONS}, got {self.dispersion!r}"),
             (self.posterior in POSTERIORS, f"posterior must be one of {POSTERIORS}, got {self.posterior!r}"),
+            (
+                self.normalization in NORMALIZATIONS,
+                f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}",
+            ),
             (_is_positive_int(self.n_latent), f"n_latent must be a positive integer, got {self.n_latent!r}"),
             (_is_positive_int(self.n_hidden), f"n_hidden must be a positive integer, got {self.n_hidden!r}"),
             (_is_positive_int(self.n_layers), f"n_layers must be a positive integer, got {self.n_layers!r}"),

@@ -35,9 +35,18 @@ class GeneLinear(nn.Linear):
 
 
 class CovariateMLP(nn.Module):
-    """Hidden layers (Linear → LayerNorm → ReLU → Dropout) that see the covariates at every layer."""
+    """Hidden layers (Linear → LayerNorm or BatchNorm → ReLU → Dropout) that see the covariates at every layer."""
 
-    def __init__(self, n_input: int, n_covariates: int, n_hidden: int, n_layers: int, dropout: float, wide_input: bool = False):
+    def __init__(
+        self,
+        n_input: int,
+        n_covariates: int,
+        n_hidden: int,
+        n_layers: int,
+        dropout: float,
+        normalization: str = "layer",
+        wide_input: bool = False,
+    ):
         super().__init__()
         self.linears = nn.ModuleList()
         self.norms = nn.ModuleList()
@@ -45,7 +54,10 @@ class CovariateMLP(nn.Module):
         for layer in range(n_layers):
             linear = GeneLinear if wide_input and layer == 0 else nn.Linear
             self.linears.append(linear(width + n_covariates, n_hidden))
-            self.norms.append(nn.LayerNorm(n_hidden))
+            if normalization == "layer":  # each cell's hidden units normalised on their own
+                self.norms.append(nn.LayerNorm(n_hidden))
+            else:  # each hidden unit normalised over the minibatch while training, by running statistics after
+                self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
             width = n_hidden
         self.dropout = nn.Dropout(dropout)
         self.n_covariates = n_covariates
@@ -65,7 +77,9 @@ class Encoder(nn.Module):
         super().__init__()
         n_cov = config.n_covariates if config.encode_batch else 0
         self.use_covariates = n_cov > 0
-        self.body = CovariateMLP(config.n_genes, n_cov, config.n_hidden, config.n_layers, config.dropout, wide_input=True)
+        self.body = CovariateMLP(
+            config.n_genes, n_cov, config.n_hidden, config.n_layers, config.dropout, config.normalization, wide_input=True
+        )
         self.mean = nn.Linear(config.n_hidden, config.n_latent)
         self.full = config.posterior == "full"
         n_scale = config.n_latent * (config.n_latent + 1) // 2 if self.full else config.n_latent
@@ -94,7 +108,9 @@ class Decoder(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.body = CovariateMLP(config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout)
+        self.body = CovariateMLP(
+            config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout, config.normalization
+        )
         self.proportions = GeneLinear(config.n_hidden, config.n_genes)
         if config.likelihood != "poisson":
             if config.dispersion == "gene":
@@ -131,6 +147,22 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        # While True (map_query), BatchNorm layers keep the reference's running statistics.
+        self.frozen_statistics = False
+
+    def train(self, mode: bool = True) -> VAE:
+        """As :meth:`torch.nn.Module.train`; BatchNorm layers stay in evaluation mode while ``frozen_statistics``."""
+        super().train(mode)
+        if self.frozen_statistics:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm1d):
+                    module.eval()
+        return self
+
+    @property
+    def needs_two_cells(self) -> bool:
+        """Whether a training minibatch needs at least two cells (BatchNorm normalises over the minibatch)."""
+        return self.config.normalization == "batch" and not self.frozen_statistics
 
     def set_compute_dtype(self, dtype: torch.dtype | None) -> None:
         """Multiply in ``dtype`` in the gene-wide layers while training (None: float32)."""

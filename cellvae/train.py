@@ -173,6 +173,8 @@ def train(
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
             for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True):
+                if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
+                    continue
                 kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
                 out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
                 optimizer.zero_grad(set_to_none=True)

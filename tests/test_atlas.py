@@ -110,6 +110,19 @@ def test_held_out_batch_is_mapped_and_labels_transfer(reference_and_query):
     assert knn_accuracy(joint, np.r_[np.zeros(reference.n_obs), np.ones(query.n_obs)]) < 0.8
 
 
+def test_batch_normalized_reference_keeps_its_statistics_when_mapping(reference_and_query):
+    reference, query = (adata.copy() for adata in reference_and_query[1:])
+    model = CellVAE(reference, batch_key="batch", normalization="batch").fit(max_epochs=60, progress=False)
+    statistics = {k: v.clone() for k, v in model.module.state_dict().items() if "running" in k}
+    query_model = model.map_query(query, progress=False)
+    for name, value in statistics.items():  # the query's minibatches did not move the reference's statistics
+        assert torch.equal(query_model.module.state_dict()[name], value), name
+    np.testing.assert_array_equal(query_model.get_latent(reference), model.get_latent(reference))
+    reference.obsm["X_bn"], query.obsm["X_bn"] = query_model.get_latent(reference), query_model.get_latent()
+    cellvae.tl.transfer_labels(reference, query, "cell_type", use_rep="X_bn")
+    assert (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean() > 0.95
+
+
 def test_mapped_model_saves_and_loads(reference_and_query, tmp_path):
     model, _, query = reference_and_query
     query_model = model.map_query(query, max_epochs=5, progress=False)

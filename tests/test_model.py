@@ -88,6 +88,24 @@ def test_bfloat16_training_is_reproducible_and_as_good_as_float32(two_batches):
         CellVAE(adata).fit(max_epochs=1, precision="float16")
 
 
+def test_batch_normalization_learns_statistics_survives_a_one_cell_minibatch_and_saves_them(two_batches, tmp_path):
+    cells = two_batches[:129].copy()  # no validation split: minibatches of 128 cells and of 1 cell
+    model = CellVAE(cells, batch_key="batch", normalization="batch")
+    model.fit(max_epochs=4, validation_size=0.0, random_state=2, progress=False)
+    assert len(model.history) == 4 and np.isfinite(model.history["train_elbo"]).all()
+    statistics = model.module.encoder.body.norms[0].running_mean
+    assert statistics.abs().sum() > 0  # running statistics were learned, and are used from now on
+    latent = model.get_latent()
+    # a cell's code does not depend on the other cells it is encoded with (up to float rounding)
+    np.testing.assert_allclose(latent[:5], model.get_latent(cells[:5]), rtol=1e-5, atol=1e-6)
+    model.save(tmp_path / "model")
+    np.testing.assert_array_equal(CellVAE.load(tmp_path / "model").get_latent(cells), latent)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        model.fit(batch_size=1)
+    layer_norm = CellVAE(cells, batch_key="batch").fit(max_epochs=4, validation_size=0.0, random_state=2, progress=False)
+    assert not np.allclose(layer_norm.get_latent(), latent)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -97,6 +115,7 @@ def test_bfloat16_training_is_reproducible_and_as_good_as_float32(two_batches):
         {"dispersion": "gene-cell"},
         {"n_layers": 2, "encode_batch": False, "batch_key": "batch"},
         {"posterior": "full"},
+        {"normalization": "batch", "batch_key": "batch"},
     ],
 )
 def test_model_variants_train_and_decode(two_batches, options):
@@ -232,6 +251,8 @@ def test_invalid_hyperparameters_are_rejected(two_batches):
         CellVAE(adata, dispersion="gene-batch")
     with pytest.raises(ValueError, match="n_latent"):
         CellVAE(adata, n_latent=0)
+    with pytest.raises(ValueError, match=r"normalization must be one of \('layer', 'batch'\)"):
+        CellVAE(adata, normalization="group")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="validation_size"):
