@@ -91,7 +91,7 @@ def embed_harmony(pca: np.ndarray, obs: pd.DataFrame, seed: int) -> np.ndarray:
 
 
 def train_cellvae(adata: ad.AnnData, seed: int, max_epochs: int | None, model_kwargs: dict) -> cellvae.CellVAE:
-    model = cellvae.CellVAE(adata, batch_key="batch", n_latent=N_LATENT, **model_kwargs)
+    model = cellvae.CellVAE(adata, batch_key="batch", **{"n_latent": N_LATENT, **model_kwargs})
     return model.fit(max_epochs=max_epochs, random_state=seed, progress=False, device="cpu")
 
 
