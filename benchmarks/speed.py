@@ -569,11 +569,13 @@ def part_layouts(args) -> None:
     runs = {"in_memory": run_child({"path": str(layout_file(args.work_dir, n, "csr")), "backed": False, "epochs": 1})}
     for store in ("h5ad", "zarr"):
         for layout in ("csr", "csc", "dense") + (("dense_row_chunks",) if store == "zarr" else ()):
+            if args.layouts and f"{store}_{layout}" not in args.layouts:
+                continue
             run = run_child({"path": str(layout_file(args.work_dir, n, layout, store)), "backed": True, "epochs": 1})
             run["over_in_memory_time"] = round(run["epoch_seconds"] / runs["in_memory"]["epoch_seconds"], 2)
             runs["backed_" + layout if store == "h5ad" else f"zarr_{layout}"] = run
             print(store, layout, run, flush=True)
-    results[str(n)] = runs
+    results[str(n)] = {**results.get(str(n), {}), **runs}
     merge("layouts", results, args.out)
 
 
@@ -894,6 +896,9 @@ def main() -> None:
     parser.add_argument("--chunk-seconds", type=float, default=480.0, help="scVI training time per ttq-scvi command")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument(
+        "--layouts", nargs="+", default=None, help="layouts: only these runs, e.g. h5ad_dense zarr_csr (default: all)"
+    )
     parser.add_argument("--latent-cells", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5, help="latent: interleaved timings of each program")
     parser.add_argument("--in-memory-max", type=int, default=100_000, help="zarr: largest size also trained in memory")
