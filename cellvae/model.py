@@ -110,7 +110,8 @@ class CellVAE:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")
         # In a data-parallel run fit checks a backed matrix's values, each process only its part of the cells.
-        data.validate_counts(matrix, _where(layer), read_values=not (data.is_backed_matrix(matrix) and rank_and_world()[1] > 1))
+        values_checked_in_fit = data.is_backed_matrix(matrix) and rank_and_world()[1] > 1
+        data.validate_counts(matrix, _where(layer), read_values=not values_checked_in_fit)
         from cellvae import __version__
 
         config = Config(
