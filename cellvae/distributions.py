@@ -53,8 +53,8 @@ class SparseCounts:
         rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
         values = np.asarray(data, dtype=np.float32)
         whole = values.astype(np.int64)
-        # (clipped: corrupt non-finite values, which validation rejects, must not index out of the table)
-        log_factorial = _LOG_FACTORIALS.take(np.clip(whole, 0, len(_LOG_FACTORIALS) - 1))
+        # mode="clip": corrupt non-finite values, which validation rejects, must not index out of the table
+        log_factorial = _LOG_FACTORIALS.take(whole, mode="clip")
         beyond = np.flatnonzero(whole >= len(_LOG_FACTORIALS))
         log_factorial[beyond] = gammaln(values[beyond].astype(np.float64) + 1.0)
         per_cell = np.zeros(len(lengths))
@@ -62,14 +62,20 @@ class SparseCounts:
             filled = lengths > 0
             per_cell[filled] = np.add.reduceat(log_factorial, indptr[:-1][filled])
         columns = np.asarray(indices, dtype=np.int64)
+        large = np.flatnonzero(whole > TABLE_COUNTS)
+        # (min(x, TABLE_COUNTS) - 1) * n_genes + gene, in place on the int64 copy of the counts
+        table_index = np.maximum(np.minimum(whole, TABLE_COUNTS, out=whole), 1, out=whole)
+        table_index -= 1
+        table_index *= n_genes
+        table_index += columns
         return cls(
             rows=torch.from_numpy(rows),
             columns=torch.from_numpy(columns),
             values=torch.from_numpy(values),
             row_lengths=torch.from_numpy(lengths),
             log_factorial=torch.from_numpy(per_cell.astype(np.float32)),
-            table_index=torch.from_numpy((np.clip(whole, 1, TABLE_COUNTS) - 1) * n_genes + columns),
-            large=torch.from_numpy(np.flatnonzero(whole > TABLE_COUNTS)),
+            table_index=torch.from_numpy(table_index),
+            large=torch.from_numpy(large),
         )
 
     @classmethod

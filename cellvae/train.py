@@ -6,7 +6,6 @@ One plain loop, used by :meth:`cellvae.CellVAE.fit`. It works on any
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -142,8 +141,8 @@ def train(
     optimizer = make_optimizer(vae, settings.lr, settings.weight_decay, loader.device)
     steps_per_epoch = max(1, math.ceil(len(train_cells) / settings.batch_size))
     warmup_steps = settings.kl_warmup_epochs * steps_per_epoch
-    best = {"loss": math.inf, "state": copy.deepcopy(vae.state_dict()), "epoch": -1}
-    last_good = copy.deepcopy(vae.state_dict())
+    best = {"loss": math.inf, "state": _snapshot(vae), "epoch": -1}
+    last_good = _snapshot(vae)
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
     start_epoch, stop = 0, False
@@ -157,7 +156,7 @@ def train(
             loop = read_checkpoint(source, run, vae, optimizer, rng)
             best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
-            last_good = copy.deepcopy(vae.state_dict())
+            last_good = _snapshot(vae)
         else:
             warnings.warn(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning, stacklevel=3)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
@@ -194,7 +193,7 @@ def train(
                 sums["distortion"] += float(out["distortion"].detach().sum())
                 sums["rate"] += float(out["rate"].detach().sum())
             if _parameters_finite(vae):
-                last_good = copy.deepcopy(vae.state_dict())
+                _snapshot(vae, into=last_good)
             else:
                 optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
             if world > 1:
@@ -219,7 +218,8 @@ def train(
             warmed_up = step >= warmup_steps
             improved = not math.isfinite(best["loss"]) or monitored < best["loss"] - 1e-4 * abs(best["loss"])
             if not warmed_up or improved:
-                best = {"loss": monitored if warmed_up else math.inf, "state": last_good, "epoch": epoch}
+                state = _copy_state(best["state"], last_good)
+                best = {"loss": monitored if warmed_up else math.inf, "state": state, "epoch": epoch}
                 epochs_without_improvement = 0
             else:
                 epochs_without_improvement += 1
@@ -240,6 +240,22 @@ def train(
         vae.load_state_dict(best["state"])
     vae.eval()
     return pd.DataFrame(rows)
+
+
+def _snapshot(vae: VAE, into: dict | None = None) -> dict:
+    """A copy of the parameters and buffers, written into ``into`` when given (no new memory per epoch)."""
+    state = vae.state_dict()
+    if into is None:
+        return {name: tensor.detach().clone() for name, tensor in state.items()}
+    return _copy_state(into, state)
+
+
+def _copy_state(into: dict, state: dict) -> dict:
+    """Copy every tensor of ``state`` into the same-named tensor of ``into``; return ``into``."""
+    with torch.no_grad():
+        for name, tensor in state.items():
+            into[name].copy_(tensor)
+    return into
 
 
 def _gradients_finite(vae: VAE) -> bool:
