@@ -200,3 +200,21 @@ def test_checkpoint_arguments_are_checked(tmp_path):
         fresh = CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path / "new", resume=True)
     plain = CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False)
     assert_same_parameters(fresh, plain)
+
+
+def test_fit_keeps_the_best_epoch_not_the_last(tmp_path):
+    # 120 cells for 40 epochs at a high learning rate: the validation loss is lowest before the end.
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=100, seed=0)
+    model = CellVAE(adata, batch_key="batch", kl_warmup=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(max_epochs=40, lr=0.03, early_stopping=False, progress=False, checkpoint_dir=tmp_path)
+    with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
+        best_epoch = json.loads(handle.metadata()["cellvae_checkpoint"])["best_epoch"]
+        best = {k.removeprefix("best."): handle.get_tensor(k) for k in handle.keys() if k.startswith("best.")}
+        last = {k.removeprefix("model."): handle.get_tensor(k) for k in handle.keys() if k.startswith("model.")}
+    losses = model.history["validation_loss"].to_numpy()
+    assert best_epoch < len(losses) - 1 and losses[best_epoch] <= losses.min() * (1 + 1e-4)
+    kept = model.module.state_dict()
+    assert all(torch.equal(kept[name], best[name]) for name in kept)
+    assert not all(torch.equal(last[name], best[name]) for name in kept)
