@@ -34,21 +34,6 @@ class GeneLinear(nn.Linear):
         return F.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype)).float()
 
 
-class Dropout(nn.Dropout):
-    """Dropout with the keep-mask drawn by ``rand_like(h) >= p``.
-
-    The same distribution as :class:`torch.nn.Dropout`, whose ``bernoulli_`` draw takes twice as
-    long on the CPU (~100 vs ~50 µs for a 128 × 128 activation); at small batches that is a few
-    percent of a training step.
-    """
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return h
-        keep = torch.rand_like(h).ge_(self.p).mul_(1.0 / (1.0 - self.p))
-        return h * keep
-
-
 class CovariateMLP(nn.Module):
     """Hidden layers (Linear → LayerNorm or BatchNorm → ReLU → Dropout) that see the covariates at every layer."""
 
@@ -74,7 +59,7 @@ class CovariateMLP(nn.Module):
             else:  # each hidden unit normalised over the minibatch while training, by running statistics after
                 self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
             width = n_hidden
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.n_covariates = n_covariates
 
     def forward(self, h: torch.Tensor, covariates: torch.Tensor) -> torch.Tensor:
