@@ -193,7 +193,7 @@ def train(
                 sums["distortion"] += float(out["distortion"].detach().sum())
                 sums["rate"] += float(out["rate"].detach().sum())
             if _parameters_finite(vae):
-                _snapshot(vae, into=last_good)
+                _copy_state(last_good, vae.state_dict())
             else:
                 optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
             if world > 1:
@@ -242,12 +242,9 @@ def train(
     return pd.DataFrame(rows)
 
 
-def _snapshot(vae: VAE, into: dict | None = None) -> dict:
-    """A copy of the parameters and buffers, written into ``into`` when given (no new memory per epoch)."""
-    state = vae.state_dict()
-    if into is None:
-        return {name: tensor.detach().clone() for name, tensor in state.items()}
-    return _copy_state(into, state)
+def _snapshot(vae: VAE) -> dict:
+    """A copy of the parameters and buffers; later epochs refill it with :func:`_copy_state`."""
+    return {name: tensor.detach().clone() for name, tensor in vae.state_dict().items()}
 
 
 def _copy_state(into: dict, state: dict) -> dict:
