@@ -116,12 +116,13 @@ def epoch_timer():
     class EpochTimer(Callback):
         def __init__(self):
             self.seconds: list[float] = []
+            self.starts: list[float] = []
 
         def on_train_epoch_start(self, trainer, module):
-            self._start = time.perf_counter()
+            self.starts.append(time.perf_counter())
 
         def on_train_epoch_end(self, trainer, module):
-            self.seconds.append(time.perf_counter() - self._start)
+            self.seconds.append(time.perf_counter() - self.starts[-1])
 
     return EpochTimer()
 
@@ -171,7 +172,10 @@ def part_throughput(args) -> None:
             check_val_every_n_epoch=None,
             accelerator="cpu",
         )
+        returned = time.perf_counter()
         theirs = adata.n_obs * (epochs - 1) / sum(timer.seconds[1:])
+        # the same epochs timed from the second one's start to the return of train(): what the hooks leave out
+        theirs_whole_run = adata.n_obs * (epochs - 1) / (returned - timer.starts[1])
         results[name] = {
             "cells": adata.n_obs,
             "genes": adata.n_vars,
@@ -179,6 +183,7 @@ def part_throughput(args) -> None:
             "batch_size": 128,
             "cellvae_cells_per_s": round(ours["float32"]),
             "scvi_cells_per_s": round(theirs),
+            "scvi_cells_per_s_until_train_returns": round(theirs_whole_run),
             "ratio": round(ours["float32"] / theirs, 2),
             "cellvae_bfloat16_cells_per_s": round(ours["bfloat16"]),
             "ratio_bfloat16": round(ours["bfloat16"] / theirs, 2),
