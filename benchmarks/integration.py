@@ -5,15 +5,16 @@ timings are cached (``--cache``) between stages:
 
     python benchmarks/integration.py embed   --datasets cellbench_3cl --seeds 0 1 2
     python benchmarks/integration.py score   --datasets cellbench_3cl
+    python benchmarks/integration.py kmeans  --datasets cellbench_3cl
     python benchmarks/integration.py map     --datasets cellbench_3cl --seeds 0
     python benchmarks/integration.py summary
 
 ``embed`` trains cellvae and scVI (``--seeds``) and computes PCA and Harmony on all genes of a
 dataset; ``score`` runs ``scib_metrics.benchmark.Benchmarker`` on every cached embedding and writes
 ``results/integration_<dataset>.csv``; ``kmeans`` re-clusters every cached embedding with 10 KMeans
-starts to show how much of scib's one-start KMeans ARI/NMI is chance; ``map`` holds out one batch, trains on the rest, maps the
-held-out batch (cellvae ``map_query``; scVI ``load_query_data``; PCA fitted on the reference),
-transfers ``cell_type`` with the same distance-weighted kNN (k=15) and writes
+starts to show how much of scib's one-start KMeans ARI/NMI is chance; ``map`` holds out one batch,
+trains on the rest, maps the held-out batch (cellvae ``map_query``; scVI ``load_query_data``; PCA
+fitted on the reference), transfers ``cell_type`` with the same distance-weighted kNN (k=15) and writes
 ``results/integration_mapping_<dataset>.csv``; ``summary`` writes ``results/integration_summary.md``.
 Cells labelled ``unknown`` are embedded but neither scored nor used as votes or truth.
 """
@@ -124,6 +125,11 @@ def save_embedding(cache: Path, dataset: str, key: str, embedding: np.ndarray, i
     print(f"{dataset} {key}: {info}", flush=True)
 
 
+def method_of(key: str) -> str:
+    """The method of a cached embedding's name: ``cellvae_bn_s2`` -> ``cellvae_bn``; ``harmony`` stays."""
+    return key.rsplit("_s", 1)[0] if "_s" in key else key
+
+
 def cached(cache: Path, dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
     out = {}
     for path in sorted((cache / dataset).glob("*.npz")):
@@ -203,7 +209,7 @@ def stage_score(args) -> None:
             raise SystemExit(f"{dataset}: run the embed stage with the pca method first")
         started = time.perf_counter()
         table = scib_scores(adata, {k: e for k, (e, _) in stored.items()}, args.n_jobs)
-        table.insert(0, "method", [k.rsplit("_s", 1)[0] if "_s" in k else k for k in table.index])
+        table.insert(0, "method", [method_of(k) for k in table.index])
         table.insert(1, "seed", [stored[k][1].get("seed", 0) for k in table.index])
         table["train_seconds"] = [stored[k][1]["seconds"] for k in table.index]
         table["epochs"] = [stored[k][1].get("epochs", np.nan) for k in table.index]
@@ -244,7 +250,7 @@ def stage_kmeans(args) -> None:
             rows.append(
                 {
                     "embedding": key,
-                    "method": key.rsplit("_s", 1)[0] if "_s" in key else key,
+                    "method": method_of(key),
                     "seed": info.get("seed", 0),
                     "ari_scib_one_start": adjusted_rand_score(labels, np.asarray(scib.labels_)),
                     "nmi_scib_one_start": normalized_mutual_info_score(labels, np.asarray(scib.labels_)),
