@@ -18,10 +18,11 @@ import cellvae
 from cellvae import CellVAE
 
 CHECKPOINT = "checkpoint.safetensors"
-# Big enough that one epoch takes a few tenths of a second, so a signal lands mid-training.
+# An epoch takes tens of milliseconds; 40 of them leave a signal sent after epoch 2 ample time to land
+# mid-training (with 12, a slow poll of the checkpoint once let a run finish before its Ctrl-C arrived).
 DATA = {"n_cells": 2000, "n_genes": 100, "n_batches": 2, "seed": 3}
 MODEL = {"n_hidden": 32, "n_latent": 4, "batch_key": "batch"}
-FIT = {"max_epochs": 12, "batch_size": 32, "random_state": 7, "progress": False}
+FIT = {"max_epochs": 40, "batch_size": 32, "random_state": 7, "progress": False}
 
 TRAINING_SCRIPT = textwrap.dedent(
     """
