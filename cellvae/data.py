@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ CHUNK_BYTES = 128 * 2**20
 BACKED_BLOCK_ROWS = 256
 # Minibatches the background reader prepares ahead of training.
 PREFETCH_BATCHES = 4
+# Cells per read buffer of a backed CSC matrix, where every buffer reads the whole file.
+BACKED_CSC_BUFFER_ROWS = 65_536
 # Counts densified per minibatch, at most, by passes that only evaluate the model (encoding,
 # validation, diagnostics): 32 MB of float32, so that many genes do not blow up their memory.
 EVALUATION_VALUES = 2**23
@@ -118,6 +121,8 @@ def library_sizes(
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
         rows = range(matrix.shape[0]) if rows is None else rows
+        if _is_csc(matrix):
+            return _csc_library_sizes(matrix, columns, check_as, rows)
         totals = [np.zeros(0)]
         for start in range(rows.start, rows.stop, ROWS_PER_READ):
             block = matrix[start : min(start + ROWS_PER_READ, rows.stop)]
@@ -142,6 +147,48 @@ def library_sizes(
             values = matrix.data[indptr[s] : indptr[e]]
             totals[s:e][nonempty] = np.add.reduceat(values, indptr[s:e][nonempty] - indptr[s], dtype=np.float64)
     return totals
+
+
+def _is_csc(matrix) -> bool:
+    return getattr(matrix, "format", None) == "csc"
+
+
+def _csc_bands(matrix) -> list[tuple[int, int]]:
+    """Column ranges of a backed CSC matrix holding about ``VALUES_PER_CHECK`` stored values each."""
+    n_genes = matrix.shape[1]
+    stored = int(matrix.group["data"].shape[0])
+    width = max(1, n_genes * VALUES_PER_CHECK // max(stored, 1))
+    return [(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
+
+
+def _csc_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None, rows: range) -> np.ndarray:
+    """Row sums of a backed CSC matrix in one pass over bands of columns (anndata would load the
+    whole matrix into memory for every block of rows)."""
+    totals = np.zeros(len(rows), dtype=np.float64)
+    for start, stop in _csc_bands(matrix):
+        band = sp.csc_matrix(matrix[:, start:stop])[rows.start : rows.stop]
+        if check_as is not None:
+            _check_count_values(band.data, check_as)
+        if columns is not None:
+            band = band[:, columns[(columns >= start) & (columns < stop)] - start]
+        totals += np.asarray(band.sum(axis=1, dtype=np.float64)).ravel()
+    return totals
+
+
+def _read_csc_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows of a backed CSC matrix, read a band of columns at a time: memory stays bounded, but
+    every call reads the whole file (anndata would load it into memory whole)."""
+    position = np.full(matrix.shape[0], -1, dtype=np.int64 if matrix.shape[0] >= 2**31 else np.int32)
+    position[rows] = np.arange(len(rows))
+    kept = []
+    for start, stop in _csc_bands(matrix):
+        band = sp.csc_matrix(matrix[:, start:stop])
+        row_in_block = position[band.indices]
+        keep = np.flatnonzero(row_in_block >= 0)  # positions in the band's stored values
+        columns = np.searchsorted(band.indptr, keep, side="right").astype(np.int32) + np.int32(start - 1)
+        kept.append((band.data[keep], row_in_block[keep], columns))
+    values, block_rows, columns = (np.concatenate(part) for part in zip(*kept))
+    return sp.csr_matrix((values, (block_rows, columns)), shape=(len(rows), matrix.shape[1]))
 
 
 def _row_sums(matrix, columns: np.ndarray | None) -> np.ndarray:
@@ -342,7 +389,8 @@ class CellLoader:
     read in contiguous blocks whose order is shuffled, then shuffled again inside a buffer of
     blocks, so a pass reads each row exactly once with large sequential reads and the memory
     held is one buffer, whatever the size of the file; a background thread reads the next
-    minibatches while the model trains on the current one. On a GPU, an in-memory matrix that
+    minibatches while the model trains on the current one. A backed CSC matrix is read a band of
+    columns at a time (a pass over the file per buffer of 65,536 cells; CSR streams faster). On a GPU, an in-memory matrix that
     fits is copied to the device once and minibatches are gathered there.
     """
 
@@ -356,8 +404,16 @@ class CellLoader:
         device: torch.device | str = "cpu",
     ):
         self.backed = is_backed_matrix(matrix)
-        # Backed CSC cannot be re-written cheaply; it is read as stored (slowly, column-major).
+        # Backed CSC cannot be re-written cheaply; it is read as stored, a band of columns at a time.
         self.matrix = matrix if self.backed else as_row_readable(matrix)
+        if self.backed and _is_csc(matrix) and matrix.shape[0] > 4 * BACKED_CSC_BUFFER_ROWS:
+            warnings.warn(
+                f"the backed count matrix ({matrix.shape[0]:,} cells) is stored column-major (CSC): every "
+                "buffer of cells reads the whole file. Store it as CSR for fast streaming, e.g. "
+                "adata.X = adata.X.tocsr() before adata.write_h5ad(...)",
+                UserWarning,
+                stacklevel=3,
+            )
         self.covariates = covariates
         self.library = library.astype(np.float32)
         self.batch_index = batch_index
@@ -391,6 +447,8 @@ class CellLoader:
         if self.device.type == "cuda" and self._fits_on_device():
             return self._device_batches(cells, batch_size, shuffle, rng)
         chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
+        if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
+            chunk_rows = max(chunk_rows, BACKED_CSC_BUFFER_ROWS // batch_size * batch_size)
         chunks = list(self._chunks(cells, chunk_rows, shuffle, rng))
         if not self.backed:
             # In memory, a batch is ready in microseconds; a reader thread would only compete with
@@ -522,15 +580,17 @@ def _read_sorted_rows(matrix, rows: np.ndarray):
 
     Fancy row indexing of backed stores is slower than slices (on Zarr, anndata builds an index
     per stored value); the shuffled blocks of a training pass are runs of nearby rows, read one
-    slice per run. Widely scattered rows, and CSC (column-major), are read by one fancy index.
+    slice per run. Widely scattered rows are read by one fancy index; CSC by bands of columns.
     """
+    if _is_csc(matrix):
+        return _read_csc_rows(matrix, rows)
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if hi - lo <= 2 * len(rows):  # nearly contiguous: one slice
         return matrix[lo:hi][rows - lo]
     starts = np.concatenate([[0], np.flatnonzero(np.diff(rows) > 16) + 1])
     stops = np.append(starts[1:], len(rows))
     rows_read = int((rows[stops - 1] + 1 - rows[starts]).sum())
-    if getattr(matrix, "format", None) == "csc" or rows_read > 2 * len(rows) or len(starts) > len(rows) // 32:
+    if rows_read > 2 * len(rows) or len(starts) > len(rows) // 32:
         return matrix[rows]
     parts = [matrix[rows[a] : rows[b - 1] + 1][rows[a:b] - rows[a]] for a, b in zip(starts, stops)]
     return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)

@@ -102,12 +102,12 @@ def test_library_sizes_over_chosen_genes_in_memory_and_backed(counts, tmp_path_f
     np.testing.assert_allclose(library_sizes(matrix, columns, check_as="adata.X"), expected[:, columns].sum(1))
 
 
-@pytest.mark.parametrize("kind", ["csr", "dense"])
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
 def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_path_factory, kind):
     spoiled = counts.copy()
     spoiled.X = spoiled.X.astype(np.float32).tocsr()
     spoiled.X.data[spoiled.X.indptr[700]] = 2.5  # one fractional value, mid-file
-    matrix = spoiled.X if kind == "csr" else spoiled.X.toarray()
+    matrix = {"csr": spoiled.X, "csc": spoiled.X.tocsc(), "dense": spoiled.X.toarray()}[kind]
     path = tmp_path_factory.mktemp("spoiled") / "cells.h5ad"
     ad.AnnData(matrix, obs=counts.obs, var=counts.var).write_h5ad(path)
     backed = ad.read_h5ad(path, backed="r")
@@ -121,6 +121,36 @@ def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_p
         library_sizes(backed.X, check_as="adata.X", rows=range(650, 720))
     with pytest.raises(ValueError, match="part of a backed matrix"):
         library_sizes(spoiled.X, rows=after)
+
+
+def test_backed_csc_is_read_by_bands_of_columns_never_whole(counts, tmp_path_factory, monkeypatch):
+    """anndata loads a whole CSC matrix into memory for any selection of rows; cellvae reads bands."""
+    from anndata._core.sparse_dataset import _CSCDataset
+
+    from cellvae import data
+
+    backed = stored(counts, tmp_path_factory, "csc")
+    monkeypatch.setattr(data, "VALUES_PER_CHECK", backed.X.group["data"].shape[0] // 7)  # ~8 bands of columns
+    monkeypatch.setattr(data, "BACKED_CSC_BUFFER_ROWS", 512)
+    assert len(data._csc_bands(backed.X)) >= 7
+
+    def whole(self):
+        raise AssertionError("the whole CSC matrix was loaded into memory")
+
+    monkeypatch.setattr(_CSCDataset, "to_memory", whole)
+    expected = counts.X.toarray()
+    columns = np.array([5, 0, 59, 17, 33])
+    np.testing.assert_allclose(library_sizes(backed.X, columns, check_as="adata.X"), expected[:, columns].sum(1))
+    np.testing.assert_allclose(library_sizes(backed.X, rows=range(100, 900)), expected[100:900].sum(1))
+    with pytest.warns(UserWarning, match="column-major .CSC.*Store it as CSR"):
+        loader = loader_for(backed)
+    cells = np.arange(counts.n_obs)[1::2]
+    seen = []
+    for mb in loader.batches(cells, 100, shuffle=True, rng=np.random.default_rng(1), with_sparse=True):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        seen.append(mb.cell_index)
+    seen = np.concatenate(seen)
+    assert len(seen) == len(cells) and set(seen) == set(cells)
 
 
 def test_a_failing_read_reaches_the_caller(counts, tmp_path_factory):
