@@ -390,8 +390,8 @@ class CellLoader:
     blocks, so a pass reads each row exactly once with large sequential reads and the memory
     held is one buffer, whatever the size of the file; a background thread reads the next
     minibatches while the model trains on the current one. A backed CSC matrix is read a band of
-    columns at a time (a pass over the file per buffer of 65,536 cells; CSR streams faster). On a GPU, an in-memory matrix that
-    fits is copied to the device once and minibatches are gathered there.
+    columns at a time (a pass over the file per buffer of 65,536 cells; CSR streams faster). On a
+    GPU, an in-memory matrix that fits is copied to the device once and minibatches are gathered there.
     """
 
     def __init__(
