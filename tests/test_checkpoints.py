@@ -19,17 +19,21 @@ from cellvae import CellVAE
 
 CHECKPOINT = "checkpoint.safetensors"
 # An epoch takes tens of milliseconds; 40 of them leave a signal sent after epoch 2 ample time to land
-# mid-training (with 12, a slow poll of the checkpoint once let a run finish before its Ctrl-C arrived).
+# mid-training.
 DATA = {"n_cells": 2000, "n_genes": 100, "n_batches": 2, "seed": 3}
 MODEL = {"n_hidden": 32, "n_latent": 4, "batch_key": "batch"}
 FIT = {"max_epochs": 40, "batch_size": 32, "random_state": 7, "progress": False}
 
 TRAINING_SCRIPT = textwrap.dedent(
     """
-    import json, sys, warnings
+    import json, signal, sys, warnings
     import torch
     import cellvae
     from cellvae import CellVAE
+
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, even where this process inherited an ignored
+    # SIGINT (a shell starts background jobs so, e.g. `pytest ... &` or a CI runner's `cmd &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     data, model, fit, threads, checkpoint_dir, out = json.loads(sys.argv[1])
     torch.set_num_threads(threads)
