@@ -169,9 +169,7 @@ def _csc_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None,
         band = sp.csc_matrix(matrix[:, start:stop])[rows.start : rows.stop]
         if check_as is not None:
             _check_count_values(band.data, check_as)
-        if columns is not None:
-            band = band[:, columns[(columns >= start) & (columns < stop)] - start]
-        totals += np.asarray(band.sum(axis=1, dtype=np.float64)).ravel()
+        totals += _row_sums(band, None if columns is None else columns[(columns >= start) & (columns < stop)] - start)
     return totals
 
 
