@@ -485,7 +485,9 @@ class CellLoader:
 
     def _read_rows(self, rows: np.ndarray):
         """The given rows (in the given order) as CSR, or as a dense array if stored densely."""
-        if self.backed:
+        if self.backed and _is_csc(self.matrix):  # read in the requested order, no sorting needed
+            block = _read_csc_rows(self.matrix, rows)
+        elif self.backed:
             # h5py needs increasing indices: read sorted, then restore the requested order.
             order = np.argsort(rows, kind="stable")
             block = _read_sorted_rows(self.matrix, rows[order])
@@ -578,10 +580,8 @@ def _read_sorted_rows(matrix, rows: np.ndarray):
 
     Fancy row indexing of backed stores is slower than slices (on Zarr, anndata builds an index
     per stored value); the shuffled blocks of a training pass are runs of nearby rows, read one
-    slice per run. Widely scattered rows are read by one fancy index; CSC by bands of columns.
+    slice per run. Widely scattered rows are read by one fancy index. (CSC: :func:`_read_csc_rows`.)
     """
-    if _is_csc(matrix):
-        return _read_csc_rows(matrix, rows)
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if hi - lo <= 2 * len(rows):  # nearly contiguous: one slice
         return matrix[lo:hi][rows - lo]
