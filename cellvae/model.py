@@ -430,6 +430,9 @@ class CellVAE:
             os.replace(path, previous / path.name)
         os.replace(staging, path)
         if previous is not None:
+            # Renamed before deleting, so a save killed mid-deletion leaves no partial model under the
+            # set-aside name: whatever ``.{name}.old.*/{name}`` holds is a complete previous model.
+            os.replace(previous / path.name, previous / ".deleting")
             shutil.rmtree(previous, ignore_errors=True)
 
     @classmethod
