@@ -124,8 +124,10 @@ def library_sizes(
         if _is_csc(matrix):
             return _csc_library_sizes(matrix, columns, check_as, rows)
         totals = [np.zeros(0)]
-        for start in range(rows.start, rows.stop, ROWS_PER_READ):
-            block = matrix[start : min(start + ROWS_PER_READ, rows.stop)]
+        row_chunk = _row_chunk(matrix)  # read whole storage chunks: a partial one is decompressed whole anyway
+        step = -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
+        for start in range(rows.start, rows.stop, step):
+            block = matrix[start : min(start + step, rows.stop)]
             if check_as is not None:
                 _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
             totals.append(_row_sums(block, columns))
@@ -151,6 +153,15 @@ def library_sizes(
 
 def _is_csc(matrix) -> bool:
     return getattr(matrix, "format", None) == "csc"
+
+
+def _row_chunk(matrix) -> int:
+    """Rows per storage chunk of a backed dense array (Zarr, chunked HDF5); 1 for sparse or unchunked
+    storage. Reading any row of a chunk decompresses all of it."""
+    chunks = getattr(matrix, "chunks", None)
+    if getattr(matrix, "format", None) in ("csr", "csc") or not chunks:
+        return 1
+    return int(chunks[0])
 
 
 def _csc_bands(matrix) -> list[tuple[int, int]]:
@@ -418,6 +429,14 @@ class CellLoader:
         self.gene_columns = gene_columns
         self.device = torch.device(device)
         self._on_device = None
+        if self.backed and _row_chunk(matrix) > self._buffer_rows(self.n_genes, 1):
+            warnings.warn(
+                f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than one read "
+                "buffer holds: every buffer decompresses whole chunks for a few of their rows, which is slow. "
+                "Store it in chunks of whole rows, e.g. adata.write_zarr(path, chunks=(256, adata.n_vars))",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @property
     def n_genes(self) -> int:
@@ -444,7 +463,7 @@ class CellLoader:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
         if self.device.type == "cuda" and self._fits_on_device():
             return self._device_batches(cells, batch_size, shuffle, rng)
-        chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
+        chunk_rows = self._buffer_rows(self.n_genes, batch_size)
         if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
             chunk_rows = max(chunk_rows, BACKED_CSC_BUFFER_ROWS // batch_size * batch_size)
         chunks = list(self._chunks(cells, chunk_rows, shuffle, rng))
@@ -453,6 +472,11 @@ class CellLoader:
             # torch's own threads for the cores (and slow every parallel kernel down).
             return self._read_batches(chunks, batch_size, with_sparse)
         return _prefetch(self._read_batches(chunks, batch_size, with_sparse), PREFETCH_BATCHES)
+
+    @staticmethod
+    def _buffer_rows(n_genes: int, batch_size: int) -> int:
+        """Cells per read buffer: about ``CHUNK_BYTES`` densified, a whole number of minibatches."""
+        return max(batch_size, (CHUNK_BYTES // (4 * max(n_genes, 1))) // batch_size * batch_size)
 
     def evaluation_batch_size(self, batch_size: int) -> int:
         """``batch_size``, or fewer cells where genes are many: passes that only evaluate the model
@@ -476,9 +500,17 @@ class CellLoader:
             yield from (order[s : s + chunk_rows] for s in range(0, len(order), chunk_rows))
             return
         sorted_cells = np.sort(cells)
-        blocks = [sorted_cells[s : s + BACKED_BLOCK_ROWS] for s in range(0, len(sorted_cells), BACKED_BLOCK_ROWS)]
+        row_chunk = _row_chunk(self.matrix)
+        if BACKED_BLOCK_ROWS < row_chunk <= chunk_rows:
+            # Dense storage chunked by more rows than a block (anndata's Zarr default: thousands): one
+            # block per storage chunk, so each chunk is decompressed once per epoch, not once per block.
+            blocks = np.split(sorted_cells, np.flatnonzero(np.diff(sorted_cells // row_chunk)) + 1)
+            block_rows = row_chunk
+        else:
+            blocks = [sorted_cells[s : s + BACKED_BLOCK_ROWS] for s in range(0, len(sorted_cells), BACKED_BLOCK_ROWS)]
+            block_rows = BACKED_BLOCK_ROWS
         block_order = rng.permutation(len(blocks))
-        blocks_per_chunk = max(1, chunk_rows // BACKED_BLOCK_ROWS)
+        blocks_per_chunk = max(1, chunk_rows // block_rows)
         for s in range(0, len(blocks), blocks_per_chunk):
             chunk = np.concatenate([blocks[b] for b in block_order[s : s + blocks_per_chunk]])
             yield chunk[rng.permutation(len(chunk))]

@@ -89,6 +89,52 @@ def test_blocks_of_nearby_rows_and_scattered_rows_read_from_a_store_match_memory
         np.testing.assert_array_equal(block, simulated.X[rows].toarray())
 
 
+class RecordingArray:
+    """A dense Zarr array that records the rows each read asks for (it reads them from the real store)."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.chunks = array, array.shape, array.dtype, array.chunks
+        self.reads: list[np.ndarray] = []
+
+    def __getitem__(self, key):
+        rows = np.arange(self.shape[0])[key[0] if isinstance(key, tuple) else key]
+        self.reads.append(np.atleast_1d(rows))
+        return self.array[key]
+
+
+def test_a_dense_store_chunked_by_many_rows_is_decompressed_once_per_chunk_per_epoch(simulated, tmp_path, monkeypatch):
+    # anndata's default chunks for dense X span thousands of rows; reading 256-row blocks from them
+    # decompressed each chunk once per block. Now blocks follow the store's chunks.
+    path = tmp_path / "row_chunks_of_300.zarr"
+    ad.AnnData(simulated.X.toarray(), obs=simulated.obs, var=simulated.var).write_zarr(path, chunks=(300, 40))
+    matrix = RecordingArray(cellvae.read_zarr_lazy(path).X)
+    assert matrix.chunks == (300, 40)
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * simulated.n_vars * 640)  # buffers of 640 cells: 2 chunks
+    n = simulated.n_obs
+    loader = CellLoader(matrix, np.zeros((n, 0), np.float32), library_sizes(simulated.X), np.zeros(n, np.int64))
+    cells = np.flatnonzero(np.random.default_rng(0).random(n) < 0.9)  # a training split
+    expected = simulated.X.toarray()
+    seen = []
+    for mb in loader.batches(cells, 64, shuffle=True, rng=np.random.default_rng(1)):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        seen.append(mb.cell_index)
+    assert np.array_equal(np.sort(np.concatenate(seen)), cells)
+    chunks_read = np.concatenate([np.unique(rows // 300) for rows in matrix.reads])
+    assert np.array_equal(np.sort(chunks_read), np.arange(n // 300))  # every chunk read exactly once
+
+
+def test_a_dense_store_chunked_by_more_rows_than_a_buffer_warns_and_still_streams(simulated, tmp_path, monkeypatch):
+    path = tmp_path / "tall_chunks.zarr"
+    ad.AnnData(simulated.X.toarray(), obs=simulated.obs, var=simulated.var).write_zarr(path, chunks=(1200, 10))
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * simulated.n_vars * 640)
+    adata = cellvae.read_zarr_lazy(path)
+    n = adata.n_obs
+    with pytest.warns(UserWarning, match=r"chunks of 1,200 rows.*chunks=\(256, adata.n_vars\)"):
+        loader = CellLoader(adata.X, np.zeros((n, 0), np.float32), library_sizes(adata.X), np.zeros(n, np.int64))
+    order = np.concatenate([mb.cell_index for mb in loader.batches(np.arange(n), 64, shuffle=True, rng=np.random.default_rng(0))])
+    assert np.array_equal(np.sort(order), np.arange(n))
+
+
 @pytest.mark.parametrize("kind", list(FORMATS))
 def test_model_trained_from_a_zarr_store_embeds_cell_types_and_leaves_the_anndata_alone(stores, simulated, kind):
     adata = cellvae.read_zarr_lazy(stores[kind])
