@@ -33,6 +33,10 @@ BACKED_BLOCK_ROWS = 256
 PREFETCH_BATCHES = 4
 # Cells per read buffer of a backed CSC matrix, where every buffer reads the whole file.
 BACKED_CSC_BUFFER_ROWS = 65_536
+# A dense store chunked by more rows than a block is read whole storage chunks at a time; a read
+# buffer then holds this many chunks, so that minibatches mix parts of the file, within CHUNKED_BUFFER_BYTES.
+CHUNKS_PER_BUFFER = 4
+CHUNKED_BUFFER_BYTES = 4 * CHUNK_BYTES
 # Counts densified per minibatch, at most, by passes that only evaluate the model (encoding,
 # validation, diagnostics): 32 MB of float32, so that many genes do not blow up their memory.
 EVALUATION_VALUES = 2**23
@@ -229,8 +233,10 @@ def read_zarr_lazy(store) -> ad.AnnData:
     inference, like a backed ``.h5ad``; ``obs``, ``var``, ``obsm``, ``uns`` and the rest are read
     into memory. The store must stay in place while the AnnData is used.
 
-    CSR is the fastest layout to stream. A dense ``X`` reads faster when its chunks hold whole
-    rows: ``adata.write_zarr(path, chunks=(256, adata.n_vars))``.
+    CSR is the fastest layout to stream. A dense ``X`` is read a whole storage chunk of rows at a
+    time, several chunks per read buffer, so anndata's default chunks (thousands of rows) stream
+    well; chunks of more than 512 MB are slow and warned about: then write
+    ``adata.write_zarr(path, chunks=(256, adata.n_vars))``.
 
     Parameters
     ----------
@@ -429,9 +435,9 @@ class CellLoader:
         self.gene_columns = gene_columns
         self.device = torch.device(device)
         self._on_device = None
-        if self.backed and _row_chunk(matrix) > self._buffer_rows(self.n_genes, 1):
+        if self.backed and 4 * self.n_genes * _row_chunk(matrix) > CHUNKED_BUFFER_BYTES:
             warnings.warn(
-                f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than one read "
+                f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than a read "
                 "buffer holds: every buffer decompresses whole chunks for a few of their rows, which is slow. "
                 "Store it in chunks of whole rows, e.g. adata.write_zarr(path, chunks=(256, adata.n_vars))",
                 UserWarning,
@@ -463,20 +469,20 @@ class CellLoader:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
         if self.device.type == "cuda" and self._fits_on_device():
             return self._device_batches(cells, batch_size, shuffle, rng)
-        chunk_rows = self._buffer_rows(self.n_genes, batch_size)
+        chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
         if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
             chunk_rows = max(chunk_rows, BACKED_CSC_BUFFER_ROWS // batch_size * batch_size)
+        row_chunk = _row_chunk(self.matrix) if self.backed else 1
+        if row_chunk > BACKED_BLOCK_ROWS:  # whole storage chunks per buffer (see _chunks)
+            n_chunks = min(CHUNKS_PER_BUFFER, CHUNKED_BUFFER_BYTES // (4 * self.n_genes * row_chunk))
+            if n_chunks >= 1:
+                chunk_rows = max(chunk_rows, -(-n_chunks * row_chunk // batch_size) * batch_size)
         chunks = list(self._chunks(cells, chunk_rows, shuffle, rng))
         if not self.backed:
             # In memory, a batch is ready in microseconds; a reader thread would only compete with
             # torch's own threads for the cores (and slow every parallel kernel down).
             return self._read_batches(chunks, batch_size, with_sparse)
         return _prefetch(self._read_batches(chunks, batch_size, with_sparse), PREFETCH_BATCHES)
-
-    @staticmethod
-    def _buffer_rows(n_genes: int, batch_size: int) -> int:
-        """Cells per read buffer: about ``CHUNK_BYTES`` densified, a whole number of minibatches."""
-        return max(batch_size, (CHUNK_BYTES // (4 * max(n_genes, 1))) // batch_size * batch_size)
 
     def evaluation_batch_size(self, batch_size: int) -> int:
         """``batch_size``, or fewer cells where genes are many: passes that only evaluate the model

@@ -109,7 +109,9 @@ def test_a_dense_store_chunked_by_many_rows_is_decompressed_once_per_chunk_per_e
     ad.AnnData(simulated.X.toarray(), obs=simulated.obs, var=simulated.var).write_zarr(path, chunks=(300, 40))
     matrix = RecordingArray(cellvae.read_zarr_lazy(path).X)
     assert matrix.chunks == (300, 40)
-    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * simulated.n_vars * 640)  # buffers of 640 cells: 2 chunks
+    # buffers of 150 cells, or of at most 600 when reading whole chunks: 2 chunks of 300 (640 cells: 10 minibatches)
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * simulated.n_vars * 150)
+    monkeypatch.setattr(cellvae.data, "CHUNKED_BUFFER_BYTES", 4 * simulated.n_vars * 600)
     n = simulated.n_obs
     loader = CellLoader(matrix, np.zeros((n, 0), np.float32), library_sizes(simulated.X), np.zeros(n, np.int64))
     cells = np.flatnonzero(np.random.default_rng(0).random(n) < 0.9)  # a training split
@@ -119,6 +121,7 @@ def test_a_dense_store_chunked_by_many_rows_is_decompressed_once_per_chunk_per_e
         np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
         seen.append(mb.cell_index)
     assert np.array_equal(np.sort(np.concatenate(seen)), cells)
+    assert all(len(np.unique(index // 300)) == 2 for index in seen[:5])  # each minibatch mixes its buffer's 2 chunks
     chunks_read = np.concatenate([np.unique(rows // 300) for rows in matrix.reads])
     assert np.array_equal(np.sort(chunks_read), np.arange(n // 300))  # every chunk read exactly once
 
@@ -126,7 +129,7 @@ def test_a_dense_store_chunked_by_many_rows_is_decompressed_once_per_chunk_per_e
 def test_a_dense_store_chunked_by_more_rows_than_a_buffer_warns_and_still_streams(simulated, tmp_path, monkeypatch):
     path = tmp_path / "tall_chunks.zarr"
     ad.AnnData(simulated.X.toarray(), obs=simulated.obs, var=simulated.var).write_zarr(path, chunks=(1200, 10))
-    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * simulated.n_vars * 640)
+    monkeypatch.setattr(cellvae.data, "CHUNKED_BUFFER_BYTES", 4 * simulated.n_vars * 600)
     adata = cellvae.read_zarr_lazy(path)
     n = adata.n_obs
     with pytest.warns(UserWarning, match=r"chunks of 1,200 rows.*chunks=\(256, adata.n_vars\)"):
