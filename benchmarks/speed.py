@@ -844,7 +844,10 @@ def part_table(args) -> None:
                 run = runs.get(f"{key}_{layout}")
                 if run is None:
                     continue
-                stored_as = {"dense": "DENSE (anndata's chunks)", "dense_row_chunks": "DENSE in chunks of 256 whole rows"}
+                stored_as = {
+                    "dense": "DENSE (anndata's chunks)" if key == "zarr" else "DENSE",
+                    "dense_row_chunks": "DENSE in chunks of 256 whole rows",
+                }
                 stored_as = stored_as.get(layout, layout.upper())
                 in_memory = run.get("in_memory_epoch_seconds", runs["in_memory"]["epoch_seconds"])
                 lines.append(
