@@ -42,6 +42,7 @@ class Config:
     beta: float = 1.0
     kl_warmup: int | None = None
     free_bits: float = 0.0
+    batch_mmd: float = 0.0
     format_version: int = FORMAT_VERSION
     cellvae_version: str = ""
 
@@ -60,6 +61,7 @@ class Config:
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
             (self.beta >= 0.0, f"beta must be non-negative, got {self.beta!r}"),
             (self.free_bits >= 0.0, f"free_bits must be non-negative, got {self.free_bits!r}"),
+            (self.batch_mmd >= 0.0, f"batch_mmd must be non-negative, got {self.batch_mmd!r}"),
             (
                 self.kl_warmup is None or (isinstance(self.kl_warmup, int) and self.kl_warmup >= 0),
                 f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}",

@@ -72,6 +72,12 @@ class CellVAE:
         Epochs of linear KL warm-up; ``None`` picks a quarter of training (at most 50).
     free_bits
         Per-dimension KL floor (nats) below which the KL costs nothing; counters posterior collapse.
+    batch_mmd
+        Weight of a penalty, added to each minibatch's loss per cell, on the maximum mean discrepancy
+        between each batch's latent codes and the other batches' (used with a ``batch_key``; 0 turns it
+        off). It removes what is left of a batch's overall shift in the latent space. In the benchmarks
+        the default 10 raised the scib total on all four datasets (batch correction up, bio conservation
+        slightly down on three); set 0 where batches differ in the cell types they hold.
     encode_batch
         Give the encoder the covariates too (the decoder always gets them).
     posterior
@@ -98,6 +104,7 @@ class CellVAE:
         beta: float = 1.0,
         kl_warmup: int | None = None,
         free_bits: float = 0.0,
+        batch_mmd: float = 10.0,
         encode_batch: bool = True,
         posterior: str = "diagonal",
     ):
@@ -134,6 +141,7 @@ class CellVAE:
             beta=beta,
             kl_warmup=kl_warmup,
             free_bits=free_bits,
+            batch_mmd=batch_mmd,
             encode_batch=encode_batch,
             posterior=posterior,
             cellvae_version=__version__,

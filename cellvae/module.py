@@ -241,7 +241,32 @@ class VAE(nn.Module):
             floor = per_dim.mean(0).clamp(min=self.config.free_bits).sum()
             penalised = rate - per_dim.sum(-1) + floor
         loss = (distortion + kl_weight * penalised).mean()
+        if self.training and self.config.batch_mmd > 0 and self.config.batch_key:
+            loss = loss + self.config.batch_mmd * batch_discrepancy(q["z"], batch_index, self.config.n_batches)
         return {"loss": loss, "distortion": distortion, "rate": rate}
+
+
+# Widths of the Gaussian kernels of the batch discrepancy, in units of the latent space (prior: N(0, I)).
+MMD_BANDWIDTHS = (1.0, 2.0, 4.0, 8.0)
+
+
+def batch_discrepancy(z: torch.Tensor, batch_index: torch.Tensor, n_batches: int) -> torch.Tensor:
+    """Squared maximum mean discrepancy between each batch's codes ``z`` and the other batches' codes
+    (a sum of Gaussian kernels of widths ``MMD_BANDWIDTHS``), summed over the batches that share the
+    minibatch with cells of other batches; 0 when the minibatch holds one batch only.
+
+    The biased estimate: it includes each code's kernel with itself, a constant that adds about
+    ``len(MMD_BANDWIDTHS) / cells per batch`` and no gradient."""
+    squared = torch.cdist(z, z).pow(2)
+    kernel = sum(torch.exp(squared / (-2.0 * width**2)) for width in MMD_BANDWIDTHS)
+    inside = F.one_hot(batch_index.long().reshape(-1), n_batches).to(z.dtype)  # cells × batches
+    outside = 1.0 - inside
+    n_inside, n_outside = inside.sum(0), outside.sum(0)
+    within = (inside * (kernel @ inside)).sum(0) / n_inside.clamp(min=1) ** 2
+    others = (outside * (kernel @ outside)).sum(0) / n_outside.clamp(min=1) ** 2
+    between = (inside * (kernel @ outside)).sum(0) / (n_inside * n_outside).clamp(min=1)
+    present = (n_inside > 0) & (n_outside > 0)
+    return ((within + others - 2.0 * between) * present).sum()
 
 
 def importance_log_weights(

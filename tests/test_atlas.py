@@ -62,6 +62,48 @@ def test_integration_mixes_batches_and_keeps_cell_types(three_batches, integrate
     assert knn_accuracy(latent, types) > 0.95
 
 
+def batch_share_of_latent_variance(latent: np.ndarray, obs: pd.DataFrame) -> float:
+    """Share of the latent variance within each cell type that the batch explains (between-batch means)."""
+    explained = total = 0.0
+    for _, cells in obs.groupby("cell_type", observed=True).indices.items():
+        codes = latent[cells] - latent[cells].mean(0)
+        batch = obs["batch"].to_numpy()[cells]
+        means = pd.DataFrame(codes).groupby(batch).transform("mean").to_numpy()
+        explained += float((means**2).sum())
+        total += float((codes**2).sum())
+    return explained / total
+
+
+def test_batch_discrepancy_is_zero_for_one_batch_and_grows_with_a_shift():
+    from cellvae.module import batch_discrepancy
+
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 10, generator=generator)
+    batches = torch.arange(300) % 3
+    same = batch_discrepancy(z, batches, 3)
+    shifted = z.clone()
+    shifted[batches == 1, 0] += 3.0
+    # the biased estimate: the same distribution gives the kernels' self-similarity / batch size (no gradient)
+    assert 0 < same < 0.2 and batch_discrepancy(shifted, batches, 3) > same + 0.5
+    assert batch_discrepancy(shifted, torch.zeros(300, dtype=torch.long), 3) == 0  # one batch: nothing to compare
+    shifted.requires_grad_(True)
+    batch_discrepancy(shifted, batches, 3).backward()
+    assert torch.isfinite(shifted.grad).all()
+    assert shifted.grad[batches == 1, 0].mean() > 0  # a descent step moves the shifted batch back
+
+
+def test_batch_mmd_removes_the_batch_share_of_the_latent_and_keeps_cell_types(three_batches, integrated):
+    assert integrated.config.batch_mmd == 10.0  # the default
+    plain = CellVAE(three_batches, batch_key="batch", batch_mmd=0.0).fit(max_epochs=200, progress=False).get_latent()
+    latent = integrated.get_latent()
+    assert batch_share_of_latent_variance(latent, three_batches.obs) < 0.5 * batch_share_of_latent_variance(
+        plain, three_batches.obs
+    )
+    assert knn_accuracy(latent, three_batches.obs["cell_type"]) > 0.95
+    with pytest.raises(ValueError, match="batch_mmd must be non-negative"):
+        CellVAE(three_batches, batch_key="batch", batch_mmd=-1.0)
+
+
 def test_transform_batch_removes_the_batch_from_expression(three_batches, integrated):
     cells = (three_batches.obs["cell_type"] == "type0").to_numpy()
     from_0 = cells & (three_batches.obs["batch"] == "batch0").to_numpy()
