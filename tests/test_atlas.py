@@ -93,9 +93,9 @@ def test_batch_discrepancy_is_zero_for_one_batch_and_grows_with_a_shift():
 
 
 def test_batch_mmd_removes_the_batch_share_of_the_latent_and_keeps_cell_types(three_batches, integrated):
-    assert integrated.config.batch_mmd == 10.0  # the default
-    plain = CellVAE(three_batches, batch_key="batch", batch_mmd=0.0).fit(max_epochs=200, progress=False).get_latent()
-    latent = integrated.get_latent()
+    assert integrated.config.batch_mmd == 0.0  # the default: off
+    penalised = CellVAE(three_batches, batch_key="batch", batch_mmd=10.0).fit(max_epochs=200, progress=False)
+    plain, latent = integrated.get_latent(), penalised.get_latent()
     assert batch_share_of_latent_variance(latent, three_batches.obs) < 0.5 * batch_share_of_latent_variance(
         plain, three_batches.obs
     )
