@@ -92,7 +92,7 @@ def test_batch_discrepancy_is_zero_for_one_batch_and_grows_with_a_shift():
     assert shifted.grad[batches == 1, 0].mean() > 0  # a descent step moves the shifted batch back
 
 
-def test_batch_mmd_removes_the_batch_share_of_the_latent_and_keeps_cell_types(three_batches, integrated):
+def test_batch_mmd_removes_the_batch_share_of_the_latent_and_keeps_cell_types(three_batches, integrated, tmp_path):
     assert integrated.config.batch_mmd == 0.0  # the default: off
     penalised = CellVAE(three_batches, batch_key="batch", batch_mmd=10.0).fit(max_epochs=200, progress=False)
     plain, latent = integrated.get_latent(), penalised.get_latent()
@@ -100,6 +100,10 @@ def test_batch_mmd_removes_the_batch_share_of_the_latent_and_keeps_cell_types(th
         plain, three_batches.obs
     )
     assert knn_accuracy(latent, three_batches.obs["cell_type"]) > 0.95
+    penalised.save(tmp_path / "model")
+    loaded = CellVAE.load(tmp_path / "model")
+    assert loaded.config.batch_mmd == 10.0
+    np.testing.assert_array_equal(loaded.get_latent(three_batches), latent)
     with pytest.raises(ValueError, match="batch_mmd must be non-negative"):
         CellVAE(three_batches, batch_key="batch", batch_mmd=-1.0)
 
