@@ -472,12 +472,17 @@ class CellLoader:
         chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
         if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
             chunk_rows = max(chunk_rows, BACKED_CSC_BUFFER_ROWS // batch_size * batch_size)
+        block_rows = BACKED_BLOCK_ROWS
         row_chunk = _row_chunk(self.matrix) if self.backed else 1
-        if row_chunk > BACKED_BLOCK_ROWS:  # whole storage chunks per buffer (see _chunks)
+        if row_chunk > BACKED_BLOCK_ROWS:
+            # Dense storage chunked by more rows than a block (anndata's Zarr default: thousands): one
+            # block per storage chunk, so each chunk is decompressed once per epoch, not once per block,
+            # and up to CHUNKS_PER_BUFFER chunks per buffer.
             n_chunks = min(CHUNKS_PER_BUFFER, CHUNKED_BUFFER_BYTES // (4 * self.n_genes * row_chunk))
             if n_chunks >= 1:
+                block_rows = row_chunk
                 chunk_rows = max(chunk_rows, -(-n_chunks * row_chunk // batch_size) * batch_size)
-        chunks = list(self._chunks(cells, chunk_rows, shuffle, rng))
+        chunks = list(self._chunks(cells, chunk_rows, block_rows, shuffle, rng))
         if not self.backed:
             # In memory, a batch is ready in microseconds; a reader thread would only compete with
             # torch's own threads for the cores (and slow every parallel kernel down).
@@ -497,7 +502,7 @@ class CellLoader:
                 rows = slice(start, start + batch_size)
                 yield self._minibatch(block[rows], chunk[rows], with_sparse)
 
-    def _chunks(self, cells, chunk_rows, shuffle, rng) -> Iterator[np.ndarray]:
+    def _chunks(self, cells, chunk_rows, block_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:
             yield from (cells[s : s + chunk_rows] for s in range(0, len(cells), chunk_rows))
             return
@@ -506,15 +511,10 @@ class CellLoader:
             yield from (order[s : s + chunk_rows] for s in range(0, len(order), chunk_rows))
             return
         sorted_cells = np.sort(cells)
-        row_chunk = _row_chunk(self.matrix)
-        if BACKED_BLOCK_ROWS < row_chunk <= chunk_rows:
-            # Dense storage chunked by more rows than a block (anndata's Zarr default: thousands): one
-            # block per storage chunk, so each chunk is decompressed once per epoch, not once per block.
-            blocks = np.split(sorted_cells, np.flatnonzero(np.diff(sorted_cells // row_chunk)) + 1)
-            block_rows = row_chunk
+        if block_rows > BACKED_BLOCK_ROWS:  # a block is the cells of one storage chunk
+            blocks = np.split(sorted_cells, np.flatnonzero(np.diff(sorted_cells // block_rows)) + 1)
         else:
-            blocks = [sorted_cells[s : s + BACKED_BLOCK_ROWS] for s in range(0, len(sorted_cells), BACKED_BLOCK_ROWS)]
-            block_rows = BACKED_BLOCK_ROWS
+            blocks = [sorted_cells[s : s + block_rows] for s in range(0, len(sorted_cells), block_rows)]
         block_order = rng.permutation(len(blocks))
         blocks_per_chunk = max(1, chunk_rows // block_rows)
         for s in range(0, len(blocks), blocks_per_chunk):
