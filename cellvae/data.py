@@ -575,18 +575,19 @@ class CellLoader:
             return False
         if self._on_device is None:
             free, _ = torch.cuda.mem_get_info(self.device)
-            if 4 * self.matrix.shape[0] * self.n_genes > free // 4:
-                self._on_device = False
-            else:
-                rows = self._read_rows(np.arange(self.matrix.shape[0]))
-                dense = rows.toarray() if sp.issparse(rows) else rows
-                self._on_device = (
-                    torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).to(self.device),
-                    torch.from_numpy(self.covariates).to(self.device),
-                    torch.from_numpy(self.library[:, None]).to(self.device),
-                    torch.from_numpy(self.batch_index).to(self.device),
-                )
+            self._on_device = False if 4 * self.matrix.shape[0] * self.n_genes > free // 4 else self._resident_tensors()
         return self._on_device is not False
+
+    def _resident_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every cell's dense counts, covariates, library size and batch code, on the loader's device."""
+        rows = self._read_rows(np.arange(self.matrix.shape[0]))
+        dense = rows.toarray() if sp.issparse(rows) else rows
+        return (
+            torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)).to(self.device),
+            torch.from_numpy(self.covariates).to(self.device),
+            torch.from_numpy(self.library[:, None]).to(self.device),
+            torch.from_numpy(self.batch_index).to(self.device),
+        )
 
     def _device_batches(self, cells, batch_size, shuffle, rng) -> Iterator[Minibatch]:
         counts, covariates, library, batch_index = self._on_device
