@@ -798,7 +798,7 @@ def part_table(args) -> None:
         )
         if "ratio_bfloat16" in t:
             lines.append(
-                f"| same, `fit(precision=\"bfloat16\")` (option) | {t['cellvae_bfloat16_cells_per_s']:,} | "
+                f'| same, `fit(precision="bfloat16")` (option) | {t["cellvae_bfloat16_cells_per_s"]:,} | '
                 f"{t['scvi_cells_per_s']:,} | {t['ratio_bfloat16']}× |"
             )
     s, c = r.get("time_to_quality_scvi"), r.get("time_to_quality_cellvae")

@@ -81,9 +81,7 @@ def simulate(
     obs = pd.DataFrame(
         {
             "batch": pd.Categorical([f"batch{b}" for b in batch], categories=[f"batch{b}" for b in range(n_batches)]),
-            "cell_type": pd.Categorical(
-                [f"type{t}" for t in cell_type], categories=[f"type{t}" for t in range(n_cell_types)]
-            ),
+            "cell_type": pd.Categorical([f"type{t}" for t in cell_type], categories=[f"type{t}" for t in range(n_cell_types)]),
         },
         index=[f"cell{i}" for i in range(n_cells)],
     )

@@ -453,8 +453,7 @@ class CellVAE:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise ValueError(
-                f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-                "(written by CellVAE.save)"
+                f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
             )
         config = Config.from_json(path / CONFIG_FILE)
         try:
@@ -775,8 +774,10 @@ class CellVAE:
             raise ValueError(f"n_cells must be a positive integer, got {n_cells!r}")
         c = self.config
         given = dict(covariates or {})
-        needs_template = library_size is None or (c.batch_key and batch is None) or any(
-            k not in given for k in c.categorical_covariate_keys + c.continuous_covariate_keys
+        needs_template = (
+            library_size is None
+            or (c.batch_key and batch is None)
+            or any(k not in given for k in c.categorical_covariate_keys + c.continuous_covariate_keys)
         )
         rng = np.random.default_rng(random_state)
         template = None
@@ -846,11 +847,14 @@ class CellVAE:
         with torch.no_grad():
             for start in range(0, len(z), batch_size):
                 rows = slice(start, start + batch_size)
-                yield rows, self.module.generative(
-                    torch.from_numpy(z[rows]).to(self.device),
-                    torch.from_numpy(covariates[rows]).to(self.device),
-                    torch.from_numpy(library[rows, None]).to(self.device),
-                    torch.from_numpy(codes[rows]).to(self.device),
+                yield (
+                    rows,
+                    self.module.generative(
+                        torch.from_numpy(z[rows]).to(self.device),
+                        torch.from_numpy(covariates[rows]).to(self.device),
+                        torch.from_numpy(library[rows, None]).to(self.device),
+                        torch.from_numpy(codes[rows]).to(self.device),
+                    ),
                 )
 
     def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> None:
