@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,27 @@ def shared_dataset(name: str):
     if not path.is_file():
         pytest.skip(f"real dataset {path} not found (the ../shared/data folder beside the repository is absent)")
     return ad.read_h5ad(path)
+
+
+def knn_accuracy(representation, labels) -> float:
+    """5-fold (stratified, shuffled) accuracy of a 15-nearest-neighbour classifier of ``labels``."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    return float(cross_val_score(KNeighborsClassifier(15), representation, np.asarray(labels), cv=folds).mean())
+
+
+def pca_of(adata, n_comps: int = 10) -> np.ndarray:
+    """``n_comps`` principal components of log-normalised counts (scanpy's standard workflow)."""
+    import anndata as ad
+    import scanpy as sc
+
+    norm = ad.AnnData(adata.X.copy())
+    sc.pp.normalize_total(norm, target_sum=1e4)
+    sc.pp.log1p(norm)
+    sc.pp.pca(norm, n_comps=n_comps, random_state=0)
+    return norm.obsm["X_pca"]
 
 
 @pytest.fixture(scope="session")

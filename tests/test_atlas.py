@@ -6,10 +6,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scanpy as sc
 import scipy.sparse as sp
 import torch
-from conftest import shared_dataset
+from conftest import pca_of, shared_dataset
 from sklearn.model_selection import KFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
@@ -21,14 +20,6 @@ def knn_accuracy(representation: np.ndarray, labels) -> float:
     """Cross-validated accuracy of a 15-NN classifier: near chance for batches means they mix."""
     folds = KFold(5, shuffle=True, random_state=0)
     return float(cross_val_score(KNeighborsClassifier(15), representation, np.asarray(labels).astype(str), cv=folds).mean())
-
-
-def pca_of(adata: ad.AnnData, n_comps: int = 10) -> np.ndarray:
-    norm = ad.AnnData(adata.X.copy())
-    sc.pp.normalize_total(norm, target_sum=1e4)
-    sc.pp.log1p(norm)
-    sc.pp.pca(norm, n_comps=n_comps, random_state=0)
-    return norm.obsm["X_pca"]
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
+from conftest import knn_accuracy
 
 import cellvae
 from cellvae.train import shard
 
 EPOCHS = 20
-
-
-def knn_accuracy(latent: np.ndarray, labels) -> float:
-    folds = StratifiedKFold(5, shuffle=True, random_state=0)
-    return float(cross_val_score(KNeighborsClassifier(15), latent, np.asarray(labels), cv=folds).mean())
 
 
 def test_shards_cover_every_cell_once_and_have_equal_length():

@@ -8,17 +8,10 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
-from conftest import shared_dataset
-from sklearn.model_selection import StratifiedKFold, cross_val_score
-from sklearn.neighbors import KNeighborsClassifier
+from conftest import knn_accuracy, pca_of, shared_dataset
 
 import cellvae
 from cellvae import CellVAE
-
-
-def knn_accuracy(representation, labels, k=15):
-    folds = StratifiedKFold(5, shuffle=True, random_state=0)
-    return cross_val_score(KNeighborsClassifier(k), representation, labels, cv=folds).mean()
 
 
 def test_pbmc_embedding_is_as_good_as_pca(pbmc):
@@ -27,12 +20,8 @@ def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     model = cellvae.tl.embed(adata, random_state=0, progress=False)
     assert adata.obsm["X_cellvae"].shape == (700, 10) and adata.obsm["X_cellvae"].dtype == np.float32
     assert adata.uns["cellvae"]["params"]["key_added"] == "X_cellvae"
-    normalised = pbmc.copy()
-    sc.pp.normalize_total(normalised, target_sum=1e4)
-    sc.pp.log1p(normalised)
-    sc.pp.pca(normalised, n_comps=10, random_state=0)
     labels = pbmc.obs["cell_type"].to_numpy()
-    pca_accuracy = knn_accuracy(normalised.obsm["X_pca"], labels)
+    pca_accuracy = knn_accuracy(pca_of(pbmc), labels)
     ours = knn_accuracy(adata.obsm["X_cellvae"], labels)
     assert ours >= 0.95 * pca_accuracy, (ours, pca_accuracy)
     history = model.history
@@ -51,11 +40,7 @@ def test_fine_mouse_cell_types_separate_as_well_as_with_pca():
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     embedded = adata.copy()
     cellvae.tl.embed(embedded, random_state=0, progress=False)
-    normalised = adata.copy()
-    sc.pp.normalize_total(normalised, target_sum=1e4)
-    sc.pp.log1p(normalised)
-    sc.pp.pca(normalised, n_comps=10, random_state=0)
-    ours, pca_accuracy = knn_accuracy(embedded.obsm["X_cellvae"], labels), knn_accuracy(normalised.obsm["X_pca"], labels)
+    ours, pca_accuracy = knn_accuracy(embedded.obsm["X_cellvae"], labels), knn_accuracy(pca_of(adata), labels)
     assert ours >= 0.95 * pca_accuracy, (ours, pca_accuracy)
     assert ours > 2.5 * pd.Series(labels).value_counts(normalize=True).max()  # far above always guessing "Stem" (0.18)
 
