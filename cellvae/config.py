@@ -72,6 +72,10 @@ class Config:
                 raise ValueError(message)
         if self.dispersion == "gene-batch" and not self.batch_key:
             raise ValueError("dispersion='gene-batch' needs a batch_key; pass batch_key=... or use dispersion='gene'")
+        if self.batch_mmd > 0 and not self.batch_key:
+            raise ValueError(
+                "batch_mmd > 0 penalises differences between batches and needs a batch_key; pass batch_key=... or batch_mmd=0"
+            )
 
     @property
     def n_genes(self) -> int:

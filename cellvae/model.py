@@ -74,7 +74,7 @@ class CellVAE:
         Per-dimension KL floor (nats) below which the KL costs nothing; counters posterior collapse.
     batch_mmd
         Weight of a penalty, added to each minibatch's loss per cell, on the maximum mean discrepancy
-        between each batch's latent codes and the other batches' (used with a ``batch_key``; default 0:
+        between each batch's latent codes and the other batches' (needs a ``batch_key``; default 0:
         off). It removes what is left of a batch's overall shift in the latent space. In the benchmarks
         10 raised the scib total on all four datasets (batch correction up, bio conservation slightly down
         on three) and lowered label transfer on the atlas whose batches differ in cell types. It pulls the

@@ -241,7 +241,7 @@ class VAE(nn.Module):
             floor = per_dim.mean(0).clamp(min=self.config.free_bits).sum()
             penalised = rate - per_dim.sum(-1) + floor
         loss = (distortion + kl_weight * penalised).mean()
-        if self.training and self.config.batch_mmd > 0 and self.config.batch_key:
+        if self.training and self.config.batch_mmd > 0:
             loss = loss + self.config.batch_mmd * batch_discrepancy(q["z"], batch_index, self.config.n_batches)
         return {"loss": loss, "distortion": distortion, "rate": rate}
 

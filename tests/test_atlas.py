@@ -97,6 +97,8 @@ def test_batch_mmd_removes_the_batch_share_of_the_latent_and_keeps_cell_types(th
     np.testing.assert_array_equal(loaded.get_latent(three_batches), latent)
     with pytest.raises(ValueError, match="batch_mmd must be non-negative"):
         CellVAE(three_batches, batch_key="batch", batch_mmd=-1.0)
+    with pytest.raises(ValueError, match="batch_mmd > 0 .* needs a batch_key"):  # no batches to penalise
+        CellVAE(three_batches, batch_mmd=10.0)
 
 
 def test_transform_batch_removes_the_batch_from_expression(three_batches, integrated):
