@@ -177,6 +177,18 @@ def test_gpu_keeps_fitting_data_on_the_device(counts):
     np.testing.assert_array_equal(seen[0].counts.cpu().numpy(), counts.X.toarray()[seen[0].cell_index])
 
 
+def test_counts_copied_to_the_device_in_chunks_equal_the_matrix(counts, monkeypatch):
+    """The device copy is built 150 rows at a time (here 18 chunks), so the host never densifies it all."""
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * counts.n_vars * 150)
+    reads, read_rows = [], CellLoader._read_rows
+    monkeypatch.setattr(CellLoader, "_read_rows", lambda self, rows: reads.append(len(rows)) or read_rows(self, rows))
+    resident, covariates, library, batch_index = loader_for(counts)._resident_tensors()
+    assert max(reads) == 150 and sum(reads) == counts.n_obs
+    np.testing.assert_array_equal(resident.numpy(), counts.X.toarray())
+    np.testing.assert_allclose(library.numpy()[:, 0], np.asarray(counts.X.sum(1)).ravel())
+    assert covariates.shape == (counts.n_obs, 0) and batch_index.shape == (counts.n_obs,)
+
+
 def test_the_gpu_path_run_on_the_cpu_trains_like_the_cpu_path(pbmc, monkeypatch):
     """The GPU's way of training (all counts resident on the device, minibatches gathered there, no sparse
     counts, so the dense likelihood) run on the CPU, where CI can run it: same epochs, held-out ELBO within
