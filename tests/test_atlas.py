@@ -226,12 +226,14 @@ def test_query_batch_problems_raise_clear_errors(reference_and_query):
 
 
 def test_train_input_layer_trains_the_first_encoder_layer(reference_and_query):
-    model, _, query = reference_and_query
+    model, reference, query = reference_and_query
     query_model = model.map_query(query, train_input_layer=True, max_epochs=3, progress=False)
     old = model.module.encoder.body.linears[0].weight
     new = query_model.module.encoder.body.linears[0].weight
     assert not torch.equal(new[:, : model.config.n_genes], old[:, : model.config.n_genes])
     assert torch.equal(query_model.module.decoder.proportions.weight, model.module.decoder.proportions.weight)
+    # unlike the frozen map, reference cells embed differently now (the docstring says: re-embed them)
+    assert not np.allclose(query_model.get_latent(reference), model.get_latent(reference), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- label transfer
