@@ -1,0 +1,213 @@
+"""The GPU check: what only a CUDA machine can show about cellvae, in one command of a few minutes.
+
+This machine has no GPU; a session that is lent one runs this script there once (its device time is
+short, so everything is prepared here). How to run it, wheels included: benchmarks/README.md, "GPU check".
+
+    python benchmarks/gpu_check.py --data DIR_WITH_KANG_H5AD --out DIR
+
+Each part writes its numbers into ``DIR/gpu_check.json`` as soon as it ends; a part that fails records
+its error and the others still run:
+
+- ``tests``: the tests that skip without CUDA (device-resident minibatches, the out-of-memory message).
+- ``throughput``: training cells/s over whole epochs (first dropped) with the speed benchmark's
+  architecture, at batch 128 and 1,024, float32 and bfloat16, on pbmc68k, the Kang data and simulated
+  200,000 × 2,000 counts; whether the counts were resident on the GPU; peak GPU memory; scVI on the
+  same data and batch size when scvi-tools imports.
+- ``time_to_quality``: cellvae's default ``fit`` on 90% of the Kang cells and its held-out negative ELBO
+  per cell (the CPU runs reach 1,241.8–1,242.3 nats in 35–46 s; scVI's default run 1,260.4).
+- ``determinism``: two fits with the same seed; how far apart their embeddings are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the CPU benchmark's data, splits and scVI set-up)
+
+GPU_TESTS = [
+    "tests/test_loader.py::test_gpu_keeps_fitting_data_on_the_device",
+    "tests/test_reliability.py::test_gpu_out_of_memory_suggests_a_smaller_batch_size",
+]
+KANG = "kang_ctrl_5donors_muscat.h5ad"
+
+
+def part_environment(args) -> dict:
+    import torch
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if args.device == "cuda":
+        found["gpu"] = torch.cuda.get_device_name(0)
+        found["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return found
+
+
+def part_tests(args) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *GPU_TESTS],
+        cwd=speed.REPO,
+        capture_output=True,
+        text=True,
+    )
+    print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
+    return {"exit_code": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]}
+
+
+def cellvae_throughput(adata, batch_key, batch_size: int, precision: str, epochs: int, device: str) -> dict:
+    import torch
+
+    import cellvae
+
+    model = cellvae.CellVAE(adata, batch_key=batch_key, **speed.ARCH)
+    fit = {"validation_size": 0.0, "early_stopping": False, "progress": False, "device": device}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.fit(max_epochs=epochs, batch_size=batch_size, precision=precision, **fit)
+    seconds = model.history["seconds"].iloc[1:].sum()
+    row = {
+        "cells_per_s": round(adata.n_obs * (epochs - 1) / seconds),
+        "final_train_loss": round(float(model.history["train_loss"].iloc[-1]), 2),
+    }
+    if device == "cuda":
+        row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        row["resident_on_gpu"] = bool(model._loader(adata, torch.device(device))[0]._fits_on_device())
+    return row
+
+
+def scvi_throughput(adata, batch_key, batch_size: int, epochs: int, device: str) -> dict:
+    timer = speed.epoch_timer()
+    model, _ = speed.scvi_model(adata, batch_key, **speed.ARCH, gene_likelihood="nb")
+    model.train(
+        max_epochs=epochs,
+        batch_size=batch_size,
+        train_size=1.0,
+        early_stopping=False,
+        callbacks=[timer],
+        enable_progress_bar=False,
+        check_val_every_n_epoch=None,
+        accelerator="gpu" if device == "cuda" else "cpu",
+    )
+    return {"cells_per_s": round(adata.n_obs * (epochs - 1) / sum(timer.seconds[1:]))}
+
+
+def part_throughput(args) -> dict:
+    import anndata as ad
+
+    datasets = [("pbmc68k_765_genes", speed.pbmc68k(), None, 6 * 8)]
+    if (args.data / KANG).is_file():
+        datasets.append(("kang_2511_genes", ad.read_h5ad(args.data / KANG), "batch", 6))
+    simulated = speed.simulated_file(args.work_dir, args.cells)
+    datasets.append((f"simulated_{args.cells}x2000", ad.read_h5ad(simulated), "batch", 4))
+    try:
+        import scvi  # noqa: F401
+
+        with_scvi = not args.skip_scvi
+    except Exception as error:  # missing, or broken against the image's own packages
+        print(f"scVI is left out: {type(error).__name__}: {error}", flush=True)
+        with_scvi = False
+    results = {}
+    for name, adata, batch_key, epochs in datasets:
+        for batch_size in (128, 1024):
+            row = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs, "batch_size": batch_size}
+            for precision in ("float32", "bfloat16"):
+                row[f"cellvae_{precision}"] = cellvae_throughput(adata, batch_key, batch_size, precision, epochs, args.device)
+            if with_scvi:
+                row["scvi"] = scvi_throughput(adata, batch_key, batch_size, epochs, args.device)
+                row["ratio_float32"] = round(row["cellvae_float32"]["cells_per_s"] / row["scvi"]["cells_per_s"], 2)
+            results[f"{name}_batch{batch_size}"] = row
+            print(name, row, flush=True)
+    return results
+
+
+def part_time_to_quality(args) -> dict:
+    import anndata as ad
+
+    import cellvae
+
+    if not (args.data / KANG).is_file():
+        return {"skipped": f"{args.data / KANG} not found"}
+    adata = ad.read_h5ad(args.data / KANG)
+    train_cells, test_cells = speed.holdout_split(adata.n_obs)
+    train_adata, test_adata = adata[train_cells].copy(), adata[test_cells].copy()
+    runs = []
+    for seed in (0, 1):
+        started = time.perf_counter()
+        model = cellvae.CellVAE(train_adata, batch_key="batch").fit(random_state=seed, progress=False, device=args.device)
+        seconds = time.perf_counter() - started
+        model.module.cpu()  # the held-out ELBO is evaluated exactly as in the CPU runs
+        runs.append(
+            {
+                "seed": seed,
+                "fit_seconds": round(seconds, 1),
+                "epochs": len(model.history),
+                "heldout_neg_elbo_per_cell": round(speed.neg_elbo_cellvae(model, test_adata), 2),
+            }
+        )
+        print(runs[-1], flush=True)
+    return {"runs": runs}
+
+
+def part_determinism(args) -> dict:
+    import cellvae
+
+    adata = speed.pbmc68k()
+    latents = [
+        cellvae.CellVAE(adata).fit(max_epochs=30, random_state=0, progress=False, device=args.device).get_latent()
+        for _ in range(2)
+    ]
+    scale = float(np.abs(latents[0]).mean())
+    return {
+        "bitwise_identical": bool(np.array_equal(*latents)),
+        "max_abs_difference_over_mean_abs": float(np.abs(latents[0] - latents[1]).max() / scale),
+    }
+
+
+PARTS = {
+    "environment": part_environment,
+    "tests": part_tests,
+    "throughput": part_throughput,
+    "time_to_quality": part_time_to_quality,
+    "determinism": part_determinism,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--data", type=Path, default=speed.DATA, help="folder holding the Kang .h5ad (default: ../shared/data)")
+    parser.add_argument("--out", type=Path, default=speed.RESULTS, help="folder for gpu_check.json")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/cellvae-gpu"))
+    parser.add_argument("--cells", type=int, default=200_000, help="cells of the simulated data set")
+    parser.add_argument("--skip-scvi", action="store_true")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the script itself")
+    args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: run this on a GPU machine (or --device cpu for a dry run of the script)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "gpu_check.json"
+    results = {}
+    for name in args.parts:
+        started = time.perf_counter()
+        try:
+            results[name] = PARTS[name](args)
+        except Exception as error:  # one broken part must not cost the others' device time
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        results[name + "_seconds"] = round(time.perf_counter() - started, 1)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps({name: results[name]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
