@@ -12,6 +12,7 @@ from conftest import knn_accuracy, pca_of, shared_dataset
 
 import cellvae
 from cellvae import CellVAE
+from cellvae.train import default_max_epochs
 
 
 def test_pbmc_embedding_is_as_good_as_pca(pbmc):
@@ -68,6 +69,17 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         first.save(tmp_path / "model")
+
+
+def test_default_epochs_follow_the_dataset_size_and_never_exceed_scvis():
+    """About 500,000 cell passes (20 to 400 epochs); at atlas scale no more epochs than scVI's default,
+    which a floor of 20 epochs would exceed from 400,000 cells on (10M cells: 20 epochs instead of 1)."""
+    assert default_max_epochs(7_816) == 64  # the 5-donor Kang data's training cells
+    assert [default_max_epochs(n) for n in (5, 2_000, 100_000, 400_000)] == [400, 250, 20, 20]
+    assert [default_max_epochs(n) for n in (500_000, 1_000_000, 3_000_000, 10_000_000)] == [16, 8, 3, 1]
+    for n in (20_001, 50_000, 400_000, 750_000, 2_500_000, 30_000_000):
+        scvi_epochs = max(1, round(400 * 20_000 / n))  # scvi-tools' get_max_epochs_heuristic above 20,000 cells
+        assert 1 <= default_max_epochs(n) <= scvi_epochs
 
 
 def test_bfloat16_training_is_reproducible_and_as_good_as_float32(two_batches):
