@@ -170,17 +170,27 @@ def train(
             warnings.warn(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning, stacklevel=3)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
     quiet = not settings.progress or rank > 0
-    bar = tqdm(epochs, desc="cellvae", unit="epoch", disable=quiet, initial=epochs.start, total=settings.max_epochs)
+    # The bar counts cells (all ranks step through equal shards), so a long epoch of an atlas shows progress too.
+    cells_per_epoch = len(train_cells) * world
+    bar = tqdm(
+        desc="cellvae",
+        unit=" cells",
+        unit_scale=True,
+        disable=quiet,
+        initial=epochs.start * cells_per_epoch,
+        total=settings.max_epochs * cells_per_epoch,
+    )
     # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights).
     forward = DistributedDataParallel(vae) if world > 1 else vae
     vae.train()
     vae.set_compute_dtype(PRECISIONS[settings.precision])
     try:
-        for epoch in bar:
+        for epoch in epochs:
             started = time.perf_counter()
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
             for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True):
+                bar.update(len(mb.cell_index) * world)
                 if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
                     continue
                 kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
@@ -223,7 +233,7 @@ def train(
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             monitored = row["validation_loss"] if has_validation else row["train_loss"]
-            bar.set_postfix(loss=f"{monitored:.1f}", refresh=False)
+            bar.set_postfix(epoch=f"{epoch + 1}/{settings.max_epochs}", loss=f"{monitored:.1f}", refresh=False)
             warmed_up = step >= warmup_steps
             improved = not math.isfinite(best["loss"]) or monitored < best["loss"] - 1e-4 * abs(best["loss"])
             if not warmed_up or improved:
@@ -238,6 +248,7 @@ def train(
                 loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best}
                 write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
             if stop:
+                bar.total = bar.n  # stopped early: the bar ends full
                 break
     except KeyboardInterrupt:
         kept = f"the best parameters so far (epoch {best['epoch']})" if best["epoch"] >= 0 else "the partly trained parameters"

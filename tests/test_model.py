@@ -82,6 +82,18 @@ def test_default_epochs_follow_the_dataset_size_and_never_exceed_scvis():
         assert 1 <= default_max_epochs(n) <= scvi_epochs
 
 
+def test_progress_bar_counts_cells_and_epochs_and_is_silent_when_asked(two_batches, capsys):
+    """Cells, not epochs, move the bar, so a single long epoch of an atlas shows progress too."""
+    CellVAE(two_batches).fit(max_epochs=3, random_state=0, progress=False)
+    assert capsys.readouterr().err == ""
+    model = CellVAE(two_batches).fit(max_epochs=3, random_state=0, progress=True)
+    bar = capsys.readouterr().err
+    n_train = two_batches.n_obs - round(0.1 * two_batches.n_obs)  # the 10% validation cells are not trained on
+    done = f"{3 * n_train / 1000:.2f}k"  # tqdm's unit scale: 3,240 cells read 3.24k
+    assert f"{done}/{done}" in bar
+    assert "cells/s" in bar and "epoch=3/3" in bar and len(model.history) == 3
+
+
 def test_bfloat16_training_is_reproducible_and_as_good_as_float32(two_batches):
     """precision="bfloat16" changes the training arithmetic, not the result's quality or the float32 outputs."""
     adata = two_batches[:600].copy()
