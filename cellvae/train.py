@@ -47,8 +47,8 @@ class TrainSettings:
     precision: str = "float32"  # dtype of the gene-wide matrix multiplies while training (see PRECISIONS)
 
 
-# Cell passes of scVI's default training above 20,000 cells (its epoch heuristic: 400 × 20,000 / n_cells,
-# rounded, at least 1). cellvae's default never trains more epochs than that: at atlas scale as many as scVI.
+# scVI's default training above 20,000 cells is this many cell passes: its epoch heuristic gives
+# round(400 × 20,000 / n_cells) epochs, at least 1. cellvae's default never trains more epochs than that.
 SCVI_CELL_PASSES = 8_000_000
 # Training precisions: the dtype the gene-wide layers multiply in (weights and optimizer stay float32).
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
@@ -61,8 +61,8 @@ def default_max_epochs(n_cells: int) -> int:
 
     On the 5-donor Kang data (7,816 training cells, 64 epochs) this reaches a lower held-out
     negative ELBO than scVI's default 400 epochs (benchmarks/README.md); more epochs gain < 2 nats.
-    The floor of 20 epochs alone would train an atlas of 10M cells for 200M cell passes, 25 times
-    scVI's default budget at that size.
+    The floor of 20 epochs alone would train an atlas of 10M cells for 200M cell passes, 20 times
+    scVI's default (one epoch) at that size.
     """
     n_cells = max(n_cells, 1)
     epochs = int(np.clip(round(5e5 / n_cells), 20, 400))
