@@ -63,21 +63,16 @@ def part_tests(args) -> dict:
     return {"exit_code": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]}
 
 
-def cellvae_throughput(adata, batch_key, batch_size: int, precision: str, epochs: int, device: str) -> dict:
+def cellvae_row(adata, batch_key, batch_size: int, precision: str, epochs: int, device: str) -> dict:
     import torch
 
-    import cellvae
-
-    model = cellvae.CellVAE(adata, batch_key=batch_key, **speed.ARCH)
-    fit = {"validation_size": 0.0, "early_stopping": False, "progress": False, "device": device}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.fit(max_epochs=epochs, batch_size=batch_size, precision=precision, **fit)
-    seconds = model.history["seconds"].iloc[1:].sum()
+    model, cells_per_s = speed.cellvae_throughput(adata, batch_key, epochs, precision, batch_size, device)
     started = time.perf_counter()
     model.get_latent(adata)
     row = {
-        "cells_per_s": round(adata.n_obs * (epochs - 1) / seconds),
+        "cells_per_s": round(cells_per_s),
         "final_train_loss": round(float(model.history["train_loss"].iloc[-1]), 2),
         "get_latent_cells_per_s": round(adata.n_obs / (time.perf_counter() - started)),
     }
@@ -85,22 +80,6 @@ def cellvae_throughput(adata, batch_key, batch_size: int, precision: str, epochs
         row["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
         row["resident_on_gpu"] = bool(model._loader(adata, torch.device(device))[0]._fits_on_device())
     return row
-
-
-def scvi_throughput(adata, batch_key, batch_size: int, epochs: int, device: str) -> dict:
-    timer = speed.epoch_timer()
-    model, _ = speed.scvi_model(adata, batch_key, **speed.ARCH, gene_likelihood="nb")
-    model.train(
-        max_epochs=epochs,
-        batch_size=batch_size,
-        train_size=1.0,
-        early_stopping=False,
-        callbacks=[timer],
-        enable_progress_bar=False,
-        check_val_every_n_epoch=None,
-        accelerator="gpu" if device == "cuda" else "cpu",
-    )
-    return {"cells_per_s": round(adata.n_obs * (epochs - 1) / sum(timer.seconds[1:]))}
 
 
 def part_throughput(args) -> dict:
@@ -123,9 +102,10 @@ def part_throughput(args) -> dict:
         for batch_size in (128, 1024):
             row = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs, "batch_size": batch_size}
             for precision in ("float32", "bfloat16"):
-                row[f"cellvae_{precision}"] = cellvae_throughput(adata, batch_key, batch_size, precision, epochs, args.device)
+                row[f"cellvae_{precision}"] = cellvae_row(adata, batch_key, batch_size, precision, epochs, args.device)
             if with_scvi:
-                row["scvi"] = scvi_throughput(adata, batch_key, batch_size, epochs, args.device)
+                accelerator = "gpu" if args.device == "cuda" else "cpu"
+                row["scvi"] = {"cells_per_s": round(speed.scvi_throughput(adata, batch_key, epochs, batch_size, accelerator)[0])}
                 row["ratio_float32"] = round(row["cellvae_float32"]["cells_per_s"] / row["scvi"]["cells_per_s"], 2)
             results[f"{name}_batch{batch_size}"] = row
             print(name, row, flush=True)
