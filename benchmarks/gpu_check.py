@@ -95,13 +95,14 @@ def part_throughput(args) -> dict:
 
         with_scvi = not args.skip_scvi
     except Exception as error:  # missing, or broken against the image's own packages
+        traceback.print_exc()
         print(f"scVI is left out: {type(error).__name__}: {error}", flush=True)
         with_scvi = False
     results = {}
     for name, adata, batch_key, epochs in datasets:
         for batch_size in (128, 1024):
             row = {"cells": adata.n_obs, "genes": adata.n_vars, "epochs": epochs, "batch_size": batch_size}
-            for precision in ("float32", "bfloat16"):
+            for precision in args.precisions:
                 row[f"cellvae_{precision}"] = cellvae_row(adata, batch_key, batch_size, precision, epochs, args.device)
             if with_scvi:
                 accelerator = "gpu" if args.device == "cuda" else "cpu"
@@ -154,12 +155,137 @@ def part_determinism(args) -> dict:
     }
 
 
+def part_step_overhead(args) -> dict:
+    """Where a small-batch GPU step's time goes, on the Kang data: the library's ``fit`` loop under the
+    profiler, then the same step without host syncs, and the whole step (gather, forward, backward,
+    fused AdamW) captured once as a CUDA graph and replayed (a prototype, KL weight fixed at 1)."""
+    import anndata as ad
+    import torch
+
+    import cellvae
+
+    if not (args.data / KANG).is_file():
+        return {"skipped": f"{args.data / KANG} not found"}
+    adata = ad.read_h5ad(args.data / KANG)
+    device = torch.device(args.device)
+    results = {}
+    model = cellvae.CellVAE(adata, batch_key="batch", **speed.ARCH)
+    fit = {"validation_size": 0.0, "early_stopping": False, "progress": False, "device": args.device}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        model.fit(max_epochs=2, batch_size=128, **fit)
+    steps = 2 * -(-adata.n_obs // 128)
+    averages = profiler.key_averages()
+    calls = {e.key: e.count for e in averages}
+    device_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    results["profile_fit_batch128"] = {
+        "steps": steps,
+        "wall_ms_per_step_profiled": round(1000 * float(model.history["seconds"].sum()) / steps, 3),
+        "kernel_ms_per_step": round(device_us / 1000 / steps, 3),
+        "per_step_calls": {
+            name: round(calls.get(name, 0) / steps, 2)
+            for name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaStreamSynchronize", "aten::item")
+        },
+    }
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+    print(table, flush=True)
+    results["profile_fit_batch128"]["top_ops_by_self_cpu"] = table.splitlines()
+    for batch_size in (128, 1024):
+        model = cellvae.CellVAE(adata, batch_key="batch", **speed.ARCH)
+        loader, cells = model._loader(adata, device)
+        vae = model.module.to(device).train()
+        row = {
+            "eager_with_host_syncs": eager_cells_per_s(vae, loader, cells, batch_size, host_syncs=True),
+            "eager_without_host_syncs": eager_cells_per_s(vae, loader, cells, batch_size, host_syncs=False),
+        }
+        if device.type == "cuda":
+            row["cuda_graph_per_step"] = graph_cells_per_s(vae, loader, cells, batch_size)
+        results[f"kang_batch{batch_size}"] = row
+        print(batch_size, row, flush=True)
+    return results
+
+
+def eager_cells_per_s(vae, loader, cells, batch_size: int, host_syncs: bool, epochs: int = 4) -> dict:
+    """Cells/s of full minibatches over whole epochs (first dropped) of a plain loop; with ``host_syncs``
+    it reads the loss, distortion and rate to the host each step, as ``train`` does."""
+    import torch
+
+    from cellvae.train import make_optimizer
+
+    sync = torch.cuda.synchronize if loader.device.type == "cuda" else (lambda: None)
+    optimizer = make_optimizer(vae, 1e-3, 1e-6, loader.device)
+    rng = np.random.default_rng(0)
+    seconds = []
+    for _ in range(epochs):
+        sync()
+        started = time.perf_counter()
+        for mb in loader.batches(cells, batch_size, shuffle=True, rng=rng):
+            if len(mb.cell_index) < batch_size:
+                continue
+            out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if host_syncs:
+                float(out["loss"].detach()), float(out["distortion"].detach().sum()), float(out["rate"].detach().sum())
+            optimizer.step()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    cells_per_epoch = len(cells) // batch_size * batch_size
+    cells_per_s = cells_per_epoch * (epochs - 1) / sum(seconds[1:])
+    return {"cells_per_s": round(cells_per_s), "final_loss": round(float(out["loss"].detach()), 2)}
+
+
+def graph_cells_per_s(vae, loader, cells, batch_size: int, epochs: int = 4) -> dict:
+    """The same as :func:`eager_cells_per_s` without syncs, with each step (gather from the resident
+    counts, forward, backward, fused capturable AdamW) captured once as a CUDA graph and replayed."""
+    import torch
+
+    counts, covariates, library, batch_index = loader._on_device
+    rows = torch.zeros(batch_size, dtype=torch.long, device=loader.device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=1e-6, fused=True, capturable=True)
+
+    def step() -> torch.Tensor:
+        out = vae(counts[rows], covariates[rows], library[rows], batch_index[rows], kl_weight=1.0)
+        out["loss"].backward()
+        optimizer.step()
+        return out["loss"]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graph requires
+        for _ in range(3):
+            rows.copy_(torch.randint(0, len(cells), (batch_size,), device=loader.device))
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = step()
+    rng = np.random.default_rng(0)
+    n_full = len(cells) // batch_size
+    seconds = []
+    for _ in range(epochs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        order = torch.from_numpy(rng.permutation(len(cells))).to(loader.device)
+        for start in range(0, n_full * batch_size, batch_size):
+            rows.copy_(order[start : start + batch_size])
+            graph.replay()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return {"cells_per_s": round(n_full * batch_size * (epochs - 1) / sum(seconds[1:])), "final_loss": round(float(loss), 2)}
+
+
 PARTS = {
     "environment": part_environment,
     "tests": part_tests,
     "throughput": part_throughput,
     "time_to_quality": part_time_to_quality,
     "determinism": part_determinism,
+    "step_overhead": part_step_overhead,
 }
 
 
@@ -171,6 +297,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/cellvae-gpu"))
     parser.add_argument("--cells", type=int, default=200_000, help="cells of the simulated data set")
     parser.add_argument("--skip-scvi", action="store_true")
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the script itself")
     args = parser.parse_args()
     import torch
