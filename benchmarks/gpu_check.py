@@ -38,6 +38,8 @@ import speed  # noqa: E402  (the CPU benchmark's data, splits and scVI set-up)
 GPU_TESTS = [
     "tests/test_loader.py::test_gpu_keeps_fitting_data_on_the_device",
     "tests/test_reliability.py::test_gpu_out_of_memory_suggests_a_smaller_batch_size",
+    "tests/test_loader.py::test_gpu_training_replays_cuda_graphs_and_trains_like_step_by_step",
+    "tests/test_reliability.py::test_nan_batch_restores_parameters_and_lowers_the_learning_rate[cuda-graphs]",
 ]
 KANG = "kang_ctrl_5donors_muscat.h5ad"
 

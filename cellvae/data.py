@@ -569,6 +569,18 @@ class CellLoader:
 
     # -------------------------------------------------------------- GPU: data resident on the device
 
+    def resident(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every cell's dense counts, covariates, library size and batch code on the GPU, where they fit; else None."""
+        if self.device.type == "cuda" and self._fits_on_device():
+            return self._on_device
+        return None
+
+    def shuffled_rows(self, cells: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        """Positions of ``cells`` on the loader's device, ``batch_size`` at a time, in the order that
+        ``batches(cells, batch_size, shuffle=True, rng=rng)`` gives on a GPU (one draw from ``rng``)."""
+        order = np.asarray(cells, dtype=np.int64)[rng.permutation(len(cells))]
+        return list(torch.from_numpy(order).to(self.device).split(batch_size))
+
     def _fits_on_device(self) -> bool:
         """Whether the in-memory counts, densified, take at most a quarter of the free GPU memory."""
         if self.backed:

@@ -84,7 +84,9 @@ class Encoder(nn.Module):
         self.full = config.posterior == "full"
         n_scale = config.n_latent * (config.n_latent + 1) // 2 if self.full else config.n_latent
         self.scale = nn.Linear(config.n_hidden, n_scale)
-        self.tril = torch.tril_indices(config.n_latent, config.n_latent) if self.full else None
+        # Non-persistent buffer: it moves with the model (an index on the CPU would stall a CUDA graph).
+        tril = torch.tril_indices(config.n_latent, config.n_latent) if self.full else None
+        self.register_buffer("tril", tril, persistent=False)
 
     def forward(self, counts: torch.Tensor, covariates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the posterior mean and either log-variances (diagonal) or a Cholesky factor (full)."""

@@ -1,5 +1,7 @@
 """The minibatch loader: every cell once per epoch, fresh shuffles, in-memory and backed (CSR, CSC, dense)."""
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -189,27 +191,73 @@ def test_counts_copied_to_the_device_in_chunks_equal_the_matrix(counts, monkeypa
     assert covariates.shape == (counts.n_obs, 0) and batch_index.shape == (counts.n_obs,)
 
 
+def resident_on_the_cpu(patch) -> None:
+    """Make loaders behave on the CPU as on a GPU that holds all counts: minibatches gathered from
+    resident dense tensors (no sparse counts, so the dense likelihood) and training in ResidentSteps."""
+
+    def resident(self):
+        if self._on_device is None:
+            self._on_device = self._resident_tensors()
+        return self._on_device
+
+    def resident_batches(self, cells, batch_size, shuffle=False, rng=None, with_sparse=False):
+        resident(self)
+        return self._device_batches(np.asarray(cells, dtype=np.int64), batch_size, shuffle, rng)
+
+    patch.setattr(CellLoader, "resident", resident)
+    patch.setattr(CellLoader, "batches", resident_batches)
+
+
 def test_the_gpu_path_run_on_the_cpu_trains_like_the_cpu_path(pbmc, monkeypatch):
-    """The GPU's way of training (all counts resident on the device, minibatches gathered there, no sparse
-    counts, so the dense likelihood) run on the CPU, where CI can run it: same epochs, held-out ELBO within
+    """The GPU's way of training (all counts resident, steps summed on the device and read once an
+    epoch, the dense likelihood) run on the CPU, where CI can run it: same epochs, held-out ELBO within
     0.5%, the same cell-type kNN accuracy within 0.03."""
     settings = {"max_epochs": 60, "random_state": 0, "progress": False, "device": "cpu"}
     usual = cellvae.CellVAE(pbmc).fit(**settings)
-
-    def resident_batches(self, cells, batch_size, shuffle=False, rng=None, with_sparse=False):
-        if self._on_device is None:
-            self._on_device = self._resident_tensors()
-        return self._device_batches(np.asarray(cells, dtype=np.int64), batch_size, shuffle, rng)
-
     with monkeypatch.context() as patch:
-        patch.setattr(CellLoader, "batches", resident_batches)
+        resident_on_the_cpu(patch)
         resident = cellvae.CellVAE(pbmc).fit(**settings)
         assert resident.history["validation_elbo"].notna().all()
         resident_accuracy = knn_accuracy(resident.get_latent(), pbmc.obs["cell_type"])
     assert len(resident.history) == len(usual.history)
     usual_elbo, resident_elbo = usual.history["validation_elbo"].iloc[-1], resident.history["validation_elbo"].iloc[-1]
     assert abs(resident_elbo - usual_elbo) < 0.005 * abs(usual_elbo), (resident_elbo, usual_elbo)
+    train_loss = usual.history["train_loss"].iloc[-1]
+    assert abs(resident.history["train_loss"].iloc[-1] - train_loss) < 0.01 * abs(train_loss)
     assert abs(resident_accuracy - knn_accuracy(usual.get_latent(), pbmc.obs["cell_type"])) < 0.03
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("posterior", ["diagonal", "full"])
+def test_gpu_training_replays_cuda_graphs_and_trains_like_step_by_step(pbmc, monkeypatch, posterior):
+    """On a GPU each training step is replayed from a CUDA graph (one per minibatch size); the model
+    is as good as one trained step by step (graphs turned off) and as reproducible."""
+    from cellvae.train import ResidentSteps
+
+    settings = {"max_epochs": 40, "random_state": 0, "progress": False, "device": "cuda"}
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns
+        graphs = cellvae.CellVAE(pbmc, posterior=posterior).fit(**settings)
+        again = cellvae.CellVAE(pbmc, posterior=posterior).fit(**settings)
+    steps_per_epoch = -(-(pbmc.n_obs - round(0.1 * pbmc.n_obs)) // 128)  # the last one smaller
+    # Every step but the first of each size (run as usual, then captured) is a replay.
+    assert len(replays) == sum(len(model.history) * steps_per_epoch - 2 for model in (graphs, again))
+    np.testing.assert_array_equal(graphs.get_latent(), again.get_latent())
+    init = ResidentSteps.__init__
+
+    def without_graphs(self, *args):
+        init(self, *args)
+        self.graphs = None
+
+    monkeypatch.setattr(ResidentSteps, "__init__", without_graphs)
+    stepwise = cellvae.CellVAE(pbmc, posterior=posterior).fit(**settings)
+    elbo, stepwise_elbo = graphs.history["validation_elbo"].iloc[-1], stepwise.history["validation_elbo"].iloc[-1]
+    assert abs(elbo - stepwise_elbo) < 0.005 * abs(stepwise_elbo), (elbo, stepwise_elbo)
+    accuracy = knn_accuracy(graphs.get_latent(), pbmc.obs["cell_type"])
+    assert abs(accuracy - knn_accuracy(stepwise.get_latent(), pbmc.obs["cell_type"])) < 0.03
 
 
 def test_evaluation_passes_densify_a_bounded_number_of_counts(counts, monkeypatch):

@@ -223,8 +223,27 @@ def settings(max_epochs: int) -> TrainSettings:
     )  # fmt: skip
 
 
-def test_nan_batch_restores_parameters_and_lowers_the_learning_rate():
+def resident(loader: CellLoader, monkeypatch) -> CellLoader:
+    """Let ``loader`` train as on a GPU that holds all counts (ResidentSteps: steps summed on the
+    device, a non-finite one found at the end of its epoch)."""
+    tensors = loader._resident_tensors()
+    monkeypatch.setattr(loader, "resident", lambda: tensors)
+    return loader
+
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    "on_device", [False, True, pytest.param("cuda", marks=NEEDS_CUDA)], ids=["step-by-step", "resident", "cuda-graphs"]
+)
+def test_nan_batch_restores_parameters_and_lowers_the_learning_rate(on_device, monkeypatch):
     vae, loader = nan_batch_loader()
+    if on_device == "cuda":  # counts resident on the GPU, steps replayed from CUDA graphs (captured again after each recovery)
+        loader = CellLoader(loader.matrix, loader.covariates, loader.library, loader.batch_index, device="cuda")
+        vae.to("cuda")
+    elif on_device:
+        loader = resident(loader, monkeypatch)
     with pytest.warns(RuntimeWarning, match="non-finite loss or gradient") as caught:
         history = train(vae, loader, np.arange(120), np.arange(0), settings(3))
     assert sum("non-finite" in str(w.message) for w in caught) == 3  # the NaN row is met once per epoch
@@ -234,8 +253,11 @@ def test_nan_batch_restores_parameters_and_lowers_the_learning_rate():
     assert np.isfinite(history["train_loss"]).all()
 
 
-def test_repeated_nan_batches_end_with_a_clear_error():
+@pytest.mark.parametrize("on_device", [False, True], ids=["step-by-step", "resident"])
+def test_repeated_nan_batches_end_with_a_clear_error(on_device, monkeypatch):
     vae, loader = nan_batch_loader()
+    if on_device:
+        loader = resident(loader, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(FloatingPointError, match=f"non-finite losses or gradients {MAX_NONFINITE_RETRIES + 1} times"):
