@@ -593,8 +593,9 @@ class CellVAE:
             random_state=random_state,
             progress=progress,
         )
-        hooks = [p.register_hook(lambda grad, m=mask: grad * m) for p, mask in trainable if mask is not None]
         query_model.module.to(loader.device)
+        masks = [(p, mask.to(loader.device)) for p, mask in trainable if mask is not None]  # the parameters' device
+        hooks = [p.register_hook(lambda grad, m=mask: grad * m) for p, mask in masks]
         query_model.module.frozen_statistics = True  # BatchNorm keeps the reference's statistics
         try:
             query_model.history = train(query_model.module, loader, train_cells, validation_cells, settings)

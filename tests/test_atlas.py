@@ -121,11 +121,14 @@ def test_transform_batch_removes_the_batch_from_expression(three_batches, integr
 
 # ----------------------------------------------------------------------------- reference mapping
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
-def test_held_out_batch_is_mapped_and_labels_transfer(reference_and_query):
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_held_out_batch_is_mapped_and_labels_transfer(reference_and_query, device):
     model, reference, query = reference_and_query
     frozen = {k: v.clone() for k, v in model.module.state_dict().items()}
-    query_model = model.map_query(query, progress=False)
+    query_model = model.map_query(query, progress=False, device=device)
     assert query_model.config.batch_categories == ["batch0", "batch1", "batch2"]
     # Reference weights are untouched, in the reference model and inside the grown layers of the query model.
     mapped = query_model.module.state_dict()
