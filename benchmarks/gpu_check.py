@@ -1,22 +1,26 @@
 """The GPU check: what only a CUDA machine can show about cellvae, in one command of a few minutes.
 
 This machine has no GPU; a session that is lent one runs this script there once (its device time is
-short, so everything is prepared here). How to run it, wheels included: benchmarks/README.md, "GPU check".
+short, so everything is prepared here). How to run it, wheels included, and session 13's results on an
+H200: benchmarks/README.md, "GPU".
 
     python benchmarks/gpu_check.py --data DIR_WITH_KANG_H5AD --out DIR
 
 Each part writes its numbers into ``DIR/gpu_check.json`` as soon as it ends; a part that fails records
 its error and the others still run:
 
-- ``tests``: the tests that skip without CUDA (device-resident minibatches, the out-of-memory message).
+- ``tests``: the tests that skip without CUDA (device-resident minibatches, the out-of-memory message,
+  CUDA-graph training against step by step, NaN recovery with graphs).
 - ``throughput``: training cells/s over whole epochs (first dropped) with the speed benchmark's
-  architecture, at batch 128 and 1,024, float32 and bfloat16, on pbmc68k, the Kang data and simulated
-  200,000 × 2,000 counts; whether the counts were resident on the GPU; peak GPU memory; scVI on the
+  architecture, at batch 128 and 1,024, float32 and bfloat16 (``--precisions``), on pbmc68k, the Kang
+  data and simulated ``--cells`` × 2,000 counts; whether the counts were resident on the GPU; peak GPU memory; scVI on the
   same data and batch size when scvi-tools imports; ``get_latent`` cells/s after each fit (``fit`` hands
   the model back on the CPU, so this is the machine's CPU encoding).
 - ``time_to_quality``: cellvae's default ``fit`` on 90% of the Kang cells and its held-out negative ELBO
   per cell (the CPU runs reach 1,241.8–1,242.3 nats in 35–46 s; scVI's default run 1,260.4).
 - ``determinism``: two fits with the same seed; how far apart their embeddings are.
+- ``step_overhead``: a profile of a batch-128 ``fit`` on the Kang data, and cells/s of a plain loop with
+  and without host syncs and of the step replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -160,7 +164,8 @@ def part_determinism(args) -> dict:
 def part_step_overhead(args) -> dict:
     """Where a small-batch GPU step's time goes, on the Kang data: the library's ``fit`` loop under the
     profiler, then the same step without host syncs, and the whole step (gather, forward, backward,
-    fused AdamW) captured once as a CUDA graph and replayed (a prototype, KL weight fixed at 1)."""
+    fused AdamW) captured once as a CUDA graph and replayed (the prototype, KL weight fixed at 1, of what
+    ``train.ResidentSteps`` now does; session 13 measured with it before the library had it)."""
     import anndata as ad
     import torch
 
