@@ -226,10 +226,13 @@ class VAE(nn.Module):
         variance = (scale**2).sum(-1)
         return 0.5 * (variance.sum(-1) + (mean**2).sum(-1) - mean.shape[-1] - log_det)
 
-    def forward(self, counts, covariates, library, batch_index, kl_weight: float = 1.0, sparse=None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, counts, covariates, library, batch_index, kl_weight: float | torch.Tensor = 1.0, sparse=None
+    ) -> dict[str, torch.Tensor]:
         """Loss of one minibatch plus its per-cell distortion and rate (nats per cell).
 
-        ``sparse`` (the loader's ``Minibatch.sparse``) only speeds up the likelihood.
+        ``sparse`` (the loader's ``Minibatch.sparse``) only speeds up the likelihood. ``kl_weight`` may be
+        a 0-d tensor (a CUDA graph then reads its current value at each replay).
         """
         q = self.inference(counts, covariates)
         likelihood = self.generative(q["z"], covariates, library, batch_index)

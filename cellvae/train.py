@@ -197,10 +197,7 @@ def train(
             started = time.perf_counter()
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
-            if steps is None:
-                minibatches = loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True)
-            else:
-                minibatches = []
+            if steps is not None:  # counts resident on one GPU
                 for positions in loader.shuffled_rows(train_cells, settings.batch_size, rng):
                     bar.update(len(positions))
                     if len(positions) == 1 and vae.needs_two_cells:
@@ -213,28 +210,29 @@ def train(
                 if failed:  # found at the end of the epoch: back to the last good parameters, as below
                     optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
                     steps = ResidentSteps(vae, resident, optimizer)
-            for mb in minibatches:
-                bar.update(len(mb.cell_index) * world)
-                if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
-                    continue
-                kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
-                out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                loss = float(out["loss"].detach())
-                # One process checks its loss (a non-finite gradient breaks the parameters, which shows
-                # in the next loss or the end-of-epoch check); several ranks check the all-reduced
-                # gradients, so that all of them take the same decision.
-                if not (math.isfinite(loss) if world == 1 else _gradients_finite(vae)):
-                    optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
-                    continue
-                optimizer.step()
-                step += 1
-                n = len(mb.cell_index)
-                seen += n
-                sums["loss"] += loss * n
-                sums["distortion"] += float(out["distortion"].detach().sum())
-                sums["rate"] += float(out["rate"].detach().sum())
+            else:
+                for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True):
+                    bar.update(len(mb.cell_index) * world)
+                    if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
+                        continue
+                    kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
+                    out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
+                    optimizer.zero_grad(set_to_none=True)
+                    out["loss"].backward()
+                    loss = float(out["loss"].detach())
+                    # One process checks its loss (a non-finite gradient breaks the parameters, which shows
+                    # in the next loss or the end-of-epoch check); several ranks check the all-reduced
+                    # gradients, so that all of them take the same decision.
+                    if not (math.isfinite(loss) if world == 1 else _gradients_finite(vae)):
+                        optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
+                        continue
+                    optimizer.step()
+                    step += 1
+                    n = len(mb.cell_index)
+                    seen += n
+                    sums["loss"] += loss * n
+                    sums["distortion"] += float(out["distortion"].detach().sum())
+                    sums["rate"] += float(out["rate"].detach().sum())
             if _parameters_finite(vae):
                 _copy_state(last_good, vae.state_dict())
             else:
