@@ -587,22 +587,32 @@ class CellLoader:
             return False
         if self._on_device is None:
             free, _ = torch.cuda.mem_get_info(self.device)
-            self._on_device = False if 4 * self.matrix.shape[0] * self.n_genes > free // 4 else self._resident_tensors()
+            self._on_device = self._resident_tensors(max_bytes=free // 4) or False
         return self._on_device is not False
 
-    def _resident_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every cell's dense counts, covariates, library size and batch code, on the loader's device.
+    def _resident_tensors(
+        self, max_bytes: int | None = None, dtype: torch.dtype = torch.int16
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Every cell's dense counts, covariates, library size and batch code, on the loader's device
+        (None where the dense counts would take more than ``max_bytes``).
 
-        The counts are densified and copied ``CHUNK_BYTES`` at a time, so the host never holds
-        the dense matrix (1M cells × 2,000 genes would be 8 GB beside a ~1.6 GB sparse one).
+        The counts are stored as int16 where every one is a whole number up to 32,767 (the same values
+        in half the memory of float32, so twice the cells fit on a GPU), else as float32; minibatches
+        are cast to float32 after the gather. They are densified and copied ``CHUNK_BYTES`` at a time,
+        so the host never holds the dense matrix (1M cells × 2,000 genes would be 8 GB of float32).
         """
         n_cells = self.matrix.shape[0]
-        counts = torch.empty((n_cells, self.n_genes), dtype=torch.float32, device=self.device)
+        if max_bytes is not None and n_cells * self.n_genes * dtype.itemsize > max_bytes:
+            return None
+        counts = torch.empty((n_cells, self.n_genes), dtype=dtype, device=self.device)
         chunk_rows = max(1, CHUNK_BYTES // (4 * max(self.n_genes, 1)))
         for start in range(0, n_cells, chunk_rows):
             rows = self._read_rows(np.arange(start, min(start + chunk_rows, n_cells)))
-            dense = rows.toarray() if sp.issparse(rows) else rows
-            counts[start : start + dense.shape[0]] = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+            dense = np.asarray(rows.toarray() if sp.issparse(rows) else rows, dtype=np.float32)
+            if dtype == torch.int16 and not _fits_int16(rows.data if sp.issparse(rows) else dense):
+                del counts  # (rare: huge counts, or NaN in a test) start again in float32
+                return self._resident_tensors(max_bytes, torch.float32)
+            counts[start : start + dense.shape[0]] = torch.from_numpy(np.ascontiguousarray(dense)).to(dtype)
         return (
             counts,
             torch.from_numpy(self.covariates).to(self.device),
@@ -616,7 +626,13 @@ class CellLoader:
         index = torch.from_numpy(order).to(self.device)
         for start in range(0, len(order), batch_size):
             rows = index[start : start + batch_size]
-            yield Minibatch(counts[rows], covariates[rows], library[rows], batch_index[rows], order[start : start + batch_size])
+            cells_here = order[start : start + batch_size]
+            yield Minibatch(counts[rows].float(), covariates[rows], library[rows], batch_index[rows], cells_here)
+
+
+def _fits_int16(counts: np.ndarray) -> bool:
+    """Whether every count is a whole number in 0..32,767 (int16 holds it exactly)."""
+    return bool(np.all((counts >= 0) & (counts <= np.iinfo(np.int16).max) & (counts == np.round(counts))))
 
 
 def _check_batch_size(batch_size) -> None:

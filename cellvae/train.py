@@ -327,7 +327,7 @@ class ResidentSteps:
 
     def _step(self, rows: torch.Tensor) -> None:
         out = self.vae(
-            self.counts[rows], self.covariates[rows], self.library[rows], self.batch_index[rows], kl_weight=self.kl_weight
+            self.counts[rows].float(), self.covariates[rows], self.library[rows], self.batch_index[rows], kl_weight=self.kl_weight
         )
         out["loss"].backward()
         self.optimizer.step()

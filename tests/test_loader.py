@@ -186,9 +186,31 @@ def test_counts_copied_to_the_device_in_chunks_equal_the_matrix(counts, monkeypa
     monkeypatch.setattr(CellLoader, "_read_rows", lambda self, rows: reads.append(len(rows)) or read_rows(self, rows))
     resident, covariates, library, batch_index = loader_for(counts)._resident_tensors()
     assert max(reads) == 150 and sum(reads) == counts.n_obs
+    assert resident.dtype == torch.int16  # whole counts below 32,768: half the memory of float32
     np.testing.assert_array_equal(resident.numpy(), counts.X.toarray())
     np.testing.assert_allclose(library.numpy()[:, 0], np.asarray(counts.X.sum(1)).ravel())
     assert covariates.shape == (counts.n_obs, 0) and batch_index.shape == (counts.n_obs,)
+
+
+def test_resident_counts_that_int16_cannot_hold_stay_float32_and_too_many_stay_on_the_host(counts, monkeypatch):
+    """A count above 32,767 in the last chunk sends the whole copy back to float32, values intact; counts
+    larger than the memory budget are not copied at all (the loader then streams them)."""
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * counts.n_vars * 150)
+    matrix = counts.X.toarray()
+    matrix[-1, 0] = 40_000
+    loader = loader_for(ad.AnnData(sp.csr_matrix(matrix)))
+    resident = loader._resident_tensors()[0]
+    assert resident.dtype == torch.float32
+    np.testing.assert_array_equal(resident.numpy(), matrix)
+    dense_bytes = 2 * matrix.size  # as int16
+    assert loader_for(counts)._resident_tensors(max_bytes=dense_bytes - 1) is None
+    assert loader_for(counts)._resident_tensors(max_bytes=dense_bytes)[0].dtype == torch.int16
+    assert loader._resident_tensors(max_bytes=dense_bytes) is None  # it needs float32: twice that
+    int16_loader = loader_for(counts)
+    int16_loader._on_device = int16_loader._resident_tensors()
+    batch = next(int16_loader._device_batches(np.arange(counts.n_obs), 64, False, None))
+    assert batch.counts.dtype == torch.float32  # minibatches are float32 whatever the storage
+    np.testing.assert_array_equal(batch.counts.numpy(), counts.X[:64].toarray())
 
 
 def resident_on_the_cpu(patch) -> None:
