@@ -164,8 +164,9 @@ def part_determinism(args) -> dict:
 def part_step_overhead(args) -> dict:
     """Where a small-batch GPU step's time goes, on the Kang data: the library's ``fit`` loop under the
     profiler, then the same step without host syncs, and the whole step (gather, forward, backward,
-    fused AdamW) captured once as a CUDA graph and replayed (the prototype, KL weight fixed at 1, of what
-    ``train.ResidentSteps`` now does; session 13 measured with it before the library had it)."""
+    fused AdamW) captured once as a CUDA graph and replayed, with ``train.ResidentSteps`` at a KL weight
+    of 1. (Session 13's run 2 measured the last two with a stand-alone prototype of the same steps,
+    before the library had them.)"""
     import anndata as ad
     import torch
 
@@ -204,19 +205,19 @@ def part_step_overhead(args) -> dict:
         loader, cells = model._loader(adata, device)
         vae = model.module.to(device).train()
         row = {
-            "eager_with_host_syncs": eager_cells_per_s(vae, loader, cells, batch_size, host_syncs=True),
-            "eager_without_host_syncs": eager_cells_per_s(vae, loader, cells, batch_size, host_syncs=False),
+            "eager_with_host_syncs": eager_cells_per_s(vae, loader, cells, batch_size),
+            "eager_without_host_syncs": resident_cells_per_s(vae, loader, cells, batch_size, graphs=False),
         }
         if device.type == "cuda":
-            row["cuda_graph_per_step"] = graph_cells_per_s(vae, loader, cells, batch_size)
+            row["cuda_graph_per_step"] = resident_cells_per_s(vae, loader, cells, batch_size, graphs=True)
         results[f"kang_batch{batch_size}"] = row
         print(batch_size, row, flush=True)
     return results
 
 
-def eager_cells_per_s(vae, loader, cells, batch_size: int, host_syncs: bool, epochs: int = 4) -> dict:
-    """Cells/s of full minibatches over whole epochs (first dropped) of a plain loop; with ``host_syncs``
-    it reads the loss, distortion and rate to the host each step, as ``train`` does."""
+def eager_cells_per_s(vae, loader, cells, batch_size: int, epochs: int = 4) -> dict:
+    """Cells/s of full minibatches over whole epochs (first dropped) of a plain loop that reads the loss,
+    distortion and rate to the host each step, as ``train`` does step by step."""
     import torch
 
     from cellvae.train import make_optimizer
@@ -234,8 +235,7 @@ def eager_cells_per_s(vae, loader, cells, batch_size: int, host_syncs: bool, epo
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=1.0)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            if host_syncs:
-                float(out["loss"].detach()), float(out["distortion"].detach().sum()), float(out["rate"].detach().sum())
+            float(out["loss"].detach()), float(out["distortion"].detach().sum()), float(out["rate"].detach().sum())
             optimizer.step()
         sync()
         seconds.append(time.perf_counter() - started)
@@ -244,46 +244,30 @@ def eager_cells_per_s(vae, loader, cells, batch_size: int, host_syncs: bool, epo
     return {"cells_per_s": round(cells_per_s), "final_loss": round(float(out["loss"].detach()), 2)}
 
 
-def graph_cells_per_s(vae, loader, cells, batch_size: int, epochs: int = 4) -> dict:
-    """The same as :func:`eager_cells_per_s` without syncs, with each step (gather from the resident
-    counts, forward, backward, fused capturable AdamW) captured once as a CUDA graph and replayed."""
+def resident_cells_per_s(vae, loader, cells, batch_size: int, graphs: bool, epochs: int = 4) -> dict:
+    """The same with the library's ``train.ResidentSteps`` (counts resident, sums kept on the device, no
+    host syncs), its steps replayed from CUDA graphs or, without ``graphs``, launched one by one."""
     import torch
 
-    counts, covariates, library, batch_index = loader._on_device
-    rows = torch.zeros(batch_size, dtype=torch.long, device=loader.device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=1e-6, fused=True, capturable=True)
+    from cellvae.train import ResidentSteps, make_optimizer
 
-    def step() -> torch.Tensor:
-        out = vae(counts[rows], covariates[rows], library[rows], batch_index[rows], kl_weight=1.0)
-        out["loss"].backward()
-        optimizer.step()
-        return out["loss"]
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graph requires
-        for _ in range(3):
-            rows.copy_(torch.randint(0, len(cells), (batch_size,), device=loader.device))
-            optimizer.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        loss = step()
+    resident = loader._on_device or loader._resident_tensors()
+    steps = ResidentSteps(vae, resident, make_optimizer(vae, 1e-3, 1e-6, loader.device))
+    if not graphs:
+        steps.graphs = None
+    sync = torch.cuda.synchronize if loader.device.type == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
-    n_full = len(cells) // batch_size
     seconds = []
     for _ in range(epochs):
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
-        order = torch.from_numpy(rng.permutation(len(cells))).to(loader.device)
-        for start in range(0, n_full * batch_size, batch_size):
-            rows.copy_(order[start : start + batch_size])
-            graph.replay()
-        torch.cuda.synchronize()
+        for rows in loader.shuffled_rows(cells, batch_size, rng):
+            if len(rows) == batch_size:
+                steps.step(rows, 1.0)
+        loss_sum, _, _, seen, _ = steps.collect()  # reads the sums: waits for the GPU
         seconds.append(time.perf_counter() - started)
-    return {"cells_per_s": round(n_full * batch_size * (epochs - 1) / sum(seconds[1:])), "final_loss": round(float(loss), 2)}
+    cells_per_s = len(cells) // batch_size * batch_size * (epochs - 1) / sum(seconds[1:])
+    return {"cells_per_s": round(cells_per_s), "final_epoch_loss": round(loss_sum / max(seen, 1), 2)}
 
 
 PARTS = {

@@ -578,8 +578,7 @@ class CellLoader:
     def shuffled_rows(self, cells: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
         """Positions of ``cells`` on the loader's device, ``batch_size`` at a time, in the order that
         ``batches(cells, batch_size, shuffle=True, rng=rng)`` gives on a GPU (one draw from ``rng``)."""
-        order = np.asarray(cells, dtype=np.int64)[rng.permutation(len(cells))]
-        return list(torch.from_numpy(order).to(self.device).split(batch_size))
+        return list(self._device_order(np.asarray(cells, dtype=np.int64), True, rng)[1].split(batch_size))
 
     def _fits_on_device(self) -> bool:
         """Whether the in-memory counts, densified, take at most a quarter of the free GPU memory."""
@@ -622,12 +621,16 @@ class CellLoader:
 
     def _device_batches(self, cells, batch_size, shuffle, rng) -> Iterator[Minibatch]:
         counts, covariates, library, batch_index = self._on_device
-        order = cells[rng.permutation(len(cells))] if shuffle else cells
-        index = torch.from_numpy(order).to(self.device)
+        order, index = self._device_order(cells, shuffle, rng)
         for start in range(0, len(order), batch_size):
             rows = index[start : start + batch_size]
             cells_here = order[start : start + batch_size]
             yield Minibatch(counts[rows].float(), covariates[rows], library[rows], batch_index[rows], cells_here)
+
+    def _device_order(self, cells: np.ndarray, shuffle: bool, rng) -> tuple[np.ndarray, torch.Tensor]:
+        """The cells in the order of an epoch (one draw from ``rng`` when ``shuffle``), also on the device."""
+        order = cells[rng.permutation(len(cells))] if shuffle else cells
+        return order, torch.from_numpy(order).to(self.device)
 
 
 def _fits_int16(counts: np.ndarray) -> bool:

@@ -190,6 +190,10 @@ def train(
     # Counts resident on one GPU train in steps replayed from CUDA graphs (see ResidentSteps).
     resident = loader.resident() if world == 1 else None
     steps = None if resident is None else ResidentSteps(vae, resident, optimizer)
+
+    def kl_weight_at(step: int) -> float:
+        return settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
+
     vae.train()
     vae.set_compute_dtype(PRECISIONS[settings.precision])
     try:
@@ -202,7 +206,7 @@ def train(
                     bar.update(len(positions))
                     if len(positions) == 1 and vae.needs_two_cells:
                         continue
-                    kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
+                    kl_weight = kl_weight_at(step)
                     steps.step(positions, kl_weight)
                     step += 1
                 *totals, seen, failed = steps.collect()
@@ -215,7 +219,7 @@ def train(
                     bar.update(len(mb.cell_index) * world)
                     if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
                         continue
-                    kl_weight = settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
+                    kl_weight = kl_weight_at(step)
                     out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
                     optimizer.zero_grad(set_to_none=True)
                     out["loss"].backward()
