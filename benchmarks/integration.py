@@ -268,16 +268,21 @@ def stage_kmeans(args) -> None:
 
 
 def label_transfer_scores(ref: ad.AnnData, query: ad.AnnData, ref_rep: np.ndarray, query_rep: np.ndarray) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score
-
     reference = ad.AnnData(obs=ref.obs[["cell_type"]].copy())
     reference.obs["cell_type"] = reference.obs["cell_type"].astype(str).where(~reference.obs["cell_type"].isin(UNLABELLED))
     reference.obsm["rep"] = ref_rep
     target = ad.AnnData(obs=pd.DataFrame(index=query.obs_names))
     target.obsm["rep"] = query_rep
     cellvae.tl.transfer_labels(reference, target, "cell_type", use_rep="rep", k=15)
+    return prediction_scores(query, target.obs["cell_type_predicted"])
+
+
+def prediction_scores(query: ad.AnnData, predicted) -> dict:
+    """Accuracy and macro-F1 of predicted labels against the query's labelled cells."""
+    from sklearn.metrics import accuracy_score, f1_score
+
     truth = query.obs["cell_type"].astype(str).to_numpy()
-    predicted = target.obs["cell_type_predicted"].astype(str).to_numpy()
+    predicted = np.asarray(predicted).astype(str)
     labelled = ~np.isin(truth, list(UNLABELLED))
     return {
         "accuracy": accuracy_score(truth[labelled], predicted[labelled]),
@@ -294,7 +299,6 @@ def map_scanvi(scvi_reference, ref_scvi: ad.AnnData, query: ad.AnnData, seed: in
     Returns the two result rows and the reference and query embeddings.
     """
     import scvi
-    from sklearn.metrics import accuracy_score, f1_score
 
     scvi.settings.seed = seed
     labels = ref_scvi.obs["cell_type"].astype(str)
@@ -310,18 +314,15 @@ def map_scanvi(scvi_reference, ref_scvi: ad.AnnData, query: ad.AnnData, seed: in
     query_model = scvi.model.SCANVI.load_query_data(query_scanvi, reference)
     query_model.train(max_epochs=query_epochs, plan_kwargs={"weight_decay": 0.0}, accelerator="cpu", enable_progress_bar=False)
     map_seconds = time.perf_counter() - started
-    truth = query.obs["cell_type"].astype(str).to_numpy()
-    predicted = np.asarray(query_model.predict()).astype(str)
-    labelled = ~np.isin(truth, list(UNLABELLED))
     ref_rep, query_rep = query_model.get_latent_representation(ref_scvi), query_model.get_latent_representation()
     common = {"seed": seed, "ref_train_seconds": train_seconds, "map_seconds": map_seconds, "query_epochs": query_epochs}
-    classifier = {
-        "accuracy": accuracy_score(truth[labelled], predicted[labelled]),
-        "macro_f1": f1_score(truth[labelled], predicted[labelled], average="macro"),
-        "n_query_scored": int(labelled.sum()),
-    }
     rows = [
-        {"embedding": f"scanvi_s{seed}", "method": "scanvi_classifier", **common, **classifier},
+        {
+            "embedding": f"scanvi_s{seed}",
+            "method": "scanvi_classifier",
+            **common,
+            **prediction_scores(query, query_model.predict()),
+        },
         {
             "embedding": f"scanvi_knn_s{seed}",
             "method": "scanvi_knn",
