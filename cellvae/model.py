@@ -314,7 +314,7 @@ class CellVAE:
     ) -> np.ndarray:
         """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``.
 
-        Cells are encoded ``batch_size`` at a time, fewer where genes are many (at most 2**23
+        Cells are encoded ``batch_size`` at a time, fewer where genes are many (at most 2**21
         counts densified at once), so memory stays bounded.
 
         ``refine_steps > 0`` (semi-amortized inference, with ``mean=True``) improves each cell's

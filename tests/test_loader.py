@@ -85,6 +85,18 @@ def test_unshuffled_batches_keep_the_given_order(counts):
     np.testing.assert_array_equal(order, cells)
 
 
+def test_in_memory_rows_are_gathered_one_minibatch_at_a_time(counts, monkeypatch):
+    """An in-memory matrix is never copied many rows at once (that copy once held the whole matrix)."""
+    reads, read_rows = [], CellLoader._read_rows
+    monkeypatch.setattr(CellLoader, "_read_rows", lambda self, rows: reads.append(len(rows)) or read_rows(self, rows))
+    loader = loader_for(counts)
+    seen = list(loader.batches(np.arange(counts.n_obs), 100, shuffle=True, rng=np.random.default_rng(0)))
+    assert max(reads) == 100 and sum(reads) == counts.n_obs
+    assert sorted(np.concatenate([mb.cell_index for mb in seen])) == list(range(counts.n_obs))
+    for mb in seen[:3]:
+        np.testing.assert_array_equal(mb.counts.numpy(), counts.X[mb.cell_index].toarray())
+
+
 def test_a_backed_model_trains_and_embeds_like_an_in_memory_one(counts, tmp_path_factory):
     backed = stored(counts, tmp_path_factory, "csr")
     model = cellvae.CellVAE(backed, batch_key="batch").fit(max_epochs=3, progress=False, device="cpu")
@@ -291,5 +303,5 @@ def test_evaluation_passes_densify_a_bounded_number_of_counts(counts, monkeypatc
         loader.evaluation_batch_size(0)
     model = cellvae.CellVAE(counts, batch_key="batch").fit(max_epochs=2, progress=False, device="cpu")
     bounded = model.get_latent()
-    monkeypatch.setattr(cellvae.data, "EVALUATION_VALUES", 2**23)
+    monkeypatch.setattr(cellvae.data, "EVALUATION_VALUES", 2**23)  # larger batches give the same codes
     np.testing.assert_allclose(bounded, model.get_latent(), rtol=1e-5, atol=1e-6)
