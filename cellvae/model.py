@@ -315,7 +315,8 @@ class CellVAE:
         """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``.
 
         Cells are encoded ``batch_size`` at a time, fewer where genes are many (at most 2**21
-        counts densified at once), so memory stays bounded.
+        counts densified at once), so memory stays bounded. Genes are matched by name: model genes
+        missing from ``adata`` count as zeros (with a warning; at least 80% must be present).
 
         ``refine_steps > 0`` (semi-amortized inference, with ``mean=True``) improves each cell's
         posterior by that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL``
@@ -886,7 +887,11 @@ class CellVAE:
         """
         _check_anndata(adata)
         matrix = data.count_matrix(adata, self.config.layer)
-        columns = data.gene_order(adata.var_names, self.config.gene_names)
+        genes = pd.Index(self.config.gene_names)
+        if data.is_backed_matrix(matrix) or not adata.var_names.is_unique or genes.isin(adata.var_names).all():
+            columns = data.gene_order(adata.var_names, self.config.gene_names)
+        else:  # model genes missing from in-memory counts: zero-filled, as map_query does
+            matrix, columns = _zero_filled(matrix, adata.var_names, genes, "adata"), None
         covariates = data.covariate_matrix(adata.obs, self.layout)
         where = _where(self.config.layer)
         if all_ranks:
@@ -992,35 +997,41 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
         dup = query.var_names[query.var_names.duplicated()].unique()[:5].tolist()
         raise ValueError(f"query_adata.var_names are not unique (e.g. {dup}); call query_adata.var_names_make_unique()")
     data.validate_counts(matrix, "query " + _where(config.layer))
-    reference_genes = pd.Index(config.gene_names)
-    positions = query.var_names.get_indexer(reference_genes)
+    counts = _zero_filled(matrix, query.var_names, pd.Index(config.gene_names), "query_adata")
+    obs = query.obs.copy()
+    obs[config.batch_key] = pd.Categorical(batches)
+    var = pd.DataFrame(index=pd.Index(config.gene_names))
+    if config.layer is None:
+        return ad.AnnData(X=counts, obs=obs, var=var)
+    return ad.AnnData(obs=obs, var=var, layers={config.layer: counts})
+
+
+def _zero_filled(matrix, var_names: pd.Index, model_genes: pd.Index, name: str) -> sp.csr_matrix:
+    """A float32 CSR copy of ``matrix`` with its columns in the model's gene order: genes the model lacks
+    are dropped, model genes missing from ``var_names`` are zero-filled with a warning, and fewer than
+    ``MIN_QUERY_GENE_FRACTION`` present is an error."""
+    positions = var_names.get_indexer(model_genes)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
-        missing = reference_genes[~present]
+        missing = model_genes[~present]
         raise ValueError(
-            f"only {int(present.sum())} of the reference's {len(reference_genes)} genes ({present.mean():.0%}) are in "
-            f"query_adata.var_names (at least {MIN_QUERY_GENE_FRACTION:.0%} needed); missing e.g. {missing[:5].tolist()}. "
-            "Check that query and reference use the same gene identifiers (symbols vs Ensembl IDs)"
+            f"only {int(present.sum())} of the model's {len(model_genes)} genes ({present.mean():.0%}) are in "
+            f"{name}.var_names (at least {MIN_QUERY_GENE_FRACTION:.0%} needed); missing e.g. {missing[:5].tolist()}. "
+            "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
         )
     if not present.all():
         warnings.warn(
-            f"{int((~present).sum())} of the reference's {len(reference_genes)} genes are missing from the query "
-            f"(e.g. {reference_genes[~present][:3].tolist()}); they are filled with zero counts",
+            f"{int((~present).sum())} of the model's {len(model_genes)} genes are missing from {name} "
+            f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    # A 0/1 selection matrix reorders the query's columns, drops extra genes and zero-fills missing ones.
+    # A 0/1 selection matrix reorders the columns, drops extra genes and zero-fills missing ones.
     selection = sp.csr_matrix(
         (np.ones(int(present.sum()), dtype=np.float32), (positions[present], np.flatnonzero(present))),
-        shape=(query.n_vars, len(reference_genes)),
+        shape=(len(var_names), len(model_genes)),
     )
-    counts = sp.csr_matrix(matrix, dtype=np.float32) @ selection
-    obs = query.obs.copy()
-    obs[config.batch_key] = pd.Categorical(batches)
-    var = pd.DataFrame(index=reference_genes.copy())
-    if config.layer is None:
-        return ad.AnnData(X=counts.tocsr(), obs=obs, var=var)
-    return ad.AnnData(obs=obs, var=var, layers={config.layer: counts.tocsr()})
+    return (sp.csr_matrix(matrix, dtype=np.float32) @ selection).tocsr()
 
 
 def _graft_reference(

@@ -126,7 +126,8 @@ class Decoder(nn.Module):
 
     def forward(self, z, covariates, library, batch_index):
         h = self.body(z, covariates)
-        log_mean = torch.log_softmax(self.proportions(h), dim=-1) + torch.log(library)
+        # An empty cell's library of 0 becomes 1e-30: its mean is then ~0 and log p(x = 0) ~0, not 0 · log 0 = NaN.
+        log_mean = torch.log_softmax(self.proportions(h), dim=-1) + torch.log(library.clamp(min=1e-30))
         if self.config.likelihood == "poisson":
             return Poisson(log_mean)
         if self.config.dispersion == "gene":

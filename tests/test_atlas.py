@@ -201,10 +201,14 @@ def test_query_genes_are_aligned_by_name(reference_and_query):
 
 def test_missing_query_genes_warn_or_fail(reference_and_query):
     model, _, query = reference_and_query
-    with pytest.warns(UserWarning, match="30 of the reference's 300 genes are missing"):
-        model.map_query(query[:, 30:].copy(), max_epochs=2, progress=False)
+    partial = query[:, 30:].copy()
+    with pytest.warns(UserWarning, match="30 of the model's 300 genes are missing from query_adata"):
+        mapped = model.map_query(partial, max_epochs=2, progress=False)
+    with pytest.warns(UserWarning, match="30 of the model's 300 genes are missing from adata"):
+        embedded = mapped.get_latent(partial)  # the user's query, as in the README: zero-filled the same way
+    np.testing.assert_array_equal(embedded, mapped.get_latent())
     before = query.copy()
-    with pytest.raises(ValueError, match=r"only 150 of the reference's 300 genes \(50%\).*missing e\.g\. \['gene"):
+    with pytest.raises(ValueError, match=r"only 150 of the model's 300 genes \(50%\).*missing e\.g\. \['gene"):
         model.map_query(query[:, 150:].copy(), progress=False)
     assert query.obs.equals(before.obs) and (query.X != before.X).nnz == 0
 

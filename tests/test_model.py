@@ -246,13 +246,21 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     with pytest.warns(UserWarning, match="3 cells have zero total counts"):
         model.fit(max_epochs=1, progress=False)
     assert model.get_latent().shape == (100, 10)
+    scores = model.rate_distortion()  # an empty cell's counts have probability 1: distortion 0, not NaN
+    assert np.isfinite(scores.to_numpy()).all() and np.allclose(scores["distortion"].iloc[:3], 0.0, atol=1e-5)
+    assert np.isfinite(model.marginal_log_likelihood(n_samples=2)).all()
 
 
 def test_new_data_with_missing_genes_or_unknown_batch(two_batches):
     adata = small(two_batches)
     model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
-    with pytest.raises(ValueError, match=r"2 of the model's 300 genes are missing.*gene0"):
-        model.get_latent(adata[:, 2:].copy())
+    with pytest.warns(UserWarning, match=r"2 of the model's 300 genes are missing from adata.*gene0"):
+        partial = model.get_latent(adata[:, 2:].copy())
+    zeroed = adata.copy()
+    zeroed.X = sp.csr_matrix(zeroed.X.multiply(np.arange(300) >= 2))
+    np.testing.assert_allclose(partial, model.get_latent(zeroed), rtol=1e-6, atol=1e-6)  # missing genes count as zeros
+    with pytest.raises(ValueError, match=r"only 210 of the model's 300 genes \(70%\) are in adata.var_names"):
+        model.get_latent(adata[:, 90:].copy())
     renamed = adata.copy()
     renamed.obs["batch"] = "new-lab"
     with pytest.raises(ValueError, match="map_query"):
