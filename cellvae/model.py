@@ -901,12 +901,14 @@ class CellVAE:
         loader = data.CellLoader(matrix, covariates, library, data.batch_codes(adata.obs, self.layout), columns, device)
         return loader, np.arange(adata.n_obs)
 
-    def _batch_overrides(self, transform_batch: str | list[str] | None) -> list[int | None]:
+    def _batch_overrides(self, transform_batch) -> list[int | None]:
         if transform_batch is None:
             return [None]
         if not self.config.batch_key:
             raise ValueError("transform_batch needs a model trained with batch_key")
-        names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
+        # Batch names are stored as strings (an integer column's 1016 is "1016"), as obs[batch_key].astype(str).
+        scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
+        names = [str(name) for name in ([transform_batch] if scalar else list(transform_batch))]
         unknown = [n for n in names if n not in self.config.batch_categories]
         if unknown or not names:
             raise ValueError(f"transform_batch {unknown or names} not among the model's batches {self.config.batch_categories}")

@@ -251,6 +251,19 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     assert np.isfinite(model.marginal_log_likelihood(n_samples=2)).all()
 
 
+def test_integer_batch_labels_are_named_as_given(two_batches):
+    adata = small(two_batches)
+    adata.obs["plate"] = np.where(adata.obs["batch"] == "batch0", 1016, 1256)  # an int64 column
+    model = CellVAE(adata, batch_key="plate").fit(max_epochs=1, progress=False)
+    assert model.config.batch_categories == ["1016", "1256"]
+    as_text = model.get_normalized_expression(transform_batch="1016")
+    np.testing.assert_array_equal(model.get_normalized_expression(transform_batch=1016), as_text)
+    both = model.get_normalized_expression(transform_batch=["1016", "1256"])
+    np.testing.assert_array_equal(model.get_normalized_expression(transform_batch=[np.int64(1016), 1256]), both)
+    with pytest.raises(ValueError, match=r"transform_batch \['7'\] not among the model's batches"):
+        model.get_normalized_expression(transform_batch=7)
+
+
 def test_new_data_with_missing_genes_or_unknown_batch(two_batches):
     adata = small(two_batches)
     model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
