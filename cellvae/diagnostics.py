@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cellvae.data import CellLoader, Minibatch
-from cellvae.module import VAE, importance_log_weights, iwae_bound
+from cellvae.module import VAE, importance_log_weights, iwae_bound, seeded
 
 ACTIVITY_THRESHOLD = 0.01
 # Elements (samples × cells × genes) of one importance-sampling chunk: keeps its memory to a few hundred MiB.
@@ -26,12 +26,11 @@ class PosteriorCollapseWarning(UserWarning):
 
 @contextmanager
 def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
-    """Dropout off and torch's global CPU generator seeded, both restored afterwards."""
+    """Dropout off and torch's global generators seeded, both restored afterwards."""
     was_training = vae.training
     vae.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(random_state)
+        with seeded(random_state):
             yield
     finally:
         vae.train(was_training)

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from cellvae import data, diagnostics
 from cellvae.config import Config
-from cellvae.module import VAE
+from cellvae.module import VAE, seeded
 from cellvae.train import (
     PRECISIONS,
     TrainSettings,
@@ -152,7 +152,8 @@ class CellVAE:
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
         self.config = config
         self.adata = adata
-        self.module = VAE(config)
+        with seeded(0):  # placeholder weights (fit draws them from its random_state) leave torch's generator alone
+            self.module = VAE(config)
         self.module.eval()
         self.device = torch.device("cpu")
         self.history = pd.DataFrame()
@@ -275,8 +276,7 @@ class CellVAE:
         )
         if not self.is_trained:
             # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(random_state)
+            with seeded(random_state):
                 self.module = VAE(self.config)
         self.device = loader.device
         self.module.to(self.device)
@@ -334,14 +334,11 @@ class CellVAE:
                 return diagnostics.refined_latent(
                     self.module, loader, cells, n_steps=refine_steps, beta=self.config.beta, batch_size=min(batch_size, 1024)
                 )
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(random_state)
         chunks = []
-        with torch.no_grad():
+        with torch.no_grad(), seeded(random_state):
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 q = self.module.inference(mb.counts, mb.covariates, sample=not mean)
                 chunks.append(q["z"].float().cpu().numpy())
-        torch.random.set_rng_state(generator_state)
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
     def get_normalized_expression(

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from cellvae.data import CellLoader, is_backed_matrix, library_sizes
-from cellvae.module import VAE
+from cellvae.module import VAE, seeded
 
 MAX_NONFINITE_RETRIES = 5
 
@@ -129,6 +129,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     return {k: v / max(len(cells), 1) for k, v in totals.items()}
 
 
+@seeded(None)  # train seeds torch with its random_state; the caller's generator state is restored after
 def train(
     vae: VAE,
     loader: CellLoader,

@@ -307,12 +307,15 @@ def test_different_seeds_give_different_results(trained, messy):
     assert not np.array_equal(trained.sample_counts(messy, random_state=0), trained.sample_counts(messy, random_state=1))
 
 
-def test_inference_does_not_disturb_the_global_random_state(trained, messy):
+def test_training_and_inference_do_not_disturb_the_global_random_state(trained, messy):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
     trained.get_latent(messy, mean=False)
     trained.sample_counts(messy)
+    trained.rate_distortion(messy)
+    model = CellVAE(messy, **MODEL_ARGS)
+    quiet_fit(model, random_state=5, max_epochs=1)
     assert torch.equal(torch.rand(3), expected)
 
 
