@@ -110,6 +110,12 @@ class CellVAE:
         posterior: str = "diagonal",
     ):
         _check_anndata(adata)
+        for name, keys in (
+            ("categorical_covariate_keys", categorical_covariate_keys),
+            ("continuous_covariate_keys", continuous_covariate_keys),
+        ):
+            if isinstance(keys, str):
+                raise TypeError(f"{name} takes a list of obs columns, e.g. {name}=[{keys!r}], got the string {keys!r}")
         matrix = data.count_matrix(adata, layer)
         layout = data.learn_covariate_layout(
             adata.obs, batch_key, list(categorical_covariate_keys or []), list(continuous_covariate_keys or [])
@@ -228,25 +234,13 @@ class CellVAE:
         """
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
-        if not 0.0 <= validation_size < 1.0:
-            raise ValueError(f"validation_size must be in [0, 1), got {validation_size}")
-        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
-            raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if batch_size < 2 and self.config.normalization == "batch":
-            raise ValueError("normalization='batch' normalises over each minibatch, so it needs batch_size >= 2")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
+        _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, self.config.normalization)
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        _check_seed(random_state)
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)), all_ranks=True)
         nonempty = cells[loader.library[cells] > 0]
@@ -260,6 +254,11 @@ class CellVAE:
         if len(nonempty) < data.MIN_CELLS:
             raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
         train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
+        if self.config.normalization == "batch" and len(train_cells) < 2:
+            raise ValueError(
+                f"normalization='batch' normalises over each minibatch, so it needs at least 2 training cells; "
+                f"validation_size={validation_size} leaves {len(train_cells)}"
+            )
         epochs = max_epochs or default_max_epochs(len(nonempty))
         settings = TrainSettings(
             max_epochs=epochs,
@@ -390,8 +389,7 @@ class CellVAE:
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
     ) -> np.ndarray:
         """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z). Shape cells × genes, or n_samples × cells × genes."""
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        _check_count(n_samples, "n_samples")
         _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
@@ -550,8 +548,8 @@ class CellVAE:
                 "the reference model was trained without batch_key, so it has no batch parameters to extend; "
                 "embed the query directly with model.get_latent(query_adata), or retrain with batch_key=..."
             )
-        if max_epochs is not None and (not isinstance(max_epochs, int) or max_epochs < 1):
-            raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
+        # BatchNorm keeps the reference's statistics while mapping, so any batch size works
+        _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         aligned = _align_query(query_adata, self.config, query_batches)
@@ -628,6 +626,8 @@ class CellVAE:
         −E_q[log p(x|z)] (the full likelihood, including log x!) and ``elbo`` = −(distortion + rate).
         Their means over cells are the figures to quote.
         """
+        _check_count(n_samples, "n_samples")
+        _check_seed(random_state)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         with diagnostics.evaluation(self.module, random_state):
@@ -663,8 +663,8 @@ class CellVAE:
         The bound tightens as ``n_samples`` grows; ``n_samples=1`` is the ELBO. Memory grows with
         ``n_samples × cells × genes``, so cells are processed in chunks.
         """
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        _check_count(n_samples, "n_samples")
+        _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, random_state):
             return diagnostics.marginal_log_likelihood(self.module, loader, cells, n_samples=n_samples, batch_size=batch_size)
@@ -692,11 +692,11 @@ class CellVAE:
         ``amortization_gap_se``, and ``approximation_gap`` = log_px − elbo_refined. Quote their
         means; this costs an optimisation per cell, so pass a subset of cells for large data.
         """
-        if not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
-        for name, value in (("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
+            _check_count(value, name)
+        if not isinstance(lr, (int, float, np.number)) or not lr > 0:
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        _check_seed(random_state)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         with diagnostics.evaluation(self.module, random_state):
@@ -732,7 +732,7 @@ class CellVAE:
         n × n_genes float32 array, genes in the model's order.
         """
         z = self._check_latent(z)
-        library = _per_row(library_size, len(z), "library_size").astype(np.float32)
+        library = _library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
         total = np.zeros((len(z), self.config.n_genes), dtype=np.float64)
         for target in targets:
@@ -772,8 +772,10 @@ class CellVAE:
         holding the model's covariate columns (``obs[batch_key]`` etc.) and ``library_size``,
         and the prior draws in ``obsm["z"]``.
         """
-        if not isinstance(n_cells, (int, np.integer)) or n_cells < 1:
-            raise ValueError(f"n_cells must be a positive integer, got {n_cells!r}")
+        _check_count(n_cells, "n_cells")
+        _check_seed(random_state)
+        if library_size is not None:
+            _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
         given = dict(covariates or {})
         needs_template = (
@@ -799,7 +801,7 @@ class CellVAE:
                 batch = template[c.batch_key].astype(str).to_numpy()
             for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
                 given.setdefault(key, template[key].to_numpy())
-        library = _per_row(library_size, n_cells, "library_size").astype(np.float32)
+        library = _library_sizes(library_size, n_cells)
         frame = self._covariate_frame(n_cells, batch, given)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device).cpu().numpy()
@@ -934,9 +936,43 @@ def _per_row(value, n: int, name: str) -> np.ndarray:
     return values
 
 
+def _library_sizes(value, n: int) -> np.ndarray:
+    """``library_size`` (one number, or one per row) as float32, each a positive, finite number of counts."""
+    sizes = _per_row(value, n, "library_size")
+    if not np.issubdtype(sizes.dtype, np.number) or not (np.isfinite(sizes) & (sizes > 0)).all():
+        raise ValueError(f"library_size must be positive, finite numbers of counts, got {value!r}")
+    return sizes.astype(np.float32)
+
+
+def _check_count(value, name: str) -> None:
+    if not _is_whole(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _check_seed(random_state) -> None:
-    if isinstance(random_state, bool) or not isinstance(random_state, (int, np.integer)):
+    if not _is_whole(random_state):
         raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization) -> None:
+    """The training arguments that fit and map_query share, checked before any work."""
+    if not isinstance(validation_size, (int, float, np.number)) or not 0.0 <= validation_size < 1.0:
+        raise ValueError(f"validation_size must be a fraction in [0, 1), got {validation_size!r}")
+    if max_epochs is not None and (not _is_whole(max_epochs) or max_epochs < 1):
+        raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
+    if not _is_whole(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 2 and normalization == "batch":
+        raise ValueError("normalization='batch' normalises over each minibatch, so it needs batch_size >= 2")
+    if not isinstance(lr, (int, float, np.number)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not _is_whole(patience) or patience < 1:
+        raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
+    _check_seed(random_state)
     if random_state < 0:
         raise ValueError(f"random_state must be a non-negative integer, got {random_state}")
 
