@@ -26,7 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as error:
+        # bad input found by cellvae, anndata or the file system: its message, not a traceback
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise SystemExit(f"error: {message}") from error
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train on the bundled PBMC example and plot its UMAP")
     demo.add_argument("--out-dir", default="cellvae_demo", help="folder for the results (default: cellvae_demo)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: chosen from data size)")
+    demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(command="demo", run=run_demo)
@@ -56,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of batches to integrate")
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
-    fit.add_argument("--n-latent", type=int, default=10, help="latent dimensions (default: 10)")
+    fit.add_argument("--n-latent", type=positive_int, default=10, help="latent dimensions (default: 10)")
     fit.add_argument("--likelihood", choices=("nb", "zinb", "poisson"), default="nb", help="count likelihood")
-    fit.add_argument("--epochs", type=int, default=None, help="training epochs (default: chosen from data size)")
-    fit.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: 128)")
+    fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
+    fit.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     fit.add_argument(
@@ -129,6 +145,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
     if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
         raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
+    _check_output_folder(args.out)
     adata = _read(args.input, backed=args.backed)
     if Path(args.model_dir).exists() and not args.overwrite:
         raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
@@ -164,12 +181,20 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
     from cellvae import CellVAE
 
+    _check_output_folder(args.out)
     adata = _read(args.input)
     model = CellVAE.load(args.model_dir)
     adata.obsm[args.key_added] = model.get_latent(adata)
     adata.write_h5ad(args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
+
+
+def _check_output_folder(out: str) -> None:
+    """Fail before any work, not after training, when --out cannot be written."""
+    folder = Path(out).resolve().parent
+    if not folder.is_dir():
+        raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
 
 
 def _read(path: str, backed: bool = False):

@@ -10,24 +10,39 @@ from cellvae.model import CellVAE
 
 
 def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | None = None):
-    """Training curves: distortion and rate per cell, train and validation, against epoch."""
+    """Training curves: distortion and rate per cell, train and validation, against epoch.
+
+    ``ax``: two Axes (distortion, rate), or one Axes that then shows the distortion on its left scale
+    and the rate on a right one. Returns the two Axes.
+    """
     frame = model.history
     if frame.empty:
         raise ValueError("the model has no training history; call model.fit() first")
+    one_axes = isinstance(ax, plt.Axes)
     if ax is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    elif one_axes:
+        axes = [ax, ax.twinx()]
     else:
-        axes = ax
-    for axis, quantity, title in zip(axes, ("distortion", "rate"), ("distortion −E[log p(x|z)]", "rate KL(q‖p)")):
+        axes = list(ax)
+        if len(axes) != 2:
+            raise ValueError(f"ax must be one Axes or two (distortion, rate), got {len(axes)}")
+    quantities = (("distortion", "distortion −E[log p(x|z)]", "C0"), ("rate", "rate KL(q‖p)", "C1"))
+    for axis, (quantity, title, colour) in zip(axes, quantities):
         for split, style in (("train", "-"), ("validation", "--")):
             column = f"{split}_{quantity}"
             if column in frame:
-                axis.plot(frame["epoch"], frame[column], style, label=split)
+                label = f"{split} {quantity}" if one_axes else split
+                axis.plot(frame["epoch"], frame[column], style, label=label, **({"color": colour} if one_axes else {}))
         axis.set_xlabel("epoch")
-        axis.set_ylabel("nats per cell")
-        axis.set_title(title)
+        axis.set_ylabel(f"{quantity}, nats per cell" if one_axes else "nats per cell")
         axis.grid(False)
-        axis.legend(frameon=False)
+        if not one_axes:
+            axis.set_title(title)
+            axis.legend(frameon=False)
+    if one_axes:
+        lines = [line for axis in axes for line in axis.get_lines()]
+        axes[0].legend(lines, [line.get_label() for line in lines], frameon=False)
     axes[0].figure.tight_layout()
     _finish(axes[0].figure, show, save)
     return axes

@@ -84,3 +84,25 @@ def test_fit_precision_option_reaches_the_model(tmp_path):
     np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
     with pytest.raises(SystemExit):
         main(["fit", str(tmp_path / "in.h5ad"), "--precision", "float16", *common])
+
+
+def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
+    """Errors in the data or the options end in one 'error: ...' line (no traceback), before training starts."""
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    source = str(tmp_path / "in.h5ad")
+    data.write_h5ad(source)
+    model_dir, out = str(tmp_path / "model"), str(tmp_path / "out.h5ad")
+    common = ["--out", out, "--model-dir", model_dir, "--epochs", "1", "--quiet"]
+    with pytest.raises(SystemExit, match=r"error: .*layer 'nope'"):
+        main(["fit", source, "--layer", "nope", *common])
+    with pytest.raises(SystemExit, match=r"error: .*obs.*'nope'"):
+        main(["fit", source, "--batch-key", "nope", *common])
+    with pytest.raises(SystemExit):
+        main(["fit", source, "--out", out, "--model-dir", model_dir, "--epochs", "0"])
+    assert "--epochs: must be a positive integer, got '0'" in capsys.readouterr().err
+    missing_folder = str(tmp_path / "no_such_folder" / "out.h5ad")
+    with pytest.raises(SystemExit, match="the folder of --out .* does not exist"):
+        main(["fit", source, "--out", missing_folder, "--model-dir", model_dir, "--epochs", "1", "--quiet"])
+    assert not (tmp_path / "model").exists()  # nothing was trained or saved
+    with pytest.raises(SystemExit, match=r"error: .*not a saved cellvae model"):
+        main(["embed", source, "--model-dir", str(tmp_path / "none"), "--out", out])

@@ -55,6 +55,23 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     ax = cellvae.pl.kl_per_dimension(model, show=False)
     assert len(ax.patches) == 10 and "of 10 dimensions active" in ax.get_title()
     plt.close(ax.figure)
+    distortion, rate = cellvae.pl.history(model, show=False)  # two panels, train and validation curves
+    np.testing.assert_array_equal(rate.get_lines()[0].get_ydata(), model.history["train_rate"])
+    assert [len(a.get_lines()) for a in (distortion, rate)] == [2, 2]
+    plt.close(distortion.figure)
+    _, one = plt.subplots()
+    distortion, rate = cellvae.pl.history(model, ax=one, show=False)  # one Axes: the rate on a right-hand scale
+    assert distortion is one and rate.get_shared_x_axes().joined(rate, one)
+    assert [t.get_text() for t in one.get_legend().get_texts()] == [
+        "train distortion",
+        "validation distortion",
+        "train rate",
+        "validation rate",
+    ]
+    plt.close(one.figure)
+    with pytest.raises(ValueError, match="ax must be one Axes or two"):
+        cellvae.pl.history(model, ax=plt.subplots(1, 3)[1], show=False)
+    plt.close("all")
 
 
 def test_large_beta_collapses_the_posterior_and_free_bits_prevent_it(kang):
