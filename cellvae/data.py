@@ -326,7 +326,13 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> np.ndarray:
     blocks = []
     for key, categories in _categorical_items(layout):
         if key not in obs.columns:
-            raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
+            raise KeyError(
+                f"obs column {key!r} (used by the model) not found in adata.obs; add it, e.g. "
+                f"adata.obs[{key!r}] = adata.obs['your_column'] (a model from map_query(batch_key=...) keeps the "
+                "reference's batch_key)"
+                if key == layout.batch_key
+                else f"obs column {key!r} (used by the model) not found in adata.obs"
+            )
         column = obs[key]
         if column.isna().any():
             raise ValueError(f"obs[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them or drop those cells")
@@ -334,10 +340,12 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> np.ndarray:
         codes = pd.Categorical(values, categories=categories).codes
         if (codes < 0).any():
             unknown = sorted(set(values[codes < 0]))
-            raise ValueError(
-                f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. "
+            advice = (
                 "Map new batches with model.map_query(...)"
+                if key == layout.batch_key
+                else "A categorical covariate keeps the categories it was trained with"
             )
+            raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
         blocks.append(np.eye(len(categories), dtype=np.float32)[codes])
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):
         if key not in obs.columns:

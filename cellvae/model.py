@@ -518,7 +518,9 @@ class CellVAE:
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
             batch whose name is already a reference batch is treated as that reference batch
-            (with a warning): its cells use the frozen reference parameters.
+            (with a warning): its cells use the frozen reference parameters. The returned model reads
+            batches from the reference's batch key, so to embed the query with ``get_latent(query)``
+            give it that column too (``query_model.get_latent()`` embeds the aligned copy as is).
         train_input_layer
             Also train the encoder's first layer (all of it). Reference cells then embed differently
             (in the four benchmark datasets they moved by 22–56% of the embedding's mean norm): re-embed

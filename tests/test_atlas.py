@@ -298,3 +298,14 @@ def test_cellbench_platforms_integrate_and_transfer_labels():
     cellvae.tl.transfer_labels(reference, query, "cell_type")
     accuracy = (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean()
     assert accuracy >= 0.95
+
+
+def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(reference_and_query):
+    model, _, query = reference_and_query
+    renamed = query.copy()
+    renamed.obs["sample"] = renamed.obs.pop("batch")
+    mapped = model.map_query(renamed, batch_key="sample", max_epochs=1, progress=False)
+    with pytest.raises(KeyError, match=r"adata.obs\['batch'\] = adata.obs\['your_column'\]"):
+        mapped.get_latent(renamed)
+    renamed.obs["batch"] = renamed.obs["sample"]
+    np.testing.assert_allclose(mapped.get_latent(renamed), mapped.get_latent(), rtol=1e-5, atol=1e-6)
