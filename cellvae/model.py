@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -125,7 +126,6 @@ class CellVAE:
             raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")
         # In a data-parallel run fit checks a backed matrix's values, each process only its part of the cells.
         values_checked_in_fit = data.is_backed_matrix(matrix) and rank_and_world()[1] > 1
-        data.validate_counts(matrix, _where(layer), read_values=not values_checked_in_fit)
         from cellvae import __version__
 
         config = Config(
@@ -152,7 +152,8 @@ class CellVAE:
             encode_batch=encode_batch,
             posterior=posterior,
             cellvae_version=__version__,
-        )
+        )  # checks the settings before the counts are read, which can take long for a large backed matrix
+        data.validate_counts(matrix, _where(layer), read_values=not values_checked_in_fit)
         self._setup(config, adata)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
@@ -422,8 +423,9 @@ class CellVAE:
         try:
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata={"format": "cellvae"}))
-            (staging / HISTORY_FILE).write_text(self.history.to_json(orient="records"))
+            metadata = {"format": "cellvae", "trained": str(self.is_trained).lower()}
+            (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
+            (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -454,6 +456,8 @@ class CellVAE:
         config = Config.from_json(path / CONFIG_FILE)
         try:
             state = load_file(str(path / WEIGHTS_FILE))
+            with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+                trained = (handle.metadata() or {}).get("trained", "true") != "false"  # older files: trained
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
         try:
@@ -476,7 +480,7 @@ class CellVAE:
                 model.history = pd.DataFrame(json.loads(history_file.read_text()))
             except (UnicodeDecodeError, ValueError, TypeError) as error:
                 raise ValueError(f"{history_file} is not a readable training history ({error})") from error
-        model.is_trained = True
+        model.is_trained = trained
         if adata is not None:
             model.adata = adata
             model._loader(adata, model.device)
@@ -936,6 +940,12 @@ def _per_row(value, n: int, name: str) -> np.ndarray:
     if values.shape != (n,):
         raise ValueError(f"{name} must be one value or one per row ({n}), got shape {values.shape}")
     return values
+
+
+def _history_json(history: pd.DataFrame) -> str:
+    """The per-epoch history as JSON records, every float exact (pandas' to_json keeps 15 digits), NaN as null."""
+    rows = history.to_dict(orient="records")
+    return json.dumps([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows])
 
 
 def _library_sizes(value, n: int) -> np.ndarray:

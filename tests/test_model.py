@@ -66,9 +66,16 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "history.json", "model.safetensors"]
     loaded = CellVAE.load(tmp_path / "model")
     np.testing.assert_array_equal(loaded.get_latent(small), first.get_latent())
-    pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False)
+    pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False, check_exact=True)
+    assert loaded.is_trained
     with pytest.raises(FileExistsError, match="overwrite=True"):
         first.save(tmp_path / "model")
+    CellVAE(small, batch_key="batch").save(tmp_path / "untrained")
+    untrained = CellVAE.load(tmp_path / "untrained", adata=small)
+    assert not untrained.is_trained
+    with pytest.raises(ValueError, match="needs a trained reference"):
+        untrained.map_query(small)
+    np.testing.assert_array_equal(untrained.fit(max_epochs=3, random_state=7, progress=False).get_latent(), first.get_latent())
 
 
 def test_default_epochs_follow_the_dataset_size_and_never_exceed_scvis():
