@@ -236,6 +236,8 @@ class CellVAE:
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, self.config.normalization)
+        batch_size, patience, random_state = int(batch_size), int(patience), int(random_state)  # numpy integers too
+        max_epochs = None if max_epochs is None else int(max_epochs)
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
@@ -556,6 +558,8 @@ class CellVAE:
             )
         # BatchNorm keeps the reference's statistics while mapping, so any batch size works
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
+        batch_size, patience, random_state = int(batch_size), int(patience), int(random_state)
+        max_epochs = None if max_epochs is None else int(max_epochs)
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         aligned = _align_query(query_adata, self.config, query_batches)

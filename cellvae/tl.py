@@ -403,6 +403,11 @@ def _positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
             raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
         positions = positions % adata.n_obs
     else:
+        if not adata.obs_names.is_unique:
+            raise ValueError(
+                f"{name} names cells, but adata.obs_names are not unique; call adata.obs_names_make_unique() "
+                "or select the cells by position or boolean mask"
+            )
         indexer = adata.obs_names.get_indexer(values.astype(str).ravel())
         if (indexer < 0).any():
             missing = values.astype(str).ravel()[indexer < 0][:5].tolist()

@@ -223,3 +223,9 @@ def test_fit_keeps_the_best_epoch_not_the_last(tmp_path):
     kept = model.module.state_dict()
     assert all(torch.equal(kept[name], best[name]) for name in kept)
     assert not all(torch.equal(last[name], best[name]) for name in kept)
+
+
+def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_path, uninterrupted):
+    as_numpy = {**FIT, "max_epochs": np.int64(FIT["max_epochs"]), "batch_size": np.int32(32), "random_state": np.int64(7)}
+    model = CellVAE(simulated(), **MODEL).fit(**as_numpy, checkpoint_dir=tmp_path)
+    assert_same_parameters(model, uninterrupted)

@@ -81,6 +81,12 @@ def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
     monocytes = (kang.obs["cell_type"] == "CD14+ Monocytes").to_numpy()
     groups = cellvae.tl.interpolate(model, monocytes, ~monocytes, 3, batch="ctrl")
     np.testing.assert_allclose(groups.obsm["z"][0], model.get_latent(kang[monocytes]).mean(0), rtol=1e-5, atol=1e-6)
+    duplicated = kang[:20].copy()
+    duplicated.obs_names = ["cell"] * 20
+    with pytest.raises(ValueError, match="obs_names are not unique; call adata.obs_names_make_unique"):
+        cellvae.tl.interpolate(model, "cell", "cell", 3, adata=duplicated, batch="ctrl")
+    by_position = cellvae.tl.interpolate(model, [0], [1], 3, adata=duplicated, batch="ctrl")
+    np.testing.assert_allclose(by_position.X[[0, -1]], ends, rtol=1e-4, atol=1e-6)
 
 
 def _mean_log_expression(matrix) -> np.ndarray:
