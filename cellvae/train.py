@@ -425,9 +425,11 @@ def describe_run(
     config = {k: v for k, v in asdict(vae.config).items() if k != "cellvae_version"}
     cells = hashlib.sha256(np.ascontiguousarray(train_cells, dtype=np.int64).tobytes())
     cells.update(np.ascontiguousarray(validation_cells, dtype=np.int64).tobytes())
+    # every cell's library size stands for the counts: other data, or the same cells reordered, differ
+    cells.update(np.ascontiguousarray(loader.library, dtype=np.float32).tobytes())
     run = {k: v for k, v in asdict(settings).items() if k != "progress"}
     run["model_config_sha256"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    run["cells_sha256"] = cells.hexdigest()
+    run["cells_and_counts_sha256"] = cells.hexdigest()
     run["device"] = loader.device.type
     return run
 
