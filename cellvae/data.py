@@ -391,6 +391,22 @@ def gene_order(var_names: pd.Index, gene_names: list[str]) -> np.ndarray | None:
     return var_names.get_indexer(gene_names)
 
 
+def select_genes(block, columns: np.ndarray):
+    """The columns ``columns`` of a block of rows, in that order; a column of -1 (a model gene the data
+    lacks) reads as zero counts."""
+    present = columns >= 0
+    if present.all():
+        return block[:, columns]
+    if sp.issparse(block):  # a 0/1 selection matrix reorders the columns and leaves the missing ones empty
+        ones = np.ones(int(present.sum()), dtype=block.dtype)
+        selection = sp.csr_matrix((ones, (columns[present], np.flatnonzero(present))), shape=(block.shape[1], len(columns)))
+        return sp.csr_matrix(block) @ selection
+    block = np.asarray(block)
+    selected = np.zeros((block.shape[0], len(columns)), dtype=block.dtype)
+    selected[:, present] = block[:, columns[present]]
+    return selected
+
+
 # ----------------------------------------------------------------------------- minibatches
 
 
@@ -551,7 +567,7 @@ class CellLoader:
         else:
             block = self.matrix[rows]
         if self.gene_columns is not None:
-            block = block[:, self.gene_columns]
+            block = select_genes(block, self.gene_columns)
         if sp.issparse(block):
             block = sp.csr_matrix(block)
             if not block.has_canonical_format:

@@ -897,16 +897,17 @@ class CellVAE:
         _check_anndata(adata)
         matrix = data.count_matrix(adata, self.config.layer)
         genes = pd.Index(self.config.gene_names)
-        if data.is_backed_matrix(matrix) or not adata.var_names.is_unique or genes.isin(adata.var_names).all():
+        if not adata.var_names.is_unique or genes.isin(adata.var_names).all():
             columns = data.gene_order(adata.var_names, self.config.gene_names)
-        else:  # model genes missing from in-memory counts: zero-filled, as map_query does
-            matrix, columns = _zero_filled(matrix, adata.var_names, genes, "adata"), None
+        else:  # model genes the data lacks are read as zero counts, as in map_query
+            columns = _gene_positions(adata.var_names, genes, "adata")
         covariates = data.covariate_matrix(adata.obs, self.layout)
         where = _where(self.config.layer)
+        present = None if columns is None else columns[columns >= 0]
         if all_ranks:
-            library = library_sizes_across_ranks(matrix, columns, check_as=where)
+            library = library_sizes_across_ranks(matrix, present, check_as=where)
         else:
-            library = data.library_sizes(matrix, columns, check_as=where)
+            library = data.library_sizes(matrix, present, check_as=where)
         loader = data.CellLoader(matrix, covariates, library, data.batch_codes(adata.obs, self.layout), columns, device)
         return loader, np.arange(adata.n_obs)
 
@@ -1048,7 +1049,8 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
         dup = query.var_names[query.var_names.duplicated()].unique()[:5].tolist()
         raise ValueError(f"query_adata.var_names are not unique (e.g. {dup}); call query_adata.var_names_make_unique()")
     data.validate_counts(matrix, "query " + _where(config.layer))
-    counts = _zero_filled(matrix, query.var_names, pd.Index(config.gene_names), "query_adata")
+    positions = _gene_positions(query.var_names, pd.Index(config.gene_names), "query_adata")
+    counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
     obs = query.obs.copy()
     obs[config.batch_key] = pd.Categorical(batches)
     var = pd.DataFrame(index=pd.Index(config.gene_names))
@@ -1057,10 +1059,9 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
     return ad.AnnData(obs=obs, var=var, layers={config.layer: counts})
 
 
-def _zero_filled(matrix, var_names: pd.Index, model_genes: pd.Index, name: str) -> sp.csr_matrix:
-    """A float32 CSR copy of ``matrix`` with its columns in the model's gene order: genes the model lacks
-    are dropped, model genes missing from ``var_names`` are zero-filled with a warning, and fewer than
-    ``MIN_QUERY_GENE_FRACTION`` present is an error."""
+def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np.ndarray:
+    """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
+    warning names the missing ones, and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error."""
     positions = var_names.get_indexer(model_genes)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
@@ -1077,12 +1078,7 @@ def _zero_filled(matrix, var_names: pd.Index, model_genes: pd.Index, name: str) 
             UserWarning,
             stacklevel=4,
         )
-    # A 0/1 selection matrix reorders the columns, drops extra genes and zero-fills missing ones.
-    selection = sp.csr_matrix(
-        (np.ones(int(present.sum()), dtype=np.float32), (positions[present], np.flatnonzero(present))),
-        shape=(len(var_names), len(model_genes)),
-    )
-    return (sp.csr_matrix(matrix, dtype=np.float32) @ selection).tocsr()
+    return positions
 
 
 def _graft_reference(

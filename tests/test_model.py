@@ -273,7 +273,7 @@ def test_integer_batch_labels_are_named_as_given(two_batches):
         model.get_normalized_expression(transform_batch=7)
 
 
-def test_new_data_with_missing_genes_or_unknown_batch(two_batches):
+def test_new_data_with_missing_genes_or_unknown_batch(two_batches, tmp_path):
     adata = small(two_batches)
     model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
     with pytest.warns(UserWarning, match=r"2 of the model's 300 genes are missing from adata.*gene0"):
@@ -281,6 +281,18 @@ def test_new_data_with_missing_genes_or_unknown_batch(two_batches):
     zeroed = adata.copy()
     zeroed.X = sp.csr_matrix(zeroed.X.multiply(np.arange(300) >= 2))
     np.testing.assert_allclose(partial, model.get_latent(zeroed), rtol=1e-6, atol=1e-6)  # missing genes count as zeros
+    adata[:, 2:].copy().write_h5ad(tmp_path / "partial.h5ad")
+    for stored in ("csr", "dense"):  # the same from a file streamed from disk
+        backed = ad.read_h5ad(tmp_path / "partial.h5ad", backed="r")
+        if stored == "dense":
+            backed.file.close()
+            dense = ad.read_h5ad(tmp_path / "partial.h5ad")
+            dense.X = dense.X.toarray()
+            dense.write_h5ad(tmp_path / "dense.h5ad")
+            backed = ad.read_h5ad(tmp_path / "dense.h5ad", backed="r")
+        with pytest.warns(UserWarning, match="2 of the model's 300 genes are missing from adata"):
+            np.testing.assert_allclose(model.get_latent(backed), partial, rtol=1e-5, atol=1e-6)
+        backed.file.close()
     with pytest.raises(ValueError, match=r"only 210 of the model's 300 genes \(70%\) are in adata.var_names"):
         model.get_latent(adata[:, 90:].copy())
     renamed = adata.copy()
