@@ -138,17 +138,17 @@ class CellVAE:
             continuous_covariate_keys=layout.continuous_keys,
             continuous_covariate_mean=layout.continuous_mean,
             continuous_covariate_std=layout.continuous_std,
-            n_latent=n_latent,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout=dropout,
+            n_latent=_native(n_latent),
+            n_hidden=_native(n_hidden),
+            n_layers=_native(n_layers),
+            dropout=_native(dropout),
             normalization=normalization,
             likelihood=likelihood,
             dispersion=dispersion,
-            beta=beta,
-            kl_warmup=kl_warmup,
-            free_bits=free_bits,
-            batch_mmd=batch_mmd,
+            beta=_native(beta),
+            kl_warmup=_native(kl_warmup),
+            free_bits=_native(free_bits),
+            batch_mmd=_native(batch_mmd),
             encode_batch=encode_batch,
             posterior=posterior,
             cellvae_version=__version__,
@@ -235,9 +235,11 @@ class CellVAE:
         """
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
+        # numpy scalars become Python numbers: the checks, the history and checkpoints (JSON) expect them
+        max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every = map(
+            _native, (max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every)
+        )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, self.config.normalization)
-        batch_size, patience, random_state = int(batch_size), int(patience), int(random_state)  # numpy integers too
-        max_epochs = None if max_epochs is None else int(max_epochs)
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
@@ -325,6 +327,7 @@ class CellVAE:
         from the encoder's output, the decoder frozen; this closes part of the amortization gap
         (see :meth:`inference_gaps`) at the price of an optimisation per cell.
         """
+        refine_steps = _native(refine_steps)
         if not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if refine_steps and not mean:
@@ -557,9 +560,10 @@ class CellVAE:
                 "embed the query directly with model.get_latent(query_adata), or retrain with batch_key=..."
             )
         # BatchNorm keeps the reference's statistics while mapping, so any batch size works
+        max_epochs, batch_size, lr, validation_size, patience, random_state = map(
+            _native, (max_epochs, batch_size, lr, validation_size, patience, random_state)
+        )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
-        batch_size, patience, random_state = int(batch_size), int(patience), int(random_state)
-        max_epochs = None if max_epochs is None else int(max_epochs)
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         aligned = _align_query(query_adata, self.config, query_batches)
@@ -969,6 +973,11 @@ def _check_count(value, name: str) -> None:
 def _check_seed(random_state) -> None:
     if not _is_whole(random_state):
         raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
+
+
+def _native(value):
+    """A numpy scalar as the Python number it holds; anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _is_whole(value) -> bool:

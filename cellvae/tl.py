@@ -124,8 +124,9 @@ def transfer_labels(
         raise ValueError(f"unknown_threshold must be in [0, 1] or None, got {unknown_threshold!r}")
     labels = ref_adata.obs[label_key]
     labelled = labels.notna().to_numpy()
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
     if k > labelled.sum():
         raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
     names, codes = np.unique(labels[labelled].astype(str).to_numpy(), return_inverse=True)
@@ -278,8 +279,9 @@ def interpolate(
     AnnData of ``n_steps`` points: ``X`` the decoded expression, ``obs["t"]`` from 0 (a) to 1 (b),
     ``obsm["z"]`` the latent codes.
     """
-    if not isinstance(n_steps, int) or n_steps < 2:
+    if not isinstance(n_steps, (int, np.integer)) or isinstance(n_steps, bool) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
+    n_steps = int(n_steps)
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")

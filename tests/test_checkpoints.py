@@ -235,3 +235,8 @@ def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_p
     as_numpy = {**FIT, "max_epochs": np.int64(FIT["max_epochs"]), "batch_size": np.int32(32), "random_state": np.int64(7)}
     model = CellVAE(simulated(), **MODEL).fit(**as_numpy, checkpoint_dir=tmp_path)
     assert_same_parameters(model, uninterrupted)
+    numpy_model = {"n_hidden": np.int64(32), "n_latent": np.int64(4), "dropout": np.float32(0.1), "beta": np.float32(1)}
+    typed = CellVAE(simulated(), batch_key="batch", **numpy_model)  # numpy floats too: saved as JSON numbers
+    typed.fit(**{**as_numpy, "max_epochs": 2}, lr=np.float32(1e-3), checkpoint_dir=tmp_path / "typed")
+    typed.save(tmp_path / "model")
+    assert CellVAE.load(tmp_path / "model").config.n_latent == 4
