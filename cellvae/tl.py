@@ -177,7 +177,8 @@ def rate_distortion_sweep(
     labels_key
         ``obs`` column of cell labels; when given, the held-out latent space is scored against it.
     held_out
-        Fraction of cells (drawn with ``random_state``) kept out of all training and used for every figure.
+        Fraction of cells (drawn with ``random_state``) kept out of all training and used for every figure;
+        drawn cells whose batch or covariate category would be left with no training cell are trained on.
     warm_start
         ``False`` (default) trains each beta from a fresh initialisation, so the points differ only
         in beta. ``True`` trains one model through the betas in turn, each fit starting from the
@@ -206,8 +207,17 @@ def rate_distortion_sweep(
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
-    n_test = max(1, int(round(held_out * adata.n_obs)))
-    test, fit_data = adata[np.sort(order[:n_test])], adata[np.sort(order[n_test:])]
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
+    # A held-out cell whose batch (or covariate category) no training cell shares is trained on instead:
+    # the models could not embed it.
+    for key in [batch_key, *(model_kwargs.get("categorical_covariate_keys") or [])]:
+        if key is not None and key in adata.obs.columns:
+            values = adata.obs[key].astype(str).to_numpy()
+            held &= np.isin(values, values[~held])
+    if not held.any():
+        raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
+    test, fit_data = adata[held], adata[~held]
     rows, model = [], None
     for beta in betas:
         if warm_start and model is not None:
@@ -236,9 +246,10 @@ def _label_scores(latent: np.ndarray, labels: pd.Series, random_state: int) -> d
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score, silhouette_score
 
-    labels = labels.astype(str).to_numpy()
+    known = labels.notna().to_numpy()  # unlabelled cells are not a class of their own
+    latent, labels = latent[known], labels[known].astype(str).to_numpy()
     n_labels = len(set(labels))
-    if n_labels < 2:
+    if n_labels < 2 or n_labels >= len(labels):  # the silhouette needs 2 to n - 1 classes
         return {"label_silhouette": float("nan"), "label_nmi": float("nan")}
     clusters = KMeans(n_clusters=n_labels, n_init=10, random_state=random_state).fit_predict(latent)
     return {

@@ -142,3 +142,18 @@ def test_bad_arguments_are_refused_before_work(kang, trained):
         cellvae.tl.rate_distortion_sweep(kang, betas=(-1.0,))
     with pytest.raises(KeyError, match="labels_key"):
         cellvae.tl.rate_distortion_sweep(kang, labels_key="no_such_column")
+
+
+def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scored():
+    """A batch whose only cell was drawn for the held-out set is trained on instead (the models could not
+    embed it); label scores that need 2 to n - 1 classes are NaN, not an error after training."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, seed=0)
+    rare = int(np.random.default_rng(0).permutation(adata.n_obs)[0])  # the first cell the sweep holds out
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    adata.obs.iloc[rare, adata.obs.columns.get_loc("batch")] = "rare"
+    adata.obs["unique"] = [f"cell{i}" for i in range(adata.n_obs)]  # as many labels as cells
+    frame = cellvae.tl.rate_distortion_sweep(
+        adata, betas=(1.0,), batch_key="batch", labels_key="unique", max_epochs=2, n_hidden=16, n_latent=4
+    )
+    assert np.isfinite(frame[["rate", "distortion", "elbo"]].to_numpy()).all()
+    assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
