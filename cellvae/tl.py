@@ -129,7 +129,9 @@ def transfer_labels(
     k = int(k)
     if k > labelled.sum():
         raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
-    names, codes = np.unique(labels[labelled].astype(str).to_numpy(), return_inverse=True)
+    # the reference's own label values (numbers stay numbers; a categorical keeps its order)
+    codes, names = pd.factorize(labels[labelled], sort=True)
+    names = np.asarray(names, dtype=object)
     distances, neighbours = NearestNeighbors(n_neighbors=k).fit(reference[labelled]).kneighbors(query)
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
     weights = np.exp(-((distances / bandwidth) ** 2))
@@ -361,6 +363,7 @@ def latent_shift(
         if key not in adata.obs.columns:
             raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     groups = adata.obs[groupby].astype(str).to_numpy()
+    source, target = str(source), str(target)  # group names as strings, like the column's (1 is "1")
     for name, value in (("source", source), ("target", target)):
         if value not in set(groups):
             raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")

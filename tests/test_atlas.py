@@ -273,6 +273,10 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns():
         cellvae.tl.transfer_labels(reference, query, "cell_type", use_rep="X_pca")
     with pytest.raises(KeyError, match="label_key 'tissue' not found"):
         cellvae.tl.transfer_labels(reference, query, "tissue")
+    reference.obs["cluster"] = np.repeat([7, 3], 50)  # numeric labels come back as the same numbers
+    cellvae.tl.transfer_labels(reference, query, "cluster", k=10, unknown_threshold=0.3)
+    assert query.obs["cluster_predicted"].tolist() == [7, 3, "Unknown"]
+    assert list(query.obs["cluster_predicted"].cat.categories) == [3, 7, "Unknown"]
 
 
 # ----------------------------------------------------------------------------- real data: CellBench

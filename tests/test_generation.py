@@ -127,5 +127,12 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
     assert training.obs.equals(obs_before)
     with pytest.raises(ValueError, match="source"):
         cellvae.tl.latent_shift(model, training, groupby="batch", source="none", target="stim", apply_to=controls)
+    numbered = training.copy()
+    numbered.obs["condition"] = (numbered.obs["batch"] == "stim").astype(int)  # 0 control, 1 stimulated
+    by_number = cellvae.tl.latent_shift(
+        model, numbered, groupby="condition", source=0, target=1, apply_to=controls,
+        reference=(training.obs["cell_type"] != held_out).to_numpy(), stratify="cell_type",
+    )  # fmt: skip
+    np.testing.assert_allclose(_dense(by_number.X), _dense(predicted.X), rtol=1e-5, atol=1e-4)
     with pytest.raises(KeyError, match="apply_to"):
         cellvae.tl.latent_shift(model, training, groupby="batch", source="ctrl", target="stim", apply_to=["not_a_cell"])
