@@ -58,8 +58,13 @@ def embed(
         "batch_key": batch_key,
         "random_state": random_state,
         "epochs_trained": int(len(model.history)),
-        **{k: v for k, v in {**model_kwargs, **(fit_kwargs or {})}.items() if isinstance(v, (int, float, str, bool))},
     }
+    for key, value in {**model_kwargs, **(fit_kwargs or {})}.items():  # what .h5ad can store: numbers, text, lists of text
+        value = value.item() if isinstance(value, np.generic) else value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = list(value)
+        if isinstance(value, (int, float, str, bool, list)):
+            params[key] = value
     adata.uns.setdefault("cellvae", {})["params"] = params
     return model
 

@@ -176,6 +176,19 @@ def test_embed_writes_only_its_documented_keys(messy):
     assert adata.obsm["X_mine"].shape == (adata.n_obs, TINY["n_latent"])
 
 
+def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
+    adata = messy.copy()
+    settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cellvae.tl.embed(adata, layer="counts", batch_key="batch", max_epochs=1, progress=False, n_hidden=16, **settings)
+    params = adata.uns["cellvae"]["params"]
+    assert params["categorical_covariate_keys"] == ["donor"] and params["beta"] == 0.5 and params["n_latent"] == 4
+    adata.write_h5ad(tmp_path / "embedded.h5ad")
+    stored = ad.read_h5ad(tmp_path / "embedded.h5ad").uns["cellvae"]["params"]
+    assert list(stored["categorical_covariate_keys"]) == ["donor"] and stored["epochs_trained"] == 1
+
+
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
     if not hasattr(cellvae.tl, "transfer_labels"):
         pytest.skip("tl.transfer_labels is not part of this version's API")
