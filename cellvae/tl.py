@@ -406,6 +406,9 @@ def latent_shift(
         "stratify": stratify,
         "delta": delta,
         "n_strata": len(deltas),
+        "n_reference_cells": int(in_reference.sum()),
+        "decoded_batch": batch if isinstance(batch, str) else None,  # None: each cell's own batch
+        "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted
 

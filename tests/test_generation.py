@@ -114,6 +114,9 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
         stratify="cell_type",
     )
     assert predicted.n_obs == controls.sum() and predicted.uns["latent_shift"]["n_strata"] == 4
+    record = predicted.uns["latent_shift"]
+    assert record["n_reference_cells"] == int((training.obs["cell_type"] != held_out).sum())
+    assert record["library_size"] == 1e4 and record["decoded_batch"] is None
     observed_stim = _mean_log_expression(kang[is_type & is_stim].X)
     observed_ctrl = _mean_log_expression(kang[is_type & ~is_stim].X)
     prediction = np.log1p(_dense(predicted.X).mean(0))
