@@ -25,6 +25,33 @@ def log_factorial(x: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(x + 1.0)
 
 
+# Above this theta, lgamma(x + theta) - lgamma(theta) comes from Stirling's series (error < 1e-10 nats).
+STIRLING_THETA = 10.0
+
+
+def _stirling_tail(z: torch.Tensor) -> torch.Tensor:
+    """1/(12z) - 1/(360z^3) + 1/(1260z^5): lgamma(z) minus (z - 1/2) log z - z + log(2 pi) / 2, for z >= 10."""
+    r = 1.0 / z
+    r2 = r * r
+    return r * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 / 1260.0))
+
+
+def lgamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``lgamma(x + theta) - lgamma(theta)`` for counts ``x >= 0``, accurate in float32 for any theta.
+
+    The plain difference of two lgamma values near ``theta log theta`` (1.8e6 at theta = e^12) loses the
+    result to rounding; Stirling's series gives it as a sum of terms of its own size, exactly 0 at x = 0.
+    """
+    direct = torch.lgamma(x + theta) - torch.lgamma(theta)
+    large = theta.clamp(min=STIRLING_THETA)  # keeps the unused branch finite (and its gradient)
+    stirling = (
+        (large - 0.5) * torch.log1p(x / large)
+        + x * (torch.log(large + x) - 1.0)
+        + (_stirling_tail(large + x) - _stirling_tail(large))
+    )
+    return torch.where(theta > STIRLING_THETA, stirling, direct)
+
+
 @dataclass
 class SparseCounts:
     """A minibatch's non-zero counts in row order, prepared once by the loader (on the CPU).
@@ -148,19 +175,18 @@ class NegativeBinomial:
         ``nonzero`` (rows, columns of the non-zero counts of a 2-D ``x``), when given, lets the
         terms that vanish at zero counts be evaluated at those entries only; the result is the same.
         """
-        log_theta = self.theta.log()
-        log_theta_plus_mean = torch.logaddexp(log_theta, self.log_mean)
-        log_p = self.theta * (log_theta - log_theta_plus_mean) + x * (self.log_mean - log_theta_plus_mean)
+        s = self.log_mean - self.theta.log()  # log(mu / theta)
+        softplus_s = F.softplus(s)  # -log(theta / (theta + mu))
+        log_p = x * (s - softplus_s) - self.theta * softplus_s
         if nonzero is None or x.shape != log_p.shape:
-            log_p = log_p + torch.lgamma(x + self.theta) - torch.lgamma(self.theta)
+            log_p = log_p + lgamma_ratio(x, self.theta)
             return log_p - log_factorial(x) if include_constant else log_p
         # lgamma(x + theta) - lgamma(theta) and log(x!) vanish at x = 0, and most counts are zero:
         # evaluating them (and their digamma gradients) at the non-zero counts only saves most of the work.
         rows, columns = nonzero
         counts = x[rows, columns]
         theta = self.theta.expand_as(log_p)[rows, columns]
-        # lgamma(theta) over the stored theta (one per gene), then gathered: no digamma per count.
-        sparse_terms = torch.lgamma(counts + theta) - torch.lgamma(self.theta).expand_as(log_p)[rows, columns]
+        sparse_terms = lgamma_ratio(counts, theta)
         if include_constant:
             sparse_terms = sparse_terms - log_factorial(counts)
         return log_p.index_put((rows, columns), sparse_terms, accumulate=True)
@@ -204,10 +230,9 @@ class _NegativeBinomialCells(torch.autograd.Function):
             terms = torch.take(torch.log(theta + offsets).cumsum(0), sparse.table_index)
             if len(sparse.large):
                 values, th = sparse.values[sparse.large], theta[sparse.columns[sparse.large]]
-                terms = terms.index_add(0, sparse.large, torch.lgamma(values + th) - torch.lgamma(th + TABLE_COUNTS))
+                terms = terms.index_add(0, sparse.large, lgamma_ratio(values - TABLE_COUNTS, th + TABLE_COUNTS))
         else:
-            th = theta[sparse.rows, sparse.columns]
-            terms = torch.lgamma(sparse.values + th) - torch.lgamma(th)
+            terms = lgamma_ratio(sparse.values, theta[sparse.rows, sparse.columns])
         ctx.save_for_backward(s, softplus_s, theta, x)
         ctx.sparse = sparse
         return dense + sparse.sum_per_cell(terms) - sparse.log_factorial

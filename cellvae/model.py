@@ -356,8 +356,10 @@ class CellVAE:
     ) -> np.ndarray:
         """Denoised expression: the decoder mean at the posterior mean, scaled to ``library_size``.
 
-        ``transform_batch`` decodes every cell as if from that batch (a list averages over
-        batches): batch-corrected expression. Returns n_cells × n_genes float32.
+        Each row sums to ``library_size``: with ``likelihood="zinb"`` this is the negative binomial's
+        mean, without the zero-inflation (as scvi-tools' normalized expression). ``transform_batch``
+        decodes every cell as if from that batch (a list averages over batches): batch-corrected
+        expression. Returns n_cells × n_genes float32.
         """
         if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
@@ -371,7 +373,7 @@ class CellVAE:
                 library = torch.full_like(mb.library, library_size)
                 total = 0.0
                 for covariates, batch_index in self._decode_inputs(mb, targets):
-                    total = total + self.module.generative(z, covariates, library, batch_index).mean
+                    total = total + self.module.generative(z, covariates, library, batch_index).log_mean.exp()
                 rows = np.searchsorted(cells, mb.cell_index)
                 out[rows] = (total / len(targets)).cpu().numpy()
         return out
@@ -728,7 +730,8 @@ class CellVAE:
         library_size: float | np.ndarray = 1e4,
         batch_size: int = 1024,
     ) -> np.ndarray:
-        """Expected expression of latent codes: the decoder mean at ``library_size`` counts per cell.
+        """Expected expression of latent codes: the decoder mean at ``library_size`` counts per cell
+        (with ``likelihood="zinb"`` the negative binomial's mean, as in :meth:`get_normalized_expression`).
 
         Parameters
         ----------
@@ -752,7 +755,7 @@ class CellVAE:
         for target in targets:
             frame = self._covariate_frame(len(z), target, covariates)
             for rows, dist in self._decoded(z, frame, library, batch_size):
-                total[rows] += dist.mean.double().cpu().numpy()
+                total[rows] += dist.log_mean.exp().double().cpu().numpy()
         return (total / len(targets)).astype(np.float32)
 
     def generate(

@@ -161,6 +161,9 @@ def test_model_variants_train_and_decode(two_batches, options):
     assert params["mean"].shape == adata.shape and (params["mean"] >= 0).all()
     assert ("zero_inflation" in params) == (options.get("likelihood") == "zinb")
     assert ("theta" in params) == (options.get("likelihood") != "poisson")
+    # every likelihood's denoised expression (zinb: without the zero-inflation) sums to the library size
+    np.testing.assert_allclose(model.get_normalized_expression(library_size=1e4).sum(1), 1e4, rtol=1e-3)
+    np.testing.assert_allclose(model.decode(model.get_latent()[:5], library_size=500.0).sum(1), 500.0, rtol=1e-3)
 
 
 def test_outputs_on_new_data_with_reordered_genes(two_batches):
