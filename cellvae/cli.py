@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     try:
         return args.run(args)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as error:
-        # bad input found by cellvae, anndata or the file system: its message, not a traceback
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        # bad input found by cellvae, anndata, h5py or the file system: its message, not a traceback
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise SystemExit(f"error: {message}") from error
 
@@ -146,6 +146,12 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
         raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
     _check_output_folder(args.out)
+    if args.backed and args.layer is not None:
+        print(
+            f"warning: anndata keeps only X of a backed .h5ad on disk, so layer {args.layer!r} is read into memory; "
+            "to stream the counts, store them in X or write the data as a .zarr store",
+            file=sys.stderr,
+        )
     adata = _read(args.input, backed=args.backed)
     if Path(args.model_dir).exists() and not args.overwrite:
         raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
@@ -192,6 +198,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def _check_output_folder(out: str) -> None:
     """Fail before any work, not after training, when --out cannot be written."""
+    if Path(out).is_dir():
+        raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
     folder = Path(out).resolve().parent
     if not folder.is_dir():
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")

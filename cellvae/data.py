@@ -101,15 +101,16 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
     if values.size and values.min() < 0:
         raise ValueError(
             f"{where} has negative values (min {values.min():.3g}); it looks scaled or centred. "
-            "cellvae needs raw counts: pass layer=... naming the raw counts, or use adata.raw"
+            "cellvae needs raw counts: build the model with layer=... naming them (a trained model reads them "
+            "where it was trained: X or that layer)"
         )
     fractional = values != np.round(values)
     if fractional.any():
         example = values[fractional][0]
         raise ValueError(
             f"{where} has non-integer values (e.g. {example:.4g}); it looks normalised or log-transformed. "
-            "cellvae models raw counts: pass layer=... naming the raw counts (e.g. layer='counts'), "
-            "or rebuild an AnnData from adata.raw"
+            "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
+            "trained model reads them where it was trained: X or that layer), or rebuild an AnnData from adata.raw"
         )
 
 
@@ -260,7 +261,10 @@ def read_zarr_lazy(store) -> ad.AnnData:
                 return elem
         return read(elem)
 
-    return ad.experimental.read_dispatched(group, lazy)
+    adata = ad.experimental.read_dispatched(group, lazy)
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"{store} is a Zarr group but not an AnnData store (written by AnnData.write_zarr)")
+    return adata
 
 
 # ----------------------------------------------------------------------------- covariates

@@ -6,6 +6,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pytest
+import zarr
 
 import cellvae
 from cellvae.cli import main
@@ -106,3 +107,23 @@ def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "model").exists()  # nothing was trained or saved
     with pytest.raises(SystemExit, match=r"error: .*not a saved cellvae model"):
         main(["embed", source, "--model-dir", str(tmp_path / "none"), "--out", out])
+    with pytest.raises(SystemExit, match="error: --out .* is a folder"):
+        main(["fit", source, "--out", str(tmp_path), "--model-dir", model_dir, "--epochs", "1", "--quiet"])
+    (tmp_path / "empty.h5ad").write_bytes(b"")
+    with pytest.raises(SystemExit, match="error: "):  # h5py's own message, without a traceback
+        main(["fit", str(tmp_path / "empty.h5ad"), *common])
+    zarr.open_group(tmp_path / "group.zarr", mode="w")
+    with pytest.raises(SystemExit, match="error: .*group.zarr is a Zarr group but not an AnnData store"):
+        main(["fit", str(tmp_path / "group.zarr"), *common])
+    assert not (tmp_path / "model").exists()
+
+
+def test_backed_with_a_layer_says_the_layer_is_read_into_memory(tmp_path, capsys):
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0)
+    data.layers["counts"] = data.X.copy()
+    data.write_h5ad(tmp_path / "in.h5ad")
+    out, model_dir = str(tmp_path / "out.h5ad"), str(tmp_path / "model")
+    args = ["fit", str(tmp_path / "in.h5ad"), "--backed", "--layer", "counts", "--out", out, "--model-dir", model_dir]
+    assert main([*args, "--epochs", "1", "--quiet"]) == 0
+    assert "layer 'counts' is read into memory" in capsys.readouterr().err
+    assert ad.read_h5ad(out).obsm["X_cellvae"].shape == (200, 10)
