@@ -146,13 +146,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
         raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
     _check_output_folder(args.out)
-    if args.backed and args.layer is not None:
-        print(
-            f"warning: anndata keeps only X of a backed .h5ad on disk, so layer {args.layer!r} is read into memory; "
-            "to stream the counts, store them in X or write the data as a .zarr store",
-            file=sys.stderr,
-        )
-    adata = _read(args.input, backed=args.backed)
+    adata = _read(args.input, backed=args.backed, layer=args.layer)
     if Path(args.model_dir).exists() and not args.overwrite:
         raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
@@ -205,7 +199,7 @@ def _check_output_folder(out: str) -> None:
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
 
 
-def _read(path: str, backed: bool = False):
+def _read(path: str, backed: bool = False, layer: str | None = None):
     """An .h5ad read into memory (or opened read-only with ``backed``), or a .zarr store whose counts stay on disk."""
     import anndata as ad
 
@@ -216,6 +210,12 @@ def _read(path: str, backed: bool = False):
         from cellvae import read_zarr_lazy
 
         return read_zarr_lazy(source)
+    if backed and layer is not None:  # anndata's backed mode would read the layer into memory
+        import h5py
+
+        from cellvae.data import read_lazily
+
+        return read_lazily(h5py.File(source, "r"))  # open while the process runs, like a backed file
     return ad.read_h5ad(source, backed="r" if backed else None)
 
 

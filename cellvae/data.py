@@ -252,6 +252,15 @@ def read_zarr_lazy(store) -> ad.AnnData:
     import zarr
 
     group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
+    adata = read_lazily(group)
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"{store} is a Zarr group but not an AnnData store (written by AnnData.write_zarr)")
+    return adata
+
+
+def read_lazily(group):
+    """The AnnData in an open Zarr group or h5py file, its ``X``, ``layers`` and ``raw.X`` left in the store
+    (anndata's backed mode keeps only ``X`` of an ``.h5ad`` on disk)."""
 
     def lazy(read, name: str, elem, iospec):
         if name == "/X" or name == "/raw/X" or (name.startswith("/layers/") and name.count("/") == 2):
@@ -261,10 +270,7 @@ def read_zarr_lazy(store) -> ad.AnnData:
                 return elem
         return read(elem)
 
-    adata = ad.experimental.read_dispatched(group, lazy)
-    if not isinstance(adata, ad.AnnData):
-        raise ValueError(f"{store} is a Zarr group but not an AnnData store (written by AnnData.write_zarr)")
-    return adata
+    return ad.experimental.read_dispatched(group, lazy)
 
 
 # ----------------------------------------------------------------------------- covariates
