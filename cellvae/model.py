@@ -17,7 +17,6 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from cellvae import data, diagnostics
@@ -462,8 +461,8 @@ class CellVAE:
             )
         config = Config.from_json(path / CONFIG_FILE)
         try:
-            state = load_file(str(path / WEIGHTS_FILE))
-            with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
+            with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:  # tensors and metadata in one read
+                state = {name: handle.get_tensor(name) for name in handle.keys()}
                 trained = (handle.metadata() or {}).get("trained", "true") != "false"  # older files: trained
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
@@ -710,8 +709,7 @@ class CellVAE:
         """
         for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
             _check_count(value, name)
-        if not isinstance(lr, (int, float, np.number)) or not lr > 0:
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        _check_positive(lr, "lr")
         _check_seed(random_state)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
@@ -968,6 +966,11 @@ def _library_sizes(value, n: int) -> np.ndarray:
     return sizes.astype(np.float32)
 
 
+def _check_positive(value, name: str) -> None:
+    if not isinstance(value, (int, float, np.number)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
 def _check_count(value, name: str) -> None:
     if not _is_whole(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -997,8 +1000,7 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if batch_size < 2 and normalization == "batch":
         raise ValueError("normalization='batch' normalises over each minibatch, so it needs batch_size >= 2")
-    if not isinstance(lr, (int, float, np.number)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    _check_positive(lr, "lr")
     if not _is_whole(patience) or patience < 1:
         raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
     _check_seed(random_state)
