@@ -53,9 +53,26 @@ def simulate(
 ) -> ad.AnnData:
     """Negative-binomial counts with cell-type programmes and multiplicative batch effects.
 
-    Each cell type up-regulates its own marker genes; each batch multiplies every gene by a
-    log-normal factor (sd ``batch_effect`` on the log scale) and shifts library sizes. Returns
-    an AnnData with float32 counts (CSR when ``sparse``), ``obs["batch"]``, ``obs["cell_type"]``.
+    Parameters
+    ----------
+    n_cells, n_genes, n_batches, n_cell_types
+        Size of the matrix; cells are assigned to batches and types uniformly at random.
+    seed
+        Seed of everything drawn; equal seeds give equal data.
+    batch_effect
+        Each batch multiplies every gene by a log-normal factor with this sd on the log scale (and
+        shifts library sizes by a log-normal factor with sd 0.3).
+    markers_per_type
+        Genes each cell type up-regulates (by a factor e^1 to e^3).
+    mean_library_size
+        Median total counts per cell before the batch's depth factor (log-normal, sd 0.35).
+    sparse
+        Store the counts as CSR (else dense).
+
+    Returns
+    -------
+    AnnData with float32 integer counts in ``X``, ``obs["batch"]`` and ``obs["cell_type"]``
+    (categorical), and ``uns["source"]``.
     """
     if min(n_cells, n_genes, n_batches, n_cell_types) < 1:
         raise ValueError("n_cells, n_genes, n_batches and n_cell_types must all be at least 1")

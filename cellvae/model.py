@@ -84,6 +84,8 @@ class CellVAE:
     posterior
         ``"diagonal"`` Gaussian q(z|x), or ``"full"`` covariance via a Cholesky factor.
 
+    Notes
+    -----
     The AnnData is only read, never modified.
     """
 
@@ -210,20 +212,45 @@ class CellVAE:
 
         Cells with zero total counts carry no information and are left out of training with a
         warning (they are still embedded by :meth:`get_latent`). ``model.history`` holds the
-        per-epoch train/validation distortion, rate and ELBO (nats per cell). ``random_state``
-        seeds the initial weights of an untrained model, the validation split, the minibatch
-        order and dropout, so equal seeds give bitwise-equal models on the CPU.
+        per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
+        keeps the parameters of its best epoch (lowest validation loss after the KL warm-up).
 
-        ``checkpoint_dir`` receives ``checkpoint.safetensors`` (weights, optimizer, random-number
-        generators, history, early-stopping state) every ``checkpoint_every`` epochs, written
-        atomically. ``resume=True`` continues from it after a crash or Ctrl-C and ends with the
-        same parameters as an uninterrupted run with the same arguments.
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells; ``None`` picks about 500,000 cell passes, between 20
+            and 400 epochs and never more than scVI's default for the dataset size (8 at 1M cells).
+        batch_size
+            Cells per minibatch (128, as scVI).
+        lr, weight_decay
+            AdamW's learning rate and decoupled weight decay.
+        validation_size
+            Share of the cells held out to monitor the loss and stop early (``0``: none, then the
+            training loss is monitored).
+        early_stopping, patience
+            Stop after ``patience`` epochs without a 0.01% improvement of the monitored loss.
+        random_state
+            Seeds the initial weights of an untrained model, the validation split, the minibatch
+            order and dropout, so equal seeds give bitwise-equal models on the CPU; the global
+            random state of torch and numpy is left as it was.
+        device
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+        progress
+            Show a tqdm progress bar.
+        checkpoint_dir, checkpoint_every, resume
+            ``checkpoint_dir`` receives ``checkpoint.safetensors`` (weights, optimizer, random-number
+            generators, history, early-stopping state) every ``checkpoint_every`` epochs, written
+            atomically. ``resume=True`` continues from it after a crash or Ctrl-C and ends with the
+            same parameters as an uninterrupted run with the same arguments.
+        precision
+            ``"float32"`` or ``"bfloat16"``: the latter runs the two gene-wide matrix multiplies
+            (encoder input, decoder output) in bfloat16 while training, with float32 weights,
+            optimizer, likelihood and outputs. On a CPU with native bfloat16 (AVX512-BF16 or AMX) this
+            trained 11–18% faster to the same held-out ELBO in the benchmarks; where bfloat16 is
+            emulated it is slower.
 
-        ``precision="bfloat16"`` runs the two gene-wide matrix multiplies (encoder input, decoder
-        output) in bfloat16 while training, with float32 weights, optimizer, likelihood and
-        outputs. On a CPU with native bfloat16 (AVX512-BF16 or AMX) this trained 11–18% faster to
-        the same held-out ELBO in the benchmarks; where bfloat16 is emulated it is slower.
-
+        Notes
+        -----
         Data-parallel training: launched by ``torchrun --nproc_per_node=N`` (or in processes
         that called ``torch.distributed.init_process_group``), each process trains on its own
         shard of the cells with gradients all-reduced (DDP; gloo on CPU, nccl on GPU) and all
@@ -315,16 +342,29 @@ class CellVAE:
         random_state: int = 0,
         refine_steps: int = 0,
     ) -> np.ndarray:
-        """Latent codes of each cell (n_cells × n_latent, float32): posterior means, or draws if not ``mean``.
+        """Latent codes of each cell: posterior means, or draws if not ``mean``.
 
-        Cells are encoded ``batch_size`` at a time, fewer where genes are many (at most 2**21
-        counts densified at once), so memory stays bounded. Genes are matched by name: model genes
-        missing from ``adata`` count as zeros (with a warning; at least 80% must be present).
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        mean
+            Posterior means (the embedding to use for neighbours); ``False`` draws z ~ q(z|x).
+        batch_size
+            Cells per forward pass, fewer where genes are many (at most 2**21 counts densified at
+            once), so memory stays bounded.
+        random_state
+            Seed of the draws (``mean=False``).
+        refine_steps
+            ``> 0`` (semi-amortized inference, with ``mean=True``) improves each cell's posterior by
+            that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
+            encoder's output, the decoder frozen; this closes part of the amortization gap (see
+            :meth:`inference_gaps`) at the price of an optimisation per cell.
 
-        ``refine_steps > 0`` (semi-amortized inference, with ``mean=True``) improves each cell's
-        posterior by that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL``
-        from the encoder's output, the decoder frozen; this closes part of the amortization gap
-        (see :meth:`inference_gaps`) at the price of an optimisation per cell.
+        Returns
+        -------
+        n_cells × n_latent float32 array, cells in ``adata``'s order.
         """
         refine_steps = _native(refine_steps)
         if not isinstance(refine_steps, int) or refine_steps < 0:
@@ -355,10 +395,23 @@ class CellVAE:
     ) -> np.ndarray:
         """Denoised expression: the decoder mean at the posterior mean, scaled to ``library_size``.
 
-        Each row sums to ``library_size``: with ``likelihood="zinb"`` this is the negative binomial's
-        mean, without the zero-inflation (as scvi-tools' normalized expression). ``transform_batch``
-        decodes every cell as if from that batch (a list averages over batches): batch-corrected
-        expression. Returns n_cells × n_genes float32.
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        library_size
+            Total counts of each row: every row sums to it. With ``likelihood="zinb"`` this is the
+            negative binomial's mean, without the zero-inflation (as scvi-tools' normalized expression).
+        transform_batch
+            Decode every cell as if from this batch (a list averages over batches): batch-corrected
+            expression. ``None`` decodes each cell with its own batch.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        n_cells × n_genes float32 array, genes in the model's order.
         """
         if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
@@ -378,7 +431,22 @@ class CellVAE:
         return out
 
     def get_likelihood_parameters(self, adata: ad.AnnData | None = None, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
-        """Per cell and gene: ``mean`` (at the observed library size), ``theta`` (NB/ZINB), ``zero_inflation`` (ZINB)."""
+        """The likelihood's parameters of each cell and gene, at the posterior mean.
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        ``{"mean": ...}`` (expected counts at the cell's observed library size), plus ``"theta"``
+        (inverse dispersion; NB and ZINB) and ``"zero_inflation"`` (probability of an extra zero;
+        ZINB); each n_cells × n_genes float32.
+        """
         loader, cells = self._loader(self._resolve(adata), self.device)
         parts: dict[str, list[np.ndarray]] = {"mean": [], "theta": [], "zero_inflation": []}
         with torch.no_grad():
@@ -395,7 +463,24 @@ class CellVAE:
     def sample_counts(
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
     ) -> np.ndarray:
-        """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z). Shape cells × genes, or n_samples × cells × genes."""
+        """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z), at each cell's library size and batch.
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        n_samples
+            Draws per cell.
+        random_state
+            Seed of the draws.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1``.
+        """
         _check_count(n_samples, "n_samples")
         _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
@@ -418,8 +503,17 @@ class CellVAE:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``history.json`` into directory ``path``.
 
+        Parameters
+        ----------
+        path
+            The model's folder; its parent folders are created.
+        overwrite
+            Replace an existing ``path``; otherwise a ``FileExistsError`` is raised.
+
+        Notes
+        -----
         The files are written to a temporary directory first and moved into place at the end,
-        so an interrupted save never leaves a half-written model.
+        so an interrupted save never leaves a half-written model. The AnnData is not saved.
         """
         path = Path(path)
         if path.exists() and not overwrite:
@@ -452,7 +546,17 @@ class CellVAE:
     def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CellVAE:
         """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
 
-        ``adata`` (optional) becomes the default data of :meth:`get_latent` and :meth:`fit`.
+        Parameters
+        ----------
+        path
+            The folder written by :meth:`save`.
+        adata
+            Becomes the default data of :meth:`get_latent`, :meth:`fit` and the other methods;
+            ``None``: pass an AnnData to each call.
+
+        Returns
+        -------
+        The model, on the CPU, trained if it was when saved.
         """
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
@@ -543,9 +647,11 @@ class CellVAE:
             everything frozen (0.84 with this option too), but integrates worse.
         max_epochs
             Epochs over the query; ``None`` picks about 200,000 cell passes, between 20 and 200 epochs.
-        batch_size, lr, validation_size, patience, random_state, device, progress
-            As in :meth:`fit` (early stopping on the query's validation loss; no weight decay, so
-            frozen weights stay bit-identical).
+        batch_size, lr, validation_size, random_state, device, progress
+            As in :meth:`fit` (no weight decay, so frozen weights stay bit-identical).
+        patience
+            Early stopping on the query's validation loss after this many epochs without
+            improvement (default 10, fewer than :meth:`fit`'s 20).
 
         Returns
         -------
@@ -652,10 +758,22 @@ class CellVAE:
         return frame
 
     def kl_per_dimension(self, adata: ad.AnnData | None = None, *, batch_size: int = 4096) -> np.ndarray:
-        """Mean over cells of each latent dimension's KL(q(z_d|x) ‖ N(0, 1)) in nats, length ``n_latent``.
+        """Mean over cells of each latent dimension's KL(q(z_d|x) ‖ N(0, 1)) in nats.
 
         Dimensions near zero carry no information (posterior collapse). For ``posterior="full"``
         these are the marginal KLs; the rate also counts the correlations between dimensions.
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        Array of length ``n_latent``.
         """
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
@@ -664,7 +782,19 @@ class CellVAE:
     def active_units(
         self, adata: ad.AnnData | None = None, *, threshold: float = diagnostics.ACTIVITY_THRESHOLD, batch_size: int = 4096
     ) -> int:
-        """Number of latent dimensions whose posterior mean varies across cells, Cov_x(E_q[z_d]) > ``threshold``."""
+        """Number of latent dimensions whose posterior mean varies across cells.
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        threshold
+            A dimension is active when Cov_x(E_q[z_d]), the variance over cells of its posterior
+            mean, exceeds this (0.01, as Burda et al., 2016).
+        batch_size
+            Cells per forward pass.
+        """
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
             activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
@@ -677,6 +807,20 @@ class CellVAE:
 
         The bound tightens as ``n_samples`` grows; ``n_samples=1`` is the ELBO. Memory grows with
         ``n_samples × cells × genes``, so cells are processed in chunks.
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        n_samples
+            Importance samples per cell.
+        batch_size, random_state
+            Cells per chunk (fewer when ``n_samples`` is large); seed of the draws.
+
+        Returns
+        -------
+        Array of length n_cells.
         """
         _check_count(n_samples, "n_samples")
         _check_seed(random_state)
@@ -698,6 +842,20 @@ class CellVAE:
 
         Each cell's Gaussian q is refined by ``n_steps`` Adam steps (learning rate ``lr``) on its
         own ELBO, starting from the encoder's output with the decoder frozen, giving q*.
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
+            of the model's genes must be present; missing ones count as zeros, with a warning).
+        n_steps, lr
+            Adam steps and learning rate of the refinement.
+        n_samples
+            Importance samples from q* for ``log_px``.
+        n_elbo_samples
+            Draws for both ELBOs (the same noise for the encoder's q and q*).
+        random_state
+            Seed of all draws.
 
         Returns
         -------
@@ -741,6 +899,8 @@ class CellVAE:
             The model's other covariates: ``{obs column: value or one value per code}``.
         library_size
             Total counts to scale the expression to (one number, or one per code).
+        batch_size
+            Codes per forward pass.
 
         Returns
         -------
@@ -780,6 +940,8 @@ class CellVAE:
             Total counts of each generated cell (one number or one per cell).
         random_state
             Seed of the draws.
+        batch_size
+            Cells per forward pass.
 
         Returns
         -------

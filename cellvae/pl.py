@@ -1,6 +1,14 @@
-"""Plots in scanpy's style: each returns the matplotlib Axes, shows the figure unless ``show=False``."""
+"""Plots in scanpy's style: each returns its matplotlib Axes and shows the figure unless ``show=False``
+or ``save`` is given.
+
+Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
+unless ``save`` is given) and ``save`` (a file path, written as given with the format from its suffix;
+unlike scanpy, not placed under ``sc.settings.figdir``).
+"""
 
 from __future__ import annotations
+
+import os
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -9,18 +17,31 @@ import pandas as pd
 from cellvae.model import CellVAE
 
 
-def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | None = None):
+def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os.PathLike | None = None):
     """Training curves: distortion and rate per cell, train and validation, against epoch.
 
-    ``ax``: two Axes (distortion, rate), or one Axes that then shows the distortion on its left scale
-    and the rate on a right one. Returns the two Axes.
+    Parameters
+    ----------
+    model
+        A trained :class:`~cellvae.CellVAE`.
+    ax
+        Two Axes (distortion, rate), or one Axes that then shows the distortion on its left scale and
+        the rate on a right one; ``None`` draws a new figure with two panels.
+    show, save
+        As described in :mod:`cellvae.pl`.
+
+    Returns
+    -------
+    A list of the two Axes (distortion, rate).
     """
+    _check_save(save)
     frame = model.history
     if frame.empty:
         raise ValueError("the model has no training history; call model.fit() first")
     one_axes = isinstance(ax, plt.Axes)
     if ax is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes = list(axes)
     elif one_axes:
         axes = [ax, ax.twinx()]
     else:
@@ -51,12 +72,25 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | No
 # ----------------------------------------------------------------------------- rate–distortion and posterior collapse
 
 
-def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, save: str | None = None):
+def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, save: str | os.PathLike | None = None):
     """The rate–distortion curve of :func:`cellvae.tl.rate_distortion_sweep`: rate on x, distortion on y, points labelled by beta.
 
     The dashed line of slope −1 through the best-ELBO point is where distortion + rate (the
     negative ELBO) equals its value there: points above it have a worse ELBO.
+
+    Parameters
+    ----------
+    frame
+        The DataFrame returned by :func:`cellvae.tl.rate_distortion_sweep` (columns ``beta``, ``rate``,
+        ``distortion``).
+    ax, show, save
+        As described in :mod:`cellvae.pl`.
+
+    Returns
+    -------
+    The Axes.
     """
+    _check_save(save)
     missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
     if missing:
         raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")
@@ -85,9 +119,27 @@ def kl_per_dimension(
     threshold: float = 0.01,
     ax=None,
     show: bool | None = None,
-    save: str | None = None,
+    save: str | os.PathLike | None = None,
 ):
-    """Mean KL of each latent dimension, largest first; inactive dimensions (Cov_x(E_q[z_d]) ≤ ``threshold``) in grey."""
+    """Mean KL of each latent dimension, largest first; inactive dimensions in grey.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~cellvae.CellVAE`.
+    adata
+        Cells to average over; ``None`` uses the model's own AnnData.
+    threshold
+        A dimension is inactive when the variance over cells of its posterior mean, Cov_x(E_q[z_d]),
+        is at most this.
+    ax, show, save
+        As described in :mod:`cellvae.pl`.
+
+    Returns
+    -------
+    The Axes.
+    """
+    _check_save(save)
     kl = model.kl_per_dimension(adata)
     activity = model.get_latent(adata).var(0)
     order = np.argsort(-kl)
@@ -106,7 +158,12 @@ def kl_per_dimension(
     return ax
 
 
-def _finish(figure, show: bool | None, save: str | None) -> None:
+def _check_save(save) -> None:
+    if isinstance(save, bool) or not (save is None or isinstance(save, (str, os.PathLike))):
+        raise TypeError(f"save must be a file path such as 'figure.png', got {save!r}; cellvae writes it as given")
+
+
+def _finish(figure, show: bool | None, save: str | os.PathLike | None) -> None:
     if save:
         figure.savefig(save, dpi=150, bbox_inches="tight")
     if show or (show is None and not save):

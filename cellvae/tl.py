@@ -102,7 +102,9 @@ def transfer_labels(
     unknown_threshold
         If given, cells whose uncertainty exceeds it are labelled ``"Unknown"``.
 
-    Writes ``query_adata.obs[f"{label_key}_predicted"]`` (categorical, holding the reference's label
+    Returns
+    -------
+    None. Writes ``query_adata.obs[f"{label_key}_predicted"]`` (categorical, holding the reference's label
     values: numbers stay numbers) and
     ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning label's weighted vote share,
     in [0, 1)); nothing else is changed.

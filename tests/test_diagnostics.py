@@ -48,7 +48,7 @@ def test_kl_per_dimension_sums_to_the_rate(kang, trained):
     assert kl.sum() == pytest.approx(model.rate_distortion(kang)["rate"].mean(), rel=1e-4)
 
 
-def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained):
+def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained, tmp_path):
     model, collapse_warnings = trained
     assert model.active_units(kang) >= 8
     assert collapse_warnings == []
@@ -71,6 +71,11 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     plt.close(one.figure)
     with pytest.raises(ValueError, match="ax must be one Axes or two"):
         cellvae.pl.history(model, ax=plt.subplots(1, 3)[1], show=False)
+    figure = tmp_path / "history.png"  # save= writes the path as given
+    axes = cellvae.pl.history(model, save=figure)
+    assert isinstance(axes, list) and figure.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(TypeError, match="save must be a file path"):
+        cellvae.pl.kl_per_dimension(model, save=True)
     plt.close("all")
 
 
