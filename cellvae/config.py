@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -70,12 +71,40 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_data_layout()
         if self.dispersion == "gene-batch" and not self.batch_key:
             raise ValueError("dispersion='gene-batch' needs a batch_key; pass batch_key=... or use dispersion='gene'")
         if self.batch_mmd > 0 and not self.batch_key:
             raise ValueError(
                 "batch_mmd > 0 penalises differences between batches and needs a batch_key; pass batch_key=... or batch_mmd=0"
             )
+
+    def _check_data_layout(self) -> None:
+        """The fields read from the AnnData: names unique strings, one list of categories per key."""
+        for name in ("gene_names", "batch_categories", "categorical_covariate_keys", "continuous_covariate_keys"):
+            _check_names(getattr(self, name), name)
+        for name in ("layer", "batch_key"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be None or an obs/layers key (a string), got {getattr(self, name)!r}")
+        if not self.gene_names:
+            raise ValueError("gene_names is empty: a model needs at least one gene")
+        if not isinstance(self.encode_batch, bool):
+            raise ValueError(f"encode_batch must be True or False, got {self.encode_batch!r}")
+        categories = self.categorical_covariate_categories
+        if not isinstance(categories, dict) or list(categories) != list(self.categorical_covariate_keys):
+            raise ValueError(
+                "categorical_covariate_categories must map each of categorical_covariate_keys "
+                f"{self.categorical_covariate_keys} to its categories, in that order"
+            )
+        for key, values in categories.items():
+            _check_names(values, f"the categories of {key!r}")
+            if not values:
+                raise ValueError(f"categorical covariate {key!r} has no categories")
+        for name in ("continuous_covariate_mean", "continuous_covariate_std"):
+            values = getattr(self, name)
+            numbers = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if not numbers or len(values) != len(self.continuous_covariate_keys):
+                raise ValueError(f"{name} must hold one number per continuous covariate key, got {values!r}")
 
     @property
     def n_genes(self) -> int:
@@ -105,9 +134,11 @@ class Config:
         if not isinstance(raw, dict):
             raise ValueError(f"{path} is not a cellvae config.json: expected a JSON object")
         version = raw.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not _is_positive_int(version):
+            raise ValueError(f"{path} has no valid format_version (got {version!r}); is it a cellvae model?")
+        if version > FORMAT_VERSION:
             raise ValueError(
-                f"{path} has model format version {version!r}, this cellvae reads versions up to "
+                f"{path} has model format version {version}, this cellvae reads versions up to "
                 f"{FORMAT_VERSION}; upgrade cellvae to load it"
             )
         known = {f.name for f in fields(cls)}
@@ -118,6 +149,16 @@ class Config:
             return cls(**raw)
         except TypeError as error:  # a field of the wrong type, e.g. dropout="high"
             raise ValueError(f"{path} has a field of the wrong type ({error}); is it a cellvae model?") from error
+        except ValueError as error:
+            raise ValueError(f"{path} is not a valid cellvae config: {error}") from error
+
+
+def _check_names(values: object, name: str) -> None:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a list of strings, got {values!r:.200}")
+    if len(set(values)) != len(values):
+        duplicated = sorted(v for v, n in Counter(values).items() if n > 1)[:5]
+        raise ValueError(f"{name} must be unique; duplicated: {duplicated}")
 
 
 def _is_positive_int(value: object) -> bool:

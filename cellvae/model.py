@@ -515,9 +515,18 @@ class CellVAE:
         The files are written to a temporary directory first and moved into place at the end,
         so an interrupted save never leaves a half-written model. The AnnData is not saved.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path = Path(path).expanduser()
+        if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
+            raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+            model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ".DS_Store"}
+            if not path.is_dir() or path.is_symlink() or not {p.name for p in path.iterdir()} <= model_files:
+                raise ValueError(
+                    f"{path} exists and is not a saved cellvae model folder (it holds other files); overwrite=True "
+                    "replaces only a folder written by CellVAE.save: choose a new path or remove it yourself"
+                )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
@@ -532,10 +541,18 @@ class CellVAE:
             raise
         # Move the old model aside before renaming the new one in, so it is never deleted first.
         previous = None
-        if path.exists():
-            previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, previous / path.name)
-        os.replace(staging, path)
+        try:
+            if path.exists():
+                previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                os.replace(path, previous / path.name)
+            os.replace(staging, path)
+        except OSError:
+            if previous is not None and (previous / path.name).exists() and not path.exists():
+                os.replace(previous / path.name, path)  # put the old model back
+            for folder in (staging, previous):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            raise
         if previous is not None:
             # Renamed before deleting, so a save killed mid-deletion leaves no partial model under the
             # set-aside name: whatever ``.{name}.old.*/{name}`` holds is a complete previous model.
@@ -570,6 +587,11 @@ class CellVAE:
                 trained = (handle.metadata() or {}).get("trained", "true") != "false"  # older files: trained
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
+        if config.n_layers > len(state):  # each layer holds tensors: bounds the modules built below
+            raise ValueError(
+                f"{path / WEIGHTS_FILE} does not match its config.json: n_layers={config.n_layers} but the file holds "
+                f"{len(state)} tensors"
+            )
         try:
             with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate
                 expected = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
@@ -673,6 +695,17 @@ class CellVAE:
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
+        reference_key = self.config.batch_key
+        if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
+            if not np.array_equal(query_adata.obs[reference_key].astype(str).to_numpy(), query_batches):
+                warnings.warn(
+                    f"the query's batches are read from obs[{batch_key!r}], but the returned model reads batches from "
+                    f"obs[{reference_key!r}] (the reference's batch key), which this query also has with other values: "
+                    f"query_model.get_latent(query_adata) would embed with those. Use query_model.get_latent() (the "
+                    f"aligned copy), or set query_adata.obs[{reference_key!r}] = query_adata.obs[{batch_key!r}] first",
+                    UserWarning,
+                    stacklevel=2,
+                )
         aligned = _align_query(query_adata, self.config, query_batches)
         reference_batches = self.config.batch_categories
         overlapping = sorted(set(query_batches) & set(reference_batches))

@@ -80,6 +80,7 @@ def transfer_labels(
     use_rep: str = "X_cellvae",
     k: int = 15,
     unknown_threshold: float | None = None,
+    unlabeled_category: str | None = None,
 ) -> None:
     """Predict query labels by a distance-weighted vote of the ``k`` nearest reference cells.
 
@@ -100,7 +101,12 @@ def transfer_labels(
     k
         Number of reference neighbours that vote.
     unknown_threshold
-        If given, cells whose uncertainty exceeds it are labelled ``"Unknown"``.
+        If given, cells whose uncertainty exceeds it are labelled ``"Unknown"`` (with labels that are
+        not strings, e.g. integer cluster ids, all predicted labels are then written as strings, so
+        that the column stays writable to ``.h5ad``).
+    unlabeled_category
+        The label that marks unlabelled reference cells (e.g. ``"unknown"``, as scANVI's
+        ``unlabeled_category``); those cells do not vote, like cells with a missing label.
 
     Returns
     -------
@@ -132,9 +138,14 @@ def transfer_labels(
         raise ValueError(f"unknown_threshold must be in [0, 1] or None, got {unknown_threshold!r}")
     labels = ref_adata.obs[label_key]
     labelled = labels.notna().to_numpy()
+    if unlabeled_category is not None:
+        labelled &= (labels != unlabeled_category).to_numpy()
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = int(k)
+    if not labelled.any():
+        skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
+        raise ValueError(f"ref_adata.obs[{label_key!r}] has no labelled cells (every label is {skipped})")
     if k > labelled.sum():
         raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
@@ -150,6 +161,8 @@ def transfer_labels(
     uncertainty = 1.0 - share.max(axis=1)
     categories = list(names)
     if unknown_threshold is not None:
+        if not all(isinstance(name, str) for name in categories):  # one type per column, or h5ad cannot store it
+            predicted, categories = predicted.astype(str).astype(object), [str(name) for name in categories]
         predicted[uncertainty > unknown_threshold] = "Unknown"
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
     query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)

@@ -256,7 +256,7 @@ def test_train_input_layer_trains_the_first_encoder_layer(reference_and_query):
 # ----------------------------------------------------------------------------- label transfer
 
 
-def test_transfer_labels_writes_only_its_keys_and_flags_unknowns():
+def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     rng = np.random.default_rng(0)
     centres = np.array([[0.0, 0.0], [10.0, 0.0]])
     reference = ad.AnnData(obs=pd.DataFrame({"cell_type": np.repeat(["A", "B"], 50)}, index=[f"r{i}" for i in range(100)]))
@@ -274,9 +274,21 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns():
     with pytest.raises(KeyError, match="label_key 'tissue' not found"):
         cellvae.tl.transfer_labels(reference, query, "tissue")
     reference.obs["cluster"] = np.repeat([7, 3], 50)  # numeric labels come back as the same numbers
+    cellvae.tl.transfer_labels(reference, query, "cluster", k=10)
+    assert query.obs["cluster_predicted"].tolist()[:2] == [7, 3]
+    assert list(query.obs["cluster_predicted"].cat.categories) == [3, 7]
+    # with "Unknown" among them they become strings: one type per column, so the AnnData stays writable
     cellvae.tl.transfer_labels(reference, query, "cluster", k=10, unknown_threshold=0.3)
-    assert query.obs["cluster_predicted"].tolist() == [7, 3, "Unknown"]
-    assert list(query.obs["cluster_predicted"].cat.categories) == [3, 7, "Unknown"]
+    assert query.obs["cluster_predicted"].tolist() == ["7", "3", "Unknown"]
+    query.write_h5ad(tmp_path / "query.h5ad")
+    # placeholder labels of unlabelled reference cells do not vote
+    reference.obs["partly"] = np.where(np.arange(100) % 2 == 0, "unknown", reference.obs["cell_type"])
+    cellvae.tl.transfer_labels(reference, query, "partly", k=10, unlabeled_category="unknown")
+    assert query.obs["partly_predicted"].astype(str).tolist()[:2] == ["A", "B"]
+    assert list(query.obs["partly_predicted"].cat.categories) == ["A", "B"]
+    reference.obs["none"] = "unknown"
+    with pytest.raises(ValueError, match="has no labelled cells"):
+        cellvae.tl.transfer_labels(reference, query, "none", unlabeled_category="unknown")
 
 
 # ----------------------------------------------------------------------------- real data: CellBench
@@ -313,3 +325,7 @@ def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(refer
         mapped.get_latent(renamed)
     renamed.obs["batch"] = renamed.obs["sample"]
     np.testing.assert_allclose(mapped.get_latent(renamed), mapped.get_latent(), rtol=1e-5, atol=1e-6)
+    # a query whose reference-named column holds other values: map_query says which column get_latent reads
+    renamed.obs["batch"] = "batch0"  # a reference batch
+    with pytest.warns(UserWarning, match=r"reads batches from obs\['batch'\].*query_model.get_latent\(\)"):
+        model.map_query(renamed, batch_key="sample", max_epochs=1, progress=False)

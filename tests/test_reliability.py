@@ -400,7 +400,9 @@ def test_truncated_config_is_refused(saved):
         CellVAE.load(saved)
 
 
-@pytest.mark.parametrize("field, value", [("n_latent", 5), ("n_hidden", 10**12), ("n_layers", 3), ("likelihood", "zinb")])
+@pytest.mark.parametrize(
+    "field, value", [("n_latent", 5), ("n_hidden", 10**12), ("n_layers", 3), ("n_layers", 10**6), ("likelihood", "zinb")]
+)
 def test_weights_that_disagree_with_the_config_are_refused(saved, field, value):
     config = json.loads((saved / "config.json").read_text())
     config[field] = value
@@ -429,7 +431,21 @@ def test_weights_with_a_missing_or_extra_tensor_are_refused(saved, trained):
         {"format_version": FORMAT_VERSION + 1},
         {"format_version": "1"},
         {"format_version": None},
+        {"format_version": 0},
+        {"format_version": True},
         {"gene_names": 5},
+        {"gene_names": "ACTB"},
+        {"gene_names": [1, 2, 3]},
+        {"gene_names": ["ACTB", "ACTB"]},
+        {"gene_names": []},
+        {"batch_categories": ["a", "a"]},
+        {"categorical_covariate_keys": ["donor", "site"]},
+        {"categorical_covariate_categories": []},
+        {"continuous_covariate_mean": [0.0, 1.0]},
+        {"continuous_covariate_std": ["wide"]},
+        {"categorical_covariate_categories": {"donor": []}},
+        {"layer": 3},
+        {"encode_batch": "yes"},
         {"n_latent": "4"},
         {"dropout": "high"},
         {"likelihood": "gaussian"},
@@ -468,6 +484,23 @@ def test_save_refuses_to_overwrite_unless_asked(trained, saved):
     trained.save(saved, overwrite=True)
     assert sorted(os.listdir(saved)) == ["config.json", "history.json", "model.safetensors"]
     assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "analysis.h5ad").write_text("the user's work")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    for path in (results, notes):
+        with pytest.raises(ValueError, match="not a saved cellvae model folder"):
+            trained.save(path, overwrite=True)
+    assert (results / "analysis.h5ad").read_text() == "the user's work" and notes.read_text() == "notes"
+    monkeypatch.chdir(results)
+    for path in (".", "..", ""):
+        with pytest.raises(ValueError, match="needs a folder name"):
+            trained.save(path, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results"]
 
 
 SAVE_LOOP = textwrap.dedent(
