@@ -125,8 +125,10 @@ class CellVAE:
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")
-        # In a data-parallel run fit checks a backed matrix's values, each process only its part of the cells.
-        values_checked_in_fit = data.is_backed_matrix(matrix) and rank_and_world()[1] > 1
+        # In a data-parallel run (a process group, or torchrun's WORLD_SIZE before fit joins one) fit checks a
+        # backed matrix's values, each process only its part of the cells.
+        in_parallel_run = rank_and_world()[1] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        values_checked_in_fit = data.is_backed_matrix(matrix) and in_parallel_run
         from cellvae import __version__
 
         config = Config(

@@ -48,6 +48,7 @@ def embed(
     -------
     The trained model. Writes ``adata.obsm[key_added]`` and ``adata.uns["cellvae"]["params"]``.
     """
+    _check_writable(adata, "adata")
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent()
@@ -117,6 +118,7 @@ def transfer_labels(
     """
     from sklearn.neighbors import NearestNeighbors
 
+    _check_writable(query_adata, "query_adata")
     if label_key not in ref_adata.obs.columns:
         raise KeyError(f"label_key {label_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
@@ -456,3 +458,12 @@ def _positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
     if positions.size == 0:
         raise ValueError(f"{name} selects no cells")
     return positions
+
+
+def _check_writable(adata: ad.AnnData, name: str) -> None:
+    """A view of a backed AnnData cannot take new keys (anndata would have to copy it to memory)."""
+    if adata.is_view and adata.isbacked:
+        raise ValueError(
+            f"{name} is a view of a backed AnnData, into which anndata cannot write results; pass "
+            f"{name}.to_memory() (in memory) or {name}.copy(filename='subset.h5ad') (a new backed file)"
+        )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from cellvae.data import CellLoader, is_backed_matrix, library_sizes
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, is_backed_matrix, library_sizes
 from cellvae.module import VAE, seeded
 
 MAX_NONFINITE_RETRIES = 5
@@ -166,6 +167,18 @@ def train(
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
     run = None if checkpoint is None else describe_run(vae, loader, train_cells, validation_cells, settings)
     if checkpoint is not None and resume:
+        single, ranks = checkpoint_ranks(checkpoint.parent)
+        if world > 1:  # each node may see only its own ranks' files
+            single, ranks = (int(v) for v in all_reduce_max([single, ranks]))
+        # (fewer ranks' files than processes may also be a crash before some rank's first checkpoint)
+        writers = ranks if (world == 1 and ranks and not single) or ranks > world else 0
+        writers = 1 if world > 1 and single and not ranks else writers
+        if writers:
+            raise ValueError(
+                f"the checkpoints in {checkpoint_dir} were written by {'at least ' if writers > 1 else ''}{writers} "
+                f"process(es) and this run has {world}: resume with as many (torchrun --nproc_per_node=N), or "
+                "delete them to start over"
+            )
         source = checkpoint if world == 1 else agreed_checkpoint(checkpoint)
         if source is not None and source.exists():
             loop = read_checkpoint(source, run, vae, optimizer, rng)
@@ -186,8 +199,9 @@ def train(
         initial=epochs.start * cells_per_epoch,
         total=settings.max_epochs * cells_per_epoch,
     )
-    # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights).
-    forward = DistributedDataParallel(vae) if world > 1 else vae
+    # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights);
+    # BatchNorm's running statistics are averaged over the ranks once per epoch (average_statistics).
+    forward = DistributedDataParallel(vae, broadcast_buffers=False) if world > 1 else vae
     # Counts resident on one GPU train in steps replayed from CUDA graphs (see ResidentSteps).
     resident = loader.resident() if world == 1 else None
     steps = None if resident is None else ResidentSteps(vae, resident, optimizer)
@@ -238,6 +252,8 @@ def train(
                     sums["loss"] += loss * n
                     sums["distortion"] += float(out["distortion"].detach().sum())
                     sums["rate"] += float(out["rate"].detach().sum())
+            if world > 1:
+                average_statistics(vae, world)
             if _parameters_finite(vae):
                 _copy_state(last_good, vae.state_dict())
             else:
@@ -562,17 +578,47 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def shard(cells: np.ndarray, rank: int, world: int, pad: bool = False) -> np.ndarray:
-    """The contiguous ``rank``-th of ``world`` parts of the sorted cells (contiguous reads on backed files).
+    """This rank's part of the cells: runs of at most 256 consecutive sorted cells dealt out in turn.
 
-    With ``pad`` every part gets the same length (short parts repeat their first cell), so all
-    ranks take the same number of steps, as the gradient all-reduce requires.
+    Each rank reads contiguous runs of a backed file, and every region of the file reaches every
+    rank: in a file sorted by batch each rank sees every batch, so its minibatches mix batches
+    (as ``batch_mmd`` and BatchNorm need). The runs are of equal size (±1 cell). With ``pad`` every
+    part gets the same length (short parts repeat their own cells), so all ranks take the same
+    number of steps, as the gradient all-reduce requires.
     """
-    parts = np.array_split(np.sort(np.asarray(cells, dtype=np.int64)), world)
-    part = parts[rank]
-    longest = max(len(p) for p in parts)
+    ordered = np.sort(np.asarray(cells, dtype=np.int64))
+    n_rounds = max(1, math.ceil(len(ordered) / (world * BACKED_BLOCK_ROWS)))
+    runs = np.array_split(ordered, world * n_rounds)
+    part = np.concatenate(runs[rank::world])
+    longest = max(sum(len(run) for run in runs[r::world]) for r in range(world))
     if pad and len(part) < longest:
-        part = np.concatenate([part, np.full(longest - len(part), part[0] if len(part) else parts[0][0])])
+        part = np.resize(part if len(part) else ordered, longest)
     return part
+
+
+def average_statistics(vae: VAE, world: int) -> None:
+    """Average BatchNorm's running means and variances over the ranks, so that all hold one model."""
+    statistics = [
+        buffer
+        for module in vae.modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+        for buffer in (module.running_mean, module.running_var)
+    ]
+    if statistics:
+        flat = torch.cat([b.reshape(-1) for b in statistics])
+        dist.all_reduce(flat)
+        for buffer, values in zip(statistics, flat.div_(world).split([b.numel() for b in statistics])):
+            buffer.copy_(values.view_as(buffer))
+
+
+def checkpoint_ranks(folder: Path) -> tuple[bool, int]:
+    """Whether ``folder`` holds a one-process checkpoint, and the highest rank + 1 of the ranks' files (0: none)."""
+    ranks = [
+        int(match.group(1))
+        for path in folder.glob("checkpoint.rank*.safetensors")
+        if (match := re.fullmatch(r"checkpoint\.rank(\d+)(\.previous)?\.safetensors", path.name))
+    ]
+    return (folder / CHECKPOINT_FILE).exists(), max(ranks, default=-1) + 1
 
 
 def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import pytest
 from conftest import knn_accuracy
 
 import cellvae
+import cellvae.data
 from cellvae.train import shard
 
 EPOCHS = 20
@@ -24,6 +25,69 @@ def test_shards_cover_every_cell_once_and_have_equal_length():
     assert len({len(p) for p in parts}) == 1
     assert set(np.concatenate(parts)) == set(range(1003))
     assert sum(len(shard(cells, rank, 4)) for rank in range(4)) == 1003
+    assert max(len(p) for p in parts) - min(len(shard(cells, rank, 4)) for rank in range(4)) <= 1  # little padding
+    # A file sorted by batch (the first half one batch, the second another): every rank gets cells of both,
+    # in runs of consecutive cells (contiguous reads of a backed file).
+    for world in (2, 3, 4):
+        for rank in range(world):
+            part = shard(np.arange(10_000), rank, world)
+            assert (part < 5_000).any() and (part >= 5_000).any()
+            assert np.mean(np.diff(part) == 1) > 0.99
+
+
+def _train_batchnorm_on_rank(rank: int, init_file: str, path: str, out_dir: str) -> None:
+    import anndata as ad
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    adata = ad.read_h5ad(path, backed="r")
+    model = cellvae.CellVAE(adata, batch_key="batch", normalization="batch")
+    model.fit(max_epochs=3, batch_size=64, progress=False, device="cpu")
+    state = {k: v.contiguous() for k, v in model.module.state_dict().items()}
+    save_file(state, str(Path(out_dir) / f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    adata = cellvae.datasets.simulate(n_cells=1200, n_genes=100, n_batches=2, n_cell_types=4, seed=2, batch_effect=1.0)
+    adata = adata[np.argsort(adata.obs["batch"].to_numpy(), kind="stable")].copy()  # sorted by batch, as ad.concat writes
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    mp.spawn(_train_batchnorm_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2)
+    first, second = (load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2))
+    assert first.keys() == second.keys() and any("running_mean" in key for key in first)
+    for key in first:
+        assert torch.equal(first[key], second[key]), f"{key} differs between the ranks"
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
+    for rank in range(2):  # what a 2-process run leaves
+        (tmp_path / f"checkpoint.rank{rank}.safetensors").write_bytes(b"written by a 2-process run")
+    with pytest.raises(ValueError, match=r"written by at least 2 process\(es\) and this run has 1"):
+        cellvae.CellVAE(adata).fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_backed_file_is_read_once_when_torchrun_starts_the_python_route(tmp_path, monkeypatch):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    import anndata as ad
+
+    read_values = []
+    check = cellvae.data.validate_counts
+    monkeypatch.setattr(cellvae.data, "validate_counts", lambda *a, **k: read_values.append(k["read_values"]) or check(*a, **k))
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    cellvae.CellVAE(backed)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun fit joins the process group and reads each rank's part
+    cellvae.CellVAE(backed)
+    assert read_values == [True, False]
+    backed.file.close()
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")

@@ -176,6 +176,18 @@ def test_embed_writes_only_its_documented_keys(messy):
     assert adata.obsm["X_mine"].shape == (adata.n_obs, TINY["n_latent"])
 
 
+def test_embed_refuses_a_view_of_a_backed_anndata_before_training(tmp_path, monkeypatch):
+    cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=r"view of a backed AnnData.*to_memory\(\)"):
+        cellvae.tl.embed(backed[:200], progress=False)
+    query = backed[200:]
+    with pytest.raises(ValueError, match="query_adata is a view of a backed AnnData"):
+        cellvae.tl.transfer_labels(backed, query, "cell_type")
+    backed.file.close()
+
+
 def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
     adata = messy.copy()
     settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
