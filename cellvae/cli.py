@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model-dir", required=True, help="folder of a model saved by 'cellvae fit'")
     embed.add_argument("--out", required=True, help="output .h5ad with the embedding in obsm")
     embed.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
+    embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.set_defaults(command="embed", run=run_embed)
     return parser
 
@@ -141,11 +142,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
-    if args.backed and Path(args.input).is_dir():
-        raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
-    if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
-        raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
-    _check_output_folder(args.out)
+    _check_input_and_output(args)
     adata = _read(args.input, backed=args.backed, layer=args.layer)
     if Path(args.model_dir).exists() and not args.overwrite:
         raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
@@ -179,19 +176,26 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    import anndata as ad
+
     from cellvae import CellVAE
 
-    _check_output_folder(args.out)
-    adata = _read(args.input)
+    _check_input_and_output(args)
     model = CellVAE.load(args.model_dir)
+    adata = _read(args.input, backed=args.backed, layer=model.config.layer)
     adata.obsm[args.key_added] = model.get_latent(adata)
-    adata.write_h5ad(args.out)
+    ad.AnnData.write_h5ad(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
 
 
-def _check_output_folder(out: str) -> None:
-    """Fail before any work, not after training, when --out cannot be written."""
+def _check_input_and_output(args: argparse.Namespace) -> None:
+    """Fail before any work, not after training, on --backed misuse or an --out that cannot be written."""
+    if args.backed and Path(args.input).is_dir():
+        raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
+    if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
+        raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
+    out = args.out
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
     folder = Path(out).resolve().parent

@@ -53,6 +53,14 @@ def test_fit_then_embed(tmp_path):
     )
     embedded = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
+    # --backed streams the model's layer from disk and writes the same embedding and the input's data
+    backed = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--backed"]
+    assert main([*backed, "--out", str(tmp_path / "b.h5ad")]) == 0
+    streamed = ad.read_h5ad(tmp_path / "b.h5ad")
+    np.testing.assert_array_equal(streamed.obsm["X_cellvae"], embedded.obsm["X_cellvae"])
+    assert (streamed.layers["counts"] != data.layers["counts"]).nnz == 0
+    with pytest.raises(SystemExit, match="give --out another path"):
+        main([*backed, "--out", str(tmp_path / "in.h5ad")])
 
 
 def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
