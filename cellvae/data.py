@@ -10,6 +10,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anndata as ad
@@ -127,17 +128,10 @@ def library_sizes(
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
         rows = range(matrix.shape[0]) if rows is None else rows
-        if _is_csc(matrix):
-            return _csc_library_sizes(matrix, columns, check_as, rows)
-        totals = [np.zeros(0)]
-        row_chunk = _row_chunk(matrix)  # read whole storage chunks: a partial one is decompressed whole anyway
-        step = -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
-        for start in range(rows.start, rows.stop, step):
-            block = matrix[start : min(start + step, rows.stop)]
-            if check_as is not None:
-                _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
-            totals.append(_row_sums(block, columns))
-        return np.concatenate(totals)
+        with _reading_from_disk(f"cells {rows.start}–{rows.stop - 1} of {check_as or 'the counts'}"):
+            if _is_csc(matrix):
+                return _csc_library_sizes(matrix, columns, check_as, rows)
+            return _backed_library_sizes(matrix, columns, check_as, rows)
     if rows is not None:
         raise ValueError("library_sizes(rows=...) reads part of a backed matrix; an in-memory one is summed whole")
     if check_as is not None:
@@ -155,6 +149,28 @@ def library_sizes(
             values = matrix.data[indptr[s] : indptr[e]]
             totals[s:e][nonempty] = np.add.reduceat(values, indptr[s:e][nonempty] - indptr[s], dtype=np.float64)
     return totals
+
+
+@contextmanager
+def _reading_from_disk(what: str) -> Iterator[None]:
+    """Name what was being read when h5py or Zarr fail (their errors name neither file nor cells)."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(f"reading {what} from disk failed ({error}); the file may be damaged or truncated") from error
+
+
+def _backed_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None, rows: range) -> np.ndarray:
+    """Row sums of a backed CSR or dense matrix, read in whole storage chunks."""
+    totals = [np.zeros(0)]
+    row_chunk = _row_chunk(matrix)  # read whole storage chunks: a partial one is decompressed whole anyway
+    step = -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
+    for start in range(rows.start, rows.stop, step):
+        block = matrix[start : min(start + step, rows.stop)]
+        if check_as is not None:
+            _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
+        totals.append(_row_sums(block, columns))
+    return np.concatenate(totals)
 
 
 def _is_csc(matrix) -> bool:
@@ -563,15 +579,16 @@ class CellLoader:
 
     def _read_rows(self, rows: np.ndarray):
         """The given rows (in the given order) as CSR, or as a dense array if stored densely."""
-        if self.backed and _is_csc(self.matrix):  # read in the requested order, no sorting needed
-            block = _read_csc_rows(self.matrix, rows)
-        elif self.backed:
-            # h5py needs increasing indices: read sorted, then restore the requested order.
-            order = np.argsort(rows, kind="stable")
-            block = _read_sorted_rows(self.matrix, rows[order])
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            block = block[inverse]
+        if self.backed:
+            with _reading_from_disk(f"cells {rows.min()}–{rows.max()} of the counts"):
+                if _is_csc(self.matrix):  # read in the requested order, no sorting needed
+                    block = _read_csc_rows(self.matrix, rows)
+                else:  # h5py needs increasing indices: read sorted, then restore the requested order.
+                    order = np.argsort(rows, kind="stable")
+                    block = _read_sorted_rows(self.matrix, rows[order])
+                    inverse = np.empty_like(order)
+                    inverse[order] = np.arange(len(order))
+                    block = block[inverse]
         elif sp.issparse(self.matrix):
             block = _gather_csr_rows(self.matrix, rows)
         else:

@@ -305,3 +305,24 @@ def test_evaluation_passes_densify_a_bounded_number_of_counts(counts, monkeypatc
     bounded = model.get_latent()
     monkeypatch.setattr(cellvae.data, "EVALUATION_VALUES", 2**23)  # larger batches give the same codes
     np.testing.assert_allclose(bounded, model.get_latent(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_backed_file_names_the_cells_that_could_not_be_read(tmp_path):
+    import h5py
+
+    from cellvae.cli import main
+
+    path = tmp_path / "damaged.h5ad"
+    cellvae.datasets.simulate(n_cells=2000, n_genes=200, seed=0).write_h5ad(path, compression="gzip")
+    with h5py.File(path, "r") as handle:
+        data = handle["X/data"]
+        last = data.id.get_chunk_info(data.id.get_num_chunks() - 1)
+    with open(path, "r+b") as handle:  # scramble the last compressed chunk of the stored counts
+        handle.seek(last.byte_offset + 10)
+        handle.write(b"\xff" * 64)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(OSError, match=r"reading cells 0–1999 of adata.X from disk failed .*damaged or truncated"):
+        cellvae.CellVAE(backed)
+    backed.file.close()
+    with pytest.raises(SystemExit, match=r"^error: reading cells 0–1999 of adata.X from disk failed"):
+        main(["fit", str(path), "--backed", "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "m")])
