@@ -400,8 +400,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         library_size
             Total counts of each row: every row sums to it. With ``likelihood="zinb"`` this is the
             negative binomial's mean, without the zero-inflation (as scvi-tools' normalized expression).
@@ -438,8 +437,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         batch_size
             Cells per forward pass.
 
@@ -470,8 +468,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         n_samples
             Draws per cell.
         random_state
@@ -801,8 +798,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         batch_size
             Cells per forward pass.
 
@@ -822,8 +818,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         threshold
             A dimension is active when Cov_x(E_q[z_d]), the variance over cells of its posterior
             mean, exceeds this (0.01, as Burda et al., 2016).
@@ -846,8 +841,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         n_samples
             Importance samples per cell.
         batch_size, random_state
@@ -881,8 +875,7 @@ class CellVAE:
         Parameters
         ----------
         adata
-            Cells to read; ``None`` uses the model's AnnData. Genes are matched by name (at least 80%
-            of the model's genes must be present; missing ones count as zeros, with a warning).
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         n_steps, lr
             Adam steps and learning rate of the refinement.
         n_samples
