@@ -98,8 +98,12 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     # Held-out rate falls and distortion rises (each step may wobble by Monte-Carlo and training noise).
     assert np.all(np.diff(rate) < 0.5) and rate[0] - rate[-1] > 5.0
     assert np.all(np.diff(distortion) > -1.0) and distortion[-1] - distortion[0] > 5.0
-    # beta = 1 trains on the ELBO itself, so its held-out ELBO is the best of the sweep up to noise.
-    assert elbo[betas.index(1.0)] >= elbo.max() - 1.0
+    # beta = 1 trains on the ELBO itself, so its ELBO is near the best of the sweep, on training and held-out
+    # cells (finite training, dropout and overfitting let a neighbouring beta win by a nat or two).
+    train_elbo = frame["train_elbo"].to_numpy()
+    assert train_elbo[betas.index(1.0)] >= train_elbo.max() - 2.0
+    assert elbo[betas.index(1.0)] >= elbo.max() - 2.0
+    np.testing.assert_allclose(frame["train_elbo"], -(frame["train_rate"] + frame["train_distortion"]), rtol=1e-9)
     assert frame["active_units"].between(0, 10).all()
     assert frame["label_silhouette"].between(0, 1).all() and frame["label_nmi"].between(0, 1).all()
     ax = cellvae.pl.rate_distortion(frame, show=False)
@@ -123,6 +127,10 @@ def test_inference_gaps_are_non_negative_and_refinement_never_hurts(kang, traine
     assert (gaps["amortization_gap"] > -4 * gaps["amortization_gap_se"] - 1e-3).all()
     assert gaps["approximation_gap"].min() > -1.0
     assert gaps["amortization_gap"].mean() > 0.1 and gaps["approximation_gap"].mean() > 0.1
+    # the default refinement has converged: twice the steps find little more of the amortization gap
+    default = model.inference_gaps(kang[:40], n_samples=20)["amortization_gap"].mean()
+    longer = model.inference_gaps(kang[:40], n_steps=1000, n_samples=20)["amortization_gap"].mean()
+    assert default > 0.95 * longer
     refined = model.get_latent(kang[:150], refine_steps=50)
     plain = model.get_latent(kang[:150])
     assert refined.shape == plain.shape and refined.dtype == np.float32
