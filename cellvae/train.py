@@ -170,14 +170,12 @@ def train(
         single, ranks = checkpoint_ranks(checkpoint.parent)
         if world > 1:  # each node may see only its own ranks' files
             single, ranks = (int(v) for v in all_reduce_max([single, ranks]))
-        # (fewer ranks' files than processes may also be a crash before some rank's first checkpoint)
-        writers = ranks if (world == 1 and ranks and not single) or ranks > world else 0
-        writers = 1 if world > 1 and single and not ranks else writers
-        if writers:
+        # Fewer ranks' files than processes is not refused: a crash can come before some rank's first checkpoint.
+        if (world == 1 and ranks and not single) or (world > 1 and single and not ranks) or ranks > world:
+            writers = "one process" if single and not ranks else f"at least {ranks} processes"
             raise ValueError(
-                f"the checkpoints in {checkpoint_dir} were written by {'at least ' if writers > 1 else ''}{writers} "
-                f"process(es) and this run has {world}: resume with as many (torchrun --nproc_per_node=N), or "
-                "delete them to start over"
+                f"the checkpoints in {checkpoint_dir} were written by {writers} and this run has {world}: resume with "
+                "as many (torchrun --nproc_per_node=N), or delete them to start over"
             )
         source = checkpoint if world == 1 else agreed_checkpoint(checkpoint)
         if source is not None and source.exists():

@@ -70,7 +70,7 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
     for rank in range(2):  # what a 2-process run leaves
         (tmp_path / f"checkpoint.rank{rank}.safetensors").write_bytes(b"written by a 2-process run")
-    with pytest.raises(ValueError, match=r"written by at least 2 process\(es\) and this run has 1"):
+    with pytest.raises(ValueError, match=r"written by at least 2 processes and this run has 1"):
         cellvae.CellVAE(adata).fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
