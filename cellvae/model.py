@@ -656,6 +656,8 @@ class CellVAE:
             (with a warning): its cells use the frozen reference parameters. The returned model reads
             batches from the reference's batch key, so to embed the query with ``get_latent(query)``
             give it that column too (``query_model.get_latent()`` embeds the aligned copy as is).
+            Batch names are compared as text: an integer column's 1016 is ``"1016"``, a float
+            column's 1016.0 is ``"1016.0"``, so convert a float column to integers first.
         train_input_layer
             Also train the encoder's first layer (all of it). Reference cells then embed differently
             (in the four benchmark datasets they moved by 22–56% of the embedding's mean norm): re-embed
