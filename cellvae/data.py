@@ -128,7 +128,7 @@ def library_sizes(
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
         rows = range(matrix.shape[0]) if rows is None else rows
-        with _reading_from_disk(f"cells {rows.start}–{rows.stop - 1} of {check_as or 'the counts'}"):
+        with _reading_from_disk(rows, check_as or "the counts"):
             if _is_csc(matrix):
                 return _csc_library_sizes(matrix, columns, check_as, rows)
             return _backed_library_sizes(matrix, columns, check_as, rows)
@@ -152,12 +152,15 @@ def library_sizes(
 
 
 @contextmanager
-def _reading_from_disk(what: str) -> Iterator[None]:
-    """Name what was being read when h5py or Zarr fail (their errors name neither file nor cells)."""
+def _reading_from_disk(rows: range | np.ndarray, where: str) -> Iterator[None]:
+    """Name the cells being read when h5py or Zarr fail (their errors name neither file nor cells)."""
     try:
         yield
     except OSError as error:
-        raise OSError(f"reading {what} from disk failed ({error}); the file may be damaged or truncated") from error
+        first, last = (rows.start, rows.stop - 1) if isinstance(rows, range) else (rows.min(), rows.max())
+        raise OSError(
+            f"reading cells {first}–{last} of {where} from disk failed ({error}); the file may be damaged or truncated"
+        ) from error
 
 
 def _backed_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None, rows: range) -> np.ndarray:
@@ -580,7 +583,7 @@ class CellLoader:
     def _read_rows(self, rows: np.ndarray):
         """The given rows (in the given order) as CSR, or as a dense array if stored densely."""
         if self.backed:
-            with _reading_from_disk(f"cells {rows.min()}–{rows.max()} of the counts"):
+            with _reading_from_disk(rows, "the counts"):
                 if _is_csc(self.matrix):  # read in the requested order, no sorting needed
                     block = _read_csc_rows(self.matrix, rows)
                 else:  # h5py needs increasing indices: read sorted, then restore the requested order.

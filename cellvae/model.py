@@ -986,8 +986,7 @@ class CellVAE:
         """
         _check_count(n_cells, "n_cells")
         _check_seed(random_state)
-        if library_size is not None:
-            _library_sizes(library_size, n_cells)  # checked before any work
+        library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
         given = dict(covariates or {})
         needs_template = (
@@ -1006,14 +1005,13 @@ class CellVAE:
             loader, cells = self._loader(self.adata, torch.device("cpu"))
             cells = cells[loader.library > 0]
             template = cells[rng.integers(0, len(cells), n_cells)]
-            if library_size is None:
-                library_size = loader.library[template]
+            if library is None:
+                library = _library_sizes(loader.library[template], n_cells)
             template = self.adata.obs.iloc[template]
             if batch is None and c.batch_key:
                 batch = template[c.batch_key].astype(str).to_numpy()
             for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
                 given.setdefault(key, template[key].to_numpy())
-        library = _library_sizes(library_size, n_cells)
         frame = self._covariate_frame(n_cells, batch, given)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device).cpu().numpy()

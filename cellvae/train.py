@@ -599,7 +599,7 @@ def average_statistics(vae: VAE, world: int) -> None:
     statistics = [
         buffer
         for module in vae.modules()
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+        if isinstance(module, torch.nn.BatchNorm1d)
         for buffer in (module.running_mean, module.running_var)
     ]
     if statistics:
