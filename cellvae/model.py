@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from cellvae import data, diagnostics
+from cellvae import data, diagnostics, differential
 from cellvae.config import Config
 from cellvae.module import VAE, seeded
 from cellvae.train import (
@@ -496,6 +496,154 @@ class CellVAE:
                     draws[s, start : start + len(mb.cell_index)] = dist.sample(generator).cpu().numpy()
                 start += len(mb.cell_index)
         return draws[0] if n_samples == 1 else draws
+
+    def differential_expression(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        groupby: str,
+        group1: str | list[str] | None = None,
+        group2: str | None = None,
+        delta: float = 0.25,
+        batch_correction: bool = True,
+        fdr_target: float = 0.05,
+        n_draws: int = 1000,
+        max_cells: int = 2000,
+        pseudocount: float | None = None,
+        random_state: int = 0,
+        batch_size: int = 1024,
+    ) -> pd.DataFrame:
+        """Differential expression between groups of cells, from the decoded (denoised) expression.
+
+        For each group, draws of its mean normalised expression combine a Bayesian bootstrap over its
+        cells, posterior draws of each cell's latent code and the likelihood's counting noise; the log2
+        fold change of two groups' means (with a small pseudocount) then has a posterior, and a gene is
+        differentially expressed when ``|log2 fold change| > delta``. A difference is found with more
+        certainty the more cells and counts support it. The uncertainty is the model's: it does not
+        cover errors of the decoder itself, so on simulated data the realised false discovery rate was
+        7% where 5% was asked (``benchmarks/differential.py``).
+
+        Parameters
+        ----------
+        adata
+            Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
+        groupby
+            ``obs`` column of group labels (e.g. clusters or cell types). Cells without a label (NaN)
+            take no part.
+        group1
+            A group, or a list of groups each compared in turn; ``None`` compares every group.
+        group2
+            The group to compare with; ``None`` compares each group with all other labelled cells.
+        delta
+            Smallest |log2 fold change| of the means that counts as a difference (0.25: 19%).
+        batch_correction
+            Decode both groups under the same uniform mixture of the model's batches, so that groups
+            drawn from different batches are compared without the batch effect. ``False`` decodes
+            each cell with its own batch.
+        fdr_target
+            Genes are called (``is_de``) while the posterior expected false discovery rate of the
+            called list stays at or below this.
+        n_draws
+            Draws of each group's mean expression.
+        max_cells
+            Cells of each group used for the draws (a random subset of larger groups; this makes
+            the result for very large groups slightly conservative). The observed columns use all cells.
+        pseudocount
+            Added to the normalised expression (proportions summing to 1 per cell) before the log;
+            ``None``: a hundredth of a count in a cell of median depth, so that genes barely
+            expressed in both groups do not get large fold changes.
+        random_state
+            Seed of the cells, weights and latent draws.
+        batch_size
+            Latent codes decoded per forward pass.
+
+        Returns
+        -------
+        One row per gene and comparison (index: gene names), genes of each comparison ordered by
+        ``proba_de`` and then by ``|lfc_mean|``. Columns: ``lfc_mean``, ``lfc_median``, ``lfc_std``,
+        ``lfc_low``/``lfc_high`` (95% credible interval) of the log2 fold change group1/group2;
+        ``proba_up``, ``proba_down``, ``proba_de`` (= P(|lfc| > delta)), ``proba_not_de``,
+        ``bayes_factor`` (log odds of ``proba_de``); ``expected_fdr`` (posterior expected false
+        discovery rate of the list down to this gene) and ``is_de``; ``expression1``/``expression2``
+        (decoded mean expression per 10,000 counts); ``fraction_nonzero1``/``fraction_nonzero2`` and
+        ``raw_normalized_mean1``/``raw_normalized_mean2`` (observed: share of cells with a count, mean
+        counts per 10,000); ``group1`` and ``group2``.
+        """
+        for name, value in (("delta", delta), ("fdr_target", fdr_target)):
+            value = _native(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < np.inf:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not fdr_target < 1:
+            raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
+        _check_count(n_draws, "n_draws")
+        _check_count(max_cells, "max_cells")
+        _check_seed(random_state)
+        if not isinstance(batch_correction, (bool, np.bool_)):
+            raise TypeError(f"batch_correction must be True or False, got {batch_correction!r}")
+        if pseudocount is not None and not (isinstance(pseudocount, (int, float, np.number)) and 0 <= pseudocount < np.inf):
+            raise ValueError(f"pseudocount must be a non-negative number or None, got {pseudocount!r}")
+        adata = self._resolve(adata)
+        labels, names = _group_labels(adata, groupby)
+        if batch_correction and self.config.batch_key and groupby == self.config.batch_key:
+            warnings.warn(
+                f"groupby={groupby!r} is the model's batch key: with batch_correction=True both groups are decoded "
+                "under the same batches, so their differences are removed; pass batch_correction=False to compare batches",
+                UserWarning,
+                stacklevel=2,
+            )
+        comparisons = _comparisons(labels, names, groupby, group1, group2)
+        loader, _ = self._loader(adata, self.device)
+        if pseudocount is None:
+            labelled = loader.library[labels.notna().to_numpy() & (loader.library > 0)]
+            pseudocount = 0.01 / float(np.median(labelled)) if len(labelled) else 0.0
+        observed = _observed_by_group(loader, labels, batch_size)
+        rng = np.random.default_rng(random_state)
+        picked = []  # the cells whose draws stand for each group: cells with counts, at most max_cells
+        for name1, name2, cells1, cells2 in comparisons:
+            for name, cells in ((name1, cells1), (name2, cells2)):
+                if not (loader.library[cells] > 0).any():
+                    raise ValueError(f"group {name!r} of obs[{groupby!r}] has no cell with a non-zero count")
+            picked.append(tuple(_subsample(cells[loader.library[cells] > 0], max_cells, rng) for cells in (cells1, cells2)))
+        encoded = np.unique(np.concatenate([np.concatenate(pair) for pair in picked]))
+        n_batches = len(self.config.batch_categories) if self.config.batch_key else 0
+        frames = []
+        with diagnostics.evaluation(self.module, random_state), torch.no_grad():
+            mean, scale = self._posterior_parameters(loader, encoded, batch_size)
+            for (name1, name2, cells1, cells2), pair in zip(comparisons, picked):
+                draws = []
+                for cells in pair:
+                    rows = torch.from_numpy(np.searchsorted(encoded, cells)).to(self.device)
+                    inputs = differential.DecoderInputs(
+                        loader.covariates[cells],
+                        loader.batch_index[cells],
+                        loader.library[cells],
+                        n_batches,
+                        bool(batch_correction),
+                    )
+                    draws.append(
+                        differential.group_mean_draws(self.module, mean[rows], scale[rows], inputs, n_draws, rng, batch_size)
+                    )
+                frame = differential.compare(draws[0], draws[1], float(delta), float(pseudocount))
+                frame["expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy())
+                frame["is_de"] = frame["expected_fdr"] <= fdr_target
+                for suffix, cells in (("1", cells1), ("2", cells2)):
+                    nonzero, normalized = observed(cells)
+                    frame["fraction_nonzero" + suffix] = nonzero
+                    frame["raw_normalized_mean" + suffix] = normalized
+                frame["group1"], frame["group2"] = name1, name2
+                frame.index = pd.Index(self.config.gene_names, name="gene")
+                order = np.lexsort((-frame["lfc_mean"].abs().to_numpy(), -frame["proba_de"].to_numpy()))
+                frames.append(frame.iloc[order])
+        return pd.concat(frames)
+
+    def _posterior_parameters(self, loader: data.CellLoader, cells: np.ndarray, batch_size: int):
+        """q(z|x)'s mean and scale parameters of ``cells`` (sorted), on the model's device."""
+        means, scales = [], []
+        for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+            q = self.module.inference(mb.counts, mb.covariates, sample=False)
+            means.append(q["mean"])
+            scales.append(q["scale"])
+        return torch.cat(means), torch.cat(scales)
 
     # ------------------------------------------------------------------ persistence
 
@@ -1226,6 +1374,88 @@ def _make_durable_and_shareable(folder: Path) -> None:
 
 def _where(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+# ----------------------------------------------------------------------------- differential expression helpers
+
+
+def _group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
+    """``obs[groupby]`` as text labels by cell position (NaN where a cell has none), and the groups
+    present, in category order for a categorical column, else sorted."""
+    if not isinstance(groupby, str) or groupby not in adata.obs.columns:
+        raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+    column = adata.obs[groupby].reset_index(drop=True)
+    labels = column.astype(str).where(column.notna())
+    present = set(labels.dropna())
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return labels, [str(c) for c in column.cat.categories if str(c) in present]
+    return labels, sorted(present)
+
+
+def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, group2) -> list[tuple]:
+    """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions."""
+    column = labels.to_numpy()
+
+    def cells_of(group) -> np.ndarray:
+        if str(group) not in names:
+            raise ValueError(f"group {group!r} has no cells in obs[{groupby!r}]; its groups are {names[:20]}")
+        return np.flatnonzero(column == str(group))
+
+    if group2 is not None and not isinstance(group2, (str, int, np.integer)):
+        raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
+    if group1 is None:
+        firsts = [g for g in names if group2 is None or g != str(group2)]
+    elif isinstance(group1, (str, int, np.integer)):
+        firsts = [str(group1)]
+    else:
+        firsts = [str(g) for g in group1]
+    if not firsts:
+        raise ValueError(f"nothing to compare: obs[{groupby!r}] has only the group {names}")
+    labelled = np.flatnonzero(labels.notna().to_numpy())
+    comparisons = []
+    for name in firsts:
+        cells1 = cells_of(name)
+        if group2 is None:
+            cells2, name2 = np.setdiff1d(labelled, cells1), "rest"
+            if len(cells2) == 0:
+                raise ValueError(f"no cells outside group {name!r} to compare with; pass group2=... or add groups")
+        else:
+            if str(group2) == name:
+                raise ValueError(f"group1 and group2 are the same group {name!r}")
+            cells2, name2 = cells_of(group2), str(group2)
+        comparisons.append((name, name2, cells1, cells2))
+    return comparisons
+
+
+def _subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    return cells if len(cells) <= max_cells else np.sort(rng.choice(cells, max_cells, replace=False))
+
+
+def _observed_by_group(loader: data.CellLoader, labels: pd.Series, batch_size: int):
+    """A function of a set of labelled cells giving its observed share of cells with a non-zero count
+    and mean counts per 10,000, per gene, from one pass over the labelled cells."""
+    codes, groups = pd.factorize(labels, use_na_sentinel=True)
+    labelled = np.flatnonzero(codes >= 0)
+    nonzero = np.zeros((len(groups), loader.n_genes))
+    normalized = np.zeros((len(groups), loader.n_genes))
+    with torch.no_grad():
+        for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
+            counts = mb.counts.double().cpu()
+            group_codes = torch.from_numpy(codes[mb.cell_index])
+            nonzero_t = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
+            nonzero_t.index_add_(0, group_codes, (counts > 0).double())
+            scaled = counts / mb.library.double().cpu().clamp(min=1.0) * differential.PER_10K
+            normalized_t = torch.zeros_like(nonzero_t).index_add_(0, group_codes, scaled)
+            nonzero += nonzero_t.numpy()
+            normalized += normalized_t.numpy()
+    sizes = np.bincount(codes[labelled], minlength=len(groups))
+
+    def summary(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        members = np.bincount(codes[cells], minlength=len(groups)) > 0  # cells are whole groups
+        n = sizes[members].sum()
+        return nonzero[members].sum(0) / n, normalized[members].sum(0) / n
+
+    return summary
 
 
 # ----------------------------------------------------------------------------- reference mapping helpers

@@ -172,6 +172,110 @@ def transfer_labels(
     query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
 
 
+# ----------------------------------------------------------------------------- differential expression
+
+
+def rank_genes_groups(
+    adata: ad.AnnData,
+    groupby: str,
+    *,
+    model: CellVAE,
+    groups: str | list[str] = "all",
+    reference: str = "rest",
+    delta: float = 0.25,
+    batch_correction: bool = True,
+    n_draws: int = 1000,
+    max_cells: int = 2000,
+    random_state: int = 0,
+    key_added: str = "rank_genes_groups",
+) -> None:
+    """Rank genes for each group by the model's differential expression, in scanpy's format.
+
+    Runs :meth:`~cellvae.CellVAE.differential_expression` for each group against ``reference`` and stores
+    the result where :func:`scanpy.tl.rank_genes_groups` does, so that ``sc.get.rank_genes_groups_df``,
+    ``sc.pl.rank_genes_groups`` and ``sc.pl.rank_genes_groups_dotplot`` read it.
+
+    Parameters
+    ----------
+    adata
+        Cells with raw counts as the model reads them (genes matched as in
+        :meth:`~cellvae.CellVAE.get_latent`).
+    groupby
+        ``obs`` column of group labels.
+    model
+        A trained model.
+    groups
+        ``"all"`` or a list of the groups to rank genes for.
+    reference
+        ``"rest"`` (each group against all other labelled cells) or one group.
+    delta, batch_correction, n_draws, max_cells, random_state
+        As in :meth:`~cellvae.CellVAE.differential_expression`.
+    key_added
+        ``uns`` key of the result.
+
+    Returns
+    -------
+    None. Writes ``adata.uns[key_added]`` with ``names`` (each group's genes, up-regulated first:
+    ordered by ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta),
+    in [−1, 1]), ``logfoldchanges`` (posterior mean log2 fold change), ``pvals`` (the local false
+    discovery rate 1 − P(|lfc| > delta)), ``pvals_adj`` (the posterior expected false discovery rate
+    of calling this gene and all genes with a higher P(|lfc| > delta); not frequentist p-values,
+    but ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes called at a 5% expected
+    FDR), ``pts`` and ``pts_rest`` (share of the group's and the reference's cells with a non-zero count)
+    and ``params``.
+    """
+    _check_writable(adata, "adata")
+    if isinstance(groups, str) and groups != "all":
+        groups = [groups]
+    group1 = None if isinstance(groups, str) else [g for g in groups if str(g) != str(reference)]
+    result = model.differential_expression(
+        adata,
+        groupby=groupby,
+        group1=group1,
+        group2=None if reference == "rest" else reference,
+        delta=delta,
+        batch_correction=batch_correction,
+        n_draws=n_draws,
+        max_cells=max_cells,
+        random_state=random_state,
+    )
+    result["score"] = result["proba_up"] - result["proba_down"]
+    fields = {
+        "names": "gene",
+        "scores": "score",
+        "logfoldchanges": "lfc_mean",
+        "pvals": "proba_not_de",
+        "pvals_adj": "expected_fdr",
+    }
+    ranked: dict[str, list[np.ndarray]] = {field: [] for field in fields}
+    pts, pts_rest = {}, {}
+    for group, frame in result.groupby("group1", sort=False):
+        frame = frame.reset_index().sort_values(["score", "lfc_mean"], ascending=False, kind="stable")
+        for field, column in fields.items():
+            values = frame[column].to_numpy()
+            ranked[field].append(values.astype(str) if field == "names" else values.astype(np.float32))
+        pts[group] = frame.set_index("gene")["fraction_nonzero1"]
+        pts_rest[group] = frame.set_index("gene")["fraction_nonzero2"]
+    compared = list(pts)
+    genes = model.config.gene_names
+    adata.uns[key_added] = {
+        "params": {
+            "groupby": groupby,
+            "reference": reference,
+            "method": "cellvae",
+            "use_raw": False,
+            "layer": model.config.layer,
+            "corr_method": "posterior expected FDR",
+            "delta": float(delta),
+            "batch_correction": bool(batch_correction),
+            "random_state": random_state,
+        },
+        **{field: np.rec.fromarrays(arrays, names=compared) for field, arrays in ranked.items()},
+        "pts": pd.DataFrame(pts).loc[genes],
+        "pts_rest": pd.DataFrame(pts_rest).loc[genes],
+    }
+
+
 # ----------------------------------------------------------------------------- rate–distortion and latent arithmetic
 
 

@@ -1,0 +1,170 @@
+"""Differential expression: markers found, nothing found between halves of one population, batch
+effects removed, scanpy's rank_genes_groups format, and interferon genes on real stimulated cells."""
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from conftest import shared_dataset
+
+import cellvae
+from cellvae import CellVAE
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    return cellvae.datasets.simulate(n_cells=2000, n_genes=300, n_batches=2, n_cell_types=5, seed=1, batch_effect=0.8)
+
+
+@pytest.fixture(scope="module")
+def model(simulated):
+    return CellVAE(simulated, batch_key="batch").fit(max_epochs=80, progress=False)
+
+
+def _observed_log2_fold_change(adata, in_group: np.ndarray) -> np.ndarray:
+    counts = adata.X.toarray()
+    normalized = counts / counts.sum(1, keepdims=True) * 1e4
+    return np.log2(normalized[in_group].mean(0) + 0.05) - np.log2(normalized[~in_group].mean(0) + 0.05)
+
+
+def test_markers_of_a_type_rank_first_and_fold_changes_match_the_counts(simulated, model):
+    result = model.differential_expression(groupby="cell_type", group1="type0")
+    assert list(result.index.unique()) == list(result.index) and set(result.index) == set(simulated.var_names)
+    assert (result["group1"] == "type0").all() and (result["group2"] == "rest").all()
+    observed = _observed_log2_fold_change(simulated, (simulated.obs["cell_type"] == "type0").to_numpy())
+    assert np.corrcoef(result.loc[simulated.var_names, "lfc_mean"], observed)[0, 1] > 0.95
+    top_observed = set(simulated.var_names[np.argsort(-observed)[:20]])
+    top_called = set(result[result["lfc_mean"] > 0].index[:20])
+    assert len(top_observed & top_called) >= 16
+    assert result.loc[list(top_called), "is_de"].all()
+    # Ordered by proba_de; the expected FDR grows down the list and decides the calls.
+    assert np.all(np.diff(result["proba_de"].to_numpy()) <= 0)
+    assert np.all(np.diff(result["expected_fdr"].to_numpy()) >= -1e-12)
+    np.testing.assert_array_equal(result["is_de"], result["expected_fdr"] <= 0.05)
+    np.testing.assert_allclose(result["proba_de"], result["proba_up"] + result["proba_down"])
+    assert ((result["lfc_low"] <= result["lfc_median"]) & (result["lfc_median"] <= result["lfc_high"])).all()
+
+
+@pytest.mark.parametrize("settings", [{"likelihood": "zinb"}, {"likelihood": "poisson"}, {"posterior": "full"}])
+def test_markers_are_found_with_every_likelihood_and_posterior(simulated, settings):
+    other = CellVAE(simulated, batch_key="batch", **settings).fit(max_epochs=40, progress=False)
+    result = other.differential_expression(groupby="cell_type", group1="type0", n_draws=300)
+    observed = _observed_log2_fold_change(simulated, (simulated.obs["cell_type"] == "type0").to_numpy())
+    top_observed = set(simulated.var_names[np.argsort(-observed)[:20]])
+    assert len(top_observed & set(result[result["lfc_mean"] > 0].index[:20])) >= 14
+    assert np.isfinite(result.drop(columns=["group1", "group2"]).to_numpy(dtype=float)).all()
+
+
+def test_random_halves_of_one_type_differ_in_no_gene(simulated, model):
+    halves = simulated.copy()
+    rng = np.random.default_rng(0)
+    half = np.where(rng.random(halves.n_obs) < 0.5, "A", "B")
+    halves.obs["half"] = np.where(halves.obs["cell_type"] == "type1", half, "other")
+    result = model.differential_expression(halves, groupby="half", group1="A", group2="B")
+    assert result["is_de"].sum() == 0 and result["proba_de"].max() < 0.95
+
+
+def test_batch_correction_removes_differences_between_batches_of_one_type(simulated, model):
+    split = simulated.copy()
+    split.obs["type2_batch"] = np.where(split.obs["cell_type"] == "type2", split.obs["batch"].astype(str), "other")
+    corrected = model.differential_expression(split, groupby="type2_batch", group1="batch0", group2="batch1")
+    uncorrected = model.differential_expression(
+        split, groupby="type2_batch", group1="batch0", group2="batch1", batch_correction=False
+    )
+    n_genes = simulated.n_vars
+    assert corrected["is_de"].sum() <= 0.02 * n_genes
+    assert uncorrected["is_de"].sum() >= 0.5 * n_genes
+
+
+def test_every_group_against_the_rest_with_observed_columns_and_seeds(simulated, model):
+    before = simulated.copy()
+    result = model.differential_expression(groupby="cell_type", n_draws=200)
+    assert list(result["group1"].unique()) == [f"type{t}" for t in range(5)] and len(result) == 5 * simulated.n_vars
+    counts = simulated.X.toarray()
+    in_type3 = (simulated.obs["cell_type"] == "type3").to_numpy()
+    type3 = result[result["group1"] == "type3"].loc[simulated.var_names]
+    np.testing.assert_allclose(type3["fraction_nonzero1"], (counts[in_type3] > 0).mean(0))
+    np.testing.assert_allclose(type3["fraction_nonzero2"], (counts[~in_type3] > 0).mean(0))
+    normalized = counts / counts.sum(1, keepdims=True) * 1e4
+    np.testing.assert_allclose(type3["raw_normalized_mean1"], normalized[in_type3].mean(0), rtol=1e-5)
+    again = model.differential_expression(groupby="cell_type", n_draws=200)
+    pd.testing.assert_frame_equal(result, again)
+    other_seed = model.differential_expression(groupby="cell_type", n_draws=200, random_state=1)
+    by_gene = [frame.reset_index().set_index(["group1", "gene"])["lfc_mean"].sort_index() for frame in (result, other_seed)]
+    assert not np.allclose(by_gene[0], by_gene[1]) and np.allclose(by_gene[0], by_gene[1], atol=0.3)
+    # Only the model's own reads: the AnnData is untouched.
+    assert simulated.obs.equals(before.obs) and (simulated.X != before.X).nnz == 0 and simulated.uns.keys() == before.uns.keys()
+
+
+def test_cells_without_a_label_take_no_part(simulated, model):
+    partly = simulated.copy()
+    labels = partly.obs["cell_type"].astype(object)
+    labels[partly.obs["batch"] == "batch1"] = np.nan
+    partly.obs["some_types"] = labels
+    result = model.differential_expression(partly, groupby="some_types", group1="type0", n_draws=100)
+    counts = simulated.X.toarray()
+    rest = ((partly.obs["batch"] == "batch0") & (partly.obs["cell_type"] != "type0")).to_numpy()
+    np.testing.assert_allclose(result.loc[simulated.var_names, "fraction_nonzero2"], (counts[rest] > 0).mean(0))
+
+
+def test_bad_arguments_are_refused_before_any_work(simulated, model):
+    with pytest.raises(KeyError, match="not found in adata.obs"):
+        model.differential_expression(groupby="no_such_column")
+    with pytest.raises(ValueError, match="has no cells"):
+        model.differential_expression(groupby="cell_type", group1="type9")
+    with pytest.raises(ValueError, match="same group"):
+        model.differential_expression(groupby="cell_type", group1="type0", group2="type0")
+    with pytest.raises(ValueError, match="delta"):
+        model.differential_expression(groupby="cell_type", delta=0)
+    with pytest.raises(ValueError, match="n_draws"):
+        model.differential_expression(groupby="cell_type", n_draws=0)
+    with pytest.raises(ValueError, match="fdr_target"):
+        model.differential_expression(groupby="cell_type", fdr_target=1.5)
+    one_group = simulated.copy()
+    one_group.obs["all"] = "x"
+    with pytest.raises(ValueError, match="no cells outside"):
+        model.differential_expression(one_group, groupby="all")
+    with pytest.warns(UserWarning, match="batch key"):
+        model.differential_expression(groupby="batch", group1="batch0", n_draws=50)
+
+
+def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):
+    adata = pbmc.copy()
+    model = CellVAE(adata).fit(max_epochs=60, progress=False)
+    keys = (set(adata.uns), set(adata.obs), set(adata.obsm))
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model)
+    assert (set(adata.uns) - {"rank_genes_groups"}, set(adata.obs), set(adata.obsm)) == keys
+    result = adata.uns["rank_genes_groups"]
+    assert result["params"]["groupby"] == "cell_type" and result["params"]["method"] == "cellvae"
+    groups = list(result["names"].dtype.names)
+    assert groups == list(adata.obs["cell_type"].cat.categories)
+    b_cells = sc.get.rank_genes_groups_df(adata, "CD19+ B")
+    assert len(b_cells) == adata.n_vars and np.all(np.diff(b_cells["scores"].to_numpy()) <= 0)
+    assert {"CD79A", "MS4A1"} <= set(b_cells["names"][:15])
+    assert {"GNLY", "NKG7"} <= set(sc.get.rank_genes_groups_df(adata, "CD56+ NK")["names"][:15])
+    called = sc.get.rank_genes_groups_df(adata, "CD19+ B", pval_cutoff=0.05)
+    assert 0 < len(called) < adata.n_vars and (called["pvals_adj"] < 0.05).all()
+    assert b_cells.set_index("names").loc["CD79A", "pct_nz_group"] > 0.5
+    sc.pl.rank_genes_groups(adata, n_genes=5, show=False)
+    sc.pl.rank_genes_groups_dotplot(adata, n_genes=2, show=False, dendrogram=False)
+    adata.write_h5ad(tmp_path / "ranked.h5ad")
+    read = ad.read_h5ad(tmp_path / "ranked.h5ad")
+    pd.testing.assert_frame_equal(sc.get.rank_genes_groups_df(read, "CD19+ B"), b_cells)
+    # A reference group and a subset of groups, as in scanpy.
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["CD19+ B"], reference="CD56+ NK", key_added="b_vs_nk")
+    assert list(adata.uns["b_vs_nk"]["names"].dtype.names) == ["CD19+ B"]
+
+
+def test_interferon_genes_lead_in_stimulated_monocytes():
+    kang = shared_dataset("kang_ifnb_muscat_example.h5ad")
+    model = CellVAE(kang, batch_key="donor").fit(max_epochs=100, progress=False)
+    kang.obs["condition"] = kang.obs["batch"].astype(str).where(kang.obs["cell_type"] == "CD14+ Monocytes", "other")
+    result = model.differential_expression(kang, groupby="condition", group1="stim", group2="ctrl")
+    interferon = ["ISG15", "IFI6", "IFIT1", "IFIT3", "MX1", "ISG20", "IFITM3", "LY6E", "RSAD2", "OAS1"]
+    up = result[result["lfc_mean"] > 0].index[:30]
+    assert len(set(interferon) & set(up)) >= 7
+    assert (result.loc[interferon, "lfc_mean"] > 1).sum() >= 8 and result.loc[interferon, "is_de"].all()
