@@ -111,7 +111,9 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         raise ValueError(
             f"{where} has non-integer values (e.g. {example:.4g}); it looks normalised or log-transformed. "
             "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
-            "trained model reads them where it was trained: X or that layer), or rebuild an AnnData from adata.raw"
+            "trained model reads them where it was trained: X or that layer), or rebuild an AnnData from adata.raw. "
+            "If these are estimated or ambient-corrected counts (e.g. from alevin, SoupX or decontX), round them "
+            "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
         )
 
 
