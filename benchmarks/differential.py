@@ -85,26 +85,32 @@ def halves(adata: ad.AnnData, seed: int) -> np.ndarray:
     return np.where(np.random.default_rng(seed).random(adata.n_obs) < 0.5, "A", "B")
 
 
+def kang_rows(method: str, compare, adata: ad.AnnData) -> list[dict]:
+    """The signal and null tests of one method; ``compare(labels, group1, group2)`` returns the number of
+    genes it calls, the genes most up-regulated first, and its seconds."""
+    n_called, ranking, seconds = compare(adata.obs["batch"].astype(str).to_numpy(), "stim", "ctrl")
+    rows = [
+        {"method": method, "test": "signal", "seconds": round(seconds, 2), "n_de": n_called,
+         **signal_scores(ranking, adata.var_names)}
+    ]  # fmt: skip
+    for split in range(N_SPLITS):
+        n_called, _, seconds = compare(halves(adata, split), "A", "B")
+        rows.append({"method": method, "test": f"null_split{split}", "seconds": round(seconds, 2), "n_de": n_called})
+    return rows
+
+
 def run_cellvae(adata: ad.AnnData, seed: int) -> list[dict]:
     started = time.perf_counter()
     model = cellvae.CellVAE(adata, batch_key="donor").fit(random_state=seed, progress=False)
     rows = [{"method": "cellvae", "test": "train", "seconds": round(time.perf_counter() - started, 2)}]
-    stimulated = with_groups(adata, adata.obs["batch"].astype(str).to_numpy())
-    started = time.perf_counter()
-    result = model.differential_expression(stimulated, groupby="compare", group1="stim", group2="ctrl")
-    seconds = time.perf_counter() - started
-    rows.append(
-        {"method": "cellvae", "test": "signal", "seconds": round(seconds, 2), "n_de": int(result["is_de"].sum()),
-         **signal_scores(up_ranking(result), adata.var_names)}
-    )  # fmt: skip
-    for split in range(N_SPLITS):
+
+    def compare(labels, group1, group2):
+        grouped = with_groups(adata, labels)
         started = time.perf_counter()
-        null = model.differential_expression(with_groups(adata, halves(adata, split)), groupby="compare", group1="A", group2="B")
-        rows.append(
-            {"method": "cellvae", "test": f"null_split{split}", "seconds": round(time.perf_counter() - started, 2),
-             "n_de": int(null["is_de"].sum())}
-        )  # fmt: skip
-    return rows
+        result = model.differential_expression(grouped, groupby="compare", group1=group1, group2=group2)
+        return int(result["is_de"].sum()), up_ranking(result), time.perf_counter() - started
+
+    return rows + kang_rows("cellvae", compare, adata)
 
 
 def run_scvi(adata: ad.AnnData, seed: int) -> list[dict]:
@@ -118,28 +124,13 @@ def run_scvi(adata: ad.AnnData, seed: int) -> list[dict]:
     model.train(enable_progress_bar=False)
     rows = [{"method": "scvi", "test": "train", "seconds": round(time.perf_counter() - started, 2)}]
 
-    def de(labels, group1, group2):
+    def compare(labels, group1, group2):
         copy.obs["compare"] = with_groups(adata, labels).obs["compare"].to_numpy()
         started = time.perf_counter()
         result = model.differential_expression(copy, groupby="compare", group1=group1, group2=group2, mode="change", delta=0.25)
-        return result, time.perf_counter() - started
+        return int(result["is_de_fdr_0.05"].sum()), up_ranking(result), time.perf_counter() - started
 
-    result, seconds = de(adata.obs["batch"].astype(str).to_numpy(), "stim", "ctrl")
-    rows.append(
-        {"method": "scvi", "test": "signal", "seconds": round(seconds, 2), "n_de": int(result["is_de_fdr_0.05"].sum()),
-         **signal_scores(up_ranking(result), adata.var_names)}
-    )  # fmt: skip
-    for split in range(N_SPLITS):
-        null, seconds = de(halves(adata, split), "A", "B")
-        rows.append(
-            {
-                "method": "scvi",
-                "test": f"null_split{split}",
-                "seconds": round(seconds, 2),
-                "n_de": int(null["is_de_fdr_0.05"].sum()),
-            }
-        )
-    return rows
+    return rows + kang_rows("scvi", compare, adata)
 
 
 def run_wilcoxon(adata: ad.AnnData) -> list[dict]:
@@ -147,28 +138,14 @@ def run_wilcoxon(adata: ad.AnnData) -> list[dict]:
     sc.pp.normalize_total(norm, target_sum=1e4)
     sc.pp.log1p(norm)
 
-    def de(labels, group1, group2):
+    def compare(labels, group1, group2):
         grouped = with_groups(norm, labels)
         started = time.perf_counter()
         sc.tl.rank_genes_groups(grouped, "compare", groups=[group1], reference=group2, method="wilcoxon")
-        return sc.get.rank_genes_groups_df(grouped, group1), time.perf_counter() - started
+        result = sc.get.rank_genes_groups_df(grouped, group1)
+        return int((result["pvals_adj"] < 0.05).sum()), result["names"].tolist(), time.perf_counter() - started
 
-    result, seconds = de(adata.obs["batch"].astype(str).to_numpy(), "stim", "ctrl")
-    rows = [
-        {"method": "wilcoxon", "test": "signal", "seconds": round(seconds, 2), "n_de": int((result["pvals_adj"] < 0.05).sum()),
-         **signal_scores(result["names"].tolist(), adata.var_names)}
-    ]  # fmt: skip
-    for split in range(N_SPLITS):
-        null, seconds = de(halves(adata, split), "A", "B")
-        rows.append(
-            {
-                "method": "wilcoxon",
-                "test": f"null_split{split}",
-                "seconds": round(seconds, 2),
-                "n_de": int((null["pvals_adj"] < 0.05).sum()),
-            }
-        )
-    return rows
+    return kang_rows("wilcoxon", compare, adata)
 
 
 def run_calibration(seed: int, with_scvi: bool) -> list[dict]:
