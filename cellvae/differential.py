@@ -21,85 +21,96 @@ import torch
 from cellvae.module import VAE
 
 POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; each draw of the mean picks one per cell
+PRIOR_CELLS = 4  # pseudo-cells drawn from both groups together: a prior that tames groups of a few cells
 PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize_total
 
 
-def group_mean_draws(
-    vae: VAE,
-    mean: torch.Tensor,
-    scale: torch.Tensor,
-    inputs: DecoderInputs,
-    n_draws: int,
-    rng: np.random.Generator,
-    batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two ``n_draws`` × n_genes sets of draws of a group's mean normalised expression (per cell, summing to 1).
-
-    ``mean`` and ``scale`` are the group's q(z|x) parameters (cells × n_latent, on the model's device).
-    The first set averages the decoded expression (denoised). The second is the mean of counts drawn from
-    the likelihood at each cell's library size, divided by it: it also carries the counting noise that
-    limits what a group of that size can show about a gene (most for genes with few counts). Summed over
-    many cells that noise is Gaussian, so it is added as such, with the likelihood's variance (clipped at 0).
-    """
-    n_cells, n_latent = mean.shape[0], mean.shape[1]
-    device = mean.device
-    weights = rng.gamma(1.0, size=(n_draws, n_cells))
-    weights /= weights.sum(axis=1, keepdims=True)
-    chosen = rng.integers(POSTERIOR_DRAWS_PER_CELL, size=(n_draws, n_cells))
-    denoised = torch.zeros((n_draws, vae.config.n_genes), dtype=torch.float32, device=device)
-    predictive = torch.zeros_like(denoised)
-    noise_variance = torch.zeros_like(denoised)
-    step = max(1, batch_size // POSTERIOR_DRAWS_PER_CELL)
-    for start in range(0, n_cells, step):
-        cells = np.arange(start, min(start + step, n_cells))
-        rows = POSTERIOR_DRAWS_PER_CELL * len(cells)
-        noise = rng.standard_normal((POSTERIOR_DRAWS_PER_CELL, len(cells), n_latent)).astype(np.float32)
-        z = vae.reparameterise(mean[cells], scale[cells], torch.from_numpy(noise).to(device)).reshape(rows, n_latent)
-        covariates, codes = inputs.for_cells(cells, POSTERIOR_DRAWS_PER_CELL, rng)
-        library = torch.from_numpy(np.tile(inputs.library[cells], POSTERIOR_DRAWS_PER_CELL)[:, None]).to(device)
-        likelihood = vae.generative(z, torch.from_numpy(covariates).to(device), library, torch.from_numpy(codes).to(device))
-        shape = (POSTERIOR_DRAWS_PER_CELL, len(cells), -1)
-        expression = (likelihood.log_mean.float().exp() / library).reshape(shape)
-        zero_inflated = hasattr(likelihood, "zi_logits")  # else the likelihood's mean is the decoded expression
-        expected = (likelihood.mean.float() / library).reshape(shape) if zero_inflated else expression
-        variance = (likelihood.variance.float() / library**2).reshape(shape)
-        for draw in range(POSTERIOR_DRAWS_PER_CELL):
-            picked = np.where(chosen[:, cells] == draw, weights[:, cells], 0.0).astype(np.float32)
-            picked = torch.from_numpy(picked).to(device)
-            denoised += picked @ expression[draw]
-            if zero_inflated:
-                predictive += picked @ expected[draw]
-            noise_variance += picked**2 @ variance[draw]
-    if not zero_inflated:
-        predictive = denoised.clone()
-    counting_noise = torch.from_numpy(rng.standard_normal(tuple(predictive.shape)).astype(np.float32)).to(device)
-    predictive = (predictive + noise_variance.sqrt() * counting_noise).clamp(min=0.0)
-    return denoised, predictive
-
-
 @dataclass
-class DecoderInputs:
-    """What the decoder needs of a group's cells besides z: covariates, batch codes, library sizes.
+class Cells:
+    """What decoding a set of cells needs: q(z|x)'s parameters (on the model's device), covariates,
+    batch codes and library sizes.
 
-    With ``correct_batches``, every decoded cell instead gets a batch drawn uniformly from the model's
-    ``n_batches``, so both groups of a comparison are decoded under the same mixture of batches and
-    batch effects cancel in their ratio.
+    With ``correct_batches`` each decoded row instead gets one of the model's ``n_batches``, each cell's
+    draws taking the batches in turn from a random start, so both groups of a comparison are decoded
+    under the same uniform mixture of batches and batch effects cancel in their ratio.
     """
 
+    mean: torch.Tensor
+    scale: torch.Tensor
     covariates: np.ndarray
     batch_codes: np.ndarray
     library: np.ndarray
     n_batches: int
     correct_batches: bool
 
-    def for_cells(self, cells: np.ndarray, repeats: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        covariates = np.tile(self.covariates[cells], (repeats, 1))
-        codes = np.tile(self.batch_codes[cells], repeats).astype(np.int64)
+    def __len__(self) -> int:
+        return len(self.library)
+
+    def decode(self, vae: VAE, rows: np.ndarray, repeats: int, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """Each of ``rows`` decoded at ``repeats`` latent draws: the decoded expression, the likelihood's
+        mean and its variance, all divided by the library size (normalised), each repeats × rows × genes."""
+        device = self.mean.device
+        noise = torch.from_numpy(rng.standard_normal((repeats, len(rows), self.mean.shape[1])).astype(np.float32))
+        z = vae.reparameterise(self.mean[rows], self.scale[rows], noise.to(device)).reshape(repeats * len(rows), -1)
+        covariates = np.tile(self.covariates[rows], (repeats, 1))
+        codes = np.tile(self.batch_codes[rows], repeats).astype(np.int64)
         if self.correct_batches and self.n_batches > 1:
-            codes = rng.integers(self.n_batches, size=len(codes))
+            start = rng.integers(self.n_batches, size=len(rows))
+            codes = ((start[None, :] + np.arange(repeats)[:, None]) % self.n_batches).ravel()
             covariates[:, : self.n_batches] = 0.0  # the batch one-hot leads the covariates
             covariates[np.arange(len(codes)), codes] = 1.0
-        return covariates, codes
+        library = torch.from_numpy(np.tile(self.library[rows], repeats)[:, None]).to(device)
+        likelihood = vae.generative(z, torch.from_numpy(covariates).to(device), library, torch.from_numpy(codes).to(device))
+        shape = (repeats, len(rows), -1)
+        expression = (likelihood.log_mean.float().exp() / library).reshape(shape)
+        mean = (likelihood.mean.float() / library).reshape(shape) if hasattr(likelihood, "zi_logits") else expression
+        return expression, mean, (likelihood.variance.float() / library**2).reshape(shape)
+
+
+def group_mean_draws(
+    vae: VAE, group: Cells, pool: Cells, n_draws: int, rng: np.random.Generator, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``n_draws`` × n_genes sets of draws of a group's mean normalised expression (per cell, summing to 1).
+
+    Each draw weights the group's cells, and ``PRIOR_CELLS`` cells drawn afresh from ``pool`` (both
+    groups of the comparison), by Dirichlet(1, ..., 1) weights, and takes one of each cell's latent draws.
+    The first set averages the decoded expression (denoised). The second is the mean that counts drawn
+    from the likelihood would have: it adds the counting noise with the same weights (Gaussian, the sum of
+    many cells; clipped at 0), which limits what a group can show about a gene with few counts.
+    """
+    device = group.mean.device
+    weights = rng.gamma(1.0, size=(n_draws, len(group) + PRIOR_CELLS))
+    weights = torch.from_numpy((weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)).to(device)
+    chosen = torch.from_numpy(rng.integers(POSTERIOR_DRAWS_PER_CELL, size=(n_draws, len(group)))).to(device)
+    denoised = torch.zeros((n_draws, vae.config.n_genes), dtype=torch.float32, device=device)
+    predictive = torch.zeros_like(denoised)
+    noise_variance = torch.zeros_like(denoised)
+    zero_inflated = False  # else the likelihood's mean is the decoded expression: no second product needed
+    step = max(1, batch_size // POSTERIOR_DRAWS_PER_CELL)
+    for start in range(0, len(group), step):
+        rows = np.arange(start, min(start + step, len(group)))
+        expression, mean, variance = group.decode(vae, rows, POSTERIOR_DRAWS_PER_CELL, rng)
+        zero_inflated = mean is not expression
+        for draw in range(POSTERIOR_DRAWS_PER_CELL):
+            picked = torch.where(chosen[:, rows] == draw, weights[:, rows], 0.0)
+            denoised += picked @ expression[draw]
+            if zero_inflated:
+                predictive += picked @ mean[draw]
+            noise_variance += picked**2 @ variance[draw]
+    prior_rows = rng.integers(len(pool), size=n_draws * PRIOR_CELLS)
+    for start in range(0, len(prior_rows), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(prior_rows)))
+        expression, mean, variance = (part[0] for part in pool.decode(vae, prior_rows[rows], 1, rng))
+        draws = torch.from_numpy(rows // PRIOR_CELLS).to(device)
+        prior = weights[draws, len(group) + torch.from_numpy(rows % PRIOR_CELLS).to(device)][:, None]
+        denoised.index_add_(0, draws, prior * expression)
+        if zero_inflated:
+            predictive.index_add_(0, draws, prior * mean)
+        noise_variance.index_add_(0, draws, prior**2 * variance)
+    if not zero_inflated:
+        predictive = denoised
+    counting_noise = torch.from_numpy(rng.standard_normal(tuple(denoised.shape)).astype(np.float32)).to(device)
+    return denoised, (predictive + noise_variance.sqrt() * counting_noise).clamp(min=0.0)
 
 
 def compare(

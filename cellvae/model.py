@@ -575,56 +575,62 @@ class CellVAE:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not fdr_target < 1:
             raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
-        _check_count(n_draws, "n_draws")
-        _check_count(max_cells, "max_cells")
+        for name, value in (("n_draws", n_draws), ("max_cells", max_cells), ("batch_size", batch_size)):
+            _check_count(value, name)
         _check_seed(random_state)
         if not isinstance(batch_correction, (bool, np.bool_)):
             raise TypeError(f"batch_correction must be True or False, got {batch_correction!r}")
-        if pseudocount is not None and not (isinstance(pseudocount, (int, float, np.number)) and 0 <= pseudocount < np.inf):
+        if pseudocount is not None and (
+            isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 <= pseudocount < np.inf
+        ):
             raise ValueError(f"pseudocount must be a non-negative number or None, got {pseudocount!r}")
         adata = self._resolve(adata)
         labels, names = _group_labels(adata, groupby)
-        if batch_correction and self.config.batch_key and groupby == self.config.batch_key:
-            warnings.warn(
-                f"groupby={groupby!r} is the model's batch key: with batch_correction=True both groups are decoded "
-                "under the same batches, so their differences are removed; pass batch_correction=False to compare batches",
-                UserWarning,
-                stacklevel=2,
-            )
         comparisons = _comparisons(labels, names, groupby, group1, group2)
         loader, _ = self._loader(adata, self.device)
-        if pseudocount is None:
-            labelled = loader.library[labels.notna().to_numpy() & (loader.library > 0)]
-            pseudocount = 0.01 / float(np.median(labelled)) if len(labelled) else 0.0
-        observed = _observed_by_group(loader, labels, batch_size)
-        rng = np.random.default_rng(random_state)
-        picked = []  # the cells whose draws stand for each group: cells with counts, at most max_cells
+        counted = loader.library > 0
         for name1, name2, cells1, cells2 in comparisons:
             for name, cells in ((name1, cells1), (name2, cells2)):
-                if not (loader.library[cells] > 0).any():
+                if not counted[cells].any():
                     raise ValueError(f"group {name!r} of obs[{groupby!r}] has no cell with a non-zero count")
-            picked.append(tuple(_subsample(cells[loader.library[cells] > 0], max_cells, rng) for cells in (cells1, cells2)))
+        correct_batches = bool(batch_correction) and bool(self.config.batch_key)
+        if correct_batches:
+            _warn_if_groups_share_no_batch(comparisons, loader.batch_index, self.config.batch_key, groupby)
+        if pseudocount is None:
+            depths = loader.library[labels.notna().to_numpy() & counted]
+            pseudocount = 0.01 / float(np.median(depths))
+        # Each comparison draws from its own generator, so its result does not depend on the others requested.
+        generators = [
+            np.random.default_rng([random_state, *_group_numbers(names, name1, name2)]) for name1, name2, _, _ in comparisons
+        ]
+        picked = [  # the cells whose draws stand for each group: cells with counts, at most max_cells
+            tuple(_subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2))
+            for (_, _, cells1, cells2), rng in zip(comparisons, generators)
+        ]
+        observed = _observed_by_group(loader, labels, batch_size)
+        measured = np.ones(self.config.n_genes, dtype=bool) if loader.gene_columns is None else loader.gene_columns >= 0
         encoded = np.unique(np.concatenate([np.concatenate(pair) for pair in picked]))
-        n_batches = len(self.config.batch_categories) if self.config.batch_key else 0
+        n_batches = len(self.config.batch_categories)
         frames = []
         with diagnostics.evaluation(self.module, random_state), torch.no_grad():
             mean, scale = self._posterior_parameters(loader, encoded, batch_size)
-            for (name1, name2, cells1, cells2), pair in zip(comparisons, picked):
-                draws = []
-                for cells in pair:
-                    rows = torch.from_numpy(np.searchsorted(encoded, cells)).to(self.device)
-                    inputs = differential.DecoderInputs(
-                        loader.covariates[cells],
-                        loader.batch_index[cells],
-                        loader.library[cells],
-                        n_batches,
-                        bool(batch_correction),
-                    )
-                    draws.append(
-                        differential.group_mean_draws(self.module, mean[rows], scale[rows], inputs, n_draws, rng, batch_size)
-                    )
+
+            def cells_of(cells: np.ndarray) -> differential.Cells:
+                rows = torch.from_numpy(np.searchsorted(encoded, cells)).to(self.device)
+                return differential.Cells(
+                    mean[rows], scale[rows], loader.covariates[cells], loader.batch_index[cells], loader.library[cells],
+                    n_batches, correct_batches,
+                )  # fmt: skip
+
+            for (name1, name2, cells1, cells2), pair, rng in zip(comparisons, picked, generators):
+                pool = cells_of(np.concatenate(pair))
+                draws = [
+                    differential.group_mean_draws(self.module, cells_of(cells), pool, n_draws, rng, batch_size) for cells in pair
+                ]
                 frame = differential.compare(draws[0], draws[1], float(delta), float(pseudocount))
-                frame["expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy())
+                frame.loc[~measured, :] = np.nan  # genes the data lack (read as zeros) say nothing
+                frame["expected_fdr"] = np.nan
+                frame.loc[measured, "expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy()[measured])
                 frame["is_de"] = frame["expected_fdr"] <= fdr_target
                 for suffix, cells in (("1", cells1), ("2", cells2)):
                     nonzero, normalized = observed(cells)
@@ -1380,51 +1386,89 @@ def _where(layer: str | None) -> str:
 
 
 def _group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
-    """``obs[groupby]`` as text labels by cell position (NaN where a cell has none), and the groups
-    present, in category order for a categorical column, else sorted."""
+    """``obs[groupby]`` as text labels by cell position (NaN where a cell has none; whole numbers stored
+    as floats read as integers, 1.0 as "1"), and the groups present: in category order for a categorical
+    column, else sorted by value."""
     if not isinstance(groupby, str) or groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby].reset_index(drop=True)
-    labels = column.astype(str).where(column.notna())
-    present = set(labels.dropna())
     if isinstance(column.dtype, pd.CategoricalDtype):
+        labels = column.astype(str).where(column.notna())
+        present = set(labels.dropna())
         return labels, [str(c) for c in column.cat.categories if str(c) in present]
-    return labels, sorted(present)
+    values = column.dropna()
+    if pd.api.types.is_float_dtype(column) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        column = column.astype("Int64")
+    labels = column.astype(str).where(column.notna())
+    return labels, [_group_name(v) for v in sorted(pd.unique(column.dropna()))]
+
+
+def _group_name(group) -> str:
+    """A group as its label: whole numbers as integers (1.0 and 1 are "1")."""
+    group = _native(group)
+    if isinstance(group, float) and group.is_integer():
+        return str(int(group))
+    return str(group)
 
 
 def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, group2) -> list[tuple]:
     """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions."""
     column = labels.to_numpy()
 
-    def cells_of(group) -> np.ndarray:
-        if str(group) not in names:
-            raise ValueError(f"group {group!r} has no cells in obs[{groupby!r}]; its groups are {names[:20]}")
-        return np.flatnonzero(column == str(group))
+    def cells_of(name: str) -> np.ndarray:
+        if name not in names:
+            raise ValueError(f"group {name!r} has no cells in obs[{groupby!r}]; its groups are {names[:20]}")
+        return np.flatnonzero(column == name)
 
-    if group2 is not None and not isinstance(group2, (str, int, np.integer)):
+    if group2 is not None and np.ndim(group2) != 0:
         raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
+    second = None if group2 is None else _group_name(group2)
     if group1 is None:
-        firsts = [g for g in names if group2 is None or g != str(group2)]
-    elif isinstance(group1, (str, int, np.integer)):
-        firsts = [str(group1)]
+        firsts = [g for g in names if g != second]
+    elif np.ndim(group1) == 0:
+        firsts = [_group_name(group1)]
     else:
-        firsts = [str(g) for g in group1]
+        firsts = list(dict.fromkeys(_group_name(g) for g in group1))
     if not firsts:
-        raise ValueError(f"nothing to compare: obs[{groupby!r}] has only the group {names}")
+        raise ValueError(
+            f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"
+            if second is not None
+            else f"nothing to compare: obs[{groupby!r}] has no labelled cells"
+        )
     labelled = np.flatnonzero(labels.notna().to_numpy())
     comparisons = []
     for name in firsts:
         cells1 = cells_of(name)
-        if group2 is None:
+        if second is None:
             cells2, name2 = np.setdiff1d(labelled, cells1), "rest"
             if len(cells2) == 0:
                 raise ValueError(f"no cells outside group {name!r} to compare with; pass group2=... or add groups")
         else:
-            if str(group2) == name:
+            if second == name:
                 raise ValueError(f"group1 and group2 are the same group {name!r}")
-            cells2, name2 = cells_of(group2), str(group2)
+            cells2, name2 = cells_of(second), second
         comparisons.append((name, name2, cells1, cells2))
     return comparisons
+
+
+def _group_numbers(names: list[str], name1: str, name2: str) -> tuple[int, int]:
+    """Positions of a comparison's groups among all groups ("rest" after them), to seed its draws."""
+    return names.index(name1), len(names) if name2 == "rest" and name2 not in names else names.index(name2)
+
+
+def _warn_if_groups_share_no_batch(comparisons: list[tuple], batch_codes: np.ndarray, batch_key: str, groupby: str) -> None:
+    separate = [
+        f"{a} vs {b}" for a, b, cells1, cells2 in comparisons if not np.intersect1d(batch_codes[cells1], batch_codes[cells2]).size
+    ]
+    if separate:
+        warnings.warn(
+            f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
+            f"obs[{batch_key!r}], so with batch_correction=True the differences between their batches are removed, "
+            f"and with them what differs between the groups of obs[{groupby!r}]. Pass batch_correction=False, or "
+            "train with a batch key whose batches hold cells of both groups (e.g. donors, not samples)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:

@@ -201,7 +201,7 @@ def rank_genes_groups(
         Cells with raw counts as the model reads them (genes matched as in
         :meth:`~cellvae.CellVAE.get_latent`).
     groupby
-        ``obs`` column of group labels.
+        Categorical ``obs`` column of group labels (e.g. ``"leiden"``), as scanpy's plots need.
     model
         A trained model.
     groups
@@ -225,9 +225,25 @@ def rank_genes_groups(
     and ``params``.
     """
     _check_writable(adata, "adata")
+    if groupby not in adata.obs.columns:
+        raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+    column = adata.obs[groupby]
+    if not isinstance(column.dtype, pd.CategoricalDtype):  # scanpy's plots of the result need one
+        raise ValueError(
+            f"obs[{groupby!r}] is not categorical, which scanpy's rank_genes_groups plots need; convert it first: "
+            f"adata.obs[{groupby!r}] = adata.obs[{groupby!r}].astype('category')"
+        )
+    unused = [str(c) for c in column.cat.categories if not (column == c).any()]
+    if unused:
+        raise ValueError(
+            f"obs[{groupby!r}] has categories without cells {unused[:5]}, which scanpy's plots of the result cannot "
+            f"show; drop them first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}].cat.remove_unused_categories()"
+        )
     if isinstance(groups, str) and groups != "all":
         groups = [groups]
     group1 = None if isinstance(groups, str) else [g for g in groups if str(g) != str(reference)]
+    if group1 == []:
+        raise ValueError(f"groups={groups!r} holds only the reference {reference!r}; name other groups to compare with it")
     result = model.differential_expression(
         adata,
         groupby=groupby,
@@ -239,25 +255,23 @@ def rank_genes_groups(
         max_cells=max_cells,
         random_state=random_state,
     )
+    result = result[result.index.isin(adata.var_names)]  # genes the data lack (read as zeros) are left out
     result["score"] = result["proba_up"] - result["proba_down"]
-    fields = {
-        "names": "gene",
-        "scores": "score",
-        "logfoldchanges": "lfc_mean",
-        "pvals": "proba_not_de",
-        "pvals_adj": "expected_fdr",
-    }
+    floor = 1.0 / (n_draws + 1)  # the resolution of n_draws draws: no probability is exactly 0 (log10 plots)
+    result["pvals"] = result["proba_not_de"].clip(lower=floor)
+    result["pvals_adj"] = result["expected_fdr"].clip(lower=floor)
+    fields = {"names": "gene", "scores": "score", "logfoldchanges": "lfc_mean", "pvals": "pvals", "pvals_adj": "pvals_adj"}
+    dtypes = {"names": str, "scores": np.float32, "logfoldchanges": np.float32, "pvals": np.float64, "pvals_adj": np.float64}
     ranked: dict[str, list[np.ndarray]] = {field: [] for field in fields}
     pts, pts_rest = {}, {}
     for group, frame in result.groupby("group1", sort=False):
         frame = frame.reset_index().sort_values(["score", "lfc_mean"], ascending=False, kind="stable")
         for field, column in fields.items():
-            values = frame[column].to_numpy()
-            ranked[field].append(values.astype(str) if field == "names" else values.astype(np.float32))
+            ranked[field].append(frame[column].to_numpy().astype(dtypes[field]))
         pts[group] = frame.set_index("gene")["fraction_nonzero1"]
         pts_rest[group] = frame.set_index("gene")["fraction_nonzero2"]
     compared = list(pts)
-    genes = model.config.gene_names
+    genes = [g for g in model.config.gene_names if g in set(result.index)]
     adata.uns[key_added] = {
         "params": {
             "groupby": groupby,
@@ -268,6 +282,8 @@ def rank_genes_groups(
             "corr_method": "posterior expected FDR",
             "delta": float(delta),
             "batch_correction": bool(batch_correction),
+            "n_draws": int(n_draws),
+            "max_cells": int(max_cells),
             "random_state": random_state,
         },
         **{field: np.rec.fromarrays(arrays, names=compared) for field, arrays in ranked.items()},

@@ -68,10 +68,50 @@ def test_random_halves_of_one_type_differ_in_no_gene(simulated, model):
     assert result["is_de"].sum() == 0 and result["proba_de"].max() < 0.95
 
 
+def test_a_few_cells_against_their_own_type_differ_in_no_gene(simulated, model):
+    few = simulated.copy()
+    type1 = np.flatnonzero(few.obs["cell_type"] == "type1")
+    labels = np.full(few.n_obs, "other", dtype=object)
+    labels[type1] = "B"
+    labels[np.random.default_rng(1).choice(type1, 3, replace=False)] = "A"
+    few.obs["few"] = labels
+    assert model.differential_expression(few, groupby="few", group1="A", group2="B")["is_de"].sum() <= 2
+
+
+def test_a_comparison_gives_the_same_result_alone_or_among_others(model):
+    alone = model.differential_expression(groupby="cell_type", group1="type3", n_draws=200)
+    among = model.differential_expression(groupby="cell_type", n_draws=200)
+    pd.testing.assert_frame_equal(alone, among[among["group1"] == "type3"])
+    twice = model.differential_expression(groupby="cell_type", group1=["type3", "type3"], n_draws=200)
+    pd.testing.assert_frame_equal(twice, alone)
+
+
+def test_genes_missing_from_the_data_are_not_called(simulated, model):
+    partial = simulated[:, 30:].copy()
+    with pytest.warns(UserWarning, match="missing"):
+        result = model.differential_expression(partial, groupby="cell_type", group1="type0", n_draws=200)
+    missing = result.loc[simulated.var_names[:30]]
+    assert missing["proba_de"].isna().all() and not missing["is_de"].any()
+    assert result.iloc[-30:].index.isin(simulated.var_names[:30]).all()  # ranked last
+    with pytest.warns(UserWarning, match="missing"):
+        cellvae.tl.rank_genes_groups(partial, "cell_type", model=model, n_draws=200)
+    ranked = sc.get.rank_genes_groups_df(partial, "type0")
+    assert set(ranked["names"]) == set(partial.var_names) and ranked["pvals_adj"].min() > 0
+    sc.pl.rank_genes_groups_dotplot(partial, n_genes=2, show=False, dendrogram=False)
+
+
+def test_number_labels_name_groups_as_integers(simulated, model):
+    numbered = simulated.copy()
+    numbered.obs["cluster"] = numbered.obs["cell_type"].cat.codes.astype(float)
+    result = model.differential_expression(numbered, groupby="cluster", group1=1, group2=2.0, n_draws=100)
+    assert (result["group1"] == "1").all() and (result["group2"] == "2").all()
+
+
 def test_batch_correction_removes_differences_between_batches_of_one_type(simulated, model):
     split = simulated.copy()
     split.obs["type2_batch"] = np.where(split.obs["cell_type"] == "type2", split.obs["batch"].astype(str), "other")
-    corrected = model.differential_expression(split, groupby="type2_batch", group1="batch0", group2="batch1")
+    with pytest.warns(UserWarning, match="share no batch"):
+        corrected = model.differential_expression(split, groupby="type2_batch", group1="batch0", group2="batch1")
     uncorrected = model.differential_expression(
         split, groupby="type2_batch", group1="batch0", group2="batch1", batch_correction=False
     )
@@ -128,7 +168,7 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model):
     one_group.obs["all"] = "x"
     with pytest.raises(ValueError, match="no cells outside"):
         model.differential_expression(one_group, groupby="all")
-    with pytest.warns(UserWarning, match="batch key"):
+    with pytest.warns(UserWarning, match="share no batch"):
         model.differential_expression(groupby="batch", group1="batch0", n_draws=50)
 
 
@@ -157,6 +197,19 @@ def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):
     # A reference group and a subset of groups, as in scanpy.
     cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["CD19+ B"], reference="CD56+ NK", key_added="b_vs_nk")
     assert list(adata.uns["b_vs_nk"]["names"].dtype.names) == ["CD19+ B"]
+
+
+def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, model):
+    adata = simulated.copy()
+    adata.obs["as_text"] = adata.obs["cell_type"].astype(str)
+    with pytest.raises(ValueError, match="astype\\('category'\\)"):
+        cellvae.tl.rank_genes_groups(adata, "as_text", model=model)
+    adata.obs["with_unused"] = adata.obs["cell_type"].cat.add_categories(["empty"])
+    with pytest.raises(ValueError, match="remove_unused_categories"):
+        cellvae.tl.rank_genes_groups(adata, "with_unused", model=model)
+    with pytest.raises(ValueError, match="only the reference"):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
+    assert "rank_genes_groups" not in adata.uns
 
 
 def test_interferon_genes_lead_in_stimulated_monocytes():
