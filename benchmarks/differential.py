@@ -19,7 +19,7 @@ those called at each method's 5% FDR (the realised FDR) and the share of true ge
 
 ::
 
-    flock /tmp/cellvae-cpu.lock python benchmarks/differential.py   # ~10 min on 2 cores
+    flock /tmp/cellvae-cpu.lock python benchmarks/differential.py   # ~9 min on 2 cores (~1 min with --no-scvi)
 
 Writes ``results/differential.csv`` (one row per method and test) and prints it.
 """

@@ -516,12 +516,15 @@ class CellVAE:
         """Differential expression between groups of cells, from the decoded (denoised) expression.
 
         For each group, draws of its mean normalised expression combine a Bayesian bootstrap over its
-        cells, posterior draws of each cell's latent code and the likelihood's counting noise; the log2
-        fold change of two groups' means (with a small pseudocount) then has a posterior, and a gene is
-        differentially expressed when ``|log2 fold change| > delta``. A difference is found with more
-        certainty the more cells and counts support it. The uncertainty is the model's: it does not
-        cover errors of the decoder itself, so on simulated data the realised false discovery rate was
-        7% where 5% was asked (``benchmarks/differential.py``).
+        cells, posterior draws of each cell's latent code and the likelihood's counting noise, plus a
+        weak prior: four pseudo-cells drawn from both groups together, which keeps groups of a few
+        cells from looking certain. The log2 fold change of two groups' means (with a small pseudocount)
+        then has a posterior, and a gene is differentially expressed when ``|log2 fold change| > delta``.
+        A difference is found with more certainty the more cells and counts support it. The uncertainty
+        is the model's: it does not cover errors of the decoder itself, so on simulated data the
+        realised false discovery rate exceeded the target, the more so the smaller the groups
+        (``benchmarks/README.md``, "Differential expression"). ``expected_fdr`` belongs to the list
+        down to a gene, not to the gene alone: a called gene may have ``proba_de`` well below 0.95.
 
         Parameters
         ----------
@@ -539,7 +542,9 @@ class CellVAE:
         batch_correction
             Decode both groups under the same uniform mixture of the model's batches, so that groups
             drawn from different batches are compared without the batch effect. ``False`` decodes
-            each cell with its own batch.
+            each cell with its own batch. Where the two groups share no batch (e.g. conditions when the
+            batches are samples, each of one condition), correction removes their difference too: a
+            warning says so; train with a batch key that crosses the groups (donors), or pass ``False``.
         fdr_target
             Genes are called (``is_de``) while the posterior expected false discovery rate of the
             called list stays at or below this.
@@ -559,15 +564,19 @@ class CellVAE:
 
         Returns
         -------
-        One row per gene and comparison (index: gene names), genes of each comparison ordered by
-        ``proba_de`` and then by ``|lfc_mean|``. Columns: ``lfc_mean``, ``lfc_median``, ``lfc_std``,
-        ``lfc_low``/``lfc_high`` (95% credible interval) of the log2 fold change group1/group2;
-        ``proba_up``, ``proba_down``, ``proba_de`` (= P(|lfc| > delta)), ``proba_not_de``,
-        ``bayes_factor`` (log odds of ``proba_de``); ``expected_fdr`` (posterior expected false
-        discovery rate of the list down to this gene) and ``is_de``; ``expression1``/``expression2``
-        (decoded mean expression per 10,000 counts); ``fraction_nonzero1``/``fraction_nonzero2`` and
-        ``raw_normalized_mean1``/``raw_normalized_mean2`` (observed: share of cells with a count, mean
-        counts per 10,000); ``group1`` and ``group2``.
+        pandas.DataFrame
+            One row per gene and comparison (index: gene names), genes of each comparison ordered by
+            ``proba_de`` and then by ``|lfc_mean|``. Columns: ``lfc_mean``, ``lfc_median``, ``lfc_std``,
+            ``lfc_low``/``lfc_high`` (95% credible interval) of the log2 fold change group1/group2;
+            ``proba_up``, ``proba_down``, ``proba_de`` (= P(|lfc| > delta)), ``proba_not_de``,
+            ``bayes_factor`` (log odds of ``proba_de``); ``expected_fdr`` (posterior expected false
+            discovery rate of the list down to this gene) and ``is_de``; ``expression1``/``expression2``
+            (decoded mean expression per 10,000 counts; with ``likelihood="zinb"`` the negative
+            binomial's, while the fold change compares the means with zero-inflation);
+            ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
+            (observed: share of cells with a count, mean counts per 10,000); ``group1`` and ``group2``.
+            Genes of the model missing from ``adata`` (read as zeros) get no statistics (NaN, not called)
+            and come last. Each comparison's draws depend only on ``random_state`` and its two groups.
         """
         for name, value in (("delta", delta), ("fdr_target", fdr_target)):
             value = _native(value)
