@@ -22,7 +22,7 @@ import torch
 
 from cellvae.module import VAE
 
-POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; each draw of the mean picks one per cell
+POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean takes each cell's draw r mod 4
 PRIOR_CELLS = 4  # pseudo-cells drawn from both groups together: a prior that tames groups of a few cells
 PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize_total
 
@@ -75,7 +75,8 @@ def group_mean_draws(
     """Two ``n_draws`` × n_genes sets of draws of a group's mean normalised expression (per cell, summing to 1).
 
     Each draw weights the group's cells, and ``PRIOR_CELLS`` cells drawn afresh from ``pool`` (both
-    groups of the comparison), by Dirichlet(1, ..., 1) weights, and takes one of each cell's latent draws.
+    groups of the comparison), by Dirichlet(1, ..., 1) weights; draw r decodes every cell at its latent
+    draw r mod ``POSTERIOR_DRAWS_PER_CELL`` (one product per latent draw, not one per cell and draw).
     The first set averages the decoded expression (denoised). The second is the mean that counts drawn
     from the likelihood would have: it adds the counting noise with the same weights (Gaussian, the sum of
     many cells; clipped at 0), which limits what a group can show about a gene with few counts. With
@@ -85,7 +86,6 @@ def group_mean_draws(
     device = group.mean.device
     weights = rng.gamma(1.0, size=(n_draws, len(group) + PRIOR_CELLS))
     weights = torch.from_numpy((weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)).to(device)
-    chosen = torch.from_numpy(rng.integers(POSTERIOR_DRAWS_PER_CELL, size=(n_draws, len(group)))).to(device)
     denoised = torch.zeros((n_draws, vae.config.n_genes), dtype=torch.float32, device=device)
     predictive = torch.zeros_like(denoised)
     noise_variance = torch.zeros_like(denoised)
@@ -95,12 +95,13 @@ def group_mean_draws(
         rows = np.arange(start, min(start + step, len(group)))
         expression, mean, variance = group.decode(vae, rows, POSTERIOR_DRAWS_PER_CELL, rng)
         zero_inflated = mean is not expression
-        for draw in range(POSTERIOR_DRAWS_PER_CELL):
-            picked = torch.where(chosen[:, rows] == draw, weights[:, rows], 0.0)
-            denoised += picked @ expression[draw]
+        for draw in range(POSTERIOR_DRAWS_PER_CELL):  # draws of the mean take the cells' latent draws in turn
+            block = slice(draw, None, POSTERIOR_DRAWS_PER_CELL)
+            picked = weights[block, start : start + len(rows)]
+            denoised[block] += picked @ expression[draw]
             if zero_inflated:
-                predictive += picked @ mean[draw]
-            noise_variance += picked**2 @ variance[draw]
+                predictive[block] += picked @ mean[draw]
+            noise_variance[block] += picked**2 @ variance[draw]
     prior_rows = rng.integers(len(pool), size=n_draws * PRIOR_CELLS)
     for start in range(0, len(prior_rows), batch_size):
         rows = np.arange(start, min(start + batch_size, len(prior_rows)))

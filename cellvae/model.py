@@ -602,6 +602,16 @@ class CellVAE:
             for name, cells in ((name1, cells1), (name2, cells2)):
                 if not counted[cells].any():
                     raise ValueError(f"group {name!r} of obs[{groupby!r}] has no cell with a non-zero count")
+        few = sorted(
+            {name for a, b, cells1, cells2 in comparisons for name, cells in ((a, cells1), (b, cells2)) if len(cells) < 5}
+        )
+        if few:
+            warnings.warn(
+                f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells: their calls are unreliable (in a test, "
+                "1 or 2 random cells of one type differed from the rest of their type in up to 4% of the genes)",
+                UserWarning,
+                stacklevel=2,
+            )
         correct_batches = bool(batch_correction) and bool(self.config.batch_key)
         if correct_batches:
             _warn_if_groups_share_no_batch(comparisons, loader.batch_index, self.config.batch_key, groupby)
