@@ -608,7 +608,7 @@ class CellVAE:
         if few:
             warnings.warn(
                 f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells: their calls are unreliable (in a test, "
-                "1 or 2 random cells of one type differed from the rest of their type in up to 4% of the genes)",
+                "1 to 3 random cells of one type differed from the rest of their type in up to 2% of the genes)",
                 UserWarning,
                 stacklevel=2,
             )
