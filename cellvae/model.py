@@ -393,6 +393,7 @@ class CellVAE:
         *,
         library_size: float = 1e4,
         transform_batch: str | list[str] | None = None,
+        gene_list: list[str] | None = None,
         batch_size: int = 1024,
     ) -> np.ndarray:
         """Denoised expression: the decoder mean at the posterior mean, scaled to ``library_size``.
@@ -407,29 +408,45 @@ class CellVAE:
         transform_batch
             Decode every cell as if from this batch (a list averages over batches): batch-corrected
             expression. ``None`` decodes each cell with its own batch.
+        gene_list
+            Return only these genes of the model, in this order (the rows still sum to ``library_size``
+            over all genes); ``None``: all. Keeps the result small for many cells.
         batch_size
             Cells per forward pass.
 
         Returns
         -------
-        n_cells × n_genes float32 array, genes in the model's order.
+        n_cells × n_genes float32 array, genes in the model's order (or ``gene_list``'s).
         """
         if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
+        genes = slice(None) if gene_list is None else self._gene_indices(gene_list)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         targets = self._batch_overrides(transform_batch)
-        out = np.empty((len(cells), self.config.n_genes), dtype=np.float32)
+        n_out = self.config.n_genes if gene_list is None else len(genes)
+        out = np.empty((len(cells), n_out), dtype=np.float32)
         with torch.no_grad():
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 library = torch.full_like(mb.library, library_size)
                 total = 0.0
                 for covariates, batch_index in self._decode_inputs(mb, targets):
-                    total = total + self.module.generative(z, covariates, library, batch_index).log_mean.exp()
+                    total = total + self.module.generative(z, covariates, library, batch_index).log_mean.exp()[:, genes]
                 rows = np.searchsorted(cells, mb.cell_index)
                 out[rows] = (total / len(targets)).cpu().numpy()
         return out
+
+    def _gene_indices(self, gene_list) -> torch.Tensor:
+        """Positions of ``gene_list`` among the model's genes; unknown names are an error."""
+        if isinstance(gene_list, str):
+            raise TypeError(f"gene_list takes a list of gene names, e.g. gene_list=[{gene_list!r}]")
+        names = [str(g) for g in gene_list]
+        positions = pd.Index(self.config.gene_names).get_indexer(names)
+        if len(names) == 0 or (positions < 0).any():
+            unknown = [n for n, p in zip(names, positions) if p < 0]
+            raise ValueError(f"gene_list names genes the model does not have: {unknown[:5]}" if unknown else "gene_list is empty")
+        return torch.from_numpy(positions).to(self.device)
 
     def get_likelihood_parameters(self, adata: ad.AnnData | None = None, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """The likelihood's parameters of each cell and gene, at the posterior mean.

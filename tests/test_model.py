@@ -176,6 +176,10 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     np.testing.assert_allclose(expression.sum(1), 1e4, rtol=1e-3)
     corrected = model.get_normalized_expression(transform_batch="batch0")
     assert corrected.shape == adata.shape and not np.allclose(corrected, expression)
+    chosen = list(adata.var_names[[7, 2, 40]])
+    np.testing.assert_allclose(model.get_normalized_expression(gene_list=chosen), expression[:, [7, 2, 40]], rtol=1e-6)
+    with pytest.raises(ValueError, match="does not have"):
+        model.get_normalized_expression(gene_list=["no_such_gene"])
     draws = model.sample_counts(n_samples=2, random_state=0)
     assert draws.shape == (2, *adata.shape) and np.array_equal(draws, np.round(draws))
     np.testing.assert_array_equal(draws, model.sample_counts(n_samples=2, random_state=0))
