@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -553,7 +554,8 @@ class CellVAE:
         group1
             A group, or a list of groups each compared in turn; ``None`` compares every group.
         group2
-            The group to compare with; ``None`` compares each group with all other labelled cells.
+            The group to compare with; ``None`` compares each group with all other labelled cells
+            (``group2`` then reads ``"rest"``, or ``"<rest>"`` where a group is called "rest").
         delta
             Smallest |log2 fold change| of the means that counts as a difference (0.25: 19%).
         batch_correction
@@ -566,7 +568,7 @@ class CellVAE:
             Genes are called (``is_de``) while the posterior expected false discovery rate of the
             called list stays at or below this.
         n_draws
-            Draws of each group's mean expression.
+            Draws of each group's mean expression (at least 100).
         max_cells
             Cells of each group used for the draws (a random subset of larger groups; this makes
             the result for very large groups slightly conservative). The observed columns use all cells.
@@ -603,6 +605,10 @@ class CellVAE:
             raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
         for name, value in (("n_draws", n_draws), ("max_cells", max_cells), ("batch_size", batch_size)):
             _check_count(value, name)
+        if n_draws < MIN_DE_DRAWS:
+            raise ValueError(
+                f"n_draws must be at least {MIN_DE_DRAWS} (probabilities from fewer draws are too coarse), got {n_draws}"
+            )
         _check_seed(random_state)
         if not isinstance(batch_correction, (bool, np.bool_)):
             raise TypeError(f"batch_correction must be True or False, got {batch_correction!r}")
@@ -620,12 +626,17 @@ class CellVAE:
                 if not counted[cells].any():
                     raise ValueError(f"group {name!r} of obs[{groupby!r}] has no cell with a non-zero count")
         few = sorted(
-            {name for a, b, cells1, cells2 in comparisons for name, cells in ((a, cells1), (b, cells2)) if len(cells) < 5}
+            {
+                name
+                for a, b, cells1, cells2 in comparisons
+                for name, cells in ((a, cells1), (b, cells2))
+                if counted[cells].sum() < 5
+            }
         )
         if few:
             warnings.warn(
-                f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells: their calls are unreliable (in a test, "
-                "1 to 3 random cells of one type differed from the rest of their type in up to 2% of the genes)",
+                f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells with counts: their calls are unreliable "
+                "(in a test, 1 to 3 random cells of one type differed from the rest of their type in up to 2% of the genes)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -637,7 +648,8 @@ class CellVAE:
             pseudocount = 0.01 / float(np.median(depths))
         # Each comparison draws from its own generator, so its result does not depend on the others requested.
         generators = [
-            np.random.default_rng([random_state, *_group_numbers(names, name1, name2)]) for name1, name2, _, _ in comparisons
+            np.random.default_rng(_comparison_seed(random_state, name1, name2, group2 is None))
+            for name1, name2, _, _ in comparisons
         ]
         picked = [  # the cells whose draws stand for each group: cells with counts, at most max_cells
             tuple(_subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2))
@@ -670,8 +682,8 @@ class CellVAE:
                 frame["is_de"] = frame["expected_fdr"] <= fdr_target
                 for suffix, cells in (("1", cells1), ("2", cells2)):
                     nonzero, normalized = observed(cells)
-                    frame["fraction_nonzero" + suffix] = nonzero
-                    frame["raw_normalized_mean" + suffix] = normalized
+                    frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)
+                    frame["raw_normalized_mean" + suffix] = np.where(measured, normalized, np.nan)
                 frame["group1"], frame["group2"] = name1, name2
                 frame.index = pd.Index(self.config.gene_names, name="gene")
                 order = np.lexsort((-frame["lfc_mean"].abs().to_numpy(), -frame["proba_de"].to_numpy()))
@@ -1420,6 +1432,9 @@ def _where(layer: str | None) -> str:
 
 # ----------------------------------------------------------------------------- differential expression helpers
 
+REST = "rest"  # group2 of a comparison with all other labelled cells
+MIN_DE_DRAWS = 100
+
 
 def _group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
     """``obs[groupby]`` as text labels by cell position (NaN where a cell has none; whole numbers stored
@@ -1429,9 +1444,9 @@ def _group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby].reset_index(drop=True)
     if isinstance(column.dtype, pd.CategoricalDtype):
-        labels = column.astype(str).where(column.notna())
+        labels = column.map(_group_name).astype(object).where(column.notna())
         present = set(labels.dropna())
-        return labels, [str(c) for c in column.cat.categories if str(c) in present]
+        return labels, [_group_name(c) for c in column.cat.categories if _group_name(c) in present]
     values = column.dropna()
     if pd.api.types.is_float_dtype(column) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         column = column.astype("Int64")
@@ -1476,7 +1491,7 @@ def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, grou
     for name in firsts:
         cells1 = cells_of(name)
         if second is None:
-            cells2, name2 = np.setdiff1d(labelled, cells1), "rest"
+            cells2, name2 = np.setdiff1d(labelled, cells1), REST if REST not in names else f"<{REST}>"
             if len(cells2) == 0:
                 raise ValueError(f"no cells outside group {name!r} to compare with; pass group2=... or add groups")
         else:
@@ -1487,9 +1502,10 @@ def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, grou
     return comparisons
 
 
-def _group_numbers(names: list[str], name1: str, name2: str) -> tuple[int, int]:
-    """Positions of a comparison's groups among all groups ("rest" after them), to seed its draws."""
-    return names.index(name1), len(names) if name2 == "rest" and name2 not in names else names.index(name2)
+def _comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: bool) -> list[int]:
+    """The seed of one comparison's draws: ``random_state`` and its two groups' names (not their positions
+    among the groups present, so that other groups do not change it)."""
+    return [random_state, zlib.crc32(name1.encode()), zlib.crc32(name2.encode()), int(one_vs_rest)]
 
 
 def _warn_if_groups_share_no_batch(comparisons: list[tuple], batch_codes: np.ndarray, batch_key: str, groupby: str) -> None:
@@ -1499,9 +1515,10 @@ def _warn_if_groups_share_no_batch(comparisons: list[tuple], batch_codes: np.nda
     if separate:
         warnings.warn(
             f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
-            f"obs[{batch_key!r}], so with batch_correction=True the differences between their batches are removed, "
-            f"and with them what differs between the groups of obs[{groupby!r}]. Pass batch_correction=False, or "
-            "train with a batch key whose batches hold cells of both groups (e.g. donors, not samples)",
+            f"obs[{batch_key!r}], so with batch_correction=True what their batches' effects absorbed of their "
+            f"difference (e.g. a condition whose samples are the batches) is removed; batch_correction=False would count "
+            "the batch effects as differences instead. Best: train with a batch key whose batches hold cells of both "
+            "groups (e.g. donors, not samples)",
             UserWarning,
             stacklevel=3,
         )

@@ -107,6 +107,18 @@ def test_number_labels_name_groups_as_integers(simulated, model):
     numbered.obs["cluster"] = numbered.obs["cell_type"].cat.codes.astype(float)
     result = model.differential_expression(numbered, groupby="cluster", group1=1, group2=2.0, n_draws=100)
     assert (result["group1"] == "1").all() and (result["group2"] == "2").all()
+    numbered.obs["cluster"] = numbered.obs["cluster"].astype("category")  # categories 0.0, 1.0, ...
+    categorical = model.differential_expression(numbered, groupby="cluster", group1=1.0, group2=2, n_draws=100)
+    pd.testing.assert_frame_equal(categorical, result)
+
+
+def test_a_group_named_rest_is_not_mistaken_for_all_other_cells(simulated, model):
+    named = simulated.copy()
+    named.obs["with_rest"] = named.obs["cell_type"].cat.rename_categories({"type4": "rest"})
+    result = model.differential_expression(named, groupby="with_rest", group1="type0", n_draws=100)
+    assert (result["group2"] == "<rest>").all()
+    against_group = model.differential_expression(named, groupby="with_rest", group1="type0", group2="rest", n_draws=100)
+    assert (against_group["group2"] == "rest").all()
 
 
 def test_batch_correction_removes_differences_between_batches_of_one_type(simulated, model):
@@ -162,8 +174,9 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model):
         model.differential_expression(groupby="cell_type", group1="type0", group2="type0")
     with pytest.raises(ValueError, match="delta"):
         model.differential_expression(groupby="cell_type", delta=0)
-    with pytest.raises(ValueError, match="n_draws"):
-        model.differential_expression(groupby="cell_type", n_draws=0)
+    for too_few in (0, 10):
+        with pytest.raises(ValueError, match="n_draws"):
+            model.differential_expression(groupby="cell_type", n_draws=too_few)
     with pytest.raises(ValueError, match="fdr_target"):
         model.differential_expression(groupby="cell_type", fdr_target=1.5)
     one_group = simulated.copy()
@@ -171,7 +184,7 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model):
     with pytest.raises(ValueError, match="no cells outside"):
         model.differential_expression(one_group, groupby="all")
     with pytest.warns(UserWarning, match="share no batch"):
-        model.differential_expression(groupby="batch", group1="batch0", n_draws=50)
+        model.differential_expression(groupby="batch", group1="batch0", n_draws=100)
 
 
 def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):

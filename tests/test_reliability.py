@@ -136,7 +136,7 @@ CALLS = {
     "inference_gaps": lambda m, a, tmp: m.inference_gaps(a[:20], n_steps=2, n_samples=3, n_elbo_samples=2),
     "get_latent_refined": lambda m, a, tmp: m.get_latent(a, refine_steps=2),
     "map_query": lambda m, a, tmp: quiet_fit_query(m, a),
-    "differential_expression": lambda m, a, tmp: m.differential_expression(a, groupby="cell_type", n_draws=20),
+    "differential_expression": lambda m, a, tmp: m.differential_expression(a, groupby="cell_type", n_draws=100),
     "rate_distortion_sweep": lambda m, a, tmp: cellvae.tl.rate_distortion_sweep(
         a, (1.0, 2.0), layer="counts", batch_key="batch", labels_key="cell_type", max_epochs=1, **TINY
     ),
@@ -180,7 +180,7 @@ def test_embed_writes_only_its_documented_keys(messy):
 def test_rank_genes_groups_writes_only_its_documented_key(messy, trained):
     adata = messy.copy()
     before = adata.copy()
-    cellvae.tl.rank_genes_groups(adata, "cell_type", model=trained, n_draws=20, key_added="de_cellvae")
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=trained, n_draws=100, key_added="de_cellvae")
     assert_unchanged(before, adata, uns=["de_cellvae"])
     assert list(adata.uns["de_cellvae"]["names"].dtype.names) == ["type0", "type1", "type2"]
 
