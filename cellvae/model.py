@@ -562,8 +562,9 @@ class CellVAE:
             Decode both groups under the same uniform mixture of the model's batches, so that groups
             drawn from different batches are compared without the batch effect. ``False`` decodes
             each cell with its own batch. Where the two groups share no batch (e.g. conditions when the
-            batches are samples, each of one condition), correction removes their difference too: a
-            warning says so; train with a batch key that crosses the groups (donors), or pass ``False``.
+            batches are samples, each of one condition), correction removes what the batch effects absorbed
+            of their difference, and ``False`` would count the batch effects as differences: a warning
+            says so; train with a batch key that crosses the groups (donors).
         fdr_target
             Genes are called (``is_de``) while the posterior expected false discovery rate of the
             called list stays at or below this.
