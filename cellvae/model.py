@@ -1534,18 +1534,15 @@ def _observed_by_group(loader: data.CellLoader, labels: pd.Series, batch_size: i
     and mean counts per 10,000, per gene, from one pass over the labelled cells."""
     codes, groups = pd.factorize(labels, use_na_sentinel=True)
     labelled = np.flatnonzero(codes >= 0)
-    nonzero = np.zeros((len(groups), loader.n_genes))
-    normalized = np.zeros((len(groups), loader.n_genes))
+    nonzero = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
+    normalized = torch.zeros_like(nonzero)
     with torch.no_grad():
         for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
             counts = mb.counts.double().cpu()
             group_codes = torch.from_numpy(codes[mb.cell_index])
-            nonzero_t = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
-            nonzero_t.index_add_(0, group_codes, (counts > 0).double())
-            scaled = counts / mb.library.double().cpu().clamp(min=1.0) * differential.PER_10K
-            normalized_t = torch.zeros_like(nonzero_t).index_add_(0, group_codes, scaled)
-            nonzero += nonzero_t.numpy()
-            normalized += normalized_t.numpy()
+            nonzero.index_add_(0, group_codes, (counts > 0).double())
+            normalized.index_add_(0, group_codes, counts / mb.library.double().cpu().clamp(min=1.0) * differential.PER_10K)
+    nonzero, normalized = nonzero.numpy(), normalized.numpy()
     sizes = np.bincount(codes[labelled], minlength=len(groups))
 
     def summary(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
