@@ -10,10 +10,17 @@ groups of a few cells from looking certain. Two groups' draws give the posterior
 of their means, from which the probability that it exceeds a threshold ``delta`` follows (the "change"
 hypothesis of Boyeau et al. 2019, here for the groups' means rather than for random pairs of cells:
 scVI's pairs are so variable that it calls few genes).
+
+Those draws alone would treat every fold change as equally likely beforehand, so a gene measured too
+poorly to say much (a wide posterior) would still look likely to exceed ``delta``. A prior on the log
+fold changes, learnt from all genes of the comparison, shrinks such genes towards no change: adaptive
+shrinkage (Stephens 2017), a point mass at 0 and zero-centred normals whose weights are fitted by
+maximum likelihood.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +32,7 @@ from cellvae.module import VAE
 POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean takes each cell's draw r mod 4
 PRIOR_CELLS = 4  # pseudo-cells drawn from both groups together: a prior that tames groups of a few cells
 PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize_total
+PRIOR_WIDTH_STEP = math.sqrt(2.0)  # ratio of successive widths of the prior's normal components (as ashr's grid)
 
 
 @dataclass
@@ -78,10 +86,10 @@ def group_mean_draws(
     groups of the comparison), by Dirichlet(1, ..., 1) weights; draw r decodes every cell at its latent
     draw r mod ``POSTERIOR_DRAWS_PER_CELL`` (one product per latent draw, not one per cell and draw).
     The first set averages the decoded expression (denoised). The second is the mean that counts drawn
-    from the likelihood would have: it adds the counting noise with the same weights (Gaussian, the sum of
-    many cells; clipped at 0), which limits what a group can show about a gene with few counts. With
-    random weights that noise is about twice the counting variance of the group's observed mean: on the
-    safe side, as the realised false discovery rate is above the target even so.
+    from the likelihood would have: it adds the counting noise of a mean over the same cells (Gaussian, the
+    sum of many cells; clipped at 0), which limits what a group can show about a gene with few counts.
+    Dirichlet(1, ..., 1) weights have E[sum of squares] = 2 / (n + 1), twice the 1 / n of equal weights,
+    so half the weighted variance matches the counting variance of the group's observed mean.
     """
     device = group.mean.device
     weights = rng.gamma(1.0, size=(n_draws, len(group) + PRIOR_CELLS))
@@ -115,21 +123,28 @@ def group_mean_draws(
     if not zero_inflated:
         predictive = denoised
     counting_noise = torch.from_numpy(rng.standard_normal(tuple(denoised.shape)).astype(np.float32)).to(device)
-    return denoised, (predictive + noise_variance.sqrt() * counting_noise).clamp(min=0.0)
+    return denoised, (predictive + (0.5 * noise_variance).sqrt() * counting_noise).clamp(min=0.0)
 
 
 def compare(
-    group1: tuple[torch.Tensor, torch.Tensor], group2: tuple[torch.Tensor, torch.Tensor], delta: float, pseudocount: float
+    group1: tuple[torch.Tensor, torch.Tensor],
+    group2: tuple[torch.Tensor, torch.Tensor],
+    delta: float,
+    pseudocount: float,
+    measured: np.ndarray,
+    rng: np.random.Generator,
 ) -> pd.DataFrame:
-    """Per-gene summary of the log2 fold change between two groups' (denoised, predictive) mean-expression draws.
+    """Per-gene summary of the log2 fold change between two groups' (denoised, predictive) mean-expression
+    draws, shrunk by a prior learnt from the ``measured`` genes (:func:`shrink`).
 
     Columns: ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_low`` and ``lfc_high`` (the central 95%
     interval), ``proba_up`` = P(lfc > delta), ``proba_down`` = P(lfc < −delta), ``proba_de`` (their
     sum), ``proba_not_de``, ``bayes_factor`` (log odds of ``proba_de``, from counts smoothed by 1/2),
-    and ``expression1``/``expression2`` (posterior mean expression per 10,000 counts).
+    and ``expression1``/``expression2`` (posterior mean expression per 10,000 counts, not shrunk).
     """
     (denoised1, draws1), (denoised2, draws2) = group1, group2
-    lfc = (torch.log2(draws1 + pseudocount) - torch.log2(draws2 + pseudocount)).cpu().numpy()
+    lfc = torch.log2(draws1 + pseudocount) - torch.log2(draws2 + pseudocount)
+    lfc = shrink(lfc.double(), torch.from_numpy(measured).to(lfc.device), rng).cpu().numpy()
     n_draws = lfc.shape[0]
     n_up = (lfc > delta).sum(axis=0)
     n_down = (lfc < -delta).sum(axis=0)
@@ -151,6 +166,53 @@ def compare(
             "expression2": denoised2.mean(0).cpu().numpy() * PER_10K,
         }
     )
+
+
+def shrink(lfc: torch.Tensor, fitted: torch.Tensor, rng: np.random.Generator, max_iterations: int = 1000) -> torch.Tensor:
+    """Draws (draws × genes) of each gene's log fold change under a prior learnt from the ``fitted`` genes.
+
+    Adaptive shrinkage (Stephens 2017): each gene's draws give its estimate and standard error (their mean
+    and spread); the prior is a point mass at 0 plus zero-centred normals, their widths a grid from a tenth
+    of the smallest standard error to twice the largest fold change, each ``PRIOR_WIDTH_STEP`` times the
+    last, and its weights maximise the likelihood of all fitted genes' estimates (EM). A gene's posterior
+    then mixes the components: a draw takes a component by its posterior weight and is shrunk towards 0
+    as the normal-normal posterior of that component is (mean × c, variance × c for c = width² / (width² +
+    error²)), keeping the shape of the gene's own draws. Genes outside ``fitted`` keep their draws.
+    """
+    n_draws, n_genes = lfc.shape
+    centre, error = lfc.mean(0), lfc.std(0).clamp(min=1e-6)
+    estimates, errors = centre[fitted], error[fitted]
+    if len(estimates) == 0:
+        return lfc
+    narrowest = max(float(errors.min()) / 10.0, 1e-4)
+    widest = max(2.0 * float((estimates**2 - errors**2).clamp(min=0.0).max().sqrt()), 2.0 * narrowest)
+    n_widths = math.ceil(math.log(widest / narrowest) / math.log(PRIOR_WIDTH_STEP)) + 1
+    grid = narrowest * PRIOR_WIDTH_STEP ** torch.arange(n_widths, dtype=lfc.dtype, device=lfc.device)
+    variances = torch.cat([grid.new_zeros(1), grid]) ** 2  # the point mass first
+
+    def likelihood(estimate: torch.Tensor, error: torch.Tensor) -> torch.Tensor:  # genes × components
+        total = variances + error[:, None] ** 2
+        return torch.exp(-0.5 * estimate[:, None] ** 2 / total) / total.sqrt()  # the normal's constant cancels
+
+    fitted_likelihood = likelihood(estimates, errors)
+    mixture = torch.full_like(variances, 1.0 / len(variances))
+    for _ in range(max_iterations):
+        responsibility = fitted_likelihood * mixture
+        responsibility /= responsibility.sum(1, keepdim=True).clamp(min=1e-300)
+        updated = responsibility.mean(0)
+        converged = float((updated - mixture).abs().max()) < 1e-8
+        mixture = updated
+        if converged:
+            break
+    posterior = likelihood(centre, error) * mixture
+    posterior /= posterior.sum(1, keepdim=True).clamp(min=1e-300)
+    # Each draw's component, by the gene's posterior weights (inverse CDF of uniform draws).
+    uniform = torch.from_numpy(rng.random((n_genes, n_draws))).to(lfc)
+    component = torch.searchsorted(posterior.cumsum(1).contiguous(), uniform.contiguous()).clamp(max=len(variances) - 1)
+    factor = torch.gather(variances / (variances + error[:, None] ** 2), 1, component).T  # draws × genes
+    noise = torch.from_numpy(rng.standard_normal((n_draws, n_genes))).to(lfc)
+    shrunk = factor * lfc + (factor * (1.0 - factor)).sqrt() * error * noise
+    return torch.where(fitted, shrunk, lfc)
 
 
 def expected_fdr(proba_de: np.ndarray) -> np.ndarray:
