@@ -167,11 +167,18 @@ def run_fit(args: argparse.Namespace) -> int:
         fit_kwargs=fit_kwargs,
         **model_kwargs,
     )
-    _neighbours_umap_leiden(adata, args.key_added, args.seed)
-    model.save(args.model_dir, overwrite=args.overwrite)
+    model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
+    print(f"trained {len(model.history)} epochs; saved the model in {args.model_dir}")
+    try:
+        _neighbours_umap_leiden(adata, args.key_added, args.seed)
+    except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
+        ad.AnnData.write_h5ad(adata, args.out)
+        raise SystemExit(
+            f"error: neighbours/UMAP/Leiden failed ({type(error).__name__}: {error}); wrote {args.out} with "
+            f"obsm[{args.key_added!r}] only (the model is saved): run them with scanpy"
+        ) from error
     ad.AnnData.write_h5ad(adata, args.out)
-    print(f"trained {len(model.history)} epochs; wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden)")
-    print(f"saved the model in {args.model_dir}")
+    print(f"wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden)")
     return 0
 
 

@@ -109,7 +109,7 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
     if fractional.any():
         example = values[fractional][0]
         raise ValueError(
-            f"{where} has non-integer values (e.g. {example:.4g}); it looks normalised or log-transformed. "
+            f"{where} has non-integer values (e.g. {example!s}); it looks normalised or log-transformed. "
             "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
             "trained model reads them where it was trained: X or that layer), or rebuild an AnnData from adata.raw. "
             "If these are estimated or ambient-corrected counts (e.g. from alevin, SoupX or decontX), round them "
@@ -410,16 +410,28 @@ def gene_order(var_names: pd.Index, gene_names: list[str]) -> np.ndarray | None:
     """Column indices that put ``var_names`` in the model's gene order (None if already so)."""
     if list(var_names) == list(gene_names):
         return None
-    if not var_names.is_unique:
-        dup = var_names[var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique()")
-    missing = pd.Index(gene_names).difference(var_names)
+    positions = gene_positions(var_names, gene_names)
+    missing = pd.Index(gene_names)[positions < 0]
     if len(missing):
         raise ValueError(
             f"{len(missing)} of the model's {len(gene_names)} genes are missing from adata.var_names "
             f"(e.g. {missing[:5].tolist()}); subset or reindex the AnnData to the model's genes"
         )
-    return var_names.get_indexer(gene_names)
+    return positions
+
+
+def gene_positions(var_names: pd.Index, gene_names) -> np.ndarray:
+    """The column of each of ``gene_names`` in ``var_names``, -1 where it is missing. A name repeated in
+    ``var_names`` is refused only when it is one of ``gene_names`` (which column would be the gene?)."""
+    repeated = var_names.duplicated(keep=False)
+    ambiguous = pd.Index(gene_names).intersection(var_names[repeated])
+    if len(ambiguous):
+        raise ValueError(
+            f"adata.var_names repeat genes of the model (e.g. {ambiguous[:5].tolist()}); call "
+            "adata.var_names_make_unique() or keep one column per gene"
+        )
+    columns = pd.Series(np.arange(len(var_names)), index=var_names)[~repeated]
+    return columns.reindex(gene_names).fillna(-1).to_numpy(dtype=np.int64)
 
 
 def select_genes(block, columns: np.ndarray):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import replace
 
@@ -10,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from cellvae.model import CellVAE
+
+FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 
 
 def embed(
@@ -50,6 +53,12 @@ def embed(
     The trained model. Writes ``adata.obsm[key_added]`` and ``adata.uns["cellvae"]["params"]``.
     """
     _check_writable(adata, "adata")
+    misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
+    if misplaced:
+        example = ", ".join(f"{name!r}: ..." for name in misplaced)
+        raise TypeError(f"{misplaced} are options of CellVAE.fit; pass them as fit_kwargs={{{example}}}")
+    if "copy" in model_kwargs or "inplace" in model_kwargs:
+        raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent()
@@ -217,7 +226,7 @@ def rank_genes_groups(
     -------
     None. Writes ``adata.uns[key_added]`` with ``names`` (each group's genes, up-regulated first:
     ordered by ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta),
-    in [−1, 1]), ``logfoldchanges`` (posterior mean log2 fold change), ``pvals`` (the local false
+    in [−1, 1]), ``logfoldchanges`` (posterior mean log2 fold change, shrunk), ``pvals`` (the local false
     discovery rate 1 − P(|lfc| > delta)), ``pvals_adj`` (the posterior expected false discovery rate
     of calling this gene and all genes with a higher P(|lfc| > delta), a property of the list, not of the
     gene alone; both are Bayesian, not frequentist p-values, and at least 1 / (n_draws + 1), the
@@ -257,7 +266,8 @@ def rank_genes_groups(
         random_state=random_state,
     )
     result = result[result.index.isin(adata.var_names)]  # genes the data lack (read as zeros) are left out
-    result["score"] = result["proba_up"] - result["proba_down"]
+    # Stored as float32 (as scanpy does) before sorting, so that rounding does not order genes of equal score.
+    result["score"] = (result["proba_up"] - result["proba_down"]).astype(np.float32)
     floor = 1.0 / (n_draws + 1)  # the resolution of n_draws draws: no probability is exactly 0 (log10 plots)
     result["pvals"] = result["proba_not_de"].clip(lower=floor)
     result["pvals_adj"] = result["expected_fdr"].clip(lower=floor)
@@ -544,8 +554,8 @@ def latent_shift(
         if (here & (groups == source)).any() and (here & (groups == target)).any():
             deltas.append(latent[here & (groups == target)].mean(0) - latent[here & (groups == source)].mean(0))
     if not deltas:
-        where = "stratum with " if stratify else ""
-        raise ValueError(f"the reference cells contain no {where}both {source!r} and {target!r} cells")
+        where = f"no {stratify} holds" if stratify else "they do not hold"
+        raise ValueError(f"the reference cells cannot give the shift: {where} both {source!r} and {target!r} cells")
     delta = np.mean(deltas, axis=0).astype(np.float32)
     z = latent[shifted] + delta
     obs = adata.obs.iloc[shifted]

@@ -6,6 +6,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pytest
+import scanpy as sc
 import zarr
 
 import cellvae
@@ -61,6 +62,29 @@ def test_fit_then_embed(tmp_path):
     assert (streamed.layers["counts"] != data.layers["counts"]).nnz == 0
     with pytest.raises(SystemExit, match="give --out another path"):
         main([*backed, "--out", str(tmp_path / "in.h5ad")])
+
+
+def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):
+    # Above 4,096 cells scanpy finds neighbours with pynndescent (whose 0.7.0 broke sc.pp.neighbors).
+    cellvae.datasets.simulate(n_cells=5000, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    assert main([*args, "--batch-key", "batch", "--epochs", "1", "--quiet"]) == 0
+    fitted = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert fitted.obsp["connectivities"].shape == (5000, 5000) and fitted.obsm["X_umap"].shape == (5000, 2)
+
+
+def test_fit_keeps_the_model_and_embedding_when_scanpys_steps_fail(tmp_path, monkeypatch):
+    cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
+
+    def failing_neighbours(*args, **kwargs):
+        raise RuntimeError("no neighbours today")
+
+    monkeypatch.setattr(sc.pp, "neighbors", failing_neighbours)
+    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    with pytest.raises(SystemExit, match="neighbours/UMAP/Leiden failed .*no neighbours today.*the model is saved"):
+        main([*args, "--epochs", "2", "--quiet"])
+    assert ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_cellvae"].shape == (300, 10)
+    assert cellvae.CellVAE.load(tmp_path / "model").is_trained
 
 
 def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):

@@ -139,6 +139,12 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
     np.testing.assert_allclose(_dense(by_number.X), _dense(predicted.X), rtol=1e-5, atol=1e-4)
     with pytest.raises(KeyError, match="apply_to"):
         cellvae.tl.latent_shift(model, training, groupby="batch", source="ctrl", target="stim", apply_to=["not_a_cell"])
+    only_held_out_type = (training.obs["cell_type"] == held_out).to_numpy()  # its stimulated cells were held out
+    with pytest.raises(ValueError, match="cannot give the shift: no cell_type holds both 'ctrl' and 'stim' cells"):
+        cellvae.tl.latent_shift(
+            model, training, groupby="batch", source="ctrl", target="stim", apply_to=controls,
+            reference=only_held_out_type, stratify="cell_type",
+        )  # fmt: skip
     # groups that are the model's batch key live in the decoder, not in z: a warning, decoded as the target
     batched = CellVAE(training, batch_key="batch", n_latent=10).fit(max_epochs=5, progress=False)
     with pytest.warns(UserWarning, match=r"obs\['batch'\] is an input of the model's decoder"):

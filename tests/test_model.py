@@ -187,6 +187,27 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     assert not np.allclose(sampled_latent, model.get_latent())
 
 
+def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batches):
+    adata = two_batches[:300].copy()
+    adata.layers["counts"] = adata.X.copy()
+    model = CellVAE(adata, layer="counts", batch_key="batch").fit(max_epochs=2, random_state=0, progress=False)
+    # Genes the model does not use may repeat (raw 10x files often repeat symbols); its own genes may not.
+    extra = sp.csr_matrix(np.ones((adata.n_obs, 2), dtype=np.float32))
+    wider = ad.AnnData(obs=adata.obs, var=pd.DataFrame(index=[*adata.var_names, "MT-X", "MT-X"]))
+    wider.layers["counts"] = sp.hstack([adata.layers["counts"], extra]).tocsr()
+    np.testing.assert_allclose(model.get_latent(wider), model.get_latent(adata), rtol=1e-5, atol=1e-6)
+    repeated = wider.copy()
+    repeated.var_names = [*adata.var_names, adata.var_names[0], "MT-X"]
+    with pytest.raises(ValueError, match=r"repeat genes of the model \(e.g. \['gene0'\]\)"):
+        model.get_latent(repeated)
+    # New data with its counts in X: the error names the layer the model reads and how to fill it.
+    plain = ad.AnnData(adata.layers["counts"].copy(), obs=adata.obs.copy(), var=adata.var.copy())
+    with pytest.raises(KeyError, match=r"reads counts from layers\['counts'\].*adata.layers\['counts'\] = adata.X"):
+        model.get_latent(plain)
+    plain.layers["counts"] = plain.X
+    np.testing.assert_array_equal(model.get_latent(plain), model.get_latent(adata))
+
+
 def test_covariates_are_used(two_batches):
     adata = two_batches[:300].copy()
     adata.obs["donor"] = pd.Categorical(np.where(np.arange(300) % 3 == 0, "d1", "d2"))

@@ -197,6 +197,17 @@ def test_embed_refuses_a_view_of_a_backed_anndata_before_training(tmp_path, monk
     backed.file.close()
 
 
+def test_embed_points_fit_options_to_fit_kwargs_before_training(messy, monkeypatch):
+    adata = messy.copy()
+    before = adata.copy()
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(TypeError, match=r"\['batch_size', 'lr'\] are options of CellVAE.fit; pass them as fit_kwargs="):
+        cellvae.tl.embed(adata, layer="counts", lr=1e-3, batch_size=64)
+    with pytest.raises(TypeError, match=r"in place.*adata.copy\(\)"):
+        cellvae.tl.embed(adata, layer="counts", copy=True)
+    assert_unchanged(before, adata)
+
+
 def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
     adata = messy.copy()
     settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
