@@ -50,7 +50,9 @@ def embed(
 
     Returns
     -------
-    The trained model. Writes ``adata.obsm[key_added]`` and ``adata.uns["cellvae"]["params"]``.
+    The trained model. Writes ``adata.obsm[key_added]`` and its settings in ``adata.uns["cellvae"]["params"]``
+    (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
+    each embedding keeps its own record).
     """
     _check_writable(adata, "adata")
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
@@ -76,7 +78,7 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
-    adata.uns.setdefault("cellvae", {})["params"] = params
+    adata.uns.setdefault("cellvae" if key_added == "X_cellvae" else key_added, {})["params"] = params
     return model
 
 

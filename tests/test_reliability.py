@@ -173,8 +173,13 @@ def test_embed_writes_only_its_documented_keys(messy):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cellvae.tl.embed(adata, layer="counts", batch_key="batch", key_added="X_mine", max_epochs=1, progress=False, **TINY)
-    assert_unchanged(before, adata, obsm=["X_mine"], uns=["cellvae"])
+    assert_unchanged(before, adata, obsm=["X_mine"], uns=["X_mine"])
     assert adata.obsm["X_mine"].shape == (adata.n_obs, TINY["n_latent"])
+    # A second embedding under the default key keeps its own record; the first one's stays.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cellvae.tl.embed(adata, layer="counts", max_epochs=1, progress=False, **TINY)
+    assert adata.uns["X_mine"]["params"]["batch_key"] == "batch" and adata.uns["cellvae"]["params"]["batch_key"] is None
 
 
 def test_rank_genes_groups_writes_only_its_documented_key(messy, trained):
