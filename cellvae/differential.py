@@ -33,6 +33,8 @@ POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean 
 PRIOR_CELLS = 4  # pseudo-cells drawn from both groups together: a prior that tames groups of a few cells
 PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize_total
 PRIOR_WIDTH_STEP = math.sqrt(2.0)  # ratio of successive widths of the prior's normal components (as ashr's grid)
+MIN_SHRINKAGE_GENES = 50  # fewer measured genes are too few to learn the prior of fold changes from
+GENES_PER_CHUNK = 1024  # genes shrunk at once (bounded memory for many genes and draws)
 
 
 @dataclass
@@ -143,8 +145,9 @@ def compare(
     and ``expression1``/``expression2`` (posterior mean expression per 10,000 counts, not shrunk).
     """
     (denoised1, draws1), (denoised2, draws2) = group1, group2
-    lfc = torch.log2(draws1 + pseudocount) - torch.log2(draws2 + pseudocount)
-    lfc = shrink(lfc.double(), torch.from_numpy(measured).to(lfc.device), rng).cpu().numpy()
+    # On the CPU: the draws are read there next, and some devices (Apple's MPS) have no float64.
+    lfc = (torch.log2(draws1 + pseudocount) - torch.log2(draws2 + pseudocount)).cpu()
+    lfc = shrink(lfc, torch.from_numpy(measured), rng).numpy()
     n_draws = lfc.shape[0]
     n_up = (lfc > delta).sum(axis=0)
     n_down = (lfc < -delta).sum(axis=0)
@@ -152,9 +155,9 @@ def compare(
     low, median, high = np.percentile(lfc, [2.5, 50.0, 97.5], axis=0)
     return pd.DataFrame(
         {
-            "lfc_mean": lfc.mean(axis=0),
+            "lfc_mean": lfc.mean(axis=0, dtype=np.float64),
             "lfc_median": median,
-            "lfc_std": lfc.std(axis=0),
+            "lfc_std": lfc.std(axis=0, dtype=np.float64),
             "lfc_low": low,
             "lfc_high": high,
             "proba_up": n_up / n_draws,
@@ -169,25 +172,29 @@ def compare(
 
 
 def shrink(lfc: torch.Tensor, fitted: torch.Tensor, rng: np.random.Generator, max_iterations: int = 1000) -> torch.Tensor:
-    """Draws (draws × genes) of each gene's log fold change under a prior learnt from the ``fitted`` genes.
+    """Draws (draws × genes, CPU) of each gene's log fold change under a prior learnt from the ``fitted`` genes.
 
     Adaptive shrinkage (Stephens 2017): each gene's draws give its estimate and standard error (their mean
     and spread); the prior is a point mass at 0 plus zero-centred normals, their widths a grid from a tenth
-    of the smallest standard error to twice the largest fold change, each ``PRIOR_WIDTH_STEP`` times the
-    last, and its weights maximise the likelihood of all fitted genes' estimates (EM). A gene's posterior
-    then mixes the components: a draw takes a component by its posterior weight and is shrunk towards 0
-    as the normal-normal posterior of that component is (mean × c, variance × c for c = width² / (width² +
-    error²)), keeping the shape of the gene's own draws. Genes outside ``fitted`` keep their draws.
+    of the smallest standard error to twice the largest estimate beyond its error (√(estimate² − error²),
+    as in ashr), each ``PRIOR_WIDTH_STEP`` times the last, and its weights maximise the likelihood of all
+    fitted genes' estimates (EM). A gene's posterior then mixes the components: a draw takes a component
+    by its posterior weight and is shrunk towards 0 as the normal-normal posterior of that component is
+    (mean × c, variance × c for c = width² / (width² + error²)), keeping the shape of the gene's own draws.
+    Genes outside ``fitted``, with non-finite draws, or all genes when fewer than ``MIN_SHRINKAGE_GENES``
+    are fitted (too few to learn a prior from) keep their draws.
     """
     n_draws, n_genes = lfc.shape
-    centre, error = lfc.mean(0), lfc.std(0).clamp(min=1e-6)
+    error, centre = (part.double() for part in torch.std_mean(lfc, dim=0))
+    fitted = fitted & torch.isfinite(centre) & torch.isfinite(error)
+    error = error.clamp(min=1e-6)
     estimates, errors = centre[fitted], error[fitted]
-    if len(estimates) == 0:
+    if len(estimates) < MIN_SHRINKAGE_GENES:
         return lfc
     narrowest = max(float(errors.min()) / 10.0, 1e-4)
     widest = max(2.0 * float((estimates**2 - errors**2).clamp(min=0.0).max().sqrt()), 2.0 * narrowest)
     n_widths = math.ceil(math.log(widest / narrowest) / math.log(PRIOR_WIDTH_STEP)) + 1
-    grid = narrowest * PRIOR_WIDTH_STEP ** torch.arange(n_widths, dtype=lfc.dtype, device=lfc.device)
+    grid = narrowest * PRIOR_WIDTH_STEP ** torch.arange(n_widths, dtype=torch.float64)
     variances = torch.cat([grid.new_zeros(1), grid]) ** 2  # the point mass first
 
     def likelihood(estimate: torch.Tensor, error: torch.Tensor) -> torch.Tensor:  # genes × components
@@ -205,14 +212,19 @@ def shrink(lfc: torch.Tensor, fitted: torch.Tensor, rng: np.random.Generator, ma
         if converged:
             break
     posterior = likelihood(centre, error) * mixture
-    posterior /= posterior.sum(1, keepdim=True).clamp(min=1e-300)
-    # Each draw's component, by the gene's posterior weights (inverse CDF of uniform draws).
-    uniform = torch.from_numpy(rng.random((n_genes, n_draws))).to(lfc)
-    component = torch.searchsorted(posterior.cumsum(1).contiguous(), uniform.contiguous()).clamp(max=len(variances) - 1)
-    factor = torch.gather(variances / (variances + error[:, None] ** 2), 1, component).T  # draws × genes
-    noise = torch.from_numpy(rng.standard_normal((n_draws, n_genes))).to(lfc)
-    shrunk = factor * lfc + (factor * (1.0 - factor)).sqrt() * error * noise
-    return torch.where(fitted, shrunk, lfc)
+    cumulative = (posterior / posterior.sum(1, keepdim=True).clamp(min=1e-300)).cumsum(1)
+    shrinkage = variances / (variances + error[:, None] ** 2)  # genes × components
+    shrunk = lfc.clone()
+    for start in range(0, n_genes, GENES_PER_CHUNK):  # in chunks of genes, so memory stays bounded
+        genes = slice(start, min(start + GENES_PER_CHUNK, n_genes))
+        uniform = torch.from_numpy(rng.random((genes.stop - start, n_draws)))
+        # Each draw's component, by the gene's posterior weights (inverse CDF of uniform draws).
+        component = torch.searchsorted(cumulative[genes].contiguous(), uniform).clamp(max=len(variances) - 1)
+        factor = torch.gather(shrinkage[genes], 1, component).T  # draws × genes
+        noise = torch.from_numpy(rng.standard_normal((n_draws, genes.stop - start)))
+        moved = factor * lfc[:, genes].double() + (factor * (1.0 - factor)).sqrt() * error[genes] * noise
+        shrunk[:, genes] = torch.where(fitted[genes], moved, lfc[:, genes].double()).to(lfc.dtype)
+    return shrunk
 
 
 def expected_fdr(proba_de: np.ndarray) -> np.ndarray:

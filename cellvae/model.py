@@ -542,7 +542,9 @@ class CellVAE:
         are shrunk by a prior learnt from all genes of the comparison (adaptive shrinkage: most genes
         change little, so a gene measured too poorly to tell is not called), which kept the realised
         false discovery rate below the 5% target on simulated data with known truth
-        (``benchmarks/README.md``, "Differential expression"). ``expected_fdr`` belongs to the list
+        (``benchmarks/README.md``, "Differential expression"). The uncertainty is the model's: it does not
+        cover errors of the decoder itself, so an undertrained model can call genes that do not differ
+        (train with the default epochs). ``expected_fdr`` belongs to the list
         down to a gene, not to the gene alone: a called gene may have ``proba_de`` well below 0.95.
 
         Parameters
@@ -615,9 +617,9 @@ class CellVAE:
         if not isinstance(batch_correction, (bool, np.bool_)):
             raise TypeError(f"batch_correction must be True or False, got {batch_correction!r}")
         if pseudocount is not None and (
-            isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 <= pseudocount < np.inf
+            isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
         ):
-            raise ValueError(f"pseudocount must be a non-negative number or None, got {pseudocount!r}")
+            raise ValueError(f"pseudocount must be a positive number (log2 of 0 is undefined) or None, got {pseudocount!r}")
         adata = self._resolve(adata)
         labels, names = _group_labels(adata, groupby)
         comparisons = _comparisons(labels, names, groupby, group1, group2)

@@ -76,6 +76,15 @@ def test_the_prior_learnt_from_all_genes_shrinks_poorly_measured_ones_towards_no
     np.testing.assert_array_equal(shrunk[:, -1], draws.numpy()[:, -1])  # a gene outside the fit keeps its draws
     again = differential.shrink(draws, fitted, np.random.default_rng(1)).numpy()
     np.testing.assert_array_equal(shrunk, again)
+    # A gene with non-finite draws (log2 of 0) keeps them and takes no part; the others are shrunk as before.
+    broken = draws.clone()
+    broken[:5, 0] = -np.inf
+    with_broken = differential.shrink(broken, fitted, np.random.default_rng(1)).numpy()
+    np.testing.assert_array_equal(with_broken[:, 0], broken[:, 0].numpy())
+    assert (np.abs(with_broken[:, 1:450]) > 0.25).mean() < 0.3
+    # Too few genes to learn a prior from: the draws are left as they are.
+    few = draws[:, : differential.MIN_SHRINKAGE_GENES - 1]
+    np.testing.assert_array_equal(differential.shrink(few, fitted[: few.shape[1]], np.random.default_rng(1)), few)
 
 
 def test_random_halves_of_one_type_differ_in_no_gene(simulated, model):
@@ -201,6 +210,8 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model):
             model.differential_expression(groupby="cell_type", n_draws=too_few)
     with pytest.raises(ValueError, match="fdr_target"):
         model.differential_expression(groupby="cell_type", fdr_target=1.5)
+    with pytest.raises(ValueError, match="pseudocount must be a positive number"):
+        model.differential_expression(groupby="cell_type", pseudocount=0)
     one_group = simulated.copy()
     one_group.obs["all"] = "x"
     with pytest.raises(ValueError, match="no cells outside"):
