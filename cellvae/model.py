@@ -639,8 +639,8 @@ class CellVAE:
         )
         if few:
             warnings.warn(
-                f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells with counts: their calls are unreliable "
-                "(in a test, 1 to 3 random cells of one type differed from the rest of their type in up to 2% of the genes)",
+                f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells with counts: their mean expression rests "
+                "mostly on the prior (pseudo-cells drawn from both groups), so few genes can be called, and those not reliably",
                 UserWarning,
                 stacklevel=2,
             )
