@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,9 +61,9 @@ class Config:
             (_is_positive_int(self.n_hidden), f"n_hidden must be a positive integer, got {self.n_hidden!r}"),
             (_is_positive_int(self.n_layers), f"n_layers must be a positive integer, got {self.n_layers!r}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
-            (self.beta >= 0.0, f"beta must be non-negative, got {self.beta!r}"),
-            (self.free_bits >= 0.0, f"free_bits must be non-negative, got {self.free_bits!r}"),
-            (self.batch_mmd >= 0.0, f"batch_mmd must be non-negative, got {self.batch_mmd!r}"),
+            (0.0 <= self.beta < math.inf, f"beta must be a non-negative finite number, got {self.beta!r}"),
+            (0.0 <= self.free_bits < math.inf, f"free_bits must be a non-negative finite number, got {self.free_bits!r}"),
+            (0.0 <= self.batch_mmd < math.inf, f"batch_mmd must be a non-negative finite number, got {self.batch_mmd!r}"),
             (
                 self.kl_warmup is None or (isinstance(self.kl_warmup, int) and self.kl_warmup >= 0),
                 f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}",

@@ -79,8 +79,8 @@ def collapse_message(kl: np.ndarray, activity: np.ndarray, threshold: float = AC
         return None
     return (
         f"posterior collapse: {n_active} of {n_latent} latent dimensions vary across cells and the posterior "
-        f"carries only {kl.sum():.3g} nats per cell (KL); lower beta, lengthen KL warm-up (kl_warmup=...), "
-        "or use free bits (free_bits=...)"
+        f"carries {kl.sum():.3g} nats per cell (KL); lower beta, lengthen KL warm-up (kl_warmup=...), "
+        "or use free bits (free_bits=...); after very few epochs, train longer first"
     )
 
 

@@ -358,7 +358,7 @@ class CellVAE:
             Cells per forward pass, fewer where genes are many (at most 2**21 counts densified at
             once), so memory stays bounded.
         random_state
-            Seed of the draws (``mean=False``).
+            Seed of the draws (``mean=False``, and those of the refinement with ``refine_steps``).
         refine_steps
             ``> 0`` (semi-amortized inference, with ``mean=True``) improves each cell's posterior by
             that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
@@ -1033,6 +1033,7 @@ class CellVAE:
         batch_size
             Cells per forward pass.
         """
+        _check_threshold(threshold)
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
             activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
@@ -1060,6 +1061,7 @@ class CellVAE:
         Array of length n_cells.
         """
         _check_count(n_samples, "n_samples")
+        _check_count(batch_size, "batch_size")
         _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, random_state):
@@ -1147,6 +1149,8 @@ class CellVAE:
         -------
         n × n_genes float32 array, genes in the model's order.
         """
+        _check_count(batch_size, "batch_size")
+        self._warn_if_untrained()
         z = self._check_latent(z)
         library = _library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
@@ -1191,7 +1195,9 @@ class CellVAE:
         and the prior draws in ``obsm["z"]``.
         """
         _check_count(n_cells, "n_cells")
+        _check_count(batch_size, "batch_size")
         _check_seed(random_state)
+        self._warn_if_untrained()
         library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
         given = dict(covariates or {})
@@ -1287,7 +1293,16 @@ class CellVAE:
 
     # ------------------------------------------------------------------ helpers
 
+    def _warn_if_untrained(self) -> None:
+        if not self.is_trained:
+            warnings.warn(
+                "this model is not trained: its outputs come from random weights; call model.fit() first",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
+        self._warn_if_untrained()
         if adata is not None:
             return adata
         if self.adata is None:
@@ -1378,6 +1393,11 @@ def _check_positive(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+def _check_threshold(threshold) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0 <= threshold < np.inf:
+        raise ValueError(f"threshold must be a non-negative finite number, got {threshold!r}")
+
+
 def _check_count(value, name: str) -> None:
     if not _is_whole(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -1386,6 +1406,8 @@ def _check_count(value, name: str) -> None:
 def _check_seed(random_state) -> None:
     if not _is_whole(random_state):
         raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
+    if not 0 <= random_state < 2**63:  # what numpy's and torch's generators both take
+        raise ValueError(f"random_state must be a non-negative integer below 2**63, got {random_state}")
 
 
 def _native(value):
@@ -1411,8 +1433,6 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
     if not _is_whole(patience) or patience < 1:
         raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
     _check_seed(random_state)
-    if random_state < 0:
-        raise ValueError(f"random_state must be a non-negative integer, got {random_state}")
 
 
 def _check_anndata(adata) -> None:

@@ -2,13 +2,15 @@
 or ``save`` is given.
 
 Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
-unless ``save`` is given) and ``save`` (a file path, written as given with the format from its suffix;
-unlike scanpy, not placed under ``sc.settings.figdir``).
+unless ``save`` is given) and ``save`` (a file path, written as given with the format from its suffix,
+``.png`` added when it has none; unlike scanpy, not placed under ``sc.settings.figdir``). As in scanpy, a
+figure the function made and saved without showing is then closed, so saving in a loop does not pile up figures.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -65,7 +67,7 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os
         lines = [line for axis in axes for line in axis.get_lines()]
         axes[0].legend(lines, [line.get_label() for line in lines], frameon=False)
     axes[0].figure.tight_layout()
-    _finish(axes[0].figure, show, save)
+    _finish(axes[0].figure, show, save, made=ax is None)
     return axes
 
 
@@ -94,7 +96,8 @@ def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, s
     missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
     if missing:
         raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")
-    frame = frame.sort_values("rate")
+    frame = frame.sort_values("rate").reset_index(drop=True)  # positions: stacked sweeps repeat index labels
+    made = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 3.5))
     ax.plot(frame["rate"], frame["distortion"], "o-", color="tab:blue")
@@ -108,7 +111,7 @@ def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, s
     ax.legend(frameon=False)
     ax.grid(False)
     ax.figure.tight_layout()
-    _finish(ax.figure, show, save)
+    _finish(ax.figure, show, save, made=made)
     return ax
 
 
@@ -140,9 +143,12 @@ def kl_per_dimension(
     The Axes.
     """
     _check_save(save)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0 <= threshold < np.inf:
+        raise ValueError(f"threshold must be a non-negative finite number, got {threshold!r}")
     kl = model.kl_per_dimension(adata)
     activity = model.get_latent(adata).var(0)
     order = np.argsort(-kl)
+    made = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(max(3.0, 0.3 * len(kl) + 1.5), 3.0))
     colors = np.where(activity[order] > threshold, "tab:blue", "lightgrey")
@@ -154,17 +160,21 @@ def kl_per_dimension(
     ax.set_title(f"{n_active} of {len(kl)} dimensions active", fontsize=10)
     ax.grid(False)
     ax.figure.tight_layout()
-    _finish(ax.figure, show, save)
+    _finish(ax.figure, show, save, made=made)
     return ax
 
 
 def _check_save(save) -> None:
     if isinstance(save, bool) or not (save is None or isinstance(save, (str, os.PathLike))):
         raise TypeError(f"save must be a file path such as 'figure.png', got {save!r}; cellvae writes it as given")
+    if save and not Path(save).resolve().parent.is_dir():
+        raise FileNotFoundError(f"the folder of save={str(save)!r} does not exist; create it first")
 
 
-def _finish(figure, show: bool | None, save: str | os.PathLike | None) -> None:
+def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: bool) -> None:
     if save:
         figure.savefig(save, dpi=150, bbox_inches="tight")
     if show or (show is None and not save):
         plt.show()
+    elif save and made:
+        plt.close(figure)

@@ -10,9 +10,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellvae.model import CellVAE
+from cellvae.model import CellVAE, _check_seed
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
+OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
+
+
+def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
+    """Refuse ``fit_kwargs`` that repeat a tool's own arguments, naming the argument to use instead."""
+    repeated = [name for name in OWN_FIT_OPTIONS if name in (fit_kwargs or {})]
+    if repeated:
+        raise TypeError(f"pass {repeated} as the function's own arguments (e.g. {repeated[0]}=...), not in fit_kwargs")
 
 
 def embed(
@@ -55,6 +63,7 @@ def embed(
     each embedding keeps its own record).
     """
     _check_writable(adata, "adata")
+    _check_fit_kwargs(fit_kwargs)
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
         example = ", ".join(f"{name!r}: ..." for name in misplaced)
@@ -367,11 +376,15 @@ def rate_distortion_sweep(
     """
     if "beta" in model_kwargs:
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
+    if isinstance(betas, (int, float, np.number)):
+        raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
     betas = tuple(float(b) for b in betas)
-    if not betas or min(betas) < 0:
-        raise ValueError(f"betas must be a non-empty sequence of non-negative numbers, got {betas}")
+    if not betas or min(betas) < 0 or not np.isfinite(betas).all():
+        raise ValueError(f"betas must be a non-empty sequence of non-negative finite numbers, got {betas}")
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
+    _check_seed(random_state)
+    _check_fit_kwargs(fit_kwargs)
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
@@ -538,6 +551,8 @@ def latent_shift(
             raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     groups = adata.obs[groupby].astype(str).to_numpy()
     source, target = str(source), str(target)  # group names as strings, like the column's (1 is "1")
+    if source == target:
+        raise ValueError(f"source and target are the same group ({source!r}): the shift between them is zero")
     for name, value in (("source", source), ("target", target)):
         if value not in set(groups):
             raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")

@@ -4,6 +4,7 @@ import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import shared_dataset
 
@@ -72,10 +73,16 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     with pytest.raises(ValueError, match="ax must be one Axes or two"):
         cellvae.pl.history(model, ax=plt.subplots(1, 3)[1], show=False)
     figure = tmp_path / "history.png"  # save= writes the path as given
+    open_figures = len(plt.get_fignums())
     axes = cellvae.pl.history(model, save=figure)
     assert isinstance(axes, list) and figure.read_bytes()[:4] == b"\x89PNG"
+    assert len(plt.get_fignums()) == open_figures  # saved, not shown: closed, as scanpy does
     with pytest.raises(TypeError, match="save must be a file path"):
         cellvae.pl.kl_per_dimension(model, save=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cellvae.pl.kl_per_dimension(model, save=tmp_path / "no_such_folder" / "kl.png")
+    with pytest.raises(ValueError, match="threshold must be"):
+        cellvae.pl.kl_per_dimension(model, threshold=float("nan"), show=False)
     plt.close("all")
 
 
@@ -108,6 +115,13 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     assert frame["label_silhouette"].between(0, 1).all() and frame["label_nmi"].between(0, 1).all()
     ax = cellvae.pl.rate_distortion(frame, show=False)
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"β={b:g}" for b in betas)
+    plt.close(ax.figure)
+    # Two sweeps stacked (their index labels repeat): the equal-ELBO line still passes through the best point.
+    stacked = pd.concat([frame, frame.assign(rate=frame["rate"] + 1.0)])
+    ax = cellvae.pl.rate_distortion(stacked, show=False)
+    line = ax.get_lines()[-1]
+    best = (stacked["rate"] + stacked["distortion"]).min()
+    np.testing.assert_allclose(line.get_xdata() + line.get_ydata(), best)
     plt.close(ax.figure)
 
 

@@ -699,6 +699,18 @@ def test_saved_model_gets_the_usual_file_permissions(saved):
         ),
         lambda m, a: m.generate(5, library_size=-5.0),
         lambda m, a: m.generate(5, random_state=None),
+        lambda m, a: m.generate(5, batch_size=0),
+        lambda m, a: m.decode(np.zeros((2, m.config.n_latent)), batch_size=0),
+        lambda m, a: m.marginal_log_likelihood(a, batch_size=0),
+        lambda m, a: m.active_units(a, threshold=-1.0),
+        lambda m, a: m.active_units(a, threshold=float("nan")),
+        lambda m, a: m.get_latent(a, random_state=-1),
+        lambda m, a: m.get_latent(a, random_state=2**70),
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": float("inf")}),
+        lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=1.0, layer="counts"),
+        lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", random_state=-1),
+        lambda m, a: cellvae.tl.embed(a.copy(), layer="counts", fit_kwargs={"max_epochs": 1}),
+        lambda m, a: cellvae.tl.latent_shift(m, a, groupby="batch", source="b0", target="b0", apply_to=[0]),
     ],
 )
 def test_bad_arguments_give_a_documented_error(call, trained, messy):
