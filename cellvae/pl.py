@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from cellvae.model import CellVAE
+from cellvae.model import CellVAE, _check_threshold
 
 
 def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os.PathLike | None = None):
@@ -143,8 +143,7 @@ def kl_per_dimension(
     The Axes.
     """
     _check_save(save)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0 <= threshold < np.inf:
-        raise ValueError(f"threshold must be a non-negative finite number, got {threshold!r}")
+    _check_threshold(threshold)
     kl = model.kl_per_dimension(adata)
     activity = model.get_latent(adata).var(0)
     order = np.argsort(-kl)
