@@ -48,7 +48,10 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     """The count matrix ``adata.X`` or ``adata.layers[layer]``, as stored (never copied)."""
     if layer is None:
         if adata.X is None:
-            raise ValueError("adata.X is empty; pass layer=... naming the layer that holds raw counts")
+            raise ValueError(
+                "adata.X is empty (None); the raw counts must be in adata.X, or in a layer named when the model is "
+                "built (CellVAE(adata, layer=...)); a trained model reads the layer it was trained on"
+            )
         return adata.X
     if layer not in adata.layers:
         raise KeyError(f"layer {layer!r} not found in adata.layers; available: {list(adata.layers.keys())}")

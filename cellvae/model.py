@@ -269,6 +269,9 @@ class CellVAE:
             _native, (max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every)
         )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, self.config.normalization)
+        _check_weight_decay(weight_decay)
+        _check_flag(early_stopping, "early_stopping")
+        _check_flag(progress, "progress")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
@@ -311,15 +314,22 @@ class CellVAE:
             # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
             with seeded(random_state):
                 self.module = VAE(self.config)
+        # A trained model that fails to train further is given back as it was (not half-trained or non-finite).
+        before = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.is_trained else None
         self.device = loader.device
         self.module.to(self.device)
         try:
             self.history = train(
                 self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
             )
-        except torch.OutOfMemoryError as error:
+        except Exception as error:
             self.module.to("cpu")
             self.device = torch.device("cpu")
+            if before is not None:
+                self.module.load_state_dict(before)
+            self.module.eval()
+            if not isinstance(error, torch.OutOfMemoryError):
+                raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise torch.OutOfMemoryError(
@@ -900,6 +910,7 @@ class CellVAE:
             _native, (max_epochs, batch_size, lr, validation_size, patience, random_state)
         )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
+        _check_flag(progress, "progress")
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
@@ -1433,6 +1444,16 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
     if not _is_whole(patience) or patience < 1:
         raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
     _check_seed(random_state)
+
+
+def _check_weight_decay(weight_decay) -> None:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_anndata(adata) -> None:

@@ -293,7 +293,8 @@ def rank_genes_groups(
         pts[group] = frame.set_index("gene")["fraction_nonzero1"]
         pts_rest[group] = frame.set_index("gene")["fraction_nonzero2"]
     compared = list(pts)
-    genes = [g for g in model.config.gene_names if g in set(result.index)]
+    measured = set(result.index)
+    genes = [g for g in model.config.gene_names if g in measured]
     adata.uns[key_added] = {
         "params": {
             "groupby": groupby,

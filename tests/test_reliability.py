@@ -314,6 +314,24 @@ def test_repeated_nan_batches_end_with_a_clear_error(on_device, monkeypatch):
             train(vae, loader, np.arange(120), np.arange(0), settings(20))
 
 
+def test_a_trained_model_whose_further_training_fails_is_given_back_unchanged(messy):
+    model = quiet_fit(CellVAE(messy.copy(), **MODEL_ARGS))
+    before = model.get_latent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FloatingPointError, match="non-finite losses or gradients"):
+            model.fit(max_epochs=20, lr=1e30, early_stopping=False, progress=False)
+    assert not model.module.training  # dropout off: embeddings stay deterministic
+    np.testing.assert_array_equal(model.get_latent(), before)
+
+
+def test_counts_missing_from_x_are_explained(trained, messy):
+    adata = messy.copy()
+    adata.X = None
+    with pytest.raises(ValueError, match=r"adata.X is empty .*built \(CellVAE\(adata, layer=\.\.\.\)\)"):
+        CellVAE(adata)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run out of its memory")
 def test_gpu_out_of_memory_suggests_a_smaller_batch_size():
     adata = cellvae.datasets.simulate(n_cells=4000, n_genes=2000, seed=0)
@@ -676,6 +694,12 @@ def test_saved_model_gets_the_usual_file_permissions(saved):
         lambda m, a: m.sample_counts(a, batch_size=0),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=1.5),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=0.0),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay="1e-6"),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=None),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=-1.0),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, early_stopping="no"),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, progress=None),
+        lambda m, a: m.map_query(a, progress="quiet"),
         lambda m, a: CellVAE(a, categorical_covariate_keys="batch"),
         lambda m, a: m.map_query(a, batch_size=0),
         lambda m, a: m.map_query(a, validation_size=1.5),
