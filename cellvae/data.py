@@ -217,6 +217,9 @@ def _csc_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None,
 def _read_csc_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
     """Rows of a backed CSC matrix, read a band of columns at a time: memory stays bounded, but
     every call reads the whole file (anndata would load it into memory whole)."""
+    if len(np.unique(rows)) < len(rows):  # a repeated row (a padded data-parallel shard): read once, then repeat
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return _read_csc_rows(matrix, unique)[inverse]
     position = np.full(matrix.shape[0], -1, dtype=np.int64 if matrix.shape[0] >= 2**31 else np.int32)
     position[rows] = np.arange(len(rows))
     kept = []
@@ -569,14 +572,28 @@ class CellLoader:
         return int(max(1, min(batch_size, EVALUATION_VALUES // max(self.n_genes, 1))))
 
     def _read_batches(self, chunks: list[np.ndarray], batch_size: int, with_sparse: bool) -> Iterator[Minibatch]:
+        """Minibatches of exactly ``batch_size`` cells but the last: the cells left at the end of one chunk
+        open the next one. So an epoch has ``ceil(cells / batch_size)`` steps however the chunks fall
+        (data-parallel ranks must all take the same number)."""
+        left_block, left_cells = None, None
         for chunk in chunks:
             block = self._read_rows(chunk)
-            if len(chunk) <= batch_size:
+            if left_cells is not None:
+                parts = [left_block, block]
+                block = sp.vstack(parts, format="csr") if sp.issparse(block) else np.concatenate(parts)
+                chunk = np.concatenate([left_cells, chunk])
+                left_block, left_cells = None, None
+            if len(chunk) == batch_size:
                 yield self._minibatch(block, chunk, with_sparse)
                 continue
-            for start in range(0, len(chunk), batch_size):
+            whole = len(chunk) // batch_size * batch_size
+            for start in range(0, whole, batch_size):
                 rows = slice(start, start + batch_size)
                 yield self._minibatch(block[rows], chunk[rows], with_sparse)
+            if whole < len(chunk):
+                left_block, left_cells = block[whole:], chunk[whole:]
+        if left_cells is not None:
+            yield self._minibatch(left_block, left_cells, with_sparse)
 
     def _chunks(self, cells, chunk_rows, block_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:

@@ -276,6 +276,8 @@ class CellVAE:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
+        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+            raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file, not a folder; name a folder for the checkpoints")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.

@@ -58,6 +58,37 @@ def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_f
         assert len(seen) == len(cells) and set(seen) == set(cells)
 
 
+@pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
+def test_every_minibatch_but_the_last_has_batch_size_cells(counts, tmp_path_factory, kind, monkeypatch):
+    # Read buffers of 3 blocks (768 rows) that 100 does not divide: the cells left at the end of one
+    # buffer open the next, so every data-parallel rank takes ceil(cells / batch_size) steps.
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * counts.n_vars * 1000)
+    adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
+    loader = loader_for(adata)
+    expected = counts.X.toarray()
+    for n_cells in (counts.n_obs, 1450):
+        cells = np.arange(n_cells)
+        batches = list(loader.batches(cells, 100, shuffle=True, rng=np.random.default_rng(n_cells)))
+        sizes = [len(mb.cell_index) for mb in batches]
+        assert len(batches) == -(-n_cells // 100)
+        assert set(sizes[:-1]) == {100} and sizes[-1] == n_cells - 100 * (len(batches) - 1)
+        for mb in batches:
+            np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        assert sorted(np.concatenate([mb.cell_index for mb in batches])) == list(cells)
+
+
+@pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
+def test_a_repeated_cell_is_read_with_its_counts_each_time(counts, tmp_path_factory, kind):
+    # A data-parallel shard shorter than the others is padded by repeating some of its cells.
+    adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
+    cells = np.r_[np.arange(0, 600, 2), [4, 10]]
+    batches = list(loader_for(adata).batches(cells, 64, shuffle=True, rng=np.random.default_rng(0)))
+    expected = counts.X.toarray()
+    for mb in batches:
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+    assert sorted(np.concatenate([mb.cell_index for mb in batches])) == sorted(cells)
+
+
 @pytest.mark.parametrize("kind", ["memory", "csr"])
 def test_shuffling_differs_between_epochs_and_repeats_with_the_seed(counts, tmp_path_factory, kind):
     adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)

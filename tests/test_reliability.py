@@ -700,6 +700,7 @@ def test_saved_model_gets_the_usual_file_permissions(saved):
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, early_stopping="no"),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, progress=None),
         lambda m, a: m.map_query(a, progress="quiet"),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=__file__),
         lambda m, a: CellVAE(a, categorical_covariate_keys="batch"),
         lambda m, a: m.map_query(a, batch_size=0),
         lambda m, a: m.map_query(a, validation_size=1.5),
