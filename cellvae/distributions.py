@@ -52,6 +52,25 @@ def lgamma_ratio(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return torch.where(theta > STIRLING_THETA, stirling, direct)
 
 
+def _digamma_tail(z: torch.Tensor) -> torch.Tensor:
+    """-1/(12z^2) + 1/(120z^4) - 1/(252z^6): digamma(z) minus log z - 1/(2z), for z >= 10."""
+    r2 = 1.0 / (z * z)
+    return -r2 * (1.0 / 12.0 - r2 * (1.0 / 120.0 - r2 / 252.0))
+
+
+def digamma_difference(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``digamma(x + theta) - digamma(theta)`` for counts ``x >= 0`` (the theta-derivative of
+    :func:`lgamma_ratio`), accurate in float32 for any theta.
+
+    The plain difference of two digamma values near ``log theta`` loses its digits when theta is large
+    (7% off at theta = e^12); the derivative of the Stirling series keeps them.
+    """
+    direct = torch.digamma(x + theta) - torch.digamma(theta)
+    large = theta.clamp(min=STIRLING_THETA)
+    stirling = torch.log1p(x / large) + x / (2.0 * large * (large + x)) + (_digamma_tail(large + x) - _digamma_tail(large))
+    return torch.where(theta > STIRLING_THETA, stirling, direct)
+
+
 @dataclass
 class SparseCounts:
     """A minibatch's non-zero counts in row order, prepared once by the loader (on the CPU).
@@ -254,12 +273,12 @@ class _NegativeBinomialCells(torch.autograd.Function):
                 if len(sparse.large):
                     columns = sparse.columns[sparse.large]
                     values, th = sparse.values[sparse.large], theta[columns]
-                    extra = weights[sparse.large] * (torch.digamma(values + th) - torch.digamma(th + TABLE_COUNTS))
+                    extra = weights[sparse.large] * digamma_difference(values - TABLE_COUNTS, th + TABLE_COUNTS)
                     grad_theta = grad_theta.index_add(0, columns, extra)
             else:
                 grad_theta = -grad_cells[:, None] * softplus_s - grad_log_mean / theta
                 th = theta[sparse.rows, sparse.columns]
-                extra = weights * (torch.digamma(sparse.values + th) - torch.digamma(th))
+                extra = weights * digamma_difference(sparse.values, th)
                 grad_theta = grad_theta.index_put((sparse.rows, sparse.columns), extra, accumulate=True)
         return grad_log_mean, grad_theta, None, None
 

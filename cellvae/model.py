@@ -475,7 +475,9 @@ class CellVAE:
         -------
         ``{"mean": ...}`` (expected counts at the cell's observed library size), plus ``"theta"``
         (inverse dispersion; NB and ZINB) and ``"zero_inflation"`` (probability of an extra zero;
-        ZINB); each n_cells × n_genes float32.
+        ZINB); each n_cells × n_genes float32. For ZINB ``"mean"`` is the mixture's mean,
+        (1 − zero_inflation) × the NB component's mean; that NB mean (scvi-tools' ``"mean"`` for
+        ZINB) is ``mean / (1 - zero_inflation)``.
         """
         loader, cells = self._loader(self._resolve(adata), self.device)
         parts: dict[str, list[np.ndarray]] = {"mean": [], "theta": [], "zero_inflation": []}

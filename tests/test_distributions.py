@@ -12,6 +12,7 @@ from cellvae.distributions import (
     Poisson,
     SparseCounts,
     ZeroInflatedNegativeBinomial,
+    digamma_difference,
     lgamma_ratio,
 )
 
@@ -125,3 +126,34 @@ def test_lgamma_ratio_matches_scipy_on_both_sides_of_the_switch_to_stirling():
         ours = lgamma_ratio(t(x), t(np.full_like(x, theta))).numpy()
         expected = scipy.special.gammaln(x + theta) - scipy.special.gammaln(theta)
         np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_digamma_difference_matches_scipy_on_both_sides_of_the_switch_to_stirling():
+    x = np.concatenate([np.arange(0.0, 40.0), [100.0, 5000.0]])
+    for theta in (1e-3, 0.7, 9.99, 10.01, 57.0, 1e6):
+        ours = digamma_difference(t(x), t(np.full_like(x, theta))).numpy()
+        expected = scipy.special.digamma(x + theta) - scipy.special.digamma(theta)
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("theta_shape", ["per gene", "per cell"])
+def test_float32_theta_gradient_keeps_its_sign_when_theta_is_large(theta_shape):
+    """The fused backward's digamma(x + theta) - digamma(theta) lost its digits in float32 at large theta
+    (the summed gradient of a third of the genes had the wrong sign); it now agrees with a float64 reference
+    as closely as float32 autograd does."""
+    rng = np.random.default_rng(0)
+    n_cells, n_genes = 128, 300
+    mean = rng.gamma(2.0, 10.0, size=(n_cells, n_genes))  # counts above the table's 16 as well
+    log_theta = np.tile(rng.uniform(6.0, 12.0, size=n_genes), (n_cells, 1) if theta_shape == "per cell" else 1)
+    x = rng.poisson(mean).astype(np.float32)
+    sparse = SparseCounts.from_dense(x)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        log_theta_t = torch.tensor(log_theta, dtype=dtype, requires_grad=True)
+        nb = NegativeBinomial(torch.tensor(np.log(mean), dtype=dtype), log_theta_t.exp())
+        path = nb.log_likelihood(torch.tensor(x, dtype=dtype), sparse if dtype == torch.float32 else None)
+        (grads[dtype],) = torch.autograd.grad(path.sum(), [log_theta_t])
+    got, want = grads[torch.float32].double().numpy(), grads[torch.float64].numpy()
+    # float32 keeps ~1e-3 of the largest gene's gradient here (plain float32 autograd: the same); the
+    # digamma difference was off by up to 8x that largest gradient
+    assert np.abs(got - want).max() < 5e-3 * np.abs(want).max()
