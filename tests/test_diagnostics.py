@@ -2,6 +2,7 @@
 
 import warnings
 
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -184,3 +185,13 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
     )
     assert np.isfinite(frame[["rate", "distortion", "elbo"]].to_numpy()).all()
     assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
+
+
+def test_sweep_reads_a_backed_file_and_matches_the_in_memory_sweep(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=3, seed=2)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    settings = {"betas": (1.0,), "batch_key": "batch", "max_epochs": 2, "n_hidden": 16, "n_latent": 4, "progress": False}
+    on_disk = cellvae.tl.rate_distortion_sweep(backed, **settings)
+    in_memory = cellvae.tl.rate_distortion_sweep(adata, **settings)
+    pd.testing.assert_frame_equal(on_disk, in_memory)
