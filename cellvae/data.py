@@ -358,9 +358,34 @@ def _categories(column: pd.Series, key: str) -> list[str]:
     return sorted(set(column.astype(str)))
 
 
-def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> np.ndarray:
-    """One-hot batch and categorical covariates and scaled continuous ones, float32 (cells × width)."""
-    blocks = []
+class Covariates:
+    """Each cell's covariates held compactly: a category code per cell and categorical key (a one-hot
+    row as wide as the batches would take 4 GB at 1M cells × 1,000 batches) and the scaled continuous
+    values. Indexing rows gives the model's input for them: one-hot blocks, then the continuous
+    values, float32 (rows × width)."""
+
+    def __init__(self, codes: list[np.ndarray], widths: list[int], continuous: np.ndarray):
+        self.codes, self.widths, self.continuous = codes, widths, continuous
+        self.shape = (len(continuous), sum(widths) + continuous.shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        continuous = self.continuous[rows]
+        dense = np.zeros((len(continuous), self.shape[1]), dtype=np.float32)
+        cells, offset = np.arange(len(continuous)), 0
+        for codes, width in zip(self.codes, self.widths):
+            dense[cells, offset + codes[rows]] = 1.0
+            offset += width
+        dense[:, offset:] = continuous
+        return dense
+
+
+def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
+    """One-hot batch and categorical covariates and scaled continuous ones (cells × width, see
+    :class:`Covariates`)."""
+    codes_per_key, widths, continuous = [], [], []
     for key, categories in _categorical_items(layout):
         if key not in obs.columns:
             raise KeyError(
@@ -383,17 +408,17 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> np.ndarray:
                 else "A categorical covariate keeps the categories it was trained with"
             )
             raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
-        blocks.append(np.eye(len(categories), dtype=np.float32)[codes])
+        codes_per_key.append(codes.astype(np.int32))
+        widths.append(len(categories))
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):
         if key not in obs.columns:
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
         values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"continuous covariate obs[{key!r}] has NaN, infinite or non-numeric values")
-        blocks.append(((values - mean) / std).astype(np.float32)[:, None])
-    if not blocks:
-        return np.zeros((len(obs), 0), dtype=np.float32)
-    return np.concatenate(blocks, axis=1)
+        continuous.append(((values - mean) / std).astype(np.float32))
+    values = np.stack(continuous, axis=1) if continuous else np.zeros((len(obs), 0), dtype=np.float32)
+    return Covariates(codes_per_key, widths, values)
 
 
 def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:
@@ -486,7 +511,7 @@ class CellLoader:
     def __init__(
         self,
         matrix,
-        covariates: np.ndarray,
+        covariates: Covariates | np.ndarray,
         library: np.ndarray,
         batch_index: np.ndarray,
         gene_columns: np.ndarray | None = None,
@@ -708,7 +733,7 @@ class CellLoader:
             counts[start : start + dense.shape[0]] = torch.from_numpy(np.ascontiguousarray(dense)).to(dtype)
         return (
             counts,
-            torch.from_numpy(self.covariates).to(self.device),
+            torch.from_numpy(self.covariates[:]).to(self.device),
             torch.from_numpy(self.library[:, None]).to(self.device),
             torch.from_numpy(self.batch_index).to(self.device),
         )

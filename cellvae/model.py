@@ -480,17 +480,23 @@ class CellVAE:
         ZINB) is ``mean / (1 - zero_inflation)``.
         """
         loader, cells = self._loader(self._resolve(adata), self.device)
-        parts: dict[str, list[np.ndarray]] = {"mean": [], "theta": [], "zero_inflation": []}
+        likelihood = self.config.likelihood
+        names = ["mean"] + ["theta"] * (likelihood != "poisson") + ["zero_inflation"] * (likelihood == "zinb")
+        # written in place: the outputs are the only cells × genes arrays held
+        parameters = {name: np.empty((len(cells), self.config.n_genes), dtype=np.float32) for name in names}
+        start = 0
         with torch.no_grad():
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
-                parts["mean"].append(dist.mean.cpu().numpy())
-                if hasattr(dist, "theta"):
-                    parts["theta"].append(dist.theta.expand_as(dist.log_mean).cpu().numpy())
-                if hasattr(dist, "zi_logits"):
-                    parts["zero_inflation"].append(torch.sigmoid(dist.zi_logits).cpu().numpy())
-        return {k: np.concatenate(v) for k, v in parts.items() if v}
+                rows = slice(start, start + len(mb.cell_index))
+                parameters["mean"][rows] = dist.mean.cpu().numpy()
+                if "theta" in parameters:
+                    parameters["theta"][rows] = dist.theta.expand_as(dist.log_mean).cpu().numpy()
+                if "zero_inflation" in parameters:
+                    parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits).cpu().numpy()
+                start = rows.stop
+        return parameters
 
     def sample_counts(
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
@@ -639,18 +645,27 @@ class CellVAE:
         comparisons = _comparisons(labels, names, groupby, group1, group2)
         loader, _ = self._loader(adata, self.device)
         counted = loader.library > 0
-        for name1, name2, cells1, cells2 in comparisons:
+        labelled = labels.notna().to_numpy()
+        correct_batches = bool(batch_correction) and bool(self.config.batch_key)
+        # Each comparison draws from its own generator, so its result does not depend on the others requested.
+        generators = [
+            np.random.default_rng(_comparison_seed(random_state, name1, name2, group2 is None))
+            for name1, name2, _, _ in comparisons
+        ]
+        # picked: the cells (with counts, at most max_cells) whose draws stand for each group
+        picked, few, separate = [], set(), []
+        for (name1, name2, cells1, cells2), rng in zip(comparisons, generators):
+            cells2 = _second_group(labelled, cells1, cells2)
             for name, cells in ((name1, cells1), (name2, cells2)):
-                if not counted[cells].any():
+                n_counted = int(counted[cells].sum())
+                if n_counted == 0:
                     raise ValueError(f"group {name!r} of obs[{groupby!r}] has no cell with a non-zero count")
-        few = sorted(
-            {
-                name
-                for a, b, cells1, cells2 in comparisons
-                for name, cells in ((a, cells1), (b, cells2))
-                if counted[cells].sum() < 5
-            }
-        )
+                if n_counted < 5:
+                    few.add(name)
+            if correct_batches and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
+                separate.append(f"{name1} vs {name2}")
+            picked.append(tuple(_subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
+        few = sorted(few)
         if few:
             warnings.warn(
                 f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells with counts: their mean expression rests "
@@ -658,21 +673,11 @@ class CellVAE:
                 UserWarning,
                 stacklevel=2,
             )
-        correct_batches = bool(batch_correction) and bool(self.config.batch_key)
-        if correct_batches:
-            _warn_if_groups_share_no_batch(comparisons, loader.batch_index, self.config.batch_key, groupby)
+        if separate:
+            _warn_groups_share_no_batch(separate, self.config.batch_key, groupby)
         if pseudocount is None:
-            depths = loader.library[labels.notna().to_numpy() & counted]
+            depths = loader.library[labelled & counted]
             pseudocount = 0.01 / float(np.median(depths))
-        # Each comparison draws from its own generator, so its result does not depend on the others requested.
-        generators = [
-            np.random.default_rng(_comparison_seed(random_state, name1, name2, group2 is None))
-            for name1, name2, _, _ in comparisons
-        ]
-        picked = [  # the cells whose draws stand for each group: cells with counts, at most max_cells
-            tuple(_subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2))
-            for (_, _, cells1, cells2), rng in zip(comparisons, generators)
-        ]
         observed = _observed_by_group(loader, labels, batch_size)
         measured = np.ones(self.config.n_genes, dtype=bool) if loader.gene_columns is None else loader.gene_columns >= 0
         encoded = np.unique(np.concatenate([np.concatenate(pair) for pair in picked]))
@@ -698,7 +703,7 @@ class CellVAE:
                 frame["expected_fdr"] = np.nan
                 frame.loc[measured, "expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy()[measured])
                 frame["is_de"] = frame["expected_fdr"] <= fdr_target
-                for suffix, cells in (("1", cells1), ("2", cells2)):
+                for suffix, cells in (("1", cells1), ("2", _second_group(labelled, cells1, cells2))):
                     nonzero, normalized = observed(cells)
                     frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)
                     frame["raw_normalized_mean" + suffix] = np.where(measured, normalized, np.nan)
@@ -1169,12 +1174,14 @@ class CellVAE:
         z = self._check_latent(z)
         library = _library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
-        total = np.zeros((len(z), self.config.n_genes), dtype=np.float64)
+        expression = np.zeros((len(z), self.config.n_genes), dtype=np.float32)  # the output, and no other copy
         for target in targets:
             frame = self._covariate_frame(len(z), target, covariates)
             for rows, dist in self._decoded(z, frame, library, batch_size):
-                total[rows] += dist.log_mean.exp().double().cpu().numpy()
-        return (total / len(targets)).astype(np.float32)
+                expression[rows] += dist.log_mean.exp().cpu().numpy()
+        if len(targets) > 1:
+            expression /= len(targets)
+        return expression
 
     def generate(
         self,
@@ -1518,13 +1525,16 @@ def _group_name(group) -> str:
 
 
 def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, group2) -> list[tuple]:
-    """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions."""
-    column = labels.to_numpy()
+    """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions; against the rest,
+    ``cells2`` is None (:func:`_second_group` lists them when needed: kept for every group, the rest
+    lists of an atlas would take gigabytes)."""
+    codes, groups = pd.factorize(labels)  # compared as integers: string comparisons per group were slow on atlases
+    code_of = {name: code for code, name in enumerate(groups)}
 
     def cells_of(name: str) -> np.ndarray:
         if name not in names:
             raise ValueError(f"group {name!r} has no cells in obs[{groupby!r}]; its groups are {names[:20]}")
-        return np.flatnonzero(column == name)
+        return np.flatnonzero(codes == code_of[name])
 
     if group2 is not None and np.ndim(group2) != 0:
         raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
@@ -1541,13 +1551,13 @@ def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, grou
             if second is not None
             else f"nothing to compare: obs[{groupby!r}] has no labelled cells"
         )
-    labelled = np.flatnonzero(labels.notna().to_numpy())
+    n_labelled = int(labels.notna().sum())
     comparisons = []
     for name in firsts:
         cells1 = cells_of(name)
         if second is None:
-            cells2, name2 = np.setdiff1d(labelled, cells1), REST if REST not in names else f"<{REST}>"
-            if len(cells2) == 0:
+            cells2, name2 = None, REST if REST not in names else f"<{REST}>"
+            if len(cells1) == n_labelled:
                 raise ValueError(f"no cells outside group {name!r} to compare with; pass group2=... or add groups")
         else:
             if second == name:
@@ -1557,16 +1567,23 @@ def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, grou
     return comparisons
 
 
+def _second_group(labelled: np.ndarray, cells1: np.ndarray, cells2: np.ndarray | None) -> np.ndarray:
+    """``cells2``, or for a comparison against the rest every other labelled cell (``labelled``: a mask)."""
+    if cells2 is not None:
+        return cells2
+    rest = labelled.copy()
+    rest[cells1] = False
+    return np.flatnonzero(rest)
+
+
 def _comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: bool) -> list[int]:
     """The seed of one comparison's draws: ``random_state`` and its two groups' names (not their positions
     among the groups present, so that other groups do not change it)."""
     return [random_state, zlib.crc32(name1.encode()), zlib.crc32(name2.encode()), int(one_vs_rest)]
 
 
-def _warn_if_groups_share_no_batch(comparisons: list[tuple], batch_codes: np.ndarray, batch_key: str, groupby: str) -> None:
-    separate = [
-        f"{a} vs {b}" for a, b, cells1, cells2 in comparisons if not np.intersect1d(batch_codes[cells1], batch_codes[cells2]).size
-    ]
+def _warn_groups_share_no_batch(separate: list[str], batch_key: str, groupby: str) -> None:
+    """Warn about the comparisons (``"a vs b"``) whose two groups share no batch."""
     if separate:
         warnings.warn(
             f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "

@@ -4,6 +4,7 @@ import warnings
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -357,3 +358,34 @@ def test_a_damaged_backed_file_names_the_cells_that_could_not_be_read(tmp_path):
     backed.file.close()
     with pytest.raises(SystemExit, match=r"^error: reading cells 0–1999 of adata.X from disk failed"):
         main(["fit", str(path), "--backed", "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "m")])
+
+
+def test_covariates_are_held_as_codes_and_made_one_hot_for_the_rows_asked_for():
+    # An atlas of many samples: one-hot rows for every cell would take 4 bytes × 1,000 batches per cell.
+    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=20, seed=3)
+    rng = np.random.default_rng(0)
+    adata.obs["sample"] = pd.Categorical([f"s{i}" for i in rng.integers(0, 1000, adata.n_obs)])
+    adata.obs["donor"] = rng.choice(["d1", "d2", "d3"], adata.n_obs)
+    adata.obs["percent_mito"] = rng.uniform(0, 10, adata.n_obs)
+    model = cellvae.CellVAE(
+        adata, batch_key="sample", categorical_covariate_keys=["donor"], continuous_covariate_keys=["percent_mito"]
+    )
+    covariates = cellvae.data.covariate_matrix(adata.obs, model.layout)
+    samples = list(model.config.batch_categories)
+    expected = np.concatenate(
+        [
+            np.eye(len(samples), dtype=np.float32)[[samples.index(s) for s in adata.obs["sample"].astype(str)]],
+            np.eye(3, dtype=np.float32)[[["d1", "d2", "d3"].index(d) for d in adata.obs["donor"]]],
+            (
+                (adata.obs["percent_mito"].to_numpy() - model.config.continuous_covariate_mean[0])
+                / model.config.continuous_covariate_std[0]
+            ).astype(np.float32)[:, None],
+        ],  # fmt: skip
+        axis=1,
+    )
+    assert covariates.shape == expected.shape
+    rows = rng.permutation(adata.n_obs)[:128]
+    np.testing.assert_array_equal(covariates[rows], expected[rows])
+    np.testing.assert_array_equal(covariates[10:20], expected[10:20])
+    held = sum(codes.nbytes for codes in covariates.codes) + covariates.continuous.nbytes
+    assert held <= 12 * adata.n_obs < expected.nbytes / 300
