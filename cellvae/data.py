@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -52,10 +53,30 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
                 "adata.X is empty (None); the raw counts must be in adata.X, or in a layer named when the model is "
                 "built (CellVAE(adata, layer=...)); a trained model reads the layer it was trained on"
             )
-        return adata.X
-    if layer not in adata.layers:
+        matrix = adata.X
+    elif layer not in adata.layers:
         raise KeyError(f"layer {layer!r} not found in adata.layers; available: {list(adata.layers.keys())}")
-    return adata.layers[layer]
+    else:
+        matrix = adata.layers[layer]
+    if not _is_readable(matrix):
+        kind = f"{type(matrix).__module__}.{type(matrix).__name__}"
+        raise TypeError(
+            f"the count matrix {_where_in(layer)} is a {kind}; cellvae reads numpy arrays, scipy sparse matrices and "
+            "backed or Zarr matrices (anndata.read_h5ad(path, backed='r'), cellvae.read_zarr_lazy(path)); for a dask "
+            "array, call .compute() or write the AnnData to .h5ad and open it backed"
+        )
+    return matrix
+
+
+def _is_readable(matrix) -> bool:
+    """In memory (numpy, scipy sparse) or backed (h5py, anndata's sparse datasets, Zarr arrays)."""
+    if isinstance(matrix, (np.ndarray, sp.spmatrix, sp.sparray, h5py.Dataset, ad.abc.CSRDataset, ad.abc.CSCDataset)):
+        return True
+    return type(matrix).__module__.split(".")[0] == "zarr"
+
+
+def _where_in(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
 def is_backed_matrix(matrix) -> bool:

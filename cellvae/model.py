@@ -429,7 +429,9 @@ class CellVAE:
 
         Returns
         -------
-        n_cells × n_genes float32 array, genes in the model's order (or ``gene_list``'s).
+        n_cells × n_genes float32 array, genes in ``gene_list``'s order, else as in ``adata.var_names`` where
+        ``adata`` holds exactly the model's genes (so that ``adata.layers[...] = ...`` lines up), else in the
+        model's order (``model.config.gene_names``).
         """
         if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
@@ -448,7 +450,17 @@ class CellVAE:
                     total = total + self.module.generative(z, covariates, library, batch_index).log_mean.exp()[:, genes]
                 rows = np.searchsorted(cells, mb.cell_index)
                 out[rows] = (total / len(targets)).cpu().numpy()
-        return out
+        order = self._adata_gene_order(adata) if gene_list is None else None
+        return out if order is None else out[:, order]
+
+    def _adata_gene_order(self, adata: ad.AnnData) -> np.ndarray | None:
+        """The model's position of each of ``adata``'s genes where it holds exactly the model's genes in
+        another order (per-gene outputs then follow ``adata.var_names``); else None (the model's order)."""
+        genes = pd.Index(self.config.gene_names)
+        if len(adata.var_names) != len(genes) or adata.var_names.equals(genes):
+            return None
+        positions = genes.get_indexer(adata.var_names) if genes.is_unique else np.full(len(genes), -1)
+        return None if (positions < 0).any() or len(np.unique(positions)) < len(positions) else positions
 
     def _gene_indices(self, gene_list) -> torch.Tensor:
         """Positions of ``gene_list`` among the model's genes; unknown names are an error."""
@@ -477,9 +489,11 @@ class CellVAE:
         (inverse dispersion; NB and ZINB) and ``"zero_inflation"`` (probability of an extra zero;
         ZINB); each n_cells × n_genes float32. For ZINB ``"mean"`` is the mixture's mean,
         (1 − zero_inflation) × the NB component's mean; that NB mean (scvi-tools' ``"mean"`` for
-        ZINB) is ``mean / (1 - zero_inflation)``.
+        ZINB) is ``mean / (1 - zero_inflation)``. Genes as in ``adata.var_names`` where ``adata`` holds
+        exactly the model's genes, else in the model's order.
         """
-        loader, cells = self._loader(self._resolve(adata), self.device)
+        adata = self._resolve(adata)
+        loader, cells = self._loader(adata, self.device)
         likelihood = self.config.likelihood
         names = ["mean"] + ["theta"] * (likelihood != "poisson") + ["zero_inflation"] * (likelihood == "zinb")
         # written in place: the outputs are the only cells × genes arrays held
@@ -496,7 +510,8 @@ class CellVAE:
                 if "zero_inflation" in parameters:
                     parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits).cpu().numpy()
                 start = rows.stop
-        return parameters
+        order = self._adata_gene_order(adata)
+        return parameters if order is None else {name: values[:, order] for name, values in parameters.items()}
 
     def sample_counts(
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
@@ -516,11 +531,13 @@ class CellVAE:
 
         Returns
         -------
-        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1``.
+        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1``; genes as
+        in ``adata.var_names`` where ``adata`` holds exactly the model's genes, else in the model's order.
         """
         _check_count(n_samples, "n_samples")
         _check_seed(random_state)
-        loader, cells = self._loader(self._resolve(adata), self.device)
+        adata = self._resolve(adata)
+        loader, cells = self._loader(adata, self.device)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         draws = np.empty((n_samples, len(cells), self.config.n_genes), dtype=np.float32)
         with torch.no_grad():
@@ -533,6 +550,8 @@ class CellVAE:
                     dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
                     draws[s, start : start + len(mb.cell_index)] = dist.sample(generator).cpu().numpy()
                 start += len(mb.cell_index)
+        order = self._adata_gene_order(adata)
+        draws = draws if order is None else draws[..., order]
         return draws[0] if n_samples == 1 else draws
 
     def differential_expression(
@@ -1470,6 +1489,11 @@ def _check_flag(value, name: str) -> None:
 def _check_anndata(adata) -> None:
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+    if not isinstance(adata.obs, pd.DataFrame):  # e.g. anndata.experimental.read_lazy's xarray obs
+        raise TypeError(
+            f"adata.obs is a {type(adata.obs).__name__}, not a pandas DataFrame (a lazily read AnnData?); read the file "
+            "with anndata.read_h5ad(path, backed='r') or cellvae.read_zarr_lazy(path), or call adata.to_memory()"
+        )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
 

@@ -254,8 +254,9 @@ def rank_genes_groups(
             f"obs[{groupby!r}] is not categorical, which scanpy's rank_genes_groups plots need; convert it first: "
             f"adata.obs[{groupby!r}] = adata.obs[{groupby!r}].astype('category')"
         )
-    unused = [str(c) for c in column.cat.categories if not (column == c).any()]
-    if unused:
+    counts = column.value_counts(sort=False)
+    unused = [str(c) for c in counts.index[counts.to_numpy() == 0]]
+    if unused and isinstance(groups, str) and groups == "all":  # named groups: scanpy shows only those
         raise ValueError(
             f"obs[{groupby!r}] has categories without cells {unused[:5]}, which scanpy's plots of the result cannot "
             f"show; drop them first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}].cat.remove_unused_categories()"

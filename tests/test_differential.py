@@ -255,6 +255,10 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
     adata.obs["with_unused"] = adata.obs["cell_type"].cat.add_categories(["empty"])
     with pytest.raises(ValueError, match="remove_unused_categories"):
         cellvae.tl.rank_genes_groups(adata, "with_unused", model=model)
+    named = adata.obs["with_unused"].cat.categories[:2].tolist()  # named groups: scanpy shows only those
+    cellvae.tl.rank_genes_groups(adata, "with_unused", model=model, groups=named[:1], reference=named[1], key_added="named")
+    assert list(adata.uns["named"]["names"].dtype.names) == named[:1]
+    del adata.uns["named"]
     with pytest.raises(ValueError, match="only the reference"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
     assert "rank_genes_groups" not in adata.uns

@@ -180,6 +180,13 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     np.testing.assert_allclose(model.get_normalized_expression(gene_list=chosen), expression[:, [7, 2, 40]], rtol=1e-6)
     with pytest.raises(ValueError, match="does not have"):
         model.get_normalized_expression(gene_list=["no_such_gene"])
+    # per-gene outputs of data holding the model's genes in another order follow its var_names
+    order = adata.var_names.get_indexer(shuffled.var_names)
+    np.testing.assert_allclose(model.get_normalized_expression(shuffled), expression[:, order], rtol=1e-5)
+    parameters, reordered = model.get_likelihood_parameters(), model.get_likelihood_parameters(shuffled)
+    np.testing.assert_allclose(reordered["mean"], parameters["mean"][:, order], rtol=1e-5)
+    np.testing.assert_array_equal(reordered["theta"], parameters["theta"][:, order])
+    np.testing.assert_array_equal(model.sample_counts(shuffled, random_state=1), model.sample_counts(random_state=1)[:, order])
     draws = model.sample_counts(n_samples=2, random_state=0)
     assert draws.shape == (2, *adata.shape) and np.array_equal(draws, np.round(draws))
     np.testing.assert_array_equal(draws, model.sample_counts(n_samples=2, random_state=0))
@@ -270,6 +277,14 @@ def test_bad_input_raises_clear_error_and_leaves_adata_unchanged(two_batches, co
     with pytest.raises(error, match=message):
         CellVAE(adata, layer=layer, batch_key="batch")
     assert_unchanged(before, adata)
+
+
+def test_a_lazy_dask_count_matrix_is_refused_with_the_way_out(two_batches):
+    da = pytest.importorskip("dask.array")
+    adata = small(two_batches)
+    adata.layers["lazy"] = da.from_array(adata.X.toarray(), chunks=(50, adata.n_vars))
+    with pytest.raises(TypeError, match=r"adata.layers\['lazy'\] is a dask.*\.compute\(\)"):
+        CellVAE(adata, layer="lazy")
 
 
 def test_too_few_cells_and_zero_count_cells(two_batches):
