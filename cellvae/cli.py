@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,10 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     try:
         return args.run(args)
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        # bad input found by cellvae, anndata, h5py or the file system: its message, not a traceback
+    except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
+        # bad input found by cellvae, anndata, h5py or the file system, training that failed (non-finite
+        # losses, out of memory): its message, not a traceback
+        if isinstance(error, RuntimeError) and type(error).__name__ != "OutOfMemoryError":
+            raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise SystemExit(f"error: {message}") from error
+        raise SystemExit(f"error: {str(message).replace('pass overwrite=True', 'pass --overwrite')}") from error
 
 
 def positive_int(text: str) -> int:
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="dtype of the gene-wide matrix multiplies while training (default: float32)",
     )
-    fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory and --out file")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument(
         "--checkpoint-dir",
@@ -105,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help="output .h5ad with the embedding in obsm")
     embed.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     embed.set_defaults(command="embed", run=run_embed)
     return parser
 
@@ -135,7 +140,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    import anndata as ad
 
     from cellvae import CellVAE, tl
     from cellvae.train import pick_device, rank_and_world, setup_distributed
@@ -143,9 +147,8 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
     _check_input_and_output(args)
+    _check_model_dir(args)
     adata = _read(args.input, backed=args.backed, layer=args.layer)
-    if Path(args.model_dir).exists() and not args.overwrite:
-        raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
     model_kwargs = {"layer": args.layer, "batch_key": args.batch_key, "n_latent": args.n_latent, "likelihood": args.likelihood}
     fit_kwargs = {
@@ -169,21 +172,25 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {len(model.history)} epochs; saved the model in {args.model_dir}")
+    if model.history.attrs.get("interrupted"):  # Ctrl-C: keep what was trained, but do not report success
+        _write(adata, args.out)
+        resume = " (continue with --resume --overwrite)" if args.checkpoint_dir else ""
+        print(f"interrupted: wrote {args.out} with obsm[{args.key_added!r}] of the best epoch so far{resume}", file=sys.stderr)
+        return 130
     try:
         _neighbours_umap_leiden(adata, args.key_added, args.seed)
     except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
-        ad.AnnData.write_h5ad(adata, args.out)
+        _write(adata, args.out)
         raise SystemExit(
             f"error: neighbours/UMAP/Leiden failed ({type(error).__name__}: {error}); wrote {args.out} with "
             f"obsm[{args.key_added!r}] only (the model is saved): run them with scanpy"
         ) from error
-    ad.AnnData.write_h5ad(adata, args.out)
+    _write(adata, args.out)
     print(f"wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden)")
     return 0
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    import anndata as ad
 
     from cellvae import CellVAE
 
@@ -191,23 +198,70 @@ def run_embed(args: argparse.Namespace) -> int:
     model = CellVAE.load(args.model_dir)
     adata = _read(args.input, backed=args.backed, layer=model.config.layer)
     adata.obsm[args.key_added] = model.get_latent(adata)
-    ad.AnnData.write_h5ad(adata, args.out)
+    _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
 
 
 def _check_input_and_output(args: argparse.Namespace) -> None:
-    """Fail before any work, not after training, on --backed misuse or an --out that cannot be written."""
+    """Fail before any work, not after training, on --backed misuse, a bad --key-added or an --out that
+    cannot (or may not) be written."""
     if args.backed and Path(args.input).is_dir():
         raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
-    if args.backed and Path(args.out).resolve() == Path(args.input).resolve():
-        raise SystemExit("error: with --backed the input is read while the output is written; give --out another path")
     out = args.out
+    if Path(out).resolve() == Path(args.input).resolve():
+        raise SystemExit("error: --out is the input file; give another path (the input is never replaced)")
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
     folder = Path(out).resolve().parent
     if not folder.is_dir():
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
+    if Path(out).exists() and not args.overwrite:
+        raise SystemExit(f"error: --out {out} exists; pass --overwrite to replace it")
+    if not args.key_added or "/" in args.key_added:
+        raise SystemExit(f"error: --key-added must be a non-empty obsm key without '/', got {args.key_added!r}")
+    if args.command == "fit" and args.key_added == "X_umap":
+        raise SystemExit("error: --key-added X_umap would be replaced by the UMAP that fit computes; choose another key")
+
+
+def _check_model_dir(args: argparse.Namespace) -> None:
+    """Fail before training, not after it, where the model could not be saved in --model-dir."""
+    from cellvae.model import is_model_folder
+
+    model_dir = Path(args.model_dir).expanduser()
+    resolved = model_dir.resolve()
+    if model_dir.name in ("", ".", "..") or resolved.name in ("", ".", ".."):
+        raise SystemExit(f"error: --model-dir needs a folder name for the model, e.g. my_model/, got {args.model_dir!r}")
+    blocked = next((path for path in (resolved, *resolved.parents) if path.exists() and not path.is_dir()), None)
+    if blocked is not None:
+        raise SystemExit(f"error: --model-dir {args.model_dir} cannot be made: {blocked} is a file")
+    if model_dir.exists():
+        if not args.overwrite:
+            raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
+        if not is_model_folder(model_dir):
+            raise SystemExit(
+                f"error: {args.model_dir} holds files that are not a saved cellvae model; --overwrite replaces only a "
+                "model folder: choose a new --model-dir or remove it yourself"
+            )
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).resolve() == resolved:
+        raise SystemExit("error: --checkpoint-dir must be another folder than --model-dir")
+    out = Path(args.out).resolve()
+    if out == resolved or resolved in out.parents:
+        raise SystemExit("error: --out must not be --model-dir or inside it")
+
+
+def _write(adata, out: str) -> None:
+    """Write ``adata`` to a new file beside ``out``, then move it into place: never a half-written file, nor
+    one mixed with an old one (anndata writes a backed AnnData into an existing file)."""
+    import anndata as ad
+
+    target = Path(out)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial.h5ad")
+    try:
+        ad.AnnData.write_h5ad(adata, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _read(path: str, backed: bool = False, layer: str | None = None):
@@ -217,17 +271,24 @@ def _read(path: str, backed: bool = False, layer: str | None = None):
     source = Path(path)
     if not source.exists():
         raise SystemExit(f"error: input {path} does not exist")
-    if source.is_dir():
-        from cellvae import read_zarr_lazy
+    try:
+        if source.is_dir():
+            from cellvae import read_zarr_lazy
 
-        return read_zarr_lazy(source)
-    if backed and layer is not None:  # anndata's backed mode would read the layer into memory
-        import h5py
+            return read_zarr_lazy(source)
+        if backed and layer is not None:  # anndata's backed mode would read the layer into memory
+            import h5py
 
-        from cellvae.data import read_lazily
+            from cellvae.data import read_lazily
 
-        return read_lazily(h5py.File(source, "r"))  # open while the process runs, like a backed file
-    return ad.read_h5ad(source, backed="r" if backed else None)
+            adata = read_lazily(h5py.File(source, "r"))  # open while the process runs, like a backed file
+        else:
+            adata = ad.read_h5ad(source, backed="r" if backed else None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SystemExit(f"error: could not read {path} as an AnnData ({type(error).__name__}: {error})") from error
+    if not isinstance(adata, ad.AnnData):
+        raise SystemExit(f"error: could not read {path} as an AnnData (it holds a {type(adata).__name__})")
+    return adata
 
 
 def _neighbours_umap_leiden(adata, key: str, seed: int) -> None:

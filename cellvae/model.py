@@ -764,8 +764,7 @@ class CellVAE:
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-            model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ".DS_Store"}
-            if not path.is_dir() or path.is_symlink() or not {p.name for p in path.iterdir()} <= model_files:
+            if not is_model_folder(path):
                 raise ValueError(
                     f"{path} exists and is not a saved cellvae model folder (it holds other files); overwrite=True "
                     "replaces only a folder written by CellVAE.save: choose a new path or remove it yourself"
@@ -1403,6 +1402,12 @@ class CellVAE:
             covariates[:, :n_batches] = 0.0
             covariates[:, target] = 1.0
             yield covariates, torch.full_like(mb.batch_index, target)
+
+
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save`."""
+    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ".DS_Store"}
+    return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= model_files
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

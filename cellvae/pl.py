@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.backend_bases import FigureCanvasBase
 
 from cellvae.model import CellVAE, _check_threshold
 
@@ -96,6 +97,13 @@ def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, s
     missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
     if missing:
         raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")
+    try:
+        frame = frame[["beta", "rate", "distortion"]].astype(float)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"beta, rate and distortion must be numbers ({error})") from error
+    frame = frame[np.isfinite(frame.to_numpy()).all(axis=1)]
+    if frame.empty:
+        raise ValueError("no row of the sweep has a finite beta, rate and distortion to plot")
     frame = frame.sort_values("rate").reset_index(drop=True)  # positions: stacked sweeps repeat index labels
     made = ax is None
     if ax is None:
@@ -168,6 +176,10 @@ def _check_save(save) -> None:
         raise TypeError(f"save must be a file path such as 'figure.png', got {save!r}; cellvae writes it as given")
     if save and not Path(save).resolve().parent.is_dir():
         raise FileNotFoundError(f"the folder of save={str(save)!r} does not exist; create it first")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(save).suffix.lstrip(".").lower() if save else ""
+    if suffix and suffix not in kinds:
+        raise ValueError(f"save={str(save)!r}: matplotlib cannot write .{suffix} files; use one of {sorted(kinds)}")
 
 
 def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: bool) -> None:

@@ -147,6 +147,7 @@ def train(
     the learning rate; Ctrl-C stops early and keeps the best parameters so far. With
     ``checkpoint_dir`` the full training state is written atomically every ``checkpoint_every``
     epochs; ``resume`` continues from it and ends with the same parameters as an uninterrupted run.
+    ``history.attrs["interrupted"]`` says whether Ctrl-C ended the run.
     """
     has_validation = len(validation_cells) > 0
     rank, world = rank_and_world()
@@ -161,7 +162,7 @@ def train(
     last_good = _snapshot(vae)
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
-    start_epoch, stop = 0, False
+    start_epoch, stop, interrupted = 0, False, False
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
@@ -294,13 +295,16 @@ def train(
     except KeyboardInterrupt:
         kept = f"the best parameters so far (epoch {best['epoch']})" if best["epoch"] >= 0 else "the partly trained parameters"
         warnings.warn(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning, stacklevel=2)
+        interrupted = True
     finally:
         bar.close()
         vae.set_compute_dtype(None)
     if best["epoch"] >= 0:
         vae.load_state_dict(best["state"])
     vae.eval()
-    return pd.DataFrame(rows)
+    history = pd.DataFrame(rows)
+    history.attrs["interrupted"] = interrupted
+    return history
 
 
 class ResidentSteps:

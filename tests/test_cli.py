@@ -60,7 +60,7 @@ def test_fit_then_embed(tmp_path):
     streamed = ad.read_h5ad(tmp_path / "b.h5ad")
     np.testing.assert_array_equal(streamed.obsm["X_cellvae"], embedded.obsm["X_cellvae"])
     assert (streamed.layers["counts"] != data.layers["counts"]).nnz == 0
-    with pytest.raises(SystemExit, match="give --out another path"):
+    with pytest.raises(SystemExit, match="--out is the input file"):
         main([*backed, "--out", str(tmp_path / "in.h5ad")])
 
 
@@ -98,7 +98,7 @@ def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
     assert fitted.obsm["X_cellvae"].shape == (300, 10) and np.isfinite(fitted.obsm["X_cellvae"]).all()
     assert (fitted.X != data.X).nnz == 0  # the counts are copied to the output as they were
     assert source.read_bytes() == before
-    with pytest.raises(SystemExit, match="give --out another path"):
+    with pytest.raises(SystemExit, match="--out is the input file"):
         main(["fit", str(source), "--backed", "--out", str(source), "--model-dir", str(tmp_path / "m2")])
     data.write_zarr(tmp_path / "in.zarr")
     with pytest.raises(SystemExit, match="a .zarr store is always streamed"):
@@ -171,3 +171,90 @@ def test_backed_with_a_layer_streams_the_layer_from_disk(tmp_path, monkeypatch):
     written = ad.read_h5ad(out)  # the input's X and layer, and the embedding
     assert written.obsm["X_cellvae"].shape == (200, 10) and np.isfinite(written.obsm["X_cellvae"]).all()
     assert (written.layers["counts"] != data.layers["counts"]).nnz == 0 and (written.X != data.X).nnz == 0
+
+
+def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(tmp_path):
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    source, out, model_dir = tmp_path / "in.h5ad", tmp_path / "out.h5ad", tmp_path / "model"
+    data.write_h5ad(source)
+    old = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=1)
+    old.raw = old  # parts of an old file that anndata would keep when writing a backed AnnData over it
+    old.write_h5ad(out)
+    args = ["fit", str(source), "--backed", "--out", str(out), "--model-dir", str(model_dir), "--epochs", "2", "--quiet"]
+    with pytest.raises(SystemExit, match="--out .* exists; pass --overwrite"):
+        main(args)
+    assert not model_dir.exists()
+    assert main([*args, "--overwrite"]) == 0
+    written = ad.read_h5ad(out)
+    assert written.shape == (300, 100) and written.raw is None and written.obsm["X_cellvae"].shape == (300, 10)
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    embed = ["embed", str(source), "--model-dir", str(model_dir), "--out", str(out)]
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main(embed)
+    assert main([*embed, "--overwrite", "--key-added", "X_again"]) == 0
+    assert "X_again" in ad.read_h5ad(out).obsm
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--key-added", ""], "--key-added must be a non-empty obsm key"),
+        (["--key-added", "a/b"], "--key-added must be a non-empty obsm key"),
+        (["--key-added", "X_umap"], "would be replaced by the UMAP"),
+        (["--model-dir", "."], "--model-dir needs a folder name"),
+        (["--model-dir", "{tmp}/in.h5ad/model"], "is a file"),
+        (["--model-dir", "{tmp}/other", "--overwrite"], "not a saved cellvae model"),
+        (["--checkpoint-dir", "{tmp}/new_model"], "--checkpoint-dir must be another folder"),
+        (["--out", "{tmp}/new_model/out.h5ad"], "--out must not be --model-dir or inside it"),
+    ],
+)
+def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, options, message, monkeypatch):
+    cellvae.datasets.simulate(n_cells=100, n_genes=20, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    (tmp_path / "new_model").mkdir()  # for the --out case: an output folder inside the model folder
+    monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *a, **k: pytest.fail("training started"))
+    command = ["fit", str(tmp_path / "in.h5ad"), "--out", f"{tmp_path}/out.h5ad", "--model-dir", f"{tmp_path}/new_model"]
+    command += ["--overwrite", "--epochs", "1"]  # later options win; --overwrite lets new_model/ be replaced
+    command += [option.format(tmp=tmp_path) for option in options]
+    with pytest.raises(SystemExit, match=message):
+        main(command)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+
+
+def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_success(tmp_path, monkeypatch):
+    cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    evaluate = cellvae.train.evaluate
+    calls = []
+
+    def interrupted_in_the_second_epoch(*args, **kwargs):  # Ctrl-C, as the training loop receives it
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(cellvae.train, "evaluate", interrupted_in_the_second_epoch)
+    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    with pytest.warns(RuntimeWarning, match="training interrupted"):
+        assert main([*args, "--epochs", "5", "--quiet"]) == 130
+    assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.obsm["X_cellvae"].shape == (300, 10) and "X_umap" not in written.obsm
+
+
+def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
+    cellvae.datasets.simulate(n_cells=100, n_genes=20, seed=0).write_h5ad(tmp_path / "in.h5ad")
+
+    def diverging(*args, **kwargs):
+        raise FloatingPointError("training produced non-finite losses or gradients 6 times; lower lr")
+
+    monkeypatch.setattr(cellvae.CellVAE, "fit", diverging)
+    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    with pytest.raises(SystemExit, match="error: training produced non-finite"):
+        main(args)
+    with pytest.raises(SystemExit, match="error: could not read .*plain.h5 as an AnnData"):
+        import h5py
+
+        with h5py.File(tmp_path / "plain.h5", "w") as handle:
+            handle["values"] = np.arange(3)
+        main(["fit", str(tmp_path / "plain.h5"), "--backed", "--layer", "counts", *args[2:]])

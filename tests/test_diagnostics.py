@@ -82,6 +82,19 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         cellvae.pl.kl_per_dimension(model, save=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cellvae.pl.kl_per_dimension(model, save=tmp_path / "no_such_folder" / "kl.png")
+    open_figures = len(plt.get_fignums())
+    with pytest.raises(ValueError, match="cannot write .xyz files"):  # refused before drawing: no figure left open
+        cellvae.pl.kl_per_dimension(model, save=tmp_path / "kl.xyz")
+    sweep = pd.DataFrame({"beta": [0.5, 1.0], "rate": [np.nan, np.nan], "distortion": [100.0, 90.0]})
+    with pytest.raises(ValueError, match="no row of the sweep has a finite"):
+        cellvae.pl.rate_distortion(sweep, show=False)
+    with pytest.raises(ValueError, match="no row of the sweep has a finite"):
+        cellvae.pl.rate_distortion(sweep.iloc[:0], show=False)
+    with pytest.raises(TypeError, match="must be numbers"):
+        cellvae.pl.rate_distortion(sweep.assign(beta=["low", "high"]), show=False)
+    assert len(plt.get_fignums()) == open_figures
+    ax = cellvae.pl.rate_distortion(sweep.assign(rate=[np.nan, 3.0]), show=False)  # the finite rows are drawn
+    assert [t.get_text() for t in ax.texts] == ["β=1"]
     with pytest.raises(ValueError, match="threshold must be"):
         cellvae.pl.kl_per_dimension(model, threshold=float("nan"), show=False)
     plt.close("all")
