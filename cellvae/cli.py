@@ -243,8 +243,10 @@ def _check_model_dir(args: argparse.Namespace) -> None:
                 f"error: {args.model_dir} holds files that are not a saved cellvae model; --overwrite replaces only a "
                 "model folder: choose a new --model-dir or remove it yourself"
             )
-    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).resolve() == resolved:
-        raise SystemExit("error: --checkpoint-dir must be another folder than --model-dir")
+    checkpoints = None if args.checkpoint_dir is None else Path(args.checkpoint_dir).resolve()
+    nested = checkpoints is not None and (checkpoints in (resolved, *resolved.parents) or resolved in checkpoints.parents)
+    if nested:
+        raise SystemExit("error: --checkpoint-dir and --model-dir must be separate folders, neither inside the other")
     out = Path(args.out).resolve()
     if out == resolved or resolved in out.parents:
         raise SystemExit("error: --out must not be --model-dir or inside it")

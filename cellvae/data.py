@@ -393,6 +393,8 @@ class Covariates:
         return self.shape[0]
 
     def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, (int, np.integer)):  # one cell: its row, as a 2-D array would give
+            return self[[rows]][0]
         continuous = self.continuous[rows]
         dense = np.zeros((len(continuous), self.shape[1]), dtype=np.float32)
         cells, offset = np.arange(len(continuous)), 0
@@ -624,17 +626,23 @@ class CellLoader:
         left_block, left_cells = None, None
         for chunk in chunks:
             block = self._read_rows(chunk)
-            if left_cells is not None:
-                parts = [left_block, block]
-                block = sp.vstack(parts, format="csr") if sp.issparse(block) else np.concatenate(parts)
-                chunk = np.concatenate([left_cells, chunk])
+            start = 0
+            if left_cells is not None:  # filled up from the head of this chunk (not joined to all of it: one buffer held)
+                start = min(batch_size - len(left_cells), len(chunk))
+                parts = [left_block, block[:start]]
+                joined = sp.vstack(parts, format="csr") if sp.issparse(block) else np.concatenate(parts)
+                cells = np.concatenate([left_cells, chunk[:start]])
                 left_block, left_cells = None, None
-            if len(chunk) == batch_size:
+                if len(cells) < batch_size:  # this chunk was too short to fill it: carry on
+                    left_block, left_cells = joined, cells
+                    continue
+                yield self._minibatch(joined, cells, with_sparse)
+            if start == 0 and len(chunk) == batch_size:
                 yield self._minibatch(block, chunk, with_sparse)
                 continue
-            whole = len(chunk) // batch_size * batch_size
-            for start in range(0, whole, batch_size):
-                rows = slice(start, start + batch_size)
+            whole = start + (len(chunk) - start) // batch_size * batch_size
+            for first in range(start, whole, batch_size):
+                rows = slice(first, first + batch_size)
                 yield self._minibatch(block[rows], chunk[rows], with_sparse)
             if whole < len(chunk):
                 left_block, left_cells = block[whole:], chunk[whole:]

@@ -435,8 +435,8 @@ class CellVAE:
         """
         if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
-        genes = slice(None) if gene_list is None else self._gene_indices(gene_list)
         adata = self._resolve(adata)
+        genes = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         loader, cells = self._loader(adata, self.device)
         targets = self._batch_overrides(transform_batch)
         n_out = self.config.n_genes if gene_list is None else len(genes)
@@ -450,17 +450,18 @@ class CellVAE:
                     total = total + self.module.generative(z, covariates, library, batch_index).log_mean.exp()[:, genes]
                 rows = np.searchsorted(cells, mb.cell_index)
                 out[rows] = (total / len(targets)).cpu().numpy()
-        order = self._adata_gene_order(adata) if gene_list is None else None
-        return out if order is None else out[:, order]
+        return out
 
-    def _adata_gene_order(self, adata: ad.AnnData) -> np.ndarray | None:
-        """The model's position of each of ``adata``'s genes where it holds exactly the model's genes in
-        another order (per-gene outputs then follow ``adata.var_names``); else None (the model's order)."""
+    def _adata_gene_columns(self, adata: ad.AnnData) -> slice | torch.Tensor:
+        """Columns that put per-gene outputs in ``adata``'s gene order where it holds exactly the model's
+        genes in another order (on the model's device); else all columns, in the model's order."""
         genes = pd.Index(self.config.gene_names)
         if len(adata.var_names) != len(genes) or adata.var_names.equals(genes):
-            return None
+            return slice(None)
         positions = genes.get_indexer(adata.var_names) if genes.is_unique else np.full(len(genes), -1)
-        return None if (positions < 0).any() or len(np.unique(positions)) < len(positions) else positions
+        if (positions < 0).any() or len(np.unique(positions)) < len(positions):
+            return slice(None)
+        return torch.from_numpy(positions).to(self.device)
 
     def _gene_indices(self, gene_list) -> torch.Tensor:
         """Positions of ``gene_list`` among the model's genes; unknown names are an error."""
@@ -494,6 +495,7 @@ class CellVAE:
         """
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
+        columns = self._adata_gene_columns(adata)
         likelihood = self.config.likelihood
         names = ["mean"] + ["theta"] * (likelihood != "poisson") + ["zero_inflation"] * (likelihood == "zinb")
         # written in place: the outputs are the only cells × genes arrays held
@@ -504,14 +506,13 @@ class CellVAE:
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
                 rows = slice(start, start + len(mb.cell_index))
-                parameters["mean"][rows] = dist.mean.cpu().numpy()
+                parameters["mean"][rows] = dist.mean[:, columns].cpu().numpy()
                 if "theta" in parameters:
-                    parameters["theta"][rows] = dist.theta.expand_as(dist.log_mean).cpu().numpy()
+                    parameters["theta"][rows] = dist.theta.expand_as(dist.log_mean)[:, columns].cpu().numpy()
                 if "zero_inflation" in parameters:
-                    parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits).cpu().numpy()
+                    parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits[:, columns]).cpu().numpy()
                 start = rows.stop
-        order = self._adata_gene_order(adata)
-        return parameters if order is None else {name: values[:, order] for name, values in parameters.items()}
+        return parameters
 
     def sample_counts(
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
@@ -538,6 +539,7 @@ class CellVAE:
         _check_seed(random_state)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
+        columns = self._adata_gene_columns(adata)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         draws = np.empty((n_samples, len(cells), self.config.n_genes), dtype=np.float32)
         with torch.no_grad():
@@ -548,10 +550,8 @@ class CellVAE:
                     noise = torch.randn(q["mean"].shape, generator=generator, device=self.device)
                     z = self.module.reparameterise(q["mean"], q["scale"], noise)
                     dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
-                    draws[s, start : start + len(mb.cell_index)] = dist.sample(generator).cpu().numpy()
+                    draws[s, start : start + len(mb.cell_index)] = dist.sample(generator)[:, columns].cpu().numpy()
                 start += len(mb.cell_index)
-        order = self._adata_gene_order(adata)
-        draws = draws if order is None else draws[..., order]
         return draws[0] if n_samples == 1 else draws
 
     def differential_expression(

@@ -67,12 +67,12 @@ def test_every_minibatch_but_the_last_has_batch_size_cells(counts, tmp_path_fact
     adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
     loader = loader_for(adata)
     expected = counts.X.toarray()
-    for n_cells in (counts.n_obs, 1450):
+    for n_cells, batch_size in ((counts.n_obs, 100), (1450, 100), (counts.n_obs, 1000)):  # 1000: more than a buffer
         cells = np.arange(n_cells)
-        batches = list(loader.batches(cells, 100, shuffle=True, rng=np.random.default_rng(n_cells)))
+        batches = list(loader.batches(cells, batch_size, shuffle=True, rng=np.random.default_rng(n_cells)))
         sizes = [len(mb.cell_index) for mb in batches]
-        assert len(batches) == -(-n_cells // 100)
-        assert set(sizes[:-1]) == {100} and sizes[-1] == n_cells - 100 * (len(batches) - 1)
+        assert len(batches) == -(-n_cells // batch_size)
+        assert set(sizes[:-1]) == {batch_size} and sizes[-1] == n_cells - batch_size * (len(batches) - 1)
         for mb in batches:
             np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
         assert sorted(np.concatenate([mb.cell_index for mb in batches])) == list(cells)
@@ -387,5 +387,6 @@ def test_covariates_are_held_as_codes_and_made_one_hot_for_the_rows_asked_for():
     rows = rng.permutation(adata.n_obs)[:128]
     np.testing.assert_array_equal(covariates[rows], expected[rows])
     np.testing.assert_array_equal(covariates[10:20], expected[10:20])
+    np.testing.assert_array_equal(covariates[7], expected[7])
     held = sum(codes.nbytes for codes in covariates.codes) + covariates.continuous.nbytes
     assert held <= 12 * adata.n_obs < expected.nbytes / 300
