@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import scanpy as sc
@@ -11,6 +12,12 @@ import zarr
 
 import cellvae
 from cellvae.cli import main
+
+
+def fit_args(tmp_path, n_cells: int, n_genes: int) -> list[str]:
+    """`cellvae fit` of simulated counts written to tmp_path/in.h5ad, writing out.h5ad and model/ beside it."""
+    cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    return ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
 
 
 def test_help_lists_the_commands():
@@ -66,21 +73,18 @@ def test_fit_then_embed(tmp_path):
 
 def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):
     # Above 4,096 cells scanpy finds neighbours with pynndescent (whose 0.7.0 broke sc.pp.neighbors).
-    cellvae.datasets.simulate(n_cells=5000, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
-    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    args = fit_args(tmp_path, n_cells=5000, n_genes=50)
     assert main([*args, "--batch-key", "batch", "--epochs", "1", "--quiet"]) == 0
     fitted = ad.read_h5ad(tmp_path / "out.h5ad")
     assert fitted.obsp["connectivities"].shape == (5000, 5000) and fitted.obsm["X_umap"].shape == (5000, 2)
 
 
 def test_fit_keeps_the_model_and_embedding_when_scanpys_steps_fail(tmp_path, monkeypatch):
-    cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
-
     def failing_neighbours(*args, **kwargs):
         raise RuntimeError("no neighbours today")
 
     monkeypatch.setattr(sc.pp, "neighbors", failing_neighbours)
-    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    args = fit_args(tmp_path, n_cells=300, n_genes=50)
     with pytest.raises(SystemExit, match="neighbours/UMAP/Leiden failed .*no neighbours today.*the model is saved"):
         main([*args, "--epochs", "2", "--quiet"])
     assert ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_cellvae"].shape == (300, 10)
@@ -224,7 +228,6 @@ def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, 
 
 
 def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_success(tmp_path, monkeypatch):
-    cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
     evaluate = cellvae.train.evaluate
     calls = []
 
@@ -235,7 +238,7 @@ def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_su
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(cellvae.train, "evaluate", interrupted_in_the_second_epoch)
-    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    args = fit_args(tmp_path, n_cells=300, n_genes=50)
     with pytest.warns(RuntimeWarning, match="training interrupted"):
         assert main([*args, "--epochs", "5", "--quiet"]) == 130
     assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
@@ -244,18 +247,14 @@ def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_su
 
 
 def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
-    cellvae.datasets.simulate(n_cells=100, n_genes=20, seed=0).write_h5ad(tmp_path / "in.h5ad")
-
     def diverging(*args, **kwargs):
         raise FloatingPointError("training produced non-finite losses or gradients 6 times; lower lr")
 
     monkeypatch.setattr(cellvae.CellVAE, "fit", diverging)
-    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    args = fit_args(tmp_path, n_cells=100, n_genes=20)
     with pytest.raises(SystemExit, match="error: training produced non-finite"):
         main(args)
+    with h5py.File(tmp_path / "plain.h5", "w") as handle:  # HDF5, but not an AnnData
+        handle["values"] = np.arange(3)
     with pytest.raises(SystemExit, match="error: could not read .*plain.h5 as an AnnData"):
-        import h5py
-
-        with h5py.File(tmp_path / "plain.h5", "w") as handle:
-            handle["values"] = np.arange(3)
         main(["fit", str(tmp_path / "plain.h5"), "--backed", "--layer", "counts", *args[2:]])
