@@ -61,26 +61,30 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     if not _is_readable(matrix):
         kind = f"{type(matrix).__module__}.{type(matrix).__name__}"
         raise TypeError(
-            f"the count matrix {_where_in(layer)} is a {kind}; cellvae reads numpy arrays, scipy sparse matrices and "
+            f"the count matrix {where(layer)} is a {kind}; cellvae reads numpy arrays, scipy sparse matrices and "
             "backed or Zarr matrices (anndata.read_h5ad(path, backed='r'), cellvae.read_zarr_lazy(path)); for a dask "
             "array, call .compute() or write the AnnData to .h5ad and open it backed"
         )
     return matrix
 
 
+IN_MEMORY_MATRICES = (np.ndarray, sp.spmatrix, sp.sparray)
+
+
 def _is_readable(matrix) -> bool:
     """In memory (numpy, scipy sparse) or backed (h5py, anndata's sparse datasets, Zarr arrays)."""
-    if isinstance(matrix, (np.ndarray, sp.spmatrix, sp.sparray, h5py.Dataset, ad.abc.CSRDataset, ad.abc.CSCDataset)):
+    if isinstance(matrix, (*IN_MEMORY_MATRICES, h5py.Dataset, ad.abc.CSRDataset, ad.abc.CSCDataset)):
         return True
     return type(matrix).__module__.split(".")[0] == "zarr"
 
 
-def _where_in(layer: str | None) -> str:
+def where(layer: str | None) -> str:
+    """Where the counts are read: ``adata.X`` or ``adata.layers[...]`` (for messages)."""
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
 def is_backed_matrix(matrix) -> bool:
-    return not isinstance(matrix, (np.ndarray, sp.spmatrix, sp.sparray))
+    return not isinstance(matrix, IN_MEMORY_MATRICES)
 
 
 def validate_counts(matrix, where: str, read_values: bool = True) -> None:

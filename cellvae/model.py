@@ -157,7 +157,7 @@ class CellVAE:
             posterior=posterior,
             cellvae_version=__version__,
         )  # checks the settings before the counts are read, which can take long for a large backed matrix
-        data.validate_counts(matrix, _where(layer), read_values=not values_checked_in_fit)
+        data.validate_counts(matrix, data.where(layer), read_values=not values_checked_in_fit)
         self._setup(config, adata)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
@@ -653,8 +653,7 @@ class CellVAE:
                 f"n_draws must be at least {MIN_DE_DRAWS} (probabilities from fewer draws are too coarse), got {n_draws}"
             )
         _check_seed(random_state)
-        if not isinstance(batch_correction, (bool, np.bool_)):
-            raise TypeError(f"batch_correction must be True or False, got {batch_correction!r}")
+        _check_flag(batch_correction, "batch_correction")
         if pseudocount is not None and (
             isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
         ):
@@ -1369,7 +1368,7 @@ class CellVAE:
         else:  # model genes the data lacks are read as zero counts, as in map_query
             columns = _gene_positions(adata.var_names, genes, "adata")
         covariates = data.covariate_matrix(adata.obs, self.layout)
-        where = _where(self.config.layer)
+        where = data.where(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
         if all_ranks:
             library = library_sizes_across_ranks(matrix, present, check_as=where)
@@ -1515,10 +1514,6 @@ def _make_durable_and_shareable(folder: Path) -> None:
         finally:
             os.close(descriptor)
     folder.chmod(0o777 & ~umask)
-
-
-def _where(layer: str | None) -> str:
-    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
 # ----------------------------------------------------------------------------- differential expression helpers
@@ -1679,7 +1674,7 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
     matrix = data.count_matrix(query, config.layer)
     if data.is_backed_matrix(matrix):
         raise ValueError("query_adata is backed on disk; load it with query_adata.to_memory() before map_query")
-    data.validate_counts(matrix, "query " + _where(config.layer))
+    data.validate_counts(matrix, "query " + data.where(config.layer))
     positions = _gene_positions(query.var_names, pd.Index(config.gene_names), "query_adata")
     counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
     obs = query.obs.copy()
