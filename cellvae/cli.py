@@ -14,7 +14,7 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
   cellvae fit IN.zarr ...               the same from a Zarr store, its counts streamed from disk
   cellvae fit IN.h5ad --backed ...      the same, the .h5ad's counts streamed from disk
   torchrun --nproc_per_node=N -m cellvae.cli fit ...   the same, data-parallel over N processes
-  cellvae embed IN.h5ad --model-dir DIR --out OUT.h5ad
+  cellvae embed IN.h5ad --model-dir DIR --out OUT.h5ad [--layer counts]
 """
 
 
@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model-dir", required=True, help="folder of a model saved by 'cellvae fit'")
     embed.add_argument("--out", required=True, help="output .h5ad with the embedding in obsm")
     embed.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
+    embed.add_argument(
+        "--layer",
+        default=None,
+        help="layer with the raw counts, or X (default: where the model read them in training)",
+    )
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     embed.set_defaults(command="embed", run=run_embed)
@@ -196,11 +201,33 @@ def run_embed(args: argparse.Namespace) -> int:
 
     _check_input_and_output(args)
     model = CellVAE.load(args.model_dir)
-    adata = _read(args.input, backed=args.backed, layer=model.config.layer)
-    adata.obsm[args.key_added] = model.get_latent(adata)
+    layer = model.config.layer if args.layer is None else None if args.layer == "X" else args.layer
+    adata = _read(args.input, backed=args.backed, layer=layer)
+    if layer is not None and layer not in adata.layers:
+        trained = " (where the model read its counts in training)" if args.layer is None else ""
+        raise SystemExit(
+            f"error: {args.input} has no layers[{layer!r}]{trained}; name the counts' place with --layer NAME, "
+            f"or --layer X (layers here: {list(adata.layers.keys())})"
+        )
+    adata.obsm[args.key_added] = model.get_latent(_counts_where_model_reads(adata, layer, model.config.layer))
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
+
+
+def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None):
+    """``adata`` itself if its counts are where the model reads them, else an AnnData with its obs (for
+    the covariates), its gene names and the same matrix, not copied, in that place."""
+    import anndata as ad
+    import pandas as pd
+
+    from cellvae.data import count_matrix
+
+    if layer == model_layer:
+        return adata
+    counts = count_matrix(adata, layer)
+    names = {"obs": adata.obs, "var": pd.DataFrame(index=adata.var_names)}
+    return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
 
 
 def _check_input_and_output(args: argparse.Namespace) -> None:

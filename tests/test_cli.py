@@ -69,6 +69,17 @@ def test_fit_then_embed(tmp_path):
     assert (streamed.layers["counts"] != data.layers["counts"]).nnz == 0
     with pytest.raises(SystemExit, match="--out is the input file"):
         main([*backed, "--out", str(tmp_path / "in.h5ad")])
+    # a file with the counts in X only: refused with the way out, then read with --layer X (in memory or streamed)
+    ad.AnnData(X=data.layers["counts"], obs=data.obs, var=data.var).write_h5ad(tmp_path / "x.h5ad")
+    in_x = ["embed", str(tmp_path / "x.h5ad"), "--model-dir", str(tmp_path / "model")]
+    with pytest.raises(SystemExit, match=r"no layers\['counts'\].*--layer X"):
+        main([*in_x, "--out", str(tmp_path / "x_out.h5ad")])
+    assert not (tmp_path / "x_out.h5ad").exists()
+    for streamed in ([], ["--backed"]):
+        assert main([*in_x, *streamed, "--layer", "X", "--out", str(tmp_path / "x_out.h5ad"), "--overwrite"]) == 0
+        from_x = ad.read_h5ad(tmp_path / "x_out.h5ad")
+        np.testing.assert_array_equal(from_x.obsm["X_cellvae"], embedded.obsm["X_cellvae"])
+        assert list(from_x.layers) == [] and list(from_x.obs.columns) == list(data.obs.columns)
 
 
 def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):
