@@ -1,14 +1,35 @@
 """cellvae: a fast negative-binomial VAE for single-cell RNA-seq counts in AnnData."""
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("cellvae")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from cellvae import datasets, pl, tl
-from cellvae.data import read_zarr_lazy
-from cellvae.model import CellVAE
+if TYPE_CHECKING:
+    from cellvae import datasets, pl, tl
+    from cellvae.data import read_zarr_lazy
+    from cellvae.model import CellVAE
+
+# Imported on first use, so that `cellvae --help` and argument errors do not wait for torch and scanpy.
+_HOMES = {"CellVAE": "cellvae.model", "read_zarr_lazy": "cellvae.data", "datasets": None, "pl": None, "tl": None}
 
 __all__ = ["CellVAE", "datasets", "pl", "read_zarr_lazy", "tl", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'cellvae' has no attribute {name!r}")
+    home = _HOMES[name]
+    value = importlib.import_module(f"cellvae.{name}") if home is None else getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,10 +20,14 @@ def fit_args(tmp_path, n_cells: int, n_genes: int) -> list[str]:
     return ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
 
 
-def test_help_lists_the_commands():
+def test_help_lists_the_commands_without_loading_torch():
     result = subprocess.run([sys.executable, "-m", "cellvae.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "fit", "embed"):
         assert command in result.stdout
+    # the package loads its parts on first use: help and argument errors do not wait for torch and scanpy
+    code = "import sys, cellvae, cellvae.cli; cellvae.cli.build_parser(); print(sorted({'torch', 'scanpy'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert callable(cellvae.CellVAE) and callable(cellvae.tl.embed) and "CellVAE" in dir(cellvae)
 
 
 def test_demo_writes_embedding_and_plots(tmp_path, capsys):

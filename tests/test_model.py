@@ -15,6 +15,17 @@ from cellvae import CellVAE
 from cellvae.train import default_max_epochs
 
 
+def test_the_whole_public_api_loads_without_the_benchmark_extras():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cellvae; [getattr(cellvae, name) for name in cellvae.__all__]; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'scvi', 'lightning', 'jax', 'scib_metrics'}))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     """15-NN cell-type accuracy on the embedding ≥ 0.95 × that on 10 PCs of log-normalised data."""
     adata = pbmc.copy()
