@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
 
 import anndata as ad
@@ -70,10 +71,15 @@ def embed(
         raise TypeError(f"{misplaced} are options of CellVAE.fit; pass them as fit_kwargs={{{example}}}")
     if "copy" in model_kwargs or "inplace" in model_kwargs:
         raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
+    uns_key = "cellvae" if key_added == "X_cellvae" else key_added
+    if not isinstance(adata.uns.get(uns_key, {}), Mapping):
+        raise TypeError(
+            f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
+            f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
+        )
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent()
-    adata.obsm[key_added] = latent
     params = {
         "key_added": key_added,
         "layer": layer,
@@ -87,7 +93,8 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
-    adata.uns.setdefault("cellvae" if key_added == "X_cellvae" else key_added, {})["params"] = params
+    adata.uns.setdefault(uns_key, {})["params"] = params
+    adata.obsm[key_added] = latent
     return model
 
 

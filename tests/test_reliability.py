@@ -213,6 +213,18 @@ def test_embed_points_fit_options_to_fit_kwargs_before_training(messy, monkeypat
     assert_unchanged(before, adata)
 
 
+def test_embed_refuses_an_uns_entry_it_cannot_write_its_settings_into_before_training(messy, monkeypatch):
+    adata = messy.copy()
+    adata.uns["cellvae"], adata.uns["X_mine"] = "a note", np.arange(3)
+    before = adata.copy()
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(TypeError, match=r"adata.uns\['cellvae'\] holds a str; .*choose another key_added"):
+        cellvae.tl.embed(adata, layer="counts")
+    with pytest.raises(TypeError, match=r"adata.uns\['X_mine'\] holds a ndarray"):
+        cellvae.tl.embed(adata, layer="counts", key_added="X_mine")
+    assert_unchanged(before, adata)
+
+
 def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
     adata = messy.copy()
     settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
