@@ -23,6 +23,9 @@ import torch
 from cellvae.distributions import SparseCounts
 
 MIN_CELLS = 10
+# Largest count accepted in one entry: far above any read or UMI count, far below where float32 and
+# int64 arithmetic (likelihood, log x!) would overflow or lose the value.
+MAX_COUNT = 1e12
 # Stored values checked at once: bounds the temporary arrays of count validation (~64 MB of float32).
 VALUES_PER_CHECK = 2**24
 # Rows of a backed matrix read at once when checking it or summing its rows.
@@ -107,6 +110,11 @@ def _check_count_matrix(matrix, where: str) -> None:
     dtype = np.dtype(matrix.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):
         raise TypeError(f"{where} has dtype {dtype}; cellvae needs numeric raw counts")
+    if dtype == np.float16 and getattr(matrix, "format", None) in ("csr", "csc") and is_backed_matrix(matrix):
+        raise TypeError(
+            f"{where} is stored as sparse float16, which scipy cannot read (nor anndata into memory); write the file "
+            "again with the counts as integers or float32"
+        )
     if 0 in matrix.shape:
         raise ValueError(f"{where} is empty (shape {matrix.shape}); cellvae needs at least one cell and one gene")
 
@@ -124,6 +132,7 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
     if values.dtype == np.bool_ or np.issubdtype(values.dtype, np.integer):
         if values.size and values.min() < 0:
             raise ValueError(f"{where} has negative values (min {values.min()}); cellvae needs raw counts >= 0")
+        _check_largest_count(values, where)
         return
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{where} contains NaN or infinite values; remove or fix those cells before training")
@@ -133,6 +142,7 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
             "cellvae needs raw counts: build the model with layer=... naming them (a trained model reads them "
             "where it was trained: X or that layer)"
         )
+    _check_largest_count(values, where)
     fractional = values != np.round(values)
     if fractional.any():
         example = values[fractional][0]
@@ -142,6 +152,16 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
             "trained model reads them where it was trained: X or that layer), or rebuild an AnnData from adata.raw. "
             "If these are estimated or ambient-corrected counts (e.g. from alevin, SoupX or decontX), round them "
             "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
+        )
+
+
+def _check_largest_count(values: np.ndarray, where: str) -> None:
+    dtype = values.dtype
+    can_exceed = np.iinfo(dtype).max > MAX_COUNT if np.issubdtype(dtype, np.integer) else dtype.itemsize > 2
+    if can_exceed and values.size and values.max() > MAX_COUNT:
+        raise ValueError(
+            f"{where} has a value of {values.max():.3g}, above the {MAX_COUNT:.0e} cellvae accepts as a count in one "
+            "cell and gene; raw counts are far smaller: check that these are counts, not an overflowed or scaled matrix"
         )
 
 

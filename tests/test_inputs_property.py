@@ -25,7 +25,8 @@ DOCUMENTED = (ValueError, KeyError, TypeError)
 DTYPES = ["int16", "int32", "int64", "uint16", "float16", "float32", "float64", "bool"]
 STORAGES = ["dense", "csr_matrix", "csc_matrix", "csr_array", "csc_array", "backed"]
 BATCH_KINDS = ["none", "categorical", "categorical_unused", "str", "int", "bool", "float_nan", "mixed_object", "missing"]
-DEFECTS = ["none", "negative", "fractional", "nan", "inf"]
+DEFECT_VALUES = {"negative": -3, "fractional": 2.5, "nan": np.nan, "inf": np.inf, "huge": 1e13}
+DEFECTS = ["none", *DEFECT_VALUES]
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 TINY_MODEL = {"n_hidden": 4, "n_latent": 2}
 
@@ -47,6 +48,8 @@ def cases(draw):
         defect = "none"
     if dtype.startswith("uint") or dtype == "bool":
         defect = "none" if defect == "negative" else defect
+    if defect == "huge" and dtype not in ("int64", "float32", "float64"):  # a count no smaller dtype can hold
+        defect = "none"
     storage = draw(st.sampled_from(STORAGES))
     if dtype == "float16" and storage not in ("dense", "backed"):
         storage = "dense"  # scipy.sparse has no float16
@@ -87,9 +90,7 @@ def build(case, folder: Path) -> tuple[ad.AnnData, dict]:
     """The AnnData of a case, and the CellVAE arguments that point at its counts and batches."""
     values = case["counts"].astype(np.float64)
     row, column = case["defect_at"]
-    values[row, column] = {"none": values[row, column], "negative": -3, "fractional": 2.5, "nan": np.nan, "inf": np.inf}[
-        case["defect"]
-    ]
+    values[row, column] = values[row, column] if case["defect"] == "none" else DEFECT_VALUES[case["defect"]]
     matrix = values.astype(case["dtype"])
     storage = case["storage"]
     if storage in ("csr_matrix", "csc_matrix", "csr_array", "csc_array"):

@@ -3,6 +3,7 @@
 import warnings
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -168,6 +169,30 @@ def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_p
         library_sizes(backed.X, check_as="adata.X", rows=range(650, 720))
     with pytest.raises(ValueError, match="part of a backed matrix"):
         library_sizes(spoiled.X, rows=after)
+
+
+def test_counts_beyond_any_real_count_are_refused_before_they_overflow_the_likelihood(counts, tmp_path):
+    # above 2**63 the count would wrap to a wrong integer, above float32's range to inf: refused at the model's build
+    for dtype, value in (("float32", 1e13), ("float64", 1e39), ("int64", 2**62)):
+        matrix = counts.X.astype(dtype).toarray()
+        matrix[5, 3] = value
+        adata = ad.AnnData(matrix, obs=counts.obs, var=counts.var)
+        with pytest.raises(ValueError, match=r"adata\.X has a value of .*above the 1e\+12 cellvae accepts as a count"):
+            cellvae.CellVAE(adata)
+    matrix[5, 3] = 10**12  # the largest count accepted trains
+    model = cellvae.CellVAE(ad.AnnData(matrix, obs=counts.obs, var=counts.var), n_hidden=16).fit(max_epochs=1, progress=False)
+    assert np.isfinite(model.get_latent()).all()
+    # a backed file whose sparse counts are float16 (scipy cannot hold them): refused with the way out
+    path = tmp_path / "half.h5ad"
+    ad.AnnData(counts.X.astype(np.float32), obs=counts.obs, var=counts.var).write_h5ad(path)
+    with h5py.File(path, "r+") as file:
+        data = file["X/data"][:]
+        del file["X/data"]
+        file["X/data"] = data.astype(np.float16)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(TypeError, match="stored as sparse float16.*integers or float32"):
+        cellvae.CellVAE(backed)
+    backed.file.close()
 
 
 def test_backed_csc_is_read_by_bands_of_columns_never_whole(counts, tmp_path_factory, monkeypatch):
