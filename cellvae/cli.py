@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.set_defaults(command="fit", run=run_fit)
 
-    embed = commands.add_parser("embed", help="embed an .h5ad with a saved model")
+    embed = commands.add_parser("embed", help="embed an .h5ad or .zarr of raw counts with a saved model")
     embed.add_argument("input", help="input .h5ad or .zarr store with the model's genes as raw counts")
     embed.add_argument("--model-dir", required=True, help="folder of a model saved by 'cellvae fit'")
     embed.add_argument("--out", required=True, help="output .h5ad with the embedding in obsm")

@@ -372,7 +372,7 @@ def rate_distortion_sweep(
         have had more training in total, so give each enough epochs to converge (early stopping)
         or the curve mixes the effect of beta with that of training time.
     max_epochs, random_state, progress, fit_kwargs
-        As in :func:`embed`; ``max_epochs`` applies to each beta.
+        As in :func:`embed` (but no progress bar by default); ``max_epochs`` applies to each beta.
     **model_kwargs
         Further :class:`~cellvae.CellVAE` arguments (``n_latent``, ``free_bits``, ...).
 
