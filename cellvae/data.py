@@ -106,6 +106,21 @@ def validate_counts(matrix, where: str, read_values: bool = True) -> None:
         _check_count_values(values, where)
 
 
+def share_of_ones(matrix) -> tuple[float, int]:
+    """The share of 1s among the non-zero counts in the first ``VALUES_PER_CHECK`` stored values, and how
+    many non-zero values that is. UMI counts hold many 1s (a fifth to two thirds of the non-zero values);
+    read counts of amplified molecules (full-length protocols such as Smart-seq) hold few."""
+    if not is_backed_matrix(matrix):
+        values = next(_stored_values(matrix))
+    elif getattr(matrix, "format", None) in ("csr", "csc"):
+        values = matrix.group["data"][:VALUES_PER_CHECK]
+    else:
+        values = matrix[: max(1, VALUES_PER_CHECK // matrix.shape[1])]
+    values = np.asarray(values).ravel()
+    non_zero = int(np.count_nonzero(values))
+    return int(np.count_nonzero(values == 1)) / max(non_zero, 1), non_zero
+
+
 def _check_count_matrix(matrix, where: str) -> None:
     dtype = np.dtype(matrix.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):
@@ -146,6 +161,12 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
     fractional = values != np.round(values)
     if fractional.any():
         example = values[fractional][0]
+        if np.abs(values - np.round(values)).max() < 1e-3:  # counts that went through float arithmetic
+            raise ValueError(
+                f"{where} holds counts with round-off (e.g. {example!s}: its values are within 0.001 of whole numbers); cellvae "
+                "needs whole counts: round them into a layer first, adata.layers['counts'] = np.rint(adata.X), and "
+                "build the model with layer='counts'"
+            )
         raise ValueError(
             f"{where} has non-integer values (e.g. {example!s}); it looks normalised or log-transformed. "
             "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
@@ -373,6 +394,15 @@ def learn_covariate_layout(
     if missing:
         raise KeyError(f"obs columns {missing} not found in adata.obs; available: {list(obs.columns)}")
     categories = {key: _categories(obs[key], key) for key in ([batch_key] if batch_key else []) + categorical_keys}
+    for key, names in categories.items():
+        if len(names) >= 10 and len(obs) < 5 * len(names):
+            warnings.warn(
+                f"obs[{key!r}] has {len(names):,} categories for {len(obs):,} cells ({len(obs) / len(names):.1f} cells "
+                "each): batches and categorical covariates are samples, donors, lanes or protocols that many cells "
+                "share; a column with about one value per cell (an ID, a QC number) cannot be corrected for: check the key",
+                UserWarning,
+                stacklevel=3,
+            )
     means, stds = [], []
     for key in continuous_keys:
         values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)

@@ -171,6 +171,17 @@ def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_p
         library_sizes(spoiled.X, rows=after)
 
 
+def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_fixes_them(counts):
+    for dtype, value in (("float32", np.float32(1) - np.finfo(np.float32).eps / 2), ("float64", 3 + 1e-9)):
+        matrix = counts.X.astype(dtype).toarray()
+        matrix[2, 1] = value
+        with pytest.raises(ValueError, match=r"adata\.X holds counts with round-off .*np\.rint\(adata\.X\)"):
+            cellvae.CellVAE(ad.AnnData(matrix, obs=counts.obs, var=counts.var))
+        matrix[3, 1] = 2.5  # and a real fraction beside them: normalised data, not round-off
+        with pytest.raises(ValueError, match=r"non-integer values .*looks normalised"):
+            cellvae.CellVAE(ad.AnnData(matrix, obs=counts.obs, var=counts.var))
+
+
 def test_counts_beyond_any_real_count_are_refused_before_they_overflow_the_likelihood(counts, tmp_path):
     # above 2**63 the count would wrap to a wrong integer, above float32's range to inf: refused at the model's build
     for dtype, value in (("float32", 1e13), ("float64", 1e39), ("int64", 2**62)):

@@ -314,6 +314,39 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     assert np.isfinite(model.marginal_log_likelihood(n_samples=2)).all()
 
 
+def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_cell_dispersion(tmp_path):
+    umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # UMI counts: no warning
+        CellVAE(umis)
+    reads = umis.copy()  # each molecule read a geometric number of times (mean 20), as after PCR
+    reads.X = reads.X.tocsr()
+    reads.X.data = np.random.default_rng(0).negative_binomial(reads.X.data, 1 / 20).astype(np.float32) + reads.X.data
+    match = r"adata.X looks like read counts.*only \d\.\d% of its non-zero values are 1.*dispersion='gene-cell'"
+    with pytest.warns(UserWarning, match=match):
+        CellVAE(reads)
+    reads.write_h5ad(tmp_path / "reads.h5ad")  # a backed file is looked at too, and dense counts
+    backed = ad.read_h5ad(tmp_path / "reads.h5ad", backed="r")
+    with pytest.warns(UserWarning, match=match):
+        CellVAE(backed)
+    backed.file.close()
+    with pytest.warns(UserWarning, match=match):
+        CellVAE(ad.AnnData(reads.X.toarray(), obs=reads.obs, var=reads.var))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CellVAE(reads, dispersion="gene-cell")
+
+
+def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches):
+    adata = small(two_batches)
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)  # a QC column passed by mistake
+    with pytest.warns(UserWarning, match=r"obs\['total_counts'\] has \d+ categories for 100 cells .*check the key"):
+        CellVAE(adata, batch_key="total_counts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CellVAE(adata, batch_key="batch")
+
+
 def test_integer_batch_labels_are_named_as_given(two_batches):
     adata = small(two_batches)
     adata.obs["plate"] = np.where(adata.obs["batch"] == "batch0", 1016, 1256)  # an int64 column
