@@ -111,7 +111,7 @@ def share_of_ones(matrix) -> tuple[float, int]:
     many non-zero values that is. UMI counts hold many 1s (a fifth to two thirds of the non-zero values);
     read counts of amplified molecules (full-length protocols such as Smart-seq) hold few."""
     if not is_backed_matrix(matrix):
-        values = next(_stored_values(matrix))
+        values = next(_stored_values(matrix), np.zeros(0))
     elif getattr(matrix, "format", None) in ("csr", "csc"):
         values = matrix.group["data"][:VALUES_PER_CHECK]
     else:
