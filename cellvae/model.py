@@ -1357,13 +1357,7 @@ class CellVAE:
         sums only its part of a backed matrix.
         """
         _check_anndata(adata)
-        if self.config.layer is not None and self.config.layer not in adata.layers:
-            raise KeyError(
-                f"this model reads counts from layers[{self.config.layer!r}], the layer it was trained on, which this "
-                f"AnnData lacks (layers: {list(adata.layers.keys())}); if its counts are in X, add them: "
-                f"adata.layers[{self.config.layer!r}] = adata.X"
-            )
-        matrix = data.count_matrix(adata, self.config.layer)
+        matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes = pd.Index(self.config.gene_names)
         if genes.isin(adata.var_names).all():
             columns = data.gene_order(adata.var_names, self.config.gene_names)
@@ -1687,9 +1681,19 @@ def _query_batches(query: ad.AnnData, batch_key: str) -> np.ndarray:
     return column.astype(str).to_numpy()
 
 
+def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
+    """The counts where a trained model reads them (``X`` or the layer it was trained on)."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"this model reads counts from layers[{layer!r}], the layer it was trained on, which {name} lacks "
+            f"(layers: {list(adata.layers.keys())}); if its counts are in X, add them: adata.layers[{layer!r}] = adata.X"
+        )
+    return data.count_matrix(adata, layer)
+
+
 def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.AnnData:
     """A new in-memory AnnData with the query's counts in the reference's gene order (missing genes zero)."""
-    matrix = data.count_matrix(query, config.layer)
+    matrix = _model_counts(query, config.layer, "query_adata")
     if data.is_backed_matrix(matrix):
         raise ValueError("query_adata is backed on disk; load it with query_adata.to_memory() before map_query")
     data.validate_counts(matrix, "query " + data.where(config.layer))

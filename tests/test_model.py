@@ -222,6 +222,10 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     plain = ad.AnnData(adata.layers["counts"].copy(), obs=adata.obs.copy(), var=adata.var.copy())
     with pytest.raises(KeyError, match=r"reads counts from layers\['counts'\].*adata.layers\['counts'\] = adata.X"):
         model.get_latent(plain)
+    query = plain.copy()  # and the same for a query to map
+    query.obs["batch"] = "new"
+    with pytest.raises(KeyError, match=r"which query_adata lacks.*adata.layers\['counts'\] = adata.X"):
+        model.map_query(query)
     plain.layers["counts"] = plain.X
     np.testing.assert_array_equal(model.get_latent(plain), model.get_latent(adata))
 
