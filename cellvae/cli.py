@@ -324,8 +324,10 @@ def _neighbours_umap_leiden(adata, key: str, seed: int) -> None:
     import scanpy as sc
 
     sc.pp.neighbors(adata, use_rep=key, random_state=seed)
-    sc.tl.umap(adata, random_state=seed)
+    # Leiden first: scanpy's UMAP changes obsp["connectivities"] in place, so clusters found after it
+    # would differ from those of the same graph in a notebook (neighbors, leiden, umap)
     sc.tl.leiden(adata, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    sc.tl.umap(adata, random_state=seed)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
-    adata.uns.setdefault(uns_key, {})["params"] = params
+    # assigned, not set into: on a view, assignment is what turns it into its own AnnData (setdefault
+    # would write into a temporary copy of the parent's uns, lost when obsm is written)
+    adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
     return model
 

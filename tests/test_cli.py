@@ -60,6 +60,11 @@ def test_fit_then_embed(tmp_path):
     assert main(args) == 0
     fitted = ad.read_h5ad(tmp_path / "out.h5ad")
     assert fitted.obsm["X_cellvae"].shape == (300, 10) and "X_umap" in fitted.obsm and "leiden" in fitted.obs
+    # the clusters are those of the README's pipeline on the same embedding (Leiden before UMAP, which edits the graph)
+    notebook = ad.AnnData(obs=fitted.obs[[]], obsm={"X_cellvae": fitted.obsm["X_cellvae"]})
+    sc.pp.neighbors(notebook, use_rep="X_cellvae", random_state=1)
+    sc.tl.leiden(notebook, random_state=1, flavor="igraph", n_iterations=2, directed=False)
+    assert (notebook.obs["leiden"].to_numpy() == fitted.obs["leiden"].to_numpy()).all()
     assert (
         main(["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]) == 0
     )

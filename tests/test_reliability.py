@@ -180,6 +180,18 @@ def test_embed_writes_only_its_documented_keys(messy):
         warnings.simplefilter("ignore")
         cellvae.tl.embed(adata, layer="counts", max_epochs=1, progress=False, **TINY)
     assert adata.uns["X_mine"]["params"]["batch_key"] == "batch" and adata.uns["cellvae"]["params"]["batch_key"] is None
+    # On a view (e.g. the variable genes, adata[:, adata.var.highly_variable]) both keys land, as in scanpy;
+    # the view becomes its own AnnData, keeping the parent's other uns entries, and the parent is left alone.
+    parent = messy.copy()
+    parent.uns["cellvae"] = {"note": "kept"}
+    untouched = parent.copy()
+    view = parent[:, 1:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cellvae.tl.embed(view, layer="counts", max_epochs=1, progress=False, **TINY)
+    assert not view.is_view and view.obsm["X_cellvae"].shape == (parent.n_obs, TINY["n_latent"])
+    assert view.uns["cellvae"]["note"] == "kept" and view.uns["cellvae"]["params"]["layer"] == "counts"
+    assert_unchanged(untouched, parent)
 
 
 def test_rank_genes_groups_writes_only_its_documented_key(messy, trained):
