@@ -112,11 +112,14 @@ def transfer_labels(
     k: int = 15,
     unknown_threshold: float | None = None,
     unlabeled_category: str | None = None,
+    novelty_threshold: float | None = None,
 ) -> None:
     """Predict query labels by a distance-weighted vote of the ``k`` nearest reference cells.
 
     Each neighbour's vote weighs ``exp(-(d / d_k)^2)``, with ``d_k`` the query cell's distance
     to its k-th neighbour, so closer reference cells count more whatever the embedding's scale.
+    The vote cannot tell that a cell lies far from every reference cell (a cell type the reference
+    lacks is often voted into its nearest type with confidence); the novelty score can.
 
     Parameters
     ----------
@@ -138,13 +141,18 @@ def transfer_labels(
     unlabeled_category
         The label that marks unlabelled reference cells (e.g. ``"unknown"``, as scANVI's
         ``unlabeled_category``); those cells do not vote, like cells with a missing label.
+    novelty_threshold
+        If given, cells whose novelty exceeds it are labelled ``"Unknown"`` too (e.g. 0.95; strings
+        as with ``unknown_threshold``).
 
     Returns
     -------
     None. Writes ``query_adata.obs[f"{label_key}_predicted"]`` (categorical, holding the reference's label
-    values: numbers stay numbers) and
-    ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning label's weighted vote share,
-    in [0, 1)); nothing else is changed.
+    values: numbers stay numbers), ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning
+    label's weighted vote share, in [0, 1)) and ``query_adata.obs[f"{label_key}_novelty"]`` (the share
+    of labelled reference cells, at most 10,000 of them drawn with a fixed seed, that lie closer to
+    their own ``k`` nearest labelled reference cells, on average, than this cell lies to its ``k``;
+    in [0, 1], near 1 for cells unlike the reference); nothing else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -166,8 +174,9 @@ def transfer_labels(
         )
     if not (np.isfinite(reference).all() and np.isfinite(query).all()):
         raise ValueError(f"obsm[{use_rep!r}] contains NaN or infinite values")
-    if unknown_threshold is not None and not 0.0 <= unknown_threshold <= 1.0:
-        raise ValueError(f"unknown_threshold must be in [0, 1] or None, got {unknown_threshold!r}")
+    for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] or None, got {threshold!r}")
     labels = ref_adata.obs[label_key]
     labelled = labels.notna().to_numpy()
     if unlabeled_category is not None:
@@ -183,7 +192,8 @@ def transfer_labels(
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
     names = np.asarray(names, dtype=object)
-    distances, neighbours = NearestNeighbors(n_neighbors=k).fit(reference[labelled]).kneighbors(query)
+    voters = NearestNeighbors(n_neighbors=k).fit(reference[labelled])
+    distances, neighbours = voters.kneighbors(query)
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
     weights = np.exp(-((distances / bandwidth) ** 2))
     votes = np.zeros((len(query), len(names)))
@@ -191,14 +201,32 @@ def transfer_labels(
     share = votes / votes.sum(axis=1, keepdims=True)
     predicted = names[share.argmax(axis=1)].astype(object)
     uncertainty = 1.0 - share.max(axis=1)
+    novelty = _novelty(voters, reference[labelled], distances.mean(axis=1), k)
     categories = list(names)
-    if unknown_threshold is not None:
+    if unknown_threshold is not None or novelty_threshold is not None:
         if not all(isinstance(name, str) for name in categories):  # one type per column, or h5ad cannot store it
             predicted, categories = predicted.astype(str).astype(object), [str(name) for name in categories]
-        predicted[uncertainty > unknown_threshold] = "Unknown"
+        unknown = np.zeros(len(query), dtype=bool)
+        if unknown_threshold is not None:
+            unknown |= uncertainty > unknown_threshold
+        if novelty_threshold is not None:
+            unknown |= novelty > novelty_threshold
+        predicted[unknown] = "Unknown"
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
     query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)
     query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
+    query_adata.obs[f"{label_key}_novelty"] = novelty
+
+
+def _novelty(voters, reference: np.ndarray, query_spread: np.ndarray, k: int) -> np.ndarray:
+    """Share of reference cells (at most 10,000, drawn with a fixed seed) whose mean distance to their own
+    ``k`` nearest reference cells is below each query cell's ``query_spread`` (NaN for a one-cell reference)."""
+    if len(reference) < 2:
+        return np.full(len(query_spread), np.nan)
+    if len(reference) > 10_000:
+        reference = reference[np.sort(np.random.default_rng(0).choice(len(reference), 10_000, replace=False))]
+    own = voters.kneighbors(reference, n_neighbors=min(k + 1, voters.n_samples_fit_))[0][:, 1:].mean(axis=1)
+    return np.searchsorted(np.sort(own), query_spread, side="right") / len(own)
 
 
 # ----------------------------------------------------------------------------- differential expression

@@ -265,9 +265,11 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     query.obsm["X_cellvae"] = np.array([[0.2, 0.1], [9.8, -0.2], [5.0, 0.0]])
     reference_obs = reference.obs.copy()
     cellvae.tl.transfer_labels(reference, query, "cell_type", k=10, unknown_threshold=0.3)
-    assert list(query.obs.columns) == ["cell_type_predicted", "cell_type_uncertainty"]
+    assert list(query.obs.columns) == ["cell_type_predicted", "cell_type_uncertainty", "cell_type_novelty"]
     assert query.obs["cell_type_predicted"].astype(str).tolist()[:2] == ["A", "B"]
     assert query.obs["cell_type_uncertainty"].iloc[:2].max() < 0.05
+    # the cell between the two types lies farther from its neighbours than any reference cell from theirs
+    assert query.obs["cell_type_novelty"].iloc[:2].max() < 0.5 and query.obs["cell_type_novelty"].iloc[2] == 1.0
     pd.testing.assert_frame_equal(reference.obs, reference_obs)
     with pytest.raises(KeyError, match="use_rep 'X_pca' not found in ref_adata.obsm"):
         cellvae.tl.transfer_labels(reference, query, "cell_type", use_rep="X_pca")
@@ -314,6 +316,18 @@ def test_cellbench_platforms_integrate_and_transfer_labels():
     cellvae.tl.transfer_labels(reference, query, "cell_type")
     accuracy = (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean()
     assert accuracy >= 0.95
+    # A cell line the reference has no label for: the vote gives its query cells another line's label,
+    # often with confidence; the novelty score flags them.
+    lines = reference.obs["cell_type"].astype(str)
+    missing = sorted(lines.unique())[0]
+    reference.obs["known_lines"] = np.where(lines == missing, "unknown", lines)
+    cellvae.tl.transfer_labels(reference, query, "known_lines", unlabeled_category="unknown", novelty_threshold=0.95)
+    novel = (query.obs["cell_type"].astype(str) == missing).to_numpy()
+    novelty, called = query.obs["known_lines_novelty"].to_numpy(), query.obs["known_lines_predicted"].astype(str)
+    assert np.median(novelty[novel]) > 0.95 and np.median(novelty[~novel]) < 0.8, (novelty[novel], novelty[~novel])
+    assert (called[novel] == "Unknown").mean() > 0.8 and (called[~novel] == "Unknown").mean() < 0.2
+    cellvae.tl.transfer_labels(reference, query, "known_lines", unlabeled_category="unknown")  # the vote alone
+    assert (query.obs["known_lines_predicted"].astype(str)[novel] == "Unknown").mean() == 0.0
 
 
 def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(reference_and_query):
