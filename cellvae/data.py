@@ -121,6 +121,26 @@ def share_of_ones(matrix) -> tuple[float, int]:
     return int(np.count_nonzero(values == 1)) / max(non_zero, 1), non_zero
 
 
+def genes_without_counts(matrix) -> int | None:
+    """How many genes (columns) hold no count in any cell; ``None`` where finding out would take a pass
+    over a backed file (row-wise or dense storage). Stored zeros count as counts (scipy's matrices rarely
+    hold them)."""
+    if isinstance(matrix, np.ndarray):
+        seen = np.zeros(matrix.shape[1], dtype=bool)
+        for start in range(0, matrix.shape[0], ROWS_PER_READ):
+            seen |= (matrix[start : start + ROWS_PER_READ] != 0).any(axis=0)
+        return int((~seen).sum())
+    if _is_csc(matrix):
+        indptr = matrix.indptr if not is_backed_matrix(matrix) else matrix.group["indptr"][:]
+        return int((np.diff(indptr) == 0).sum())
+    if is_backed_matrix(matrix) or not hasattr(matrix, "indices"):
+        return None
+    seen = np.zeros(matrix.shape[1], dtype=bool)
+    for start in range(0, len(matrix.indices), VALUES_PER_CHECK):
+        seen[matrix.indices[start : start + VALUES_PER_CHECK]] = True
+    return int((~seen).sum())
+
+
 def _check_count_matrix(matrix, where: str) -> None:
     dtype = np.dtype(matrix.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):

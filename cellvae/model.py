@@ -160,6 +160,15 @@ class CellVAE:
         data.validate_counts(matrix, data.where(layer), read_values=not values_checked_in_fit)
         if dispersion != "gene-cell":
             _warn_if_read_counts(matrix, data.where(layer))
+        empty_genes = data.genes_without_counts(matrix)
+        if empty_genes is not None and empty_genes >= 0.1 * adata.n_vars:
+            warnings.warn(
+                f"{empty_genes:,} of the {adata.n_vars:,} genes have no counts in any cell: they cost training time (about "
+                "in proportion to the genes) and tell the model nothing; drop them first, e.g. "
+                "sc.pp.filter_genes(adata, min_cells=1)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._setup(config, adata)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:

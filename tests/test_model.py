@@ -341,6 +341,30 @@ def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_c
         CellVAE(reads, dispersion="gene-cell")
 
 
+@pytest.mark.parametrize("storage", ["csr", "csc", "dense", "backed_csc", "backed_csr"])
+def test_many_genes_without_counts_get_a_warning_to_filter_them(two_batches, tmp_path, storage):
+    adata = small(two_batches)
+    adata = adata[:, np.asarray(adata.X.sum(axis=0)).ravel() > 0].copy()
+    padded = sp.hstack([adata.X, sp.csr_matrix((adata.n_obs, 60))]).tocsr()  # 60 genes never detected
+    matrix = {"csr": padded, "csc": padded.tocsc(), "dense": padded.toarray()}.get(storage, padded)
+    wide = ad.AnnData(matrix, obs=adata.obs, var=pd.DataFrame(index=[*adata.var_names, *[f"pad{i}" for i in range(60)]]))
+    if storage.startswith("backed"):
+        if storage == "backed_csc":
+            wide.X = wide.X.tocsc()
+        wide.write_h5ad(tmp_path / "wide.h5ad")
+        wide = ad.read_h5ad(tmp_path / "wide.h5ad", backed="r")
+    if storage == "backed_csr":  # finding out would read the whole file: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            CellVAE(wide)
+    else:
+        with pytest.warns(UserWarning, match=rf"60 of the {adata.n_vars + 60} genes have no counts.*filter_genes"):
+            CellVAE(wide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CellVAE(adata)  # every gene seen
+
+
 def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches):
     adata = small(two_batches)
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)  # a QC column passed by mistake
