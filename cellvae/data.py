@@ -107,15 +107,20 @@ def validate_counts(matrix, where: str, read_values: bool = True) -> None:
 
 
 def share_of_ones(matrix) -> tuple[float, int]:
-    """The share of 1s among the non-zero counts in the first ``VALUES_PER_CHECK`` stored values, and how
+    """The share of 1s among the non-zero counts in about ``VALUES_PER_CHECK`` stored values, and how
     many non-zero values that is. UMI counts hold many 1s (a fifth to two thirds of the non-zero values);
-    read counts of amplified molecules (full-length protocols such as Smart-seq) hold few."""
-    if not is_backed_matrix(matrix):
-        values = next(_stored_values(matrix), np.zeros(0))
-    elif getattr(matrix, "format", None) in ("csr", "csc"):
-        values = matrix.group["data"][:VALUES_PER_CHECK]
-    else:
+    read counts of amplified molecules (full-length protocols such as Smart-seq) hold few. A sparse
+    matrix is sampled in 16 slices spread over its stored values (the first ones of a CSC matrix would be
+    only its first genes)."""
+    if getattr(matrix, "format", None) in ("csr", "csc", "coo"):
+        stored = matrix.group["data"] if is_backed_matrix(matrix) else matrix.data
+        piece = min(VALUES_PER_CHECK // 16, stored.shape[0])
+        starts = np.linspace(0, stored.shape[0] - piece, 16).astype(np.int64) if piece else []
+        values = np.concatenate([np.zeros(0), *(np.asarray(stored[s : s + piece]) for s in np.unique(starts))])
+    elif is_backed_matrix(matrix):
         values = matrix[: max(1, VALUES_PER_CHECK // matrix.shape[1])]
+    else:
+        values = next(_stored_values(matrix), np.zeros(0))
     values = np.asarray(values).ravel()
     non_zero = int(np.count_nonzero(values))
     return int(np.count_nonzero(values == 1)) / max(non_zero, 1), non_zero
@@ -127,8 +132,9 @@ def genes_without_counts(matrix) -> int | None:
     hold them)."""
     if isinstance(matrix, np.ndarray):
         seen = np.zeros(matrix.shape[1], dtype=bool)
-        for start in range(0, matrix.shape[0], ROWS_PER_READ):
-            seen |= (matrix[start : start + ROWS_PER_READ] != 0).any(axis=0)
+        rows = max(1, VALUES_PER_CHECK // matrix.shape[1])
+        for start in range(0, matrix.shape[0], rows):
+            seen |= (matrix[start : start + rows] != 0).any(axis=0)
         return int((~seen).sum())
     if _is_csc(matrix):
         indptr = matrix.indptr if not is_backed_matrix(matrix) else matrix.group["indptr"][:]

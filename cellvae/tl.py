@@ -201,7 +201,7 @@ def transfer_labels(
     share = votes / votes.sum(axis=1, keepdims=True)
     predicted = names[share.argmax(axis=1)].astype(object)
     uncertainty = 1.0 - share.max(axis=1)
-    novelty = _novelty(voters, reference[labelled], distances.mean(axis=1), k)
+    novelty = _novelty(voters, reference[labelled], distances, k)
     categories = list(names)
     if unknown_threshold is not None or novelty_threshold is not None:
         if not all(isinstance(name, str) for name in categories):  # one type per column, or h5ad cannot store it
@@ -218,15 +218,17 @@ def transfer_labels(
     query_adata.obs[f"{label_key}_novelty"] = novelty
 
 
-def _novelty(voters, reference: np.ndarray, query_spread: np.ndarray, k: int) -> np.ndarray:
+def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:
     """Share of reference cells (at most 10,000, drawn with a fixed seed) whose mean distance to their own
-    ``k`` nearest reference cells is below each query cell's ``query_spread`` (NaN for a one-cell reference)."""
-    if len(reference) < 2:
-        return np.full(len(query_spread), np.nan)
+    nearest reference cells is below each query cell's to its nearest (the same number of them on both
+    sides: ``k``, or one fewer than the reference cells; NaN for a one-cell reference)."""
+    n = min(k, len(reference) - 1)
+    if n < 1:
+        return np.full(len(query_distances), np.nan)
     if len(reference) > 10_000:
         reference = reference[np.sort(np.random.default_rng(0).choice(len(reference), 10_000, replace=False))]
-    own = voters.kneighbors(reference, n_neighbors=min(k + 1, voters.n_samples_fit_))[0][:, 1:].mean(axis=1)
-    return np.searchsorted(np.sort(own), query_spread, side="right") / len(own)
+    own = voters.kneighbors(reference, n_neighbors=n + 1)[0][:, 1:].mean(axis=1)
+    return np.searchsorted(np.sort(own), query_distances[:, :n].mean(axis=1), side="right") / len(own)
 
 
 # ----------------------------------------------------------------------------- differential expression

@@ -288,6 +288,13 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     cellvae.tl.transfer_labels(reference, query, "partly", k=10, unlabeled_category="unknown")
     assert query.obs["partly_predicted"].astype(str).tolist()[:2] == ["A", "B"]
     assert list(query.obs["partly_predicted"].cat.categories) == ["A", "B"]
+    # k as large as the labelled cells: both sides average over as many neighbours, so a query cell on top of a
+    # reference cell is no more novel than the reference cells are
+    tiny = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B"]}, index=["t0", "t1", "t2"]))
+    tiny.obsm["X_cellvae"] = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
+    on_top = ad.AnnData(obs=pd.DataFrame(index=["o0", "o1", "o2"]), obsm={"X_cellvae": tiny.obsm["X_cellvae"].copy()})
+    cellvae.tl.transfer_labels(tiny, on_top, "cell_type", k=3)
+    assert (on_top.obs["cell_type_novelty"] == 0.0).all()
     reference.obs["none"] = "unknown"
     with pytest.raises(ValueError, match="has no labelled cells"):
         cellvae.tl.transfer_labels(reference, query, "none", unlabeled_category="unknown")

@@ -341,6 +341,23 @@ def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_c
         CellVAE(reads, dispersion="gene-cell")
 
 
+def test_the_share_of_ones_is_sampled_across_a_csc_matrix_not_from_its_first_genes(monkeypatch, tmp_path):
+    from cellvae import data
+
+    umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, seed=0).X.tocsr()
+    by_expression = np.argsort(-np.asarray(umis.sum(axis=0)).ravel())  # highly expressed genes (few 1s) first
+    csc = umis[:, by_expression].tocsc()
+    overall = np.mean(csc.data == 1)
+    monkeypatch.setattr(data, "VALUES_PER_CHECK", 2**12)  # a sample much smaller than the matrix, as in an atlas
+    assert np.mean(csc.data[: 2**12] == 1) < overall - 0.2  # the first stored values alone would mislead
+    ad.AnnData(csc).write_h5ad(tmp_path / "csc.h5ad")
+    backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
+    for matrix in (csc, backed.X):
+        share, seen = data.share_of_ones(matrix)
+        assert abs(share - overall) < 0.05 and seen >= 2**11
+    backed.file.close()
+
+
 @pytest.mark.parametrize("storage", ["csr", "csc", "dense", "backed_csc", "backed_csr"])
 def test_many_genes_without_counts_get_a_warning_to_filter_them(two_batches, tmp_path, storage):
     adata = small(two_batches)
