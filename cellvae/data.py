@@ -6,7 +6,9 @@ rest of the package can trust its inputs) and never writes to the user's AnnData
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -46,6 +48,21 @@ CHUNKED_BUFFER_BYTES = 4 * CHUNK_BYTES
 # validation, diagnostics): 8 MB of float32, so that many genes do not blow up their memory
 # (835 cells at 2,511 genes; up to a few thousand genes as fast as larger batches, or faster).
 EVALUATION_VALUES = 2**21
+
+
+PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn, attributing the warning to the first caller outside cellvae (the user's line).
+
+    A fixed ``stacklevel`` points inside the package when the same check is reached through
+    another public function (``tl.embed`` builds a ``CellVAE``, which reads the data).
+    """
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIRECTORY):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None):
@@ -422,12 +439,11 @@ def learn_covariate_layout(
     categories = {key: _categories(obs[key], key) for key in ([batch_key] if batch_key else []) + categorical_keys}
     for key, names in categories.items():
         if len(names) >= 10 and len(obs) < 5 * len(names):
-            warnings.warn(
+            warn_user(
                 f"obs[{key!r}] has {len(names):,} categories for {len(obs):,} cells ({len(obs) / len(names):.1f} cells "
                 "each): batches and categorical covariates are samples, donors, lanes or protocols that many cells "
                 "share; a column with about one value per cell (an ID, a QC number) cannot be corrected for: check the key",
                 UserWarning,
-                stacklevel=3,
             )
     means, stds = [], []
     for key in continuous_keys:
@@ -624,12 +640,11 @@ class CellLoader:
         # Backed CSC cannot be re-written cheaply; it is read as stored, a band of columns at a time.
         self.matrix = matrix if self.backed else as_row_readable(matrix)
         if self.backed and _is_csc(matrix) and matrix.shape[0] > 4 * BACKED_CSC_BUFFER_ROWS:
-            warnings.warn(
+            warn_user(
                 f"the backed count matrix ({matrix.shape[0]:,} cells) is stored column-major (CSC): every "
                 "buffer of cells reads the whole file. Store it as CSR for fast streaming, e.g. "
                 "adata.X = adata.X.tocsr() before adata.write_h5ad(...)",
                 UserWarning,
-                stacklevel=3,
             )
         self.covariates = covariates
         self.library = library.astype(np.float32)
@@ -638,12 +653,11 @@ class CellLoader:
         self.device = torch.device(device)
         self._on_device = None
         if self.backed and 4 * self.n_genes * _row_chunk(matrix) > CHUNKED_BUFFER_BYTES:
-            warnings.warn(
+            warn_user(
                 f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than a read "
                 "buffer holds: every buffer decompresses whole chunks for a few of their rows, which is slow. "
                 "Store it in chunks of whole rows, e.g. adata.write_zarr(path, chunks=(256, adata.n_vars))",
                 UserWarning,
-                stacklevel=3,
             )
 
     @property

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -285,11 +284,10 @@ class CellVAE:
         loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)), all_ranks=True)
         nonempty = cells[loader.library[cells] > 0]
         if len(nonempty) < len(cells):
-            warnings.warn(
+            data.warn_user(
                 f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training; "
                 "drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
                 UserWarning,
-                stacklevel=2,
             )
         if len(nonempty) < data.MIN_CELLS:
             raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
@@ -686,11 +684,10 @@ class CellVAE:
             picked.append(tuple(_subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
         few = sorted(few)
         if few:
-            warnings.warn(
+            data.warn_user(
                 f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells with counts: their mean expression rests "
                 "mostly on the prior (pseudo-cells drawn from both groups), so few genes can be called, and those not reliably",
                 UserWarning,
-                stacklevel=2,
             )
         if separate:
             _warn_groups_share_no_batch(separate, self.config.batch_key, groupby)
@@ -943,23 +940,21 @@ class CellVAE:
         reference_key = self.config.batch_key
         if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
             if not np.array_equal(query_adata.obs[reference_key].astype(str).to_numpy(), query_batches):
-                warnings.warn(
+                data.warn_user(
                     f"the query's batches are read from obs[{batch_key!r}], but the returned model reads batches from "
                     f"obs[{reference_key!r}] (the reference's batch key), which this query also has with other values: "
                     f"query_model.get_latent(query_adata) would embed with those. Use query_model.get_latent() (the "
                     f"aligned copy), or set query_adata.obs[{reference_key!r}] = query_adata.obs[{batch_key!r}] first",
                     UserWarning,
-                    stacklevel=2,
                 )
         aligned = _align_query(query_adata, self.config, query_batches)
         reference_batches = self.config.batch_categories
         overlapping = sorted(set(query_batches) & set(reference_batches))
         if overlapping:
-            warnings.warn(
+            data.warn_user(
                 f"query batches {overlapping[:5]} already exist in the reference; their cells are treated as those "
                 "reference batches (frozen parameters). Rename them to map them as new batches.",
                 UserWarning,
-                stacklevel=2,
             )
         new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
         config = Config(**{**asdict(self.config), "batch_categories": reference_batches + new_batches})
@@ -1329,16 +1324,15 @@ class CellVAE:
             activity = diagnostics.latent_activity(self.module, loader, cells)
         message = diagnostics.collapse_message(kl, activity)
         if message:
-            warnings.warn(message, diagnostics.PosteriorCollapseWarning, stacklevel=3)
+            data.warn_user(message, diagnostics.PosteriorCollapseWarning)
 
     # ------------------------------------------------------------------ helpers
 
     def _warn_if_untrained(self) -> None:
         if not self.is_trained:
-            warnings.warn(
+            data.warn_user(
                 "this model is not trained: its outputs come from random weights; call model.fit() first",
                 UserWarning,
-                stacklevel=3,
             )
 
     def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
@@ -1493,24 +1487,22 @@ def _warn_about_counts(matrix, where: str, dispersion: str) -> None:
     n_genes = matrix.shape[1]
     empty_genes = data.genes_without_counts(matrix)
     if empty_genes is not None and empty_genes >= 0.1 * n_genes:
-        warnings.warn(
+        data.warn_user(
             f"{empty_genes:,} of the {n_genes:,} genes have no counts in any cell: they cost training time (about "
             "in proportion to the genes) and tell the model nothing; drop them first, e.g. "
             "sc.pp.filter_genes(adata, min_cells=1)",
             UserWarning,
-            stacklevel=3,
         )
     if dispersion == "gene-cell":
         return
     share, non_zero = data.share_of_ones(matrix)
     if non_zero >= 10_000 and share < 0.1:
-        warnings.warn(
+        data.warn_user(
             f"{where} looks like read counts, not UMI counts: only {share:.1%} of its non-zero values are 1 (UMI "
             "data hold 20-70%). A dispersion per gene fits amplified reads poorly: if every batch holds read counts, "
             "try CellVAE(..., dispersion='gene-cell'); if only some do, dispersion='gene-batch'; and compare the "
             "clusters and model.history['validation_elbo']",
             UserWarning,
-            stacklevel=3,
         )
 
 
@@ -1633,14 +1625,13 @@ def _comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: boo
 def _warn_groups_share_no_batch(separate: list[str], batch_key: str, groupby: str) -> None:
     """Warn about the comparisons (``"a vs b"``) whose two groups share no batch."""
     if separate:
-        warnings.warn(
+        data.warn_user(
             f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
             f"obs[{batch_key!r}], so with batch_correction=True what their batches' effects absorbed of their "
             f"difference (e.g. a condition whose samples are the batches) is removed; batch_correction=False would count "
             "the batch effects as differences instead. Best: train with a batch key whose batches hold cells of both "
             "groups (e.g. donors, not samples)",
             UserWarning,
-            stacklevel=3,
         )
 
 
@@ -1732,11 +1723,10 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np
             "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
         )
     if not present.all():
-        warnings.warn(
+        data.warn_user(
             f"{int((~present).sum())} of the model's {len(model_genes)} genes are missing from {name} "
             f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts",
             UserWarning,
-            stacklevel=4,
         )
     return positions
 

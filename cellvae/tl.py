@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -11,6 +10,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from cellvae.data import warn_user
 from cellvae.model import CellVAE, _check_seed
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
@@ -628,13 +628,12 @@ def latent_shift(
     batches = batch if batch is not None or not c.batch_key else obs[c.batch_key].astype(str).to_numpy()
     covariates = {k: obs[k].to_numpy() for k in c.categorical_covariate_keys + c.continuous_covariate_keys}
     if groupby == c.batch_key or groupby in c.categorical_covariate_keys:
-        warnings.warn(
+        warn_user(
             f"obs[{groupby!r}] is an input of the model's decoder ({'batch_key' if groupby == c.batch_key else 'a covariate'}),"
             " so the latent space was trained to leave these groups out and the shift carries little of their "
             f"difference; the cells are decoded as {target!r}. For latent arithmetic train a model without {groupby!r} "
             "as a covariate",
             UserWarning,
-            stacklevel=2,
         )
         if groupby == c.batch_key and batch is None:
             batches = target

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, is_backed_matrix, library_sizes
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, is_backed_matrix, library_sizes, warn_user
 from cellvae.module import VAE, seeded
 
 MAX_NONFINITE_RETRIES = 5
@@ -185,7 +184,7 @@ def train(
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
             last_good = _snapshot(vae)
         else:
-            warnings.warn(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning, stacklevel=3)
+            warn_user(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
     quiet = not settings.progress or rank > 0
     # The bar counts cells (all ranks step through equal shards), so a long epoch of an atlas shows progress too.
@@ -294,7 +293,7 @@ def train(
                 break
     except KeyboardInterrupt:
         kept = f"the best parameters so far (epoch {best['epoch']})" if best["epoch"] >= 0 else "the partly trained parameters"
-        warnings.warn(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning, stacklevel=2)
+        warn_user(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning)
         interrupted = True
     finally:
         bar.close()
@@ -374,7 +373,7 @@ class ResidentSteps:
             with torch.cuda.graph(graph):  # recorded, not run
                 self._step(static_rows)
         except RuntimeError as error:  # an operation that cannot be captured: go on step by step
-            warnings.warn(f"training without CUDA graphs (slower at small batches): {error}", RuntimeWarning, stacklevel=4)
+            warn_user(f"training without CUDA graphs (slower at small batches): {error}", RuntimeWarning)
             self.graphs = None
             return None
         return graph, static_rows
@@ -421,11 +420,10 @@ def _recover(
         )
     vae.load_state_dict(last_good)
     optimizer = make_optimizer(vae, optimizer.param_groups[0]["lr"] / 2, settings.weight_decay, loader.device)
-    warnings.warn(
+    warn_user(
         f"non-finite loss or gradient at epoch {epoch}; restored the last good parameters "
         f"and lowered lr to {optimizer.param_groups[0]['lr']:.2e}",
         RuntimeWarning,
-        stacklevel=3,
     )
     return optimizer, retries
 

@@ -392,6 +392,21 @@ def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches
         CellVAE(adata, batch_key="batch")
 
 
+def test_warnings_point_at_the_users_line_through_every_public_function_that_reaches_the_check(two_batches):
+    adata = small(two_batches)
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)
+    with pytest.warns(UserWarning, match="check the key") as direct:
+        CellVAE(adata, batch_key="total_counts")
+    with pytest.warns(UserWarning, match="check the key") as wrapped:  # tl.embed builds the model, which reads obs
+        cellvae.tl.embed(adata, batch_key="total_counts", max_epochs=1, progress=False)
+    untrained = CellVAE(adata, batch_key="batch")
+    with pytest.warns(UserWarning) as nested:  # a method that calls other methods, warning from several depths
+        untrained.differential_expression(groupby="batch", n_draws=100)
+    messages = " | ".join(str(record.message) for record in nested)
+    assert "not trained" in messages and "share no batch" in messages
+    assert {record.filename for record in [*direct, *wrapped, *nested]} == {__file__}
+
+
 def test_integer_batch_labels_are_named_as_given(two_batches):
     adata = small(two_batches)
     adata.obs["plate"] = np.where(adata.obs["batch"] == "batch0", 1016, 1256)  # an int64 column
