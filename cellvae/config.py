@@ -45,6 +45,11 @@ class Config:
     kl_warmup: int | None = None
     free_bits: float = 0.0
     batch_mmd: float = 0.0
+    # Set by map_query (empty for a model trained from scratch): how many of the categories of the batch key
+    # and of each categorical covariate came from the reference. Their weights stay frozen whenever this model
+    # trains; only the new categories' columns (and the input layer, if train_input_layer) are trained.
+    reference_categories: dict[str, int] = field(default_factory=dict)
+    train_input_layer: bool = False
     format_version: int = FORMAT_VERSION
     cellvae_version: str = ""
 
@@ -101,6 +106,18 @@ class Config:
             _check_names(values, f"the categories of {key!r}")
             if not values:
                 raise ValueError(f"categorical covariate {key!r} has no categories")
+        keys = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys
+        known = {key: len(self.batch_categories if key == self.batch_key else categories[key]) for key in keys}
+        reference = self.reference_categories
+        if not isinstance(reference, dict) or any(
+            key not in known or not _is_positive_int(n) or n > known[key] for key, n in reference.items()
+        ):
+            raise ValueError(
+                f"reference_categories must map batch/categorical covariate keys {keys} to how many of their "
+                f"categories the reference had (1 to all of them), got {reference!r}"
+            )
+        if not isinstance(self.train_input_layer, bool):
+            raise ValueError(f"train_input_layer must be True or False, got {self.train_input_layer!r}")
         for name in ("continuous_covariate_mean", "continuous_covariate_std"):
             values = getattr(self, name)
             numbers = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)

@@ -436,7 +436,7 @@ def learn_covariate_layout(
     missing = [k for k in keys if k not in obs.columns]
     if missing:
         raise KeyError(f"obs columns {missing} not found in adata.obs; available: {list(obs.columns)}")
-    categories = {key: _categories(obs[key], key) for key in ([batch_key] if batch_key else []) + categorical_keys}
+    categories = {key: category_names(obs[key], key) for key in ([batch_key] if batch_key else []) + categorical_keys}
     for key, names in categories.items():
         if len(names) >= 10 and len(obs) < 5 * len(names):
             warn_user(
@@ -463,7 +463,9 @@ def learn_covariate_layout(
     )
 
 
-def _categories(column: pd.Series, key: str) -> list[str]:
+def category_names(column: pd.Series, key: str) -> list[str]:
+    """A categorical obs column's categories as text: a pandas categorical's order (unused ones dropped),
+    otherwise sorted; NaN values are refused."""
     if column.isna().any():
         raise ValueError(
             f"obs[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them "
@@ -524,8 +526,15 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
             advice = (
                 "Map new batches with model.map_query(...)"
                 if key == layout.batch_key
-                else "A categorical covariate keeps the categories it was trained with"
+                else "A categorical covariate keeps the categories it was trained with; map cells of new ones with "
+                "model.map_query(...)"
             )
+            as_integers = [name.removesuffix(".0") for name in unknown if name.endswith(".0")]
+            if as_integers and set(as_integers) <= set(categories):  # 1016.0 where the model knows 1016
+                advice = (
+                    f"obs[{key!r}] holds floats ({unknown[0]}) where the model's categories are integers "
+                    f"({as_integers[0]}): convert it first, adata.obs[{key!r}] = adata.obs[{key!r}].astype(int)"
+                )
             raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
         widths.append(len(categories))

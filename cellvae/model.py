@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -199,7 +201,7 @@ class CellVAE:
         max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
-        weight_decay: float = 1e-6,
+        weight_decay: float | None = None,
         validation_size: float = 0.1,
         early_stopping: bool = True,
         patience: int = 20,
@@ -216,7 +218,12 @@ class CellVAE:
         Cells with zero total counts carry no information and are left out of training with a
         warning (they are still embedded by :meth:`get_latent`). ``model.history`` holds the
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
-        keeps the parameters of its best epoch (lowest validation loss after the KL warm-up).
+        keeps the parameters of its best epoch (lowest validation loss after the KL warm-up). A further
+        ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
+
+        On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
+        only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
+        stay frozen, so reference cells still embed exactly as before.
 
         Parameters
         ----------
@@ -226,7 +233,8 @@ class CellVAE:
         batch_size
             Cells per minibatch (128, as scVI).
         lr, weight_decay
-            AdamW's learning rate and decoupled weight decay.
+            AdamW's learning rate and decoupled weight decay (``None``: 1e-6; 0 for a query model,
+            which refuses any other value, since decay would shrink the reference's frozen weights).
         validation_size
             Share of the cells held out to monitor the loss and stop early (``0``: none, then the
             training loss is monitored).
@@ -268,7 +276,22 @@ class CellVAE:
         max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every = map(
             _native, (max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every)
         )
-        _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, self.config.normalization)
+        query = bool(self.config.reference_categories)
+        # BatchNorm keeps the reference's statistics while a query model trains, so any batch size works
+        _check_training(
+            max_epochs, batch_size, lr, validation_size, patience, random_state, None if query else self.config.normalization
+        )
+        if query and weight_decay not in (None, 0):
+            raise ValueError(
+                f"weight_decay={weight_decay} on a query model (from map_query) would shrink the reference's frozen "
+                "weights too; leave weight_decay=None (no decay)"
+            )
+        if query and not _query_parameters(self.module):
+            raise ValueError(
+                "this query model has nothing to train: all its batches and covariate categories are the reference's "
+                "(and train_input_layer=False), so its cells already use the reference's frozen parameters"
+            )
+        weight_decay = (0.0 if query else 1e-6) if weight_decay is None else weight_decay
         _check_weight_decay(weight_decay)
         _check_flag(early_stopping, "early_stopping")
         _check_flag(progress, "progress")
@@ -298,12 +321,13 @@ class CellVAE:
                 f"validation_size={validation_size} leaves {len(train_cells)}"
             )
         epochs = max_epochs or default_max_epochs(len(nonempty))
+        warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
         settings = TrainSettings(
             max_epochs=epochs,
             batch_size=batch_size,
             lr=lr,
             weight_decay=weight_decay,
-            kl_warmup_epochs=self.config.kl_warmup if self.config.kl_warmup is not None else default_kl_warmup(epochs),
+            kl_warmup_epochs=0 if query else warmup,
             beta=self.config.beta,
             early_stopping=early_stopping,
             patience=patience,
@@ -320,9 +344,10 @@ class CellVAE:
         self.device = loader.device
         self.module.to(self.device)
         try:
-            self.history = train(
-                self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
-            )
+            with _reference_frozen(self.module) if query else nullcontext():
+                self.history = train(
+                    self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
+                )
         except Exception as error:
             self.module.to("cpu")
             self.device = torch.device("cpu")
@@ -489,7 +514,8 @@ class CellVAE:
         (inverse dispersion; NB and ZINB) and ``"zero_inflation"`` (probability of an extra zero;
         ZINB); each n_cells × n_genes float32. For ZINB ``"mean"`` is the mixture's mean,
         (1 − zero_inflation) × the NB component's mean; that NB mean (scvi-tools' ``"mean"`` for
-        ZINB) is ``mean / (1 - zero_inflation)``. Genes as in ``adata.var_names`` where ``adata`` holds
+        ZINB) is ``mean / (1 - zero_inflation)`` (imprecise in float32 where zero_inflation is within 1e-4
+        of 1). Genes as in ``adata.var_names`` where ``adata`` holds
         exactly the model's genes, else in the model's order.
         """
         adata = self._resolve(adata)
@@ -514,9 +540,18 @@ class CellVAE:
         return parameters
 
     def sample_counts(
-        self, adata: ad.AnnData | None = None, *, n_samples: int = 1, random_state: int = 0, batch_size: int = 1024
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        gene_list: list[str] | None = None,
+        random_state: int = 0,
+        batch_size: int = 1024,
     ) -> np.ndarray:
         """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z), at each cell's library size and batch.
+
+        A draw's expected total is the cell's library size (with ``likelihood="zinb"``, less the share
+        the zero inflation removes).
 
         Parameters
         ----------
@@ -524,6 +559,10 @@ class CellVAE:
             Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         n_samples
             Draws per cell.
+        gene_list
+            Return only these genes of the model, in this order (the same draws as for all genes);
+            ``None``: all. The result is dense, n_samples × cells × genes × 4 bytes, so list the genes
+            needed when drawing many samples of many cells.
         random_state
             Seed of the draws.
         batch_size
@@ -531,16 +570,18 @@ class CellVAE:
 
         Returns
         -------
-        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1``; genes as
-        in ``adata.var_names`` where ``adata`` holds exactly the model's genes, else in the model's order.
+        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1``; genes in
+        ``gene_list``'s order, else as in ``adata.var_names`` where ``adata`` holds exactly the model's genes,
+        else in the model's order.
         """
         _check_count(n_samples, "n_samples")
         _check_seed(random_state)
         adata = self._resolve(adata)
+        columns = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         loader, cells = self._loader(adata, self.device)
-        columns = self._adata_gene_columns(adata)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
-        draws = np.empty((n_samples, len(cells), self.config.n_genes), dtype=np.float32)
+        n_out = self.config.n_genes if gene_list is None else len(columns)
+        draws = np.empty((n_samples, len(cells), n_out), dtype=np.float32)
         with torch.no_grad():
             start = 0
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
@@ -877,9 +918,11 @@ class CellVAE:
         """Map query cells onto this (reference) model by architecture surgery; returns a new model.
 
         Query batches unseen by the reference get new one-hot columns in every covariate-fed
-        layer (and new rows of a ``"gene-batch"`` dispersion); only these new parameters are
-        trained, every reference weight stays frozen, so the query lands in the reference's
-        latent space and reference cells embed exactly as before. A reference trained with
+        layer (and new rows of a ``"gene-batch"`` dispersion), and so do new categories of the
+        reference's categorical covariates (e.g. a new kit or protocol); only these new parameters
+        are trained, every reference weight stays frozen, so the query lands in the reference's
+        latent space and reference cells embed as before. ``query_model.fit(...)`` trains the
+        mapping further the same way (as scVI's ``train`` on a query model). A reference trained with
         ``encode_batch=False`` has no batch input in its encoder: the query is then embedded by the
         frozen encoder and mapping only fits the decoder's new columns (used by decoded expression).
 
@@ -957,13 +1000,27 @@ class CellVAE:
                 UserWarning,
             )
         new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
-        config = Config(**{**asdict(self.config), "batch_categories": reference_batches + new_batches})
+        categories = {}  # each categorical covariate's reference categories, then the query's new ones
+        for key, known in self.config.categorical_covariate_categories.items():
+            if key not in aligned.obs.columns:
+                raise KeyError(f"obs column {key!r} (a categorical covariate of the reference) not found in query_adata.obs")
+            categories[key] = known + [c for c in data.category_names(aligned.obs[key], key) if c not in known]
+        config = Config(
+            **{
+                **asdict(self.config),
+                "batch_categories": reference_batches + new_batches,
+                "categorical_covariate_categories": categories,
+                "reference_categories": {reference_key: len(reference_batches)}
+                | {key: len(known) for key, known in self.config.categorical_covariate_categories.items()},
+                "train_input_layer": train_input_layer,
+            }
+        )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
         query_model._loader(aligned, query_model.device)  # validate covariates before any work
-        trainable = _graft_reference(self.module, query_model.module, len(reference_batches), len(new_batches), train_input_layer)
+        _graft_reference(self.module, query_model.module)
         query_model.is_trained = True
-        if not trainable:
+        if not _query_parameters(query_model.module):
             return query_model
         loader, cells = query_model._loader(aligned, pick_device(device))
         cells = cells[loader.library[cells] > 0]
@@ -984,16 +1041,10 @@ class CellVAE:
             progress=progress,
         )
         query_model.module.to(loader.device)
-        masks = [(p, mask.to(loader.device)) for p, mask in trainable if mask is not None]  # the parameters' device
-        hooks = [p.register_hook(lambda grad, m=mask: grad * m) for p, mask in masks]
-        query_model.module.frozen_statistics = True  # BatchNorm keeps the reference's statistics
         try:
-            query_model.history = train(query_model.module, loader, train_cells, validation_cells, settings)
+            with _reference_frozen(query_model.module):
+                query_model.history = train(query_model.module, loader, train_cells, validation_cells, settings)
         finally:
-            for hook in hooks:
-                hook.remove()
-            query_model.module.requires_grad_(True)
-            query_model.module.frozen_statistics = False
             query_model.module.to("cpu")
         query_model.train_settings = settings
         return query_model
@@ -1138,8 +1189,11 @@ class CellVAE:
         ``n_elbo_samples`` draws), ``log_px`` (IWAE bound with ``n_samples`` draws from q*),
         ``amortization_gap`` = elbo_refined − elbo_encoder with its Monte-Carlo standard error
         ``amortization_gap_se`` (given q*: it leaves out the refinement's own randomness), and
-        ``approximation_gap`` = log_px − elbo_refined. Quote their
-        means; this costs an optimisation per cell, so pass a subset of cells for large data.
+        ``approximation_gap`` = log_px − elbo_refined with ``approximation_gap_se``: a single cell's
+        approximation gap is often within noise of 0, or below it. Quote their means; this costs an
+        optimisation per cell, so pass a subset of cells for large data. With ``beta ≠ 1`` the encoder
+        was trained for ``distortion + beta·rate``, not the ELBO refined here, so the amortization gap
+        also holds that difference of objectives.
         """
         for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
             _check_count(value, name)
@@ -1217,7 +1271,9 @@ class CellVAE:
             is None) is copied from randomly drawn cells of the model's AnnData, so batches appear
             in their training proportions.
         library_size
-            Total counts of each generated cell (one number or one per cell).
+            Library size of each generated cell (one number or one per cell): the negative binomial's
+            mean sums to it, so it is the cell's expected total count (with ``likelihood="zinb"`` the
+            zero inflation removes a share of those counts).
         random_state
             Seed of the draws.
         batch_size
@@ -1293,6 +1349,8 @@ class CellVAE:
         missing = [k for k in needed if k not in covariates]
         if missing:
             raise ValueError(f"this model needs covariates {missing}; pass covariates={{{missing[0]!r}: ...}}")
+        if batch is not None and not c.batch_key:
+            raise ValueError("batch=... was given, but this model was trained without batch_key, so it has no batches")
         frame = pd.DataFrame(index=pd.RangeIndex(n))
         if c.batch_key:
             frame[c.batch_key] = _per_row(batch, n, "batch").astype(str)
@@ -1731,42 +1789,106 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np
     return positions
 
 
-def _graft_reference(
-    reference: VAE, query: VAE, n_reference_batches: int, n_new_batches: int, train_input_layer: bool
-) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
-    """Copy the reference weights into ``query`` (new batch columns start at zero) and freeze them.
+def _reference_columns(reference: Config, query: Config) -> np.ndarray:
+    """Where each covariate column of the reference sits among the query's (new categories follow the
+    reference's categories of their key; the continuous covariates come last in both)."""
+    columns, offset = [], 0
+    for key in ([reference.batch_key] if reference.batch_key else []) + reference.categorical_covariate_keys:
+        old, new = (
+            (reference.batch_categories, query.batch_categories)
+            if key == reference.batch_key
+            else (reference.categorical_covariate_categories[key], query.categorical_covariate_categories[key])
+        )
+        columns.append(offset + np.arange(len(old)))
+        offset += len(new)
+    columns.append(offset + np.arange(len(reference.continuous_covariate_keys)))
+    return np.concatenate(columns)
 
-    Returns the trainable parameters with their gradient masks (``None``: trained fully).
-    """
-    new_state = query.state_dict()
-    for name, old in reference.state_dict().items():
-        new = new_state[name]
-        if new.shape == old.shape:
-            new.copy_(old)
-        elif name.endswith("log_theta"):  # gene-batch dispersion: new batches start at the reference mean
-            new[:n_reference_batches] = old
-            new[n_reference_batches:] = old.mean(0)
-        else:  # a covariate-fed Linear: [hidden input | batch one-hot | other covariates]
-            start = old.shape[1] - query.config.n_covariates + n_new_batches + n_reference_batches
-            new.zero_()
-            new[:, :start] = old[:, :start]
-            new[:, start + n_new_batches :] = old[:, start:]
-    query.requires_grad_(False)
+
+def _new_columns(config: Config) -> np.ndarray:
+    """Which covariate columns of a query model belong to categories the reference lacked (boolean mask)."""
+    new = []
+    for key in ([config.batch_key] if config.batch_key else []) + config.categorical_covariate_keys:
+        names = config.batch_categories if key == config.batch_key else config.categorical_covariate_categories[key]
+        known = config.reference_categories.get(key, len(names))
+        new += [False] * known + [True] * (len(names) - known)
+    return np.array(new + [False] * len(config.continuous_covariate_keys), dtype=bool)
+
+
+def _covariate_linears(vae: VAE) -> list[torch.nn.Linear]:
+    """The layers whose input ends with the covariate vector: every hidden layer of the decoder, and of the
+    encoder when it sees the covariates."""
+    bodies = [vae.encoder.body, vae.decoder.body] if vae.encoder.use_covariates else [vae.decoder.body]
+    return [linear for body in bodies for linear in body.linears]
+
+
+def _graft_reference(reference: VAE, query: VAE) -> None:
+    """Copy the reference's weights into ``query``: the columns of new categories start at zero, and the
+    dispersion of a new batch (``"gene-batch"``) at the reference batches' mean."""
+    columns = torch.as_tensor(_reference_columns(reference.config, query.config))
+    grafted = set()
+    with torch.no_grad():
+        for old, new in zip(_covariate_linears(reference), _covariate_linears(query)):
+            width = new.in_features - query.config.n_covariates  # the hidden (or gene) input before the covariates
+            new.weight.zero_()
+            new.weight[:, :width] = old.weight[:, :width]
+            new.weight[:, width + columns] = old.weight[:, width:]
+            grafted.add(id(new.weight))
+        old_state = dict(reference.named_parameters()) | dict(reference.named_buffers())
+        for name, new in list(query.named_parameters()) + list(query.named_buffers()):
+            if id(new) in grafted:
+                continue
+            old = old_state[name]
+            if new.shape == old.shape:
+                new.copy_(old)
+            else:  # a "gene-batch" dispersion: one row per batch
+                new[: len(old)] = old
+                new[len(old) :] = old.mean(0)
+
+
+def _query_parameters(query: VAE) -> list[tuple[torch.nn.Parameter, torch.Tensor | None]]:
+    """The parameters a query model trains, with gradient masks (``None``: all of it): the covariate columns
+    of categories new to the reference, new batches' dispersions, and the encoder's input layer if
+    ``train_input_layer``. Empty for a model that :meth:`CellVAE.map_query` did not make."""
+    config = query.config
+    if not config.reference_categories:
+        return []
+    new = torch.as_tensor(_new_columns(config))
     trainable: list[tuple[torch.nn.Parameter, torch.Tensor | None]] = []
-    for name, param in query.named_parameters():
-        old_shape = reference.get_parameter(name).shape
-        if param.shape != old_shape:
-            mask = torch.zeros_like(param)
-            if name.endswith("log_theta"):
-                mask[n_reference_batches:] = 1.0
-            else:
-                start = old_shape[1] - query.config.n_covariates + n_new_batches + n_reference_batches
-                mask[:, start : start + n_new_batches] = 1.0
-            trainable.append((param, mask))
-    if train_input_layer:
+    if new.any():
+        for linear in _covariate_linears(query):
+            mask = torch.zeros_like(linear.weight)
+            mask[:, linear.in_features - config.n_covariates :] = new.to(mask.dtype)
+            trainable.append((linear.weight, mask))
+    log_theta = getattr(query.decoder, "log_theta", None)
+    n_reference_batches = config.reference_categories.get(config.batch_key, 0)
+    if log_theta is not None and log_theta.dim() == 2 and len(log_theta) > n_reference_batches:
+        mask = torch.zeros_like(log_theta)
+        mask[n_reference_batches:] = 1.0
+        trainable.append((log_theta, mask))
+    if config.train_input_layer:
         first = query.encoder.body.linears[0]
-        trainable = [(p, m) for p, m in trainable if p is not first.weight]
-        trainable += [(first.weight, None), (first.bias, None)]
-    for param, _ in trainable:
-        param.requires_grad_(True)
+        trainable = [(p, m) for p, m in trainable if p is not first.weight] + [(first.weight, None), (first.bias, None)]
     return trainable
+
+
+@contextmanager
+def _reference_frozen(query: VAE) -> Iterator[None]:
+    """While a query model trains, only :func:`_query_parameters` get gradients (the reference's columns of a
+    shared layer are masked out), and BatchNorm layers keep the reference's statistics."""
+    trainable = _query_parameters(query)
+    query.requires_grad_(False)
+    hooks = []
+    for param, mask in trainable:
+        param.requires_grad_(True)
+        if mask is not None:
+            mask = mask.to(param.device)
+            hooks.append(param.register_hook(lambda grad, m=mask: grad * m))
+    query.frozen_statistics = True
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        query.requires_grad_(True)
+        query.frozen_statistics = False

@@ -40,7 +40,12 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os
     _check_save(save)
     frame = model.history
     if frame.empty:
-        raise ValueError("the model has no training history; call model.fit() first")
+        reason = (
+            "map_query had nothing to train (every batch and covariate category of the query is the reference's)"
+            if model.config.reference_categories
+            else "call model.fit() first"
+        )
+        raise ValueError(f"the model has no training history: {reason}")
     one_axes = isinstance(ax, plt.Axes)
     if ax is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.5))

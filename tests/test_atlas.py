@@ -350,3 +350,65 @@ def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(refer
     renamed.obs["batch"] = "batch0"  # a reference batch
     with pytest.warns(UserWarning, match=r"reads batches from obs\['batch'\].*query_model.get_latent\(\)"):
         model.map_query(renamed, batch_key="sample", max_epochs=1, progress=False)
+
+
+def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference_frozen(reference_and_query, tmp_path):
+    model, reference, query = reference_and_query
+    query_model = model.map_query(query, max_epochs=3, progress=False)
+    reference_latent, query_latent = model.get_latent(reference), query_model.get_latent()
+    frozen = query_model.module.decoder.proportions.weight.clone()
+    query_model.fit(max_epochs=3, progress=False)  # as scVI's query_model.train(): only the query's parameters move
+    assert len(query_model.history) == 3 and query_model.train_settings.weight_decay == 0.0
+    np.testing.assert_array_equal(query_model.get_latent(reference), reference_latent)
+    assert torch.equal(query_model.module.decoder.proportions.weight, frozen)
+    assert not np.allclose(query_model.get_latent(), query_latent, atol=1e-4)
+    query_model.save(tmp_path / "mapped")  # the frozen layout is part of the saved model
+    loaded = CellVAE.load(tmp_path / "mapped", adata=query_model.adata)
+    assert loaded.config.reference_categories == {"batch": 2}
+    loaded.fit(max_epochs=2, progress=False)
+    np.testing.assert_array_equal(loaded.get_latent(reference), reference_latent)
+    before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
+    with pytest.raises(ValueError, match="would shrink the reference's frozen weights"):
+        loaded.fit(weight_decay=1e-4, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in loaded.module.state_dict().items())
+    with pytest.warns(UserWarning, match="already exist in the reference"):
+        known = model.map_query(reference[reference.obs["batch"] == "batch1"].copy(), progress=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        known.fit(progress=False)
+    with pytest.raises(ValueError, match="no training history: map_query had nothing to train"):
+        cellvae.pl.history(known, show=False)
+
+
+def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches):
+    adata = three_batches.copy()
+    adata.obs["kit"] = np.where(np.arange(adata.n_obs) % 2 == 0, "v2", "v3")
+    is_query = (adata.obs["batch"] == "batch2").to_numpy()
+    reference, query = adata[~is_query].copy(), adata[is_query].copy()
+    query.obs["kit"] = np.where(np.arange(query.n_obs) % 2 == 0, "v3", "v4")  # one known kit, one new
+    model = CellVAE(reference, batch_key="batch", categorical_covariate_keys=["kit"]).fit(max_epochs=60, progress=False)
+    query_model = model.map_query(query, progress=False)
+    assert query_model.config.categorical_covariate_categories == {"kit": ["v2", "v3", "v4"]}
+    assert query_model.config.reference_categories == {"batch": 2, "kit": 2}
+    np.testing.assert_allclose(query_model.get_latent(reference), model.get_latent(reference), atol=1e-5)
+    decoder = query_model.module.decoder.body.linears[0]
+    kit_columns = decoder.in_features - query_model.config.n_covariates + 3 + np.arange(3)  # after the 3 batch columns
+    old = model.module.decoder.body.linears[0].weight[:, -2:]
+    assert torch.equal(decoder.weight[:, kit_columns[:2]], old) and decoder.weight[:, kit_columns[2]].abs().sum() > 0
+    reference.obsm["X_cellvae"], query.obsm["X_cellvae"] = query_model.get_latent(reference), query_model.get_latent()
+    cellvae.tl.transfer_labels(reference, query, "cell_type")
+    assert (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean() > 0.95
+    without_kit = query.copy()
+    del without_kit.obs["kit"]
+    with pytest.raises(KeyError, match="obs column 'kit' .* not found in query_adata.obs"):
+        model.map_query(without_kit)
+
+
+def test_a_float_batch_column_is_told_to_become_integers(reference_and_query):
+    model, reference, _ = reference_and_query
+    plates = reference.copy()
+    plates.obs["plate"] = np.where(plates.obs["batch"] == "batch0", 1016, 1256)
+    by_plate = CellVAE(plates, batch_key="plate").fit(max_epochs=1, progress=False)
+    plates.obs["plate"] = plates.obs["plate"].astype(float)  # e.g. read back from a CSV with missing values
+    match = r"holds floats \(1016.0\) where the model's categories are integers \(1016\).*astype\(int\)"
+    with pytest.raises(ValueError, match=match):
+        by_plate.get_latent(plates)

@@ -53,6 +53,16 @@ def test_generate_with_fixed_batch_and_library_size(model):
         model.generate(5, batch="no_such_batch")
 
 
+def test_a_batch_for_a_model_without_batches_is_refused(kang):
+    unbatched = CellVAE(kang[:300].copy(), n_latent=4).fit(max_epochs=1, progress=False)
+    for call in (
+        lambda: unbatched.generate(5, batch="stim", library_size=1000.0),
+        lambda: unbatched.decode(np.zeros((2, 4)), batch="stim"),
+    ):
+        with pytest.raises(ValueError, match="trained without batch_key, so it has no batches"):
+            call()
+
+
 def test_loaded_model_needs_explicit_inputs_to_generate(model, tmp_path):
     model.save(tmp_path / "m")
     loaded = CellVAE.load(tmp_path / "m")

@@ -201,6 +201,7 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     draws = model.sample_counts(n_samples=2, random_state=0)
     assert draws.shape == (2, *adata.shape) and np.array_equal(draws, np.round(draws))
     np.testing.assert_array_equal(draws, model.sample_counts(n_samples=2, random_state=0))
+    np.testing.assert_array_equal(model.sample_counts(n_samples=2, gene_list=chosen, random_state=0), draws[:, :, [7, 2, 40]])
     sampled_latent = model.get_latent(mean=False)
     assert not np.allclose(sampled_latent, model.get_latent())
 

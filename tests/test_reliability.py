@@ -719,7 +719,7 @@ def test_saved_model_gets_the_usual_file_permissions(saved):
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=1.5),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=0.0),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay="1e-6"),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=None),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=float("nan")),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=-1.0),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, early_stopping="no"),
         lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, progress=None),
