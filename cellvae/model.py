@@ -598,9 +598,11 @@ class CellVAE:
         self,
         adata: ad.AnnData | None = None,
         *,
-        groupby: str,
+        groupby: str | None = None,
         group1: str | list[str] | None = None,
         group2: str | None = None,
+        idx1=None,
+        idx2=None,
         delta: float = 0.25,
         batch_correction: bool = True,
         fdr_target: float = 0.05,
@@ -638,6 +640,10 @@ class CellVAE:
         group2
             The group to compare with; ``None`` compares each group with all other labelled cells
             (``group2`` then reads ``"rest"``, or ``"<rest>"`` where a group is called "rest").
+        idx1, idx2
+            Instead of ``groupby``, as in scvi-tools: the cells of two groups to compare (obs names,
+            positions or a boolean mask; they may not overlap). ``idx2=None`` compares with all other
+            cells. The result's ``group1``/``group2`` read ``"idx1"``/``"idx2"`` (or ``"rest"``).
         delta
             Smallest |log2 fold change| of the means that counts as a difference (0.25: 19%).
         batch_correction
@@ -698,9 +704,20 @@ class CellVAE:
             isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
         ):
             raise ValueError(f"pseudocount must be a positive number (log2 of 0 is undefined) or None, got {pseudocount!r}")
+        if idx1 is None and idx2 is not None:
+            raise ValueError("idx2 needs idx1, the cells of the first group")
+        if idx1 is not None and not (groupby is None and group1 is None and group2 is None):
+            raise ValueError("compare groups of obs[groupby] (groupby, group1, group2) or sets of cells (idx1, idx2), not both")
+        if idx1 is None and groupby is None:
+            raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
         adata = self._resolve(adata)
-        labels, names = _group_labels(adata, groupby)
-        comparisons = _comparisons(labels, names, groupby, group1, group2)
+        if idx1 is None:
+            labels, names = _group_labels(adata, groupby)
+            source = f"obs[{groupby!r}]"
+        else:
+            labels, names = _cell_set_labels(adata, idx1, idx2)
+            group1, group2, source = "idx1", None if idx2 is None else "idx2", "idx1/idx2"
+        comparisons = _comparisons(labels, names, source, group1, group2)
         loader, _ = self._loader(adata, self.device)
         counted = loader.library > 0
         labelled = labels.notna().to_numpy()
@@ -717,7 +734,7 @@ class CellVAE:
             for name, cells in ((name1, cells1), (name2, cells2)):
                 n_counted = int(counted[cells].sum())
                 if n_counted == 0:
-                    raise ValueError(f"group {name!r} of obs[{groupby!r}] has no cell with a non-zero count")
+                    raise ValueError(f"group {name!r} of {source} has no cell with a non-zero count")
                 if n_counted < 5:
                     few.add(name)
             if correct_batches and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
@@ -726,12 +743,12 @@ class CellVAE:
         few = sorted(few)
         if few:
             data.warn_user(
-                f"groups {few[:5]} of obs[{groupby!r}] have fewer than 5 cells with counts: their mean expression rests "
+                f"groups {few[:5]} of {source} have fewer than 5 cells with counts: their mean expression rests "
                 "mostly on the prior (pseudo-cells drawn from both groups), so few genes can be called, and those not reliably",
                 UserWarning,
             )
         if separate:
-            _warn_groups_share_no_batch(separate, self.config.batch_key, groupby)
+            _warn_groups_share_no_batch(separate, self.config.batch_key)
         if pseudocount is None:
             depths = loader.library[labelled & counted]
             pseudocount = 0.01 / float(np.median(depths))
@@ -1614,6 +1631,53 @@ def _group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
     return labels, [_group_name(v) for v in sorted(pd.unique(column.dropna()))]
 
 
+def _cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]]:
+    """Labels by cell position for a comparison of two sets of cells: ``"idx1"``, ``"idx2"`` (or, without
+    ``idx2``, ``"other"`` for every other cell) and the groups present."""
+    labels = np.full(adata.n_obs, "other" if idx2 is None else None, dtype=object)
+    first = _cell_positions(adata, idx1, "idx1")
+    if idx2 is not None:
+        second = _cell_positions(adata, idx2, "idx2")
+        shared = np.intersect1d(first, second)
+        if len(shared):
+            example = adata.obs_names[shared[0]]
+            raise ValueError(f"idx1 and idx2 share {len(shared)} cells (e.g. {example!r}); give two disjoint sets")
+        labels[second] = "idx2"
+    labels[first] = "idx1"
+    labels = pd.Series(labels)
+    return labels, [name for name in ("idx1", "idx2", "other") if (labels == name).any()]
+
+
+def _cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
+    """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
+    if isinstance(cells, str):
+        cells = [cells]
+    values = np.asarray(cells)
+    if values.dtype == bool:
+        if values.shape != (adata.n_obs,):
+            raise ValueError(f"{name} as a boolean mask must have length adata.n_obs ({adata.n_obs}), got {values.shape}")
+        positions = np.flatnonzero(values)
+    elif np.issubdtype(values.dtype, np.integer):
+        positions = values.ravel()
+        if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
+            raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
+        positions = positions % adata.n_obs
+    else:
+        if not adata.obs_names.is_unique:
+            raise ValueError(
+                f"{name} names cells, but adata.obs_names are not unique; call adata.obs_names_make_unique() "
+                "or select the cells by position or boolean mask"
+            )
+        indexer = adata.obs_names.get_indexer(values.astype(str).ravel())
+        if (indexer < 0).any():
+            missing = values.astype(str).ravel()[indexer < 0][:5].tolist()
+            raise KeyError(f"{name} names cells not in adata.obs_names, e.g. {missing}")
+        positions = indexer
+    if positions.size == 0:
+        raise ValueError(f"{name} selects no cells")
+    return positions
+
+
 def _group_name(group) -> str:
     """A group as its label: whole numbers as integers (1.0 and 1 are "1")."""
     group = _native(group)
@@ -1622,7 +1686,7 @@ def _group_name(group) -> str:
     return str(group)
 
 
-def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, group2) -> list[tuple]:
+def _comparisons(labels: pd.Series, names: list[str], source: str, group1, group2) -> list[tuple]:
     """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions; against the rest,
     ``cells2`` is None (:func:`_second_group` lists them when needed: kept for every group, the rest
     lists of an atlas would take gigabytes)."""
@@ -1631,7 +1695,7 @@ def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, grou
 
     def cells_of(name: str) -> np.ndarray:
         if name not in names:
-            raise ValueError(f"group {name!r} has no cells in obs[{groupby!r}]; its groups are {names[:20]}")
+            raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}")
         return np.flatnonzero(codes == code_of[name])
 
     if group2 is not None and np.ndim(group2) != 0:
@@ -1647,7 +1711,7 @@ def _comparisons(labels: pd.Series, names: list[str], groupby: str, group1, grou
         raise ValueError(
             f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"
             if second is not None
-            else f"nothing to compare: obs[{groupby!r}] has no labelled cells"
+            else f"nothing to compare: {source} has no labelled cells"
         )
     n_labelled = int(labels.notna().sum())
     comparisons = []
@@ -1680,7 +1744,7 @@ def _comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: boo
     return [random_state, zlib.crc32(name1.encode()), zlib.crc32(name2.encode()), int(one_vs_rest)]
 
 
-def _warn_groups_share_no_batch(separate: list[str], batch_key: str, groupby: str) -> None:
+def _warn_groups_share_no_batch(separate: list[str], batch_key: str) -> None:
     """Warn about the comparisons (``"a vs b"``) whose two groups share no batch."""
     if separate:
         data.warn_user(

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cellvae.data import warn_user
-from cellvae.model import CellVAE, _check_seed
+from cellvae.model import CellVAE, _cell_positions, _check_seed
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
@@ -530,8 +530,8 @@ def interpolate(
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
-    z_a = model.get_latent(adata[_positions(adata, cells_a, "cells_a")]).mean(0)
-    z_b = model.get_latent(adata[_positions(adata, cells_b, "cells_b")]).mean(0)
+    z_a = model.get_latent(adata[_cell_positions(adata, cells_a, "cells_a")]).mean(0)
+    z_b = model.get_latent(adata[_cell_positions(adata, cells_b, "cells_b")]).mean(0)
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
     expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)
@@ -604,13 +604,13 @@ def latent_shift(
     for name, value in (("source", source), ("target", target)):
         if value not in set(groups):
             raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")
-    shifted = _positions(adata, apply_to, "apply_to")
+    shifted = _cell_positions(adata, apply_to, "apply_to")
     if reference is None:
         in_reference = np.ones(adata.n_obs, dtype=bool)
         in_reference[shifted] = False
     else:
         in_reference = np.zeros(adata.n_obs, dtype=bool)
-        in_reference[_positions(adata, reference, "reference")] = True
+        in_reference[_cell_positions(adata, reference, "reference")] = True
     latent = model.get_latent(adata)
     strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
     deltas = []
@@ -654,36 +654,6 @@ def latent_shift(
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted
-
-
-def _positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
-    """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
-    if isinstance(cells, str):
-        cells = [cells]
-    values = np.asarray(cells)
-    if values.dtype == bool:
-        if values.shape != (adata.n_obs,):
-            raise ValueError(f"{name} as a boolean mask must have length adata.n_obs ({adata.n_obs}), got {values.shape}")
-        positions = np.flatnonzero(values)
-    elif np.issubdtype(values.dtype, np.integer):
-        positions = values.ravel()
-        if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
-            raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
-        positions = positions % adata.n_obs
-    else:
-        if not adata.obs_names.is_unique:
-            raise ValueError(
-                f"{name} names cells, but adata.obs_names are not unique; call adata.obs_names_make_unique() "
-                "or select the cells by position or boolean mask"
-            )
-        indexer = adata.obs_names.get_indexer(values.astype(str).ravel())
-        if (indexer < 0).any():
-            missing = values.astype(str).ravel()[indexer < 0][:5].tolist()
-            raise KeyError(f"{name} names cells not in adata.obs_names, e.g. {missing}")
-        positions = indexer
-    if positions.size == 0:
-        raise ValueError(f"{name} selects no cells")
-    return positions
 
 
 def _check_writable(adata: ad.AnnData, name: str) -> None:

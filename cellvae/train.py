@@ -13,6 +13,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,10 +24,14 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
 
 from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, is_backed_matrix, library_sizes, warn_user
 from cellvae.module import VAE, seeded
+
+with warnings.catch_warnings():  # a notebook without ipywidgets gets the text progress bar, without a warning
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 MAX_NONFINITE_RETRIES = 5
 

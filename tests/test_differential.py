@@ -196,6 +196,30 @@ def test_cells_without_a_label_take_no_part(simulated, model):
     np.testing.assert_allclose(result.loc[simulated.var_names, "fraction_nonzero2"], (counts[rest] > 0).mean(0))
 
 
+def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
+    types = simulated.obs["cell_type"].to_numpy()
+    by_group = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=300)
+    first, second = types == "type0", np.flatnonzero(types == "type1")  # a mask, positions, and obs names
+    for idx2 in (second, simulated.obs_names[second]):
+        by_cells = model.differential_expression(idx1=first, idx2=idx2, n_draws=300)
+        assert (by_cells["group1"] == "idx1").all() and (by_cells["group2"] == "idx2").all()
+        genes = simulated.var_names
+        assert np.corrcoef(by_cells.loc[genes, "lfc_mean"], by_group.loc[genes, "lfc_mean"])[0, 1] > 0.98
+        np.testing.assert_allclose(by_cells.loc[genes, "fraction_nonzero2"], by_group.loc[genes, "fraction_nonzero2"])
+    against_rest = model.differential_expression(idx1=first, n_draws=300)
+    assert (against_rest["group2"] == "rest").all()
+    counts = simulated.X.toarray()
+    np.testing.assert_allclose(against_rest.loc[simulated.var_names, "fraction_nonzero2"], (counts[~first] > 0).mean(0))
+    with pytest.raises(ValueError, match="share 1 cells"):
+        model.differential_expression(idx1=[0, 1], idx2=[1, 2])
+    with pytest.raises(ValueError, match="not both"):
+        model.differential_expression(groupby="cell_type", idx1=first)
+    with pytest.raises(ValueError, match="idx2 needs idx1"):
+        model.differential_expression(idx2=second)
+    with pytest.raises(ValueError, match="pass groupby"):
+        model.differential_expression()
+
+
 def test_bad_arguments_are_refused_before_any_work(simulated, model):
     with pytest.raises(KeyError, match="not found in adata.obs"):
         model.differential_expression(groupby="no_such_column")
