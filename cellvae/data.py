@@ -6,6 +6,7 @@ rest of the package can trust its inputs) and never writes to the user's AnnData
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -51,6 +52,7 @@ EVALUATION_VALUES = 2**21
 
 
 PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__)) + os.sep
+CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)  # @contextmanager decorators sit between cellvae's frames
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
@@ -60,7 +62,10 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     another public function (``tl.embed`` builds a ``CellVAE``, which reads the data).
     """
     frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIRECTORY):
+    while frame.f_back is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not (filename.startswith(PACKAGE_DIRECTORY) or filename == CONTEXTLIB_FILE):
+            break
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 
@@ -529,12 +534,7 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
                 else "A categorical covariate keeps the categories it was trained with; map cells of new ones with "
                 "model.map_query(...)"
             )
-            as_integers = [name.removesuffix(".0") for name in unknown if name.endswith(".0")]
-            if as_integers and set(as_integers) <= set(categories):  # 1016.0 where the model knows 1016
-                advice = (
-                    f"obs[{key!r}] holds floats ({unknown[0]}) where the model's categories are integers "
-                    f"({as_integers[0]}): convert it first, adata.obs[{key!r}] = adata.obs[{key!r}].astype(int)"
-                )
+            advice = floats_for_integers(unknown, categories, key) or advice
             raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
         widths.append(len(categories))
@@ -547,6 +547,17 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
         continuous.append(((values - mean) / std).astype(np.float32))
     values = np.stack(continuous, axis=1) if continuous else np.zeros((len(obs), 0), dtype=np.float32)
     return Covariates(codes_per_key, widths, values)
+
+
+def floats_for_integers(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
+    """The way out when new category names are known integers written as floats (1016.0 for 1016), else None."""
+    as_integers = [value.removesuffix(".0") for value in new if value.endswith(".0")]
+    if not as_integers or not set(as_integers) <= set(known):
+        return None
+    return (
+        f"{name}.obs[{key!r}] holds floats ({as_integers[0]}.0) where the model's categories are integers "
+        f"({as_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
+    )
 
 
 def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:

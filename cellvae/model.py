@@ -223,7 +223,9 @@ class CellVAE:
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
-        stay frozen, so reference cells still embed exactly as before.
+        stay frozen, so reference cells embed as before (unless it was mapped with
+        ``train_input_layer=True``, which trains the encoder's input layer again). A query model saved by
+        cellvae before this rule does not know it is one: map again to get it.
 
         Parameters
         ----------
@@ -957,7 +959,8 @@ class CellVAE:
             batches from the reference's batch key, so to embed the query with ``get_latent(query)``
             give it that column too (``query_model.get_latent()`` embeds the aligned copy as is).
             Batch names are compared as text: an integer column's 1016 is ``"1016"``, a float
-            column's 1016.0 is ``"1016.0"``, so convert a float column to integers first.
+            column's 1016.0 is ``"1016.0"``, so convert a float column to integers first (a query
+            whose 1016.0 stands for the reference's 1016 is refused with that advice).
         train_input_layer
             Also train the encoder's first layer (all of it). Reference cells then embed differently
             (in the four benchmark datasets they moved by 22–56% of the embedding's mean norm): re-embed
@@ -1022,6 +1025,12 @@ class CellVAE:
             if key not in aligned.obs.columns:
                 raise KeyError(f"obs column {key!r} (a categorical covariate of the reference) not found in query_adata.obs")
             categories[key] = known + [c for c in data.category_names(aligned.obs[key], key) if c not in known]
+        for key, new, known in [(batch_key or reference_key, new_batches, reference_batches)] + [
+            (key, categories[key][len(known) :], known) for key, known in self.config.categorical_covariate_categories.items()
+        ]:
+            message = data.floats_for_integers(new, known, key, "query_adata")
+            if message:  # 1016.0 would be a new category beside the reference's 1016
+                raise ValueError(message)
         config = Config(
             **{
                 **asdict(self.config),

@@ -444,6 +444,9 @@ def describe_run(
 ) -> dict:
     """What a checkpoint must share with a run to continue it bit for bit (model, settings, cells, device)."""
     config = {k: v for k, v in asdict(vae.config).items() if k != "cellvae_version"}
+    for name, default in (("reference_categories", {}), ("train_input_layer", False)):  # added in 0.1: older
+        if config[name] == default:  # checkpoints, of models that are not query models, still resume
+            del config[name]
     cells = hashlib.sha256(np.ascontiguousarray(train_cells, dtype=np.int64).tobytes())
     cells.update(np.ascontiguousarray(validation_cells, dtype=np.int64).tobytes())
     # every cell's library size stands for the counts: other data, or the same cells reordered, differ

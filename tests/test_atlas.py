@@ -397,6 +397,15 @@ def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches)
     reference.obsm["X_cellvae"], query.obsm["X_cellvae"] = query_model.get_latent(reference), query_model.get_latent()
     cellvae.tl.transfer_labels(reference, query, "cell_type")
     assert (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean() > 0.95
+    as_floats = query.copy()  # kits named by numbers, read back as floats: not new kits
+    model_by_number = CellVAE(reference.copy(), batch_key="batch", categorical_covariate_keys=["kit"])
+    model_by_number.adata.obs["kit"] = np.where(model_by_number.adata.obs["kit"] == "v2", 2, 3)
+    model_by_number = CellVAE(model_by_number.adata, batch_key="batch", categorical_covariate_keys=["kit"]).fit(
+        max_epochs=1, progress=False
+    )
+    as_floats.obs["kit"] = 2.0
+    with pytest.raises(ValueError, match=r"query_adata.obs\['kit'\] = query_adata.obs\['kit'\].astype\(int\)"):
+        model_by_number.map_query(as_floats, progress=False)
     without_kit = query.copy()
     del without_kit.obs["kit"]
     with pytest.raises(KeyError, match="obs column 'kit' .* not found in query_adata.obs"):
@@ -409,6 +418,8 @@ def test_a_float_batch_column_is_told_to_become_integers(reference_and_query):
     plates.obs["plate"] = np.where(plates.obs["batch"] == "batch0", 1016, 1256)
     by_plate = CellVAE(plates, batch_key="plate").fit(max_epochs=1, progress=False)
     plates.obs["plate"] = plates.obs["plate"].astype(float)  # e.g. read back from a CSV with missing values
-    match = r"holds floats \(1016.0\) where the model's categories are integers \(1016\).*astype\(int\)"
+    match = r"holds floats \(1[02][15]6.0\) where the model's categories are integers \(1[02][15]6\).*astype\(int\)"
     with pytest.raises(ValueError, match=match):
         by_plate.get_latent(plates)
+    with pytest.raises(ValueError, match=match):  # map_query would have made 1016.0 a new batch beside 1016
+        by_plate.map_query(plates, progress=False)

@@ -393,7 +393,7 @@ def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches
         CellVAE(adata, batch_key="batch")
 
 
-def test_warnings_point_at_the_users_line_through_every_public_function_that_reaches_the_check(two_batches):
+def test_warnings_point_at_the_users_line_through_every_public_function_that_reaches_the_check(two_batches, tmp_path):
     adata = small(two_batches)
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)
     with pytest.warns(UserWarning, match="check the key") as direct:
@@ -405,7 +405,9 @@ def test_warnings_point_at_the_users_line_through_every_public_function_that_rea
         untrained.differential_expression(groupby="batch", n_draws=100)
     messages = " | ".join(str(record.message) for record in nested)
     assert "not trained" in messages and "share no batch" in messages
-    assert {record.filename for record in [*direct, *wrapped, *nested]} == {__file__}
+    with pytest.warns(UserWarning, match="no checkpoint") as in_training:  # raised in train(), under @seeded
+        untrained.fit(max_epochs=1, checkpoint_dir=tmp_path / "empty", resume=True, progress=False)
+    assert {record.filename for record in [*direct, *wrapped, *nested, *in_training]} == {__file__}
 
 
 def test_integer_batch_labels_are_named_as_given(two_batches):
