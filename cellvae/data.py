@@ -7,6 +7,7 @@ rest of the package can trust its inputs) and never writes to the user's AnnData
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import sys
@@ -455,8 +456,15 @@ def learn_covariate_layout(
         values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"continuous covariate obs[{key!r}] has NaN, infinite or non-numeric values; fill or drop them")
-        means.append(float(values.mean()))
-        stds.append(float(values.std()) or 1.0)
+        with np.errstate(over="ignore"):
+            mean, std = float(values.mean()), float(values.std())
+        if not (math.isfinite(mean) and math.isfinite(std)):
+            raise ValueError(
+                f"continuous covariate obs[{key!r}] has values too large to scale (up to {np.abs(values).max():.3g}); "
+                "put them on a smaller scale first, e.g. np.log1p or a change of units"
+            )
+        means.append(mean)
+        stds.append(std or 1.0)
     return CovariateLayout(
         batch_key=batch_key,
         batch_categories=categories.get(batch_key, []) if batch_key else [],

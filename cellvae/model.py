@@ -40,6 +40,8 @@ from cellvae.train import (
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
+# Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
+DIVERGENCE_PROBE_CELLS = 1000
 
 
 class CellVAE:
@@ -67,11 +69,14 @@ class CellVAE:
     likelihood
         ``"nb"`` (default), ``"zinb"`` or ``"poisson"``.
     dispersion
-        Inverse dispersion per ``"gene"``, per ``"gene-batch"`` or per ``"gene-cell"``.
+        Inverse dispersion per ``"gene"``, per ``"gene-batch"`` or per ``"gene-cell"`` (``"gene"``
+        with ``"poisson"``, which has none).
     beta
-        Weight of the KL term (rate) in the objective ``distortion + beta * rate``.
+        Weight of the KL term (rate) in the objective ``distortion + beta * rate``; ``beta``,
+        ``free_bits`` and ``batch_mmd`` may be 0 to 1e6.
     kl_warmup
-        Epochs of linear KL warm-up; ``None`` picks a quarter of training (at most 50).
+        Epochs of linear KL warm-up; ``None`` picks a quarter of training (at most 50). A warm-up
+        longer than ``fit``'s epochs gets a warning.
     free_bits
         Per-dimension KL floor (nats) below which the KL costs nothing; counters posterior collapse.
     batch_mmd
@@ -160,6 +165,8 @@ class CellVAE:
         )  # checks the settings before the counts are read, which can take long for a large backed matrix
         data.validate_counts(matrix, data.where(layer), read_values=not values_checked_in_fit)
         _warn_about_counts(matrix, data.where(layer), dispersion)
+        if config.batch_mmd > 0 and len(config.batch_categories) < 2:
+            data.warn_user(f"batch_mmd has no effect: obs[{batch_key!r}] holds a single batch", UserWarning)
         self._setup(config, adata)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
@@ -324,6 +331,13 @@ class CellVAE:
             )
         epochs = max_epochs or default_max_epochs(len(nonempty))
         warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
+        if not query and warmup > epochs:
+            data.warn_user(
+                f"kl_warmup={warmup} epochs is longer than the {epochs} epochs of training: the KL weight ends at about "
+                f"{epochs / warmup:.2g} × beta, so the model trains as if beta were smaller, and early stopping, which "
+                "waits for the warm-up to end, never starts; lower kl_warmup or raise max_epochs",
+                UserWarning,
+            )
         settings = TrainSettings(
             max_epochs=epochs,
             batch_size=batch_size,
@@ -345,6 +359,9 @@ class CellVAE:
         before = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.is_trained else None
         self.device = loader.device
         self.module.to(self.device)
+        # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
+        probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
+        start_loss = self._mean_loss(loader, probe, random_state)
         try:
             with _reference_frozen(self.module) if query else nullcontext():
                 self.history = train(
@@ -365,7 +382,17 @@ class CellVAE:
                 f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
                 "or device='cpu'"
             ) from error
-        self._warn_if_collapsed(loader, train_cells[:5000], random_state)
+        end_loss = self._mean_loss(loader, probe, random_state)
+        if not end_loss <= 1.05 * start_loss:  # NaN too
+            data.warn_user(
+                f"training made the model worse: its loss on {len(probe):,} "
+                f"{'held-out' if len(validation_cells) else 'training'} cells is {end_loss:.4g} nats per cell, against "
+                f"{start_loss:.4g} when fit began, so training diverged, most likely from too large a learning rate: "
+                f"train again with a smaller one, e.g. fit(lr={lr / 10:g})",
+                RuntimeWarning,
+            )
+        else:  # (a diverged model's latent space says nothing about collapse)
+            self._warn_if_collapsed(loader, train_cells[:5000], random_state)
         self.module.to("cpu")
         self.device = torch.device("cpu")
         self.is_trained = True
@@ -1402,6 +1429,12 @@ class CellVAE:
                     ),
                 )
 
+    def _mean_loss(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> float:
+        """The training objective ``distortion + beta·rate`` of ``cells`` (nats per cell), dropout off."""
+        with diagnostics.evaluation(self.module, random_state):
+            terms = diagnostics.rate_distortion(self.module, loader, cells)
+        return float(np.mean(terms["distortion"] + self.config.beta * terms["rate"]))
+
     def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> None:
         with diagnostics.evaluation(self.module, random_state):
             kl = diagnostics.kl_per_dimension(self.module, loader, cells)
@@ -1507,8 +1540,8 @@ def _library_sizes(value, n: int) -> np.ndarray:
 
 
 def _check_positive(value, name: str) -> None:
-    if not isinstance(value, (int, float, np.number)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
 
 
 def _check_threshold(threshold) -> None:

@@ -160,7 +160,9 @@ def train(
     torch.manual_seed(settings.random_state + rank)
     rng = np.random.default_rng(settings.random_state if world == 1 else [settings.random_state, rank])
     optimizer = make_optimizer(vae, settings.lr, settings.weight_decay, loader.device)
-    steps_per_epoch = max(1, math.ceil(len(train_cells) / settings.batch_size))
+    # a last minibatch of one cell is skipped where BatchNorm needs two, so it is not a step of the warm-up
+    full, leftover = divmod(len(train_cells), settings.batch_size)
+    steps_per_epoch = max(1, full + int(leftover > (1 if vae.needs_two_cells else 0)))
     warmup_steps = settings.kl_warmup_epochs * steps_per_epoch
     best = {"loss": math.inf, "state": _snapshot(vae), "epoch": -1}
     last_good = _snapshot(vae)

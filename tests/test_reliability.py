@@ -756,6 +756,14 @@ def test_saved_model_gets_the_usual_file_permissions(saved):
         lambda m, a: m.get_latent(a, random_state=-1),
         lambda m, a: m.get_latent(a, random_state=2**70),
         lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": float("inf")}),
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": 1e40}),  # finite, but overflows float32 in the loss
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": True}),
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "free_bits": 1e300}),
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "batch_mmd": 1e300}),
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "kl_warmup": True}),
+        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "likelihood": "poisson", "dispersion": "gene-batch"}),  # would be ignored
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=float("inf")),
+        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=True),
         lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=1.0, layer="counts"),
         lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", random_state=-1),
         lambda m, a: cellvae.tl.embed(a.copy(), layer="counts", fit_kwargs={"max_epochs": 1}),
@@ -766,3 +774,29 @@ def test_bad_arguments_give_a_documented_error(call, trained, messy):
     with pytest.raises((ValueError, TypeError)) as caught:
         call(trained, messy)
     assert caught.type in (ValueError, TypeError) and str(caught.value)
+
+
+def test_training_settings_that_undo_training_are_told():
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=200, n_batches=1, seed=0)
+    with warnings.catch_warnings(record=True) as diverged:
+        warnings.simplefilter("always")
+        CellVAE(adata, n_hidden=64).fit(max_epochs=10, lr=1.0, progress=False)
+    assert [str(w.message)[:29] for w in diverged] == ["training made the model worse"]  # and no collapse warning
+    assert "fit(lr=0.1)" in str(diverged[0].message) and diverged[0].category is RuntimeWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default lr improves the loss: nothing to tell
+        CellVAE(adata, n_hidden=64).fit(max_epochs=10, progress=False)
+    with pytest.warns(UserWarning, match=r"kl_warmup=100 epochs is longer than the 5 epochs .* about 0.05 × beta"):
+        CellVAE(adata, kl_warmup=100).fit(max_epochs=5, progress=False)
+    with pytest.warns(UserWarning, match=r"batch_mmd has no effect: obs\['batch'\] holds a single batch"):
+        CellVAE(adata, batch_key="batch", batch_mmd=10.0)
+    adata.obs["depth"] = np.linspace(1e299, 1e300, adata.n_obs)  # its variance overflows float64
+    with pytest.raises(ValueError, match=r"obs\['depth'\] has values too large to scale.*np.log1p"):
+        CellVAE(adata, continuous_covariate_keys=["depth"])
+
+
+def test_a_skipped_one_cell_minibatch_is_not_a_step_of_the_kl_warm_up():
+    adata = cellvae.datasets.simulate(n_cells=361, n_genes=100, seed=0)  # 361 = 360 + a last minibatch of one cell
+    model = CellVAE(adata, normalization="batch", kl_warmup=1)
+    model.fit(max_epochs=3, batch_size=360, validation_size=0, progress=False)
+    np.testing.assert_allclose(model.history["kl_weight"], [0.0, 1.0, 1.0])  # warmed up after one epoch, as asked
