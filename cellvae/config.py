@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -11,7 +12,7 @@ FORMAT_VERSION = 1
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 POSTERIORS = ("diagonal", "full")
-# Largest beta, free_bits or batch_mmd accepted: far above any useful weight, far below float32 overflow.
+# Largest beta, free_bits or batch_mmd a new model accepts: far above any useful weight, far below float32 overflow.
 MAX_WEIGHT = 1e6
 NORMALIZATIONS = ("layer", "batch")
 
@@ -67,19 +68,12 @@ class Config:
             (_is_positive_int(self.n_hidden), f"n_hidden must be a positive integer, got {self.n_hidden!r}"),
             (_is_positive_int(self.n_layers), f"n_layers must be a positive integer, got {self.n_layers!r}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}"),
-            *[
-                (_is_weight(value), f"{name} must be a number from 0 to {MAX_WEIGHT:g}, got {value!r}")
-                for name, value in (("beta", self.beta), ("free_bits", self.free_bits), ("batch_mmd", self.batch_mmd))
-            ],
+            (0.0 <= self.beta < math.inf, f"beta must be a non-negative finite number, got {self.beta!r}"),
+            (0.0 <= self.free_bits < math.inf, f"free_bits must be a non-negative finite number, got {self.free_bits!r}"),
+            (0.0 <= self.batch_mmd < math.inf, f"batch_mmd must be a non-negative finite number, got {self.batch_mmd!r}"),
             (
-                self.kl_warmup is None
-                or (isinstance(self.kl_warmup, int) and not isinstance(self.kl_warmup, bool) and self.kl_warmup >= 0),
+                self.kl_warmup is None or (isinstance(self.kl_warmup, int) and self.kl_warmup >= 0),
                 f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}",
-            ),
-            (
-                self.likelihood != "poisson" or self.dispersion == "gene",
-                f"a Poisson likelihood has no dispersion, so dispersion={self.dispersion!r} would be ignored; "
-                "leave dispersion='gene' (the default) or use likelihood='nb'",
             ),
         ]
         for ok, message in checks:
@@ -91,6 +85,19 @@ class Config:
         if self.batch_mmd > 0 and not self.batch_key:
             raise ValueError(
                 "batch_mmd > 0 penalises differences between batches and needs a batch_key; pass batch_key=... or batch_mmd=0"
+            )
+
+    def check_new_model(self) -> None:
+        """Stricter checks for a model being built (a saved model may hold values older cellvae accepted)."""
+        for name, value in (("beta", self.beta), ("free_bits", self.free_bits), ("batch_mmd", self.batch_mmd)):
+            if isinstance(value, bool) or not 0.0 <= value <= MAX_WEIGHT:
+                raise ValueError(f"{name} must be a number from 0 to {MAX_WEIGHT:g}, got {value!r}")
+        if isinstance(self.kl_warmup, bool):
+            raise ValueError(f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}")
+        if self.likelihood == "poisson" and self.dispersion != "gene":
+            raise ValueError(
+                f"a Poisson likelihood has no dispersion, so dispersion={self.dispersion!r} would be ignored; "
+                "leave dispersion='gene' (the default) or use likelihood='nb'"
             )
 
     def _check_data_layout(self) -> None:
@@ -185,10 +192,6 @@ def _check_names(values: object, name: str) -> None:
     if len(set(values)) != len(values):
         duplicated = sorted(v for v, n in Counter(values).items() if n > 1)[:5]
         raise ValueError(f"{name} must be unique; duplicated: {duplicated}")
-
-
-def _is_weight(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_WEIGHT
 
 
 def _is_positive_int(value: object) -> bool:

@@ -163,6 +163,7 @@ class CellVAE:
             posterior=posterior,
             cellvae_version=__version__,
         )  # checks the settings before the counts are read, which can take long for a large backed matrix
+        config.check_new_model()
         data.validate_counts(matrix, data.where(layer), read_values=not values_checked_in_fit)
         _warn_about_counts(matrix, data.where(layer), dispersion)
         if config.batch_mmd > 0 and len(config.batch_categories) < 2:
@@ -1694,7 +1695,14 @@ def _cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
     """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
     if isinstance(cells, str):
         cells = [cells]
+    if isinstance(cells, (set, frozenset, dict)):
+        kind = type(cells).__name__
+        raise TypeError(f"{name} takes a list or array of cells (obs names, positions or a boolean mask), got a {kind}")
+    if isinstance(cells, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)) and pd.isna(cells).any():
+        raise ValueError(f"{name} has missing values (NA); fill them, e.g. {name}.fillna(False) for a mask")
     values = np.asarray(cells)
+    if values.dtype.kind == "f":
+        raise TypeError(f"{name} holds floats; give cell positions as integers, e.g. np.asarray({name}, dtype=int)")
     if values.dtype == bool:
         if values.shape != (adata.n_obs,):
             raise ValueError(f"{name} as a boolean mask must have length adata.n_obs ({adata.n_obs}), got {values.shape}")
@@ -1762,7 +1770,11 @@ def _comparisons(labels: pd.Series, names: list[str], source: str, group1, group
         if second is None:
             cells2, name2 = None, REST if REST not in names else f"<{REST}>"
             if len(cells1) == n_labelled:
-                raise ValueError(f"no cells outside group {name!r} to compare with; pass group2=... or add groups")
+                raise ValueError(
+                    "idx1 holds every cell, so there is no other cell to compare with; pass idx2=..."
+                    if source == "idx1/idx2"
+                    else f"no cells outside group {name!r} to compare with; pass group2=... or add groups"
+                )
         else:
             if second == name:
                 raise ValueError(f"group1 and group2 are the same group {name!r}")

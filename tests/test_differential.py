@@ -212,6 +212,14 @@ def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
     np.testing.assert_allclose(against_rest.loc[simulated.var_names, "fraction_nonzero2"], (counts[~first] > 0).mean(0))
     with pytest.raises(ValueError, match="share 1 cells"):
         model.differential_expression(idx1=[0, 1], idx2=[1, 2])
+    with pytest.raises(ValueError, match="idx1 holds every cell.*pass idx2"):
+        model.differential_expression(idx1=np.ones(simulated.n_obs, dtype=bool))
+    with pytest.raises(TypeError, match="idx1 holds floats"):
+        model.differential_expression(idx1=[0.0, 1.0])
+    with pytest.raises(TypeError, match="got a set"):
+        model.differential_expression(idx1={0, 1})
+    with pytest.raises(ValueError, match="idx1 has missing values"):
+        model.differential_expression(idx1=pd.Series(first).astype("boolean").where(np.arange(len(first)) > 0))
     with pytest.raises(ValueError, match="not both"):
         model.differential_expression(groupby="cell_type", idx1=first)
     with pytest.raises(ValueError, match="idx2 needs idx1"):

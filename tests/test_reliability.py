@@ -800,3 +800,16 @@ def test_a_skipped_one_cell_minibatch_is_not_a_step_of_the_kl_warm_up():
     model = CellVAE(adata, normalization="batch", kl_warmup=1)
     model.fit(max_epochs=3, batch_size=360, validation_size=0, progress=False)
     np.testing.assert_allclose(model.history["kl_weight"], [0.0, 1.0, 1.0])  # warmed up after one epoch, as asked
+
+
+def test_a_model_saved_with_settings_older_cellvae_accepted_still_loads(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, seed=0)
+    model = CellVAE(adata, batch_key="batch", likelihood="poisson").fit(max_epochs=2, progress=False)
+    model.save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config |= {"dispersion": "gene-batch", "beta": 1e7}  # refused for new models, accepted (and harmless) before
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = CellVAE.load(tmp_path / "old", adata=adata)
+    np.testing.assert_array_equal(loaded.get_latent(), model.get_latent())
+    with pytest.raises(ValueError, match="a Poisson likelihood has no dispersion"):
+        CellVAE(adata, batch_key="batch", likelihood="poisson", dispersion="gene-batch")
