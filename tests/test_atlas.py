@@ -105,7 +105,7 @@ def test_batch_mmd_lowers_the_batch_share_of_the_latent_and_keeps_cell_types(thr
     loaded = CellVAE.load(tmp_path / "model")
     assert loaded.config.batch_mmd == 10.0
     np.testing.assert_array_equal(loaded.get_latent(three_batches), latent)
-    with pytest.raises(ValueError, match=r"batch_mmd must be a number from 0 to 1e\+06"):
+    with pytest.raises(ValueError, match="batch_mmd must be a non-negative finite number"):
         CellVAE(three_batches, batch_key="batch", batch_mmd=-1.0)
     with pytest.raises(ValueError, match="batch_mmd > 0 .* needs a batch_key"):  # no batches to penalise
         CellVAE(three_batches, batch_mmd=10.0)
