@@ -1048,17 +1048,17 @@ class CellVAE:
                 UserWarning,
             )
         new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
+        # 1016.0 would be a new category beside the reference's 1016
+        floats = data.floats_for_integers(new_batches, reference_batches, batch_key or reference_key, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             if key not in aligned.obs.columns:
                 raise KeyError(f"obs column {key!r} (a categorical covariate of the reference) not found in query_adata.obs")
-            categories[key] = known + [c for c in data.category_names(aligned.obs[key], key) if c not in known]
-        for key, new, known in [(batch_key or reference_key, new_batches, reference_batches)] + [
-            (key, categories[key][len(known) :], known) for key, known in self.config.categorical_covariate_categories.items()
-        ]:
-            message = data.floats_for_integers(new, known, key, "query_adata")
-            if message:  # 1016.0 would be a new category beside the reference's 1016
-                raise ValueError(message)
+            new = [c for c in data.category_names(aligned.obs[key], key) if c not in known]
+            floats = floats or data.floats_for_integers(new, known, key, "query_adata")
+            categories[key] = known + new
+        if floats:
+            raise ValueError(floats)
         config = Config(
             **{
                 **asdict(self.config),
