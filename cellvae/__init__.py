@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
-try:
-    __version__ = version("cellvae")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+local"
+from cellvae.config import CELLVAE_VERSION as __version__
 
 if TYPE_CHECKING:
     from cellvae import datasets, pl, tl

@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    import matplotlib
+    if argv is None:  # run from the shell: figures only go to files (main([...]) from Python keeps its backend)
+        import matplotlib
 
-    matplotlib.use("Agg")
+        matplotlib.use("Agg")
     try:
         return args.run(args)
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:

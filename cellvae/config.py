@@ -6,8 +6,13 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+try:
+    CELLVAE_VERSION = version("cellvae")  # written into every saved config
+except PackageNotFoundError:  # running from a source tree that is not installed
+    CELLVAE_VERSION = "0.0.0+local"
 FORMAT_VERSION = 1
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
@@ -111,6 +116,8 @@ class Config:
             raise ValueError("gene_names is empty: a model needs at least one gene")
         if not isinstance(self.encode_batch, bool):
             raise ValueError(f"encode_batch must be True or False, got {self.encode_batch!r}")
+        roles = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys + self.continuous_covariate_keys
+        _check_names(roles, "the batch key and covariate keys together (each obs column has one role)")
         categories = self.categorical_covariate_categories
         if not isinstance(categories, dict) or list(categories) != list(self.categorical_covariate_keys):
             raise ValueError(
@@ -121,8 +128,8 @@ class Config:
             _check_names(values, f"the categories of {key!r}")
             if not values:
                 raise ValueError(f"categorical covariate {key!r} has no categories")
-        keys = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys
-        known = {key: len(self.batch_categories if key == self.batch_key else categories[key]) for key in keys}
+        keys = list(self.categories)
+        known = {key: len(names) for key, names in self.categories.items()}
         reference = self.reference_categories
         if not isinstance(reference, dict) or any(
             key not in known or not _is_positive_int(n) or n > known[key] for key, n in reference.items()
@@ -148,11 +155,15 @@ class Config:
         return max(len(self.batch_categories), 1)
 
     @property
+    def categories(self) -> dict[str, list[str]]:
+        """The categories of the batch key and of each categorical covariate, in the covariate vector's order."""
+        batch = {self.batch_key: self.batch_categories} if self.batch_key else {}
+        return batch | {key: self.categorical_covariate_categories[key] for key in self.categorical_covariate_keys}
+
+    @property
     def n_covariates(self) -> int:
         """Width of the covariate vector: batch one-hot, other one-hots, continuous values."""
-        n_batch = len(self.batch_categories) if self.batch_key else 0
-        n_categorical = sum(len(c) for c in self.categorical_covariate_categories.values())
-        return n_batch + n_categorical + len(self.continuous_covariate_keys)
+        return sum(len(names) for names in self.categories.values()) + len(self.continuous_covariate_keys)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))

@@ -87,7 +87,7 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     if not _is_readable(matrix):
         kind = f"{type(matrix).__module__}.{type(matrix).__name__}"
         raise TypeError(
-            f"the count matrix {where(layer)} is a {kind}; cellvae reads numpy arrays, scipy sparse matrices and "
+            f"the count matrix {counts_location(layer)} is a {kind}; cellvae reads numpy arrays, scipy sparse matrices and "
             "backed or Zarr matrices (anndata.read_h5ad(path, backed='r'), cellvae.read_zarr_lazy(path)); for a dask "
             "array, call .compute() or write the AnnData to .h5ad and open it backed"
         )
@@ -104,7 +104,7 @@ def _is_readable(matrix) -> bool:
     return type(matrix).__module__.split(".")[0] == "zarr"
 
 
-def where(layer: str | None) -> str:
+def counts_location(layer: str | None) -> str:
     """Where the counts are read: ``adata.X`` or ``adata.layers[...]`` (for messages)."""
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
@@ -453,9 +453,7 @@ def learn_covariate_layout(
             )
     means, stds = [], []
     for key in continuous_keys:
-        values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"continuous covariate obs[{key!r}] has NaN, infinite or non-numeric values; fill or drop them")
+        values = _continuous_values(obs, key)
         with np.errstate(over="ignore"):
             mean, std = float(values.mean()), float(values.std())
         if not (math.isfinite(mean) and math.isfinite(std)):
@@ -479,25 +477,36 @@ def learn_covariate_layout(
 def category_names(column: pd.Series, key: str) -> list[str]:
     """A categorical obs column's categories as text: a pandas categorical's order (unused ones dropped),
     otherwise sorted; NaN values are refused."""
-    if column.isna().any():
-        raise ValueError(
-            f"obs[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them "
-            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells"
-        )
+    _check_no_missing(column, key)
     if isinstance(column.dtype, pd.CategoricalDtype):
         present = set(column.astype(str))
         return [str(c) for c in column.cat.categories if str(c) in present]
     return sorted(set(column.astype(str)))
 
 
+def _check_no_missing(column: pd.Series, key: str) -> None:
+    if column.isna().any():
+        raise ValueError(
+            f"obs[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them "
+            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells"
+        )
+
+
+def _continuous_values(obs: pd.DataFrame, key: str) -> np.ndarray:
+    values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"continuous covariate obs[{key!r}] has NaN, infinite or non-numeric values; fill or drop them")
+    return values
+
+
 class Covariates:
     """Each cell's covariates held compactly: a category code per cell and categorical key (a one-hot
     row as wide as the batches would take 4 GB at 1M cells × 1,000 batches) and the scaled continuous
     values. Indexing rows gives the model's input for them: one-hot blocks, then the continuous
-    values, float32 (rows × width)."""
+    values, float32 (rows × width). ``batch_codes``: each cell's batch (all zeros without a batch key)."""
 
-    def __init__(self, codes: list[np.ndarray], widths: list[int], continuous: np.ndarray):
-        self.codes, self.widths, self.continuous = codes, widths, continuous
+    def __init__(self, codes: list[np.ndarray], widths: list[int], continuous: np.ndarray, batch_codes: np.ndarray):
+        self.codes, self.widths, self.continuous, self.batch_codes = codes, widths, continuous, batch_codes
         self.shape = (len(continuous), sum(widths) + continuous.shape[1])
 
     def __len__(self) -> int:
@@ -530,8 +539,7 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
                 else f"obs column {key!r} (used by the model) not found in adata.obs"
             )
         column = obs[key]
-        if column.isna().any():
-            raise ValueError(f"obs[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them or drop those cells")
+        _check_no_missing(column, key)
         values = column.astype(str).to_numpy()
         codes = pd.Categorical(values, categories=categories).codes
         if (codes < 0).any():
@@ -549,12 +557,11 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):
         if key not in obs.columns:
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
-        values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"continuous covariate obs[{key!r}] has NaN, infinite or non-numeric values")
+        values = _continuous_values(obs, key)
         continuous.append(((values - mean) / std).astype(np.float32))
     values = np.stack(continuous, axis=1) if continuous else np.zeros((len(obs), 0), dtype=np.float32)
-    return Covariates(codes_per_key, widths, values)
+    batch = codes_per_key[0].astype(np.int64) if layout.batch_key else np.zeros(len(obs), dtype=np.int64)
+    return Covariates(codes_per_key, widths, values, batch)
 
 
 def floats_for_integers(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
@@ -573,29 +580,7 @@ def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:
     return items + [(k, layout.categorical_categories[k]) for k in layout.categorical_keys]
 
 
-def batch_codes(obs: pd.DataFrame, layout: CovariateLayout) -> np.ndarray:
-    """Integer batch code of each cell (all zeros without a batch key)."""
-    if not layout.batch_key:
-        return np.zeros(len(obs), dtype=np.int64)
-    values = obs[layout.batch_key].astype(str).to_numpy()
-    return pd.Categorical(values, categories=layout.batch_categories).codes.astype(np.int64)
-
-
 # ----------------------------------------------------------------------------- genes
-
-
-def gene_order(var_names: pd.Index, gene_names: list[str]) -> np.ndarray | None:
-    """Column indices that put ``var_names`` in the model's gene order (None if already so)."""
-    if list(var_names) == list(gene_names):
-        return None
-    positions = gene_positions(var_names, gene_names)
-    missing = pd.Index(gene_names)[positions < 0]
-    if len(missing):
-        raise ValueError(
-            f"{len(missing)} of the model's {len(gene_names)} genes are missing from adata.var_names "
-            f"(e.g. {missing[:5].tolist()}); subset or reindex the AnnData to the model's genes"
-        )
-    return positions
 
 
 def gene_positions(var_names: pd.Index, gene_names) -> np.ndarray:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from cellvae.data import CellLoader, Minibatch
-from cellvae.module import VAE, importance_log_weights, iwae_bound, seeded
+from cellvae.distributions import seeded
+from cellvae.module import VAE, importance_log_weights, iwae_bound
 
 ACTIVITY_THRESHOLD = 0.01
 REFINE_DRAWS = 4  # draws of z per refinement step in inference_gaps: steadier steps, a better q*

@@ -6,6 +6,8 @@ directly (log-softmax plus log library size), so no ``log(0)`` ever occurs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -329,7 +331,31 @@ def _sample_gamma(shape: torch.Tensor, generator: torch.Generator | None) -> tor
     if generator is None:
         return torch._standard_gamma(shape)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    devices = [shape.device] if shape.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return torch._standard_gamma(shape)
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """torch's global generators seeded with ``seed`` inside the block (left as they are if None) and
+    restored after it: cellvae's seeds never change the caller's draws.
+
+    Also a decorator (``@seeded(None)``)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        if seed is not None:
+            seed_generators(seed)
+        yield
+
+
+def seed_generators(seed: int) -> None:
+    """Seed torch's CPU generator and those of the CUDA devices already started.
+
+    Not ``torch.manual_seed``: it also queues the seed for CUDA devices not yet started, replacing one the
+    caller set, which no fork can restore. (On Apple MPS it seeds that device's generator, as torch's does.)
+    """
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)

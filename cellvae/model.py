@@ -22,13 +22,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from cellvae import data, diagnostics, differential
-from cellvae.config import Config
-from cellvae.module import VAE, seeded
+from cellvae.config import CELLVAE_VERSION, Config
+from cellvae.distributions import seeded
+from cellvae.module import VAE
 from cellvae.train import (
     PRECISIONS,
     TrainSettings,
     default_kl_warmup,
     default_max_epochs,
+    default_query_epochs,
     library_sizes_across_ranks,
     pick_device,
     rank_and_world,
@@ -91,6 +93,24 @@ class CellVAE:
     posterior
         ``"diagonal"`` Gaussian q(z|x), or ``"full"`` covariance via a Cholesky factor.
 
+    Attributes
+    ----------
+    config
+        Every hyperparameter and what the model read from the AnnData (genes, categories), as saved in
+        ``config.json``.
+    adata
+        The AnnData its methods read when given none (``None`` for a model loaded without one).
+    module
+        The torch network (:class:`cellvae.module.VAE`).
+    history
+        One row per epoch of the last :meth:`fit`: train and validation loss, distortion, rate and ELBO.
+    is_trained
+        Whether :meth:`fit` (or :meth:`map_query`) has trained it.
+    train_settings
+        The settings of the last training in this session (``None`` before it; not saved).
+    device
+        Where the module lives between calls (the CPU; training moves it to ``fit``'s device and back).
+
     Notes
     -----
     The AnnData is only read, never modified.
@@ -136,8 +156,6 @@ class CellVAE:
         # backed matrix's values, each process only its part of the cells.
         in_parallel_run = rank_and_world()[1] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
         values_checked_in_fit = data.is_backed_matrix(matrix) and in_parallel_run
-        from cellvae import __version__
-
         config = Config(
             gene_names=[str(g) for g in adata.var_names],
             layer=layer,
@@ -161,11 +179,11 @@ class CellVAE:
             batch_mmd=_native(batch_mmd),
             encode_batch=encode_batch,
             posterior=posterior,
-            cellvae_version=__version__,
+            cellvae_version=CELLVAE_VERSION,
         )  # checks the settings before the counts are read, which can take long for a large backed matrix
         config.check_new_model()
-        data.validate_counts(matrix, data.where(layer), read_values=not values_checked_in_fit)
-        _warn_about_counts(matrix, data.where(layer), dispersion)
+        data.validate_counts(matrix, data.counts_location(layer), read_values=not values_checked_in_fit)
+        _warn_about_counts(matrix, data.counts_location(layer), dispersion)
         if config.batch_mmd > 0 and len(config.batch_categories) < 2:
             data.warn_user(f"batch_mmd has no effect: obs[{batch_key!r}] holds a single batch", UserWarning)
         self._setup(config, adata)
@@ -179,6 +197,7 @@ class CellVAE:
         self.device = torch.device("cpu")
         self.history = pd.DataFrame()
         self.is_trained = False
+        self.train_settings: TrainSettings | None = None
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -239,7 +258,8 @@ class CellVAE:
         ----------
         max_epochs
             Passes over the training cells; ``None`` picks about 500,000 cell passes, between 20
-            and 400 epochs and never more than scVI's default for the dataset size (8 at 1M cells).
+            and 400 epochs and never more than scVI's default for the dataset size (8 at 1M cells);
+            for a query model (from :meth:`map_query`) what :meth:`map_query` picks.
         batch_size
             Cells per minibatch (128, as scVI).
         lr, weight_decay
@@ -313,6 +333,14 @@ class CellVAE:
             raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file, not a folder; name a folder for the checkpoints")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        missing = pd.Index(self.config.gene_names).difference(self.adata.var_names, sort=False)
+        if len(missing):  # reading them as zeros (as get_latent may) would teach the decoder that they are silent
+            raise ValueError(
+                f"{len(missing)} of the model's {self.config.n_genes} genes are not in its AnnData (e.g. "
+                f"{missing[:5].tolist()}), e.g. after sc.pp.filter_genes changed it in place; fit needs counts for every "
+                "gene of the model: build a new CellVAE on the data as it is now, or load the model with an AnnData "
+                "that has all its genes"
+            )
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)), all_ranks=True)
         nonempty = cells[loader.library[cells] > 0]
@@ -330,7 +358,7 @@ class CellVAE:
                 f"normalization='batch' normalises over each minibatch, so it needs at least 2 training cells; "
                 f"validation_size={validation_size} leaves {len(train_cells)}"
             )
-        epochs = max_epochs or default_max_epochs(len(nonempty))
+        epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
         warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
         if not query and warmup > epochs:
             data.warn_user(
@@ -1081,7 +1109,7 @@ class CellVAE:
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
-        epochs = max_epochs or int(np.clip(round(2e5 / len(cells)), 20, 200))
+        epochs = max_epochs or default_query_epochs(len(cells))
         settings = TrainSettings(
             max_epochs=epochs,
             batch_size=batch_size,
@@ -1415,7 +1443,7 @@ class CellVAE:
     def _decoded(self, z: np.ndarray, frame: pd.DataFrame, library: np.ndarray, batch_size: int):
         """(row slice, p(x|z)) for chunks of latent codes decoded with the covariates in ``frame``."""
         covariates = data.covariate_matrix(frame, self.layout)
-        codes = data.batch_codes(frame, self.layout)
+        codes = covariates.batch_codes
         self.module.eval()
         with torch.no_grad():
             for start in range(0, len(z), batch_size):
@@ -1470,18 +1498,16 @@ class CellVAE:
         _check_anndata(adata)
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes = pd.Index(self.config.gene_names)
-        if genes.isin(adata.var_names).all():
-            columns = data.gene_order(adata.var_names, self.config.gene_names)
-        else:  # model genes the data lacks are read as zero counts, as in map_query
-            columns = _gene_positions(adata.var_names, genes, "adata")
+        # model genes the data lacks are read as zero counts, as in map_query
+        columns = None if adata.var_names.equals(genes) else _gene_positions(adata.var_names, genes, "adata")
         covariates = data.covariate_matrix(adata.obs, self.layout)
-        where = data.where(self.config.layer)
+        location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
         if all_ranks:
-            library = library_sizes_across_ranks(matrix, present, check_as=where)
+            library = library_sizes_across_ranks(matrix, present, check_as=location)
         else:
-            library = data.library_sizes(matrix, present, check_as=where)
-        loader = data.CellLoader(matrix, covariates, library, data.batch_codes(adata.obs, self.layout), columns, device)
+            library = data.library_sizes(matrix, present, check_as=location)
+        loader = data.CellLoader(matrix, covariates, library, covariates.batch_codes, columns, device)
         return loader, np.arange(adata.n_obs)
 
     def _batch_overrides(self, transform_batch) -> list[int | None]:
@@ -1577,8 +1603,7 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
         raise ValueError(f"validation_size must be a fraction in [0, 1), got {validation_size!r}")
     if max_epochs is not None and (not _is_whole(max_epochs) or max_epochs < 1):
         raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
-    if not _is_whole(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_count(batch_size, "batch_size")
     if batch_size < 2 and normalization == "batch":
         raise ValueError("normalization='batch' normalises over each minibatch, so it needs batch_size >= 2")
     _check_positive(lr, "lr")
@@ -1638,16 +1663,18 @@ def _check_anndata(adata) -> None:
 
 def _make_durable_and_shareable(folder: Path) -> None:
     """fsync the files of ``folder`` (so a renamed model is complete after a power cut) and give it the
-    permissions of the umask, not mkdtemp's owner-only 0700."""
-    umask = os.umask(0)
-    os.umask(umask)
+    permissions a new folder gets here (the umask), not mkdtemp's owner-only 0700."""
+    probe = folder / ".new-folder"  # read the umask by making a folder: os.umask would set it process-wide meanwhile
+    probe.mkdir()
+    mode = probe.stat().st_mode & 0o777
+    probe.rmdir()
     for file in folder.iterdir():
         descriptor = os.open(file, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-    folder.chmod(0o777 & ~umask)
+    folder.chmod(mode)
 
 
 # ----------------------------------------------------------------------------- differential expression helpers
@@ -1875,7 +1902,7 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
     matrix = _model_counts(query, config.layer, "query_adata")
     if data.is_backed_matrix(matrix):
         raise ValueError("query_adata is backed on disk; load it with query_adata.to_memory() before map_query")
-    data.validate_counts(matrix, "query " + data.where(config.layer))
+    data.validate_counts(matrix, "query " + data.counts_location(config.layer))
     positions = _gene_positions(query.var_names, pd.Index(config.gene_names), "query_adata")
     counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
     obs = query.obs.copy()
@@ -1907,27 +1934,10 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np
     return positions
 
 
-def _reference_columns(reference: Config, query: Config) -> np.ndarray:
-    """Where each covariate column of the reference sits among the query's (new categories follow the
-    reference's categories of their key; the continuous covariates come last in both)."""
-    columns, offset = [], 0
-    for key in ([reference.batch_key] if reference.batch_key else []) + reference.categorical_covariate_keys:
-        old, new = (
-            (reference.batch_categories, query.batch_categories)
-            if key == reference.batch_key
-            else (reference.categorical_covariate_categories[key], query.categorical_covariate_categories[key])
-        )
-        columns.append(offset + np.arange(len(old)))
-        offset += len(new)
-    columns.append(offset + np.arange(len(reference.continuous_covariate_keys)))
-    return np.concatenate(columns)
-
-
 def _new_columns(config: Config) -> np.ndarray:
     """Which covariate columns of a query model belong to categories the reference lacked (boolean mask)."""
     new = []
-    for key in ([config.batch_key] if config.batch_key else []) + config.categorical_covariate_keys:
-        names = config.batch_categories if key == config.batch_key else config.categorical_covariate_categories[key]
+    for key, names in config.categories.items():
         known = config.reference_categories.get(key, len(names))
         new += [False] * known + [True] * (len(names) - known)
     return np.array(new + [False] * len(config.continuous_covariate_keys), dtype=bool)
@@ -1943,7 +1953,7 @@ def _covariate_linears(vae: VAE) -> list[torch.nn.Linear]:
 def _graft_reference(reference: VAE, query: VAE) -> None:
     """Copy the reference's weights into ``query``: the columns of new categories start at zero, and the
     dispersion of a new batch (``"gene-batch"``) at the reference batches' mean."""
-    columns = torch.as_tensor(_reference_columns(reference.config, query.config))
+    columns = torch.as_tensor(np.flatnonzero(~_new_columns(query.config)))  # the reference's columns among the query's
     grafted = set()
     with torch.no_grad():
         for old, new in zip(_covariate_linears(reference), _covariate_linears(query)):

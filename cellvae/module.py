@@ -8,8 +8,6 @@ cell's observed library size, are the mean of a count likelihood.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +15,6 @@ from torch import nn
 
 from cellvae.config import Config
 from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
-
-
-@contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """torch's global generators (the CPU's, and CUDA's once initialised) seeded with ``seed`` inside the
-    block (left as they are if None) and restored after it: cellvae's seeds never change the caller's draws.
-
-    Also a decorator (``@seeded(None)``)."""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda):
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
 
 
 class GeneLinear(nn.Linear):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backend_bases import FigureCanvasBase
 
+from cellvae import diagnostics
 from cellvae.model import CellVAE, _check_threshold
 
 
@@ -72,7 +73,6 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os
     if one_axes:
         lines = [line for axis in axes for line in axis.get_lines()]
         axes[0].legend(lines, [line.get_label() for line in lines], frameon=False)
-    axes[0].figure.tight_layout()
     _finish(axes[0].figure, show, save, made=ax is None)
     return axes
 
@@ -123,7 +123,6 @@ def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, s
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
     ax.legend(frameon=False)
     ax.grid(False)
-    ax.figure.tight_layout()
     _finish(ax.figure, show, save, made=made)
     return ax
 
@@ -132,7 +131,7 @@ def kl_per_dimension(
     model: CellVAE,
     adata=None,
     *,
-    threshold: float = 0.01,
+    threshold: float = diagnostics.ACTIVITY_THRESHOLD,
     ax=None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
@@ -158,7 +157,7 @@ def kl_per_dimension(
     _check_save(save)
     _check_threshold(threshold)
     kl = model.kl_per_dimension(adata)
-    activity = model.get_latent(adata).var(0)
+    activity = model.get_latent(adata).astype(np.float64).var(0)  # as model.active_units computes it
     order = np.argsort(-kl)
     made = ax is None
     if ax is None:
@@ -171,7 +170,6 @@ def kl_per_dimension(
     n_active = int((activity > threshold).sum())
     ax.set_title(f"{n_active} of {len(kl)} dimensions active", fontsize=10)
     ax.grid(False)
-    ax.figure.tight_layout()
     _finish(ax.figure, show, save, made=made)
     return ax
 
@@ -188,6 +186,8 @@ def _check_save(save) -> None:
 
 
 def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: bool) -> None:
+    if made:  # a figure of the caller's (ax given) keeps the layout the caller chose
+        figure.tight_layout()
     if save:
         figure.savefig(save, dpi=150, bbox_inches="tight")
     if show or (show is None and not save):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cellvae.data import warn_user
-from cellvae.model import CellVAE, _cell_positions, _check_seed
+from cellvae.model import CellVAE, _cell_positions, _check_count, _check_seed
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
@@ -63,7 +63,7 @@ def embed(
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
     each embedding keeps its own record).
     """
-    _check_writable(adata, "adata")
+    _writable(adata, "adata")
     _check_fit_kwargs(fit_kwargs)
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
@@ -93,8 +93,6 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
-    # assigned, not set into: on a view, assignment is what turns it into its own AnnData (setdefault
-    # would write into a temporary copy of the parent's uns, lost when obsm is written)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
     return model
@@ -156,7 +154,7 @@ def transfer_labels(
     """
     from sklearn.neighbors import NearestNeighbors
 
-    _check_writable(query_adata, "query_adata")
+    _writable(query_adata, "query_adata")
     if label_key not in ref_adata.obs.columns:
         raise KeyError(f"label_key {label_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
@@ -172,8 +170,10 @@ def transfer_labels(
             f"obsm[{use_rep!r}] has {reference.shape[1]} dimensions in ref_adata but {query.shape[1]} in query_adata; "
             "both must come from the same model"
         )
-    if not (np.isfinite(reference).all() and np.isfinite(query).all()):
-        raise ValueError(f"obsm[{use_rep!r}] contains NaN or infinite values")
+    for name, values in (("ref_adata", reference), ("query_adata", query)):
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).any(axis=1).sum())
+            raise ValueError(f"{name}.obsm[{use_rep!r}] has NaN or infinite values in {bad:,} cells; embed them again")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"{name} must be in [0, 1] or None, got {threshold!r}")
@@ -181,8 +181,7 @@ def transfer_labels(
     labelled = labels.notna().to_numpy()
     if unlabeled_category is not None:
         labelled &= (labels != unlabeled_category).to_numpy()
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_count(k, "k")
     k = int(k)
     if not labelled.any():
         skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
@@ -284,7 +283,7 @@ def rank_genes_groups(
     called at a 5% expected FDR), ``pts`` and ``pts_rest`` (share of the group's and the reference's
     cells with a non-zero count) and ``params``. Genes of the model missing from ``adata`` are left out.
     """
-    _check_writable(adata, "adata")
+    _writable(adata, "adata")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby]
@@ -656,10 +655,13 @@ def latent_shift(
     return predicted
 
 
-def _check_writable(adata: ad.AnnData, name: str) -> None:
-    """A view of a backed AnnData cannot take new keys (anndata would have to copy it to memory)."""
+def _writable(adata: ad.AnnData, name: str) -> None:
+    """Refuse a view of a backed AnnData (anndata cannot write into one); make an in-memory view its own
+    AnnData now, as writing the results would, rather than after the work (anndata warns when it does)."""
     if adata.is_view and adata.isbacked:
         raise ValueError(
             f"{name} is a view of a backed AnnData, into which anndata cannot write results; pass "
             f"{name}.to_memory() (in memory) or {name}.copy(filename='subset.h5ad') (a new backed file)"
         )
+    if adata.is_view:
+        adata._init_as_actual(adata.copy())

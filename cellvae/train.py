@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import TqdmWarning
 
 from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, is_backed_matrix, library_sizes, warn_user
-from cellvae.module import VAE, seeded
+from cellvae.distributions import seed_generators, seeded
+from cellvae.module import VAE
 
 with warnings.catch_warnings():  # a notebook without ipywidgets gets the text progress bar, without a warning
     warnings.simplefilter("ignore", TqdmWarning)
@@ -38,7 +39,8 @@ MAX_NONFINITE_RETRIES = 5
 
 @dataclass
 class TrainSettings:
-    """How to train; every field has a user-facing twin in :meth:`cellvae.CellVAE.fit`."""
+    """How to train: the arguments of :meth:`cellvae.CellVAE.fit`, with ``beta`` and ``kl_warmup_epochs``
+    from the model's :class:`~cellvae.config.Config`."""
 
     max_epochs: int
     batch_size: int
@@ -73,6 +75,12 @@ def default_max_epochs(n_cells: int) -> int:
     n_cells = max(n_cells, 1)
     epochs = int(np.clip(round(5e5 / n_cells), 20, 400))
     return min(epochs, max(1, round(SCVI_CELL_PASSES / n_cells)))
+
+
+def default_query_epochs(n_cells: int) -> int:
+    """Epochs for training a query model (:meth:`cellvae.CellVAE.map_query`): about 200,000 cell passes,
+    between 20 and 200 epochs; only the query's few new parameters train."""
+    return int(np.clip(round(2e5 / max(n_cells, 1)), 20, 200))
 
 
 def split_cells(cells: np.ndarray, validation_size: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +165,7 @@ def train(
     rank, world = rank_and_world()
     if world > 1:  # data parallel: this process trains and validates on its own shard of the cells
         train_cells, validation_cells = shard(train_cells, rank, world, pad=True), shard(validation_cells, rank, world)
-    torch.manual_seed(settings.random_state + rank)
+    seed_generators(settings.random_state + rank)
     rng = np.random.default_rng(settings.random_state if world == 1 else [settings.random_state, rank])
     optimizer = make_optimizer(vae, settings.lr, settings.weight_decay, loader.device)
     # a last minibatch of one cell is skipped where BatchNorm needs two, so it is not a step of the warm-up
@@ -504,7 +512,8 @@ def read_checkpoint(path: Path, run: dict, vae: VAE, optimizer: torch.optim.Opti
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise ValueError(f"{path} is not a readable cellvae checkpoint ({error}); {advice}") from error
     if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has an unknown checkpoint version; {advice}")
+        found = meta.get("version") if isinstance(meta, dict) else None
+        raise ValueError(f"{path} has checkpoint version {found!r}; this cellvae reads version {CHECKPOINT_VERSION}: {advice}")
     differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
     if differ:
         was = {k: meta["run"].get(k) for k in differ if not k.endswith("sha256")}

@@ -14,6 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import cellvae
 from cellvae import CellVAE
+from cellvae.train import default_max_epochs, default_query_epochs
 
 
 def knn_accuracy(representation: np.ndarray, labels) -> float:
@@ -365,7 +366,8 @@ def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference
     query_model.save(tmp_path / "mapped")  # the frozen layout is part of the saved model
     loaded = CellVAE.load(tmp_path / "mapped", adata=query_model.adata)
     assert loaded.config.reference_categories == {"batch": 2}
-    loaded.fit(max_epochs=2, progress=False)
+    loaded.fit(progress=False)  # its default epochs are map_query's, not those of a new model
+    assert loaded.train_settings.max_epochs == default_query_epochs(query.n_obs) < default_max_epochs(query.n_obs)
     np.testing.assert_array_equal(loaded.get_latent(reference), reference_latent)
     before = {k: v.clone() for k, v in loaded.module.state_dict().items()}
     with pytest.raises(ValueError, match="would shrink the reference's frozen weights"):

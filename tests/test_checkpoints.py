@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import cellvae
 from cellvae import CellVAE
@@ -197,6 +198,14 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     blob = (tmp_path / CHECKPOINT).read_bytes()
     (tmp_path / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ValueError, match="not a readable cellvae checkpoint.*resume=False"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    # a checkpoint written by a newer cellvae: the message names both versions
+    CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 99})
+    save_file(tensors, tmp_path / CHECKPOINT, metadata=meta)
+    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 1: .*resume=False"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 

@@ -5,6 +5,7 @@ import sys
 
 import anndata as ad
 import h5py
+import matplotlib
 import numpy as np
 import pytest
 import scanpy as sc
@@ -57,7 +58,12 @@ def test_fit_then_embed(tmp_path):
         "1",
         "--quiet",
     ]
-    assert main(args) == 0
+    matplotlib.use("svg")  # main() called from Python (a notebook, say) keeps the caller's backend
+    try:
+        assert main(args) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use("Agg")
     fitted = ad.read_h5ad(tmp_path / "out.h5ad")
     assert fitted.obsm["X_cellvae"].shape == (300, 10) and "X_umap" in fitted.obsm and "leiden" in fitted.obs
     # the clusters are those of the README's pipeline on the same embedding (Leiden before UMAP, which edits the graph)

@@ -55,8 +55,13 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     assert model.active_units(kang) >= 8
     assert collapse_warnings == []
     ax = cellvae.pl.kl_per_dimension(model, show=False)
-    assert len(ax.patches) == 10 and "of 10 dimensions active" in ax.get_title()
+    assert len(ax.patches) == 10 and ax.get_title() == f"{model.active_units()} of 10 dimensions active"
     plt.close(ax.figure)
+    figure, panels = plt.subplots(1, 3, layout="constrained")  # drawn into the caller's figure: its layout stays
+    cellvae.pl.kl_per_dimension(model, ax=panels[0], show=False)
+    cellvae.pl.history(model, ax=panels[1:], show=False)
+    assert figure.get_layout_engine().__class__.__name__ == "ConstrainedLayoutEngine"
+    plt.close(figure)
     distortion, rate = cellvae.pl.history(model, show=False)  # two panels, train and validation curves
     np.testing.assert_array_equal(rate.get_lines()[0].get_ydata(), model.history["train_rate"])
     assert [len(a.get_lines()) for a in (distortion, rate)] == [2, 2]

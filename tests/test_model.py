@@ -449,6 +449,11 @@ def test_new_data_with_missing_genes_or_unknown_batch(two_batches, tmp_path):
     renamed.obs["batch"] = "new-lab"
     with pytest.raises(ValueError, match="map_query"):
         model.get_latent(renamed)
+    filtered = adata.copy()
+    model = CellVAE(filtered, batch_key="batch")
+    filtered._inplace_subset_var(np.arange(300) >= 2)  # as sc.pp.filter_genes(filtered, ...) does after the model is built
+    with pytest.raises(ValueError, match=r"2 of the model's 300 genes are not in its AnnData \(e.g. \['gene0', 'gene1'\]\)"):
+        model.fit(max_epochs=1, progress=False)  # training must not learn that the missing genes are silent
 
 
 def test_loading_a_directory_that_is_not_a_model(tmp_path, two_batches):

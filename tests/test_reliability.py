@@ -1,5 +1,6 @@
 """Reliability: numerical faults, determinism, safe model files, the user's AnnData left untouched, extreme inputs."""
 
+import inspect
 import json
 import os
 import pickle
@@ -181,13 +182,16 @@ def test_embed_writes_only_its_documented_keys(messy):
         cellvae.tl.embed(adata, layer="counts", max_epochs=1, progress=False, **TINY)
     assert adata.uns["X_mine"]["params"]["batch_key"] == "batch" and adata.uns["cellvae"]["params"]["batch_key"] is None
     # On a view (e.g. the variable genes, adata[:, adata.var.highly_variable]) both keys land, as in scanpy;
-    # the view becomes its own AnnData, keeping the parent's other uns entries, and the parent is left alone.
+    # the view becomes its own AnnData before training (not with anndata's warning when the results are
+    # written, which under -W error would throw the trained model away), keeping the parent's other uns
+    # entries, and the parent is left alone.
     parent = messy.copy()
     parent.uns["cellvae"] = {"note": "kept"}
     untouched = parent.copy()
     view = parent[:, 1:]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        warnings.simplefilter("error", ad.ImplicitModificationWarning)
         cellvae.tl.embed(view, layer="counts", max_epochs=1, progress=False, **TINY)
     assert not view.is_view and view.obsm["X_cellvae"].shape == (parent.n_obs, TINY["n_latent"])
     assert view.uns["cellvae"]["note"] == "kept" and view.uns["cellvae"]["params"]["layer"] == "counts"
@@ -379,6 +383,25 @@ def test_same_seed_gives_bitwise_identical_models_and_embeddings(messy):
         assert torch.equal(value, second.module.state_dict()[key]), key
     np.testing.assert_array_equal(first.get_latent(), second.get_latent())
     pd.testing.assert_frame_equal(first.history.drop(columns="seconds"), second.history.drop(columns="seconds"))
+
+
+def test_seeded_calls_leave_the_callers_torch_generators_alone(messy):
+    """fit, sampling and generation seed torch from their random_state and then put back what the caller
+    had: the CPU generator's state, and the seed torch.manual_seed queued for CUDA devices not yet started."""
+
+    def queued_cuda_seeds() -> list[int]:  # torch keeps a not-yet-started CUDA device's seed as a queued call
+        calls = [call for call in torch.cuda._lazy_seed_tracker.get_calls() if call]
+        return [inspect.getclosurevars(callback).nonlocals.get("seed") for callback, _ in calls]
+
+    torch.manual_seed(42)
+    cpu_state, cuda_seeds = torch.get_rng_state(), queued_cuda_seeds()
+    model = quiet_fit(CellVAE(messy, **MODEL_ARGS), max_epochs=2, random_state=7)
+    model.get_latent(mean=False, random_state=3)
+    model.sample_counts(random_state=4)
+    model.generate(5, random_state=5)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    if not torch.cuda.is_initialized():
+        assert queued_cuda_seeds() == cuda_seeds
 
 
 def test_repeated_inference_is_identical(trained, messy):
@@ -683,12 +706,19 @@ def test_model_saved_by_format_version_1_still_loads_and_gives_the_same_output()
     assert np.isfinite(refitted.get_latent()).all()
 
 
-def test_saved_model_gets_the_usual_file_permissions(saved):
-    """Not the owner-only modes of temporary files: colleagues can read a model saved in a shared folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    assert saved.stat().st_mode & 0o777 == 0o777 & ~umask
-    for file in saved.iterdir():
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask):
+    """Not the owner-only modes of temporary files: colleagues can read a model saved in a shared folder,
+    as the umask allows (and save leaves the umask as it was)."""
+    before = os.umask(umask)
+    try:
+        trained.save(tmp_path / "model")
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(before)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "history.json", "model.safetensors"]
+    for file in (tmp_path / "model").iterdir():
         assert file.stat().st_mode & 0o666 == 0o666 & ~umask, file.name
 
 
