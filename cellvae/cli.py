@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from cellvae.config import LIKELIHOODS
+
 DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts.
 
   cellvae demo                          train on the bundled PBMC example, write UMAP plots
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-key", default=None, help="obs column of batches to integrate")
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     fit.add_argument("--n-latent", type=positive_int, default=10, help="latent dimensions (default: 10)")
-    fit.add_argument("--likelihood", choices=("nb", "zinb", "poisson"), default="nb", help="count likelihood")
+    fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb", help="count likelihood")
     fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
     fit.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -580,6 +580,46 @@ def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:
     return items + [(k, layout.categorical_categories[k]) for k in layout.categorical_keys]
 
 
+# ----------------------------------------------------------------------------- cells
+
+
+def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
+    """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
+    if isinstance(cells, str):
+        cells = [cells]
+    if isinstance(cells, (set, frozenset, dict)):
+        kind = type(cells).__name__
+        raise TypeError(f"{name} takes a list or array of cells (obs names, positions or a boolean mask), got a {kind}")
+    if isinstance(cells, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)) and pd.isna(cells).any():
+        raise ValueError(f"{name} has missing values (NA); fill them, e.g. {name}.fillna(False) for a mask")
+    values = np.asarray(cells)
+    if values.dtype.kind == "f":
+        raise TypeError(f"{name} holds floats; give cell positions as integers, e.g. np.asarray({name}, dtype=int)")
+    if values.dtype == bool:
+        if values.shape != (adata.n_obs,):
+            raise ValueError(f"{name} as a boolean mask must have length adata.n_obs ({adata.n_obs}), got {values.shape}")
+        positions = np.flatnonzero(values)
+    elif np.issubdtype(values.dtype, np.integer):
+        positions = values.ravel()
+        if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
+            raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
+        positions = positions % adata.n_obs
+    else:
+        if not adata.obs_names.is_unique:
+            raise ValueError(
+                f"{name} names cells, but adata.obs_names are not unique; call adata.obs_names_make_unique() "
+                "or select the cells by position or boolean mask"
+            )
+        indexer = adata.obs_names.get_indexer(values.astype(str).ravel())
+        if (indexer < 0).any():
+            missing = values.astype(str).ravel()[indexer < 0][:5].tolist()
+            raise KeyError(f"{name} names cells not in adata.obs_names, e.g. {missing}")
+        positions = indexer
+    if positions.size == 0:
+        raise ValueError(f"{name} selects no cells")
+    return positions
+
+
 # ----------------------------------------------------------------------------- genes
 
 

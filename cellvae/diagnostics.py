@@ -142,8 +142,6 @@ def refine_posterior(
     so at the end each cell keeps the refined q only where it scores higher than the start on
     ``n_check_samples`` common draws. Returns the refined ``(mean, scale)``, detached.
     """
-    if n_steps <= 0:
-        return mean.detach(), scale.detach()
     start_mean, start_scale = mean.detach(), scale.detach()
     free_mean = start_mean.clone().requires_grad_(True)
     free_scale = _to_free(vae, start_scale).requires_grad_(True)

@@ -21,12 +21,15 @@ maximum likelihood.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
 
+from cellvae.data import CellLoader, cell_positions, warn_user
 from cellvae.module import VAE
 
 POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean takes each cell's draw r mod 4
@@ -35,6 +38,8 @@ PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize
 PRIOR_WIDTH_STEP = math.sqrt(2.0)  # ratio of successive widths of the prior's normal components (as ashr's grid)
 MIN_SHRINKAGE_GENES = 50  # fewer measured genes are too few to learn the prior of fold changes from
 GENES_PER_CHUNK = 1024  # genes shrunk at once (bounded memory for many genes and draws)
+MIN_DE_DRAWS = 100  # fewer draws give too coarse probabilities
+REST = "rest"  # group2 of a comparison with all other labelled cells
 
 
 @dataclass
@@ -241,3 +246,151 @@ def expected_fdr(proba_de: np.ndarray) -> np.ndarray:
     fdr = np.empty(len(ranked))
     fdr[order] = running[np.searchsorted(ranked, ranked, side="right") - 1]
     return fdr
+
+
+# ----------------------------------------------------------------------------- the groups to compare, read from the AnnData
+
+
+def group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
+    """``obs[groupby]`` as text labels by cell position (NaN where a cell has none; whole numbers stored
+    as floats read as integers, 1.0 as "1"), and the groups present: in category order for a categorical
+    column, else sorted by value."""
+    if not isinstance(groupby, str) or groupby not in adata.obs.columns:
+        raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+    column = adata.obs[groupby].reset_index(drop=True)
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        labels = column.map(_group_name).astype(object).where(column.notna())
+        present = set(labels.dropna())
+        return labels, [_group_name(c) for c in column.cat.categories if _group_name(c) in present]
+    values = column.dropna()
+    if pd.api.types.is_float_dtype(column) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        column = column.astype("Int64")
+    labels = column.astype(str).where(column.notna())
+    return labels, [_group_name(v) for v in sorted(pd.unique(column.dropna()))]
+
+
+def cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]]:
+    """Labels by cell position for a comparison of two sets of cells: ``"idx1"``, ``"idx2"`` (or, without
+    ``idx2``, ``"other"`` for every other cell) and the groups present."""
+    labels = np.full(adata.n_obs, "other" if idx2 is None else None, dtype=object)
+    first = cell_positions(adata, idx1, "idx1")
+    if idx2 is not None:
+        second = cell_positions(adata, idx2, "idx2")
+        shared = np.intersect1d(first, second)
+        if len(shared):
+            example = adata.obs_names[shared[0]]
+            raise ValueError(f"idx1 and idx2 share {len(shared)} cells (e.g. {example!r}); give two disjoint sets")
+        labels[second] = "idx2"
+    labels[first] = "idx1"
+    labels = pd.Series(labels)
+    return labels, [name for name in ("idx1", "idx2", "other") if (labels == name).any()]
+
+
+def _group_name(group) -> str:
+    """A group as its label: whole numbers as integers (1.0 and 1 are "1")."""
+    group = group.item() if isinstance(group, np.generic) else group
+    if isinstance(group, float) and group.is_integer():
+        return str(int(group))
+    return str(group)
+
+
+def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2) -> list[tuple]:
+    """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions; against the rest,
+    ``cells2`` is None (:func:`second_group` lists them when needed: kept for every group, the rest
+    lists of an atlas would take gigabytes)."""
+    codes, groups = pd.factorize(labels)  # compared as integers: string comparisons per group were slow on atlases
+    code_of = {name: code for code, name in enumerate(groups)}
+
+    def cells_of(name: str) -> np.ndarray:
+        if name not in names:
+            raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}")
+        return np.flatnonzero(codes == code_of[name])
+
+    if group2 is not None and np.ndim(group2) != 0:
+        raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
+    second = None if group2 is None else _group_name(group2)
+    if group1 is None:
+        firsts = [g for g in names if g != second]
+    elif np.ndim(group1) == 0:
+        firsts = [_group_name(group1)]
+    else:
+        firsts = list(dict.fromkeys(_group_name(g) for g in group1))
+    if not firsts:
+        raise ValueError(
+            f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"
+            if second is not None
+            else f"nothing to compare: {source} has no labelled cells"
+        )
+    n_labelled = int(labels.notna().sum())
+    comparisons = []
+    for name in firsts:
+        cells1 = cells_of(name)
+        if second is None:
+            cells2, name2 = None, REST if REST not in names else f"<{REST}>"
+            if len(cells1) == n_labelled:
+                raise ValueError(
+                    "idx1 holds every cell, so there is no other cell to compare with; pass idx2=..."
+                    if source == "idx1/idx2"
+                    else f"no cells outside group {name!r} to compare with; pass group2=... or add groups"
+                )
+        else:
+            if second == name:
+                raise ValueError(f"group1 and group2 are the same group {name!r}")
+            cells2, name2 = cells_of(second), second
+        comparisons.append((name, name2, cells1, cells2))
+    return comparisons
+
+
+def second_group(labelled: np.ndarray, cells1: np.ndarray, cells2: np.ndarray | None) -> np.ndarray:
+    """``cells2``, or for a comparison against the rest every other labelled cell (``labelled``: a mask)."""
+    if cells2 is not None:
+        return cells2
+    rest = labelled.copy()
+    rest[cells1] = False
+    return np.flatnonzero(rest)
+
+
+def comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: bool) -> list[int]:
+    """The seed of one comparison's draws: ``random_state`` and its two groups' names (not their positions
+    among the groups present, so that other groups do not change it)."""
+    return [random_state, zlib.crc32(name1.encode()), zlib.crc32(name2.encode()), int(one_vs_rest)]
+
+
+def warn_groups_share_no_batch(separate: list[str], batch_key: str) -> None:
+    """Warn about the comparisons (``"a vs b"``) whose two groups share no batch."""
+    warn_user(
+        f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
+        f"obs[{batch_key!r}], so with batch_correction=True what their batches' effects absorbed of their "
+        f"difference (e.g. a condition whose samples are the batches) is removed; batch_correction=False would count "
+        "the batch effects as differences instead. Best: train with a batch key whose batches hold cells of both "
+        "groups (e.g. donors, not samples)",
+        UserWarning,
+    )
+
+
+def subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    return cells if len(cells) <= max_cells else np.sort(rng.choice(cells, max_cells, replace=False))
+
+
+def observed_by_group(loader: CellLoader, labels: pd.Series, batch_size: int):
+    """A function of a set of labelled cells giving its observed share of cells with a non-zero count
+    and mean counts per 10,000, per gene, from one pass over the labelled cells."""
+    codes, groups = pd.factorize(labels, use_na_sentinel=True)
+    labelled = np.flatnonzero(codes >= 0)
+    nonzero = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
+    normalized = torch.zeros_like(nonzero)
+    with torch.no_grad():
+        for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
+            counts = mb.counts.double().cpu()
+            group_codes = torch.from_numpy(codes[mb.cell_index])
+            nonzero.index_add_(0, group_codes, (counts > 0).double())
+            normalized.index_add_(0, group_codes, counts / mb.library.double().cpu().clamp(min=1.0) * PER_10K)
+    nonzero, normalized = nonzero.numpy(), normalized.numpy()
+    sizes = np.bincount(codes[labelled], minlength=len(groups))
+
+    def summary(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        members = np.bincount(codes[cells], minlength=len(groups)) > 0  # cells are whole groups
+        n = sizes[members].sum()
+        return nonzero[members].sum(0) / n, normalized[members].sum(0) / n
+
+    return summary

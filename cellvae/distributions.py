@@ -153,9 +153,7 @@ class Poisson:
     def variance(self) -> torch.Tensor:
         return self.mean
 
-    def log_prob(
-        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, include_constant: bool = True) -> torch.Tensor:
         log_p = x * self.log_mean - self.mean
         return log_p - log_factorial(x) if include_constant else log_p
 

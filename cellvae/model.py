@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -752,10 +751,9 @@ class CellVAE:
             raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
         for name, value in (("n_draws", n_draws), ("max_cells", max_cells), ("batch_size", batch_size)):
             _check_count(value, name)
-        if n_draws < MIN_DE_DRAWS:
-            raise ValueError(
-                f"n_draws must be at least {MIN_DE_DRAWS} (probabilities from fewer draws are too coarse), got {n_draws}"
-            )
+        minimum = differential.MIN_DE_DRAWS
+        if n_draws < minimum:
+            raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
         _check_seed(random_state)
         _check_flag(batch_correction, "batch_correction")
         if pseudocount is not None and (
@@ -770,25 +768,25 @@ class CellVAE:
             raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
         adata = self._resolve(adata)
         if idx1 is None:
-            labels, names = _group_labels(adata, groupby)
+            labels, names = differential.group_labels(adata, groupby)
             source = f"obs[{groupby!r}]"
         else:
-            labels, names = _cell_set_labels(adata, idx1, idx2)
+            labels, names = differential.cell_set_labels(adata, idx1, idx2)
             group1, group2, source = "idx1", None if idx2 is None else "idx2", "idx1/idx2"
-        comparisons = _comparisons(labels, names, source, group1, group2)
+        comparisons = differential.comparisons(labels, names, source, group1, group2)
         loader, _ = self._loader(adata, self.device)
         counted = loader.library > 0
         labelled = labels.notna().to_numpy()
         correct_batches = bool(batch_correction) and bool(self.config.batch_key)
         # Each comparison draws from its own generator, so its result does not depend on the others requested.
         generators = [
-            np.random.default_rng(_comparison_seed(random_state, name1, name2, group2 is None))
+            np.random.default_rng(differential.comparison_seed(random_state, name1, name2, group2 is None))
             for name1, name2, _, _ in comparisons
         ]
         # picked: the cells (with counts, at most max_cells) whose draws stand for each group
         picked, few, separate = [], set(), []
         for (name1, name2, cells1, cells2), rng in zip(comparisons, generators):
-            cells2 = _second_group(labelled, cells1, cells2)
+            cells2 = differential.second_group(labelled, cells1, cells2)
             for name, cells in ((name1, cells1), (name2, cells2)):
                 n_counted = int(counted[cells].sum())
                 if n_counted == 0:
@@ -797,7 +795,7 @@ class CellVAE:
                     few.add(name)
             if correct_batches and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
                 separate.append(f"{name1} vs {name2}")
-            picked.append(tuple(_subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
+            picked.append(tuple(differential.subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
         few = sorted(few)
         if few:
             data.warn_user(
@@ -806,11 +804,11 @@ class CellVAE:
                 UserWarning,
             )
         if separate:
-            _warn_groups_share_no_batch(separate, self.config.batch_key)
+            differential.warn_groups_share_no_batch(separate, self.config.batch_key)
         if pseudocount is None:
             depths = loader.library[labelled & counted]
             pseudocount = 0.01 / float(np.median(depths))
-        observed = _observed_by_group(loader, labels, batch_size)
+        observed = differential.observed_by_group(loader, labels, batch_size)
         measured = np.ones(self.config.n_genes, dtype=bool) if loader.gene_columns is None else loader.gene_columns >= 0
         encoded = np.unique(np.concatenate([np.concatenate(pair) for pair in picked]))
         n_batches = len(self.config.batch_categories)
@@ -835,7 +833,7 @@ class CellVAE:
                 frame["expected_fdr"] = np.nan
                 frame.loc[measured, "expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy()[measured])
                 frame["is_de"] = frame["expected_fdr"] <= fdr_target
-                for suffix, cells in (("1", cells1), ("2", _second_group(labelled, cells1, cells2))):
+                for suffix, cells in (("1", cells1), ("2", differential.second_group(labelled, cells1, cells2))):
                     nonzero, normalized = observed(cells)
                     frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)
                     frame["raw_normalized_mean" + suffix] = np.where(measured, normalized, np.nan)
@@ -1675,195 +1673,6 @@ def _make_durable_and_shareable(folder: Path) -> None:
         finally:
             os.close(descriptor)
     folder.chmod(mode)
-
-
-# ----------------------------------------------------------------------------- differential expression helpers
-
-REST = "rest"  # group2 of a comparison with all other labelled cells
-MIN_DE_DRAWS = 100
-
-
-def _group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
-    """``obs[groupby]`` as text labels by cell position (NaN where a cell has none; whole numbers stored
-    as floats read as integers, 1.0 as "1"), and the groups present: in category order for a categorical
-    column, else sorted by value."""
-    if not isinstance(groupby, str) or groupby not in adata.obs.columns:
-        raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
-    column = adata.obs[groupby].reset_index(drop=True)
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        labels = column.map(_group_name).astype(object).where(column.notna())
-        present = set(labels.dropna())
-        return labels, [_group_name(c) for c in column.cat.categories if _group_name(c) in present]
-    values = column.dropna()
-    if pd.api.types.is_float_dtype(column) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        column = column.astype("Int64")
-    labels = column.astype(str).where(column.notna())
-    return labels, [_group_name(v) for v in sorted(pd.unique(column.dropna()))]
-
-
-def _cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]]:
-    """Labels by cell position for a comparison of two sets of cells: ``"idx1"``, ``"idx2"`` (or, without
-    ``idx2``, ``"other"`` for every other cell) and the groups present."""
-    labels = np.full(adata.n_obs, "other" if idx2 is None else None, dtype=object)
-    first = _cell_positions(adata, idx1, "idx1")
-    if idx2 is not None:
-        second = _cell_positions(adata, idx2, "idx2")
-        shared = np.intersect1d(first, second)
-        if len(shared):
-            example = adata.obs_names[shared[0]]
-            raise ValueError(f"idx1 and idx2 share {len(shared)} cells (e.g. {example!r}); give two disjoint sets")
-        labels[second] = "idx2"
-    labels[first] = "idx1"
-    labels = pd.Series(labels)
-    return labels, [name for name in ("idx1", "idx2", "other") if (labels == name).any()]
-
-
-def _cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
-    """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
-    if isinstance(cells, str):
-        cells = [cells]
-    if isinstance(cells, (set, frozenset, dict)):
-        kind = type(cells).__name__
-        raise TypeError(f"{name} takes a list or array of cells (obs names, positions or a boolean mask), got a {kind}")
-    if isinstance(cells, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)) and pd.isna(cells).any():
-        raise ValueError(f"{name} has missing values (NA); fill them, e.g. {name}.fillna(False) for a mask")
-    values = np.asarray(cells)
-    if values.dtype.kind == "f":
-        raise TypeError(f"{name} holds floats; give cell positions as integers, e.g. np.asarray({name}, dtype=int)")
-    if values.dtype == bool:
-        if values.shape != (adata.n_obs,):
-            raise ValueError(f"{name} as a boolean mask must have length adata.n_obs ({adata.n_obs}), got {values.shape}")
-        positions = np.flatnonzero(values)
-    elif np.issubdtype(values.dtype, np.integer):
-        positions = values.ravel()
-        if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
-            raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
-        positions = positions % adata.n_obs
-    else:
-        if not adata.obs_names.is_unique:
-            raise ValueError(
-                f"{name} names cells, but adata.obs_names are not unique; call adata.obs_names_make_unique() "
-                "or select the cells by position or boolean mask"
-            )
-        indexer = adata.obs_names.get_indexer(values.astype(str).ravel())
-        if (indexer < 0).any():
-            missing = values.astype(str).ravel()[indexer < 0][:5].tolist()
-            raise KeyError(f"{name} names cells not in adata.obs_names, e.g. {missing}")
-        positions = indexer
-    if positions.size == 0:
-        raise ValueError(f"{name} selects no cells")
-    return positions
-
-
-def _group_name(group) -> str:
-    """A group as its label: whole numbers as integers (1.0 and 1 are "1")."""
-    group = _native(group)
-    if isinstance(group, float) and group.is_integer():
-        return str(int(group))
-    return str(group)
-
-
-def _comparisons(labels: pd.Series, names: list[str], source: str, group1, group2) -> list[tuple]:
-    """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions; against the rest,
-    ``cells2`` is None (:func:`_second_group` lists them when needed: kept for every group, the rest
-    lists of an atlas would take gigabytes)."""
-    codes, groups = pd.factorize(labels)  # compared as integers: string comparisons per group were slow on atlases
-    code_of = {name: code for code, name in enumerate(groups)}
-
-    def cells_of(name: str) -> np.ndarray:
-        if name not in names:
-            raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}")
-        return np.flatnonzero(codes == code_of[name])
-
-    if group2 is not None and np.ndim(group2) != 0:
-        raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
-    second = None if group2 is None else _group_name(group2)
-    if group1 is None:
-        firsts = [g for g in names if g != second]
-    elif np.ndim(group1) == 0:
-        firsts = [_group_name(group1)]
-    else:
-        firsts = list(dict.fromkeys(_group_name(g) for g in group1))
-    if not firsts:
-        raise ValueError(
-            f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"
-            if second is not None
-            else f"nothing to compare: {source} has no labelled cells"
-        )
-    n_labelled = int(labels.notna().sum())
-    comparisons = []
-    for name in firsts:
-        cells1 = cells_of(name)
-        if second is None:
-            cells2, name2 = None, REST if REST not in names else f"<{REST}>"
-            if len(cells1) == n_labelled:
-                raise ValueError(
-                    "idx1 holds every cell, so there is no other cell to compare with; pass idx2=..."
-                    if source == "idx1/idx2"
-                    else f"no cells outside group {name!r} to compare with; pass group2=... or add groups"
-                )
-        else:
-            if second == name:
-                raise ValueError(f"group1 and group2 are the same group {name!r}")
-            cells2, name2 = cells_of(second), second
-        comparisons.append((name, name2, cells1, cells2))
-    return comparisons
-
-
-def _second_group(labelled: np.ndarray, cells1: np.ndarray, cells2: np.ndarray | None) -> np.ndarray:
-    """``cells2``, or for a comparison against the rest every other labelled cell (``labelled``: a mask)."""
-    if cells2 is not None:
-        return cells2
-    rest = labelled.copy()
-    rest[cells1] = False
-    return np.flatnonzero(rest)
-
-
-def _comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: bool) -> list[int]:
-    """The seed of one comparison's draws: ``random_state`` and its two groups' names (not their positions
-    among the groups present, so that other groups do not change it)."""
-    return [random_state, zlib.crc32(name1.encode()), zlib.crc32(name2.encode()), int(one_vs_rest)]
-
-
-def _warn_groups_share_no_batch(separate: list[str], batch_key: str) -> None:
-    """Warn about the comparisons (``"a vs b"``) whose two groups share no batch."""
-    if separate:
-        data.warn_user(
-            f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
-            f"obs[{batch_key!r}], so with batch_correction=True what their batches' effects absorbed of their "
-            f"difference (e.g. a condition whose samples are the batches) is removed; batch_correction=False would count "
-            "the batch effects as differences instead. Best: train with a batch key whose batches hold cells of both "
-            "groups (e.g. donors, not samples)",
-            UserWarning,
-        )
-
-
-def _subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np.ndarray:
-    return cells if len(cells) <= max_cells else np.sort(rng.choice(cells, max_cells, replace=False))
-
-
-def _observed_by_group(loader: data.CellLoader, labels: pd.Series, batch_size: int):
-    """A function of a set of labelled cells giving its observed share of cells with a non-zero count
-    and mean counts per 10,000, per gene, from one pass over the labelled cells."""
-    codes, groups = pd.factorize(labels, use_na_sentinel=True)
-    labelled = np.flatnonzero(codes >= 0)
-    nonzero = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
-    normalized = torch.zeros_like(nonzero)
-    with torch.no_grad():
-        for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
-            counts = mb.counts.double().cpu()
-            group_codes = torch.from_numpy(codes[mb.cell_index])
-            nonzero.index_add_(0, group_codes, (counts > 0).double())
-            normalized.index_add_(0, group_codes, counts / mb.library.double().cpu().clamp(min=1.0) * differential.PER_10K)
-    nonzero, normalized = nonzero.numpy(), normalized.numpy()
-    sizes = np.bincount(codes[labelled], minlength=len(groups))
-
-    def summary(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        members = np.bincount(codes[cells], minlength=len(groups)) > 0  # cells are whole groups
-        n = sizes[members].sum()
-        return nonzero[members].sum(0) / n, normalized[members].sum(0) / n
-
-    return summary
 
 
 # ----------------------------------------------------------------------------- reference mapping helpers

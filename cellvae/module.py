@@ -90,8 +90,7 @@ class Encoder(nn.Module):
 
     def forward(self, counts: torch.Tensor, covariates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the posterior mean and either log-variances (diagonal) or a Cholesky factor (full)."""
-        cov = covariates if self.use_covariates else covariates[:, :0]
-        h = self.body(torch.log1p(counts), cov)
+        h = self.body(torch.log1p(counts), covariates)  # (a body built without covariates ignores them)
         mean = self.mean(h)
         raw = self.scale(h).clamp(-15.0, 15.0)
         if not self.full:
@@ -220,9 +219,8 @@ class VAE(nn.Module):
 
     def kl_divergence(self, mean, scale) -> torch.Tensor:
         """KL(q(z|x) || N(0, I)) of each cell (the rate)."""
-        per_dim = self.kl_per_dimension(mean, scale)
         if self.config.posterior == "diagonal":
-            return per_dim.sum(-1)
+            return self.kl_per_dimension(mean, scale).sum(-1)
         log_det = 2.0 * torch.log(torch.diagonal(scale, dim1=-2, dim2=-1)).sum(-1)
         variance = (scale**2).sum(-1)
         return 0.5 * (variance.sum(-1) + (mean**2).sum(-1) - mean.shape[-1] - log_det)

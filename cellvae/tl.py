@@ -1,4 +1,9 @@
-"""Scanpy-style tools: take an AnnData first, write documented keys, return the trained model."""
+"""Scanpy-style tools: take an AnnData first and write only their documented keys.
+
+``embed`` returns the trained model; ``transfer_labels`` and ``rank_genes_groups`` write into the
+AnnData and return None; ``rate_distortion_sweep`` returns a DataFrame; ``interpolate`` and
+``latent_shift`` return new AnnData objects of decoded cells.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellvae.data import warn_user
-from cellvae.model import CellVAE, _cell_positions, _check_count, _check_seed
+from cellvae.data import cell_positions, warn_user
+from cellvae.model import CellVAE, _check_count, _check_seed
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
@@ -529,8 +534,8 @@ def interpolate(
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
-    z_a = model.get_latent(adata[_cell_positions(adata, cells_a, "cells_a")]).mean(0)
-    z_b = model.get_latent(adata[_cell_positions(adata, cells_b, "cells_b")]).mean(0)
+    z_a = model.get_latent(adata[cell_positions(adata, cells_a, "cells_a")]).mean(0)
+    z_b = model.get_latent(adata[cell_positions(adata, cells_b, "cells_b")]).mean(0)
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
     expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)
@@ -603,13 +608,13 @@ def latent_shift(
     for name, value in (("source", source), ("target", target)):
         if value not in set(groups):
             raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")
-    shifted = _cell_positions(adata, apply_to, "apply_to")
+    shifted = cell_positions(adata, apply_to, "apply_to")
     if reference is None:
         in_reference = np.ones(adata.n_obs, dtype=bool)
         in_reference[shifted] = False
     else:
         in_reference = np.zeros(adata.n_obs, dtype=bool)
-        in_reference[_cell_positions(adata, reference, "reference")] = True
+        in_reference[cell_positions(adata, reference, "reference")] = True
     latent = model.get_latent(adata)
     strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
     deltas = []
