@@ -16,6 +16,8 @@ from torch import nn
 from cellvae.config import Config
 from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 
+Likelihood = NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson  # what the decoder returns: p(x|z)
+
 
 class GeneLinear(nn.Linear):
     """A linear layer with all genes on one side: the encoder's input layer or a decoder output.
@@ -123,7 +125,7 @@ class Decoder(nn.Module):
         if config.likelihood == "zinb":
             self.dropout_head = GeneLinear(config.n_hidden, config.n_genes)
 
-    def forward(self, z, covariates, library, batch_index):
+    def forward(self, z: torch.Tensor, covariates: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor) -> Likelihood:
         h = self.body(z, covariates)
         # An empty cell's library of 0 becomes 1e-30: its mean is then ~0 and log p(x = 0) ~0, not 0 · log 0 = NaN.
         log_mean = torch.log_softmax(self.proportions(h), dim=-1) + torch.log(library.clamp(min=1e-30))
@@ -172,7 +174,7 @@ class VAE(nn.Module):
             if isinstance(module, GeneLinear):
                 module.compute_dtype = dtype
 
-    def inference(self, counts, covariates, sample: bool = True) -> dict[str, torch.Tensor]:
+    def inference(self, counts: torch.Tensor, covariates: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
         """q(z|x): its mean, scale parameters and (when ``sample``) a reparameterised draw z."""
         mean, scale = self.encoder(counts, covariates)
         z = self.sample_posterior(mean, scale) if sample else mean
@@ -189,7 +191,9 @@ class VAE(nn.Module):
             return mean + torch.einsum("cij,...cj->...ci", scale, noise)
         return mean + torch.exp(0.5 * scale) * noise
 
-    def generative(self, z, covariates, library, batch_index):
+    def generative(
+        self, z: torch.Tensor, covariates: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor
+    ) -> Likelihood:
         """p(x|z): the count distribution of each cell and gene."""
         return self.decoder(z, covariates, library, batch_index)
 

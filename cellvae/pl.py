@@ -10,18 +10,23 @@ figure the function made and saved without showing is then closed, so saving in 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
 
 from cellvae import diagnostics
 from cellvae.model import CellVAE, _check_threshold
 
 
-def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os.PathLike | None = None):
+def history(
+    model: CellVAE, *, ax: Axes | Sequence[Axes] | None = None, show: bool | None = None, save: str | os.PathLike | None = None
+) -> list[Axes]:
     """Training curves: distortion and rate per cell, train and validation, against epoch.
 
     Parameters
@@ -47,7 +52,7 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os
             else "call model.fit() first"
         )
         raise ValueError(f"the model has no training history: {reason}")
-    one_axes = isinstance(ax, plt.Axes)
+    one_axes = isinstance(ax, Axes)
     if ax is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         axes = list(axes)
@@ -80,7 +85,9 @@ def history(model: CellVAE, *, ax=None, show: bool | None = None, save: str | os
 # ----------------------------------------------------------------------------- rate–distortion and posterior collapse
 
 
-def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, save: str | os.PathLike | None = None):
+def rate_distortion(
+    frame: pd.DataFrame, *, ax: Axes | None = None, show: bool | None = None, save: str | os.PathLike | None = None
+) -> Axes:
     """The rate–distortion curve of :func:`cellvae.tl.rate_distortion_sweep`: rate on x, distortion on y, points labelled by beta.
 
     The dashed line of slope −1 through the best-ELBO point is where distortion + rate (the
@@ -129,13 +136,13 @@ def rate_distortion(frame: pd.DataFrame, *, ax=None, show: bool | None = None, s
 
 def kl_per_dimension(
     model: CellVAE,
-    adata=None,
+    adata: ad.AnnData | None = None,
     *,
     threshold: float = diagnostics.ACTIVITY_THRESHOLD,
-    ax=None,
+    ax: Axes | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-):
+) -> Axes:
     """Mean KL of each latent dimension, largest first; inactive dimensions in grey.
 
     Parameters
