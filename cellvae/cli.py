@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from cellvae.config import LIKELIHOODS
@@ -26,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
-    if argv is None:  # run from the shell: figures only go to files (main([...]) from Python keeps its backend)
+    if argv is None:  # run from the shell (main([...]) from Python keeps its backend and warning format)
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # figures only go to files
+        # warnings as one line each: the source line they would name is cellvae's or runpy's, not the user's
+        warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
     try:
         return args.run(args)
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:

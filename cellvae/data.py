@@ -56,12 +56,22 @@ PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__)) + os.sep
 CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)  # @contextmanager decorators sit between cellvae's frames
 
 
+def process_rank() -> int:
+    """This process's rank in a data-parallel run: torch.distributed's, else torchrun's ``RANK`` (0 alone)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """Warn, attributing the warning to the first caller outside cellvae (the user's line).
 
     A fixed ``stacklevel`` points inside the package when the same check is reached through
-    another public function (``tl.embed`` builds a ``CellVAE``, which reads the data).
+    another public function (``tl.embed`` builds a ``CellVAE``, which reads the data). In a
+    data-parallel run only rank 0 warns (the ranks run the same checks).
     """
+    if process_rank() > 0:
+        return
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None:
         filename = os.path.abspath(frame.f_code.co_filename)

@@ -867,8 +867,11 @@ class CellVAE:
         Notes
         -----
         The files are written to a temporary directory first and moved into place at the end,
-        so an interrupted save never leaves a half-written model. The AnnData is not saved.
+        so an interrupted save never leaves a half-written model. The AnnData is not saved. In a
+        data-parallel run (torchrun) only rank 0 writes: the ranks hold the same model.
         """
+        if data.process_rank() > 0:
+            return
         path = Path(path).expanduser()
         if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
             raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
@@ -1123,7 +1126,10 @@ class CellVAE:
         query_model.module.to(loader.device)
         try:
             with _reference_frozen(query_model.module):
-                query_model.history = train(query_model.module, loader, train_cells, validation_cells, settings)
+                # trained in this process alone: under torchrun a script may map a query on one rank only
+                query_model.history = train(
+                    query_model.module, loader, train_cells, validation_cells, settings, data_parallel=False
+                )
         finally:
             query_model.module.to("cpu")
         query_model.train_settings = settings

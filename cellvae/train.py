@@ -8,6 +8,7 @@ resident on one GPU train in steps replayed from CUDA graphs (:class:`ResidentSt
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -35,6 +36,12 @@ with warnings.catch_warnings():  # a notebook without ipywidgets gets the text p
     from tqdm.auto import tqdm
 
 MAX_NONFINITE_RETRIES = 5
+# BatchNorm's running statistics stay per rank between epochs (average_statistics); torch 2.13 renamed the option.
+NO_BUFFER_SYNC_IN_FORWARD = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass
@@ -152,6 +159,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    data_parallel: bool = True,
 ) -> pd.DataFrame:
     """Fit ``vae`` in place and return the per-epoch history.
 
@@ -159,11 +167,13 @@ def train(
     the learning rate; Ctrl-C stops early and keeps the best parameters so far. With
     ``checkpoint_dir`` the full training state is written atomically every ``checkpoint_every``
     epochs; ``resume`` continues from it and ends with the same parameters as an uninterrupted run.
-    ``history.attrs["interrupted"]`` says whether Ctrl-C ended the run.
+    ``history.attrs["interrupted"]`` says whether Ctrl-C ended the run. In a process group every rank
+    calls it and trains its own shard of the cells (DDP), unless ``data_parallel=False``.
     """
     has_validation = len(validation_cells) > 0
-    rank, world = rank_and_world()
+    rank, world = rank_and_world() if data_parallel else (0, 1)
     if world > 1:  # data parallel: this process trains and validates on its own shard of the cells
+        _check_same_run_on_every_rank(describe_run(vae, loader, train_cells, validation_cells, settings))
         train_cells, validation_cells = shard(train_cells, rank, world, pad=True), shard(validation_cells, rank, world)
     seed_generators(settings.random_state + rank)
     rng = np.random.default_rng(settings.random_state if world == 1 else [settings.random_state, rank])
@@ -214,7 +224,7 @@ def train(
     )
     # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights);
     # BatchNorm's running statistics are averaged over the ranks once per epoch (average_statistics).
-    forward = DistributedDataParallel(vae, broadcast_buffers=False) if world > 1 else vae
+    forward = DistributedDataParallel(vae, **NO_BUFFER_SYNC_IN_FORWARD) if world > 1 else vae
     # Counts resident on one GPU train in steps replayed from CUDA graphs (see ResidentSteps).
     resident = loader.resident() if world == 1 else None
     steps = None if resident is None else ResidentSteps(vae, resident, optimizer)
@@ -484,6 +494,7 @@ def write_checkpoint(
     meta = {k: v for k, v in loop.items() if k != "best"}
     meta |= {"best_loss": loop["best"]["loss"], "best_epoch": loop["best"]["epoch"], "run": run}
     meta |= {"version": CHECKPOINT_VERSION, "numpy_rng": rng.bit_generator.state, "param_groups": optimizer_state["param_groups"]}
+    meta["world"] = rank_and_world()[1]  # processes of the run: resuming with more is refused (agreed_checkpoint)
     blob = safetensors_bytes(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"cellvae_checkpoint": json.dumps(meta)}
     )
@@ -504,7 +515,8 @@ def write_checkpoint(
 
 def read_checkpoint(path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> dict:
     """Restore ``vae``, ``optimizer``, ``rng`` and the torch RNG from ``path``; return the loop state."""
-    advice = f"delete {path} or call fit(resume=False) to start over"
+    files = path if rank_and_world()[1] == 1 else f"the checkpoint.rank*.safetensors files in {path.parent}"
+    advice = f"delete {files} or call fit(resume=False) to start over"
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
@@ -553,13 +565,24 @@ def agreed_checkpoint(path: Path) -> Path | None:
     them within one epoch of each other); those resume from their previous file, so that all
     ranks continue from the same epoch instead of waiting forever on each other.
     """
-    epochs = {}
+    epochs, writers = {}, set()
     for candidate in (previous_checkpoint(path), path):
         try:
             with safe_open(str(candidate), framework="pt") as handle:
-                epochs[int(json.loads((handle.metadata() or {})["cellvae_checkpoint"])["epoch"])] = candidate
+                meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
+            epochs[int(meta["epoch"])] = candidate
+            writers.add(int(meta.get("world", 0)))  # 0: written before the number was recorded
         except (SafetensorError, OSError, KeyError, ValueError, TypeError):
             continue
+    world = rank_and_world()[1]
+    # A rank without a file may have crashed before its first write, or the run had fewer processes (then
+    # starting over would silently throw the others' progress away): refused on every rank.
+    other = int(all_reduce_max([float(max(writers - {0, world}, default=0))])[0])
+    if other:
+        raise ValueError(
+            f"the checkpoints in {path.parent} were written by {other} processes and this run has {world}: resume "
+            f"with as many (torchrun --nproc_per_node={other}), or delete them to start over"
+        )
     agreed = int(-all_reduce_max([-max(epochs, default=-1)])[0])
     # every rank raises (rather than one raising while the others wait for it)
     if agreed >= 0 and all_reduce_max([float(agreed not in epochs)])[0]:
@@ -658,7 +681,13 @@ def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str
         part = library_sizes(matrix, columns, check_as=check_as, rows=rows)
     except (TypeError, ValueError) as error:
         problem, part = error, np.zeros(len(rows))
-    if all_reduce_max([float(problem is not None)])[0]:
+    failed, most_cells, negated_fewest_cells = all_reduce_max([float(problem is not None), matrix.shape[0], -matrix.shape[0]])
+    if most_cells != -negated_fewest_cells:
+        raise ValueError(
+            f"the processes of this data-parallel run read AnnData objects of different sizes ({-negated_fewest_cells:.0f} "
+            f"to {most_cells:.0f} cells): every process must call fit on the same AnnData, and each then reads its own part"
+        )
+    if failed:
         if problem is not None:
             raise problem
         raise ValueError(f"{check_as} has invalid counts in the cells another process read; its error says which")
@@ -666,6 +695,19 @@ def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str
     totals[rows.start : rows.stop] = torch.from_numpy(part).to(totals.device)
     dist.all_reduce(totals)
     return totals.cpu().numpy()
+
+
+def _check_same_run_on_every_rank(run: dict) -> None:
+    """Every rank raises if the ranks were given different data or settings (their collectives would
+    otherwise not match: a hang, or a crash in gloo/nccl)."""
+    fingerprint = float(int(hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:12], 16))
+    largest, negated_smallest = all_reduce_max([fingerprint, -fingerprint])
+    if largest != -negated_smallest:
+        raise ValueError(
+            "the processes of this data-parallel run were given different data or settings (the AnnData, the model's "
+            "options or fit's arguments, e.g. random_state differs between ranks): every process must call fit with the "
+            "same arguments on the same AnnData, and each then trains its own part of the cells"
+        )
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:

@@ -1,5 +1,6 @@
 """The `cellvae` command line: demo, fit and embed write what they promise."""
 
+import os
 import subprocess
 import sys
 
@@ -133,6 +134,19 @@ def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
     data.write_zarr(tmp_path / "in.zarr")
     with pytest.raises(SystemExit, match="a .zarr store is always streamed"):
         main(["fit", str(tmp_path / "in.zarr"), "--backed", "--out", str(tmp_path / "z.h5ad"), "--model-dir", "m3"])
+
+
+def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
+    data.X.data[: data.X.indptr[3]] = 0  # three cells without counts: fit warns
+    data.X.eliminate_zeros()
+    data.write_h5ad(tmp_path / "in.h5ad")
+    outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    command = [sys.executable, "-m", "cellvae.cli", "fit", str(tmp_path / "in.h5ad"), "--epochs", "1", "--quiet", *outputs]
+    run = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, MPLBACKEND="Agg"))
+    lines = run.stderr.splitlines()
+    assert any(line.startswith("UserWarning: 3 cells have zero total counts") for line in lines), run.stderr
+    assert "runpy" not in run.stderr and "warn_user(" not in run.stderr
 
 
 def test_fit_precision_option_reaches_the_model(tmp_path):

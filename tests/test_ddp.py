@@ -150,6 +150,64 @@ def test_python_processes_with_their_own_process_group_train_one_model_from_a_ba
     assert knn_accuracy(model.get_latent(), adata.obs["cell_type"]) > 0.9
 
 
+def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: str) -> None:
+    """What a user's script under torchrun may do, with the mistakes cellvae must catch rather than hang on."""
+    import warnings
+
+    import anndata as ad
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    out, adata = Path(out_dir), ad.read_h5ad(path)
+    fit = {"max_epochs": 2, "batch_size": 64, "progress": False, "device": "cpu", "checkpoint_dir": out / "checkpoints"}
+    if world == 3:  # resuming the 2-process run's checkpoints with more processes
+        try:
+            cellvae.CellVAE(adata, batch_key="batch").fit(**fit, resume=True)
+        except ValueError as error:
+            (out / f"resume{rank}.txt").write_text(str(error))
+        dist.destroy_process_group()
+        return
+    try:  # each rank with its own seed: refused on every rank, not trained on mismatched splits
+        cellvae.CellVAE(adata, batch_key="batch").fit(**fit, random_state=rank)
+    except ValueError as error:
+        (out / f"seeds{rank}.txt").write_text(str(error))
+    reference = adata[adata.obs["batch"] == "batch0"].copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = cellvae.CellVAE(reference, batch_key="batch").fit(**fit)  # reference has cells without counts
+    (out / f"warnings{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
+    if rank == 0:  # one rank maps a query on its own: trained in that process, no collective to wait for
+        query = adata[adata.obs["batch"] == "batch1"].copy()
+        query.obs["batch"] = "new"
+        np.save(out / "query_latent.npy", model.map_query(query, max_epochs=2, progress=False).get_latent())
+    model.save(out / "model")  # every rank calls save; rank 0 writes
+    dist.destroy_process_group()
+
+
+def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_saved_model(tmp_path):
+    import torch.multiprocessing as mp
+
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=2, n_cell_types=3, seed=7)
+    adata.X.data[: adata.X.indptr[5]] = 0  # cells without counts: fit warns
+    adata.X.eliminate_zeros()
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    mp.spawn(_script_on_rank, args=(2, str(tmp_path / "init2"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        assert "given different data or settings" in (tmp_path / f"seeds{rank}.txt").read_text()
+    assert "have zero total counts" in (tmp_path / "warnings0.txt").read_text()
+    assert (tmp_path / "warnings1.txt").read_text() == ""  # the ranks run the same checks: rank 0 tells
+    assert np.load(tmp_path / "query_latent.npy").shape == ((adata.obs["batch"] == "batch1").sum(), 10)
+    model = cellvae.CellVAE.load(tmp_path / "model")
+    assert len(model.history) == 2 and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    mp.spawn(_script_on_rank, args=(3, str(tmp_path / "init3"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=3)
+    for rank in range(3):  # not a silent start from scratch that overwrites the 2-process run's checkpoints
+        message = (tmp_path / f"resume{rank}.txt").read_text()
+        assert "written by 2 processes and this run has 3" in message, message
+
+
 def _check_counts_on_rank(rank: int, init_file: str, clean: str, spoiled: str, out_dir: str) -> None:
     import anndata as ad
     import torch.distributed as dist
