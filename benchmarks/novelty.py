@@ -15,6 +15,7 @@ Writes ``results/novelty.csv``.
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def kang() -> tuple[ad.AnnData, ad.AnnData, str]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help says what it does, runs nothing
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: this benchmark reads the shared datasets beside the repository")
     torch.set_num_threads(2)

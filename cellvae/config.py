@@ -99,6 +99,8 @@ class Config:
                 raise ValueError(f"{name} must be a number from 0 to {MAX_WEIGHT:g}, got {value!r}")
         if isinstance(self.kl_warmup, bool):
             raise ValueError(f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}")
+        roles = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys + self.continuous_covariate_keys
+        _check_names(roles, "the batch key and covariate keys together (each obs column has one role)")
         if self.likelihood == "poisson" and self.dispersion != "gene":
             raise ValueError(
                 f"a Poisson likelihood has no dispersion, so dispersion={self.dispersion!r} would be ignored; "
@@ -116,8 +118,6 @@ class Config:
             raise ValueError("gene_names is empty: a model needs at least one gene")
         if not isinstance(self.encode_batch, bool):
             raise ValueError(f"encode_batch must be True or False, got {self.encode_batch!r}")
-        roles = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys + self.continuous_covariate_keys
-        _check_names(roles, "the batch key and covariate keys together (each obs column has one role)")
         categories = self.categorical_covariate_categories
         if not isinstance(categories, dict) or list(categories) != list(self.categorical_covariate_keys):
             raise ValueError(
@@ -128,8 +128,8 @@ class Config:
             _check_names(values, f"the categories of {key!r}")
             if not values:
                 raise ValueError(f"categorical covariate {key!r} has no categories")
-        keys = list(self.categories)
-        known = {key: len(names) for key, names in self.categories.items()}
+        keys = [key for key, _ in self.categories]
+        known = {key: len(names) for key, names in self.categories}
         reference = self.reference_categories
         if not isinstance(reference, dict) or any(
             key not in known or not _is_positive_int(n) or n > known[key] for key, n in reference.items()
@@ -155,15 +155,16 @@ class Config:
         return max(len(self.batch_categories), 1)
 
     @property
-    def categories(self) -> dict[str, list[str]]:
-        """The categories of the batch key and of each categorical covariate, in the covariate vector's order."""
-        batch = {self.batch_key: self.batch_categories} if self.batch_key else {}
-        return batch | {key: self.categorical_covariate_categories[key] for key in self.categorical_covariate_keys}
+    def categories(self) -> list[tuple[str, list[str]]]:
+        """(key, categories) of the batch key and of each categorical covariate, in the covariate vector's
+        order (a list: models saved by older cellvae may use one key in two roles)."""
+        batch = [(self.batch_key, self.batch_categories)] if self.batch_key else []
+        return batch + [(key, self.categorical_covariate_categories[key]) for key in self.categorical_covariate_keys]
 
     @property
     def n_covariates(self) -> int:
         """Width of the covariate vector: batch one-hot, other one-hots, continuous values."""
-        return sum(len(names) for names in self.categories.values()) + len(self.continuous_covariate_keys)
+        return sum(len(names) for _, names in self.categories) + len(self.continuous_covariate_keys)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))

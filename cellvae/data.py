@@ -57,10 +57,13 @@ CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)  # @contextmanager decora
 
 
 def process_rank() -> int:
-    """This process's rank in a data-parallel run: torch.distributed's, else torchrun's ``RANK`` (0 alone)."""
+    """This process's rank in a data-parallel run: torch.distributed's, else torchrun's ``RANK`` where
+    ``WORLD_SIZE`` says there are several processes (0 alone)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return int(os.environ.get("RANK", "0") or 0)
+    return 0
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
@@ -147,10 +150,14 @@ def share_of_ones(matrix) -> tuple[float, int]:
     only its first genes)."""
     if getattr(matrix, "format", None) in ("csr", "csc", "coo"):
         stored = matrix.group["data"] if is_backed_matrix(matrix) else matrix.data
-        piece = min(VALUES_PER_CHECK // 16, stored.shape[0])
-        starts = np.linspace(0, stored.shape[0] - piece, 16).astype(np.int64) if piece else []
-        values = np.concatenate([np.zeros(0), *(np.asarray(stored[s : s + piece]) for s in np.unique(starts))])
-    elif is_backed_matrix(matrix):
+        # 16 slices that do not overlap and hold at most VALUES_PER_CHECK values together (all of a small matrix)
+        piece = min(VALUES_PER_CHECK, stored.shape[0]) // 16 or stored.shape[0]
+        ones = non_zero = 0
+        for start in np.unique(np.linspace(0, stored.shape[0] - piece, 16).astype(np.int64)):
+            values = np.asarray(stored[start : start + piece])
+            ones, non_zero = ones + int(np.count_nonzero(values == 1)), non_zero + int(np.count_nonzero(values))
+        return ones / max(non_zero, 1), non_zero
+    if is_backed_matrix(matrix):
         values = matrix[: max(1, VALUES_PER_CHECK // matrix.shape[1])]
     else:
         values = next(_stored_values(matrix), np.zeros(0))

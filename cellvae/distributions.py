@@ -338,19 +338,25 @@ def seeded(seed: int | None) -> Iterator[None]:
     """torch's global generators seeded with ``seed`` inside the block (left as they are if None) and
     restored after it: cellvae's seeds never change the caller's draws.
 
-    Also a decorator (``@seeded(None)``)."""
+    CUDA's are those of the devices started before the block (``fit`` moves the model to its device
+    first). Also a decorator (``@seeded(None)``)."""
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        if seed is not None:
-            seed_generators(seed)
-        yield
+    mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    try:
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            if seed is not None:
+                seed_generators(seed)
+            yield
+    finally:
+        if mps is not None:
+            torch.mps.set_rng_state(mps)
 
 
 def seed_generators(seed: int) -> None:
     """Seed torch's CPU generator and those of the CUDA devices already started.
 
     Not ``torch.manual_seed``: it also queues the seed for CUDA devices not yet started, replacing one the
-    caller set, which no fork can restore. (On Apple MPS it seeds that device's generator, as torch's does.)
+    caller set, which no fork can restore. On Apple MPS it seeds that device's generator too.
     """
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_initialized():

@@ -30,6 +30,7 @@ from cellvae.train import (
     default_kl_warmup,
     default_max_epochs,
     default_query_epochs,
+    evaluate,
     library_sizes_across_ranks,
     pick_device,
     rank_and_world,
@@ -197,6 +198,7 @@ class CellVAE:
         self.history = pd.DataFrame()
         self.is_trained = False
         self.train_settings: TrainSettings | None = None
+        self._trained_data_parallel = False  # by every rank of a process group: save writes on rank 0 only
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -389,7 +391,7 @@ class CellVAE:
         self.module.to(self.device)
         # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
         probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
-        start_loss = self._mean_loss(loader, probe, random_state)
+        start_loss = self._mean_loss(loader, probe, batch_size, random_state)
         try:
             with _reference_frozen(self.module) if query else nullcontext():
                 self.history = train(
@@ -410,7 +412,7 @@ class CellVAE:
                 f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
                 "or device='cpu'"
             ) from error
-        end_loss = self._mean_loss(loader, probe, random_state)
+        end_loss = self._mean_loss(loader, probe, batch_size, random_state)
         if not end_loss <= 1.05 * start_loss:  # NaN too
             data.warn_user(
                 f"training made the model worse: its loss on {len(probe):,} "
@@ -425,6 +427,7 @@ class CellVAE:
         self.device = torch.device("cpu")
         self.is_trained = True
         self.train_settings = settings
+        self._trained_data_parallel = rank_and_world()[1] > 1
         return self
 
     # ------------------------------------------------------------------ outputs
@@ -867,10 +870,10 @@ class CellVAE:
         Notes
         -----
         The files are written to a temporary directory first and moved into place at the end,
-        so an interrupted save never leaves a half-written model. The AnnData is not saved. In a
-        data-parallel run (torchrun) only rank 0 writes: the ranks hold the same model.
+        so an interrupted save never leaves a half-written model. The AnnData is not saved. A model
+        trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model.
         """
-        if data.process_rank() > 0:
+        if self._trained_data_parallel and rank_and_world()[0] > 0:
             return
         path = Path(path).expanduser()
         if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
@@ -1462,11 +1465,12 @@ class CellVAE:
                     ),
                 )
 
-    def _mean_loss(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> float:
-        """The training objective ``distortion + beta·rate`` of ``cells`` (nats per cell), dropout off."""
+    def _mean_loss(self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int) -> float:
+        """The training objective ``distortion + beta·rate`` of ``cells`` (nats per cell), dropout off, in
+        training's minibatches (so it needs no more memory than a training step)."""
         with diagnostics.evaluation(self.module, random_state):
-            terms = diagnostics.rate_distortion(self.module, loader, cells)
-        return float(np.mean(terms["distortion"] + self.config.beta * terms["rate"]))
+            terms = evaluate(self.module, loader, cells, batch_size)
+        return terms["distortion"] + self.config.beta * terms["rate"]
 
     def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> None:
         with diagnostics.evaluation(self.module, random_state):
@@ -1752,7 +1756,7 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np
 def _new_columns(config: Config) -> np.ndarray:
     """Which covariate columns of a query model belong to categories the reference lacked (boolean mask)."""
     new = []
-    for key, names in config.categories.items():
+    for key, names in config.categories:
         known = config.reference_categories.get(key, len(names))
         new += [False] * known + [True] * (len(names) - known)
     return np.array(new + [False] * len(config.continuous_covariate_keys), dtype=bool)

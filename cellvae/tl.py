@@ -68,7 +68,6 @@ def embed(
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
     each embedding keeps its own record).
     """
-    _writable(adata, "adata")
     _check_fit_kwargs(fit_kwargs)
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
@@ -82,6 +81,7 @@ def embed(
             f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
             f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
         )
+    _writable(adata, "adata")
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent()

@@ -37,6 +37,7 @@ with warnings.catch_warnings():  # a notebook without ipywidgets gets the text p
 
 MAX_NONFINITE_RETRIES = 5
 # BatchNorm's running statistics stay per rank between epochs (average_statistics); torch 2.13 renamed the option.
+# (forward_sync_buffers=False still broadcasts rank 0's buffers when DDP starts: the same on every rank anyway.)
 NO_BUFFER_SYNC_IN_FORWARD = (
     {"forward_sync_buffers": False}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
@@ -173,7 +174,8 @@ def train(
     has_validation = len(validation_cells) > 0
     rank, world = rank_and_world() if data_parallel else (0, 1)
     if world > 1:  # data parallel: this process trains and validates on its own shard of the cells
-        _check_same_run_on_every_rank(describe_run(vae, loader, train_cells, validation_cells, settings))
+        checkpoints = {"checkpoints": checkpoint_dir is not None, "resume": resume, "checkpoint_every": checkpoint_every}
+        _check_same_run_on_every_rank(describe_run(vae, loader, train_cells, validation_cells, settings) | checkpoints)
         train_cells, validation_cells = shard(train_cells, rank, world, pad=True), shard(validation_cells, rank, world)
     seed_generators(settings.random_state + rank)
     rng = np.random.default_rng(settings.random_state if world == 1 else [settings.random_state, rank])
@@ -195,7 +197,8 @@ def train(
         single, ranks = checkpoint_ranks(checkpoint.parent)
         if world > 1:  # each node may see only its own ranks' files
             single, ranks = (int(v) for v in all_reduce_max([single, ranks]))
-        # Fewer ranks' files than processes is not refused: a crash can come before some rank's first checkpoint.
+        # Fewer ranks' files than processes is not refused here (a crash can come before some rank's first
+        # checkpoint); agreed_checkpoint refuses files that fewer processes wrote.
         if (world == 1 and ranks and not single) or (world > 1 and single and not ranks) or ranks > world:
             writers = "one process" if single and not ranks else f"at least {ranks} processes"
             raise ValueError(
@@ -204,7 +207,7 @@ def train(
             )
         source = checkpoint if world == 1 else agreed_checkpoint(checkpoint)
         if source is not None and source.exists():
-            loop = read_checkpoint(source, run, vae, optimizer, rng)
+            loop = read_checkpoint(source, run, vae, optimizer, rng, world)
             best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
             last_good = _snapshot(vae)
@@ -310,7 +313,8 @@ def train(
                 epochs_without_improvement += 1
                 stop = settings.early_stopping and epochs_without_improvement >= settings.patience
             if checkpoint is not None and (stop or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == settings.max_epochs):
-                loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows}
+                # world: resuming with another number of processes is refused (agreed_checkpoint)
+                loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows, "world": world}
                 loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best}
                 write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
             if stop:
@@ -494,7 +498,6 @@ def write_checkpoint(
     meta = {k: v for k, v in loop.items() if k != "best"}
     meta |= {"best_loss": loop["best"]["loss"], "best_epoch": loop["best"]["epoch"], "run": run}
     meta |= {"version": CHECKPOINT_VERSION, "numpy_rng": rng.bit_generator.state, "param_groups": optimizer_state["param_groups"]}
-    meta["world"] = rank_and_world()[1]  # processes of the run: resuming with more is refused (agreed_checkpoint)
     blob = safetensors_bytes(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"cellvae_checkpoint": json.dumps(meta)}
     )
@@ -505,7 +508,7 @@ def write_checkpoint(
             handle.write(blob)
             handle.flush()
             os.fsync(handle.fileno())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and path.exists():
+        if loop["world"] > 1 and path.exists():
             os.replace(path, previous_checkpoint(path))  # see agreed_checkpoint
         os.replace(staging, path)
     except BaseException:
@@ -513,9 +516,12 @@ def write_checkpoint(
         raise
 
 
-def read_checkpoint(path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> dict:
-    """Restore ``vae``, ``optimizer``, ``rng`` and the torch RNG from ``path``; return the loop state."""
-    files = path if rank_and_world()[1] == 1 else f"the checkpoint.rank*.safetensors files in {path.parent}"
+def read_checkpoint(
+    path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator, world: int = 1
+) -> dict:
+    """Restore ``vae``, ``optimizer``, ``rng`` and the torch RNG from ``path`` (a checkpoint of one of
+    ``world`` processes); return the loop state."""
+    files = path if world == 1 else f"the checkpoint.rank*.safetensors files in {path.parent}"
     advice = f"delete {files} or call fit(resume=False) to start over"
     try:
         with safe_open(str(path), framework="pt") as handle:

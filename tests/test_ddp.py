@@ -178,11 +178,17 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
         warnings.simplefilter("always")
         model = cellvae.CellVAE(reference, batch_key="batch").fit(**fit)  # reference has cells without counts
     (out / f"warnings{rank}.txt").write_text("\n".join(str(w.message) for w in caught))
-    if rank == 0:  # one rank maps a query on its own: trained in that process, no collective to wait for
-        query = adata[adata.obs["batch"] == "batch1"].copy()
-        query.obs["batch"] = "new"
-        np.save(out / "query_latent.npy", model.map_query(query, max_epochs=2, progress=False).get_latent())
-    model.save(out / "model")  # every rank calls save; rank 0 writes
+    try:  # only one rank resumes: refused on every rank, not a rank waiting alone on a collective
+        cellvae.CellVAE(reference, batch_key="batch").fit(**fit, resume=rank == 0)
+    except ValueError as error:
+        (out / f"resume_one{rank}.txt").write_text(str(error))
+    # each rank maps a query of its own (other epochs): trained in that process, no collective to wait for
+    query = adata[adata.obs["batch"] == "batch1"].copy()
+    query.obs["batch"] = "new"
+    query_model = model.map_query(query, max_epochs=2 + rank, progress=False)
+    np.save(out / f"query_latent{rank}.npy", query_model.get_latent())
+    query_model.save(out / f"query_model{rank}")  # trained by this rank alone: saved by it
+    model.save(out / "model")  # every rank calls save of the data-parallel model; rank 0 writes
     dist.destroy_process_group()
 
 
@@ -198,7 +204,10 @@ def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_s
         assert "given different data or settings" in (tmp_path / f"seeds{rank}.txt").read_text()
     assert "have zero total counts" in (tmp_path / "warnings0.txt").read_text()
     assert (tmp_path / "warnings1.txt").read_text() == ""  # the ranks run the same checks: rank 0 tells
-    assert np.load(tmp_path / "query_latent.npy").shape == ((adata.obs["batch"] == "batch1").sum(), 10)
+    for rank in range(2):
+        assert "given different data or settings" in (tmp_path / f"resume_one{rank}.txt").read_text()
+        assert np.load(tmp_path / f"query_latent{rank}.npy").shape == ((adata.obs["batch"] == "batch1").sum(), 10)
+        assert len(cellvae.CellVAE.load(tmp_path / f"query_model{rank}").history) == 2 + rank
     model = cellvae.CellVAE.load(tmp_path / "model")
     assert len(model.history) == 2 and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 

@@ -1,6 +1,7 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
 import warnings
+from dataclasses import asdict
 
 import anndata as ad
 import numpy as np
@@ -12,6 +13,7 @@ from conftest import knn_accuracy, pca_of, shared_dataset
 
 import cellvae
 from cellvae import CellVAE
+from cellvae.config import Config
 from cellvae.train import default_max_epochs
 
 
@@ -242,6 +244,12 @@ def test_covariates_are_used(two_batches):
     changed = adata.copy()
     changed.obs["percent_mito"] = 50.0
     assert not np.allclose(model.get_normalized_expression(changed), model.get_normalized_expression(adata))
+    with pytest.raises(ValueError, match=r"each obs column has one role\) must be unique; duplicated: \['batch'\]"):
+        CellVAE(adata, batch_key="batch", categorical_covariate_keys=["batch"])
+    # a model saved by an older cellvae, which took a key in two roles, still reads as it was trained
+    two_roles = {"categorical_covariate_keys": ["batch"], "categorical_covariate_categories": {"batch": ["0", "1"]}}
+    no_continuous = {"continuous_covariate_keys": [], "continuous_covariate_mean": [], "continuous_covariate_std": []}
+    assert Config(**asdict(model.config) | two_roles | no_continuous).n_covariates == 2 + 2
 
 
 def test_counts_from_layer_dense_and_csc(two_batches):

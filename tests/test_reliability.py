@@ -707,13 +707,14 @@ def test_model_saved_by_format_version_1_still_loads_and_gives_the_same_output()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
-def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask):
+def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, monkeypatch):
     """Not the owner-only modes of temporary files: colleagues can read a model saved in a shared folder,
-    as the umask allows (and save leaves the umask as it was)."""
+    as the umask allows; save never sets the umask (process-wide: another thread's files would get its mode)."""
     before = os.umask(umask)
     try:
-        trained.save(tmp_path / "model")
-        assert os.umask(umask) == umask
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "umask", lambda mask: pytest.fail("save set the process's umask"))
+            trained.save(tmp_path / "model")
     finally:
         os.umask(before)
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
