@@ -30,8 +30,11 @@ MIN_CELLS = 10
 # Largest count accepted in one entry: far above any read or UMI count, far below where float32 and
 # int64 arithmetic (likelihood, log x!) would overflow or lose the value.
 MAX_COUNT = 1e12
-# Stored values checked at once: bounds the temporary arrays of count validation (~64 MB of float32).
+# Stored values of a backed matrix read and checked at once: bounds the temporary arrays (~64 MB of float32).
 VALUES_PER_CHECK = 2**24
+# Stored values of an in-memory matrix checked or summed at once: its temporaries (~4 MB) stay well below the
+# matrix itself, whose size the memory a fit adds is measured against (benchmarks/README.md).
+VALUES_PER_PASS = 2**20
 # Rows of a backed matrix read at once when checking it or summing its rows.
 ROWS_PER_READ = 10_000
 # Rows densified at once; bounds the memory of one read to CHUNK_BYTES.
@@ -206,7 +209,7 @@ def _stored_values(matrix) -> Iterator[np.ndarray]:
         values = matrix.ravel()
     else:
         values = matrix.data if hasattr(matrix, "data") else matrix.tocsr().data
-    yield from (values[s : s + VALUES_PER_CHECK] for s in range(0, len(values), VALUES_PER_CHECK))
+    yield from (values[s : s + VALUES_PER_PASS] for s in range(0, len(values), VALUES_PER_PASS))
 
 
 def _check_count_values(values: np.ndarray, where: str) -> None:
@@ -275,11 +278,13 @@ def library_sizes(
         validate_counts(matrix, check_as)
     if columns is not None or not (sp.issparse(matrix) and matrix.format == "csr"):
         return _row_sums(matrix, columns)
-    # CSR in chunks: scipy's sum(dtype=float64) copies all stored values
+    # CSR in chunks of rows holding about VALUES_PER_PASS values: scipy's sum(dtype=float64), and reduceat
+    # over all rows at once, copy all stored values as float64
     totals = np.empty(matrix.shape[0], dtype=np.float64)
     indptr = matrix.indptr
-    for s in range(0, matrix.shape[0], ROWS_PER_READ):
-        e = min(s + ROWS_PER_READ, matrix.shape[0])
+    step = max(1, min(ROWS_PER_READ, int(matrix.shape[0] * VALUES_PER_PASS // max(matrix.nnz, 1))))
+    for s in range(0, matrix.shape[0], step):
+        e = min(s + step, matrix.shape[0])
         nonempty = indptr[s + 1 : e + 1] > indptr[s:e]
         totals[s:e] = 0.0
         if nonempty.any():

@@ -422,7 +422,7 @@ class CellVAE:
                 RuntimeWarning,
             )
         else:  # (a diverged model's latent space says nothing about collapse)
-            self._warn_if_collapsed(loader, train_cells[:5000], random_state)
+            self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state)
         self.module.to("cpu")
         self.device = torch.device("cpu")
         self.is_trained = True
@@ -1472,10 +1472,11 @@ class CellVAE:
             terms = evaluate(self.module, loader, cells, batch_size)
         return terms["distortion"] + self.config.beta * terms["rate"]
 
-    def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, random_state: int) -> None:
+    def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int) -> None:
+        """Warn if most latent dimensions carry nothing (encoded in training's minibatches: no more memory)."""
         with diagnostics.evaluation(self.module, random_state):
-            kl = diagnostics.kl_per_dimension(self.module, loader, cells)
-            activity = diagnostics.latent_activity(self.module, loader, cells)
+            kl = diagnostics.kl_per_dimension(self.module, loader, cells, batch_size=batch_size)
+            activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
         message = diagnostics.collapse_message(kl, activity)
         if message:
             data.warn_user(message, diagnostics.PosteriorCollapseWarning)
