@@ -159,8 +159,9 @@ def test_fit_precision_option_reaches_the_model(tmp_path):
     assert main(["fit", str(tmp_path / "in.h5ad"), "--precision", "bfloat16", *common]) == 0
     expected = cellvae.CellVAE(data, batch_key="batch").fit(max_epochs=3, random_state=1, progress=False, precision="bfloat16")
     np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         main(["fit", str(tmp_path / "in.h5ad"), "--precision", "float16", *common])
+    assert stopped.value.code == 2  # argparse's usage error, before any work
 
 
 def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
@@ -294,6 +295,7 @@ def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
     args = fit_args(tmp_path, n_cells=100, n_genes=20)
     with pytest.raises(SystemExit, match="error: training produced non-finite"):
         main(args)
+    assert not (tmp_path / "out.h5ad").exists() and not (tmp_path / "model").exists()  # nothing half-written
     with h5py.File(tmp_path / "plain.h5", "w") as handle:  # HDF5, but not an AnnData
         handle["values"] = np.arange(3)
     with pytest.raises(SystemExit, match="error: could not read .*plain.h5 as an AnnData"):

@@ -240,8 +240,9 @@ def test_a_failing_read_reaches_the_caller(counts, tmp_path_factory):
     backed = stored(counts, tmp_path_factory, "csr")
     loader = loader_for(backed)
     backed.file.close()
-    with pytest.raises(Exception):  # noqa: B017 - h5py's own error for a closed file
+    with pytest.raises(RuntimeError) as caught:  # h5py's own error for a closed file, raised in the reading thread
         list(loader.batches(np.arange(counts.n_obs), 64, shuffle=True, rng=np.random.default_rng(0)))
+    assert any("h5py" in str(entry.path) for entry in caught.traceback), "the reader's own error, with its traceback"
 
 
 def test_shuffle_needs_a_generator(counts):

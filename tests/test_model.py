@@ -256,9 +256,13 @@ def test_counts_from_layer_dense_and_csc(two_batches):
     adata = two_batches[:200].copy()
     adata.layers["counts"] = adata.X.toarray().astype(np.int32)
     adata.X = sp.csc_matrix(adata.X)
+    latents = []
     for layer in ("counts", None):
         model = CellVAE(adata, layer=layer).fit(max_epochs=2, random_state=0, progress=False)
-        assert model.get_latent().shape == (200, 10)
+        latents.append(model.get_latent())
+    assert latents[0].shape == (200, 10)
+    # the same counts, dense int32 in a layer or CSC float32 in X, train the same model
+    np.testing.assert_allclose(latents[0], latents[1], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input

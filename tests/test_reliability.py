@@ -161,10 +161,7 @@ def quiet_fit_query(model, adata):
 def test_public_functions_leave_the_anndata_unchanged(name, messy, trained, tmp_path):
     adata = messy.copy()
     before = adata.copy()
-    try:
-        CALLS[name](trained, adata, tmp_path)
-    except AttributeError as error:
-        pytest.skip(f"{name} is not part of this version's API ({error})")
+    CALLS[name](trained, adata, tmp_path)
     assert_unchanged(before, adata)
 
 
@@ -255,8 +252,6 @@ def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path
 
 
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
-    if not hasattr(cellvae.tl, "transfer_labels"):
-        pytest.skip("tl.transfer_labels is not part of this version's API")
     reference, query = messy[:150].copy(), messy[150:].copy()
     reference.obsm["X_cellvae"] = trained.get_latent(reference)
     query.obsm["X_cellvae"] = trained.get_latent(query)
@@ -727,84 +722,98 @@ def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, m
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, patience=0),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=None),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=-1),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device=3),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device="gpu"),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=0),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(batch_size=0),
-        lambda m, a: m.get_latent(a, batch_size=0),
-        lambda m, a: m.get_latent(a, batch_size=-5),
-        lambda m, a: m.get_latent(a, random_state=None),
-        lambda m, a: m.get_normalized_expression(a, batch_size=0),
-        lambda m, a: m.get_normalized_expression(a, library_size=-1.0),
-        lambda m, a: m.get_normalized_expression(a, library_size=float("nan")),
-        lambda m, a: m.get_normalized_expression(a, transform_batch="no such batch"),
-        lambda m, a: m.get_likelihood_parameters(a, batch_size=0),
-        lambda m, a: m.sample_counts(a, n_samples=0),
-        lambda m, a: m.sample_counts(a, random_state=None),
-        lambda m, a: m.sample_counts(a, batch_size=0),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=1.5),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=0.0),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay="1e-6"),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=float("nan")),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=-1.0),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, early_stopping="no"),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, progress=None),
-        lambda m, a: m.map_query(a, progress="quiet"),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=__file__),
-        lambda m, a: CellVAE(a, categorical_covariate_keys="batch"),
-        lambda m, a: m.map_query(a, batch_size=0),
-        lambda m, a: m.map_query(a, validation_size=1.5),
-        lambda m, a: m.map_query(a, lr=0.0),
-        lambda m, a: m.map_query(a, patience=0),
-        lambda m, a: m.map_query(a, random_state=None),
-        lambda m, a: m.rate_distortion(a, n_samples=0),
-        lambda m, a: m.rate_distortion(a, random_state=None),
-        lambda m, a: m.marginal_log_likelihood(a, random_state=None),
-        lambda m, a: m.inference_gaps(a[:5], n_steps=1, lr=-1.0),
-        lambda m, a: m.inference_gaps(a[:5], n_steps=1, random_state=None),
-        lambda m, a: m.decode(
-            np.zeros((2, m.config.n_latent)),
-            covariates={"donor": a.obs["donor"].iloc[0], "percent_mito": 0.05},
-            library_size=-1.0,
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, patience=0), "patience must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=None), "random_state must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=-1), "random_state must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device=3), "device must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device="gpu"), "device must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=0), "max_epochs must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(batch_size=0), "batch_size must be"),
+        (lambda m, a: m.get_latent(a, batch_size=0), "batch_size must be"),
+        (lambda m, a: m.get_latent(a, batch_size=-5), "batch_size must be"),
+        (lambda m, a: m.get_latent(a, random_state=None), "random_state must be"),
+        (lambda m, a: m.get_normalized_expression(a, batch_size=0), "batch_size must be"),
+        (lambda m, a: m.get_normalized_expression(a, library_size=-1.0), "library_size must be"),
+        (lambda m, a: m.get_normalized_expression(a, library_size=float("nan")), "library_size must be"),
+        (lambda m, a: m.get_normalized_expression(a, transform_batch="no such batch"), "transform_batch .* not among"),
+        (lambda m, a: m.get_likelihood_parameters(a, batch_size=0), "batch_size must be"),
+        (lambda m, a: m.sample_counts(a, n_samples=0), "n_samples must be"),
+        (lambda m, a: m.sample_counts(a, random_state=None), "random_state must be"),
+        (lambda m, a: m.sample_counts(a, batch_size=0), "batch_size must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=1.5), "validation_size must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=0.0), "lr must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay="1e-6"), "weight_decay must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=float("nan")), "weight_decay must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, weight_decay=-1.0), "weight_decay must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, early_stopping="no"), "early_stopping must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, progress=None), "progress must be"),
+        (lambda m, a: m.map_query(a, progress="quiet"), "progress must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=__file__), "is a file, not a folder"),
+        (lambda m, a: CellVAE(a, categorical_covariate_keys="batch"), "categorical_covariate_keys takes a list"),
+        (lambda m, a: m.map_query(a, batch_size=0), "batch_size must be"),
+        (lambda m, a: m.map_query(a, validation_size=1.5), "validation_size must be"),
+        (lambda m, a: m.map_query(a, lr=0.0), "lr must be"),
+        (lambda m, a: m.map_query(a, patience=0), "patience must be"),
+        (lambda m, a: m.map_query(a, random_state=None), "random_state must be"),
+        (lambda m, a: m.rate_distortion(a, n_samples=0), "n_samples must be"),
+        (lambda m, a: m.rate_distortion(a, random_state=None), "random_state must be"),
+        (lambda m, a: m.marginal_log_likelihood(a, random_state=None), "random_state must be"),
+        (lambda m, a: m.inference_gaps(a[:5], n_steps=1, lr=-1.0), "lr must be"),
+        (lambda m, a: m.inference_gaps(a[:5], n_steps=1, random_state=None), "random_state must be"),
+        (
+            lambda m, a: m.decode(
+                np.zeros((2, m.config.n_latent)),
+                covariates={"donor": a.obs["donor"].iloc[0], "percent_mito": 0.05},
+                library_size=-1.0,
+            ),
+            "library_size must be",
         ),
-        lambda m, a: m.decode(
-            np.zeros((2, m.config.n_latent)),
-            covariates={"donor": a.obs["donor"].iloc[0], "percent_mito": 0.05},
-            library_size=[1e4, float("nan")],
+        (
+            lambda m, a: m.decode(
+                np.zeros((2, m.config.n_latent)),
+                covariates={"donor": a.obs["donor"].iloc[0], "percent_mito": 0.05},
+                library_size=[1e4, float("nan")],
+            ),
+            "library_size must be",
         ),
-        lambda m, a: m.generate(5, library_size=-5.0),
-        lambda m, a: m.generate(5, random_state=None),
-        lambda m, a: m.generate(5, batch_size=0),
-        lambda m, a: m.decode(np.zeros((2, m.config.n_latent)), batch_size=0),
-        lambda m, a: m.marginal_log_likelihood(a, batch_size=0),
-        lambda m, a: m.active_units(a, threshold=-1.0),
-        lambda m, a: m.active_units(a, threshold=float("nan")),
-        lambda m, a: m.get_latent(a, random_state=-1),
-        lambda m, a: m.get_latent(a, random_state=2**70),
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": float("inf")}),
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": 1e40}),  # finite, but overflows float32 in the loss
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": True}),
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "free_bits": 1e300}),
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "batch_mmd": 1e300}),
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "kl_warmup": True}),
-        lambda m, a: CellVAE(a, **{**MODEL_ARGS, "likelihood": "poisson", "dispersion": "gene-batch"}),  # would be ignored
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=float("inf")),
-        lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=True),
-        lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=1.0, layer="counts"),
-        lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", random_state=-1),
-        lambda m, a: cellvae.tl.embed(a.copy(), layer="counts", fit_kwargs={"max_epochs": 1}),
-        lambda m, a: cellvae.tl.latent_shift(m, a, groupby="batch", source="b0", target="b0", apply_to=[0]),
+        (lambda m, a: m.generate(5, library_size=-5.0), "library_size must be"),
+        (lambda m, a: m.generate(5, random_state=None), "random_state must be"),
+        (lambda m, a: m.generate(5, batch_size=0), "batch_size must be"),
+        (lambda m, a: m.decode(np.zeros((2, m.config.n_latent)), batch_size=0), "batch_size must be"),
+        (lambda m, a: m.marginal_log_likelihood(a, batch_size=0), "batch_size must be"),
+        (lambda m, a: m.active_units(a, threshold=-1.0), "threshold must be"),
+        (lambda m, a: m.active_units(a, threshold=float("nan")), "threshold must be"),
+        (lambda m, a: m.get_latent(a, random_state=-1), "random_state must be"),
+        (lambda m, a: m.get_latent(a, random_state=2**70), "random_state must be"),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": float("inf")}), "beta must be"),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": 1e40}), "beta must be"),  # finite, but overflows float32 in the loss
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": True}), "beta must be"),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "free_bits": 1e300}), "free_bits must be"),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "batch_mmd": 1e300}), "batch_mmd must be"),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "kl_warmup": True}), "kl_warmup must be"),
+        (
+            lambda m, a: CellVAE(a, **{**MODEL_ARGS, "likelihood": "poisson", "dispersion": "gene-batch"}),
+            "dispersion='gene-batch' would be ignored",
+        ),  # would be ignored
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=float("inf")), "lr must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, lr=True), "lr must be"),
+        (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=1.0, layer="counts"), "betas takes a sequence"),
+        (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", random_state=-1), "random_state must be"),
+        (
+            lambda m, a: cellvae.tl.embed(a.copy(), layer="counts", fit_kwargs={"max_epochs": 1}),
+            "pass \\['max_epochs'\\] as the function's own arguments",
+        ),
+        (
+            lambda m, a: cellvae.tl.latent_shift(m, a, groupby="batch", source="b0", target="b0", apply_to=[0]),
+            "source and target are the same group",
+        ),
     ],
 )
-def test_bad_arguments_give_a_documented_error(call, trained, messy):
-    with pytest.raises((ValueError, TypeError)) as caught:
+def test_bad_arguments_give_a_documented_error(call, message, trained, messy):
+    with pytest.raises((ValueError, TypeError), match=message):  # the message names what is wrong
         call(trained, messy)
-    assert caught.type in (ValueError, TypeError) and str(caught.value)
 
 
 def test_training_settings_that_undo_training_are_told():

@@ -154,9 +154,14 @@ def test_model_trained_from_a_zarr_store_embeds_cell_types_and_leaves_the_anndat
 
 def test_tl_embed_writes_only_obsm_on_a_lazy_anndata(stores):
     adata = cellvae.read_zarr_lazy(stores["csr"])
+    counts, obs, var, layers = adata.X, adata.obs.copy(), adata.var.copy(), set(adata.layers)
     cellvae.tl.embed(adata, batch_key="batch", max_epochs=3, progress=False, random_state=0)
     assert adata.obsm["X_cellvae"].shape == (adata.n_obs, 10)
-    assert not isinstance(adata.X, sp.spmatrix)
+    assert set(adata.obsm) == {"X_cellvae"} and set(adata.uns) == {"cellvae"}  # its two documented keys
+    assert adata.X is counts and not isinstance(adata.X, sp.spmatrix)  # the counts stay on disk, not read in
+    pd.testing.assert_frame_equal(adata.obs, obs)
+    pd.testing.assert_frame_equal(adata.var, var)
+    assert set(adata.layers) == layers
 
 
 def test_cli_fit_reads_a_zarr_store(stores, tmp_path):
