@@ -164,6 +164,20 @@ def test_fit_precision_option_reaches_the_model(tmp_path):
     assert stopped.value.code == 2  # argparse's usage error, before any work
 
 
+def test_fit_model_options_reach_the_model(tmp_path):
+    """--likelihood and --n-latent build the model CellVAE(likelihood=..., n_latent=...) builds."""
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data.write_h5ad(tmp_path / "in.h5ad")
+    out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
+    options = "--batch-key batch --likelihood zinb --n-latent 4 --epochs 2 --seed 1 --quiet".split()
+    assert main(["fit", str(tmp_path / "in.h5ad"), "--out", str(out), "--model-dir", str(model_dir), *options]) == 0
+    saved = cellvae.CellVAE.load(model_dir)
+    assert (saved.config.likelihood, saved.config.n_latent) == ("zinb", 4)
+    expected = cellvae.CellVAE(data, batch_key="batch", likelihood="zinb", n_latent=4)
+    expected.fit(max_epochs=2, random_state=1, progress=False)
+    np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
+
+
 def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     """Errors in the data or the options end in one 'error: ...' line (no traceback), before training starts."""
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)

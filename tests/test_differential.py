@@ -185,6 +185,33 @@ def test_every_group_against_the_rest_with_observed_columns_and_seeds(simulated,
     assert simulated.obs.equals(before.obs) and (simulated.X != before.X).nnz == 0 and simulated.uns.keys() == before.uns.keys()
 
 
+def test_delta_fdr_target_pseudocount_and_max_cells_change_the_result_as_documented(simulated, model):
+    def run(**settings):
+        result = model.differential_expression(groupby="cell_type", group1="type0", n_draws=300, **settings)
+        return result.loc[simulated.var_names]
+
+    base = run()
+    # delta: the same draws, a higher bar: P(|lfc| > delta) falls gene by gene, fewer genes are called
+    wide = run(delta=1.0)
+    assert (wide["proba_de"] <= base["proba_de"] + 1e-9).all() and (wide["proba_de"] < base["proba_de"]).any()
+    assert 0 < wide["is_de"].sum() < base["is_de"].sum()
+    # fdr_target: a looser target extends the called list (it is the top of the same ranking)
+    loose = run(fdr_target=0.25)
+    np.testing.assert_array_equal(loose["proba_de"], base["proba_de"])
+    assert set(base.index[base["is_de"]]) < set(loose.index[loose["is_de"]])
+    # pseudocount (added to proportions summing to 1): a large one pulls every fold change towards 0
+    flat = run(pseudocount=1e-2)
+    assert np.abs(flat["lfc_mean"]).mean() < 0.5 * np.abs(base["lfc_mean"]).mean()
+    assert np.abs(flat["lfc_mean"]).max() < np.abs(base["lfc_mean"]).max()
+    # max_cells: groups of ~400 and ~1,600 cells drawn down to 100 each; the observed columns still use every cell
+    sampled = run(max_cells=100)
+    observed = ["fraction_nonzero1", "fraction_nonzero2", "raw_normalized_mean1", "raw_normalized_mean2"]
+    pd.testing.assert_frame_equal(sampled[observed], base[observed])
+    assert not np.allclose(sampled["lfc_mean"], base["lfc_mean"])
+    assert np.corrcoef(sampled["lfc_mean"], base["lfc_mean"])[0, 1] > 0.85  # 0.955 here: the same genes differ
+    pd.testing.assert_frame_equal(sampled, run(max_cells=100))  # the subset is drawn from random_state
+
+
 def test_cells_without_a_label_take_no_part(simulated, model):
     partly = simulated.copy()
     labels = partly.obs["cell_type"].astype(object)
