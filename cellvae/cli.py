@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote before stopping)
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
         # bad input found by cellvae, anndata, h5py or the file system, training that failed (non-finite
         # losses, out of memory): its message, not a traceback
@@ -183,20 +186,35 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {len(model.history)} epochs; saved the model in {args.model_dir}")
-    if model.history.attrs.get("interrupted"):  # Ctrl-C: keep what was trained, but do not report success
+    interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
+    graph_stopped, graph_error = False, None
+    if not interrupted:
+        try:
+            _neighbours_umap_leiden(adata, args.key_added, args.seed)
+        except KeyboardInterrupt:
+            graph_stopped = True
+        except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
+            graph_error = error
+    try:
         _write(adata, args.out)
+    except (OSError, KeyboardInterrupt) as error:
+        earlier = " (the file there is from an earlier run)" if Path(args.out).exists() else ""
+        told = f"could not write {args.out}{earlier}; the model is saved in {args.model_dir}"
+        if isinstance(error, KeyboardInterrupt):
+            print(f"interrupted: {told}", file=sys.stderr)
+            return 130
+        raise SystemExit(f"error: {told} ({type(error).__name__}: {error})") from error
+    if interrupted:
         resume = " (continue with --resume --overwrite)" if args.checkpoint_dir else ""
         print(f"interrupted: wrote {args.out} with obsm[{args.key_added!r}] of the best epoch so far{resume}", file=sys.stderr)
         return 130
-    try:
-        _neighbours_umap_leiden(adata, args.key_added, args.seed)
-    except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
-        _write(adata, args.out)
-        raise SystemExit(
-            f"error: neighbours/UMAP/Leiden failed ({type(error).__name__}: {error}); wrote {args.out} with "
-            f"obsm[{args.key_added!r}] only (the model is saved): run them with scanpy"
-        ) from error
-    _write(adata, args.out)
+    only = f"wrote {args.out} with obsm[{args.key_added!r}] only (the model is saved): run them with scanpy"
+    if graph_stopped:
+        print(f"interrupted: neighbours/UMAP/Leiden stopped; {only}", file=sys.stderr)
+        return 130
+    if graph_error is not None:
+        failed = f"{type(graph_error).__name__}: {graph_error}"
+        raise SystemExit(f"error: neighbours/UMAP/Leiden failed ({failed}); {only}") from graph_error
     print(f"wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden)")
     return 0
 

@@ -394,15 +394,19 @@ class CellVAE:
         start_loss = self._mean_loss(loader, probe, batch_size, random_state)
         try:
             with _reference_frozen(self.module) if query else nullcontext():
-                self.history = train(
+                history = train(
                     self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
                 )
-        except Exception as error:
+        except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
             self.module.to("cpu")
             self.device = torch.device("cpu")
             if before is not None:
                 self.module.load_state_dict(before)
             self.module.eval()
+            if isinstance(error, Exception) and self.adata.isbacked and not self.adata.file.is_open:
+                raise ValueError(
+                    f"the backed file {self.adata.filename} was closed while fit was reading it; keep it open until fit returns"
+                ) from error
             if not isinstance(error, torch.OutOfMemoryError):
                 raise
             if torch.cuda.is_available():
@@ -412,22 +416,23 @@ class CellVAE:
                 f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
                 "or device='cpu'"
             ) from error
-        end_loss = self._mean_loss(loader, probe, batch_size, random_state)
-        if not end_loss <= 1.05 * start_loss:  # NaN too
-            data.warn_user(
-                f"training made the model worse: its loss on {len(probe):,} "
-                f"{'held-out' if len(validation_cells) else 'training'} cells is {end_loss:.4g} nats per cell, against "
-                f"{start_loss:.4g} when fit began, so training diverged, most likely from too large a learning rate: "
-                f"train again with a smaller one, e.g. fit(lr={lr / 10:g})",
-                RuntimeWarning,
-            )
-        else:  # (a diverged model's latent space says nothing about collapse)
-            self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state)
-        self.module.to("cpu")
-        self.device = torch.device("cpu")
-        self.is_trained = True
-        self.train_settings = settings
+        self.history, self.train_settings, self.is_trained = history, settings, True
         self._trained_data_parallel = rank_and_world()[1] > 1
+        try:  # checks that only warn: the model is trained whether or not they finish
+            end_loss = self._mean_loss(loader, probe, batch_size, random_state)
+            if not end_loss <= 1.05 * start_loss:  # NaN too
+                data.warn_user(
+                    f"training made the model worse: its loss on {len(probe):,} "
+                    f"{'held-out' if len(validation_cells) else 'training'} cells is {end_loss:.4g} nats per cell, "
+                    f"against {start_loss:.4g} when fit began, so training diverged, most likely from too large a "
+                    f"learning rate: train again with a smaller one, e.g. fit(lr={lr / 10:g})",
+                    RuntimeWarning,
+                )
+            else:  # (a diverged model's latent space says nothing about collapse)
+                self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state)
+        finally:
+            self.module.to("cpu")
+            self.device = torch.device("cpu")
         return self
 
     # ------------------------------------------------------------------ outputs
@@ -891,7 +896,8 @@ class CellVAE:
         try:
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            metadata = {"format": "cellvae", "trained": str(self.is_trained).lower()}
+            interrupted = bool(self.history.attrs.get("interrupted", False))
+            metadata = {"format": "cellvae", "trained": str(self.is_trained).lower(), "interrupted": str(interrupted).lower()}
             (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
@@ -905,7 +911,7 @@ class CellVAE:
                 previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
                 os.replace(path, previous / path.name)
             os.replace(staging, path)
-        except OSError:
+        except BaseException:  # Ctrl-C between the two renames too: the old model goes back in place
             if previous is not None and (previous / path.name).exists() and not path.exists():
                 os.replace(previous / path.name, path)  # put the old model back
             for folder in (staging, previous):
@@ -943,7 +949,8 @@ class CellVAE:
         try:
             with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:  # tensors and metadata in one read
                 state = {name: handle.get_tensor(name) for name in handle.keys()}
-                trained = (handle.metadata() or {}).get("trained", "true") != "false"  # older files: trained
+                metadata = handle.metadata() or {}
+                trained = metadata.get("trained", "true") != "false"  # older files: trained
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
         if config.n_layers > len(state):  # each layer holds tensors: bounds the modules built below
@@ -972,6 +979,13 @@ class CellVAE:
             except (UnicodeDecodeError, ValueError, TypeError) as error:
                 raise ValueError(f"{history_file} is not a readable training history ({error})") from error
         model.is_trained = trained
+        if metadata.get("interrupted") == "true":
+            model.history.attrs["interrupted"] = True
+            data.warn_user(
+                f"the model in {path} was saved after Ctrl-C stopped its training at epoch {len(model.history)}; "
+                "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
+                UserWarning,
+            )
         if adata is not None:
             model.adata = adata
             model._loader(adata, model.device)

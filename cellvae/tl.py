@@ -92,6 +92,8 @@ def embed(
         "random_state": random_state,
         "epochs_trained": int(len(model.history)),
     }
+    if model.history.attrs.get("interrupted"):  # Ctrl-C ended training early
+        params["interrupted"] = True
     for key, value in {**model_kwargs, **(fit_kwargs or {})}.items():  # what .h5ad can store: numbers, text, lists of text
         value = value.item() if isinstance(value, np.generic) else value
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):

@@ -165,7 +165,8 @@ def train(
     """Fit ``vae`` in place and return the per-epoch history.
 
     Non-finite losses or gradients roll the parameters back to the last good epoch and halve
-    the learning rate; Ctrl-C stops early and keeps the best parameters so far. With
+    the learning rate; Ctrl-C stops early and keeps the best parameters so far (Ctrl-C before the first
+    epoch ends is raised: there is nothing to keep). With
     ``checkpoint_dir`` the full training state is written atomically every ``checkpoint_every``
     epochs; ``resume`` continues from it and ends with the same parameters as an uninterrupted run.
     ``history.attrs["interrupted"]`` says whether Ctrl-C ended the run. In a process group every rank
@@ -321,6 +322,8 @@ def train(
                 bar.total = bar.n  # stopped early: the bar ends full
                 break
     except KeyboardInterrupt:
+        if not rows:  # no epoch finished: nothing of this run to keep (the caller puts the model back)
+            raise
         kept = f"the best parameters so far (epoch {best['epoch']})" if best["epoch"] >= 0 else "the partly trained parameters"
         warn_user(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning)
         interrupted = True

@@ -13,6 +13,9 @@ import scanpy as sc
 import zarr
 
 import cellvae
+import cellvae.model  # before any test patches cellvae.train: model.py binds its names on import
+import cellvae.train
+from cellvae import cli
 from cellvae.cli import main
 
 
@@ -296,9 +299,52 @@ def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_su
     args = fit_args(tmp_path, n_cells=300, n_genes=50)
     with pytest.warns(RuntimeWarning, match="training interrupted"):
         assert main([*args, "--epochs", "5", "--quiet"]) == 130
-    assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
+    with pytest.warns(UserWarning, match="saved after Ctrl-C stopped its training at epoch 1"):
+        assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.uns["cellvae"]["params"]["interrupted"]
+    assert written.obsm["X_cellvae"].shape == (300, 10) and "X_umap" not in written.obsm
+
+
+def test_ctrl_c_in_the_first_epoch_leaves_an_earlier_model_and_output_in_place(tmp_path, monkeypatch, capsys):
+    args = fit_args(tmp_path, n_cells=300, n_genes=50)
+    assert main([*args, "--epochs", "2", "--quiet"]) == 0
+    before = {path: path.read_bytes() for path in [tmp_path / "out.h5ad", *(tmp_path / "model").iterdir()]}
+
+    def ctrl_c(*args, **kwargs):  # the first epoch's validation: no epoch finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cellvae.train, "evaluate", ctrl_c)
+    assert main([*args, "--epochs", "2", "--seed", "1", "--overwrite", "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "model", "out.h5ad"]
+
+
+def test_ctrl_c_or_a_full_disk_after_training_keeps_the_model_and_says_what_was_written(tmp_path, monkeypatch, capsys):
+    args = [*fit_args(tmp_path, n_cells=300, n_genes=50), "--epochs", "2", "--quiet"]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_neighbours_umap_leiden", ctrl_c)
+    assert main(args) == 130
+    assert "interrupted: neighbours/UMAP/Leiden stopped" in capsys.readouterr().err
     written = ad.read_h5ad(tmp_path / "out.h5ad")
     assert written.obsm["X_cellvae"].shape == (300, 10) and "X_umap" not in written.obsm
+    monkeypatch.undo()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    weights, output = (tmp_path / "model" / "model.safetensors").read_bytes(), (tmp_path / "out.h5ad").read_bytes()
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", disk_full)
+    told = r"could not write .*out.h5ad \(the file there is from an earlier run\); the model is saved"
+    with pytest.raises(SystemExit, match=told):
+        main([*args, "--overwrite", "--seed", "1"])
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() != weights  # the new model is saved
+    assert (tmp_path / "out.h5ad").read_bytes() == output  # the earlier run's output, as the message says
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "model", "out.h5ad"]
 
 
 def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):

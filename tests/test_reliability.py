@@ -600,6 +600,80 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results"]
 
 
+def ctrl_c_at_call(target, name: str, call: int, monkeypatch) -> None:
+    """Ctrl-C (KeyboardInterrupt) arriving during the ``call``-th call of ``target.name``; the others run as usual."""
+    original, calls = getattr(target, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, interrupted)
+
+
+def test_ctrl_c_before_the_first_epoch_ends_leaves_the_model_as_it_was(messy, monkeypatch):
+    model = CellVAE(messy.copy(), **MODEL_ARGS)
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(cellvae.train, "evaluate", 1, patch)  # the first epoch's validation
+        with pytest.raises(KeyboardInterrupt):
+            quiet_fit(model)
+    assert not model.is_trained and model.history.empty and model.train_settings is None
+    trained = quiet_fit(model)  # trains as a new model would
+    weights = {k: v.clone() for k, v in trained.module.state_dict().items()}
+    history, settings = trained.history.copy(), trained.train_settings
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(cellvae.train, "evaluate", 1, patch)
+        with pytest.raises(KeyboardInterrupt):
+            quiet_fit(trained, lr=5e-3)
+    assert trained.is_trained and trained.train_settings == settings
+    pd.testing.assert_frame_equal(trained.history, history)
+    for name, value in trained.module.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+
+
+def test_ctrl_c_after_training_keeps_the_trained_model(messy, monkeypatch):
+    """Ctrl-C during fit's checks after training (they only warn): the model is trained, with this run's settings."""
+    model = quiet_fit(CellVAE(messy.copy(), **MODEL_ARGS))
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(CellVAE, "_mean_loss", 2, patch)  # the divergence probe after training
+        with pytest.raises(KeyboardInterrupt):
+            quiet_fit(model, lr=5e-3)
+    assert model.is_trained and model.train_settings.lr == 5e-3 and model.device.type == "cpu"
+    assert len(model.history) == QUICK["max_epochs"]
+
+
+def test_a_model_saved_after_ctrl_c_is_marked_and_load_says_so(messy, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(cellvae.train, "evaluate", 2, patch)  # in the second epoch
+        with pytest.warns(RuntimeWarning, match="training interrupted"):
+            model = CellVAE(messy.copy(), **MODEL_ARGS).fit(max_epochs=5, progress=False)
+    assert len(model.history) == 1 and model.history.attrs["interrupted"]
+    model.save(tmp_path / "model")
+    with pytest.warns(UserWarning, match="saved after Ctrl-C stopped its training at epoch 1"):
+        loaded = CellVAE.load(tmp_path / "model")
+    assert loaded.is_trained and loaded.history.attrs["interrupted"]
+    quiet_fit(model).save(tmp_path / "finished")  # trained further, to the end of its epochs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model whose training ran to its end loads without a word
+        assert not CellVAE.load(tmp_path / "finished").history.attrs.get("interrupted")
+
+
+def test_ctrl_c_between_the_renames_of_save_puts_the_old_model_back(trained, tmp_path, monkeypatch):
+    trained.save(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    changed = CellVAE.load(tmp_path / "model")
+    with torch.no_grad():
+        next(changed.module.parameters()).add_(1.0)
+    with monkeypatch.context() as patch:
+        ctrl_c_at_call(os, "replace", 2, patch)  # the old model moved aside, the new one not yet in place
+        with pytest.raises(KeyboardInterrupt):
+            changed.save(tmp_path / "model", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    assert os.listdir(tmp_path) == ["model"]  # no staging or set-aside folder left
+
+
 SAVE_LOOP = textwrap.dedent(
     """
     import sys, torch
