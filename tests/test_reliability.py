@@ -660,6 +660,20 @@ def test_a_model_saved_after_ctrl_c_is_marked_and_load_says_so(messy, tmp_path, 
         assert not CellVAE.load(tmp_path / "finished").history.attrs.get("interrupted")
 
 
+def test_a_backed_file_closed_during_fit_is_named_in_the_error(tmp_path, monkeypatch):
+    cellvae.datasets.simulate(n_cells=300, n_genes=30, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    evaluate = cellvae.train.evaluate
+
+    def closing_then_evaluating(*args, **kwargs):  # as if the user closed it from another thread
+        backed.file.close()
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(cellvae.train, "evaluate", closing_then_evaluating)
+    with pytest.raises(ValueError, match="cells.h5ad was closed while fit was reading it; keep it open"):
+        quiet_fit(CellVAE(backed, **TINY))
+
+
 def test_ctrl_c_between_the_renames_of_save_puts_the_old_model_back(trained, tmp_path, monkeypatch):
     trained.save(tmp_path / "model")
     before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
