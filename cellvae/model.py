@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -898,6 +899,7 @@ class CellVAE:
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             interrupted = bool(self.history.attrs.get("interrupted", False))
             metadata = {"format": "cellvae", "trained": str(self.is_trained).lower(), "interrupted": str(interrupted).lower()}
+            metadata["sha256"] = _weights_digest(state)  # load checks it: a damaged file is refused, not used
             (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
@@ -953,6 +955,8 @@ class CellVAE:
                 trained = metadata.get("trained", "true") != "false"  # older files: trained
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
+        if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
+            raise ValueError(f"{path / WEIGHTS_FILE} is corrupt: its tensors do not match the checksum save wrote")
         if config.n_layers > len(state):  # each layer holds tensors: bounds the modules built below
             raise ValueError(
                 f"{path / WEIGHTS_FILE} does not match its config.json: n_layers={config.n_layers} but the file holds "
@@ -1573,6 +1577,16 @@ def _per_row(value, n: int, name: str) -> np.ndarray:
     if values.shape != (n,):
         raise ValueError(f"{name} must be one value or one per row ({n}), got shape {values.shape}")
     return values
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _history_json(history: pd.DataFrame) -> str:

@@ -490,6 +490,15 @@ def test_truncated_weights_are_refused(saved, keep):
         CellVAE.load(saved)
 
 
+def test_weights_damaged_in_place_are_refused(saved):
+    """A file of the right length whose last bytes were zeroed (a disk or copy fault) parses, but fails the checksum."""
+    blob = bytearray((saved / "model.safetensors").read_bytes())
+    blob[-64:] = bytes(64)
+    (saved / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupt: its tensors do not match the checksum"):
+        CellVAE.load(saved)
+
+
 def test_truncated_config_is_refused(saved):
     text = (saved / "config.json").read_text()
     (saved / "config.json").write_text(text[: len(text) // 2])
