@@ -249,6 +249,9 @@ class CellVAE:
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
         keeps the parameters of its best epoch (lowest validation loss after the KL warm-up). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
+        Ctrl-C stops training and keeps the best epoch so far, with a warning and
+        ``history.attrs["interrupted"]``; Ctrl-C before the first epoch ends raises ``KeyboardInterrupt``
+        and leaves the model as it was.
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
@@ -940,7 +943,8 @@ class CellVAE:
 
         Returns
         -------
-        The model, on the CPU, trained if it was when saved.
+        The model, on the CPU, trained if it was when saved (with a warning where Ctrl-C had stopped its
+        training). Weights that fail the checksum written by :meth:`save` are refused.
         """
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
