@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
     try:
         return args.run(args)
-    except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote before stopping)
+    except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
@@ -189,12 +189,15 @@ def run_fit(args: argparse.Namespace) -> int:
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
     if not interrupted:
+        keys = _annotation_keys(adata)
         try:
             _neighbours_umap_leiden(adata, args.key_added, args.seed)
         except KeyboardInterrupt:
             graph_stopped = True
         except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
             graph_error = error
+        if graph_stopped or graph_error is not None:  # no part-made graph, clusters or UMAP in the output
+            _drop_keys_added(adata, keys)
     try:
         _write(adata, args.out)
     except (OSError, KeyboardInterrupt) as error:
@@ -342,6 +345,22 @@ def _read(path: str, backed: bool = False, layer: str | None = None):
     if not isinstance(adata, ad.AnnData):
         raise SystemExit(f"error: could not read {path} as an AnnData (it holds a {type(adata).__name__})")
     return adata
+
+
+def _annotation_keys(adata) -> dict[str, set]:
+    """The keys of ``obs``, ``obsm``, ``obsp`` and ``uns``, to drop what a step added if it fails."""
+    return {name: set(getattr(adata, name).keys()) for name in ("obs", "obsm", "obsp", "uns")}
+
+
+def _drop_keys_added(adata, before: dict[str, set]) -> None:
+    for name, keys in before.items():
+        annotation = getattr(adata, name)
+        added = [key for key in annotation.keys() if key not in keys]
+        if name == "obs":
+            adata.obs = adata.obs.drop(columns=added)
+        else:
+            for key in added:
+                del annotation[key]
 
 
 def _neighbours_umap_leiden(adata, key: str, seed: int) -> None:

@@ -391,12 +391,12 @@ class CellVAE:
                 self.module = VAE(self.config)
         # A trained model that fails to train further is given back as it was (not half-trained or non-finite).
         before = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.is_trained else None
-        self.device = loader.device
-        self.module.to(self.device)
         # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
         probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
-        start_loss = self._mean_loss(loader, probe, batch_size, random_state)
         try:
+            self.device = loader.device
+            self.module.to(self.device)
+            start_loss = self._mean_loss(loader, probe, batch_size, random_state)
             with _reference_frozen(self.module) if query else nullcontext():
                 history = train(
                     self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
@@ -434,6 +434,8 @@ class CellVAE:
                 )
             else:  # (a diverged model's latent space says nothing about collapse)
                 self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state)
+        except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
+            data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
             self.module.to("cpu")
             self.device = torch.device("cpu")

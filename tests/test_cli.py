@@ -15,7 +15,6 @@ import zarr
 import cellvae
 import cellvae.model  # before any test patches cellvae.train: model.py binds its names on import
 import cellvae.train
-from cellvae import cli
 from cellvae.cli import main
 
 
@@ -324,14 +323,15 @@ def test_ctrl_c_in_the_first_epoch_leaves_an_earlier_model_and_output_in_place(t
 def test_ctrl_c_or_a_full_disk_after_training_keeps_the_model_and_says_what_was_written(tmp_path, monkeypatch, capsys):
     args = [*fit_args(tmp_path, n_cells=300, n_genes=50), "--epochs", "2", "--quiet"]
 
-    def ctrl_c(*args, **kwargs):
+    def ctrl_c(*args, **kwargs):  # during UMAP, after the neighbour graph and Leiden were added
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_neighbours_umap_leiden", ctrl_c)
+    monkeypatch.setattr(sc.tl, "umap", ctrl_c)
     assert main(args) == 130
     assert "interrupted: neighbours/UMAP/Leiden stopped" in capsys.readouterr().err
     written = ad.read_h5ad(tmp_path / "out.h5ad")
-    assert written.obsm["X_cellvae"].shape == (300, 10) and "X_umap" not in written.obsm
+    assert written.obsm["X_cellvae"].shape == (300, 10) and list(written.obsm) == ["X_cellvae"]
+    assert not written.obsp and "leiden" not in written.obs and set(written.uns) == {"cellvae", "source"}  # no graph
     monkeypatch.undo()
 
     def disk_full(*args, **kwargs):
