@@ -902,9 +902,12 @@ class CellVAE:
         try:
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            interrupted = bool(self.history.attrs.get("interrupted", False))
-            metadata = {"format": "cellvae", "trained": str(self.is_trained).lower(), "interrupted": str(interrupted).lower()}
-            metadata["sha256"] = _weights_digest(state)  # load checks it: a damaged file is refused, not used
+            metadata = {
+                "format": "cellvae",
+                "trained": str(self.is_trained).lower(),
+                "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
+                "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
+            }
             (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
