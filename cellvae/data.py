@@ -41,8 +41,6 @@ ROWS_PER_READ = 10_000
 CHUNK_BYTES = 128 * 2**20
 # Contiguous rows read from a backed file as one block; blocks are shuffled, then rows within a buffer.
 BACKED_BLOCK_ROWS = 256
-# Minibatches the background reader prepares ahead of training.
-PREFETCH_BATCHES = 4
 # Cells per read buffer of a backed CSC matrix, where every buffer reads the whole file.
 BACKED_CSC_BUFFER_ROWS = 65_536
 # A dense store chunked by more rows than a block is read whole storage chunks at a time; a read
@@ -691,13 +689,13 @@ class Minibatch:
 
 
 class CellLoader:
-    """Minibatches of densified count rows, prepared in a background thread.
+    """Minibatches of densified count rows.
 
     In-memory matrices are gathered in a fully random order; backed (on-disk) matrices are
     read in contiguous blocks whose order is shuffled, then shuffled again inside a buffer of
     blocks, so a pass reads each row exactly once with large sequential reads and the memory
-    held is one buffer, whatever the size of the file; a background thread reads the next
-    minibatches while the model trains on the current one. A backed CSC matrix is read a band of
+    held is a buffer or two, whatever the size of the file; a background thread reads the next
+    buffer while the model trains on minibatches cut from the current one. A backed CSC matrix is read a band of
     columns at a time (a pass over the file per buffer of 65,536 cells; CSR streams faster). On a
     GPU, an in-memory matrix that fits is copied to the device once and minibatches are gathered there.
     """
@@ -750,7 +748,7 @@ class CellLoader:
         """Yield minibatches covering ``cells`` exactly once, in random order when ``shuffle``.
 
         The order is drawn from ``rng`` before the first minibatch, so it depends only on the
-        generator's state; backed files are read ``PREFETCH_BATCHES`` minibatches ahead in a thread.
+        generator's state; a backed file's next buffer is read in a thread while this one is used.
         ``with_sparse`` attaches the non-zero counts (``Minibatch.sparse``, CPU only) that the
         likelihood's fast path uses; encoding alone does not need them.
         """
@@ -776,11 +774,12 @@ class CellLoader:
                 block_rows = row_chunk
                 chunk_rows = max(chunk_rows, -(-n_chunks * row_chunk // batch_size) * batch_size)
         chunks = list(self._chunks(cells, chunk_rows, block_rows, shuffle, rng))
-        if not self.backed:
-            # In memory, a batch is ready in microseconds; a reader thread would only compete with
-            # torch's own threads for the cores (and slow every parallel kernel down).
-            return self._read_batches(chunks, batch_size, with_sparse)
-        return _prefetch(self._read_batches(chunks, batch_size, with_sparse), PREFETCH_BATCHES)
+        # Backed: a thread reads the next buffer while this one is cut into minibatches (the reads
+        # themselves run outside the GIL; minibatches are cut here, as numpy's many small operations in
+        # a thread would hold the GIL against the training loop). Buffers above CHUNK_BYTES (CSC, dense
+        # stores in large chunks) are read when needed, so that only one of them is held.
+        read_ahead = self.backed and chunk_rows * 4 * max(self.n_genes, 1) <= CHUNK_BYTES
+        return self._read_batches(chunks, batch_size, with_sparse, read_ahead)
 
     def evaluation_batch_size(self, batch_size: int) -> int:
         """``batch_size``, or fewer cells where genes are many: passes that only evaluate the model
@@ -788,33 +787,35 @@ class CellLoader:
         _check_batch_size(batch_size)
         return int(max(1, min(batch_size, EVALUATION_VALUES // max(self.n_genes, 1))))
 
-    def _read_batches(self, chunks: list[np.ndarray], batch_size: int, with_sparse: bool) -> Iterator[Minibatch]:
+    def _read_batches(
+        self, chunks: list[np.ndarray], batch_size: int, with_sparse: bool, read_ahead: bool
+    ) -> Iterator[Minibatch]:
         """Minibatches of exactly ``batch_size`` cells but the last: the cells left at the end of one chunk
         open the next one. So an epoch has ``ceil(cells / batch_size)`` steps however the chunks fall
-        (data-parallel ranks must all take the same number)."""
+        (data-parallel ranks must all take the same number). With ``read_ahead`` a thread reads the
+        next chunk while this one is cut."""
+        blocks = ((chunk, self._read_rows(chunk)) for chunk in chunks)
+        if read_ahead:
+            blocks = _prefetch(blocks, depth=1)
         left_block, left_cells = None, None
-        for chunk in chunks:
-            block = self._read_rows(chunk)
+        for chunk, block in blocks:
             start = 0
             if left_cells is not None:  # filled up from the head of this chunk (not joined to all of it: one buffer held)
                 start = min(batch_size - len(left_cells), len(chunk))
-                parts = [left_block, block[:start]]
-                joined = sp.vstack(parts, format="csr") if sp.issparse(block) else np.concatenate(parts)
+                parts = [left_block, block[:start].take()]
+                joined = sp.vstack(parts, format="csr") if sp.issparse(parts[1]) else np.concatenate(parts)
                 cells = np.concatenate([left_cells, chunk[:start]])
                 left_block, left_cells = None, None
                 if len(cells) < batch_size:  # this chunk was too short to fill it: carry on
                     left_block, left_cells = joined, cells
                     continue
                 yield self._minibatch(joined, cells, with_sparse)
-            if start == 0 and len(chunk) == batch_size:
-                yield self._minibatch(block, chunk, with_sparse)
-                continue
             whole = start + (len(chunk) - start) // batch_size * batch_size
             for first in range(start, whole, batch_size):
                 rows = slice(first, first + batch_size)
-                yield self._minibatch(block[rows], chunk[rows], with_sparse)
-            if whole < len(chunk):
-                left_block, left_cells = block[whole:], chunk[whole:]
+                yield self._minibatch(block[rows].take(), chunk[rows], with_sparse)
+            if whole < len(chunk):  # copied out now: the next chunk's buffer replaces this one
+                left_block, left_cells = block[whole:].take(), chunk[whole:]
         if left_cells is not None:
             yield self._minibatch(left_block, left_cells, with_sparse)
 
@@ -837,30 +838,21 @@ class CellLoader:
             chunk = np.concatenate([blocks[b] for b in block_order[s : s + blocks_per_chunk]])
             yield chunk[rng.permutation(len(chunk))]
 
-    def _read_rows(self, rows: np.ndarray):
-        """The given rows (in the given order) as CSR, or as a dense array if stored densely."""
-        if self.backed:
-            with _reading_from_disk(rows, "the counts"):
-                if _is_csc(self.matrix):  # read in the requested order, no sorting needed
-                    block = _read_csc_rows(self.matrix, rows)
-                else:  # h5py needs increasing indices: read sorted, then restore the requested order.
-                    order = np.argsort(rows, kind="stable")
-                    block = _read_sorted_rows(self.matrix, rows[order])
-                    inverse = np.empty_like(order)
-                    inverse[order] = np.arange(len(order))
-                    block = block[inverse]
-        elif sp.issparse(self.matrix):
-            block = _gather_csr_rows(self.matrix, rows)
-        else:
-            block = self.matrix[rows]
-        if self.gene_columns is not None:
-            block = select_genes(block, self.gene_columns)
-        if sp.issparse(block):
-            block = sp.csr_matrix(block)
-            if not block.has_canonical_format:
-                block.sum_duplicates()
-            return block
-        return np.asarray(block)
+    def _read_rows(self, rows: np.ndarray) -> _Rows:
+        """The given rows, in the given order, read from disk where backed; copied out a minibatch at a time."""
+        if not self.backed:
+            return _Rows(self.matrix, rows, self.gene_columns)
+        with _reading_from_disk(rows, "the counts"):
+            if _is_csc(self.matrix):  # read in the requested order, no sorting needed
+                return _Rows(_read_csc_rows(self.matrix, rows), np.arange(len(rows)), self.gene_columns)
+            if getattr(self.matrix, "format", None) == "csr" and hasattr(self.matrix, "group"):
+                return _Rows(*_read_csr_rows(self.matrix, rows), self.gene_columns)
+            # h5py needs increasing indices: read sorted; minibatches take the rows in the requested order
+            order = np.argsort(rows, kind="stable")
+            block = np.asarray(_read_sorted_rows(self.matrix, rows[order]))
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            return _Rows(block, inverse, self.gene_columns)
 
     def _minibatch(self, block, cells: np.ndarray, with_sparse: bool) -> Minibatch:
         to = self.device
@@ -923,7 +915,7 @@ class CellLoader:
         counts = torch.empty((n_cells, self.n_genes), dtype=dtype, device=self.device)
         chunk_rows = max(1, CHUNK_BYTES // (4 * max(self.n_genes, 1)))
         for start in range(0, n_cells, chunk_rows):
-            rows = self._read_rows(np.arange(start, min(start + chunk_rows, n_cells)))
+            rows = self._read_rows(np.arange(start, min(start + chunk_rows, n_cells))).take()
             dense = np.asarray(rows.toarray() if sp.issparse(rows) else rows, dtype=np.float32)
             if dtype == torch.int16 and not _fits_int16(rows.data if sp.issparse(rows) else dense):
                 del counts  # (rare: huge counts, or NaN in a test) start again in float32
@@ -969,6 +961,70 @@ def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
     np.cumsum(lengths, out=indptr[1:])
     take = np.repeat(starts.astype(np.int64) - indptr[:-1], lengths) + np.arange(indptr[-1])
     return sp.csr_matrix((matrix.data[take], matrix.indices[take], indptr), shape=(len(rows), matrix.shape[1]))
+
+
+def _read_csr_rows(matrix, rows: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A CSR block read from a backed CSR matrix (anndata's backed sparse dataset) and the position
+    in it of each of ``rows``: ``block[positions]`` are the rows asked for, in their order.
+
+    Runs of nearby rows are read straight from the store's ``indptr``, ``indices`` and ``data``
+    arrays (slicing through anndata costs milliseconds per slice), whole, without copying the rows
+    into the requested order (minibatches take theirs). Rows scattered too widely for runs are read
+    by anndata's fancy index.
+    """
+    unique = np.unique(rows)
+    if len(unique) == 0:
+        return sp.csr_matrix((0, matrix.shape[1]), dtype=matrix.dtype), np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(unique) > 16) + 1])
+    stops = np.append(starts[1:], len(unique))
+    first, last = unique[starts], unique[stops - 1] + 1  # each run reads the rows first..last-1
+    if (last - first).sum() > 2 * len(unique) or len(starts) > max(1, len(unique) // 32):
+        return sp.csr_matrix(matrix[unique]), np.searchsorted(unique, rows)
+    group = matrix.group
+    data, indices, lengths = [], [], []
+    for lo, hi in zip(first.tolist(), last.tolist()):
+        indptr = np.asarray(group["indptr"][lo : hi + 1], dtype=np.int64)
+        data.append(np.asarray(group["data"][indptr[0] : indptr[-1]]))
+        indices.append(np.asarray(group["indices"][indptr[0] : indptr[-1]]))
+        lengths.append(np.diff(indptr))
+    run_lengths = np.concatenate(lengths)
+    stacked_indptr = np.zeros(len(run_lengths) + 1, dtype=np.int64)
+    np.cumsum(run_lengths, out=stacked_indptr[1:])
+    stacked = sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), stacked_indptr), shape=(len(run_lengths), matrix.shape[1])
+    )
+    run_offsets = np.concatenate([[0], np.cumsum(last - first)[:-1]])  # each run's first row in ``stacked``
+    run = np.searchsorted(first, rows, side="right") - 1
+    return stacked, run_offsets[run] + rows - first[run]
+
+
+class _Rows:
+    """Rows ``positions`` of an in-memory matrix ``source`` (the counts, or a block read from disk),
+    restricted to ``gene_columns``; sliced without copying, copied out by :meth:`take`."""
+
+    def __init__(self, source, positions: np.ndarray, gene_columns: np.ndarray | None):
+        self.source, self.positions, self.gene_columns = source, positions, gene_columns
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, part: slice) -> _Rows:
+        return _Rows(self.source, self.positions[part], self.gene_columns)
+
+    def take(self):
+        """The rows as a canonical CSR matrix, or as a dense array where the source is dense."""
+        if sp.issparse(self.source):
+            block = _gather_csr_rows(self.source, self.positions)
+        else:
+            block = np.asarray(self.source[self.positions])
+        if self.gene_columns is not None:
+            block = select_genes(block, self.gene_columns)
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            if not block.has_canonical_format:
+                block.sum_duplicates()
+            return block
+        return np.asarray(block)
 
 
 def _read_sorted_rows(matrix, rows: np.ndarray):

@@ -11,7 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import cellvae
 from cellvae.cli import main
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, _read_sorted_rows, library_sizes
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, _read_csr_rows, _read_sorted_rows, library_sizes
 
 FORMATS = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": lambda m: m.toarray()}
 
@@ -87,6 +87,10 @@ def test_blocks_of_nearby_rows_and_scattered_rows_read_from_a_store_match_memory
         block = _read_sorted_rows(matrix, rows)
         block = block.toarray() if sp.issparse(block) else np.asarray(block)
         np.testing.assert_array_equal(block, simulated.X[rows].toarray())
+        if kind.startswith("csr"):  # the training read: rows in any order (repeats too), taken from the block read
+            shuffled = np.append(rng.permutation(rows), rows[0])
+            block, positions = _read_csr_rows(matrix, shuffled)
+            np.testing.assert_array_equal(block[positions].toarray(), simulated.X[shuffled].toarray())
 
 
 class RecordingArray:
