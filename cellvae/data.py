@@ -816,6 +816,7 @@ class CellLoader:
                 yield self._minibatch(block[rows].take(), chunk[rows], with_sparse)
             if whole < len(chunk):  # copied out now: the next chunk's buffer replaces this one
                 left_block, left_cells = block[whole:].take(), chunk[whole:]
+            del block  # before the next buffer is read, where nothing reads ahead
         if left_cells is not None:
             yield self._minibatch(left_block, left_cells, with_sparse)
 
