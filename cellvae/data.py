@@ -976,11 +976,10 @@ def _read_csr_rows(matrix, rows: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]
     unique = np.unique(rows)
     if len(unique) == 0:
         return sp.csr_matrix((0, matrix.shape[1]), dtype=matrix.dtype), np.zeros(0, dtype=np.int64)
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(unique) > 16) + 1])
-    stops = np.append(starts[1:], len(unique))
-    first, last = unique[starts], unique[stops - 1] + 1  # each run reads the rows first..last-1
-    if (last - first).sum() > 2 * len(unique) or len(starts) > max(1, len(unique) // 32):
+    runs = _runs(unique)
+    if runs is None:
         return sp.csr_matrix(matrix[unique]), np.searchsorted(unique, rows)
+    first, last = unique[runs[0]], unique[runs[1] - 1] + 1  # each run reads the rows first..last-1
     group = matrix.group
     data, indices, lengths = [], [], []
     for lo, hi in zip(first.tolist(), last.tolist()):
@@ -1028,6 +1027,19 @@ class _Rows:
         return np.asarray(block)
 
 
+def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Increasing ``rows`` split into runs of nearby rows (gaps of up to 16 rows are read through): the
+    index in ``rows`` of each run's first row, and of the row after its last. None where the runs would
+    read over twice the rows, or be too many reads: one fancy index is faster then."""
+    if rows[-1] + 1 - rows[0] <= 2 * len(rows):  # nearly contiguous: one run
+        return np.array([0]), np.array([len(rows)])
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(rows) > 16) + 1])
+    stops = np.append(starts[1:], len(rows))
+    if (rows[stops - 1] + 1 - rows[starts]).sum() > 2 * len(rows) or len(starts) > len(rows) // 32:
+        return None
+    return starts, stops
+
+
 def _read_sorted_rows(matrix, rows: np.ndarray):
     """Increasing rows of a backed matrix, read as a few slices where that reads at most twice the rows.
 
@@ -1035,15 +1047,12 @@ def _read_sorted_rows(matrix, rows: np.ndarray):
     per stored value); the shuffled blocks of a training pass are runs of nearby rows, read one
     slice per run. Widely scattered rows are read by one fancy index. (CSC: :func:`_read_csc_rows`.)
     """
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    if hi - lo <= 2 * len(rows):  # nearly contiguous: one slice
-        return matrix[lo:hi][rows - lo]
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(rows) > 16) + 1])
-    stops = np.append(starts[1:], len(rows))
-    rows_read = int((rows[stops - 1] + 1 - rows[starts]).sum())
-    if rows_read > 2 * len(rows) or len(starts) > len(rows) // 32:
+    runs = _runs(rows)
+    if runs is None:
         return matrix[rows]
-    parts = [matrix[rows[a] : rows[b - 1] + 1][rows[a:b] - rows[a]] for a, b in zip(starts, stops)]
+    parts = [matrix[rows[a] : rows[b - 1] + 1][rows[a:b] - rows[a]] for a, b in zip(*runs)]
+    if len(parts) == 1:
+        return parts[0]
     return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
 
 
