@@ -725,6 +725,7 @@ class CellLoader:
         self.gene_columns = gene_columns
         self.device = torch.device(device)
         self._on_device = None
+        self._csr_indptr: np.ndarray | None = None  # a backed CSR matrix's row pointers, read once when needed
         if self.backed and 4 * self.n_genes * _row_chunk(matrix) > CHUNKED_BUFFER_BYTES:
             warn_user(
                 f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than a read "
@@ -847,7 +848,9 @@ class CellLoader:
             if _is_csc(self.matrix):  # read in the requested order, no sorting needed
                 return _Rows(_read_csc_rows(self.matrix, rows), np.arange(len(rows)), self.gene_columns)
             if getattr(self.matrix, "format", None) == "csr" and hasattr(self.matrix, "group"):
-                return _Rows(*_read_csr_rows(self.matrix, rows), self.gene_columns)
+                if self._csr_indptr is None:  # 8 bytes a cell, and a read fewer per run of rows
+                    self._csr_indptr = np.asarray(self.matrix.group["indptr"][:], dtype=np.int64)
+                return _Rows(*_read_csr_rows(self.matrix, rows, self._csr_indptr), self.gene_columns)
             # h5py needs increasing indices: read sorted; minibatches take the rows in the requested order
             order = np.argsort(rows, kind="stable")
             block = np.asarray(_read_sorted_rows(self.matrix, rows[order]))
@@ -964,12 +967,13 @@ def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((matrix.data[take], matrix.indices[take], indptr), shape=(len(rows), matrix.shape[1]))
 
 
-def _read_csr_rows(matrix, rows: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+def _read_csr_rows(matrix, rows: np.ndarray, indptr: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
     """A CSR block read from a backed CSR matrix (anndata's backed sparse dataset) and the position
     in it of each of ``rows``: ``block[positions]`` are the rows asked for, in their order.
 
-    Runs of nearby rows are read straight from the store's ``indptr``, ``indices`` and ``data``
-    arrays (slicing through anndata costs milliseconds per slice), whole, without copying the rows
+    Runs of nearby rows are read straight from the store's ``indices`` and ``data`` arrays, where
+    ``indptr`` (the matrix's row pointers, in memory) places them (slicing through anndata costs
+    milliseconds per slice), whole, without copying the rows
     into the requested order (minibatches take theirs). Rows scattered too widely for runs are read
     by anndata's fancy index.
     """
@@ -983,10 +987,9 @@ def _read_csr_rows(matrix, rows: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]
     group = matrix.group
     data, indices, lengths = [], [], []
     for lo, hi in zip(first.tolist(), last.tolist()):
-        indptr = np.asarray(group["indptr"][lo : hi + 1], dtype=np.int64)
-        data.append(np.asarray(group["data"][indptr[0] : indptr[-1]]))
-        indices.append(np.asarray(group["indices"][indptr[0] : indptr[-1]]))
-        lengths.append(np.diff(indptr))
+        data.append(np.asarray(group["data"][indptr[lo] : indptr[hi]]))
+        indices.append(np.asarray(group["indices"][indptr[lo] : indptr[hi]]))
+        lengths.append(np.diff(indptr[lo : hi + 1]))
     run_lengths = np.concatenate(lengths)
     stacked_indptr = np.zeros(len(run_lengths) + 1, dtype=np.int64)
     np.cumsum(run_lengths, out=stacked_indptr[1:])
