@@ -852,11 +852,8 @@ class CellLoader:
                     self._csr_indptr = np.asarray(self.matrix.group["indptr"][:], dtype=np.int64)
                 return _Rows(*_read_csr_rows(self.matrix, rows, self._csr_indptr), self.gene_columns)
             # h5py needs increasing indices: read sorted; minibatches take the rows in the requested order
-            order = np.argsort(rows, kind="stable")
-            block = np.asarray(_read_sorted_rows(self.matrix, rows[order]))
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-            return _Rows(block, inverse, self.gene_columns)
+            unique, positions = np.unique(rows, return_inverse=True)
+            return _Rows(np.asarray(_read_sorted_rows(self.matrix, unique)), positions, self.gene_columns)
 
     def _minibatch(self, block, cells: np.ndarray, with_sparse: bool) -> Minibatch:
         to = self.device
@@ -971,11 +968,10 @@ def _read_csr_rows(matrix, rows: np.ndarray, indptr: np.ndarray) -> tuple[sp.csr
     """A CSR block read from a backed CSR matrix (anndata's backed sparse dataset) and the position
     in it of each of ``rows``: ``block[positions]`` are the rows asked for, in their order.
 
-    Runs of nearby rows are read straight from the store's ``indices`` and ``data`` arrays, where
-    ``indptr`` (the matrix's row pointers, in memory) places them (slicing through anndata costs
-    milliseconds per slice), whole, without copying the rows
-    into the requested order (minibatches take theirs). Rows scattered too widely for runs are read
-    by anndata's fancy index.
+    Runs of nearby rows are read whole, straight from the store's ``indices`` and ``data`` arrays at
+    the places ``indptr`` (the matrix's row pointers, in memory) gives (slicing through anndata costs
+    milliseconds per slice), and not copied into the requested order: minibatches take their rows.
+    Rows scattered too widely for runs are read by anndata's fancy index.
     """
     unique = np.unique(rows)
     if len(unique) == 0:
