@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import anndata as ad
 import h5py
@@ -41,8 +42,8 @@ ROWS_PER_READ = 10_000
 CHUNK_BYTES = 128 * 2**20
 # Contiguous rows read from a backed file as one block; blocks are shuffled, then rows within a buffer.
 BACKED_BLOCK_ROWS = 256
-# Cells per read buffer of a backed CSC matrix, where every buffer reads the whole file.
-BACKED_CSC_BUFFER_ROWS = 65_536
+# Stored values per read buffer of a backed CSC matrix (256 MB as CSR), where every buffer reads the whole file.
+BACKED_CSC_BUFFER_VALUES = 2**25
 # A dense store chunked by more rows than a block is read whole storage chunks at a time; a read
 # buffer then holds this many chunks, so that minibatches mix parts of the file, within CHUNKED_BUFFER_BYTES.
 CHUNKS_PER_BUFFER = 4
@@ -329,10 +330,15 @@ def _row_chunk(matrix) -> int:
     return int(chunks[0])
 
 
+def _n_stored(matrix) -> int:
+    """The number of values a backed sparse matrix stores."""
+    return int(matrix.group["data"].shape[0])
+
+
 def _csc_bands(matrix) -> list[tuple[int, int]]:
     """Column ranges of a backed CSC matrix holding about ``VALUES_PER_CHECK`` stored values each."""
     n_genes = matrix.shape[1]
-    stored = int(matrix.group["data"].shape[0])
+    stored = _n_stored(matrix)
     width = max(1, n_genes * VALUES_PER_CHECK // max(stored, 1))
     return [(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
 
@@ -349,23 +355,74 @@ def _csc_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None,
     return totals
 
 
-def _read_csc_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """Rows of a backed CSC matrix, read a band of columns at a time: memory stays bounded, but
-    every call reads the whole file (anndata would load it into memory whole)."""
-    if len(np.unique(rows)) < len(rows):  # a repeated row (a padded data-parallel shard): read once, then repeat
-        unique, inverse = np.unique(rows, return_inverse=True)
-        return _read_csc_rows(matrix, unique)[inverse]
-    position = np.full(matrix.shape[0], -1, dtype=np.int64 if matrix.shape[0] >= 2**31 else np.int32)
-    position[rows] = np.arange(len(rows))
-    kept = []
+def _csc_layout(matrix) -> tuple[np.ndarray, bool]:
+    """A backed CSC matrix's column pointers, and whether the row indices in every column are in
+    increasing order (scipy keeps them so; checked with one pass over ``indices``)."""
+    group = matrix.group
+    indptr = np.asarray(group["indptr"][:], dtype=np.int64)
     for start, stop in _csc_bands(matrix):
-        band = sp.csc_matrix(matrix[:, start:stop])
-        row_in_block = position[band.indices]
-        keep = np.flatnonzero(row_in_block >= 0)  # positions in the band's stored values
-        columns = np.searchsorted(band.indptr, keep, side="right").astype(np.int32) + np.int32(start - 1)
-        kept.append((band.data[keep], row_in_block[keep], columns))
-    values, block_rows, columns = (np.concatenate(part) for part in zip(*kept))
-    return sp.csr_matrix((values, (block_rows, columns)), shape=(len(rows), matrix.shape[1]))
+        lo = indptr[start]
+        steps = np.diff(np.asarray(group["indices"][lo : indptr[stop]]))
+        column_starts = indptr[start + 1 : stop] - lo - 1  # the step into a column's first row may go down
+        steps[column_starts[(column_starts >= 0) & (column_starts < len(steps))]] = 0
+        if np.any(steps < 0):
+            return indptr, False
+    return indptr, True
+
+
+def _read_csc_rows(matrix, rows: np.ndarray, indptr: np.ndarray, sorted_rows: bool) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A CSR block of rows read from a backed CSC matrix, and the position in it of each of ``rows``
+    (``block[positions]`` are the rows asked for), like :func:`_read_csr_rows`.
+
+    Every call reads the whole file, a band of columns at a time, so memory stays bounded (anndata
+    would load the matrix whole). Where each column's row indices increase (``sorted_rows``, from
+    :func:`_csc_layout`), the stored values of the runs of consecutive rows asked for are found by
+    binary search in each column, so only those are gathered; otherwise every row index is looked up.
+    """
+    unique, positions = np.unique(rows, return_inverse=True)
+    n_rows, n_genes = matrix.shape
+    if len(unique) == 0:
+        return sp.csr_matrix((0, n_genes), dtype=matrix.dtype), positions
+    position = np.full(n_rows, -1, dtype=np.int64 if n_rows >= 2**31 else np.int32)
+    position[unique] = np.arange(len(unique))
+    run_starts = np.flatnonzero(np.diff(unique, prepend=-2) != 1)
+    run_stops = np.append(run_starts[1:], len(unique))
+    group = matrix.group
+    bands = _csc_bands(matrix)
+    largest = max(int(indptr[stop] - indptr[start]) for start, stop in bands)
+    indices_buffer = np.empty(largest, dtype=group["indices"].dtype)
+    data_buffer = np.empty(largest, dtype=group["data"].dtype)
+    # each run's first row and the row after its last, as searched for in every column
+    bounds = np.column_stack([unique[run_starts], unique[run_stops - 1] + 1]).ravel().astype(indices_buffer.dtype)
+    values, block_rows, column_lengths = [], [], []
+    for start, stop in bands:
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        indices = _read_range(group["indices"], lo, hi, indices_buffer)
+        column_ptr = indptr[start : stop + 1] - lo
+        if sorted_rows:
+            cuts = np.concatenate([np.searchsorted(indices[a:b], bounds) + a for a, b in pairwise(column_ptr.tolist())])
+            firsts, lengths = cuts[0::2], cuts[1::2] - cuts[0::2]
+            kept = np.repeat(firsts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+        else:
+            kept = np.flatnonzero(position[indices] >= 0)
+        values.append(_read_range(group["data"], lo, hi, data_buffer)[kept])
+        block_rows.append(position[indices[kept]])
+        column_lengths.append(np.diff(np.searchsorted(kept, column_ptr)))
+    del indices_buffer, data_buffer
+    column_ptr = np.concatenate([[0], np.cumsum(np.concatenate(column_lengths))])
+    values = np.concatenate(values)
+    block_rows = np.concatenate(block_rows)
+    return sp.csc_matrix((values, block_rows, column_ptr), shape=(len(unique), n_genes)).tocsr(), positions
+
+
+def _read_range(array, lo: int, hi: int, buffer: np.ndarray) -> np.ndarray:
+    """``array[lo:hi]`` of a store's 1-d array; an HDF5 dataset is read into ``buffer``, reused from band
+    to band (fresh memory for every read costs as much as the read)."""
+    if isinstance(array, h5py.Dataset) and hi > lo:
+        out = buffer[: hi - lo]
+        array.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
+        return out
+    return np.asarray(array[lo:hi])
 
 
 def _row_sums(matrix, columns: np.ndarray | None) -> np.ndarray:
@@ -696,7 +753,7 @@ class CellLoader:
     blocks, so a pass reads each row exactly once with large sequential reads and the memory
     held is a buffer or two, whatever the size of the file; a background thread reads the next
     buffer while the model trains on minibatches cut from the current one. A backed CSC matrix is read a band of
-    columns at a time (a pass over the file per buffer of 65,536 cells; CSR streams faster). On a
+    columns at a time (a pass over the file per buffer of 2**25 stored values; CSR streams faster). On a
     GPU, an in-memory matrix that fits is copied to the device once and minibatches are gathered there.
     """
 
@@ -712,10 +769,11 @@ class CellLoader:
         self.backed = is_backed_matrix(matrix)
         # Backed CSC cannot be re-written cheaply; it is read as stored, a band of columns at a time.
         self.matrix = matrix if self.backed else as_row_readable(matrix)
-        if self.backed and _is_csc(matrix) and matrix.shape[0] > 4 * BACKED_CSC_BUFFER_ROWS:
+        if self.backed and _is_csc(matrix) and _n_stored(matrix) > 4 * BACKED_CSC_BUFFER_VALUES:
             warn_user(
                 f"the backed count matrix ({matrix.shape[0]:,} cells) is stored column-major (CSC): every "
-                "buffer of cells reads the whole file. Store it as CSR for fast streaming, e.g. "
+                f"buffer of cells reads the whole file, about {_n_stored(matrix) / BACKED_CSC_BUFFER_VALUES:.0f} "
+                "times per epoch. Store it as CSR for fast streaming, e.g. "
                 "adata.X = adata.X.tocsr() before adata.write_h5ad(...)",
                 UserWarning,
             )
@@ -726,6 +784,7 @@ class CellLoader:
         self.device = torch.device(device)
         self._on_device = None
         self._csr_indptr: np.ndarray | None = None  # a backed CSR matrix's row pointers, read once when needed
+        self._csc_layout: tuple[np.ndarray, bool] | None = None  # a backed CSC matrix's, and whether rows are sorted
         if self.backed and 4 * self.n_genes * _row_chunk(matrix) > CHUNKED_BUFFER_BYTES:
             warn_user(
                 f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than a read "
@@ -763,7 +822,8 @@ class CellLoader:
         if not self.backed:  # gathered a minibatch at a time: no copy of many rows, and as fast
             chunk_rows = batch_size
         if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
-            chunk_rows = max(chunk_rows, BACKED_CSC_BUFFER_ROWS // batch_size * batch_size)
+            rows = BACKED_CSC_BUFFER_VALUES * self.matrix.shape[0] // max(_n_stored(self.matrix), 1)
+            chunk_rows = max(chunk_rows, rows // batch_size * batch_size)
         block_rows = BACKED_BLOCK_ROWS
         row_chunk = _row_chunk(self.matrix) if self.backed else 1
         if row_chunk > BACKED_BLOCK_ROWS:
@@ -845,8 +905,10 @@ class CellLoader:
         if not self.backed:
             return _Rows(self.matrix, rows, self.gene_columns)
         with _reading_from_disk(rows, "the counts"):
-            if _is_csc(self.matrix):  # read in the requested order, no sorting needed
-                return _Rows(_read_csc_rows(self.matrix, rows), np.arange(len(rows)), self.gene_columns)
+            if _is_csc(self.matrix):
+                if self._csc_layout is None:  # a pass over the row indices, once
+                    self._csc_layout = _csc_layout(self.matrix)
+                return _Rows(*_read_csc_rows(self.matrix, rows, *self._csc_layout), self.gene_columns)
             if getattr(self.matrix, "format", None) == "csr" and hasattr(self.matrix, "group"):
                 if self._csr_indptr is None:  # 8 bytes a cell, and a read fewer per run of rows
                     self._csr_indptr = np.asarray(self.matrix.group["indptr"][:], dtype=np.int64)

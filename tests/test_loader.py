@@ -214,7 +214,7 @@ def test_backed_csc_is_read_by_bands_of_columns_never_whole(counts, tmp_path_fac
 
     backed = stored(counts, tmp_path_factory, "csc")
     monkeypatch.setattr(data, "VALUES_PER_CHECK", backed.X.group["data"].shape[0] // 7)  # ~8 bands of columns
-    monkeypatch.setattr(data, "BACKED_CSC_BUFFER_ROWS", 512)
+    monkeypatch.setattr(data, "BACKED_CSC_BUFFER_VALUES", backed.X.group["data"].shape[0] // 5)  # 5 buffers
     assert len(data._csc_bands(backed.X)) >= 7
 
     def whole(self):
@@ -234,6 +234,32 @@ def test_backed_csc_is_read_by_bands_of_columns_never_whole(counts, tmp_path_fac
         seen.append(mb.cell_index)
     seen = np.concatenate(seen)
     assert len(seen) == len(cells) and set(seen) == set(cells)
+
+
+def test_backed_csc_with_unsorted_rows_in_its_columns_is_read_right(counts, tmp_path):
+    """Row indices within a column are usually increasing (scipy sorts them) and are then found by binary
+    search; a file whose columns are not sorted is detected and read by looking up every row index."""
+    from cellvae import data
+
+    path = tmp_path / "unsorted.h5ad"
+    ad.AnnData(sp.csc_matrix(counts.X), obs=counts.obs, var=counts.var).write_h5ad(path)
+    rng = np.random.default_rng(3)
+    with h5py.File(path, "r+") as file:
+        indptr, indices, values = file["X/indptr"][:], file["X/indices"][:], file["X/data"][:]
+        order = np.concatenate([a + rng.permutation(b - a) for a, b in zip(indptr[:-1], indptr[1:])])
+        file["X/indices"][:], file["X/data"][:] = indices[order], values[order]
+    backed = ad.read_h5ad(path, backed="r")
+    assert not data._csc_layout(backed.X)[1]
+    loader = loader_for(backed)
+    expected = counts.X.toarray()
+    cells = np.arange(counts.n_obs)[::3]
+    seen = []
+    for mb in loader.batches(cells, 64, shuffle=True, rng=np.random.default_rng(0), with_sparse=True):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        seen.append(mb.cell_index)
+    assert np.array_equal(np.sort(np.concatenate(seen)), cells)
+    assert loader._csc_layout is not None and not loader._csc_layout[1]
+    backed.file.close()
 
 
 def test_a_failing_read_reaches_the_caller(counts, tmp_path_factory):

@@ -11,7 +11,15 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import cellvae
 from cellvae.cli import main
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, _read_csr_rows, _read_sorted_rows, library_sizes
+from cellvae.data import (
+    BACKED_BLOCK_ROWS,
+    CellLoader,
+    _csc_layout,
+    _read_csc_rows,
+    _read_csr_rows,
+    _read_sorted_rows,
+    library_sizes,
+)
 
 FORMATS = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": lambda m: m.toarray()}
 
@@ -91,6 +99,13 @@ def test_blocks_of_nearby_rows_and_scattered_rows_read_from_a_store_match_memory
             shuffled = np.append(rng.permutation(rows), rows[0])
             block, positions = _read_csr_rows(matrix, shuffled, matrix.group["indptr"][:])
             np.testing.assert_array_equal(block[positions].toarray(), simulated.X[shuffled].toarray())
+        if kind == "csc":  # binary search in each column for runs of rows, or a lookup of every row index
+            indptr, sorted_rows = _csc_layout(matrix)
+            assert sorted_rows
+            shuffled = np.append(rng.permutation(rows), rows[0])
+            for search in (True, False):
+                block, positions = _read_csc_rows(matrix, shuffled, indptr, search)
+                np.testing.assert_array_equal(block[positions].toarray(), simulated.X[shuffled].toarray())
 
 
 class RecordingArray:
