@@ -1016,8 +1016,11 @@ def _check_batch_size(batch_size) -> None:
 
 
 def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
-    """Rows of a CSR matrix, copying only those rows (scipy's fancy indexing copies all the
-    column indices when ``indptr`` and ``indices`` have different integer types)."""
+    """Rows of a CSR matrix, copying only those rows: scipy's row indexing where ``indptr`` and
+    ``indices`` have the same integer type (3x faster than the gather below), which it otherwise
+    unifies by copying all the column indices."""
+    if matrix.indptr.dtype == matrix.indices.dtype:
+        return matrix[rows]
     starts, ends = matrix.indptr[rows], matrix.indptr[rows + 1]
     lengths = (ends - starts).astype(np.int64)
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)

@@ -36,6 +36,23 @@ def stored(counts, tmp_path_factory, kind: str):
     return ad.read_h5ad(path, backed="r")
 
 
+@pytest.mark.parametrize("indptr_dtype", [np.int32, np.int64])
+def test_in_memory_minibatches_from_csr_with_either_index_type(counts, indptr_dtype):
+    """anndata may hand over int64 row pointers with int32 column indices: scipy's row indexing would then
+    copy every column index per minibatch, so such rows are gathered by cellvae; both give the same rows."""
+    matrix = sp.csr_matrix(counts.X, copy=True)
+    matrix.indices, matrix.indptr = matrix.indices.astype(np.int32), matrix.indptr.astype(indptr_dtype)  # as h5py reads them
+    assert matrix.indptr.dtype == indptr_dtype and matrix.indices.dtype == np.int32
+    adata = ad.AnnData(matrix, obs=counts.obs, var=counts.var)
+    expected = counts.X.toarray()
+    cells = np.arange(counts.n_obs)[1::3]
+    for mb in loader_for(adata).batches(cells, 50, shuffle=True, rng=np.random.default_rng(0), with_sparse=True):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        rebuilt = np.zeros_like(expected[mb.cell_index])  # the likelihood's non-zero counts, from the same rows
+        rebuilt[mb.sparse.rows.numpy(), mb.sparse.columns.numpy()] = mb.sparse.values.numpy()
+        np.testing.assert_array_equal(rebuilt, expected[mb.cell_index])
+
+
 @pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
 def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_factory, kind):
     adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
