@@ -440,9 +440,16 @@ def _row_sums(matrix, columns: np.ndarray | None) -> np.ndarray:
 
 
 def as_row_readable(matrix):
-    """A matrix whose rows can be gathered quickly: CSR stays, CSC/COO become CSR (one copy)."""
+    """A matrix whose rows can be gathered quickly: CSR stays, CSC/COO become CSR (one copy). Row
+    pointers of a wider integer type than the column indices (int64 and int32, as h5py often reads
+    them) are copied to the narrower one where they fit, so that scipy's row indexing applies: the
+    new matrix shares the counts and column indices with the given one."""
     if sp.issparse(matrix) and matrix.format != "csr":
         return sp.csr_matrix(matrix)
+    if sp.issparse(matrix) and matrix.indptr.dtype.itemsize > matrix.indices.dtype.itemsize:
+        if matrix.nnz <= np.iinfo(matrix.indices.dtype).max:
+            indptr = matrix.indptr.astype(matrix.indices.dtype)
+            return sp.csr_matrix((matrix.data, matrix.indices, indptr), shape=matrix.shape, copy=False)
     return matrix
 
 

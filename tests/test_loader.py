@@ -38,19 +38,26 @@ def stored(counts, tmp_path_factory, kind: str):
 
 @pytest.mark.parametrize("indptr_dtype", [np.int32, np.int64])
 def test_in_memory_minibatches_from_csr_with_either_index_type(counts, indptr_dtype):
-    """anndata may hand over int64 row pointers with int32 column indices: scipy's row indexing would then
-    copy every column index per minibatch, so such rows are gathered by cellvae; both give the same rows."""
+    """h5py often reads int64 row pointers with int32 column indices, where scipy's row indexing would copy
+    every column index per minibatch: the loader narrows a copy of the pointers (sharing the counts), and
+    rows of a matrix whose pointers cannot be narrowed are gathered by cellvae. Both give the same rows."""
+    from cellvae import data
+
     matrix = sp.csr_matrix(counts.X, copy=True)
-    matrix.indices, matrix.indptr = matrix.indices.astype(np.int32), matrix.indptr.astype(indptr_dtype)  # as h5py reads them
-    assert matrix.indptr.dtype == indptr_dtype and matrix.indices.dtype == np.int32
+    matrix.indices, matrix.indptr = matrix.indices.astype(np.int32), matrix.indptr.astype(indptr_dtype)
     adata = ad.AnnData(matrix, obs=counts.obs, var=counts.var)
+    loader = loader_for(adata)
+    assert loader.matrix.indptr.dtype == np.int32 and np.shares_memory(loader.matrix.data, matrix.data)
+    assert adata.X.indptr.dtype == indptr_dtype  # the AnnData is left as it was
     expected = counts.X.toarray()
     cells = np.arange(counts.n_obs)[1::3]
-    for mb in loader_for(adata).batches(cells, 50, shuffle=True, rng=np.random.default_rng(0), with_sparse=True):
+    for mb in loader.batches(cells, 50, shuffle=True, rng=np.random.default_rng(0), with_sparse=True):
         np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
         rebuilt = np.zeros_like(expected[mb.cell_index])  # the likelihood's non-zero counts, from the same rows
         rebuilt[mb.sparse.rows.numpy(), mb.sparse.columns.numpy()] = mb.sparse.values.numpy()
         np.testing.assert_array_equal(rebuilt, expected[mb.cell_index])
+    rows = np.array([7, 3, 3, 900, 0])
+    np.testing.assert_array_equal(data._gather_csr_rows(matrix, rows).toarray(), expected[rows])
 
 
 @pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
