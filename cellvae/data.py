@@ -347,8 +347,10 @@ def _csc_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None,
     """Row sums of a backed CSC matrix in one pass over bands of columns (anndata would load the
     whole matrix into memory for every block of rows)."""
     totals = np.zeros(len(rows), dtype=np.float64)
-    for start, stop in _csc_bands(matrix):
-        band = sp.csc_matrix(matrix[:, start:stop])[rows.start : rows.stop]
+    indptr = np.asarray(matrix.group["indptr"][:], dtype=np.int64)
+    for start, stop, indices, values in _csc_band_arrays(matrix, indptr):
+        column_ptr = indptr[start : stop + 1] - indptr[start]
+        band = sp.csc_matrix((values, indices, column_ptr), shape=(matrix.shape[0], stop - start))[rows.start : rows.stop]
         if check_as is not None:
             _check_count_values(band.data, check_as)
         totals += _row_sums(band, None if columns is None else columns[(columns >= start) & (columns < stop)] - start)
@@ -358,12 +360,10 @@ def _csc_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None,
 def _csc_layout(matrix) -> tuple[np.ndarray, bool]:
     """A backed CSC matrix's column pointers, and whether the row indices in every column are in
     increasing order (scipy keeps them so; checked with one pass over ``indices``)."""
-    group = matrix.group
-    indptr = np.asarray(group["indptr"][:], dtype=np.int64)
-    for start, stop in _csc_bands(matrix):
-        lo = indptr[start]
-        steps = np.diff(np.asarray(group["indices"][lo : indptr[stop]]))
-        column_starts = indptr[start + 1 : stop] - lo - 1  # the step into a column's first row may go down
+    indptr = np.asarray(matrix.group["indptr"][:], dtype=np.int64)
+    for start, stop, indices, _ in _csc_band_arrays(matrix, indptr, with_values=False):
+        steps = np.diff(indices)
+        column_starts = indptr[start + 1 : stop] - indptr[start] - 1  # the step into a column's first row may go down
         steps[column_starts[(column_starts >= 0) & (column_starts < len(steps))]] = 0
         if np.any(steps < 0):
             return indptr, False
@@ -387,37 +387,45 @@ def _read_csc_rows(matrix, rows: np.ndarray, indptr: np.ndarray, sorted_rows: bo
     position[unique] = np.arange(len(unique))
     run_starts = np.flatnonzero(np.diff(unique, prepend=-2) != 1)
     run_stops = np.append(run_starts[1:], len(unique))
-    group = matrix.group
-    bands = _csc_bands(matrix)
-    largest = max(int(indptr[stop] - indptr[start]) for start, stop in bands)
-    indices_buffer = np.empty(largest, dtype=group["indices"].dtype)
-    data_buffer = np.empty(largest, dtype=group["data"].dtype)
     # each run's first row and the row after its last, as searched for in every column
-    bounds = np.column_stack([unique[run_starts], unique[run_stops - 1] + 1]).ravel().astype(indices_buffer.dtype)
+    bounds = np.column_stack([unique[run_starts], unique[run_stops - 1] + 1]).ravel()
+    bounds = bounds.astype(matrix.group["indices"].dtype)
     values, block_rows, column_lengths = [], [], []
-    for start, stop in bands:
-        lo, hi = int(indptr[start]), int(indptr[stop])
-        indices = _read_range(group["indices"], lo, hi, indices_buffer)
-        column_ptr = indptr[start : stop + 1] - lo
+    for start, stop, indices, band_values in _csc_band_arrays(matrix, indptr):
+        column_ptr = indptr[start : stop + 1] - indptr[start]
         if sorted_rows:
             cuts = np.concatenate([np.searchsorted(indices[a:b], bounds) + a for a, b in pairwise(column_ptr.tolist())])
             firsts, lengths = cuts[0::2], cuts[1::2] - cuts[0::2]
             kept = np.repeat(firsts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
         else:
             kept = np.flatnonzero(position[indices] >= 0)
-        values.append(_read_range(group["data"], lo, hi, data_buffer)[kept])
+        values.append(band_values[kept])
         block_rows.append(position[indices[kept]])
         column_lengths.append(np.diff(np.searchsorted(kept, column_ptr)))
-    del indices_buffer, data_buffer
     column_ptr = np.concatenate([[0], np.cumsum(np.concatenate(column_lengths))])
     values = np.concatenate(values)
     block_rows = np.concatenate(block_rows)
     return sp.csc_matrix((values, block_rows, column_ptr), shape=(len(unique), n_genes)).tocsr(), positions
 
 
+def _csc_band_arrays(matrix, indptr: np.ndarray, with_values: bool = True) -> Iterator[tuple]:
+    """Each band of columns of a backed CSC matrix (:func:`_csc_bands`): its first column, the column after
+    its last, its row indices and (``with_values``) its stored values, else None. They are read straight
+    from the store's arrays into two buffers reused from band to band (fresh memory for every read costs
+    as much as the read), so each band's arrays are overwritten by the next one."""
+    group = matrix.group
+    bands = _csc_bands(matrix)
+    largest = max(int(indptr[stop] - indptr[start]) for start, stop in bands)
+    indices_buffer = np.empty(largest, dtype=group["indices"].dtype)
+    data_buffer = np.empty(largest, dtype=group["data"].dtype) if with_values else None
+    for start, stop in bands:
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        indices = _read_range(group["indices"], lo, hi, indices_buffer)
+        yield start, stop, indices, _read_range(group["data"], lo, hi, data_buffer) if with_values else None
+
+
 def _read_range(array, lo: int, hi: int, buffer: np.ndarray) -> np.ndarray:
-    """``array[lo:hi]`` of a store's 1-d array; an HDF5 dataset is read into ``buffer``, reused from band
-    to band (fresh memory for every read costs as much as the read)."""
+    """``array[lo:hi]`` of a store's 1-d array; an HDF5 dataset is read into ``buffer``."""
     if isinstance(array, h5py.Dataset) and hi > lo:
         out = buffer[: hi - lo]
         array.read_direct(out, np.s_[lo:hi], np.s_[0 : hi - lo])
@@ -791,7 +799,7 @@ class CellLoader:
         self.device = torch.device(device)
         self._on_device = None
         self._csr_indptr: np.ndarray | None = None  # a backed CSR matrix's row pointers, read once when needed
-        self._csc_layout: tuple[np.ndarray, bool] | None = None  # a backed CSC matrix's, and whether rows are sorted
+        self._csc_columns: tuple[np.ndarray, bool] | None = None  # a backed CSC matrix's pointers; rows sorted?
         if self.backed and 4 * self.n_genes * _row_chunk(matrix) > CHUNKED_BUFFER_BYTES:
             warn_user(
                 f"the backed count matrix is stored in chunks of {_row_chunk(matrix):,} rows, more than a read "
@@ -829,8 +837,8 @@ class CellLoader:
         if not self.backed:  # gathered a minibatch at a time: no copy of many rows, and as fast
             chunk_rows = batch_size
         if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
-            rows = BACKED_CSC_BUFFER_VALUES * self.matrix.shape[0] // max(_n_stored(self.matrix), 1)
-            chunk_rows = max(chunk_rows, rows // batch_size * batch_size)
+            csc_rows = BACKED_CSC_BUFFER_VALUES * self.matrix.shape[0] // max(_n_stored(self.matrix), 1)
+            chunk_rows = max(chunk_rows, csc_rows // batch_size * batch_size)
         block_rows = BACKED_BLOCK_ROWS
         row_chunk = _row_chunk(self.matrix) if self.backed else 1
         if row_chunk > BACKED_BLOCK_ROWS:
@@ -913,9 +921,9 @@ class CellLoader:
             return _Rows(self.matrix, rows, self.gene_columns)
         with _reading_from_disk(rows, "the counts"):
             if _is_csc(self.matrix):
-                if self._csc_layout is None:  # a pass over the row indices, once
-                    self._csc_layout = _csc_layout(self.matrix)
-                return _Rows(*_read_csc_rows(self.matrix, rows, *self._csc_layout), self.gene_columns)
+                if self._csc_columns is None:  # a pass over the row indices, once
+                    self._csc_columns = _csc_layout(self.matrix)
+                return _Rows(*_read_csc_rows(self.matrix, rows, *self._csc_columns), self.gene_columns)
             if getattr(self.matrix, "format", None) == "csr" and hasattr(self.matrix, "group"):
                 if self._csr_indptr is None:  # 8 bytes a cell, and a read fewer per run of rows
                     self._csr_indptr = np.asarray(self.matrix.group["indptr"][:], dtype=np.int64)

@@ -282,7 +282,7 @@ def test_backed_csc_with_unsorted_rows_in_its_columns_is_read_right(counts, tmp_
         np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
         seen.append(mb.cell_index)
     assert np.array_equal(np.sort(np.concatenate(seen)), cells)
-    assert loader._csc_layout is not None and not loader._csc_layout[1]
+    assert loader._csc_columns is not None and not loader._csc_columns[1]
     backed.file.close()
 
 
