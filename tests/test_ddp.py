@@ -167,6 +167,7 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
             cellvae.CellVAE(adata, batch_key="batch").fit(**fit, resume=True)
         except ValueError as error:
             (out / f"resume{rank}.txt").write_text(str(error))
+        dist.barrier()  # no rank tears gloo down while another still talks to it (seen once: SIGABRT at exit)
         dist.destroy_process_group()
         return
     try:  # each rank with its own seed: refused on every rank, not trained on mismatched splits
@@ -189,6 +190,7 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
     np.save(out / f"query_latent{rank}.npy", query_model.get_latent())
     query_model.save(out / f"query_model{rank}")  # trained by this rank alone: saved by it
     model.save(out / "model")  # every rank calls save of the data-parallel model; rank 0 writes
+    dist.barrier()
     dist.destroy_process_group()
 
 
