@@ -87,7 +87,15 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None):
-    """The count matrix ``adata.X`` or ``adata.layers[layer]``, as stored (never copied)."""
+    """The count matrix ``adata.X`` or ``adata.layers[layer]``, as stored (never copied).
+
+    For a view of a backed AnnData (``adata[cells, genes]`` of ``read_h5ad(path, backed="r")`` or
+    of :func:`read_zarr_lazy`) a :class:`BackedView`: its cells and genes are then read from the
+    file as needed, where anndata would read all of them into memory on every access to ``X``.
+    """
+    view = _backed_view(adata, layer)
+    if view is not None:
+        return view
     if layer is None:
         if adata.X is None:
             raise ValueError(
@@ -107,6 +115,35 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
             "array, call .compute() or write the AnnData to .h5ad and open it backed"
         )
     return matrix
+
+
+class BackedView:
+    """The cells ``rows`` and genes ``columns`` of a backed matrix (h5py, anndata's backed sparse
+    datasets, Zarr), as a view of a backed AnnData selects them. Row ``i`` of the view is row
+    ``rows[i]`` of ``matrix``; nothing is read until the counts are checked, summed or streamed."""
+
+    def __init__(self, matrix, rows: np.ndarray, columns: np.ndarray):
+        self.matrix, self.rows, self.columns = matrix, rows, columns
+        self.shape = (len(rows), len(columns))
+        self.dtype = matrix.dtype
+
+
+def _backed_view(adata: ad.AnnData, layer: str | None) -> BackedView | None:
+    """The view's counts as a :class:`BackedView` where ``adata`` is a view of an AnnData whose counts are
+    on disk, else None. (anndata keeps the viewed AnnData and the view's indices in private attributes;
+    where they are missing, anndata's own reading of the view applies.)"""
+    parent, cells, genes = (getattr(adata, name, None) for name in ("_adata_ref", "_oidx", "_vidx"))
+    if not adata.is_view or parent is None or cells is None or genes is None:
+        return None
+    if layer is None:
+        matrix = parent.X
+    else:
+        matrix = parent.layers[layer] if layer in parent.layers else None
+    if matrix is None or not _is_readable(matrix) or not is_backed_matrix(matrix):
+        return None
+    rows = np.atleast_1d(np.arange(parent.n_obs, dtype=np.int64)[cells])
+    columns = np.atleast_1d(np.arange(parent.n_vars, dtype=np.int64)[genes])
+    return BackedView(matrix, rows, columns)
 
 
 IN_MEMORY_MATRICES = (np.ndarray, sp.spmatrix, sp.sparray)
@@ -150,6 +187,8 @@ def share_of_ones(matrix) -> tuple[float, int]:
     read counts of amplified molecules (full-length protocols such as Smart-seq) hold few. A sparse
     matrix is sampled in 16 slices spread over its stored values (the first ones of a CSC matrix would be
     only its first genes)."""
+    if isinstance(matrix, BackedView):  # sampled from the whole file
+        return share_of_ones(matrix.matrix)
     if getattr(matrix, "format", None) in ("csr", "csc", "coo"):
         stored = matrix.group["data"] if is_backed_matrix(matrix) else matrix.data
         # 16 slices that do not overlap and hold at most VALUES_PER_CHECK values together (all of a small matrix)
@@ -172,6 +211,8 @@ def genes_without_counts(matrix) -> int | None:
     """How many genes (columns) hold no count in any cell; ``None`` where finding out would take a pass
     over a backed file (row-wise or dense storage). Stored zeros count as counts (scipy's matrices rarely
     hold them)."""
+    if isinstance(matrix, BackedView):
+        return None
     if isinstance(matrix, np.ndarray):
         seen = np.zeros(matrix.shape[1], dtype=bool)
         rows = max(1, VALUES_PER_CHECK // matrix.shape[1])
@@ -190,6 +231,8 @@ def genes_without_counts(matrix) -> int | None:
 
 
 def _check_count_matrix(matrix, where: str) -> None:
+    if isinstance(matrix, BackedView):
+        _check_count_matrix(matrix.matrix, where)
     dtype = np.dtype(matrix.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(dtype, np.complexfloating):
         raise TypeError(f"{where} has dtype {dtype}; cellvae needs numeric raw counts")
@@ -263,6 +306,12 @@ def library_sizes(
     backed matrix is then read once, each block checked and summed, instead of twice.
     ``rows`` (backed matrices only) reads, checks and sums just that range of cells.
     """
+    if isinstance(matrix, BackedView):
+        if check_as is not None:
+            _check_count_matrix(matrix, check_as)
+        cells = matrix.rows if rows is None else matrix.rows[rows.start : rows.stop]
+        with _reading_from_disk(cells, check_as or "the counts"):
+            return _view_library_sizes(matrix, cells, columns, check_as)
     if is_backed_matrix(matrix):
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
@@ -298,7 +347,7 @@ def _reading_from_disk(rows: range | np.ndarray, where: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        first, last = (rows.start, rows.stop - 1) if isinstance(rows, range) else (rows.min(), rows.max())
+        first, last = (int(np.min(rows)), int(np.max(rows))) if len(rows) else (0, -1)
         raise OSError(
             f"reading cells {first}–{last} of {where} from disk failed ({error}); the file may be damaged or truncated"
         ) from error
@@ -315,6 +364,42 @@ def _backed_library_sizes(matrix, columns: np.ndarray | None, check_as: str | No
             _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
         totals.append(_row_sums(block, columns))
     return np.concatenate(totals)
+
+
+def _view_library_sizes(view: BackedView, cells: np.ndarray, columns: np.ndarray | None, check_as: str | None) -> np.ndarray:
+    """Row sums of the file's rows ``cells`` over the view's genes ``columns`` (default: all of them). The
+    file is read once, a block of rows (CSR, dense) or a band of columns (CSC) at a time, and only the
+    view's cells and genes are checked and summed."""
+    unique, inverse = np.unique(cells, return_inverse=True)
+    summed = np.zeros(len(view.columns), dtype=bool)
+    summed[slice(None) if columns is None else columns] = True
+    totals = np.zeros(len(unique), dtype=np.float64)
+    matrix = view.matrix
+    if _is_csc(matrix):
+        indptr = np.asarray(matrix.group["indptr"][:], dtype=np.int64)
+        for start, stop, indices, values in _csc_band_arrays(matrix, indptr):
+            in_band = (view.columns >= start) & (view.columns < stop)
+            if in_band.any():
+                column_ptr = indptr[start : stop + 1] - indptr[start]
+                band = sp.csc_matrix((values, indices, column_ptr), shape=(matrix.shape[0], stop - start))
+                band = band[:, view.columns[in_band] - start][unique]
+                if check_as is not None:
+                    _check_count_values(band.data, check_as)
+                totals += _row_sums(band, None if columns is None else np.flatnonzero(summed[in_band]))
+        return totals[inverse]
+    row_chunk = _row_chunk(matrix)
+    step = -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
+    bounds = np.searchsorted(unique, np.arange(0, matrix.shape[0] + step, step))
+    for window, (first, last) in enumerate(pairwise(bounds)):
+        if first == last:  # no cell of the view in these rows
+            continue
+        start = window * step
+        block = matrix[start : min(start + step, matrix.shape[0])]
+        block = select_genes(block[unique[first:last] - start], view.columns)
+        if check_as is not None:
+            _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
+        totals[first:last] = _row_sums(block, columns)
+    return totals[inverse]
 
 
 def _is_csc(matrix) -> bool:
@@ -781,6 +866,14 @@ class CellLoader:
         gene_columns: np.ndarray | None = None,
         device: torch.device | str = "cpu",
     ):
+        # A view of a backed AnnData: cell i is the file's row file_rows[i]; its genes pick the file's columns.
+        self.file_rows: np.ndarray | None = None
+        if isinstance(matrix, BackedView):
+            if gene_columns is None:
+                gene_columns = matrix.columns
+            else:  # a model gene the view lacks (-1) stays -1
+                gene_columns = np.where(gene_columns >= 0, matrix.columns[np.maximum(gene_columns, 0)], -1)
+            matrix, self.file_rows = matrix.matrix, matrix.rows
         self.backed = is_backed_matrix(matrix)
         # Backed CSC cannot be re-written cheaply; it is read as stored, a band of columns at a time.
         self.matrix = matrix if self.backed else as_row_readable(matrix)
@@ -904,9 +997,10 @@ class CellLoader:
             order = cells[rng.permutation(len(cells))]
             yield from (order[s : s + chunk_rows] for s in range(0, len(order), chunk_rows))
             return
-        sorted_cells = np.sort(cells)
+        sorted_cells = np.sort(cells) if self.file_rows is None else cells[np.argsort(self.file_rows[cells], kind="stable")]
         if block_rows > BACKED_BLOCK_ROWS:  # a block is the cells of one storage chunk
-            blocks = np.split(sorted_cells, np.flatnonzero(np.diff(sorted_cells // block_rows)) + 1)
+            chunk_of_cell = self._file_rows(sorted_cells) // block_rows
+            blocks = np.split(sorted_cells, np.flatnonzero(np.diff(chunk_of_cell)) + 1)
         else:
             blocks = [sorted_cells[s : s + block_rows] for s in range(0, len(sorted_cells), block_rows)]
         block_order = rng.permutation(len(blocks))
@@ -915,10 +1009,15 @@ class CellLoader:
             chunk = np.concatenate([blocks[b] for b in block_order[s : s + blocks_per_chunk]])
             yield chunk[rng.permutation(len(chunk))]
 
+    def _file_rows(self, cells: np.ndarray) -> np.ndarray:
+        """The rows of the matrix (of the file, for a view) that hold ``cells``."""
+        return cells if self.file_rows is None else self.file_rows[cells]
+
     def _read_rows(self, rows: np.ndarray) -> _Rows:
         """The given rows, in the given order, read from disk where backed; copied out a minibatch at a time."""
         if not self.backed:
             return _Rows(self.matrix, rows, self.gene_columns)
+        rows = self._file_rows(rows)
         with _reading_from_disk(rows, "the counts"):
             if _is_csc(self.matrix):
                 if self._csc_columns is None:  # a pass over the row indices, once

@@ -53,7 +53,9 @@ class CellVAE:
     Parameters
     ----------
     adata
-        Cells × genes AnnData with raw integer counts in ``X`` or ``layers[layer]``.
+        Cells × genes AnnData with raw integer counts in ``X`` or ``layers[layer]``: in memory,
+        backed (``anndata.read_h5ad(path, backed="r")``, :func:`cellvae.read_zarr_lazy`) or a view
+        of either (``adata[cells, genes]``; a backed view's cells and genes are streamed from the file).
     layer
         Layer holding the counts; ``None`` uses ``adata.X``.
     batch_key

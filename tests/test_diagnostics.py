@@ -223,11 +223,13 @@ def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cell
     assert not np.allclose(half["distortion"], cold["distortion"])  # other cells trained on and scored
 
 
-def test_sweep_reads_a_backed_file_and_matches_the_in_memory_sweep(tmp_path):
+def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_path):
     adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=3, seed=2)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     settings = {"betas": (1.0,), "batch_key": "batch", "max_epochs": 2, "n_hidden": 16, "n_latent": 4, "progress": False}
     on_disk = cellvae.tl.rate_distortion_sweep(backed, **settings)
     in_memory = cellvae.tl.rate_distortion_sweep(adata, **settings)
-    pd.testing.assert_frame_equal(on_disk, in_memory)
+    # the same split and settings; the models train on views of the file, streamed in shuffled blocks of
+    # nearby cells rather than in one shuffled order, so they differ a little
+    pd.testing.assert_frame_equal(on_disk, in_memory, rtol=0.05)

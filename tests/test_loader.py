@@ -162,6 +162,76 @@ def test_a_backed_model_trains_and_embeds_like_an_in_memory_one(counts, tmp_path
     np.testing.assert_allclose(latent, model.get_latent(counts), rtol=1e-4, atol=1e-5)
 
 
+def never_read_whole(monkeypatch) -> None:
+    """Make reading a backed view's ``X`` through anndata (which loads the view's cells whole) fail."""
+    original = ad.AnnData.X
+
+    def guarded(adata):
+        if adata.is_view and cellvae.data.is_backed_matrix(adata._adata_ref.X):
+            raise AssertionError("a view of a backed AnnData was read whole through anndata")
+        return original.fget(adata)
+
+    monkeypatch.setattr(ad.AnnData, "X", property(guarded, original.fset, original.fdel))
+
+
+@pytest.mark.parametrize("kind", ["csr", "csc", "dense"])
+def test_a_view_of_a_backed_file_streams_its_own_cells_and_genes(counts, tmp_path_factory, kind, monkeypatch):
+    never_read_whole(monkeypatch)
+    backed = stored(counts, tmp_path_factory, kind)
+    rows = np.r_[np.arange(2000, 100, -3), [5, 7]]  # out of file order, as adata[[...]] allows
+    genes = np.array([5, 0, 59, 17, 33, 40, 41])
+    view = backed[rows, genes]
+    expected = counts.X.toarray()[rows][:, genes]
+    matrix = cellvae.data.count_matrix(view, None)
+    assert isinstance(matrix, cellvae.data.BackedView) and matrix.shape == expected.shape
+    np.testing.assert_allclose(library_sizes(matrix, check_as="adata.X"), expected.sum(1))
+    np.testing.assert_allclose(library_sizes(matrix, np.array([2, 0])), expected[:, [2, 0]].sum(1))
+    np.testing.assert_allclose(library_sizes(matrix, rows=range(10, 50)), expected[10:50].sum(1))  # a rank's part
+    n = len(rows)
+    loader = CellLoader(matrix, np.zeros((n, 0), dtype=np.float32), library_sizes(matrix), np.zeros(n, dtype=np.int64))
+    assert loader.n_genes == len(genes)
+    seen = []
+    for mb in loader.batches(np.arange(n), 64, shuffle=True, rng=np.random.default_rng(0), with_sparse=True):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        dense = np.zeros_like(mb.counts.numpy())
+        dense[mb.sparse.rows.numpy(), mb.sparse.columns.numpy()] = mb.sparse.values.numpy()
+        np.testing.assert_array_equal(dense, expected[mb.cell_index])
+        seen.append(mb.cell_index)
+    assert sorted(np.concatenate(seen)) == list(range(n))
+    # a model gene the view lacks (-1) reads as zero counts
+    no_covariates, one_batch = np.zeros((n, 0), dtype=np.float32), np.zeros(n, dtype=np.int64)
+    missing = CellLoader(matrix, no_covariates, np.ones(n), one_batch, gene_columns=np.array([3, -1, 0]))
+    first = next(iter(missing.batches(np.arange(n), 50)))
+    np.testing.assert_array_equal(first.counts.numpy(), np.c_[expected[:50, 3], np.zeros(50), expected[:50, 0]])
+
+
+def test_a_model_trains_on_a_view_of_a_backed_file_and_embeds_like_those_cells_in_memory(counts, tmp_path_factory, monkeypatch):
+    never_read_whole(monkeypatch)
+    backed = stored(counts, tmp_path_factory, "csr")
+    view = backed[backed.obs["batch"] == "batch0", 10:]
+    in_memory = counts[counts.obs["batch"] == "batch0", 10:].copy()
+    model = cellvae.CellVAE(view, batch_key="batch").fit(max_epochs=20, progress=False, device="cpu", random_state=0)
+    assert model.config.gene_names == list(in_memory.var_names) and np.isfinite(model.history["validation_elbo"]).all()
+    latent = model.get_latent()
+    assert latent.shape == (in_memory.n_obs, 10)
+    np.testing.assert_allclose(latent, model.get_latent(in_memory), rtol=1e-4, atol=1e-5)
+    assert knn_accuracy(latent, in_memory.obs["cell_type"]) > 0.8
+    expression = model.get_normalized_expression(view, library_size=1e4)
+    np.testing.assert_allclose(expression, model.get_normalized_expression(in_memory, library_size=1e4), rtol=1e-4)
+
+
+def test_a_view_of_a_backed_file_is_checked_on_its_own_cells_and_genes_only(counts, tmp_path):
+    spoiled = counts.copy()
+    spoiled.X = spoiled.X.astype(np.float32).toarray()
+    spoiled.X[700, 3] = 2.5  # one fractional value
+    spoiled.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    for view in (backed[:, 4:], backed[np.arange(counts.n_obs) != 700]):  # without its gene, without its cell
+        cellvae.CellVAE(view, batch_key="batch")
+    with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.5\)"):
+        cellvae.CellVAE(backed[600:800, :10], batch_key="batch")
+
+
 IN_MEMORY = {"memory_csr": sp.csr_matrix, "memory_csc": sp.csc_matrix, "memory_coo": sp.coo_matrix, "memory_dense": np.asarray}
 
 

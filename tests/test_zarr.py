@@ -171,6 +171,25 @@ def test_model_trained_from_a_zarr_store_embeds_cell_types_and_leaves_the_anndat
     np.testing.assert_allclose(model.get_latent(simulated), latent, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", FORMATS)
+def test_a_view_of_a_lazy_zarr_anndata_streams_its_own_cells_and_genes(stores, simulated, kind):
+    adata = cellvae.read_zarr_lazy(stores[kind])
+    cells, genes = np.flatnonzero(simulated.obs["batch"] == "batch1"), np.arange(100, 0, -1)
+    view = adata[cells, genes]
+    matrix = cellvae.data.count_matrix(view, None)
+    assert isinstance(matrix, cellvae.data.BackedView)
+    expected = simulated.X.toarray()[cells][:, genes]
+    np.testing.assert_allclose(library_sizes(matrix, check_as="adata.X"), expected.sum(1))
+    model = cellvae.CellVAE(view, batch_key="batch").fit(max_epochs=2, progress=False, device="cpu", random_state=0)
+    loader, order = model._loader(view, model.device)
+    seen = []
+    for mb in loader.batches(order, 100, shuffle=True, rng=np.random.default_rng(1)):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        seen.append(mb.cell_index)
+    assert sorted(np.concatenate(seen)) == list(range(len(cells)))
+    np.testing.assert_allclose(model.get_latent(), model.get_latent(simulated[cells, genes].copy()), rtol=1e-4, atol=1e-5)
+
+
 def test_tl_embed_writes_only_obsm_on_a_lazy_anndata(stores):
     adata = cellvae.read_zarr_lazy(stores["csr"])
     counts, obs, var, layers = adata.X, adata.obs.copy(), adata.var.copy(), set(adata.layers)
