@@ -356,8 +356,7 @@ def _reading_from_disk(rows: range | np.ndarray, where: str) -> Iterator[None]:
 def _backed_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None, rows: range) -> np.ndarray:
     """Row sums of a backed CSR or dense matrix, read in whole storage chunks."""
     totals = [np.zeros(0)]
-    row_chunk = _row_chunk(matrix)  # read whole storage chunks: a partial one is decompressed whole anyway
-    step = -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
+    step = _rows_per_read(matrix)
     for start in range(rows.start, rows.stop, step):
         block = matrix[start : min(start + step, rows.stop)]
         if check_as is not None:
@@ -387,8 +386,7 @@ def _view_library_sizes(view: BackedView, cells: np.ndarray, columns: np.ndarray
                     _check_count_values(band.data, check_as)
                 totals += _row_sums(band, None if columns is None else np.flatnonzero(summed[in_band]))
         return totals[inverse]
-    row_chunk = _row_chunk(matrix)
-    step = -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
+    step = _rows_per_read(matrix)
     bounds = np.searchsorted(unique, np.arange(0, matrix.shape[0] + step, step))
     for window, (first, last) in enumerate(pairwise(bounds)):
         if first == last:  # no cell of the view in these rows
@@ -400,6 +398,13 @@ def _view_library_sizes(view: BackedView, cells: np.ndarray, columns: np.ndarray
             _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
         totals[first:last] = _row_sums(block, columns)
     return totals[inverse]
+
+
+def _rows_per_read(matrix) -> int:
+    """Rows of a backed CSR or dense matrix read at once when checking or summing it: about ``ROWS_PER_READ``,
+    in whole storage chunks (a partial one is decompressed whole anyway)."""
+    row_chunk = _row_chunk(matrix)
+    return -(-ROWS_PER_READ // row_chunk) * row_chunk if row_chunk <= ROWS_PER_READ else ROWS_PER_READ
 
 
 def _is_csc(matrix) -> bool:
@@ -997,7 +1002,7 @@ class CellLoader:
             order = cells[rng.permutation(len(cells))]
             yield from (order[s : s + chunk_rows] for s in range(0, len(order), chunk_rows))
             return
-        sorted_cells = np.sort(cells) if self.file_rows is None else cells[np.argsort(self.file_rows[cells], kind="stable")]
+        sorted_cells = cells[np.argsort(self._file_rows(cells), kind="stable")]  # in file order
         if block_rows > BACKED_BLOCK_ROWS:  # a block is the cells of one storage chunk
             chunk_of_cell = self._file_rows(sorted_cells) // block_rows
             blocks = np.split(sorted_cells, np.flatnonzero(np.diff(chunk_of_cell)) + 1)
