@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -1040,7 +1041,9 @@ class CellVAE:
             Query cells with raw counts in the same place (``X`` or the reference's layer). Genes
             are matched by name: genes the reference lacks are dropped, reference genes missing
             from the query are zero-filled with a warning, and fewer than 80% present is an error.
-            The query is only read, never modified.
+            The query is only read, never modified. Counts on disk (``read_h5ad(path, backed="r")``,
+            :func:`cellvae.read_zarr_lazy`) are streamed, not copied; a view of such an AnnData
+            is refused (map the whole file, or call ``.to_memory()`` on the view).
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
             batch whose name is already a reference batch is treated as that reference batch
@@ -1071,8 +1074,9 @@ class CellVAE:
         Returns
         -------
         The query model: its config lists the reference batches followed by the new ones, it
-        holds an aligned copy of the query as ``query_model.adata`` (so ``query_model.get_latent()``
-        embeds the query) and embeds reference cells too. Save and load it like any model.
+        holds the query as ``query_model.adata`` (so ``query_model.get_latent()`` embeds it: an aligned
+        copy of in-memory counts, or the counts left on disk, which must stay open) and embeds reference
+        cells too. Save and load it like any model.
         """
         if not self.is_trained:
             raise ValueError("map_query needs a trained reference model; call model.fit() first")
@@ -1132,12 +1136,14 @@ class CellVAE:
         )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
-        query_model._loader(aligned, query_model.device)  # validate covariates before any work
+        with _missing_genes_told():
+            query_model._loader(aligned, query_model.device)  # validate covariates before any work
         _graft_reference(self.module, query_model.module)
         query_model.is_trained = True
         if not _query_parameters(query_model.module):
             return query_model
-        loader, cells = query_model._loader(aligned, pick_device(device))
+        with _missing_genes_told():
+            loader, cells = query_model._loader(aligned, pick_device(device))
         cells = cells[loader.library[cells] > 0]
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
@@ -1757,19 +1763,36 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
 
 
 def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.AnnData:
-    """A new in-memory AnnData with the query's counts in the reference's gene order (missing genes zero)."""
+    """A new AnnData with the query's batches in the reference's batch column and its counts: in memory, in
+    the reference's gene order (missing genes zero); on disk (a backed file or Zarr store), left there in the
+    file's gene order, which the query model reads by name as it streams them."""
     matrix = _model_counts(query, config.layer, "query_adata")
-    if data.is_backed_matrix(matrix):
-        raise ValueError("query_adata is backed on disk; load it with query_adata.to_memory() before map_query")
+    if isinstance(matrix, data.BackedView):
+        raise ValueError(
+            "query_adata is a view of an AnnData whose counts are on disk; map the whole file (opened backed) or load "
+            "the view first with query_adata.to_memory()"
+        )
     data.validate_counts(matrix, "query " + data.counts_location(config.layer))
     positions = _gene_positions(query.var_names, pd.Index(config.gene_names), "query_adata")
-    counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
     obs = query.obs.copy()
     obs[config.batch_key] = pd.Categorical(batches)
-    var = pd.DataFrame(index=pd.Index(config.gene_names))
+    if data.is_backed_matrix(matrix):
+        counts, var = matrix, pd.DataFrame(index=query.var_names)
+    else:
+        counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
+        var = pd.DataFrame(index=pd.Index(config.gene_names))
     if config.layer is None:
         return ad.AnnData(X=counts, obs=obs, var=var)
     return ad.AnnData(obs=obs, var=var, layers={config.layer: counts})
+
+
+@contextmanager
+def _missing_genes_told() -> Iterator[None]:
+    """Silence the warning about model genes missing from the data, which map_query gave once already (a
+    query on disk keeps its own genes, so each loader over it finds them missing again)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".* of the model's \d+ genes are missing from adata")
+        yield
 
 
 def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np.ndarray:

@@ -214,6 +214,28 @@ def test_missing_query_genes_warn_or_fail(reference_and_query):
     assert query.obs.equals(before.obs) and (query.X != before.X).nnz == 0
 
 
+def test_a_query_on_disk_is_streamed_and_maps_like_the_same_query_in_memory(reference_and_query, tmp_path):
+    model, reference, query = reference_and_query
+    partial = query[:, 10:].copy()  # 10 reference genes missing: told once, not by every loader over the file
+    partial.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on_disk = model.map_query(backed, max_epochs=30, progress=False)
+    told = [str(w.message) for w in caught if "genes are missing" in str(w.message)]
+    assert len(told) == 1 and "10 of the model's 300 genes are missing from query_adata" in told[0]
+    assert on_disk.adata.X is not None and not isinstance(on_disk.adata.X, (np.ndarray, sp.spmatrix))  # left on disk
+    with pytest.warns(UserWarning, match="missing from adata"):
+        latent = on_disk.get_latent()
+        np.testing.assert_allclose(latent, on_disk.get_latent(partial), rtol=1e-4, atol=1e-5)
+    in_memory = model.map_query(partial, max_epochs=30, progress=False).get_latent()
+    classifier = KNeighborsClassifier(15).fit(model.get_latent(reference), reference.obs["cell_type"])
+    for mapped in (latent, in_memory):
+        assert (classifier.predict(mapped) == query.obs["cell_type"].to_numpy()).mean() > 0.95
+    with pytest.raises(ValueError, match=r"view of an AnnData whose counts are on disk.*to_memory\(\)"):
+        model.map_query(backed[:100], progress=False)
+
+
 def test_query_batch_already_in_reference_is_that_batch(reference_and_query):
     model, reference, _ = reference_and_query
     known = reference[reference.obs["batch"] == "batch1"].copy()
