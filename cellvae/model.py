@@ -1042,8 +1042,8 @@ class CellVAE:
             are matched by name: genes the reference lacks are dropped, reference genes missing
             from the query are zero-filled with a warning, and fewer than 80% present is an error.
             The query is only read, never modified. Counts on disk (``read_h5ad(path, backed="r")``,
-            :func:`cellvae.read_zarr_lazy`) are streamed, not copied; a view of such an AnnData
-            is refused (map the whole file, or call ``.to_memory()`` on the view).
+            :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must
+            hold its batches in the reference's batch key).
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
             batch whose name is already a reference batch is treated as that reference batch
@@ -1094,6 +1094,7 @@ class CellVAE:
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
+        aligned = _align_query(query_adata, self.config, query_batches)
         if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
             if not np.array_equal(query_adata.obs[reference_key].astype(str).to_numpy(), query_batches):
                 data.warn_user(
@@ -1103,7 +1104,6 @@ class CellVAE:
                     f"aligned copy), or set query_adata.obs[{reference_key!r}] = query_adata.obs[{batch_key!r}] first",
                     UserWarning,
                 )
-        aligned = _align_query(query_adata, self.config, query_batches)
         reference_batches = self.config.batch_categories
         overlapping = sorted(set(query_batches) & set(reference_batches))
         if overlapping:
@@ -1765,15 +1765,22 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
 def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.AnnData:
     """A new AnnData with the query's batches in the reference's batch column and its counts: in memory, in
     the reference's gene order (missing genes zero); on disk (a backed file or Zarr store), left there in the
-    file's gene order, which the query model reads by name as it streams them."""
+    file's gene order, which the query model reads by name as it streams them. A view of counts on disk is
+    used as it is (streamed too), where its batches are already in the reference's batch column."""
     matrix = _model_counts(query, config.layer, "query_adata")
     if isinstance(matrix, data.BackedView):
-        raise ValueError(
-            "query_adata is a view of an AnnData whose counts are on disk; map the whole file (opened backed) or load "
-            "the view first with query_adata.to_memory()"
-        )
+        column = query.obs[config.batch_key] if config.batch_key in query.obs.columns else None
+        if column is None or not np.array_equal(column.astype(str).to_numpy(), batches):
+            raise ValueError(
+                f"query_adata is a view of an AnnData whose counts are on disk, and obs[{config.batch_key!r}] (the "
+                "reference's batch key, where the query model reads batches) does not hold its batches; a view cannot "
+                "be given that column: add it to the whole AnnData before taking the view, or load the view with "
+                "query_adata.to_memory()"
+            )
     data.validate_counts(matrix, "query " + data.counts_location(config.layer))
     positions = _gene_positions(query.var_names, pd.Index(config.gene_names), "query_adata")
+    if isinstance(matrix, data.BackedView):
+        return query
     obs = query.obs.copy()
     obs[config.batch_key] = pd.Categorical(batches)
     if data.is_backed_matrix(matrix):

@@ -217,6 +217,7 @@ def test_missing_query_genes_warn_or_fail(reference_and_query):
 def test_a_query_on_disk_is_streamed_and_maps_like_the_same_query_in_memory(reference_and_query, tmp_path):
     model, reference, query = reference_and_query
     partial = query[:, 10:].copy()  # 10 reference genes missing: told once, not by every loader over the file
+    partial.obs["sample"] = "new_" + partial.obs["batch"].astype(str)
     partial.write_h5ad(tmp_path / "query.h5ad")
     backed = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
     with warnings.catch_warnings(record=True) as caught:
@@ -232,8 +233,12 @@ def test_a_query_on_disk_is_streamed_and_maps_like_the_same_query_in_memory(refe
     classifier = KNeighborsClassifier(15).fit(model.get_latent(reference), reference.obs["cell_type"])
     for mapped in (latent, in_memory):
         assert (classifier.predict(mapped) == query.obs["cell_type"].to_numpy()).mean() > 0.95
-    with pytest.raises(ValueError, match=r"view of an AnnData whose counts are on disk.*to_memory\(\)"):
-        model.map_query(backed[:100], progress=False)
+    view = backed[:100]  # a view of the file: streamed as it is, its batches read from the reference's key
+    with pytest.warns(UserWarning, match="missing from query_adata"):
+        mapped_view = model.map_query(view, max_epochs=2, progress=False)
+    assert mapped_view.adata is view and mapped_view.config.batch_categories == on_disk.config.batch_categories
+    with pytest.raises(ValueError, match=r"view of an AnnData whose counts are on disk.*obs\['batch'\].*to_memory\(\)"):
+        model.map_query(view, batch_key="sample", progress=False)  # its batches elsewhere: refused before any work
 
 
 def test_query_batch_already_in_reference_is_that_batch(reference_and_query):
