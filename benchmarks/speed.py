@@ -616,6 +616,66 @@ def part_views(args) -> None:
     merge("views", results, args.out)
 
 
+def child_map(spec: dict) -> dict:
+    """Run in a fresh process: open the query (backed or in memory), reset the peak RSS, map it onto the saved
+    reference for ``epochs`` epochs, embed it; report times and memory."""
+    import anndata as ad
+
+    import cellvae
+
+    setup_threads()
+    reference = cellvae.CellVAE.load(spec["reference"])
+    query = ad.read_h5ad(spec["path"], backed="r" if spec["backed"] else None)
+    before, _ = rss_bytes()
+    reset_peak_rss()
+    started = time.perf_counter()
+    query_model = reference.map_query(query, max_epochs=spec["epochs"], validation_size=0.0, progress=False)
+    mapped = time.perf_counter()
+    latent = query_model.get_latent()
+    embedded = time.perf_counter()
+    _, peak = rss_bytes()
+    return {
+        "cells": query.n_obs,
+        "backed": spec["backed"],
+        "map_query_seconds": round(mapped - started, 2),
+        "epoch_seconds": round(float(query_model.history["seconds"].iloc[-1]), 2),
+        "get_latent_seconds": round(embedded - mapped, 2),
+        "latent_shape": list(latent.shape),
+        "rss_before_mb": round(before / 2**20),
+        "peak_rss_mb": round(peak / 2**20),
+        "added_peak_mb": round((peak - before) / 2**20),
+    }
+
+
+def part_query(args) -> None:
+    """map_query of a query on disk (backed .h5ad, streamed) against the same query in memory: the simulated
+    file with its batches renamed is the query of a reference trained on 20,000 of its cells."""
+    import anndata as ad
+
+    import cellvae
+
+    n = args.sizes[0]
+    path = simulated_file(args.work_dir, n)
+    query_path = path.with_name(f"{path.stem}_query.h5ad")
+    if not query_path.is_file():
+        query = ad.read_h5ad(path)
+        query.obs["batch"] = ("query_" + query.obs["batch"].astype(str)).astype("category")
+        query.write_h5ad(query_path.with_suffix(".partial"))
+        query_path.with_suffix(".partial").rename(query_path)
+    reference_dir = args.work_dir / "reference_model"
+    reference = ad.read_h5ad(path)[:20_000].copy()
+    cellvae.CellVAE(reference, batch_key="batch", **ARCH).fit(max_epochs=5, progress=False).save(reference_dir, overwrite=True)
+    runs = {}
+    for backed in (True, False):
+        spec = {"kind": "map", "reference": str(reference_dir), "path": str(query_path), "backed": backed, "epochs": 1}
+        runs["backed" if backed else "in_memory"] = run_child(spec)
+        print(runs, flush=True)
+    runs["backed_over_in_memory_time"] = round(runs["backed"]["map_query_seconds"] / runs["in_memory"]["map_query_seconds"], 2)
+    results = json.loads(args.out.read_text()).get("query", {}) if args.out.is_file() else {}
+    results[str(n)] = runs
+    merge("query", results, args.out)
+
+
 # ----------------------------------------------------------------------------- Zarr stores
 
 
@@ -895,6 +955,14 @@ def part_table(args) -> None:
                 f"cells and genes in memory {run['in_memory_epoch_seconds']} s ({run['over_in_memory_time']}×) | | "
                 "RSS < 3 GB, ≤ 2× in-memory time |"
             )
+    for n, runs in r.get("query", {}).items():
+        on_disk, in_memory = runs["backed"], runs["in_memory"]
+        lines.append(
+            f"| map_query of a backed .h5ad query ({int(n):,} × 2,000), one epoch: map_query (epoch); get_latent; peak RSS | "
+            f"{on_disk['map_query_seconds']} s ({on_disk['epoch_seconds']} s); {on_disk['get_latent_seconds']} s; "
+            f"{on_disk['peak_rss_mb']:,} MB; in memory {in_memory['map_query_seconds']} s ({in_memory['epoch_seconds']} s); "
+            f"{in_memory['get_latent_seconds']} s; {in_memory['peak_rss_mb']:,} MB | | |"
+        )
     for name, run in r.get("ddp", {}).items():
         if isinstance(run, dict):
             lines.append(
@@ -930,13 +998,15 @@ PARTS = {
     "zarr": part_zarr,
     "layouts": part_layouts,
     "views": part_views,
+    "query": part_query,
     "ddp": part_ddp,
 }
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "child":
-        print(json.dumps(child_fit(json.loads(sys.argv[2]))))
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(child_map(spec) if spec.get("kind") == "map" else child_fit(spec)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PARTS))
