@@ -1763,10 +1763,10 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
 
 
 def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.AnnData:
-    """A new AnnData with the query's batches in the reference's batch column and its counts: in memory, in
-    the reference's gene order (missing genes zero); on disk (a backed file or Zarr store), left there in the
-    file's gene order, which the query model reads by name as it streams them. A view of counts on disk is
-    used as it is (streamed too), where its batches are already in the reference's batch column."""
+    """The AnnData the query model reads: a new one with the query's batches in the reference's batch column
+    and its counts, in memory in the reference's gene order (missing genes zero), or on disk (a backed file or
+    Zarr store) left there in the file's gene order, which the query model reads by name as it streams them;
+    or a view of counts on disk itself, where its batches are already in the reference's batch column."""
     matrix = _model_counts(query, config.layer, "query_adata")
     if isinstance(matrix, data.BackedView):
         column = query.obs[config.batch_key] if config.batch_key in query.obs.columns else None
