@@ -1136,14 +1136,12 @@ class CellVAE:
         )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
-        with _missing_genes_told():
-            query_model._loader(aligned, query_model.device)  # validate covariates before any work
+        with _missing_genes_told():  # validates the covariates before any work; trains the mapping below
+            loader, cells = query_model._loader(aligned, pick_device(device))
         _graft_reference(self.module, query_model.module)
         query_model.is_trained = True
         if not _query_parameters(query_model.module):
             return query_model
-        with _missing_genes_told():
-            loader, cells = query_model._loader(aligned, pick_device(device))
         cells = cells[loader.library[cells] > 0]
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
