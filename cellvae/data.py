@@ -420,6 +420,15 @@ def _row_chunk(matrix) -> int:
     return int(chunks[0])
 
 
+def _csr_value_chunk(matrix) -> int | None:
+    """Stored values per storage chunk of a backed CSR matrix (Zarr, compressed HDF5); None for other
+    matrices and unchunked storage. Reading any value of a chunk decompresses all of it."""
+    if getattr(matrix, "format", None) != "csr" or not hasattr(matrix, "group"):
+        return None
+    chunks = getattr(matrix.group["data"], "chunks", None)
+    return int(chunks[0]) if chunks else None
+
+
 def _n_stored(matrix) -> int:
     """The number of values a backed sparse matrix stores."""
     return int(matrix.group["data"].shape[0])
@@ -938,11 +947,11 @@ class CellLoader:
             csc_rows = BACKED_CSC_BUFFER_VALUES * self.matrix.shape[0] // max(_n_stored(self.matrix), 1)
             chunk_rows = max(chunk_rows, csc_rows // batch_size * batch_size)
         block_rows = BACKED_BLOCK_ROWS
-        row_chunk = _row_chunk(self.matrix) if self.backed else 1
+        row_chunk = self._rows_per_storage_chunk() if self.backed else 1
         if row_chunk > BACKED_BLOCK_ROWS:
-            # Dense storage chunked by more rows than a block (anndata's Zarr default: thousands): one
-            # block per storage chunk, so each chunk is decompressed once per epoch, not once per block,
-            # and up to CHUNKS_PER_BUFFER chunks per buffer.
+            # Storage chunked by more rows than a block (anndata's Zarr defaults: thousands of rows for
+            # dense X, a thousand or so for CSR at 2,000 genes): one block per storage chunk, so each chunk
+            # is decompressed about once per epoch, not once per block, and up to CHUNKS_PER_BUFFER chunks per buffer.
             n_chunks = min(CHUNKS_PER_BUFFER, CHUNKED_BUFFER_BYTES // (4 * self.n_genes * row_chunk))
             if n_chunks >= 1:
                 block_rows = row_chunk
@@ -1004,7 +1013,7 @@ class CellLoader:
             return
         sorted_cells = cells[np.argsort(self._file_rows(cells), kind="stable")]  # in file order
         if block_rows > BACKED_BLOCK_ROWS:  # a block is the cells of one storage chunk
-            chunk_of_cell = self._file_rows(sorted_cells) // block_rows
+            chunk_of_cell = self._storage_chunk(self._file_rows(sorted_cells), block_rows)
             blocks = np.split(sorted_cells, np.flatnonzero(np.diff(chunk_of_cell)) + 1)
         else:
             blocks = [sorted_cells[s : s + block_rows] for s in range(0, len(sorted_cells), block_rows)]
@@ -1013,6 +1022,24 @@ class CellLoader:
         for s in range(0, len(blocks), blocks_per_chunk):
             chunk = np.concatenate([blocks[b] for b in block_order[s : s + blocks_per_chunk]])
             yield chunk[rng.permutation(len(chunk))]
+
+    def _rows_per_storage_chunk(self) -> int:
+        """Rows per storage chunk of the backed matrix (CSR: on average, as its values are chunked); 1 if unchunked."""
+        value_chunk = _csr_value_chunk(self.matrix)
+        if value_chunk is None:
+            return _row_chunk(self.matrix)
+        return max(1, round(value_chunk * self.matrix.shape[0] / max(_n_stored(self.matrix), 1)))
+
+    def _storage_chunk(self, rows: np.ndarray, row_chunk: int) -> np.ndarray:
+        """The storage chunk of each of the file's ``rows`` (of a CSR row: the chunk where its values begin)."""
+        value_chunk = _csr_value_chunk(self.matrix)
+        return rows // row_chunk if value_chunk is None else self._backed_csr_indptr()[rows] // value_chunk
+
+    def _backed_csr_indptr(self) -> np.ndarray:
+        """A backed CSR matrix's row pointers, read once: 8 bytes a cell, and a read fewer per run of rows."""
+        if self._csr_indptr is None:
+            self._csr_indptr = np.asarray(self.matrix.group["indptr"][:], dtype=np.int64)
+        return self._csr_indptr
 
     def _file_rows(self, cells: np.ndarray) -> np.ndarray:
         """The rows of the matrix (of the file, for a view) that hold ``cells``."""
@@ -1029,9 +1056,7 @@ class CellLoader:
                     self._csc_columns = _csc_layout(self.matrix)
                 return _Rows(*_read_csc_rows(self.matrix, rows, *self._csc_columns), self.gene_columns)
             if getattr(self.matrix, "format", None) == "csr" and hasattr(self.matrix, "group"):
-                if self._csr_indptr is None:  # 8 bytes a cell, and a read fewer per run of rows
-                    self._csr_indptr = np.asarray(self.matrix.group["indptr"][:], dtype=np.int64)
-                return _Rows(*_read_csr_rows(self.matrix, rows, self._csr_indptr), self.gene_columns)
+                return _Rows(*_read_csr_rows(self.matrix, rows, self._backed_csr_indptr()), self.gene_columns)
             # h5py needs increasing indices: read sorted; minibatches take the rows in the requested order
             unique, positions = np.unique(rows, return_inverse=True)
             return _Rows(np.asarray(_read_sorted_rows(self.matrix, unique)), positions, self.gene_columns)

@@ -145,6 +145,37 @@ def test_a_dense_store_chunked_by_many_rows_is_decompressed_once_per_chunk_per_e
     assert np.array_equal(np.sort(chunks_read), np.arange(n // 300))  # every chunk read exactly once
 
 
+def test_a_csr_store_is_read_in_blocks_that_follow_the_chunks_of_its_values(simulated, tmp_path, monkeypatch):
+    # anndata's default chunks for a CSR X's values hold ~1,000 rows of 2,000 genes: 256-row blocks read each
+    # chunk in ~4 buffers of an epoch, decompressing it each time. Blocks now follow the chunks (as here,
+    # scaled down: chunks of 3,000 values, ~35 rows, against blocks of 16 rows).
+    path = tmp_path / "csr_value_chunks.zarr"
+    ad.AnnData(obs=simulated.obs, var=simulated.var).write_zarr(path)
+    group = zarr.open_group(path, mode="a", use_consolidated=False)
+    ad.io.write_elem(group, "X", simulated.X, dataset_kwargs={"chunks": (3000,)})
+    zarr.consolidate_metadata(path)
+    matrix = cellvae.read_zarr_lazy(path).X
+    monkeypatch.setattr(cellvae.data, "BACKED_BLOCK_ROWS", 16)
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * simulated.n_vars * 150)
+    reads = []
+    read_csr_rows = cellvae.data._read_csr_rows
+    monkeypatch.setattr(cellvae.data, "_read_csr_rows", lambda m, rows, ptr: reads.append(rows) or read_csr_rows(m, rows, ptr))
+    n = simulated.n_obs
+    loader = CellLoader(matrix, np.zeros((n, 0), np.float32), library_sizes(simulated.X), np.zeros(n, np.int64))
+    assert loader._rows_per_storage_chunk() == round(3000 * n / simulated.X.nnz)
+    expected = simulated.X.toarray()
+    seen = []
+    for mb in loader.batches(np.arange(n), 64, shuffle=True, rng=np.random.default_rng(1), with_sparse=True):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        seen.append(mb.cell_index)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(n))
+    chunk_of_row = simulated.X.indptr[:-1] // 3000  # the chunk holding each row's first value
+    chunks_per_buffer = [np.unique(chunk_of_row[rows]) for rows in reads]
+    assert len(reads) > 3 and all(len(chunks) > 1 for chunks in chunks_per_buffer)  # buffers mix chunks
+    chunks_read = np.concatenate(chunks_per_buffer)
+    assert np.array_equal(np.sort(chunks_read), np.unique(chunk_of_row))  # each chunk's rows read in one buffer
+
+
 def test_a_dense_store_chunked_by_more_rows_than_a_buffer_warns_and_still_streams(simulated, tmp_path, monkeypatch):
     path = tmp_path / "tall_chunks.zarr"
     ad.AnnData(simulated.X.toarray(), obs=simulated.obs, var=simulated.var).write_zarr(path, chunks=(1200, 10))
