@@ -12,7 +12,7 @@ its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py scaling --sizes 1000000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py roofline
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 10000 100000
-    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 1000000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 1000000 --in-memory-max 1000000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ddp --epochs 3
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py layouts --sizes 20000
     python benchmarks/speed.py table
