@@ -568,10 +568,10 @@ def read_zarr_lazy(store) -> ad.AnnData:
     inference, like a backed ``.h5ad``; ``obs``, ``var``, ``obsm``, ``uns`` and the rest are read
     into memory. The store must stay in place while the AnnData is used.
 
-    CSR is the fastest layout to stream. A dense ``X`` is read a whole storage chunk of rows at a
-    time, several chunks per read buffer, so anndata's default chunks (thousands of rows) stream
-    well; chunks of more than 512 MB are slow and warned about: then write
-    ``adata.write_zarr(path, chunks=(256, adata.n_vars))``.
+    CSR is the fastest layout to stream. A CSR ``X`` is read in blocks of the rows whose values share a
+    storage chunk, and a dense ``X`` a whole storage chunk of rows at a time, several chunks per read
+    buffer, so anndata's default chunks (thousands of rows) stream well; chunks of more than 512 MB are
+    slow and warned about: then write ``adata.write_zarr(path, chunks=(256, adata.n_vars))``.
 
     Parameters
     ----------
