@@ -19,6 +19,7 @@ from cellvae.module import VAE, importance_log_weights, iwae_bound
 
 ACTIVITY_THRESHOLD = 0.01
 REFINE_DRAWS = 4  # draws of z per refinement step in inference_gaps: steadier steps, a better q*
+CHECK_DRAWS = 32  # common draws on which each cell's refined q must beat the encoder's to be kept
 # Elements (samples × cells × genes) of one importance-sampling chunk: keeps its memory to a few hundred MiB.
 CHUNK_ELEMENTS = 2**25
 
@@ -133,7 +134,7 @@ def refine_posterior(
     lr: float = 0.01,
     beta: float = 1.0,
     n_samples: int = 1,
-    n_check_samples: int = 32,
+    n_check_samples: int = CHECK_DRAWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Improve each cell's own Gaussian q(z|x) by Adam steps on its objective, the decoder frozen.
 
@@ -201,31 +202,25 @@ def inference_gaps(
     out the randomness of the refinement itself); ``approximation_gap_se`` that of the approximation gap
     (the IWAE estimate's by the delta method, with the refined ELBO's, from independent draws).
     """
-    chunk = max(1, min(batch_size, CHUNK_ELEMENTS // (max(n_samples, n_elbo_samples) * vae.config.n_genes)))
+    n_genes = vae.config.n_genes
+    # Refined together, as many cells as the check's draws allow (a refinement step costs about the same for
+    # a few cells as for hundreds); scored in smaller parts, as many as the importance samples allow.
+    refined_cells = max(1, min(batch_size, CHUNK_ELEMENTS // (max(REFINE_DRAWS, CHECK_DRAWS) * n_genes)))
+    scored_cells = max(1, min(batch_size, CHUNK_ELEMENTS // (max(n_samples, n_elbo_samples) * n_genes)))
     names = ("elbo_encoder", "elbo_refined", "log_px", "amortization_gap_se", "approximation_gap_se")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for mb in loader.batches(cells, chunk):
+    for cells_refined in loader.batches(cells, refined_cells):
         with torch.no_grad():
-            q = vae.inference(mb.counts, mb.covariates, sample=False)
-        mean, scale = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, n_samples=REFINE_DRAWS)
-        with torch.no_grad():
-            noise = torch.randn((n_elbo_samples, *mean.shape), device=mean.device, dtype=mean.dtype)
-            encoder = _objective(vae, mb, q["mean"], q["scale"], noise, 1.0).double()
-            refined = _objective(vae, mb, mean, scale, noise, 1.0).double()
-            parts["elbo_encoder"].append(encoder.mean(0).cpu().numpy())
-            parts["elbo_refined"].append(refined.mean(0).cpu().numpy())
-            standard_error = (
-                (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(encoder[0])
-            )
-            parts["amortization_gap_se"].append(standard_error.cpu().numpy())
-            log_w = importance_log_weights(
-                vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples, (mean, scale)
-            ).double()
-            parts["log_px"].append(iwae_bound(log_w).cpu().numpy())
-            weights = torch.exp(log_w - log_w.max(0).values)  # SE of log mean(w) ≈ SE of mean(w) / mean(w)
-            iwae_se = weights.std(0) / n_samples**0.5 / weights.mean(0) if n_samples > 1 else torch.zeros_like(log_w[0])
-            elbo_se = refined.std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(refined[0])
-            parts["approximation_gap_se"].append(torch.sqrt(iwae_se**2 + elbo_se**2).cpu().numpy())
+            q_refined = vae.inference(cells_refined.counts, cells_refined.covariates, sample=False)
+        mean_refined, scale_refined = refine_posterior(
+            vae, cells_refined, q_refined["mean"], q_refined["scale"], n_steps=n_steps, lr=lr, n_samples=REFINE_DRAWS
+        )
+        for start in range(0, len(mean_refined), scored_cells):
+            part = slice(start, start + scored_cells)
+            mb = _some_cells(cells_refined, part)
+            q = {"mean": q_refined["mean"][part], "scale": q_refined["scale"][part]}
+            mean, scale = mean_refined[part], scale_refined[part]
+            _score_gaps(vae, mb, q, mean, scale, n_samples, n_elbo_samples, parts)
     out = {k: np.concatenate(v) for k, v in parts.items()}
     out["amortization_gap"] = out["elbo_refined"] - out["elbo_encoder"]
     out["approximation_gap"] = out["log_px"] - out["elbo_refined"]
@@ -241,3 +236,27 @@ def inference_gaps(
             "approximation_gap_se",
         )
     }
+
+
+def _some_cells(mb: Minibatch, part: slice) -> Minibatch:
+    """The cells ``part`` of a minibatch (without its sparse counts, which only speed up training)."""
+    return Minibatch(mb.counts[part], mb.covariates[part], mb.library[part], mb.batch_index[part], mb.cell_index[part])
+
+
+@torch.no_grad()
+def _score_gaps(vae: VAE, mb: Minibatch, q: dict, mean, scale, n_samples: int, n_elbo_samples: int, parts: dict) -> None:
+    """Append to ``parts`` the ELBOs of the encoder's q and of the refined ``(mean, scale)`` of the cells of
+    ``mb``, on the same draws, the IWAE bound from the refined q, and their standard errors (see :func:`inference_gaps`)."""
+    noise = torch.randn((n_elbo_samples, *mean.shape), device=mean.device, dtype=mean.dtype)
+    encoder = _objective(vae, mb, q["mean"], q["scale"], noise, 1.0).double()
+    refined = _objective(vae, mb, mean, scale, noise, 1.0).double()
+    parts["elbo_encoder"].append(encoder.mean(0).cpu().numpy())
+    parts["elbo_refined"].append(refined.mean(0).cpu().numpy())
+    standard_error = (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(encoder[0])
+    parts["amortization_gap_se"].append(standard_error.cpu().numpy())
+    log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples, (mean, scale)).double()
+    parts["log_px"].append(iwae_bound(log_w).cpu().numpy())
+    weights = torch.exp(log_w - log_w.max(0).values)  # SE of log mean(w) ≈ SE of mean(w) / mean(w)
+    iwae_se = weights.std(0) / n_samples**0.5 / weights.mean(0) if n_samples > 1 else torch.zeros_like(log_w[0])
+    elbo_se = refined.std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(refined[0])
+    parts["approximation_gap_se"].append(torch.sqrt(iwae_se**2 + elbo_se**2).cpu().numpy())
