@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="train a model on an .h5ad or .zarr of raw counts and embed it")
     fit.add_argument("input", help="input .h5ad with raw counts, or a .zarr store (its counts are streamed from disk)")
-    fit.add_argument("--out", required=True, help="output .h5ad with embedding, neighbours, UMAP and Leiden clusters")
+    fit.add_argument(
+        "--out", required=True, help="output .h5ad with embedding, neighbours, UMAP and Leiden clusters (see --embedding-only)"
+    )
     fit.add_argument("--model-dir", required=True, help="folder to save the trained model in")
     fit.add_argument(
         "--backed",
@@ -96,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "bfloat16"),
         default="float32",
         help="dtype of the gene-wide matrix multiplies while training (default: float32)",
+    )
+    fit.add_argument(
+        "--embedding-only",
+        action="store_true",
+        help="write only the embedding (obsm and uns['cellvae']) to --out, without neighbours, UMAP and Leiden "
+        "(for atlases where you run those yourself, e.g. on a GPU)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory and --out file")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -188,7 +196,7 @@ def run_fit(args: argparse.Namespace) -> int:
     print(f"trained {len(model.history)} epochs; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
-    if not interrupted:
+    if not interrupted and not args.embedding_only:
         keys = _annotation_keys(adata)
         try:
             _neighbours_umap_leiden(adata, args.key_added, args.seed)
@@ -218,7 +226,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if graph_error is not None:
         failed = f"{type(graph_error).__name__}: {graph_error}"
         raise SystemExit(f"error: neighbours/UMAP/Leiden failed ({failed}); {only}") from graph_error
-    print(f"wrote {args.out} (obsm[{args.key_added!r}], UMAP, leiden)")
+    print(f"wrote {args.out} (obsm[{args.key_added!r}]{'' if args.embedding_only else ', UMAP, leiden'})")
     return 0
 
 
@@ -274,7 +282,7 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --out {out} exists; pass --overwrite to replace it")
     if not args.key_added or "/" in args.key_added:
         raise SystemExit(f"error: --key-added must be a non-empty obsm key without '/', got {args.key_added!r}")
-    if args.command == "fit" and args.key_added == "X_umap":
+    if args.command == "fit" and args.key_added == "X_umap" and not args.embedding_only:
         raise SystemExit("error: --key-added X_umap would be replaced by the UMAP that fit computes; choose another key")
 
 

@@ -144,11 +144,26 @@ def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
     data.X.eliminate_zeros()
     data.write_h5ad(tmp_path / "in.h5ad")
     outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
-    command = [sys.executable, "-m", "cellvae.cli", "fit", str(tmp_path / "in.h5ad"), "--epochs", "1", "--quiet", *outputs]
+    options = ["--epochs", "1", "--quiet", "--embedding-only"]  # the warning comes from training, not the graph
+    command = [sys.executable, "-m", "cellvae.cli", "fit", str(tmp_path / "in.h5ad"), *options, *outputs]
     run = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, MPLBACKEND="Agg"))
     lines = run.stderr.splitlines()
     assert any(line.startswith("UserWarning: 3 cells have zero total counts") for line in lines), run.stderr
     assert "runpy" not in run.stderr and "warn_user(" not in run.stderr
+
+
+def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_path, capsys):
+    args = fit_args(tmp_path, n_cells=300, n_genes=60)
+    # X_umap is free for the embedding when fit computes no UMAP
+    assert main([*args, "--embedding-only", "--key-added", "X_umap", "--epochs", "2", "--quiet"]) == 0
+    fitted = ad.read_h5ad(tmp_path / "out.h5ad")
+    model = cellvae.CellVAE.load(tmp_path / "model", adata=ad.read_h5ad(tmp_path / "in.h5ad"))
+    np.testing.assert_allclose(fitted.obsm["X_umap"], model.get_latent(), atol=1e-6)
+    assert list(fitted.obsm) == ["X_umap"] and not fitted.obsp and "leiden" not in fitted.obs
+    assert not {"neighbors", "leiden", "umap"} & set(fitted.uns)
+    assert "UMAP" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="X_umap would be replaced"):  # without the option it would be
+        main([*args, "--key-added", "X_umap", "--overwrite", "--epochs", "1", "--quiet"])
 
 
 def test_fit_precision_option_reaches_the_model(tmp_path):

@@ -267,7 +267,7 @@ RESUME_EPOCHS = 8
 def torchrun_fit(path, out_dir, *extra: str) -> subprocess.Popen:
     """`cellvae fit` over 2 gloo processes (1 thread each)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    options = f"--batch-key batch --epochs {RESUME_EPOCHS} --batch-size 32 --device cpu --quiet --seed 4".split()
+    options = f"--batch-key batch --epochs {RESUME_EPOCHS} --batch-size 32 --device cpu --quiet --seed 4 --embedding-only".split()
     outputs = ["--out", str(out_dir / "out.h5ad"), "--model-dir", str(out_dir / "model")]
     command = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "cellvae.cli", "fit", str(path), *outputs, *options]
     return subprocess.Popen(
