@@ -20,8 +20,11 @@ from cellvae.module import VAE, importance_log_weights, iwae_bound
 ACTIVITY_THRESHOLD = 0.01
 REFINE_DRAWS = 4  # draws of z per refinement step in inference_gaps: steadier steps, a better q*
 CHECK_DRAWS = 32  # common draws on which each cell's refined q must beat the encoder's to be kept
-# Elements (samples × cells × genes) of one importance-sampling chunk: keeps its memory to a few hundred MiB.
+# Elements (draws × cells × genes) of the arrays of one refinement chunk: keeps its memory to a few hundred MiB.
 CHUNK_ELEMENTS = 2**25
+# ... and of one importance-sampling chunk, smaller: its many element-wise passes run 2x faster on arrays of
+# 16 MiB, near a CPU's cache, than on arrays of 128 MiB (1,000 draws of 200 cells: 4.8 vs 11.0 s).
+SCORE_ELEMENTS = 2**22
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -91,7 +94,7 @@ def marginal_log_likelihood(
 ) -> np.ndarray:
     """Importance-weighted (IWAE) estimate of log p(x) of each cell with ``n_samples`` encoder draws; K=1 is the ELBO."""
     n_genes = vae.config.n_genes
-    chunk = max(1, min(batch_size, CHUNK_ELEMENTS // (n_samples * n_genes)))
+    chunk = max(1, min(batch_size, SCORE_ELEMENTS // (n_samples * n_genes)))
     out = []
     with torch.no_grad():
         for mb in loader.batches(cells, chunk):
@@ -206,7 +209,7 @@ def inference_gaps(
     # Refined together, as many cells as the check's draws allow (a refinement step costs about the same for
     # a few cells as for hundreds); scored in smaller parts, as many as the importance samples allow.
     refined_cells = max(1, min(batch_size, CHUNK_ELEMENTS // (max(REFINE_DRAWS, CHECK_DRAWS) * n_genes)))
-    scored_cells = max(1, min(batch_size, CHUNK_ELEMENTS // (max(n_samples, n_elbo_samples) * n_genes)))
+    scored_cells = max(1, min(batch_size, SCORE_ELEMENTS // (max(n_samples, n_elbo_samples) * n_genes)))
     names = ("elbo_encoder", "elbo_refined", "log_px", "amortization_gap_se", "approximation_gap_se")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for cells_refined in loader.batches(cells, refined_cells):

@@ -27,6 +27,14 @@ def log_factorial(x: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(x + 1.0)
 
 
+def _minus_log_factorial(log_p: torch.Tensor, x: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``log_p - log(x!)``; given the positions of the non-zero counts of a 2-D ``x``, ``log(x!)`` (0 at x = 0) is
+    evaluated there only."""
+    if nonzero is None or x.shape != log_p.shape:
+        return log_p - log_factorial(x)
+    return log_p.index_put(nonzero, -log_factorial(x[nonzero]), accumulate=True)
+
+
 # Above this theta, lgamma(x + theta) - lgamma(theta) comes from Stirling's series (error < 1e-10 nats).
 STIRLING_THETA = 10.0
 
@@ -153,9 +161,12 @@ class Poisson:
     def variance(self) -> torch.Tensor:
         return self.mean
 
-    def log_prob(self, x: torch.Tensor, include_constant: bool = True) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Elementwise log-probability; ``nonzero`` as in :meth:`NegativeBinomial.log_prob`."""
         log_p = x * self.log_mean - self.mean
-        return log_p - log_factorial(x) if include_constant else log_p
+        return _minus_log_factorial(log_p, x, nonzero) if include_constant else log_p
 
     def log_likelihood(self, x: torch.Tensor, sparse: SparseCounts | None = None) -> torch.Tensor:
         """Log-probability of each cell's counts (summed over genes)."""
@@ -310,7 +321,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         # The constant log(x!) is zero at x = 0, so it can be dropped from both branches.
         zero_case = torch.logaddexp(log_pi, log_one_minus_pi + nb_log_p)
         log_p = torch.where(x < 0.5, zero_case, log_one_minus_pi + nb_log_p)
-        return log_p - log_factorial(x) if include_constant else log_p
+        return _minus_log_factorial(log_p, x, nonzero) if include_constant else log_p
 
     def log_likelihood(self, x: torch.Tensor, sparse: SparseCounts | None = None) -> torch.Tensor:
         """Log-probability of each cell's counts (summed over genes)."""

@@ -204,7 +204,12 @@ class VAE(nn.Module):
         likelihood = self.generative(
             z.reshape(-1, z.shape[-1]), covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples)
         )
-        return likelihood.log_prob(counts.repeat(repeat)).sum(-1).reshape(n_samples, -1)
+        # lgamma and log x! only at the non-zero counts (most of the work where draws are many: IWAE, refinement),
+        # found once and repeated for the draws
+        rows, columns = torch.nonzero(counts, as_tuple=True)
+        draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
+        nonzero = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
+        return likelihood.log_prob(counts.repeat(repeat), nonzero=nonzero).sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
