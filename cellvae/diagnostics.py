@@ -120,10 +120,11 @@ def _from_free(vae: VAE, free: torch.Tensor) -> torch.Tensor:
     return torch.tril(free, -1) + torch.diag_embed(torch.exp(torch.diagonal(free, dim1=-2, dim2=-1)))
 
 
-def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float) -> torch.Tensor:
-    """log p(x|z_s) − beta·KL per noise draw s and cell, samples × cells; its mean over draws is the ELBO at beta = 1."""
+def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float, constants: bool = True) -> torch.Tensor:
+    """log p(x|z_s) − beta·KL per noise draw s and cell, samples × cells; its mean over draws is the ELBO at beta = 1.
+    ``constants=False`` leaves out the likelihood's terms that do not depend on z (for gradients and differences)."""
     z = vae.reparameterise(mean, scale, noise)
-    log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index)
+    log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index, constants)
     return log_lik - beta * vae.kl_divergence(mean, scale)
 
 
@@ -154,15 +155,15 @@ def refine_posterior(
         # cosine decay to a tenth of lr: large steps first, then small ones that settle despite the noise
         optimizer.param_groups[0]["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / n_steps)))
         noise = torch.randn((n_samples, *start_mean.shape), device=mean.device, dtype=mean.dtype)
-        loss = -_objective(vae, mb, free_mean, _from_free(vae, free_scale), noise, beta).mean(0).sum()
+        loss = -_objective(vae, mb, free_mean, _from_free(vae, free_scale), noise, beta, constants=False).mean(0).sum()
         grads = torch.autograd.grad(loss, [free_mean, free_scale])
         free_mean.grad, free_scale.grad = grads
         optimizer.step()
     with torch.no_grad():
         refined_mean, refined_scale = free_mean.detach(), _from_free(vae, free_scale.detach())
         noise = torch.randn((n_check_samples, *start_mean.shape), device=mean.device, dtype=mean.dtype)
-        gain = _objective(vae, mb, refined_mean, refined_scale, noise, beta) - _objective(
-            vae, mb, start_mean, start_scale, noise, beta
+        gain = _objective(vae, mb, refined_mean, refined_scale, noise, beta, constants=False) - _objective(
+            vae, mb, start_mean, start_scale, noise, beta, constants=False
         )
         better = gain.mean(0) > 0
         keep = better.view(-1, *([1] * (start_scale.dim() - 1)))

@@ -198,16 +198,24 @@ class NegativeBinomial:
         return mean + mean**2 / self.theta
 
     def log_prob(
-        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        include_constant: bool = True,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+        include_theta_terms: bool = True,
     ) -> torch.Tensor:
         """Elementwise log-probability of the counts ``x``.
 
         ``nonzero`` (rows, columns of the non-zero counts of a 2-D ``x``), when given, lets the
         terms that vanish at zero counts be evaluated at those entries only; the result is the same.
+        ``include_theta_terms=False`` leaves out ``lgamma(x + theta) - lgamma(theta)``, a constant
+        where theta is held fixed (refining q(z|x) under a frozen decoder with a per-gene theta).
         """
         s = self.log_mean - self.theta.log()  # log(mu / theta)
         softplus_s = F.softplus(s)  # -log(theta / (theta + mu))
         log_p = x * (s - softplus_s) - self.theta * softplus_s
+        if not include_theta_terms:
+            return _minus_log_factorial(log_p, x, nonzero) if include_constant else log_p
         if nonzero is None or x.shape != log_p.shape:
             log_p = log_p + lgamma_ratio(x, self.theta)
             return log_p - log_factorial(x) if include_constant else log_p
@@ -312,10 +320,15 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return keep * (nb_mean + nb_mean**2 / self.theta) + keep * (1 - keep) * nb_mean**2
 
     def log_prob(
-        self, x: torch.Tensor, include_constant: bool = True, nonzero: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        include_constant: bool = True,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+        include_theta_terms: bool = True,
     ) -> torch.Tensor:
         nb = NegativeBinomial(self.log_mean, self.theta)
-        nb_log_p = nb.log_prob(x, include_constant=False, nonzero=nonzero)
+        # lgamma(x + theta) - lgamma(theta) is 0 at x = 0, so it stays a term of its own in both branches
+        nb_log_p = nb.log_prob(x, include_constant=False, nonzero=nonzero, include_theta_terms=include_theta_terms)
         log_pi = -F.softplus(-self.zi_logits)  # log sigmoid(logits)
         log_one_minus_pi = -F.softplus(self.zi_logits)
         # The constant log(x!) is zero at x = 0, so it can be dropped from both branches.

@@ -197,8 +197,12 @@ class VAE(nn.Module):
         """p(x|z): the count distribution of each cell and gene."""
         return self.decoder(z, covariates, library, batch_index)
 
-    def log_likelihood_draws(self, z, counts, covariates, library, batch_index) -> torch.Tensor:
-        """log p(x|z), the full likelihood with log x!, of each draw of ``z`` (samples × cells × n_latent): samples × cells."""
+    def log_likelihood_draws(self, z, counts, covariates, library, batch_index, constants: bool = True) -> torch.Tensor:
+        """log p(x|z), the full likelihood with log x!, of each draw of ``z`` (samples × cells × n_latent): samples × cells.
+
+        ``constants=False`` leaves out the terms that do not depend on z (log x!, and lgamma(x + theta) -
+        lgamma(theta) unless theta is decoded from z), for objectives whose gradients or differences alone count.
+        """
         n_samples = z.shape[0]
         repeat = (n_samples, 1)
         likelihood = self.generative(
@@ -209,7 +213,10 @@ class VAE(nn.Module):
         rows, columns = torch.nonzero(counts, as_tuple=True)
         draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
         nonzero = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
-        return likelihood.log_prob(counts.repeat(repeat), nonzero=nonzero).sum(-1).reshape(n_samples, -1)
+        options = {"include_constant": constants, "nonzero": nonzero}
+        if isinstance(likelihood, NegativeBinomial):  # and ZINB
+            options["include_theta_terms"] = constants or self.config.dispersion == "gene-cell"
+        return likelihood.log_prob(counts.repeat(repeat), **options).sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
