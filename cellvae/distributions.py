@@ -327,7 +327,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         include_theta_terms: bool = True,
     ) -> torch.Tensor:
         nb = NegativeBinomial(self.log_mean, self.theta)
-        # lgamma(x + theta) - lgamma(theta) is 0 at x = 0, so it stays a term of its own in both branches
+        # leaving out lgamma(x + theta) - lgamma(theta) leaves out a constant: it is 0 at x = 0 (inside logaddexp below)
         nb_log_p = nb.log_prob(x, include_constant=False, nonzero=nonzero, include_theta_terms=include_theta_terms)
         log_pi = -F.softplus(-self.zi_logits)  # log sigmoid(logits)
         log_one_minus_pi = -F.softplus(self.zi_logits)
