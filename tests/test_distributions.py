@@ -156,19 +156,24 @@ def test_float32_theta_gradient_keeps_its_sign_when_theta_is_large(theta_shape):
     assert np.abs(got - want).max() < 5e-3 * np.abs(want).max()
 
 
+def decoder_inputs(likelihood: str, dispersion: str = "gene", seed: int = 0):
+    """A float64 VAE for simulated counts (40 cells × 60 genes, 2 batches) and the inputs of its decoder."""
+    import cellvae
+
+    adata = cellvae.datasets.simulate(n_cells=40, n_genes=60, n_batches=2, seed=seed)
+    vae = cellvae.CellVAE(adata, batch_key="batch", likelihood=likelihood, dispersion=dispersion).module.double()
+    counts = torch.from_numpy(adata.X.toarray()).double()
+    covariates = torch.zeros(len(counts), vae.config.n_covariates, dtype=torch.float64)
+    covariates[:, 0] = 1.0
+    return vae, counts, covariates, counts.sum(1, keepdim=True), torch.zeros(len(counts), dtype=torch.long)
+
+
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
 def test_likelihood_of_many_draws_evaluates_the_count_terms_at_non_zero_counts_only_and_stays_exact(likelihood):
     """The path of the IWAE bound and the per-cell refinement (draws × cells) against every term evaluated at every count."""
-    import cellvae
-
-    adata = cellvae.datasets.simulate(n_cells=40, n_genes=60, n_batches=2, seed=0)
-    vae = cellvae.CellVAE(adata, batch_key="batch", likelihood=likelihood).module.double()
-    counts = torch.from_numpy(adata.X.toarray()).double()
+    vae, counts, covariates, library, batch_index = decoder_inputs(likelihood)
     counts[3] = 0.0  # a cell without counts
     assert (counts > TABLE_COUNTS).any()
-    covariates = torch.zeros(len(counts), vae.config.n_covariates, dtype=torch.float64)
-    covariates[:, 0] = 1.0
-    library, batch_index = counts.sum(1, keepdim=True), torch.zeros(len(counts), dtype=torch.long)
     z = torch.randn(7, len(counts), vae.config.n_latent, dtype=torch.float64, requires_grad=True)
     ours = vae.log_likelihood_draws(z, counts, covariates, library, batch_index)
     assert ours.shape == (7, len(counts))
@@ -185,16 +190,9 @@ def test_likelihood_of_many_draws_evaluates_the_count_terms_at_non_zero_counts_o
 )
 def test_draws_without_constants_differ_from_the_full_likelihood_by_a_term_free_of_z(likelihood, dispersion):
     """What per-cell refinement optimises: the same gradients in z, and differences between draws, as the full likelihood."""
-    import cellvae
-
-    adata = cellvae.datasets.simulate(n_cells=30, n_genes=50, n_batches=2, seed=1)
-    vae = cellvae.CellVAE(adata, batch_key="batch", likelihood=likelihood, dispersion=dispersion).module.double()
+    vae, counts, covariates, library, batch_index = decoder_inputs(likelihood, dispersion, seed=1)
     if hasattr(vae.decoder, "log_theta"):  # away from its start at theta = 1, where lgamma(x + 1) - lgamma(1) = log x!
         torch.nn.init.normal_(vae.decoder.log_theta, std=1.5, generator=torch.Generator().manual_seed(0))
-    counts = torch.from_numpy(adata.X.toarray()).double()
-    covariates = torch.zeros(len(counts), vae.config.n_covariates, dtype=torch.float64)
-    covariates[:, 0] = 1.0
-    library, batch_index = counts.sum(1, keepdim=True), torch.zeros(len(counts), dtype=torch.long)
     z = torch.randn(5, len(counts), vae.config.n_latent, dtype=torch.float64, requires_grad=True)
     full = vae.log_likelihood_draws(z, counts, covariates, library, batch_index)
     partial = vae.log_likelihood_draws(z, counts, covariates, library, batch_index, constants=False)
