@@ -208,14 +208,17 @@ class VAE(nn.Module):
         likelihood = self.generative(
             z.reshape(-1, z.shape[-1]), covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples)
         )
-        # lgamma and log x! only at the non-zero counts (most of the work where draws are many: IWAE, refinement),
-        # found once and repeated for the draws
-        rows, columns = torch.nonzero(counts, as_tuple=True)
-        draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
-        nonzero = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
-        options = {"include_constant": constants, "nonzero": nonzero}
-        if isinstance(likelihood, NegativeBinomial):  # and ZINB
-            options["include_theta_terms"] = constants or self.config.dispersion == "gene-cell"
+        is_nb = isinstance(likelihood, NegativeBinomial)  # and ZINB
+        theta_terms = is_nb and (constants or self.config.dispersion == "gene-cell")
+        options = {"include_constant": constants, "nonzero": None}
+        if is_nb:
+            options["include_theta_terms"] = theta_terms
+        if constants or theta_terms:
+            # lgamma and log x! only at the non-zero counts (most of the work where draws are many: IWAE,
+            # refinement), found once and repeated for the draws
+            rows, columns = torch.nonzero(counts, as_tuple=True)
+            draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
+            options["nonzero"] = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
         return likelihood.log_prob(counts.repeat(repeat), **options).sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
