@@ -220,10 +220,8 @@ class CellVAE:
     def __repr__(self) -> str:
         c = self.config
         state = "trained" if self.is_trained else "untrained"
-        return (
-            f"CellVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, likelihood={c.likelihood!r}, "
-            f"batch_key={c.batch_key!r} with {len(c.batch_categories)} batches)"
-        )
+        batches = f"batch_key={c.batch_key!r} with {len(c.batch_categories)} batches" if c.batch_key else "no batch_key"
+        return f"CellVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, likelihood={c.likelihood!r}, {batches})"
 
     # ------------------------------------------------------------------ training
 

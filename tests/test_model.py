@@ -81,6 +81,8 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     np.testing.assert_array_equal(loaded.get_latent(small), first.get_latent())
     pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False, check_exact=True)
     assert loaded.is_trained
+    assert repr(loaded) == "CellVAE(trained; 300 genes, n_latent=10, likelihood='nb', batch_key='batch' with 2 batches)"
+    assert repr(CellVAE(small)) == "CellVAE(untrained; 300 genes, n_latent=10, likelihood='nb', no batch_key)"
     with pytest.raises(FileExistsError, match="overwrite=True"):
         first.save(tmp_path / "model")
     CellVAE(small, batch_key="batch").save(tmp_path / "untrained")
