@@ -1,5 +1,8 @@
 """Shared fixtures: the bundled PBMC example, simulated batches, the shared real-data folder."""
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,17 @@ def shared_dataset(name: str):
     if not path.is_file():
         pytest.skip(f"real dataset {path} not found (the ../shared/data folder beside the repository is absent)")
     return ad.read_h5ad(path)
+
+
+@contextmanager
+def no_warnings() -> Iterator[None]:
+    """Fail on any warning, except the deprecation notices of cellvae's dependencies about one another
+    (e.g. anndata reading a pandas option that pandas 3.1 deprecates), which users cannot act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def knn_accuracy(representation, labels) -> float:

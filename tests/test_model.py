@@ -1,6 +1,5 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
-import warnings
 from dataclasses import asdict
 
 import anndata as ad
@@ -9,7 +8,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
-from conftest import knn_accuracy, pca_of, shared_dataset
+from conftest import knn_accuracy, no_warnings, pca_of, shared_dataset
 
 import cellvae
 from cellvae import CellVAE
@@ -335,8 +334,7 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
 
 def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_cell_dispersion(tmp_path):
     umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # UMI counts: no warning
+    with no_warnings():  # UMI counts: no warning
         CellVAE(umis)
     reads = umis.copy()  # each molecule read a geometric number of times (mean 20), as after PCR
     reads.X = reads.X.tocsr()
@@ -351,8 +349,7 @@ def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_c
     backed.file.close()
     with pytest.warns(UserWarning, match=match):
         CellVAE(ad.AnnData(reads.X.toarray(), obs=reads.obs, var=reads.var))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with no_warnings():
         CellVAE(reads, dispersion="gene-cell")
 
 
@@ -386,14 +383,12 @@ def test_many_genes_without_counts_get_a_warning_to_filter_them(two_batches, tmp
         wide.write_h5ad(tmp_path / "wide.h5ad")
         wide = ad.read_h5ad(tmp_path / "wide.h5ad", backed="r")
     if storage == "backed_csr":  # finding out would read the whole file: no warning
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with no_warnings():
             CellVAE(wide)
     else:
         with pytest.warns(UserWarning, match=rf"60 of the {adata.n_vars + 60} genes have no counts.*filter_genes"):
             CellVAE(wide)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with no_warnings():
         CellVAE(adata)  # every gene seen
 
 
@@ -402,8 +397,7 @@ def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)  # a QC column passed by mistake
     with pytest.warns(UserWarning, match=r"obs\['total_counts'\] has \d+ categories for 100 cells .*check the key"):
         CellVAE(adata, batch_key="total_counts")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with no_warnings():
         CellVAE(adata, batch_key="batch")
 
 
@@ -490,7 +484,6 @@ def test_invalid_hyperparameters_are_rejected(two_batches):
         CellVAE(adata, n_latent=0)
     with pytest.raises(ValueError, match=r"normalization must be one of \('layer', 'batch'\)"):
         CellVAE(adata, normalization="group")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with no_warnings():
         with pytest.raises(ValueError, match="validation_size"):
             CellVAE(adata).fit(validation_size=1.5)

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import no_warnings
 from safetensors.torch import save_file
 
 import cellvae
@@ -664,8 +665,7 @@ def test_a_model_saved_after_ctrl_c_is_marked_and_load_says_so(messy, tmp_path, 
         loaded = CellVAE.load(tmp_path / "model")
     assert loaded.is_trained and loaded.history.attrs["interrupted"]
     quiet_fit(model).save(tmp_path / "finished")  # trained further, to the end of its epochs
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a model whose training ran to its end loads without a word
+    with no_warnings():  # a model whose training ran to its end loads without a word
         assert not CellVAE.load(tmp_path / "finished").history.attrs.get("interrupted")
 
 
@@ -920,8 +920,7 @@ def test_training_settings_that_undo_training_are_told():
         CellVAE(adata, n_hidden=64).fit(max_epochs=10, lr=1.0, progress=False)
     assert [str(w.message)[:29] for w in diverged] == ["training made the model worse"]  # and no collapse warning
     assert "fit(lr=0.1)" in str(diverged[0].message) and diverged[0].category is RuntimeWarning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the default lr improves the loss: nothing to tell
+    with no_warnings():  # the default lr improves the loss: nothing to tell
         CellVAE(adata, n_hidden=64).fit(max_epochs=10, progress=False)
     with pytest.warns(UserWarning, match=r"kl_warmup=100 epochs is longer than the 5 epochs .* about 0.05 × beta"):
         CellVAE(adata, kl_warmup=100).fit(max_epochs=5, progress=False)
