@@ -233,6 +233,7 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
 
     from cellvae import CellVAE
+    from cellvae.data import layer_names
 
     _check_input_and_output(args)
     model = CellVAE.load(args.model_dir)
@@ -242,7 +243,7 @@ def run_embed(args: argparse.Namespace) -> int:
         trained = " (where the model read its counts in training)" if args.layer is None else ""
         raise SystemExit(
             f"error: {args.input} has no layers[{layer!r}]{trained}; name the counts' place with --layer NAME, "
-            f"or --layer X (layers here: {list(adata.layers.keys())})"
+            f"or --layer X (layers here: {layer_names(adata)})"
         )
     adata.obsm[args.key_added] = model.get_latent(_counts_where_model_reads(adata, layer, model.config.layer))
     _write(adata, args.out)

@@ -86,6 +86,11 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def layer_names(adata: ad.AnnData) -> list[str]:
+    """The names of ``adata``'s layers, for messages (anndata 0.13 also lists X there, as ``layers[None]``)."""
+    return [name for name in adata.layers.keys() if name is not None]
+
+
 def count_matrix(adata: ad.AnnData, layer: str | None):
     """The count matrix ``adata.X`` or ``adata.layers[layer]``, as stored (never copied).
 
@@ -104,7 +109,7 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
             )
         matrix = adata.X
     elif layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} not found in adata.layers; available: {list(adata.layers.keys())}")
+        raise KeyError(f"layer {layer!r} not found in adata.layers; available: {layer_names(adata)}")
     else:
         matrix = adata.layers[layer]
     if not _is_readable(matrix):

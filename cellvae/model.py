@@ -1753,7 +1753,7 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
     if layer is not None and layer not in adata.layers:
         raise KeyError(
             f"this model reads counts from layers[{layer!r}], the layer it was trained on, which {name} lacks "
-            f"(layers: {list(adata.layers.keys())}); if its counts are in X, add them: adata.layers[{layer!r}] = adata.X"
+            f"(layers: {data.layer_names(adata)}); if its counts are in X, add them: adata.layers[{layer!r}] = adata.X"
         )
     return data.count_matrix(adata, layer)
 

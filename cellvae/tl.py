@@ -185,9 +185,9 @@ def transfer_labels(
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"{name} must be in [0, 1] or None, got {threshold!r}")
     labels = ref_adata.obs[label_key]
-    labelled = labels.notna().to_numpy()
+    labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
     if unlabeled_category is not None:
-        labelled &= (labels != unlabeled_category).to_numpy()
+        labelled = labelled & (labels != unlabeled_category).to_numpy()
     _check_count(k, "k")
     k = int(k)
     if not labelled.any():
@@ -252,6 +252,7 @@ def rank_genes_groups(
     n_draws: int = 1000,
     max_cells: int = 2000,
     random_state: int = 0,
+    pts: bool = False,
     key_added: str = "rank_genes_groups",
 ) -> None:
     """Rank genes for each group by the model's differential expression, in scanpy's format.
@@ -275,6 +276,10 @@ def rank_genes_groups(
         ``"rest"`` (each group against all other labelled cells) or one group.
     delta, batch_correction, n_draws, max_cells, random_state
         As in :meth:`~cellvae.CellVAE.differential_expression`.
+    pts
+        Also store each gene's share of cells with a non-zero count, as scanpy's ``pts=True`` does (a
+        table with a column per group: anndata 0.13 cannot write it to ``.h5ad`` where a group name holds
+        a ``/``).
     key_added
         ``uns`` key of the result.
 
@@ -287,8 +292,9 @@ def rank_genes_groups(
     of calling this gene and all genes with a higher P(|lfc| > delta), a property of the list, not of the
     gene alone; both are Bayesian, not frequentist p-values, and at least 1 / (n_draws + 1), the
     resolution of the draws; ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes
-    called at a 5% expected FDR), ``pts`` and ``pts_rest`` (share of the group's and the reference's
-    cells with a non-zero count) and ``params``. Genes of the model missing from ``adata`` are left out.
+    called at a 5% expected FDR), with ``pts`` also ``pts`` and ``pts_rest`` (share of the group's and the
+    reference's cells with a non-zero count), and ``params``. Genes of the model missing from ``adata`` are
+    left out.
     """
     _writable(adata, "adata")
     if groupby not in adata.obs.columns:
@@ -331,17 +337,17 @@ def rank_genes_groups(
     fields = {"names": "gene", "scores": "score", "logfoldchanges": "lfc_mean", "pvals": "pvals", "pvals_adj": "pvals_adj"}
     dtypes = {"names": str, "scores": np.float32, "logfoldchanges": np.float32, "pvals": np.float64, "pvals_adj": np.float64}
     ranked: dict[str, list[np.ndarray]] = {field: [] for field in fields}
-    pts, pts_rest = {}, {}
+    shares, shares_rest = {}, {}
     for group, frame in result.groupby("group1", sort=False):
         frame = frame.reset_index().sort_values(["score", "lfc_mean"], ascending=False, kind="stable")
         for field, column in fields.items():
             ranked[field].append(frame[column].to_numpy().astype(dtypes[field]))
-        pts[group] = frame.set_index("gene")["fraction_nonzero1"]
-        pts_rest[group] = frame.set_index("gene")["fraction_nonzero2"]
-    compared = list(pts)
+        shares[group] = frame.set_index("gene")["fraction_nonzero1"]
+        shares_rest[group] = frame.set_index("gene")["fraction_nonzero2"]
+    compared = list(shares)
     measured = set(result.index)
     genes = [g for g in model.config.gene_names if g in measured]
-    adata.uns[key_added] = {
+    ranking = {
         "params": {
             "groupby": groupby,
             "reference": reference,
@@ -354,11 +360,13 @@ def rank_genes_groups(
             "n_draws": int(n_draws),
             "max_cells": int(max_cells),
             "random_state": random_state,
+            "pts": bool(pts),
         },
         **{field: np.rec.fromarrays(arrays, names=compared) for field, arrays in ranked.items()},
-        "pts": pd.DataFrame(pts).loc[genes],
-        "pts_rest": pd.DataFrame(pts_rest).loc[genes],
     }
+    if pts:
+        ranking |= {"pts": pd.DataFrame(shares).loc[genes], "pts_rest": pd.DataFrame(shares_rest).loc[genes]}
+    adata.uns[key_added] = ranking
 
 
 # ----------------------------------------------------------------------------- rate–distortion and latent arithmetic

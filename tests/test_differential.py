@@ -295,15 +295,22 @@ def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):
     assert {"GNLY", "NKG7"} <= set(sc.get.rank_genes_groups_df(adata, "CD56+ NK")["names"][:15])
     called = sc.get.rank_genes_groups_df(adata, "CD19+ B", pval_cutoff=0.05)
     assert 0 < len(called) < adata.n_vars and (called["pvals_adj"] < 0.05).all()
-    assert b_cells.set_index("names").loc["CD79A", "pct_nz_group"] > 0.5
+    assert "pts" not in result and "pct_nz_group" not in b_cells  # scanpy's default: pts=False
     sc.pl.rank_genes_groups(adata, n_genes=5, show=False)
     sc.pl.rank_genes_groups_dotplot(adata, n_genes=2, show=False, dendrogram=False)
-    adata.write_h5ad(tmp_path / "ranked.h5ad")
+    adata.write_h5ad(tmp_path / "ranked.h5ad")  # group names such as 'CD4+/CD25 T Reg' included
     read = ad.read_h5ad(tmp_path / "ranked.h5ad")
     pd.testing.assert_frame_equal(sc.get.rank_genes_groups_df(read, "CD19+ B"), b_cells)
-    # A reference group and a subset of groups, as in scanpy.
-    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["CD19+ B"], reference="CD56+ NK", key_added="b_vs_nk")
+    # A reference group and a subset of groups, as in scanpy, with the shares of cells that express each gene.
+    cellvae.tl.rank_genes_groups(
+        adata, "cell_type", model=model, groups=["CD19+ B"], reference="CD56+ NK", pts=True, key_added="b_vs_nk"
+    )
     assert list(adata.uns["b_vs_nk"]["names"].dtype.names) == ["CD19+ B"]
+    b_vs_nk = sc.get.rank_genes_groups_df(adata, "CD19+ B", key="b_vs_nk").set_index("names")
+    is_b, is_nk = (adata.obs["cell_type"] == name for name in ("CD19+ B", "CD56+ NK"))
+    cd79a = adata[:, "CD79A"].X.toarray().ravel() > 0
+    assert b_vs_nk.loc["CD79A", "pct_nz_group"] == pytest.approx(cd79a[is_b].mean())
+    assert b_vs_nk.loc["CD79A", "pct_nz_reference"] == pytest.approx(cd79a[is_nk].mean())
 
 
 def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, model):
