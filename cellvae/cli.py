@@ -323,7 +323,10 @@ def _write(adata, out: str) -> None:
     target = Path(out)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial.h5ad")
     try:
-        ad.AnnData.write_h5ad(adata, partial)
+        # An input written by anndata 0.13 with pandas 3 holds pandas string arrays, which anndata 0.12 writes
+        # only when allowed; the output keeps them as the input stored them.
+        with ad.settings.override(allow_write_nullable_strings=True):
+            ad.AnnData.write_h5ad(adata, partial)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

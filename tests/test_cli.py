@@ -8,6 +8,7 @@ import anndata as ad
 import h5py
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import zarr
@@ -165,6 +166,21 @@ def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_
     assert "UMAP" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="X_umap would be replaced"):  # without the option it would be
         main([*args, "--key-added", "X_umap", "--overwrite", "--epochs", "1", "--quiet"])
+
+
+def test_a_file_written_by_newer_anndata_with_pandas_strings_is_written_back(tmp_path):
+    """anndata 0.13 with pandas 3 (what Python 3.12 and later install) stores strings as pandas string arrays;
+    anndata 0.12 reads them but writes them only when allowed, which would fail a fit after training."""
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0)
+    data.obs_names = pd.Index(pd.array(data.obs_names, dtype="string"))
+    data.obs["donor"] = pd.array(np.where(np.arange(200) % 2, "d1", "d2"), dtype="string")
+    with ad.settings.override(allow_write_nullable_strings=True):
+        data.write_h5ad(tmp_path / "in.h5ad")
+    outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    assert main(["fit", str(tmp_path / "in.h5ad"), *outputs, "--embedding-only", "--epochs", "1", "--quiet"]) == 0
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.obs_names.tolist() == data.obs_names.tolist() and written.obsm["X_cellvae"].shape == (200, 10)
+    assert written.obs["donor"].astype(str).tolist() == data.obs["donor"].astype(str).tolist()
 
 
 def test_fit_precision_option_reaches_the_model(tmp_path):
