@@ -292,8 +292,8 @@ def rank_genes_groups(
     of calling this gene and all genes with a higher P(|lfc| > delta), a property of the list, not of the
     gene alone; both are Bayesian, not frequentist p-values, and at least 1 / (n_draws + 1), the
     resolution of the draws; ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes
-    called at a 5% expected FDR), with ``pts`` also ``pts`` and ``pts_rest`` (share of the group's and the
-    reference's cells with a non-zero count), and ``params``. Genes of the model missing from ``adata`` are
+    called at a 5% expected FDR) and ``params``; with ``pts=True`` also ``pts`` and ``pts_rest`` (share of the
+    group's and the reference's cells with a non-zero count). Genes of the model missing from ``adata`` are
     left out.
     """
     _writable(adata, "adata")
