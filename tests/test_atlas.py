@@ -85,21 +85,20 @@ def test_batch_discrepancy_is_zero_for_one_batch_and_grows_with_a_shift():
 
 
 def test_batch_mmd_lowers_the_batch_share_of_the_latent_and_keeps_cell_types(three_batches, integrated, tmp_path):
-    """Averaged over three seeds: one seed's share varies up to 2× by itself (CPU, seeds 0–3: 0.006–0.011
-    without the penalty, 0.0045–0.0059 with it; on a GPU's random numbers seed 0 gave 0.0051 and 0.0054)."""
+    """Two seeds each, 100 epochs (CPU, seeds 0–3: a share of 0.021–0.030 without the penalty, 0.0042–0.0072 with it)."""
     assert integrated.config.batch_mmd == 0.0  # the default: off
-    plain = [integrated] + [
-        CellVAE(three_batches, batch_key="batch").fit(max_epochs=200, progress=False, random_state=seed) for seed in (1, 2)
-    ]
-    penalised = [
-        CellVAE(three_batches, batch_key="batch", batch_mmd=10.0).fit(max_epochs=200, progress=False, random_state=seed)
-        for seed in (0, 1, 2)
-    ]
+    plain, penalised = (
+        [
+            CellVAE(three_batches, batch_key="batch", batch_mmd=mmd).fit(max_epochs=100, progress=False, random_state=seed)
+            for seed in (0, 1)
+        ]
+        for mmd in (0.0, 10.0)
+    )
 
     def mean_share(models) -> float:
         return float(np.mean([batch_share_of_latent_variance(m.get_latent(), three_batches.obs) for m in models]))
 
-    assert mean_share(penalised) < 0.8 * mean_share(plain)
+    assert mean_share(penalised) < 0.5 * mean_share(plain)
     penalised, latent = penalised[0], penalised[0].get_latent()
     assert knn_accuracy(latent, three_batches.obs["cell_type"]) > 0.95
     penalised.save(tmp_path / "model")
@@ -343,7 +342,8 @@ def test_cellbench_platforms_integrate_and_transfer_labels():
 
     is_query = (adata.obs["batch"] == "Drop-seq").to_numpy()
     reference, query = adata[~is_query].copy(), adata[is_query].copy()
-    reference_model = CellVAE(reference, batch_key="batch").fit(progress=False)
+    # a quarter of the default epochs: enough for the reference of the mapping (keeps the suite short)
+    reference_model = CellVAE(reference, batch_key="batch").fit(max_epochs=100, progress=False)
     query_model = reference_model.map_query(query, progress=False)
     reference.obsm["X_cellvae"] = query_model.get_latent(reference)
     query.obsm["X_cellvae"] = query_model.get_latent()
