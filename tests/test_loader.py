@@ -60,6 +60,51 @@ def test_in_memory_minibatches_from_csr_with_either_index_type(counts, indptr_dt
     np.testing.assert_array_equal(data._gather_csr_rows(matrix, rows).toarray(), expected[rows])
 
 
+def scrambled_csr(matrix: sp.csr_matrix, seed: int) -> sp.csr_matrix:
+    """The same counts with each row's column indices in random order and, in every third row, each count
+    of 2 or more stored as two entries of the same gene (as some converters and concatenations write)."""
+    coo = matrix.tocoo()
+    rows, columns, values = coo.row, coo.col, coo.data
+    split = (rows % 3 == 0) & (values >= 2)
+    halves = np.floor(values[split] / 2)
+    rows = np.concatenate([rows, rows[split]])
+    columns = np.concatenate([columns, columns[split]])
+    values = np.concatenate([np.where(split, values - np.floor(values / 2), values), halves]).astype(np.float32)
+    order = np.lexsort((np.random.default_rng(seed).random(len(rows)), rows))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=matrix.shape[0]))])
+    return sp.csr_matrix((values[order], columns[order].astype(np.int32), indptr), shape=matrix.shape)
+
+
+def test_csr_with_unsorted_columns_and_repeated_entries_reads_and_trains_like_its_canonical_form(counts):
+    """Minibatches hold each cell's summed counts and the likelihood sees each non-zero count once
+    (without sorting every minibatch's columns), training matches the canonical matrix, and the
+    AnnData keeps its own layout."""
+    scrambled = scrambled_csr(sp.csr_matrix(counts.X), seed=0)
+    assert not scrambled.has_sorted_indices and scrambled.nnz > counts.X.nnz
+    stored_indices, stored_values = scrambled.indices.copy(), scrambled.data.copy()
+    adata = ad.AnnData(scrambled, obs=counts.obs, var=counts.var)
+    expected = counts.X.toarray()
+    cells = np.arange(counts.n_obs)
+    for mb in loader_for(adata).batches(cells, 128, shuffle=True, rng=np.random.default_rng(0), with_sparse=True):
+        np.testing.assert_array_equal(mb.counts.numpy(), expected[mb.cell_index])
+        entries = mb.sparse.rows.numpy() * counts.n_vars + mb.sparse.columns.numpy()
+        assert len(np.unique(entries)) == len(entries)  # no cell and gene twice
+        rebuilt = np.zeros_like(expected[mb.cell_index])
+        rebuilt[mb.sparse.rows.numpy(), mb.sparse.columns.numpy()] = mb.sparse.values.numpy()
+        np.testing.assert_array_equal(rebuilt, expected[mb.cell_index])
+        log_factorial = gammaln(expected[mb.cell_index] + 1).sum(1)
+        np.testing.assert_allclose(mb.sparse.log_factorial.numpy(), log_factorial, rtol=1e-5)
+
+    fits = [
+        cellvae.CellVAE(data, batch_key="batch").fit(max_epochs=3, random_state=0, progress=False) for data in (counts, adata)
+    ]
+    columns = ["train_loss", "validation_elbo"]
+    np.testing.assert_allclose(fits[1].history[columns], fits[0].history[columns], rtol=1e-5)
+    np.testing.assert_allclose(fits[1].get_latent(), fits[0].get_latent(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(adata.X.indices, stored_indices)  # the user's matrix as it was
+    np.testing.assert_array_equal(adata.X.data, stored_values)
+
+
 @pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
 def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_factory, kind):
     adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
