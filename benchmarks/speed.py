@@ -180,6 +180,8 @@ def part_throughput(args) -> None:
     for name, adata, batch_key in (
         ("pbmc68k_765_genes", pbmc68k(), None),
         ("kang_2511_genes", read("kang_ctrl_5donors_muscat.h5ad"), "batch"),
+        # stored with each cell's gene indices unsorted, as files assembled by other tools often are
+        ("pbmc_atlas_2431_genes", read("pbmc_atlas_17k.h5ad"), "batch"),
     ):
         epochs = args.epochs if adata.n_obs > 5000 else args.epochs * 8
         # the default, and the option (bfloat16 gene-wide matmuls)
