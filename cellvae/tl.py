@@ -153,11 +153,12 @@ def transfer_labels(
     Returns
     -------
     None. Writes ``query_adata.obs[f"{label_key}_predicted"]`` (categorical, holding the reference's label
-    values: numbers stay numbers), ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning
-    label's weighted vote share, in [0, 1)) and ``query_adata.obs[f"{label_key}_novelty"]`` (the share
-    of labelled reference cells, at most 10,000 of them drawn with a fixed seed, that lie closer to
-    their own ``k`` nearest labelled reference cells, on average, than this cell lies to its ``k``;
-    in [0, 1], near 1 for cells unlike the reference); nothing else is changed.
+    values: numbers stay numbers; a tied vote goes to the label that sorts first),
+    ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
+    and ``query_adata.obs[f"{label_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
+    them drawn with a fixed seed, that lie closer to their own ``k`` nearest labelled reference cells, on
+    average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference); nothing
+    else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -202,11 +203,9 @@ def transfer_labels(
     distances, neighbours = voters.kneighbors(query)
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
     weights = np.exp(-((distances / bandwidth) ** 2))
-    votes = np.zeros((len(query), len(names)))
-    np.add.at(votes, (np.repeat(np.arange(len(query)), k), codes[neighbours].ravel()), weights.ravel())
-    share = votes / votes.sum(axis=1, keepdims=True)
-    predicted = names[share.argmax(axis=1)].astype(object)
-    uncertainty = 1.0 - share.max(axis=1)
+    winner, winning_weight = _weighted_vote(codes[neighbours], weights)
+    predicted = names[winner].astype(object)
+    uncertainty = 1.0 - winning_weight / weights.sum(axis=1)
     novelty = _novelty(voters, reference[labelled], distances, k)
     categories = list(names)
     if unknown_threshold is not None or novelty_threshold is not None:
@@ -222,6 +221,20 @@ def transfer_labels(
     query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)
     query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{label_key}_novelty"] = novelty
+
+
+def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The label with the largest summed weight in each row of ``labels`` (cells × neighbours, integer codes;
+    a tie goes to the smallest code) and that summed weight.
+
+    Built without a cells × labels table, which for a large query and an atlas's hundreds of labels (or a
+    column of nearly unique values) would not fit in memory: cells × neighbours² comparisons instead."""
+    label_weight = np.empty_like(weights)
+    for j in range(labels.shape[1]):  # the summed weight of the label of each cell's j-th neighbour
+        label_weight[:, j] = np.where(labels == labels[:, j : j + 1], weights, 0.0).sum(axis=1)
+    best = label_weight.max(axis=1)
+    winner = np.where(label_weight == best[:, None], labels, np.iinfo(labels.dtype).max).min(axis=1)
+    return winner, best
 
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:

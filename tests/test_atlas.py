@@ -327,6 +327,26 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
         cellvae.tl.transfer_labels(reference, query, "none", unlabeled_category="unknown")
 
 
+def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_label():
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B", "B", "C"]}, index=[f"r{i}" for i in range(5)]))
+    reference.obsm["X_cellvae"] = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [50.0, 0.0]])
+    query = ad.AnnData(obs=pd.DataFrame(index=["near_A", "halfway"]))
+    query.obsm["X_cellvae"] = np.array([[0.0, 0.0], [2.5, 0.0]])
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=4)
+    # near_A's neighbours lie at 1, 2 (A) and 3, 4 (B); each votes exp(-(d / 4)^2)
+    a, b = np.exp(-1 / 16) + np.exp(-4 / 16), np.exp(-9 / 16) + np.exp(-16 / 16)
+    # halfway has A and B at 0.5 and 1.5 each: a tie, which goes to the label that sorts first
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["A", "A"]
+    np.testing.assert_allclose(query.obs["cell_type_uncertainty"], [1 - a / (a + b), 0.5], rtol=1e-12)
+    # a column of nearly unique values: each query cell on top of a reference cell gets that cell's value
+    rng = np.random.default_rng(0)
+    many = ad.AnnData(obs=pd.DataFrame({"score": rng.normal(size=5000)}, index=[f"m{i}" for i in range(5000)]))
+    many.obsm["X_cellvae"] = rng.normal(size=(5000, 10))
+    on_top = ad.AnnData(obs=pd.DataFrame(index=[f"o{i}" for i in range(5000)]), obsm={"X_cellvae": many.obsm["X_cellvae"].copy()})
+    cellvae.tl.transfer_labels(many, on_top, "score")
+    np.testing.assert_array_equal(on_top.obs["score_predicted"].to_numpy(dtype=float), many.obs["score"].to_numpy())
+
+
 # ----------------------------------------------------------------------------- real data: CellBench
 
 
