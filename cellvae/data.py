@@ -1070,6 +1070,7 @@ class CellLoader:
         to = self.device
         sparse = None
         if sp.issparse(block):
+            block = _summable(block)
             dense = block.toarray()  # sums any repeated entries of a cell and gene
             if with_sparse and to.type == "cpu":
                 # Only repeated entries need scipy's canonical form (sorting every minibatch of a matrix
@@ -1134,8 +1135,8 @@ class CellLoader:
         chunk_rows = max(1, CHUNK_BYTES // (4 * max(self.n_genes, 1)))
         for start in range(0, n_cells, chunk_rows):
             rows = self._read_rows(np.arange(start, min(start + chunk_rows, n_cells))).take()
-            dense = np.asarray(rows.toarray() if sp.issparse(rows) else rows, dtype=np.float32)
-            if dtype == torch.int16 and not _fits_int16(rows.data if sp.issparse(rows) else dense):
+            dense = _summable(rows).toarray() if sp.issparse(rows) else np.asarray(rows, dtype=np.float32)
+            if dtype == torch.int16 and not _fits_int16(dense):
                 del counts  # (rare: huge counts, or NaN in a test) start again in float32
                 return self._resident_tensors(max_bytes, torch.float32)
             counts[start : start + dense.shape[0]] = torch.from_numpy(np.ascontiguousarray(dense)).to(dtype)
@@ -1158,6 +1159,13 @@ class CellLoader:
         """The cells in the order of an epoch (one draw from ``rng`` when ``shuffle``), also on the device."""
         order = cells[rng.permutation(len(cells))] if shuffle else cells
         return order, torch.from_numpy(order).to(self.device)
+
+
+def _summable(block: sp.csr_matrix) -> sp.csr_matrix:
+    """A sparse block of counts in float32, where repeated entries of one cell and gene (scipy's meaning:
+    their sum) are summed by ``toarray`` or ``sum_duplicates``; in a narrow stored type (int16, uint8) the
+    sum could overflow."""
+    return block if block.dtype == np.float32 else block.astype(np.float32, copy=False)
 
 
 def _fits_int16(counts: np.ndarray) -> bool:

@@ -105,6 +105,32 @@ def test_csr_with_unsorted_columns_and_repeated_entries_reads_and_trains_like_it
     np.testing.assert_array_equal(adata.X.data, stored_values)
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.float32])
+def test_repeated_entries_whose_sum_a_narrow_stored_type_cannot_hold_are_summed_without_overflow(dtype):
+    """Two stored entries of 20,000 for one cell and gene are a count of 40,000 (scipy's meaning), in the
+    dense minibatch, in its non-zero counts and log x!, and in the copy a GPU would hold (int16 cannot)."""
+    expected = np.random.default_rng(0).poisson(3.0, size=(20, 5)).astype(np.float32)
+    expected[0, 0] = 40_000
+    dense = sp.csr_matrix(expected[1:])
+    rest = sp.csr_matrix(np.delete(expected[0], 0)[None, :])
+    indices = np.concatenate([[0, 0], rest.indices + 1, dense.indices]).astype(np.int32)
+    data = np.concatenate([[20_000, 20_000], rest.data, dense.data]).astype(dtype)
+    indptr = np.concatenate([[0], 2 + rest.nnz + np.concatenate([[0], dense.indptr[1:]])])
+    matrix = sp.csr_matrix((data, indices, indptr), shape=expected.shape)
+    assert matrix.dtype == dtype and not matrix.has_canonical_format
+    loader = loader_for(ad.AnnData(matrix))
+    assert loader.library[0] == expected[0].sum()
+    mb = next(loader.batches(np.arange(20), 20, with_sparse=True))
+    np.testing.assert_array_equal(mb.counts.numpy(), expected)
+    rebuilt = np.zeros_like(expected)
+    np.add.at(rebuilt, (mb.sparse.rows.numpy(), mb.sparse.columns.numpy()), mb.sparse.values.numpy())
+    np.testing.assert_array_equal(rebuilt, expected)
+    np.testing.assert_allclose(mb.sparse.log_factorial.numpy(), gammaln(expected + 1).sum(1), rtol=1e-6)
+    resident = loader._resident_tensors()[0]
+    assert resident.dtype == torch.float32
+    np.testing.assert_array_equal(resident.numpy(), expected)
+
+
 @pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
 def test_each_cell_exactly_once_per_epoch_with_its_own_counts(counts, tmp_path_factory, kind):
     adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
