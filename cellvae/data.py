@@ -746,7 +746,7 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
                 else "A categorical covariate keeps the categories it was trained with; map cells of new ones with "
                 "model.map_query(...)"
             )
-            advice = floats_for_integers(unknown, categories, key) or advice
+            advice = numbers_written_otherwise(unknown, categories, key) or advice
             raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
         widths.append(len(categories))
@@ -760,15 +760,22 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
     return Covariates(codes_per_key, widths, values, batch)
 
 
-def floats_for_integers(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
-    """The way out when new category names are known integers written as floats (1016.0 for 1016), else None."""
+def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
+    """The way out when new category names are known numbers written another way: floats for the model's
+    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0); else None."""
     as_integers = [value.removesuffix(".0") for value in new if value.endswith(".0")]
-    if not as_integers or not set(as_integers) <= set(known):
-        return None
-    return (
-        f"{name}.obs[{key!r}] holds floats ({as_integers[0]}.0) where the model's categories are integers "
-        f"({as_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
-    )
+    if as_integers and set(as_integers) <= set(known):
+        return (
+            f"{name}.obs[{key!r}] holds floats ({as_integers[0]}.0) where the model's categories are integers "
+            f"({as_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
+        )
+    as_floats = [f"{value}.0" for value in new if value.removeprefix("-").isdigit()]
+    if as_floats and set(as_floats) <= set(known):
+        return (
+            f"{name}.obs[{key!r}] holds integers ({as_floats[0][:-2]}) where the model's categories are floats "
+            f"({as_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
+        )
+    return None
 
 
 def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:

@@ -1049,8 +1049,8 @@ class CellVAE:
             batches from the reference's batch key, so to embed the query with ``get_latent(query)``
             give it that column too (``query_model.get_latent()`` embeds the aligned copy as is).
             Batch names are compared as text: an integer column's 1016 is ``"1016"``, a float
-            column's 1016.0 is ``"1016.0"``, so convert a float column to integers first (a query
-            whose 1016.0 stands for the reference's 1016 is refused with that advice).
+            column's 1016.0 is ``"1016.0"``, so give the query's column the type of the reference's (a
+            query whose 1016.0 stands for the reference's 1016, or 1016 for its 1016.0, is refused with that advice).
         train_input_layer
             Also train the encoder's first layer (all of it). Reference cells then embed differently
             (in the four benchmark datasets they moved by 22–56% of the embedding's mean norm): re-embed
@@ -1111,17 +1111,17 @@ class CellVAE:
                 UserWarning,
             )
         new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
-        # 1016.0 would be a new category beside the reference's 1016
-        floats = data.floats_for_integers(new_batches, reference_batches, batch_key or reference_key, "query_adata")
+        # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
+        retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_key or reference_key, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             if key not in aligned.obs.columns:
                 raise KeyError(f"obs column {key!r} (a categorical covariate of the reference) not found in query_adata.obs")
             new = [c for c in data.category_names(aligned.obs[key], key) if c not in known]
-            floats = floats or data.floats_for_integers(new, known, key, "query_adata")
+            retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
             categories[key] = known + new
-        if floats:
-            raise ValueError(floats)
+        if retyped:
+            raise ValueError(retyped)
         config = Config(
             **{
                 **asdict(self.config),

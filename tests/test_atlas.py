@@ -461,7 +461,7 @@ def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches)
         model.map_query(without_kit)
 
 
-def test_a_float_batch_column_is_told_to_become_integers(reference_and_query):
+def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(reference_and_query):
     model, reference, _ = reference_and_query
     plates = reference.copy()
     plates.obs["plate"] = np.where(plates.obs["batch"] == "batch0", 1016, 1256)
@@ -472,3 +472,10 @@ def test_a_float_batch_column_is_told_to_become_integers(reference_and_query):
         by_plate.get_latent(plates)
     with pytest.raises(ValueError, match=match):  # map_query would have made 1016.0 a new batch beside 1016
         by_plate.map_query(plates, progress=False)
+    by_float_plate = CellVAE(plates, batch_key="plate").fit(max_epochs=1, progress=False)  # and the other way round
+    plates.obs["plate"] = plates.obs["plate"].astype(int)
+    match = r"holds integers \(1[02][15]6\) where the model's categories are floats \(1[02][15]6.0\).*astype\(float\)"
+    with pytest.raises(ValueError, match=match):
+        by_float_plate.get_latent(plates)
+    with pytest.raises(ValueError, match=match):
+        by_float_plate.map_query(plates, progress=False)
