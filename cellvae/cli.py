@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         # losses, out of memory): its message, not a traceback
         if isinstance(error, RuntimeError) and type(error).__name__ != "OutOfMemoryError":
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise SystemExit(f"error: {str(message).replace('pass overwrite=True', 'pass --overwrite')}") from error
+        message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+        message = message.replace("pass overwrite=True", "pass --overwrite")
+        if "layer=" in message:  # advice given in Python's terms
+            message += "\n(on the command line: --layer NAME reads the counts from adata.layers[NAME])"
+        raise SystemExit(f"error: {message}") from error
 
 
 def positive_int(text: str) -> int:
@@ -197,15 +200,12 @@ def run_fit(args: argparse.Namespace) -> int:
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
     if not interrupted and not args.embedding_only:
-        keys = _annotation_keys(adata)
         try:
             _neighbours_umap_leiden(adata, args.key_added, args.seed)
         except KeyboardInterrupt:
             graph_stopped = True
         except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
             graph_error = error
-        if graph_stopped or graph_error is not None:  # no part-made graph, clusters or UMAP in the output
-            _drop_keys_added(adata, keys)
     try:
         _write(adata, args.out)
     except (OSError, KeyboardInterrupt) as error:
@@ -283,8 +283,11 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --out {out} exists; pass --overwrite to replace it")
     if not args.key_added or "/" in args.key_added:
         raise SystemExit(f"error: --key-added must be a non-empty obsm key without '/', got {args.key_added!r}")
-    if args.command == "fit" and args.key_added == "X_umap" and not args.embedding_only:
-        raise SystemExit("error: --key-added X_umap would be replaced by the UMAP that fit computes; choose another key")
+    if args.command == "fit" and args.key_added in GRAPH_KEYS and not args.embedding_only:
+        raise SystemExit(
+            f"error: --key-added {args.key_added} would be overwritten by what fit's neighbours, Leiden and UMAP "
+            f"write ({', '.join(GRAPH_KEYS)}); choose another key"
+        )
 
 
 def _check_model_dir(args: argparse.Namespace) -> None:
@@ -359,30 +362,29 @@ def _read(path: str, backed: bool = False, layer: str | None = None):
     return adata
 
 
-def _annotation_keys(adata) -> dict[str, set]:
-    """The keys of ``obs``, ``obsm``, ``obsp`` and ``uns``, to drop what a step added if it fails."""
-    return {name: set(getattr(adata, name).keys()) for name in ("obs", "obsm", "obsp", "uns")}
-
-
-def _drop_keys_added(adata, before: dict[str, set]) -> None:
-    for name, keys in before.items():
-        annotation = getattr(adata, name)
-        added = [key for key in annotation.keys() if key not in keys]
-        if name == "obs":
-            adata.obs = adata.obs.drop(columns=added)
-        else:
-            for key in added:
-                del annotation[key]
+# What _neighbours_umap_leiden writes besides obs["leiden"] and obsp: an embedding under one of these keys
+# would lose its uns record (or, X_umap, itself) to scanpy.
+GRAPH_KEYS = ("X_umap", "neighbors", "leiden", "umap")
 
 
 def _neighbours_umap_leiden(adata, key: str, seed: int) -> None:
+    """Neighbour graph, Leiden clusters and UMAP of ``obsm[key]``, computed on an AnnData of that embedding
+    alone and added to ``adata`` at the end: a failure or Ctrl-C on the way leaves ``adata`` as it was (not a
+    new graph and clusters beside an input's earlier UMAP)."""
+    import anndata as ad
+    import pandas as pd
     import scanpy as sc
 
-    sc.pp.neighbors(adata, use_rep=key, random_state=seed)
+    graph = ad.AnnData(obs=pd.DataFrame(index=pd.RangeIndex(adata.n_obs).astype(str)), obsm={key: adata.obsm[key]})
+    sc.pp.neighbors(graph, use_rep=key, random_state=seed)
     # Leiden first: scanpy's UMAP changes obsp["connectivities"] in place, so clusters found after it
     # would differ from those of the same graph in a notebook (neighbors, leiden, umap)
-    sc.tl.leiden(adata, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
-    sc.tl.umap(adata, random_state=seed)
+    sc.tl.leiden(graph, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    sc.tl.umap(graph, random_state=seed)
+    adata.obs["leiden"] = graph.obs["leiden"].array
+    adata.obsp.update(graph.obsp)
+    adata.obsm["X_umap"] = graph.obsm["X_umap"]
+    adata.uns.update(graph.uns)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_
     assert list(fitted.obsm) == ["X_umap"] and not fitted.obsp and "leiden" not in fitted.obs
     assert not {"neighbors", "leiden", "umap"} & set(fitted.uns)
     assert "UMAP" not in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="X_umap would be replaced"):  # without the option it would be
+    with pytest.raises(SystemExit, match="X_umap would be overwritten"):  # without the option it would be
         main([*args, "--key-added", "X_umap", "--overwrite", "--epochs", "1", "--quiet"])
 
 
@@ -293,7 +293,10 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
     [
         (["--key-added", ""], "--key-added must be a non-empty obsm key"),
         (["--key-added", "a/b"], "--key-added must be a non-empty obsm key"),
-        (["--key-added", "X_umap"], "would be replaced by the UMAP"),
+        (["--key-added", "X_umap"], "X_umap would be overwritten by what fit's neighbours, Leiden and UMAP write"),
+        (["--key-added", "neighbors"], "neighbors would be overwritten"),  # its uns record would be scanpy's
+        (["--key-added", "leiden"], "leiden would be overwritten"),
+        (["--key-added", "umap"], "umap would be overwritten"),
         (["--model-dir", "."], "--model-dir needs a folder name"),
         (["--model-dir", "{tmp}/in.h5ad/model"], "is a file"),
         (["--model-dir", "{tmp}/other", "--overwrite"], "not a saved cellvae model"),
@@ -377,6 +380,52 @@ def test_ctrl_c_or_a_full_disk_after_training_keeps_the_model_and_says_what_was_
     assert (tmp_path / "model" / "model.safetensors").read_bytes() != weights  # the new model is saved
     assert (tmp_path / "out.h5ad").read_bytes() == output  # the earlier run's output, as the message says
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "model", "out.h5ad"]
+
+
+def test_ctrl_c_during_the_graph_leaves_an_earlier_analysis_of_the_input_as_it_was(tmp_path, monkeypatch, capsys):
+    """An input analysed before (its own graph, clusters and UMAP) keeps all of it when Ctrl-C stops the
+    graph steps: not a new graph and new clusters beside the old UMAP."""
+    args = [*fit_args(tmp_path, n_cells=300, n_genes=50), "--epochs", "2", "--quiet"]
+    analysed = ad.read_h5ad(tmp_path / "in.h5ad")
+    analysed.obsm["X_pca"] = np.random.default_rng(0).normal(size=(300, 5))
+    sc.pp.neighbors(analysed, use_rep="X_pca")
+    sc.tl.leiden(analysed, flavor="igraph", n_iterations=2, directed=False, resolution=3.0)
+    sc.tl.umap(analysed)
+    analysed.write_h5ad(tmp_path / "in.h5ad")
+
+    def ctrl_c(*args, **kwargs):  # during UMAP, after cellvae's graph and clusters were found
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sc.tl, "umap", ctrl_c)
+    assert main(args) == 130
+    assert "interrupted: neighbours/UMAP/Leiden stopped" in capsys.readouterr().err
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.obsm["X_cellvae"].shape == (300, 10)
+    pd.testing.assert_series_equal(written.obs["leiden"], analysed.obs["leiden"])
+    for key in ("distances", "connectivities"):
+        assert (written.obsp[key] != analysed.obsp[key]).nnz == 0
+    np.testing.assert_array_equal(written.obsm["X_umap"], analysed.obsm["X_umap"])
+    assert written.uns["neighbors"]["params"]["use_rep"] == "X_pca"
+    monkeypatch.undo()
+    assert main([*args, "--overwrite"]) == 0  # uninterrupted, cellvae's graph, clusters and UMAP replace them
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.uns["neighbors"]["params"]["use_rep"] == "X_cellvae"
+    assert not np.array_equal(written.obsm["X_umap"], analysed.obsm["X_umap"])
+    assert written.obs["leiden"].nunique() < analysed.obs["leiden"].nunique()
+
+
+def test_counts_in_a_layer_are_named_with_the_layer_option_when_x_is_normalised(tmp_path):
+    assert main(fit_args(tmp_path, n_cells=200, n_genes=40) + ["--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    normalised = ad.read_h5ad(tmp_path / "in.h5ad")
+    normalised.layers["counts"] = normalised.X.copy()
+    sc.pp.normalize_total(normalised)
+    sc.pp.log1p(normalised)
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    embed = ["embed", str(tmp_path / "normalised.h5ad"), "--model-dir", str(tmp_path / "model")]
+    embed += ["--out", str(tmp_path / "embedded.h5ad")]
+    with pytest.raises(SystemExit, match=r"adata.X has non-integer values(.|\n)*--layer NAME reads the counts from adata.layers"):
+        main(embed)
+    assert main([*embed, "--layer", "counts"]) == 0
 
 
 def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
