@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import TqdmWarning
 
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, is_backed_matrix, library_sizes, warn_user
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, Covariates, is_backed_matrix, library_sizes, warn_user
 from cellvae.distributions import seed_generators, seeded
 from cellvae.module import VAE
 
@@ -186,6 +186,8 @@ def train(
     steps_per_epoch = max(1, full + int(leftover > (1 if vae.needs_two_cells else 0)))
     warmup_steps = settings.kl_warmup_epochs * steps_per_epoch
     best = {"loss": math.inf, "state": _snapshot(vae), "epoch": -1}
+    # A new best epoch is copied here and then swapped in, so that Ctrl-C during the copy keeps the old one whole.
+    spare = _snapshot(vae)
     last_good = _snapshot(vae)
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
@@ -307,8 +309,8 @@ def train(
             warmed_up = step >= warmup_steps
             improved = not math.isfinite(best["loss"]) or monitored < best["loss"] - 1e-4 * abs(best["loss"])
             if not warmed_up or improved:
-                state = _copy_state(best["state"], last_good)
-                best = {"loss": monitored if warmed_up else math.inf, "state": state, "epoch": epoch}
+                state = _copy_state(spare, last_good)
+                best, spare = {"loss": monitored if warmed_up else math.inf, "state": state, "epoch": epoch}, best["state"]
                 epochs_without_improvement = 0
             else:
                 epochs_without_improvement += 1
@@ -463,7 +465,7 @@ def _recover(
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the run's identity includes each cell's batch and covariates
 
 
 def describe_run(
@@ -481,8 +483,19 @@ def describe_run(
     run = {k: v for k, v in asdict(settings).items() if k != "progress"}
     run["model_config_sha256"] = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     run["cells_and_counts_sha256"] = cells.hexdigest()
+    run["covariates_sha256"] = _covariates_digest(loader.covariates)  # the same counts with other batches differ
+    run["counts_streamed_from_disk"] = loader.backed  # shuffled by blocks, not as one permutation of the cells
     run["device"] = loader.device.type
     return run
+
+
+def _covariates_digest(covariates: Covariates | np.ndarray) -> str:
+    """SHA-256 of every cell's batch and covariates: their category codes and scaled values (or the matrix given)."""
+    digest = hashlib.sha256()
+    parts = [*covariates.codes, covariates.continuous] if isinstance(covariates, Covariates) else [covariates]
+    for part in parts:
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
 
 
 def write_checkpoint(

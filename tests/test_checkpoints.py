@@ -9,6 +9,7 @@ import textwrap
 import time
 import warnings
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -193,6 +194,16 @@ def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
         CellVAE(other_counts, n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match=r"different run: \['cells_and_counts_sha256'\]"):
         CellVAE(adata[::-1].copy(), n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
+    CellVAE(adata, n_hidden=8, batch_key="batch").fit(**fit, checkpoint_dir=tmp_path)
+    other_batches = adata.copy()  # the same counts, half the cells' batch labels swapped
+    swapped = other_batches.obs["batch"].to_numpy()[::2]
+    other_batches.obs.loc[other_batches.obs_names[::2], "batch"] = np.where(swapped == "batch0", "batch1", "batch0")
+    with pytest.raises(ValueError, match=r"different run: \['covariates_sha256'\]"):
+        CellVAE(other_batches, n_hidden=8, batch_key="batch").fit(**fit, checkpoint_dir=tmp_path, resume=True)
+    adata.write_h5ad(tmp_path / "cells.h5ad")  # the same cells streamed from disk are shuffled otherwise
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"different run: \['counts_streamed_from_disk'\]"):
+        CellVAE(backed, n_hidden=8, batch_key="batch").fit(**fit, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
@@ -208,8 +219,31 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 99})
     save_file(tensors, tmp_path / CHECKPOINT, metadata=meta)
-    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 1: .*resume=False"):
+    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 2: .*resume=False"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_ctrl_c_while_a_new_best_epoch_is_kept_returns_the_previous_best_whole(monkeypatch):
+    """Ctrl-C between two tensors of the copy of a newly improved epoch: the model returned is the best
+    epoch before it, all of it, not a mixture of the two."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, seed=0)
+    copy, kept_bests = cellvae.train._copy_state, []
+
+    def ctrl_c_halfway_through_the_third_best(into, state):
+        if type(state) is dict:  # from the last good parameters: a new best epoch (state_dict() is an OrderedDict)
+            if len(kept_bests) == 2:
+                half = list(state)[: len(state) // 2]
+                copy(into, {name: state[name] for name in half})
+                raise KeyboardInterrupt
+            kept_bests.append({name: tensor.clone() for name, tensor in state.items()})
+        return copy(into, state)
+
+    monkeypatch.setattr(cellvae.train, "_copy_state", ctrl_c_halfway_through_the_third_best)
+    model = CellVAE(adata, batch_key="batch", n_hidden=16, kl_warmup=1)
+    with pytest.warns(RuntimeWarning, match="training interrupted"):
+        model.fit(max_epochs=8, batch_size=32, progress=False, early_stopping=False)
+    returned = model.module.state_dict()
+    assert all(torch.equal(returned[name], tensor) for name, tensor in kept_bests[-1].items())
 
 
 def test_checkpoint_arguments_are_checked(tmp_path):
