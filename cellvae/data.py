@@ -1116,7 +1116,7 @@ class CellLoader:
         return list(self._device_order(np.asarray(cells, dtype=np.int64), True, rng)[1].split(batch_size))
 
     def _fits_on_device(self) -> bool:
-        """Whether the in-memory counts, densified, take at most a quarter of the free GPU memory."""
+        """Whether the in-memory counts, densified, and the one-hot covariates take at most a quarter of the free GPU memory."""
         if self.backed:
             return False
         if self._on_device is None:
@@ -1128,15 +1128,15 @@ class CellLoader:
         self, max_bytes: int | None = None, dtype: torch.dtype = torch.int16
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Every cell's dense counts, covariates, library size and batch code, on the loader's device
-        (None where the dense counts would take more than ``max_bytes``).
+        (None where the dense counts and one-hot covariates would take more than ``max_bytes``).
 
         The counts are stored as int16 where every one is a whole number up to 32,767 (the same values
         in half the memory of float32, so twice the cells fit on a GPU), else as float32; minibatches
         are cast to float32 after the gather. They are densified and copied ``CHUNK_BYTES`` at a time,
         so the host never holds the dense matrix (1M cells × 2,000 genes would be 8 GB of float32).
         """
-        n_cells = self.matrix.shape[0]
-        if max_bytes is not None and n_cells * self.n_genes * dtype.itemsize > max_bytes:
+        n_cells, width = self.matrix.shape[0], self.covariates.shape[1]
+        if max_bytes is not None and n_cells * (self.n_genes * dtype.itemsize + 4 * width) > max_bytes:
             return None
         counts = torch.empty((n_cells, self.n_genes), dtype=dtype, device=self.device)
         chunk_rows = max(1, CHUNK_BYTES // (4 * max(self.n_genes, 1)))
@@ -1147,9 +1147,14 @@ class CellLoader:
                 del counts  # (rare: huge counts, or NaN in a test) start again in float32
                 return self._resident_tensors(max_bytes, torch.float32)
             counts[start : start + dense.shape[0]] = torch.from_numpy(np.ascontiguousarray(dense)).to(dtype)
+        # one-hot covariates (as wide as the batches and categories), likewise a chunk at a time
+        covariates = torch.empty((n_cells, width), dtype=torch.float32, device=self.device)
+        chunk_rows = max(1, CHUNK_BYTES // (4 * max(width, 1)))
+        for start in range(0, n_cells, chunk_rows):
+            covariates[start : start + chunk_rows] = torch.from_numpy(self.covariates[start : start + chunk_rows])
         return (
             counts,
-            torch.from_numpy(self.covariates[:]).to(self.device),
+            covariates,
             torch.from_numpy(self.library[:, None]).to(self.device),
             torch.from_numpy(self.batch_index).to(self.device),
         )

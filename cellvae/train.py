@@ -287,6 +287,8 @@ def train(
                 _copy_state(last_good, vae.state_dict())
             else:
                 optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
+                if steps is not None:  # its graphs step the optimizer they were built with
+                    steps = ResidentSteps(vae, resident, optimizer)
             if world > 1:
                 *totals, seen = all_reduce_sums([*sums.values(), seen])
                 sums = dict(zip(sums, totals))
@@ -404,7 +406,8 @@ class ResidentSteps:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward writes gradients of its own
         try:
-            with torch.cuda.graph(graph):  # recorded, not run
+            # on the side stream, so on the minibatch's GPU (a capture stream of its own would be the current GPU's)
+            with torch.cuda.graph(graph, stream=side):  # recorded, not run
                 self._step(static_rows)
         except RuntimeError as error:  # an operation that cannot be captured: go on step by step
             warn_user(f"training without CUDA graphs (slower at small batches): {error}", RuntimeWarning)

@@ -13,7 +13,10 @@ from conftest import knn_accuracy
 from scipy.special import gammaln
 
 import cellvae
+from cellvae.config import Config
 from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
+from cellvae.module import VAE
+from cellvae.train import TrainSettings, train
 
 
 def loader_for(adata, device="cpu") -> CellLoader:
@@ -478,6 +481,10 @@ def test_resident_counts_that_int16_cannot_hold_stay_float32_and_too_many_stay_o
     assert loader_for(counts)._resident_tensors(max_bytes=dense_bytes - 1) is None
     assert loader_for(counts)._resident_tensors(max_bytes=dense_bytes)[0].dtype == torch.int16
     assert loader._resident_tensors(max_bytes=dense_bytes) is None  # it needs float32: twice that
+    one_hot = np.eye(7, dtype=np.float32)[np.arange(counts.n_obs) % 7]  # e.g. 7 batches: counted in the budget too
+    with_batches = CellLoader(counts.X, one_hot, library_sizes(counts.X), np.arange(counts.n_obs) % 7)
+    assert with_batches._resident_tensors(max_bytes=dense_bytes + one_hot.nbytes - 1) is None
+    np.testing.assert_array_equal(with_batches._resident_tensors(max_bytes=dense_bytes + one_hot.nbytes)[1].numpy(), one_hot)
     int16_loader = loader_for(counts)
     int16_loader._on_device = int16_loader._resident_tensors()
     batch = next(int16_loader._device_batches(np.arange(counts.n_obs), 64, False, None))
@@ -519,6 +526,37 @@ def test_the_gpu_path_run_on_the_cpu_trains_like_the_cpu_path(pbmc, monkeypatch)
     train_loss = usual.history["train_loss"].iloc[-1]
     assert abs(resident.history["train_loss"].iloc[-1] - train_loss) < 0.01 * abs(train_loss)
     assert abs(resident_accuracy - knn_accuracy(usual.get_latent(), pbmc.obs["cell_type"])) < 0.03
+
+
+@pytest.mark.parametrize("resident", [False, True])
+def test_a_nan_gradient_on_the_last_step_of_an_epoch_is_recovered_from_once_on_either_path(resident, monkeypatch):
+    """A NaN gradient whose loss is finite shows only in the parameters at the epoch's end: both ways of
+    training restore the last good parameters, halve the learning rate once and train on with the new
+    optimizer (the resident steps too, not the optimizer their graphs were built with)."""
+    n_cells, n_genes = 120, 20
+    counts = cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, seed=1, sparse=False).X.astype(np.float32)
+    loader = CellLoader(counts, np.zeros((n_cells, 0), np.float32), counts.sum(1), np.zeros(n_cells, np.int64))
+    if resident:
+        tensors = loader._resident_tensors()
+        monkeypatch.setattr(loader, "resident", lambda: tensors)
+    torch.manual_seed(0)
+    vae = VAE(Config(gene_names=[f"g{i}" for i in range(n_genes)], n_hidden=8, n_latent=2))
+    steps = []
+
+    def nan_on_the_last_step_of_the_first_epoch(grad):  # 120 cells in minibatches of 16: 8 steps an epoch
+        steps.append(1)
+        return torch.full_like(grad, float("nan")) if len(steps) == 8 else grad
+
+    vae.encoder.mean.weight.register_hook(nan_on_the_last_step_of_the_first_epoch)
+    settings = TrainSettings(
+        max_epochs=4, batch_size=16, lr=1e-2, weight_decay=0.0, kl_warmup_epochs=1, beta=1.0,
+        early_stopping=False, patience=10, random_state=0, progress=False,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+        history = train(vae, loader, np.arange(n_cells), np.arange(0), settings)
+    assert sum("non-finite" in str(warning.message) for warning in caught) == 1
+    np.testing.assert_allclose(history["lr"], 5e-3)
+    assert np.isfinite(history["train_loss"]).all() and all(torch.isfinite(p).all() for p in vae.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
