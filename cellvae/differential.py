@@ -242,7 +242,9 @@ def expected_fdr(proba_de: np.ndarray) -> np.ndarray:
     descending = -np.asarray(proba_de, dtype=np.float64)
     order = np.argsort(descending, kind="stable")
     ranked = descending[order]
-    running = np.cumsum(1.0 + ranked) / np.arange(1, len(ranked) + 1)
+    # rounded: float sums of 1 - p land a hair off exact values (1 - 0.95 gives 0.050000000000000044), which
+    # would drop a list whose expected FDR is exactly the target
+    running = np.round(np.cumsum(1.0 + ranked) / np.arange(1, len(ranked) + 1), 12)
     fdr = np.empty(len(ranked))
     fdr[order] = running[np.searchsorted(ranked, ranked, side="right") - 1]
     return fdr

@@ -50,6 +50,15 @@ def test_markers_of_a_type_rank_first_and_fold_changes_match_the_counts(simulate
     assert ((result["lfc_low"] <= result["lfc_median"]) & (result["lfc_median"] <= result["lfc_high"])).all()
 
 
+def test_the_expected_fdr_is_the_mean_local_fdr_of_the_list_and_exact_at_the_target():
+    """A list whose expected FDR is exactly the target is called: probabilities of n/1,000 draws give
+    means such as 1/20 exactly, not a hair above."""
+    for proba_de in ([0.95], [0.96, 0.94], [1.0, 1.0, 0.85], [1.0, 0.9]):
+        assert differential.expected_fdr(np.array(proba_de)).max() == 0.05
+    fdr = differential.expected_fdr(np.array([0.5, 0.99, 0.9, 0.9, 0.2]))
+    np.testing.assert_allclose(fdr, [(0.01 + 0.2 + 0.5) / 4, 0.01, 0.07, 0.07, (0.01 + 0.2 + 0.5 + 0.8) / 5])
+
+
 @pytest.mark.parametrize("settings", [{"likelihood": "zinb"}, {"likelihood": "poisson"}, {"posterior": "full"}])
 def test_markers_are_found_with_every_likelihood_and_posterior(simulated, settings):
     other = CellVAE(simulated, batch_key="batch", **settings).fit(max_epochs=40, progress=False)
