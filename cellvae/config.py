@@ -61,6 +61,10 @@ class Config:
     cellvae_version: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("dropout", "beta", "free_bits", "batch_mmd"):  # before the range checks compare them
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         checks = [
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),
             (self.dispersion in DISPERSIONS, f"dispersion must be one of {DISPERSIONS}, got {self.dispersion!r}"),
@@ -145,6 +149,9 @@ class Config:
             numbers = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             if not numbers or len(values) != len(self.continuous_covariate_keys):
                 raise ValueError(f"{name} must hold one number per continuous covariate key, got {values!r}")
+            if not all(math.isfinite(v) and (v > 0 or name.endswith("mean")) for v in values):
+                kind = "finite numbers" if name.endswith("mean") else "finite positive numbers"
+                raise ValueError(f"{name} must hold {kind} (each covariate is scaled by them), got {values!r}")
 
     @property
     def n_genes(self) -> int:
@@ -174,7 +181,7 @@ class Config:
         """Read a config written by :meth:`to_json`, refusing unknown format versions."""
         try:
             raw = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{path} is not a readable cellvae config.json ({error})") from error
         if not isinstance(raw, dict):
             raise ValueError(f"{path} is not a cellvae config.json: expected a JSON object")

@@ -952,7 +952,7 @@ class CellVAE:
         The model, on the CPU, trained if it was when saved (with a warning where Ctrl-C had stopped its
         training). Weights that fail the checksum written by :meth:`save` are refused.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise ValueError(
                 f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
@@ -974,14 +974,15 @@ class CellVAE:
             )
         try:
             with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate
-                expected = {k: tuple(v.shape) for k, v in VAE(config).state_dict().items()}
+                expected = {k: (tuple(v.shape), v.dtype) for k, v in VAE(config).state_dict().items()}
         except (TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"{path / CONFIG_FILE} describes no valid cellvae model ({error})") from error
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != found:
+        found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        if expected != found:  # save writes float32 weights (and BatchNorm's int64 count): others are not its files
             diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
             raise ValueError(
-                f"{path / WEIGHTS_FILE} does not match its config.json: tensors {diff[:5]} have other shapes or are missing"
+                f"{path / WEIGHTS_FILE} does not match its config.json: tensors {diff[:5]} have other shapes or dtypes "
+                "or are missing"
             )
         model = cls.__new__(cls)
         model._setup(config, None)
@@ -990,7 +991,7 @@ class CellVAE:
         if history_file.is_file():
             try:
                 model.history = pd.DataFrame(json.loads(history_file.read_text()))
-            except (UnicodeDecodeError, ValueError, TypeError) as error:
+            except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
                 raise ValueError(f"{history_file} is not a readable training history ({error})") from error
         model.is_trained = trained
         if metadata.get("interrupted") == "true":
@@ -1579,7 +1580,10 @@ class CellVAE:
 def is_model_folder(path: Path) -> bool:
     """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save`."""
     model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ".DS_Store"}
-    return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= model_files
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = list(path.iterdir())
+    return all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in entries)
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

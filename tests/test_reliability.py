@@ -585,6 +585,60 @@ def test_things_that_are_not_a_model_are_refused(tmp_path, saved):
             CellVAE.load(path)
 
 
+def test_deeply_nested_json_is_refused_as_unreadable(saved):
+    config = (saved / "config.json").read_text()
+    (saved / "config.json").write_text("[" * 100_000)  # deeper than Python's json parser recurses
+    with pytest.raises(ValueError, match="not a readable cellvae config.json"):
+        CellVAE.load(saved)
+    (saved / "config.json").write_text(config)
+    (saved / "history.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="not a readable training history"):
+        CellVAE.load(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int32])
+def test_weights_of_another_dtype_are_refused(saved, trained, dtype):
+    """save writes float32 weights: a file of others is not a cellvae model (loading it would cast them)."""
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in trained.module.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(saved / "model.safetensors"))
+    with pytest.raises(ValueError, match="other shapes or dtypes"):
+        CellVAE.load(saved)
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf")])
+def test_continuous_covariate_scales_that_would_break_the_embedding_are_refused(tmp_path, std):
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0)
+    adata.obs["depth"] = np.log1p(np.asarray(adata.X.sum(axis=1)).ravel())
+    CellVAE(adata, continuous_covariate_keys=["depth"]).save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["continuous_covariate_std"] = [std]  # 0 or NaN: every embedding NaN; -1 or inf: the covariate flipped or lost
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="continuous_covariate_std must hold finite positive numbers"):
+        CellVAE.load(tmp_path / "model")
+
+
+def test_a_folder_whose_subfolder_has_a_model_files_name_is_not_overwritten(trained, tmp_path):
+    folder = tmp_path / "thesis"
+    (folder / "config.json").mkdir(parents=True)  # a folder, not a model's file
+    (folder / "config.json" / "chapter1.tex").write_text("the user's work")
+    with pytest.raises(ValueError, match="overwrite=True replaces only a folder written by CellVAE.save"):
+        trained.save(folder, overwrite=True)
+    assert (folder / "config.json" / "chapter1.tex").read_text() == "the user's work"
+
+
+def test_a_model_saved_under_the_home_folder_loads_by_the_same_path(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    trained.save("~/models/pbmc")
+    assert (tmp_path / "models" / "pbmc" / "config.json").is_file()
+    assert CellVAE.load("~/models/pbmc").config == trained.config
+
+
+@pytest.mark.parametrize("name", ["dropout", "beta", "free_bits", "batch_mmd"])
+def test_a_weight_of_the_wrong_type_is_named(messy, name):
+    with pytest.raises(ValueError, match=f"{name} must be a number, got '0.1'"):
+        CellVAE(messy, **{name: "0.1"})
+
+
 def test_save_refuses_to_overwrite_unless_asked(trained, saved):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         trained.save(saved)
