@@ -847,7 +847,7 @@ class CellVAE:
                 frame.loc[~measured, :] = np.nan  # genes the data lack (read as zeros) say nothing
                 frame["expected_fdr"] = np.nan
                 frame.loc[measured, "expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy()[measured])
-                frame["is_de"] = frame["expected_fdr"] <= fdr_target
+                frame["is_de"] = frame["expected_fdr"] <= round(fdr_target, 12)  # as expected_fdr is rounded
                 for suffix, cells in (("1", cells1), ("2", differential.second_group(labelled, cells1, cells2))):
                     nonzero, normalized = observed(cells)
                     frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)

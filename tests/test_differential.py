@@ -55,6 +55,8 @@ def test_the_expected_fdr_is_the_mean_local_fdr_of_the_list_and_exact_at_the_tar
     means such as 1/20 exactly, not a hair above."""
     for proba_de in ([0.95], [0.96, 0.94], [1.0, 1.0, 0.85], [1.0, 0.9]):
         assert differential.expected_fdr(np.array(proba_de)).max() == 0.05
+    target = 1 - 3 / 7  # more decimals than the rounding keeps: compared at 12 decimals too
+    assert differential.expected_fdr(np.array([3 / 7])).max() <= round(target, 12)
     fdr = differential.expected_fdr(np.array([0.5, 0.99, 0.9, 0.9, 0.2]))
     np.testing.assert_allclose(fdr, [(0.01 + 0.2 + 0.5) / 4, 0.01, 0.07, 0.07, (0.01 + 0.2 + 0.5 + 0.8) / 5])
 
