@@ -61,9 +61,10 @@ class Config:
     cellvae_version: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("dropout", "beta", "free_bits", "batch_mmd"):  # before the range checks compare them
+        # before the range checks compare them (a bool passes here as before: check_new_model refuses it in new models)
+        for name in ("dropout", "beta", "free_bits", "batch_mmd"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
         checks = [
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),

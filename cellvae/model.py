@@ -1582,8 +1582,7 @@ def is_model_folder(path: Path) -> bool:
     model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ".DS_Store"}
     if not path.is_dir() or path.is_symlink():
         return False
-    entries = list(path.iterdir())
-    return all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in entries)
+    return all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in path.iterdir())
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:
