@@ -9,8 +9,9 @@ timings are cached (``--cache``) between stages:
     python benchmarks/integration.py map     --datasets cellbench_3cl --seeds 0
     python benchmarks/integration.py summary
 
-``embed`` trains cellvae and scVI (``--seeds``) and computes PCA and Harmony on all genes of a
-dataset; ``score`` runs ``scib_metrics.benchmark.Benchmarker`` on every cached embedding and writes
+``embed`` trains cellvae and scVI (``--seeds``) and computes PCA and Harmony on the same genes of a
+dataset (all of them, or its 2,000 most variable where it has more); ``score`` runs
+``scib_metrics.benchmark.Benchmarker`` on every cached embedding and writes
 ``results/integration_<dataset>.csv``; ``kmeans`` re-clusters every cached embedding with 10 KMeans
 starts to show how much of scib's one-start KMeans ARI/NMI is chance; ``map`` holds out one batch,
 trains on the rest, maps the held-out batch (cellvae ``map_query``; scVI ``load_query_data``; scANVI
@@ -342,6 +343,9 @@ def stage_map(args) -> None:
         for key in ("batch", "cell_type"):
             ref.obs[key] = ref.obs[key].cat.remove_unused_categories()
             query.obs[key] = query.obs[key].cat.remove_unused_categories()
+        if args.cellvae_kwargs.get("batch_mmd") and ref.obs["batch"].nunique() < 2:
+            print(f"{dataset}: skipped, batch_mmd has no effect on a reference of one batch ({held_out} held out)")
+            continue
         rows, embeddings = [], {}
         order = np.concatenate([np.flatnonzero(~is_query), np.flatnonzero(is_query)])
         combined = adata[order].copy()
