@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream the counts of an .h5ad from disk instead of loading them (for files larger than memory; "
         "under torchrun each process then reads only its own part of the cells)",
     )
-    fit.add_argument("--layer", default=None, help="layer with raw counts (default: X)")
+    fit.add_argument("--layer", default=None, help="layer with the raw counts, or X (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of batches to integrate")
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     fit.add_argument("--n-latent", type=positive_int, default=10, help="latent dimensions (default: 10)")
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--embedding-only",
         action="store_true",
-        help="write only the embedding (obsm and uns['cellvae']) to --out, without neighbours, UMAP and Leiden "
+        help="write only the embedding (obsm[KEY_ADDED] and its settings in uns['cellvae'], or in uns[KEY_ADDED] "
+        "for another key) to --out, without neighbours, UMAP and Leiden "
         "(for atlases where you run those yourself, e.g. on a GPU)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory and --out file")
@@ -173,9 +174,10 @@ def run_fit(args: argparse.Namespace) -> int:
         raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
     _check_input_and_output(args)
     _check_model_dir(args)
-    adata = _read(args.input, backed=args.backed, layer=args.layer)
+    layer = None if args.layer == "X" else args.layer
+    adata = _read(args.input, backed=args.backed, layer=layer)
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
-    model_kwargs = {"layer": args.layer, "batch_key": args.batch_key, "n_latent": args.n_latent, "likelihood": args.likelihood}
+    model_kwargs = {"layer": layer, "batch_key": args.batch_key, "n_latent": args.n_latent, "likelihood": args.likelihood}
     fit_kwargs = {
         "batch_size": args.batch_size,
         "device": args.device,

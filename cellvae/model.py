@@ -245,8 +245,9 @@ class CellVAE:
     ) -> CellVAE:
         """Train on the AnnData the model was built on; returns the model.
 
-        Cells with zero total counts carry no information and are left out of training with a
-        warning (they are still embedded by :meth:`get_latent`). ``model.history`` holds the
+        That AnnData (or the one given to :meth:`load`) must hold every gene of the model. Cells with
+        zero total counts carry no information and are left out of training with a warning (they are
+        still embedded by :meth:`get_latent`). ``model.history`` holds the
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
         keeps the parameters of its best epoch (lowest validation loss after the KL warm-up). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
@@ -740,7 +741,8 @@ class CellVAE:
         random_state
             Seed of the cells, weights and latent draws.
         batch_size
-            Latent codes decoded per forward pass.
+            Latent codes decoded per forward pass. The draws are taken from the stream in chunks of this
+            size, so another ``batch_size`` gives other draws (results that differ by Monte Carlo noise).
 
         Returns
         -------
@@ -756,7 +758,8 @@ class CellVAE:
             ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
             (observed: share of cells with a count, mean counts per 10,000); ``group1`` and ``group2``.
             Genes of the model missing from ``adata`` (read as zeros) get no statistics (NaN, not called)
-            and come last. Each comparison's draws depend only on ``random_state`` and its two groups.
+            and come last. Each comparison's draws depend on ``random_state``, its two groups and
+            ``n_draws``, ``max_cells`` and ``batch_size``, not on the other comparisons requested.
         """
         for name, value in (("delta", delta), ("fdr_target", fdr_target)):
             value = _native(value)
@@ -944,8 +947,9 @@ class CellVAE:
         path
             The folder written by :meth:`save`.
         adata
-            Becomes the default data of :meth:`get_latent`, :meth:`fit` and the other methods;
-            ``None``: pass an AnnData to each call.
+            Becomes the default data of :meth:`get_latent`, :meth:`fit` and the other methods
+            (genes matched by name; :meth:`fit` needs all of the model's); ``None``: pass an AnnData to
+            each call.
 
         Returns
         -------

@@ -298,16 +298,16 @@ def rank_genes_groups(
 
     Returns
     -------
-    None. Writes ``adata.uns[key_added]`` with ``names`` (each group's genes, up-regulated first:
-    ordered by ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta),
-    in [−1, 1]), ``logfoldchanges`` (posterior mean log2 fold change, shrunk), ``pvals`` (the local false
-    discovery rate 1 − P(|lfc| > delta)), ``pvals_adj`` (the posterior expected false discovery rate
-    of calling this gene and all genes with a higher P(|lfc| > delta), a property of the list, not of the
-    gene alone; both are Bayesian, not frequentist p-values, and at least 1 / (n_draws + 1), the
-    resolution of the draws; ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes
-    called at a 5% expected FDR) and ``params``; with ``pts=True`` also ``pts`` and ``pts_rest`` (share of the
-    group's and the reference's cells with a non-zero count). Genes of the model missing from ``adata`` are
-    left out.
+    None. Writes ``adata.uns[key_added]`` with ``names`` (each group's genes, up-regulated first: ordered by
+    ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta), in [−1, 1]),
+    ``logfoldchanges`` (posterior mean log2 fold change, shrunk), ``pvals`` (the local false discovery rate 1
+    − P(|lfc| > delta)), ``pvals_adj`` (the posterior expected false discovery rate of calling this gene and
+    all genes with a higher P(|lfc| > delta), a property of the list, not of the gene alone; both are
+    Bayesian, not frequentist p-values, and at least 1 / (n_draws + 1), the resolution of the draws;
+    ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes whose expected FDR is below 5%;
+    ``is_de`` of ``differential_expression`` also calls a list at exactly 5%) and ``params``; with
+    ``pts=True`` also ``pts`` and ``pts_rest`` (share of the group's and the reference's cells with a non-zero
+    count). Genes of the model missing from ``adata`` are left out.
     """
     _writable(adata, "adata")
     if groupby not in adata.obs.columns:

@@ -183,6 +183,15 @@ def test_a_file_written_by_newer_anndata_with_pandas_strings_is_written_back(tmp
     assert written.obs["donor"].astype(str).tolist() == data.obs["donor"].astype(str).tolist()
 
 
+def test_fit_layer_x_reads_adata_x_as_embed_does(tmp_path):
+    """--layer X (the default the help names) trains on adata.X instead of looking for a layer called X."""
+    cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    assert main(["fit", str(tmp_path / "in.h5ad"), "--layer", "X", *outputs, "--embedding-only", "--epochs", "1", "--quiet"]) == 0
+    assert cellvae.CellVAE.load(tmp_path / "model").config.layer is None
+    assert ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_cellvae"].shape == (200, 10)
+
+
 def test_fit_precision_option_reaches_the_model(tmp_path):
     """--precision bfloat16 trains exactly as fit(precision="bfloat16") with the same seed; bad values are refused."""
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
