@@ -100,6 +100,7 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
+    _own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
     return model
@@ -218,6 +219,7 @@ def transfer_labels(
             unknown |= novelty > novelty_threshold
         predicted[unknown] = "Unknown"
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
+    _own_data(query_adata)
     query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)
     query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{label_key}_novelty"] = novelty
@@ -379,6 +381,7 @@ def rank_genes_groups(
     }
     if pts:
         ranking |= {"pts": pd.DataFrame(shares).loc[genes], "pts_rest": pd.DataFrame(shares_rest).loc[genes]}
+    _own_data(adata)
     adata.uns[key_added] = ranking
 
 
@@ -684,12 +687,17 @@ def latent_shift(
 
 
 def _writable(adata: ad.AnnData, name: str) -> None:
-    """Refuse a view of a backed AnnData (anndata cannot write into one); make an in-memory view its own
-    AnnData now, as writing the results would, rather than after the work (anndata warns when it does)."""
+    """Refuse, before any work, a view of a backed AnnData (anndata cannot write into one)."""
     if adata.is_view and adata.isbacked:
         raise ValueError(
             f"{name} is a view of a backed AnnData, into which anndata cannot write results; pass "
             f"{name}.to_memory() (in memory) or {name}.copy(filename='subset.h5ad') (a new backed file)"
         )
+
+
+def _own_data(adata: ad.AnnData) -> None:
+    """Make an in-memory view its own AnnData just before results are written into it, as anndata would,
+    but without its ImplicitModificationWarning (which under ``-W error`` would throw the work away). A call
+    that fails earlier leaves the view a view."""
     if adata.is_view:
         adata._init_as_actual(adata.copy())

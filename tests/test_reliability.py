@@ -166,7 +166,7 @@ def test_public_functions_leave_the_anndata_unchanged(name, messy, trained, tmp_
     assert_unchanged(before, adata)
 
 
-def test_embed_writes_only_its_documented_keys(messy):
+def test_embed_writes_only_its_documented_keys(messy, trained):
     adata = messy.copy()
     before = adata.copy()
     with warnings.catch_warnings():
@@ -180,13 +180,20 @@ def test_embed_writes_only_its_documented_keys(messy):
         cellvae.tl.embed(adata, layer="counts", max_epochs=1, progress=False, **TINY)
     assert adata.uns["X_mine"]["params"]["batch_key"] == "batch" and adata.uns["cellvae"]["params"]["batch_key"] is None
     # On a view (e.g. the variable genes, adata[:, adata.var.highly_variable]) both keys land, as in scanpy;
-    # the view becomes its own AnnData before training (not with anndata's warning when the results are
-    # written, which under -W error would throw the trained model away), keeping the parent's other uns
-    # entries, and the parent is left alone.
+    # the view becomes its own AnnData when the results are written (not with anndata's warning, which under
+    # -W error would throw the trained model away), keeping the parent's other uns entries, and the parent is
+    # left alone. A call refused for bad input leaves the view a view (no copy of the data for an error).
     parent = messy.copy()
     parent.uns["cellvae"] = {"note": "kept"}
     untouched = parent.copy()
     view = parent[:, 1:]
+    with pytest.raises(KeyError, match="no_such_column"):
+        cellvae.tl.embed(view, layer="counts", batch_key="no_such_column", max_epochs=1, progress=False, **TINY)
+    with pytest.raises(KeyError, match="no_such_column"):
+        cellvae.tl.rank_genes_groups(view, "no_such_column", model=trained)
+    with pytest.raises(KeyError, match="no_such_column"):
+        cellvae.tl.transfer_labels(parent, view, "no_such_column")
+    assert view.is_view
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", ad.ImplicitModificationWarning)
