@@ -271,7 +271,8 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         raise ValueError(
             f"{where} has negative values (min {values.min():.3g}); it looks scaled or centred. "
             "cellvae needs raw counts: build the model with layer=... naming them (a trained model reads them "
-            "where it was trained: X or that layer)"
+            "where it was trained, X or that layer: give it counts kept elsewhere as an AnnData of their own, e.g. "
+            "ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var))"
         )
     _check_largest_count(values, where)
     fractional = values != np.round(values)
@@ -286,7 +287,9 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         raise ValueError(
             f"{where} has non-integer values (e.g. {example!s}); it looks normalised or log-transformed. "
             "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
-            "trained model reads them where it was trained: X or that layer), or rebuild an AnnData from adata.raw. "
+            "trained model reads them where it was trained, X or that layer: give it counts kept elsewhere as an "
+            "AnnData of their own, e.g. ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)), or "
+            "rebuild an AnnData from adata.raw. "
             "If these are estimated or ambient-corrected counts (e.g. from alevin, SoupX or decontX), round them "
             "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
         )

@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -1010,3 +1011,16 @@ def test_a_model_saved_with_settings_older_cellvae_accepted_still_loads(tmp_path
     np.testing.assert_array_equal(loaded.get_latent(), model.get_latent())
     with pytest.raises(ValueError, match="a Poisson likelihood has no dispersion"):
         CellVAE(adata, batch_key="batch", likelihood="poisson", dispersion="gene-batch")
+
+
+def test_a_model_trained_on_x_after_scanpys_normalisation_names_the_way_to_its_counts(messy):
+    """Trained on counts in X, then X normalised as scanpy's tutorials do: the error shows how to hand the
+    trained model its counts from a layer, and that way gives the embedding of the counts."""
+    counts = ad.AnnData(X=messy.layers["counts"].copy(), obs=messy.obs[["batch"]].copy(), var=messy.var[[]].copy())
+    model = quiet_fit(CellVAE(counts, batch_key="batch", n_latent=3, n_hidden=16))
+    expected = model.get_latent()
+    adata = messy.copy()  # log-normalised X, the counts in layers["counts"]
+    with pytest.raises(ValueError, match=re.escape("ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)")):
+        model.get_latent(adata)
+    given = ad.AnnData(X=adata.layers["counts"], obs=adata.obs, var=adata.var)
+    np.testing.assert_array_equal(model.get_latent(given), expected)
