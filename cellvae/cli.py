@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -331,10 +332,60 @@ def _write(adata, out: str) -> None:
         # An input written by anndata 0.13 with pandas 3 holds pandas string arrays, which anndata 0.12 writes
         # only when allowed; the output keeps them as the input stored them.
         with ad.settings.override(allow_write_nullable_strings=True):
-            ad.AnnData.write_h5ad(adata, partial)
+            if any(_on_disk(matrix) for matrix in _matrices(adata)):
+                _write_copying_on_disk_matrices_in_blocks(adata, partial)
+            else:
+                ad.AnnData.write_h5ad(adata, partial)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+COPY_BLOCK = 1 << 24  # stored values (or dense rows × genes) copied at once from a backed input to --out
+
+
+def _matrices(adata) -> list:
+    return [adata.X, *adata.layers.values(), *([adata.raw.X] if adata.raw is not None else [])]
+
+
+def _on_disk(elem) -> bool:
+    import h5py
+    import zarr
+    from anndata.abc import CSCDataset, CSRDataset
+
+    return isinstance(elem, (CSRDataset, CSCDataset, h5py.Dataset, zarr.Array))
+
+
+def _write_copying_on_disk_matrices_in_blocks(adata, path: Path) -> None:
+    """Write ``adata`` as anndata would, but copy its count matrices that are still on disk (a backed file,
+    a Zarr store) a block at a time: anndata reads each stored array of them into memory whole, which for a
+    file larger than memory would fail after training."""
+    import h5py
+    from anndata.experimental import write_dispatched
+
+    def write(write_elem, store, key, elem, *, dataset_kwargs, iospec) -> None:
+        if not _on_disk(elem):
+            write_elem(store, key, elem, dataset_kwargs=dataset_kwargs)
+        elif hasattr(elem, "format"):  # anndata's backed CSR/CSC: its three arrays, as anndata stores them
+            group = store.require_group(key)
+            group.attrs.update({"encoding-type": f"{elem.format}_matrix", "encoding-version": "0.1.0"})
+            group.attrs["shape"] = tuple(int(n) for n in elem.shape)
+            for name in ("data", "indices", "indptr"):
+                _copy_in_blocks(elem.group[name], group, name, COPY_BLOCK)
+        else:  # a dense array, whole rows at a time
+            rows = max(1, COPY_BLOCK // max(1, math.prod(elem.shape[1:])))
+            _copy_in_blocks(elem, store, key, rows)
+            store[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+    adata.strings_to_categoricals()  # as anndata's write_h5ad does
+    with h5py.File(path, "w") as file:
+        write_dispatched(file, "/", adata, callback=write)
+
+
+def _copy_in_blocks(source, group, name: str, rows: int) -> None:
+    target = group.create_dataset(name, shape=source.shape, dtype=source.dtype)
+    for start in range(0, source.shape[0], rows):
+        target[start : start + rows] = source[start : start + rows]
 
 
 def _read(path: str, backed: bool = False, layer: str | None = None):

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -36,6 +38,8 @@ with warnings.catch_warnings():  # a notebook without ipywidgets gets the text p
     from tqdm.auto import tqdm
 
 MAX_NONFINITE_RETRIES = 5
+# In a process group, the ranks agree on a Ctrl-C every this many minibatches and at each epoch's end.
+INTERRUPT_CHECK_STEPS = 16
 # BatchNorm's running statistics stay per rank between epochs (average_statistics); torch 2.13 renamed the option.
 # (forward_sync_buffers=False still broadcasts rank 0's buffers when DDP starts: the same on every rank anyway.)
 NO_BUFFER_SYNC_IN_FORWARD = (
@@ -150,6 +154,43 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
     return {k: v / max(len(cells), 1) for k, v in totals.items()}
 
 
+class AgreedInterrupt:
+    """Ctrl-C that every rank of a process group acts on at the same minibatch.
+
+    A rank that stopped alone at its own Ctrl-C would leave the others waiting in a collective (a terminal
+    or ``srun`` signals each process at a slightly different moment). While training in a process group,
+    Ctrl-C only sets a flag; :meth:`check` all-reduces it at points that every rank reaches in the same
+    order and raises ``KeyboardInterrupt`` on all of them. A second Ctrl-C stops this rank at once. With one
+    process (or outside the main thread, where Python cannot handle signals) Ctrl-C raises as usual.
+    """
+
+    def __init__(self, world: int):
+        self.shared = world > 1
+        self.requested = False
+        self.previous = None
+
+    def listen(self) -> None:
+        """Take over Ctrl-C (only from Python's default handler: a caller's own handler is left alone)."""
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if self.shared and in_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C raises here and now
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` on every rank if Ctrl-C reached any of them (a collective: all ranks call it)."""
+        if self.shared and all_reduce_max([float(self.requested)])[0]:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        """Give Ctrl-C back to the handler it had before :meth:`listen`."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 @seeded(None)  # train seeds torch with its random_state; the caller's generator state is restored after
 def train(
     vae: VAE,
@@ -240,7 +281,9 @@ def train(
 
     vae.train()
     vae.set_compute_dtype(PRECISIONS[settings.precision])
+    interrupts = AgreedInterrupt(world)
     try:
+        interrupts.listen()
         for epoch in epochs:
             started = time.perf_counter()
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
@@ -259,7 +302,10 @@ def train(
                     optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
                     steps = ResidentSteps(vae, resident, optimizer)
             else:
-                for mb in loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True):
+                batches = loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True)
+                for position, mb in enumerate(batches):
+                    if position and position % INTERRUPT_CHECK_STEPS == 0:  # every rank has as many minibatches
+                        interrupts.check()
                     bar.update(len(mb.cell_index) * world)
                     if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
                         continue
@@ -325,6 +371,7 @@ def train(
             if stop:
                 bar.total = bar.n  # stopped early: the bar ends full
                 break
+            interrupts.check()
     except KeyboardInterrupt:
         if not rows:  # no epoch finished: nothing of this run to keep (the caller puts the model back)
             raise
@@ -332,6 +379,7 @@ def train(
         warn_user(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning)
         interrupted = True
     finally:
+        interrupts.restore()
         bar.close()
         vae.set_compute_dtype(None)
     if best["epoch"] >= 0:
@@ -694,10 +742,20 @@ def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str
     Rank ``r`` of ``N`` checks and sums the ``r``-th contiguous ``1/N`` of the cells, then the ranks
     add up their parts. If any rank finds invalid counts, every rank raises (that rank with the
     details), so none waits forever for the others. In-memory matrices (every rank holds all of
-    them) and single processes are checked and summed whole.
+    them) and single processes are checked and summed whole; ranks that disagree on which it is
+    all raise.
     """
     rank, world = rank_and_world()
-    if world == 1 or not is_backed_matrix(matrix):
+    if world == 1:
+        return library_sizes(matrix, columns, check_as=check_as)
+    backed = float(is_backed_matrix(matrix))
+    some_backed, negated_all_backed = all_reduce_max([backed, -backed])
+    if some_backed != -negated_all_backed:
+        raise ValueError(
+            f"some processes of this data-parallel run read {check_as} from disk (a backed or Zarr AnnData) and others "
+            "from memory: every process must call fit on the same AnnData, opened the same way"
+        )
+    if not backed:
         return library_sizes(matrix, columns, check_as=check_as)
     bounds = np.linspace(0, matrix.shape[0], world + 1).astype(np.int64)
     rows = range(int(bounds[rank]), int(bounds[rank + 1]))

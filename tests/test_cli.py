@@ -192,6 +192,45 @@ def test_fit_layer_x_reads_adata_x_as_embed_does(tmp_path):
     assert ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_cellvae"].shape == (200, 10)
 
 
+def test_out_copies_a_backed_or_zarr_inputs_counts_a_block_at_a_time(tmp_path, monkeypatch):
+    """Writing --out for an input left on disk (--backed .h5ad, .zarr) copies its count matrices (X, layers,
+    raw) in blocks: anndata would read each stored array whole, which fails after training on a file larger
+    than memory. The copy is exact."""
+    import tracemalloc
+
+    from cellvae import cli
+
+    data = cellvae.datasets.simulate(n_cells=4000, n_genes=200, seed=0)
+    data.layers["counts"] = data.X.copy()
+    data.raw = data.copy()
+    data.write_h5ad(tmp_path / "in.h5ad")
+    data.write_zarr(tmp_path / "in.zarr")
+    dense = ad.AnnData(X=data.X.toarray(), obs=data.obs, var=data.var)
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    monkeypatch.setattr(cli, "COPY_BLOCK", 10_000)
+    stored = data.X.data.nbytes  # one of the arrays anndata would have read whole (Zarr reads whole storage chunks)
+    opened = {
+        "backed": ad.read_h5ad(tmp_path / "in.h5ad", backed="r"),
+        "zarr": cellvae.read_zarr_lazy(tmp_path / "in.zarr"),
+        "dense": ad.read_h5ad(tmp_path / "dense.h5ad", backed="r"),
+    }
+    for kind, adata in opened.items():
+        adata.obsm["X_new"] = np.arange(adata.n_obs * 2, dtype=np.float32).reshape(-1, 2)
+        tracemalloc.start()
+        cli._write(adata, str(tmp_path / f"{kind}_out.h5ad"))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < stored / 2, f"{kind}: {peak:,} bytes traced while writing, against {stored:,} in X's values"
+        written = ad.read_h5ad(tmp_path / f"{kind}_out.h5ad")
+        np.testing.assert_array_equal(written.obsm["X_new"], adata.obsm["X_new"])
+        assert written.obs.equals(data.obs) and written.var_names.equals(data.var_names)
+        if kind == "dense":
+            np.testing.assert_array_equal(written.X, dense.X)
+            continue
+        for matrix in (written.X, written.layers["counts"], written.raw.X):
+            assert matrix.format == "csr" and matrix.dtype == data.X.dtype and (matrix != data.X).nnz == 0
+
+
 def test_fit_precision_option_reaches_the_model(tmp_path):
     """--precision bfloat16 trains exactly as fit(precision="bfloat16") with the same seed; bad values are refused."""
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)

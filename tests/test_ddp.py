@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,48 @@ def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
     assert first.keys() == second.keys() and any("running_mean" in key for key in first)
     for key in first:
         assert torch.equal(first[key], second[key]), f"{key} differs between the ranks"
+
+
+def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
+    import datetime
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    # a short timeout: a rank left waiting in a collective fails the test in 40 s rather than 30 minutes
+    timeout = datetime.timedelta(seconds=40)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout)
+    torch.set_num_threads(1)
+    adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, seed=3)
+    if rank == 1:  # as when a terminal or srun signals the processes at slightly different moments
+
+        def ctrl_c_once_training() -> None:
+            deadline = time.monotonic() + 60
+            while signal.getsignal(signal.SIGINT) is signal.default_int_handler and time.monotonic() < deadline:
+                time.sleep(0.05)  # until fit takes over Ctrl-C
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=ctrl_c_once_training, daemon=True).start()
+    model = cellvae.CellVAE(adata, batch_key="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank 0 warns "training interrupted at epoch ..."
+        model.fit(max_epochs=5000, early_stopping=False, batch_size=32, progress=False, device="cpu")
+    weights = float(sum(parameter.detach().double().abs().sum() for parameter in model.module.parameters()))
+    record = {"epochs": len(model.history), "interrupted": model.history.attrs["interrupted"], "weights": weights}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()  # the ranks are still in step: what the user's script does next works
+    dist.destroy_process_group()
+
+
+def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_epoch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ctrl_c_on_rank_one_only, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
+    assert first == second
+    assert first["interrupted"] and 1 <= first["epochs"] < 5000
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
@@ -177,6 +220,11 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
         cellvae.CellVAE(adata, batch_key="batch").fit(**fit, random_state=rank)
     except ValueError as error:
         (out / f"seeds{rank}.txt").write_text(str(error))
+    try:  # rank 0 reads the file into memory, the others open it backed: refused on every rank
+        opened = adata if rank == 0 else ad.read_h5ad(path, backed="r")
+        cellvae.CellVAE(opened, batch_key="batch").fit(**fit)
+    except ValueError as error:
+        (out / f"opened{rank}.txt").write_text(str(error))
     reference = adata[adata.obs["batch"] == "batch0"].copy()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -207,6 +255,7 @@ def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_s
     mp.spawn(_script_on_rank, args=(2, str(tmp_path / "init2"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2)
     for rank in range(2):
         assert "given different data or settings" in (tmp_path / f"seeds{rank}.txt").read_text()
+        assert "from disk (a backed or Zarr AnnData) and others from memory" in (tmp_path / f"opened{rank}.txt").read_text()
     assert "have zero total counts" in (tmp_path / "warnings0.txt").read_text()
     assert (tmp_path / "warnings1.txt").read_text() == ""  # the ranks run the same checks: rank 0 tells
     for rank in range(2):
