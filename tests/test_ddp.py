@@ -79,6 +79,9 @@ def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout)
     torch.set_num_threads(1)
     adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, seed=3)
+    # Ctrl-C as in a terminal: a process started in the background of a shell script (as CI may be) inherits
+    # SIGINT ignored, and cellvae then leaves it so (fit takes over only Python's default handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if rank == 1:  # as when a terminal or srun signals the processes at slightly different moments
 
         def ctrl_c_once_training() -> None:
