@@ -358,32 +358,36 @@ def _on_disk(elem) -> bool:
 
 def _write_copying_on_disk_matrices_in_blocks(adata, path: Path) -> None:
     """Write ``adata`` as anndata would, but copy its count matrices that are still on disk (a backed file,
-    a Zarr store) a block at a time: anndata reads each stored array of them into memory whole, which for a
-    file larger than memory would fail after training."""
+    a Zarr store) a block at a time: anndata reads each stored array of a sparse one into memory whole, which
+    for a file larger than memory would fail after training."""
     import h5py
     from anndata.experimental import write_dispatched
 
     def write(write_elem, store, key, elem, *, dataset_kwargs, iospec) -> None:
+        if elem is None and key.rsplit("/", 1)[-1] == "raw" and store.name == "/":
+            return  # no raw: nothing is written (as anndata's write_h5ad), not an element "raw" holding None
         if not _on_disk(elem):
             write_elem(store, key, elem, dataset_kwargs=dataset_kwargs)
         elif hasattr(elem, "format"):  # anndata's backed CSR/CSC: its three arrays, as anndata stores them
             group = store.require_group(key)
             group.attrs.update({"encoding-type": f"{elem.format}_matrix", "encoding-version": "0.1.0"})
             group.attrs["shape"] = tuple(int(n) for n in elem.shape)
-            for name in ("data", "indices", "indptr"):
-                _copy_in_blocks(elem.group[name], group, name, COPY_BLOCK)
+            for name in ("data", "indices", "indptr"):  # resizable, as anndata writes them (for appending)
+                _copy_in_blocks(elem.group[name], group, name, COPY_BLOCK, maxshape=(None,))
         else:  # a dense array, whole rows at a time
             rows = max(1, COPY_BLOCK // max(1, math.prod(elem.shape[1:])))
             _copy_in_blocks(elem, store, key, rows)
             store[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
     adata.strings_to_categoricals()  # as anndata's write_h5ad does
+    if adata.raw is not None:
+        adata.strings_to_categoricals(adata.raw.var)
     with h5py.File(path, "w") as file:
         write_dispatched(file, "/", adata, callback=write)
 
 
-def _copy_in_blocks(source, group, name: str, rows: int) -> None:
-    target = group.create_dataset(name, shape=source.shape, dtype=source.dtype)
+def _copy_in_blocks(source, group, name: str, rows: int, maxshape: tuple | None = None) -> None:
+    target = group.create_dataset(name, shape=source.shape, dtype=source.dtype, maxshape=maxshape)
     for start in range(0, source.shape[0], rows):
         target[start : start + rows] = source[start : start + rows]
 
