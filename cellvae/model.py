@@ -28,6 +28,7 @@ from cellvae.distributions import seeded
 from cellvae.module import VAE
 from cellvae.train import (
     PRECISIONS,
+    AgreedInterrupt,
     TrainSettings,
     default_kl_warmup,
     default_max_epochs,
@@ -349,79 +350,91 @@ class CellVAE:
                 "that has all its genes"
             )
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
-        loader, cells = self._loader(self.adata, setup_distributed(pick_device(device)), all_ranks=True)
-        nonempty = cells[loader.library[cells] > 0]
-        if len(nonempty) < len(cells):
-            data.warn_user(
-                f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training; "
-                "drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
-                UserWarning,
-            )
-        if len(nonempty) < data.MIN_CELLS:
-            raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
-        train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
-        if self.config.normalization == "batch" and len(train_cells) < 2:
-            raise ValueError(
-                f"normalization='batch' normalises over each minibatch, so it needs at least 2 training cells; "
-                f"validation_size={validation_size} leaves {len(train_cells)}"
-            )
-        epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
-        warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
-        if not query and warmup > epochs:
-            data.warn_user(
-                f"kl_warmup={warmup} epochs is longer than the {epochs} epochs of training: the KL weight ends at about "
-                f"{epochs / warmup:.2g} × beta, so the model trains as if beta were smaller, and early stopping, which "
-                "waits for the warm-up to end, never starts; lower kl_warmup or raise max_epochs",
-                UserWarning,
-            )
-        settings = TrainSettings(
-            max_epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            kl_warmup_epochs=0 if query else warmup,
-            beta=self.config.beta,
-            early_stopping=early_stopping,
-            patience=patience,
-            random_state=random_state,
-            progress=progress,
-            precision=precision,
-        )
-        if not self.is_trained:
-            # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
-            with seeded(random_state):
-                self.module = VAE(self.config)
-        # A trained model that fails to train further is given back as it was (not half-trained or non-finite).
-        before = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.is_trained else None
-        # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
-        probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
-        try:
-            self.device = loader.device
-            self.module.to(self.device)
-            start_loss = self._mean_loss(loader, probe, batch_size, random_state)
-            with _reference_frozen(self.module) if query else nullcontext():
-                history = train(
-                    self.module, loader, train_cells, validation_cells, settings, checkpoint_dir, checkpoint_every, resume
+        training_device = setup_distributed(pick_device(device))
+        # Ctrl-C while the ranks read and sum the counts (collectives) is agreed too; train gives it back.
+        with AgreedInterrupt(rank_and_world()[1]) as interrupts:
+            loader, cells = self._loader(self.adata, training_device, all_ranks=True)
+            nonempty = cells[loader.library[cells] > 0]
+            if len(nonempty) < len(cells):
+                data.warn_user(
+                    f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training; "
+                    "drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
+                    UserWarning,
                 )
-        except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
-            self.module.to("cpu")
-            self.device = torch.device("cpu")
-            if before is not None:
-                self.module.load_state_dict(before)
-            self.module.eval()
-            if isinstance(error, Exception) and self.adata.isbacked and not self.adata.file.is_open:
+            if len(nonempty) < data.MIN_CELLS:
+                raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
+            train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
+            if self.config.normalization == "batch" and len(train_cells) < 2:
                 raise ValueError(
-                    f"the backed file {self.adata.filename} was closed while fit was reading it; keep it open until fit returns"
+                    f"normalization='batch' normalises over each minibatch, so it needs at least 2 training cells; "
+                    f"validation_size={validation_size} leaves {len(train_cells)}"
+                )
+            epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
+            warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
+            if not query and warmup > epochs:
+                data.warn_user(
+                    f"kl_warmup={warmup} epochs is longer than the {epochs} epochs of training: the KL weight ends at about "
+                    f"{epochs / warmup:.2g} × beta, so the model trains as if beta were smaller, and early stopping, which "
+                    "waits for the warm-up to end, never starts; lower kl_warmup or raise max_epochs",
+                    UserWarning,
+                )
+            settings = TrainSettings(
+                max_epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                kl_warmup_epochs=0 if query else warmup,
+                beta=self.config.beta,
+                early_stopping=early_stopping,
+                patience=patience,
+                random_state=random_state,
+                progress=progress,
+                precision=precision,
+            )
+            if not self.is_trained:
+                # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
+                with seeded(random_state):
+                    self.module = VAE(self.config)
+            # A trained model that fails to train further is given back as it was (not half-trained or non-finite).
+            before = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.is_trained else None
+            # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
+            probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
+            try:
+                self.device = loader.device
+                self.module.to(self.device)
+                start_loss = self._mean_loss(loader, probe, batch_size, random_state)
+                with _reference_frozen(self.module) if query else nullcontext():
+                    history = train(
+                        self.module,
+                        loader,
+                        train_cells,
+                        validation_cells,
+                        settings,
+                        checkpoint_dir,
+                        checkpoint_every,
+                        resume,
+                        interrupts=interrupts,
+                    )
+            except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
+                self.module.to("cpu")
+                self.device = torch.device("cpu")
+                if before is not None:
+                    self.module.load_state_dict(before)
+                self.module.eval()
+                if isinstance(error, Exception) and self.adata.isbacked and not self.adata.file.is_open:
+                    raise ValueError(
+                        f"the backed file {self.adata.filename} was closed while fit was reading it; "
+                        "keep it open until fit returns"
+                    ) from error
+                if not isinstance(error, torch.OutOfMemoryError):
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise torch.OutOfMemoryError(
+                    f"the {loader.device.type} device ran out of memory training with batch_size={batch_size}; "
+                    f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
+                    "or device='cpu'"
                 ) from error
-            if not isinstance(error, torch.OutOfMemoryError):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise torch.OutOfMemoryError(
-                f"the {loader.device.type} device ran out of memory training with batch_size={batch_size}; "
-                f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
-                "or device='cpu'"
-            ) from error
         self.history, self.train_settings, self.is_trained = history, settings, True
         self._trained_data_parallel = rank_and_world()[1] > 1
         try:  # checks that only warn: the model is trained whether or not they finish

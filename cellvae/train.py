@@ -162,12 +162,20 @@ class AgreedInterrupt:
     Ctrl-C only sets a flag; :meth:`check` all-reduces it at points that every rank reaches in the same
     order and raises ``KeyboardInterrupt`` on all of them. A second Ctrl-C stops this rank at once. With one
     process (or outside the main thread, where Python cannot handle signals) Ctrl-C raises as usual.
+    As a context manager it listens inside the ``with`` block.
     """
 
     def __init__(self, world: int):
         self.shared = world > 1
         self.requested = False
         self.previous = None
+
+    def __enter__(self) -> AgreedInterrupt:
+        self.listen()
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.restore()
 
     def listen(self) -> None:
         """Take over Ctrl-C (only from Python's default handler: a caller's own handler is left alone)."""
@@ -202,6 +210,7 @@ def train(
     checkpoint_every: int = 1,
     resume: bool = False,
     data_parallel: bool = True,
+    interrupts: AgreedInterrupt | None = None,
 ) -> pd.DataFrame:
     """Fit ``vae`` in place and return the per-epoch history.
 
@@ -211,7 +220,9 @@ def train(
     ``checkpoint_dir`` the full training state is written atomically every ``checkpoint_every``
     epochs; ``resume`` continues from it and ends with the same parameters as an uninterrupted run.
     ``history.attrs["interrupted"]`` says whether Ctrl-C ended the run. In a process group every rank
-    calls it and trains its own shard of the cells (DDP), unless ``data_parallel=False``.
+    calls it and trains its own shard of the cells (DDP), unless ``data_parallel=False``; ``interrupts``
+    is the caller's :class:`AgreedInterrupt` where it listened before (while preparing the data), and
+    Ctrl-C is given back to its previous handler when training ends.
     """
     has_validation = len(validation_cells) > 0
     rank, world = rank_and_world() if data_parallel else (0, 1)
@@ -281,9 +292,10 @@ def train(
 
     vae.train()
     vae.set_compute_dtype(PRECISIONS[settings.precision])
-    interrupts = AgreedInterrupt(world)
+    interrupts = interrupts or AgreedInterrupt(world)
     try:
         interrupts.listen()
+        interrupts.check()  # Ctrl-C while the ranks prepared
         for epoch in epochs:
             started = time.perf_counter()
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}

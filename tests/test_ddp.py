@@ -15,6 +15,8 @@ from conftest import knn_accuracy
 
 import cellvae
 import cellvae.data
+import cellvae.model
+import cellvae.train
 from cellvae.train import shard
 
 EPOCHS = 20
@@ -83,12 +85,18 @@ def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
     # SIGINT ignored, and cellvae then leaves it so (fit takes over only Python's default handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if rank == 1:  # as when a terminal or srun signals the processes at slightly different moments
+        first_epoch_done = threading.Event()
+        average_statistics = cellvae.train.average_statistics  # runs at the end of each data-parallel epoch
+
+        def average_statistics_and_tell(*args, **kwargs):
+            first_epoch_done.set()
+            return average_statistics(*args, **kwargs)
+
+        cellvae.train.average_statistics = average_statistics_and_tell
 
         def ctrl_c_once_training() -> None:
-            deadline = time.monotonic() + 60
-            while signal.getsignal(signal.SIGINT) is signal.default_int_handler and time.monotonic() < deadline:
-                time.sleep(0.05)  # until fit takes over Ctrl-C
-            time.sleep(1.0)
+            first_epoch_done.wait(timeout=60)
+            time.sleep(0.3)  # during a later epoch (an interrupt before the first one ends raises, as tested below)
             os.kill(os.getpid(), signal.SIGINT)
 
         threading.Thread(target=ctrl_c_once_training, daemon=True).start()
@@ -110,6 +118,45 @@ def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_epoch(tmp_path):
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
     assert first == second
     assert first["interrupted"] and 1 <= first["epochs"] < 5000
+
+
+def _ctrl_c_on_rank_one_while_fit_prepares(rank: int, init_file: str, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=40)  # a rank left in a collective fails the test in 40 s
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout)
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, seed=3)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see above)
+    sum_library_sizes = cellvae.model.library_sizes_across_ranks
+
+    def ctrl_c_on_rank_one_then_sum(*args, **kwargs):
+        if rank == 1:  # Ctrl-C reaches rank 1 just before the ranks sum the library sizes (a collective)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        return sum_library_sizes(*args, **kwargs)
+
+    cellvae.model.library_sizes_across_ranks = ctrl_c_on_rank_one_then_sum
+    model = cellvae.CellVAE(adata, batch_key="batch")
+    try:
+        model.fit(max_epochs=3, progress=False, device="cpu")
+        outcome = "trained"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt"
+    handler_given_back = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    record = {"outcome": outcome, "trained": model.is_trained, "handler_given_back": handler_given_back}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()  # still in step
+    dist.destroy_process_group()
+
+
+def test_ctrl_c_reaching_one_rank_while_fit_prepares_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ctrl_c_on_rank_one_while_fit_prepares, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
+    assert first == second == {"outcome": "KeyboardInterrupt", "trained": False, "handler_given_back": True}
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
