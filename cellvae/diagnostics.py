@@ -204,7 +204,8 @@ def inference_gaps(
     decaying learning rate (500 steps reach within ~2% of the gap found with 1,000). ``amortization_gap_se``
     is the Monte-Carlo standard error of each cell's amortization gap given the refined q* (it leaves
     out the randomness of the refinement itself); ``approximation_gap_se`` that of the approximation gap
-    (the IWAE estimate's by the delta method, with the refined ELBO's, from independent draws).
+    (the IWAE estimate's by the delta method, with the refined ELBO's, from independent draws); NaN
+    where one draw cannot give one.
     """
     n_genes = vae.config.n_genes
     # Refined together, as many cells as the check's draws allow (a refinement step costs about the same for
@@ -256,11 +257,12 @@ def _score_gaps(vae: VAE, mb: Minibatch, q: dict, mean, scale, n_samples: int, n
     refined = _objective(vae, mb, mean, scale, noise, 1.0).double()
     parts["elbo_encoder"].append(encoder.mean(0).cpu().numpy())
     parts["elbo_refined"].append(refined.mean(0).cpu().numpy())
-    standard_error = (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(encoder[0])
+    unknown = torch.full_like(encoder[0], math.nan)  # one draw gives no standard error
+    standard_error = (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else unknown
     parts["amortization_gap_se"].append(standard_error.cpu().numpy())
     log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples, (mean, scale)).double()
     parts["log_px"].append(iwae_bound(log_w).cpu().numpy())
     weights = torch.exp(log_w - log_w.max(0).values)  # SE of log mean(w) ≈ SE of mean(w) / mean(w)
-    iwae_se = weights.std(0) / n_samples**0.5 / weights.mean(0) if n_samples > 1 else torch.zeros_like(log_w[0])
-    elbo_se = refined.std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else torch.zeros_like(refined[0])
+    iwae_se = weights.std(0) / n_samples**0.5 / weights.mean(0) if n_samples > 1 else unknown
+    elbo_se = refined.std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else unknown
     parts["approximation_gap_se"].append(torch.sqrt(iwae_se**2 + elbo_se**2).cpu().numpy())

@@ -1327,7 +1327,8 @@ class CellVAE:
         ``n_elbo_samples`` draws), ``log_px`` (IWAE bound with ``n_samples`` draws from q*),
         ``amortization_gap`` = elbo_refined − elbo_encoder with its Monte-Carlo standard error
         ``amortization_gap_se`` (given q*: it leaves out the refinement's own randomness), and
-        ``approximation_gap`` = log_px − elbo_refined with ``approximation_gap_se``: a single cell's
+        ``approximation_gap`` = log_px − elbo_refined with ``approximation_gap_se`` (standard errors are NaN
+        with ``n_elbo_samples=1``, and the latter with ``n_samples=1``): a single cell's
         approximation gap is often within noise of 0, or below it. Quote their means; this costs an
         optimisation per cell, so pass a subset of cells for large data. With ``beta ≠ 1`` the encoder
         was trained for ``distortion + beta·rate``, not the ELBO refined here, so the amortization gap
@@ -1429,6 +1430,8 @@ class CellVAE:
         self._warn_if_untrained()
         library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
+        if batch is not None:
+            self._batch_names(batch, n_cells)
         given = dict(covariates or {})
         needs_template = (
             library_size is None
@@ -1487,14 +1490,32 @@ class CellVAE:
         missing = [k for k in needed if k not in covariates]
         if missing:
             raise ValueError(f"this model needs covariates {missing}; pass covariates={{{missing[0]!r}: ...}}")
-        if batch is not None and not c.batch_key:
-            raise ValueError("batch=... was given, but this model was trained without batch_key, so it has no batches")
         frame = pd.DataFrame(index=pd.RangeIndex(n))
-        if c.batch_key:
-            frame[c.batch_key] = _per_row(batch, n, "batch").astype(str)
+        if c.batch_key or batch is not None:
+            frame[c.batch_key] = self._batch_names(batch, n)
         for key in needed:
             frame[key] = _per_row(covariates[key], n, f"covariates[{key!r}]")
         return frame
+
+    def _batch_names(self, batch, n: int) -> np.ndarray:
+        """``batch=`` of the decoding methods as ``n`` names, each a batch of the model."""
+        if batch is not None and not self.config.batch_key:
+            raise ValueError("batch=... was given, but this model was trained without batch_key, so it has no batches")
+        names = _per_row(batch, n, "batch").astype(str)
+        unknown = sorted(set(names.tolist()) - set(self.config.batch_categories))
+        if unknown:
+            raise ValueError(
+                f"batch={unknown[0]!r} is not a batch of this model; its batches are "
+                f"{list(self.config.batch_categories)[:10]} (map new batches with model.map_query first)"
+            )
+        return names
+
+    def _check_decoding(self, n: int, batch, covariates: dict | None, library_size) -> None:
+        """Refuse, before any work, decoding arguments for ``n`` codes that :meth:`decode` would refuse."""
+        _library_sizes(library_size, n)
+        if batch is None and self.config.batch_key:  # decoded as each batch of the model
+            batch = self.config.batch_categories[0]
+        data.covariate_matrix(self._covariate_frame(n, batch, covariates), self.layout)
 
     def _decoded(self, z: np.ndarray, frame: pd.DataFrame, library: np.ndarray, batch_size: int):
         """(row slice, p(x|z)) for chunks of latent codes decoded with the covariates in ``frame``."""

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cellvae.data import cell_positions, warn_user
-from cellvae.model import CellVAE, _check_count, _check_seed
+from cellvae.model import CellVAE, _check_count, _check_seed, _library_sizes
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
@@ -560,6 +560,7 @@ def interpolate(
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
+    model._check_decoding(n_steps, batch, covariates, library_size)
     z_a = model.get_latent(adata[cell_positions(adata, cells_a, "cells_a")]).mean(0)
     z_b = model.get_latent(adata[cell_positions(adata, cells_b, "cells_b")]).mean(0)
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
@@ -641,6 +642,10 @@ def latent_shift(
     else:
         in_reference = np.zeros(adata.n_obs, dtype=bool)
         in_reference[cell_positions(adata, reference, "reference")] = True
+    c = model.config
+    _library_sizes(library_size, len(shifted))
+    if batch is not None:
+        model._batch_names(batch, len(shifted))
     latent = model.get_latent(adata)
     strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
     deltas = []
@@ -654,14 +659,14 @@ def latent_shift(
     delta = np.mean(deltas, axis=0).astype(np.float32)
     z = latent[shifted] + delta
     obs = adata.obs.iloc[shifted]
-    c = model.config
     batches = batch if batch is not None or not c.batch_key else obs[c.batch_key].astype(str).to_numpy()
     covariates = {k: obs[k].to_numpy() for k in c.categorical_covariate_keys + c.continuous_covariate_keys}
     if groupby == c.batch_key or groupby in c.categorical_covariate_keys:
+        decoded_as = batch if groupby == c.batch_key and batch is not None else target
         warn_user(
             f"obs[{groupby!r}] is an input of the model's decoder ({'batch_key' if groupby == c.batch_key else 'a covariate'}),"
             " so the latent space was trained to leave these groups out and the shift carries little of their "
-            f"difference; the cells are decoded as {target!r}. For latent arithmetic train a model without {groupby!r} "
+            f"difference; the cells are decoded as {decoded_as!r}. For latent arithmetic train a model without {groupby!r} "
             "as a covariate",
             UserWarning,
         )

@@ -179,6 +179,9 @@ def test_full_covariance_posterior_gaps(kang):
     # single cells' approximation gaps fall below 0 by Monte-Carlo noise, which their standard errors cover
     assert (gaps["approximation_gap_se"] > 0).all()
     assert (gaps["approximation_gap"] > -4 * gaps["approximation_gap_se"] - 1e-3).all()
+    one_draw = model.inference_gaps(kang[:5], n_steps=5, n_samples=1, n_elbo_samples=1)
+    assert one_draw[["amortization_gap_se", "approximation_gap_se"]].isna().all().all()  # unknown, not 0
+    assert np.isfinite(one_draw[["amortization_gap", "approximation_gap"]].to_numpy()).all()
 
 
 def test_bad_arguments_are_refused_before_work(kang, trained):

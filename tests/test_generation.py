@@ -163,6 +163,33 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
     with pytest.warns(UserWarning, match=r"obs\['batch'\] is an input of the model's decoder"):
         as_target = cellvae.tl.latent_shift(batched, training, groupby="batch", source="ctrl", target="stim", apply_to=controls)
     assert as_target.uns["latent_shift"]["decoded_batch"] == "stim"
+    with pytest.warns(UserWarning, match="the cells are decoded as 'ctrl'"):  # the batch asked for, not the target
+        as_asked = cellvae.tl.latent_shift(
+            batched, training, groupby="batch", source="ctrl", target="stim", apply_to=controls, batch="ctrl"
+        )
+    assert as_asked.uns["latent_shift"]["decoded_batch"] == "ctrl"
+
+
+def test_bad_decoding_arguments_are_refused_before_the_cells_are_encoded(kang, model, monkeypatch, tmp_path):
+    encoded = []
+    get_latent = CellVAE.get_latent
+    monkeypatch.setattr(CellVAE, "get_latent", lambda self, *a, **k: encoded.append(1) or get_latent(self, *a, **k))
+    shift = {"groupby": "cell_type", "source": "B cells", "target": "CD4 T cells", "apply_to": [0, 1]}
+    unknown_batch = "batch='nope' is not a batch of this model; its batches are"
+    for call, message in (
+        (lambda: cellvae.tl.latent_shift(model, kang, **shift, library_size=-1.0), "library_size must be positive"),
+        (lambda: cellvae.tl.latent_shift(model, kang, **shift, batch="nope"), unknown_batch),
+        (lambda: cellvae.tl.interpolate(model, [0], [1], 3, library_size=0.0), "library_size must be positive"),
+        (lambda: cellvae.tl.interpolate(model, [0], [1], 3, batch="nope"), unknown_batch),
+        (lambda: model.decode(np.zeros((2, 10)), batch=["ctrl", "nope"]), unknown_batch),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert not encoded
+    # generate checks the batch before it reads the model's AnnData (here it has none) for library sizes
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match=unknown_batch):
+        CellVAE.load(tmp_path / "m").generate(5, batch="nope")
 
 
 def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
