@@ -799,6 +799,8 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
     if isinstance(cells, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)) and pd.isna(cells).any():
         raise ValueError(f"{name} has missing values (NA); fill them, e.g. {name}.fillna(False) for a mask")
     values = np.asarray(cells)
+    if values.size == 0:  # np.asarray([]) is float
+        raise ValueError(f"{name} selects no cells")
     if values.dtype.kind == "f":
         raise TypeError(f"{name} holds floats; give cell positions as integers, e.g. np.asarray({name}, dtype=int)")
     if values.dtype == bool:

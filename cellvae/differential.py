@@ -261,23 +261,23 @@ def group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby].reset_index(drop=True)
     if isinstance(column.dtype, pd.CategoricalDtype):
-        labels = column.map(_group_name).astype(object).where(column.notna())
+        labels = column.map(group_name).astype(object).where(column.notna())
         present = set(labels.dropna())
-        return labels, [_group_name(c) for c in column.cat.categories if _group_name(c) in present]
+        return labels, [group_name(c) for c in column.cat.categories if group_name(c) in present]
     values = column.dropna()
     if pd.api.types.is_float_dtype(column) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         column = column.astype("Int64")
     labels = column.astype(str).where(column.notna())
-    return labels, [_group_name(v) for v in sorted(pd.unique(column.dropna()))]
+    return labels, [group_name(v) for v in sorted(pd.unique(column.dropna()))]
 
 
 def cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]]:
     """Labels by cell position for a comparison of two sets of cells: ``"idx1"``, ``"idx2"`` (or, without
     ``idx2``, ``"other"`` for every other cell) and the groups present."""
     labels = np.full(adata.n_obs, "other" if idx2 is None else None, dtype=object)
-    first = cell_positions(adata, idx1, "idx1")
+    first = _selected_cells(adata, idx1, "idx1")
     if idx2 is not None:
-        second = cell_positions(adata, idx2, "idx2")
+        second = _selected_cells(adata, idx2, "idx2")
         shared = np.intersect1d(first, second)
         if len(shared):
             example = adata.obs_names[shared[0]]
@@ -288,7 +288,24 @@ def cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]
     return labels, [name for name in ("idx1", "idx2", "other") if (labels == name).any()]
 
 
-def _group_name(group) -> str:
+def _selected_cells(adata: ad.AnnData, cells, name: str) -> np.ndarray:
+    """Positions of the cells of ``idx1``/``idx2``: as :func:`~cellvae.data.cell_positions`, and a text that
+    is no obs name is a condition on ``adata.obs`` (as scvi-tools reads it), e.g. ``"cell_type == 'B cells'"``."""
+    if not isinstance(cells, str) or cells in adata.obs_names:
+        return cell_positions(adata, cells, name)
+    try:
+        mask = adata.obs.eval(cells)
+    except Exception as error:
+        raise KeyError(
+            f"{name}={cells!r} is neither an obs name nor a condition on adata.obs that pandas can evaluate "
+            f"({type(error).__name__}: {error}); e.g. {name}=\"cell_type == 'B cells'\""
+        ) from None
+    if not isinstance(mask, pd.Series) or mask.dtype != bool:
+        raise ValueError(f"{name}={cells!r} as a condition on adata.obs must give True/False per cell")
+    return cell_positions(adata, mask.to_numpy(), name)
+
+
+def group_name(group) -> str:
     """A group as its label: whole numbers as integers (1.0 and 1 are "1")."""
     group = group.item() if isinstance(group, np.generic) else group
     if isinstance(group, float) and group.is_integer():
@@ -310,13 +327,13 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
 
     if group2 is not None and np.ndim(group2) != 0:
         raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
-    second = None if group2 is None else _group_name(group2)
+    second = None if group2 is None else group_name(group2)
     if group1 is None:
         firsts = [g for g in names if g != second]
     elif np.ndim(group1) == 0:
-        firsts = [_group_name(group1)]
+        firsts = [group_name(group1)]
     else:
-        firsts = list(dict.fromkeys(_group_name(g) for g in group1))
+        firsts = list(dict.fromkeys(group_name(g) for g in group1))
     if not firsts:
         raise ValueError(
             f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"

@@ -728,7 +728,8 @@ class CellVAE:
             (``group2`` then reads ``"rest"``, or ``"<rest>"`` where a group is called "rest").
         idx1, idx2
             Instead of ``groupby``, as in scvi-tools: the cells of two groups to compare (obs names,
-            positions or a boolean mask; they may not overlap). ``idx2=None`` compares with all other
+            positions, a boolean mask, or a condition on ``obs`` such as ``"cell_type == 'B cells'"``;
+            they may not overlap). ``idx2=None`` compares with all other
             cells. The result's ``group1``/``group2`` read ``"idx1"``/``"idx2"`` (or ``"rest"``).
         delta
             Smallest |log2 fold change| of the means that counts as a difference (0.25: 19%).

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from cellvae.data import cell_positions, warn_user
+from cellvae.differential import group_name
 from cellvae.model import CellVAE, _check_count, _check_seed, _library_sizes
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
@@ -34,7 +35,7 @@ def embed(
     *,
     layer: str | None = None,
     batch_key: str | None = None,
-    key_added: str = "X_cellvae",
+    key_added: str | None = "X_cellvae",
     random_state: int = 0,
     max_epochs: int | None = None,
     progress: bool = True,
@@ -50,7 +51,8 @@ def embed(
     layer, batch_key
         As in :class:`~cellvae.CellVAE`.
     key_added
-        ``obsm`` key for the embedding (use it as ``sc.pp.neighbors(adata, use_rep=key_added)``).
+        ``obsm`` key for the embedding (use it as ``sc.pp.neighbors(adata, use_rep=key_added)``; ``None``:
+        ``"X_cellvae"``).
     random_state
         Seed of the split, initialisation and minibatch order.
     max_epochs
@@ -69,6 +71,7 @@ def embed(
     each embedding keeps its own record).
     """
     _check_fit_kwargs(fit_kwargs)
+    key_added = _key(key_added, "X_cellvae")
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
         example = ", ".join(f"{name!r}: ..." for name in misplaced)
@@ -268,7 +271,7 @@ def rank_genes_groups(
     max_cells: int = 2000,
     random_state: int = 0,
     pts: bool = False,
-    key_added: str = "rank_genes_groups",
+    key_added: str | None = "rank_genes_groups",
 ) -> None:
     """Rank genes for each group by the model's differential expression, in scanpy's format.
 
@@ -296,7 +299,7 @@ def rank_genes_groups(
         table with a column per group: anndata 0.13 cannot write it to ``.h5ad`` where a group name holds
         a ``/``).
     key_added
-        ``uns`` key of the result.
+        ``uns`` key of the result (``None``: ``"rank_genes_groups"``).
 
     Returns
     -------
@@ -312,6 +315,7 @@ def rank_genes_groups(
     count). Genes of the model missing from ``adata`` are left out.
     """
     _writable(adata, "adata")
+    key_added = _key(key_added, "rank_genes_groups")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby]
@@ -327,8 +331,13 @@ def rank_genes_groups(
             f"obs[{groupby!r}] has categories without cells {unused[:5]}, which scanpy's plots of the result cannot "
             f"show; drop them first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}].cat.remove_unused_categories()"
         )
+    # scanpy names a group str(category) (1.0 is "1.0"); differential_expression reads whole numbers as "1"
+    scanpy_name = {group_name(category): str(category) for category in column.cat.categories}
+    own_name = {name: own for own, name in scanpy_name.items()}
+    reference = own_name.get(str(reference), reference)
     if isinstance(groups, str) and groups != "all":
         groups = [groups]
+    groups = groups if isinstance(groups, str) else [own_name.get(str(g), g) for g in groups]
     group1 = None if isinstance(groups, str) else [g for g in groups if str(g) != str(reference)]
     if group1 == []:
         raise ValueError(f"groups={groups!r} holds only the reference {reference!r}; name other groups to compare with it")
@@ -357,15 +366,15 @@ def rank_genes_groups(
         frame = frame.reset_index().sort_values(["score", "lfc_mean"], ascending=False, kind="stable")
         for field, column in fields.items():
             ranked[field].append(frame[column].to_numpy().astype(dtypes[field]))
-        shares[group] = frame.set_index("gene")["fraction_nonzero1"]
-        shares_rest[group] = frame.set_index("gene")["fraction_nonzero2"]
+        shares[scanpy_name.get(group, group)] = frame.set_index("gene")["fraction_nonzero1"]
+        shares_rest[scanpy_name.get(group, group)] = frame.set_index("gene")["fraction_nonzero2"]
     compared = list(shares)
     measured = set(result.index)
     genes = [g for g in model.config.gene_names if g in measured]
     ranking = {
         "params": {
             "groupby": groupby,
-            "reference": reference,
+            "reference": scanpy_name.get(reference, reference),
             "method": "cellvae",
             "use_raw": False,
             "layer": model.config.layer,
@@ -689,6 +698,15 @@ def latent_shift(
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted
+
+
+def _key(key_added, default: str) -> str:
+    """``key_added``, with ``None`` read as the default (as scanpy does)."""
+    if key_added is None:
+        return default
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"key_added must be a non-empty string (or None for {default!r}), got {key_added!r}")
+    return key_added
 
 
 def _writable(adata: ad.AnnData, name: str) -> None:

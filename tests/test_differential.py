@@ -254,6 +254,16 @@ def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
         model.differential_expression(idx1=np.ones(simulated.n_obs, dtype=bool))
     with pytest.raises(TypeError, match="idx1 holds floats"):
         model.differential_expression(idx1=[0.0, 1.0])
+    for empty in ([], np.array([], dtype=int)):
+        with pytest.raises(ValueError, match="idx1 selects no cells"):
+            model.differential_expression(idx1=empty)
+    # a condition on obs, as scvi-tools reads a text idx1/idx2
+    by_condition = model.differential_expression(idx1="cell_type == 'type0'", idx2="cell_type == 'type1'", n_draws=300)
+    pd.testing.assert_frame_equal(by_condition, model.differential_expression(idx1=first, idx2=second, n_draws=300))
+    with pytest.raises(KeyError, match="neither an obs name nor a condition on adata.obs"):
+        model.differential_expression(idx1="no_such_cell")
+    with pytest.raises(ValueError, match="must give True/False per cell"):
+        model.differential_expression(idx1="cell_type")
     with pytest.raises(TypeError, match="got a set"):
         model.differential_expression(idx1={0, 1})
     with pytest.raises(ValueError, match="idx1 has missing values"):
@@ -336,6 +346,14 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
     cellvae.tl.rank_genes_groups(adata, "with_unused", model=model, groups=named[:1], reference=named[1], key_added="named")
     assert list(adata.uns["named"]["names"].dtype.names) == named[:1]
     del adata.uns["named"]
+    adata.obs["number"] = adata.obs["cell_type"].cat.codes.astype(float).astype("category")  # categories 0.0, 1.0, ...
+    cellvae.tl.rank_genes_groups(adata, "number", model=model, groups=["1.0", "2.0"], reference="0.0", key_added=None)
+    assert list(adata.uns["rank_genes_groups"]["names"].dtype.names) == ["1.0", "2.0"]  # as scanpy names them
+    assert adata.uns["rank_genes_groups"]["params"]["reference"] == "0.0"
+    assert len(sc.get.rank_genes_groups_df(adata, "1.0")) == adata.n_vars
+    del adata.uns["rank_genes_groups"]
+    with pytest.raises(TypeError, match="key_added must be a non-empty string"):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, key_added=5)
     with pytest.raises(ValueError, match="only the reference"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
     assert "rank_genes_groups" not in adata.uns

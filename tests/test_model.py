@@ -30,7 +30,9 @@ def test_the_whole_public_api_loads_without_the_benchmark_extras():
 def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     """15-NN cell-type accuracy on the embedding ≥ 0.95 × that on 10 PCs of log-normalised data."""
     adata = pbmc.copy()
-    model = cellvae.tl.embed(adata, random_state=0, progress=False)
+    with pytest.raises(TypeError, match="key_added must be a non-empty string"):
+        cellvae.tl.embed(adata, key_added=5)
+    model = cellvae.tl.embed(adata, key_added=None, random_state=0, progress=False)  # None: the default key, as scanpy
     assert adata.obsm["X_cellvae"].shape == (700, 10) and adata.obsm["X_cellvae"].dtype == np.float32
     assert adata.uns["cellvae"]["params"]["key_added"] == "X_cellvae"
     labels = pbmc.obs["cell_type"].to_numpy()
