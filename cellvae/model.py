@@ -673,7 +673,7 @@ class CellVAE:
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 q = self.module.inference(mb.counts, mb.covariates, sample=False)
                 for s in range(n_samples):
-                    noise = torch.randn(q["mean"].shape, generator=generator, device=self.device)
+                    noise = torch.randn(q["mean"].shape, generator=generator, device=self.device, dtype=q["mean"].dtype)
                     z = self.module.reparameterise(q["mean"], q["scale"], noise)
                     dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
                     draws[s, start : start + len(mb.cell_index)] = dist.sample(generator)[:, columns].cpu().numpy()
@@ -1459,7 +1459,7 @@ class CellVAE:
                 given.setdefault(key, template[key].to_numpy())
         frame = self._covariate_frame(n_cells, batch, given)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
-        z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device).cpu().numpy()
+        z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device, dtype=torch.float32).cpu().numpy()
         counts = []
         for _, dist in self._decoded(z, frame, library, batch_size):
             counts.append(sp.csr_matrix(dist.sample(generator).cpu().numpy().astype(np.float32)))

@@ -8,6 +8,8 @@ cell's observed library size, are the mean of a count likelihood.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -143,9 +145,21 @@ class Decoder(nn.Module):
         return NegativeBinomial(log_mean, theta)
 
 
-class VAE(nn.Module):
-    """Encoder, decoder and the negative ELBO ``distortion + beta * rate``."""
+@contextmanager
+def float32_by_default() -> Iterator[None]:
+    """torch's default dtype float32 inside (a caller may have set float64): the weights are float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
+
+class VAE(nn.Module):
+    """Encoder, decoder and the negative ELBO ``distortion + beta * rate``, with float32 weights."""
+
+    @float32_by_default()
     def __init__(self, config: Config):
         super().__init__()
         self.config = config

@@ -418,7 +418,7 @@ class ResidentSteps:
         self.counts, self.covariates, self.library, self.batch_index = resident
         device = self.counts.device
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] | None = {} if device.type == "cuda" else None
-        self.kl_weight = torch.zeros((), device=device)
+        self.kl_weight = torch.zeros((), device=device, dtype=torch.float32)
         # Over the finite steps: loss × cells, distortion, rate, cells; then the count of non-finite steps.
         self.totals = torch.zeros(5, dtype=torch.float64, device=device)
 

@@ -389,6 +389,27 @@ def test_same_seed_gives_bitwise_identical_models_and_embeddings(messy):
     pd.testing.assert_frame_equal(first.history.drop(columns="seconds"), second.history.drop(columns="seconds"))
 
 
+def test_a_float64_default_dtype_set_by_the_user_changes_no_result(messy, trained, tmp_path):
+    """Users of GPyTorch or BoTorch set torch's default dtype to float64: cellvae's weights stay float32,
+    so models train, save, load and generate exactly as under the float32 default."""
+    trained.save(tmp_path / "model")
+    expected = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+        loaded = CellVAE.load(tmp_path / "model", adata=messy)  # a float32 file read as what it is
+        latent, generated = model.get_latent(), model.generate(20, random_state=1).X.toarray()
+        loaded_latent = loaded.get_latent()
+        still_float64 = torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+    assert still_float64
+    np.testing.assert_array_equal(latent, expected.get_latent())
+    np.testing.assert_array_equal(generated, expected.generate(20, random_state=1).X.toarray())
+    np.testing.assert_array_equal(loaded_latent, trained.get_latent(messy))
+
+
 def test_seeded_calls_leave_the_callers_torch_generators_alone(messy):
     """fit, sampling and generation seed torch from their random_state and then put back what the caller
     had: the CPU generator's state, and the seed torch.manual_seed queued for CUDA devices not yet started."""
