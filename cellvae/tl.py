@@ -192,7 +192,7 @@ def transfer_labels(
     labels = ref_adata.obs[label_key]
     labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
     if unlabeled_category is not None:
-        labelled = labelled & (labels != unlabeled_category).to_numpy()
+        labelled = labelled & ~labels.isin([unlabeled_category]).to_numpy(dtype=bool)  # (!= gives NA on nullable columns)
     _check_count(k, "k")
     k = int(k)
     if not labelled.any():

@@ -315,6 +315,11 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     cellvae.tl.transfer_labels(reference, query, "partly", k=10, unlabeled_category="unknown")
     assert query.obs["partly_predicted"].astype(str).tolist()[:2] == ["A", "B"]
     assert list(query.obs["partly_predicted"].cat.categories) == ["A", "B"]
+    # pandas' nullable text column, with missing labels (NA) and placeholders both left out of the vote
+    partly = reference.obs["partly"].astype("string").where(np.arange(100) % 4 != 1, pd.NA)
+    reference.obs["nullable"] = partly
+    cellvae.tl.transfer_labels(reference, query, "nullable", k=10, unlabeled_category="unknown")
+    assert query.obs["nullable_predicted"].astype(str).tolist()[:2] == ["A", "B"]
     # k as large as the labelled cells: both sides average over as many neighbours, so a query cell on top of a
     # reference cell is no more novel than the reference cells are
     tiny = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B"]}, index=["t0", "t1", "t2"]))
