@@ -765,18 +765,21 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
 
 def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
     """The way out when new category names are known numbers written another way: floats for the model's
-    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0); else None."""
+    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), even one of them beside truly new
+    names; else None."""
     as_integers = [value.removesuffix(".0") for value in new if value.endswith(".0")]
-    if as_integers and set(as_integers) <= set(known):
+    known_integers = [value for value in as_integers if value in set(known)]
+    if known_integers:
         return (
-            f"{name}.obs[{key!r}] holds floats ({as_integers[0]}.0) where the model's categories are integers "
-            f"({as_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
+            f"{name}.obs[{key!r}] holds floats ({known_integers[0]}.0) where the model's categories are integers "
+            f"({known_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
         )
     as_floats = [f"{value}.0" for value in new if value.removeprefix("-").isdigit()]
-    if as_floats and set(as_floats) <= set(known):
+    known_floats = [value for value in as_floats if value in set(known)]
+    if known_floats:
         return (
-            f"{name}.obs[{key!r}] holds integers ({as_floats[0][:-2]}) where the model's categories are floats "
-            f"({as_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
+            f"{name}.obs[{key!r}] holds integers ({known_floats[0][:-2]}) where the model's categories are floats "
+            f"({known_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
         )
     return None
 

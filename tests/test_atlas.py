@@ -477,6 +477,10 @@ def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(refe
         by_plate.get_latent(plates)
     with pytest.raises(ValueError, match=match):  # map_query would have made 1016.0 a new batch beside 1016
         by_plate.map_query(plates, progress=False)
+    with_a_new_plate = plates.copy()  # beside a truly new plate too
+    with_a_new_plate.obs["plate"] = np.where(plates.obs["plate"] == 1016, 1016.0, 1244.0)
+    with pytest.raises(ValueError, match=r"holds floats \(1016.0\) where the model's categories are integers"):
+        by_plate.map_query(with_a_new_plate, progress=False)
     by_float_plate = CellVAE(plates, batch_key="plate").fit(max_epochs=1, progress=False)  # and the other way round
     plates.obs["plate"] = plates.obs["plate"].astype(int)
     match = r"holds integers \(1[02][15]6\) where the model's categories are floats \(1[02][15]6.0\).*astype\(float\)"
