@@ -595,6 +595,22 @@ def write_checkpoint(
         raise
 
 
+# What read_checkpoint takes from a checkpoint's metadata, with its type (a damaged file is refused, not half read).
+CHECKPOINT_FIELDS = {
+    "run": dict,
+    "epoch": int,
+    "step": int,
+    "retries": int,
+    "stopped": bool,
+    "history": list,
+    "epochs_without_improvement": int,
+    "best_loss": (int, float),
+    "best_epoch": int,
+    "numpy_rng": dict,
+    "param_groups": list,
+}
+
+
 def read_checkpoint(
     path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator, world: int = 1
 ) -> dict:
@@ -611,6 +627,9 @@ def read_checkpoint(
     if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
         found = meta.get("version") if isinstance(meta, dict) else None
         raise ValueError(f"{path} has checkpoint version {found!r}; this cellvae reads version {CHECKPOINT_VERSION}: {advice}")
+    damaged = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(meta.get(k), kind)]
+    if damaged or "rng.torch" not in tensors:
+        raise ValueError(f"{path} is damaged: {damaged or ['rng.torch']} missing or of the wrong type; {advice}")
     differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
     if differ:
         was = {k: meta["run"].get(k) for k in differ if not k.endswith("sha256")}
@@ -629,11 +648,11 @@ def read_checkpoint(
                 optimizer_state["state"].setdefault(int(index), {})[name] = value
         optimizer.load_state_dict(optimizer_state)
         rng.bit_generator.state = meta["numpy_rng"]
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], next(vae.parameters()).device)
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} does not fit this model ({error}); {advice}") from error
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], next(vae.parameters()).device)
     best = {"loss": meta["best_loss"], "state": best_state, "epoch": meta["best_epoch"]}
     return {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")} | {"best": best}
 

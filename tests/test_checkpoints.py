@@ -221,6 +221,18 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     save_file(tensors, tmp_path / CHECKPOINT, metadata=meta)
     with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 2: .*resume=False"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    # well-framed files with a damaged part: told as damaged, never a bare KeyError or TypeError
+    fields = json.loads(meta["cellvae_checkpoint"]) | {"version": 2}
+    damages = {
+        "run missing": ({k: v for k, v in fields.items() if k != "run"}, tensors, r"\['run'\] missing or of the wrong type"),
+        "epoch as text": (fields | {"epoch": "1"}, tensors, r"\['epoch'\] missing or of the wrong type"),
+        "no torch RNG": (fields, {k: v for k, v in tensors.items() if k != "rng.torch"}, r"\['rng.torch'\] missing"),
+        "torch RNG cut": (fields, tensors | {"rng.torch": tensors["rng.torch"][:100]}, "does not fit this model"),
+    }
+    for damaged_fields, damaged_tensors, message in damages.values():
+        save_file(damaged_tensors, tmp_path / CHECKPOINT, metadata={"cellvae_checkpoint": json.dumps(damaged_fields)})
+        with pytest.raises(ValueError, match=f"{message}.*resume=False"):
+            CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_ctrl_c_while_a_new_best_epoch_is_kept_returns_the_previous_best_whole(monkeypatch):
