@@ -1108,6 +1108,9 @@ class CellVAE:
         )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
         _check_flag(progress, "progress")
+        _check_flag(train_input_layer, "train_input_layer")
+        train_input_layer = bool(train_input_layer)  # numpy's True too
+        training_device = pick_device(device)
         _check_anndata(query_adata)
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
@@ -1154,7 +1157,7 @@ class CellVAE:
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
         with _missing_genes_told():  # validates the covariates before any work; trains the mapping below
-            loader, cells = query_model._loader(aligned, pick_device(device))
+            loader, cells = query_model._loader(aligned, training_device)
         _graft_reference(self.module, query_model.module)
         query_model.is_trained = True
         if not _query_parameters(query_model.module):

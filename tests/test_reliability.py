@@ -901,6 +901,12 @@ def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, m
 # ----------------------------------------------------------------------------- bad arguments
 
 
+def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
+    replaced = adata.copy()
+    replaced.layers["counts"] = replaced.X.copy()  # log-normalised: refused as counts
+    return replaced
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -937,6 +943,9 @@ def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, m
         (lambda m, a: m.map_query(a, lr=0.0), "lr must be"),
         (lambda m, a: m.map_query(a, patience=0), "patience must be"),
         (lambda m, a: m.map_query(a, random_state=None), "random_state must be"),
+        # told before the query's counts are read (these are not counts)
+        (lambda m, a: m.map_query(_counts_replaced_by_x(a), device="gpu"), "device must be"),
+        (lambda m, a: m.map_query(_counts_replaced_by_x(a), train_input_layer="yes"), "train_input_layer must be"),
         (lambda m, a: m.rate_distortion(a, n_samples=0), "n_samples must be"),
         (lambda m, a: m.rate_distortion(a, random_state=None), "random_state must be"),
         (lambda m, a: m.marginal_log_likelihood(a, random_state=None), "random_state must be"),
