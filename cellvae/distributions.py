@@ -349,7 +349,8 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         counts = NegativeBinomial(self.log_mean, self.theta).sample(generator)
-        dropped = torch.rand(counts.shape, generator=generator, device=counts.device) < torch.sigmoid(self.zi_logits)
+        uniform = torch.rand(counts.shape, generator=generator, device=counts.device, dtype=self.zi_logits.dtype)
+        dropped = uniform < torch.sigmoid(self.zi_logits)
         return torch.where(dropped, torch.zeros_like(counts), counts)
 
 

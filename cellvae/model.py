@@ -280,7 +280,7 @@ class CellVAE:
             Stop after ``patience`` epochs without a 0.01% improvement of the monitored loss.
         random_state
             Seeds the initial weights of an untrained model, the validation split, the minibatch
-            order and dropout, so equal seeds give bitwise-equal models on the CPU; the global
+            order and dropout, so equal seeds give bitwise-equal models on the CPU (with the same torch thread count); the global
             random state of torch and numpy is left as it was.
         device
             ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
@@ -496,7 +496,7 @@ class CellVAE:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if refine_steps and not mean:
             raise ValueError("refine_steps refines posterior means; use it with mean=True")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         if refine_steps:
             with diagnostics.evaluation(self.module, random_state):
@@ -661,7 +661,7 @@ class CellVAE:
         else in the model's order.
         """
         _check_count(n_samples, "n_samples")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         adata = self._resolve(adata)
         columns = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         loader, cells = self._loader(adata, self.device)
@@ -786,7 +786,7 @@ class CellVAE:
         minimum = differential.MIN_DE_DRAWS
         if n_draws < minimum:
             raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         _check_flag(batch_correction, "batch_correction")
         if pseudocount is not None and (
             isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
@@ -1214,7 +1214,7 @@ class CellVAE:
         Their means over cells are the figures to quote.
         """
         _check_count(n_samples, "n_samples")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         with diagnostics.evaluation(self.module, random_state):
@@ -1288,7 +1288,7 @@ class CellVAE:
         """
         _check_count(n_samples, "n_samples")
         _check_count(batch_size, "batch_size")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, random_state):
             return diagnostics.marginal_log_likelihood(self.module, loader, cells, n_samples=n_samples, batch_size=batch_size)
@@ -1341,7 +1341,7 @@ class CellVAE:
         for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
             _check_count(value, name)
         _check_positive(lr, "lr")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         with diagnostics.evaluation(self.module, random_state):
@@ -1430,7 +1430,7 @@ class CellVAE:
         """
         _check_count(n_cells, "n_cells")
         _check_count(batch_size, "batch_size")
-        _check_seed(random_state)
+        random_state = _check_seed(random_state)
         self._warn_if_untrained()
         library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
@@ -1676,11 +1676,13 @@ def _check_count(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_seed(random_state) -> None:
+def _check_seed(random_state) -> int:
+    """``random_state`` as a Python integer (torch's generators refuse numpy's)."""
     if not _is_whole(random_state):
         raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
     if not 0 <= random_state < 2**63:  # what numpy's and torch's generators both take
         raise ValueError(f"random_state must be a non-negative integer below 2**63, got {random_state}")
+    return int(random_state)
 
 
 def _native(value):

@@ -465,7 +465,7 @@ def rate_distortion_sweep(
         raise ValueError(f"betas must be a non-empty sequence of non-negative finite numbers, got {betas}")
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
-    _check_seed(random_state)
+    random_state = _check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")

@@ -394,6 +394,7 @@ def test_a_float64_default_dtype_set_by_the_user_changes_no_result(messy, traine
     so models train, save, load and generate exactly as under the float32 default."""
     trained.save(tmp_path / "model")
     expected = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+    zinb = quiet_fit(CellVAE(messy, **MODEL_ARGS, likelihood="zinb"), max_epochs=2)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -401,6 +402,7 @@ def test_a_float64_default_dtype_set_by_the_user_changes_no_result(messy, traine
         loaded = CellVAE.load(tmp_path / "model", adata=messy)  # a float32 file read as what it is
         latent, generated = model.get_latent(), model.generate(20, random_state=1).X.toarray()
         loaded_latent = loaded.get_latent()
+        zinb_draws = zinb.sample_counts(random_state=2)  # zero inflation draws uniforms: float32 ones, as always
         still_float64 = torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(previous)
@@ -408,6 +410,23 @@ def test_a_float64_default_dtype_set_by_the_user_changes_no_result(messy, traine
     np.testing.assert_array_equal(latent, expected.get_latent())
     np.testing.assert_array_equal(generated, expected.generate(20, random_state=1).X.toarray())
     np.testing.assert_array_equal(loaded_latent, trained.get_latent(messy))
+    np.testing.assert_array_equal(zinb_draws, zinb.sample_counts(random_state=2))
+
+
+def test_numpy_integer_seeds_work_wherever_a_seed_is_taken(trained, messy):
+    """A seed from numpy (np.int64, e.g. out of a parameter grid) gives what the same Python integer gives."""
+    cells = messy[:30]
+    for call in (
+        lambda seed: trained.get_latent(cells, mean=False, random_state=seed),
+        lambda seed: trained.get_latent(cells, refine_steps=2, random_state=seed),
+        lambda seed: trained.sample_counts(cells, random_state=seed),
+        lambda seed: trained.generate(5, random_state=seed).X.toarray(),
+        lambda seed: trained.marginal_log_likelihood(cells, n_samples=3, random_state=seed),
+        lambda seed: trained.rate_distortion(cells, random_state=seed)["distortion"],
+        lambda seed: trained.inference_gaps(cells[:3], n_steps=2, n_samples=3, random_state=seed).to_numpy(),
+        lambda seed: trained.differential_expression(cells, groupby="cell_type", n_draws=100, random_state=seed).to_numpy(),
+    ):
+        np.testing.assert_array_equal(call(np.int64(4)), call(4))
 
 
 def test_seeded_calls_leave_the_callers_torch_generators_alone(messy):
