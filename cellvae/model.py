@@ -280,8 +280,8 @@ class CellVAE:
             Stop after ``patience`` epochs without a 0.01% improvement of the monitored loss.
         random_state
             Seeds the initial weights of an untrained model, the validation split, the minibatch
-            order and dropout, so equal seeds give bitwise-equal models on the CPU (with the same torch thread count); the global
-            random state of torch and numpy is left as it was.
+            order and dropout, so equal seeds give bitwise-equal models on the CPU (with the same
+            torch thread count); the global random state of torch and numpy is left as it was.
         device
             ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         progress
