@@ -976,32 +976,28 @@ class CellVAE:
                 f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
             )
         config = Config.from_json(path / CONFIG_FILE)
-        try:
-            with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:  # tensors and metadata in one read
-                state = {name: handle.get_tensor(name) for name in handle.keys()}
+        weights = path / WEIGHTS_FILE
+        corrupt = f"{weights} is corrupt or not a safetensors file"
+        try:  # first the file's header: the tensors' shapes and dtypes, before any is read
+            with safe_open(str(weights), framework="pt") as handle:
+                slices = {name: handle.get_slice(name) for name in handle.keys()}
+                header = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
                 metadata = handle.metadata() or {}
-                trained = metadata.get("trained", "true") != "false"  # older files: trained
         except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({error})") from error
-        if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
-            raise ValueError(f"{path / WEIGHTS_FILE} is corrupt: its tensors do not match the checksum save wrote")
-        if config.n_layers > len(state):  # each layer holds tensors: bounds the modules built below
+            raise ValueError(f"{corrupt} ({error})") from error
+        if config.n_layers > len(header):  # each layer holds tensors: bounds the modules built below
             raise ValueError(
-                f"{path / WEIGHTS_FILE} does not match its config.json: n_layers={config.n_layers} but the file holds "
-                f"{len(state)} tensors"
+                f"{weights} does not match its config.json: n_layers={config.n_layers} but the file holds {len(header)} tensors"
             )
+        _check_weights_fit(header, config, weights)
         try:
-            with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate
-                expected = {k: (tuple(v.shape), v.dtype) for k, v in VAE(config).state_dict().items()}
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"{path / CONFIG_FILE} describes no valid cellvae model ({error})") from error
-        found = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-        if expected != found:  # save writes float32 weights (and BatchNorm's int64 count): others are not its files
-            diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
-            raise ValueError(
-                f"{path / WEIGHTS_FILE} does not match its config.json: tensors {diff[:5]} have other shapes or dtypes "
-                "or are missing"
-            )
+            with safe_open(str(weights), framework="pt") as handle:
+                state = {name: handle.get_tensor(name) for name in header}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{corrupt} ({error})") from error
+        trained = metadata.get("trained", "true") != "false"  # older files: trained
+        if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
+            raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
         model = cls.__new__(cls)
         model._setup(config, None)
         model.module.load_state_dict(state)
@@ -1625,6 +1621,24 @@ def is_model_folder(path: Path) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
     return all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in path.iterdir())
+
+
+# safetensors' names of the dtypes a saved model holds (float32 weights, BatchNorm's int64 count)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64"}
+
+
+def _check_weights_fit(found: dict[str, tuple], config: Config, weights: Path) -> None:
+    """Refuse a weights file whose tensors' (shape, safetensors dtype) are not those of ``config``'s model."""
+    try:
+        with torch.device("meta"):  # shapes only: a hostile config cannot make us allocate
+            expected = {k: (tuple(v.shape), SAFETENSORS_DTYPES.get(v.dtype)) for k, v in VAE(config).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{weights.with_name(CONFIG_FILE)} describes no valid cellvae model ({error})") from error
+    if expected != found:  # save writes float32 weights (and BatchNorm's int64 count): others are not its files
+        diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+        raise ValueError(
+            f"{weights} does not match its config.json: tensors {diff[:5]} have other shapes or dtypes or are missing"
+        )
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

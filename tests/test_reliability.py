@@ -580,6 +580,40 @@ def test_weights_with_a_missing_or_extra_tensor_are_refused(saved, trained):
         CellVAE.load(saved)
 
 
+def test_weights_of_the_wrong_shape_are_refused_before_any_tensor_is_read(saved, trained, monkeypatch):
+    """A file whose header promises other shapes (e.g. a huge tensor) is refused from its header alone."""
+    state = {k: v.contiguous() for k, v in trained.module.state_dict().items()}
+    state["decoder.log_theta"] = torch.zeros(100_000)
+    save_file(state, str(saved / "model.safetensors"))
+    opened = cellvae.model.safe_open
+    tensors_read = []
+
+    class Spy:  # safe_open as it is, counting the tensors read
+        def __init__(self, *args, **kwargs):
+            self.handle = opened(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exception):
+            return self.handle.__exit__(*exception)
+
+        def get_tensor(self, name):
+            tensors_read.append(name)
+            return self.inner.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(cellvae.model, "safe_open", Spy)
+    with pytest.raises(ValueError, match=r"does not match its config.json: tensors \['decoder.log_theta'\]"):
+        CellVAE.load(saved)
+    assert tensors_read == []
+    trained.save(saved, overwrite=True)
+    assert CellVAE.load(saved).is_trained and len(tensors_read) == len(state)  # the spy passes a good file on
+
+
 @pytest.mark.parametrize(
     "change",
     [
