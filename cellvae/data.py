@@ -767,7 +767,7 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
     """The way out when new category names are known numbers written another way: floats for the model's
     integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), even one of them beside truly new
     names; else None."""
-    as_integers = [value.removesuffix(".0") for value in new if value.endswith(".0")]
+    as_integers = [value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
     known_integers = [value for value in as_integers if value in set(known)]
     if known_integers:
         return (

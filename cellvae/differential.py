@@ -300,9 +300,14 @@ def _selected_cells(adata: ad.AnnData, cells, name: str) -> np.ndarray:
             f"{name}={cells!r} is neither an obs name nor a condition on adata.obs that pandas can evaluate "
             f"({type(error).__name__}: {error}); e.g. {name}=\"cell_type == 'B cells'\""
         ) from None
-    if not isinstance(mask, pd.Series) or mask.dtype != bool:
+    if not isinstance(mask, pd.Series) or not pd.api.types.is_bool_dtype(mask.dtype):  # nullable "boolean" too
         raise ValueError(f"{name}={cells!r} as a condition on adata.obs must give True/False per cell")
-    return cell_positions(adata, mask.to_numpy(), name)
+    if mask.isna().any():
+        raise ValueError(
+            f"{name}={cells!r} is undecided (NA) for {int(mask.isna().sum())} cells: the columns it reads have missing "
+            "values; fill them or add a condition on them"
+        )
+    return cell_positions(adata, mask.to_numpy(dtype=bool), name)
 
 
 def group_name(group) -> str:

@@ -196,6 +196,8 @@ def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: boo
     if made:  # a figure of the caller's (ax given) keeps the layout the caller chose
         figure.tight_layout()
     if save:
+        while not hasattr(figure, "savefig"):  # an axes in a subfigure (matplotlib >= 3.10): the whole figure
+            figure = figure.figure
         figure.savefig(save, dpi=150, bbox_inches="tight")
     if show or (show is None and not save):
         plt.show()

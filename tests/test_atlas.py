@@ -481,6 +481,12 @@ def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(refe
     with_a_new_plate.obs["plate"] = np.where(plates.obs["plate"] == 1016, 1016.0, 1244.0)
     with pytest.raises(ValueError, match=r"holds floats \(1016.0\) where the model's categories are integers"):
         by_plate.map_query(with_a_new_plate, progress=False)
+    kits = reference.copy()  # names that merely end in ".0" are no numbers: new batches, mapped
+    kits.obs["kit"] = np.where(kits.obs["batch"] == "batch0", "kit-v2", "kit-v3")
+    by_kit = CellVAE(kits, batch_key="kit").fit(max_epochs=1, progress=False)
+    kits.obs["kit"] = np.where(kits.obs["batch"] == "batch0", "kit-v3.0", "kit-v4.0")
+    mapped = by_kit.map_query(kits, max_epochs=1, progress=False)
+    assert sorted(mapped.config.batch_categories) == ["kit-v2", "kit-v3", "kit-v3.0", "kit-v4.0"]
     by_float_plate = CellVAE(plates, batch_key="plate").fit(max_epochs=1, progress=False)  # and the other way round
     plates.obs["plate"] = plates.obs["plate"].astype(int)
     match = r"holds integers \(1[02][15]6\) where the model's categories are floats \(1[02][15]6.0\).*astype\(float\)"

@@ -83,6 +83,11 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     axes = cellvae.pl.history(model, save=figure)
     assert isinstance(axes, list) and figure.read_bytes()[:4] == b"\x89PNG"
     assert len(plt.get_fignums()) == open_figures  # saved, not shown: closed, as scanpy does
+    whole = plt.figure()
+    left, _ = whole.subfigures(1, 2)  # an axes in a subfigure: saving writes the whole figure
+    cellvae.pl.kl_per_dimension(model, ax=left.subplots(), save=tmp_path / "in_subfigure.png")
+    assert (tmp_path / "in_subfigure.png").read_bytes()[:4] == b"\x89PNG"
+    plt.close(whole)
     with pytest.raises(TypeError, match="save must be a file path"):
         cellvae.pl.kl_per_dimension(model, save=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):

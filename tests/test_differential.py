@@ -264,6 +264,13 @@ def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
         model.differential_expression(idx1="no_such_cell")
     with pytest.raises(ValueError, match="must give True/False per cell"):
         model.differential_expression(idx1="cell_type")
+    nullable = simulated.copy()  # anndata reads nullable integers as Int64: conditions on them give "boolean"
+    nullable.obs["type_number"] = pd.array(nullable.obs["cell_type"].cat.codes, dtype="Int64")
+    on_nullable = model.differential_expression(nullable, idx1="type_number == 0", idx2="type_number == 1", n_draws=300)
+    pd.testing.assert_frame_equal(on_nullable, by_condition)
+    nullable.obs.loc[nullable.obs_names[0], "type_number"] = pd.NA
+    with pytest.raises(ValueError, match="undecided \\(NA\\) for 1 cells"):
+        model.differential_expression(nullable, idx1="type_number == 0")
     with pytest.raises(TypeError, match="got a set"):
         model.differential_expression(idx1={0, 1})
     with pytest.raises(ValueError, match="idx1 has missing values"):
