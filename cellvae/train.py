@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -315,30 +316,31 @@ def train(
                     steps = ResidentSteps(vae, resident, optimizer)
             else:
                 batches = loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True)
-                for position, mb in enumerate(batches):
-                    if position and position % INTERRUPT_CHECK_STEPS == 0:  # every rank has as many minibatches
-                        interrupts.check()
-                    bar.update(len(mb.cell_index) * world)
-                    if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
-                        continue
-                    kl_weight = kl_weight_at(step)
-                    out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
-                    optimizer.zero_grad(set_to_none=True)
-                    out["loss"].backward()
-                    loss = float(out["loss"].detach())
-                    # One process checks its loss (a non-finite gradient breaks the parameters, which shows
-                    # in the next loss or the end-of-epoch check); several ranks check the all-reduced
-                    # gradients, so that all of them take the same decision.
-                    if not (math.isfinite(loss) if world == 1 else _gradients_finite(vae)):
-                        optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
-                        continue
-                    optimizer.step()
-                    step += 1
-                    n = len(mb.cell_index)
-                    seen += n
-                    sums["loss"] += loss * n
-                    sums["distortion"] += float(out["distortion"].detach().sum())
-                    sums["rate"] += float(out["rate"].detach().sum())
+                with closing(batches):  # its prefetch thread is joined however the epoch ends (an error, Ctrl-C)
+                    for position, mb in enumerate(batches):
+                        if position and position % INTERRUPT_CHECK_STEPS == 0:  # every rank has as many minibatches
+                            interrupts.check()
+                        bar.update(len(mb.cell_index) * world)
+                        if len(mb.cell_index) == 1 and vae.needs_two_cells:  # a last minibatch of one cell: BatchNorm cannot
+                            continue
+                        kl_weight = kl_weight_at(step)
+                        out = forward(mb.counts, mb.covariates, mb.library, mb.batch_index, kl_weight=kl_weight, sparse=mb.sparse)
+                        optimizer.zero_grad(set_to_none=True)
+                        out["loss"].backward()
+                        loss = float(out["loss"].detach())
+                        # One process checks its loss (a non-finite gradient breaks the parameters, which shows
+                        # in the next loss or the end-of-epoch check); several ranks check the all-reduced
+                        # gradients, so that all of them take the same decision.
+                        if not (math.isfinite(loss) if world == 1 else _gradients_finite(vae)):
+                            optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
+                            continue
+                        optimizer.step()
+                        step += 1
+                        n = len(mb.cell_index)
+                        seen += n
+                        sums["loss"] += loss * n
+                        sums["distortion"] += float(out["distortion"].detach().sum())
+                        sums["rate"] += float(out["rate"].detach().sum())
             if world > 1:
                 average_statistics(vae, world)
             if _parameters_finite(vae):

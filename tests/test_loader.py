@@ -1,5 +1,6 @@
 """The minibatch loader: every cell once per epoch, fresh shuffles, in-memory and backed (CSR, CSC, dense)."""
 
+import threading
 import warnings
 
 import anndata as ad
@@ -656,3 +657,25 @@ def test_covariates_are_held_as_codes_and_made_one_hot_for_the_rows_asked_for():
     np.testing.assert_array_equal(covariates[7], expected[7])
     held = sum(codes.nbytes for codes in covariates.codes) + covariates.continuous.nbytes
     assert held <= 12 * adata.n_obs < expected.nbytes / 300
+
+
+def test_training_that_fails_mid_epoch_leaves_no_prefetch_thread(tmp_path, monkeypatch):
+    """The thread that reads the next block of a backed file is joined when fit fails, not kept alive by the
+    traceback the caller (pytest.raises, a logger, IPython) keeps."""
+    cellvae.datasets.simulate(n_cells=900, n_genes=80, seed=1).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 80 * 100)  # blocks of about 100 cells: several per epoch
+    forward, calls = VAE.forward, []
+
+    def forward_failing_at_the_fifth_minibatch(self, *args, **kwargs):  # e.g. out of memory
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("failed mid-epoch")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "forward", forward_failing_at_the_fifth_minibatch)
+    with pytest.raises(RuntimeError, match="failed mid-epoch") as kept:
+        cellvae.CellVAE(backed, n_latent=5, n_hidden=32).fit(max_epochs=2, batch_size=32, progress=False)
+    assert kept.value is not None  # the traceback is still held here
+    assert [t.name for t in threading.enumerate() if t.name == "cellvae-loader"] == []
+    backed.file.close()
