@@ -108,7 +108,8 @@ class CellVAE:
     module
         The torch network (:class:`cellvae.module.VAE`).
     history
-        One row per epoch of the last :meth:`fit`: train and validation loss, distortion, rate and ELBO.
+        One row per epoch of the last :meth:`fit`: train and validation loss, distortion, rate and ELBO
+        (the ELBO itself, negative; scvi-tools' ``elbo_train`` is the negative ELBO).
     is_trained
         Whether :meth:`fit` (or :meth:`map_query`) has trained it.
     train_settings
@@ -526,11 +527,12 @@ class CellVAE:
         adata
             Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         library_size
-            Total counts of each row: every row sums to it. With ``likelihood="zinb"`` this is the
+            Total counts of each row: every row sums to it (scvi-tools' default is 1, proportions: pass
+            ``library_size=1`` for its scale). With ``likelihood="zinb"`` this is the
             negative binomial's mean, without the zero-inflation (as scvi-tools' normalized expression).
         transform_batch
-            Decode every cell as if from this batch (a list averages over batches): batch-corrected
-            expression. ``None`` decodes each cell with its own batch.
+            Decode every cell as if from this batch (a list averages over batches; ``None`` in it stands
+            for the cell's own batch): batch-corrected expression. ``None`` decodes each cell with its own batch.
         gene_list
             Return only these genes of the model, in this order (the rows still sum to ``library_size``
             over all genes); ``None``: all. Keeps the result small for many cells.
@@ -656,7 +658,8 @@ class CellVAE:
 
         Returns
         -------
-        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1``; genes in
+        n_cells × n_genes float32 counts, or n_samples × n_cells × n_genes when ``n_samples > 1`` (draws on
+        the first axis; scvi-tools' ``posterior_predictive_sample`` puts them last); genes in
         ``gene_list``'s order, else as in ``adata.var_names`` where ``adata`` holds exactly the model's genes,
         else in the model's order.
         """
@@ -1596,11 +1599,12 @@ class CellVAE:
             raise ValueError("transform_batch needs a model trained with batch_key")
         # Batch names are stored as strings (an integer column's 1016 is "1016"), as obs[batch_key].astype(str).
         scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
-        names = [str(name) for name in ([transform_batch] if scalar else list(transform_batch))]
-        unknown = [n for n in names if n not in self.config.batch_categories]
+        # None in a list: the cell's own batch, as in scvi-tools
+        names = [None if name is None else str(name) for name in ([transform_batch] if scalar else list(transform_batch))]
+        unknown = [n for n in names if n is not None and n not in self.config.batch_categories]
         if unknown or not names:
             raise ValueError(f"transform_batch {unknown or names} not among the model's batches {self.config.batch_categories}")
-        return [self.config.batch_categories.index(n) for n in names]
+        return [None if n is None else self.config.batch_categories.index(n) for n in names]
 
     def _decode_inputs(self, mb: data.Minibatch, targets: list[int | None]):
         """(covariates, batch codes) with the batch one-hot replaced by each target batch."""

@@ -192,6 +192,8 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     np.testing.assert_allclose(expression.sum(1), 1e4, rtol=1e-3)
     corrected = model.get_normalized_expression(transform_batch="batch0")
     assert corrected.shape == adata.shape and not np.allclose(corrected, expression)
+    own_and_batch0 = model.get_normalized_expression(transform_batch=["batch0", None])  # None: own batch, as scvi
+    np.testing.assert_allclose(own_and_batch0, (corrected + expression) / 2, rtol=1e-5)
     chosen = list(adata.var_names[[7, 2, 40]])
     np.testing.assert_allclose(model.get_normalized_expression(gene_list=chosen), expression[:, [7, 2, 40]], rtol=1e-6)
     with pytest.raises(ValueError, match="does not have"):
