@@ -341,7 +341,7 @@ def train(
                         sums["loss"] += loss * n
                         sums["distortion"] += float(out["distortion"].detach().sum())
                         sums["rate"] += float(out["rate"].detach().sum())
-            if world > 1:
+            if world > 1 and not vae.frozen_statistics:  # a query model keeps the reference's statistics
                 average_statistics(vae, world)
             if _parameters_finite(vae):
                 _copy_state(last_good, vae.state_dict())
