@@ -743,12 +743,18 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
         codes = pd.Categorical(values, categories=categories).codes
         if (codes < 0).any():
             unknown = sorted(set(values[codes < 0]))
-            advice = (
-                "Map new batches with model.map_query(...)"
-                if key == layout.batch_key
-                else "A categorical covariate keeps the categories it was trained with; map cells of new ones with "
-                "model.map_query(...)"
-            )
+            if key == layout.batch_key:
+                advice = "Map new batches with model.map_query(...)"
+            elif layout.batch_key:
+                advice = (
+                    "A categorical covariate keeps the categories it was trained with; map cells of new ones with "
+                    "model.map_query(...)"
+                )
+            else:  # map_query extends a reference trained with batch_key
+                advice = (
+                    "A categorical covariate keeps the categories it was trained with, and this model (without "
+                    "batch_key) cannot map new ones: train a model on data that holds them"
+                )
             advice = numbers_written_otherwise(unknown, categories, key) or advice
             raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))

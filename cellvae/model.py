@@ -1044,10 +1044,12 @@ class CellVAE:
 
         Query batches unseen by the reference get new one-hot columns in every covariate-fed
         layer (and new rows of a ``"gene-batch"`` dispersion), and so do new categories of the
-        reference's categorical covariates (e.g. a new kit or protocol); only these new parameters
+        reference's categorical covariates (e.g. a new kit or protocol; this needs a reference trained
+        with ``batch_key``); only these new parameters
         are trained, every reference weight stays frozen, so the query lands in the reference's
         latent space and reference cells embed as before. ``query_model.fit(...)`` trains the
-        mapping further the same way (as scVI's ``train`` on a query model). A reference trained with
+        mapping further the same way (as scVI's ``train`` on a query model); a reference's ``batch_mmd``
+        penalty applies among the query's batches while mapping too. A reference trained with
         ``encode_batch=False`` has no batch input in its encoder: the query is then embedded by the
         frozen encoder and mapping only fits the decoder's new columns (used by decoded expression).
 
@@ -1097,9 +1099,11 @@ class CellVAE:
         if not self.is_trained:
             raise ValueError("map_query needs a trained reference model; call model.fit() first")
         if not self.config.batch_key:
+            covariates = self.config.categorical_covariate_keys
+            also = f" (query cells of categories of {covariates} it was not trained with need such a model)" if covariates else ""
             raise ValueError(
                 "the reference model was trained without batch_key, so it has no batch parameters to extend; "
-                "embed the query directly with model.get_latent(query_adata), or retrain with batch_key=..."
+                f"embed the query directly with model.get_latent(query_adata), or retrain with batch_key=...{also}"
             )
         # BatchNorm keeps the reference's statistics while mapping, so any batch size works
         max_epochs, batch_size, lr, validation_size, patience, random_state = map(

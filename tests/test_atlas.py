@@ -464,6 +464,12 @@ def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches)
     del without_kit.obs["kit"]
     with pytest.raises(KeyError, match="obs column 'kit' .* not found in query_adata.obs"):
         model.map_query(without_kit)
+    # without batch_key there is nothing to map onto: neither error sends the user to the other
+    kit_only = CellVAE(reference, categorical_covariate_keys=["kit"]).fit(max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"this model \(without batch_key\) cannot map new ones: train a model"):
+        kit_only.get_latent(query)
+    with pytest.raises(ValueError, match=r"categories of \['kit'\] it was not trained with need such a model"):
+        kit_only.map_query(query)
 
 
 def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(reference_and_query):
