@@ -773,15 +773,16 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
     """The way out when new category names are known numbers written another way: floats for the model's
     integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), even one of them beside truly new
     names; else None."""
+    known_names = set(known)
     as_integers = [value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
-    known_integers = [value for value in as_integers if value in set(known)]
+    known_integers = [value for value in as_integers if value in known_names]
     if known_integers:
         return (
             f"{name}.obs[{key!r}] holds floats ({known_integers[0]}.0) where the model's categories are integers "
             f"({known_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
         )
     as_floats = [f"{value}.0" for value in new if value.removeprefix("-").isdigit()]
-    known_floats = [value for value in as_floats if value in set(known)]
+    known_floats = [value for value in as_floats if value in known_names]
     if known_floats:
         return (
             f"{name}.obs[{key!r}] holds integers ({known_floats[0][:-2]}) where the model's categories are floats "
