@@ -5,15 +5,36 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
+from nbclient.util import run_sync
 
-TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """One Python kernel for all notebooks, started in the repository root (so ``../shared/data`` is
+    the shared data). Sharing it spares each notebook the imports and numba's compilation of UMAP and
+    pynndescent (about 25 s each); every notebook starts from an empty namespace (``%reset -f``)."""
+    holder: dict = {}
+    yield holder
+    if holder.get("km") is not None:
+        run_sync(holder["km"].shutdown_kernel)(now=True)
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
-def test_tutorial_runs(path):
-    """Runs from the repository root (so ``../shared/data`` is the shared data); notebooks write only to temp dirs."""
+def test_tutorial_runs(path, kernel):
+    """Notebooks write only to temp dirs."""
     notebook = nbformat.read(path, as_version=4)
+    notebook.cells.insert(0, nbformat.v4.new_code_cell("%reset -f\nimport matplotlib.pyplot\nmatplotlib.pyplot.close('all')"))
     client = nbclient.NotebookClient(
-        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parents[1])}}
+        notebook, km=kernel.get("km"), timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
-    client.execute()
+    try:
+        client.execute(cleanup_kc=False)
+    except BaseException:
+        kernel.pop("km", None)  # a failed notebook may leave the kernel in any state: the next one gets a new kernel
+        run_sync(client.km.shutdown_kernel)(now=True)
+        raise
+    kernel["km"] = client.km
+    client.kc.stop_channels()
