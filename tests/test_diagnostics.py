@@ -123,7 +123,9 @@ def test_large_beta_collapses_the_posterior_and_free_bits_prevent_it(kang):
 
 def test_rate_falls_and_distortion_rises_with_beta(kang):
     betas = (0.25, 0.5, 1.0, 2.0, 4.0)
-    frame = cellvae.tl.rate_distortion_sweep(kang, betas, labels_key="cell_type", max_epochs=60, n_latent=10)
+    # 30 epochs (tutorial 03 runs this sweep with 60); seeds 0-2 give rate drops of 13.9-14.5 nats, distortion
+    # rises of 15.6-20.8, steps of rate <= -2.6 and of distortion >= 0.87, beta = 1 within 0.93 of the best.
+    frame = cellvae.tl.rate_distortion_sweep(kang, betas, labels_key="cell_type", max_epochs=30, n_latent=10)
     assert list(frame["beta"]) == list(betas)
     rate, distortion, elbo = frame["rate"].to_numpy(), frame["distortion"].to_numpy(), frame["elbo"].to_numpy()
     # Held-out rate falls and distortion rises (each step may wobble by Monte-Carlo and training noise).
