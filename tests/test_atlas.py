@@ -85,22 +85,19 @@ def test_batch_discrepancy_is_zero_for_one_batch_and_grows_with_a_shift():
 
 
 def test_batch_mmd_lowers_the_batch_share_of_the_latent_and_keeps_cell_types(three_batches, integrated, tmp_path):
-    """Two seeds each, 100 epochs (CPU, seeds 0–3: a share of 0.021–0.030 without the penalty, 0.0042–0.0072 with it)."""
+    """100 epochs, seed 0 (CPU, seeds 0–3: a share of 0.021–0.030 without the penalty, 0.0042–0.0072 with it;
+    the ratio is 0.17–0.34)."""
     assert integrated.config.batch_mmd == 0.0  # the default: off
 
-    def fits(batch_mmd: float) -> list[CellVAE]:
-        return [
-            CellVAE(three_batches, batch_key="batch", batch_mmd=batch_mmd).fit(max_epochs=100, progress=False, random_state=seed)
-            for seed in (0, 1)
-        ]
+    def fit(batch_mmd: float) -> CellVAE:
+        return CellVAE(three_batches, batch_key="batch", batch_mmd=batch_mmd).fit(max_epochs=100, progress=False, random_state=0)
 
-    plain, penalised = fits(0.0), fits(10.0)
+    def share(model: CellVAE) -> float:
+        return batch_share_of_latent_variance(model.get_latent(), three_batches.obs)
 
-    def mean_share(models) -> float:
-        return float(np.mean([batch_share_of_latent_variance(m.get_latent(), three_batches.obs) for m in models]))
-
-    assert mean_share(penalised) < 0.5 * mean_share(plain)
-    penalised, latent = penalised[0], penalised[0].get_latent()
+    plain, penalised = fit(0.0), fit(10.0)
+    assert share(penalised) < 0.5 * share(plain)
+    latent = penalised.get_latent()
     assert knn_accuracy(latent, three_batches.obs["cell_type"]) > 0.95
     penalised.save(tmp_path / "model")
     loaded = CellVAE.load(tmp_path / "model")
