@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -48,8 +50,69 @@ HISTORY_FILE = "history.json"
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
 
+# scvi-tools' names for what cellvae spells otherwise (README, "Coming from scvi-tools"): code ported from
+# scVI that uses one is told the cellvae name instead of Python's bare "no attribute" or "unexpected keyword".
+SCVI_TOOLS_METHODS = {
+    "setup_anndata": "CellVAE(adata, layer=..., batch_key=..., categorical_covariate_keys=..., continuous_covariate_keys=...)",
+    "train": "fit(...)",
+    "get_latent_representation": "get_latent(...)",
+    "posterior_predictive_sample": "sample_counts(...) (samples on the first axis)",
+    "load_query_data": "reference_model.map_query(query) (which also trains the mapping)",
+    "get_marginal_ll": "marginal_log_likelihood(...) (per cell)",
+    "get_elbo": "rate_distortion(...)['elbo'] (per cell; the ELBO itself, not its negative)",
+    "get_reconstruction_error": "rate_distortion(...)['distortion'] (per cell)",
+}
+SCVI_TOOLS_ARGUMENTS = {
+    "gene_likelihood": "use likelihood= ('nb', the default, 'zinb' or 'poisson')",
+    "dropout_rate": "use dropout=",
+    "use_batch_norm": "use normalization='batch'",
+    "use_layer_norm": "use normalization='layer' (the default)",
+    "encode_covariates": "use encode_batch=",
+    "train_size": "use validation_size=, the share held out (1 - train_size)",
+    "accelerator": "use device= ('auto', 'cpu', 'cuda', ...)",
+    "plan_kwargs": "give lr= and weight_decay= to fit itself",
+    "early_stopping_patience": "use patience=",
+    "enable_progress_bar": "use progress=",
+    "give_mean": "use mean=",
+    "indices": "pass those cells as an AnnData, adata[indices]",
+    "return_numpy": "drop it: cellvae returns NumPy arrays",
+    "mode": "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')",
+}
 
-class CellVAE:
+
+def _scvi_tools_names(method):
+    """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name."""
+    accepted = set(inspect.signature(method).parameters)
+
+    @functools.wraps(method)
+    def checked(*args, **kwargs):
+        for name in kwargs.keys() - accepted:
+            if name in SCVI_TOOLS_ARGUMENTS:
+                raise TypeError(
+                    f"{method.__qualname__}() got an unexpected keyword argument {name!r}, "
+                    f"scvi-tools' name: {SCVI_TOOLS_ARGUMENTS[name]}"
+                )
+        return method(*args, **kwargs)
+
+    return checked
+
+
+def _missing_attribute(owner: str, name: str) -> AttributeError:
+    """The AttributeError for ``owner.name``, naming the cellvae method where scvi-tools has one of that name."""
+    message = f"{owner} has no attribute {name!r}"
+    if name in SCVI_TOOLS_METHODS:
+        message += f" (scvi-tools' {name}; in cellvae: {SCVI_TOOLS_METHODS[name]})"
+    return AttributeError(message)
+
+
+class _NamesScviToolsMethods(type):
+    """CellVAE's metaclass: ``CellVAE.setup_anndata`` (scvi-tools' first call) says what to call instead."""
+
+    def __getattr__(cls, name: str):
+        raise _missing_attribute(f"type object {cls.__name__!r}", name)
+
+
+class CellVAE(metaclass=_NamesScviToolsMethods):
     """A negative-binomial VAE for raw single-cell counts.
 
     Parameters
@@ -122,6 +185,7 @@ class CellVAE:
     The AnnData is only read, never modified.
     """
 
+    @_scvi_tools_names
     def __init__(
         self,
         adata: ad.AnnData,
@@ -194,6 +258,10 @@ class CellVAE:
             data.warn_user(f"batch_mmd has no effect: obs[{batch_key!r}] holds a single batch", UserWarning)
         self._setup(config, adata)
 
+    def __getattr__(self, name: str):
+        # reached only for names the object lacks
+        raise _missing_attribute(f"{type(self).__name__!r} object", name)
+
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
         self.config = config
         self.adata = adata
@@ -227,6 +295,7 @@ class CellVAE:
 
     # ------------------------------------------------------------------ training
 
+    @_scvi_tools_names
     def fit(
         self,
         *,
@@ -459,6 +528,7 @@ class CellVAE:
 
     # ------------------------------------------------------------------ outputs
 
+    @_scvi_tools_names
     def get_latent(
         self,
         adata: ad.AnnData | None = None,
@@ -511,6 +581,7 @@ class CellVAE:
                 chunks.append(q["z"].float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
+    @_scvi_tools_names
     def get_normalized_expression(
         self,
         adata: ad.AnnData | None = None,
@@ -586,6 +657,7 @@ class CellVAE:
             raise ValueError(f"gene_list names genes the model does not have: {unknown[:5]}" if unknown else "gene_list is empty")
         return torch.from_numpy(positions).to(self.device)
 
+    @_scvi_tools_names
     def get_likelihood_parameters(self, adata: ad.AnnData | None = None, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
         """The likelihood's parameters of each cell and gene, at the posterior mean.
 
@@ -627,6 +699,7 @@ class CellVAE:
                 start = rows.stop
         return parameters
 
+    @_scvi_tools_names
     def sample_counts(
         self,
         adata: ad.AnnData | None = None,
@@ -683,6 +756,7 @@ class CellVAE:
                 start += len(mb.cell_index)
         return draws[0] if n_samples == 1 else draws
 
+    @_scvi_tools_names
     def differential_expression(
         self,
         adata: ad.AnnData | None = None,
@@ -1025,6 +1099,7 @@ class CellVAE:
 
     # ------------------------------------------------------------------ reference mapping
 
+    @_scvi_tools_names
     def map_query(
         self,
         query_adata: ad.AnnData,
@@ -1196,6 +1271,7 @@ class CellVAE:
 
     # ------------------------------------------------------------------ diagnostics and generation
 
+    @_scvi_tools_names
     def rate_distortion(
         self, adata: ad.AnnData | None = None, *, n_samples: int = 1, batch_size: int = 1024, random_state: int = 0
     ) -> pd.DataFrame:
@@ -1268,6 +1344,7 @@ class CellVAE:
             activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
         return int((activity > threshold).sum())
 
+    @_scvi_tools_names
     def marginal_log_likelihood(
         self, adata: ad.AnnData | None = None, *, n_samples: int = 100, batch_size: int = 1024, random_state: int = 0
     ) -> np.ndarray:

@@ -1,5 +1,6 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
+import copy
 from dataclasses import asdict
 
 import anndata as ad
@@ -491,3 +492,31 @@ def test_invalid_hyperparameters_are_rejected(two_batches):
     with no_warnings():
         with pytest.raises(ValueError, match="validation_size"):
             CellVAE(adata).fit(validation_size=1.5)
+
+
+def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monkeypatch):
+    adata = small(two_batches)
+    with pytest.raises(AttributeError, match=r"'setup_anndata' \(scvi-tools' setup_anndata; in cellvae: CellVAE\(adata, layer="):
+        CellVAE.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(TypeError, match=r"argument 'gene_likelihood', scvi-tools' name: use likelihood="):
+        CellVAE(adata, batch_key="batch", gene_likelihood="zinb")
+    with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'n_hiden'$"):  # a typo: Python's own error
+        CellVAE(adata, n_hiden=64)
+    model = CellVAE(adata, batch_key="batch")
+    reads = []
+    monkeypatch.setattr(cellvae.model, "train", lambda *args, **kwargs: reads.append(1))
+    with pytest.raises(TypeError, match=r"CellVAE.fit\(\) got .* 'train_size', scvi-tools' name: use validation_size="):
+        model.fit(train_size=0.9, max_epochs=1, progress=False)
+    assert not reads and not model.is_trained  # refused before any work
+    monkeypatch.undo()
+    model.fit(max_epochs=1, progress=False)
+    with pytest.raises(AttributeError, match=r"'get_latent_representation' \(scvi-tools' .*; in cellvae: get_latent"):
+        model.get_latent_representation()
+    with pytest.raises(TypeError, match=r"'give_mean', scvi-tools' name: use mean="):
+        model.get_latent(give_mean=False)
+    with pytest.raises(TypeError, match=r"'mode', scvi-tools' name: drop it"):
+        model.differential_expression(groupby="cell_type", group1="type0", mode="change")
+    with pytest.raises(AttributeError, match=r"^'CellVAE' object has no attribute 'nothing_like_this'$"):
+        model.nothing_like_this  # noqa: B018
+    assert not hasattr(model, "train") and hasattr(model, "fit")
+    np.testing.assert_array_equal(copy.deepcopy(model).get_latent(), model.get_latent())
