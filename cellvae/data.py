@@ -91,6 +91,13 @@ def layer_names(adata: ad.AnnData) -> list[str]:
     return [name for name in adata.layers.keys() if name is not None]
 
 
+def check_one_name(value, name: str, of: str = "obs column") -> None:
+    """Refuse a list (or another collection) where one ``of`` name is expected, before pandas or anndata
+    fail on it with "unhashable type" (``categorical_covariate_keys`` takes lists, ``batch_key`` does not)."""
+    if isinstance(value, (list, tuple, set, dict, np.ndarray, pd.Index, pd.Series)):
+        raise TypeError(f"{name} takes one {of} name (a string), got {value!r}")
+
+
 def count_matrix(adata: ad.AnnData, layer: str | None):
     """The count matrix ``adata.X`` or ``adata.layers[layer]``, as stored (never copied).
 
@@ -98,6 +105,7 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     of :func:`read_zarr_lazy`) a :class:`BackedView`: its cells and genes are then read from the
     file as needed, where anndata would read all of them into memory on every access to ``X``.
     """
+    check_one_name(layer, "layer", of="layer")
     view = _backed_view(adata, layer)
     if view is not None:
         return view
@@ -109,7 +117,8 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
             )
         matrix = adata.X
     elif layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} not found in adata.layers; available: {layer_names(adata)}")
+        hint = "; the counts in adata.X are read with layer=None" if layer == "X" else ""
+        raise KeyError(f"layer {layer!r} not found in adata.layers; available: {layer_names(adata)}{hint}")
     else:
         matrix = adata.layers[layer]
     if not _is_readable(matrix):
@@ -592,6 +601,15 @@ def read_zarr_lazy(store) -> ad.AnnData:
     """
     import zarr
 
+    if not isinstance(store, (zarr.Group, str, os.PathLike)):
+        raise TypeError(f"read_zarr_lazy takes the path of a .zarr store, got {store!r}")
+    if not isinstance(store, zarr.Group) and not os.path.isdir(store):
+        hint = (
+            "; for an .h5ad file use anndata.read_h5ad(path, backed='r'), which cellvae streams the same way"
+            if os.path.isfile(store)
+            else ""
+        )
+        raise FileNotFoundError(f"{os.fspath(store)!r} is not a Zarr store (a folder written by AnnData.write_zarr){hint}")
     group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
     adata = read_lazily(group)
     if not isinstance(adata, ad.AnnData):
@@ -637,6 +655,7 @@ def learn_covariate_layout(
     continuous_keys: list[str],
 ) -> CovariateLayout:
     """Read category orders and continuous scaling from the training data's ``obs``."""
+    check_one_name(batch_key, "batch_key")
     keys = ([batch_key] if batch_key else []) + categorical_keys + continuous_keys
     missing = [k for k in keys if k not in obs.columns]
     if missing:

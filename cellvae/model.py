@@ -217,7 +217,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 raise TypeError(f"{name} takes a list of obs columns, e.g. {name}=[{keys!r}], got the string {keys!r}")
         matrix = data.count_matrix(adata, layer)
         layout = data.learn_covariate_layout(
-            adata.obs, batch_key, list(categorical_covariate_keys or []), list(continuous_covariate_keys or [])
+            adata.obs, batch_key, _key_list(categorical_covariate_keys), _key_list(continuous_covariate_keys)
         )
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
@@ -403,12 +403,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_weight_decay(weight_decay)
         _check_flag(early_stopping, "early_stopping")
         _check_flag(progress, "progress")
+        _check_flag(resume, "resume")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
-        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
-            raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file, not a folder; name a folder for the checkpoints")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         missing = pd.Index(self.config.gene_names).difference(self.adata.var_names, sort=False)
@@ -419,6 +418,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "gene of the model: build a new CellVAE on the data as it is now, or load the model with an AnnData "
                 "that has all its genes"
             )
+        if checkpoint_dir is not None:  # a folder that cannot take them is told now, not after the first epoch
+            _check_checkpoint_dir(checkpoint_dir)
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         training_device = setup_distributed(pick_device(device))
         # Ctrl-C while the ranks read and sum the counts (collectives) is agreed too; train gives it back.
@@ -434,10 +435,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
-            if self.config.normalization == "batch" and len(train_cells) < 2:
+            if len(train_cells) < data.MIN_CELLS:
                 raise ValueError(
-                    f"normalization='batch' normalises over each minibatch, so it needs at least 2 training cells; "
-                    f"validation_size={validation_size} leaves {len(train_cells)}"
+                    f"validation_size={validation_size} leaves {len(train_cells)} of {len(nonempty)} cells to train on; "
+                    f"training needs at least {data.MIN_CELLS}: lower validation_size (the default is 0.1)"
                 )
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
@@ -562,6 +563,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         n_cells × n_latent float32 array, cells in ``adata``'s order.
         """
+        _check_flag(mean, "mean")
         refine_steps = _native(refine_steps)
         if not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
@@ -616,7 +618,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``adata`` holds exactly the model's genes (so that ``adata.layers[...] = ...`` lines up), else in the
         model's order (``model.config.gene_names``).
         """
-        if not (isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf):
+        if isinstance(library_size, (bool, np.bool_)) or not (
+            isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf
+        ):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
         adata = self._resolve(adata)
         genes = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
@@ -650,6 +654,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """Positions of ``gene_list`` among the model's genes; unknown names are an error."""
         if isinstance(gene_list, str):
             raise TypeError(f"gene_list takes a list of gene names, e.g. gene_list=[{gene_list!r}]")
+        values = np.asarray(gene_list)
+        if values.ndim != 1 or not (values.dtype.kind in "OUS" or values.size == 0):
+            raise TypeError(
+                f"gene_list takes a list of gene names, got {type(gene_list).__name__} of {values.dtype} "
+                "(for a boolean mask or positions pass the names: adata.var_names[mask])"
+            )
         names = [str(g) for g in gene_list]
         positions = pd.Index(self.config.gene_names).get_indexer(names)
         if len(names) == 0 or (positions < 0).any():
@@ -979,8 +989,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         so an interrupted save never leaves a half-written model. The AnnData is not saved. A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model.
         """
+        _check_flag(overwrite, "overwrite")
         if self._trained_data_parallel and rank_and_world()[0] > 0:
             return
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"save needs a folder path for the model, e.g. 'my_model/', got {path!r}")
         path = Path(path).expanduser()
         if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
             raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
@@ -1190,6 +1203,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         train_input_layer = bool(train_input_layer)  # numpy's True too
         training_device = pick_device(device)
         _check_anndata(query_adata)
+        data.check_one_name(batch_key, "batch_key")
+        covariates = self.config.categorical_covariate_keys + self.config.continuous_covariate_keys
+        missing = [key for key in covariates if key not in query_adata.obs.columns]
+        if missing:  # before the counts are read and copied
+            raise KeyError(f"obs columns {missing} (covariates of the reference) not found in query_adata.obs; add them")
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
         aligned = _align_query(query_adata, self.config, query_batches)
@@ -1215,8 +1233,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_key or reference_key, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
-            if key not in aligned.obs.columns:
-                raise KeyError(f"obs column {key!r} (a categorical covariate of the reference) not found in query_adata.obs")
             new = [c for c in data.category_names(aligned.obs[key], key) if c not in known]
             retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
             categories[key] = known + new
@@ -1811,6 +1827,36 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
 def _check_weight_decay(weight_decay) -> None:
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
+
+
+def check_model(model) -> None:
+    """Refuse anything but a CellVAE where a tool takes the model (None, or a saved model's path)."""
+    if not isinstance(model, CellVAE):
+        raise TypeError(
+            f"model must be a CellVAE, got {type(model).__name__} {model!r:.80}; train one, or load a saved one "
+            "with cellvae.CellVAE.load('my_model/', adata=adata)"
+        )
+
+
+def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
+    """Create the checkpoint folder if needed and write a file there, so a folder that cannot take the
+    checkpoints is told before training rather than as a bare OSError after its first epoch."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a folder; name a folder for the checkpoints")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ValueError(
+            f"checkpoint_dir={str(folder)!r} cannot hold the checkpoints ({error.strerror}: {error.filename}); "
+            "name a folder that can be created and written to"
+        ) from None
+
+
+def _key_list(keys) -> list:
+    """obs column names given as any collection (a list, a pandas Index, a NumPy array); None is none."""
+    return [] if keys is None else [str(key) if isinstance(key, str) else key for key in keys]
 
 
 def _check_flag(value, name: str) -> None:

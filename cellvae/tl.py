@@ -15,9 +15,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellvae.data import cell_positions, warn_user
+from cellvae.data import cell_positions, check_one_name, is_backed_matrix, warn_user
 from cellvae.differential import group_name
-from cellvae.model import CellVAE, _check_count, _check_seed, _library_sizes
+from cellvae.model import CellVAE, _check_count, _check_flag, _check_seed, _library_sizes, check_model
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
@@ -167,6 +167,7 @@ def transfer_labels(
     from sklearn.neighbors import NearestNeighbors
 
     _writable(query_adata, "query_adata")
+    check_one_name(label_key, "label_key")
     if label_key not in ref_adata.obs.columns:
         raise KeyError(f"label_key {label_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
@@ -315,6 +316,9 @@ def rank_genes_groups(
     count). Genes of the model missing from ``adata`` are left out.
     """
     _writable(adata, "adata")
+    check_model(model)
+    check_one_name(groupby, "groupby")
+    _check_flag(pts, "pts")
     key_added = _key(key_added, "rank_genes_groups")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
@@ -460,13 +464,20 @@ def rate_distortion_sweep(
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
     if isinstance(betas, (int, float, np.number)):
         raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
+    if isinstance(betas, (str, bytes)) or not all(
+        isinstance(b, (int, float, np.number)) and not isinstance(b, bool) for b in betas
+    ):
+        raise TypeError(f"betas takes numbers, e.g. betas=(0.5, 1.0, 2.0), got {betas!r}")
     betas = tuple(float(b) for b in betas)
     if not betas or min(betas) < 0 or not np.isfinite(betas).all():
         raise ValueError(f"betas must be a non-empty sequence of non-negative finite numbers, got {betas}")
-    if not 0.0 < held_out < 1.0:
-        raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out}")
+    if not (isinstance(held_out, (int, float, np.number)) and 0.0 < held_out < 1.0):
+        raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     random_state = _check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
+    _check_flag(warm_start, "warm_start")
+    _check_flag(progress, "progress")
+    check_one_name(labels_key, "labels_key")
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
@@ -566,6 +577,7 @@ def interpolate(
     if not isinstance(n_steps, (int, np.integer)) or isinstance(n_steps, bool) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
     n_steps = int(n_steps)
+    check_model(model)
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
@@ -634,6 +646,9 @@ def latent_shift(
     ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``
     with the shift vector and the parameters.
     """
+    check_model(model)
+    check_one_name(groupby, "groupby")
+    check_one_name(stratify, "stratify")
     for key in [groupby] + ([stratify] if stratify else []):
         if key not in adata.obs.columns:
             raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
@@ -710,11 +725,25 @@ def _key(key_added, default: str) -> str:
 
 
 def _writable(adata: ad.AnnData, name: str) -> None:
-    """Refuse, before any work, a view of a backed AnnData (anndata cannot write into one)."""
+    """Refuse, before any work, a view of a backed AnnData (anndata cannot write into one) or of one whose
+    counts are in a Zarr store (:func:`cellvae.read_zarr_lazy`): writing results would make the view its own
+    AnnData with all its counts read into memory, after the work."""
     if adata.is_view and adata.isbacked:
         raise ValueError(
             f"{name} is a view of a backed AnnData, into which anndata cannot write results; pass "
             f"{name}.to_memory() (in memory) or {name}.copy(filename='subset.h5ad') (a new backed file)"
+        )
+    parent = getattr(adata, "_adata_ref", None)
+    if (
+        adata.is_view
+        and parent is not None
+        and any(is_backed_matrix(m) for m in [parent.X, *parent.layers.values()] if m is not None)
+    ):
+        raise ValueError(
+            f"{name} is a view of an AnnData whose counts are on disk (cellvae.read_zarr_lazy); writing results into "
+            f"it would read all its counts into memory: pass {name}.to_memory(), or write the subset as a store of "
+            f"its own ({name}.write_zarr('subset.zarr')) and read that with cellvae.read_zarr_lazy (CellVAE(view).fit() "
+            "and get_latent(view) stream a view without writing into it)"
         )
 
 

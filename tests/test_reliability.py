@@ -1051,6 +1051,43 @@ def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
             lambda m, a: cellvae.tl.latent_shift(m, a, groupby="batch", source="b0", target="b0", apply_to=[0]),
             "source and target are the same group",
         ),
+        # a list where one name is expected (categorical_covariate_keys takes lists; these do not)
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "batch_key": ["batch"]}), r"batch_key takes one obs column name"),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "layer": ["counts"]}), r"layer takes one layer name"),
+        (lambda m, a: m.map_query(a, batch_key=["batch"]), r"batch_key takes one obs column name"),
+        (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), ["cell_type"]), r"label_key takes one obs column name"),
+        (
+            lambda m, a: cellvae.tl.latent_shift(m, a, groupby=["batch"], source="b0", target="b1", apply_to=[0]),
+            "groupby takes one",
+        ),
+        # flags given as text (from a config file, say) are refused, not read as True
+        (lambda m, a: m.save(__file__, overwrite="False"), "overwrite must be True or False"),
+        (lambda m, a: m.get_latent(a, mean="False"), "mean must be True or False"),
+        (
+            lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=os.path.join(__file__, "ck"), resume="False"),
+            "resume must be",
+        ),
+        (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=m, pts="False"), "pts must be True or False"),
+        (lambda m, a: m.save(None), "save needs a folder path"),
+        (lambda m, a: m.get_normalized_expression(a, library_size=True), "library_size must be"),
+        (lambda m, a: m.get_normalized_expression(a, gene_list=a.var["highly_variable"]), r"adata.var_names\[mask\]"),
+        (lambda m, a: m.get_normalized_expression(a, gene_list=[0, 1]), r"adata.var_names\[mask\]"),
+        (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas="10", layer="counts"), "betas takes numbers"),
+        (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", held_out=None), "held_out must be"),
+        # a saved model's path or None where a tool takes the model
+        (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=None), "model must be a CellVAE, got NoneType"),
+        (lambda m, a: cellvae.tl.interpolate("my_model/", [0], [1]), "model must be a CellVAE, got str"),
+        (lambda m, a: cellvae.pl.history("my_model/", show=False), "CellVAE.load"),
+        (lambda m, a: cellvae.pl.kl_per_dimension(None, show=False), "model must be a CellVAE"),
+        # told before training, not as a bare OSError after the first epoch; and not training on 2 cells
+        (
+            lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=os.path.join(__file__, "ck")),
+            "cannot hold the checkpoints .*Not a directory",
+        ),
+        (
+            lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=0.99),
+            r"validation_size=0.99 leaves 2 of 240 cells to train on",
+        ),
     ],
 )
 def test_bad_arguments_give_a_documented_error(call, message, trained, messy):
@@ -1107,3 +1144,18 @@ def test_a_model_trained_on_x_after_scanpys_normalisation_names_the_way_to_its_c
         model.get_latent(adata)
     given = ad.AnnData(X=adata.layers["counts"], obs=adata.obs, var=adata.var)
     np.testing.assert_array_equal(model.get_latent(given), expected)
+
+
+def test_keys_given_as_a_pandas_index_or_the_wrong_place_are_read_or_told(messy, trained):
+    adata = messy.copy()
+    as_index = CellVAE(adata, **{**MODEL_ARGS, "categorical_covariate_keys": adata.obs.columns[adata.obs.columns == "donor"]})
+    as_array = CellVAE(adata, **{**MODEL_ARGS, "continuous_covariate_keys": np.array(["percent_mito"])})
+    assert as_index.config.categorical_covariate_keys == ["donor"] and type(as_index.config.categorical_covariate_keys[0]) is str
+    assert as_array.config.continuous_covariate_keys == ["percent_mito"]
+    with pytest.raises(KeyError, match=r"layer 'X' not found .* the counts in adata.X are read with layer=None"):
+        CellVAE(adata, layer="X")
+    # a query without one of the reference's covariates is told before its counts are read (these are not counts)
+    query = _counts_replaced_by_x(adata)
+    del query.obs["donor"]
+    with pytest.raises(KeyError, match=r"obs columns \['donor'\] \(covariates of the reference\) not found in query_adata"):
+        trained.map_query(query)

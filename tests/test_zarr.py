@@ -233,6 +233,19 @@ def test_tl_embed_writes_only_obsm_on_a_lazy_anndata(stores):
     assert set(adata.layers) == layers
 
 
+def test_a_view_of_a_lazy_anndata_is_refused_by_the_tools_that_write_into_it(stores, tmp_path):
+    view = cellvae.read_zarr_lazy(stores["csr"])[:200]
+    with pytest.raises(ValueError, match=r"adata is a view of an AnnData whose counts are on disk .*to_memory\(\)"):
+        cellvae.tl.embed(view, batch_key="batch", max_epochs=1, progress=False)
+    assert view.is_view and not view.obsm  # refused before any work: still a view, counts still on disk
+    with pytest.raises(FileNotFoundError, match=r"is not a Zarr store .* anndata.read_h5ad\(path, backed='r'\)"):
+        cellvae.read_zarr_lazy(__file__)
+    with pytest.raises(FileNotFoundError, match="is not a Zarr store"):
+        cellvae.read_zarr_lazy(tmp_path / "missing.zarr")
+    with pytest.raises(TypeError, match="read_zarr_lazy takes the path of a .zarr store, got None"):
+        cellvae.read_zarr_lazy(None)
+
+
 def test_cli_fit_reads_a_zarr_store(stores, tmp_path):
     out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
     code = main(
