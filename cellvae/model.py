@@ -435,10 +435,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
-            if len(train_cells) < data.MIN_CELLS:
+            if len(train_cells) < min(data.MIN_CELLS, len(nonempty) // 2):  # a small dataset keeps its 9 of 10
                 raise ValueError(
                     f"validation_size={validation_size} leaves {len(train_cells)} of {len(nonempty)} cells to train on; "
-                    f"training needs at least {data.MIN_CELLS}: lower validation_size (the default is 0.1)"
+                    "lower validation_size (the default is 0.1)"
                 )
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup

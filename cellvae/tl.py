@@ -1,4 +1,6 @@
-"""Scanpy-style tools: take an AnnData first and write only their documented keys.
+"""Scanpy-style tools that write only their documented keys. ``embed``, ``transfer_labels``,
+``rank_genes_groups`` and ``rate_distortion_sweep`` take an AnnData first; ``interpolate`` and
+``latent_shift``, which decode new cells, take the trained model first.
 
 ``embed`` returns the trained model; ``transfer_labels`` and ``rank_genes_groups`` write into the
 AnnData and return None; ``rate_distortion_sweep`` returns a DataFrame; ``interpolate`` and
@@ -21,6 +23,14 @@ from cellvae.model import CellVAE, _check_count, _check_flag, _check_seed, _libr
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
+
+
+def _check_model_kwargs(model_kwargs: dict) -> None:
+    """Refuse fit's options among a tool's CellVAE arguments, saying to pass them in ``fit_kwargs``."""
+    misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
+    if misplaced:
+        example = ", ".join(f"{name!r}: ..." for name in misplaced)
+        raise TypeError(f"{misplaced} are options of CellVAE.fit; pass them as fit_kwargs={{{example}}}")
 
 
 def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
@@ -72,17 +82,20 @@ def embed(
     """
     _check_fit_kwargs(fit_kwargs)
     key_added = _key(key_added, "X_cellvae")
-    misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
-    if misplaced:
-        example = ", ".join(f"{name!r}: ..." for name in misplaced)
-        raise TypeError(f"{misplaced} are options of CellVAE.fit; pass them as fit_kwargs={{{example}}}")
+    _check_model_kwargs(model_kwargs)
     if "copy" in model_kwargs or "inplace" in model_kwargs:
         raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
     uns_key = "cellvae" if key_added == "X_cellvae" else key_added
-    if not isinstance(adata.uns.get(uns_key, {}), Mapping):
+    record = adata.uns.get(uns_key, {})
+    if not isinstance(record, Mapping):
         raise TypeError(
             f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
             f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
+        )
+    if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
+        raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
+            f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
+            "its own settings: choose another key_added"
         )
     _writable(adata, "adata")
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
@@ -168,6 +181,10 @@ def transfer_labels(
 
     _writable(query_adata, "query_adata")
     check_one_name(label_key, "label_key")
+    for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
+        is_number = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, (bool, np.bool_))
+        if threshold is not None and not (is_number and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"{name} must be a number in [0, 1] or None, got {threshold!r}")
     if label_key not in ref_adata.obs.columns:
         raise KeyError(f"label_key {label_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
@@ -187,9 +204,6 @@ def transfer_labels(
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).any(axis=1).sum())
             raise ValueError(f"{name}.obsm[{use_rep!r}] has NaN or infinite values in {bad:,} cells; embed them again")
-    for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1] or None, got {threshold!r}")
     labels = ref_adata.obs[label_key]
     labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
     if unlabeled_category is not None:
@@ -462,6 +476,7 @@ def rate_distortion_sweep(
     """
     if "beta" in model_kwargs:
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
+    _check_model_kwargs(model_kwargs)
     if isinstance(betas, (int, float, np.number)):
         raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
     if isinstance(betas, (str, bytes)) or not all(
@@ -653,7 +668,10 @@ def latent_shift(
         if key not in adata.obs.columns:
             raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     groups = adata.obs[groupby].astype(str).to_numpy()
-    source, target = str(source), str(target)  # group names as strings, like the column's (1 is "1")
+    # group names as strings, like the column's (1 is "1"); a float column's 1.0 is also found as 1 or "1", as in
+    # differential_expression
+    named = {group_name(value): str(value) for value in pd.unique(adata.obs[groupby].dropna())}
+    source, target = (str(g) if str(g) in set(groups) else named.get(group_name(g), str(g)) for g in (source, target))
     if source == target:
         raise ValueError(f"source and target are the same group ({source!r}): the shift between them is zero")
     for name, value in (("source", source), ("target", target)):

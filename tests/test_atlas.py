@@ -459,7 +459,7 @@ def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches)
         model_by_number.map_query(as_floats, progress=False)
     without_kit = query.copy()
     del without_kit.obs["kit"]
-    with pytest.raises(KeyError, match="obs column 'kit' .* not found in query_adata.obs"):
+    with pytest.raises(KeyError, match=r"obs columns \['kit'\] \(covariates of the reference\) not found in query_adata.obs"):
         model.map_query(without_kit)
     # without batch_key there is nothing to map onto: neither error sends the user to the other
     kit_only = CellVAE(reference, categorical_covariate_keys=["kit"]).fit(max_epochs=1, progress=False)

@@ -152,7 +152,7 @@ def test_batch_normalization_learns_statistics_survives_a_one_cell_minibatch_and
     np.testing.assert_array_equal(CellVAE.load(tmp_path / "model").get_latent(cells), latent)
     with pytest.raises(ValueError, match="batch_size >= 2"):
         model.fit(batch_size=1)
-    with pytest.raises(ValueError, match=r"validation_size=0.9 leaves 1 of 12 cells to train on; training needs at least 10"):
+    with pytest.raises(ValueError, match=r"validation_size=0.9 leaves 1 of 12 cells to train on; lower validation_size"):
         CellVAE(cells[:12].copy(), normalization="batch").fit(max_epochs=1, validation_size=0.9, progress=False)
     layer_norm = CellVAE(cells, batch_key="batch").fit(max_epochs=4, validation_size=0.0, random_state=2, progress=False)
     assert not np.allclose(layer_norm.get_latent(), latent)

@@ -954,6 +954,12 @@ def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, m
 # ----------------------------------------------------------------------------- bad arguments
 
 
+def _with_scanpy_neighbors(adata: ad.AnnData) -> ad.AnnData:
+    with_graph = adata.copy()
+    with_graph.uns["neighbors"] = {"connectivities_key": "connectivities", "params": {"n_neighbors": 15, "method": "umap"}}
+    return with_graph
+
+
 def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
     replaced = adata.copy()
     replaced.layers["counts"] = replaced.X.copy()  # log-normalised: refused as counts
@@ -1074,6 +1080,15 @@ def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
         (lambda m, a: m.get_normalized_expression(a, gene_list=[0, 1]), r"adata.var_names\[mask\]"),
         (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas="10", layer="counts"), "betas takes numbers"),
         (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", held_out=None), "held_out must be"),
+        (
+            lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", validation_size=0.2),
+            r"\['validation_size'\] are options of CellVAE.fit; pass them as fit_kwargs",
+        ),
+        (
+            lambda m, a: cellvae.tl.embed(_with_scanpy_neighbors(a), layer="counts", key_added="neighbors"),
+            r"adata.uns\['neighbors'\]\['params'\] is another tool's record",
+        ),
+        (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), "cell_type", unknown_threshold="0.5"), "must be a number in"),
         # a saved model's path or None where a tool takes the model
         (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=None), "model must be a CellVAE, got NoneType"),
         (lambda m, a: cellvae.tl.interpolate("my_model/", [0], [1]), "model must be a CellVAE, got str"),
@@ -1159,3 +1174,13 @@ def test_keys_given_as_a_pandas_index_or_the_wrong_place_are_read_or_told(messy,
     del query.obs["donor"]
     with pytest.raises(KeyError, match=r"obs columns \['donor'\] \(covariates of the reference\) not found in query_adata"):
         trained.map_query(query)
+
+
+def test_latent_shift_finds_the_groups_of_a_float_column_as_differential_expression_does(messy, trained):
+    adata = messy.copy()
+    adata.obs["dose"] = np.where(adata.obs["condition"] == "ctrl", 1.0, 2.0)  # written as floats: "1.0" and "2.0"
+    by_number = cellvae.tl.latent_shift(trained, adata, groupby="dose", source=1, target=2, apply_to=[0, 1])
+    by_name = cellvae.tl.latent_shift(trained, adata, groupby="dose", source="1.0", target="2.0", apply_to=[0, 1])
+    np.testing.assert_array_equal(by_number.X, by_name.X)
+    with pytest.raises(ValueError, match=r"source '3' is not a group of obs\['dose'\]; groups: \['1.0', '2.0'\]"):
+        cellvae.tl.latent_shift(trained, adata, groupby="dose", source=3, target=2, apply_to=[0])
