@@ -1829,7 +1829,7 @@ def _check_weight_decay(weight_decay) -> None:
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
 
 
-def check_model(model) -> None:
+def _check_model(model) -> None:
     """Refuse anything but a CellVAE where a tool takes the model (None, or a saved model's path)."""
     if not isinstance(model, CellVAE):
         raise TypeError(

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
 
 from cellvae import diagnostics
-from cellvae.model import CellVAE, _check_threshold, check_model
+from cellvae.model import CellVAE, _check_model, _check_threshold
 
 
 def history(
@@ -43,7 +43,7 @@ def history(
     -------
     A list of the two Axes (distortion, rate).
     """
-    check_model(model)
+    _check_model(model)
     _check_save(save)
     frame = model.history
     if frame.empty:
@@ -162,7 +162,7 @@ def kl_per_dimension(
     -------
     The Axes.
     """
-    check_model(model)
+    _check_model(model)
     _check_save(save)
     _check_threshold(threshold)
     kl = model.kl_per_dimension(adata)

@@ -3,8 +3,9 @@
 ``latent_shift``, which decode new cells, take the trained model first.
 
 ``embed`` returns the trained model; ``transfer_labels`` and ``rank_genes_groups`` write into the
-AnnData and return None; ``rate_distortion_sweep`` returns a DataFrame; ``interpolate`` and
-``latent_shift`` return new AnnData objects of decoded cells.
+AnnData and return None (or, with ``copy=True``, write into a copy and return it);
+``rate_distortion_sweep`` returns a DataFrame; ``interpolate`` and ``latent_shift`` return new AnnData
+objects of decoded cells.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 
 from cellvae.data import cell_positions, check_one_name, is_backed_matrix, warn_user
 from cellvae.differential import group_name
-from cellvae.model import CellVAE, _check_count, _check_flag, _check_seed, _library_sizes, check_model
+from cellvae.model import CellVAE, _check_count, _check_flag, _check_model, _check_seed, _library_sizes
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
@@ -135,7 +136,8 @@ def transfer_labels(
     unknown_threshold: float | None = None,
     unlabeled_category: str | None = None,
     novelty_threshold: float | None = None,
-) -> None:
+    copy: bool = False,
+) -> ad.AnnData | None:
     """Predict query labels by a distance-weighted vote of the ``k`` nearest reference cells.
 
     Each neighbour's vote weighs ``exp(-(d / d_k)^2)``, with ``d_k`` the query cell's distance
@@ -166,11 +168,14 @@ def transfer_labels(
     novelty_threshold
         If given, cells whose novelty exceeds it are labelled ``"Unknown"`` too (e.g. 0.95; strings
         as with ``unknown_threshold``).
+    copy
+        Write the results into a copy of ``query_adata`` and return it (as scanpy's ``copy=True``),
+        leaving ``query_adata`` as it is.
 
     Returns
     -------
-    None. Writes ``query_adata.obs[f"{label_key}_predicted"]`` (categorical, holding the reference's label
-    values: numbers stay numbers; a tied vote goes to the label that sorts first),
+    None (with ``copy=True`` the copy). Writes ``query_adata.obs[f"{label_key}_predicted"]``
+    (categorical, holding the reference's label values: numbers stay numbers; a tied vote goes to the label that sorts first),
     ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
     and ``query_adata.obs[f"{label_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
     them drawn with a fixed seed, that lie closer to their own ``k`` nearest labelled reference cells, on
@@ -179,7 +184,9 @@ def transfer_labels(
     """
     from sklearn.neighbors import NearestNeighbors
 
-    _writable(query_adata, "query_adata")
+    _check_flag(copy, "copy")
+    if not copy:
+        _writable(query_adata, "query_adata")
     check_one_name(label_key, "label_key")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
         is_number = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, (bool, np.bool_))
@@ -237,10 +244,12 @@ def transfer_labels(
             unknown |= novelty > novelty_threshold
         predicted[unknown] = "Unknown"
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
+    query_adata = query_adata.copy() if copy else query_adata
     _own_data(query_adata)
     query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)
     query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{label_key}_novelty"] = novelty
+    return query_adata if copy else None
 
 
 def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +296,8 @@ def rank_genes_groups(
     random_state: int = 0,
     pts: bool = False,
     key_added: str | None = "rank_genes_groups",
-) -> None:
+    copy: bool = False,
+) -> ad.AnnData | None:
     """Rank genes for each group by the model's differential expression, in scanpy's format.
 
     Runs :meth:`~cellvae.CellVAE.differential_expression` for each group against ``reference`` and stores
@@ -315,10 +325,14 @@ def rank_genes_groups(
         a ``/``).
     key_added
         ``uns`` key of the result (``None``: ``"rank_genes_groups"``).
+    copy
+        Write the result into a copy of ``adata`` and return it (as scanpy's ``copy=True``), leaving
+        ``adata`` as it is.
 
     Returns
     -------
-    None. Writes ``adata.uns[key_added]`` with ``names`` (each group's genes, up-regulated first: ordered by
+    None (with ``copy=True`` the copy). Writes ``adata.uns[key_added]``
+    with ``names`` (each group's genes, up-regulated first: ordered by
     ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta), in [−1, 1]),
     ``logfoldchanges`` (posterior mean log2 fold change, shrunk), ``pvals`` (the local false discovery rate 1
     − P(|lfc| > delta)), ``pvals_adj`` (the posterior expected false discovery rate of calling this gene and
@@ -329,8 +343,10 @@ def rank_genes_groups(
     ``pts=True`` also ``pts`` and ``pts_rest`` (share of the group's and the reference's cells with a non-zero
     count). Genes of the model missing from ``adata`` are left out.
     """
-    _writable(adata, "adata")
-    check_model(model)
+    _check_flag(copy, "copy")
+    if not copy:
+        _writable(adata, "adata")
+    _check_model(model)
     check_one_name(groupby, "groupby")
     _check_flag(pts, "pts")
     key_added = _key(key_added, "rank_genes_groups")
@@ -408,8 +424,10 @@ def rank_genes_groups(
     }
     if pts:
         ranking |= {"pts": pd.DataFrame(shares).loc[genes], "pts_rest": pd.DataFrame(shares_rest).loc[genes]}
+    adata = adata.copy() if copy else adata
     _own_data(adata)
     adata.uns[key_added] = ranking
+    return adata if copy else None
 
 
 # ----------------------------------------------------------------------------- rate–distortion and latent arithmetic
@@ -592,7 +610,7 @@ def interpolate(
     if not isinstance(n_steps, (int, np.integer)) or isinstance(n_steps, bool) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
     n_steps = int(n_steps)
-    check_model(model)
+    _check_model(model)
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
@@ -661,7 +679,7 @@ def latent_shift(
     ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``
     with the shift vector and the parameters.
     """
-    check_model(model)
+    _check_model(model)
     check_one_name(groupby, "groupby")
     check_one_name(stratify, "stratify")
     for key in [groupby] + ([stratify] if stratify else []):

@@ -1184,3 +1184,19 @@ def test_latent_shift_finds_the_groups_of_a_float_column_as_differential_express
     np.testing.assert_array_equal(by_number.X, by_name.X)
     with pytest.raises(ValueError, match=r"source '3' is not a group of obs\['dose'\]; groups: \['1.0', '2.0'\]"):
         cellvae.tl.latent_shift(trained, adata, groupby="dose", source=3, target=2, apply_to=[0])
+
+
+def test_copy_true_returns_the_results_in_a_copy_and_leaves_the_anndata_as_it_was(messy, trained):
+    adata = messy.copy()
+    before = {"obs": adata.obs.copy(), "uns": set(adata.uns)}
+    ranked = cellvae.tl.rank_genes_groups(adata, "condition", model=trained, n_draws=100, copy=True)
+    labelled = cellvae.tl.transfer_labels(adata, adata, "cell_type", use_rep="X_pca", copy=True)
+    pd.testing.assert_frame_equal(adata.obs, before["obs"])
+    assert set(adata.uns) == before["uns"]
+    assert set(ranked.uns["rank_genes_groups"]["names"].dtype.names) == {"ctrl", "stim"}
+    assert {"cell_type_predicted", "cell_type_uncertainty", "cell_type_novelty"} <= set(labelled.obs)
+    # the same results as written in place
+    assert cellvae.tl.transfer_labels(adata, adata, "cell_type", use_rep="X_pca") is None
+    pd.testing.assert_series_equal(adata.obs["cell_type_predicted"], labelled.obs["cell_type_predicted"])
+    with pytest.raises(TypeError, match="copy must be True or False"):
+        cellvae.tl.rank_genes_groups(adata, "condition", model=trained, copy="yes")
