@@ -252,6 +252,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             cellvae_version=CELLVAE_VERSION,
         )  # checks the settings before the counts are read, which can take long for a large backed matrix
         config.check_new_model()
+        if config.n_latent >= config.n_genes:
+            data.warn_user(
+                f"n_latent={config.n_latent} is not below the {config.n_genes} genes: a latent space that large cannot "
+                "compress the counts (most of its dimensions will be unused); lower n_latent (the default is 10)",
+                UserWarning,
+            )
         data.validate_counts(matrix, data.counts_location(layer), read_values=not values_checked_in_fit)
         _warn_about_counts(matrix, data.counts_location(layer), dispersion)
         if config.batch_mmd > 0 and len(config.batch_categories) < 2:
@@ -624,8 +630,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
         adata = self._resolve(adata)
         genes = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
-        loader, cells = self._loader(adata, self.device)
         targets = self._batch_overrides(transform_batch)
+        loader, cells = self._loader(adata, self.device)
         n_out = self.config.n_genes if gene_list is None else len(genes)
         out = np.empty((len(cells), n_out), dtype=np.float32)
         with torch.no_grad():

@@ -1200,3 +1200,11 @@ def test_copy_true_returns_the_results_in_a_copy_and_leaves_the_anndata_as_it_wa
     pd.testing.assert_series_equal(adata.obs["cell_type_predicted"], labelled.obs["cell_type_predicted"])
     with pytest.raises(TypeError, match="copy must be True or False"):
         cellvae.tl.rank_genes_groups(adata, "condition", model=trained, copy="yes")
+
+
+def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, seed=0)
+    with pytest.warns(UserWarning, match=r"n_latent=10 is not below the 8 genes.*lower n_latent"):
+        CellVAE(adata)
+    with no_warnings():
+        CellVAE(adata, n_latent=4)
