@@ -185,8 +185,7 @@ def transfer_labels(
     from sklearn.neighbors import NearestNeighbors
 
     _check_flag(copy, "copy")
-    if not copy:
-        _writable(query_adata, "query_adata")
+    _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     check_one_name(label_key, "label_key")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
         is_number = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, (bool, np.bool_))
@@ -344,8 +343,7 @@ def rank_genes_groups(
     count). Genes of the model missing from ``adata`` are left out.
     """
     _check_flag(copy, "copy")
-    if not copy:
-        _writable(adata, "adata")
+    _writable(adata, "adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     _check_model(model)
     check_one_name(groupby, "groupby")
     _check_flag(pts, "pts")
