@@ -128,6 +128,8 @@ def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float, constan
     return log_lik - beta * vae.kl_divergence(mean, scale)
 
 
+@torch.inference_mode(False)  # autograd on whatever the caller turned off (torch.no_grad, inference_mode)
+@torch.enable_grad()
 def refine_posterior(
     vae: VAE,
     mb: Minibatch,

@@ -1801,8 +1801,8 @@ def _check_seed(random_state) -> int:
     """``random_state`` as a Python integer (torch's generators refuse numpy's)."""
     if not _is_whole(random_state):
         raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
-    if not 0 <= random_state < 2**63:  # what numpy's and torch's generators both take
-        raise ValueError(f"random_state must be a non-negative integer below 2**63, got {random_state}")
+    if not 0 <= random_state < 2**32:  # what scanpy's and scikit-learn's seeds (numpy's RandomState) take
+        raise ValueError(f"random_state must be a non-negative integer below 2**32, got {random_state}")
     return int(random_state)
 
 

@@ -160,6 +160,7 @@ class VAE(nn.Module):
     """Encoder, decoder and the negative ELBO ``distortion + beta * rate``, with float32 weights."""
 
     @float32_by_default()
+    @torch.inference_mode(False)  # trainable weights, even when built inside the caller's inference_mode
     def __init__(self, config: Config):
         super().__init__()
         self.config = config

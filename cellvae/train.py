@@ -200,6 +200,8 @@ class AgreedInterrupt:
             self.previous = None
 
 
+@torch.inference_mode(False)  # autograd on whatever the caller turned off (torch.no_grad, inference_mode)
+@torch.enable_grad()
 @seeded(None)  # train seeds torch with its random_state; the caller's generator state is restored after
 def train(
     vae: VAE,

@@ -413,6 +413,23 @@ def test_a_float64_default_dtype_set_by_the_user_changes_no_result(messy, traine
     np.testing.assert_array_equal(zinb_draws, zinb.sample_counts(random_state=2))
 
 
+@pytest.mark.parametrize("gradients_off", [torch.no_grad, torch.inference_mode])
+def test_training_and_refinement_work_where_the_caller_turned_gradients_off(messy, gradients_off):
+    """Notebooks often run inference under torch.no_grad() or inference_mode(); a model built and trained
+    there is the one trained outside, and the caller's mode is as it was afterwards."""
+    expected = quiet_fit(CellVAE(messy, **MODEL_ARGS), max_epochs=2, random_state=3)
+    cells = messy[:20]
+    with gradients_off():
+        model = quiet_fit(CellVAE(messy, **MODEL_ARGS), max_epochs=2, random_state=3)
+        refined = model.get_latent(cells, refine_steps=2)
+        gaps = model.inference_gaps(cells[:3], n_steps=2, n_samples=3)
+        still_off = not torch.is_grad_enabled()
+    assert still_off
+    np.testing.assert_array_equal(model.get_latent(messy), expected.get_latent(messy))
+    np.testing.assert_array_equal(refined, expected.get_latent(cells, refine_steps=2))
+    pd.testing.assert_frame_equal(gaps, expected.inference_gaps(cells[:3], n_steps=2, n_samples=3))
+
+
 def test_numpy_integer_seeds_work_wherever_a_seed_is_taken(trained, messy):
     """A seed from numpy (np.int64, e.g. out of a parameter grid) gives what the same Python integer gives."""
     cells = messy[:30]
@@ -1035,6 +1052,9 @@ def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
         (lambda m, a: m.active_units(a, threshold=float("nan")), "threshold must be"),
         (lambda m, a: m.get_latent(a, random_state=-1), "random_state must be"),
         (lambda m, a: m.get_latent(a, random_state=2**70), "random_state must be"),
+        # scanpy and scikit-learn (the CLI's UMAP, the sweep's KMeans) take seeds below 2**32: told before training
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=2**32), "below 2\\*\\*32"),
+        (lambda m, a: cellvae.tl.rate_distortion_sweep(a, betas=(1.0,), layer="counts", random_state=2**32), "below 2"),
         (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": float("inf")}), "beta must be"),
         (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": 1e40}), "beta must be"),  # finite, but overflows float32 in the loss
         (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "beta": True}), "beta must be"),
