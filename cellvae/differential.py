@@ -256,7 +256,7 @@ def expected_fdr(proba_de: np.ndarray) -> np.ndarray:
 def group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
     """``obs[groupby]`` as text labels by cell position (NaN where a cell has none; whole numbers stored
     as floats read as integers, 1.0 as "1"), and the groups present: in category order for a categorical
-    column, else sorted by value."""
+    column, else sorted by value (numbers mixed with text: by label)."""
     if not isinstance(groupby, str) or groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby].reset_index(drop=True)
@@ -264,11 +264,13 @@ def group_labels(adata: ad.AnnData, groupby) -> tuple[pd.Series, list[str]]:
         labels = column.map(group_name).astype(object).where(column.notna())
         present = set(labels.dropna())
         return labels, [group_name(c) for c in column.cat.categories if group_name(c) in present]
-    values = column.dropna()
-    if pd.api.types.is_float_dtype(column) and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
-        column = column.astype("Int64")
-    labels = column.astype(str).where(column.notna())
-    return labels, [group_name(v) for v in sorted(pd.unique(column.dropna()))]
+    values = pd.unique(column.dropna())
+    try:
+        values = sorted(values)
+    except TypeError:  # an object column of numbers and text (pandas makes one when text goes into a number column)
+        values = sorted(values, key=group_name)
+    name_of = {value: group_name(value) for value in values}
+    return column.map(name_of).astype(object), list(dict.fromkeys(name_of.values()))
 
 
 def cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]]:

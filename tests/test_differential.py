@@ -151,6 +151,24 @@ def test_number_labels_name_groups_as_integers(simulated, model):
     pd.testing.assert_frame_equal(categorical, result)
 
 
+def test_doses_and_columns_of_numbers_and_text_compare_as_their_categorical_twins(simulated, model):
+    """A float column of doses (0, 0.5, 1) and an object column where text went into a number column
+    (pandas makes one from `obs.loc[mask, "cluster"] = "lowQ"`) give what the same categories give."""
+    codes = simulated.obs["cell_type"].cat.codes.to_numpy()
+    columns = simulated.copy()
+    columns.obs["dose"] = np.array([0.0, 0.5, 1.0, 2.0, 0.25])[codes]
+    columns.obs["cluster"] = pd.Series(codes, index=columns.obs_names, dtype=object).where(codes != 4, "lowQ")
+    twin = simulated.copy()
+    twin.obs["dose"] = pd.Categorical(np.array(["0", "0.5", "1", "2", "0.25"])[codes])
+    twin.obs["cluster"] = pd.Categorical(np.array(["0", "1", "2", "3", "lowQ"])[codes])
+    for groupby, group1, group2, names in (("dose", 1.0, 0.5, ("1", "0.5")), ("cluster", "lowQ", 1, ("lowQ", "1"))):
+        every = model.differential_expression(columns, groupby=groupby, n_draws=100)
+        assert sorted(every["group1"].unique()) == sorted(twin.obs[groupby].cat.categories)
+        result = model.differential_expression(columns, groupby=groupby, group1=group1, group2=group2, n_draws=100)
+        expected = model.differential_expression(twin, groupby=groupby, group1=names[0], group2=names[1], n_draws=100)
+        pd.testing.assert_frame_equal(result, expected)
+
+
 def test_a_group_named_rest_is_not_mistaken_for_all_other_cells(simulated, model):
     named = simulated.copy()
     named.obs["with_rest"] = named.obs["cell_type"].cat.rename_categories({"type4": "rest"})
