@@ -91,6 +91,13 @@ def layer_names(adata: ad.AnnData) -> list[str]:
     return [name for name in adata.layers.keys() if name is not None]
 
 
+def gene_names(adata: ad.AnnData) -> pd.Index:
+    """``adata.var_names`` as text, as the model names its genes (anndata's setters make text, but an in-place
+    pandas edit such as ``adata.var.set_index("entrez", inplace=True)`` can leave integers)."""
+    names = adata.var_names
+    return names if pd.api.types.is_string_dtype(names) else names.astype(str)
+
+
 def check_one_name(value, name: str, of: str = "obs column") -> None:
     """Refuse a list (or another collection) where one ``of`` name is expected, before pandas or anndata
     fail on it with "unhashable type" (``categorical_covariate_keys`` takes lists, ``batch_key`` does not)."""

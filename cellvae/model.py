@@ -416,7 +416,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        missing = pd.Index(self.config.gene_names).difference(self.adata.var_names, sort=False)
+        missing = pd.Index(self.config.gene_names).difference(data.gene_names(self.adata), sort=False)
         if len(missing):  # reading them as zeros (as get_latent may) would teach the decoder that they are silent
             raise ValueError(
                 f"{len(missing)} of the model's {self.config.n_genes} genes are not in its AnnData (e.g. "
@@ -648,10 +648,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def _adata_gene_columns(self, adata: ad.AnnData) -> slice | torch.Tensor:
         """Columns that put per-gene outputs in ``adata``'s gene order where it holds exactly the model's
         genes in another order (on the model's device); else all columns, in the model's order."""
-        genes = pd.Index(self.config.gene_names)
-        if len(adata.var_names) != len(genes) or adata.var_names.equals(genes):
+        genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
+        if len(names) != len(genes) or names.equals(genes):
             return slice(None)
-        positions = genes.get_indexer(adata.var_names) if genes.is_unique else np.full(len(genes), -1)
+        positions = genes.get_indexer(names) if genes.is_unique else np.full(len(genes), -1)
         if (positions < 0).any() or len(np.unique(positions)) < len(positions):
             return slice(None)
         return torch.from_numpy(positions).to(self.device)
@@ -1682,9 +1682,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         _check_anndata(adata)
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
-        genes = pd.Index(self.config.gene_names)
+        genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
         # model genes the data lacks are read as zero counts, as in map_query
-        columns = None if adata.var_names.equals(genes) else _gene_positions(adata.var_names, genes, "adata")
+        columns = None if names.equals(genes) else _gene_positions(names, genes, "adata")
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
@@ -1972,13 +1972,13 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
                 "query_adata.to_memory()"
             )
     data.validate_counts(matrix, "query " + data.counts_location(config.layer))
-    positions = _gene_positions(query.var_names, pd.Index(config.gene_names), "query_adata")
+    positions = _gene_positions(data.gene_names(query), pd.Index(config.gene_names), "query_adata")
     if isinstance(matrix, data.BackedView):
         return query
     obs = query.obs.copy()
     obs[config.batch_key] = pd.Categorical(batches)
     if data.is_backed_matrix(matrix):
-        counts, var = matrix, pd.DataFrame(index=query.var_names)
+        counts, var = matrix, pd.DataFrame(index=data.gene_names(query))
     else:
         counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
         var = pd.DataFrame(index=pd.Index(config.gene_names))

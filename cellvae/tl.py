@@ -18,7 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellvae.data import cell_positions, check_one_name, is_backed_matrix, warn_user
+from cellvae.data import cell_positions, check_one_name, gene_names, is_backed_matrix, warn_user
 from cellvae.differential import group_name
 from cellvae.model import CellVAE, _check_count, _check_flag, _check_model, _check_seed, _library_sizes
 
@@ -384,7 +384,7 @@ def rank_genes_groups(
         max_cells=max_cells,
         random_state=random_state,
     )
-    result = result[result.index.isin(adata.var_names)]  # genes the data lack (read as zeros) are left out
+    result = result[result.index.isin(gene_names(adata))]  # genes the data lack (read as zeros) are left out
     # Stored as float32 (as scanpy does) before sorting, so that rounding does not order genes of equal score.
     result["score"] = (result["proba_up"] - result["proba_down"]).astype(np.float32)
     floor = 1.0 / (n_draws + 1)  # the resolution of n_draws draws: no probability is exactly 0 (log10 plots)

@@ -214,6 +214,26 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     assert not np.allclose(sampled_latent, model.get_latent())
 
 
+def test_integer_gene_ids_left_by_an_in_place_pandas_edit_are_the_same_genes(two_batches, tmp_path):
+    """`adata.var.set_index("entrez", inplace=True)` leaves integer var_names (anndata's setters would make
+    text); the model names genes as text, and finds them in that AnnData, a query and a loaded model's."""
+    adata = two_batches[:200].copy()
+    expected = CellVAE(adata, batch_key="batch").fit(max_epochs=2, random_state=0, progress=False)
+    entrez = adata.copy()
+    entrez.var.index = pd.Index(np.arange(1000, 1000 + adata.n_vars))
+    model = CellVAE(entrez, batch_key="batch").fit(max_epochs=2, random_state=0, progress=False)
+    assert model.config.gene_names[:2] == ["1000", "1001"]
+    np.testing.assert_array_equal(model.get_latent(), expected.get_latent())
+    np.testing.assert_array_equal(model.get_normalized_expression(), expected.get_normalized_expression())
+    model.save(tmp_path / "model")
+    np.testing.assert_array_equal(CellVAE.load(tmp_path / "model", adata=entrez).get_latent(), expected.get_latent())
+    query = adata.copy()
+    query.obs["batch"] = "new"
+    query.var.index = entrez.var_names
+    mapped = model.map_query(query, max_epochs=1, progress=False)
+    assert mapped.get_latent().shape == (adata.n_obs, model.config.n_latent)
+
+
 def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batches):
     adata = two_batches[:300].copy()
     adata.layers["counts"] = adata.X.copy()
