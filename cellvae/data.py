@@ -282,7 +282,11 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         _check_largest_count(values, where)
         return
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"{where} contains NaN or infinite values; remove or fix those cells before training")
+        raise ValueError(
+            f"{where} contains NaN or infinite values; remove or fix those cells before training (NaN for genes "
+            "that one dataset lacks come from anndata.concat(..., join='outer') on dense matrices: pass fill_value=0, "
+            "or join='inner')"
+        )
     if values.size and values.min() < 0:
         raise ValueError(
             f"{where} has negative values (min {values.min():.3g}); it looks scaled or centred. "

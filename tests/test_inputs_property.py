@@ -338,3 +338,15 @@ def test_anndata_itself_refuses_coo_storage():
     """COO cannot reach cellvae: AnnData only stores CSR/CSC sparse matrices."""
     with pytest.raises(ValueError, match="CSR and CSC"):
         ad.AnnData(X=sp.coo_matrix(np.ones((3, 2))))
+
+
+def test_nan_from_an_outer_concat_of_dense_datasets_is_explained():
+    """anndata.concat(join="outer") fills the genes one dense dataset lacks with NaN: the error says how to avoid it."""
+    first = cellvae.datasets.simulate(n_cells=30, n_genes=20, seed=0)
+    second = cellvae.datasets.simulate(n_cells=30, n_genes=25, seed=1)
+    first.X, second.X = first.X.toarray(), second.X.toarray()
+    merged = ad.concat([first, second], join="outer", index_unique="-")
+    with pytest.raises(ValueError, match=r"contains NaN.*join='outer'.*fill_value=0"):
+        CellVAE(merged)
+    filled = ad.concat([first, second], join="outer", index_unique="-", fill_value=0)
+    assert CellVAE(filled).config.n_genes == 25
