@@ -583,7 +583,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     self.module, loader, cells, n_steps=refine_steps, beta=self.config.beta, batch_size=min(batch_size, 1024)
                 )
         chunks = []
-        with torch.no_grad(), seeded(random_state):
+        with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 q = self.module.inference(mb.counts, mb.covariates, sample=not mean)
                 chunks.append(q["z"].float().cpu().numpy())
@@ -634,7 +634,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         loader, cells = self._loader(adata, self.device)
         n_out = self.config.n_genes if gene_list is None else len(genes)
         out = np.empty((len(cells), n_out), dtype=np.float32)
-        with torch.no_grad():
+        with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 library = torch.full_like(mb.library, library_size)
@@ -702,7 +702,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # written in place: the outputs are the only cells × genes arrays held
         parameters = {name: np.empty((len(cells), self.config.n_genes), dtype=np.float32) for name in names}
         start = 0
-        with torch.no_grad():
+        with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
@@ -760,7 +760,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         n_out = self.config.n_genes if gene_list is None else len(columns)
         draws = np.empty((n_samples, len(cells), n_out), dtype=np.float32)
-        with torch.no_grad():
+        with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
             start = 0
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
                 q = self.module.inference(mb.counts, mb.covariates, sample=False)
@@ -1627,8 +1627,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """(row slice, p(x|z)) for chunks of latent codes decoded with the covariates in ``frame``."""
         covariates = data.covariate_matrix(frame, self.layout)
         codes = covariates.batch_codes
-        self.module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             for start in range(0, len(z), batch_size):
                 rows = slice(start, start + batch_size)
                 yield (

@@ -474,6 +474,28 @@ def test_repeated_inference_is_identical(trained, messy):
     np.testing.assert_allclose(trained.get_latent(messy, batch_size=7), trained.get_latent(messy), rtol=1e-5, atol=1e-6)
 
 
+def test_outputs_do_not_depend_on_the_modules_training_mode(trained, messy):
+    """A user who put ``model.module.train()`` (to fine-tune it their way) gets the same outputs, without
+    dropout, and the module stays in the mode they chose."""
+    cells = messy[:40]
+    outputs = {
+        "latent": lambda: trained.get_latent(cells),
+        "latent draw": lambda: trained.get_latent(cells, mean=False, random_state=2),
+        "expression": lambda: trained.get_normalized_expression(cells),
+        "parameters": lambda: trained.get_likelihood_parameters(cells)["mean"],
+        "counts": lambda: trained.sample_counts(cells, random_state=3),
+        "generated": lambda: trained.generate(10, random_state=4).X.toarray(),
+    }
+    expected = {name: output() for name, output in outputs.items()}
+    trained.module.train()
+    try:
+        for name, output in outputs.items():
+            np.testing.assert_array_equal(output(), expected[name], err_msg=name)
+            assert trained.module.training, name
+    finally:
+        trained.module.eval()
+
+
 def test_different_seeds_give_different_results(trained, messy):
     other = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=1)
     assert not np.array_equal(other.get_latent(messy), trained.get_latent(messy))
