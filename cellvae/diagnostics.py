@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cellvae.data import CellLoader, Minibatch
-from cellvae.distributions import seeded
+from cellvae.distributions import autograd_on, seeded
 from cellvae.module import VAE, importance_log_weights, iwae_bound
 
 ACTIVITY_THRESHOLD = 0.01
@@ -128,8 +128,7 @@ def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float, constan
     return log_lik - beta * vae.kl_divergence(mean, scale)
 
 
-@torch.inference_mode(False)  # autograd on whatever the caller turned off (torch.no_grad, inference_mode)
-@torch.enable_grad()
+@autograd_on()
 def refine_posterior(
     vae: VAE,
     mb: Minibatch,

@@ -382,6 +382,16 @@ def seeded(seed: int | None) -> Iterator[None]:
             torch.mps.set_rng_state(mps)
 
 
+@contextmanager
+def autograd_on() -> Iterator[None]:
+    """Autograd records inside, whatever the caller turned off (``torch.no_grad``, ``torch.inference_mode``).
+
+    Also a decorator; as a plain context manager its frames are contextlib's, which warnings skip to
+    reach the user's line."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def seed_generators(seed: int) -> None:
     """Seed torch's CPU generator and those of the CUDA devices already started.
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellvae.config import Config
-from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, autograd_on
 
 Likelihood = NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson  # what the decoder returns: p(x|z)
 
@@ -160,7 +160,7 @@ class VAE(nn.Module):
     """Encoder, decoder and the negative ELBO ``distortion + beta * rate``, with float32 weights."""
 
     @float32_by_default()
-    @torch.inference_mode(False)  # trainable weights, even when built inside the caller's inference_mode
+    @autograd_on()  # trainable weights (not inference tensors), even when built inside the caller's inference_mode
     def __init__(self, config: Config):
         super().__init__()
         self.config = config

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import TqdmWarning
 
 from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, Covariates, is_backed_matrix, library_sizes, warn_user
-from cellvae.distributions import seed_generators, seeded
+from cellvae.distributions import autograd_on, seed_generators, seeded
 from cellvae.module import VAE
 
 with warnings.catch_warnings():  # a notebook without ipywidgets gets the text progress bar, without a warning
@@ -200,8 +200,7 @@ class AgreedInterrupt:
             self.previous = None
 
 
-@torch.inference_mode(False)  # autograd on whatever the caller turned off (torch.no_grad, inference_mode)
-@torch.enable_grad()
+@autograd_on()
 @seeded(None)  # train seeds torch with its random_state; the caller's generator state is restored after
 def train(
     vae: VAE,
