@@ -313,7 +313,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         early_stopping: bool = True,
         patience: int = 20,
         random_state: int = 0,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
@@ -359,7 +359,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             order and dropout, so equal seeds give bitwise-equal models on the CPU (with the same
             torch thread count); the global random state of torch and numpy is left as it was.
         device
-            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (or a ``torch.device``).
         progress
             Show a tqdm progress bar.
         checkpoint_dir, checkpoint_every, resume
@@ -1131,7 +1131,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         validation_size: float = 0.1,
         patience: int = 10,
         random_state: int = 0,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         progress: bool = True,
     ) -> CellVAE:
         """Map query cells onto this (reference) model by architecture surgery; returns a new model.

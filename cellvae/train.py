@@ -109,10 +109,12 @@ def default_kl_warmup(max_epochs: int) -> int:
     return int(min(50, max(1, max_epochs // 4)))
 
 
-def pick_device(device: str) -> torch.device:
+def pick_device(device: str | torch.device) -> torch.device:
     """Resolve ``"auto"`` to cuda, then mps, then cpu; check that an explicit device exists."""
+    if isinstance(device, torch.device):  # torch.device("cuda", 1) as its text, "cuda:1"
+        device = device.type if device.type in ("cpu", "mps") else str(device)
     if not isinstance(device, str):
-        raise TypeError(f"device must be a string ('auto', 'cpu', 'cuda', 'cuda:N' or 'mps'), got {device!r}")
+        raise TypeError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device, got {device!r}")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -382,7 +382,7 @@ def test_same_seed_gives_bitwise_identical_models_and_embeddings(messy):
     first = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
     torch.manual_seed(12345)  # the global torch seed must not matter
     np.random.seed(54321)
-    second = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+    second = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3, device=torch.device("cpu"))  # as scvi-tools users write
     for key, value in first.module.state_dict().items():
         assert torch.equal(value, second.module.state_dict()[key]), key
     np.testing.assert_array_equal(first.get_latent(), second.get_latent())
@@ -1013,6 +1013,7 @@ def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=-1), "random_state must be"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device=3), "device must be"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device="gpu"), "device must be"),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device=torch.device("meta")), "device must be"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=0), "max_epochs must be"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(batch_size=0), "batch_size must be"),
         (lambda m, a: m.get_latent(a, batch_size=0), "batch_size must be"),
