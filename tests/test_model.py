@@ -28,6 +28,36 @@ def test_the_whole_public_api_loads_without_the_benchmark_extras():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
+def test_every_package_cellvae_imports_is_a_declared_dependency():
+    """A module that only arrives through another package (scikit-learn and matplotlib came through scanpy) can vanish."""
+    import ast
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(cellvae.__file__).parent
+    imported = set()
+    for source in root.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"cellvae"}
+    assert {"torch", "anndata", "sklearn", "matplotlib"} <= third_party
+
+    def normalise(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    declared = {normalise(re.split(r"[<>=!~;\[ ]", requirement)[0]) for requirement in pyproject["project"]["dependencies"]}
+    distributions = packages_distributions()
+    undeclared = {module for module in third_party if not {normalise(d) for d in distributions[module]} & declared}
+    assert not undeclared, f"imported by cellvae but not in pyproject's dependencies: {sorted(undeclared)}"
+
+
 def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     """15-NN cell-type accuracy on the embedding ≥ 0.95 × that on 10 PCs of log-normalised data."""
     adata = pbmc.copy()
