@@ -326,7 +326,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         zero total counts carry no information and are left out of training with a warning (they are
         still embedded by :meth:`get_latent`). ``model.history`` holds the
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
-        keeps the parameters of its best epoch (lowest validation loss after the KL warm-up). A further
+        keeps the parameters of its best epoch: the lowest validation loss (at the full beta, so warm-up epochs count;
+        without validation cells, the lowest training loss after the KL warm-up). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
         Ctrl-C stops training and keeps the best epoch so far, with a warning and
         ``history.attrs["interrupted"]``; Ctrl-C before the first epoch ends raises ``KeyboardInterrupt``
@@ -353,7 +354,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Share of the cells held out to monitor the loss and stop early (``0``: none, then the
             training loss is monitored).
         early_stopping, patience
-            Stop after ``patience`` epochs without a 0.01% improvement of the monitored loss.
+            Stop after ``patience`` epochs without a 0.01% improvement of the monitored loss, counted from the
+            end of the KL warm-up.
         random_state
             Seeds the initial weights of an untrained model, the validation split, the minibatch
             order and dropout, so equal seeds give bitwise-equal models on the CPU (with the same

@@ -372,12 +372,16 @@ def train(
             monitored = row["validation_loss"] if has_validation else row["train_loss"]
             bar.set_postfix(epoch=f"{epoch + 1}/{settings.max_epochs}", loss=f"{monitored:.1f}", refresh=False)
             warmed_up = step >= warmup_steps
+            # The validation loss is at the full beta, so a warm-up epoch can be the best (a model that overfits from
+            # the start is not given back worse than it was then); the training loss is weighted by the warm-up's
+            # smaller KL weight, so without validation cells the best is looked for once the warm-up has ended.
+            comparable = has_validation or warmed_up
             improved = not math.isfinite(best["loss"]) or monitored < best["loss"] - 1e-4 * abs(best["loss"])
-            if not warmed_up or improved:
+            if not comparable or improved:
                 state = _copy_state(spare, last_good)
-                best, spare = {"loss": monitored if warmed_up else math.inf, "state": state, "epoch": epoch}, best["state"]
+                best, spare = {"loss": monitored if comparable else math.inf, "state": state, "epoch": epoch}, best["state"]
                 epochs_without_improvement = 0
-            else:
+            elif warmed_up:  # early stopping waits for the warm-up to end
                 epochs_without_improvement += 1
                 stop = settings.early_stopping and epochs_without_improvement >= settings.patience
             if checkpoint is not None and (stop or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == settings.max_epochs):

@@ -1,6 +1,7 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
 import copy
+import warnings
 from dataclasses import asdict
 
 import anndata as ad
@@ -406,6 +407,28 @@ def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_c
         CellVAE(ad.AnnData(reads.X.toarray(), obs=reads.obs, var=reads.var))
     with no_warnings():
         CellVAE(reads, dispersion="gene-cell")
+
+
+def test_a_model_that_overfits_deep_read_counts_from_the_start_keeps_its_best_warm_up_epoch():
+    """800 real cells, each UMI read a geometric number of times (mean 2,000; ~1e6 reads per cell): the held-out
+    loss is lowest early in the KL warm-up (epoch 14 of 50) and rises as training fits its own cells. Before,
+    the best epoch was looked for after the warm-up only, so fit kept one worse than the untrained model and
+    blamed the learning rate ("training made the model worse ... diverged")."""
+    umis = shared_dataset("mouse_intestine_haber_scdesign2.h5ad")
+    umis = umis[np.random.default_rng(0).choice(umis.n_obs, 800, replace=False)].copy()
+    counts = umis.X.tocsr().astype(np.float64)
+    rng = np.random.default_rng(0)
+    counts.data = np.array([rng.geometric(1 / 2000, int(k)).sum() for k in counts.data], dtype=np.float64)
+    reads = ad.AnnData(counts.astype(np.float32), obs=umis.obs.copy(), var=umis.var.copy())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = CellVAE(reads).fit(progress=False, random_state=0)
+    messages = [str(w.message) for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert len(messages) == 1 and "looks like read counts" in messages[0], messages
+    losses = model.history["validation_loss"]
+    warmup = model.train_settings.kl_warmup_epochs
+    assert losses.idxmin() < warmup and losses.iloc[warmup:].min() > 1.2 * losses.min()  # it overfits during the warm-up
+    assert len(losses) == warmup + 19  # early stopping waits for the warm-up: its last epoch is the first of patience=20
 
 
 def test_the_share_of_ones_is_sampled_across_a_csc_matrix_not_from_its_first_genes(monkeypatch, tmp_path):
