@@ -18,6 +18,7 @@ from cellvae.distributions import autograd_on, seeded
 from cellvae.module import VAE, importance_log_weights, iwae_bound
 
 ACTIVITY_THRESHOLD = 0.01
+COLLAPSED_KL = 0.1  # nats per cell: an inactive dimension with less KL than this has the prior as posterior
 REFINE_DRAWS = 4  # draws of z per refinement step in inference_gaps: steadier steps, a better q*
 CHECK_DRAWS = 32  # common draws on which each cell's refined q must beat the encoder's to be kept
 # Elements (draws × cells × genes) of the arrays of one refinement chunk: keeps its memory to a few hundred MiB.
@@ -78,12 +79,18 @@ def latent_activity(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_si
 
 
 def collapse_message(kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD) -> str | None:
-    """The posterior-collapse warning text when most dimensions are inactive or the total KL is near zero, else None."""
-    n_active, n_latent = int((activity > threshold).sum()), len(activity)
-    if 2 * n_active >= n_latent and kl.sum() >= 0.5:
+    """The posterior-collapse warning text when most dimensions are collapsed or the total KL is near zero, else None.
+
+    A collapsed dimension is inactive (its posterior means vary across cells by at most ``threshold``) and
+    its KL is near zero: its posterior is the prior. An inactive dimension with a large KL is not collapsed:
+    narrow posteriors place the cells at a scale finer than the threshold (seen on deep read counts).
+    """
+    collapsed = (activity <= threshold) & (kl < COLLAPSED_KL)
+    n_used, n_latent = len(activity) - int(collapsed.sum()), len(activity)
+    if 2 * n_used >= n_latent and kl.sum() >= 0.5:
         return None
     return (
-        f"posterior collapse: {n_active} of {n_latent} latent dimensions vary across cells and their KLs sum to "
+        f"posterior collapse: {n_used} of {n_latent} latent dimensions tell cells apart and their KLs sum to "
         f"{kl.sum():.3g} nats per cell; lower beta, lengthen KL warm-up (kl_warmup=...), "
         "or use free bits (free_bits=...); after very few epochs, train longer first"
     )
