@@ -78,22 +78,31 @@ def latent_activity(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_si
     return torch.cat(means).var(0, unbiased=False).numpy()
 
 
-def collapse_message(kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD) -> str | None:
+def collapse_message(
+    kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD, *, lr: float = 1e-3, default_lr: float = 1e-3
+) -> str | None:
     """The posterior-collapse warning text when most dimensions are collapsed or the total KL is near zero, else None.
 
     A collapsed dimension is inactive (its posterior means vary across cells by at most ``threshold``) and
     its KL is near zero: its posterior is the prior. An inactive dimension with a large KL is not collapsed:
     narrow posteriors place the cells at a scale finer than the threshold (seen on deep read counts).
+    Training at an ``lr`` above ``default_lr`` collapses posteriors too; the text then names it first.
     """
     collapsed = (activity <= threshold) & (kl < COLLAPSED_KL)
     n_used, n_latent = len(activity) - int(collapsed.sum()), len(activity)
     if 2 * n_used >= n_latent and kl.sum() >= 0.5:
         return None
-    return (
+    found = (
         f"posterior collapse: {n_used} of {n_latent} latent dimensions tell cells apart and their KLs sum to "
-        f"{kl.sum():.3g} nats per cell; lower beta, lengthen KL warm-up (kl_warmup=...), "
-        "or use free bits (free_bits=...); after very few epochs, train longer first"
+        f"{kl.sum():.3g} nats per cell"
     )
+    remedies = (
+        "lower beta, lengthen KL warm-up (kl_warmup=...), or use free bits (free_bits=...); "
+        "after very few epochs, train longer first"
+    )
+    if lr > default_lr:  # free bits then silence the warning, but the latent space stays worse than at the default lr
+        remedies = f"train with a smaller learning rate first (lr={lr:g} is above the default {default_lr:g}); else {remedies}"
+    return f"{found}; {remedies}"
 
 
 def marginal_log_likelihood(

@@ -49,6 +49,7 @@ WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
+DEFAULT_LR = 1e-3  # of fit and map_query; the collapse warning names a larger one as a cause
 
 # scvi-tools' names for what cellvae spells otherwise (README, "Coming from scvi-tools"): code ported from
 # scVI that uses one is told the cellvae name instead of Python's bare "no attribute" or "unexpected keyword".
@@ -307,7 +308,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         *,
         max_epochs: int | None = None,
         batch_size: int = 128,
-        lr: float = 1e-3,
+        lr: float = DEFAULT_LR,
         weight_decay: float | None = None,
         validation_size: float = 0.1,
         early_stopping: bool = True,
@@ -527,7 +528,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     RuntimeWarning,
                 )
             else:  # (a diverged model's latent space says nothing about collapse)
-                self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state)
+                self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
@@ -1129,7 +1130,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         train_input_layer: bool = False,
         max_epochs: int | None = None,
         batch_size: int = 128,
-        lr: float = 1e-3,
+        lr: float = DEFAULT_LR,
         validation_size: float = 0.1,
         patience: int = 10,
         random_state: int = 0,
@@ -1649,12 +1650,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             terms = evaluate(self.module, loader, cells, batch_size)
         return terms["distortion"] + self.config.beta * terms["rate"]
 
-    def _warn_if_collapsed(self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int) -> None:
+    def _warn_if_collapsed(
+        self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int, lr: float
+    ) -> None:
         """Warn if most latent dimensions carry nothing (encoded in training's minibatches: no more memory)."""
         with diagnostics.evaluation(self.module, random_state):
             kl = diagnostics.kl_per_dimension(self.module, loader, cells, batch_size=batch_size)
             activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
-        message = diagnostics.collapse_message(kl, activity)
+        message = diagnostics.collapse_message(kl, activity, lr=lr, default_lr=DEFAULT_LR)
         if message:
             data.warn_user(message, diagnostics.PosteriorCollapseWarning)
 
