@@ -16,6 +16,7 @@ import torch
 from cellvae.data import CellLoader, Minibatch
 from cellvae.distributions import autograd_on, seeded
 from cellvae.module import VAE, importance_log_weights, iwae_bound
+from cellvae.train import DEFAULT_LR
 
 ACTIVITY_THRESHOLD = 0.01
 COLLAPSED_KL = 0.1  # nats per cell: an inactive dimension with less KL than this has the prior as posterior
@@ -79,14 +80,14 @@ def latent_activity(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_si
 
 
 def collapse_message(
-    kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD, *, lr: float = 1e-3, default_lr: float = 1e-3
+    kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD, *, lr: float = DEFAULT_LR
 ) -> str | None:
     """The posterior-collapse warning text when most dimensions are collapsed or the total KL is near zero, else None.
 
     A collapsed dimension is inactive (its posterior means vary across cells by at most ``threshold``) and
     its KL is near zero: its posterior is the prior. An inactive dimension with a large KL is not collapsed:
     narrow posteriors place the cells at a scale finer than the threshold (seen on deep read counts).
-    Training at an ``lr`` above ``default_lr`` collapses posteriors too; the text then names it first.
+    Training at an ``lr`` above fit's default collapses posteriors too; the text then names it first.
     """
     collapsed = (activity <= threshold) & (kl < COLLAPSED_KL)
     n_used, n_latent = len(activity) - int(collapsed.sum()), len(activity)
@@ -100,8 +101,8 @@ def collapse_message(
         "lower beta, lengthen KL warm-up (kl_warmup=...), or use free bits (free_bits=...); "
         "after very few epochs, train longer first"
     )
-    if lr > default_lr:  # free bits then silence the warning, but the latent space stays worse than at the default lr
-        remedies = f"train with a smaller learning rate first (lr={lr:g} is above the default {default_lr:g}); else {remedies}"
+    if lr > DEFAULT_LR:  # free bits then silence the warning, but the latent space stays worse than at the default lr
+        remedies = f"train with a smaller learning rate first (lr={lr:g} is above the default {DEFAULT_LR:g}); else {remedies}"
     return f"{found}; {remedies}"
 
 

@@ -29,6 +29,7 @@ from cellvae.config import CELLVAE_VERSION, Config
 from cellvae.distributions import seeded
 from cellvae.module import VAE
 from cellvae.train import (
+    DEFAULT_LR,
     PRECISIONS,
     AgreedInterrupt,
     TrainSettings,
@@ -49,7 +50,6 @@ WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
-DEFAULT_LR = 1e-3  # of fit and map_query; the collapse warning names a larger one as a cause
 
 # scvi-tools' names for what cellvae spells otherwise (README, "Coming from scvi-tools"): code ported from
 # scVI that uses one is told the cellvae name instead of Python's bare "no attribute" or "unexpected keyword".
@@ -1657,7 +1657,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with diagnostics.evaluation(self.module, random_state):
             kl = diagnostics.kl_per_dimension(self.module, loader, cells, batch_size=batch_size)
             activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
-        message = diagnostics.collapse_message(kl, activity, lr=lr, default_lr=DEFAULT_LR)
+        message = diagnostics.collapse_message(kl, activity, lr=lr)
         if message:
             data.warn_user(message, diagnostics.PosteriorCollapseWarning)
 

@@ -104,6 +104,9 @@ def split_cells(cells: np.ndarray, validation_size: float, random_state: int) ->
     return shuffled[n_validation:], np.sort(shuffled[:n_validation])
 
 
+DEFAULT_LR = 1e-3  # of fit and map_query; the posterior-collapse warning names a larger one as a cause
+
+
 def default_kl_warmup(max_epochs: int) -> int:
     """Linear KL warm-up over a quarter of training, at most 50 epochs."""
     return int(min(50, max(1, max_epochs // 4)))
