@@ -202,30 +202,59 @@ def validate_counts(matrix, where: str, read_values: bool = True) -> None:
         _check_count_values(values, where)
 
 
-def share_of_ones(matrix) -> tuple[float, int]:
-    """The share of 1s among the non-zero counts in about ``VALUES_PER_CHECK`` stored values, and how
-    many non-zero values that is. UMI counts hold many 1s (a fifth to two thirds of the non-zero values);
-    read counts of amplified molecules (full-length protocols such as Smart-seq) hold few. A sparse
-    matrix is sampled in 16 slices spread over its stored values (the first ones of a CSC matrix would be
-    only its first genes)."""
-    if isinstance(matrix, BackedView):  # sampled from the whole file
-        return share_of_ones(matrix.matrix)
-    if getattr(matrix, "format", None) in ("csr", "csc", "coo"):
-        stored = matrix.group["data"] if is_backed_matrix(matrix) else matrix.data
-        # 16 slices that do not overlap and hold at most VALUES_PER_CHECK values together (all of a small matrix)
-        piece = min(VALUES_PER_CHECK, stored.shape[0]) // 16 or stored.shape[0]
-        ones = non_zero = 0
-        for start in np.unique(np.linspace(0, stored.shape[0] - piece, 16).astype(np.int64)):
-            values = np.asarray(stored[start : start + piece])
-            ones, non_zero = ones + int(np.count_nonzero(values == 1)), non_zero + int(np.count_nonzero(values))
-        return ones / max(non_zero, 1), non_zero
-    if is_backed_matrix(matrix):
-        values = matrix[: max(1, VALUES_PER_CHECK // matrix.shape[1])]
-    else:
-        values = next(_stored_values(matrix), np.zeros(0))
-    values = np.asarray(values).ravel()
-    non_zero = int(np.count_nonzero(values))
-    return int(np.count_nonzero(values == 1)) / max(non_zero, 1), non_zero
+def share_of_ones(matrix, batch_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The share of 1s among the non-zero counts of each batch, and how many non-zero values each share is
+    taken from, in a sample of about ``VALUES_PER_CHECK`` stored values.
+
+    UMI counts hold many 1s (a fifth to two thirds of the non-zero values); read counts of amplified
+    molecules (full-length protocols such as Smart-seq) hold few. ``batch_codes`` gives each cell's batch
+    (0, 1, ...); without it all cells are one batch. A sparse matrix is sampled in 64 slices spread over its
+    stored values (the first ones of a CSC matrix would be only its first genes), a dense one in 64 blocks
+    of rows, so a batch whose cells are stored together is sampled if it holds a 64th of the values.
+    """
+    codes = np.zeros(matrix.shape[0], dtype=np.int64) if batch_codes is None else np.asarray(batch_codes, np.int64)
+    n_batches = int(codes.max(initial=0)) + 1
+    if isinstance(matrix, BackedView):  # sampled from the whole file; the cells outside the view are left out
+        codes_in_file = np.full(matrix.matrix.shape[0], -1, dtype=np.int64)
+        codes_in_file[matrix.rows] = codes
+        matrix, codes = matrix.matrix, codes_in_file
+    ones, non_zero = np.zeros(n_batches), np.zeros(n_batches)
+    for values, rows in _sampled_values(matrix):
+        bins = codes[rows] + 1  # bin 0: cells outside the view
+        ones += np.bincount(bins, weights=values == 1, minlength=n_batches + 1)[1:]
+        non_zero += np.bincount(bins, weights=values != 0, minlength=n_batches + 1)[1:]
+    return ones / np.maximum(non_zero, 1), non_zero.astype(np.int64)
+
+
+def _sampled_values(matrix, slices: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Slices of stored values that do not overlap and hold at most ``VALUES_PER_CHECK`` values together (all
+    of a small matrix), each with the row of every value."""
+    if is_backed_matrix(matrix) and getattr(matrix, "format", None) in ("csr", "csc"):
+        kind, arrays = matrix.format, matrix.group  # the store's data, indices and indptr arrays
+    elif sp.issparse(matrix):
+        matrix = matrix if matrix.format in ("csr", "csc", "coo") else sp.csr_matrix(matrix)
+        kind = matrix.format
+        arrays = {"data": matrix.data, "indices": matrix.row if kind == "coo" else matrix.indices}
+        arrays["indptr"] = matrix.indptr if kind == "csr" else None
+    else:  # dense: blocks of whole rows
+        n_rows, n_genes = matrix.shape
+        rows_per_slice = max(1, min(VALUES_PER_CHECK // slices // max(n_genes, 1), n_rows // slices))
+        for start in np.unique(np.linspace(0, n_rows - rows_per_slice, slices).astype(np.int64)):
+            values = np.asarray(matrix[start : start + rows_per_slice]).ravel()
+            yield values, np.repeat(np.arange(start, start + rows_per_slice), n_genes)
+        return
+    stored = arrays["data"]
+    row_pointers = np.asarray(arrays["indptr"][:]) if kind == "csr" else None
+    piece = min(VALUES_PER_CHECK, stored.shape[0]) // slices or stored.shape[0]
+    for start in np.unique(np.linspace(0, stored.shape[0] - piece, slices).astype(np.int64)):
+        values = np.asarray(stored[start : start + piece])
+        if kind == "csr":  # the rows the slice runs through, each repeated as often as it has values in the slice
+            first, last = np.searchsorted(row_pointers, [start, start + len(values) - 1], side="right") - 1
+            in_slice = np.diff(np.clip(row_pointers[first : last + 2], start, start + len(values)))
+            rows = np.repeat(np.arange(first, last + 1), in_slice)
+        else:  # CSC: the row indices; COO: the rows
+            rows = np.asarray(arrays["indices"][start : start + piece])
+        yield values, rows.astype(np.int64)
 
 
 def genes_without_counts(matrix) -> int | None:
