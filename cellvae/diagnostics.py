@@ -93,10 +93,16 @@ def collapse_message(
     n_used, n_latent = len(activity) - int(collapsed.sum()), len(activity)
     if 2 * n_used >= n_latent and kl.sum() >= 0.5:
         return None
-    found = (
-        f"posterior collapse: {n_used} of {n_latent} latent dimensions tell cells apart and their KLs sum to "
-        f"{kl.sum():.3g} nats per cell"
-    )
+    if 2 * n_used < n_latent:
+        found = (
+            f"posterior collapse: {n_used} of {n_latent} latent dimensions tell cells apart and their KLs sum to "
+            f"{kl.sum():.3g} nats per cell"
+        )
+    else:  # the dimensions vary across cells, but all together carry almost no information about them
+        found = (
+            f"posterior collapse: the latent space carries {kl.sum():.3g} nats per cell (its KLs summed), too little to "
+            f"tell cells apart, though {n_used} of {n_latent} dimensions vary across cells"
+        )
     remedies = (
         "lower beta, lengthen KL warm-up (kl_warmup=...), or use free bits (free_bits=...); "
         "after very few epochs, train longer first"

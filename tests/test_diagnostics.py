@@ -134,6 +134,9 @@ def test_narrow_posteriors_at_a_small_scale_are_not_called_collapse():
     mixed = collapse_message(np.r_[np.full(4, 3.0), np.full(6, 0.001)], np.r_[np.full(2, 0.5), np.full(8, 0.004)])
     assert mixed.startswith("posterior collapse: 4 of 10")  # two active, two narrow; six collapsed
     assert collapse_message(np.r_[np.full(5, 3.0), np.full(5, 0.001)], small_scale) is None
+    little = collapse_message(np.full(4, 0.12), np.full(4, 0.5))  # every dimension varies, but they carry 0.48 nats
+    assert little.startswith("posterior collapse: the latent space carries 0.48 nats per cell (its KLs summed), too little")
+    assert "though 4 of 4 dimensions vary across cells" in little
     remedies = "; lower beta, lengthen KL warm-up (kl_warmup=...), or use free bits (free_bits=...); after very few epochs"
     assert message.endswith(f"{remedies}, train longer first")  # at the default learning rate
 
