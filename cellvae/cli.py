@@ -236,7 +236,7 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
 
     from cellvae import CellVAE
-    from cellvae.data import layer_names
+    from cellvae.data import counts_location, layer_names
 
     _check_input_and_output(args)
     model = CellVAE.load(args.model_dir)
@@ -248,7 +248,14 @@ def run_embed(args: argparse.Namespace) -> int:
             f"error: {args.input} has no layers[{layer!r}]{trained}; name the counts' place with --layer NAME, "
             f"or --layer X (layers here: {layer_names(adata)})"
         )
-    adata.obsm[args.key_added] = model.get_latent(_counts_where_model_reads(adata, layer, model.config.layer))
+    counts = _counts_where_model_reads(adata, layer, model.config.layer)
+    try:
+        adata.obsm[args.key_added] = model.get_latent(counts)
+    except (ValueError, TypeError) as error:  # the checks name the model's place, where the counts were put for it
+        if counts is adata:
+            raise
+        moved_from, moved_to = counts_location(layer), counts_location(model.config.layer)
+        raise type(error)(str(error).replace(moved_to, moved_from)) from error
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0

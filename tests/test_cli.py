@@ -100,6 +100,13 @@ def test_fit_then_embed(tmp_path):
         from_x = ad.read_h5ad(tmp_path / "x_out.h5ad")
         np.testing.assert_array_equal(from_x.obsm["X_cellvae"], embedded.obsm["X_cellvae"])
         assert layer_names(from_x) == [] and list(from_x.obs.columns) == list(data.obs.columns)
+    # log-normalised values in X, read with --layer X: the error names X, not the layer the model was trained on
+    logged = ad.AnnData(X=data.layers["counts"].astype(np.float32), obs=data.obs, var=data.var)
+    logged.X.data = np.log1p(logged.X.data)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    logged_args = ["embed", str(tmp_path / "logged.h5ad"), "--model-dir", str(tmp_path / "model"), "--layer", "X"]
+    with pytest.raises(SystemExit, match=r"error: adata.X has non-integer values"):
+        main([*logged_args, "--out", str(tmp_path / "logged_out.h5ad")])
 
 
 def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):
