@@ -336,7 +336,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
         Ctrl-C stops training and keeps the best epoch so far, with a warning and
         ``history.attrs["interrupted"]``; Ctrl-C before the first epoch ends raises ``KeyboardInterrupt``
-        and leaves the model as it was.
+        and leaves the model as it was. Training that diverges (its best epoch worse than the model before
+        ``fit``, as too large an ``lr`` does) is undone too, with a warning: the model, its ``history`` and
+        whether it is trained are as before, so a further ``fit`` with a smaller ``lr`` starts afresh.
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
@@ -479,8 +481,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
                     self.module = VAE(self.config)
-            # A trained model that fails to train further is given back as it was (not half-trained or non-finite).
-            before = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.is_trained else None
+            # A model whose training fails or diverges is given back as it was (not half-trained or non-finite).
+            before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            previous = (self.history, self.train_settings, self.is_trained, self._trained_data_parallel)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
@@ -502,8 +505,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
                 self.module.to("cpu")
                 self.device = torch.device("cpu")
-                if before is not None:
-                    self.module.load_state_dict(before)
+                self.module.load_state_dict(before)
                 self.module.eval()
                 if isinstance(error, Exception) and self.adata.isbacked and not self.adata.file.is_open:
                     raise ValueError(
@@ -524,11 +526,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
             if not end_loss <= 1.05 * start_loss:  # NaN too
+                # Fitting the diverged weights again, with any learning rate, would not bring them back.
+                self.module.load_state_dict(before)
+                self.history, self.train_settings, self.is_trained, self._trained_data_parallel = previous
+                smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 data.warn_user(
                     f"training made the model worse: its loss on {len(probe):,} "
                     f"{'held-out' if len(validation_cells) else 'training'} cells is {end_loss:.4g} nats per cell, "
                     f"against {start_loss:.4g} when fit began, so training diverged, most likely from too large a "
-                    f"learning rate: train again with a smaller one, e.g. fit(lr={lr / 10:g})",
+                    f"learning rate (lr={lr:g}). The model is given back as it was before this fit"
+                    f"{'' if self.is_trained else ' (untrained)'}: fit it again with a smaller one, e.g. "
+                    f"model.fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
                     RuntimeWarning,
                 )
             else:  # (a diverged model's latent space says nothing about collapse)

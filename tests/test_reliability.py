@@ -1157,11 +1157,21 @@ def test_training_settings_that_undo_training_are_told():
     adata = cellvae.datasets.simulate(n_cells=400, n_genes=200, n_batches=1, seed=0)
     with warnings.catch_warnings(record=True) as diverged:
         warnings.simplefilter("always")
-        CellVAE(adata, n_hidden=64).fit(max_epochs=10, lr=1.0, progress=False)
+        model = CellVAE(adata, n_hidden=64).fit(max_epochs=10, lr=1.0, progress=False)
     assert [str(w.message)[:29] for w in diverged] == ["training made the model worse"]  # and no collapse warning
-    assert "fit(lr=0.1)" in str(diverged[0].message) and diverged[0].category is RuntimeWarning
+    message = str(diverged[0].message)
+    assert "lr=1)" in message and "as it was before this fit (untrained): fit it again with a smaller one" in message
+    assert message.endswith("model.fit(lr=0.001), the default") and diverged[0].category is RuntimeWarning
+    assert not model.is_trained and model.history.empty  # undone: following the advice on this model works
     with no_warnings():  # the default lr improves the loss: nothing to tell
-        CellVAE(adata, n_hidden=64).fit(max_epochs=10, progress=False)
+        model.fit(max_epochs=10, progress=False)
+    fresh = CellVAE(adata, n_hidden=64).fit(max_epochs=10, progress=False)
+    np.testing.assert_array_equal(model.get_latent(), fresh.get_latent())  # as if the diverged run had not been
+    trained = {k: v.clone() for k, v in model.module.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match=r"lr=1000\). The model is given back as it was before this fit: .*lr=0.001"):
+        model.fit(max_epochs=3, lr=1000.0, progress=False)  # a trained model keeps its weights and history
+    assert model.is_trained and len(model.history) == 10
+    assert all(torch.equal(v, trained[k]) for k, v in model.module.state_dict().items())
     with pytest.warns(UserWarning, match=r"kl_warmup=100 epochs is longer than the 5 epochs .* about 0.05 × beta"):
         CellVAE(adata, kl_warmup=100).fit(max_epochs=5, progress=False)
     with pytest.warns(UserWarning, match=r"batch_mmd has no effect: obs\['batch'\] holds a single batch"):
