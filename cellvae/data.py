@@ -981,8 +981,9 @@ class CellLoader:
             warn_user(
                 f"the backed count matrix ({matrix.shape[0]:,} cells) is stored column-major (CSC): every "
                 f"buffer of cells reads the whole file, about {_n_stored(matrix) / BACKED_CSC_BUFFER_VALUES:.0f} "
-                "times per epoch. Store it as CSR for fast streaming, e.g. "
-                "adata.X = adata.X.tocsr() before adata.write_h5ad(...)",
+                "times per epoch. Store it as CSR for fast streaming (this reads it into memory once), e.g. "
+                "adata = adata.to_memory(); adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path) "
+                "(for counts in a layer, convert that layer)",
                 UserWarning,
             )
         self.covariates = covariates

@@ -1,5 +1,6 @@
 """The minibatch loader: every cell once per epoch, fresh shuffles, in-memory and backed (CSR, CSC, dense)."""
 
+import re
 import threading
 import warnings
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import knn_accuracy
+from conftest import knn_accuracy, no_warnings
 from scipy.special import gammaln
 
 import cellvae
@@ -403,6 +404,28 @@ def test_backed_csc_is_read_by_bands_of_columns_never_whole(counts, tmp_path_fac
         seen.append(mb.cell_index)
     seen = np.concatenate(seen)
     assert len(seen) == len(cells) and set(seen) == set(cells)
+
+
+def test_the_backed_csc_warnings_advice_runs_as_written_and_gives_a_file_that_streams_without_it(
+    counts, tmp_path_factory, tmp_path, monkeypatch
+):
+    import scipy
+
+    from cellvae import data
+
+    backed = stored(counts, tmp_path_factory, "csc")
+    monkeypatch.setattr(data, "BACKED_CSC_BUFFER_VALUES", backed.X.group["data"].shape[0] // 5)
+    with pytest.warns(UserWarning, match="column-major") as caught:
+        loader_for(backed)
+    advice = re.search(r"e\.g\. (adata = .*write_h5ad\(path\))", str(caught[0].message)).group(1)
+    exec(advice, {"adata": ad.read_h5ad(backed.filename, backed="r"), "scipy": scipy, "path": tmp_path / "csr.h5ad"})
+    rewritten = ad.read_h5ad(tmp_path / "csr.h5ad", backed="r")
+    assert rewritten.X.format == "csr"
+    with no_warnings():
+        loader = loader_for(rewritten)
+    rows = np.concatenate([mb.cell_index for mb in loader.batches(np.arange(counts.n_obs), 100, with_sparse=True)])
+    np.testing.assert_array_equal(rows, np.arange(counts.n_obs))
+    rewritten.file.close()
 
 
 def test_backed_csc_with_unsorted_rows_in_its_columns_is_read_right(counts, tmp_path):
