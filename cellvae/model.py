@@ -501,6 +501,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         checkpoint_every,
                         resume,
                         interrupts=interrupts,
+                        trained_before=previous[2],
                     )
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
                 self.module.to("cpu")

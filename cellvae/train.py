@@ -218,6 +218,7 @@ def train(
     resume: bool = False,
     data_parallel: bool = True,
     interrupts: AgreedInterrupt | None = None,
+    trained_before: bool = False,
 ) -> pd.DataFrame:
     """Fit ``vae`` in place and return the per-epoch history.
 
@@ -229,7 +230,8 @@ def train(
     ``history.attrs["interrupted"]`` says whether Ctrl-C ended the run. In a process group every rank
     calls it and trains its own shard of the cells (DDP), unless ``data_parallel=False``; ``interrupts``
     is the caller's :class:`AgreedInterrupt` where it listened before (while preparing the data), and
-    Ctrl-C is given back to its previous handler when training ends.
+    Ctrl-C is given back to its previous handler when training ends. ``trained_before``: ``vae`` holds
+    trained weights (a ``resume`` that finds no checkpoint says it continues from them).
     """
     has_validation = len(validation_cells) > 0
     rank, world = rank_and_world() if data_parallel else (0, 1)
@@ -250,7 +252,7 @@ def train(
     last_good = _snapshot(vae)
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
-    start_epoch, stop, interrupted = 0, False, False
+    start_epoch, stop, interrupted, last_checkpoint = 0, False, False, None
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
@@ -272,9 +274,18 @@ def train(
             loop = read_checkpoint(source, run, vae, optimizer, rng, world)
             best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
+            last_checkpoint = start_epoch
             last_good = _snapshot(vae)
         else:
-            warn_user(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning)
+            if trained_before:  # e.g. Ctrl-C before the first checkpoint: the model keeps its best epoch so far
+                warn_user(
+                    f"no checkpoint in {checkpoint_dir}: this fit continues from the model's trained weights with a new "
+                    "KL warm-up, which is not the result of an uninterrupted run; for that, fit a new CellVAE with the "
+                    "same arguments",
+                    UserWarning,
+                )
+            else:
+                warn_user(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
     quiet = not settings.progress or rank > 0
     # The bar counts cells (all ranks step through equal shards), so a long epoch of an atlas shows progress too.
@@ -392,6 +403,7 @@ def train(
                 loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows, "world": world}
                 loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best}
                 write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
+                last_checkpoint = epoch + 1
             if stop:
                 bar.total = bar.n  # stopped early: the bar ends full
                 break
@@ -400,7 +412,12 @@ def train(
         if not rows:  # no epoch finished: nothing of this run to keep (the caller puts the model back)
             raise
         kept = f"the best parameters so far (epoch {best['epoch']})" if best["epoch"] >= 0 else "the partly trained parameters"
-        warn_user(f"training interrupted at epoch {len(rows)}; keeping {kept}", RuntimeWarning)
+        resumable = ""
+        if checkpoint is not None and last_checkpoint is None:
+            resumable = f"; no checkpoint was written yet (checkpoint_every={checkpoint_every}), so resume=True cannot continue"
+        elif checkpoint is not None:
+            resumable = f"; fit(..., resume=True) continues the run from its checkpoint of epoch {last_checkpoint}"
+        warn_user(f"training interrupted at epoch {len(rows)}; keeping {kept}{resumable}", RuntimeWarning)
         interrupted = True
     finally:
         interrupts.restore()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,8 @@ def test_ctrl_c_keeps_a_usable_model_and_resume_matches_uninterrupted_run(tmp_pa
     report = json.loads(stdout.strip().splitlines()[-1])
     assert 3 <= report["epochs"] < FIT["max_epochs"]
     assert any("training interrupted" in w and "keeping the best parameters" in w for w in report["warnings"])
+    told = re.search(r"fit\(\.\.\., resume=True\) continues the run from its checkpoint of epoch (\d+)", report["warnings"][-1])
+    assert told and 3 <= int(told.group(1)) <= report["epochs"]
 
     interrupted = CellVAE.load(tmp_path / "model", adata=simulated())
     assert len(interrupted.history) == report["epochs"]
@@ -256,6 +259,35 @@ def test_ctrl_c_while_a_new_best_epoch_is_kept_returns_the_previous_best_whole(m
         model.fit(max_epochs=8, batch_size=32, progress=False, early_stopping=False)
     returned = model.module.state_dict()
     assert all(torch.equal(returned[name], tensor) for name, tensor in kept_bests[-1].items())
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_resume_cannot_continue_and_resume_says_what_it_does(tmp_path, monkeypatch):
+    """Ctrl-C at epoch 3 of a run checkpointed every 10 epochs leaves no checkpoint; resume=True on the same
+    model then continues from its interrupted weights (not the uninterrupted run), and on a new model starts
+    afresh. Each is told."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, seed=0)
+    check, calls = cellvae.train.AgreedInterrupt.check, []
+
+    def ctrl_c_at_the_fifth_check(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return check(self)
+
+    fit = {"max_epochs": 30, "batch_size": 32, "progress": False, "checkpoint_dir": tmp_path, "checkpoint_every": 10}
+    model = CellVAE(adata, batch_key="batch", n_hidden=16)
+    with monkeypatch.context() as patched:
+        patched.setattr(cellvae.train.AgreedInterrupt, "check", ctrl_c_at_the_fifth_check)
+        with pytest.warns(
+            RuntimeWarning, match=r"interrupted at epoch \d+; .*no checkpoint was written yet \(checkpoint_every=10\)"
+        ):
+            model.fit(**fit)
+    assert model.is_trained and not (tmp_path / CHECKPOINT).exists()
+    with pytest.warns(UserWarning, match="continues from the model's trained weights .* not the result of an uninterrupted run"):
+        model.fit(**fit, resume=True)
+    (tmp_path / CHECKPOINT).unlink()
+    with pytest.warns(UserWarning, match="no checkpoint in .*; training from the start"):
+        CellVAE(adata, batch_key="batch", n_hidden=16).fit(**fit, resume=True)
 
 
 def test_checkpoint_arguments_are_checked(tmp_path):
