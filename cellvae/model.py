@@ -33,6 +33,7 @@ from cellvae.train import (
     PRECISIONS,
     AgreedInterrupt,
     TrainSettings,
+    all_reduce_max,
     default_kl_warmup,
     default_max_epochs,
     default_query_epochs,
@@ -526,7 +527,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._trained_data_parallel = rank_and_world()[1] > 1
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
-            if not end_loss <= 1.05 * start_loss:  # NaN too
+            diverged = not end_loss <= 1.05 * start_loss  # NaN too
+            if rank_and_world()[1] > 1:  # every process gives back the same model
+                diverged = bool(all_reduce_max([float(diverged)])[0])
+            if diverged:
                 # Fitting the diverged weights again, with any learning rate, would not bring them back.
                 self.module.load_state_dict(before)
                 self.history, self.train_settings, self.is_trained, self._trained_data_parallel = previous

@@ -276,16 +276,15 @@ def train(
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
             last_checkpoint = start_epoch
             last_good = _snapshot(vae)
+        elif trained_before:  # e.g. Ctrl-C before the first checkpoint: the model keeps its best epoch so far
+            warn_user(
+                f"no checkpoint in {checkpoint_dir}: this fit continues from the model's trained weights with a new "
+                "KL warm-up, which is not the result of an uninterrupted run; for that, fit a new CellVAE with the "
+                "same arguments",
+                UserWarning,
+            )
         else:
-            if trained_before:  # e.g. Ctrl-C before the first checkpoint: the model keeps its best epoch so far
-                warn_user(
-                    f"no checkpoint in {checkpoint_dir}: this fit continues from the model's trained weights with a new "
-                    "KL warm-up, which is not the result of an uninterrupted run; for that, fit a new CellVAE with the "
-                    "same arguments",
-                    UserWarning,
-                )
-            else:
-                warn_user(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning)
+            warn_user(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
     quiet = not settings.progress or rank > 0
     # The bar counts cells (all ranks step through equal shards), so a long epoch of an atlas shows progress too.
