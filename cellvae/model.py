@@ -502,7 +502,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         checkpoint_every,
                         resume,
                         interrupts=interrupts,
-                        trained_before=previous[2],
+                        trained_before=self.is_trained,
                     )
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
                 self.module.to("cpu")
@@ -1920,11 +1920,11 @@ def _warn_about_counts(matrix, where: str, dispersion: str, obs: pd.DataFrame, l
     if reads.sum() < judged.sum():  # UMIs in some batches, reads in others
         if dispersion == "gene-batch":
             return
-        names = [batch_names[b] for b in np.flatnonzero(reads)]
-        shown = ", ".join(f"{share[batch_names.index(name)]:.1%} ({name!r})" for name in names[:5])
+        read_batches = np.flatnonzero(reads)
+        shown = ", ".join(f"{share[b]:.1%} ({batch_names[b]!r})" for b in read_batches[:5])
         data.warn_user(
-            f"{where} looks like read counts, not UMI counts, in {len(names)} of the {len(batch_names)} batches of "
-            f"obs[{layout.batch_key!r}]: only {shown}{', ...' if len(names) > 5 else ''} of their non-zero values are 1, "
+            f"{where} looks like read counts, not UMI counts, in {len(read_batches)} of the {len(batch_names)} batches of "
+            f"obs[{layout.batch_key!r}]: only {shown}{', ...' if len(read_batches) > 5 else ''} of their non-zero values are 1, "
             "where UMI counts hold 20-70%, as the other batches do. One dispersion per gene fits reads and UMIs poorly "
             "together: try CellVAE(..., dispersion='gene-batch'), which gives each batch its own, and compare the "
             "integration and model.history['validation_elbo']",
