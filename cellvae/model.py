@@ -49,6 +49,7 @@ from cellvae.train import (
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
+ADATA_FILE = "adata.h5ad"  # written by save(save_anndata=True)
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
 # Counts look like reads of amplified molecules, not UMIs, where fewer than this share of the non-zero values
@@ -999,7 +1000,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``history.json`` into directory ``path``.
 
         Parameters
@@ -1008,14 +1009,20 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The model's folder; its parent folders are created.
         overwrite
             Replace an existing ``path``; otherwise a ``FileExistsError`` is raised.
+        save_anndata
+            Also write the model's AnnData (in memory) as ``adata.h5ad``, which :meth:`load` then reads when
+            given no ``adata``. Your AnnData is left as it is (string columns are not turned into categoricals).
 
         Notes
         -----
         The files are written to a temporary directory first and moved into place at the end,
-        so an interrupted save never leaves a half-written model. The AnnData is not saved. A model
+        so an interrupted save never leaves a half-written model. A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model.
         """
         _check_flag(overwrite, "overwrite")
+        _check_flag(save_anndata, "save_anndata")
+        if save_anndata:
+            self._check_anndata_can_be_saved()
         if self._trained_data_parallel and rank_and_world()[0] > 0:
             return
         if not isinstance(path, (str, os.PathLike)):
@@ -1034,6 +1041,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
+            if save_anndata:
+                self.adata.write_h5ad(staging / ADATA_FILE, convert_strings_to_categoricals=False)
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             metadata = {
@@ -1078,8 +1087,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The folder written by :meth:`save`.
         adata
             Becomes the default data of :meth:`get_latent`, :meth:`fit` and the other methods
-            (genes matched by name; :meth:`fit` needs all of the model's); ``None``: pass an AnnData to
-            each call.
+            (genes matched by name; :meth:`fit` needs all of the model's); ``None``: the ``adata.h5ad`` that
+            ``save(save_anndata=True)`` wrote, read into memory, or where there is none, pass an AnnData to each call.
 
         Returns
         -------
@@ -1131,10 +1140,27 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
                 UserWarning,
             )
+        if adata is None and (path / ADATA_FILE).is_file():
+            adata = ad.read_h5ad(path / ADATA_FILE)
         if adata is not None:
             model.adata = adata
             model._loader(adata, model.device)
         return model
+
+    def _check_anndata_can_be_saved(self) -> None:
+        """Refuse ``save(save_anndata=True)`` before anything is written where there is no AnnData in memory to save."""
+        if self.adata is None:
+            raise ValueError(
+                "save_anndata=True needs the model's AnnData, and this model has none (loaded without adata=): "
+                "pass the data to CellVAE.load(path, adata=adata), or save without save_anndata"
+            )
+        if self.adata.isbacked or data.is_backed_matrix(data.count_matrix(self.adata, self.config.layer)):
+            where = f" in {self.adata.filename}" if self.adata.isbacked else ""
+            raise ValueError(
+                f"save_anndata=True writes an AnnData held in memory; this model's counts are read from disk{where}, "
+                "so they are saved already: save without save_anndata and load with CellVAE.load(path, adata=...) "
+                "of the file read again"
+            )
 
     # ------------------------------------------------------------------ reference mapping
 
@@ -1745,10 +1771,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
 def is_model_folder(path: Path) -> bool:
     """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save`."""
-    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ".DS_Store"}
+    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}
     if not path.is_dir() or path.is_symlink():
         return False
-    return all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in path.iterdir())
+    entries = list(path.iterdir())
+    if not all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in entries):
+        return False
+    # an adata.h5ad without the model's files beside it is the user's data, not a saved model's
+    names = {entry.name for entry in entries}
+    return ADATA_FILE not in names or {CONFIG_FILE, WEIGHTS_FILE} <= names
 
 
 # safetensors' names of the dtypes a saved model holds (float32 weights, BatchNorm's int64 count)

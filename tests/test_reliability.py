@@ -785,6 +785,40 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results"]
 
 
+def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_anndata_as_it_was(trained, tmp_path):
+    """scvi-tools' ``save(save_anndata=True)``: ``load(path)`` gives the model back with its data."""
+    obs_before, uns_keys = trained.adata.obs.copy(), sorted(trained.adata.uns)
+    assert obs_before["donor"].dtype == object  # anndata's writer would turn it into a categorical in place
+    trained.save(tmp_path / "model", save_anndata=True)
+    assert sorted(os.listdir(tmp_path / "model")) == ["adata.h5ad", "config.json", "history.json", "model.safetensors"]
+    pd.testing.assert_frame_equal(trained.adata.obs, obs_before)
+    assert sorted(trained.adata.uns) == uns_keys
+    loaded = CellVAE.load(tmp_path / "model")
+    assert loaded.adata is not None and loaded.adata.shape == trained.adata.shape
+    np.testing.assert_array_equal(loaded.adata.layers["counts"].toarray(), trained.adata.layers["counts"].toarray())
+    np.testing.assert_allclose(loaded.get_latent(), trained.get_latent(), atol=1e-6)
+    trained.save(tmp_path / "model", overwrite=True)  # without the data: the old adata.h5ad goes too
+    assert "adata.h5ad" not in os.listdir(tmp_path / "model")
+    assert CellVAE.load(tmp_path / "model").adata is None
+    # a folder holding only an adata.h5ad is the user's data, never replaced as if it were a model
+    (tmp_path / "data").mkdir()
+    trained.adata.write_h5ad(tmp_path / "data" / "adata.h5ad")
+    with pytest.raises(ValueError, match="not a saved cellvae model folder"):
+        trained.save(tmp_path / "data", overwrite=True)
+    assert os.listdir(tmp_path / "data") == ["adata.h5ad"]
+
+
+def test_save_anndata_without_data_in_memory_is_refused_before_anything_is_written(trained, saved, tmp_path):
+    without_data = CellVAE.load(saved)
+    with pytest.raises(ValueError, match=r"has none.*CellVAE.load\(path, adata=adata\)"):
+        without_data.save(tmp_path / "again", save_anndata=True)
+    trained.adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = CellVAE.load(saved, adata=ad.read_h5ad(tmp_path / "cells.h5ad", backed="r"))
+    with pytest.raises(ValueError, match=r"read from disk in .*cells.h5ad.*save without save_anndata"):
+        backed.save(tmp_path / "again", save_anndata=True)
+    assert sorted(os.listdir(tmp_path)) == ["cells.h5ad", "model"]
+
+
 def ctrl_c_at_call(target, name: str, call: int, monkeypatch) -> None:
     """Ctrl-C (KeyboardInterrupt) arriving during the ``call``-th call of ``target.name``; the others run as usual."""
     original, calls = getattr(target, name), []
