@@ -418,9 +418,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         weight_decay = (0.0 if query else 1e-6) if weight_decay is None else weight_decay
         _check_weight_decay(weight_decay)
-        _check_flag(early_stopping, "early_stopping")
-        _check_flag(progress, "progress")
-        _check_flag(resume, "resume")
+        early_stopping = _check_flag(early_stopping, "early_stopping")
+        progress = _check_flag(progress, "progress")
+        resume = _check_flag(resume, "resume")
         if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
@@ -590,7 +590,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         n_cells × n_latent float32 array, cells in ``adata``'s order.
         """
-        _check_flag(mean, "mean")
+        mean = _check_flag(mean, "mean")
         refine_steps = _native(refine_steps)
         if not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
@@ -901,7 +901,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if n_draws < minimum:
             raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
         random_state = _check_seed(random_state)
-        _check_flag(batch_correction, "batch_correction")
+        batch_correction = _check_flag(batch_correction, "batch_correction")
         if pseudocount is not None and (
             isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
         ):
@@ -1019,8 +1019,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         so an interrupted save never leaves a half-written model. A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model.
         """
-        _check_flag(overwrite, "overwrite")
-        _check_flag(save_anndata, "save_anndata")
+        overwrite = _check_flag(overwrite, "overwrite")
+        save_anndata = _check_flag(save_anndata, "save_anndata")
         if save_anndata:
             self._check_anndata_can_be_saved()
         if self._trained_data_parallel and rank_and_world()[0] > 0:
@@ -1250,8 +1250,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _native, (max_epochs, batch_size, lr, validation_size, patience, random_state)
         )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
-        _check_flag(progress, "progress")
-        _check_flag(train_input_layer, "train_input_layer")
+        progress = _check_flag(progress, "progress")
+        train_input_layer = _check_flag(train_input_layer, "train_input_layer")
         train_input_layer = bool(train_input_layer)  # numpy's True too
         training_device = pick_device(device)
         _check_anndata(query_adata)
@@ -1917,9 +1917,11 @@ def _key_list(keys) -> list:
     return [] if keys is None else [str(key) if isinstance(key, str) else key for key in keys]
 
 
-def _check_flag(value, name: str) -> None:
+def _check_flag(value, name: str) -> bool:
+    """``value`` as a Python bool (NumPy's too, which JSON records cannot hold); anything else is refused."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _warn_about_counts(matrix, where: str, dispersion: str, obs: pd.DataFrame, layout: data.CovariateLayout) -> None:

@@ -184,7 +184,7 @@ def transfer_labels(
     """
     from sklearn.neighbors import NearestNeighbors
 
-    _check_flag(copy, "copy")
+    copy = _check_flag(copy, "copy")
     _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     check_one_name(label_key, "label_key")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
@@ -342,11 +342,11 @@ def rank_genes_groups(
     ``pts=True`` also ``pts`` and ``pts_rest`` (share of the group's and the reference's cells with a non-zero
     count). Genes of the model missing from ``adata`` are left out.
     """
-    _check_flag(copy, "copy")
+    copy = _check_flag(copy, "copy")
     _writable(adata, "adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     _check_model(model)
     check_one_name(groupby, "groupby")
-    _check_flag(pts, "pts")
+    pts = _check_flag(pts, "pts")
     key_added = _key(key_added, "rank_genes_groups")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
@@ -506,8 +506,8 @@ def rate_distortion_sweep(
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     random_state = _check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
-    _check_flag(warm_start, "warm_start")
-    _check_flag(progress, "progress")
+    warm_start = _check_flag(warm_start, "warm_start")
+    progress = _check_flag(progress, "progress")
     check_one_name(labels_key, "labels_key")
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")

@@ -325,6 +325,7 @@ def test_fit_keeps_the_best_epoch_not_the_last(tmp_path, kl_warmup):
 
 def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_path, uninterrupted):
     as_numpy = {**FIT, "max_epochs": np.int64(FIT["max_epochs"]), "batch_size": np.int32(32), "random_state": np.int64(7)}
+    as_numpy |= {"early_stopping": np.bool_(True), "progress": np.bool_(False)}  # the checkpoint's JSON record holds them
     model = CellVAE(simulated(), **MODEL).fit(**as_numpy, checkpoint_dir=tmp_path)
     assert_same_parameters(model, uninterrupted)
     numpy_model = {"n_hidden": np.int64(32), "n_latent": np.int64(4), "dropout": np.float32(0.1), "beta": np.float32(1)}
