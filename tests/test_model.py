@@ -237,6 +237,12 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     np.testing.assert_allclose(reordered["mean"], parameters["mean"][:, order], rtol=1e-5)
     np.testing.assert_array_equal(reordered["theta"], parameters["theta"][:, order])
     np.testing.assert_array_equal(model.sample_counts(shuffled, random_state=1), model.sample_counts(random_state=1)[:, order])
+    # as many genes but one renamed: the columns stay the model's (genes matched by name), and a warning says so
+    renamed = shuffled.copy()
+    renamed.var_names = ["renamed", *renamed.var_names[1:]]
+    for output in (model.get_normalized_expression, model.get_likelihood_parameters, model.sample_counts):
+        with pytest.warns(UserWarning, match=r"not the same ones \(1 of the model's are not in it.*not adata.var_names"):
+            output(renamed)
     draws = model.sample_counts(n_samples=2, random_state=0)
     assert draws.shape == (2, *adata.shape) and np.array_equal(draws, np.round(draws))
     np.testing.assert_array_equal(draws, model.sample_counts(n_samples=2, random_state=0))
