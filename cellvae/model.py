@@ -676,7 +676,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if (positions < 0).any() or len(np.unique(positions)) < len(positions):
             # as many genes as the model's, so the output fits adata.layers, yet its columns are not adata's genes
             missing = genes.difference(names, sort=False)
-            differ = f"{len(missing):,} of the model's are not in it, e.g. {missing[:3].tolist()}" if len(missing) else "some names repeat"
+            differ = "some names repeat"
+            if len(missing):
+                differ = f"{len(missing):,} of the model's are not in it, e.g. {missing[:3].tolist()}"
             data.warn_user(
                 f"adata holds as many genes as the model ({len(genes):,}) but not the same ones ({differ}): the output's "
                 "columns are the model's genes (model.config.gene_names), not adata.var_names, so do not store it in "
