@@ -2,14 +2,16 @@
 or ``save`` is given.
 
 Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
-unless ``save`` is given) and ``save`` (a file path, written as given with the format from its suffix,
-``.png`` added when it has none; unlike scanpy, not placed under ``sc.settings.figdir``). As in scanpy, a
-figure the function made and saved without showing is then closed, so saving in a loop does not pile up figures.
+unless ``save`` is given or, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``
+(a file path, written as given with the format from its suffix, ``.png`` added when it has none; unlike
+scanpy, not placed under ``sc.settings.figdir``). As in scanpy, a figure the function made and saved
+without showing is then closed, so saving in a loop does not pile up figures.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -201,7 +203,10 @@ def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: boo
         while not hasattr(figure, "savefig"):  # an axes in a subfigure (matplotlib >= 3.10): the whole figure
             figure = figure.figure
         figure.savefig(save, dpi=150, bbox_inches="tight")
-    if show or (show is None and not save):
+    if show is None:  # as scanpy's plots: its settings.autoshow=False (scripts, pipelines) shows nothing
+        scanpy = sys.modules.get("scanpy")
+        show = not save and (scanpy is None or bool(getattr(getattr(scanpy, "settings", None), "autoshow", True)))
+    if show:
         plt.show()
     elif save and made:
         plt.close(figure)

@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 from conftest import shared_dataset
 
 import cellvae
@@ -50,7 +51,7 @@ def test_kl_per_dimension_sums_to_the_rate(kang, trained):
     assert kl.sum() == pytest.approx(model.rate_distortion(kang)["rate"].mean(), rel=1e-4)
 
 
-def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained, tmp_path):
+def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained, tmp_path, monkeypatch):
     model, collapse_warnings = trained
     assert model.active_units(kang) >= 8
     assert collapse_warnings == []
@@ -83,6 +84,17 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     axes = cellvae.pl.history(model, save=figure)
     assert isinstance(axes, list) and figure.read_bytes()[:4] == b"\x89PNG"
     assert len(plt.get_fignums()) == open_figures  # saved, not shown: closed, as scanpy does
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *args, **kwargs: shown.append(1))
+    autoshow = sc.settings.autoshow
+    try:
+        sc.settings.autoshow = False  # scanpy's setting for scripts: its plots and ours show nothing
+        plt.close(cellvae.pl.kl_per_dimension(model).figure)
+        sc.settings.autoshow = True
+        plt.close(cellvae.pl.kl_per_dimension(model).figure)
+    finally:
+        sc.settings.autoshow = autoshow
+    assert shown == [1]
     whole = plt.figure()
     left, _ = whole.subfigures(1, 2)  # an axes in a subfigure: saving writes the whole figure
     cellvae.pl.kl_per_dimension(model, ax=left.subplots(), save=tmp_path / "in_subfigure.png")
