@@ -413,6 +413,10 @@ def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_c
         CellVAE(ad.AnnData(reads.X.toarray(), obs=reads.obs, var=reads.var))
     with no_warnings():
         CellVAE(reads, dispersion="gene-cell")
+    with pytest.warns(UserWarning, match=r"CellVAE\(\.\.\., likelihood='nb', dispersion='gene-cell'\)"):
+        CellVAE(reads, likelihood="poisson")  # a Poisson model has no dispersion: the advice names the likelihood too
+    with no_warnings():
+        CellVAE(reads, likelihood="nb", dispersion="gene-cell")
 
 
 def test_a_model_that_overfits_deep_read_counts_from_the_start_keeps_its_best_warm_up_epoch():
