@@ -333,13 +333,18 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
                 "needs whole counts: round them into a layer first, adata.layers['counts'] = np.rint(adata.X), and "
                 "build the model with layer='counts'"
             )
+        # log1p of normalised counts stays below ~15; larger fractional values are scaled or estimated counts
+        looks = "normalised or log-transformed"
+        if values[fractional].max() > 20:
+            looks = "normalised (normalize_total, CPM or TPM) or like estimated counts (salmon, kallisto, RSEM)"
         raise ValueError(
-            f"{where} has non-integer values (e.g. {example!s}); it looks normalised or log-transformed. "
+            f"{where} has non-integer values (e.g. {example!s}); it looks {looks}. "
             "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
             "trained model reads them where it was trained, X or that layer: give it counts kept elsewhere as an "
             "AnnData of their own, e.g. ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)), or "
             "rebuild an AnnData from adata.raw. "
-            "If these are estimated or ambient-corrected counts (e.g. from alevin, SoupX or decontX), round them "
+            "If these are estimated or ambient-corrected counts (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
+            "decontX; not TPM or CPM, which are not counts), round them "
             "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
         )
 

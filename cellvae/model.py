@@ -903,7 +903,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Notes
         -----
         The counting noise each draw adds comes from the likelihood's variance. A model with
-        ``dispersion="gene-cell"`` fitted to read counts gives cells tiny dispersions where they have no
+        ``dispersion="gene-cell"`` fitted to read counts gives cells a tiny theta (huge overdispersion) where they have no
         count, and then calls far fewer genes; test with a model of one dispersion per gene (or batch).
         """
         for name, value in (("delta", delta), ("fdr_target", fdr_target)):

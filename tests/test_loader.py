@@ -348,8 +348,11 @@ def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_
         with pytest.raises(ValueError, match=r"adata\.X holds counts with round-off .*np\.rint\(adata\.X\)"):
             cellvae.CellVAE(ad.AnnData(matrix, obs=counts.obs, var=counts.var))
         matrix[3, 1] = 2.5  # and a real fraction beside them: normalised data, not round-off
-        with pytest.raises(ValueError, match=r"non-integer values .*looks normalised"):
+        with pytest.raises(ValueError, match=r"non-integer values .*looks normalised or log-transformed"):
             cellvae.CellVAE(ad.AnnData(matrix, obs=counts.obs, var=counts.var))
+    estimated = counts.X.astype(np.float32).toarray() * 500.25  # e.g. RSEM's expected counts of deep reads
+    with pytest.raises(ValueError, match=r"looks normalised \(normalize_total, CPM or TPM\) or like estimated counts \(salmon"):
+        cellvae.CellVAE(ad.AnnData(estimated, obs=counts.obs, var=counts.var))
 
 
 def test_counts_beyond_any_real_count_are_refused_before_they_overflow_the_likelihood(counts, tmp_path):
