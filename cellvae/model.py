@@ -1269,7 +1269,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
         progress = _check_flag(progress, "progress")
         train_input_layer = _check_flag(train_input_layer, "train_input_layer")
-        train_input_layer = bool(train_input_layer)  # numpy's True too
         training_device = pick_device(device)
         _check_anndata(query_adata)
         data.check_one_name(batch_key, "batch_key")
