@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--layer", default=None, help="layer with the raw counts, or X (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of batches to integrate")
+    fit.add_argument(
+        "--categorical-covariate-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="obs columns of further categorical covariates (e.g. donor, technology) the model conditions on",
+    )
+    fit.add_argument(
+        "--continuous-covariate-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help="obs columns of continuous covariates (e.g. percent mitochondrial counts) the model conditions on",
+    )
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     fit.add_argument("--n-latent", type=positive_int, default=10, help="latent dimensions (default: 10)")
     fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb", help="count likelihood")
@@ -178,7 +192,14 @@ def run_fit(args: argparse.Namespace) -> int:
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
-    model_kwargs = {"layer": layer, "batch_key": args.batch_key, "n_latent": args.n_latent, "likelihood": args.likelihood}
+    model_kwargs = {
+        "layer": layer,
+        "batch_key": args.batch_key,
+        "categorical_covariate_keys": args.categorical_covariate_keys,
+        "continuous_covariate_keys": args.continuous_covariate_keys,
+        "n_latent": args.n_latent,
+        "likelihood": args.likelihood,
+    }
     fit_kwargs = {
         "batch_size": args.batch_size,
         "device": args.device,

@@ -257,15 +257,23 @@ def test_fit_precision_option_reaches_the_model(tmp_path):
 
 
 def test_fit_model_options_reach_the_model(tmp_path):
-    """--likelihood and --n-latent build the model CellVAE(likelihood=..., n_latent=...) builds."""
+    """--likelihood, --n-latent and the covariate keys build the model CellVAE(likelihood=..., ...) builds."""
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    rng = np.random.default_rng(0)
+    data.obs["donor"] = rng.choice(["d1", "d2", "d3"], data.n_obs)
+    data.obs["percent_mito"] = rng.uniform(0.0, 10.0, data.n_obs)
+    data.obs["log_total"] = np.log1p(np.asarray(data.X.sum(1)).ravel())
     data.write_h5ad(tmp_path / "in.h5ad")
     out, model_dir = tmp_path / "out.h5ad", tmp_path / "model"
     options = "--batch-key batch --likelihood zinb --n-latent 4 --epochs 2 --seed 1 --quiet".split()
+    options += "--categorical-covariate-keys donor --continuous-covariate-keys percent_mito log_total".split()
     assert main(["fit", str(tmp_path / "in.h5ad"), "--out", str(out), "--model-dir", str(model_dir), *options]) == 0
     saved = cellvae.CellVAE.load(model_dir)
     assert (saved.config.likelihood, saved.config.n_latent) == ("zinb", 4)
-    expected = cellvae.CellVAE(data, batch_key="batch", likelihood="zinb", n_latent=4)
+    assert saved.config.categorical_covariate_keys == ["donor"]
+    assert saved.config.continuous_covariate_keys == ["percent_mito", "log_total"]
+    covariates = {"categorical_covariate_keys": ["donor"], "continuous_covariate_keys": ["percent_mito", "log_total"]}
+    expected = cellvae.CellVAE(data, batch_key="batch", likelihood="zinb", n_latent=4, **covariates)
     expected.fit(max_epochs=2, random_state=1, progress=False)
     np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
 
