@@ -836,7 +836,7 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
 def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
     """The way out when new category names are known numbers written another way: floats for the model's
     integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), even one of them beside truly new
-    names; else None."""
+    names, or a flag's 0/1 for its True/False (and back) where all the new names are such; else None."""
     known_names = set(known)
     as_integers = [value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
     known_integers = [value for value in as_integers if value in known_names]
@@ -851,6 +851,16 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
         return (
             f"{name}.obs[{key!r}] holds integers ({known_floats[0][:-2]}) where the model's categories are floats "
             f"({known_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
+        )
+    # booleans written as 0/1 (or 0.0/1.0), or 0/1 written as booleans
+    flags = {"0": "False", "1": "True", "0.0": "False", "1.0": "True", "False": "0", "True": "1"}
+    retyped = [value for value in new if flags.get(value) in known_names]
+    if retyped and set(new) <= set(flags):
+        to_bool = retyped[0] not in ("False", "True")
+        written, meant = ("0/1", "True/False") if to_bool else ("True/False", "0/1")
+        return (
+            f"{name}.obs[{key!r}] holds {written} where the model's categories are {meant}: convert it first, "
+            f"{name}.obs[{key!r}] = {name}.obs[{key!r}].astype({'bool' if to_bool else 'int'})"
         )
     return None
 

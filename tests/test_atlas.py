@@ -497,3 +497,26 @@ def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(refe
         by_float_plate.get_latent(plates)
     with pytest.raises(ValueError, match=match):
         by_float_plate.map_query(plates, progress=False)
+
+
+def test_a_flag_covariate_written_as_0_and_1_in_the_query_is_told_to_take_the_models_booleans(reference_and_query):
+    """A True/False covariate given as 0/1 in the query would become two new categories in map_query,
+    losing the reference's effect of the flag."""
+    _, reference, query = reference_and_query
+    flagged = reference.copy()
+    flagged.obs["doublet"] = np.arange(flagged.n_obs) % 3 == 0
+    model = CellVAE(flagged, batch_key="batch", categorical_covariate_keys=["doublet"]).fit(max_epochs=1, progress=False)
+    numbered = query.copy()
+    numbered.obs["doublet"] = (np.arange(numbered.n_obs) % 3 == 0).astype(int)
+    match = r"obs\['doublet'\] holds 0/1 where the model's categories are True/False.*astype\(bool\)"
+    with pytest.raises(ValueError, match=match):
+        model.map_query(numbered, progress=False)
+    own_cells = flagged.copy()
+    own_cells.obs["doublet"] = own_cells.obs["doublet"].astype(int)
+    with pytest.raises(ValueError, match=match.replace("obs", "adata.obs", 1)):
+        model.get_latent(own_cells)
+    numbered.obs["doublet"] = numbered.obs["doublet"].astype(bool)  # the advice taken: mapped onto the flag's categories
+    assert model.map_query(numbered, max_epochs=1, progress=False).config.categorical_covariate_categories["doublet"] == [
+        "False",
+        "True",
+    ]
