@@ -113,6 +113,7 @@ def embed(
         params["interrupted"] = True
     for key, value in {**model_kwargs, **(fit_kwargs or {})}.items():  # what .h5ad can store: numbers, text, lists of text
         value = value.item() if isinstance(value, np.generic) else value
+        value = value.tolist() if isinstance(value, (np.ndarray, pd.Index)) else value  # keys as an array or Index
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):

@@ -250,11 +250,13 @@ def test_embed_refuses_an_uns_entry_it_cannot_write_its_settings_into_before_tra
 def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
     adata = messy.copy()
     settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
+    settings["continuous_covariate_keys"] = adata.obs.columns[adata.obs.columns == "percent_mito"]  # a pandas Index
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cellvae.tl.embed(adata, layer="counts", batch_key="batch", max_epochs=1, progress=False, n_hidden=16, **settings)
     params = adata.uns["cellvae"]["params"]
     assert params["categorical_covariate_keys"] == ["donor"] and params["beta"] == 0.5 and params["n_latent"] == 4
+    assert params["continuous_covariate_keys"] == ["percent_mito"]
     adata.write_h5ad(tmp_path / "embedded.h5ad")
     stored = ad.read_h5ad(tmp_path / "embedded.h5ad").uns["cellvae"]["params"]
     assert list(stored["categorical_covariate_keys"]) == ["donor"] and stored["epochs_trained"] == 1
