@@ -1589,8 +1589,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Returns
         -------
         AnnData with ``X`` integer counts (CSR, float32), the model's genes as ``var_names``, ``obs``
-        holding the model's covariate columns (``obs[batch_key]`` etc.) and ``library_size``,
-        and the prior draws in ``obsm["z"]``.
+        holding the model's covariate columns (``obs[batch_key]`` etc.) and ``library_size``
+        (``generated_library_size`` where a covariate has that name), and the prior draws in ``obsm["z"]``.
         """
         _check_count(n_cells, "n_cells")
         _check_count(batch_size, "batch_size")
@@ -1632,7 +1632,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             counts.append(sp.csr_matrix(dist.sample(generator).cpu().numpy().astype(np.float32)))
         obs = frame.copy()
         obs.index = [f"generated{i}" for i in range(n_cells)]
-        obs["library_size"] = library
+        # a covariate named library_size keeps its column
+        obs["library_size" if "library_size" not in obs.columns else "generated_library_size"] = library
         generated = ad.AnnData(X=sp.vstack(counts).tocsr(), obs=obs, var=pd.DataFrame(index=list(c.gene_names)))
         generated.obsm["z"] = z
         return generated

@@ -218,3 +218,12 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
     other = model.generate(20, covariates={"batch": "batch0", "score": 0.5}, random_state=0)
     np.testing.assert_array_equal(other.obsm["z"], generated.obsm["z"])  # the same draws of z ...
     assert (other.X != generated.X).nnz > 0  # ... decoded under another covariate value
+
+
+def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=1)
+    adata.obs["library_size"] = np.log1p(np.asarray(adata.X.sum(1)).ravel())  # a user's covariate of that name
+    model = CellVAE(adata, continuous_covariate_keys=["library_size"], n_hidden=16).fit(max_epochs=1, progress=False)
+    generated = model.generate(5, covariates={"library_size": 7.0}, library_size=1000, random_state=0)
+    assert np.allclose(generated.obs["library_size"], 7.0)  # the covariate the cells were decoded with
+    assert np.allclose(generated.obs["generated_library_size"], 1000)
