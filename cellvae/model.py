@@ -222,10 +222,19 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ):
             if isinstance(keys, str):
                 raise TypeError(f"{name} takes a list of obs columns, e.g. {name}=[{keys!r}], got the string {keys!r}")
+            for key in _key_list(keys):
+                data.check_one_name(key, f"each entry of {name}")
+        categorical, continuous = _key_list(categorical_covariate_keys), _key_list(continuous_covariate_keys)
+        data.check_one_name(batch_key, "batch_key")
+        roles = ([batch_key] if batch_key is not None else []) + categorical + continuous
+        if len(set(roles)) < len(roles):  # before the columns are read: one of them may warn about its values
+            duplicated = sorted({str(key) for key in roles if roles.count(key) > 1})
+            raise ValueError(
+                "the batch key and covariate keys together (each obs column has one role) must be unique; "
+                f"duplicated: {duplicated}"
+            )
         matrix = data.count_matrix(adata, layer)
-        layout = data.learn_covariate_layout(
-            adata.obs, batch_key, _key_list(categorical_covariate_keys), _key_list(continuous_covariate_keys)
-        )
+        layout = data.learn_covariate_layout(adata.obs, batch_key, categorical, continuous)
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")

@@ -309,6 +309,11 @@ def test_covariates_are_used(two_batches):
     assert not np.allclose(model.get_normalized_expression(changed), model.get_normalized_expression(adata))
     with pytest.raises(ValueError, match=r"each obs column has one role\) must be unique; duplicated: \['batch'\]"):
         CellVAE(adata, batch_key="batch", categorical_covariate_keys=["batch"])
+    adata.obs["score"] = np.random.default_rng(0).normal(size=adata.n_obs)
+    with no_warnings(), pytest.raises(ValueError, match=r"duplicated: \['score'\]"):  # refused before its values are looked at
+        CellVAE(adata, categorical_covariate_keys=["score"], continuous_covariate_keys=["score"])
+    with pytest.raises(TypeError, match=r"each entry of categorical_covariate_keys takes one obs column name"):
+        CellVAE(adata, categorical_covariate_keys=[["donor"]])
     # a model saved by an older cellvae, which took a key in two roles, still reads as it was trained
     two_roles = {"categorical_covariate_keys": ["batch"], "categorical_covariate_categories": {"batch": ["0", "1"]}}
     no_continuous = {"continuous_covariate_keys": [], "continuous_covariate_mean": [], "continuous_covariate_std": []}
