@@ -788,6 +788,11 @@ class Covariates:
         return dense
 
 
+# A continuous covariate whose median cell lies this many training standard deviations from the training mean
+# is likely in other units (percent_mito x10 lowered 15-NN label transfer on pbmc3k from 0.89 to 0.81).
+FAR_COVARIATE_SDS = 5.0
+
+
 def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
     """One-hot batch and categorical covariates and scaled continuous ones (cells × width, see
     :class:`Covariates`)."""
@@ -827,7 +832,16 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
         if key not in obs.columns:
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
         values = _continuous_values(obs, key)
-        continuous.append(((values - mean) / std).astype(np.float32))
+        scaled = (values - mean) / std
+        far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
+        if far > FAR_COVARIATE_SDS:  # the training cells' own values lie within about 1 sd of their mean
+            warn_user(
+                f"obs[{key!r}] lies far from the values the model was trained with (mean {mean:.3g}, sd {std:.3g}): "
+                f"the median cell here is {far:.0f} sd away ({float(np.median(values)):.3g}), where the model can only "
+                "extrapolate; check its units (a fraction where the model saw percentages, counts where it saw logs)",
+                UserWarning,
+            )
+        continuous.append(scaled.astype(np.float32))
     values = np.stack(continuous, axis=1) if continuous else np.zeros((len(obs), 0), dtype=np.float32)
     batch = codes_per_key[0].astype(np.int64) if layout.batch_key else np.zeros(len(obs), dtype=np.int64)
     return Covariates(codes_per_key, widths, values, batch)

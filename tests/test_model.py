@@ -306,7 +306,11 @@ def test_covariates_are_used(two_batches):
     assert model.config.n_covariates == 2 + 2 + 1
     changed = adata.copy()
     changed.obs["percent_mito"] = 50.0
-    assert not np.allclose(model.get_normalized_expression(changed), model.get_normalized_expression(adata))
+    with pytest.warns(UserWarning, match=r"obs\['percent_mito'\] lies far from the values the model was trained with"):
+        assert not np.allclose(model.get_normalized_expression(changed), model.get_normalized_expression(adata))
+    changed.obs["percent_mito"] = 4.5  # within the training range: no warning
+    with no_warnings():
+        model.get_latent(changed)
     with pytest.raises(ValueError, match=r"each obs column has one role\) must be unique; duplicated: \['batch'\]"):
         CellVAE(adata, batch_key="batch", categorical_covariate_keys=["batch"])
     adata.obs["score"] = np.random.default_rng(0).normal(size=adata.n_obs)
