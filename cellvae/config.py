@@ -19,6 +19,7 @@ DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 POSTERIORS = ("diagonal", "full")
 # Largest beta, free_bits or batch_mmd a new model accepts: far above any useful weight, far below float32 overflow.
 MAX_WEIGHT = 1e6
+ROLES = "the batch key and covariate keys together (each obs column has one role)"
 NORMALIZATIONS = ("layer", "batch")
 
 
@@ -105,7 +106,7 @@ class Config:
         if isinstance(self.kl_warmup, bool):
             raise ValueError(f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}")
         roles = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys + self.continuous_covariate_keys
-        _check_names(roles, "the batch key and covariate keys together (each obs column has one role)")
+        _check_names(roles, ROLES)
         if self.likelihood == "poisson" and self.dispersion != "gene":
             raise ValueError(
                 f"a Poisson likelihood has no dispersion, so dispersion={self.dispersion!r} would be ignored; "
@@ -209,8 +210,13 @@ class Config:
 def _check_names(values: object, name: str) -> None:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ValueError(f"{name} must be a list of strings, got {values!r:.200}")
+    check_unique(values, name)
+
+
+def check_unique(values: list, name: str) -> None:
+    """Refuse a list of names that holds one twice, naming those (up to 5)."""
     if len(set(values)) != len(values):
-        duplicated = sorted(v for v, n in Counter(values).items() if n > 1)[:5]
+        duplicated = sorted((v for v, n in Counter(values).items() if n > 1), key=str)[:5]
         raise ValueError(f"{name} must be unique; duplicated: {duplicated}")
 
 

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from cellvae import data, diagnostics, differential
-from cellvae.config import CELLVAE_VERSION, Config
+from cellvae.config import CELLVAE_VERSION, ROLES, Config, check_unique
 from cellvae.distributions import seeded
 from cellvae.module import VAE
 from cellvae.train import (
@@ -226,13 +226,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 data.check_one_name(key, f"each entry of {name}")
         categorical, continuous = _key_list(categorical_covariate_keys), _key_list(continuous_covariate_keys)
         data.check_one_name(batch_key, "batch_key")
-        roles = ([batch_key] if batch_key is not None else []) + categorical + continuous
-        if len(set(roles)) < len(roles):  # before the columns are read: one of them may warn about its values
-            duplicated = sorted({str(key) for key in roles if roles.count(key) > 1})
-            raise ValueError(
-                "the batch key and covariate keys together (each obs column has one role) must be unique; "
-                f"duplicated: {duplicated}"
-            )
+        # before the columns are read (one of them may warn about its values); Config checks it again
+        check_unique(([batch_key] if batch_key is not None else []) + categorical + continuous, ROLES)
         matrix = data.count_matrix(adata, layer)
         layout = data.learn_covariate_layout(adata.obs, batch_key, categorical, continuous)
         if not adata.var_names.is_unique:
