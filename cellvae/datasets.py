@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+__all__ = ["pbmc68k", "simulate"]
+
 
 def pbmc68k() -> ad.AnnData:
     """700 PBMCs × 765 genes with exact raw counts, restored from the file scanpy ships.

@@ -25,6 +25,8 @@ from matplotlib.backend_bases import FigureCanvasBase
 from cellvae import diagnostics
 from cellvae.model import CellVAE, _check_model, _check_threshold
 
+__all__ = ["history", "kl_per_dimension", "rate_distortion"]
+
 
 def history(
     model: CellVAE, *, ax: Axes | Sequence[Axes] | None = None, show: bool | None = None, save: str | os.PathLike | None = None

@@ -22,6 +22,8 @@ from cellvae.data import cell_positions, check_one_name, gene_names, is_backed_m
 from cellvae.differential import group_name
 from cellvae.model import CellVAE, _check_count, _check_flag, _check_model, _check_seed, _library_sizes
 
+__all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
+
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
 

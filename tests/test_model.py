@@ -29,6 +29,30 @@ def test_the_whole_public_api_loads_without_the_benchmark_extras():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
+def test_star_imports_of_the_tool_modules_give_only_their_documented_functions():
+    """`from cellvae.tl import *` (and tab completion in tools that read __all__) must not hand out helpers."""
+    import inspect
+
+    expected = {
+        "tl": {"embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"},
+        "pl": {"history", "kl_per_dimension", "rate_distortion"},
+        "datasets": {"pbmc68k", "simulate"},
+    }
+    for name, functions in expected.items():
+        module = getattr(cellvae, name)
+        namespace = {}
+        exec(f"from cellvae.{name} import *", namespace)
+        assert set(namespace) - {"__builtins__"} == functions, name
+        for function in functions:
+            assert inspect.getmodule(getattr(module, function)) is module and getattr(module, function).__doc__
+        documented_in_module = {
+            n
+            for n, f in inspect.getmembers(module, inspect.isfunction)
+            if f.__module__ == module.__name__ and not n.startswith("_")
+        }
+        assert documented_in_module == functions, name
+
+
 def test_every_package_cellvae_imports_is_a_declared_dependency():
     """A module that only arrives through another package (scikit-learn and matplotlib came through scanpy) can vanish."""
     import ast
