@@ -186,10 +186,15 @@ def refine_posterior(
     with torch.no_grad():
         refined_mean, refined_scale = free_mean.detach(), _from_free(vae, free_scale.detach())
         noise = torch.randn((n_check_samples, *start_mean.shape), device=mean.device, dtype=mean.dtype)
-        gain = _objective(vae, mb, refined_mean, refined_scale, noise, beta, constants=False) - _objective(
-            vae, mb, start_mean, start_scale, noise, beta, constants=False
-        )
-        better = gain.mean(0) > 0
+        # a few draws at a time: all of them at once made draws × cells × genes arrays of GBs, which took
+        # longer than the steps (3,000 cells × 2,431 genes: 13 s and 1.9 GB, against 1–3 s for 1–20 steps)
+        draws = max(1, SCORE_ELEMENTS // (len(start_mean) * vae.config.n_genes))
+        gain = torch.zeros(len(start_mean), device=mean.device, dtype=mean.dtype)
+        for first in range(0, n_check_samples, draws):
+            part = noise[first : first + draws]
+            refined = _objective(vae, mb, refined_mean, refined_scale, part, beta, constants=False)
+            gain += (refined - _objective(vae, mb, start_mean, start_scale, part, beta, constants=False)).sum(0)
+        better = gain > 0
         keep = better.view(-1, *([1] * (start_scale.dim() - 1)))
         return torch.where(better[:, None], refined_mean, start_mean), torch.where(keep, refined_scale, start_scale)
 
