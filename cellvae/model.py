@@ -1254,8 +1254,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         The query model: its config lists the reference batches followed by the new ones, it
         holds the query as ``query_model.adata`` (so ``query_model.get_latent()`` embeds it: an aligned
-        copy of in-memory counts, or the counts left on disk, which must stay open) and embeds reference
-        cells too. Save and load it like any model.
+        copy of in-memory counts, or the query's own count matrix, not copied, where it is CSR or dense
+        and its genes are the reference's in the same order, as after ``query[:, reference.var_names]``;
+        or the counts left on disk, which must stay open) and embeds reference cells too. Save and load
+        it like any model.
         """
         if not self.is_trained:
             raise ValueError("map_query needs a trained reference model; call model.fit() first")
@@ -2086,7 +2088,12 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
     if data.is_backed_matrix(matrix):
         counts, var = matrix, pd.DataFrame(index=data.gene_names(query))
     else:
-        counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
+        same_genes = np.array_equal(positions, np.arange(len(config.gene_names)))
+        as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
+        if same_genes and as_stored and not query.is_view:
+            counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query
+        else:
+            counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
         var = pd.DataFrame(index=pd.Index(config.gene_names))
     if config.layer is None:
         return ad.AnnData(X=counts, obs=obs, var=var)
