@@ -179,6 +179,10 @@ class Poisson:
             return self.log_prob(x).sum(-1)
         return (x * self.log_mean - self.mean).sum(-1) - sparse.log_factorial
 
+    def of_genes(self, columns) -> Poisson:
+        """The distribution of these genes (columns) only."""
+        return Poisson(self.log_mean[:, columns])
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.poisson(self.mean, generator=generator)
 
@@ -244,6 +248,10 @@ class NegativeBinomial:
             return self.log_prob(x).sum(-1)
         theta = self.theta if self.theta.dim() == 1 else self.theta.expand_as(self.log_mean).contiguous()
         return _NegativeBinomialCells.apply(self.log_mean, theta, x, sparse)
+
+    def of_genes(self, columns) -> NegativeBinomial:
+        """The distribution of these genes (columns) only."""
+        return NegativeBinomial(self.log_mean[:, columns], self.theta.expand_as(self.log_mean)[:, columns])
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Gamma–Poisson draw; ``generator`` seeds both stages."""
@@ -346,6 +354,11 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         if sparse is None:
             return self.log_prob(x).sum(-1)
         return self.log_prob(x, include_constant=False, nonzero=(sparse.rows, sparse.columns)).sum(-1) - sparse.log_factorial
+
+    def of_genes(self, columns) -> ZeroInflatedNegativeBinomial:
+        """The distribution of these genes (columns) only."""
+        theta = self.theta.expand_as(self.log_mean)[:, columns]
+        return ZeroInflatedNegativeBinomial(self.log_mean[:, columns], theta, self.zi_logits[:, columns])
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         counts = NegativeBinomial(self.log_mean, self.theta).sample(generator)

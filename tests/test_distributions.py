@@ -77,6 +77,15 @@ def test_samples_have_the_stated_mean_and_variance(kind):
     np.testing.assert_allclose(draws.var(0).numpy(), dist.variance[0].numpy(), rtol=0.12)
     again = dist.sample(torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+    # some genes alone (sample_counts(gene_list=...) draws only those): their own means and variances
+    some = dist.of_genes([2, 0])
+    assert type(some) is type(dist)
+    torch.testing.assert_close(some.mean, dist.mean[:, [2, 0]])
+    torch.testing.assert_close(some.variance, dist.variance[:, [2, 0]])
+    draws = some.sample(torch.Generator().manual_seed(1))
+    assert draws.shape == (40_000, 2) and torch.equal(draws, draws.round())
+    np.testing.assert_allclose(draws.mean(0).numpy(), dist.mean[0, [2, 0]].numpy(), rtol=0.05)
+    np.testing.assert_allclose(draws.var(0).numpy(), dist.variance[0, [2, 0]].numpy(), rtol=0.12)
 
 
 @pytest.mark.parametrize("layout", ["C", "F"])
