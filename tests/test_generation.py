@@ -53,6 +53,22 @@ def test_generate_with_fixed_batch_and_library_size(model):
         model.generate(5, batch="no_such_batch")
 
 
+def test_generated_counts_stay_a_valid_csr_matrix_when_deeper_cells_come_later(model):
+    """Rows are written chunk by chunk into buffers sized from the density so far; deeper cells at the end
+    (more non-zeros per cell than the first chunks promised) must grow them without losing a count."""
+    library = np.geomspace(200.0, 50_000.0, 700)
+    generated = model.generate(700, batch="stim", library_size=library, random_state=2, batch_size=50)
+    counts = generated.X
+    assert sp.isspmatrix_csr(counts) and counts.has_canonical_format and (counts.data > 0).all()
+    dense = counts.toarray()
+    assert np.count_nonzero(dense) == counts.nnz and np.array_equal(dense, np.round(dense))
+    totals = dense.sum(1)
+    for cells in (slice(0, 100), slice(600, 700)):  # the first chunks and the deepest, after the buffers grew
+        assert abs(totals[cells].sum() / library[cells].sum() - 1) < 0.1
+    again = model.generate(700, batch="stim", library_size=library, random_state=2, batch_size=50).X
+    assert (again != counts).nnz == 0
+
+
 def test_a_batch_for_a_model_without_batches_is_refused(kang):
     unbatched = CellVAE(kang[:300].copy(), n_latent=4).fit(max_epochs=1, progress=False)
     for call in (
