@@ -1034,7 +1034,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path
             The model's folder; its parent folders are created.
         overwrite
-            Replace an existing ``path``; otherwise a ``FileExistsError`` is raised.
+            Replace an existing ``path``; otherwise a ``FileExistsError`` is raised. An ``adata.h5ad`` the
+            folder holds is kept (the model may read its counts from it) unless ``save_anndata`` replaces it.
         save_anndata
             Also write the model's AnnData (in memory) as ``adata.h5ad``, which :meth:`load` then reads when
             given no ``adata``. Your AnnData is left as it is (string columns are not turned into categoricals).
@@ -1068,7 +1069,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             if save_anndata:
-                self.adata.write_h5ad(staging / ADATA_FILE, convert_strings_to_categoricals=False)
+                self._write_anndata(staging / ADATA_FILE)
+            elif (path / ADATA_FILE).is_file():  # a model loaded from this folder, trained further, saved back
+                _link_or_copy(path / ADATA_FILE, staging / ADATA_FILE)
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             metadata = {
@@ -1172,6 +1175,19 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             model.adata = adata
             model._loader(adata, model.device)
         return model
+
+    def _write_anndata(self, file: Path) -> None:
+        """``save_anndata``'s file, with anndata's own error put in terms of the option."""
+        try:
+            # pandas string columns (read from files of anndata 0.13 with pandas 3) are written as they are
+            with ad.settings.override(allow_write_nullable_strings=True):
+                self.adata.write_h5ad(file, convert_strings_to_categoricals=False)
+        except Exception as error:
+            raise ValueError(
+                f"save_anndata=True could not write the model's AnnData as {ADATA_FILE} ({type(error).__name__}: {error}); "
+                "anndata cannot store something in its obs, var, obsm, layers or uns (e.g. a dict with non-string "
+                "keys): remove or convert it, or save without save_anndata and keep your data file yourself"
+            ) from error
 
     def _check_anndata_can_be_saved(self) -> None:
         """Refuse ``save(save_anndata=True)`` before anything is written where there is no AnnData in memory to save."""
@@ -2020,6 +2036,14 @@ def _check_anndata(adata) -> None:
         )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` names the file ``source`` names (a hard link: a backed AnnData keeps reading it), or a copy."""
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def _make_durable_and_shareable(folder: Path) -> None:

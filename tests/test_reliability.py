@@ -799,15 +799,37 @@ def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_a
     assert loaded.adata is not None and loaded.adata.shape == trained.adata.shape
     np.testing.assert_array_equal(loaded.adata.layers["counts"].toarray(), trained.adata.layers["counts"].toarray())
     np.testing.assert_allclose(loaded.get_latent(), trained.get_latent(), atol=1e-6)
-    trained.save(tmp_path / "model", overwrite=True)  # without the data: the old adata.h5ad goes too
-    assert "adata.h5ad" not in os.listdir(tmp_path / "model")
-    assert CellVAE.load(tmp_path / "model").adata is None
+    # loaded from the folder, trained further, saved back without save_anndata: the folder keeps its data,
+    # also where the model reads its counts from that very file
+    backed = CellVAE.load(tmp_path / "model", adata=ad.read_h5ad(tmp_path / "model" / "adata.h5ad", backed="r"))
+    expected = backed.get_latent()
+    backed.save(tmp_path / "model", overwrite=True)
+    assert sorted(os.listdir(tmp_path / "model")) == ["adata.h5ad", "config.json", "history.json", "model.safetensors"]
+    np.testing.assert_array_equal(backed.get_latent(), expected)
+    np.testing.assert_array_equal(CellVAE.load(tmp_path / "model").get_latent(), expected)
+    backed.adata.file.close()
     # a folder holding only an adata.h5ad is the user's data, never replaced as if it were a model
     (tmp_path / "data").mkdir()
     trained.adata.write_h5ad(tmp_path / "data" / "adata.h5ad")
     with pytest.raises(ValueError, match="not a saved cellvae model folder"):
         trained.save(tmp_path / "data", overwrite=True)
     assert os.listdir(tmp_path / "data") == ["adata.h5ad"]
+
+
+def test_save_anndata_writes_pandas_string_columns_and_names_what_anndata_cannot_store(saved, trained, tmp_path):
+    """Files of anndata 0.13 with pandas 3 hold pandas string columns, which anndata 0.12 writes only when allowed."""
+    adata = trained.adata.copy()
+    adata.obs["donor"] = adata.obs["donor"].astype("string")
+    model = CellVAE.load(saved, adata=adata)
+    model.save(tmp_path / "strings", save_anndata=True)
+    assert CellVAE.load(tmp_path / "strings").adata.obs["donor"].tolist() == adata.obs["donor"].tolist()
+    adata.uns["clusters_per_resolution"] = {0: 10, 1: 20}  # keys anndata cannot write
+    with pytest.raises(ValueError, match=r"could not write the model's AnnData as adata.h5ad.*save without save_anndata"):
+        model.save(tmp_path / "unwritable", save_anndata=True)
+    assert not [name for name in os.listdir(tmp_path) if "unwritable" in name] and adata.uns["clusters_per_resolution"] == {
+        0: 10,
+        1: 20,
+    }
 
 
 def test_save_anndata_without_data_in_memory_is_refused_before_anything_is_written(trained, saved, tmp_path):
