@@ -260,7 +260,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from cellvae.data import counts_location, layer_names
 
     _check_input_and_output(args)
-    model = CellVAE.load(args.model_dir)
+    model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
     layer = model.config.layer if args.layer is None else None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     if layer is not None and layer not in adata.layers:

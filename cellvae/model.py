@@ -1107,7 +1107,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             shutil.rmtree(previous, ignore_errors=True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None) -> CellVAE:
+    def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None, load_anndata: bool = True) -> CellVAE:
         """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
 
         Parameters
@@ -1118,12 +1118,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Becomes the default data of :meth:`get_latent`, :meth:`fit` and the other methods
             (genes matched by name; :meth:`fit` needs all of the model's); ``None``: the ``adata.h5ad`` that
             ``save(save_anndata=True)`` wrote, read into memory, or where there is none, pass an AnnData to each call.
+        load_anndata
+            ``False`` leaves that ``adata.h5ad`` unread: the weights alone, to embed other cells without
+            reading (and holding) the training data.
 
         Returns
         -------
         The model, on the CPU, trained if it was when saved (with a warning where Ctrl-C had stopped its
         training). Weights that fail the checksum written by :meth:`save` are refused.
         """
+        load_anndata = _check_flag(load_anndata, "load_anndata")
         path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise ValueError(
@@ -1169,7 +1173,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
                 UserWarning,
             )
-        if adata is None and (path / ADATA_FILE).is_file():
+        if adata is None and load_anndata and (path / ADATA_FILE).is_file():
             adata = ad.read_h5ad(path / ADATA_FILE)
         if adata is not None:
             model.adata = adata

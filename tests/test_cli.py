@@ -81,6 +81,12 @@ def test_fit_then_embed(tmp_path):
     )
     embedded = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
+    # a training AnnData saved in the model's folder (save_anndata=True) is not read to embed other cells
+    (tmp_path / "model" / "adata.h5ad").write_text("an atlas, or a damaged file: embed needs only the weights")
+    embed_again = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e2.h5ad")]
+    assert main(embed_again) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "e2.h5ad").obsm["X_cellvae"], embedded.obsm["X_cellvae"])
+    assert cellvae.CellVAE.load(tmp_path / "model", load_anndata=False).adata is None
     # --backed streams the model's layer from disk and writes the same embedding and the input's data
     backed = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--backed"]
     assert main([*backed, "--out", str(tmp_path / "b.h5ad")]) == 0
