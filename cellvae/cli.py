@@ -24,7 +24,13 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        hint = _input_taken_as_a_key(sys.argv[1:] if argv is None else argv)
+        if exit.code == 2 and hint:
+            print(hint, file=sys.stderr)
+        raise
     if args.command is None:
         parser.print_help()
         return 1
@@ -49,6 +55,23 @@ def main(argv: list[str] | None = None) -> int:
         if "layer=" in message:  # advice given in Python's terms
             message += "\n(on the command line: --layer NAME reads the counts from adata.layers[NAME])"
         raise SystemExit(f"error: {message}") from error
+
+
+def _input_taken_as_a_key(words: list[str]) -> str | None:
+    """Advice where an option taking several keys also took the input file (argparse's error says only that
+    the input is missing)."""
+    for position, word in enumerate(words):
+        if word not in ("--categorical-covariate-keys", "--continuous-covariate-keys"):
+            continue
+        for value in words[position + 1 :]:
+            if value.startswith("-"):
+                break
+            if value.rstrip("/").endswith((".h5ad", ".zarr")) or Path(value).exists():
+                return (
+                    f"{word} took {value!r} as a key (it takes every word up to the next option); "
+                    f"put the input first: cellvae fit {value} {word} ..."
+                )
+    return None
 
 
 def positive_int(text: str) -> int:

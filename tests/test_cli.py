@@ -284,6 +284,19 @@ def test_fit_model_options_reach_the_model(tmp_path):
     np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
 
 
+def test_an_input_taken_as_a_covariate_key_is_told_to_come_first(tmp_path, capsys):
+    """A key option takes every word up to the next option, so the input after it reads as a key."""
+    source = str(tmp_path / "in.h5ad")
+    swallowed = ["fit", "--categorical-covariate-keys", "donor", source, "--out", str(tmp_path / "o.h5ad"), "--quiet"]
+    with pytest.raises(SystemExit) as stopped:
+        main(swallowed)
+    assert stopped.value.code == 2
+    assert f"took '{source}' as a key (it takes every word up to the next option); put the input first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--categorical-covariate-keys", "donor", "--out", str(tmp_path / "o.h5ad")])  # no input at all
+    assert "as a key" not in capsys.readouterr().err
+
+
 def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     """Errors in the data or the options end in one 'error: ...' line (no traceback), before training starts."""
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
