@@ -1202,10 +1202,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         if self.adata.isbacked or data.is_backed_matrix(data.count_matrix(self.adata, self.config.layer)):
             where = f" in {self.adata.filename}" if self.adata.isbacked else ""
+            batches = ""
+            if self.config.batch_key:  # a query mapped from another column has its batches in this one only
+                batches = f", with obs[{self.config.batch_key!r}] holding each cell's batch as the model's AnnData does now"
             raise ValueError(
                 f"save_anndata=True writes an AnnData held in memory; this model's counts are read from disk{where}, "
                 "so they are saved already: save without save_anndata and load with CellVAE.load(path, adata=...) "
-                "of the file read again"
+                f"of the file read again{batches}"
             )
 
     # ------------------------------------------------------------------ reference mapping

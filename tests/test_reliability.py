@@ -838,7 +838,8 @@ def test_save_anndata_without_data_in_memory_is_refused_before_anything_is_writt
         without_data.save(tmp_path / "again", save_anndata=True)
     trained.adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = CellVAE.load(saved, adata=ad.read_h5ad(tmp_path / "cells.h5ad", backed="r"))
-    with pytest.raises(ValueError, match=r"read from disk in .*cells.h5ad.*save without save_anndata"):
+    advice = r"read from disk in .*cells.h5ad.*save without save_anndata.*with obs\['batch'\] holding each cell's batch"
+    with pytest.raises(ValueError, match=advice):
         backed.save(tmp_path / "again", save_anndata=True)
     assert sorted(os.listdir(tmp_path)) == ["cells.h5ad", "model"]
 
