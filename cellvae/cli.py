@@ -230,6 +230,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "checkpoint_dir": args.checkpoint_dir,
         "resume": args.resume,
     }
+    tl._check_embed(adata, args.key_added, model_kwargs, fit_kwargs)  # on every rank: all stop at a bad key alike
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
         CellVAE(adata, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0

@@ -43,6 +43,30 @@ def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
         raise TypeError(f"pass {repeated} as the function's own arguments (e.g. {repeated[0]}=...), not in fit_kwargs")
 
 
+def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, fit_kwargs: dict | None) -> tuple[str, str]:
+    """:func:`embed`'s checks of its arguments and of the keys it will write, before any work (also run by every
+    data-parallel rank of ``cellvae fit``, where only rank 0 embeds); returns ``key_added`` and the ``uns`` key."""
+    _check_fit_kwargs(fit_kwargs)
+    key_added = _key(key_added, "X_cellvae")
+    _check_model_kwargs(model_kwargs)
+    if "copy" in model_kwargs or "inplace" in model_kwargs:
+        raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
+    uns_key = "cellvae" if key_added == "X_cellvae" else key_added
+    record = adata.uns.get(uns_key, {})
+    if not isinstance(record, Mapping):
+        raise TypeError(
+            f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
+            f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
+        )
+    if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
+        raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
+            f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
+            "its own settings: choose another key_added"
+        )
+    _writable(adata, "adata")
+    return key_added, uns_key
+
+
 def embed(
     adata: ad.AnnData,
     *,
@@ -83,24 +107,7 @@ def embed(
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
     each embedding keeps its own record).
     """
-    _check_fit_kwargs(fit_kwargs)
-    key_added = _key(key_added, "X_cellvae")
-    _check_model_kwargs(model_kwargs)
-    if "copy" in model_kwargs or "inplace" in model_kwargs:
-        raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
-    uns_key = "cellvae" if key_added == "X_cellvae" else key_added
-    record = adata.uns.get(uns_key, {})
-    if not isinstance(record, Mapping):
-        raise TypeError(
-            f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
-            f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
-        )
-    if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
-        raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
-            f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
-            "its own settings: choose another key_added"
-        )
-    _writable(adata, "adata")
+    key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent()

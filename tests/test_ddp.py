@@ -415,6 +415,19 @@ def torchrun_fit(path, out_dir, *extra: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+def test_a_key_that_embed_refuses_stops_every_rank_with_the_same_one_line_error(tmp_path):
+    """Only rank 0 embeds, but all ranks check its keys: rank 1 went into training and died in gloo (34 lines)."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, n_batches=2, seed=0)
+    adata.uns["pca"] = {"params": {"zero_center": True}}  # scanpy's record: --key-added pca would replace it
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    process = torchrun_fit(tmp_path / "cells.h5ad", tmp_path, "--key-added", "pca")
+    _, stderr = process.communicate(timeout=150)
+    assert process.returncode != 0
+    assert stderr.count("error: adata.uns['pca']['params'] is another tool's record") == 2, stderr[-3000:]
+    assert "[rank1]" not in stderr and "[rank0]" not in stderr and not (tmp_path / "model").exists()
+
+
 def checkpoint_epochs(folder) -> list[int]:
     """Last completed epoch in each rank's checkpoint (-1 where there is none yet)."""
     from safetensors import safe_open
