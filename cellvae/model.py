@@ -724,7 +724,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         ``{"mean": ...}`` (expected counts at the cell's observed library size), plus ``"theta"``
         (inverse dispersion; NB and ZINB) and ``"zero_inflation"`` (probability of an extra zero;
-        ZINB); each n_cells × n_genes float32. For ZINB ``"mean"`` is the mixture's mean,
+        ZINB); each n_cells × n_genes float32. With ``dispersion="gene"`` every cell has the same
+        ``"theta"``, so it is a read-only view of one row repeated (no memory; ``np.array(...)`` copies
+        it). For ZINB ``"mean"`` is the mixture's mean,
         (1 − zero_inflation) × the NB component's mean; that NB mean (scvi-tools' ``"mean"`` for
         ZINB) is ``mean / (1 - zero_inflation)`` (imprecise in float32 where zero_inflation is within 1e-4
         of 1). Genes as in ``adata.var_names`` where ``adata`` holds
@@ -736,7 +738,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         likelihood = self.config.likelihood
         names = ["mean"] + ["theta"] * (likelihood != "poisson") + ["zero_inflation"] * (likelihood == "zinb")
         # written in place: the outputs are the only cells × genes arrays held
-        parameters = {name: np.empty((len(cells), self.config.n_genes), dtype=np.float32) for name in names}
+        shared_theta = self.config.dispersion == "gene" and "theta" in names  # one row for every cell
+        parameters = {
+            name: np.empty((len(cells), self.config.n_genes), dtype=np.float32)
+            for name in names
+            if not (name == "theta" and shared_theta)
+        }
         start = 0
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
@@ -746,10 +753,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 parameters["mean"][rows] = dist.mean[:, columns].cpu().numpy()
                 if "theta" in parameters:
                     parameters["theta"][rows] = dist.theta.expand_as(dist.log_mean)[:, columns].cpu().numpy()
+                elif shared_theta:
+                    theta_row = dist.theta[columns].float().cpu().numpy()
                 if "zero_inflation" in parameters:
                     parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits[:, columns]).cpu().numpy()
                 start = rows.stop
-        return parameters
+        if shared_theta:  # a dense copy would be n_cells × n_genes of the same row (1M × 30,000 genes: 120 GB)
+            parameters["theta"] = np.broadcast_to(theta_row, (len(cells), self.config.n_genes))
+        return {name: parameters[name] for name in names}
 
     @_scvi_tools_names
     def sample_counts(

@@ -233,6 +233,13 @@ def test_model_variants_train_and_decode(two_batches, options):
     assert params["mean"].shape == adata.shape and (params["mean"] >= 0).all()
     assert ("zero_inflation" in params) == (options.get("likelihood") == "zinb")
     assert ("theta" in params) == (options.get("likelihood") != "poisson")
+    if "theta" in params:
+        theta = params["theta"]
+        assert theta.shape == adata.shape and theta.dtype == np.float32 and (theta > 0).all()
+        # one dispersion per gene: the same row for every cell, as a read-only view of it (no cells × genes copy)
+        shared = options.get("dispersion", "gene") == "gene"
+        assert (theta.strides[0] == 0) == shared and theta.flags.writeable != shared
+        assert np.array_equal(theta, np.broadcast_to(theta[0], theta.shape)) == shared
     # every likelihood's denoised expression (zinb: without the zero-inflation) sums to the library size
     np.testing.assert_allclose(model.get_normalized_expression(library_size=1e4).sum(1), 1e4, rtol=1e-3)
     np.testing.assert_allclose(model.decode(model.get_latent()[:5], library_size=500.0).sum(1), 500.0, rtol=1e-3)
