@@ -16,7 +16,7 @@ import torch
 from cellvae.data import CellLoader, Minibatch
 from cellvae.distributions import autograd_on, seeded
 from cellvae.module import VAE, importance_log_weights, iwae_bound
-from cellvae.train import DEFAULT_LR
+from cellvae.train import DEFAULT_LR, with_progress
 
 ACTIVITY_THRESHOLD = 0.01
 COLLAPSED_KL = 0.1  # nats per cell: an inactive dimension with less KL than this has the prior as posterior
@@ -45,12 +45,14 @@ def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
         vae.train(was_training)
 
 
-def rate_distortion(vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 1, batch_size: int = 1024) -> dict:
+def rate_distortion(
+    vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 1, batch_size: int = 1024, progress: bool = False
+) -> dict:
     """Per-cell rate KL(q(z|x) || p(z)) and distortion −E_q[log p(x|z)] (``n_samples`` draws of z)."""
     rate, distortion = [], []
     rows = max(1, loader.evaluation_batch_size(batch_size) // n_samples)  # the draws multiply the memory
     with torch.no_grad():
-        for mb in loader.batches(cells, rows):
+        for mb in with_progress(loader.batches(cells, rows), len(cells), "rate_distortion", progress):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
             log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index)
@@ -113,14 +115,14 @@ def collapse_message(
 
 
 def marginal_log_likelihood(
-    vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 100, batch_size: int = 1024
+    vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 100, batch_size: int = 1024, progress: bool = False
 ) -> np.ndarray:
     """Importance-weighted (IWAE) estimate of log p(x) of each cell with ``n_samples`` encoder draws; K=1 is the ELBO."""
     n_genes = vae.config.n_genes
     chunk = max(1, min(batch_size, SCORE_ELEMENTS // (n_samples * n_genes)))
     out = []
     with torch.no_grad():
-        for mb in loader.batches(cells, chunk):
+        for mb in with_progress(loader.batches(cells, chunk), len(cells), "marginal_log_likelihood", progress):
             log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples)
             out.append(iwae_bound(log_w).double().cpu().numpy())
     return np.concatenate(out)
@@ -200,11 +202,20 @@ def refine_posterior(
 
 
 def refined_latent(
-    vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_steps: int, lr: float = 0.01, beta: float = 1.0, batch_size: int = 1024
+    vae: VAE,
+    loader: CellLoader,
+    cells: np.ndarray,
+    *,
+    n_steps: int,
+    lr: float = 0.01,
+    beta: float = 1.0,
+    batch_size: int = 1024,
+    progress: bool = False,
 ) -> np.ndarray:
     """Posterior means after :func:`refine_posterior` (semi-amortized inference), cells × n_latent."""
     out = []
-    for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+    batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
+    for mb in with_progress(batches, len(cells), "get_latent (refining)", progress):
         with torch.no_grad():
             q = vae.inference(mb.counts, mb.covariates, sample=False)
         mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta)
@@ -222,6 +233,7 @@ def inference_gaps(
     n_samples: int = 1000,
     n_elbo_samples: int = 64,
     batch_size: int = 512,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
     """Per-cell ELBOs of the encoder's q and of the refined per-cell q*, and an IWAE estimate of log p(x).
 
@@ -243,7 +255,7 @@ def inference_gaps(
     scored_cells = max(1, min(batch_size, SCORE_ELEMENTS // (max(n_samples, n_elbo_samples) * n_genes)))
     names = ("elbo_encoder", "elbo_refined", "log_px", "amortization_gap_se", "approximation_gap_se")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for cells_refined in loader.batches(cells, refined_cells):
+    for cells_refined in with_progress(loader.batches(cells, refined_cells), len(cells), "inference_gaps", progress):
         with torch.no_grad():
             q_refined = vae.inference(cells_refined.counts, cells_refined.covariates, sample=False)
         mean_refined, scale_refined = refine_posterior(

@@ -40,10 +40,12 @@ from cellvae.train import (
     evaluate,
     library_sizes_across_ranks,
     pick_device,
+    progress_bar,
     rank_and_world,
     setup_distributed,
     split_cells,
     train,
+    with_progress,
 )
 
 CONFIG_FILE = "config.json"
@@ -569,6 +571,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch_size: int = 4096,
         random_state: int = 0,
         refine_steps: int = 0,
+        progress: bool = True,
     ) -> np.ndarray:
         """Latent codes of each cell: posterior means, or draws if not ``mean``.
 
@@ -589,12 +592,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
             encoder's output, the decoder frozen; this closes part of the amortization gap (see
             :meth:`inference_gaps`) at the price of an optimisation per cell.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
         n_cells × n_latent float32 array, cells in ``adata``'s order.
         """
         mean = _check_flag(mean, "mean")
+        progress = _check_flag(progress, "progress")
         refine_steps = _native(refine_steps)
         if not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
@@ -605,11 +611,18 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if refine_steps:
             with diagnostics.evaluation(self.module, random_state):
                 return diagnostics.refined_latent(
-                    self.module, loader, cells, n_steps=refine_steps, beta=self.config.beta, batch_size=min(batch_size, 1024)
+                    self.module,
+                    loader,
+                    cells,
+                    n_steps=refine_steps,
+                    beta=self.config.beta,
+                    batch_size=min(batch_size, 1024),
+                    progress=progress,
                 )
         chunks = []
         with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
-            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+            batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
+            for mb in with_progress(batches, len(cells), "get_latent", progress):
                 q = self.module.inference(mb.counts, mb.covariates, sample=not mean)
                 chunks.append(q["z"].float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float32, copy=False)
@@ -623,6 +636,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         transform_batch: str | list[str] | None = None,
         gene_list: list[str] | None = None,
         batch_size: int = 1024,
+        progress: bool = True,
     ) -> np.ndarray:
         """Denoised expression: the decoder mean at the posterior mean, scaled to ``library_size``.
 
@@ -642,6 +656,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             over all genes); ``None``: all. Keeps the result small for many cells.
         batch_size
             Cells per forward pass.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -653,6 +669,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf
         ):
             raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
+        progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         genes = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         targets = self._batch_overrides(transform_batch)
@@ -660,7 +677,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_out = self.config.n_genes if gene_list is None else len(genes)
         out = np.empty((len(cells), n_out), dtype=np.float32)
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
-            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+            batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
+            for mb in with_progress(batches, len(cells), "get_normalized_expression", progress):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 library = torch.full_like(mb.library, library_size)
                 total = 0.0
@@ -710,7 +728,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         return torch.from_numpy(positions).to(self.device)
 
     @_scvi_tools_names
-    def get_likelihood_parameters(self, adata: ad.AnnData | None = None, *, batch_size: int = 1024) -> dict[str, np.ndarray]:
+    def get_likelihood_parameters(
+        self, adata: ad.AnnData | None = None, *, batch_size: int = 1024, progress: bool = True
+    ) -> dict[str, np.ndarray]:
         """The likelihood's parameters of each cell and gene, at the posterior mean.
 
         Parameters
@@ -719,6 +739,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         batch_size
             Cells per forward pass.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -732,6 +754,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         of 1). Genes as in ``adata.var_names`` where ``adata`` holds
         exactly the model's genes, else in the model's order.
         """
+        progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         columns = self._adata_gene_columns(adata)
@@ -746,7 +769,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         }
         start = 0
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
-            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+            batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
+            for mb in with_progress(batches, len(cells), "get_likelihood_parameters", progress):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
                 rows = slice(start, start + len(mb.cell_index))
@@ -771,6 +795,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         gene_list: list[str] | None = None,
         random_state: int = 0,
         batch_size: int = 1024,
+        progress: bool = True,
     ) -> np.ndarray:
         """Posterior-predictive counts: z ~ q(z|x), then x ~ p(x|z), at each cell's library size and batch.
 
@@ -792,6 +817,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Seed of the draws.
         batch_size
             Cells per forward pass.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -802,6 +829,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         _check_count(n_samples, "n_samples")
         random_state = _check_seed(random_state)
+        progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         columns = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         loader, cells = self._loader(adata, self.device)
@@ -810,7 +838,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         draws = np.empty((n_samples, len(cells), n_out), dtype=np.float32)
         with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
             start = 0
-            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+            batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
+            for mb in with_progress(batches, len(cells), "sample_counts", progress):
                 q = self.module.inference(mb.counts, mb.covariates, sample=False)
                 for s in range(n_samples):
                     noise = torch.randn(q["mean"].shape, generator=generator, device=self.device, dtype=q["mean"].dtype)
@@ -842,6 +871,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         pseudocount: float | None = None,
         random_state: int = 0,
         batch_size: int = 1024,
+        progress: bool = True,
     ) -> pd.DataFrame:
         """Differential expression between groups of cells, from the decoded (denoised) expression.
 
@@ -902,6 +932,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch_size
             Latent codes decoded per forward pass. The draws are taken from the stream in chunks of this
             size, so another ``batch_size`` gives other draws (results that differ by Monte Carlo noise).
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -939,6 +971,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
         random_state = _check_seed(random_state)
         batch_correction = _check_flag(batch_correction, "batch_correction")
+        progress = _check_flag(progress, "progress")
         if pseudocount is not None and (
             isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
         ):
@@ -1006,7 +1039,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     n_batches, correct_batches,
                 )  # fmt: skip
 
-            for (name1, name2, cells1, cells2), pair, rng in zip(comparisons, picked, generators):
+            comparing = zip(comparisons, picked, generators)
+            bar = progress_bar(len(comparisons), "differential_expression", progress, unit=" comparisons", iterable=comparing)
+            for (name1, name2, cells1, cells2), pair, rng in bar:
                 pool = cells_of(np.concatenate(pair))
                 draws = [
                     differential.group_mean_draws(self.module, cells_of(cells), pool, n_draws, rng, batch_size) for cells in pair
@@ -1402,7 +1437,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     @_scvi_tools_names
     def rate_distortion(
-        self, adata: ad.AnnData | None = None, *, n_samples: int = 1, batch_size: int = 1024, random_state: int = 0
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        n_samples: int = 1,
+        batch_size: int = 1024,
+        random_state: int = 0,
+        progress: bool = True,
     ) -> pd.DataFrame:
         """Per-cell rate and distortion (nats), the two terms of the objective ``distortion + beta * rate``.
 
@@ -1414,6 +1455,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Posterior draws of z averaged in the distortion.
         batch_size, random_state
             Cells per forward pass; seed of the draws.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -1423,10 +1466,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         _check_count(n_samples, "n_samples")
         random_state = _check_seed(random_state)
+        progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         with diagnostics.evaluation(self.module, random_state):
-            terms = diagnostics.rate_distortion(self.module, loader, cells, n_samples=n_samples, batch_size=batch_size)
+            terms = diagnostics.rate_distortion(
+                self.module, loader, cells, n_samples=n_samples, batch_size=batch_size, progress=progress
+            )
         frame = pd.DataFrame(terms, index=adata.obs_names.copy())
         frame["elbo"] = -(frame["rate"] + frame["distortion"])
         return frame
@@ -1475,7 +1521,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     @_scvi_tools_names
     def marginal_log_likelihood(
-        self, adata: ad.AnnData | None = None, *, n_samples: int = 100, batch_size: int = 1024, random_state: int = 0
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        n_samples: int = 100,
+        batch_size: int = 1024,
+        random_state: int = 0,
+        progress: bool = True,
     ) -> np.ndarray:
         """Importance-weighted estimate of log p(x) of each cell (nats), the IWAE bound with ``n_samples`` draws.
 
@@ -1490,6 +1542,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Importance samples per cell.
         batch_size, random_state
             Cells per chunk (fewer when ``n_samples`` is large); seed of the draws.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -1498,9 +1552,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_count(n_samples, "n_samples")
         _check_count(batch_size, "batch_size")
         random_state = _check_seed(random_state)
+        progress = _check_flag(progress, "progress")
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, random_state):
-            return diagnostics.marginal_log_likelihood(self.module, loader, cells, n_samples=n_samples, batch_size=batch_size)
+            return diagnostics.marginal_log_likelihood(
+                self.module, loader, cells, n_samples=n_samples, batch_size=batch_size, progress=progress
+            )
 
     def inference_gaps(
         self,
@@ -1511,6 +1568,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_samples: int = 1000,
         n_elbo_samples: int = 64,
         random_state: int = 0,
+        progress: bool = True,
     ) -> pd.DataFrame:
         """Amortization and approximation gaps of each cell (Cremer, Li & Duvenaud, 2018), in nats.
 
@@ -1533,6 +1591,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Draws for both ELBOs (the same noise for the encoder's q and q*).
         random_state
             Seed of all draws.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -1551,11 +1611,19 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _check_count(value, name)
         _check_positive(lr, "lr")
         random_state = _check_seed(random_state)
+        progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         with diagnostics.evaluation(self.module, random_state):
             gaps = diagnostics.inference_gaps(
-                self.module, loader, cells, n_steps=n_steps, lr=lr, n_samples=n_samples, n_elbo_samples=n_elbo_samples
+                self.module,
+                loader,
+                cells,
+                n_steps=n_steps,
+                lr=lr,
+                n_samples=n_samples,
+                n_elbo_samples=n_elbo_samples,
+                progress=progress,
             )
         return pd.DataFrame(gaps, index=adata.obs_names.copy())
 
@@ -1611,6 +1679,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         library_size: float | np.ndarray | None = None,
         random_state: int = 0,
         batch_size: int = 1024,
+        progress: bool = True,
     ) -> ad.AnnData:
         """Cells sampled from the model: z ~ N(0, I), then counts x ~ p(x | z, batch, covariates).
 
@@ -1630,6 +1699,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Seed of the draws.
         batch_size
             Cells per forward pass.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
@@ -1640,6 +1711,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_count(n_cells, "n_cells")
         _check_count(batch_size, "batch_size")
         random_state = _check_seed(random_state)
+        progress = _check_flag(progress, "progress")
         self._warn_if_untrained()
         library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
@@ -1673,8 +1745,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         generator = torch.Generator(device=self.device).manual_seed(random_state)
         z = torch.randn((n_cells, c.n_latent), generator=generator, device=self.device, dtype=torch.float32).cpu().numpy()
         counts = _GrowingRows(n_cells, c.n_genes)
-        for _, dist in self._decoded(z, frame, library, batch_size):
-            counts.append(sp.csr_matrix(dist.sample(generator).cpu().numpy().astype(np.float32)))
+        with progress_bar(n_cells, "generate", progress) as bar:
+            for rows, dist in self._decoded(z, frame, library, batch_size):
+                counts.append(sp.csr_matrix(dist.sample(generator).cpu().numpy().astype(np.float32)))
+                bar.update(len(z[rows]))
         obs = frame.copy()
         obs.index = [f"generated{i}" for i in range(n_cells)]
         # a covariate named library_size keeps its column

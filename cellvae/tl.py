@@ -110,7 +110,7 @@ def embed(
     key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
     model = CellVAE(adata, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
-    latent = model.get_latent()
+    latent = model.get_latent(progress=progress)
     params = {
         "key_added": key_added,
         "layer": layer,
@@ -306,6 +306,7 @@ def rank_genes_groups(
     pts: bool = False,
     key_added: str | None = "rank_genes_groups",
     copy: bool = False,
+    progress: bool = True,
 ) -> ad.AnnData | None:
     """Rank genes for each group by the model's differential expression, in scanpy's format.
 
@@ -337,6 +338,8 @@ def rank_genes_groups(
     copy
         Write the result into a copy of ``adata`` and return it (as scanpy's ``copy=True``), leaving
         ``adata`` as it is.
+    progress
+        Show a progress bar (where the work lasts over 2 seconds).
 
     Returns
     -------
@@ -357,6 +360,7 @@ def rank_genes_groups(
     _check_model(model)
     check_one_name(groupby, "groupby")
     pts = _check_flag(pts, "pts")
+    progress = _check_flag(progress, "progress")
     key_added = _key(key_added, "rank_genes_groups")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
@@ -393,6 +397,7 @@ def rank_genes_groups(
         n_draws=n_draws,
         max_cells=max_cells,
         random_state=random_state,
+        progress=progress,
     )
     result = result[result.index.isin(gene_names(adata))]  # genes the data lack (read as zeros) are left out
     # Stored as float32 (as scanpy does) before sorting, so that rounding does not order genes of equal score.
@@ -544,8 +549,8 @@ def rate_distortion_sweep(
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
         model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
-        terms = model.rate_distortion(test, random_state=random_state).mean()
-        trained_on = model.rate_distortion(training_sample, random_state=random_state).mean()
+        terms = model.rate_distortion(test, random_state=random_state, progress=progress).mean()
+        trained_on = model.rate_distortion(training_sample, random_state=random_state, progress=progress).mean()
         row = {
             "beta": beta,
             "rate": terms["rate"],
@@ -559,7 +564,7 @@ def rate_distortion_sweep(
             "epochs": len(model.history),
         }
         if labels_key is not None:
-            row |= _label_scores(model.get_latent(test), test.obs[labels_key], random_state)
+            row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
         rows.append(row)
     return pd.DataFrame(rows)
 

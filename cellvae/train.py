@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ with warnings.catch_warnings():  # a notebook without ipywidgets gets the text p
     from tqdm.auto import tqdm
 
 MAX_NONFINITE_RETRIES = 5
+# Work after training (embedding, sampling, diagnostics) shows its bar only once it has lasted this long.
+PROGRESS_DELAY_S = 2.0
 # In a process group, the ranks agree on a Ctrl-C every this many minibatches and at each epoch's end.
 INTERRUPT_CHECK_STEPS = 16
 # BatchNorm's running statistics stay per rank between epochs (average_statistics); torch 2.13 renamed the option.
@@ -110,6 +113,21 @@ DEFAULT_LR = 1e-3  # of fit and map_query; the posterior-collapse warning names 
 def default_kl_warmup(max_epochs: int) -> int:
     """Linear KL warm-up over a quarter of training, at most 50 epochs."""
     return int(min(50, max(1, max_epochs // 4)))
+
+
+def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterable: Iterable | None = None) -> tqdm:
+    """The bar of work after training (over ``iterable``, if given): none unless ``show``, and none for calls
+    shorter than ``PROGRESS_DELAY_S``; it goes when the work ends."""
+    options = {"desc": desc, "unit": unit, "unit_scale": True, "delay": PROGRESS_DELAY_S, "leave": False}
+    return tqdm(iterable, total=total, disable=not show, **options)
+
+
+def with_progress(batches: Iterable, total: int, desc: str, show: bool) -> Iterator:
+    """``batches`` (minibatches of :class:`~cellvae.data.CellLoader`), counting their cells on a :func:`progress_bar`."""
+    with progress_bar(total, desc, show) as bar:
+        for mb in batches:
+            yield mb
+            bar.update(len(mb.cell_index))
 
 
 def pick_device(device: str | torch.device) -> torch.device:

@@ -1320,3 +1320,42 @@ def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
         CellVAE(adata)
     with no_warnings():
         CellVAE(adata, n_latent=4)
+
+
+# ----------------------------------------------------------------------------- progress of work after training
+
+
+def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_quick_call_none(
+    trained, messy, monkeypatch, capsys
+):
+    """A bar appears only once a call has lasted PROGRESS_DELAY_S (here made 0, as for an atlas); never with progress=False."""
+    cells = messy[:60].copy()
+    calls = {
+        "get_latent": lambda progress: trained.get_latent(cells, progress=progress),
+        "get_latent (refining)": lambda progress: trained.get_latent(cells, refine_steps=1, progress=progress),
+        "get_normalized_expression": lambda progress: trained.get_normalized_expression(cells, progress=progress),
+        "get_likelihood_parameters": lambda progress: trained.get_likelihood_parameters(cells, progress=progress),
+        "sample_counts": lambda progress: trained.sample_counts(cells, progress=progress),
+        "rate_distortion": lambda progress: trained.rate_distortion(cells, progress=progress),
+        "marginal_log_likelihood": lambda progress: trained.marginal_log_likelihood(cells, n_samples=2, progress=progress),
+        "inference_gaps": lambda progress: trained.inference_gaps(
+            cells[:4], n_steps=2, n_samples=2, n_elbo_samples=2, progress=progress
+        ),
+        "generate": lambda progress: trained.generate(30, progress=progress),
+        "differential_expression": lambda progress: trained.differential_expression(
+            cells, groupby="cell_type", n_draws=100, progress=progress
+        ),
+    }
+    for call in calls.values():  # quick calls print nothing
+        call(True)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(cellvae.train, "PROGRESS_DELAY_S", 0.0)
+    for name, call in calls.items():
+        call(True)
+        assert f"\r{name}: " in capsys.readouterr().err, name  # the bar (cleared once the work ends)
+        call(False)
+        assert capsys.readouterr().err == "", name
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        trained.sample_counts(cells, progress="quiet")
+    copy = cellvae.tl.rank_genes_groups(cells, "cell_type", model=trained, n_draws=100, copy=True)
+    assert "\rdifferential_expression: " in capsys.readouterr().err and "rank_genes_groups" in copy.uns
