@@ -66,7 +66,9 @@ def _input_taken_as_a_key(words: list[str]) -> str | None:
         for value in words[position + 1 :]:
             if value.startswith("-"):
                 break
-            if value.rstrip("/").endswith((".h5ad", ".zarr")) or Path(value).exists():
+            store = Path(value)
+            is_store = any((store / name).exists() for name in ("zarr.json", ".zgroup"))  # Zarr v3, v2
+            if value.rstrip("/").endswith((".h5ad", ".zarr")) or store.is_file() or is_store:
                 return (
                     f"{word} took {value!r} as a key (it takes every word up to the next option); "
                     f"put the input first: cellvae fit {value} {word} ..."

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -292,6 +293,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.is_trained = False
         self.train_settings: TrainSettings | None = None
         self._trained_data_parallel = False  # by every rank of a process group: save writes on rank 0 only
+        # (the adata.h5ad a model folder holds, the AnnData read from it or written there): save keeps that file
+        self._anndata_file: tuple[Path, weakref.ref] | None = None
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -1116,7 +1119,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         try:
             if save_anndata:
                 self._write_anndata(staging / ADATA_FILE)
-            elif (path / ADATA_FILE).is_file():  # a model loaded from this folder, trained further, saved back
+            elif self._reads_anndata_file(path / ADATA_FILE):  # loaded from this folder, trained further, saved back
                 _link_or_copy(path / ADATA_FILE, staging / ADATA_FILE)
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
@@ -1151,6 +1154,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # set-aside name: whatever ``.{name}.old.*/{name}`` holds is a complete previous model.
             os.replace(previous / path.name, previous / ".deleting")
             shutil.rmtree(previous, ignore_errors=True)
+        if save_anndata:
+            self._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(self.adata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None, load_anndata: bool = True) -> CellVAE:
@@ -1221,10 +1226,21 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         if adata is None and load_anndata and (path / ADATA_FILE).is_file():
             adata = ad.read_h5ad(path / ADATA_FILE)
+            model._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(adata))
         if adata is not None:
             model.adata = adata
             model._loader(adata, model.device)
         return model
+
+    def _reads_anndata_file(self, file: Path) -> bool:
+        """Whether the model's AnnData is ``file``'s: read from it by :meth:`load`, written there by ``save_anndata``,
+        or read backed from it (another model's data there is not this one's)."""
+        if self.adata is None or not file.is_file():
+            return False
+        if self.adata.isbacked:
+            return Path(self.adata.filename).resolve() == file.resolve()
+        known = self._anndata_file
+        return known is not None and known[0] == file.resolve() and known[1]() is self.adata
 
     def _write_anndata(self, file: Path) -> None:
         """``save_anndata``'s file, with anndata's own error put in terms of the option."""
@@ -1331,7 +1347,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         copy of in-memory counts, or the query's own count matrix, not copied, where it is CSR or dense
         and its genes are the reference's in the same order, as after ``query[:, reference.var_names]``;
         or the counts left on disk, which must stay open) and embeds reference cells too. Save and load
-        it like any model.
+        it like any model. Where the matrix is shared (as a model built on your AnnData reads it), counts
+        changed in place afterwards (``sc.pp.downsample_counts``, ``normalize_total``) change what the query
+        model reads: pass ``query_adata.copy()`` to keep them apart.
         """
         if not self.is_trained:
             raise ValueError("map_query needs a trained reference model; call model.fit() first")
@@ -2238,7 +2256,8 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
     if data.is_backed_matrix(matrix):
         counts, var = matrix, pd.DataFrame(index=data.gene_names(query))
     else:
-        same_genes = np.array_equal(positions, np.arange(len(config.gene_names)))
+        n_genes = len(config.gene_names)
+        same_genes = matrix.shape[1] == n_genes and np.array_equal(positions, np.arange(n_genes))
         as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
         if same_genes and as_stored and not query.is_view:
             counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query

@@ -116,10 +116,10 @@ def default_kl_warmup(max_epochs: int) -> int:
 
 
 def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterable: Iterable | None = None) -> tqdm:
-    """The bar of work after training (over ``iterable``, if given): none unless ``show``, and none for calls
-    shorter than ``PROGRESS_DELAY_S``; it goes when the work ends."""
+    """The bar of work after training (over ``iterable``, if given): none unless ``show``, none on data-parallel
+    ranks but 0 (as training's), and none for calls shorter than ``PROGRESS_DELAY_S``; it goes when the work ends."""
     options = {"desc": desc, "unit": unit, "unit_scale": True, "delay": PROGRESS_DELAY_S, "leave": False}
-    return tqdm(iterable, total=total, disable=not show, **options)
+    return tqdm(iterable, total=total, disable=not show or rank_and_world()[0] > 0, **options)
 
 
 def with_progress(batches: Iterable, total: int, desc: str, show: bool) -> Iterator:

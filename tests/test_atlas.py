@@ -208,6 +208,13 @@ def test_a_query_in_the_reference_gene_order_is_mapped_without_copying_its_count
     assert not np.shares_memory(copied.adata.X.data, as_csc.X.data)
     np.testing.assert_array_equal(query_model.get_latent(), copied.get_latent())
     assert (query.X != before.X).nnz == 0 and query.obs.equals(before.obs) and query.var.equals(before.var)
+    # the reference's genes first, in order, then genes of the query's own: those are left out, so an aligned copy
+    extra = ad.AnnData(sp.csr_matrix(np.ones((query.n_obs, 5), dtype=np.float32)), obs=query.obs)
+    extra.var_names = [f"extra{i}" for i in range(5)]
+    with_extra = ad.concat([query, extra], axis=1, merge="first")
+    mapped = model.map_query(with_extra, max_epochs=3, progress=False)
+    assert mapped.adata.shape == query.shape and not np.shares_memory(mapped.adata.X.data, with_extra.X.data)
+    np.testing.assert_array_equal(mapped.get_latent(), query_model.get_latent())
 
 
 def test_missing_query_genes_warn_or_fail(reference_and_query):

@@ -292,9 +292,11 @@ def test_an_input_taken_as_a_covariate_key_is_told_to_come_first(tmp_path, capsy
         main(swallowed)
     assert stopped.value.code == 2
     assert f"took '{source}' as a key (it takes every word up to the next option); put the input first" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["fit", "--categorical-covariate-keys", "donor", "--out", str(tmp_path / "o.h5ad")])  # no input at all
-    assert "as a key" not in capsys.readouterr().err
+    (tmp_path / "donor").mkdir()  # a folder named as the key: not an input
+    for keys in (["donor"], [str(tmp_path / "donor")]):
+        with pytest.raises(SystemExit):
+            main(["fit", "--categorical-covariate-keys", *keys, "--out", str(tmp_path / "o.h5ad")])  # no input at all
+        assert "as a key" not in capsys.readouterr().err
 
 
 def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):

@@ -808,6 +808,13 @@ def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_a
     np.testing.assert_array_equal(backed.get_latent(), expected)
     np.testing.assert_array_equal(CellVAE.load(tmp_path / "model").get_latent(), expected)
     backed.adata.file.close()
+    in_memory = CellVAE.load(tmp_path / "model")  # read into memory from the folder: also kept
+    in_memory.save(tmp_path / "model", overwrite=True)
+    assert "adata.h5ad" in os.listdir(tmp_path / "model")
+    # another model (or this one with other data) saved over the folder: the data there are not its own
+    other = CellVAE(trained.adata[:100].copy(), **MODEL_ARGS)
+    other.save(tmp_path / "model", overwrite=True)
+    assert "adata.h5ad" not in os.listdir(tmp_path / "model")
     # a folder holding only an adata.h5ad is the user's data, never replaced as if it were a model
     (tmp_path / "data").mkdir()
     trained.adata.write_h5ad(tmp_path / "data" / "adata.h5ad")
