@@ -116,13 +116,16 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     view = _backed_view(adata, layer)
     if view is not None:
         return view
+    copied = _copied_csr_view(adata, layer)
+    if copied is not None:
+        return copied
     if layer is None:
-        if adata.X is None:
+        matrix = adata.X  # (once: every access to a view's X copies it)
+        if matrix is None:
             raise ValueError(
                 "adata.X is empty (None); the raw counts must be in adata.X, or in a layer named when the model is "
                 "built (CellVAE(adata, layer=...)); a trained model reads the layer it was trained on"
             )
-        matrix = adata.X
     elif layer not in adata.layers:
         hint = "; the counts in adata.X are read with layer=None" if layer == "X" else ""
         raise KeyError(f"layer {layer!r} not found in adata.layers; available: {layer_names(adata)}{hint}")
@@ -149,10 +152,10 @@ class BackedView:
         self.dtype = matrix.dtype
 
 
-def _backed_view(adata: ad.AnnData, layer: str | None) -> BackedView | None:
-    """The view's counts as a :class:`BackedView` where ``adata`` is a view of an AnnData whose counts are
-    on disk, else None. (anndata keeps the viewed AnnData and the view's indices in private attributes;
-    where they are missing, anndata's own reading of the view applies.)"""
+def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.ndarray, np.ndarray] | None:
+    """Where ``adata`` is a view: the viewed AnnData's count matrix and the view's rows and columns of it,
+    else None. (anndata keeps the viewed AnnData and the view's indices in private attributes; where they
+    are missing, anndata's own reading of the view applies.)"""
     parent, cells, genes = (getattr(adata, name, None) for name in ("_adata_ref", "_oidx", "_vidx"))
     if not adata.is_view or parent is None or cells is None or genes is None:
         return None
@@ -160,11 +163,55 @@ def _backed_view(adata: ad.AnnData, layer: str | None) -> BackedView | None:
         matrix = parent.X
     else:
         matrix = parent.layers[layer] if layer in parent.layers else None
-    if matrix is None or not _is_readable(matrix) or not is_backed_matrix(matrix):
+    if matrix is None or not _is_readable(matrix):
         return None
     rows = np.atleast_1d(np.arange(parent.n_obs, dtype=np.int64)[cells])
     columns = np.atleast_1d(np.arange(parent.n_vars, dtype=np.int64)[genes])
-    return BackedView(matrix, rows, columns)
+    return matrix, rows, columns
+
+
+def _backed_view(adata: ad.AnnData, layer: str | None) -> BackedView | None:
+    """The view's counts as a :class:`BackedView` where ``adata`` is a view of an AnnData whose counts are
+    on disk, else None."""
+    viewed = _viewed_counts(adata, layer)
+    if viewed is None or not is_backed_matrix(viewed[0]):
+        return None
+    return BackedView(*viewed)
+
+
+def _copied_csr_view(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | None:
+    """The counts of a view of some cells and some genes of an AnnData whose counts are an in-memory CSR
+    matrix, copied with only the view's cells and genes, else None.
+
+    anndata copies such a view's cells with all their genes before it picks the genes: a view of 90% of
+    100,000 cells and 2,000 of 20,000 genes took 11 times its own size on the way. Here the view is
+    copied a block of cells at a time, each block's genes picked by scipy, into arrays sized by a first
+    pass; so nothing but the copy and one block is held (a view of only cells, or only genes, anndata
+    copies as well as this).
+    """
+    viewed = _viewed_counts(adata, layer)
+    if viewed is None or not sp.issparse(viewed[0]) or viewed[0].format != "csr":
+        return None
+    matrix, rows, columns = viewed
+    if len(rows) == matrix.shape[0] or len(columns) == matrix.shape[1]:
+        return None
+    stored_per_row = max(1.0, matrix.nnz / max(matrix.shape[0], 1))
+    block_rows = max(1, int(VALUES_PER_PASS / stored_per_row))
+    starts = range(0, len(rows), block_rows)
+
+    def block(start: int) -> sp.csr_matrix:
+        return sp.csr_matrix(_gather_csr_rows(matrix, rows[start : start + block_rows])[:, columns])
+
+    kept_per_row = np.concatenate([[0], *(np.diff(block(start).indptr) for start in starts)])
+    indptr = np.cumsum(kept_per_row)
+    index_type = np.int32 if indptr[-1] <= np.iinfo(np.int32).max else np.int64
+    values = np.empty(indptr[-1], dtype=matrix.dtype)
+    indices = np.empty(indptr[-1], dtype=index_type)
+    for start in starts:
+        part = block(start)
+        values[indptr[start] : indptr[start] + part.nnz] = part.data
+        indices[indptr[start] : indptr[start] + part.nnz] = part.indices
+    return sp.csr_matrix((values, indices, indptr.astype(index_type)), shape=(len(rows), len(columns)))
 
 
 IN_MEMORY_MATRICES = (np.ndarray, sp.spmatrix, sp.sparray)
