@@ -788,10 +788,27 @@ def category_names(column: pd.Series, key: str) -> list[str]:
     """A categorical obs column's categories as text: a pandas categorical's order (unused ones dropped),
     otherwise sorted; NaN values are refused."""
     _check_no_missing(column, key)
+    text = as_text(column)
+    present = set(text.categories[np.unique(text.codes)])
     if isinstance(column.dtype, pd.CategoricalDtype):
-        present = set(column.astype(str))
         return [str(c) for c in column.cat.categories if str(c) in present]
-    return sorted(set(column.astype(str)))
+    return sorted(present)
+
+
+def as_text(column: pd.Series) -> pd.Categorical:
+    """An obs column's values as text (those of ``column.astype(str)``), as a categorical: each distinct
+    value is converted once, not each cell's (a million cells: 0.2 s as one string per cell).
+
+    Columns whose equal values can read differently (0 and 0.0 or True and 1 in one object column,
+    0.0 and -0.0 among floats) are converted cell by cell."""
+    kinds = ("string", "integer", "boolean", "empty")
+    if not isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.infer_dtype(column, skipna=True) not in kinds:
+        return pd.Categorical(column.astype(str))
+    categorical = pd.Categorical(column)
+    names = categorical.categories.astype(str)
+    if not names.is_unique:  # categories that read alike (1 and "1"): converted one by one
+        return pd.Categorical(column.astype(str))
+    return pd.Categorical.from_codes(categorical.codes, categories=names)
 
 
 def _check_no_missing(column: pd.Series, key: str) -> None:
@@ -855,10 +872,10 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
             )
         column = obs[key]
         _check_no_missing(column, key)
-        values = column.astype(str).to_numpy()
-        codes = pd.Categorical(values, categories=categories).codes
+        values = as_text(column)
+        codes = values.set_categories(categories).codes
         if (codes < 0).any():
-            unknown = sorted(set(values[codes < 0]))
+            unknown = sorted(set(np.asarray(values)[codes < 0]))
             if key == layout.batch_key:
                 advice = "Map new batches with model.map_query(...)"
             elif layout.batch_key:

@@ -61,24 +61,20 @@ def rate_distortion(
     return {"rate": np.concatenate(rate).astype(np.float64), "distortion": np.concatenate(distortion).astype(np.float64)}
 
 
-def kl_per_dimension(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
-    """Mean over cells of each latent dimension's KL(q(z_d|x) || N(0, 1)), length n_latent."""
+def posterior_statistics(
+    vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two statistics of each latent dimension, from one pass over ``cells``: the mean over cells of its
+    KL(q(z_d|x) || N(0, 1)), and its activity, the variance across cells of its posterior mean,
+    Cov_x(E_q[z_d]) (Burda et al., 2016). Each of length n_latent."""
     total = torch.zeros(vae.config.n_latent, dtype=torch.float64)
+    means = []
     with torch.no_grad():
         for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).double().cpu()
-    return (total / max(len(cells), 1)).numpy()
-
-
-def latent_activity(vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
-    """Variance across cells of each dimension's posterior mean, Cov_x(E_q[z_d]) (Burda et al., 2016)."""
-    with torch.no_grad():
-        means = [
-            vae.inference(mb.counts, mb.covariates, sample=False)["mean"].double().cpu()
-            for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size))
-        ]
-    return torch.cat(means).var(0, unbiased=False).numpy()
+            means.append(q["mean"].double().cpu())
+    return (total / max(len(cells), 1)).numpy(), torch.cat(means).var(0, unbiased=False).numpy()
 
 
 def collapse_message(

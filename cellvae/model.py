@@ -1514,7 +1514,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
-            return diagnostics.kl_per_dimension(self.module, loader, cells, batch_size=batch_size)
+            return diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)[0]
 
     def active_units(
         self, adata: ad.AnnData | None = None, *, threshold: float = diagnostics.ACTIVITY_THRESHOLD, batch_size: int = 4096
@@ -1534,7 +1534,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_threshold(threshold)
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
-            activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
+            activity = diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)[1]
         return int((activity > threshold).sum())
 
     @_scvi_tools_names
@@ -1852,8 +1852,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     ) -> None:
         """Warn if most latent dimensions carry nothing (encoded in training's minibatches: no more memory)."""
         with diagnostics.evaluation(self.module, random_state):
-            kl = diagnostics.kl_per_dimension(self.module, loader, cells, batch_size=batch_size)
-            activity = diagnostics.latent_activity(self.module, loader, cells, batch_size=batch_size)
+            kl, activity = diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)
         message = diagnostics.collapse_message(kl, activity, lr=lr)
         if message:
             data.warn_user(message, diagnostics.PosteriorCollapseWarning)
@@ -2104,7 +2103,7 @@ def _warn_about_counts(
     batch_names = layout.batch_categories or ["all cells"]
     codes = None
     if layout.batch_key:
-        codes = pd.Categorical(obs[layout.batch_key].astype(str), categories=batch_names).codes
+        codes = data.as_text(obs[layout.batch_key]).set_categories(batch_names).codes
     share, non_zero = data.share_of_ones(matrix, codes)
     judged = non_zero >= READ_CHECK_VALUES  # batches with too few values sampled are not judged
     reads = judged & (share < READ_SHARE_OF_ONES)

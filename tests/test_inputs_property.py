@@ -350,3 +350,18 @@ def test_nan_from_an_outer_concat_of_dense_datasets_is_explained():
         CellVAE(merged)
     filled = ad.concat([first, second], join="outer", index_unique="-", fill_value=0)
     assert CellVAE(filled).config.n_genes == 25
+
+
+@FUZZ
+@given(
+    values=st.lists(
+        st.one_of(st.integers(-3, 1016), st.floats(allow_nan=False, width=32), st.booleans(), st.text(max_size=3)),
+        max_size=40,
+    ),
+    categorical=st.booleans(),
+)
+def test_obs_columns_are_read_as_the_text_astype_str_gives(values, categorical):
+    """Batch and covariate names are each value's text (an integer column's 1016 is "1016"); cellvae converts
+    each distinct value once, and a column whose distinct values read alike (1 and "1") cell by cell."""
+    column = pd.Series(values, dtype="category" if categorical else object)
+    assert list(np.asarray(cellvae.data.as_text(column))) == list(column.astype(str))
