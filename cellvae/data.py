@@ -110,7 +110,8 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
 
     For a view of a backed AnnData (``adata[cells, genes]`` of ``read_h5ad(path, backed="r")`` or
     of :func:`read_zarr_lazy`) a :class:`BackedView`: its cells and genes are then read from the
-    file as needed, where anndata would read all of them into memory on every access to ``X``.
+    file as needed, where anndata would read all of them into memory on every access to ``X``. A view
+    of in-memory counts is copied, as anndata copies it (see :func:`_copied_csr_view`).
     """
     check_one_name(layer, "layer", of="layer")
     view = _backed_view(adata, layer)
