@@ -235,7 +235,8 @@ def test_a_view_of_some_cells_and_genes_in_memory_is_copied_without_the_cells_ot
     size for 90% of the cells and 10% of the genes): cellvae copies it a block of cells at a time."""
     import tracemalloc
 
-    monkeypatch.setattr(cellvae.data, "VALUES_PER_PASS", 2**14)
+    monkeypatch.setattr(cellvae.data, "VALUES_PER_PASS", 2**14)  # many blocks of cells
+    monkeypatch.setattr(cellvae.data, "VALUES_PER_CHECK_OF_COLUMNS", 999)
     adata = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, seed=5)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.layers["counts"] = adata.X.astype(np.int64)
