@@ -72,35 +72,37 @@ SCVI_TOOLS_METHODS = {
     "get_elbo": "rate_distortion(...)['elbo'] (per cell; the ELBO itself, not its negative)",
     "get_reconstruction_error": "rate_distortion(...)['distortion'] (per cell)",
 }
+# scvi-tools' argument: (the cellvae argument the advice names, which the method must take for it to apply; the advice)
 SCVI_TOOLS_ARGUMENTS = {
-    "gene_likelihood": "use likelihood= ('nb', the default, 'zinb' or 'poisson')",
-    "dropout_rate": "use dropout=",
-    "use_batch_norm": "use normalization='batch'",
-    "use_layer_norm": "use normalization='layer' (the default)",
-    "encode_covariates": "use encode_batch=",
-    "train_size": "use validation_size=, the share held out (1 - train_size)",
-    "accelerator": "use device= ('auto', 'cpu', 'cuda', ...)",
-    "plan_kwargs": "give lr= and weight_decay= to fit itself",
-    "early_stopping_patience": "use patience=",
-    "enable_progress_bar": "use progress=",
-    "give_mean": "use mean=",
-    "indices": "pass those cells as an AnnData, adata[indices]",
-    "return_numpy": "drop it: cellvae returns NumPy arrays",
-    "mode": "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')",
+    "gene_likelihood": ("likelihood", "use likelihood= ('nb', the default, 'zinb' or 'poisson')"),
+    "dropout_rate": ("dropout", "use dropout="),
+    "use_batch_norm": ("normalization", "use normalization='batch'"),
+    "use_layer_norm": ("normalization", "use normalization='layer' (the default)"),
+    "encode_covariates": ("encode_batch", "use encode_batch="),
+    "train_size": ("validation_size", "use validation_size=, the share held out (1 - train_size)"),
+    "accelerator": ("device", "use device= ('auto', 'cpu', 'cuda', ...)"),
+    "plan_kwargs": ("weight_decay", "give lr= and weight_decay= to fit itself"),
+    "early_stopping_patience": ("patience", "use patience="),
+    "enable_progress_bar": ("progress", "use progress="),
+    "give_mean": ("mean", "use mean="),
+    "indices": ("adata", "pass those cells as an AnnData, adata[indices]"),
+    "return_numpy": (None, "drop it: cellvae returns NumPy arrays"),
+    "mode": ("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')"),
 }
 
 
 def _scvi_tools_names(method):
-    """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name."""
+    """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
+    where ``method`` takes it (elsewhere Python's own error stands: the advice would name what it lacks)."""
     accepted = set(inspect.signature(method).parameters)
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
         for name in kwargs.keys() - accepted:
-            if name in SCVI_TOOLS_ARGUMENTS:
+            needs, advice = SCVI_TOOLS_ARGUMENTS.get(name, ("", ""))
+            if advice and (needs is None or needs in accepted):
                 raise TypeError(
-                    f"{method.__qualname__}() got an unexpected keyword argument {name!r}, "
-                    f"scvi-tools' name: {SCVI_TOOLS_ARGUMENTS[name]}"
+                    f"{method.__qualname__}() got an unexpected keyword argument {name!r}, scvi-tools' name: {advice}"
                 )
         return method(*args, **kwargs)
 
@@ -295,6 +297,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._trained_data_parallel = False  # by every rank of a process group: save writes on rank 0 only
         # (the adata.h5ad a model folder holds, the AnnData read from it or written there): save keeps that file
         self._anndata_file: tuple[Path, weakref.ref] | None = None
+        self._folder: Path | None = None  # the folder the model was loaded from or last saved to: save keeps its data
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -461,11 +464,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
-            if len(train_cells) < min(data.MIN_CELLS, len(nonempty) // 2):  # a small dataset keeps its 9 of 10
-                raise ValueError(
-                    f"validation_size={validation_size} leaves {len(train_cells)} of {len(nonempty)} cells to train on; "
-                    "lower validation_size (the default is 0.1)"
-                )
+            _check_cells_left_to_train(train_cells, nonempty, validation_size)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
             if not query and warmup > epochs:
@@ -488,12 +487,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 progress=progress,
                 precision=precision,
             )
+            # A model whose training fails or diverges is given back as it was (not half-trained or non-finite);
+            # an untrained one with its weights from before this fit, not those drawn for it.
+            before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             if not self.is_trained:
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
                     self.module = VAE(self.config)
-            # A model whose training fails or diverges is given back as it was (not half-trained or non-finite).
-            before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
             previous = (self.history, self.train_settings, self.is_trained, self._trained_data_parallel)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
@@ -1084,7 +1084,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The model's folder; its parent folders are created.
         overwrite
             Replace an existing ``path``; otherwise a ``FileExistsError`` is raised. An ``adata.h5ad`` the
-            folder holds is kept (the model may read its counts from it) unless ``save_anndata`` replaces it.
+            folder holds is kept where it is this model's (the model was loaded from or saved to this folder,
+            or reads its counts from that file), unless ``save_anndata`` replaces it; saving another model over
+            the folder removes it, with a warning.
         save_anndata
             Also write the model's AnnData (in memory) as ``adata.h5ad``, which :meth:`load` then reads when
             given no ``adata``. Your AnnData is left as it is (string columns are not turned into categoricals).
@@ -1116,11 +1118,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        saved_data = path / ADATA_FILE
+        own_folder = self._folder == path.resolve() or self._reads_anndata_file(saved_data)
+        dropped = not save_anndata and not own_folder and saved_data.is_file()
         try:
             if save_anndata:
                 self._write_anndata(staging / ADATA_FILE)
-            elif self._reads_anndata_file(path / ADATA_FILE):  # loaded from this folder, trained further, saved back
-                _link_or_copy(path / ADATA_FILE, staging / ADATA_FILE)
+            elif own_folder and saved_data.is_file():  # loaded from this folder, trained further, saved back
+                _link_or_copy(saved_data, staging / ADATA_FILE)
             self.config.to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             metadata = {
@@ -1156,6 +1161,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             shutil.rmtree(previous, ignore_errors=True)
         if save_anndata:
             self._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(self.adata))
+        self._folder = path.resolve()
+        if dropped:
+            data.warn_user(
+                f"the {ADATA_FILE} that {path} held, saved with the model this one replaced, was removed with it (this "
+                "model was neither loaded from nor saved to that folder); save_anndata=True writes this model's AnnData",
+                UserWarning,
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None, load_anndata: bool = True) -> CellVAE:
@@ -1209,6 +1221,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
         model = cls.__new__(cls)
         model._setup(config, None)
+        model._folder = path.resolve()
         model.module.load_state_dict(state)
         history_file = path / HISTORY_FILE
         if history_file.is_file():
@@ -1426,6 +1439,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
+        _check_cells_left_to_train(train_cells, cells, validation_size)
         epochs = max_epochs or default_query_epochs(len(cells))
         settings = TrainSettings(
             max_epochs=epochs,
@@ -2219,6 +2233,15 @@ class _GrowingRows:
         index_dtype = np.int32 if self.used < 2**31 else np.int64
         indptr = np.concatenate([[0], np.cumsum(np.concatenate(self.row_lengths))]).astype(index_dtype)
         return sp.csr_matrix((self.values[: self.used], self.indices[: self.used], indptr), shape=self.shape)
+
+
+def _check_cells_left_to_train(train_cells: np.ndarray, cells: np.ndarray, validation_size: float) -> None:
+    """Refuse a ``validation_size`` that leaves too few cells to train on (a small dataset keeps its 9 of 10)."""
+    if len(train_cells) < min(data.MIN_CELLS, len(cells) // 2):
+        raise ValueError(
+            f"validation_size={validation_size} leaves {len(train_cells)} of {len(cells)} cells to train on; "
+            "lower validation_size (the default is 0.1)"
+        )
 
 
 def _model_counts(adata: ad.AnnData, layer: str | None, name: str):

@@ -682,6 +682,11 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.get_latent(give_mean=False)
     with pytest.raises(TypeError, match=r"'mode', scvi-tools' name: drop it"):
         model.differential_expression(groupby="cell_type", group1="type0", mode="change")
+    # no advice naming an option the method lacks: Python's own error
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'give_mean'$"):
+        model.get_likelihood_parameters(give_mean=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'plan_kwargs'$"):
+        model.map_query(adata, plan_kwargs={"weight_decay": 0.0})
     with pytest.raises(AttributeError, match=r"^'CellVAE' object has no attribute 'nothing_like_this'$"):
         model.nothing_like_this  # noqa: B018
     assert not hasattr(model, "train") and hasattr(model, "fit")

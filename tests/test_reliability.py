@@ -811,9 +811,15 @@ def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_a
     in_memory = CellVAE.load(tmp_path / "model")  # read into memory from the folder: also kept
     in_memory.save(tmp_path / "model", overwrite=True)
     assert "adata.h5ad" in os.listdir(tmp_path / "model")
-    # another model (or this one with other data) saved over the folder: the data there are not its own
+    # loaded without its data, or with data given to load: the folder's data may be the only copy, kept too
+    for loaded in (CellVAE.load(tmp_path / "model", load_anndata=False), CellVAE.load(tmp_path / "model", adata=trained.adata)):
+        with no_warnings():
+            loaded.save(tmp_path / "model", overwrite=True)
+        assert "adata.h5ad" in os.listdir(tmp_path / "model")
+    # another model saved over the folder: the data there are not its own, removed with the model, as a warning says
     other = CellVAE(trained.adata[:100].copy(), **MODEL_ARGS)
-    other.save(tmp_path / "model", overwrite=True)
+    with pytest.warns(UserWarning, match="adata.h5ad that .* held, saved with the model this one replaced, was removed"):
+        other.save(tmp_path / "model", overwrite=True)
     assert "adata.h5ad" not in os.listdir(tmp_path / "model")
     # a folder holding only an adata.h5ad is the user's data, never replaced as if it were a model
     (tmp_path / "data").mkdir()
@@ -1071,6 +1077,12 @@ def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
     return replaced
 
 
+def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
+    query = adata.copy()
+    query.obs["batch"] = "new_" + query.obs["batch"].astype(str)
+    return query
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -1212,6 +1224,10 @@ def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
             lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=0.99),
             r"validation_size=0.99 leaves 2 of 240 cells to train on",
         ),
+        (  # map_query takes fit's training arguments, and refuses the same
+            lambda m, a: m.map_query(_in_new_batches(a), max_epochs=1, validation_size=0.99),
+            r"validation_size=0.99 leaves 2 of 240 cells to train on",
+        ),
     ],
 )
 def test_bad_arguments_give_a_documented_error(call, message, trained, messy):
@@ -1229,6 +1245,11 @@ def test_training_settings_that_undo_training_are_told():
     assert "lr=1)" in message and "as it was before this fit (untrained): fit it again with a smaller one" in message
     assert message.endswith("model.fit(lr=0.001), the default") and diverged[0].category is RuntimeWarning
     assert not model.is_trained and model.history.empty  # undone: following the advice on this model works
+    untrained = CellVAE(adata, n_hidden=64)
+    before = {k: v.clone() for k, v in untrained.module.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="training made the model worse"):
+        untrained.fit(max_epochs=10, lr=1.0, progress=False, random_state=1)
+    assert all(torch.equal(v, before[k]) for k, v in untrained.module.state_dict().items())  # its own, not fit's draw
     with no_warnings():  # the default lr improves the loss: nothing to tell
         model.fit(max_epochs=10, progress=False)
     fresh = CellVAE(adata, n_hidden=64).fit(max_epochs=10, progress=False)
