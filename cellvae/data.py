@@ -303,13 +303,15 @@ def _sampled_values(matrix, slices: int = 64) -> Iterator[tuple[np.ndarray, np.n
     else:  # dense: blocks of whole rows
         n_rows, n_genes = matrix.shape
         rows_per_slice = max(1, min(VALUES_PER_CHECK // slices // max(n_genes, 1), n_rows // slices))
+        if n_rows * n_genes <= VALUES_PER_CHECK:  # all of it, in one slice
+            rows_per_slice, slices = n_rows, 1
         for start in np.unique(np.linspace(0, n_rows - rows_per_slice, slices).astype(np.int64)):
             values = np.asarray(matrix[start : start + rows_per_slice]).ravel()
             yield values, np.repeat(np.arange(start, start + rows_per_slice), n_genes)
         return
     stored = arrays["data"]
     row_pointers = np.asarray(arrays["indptr"][:]) if kind == "csr" else None
-    piece = min(VALUES_PER_CHECK, stored.shape[0]) // slices or stored.shape[0]
+    piece = stored.shape[0] if stored.shape[0] <= VALUES_PER_CHECK else VALUES_PER_CHECK // slices  # (all of a small one)
     for start in np.unique(np.linspace(0, stored.shape[0] - piece, slices).astype(np.int64)):
         values = np.asarray(stored[start : start + piece])
         if kind == "csr":  # the rows the slice runs through, each repeated as often as it has values in the slice
@@ -807,8 +809,8 @@ def category_names(column: pd.Series, key: str) -> list[str]:
     _check_no_missing(column, key)
     text = as_text(column)
     present = set(text.categories[np.unique(text.codes)])
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return [str(c) for c in column.cat.categories if str(c) in present]
+    if isinstance(column.dtype, pd.CategoricalDtype):  # (each category's text as astype(str) writes it, as in present)
+        return list(dict.fromkeys(name for name in column.cat.categories.astype(str) if name in present))
     return sorted(present)
 
 
@@ -1031,9 +1033,10 @@ def select_genes(block, columns: np.ndarray):
     if present.all():
         return block[:, columns]
     if sp.issparse(block):  # a 0/1 selection matrix reorders the columns and leaves the missing ones empty
+        block = _summable(sp.csr_matrix(block))  # the product sums repeated entries: in float32, not a narrow type
         ones = np.ones(int(present.sum()), dtype=block.dtype)
         selection = sp.csr_matrix((ones, (columns[present], np.flatnonzero(present))), shape=(block.shape[1], len(columns)))
-        return sp.csr_matrix(block) @ selection
+        return block @ selection
     block = np.asarray(block)
     selected = np.zeros((block.shape[0], len(columns)), dtype=block.dtype)
     selected[:, present] = block[:, columns[present]]

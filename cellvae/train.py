@@ -333,6 +333,7 @@ def train(
         interrupts.check()  # Ctrl-C while the ranks prepared
         for epoch in epochs:
             started = time.perf_counter()
+            at_full_weight = step >= warmup_steps  # the whole epoch trains at the full KL weight
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
             if steps is not None:  # counts resident on one GPU
@@ -405,8 +406,8 @@ def train(
             warmed_up = step >= warmup_steps
             # The validation loss is at the full beta, so a warm-up epoch can be the best (a model that overfits from
             # the start is not given back worse than it was then); the training loss is weighted by the warm-up's
-            # smaller KL weight, so without validation cells the best is looked for once the warm-up has ended.
-            comparable = has_validation or warmed_up
+            # smaller KL weight, so without validation cells the best is looked for among epochs after the warm-up.
+            comparable = has_validation or at_full_weight
             improved = not math.isfinite(best["loss"]) or monitored < best["loss"] - 1e-4 * abs(best["loss"])
             if not comparable or improved:
                 state = _copy_state(spare, last_good)

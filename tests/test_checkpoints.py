@@ -323,6 +323,20 @@ def test_fit_keeps_the_best_epoch_not_the_last(tmp_path, kl_warmup):
     assert not all(torch.equal(last[name], best[name]) for name in kept)
 
 
+def test_without_validation_cells_no_epoch_of_the_kl_warm_up_is_kept_as_the_best(tmp_path):
+    """The training loss of an epoch whose steps ran below the full KL weight is lower for it: such an epoch
+    (here the warm-up's one epoch, at KL weights 0 to 5) is never the best, nor stops training early."""
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, seed=0)
+    model = CellVAE(adata, batch_key="batch", beta=5.0, kl_warmup=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(max_epochs=20, validation_size=0, progress=False)  # trained: a refit warms up again from low loss
+        model.fit(max_epochs=20, validation_size=0, patience=3, progress=False, random_state=1, checkpoint_dir=tmp_path)
+    with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
+        best_epoch = json.loads(handle.metadata()["cellvae_checkpoint"])["best_epoch"]
+    assert best_epoch >= 1 and len(model.history) > 4
+
+
 def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_path, uninterrupted):
     as_numpy = {**FIT, "max_epochs": np.int64(FIT["max_epochs"]), "batch_size": np.int32(32), "random_state": np.int64(7)}
     as_numpy |= {"early_stopping": np.bool_(True), "progress": np.bool_(False)}  # the checkpoint's JSON record holds them

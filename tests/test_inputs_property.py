@@ -365,3 +365,27 @@ def test_obs_columns_are_read_as_the_text_astype_str_gives(values, categorical):
     each distinct value once, and a column whose distinct values read alike (1 and "1") cell by cell."""
     column = pd.Series(values, dtype="category" if categorical else object)
     assert list(np.asarray(cellvae.data.as_text(column))) == list(column.astype(str))
+
+
+@pytest.mark.parametrize("kind", ["datetime", "float32"])
+def test_a_categorical_batch_column_whose_categories_print_otherwise_keeps_its_batches(kind):
+    """A categorical's categories are named as astype(str) writes them (a date "2020-01-01", not str()'s
+    "2020-01-01 00:00:00"; a float32 0.1, not 0.10000000149011612): before, such a column gave no batches."""
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, seed=0)
+    values = pd.to_datetime(["2020-01-01", "2020-01-02"]) if kind == "datetime" else np.array([0.1, 0.2], np.float32)
+    adata.obs["day"] = pd.Categorical(values[(adata.obs["batch"] == "batch1").to_numpy().astype(int)])
+    model = CellVAE(adata, batch_key="day", **TINY_MODEL)
+    assert model.config.batch_categories == list(adata.obs["day"].cat.categories.astype(str))
+    model.fit(max_epochs=1, progress=False)
+    assert np.isfinite(model.get_latent()).all()
+
+
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+def test_the_share_of_ones_reads_all_of_a_small_matrix(storage):
+    counts = cellvae.datasets.simulate(n_cells=97, n_genes=61, seed=1).X.toarray()
+    codes = np.arange(97) % 5
+    matrix = sp.csr_matrix(counts) if storage == "csr" else counts
+    share, non_zero = cellvae.data.share_of_ones(matrix, codes)
+    expected = [np.count_nonzero(counts[codes == b]) for b in range(5)]
+    np.testing.assert_array_equal(non_zero, expected)
+    np.testing.assert_allclose(share, [(counts[codes == b] == 1).sum() / expected[b] for b in range(5)])
