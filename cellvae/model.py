@@ -391,8 +391,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             atomically. ``resume=True`` continues from it after a crash or Ctrl-C and ends with the
             same parameters as an uninterrupted run with the same arguments.
         precision
-            ``"float32"`` or ``"bfloat16"``: the latter runs the two gene-wide matrix multiplies
-            (encoder input, decoder output) in bfloat16 while training, with float32 weights,
+            ``"float32"`` or ``"bfloat16"``: the latter runs the gene-wide matrix multiplies (encoder
+            input, decoder output, and the per-cell dispersion and zero-inflation heads of
+            ``dispersion="gene-cell"`` and ``likelihood="zinb"``) in bfloat16 while training, with float32 weights,
             optimizer, likelihood and outputs. On a CPU with native bfloat16 (AVX512-BF16 or AMX) this
             trained 8–22% faster to the same held-out ELBO in the benchmarks; where bfloat16 is
             emulated it is slower.

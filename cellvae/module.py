@@ -293,8 +293,9 @@ def batch_discrepancy(z: torch.Tensor, batch_index: torch.Tensor, n_batches: int
     (a sum of Gaussian kernels of widths ``MMD_BANDWIDTHS``), summed over the batches that share the
     minibatch with cells of other batches; 0 when the minibatch holds one batch only.
 
-    The biased estimate: it includes each code's kernel with itself, a constant that adds about
-    ``len(MMD_BANDWIDTHS) / cells per batch`` and no gradient."""
+    The biased estimate: it includes each code's kernel with itself, a constant that adds
+    ``len(MMD_BANDWIDTHS) * (1 / n_b + 1 / n_other)`` for each batch b (its cells, and the other batches')
+    and no gradient."""
     squared = torch.cdist(z, z).pow(2)
     kernel = sum(torch.exp(squared / (-2.0 * width**2)) for width in MMD_BANDWIDTHS)
     inside = F.one_hot(batch_index.long().reshape(-1), n_batches).to(z.dtype)  # cells × batches
