@@ -7,9 +7,10 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
-from cellvae.config import LIKELIHOODS
+from cellvae.config import DISPERSIONS, LIKELIHOODS
 
 DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts.
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         matplotlib.use("Agg")  # figures only go to files
         # warnings as one line each: the source line they would name is cellvae's or runpy's, not the user's
-        warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {message}\n"
+        warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {in_command_line_terms(str(message))}\n"
     try:
         return args.run(args)
     except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)
@@ -51,10 +52,22 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, RuntimeError) and type(error).__name__ != "OutOfMemoryError":
             raise
         message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-        message = message.replace("pass overwrite=True", "pass --overwrite")
-        if "layer=" in message:  # advice given in Python's terms
-            message += "\n(on the command line: --layer NAME reads the counts from adata.layers[NAME])"
-        raise SystemExit(f"error: {message}") from error
+        raise SystemExit(f"error: {in_command_line_terms(message)}") from error
+
+
+def in_command_line_terms(message: str) -> str:
+    """An error's or warning's advice, given in Python's terms, with the command line's options."""
+    message = message.replace("pass overwrite=True", "pass --overwrite")
+    message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
+    notes = []
+    for dispersion in ("gene-batch", "gene-cell"):
+        if f"dispersion='{dispersion}'" in message:
+            notes.append(f"--dispersion {dispersion} sets dispersion='{dispersion}'")
+    if "layer=" in message:
+        notes.append("--layer NAME reads the counts from adata.layers[NAME]")
+    if "map_query(" in message:
+        notes.append("there is no mapping: map new batches onto the model with the Python API")
+    return message + "".join(f"\n(on the command line: {note})" for note in notes)
 
 
 def _input_taken_as_a_key(words: list[str]) -> str | None:
@@ -87,6 +100,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """argparse type: a random seed, a whole number in 0 .. 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 4294967295, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellvae", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train on the bundled PBMC example and plot its UMAP")
     demo.add_argument("--out-dir", default="cellvae_demo", help="folder for the results (default: cellvae_demo)")
     demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(command="demo", run=run_demo)
 
@@ -132,9 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     fit.add_argument("--n-latent", type=positive_int, default=10, help="latent dimensions (default: 10)")
     fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb", help="count likelihood")
+    fit.add_argument(
+        "--dispersion", choices=DISPERSIONS, default="gene", help="dispersion per gene (default), gene and batch, or cell"
+    )
     fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
     fit.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
-    fit.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fit.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     fit.add_argument(
         "--precision",
@@ -181,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
     import scanpy as sc
 
     from cellvae import datasets, pl, tl
@@ -196,6 +224,7 @@ def run_demo(args: argparse.Namespace) -> int:
     umap_png = out_dir / "umap_cell_type.png"
     figure = sc.pl.umap(adata, color=["cell_type", "leiden"], show=False, return_fig=True, wspace=0.6)
     figure.savefig(umap_png, dpi=150, bbox_inches="tight")
+    plt.close(figure)
     history_png = out_dir / "training_history.png"
     pl.history(model, show=False, save=str(history_png))
     model.save(out_dir / "model", overwrite=True)
@@ -224,6 +253,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "continuous_covariate_keys": args.continuous_covariate_keys,
         "n_latent": args.n_latent,
         "likelihood": args.likelihood,
+        "dispersion": args.dispersion,
     }
     fit_kwargs = {
         "batch_size": args.batch_size,
@@ -259,7 +289,7 @@ def run_fit(args: argparse.Namespace) -> int:
     try:
         _write(adata, args.out)
     except (OSError, KeyboardInterrupt) as error:
-        earlier = " (the file there is from an earlier run)" if Path(args.out).exists() else ""
+        earlier = " (the file there is from an earlier run)" if Path(args.out).is_file() else ""
         told = f"could not write {args.out}{earlier}; the model is saved in {args.model_dir}"
         if isinstance(error, KeyboardInterrupt):
             print(f"interrupted: {told}", file=sys.stderr)
@@ -286,6 +316,9 @@ def run_embed(args: argparse.Namespace) -> int:
     from cellvae.data import counts_location, layer_names
 
     _check_input_and_output(args)
+    model_dir, out = Path(args.model_dir).expanduser().resolve(), Path(args.out).expanduser().resolve()
+    if out == model_dir or model_dir in out.parents:
+        raise SystemExit("error: --out must not be --model-dir or inside it (it would replace the model's files)")
     model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
     layer = model.config.layer if args.layer is None else None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
@@ -303,6 +336,7 @@ def run_embed(args: argparse.Namespace) -> int:
             raise
         moved_from, moved_to = counts_location(layer), counts_location(model.config.layer)
         raise type(error)(str(error).replace(moved_to, moved_from)) from error
+    _record_embedding(adata, args.key_added, model, args.model_dir)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
@@ -321,6 +355,25 @@ def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None)
     counts = count_matrix(adata, layer)
     names = {"obs": adata.obs, "var": pd.DataFrame(index=adata.var_names)}
     return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
+
+
+def _record_embedding(adata, key_added: str, model, model_dir: str) -> None:
+    """``embed``'s record in ``uns`` (where ``tl.embed`` keeps its settings), replacing an earlier fit's, and a
+    warning where the input holds a graph or UMAP made from an earlier ``obsm[key_added]``."""
+    uns_key = "cellvae" if key_added == "X_cellvae" else key_added
+    record = adata.uns.get(uns_key)
+    if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
+        params = {"key_added": key_added, "model_dir": str(model_dir), "layer": model.config.layer}
+        params |= {"batch_key": model.config.batch_key, "epochs_trained": int(len(model.history))}
+        adata.uns[uns_key] = {**(record or {}), "params": {k: v for k, v in params.items() if v is not None}}
+    neighbours = adata.uns.get("neighbors", {})
+    made_from_it = isinstance(neighbours, Mapping) and neighbours.get("params", {}).get("use_rep") == key_added
+    if made_from_it or "X_umap" in adata.obsm:
+        print(
+            f"warning: the input's neighbours, UMAP and Leiden clusters were made from an earlier obsm[{key_added!r}]; "
+            f"recompute them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r})",
+            file=sys.stderr,
+        )
 
 
 def _check_input_and_output(args: argparse.Namespace) -> None:
@@ -373,6 +426,8 @@ def _check_model_dir(args: argparse.Namespace) -> None:
     out = Path(args.out).resolve()
     if out == resolved or resolved in out.parents:
         raise SystemExit("error: --out must not be --model-dir or inside it")
+    if checkpoints is not None and (out == checkpoints or checkpoints in out.parents):
+        raise SystemExit("error: --out must not be --checkpoint-dir or inside it")
 
 
 def _write(adata, out: str) -> None:

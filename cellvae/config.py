@@ -103,6 +103,11 @@ class Config:
         for name, value in (("beta", self.beta), ("free_bits", self.free_bits), ("batch_mmd", self.batch_mmd)):
             if isinstance(value, bool) or not 0.0 <= value <= MAX_WEIGHT:
                 raise ValueError(f"{name} must be a number from 0 to {MAX_WEIGHT:g}, got {value!r}")
+        if isinstance(self.dropout, bool):
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        for name in ("layer", "batch_key"):  # "" (an unset shell variable) would mean no layer or no batches
+            if getattr(self, name) == "":
+                raise ValueError(f"{name} is the empty string: give a key, or None (on the command line: leave the option out)")
         if isinstance(self.kl_warmup, bool):
             raise ValueError(f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}")
         roles = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys + self.continuous_covariate_keys

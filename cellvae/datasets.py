@@ -78,6 +78,13 @@ def simulate(
     """
     if min(n_cells, n_genes, n_batches, n_cell_types) < 1:
         raise ValueError("n_cells, n_genes, n_batches and n_cell_types must all be at least 1")
+    if not (np.isfinite(mean_library_size) and mean_library_size > 0):
+        raise ValueError(f"mean_library_size must be a positive number of counts, got {mean_library_size!r}")
+    if not (np.isfinite(batch_effect) and batch_effect >= 0) or markers_per_type < 0:
+        raise ValueError(
+            f"batch_effect must be a finite number >= 0 and markers_per_type a count >= 0, got {batch_effect!r} and "
+            f"{markers_per_type!r}"
+        )
     rng = np.random.default_rng(seed)
     base = rng.normal(0.0, 1.6, n_genes)
     type_programme = np.zeros((n_cell_types, n_genes))

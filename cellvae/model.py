@@ -263,7 +263,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             kl_warmup=_native(kl_warmup),
             free_bits=_native(free_bits),
             batch_mmd=_native(batch_mmd),
-            encode_batch=encode_batch,
+            encode_batch=_native(encode_batch),
             posterior=posterior,
             cellvae_version=CELLVAE_VERSION,
         )  # checks the settings before the counts are read, which can take long for a large backed matrix

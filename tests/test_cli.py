@@ -45,6 +45,7 @@ def test_demo_writes_embedding_and_plots(tmp_path, capsys):
     for png in ("umap_cell_type.png", "training_history.png"):
         assert (out / png).stat().st_size > 10_000
     assert str(out / "umap_cell_type.png") in capsys.readouterr().out
+    assert matplotlib.pyplot.get_fignums() == []  # from Python (a notebook), no figure left open to be shown
 
 
 def test_fit_then_embed(tmp_path):
@@ -113,6 +114,46 @@ def test_fit_then_embed(tmp_path):
     logged_args = ["embed", str(tmp_path / "logged.h5ad"), "--model-dir", str(tmp_path / "model"), "--layer", "X"]
     with pytest.raises(SystemExit, match=r"error: adata.X has non-integer values"):
         main([*logged_args, "--out", str(tmp_path / "logged_out.h5ad")])
+    # an --out inside the model folder would replace the model's own files
+    model_file = tmp_path / "model" / "config.json"
+    before = model_file.read_bytes()
+    with pytest.raises(SystemExit, match="--out must not be --model-dir or inside it"):
+        main(
+            ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(model_file), "--overwrite"]
+        )
+    assert model_file.read_bytes() == before
+
+
+def test_a_seed_out_of_range_is_refused_by_the_parser_before_the_input_is_read(tmp_path, capsys):
+    for command in (["demo"], ["fit", "missing.h5ad", "--out", "o.h5ad", "--model-dir", "m"]):
+        with pytest.raises(SystemExit) as stopped:
+            main([*command, "--seed", "-1"])
+        assert stopped.value.code == 2 and "--seed: must be a whole number from 0 to 4294967295" in capsys.readouterr().err
+
+
+def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
+    from cellvae.cli import in_command_line_terms
+
+    told = in_command_line_terms(
+        "reads: try CellVAE(..., dispersion='gene-cell') and compare; Map new batches with model.map_query(...)"
+    )
+    assert "(on the command line: --dispersion gene-cell sets dispersion='gene-cell')" in told
+    assert "(on the command line: there is no mapping" in told
+    assert in_command_line_terms("use device='auto' or 'cpu'") == "use --device auto or --device cpu"
+
+
+def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_path, capsys):
+    """The output of `cellvae fit` embedded by another model: uns["cellvae"] describes that model, and the
+    neighbours and UMAP made from the earlier embedding are told to be recomputed."""
+    assert main([*fit_args(tmp_path, 150, 30), "--epochs", "2", "--batch-key", "batch"]) == 0
+    other = cellvae.CellVAE(ad.read_h5ad(tmp_path / "in.h5ad"), n_hidden=8).fit(max_epochs=3, progress=False)
+    other.save(tmp_path / "other")
+    capsys.readouterr()
+    command = ["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "other"), "--out", str(tmp_path / "e.h5ad")]
+    assert main(command) == 0
+    assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
+    params = ad.read_h5ad(tmp_path / "e.h5ad").uns["cellvae"]["params"]
+    assert params["epochs_trained"] == 3 and "batch_key" not in params and params["model_dir"] == str(tmp_path / "other")
 
 
 def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):
@@ -390,6 +431,8 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
         (["--checkpoint-dir", "{tmp}/new_model"], "--checkpoint-dir and --model-dir must be separate"),
         (["--checkpoint-dir", "{tmp}/new_model/checkpoints"], "--checkpoint-dir and --model-dir must be separate"),
         (["--out", "{tmp}/new_model/out.h5ad"], "--out must not be --model-dir or inside it"),
+        (["--checkpoint-dir", "{tmp}/out.h5ad"], "--out must not be --checkpoint-dir or inside it"),
+        (["--batch-key", ""], "batch_key is the empty string"),  # an unset shell variable: not "no batches"
     ],
 )
 def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, options, message, monkeypatch):

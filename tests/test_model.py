@@ -660,6 +660,11 @@ def test_invalid_hyperparameters_are_rejected(two_batches):
             CellVAE(adata).fit(validation_size=1.5)
 
 
+def test_numpy_booleans_are_taken_as_python_booleans(two_batches):
+    model = CellVAE(small(two_batches), batch_key="batch", encode_batch=np.bool_(False))
+    assert model.config.encode_batch is False
+
+
 def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monkeypatch):
     adata = small(two_batches)
     with pytest.raises(AttributeError, match=r"'setup_anndata' \(scvi-tools' setup_anndata; in cellvae: CellVAE\(adata, layer="):

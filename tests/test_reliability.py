@@ -1224,6 +1224,9 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
             lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=0.99),
             r"validation_size=0.99 leaves 2 of 240 cells to train on",
         ),
+        (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "dropout": False}), r"dropout must be a number in \[0, 1\), got False"),
+        (lambda m, a: cellvae.datasets.simulate(n_cells=10, mean_library_size=0), "mean_library_size must be a positive"),
+        (lambda m, a: cellvae.datasets.simulate(n_cells=10, batch_effect=float("nan")), "batch_effect must be a finite"),
         (  # map_query takes fit's training arguments, and refuses the same
             lambda m, a: m.map_query(_in_new_batches(a), max_epochs=1, validation_size=0.99),
             r"validation_size=0.99 leaves 2 of 240 cells to train on",
