@@ -329,6 +329,7 @@ def run_embed(args: argparse.Namespace) -> int:
             f"or --layer X (layers here: {layer_names(adata)})"
         )
     counts = _counts_where_model_reads(adata, layer, model.config.layer)
+    replaced = args.key_added in adata.obsm
     try:
         adata.obsm[args.key_added] = model.get_latent(counts)
     except (ValueError, TypeError) as error:  # the checks name the model's place, where the counts were put for it
@@ -336,7 +337,7 @@ def run_embed(args: argparse.Namespace) -> int:
             raise
         moved_from, moved_to = counts_location(layer), counts_location(model.config.layer)
         raise type(error)(str(error).replace(moved_to, moved_from)) from error
-    _record_embedding(adata, args.key_added, model, args.model_dir)
+    _record_embedding(adata, args.key_added, model, args.model_dir, replaced)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
@@ -357,9 +358,9 @@ def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None)
     return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
 
 
-def _record_embedding(adata, key_added: str, model, model_dir: str) -> None:
+def _record_embedding(adata, key_added: str, model, model_dir: str, replaced: bool) -> None:
     """``embed``'s record in ``uns`` (where ``tl.embed`` keeps its settings), replacing an earlier fit's, and a
-    warning where the input holds a graph or UMAP made from an earlier ``obsm[key_added]``."""
+    warning where the input held an ``obsm[key_added]`` (``replaced``) and a graph or UMAP likely made from it."""
     uns_key = "cellvae" if key_added == "X_cellvae" else key_added
     record = adata.uns.get(uns_key)
     if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
@@ -368,7 +369,7 @@ def _record_embedding(adata, key_added: str, model, model_dir: str) -> None:
         adata.uns[uns_key] = {**(record or {}), "params": {k: v for k, v in params.items() if v is not None}}
     neighbours = adata.uns.get("neighbors", {})
     made_from_it = isinstance(neighbours, Mapping) and neighbours.get("params", {}).get("use_rep") == key_added
-    if made_from_it or "X_umap" in adata.obsm:
+    if replaced and (made_from_it or "X_umap" in adata.obsm):
         print(
             f"warning: the input's neighbours, UMAP and Leiden clusters were made from an earlier obsm[{key_added!r}]; "
             f"recompute them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r})",

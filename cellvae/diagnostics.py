@@ -68,13 +68,19 @@ def posterior_statistics(
     KL(q(z_d|x) || N(0, 1)), and its activity, the variance across cells of its posterior mean,
     Cov_x(E_q[z_d]) (Burda et al., 2016). Each of length n_latent."""
     total = torch.zeros(vae.config.n_latent, dtype=torch.float64)
-    means = []
+    # the posterior means' variance, merged minibatch by minibatch (Chan et al.): memory does not grow with the cells
+    seen, mean, squares = 0, torch.zeros_like(total), torch.zeros_like(total)
     with torch.no_grad():
         for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).double().cpu()
-            means.append(q["mean"].double().cpu())
-    return (total / max(len(cells), 1)).numpy(), torch.cat(means).var(0, unbiased=False).numpy()
+            codes = q["mean"].double().cpu()
+            n, batch_mean = len(codes), codes.mean(0)
+            delta = batch_mean - mean
+            mean += delta * n / (seen + n)
+            squares += ((codes - batch_mean) ** 2).sum(0) + delta**2 * seen * n / (seen + n)
+            seen += n
+    return (total / max(len(cells), 1)).numpy(), (squares / max(seen, 1)).numpy()
 
 
 def collapse_message(

@@ -297,7 +297,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._trained_data_parallel = False  # by every rank of a process group: save writes on rank 0 only
         # (the adata.h5ad a model folder holds, the AnnData read from it or written there): save keeps that file
         self._anndata_file: tuple[Path, weakref.ref] | None = None
-        self._folder: Path | None = None  # the folder the model was loaded from or last saved to: save keeps its data
+        # The folders the model was loaded from or saved to, each with the identity of the adata.h5ad it held then
+        # (None: none): save keeps that file in its folder while it is the same file, not one another model wrote.
+        self._folders: dict[Path, tuple | None] = {}
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -1085,9 +1087,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The model's folder; its parent folders are created.
         overwrite
             Replace an existing ``path``; otherwise a ``FileExistsError`` is raised. An ``adata.h5ad`` the
-            folder holds is kept where it is this model's (the model was loaded from or saved to this folder,
-            or reads its counts from that file), unless ``save_anndata`` replaces it; saving another model over
-            the folder removes it, with a warning.
+            folder holds is kept where it is this model's (the model was loaded from or saved to this folder
+            while it held that very file, or reads its counts from it), unless ``save_anndata`` replaces it;
+            saving another model over the folder removes it, with a warning.
         save_anndata
             Also write the model's AnnData (in memory) as ``adata.h5ad``, which :meth:`load` then reads when
             given no ``adata``. Your AnnData is left as it is (string columns are not turned into categoricals).
@@ -1120,7 +1122,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         saved_data = path / ADATA_FILE
-        own_folder = self._folder == path.resolve() or self._reads_anndata_file(saved_data)
+        known = self._folders.get(path.resolve())
+        own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_anndata_file(saved_data)
         dropped = not save_anndata and not own_folder and saved_data.is_file()
         try:
             if save_anndata:
@@ -1162,11 +1165,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             shutil.rmtree(previous, ignore_errors=True)
         if save_anndata:
             self._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(self.adata))
-        self._folder = path.resolve()
+        self._folders[path.resolve()] = _file_identity(saved_data)
         if dropped:
             data.warn_user(
                 f"the {ADATA_FILE} that {path} held, saved with the model this one replaced, was removed with it (this "
-                "model was neither loaded from nor saved to that folder); save_anndata=True writes this model's AnnData",
+                "model was not loaded from that folder with that file, nor saved there with it); save_anndata=True writes "
+                "this model's AnnData",
                 UserWarning,
             )
 
@@ -1222,7 +1226,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
         model = cls.__new__(cls)
         model._setup(config, None)
-        model._folder = path.resolve()
+        model._folders[path.resolve()] = _file_identity(path / ADATA_FILE)
         model.module.load_state_dict(state)
         history_file = path / HISTORY_FILE
         if history_file.is_file():
@@ -1935,6 +1939,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             covariates[:, :n_batches] = 0.0
             covariates[:, target] = 1.0
             yield covariates, torch.full_like(mb.batch_index, target)
+
+
+def _file_identity(file: Path) -> tuple | None:
+    """Which file ``file`` is (device, inode, size, modification time), or None where there is none."""
+    try:
+        stat = file.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def is_model_folder(path: Path) -> bool:

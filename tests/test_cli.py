@@ -154,6 +154,13 @@ def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_p
     assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
     params = ad.read_h5ad(tmp_path / "e.h5ad").uns["cellvae"]["params"]
     assert params["epochs_trained"] == 3 and "batch_key" not in params and params["model_dir"] == str(tmp_path / "other")
+    # a file whose UMAP was made otherwise (scanpy's PCA) and that held no embedding of this key: nothing to tell
+    scanpy_made = ad.read_h5ad(tmp_path / "in.h5ad")
+    scanpy_made.obsm["X_umap"] = np.zeros((scanpy_made.n_obs, 2), dtype=np.float32)
+    scanpy_made.write_h5ad(tmp_path / "umap.h5ad")
+    command = ["embed", str(tmp_path / "umap.h5ad"), "--model-dir", str(tmp_path / "other"), "--out", str(tmp_path / "u.h5ad")]
+    assert main(command) == 0
+    assert "recompute them" not in capsys.readouterr().err
 
 
 def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):

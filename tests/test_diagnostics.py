@@ -286,3 +286,12 @@ def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_
     # the same split and settings; the models train on views of the file, streamed in shuffled blocks of
     # nearby cells rather than in one shuffled order, so they differ a little
     pd.testing.assert_frame_equal(on_disk, in_memory, rtol=0.05)
+
+
+def test_the_latent_activity_merged_minibatch_by_minibatch_is_the_variance_of_the_embedding():
+    """posterior_statistics streams the posterior means (its memory does not grow with the cells)."""
+    adata = cellvae.datasets.simulate(n_cells=700, n_genes=60, seed=0)
+    model = CellVAE(adata).fit(max_epochs=2, progress=False)
+    loader, cells = model._loader(adata, model.device)
+    _, activity = cellvae.diagnostics.posterior_statistics(model.module, loader, cells, batch_size=64)
+    np.testing.assert_allclose(activity, model.get_latent().astype(np.float64).var(0), rtol=1e-5, atol=1e-9)

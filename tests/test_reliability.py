@@ -816,11 +816,21 @@ def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_a
         with no_warnings():
             loaded.save(tmp_path / "model", overwrite=True)
         assert "adata.h5ad" in os.listdir(tmp_path / "model")
+    # loaded from one folder, saved to another, then back: the first folder's data are still its own
+    loaded = CellVAE.load(tmp_path / "model", load_anndata=False)
+    loaded.save(tmp_path / "elsewhere")
+    loaded.save(tmp_path / "model", overwrite=True)
+    assert "adata.h5ad" in os.listdir(tmp_path / "model")
     # another model saved over the folder: the data there are not its own, removed with the model, as a warning says
     other = CellVAE(trained.adata[:100].copy(), **MODEL_ARGS)
     with pytest.warns(UserWarning, match="adata.h5ad that .* held, saved with the model this one replaced, was removed"):
         other.save(tmp_path / "model", overwrite=True)
     assert "adata.h5ad" not in os.listdir(tmp_path / "model")
+    # a folder this model was saved to, where another model then saved its data: that file is not this model's
+    other.save(tmp_path / "elsewhere", overwrite=True, save_anndata=True)
+    with pytest.warns(UserWarning, match="saved with the model this one replaced, was removed"):
+        loaded.save(tmp_path / "elsewhere", overwrite=True)
+    assert "adata.h5ad" not in os.listdir(tmp_path / "elsewhere")
     # a folder holding only an adata.h5ad is the user's data, never replaced as if it were a model
     (tmp_path / "data").mkdir()
     trained.adata.write_h5ad(tmp_path / "data" / "adata.h5ad")
