@@ -117,10 +117,10 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     of in-memory counts is copied, as anndata copies it (see :func:`_copied_csr_view`).
     """
     check_one_name(layer, "layer", of="layer")
-    view = _backed_view(adata, layer)
-    if view is not None:
-        return view
-    copied = _copied_csr_view(adata, layer)
+    viewed = _viewed_counts(adata, layer)
+    if viewed is not None and is_backed_matrix(viewed[0]):
+        return BackedView(*viewed)
+    copied = None if viewed is None else _copied_csr_view(*viewed)
     if copied is not None:
         return copied
     if layer is None:
@@ -174,18 +174,9 @@ def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.nda
     return matrix, rows, columns
 
 
-def _backed_view(adata: ad.AnnData, layer: str | None) -> BackedView | None:
-    """The view's counts as a :class:`BackedView` where ``adata`` is a view of an AnnData whose counts are
-    on disk, else None."""
-    viewed = _viewed_counts(adata, layer)
-    if viewed is None or not is_backed_matrix(viewed[0]):
-        return None
-    return BackedView(*viewed)
-
-
-def _copied_csr_view(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | None:
-    """The counts of a view of some cells and some genes of an AnnData whose counts are an in-memory CSR
-    matrix, copied with only the view's cells and genes, else None.
+def _copied_csr_view(matrix, rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix | None:
+    """The ``rows`` and ``columns`` of a view of some cells and some genes, copied from the viewed AnnData's
+    ``matrix`` where it is an in-memory CSR matrix, else None.
 
     anndata copies such a view's cells with all their genes before it picks the genes: a view of 90% of
     100,000 cells and 2,000 of 20,000 genes took 11 times its own size on the way. Here each cell's values
@@ -193,10 +184,8 @@ def _copied_csr_view(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | No
     a block of cells at a time into arrays of that size, scipy picking each block's genes; so nothing but
     the copy and one block is held (a view of only cells, or only genes, anndata copies as well as this).
     """
-    viewed = _viewed_counts(adata, layer)
-    if viewed is None or not sp.issparse(viewed[0]) or viewed[0].format != "csr":
+    if not sp.issparse(matrix) or matrix.format != "csr":
         return None
-    matrix, rows, columns = viewed
     if len(rows) == matrix.shape[0] or len(columns) == matrix.shape[1] or len(np.unique(columns)) < len(columns):
         return None  # (a gene viewed twice, as well, is left to anndata)
     kept_per_row = _values_in_columns(matrix, columns)[rows]
