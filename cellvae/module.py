@@ -136,7 +136,9 @@ class Decoder(nn.Module):
         if self.config.dispersion == "gene":
             log_theta = self.log_theta
         elif self.config.dispersion == "gene-batch":
-            log_theta = self.log_theta[batch_index]
+            # index_select, not log_theta[batch_index]: indexing's backward adds the rows' gradients in an order that
+            # varies between runs on more than one CPU thread, so fits were not reproducible
+            log_theta = self.log_theta.index_select(0, batch_index)
         else:
             log_theta = self.theta_head(h)
         theta = torch.exp(log_theta.clamp(-12.0, 12.0))
