@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import torch
 from conftest import shared_dataset
 
 import cellvae
 from cellvae import CellVAE
 from cellvae.diagnostics import PosteriorCollapseWarning
+from cellvae.module import iwae_bound
 
 KANG = "kang_ifnb_muscat_example.h5ad"  # 1,556 PBMCs × 1,267 genes, control and interferon-stimulated
 
@@ -202,6 +204,30 @@ def test_iwae_bound_rises_with_samples_above_the_elbo(kang, trained):
     assert bounds[2] - bounds[0] < 20.0  # a gap of a few nats per cell, not a broken estimator
 
 
+def test_log_px_estimate_matches_numerical_integration_over_a_one_dimensional_latent():
+    """With one latent dimension log p(x) = log ∫ p(x|z) p(z) dz can be summed on a grid: the importance-
+    weighted estimate must reach it from below (it is the log of a mean weight, not of a sum)."""
+    torch.testing.assert_close(iwae_bound(torch.tensor([[1.0, 2.0], [3.0, 2.0]]).log()), torch.tensor([2.0, 2.0]).log())
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=0)
+    model = CellVAE(adata, n_latent=1).fit(max_epochs=20, progress=False)
+    estimate = model.marginal_log_likelihood(adata[:50], n_samples=2000, progress=False)
+    loader, cells = model._loader(adata[:50], torch.device("cpu"))
+    minibatch = next(iter(loader.batches(cells, len(cells))))
+    grid = torch.linspace(-8.0, 8.0, 4001)
+    with torch.no_grad():
+        log_likelihood = model.module.log_likelihood_draws(
+            grid[:, None, None].expand(-1, len(cells), 1).contiguous(),
+            minibatch.counts,
+            minibatch.covariates,
+            minibatch.library,
+            minibatch.batch_index,
+        )
+    log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(grid)[:, None]
+    exact = (torch.logsumexp(log_likelihood + log_prior, dim=0) + torch.log(grid[1] - grid[0])).double().numpy()
+    assert estimate.mean() <= exact.mean() + 0.05  # a lower bound, up to its Monte-Carlo error
+    assert np.abs(estimate - exact).mean() < 0.5
+
+
 def test_inference_gaps_are_non_negative_and_refinement_never_hurts(kang, trained):
     model, _ = trained
     gaps = model.inference_gaps(kang[:150], n_steps=100, n_samples=50)
@@ -210,6 +236,9 @@ def test_inference_gaps_are_non_negative_and_refinement_never_hurts(kang, traine
     assert (gaps["amortization_gap"] > -4 * gaps["amortization_gap_se"] - 1e-3).all()
     assert gaps["approximation_gap"].min() > -1.0
     assert gaps["amortization_gap"].mean() > 0.1 and gaps["approximation_gap"].mean() > 0.1
+    # the gaps are the differences the docstring names
+    np.testing.assert_allclose(gaps["approximation_gap"], gaps["log_px"] - gaps["elbo_refined"])
+    np.testing.assert_allclose(gaps["amortization_gap"], gaps["elbo_refined"] - gaps["elbo_encoder"])
     # the default refinement has converged: twice the steps find little more of the amortization gap
     default = model.inference_gaps(kang[:40], n_samples=20)["amortization_gap"].mean()
     longer = model.inference_gaps(kang[:40], n_steps=1000, n_samples=20)["amortization_gap"].mean()

@@ -150,6 +150,39 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     np.testing.assert_array_equal(untrained.fit(max_epochs=3, random_state=7, progress=False).get_latent(), first.get_latent())
 
 
+def test_save_and_load_keep_every_setting(two_batches, tmp_path):
+    """A loaded model is the saved one in every setting, not only those the outputs above depend on (a
+    beta lost on loading would change what further fits, mapping and refinement optimise)."""
+    adata = two_batches[:200].copy()
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 3 == 0, "d1", "d2")
+    adata.obs["percent_mito"] = np.linspace(0.0, 5.0, adata.n_obs)
+    settings = dict(
+        batch_key="batch",
+        categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["percent_mito"],
+        n_latent=4,
+        n_hidden=24,
+        n_layers=2,
+        dropout=0.2,
+        normalization="layer",
+        likelihood="zinb",
+        dispersion="gene-batch",
+        beta=2.0,
+        kl_warmup=3,
+        free_bits=0.1,
+        batch_mmd=0.5,
+        encode_batch=False,
+        posterior="full",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. the collapse check of so short a fit
+        model = CellVAE(adata, **settings).fit(max_epochs=2, batch_size=64, lr=2e-3, random_state=4, progress=False)
+    assert {key: getattr(model.config, key) for key in settings} == settings
+    model.save(tmp_path / "model")
+    loaded = CellVAE.load(tmp_path / "model")
+    assert loaded.config == model.config
+
+
 def test_default_epochs_follow_the_dataset_size_and_never_exceed_scvis():
     """About 500,000 cell passes (20 to 400 epochs); at atlas scale no more epochs than scVI's default,
     which a floor of 20 epochs would exceed from 400,000 cells on (10M cells: 20 epochs instead of 1)."""
@@ -266,6 +299,11 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     np.testing.assert_allclose(model.get_normalized_expression(shuffled), expression[:, order], rtol=1e-5)
     parameters, reordered = model.get_likelihood_parameters(), model.get_likelihood_parameters(shuffled)
     np.testing.assert_allclose(reordered["mean"], parameters["mean"][:, order], rtol=1e-5)
+    # genes the model lacks (deep ones here) count in no cell's library size: the means are the model's (in its order)
+    extra = ad.AnnData(np.full((adata.n_obs, 20), 50.0, np.float32), obs=adata.obs)
+    extra.var_names = [f"extra{i}" for i in range(20)]
+    wider = ad.concat([shuffled, extra], axis=1, merge="first")
+    np.testing.assert_allclose(model.get_likelihood_parameters(wider)["mean"], parameters["mean"], rtol=1e-5)
     np.testing.assert_array_equal(reordered["theta"], parameters["theta"][:, order])
     np.testing.assert_array_equal(model.sample_counts(shuffled, random_state=1), model.sample_counts(random_state=1)[:, order])
     # as many genes but one renamed: the columns stay the model's (genes matched by name), and a warning says so

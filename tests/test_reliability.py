@@ -1300,6 +1300,9 @@ def test_a_skipped_one_cell_minibatch_is_not_a_step_of_the_kl_warm_up():
     model = CellVAE(adata, normalization="batch", kl_warmup=1)
     model.fit(max_epochs=3, batch_size=360, validation_size=0, progress=False)
     np.testing.assert_allclose(model.history["kl_weight"], [0.0, 1.0, 1.0])  # warmed up after one epoch, as asked
+    # the warm-up counts minibatches: over 2 epochs of 4 here, 1/8 more KL weight each (history: an epoch's last)
+    model = CellVAE(adata, kl_warmup=2).fit(max_epochs=3, batch_size=100, validation_size=0, progress=False)
+    np.testing.assert_allclose(model.history["kl_weight"], [3 / 8, 7 / 8, 1.0])
 
 
 def test_a_model_saved_with_settings_older_cellvae_accepted_still_loads(tmp_path):
