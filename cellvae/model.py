@@ -52,6 +52,7 @@ from cellvae.train import (
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
+METADATA_KEY = "cellvae"  # the weights file's metadata: one JSON object under this key
 ADATA_FILE = "adata.h5ad"  # written by save(save_anndata=True)
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
@@ -1138,6 +1139,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
                 "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
             }
+            # one metadata entry: safetensors writes several in an order that varies between processes, so the
+            # same model's file would differ byte for byte from run to run
+            metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
             (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
@@ -1209,6 +1213,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 slices = {name: handle.get_slice(name) for name in handle.keys()}
                 header = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
                 metadata = handle.metadata() or {}
+            if METADATA_KEY in metadata:  # (older files hold its entries one by one)
+                metadata = json.loads(metadata[METADATA_KEY])
+                if not isinstance(metadata, dict):
+                    raise ValueError(f"its {METADATA_KEY!r} metadata is not a JSON object")
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{corrupt} ({error})") from error
         if config.n_layers > len(header):  # each layer holds tensors: bounds the modules built below

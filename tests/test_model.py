@@ -181,6 +181,10 @@ def test_save_and_load_keep_every_setting(two_batches, tmp_path):
     model.save(tmp_path / "model")
     loaded = CellVAE.load(tmp_path / "model")
     assert loaded.config == model.config
+    # the same model saves to the same bytes (file checksums and `cmp` tell a changed model from a re-saved one)
+    loaded.save(tmp_path / "again")
+    for name in ("config.json", "model.safetensors", "history.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "model" / name).read_bytes(), name
 
 
 def test_default_epochs_follow_the_dataset_size_and_never_exceed_scvis():

@@ -1069,6 +1069,30 @@ def test_model_saved_by_format_version_1_still_loads_and_gives_the_same_output()
     assert np.isfinite(refitted.get_latent()).all()
 
 
+def test_weights_files_with_their_metadata_entries_one_by_one_still_load(messy, trained, tmp_path):
+    """Files saved before the metadata became one JSON entry hold "trained", "interrupted" and "sha256" as
+    entries of their own: they load as before, and their checksum is still checked."""
+    from safetensors import safe_open
+
+    CellVAE(messy, **MODEL_ARGS).save(tmp_path / "untrained")
+    trained.save(tmp_path / "trained")
+    for name in ("untrained", "trained"):
+        weights = tmp_path / name / "model.safetensors"
+        with safe_open(str(weights), framework="pt") as handle:
+            entries = json.loads(handle.metadata()["cellvae"])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        save_file(tensors, weights, metadata=entries)
+    assert not CellVAE.load(tmp_path / "untrained", adata=messy).is_trained
+    np.testing.assert_array_equal(CellVAE.load(tmp_path / "trained").get_latent(messy), trained.get_latent(messy))
+    save_file(tensors, weights, metadata=entries | {"sha256": "0" * 64})
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        CellVAE.load(tmp_path / "trained")
+    for damaged in ("{not json", "[1, 2]"):
+        save_file(tensors, weights, metadata={"cellvae": damaged})
+        with pytest.raises(ValueError, match="is corrupt or not a safetensors file"):
+            CellVAE.load(tmp_path / "trained")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
 def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, monkeypatch):
     """Not the owner-only modes of temporary files: colleagues can read a model saved in a shared folder,
