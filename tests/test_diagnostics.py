@@ -51,14 +51,24 @@ def test_kl_per_dimension_sums_to_the_rate(kang, trained):
     kl = model.kl_per_dimension(kang)
     assert kl.shape == (10,) and (kl >= 0).all()
     assert kl.sum() == pytest.approx(model.rate_distortion(kang)["rate"].mean(), rel=1e-4)
+    # the history's validation rate is this KL per cell too (of the validation cells, at the last epoch)
+    assert 0.7 < model.history["validation_rate"].iloc[-1] / kl.sum() < 1.4
 
 
 def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained, tmp_path, monkeypatch):
     model, collapse_warnings = trained
     assert model.active_units(kang) >= 8
     assert collapse_warnings == []
+    # active: the posterior mean's variance over cells exceeds the threshold, whichever threshold
+    variance = np.sort(model.get_latent(kang).astype(np.float64).var(0))
+    for threshold in (variance[:-1] + variance[1:]) / 2:
+        assert model.active_units(kang, threshold=threshold) == int((variance > threshold).sum())
     ax = cellvae.pl.kl_per_dimension(model, show=False)
     assert len(ax.patches) == 10 and ax.get_title() == f"{model.active_units()} of 10 dimensions active"
+    heights = np.array([bar.get_height() for bar in ax.patches])
+    dimensions = [int(tick.get_text()) for tick in ax.get_xticklabels()]
+    assert np.all(np.diff(heights) <= 0)  # largest first, each bar the KL of the dimension its tick names
+    np.testing.assert_allclose(heights, model.kl_per_dimension()[dimensions], rtol=1e-6)
     plt.close(ax.figure)
     figure, panels = plt.subplots(1, 3, layout="constrained")  # drawn into the caller's figure: its layout stays
     cellvae.pl.kl_per_dimension(model, ax=panels[0], show=False)
@@ -67,6 +77,10 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     plt.close(figure)
     distortion, rate = cellvae.pl.history(model, show=False)  # two panels, train and validation curves
     np.testing.assert_array_equal(rate.get_lines()[0].get_ydata(), model.history["train_rate"])
+    for panel, quantity in ((distortion, "distortion"), (rate, "rate")):
+        lines = {line.get_label(): line.get_ydata() for line in panel.get_lines()}
+        for split in ("train", "validation"):
+            np.testing.assert_array_equal(lines[split], model.history[f"{split}_{quantity}"])
     assert [len(a.get_lines()) for a in (distortion, rate)] == [2, 2]
     plt.close(distortion.figure)
     _, one = plt.subplots()
@@ -296,6 +310,7 @@ def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cell
     cold = cellvae.tl.rate_distortion_sweep(adata, **settings)
     warm = cellvae.tl.rate_distortion_sweep(adata, warm_start=True, **settings)
     pd.testing.assert_series_equal(warm.iloc[0], cold.iloc[0])  # the first beta starts fresh either way
+    np.testing.assert_allclose(cold["loss"], cold["distortion"] + cold["beta"] * cold["rate"])  # what each trained
     # the second beta starts from the first one's trained weights: 3 + 3 epochs reconstruct better than 3
     # (here 342 against 358 nats per cell)
     assert warm.loc[1, "distortion"] < cold.loc[1, "distortion"] - 5

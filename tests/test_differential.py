@@ -214,6 +214,36 @@ def test_every_group_against_the_rest_with_observed_columns_and_seeds(simulated,
     assert simulated.obs.equals(before.obs) and (simulated.X != before.X).nnz == 0 and simulated.uns.keys() == before.uns.keys()
 
 
+def test_ties_order_by_fold_change_and_each_groups_expression_and_scanpys_columns_are_as_documented(simulated, model):
+    """Genes of equal proba_de (and equal score in rank_genes_groups) are ordered by the size of their fold
+    change, whatever its sign; expression1/2 are each group's batch-averaged decoded expression; pvals and
+    pvals_adj are the local and the expected false discovery rate."""
+    result = model.differential_expression(groupby="cell_type", group1="type0", n_draws=200)
+    proba, size = result["proba_de"].to_numpy(), result["lfc_mean"].abs().to_numpy()
+    assert np.all(np.diff(proba) <= 0) and np.all(np.diff(size)[np.diff(proba) == 0] <= 0)
+    assert any((result["lfc_mean"][proba == p] > 0).any() and (result["lfc_mean"][proba == p] < 0).any() for p in set(proba))
+    decoded = model.get_normalized_expression(transform_batch=["batch0", "batch1"])  # as batch_correction=True
+    in_group = (simulated.obs["cell_type"] == "type0").to_numpy()
+    order = simulated.var_names.get_indexer(result.index)
+    for column, cells in (("expression1", in_group), ("expression2", ~in_group)):
+        assert np.median(np.abs(np.log(result[column].to_numpy() / decoded[cells].mean(0)[order]))) < 0.25
+    strong = result["lfc_mean"].abs() > 1
+    assert strong.sum() > 10
+    assert (np.sign(np.log(result["expression1"] / result["expression2"])[strong]) == np.sign(result["lfc_mean"][strong])).all()
+    adata = simulated.copy()
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, n_draws=200, progress=False)
+    ranked = sc.get.rank_genes_groups_df(adata, "type0").set_index("names")
+    np.testing.assert_allclose(ranked.loc[result.index, "pvals_adj"], result["expected_fdr"].clip(lower=1 / 201), rtol=1e-6)
+    np.testing.assert_allclose(ranked.loc[result.index, "pvals"], result["proba_not_de"].clip(lower=1 / 201), rtol=1e-6)
+    tied = 0
+    for group in adata.obs["cell_type"].cat.categories:
+        scores, lfc = (sc.get.rank_genes_groups_df(adata, group)[k].to_numpy() for k in ("scores", "logfoldchanges"))
+        same = np.diff(scores) == 0
+        assert np.all(np.diff(scores) <= 0) and np.all(np.diff(lfc)[same] <= 0)  # descending, as scanpy's
+        tied += int((same & (np.diff(lfc) != 0)).sum())
+    assert tied > 0
+
+
 def test_delta_fdr_target_pseudocount_and_max_cells_change_the_result_as_documented(simulated, model):
     def run(**settings):
         result = model.differential_expression(groupby="cell_type", group1="type0", n_draws=300, **settings)

@@ -53,6 +53,22 @@ def test_generate_with_fixed_batch_and_library_size(model):
         model.generate(5, batch="no_such_batch")
 
 
+def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_batch_asked_for():
+    """Without library_size each generated cell takes a model cell's library size (and batch): cells of a batch
+    sequenced three times deeper come out deeper; with batch= the cells are of that batch, at those sizes."""
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, seed=1)
+    deep = (adata.obs["batch"] == "batch1").to_numpy()
+    adata.X = sp.csr_matrix(adata.X.multiply(np.where(deep, 3.0, 1.0)[:, None]))
+    model = CellVAE(adata, batch_key="batch", n_latent=4, n_hidden=16).fit(max_epochs=1, random_state=0, progress=False)
+    generated = model.generate(300, random_state=0)
+    library, in_deep = generated.obs["library_size"].to_numpy(), (generated.obs["batch"] == "batch1").to_numpy()
+    assert library[in_deep].mean() / library[~in_deep].mean() > 2
+    as_batch1 = model.generate(60, batch="batch1", random_state=0)
+    assert (as_batch1.obs["batch"] == "batch1").all()
+    explicit = model.generate(60, batch="batch1", library_size=as_batch1.obs["library_size"].to_numpy(), random_state=0)
+    assert (explicit.X != as_batch1.X).nnz == 0
+
+
 def test_generated_counts_stay_a_valid_csr_matrix_when_deeper_cells_come_later(model):
     """Rows are written chunk by chunk into buffers sized from the density so far; deeper cells at the end
     (more non-zeros per cell than the first chunks promised) must grow them without losing a count."""
@@ -110,6 +126,7 @@ def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
     monocytes = (kang.obs["cell_type"] == "CD14+ Monocytes").to_numpy()
     groups = cellvae.tl.interpolate(model, monocytes, ~monocytes, 3, batch="ctrl")
     np.testing.assert_allclose(groups.obsm["z"][0], model.get_latent(kang[monocytes]).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(groups.obsm["z"][-1], model.get_latent(kang[~monocytes]).mean(0), rtol=1e-5, atol=1e-6)
     duplicated = kang[:20].copy()
     duplicated.obs_names = ["cell"] * 20
     with pytest.raises(ValueError, match="obs_names are not unique; call adata.obs_names_make_unique"):
@@ -146,6 +163,12 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
     record = predicted.uns["latent_shift"]
     assert record["n_reference_cells"] == int((training.obs["cell_type"] != held_out).sum())
     assert record["library_size"] == 1e4 and record["decoded_batch"] is None
+    # without reference=, the shift is taken from every cell not in apply_to
+    unreferenced = cellvae.tl.latent_shift(model, training, groupby="batch", source="ctrl", target="stim", apply_to=controls)
+    latent, is_stim_in_training = model.get_latent(training), (training.obs["batch"] == "stim").to_numpy()
+    expected = latent[~controls & is_stim_in_training].mean(0) - latent[~controls & ~is_stim_in_training].mean(0)
+    np.testing.assert_allclose(unreferenced.uns["latent_shift"]["delta"], expected, rtol=1e-4, atol=1e-5)
+    assert unreferenced.uns["latent_shift"]["n_reference_cells"] == training.n_obs - controls.sum()
     observed_stim = _mean_log_expression(kang[is_type & is_stim].X)
     observed_ctrl = _mean_log_expression(kang[is_type & ~is_stim].X)
     prediction = np.log1p(_dense(predicted.X).mean(0))

@@ -270,6 +270,12 @@ def test_model_variants_train_and_decode(two_batches, options):
     assert params["mean"].shape == adata.shape and (params["mean"] >= 0).all()
     assert ("zero_inflation" in params) == (options.get("likelihood") == "zinb")
     assert ("theta" in params) == (options.get("likelihood") != "poisson")
+    if "zero_inflation" in params:  # the mean is the NB's at the cell's library size, less the zero-inflated share
+        nb_mean = model.get_normalized_expression(library_size=1.0) * np.asarray(adata.X.sum(1))
+        np.testing.assert_allclose(params["mean"], (1 - params["zero_inflation"]) * nb_mean, rtol=1e-3, atol=1e-5)
+    if options.get("likelihood") == "poisson":  # posterior-predictive draws: z from q(z|x), so more than Poisson noise
+        draws = model.sample_counts(adata[:40], n_samples=400, random_state=0)
+        assert draws.var(0, ddof=1).sum() / draws.mean(0).sum() > 1.2
     if "theta" in params:
         theta = params["theta"]
         assert theta.shape == adata.shape and theta.dtype == np.float32 and (theta > 0).all()
@@ -389,6 +395,15 @@ def test_covariates_are_used(two_batches):
     changed.obs["percent_mito"] = 4.5  # within the training range: no warning
     with no_warnings():
         model.get_latent(changed)
+    # standardised with the training mean and sd: the covariate's unit does not matter
+    in_other_units = adata.copy()
+    in_other_units.obs["percent_mito"] *= 1000.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lies far from the values the model was trained with")
+        other = CellVAE(
+            in_other_units, batch_key="batch", categorical_covariate_keys=["donor"], continuous_covariate_keys=["percent_mito"]
+        ).fit(max_epochs=2, random_state=0, progress=False)
+    np.testing.assert_allclose(other.get_latent(), model.get_latent(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"each obs column has one role\) must be unique; duplicated: \['batch'\]"):
         CellVAE(adata, batch_key="batch", categorical_covariate_keys=["batch"])
     adata.obs["score"] = np.random.default_rng(0).normal(size=adata.n_obs)

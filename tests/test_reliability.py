@@ -253,8 +253,11 @@ def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path
     settings["continuous_covariate_keys"] = adata.obs.columns[adata.obs.columns == "percent_mito"]  # a pandas Index
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cellvae.tl.embed(adata, layer="counts", batch_key="batch", max_epochs=1, progress=False, n_hidden=16, **settings)
+        cellvae.tl.embed(
+            adata, layer="counts", batch_key="batch", max_epochs=1, random_state=7, progress=False, n_hidden=16, **settings
+        )
     params = adata.uns["cellvae"]["params"]
+    assert params["random_state"] == 7
     assert params["categorical_covariate_keys"] == ["donor"] and params["beta"] == 0.5 and params["n_latent"] == 4
     assert params["continuous_covariate_keys"] == ["percent_mito"]
     adata.write_h5ad(tmp_path / "embedded.h5ad")
@@ -813,6 +816,8 @@ def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_a
     assert loaded.adata is not None and loaded.adata.shape == trained.adata.shape
     np.testing.assert_array_equal(loaded.adata.layers["counts"].toarray(), trained.adata.layers["counts"].toarray())
     np.testing.assert_allclose(loaded.get_latent(), trained.get_latent(), atol=1e-6)
+    given = trained.adata[:50].copy()  # data given to load is the model's, not the folder's
+    assert CellVAE.load(tmp_path / "model", adata=given).adata is given
     # loaded from the folder, trained further, saved back without save_anndata: the folder keeps its data,
     # also where the model reads its counts from that very file
     backed = CellVAE.load(tmp_path / "model", adata=ad.read_h5ad(tmp_path / "model" / "adata.h5ad", backed="r"))
