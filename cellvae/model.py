@@ -1139,8 +1139,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
                 "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
             }
-            # one metadata entry: safetensors writes several in an order that varies between processes, so the
-            # same model's file would differ byte for byte from run to run
+            # one metadata entry: safetensors writes several in an order that varies from save to save, so the
+            # same model's file would differ byte for byte
             metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
             (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
