@@ -541,3 +541,114 @@ def test_a_flag_covariate_written_as_0_and_1_in_the_query_is_told_to_take_the_mo
         "False",
         "True",
     ]
+
+
+def test_novelty_compares_with_labelled_reference_cells_only():
+    """Unlabelled reference cells (a cluster far from the labelled ones) take no part in the novelty score:
+    a query cell farther from the labelled cells than any of them is from its neighbours has novelty 1."""
+    rng = np.random.default_rng(0)
+    positions = np.concatenate([rng.normal(0.0, 0.5, (50, 2)), rng.normal(0.0, 0.5, (50, 2)) + [100.0, 0.0]])
+    labels = ["A"] * 50 + ["unknown"] * 50
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"r{i}" for i in range(100)]))
+    reference.obsm["X_cellvae"] = positions
+    query = ad.AnnData(obs=pd.DataFrame(index=["far", "inside"]), obsm={"X_cellvae": np.array([[20.0, 0.0], [0.0, 0.0]])})
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=5, unlabeled_category="unknown", novelty_threshold=0.95)
+    assert query.obs["cell_type_novelty"].iloc[0] == 1.0
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["Unknown", "A"]
+
+
+def test_novelty_averages_over_k_neighbours_not_only_the_nearest():
+    """A query cell beside a lone outlier of the reference, far from all other reference cells: its nearest
+    neighbour is close but its k nearest lie far on average, so it is novel."""
+    rng = np.random.default_rng(0)
+    positions = np.concatenate([rng.normal(0.0, 0.5, (50, 2)), [[50.0, 0.0]]])
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A"] * 51}, index=[f"r{i}" for i in range(51)]))
+    reference.obsm["X_cellvae"] = positions
+    query = ad.AnnData(obs=pd.DataFrame(index=["q"]), obsm={"X_cellvae": np.array([[50.1, 0.0]])})
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=5)
+    assert query.obs["cell_type_novelty"].iloc[0] > 0.95
+
+
+@pytest.fixture(scope="module")
+def small_reference():
+    import warnings
+
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=3, n_cell_types=3, seed=4)
+    is_query = (adata.obs["batch"] == "batch2").to_numpy()
+    reference, query = adata[~is_query].copy(), adata[is_query].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cellvae.CellVAE(reference, batch_key="batch", n_hidden=16, beta=5.0).fit(max_epochs=3, progress=False)
+    return model, query
+
+
+def test_map_query_trains_with_the_references_beta(small_reference):
+    model, query = small_reference
+    query_model = model.map_query(query, max_epochs=2, progress=False)
+    h = query_model.history
+    np.testing.assert_allclose(h["validation_loss"], h["validation_distortion"] + 5.0 * h["validation_rate"], rtol=1e-9)
+
+
+def test_map_query_validation_size_zero_holds_out_no_cells(small_reference):
+    model, query = small_reference
+    query_model = model.map_query(query, max_epochs=2, validation_size=0.0, progress=False)
+    assert "validation_loss" not in query_model.history.columns
+
+
+def test_map_query_patience_stops_one_epoch_after_the_best(small_reference):
+    """patience=1: mapping stops at the first epoch that does not improve on the best so far."""
+    model, query = small_reference
+    query_model = model.map_query(query, max_epochs=200, patience=1, lr=0.05, progress=False)
+    losses = query_model.history["validation_loss"].to_numpy()
+    assert len(losses) < 200
+    best = np.inf
+    for epoch, loss in enumerate(losses):
+        improved = loss < best - 1e-4 * abs(best) if np.isfinite(best) else True
+        if improved:
+            best = loss
+        else:
+            assert epoch == len(losses) - 1, (epoch, losses)  # the first epoch without improvement is the last
+
+
+def test_query_cells_without_counts_take_no_part_in_mapping(small_reference):
+    """Empty cells appended to the query change nothing: mapping trains and validates on cells with counts only."""
+    import scipy.sparse as sp
+
+    model, query = small_reference
+    empty = ad.AnnData(
+        X=sp.csr_matrix((20, query.n_vars), dtype=np.float32), obs=query.obs.iloc[:20].copy(), var=query.var.copy()
+    )
+    empty.obs_names = [f"empty{i}" for i in range(20)]
+    padded = ad.concat([query, empty])
+    plain = model.map_query(query, max_epochs=2, progress=False)
+    with_empty = model.map_query(padded, max_epochs=2, progress=False)
+    np.testing.assert_array_equal(with_empty.get_latent(query), plain.get_latent(query))
+
+
+def test_map_query_trains_at_the_learning_rate_asked_for(small_reference):
+    model, query = small_reference
+    query_model = model.map_query(query, max_epochs=2, lr=0.02, progress=False)
+    assert query_model.history["lr"].tolist() == [0.02, 0.02]
+    assert not np.allclose(query_model.get_latent(), model.map_query(query, max_epochs=2, progress=False).get_latent(query))
+
+
+def test_refinement_optimises_the_objective_at_the_models_beta(small_reference):
+    """get_latent(refine_steps=...) maximises E_q[log p(x|z)] - beta KL with the model's beta (5 here): the same
+    weights refined at beta=1 land elsewhere."""
+    import copy
+
+    model, query = small_reference
+    at_one = copy.deepcopy(model)
+    at_one.config.beta = 1.0
+    refined = model.get_latent(refine_steps=5, progress=False)
+    assert not np.allclose(refined, at_one.get_latent(refine_steps=5, progress=False), atol=1e-4)
+
+
+def test_rate_distortion_averages_the_distortion_over_n_samples(small_reference):
+    """More posterior draws per cell: a per-cell distortion that varies less from seed to seed."""
+    model, _ = small_reference
+    spread = []
+    for n_samples in (1, 20):
+        runs = [model.rate_distortion(n_samples=n_samples, random_state=s, progress=False)["distortion"] for s in range(3)]
+        spread.append(float(np.std(np.stack(runs), axis=0).mean()))
+    assert spread[1] < 0.5 * spread[0], spread

@@ -347,3 +347,28 @@ def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_p
     typed.fit(**{**as_numpy, "max_epochs": 2}, lr=np.float32(1e-3), checkpoint_dir=tmp_path / "typed")
     typed.save(tmp_path / "model")
     assert CellVAE.load(tmp_path / "model").config.n_latent == 4
+
+
+def test_resume_after_early_stopping_between_checkpoints_does_not_restart(tmp_path):
+    """checkpoint_every larger than the run: the epoch that stops early is still written, so resume continues."""
+    import warnings
+
+    fit = {"max_epochs": 40, "batch_size": 32, "random_state": 7, "progress": False, "patience": 1}
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stopped = cellvae.CellVAE(adata, n_hidden=8, kl_warmup=1).fit(**fit, checkpoint_dir=tmp_path, checkpoint_every=100)
+    assert len(stopped.history) < 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "no checkpoint ...; training from the start"
+        again = cellvae.CellVAE(adata, n_hidden=8, kl_warmup=1).fit(
+            **fit, checkpoint_dir=tmp_path, checkpoint_every=100, resume=True
+        )
+    assert again.history["seconds"].tolist() == stopped.history["seconds"].tolist()
+
+
+def test_validation_loss_weighs_the_rate_by_beta():
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
+    model = cellvae.CellVAE(adata, n_hidden=16, beta=5.0).fit(max_epochs=2, progress=False)
+    h = model.history
+    np.testing.assert_allclose(h["validation_loss"], h["validation_distortion"] + 5.0 * h["validation_rate"], rtol=1e-9)

@@ -578,3 +578,12 @@ def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
         handle["values"] = np.arange(3)
     with pytest.raises(SystemExit, match="error: could not read .*plain.h5 as an AnnData"):
         main(["fit", str(tmp_path / "plain.h5"), "--backed", "--layer", "counts", *args[2:]])
+
+
+def test_fit_dispersion_option_reaches_the_model(tmp_path):
+    cellvae.datasets.simulate(n_cells=200, n_genes=60, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    args += "--batch-key batch --dispersion gene-batch --epochs 1 --quiet --embedding-only".split()
+    assert main(args) == 0
+    saved = cellvae.CellVAE.load(tmp_path / "model")
+    assert saved.config.dispersion == "gene-batch"

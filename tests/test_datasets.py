@@ -1,6 +1,7 @@
 """The bundled example restores exact counts; the simulator makes realistic batches."""
 
 import numpy as np
+import pytest
 import scanpy as sc
 
 import cellvae
@@ -31,3 +32,50 @@ def test_simulate_shapes_and_batch_effects():
     assert np.abs(per_batch[0] - per_batch[1]).mean() > 0.2
     again = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, seed=3)
     np.testing.assert_array_equal(again.X.toarray(), counts)
+
+
+def _normalised_log_means(adata, mask):
+    counts = adata.X.toarray()[mask]
+    proportions = counts / counts.sum(1, keepdims=True)
+    return np.log(proportions.mean(0) + 1e-6)
+
+
+def test_simulate_batch_effect_sets_the_size_of_the_batch_effect():
+    """batch_effect=0: batches differ only in depth (same expression profile); a larger sd, larger differences."""
+    differences = []
+    for effect in (0.0, 1.5):
+        adata = cellvae.datasets.simulate(n_cells=2000, n_genes=200, n_batches=2, n_cell_types=1, seed=0, batch_effect=effect)
+        b0, b1 = (adata.obs["batch"] == "batch0").to_numpy(), (adata.obs["batch"] == "batch1").to_numpy()
+        expressed = adata.X.toarray().mean(0) > 1.0  # genes measured well enough to compare
+        differences.append(np.median(np.abs(_normalised_log_means(adata, b0) - _normalised_log_means(adata, b1))[expressed]))
+    assert differences[0] < 0.1 and differences[1] > 0.5, differences
+
+
+def test_simulate_markers_per_type_sets_how_many_genes_each_type_raises():
+    """Two types with no markers share one profile; with 40 markers each, about 40 genes per type rise >= e^1."""
+    raised = []
+    for markers in (0, 40):
+        adata = cellvae.datasets.simulate(
+            n_cells=3000,
+            n_genes=300,
+            n_batches=1,
+            n_cell_types=2,
+            seed=0,
+            batch_effect=0.0,
+            markers_per_type=markers,
+            mean_library_size=20000.0,
+        )
+        t0, t1 = (adata.obs["cell_type"] == "type0").to_numpy(), (adata.obs["cell_type"] == "type1").to_numpy()
+        lfc = _normalised_log_means(adata, t0) - _normalised_log_means(adata, t1)
+        expressed = adata.X.toarray().mean(0) > 0.5
+        raised.append(int((np.abs(lfc[expressed]) > 0.8).sum()))
+    assert raised[0] <= 3 and raised[1] >= 25, raised
+
+
+def test_simulate_mean_library_size_scales_the_total_counts():
+    """Same seed, 4x the mean library size: about 4x the median total counts per cell."""
+    totals = [
+        np.median(np.asarray(cellvae.datasets.simulate(n_cells=1000, n_genes=200, seed=0, mean_library_size=m).X.sum(1)))
+        for m in (1500.0, 6000.0)
+    ]
+    assert totals[1] / totals[0] == pytest.approx(4.0, rel=0.1), totals

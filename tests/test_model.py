@@ -753,3 +753,49 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.nothing_like_this  # noqa: B018
     assert not hasattr(model, "train") and hasattr(model, "fit")
     np.testing.assert_array_equal(copy.deepcopy(model).get_latent(), model.get_latent())
+
+
+def test_dropout_of_one_is_refused():
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        cellvae.CellVAE(adata, dropout=1.0)
+
+
+def test_a_fraction_far_from_round_off_is_called_non_integer_not_round_off():
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0, sparse=False)
+    adata.X[0, 0] = 2.05  # e.g. ambient-corrected counts: a real fraction, not float round-off
+    with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.05"):
+        cellvae.CellVAE(adata)
+
+
+def test_scaled_counts_between_20_and_thousands_are_called_normalised():
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0, sparse=False)
+    adata.X = adata.X / adata.X.sum(1, keepdims=True) * 1000.0  # per-mille of each cell's counts: fractions up to ~1000
+    assert 20 < adata.X.max() < 1000
+    with pytest.raises(ValueError, match=r"looks normalised \(normalize_total, CPM or TPM\)"):
+        cellvae.CellVAE(adata)
+
+
+def test_integer_counts_of_minus_one_are_refused():
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0, sparse=False)
+    adata.X = adata.X.astype(np.int32)
+    adata.X[0, 0] = -1
+    with pytest.raises(ValueError, match=r"adata\.X has negative values \(min -1\)"):
+        cellvae.CellVAE(adata)
+
+
+def test_unseen_categories_beside_a_0_or_1_are_not_told_to_become_booleans():
+    """A flag covariate trained as True/False, read with "1" beside a truly new category "x": converting to bool
+    cannot help, so the advice is the general one, not astype(bool)."""
+    import warnings
+
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
+    adata.obs["flag"] = np.arange(adata.n_obs) % 2 == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cellvae.CellVAE(adata, categorical_covariate_keys=["flag"], n_hidden=16).fit(max_epochs=1, progress=False)
+    other = adata.copy()
+    other.obs["flag"] = np.where(np.arange(other.n_obs) % 2 == 0, "1", "x")
+    with pytest.raises(ValueError, match="unseen in training") as error:
+        model.get_latent(other, progress=False)
+    assert "astype(bool)" not in str(error.value)
