@@ -571,8 +571,6 @@ def test_novelty_averages_over_k_neighbours_not_only_the_nearest():
 
 @pytest.fixture(scope="module")
 def small_reference():
-    import warnings
-
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=3, n_cell_types=3, seed=4)
     is_query = (adata.obs["batch"] == "batch2").to_numpy()
     reference, query = adata[~is_query].copy(), adata[is_query].copy()
@@ -612,8 +610,6 @@ def test_map_query_patience_stops_one_epoch_after_the_best(small_reference):
 
 def test_query_cells_without_counts_take_no_part_in_mapping(small_reference):
     """Empty cells appended to the query change nothing: mapping trains and validates on cells with counts only."""
-    import scipy.sparse as sp
-
     model, query = small_reference
     empty = ad.AnnData(
         X=sp.csr_matrix((20, query.n_vars), dtype=np.float32), obs=query.obs.iloc[:20].copy(), var=query.var.copy()

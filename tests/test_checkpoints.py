@@ -351,8 +351,6 @@ def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_p
 
 def test_resume_after_early_stopping_between_checkpoints_does_not_restart(tmp_path):
     """checkpoint_every larger than the run: the epoch that stops early is still written, so resume continues."""
-    import warnings
-
     fit = {"max_epochs": 40, "batch_size": 32, "random_state": 7, "progress": False, "patience": 1}
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=2)
     with warnings.catch_warnings():

@@ -1,12 +1,15 @@
 """Differential expression: markers found, nothing found between halves of one population, batch
 effects removed, scanpy's rank_genes_groups format, and interferon genes on real stimulated cells."""
 
+import warnings
+
 import anndata as ad
 import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 import torch
 from conftest import shared_dataset
 
@@ -425,22 +428,8 @@ def test_interferon_genes_lead_in_stimulated_monocytes():
     assert (result.loc[interferon, "lfc_mean"] > 1).sum() >= 8 and result.loc[interferon, "is_de"].all()
 
 
-@pytest.fixture(scope="module")
-def small_batched_model():
-    import warnings
-
-    adata = cellvae.datasets.simulate(n_cells=400, n_genes=80, n_batches=2, n_cell_types=3, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = cellvae.CellVAE(adata, batch_key="batch", n_hidden=32).fit(max_epochs=3, progress=False)
-    return adata, model
-
-
-def test_default_pseudocount_is_a_hundredth_of_a_count_in_a_cell_of_median_depth(small_batched_model):
-    import warnings
-
-    adata, model = small_batched_model
-    depth = float(np.median(np.asarray(adata.X.sum(1)).ravel()))
+def test_default_pseudocount_is_a_hundredth_of_a_count_in_a_cell_of_median_depth(simulated, model):
+    depth = float(np.median(np.asarray(simulated.X.sum(1)).ravel()))
     kwargs = {"groupby": "cell_type", "group1": "type0", "n_draws": 100, "progress": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -449,12 +438,9 @@ def test_default_pseudocount_is_a_hundredth_of_a_count_in_a_cell_of_median_depth
     pd.testing.assert_frame_equal(default, explicit)
 
 
-def test_groups_that_share_a_batch_are_not_warned_about_sharing_none(small_batched_model):
+def test_groups_that_share_a_batch_are_not_warned_about_sharing_none(simulated, model):
     """type0's cells of batch0 against the rest (cells of both batches): they share batch0, so no warning."""
-    import warnings
-
-    adata, model = small_batched_model
-    adata = adata.copy()
+    adata = simulated.copy()
     adata.obs["group"] = np.where((adata.obs["cell_type"] == "type0") & (adata.obs["batch"] == "batch0"), "a", "b")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -465,10 +451,6 @@ def test_groups_that_share_a_batch_are_not_warned_about_sharing_none(small_batch
 def test_fewer_counts_in_the_same_cells_make_fold_changes_less_certain():
     """The counting noise of a group's mean: the same comparison on counts thinned to 3% has much wider fold
     change posteriors ("a difference is found with more certainty the more cells and counts support it")."""
-    import warnings
-
-    import scipy.sparse as sp
-
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=1, n_cell_types=2, seed=0, mean_library_size=3000.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

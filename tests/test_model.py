@@ -787,8 +787,6 @@ def test_integer_counts_of_minus_one_are_refused():
 def test_unseen_categories_beside_a_0_or_1_are_not_told_to_become_booleans():
     """A flag covariate trained as True/False, read with "1" beside a truly new category "x": converting to bool
     cannot help, so the advice is the general one, not astype(bool)."""
-    import warnings
-
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
     adata.obs["flag"] = np.arange(adata.n_obs) % 2 == 0
     with warnings.catch_warnings():
