@@ -191,7 +191,7 @@ def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: in
     bench = Benchmarker(
         scored,
         batch_key="batch",
-        label_key="cell_type",
+        labels_key="cell_type",
         embedding_obsm_keys=list(embeddings),
         pre_integrated_embedding_obsm_key="pca",
         n_jobs=n_jobs,

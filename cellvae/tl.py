@@ -139,7 +139,7 @@ def embed(
 def transfer_labels(
     ref_adata: ad.AnnData,
     query_adata: ad.AnnData,
-    label_key: str,
+    labels_key: str | None = None,
     *,
     use_rep: str = "X_cellvae",
     k: int = 15,
@@ -147,6 +147,7 @@ def transfer_labels(
     unlabeled_category: str | None = None,
     novelty_threshold: float | None = None,
     copy: bool = False,
+    label_key: str | None = None,
 ) -> ad.AnnData | None:
     """Predict query labels by a distance-weighted vote of the ``k`` nearest reference cells.
 
@@ -158,11 +159,11 @@ def transfer_labels(
     Parameters
     ----------
     ref_adata
-        Reference cells with labels in ``obs[label_key]`` (cells with a missing label do not vote)
+        Reference cells with labels in ``obs[labels_key]`` (cells with a missing label do not vote)
         and an embedding in ``obsm[use_rep]``.
     query_adata
         Query cells embedded in the same space (e.g. by a model from :meth:`~cellvae.CellVAE.map_query`).
-    label_key
+    labels_key
         ``obs`` column of the reference labels.
     use_rep
         ``obsm`` key of the shared embedding.
@@ -181,28 +182,31 @@ def transfer_labels(
     copy
         Write the results into a copy of ``query_adata`` and return it (as scanpy's ``copy=True``),
         leaving ``query_adata`` as it is.
+    label_key
+        Deprecated name of ``labels_key`` (cellvae 0.1.0), still accepted with a ``FutureWarning``.
 
     Returns
     -------
-    None (with ``copy=True`` the copy). Writes ``query_adata.obs[f"{label_key}_predicted"]``
+    None (with ``copy=True`` the copy). Writes ``query_adata.obs[f"{labels_key}_predicted"]``
     (categorical, holding the reference's label values: numbers stay numbers; a tied vote goes to the label that sorts first),
-    ``query_adata.obs[f"{label_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
-    and ``query_adata.obs[f"{label_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
+    ``query_adata.obs[f"{labels_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
+    and ``query_adata.obs[f"{labels_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
     them drawn with a fixed seed, that lie closer to their own ``k`` nearest labelled reference cells, on
     average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference); nothing
     else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
+    labels_key = _labels_key(labels_key, label_key)
     copy = _check_flag(copy, "copy")
     _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
-    check_one_name(label_key, "label_key")
+    check_one_name(labels_key, "labels_key")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
         is_number = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, (bool, np.bool_))
         if threshold is not None and not (is_number and 0.0 <= threshold <= 1.0):
             raise ValueError(f"{name} must be a number in [0, 1] or None, got {threshold!r}")
-    if label_key not in ref_adata.obs.columns:
-        raise KeyError(f"label_key {label_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
+    if labels_key not in ref_adata.obs.columns:
+        raise KeyError(f"labels_key {labels_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
         if use_rep not in adata.obsm:
             raise KeyError(
@@ -220,7 +224,7 @@ def transfer_labels(
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).any(axis=1).sum())
             raise ValueError(f"{name}.obsm[{use_rep!r}] has NaN or infinite values in {bad:,} cells; embed them again")
-    labels = ref_adata.obs[label_key]
+    labels = ref_adata.obs[labels_key]
     labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
     if unlabeled_category is not None:
         labelled = labelled & ~labels.isin([unlabeled_category]).to_numpy(dtype=bool)  # (!= gives NA on nullable columns)
@@ -228,7 +232,7 @@ def transfer_labels(
     k = int(k)
     if not labelled.any():
         skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
-        raise ValueError(f"ref_adata.obs[{label_key!r}] has no labelled cells (every label is {skipped})")
+        raise ValueError(f"ref_adata.obs[{labels_key!r}] has no labelled cells (every label is {skipped})")
     if k > labelled.sum():
         raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
@@ -255,10 +259,22 @@ def transfer_labels(
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
     query_adata = query_adata.copy() if copy else query_adata
     _own_data(query_adata)
-    query_adata.obs[f"{label_key}_predicted"] = pd.Categorical(predicted, categories=categories)
-    query_adata.obs[f"{label_key}_uncertainty"] = uncertainty
-    query_adata.obs[f"{label_key}_novelty"] = novelty
+    query_adata.obs[f"{labels_key}_predicted"] = pd.Categorical(predicted, categories=categories)
+    query_adata.obs[f"{labels_key}_uncertainty"] = uncertainty
+    query_adata.obs[f"{labels_key}_novelty"] = novelty
     return query_adata if copy else None
+
+
+def _labels_key(labels_key, label_key) -> str:
+    """``labels_key``, or the value given under its deprecated name ``label_key`` (with a warning)."""
+    if label_key is None:
+        if labels_key is None:
+            raise TypeError("transfer_labels() needs labels_key, the ref_adata.obs column of the labels")
+        return labels_key
+    if labels_key is not None:
+        raise TypeError("transfer_labels() got both labels_key and its deprecated name label_key; pass only labels_key")
+    warn_user("transfer_labels(label_key=...) is deprecated; pass labels_key=... (the same value)", FutureWarning)
+    return label_key
 
 
 def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -318,7 +318,7 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     pd.testing.assert_frame_equal(reference.obs, reference_obs)
     with pytest.raises(KeyError, match="use_rep 'X_pca' not found in ref_adata.obsm"):
         cellvae.tl.transfer_labels(reference, query, "cell_type", use_rep="X_pca")
-    with pytest.raises(KeyError, match="label_key 'tissue' not found"):
+    with pytest.raises(KeyError, match="labels_key 'tissue' not found"):
         cellvae.tl.transfer_labels(reference, query, "tissue")
     reference.obs["cluster"] = np.repeat([7, 3], 50)  # numeric labels come back as the same numbers
     cellvae.tl.transfer_labels(reference, query, "cluster", k=10)
@@ -368,6 +368,23 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     on_top = ad.AnnData(obs=pd.DataFrame(index=[f"o{i}" for i in range(5000)]), obsm={"X_cellvae": many.obsm["X_cellvae"].copy()})
     cellvae.tl.transfer_labels(many, on_top, "score")
     np.testing.assert_array_equal(on_top.obs["score_predicted"].to_numpy(dtype=float), many.obs["score"].to_numpy())
+
+
+def test_transfer_labels_takes_labels_key_as_rate_distortion_sweep_does_and_its_old_name_with_a_warning():
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B", "B"]}, index=[f"r{i}" for i in range(4)]))
+    reference.obsm["X_cellvae"] = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.1, 0.0]])
+    query = ad.AnnData(obs=pd.DataFrame(index=["q0", "q1"]), obsm={"X_cellvae": np.array([[0.05, 0.0], [5.05, 0.0]])})
+    cellvae.tl.transfer_labels(reference, query, labels_key="cell_type", k=2)
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["A", "B"]
+    by_old_name = query.copy()
+    with pytest.warns(FutureWarning, match=r"label_key=\.\.\.\) is deprecated; pass labels_key") as caught:
+        cellvae.tl.transfer_labels(reference, by_old_name, label_key="cell_type", k=2)
+    assert caught[0].filename == __file__  # attributed to the caller's line
+    pd.testing.assert_frame_equal(by_old_name.obs, query.obs)
+    with pytest.raises(TypeError, match="needs labels_key"):
+        cellvae.tl.transfer_labels(reference, query)
+    with pytest.raises(TypeError, match="both labels_key and its deprecated name label_key"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", label_key="cell_type")
 
 
 # ----------------------------------------------------------------------------- real data: CellBench

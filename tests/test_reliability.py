@@ -1235,7 +1235,7 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
         (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "batch_key": ["batch"]}), r"batch_key takes one obs column name"),
         (lambda m, a: CellVAE(a, **{**MODEL_ARGS, "layer": ["counts"]}), r"layer takes one layer name"),
         (lambda m, a: m.map_query(a, batch_key=["batch"]), r"batch_key takes one obs column name"),
-        (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), ["cell_type"]), r"label_key takes one obs column name"),
+        (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), ["cell_type"]), r"labels_key takes one obs column name"),
         (
             lambda m, a: cellvae.tl.latent_shift(m, a, groupby=["batch"], source="b0", target="b1", apply_to=[0]),
             "groupby takes one",
