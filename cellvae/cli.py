@@ -194,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed an .h5ad or .zarr of raw counts with a saved model")
     embed.add_argument("input", help="input .h5ad or .zarr store with the model's genes as raw counts")
     embed.add_argument("--model-dir", required=True, help="folder of a model saved by 'cellvae fit'")
-    embed.add_argument("--out", required=True, help="output .h5ad with the embedding in obsm")
+    embed.add_argument(
+        "--out",
+        required=True,
+        help="output .h5ad with the embedding in obsm and its record in uns['cellvae'] (uns[KEY_ADDED] for another key)",
+    )
     embed.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     embed.add_argument(
         "--layer",

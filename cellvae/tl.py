@@ -192,8 +192,8 @@ def transfer_labels(
     ``query_adata.obs[f"{labels_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
     and ``query_adata.obs[f"{labels_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
     them drawn with a fixed seed, that lie closer to their own ``k`` nearest labelled reference cells, on
-    average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference); nothing
-    else is changed.
+    average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the
+    reference has a single labelled cell, which no distance can be compared with); nothing else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -235,6 +235,11 @@ def transfer_labels(
         raise ValueError(f"ref_adata.obs[{labels_key!r}] has no labelled cells (every label is {skipped})")
     if k > labelled.sum():
         raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
+    if novelty_threshold is not None and labelled.sum() < 2:
+        raise ValueError(
+            "novelty_threshold needs at least 2 labelled reference cells (novelty compares the query's distances with "
+            "the reference cells' distances to one another); ref_adata has 1: pass novelty_threshold=None"
+        )
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
     names = np.asarray(names, dtype=object)

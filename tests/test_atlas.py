@@ -345,6 +345,12 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     on_top = ad.AnnData(obs=pd.DataFrame(index=["o0", "o1", "o2"]), obsm={"X_cellvae": tiny.obsm["X_cellvae"].copy()})
     cellvae.tl.transfer_labels(tiny, on_top, "cell_type", k=3)
     assert (on_top.obs["cell_type_novelty"] == 0.0).all()
+    # one labelled reference cell: its novelty is undefined, so a threshold on it is refused before any work
+    tiny.obs["one"] = ["A", None, None]
+    cellvae.tl.transfer_labels(tiny, on_top, "one", k=1)
+    assert on_top.obs["one_predicted"].astype(str).tolist() == ["A"] * 3 and on_top.obs["one_novelty"].isna().all()
+    with pytest.raises(ValueError, match="novelty_threshold needs at least 2 labelled reference cells"):
+        cellvae.tl.transfer_labels(tiny, on_top, "one", k=1, novelty_threshold=0.95)
     reference.obs["none"] = "unknown"
     with pytest.raises(ValueError, match="has no labelled cells"):
         cellvae.tl.transfer_labels(reference, query, "none", unlabeled_category="unknown")
