@@ -298,7 +298,7 @@ def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:
     """Share of reference cells (at most 10,000, drawn with a fixed seed) whose mean distance to their own
-    nearest reference cells is below each query cell's to its nearest (the same number of them on both
+    nearest reference cells is strictly below each query cell's to its nearest (a tie is not closer) (the same number of them on both
     sides: ``k``, or one fewer than the reference cells; NaN for a one-cell reference)."""
     n = min(k, len(reference) - 1)
     if n < 1:
@@ -306,7 +306,7 @@ def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int)
     if len(reference) > 10_000:
         reference = reference[np.sort(np.random.default_rng(0).choice(len(reference), 10_000, replace=False))]
     own = voters.kneighbors(reference, n_neighbors=n + 1)[0][:, 1:].mean(axis=1)
-    return np.searchsorted(np.sort(own), query_distances[:, :n].mean(axis=1), side="right") / len(own)
+    return np.searchsorted(np.sort(own), query_distances[:, :n].mean(axis=1), side="left") / len(own)
 
 
 # ----------------------------------------------------------------------------- differential expression

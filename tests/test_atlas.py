@@ -393,6 +393,81 @@ def test_transfer_labels_takes_labels_key_as_rate_distortion_sweep_does_and_its_
         cellvae.tl.transfer_labels(reference, query, "cell_type", label_key="cell_type")
 
 
+def labelled_reference(labels, positions) -> ad.AnnData:
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"r{i}" for i in range(len(labels))]))
+    reference.obsm["X_cellvae"] = np.asarray(positions, dtype=float)
+    return reference
+
+
+def query_at(positions) -> ad.AnnData:
+    positions = np.asarray(positions, dtype=float)
+    return ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(len(positions))]), obsm={"X_cellvae": positions})
+
+
+def test_unknown_threshold_flags_only_cells_whose_uncertainty_exceeds_it():
+    """A cell whose uncertainty equals the threshold keeps its label ("exceeds", as documented)."""
+    reference = labelled_reference(["A", "B"], [[-1.0, 0.0], [1.0, 0.0]])
+    query = query_at([[0.0, 0.0]])  # one A and one B at the same distance: uncertainty exactly 0.5
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, unknown_threshold=0.5)
+    assert query.obs["cell_type_uncertainty"].iloc[0] == 0.5
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["A"]  # the tie goes to the first label
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, unknown_threshold=0.49)
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["Unknown"]
+
+
+def test_both_thresholds_flag_the_cells_that_either_one_flags():
+    """With unknown_threshold and novelty_threshold, a cell uncertain but not novel is still Unknown."""
+    positions = np.random.default_rng(0).normal(0.0, 1.0, (50, 2))
+    # an A and a B cell at each position: a cell inside the cloud gets an even vote (uncertainty 0.5), yet is not novel
+    reference = labelled_reference(["A"] * 50 + ["B"] * 50, np.concatenate([positions, positions]))
+    query = query_at([[0.0, 0.0]])
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=10, unknown_threshold=0.3, novelty_threshold=0.99)
+    assert query.obs["cell_type_uncertainty"].iloc[0] > 0.3 and query.obs["cell_type_novelty"].iloc[0] <= 0.99
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["Unknown"]
+
+
+def test_k_larger_than_the_labelled_reference_cells_is_refused_with_the_labelled_count():
+    labels = ["A", "B", "A", "B", "A"] + ["unknown"] * 5
+    reference = labelled_reference(labels, np.arange(20, dtype=float).reshape(10, 2))
+    query = query_at([[0.0, 0.0]])
+    with pytest.raises(ValueError, match="k=8 is larger than the 5 labelled reference cells; lower k"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=8, unlabeled_category="unknown")
+    assert list(query.obs.columns) == []
+
+
+@pytest.mark.parametrize("name, value", [("unknown_threshold", 1.5), ("novelty_threshold", -0.1), ("novelty_threshold", 2)])
+def test_thresholds_outside_zero_to_one_are_refused(name, value):
+    reference = labelled_reference(["A", "B"], [[-1.0, 0.0], [1.0, 0.0]])
+    query = query_at([[0.0, 0.0]])
+    with pytest.raises(ValueError, match=rf"{name} must be a number in \[0, 1\] or None"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, **{name: value})
+
+
+def test_novelty_is_the_share_of_reference_cells_closer_to_their_k_neighbours_than_the_query_cell():
+    """Brute-force check of the documented novelty: mean distance to the k nearest labelled reference cells
+    (a reference cell's own neighbours exclude itself), compared on both sides with the same k."""
+    reference_x = np.array([0.0, 1.1, 3.3, 6.7, 10.2, 15.9])
+    query_x = np.array([0.4, 2.2, 8.3, 30.0])  # no ties with the reference cells' mean distances
+    k = 2
+    reference = labelled_reference(["A", "A", "B", "B", "A", "B"], np.c_[reference_x, np.zeros(6)])
+    query = query_at(np.c_[query_x, np.zeros(4)])
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=k)
+    gaps = np.abs(reference_x[:, None] - reference_x[None, :])
+    own = np.sort(gaps, axis=1)[:, 1 : k + 1].mean(axis=1)  # column 0 is the cell itself
+    mine = np.sort(np.abs(query_x[:, None] - reference_x[None, :]), axis=1)[:, :k].mean(axis=1)
+    assert (own[None, :] != mine[:, None]).all()  # no ties, where "closer" could be read as < or <=
+    expected = (own[None, :] < mine[:, None]).mean(axis=1)
+    np.testing.assert_allclose(query.obs["cell_type_novelty"].to_numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_a_query_cell_placed_exactly_as_the_reference_cells_is_not_novel():
+    reference = labelled_reference(["A"] * 20, np.zeros((20, 2)))  # e.g. cells with identical counts, hence identical codes
+    query = query_at([[0.0, 0.0]])
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=5, novelty_threshold=0.95)
+    assert query.obs["cell_type_novelty"].iloc[0] == 0.0  # no reference cell is closer to its neighbours than this one
+    assert query.obs["cell_type_predicted"].astype(str).tolist() == ["A"]  # (was "Unknown": ties counted as closer)
+
+
 # ----------------------------------------------------------------------------- real data: CellBench
 
 

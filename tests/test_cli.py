@@ -16,7 +16,8 @@ import zarr
 import cellvae
 import cellvae.model  # before any test patches cellvae.train: model.py binds its names on import
 import cellvae.train
-from cellvae.cli import main
+from cellvae.cli import _write as write_output
+from cellvae.cli import build_parser, main
 from cellvae.data import layer_names
 
 
@@ -38,9 +39,10 @@ def test_help_lists_the_commands_without_loading_torch():
 
 def test_demo_writes_embedding_and_plots(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out-dir", str(out), "--epochs", "5", "--quiet"]) == 0
+    assert main(["demo", "--out-dir", str(out), "--epochs", "5", "--seed", "3", "--quiet"]) == 0
     adata = ad.read_h5ad(out / "pbmc68k.h5ad")
     assert adata.obsm["X_cellvae"].shape == (700, 10)
+    assert adata.uns["cellvae"]["params"]["random_state"] == 3 and adata.uns["cellvae"]["params"]["epochs_trained"] <= 5
     assert {"X_umap"} <= set(adata.obsm) and "leiden" in adata.obs
     for png in ("umap_cell_type.png", "training_history.png"):
         assert (out / png).stat().st_size > 10_000
@@ -77,6 +79,8 @@ def test_fit_then_embed(tmp_path):
     sc.pp.neighbors(notebook, use_rep="X_cellvae", random_state=1)
     sc.tl.leiden(notebook, random_state=1, flavor="igraph", n_iterations=2, directed=False)
     assert (notebook.obs["leiden"].to_numpy() == fitted.obs["leiden"].to_numpy()).all()
+    sc.tl.umap(notebook, random_state=1)  # and so is the UMAP, with the --seed given
+    np.testing.assert_allclose(fitted.obsm["X_umap"], notebook.obsm["X_umap"], rtol=1e-5, atol=1e-5)
     assert (
         main(["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]) == 0
     )
@@ -587,3 +591,74 @@ def test_fit_dispersion_option_reaches_the_model(tmp_path):
     assert main(args) == 0
     saved = cellvae.CellVAE.load(tmp_path / "model")
     assert saved.config.dispersion == "gene-batch"
+
+
+def test_a_seed_of_2_to_the_32_is_refused_and_the_largest_seed_accepted(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--seed", "4294967295"]).seed == 4294967295
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--seed", "4294967296"])
+    assert stopped.value.code == 2 and "--seed: must be a whole number from 0 to 4294967295" in capsys.readouterr().err
+
+
+def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path, monkeypatch):
+    adata = cellvae.datasets.simulate(n_cells=20, n_genes=10, seed=0)
+
+    def fails_half_way(self, path, *args, **kwargs):
+        with open(path, "wb") as file:  # some bytes written, then the disk fills up
+            file.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", fails_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        write_output(adata, str(tmp_path / "out.h5ad"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def fitted_model(tmp_path):
+    cellvae.datasets.simulate(n_cells=150, n_genes=30, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    assert main(["fit", str(tmp_path / "in.h5ad"), *outputs, "--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    return tmp_path
+
+
+def test_embed_leaves_another_tools_uns_record_and_keeps_the_other_entries_of_its_own(fitted_model):
+    tmp_path = fitted_model
+    adata = ad.read_h5ad(tmp_path / "out.h5ad")
+    adata.uns["X_mine"] = {"params": {"method": "another tool"}}
+    adata.uns["cellvae"]["note"] = "kept"
+    adata.write_h5ad(tmp_path / "annotated.h5ad")
+    for key in ("X_mine", "X_cellvae"):
+        out = str(tmp_path / f"{key}.h5ad")
+        assert (
+            main(
+                [
+                    "embed",
+                    str(tmp_path / "annotated.h5ad"),
+                    "--model-dir",
+                    str(tmp_path / "model"),
+                    "--out",
+                    out,
+                    "--key-added",
+                    key,
+                ]
+            )
+            == 0
+        )
+    assert ad.read_h5ad(tmp_path / "X_mine.h5ad").uns["X_mine"]["params"] == {"method": "another tool"}
+    record = ad.read_h5ad(tmp_path / "X_cellvae.h5ad").uns["cellvae"]
+    assert record["note"] == "kept" and record["params"]["model_dir"] == str(tmp_path / "model")
+
+
+def test_embed_says_a_neighbour_graph_made_from_the_replaced_embedding_is_stale(fitted_model, capsys):
+    """--embedding-only output, then sc.pp.neighbors (no UMAP): embedding it again still tells to recompute the graph."""
+    tmp_path = fitted_model
+    adata = ad.read_h5ad(tmp_path / "out.h5ad")
+    sc.pp.neighbors(adata, use_rep="X_cellvae")
+    assert "X_umap" not in adata.obsm
+    adata.write_h5ad(tmp_path / "graph.h5ad")
+    capsys.readouterr()
+    command = ["embed", str(tmp_path / "graph.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]
+    assert main(command) == 0
+    assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """The bundled example restores exact counts; the simulator makes realistic batches."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
+import scipy.sparse as sp
 
 import cellvae
 
@@ -79,3 +81,34 @@ def test_simulate_mean_library_size_scales_the_total_counts():
         for m in (1500.0, 6000.0)
     ]
     assert totals[1] / totals[0] == pytest.approx(4.0, rel=0.1), totals
+
+
+@pytest.mark.parametrize("size", ["n_cells", "n_genes", "n_batches", "n_cell_types"])
+def test_simulate_refuses_a_size_of_zero(size):
+    with pytest.raises(ValueError, match="must all be at least 1"):
+        cellvae.datasets.simulate(**{"n_cells": 10, "n_genes": 5, "n_batches": 1, "n_cell_types": 1, size: 0})
+
+
+def test_simulate_refuses_a_negative_number_of_markers_naming_it():
+    with pytest.raises(ValueError, match="markers_per_type a count >= 0, got 0.5 and -1"):
+        cellvae.datasets.simulate(n_cells=10, n_genes=5, markers_per_type=-1)
+
+
+def test_simulate_sparse_false_stores_a_dense_array_of_the_same_counts():
+    dense = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=2, sparse=False)
+    stored = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=2)
+    assert isinstance(dense.X, np.ndarray) and dense.X.dtype == np.float32
+    assert sp.isspmatrix_csr(stored.X) or isinstance(stored.X, sp.csr_array)
+    np.testing.assert_array_equal(dense.X, stored.X.toarray())
+    assert dense.uns["source"] == "cellvae.datasets.simulate(seed=2)"
+
+
+def test_pbmc68k_keeps_scanpys_cell_annotations():
+    pbmc = cellvae.datasets.pbmc68k()
+    source = sc.datasets.pbmc68k_reduced()
+    assert list(pbmc.obs.columns) == ["cell_type", "n_counts", "percent_mito", "phase"]
+    assert isinstance(pbmc.obs["phase"].dtype, pd.CategoricalDtype)
+    assert isinstance(pbmc.obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert pbmc.obs["cell_type"].astype(str).tolist() == source.obs["bulk_labels"].astype(str).tolist()
+    np.testing.assert_array_equal(pbmc.obs["percent_mito"], source.obs["percent_mito"])
+    assert list(pbmc.var_names) == list(source.raw.var_names) and list(pbmc.obs_names) == list(source.obs_names)

@@ -3,6 +3,7 @@
 import warnings
 
 import anndata as ad
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -339,3 +340,139 @@ def test_the_latent_activity_merged_minibatch_by_minibatch_is_the_variance_of_th
     loader, cells = model._loader(adata, model.device)
     _, activity = cellvae.diagnostics.posterior_statistics(model.module, loader, cells, batch_size=64)
     np.testing.assert_allclose(activity, model.get_latent().astype(np.float64).var(0), rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- small simulated data: the sweep, the plots
+
+SWEEP = {"betas": (1.0,), "max_epochs": 2, "n_hidden": 16, "n_latent": 4}
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=1, n_cell_types=3, seed=0)
+
+
+def _held_out(adata, held_out: float = 0.1, random_state: int = 0) -> np.ndarray:
+    """The cells the sweep holds out (no batch or covariate here to move any back)."""
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[np.random.default_rng(random_state).permutation(adata.n_obs)[: max(1, int(round(held_out * adata.n_obs)))]] = True
+    return held
+
+
+# ----------------------------------------------------------------------------- rate_distortion_sweep's label scores
+
+
+def test_sweep_scores_the_labels_of_the_held_out_cells_only(cells):
+    """The held-out cells all carry one label (the training cells two): one class, which cannot be scored."""
+    adata = cells.copy()
+    held = _held_out(adata)
+    adata.obs["label"] = np.where(held | (np.arange(adata.n_obs) % 2 == 0), "A", "B")
+    frame = cellvae.tl.rate_distortion_sweep(adata, labels_key="label", **SWEEP)
+    assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
+
+
+def test_sweep_leaves_unlabelled_cells_out_of_the_label_scores(cells):
+    """Cells without a label are not a class of their own: one label and missing ones cannot be scored."""
+    adata = cells.copy()
+    held = np.flatnonzero(_held_out(adata))
+    label = pd.Series(pd.NA, index=adata.obs_names, dtype="object")
+    label.iloc[held[: len(held) // 2]] = "A"  # half the held-out cells labelled, all alike; the rest missing
+    adata.obs["label"] = label
+    frame = cellvae.tl.rate_distortion_sweep(adata, labels_key="label", **SWEEP)
+    assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
+
+
+def test_sweep_label_silhouette_is_rescaled_to_zero_to_one_with_chance_at_one_half(cells):
+    """Labels drawn at random have a silhouette near 0, which the sweep reports as about 0.5."""
+    adata = cells.copy()
+    adata.obs["random"] = np.random.default_rng(1).choice(["A", "B"], adata.n_obs)
+    frame = cellvae.tl.rate_distortion_sweep(adata, labels_key="random", **SWEEP)
+    assert 0.4 < frame.loc[0, "label_silhouette"] < 0.6
+    assert 0.0 <= frame.loc[0, "label_nmi"] <= 1.0
+
+
+def test_sweep_warm_start_trains_later_betas_without_kl_warm_up_unless_asked(cells, monkeypatch):
+    warmups = []
+    fit = CellVAE.fit
+
+    def recording(self, *args, **kwargs):
+        warmups.append(self.config.kl_warmup)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(CellVAE, "fit", recording)
+    settings = {**SWEEP, "betas": (1.0, 2.0, 4.0)}
+    cellvae.tl.rate_distortion_sweep(cells, warm_start=True, **settings)
+    assert warmups == [None, 0, 0]  # the first fit has the default warm-up, the later ones none
+    warmups.clear()
+    cellvae.tl.rate_distortion_sweep(cells, warm_start=True, kl_warmup=1, **settings)
+    assert warmups == [1, 1, 1]
+
+
+def test_sweep_counts_active_units_on_the_held_out_cells(cells, monkeypatch):
+    measured = []
+    active_units = CellVAE.active_units
+
+    def recording(self, adata=None, *args, **kwargs):
+        measured.append(adata.n_obs)
+        return active_units(self, adata, *args, **kwargs)
+
+    monkeypatch.setattr(CellVAE, "active_units", recording)
+    cellvae.tl.rate_distortion_sweep(cells, **SWEEP)
+    assert measured == [int(_held_out(cells).sum())]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+@pytest.fixture(scope="module")
+def small_model(cells):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CellVAE(cells, n_hidden=16, n_latent=6).fit(max_epochs=3, progress=False)
+
+
+def test_history_panels_are_titled_and_labelled(small_model):
+    distortion, rate = cellvae.pl.history(small_model, show=False)
+    assert distortion.get_title() == "distortion −E[log p(x|z)]" and rate.get_title() == "rate KL(q‖p)"
+    for panel in (distortion, rate):
+        assert panel.get_xlabel() == "epoch" and panel.get_ylabel() == "nats per cell"
+    plt.close(distortion.figure)
+    _, one = plt.subplots()
+    left, right = cellvae.pl.history(small_model, ax=one, show=False)
+    assert left.get_xlabel() == "epoch"
+    assert (left.get_ylabel(), right.get_ylabel()) == ("distortion, nats per cell", "rate, nats per cell")
+    plt.close(one.figure)
+
+
+def test_saving_into_the_callers_axes_leaves_the_callers_figure_open(small_model, tmp_path):
+    figure, ax = plt.subplots()
+    cellvae.pl.kl_per_dimension(small_model, ax=ax, save=tmp_path / "kl.png")
+    assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert plt.fignum_exists(figure.number)  # the caller may still draw into it
+    figure2, axes = plt.subplots(1, 2)
+    cellvae.pl.history(small_model, ax=axes, save=tmp_path / "history.png")
+    assert plt.fignum_exists(figure2.number)
+    plt.close("all")
+
+
+def test_kl_per_dimension_greys_out_the_inactive_dimension_each_bar_names(small_model):
+    activity = small_model.get_latent().astype(np.float64).var(0)
+    threshold = float(np.median(activity))  # about half the dimensions inactive
+    ax = cellvae.pl.kl_per_dimension(small_model, threshold=threshold, show=False)
+    dimensions = [int(tick.get_text()) for tick in ax.get_xticklabels()]
+    grey = matplotlib.colors.to_rgba("lightgrey")
+    inactive = [bar.get_facecolor() == grey for bar in ax.patches]
+    assert inactive == [bool(activity[d] <= threshold) for d in dimensions]
+    assert 0 < sum(inactive) < len(inactive)
+    assert ax.get_title() == f"{int((activity > threshold).sum())} of 6 dimensions active"
+    plt.close(ax.figure)
+
+
+def test_rate_distortion_draws_the_curve_in_order_of_rate_with_labelled_axes():
+    sweep = pd.DataFrame({"beta": [4.0, 0.5, 1.0], "rate": [2.0, 9.0, 5.0], "distortion": [120.0, 100.0, 104.0]})
+    ax = cellvae.pl.rate_distortion(sweep, show=False)
+    curve = ax.get_lines()[0]
+    np.testing.assert_array_equal(curve.get_xdata(), [2.0, 5.0, 9.0])
+    np.testing.assert_array_equal(curve.get_ydata(), [120.0, 104.0, 100.0])
+    assert ax.get_xlabel().startswith("rate") and ax.get_ylabel().startswith("distortion")
+    plt.close(ax.figure)

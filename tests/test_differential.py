@@ -463,3 +463,12 @@ def test_fewer_counts_in_the_same_cells_make_fold_changes_less_certain():
             for a in (adata, thin)
         ]  # fmt: skip
     assert spread[1] > 3.0 * spread[0], spread
+
+
+def test_rank_genes_groups_returns_none_in_place_and_records_the_settings_it_ran_with(simulated, model):
+    adata = simulated.copy()
+    settings = {"delta": 0.5, "batch_correction": False, "n_draws": 150, "max_cells": 100, "random_state": 3}
+    assert cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, progress=False, **settings) is None
+    params = adata.uns["rank_genes_groups"]["params"]
+    assert {key: params[key] for key in settings} == settings
+    assert (params["reference"], params["pts"], params["layer"], params["use_raw"]) == ("rest", False, None, False)

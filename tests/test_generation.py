@@ -1,6 +1,9 @@
 """Generation from the prior, decoding, interpolation and latent arithmetic (the scGen-style stimulation prediction)."""
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import shared_dataset
@@ -266,3 +269,64 @@ def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
     generated = model.generate(5, covariates={"library_size": 7.0}, library_size=1000, random_state=0)
     assert np.allclose(generated.obs["library_size"], 7.0)  # the covariate the cells were decoded with
     assert np.allclose(generated.obs["generated_library_size"], 1000)
+
+
+# ----------------------------------------------------------------------------- a small simulated model: interpolate, latent_shift
+
+
+@pytest.fixture(scope="module")
+def cells():
+    adata = cellvae.datasets.simulate(n_cells=240, n_genes=40, n_batches=1, n_cell_types=3, seed=7)
+    adata.obs["condition"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2 == 0, "ctrl", "stim"))
+    return adata
+
+
+@pytest.fixture(scope="module")
+def small_model(cells):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CellVAE(cells, n_hidden=16, n_latent=4).fit(max_epochs=2, progress=False)
+
+
+def test_interpolate_needs_two_steps_and_names_the_models_genes(cells, small_model):
+    with pytest.raises(ValueError, match="n_steps must be an integer of at least 2, got 1"):
+        cellvae.tl.interpolate(small_model, [0], [1], 1)
+    path = cellvae.tl.interpolate(small_model, [0], [1], 3)
+    assert list(path.var_names) == list(cells.var_names)
+    assert list(path.obs_names) == ["step0", "step1", "step2"]
+
+
+def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
+    """stratify: the shift is the mean, over the strata, of each stratum's target − source mean code."""
+    apply_to = (cells.obs["condition"] == "ctrl").to_numpy() & (cells.obs["cell_type"] == "type0").to_numpy()
+    reference = ~apply_to
+    shifted = cellvae.tl.latent_shift(
+        small_model, cells, groupby="condition", source="ctrl", target="stim", apply_to=apply_to, reference=reference,
+        stratify="cell_type",
+    )  # fmt: skip
+    latent = small_model.get_latent(cells)
+    stim = (cells.obs["condition"] == "stim").to_numpy()
+    deltas = []
+    for stratum in ("type1", "type2"):  # type0's controls are the cells shifted: that stratum holds no 'ctrl' reference
+        here = reference & (cells.obs["cell_type"] == stratum).to_numpy()
+        deltas.append(latent[here & stim].mean(0) - latent[here & ~stim].mean(0))
+    record = shifted.uns["latent_shift"]
+    assert record["n_strata"] == 2
+    np.testing.assert_allclose(record["delta"], np.mean(deltas, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shifted.obsm["z"], latent[apply_to] + record["delta"], rtol=1e-5, atol=1e-6)
+
+
+def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_target(cells):
+    """groupby that is a categorical covariate of the model: a warning, and the cells decoded with the target's category."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CellVAE(cells, categorical_covariate_keys=["condition"], n_hidden=16, n_latent=4).fit(
+            max_epochs=2, progress=False
+        )
+    controls = (cells.obs["condition"] == "ctrl").to_numpy() & (cells.obs["cell_type"] == "type0").to_numpy()
+    with pytest.warns(UserWarning, match=r"obs\['condition'\] is an input of the model's decoder .*decoded as 'stim'"):
+        shifted = cellvae.tl.latent_shift(model, cells, groupby="condition", source="ctrl", target="stim", apply_to=controls)
+    as_stim = model.decode(shifted.obsm["z"], covariates={"condition": "stim"})
+    as_ctrl = model.decode(shifted.obsm["z"], covariates={"condition": "ctrl"})
+    np.testing.assert_allclose(shifted.X, as_stim, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(shifted.X, as_ctrl, rtol=1e-5, atol=1e-6)

@@ -1446,3 +1446,18 @@ def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_q
         trained.sample_counts(cells, progress="quiet")
     copy = cellvae.tl.rank_genes_groups(cells, "cell_type", model=trained, n_draws=100, copy=True)
     assert "\rdifferential_expression: " in capsys.readouterr().err and "rank_genes_groups" in copy.uns
+
+
+def test_embed_records_fits_settings_from_fit_kwargs_in_uns(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=150, n_genes=30, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cellvae.tl.embed(
+            adata, max_epochs=1, progress=False, n_hidden=8, n_latent=3,
+            fit_kwargs={"batch_size": 64, "lr": 2e-3, "validation_size": 0.2, "device": "cpu"},
+        )  # fmt: skip
+    params = adata.uns["cellvae"]["params"]
+    assert (params["batch_size"], params["lr"], params["validation_size"], params["device"]) == (64, 2e-3, 0.2, "cpu")
+    assert (params["n_hidden"], params["n_latent"], params["epochs_trained"]) == (8, 3, 1)
+    adata.write_h5ad(tmp_path / "embedded.h5ad")
+    assert ad.read_h5ad(tmp_path / "embedded.h5ad").uns["cellvae"]["params"]["batch_size"] == 64
