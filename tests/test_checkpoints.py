@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import cellvae
+import cellvae.train
 from cellvae import CellVAE
+from cellvae.train import checkpoint_ranks, default_kl_warmup, default_query_epochs, split_cells
 
 CHECKPOINT = "checkpoint.safetensors"
 # An epoch takes about 0.2 s; 20 of them leave a signal sent after epoch 2 ample time (3 s) to land
@@ -370,3 +372,74 @@ def test_validation_loss_weighs_the_rate_by_beta():
     model = cellvae.CellVAE(adata, n_hidden=16, beta=5.0).fit(max_epochs=2, progress=False)
     h = model.history
     np.testing.assert_allclose(h["validation_loss"], h["validation_distortion"] + 5.0 * h["validation_rate"], rtol=1e-9)
+
+
+def test_split_cells_keeps_at_least_one_cell_on_each_side_and_is_seeded():
+    cells = np.arange(100, 300)
+    for size in (1e-4, 0.001, 0.004):  # fewer than half a cell: still one validation cell
+        train, validation = split_cells(cells, size, 0)
+        assert len(validation) == 1 and len(train) == 199
+    train, validation = split_cells(cells, 0.999, 0)
+    assert len(train) == 1 and len(validation) == 199  # never all of them
+    train, validation = split_cells(cells, 0.0, 0)
+    assert len(validation) == 0 and sorted(train) == list(cells)
+    train, validation = split_cells(cells, 0.25, 3)
+    assert len(validation) == 50 and np.all(np.diff(validation) > 0)
+    assert sorted(np.r_[train, validation]) == list(cells)
+    assert not np.array_equal(train, np.sort(train))  # shuffled training cells
+    again = split_cells(cells, 0.25, 3)
+    np.testing.assert_array_equal(train, again[0])
+    np.testing.assert_array_equal(validation, again[1])
+    assert not np.array_equal(validation, split_cells(cells, 0.25, 4)[1])
+
+
+def test_default_kl_warm_up_and_query_epochs():
+    """Warm-up: a quarter of training, 1 to 50 epochs; query epochs: ~200,000 cell passes, 20 to 200 epochs."""
+    assert [default_kl_warmup(n) for n in (1, 3, 4, 20, 100, 200, 201, 400)] == [1, 1, 1, 5, 25, 50, 50, 50]
+    assert [default_query_epochs(n) for n in (1, 1_000, 2_000, 10_000, 20_000, 100_000)] == [200, 200, 100, 20, 20, 20]
+
+
+def test_a_checkpoint_whose_best_parameters_do_not_fit_the_model_is_refused(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    best = next(k for k in tensors if k.startswith("best.") and tensors[k].ndim == 2)
+    save_file(tensors | {best: tensors[best][:, :-1].contiguous()}, tmp_path / CHECKPOINT, metadata=meta)
+    with pytest.raises(ValueError, match="(?s)does not fit this model.*resume=False"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    without_best = {k: v for k, v in tensors.items() if not k.startswith("best.")}
+    save_file(without_best, tmp_path / CHECKPOINT, metadata=meta)
+    with pytest.raises(ValueError, match="(?s)does not fit this model.*resume=False"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A failure between writing the staging file and renaming it (a full disk, a Ctrl-C) removes the staging file."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+
+    def failing_replace(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cellvae.train.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize(
+    "files, processes",
+    [
+        (["checkpoint.rank1.safetensors"], 2),  # rank 0 crashed before its first checkpoint
+        (["checkpoint.rank0.safetensors", "checkpoint.rank2.safetensors"], 3),
+        (["checkpoint.rank0.previous.safetensors", "checkpoint.rank1.previous.safetensors"], 2),  # killed between renames
+        (["checkpoint.rank0.safetensors", "checkpoint.rank1.previous.safetensors"], 2),
+    ],
+)
+def test_resuming_the_files_of_a_data_parallel_run_in_one_process_names_how_many_wrote_them(tmp_path, files, processes):
+    for name in files:
+        (tmp_path / name).write_bytes(b"written by a data-parallel run")
+    assert checkpoint_ranks(tmp_path) == (False, processes)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
+    with pytest.raises(ValueError, match=rf"written by at least {processes} processes and this run has 1"):
+        CellVAE(adata).fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path, resume=True)

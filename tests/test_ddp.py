@@ -18,7 +18,7 @@ import cellvae
 import cellvae.data
 import cellvae.model
 import cellvae.train
-from cellvae.train import shard
+from cellvae.train import average_statistics, shard
 
 EPOCHS = 20
 
@@ -493,3 +493,30 @@ def test_two_process_run_killed_mid_training_resumes_to_the_uninterrupted_model(
             assert torch.equal(expected[key], actual[key]), f"parameter {key} differs after resuming from {folder.name}"
         columns = [c for c in whole.history.columns if c != "seconds"]
         np.testing.assert_array_equal(whole.history[columns].to_numpy(), resumed.history[columns].to_numpy())
+
+
+def _average_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    for index, module in enumerate(m for m in model if isinstance(m, torch.nn.BatchNorm1d)):
+        module.running_mean.fill_(1.0 + rank + index)  # rank 0: 1, 2; rank 1: 2, 3
+        module.running_var.fill_(4.0 * (rank + 1))  # 4 and 8
+    average_statistics(model, 2)
+    torch.save({k: v for k, v in model.state_dict().items() if "running" in k}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_average_statistics_leaves_every_rank_with_the_mean_of_the_ranks_batchnorm_statistics(tmp_path):
+    """Not just the same statistics on every rank: their mean (a sum would scale the model's normalisation)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        np.testing.assert_allclose(state["1.running_mean"].numpy(), 1.5)
+        np.testing.assert_allclose(state["3.running_mean"].numpy(), 2.5)
+        np.testing.assert_allclose(state["1.running_var"].numpy(), 6.0)
+        np.testing.assert_allclose(state["3.running_var"].numpy(), 6.0)

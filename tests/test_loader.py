@@ -15,8 +15,9 @@ from conftest import knn_accuracy, no_warnings
 from scipy.special import gammaln
 
 import cellvae
+import cellvae.data
 from cellvae.config import Config
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, library_sizes
+from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, cell_positions, library_sizes
 from cellvae.module import VAE
 from cellvae.train import TrainSettings, train
 
@@ -738,3 +739,151 @@ def test_training_that_fails_mid_epoch_leaves_no_prefetch_thread(tmp_path, monke
     assert kept.value is not None  # the traceback is still held here
     assert [t.name for t in threading.enumerate() if t.name == "cellvae-loader"] == []
     backed.file.close()
+
+
+# ----------------------------------------------------------------------------- reading and checking, case by case
+
+
+@pytest.fixture(scope="module")
+def small_counts():
+    return cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=7)
+
+
+def test_a_view_that_repeats_a_gene_reads_as_anndata_reads_it(small_counts):
+    """A view whose genes repeat one (adata[:, [g, g, ...]]) is left to anndata; its columns are each gene's counts."""
+    adata = small_counts.copy()
+    adata.X = sp.csr_matrix(adata.X)
+    view = adata[np.arange(0, 300, 2), [3, 3, 0, 7]]
+    matrix = cellvae.data.count_matrix(view, None)
+    assert matrix.shape == view.shape
+    np.testing.assert_array_equal(sp.csr_matrix(matrix).toarray(), view.X.toarray())
+
+
+def test_the_share_of_ones_of_a_view_of_a_backed_file_is_taken_from_the_views_own_cells(small_counts, tmp_path):
+    """share_of_ones samples the whole file for a backed view but must count only the view's cells, each in its batch."""
+    counts = small_counts.X.toarray()
+    counts[150:] *= 7  # the second half: read counts (no 1s); the first half: UMI-like (many 1s)
+    ad.AnnData(sp.csr_matrix(counts)).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    rows = np.r_[np.arange(299, 200, -1), np.arange(0, 40)]  # mostly second-half cells, out of file order
+    codes = (rows < 150).astype(np.int64)  # batch 0: second-half cells, batch 1: first-half cells
+    view = cellvae.data.count_matrix(backed[rows], None)
+    assert isinstance(view, cellvae.data.BackedView)
+    share, non_zero = cellvae.data.share_of_ones(view, codes)
+    expected_share, expected_non_zero = cellvae.data.share_of_ones(sp.csr_matrix(counts[rows]), codes)
+    np.testing.assert_allclose(share, expected_share)
+    np.testing.assert_array_equal(non_zero, expected_non_zero)
+    assert share[0] == 0 and share[1] > 0.05
+    backed.file.close()
+
+
+def test_genes_without_counts_of_a_dense_matrix_read_in_several_blocks(small_counts, monkeypatch):
+    """Dense counts are scanned a block of rows at a time: a gene seen only in an early block still has counts."""
+    monkeypatch.setattr(cellvae.data, "VALUES_PER_CHECK", 40 * 50)  # blocks of 50 cells
+    counts = np.zeros((300, 40), dtype=np.float32)
+    counts[3, :10] = 1  # genes 0-9: only in the first block
+    counts[297, 10:20] = 2  # genes 10-19: only in the last block
+    assert cellvae.data.genes_without_counts(counts) == 20
+    assert cellvae.data.genes_without_counts(sp.csr_matrix(counts)) == 20
+
+
+@pytest.mark.parametrize("layout", ["csr_int", "csr_float"])
+def test_library_sizes_of_cells_without_counts_are_zero(layout):
+    """Empty cells (no stored value) between full ones sum to 0, in every chunk of rows."""
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(1.0, size=(400, 30)).astype(np.float32 if layout == "csr_float" else np.int64)
+    dense[::3] = 0  # every third cell empty, including the first
+    dense[-1] = 0  # and the last
+    _ = np.full(10_000, 7.0)  # leave non-zero garbage where a fresh uninitialised array may be placed
+    del _
+    np.testing.assert_array_equal(library_sizes(sp.csr_matrix(dense)), dense.sum(1))
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense", "csc"])
+def test_library_sizes_of_a_range_of_backed_rows_has_just_those_rows(small_counts, tmp_path, kind):
+    """rows=range(a, b) (one data-parallel rank's part) reads, checks and sums only those cells."""
+    dense = small_counts.X.toarray()
+    matrix = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": np.asarray}[kind](dense)
+    ad.AnnData(matrix).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    part = library_sizes(backed.X, check_as="adata.X", rows=range(100, 200))
+    np.testing.assert_array_equal(part, dense[100:200].sum(1))
+    backed.file.close()
+
+
+@pytest.mark.parametrize("values_per_band", [1, 3, 50])
+def test_backed_csc_read_in_bands_of_any_width_keeps_every_gene(small_counts, tmp_path, monkeypatch, values_per_band):
+    """However the columns fall into bands (down to one gene per band), no gene, the last one included, is left out."""
+    dense = small_counts.X.toarray()
+    dense[:, -1] = 5  # the last gene: counts in every cell
+    ad.AnnData(sp.csc_matrix(dense)).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    monkeypatch.setattr(cellvae.data, "VALUES_PER_CHECK", values_per_band)
+    bands = cellvae.data._csc_bands(backed.X)
+    assert bands[0][0] == 0 and bands[-1][1] == dense.shape[1]
+    assert all(stop == start for (_, stop), (start, _) in zip(bands[:-1], bands[1:]))
+    np.testing.assert_array_equal(library_sizes(backed.X, check_as="adata.X"), dense.sum(1))
+    n = dense.shape[0]
+    loader = CellLoader(backed.X, np.zeros((n, 0), np.float32), dense.sum(1), np.zeros(n, np.int64))
+    for mb in loader.batches(np.arange(n), 128):
+        np.testing.assert_array_equal(mb.counts.numpy(), dense[mb.cell_index])
+    backed.file.close()
+
+
+def test_a_backed_file_larger_than_a_read_buffer_starts_each_epoch_in_a_different_part_of_it(small_counts, tmp_path, monkeypatch):
+    """Buffers hold a few blocks of rows; the blocks are dealt out in a shuffled order, so an epoch does not always
+    begin with the first rows of the file (a file sorted by batch would start every epoch on one batch)."""
+    adata = cellvae.datasets.simulate(n_cells=8 * BACKED_BLOCK_ROWS, n_genes=20, seed=2)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 20 * 2 * BACKED_BLOCK_ROWS)  # a buffer: 2 of the 8 blocks
+    n = adata.n_obs
+    loader = CellLoader(backed.X, np.zeros((n, 0), np.float32), np.ones(n), np.zeros(n, np.int64))
+    rng = np.random.default_rng(0)
+    first_blocks = []
+    for _ in range(4):
+        order = np.concatenate([mb.cell_index for mb in loader.batches(np.arange(n), 64, shuffle=True, rng=rng)])
+        assert sorted(order) == list(range(n))
+        first_blocks.append(frozenset(np.unique(order[: 2 * BACKED_BLOCK_ROWS] // BACKED_BLOCK_ROWS).tolist()))
+    assert len(set(first_blocks)) > 1  # the first buffer's blocks change from epoch to epoch
+    assert any(blocks != {0, 1} for blocks in first_blocks)
+    backed.file.close()
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32", "int64"])
+@pytest.mark.parametrize("value", [-1, -3])
+def test_negative_integer_counts_are_refused_however_small(small_counts, dtype, value):
+    """Integer counts below 0 (e.g. -1, a common 'missing' sentinel) are refused as such."""
+    matrix = small_counts.X.toarray().astype(dtype)
+    matrix[4, 2] = value
+    with pytest.raises(ValueError, match=rf"adata\.X has negative values \(min {value}\)"):
+        cellvae.CellVAE(ad.AnnData(matrix, obs=small_counts.obs, var=small_counts.var))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_counts_off_whole_numbers_by_less_than_a_thousandth_are_told_as_round_off(small_counts, dtype):
+    """The documented bound: values within 0.001 of whole numbers are round-off (fixed by np.rint), not normalised data."""
+    matrix = small_counts.X.toarray().astype(dtype)
+    matrix[2, 1] = 4.0004  # off by 4e-4: float arithmetic on counts (e.g. a sum of float32 parts)
+    with pytest.raises(ValueError, match=r"adata\.X holds counts with round-off .*within 0\.001.*np\.rint"):
+        cellvae.CellVAE(ad.AnnData(matrix, obs=small_counts.obs, var=small_counts.var))
+    matrix[2, 1] = 4.002  # beyond it: not round-off
+    with pytest.raises(ValueError, match=r"non-integer values"):
+        cellvae.CellVAE(ad.AnnData(matrix, obs=small_counts.obs, var=small_counts.var))
+
+
+def test_cell_positions_accepts_every_position_and_refuses_the_rest(small_counts):
+    """Positions run 0..n_obs-1, negative ones count from the end (as in numpy); n_obs and a mask of another
+    length are refused rather than wrapped round or read short."""
+    n = small_counts.n_obs
+    np.testing.assert_array_equal(cell_positions(small_counts, [0, n - 1, -1, -n], "cells"), [0, n - 1, n - 1, 0])
+    for outside in ([n], [-n - 1], [0, n + 5]):
+        with pytest.raises(ValueError, match=rf"cells has positions outside 0\.\.{n - 1}"):
+            cell_positions(small_counts, outside, "cells")
+    mask = np.zeros(n, dtype=bool)
+    mask[[3, 9]] = True
+    np.testing.assert_array_equal(cell_positions(small_counts, mask, "cells"), [3, 9])
+    for wrong in (mask[:-1], np.r_[mask, True]):
+        with pytest.raises(ValueError, match=rf"cells as a boolean mask must have length adata\.n_obs \({n}\)"):
+            cell_positions(small_counts, wrong, "cells")
+    np.testing.assert_array_equal(cell_positions(small_counts, small_counts.obs_names[[5, 2]], "cells"), [5, 2])

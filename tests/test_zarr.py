@@ -18,6 +18,7 @@ from cellvae.data import (
     _read_csc_rows,
     _read_csr_rows,
     _read_sorted_rows,
+    is_backed_matrix,
     library_sizes,
 )
 
@@ -262,3 +263,22 @@ def test_cli_fit_reads_a_zarr_store(stores, tmp_path):
 def test_cli_fit_names_a_missing_zarr_store(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["fit", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "m")])
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_read_zarr_lazy_keeps_layers_and_raw_on_disk_and_sums_a_layer(tmp_path, kind):
+    """read_zarr_lazy documents X, layers and raw.X as left in the store; a layer is read like X."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=3)
+    counts = adata.X.copy()
+    layer = sp.csr_matrix(counts) if kind == "csr" else counts.toarray()
+    adata.X = sp.csr_matrix(counts, dtype=np.float32) * 0.5  # not counts: the model must read the layer
+    adata.layers["counts"] = layer
+    adata.raw = ad.AnnData(sp.csr_matrix(counts), var=adata.var)
+    with ad.settings.override(zarr_write_format=3):
+        adata.write_zarr(tmp_path / "cells.zarr")
+    lazy = cellvae.read_zarr_lazy(tmp_path / "cells.zarr")
+    assert is_backed_matrix(lazy.X)
+    assert is_backed_matrix(lazy.layers["counts"])
+    assert is_backed_matrix(lazy.raw.X)
+    assert lazy.obsm is not None and list(lazy.obs.columns) == list(adata.obs.columns)  # the rest is in memory
+    np.testing.assert_array_equal(library_sizes(lazy.layers["counts"]), np.asarray(counts.sum(1)).ravel())
