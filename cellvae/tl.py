@@ -298,8 +298,8 @@ def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:
     """Share of reference cells (at most 10,000, drawn with a fixed seed) whose mean distance to their own
-    nearest reference cells is strictly below each query cell's to its nearest (a tie is not closer) (the same number of them on both
-    sides: ``k``, or one fewer than the reference cells; NaN for a one-cell reference)."""
+    nearest reference cells is strictly below each query cell's to its nearest: a tie is not closer. Both sides
+    average over as many neighbours: ``k``, or one fewer than the reference cells (NaN for a one-cell reference)."""
     n = min(k, len(reference) - 1)
     if n < 1:
         return np.full(len(query_distances), np.nan)
