@@ -18,7 +18,7 @@ import cellvae
 import cellvae.data
 import cellvae.model
 import cellvae.train
-from cellvae.train import average_statistics, shard
+from cellvae.train import agreed_checkpoint, average_statistics, previous_checkpoint, shard
 
 EPOCHS = 20
 
@@ -520,3 +520,38 @@ def test_average_statistics_leaves_every_rank_with_the_mean_of_the_ranks_batchno
         np.testing.assert_allclose(state["3.running_mean"].numpy(), 2.5)
         np.testing.assert_allclose(state["1.running_var"].numpy(), 6.0)
         np.testing.assert_allclose(state["3.running_var"].numpy(), 6.0)
+
+
+def _agree_on_rank(rank: int, init_file: str, folder: str, epochs_per_rank: list) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    path = Path(folder) / f"checkpoint.rank{rank}.safetensors"
+    older, newer = epochs_per_rank[rank]
+    for epoch, file in ((older, previous_checkpoint(path)), (newer, path)):
+        meta = {"cellvae_checkpoint": json.dumps({"epoch": epoch, "world": 2})}
+        save_file({"weight": torch.zeros(1)}, file, metadata=meta)
+    try:
+        outcome = f"resumes from {agreed_checkpoint(path).name}"
+    except ValueError as error:
+        outcome = str(error)
+    (Path(folder) / f"outcome{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_ranks_resume_from_the_newest_epoch_they_all_have_or_all_refuse_checkpoints_epochs_apart(tmp_path):
+    """One rank a checkpoint ahead (killed between the ranks' writes) falls back to its previous file; ranks
+    whose files share no epoch all refuse, rather than one starting over while the other resumes."""
+    import torch.multiprocessing as mp
+
+    for case, epochs_per_rank in (("ahead", [(3, 4), (4, 5)]), ("apart", [(3, 4), (5, 6)])):
+        folder = tmp_path / case
+        folder.mkdir()
+        mp.spawn(_agree_on_rank, args=(str(folder / "init"), str(folder), epochs_per_rank), nprocs=2, join=True)
+        outcomes = [(folder / f"outcome{rank}.txt").read_text() for rank in range(2)]
+        if case == "ahead":
+            assert outcomes == ["resumes from checkpoint.rank0.safetensors", "resumes from checkpoint.rank1.previous.safetensors"]
+        else:
+            assert all("checkpoints next to" in text and "are from different epochs" in text for text in outcomes)
