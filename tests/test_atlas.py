@@ -376,10 +376,20 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     np.testing.assert_array_equal(on_top.obs["score_predicted"].to_numpy(dtype=float), many.obs["score"].to_numpy())
 
 
+def labelled_reference(labels, positions) -> ad.AnnData:
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"r{i}" for i in range(len(labels))]))
+    reference.obsm["X_cellvae"] = np.asarray(positions, dtype=float)
+    return reference
+
+
+def query_at(positions) -> ad.AnnData:
+    positions = np.asarray(positions, dtype=float)
+    return ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(len(positions))]), obsm={"X_cellvae": positions})
+
+
 def test_transfer_labels_takes_labels_key_as_rate_distortion_sweep_does_and_its_old_name_with_a_warning():
-    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B", "B"]}, index=[f"r{i}" for i in range(4)]))
-    reference.obsm["X_cellvae"] = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.1, 0.0]])
-    query = ad.AnnData(obs=pd.DataFrame(index=["q0", "q1"]), obsm={"X_cellvae": np.array([[0.05, 0.0], [5.05, 0.0]])})
+    reference = labelled_reference(["A", "A", "B", "B"], [[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.1, 0.0]])
+    query = query_at([[0.05, 0.0], [5.05, 0.0]])
     cellvae.tl.transfer_labels(reference, query, labels_key="cell_type", k=2)
     assert query.obs["cell_type_predicted"].astype(str).tolist() == ["A", "B"]
     by_old_name = query.copy()
@@ -391,17 +401,6 @@ def test_transfer_labels_takes_labels_key_as_rate_distortion_sweep_does_and_its_
         cellvae.tl.transfer_labels(reference, query)
     with pytest.raises(TypeError, match="both labels_key and its deprecated name label_key"):
         cellvae.tl.transfer_labels(reference, query, "cell_type", label_key="cell_type")
-
-
-def labelled_reference(labels, positions) -> ad.AnnData:
-    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"r{i}" for i in range(len(labels))]))
-    reference.obsm["X_cellvae"] = np.asarray(positions, dtype=float)
-    return reference
-
-
-def query_at(positions) -> ad.AnnData:
-    positions = np.asarray(positions, dtype=float)
-    return ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(len(positions))]), obsm={"X_cellvae": positions})
 
 
 def test_unknown_threshold_flags_only_cells_whose_uncertainty_exceeds_it():
