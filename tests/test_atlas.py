@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import no_warnings, pca_of, shared_dataset
+from conftest import no_warnings, pca_of, shared_dataset, simulated_module
 from sklearn.model_selection import KFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 import cellvae
 from cellvae import CellVAE
+from cellvae.module import batch_discrepancy
 from cellvae.train import default_max_epochs, default_query_epochs
 
 
@@ -745,3 +746,35 @@ def test_rate_distortion_averages_the_distortion_over_n_samples(small_reference)
         runs = [model.rate_distortion(n_samples=n_samples, random_state=s, progress=False)["distortion"] for s in range(3)]
         spread.append(float(np.std(np.stack(runs), axis=0).mean()))
     assert spread[1] < 0.5 * spread[0], spread
+
+
+def test_the_batch_discrepancy_weighs_on_the_training_loss_only():
+    vae, counts, covariates, library, batch_index = simulated_module(batch_mmd=10.0)
+    for training in (True, False):
+        vae.train(training)
+        torch.manual_seed(0)
+        out = vae(counts, covariates, library, batch_index)
+        elbo_loss = (out["distortion"] + out["rate"]).mean()
+        if training:
+            torch.manual_seed(0)
+            z = vae.inference(counts, covariates)["z"]
+            torch.testing.assert_close(out["loss"], elbo_loss + 10.0 * batch_discrepancy(z, batch_index, 2))
+        else:
+            torch.testing.assert_close(out["loss"], elbo_loss)
+
+
+def test_batch_discrepancy_is_the_biased_squared_mmd_of_each_batch_against_the_others():
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(30, 4, generator=generator, dtype=torch.float64) * 3.0
+    batches = torch.tensor([0] * 5 + [1] * 10 + [2] * 15)
+    z[batches == 1] += 2.0
+
+    def kernel_mean(a, b):
+        squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+        return sum(torch.exp(-squared / (2.0 * width**2)) for width in (1.0, 2.0, 4.0, 8.0)).mean()
+
+    expected = 0.0
+    for batch in range(3):
+        inside, outside = z[batches == batch], z[batches != batch]
+        expected += kernel_mean(inside, inside) + kernel_mean(outside, outside) - 2.0 * kernel_mean(inside, outside)
+    torch.testing.assert_close(batch_discrepancy(z, batches, 4), expected)  # batch 3 has no cells: no term

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import torch
-from conftest import shared_dataset
+from conftest import shared_dataset, simulated_module
 
 import cellvae
 from cellvae import CellVAE
@@ -476,3 +476,47 @@ def test_rate_distortion_draws_the_curve_in_order_of_rate_with_labelled_axes():
     np.testing.assert_array_equal(curve.get_ydata(), [120.0, 104.0, 100.0])
     assert ax.get_xlabel().startswith("rate") and ax.get_ylabel().startswith("distortion")
     plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("posterior", ["diagonal", "full"])
+def test_posterior_draws_have_the_encoders_mean_and_covariance_and_its_density(posterior):
+    vae, counts, covariates = simulated_module(posterior=posterior, n_latent=3)[:3]
+    with torch.no_grad():
+        vae.encoder.scale.bias.normal_(std=1.0, generator=torch.Generator().manual_seed(0))
+        mean, scale = vae.encoder(counts[:4], covariates[:4])
+        noise = torch.randn(100_000, 4, 3, generator=torch.Generator().manual_seed(1))
+        z = vae.reparameterise(mean, scale, noise).double()
+        if posterior == "full":
+            q = torch.distributions.MultivariateNormal(mean, scale_tril=scale)
+            covariance = q.covariance_matrix.double()
+            assert (covariance - torch.diag_embed(torch.diagonal(covariance, dim1=-2, dim2=-1))).abs().max() > 0.1
+            density = q.log_prob(z[:50].float())
+        else:
+            covariance = torch.diag_embed(scale.exp()).double()
+            density = torch.distributions.Normal(mean, (0.5 * scale).exp()).log_prob(z[:50].float()).sum(-1)
+        torch.testing.assert_close(vae.log_posterior_density(z[:50].float(), mean, scale), density)
+    centred = z - z.mean(0)
+    empirical = torch.einsum("sci,scj->cij", centred, centred) / len(z)
+    torch.testing.assert_close(z.mean(0), mean.double(), atol=0.02 * covariance.max().sqrt().item(), rtol=0)
+    torch.testing.assert_close(empirical, covariance, rtol=0.03, atol=0.01 * covariance.max().item())
+
+
+@pytest.mark.parametrize("posterior", ["diagonal", "full"])
+def test_the_rate_is_the_gaussian_kl_from_the_prior_and_its_marginals_are_the_per_dimension_kls(posterior):
+    vae, counts, covariates = simulated_module(posterior=posterior, n_latent=4)[:3]
+    with torch.no_grad():
+        vae.encoder.scale.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(0))
+        mean, scale = vae.encoder(counts, covariates)
+        if posterior == "full":
+            q = torch.distributions.MultivariateNormal(mean, scale_tril=scale)
+        else:
+            q = torch.distributions.MultivariateNormal(mean, torch.diag_embed(scale.exp()))
+        prior = torch.distributions.MultivariateNormal(torch.zeros(4), torch.eye(4))
+        torch.testing.assert_close(vae.kl_divergence(mean, scale), torch.distributions.kl_divergence(q, prior))
+        standard_deviations = torch.diagonal(q.covariance_matrix, dim1=-2, dim2=-1).sqrt()
+        marginals = torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, standard_deviations), torch.distributions.Normal(0.0, 1.0)
+        )
+        torch.testing.assert_close(vae.kl_per_dimension(mean, scale), marginals)
+        if posterior == "full":  # the joint KL exceeds the sum of the marginals' by the total correlation
+            assert (vae.kl_divergence(mean, scale) > vae.kl_per_dimension(mean, scale).sum(-1) + 1e-3).all()

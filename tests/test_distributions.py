@@ -6,6 +6,7 @@ import scipy.sparse
 import scipy.special
 import scipy.stats as st
 import torch
+from conftest import simulated_module
 
 from cellvae.distributions import (
     TABLE_COUNTS,
@@ -227,3 +228,71 @@ def test_draws_without_constants_differ_from_the_full_likelihood_by_a_term_free_
     (gradient,) = torch.autograd.grad(partial.sum(), z)
     (expected,) = torch.autograd.grad(full.sum(), z)
     np.testing.assert_allclose(gradient.numpy(), expected.numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_zeros_stored_in_a_csr_block_are_no_counts_and_add_nothing_to_the_likelihood():
+    """A CSR matrix may store zeros (left by ``adata.X.data[...] = 0``): the likelihood's non-zero terms skip them."""
+    rng = np.random.default_rng(4)
+    x = rng.negative_binomial(1.0, 0.2, size=(30, 40)).astype(np.float64)
+    stored = scipy.sparse.csr_matrix(x)
+    stored.data[::3] = 0.0
+    x = stored.toarray()
+    canonical = scipy.sparse.csr_matrix(x)
+    got = SparseCounts.from_csr(stored.indptr, stored.indices, stored.data, x.shape[1])
+    expected = SparseCounts.from_csr(canonical.indptr, canonical.indices, canonical.data, x.shape[1])
+    for field in ("rows", "columns", "values", "row_lengths", "log_factorial", "table_index", "large"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    mean, theta = rng.gamma(2.0, 2.0, size=x.shape), rng.gamma(2.0, 1.0, size=x.shape[1])
+    ours = NegativeBinomial(t(np.log(mean)), t(theta)).log_likelihood(t(x), got).numpy()
+    np.testing.assert_allclose(ours, st.nbinom.logpmf(x, theta, theta / (theta + mean)).sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("count", [4095, 4096, 4097, 70_000])
+def test_log_factorials_of_large_counts_are_exact(count):
+    x = np.zeros((3, 5))
+    x[1, 2] = count
+    x[2, [0, 4]] = [1.0, 3.0]
+    sparse = SparseCounts.from_dense(x)
+    expected = scipy.special.gammaln(x + 1).sum(1)
+    np.testing.assert_allclose(sparse.log_factorial.numpy(), expected, rtol=1e-6)
+
+
+def test_float32_gradients_stay_finite_for_a_tiny_theta():
+    """The Stirling branch, unused below theta = 10, must not turn the gradient into NaN (1/theta^5 overflows float32)."""
+    x = torch.tensor([[0.0, 1.0, 5.0, 40.0]])
+    for log_theta_value in (-12.0, -30.0, -60.0):
+        for sparse in (None, SparseCounts.from_dense(x.numpy())):
+            log_theta = torch.full((4,), log_theta_value, requires_grad=True)
+            value = NegativeBinomial(torch.zeros(1, 4), log_theta.exp()).log_likelihood(x, sparse).sum()
+            (gradient,) = torch.autograd.grad(value, log_theta)
+            assert torch.isfinite(value) and torch.isfinite(gradient).all(), (log_theta_value, sparse is None)
+
+
+@pytest.mark.parametrize("likelihood, dispersion", [("nb", "gene"), ("nb", "gene-cell"), ("zinb", "gene"), ("poisson", "gene")])
+def test_draws_without_constants_leave_out_log_factorials_and_a_fixed_thetas_gamma_terms(likelihood, dispersion):
+    """The terms left out are exactly log x! and, where theta does not depend on z, lgamma(x + theta) - lgamma(theta)."""
+    vae, counts, covariates, library, batch_index = decoder_inputs(likelihood, dispersion, seed=1)
+    if hasattr(vae.decoder, "log_theta"):
+        torch.nn.init.normal_(vae.decoder.log_theta, std=1.5, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(3, len(counts), vae.config.n_latent, dtype=torch.float64)
+    with torch.no_grad():
+        left_out = vae.log_likelihood_draws(z, counts, covariates, library, batch_index) - vae.log_likelihood_draws(
+            z, counts, covariates, library, batch_index, constants=False
+        )
+    x = counts.numpy()
+    expected = -scipy.special.gammaln(x + 1)
+    if likelihood != "poisson" and dispersion != "gene-cell":
+        theta = vae.decoder.log_theta.detach().exp().clamp(np.exp(-12.0), np.exp(12.0)).numpy()
+        expected = expected + scipy.special.gammaln(x + theta) - scipy.special.gammaln(theta)
+    np.testing.assert_allclose(left_out.numpy(), np.broadcast_to(expected.sum(1), left_out.shape), rtol=1e-9, atol=1e-8)
+
+
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
+def test_the_decoders_theta_stays_between_e_to_the_minus_12_and_e_to_the_12(dispersion):
+    vae, counts, covariates, library, batch_index = simulated_module(dispersion=dispersion)
+    with torch.no_grad():
+        vae.decoder.log_theta[..., :25] = 30.0
+        vae.decoder.log_theta[..., 25:] = -30.0
+        theta = vae.generative(torch.zeros(len(counts), vae.config.n_latent), covariates, library, batch_index).theta
+    expected = torch.cat([torch.full((25,), np.exp(12.0)), torch.full((25,), np.exp(-12.0))])
+    torch.testing.assert_close(theta.expand(len(counts), -1), expected.expand(len(counts), -1))

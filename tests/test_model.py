@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
-from conftest import knn_accuracy, no_warnings, pca_of, shared_dataset
+import torch
+from conftest import knn_accuracy, no_warnings, pca_of, shared_dataset, simulated_module
 
 import cellvae
 from cellvae import CellVAE
 from cellvae.config import Config
+from cellvae.module import GeneLinear
 from cellvae.train import default_max_epochs
 
 
@@ -797,3 +799,56 @@ def test_unseen_categories_beside_a_0_or_1_are_not_told_to_become_booleans():
     with pytest.raises(ValueError, match="unseen in training") as error:
         model.get_latent(other, progress=False)
     assert "astype(bool)" not in str(error.value)
+
+
+def test_the_compute_dtype_applies_to_every_gene_wide_layer_while_training_and_to_none_in_evaluation():
+    vae, counts, covariates, library, batch_index = simulated_module(likelihood="zinb", dispersion="gene-cell")
+
+    z = torch.randn(len(counts), vae.config.n_latent, generator=torch.Generator().manual_seed(0))
+
+    def outputs():
+        q = vae.inference(counts, covariates, sample=False)
+        p = vae.generative(z, covariates, library, batch_index)
+        return {"mean": q["mean"], "log_mean": p.log_mean, "theta": p.theta, "zi_logits": p.zi_logits}
+
+    with torch.no_grad():
+        vae.eval()
+        reference = outputs()
+        vae.set_compute_dtype(torch.bfloat16)
+        evaluated = outputs()
+        vae.train()
+        trained = outputs()
+        vae.set_compute_dtype(None)
+    assert len([m for m in vae.modules() if isinstance(m, GeneLinear)]) == 4  # input layer and three decoder heads
+    for name, value in reference.items():
+        assert torch.equal(evaluated[name], value), name  # evaluation always multiplies in float32
+        assert trained[name].dtype == torch.float32 and not torch.equal(trained[name], value), name
+
+
+def test_every_hidden_layer_sees_the_covariates():
+    vae, counts, covariates, library, batch_index = simulated_module(n_layers=2)
+    vae.eval()
+    with torch.no_grad():
+        for body, width in ((vae.encoder.body, vae.config.n_genes), (vae.decoder.body, vae.config.n_latent)):
+            body.linears[0].weight[:, width:] = 0.0  # the first layer ignores the covariates
+            h = torch.randn(len(counts), width, generator=torch.Generator().manual_seed(0))
+            other = covariates.flip(-1)
+            assert not torch.allclose(body(h, covariates), body(h, other))  # the second layer still sees them
+
+
+def test_only_batchnorm_that_trains_its_statistics_needs_two_cells():
+    vae = simulated_module(normalization="batch")[0]
+    assert vae.needs_two_cells
+    vae.frozen_statistics = True  # map_query: the reference's running statistics normalise one cell as well as many
+    assert not vae.needs_two_cells
+    assert not simulated_module(normalization="layer")[0].needs_two_cells
+
+
+def test_the_encoder_reads_log1p_of_the_counts():
+    vae, counts, covariates = simulated_module()[:3]
+    vae.eval()
+    with torch.no_grad():
+        mean, log_variance = vae.encoder(counts, covariates)
+        hidden = vae.encoder.body(torch.log1p(counts), covariates)
+        torch.testing.assert_close(mean, vae.encoder.mean(hidden))
+        torch.testing.assert_close(log_variance, vae.encoder.scale(hidden).clamp(-15.0, 15.0))

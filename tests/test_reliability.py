@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import no_warnings
+from conftest import no_warnings, simulated_module
 from safetensors.torch import save_file
 
 import cellvae
@@ -1461,3 +1461,26 @@ def test_embed_records_fits_settings_from_fit_kwargs_in_uns(tmp_path):
     assert (params["n_hidden"], params["n_latent"], params["epochs_trained"]) == (8, 3, 1)
     adata.write_h5ad(tmp_path / "embedded.h5ad")
     assert ad.read_h5ad(tmp_path / "embedded.h5ad").uns["cellvae"]["params"]["batch_size"] == 64
+
+
+@pytest.mark.parametrize("posterior", ["diagonal", "full"])
+def test_extreme_encoder_scales_keep_the_posterior_and_the_rate_finite(posterior):
+    vae, counts, covariates = simulated_module(posterior=posterior)[:3]
+    for bias in (100.0, -100.0):  # e.g. after too large a learning rate
+        with torch.no_grad():
+            vae.encoder.scale.bias.fill_(bias)
+            mean, scale = vae.encoder(counts, covariates)
+            assert torch.isfinite(scale).all() and torch.isfinite(vae.kl_divergence(mean, scale)).all(), bias
+            if posterior == "diagonal":
+                z = vae.sample_posterior(mean, scale, 3)
+                assert torch.isfinite(vae.log_posterior_density(z, mean, scale)).all(), bias
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "poisson"])
+def test_a_cell_without_counts_has_a_finite_loss_and_no_distortion(likelihood):
+    vae, counts, covariates, _, batch_index = simulated_module(likelihood=likelihood)
+    counts[:3] = 0.0
+    torch.manual_seed(0)
+    out = vae(counts, covariates, counts.sum(1, keepdim=True), batch_index)
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["distortion"]).all()
+    np.testing.assert_allclose(out["distortion"][:3].detach().numpy(), 0.0, atol=1e-6)
