@@ -472,3 +472,208 @@ def test_rank_genes_groups_returns_none_in_place_and_records_the_settings_it_ran
     params = adata.uns["rank_genes_groups"]["params"]
     assert {key: params[key] for key in settings} == settings
     assert (params["reference"], params["pts"], params["layer"], params["use_raw"]) == ("rest", False, None, False)
+
+
+def test_compare_summarises_the_draws_of_the_log2_fold_change_as_documented():
+    """Without shrinkage (no measured genes to learn a prior from), each column is the documented summary of the
+    draws of log2((predictive1 + c) / (predictive2 + c)); expression1/2 are the denoised draws' means per 10,000."""
+    rng = np.random.default_rng(0)
+    n_draws, n_genes, pseudocount = 1000, 4, 1e-6
+    lfc_truth = torch.from_numpy(rng.normal([2.0, -1.0, 0.1, 0.0], [0.5, 0.8, 0.3, 1.5], (n_draws, n_genes)).astype(np.float32))
+    predictive2 = torch.full((n_draws, n_genes), 1e-3)
+    predictive1 = predictive2 * 2.0**lfc_truth
+    denoised1, denoised2 = torch.full((n_draws, n_genes), 2e-3), torch.full((n_draws, n_genes), 1e-3)
+    result = differential.compare(
+        (denoised1, predictive1), (denoised2, predictive2), 0.25, pseudocount, np.zeros(n_genes, dtype=bool), rng
+    )
+    lfc = (torch.log2(predictive1 + pseudocount) - torch.log2(predictive2 + pseudocount)).numpy().astype(np.float64)
+    np.testing.assert_allclose(result["lfc_mean"], lfc.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(result["lfc_std"], lfc.std(0), rtol=1e-4)
+    np.testing.assert_allclose(
+        result[["lfc_low", "lfc_median", "lfc_high"]], np.percentile(lfc, [2.5, 50, 97.5], axis=0).T, rtol=1e-5
+    )
+    up, down = (lfc > 0.25).mean(0), (lfc < -0.25).mean(0)
+    np.testing.assert_allclose(result["proba_up"], up)
+    np.testing.assert_allclose(result["proba_down"], down)
+    np.testing.assert_allclose(result["proba_not_de"], 1.0 - up - down)
+    assert result["proba_up"][0] > 0.99 and result["proba_down"][1] > 0.75  # a gene up, a gene down
+    n_de = (up + down) * n_draws
+    np.testing.assert_allclose(result["bayes_factor"], np.log((n_de + 0.5) / (n_draws - n_de + 0.5)))
+    assert result["bayes_factor"][0] > 5 and result["bayes_factor"][2] < 0  # the log odds of proba_de
+    np.testing.assert_allclose(result["expression1"], 20.0, rtol=1e-5)  # the denoised draws, per 10,000
+    np.testing.assert_allclose(result["expression2"], 10.0, rtol=1e-5)
+
+
+def _cells(model, simulated, rows, log_variance=-30.0):
+    """Cells at their q(z|x) means with a posterior spread of ``log_variance``, each decoded with its own batch."""
+    latent = torch.from_numpy(model.get_latent(simulated[rows]))
+    codes = simulated.obs["batch"].cat.codes.to_numpy()[rows]
+    library = np.asarray(simulated.X[rows].sum(1), dtype=np.float32).ravel()
+    return differential.Cells(
+        latent, torch.full_like(latent, log_variance), np.eye(2, dtype=np.float32)[codes], codes, library, 2, False
+    )
+
+
+def test_each_repeat_decodes_another_latent_draw_and_a_zero_inflated_mean_keeps_its_zeros(simulated, model):
+    rows = np.arange(10)
+    with torch.no_grad():
+        expression, mean, variance = _cells(model, simulated, rows, 0.0).decode(model.module, rows, 4, np.random.default_rng(0))
+        assert expression.shape == mean.shape == variance.shape == (4, 10, simulated.n_vars)
+        assert (expression[0] - expression[1]).abs().amax(1).min() > 0  # every cell: two draws of z, two expressions
+        torch.testing.assert_close(expression.sum(2), torch.ones(4, 10))  # normalised: sums to 1 per cell
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zinb = CellVAE(simulated, batch_key="batch", likelihood="zinb", n_hidden=32).fit(max_epochs=5, progress=False)
+        expression, mean, _ = _cells(zinb, simulated, rows).decode(zinb.module, rows, 1, np.random.default_rng(0))
+    assert (mean < expression).all()  # the point mass at zero lowers the mean the fold change compares
+
+
+def test_the_weights_of_a_groups_cells_and_its_pseudo_cells_sum_to_one_in_every_draw(simulated, model):
+    one_cell = np.zeros(3, dtype=int)  # a cell three times: every draw of the mean is that cell's expression
+    cells = _cells(model, simulated, one_cell)
+    with torch.no_grad():
+        expression = cells.decode(model.module, np.arange(1), 1, np.random.default_rng(0))[0][0, 0]
+        denoised, predictive = differential.group_mean_draws(model.module, cells, cells, 200, np.random.default_rng(0), 1024)
+    assert denoised.shape == predictive.shape == (200, simulated.n_vars)
+    torch.testing.assert_close(denoised, expression.expand_as(denoised), rtol=1e-4, atol=0)
+    assert (predictive >= 0).all() and not torch.equal(predictive, denoised)  # plus the counting noise
+
+
+def test_pseudo_cells_are_drawn_from_both_groups_of_the_comparison(simulated, model):
+    """Two cells of type0 weigh 2/6 of their mean; the 4 pseudo-cells, drawn from the 12 cells of both groups
+    (these 2 and 10 of type1), the other 4/6: expected mean = 4/9 of type0's cells + 5/9 of type1's."""
+    types = simulated.obs["cell_type"].to_numpy()
+    a, b = np.flatnonzero(types == "type0")[:2], np.flatnonzero(types == "type1")[:10]
+    group, pool = _cells(model, simulated, a), _cells(model, simulated, np.r_[a, b])
+    with torch.no_grad():
+        decoded = pool.decode(model.module, np.arange(12), 1, np.random.default_rng(0))[0][0].double()
+        denoised, _ = differential.group_mean_draws(model.module, group, pool, 4000, np.random.default_rng(0), 1024)
+    expected = 4 / 9 * decoded[:2].mean(0) + 5 / 9 * decoded[2:].mean(0)
+    torch.testing.assert_close(denoised.double().mean(0), expected, rtol=0.05, atol=0)
+
+
+def test_a_group_of_two_cells_is_pulled_towards_pseudo_cells_of_both_groups(simulated, model):
+    """Two cells of type0 against type1: 4 pseudo-cells drawn from both groups (nearly all type1) weigh about
+    4/6 of the pair's mean, so genes of type1 read about 2/3 of type1's level in the pair."""
+    whole = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=200)
+    pair = simulated.copy()
+    labels = np.where(pair.obs["cell_type"] == "type1", "B", "other").astype(object)
+    labels[np.flatnonzero(pair.obs["cell_type"] == "type0")[:2]] = "A"
+    pair.obs["pair"] = labels
+    with pytest.warns(UserWarning, match="fewer than 5 cells"):
+        two = model.differential_expression(pair, groupby="pair", group1="A", group2="B", n_draws=200)
+    of_type1 = whole.index[whole["lfc_mean"] < -2]
+    assert len(of_type1) >= 5
+    assert 0.4 < np.median(two.loc[of_type1, "expression1"] / whole.loc[of_type1, "expression2"]) < 0.95
+
+
+def test_shrinkage_keeps_a_point_mass_at_no_change_and_the_normal_posterior_of_changed_genes():
+    """Unchanged genes take the point mass at 0 in many draws (exactly 0). Genes whose changes are drawn from
+    N(0, 0.25²) and measured with error 0.25 get the normal-normal posterior: means shrunk by c = 1/2 and spread
+    0.25·√c (not 0.25·c). A prior is learnt from as few as MIN_SHRINKAGE_GENES genes."""
+    rng = np.random.default_rng(0)
+    n = 400
+    truth = np.r_[np.zeros(n), 0.25 * rng.standard_normal(n)]
+    draws = torch.from_numpy(truth + 0.25 * rng.standard_normal(2 * n) + 0.25 * rng.standard_normal((2000, 2 * n)))
+    fitted = torch.ones(n, dtype=torch.bool)
+    unchanged = differential.shrink(draws[:, :n], fitted, np.random.default_rng(1)).numpy()
+    assert (unchanged == 0).mean() > 0.2
+    changed = differential.shrink(draws[:, n:], fitted, np.random.default_rng(1)).numpy()
+    slope = np.polyfit(draws[:, n:].numpy().mean(0), changed.mean(0), 1)[0]
+    assert 0.4 < slope < 0.6
+    assert 0.15 < np.median(changed.std(0)) < 0.2
+    fewest = differential.MIN_SHRINKAGE_GENES
+    few = draws[:, :fewest]
+    assert not torch.equal(differential.shrink(few, fitted[:fewest], np.random.default_rng(1)), few)
+
+
+def test_cells_without_a_label_in_a_categorical_column_take_no_part(simulated, model):
+    partly = simulated.copy()
+    partly.obs["some_types"] = partly.obs["cell_type"].where(partly.obs["batch"] == "batch0")  # NaN in batch1
+    assert partly.obs["some_types"].dtype == "category"
+    result = model.differential_expression(partly, groupby="some_types", group1="type0", n_draws=100)
+    counts = simulated.X.toarray()
+    rest = ((partly.obs["batch"] == "batch0") & (partly.obs["cell_type"] != "type0")).to_numpy()
+    np.testing.assert_allclose(result.loc[simulated.var_names, "fraction_nonzero2"], (counts[rest] > 0).mean(0))
+
+
+def test_groups_of_a_column_of_numbers_come_in_order_of_value(simulated, model):
+    doses = simulated.copy()
+    doses.obs["dose"] = np.array([2.0, 0.5, 0.0, 1.0, 0.25])[doses.obs["cell_type"].cat.codes.to_numpy()]
+    every = model.differential_expression(doses, groupby="dose", n_draws=100)
+    assert list(every["group1"].unique()) == ["0", "0.25", "0.5", "1", "2"]
+
+
+def test_every_group_is_compared_with_group2_when_group1_is_none(simulated, model):
+    result = model.differential_expression(groupby="cell_type", group2="type0", n_draws=100)
+    assert list(result["group1"].unique()) == ["type1", "type2", "type3", "type4"] and (result["group2"] == "type0").all()
+    alone = model.differential_expression(groupby="cell_type", group1="type2", group2="type0", n_draws=100)
+    assert alone.equals(result[result["group1"] == "type2"])
+
+
+def test_an_obs_name_given_as_text_is_that_cell_not_a_condition(simulated, model):
+    name = simulated.obs_names[0]
+    with pytest.warns(UserWarning, match="fewer than 5 cells"):
+        by_name = model.differential_expression(idx1=name, n_draws=100)
+    with pytest.warns(UserWarning, match="fewer than 5 cells"):
+        by_list = model.differential_expression(idx1=[name], n_draws=100)
+    assert by_name.equals(by_list)
+
+
+def test_a_group_of_exactly_max_cells_is_used_whole(simulated, model):
+    types = simulated.obs["cell_type"]
+    largest = int(max((types == "type0").sum(), (types == "type1").sum()))
+    kwargs = {"groupby": "cell_type", "group1": "type0", "group2": "type1", "n_draws": 100}
+    whole = model.differential_expression(**kwargs, max_cells=largest)
+    pd.testing.assert_frame_equal(whole, model.differential_expression(**kwargs))
+    assert not model.differential_expression(**kwargs, max_cells=largest - 1).equals(whole)
+
+
+def test_subsample_draws_distinct_cells_in_order():
+    cells = np.arange(0, 2000, 2)
+    picked = differential.subsample(cells, 500, np.random.default_rng(0))
+    assert len(np.unique(picked)) == 500 and np.all(np.diff(picked) > 0) and np.isin(picked, cells).all()
+
+
+def test_a_cell_without_counts_counts_as_zero_in_the_observed_means(simulated, model):
+    adata = simulated.copy()
+    counts = adata.X.toarray()
+    empty = np.flatnonzero(adata.obs["cell_type"] == "type0")[0]
+    counts[empty] = 0
+    adata.X = sp.csr_matrix(counts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = model.differential_expression(adata, groupby="cell_type", group1="type0", n_draws=100)
+    in_type0 = (adata.obs["cell_type"] == "type0").to_numpy()
+    normalized = counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4
+    np.testing.assert_allclose(result.loc[adata.var_names, "raw_normalized_mean1"], normalized[in_type0].mean(0), rtol=1e-5)
+    # and it takes no part in the draws: the decoded columns are those of the comparison without it
+    unlabelled = adata.copy()
+    unlabelled.obs["cell_type"] = unlabelled.obs["cell_type"].astype(object)
+    unlabelled.obs.loc[unlabelled.obs_names[empty], "cell_type"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        without = model.differential_expression(unlabelled, groupby="cell_type", group1="type0", n_draws=100)
+    decoded = ["lfc_mean", "lfc_std", "proba_de", "expression1", "expression2"]
+    pd.testing.assert_frame_equal(result[decoded], without[decoded])
+
+
+def test_idx1_and_idx2_compare_as_a_column_that_labels_only_their_cells(simulated, model):
+    """Cells in neither set take no part (e.g. in the default pseudocount's median depth), as unlabelled cells."""
+    types = simulated.obs["cell_type"].to_numpy()
+    first, second = types == "type0", types == "type1"
+    labelled = simulated.copy()
+    labelled.obs["sets"] = pd.Series(np.where(first, "idx1", np.where(second, "idx2", None)), index=labelled.obs_names)
+    by_column = model.differential_expression(labelled, groupby="sets", group1="idx1", group2="idx2", n_draws=100)
+    pd.testing.assert_frame_equal(model.differential_expression(idx1=first, idx2=second, n_draws=100), by_column)
+
+
+def test_each_comparison_draws_from_a_stream_of_its_own_two_groups():
+    """The seed follows random_state and both groups' names (not their positions), so comparisons that share a
+    group still draw independently, and the same comparison draws the same in any run."""
+    seeds = {tuple(differential.comparison_seed(0, "a", other, False)) for other in ("b", "c", "rest")}
+    assert len(seeds) == 3
+    assert differential.comparison_seed(0, "a", "b", False) == differential.comparison_seed(0, "a", "b", False)
+    assert differential.comparison_seed(0, "a", "b", False) != differential.comparison_seed(0, "b", "a", False)
+    assert differential.comparison_seed(0, "a", "b", False) != differential.comparison_seed(1, "a", "b", False)
+    assert differential.comparison_seed(0, "a", "rest", True) != differential.comparison_seed(0, "a", "rest", False)

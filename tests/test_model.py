@@ -15,7 +15,7 @@ from conftest import knn_accuracy, no_warnings, pca_of, shared_dataset, simulate
 
 import cellvae
 from cellvae import CellVAE
-from cellvae.config import Config
+from cellvae.config import MAX_WEIGHT, Config
 from cellvae.module import GeneLinear
 from cellvae.train import default_max_epochs
 
@@ -852,3 +852,9 @@ def test_the_encoder_reads_log1p_of_the_counts():
         hidden = vae.encoder.body(torch.log1p(counts), covariates)
         torch.testing.assert_close(mean, vae.encoder.mean(hidden))
         torch.testing.assert_close(log_variance, vae.encoder.scale(hidden).clamp(-15.0, 15.0))
+
+
+def test_the_ends_of_the_documented_ranges_are_accepted():
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, seed=0)
+    config = CellVAE(adata, batch_key="batch", beta=0.0, kl_warmup=0, free_bits=MAX_WEIGHT, batch_mmd=MAX_WEIGHT).config
+    assert (config.beta, config.kl_warmup, config.free_bits, config.batch_mmd) == (0.0, 0, MAX_WEIGHT, MAX_WEIGHT)

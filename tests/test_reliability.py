@@ -1484,3 +1484,68 @@ def test_a_cell_without_counts_has_a_finite_loss_and_no_distortion(likelihood):
     out = vae(counts, covariates, counts.sum(1, keepdim=True), batch_index)
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["distortion"]).all()
     np.testing.assert_allclose(out["distortion"][:3].detach().numpy(), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("reference", [{"batch": 0}, {"batch": 3}, {"donor": 1}, {"batch": True}, {"batch": 1.0}])
+def test_reference_categories_that_do_not_fit_the_models_categories_are_refused(tmp_path, reference):
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, seed=0)
+    CellVAE(adata, batch_key="batch").save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    for value, works in ((reference, False), ({"batch": 2}, True)):
+        config["reference_categories"] = value
+        (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+        if works:
+            assert CellVAE.load(tmp_path / "model").config.reference_categories == {"batch": 2}
+        else:
+            with pytest.raises(ValueError, match=r"reference_categories must map batch/categorical covariate keys \['batch'\]"):
+                CellVAE.load(tmp_path / "model")
+
+
+def test_a_config_whose_data_layout_no_model_can_have_is_refused():
+    genes = {"gene_names": ["g0", "g1"]}
+    in_order = Config(**genes, categorical_covariate_keys=["a", "b"], categorical_covariate_categories={"a": ["x"], "b": ["y"]})
+    assert in_order.categories == [("a", ["x"]), ("b", ["y"])] and in_order.n_covariates == 2
+    with pytest.raises(ValueError, match="to its categories, in that order"):
+        Config(**genes, categorical_covariate_keys=["a", "b"], categorical_covariate_categories={"b": ["y"], "a": ["x"]})
+    with pytest.raises(ValueError, match="gene_names is empty"):
+        Config()
+    with pytest.raises(ValueError, match="categorical covariate 'a' has no categories"):
+        Config(**genes, categorical_covariate_keys=["a"], categorical_covariate_categories={"a": []})
+    with pytest.raises(ValueError, match="train_input_layer must be True or False, got 'yes'"):
+        Config(**genes, train_input_layer="yes")
+
+
+def test_every_field_of_a_config_survives_its_json_round_trip_and_unknown_fields_are_named(tmp_path):
+    config = Config(
+        gene_names=["g0", "g1", "g2"],
+        layer="counts",
+        batch_key="batch",
+        batch_categories=["b0", "b1", "b2"],
+        categorical_covariate_keys=["donor"],
+        categorical_covariate_categories={"donor": ["d0", "d1"]},
+        continuous_covariate_keys=["percent_mito"],
+        continuous_covariate_mean=[2.5],
+        continuous_covariate_std=[1.5],
+        n_latent=4,
+        n_hidden=16,
+        n_layers=2,
+        dropout=0.2,
+        normalization="batch",
+        likelihood="zinb",
+        dispersion="gene-batch",
+        encode_batch=False,
+        posterior="full",
+        beta=2.0,
+        kl_warmup=3,
+        free_bits=0.1,
+        batch_mmd=0.5,
+        reference_categories={"batch": 2, "donor": 1},
+        train_input_layer=True,
+        cellvae_version="1.2.3",
+    )
+    config.to_json(tmp_path / "config.json")
+    assert Config.from_json(tmp_path / "config.json") == config
+    with_extra = json.loads((tmp_path / "config.json").read_text()) | {"unknown_field": 1}
+    (tmp_path / "config.json").write_text(json.dumps(with_extra))
+    with pytest.raises(ValueError, match=r"has unknown config fields \['unknown_field'\]; is it a cellvae model"):
+        Config.from_json(tmp_path / "config.json")
