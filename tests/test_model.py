@@ -825,6 +825,17 @@ def test_the_compute_dtype_applies_to_every_gene_wide_layer_while_training_and_t
         assert trained[name].dtype == torch.float32 and not torch.equal(trained[name], value), name
 
 
+@pytest.mark.parametrize("dispersion", ["gene", "gene-batch"])
+def test_the_decoders_theta_stays_between_e_to_the_minus_12_and_e_to_the_12(dispersion):
+    vae, counts, covariates, library, batch_index = simulated_module(dispersion=dispersion)
+    with torch.no_grad():
+        vae.decoder.log_theta[..., :25] = 30.0
+        vae.decoder.log_theta[..., 25:] = -30.0
+        theta = vae.generative(torch.zeros(len(counts), vae.config.n_latent), covariates, library, batch_index).theta
+    expected = torch.cat([torch.full((25,), np.exp(12.0)), torch.full((25,), np.exp(-12.0))])
+    torch.testing.assert_close(theta.expand(len(counts), -1), expected.expand(len(counts), -1))
+
+
 def test_every_hidden_layer_sees_the_covariates():
     vae, counts, covariates, library, batch_index = simulated_module(n_layers=2)
     vae.eval()
