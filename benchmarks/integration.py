@@ -12,8 +12,9 @@ timings are cached (``--cache``) between stages:
 ``embed`` trains cellvae and scVI (``--seeds``) and computes PCA and Harmony on the same genes of a
 dataset (all of them, or its 2,000 most variable where it has more); ``score`` runs
 ``scib_metrics.benchmark.Benchmarker`` on every cached embedding and writes
-``results/integration_<dataset>.csv``; ``kmeans`` re-clusters every cached embedding with 10 KMeans
-starts to show how much of scib's one-start KMeans ARI/NMI is chance; ``map`` holds out one batch,
+``results/integration_<dataset>.csv`` (with ``--append``, keeping its rows of embeddings not in the cache);
+``kmeans`` re-clusters every cached embedding with 10 KMeans starts to show how much of scib's one-start
+KMeans ARI/NMI is chance; ``map`` holds out one batch,
 trains on the rest, maps the held-out batch (cellvae ``map_query``; scVI ``load_query_data``; scANVI
 from the scVI reference, ``--methods scanvi``; PCA fitted on the reference), transfers ``cell_type`` with
 the same distance-weighted kNN (k=15; scANVI also by its own classifier) and writes
@@ -191,7 +192,7 @@ def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: in
     bench = Benchmarker(
         scored,
         batch_key="batch",
-        labels_key="cell_type",
+        label_key="cell_type",  # (scib-metrics names it label_key; cellvae, labels_key)
         embedding_obsm_keys=list(embeddings),
         pre_integrated_embedding_obsm_key="pca",
         n_jobs=n_jobs,
@@ -220,7 +221,11 @@ def stage_score(args) -> None:
         ]
         table.index.name = "embedding"
         RESULTS.mkdir(parents=True, exist_ok=True)
-        table.to_csv(RESULTS / f"integration_{dataset}.csv")
+        out = RESULTS / f"integration_{dataset}.csv"
+        if out.is_file() and args.append:
+            previous = pd.read_csv(out, index_col=0)
+            table = pd.concat([previous[~previous.index.isin(table.index)], table])
+        table.to_csv(out)
         print(f"{dataset}: scored {len(table)} embeddings in {time.perf_counter() - started:.0f} s", flush=True)
         print(table[["method", "seed", "Bio conservation", "Batch correction", "Total", "train_seconds"]], flush=True)
 
@@ -542,7 +547,7 @@ def main() -> None:
     parser.add_argument("--scvi-query-epochs", type=int, default=200)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cellvae-integration-cache"))
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--append", action="store_true", help="map: keep rows of other seeds/methods already in the CSV")
+    parser.add_argument("--append", action="store_true", help="score, map: keep the CSV's rows of other embeddings")
     parser.add_argument("--skip-scib", action="store_true", help="map: skip the scib scores of reference+query")
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
