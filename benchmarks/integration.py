@@ -226,7 +226,7 @@ def stage_score(args) -> None:
             previous = pd.read_csv(out, index_col=0)
             table = pd.concat([previous[~previous.index.isin(table.index)], table])
         table.to_csv(out)
-        print(f"{dataset}: scored {len(table)} embeddings in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"{dataset}: scored {len(stored)} embeddings in {time.perf_counter() - started:.0f} s", flush=True)
         print(table[["method", "seed", "Bio conservation", "Batch correction", "Total", "train_seconds"]], flush=True)
 
 
