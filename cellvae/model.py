@@ -1803,7 +1803,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         return generated
 
     def _check_latent(self, z) -> np.ndarray:
-        z = np.asarray(z, dtype=np.float32)
+        try:
+            z = np.asarray(z, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"z takes latent codes as numbers, n × {self.config.n_latent} (e.g. model.get_latent()), got {z!r:.80}"
+            ) from error
         if z.ndim == 1:
             z = z[None, :]
         if z.ndim != 2 or z.shape[1] != self.config.n_latent:
@@ -2088,6 +2093,8 @@ def _check_model(model) -> None:
 def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
     """Create the checkpoint folder if needed and write a file there, so a folder that cannot take the
     checkpoints is told before training rather than as a bare OSError after its first epoch."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir takes a folder path (or None for no checkpoints), got {folder!r}")
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a folder; name a folder for the checkpoints")

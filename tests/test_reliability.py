@@ -1273,6 +1273,8 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
             lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=os.path.join(__file__, "ck")),
             "cannot hold the checkpoints .*Not a directory",
         ),
+        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=123), "checkpoint_dir takes a folder path"),
+        (lambda m, a: m.decode("abc"), "z takes latent codes as numbers"),
         (
             lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=0.99),
             r"validation_size=0.99 leaves 2 of 240 cells to train on",
