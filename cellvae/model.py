@@ -344,7 +344,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     ) -> CellVAE:
         """Train on the AnnData the model was built on; returns the model.
 
-        That AnnData (or the one given to :meth:`load`) must hold every gene of the model. Cells with
+        That AnnData (or the one given to :meth:`load`) must hold every gene of the model (a query model's may
+        lack some, read as zero counts as :meth:`map_query` read them). Cells with
         zero total counts carry no information and are left out of training with a warning (they are
         still embedded by :meth:`get_latent`). ``model.history`` holds the
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
@@ -444,7 +445,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         missing = pd.Index(self.config.gene_names).difference(data.gene_names(self.adata), sort=False)
-        if len(missing):  # reading them as zeros (as get_latent may) would teach the decoder that they are silent
+        # reading them as zeros (as get_latent may) would teach the decoder that they are silent; a query model
+        # trains only its new batches' parameters, which map_query trained on its query read so already
+        if len(missing) and not query:
             raise ValueError(
                 f"{len(missing)} of the model's {self.config.n_genes} genes are not in its AnnData (e.g. "
                 f"{missing[:5].tolist()}), e.g. after sc.pp.filter_genes changed it in place; fit needs counts for every "
@@ -2310,11 +2313,15 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
         n_genes = len(config.gene_names)
         same_genes = matrix.shape[1] == n_genes and np.array_equal(positions, np.arange(n_genes))
         as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
+        # Only the genes the query measured (in the reference's order): missing ones are not stored as zeros, so
+        # the query model still knows them as missing (differential_expression gives them no statistics), as it
+        # does for a query on disk; its loaders read them as zeros, as map_query's own does.
+        measured = positions >= 0
         if same_genes and as_stored and not query.is_view:
             counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query
         else:
-            counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions))
-        var = pd.DataFrame(index=pd.Index(config.gene_names))
+            counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions[measured]))
+        var = pd.DataFrame(index=pd.Index(config.gene_names)[measured])
     if config.layer is None:
         return ad.AnnData(X=counts, obs=obs, var=var)
     return ad.AnnData(obs=obs, var=var, layers={config.layer: counts})

@@ -232,6 +232,26 @@ def test_missing_query_genes_warn_or_fail(reference_and_query):
     assert query.obs.equals(before.obs) and (query.X != before.X).nnz == 0
 
 
+def test_a_query_model_keeps_the_genes_its_query_lacks_as_missing_in_memory_and_on_disk(reference_and_query, tmp_path):
+    """Genes the query never measured got statistics (and were called) by query_model.differential_expression() of an
+    in-memory query, and query_model.fit() refused a query on disk that map_query had mapped."""
+    model, _, query = reference_and_query
+    partial = query[:, 10:].copy()
+    partial.write_h5ad(tmp_path / "query.h5ad")
+    missing = model.config.gene_names[:10]
+    for kind, given in (("memory", partial), ("disk", ad.read_h5ad(tmp_path / "query.h5ad", backed="r"))):
+        with pytest.warns(UserWarning, match="10 of the model's 300 genes are missing from query_adata"):
+            mapped = model.map_query(given, max_epochs=2, progress=False)
+        with pytest.warns(UserWarning, match="10 of the model's 300 genes are missing from adata"):
+            mapped.fit(max_epochs=2, progress=False)  # trains the mapping further, as the README shows
+            own = mapped.differential_expression(groupby="cell_type", group1="type0", n_draws=100, progress=False)
+            told = mapped.differential_expression(partial, groupby="cell_type", group1="type0", n_draws=100, progress=False)
+        for frame in (own, told):
+            assert frame.loc[missing, "lfc_mean"].isna().all() and not frame.loc[missing, "is_de"].any(), kind
+            assert frame.loc[missing, "fraction_nonzero1"].isna().all(), kind
+        pd.testing.assert_frame_equal(own, told)
+
+
 def test_a_query_on_disk_is_streamed_and_maps_like_the_same_query_in_memory(reference_and_query, tmp_path):
     model, reference, query = reference_and_query
     partial = query[:, 10:].copy()  # 10 reference genes missing: told once, not by every loader over the file
