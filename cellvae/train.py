@@ -42,6 +42,9 @@ with warnings.catch_warnings():  # a notebook without ipywidgets gets the text p
 MAX_NONFINITE_RETRIES = 5
 # Work after training (embedding, sampling, diagnostics) shows its bar only once it has lasted this long.
 PROGRESS_DELAY_S = 2.0
+# Counts densified per validation minibatch (at least a training minibatch): each 2**21 of them (835 cells
+# at 2,511 genes) took ~40 MB more at the peak of a default fit on the 28 MB Kang matrix than 2**19 do
+VALIDATION_VALUES = 2**19
 # In a process group, the ranks agree on a Ctrl-C every this many minibatches and at each epoch's end.
 INTERRUPT_CHECK_STEPS = 16
 # BatchNorm's running statistics stay per rank between epochs (average_statistics); torch 2.13 renamed the option.
@@ -391,7 +394,7 @@ def train(
             row |= {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
             row["train_elbo"] = -(row["train_distortion"] + row["train_rate"])
             if has_validation:
-                val = evaluate(vae, loader, validation_cells, max(settings.batch_size, 1024))
+                val = evaluate(vae, loader, validation_cells, max(settings.batch_size, VALIDATION_VALUES // loader.n_genes))
                 if world > 1:  # every rank gets the same validation loss, hence the same early stopping
                     n = len(validation_cells)
                     distortion, rate, n = all_reduce_sums([val["distortion"] * n, val["rate"] * n, n])

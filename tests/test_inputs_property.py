@@ -381,7 +381,11 @@ def test_a_categorical_batch_column_whose_categories_print_otherwise_keeps_its_b
 
 
 @pytest.mark.parametrize("storage", ["csr", "dense"])
-def test_the_share_of_ones_reads_all_of_a_small_matrix(storage):
+@pytest.mark.parametrize("values_per_check", [2**24, 8192])
+def test_the_share_of_ones_reads_all_of_a_small_matrix(storage, values_per_check, monkeypatch):
+    """All of a matrix no larger than the check is read, a 64th of the check at a time: in one slice, the row
+    of each value (int64) took 90 MB more than training on the 28 MB Kang matrix."""
+    monkeypatch.setattr(cellvae.data, "VALUES_PER_CHECK", values_per_check)
     counts = cellvae.datasets.simulate(n_cells=97, n_genes=61, seed=1).X.toarray()
     codes = np.arange(97) % 5
     matrix = sp.csr_matrix(counts) if storage == "csr" else counts
@@ -389,3 +393,7 @@ def test_the_share_of_ones_reads_all_of_a_small_matrix(storage):
     expected = [np.count_nonzero(counts[codes == b]) for b in range(5)]
     np.testing.assert_array_equal(non_zero, expected)
     np.testing.assert_allclose(share, [(counts[codes == b] == 1).sum() / expected[b] for b in range(5)])
+    slices = [len(values) for values, _ in cellvae.data._sampled_values(matrix)]
+    assert max(slices) <= max(values_per_check // 64, counts.shape[1]) and sum(slices) == (
+        counts.size if storage == "dense" else np.count_nonzero(counts)
+    )
