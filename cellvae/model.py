@@ -295,7 +295,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.history = pd.DataFrame()
         self.is_trained = False
         self.train_settings: TrainSettings | None = None
-        self._trained_data_parallel = False  # by every rank of a process group: save writes on rank 0 only
+        # this process's rank in the process group whose ranks all trained the model (None: not trained data-parallel):
+        # save writes on rank 0 only, also once the group is destroyed
+        self._data_parallel_rank: int | None = None
         # (the adata.h5ad a model folder holds, the AnnData read from it or written there): save keeps that file
         self._anndata_file: tuple[Path, weakref.ref] | None = None
         # The folders the model was loaded from or saved to, each with the identity of the adata.h5ad it held then
@@ -501,7 +503,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
                     self.module = VAE(self.config)
-            previous = (self.history, self.train_settings, self.is_trained, self._trained_data_parallel)
+            previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
@@ -541,7 +543,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "or device='cpu'"
                 ) from error
         self.history, self.train_settings, self.is_trained = history, settings, True
-        self._trained_data_parallel = rank_and_world()[1] > 1
+        rank, world = rank_and_world()
+        self._data_parallel_rank = rank if world > 1 else None
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
             diverged = not end_loss <= 1.05 * start_loss  # NaN too
@@ -550,7 +553,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if diverged:
                 # Fitting the diverged weights again, with any learning rate, would not bring them back.
                 self.module.load_state_dict(before)
-                self.history, self.train_settings, self.is_trained, self._trained_data_parallel = previous
+                self.history, self.train_settings, self.is_trained, self._data_parallel_rank = previous
                 smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 data.warn_user(
                     f"training made the model worse: its loss on {len(probe):,} "
@@ -1108,7 +1111,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         save_anndata = _check_flag(save_anndata, "save_anndata")
         if save_anndata:
             self._check_anndata_can_be_saved()
-        if self._trained_data_parallel and rank_and_world()[0] > 0:
+        if (self._data_parallel_rank or 0) > 0:  # (the group may have been destroyed since: its rank is kept)
             return
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"save needs a folder path for the model, e.g. 'my_model/', got {path!r}")

@@ -287,6 +287,38 @@ def test_python_processes_with_their_own_process_group_train_one_model_on_a_view
     assert knn_accuracy(model.get_latent(), view.obs["cell_type"]) > 0.9
 
 
+def _save_after_destroying_the_group_on_rank(rank: int, init_file: str, path: str, out_dir: str) -> None:
+    import anndata as ad
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = cellvae.CellVAE(ad.read_h5ad(path), n_hidden=8).fit(max_epochs=1, batch_size=64, progress=False, device="cpu")
+    dist.barrier()
+    dist.destroy_process_group()  # as scripts do at their end, before or after saving
+    out = Path(out_dir)
+    if rank == 0:  # rank 1 saves first; it had written the model too (and rank 0 then failed: "Directory not empty")
+        deadline = time.monotonic() + 60
+        while not (out / "saved1.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (out / "seen_by_rank0.txt").write_text(str(sorted(p.name for p in out.iterdir())))
+    model.save(out / "model")
+    (out / f"saved{rank}.txt").write_text("ok")
+
+
+def test_the_model_of_a_data_parallel_run_is_saved_by_rank_0_alone_after_the_process_group_is_destroyed(tmp_path):
+    import torch.multiprocessing as mp
+
+    cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    args = (str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path))
+    mp.spawn(_save_after_destroying_the_group_on_rank, args=args, nprocs=2, join=True)
+    assert (tmp_path / "saved0.txt").exists() and (tmp_path / "saved1.txt").exists()
+    assert "'model'" not in (tmp_path / "seen_by_rank0.txt").read_text()  # rank 1 wrote nothing
+    assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: str) -> None:
     """What a user's script under torchrun may do, with the mistakes cellvae must catch rather than hang on."""
     import warnings
