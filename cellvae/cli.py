@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
+    if args.command != "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would write the same outputs (one then failing on the other's "--out exists")
+        raise SystemExit(
+            f"error: cellvae {args.command} runs in one process: run it without torchrun (only cellvae fit trains data-parallel)"
+        )
     if argv is None:  # run from the shell (main([...]) from Python keeps its backend and warning format)
         import matplotlib
 

@@ -615,6 +615,16 @@ def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["demo"], ["embed", "in.h5ad", "--model-dir", "model", "--out", "out.h5ad"]])
+def test_commands_that_run_in_one_process_are_refused_under_torchrun(tmp_path, monkeypatch, command):
+    """Under torchrun every process ran them and wrote the same outputs: one then failed on "--out exists"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=f"error: cellvae {command[0]} runs in one process: run it without torchrun"):
+        main(command)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def fitted_model(tmp_path):
     cellvae.datasets.simulate(n_cells=150, n_genes=30, seed=0).write_h5ad(tmp_path / "in.h5ad")
