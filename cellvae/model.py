@@ -1144,6 +1144,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "trained": str(self.is_trained).lower(),
                 "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
                 "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
+                # and this: weights copied into another model's folder (the same shapes, other genes) are refused
+                "layout_sha256": _layout_digest(self.config),
             }
             # one metadata entry: safetensors writes several in an order that varies from save to save, so the
             # same model's file would differ byte for byte
@@ -1238,6 +1240,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         trained = metadata.get("trained", "true") != "false"  # older files: trained
         if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
             raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
+        if "layout_sha256" in metadata and _layout_digest(config) != metadata["layout_sha256"]:  # (older files: none)
+            raise ValueError(
+                f"{weights} was not saved with this {CONFIG_FILE}: the genes, batches or covariates its rows and columns "
+                f"stand for (gene_names, batch_categories, the covariates' categories and scales) differ from "
+                f"{CONFIG_FILE}'s; keep each model's files together in the folder save wrote"
+            )
         model = cls.__new__(cls)
         model._setup(config, None)
         model._folders[path.resolve()] = _file_identity(path / ADATA_FILE)
@@ -2018,6 +2026,16 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _layout_digest(config: Config) -> str:
+    """SHA-256 of what the weights' rows and columns stand for: the genes, in order, and the covariates' categories
+    and scales (not the obs and layer names they are read from, which a user may rename)."""
+    fields = ("gene_names", "batch_categories", "categorical_covariate_categories")
+    layout = {name: getattr(config, name) for name in fields}
+    layout["categorical_covariate_categories"] = list(config.categorical_covariate_categories.values())
+    layout |= {name: getattr(config, name) for name in ("continuous_covariate_mean", "continuous_covariate_std")}
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
 
 
 def _history_json(history: pd.DataFrame) -> str:

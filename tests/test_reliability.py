@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -636,6 +637,24 @@ def test_weights_with_a_missing_or_extra_tensor_are_refused(saved, trained):
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(ValueError, match="decoder.log_theta"):
         CellVAE.load(saved)
+
+
+def test_weights_copied_from_another_models_folder_are_refused(saved, trained, tmp_path):
+    """Same shapes, other genes or batches: they loaded silently, each gene decoded with another gene's weights."""
+    other = trained.adata.copy()
+    other.var_names = [f"other{i}" for i in range(other.n_vars)]
+    CellVAE(other, **MODEL_ARGS).save(tmp_path / "other")
+    shutil.copy(saved / "model.safetensors", tmp_path / "other" / "model.safetensors")
+    with pytest.raises(ValueError, match="was not saved with this config.json: the genes, batches or covariates"):
+        CellVAE.load(tmp_path / "other")
+    config = json.loads((saved / "config.json").read_text())
+    for change in ({"batch_categories": config["batch_categories"][::-1]}, {"gene_names": config["gene_names"][::-1]}):
+        (saved / "config.json").write_text(json.dumps(config | change))
+        with pytest.raises(ValueError, match="was not saved with this config.json"):
+            CellVAE.load(saved)
+    renamed = {"layer": "raw_counts", "batch_key": config["batch_key"] and "sample"}  # obs/layer names: free to rename
+    (saved / "config.json").write_text(json.dumps(config | renamed))
+    assert CellVAE.load(saved).config.layer == "raw_counts"
 
 
 def test_weights_of_the_wrong_shape_are_refused_before_any_tensor_is_read(saved, trained, monkeypatch):
