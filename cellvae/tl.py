@@ -520,8 +520,8 @@ def rate_distortion_sweep(
     Returns
     -------
     One row per beta: ``beta``, held-out means per cell of ``rate``, ``distortion``, ``elbo`` and
-    ``loss`` = distortion + beta·rate (the trained objective, less the penalty of ``free_bits`` where it is
-    set); ``train_rate``, ``train_distortion`` and
+    ``loss`` = distortion + beta·rate (the trained objective, less the penalties of ``free_bits`` and
+    ``batch_mmd`` where they are set); ``train_rate``, ``train_distortion`` and
     ``train_elbo``, the same on (up to 2,000) training cells; ``active_units``, ``epochs``; with
     ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
