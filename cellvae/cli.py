@@ -64,6 +64,8 @@ def in_command_line_terms(message: str) -> str:
     """An error's or warning's advice, given in Python's terms, with the command line's options."""
     message = message.replace("pass overwrite=True", "pass --overwrite")
     message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
+    message = message.replace("call fit(resume=False) to start over", "leave out --resume to start over")
+    message = message.replace("fit(..., resume=True) continues", "--resume continues")
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:

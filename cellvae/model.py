@@ -1253,7 +1253,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         history_file = path / HISTORY_FILE
         if history_file.is_file():
             try:
-                model.history = pd.DataFrame(json.loads(history_file.read_text()))
+                records = json.loads(history_file.read_text())
+                if not isinstance(records, list) or not all(isinstance(row, dict) for row in records):
+                    raise ValueError("it holds no list of per-epoch records")
+                model.history = pd.DataFrame(records)
             except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
                 raise ValueError(f"{history_file} is not a readable training history ({error})") from error
         model.is_trained = trained

@@ -753,6 +753,10 @@ def test_deeply_nested_json_is_refused_as_unreadable(saved):
     (saved / "history.json").write_text("[" * 100_000)
     with pytest.raises(ValueError, match="not a readable training history"):
         CellVAE.load(saved)
+    for junk in ("[1, 2, 3]", "[[1, 2], [3]]", '{"epoch": 1}', "7"):  # JSON, but no per-epoch records
+        (saved / "history.json").write_text(junk)
+        with pytest.raises(ValueError, match="not a readable training history"):
+            CellVAE.load(saved)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int32])
