@@ -73,7 +73,11 @@ def history(
             column = f"{split}_{quantity}"
             if column in frame:
                 label = f"{split} {quantity}" if one_axes else split
-                axis.plot(frame["epoch"], frame[column], style, label=label, **({"color": colour} if one_axes else {}))
+                # a point with no finite neighbour (a one-epoch history) draws no line: marked instead
+                finite = np.isfinite(frame[column].to_numpy(dtype=float))
+                alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
+                marks = {"marker": "o", "markevery": alone.tolist()} if alone.any() else {}
+                axis.plot(frame["epoch"], frame[column], style, label=label, **marks, **({"color": colour} if one_axes else {}))
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"{quantity}, nats per cell" if one_axes else "nats per cell")
         axis.grid(False)
@@ -190,6 +194,8 @@ def kl_per_dimension(
 def _check_save(save) -> None:
     if isinstance(save, bool) or not (save is None or isinstance(save, (str, os.PathLike))):
         raise TypeError(f"save must be a file path such as 'figure.png', got {save!r}; cellvae writes it as given")
+    if save and (os.fspath(save).endswith(("/", os.sep)) or Path(save).name in ("", ".", "..")):
+        raise ValueError(f"save={str(save)!r} names a folder; give a file name such as {str(Path(save) / 'figure.png')!r}")
     if save and not Path(save).resolve().parent.is_dir():
         raise FileNotFoundError(f"the folder of save={str(save)!r} does not exist; create it first")
     kinds = FigureCanvasBase.get_supported_filetypes()
@@ -204,7 +210,12 @@ def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: boo
     if save:
         while not hasattr(figure, "savefig"):  # an axes in a subfigure (matplotlib >= 3.10): the whole figure
             figure = figure.figure
-        figure.savefig(save, dpi=150, bbox_inches="tight")
+        try:
+            figure.savefig(save, dpi=150, bbox_inches="tight")
+        except BaseException:
+            if made:  # a figure of its own that could not be written is not left open
+                plt.close(figure)
+            raise
     if show is None:  # as scanpy's plots: its settings.autoshow=False (scripts, pipelines) shows nothing
         scanpy = sys.modules.get("scanpy")
         show = not save and (scanpy is None or bool(getattr(getattr(scanpy, "settings", None), "autoshow", True)))

@@ -63,6 +63,12 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
             f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
             "its own settings: choose another key_added"
         )
+    recorded = record["params"].get("key_added") if isinstance(record.get("params"), Mapping) else None
+    if isinstance(recorded, str) and recorded != key_added and recorded in adata.obsm:
+        raise ValueError(  # key_added="cellvae" and the default "X_cellvae" share adata.uns["cellvae"]
+            f"adata.uns[{uns_key!r}]['params'] records the embedding obsm[{recorded!r}], which embed with "
+            f"key_added={key_added!r} would leave without its record: choose another key_added"
+        )
     _writable(adata, "adata")
     return key_added, uns_key
 

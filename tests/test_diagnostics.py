@@ -1,5 +1,6 @@
 """Rate and distortion, the beta knob, posterior collapse, log p(x) and the inference gaps, on real PBMC counts."""
 
+import copy
 import warnings
 
 import anndata as ad
@@ -442,6 +443,56 @@ def test_history_panels_are_titled_and_labelled(small_model):
     assert left.get_xlabel() == "epoch"
     assert (left.get_ylabel(), right.get_ylabel()) == ("distortion, nats per cell", "rate, nats per cell")
     plt.close(one.figure)
+
+
+def test_a_one_epoch_history_is_drawn_as_points(cells):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CellVAE(cells, n_hidden=8, n_latent=3).fit(max_epochs=1, progress=False)
+    for axes in (cellvae.pl.history(model, show=False), cellvae.pl.history(model, ax=plt.subplots()[1], show=False)):
+        lines = [line for axis in axes for line in axis.get_lines()]
+        assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)  # a lone point draws no line
+        plt.close(axes[0].figure)
+
+
+def test_history_marks_only_points_with_no_finite_neighbour(small_model):
+    model = copy.copy(small_model)
+    model.history = small_model.history.copy()
+    model.history.loc[1, "train_rate"] = np.nan  # epochs 0 and 2 of 3 stand alone
+    distortion, rate = cellvae.pl.history(model, show=False)
+    lines = {line.get_label(): line for line in rate.get_lines()}
+    assert lines["train"].get_marker() == "o" and list(lines["train"].get_markevery()) == [True, False, True]
+    assert lines["validation"].get_marker() in ("None", None, "")
+    plt.close(distortion.figure)
+
+
+def test_save_naming_a_folder_is_refused_before_drawing(tmp_path):
+    sweep = pd.DataFrame({"beta": [0.5, 1.0], "rate": [9.0, 5.0], "distortion": [100.0, 104.0]})
+    (tmp_path / "figures").mkdir()
+    open_figures = plt.get_fignums()
+    for folder in (f"{tmp_path / 'figures'}/", f"{tmp_path / 'no_such_folder'}/", "."):
+        with pytest.raises(ValueError, match="names a folder; give a file name"):
+            cellvae.pl.rate_distortion(sweep, save=folder)
+    assert list((tmp_path / "figures").iterdir()) == []  # not a hidden figures/.png
+    assert plt.get_fignums() == open_figures
+
+
+def test_a_figure_that_cannot_be_written_is_closed(tmp_path, monkeypatch):
+    sweep = pd.DataFrame({"beta": [0.5, 1.0], "rate": [9.0, 5.0], "distortion": [100.0, 104.0]})
+    open_figures = plt.get_fignums()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", refuse)
+    with pytest.raises(PermissionError):
+        cellvae.pl.rate_distortion(sweep, save=tmp_path / "rd.png")
+    assert plt.get_fignums() == open_figures
+    figure, ax = plt.subplots()  # the caller's own figure stays open
+    with pytest.raises(PermissionError):
+        cellvae.pl.rate_distortion(sweep, ax=ax, save=tmp_path / "rd.png")
+    assert plt.fignum_exists(figure.number)
+    plt.close(figure)
 
 
 def test_saving_into_the_callers_axes_leaves_the_callers_figure_open(small_model, tmp_path):

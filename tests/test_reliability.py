@@ -248,6 +248,26 @@ def test_embed_refuses_an_uns_entry_it_cannot_write_its_settings_into_before_tra
     assert_unchanged(before, adata)
 
 
+def test_embed_refuses_a_key_added_whose_uns_record_is_another_embeddings(messy, monkeypatch):
+    """key_added="cellvae" and the default "X_cellvae" both keep their record in uns["cellvae"]."""
+    adata = messy.copy()
+    adata.obsm["X_cellvae"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
+    adata.uns["cellvae"] = {"params": {"key_added": "X_cellvae", "epochs_trained": 3}}
+    before = adata.copy()
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=r"records the embedding obsm\['X_cellvae'\].*choose another key_added"):
+        cellvae.tl.embed(adata, layer="counts", key_added="cellvae")
+    assert_unchanged(before, adata)
+    del adata.obsm["X_cellvae"]  # that embedding is gone: its record may be replaced
+
+    def reached(*args, **kwargs):
+        raise RuntimeError("reached training")
+
+    monkeypatch.setattr(CellVAE, "fit", reached)
+    with pytest.raises(RuntimeError, match="reached training"):
+        cellvae.tl.embed(adata, layer="counts", key_added="cellvae")
+
+
 def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
     adata = messy.copy()
     settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
