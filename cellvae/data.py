@@ -182,10 +182,18 @@ def _copied_csr_view(matrix, rows: np.ndarray, columns: np.ndarray) -> sp.csr_ma
     100,000 cells and 2,000 of 20,000 genes took 11 times its own size on the way. Here each cell's values
     among the view's genes are counted first (a pass over the column indices), and the view is then copied
     a block of cells at a time into arrays of that size, scipy picking each block's genes; so nothing but
-    the copy and one block is held (a view of only cells, or only genes, anndata copies as well as this).
+    the copy and one block is held (a view of only genes, anndata copies as well as this; a view of only cells is
+    copied a row at a time, as anndata does where indptr and indices share a type).
     """
     if not sp.issparse(matrix) or matrix.format != "csr":
         return None
+    all_genes = len(columns) == matrix.shape[1] and np.array_equal(columns, np.arange(matrix.shape[1]))
+    if all_genes and not np.array_equal(rows, np.arange(matrix.shape[0])):
+        # A view of some cells: just their rows. anndata's copy (scipy's row indexing) first converts the
+        # column indices of every cell to the type of indptr where the two differ (int32 indices with int64
+        # indptr, as many .h5ad files hold): 8 bytes per stored value of the whole matrix for a view of 1,000 of
+        # 100,000 cells (+390 MB, 0.6 s), where the rows alone need a thousandth of that.
+        return sp.csr_matrix(_gather_csr_rows(matrix, rows))
     if len(rows) == matrix.shape[0] or len(columns) == matrix.shape[1] or len(np.unique(columns)) < len(columns):
         return None  # (a gene viewed twice, as well, is left to anndata)
     kept_per_row = _values_in_columns(matrix, columns)[rows]

@@ -264,6 +264,35 @@ def test_a_view_of_some_cells_and_genes_in_memory_is_copied_without_the_cells_ot
     assert view.is_view and view.X.shape == matrix.shape  # the view is left as it was
 
 
+def test_a_view_of_some_cells_in_memory_is_copied_without_converting_every_cells_column_indices():
+    """Where indptr is int64 and the column indices int32 (as in many .h5ad files), anndata's copy of a view of
+    some cells converts the column indices of the whole matrix to int64 first: cellvae copies just the rows."""
+    import tracemalloc
+
+    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, seed=5)
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.X.indices = adata.X.indices.astype(np.int32)
+    adata.X.indptr = adata.X.indptr.astype(np.int64)  # set after construction: scipy's constructor would unify them
+    rng = np.random.default_rng(0)
+    dense = adata.X.toarray()
+    for cells in (slice(0, 30), rng.random(adata.n_obs) < 0.01, [7, 3, 3, 2999], slice(None, None, -1)):
+        matrix = cellvae.data.count_matrix(adata[cells], None)
+        assert matrix.dtype == adata.X.dtype
+        np.testing.assert_array_equal(matrix.toarray(), dense[cells])
+        if not isinstance(cells, slice) or cells.step is None:  # (scipy fails on a reversed slice of such a matrix)
+            expected = adata[cells].X
+            np.testing.assert_array_equal(matrix.indptr, expected.indptr)
+            np.testing.assert_array_equal(matrix.indices, expected.indices)
+            np.testing.assert_array_equal(matrix.data, expected.data)
+    view = adata[:30]
+    tracemalloc.start()
+    cellvae.data.count_matrix(view, None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < adata.X.indices.nbytes / 4  # anndata's copy: twice the int32 indices of every cell
+    assert view.is_view  # the view is left as it was
+
+
 def test_a_backed_model_trains_and_embeds_like_an_in_memory_one(counts, tmp_path_factory):
     backed = stored(counts, tmp_path_factory, "csr")
     model = cellvae.CellVAE(backed, batch_key="batch").fit(max_epochs=3, progress=False, device="cpu")
