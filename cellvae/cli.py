@@ -323,7 +323,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_embed(args: argparse.Namespace) -> int:
 
-    from cellvae import CellVAE
+    from cellvae import CellVAE, tl
     from cellvae.data import counts_location, layer_names
 
     _check_input_and_output(args)
@@ -339,6 +339,7 @@ def run_embed(args: argparse.Namespace) -> int:
             f"error: {args.input} has no layers[{layer!r}]{trained}; name the counts' place with --layer NAME, "
             f"or --layer X (layers here: {layer_names(adata)})"
         )
+    tl._check_record_is_its_own(adata, args.key_added, "cellvae" if args.key_added == "X_cellvae" else args.key_added)
     counts = _counts_where_model_reads(adata, layer, model.config.layer)
     replaced = args.key_added in adata.obsm
     try:

@@ -63,14 +63,22 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
             f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
             "its own settings: choose another key_added"
         )
-    recorded = record["params"].get("key_added") if isinstance(record.get("params"), Mapping) else None
-    if isinstance(recorded, str) and recorded != key_added and recorded in adata.obsm:
-        raise ValueError(  # key_added="cellvae" and the default "X_cellvae" share adata.uns["cellvae"]
-            f"adata.uns[{uns_key!r}]['params'] records the embedding obsm[{recorded!r}], which embed with "
-            f"key_added={key_added!r} would leave without its record: choose another key_added"
-        )
+    _check_record_is_its_own(adata, key_added, uns_key)
     _writable(adata, "adata")
     return key_added, uns_key
+
+
+def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) -> None:
+    """Refuse a ``key_added`` whose ``uns`` record describes another embedding still in ``obsm`` (``"cellvae"``
+    and the default ``"X_cellvae"`` share ``adata.uns["cellvae"]``); also run by ``cellvae embed``."""
+    record = adata.uns.get(uns_key)
+    params = record.get("params") if isinstance(record, Mapping) else None
+    recorded = params.get("key_added") if isinstance(params, Mapping) else None
+    if isinstance(recorded, str) and recorded != key_added and recorded in adata.obsm:
+        raise ValueError(
+            f"adata.uns[{uns_key!r}]['params'] records the embedding obsm[{recorded!r}], which an embedding written "
+            f"to obsm[{key_added!r}] would leave without its record: choose another key_added"
+        )
 
 
 def embed(

@@ -168,6 +168,11 @@ def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_p
     command = ["embed", str(tmp_path / "umap.h5ad"), "--model-dir", str(tmp_path / "other"), "--out", str(tmp_path / "u.h5ad")]
     assert main(command) == 0
     assert "recompute them" not in capsys.readouterr().err
+    # --key-added cellvae shares uns["cellvae"] with the default X_cellvae, still in the file: refused, nothing written
+    command = ["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "other"), "--out", str(tmp_path / "k.h5ad")]
+    with pytest.raises(SystemExit, match=r"records the embedding obsm\['X_cellvae'\]"):
+        main([*command, "--key-added", "cellvae"])
+    assert not (tmp_path / "k.h5ad").exists()
 
 
 def test_fit_of_an_atlas_sized_file_goes_through_scanpys_approximate_neighbours(tmp_path):
