@@ -339,7 +339,7 @@ def run_embed(args: argparse.Namespace) -> int:
             f"error: {args.input} has no layers[{layer!r}]{trained}; name the counts' place with --layer NAME, "
             f"or --layer X (layers here: {layer_names(adata)})"
         )
-    tl._check_record_is_its_own(adata, args.key_added, "cellvae" if args.key_added == "X_cellvae" else args.key_added)
+    tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     counts = _counts_where_model_reads(adata, layer, model.config.layer)
     replaced = args.key_added in adata.obsm
     try:
@@ -373,7 +373,9 @@ def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None)
 def _record_embedding(adata, key_added: str, model, model_dir: str, replaced: bool) -> None:
     """``embed``'s record in ``uns`` (where ``tl.embed`` keeps its settings), replacing an earlier fit's, and a
     warning where the input held an ``obsm[key_added]`` (``replaced``) and a graph or UMAP likely made from it."""
-    uns_key = "cellvae" if key_added == "X_cellvae" else key_added
+    from cellvae import tl
+
+    uns_key = tl._uns_key(key_added)
     record = adata.uns.get(uns_key)
     if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
         params = {"key_added": key_added, "model_dir": str(model_dir), "layer": model.config.layer}

@@ -51,7 +51,7 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     _check_model_kwargs(model_kwargs)
     if "copy" in model_kwargs or "inplace" in model_kwargs:
         raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
-    uns_key = "cellvae" if key_added == "X_cellvae" else key_added
+    uns_key = _uns_key(key_added)
     record = adata.uns.get(uns_key, {})
     if not isinstance(record, Mapping):
         raise TypeError(
@@ -66,6 +66,11 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     _check_record_is_its_own(adata, key_added, uns_key)
     _writable(adata, "adata")
     return key_added, uns_key
+
+
+def _uns_key(key_added: str) -> str:
+    """The ``uns`` key of an embedding's record: ``"cellvae"`` for the default ``"X_cellvae"``, else ``key_added``."""
+    return "cellvae" if key_added == "X_cellvae" else key_added
 
 
 def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) -> None:
