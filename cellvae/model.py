@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import anndata as ad
@@ -189,7 +189,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     is_trained
         Whether :meth:`fit` (or :meth:`map_query`) has trained it.
     train_settings
-        The settings of the last training in this session (``None`` before it; not saved).
+        The settings of the last training (``None`` before it): :meth:`save` stores them with the weights and
+        :meth:`load` restores them, so a saved model tells how it was trained.
     device
         Where the module lives between calls (the CPU; training moves it to ``fit``'s device and back).
 
@@ -1086,7 +1087,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """Write ``config.json``, ``model.safetensors`` and ``history.json`` into directory ``path``.
+        """Write ``config.json``, ``model.safetensors`` (with :attr:`train_settings` in its metadata) and
+        ``history.json`` into directory ``path``.
 
         Parameters
         ----------
@@ -1147,6 +1149,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # and this: weights copied into another model's folder (the same shapes, other genes) are refused
                 "layout_sha256": _layout_digest(self.config),
             }
+            if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train)
+                metadata["train_settings"] = asdict(self.train_settings)
             # one metadata entry: safetensors writes several in an order that varies from save to save, so the
             # same model's file would differ byte for byte
             metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
@@ -1260,6 +1264,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
                 raise ValueError(f"{history_file} is not a readable training history ({error})") from error
         model.is_trained = trained
+        if "train_settings" in metadata:
+            model.train_settings = _train_settings(metadata["train_settings"], weights)
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
             data.warn_user(
@@ -2039,6 +2045,20 @@ def _layout_digest(config: Config) -> str:
     layout["categorical_covariate_categories"] = list(config.categorical_covariate_categories.values())
     layout |= {name: getattr(config, name) for name in ("continuous_covariate_mean", "continuous_covariate_std")}
     return hashlib.sha256(json.dumps(layout).encode()).hexdigest()
+
+
+def _train_settings(saved: object, weights: Path) -> TrainSettings:
+    """The :class:`TrainSettings` that :meth:`CellVAE.save` stored in the weights file's metadata, checked field by field."""
+    known = {field.name: field for field in fields(TrainSettings)}
+    required = {name for name, field in known.items() if field.default is MISSING}
+    kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+    if not isinstance(saved, dict) or not required <= saved.keys() <= known.keys():
+        raise ValueError(f"{weights} is corrupt: its train_settings metadata is not the settings save writes")
+    for name, value in saved.items():
+        kind = kinds[known[name].type]
+        if not isinstance(value, kind) or (bool not in kind and isinstance(value, bool)):
+            raise ValueError(f"{weights} is corrupt: its train_settings metadata holds {name}={value!r}")
+    return TrainSettings(**saved)
 
 
 def _history_json(history: pd.DataFrame) -> str:

@@ -183,6 +183,12 @@ def test_save_and_load_keep_every_setting(two_batches, tmp_path):
     model.save(tmp_path / "model")
     loaded = CellVAE.load(tmp_path / "model")
     assert loaded.config == model.config
+    # and how it was trained (fit's settings), which the weights alone do not tell
+    assert loaded.train_settings == model.train_settings
+    assert (loaded.train_settings.max_epochs, loaded.train_settings.batch_size) == (2, 64)
+    assert (loaded.train_settings.lr, loaded.train_settings.random_state, loaded.train_settings.beta) == (2e-3, 4, 2.0)
+    CellVAE(adata).save(tmp_path / "untrained")
+    assert CellVAE.load(tmp_path / "untrained").train_settings is None
     # the same model saves to the same bytes (file checksums and `cmp` tell a changed model from a re-saved one)
     loaded.save(tmp_path / "again")
     for name in ("config.json", "model.safetensors", "history.json"):

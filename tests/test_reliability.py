@@ -1129,6 +1129,7 @@ def test_weights_files_with_their_metadata_entries_one_by_one_still_load(messy, 
         with safe_open(str(weights), framework="pt") as handle:
             entries = json.loads(handle.metadata()["cellvae"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        entries.pop("train_settings", None)  # (newer than that format: such files have none)
         save_file(tensors, weights, metadata=entries)
     assert not CellVAE.load(tmp_path / "untrained", adata=messy).is_trained
     np.testing.assert_array_equal(CellVAE.load(tmp_path / "trained").get_latent(messy), trained.get_latent(messy))
@@ -1139,6 +1140,36 @@ def test_weights_files_with_their_metadata_entries_one_by_one_still_load(messy, 
         save_file(tensors, weights, metadata={"cellvae": damaged})
         with pytest.raises(ValueError, match="is corrupt or not a safetensors file"):
             CellVAE.load(tmp_path / "trained")
+
+
+def test_saved_train_settings_are_restored_and_damaged_ones_refused(trained, tmp_path):
+    """save stores fit's settings with the weights; load gives them back and refuses settings that fit never wrote."""
+    from safetensors import safe_open
+
+    trained.save(tmp_path / "model")
+    assert CellVAE.load(tmp_path / "model").train_settings == trained.train_settings
+    weights = tmp_path / "model" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        entries = json.loads(handle.metadata()["cellvae"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert entries["train_settings"]["max_epochs"] == trained.train_settings.max_epochs
+    good = entries["train_settings"]
+    damaged = [
+        [1, 2],
+        {key: value for key, value in good.items() if key != "lr"},
+        good | {"unknown_setting": 1},
+        good | {"max_epochs": "many"},
+        good | {"max_epochs": True},
+        good | {"early_stopping": 1},
+        good | {"precision": 16},
+    ]
+    for settings in damaged:
+        save_file(tensors, weights, metadata={"cellvae": json.dumps(entries | {"train_settings": settings})})
+        with pytest.raises(ValueError, match="is corrupt: its train_settings metadata"):
+            CellVAE.load(tmp_path / "model")
+    without_precision = {key: value for key, value in good.items() if key != "precision"}  # it has a default
+    save_file(tensors, weights, metadata={"cellvae": json.dumps(entries | {"train_settings": without_precision})})
+    assert CellVAE.load(tmp_path / "model").train_settings.precision == "float32"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
