@@ -165,6 +165,7 @@ def transfer_labels(
     unknown_threshold: float | None = None,
     unlabeled_category: str | None = None,
     novelty_threshold: float | None = None,
+    n_jobs: int | None = None,
     copy: bool = False,
     label_key: str | None = None,
 ) -> ad.AnnData | None:
@@ -198,6 +199,9 @@ def transfer_labels(
     novelty_threshold
         If given, cells whose novelty exceeds it are labelled ``"Unknown"`` too (e.g. 0.95; strings
         as with ``unknown_threshold``).
+    n_jobs
+        Parallel jobs of the nearest-neighbour search (scikit-learn's ``n_jobs``; ``-1``: every core), which takes
+        nearly all of the time for large sets; ``None``: scanpy's ``sc.settings.n_jobs``. The results do not depend on it.
     copy
         Write the results into a copy of ``query_adata`` and return it (as scanpy's ``copy=True``),
         leaving ``query_adata`` as it is.
@@ -249,6 +253,7 @@ def transfer_labels(
         labelled = labelled & ~labels.isin([unlabeled_category]).to_numpy(dtype=bool)  # (!= gives NA on nullable columns)
     _check_count(k, "k")
     k = int(k)
+    n_jobs = _n_jobs(n_jobs)
     if not labelled.any():
         skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
         raise ValueError(f"ref_adata.obs[{labels_key!r}] has no labelled cells (every label is {skipped})")
@@ -262,7 +267,7 @@ def transfer_labels(
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
     names = np.asarray(names, dtype=object)
-    voters = NearestNeighbors(n_neighbors=k).fit(reference[labelled])
+    voters = NearestNeighbors(n_neighbors=k, n_jobs=n_jobs).fit(reference[labelled])
     distances, neighbours = voters.kneighbors(query)
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
     weights = np.exp(-((distances / bandwidth) ** 2))
@@ -299,6 +304,18 @@ def _labels_key(labels_key, label_key) -> str:
         raise TypeError("transfer_labels() got both labels_key and its deprecated name label_key; pass only labels_key")
     warn_user("transfer_labels(label_key=...) is deprecated; pass labels_key=... (the same value)", FutureWarning)
     return label_key
+
+
+def _n_jobs(n_jobs) -> int:
+    """``n_jobs`` as scikit-learn takes it: a whole number other than 0 (``None``: scanpy's setting)."""
+    if n_jobs is None:
+        import scanpy as sc
+
+        n_jobs = sc.settings.n_jobs
+    is_integer = isinstance(n_jobs, (int, np.integer)) and not isinstance(n_jobs, (bool, np.bool_))
+    if not is_integer or n_jobs == 0:
+        raise ValueError(f"n_jobs must be a whole number of jobs (e.g. 2, or -1 for every core) or None, got {n_jobs!r}")
+    return int(n_jobs)
 
 
 def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -463,6 +463,32 @@ def test_thresholds_outside_zero_to_one_are_refused(name, value):
         cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, **{name: value})
 
 
+def test_transfer_labels_searches_neighbours_in_parallel_with_the_same_results():
+    """n_jobs (None: scanpy's sc.settings.n_jobs) parallelises the neighbour search; labels, uncertainty and
+    novelty are the same with any number of jobs."""
+    import scanpy as sc
+
+    rng = np.random.default_rng(3)
+    reference = labelled_reference(rng.choice(["A", "B", "C"], 3_000), rng.normal(size=(3_000, 10)))
+    positions = rng.normal(size=(500, 10))
+    results = []
+    for n_jobs in (None, 1, 2, -1):
+        query = query_at(positions)
+        cellvae.tl.transfer_labels(reference, query, "cell_type", n_jobs=n_jobs)
+        results.append(query.obs)
+    for obs in results[1:]:
+        pd.testing.assert_frame_equal(obs, results[0])
+    for bad in (0, 1.5, True, "all"):
+        with pytest.raises(ValueError, match=rf"n_jobs must be a whole number of jobs .* got {bad!r}"):
+            cellvae.tl.transfer_labels(reference, query, "cell_type", n_jobs=bad)
+    before, sc.settings.n_jobs = sc.settings.n_jobs, 0  # None reads scanpy's setting
+    try:
+        with pytest.raises(ValueError, match="n_jobs must be .* got 0"):
+            cellvae.tl.transfer_labels(reference, query, "cell_type")
+    finally:
+        sc.settings.n_jobs = before
+
+
 def test_novelty_is_the_share_of_reference_cells_closer_to_their_k_neighbours_than_the_query_cell():
     """Brute-force check of the documented novelty: mean distance to the k nearest labelled reference cells
     (a reference cell's own neighbours exclude itself), compared on both sides with the same k."""
