@@ -837,18 +837,17 @@ def as_text(column: pd.Series) -> pd.Categorical:
     return pd.Categorical.from_codes(categorical.codes, categories=names)
 
 
-def _check_no_missing(column: pd.Series, key: str) -> None:
+def _check_no_missing(column: pd.Series, key: str, source: str = "obs") -> None:
     if column.isna().any():
-        raise ValueError(
-            f"obs[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them "
-            f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells"
-        )
+        fix = f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells" if source == "obs" else ""
+        raise ValueError(f"{source}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
 
 
-def _continuous_values(obs: pd.DataFrame, key: str) -> np.ndarray:
+def _continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.ndarray:
     values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"continuous covariate obs[{key!r}] has NaN, infinite or non-numeric values; fill or drop them")
+        fix = "fill or drop them" if source == "obs" else "pass finite numbers"
+        raise ValueError(f"continuous covariate {source}[{key!r}] has NaN, infinite or non-numeric values; {fix}")
     return values
 
 
@@ -883,9 +882,9 @@ class Covariates:
 FAR_COVARIATE_SDS = 5.0
 
 
-def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
+def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "obs") -> Covariates:
     """One-hot batch and categorical covariates and scaled continuous ones (cells × width, see
-    :class:`Covariates`)."""
+    :class:`Covariates`); errors name the values as ``source[key]`` (``"covariates"``: decode's argument)."""
     codes_per_key, widths, continuous = [], [], []
     for key, categories in _categorical_items(layout):
         if key not in obs.columns:
@@ -897,7 +896,8 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
                 else f"obs column {key!r} (used by the model) not found in adata.obs"
             )
         column = obs[key]
-        _check_no_missing(column, key)
+        where = "batch" if source != "obs" and key == layout.batch_key else f"{source}[{key!r}]"
+        _check_no_missing(column, key, source)
         values = as_text(column)
         codes = values.set_categories(categories).codes
         if (codes < 0).any():
@@ -915,18 +915,18 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout) -> Covariates:
                     "batch_key) cannot map new ones: train a model on data that holds them"
                 )
             advice = numbers_written_otherwise(unknown, categories, key) or advice
-            raise ValueError(f"obs[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
+            raise ValueError(f"{where} has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
         widths.append(len(categories))
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):
         if key not in obs.columns:
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
-        values = _continuous_values(obs, key)
+        values = _continuous_values(obs, key, source)
         scaled = (values - mean) / std
         far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
         if far > FAR_COVARIATE_SDS:  # the training cells' own values lie within about 1 sd of their mean
             warn_user(
-                f"obs[{key!r}] lies far from the values the model was trained with (mean {mean:.3g}, sd {std:.3g}): "
+                f"{source}[{key!r}] lies far from the values the model was trained with (mean {mean:.3g}, sd {std:.3g}): "
                 f"the median cell here is {far:.0f} sd away ({float(np.median(values)):.3g}), where the model can only "
                 "extrapolate; check its units (a fraction where the model saw percentages, counts where it saw logs)",
                 UserWarning,

@@ -1876,11 +1876,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _library_sizes(library_size, n)
         if batch is None and self.config.batch_key:  # decoded as each batch of the model
             batch = self.config.batch_categories[0]
-        data.covariate_matrix(self._covariate_frame(n, batch, covariates), self.layout)
+        data.covariate_matrix(self._covariate_frame(n, batch, covariates), self.layout, "covariates")
 
     def _decoded(self, z: np.ndarray, frame: pd.DataFrame, library: np.ndarray, batch_size: int):
         """(row slice, p(x|z)) for chunks of latent codes decoded with the covariates in ``frame``."""
-        covariates = data.covariate_matrix(frame, self.layout)
+        covariates = data.covariate_matrix(frame, self.layout, "covariates")
         codes = covariates.batch_codes
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             for start in range(0, len(z), batch_size):

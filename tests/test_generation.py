@@ -262,6 +262,28 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
     assert (other.X != generated.X).nnz > 0  # ... decoded under another covariate value
 
 
+def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
+    """decode's and generate's covariates= come from the caller, not from an AnnData: errors name covariates[...]."""
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, n_batches=2, seed=2)
+    adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
+    adata.obs["score"] = np.linspace(0.0, 1.0, adata.n_obs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CellVAE(adata, categorical_covariate_keys=["donor"], continuous_covariate_keys=["score"], n_hidden=16)
+        model.fit(max_epochs=1, progress=False)
+    z = np.zeros((3, model.config.n_latent))
+    for call in (lambda c: model.decode(z, covariates=c), lambda c: model.generate(3, covariates=c, progress=False)):
+        with pytest.raises(ValueError, match=r"^covariates\['donor'\] has categories unseen in training: \['d3'\]"):
+            call({"donor": "d3", "score": 0.5})
+        with pytest.raises(ValueError, match=r"^covariates\['donor'\] has 3 missing \(NaN\) values; fill them$"):
+            call({"donor": None, "score": 0.5})
+        for bad in ("high", float("nan"), np.inf):
+            with pytest.raises(ValueError, match=r"covariate covariates\['score'\] has NaN, .*; pass finite numbers$"):
+                call({"donor": "d1", "score": bad})
+        with pytest.warns(UserWarning, match=r"^covariates\['score'\] lies far from the values the model was trained"):
+            call({"donor": "d1", "score": 100.0})
+
+
 def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=1)
     adata.obs["library_size"] = np.log1p(np.asarray(adata.X.sum(1)).ravel())  # a user's covariate of that name
