@@ -466,14 +466,23 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             loader, cells = self._loader(self.adata, training_device, all_ranks=True)
             nonempty = cells[loader.library[cells] > 0]
             if len(nonempty) < len(cells):
+                empty_batches = ""
+                if self.config.batch_key:  # a batch of such cells only trains nothing of its own
+                    names = np.asarray(self.config.batch_categories)
+                    unseen = np.setdiff1d(loader.batch_index[cells], loader.batch_index[nonempty])
+                    if len(unseen):
+                        empty_batches = (
+                            f"; the batches {names[unseen].tolist()[:5]} have no cells with counts, so their parameters stay "
+                            "as they were drawn and their cells' codes mean little"
+                        )
                 data.warn_user(
-                    f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training; "
-                    "drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
+                    f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training"
+                    f"{empty_batches}; drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
                     UserWarning,
                 )
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
-            train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
+            train_cells, validation_cells = split_cells(nonempty, validation_size, random_state, loader.batch_index)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
@@ -1474,7 +1483,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         cells = cells[loader.library[cells] > 0]
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
-        train_cells, validation_cells = split_cells(cells, validation_size, random_state)
+        train_cells, validation_cells = split_cells(cells, validation_size, random_state, loader.batch_index)
         _check_cells_left_to_train(train_cells, cells, validation_size)
         epochs = max_epochs or default_query_epochs(len(cells))
         settings = TrainSettings(

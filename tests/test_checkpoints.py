@@ -393,6 +393,23 @@ def test_split_cells_keeps_at_least_one_cell_on_each_side_and_is_seeded():
     assert not np.array_equal(validation, split_cells(cells, 0.25, 4)[1])
 
 
+def test_split_cells_trains_every_batch_and_splits_as_before_where_each_has_training_cells():
+    cells = np.arange(200)
+    batch_of_cell = np.r_[np.zeros(120, int), np.ones(78, int), [2, 2]]  # batch 2: two cells
+    plain = split_cells(cells, 0.1, 0)
+    train, validation = split_cells(cells, 0.1, 0, np.zeros(200, int))  # one batch: the same split
+    np.testing.assert_array_equal(train, plain[0])
+    np.testing.assert_array_equal(validation, plain[1])
+    for seed in range(40):
+        train, validation = split_cells(cells, 0.1, seed, batch_of_cell)
+        assert set(batch_of_cell[train]) == {0, 1, 2} and sorted(np.r_[train, validation]) == list(cells)
+        old_train = split_cells(cells, 0.1, seed)[0]
+        if 2 in batch_of_cell[old_train]:  # nothing to move: the split is the one without batches
+            np.testing.assert_array_equal(train, old_train)
+        else:  # only batch 2's validation cells moved to training
+            assert set(np.setdiff1d(train, old_train)) == {198, 199} and len(validation) == 18
+
+
 def test_default_kl_warm_up_and_query_epochs():
     """Warm-up: a quarter of training, 1 to 50 epochs; query epochs: ~200,000 cell passes, 20 to 200 epochs."""
     assert [default_kl_warmup(n) for n in (1, 3, 4, 20, 100, 200, 201, 400)] == [1, 1, 1, 5, 25, 50, 50, 50]

@@ -17,7 +17,7 @@ import cellvae
 from cellvae import CellVAE
 from cellvae.config import MAX_WEIGHT, Config
 from cellvae.module import GeneLinear
-from cellvae.train import default_max_epochs
+from cellvae.train import default_max_epochs, split_cells
 
 
 def test_the_whole_public_api_loads_without_the_benchmark_extras():
@@ -496,12 +496,32 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     dense[:3] = 0
     adata.X = sp.csr_matrix(dense)
     model = CellVAE(adata)
-    with pytest.warns(UserWarning, match="3 cells have zero total counts"):
+    with pytest.warns(UserWarning, match="3 cells have zero total counts") as told:
         model.fit(max_epochs=1, progress=False)
+    assert "batches" not in str(told[0].message)  # (no batch_key)
     assert model.get_latent().shape == (100, 10)
+    batched = adata.copy()
+    batched.obs["batch"] = pd.Categorical(np.where(np.arange(100) < 3, "empty", batched.obs["batch"].astype(str)))
+    with pytest.warns(UserWarning, match=r"the batches \['empty'\] have no cells with counts, so their parameters stay"):
+        CellVAE(batched, batch_key="batch").fit(max_epochs=1, progress=False)
     scores = model.rate_distortion()  # an empty cell's counts have probability 1: distortion 0, not NaN
     assert np.isfinite(scores.to_numpy()).all() and np.allclose(scores["distortion"].iloc[:3], 0.0, atol=1e-5)
     assert np.isfinite(model.marginal_log_likelihood(n_samples=2)).all()
+
+
+def test_a_batch_of_a_few_cells_trains_even_where_the_validation_split_would_take_them_all(two_batches):
+    """Its parameters learn from its cells, not stay as drawn (a one-cell batch fell into validation one fit in ten)."""
+    adata = small(two_batches)
+    batches = adata.obs["batch"].astype(str).to_numpy()
+    batches[-1] = "tiny"
+    adata.obs["batch"] = pd.Categorical(batches)
+    cells = np.arange(adata.n_obs)
+    seed = next(s for s in range(100) if adata.n_obs - 1 not in split_cells(cells, 0.1, s)[0])  # the old split's choice
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a short fit's collapse check)
+        model = CellVAE(adata, batch_key="batch", dispersion="gene-batch").fit(max_epochs=3, random_state=seed, progress=False)
+    tiny = model.config.batch_categories.index("tiny")
+    assert torch.count_nonzero(model.module.decoder.log_theta[tiny]) > 0  # drawn as zeros: it trained
 
 
 def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_cell_dispersion(tmp_path):
