@@ -10,7 +10,8 @@ timings are cached (``--cache``) between stages:
     python benchmarks/integration.py summary
 
 ``embed`` trains cellvae and scVI (``--seeds``) and computes PCA and Harmony on the same genes of a
-dataset (all of them, or its 2,000 most variable where it has more); ``score`` runs
+dataset (all of them, or its 2,000 most variable where it has more; ``--all-genes --tag _allgenes``: cellvae on
+all of them, to compare); ``score`` runs
 ``scib_metrics.benchmark.Benchmarker`` on every cached embedding and writes
 ``results/integration_<dataset>.csv`` (with ``--append``, keeping its rows of embeddings not in the cache);
 ``kmeans`` re-clusters every cached embedding with 10 KMeans starts to show how much of scib's one-start
@@ -58,7 +59,8 @@ UNLABELLED = {"unknown", "Unknown", "nan"}
 # ----------------------------------------------------------------------------- data and embeddings
 
 
-def load(name: str) -> ad.AnnData:
+def load(name: str, all_genes: bool = False) -> ad.AnnData:
+    """The dataset's raw counts, cut to its N_TOP_GENES most variable genes unless ``all_genes``."""
     path = DATA / f"{name}.h5ad"
     if not path.is_file():
         raise SystemExit(f"{path} not found; the shared data folder must sit beside the repository")
@@ -66,7 +68,7 @@ def load(name: str) -> ad.AnnData:
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.obs["batch"] = adata.obs["batch"].astype(str).astype("category")
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).astype("category")
-    if N_TOP_GENES and adata.n_vars > N_TOP_GENES:
+    if N_TOP_GENES and adata.n_vars > N_TOP_GENES and not all_genes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key="batch")
@@ -145,8 +147,10 @@ def cached(cache: Path, dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
 
 
 def stage_embed(args) -> None:
+    if args.all_genes and (set(args.methods) != {"cellvae"} or not args.tag):
+        raise SystemExit("--all-genes is for cellvae variants: pass --methods cellvae --tag _allgenes")
     for dataset in args.datasets:
-        adata = load(dataset)
+        adata = load(dataset, args.all_genes)
         for method in args.methods:
             seeds = args.seeds if method in ("cellvae", "scvi", "scvi_nb") else [0]
             for seed in seeds:
@@ -160,6 +164,8 @@ def stage_embed(args) -> None:
                     seconds = time.perf_counter() - started
                     embedding = model.get_latent()
                     info = {"epochs": len(model.history), "max_epochs": args.cellvae_max_epochs, **args.cellvae_kwargs}
+                    if args.all_genes:
+                        info["genes"] = adata.n_vars
                 elif method in ("scvi", "scvi_nb"):
                     model = train_scvi(adata.copy(), seed, args.scvi_max_epochs, "nb" if method == "scvi_nb" else "zinb")
                     seconds = time.perf_counter() - started
@@ -540,6 +546,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["pca", "harmony", "cellvae", "scvi"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cellvae-max-epochs", type=int, default=None, help="default: cellvae's own choice")
+    parser.add_argument("--all-genes", action="store_true", help="embed: cellvae on every gene, not the variable ones")
     parser.add_argument("--cellvae-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"encode_batch\": false}'")
     parser.add_argument("--map-kwargs", type=json.loads, default={}, help="map: JSON options of CellVAE.map_query")
     parser.add_argument("--tag", default="", help="suffix of cellvae embedding names (for variants)")
