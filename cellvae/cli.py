@@ -66,6 +66,7 @@ def in_command_line_terms(message: str) -> str:
     message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
     message = message.replace("call fit(resume=False) to start over", "leave out --resume to start over")
     message = message.replace("fit(..., resume=True) continues", "--resume continues")
+    message = message.replace("mask_var ", "--mask-var ")
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:
@@ -145,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         "under torchrun each process then reads only its own part of the cells)",
     )
     fit.add_argument("--layer", default=None, help="layer with the raw counts, or X (default: X)")
+    fit.add_argument(
+        "--mask-var",
+        default=None,
+        help="boolean var column of the genes to train on, e.g. highly_variable (default: every gene; with batches, "
+        "about 2,000 variable genes integrate better)",
+    )
     fit.add_argument("--batch-key", default=None, help="obs column of batches to integrate")
     fit.add_argument(
         "--categorical-covariate-keys",
@@ -274,11 +281,13 @@ def run_fit(args: argparse.Namespace) -> int:
         "resume": args.resume,
     }
     tl._check_embed(adata, args.key_added, model_kwargs, fit_kwargs)  # on every rank: all stop at a bad key alike
+    genes = tl._genes_to_train(adata, args.mask_var)  # (checked here, before any work)
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
-        CellVAE(adata, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
+        CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0
     model = tl.embed(
         adata,
+        mask_var=args.mask_var,
         key_added=args.key_added,
         random_state=args.seed,
         max_epochs=args.epochs,

@@ -265,6 +265,22 @@ def test_fit_layer_x_reads_adata_x_as_embed_does(tmp_path):
     assert ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_cellvae"].shape == (200, 10)
 
 
+def test_fit_mask_var_trains_on_the_marked_genes_and_embeds_every_cell(tmp_path):
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0)
+    data.var["highly_variable"] = np.arange(50) < 30
+    data.write_h5ad(tmp_path / "in.h5ad")
+    outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model"), "--embedding-only", "--quiet"]
+    assert main(["fit", str(tmp_path / "in.h5ad"), "--mask-var", "highly_variable", *outputs, "--epochs", "1"]) == 0
+    assert cellvae.CellVAE.load(tmp_path / "model").config.gene_names == list(data.var_names[:30])
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.shape == (200, 50) and written.obsm["X_cellvae"].shape == (200, 10)
+    assert written.uns["cellvae"]["params"]["mask_var"] == "highly_variable"
+    other = ["--out", str(tmp_path / "other.h5ad"), "--model-dir", str(tmp_path / "other"), "--quiet"]
+    with pytest.raises(SystemExit, match="error: --mask-var 'hvg' is not a column of adata.var"):
+        main(["fit", str(tmp_path / "in.h5ad"), "--mask-var", "hvg", *other])
+    assert not (tmp_path / "other.h5ad").exists() and not (tmp_path / "other").exists()
+
+
 def test_out_copies_a_backed_or_zarr_inputs_counts_a_block_at_a_time(tmp_path, monkeypatch):
     """Writing --out for an input left on disk (--backed .h5ad, .zarr) copies its count matrices (X, layers,
     raw) in blocks: anndata would read each stored array whole, which fails after training on a file larger

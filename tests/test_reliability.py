@@ -205,6 +205,38 @@ def test_embed_writes_only_its_documented_keys(messy, trained):
     assert_unchanged(untouched, parent)
 
 
+def test_embed_trains_on_the_genes_mask_var_marks_and_writes_the_embedding_of_every_cell(messy, monkeypatch):
+    """mask_var (a boolean var column such as scanpy's highly_variable, or a mask): the model of those genes,
+    the embedding in the full AnnData, as CellVAE on adata[:, mask] gives it; bad masks refused before training."""
+    adata = messy.copy()
+    marked = np.zeros(adata.n_vars, dtype=bool)
+    marked[::2] = True
+    adata.var["highly_variable"] = marked
+    before = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cellvae.tl.embed(adata, layer="counts", mask_var="highly_variable", max_epochs=2, progress=False, **TINY)
+        by_hand = CellVAE(adata[:, marked], layer="counts", **TINY).fit(max_epochs=2, progress=False)
+    assert model.config.gene_names == list(adata.var_names[marked])
+    np.testing.assert_array_equal(adata.obsm["X_cellvae"], by_hand.get_latent())
+    assert adata.uns["cellvae"]["params"]["mask_var"] == "highly_variable"
+    assert_unchanged(before, adata, obsm=["X_cellvae"], uns=["cellvae"])
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
+    adata.var["score"], adata.var["maybe"] = np.linspace(0, 1, adata.n_vars), pd.array([True, None] * 20, dtype="boolean")
+    refusals = [
+        ("no_such_column", KeyError, r"mask_var 'no_such_column' is not a column of adata.var .*highly_variable_genes"),
+        ("score", TypeError, r"adata.var\['score'\] must be a boolean column .* got dtype float64"),
+        ("maybe", TypeError, r"adata.var\['maybe'\] must be a boolean column"),
+        (np.zeros(adata.n_vars, dtype=bool), ValueError, "mask_var marks no genes"),
+        (np.ones(3, dtype=bool), TypeError, "a boolean mask of the 40 genes, got bool of shape \\(3,\\)"),
+        (np.arange(adata.n_vars), TypeError, "a boolean mask of the 40 genes, got int64"),
+    ]
+    for mask_var, error, message in refusals:
+        with pytest.raises(error, match=message):
+            cellvae.tl.embed(adata, layer="counts", key_added="X_other", mask_var=mask_var, **TINY)
+    assert "X_other" not in adata.obsm and "X_other" not in adata.uns
+
+
 def test_rank_genes_groups_writes_only_its_documented_key(messy, trained):
     adata = messy.copy()
     before = adata.copy()
