@@ -467,7 +467,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             nonempty = cells[loader.library[cells] > 0]
             if len(nonempty) < len(cells):
                 empty_batches = ""
-                if self.config.batch_key:  # a batch of such cells only trains nothing of its own
+                if self.config.batch_key:  # a batch whose cells all have zero counts has nothing to train its parameters on
                     names = np.asarray(self.config.batch_categories)
                     unseen = np.setdiff1d(loader.batch_index[cells], loader.batch_index[nonempty])
                     if len(unseen):
