@@ -46,6 +46,7 @@ from cellvae.train import (
     setup_distributed,
     split_cells,
     train,
+    train_every_batch,
     with_progress,
 )
 
@@ -482,8 +483,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
-            train_cells, validation_cells = split_cells(nonempty, validation_size, random_state, loader.batch_index)
+            train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
+            train_cells, validation_cells = train_every_batch(train_cells, validation_cells, loader.batch_index)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
             if not query and warmup > epochs:
@@ -1483,8 +1485,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         cells = cells[loader.library[cells] > 0]
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
-        train_cells, validation_cells = split_cells(cells, validation_size, random_state, loader.batch_index)
+        train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
+        train_cells, validation_cells = train_every_batch(train_cells, validation_cells, loader.batch_index)
         epochs = max_epochs or default_query_epochs(len(cells))
         settings = TrainSettings(
             max_epochs=epochs,

@@ -102,21 +102,21 @@ def default_query_epochs(n_cells: int) -> int:
     return int(np.clip(round(2e5 / max(n_cells, 1)), 20, 200))
 
 
-def split_cells(
-    cells: np.ndarray, validation_size: float, random_state: int, batch_of_cell: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split into (shuffled training cells, sorted validation cells); at least one of each when asked.
-
-    ``batch_of_cell`` (each cell's batch code, indexed by cell): a batch whose cells all fell into validation
-    (a batch of a few cells) trains on them instead, so that no batch's parameters are left untrained."""
+def split_cells(cells: np.ndarray, validation_size: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split into (shuffled training cells, sorted validation cells); at least one of each when asked."""
     shuffled = cells[np.random.default_rng(random_state).permutation(len(cells))]
     n_validation = int(round(validation_size * len(shuffled))) if validation_size > 0 else 0
     n_validation = min(max(n_validation, 1 if validation_size > 0 else 0), len(shuffled) - 1)
-    training, validation = shuffled[n_validation:], shuffled[:n_validation]
-    if batch_of_cell is not None and len(validation):
-        untrained = ~np.isin(batch_of_cell[validation], batch_of_cell[training])
-        training, validation = np.concatenate([training, validation[untrained]]), validation[~untrained]
-    return training, np.sort(validation)
+    return shuffled[n_validation:], np.sort(shuffled[:n_validation])
+
+
+def train_every_batch(training: np.ndarray, validation: np.ndarray, batch_of_cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The split with the validation cells of batches that have no training cell (a batch of a few cells) moved
+    to training, so that no batch's parameters are left as drawn; ``batch_of_cell``: each cell's batch code."""
+    untrained = ~np.isin(batch_of_cell[validation], batch_of_cell[training])
+    if not untrained.any():
+        return training, validation
+    return np.concatenate([training, validation[untrained]]), validation[~untrained]
 
 
 DEFAULT_LR = 1e-3  # of fit and map_query; the posterior-collapse warning names a larger one as a cause

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import cellvae
 import cellvae.train
 from cellvae import CellVAE
-from cellvae.train import checkpoint_ranks, default_kl_warmup, default_query_epochs, split_cells
+from cellvae.train import checkpoint_ranks, default_kl_warmup, default_query_epochs, split_cells, train_every_batch
 
 CHECKPOINT = "checkpoint.safetensors"
 # An epoch takes about 0.2 s; 20 of them leave a signal sent after epoch 2 ample time (3 s) to land
@@ -393,21 +393,19 @@ def test_split_cells_keeps_at_least_one_cell_on_each_side_and_is_seeded():
     assert not np.array_equal(validation, split_cells(cells, 0.25, 4)[1])
 
 
-def test_split_cells_trains_every_batch_and_splits_as_before_where_each_has_training_cells():
+def test_train_every_batch_moves_only_the_validation_cells_of_batches_without_training_cells():
     cells = np.arange(200)
     batch_of_cell = np.r_[np.zeros(120, int), np.ones(78, int), [2, 2]]  # batch 2: two cells
-    plain = split_cells(cells, 0.1, 0)
-    train, validation = split_cells(cells, 0.1, 0, np.zeros(200, int))  # one batch: the same split
-    np.testing.assert_array_equal(train, plain[0])
-    np.testing.assert_array_equal(validation, plain[1])
     for seed in range(40):
-        train, validation = split_cells(cells, 0.1, seed, batch_of_cell)
+        plain = split_cells(cells, 0.1, seed)
+        train, validation = train_every_batch(*plain, batch_of_cell)
         assert set(batch_of_cell[train]) == {0, 1, 2} and sorted(np.r_[train, validation]) == list(cells)
-        old_train = split_cells(cells, 0.1, seed)[0]
-        if 2 in batch_of_cell[old_train]:  # nothing to move: the split is the one without batches
-            np.testing.assert_array_equal(train, old_train)
+        if 2 in batch_of_cell[plain[0]]:  # nothing to move: the plain split
+            np.testing.assert_array_equal(train, plain[0])
+            np.testing.assert_array_equal(validation, plain[1])
         else:  # only batch 2's validation cells moved to training
-            assert set(np.setdiff1d(train, old_train)) == {198, 199} and len(validation) == 18
+            assert set(np.setdiff1d(train, plain[0])) == {198, 199} and len(validation) == 18
+            assert np.all(np.diff(validation) > 0)
 
 
 def test_default_kl_warm_up_and_query_epochs():
