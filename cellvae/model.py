@@ -1742,10 +1742,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         library = _library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
         expression = np.zeros((len(z), self.config.n_genes), dtype=np.float32)  # the output, and no other copy
-        for target in targets:
+        for position, target in enumerate(targets):
             frame = self._covariate_frame(len(z), target, covariates)
-            for rows, dist in self._decoded(z, frame, library, batch_size):
-                expression[rows] += dist.log_mean.exp().cpu().numpy()
+            with warnings.catch_warnings():
+                if position > 0:  # the covariates' warnings, told for the first batch, once (not once per batch)
+                    warnings.simplefilter("ignore", UserWarning)
+                for rows, dist in self._decoded(z, frame, library, batch_size):
+                    expression[rows] += dist.log_mean.exp().cpu().numpy()
         if len(targets) > 1:
             expression /= len(targets)
         return expression

@@ -269,7 +269,9 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
     adata.obs["score"] = np.linspace(0.0, 1.0, adata.n_obs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = CellVAE(adata, categorical_covariate_keys=["donor"], continuous_covariate_keys=["score"], n_hidden=16)
+        model = CellVAE(
+            adata, batch_key="batch", categorical_covariate_keys=["donor"], continuous_covariate_keys=["score"], n_hidden=16
+        )
         model.fit(max_epochs=1, progress=False)
     z = np.zeros((3, model.config.n_latent))
     for call in (lambda c: model.decode(z, covariates=c), lambda c: model.generate(3, covariates=c, progress=False)):
@@ -280,8 +282,9 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
         for bad in ("high", float("nan"), np.inf):
             with pytest.raises(ValueError, match=r"covariate covariates\['score'\] has NaN, .*; pass finite numbers$"):
                 call({"donor": "d1", "score": bad})
-        with pytest.warns(UserWarning, match=r"^covariates\['score'\] lies far from the values the model was trained"):
+        with pytest.warns(UserWarning, match=r"^covariates\['score'\] lies far from the values the model was trained") as told:
             call({"donor": "d1", "score": 100.0})
+        assert len(told) == 1  # decoded as each of the 2 batches, told once
 
 
 def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
