@@ -487,7 +487,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
             train_cells, validation_cells = train_every_batch(train_cells, validation_cells, loader.batch_index)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
-            warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else self.config.kl_warmup
+            # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
+            # keep as a bool that load refuses)
+            warmup = default_kl_warmup(epochs) if self.config.kl_warmup is None else int(self.config.kl_warmup)
             if not query and warmup > epochs:
                 data.warn_user(
                     f"kl_warmup={warmup} epochs is longer than the {epochs} epochs of training: the KL weight ends at about "
@@ -501,7 +503,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 lr=lr,
                 weight_decay=weight_decay,
                 kl_warmup_epochs=0 if query else warmup,
-                beta=self.config.beta,
+                beta=float(self.config.beta),
                 early_stopping=early_stopping,
                 patience=patience,
                 random_state=random_state,
@@ -1495,7 +1497,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             lr=lr,
             weight_decay=0.0,
             kl_warmup_epochs=0,
-            beta=self.config.beta,
+            beta=float(self.config.beta),
             early_stopping=True,
             patience=patience,
             random_state=random_state,

@@ -1204,6 +1204,18 @@ def test_saved_train_settings_are_restored_and_damaged_ones_refused(trained, tmp
     assert CellVAE.load(tmp_path / "model").train_settings.precision == "float32"
 
 
+def test_a_model_whose_older_config_holds_true_for_beta_and_kl_warmup_saves_settings_that_load(messy, tmp_path):
+    """Older cellvae accepted True (1) for beta and kl_warmup, and such configs still load: fit's settings of that
+    model hold 1.0 and 1, not the bools that load would refuse as damaged settings."""
+    quiet_fit(CellVAE(messy.copy(), **MODEL_ARGS)).save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config | {"beta": True, "kl_warmup": True}))
+    model = quiet_fit(CellVAE.load(tmp_path / "old", adata=messy.copy()))
+    assert (model.train_settings.beta, model.train_settings.kl_warmup_epochs) == (1.0, 1)
+    model.save(tmp_path / "new")
+    assert CellVAE.load(tmp_path / "new").train_settings == model.train_settings
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
 def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, monkeypatch):
     """Not the owner-only modes of temporary files: colleagues can read a model saved in a shared folder,
