@@ -160,7 +160,8 @@ def embed(
     each embedding keeps its own record).
     """
     key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
-    model = CellVAE(_genes_to_train(adata, mask_var), layer=layer, batch_key=batch_key, **model_kwargs)
+    genes = _genes_to_train(adata, mask_var)
+    model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent(progress=progress)
     params = {
@@ -184,6 +185,8 @@ def embed(
     _own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
+    if genes is not adata:  # trained on a view of the marked genes: from now on the model reads them from adata itself
+        model.adata = adata  # (by name), so that what is added to it later, e.g. Leiden clusters, is there too
     return model
 
 

@@ -221,6 +221,13 @@ def test_embed_trains_on_the_genes_mask_var_marks_and_writes_the_embedding_of_ev
     np.testing.assert_array_equal(adata.obsm["X_cellvae"], by_hand.get_latent())
     assert adata.uns["cellvae"]["params"]["mask_var"] == "highly_variable"
     assert_unchanged(before, adata, obsm=["X_cellvae"], uns=["cellvae"])
+    # the model reads adata itself (its genes by name), with the columns added after training, as without mask_var
+    adata.obs["leiden"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2, "0", "1"))
+    assert model.adata is adata
+    np.testing.assert_array_equal(model.get_latent(), adata.obsm["X_cellvae"])
+    table = model.differential_expression(groupby="leiden", group1="0", n_draws=100)
+    assert sorted(table.index) == sorted(adata.var_names[marked])
+    del adata.obs["leiden"]
     monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     adata.var["score"], adata.var["maybe"] = np.linspace(0, 1, adata.n_vars), pd.array([True, None] * 20, dtype="boolean")
     refusals = [
