@@ -84,6 +84,11 @@ def _genes_to_train(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> ad.
             raise TypeError(f"{where} must be a boolean column (True for the genes to train on), got dtype {column.dtype}")
         mask = column.to_numpy(dtype=bool)
     else:
+        if isinstance(mask_var, pd.Series) and not mask_var.index.equals(adata.var_names):
+            raise ValueError(
+                "mask_var is a Series whose index is not adata.var_names (in their order): it would mark genes by "
+                "position; pass adata.var[column] or mask_var.reindex(adata.var_names)"
+            )
         mask, where = np.asarray(mask_var), "mask_var"
         if mask.dtype != np.bool_ or mask.shape != (adata.n_vars,):
             raise TypeError(

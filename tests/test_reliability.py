@@ -237,6 +237,7 @@ def test_embed_trains_on_the_genes_mask_var_marks_and_writes_the_embedding_of_ev
         (np.zeros(adata.n_vars, dtype=bool), ValueError, "mask_var marks no genes"),
         (np.ones(3, dtype=bool), TypeError, "a boolean mask of the 40 genes, got bool of shape \\(3,\\)"),
         (np.arange(adata.n_vars), TypeError, "a boolean mask of the 40 genes, got int64"),
+        (adata.var["highly_variable"][::-1], ValueError, "index is not adata.var_names .* by position"),
     ]
     for mask_var, error, message in refusals:
         with pytest.raises(error, match=message):
