@@ -143,7 +143,7 @@ def embed(
         Train on these genes only: a boolean ``var`` column (e.g. ``"highly_variable"``, from
         ``sc.pp.highly_variable_genes(adata, flavor="seurat_v3", batch_key=...)``) or a boolean mask; ``None``:
         every gene. With batches, about 2,000 variable genes integrate better than all genes; with one batch,
-        all genes cluster better (README).
+        all genes cluster better (README). The model returned reads its genes from ``adata`` by name.
     key_added
         ``obsm`` key for the embedding (use it as ``sc.pp.neighbors(adata, use_rep=key_added)``; ``None``:
         ``"X_cellvae"``).
