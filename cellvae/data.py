@@ -896,7 +896,6 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
                 else f"obs column {key!r} (used by the model) not found in adata.obs"
             )
         column = obs[key]
-        where = "batch" if source != "obs" and key == layout.batch_key else f"{source}[{key!r}]"
         _check_no_missing(column, key, source)
         values = as_text(column)
         codes = values.set_categories(categories).codes
@@ -915,7 +914,9 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
                     "batch_key) cannot map new ones: train a model on data that holds them"
                 )
             advice = numbers_written_otherwise(unknown, categories, key) or advice
-            raise ValueError(f"{where} has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}")
+            raise ValueError(
+                f"{source}[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}"
+            )
         codes_per_key.append(codes.astype(np.int32))
         widths.append(len(categories))
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):
