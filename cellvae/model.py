@@ -46,7 +46,7 @@ from cellvae.train import (
     setup_distributed,
     split_cells,
     train,
-    train_every_batch,
+    train_every_category,
     with_progress,
 )
 
@@ -485,7 +485,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
-            train_cells, validation_cells = train_every_batch(train_cells, validation_cells, loader.batch_index)
+            train_cells, validation_cells = train_every_category(train_cells, validation_cells, loader.covariates.codes)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
             # keep as a bool that load refuses)
@@ -1489,7 +1489,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
-        train_cells, validation_cells = train_every_batch(train_cells, validation_cells, loader.batch_index)
+        # (only the new batches' parameters train)
+        train_cells, validation_cells = train_every_category(train_cells, validation_cells, [loader.batch_index])
         epochs = max_epochs or default_query_epochs(len(cells))
         settings = TrainSettings(
             max_epochs=epochs,

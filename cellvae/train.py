@@ -110,13 +110,15 @@ def split_cells(cells: np.ndarray, validation_size: float, random_state: int) ->
     return shuffled[n_validation:], np.sort(shuffled[:n_validation])
 
 
-def train_every_batch(training: np.ndarray, validation: np.ndarray, batch_of_cell: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The split with the validation cells of batches that have no training cell (a batch of a few cells) moved
-    to training, so that no batch's parameters are left as drawn; ``batch_of_cell``: each cell's batch code."""
-    untrained = ~np.isin(batch_of_cell[validation], batch_of_cell[training])
-    if not untrained.any():
-        return training, validation
-    return np.concatenate([training, validation[untrained]]), validation[~untrained]
+def train_every_category(training: np.ndarray, validation: np.ndarray, codes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The split with the validation cells of categories that have no training cell (a batch or a categorical
+    covariate's value held by a few cells) moved to training, so that no category's parameters are left as
+    drawn; ``codes``: each cell's category code, one array per batch key or categorical covariate."""
+    for code in codes:
+        untrained = ~np.isin(code[validation], code[training])
+        if untrained.any():
+            training, validation = np.concatenate([training, validation[untrained]]), validation[~untrained]
+    return training, validation
 
 
 DEFAULT_LR = 1e-3  # of fit and map_query; the posterior-collapse warning names a larger one as a cause

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import cellvae
 import cellvae.train
 from cellvae import CellVAE
-from cellvae.train import checkpoint_ranks, default_kl_warmup, default_query_epochs, split_cells, train_every_batch
+from cellvae.train import checkpoint_ranks, default_kl_warmup, default_query_epochs, split_cells, train_every_category
 
 CHECKPOINT = "checkpoint.safetensors"
 # An epoch takes about 0.2 s; 20 of them leave a signal sent after epoch 2 ample time (3 s) to land
@@ -393,12 +393,12 @@ def test_split_cells_keeps_at_least_one_cell_on_each_side_and_is_seeded():
     assert not np.array_equal(validation, split_cells(cells, 0.25, 4)[1])
 
 
-def test_train_every_batch_moves_only_the_validation_cells_of_batches_without_training_cells():
+def test_train_every_category_moves_only_the_validation_cells_of_categories_without_training_cells():
     cells = np.arange(200)
     batch_of_cell = np.r_[np.zeros(120, int), np.ones(78, int), [2, 2]]  # batch 2: two cells
     for seed in range(40):
         plain = split_cells(cells, 0.1, seed)
-        train, validation = train_every_batch(*plain, batch_of_cell)
+        train, validation = train_every_category(*plain, [batch_of_cell])
         assert set(batch_of_cell[train]) == {0, 1, 2} and sorted(np.r_[train, validation]) == list(cells)
         if 2 in batch_of_cell[plain[0]]:  # nothing to move: the plain split
             np.testing.assert_array_equal(train, plain[0])
@@ -406,6 +406,18 @@ def test_train_every_batch_moves_only_the_validation_cells_of_batches_without_tr
         else:  # only batch 2's validation cells moved to training
             assert set(np.setdiff1d(train, plain[0])) == {198, 199} and len(validation) == 18
             assert np.all(np.diff(validation) > 0)
+    # a second key (a categorical covariate) with its own rare value: both keys' rare cells train
+    donor_of_cell = np.r_[[5], np.zeros(199, int)]  # donor 5: cell 0 only
+    moved = 0
+    for seed in range(40):
+        plain = split_cells(cells, 0.1, seed)
+        train, validation = train_every_category(*plain, [batch_of_cell, donor_of_cell])
+        assert set(batch_of_cell[train]) == {0, 1, 2} and set(donor_of_cell[train]) == {0, 5}
+        assert sorted(np.r_[train, validation]) == list(cells) and np.all(np.diff(validation) > 0)
+        expected = {c for c in (0, 198, 199) if c in plain[1]}
+        assert set(np.setdiff1d(train, plain[0])) == expected
+        moved += 0 in plain[1]
+    assert moved  # some seed held cell 0 out
 
 
 def test_default_kl_warm_up_and_query_epochs():

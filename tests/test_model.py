@@ -16,7 +16,8 @@ from conftest import knn_accuracy, no_warnings, pca_of, shared_dataset, simulate
 import cellvae
 from cellvae import CellVAE
 from cellvae.config import MAX_WEIGHT, Config
-from cellvae.module import GeneLinear
+from cellvae.distributions import seeded
+from cellvae.module import VAE, GeneLinear
 from cellvae.train import default_max_epochs, split_cells
 
 
@@ -522,6 +523,24 @@ def test_a_batch_of_a_few_cells_trains_even_where_the_validation_split_would_tak
         model = CellVAE(adata, batch_key="batch", dispersion="gene-batch").fit(max_epochs=3, random_state=seed, progress=False)
     tiny = model.config.batch_categories.index("tiny")
     assert torch.count_nonzero(model.module.decoder.log_theta[tiny]) > 0  # drawn as zeros: it trained
+
+
+def test_a_categorical_covariate_value_of_one_cell_trains_where_the_validation_split_would_take_it(two_batches):
+    """The covariate's weights for that value learn from its cell, not stay as drawn."""
+    adata = small(two_batches)
+    adata.obs["donor"] = pd.Categorical(["tiny"] + ["d1", "d2"] * 49 + ["d1"])
+    cells = np.arange(adata.n_obs)
+    seed = next(s for s in range(100) if 0 not in split_cells(cells, 0.1, s)[0])  # the old split's choice
+    model = CellVAE(adata, batch_key="batch", categorical_covariate_keys=["donor"])
+    donors = model.config.categorical_covariate_categories["donor"]
+    column = model.config.n_latent + len(model.config.batch_categories) + donors.index("tiny")
+    with seeded(seed):  # the weights fit draws from its random_state
+        drawn = VAE(model.config).decoder.body.linears[0].weight[:, column].detach()  # z, then one-hot batch, donor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a short fit's collapse check)
+        model.fit(max_epochs=3, random_state=seed, weight_decay=0.0, progress=False)
+    # without a gradient (and without weight decay) it would stay as drawn
+    assert not torch.equal(model.module.decoder.body.linears[0].weight[:, column], drawn)
 
 
 def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_cell_dispersion(tmp_path):
