@@ -2076,6 +2076,8 @@ def _train_settings(saved: object, weights: Path) -> TrainSettings:
         kind = kinds[known[name].type]
         if not isinstance(value, kind) or (bool not in kind and isinstance(value, bool)):
             raise ValueError(f"{weights} is corrupt: its train_settings metadata holds {name}={value!r}")
+    if saved.get("precision", "float32") not in PRECISIONS:
+        raise ValueError(f"{weights} is corrupt: its train_settings metadata holds precision={saved['precision']!r}")
     return TrainSettings(**saved)
 
 

@@ -5,7 +5,7 @@ Every function takes ``ax`` (draw into these Axes instead of a new figure), ``sh
 unless ``save`` is given or, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``
 (a file path, written as given with the format from its suffix, ``.png`` added when it has none; unlike
 scanpy, not placed under ``sc.settings.figdir``). As in scanpy, a figure the function made and saved
-without showing is then closed, so saving in a loop does not pile up figures.
+is then closed (after showing it, where ``show=True``), so saving in a loop does not pile up figures.
 """
 
 from __future__ import annotations
@@ -221,5 +221,5 @@ def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: boo
         show = not save and (scanpy is None or bool(getattr(getattr(scanpy, "settings", None), "autoshow", True)))
     if show:
         plt.show()
-    elif save and made:
+    if save and made:
         plt.close(figure)

@@ -113,6 +113,9 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     finally:
         sc.settings.autoshow = autoshow
     assert shown == [1]
+    open_figures = len(plt.get_fignums())
+    cellvae.pl.kl_per_dimension(model, show=True, save=tmp_path / "shown.png")  # shown, then closed, as scanpy does
+    assert shown == [1, 1] and len(plt.get_fignums()) == open_figures and (tmp_path / "shown.png").is_file()
     whole = plt.figure()
     left, _ = whole.subfigures(1, 2)  # an axes in a subfigure: saving writes the whole figure
     cellvae.pl.kl_per_dimension(model, ax=left.subplots(), save=tmp_path / "in_subfigure.png")
