@@ -243,6 +243,61 @@ def counts_location(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
+# Stored values looked at to tell whether another layer (or adata.raw) holds raw counts, for an error's hint.
+VALUES_PER_HINT = 100_000
+
+
+def _looks_like_counts(matrix) -> bool:
+    """Whether the first stored values of an in-memory matrix are whole, non-negative and not all zero."""
+    if not isinstance(matrix, IN_MEMORY_MATRICES) or 0 in matrix.shape:
+        return False
+    values = np.asarray(next(_stored_values(matrix))[:VALUES_PER_HINT])
+    if not np.issubdtype(values.dtype, np.number) or values.dtype.kind == "c":  # (a boolean mask is not counts)
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(
+            values.size
+            and np.isfinite(values).all()
+            and (values >= 0).all()
+            and (values == np.round(values)).all()
+            and values.any()
+        )
+
+
+@contextmanager
+def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -> Iterator[None]:
+    """Inside: an error about the values of the counts (``adata.X`` or ``layers[layer]``) also names another
+    layer, or ``adata.raw``, whose values look like raw counts (after ``sc.pp.normalize_total`` and
+    ``sc.pp.log1p`` they often sit in ``layers['counts']``)."""
+    where = counts_location(layer)
+    try:
+        yield
+    except ValueError as error:
+        if not str(error).startswith((where, "query " + where)):
+            raise
+        layers = [name for name in adata.layers.keys() if name != layer and _looks_like_counts(adata.layers[name])]
+        raw = getattr(adata, "raw", None)
+        if layers:
+            name = layers[0]
+            if not trained:
+                fix = f"pass layer={name!r}"
+            elif layer is None:  # a trained model reads where it was trained
+                fix = f"give the model ad.AnnData(X=adata.layers[{name!r}], obs=adata.obs, var=adata.var)"
+            else:
+                fix = f"put them where the model reads them, adata.layers[{layer!r}] = adata.layers[{name!r}]"
+            raise ValueError(f"{error}. adata.layers[{name!r}] holds whole counts: {fix}") from None
+        if raw is not None and _looks_like_counts(raw.X):
+            if trained and layer is None:
+                fix = "give the model adata.raw.to_adata() (genes are matched by name)"
+            else:
+                target = layer or "counts"
+                fix = f"adata.layers[{target!r}] = adata.raw[:, adata.var_names].X" + (
+                    "" if trained else f", then pass layer={target!r}"
+                )
+            raise ValueError(f"{error}. adata.raw.X holds whole counts: {fix}") from None
+        raise
+
+
 def is_backed_matrix(matrix) -> bool:
     return not isinstance(matrix, IN_MEMORY_MATRICES)
 

@@ -277,7 +277,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "compress the counts (most of its dimensions will be unused); lower n_latent (the default is 10)",
                 UserWarning,
             )
-        data.validate_counts(matrix, data.counts_location(layer), read_values=not values_checked_in_fit)
+        with data.hint_where_counts_are(adata, layer, trained=False):
+            data.validate_counts(matrix, data.counts_location(layer), read_values=not values_checked_in_fit)
         _warn_about_counts(matrix, data.counts_location(layer), likelihood, dispersion, adata.obs, layout)
         if config.batch_mmd > 0 and len(config.batch_categories) < 2:
             data.warn_user(f"batch_mmd has no effect: obs[{batch_key!r}] holds a single batch", UserWarning)
@@ -1438,7 +1439,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise KeyError(f"obs columns {missing} (covariates of the reference) not found in query_adata.obs; add them")
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
-        aligned = _align_query(query_adata, self.config, query_batches)
+        with data.hint_where_counts_are(query_adata, self.config.layer, trained=True):
+            aligned = _align_query(query_adata, self.config, query_batches)
         if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
             if not np.array_equal(query_adata.obs[reference_key].astype(str).to_numpy(), query_batches):
                 data.warn_user(
@@ -1961,10 +1963,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
-        if all_ranks:
-            library = library_sizes_across_ranks(matrix, present, check_as=location)
-        else:
-            library = data.library_sizes(matrix, present, check_as=location)
+        with data.hint_where_counts_are(adata, self.config.layer, trained=True):
+            if all_ranks:
+                library = library_sizes_across_ranks(matrix, present, check_as=location)
+            else:
+                library = data.library_sizes(matrix, present, check_as=location)
         loader = data.CellLoader(matrix, covariates, library, covariates.batch_codes, columns, device)
         return loader, np.arange(adata.n_obs)
 

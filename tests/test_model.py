@@ -389,6 +389,55 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     np.testing.assert_array_equal(model.get_latent(plain), model.get_latent(adata))
 
 
+def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_counts(two_batches):
+    """scanpy's workflow keeps the counts in layers['counts'] or adata.raw before normalize_total and log1p:
+    the error points there, and its advice works."""
+    adata = two_batches[:200].copy()
+    in_layer = adata.copy()
+    in_layer.layers["counts"] = in_layer.X.copy()
+    in_layer.layers["mask"] = in_layer.X > 0  # booleans are not counts
+    sc.pp.normalize_total(in_layer)
+    sc.pp.log1p(in_layer)
+    before = in_layer.copy()
+    with pytest.raises(
+        ValueError, match=r"looks normalised.*\. adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"
+    ):
+        CellVAE(in_layer, batch_key="batch")
+    with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"):
+        cellvae.tl.embed(in_layer, batch_key="batch", max_epochs=1, progress=False)
+    assert in_layer.layers.keys() == before.layers.keys() and (in_layer.X != before.X).nnz == 0  # left as it was
+    in_raw = adata.copy()
+    in_raw.raw = in_raw.copy()
+    sc.pp.normalize_total(in_raw)
+    sc.pp.log1p(in_raw)
+    advice = r"adata\.raw\.X holds whole counts: adata\.layers\['counts'\] = adata\.raw\[:, adata\.var_names\]\.X, "
+    advice += "then pass layer='counts'$"
+    with pytest.raises(ValueError, match=advice):
+        CellVAE(in_raw, batch_key="batch")
+    in_raw.layers["counts"] = in_raw.raw[:, in_raw.var_names].X  # the advice, followed
+    CellVAE(in_raw, batch_key="batch", layer="counts")
+    del in_raw.layers["counts"]
+    normalised_only = in_layer.copy()
+    del normalised_only.layers["counts"]
+    with pytest.raises(ValueError, match="looks normalised") as refused:
+        CellVAE(normalised_only, batch_key="batch")
+    assert "holds whole counts" not in str(refused.value)  # nothing to point to
+    # a trained model reads where it was trained (here X): the hint says how to give it the counts
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
+    expected = model.get_latent(adata)
+    with pytest.raises(ValueError, match=r"holds whole counts: give the model ad\.AnnData\(X=adata\.layers\['counts'\], obs"):
+        model.get_latent(in_layer)
+    as_advised = ad.AnnData(X=in_layer.layers["counts"], obs=in_layer.obs, var=in_layer.var)
+    np.testing.assert_array_equal(model.get_latent(as_advised), expected)
+    with pytest.raises(ValueError, match=r"adata\.raw\.X holds whole counts: give the model adata\.raw\.to_adata\(\)"):
+        model.get_latent(in_raw)
+    np.testing.assert_array_equal(model.get_latent(in_raw.raw.to_adata()), expected)
+    query = in_layer.copy()
+    query.obs["batch"] = "new"
+    with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts"):
+        model.map_query(query, max_epochs=1, progress=False)
+
+
 def test_covariates_are_used(two_batches):
     adata = two_batches[:300].copy()
     adata.obs["donor"] = pd.Categorical(np.where(np.arange(300) % 3 == 0, "d1", "d2"))
