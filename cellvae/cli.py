@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -67,6 +68,7 @@ def in_command_line_terms(message: str) -> str:
     message = message.replace("call fit(resume=False) to start over", "leave out --resume to start over")
     message = message.replace("fit(..., resume=True) continues", "--resume continues")
     message = message.replace("mask_var ", "--mask-var ")
+    message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {found[1]}", message)
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:

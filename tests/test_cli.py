@@ -144,6 +144,9 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
     assert "(on the command line: --dispersion gene-cell sets dispersion='gene-cell')" in told
     assert "(on the command line: there is no mapping" in told
     assert in_command_line_terms("use device='auto' or 'cpu'") == "use --device auto or --device cpu"
+    assert in_command_line_terms("adata.layers['counts'] holds whole counts: pass layer='counts'").startswith(
+        "adata.layers['counts'] holds whole counts: pass --layer counts"
+    )
     assert in_command_line_terms("delete them or call fit(resume=False) to start over") == (
         "delete them or leave out --resume to start over"
     )
