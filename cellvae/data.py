@@ -251,7 +251,7 @@ def _looks_like_counts(matrix) -> bool:
     """Whether the first stored values of an in-memory matrix are whole, non-negative and not all zero."""
     if not isinstance(matrix, IN_MEMORY_MATRICES) or 0 in matrix.shape:
         return False
-    values = np.asarray(next(_stored_values(matrix))[:VALUES_PER_HINT])
+    values = np.asarray(next(_stored_values(matrix), np.zeros(0))[:VALUES_PER_HINT])  # (none: sparse, all zeros)
     if not np.issubdtype(values.dtype, np.number) or values.dtype.kind == "c":  # (a boolean mask is not counts)
         return False
     with np.errstate(invalid="ignore"):

@@ -1963,7 +1963,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
-        with data.hint_where_counts_are(adata, self.config.layer, trained=True):
+        # (fit of a new model reads the values its construction left unchecked: a backed matrix in a data-parallel
+        # run; there the counts' place is still the user's choice, layer=...)
+        with data.hint_where_counts_are(adata, self.config.layer, trained=self.is_trained or not all_ranks):
             if all_ranks:
                 library = library_sizes_across_ranks(matrix, present, check_as=location)
             else:

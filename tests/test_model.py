@@ -396,6 +396,7 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     in_layer = adata.copy()
     in_layer.layers["counts"] = in_layer.X.copy()
     in_layer.layers["mask"] = in_layer.X > 0  # booleans are not counts
+    in_layer.layers["ambient"] = sp.csr_matrix(in_layer.shape, dtype=np.float32)  # stores no value: not counts either
     sc.pp.normalize_total(in_layer)
     sc.pp.log1p(in_layer)
     before = in_layer.copy()
@@ -436,6 +437,25 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     query.obs["batch"] = "new"
     with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts"):
         model.map_query(query, max_epochs=1, progress=False)
+
+
+def test_fit_that_checks_a_backed_file_for_a_data_parallel_run_gives_a_new_models_advice(two_batches, tmp_path, monkeypatch):
+    """Under torchrun a new model leaves a backed file's values to fit (each process checks its part): an error
+    about them advises layer=..., as the model's construction would, not the advice for a trained model."""
+    adata = two_batches[:200].copy()
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (unchecked, the normalised values look like read counts)
+        model = CellVAE(backed, batch_key="batch")
+    monkeypatch.delenv("WORLD_SIZE")  # (fit in one process reads the values as each rank does its part)
+    with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"):
+        model.fit(max_epochs=1, progress=False)
+    backed.file.close()
 
 
 def test_covariates_are_used(two_batches):
