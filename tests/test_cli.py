@@ -147,6 +147,12 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
     assert in_command_line_terms("adata.layers['counts'] holds whole counts: pass layer='counts'").startswith(
         "adata.layers['counts'] holds whole counts: pass --layer counts"
     )
+    for fix in (  # a trained model's: embed --layer puts them where the model reads them
+        "give the model ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)",
+        "put them where the model reads them, adata.layers['umis'] = adata.layers['counts']",
+    ):
+        told = in_command_line_terms(f"adata.layers['counts'] holds whole counts: {fix}")
+        assert told == "adata.layers['counts'] holds whole counts: pass --layer counts"
     assert in_command_line_terms("delete them or call fit(resume=False) to start over") == (
         "delete them or leave out --resume to start over"
     )
