@@ -276,6 +276,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         if not str(error).startswith((where, "query " + where)):
             raise
         layers = [name for name in adata.layers.keys() if name != layer and _looks_like_counts(adata.layers[name])]
+        layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
         raw = getattr(adata, "raw", None)
         if layers:
             name = layers[0]

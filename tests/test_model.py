@@ -394,6 +394,7 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     the error points there, and its advice works."""
     adata = two_batches[:200].copy()
     in_layer = adata.copy()
+    in_layer.layers["spliced"] = in_layer.X.copy()  # counts too, stored first: a layer named for counts is named
     in_layer.layers["counts"] = in_layer.X.copy()
     in_layer.layers["mask"] = in_layer.X > 0  # booleans are not counts
     in_layer.layers["ambient"] = sp.csr_matrix(in_layer.shape, dtype=np.float32)  # stores no value: not counts either
@@ -419,7 +420,7 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     CellVAE(in_raw, batch_key="batch", layer="counts")
     del in_raw.layers["counts"]
     normalised_only = in_layer.copy()
-    del normalised_only.layers["counts"]
+    del normalised_only.layers["counts"], normalised_only.layers["spliced"]
     with pytest.raises(ValueError, match="looks normalised") as refused:
         CellVAE(normalised_only, batch_key="batch")
     assert "holds whole counts" not in str(refused.value)  # nothing to point to
