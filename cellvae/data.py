@@ -290,6 +290,8 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         if raw is not None and _looks_like_counts(raw.X):
             if trained and layer is None:
                 fix = "give the model adata.raw.to_adata() (genes are matched by name)"
+            elif not adata.var_names.isin(raw.var_names).all():  # raw[:, adata.var_names] would fail
+                fix = "build an AnnData of them, adata.raw.to_adata(), and use that (it holds raw's genes, not adata's)"
             else:
                 target = layer or "counts"
                 fix = f"adata.layers[{target!r}] = adata.raw[:, adata.var_names].X" + (

@@ -419,6 +419,11 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     in_raw.layers["counts"] = in_raw.raw[:, in_raw.var_names].X  # the advice, followed
     CellVAE(in_raw, batch_key="batch", layer="counts")
     del in_raw.layers["counts"]
+    renamed = in_raw.copy()  # raw lacks some of adata's genes: raw[:, adata.var_names] would fail
+    renamed.var_names = [f"new{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(ValueError, match=r"adata\.raw\.X holds whole counts: build an AnnData of them, adata\.raw\.to_adata\(\)"):
+        CellVAE(renamed, batch_key="batch")
+    CellVAE(renamed.raw.to_adata(), batch_key="batch")  # the advice, followed
     normalised_only = in_layer.copy()
     del normalised_only.layers["counts"], normalised_only.layers["spliced"]
     with pytest.raises(ValueError, match="looks normalised") as refused:
