@@ -364,7 +364,7 @@ def run_embed(args: argparse.Namespace) -> int:
             raise
         moved_from, moved_to = counts_location(layer), counts_location(model.config.layer)
         raise type(error)(str(error).replace(moved_to, moved_from)) from error
-    _record_embedding(adata, args.key_added, model, args.model_dir, replaced)
+    _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
@@ -385,15 +385,16 @@ def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None)
     return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
 
 
-def _record_embedding(adata, key_added: str, model, model_dir: str, replaced: bool) -> None:
-    """``embed``'s record in ``uns`` (where ``tl.embed`` keeps its settings), replacing an earlier fit's, and a
-    warning where the input held an ``obsm[key_added]`` (``replaced``) and a graph or UMAP likely made from it."""
+def _record_embedding(adata, key_added: str, model, model_dir: str, layer: str | None, replaced: bool) -> None:
+    """``embed``'s record in ``uns`` (where ``tl.embed`` keeps its settings; ``layer``: where the counts were read,
+    ``None`` for X), replacing an earlier fit's, and a warning where the input held an ``obsm[key_added]``
+    (``replaced``) and a graph or UMAP likely made from it."""
     from cellvae import tl
 
     uns_key = tl._uns_key(key_added)
     record = adata.uns.get(uns_key)
     if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
-        params = {"key_added": key_added, "model_dir": str(model_dir), "layer": model.config.layer}
+        params = {"key_added": key_added, "model_dir": str(model_dir), "layer": layer}
         params |= {"batch_key": model.config.batch_key, "epochs_trained": int(len(model.history))}
         adata.uns[uns_key] = {**(record or {}), "params": {k: v for k, v in params.items() if v is not None}}
     neighbours = adata.uns.get("neighbors", {})

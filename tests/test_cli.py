@@ -86,6 +86,7 @@ def test_fit_then_embed(tmp_path):
     )
     embedded = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
+    assert embedded.uns["cellvae"]["params"]["layer"] == "counts"
     # a training AnnData saved in the model's folder (save_anndata=True) is not read to embed other cells
     (tmp_path / "model" / "adata.h5ad").write_text("an atlas, or a damaged file: embed needs only the weights")
     embed_again = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e2.h5ad")]
@@ -111,6 +112,7 @@ def test_fit_then_embed(tmp_path):
         from_x = ad.read_h5ad(tmp_path / "x_out.h5ad")
         np.testing.assert_array_equal(from_x.obsm["X_cellvae"], embedded.obsm["X_cellvae"])
         assert layer_names(from_x) == [] and list(from_x.obs.columns) == list(data.obs.columns)
+        assert "layer" not in from_x.uns["cellvae"]["params"]  # read from X, not the model's layer
     # log-normalised values in X, read with --layer X: the error names X, not the layer the model was trained on
     logged = ad.AnnData(X=data.layers["counts"].astype(np.float32), obs=data.obs, var=data.var)
     logged.X.data = np.log1p(logged.X.data)
