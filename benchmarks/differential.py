@@ -151,7 +151,9 @@ def run_wilcoxon(adata: ad.AnnData) -> list[dict]:
 
 def run_calibration(seed: int, with_scvi: bool, n_cells: int) -> list[dict]:
     """Realised FDR and power of one-vs-rest calls on ``n_cells`` sampled from a simulated population."""
-    population = cellvae.datasets.simulate(n_cells=100_000, n_genes=500, n_batches=3, n_cell_types=6, seed=3, batch_effect=0.5)
+    population = cellvae.datasets.simulate(
+        n_cells=100_000, n_genes=500, n_batches=3, n_cell_types=6, random_state=3, batch_effect=0.5
+    )
     counts = population.X.tocsr()
     depth = np.asarray(counts.sum(1)).ravel()
     normalized = counts.multiply(1e4 / depth[:, None]).tocsr()

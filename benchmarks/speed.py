@@ -363,7 +363,7 @@ def part_latent(args) -> None:
     """get_latent cells/s at 2,000 genes (simulated), cellvae vs scVI's get_latent_representation."""
     import cellvae
 
-    adata = cellvae.datasets.simulate(n_cells=args.latent_cells, n_genes=2000, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=args.latent_cells, n_genes=2000, n_batches=2, random_state=0)
     small = adata[:5000].copy()
     model = cellvae.CellVAE(small, batch_key="batch", **ARCH).fit(max_epochs=2, progress=False)
     model.get_latent(small)
@@ -430,7 +430,7 @@ def child_fit(spec: dict) -> dict:
     import gc
 
     if spec.get("warm_runtime"):  # start torch's runtime (threads, kernels, allocator) on a tiny fit first
-        small = cellvae.datasets.simulate(n_cells=300, n_genes=adata.n_vars, seed=0)
+        small = cellvae.datasets.simulate(n_cells=300, n_genes=adata.n_vars, random_state=0)
         cellvae.CellVAE(small, batch_key="batch", **ARCH).fit(max_epochs=1, validation_size=0.1, progress=False)
         del small
     gc.collect()

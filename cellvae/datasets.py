@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -46,12 +48,13 @@ def simulate(
     n_genes: int = 500,
     n_batches: int = 2,
     n_cell_types: int = 5,
-    seed: int = 0,
+    random_state: int = 0,
     *,
     batch_effect: float = 0.5,
     markers_per_type: int = 20,
     mean_library_size: float = 1500.0,
     sparse: bool = True,
+    seed: int | None = None,
 ) -> ad.AnnData:
     """Negative-binomial counts with cell-type programmes and multiplicative batch effects.
 
@@ -59,7 +62,7 @@ def simulate(
     ----------
     n_cells, n_genes, n_batches, n_cell_types
         Size of the matrix; cells are assigned to batches and types uniformly at random.
-    seed
+    random_state
         Seed of everything drawn; equal seeds give equal data.
     batch_effect
         Each batch multiplies every gene by a log-normal factor with this sd on the log scale (and
@@ -70,12 +73,17 @@ def simulate(
         Median total counts per cell before the batch's depth factor (log-normal, sd 0.35).
     sparse
         Store the counts as CSR (else dense).
+    seed
+        The former name of ``random_state`` (deprecated).
 
     Returns
     -------
     AnnData with float32 integer counts in ``X``, ``obs["batch"]`` and ``obs["cell_type"]``
     (categorical), and ``uns["source"]``.
     """
+    if seed is not None:
+        warnings.warn("simulate(seed=...) is deprecated: use random_state=...", FutureWarning, stacklevel=2)
+        random_state = seed
     if min(n_cells, n_genes, n_batches, n_cell_types) < 1:
         raise ValueError("n_cells, n_genes, n_batches and n_cell_types must all be at least 1")
     if not (np.isfinite(mean_library_size) and mean_library_size > 0):
@@ -85,7 +93,7 @@ def simulate(
             f"batch_effect must be a finite number >= 0 and markers_per_type a count >= 0, got {batch_effect!r} and "
             f"{markers_per_type!r}"
         )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(random_state)
     base = rng.normal(0.0, 1.6, n_genes)
     type_programme = np.zeros((n_cell_types, n_genes))
     for t in range(n_cell_types):
@@ -113,5 +121,5 @@ def simulate(
     )
     var = pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)])
     adata = ad.AnnData(X=sp.csr_matrix(counts) if sparse else counts, obs=obs, var=var)
-    adata.uns["source"] = f"cellvae.datasets.simulate(seed={seed})"
+    adata.uns["source"] = f"cellvae.datasets.simulate(random_state={random_state})"
     return adata

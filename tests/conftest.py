@@ -65,13 +65,13 @@ def pbmc():
 
 @pytest.fixture(scope="session")
 def two_batches():
-    return cellvae.datasets.simulate(n_cells=1200, n_genes=300, n_batches=2, n_cell_types=4, seed=1, batch_effect=0.6)
+    return cellvae.datasets.simulate(n_cells=1200, n_genes=300, n_batches=2, n_cell_types=4, random_state=1, batch_effect=0.6)
 
 
 def simulated_module(**options):
     """The float32 module of a CellVAE (no dropout) for 60 simulated cells of two batches, and its cells'
     counts, one-hot batch covariates, library sizes and batch codes."""
-    adata = cellvae.datasets.simulate(n_cells=60, n_genes=50, n_batches=2, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=50, n_batches=2, random_state=2)
     vae = cellvae.CellVAE(adata, batch_key="batch", dropout=0.0, **options).module
     counts = torch.from_numpy(adata.X.toarray()).float()
     batch_index = torch.from_numpy(adata.obs["batch"].cat.codes.to_numpy().astype(np.int64))

@@ -26,7 +26,7 @@ def knn_accuracy(representation: np.ndarray, labels) -> float:
 
 @pytest.fixture(scope="module")
 def three_batches():
-    return cellvae.datasets.simulate(n_cells=1500, n_genes=300, n_batches=3, n_cell_types=4, seed=3, batch_effect=0.8)
+    return cellvae.datasets.simulate(n_cells=1500, n_genes=300, n_batches=3, n_cell_types=4, random_state=3, batch_effect=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -715,7 +715,7 @@ def test_novelty_averages_over_k_neighbours_not_only_the_nearest():
 
 @pytest.fixture(scope="module")
 def small_reference():
-    adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=3, n_cell_types=3, seed=4)
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=3, n_cell_types=3, random_state=4)
     is_query = (adata.obs["batch"] == "batch2").to_numpy()
     reference, query = adata[~is_query].copy(), adata[is_query].copy()
     with warnings.catch_warnings():

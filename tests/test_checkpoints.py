@@ -25,7 +25,7 @@ from cellvae.train import checkpoint_ranks, default_kl_warmup, default_query_epo
 CHECKPOINT = "checkpoint.safetensors"
 # An epoch takes about 0.2 s; 20 of them leave a signal sent after epoch 2 ample time (3 s) to land
 # mid-training.
-DATA = {"n_cells": 2000, "n_genes": 100, "n_batches": 2, "seed": 3}
+DATA = {"n_cells": 2000, "n_genes": 100, "n_batches": 2, "random_state": 3}
 MODEL = {"n_hidden": 32, "n_latent": 4, "batch_key": "batch"}
 FIT = {"max_epochs": 20, "batch_size": 32, "random_state": 7, "progress": False}
 
@@ -170,7 +170,7 @@ def test_resuming_a_finished_run_trains_no_further(tmp_path, uninterrupted):
 
 def test_resume_after_early_stopping_does_not_restart(tmp_path):
     fit = {**FIT, "max_epochs": 40, "patience": 1}
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stopped = CellVAE(adata, n_hidden=8, kl_warmup=1).fit(**fit, checkpoint_dir=tmp_path)
@@ -184,7 +184,7 @@ def test_resume_after_early_stopping_does_not_restart(tmp_path):
 
 
 def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
     fit = {"max_epochs": 2, "progress": False}
     CellVAE(adata, n_hidden=8).fit(**fit, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"different run: \['lr'\]"):
@@ -212,7 +212,7 @@ def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
     CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     blob = (tmp_path / CHECKPOINT).read_bytes()
     (tmp_path / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
@@ -243,7 +243,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
 def test_ctrl_c_while_a_new_best_epoch_is_kept_returns_the_previous_best_whole(monkeypatch):
     """Ctrl-C between two tensors of the copy of a newly improved epoch: the model returned is the best
     epoch before it, all of it, not a mixture of the two."""
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, random_state=0)
     copy, kept_bests = cellvae.train._copy_state, []
 
     def ctrl_c_halfway_through_the_third_best(into, state):
@@ -267,7 +267,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_resume_cannot_continue_and_resu
     """Ctrl-C at epoch 3 of a run checkpointed every 10 epochs leaves no checkpoint; resume=True on the same
     model then continues from its interrupted weights (not the uninterrupted run), and on a new model starts
     afresh. Each is told."""
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, random_state=0)
     check, calls = cellvae.train.AgreedInterrupt.check, []
 
     def ctrl_c_at_the_fifth_check(self):
@@ -293,7 +293,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_resume_cannot_continue_and_resu
 
 
 def test_checkpoint_arguments_are_checked(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
     model = CellVAE(adata, n_hidden=8)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         model.fit(max_epochs=1, progress=False, resume=True)
@@ -309,7 +309,7 @@ def test_checkpoint_arguments_are_checked(tmp_path):
 def test_fit_keeps_the_best_epoch_not_the_last(tmp_path, kl_warmup):
     """120 cells for 40 epochs at a high learning rate: the validation loss is lowest before the end. The
     validation loss is at the full beta, so an epoch of the KL warm-up can be the best (here all are)."""
-    adata = cellvae.datasets.simulate(n_cells=120, n_genes=100, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=100, random_state=0)
     model = CellVAE(adata, batch_key="batch", kl_warmup=kl_warmup)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -328,7 +328,7 @@ def test_fit_keeps_the_best_epoch_not_the_last(tmp_path, kl_warmup):
 def test_without_validation_cells_no_epoch_of_the_kl_warm_up_is_kept_as_the_best(tmp_path):
     """The training loss of an epoch whose steps ran below the full KL weight is lower for it: such an epoch
     (here the warm-up's one epoch, at KL weights 0 to 5) is never the best, nor stops training early."""
-    adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, random_state=0)
     model = CellVAE(adata, batch_key="batch", beta=5.0, kl_warmup=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -354,7 +354,7 @@ def test_numpy_integer_arguments_train_and_checkpoint_like_python_integers(tmp_p
 def test_resume_after_early_stopping_between_checkpoints_does_not_restart(tmp_path):
     """checkpoint_every larger than the run: the epoch that stops early is still written, so resume continues."""
     fit = {"max_epochs": 40, "batch_size": 32, "random_state": 7, "progress": False, "patience": 1}
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stopped = cellvae.CellVAE(adata, n_hidden=8, kl_warmup=1).fit(**fit, checkpoint_dir=tmp_path, checkpoint_every=100)
@@ -368,7 +368,7 @@ def test_resume_after_early_stopping_between_checkpoints_does_not_restart(tmp_pa
 
 
 def test_validation_loss_weighs_the_rate_by_beta():
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, random_state=0)
     model = cellvae.CellVAE(adata, n_hidden=16, beta=5.0).fit(max_epochs=2, progress=False)
     h = model.history
     np.testing.assert_allclose(h["validation_loss"], h["validation_distortion"] + 5.0 * h["validation_rate"], rtol=1e-9)
@@ -427,7 +427,7 @@ def test_default_kl_warm_up_and_query_epochs():
 
 
 def test_a_checkpoint_whose_best_parameters_do_not_fit_the_model_is_refused(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
     CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
@@ -443,7 +443,7 @@ def test_a_checkpoint_whose_best_parameters_do_not_fit_the_model_is_refused(tmp_
 
 def test_a_checkpoint_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
     """A failure between writing the staging file and renaming it (a full disk, a Ctrl-C) removes the staging file."""
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
 
     def failing_replace(source, target):
         raise OSError(28, "No space left on device")
@@ -467,6 +467,6 @@ def test_resuming_the_files_of_a_data_parallel_run_in_one_process_names_how_many
     for name in files:
         (tmp_path / name).write_bytes(b"written by a data-parallel run")
     assert checkpoint_ranks(tmp_path) == (False, processes)
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=1)
     with pytest.raises(ValueError, match=rf"written by at least {processes} processes and this run has 1"):
         CellVAE(adata).fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path, resume=True)

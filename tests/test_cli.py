@@ -23,7 +23,7 @@ from cellvae.data import layer_names
 
 def fit_args(tmp_path, n_cells: int, n_genes: int) -> list[str]:
     """`cellvae fit` of simulated counts written to tmp_path/in.h5ad, writing out.h5ad and model/ beside it."""
-    cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     return ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
 
 
@@ -51,7 +51,7 @@ def test_demo_writes_embedding_and_plots(tmp_path, capsys):
 
 
 def test_fit_then_embed(tmp_path):
-    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     data.layers["counts"] = data.X.copy()
     data.write_h5ad(tmp_path / "in.h5ad")
     args = ["fit", str(tmp_path / "in.h5ad"), "--layer", "counts", "--batch-key", "batch"]
@@ -207,7 +207,7 @@ def test_fit_keeps_the_model_and_embedding_when_scanpys_steps_fail(tmp_path, mon
 
 
 def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
-    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     source = tmp_path / "in.h5ad"
     data.write_h5ad(source)
     before = source.read_bytes()
@@ -225,7 +225,7 @@ def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
 
 
 def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
-    data = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=40, random_state=0)
     data.X.data[: data.X.indptr[3]] = 0  # three cells without counts: fit warns
     data.X.eliminate_zeros()
     data.write_h5ad(tmp_path / "in.h5ad")
@@ -255,7 +255,7 @@ def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_
 def test_a_file_written_by_newer_anndata_with_pandas_strings_is_written_back(tmp_path):
     """anndata 0.13 with pandas 3 (what Python 3.12 and later install) stores strings as pandas string arrays;
     anndata 0.12 reads them but writes them only when allowed, which would fail a fit after training."""
-    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0)
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)
     data.obs_names = pd.Index(pd.array(data.obs_names, dtype="string"))
     data.obs["donor"] = pd.array(np.where(np.arange(200) % 2, "d1", "d2"), dtype="string")
     with ad.settings.override(allow_write_nullable_strings=True):
@@ -269,7 +269,7 @@ def test_a_file_written_by_newer_anndata_with_pandas_strings_is_written_back(tmp
 
 def test_fit_layer_x_reads_adata_x_as_embed_does(tmp_path):
     """--layer X (the default the help names) trains on adata.X instead of looking for a layer called X."""
-    cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
     assert main(["fit", str(tmp_path / "in.h5ad"), "--layer", "X", *outputs, "--embedding-only", "--epochs", "1", "--quiet"]) == 0
     assert cellvae.CellVAE.load(tmp_path / "model").config.layer is None
@@ -277,7 +277,7 @@ def test_fit_layer_x_reads_adata_x_as_embed_does(tmp_path):
 
 
 def test_fit_mask_var_trains_on_the_marked_genes_and_embeds_every_cell(tmp_path):
-    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0)
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)
     data.var["highly_variable"] = np.arange(50) < 30
     data.write_h5ad(tmp_path / "in.h5ad")
     outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model"), "--embedding-only", "--quiet"]
@@ -300,7 +300,7 @@ def test_out_copies_a_backed_or_zarr_inputs_counts_a_block_at_a_time(tmp_path, m
 
     from cellvae import cli
 
-    data = cellvae.datasets.simulate(n_cells=4000, n_genes=200, seed=0)
+    data = cellvae.datasets.simulate(n_cells=4000, n_genes=200, random_state=0)
     data.layers["counts"] = data.X.copy()
     data.raw = data.copy()
     data.write_h5ad(tmp_path / "in.h5ad")
@@ -336,7 +336,7 @@ def test_out_copies_a_backed_or_zarr_inputs_counts_a_block_at_a_time(tmp_path, m
 
 def test_fit_precision_option_reaches_the_model(tmp_path):
     """--precision bfloat16 trains exactly as fit(precision="bfloat16") with the same seed; bad values are refused."""
-    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     data.write_h5ad(tmp_path / "in.h5ad")
     common = ["--batch-key", "batch", "--epochs", "3", "--seed", "1", "--quiet"]
     out, model_dir = str(tmp_path / "out.h5ad"), str(tmp_path / "model")
@@ -351,7 +351,7 @@ def test_fit_precision_option_reaches_the_model(tmp_path):
 
 def test_fit_model_options_reach_the_model(tmp_path):
     """--likelihood, --n-latent and the covariate keys build the model CellVAE(likelihood=..., ...) builds."""
-    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     rng = np.random.default_rng(0)
     data.obs["donor"] = rng.choice(["d1", "d2", "d3"], data.n_obs)
     data.obs["percent_mito"] = rng.uniform(0.0, 10.0, data.n_obs)
@@ -388,7 +388,7 @@ def test_an_input_taken_as_a_covariate_key_is_told_to_come_first(tmp_path, capsy
 
 def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     """Errors in the data or the options end in one 'error: ...' line (no traceback), before training starts."""
-    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     source = str(tmp_path / "in.h5ad")
     data.write_h5ad(source)
     model_dir, out = str(tmp_path / "model"), str(tmp_path / "out.h5ad")
@@ -419,7 +419,7 @@ def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
 
 def test_backed_with_a_layer_streams_the_layer_from_disk(tmp_path, monkeypatch):
     """anndata's backed mode keeps only X on disk; --backed --layer still streams the layer's counts."""
-    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, seed=0)
+    data = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)
     data.layers["counts"] = data.X.copy()
     data.X = data.X * 0.5  # not counts: training must read the layer
     data.write_h5ad(tmp_path / "in.h5ad")
@@ -441,10 +441,10 @@ def test_backed_with_a_layer_streams_the_layer_from_disk(tmp_path, monkeypatch):
 
 
 def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(tmp_path):
-    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, seed=0)
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     source, out, model_dir = tmp_path / "in.h5ad", tmp_path / "out.h5ad", tmp_path / "model"
     data.write_h5ad(source)
-    old = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=1)
+    old = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=1)
     old.raw = old  # parts of an old file that anndata would keep when writing a backed AnnData over it
     old.write_h5ad(out)
     args = ["fit", str(source), "--backed", "--out", str(out), "--model-dir", str(model_dir), "--epochs", "2", "--quiet"]
@@ -482,7 +482,7 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
     ],
 )
 def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, options, message, monkeypatch):
-    cellvae.datasets.simulate(n_cells=100, n_genes=20, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     (tmp_path / "new_model").mkdir()  # for the --out case: an output folder inside the model folder
@@ -620,7 +620,7 @@ def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
 
 
 def test_fit_dispersion_option_reaches_the_model(tmp_path):
-    cellvae.datasets.simulate(n_cells=200, n_genes=60, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    cellvae.datasets.simulate(n_cells=200, n_genes=60, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
     args += "--batch-key batch --dispersion gene-batch --epochs 1 --quiet --embedding-only".split()
     assert main(args) == 0
@@ -637,7 +637,7 @@ def test_a_seed_of_2_to_the_32_is_refused_and_the_largest_seed_accepted(capsys):
 
 
 def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path, monkeypatch):
-    adata = cellvae.datasets.simulate(n_cells=20, n_genes=10, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=20, n_genes=10, random_state=0)
 
     def fails_half_way(self, path, *args, **kwargs):
         with open(path, "wb") as file:  # some bytes written, then the disk fills up
@@ -662,7 +662,7 @@ def test_commands_that_run_in_one_process_are_refused_under_torchrun(tmp_path, m
 
 @pytest.fixture
 def fitted_model(tmp_path):
-    cellvae.datasets.simulate(n_cells=150, n_genes=30, seed=0).write_h5ad(tmp_path / "in.h5ad")
+    cellvae.datasets.simulate(n_cells=150, n_genes=30, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
     assert main(["fit", str(tmp_path / "in.h5ad"), *outputs, "--epochs", "1", "--quiet", "--embedding-only"]) == 0
     return tmp_path

@@ -24,7 +24,7 @@ def test_pbmc68k_counts_are_exact_integers(pbmc):
 
 
 def test_simulate_shapes_and_batch_effects():
-    adata = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, random_state=3)
     assert adata.shape == (600, 200)
     assert set(adata.obs["batch"]) == {"batch0", "batch1", "batch2"}
     assert adata.obs["cell_type"].nunique() == 4
@@ -32,8 +32,11 @@ def test_simulate_shapes_and_batch_effects():
     assert np.array_equal(counts, np.round(counts)) and 0.2 < (counts == 0).mean() < 0.95
     per_batch = [np.log1p(counts[adata.obs["batch"] == b].mean(0)) for b in ("batch0", "batch1")]
     assert np.abs(per_batch[0] - per_batch[1]).mean() > 0.2
-    again = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, seed=3)
+    again = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, random_state=3)
     np.testing.assert_array_equal(again.X.toarray(), counts)
+    with pytest.warns(FutureWarning, match=r"simulate\(seed=\.\.\.\) is deprecated: use random_state"):
+        by_old_name = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, seed=3)
+    np.testing.assert_array_equal(by_old_name.X.toarray(), counts)  # the former name of random_state
 
 
 def _normalised_log_means(adata, mask):
@@ -46,7 +49,9 @@ def test_simulate_batch_effect_sets_the_size_of_the_batch_effect():
     """batch_effect=0: batches differ only in depth (same expression profile); a larger sd, larger differences."""
     differences = []
     for effect in (0.0, 1.5):
-        adata = cellvae.datasets.simulate(n_cells=2000, n_genes=200, n_batches=2, n_cell_types=1, seed=0, batch_effect=effect)
+        adata = cellvae.datasets.simulate(
+            n_cells=2000, n_genes=200, n_batches=2, n_cell_types=1, random_state=0, batch_effect=effect
+        )
         b0, b1 = (adata.obs["batch"] == "batch0").to_numpy(), (adata.obs["batch"] == "batch1").to_numpy()
         expressed = adata.X.toarray().mean(0) > 1.0  # genes measured well enough to compare
         differences.append(np.median(np.abs(_normalised_log_means(adata, b0) - _normalised_log_means(adata, b1))[expressed]))
@@ -62,7 +67,7 @@ def test_simulate_markers_per_type_sets_how_many_genes_each_type_raises():
             n_genes=300,
             n_batches=1,
             n_cell_types=2,
-            seed=0,
+            random_state=0,
             batch_effect=0.0,
             markers_per_type=markers,
             mean_library_size=20000.0,
@@ -77,7 +82,7 @@ def test_simulate_markers_per_type_sets_how_many_genes_each_type_raises():
 def test_simulate_mean_library_size_scales_the_total_counts():
     """Same seed, 4x the mean library size: about 4x the median total counts per cell."""
     totals = [
-        np.median(np.asarray(cellvae.datasets.simulate(n_cells=1000, n_genes=200, seed=0, mean_library_size=m).X.sum(1)))
+        np.median(np.asarray(cellvae.datasets.simulate(n_cells=1000, n_genes=200, random_state=0, mean_library_size=m).X.sum(1)))
         for m in (1500.0, 6000.0)
     ]
     assert totals[1] / totals[0] == pytest.approx(4.0, rel=0.1), totals
@@ -95,12 +100,12 @@ def test_simulate_refuses_a_negative_number_of_markers_naming_it():
 
 
 def test_simulate_sparse_false_stores_a_dense_array_of_the_same_counts():
-    dense = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=2, sparse=False)
-    stored = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=2)
+    dense = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=2, sparse=False)
+    stored = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=2)
     assert isinstance(dense.X, np.ndarray) and dense.X.dtype == np.float32
     assert sp.isspmatrix_csr(stored.X) or isinstance(stored.X, sp.csr_array)
     np.testing.assert_array_equal(dense.X, stored.X.toarray())
-    assert dense.uns["source"] == "cellvae.datasets.simulate(seed=2)"
+    assert dense.uns["source"] == "cellvae.datasets.simulate(random_state=2)"
 
 
 def test_pbmc68k_keeps_scanpys_cell_annotations():

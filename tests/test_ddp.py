@@ -60,7 +60,7 @@ def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    adata = cellvae.datasets.simulate(n_cells=1200, n_genes=100, n_batches=2, n_cell_types=4, seed=2, batch_effect=1.0)
+    adata = cellvae.datasets.simulate(n_cells=1200, n_genes=100, n_batches=2, n_cell_types=4, random_state=2, batch_effect=1.0)
     adata = adata[np.argsort(adata.obs["batch"].to_numpy(), kind="stable")].copy()  # sorted by batch, as ad.concat writes
     adata.write_h5ad(tmp_path / "cells.h5ad")
     mp.spawn(_train_batchnorm_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2)
@@ -94,7 +94,7 @@ def test_a_query_model_trained_by_three_processes_keeps_the_reference_batchnorm_
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    adata = cellvae.datasets.simulate(n_cells=450, n_genes=60, n_batches=3, seed=1)
+    adata = cellvae.datasets.simulate(n_cells=450, n_genes=60, n_batches=3, random_state=1)
     is_query = (adata.obs["batch"] == "batch2").to_numpy()
     reference = cellvae.CellVAE(adata[~is_query].copy(), batch_key="batch", n_hidden=32, n_latent=4, normalization="batch")
     reference.fit(max_epochs=3, progress=False)
@@ -120,7 +120,7 @@ def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
     timeout = datetime.timedelta(seconds=40)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout)
     torch.set_num_threads(1)
-    adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, random_state=3)
     # Ctrl-C as in a terminal: a process started in the background of a shell script (as CI may be) inherits
     # SIGINT ignored, and cellvae then leaves it so (fit takes over only Python's default handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -167,7 +167,7 @@ def _ctrl_c_on_rank_one_while_fit_prepares(rank: int, init_file: str, out_dir: s
 
     timeout = datetime.timedelta(seconds=40)  # a rank left in a collective fails the test in 40 s
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout)
-    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, random_state=3)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see above)
     sum_library_sizes = cellvae.model.library_sizes_across_ranks
 
@@ -200,7 +200,7 @@ def test_ctrl_c_reaching_one_rank_while_fit_prepares_stops_every_rank(tmp_path):
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=1)
     for rank in range(2):  # what a 2-process run leaves
         (tmp_path / f"checkpoint.rank{rank}.safetensors").write_bytes(b"written by a 2-process run")
     with pytest.raises(ValueError, match=r"written by at least 2 processes and this run has 1"):
@@ -208,7 +208,7 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
 
 
 def test_a_backed_file_is_read_once_when_torchrun_starts_the_python_route(tmp_path, monkeypatch):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=1)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=1)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     import anndata as ad
 
@@ -225,7 +225,7 @@ def test_a_backed_file_is_read_once_when_torchrun_starts_the_python_route(tmp_pa
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
 def test_two_process_gloo_training_gives_a_valid_model_as_good_as_one_process(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, n_cell_types=5, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, n_cell_types=5, random_state=3)
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
@@ -276,7 +276,7 @@ def _train_on_rank(rank: int, init_file: str, path: str, model_dir: str) -> None
 def test_python_processes_with_their_own_process_group_train_one_model_on_a_view_of_a_backed_file(tmp_path):
     import torch.multiprocessing as mp
 
-    adata = cellvae.datasets.simulate(n_cells=1200, n_genes=150, n_batches=2, n_cell_types=4, seed=5)
+    adata = cellvae.datasets.simulate(n_cells=1200, n_genes=150, n_batches=2, n_cell_types=4, random_state=5)
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
     mp.spawn(_train_on_rank, args=(str(tmp_path / "init"), str(path), str(tmp_path / "model")), nprocs=2, join=True)
@@ -310,7 +310,7 @@ def _save_after_destroying_the_group_on_rank(rank: int, init_file: str, path: st
 def test_the_model_of_a_data_parallel_run_is_saved_by_rank_0_alone_after_the_process_group_is_destroyed(tmp_path):
     import torch.multiprocessing as mp
 
-    cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0).write_h5ad(tmp_path / "cells.h5ad")
     args = (str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path))
     mp.spawn(_save_after_destroying_the_group_on_rank, args=args, nprocs=2, join=True)
     assert (tmp_path / "saved0.txt").exists() and (tmp_path / "saved1.txt").exists()
@@ -371,7 +371,7 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
 def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_saved_model(tmp_path):
     import torch.multiprocessing as mp
 
-    adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=2, n_cell_types=3, seed=7)
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=2, n_cell_types=3, random_state=7)
     adata.X.data[: adata.X.indptr[5]] = 0  # cells without counts: fit warns
     adata.X.eliminate_zeros()
     adata.write_h5ad(tmp_path / "cells.h5ad")
@@ -414,7 +414,7 @@ def _check_counts_on_rank(rank: int, init_file: str, clean: str, spoiled: str, o
 def test_each_rank_checks_and_sums_only_its_part_of_a_backed_file_and_all_ranks_stop_on_bad_counts(tmp_path):
     import torch.multiprocessing as mp
 
-    adata = cellvae.datasets.simulate(n_cells=1000, n_genes=80, n_batches=2, seed=6)
+    adata = cellvae.datasets.simulate(n_cells=1000, n_genes=80, n_batches=2, random_state=6)
     adata.write_h5ad(tmp_path / "clean.h5ad")
     spoiled = adata.copy()
     spoiled.X = spoiled.X.astype(np.float32).tocsr()
@@ -450,7 +450,7 @@ def torchrun_fit(path, out_dir, *extra: str) -> subprocess.Popen:
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
 def test_a_key_that_embed_refuses_stops_every_rank_with_the_same_one_line_error(tmp_path):
     """Only rank 0 embeds, but all ranks check its keys: rank 1 went into training and died in gloo (34 lines)."""
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, n_batches=2, random_state=0)
     adata.uns["pca"] = {"params": {"zero_center": True}}  # scanpy's record: --key-added pca would replace it
     adata.write_h5ad(tmp_path / "cells.h5ad")
     process = torchrun_fit(tmp_path / "cells.h5ad", tmp_path, "--key-added", "pca")
@@ -483,7 +483,7 @@ def finish(process: subprocess.Popen) -> None:
 def test_two_process_run_killed_mid_training_resumes_to_the_uninterrupted_model(tmp_path):
     import torch
 
-    adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, n_cell_types=4, seed=8)
+    adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, n_cell_types=4, random_state=8)
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
     (tmp_path / "whole").mkdir()

@@ -227,7 +227,7 @@ def test_log_px_estimate_matches_numerical_integration_over_a_one_dimensional_la
     """With one latent dimension log p(x) = log ∫ p(x|z) p(z) dz can be summed on a grid: the importance-
     weighted estimate must reach it from below (it is the log of a mean weight, not of a sum)."""
     torch.testing.assert_close(iwae_bound(torch.tensor([[1.0, 2.0], [3.0, 2.0]]).log()), torch.tensor([2.0, 2.0]).log())
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=0)
     model = CellVAE(adata, n_latent=1).fit(max_epochs=20, progress=False)
     estimate = model.marginal_log_likelihood(adata[:50], n_samples=2000, progress=False)
     loader, cells = model._loader(adata[:50], torch.device("cpu"))
@@ -297,7 +297,7 @@ def test_bad_arguments_are_refused_before_work(kang, trained):
 def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scored():
     """A batch whose only cell was drawn for the held-out set is trained on instead (the models could not
     embed it); label scores that need 2 to n - 1 classes are NaN, not an error after training."""
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
     rare = int(np.random.default_rng(0).permutation(adata.n_obs)[0])  # the first cell the sweep holds out
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     adata.obs.iloc[rare, adata.obs.columns.get_loc("batch")] = "rare"
@@ -310,7 +310,7 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
 
 
 def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cells():
-    adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=2, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=2, random_state=3)
     settings = {"betas": (1.0, 4.0), "batch_key": "batch", "max_epochs": 3, "n_hidden": 32, "n_latent": 4}
     cold = cellvae.tl.rate_distortion_sweep(adata, **settings)
     warm = cellvae.tl.rate_distortion_sweep(adata, warm_start=True, **settings)
@@ -326,7 +326,7 @@ def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cell
 
 
 def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=3, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=3, random_state=2)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     settings = {"betas": (1.0,), "batch_key": "batch", "max_epochs": 2, "n_hidden": 16, "n_latent": 4, "progress": False}
@@ -339,7 +339,7 @@ def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_
 
 def test_the_latent_activity_merged_minibatch_by_minibatch_is_the_variance_of_the_embedding():
     """posterior_statistics streams the posterior means (its memory does not grow with the cells)."""
-    adata = cellvae.datasets.simulate(n_cells=700, n_genes=60, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=700, n_genes=60, random_state=0)
     model = CellVAE(adata).fit(max_epochs=2, progress=False)
     loader, cells = model._loader(adata, model.device)
     _, activity = cellvae.diagnostics.posterior_statistics(model.module, loader, cells, batch_size=64)
@@ -353,7 +353,7 @@ SWEEP = {"betas": (1.0,), "max_epochs": 2, "n_hidden": 16, "n_latent": 4}
 
 @pytest.fixture(scope="module")
 def cells():
-    return cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=1, n_cell_types=3, seed=0)
+    return cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=1, n_cell_types=3, random_state=0)
 
 
 def _held_out(adata, held_out: float = 0.1, random_state: int = 0) -> np.ndarray:

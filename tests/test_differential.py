@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 
 @pytest.fixture(scope="module")
 def simulated():
-    return cellvae.datasets.simulate(n_cells=2000, n_genes=300, n_batches=2, n_cell_types=5, seed=1, batch_effect=0.8)
+    return cellvae.datasets.simulate(n_cells=2000, n_genes=300, n_batches=2, n_cell_types=5, random_state=1, batch_effect=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -451,7 +451,9 @@ def test_groups_that_share_a_batch_are_not_warned_about_sharing_none(simulated, 
 def test_fewer_counts_in_the_same_cells_make_fold_changes_less_certain():
     """The counting noise of a group's mean: the same comparison on counts thinned to 3% has much wider fold
     change posteriors ("a difference is found with more certainty the more cells and counts support it")."""
-    adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=1, n_cell_types=2, seed=0, mean_library_size=3000.0)
+    adata = cellvae.datasets.simulate(
+        n_cells=600, n_genes=100, n_batches=1, n_cell_types=2, random_state=0, mean_library_size=3000.0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cellvae.CellVAE(adata, n_hidden=32).fit(max_epochs=30, progress=False)

@@ -185,7 +185,7 @@ def decoder_inputs(likelihood: str, dispersion: str = "gene", seed: int = 0):
     """A float64 VAE for simulated counts (40 cells × 60 genes, 2 batches) and the inputs of its decoder."""
     import cellvae
 
-    adata = cellvae.datasets.simulate(n_cells=40, n_genes=60, n_batches=2, seed=seed)
+    adata = cellvae.datasets.simulate(n_cells=40, n_genes=60, n_batches=2, random_state=seed)
     vae = cellvae.CellVAE(adata, batch_key="batch", likelihood=likelihood, dispersion=dispersion).module.double()
     counts = torch.from_numpy(adata.X.toarray()).double()
     covariates = torch.zeros(len(counts), vae.config.n_covariates, dtype=torch.float64)

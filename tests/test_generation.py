@@ -59,7 +59,7 @@ def test_generate_with_fixed_batch_and_library_size(model):
 def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_batch_asked_for():
     """Without library_size each generated cell takes a model cell's library size (and batch): cells of a batch
     sequenced three times deeper come out deeper; with batch= the cells are of that batch, at those sizes."""
-    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, seed=1)
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, random_state=1)
     deep = (adata.obs["batch"] == "batch1").to_numpy()
     adata.X = sp.csr_matrix(adata.X.multiply(np.where(deep, 3.0, 1.0)[:, None]))
     model = CellVAE(adata, batch_key="batch", n_latent=4, n_hidden=16).fit(max_epochs=1, random_state=0, progress=False)
@@ -237,7 +237,7 @@ def test_bad_decoding_arguments_are_refused_before_the_cells_are_encoded(kang, m
 def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
     """A categorical covariate (the simulated batches, which scale every gene) and a continuous one:
     the values passed decide the decoded expression and are what generated cells carry in obs."""
-    adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, seed=5, batch_effect=0.8)
+    adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, random_state=5, batch_effect=0.8)
     adata.obs["score"] = np.random.default_rng(0).normal(size=adata.n_obs)
     model = CellVAE(adata, categorical_covariate_keys=["batch"], continuous_covariate_keys=["score"], n_latent=5)
     model.fit(max_epochs=30, random_state=0, progress=False)
@@ -264,7 +264,7 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
 
 def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
     """decode's and generate's covariates= come from the caller, not from an AnnData: errors name covariates[...]."""
-    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, n_batches=2, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, n_batches=2, random_state=2)
     adata.obs["donor"] = np.where(np.arange(adata.n_obs) % 2, "d1", "d2")
     adata.obs["score"] = np.linspace(0.0, 1.0, adata.n_obs)
     with warnings.catch_warnings():
@@ -288,7 +288,7 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
 
 
 def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, seed=1)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, random_state=1)
     adata.obs["library_size"] = np.log1p(np.asarray(adata.X.sum(1)).ravel())  # a user's covariate of that name
     model = CellVAE(adata, continuous_covariate_keys=["library_size"], n_hidden=16).fit(max_epochs=1, progress=False)
     generated = model.generate(5, covariates={"library_size": 7.0}, library_size=1000, random_state=0)
@@ -301,7 +301,7 @@ def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
 
 @pytest.fixture(scope="module")
 def cells():
-    adata = cellvae.datasets.simulate(n_cells=240, n_genes=40, n_batches=1, n_cell_types=3, seed=7)
+    adata = cellvae.datasets.simulate(n_cells=240, n_genes=40, n_batches=1, n_cell_types=3, random_state=7)
     adata.obs["condition"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2 == 0, "ctrl", "stim"))
     return adata
 

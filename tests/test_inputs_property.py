@@ -219,7 +219,7 @@ def test_any_anndata_trains_or_is_refused_with_a_documented_error(case):
 
 @pytest.fixture(scope="module")
 def reference():
-    adata = cellvae.datasets.simulate(n_cells=120, n_genes=12, n_batches=3, seed=4)
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=12, n_batches=3, random_state=4)
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -342,8 +342,8 @@ def test_anndata_itself_refuses_coo_storage():
 
 def test_nan_from_an_outer_concat_of_dense_datasets_is_explained():
     """anndata.concat(join="outer") fills the genes one dense dataset lacks with NaN: the error says how to avoid it."""
-    first = cellvae.datasets.simulate(n_cells=30, n_genes=20, seed=0)
-    second = cellvae.datasets.simulate(n_cells=30, n_genes=25, seed=1)
+    first = cellvae.datasets.simulate(n_cells=30, n_genes=20, random_state=0)
+    second = cellvae.datasets.simulate(n_cells=30, n_genes=25, random_state=1)
     first.X, second.X = first.X.toarray(), second.X.toarray()
     merged = ad.concat([first, second], join="outer", index_unique="-")
     with pytest.raises(ValueError, match=r"contains NaN.*join='outer'.*fill_value=0"):
@@ -371,7 +371,7 @@ def test_obs_columns_are_read_as_the_text_astype_str_gives(values, categorical):
 def test_a_categorical_batch_column_whose_categories_print_otherwise_keeps_its_batches(kind):
     """A categorical's categories are named as astype(str) writes them (a date "2020-01-01", not str()'s
     "2020-01-01 00:00:00"; a float32 0.1, not 0.10000000149011612): before, such a column gave no batches."""
-    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, random_state=0)
     values = pd.to_datetime(["2020-01-01", "2020-01-02"]) if kind == "datetime" else np.array([0.1, 0.2], np.float32)
     adata.obs["day"] = pd.Categorical(values[(adata.obs["batch"] == "batch1").to_numpy().astype(int)])
     model = CellVAE(adata, batch_key="day", **TINY_MODEL)
@@ -386,7 +386,7 @@ def test_the_share_of_ones_reads_all_of_a_small_matrix(storage, values_per_check
     """All of a matrix no larger than the check is read, a 64th of the check at a time: in one slice, the row
     of each value (int64) took 90 MB more than training on the 28 MB Kang matrix."""
     monkeypatch.setattr(cellvae.data, "VALUES_PER_CHECK", values_per_check)
-    counts = cellvae.datasets.simulate(n_cells=97, n_genes=61, seed=1).X.toarray()
+    counts = cellvae.datasets.simulate(n_cells=97, n_genes=61, random_state=1).X.toarray()
     codes = np.arange(97) % 5
     matrix = sp.csr_matrix(counts) if storage == "csr" else counts
     share, non_zero = cellvae.data.share_of_ones(matrix, codes)

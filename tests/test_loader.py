@@ -31,7 +31,7 @@ def loader_for(adata, device="cpu") -> CellLoader:
 
 @pytest.fixture(scope="module")
 def counts():
-    return cellvae.datasets.simulate(n_cells=2 * BACKED_BLOCK_ROWS * 5 + 37, n_genes=60, seed=4)
+    return cellvae.datasets.simulate(n_cells=2 * BACKED_BLOCK_ROWS * 5 + 37, n_genes=60, random_state=4)
 
 
 def stored(counts, tmp_path_factory, kind: str):
@@ -244,7 +244,7 @@ def test_a_view_of_some_cells_and_genes_in_memory_is_copied_without_the_cells_ot
 
     monkeypatch.setattr(cellvae.data, "VALUES_PER_PASS", 2**14)  # many blocks of cells
     monkeypatch.setattr(cellvae.data, "VALUES_PER_CHECK_OF_COLUMNS", 999)
-    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, seed=5)
+    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, random_state=5)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.layers["counts"] = adata.X.astype(np.int64)
     rng = np.random.default_rng(0)
@@ -269,7 +269,7 @@ def test_a_view_of_some_cells_in_memory_is_copied_without_converting_every_cells
     some cells converts the column indices of the whole matrix to int64 first: cellvae copies just the rows."""
     import tracemalloc
 
-    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, seed=5)
+    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, random_state=5)
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.X.indices = adata.X.indices.astype(np.int32)
     adata.X.indptr = adata.X.indptr.astype(np.int64)  # set after construction: scipy's constructor would unify them
@@ -624,7 +624,7 @@ def test_a_nan_gradient_on_the_last_step_of_an_epoch_is_recovered_from_once_on_e
     training restore the last good parameters, halve the learning rate once and train on with the new
     optimizer (the resident steps too, not the optimizer their graphs were built with)."""
     n_cells, n_genes = 120, 20
-    counts = cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, seed=1, sparse=False).X.astype(np.float32)
+    counts = cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, random_state=1, sparse=False).X.astype(np.float32)
     loader = CellLoader(counts, np.zeros((n_cells, 0), np.float32), counts.sum(1), np.zeros(n_cells, np.int64))
     if resident:
         tensors = loader._resident_tensors()
@@ -701,7 +701,7 @@ def test_a_damaged_backed_file_names_the_cells_that_could_not_be_read(tmp_path):
     from cellvae.cli import main
 
     path = tmp_path / "damaged.h5ad"
-    cellvae.datasets.simulate(n_cells=2000, n_genes=200, seed=0).write_h5ad(path, compression="gzip")
+    cellvae.datasets.simulate(n_cells=2000, n_genes=200, random_state=0).write_h5ad(path, compression="gzip")
     with h5py.File(path, "r") as handle:
         data = handle["X/data"]
         last = data.id.get_chunk_info(data.id.get_num_chunks() - 1)
@@ -718,7 +718,7 @@ def test_a_damaged_backed_file_names_the_cells_that_could_not_be_read(tmp_path):
 
 def test_covariates_are_held_as_codes_and_made_one_hot_for_the_rows_asked_for():
     # An atlas of many samples: one-hot rows for every cell would take 4 bytes × 1,000 batches per cell.
-    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=20, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=3000, n_genes=20, random_state=3)
     rng = np.random.default_rng(0)
     adata.obs["sample"] = pd.Categorical([f"s{i}" for i in rng.integers(0, 1000, adata.n_obs)])
     adata.obs["donor"] = rng.choice(["d1", "d2", "d3"], adata.n_obs)
@@ -751,7 +751,7 @@ def test_covariates_are_held_as_codes_and_made_one_hot_for_the_rows_asked_for():
 def test_training_that_fails_mid_epoch_leaves_no_prefetch_thread(tmp_path, monkeypatch):
     """The thread that reads the next block of a backed file is joined when fit fails, not kept alive by the
     traceback the caller (pytest.raises, a logger, IPython) keeps."""
-    cellvae.datasets.simulate(n_cells=900, n_genes=80, seed=1).write_h5ad(tmp_path / "cells.h5ad")
+    cellvae.datasets.simulate(n_cells=900, n_genes=80, random_state=1).write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 80 * 100)  # blocks of about 100 cells: several per epoch
     forward, calls = VAE.forward, []
@@ -775,7 +775,7 @@ def test_training_that_fails_mid_epoch_leaves_no_prefetch_thread(tmp_path, monke
 
 @pytest.fixture(scope="module")
 def small_counts():
-    return cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=7)
+    return cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=7)
 
 
 def test_a_view_that_repeats_a_gene_reads_as_anndata_reads_it(small_counts):
@@ -862,7 +862,7 @@ def test_backed_csc_read_in_bands_of_any_width_keeps_every_gene(small_counts, tm
 def test_a_backed_file_larger_than_a_read_buffer_starts_each_epoch_in_a_different_part_of_it(small_counts, tmp_path, monkeypatch):
     """Buffers hold a few blocks of rows; the blocks are dealt out in a shuffled order, so an epoch does not always
     begin with the first rows of the file (a file sorted by batch would start every epoch on one batch)."""
-    adata = cellvae.datasets.simulate(n_cells=8 * BACKED_BLOCK_ROWS, n_genes=20, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=8 * BACKED_BLOCK_ROWS, n_genes=20, random_state=2)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 20 * 2 * BACKED_BLOCK_ROWS)  # a buffer: 2 of the 8 blocks

@@ -619,7 +619,7 @@ def test_a_categorical_covariate_value_of_one_cell_trains_where_the_validation_s
 
 
 def test_read_counts_of_amplified_molecules_get_a_warning_that_points_to_a_per_cell_dispersion(tmp_path):
-    umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, seed=0)
+    umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, random_state=0)
     with no_warnings():  # UMI counts: no warning
         CellVAE(umis)
     reads = umis.copy()  # each molecule read a geometric number of times (mean 20), as after PCR
@@ -706,7 +706,7 @@ def test_reads_in_only_some_batches_get_a_warning_that_names_them_and_points_to_
 def test_the_share_of_ones_is_sampled_across_a_csc_matrix_not_from_its_first_genes(monkeypatch, tmp_path):
     from cellvae import data
 
-    umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, seed=0).X.tocsr()
+    umis = cellvae.datasets.simulate(n_cells=600, n_genes=400, random_state=0).X.tocsr()
     by_expression = np.argsort(-np.asarray(umis.sum(axis=0)).ravel())  # highly expressed genes (few 1s) first
     csc = umis[:, by_expression].tocsc()
     overall = np.mean(csc.data == 1)
@@ -878,20 +878,20 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
 
 
 def test_dropout_of_one_is_refused():
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         cellvae.CellVAE(adata, dropout=1.0)
 
 
 def test_a_fraction_far_from_round_off_is_called_non_integer_not_round_off():
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0, sparse=False)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0, sparse=False)
     adata.X[0, 0] = 2.05  # e.g. ambient-corrected counts: a real fraction, not float round-off
     with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.05"):
         cellvae.CellVAE(adata)
 
 
 def test_scaled_counts_between_20_and_thousands_are_called_normalised():
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0, sparse=False)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0, sparse=False)
     adata.X = adata.X / adata.X.sum(1, keepdims=True) * 1000.0  # per-mille of each cell's counts: fractions up to ~1000
     assert 20 < adata.X.max() < 1000
     with pytest.raises(ValueError, match=r"looks normalised \(normalize_total, CPM or TPM\)"):
@@ -899,7 +899,7 @@ def test_scaled_counts_between_20_and_thousands_are_called_normalised():
 
 
 def test_integer_counts_of_minus_one_are_refused():
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0, sparse=False)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0, sparse=False)
     adata.X = adata.X.astype(np.int32)
     adata.X[0, 0] = -1
     with pytest.raises(ValueError, match=r"adata\.X has negative values \(min -1\)"):
@@ -909,7 +909,7 @@ def test_integer_counts_of_minus_one_are_refused():
 def test_unseen_categories_beside_a_0_or_1_are_not_told_to_become_booleans():
     """A flag covariate trained as True/False, read with "1" beside a truly new category "x": converting to bool
     cannot help, so the advice is the general one, not astype(bool)."""
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, random_state=0)
     adata.obs["flag"] = np.arange(adata.n_obs) % 2 == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -986,6 +986,6 @@ def test_the_encoder_reads_log1p_of_the_counts():
 
 
 def test_the_ends_of_the_documented_ranges_are_accepted():
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, random_state=0)
     config = CellVAE(adata, batch_key="batch", beta=0.0, kl_warmup=0, free_bits=MAX_WEIGHT, batch_mmd=MAX_WEIGHT).config
     assert (config.beta, config.kl_warmup, config.free_bits, config.batch_mmd) == (0.0, 0, MAX_WEIGHT, MAX_WEIGHT)

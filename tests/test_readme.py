@@ -47,7 +47,7 @@ def test_quick_start_and_marker_genes_run_on_the_bundled_example(tmp_path, monke
 
 def test_reference_mapping_runs_on_a_held_out_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    simulated = cellvae.datasets.simulate(n_cells=900, n_genes=300, n_batches=3, n_cell_types=4, seed=0)
+    simulated = cellvae.datasets.simulate(n_cells=900, n_genes=300, n_batches=3, n_cell_types=4, random_state=0)
     is_query = (simulated.obs["batch"] == "batch2").to_numpy()
     namespace = {"cellvae": cellvae, "reference": simulated[~is_query].copy(), "query": simulated[is_query].copy()}
     exec(block_with("python", "ref.map_query(query"), namespace)

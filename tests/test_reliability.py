@@ -43,7 +43,7 @@ def quiet_fit(model: CellVAE, **kwargs) -> CellVAE:
 @pytest.fixture(scope="module")
 def messy():
     """A realistic user AnnData: log-normalised X, raw counts in a layer, covariates, obsm, uns, var annotations."""
-    adata = cellvae.datasets.simulate(n_cells=240, n_genes=40, n_batches=2, n_cell_types=3, seed=5)
+    adata = cellvae.datasets.simulate(n_cells=240, n_genes=40, n_batches=2, n_cell_types=3, random_state=5)
     adata.layers["counts"] = adata.X.copy()
     normalised = adata.X.multiply(1e4 / adata.X.sum(axis=1)).tocsr()
     normalised.data = np.log1p(normalised.data)
@@ -254,7 +254,7 @@ def test_rank_genes_groups_writes_only_its_documented_key(messy, trained):
 
 
 def test_embed_refuses_a_view_of_a_backed_anndata_before_training(tmp_path, monkeypatch):
-    cellvae.datasets.simulate(n_cells=300, n_genes=40, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=0).write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(ValueError, match=r"view of a backed AnnData.*to_memory\(\)"):
@@ -355,7 +355,7 @@ def test_backed_file_is_not_written(messy, trained, tmp_path):
 
 def nan_batch_loader(n_cells: int = 120, n_genes: int = 20) -> tuple[VAE, CellLoader]:
     """A loader whose cell 0 is a corrupt row of NaN counts (validation would reject it; we bypass it on purpose)."""
-    counts = cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, seed=1, sparse=False).X.astype(np.float32)
+    counts = cellvae.datasets.simulate(n_cells=n_cells, n_genes=n_genes, random_state=1, sparse=False).X.astype(np.float32)
     counts[0] = np.nan
     library = np.nansum(counts, axis=1)
     library[0] = np.nan
@@ -432,7 +432,7 @@ def test_counts_missing_from_x_are_explained(trained, messy):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run out of its memory")
 def test_gpu_out_of_memory_suggests_a_smaller_batch_size():
-    adata = cellvae.datasets.simulate(n_cells=4000, n_genes=2000, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=4000, n_genes=2000, random_state=0)
     torch.cuda.set_per_process_memory_fraction(0.002)
     try:
         with pytest.raises(torch.OutOfMemoryError, match=r"smaller batch_size \(e.g. fit\(batch_size=2000\)\)"):
@@ -459,7 +459,7 @@ def test_a_dispersion_per_gene_and_batch_trains_reproducibly():
     """The batch's row of the dispersion is picked so that its gradient sums in a fixed order (indexing's
     backward summed the rows of a 128-cell minibatch in an order that varied run to run on 2 CPU threads
     from ~500 genes on, so that no two fits were identical)."""
-    adata = cellvae.datasets.simulate(n_cells=300, n_genes=600, n_batches=3, seed=2)
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=600, n_batches=3, random_state=2)
     first, second = (
         quiet_fit(CellVAE(adata, batch_key="batch", dispersion="gene-batch", n_hidden=32), max_epochs=3, random_state=1)
         for _ in range(2)
@@ -830,7 +830,7 @@ def test_weights_of_another_dtype_are_refused(saved, trained, dtype):
 
 @pytest.mark.parametrize("std", [0.0, -1.0, float("nan"), float("inf")])
 def test_continuous_covariate_scales_that_would_break_the_embedding_are_refused(tmp_path, std):
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0)
     adata.obs["depth"] = np.log1p(np.asarray(adata.X.sum(axis=1)).ravel())
     CellVAE(adata, continuous_covariate_keys=["depth"]).save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
@@ -1029,7 +1029,7 @@ def test_a_model_saved_after_ctrl_c_is_marked_and_load_says_so(messy, tmp_path, 
 
 
 def test_a_backed_file_closed_during_fit_is_named_in_the_error(tmp_path, monkeypatch):
-    cellvae.datasets.simulate(n_cells=300, n_genes=30, seed=0).write_h5ad(tmp_path / "cells.h5ad")
+    cellvae.datasets.simulate(n_cells=300, n_genes=30, random_state=0).write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     evaluate = cellvae.train.evaluate
 
@@ -1061,7 +1061,7 @@ SAVE_LOOP = textwrap.dedent(
     import sys, torch
     import cellvae
     from cellvae import CellVAE
-    adata = cellvae.datasets.simulate(n_cells=60, n_genes=300, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=300, random_state=0)
     model = CellVAE(adata, n_hidden=256, n_latent=8)
     model.save(sys.argv[1], overwrite=True)
     print("saved", flush=True)
@@ -1096,7 +1096,7 @@ def test_killing_a_save_never_leaves_a_half_written_model(tmp_path):
 
 
 def test_very_large_counts_train_to_finite_results():
-    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, seed=2, sparse=False)
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, random_state=2, sparse=False)
     counts = adata.X.astype(np.float64)
     counts[0, 0] = 1e6  # one huge entry
     counts[1] = np.round(counts[1] / counts[1].sum() * 1e7)  # a very deep cell: 10^7 counts in total
@@ -1115,7 +1115,7 @@ def test_very_large_counts_train_to_finite_results():
 
 
 def test_one_gene_trains_and_embeds():
-    adata = cellvae.datasets.simulate(n_cells=80, n_genes=1, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=80, n_genes=1, random_state=0)
     model = quiet_fit(CellVAE(adata, **TINY))
     assert model.get_latent().shape == (80, 4) and np.isfinite(model.get_latent()).all()
     np.testing.assert_allclose(model.get_normalized_expression(), 1e4, rtol=1e-5)
@@ -1421,7 +1421,7 @@ def test_bad_arguments_give_a_documented_error(call, message, trained, messy):
 
 
 def test_training_settings_that_undo_training_are_told():
-    adata = cellvae.datasets.simulate(n_cells=400, n_genes=200, n_batches=1, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=200, n_batches=1, random_state=0)
     with warnings.catch_warnings(record=True) as diverged:
         warnings.simplefilter("always")
         model = CellVAE(adata, n_hidden=64).fit(max_epochs=10, lr=1.0, progress=False)
@@ -1454,7 +1454,7 @@ def test_training_settings_that_undo_training_are_told():
 
 
 def test_a_skipped_one_cell_minibatch_is_not_a_step_of_the_kl_warm_up():
-    adata = cellvae.datasets.simulate(n_cells=361, n_genes=100, seed=0)  # 361 = 360 + a last minibatch of one cell
+    adata = cellvae.datasets.simulate(n_cells=361, n_genes=100, random_state=0)  # 361 = 360 + a last minibatch of one cell
     model = CellVAE(adata, normalization="batch", kl_warmup=1)
     model.fit(max_epochs=3, batch_size=360, validation_size=0, progress=False)
     np.testing.assert_allclose(model.history["kl_weight"], [0.0, 1.0, 1.0])  # warmed up after one epoch, as asked
@@ -1464,7 +1464,7 @@ def test_a_skipped_one_cell_minibatch_is_not_a_step_of_the_kl_warm_up():
 
 
 def test_a_model_saved_with_settings_older_cellvae_accepted_still_loads(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
     model = CellVAE(adata, batch_key="batch", likelihood="poisson").fit(max_epochs=2, progress=False)
     model.save(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
@@ -1531,7 +1531,7 @@ def test_copy_true_returns_the_results_in_a_copy_and_leaves_the_anndata_as_it_wa
 
 
 def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
-    adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, random_state=0)
     with pytest.warns(UserWarning, match=r"n_latent=10 is not below the 8 genes.*lower n_latent"):
         CellVAE(adata)
     with no_warnings():
@@ -1578,7 +1578,7 @@ def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_q
 
 
 def test_embed_records_fits_settings_from_fit_kwargs_in_uns(tmp_path):
-    adata = cellvae.datasets.simulate(n_cells=150, n_genes=30, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=150, n_genes=30, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cellvae.tl.embed(
@@ -1617,7 +1617,7 @@ def test_a_cell_without_counts_has_a_finite_loss_and_no_distortion(likelihood):
 
 @pytest.mark.parametrize("reference", [{"batch": 0}, {"batch": 3}, {"donor": 1}, {"batch": True}, {"batch": 1.0}])
 def test_reference_categories_that_do_not_fit_the_models_categories_are_refused(tmp_path, reference):
-    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, seed=0)
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, random_state=0)
     CellVAE(adata, batch_key="batch").save(tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     for value, works in ((reference, False), ({"batch": 2}, True)):

@@ -27,7 +27,7 @@ FORMATS = {"csr": sp.csr_matrix, "csc": sp.csc_matrix, "dense": lambda m: m.toar
 
 @pytest.fixture(scope="module")
 def simulated():
-    return cellvae.datasets.simulate(n_cells=1200, n_genes=120, n_batches=2, n_cell_types=4, seed=11)
+    return cellvae.datasets.simulate(n_cells=1200, n_genes=120, n_batches=2, n_cell_types=4, random_state=11)
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_cli_fit_names_a_missing_zarr_store(tmp_path):
 @pytest.mark.parametrize("kind", ["csr", "dense"])
 def test_read_zarr_lazy_keeps_layers_and_raw_on_disk_and_sums_a_layer(tmp_path, kind):
     """read_zarr_lazy documents X, layers and raw.X as left in the store; a layer is read like X."""
-    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, seed=3)
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=3)
     counts = adata.X.copy()
     layer = sp.csr_matrix(counts) if kind == "csr" else counts.toarray()
     adata.X = sp.csr_matrix(counts, dtype=np.float32) * 0.5  # not counts: the model must read the layer
