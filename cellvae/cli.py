@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 from collections.abc import Mapping
@@ -68,11 +69,11 @@ def in_command_line_terms(message: str) -> str:
     message = message.replace("call fit(resume=False) to start over", "leave out --resume to start over")
     message = message.replace("fit(..., resume=True) continues", "--resume continues")
     message = message.replace("mask_var ", "--mask-var ")
-    message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {found[1]}", message)
+    message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {shlex.quote(found[1])}", message)
     # a trained model's counts from another layer: embed's --layer reads them and puts them where the model reads them
     another_layer = r"(give the model ad\.AnnData\(X=adata\.layers\['([^']+)'\], obs=adata\.obs, var=adata\.var\)"
     another_layer += r"|put them where the model reads them, adata\.layers\['[^']+'\] = adata\.layers\['([^']+)'\])"
-    message = re.sub(another_layer, lambda found: f"pass --layer {found[2] or found[3]}", message)
+    message = re.sub(another_layer, lambda found: f"pass --layer {shlex.quote(found[2] or found[3])}", message)
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:

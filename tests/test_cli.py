@@ -149,6 +149,7 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
     assert in_command_line_terms("adata.layers['counts'] holds whole counts: pass layer='counts'").startswith(
         "adata.layers['counts'] holds whole counts: pass --layer counts"
     )
+    assert "pass --layer 'raw counts'" in in_command_line_terms("pass layer='raw counts'")  # quoted for the shell
     for fix in (  # a trained model's: embed --layer puts them where the model reads them
         "give the model ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)",
         "put them where the model reads them, adata.layers['umis'] = adata.layers['counts']",
