@@ -74,6 +74,10 @@ def in_command_line_terms(message: str) -> str:
     another_layer = r"(give the model ad\.AnnData\(X=adata\.layers\['([^']+)'\], obs=adata\.obs, var=adata\.var\)"
     another_layer += r"|put them where the model reads them, adata\.layers\['[^']+'\] = adata\.layers\['([^']+)'\])"
     message = re.sub(another_layer, lambda found: f"pass --layer {shlex.quote(found[2] or found[3])}", message)
+    message = message.replace("leave out layer= (layer=None reads X)", "leave out --layer (or pass --layer X)")
+    message = re.sub(
+        r"adata\.X holds whole counts: adata\.layers\['[^']+'\] = adata\.X", "adata.X holds whole counts: pass --layer X", message
+    )
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:

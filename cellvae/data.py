@@ -266,9 +266,9 @@ def _looks_like_counts(matrix) -> bool:
 
 @contextmanager
 def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -> Iterator[None]:
-    """Inside: an error about the values of the counts (``adata.X`` or ``layers[layer]``) also names another
-    layer, or ``adata.raw``, whose values look like raw counts (after ``sc.pp.normalize_total`` and
-    ``sc.pp.log1p`` they often sit in ``layers['counts']``)."""
+    """Inside: an error about the values of the counts (``adata.X`` or ``layers[layer]``) also names ``X`` (where
+    a layer was read), another layer, or ``adata.raw``, whose values look like raw counts (after
+    ``sc.pp.normalize_total`` and ``sc.pp.log1p`` they often sit in ``layers['counts']``)."""
     where = counts_location(layer)
     try:
         yield
@@ -278,6 +278,9 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         layers = [name for name in adata.layers.keys() if name != layer and _looks_like_counts(adata.layers[name])]
         layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
         raw = getattr(adata, "raw", None)
+        if layer is not None and _looks_like_counts(adata.X):
+            fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
+            raise ValueError(f"{error}. adata.X holds whole counts: {fix}") from None
         if layers:
             name = layers[0]
             if not trained:

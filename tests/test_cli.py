@@ -150,6 +150,12 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
         "adata.layers['counts'] holds whole counts: pass --layer counts"
     )
     assert "pass --layer 'raw counts'" in in_command_line_terms("pass layer='raw counts'")  # quoted for the shell
+    assert in_command_line_terms("adata.X holds whole counts: leave out layer= (layer=None reads X)").startswith(
+        "adata.X holds whole counts: leave out --layer (or pass --layer X)"
+    )
+    assert in_command_line_terms("adata.X holds whole counts: adata.layers['counts'] = adata.X").startswith(
+        "adata.X holds whole counts: pass --layer X"
+    )
     for fix in (  # a trained model's: embed --layer puts them where the model reads them
         "give the model ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)",
         "put them where the model reads them, adata.layers['umis'] = adata.layers['counts']",

@@ -424,6 +424,12 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     with pytest.raises(ValueError, match=r"adata\.raw\.X holds whole counts: build an AnnData of them, adata\.raw\.to_adata\(\)"):
         CellVAE(renamed, batch_key="batch")
     CellVAE(renamed.raw.to_adata(), batch_key="batch")  # the advice, followed
+    in_x = adata.copy()  # the layer asked for is normalised, X holds the counts
+    in_x.layers["normalised"] = in_x.X.copy()
+    sc.pp.normalize_total(in_x, layer="normalised")
+    with pytest.raises(ValueError, match=r"adata\.X holds whole counts: leave out layer= \(layer=None reads X\)$"):
+        CellVAE(in_x, batch_key="batch", layer="normalised")
+    CellVAE(in_x, batch_key="batch")  # the advice, followed
     normalised_only = in_layer.copy()
     del normalised_only.layers["counts"], normalised_only.layers["spliced"]
     with pytest.raises(ValueError, match="looks normalised") as refused:
@@ -443,6 +449,16 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     query.obs["batch"] = "new"
     with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts"):
         model.map_query(query, max_epochs=1, progress=False)
+    # a model that reads layers['counts'], given data whose 'counts' layer is normalised and whose X holds the counts
+    layered = adata.copy()
+    layered.layers["counts"] = layered.X.copy()
+    on_layer = CellVAE(layered, batch_key="batch", layer="counts").fit(max_epochs=1, progress=False)
+    swapped = layered.copy()
+    sc.pp.normalize_total(swapped, layer="counts")
+    with pytest.raises(ValueError, match=r"adata\.X holds whole counts: adata\.layers\['counts'\] = adata\.X$"):
+        on_layer.get_latent(swapped)
+    swapped.layers["counts"] = swapped.X  # the advice, followed
+    np.testing.assert_array_equal(on_layer.get_latent(swapped), on_layer.get_latent(layered))
 
 
 def test_fit_that_checks_a_backed_file_for_a_data_parallel_run_gives_a_new_models_advice(two_batches, tmp_path, monkeypatch):
