@@ -275,12 +275,11 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
     except ValueError as error:
         if not str(error).startswith((where, "query " + where)):
             raise
-        layers = [name for name in adata.layers.keys() if name != layer and _looks_like_counts(adata.layers[name])]
-        layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
-        raw = getattr(adata, "raw", None)
         if layer is not None and _looks_like_counts(adata.X):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
             raise ValueError(f"{error}. adata.X holds whole counts: {fix}") from None
+        layers = [name for name in adata.layers.keys() if name != layer and _looks_like_counts(adata.layers[name])]
+        layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
         if layers:
             name = layers[0]
             if not trained:
@@ -290,6 +289,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
             else:
                 fix = f"put them where the model reads them, adata.layers[{layer!r}] = adata.layers[{name!r}]"
             raise ValueError(f"{error}. adata.layers[{name!r}] holds whole counts: {fix}") from None
+        raw = getattr(adata, "raw", None)
         if raw is not None and _looks_like_counts(raw.X):
             if trained and layer is None:
                 fix = "give the model adata.raw.to_adata() (genes are matched by name)"
