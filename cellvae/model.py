@@ -2213,12 +2213,13 @@ def _warn_about_counts(
             "sc.pp.filter_genes(adata, min_cells=1)",
             UserWarning,
         )
-    if dispersion == "gene-cell":
-        return
     batch_names = layout.batch_categories or ["all cells"]
     codes = None
     if layout.batch_key:
         codes = data.as_text(obs[layout.batch_key]).set_categories(batch_names).codes
+        _warn_about_unmeasured_genes(matrix, where, codes, layout)
+    if dispersion == "gene-cell":
+        return
     share, non_zero = data.share_of_ones(matrix, codes)
     judged = non_zero >= READ_CHECK_VALUES  # batches with too few values sampled are not judged
     reads = judged & (share < READ_SHARE_OF_ONES)
@@ -2248,6 +2249,38 @@ def _warn_about_counts(
         "Keep a model with one per gene for differential_expression: with one per cell it calls far fewer genes",
         UserWarning,
     )
+
+
+def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, layout: data.CovariateLayout) -> None:
+    """Warn where a batch lacks many genes the other batches detect in so many cells that it must not have measured
+    them: zeros filled in by ``anndata.concat(..., join='outer')``. The model reads them as silence in that batch and
+    keeps the batches apart (pbmc3k's 16,579 genes joined so with the atlas's pbmc4k on its 2,431, 25 epochs: 0% of
+    each cell's 15 nearest neighbours from the other batch, 15% on the 2,431 shared genes)."""
+    found = data.genes_unmeasured_by_batch(matrix, codes.astype(np.int64), len(layout.batch_categories))
+    if found is None:
+        return
+    unmeasured, expected = found
+    lacking = np.flatnonzero(unmeasured >= np.maximum(UNMEASURED_SHARE * expected, 1))
+    if not len(lacking):
+        return
+    shown = ", ".join(
+        f"{layout.batch_categories[b]!r} lacks {unmeasured[b]:,} of {expected[b]:,} ({unmeasured[b] / expected[b]:.0%})"
+        for b in lacking[:5]
+    )
+    data.warn_user(
+        f"in {len(lacking)} of the {len(layout.batch_categories)} batches of obs[{layout.batch_key!r}], {where} has no "
+        "count in any cell for many genes that the other batches detect in too many cells for that to be chance: "
+        f"{shown}{', ...' if len(lacking) > 5 else ''} of those genes. They were most likely not measured there "
+        "(anndata.concat(..., join='outer') fills the genes one dataset lacks with zeros), and the model would read "
+        "their absence as biology and keep the batches apart: train on the genes every batch measured, e.g. concat "
+        "with join='inner'",
+        UserWarning,
+    )
+
+
+# Share of the genes the other batches detect often (data.genes_unmeasured_by_batch) that a batch may lack before
+# a warning: the shared datasets' batches lack at most 0.1%, a dataset joined with join='outer' to one of more genes 83%.
+UNMEASURED_SHARE = 0.1
 
 
 def _check_anndata(adata) -> None:

@@ -758,6 +758,27 @@ def test_many_genes_without_counts_get_a_warning_to_filter_them(two_batches, tmp
         CellVAE(adata)  # every gene seen
 
 
+@pytest.mark.parametrize("storage", ["csr", "csc", "dense", "sampled"])
+def test_genes_one_batch_never_measured_as_an_outer_join_fills_them_get_a_warning(two_batches, storage, monkeypatch):
+    first = two_batches[two_batches.obs["batch"] == "batch0"]
+    second = two_batches[two_batches.obs["batch"] == "batch1", :200]  # a dataset that measured 200 of the 300 genes
+    outer = ad.concat([first, second], join="outer")  # its cells read zero for the other 100
+    inner = ad.concat([first, second], join="inner")
+    empty = ad.AnnData(sp.csr_matrix(second.shape, dtype=np.float32), obs=second.obs, var=second.var)  # no counts
+    with_empty_cells = ad.concat([inner, empty], index_unique="-")
+    if storage == "sampled":  # a large matrix is checked on every few cells
+        monkeypatch.setattr(cellvae.data, "UNMEASURED_CHECK_VALUES", outer.X.nnz // 5)
+    for adata in (outer, inner, with_empty_cells):
+        adata.X = {"csc": adata.X.tocsc(), "dense": adata.X.toarray()}.get(storage, adata.X)
+    told = r"in 1 of the 2 batches of obs\['batch'\].*'batch1' lacks \d+ of \d+ \(\d+%\).*join='inner'"
+    with pytest.warns(UserWarning, match=told):
+        CellVAE(outer, batch_key="batch")
+    with no_warnings():
+        CellVAE(outer)  # without batches there is nothing to compare
+        CellVAE(inner, batch_key="batch")
+        CellVAE(with_empty_cells, batch_key="batch")  # cells without counts do not make a batch look as if it lacked genes
+
+
 def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches):
     adata = small(two_batches)
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)  # a QC column passed by mistake
