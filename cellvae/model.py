@@ -1959,7 +1959,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
         # model genes the data lacks are read as zero counts, as in map_query
-        columns = None if names.equals(genes) else _gene_positions(names, genes, "adata")
+        columns = None if names.equals(genes) else _gene_positions(names, genes, "adata", adata.var)
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
@@ -2404,7 +2404,7 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
                 "query_adata.to_memory()"
             )
     data.validate_counts(matrix, "query " + data.counts_location(config.layer))
-    positions = _gene_positions(data.gene_names(query), pd.Index(config.gene_names), "query_adata")
+    positions = _gene_positions(data.gene_names(query), pd.Index(config.gene_names), "query_adata", query.var)
     if isinstance(matrix, data.BackedView):
         return query
     obs = query.obs.copy()
@@ -2438,9 +2438,10 @@ def _missing_genes_told() -> Iterator[None]:
         yield
 
 
-def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np.ndarray:
+def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str, var: pd.DataFrame | None = None) -> np.ndarray:
     """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
-    warning names the missing ones, and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error."""
+    warning names the missing ones, and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error (which names
+    a column of ``var`` that holds the model's genes, or versioned Ensembl IDs, where that is why)."""
     positions = data.gene_positions(var_names, model_genes)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
@@ -2448,7 +2449,10 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np
         raise ValueError(
             f"only {int(present.sum())} of the model's {len(model_genes)} genes ({present.mean():.0%}) are in "
             f"{name}.var_names (at least {MIN_QUERY_GENE_FRACTION:.0%} needed); missing e.g. {missing[:5].tolist()}. "
-            "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
+            + (
+                _where_the_models_genes_are(var_names, model_genes, name, var)
+                or "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
+            )
         )
     if not present.all():
         data.warn_user(
@@ -2457,6 +2461,32 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str) -> np
             UserWarning,
         )
     return positions
+
+
+def _where_the_models_genes_are(var_names: pd.Index, model_genes: pd.Index, name: str, var: pd.DataFrame | None) -> str:
+    """Advice where most of the model's genes are in a column of ``var`` (Ensembl IDs as var_names, symbols in
+    ``var['gene_symbols']``, as in CELLxGENE's ``feature_name``), or are ``var_names`` with or without an
+    Ensembl version (``ENSG00000141510.17``); else ''."""
+
+    def covered(names) -> float:
+        return float(pd.Index(model_genes).isin(pd.Index(names, dtype=object).astype(str)).mean())
+
+    for column in [] if var is None else var.columns:
+        values = var[column]
+        if (pd.api.types.is_object_dtype(values) or isinstance(values.dtype, (pd.CategoricalDtype, pd.StringDtype))) and (
+            covered(values.dropna()) >= MIN_QUERY_GENE_FRACTION
+        ):
+            return (
+                f"{name}.var[{column!r}] holds the model's genes: name the genes by it first, "
+                f"{name}.var_names = {name}.var[{column!r}].astype(str) (then {name}.var_names_make_unique() if some repeat)"
+            )
+    unversioned = pd.Index(var_names).str.replace(r"^(ENS\w*\d{6,})\.\d+$", r"\1", regex=True)
+    if covered(unversioned) >= MIN_QUERY_GENE_FRACTION:
+        return (
+            f"{name}.var_names are Ensembl IDs with a version (e.g. {var_names[0]!r}), the model's without: drop the "
+            rf"versions first, {name}.var_names = {name}.var_names.str.replace(r'\.\d+$', '', regex=True)"
+        )
+    return ""
 
 
 def _new_columns(config: Config) -> np.ndarray:

@@ -1,6 +1,7 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
 import copy
+import re
 import warnings
 from dataclasses import asdict
 
@@ -849,6 +850,29 @@ def test_new_data_with_missing_genes_or_unknown_batch(two_batches, tmp_path):
     filtered._inplace_subset_var(np.arange(300) >= 2)  # as sc.pp.filter_genes(filtered, ...) does after the model is built
     with pytest.raises(ValueError, match=r"2 of the model's 300 genes are not in its AnnData \(e.g. \['gene0', 'gene1'\]\)"):
         model.fit(max_epochs=1, progress=False)  # training must not learn that the missing genes are silent
+
+
+def test_data_whose_genes_are_named_otherwise_is_told_where_the_models_gene_names_are(two_batches):
+    adata = small(two_batches)
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
+    ensembl = adata.copy()  # an atlas's habit (CELLxGENE): Ensembl IDs as var_names, the symbols in a column
+    ensembl.var["feature_name"] = pd.Categorical(ensembl.var_names)
+    ensembl.var_names = [f"ENSG{i:011d}" for i in range(ensembl.n_vars)]
+    fix = r"query_adata.var\['feature_name'\] holds the model's genes.*var_names = query_adata.var\['feature_name'\]"
+    with pytest.raises(ValueError, match=fix):
+        model.map_query(ensembl, max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"adata.var\['feature_name'\] holds the model's genes"):
+        model.get_latent(ensembl)
+    reference_ids = adata.copy()
+    reference_ids.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    model = CellVAE(reference_ids, batch_key="batch").fit(max_epochs=1, progress=False)
+    versioned = reference_ids.copy()  # GENCODE's versioned IDs, the model's without
+    versioned.var_names = [f"{name}.{i % 20 + 1}" for i, name in enumerate(reference_ids.var_names)]
+    with pytest.raises(ValueError, match=r"Ensembl IDs with a version \(e.g. 'ENSG00000000000.1'\).*str.replace") as told:
+        model.get_latent(versioned)
+    fixed = versioned.copy()
+    fixed.var_names = eval(re.search(r"var_names = (adata.var_names.str.replace\(.*\))$", str(told.value))[1], {"adata": fixed})
+    np.testing.assert_array_equal(model.get_latent(fixed), model.get_latent(reference_ids))  # the advice, as written
 
 
 def test_loading_a_directory_that_is_not_a_model(tmp_path, two_batches):
