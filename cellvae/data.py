@@ -418,13 +418,13 @@ def genes_unmeasured_by_batch(matrix, batch_codes: np.ndarray, n_batches: int) -
     """For each batch: how many genes have no count in any of its cells although the other batches detect them
     in so many cells that its own cells, at that rate, would have shown them in ``UNMEASURED_EXPECTED_CELLS``
     cells or more; and how many genes the other batches detect that often. None for counts on disk (a pass over
-    the file) and for one batch.
+    the file), for one batch and for more batches than ``UNMEASURED_CHECK_VALUES / genes``.
 
     Genes that one dataset did not measure read as zeros in all its cells once ``anndata.concat(...,
     join='outer')`` fills them in: in the shared datasets no batch lacks more than 0.1% of those genes; joined so
     with pbmc3k's 16,579 genes, the atlas's pbmc4k cells lack 77% of them."""
-    if not isinstance(matrix, IN_MEMORY_MATRICES) or n_batches < 2:
-        return None
+    if not isinstance(matrix, IN_MEMORY_MATRICES) or not 2 <= n_batches <= UNMEASURED_CHECK_VALUES // matrix.shape[1]:
+        return None  # (a flag per batch and gene: at most 32 MB)
     stored = matrix.nnz if sp.issparse(matrix) else matrix.size
     if stored > UNMEASURED_CHECK_VALUES:  # every few cells (each batch in proportion): the same rates, in bounded time
         rows = np.arange(0, matrix.shape[0], -(-stored // UNMEASURED_CHECK_VALUES))
