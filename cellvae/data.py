@@ -966,7 +966,12 @@ def as_text(column: pd.Series) -> pd.Categorical:
 
 def _check_no_missing(column: pd.Series, key: str, source: str = "obs") -> None:
     if column.isna().any():
-        fix = f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)) or drop those cells" if source == "obs" else ""
+        fix = (
+            f"(adata.obs[{key!r}] = adata.obs[{key!r}].astype(str) makes them one value of their own, 'nan') or drop "
+            f"those cells (adata = adata[adata.obs[{key!r}].notna()].copy())"
+            if source == "obs"
+            else ""
+        )
         raise ValueError(f"{source}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
 
 

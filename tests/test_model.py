@@ -780,6 +780,24 @@ def test_genes_one_batch_never_measured_as_an_outer_join_fills_them_get_a_warnin
         CellVAE(with_empty_cells, batch_key="batch")  # cells without counts do not make a batch look as if it lacked genes
 
 
+def test_cells_without_a_batch_are_refused_with_two_fixes_that_work_as_written(two_batches):
+    adata = small(two_batches)
+    adata.obs["batch"] = adata.obs["batch"].cat.add_categories("unused")
+    adata.obs.loc[adata.obs_names[:7], "batch"] = np.nan  # e.g. donors not recorded for some cells
+    with pytest.raises(ValueError, match=r"obs\['batch'\] has 7 missing \(NaN\) values") as told:
+        CellVAE(adata, batch_key="batch")
+    assert adata.obs["batch"].isna().sum() == 7  # refused before anything changed
+    fill = re.search(r"adata\.obs\['batch'\] = \S+", str(told.value))[0]
+    drop = re.search(r"adata = adata\[\S+\]\.copy\(\)", str(told.value))[0]
+    filled, dropped = adata.copy(), adata.copy()
+    exec(fill, {"adata": filled})
+    namespace = {"adata": dropped}
+    exec(drop, namespace)
+    assert CellVAE(filled, batch_key="batch").config.batch_categories == ["batch0", "batch1", "nan"]
+    assert namespace["adata"].n_obs == adata.n_obs - 7
+    assert CellVAE(namespace["adata"], batch_key="batch").config.batch_categories == ["batch0", "batch1"]
+
+
 def test_a_batch_column_with_about_one_value_per_cell_gets_a_warning(two_batches):
     adata = small(two_batches)
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(int)  # a QC column passed by mistake
