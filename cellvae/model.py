@@ -1441,6 +1441,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         reference_key = self.config.batch_key
         with data.hint_where_counts_are(query_adata, self.config.layer, trained=True):
             aligned = _align_query(query_adata, self.config, query_batches)
+        names = list(pd.unique(query_batches))  # the query's batches against each other (the reference's counts are gone)
+        codes = pd.Categorical(query_batches, categories=names).codes
+        location = "query_adata." + data.counts_location(self.config.layer).removeprefix("adata.")
+        _warn_about_unmeasured_genes(
+            _model_counts(aligned, self.config.layer, "query_adata"), location, codes, names, batch_key or reference_key
+        )
         if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
             if not np.array_equal(query_adata.obs[reference_key].astype(str).to_numpy(), query_batches):
                 data.warn_user(
@@ -2217,7 +2223,7 @@ def _warn_about_counts(
     codes = None
     if layout.batch_key:
         codes = data.as_text(obs[layout.batch_key]).set_categories(batch_names).codes
-        _warn_about_unmeasured_genes(matrix, where, codes, layout)
+        _warn_about_unmeasured_genes(matrix, where, codes, batch_names, layout.batch_key)
     if dispersion == "gene-cell":
         return
     share, non_zero = data.share_of_ones(matrix, codes)
@@ -2251,12 +2257,12 @@ def _warn_about_counts(
     )
 
 
-def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, layout: data.CovariateLayout) -> None:
+def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, batch_names: list[str], batch_key: str) -> None:
     """Warn where a batch lacks many genes the other batches detect in so many cells that it must not have measured
     them: zeros filled in by ``anndata.concat(..., join='outer')``. The model reads them as silence in that batch and
     keeps the batches apart (pbmc3k's 16,579 genes joined so with the atlas's pbmc4k on its 2,431, 25 epochs: 0% of
     each cell's 15 nearest neighbours from the other batch, 15% on the 2,431 shared genes)."""
-    found = data.genes_unmeasured_by_batch(matrix, codes.astype(np.int64), len(layout.batch_categories))
+    found = data.genes_unmeasured_by_batch(matrix, codes.astype(np.int64), len(batch_names))
     if found is None:
         return
     unmeasured, expected = found
@@ -2264,11 +2270,10 @@ def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, layout: 
     if not len(lacking):
         return
     shown = ", ".join(
-        f"{layout.batch_categories[b]!r} lacks {unmeasured[b]:,} of {expected[b]:,} ({unmeasured[b] / expected[b]:.0%})"
-        for b in lacking[:5]
+        f"{batch_names[b]!r} lacks {unmeasured[b]:,} of {expected[b]:,} ({unmeasured[b] / expected[b]:.0%})" for b in lacking[:5]
     )
     data.warn_user(
-        f"in {len(lacking)} of the {len(layout.batch_categories)} batches of obs[{layout.batch_key!r}], {where} has no "
+        f"in {len(lacking)} of the {len(batch_names)} batches of obs[{batch_key!r}], {where} has no "
         "count in any cell for many genes that the other batches detect in too many cells for that to be chance: "
         f"{shown}{', ...' if len(lacking) > 5 else ''} of those genes. They were most likely not measured there "
         "(anndata.concat(..., join='outer') fills the genes one dataset lacks with zeros), and the model would read "

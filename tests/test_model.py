@@ -780,6 +780,22 @@ def test_genes_one_batch_never_measured_as_an_outer_join_fills_them_get_a_warnin
         CellVAE(with_empty_cells, batch_key="batch")  # cells without counts do not make a batch look as if it lacked genes
 
 
+def test_a_query_joined_with_join_outer_gets_the_unmeasured_genes_warning_too(two_batches):
+    reference = two_batches[two_batches.obs["batch"] == "batch0"].copy()
+    model = CellVAE(reference, batch_key="batch").fit(max_epochs=1, progress=False)
+    first = two_batches[two_batches.obs["batch"] == "batch1"].copy()
+    second = first[:, :250].copy()  # a second query dataset that measured 250 of the 300 genes
+    first.obs["batch"], second.obs["batch"] = "query0", "query1"
+    told = r"in 1 of the 2 batches of obs\['batch'\], query_adata.X has no count.*'query1' lacks.*join='inner'"
+    with pytest.warns(UserWarning, match=told):
+        model.map_query(ad.concat([first, second], join="outer", index_unique="-"), max_epochs=1, progress=False)
+    with warnings.catch_warnings(record=True) as caught:  # join='inner': the query lacks 50 of the model's genes
+        warnings.simplefilter("always")
+        model.map_query(ad.concat([first, second], join="inner", index_unique="-"), max_epochs=1, progress=False)
+    assert [str(w.message) for w in caught if "join=" in str(w.message)] == []
+    assert any("50 of the model's 300 genes are missing" in str(w.message) for w in caught)
+
+
 def test_cells_without_a_batch_are_refused_with_two_fixes_that_work_as_written(two_batches):
     adata = small(two_batches)
     adata.obs["batch"] = adata.obs["batch"].cat.add_categories("unused")
