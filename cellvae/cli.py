@@ -296,6 +296,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
         CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0
+    replaced = args.key_added in adata.obsm  # an earlier embedding, whose graph and UMAP the input may hold
     model = tl.embed(
         adata,
         mask_var=args.mask_var,
@@ -317,6 +318,9 @@ def run_fit(args: argparse.Namespace) -> int:
             graph_stopped = True
         except Exception as error:  # scanpy's graph code, not cellvae's: keep the embedding
             graph_error = error
+    graph_computed = not (interrupted or args.embedding_only or graph_stopped or graph_error is not None)
+    if not graph_computed:  # the output keeps the input's graph, UMAP and clusters: say where they are stale
+        _warn_if_graph_is_stale(adata, args.key_added, replaced)
     try:
         _write(adata, args.out)
     except (OSError, KeyboardInterrupt) as error:
@@ -402,6 +406,12 @@ def _record_embedding(adata, key_added: str, model, model_dir: str, layer: str |
         params = {"key_added": key_added, "model_dir": str(model_dir), "layer": layer}
         params |= {"batch_key": model.config.batch_key, "epochs_trained": int(len(model.history))}
         adata.uns[uns_key] = {**(record or {}), "params": {k: v for k, v in params.items() if v is not None}}
+    _warn_if_graph_is_stale(adata, key_added, replaced)
+
+
+def _warn_if_graph_is_stale(adata, key_added: str, replaced: bool) -> None:
+    """A warning where the input held an ``obsm[key_added]`` (``replaced``), now replaced, and a graph or UMAP likely
+    made from it, which the output keeps (``cellvae embed``; ``cellvae fit`` where it computed no graph)."""
     neighbours = adata.uns.get("neighbors", {})
     made_from_it = isinstance(neighbours, Mapping) and neighbours.get("params", {}).get("use_rep") == key_added
     if replaced and (made_from_it or "X_umap" in adata.obsm):

@@ -259,6 +259,21 @@ def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_
         main([*args, "--key-added", "X_umap", "--overwrite", "--epochs", "1", "--quiet"])
 
 
+def test_fit_embedding_only_says_the_inputs_graph_from_an_earlier_embedding_is_stale(tmp_path, capsys):
+    """`cellvae fit --embedding-only` of an earlier fit's output keeps that file's neighbours and UMAP, made from the
+    obsm["X_cellvae"] it replaces: told to recompute them, as `cellvae embed` tells."""
+    assert main([*fit_args(tmp_path, 150, 30), "--epochs", "1", "--quiet"]) == 0
+    refit = ["fit", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "again"), "--out", str(tmp_path / "again.h5ad")]
+    capsys.readouterr()
+    assert main([*refit, "--embedding-only", "--epochs", "1", "--quiet", "--seed", "1"]) == 0
+    assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
+    # with the graph computed again, or without an earlier embedding of the key, there is nothing stale to tell
+    assert main([*refit, "--overwrite", "--epochs", "1", "--quiet", "--seed", "1"]) == 0
+    assert "recompute them" not in capsys.readouterr().err
+    assert main([*refit, "--overwrite", "--embedding-only", "--key-added", "X_new", "--epochs", "1", "--quiet"]) == 0
+    assert "recompute them" not in capsys.readouterr().err
+
+
 def test_a_file_written_by_newer_anndata_with_pandas_strings_is_written_back(tmp_path):
     """anndata 0.13 with pandas 3 (what Python 3.12 and later install) stores strings as pandas string arrays;
     anndata 0.12 reads them but writes them only when allowed, which would fail a fit after training."""
