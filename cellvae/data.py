@@ -1119,6 +1119,13 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
         raise TypeError(f"{name} takes a list or array of cells (obs names, positions or a boolean mask), got a {kind}")
     if isinstance(cells, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)) and pd.isna(cells).any():
         raise ValueError(f"{name} has missing values (NA); fill them, e.g. {name}.fillna(False) for a mask")
+    is_mask = isinstance(cells, pd.Series) and pd.api.types.is_bool_dtype(cells.dtype)
+    if is_mask and not isinstance(cells.index, pd.RangeIndex) and not cells.index.equals(adata.obs_names):
+        # e.g. a mask of another AnnData of the same cells in another order: by position it would pick other cells
+        raise ValueError(
+            f"{name} is a boolean Series whose index is not adata.obs_names (in their order): it would select cells "
+            f"by position; pass a mask of this AnnData (adata.obs[...] == ...) or {name}.reindex(adata.obs_names)"
+        )
     values = np.asarray(cells)
     if values.size == 0:  # np.asarray([]) is float
         raise ValueError(f"{name} selects no cells")

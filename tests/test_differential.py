@@ -660,6 +660,26 @@ def test_a_cell_without_counts_counts_as_zero_in_the_observed_means(simulated, m
     pd.testing.assert_frame_equal(result[decoded], without[decoded])
 
 
+def test_a_mask_of_the_same_cells_in_another_order_is_refused_not_read_by_position():
+    """A boolean Series of one AnnData given for another holding the same cells in another order (sorted by type):
+    read by position it picked cells of every type; refused, and its reindexed form selects the right cells."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = CellVAE(adata, n_hidden=16, n_latent=4).fit(max_epochs=2, progress=False)
+    by_type = adata[adata.obs.sort_values("cell_type").index].copy()
+    mask = adata.obs["cell_type"] == "type0"
+    with pytest.raises(ValueError, match=r"idx1 is a boolean Series whose index is not adata.obs_names.*reindex"):
+        small.differential_expression(by_type, idx1=mask, n_draws=100, progress=False)
+    with pytest.raises(ValueError, match="apply_to is a boolean Series whose index is not adata.obs_names"):
+        cellvae.tl.latent_shift(small, by_type, groupby="cell_type", source="type1", target="type2", apply_to=mask)
+    aligned = mask.reindex(by_type.obs_names)
+    pd.testing.assert_frame_equal(
+        small.differential_expression(by_type, idx1=aligned, n_draws=100, progress=False),
+        small.differential_expression(by_type, idx1="cell_type == 'type0'", n_draws=100, progress=False),
+    )
+
+
 def test_idx1_and_idx2_compare_as_a_column_that_labels_only_their_cells(simulated, model):
     """Cells in neither set take no part (e.g. in the default pseudocount's median depth), as unlabelled cells."""
     types = simulated.obs["cell_type"].to_numpy()
