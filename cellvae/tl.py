@@ -70,8 +70,14 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
 
 def _genes_to_train(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> ad.AnnData:
     """``adata`` (a view of it) restricted to the genes ``mask_var`` marks: a boolean var column or mask."""
+    mask = _gene_mask(adata, mask_var)
+    return adata if mask is None else adata[:, mask]
+
+
+def _gene_mask(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> np.ndarray | None:
+    """The boolean mask of the genes ``mask_var`` marks (checked); None where it marks them all or is None."""
     if mask_var is None:
-        return adata
+        return None
     if isinstance(mask_var, str):
         if mask_var not in adata.var.columns:
             raise KeyError(
@@ -97,7 +103,7 @@ def _genes_to_train(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> ad.
             )
     if not mask.any():
         raise ValueError(f"{where} marks no genes; mark the genes to train on (True)")
-    return adata if mask.all() else adata[:, mask]
+    return None if mask.all() else mask
 
 
 def _uns_key(key_added: str) -> str:
@@ -556,6 +562,7 @@ def rate_distortion_sweep(
     *,
     layer: str | None = None,
     batch_key: str | None = None,
+    mask_var: str | np.ndarray | None = None,
     labels_key: str | None = None,
     held_out: float = 0.1,
     warm_start: bool = False,
@@ -580,6 +587,8 @@ def rate_distortion_sweep(
         KL weights, trained in the given order.
     layer, batch_key
         As in :class:`~cellvae.CellVAE`.
+    mask_var
+        As in :func:`embed`: train and measure on the genes a boolean ``var`` column (or mask) marks.
     labels_key
         ``obs`` column of cell labels; when given, the held-out latent space is scored against it.
     held_out
@@ -627,6 +636,8 @@ def rate_distortion_sweep(
     check_one_name(labels_key, "labels_key")
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+    gene_mask = _gene_mask(adata, mask_var)
+    genes = slice(None) if gene_mask is None else np.flatnonzero(gene_mask)
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
     held = np.zeros(adata.n_obs, dtype=bool)
     held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
@@ -638,10 +649,10 @@ def rate_distortion_sweep(
             held &= np.isin(codes, np.unique(codes[~held]))
     if not held.any():
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
-    test, fit_data = adata[held], adata[~held]
+    test, fit_data = adata[held, genes], adata[~held, genes]
     trained = np.flatnonzero(~held)  # a sample of the training cells, taken from adata (a backed view cannot be sliced again)
     sample = np.sort(np.random.default_rng(random_state).permutation(len(trained))[:TRAIN_EVALUATION_CELLS])
-    training_sample = adata[trained[sample]]
+    training_sample = adata[trained[sample], genes]
     rows, model = [], None
     for beta in betas:
         if warm_start and model is not None:
