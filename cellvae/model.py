@@ -1431,7 +1431,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         progress = _check_flag(progress, "progress")
         train_input_layer = _check_flag(train_input_layer, "train_input_layer")
         training_device = pick_device(device)
-        _check_anndata(query_adata)
+        _check_anndata(query_adata, "query_adata")
         data.check_one_name(batch_key, "batch_key")
         covariates = self.config.categorical_covariate_keys + self.config.continuous_covariate_keys
         missing = [key for key in covariates if key not in query_adata.obs.columns]
@@ -1950,6 +1950,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
         self._warn_if_untrained()
         if adata is not None:
+            _check_is_anndata(adata)
             return adata
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass adata=... explicitly")
@@ -2288,16 +2289,27 @@ def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, batch_na
 UNMEASURED_SHARE = 0.1
 
 
-def _check_anndata(adata) -> None:
-    if not isinstance(adata, ad.AnnData):
-        raise TypeError(f"expected an AnnData, got {type(adata).__name__}")
+def _check_is_anndata(adata, name: str = "adata") -> None:
+    """Refuse anything but an AnnData where one is expected (e.g. the path of a file, not yet read), before an
+    attribute error deep inside."""
+    if isinstance(adata, ad.AnnData):
+        return
+    if not isinstance(adata, (str, os.PathLike)):
+        raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}")
+    path = str(adata)
+    read = f"cellvae.read_zarr_lazy({path!r})" if path.rstrip("/").endswith(".zarr") else f"anndata.read_h5ad({path!r})"
+    raise TypeError(f"{name} must be an AnnData, got the path {path!r}; read the file first: {read}")
+
+
+def _check_anndata(adata, name: str = "adata") -> None:
+    _check_is_anndata(adata, name)
     if not isinstance(adata.obs, pd.DataFrame):  # e.g. anndata.experimental.read_lazy's xarray obs
         raise TypeError(
             f"adata.obs is a {type(adata.obs).__name__}, not a pandas DataFrame (a lazily read AnnData?); read the file "
             "with anndata.read_h5ad(path, backed='r') or cellvae.read_zarr_lazy(path), or call adata.to_memory()"
         )
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
+        raise ValueError(f"{name} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -20,7 +20,15 @@ import pandas as pd
 
 from cellvae.data import cell_positions, check_one_name, gene_names, is_backed_matrix, warn_user
 from cellvae.differential import group_name
-from cellvae.model import CellVAE, _check_count, _check_flag, _check_model, _check_seed, _library_sizes
+from cellvae.model import (
+    CellVAE,
+    _check_count,
+    _check_flag,
+    _check_is_anndata,
+    _check_model,
+    _check_seed,
+    _library_sizes,
+)
 
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
@@ -46,6 +54,7 @@ def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
 def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, fit_kwargs: dict | None) -> tuple[str, str]:
     """:func:`embed`'s checks of its arguments and of the keys it will write, before any work (also run by every
     data-parallel rank of ``cellvae fit``, where only rank 0 embeds); returns ``key_added`` and the ``uns`` key."""
+    _check_is_anndata(adata)
     _check_fit_kwargs(fit_kwargs)
     key_added = _key(key_added, "X_cellvae")
     _check_model_kwargs(model_kwargs)
@@ -270,6 +279,8 @@ def transfer_labels(
     from sklearn.neighbors import NearestNeighbors
 
     labels_key = _labels_key(labels_key, label_key)
+    _check_is_anndata(ref_adata, "ref_adata")
+    _check_is_anndata(query_adata, "query_adata")
     copy = _check_flag(copy, "copy")
     _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     check_one_name(labels_key, "labels_key")
@@ -461,6 +472,7 @@ def rank_genes_groups(
     ``pts=True`` also ``pts`` and ``pts_rest`` (share of the group's and the reference's cells with a non-zero
     count). Genes of the model missing from ``adata`` are left out.
     """
+    _check_is_anndata(adata)
     copy = _check_flag(copy, "copy")
     _writable(adata, "adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     _check_model(model)
@@ -615,6 +627,7 @@ def rate_distortion_sweep(
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
     ``label_nmi`` (NMI of k-means with one cluster per label).
     """
+    _check_is_anndata(adata)
     if "beta" in model_kwargs:
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
     _check_model_kwargs(model_kwargs)
@@ -739,6 +752,7 @@ def interpolate(
     adata = model.adata if adata is None else adata
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
+    _check_is_anndata(adata)
     model._check_decoding(n_steps, batch, covariates, library_size)
     z_a = model.get_latent(adata[cell_positions(adata, cells_a, "cells_a")]).mean(0)
     z_b = model.get_latent(adata[cell_positions(adata, cells_b, "cells_b")]).mean(0)
@@ -805,6 +819,7 @@ def latent_shift(
     with the shift vector and the parameters.
     """
     _check_model(model)
+    _check_is_anndata(adata)
     check_one_name(groupby, "groupby")
     check_one_name(stratify, "stratify")
     for key in [groupby] + ([stratify] if stratify else []):

@@ -1530,6 +1530,41 @@ def test_copy_true_returns_the_results_in_a_copy_and_leaves_the_anndata_as_it_wa
         cellvae.tl.rank_genes_groups(adata, "condition", model=trained, copy="yes")
 
 
+# each public function that reads an AnnData, given the path of a file instead (the AnnData is passed as `a`)
+TAKES_AN_ANNDATA = {
+    "CellVAE": (lambda m, a: CellVAE(a), "adata"),
+    "get_latent": (lambda m, a: m.get_latent(a), "adata"),
+    "get_normalized_expression": (lambda m, a: m.get_normalized_expression(a), "adata"),
+    "get_likelihood_parameters": (lambda m, a: m.get_likelihood_parameters(a), "adata"),
+    "sample_counts": (lambda m, a: m.sample_counts(a), "adata"),
+    "differential_expression": (lambda m, a: m.differential_expression(a, groupby="cell_type"), "adata"),
+    "rate_distortion": (lambda m, a: m.rate_distortion(a), "adata"),
+    "map_query": (lambda m, a: m.map_query(a), "query_adata"),
+    "tl.embed": (lambda m, a: cellvae.tl.embed(a), "adata"),
+    "tl.rate_distortion_sweep": (lambda m, a: cellvae.tl.rate_distortion_sweep(a), "adata"),
+    "tl.rank_genes_groups": (lambda m, a: cellvae.tl.rank_genes_groups(a, "cell_type", model=m), "adata"),
+    "tl.transfer_labels ref": (lambda m, a: cellvae.tl.transfer_labels(a, m.adata, "cell_type"), "ref_adata"),
+    "tl.transfer_labels query": (lambda m, a: cellvae.tl.transfer_labels(m.adata, a, "cell_type"), "query_adata"),
+    "tl.latent_shift": (
+        lambda m, a: cellvae.tl.latent_shift(m, a, groupby="condition", source="ctrl", target="stim", apply_to=[0]),
+        "adata",
+    ),
+    "tl.interpolate": (lambda m, a: cellvae.tl.interpolate(m, 0, 1, adata=a), "adata"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAKES_AN_ANNDATA))
+def test_a_file_path_in_place_of_an_anndata_is_told_to_be_read_first(name, trained):
+    """Every function taking an AnnData says so, and how to read the file, where it is given a path (half of them
+    raised Python's "'str' object has no attribute 'uns'" from deep inside)."""
+    call, argument = TAKES_AN_ANNDATA[name]
+    message = rf"{argument} must be an AnnData, got the path 'pbmc.h5ad'; read the file first: anndata.read_h5ad\('pbmc.h5ad'\)"
+    with pytest.raises(TypeError, match=message):
+        call(trained, "pbmc.h5ad")
+    with pytest.raises(TypeError, match=rf"{argument} must be an AnnData, got the path .*cellvae.read_zarr_lazy"):
+        call(trained, Path("atlas.zarr"))
+
+
 def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
     adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, random_state=0)
     with pytest.warns(UserWarning, match=r"n_latent=10 is not below the 8 genes.*lower n_latent"):
