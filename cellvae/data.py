@@ -1111,9 +1111,20 @@ def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:
 
 
 def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
-    """Integer positions of the cells named by an obs name, a list of names, positions or a boolean mask."""
+    """Integer positions of the cells named by an obs name, a list of names, positions (or a slice of them), a
+    boolean mask, or a text that is no obs name: a condition on ``adata.obs`` (as scvi-tools reads its ``idx1``),
+    e.g. ``"cell_type == 'B cells'"``."""
+    if isinstance(cells, str) and cells not in adata.obs_names:
+        return _cells_meeting(adata, cells, name)
     if isinstance(cells, str):
         cells = [cells]
+    if isinstance(cells, slice):
+        cells = np.arange(adata.n_obs)[cells]
+    if isinstance(cells, (ad.AnnData, pd.DataFrame)):  # e.g. adata[mask] or adata.obs[mask]: its names are the cells
+        kind, names = ("an AnnData", "obs_names") if isinstance(cells, ad.AnnData) else ("a DataFrame", "index")
+        raise TypeError(
+            f"{name} takes cells (obs names, positions or a boolean mask), got {kind}; pass its cells' names, {name}.{names}"
+        )
     if isinstance(cells, (set, frozenset, dict)):
         kind = type(cells).__name__
         raise TypeError(f"{name} takes a list or array of cells (obs names, positions or a boolean mask), got a {kind}")
@@ -1154,6 +1165,25 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
     if positions.size == 0:
         raise ValueError(f"{name} selects no cells")
     return positions
+
+
+def _cells_meeting(adata: ad.AnnData, condition: str, name: str) -> np.ndarray:
+    """Positions of the cells for which ``condition`` on ``adata.obs`` holds (pandas' ``DataFrame.eval``)."""
+    try:
+        mask = adata.obs.eval(condition)
+    except Exception as error:
+        raise KeyError(
+            f"{name}={condition!r} is neither an obs name nor a condition on adata.obs that pandas can evaluate "
+            f"({type(error).__name__}: {error}); e.g. {name}=\"cell_type == 'B cells'\""
+        ) from None
+    if not isinstance(mask, pd.Series) or not pd.api.types.is_bool_dtype(mask.dtype):  # nullable "boolean" too
+        raise ValueError(f"{name}={condition!r} as a condition on adata.obs must give True/False per cell")
+    if mask.isna().any():
+        raise ValueError(
+            f"{name}={condition!r} is undecided (NA) for {int(mask.isna().sum())} cells: the columns it reads have "
+            "missing values; fill them or add a condition on them"
+        )
+    return cell_positions(adata, mask.to_numpy(dtype=bool), name)
 
 
 # ----------------------------------------------------------------------------- genes

@@ -277,9 +277,9 @@ def cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]
     """Labels by cell position for a comparison of two sets of cells: ``"idx1"``, ``"idx2"`` (or, without
     ``idx2``, ``"other"`` for every other cell) and the groups present."""
     labels = np.full(adata.n_obs, "other" if idx2 is None else None, dtype=object)
-    first = _selected_cells(adata, idx1, "idx1")
+    first = cell_positions(adata, idx1, "idx1")
     if idx2 is not None:
-        second = _selected_cells(adata, idx2, "idx2")
+        second = cell_positions(adata, idx2, "idx2")
         shared = np.intersect1d(first, second)
         if len(shared):
             example = adata.obs_names[shared[0]]
@@ -288,28 +288,6 @@ def cell_set_labels(adata: ad.AnnData, idx1, idx2) -> tuple[pd.Series, list[str]
     labels[first] = "idx1"
     labels = pd.Series(labels)
     return labels, [name for name in ("idx1", "idx2", "other") if (labels == name).any()]
-
-
-def _selected_cells(adata: ad.AnnData, cells, name: str) -> np.ndarray:
-    """Positions of the cells of ``idx1``/``idx2``: as :func:`~cellvae.data.cell_positions`, and a text that
-    is no obs name is a condition on ``adata.obs`` (as scvi-tools reads it), e.g. ``"cell_type == 'B cells'"``."""
-    if not isinstance(cells, str) or cells in adata.obs_names:
-        return cell_positions(adata, cells, name)
-    try:
-        mask = adata.obs.eval(cells)
-    except Exception as error:
-        raise KeyError(
-            f"{name}={cells!r} is neither an obs name nor a condition on adata.obs that pandas can evaluate "
-            f"({type(error).__name__}: {error}); e.g. {name}=\"cell_type == 'B cells'\""
-        ) from None
-    if not isinstance(mask, pd.Series) or not pd.api.types.is_bool_dtype(mask.dtype):  # nullable "boolean" too
-        raise ValueError(f"{name}={cells!r} as a condition on adata.obs must give True/False per cell")
-    if mask.isna().any():
-        raise ValueError(
-            f"{name}={cells!r} is undecided (NA) for {int(mask.isna().sum())} cells: the columns it reads have missing "
-            "values; fill them or add a condition on them"
-        )
-    return cell_positions(adata, mask.to_numpy(dtype=bool), name)
 
 
 def group_name(group) -> str:

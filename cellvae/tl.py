@@ -731,8 +731,9 @@ def interpolate(
     model
         A trained model.
     cells_a, cells_b
-        The endpoints: an obs name, a list of obs names, integer positions or a boolean mask of
-        ``adata``; a group's endpoint is the mean of its posterior means.
+        The endpoints: an obs name, a list of obs names, integer positions, a boolean mask of
+        ``adata`` or a condition on its ``obs`` (``"cell_type == 'B cells'"``, as ``idx1`` of
+        :meth:`~cellvae.CellVAE.differential_expression`); a group's endpoint is the mean of its posterior means.
     n_steps
         Points on the path, endpoints included.
     adata
@@ -797,7 +798,8 @@ def latent_shift(
     source, target
         The two groups of ``groupby`` (e.g. ``"ctrl"`` and ``"stim"``).
     apply_to
-        Cells to shift: an obs name, a list of obs names, integer positions or a boolean mask.
+        Cells to shift: an obs name, a list of obs names, integer positions, a boolean mask or a condition
+        on ``obs`` (``"condition == 'ctrl'"``, as ``idx1`` of :meth:`~cellvae.CellVAE.differential_expression`).
     reference
         Cells the shift is computed from (same forms); ``None`` uses every cell not in ``apply_to``.
         To predict a held-out cell type, leave that cell type out of the reference.

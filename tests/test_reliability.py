@@ -1565,6 +1565,41 @@ def test_a_file_path_in_place_of_an_anndata_is_told_to_be_read_first(name, train
         call(trained, Path("atlas.zarr"))
 
 
+def test_every_argument_naming_cells_takes_the_forms_differential_expressions_idx1_takes(messy, trained):
+    """interpolate's cells_a/cells_b and latent_shift's apply_to/reference read a condition on obs as idx1 does (they
+    took it for a cell name), a slice as positions (read as a name too); a subset AnnData or obs table is refused
+    with the advice to pass its names (numpy's "setting an array element with a sequence", or a KeyError naming
+    its obs values as cells)."""
+    adata = messy.copy()
+    ctrl = (adata.obs["condition"] == "ctrl").to_numpy()
+    forms = [np.flatnonzero(ctrl), adata.obs_names[ctrl], adata.obs["condition"] == "ctrl", "condition == 'ctrl'"]
+    decoding = {"batch": "batch0", "covariates": {"donor": "d1", "percent_mito": 5.0}}
+    calls = {
+        "cells_a": lambda cells: cellvae.tl.interpolate(trained, cells, "condition == 'stim'", 3, adata=adata, **decoding).X,
+        "apply_to": lambda cells: (
+            cellvae.tl.latent_shift(trained, adata, groupby="cell_type", source="type0", target="type1", apply_to=cells).X
+        ),
+        "reference": lambda cells: (
+            cellvae.tl.latent_shift(
+                trained, adata, groupby="cell_type", source="type0", target="type1", apply_to=[0, 1], reference=cells
+            ).X
+        ),
+    }
+    for name, call in calls.items():
+        expected = call(ctrl)
+        for cells in forms:
+            np.testing.assert_array_equal(call(cells), expected, err_msg=f"{name}={cells!r:.40}")
+        np.testing.assert_array_equal(call(slice(10, 20)), call(np.arange(10, 20)))
+        with pytest.raises(TypeError, match=rf"{name} takes cells .*got an AnnData; pass its cells' names, {name}.obs_names"):
+            call(adata[ctrl])
+        with pytest.raises(TypeError, match=rf"{name} takes cells .*got a DataFrame; pass its cells' names, {name}.index"):
+            call(adata.obs[ctrl])
+        with pytest.raises(KeyError, match=rf"{name}=.*no_such_cell.* is neither an obs name nor a condition"):
+            call("no_such_cell")
+    with pytest.raises(TypeError, match="idx1 takes cells .*got an AnnData"):
+        trained.differential_expression(adata, idx1=adata[ctrl], n_draws=100)
+
+
 def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
     adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, random_state=0)
     with pytest.warns(UserWarning, match=r"n_latent=10 is not below the 8 genes.*lower n_latent"):
