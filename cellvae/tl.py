@@ -284,6 +284,8 @@ def transfer_labels(
     copy = _check_flag(copy, "copy")
     _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     check_one_name(labels_key, "labels_key")
+    check_one_name(use_rep, "use_rep", "obsm key")
+    check_one_name(unlabeled_category, "unlabeled_category", "label")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
         is_number = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, (bool, np.bool_))
         if threshold is not None and not (is_number and 0.0 <= threshold <= 1.0):

@@ -1600,6 +1600,14 @@ def test_every_argument_naming_cells_takes_the_forms_differential_expressions_id
         trained.differential_expression(adata, idx1=adata[ctrl], n_draws=100)
 
 
+def test_transfer_labels_refuses_a_list_where_it_takes_one_obsm_key_or_label(messy):
+    """use_rep=["X_pca"] and unlabeled_category=["unknown"] raised pandas' bare "unhashable type: 'list'"."""
+    with pytest.raises(TypeError, match=r"use_rep takes one obsm key name \(a string\), got \['X_pca'\]"):
+        cellvae.tl.transfer_labels(messy, messy.copy(), "cell_type", use_rep=["X_pca"])
+    with pytest.raises(TypeError, match=r"unlabeled_category takes one label name \(a string\), got \['type0'\]"):
+        cellvae.tl.transfer_labels(messy, messy.copy(), "cell_type", use_rep="X_pca", unlabeled_category=["type0"])
+
+
 def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
     adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, random_state=0)
     with pytest.warns(UserWarning, match=r"n_latent=10 is not below the 8 genes.*lower n_latent"):
