@@ -84,6 +84,11 @@ def simulate(
     if seed is not None:
         warnings.warn("simulate(seed=...) is deprecated: use random_state=...", FutureWarning, stacklevel=2)
         random_state = seed
+    sizes = {"n_cells": n_cells, "n_genes": n_genes, "n_batches": n_batches, "n_cell_types": n_cell_types}
+    for name, value in {**sizes, "markers_per_type": markers_per_type}.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):  # 1e4 is a float: numpy's error is bare
+            whole = isinstance(value, float) and value.is_integer()
+            raise TypeError(f"{name} must be a whole number, got {value!r}" + (f"; write {name}={int(value)}" if whole else ""))
     if min(n_cells, n_genes, n_batches, n_cell_types) < 1:
         raise ValueError("n_cells, n_genes, n_batches and n_cell_types must all be at least 1")
     if not (np.isfinite(mean_library_size) and mean_library_size > 0):

@@ -94,6 +94,16 @@ def test_simulate_refuses_a_size_of_zero(size):
         cellvae.datasets.simulate(**{"n_cells": 10, "n_genes": 5, "n_batches": 1, "n_cell_types": 1, size: 0})
 
 
+@pytest.mark.parametrize("size", ["n_cells", "n_genes", "n_batches", "n_cell_types", "markers_per_type"])
+def test_simulate_refuses_a_size_that_is_not_a_whole_number_naming_it(size):
+    """simulate(n_cells=1e4) raised numpy's bare "expected a sequence of integers or a single integer"."""
+    with pytest.raises(TypeError, match=rf"{size} must be a whole number, got 4.0; write {size}=4"):
+        cellvae.datasets.simulate(**{"n_cells": 10, "n_genes": 5, size: 4.0})
+    with pytest.raises(TypeError, match=rf"{size} must be a whole number, got '4'"):
+        cellvae.datasets.simulate(**{"n_cells": 10, "n_genes": 5, size: "4"})
+    cellvae.datasets.simulate(**{"n_cells": 10, "n_genes": 5, size: np.int64(4)})  # numpy's integers are whole numbers
+
+
 def test_simulate_refuses_a_negative_number_of_markers_naming_it():
     with pytest.raises(ValueError, match="markers_per_type a count >= 0, got 0.5 and -1"):
         cellvae.datasets.simulate(n_cells=10, n_genes=5, markers_per_type=-1)
