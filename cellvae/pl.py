@@ -115,6 +115,11 @@ def rate_distortion(
     The Axes.
     """
     _check_save(save)
+    if not isinstance(frame, pd.DataFrame):  # e.g. the model, as pl.history and pl.kl_per_dimension take
+        raise TypeError(
+            f"pl.rate_distortion plots a sweep over beta: pass the DataFrame returned by "
+            f"cellvae.tl.rate_distortion_sweep(adata, betas=...), got {type(frame).__name__}"
+        )
     missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
     if missing:
         raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")

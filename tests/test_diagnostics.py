@@ -551,6 +551,15 @@ def test_rate_distortion_draws_the_curve_in_order_of_rate_with_labelled_axes():
     plt.close(ax.figure)
 
 
+def test_rate_distortion_plot_given_the_model_says_to_pass_the_sweeps_frame(small_model):
+    """pl.history and pl.kl_per_dimension take the model; given it, pl.rate_distortion raised Python's bare
+    "argument of type 'CellVAE' is not iterable"."""
+    with pytest.raises(TypeError, match=r"pass the DataFrame returned by cellvae.tl.rate_distortion_sweep.*got CellVAE"):
+        cellvae.pl.rate_distortion(small_model, show=False)
+    with pytest.raises(TypeError, match=r"pass the DataFrame returned by .*, got dict"):
+        cellvae.pl.rate_distortion({"beta": [1.0], "rate": [2.0], "distortion": [3.0]}, show=False)
+
+
 @pytest.mark.parametrize("posterior", ["diagonal", "full"])
 def test_posterior_draws_have_the_encoders_mean_and_covariance_and_its_density(posterior):
     vae, counts, covariates = simulated_module(posterior=posterior, n_latent=3)[:3]
