@@ -927,8 +927,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         group1
             A group, or a list of groups each compared in turn; ``None`` compares every group.
         group2
-            The group to compare with; ``None`` compares each group with all other labelled cells
-            (``group2`` then reads ``"rest"``, or ``"<rest>"`` where a group is called "rest").
+            The group to compare with; ``None`` (or ``"rest"``, where no group is called so) compares each group
+            with all other labelled cells (``group2`` then reads ``"rest"``, or ``"<rest>"`` where a group is called
+            "rest").
         idx1, idx2
             Instead of ``groupby``, as in scvi-tools: the cells of two groups to compare (obs names,
             positions, a boolean mask, or a condition on ``obs`` such as ``"cell_type == 'B cells'"``;
@@ -1014,6 +1015,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if idx1 is None:
             labels, names = differential.group_labels(adata, groupby)
             source = f"obs[{groupby!r}]"
+            if isinstance(group2, str) and group2 == differential.REST and group2 not in names:
+                group2 = None  # all other cells, as tl.rank_genes_groups' (and scanpy's) reference="rest"
         else:
             labels, names = differential.cell_set_labels(adata, idx1, idx2)
             group1, group2, source = "idx1", None if idx2 is None else "idx2", "idx1/idx2"

@@ -1608,6 +1608,15 @@ def test_transfer_labels_refuses_a_list_where_it_takes_one_obsm_key_or_label(mes
         cellvae.tl.transfer_labels(messy, messy.copy(), "cell_type", use_rep="X_pca", unlabeled_category=["type0"])
 
 
+def test_differential_expression_reads_group2_rest_as_rank_genes_groups_reads_reference_rest(messy, trained):
+    """group2="rest" (scanpy's and tl.rank_genes_groups' reference="rest") compares with all other cells, as
+    group2=None does (it was refused: "group 'rest' has no cells"); a group called "rest" is still that group."""
+    against_none = trained.differential_expression(messy, groupby="cell_type", group1="type0", n_draws=100)
+    against_rest = trained.differential_expression(messy, groupby="cell_type", group1="type0", group2="rest", n_draws=100)
+    pd.testing.assert_frame_equal(against_rest, against_none)
+    assert (against_rest["group2"] == "rest").all()
+
+
 def test_a_latent_space_as_large_as_the_genes_gets_a_warning():
     adata = cellvae.datasets.simulate(n_cells=60, n_genes=8, random_state=0)
     with pytest.warns(UserWarning, match=r"n_latent=10 is not below the 8 genes.*lower n_latent"):
