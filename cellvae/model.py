@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
@@ -1814,7 +1814,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         c = self.config
         if batch is not None:
             self._batch_names(batch, n_cells)
-        given = dict(covariates or {})
+        given = _covariate_values(covariates)
         needs_template = (
             library_size is None
             or (c.batch_key and batch is None)
@@ -1872,7 +1872,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def _covariate_frame(self, n: int, batch, covariates: dict | None) -> pd.DataFrame:
         """An obs-like frame of ``n`` rows holding the model's covariate columns."""
         c = self.config
-        covariates = dict(covariates or {})
+        covariates = _covariate_values(covariates)
         needed = c.categorical_covariate_keys + c.continuous_covariate_keys
         unknown = sorted(set(covariates) - set(needed))
         if unknown:
@@ -2100,6 +2100,19 @@ def _history_json(history: pd.DataFrame) -> str:
     """The per-epoch history as JSON records, every float exact (pandas' to_json keeps 15 digits), NaN as null."""
     rows = history.to_dict(orient="records")
     return json.dumps([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows])
+
+
+def _covariate_values(covariates) -> dict:
+    """``covariates=`` of the decoding methods, ``{obs column: value or one value per row}`` (a DataFrame's columns
+    too), as a dict; a list of column names (or anything else) is refused before a bare error of ``dict()``."""
+    if covariates is None:
+        return {}
+    if not isinstance(covariates, (Mapping, pd.DataFrame)):
+        raise TypeError(
+            f"covariates takes {{obs column: value or one value per cell}}, e.g. covariates={{'donor': 'd1'}}, got "
+            f"{type(covariates).__name__} {covariates!r:.80}"
+        )
+    return dict(covariates)
 
 
 def _library_sizes(value, n: int) -> np.ndarray:

@@ -285,6 +285,11 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
         with pytest.warns(UserWarning, match=r"^covariates\['score'\] lies far from the values the model was trained") as told:
             call({"donor": "d1", "score": 100.0})
         assert len(told) == 1  # decoded as each of the 2 batches, told once
+        # the covariates' names alone (dict() raised "dictionary update sequence element #0 has length 5")
+        with pytest.raises(TypeError, match=r"covariates takes \{obs column: value or one value per cell\}.*got list"):
+            call(["donor", "score"])
+    generated = model.generate(3, covariates=pd.DataFrame({"donor": ["d1"] * 3, "score": 0.5}), progress=False)
+    assert (generated.obs["donor"] == "d1").all()  # a table of one row per cell is still read by its columns
 
 
 def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
