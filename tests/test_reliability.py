@@ -1,5 +1,6 @@
 """Reliability: numerical faults, determinism, safe model files, the user's AnnData left untouched, extreme inputs."""
 
+import importlib
 import inspect
 import json
 import os
@@ -268,6 +269,7 @@ def test_embed_refuses_a_view_of_a_backed_anndata_before_training(tmp_path, monk
 def test_embed_points_fit_options_to_fit_kwargs_before_training(messy, monkeypatch):
     adata = messy.copy()
     before = adata.copy()
+    importlib.import_module("cellvae.tl")  # before fit is patched: tl reads fit's options from its signature on import
     monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(TypeError, match=r"\['batch_size', 'lr'\] are options of CellVAE.fit; pass them as fit_kwargs="):
         cellvae.tl.embed(adata, layer="counts", lr=1e-3, batch_size=64)
