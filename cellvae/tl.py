@@ -46,6 +46,10 @@ def _check_model_kwargs(model_kwargs: dict) -> None:
 
 def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
     """Refuse ``fit_kwargs`` that repeat a tool's own arguments, naming the argument to use instead."""
+    if fit_kwargs is not None and not isinstance(fit_kwargs, Mapping):  # before training, not after it at fit(**...)
+        raise TypeError(
+            f"fit_kwargs takes a dict of CellVAE.fit arguments, e.g. fit_kwargs={{'lr': 1e-3}}, got {fit_kwargs!r:.80}"
+        )
     repeated = [name for name in OWN_FIT_OPTIONS if name in (fit_kwargs or {})]
     if repeated:
         raise TypeError(f"pass {repeated} as the function's own arguments (e.g. {repeated[0]}=...), not in fit_kwargs")

@@ -275,6 +275,9 @@ def test_embed_points_fit_options_to_fit_kwargs_before_training(messy, monkeypat
         cellvae.tl.embed(adata, layer="counts", lr=1e-3, batch_size=64)
     with pytest.raises(TypeError, match=r"in place.*adata.copy\(\)"):
         cellvae.tl.embed(adata, layer="counts", copy=True)
+    for tool in (cellvae.tl.embed, cellvae.tl.rate_distortion_sweep):  # Python's "argument after ** must be a mapping"
+        with pytest.raises(TypeError, match=r"fit_kwargs takes a dict of CellVAE.fit arguments.*got \[\('lr', 0.001\)\]"):
+            tool(adata, layer="counts", fit_kwargs=[("lr", 1e-3)])
     assert_unchanged(before, adata)
 
 
