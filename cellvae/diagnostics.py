@@ -49,16 +49,16 @@ def rate_distortion(
     vae: VAE, loader: CellLoader, cells: np.ndarray, *, n_samples: int = 1, batch_size: int = 1024, progress: bool = False
 ) -> dict:
     """Per-cell rate KL(q(z|x) || p(z)) and distortion −E_q[log p(x|z)] (``n_samples`` draws of z)."""
-    rate, distortion = [], []
-    rows = max(1, loader.evaluation_batch_size(batch_size) // n_samples)  # the draws multiply the memory
+    rate, distortion = np.empty(len(cells)), np.empty(len(cells))
+    per_pass = max(1, loader.evaluation_batch_size(batch_size) // n_samples)  # the draws multiply the memory
     with torch.no_grad():
-        for mb in with_progress(loader.batches(cells, rows), len(cells), "rate_distortion", progress):
+        for rows, mb in with_progress(loader.batches(cells, per_pass), len(cells), "rate_distortion", progress):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             z = vae.sample_posterior(q["mean"], q["scale"], n_samples)
             log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index)
-            distortion.append(-log_lik.mean(0).cpu().numpy())
-            rate.append(vae.kl_divergence(q["mean"], q["scale"]).cpu().numpy())
-    return {"rate": np.concatenate(rate).astype(np.float64), "distortion": np.concatenate(distortion).astype(np.float64)}
+            distortion[rows] = -log_lik.mean(0).cpu().numpy()
+            rate[rows] = vae.kl_divergence(q["mean"], q["scale"]).cpu().numpy()
+    return {"rate": rate, "distortion": distortion}
 
 
 def posterior_statistics(
@@ -122,12 +122,12 @@ def marginal_log_likelihood(
     """Importance-weighted (IWAE) estimate of log p(x) of each cell with ``n_samples`` encoder draws; K=1 is the ELBO."""
     n_genes = vae.config.n_genes
     chunk = max(1, min(batch_size, SCORE_ELEMENTS // (n_samples * n_genes)))
-    out = []
+    out = np.empty(len(cells))
     with torch.no_grad():
-        for mb in with_progress(loader.batches(cells, chunk), len(cells), "marginal_log_likelihood", progress):
+        for rows, mb in with_progress(loader.batches(cells, chunk), len(cells), "marginal_log_likelihood", progress):
             log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples)
-            out.append(iwae_bound(log_w).double().cpu().numpy())
-    return np.concatenate(out)
+            out[rows] = iwae_bound(log_w).double().cpu().numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- per-cell refinement
@@ -215,14 +215,14 @@ def refined_latent(
     progress: bool = False,
 ) -> np.ndarray:
     """Posterior means after :func:`refine_posterior` (semi-amortized inference), cells × n_latent."""
-    out = []
+    out = np.empty((len(cells), vae.config.n_latent), dtype=np.float32)
     batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
-    for mb in with_progress(batches, len(cells), "get_latent (refining)", progress):
+    for rows, mb in with_progress(batches, len(cells), "get_latent (refining)", progress):
         with torch.no_grad():
             q = vae.inference(mb.counts, mb.covariates, sample=False)
         mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta)
-        out.append(mean.float().cpu().numpy())
-    return np.concatenate(out)
+        out[rows] = mean.float().cpu().numpy()
+    return out
 
 
 def inference_gaps(
@@ -257,7 +257,7 @@ def inference_gaps(
     scored_cells = max(1, min(batch_size, SCORE_ELEMENTS // (max(n_samples, n_elbo_samples) * n_genes)))
     names = ("elbo_encoder", "elbo_refined", "log_px", "amortization_gap_se", "approximation_gap_se")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for cells_refined in with_progress(loader.batches(cells, refined_cells), len(cells), "inference_gaps", progress):
+    for _, cells_refined in with_progress(loader.batches(cells, refined_cells), len(cells), "inference_gaps", progress):
         with torch.no_grad():
             q_refined = vae.inference(cells_refined.counts, cells_refined.covariates, sample=False)
         mean_refined, scale_refined = refine_posterior(

@@ -647,13 +647,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     batch_size=min(batch_size, 1024),
                     progress=progress,
                 )
-        chunks = []
+        latent = np.empty((len(cells), self.config.n_latent), dtype=np.float32)
         with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
             batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
-            for mb in with_progress(batches, len(cells), "get_latent", progress):
-                q = self.module.inference(mb.counts, mb.covariates, sample=not mean)
-                chunks.append(q["z"].float().cpu().numpy())
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+            for rows, mb in with_progress(batches, len(cells), "get_latent", progress):
+                latent[rows] = self.module.inference(mb.counts, mb.covariates, sample=not mean)["z"].float().cpu().numpy()
+        return latent
 
     @_scvi_tools_names
     def get_normalized_expression(
@@ -706,13 +705,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         out = np.empty((len(cells), n_out), dtype=np.float32)
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
-            for mb in with_progress(batches, len(cells), "get_normalized_expression", progress):
+            for rows, mb in with_progress(batches, len(cells), "get_normalized_expression", progress):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 library = torch.full_like(mb.library, library_size)
                 total = 0.0
                 for covariates, batch_index in self._decode_inputs(mb, targets):
                     total = total + self.module.generative(z, covariates, library, batch_index).log_mean.exp()[:, genes]
-                rows = np.searchsorted(cells, mb.cell_index)
                 out[rows] = (total / len(targets)).cpu().numpy()
         return out
 
@@ -795,13 +793,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             for name in names
             if not (name == "theta" and shared_theta)
         }
-        start = 0
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
             batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
-            for mb in with_progress(batches, len(cells), "get_likelihood_parameters", progress):
+            for rows, mb in with_progress(batches, len(cells), "get_likelihood_parameters", progress):
                 z = self.module.inference(mb.counts, mb.covariates, sample=False)["z"]
                 dist = self.module.generative(z, mb.covariates, mb.library, mb.batch_index)
-                rows = slice(start, start + len(mb.cell_index))
                 parameters["mean"][rows] = dist.mean[:, columns].cpu().numpy()
                 if "theta" in parameters:
                     parameters["theta"][rows] = dist.theta.expand_as(dist.log_mean)[:, columns].cpu().numpy()
@@ -809,7 +805,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     theta_row = dist.theta[columns].float().cpu().numpy()
                 if "zero_inflation" in parameters:
                     parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits[:, columns]).cpu().numpy()
-                start = rows.stop
         if shared_theta:  # a dense copy would be n_cells × n_genes of the same row (1M × 30,000 genes: 120 GB)
             parameters["theta"] = np.broadcast_to(theta_row, (len(cells), self.config.n_genes))
         return {name: parameters[name] for name in names}
@@ -865,9 +860,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_out = self.config.n_genes if gene_list is None else len(columns)
         draws = np.empty((n_samples, len(cells), n_out), dtype=np.float32)
         with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
-            start = 0
             batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
-            for mb in with_progress(batches, len(cells), "sample_counts", progress):
+            for rows, mb in with_progress(batches, len(cells), "sample_counts", progress):
                 q = self.module.inference(mb.counts, mb.covariates, sample=False)
                 for s in range(n_samples):
                     noise = torch.randn(q["mean"].shape, generator=generator, device=self.device, dtype=q["mean"].dtype)
@@ -877,8 +871,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         drawn = dist.sample(generator)[:, columns]
                     else:  # the listed genes alone: 14x faster for 10 of 16,579 genes
                         drawn = dist.of_genes(columns).sample(generator)
-                    draws[s, start : start + len(mb.cell_index)] = drawn.cpu().numpy()
-                start += len(mb.cell_index)
+                    draws[s, rows] = drawn.cpu().numpy()
         return draws[0] if n_samples == 1 else draws
 
     @_scvi_tools_names
