@@ -174,6 +174,13 @@ def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.nda
     return matrix, rows, columns
 
 
+def copied_view_counts(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | None:
+    """``adata.X`` or ``adata.layers[layer]`` of a view of in-memory CSR counts, copied as :func:`count_matrix`
+    copies them (:func:`_copied_csr_view`); None where anndata's own copy is no worse (or ``adata`` is no such view)."""
+    viewed = _viewed_counts(adata, layer)
+    return None if viewed is None or is_backed_matrix(viewed[0]) else _copied_csr_view(*viewed)
+
+
 def _copied_csr_view(matrix, rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix | None:
     """The ``rows`` and ``columns`` of a view of some cells and some genes, copied from the viewed AnnData's
     ``matrix`` where it is an in-memory CSR matrix, else None.

@@ -18,7 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellvae.data import cell_positions, check_one_name, gene_names, is_backed_matrix, warn_user
+from cellvae.data import cell_positions, check_one_name, copied_view_counts, gene_names, is_backed_matrix, warn_user
 from cellvae.differential import group_name
 from cellvae.model import (
     CellVAE,
@@ -934,6 +934,14 @@ def _writable(adata: ad.AnnData, name: str) -> None:
 def _own_data(adata: ad.AnnData) -> None:
     """Make an in-memory view its own AnnData just before results are written into it, as anndata would,
     but without its ImplicitModificationWarning (which under ``-W error`` would throw the work away). A call
-    that fails earlier leaves the view a view."""
-    if adata.is_view:
-        adata._init_as_actual(adata.copy())
+    that fails earlier leaves the view a view.
+
+    Its CSR matrices (X, layers) are copied as the model copies a view's counts: anndata's copy of a view of
+    some cells first converts the column indices of every cell to int64 where indptr is int64 (a view of 1,000
+    of 203,340 cells: 2.1 s and 0.83 GB, for a result written into 1,000 cells)."""
+    if not adata.is_view:
+        return
+    copied = {layer: copied_view_counts(adata, layer) for layer in [None, *adata.layers.keys()]}
+    layers = {name: adata.layers[name].copy() if copied[name] is None else copied[name] for name in adata.layers.keys()}
+    x = {} if copied[None] is None else {"X": copied[None]}
+    adata._init_as_actual(adata._mutated_copy(layers=layers, **x))

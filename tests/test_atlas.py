@@ -408,6 +408,34 @@ def query_at(positions) -> ad.AnnData:
     return ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(len(positions))]), obsm={"X_cellvae": positions})
 
 
+def test_transfer_labels_into_a_view_of_a_few_cells_copies_those_cells_not_every_cells_column_indices():
+    """Writing results into a view makes it an AnnData of its own. Where indptr is int64 and the column indices
+    int32 (as in many .h5ad files), anndata's copy of a view of some cells converted the column indices of the whole
+    matrix to int64 first (a view of 1,000 of 203,340 cells: 2.1 s, +0.83 GB); the view's own rows are copied instead."""
+    import tracemalloc
+
+    atlas = cellvae.datasets.simulate(n_cells=3000, n_genes=2000, random_state=5)
+    atlas.X = sp.csr_matrix(atlas.X, dtype=np.float32)
+    atlas.X.indptr = atlas.X.indptr.astype(np.int64)  # set after construction: scipy's constructor would unify them
+    atlas.layers["counts"] = atlas.X.copy()
+    atlas.layers["counts"].indptr = atlas.layers["counts"].indptr.astype(np.int64)
+    atlas.layers["dense"] = atlas.X.toarray()
+    atlas.obsm["X_cellvae"] = np.random.default_rng(0).normal(size=(atlas.n_obs, 2))
+    reference = labelled_reference(["A", "B"], [[-1.0, 0.0], [1.0, 0.0]])
+    view = atlas[:30]
+    cellvae.tl.transfer_labels(reference, query_at([[0.0, 0.0]]), "cell_type", k=1, n_jobs=1)  # (imports, not traced)
+    tracemalloc.start()
+    cellvae.tl.transfer_labels(reference, view, "cell_type", k=1, n_jobs=1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert not view.is_view and view.obs["cell_type_predicted"].notna().all()
+    for matrix, expected in ((view.X, atlas.X[:30]), (view.layers["counts"], atlas.X[:30])):
+        assert sp.issparse(matrix) and matrix.dtype == np.float32
+        np.testing.assert_array_equal(matrix.toarray(), expected.toarray())
+    np.testing.assert_array_equal(view.layers["dense"], atlas.layers["dense"][:30])
+    assert peak < atlas.X.indices.nbytes / 4  # anndata's copy: twice the int32 indices of every cell, for each matrix
+
+
 def test_transfer_labels_takes_labels_key_as_rate_distortion_sweep_does_and_its_old_name_with_a_warning():
     reference = labelled_reference(["A", "A", "B", "B"], [[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [5.1, 0.0]])
     query = query_at([[0.05, 0.0], [5.05, 0.0]])
