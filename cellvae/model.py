@@ -2294,7 +2294,8 @@ def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, batch_na
 
 
 # Share of the genes the other batches detect often (data.genes_unmeasured_by_batch) that a batch may lack before
-# a warning: the shared datasets' batches lack at most 0.1%, a dataset joined with join='outer' to one of more genes 83%.
+# a warning: the shared datasets' batches lack at most 0.1% (a batch thinned 10x, 6.3%; one cell type against the
+# rest, 1.1%), pbmc4k outer-joined with pbmc3k's 16,579 genes 77%.
 UNMEASURED_SHARE = 0.1
 
 
