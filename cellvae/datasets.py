@@ -82,6 +82,8 @@ def simulate(
     (categorical), and ``uns["source"]``.
     """
     if seed is not None:
+        if random_state not in (0, seed):  # both given: which one the caller meant is unknown
+            raise ValueError(f"simulate got seed={seed!r} and random_state={random_state!r}; pass random_state alone")
         warnings.warn("simulate(seed=...) is deprecated: use random_state=...", FutureWarning, stacklevel=2)
         random_state = seed
     sizes = {"n_cells": n_cells, "n_genes": n_genes, "n_batches": n_batches, "n_cell_types": n_cell_types}

@@ -1201,7 +1201,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, adata: ad.AnnData | None = None, load_anndata: bool = True) -> CellVAE:
+    def load(cls, path: str | os.PathLike, adata: ad.AnnData | None = None, *, load_anndata: bool = True) -> CellVAE:
         """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
 
         Parameters
@@ -1209,7 +1209,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path
             The folder written by :meth:`save`.
         adata
-            Becomes the default data of :meth:`get_latent`, :meth:`fit` and the other methods
+            (Also second positional, as in scvi-tools' ``load(dir_path, adata)``.) Becomes the default data of
+            :meth:`get_latent`, :meth:`fit` and the other methods
             (genes matched by name; :meth:`fit` needs all of the model's); ``None``: the ``adata.h5ad`` that
             ``save(save_anndata=True)`` wrote, read into memory, or where there is none, pass an AnnData to each call.
         load_anndata
@@ -1222,6 +1223,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         training). Weights that fail the checksum written by :meth:`save` are refused.
         """
         load_anndata = _check_flag(load_anndata, "load_anndata")
+        if adata is not None:
+            _check_anndata(adata)
         path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise ValueError(

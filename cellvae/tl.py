@@ -427,6 +427,7 @@ def rank_genes_groups(
     max_cells: int = 2000,
     random_state: int = 0,
     pts: bool = False,
+    n_genes: int | None = None,
     key_added: str | None = "rank_genes_groups",
     copy: bool = False,
     progress: bool = True,
@@ -456,6 +457,9 @@ def rank_genes_groups(
         Also store each gene's share of cells with a non-zero count, as scanpy's ``pts=True`` does (a
         table with a column per group: anndata 0.13 cannot write it to ``.h5ad`` where a group name holds
         a ``/``).
+    n_genes
+        Keep each group's ``n_genes`` top-ranked genes, as scanpy's ``n_genes`` does (``None``: all of the
+        model's genes; scanpy's default keeps 100). ``pts`` still covers every gene.
     key_added
         ``uns`` key of the result (``None``: ``"rank_genes_groups"``).
     copy
@@ -486,6 +490,8 @@ def rank_genes_groups(
     pts = _check_flag(pts, "pts")
     progress = _check_flag(progress, "progress")
     key_added = _key(key_added, "rank_genes_groups")
+    if n_genes is not None and (not isinstance(n_genes, (int, np.integer)) or isinstance(n_genes, bool) or n_genes < 1):
+        raise ValueError(f"n_genes must be a whole number of genes >= 1 (or None for all genes), got {n_genes!r}")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby]
@@ -536,7 +542,7 @@ def rank_genes_groups(
     for group, frame in result.groupby("group1", sort=False):
         frame = frame.reset_index().sort_values(["score", "lfc_mean"], ascending=False, kind="stable")
         for field, column in fields.items():
-            ranked[field].append(frame[column].to_numpy().astype(dtypes[field]))
+            ranked[field].append(frame[column].to_numpy()[:n_genes].astype(dtypes[field]))
         shares[scanpy_name.get(group, group)] = frame.set_index("gene")["fraction_nonzero1"]
         shares_rest[scanpy_name.get(group, group)] = frame.set_index("gene")["fraction_nonzero2"]
     compared = list(shares)

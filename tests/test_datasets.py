@@ -37,6 +37,8 @@ def test_simulate_shapes_and_batch_effects():
     with pytest.warns(FutureWarning, match=r"simulate\(seed=\.\.\.\) is deprecated: use random_state"):
         by_old_name = cellvae.datasets.simulate(n_cells=600, n_genes=200, n_batches=3, n_cell_types=4, seed=3)
     np.testing.assert_array_equal(by_old_name.X.toarray(), counts)  # the former name of random_state
+    with pytest.raises(ValueError, match="got seed=3 and random_state=4; pass random_state alone"):
+        cellvae.datasets.simulate(n_cells=600, seed=3, random_state=4)
 
 
 def _normalised_log_means(adata, mask):

@@ -476,6 +476,23 @@ def test_rank_genes_groups_returns_none_in_place_and_records_the_settings_it_ran
     assert (params["reference"], params["pts"], params["layer"], params["use_raw"]) == ("rest", False, None, False)
 
 
+def test_rank_genes_groups_keeps_each_groups_top_n_genes_as_scanpys_n_genes(simulated, model):
+    adata = simulated.copy()
+    settings = {"n_draws": 150, "max_cells": 100, "progress": False}
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, **settings)
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, n_genes=7, pts=True, key_added="top", **settings)
+    for group in adata.obs["cell_type"].cat.categories:
+        every = sc.get.rank_genes_groups_df(adata, group)
+        top = sc.get.rank_genes_groups_df(adata, group, key="top")
+        assert len(every) == adata.n_vars and len(top) == 7
+        ranked = ["names", "scores", "logfoldchanges"]
+        pd.testing.assert_frame_equal(top[ranked], every[ranked][:7])
+        assert top["pct_nz_group"].notna().all()
+    for wrong in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n_genes must be a whole number"):
+            cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, n_genes=wrong, **settings)
+
+
 def test_compare_summarises_the_draws_of_the_log2_fold_change_as_documented():
     """Without shrinkage (no measured genes to learn a prior from), each column is the documented summary of the
     draws of log2((predictive1 + c) / (predictive2 + c)); expression1/2 are the denoised draws' means per 10,000."""

@@ -140,6 +140,11 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "history.json", "model.safetensors"]
     loaded = CellVAE.load(tmp_path / "model")
     np.testing.assert_array_equal(loaded.get_latent(small), first.get_latent())
+    positional = CellVAE.load(tmp_path / "model", small)  # scvi-tools' load(dir_path, adata)
+    assert positional.adata is small
+    np.testing.assert_array_equal(positional.get_latent(), first.get_latent())
+    with pytest.raises(TypeError, match=r"read the file first: anndata.read_h5ad\('small.h5ad'\)"):
+        CellVAE.load(tmp_path / "model", "small.h5ad")
     pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False, check_exact=True)
     assert loaded.is_trained
     assert repr(loaded) == "CellVAE(trained; 300 genes, n_latent=10, likelihood='nb', batch_key='batch' with 2 batches)"
