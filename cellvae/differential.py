@@ -47,9 +47,10 @@ class Cells:
     """What decoding a set of cells needs: q(z|x)'s parameters (on the model's device), covariates,
     batch codes and library sizes.
 
-    With ``correct_batches`` each decoded row instead gets one of the model's ``n_batches``, each cell's
-    draws taking the batches in turn from a random start, so both groups of a comparison are decoded
-    under the same uniform mixture of batches and batch effects cancel in their ratio.
+    Where ``batches`` (codes among the model's ``n_batches``) is given, each decoded row instead gets one of
+    them, each cell's draws taking them in turn from a random start: both groups of a comparison decoded under
+    the same uniform mixture of batches have their batch effects cancel in their ratio. ``None``: each cell's
+    own batch.
     """
 
     mean: torch.Tensor
@@ -58,7 +59,7 @@ class Cells:
     batch_codes: np.ndarray
     library: np.ndarray
     n_batches: int
-    correct_batches: bool
+    batches: np.ndarray | None
 
     def __len__(self) -> int:
         return len(self.library)
@@ -71,9 +72,9 @@ class Cells:
         z = vae.reparameterise(self.mean[rows], self.scale[rows], noise.to(device)).reshape(repeats * len(rows), -1)
         covariates = np.tile(self.covariates[rows], (repeats, 1))
         codes = np.tile(self.batch_codes[rows], repeats).astype(np.int64)
-        if self.correct_batches and self.n_batches > 1:
-            start = rng.integers(self.n_batches, size=len(rows))
-            codes = ((start[None, :] + np.arange(repeats)[:, None]) % self.n_batches).ravel()
+        if self.batches is not None:
+            start = rng.integers(len(self.batches), size=len(rows))
+            codes = self.batches[(start[None, :] + np.arange(repeats)[:, None]) % len(self.batches)].ravel()
             covariates[:, : self.n_batches] = 0.0  # the batch one-hot leads the covariates
             covariates[np.arange(len(codes)), codes] = 1.0
         library = torch.from_numpy(np.tile(self.library[rows], repeats)[:, None]).to(device)

@@ -886,6 +886,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         idx2=None,
         delta: float = 0.25,
         batch_correction: bool = True,
+        batchid1: str | list[str] | None = None,
+        batchid2: str | list[str] | None = None,
         fdr_target: float = 0.05,
         n_draws: int = 1000,
         max_cells: int = 2000,
@@ -937,6 +939,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             batches are samples, each of one condition), correction removes what the batch effects absorbed
             of their difference, and ``False`` would count the batch effects as differences: a warning
             says so; train with a batch key that crosses the groups (donors).
+        batchid1, batchid2
+            As in scvi-tools: the model's batches (one or a list) under whose uniform mixture group 1 (group 2) is
+            decoded, instead of all of them (``None``). Two lists that differ compare the groups as if measured in
+            those batches, e.g. the same cells under two protocols. Needs ``batch_correction=True``.
         fdr_target
             Genes are called (``is_de``) while the posterior expected false discovery rate of the
             called list stays at or below this.
@@ -994,6 +1000,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         random_state = _check_seed(random_state)
         batch_correction = _check_flag(batch_correction, "batch_correction")
         progress = _check_flag(progress, "progress")
+        decode_under = [
+            self._decode_batches(batchid, name, batch_correction)
+            for name, batchid in (("batchid1", batchid1), ("batchid2", batchid2))
+        ]
         if pseudocount is not None and (
             isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
         ):
@@ -1056,19 +1066,22 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with diagnostics.evaluation(self.module, random_state), torch.no_grad():
             mean, scale = self._posterior_parameters(loader, encoded, batch_size)
 
-            def cells_of(cells: np.ndarray) -> differential.Cells:
+            def cells_of(cells: np.ndarray, batches: np.ndarray | None) -> differential.Cells:
                 rows = torch.from_numpy(np.searchsorted(encoded, cells)).to(self.device)
                 return differential.Cells(
                     mean[rows], scale[rows], loader.covariates[cells], loader.batch_index[cells], loader.library[cells],
-                    n_batches, correct_batches,
+                    n_batches, batches,
                 )  # fmt: skip
 
             comparing = zip(comparisons, picked, generators)
             bar = progress_bar(len(comparisons), "differential_expression", progress, unit=" comparisons", iterable=comparing)
             for (name1, name2, cells1, cells2), pair, rng in bar:
-                pool = cells_of(np.concatenate(pair))
+                both = np.concatenate(pair)  # the prior's pseudo-cells, decoded as the group they join
                 draws = [
-                    differential.group_mean_draws(self.module, cells_of(cells), pool, n_draws, rng, batch_size) for cells in pair
+                    differential.group_mean_draws(
+                        self.module, cells_of(cells, batches), cells_of(both, batches), n_draws, rng, batch_size
+                    )
+                    for cells, batches in zip(pair, decode_under)
                 ]
                 frame = differential.compare(draws[0], draws[1], float(delta), float(pseudocount), measured, rng)
                 frame.loc[~measured, :] = np.nan  # genes the data lack (read as zeros) say nothing
@@ -1979,18 +1992,30 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         loader = data.CellLoader(matrix, covariates, library, covariates.batch_codes, columns, device)
         return loader, np.arange(adata.n_obs)
 
-    def _batch_overrides(self, transform_batch) -> list[int | None]:
+    def _decode_batches(self, batchid, name: str, batch_correction: bool) -> np.ndarray | None:
+        """The batch codes under whose mixture differential_expression decodes a group (None: each cell's own)."""
+        if batchid is None:
+            n_batches = len(self.config.batch_categories)
+            return np.arange(n_batches) if batch_correction and self.config.batch_key and n_batches > 1 else None
+        if not batch_correction:
+            raise ValueError(f"{name} chooses the batches of batch correction; it needs batch_correction=True")
+        codes = self._batch_overrides(batchid, name)
+        if None in codes:
+            raise ValueError(f"{name} holds None; name the model's batches, from {self.config.batch_categories}")
+        return np.unique(np.array(codes, dtype=np.int64))
+
+    def _batch_overrides(self, transform_batch, name: str = "transform_batch") -> list[int | None]:
         if transform_batch is None:
             return [None]
         if not self.config.batch_key:
-            raise ValueError("transform_batch needs a model trained with batch_key")
+            raise ValueError(f"{name} needs a model trained with batch_key")
         # Batch names are stored as strings (an integer column's 1016 is "1016"), as obs[batch_key].astype(str).
         scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
         # None in a list: the cell's own batch, as in scvi-tools
         names = [None if name is None else str(name) for name in ([transform_batch] if scalar else list(transform_batch))]
         unknown = [n for n in names if n is not None and n not in self.config.batch_categories]
         if unknown or not names:
-            raise ValueError(f"transform_batch {unknown or names} not among the model's batches {self.config.batch_categories}")
+            raise ValueError(f"{name} {unknown or names} not among the model's batches {self.config.batch_categories}")
         return [None if n is None else self.config.batch_categories.index(n) for n in names]
 
     def _decode_inputs(self, mb: data.Minibatch, targets: list[int | None]):

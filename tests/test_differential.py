@@ -194,6 +194,31 @@ def test_batch_correction_removes_differences_between_batches_of_one_type(simula
     assert uncorrected["is_de"].sum() >= 0.5 * n_genes
 
 
+def test_batchid1_and_batchid2_decode_each_group_under_the_batches_named_as_in_scvi_tools(simulated, model):
+    """The same type's cells of two batches: decoded under one batch they show no difference; decoded each
+    under its own batch they show the batch effect, as batch_correction=False does."""
+    split = simulated.copy()
+    split.obs["type2_batch"] = np.where(split.obs["cell_type"] == "type2", split.obs["batch"].astype(str), "other")
+    groups = {"groupby": "type2_batch", "group1": "batch0", "group2": "batch1", "n_draws": 300}
+    with pytest.warns(UserWarning, match="share no batch"):
+        same = model.differential_expression(split, batchid1="batch1", batchid2=["batch1"], **groups)
+        apart = model.differential_expression(split, batchid1=["batch0"], batchid2="batch1", **groups)
+    uncorrected = model.differential_expression(split, batch_correction=False, **groups)
+    n_genes = simulated.n_vars
+    assert same["is_de"].sum() <= 0.02 * n_genes
+    assert apart["is_de"].sum() >= 0.5 * n_genes
+    assert np.corrcoef(apart.loc[split.var_names, "lfc_mean"], uncorrected.loc[split.var_names, "lfc_mean"])[0, 1] > 0.9
+    for wrong, message in (
+        ({"batchid1": "batch7"}, r"batchid1 \['batch7'\] not among the model's batches \['batch0', 'batch1'\]"),
+        ({"batchid2": ["batch0", None]}, "batchid2 holds None"),
+        ({"batchid1": "batch0", "batch_correction": False}, "needs batch_correction=True"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.differential_expression(split, **groups, **wrong)
+    with pytest.raises(ValueError, match="batchid1 needs a model trained with batch_key"):
+        CellVAE(simulated).differential_expression(split, batchid1="batch0", **groups)
+
+
 def test_every_group_against_the_rest_with_observed_columns_and_seeds(simulated, model):
     before = simulated.copy()
     result = model.differential_expression(groupby="cell_type", n_draws=200)
@@ -529,7 +554,7 @@ def _cells(model, simulated, rows, log_variance=-30.0):
     codes = simulated.obs["batch"].cat.codes.to_numpy()[rows]
     library = np.asarray(simulated.X[rows].sum(1), dtype=np.float32).ravel()
     return differential.Cells(
-        latent, torch.full_like(latent, log_variance), np.eye(2, dtype=np.float32)[codes], codes, library, 2, False
+        latent, torch.full_like(latent, log_variance), np.eye(2, dtype=np.float32)[codes], codes, library, 2, None
     )
 
 
