@@ -1509,8 +1509,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
-        # (only the new batches' parameters train)
-        train_cells, validation_cells = train_every_category(train_cells, validation_cells, [loader.batch_index])
+        # every new batch and new covariate category gets training cells, or its parameters stay at zero
+        train_cells, validation_cells = train_every_category(train_cells, validation_cells, loader.covariates.codes)
         epochs = max_epochs or default_query_epochs(len(cells))
         settings = TrainSettings(
             max_epochs=epochs,

@@ -662,6 +662,25 @@ def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches)
         kit_only.map_query(query)
 
 
+def test_map_query_trains_a_new_covariate_category_held_by_one_cell(small_reference):
+    """The one cell of a new kit is never left to validation only, which would keep the kit's columns at zero."""
+    model, query = small_reference
+    reference = model.adata.copy()
+    reference.obs["kit"] = np.where(np.arange(reference.n_obs) % 2 == 0, "v2", "v3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CellVAE(reference, batch_key="batch", categorical_covariate_keys=["kit"], n_hidden=16).fit(
+            max_epochs=1, progress=False
+        )
+    query = query.copy()
+    query.obs["kit"] = ["v4"] + ["v2"] * (query.n_obs - 1)
+    for seed in range(6):  # (the old split left the v4 cell to validation in some of them)
+        query_model = model.map_query(query, max_epochs=1, validation_size=0.5, random_state=seed, progress=False)
+        decoder = query_model.module.decoder.body.linears[0]
+        v4_column = decoder.in_features - query_model.config.n_covariates + 3 + 2  # 3 batch columns, then v2, v3, v4
+        assert decoder.weight[:, v4_column].abs().sum() > 0, f"seed {seed}: the new kit's column was not trained"
+
+
 def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(reference_and_query):
     model, reference, _ = reference_and_query
     plates = reference.copy()
