@@ -467,21 +467,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with AgreedInterrupt(rank_and_world()[1]) as interrupts:
             loader, cells = self._loader(self.adata, training_device, all_ranks=True)
             nonempty = cells[loader.library[cells] > 0]
-            if len(nonempty) < len(cells):
-                empty_batches = ""
-                if self.config.batch_key:  # a batch whose cells all have zero counts has nothing to train its parameters on
-                    names = np.asarray(self.config.batch_categories)
-                    unseen = np.setdiff1d(loader.batch_index[cells], loader.batch_index[nonempty])
-                    if len(unseen):
-                        empty_batches = (
-                            f"; the batches {names[unseen].tolist()[:5]} have no cells with counts, so their parameters stay "
-                            "as they were drawn and their cells' codes mean little"
-                        )
-                data.warn_user(
-                    f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training"
-                    f"{empty_batches}; drop them with sc.pp.filter_cells(adata, min_counts=1) to silence this",
-                    UserWarning,
-                )
+            _warn_about_empty_cells(loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained")
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
@@ -1387,7 +1373,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             from the query are zero-filled with a warning, and fewer than 80% present is an error.
             The query is only read, never modified. Counts on disk (``read_h5ad(path, backed="r")``,
             :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must
-            hold its batches in the reference's batch key).
+            hold its batches in the reference's batch key). Cells with zero total counts are left out of
+            mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them).
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
             batch whose name is already a reference batch is treated as that reference batch
@@ -1504,7 +1491,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         query_model.is_trained = True
         if not _query_parameters(query_model.module):
             return query_model
-        cells = cells[loader.library[cells] > 0]
+        nonempty = cells[loader.library[cells] > 0]
+        _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", "query_adata")
+        cells = nonempty
         if len(cells) < data.MIN_CELLS:
             raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
@@ -2422,6 +2411,31 @@ class _GrowingRows:
         index_dtype = np.int32 if self.used < 2**31 else np.int64
         indptr = np.concatenate([[0], np.cumsum(np.concatenate(self.row_lengths))]).astype(index_dtype)
         return sp.csr_matrix((self.values[: self.used], self.indices[: self.used], indptr), shape=self.shape)
+
+
+def _warn_about_empty_cells(
+    loader: data.CellLoader, cells: np.ndarray, nonempty: np.ndarray, config: Config, untrained: str, name: str = "adata"
+) -> None:
+    """Warn that the cells with zero total counts are left out of training, naming the batches that trained
+    parameters (not a query model's frozen reference batches) and have no other cells, whose parameters stay
+    ``untrained``."""
+    if len(nonempty) == len(cells):
+        return
+    empty_batches = ""
+    if config.batch_key:  # a batch whose cells all have zero counts has nothing to train its parameters on
+        names = np.asarray(config.batch_categories)
+        unseen = np.setdiff1d(loader.batch_index[cells], loader.batch_index[nonempty])
+        unseen = unseen[unseen >= config.reference_categories.get(config.batch_key, 0)]
+        if len(unseen):
+            empty_batches = (
+                f"; the batches {names[unseen].tolist()[:5]} have no cells with counts, so their parameters stay "
+                f"{untrained} and their cells' codes mean little"
+            )
+    data.warn_user(
+        f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training{empty_batches}; "
+        f"drop them with sc.pp.filter_cells({name}, min_counts=1) to silence this",
+        UserWarning,
+    )
 
 
 def _check_cells_left_to_train(train_cells: np.ndarray, cells: np.ndarray, validation_size: float) -> None:

@@ -808,8 +808,12 @@ def test_query_cells_without_counts_take_no_part_in_mapping(small_reference):
     empty.obs_names = [f"empty{i}" for i in range(20)]
     padded = ad.concat([query, empty])
     plain = model.map_query(query, max_epochs=2, progress=False)
-    with_empty = model.map_query(padded, max_epochs=2, progress=False)
+    with pytest.warns(UserWarning, match=r"20 cells have zero total counts and are left out of training; drop them"):
+        with_empty = model.map_query(padded, max_epochs=2, progress=False)
     np.testing.assert_array_equal(with_empty.get_latent(query), plain.get_latent(query))
+    empty.obs["batch"] = "empty"  # a new batch with no counts at all: its parameters cannot be trained, as fit tells too
+    with pytest.warns(UserWarning, match=r"the batches \['empty'\] have no cells with counts, so their parameters stay at zero"):
+        model.map_query(ad.concat([query, empty]), max_epochs=2, progress=False)
 
 
 def test_map_query_trains_at_the_learning_rate_asked_for(small_reference):
