@@ -62,16 +62,17 @@ def rate_distortion(
 
 
 def posterior_statistics(
-    vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096
+    vae: VAE, loader: CellLoader, cells: np.ndarray, *, batch_size: int = 4096, progress: bool = False, desc: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two statistics of each latent dimension, from one pass over ``cells``: the mean over cells of its
     KL(q(z_d|x) || N(0, 1)), and its activity, the variance across cells of its posterior mean,
-    Cov_x(E_q[z_d]) (Burda et al., 2016). Each of length n_latent."""
+    Cov_x(E_q[z_d]) (Burda et al., 2016). Each of length n_latent. ``progress``: a progress bar named ``desc`` (after 2 s)."""
     total = torch.zeros(vae.config.n_latent, dtype=torch.float64)
     # the posterior means' variance, merged minibatch by minibatch (Chan et al.): memory does not grow with the cells
     seen, mean, squares = 0, torch.zeros_like(total), torch.zeros_like(total)
     with torch.no_grad():
-        for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+        batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
+        for _, mb in with_progress(batches, len(cells), desc, progress):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
             total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).double().cpu()
             codes = q["mean"].double().cpu()

@@ -1569,7 +1569,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         frame["elbo"] = -(frame["rate"] + frame["distortion"])
         return frame
 
-    def kl_per_dimension(self, adata: ad.AnnData | None = None, *, batch_size: int = 4096) -> np.ndarray:
+    def kl_per_dimension(self, adata: ad.AnnData | None = None, *, batch_size: int = 4096, progress: bool = True) -> np.ndarray:
         """Mean over cells of each latent dimension's KL(q(z_d|x) ‖ N(0, 1)) in nats.
 
         Dimensions near zero carry no information (posterior collapse). For ``posterior="full"``
@@ -1581,17 +1581,27 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Cells to read; ``None`` uses the model's AnnData (genes matched as in :meth:`get_latent`).
         batch_size
             Cells per forward pass.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
         Array of length ``n_latent``.
         """
+        progress = _check_flag(progress, "progress")
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
-            return diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)[0]
+            return diagnostics.posterior_statistics(
+                self.module, loader, cells, batch_size=batch_size, progress=progress, desc="kl_per_dimension"
+            )[0]
 
     def active_units(
-        self, adata: ad.AnnData | None = None, *, threshold: float = diagnostics.ACTIVITY_THRESHOLD, batch_size: int = 4096
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        threshold: float = diagnostics.ACTIVITY_THRESHOLD,
+        batch_size: int = 4096,
+        progress: bool = True,
     ) -> int:
         """Number of latent dimensions whose posterior mean varies across cells.
 
@@ -1604,11 +1614,20 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             mean, exceeds this (0.01, as Burda et al., 2016).
         batch_size
             Cells per forward pass.
+        progress
+            Show a progress bar (where the work lasts over 2 seconds).
+
+        Returns
+        -------
+        The number of active dimensions, from 0 to ``n_latent``.
         """
         _check_threshold(threshold)
+        progress = _check_flag(progress, "progress")
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
-            activity = diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)[1]
+            activity = diagnostics.posterior_statistics(
+                self.module, loader, cells, batch_size=batch_size, progress=progress, desc="active_units"
+            )[1]
         return int((activity > threshold).sum())
 
     @_scvi_tools_names

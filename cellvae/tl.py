@@ -697,7 +697,7 @@ def rate_distortion_sweep(
             "train_rate": trained_on["rate"],
             "train_distortion": trained_on["distortion"],
             "train_elbo": trained_on["elbo"],
-            "active_units": model.active_units(test),
+            "active_units": model.active_units(test, progress=progress),
             "epochs": len(model.history),
         }
         if labels_key is not None:

@@ -1645,6 +1645,8 @@ def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_q
         "get_likelihood_parameters": lambda progress: trained.get_likelihood_parameters(cells, progress=progress),
         "sample_counts": lambda progress: trained.sample_counts(cells, progress=progress),
         "rate_distortion": lambda progress: trained.rate_distortion(cells, progress=progress),
+        "kl_per_dimension": lambda progress: trained.kl_per_dimension(cells, progress=progress),
+        "active_units": lambda progress: trained.active_units(cells, progress=progress),
         "marginal_log_likelihood": lambda progress: trained.marginal_log_likelihood(cells, n_samples=2, progress=progress),
         "inference_gaps": lambda progress: trained.inference_gaps(
             cells[:4], n_steps=2, n_samples=2, n_elbo_samples=2, progress=progress
