@@ -180,14 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
     fit.add_argument("--n-latent", type=positive_int, default=10, help="latent dimensions (default: 10)")
-    fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb", help="count likelihood")
+    fit.add_argument("--likelihood", choices=LIKELIHOODS, default="nb", help="count likelihood (default: nb)")
     fit.add_argument(
         "--dispersion", choices=DISPERSIONS, default="gene", help="dispersion per gene (default), gene and batch, or cell"
     )
     fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
     fit.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
     fit.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
-    fit.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    fit.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     fit.add_argument(
         "--precision",
         choices=("float32", "bfloat16"),
