@@ -490,8 +490,8 @@ def rank_genes_groups(
     pts = _check_flag(pts, "pts")
     progress = _check_flag(progress, "progress")
     key_added = _key(key_added, "rank_genes_groups")
-    if n_genes is not None and (not isinstance(n_genes, (int, np.integer)) or isinstance(n_genes, bool) or n_genes < 1):
-        raise ValueError(f"n_genes must be a whole number of genes >= 1 (or None for all genes), got {n_genes!r}")
+    if n_genes is not None:
+        _check_count(n_genes, "n_genes")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby]
