@@ -735,6 +735,7 @@ def interpolate(
     batch: str | None = None,
     covariates: dict | None = None,
     library_size: float = 1e4,
+    progress: bool = True,
 ) -> ad.AnnData:
     """Decode a straight path in latent space between two cells (or the mean codes of two groups).
 
@@ -752,6 +753,8 @@ def interpolate(
         Cells to pick from; ``None`` uses the model's AnnData.
     batch, covariates, library_size
         As in :meth:`~cellvae.CellVAE.decode`.
+    progress
+        Show a progress bar while the endpoints are encoded (where that lasts over 2 seconds).
 
     Returns
     -------
@@ -767,8 +770,9 @@ def interpolate(
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
     _check_is_anndata(adata)
     model._check_decoding(n_steps, batch, covariates, library_size)
-    z_a = model.get_latent(adata[cell_positions(adata, cells_a, "cells_a")]).mean(0)
-    z_b = model.get_latent(adata[cell_positions(adata, cells_b, "cells_b")]).mean(0)
+    progress = _check_flag(progress, "progress")
+    z_a = model.get_latent(adata[cell_positions(adata, cells_a, "cells_a")], progress=progress).mean(0)
+    z_b = model.get_latent(adata[cell_positions(adata, cells_b, "cells_b")], progress=progress).mean(0)
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
     expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)
@@ -793,6 +797,7 @@ def latent_shift(
     stratify: str | None = None,
     batch: str | None = None,
     library_size: float = 1e4,
+    progress: bool = True,
 ) -> ad.AnnData:
     """Predict how cells would look in another group by latent arithmetic (as scGen does).
 
@@ -825,6 +830,8 @@ def latent_shift(
         carries little of the difference), a warning says so, and cells are decoded as ``target``.
     library_size
         Total counts of the decoded expression.
+    progress
+        Show a progress bar while the cells are encoded (where that lasts over 2 seconds).
 
     Returns
     -------
@@ -834,6 +841,7 @@ def latent_shift(
     """
     _check_model(model)
     _check_is_anndata(adata)
+    progress = _check_flag(progress, "progress")
     check_one_name(groupby, "groupby")
     check_one_name(stratify, "stratify")
     for key in [groupby] + ([stratify] if stratify else []):
@@ -860,7 +868,7 @@ def latent_shift(
     _library_sizes(library_size, len(shifted))
     if batch is not None:
         model._batch_names(batch, len(shifted))
-    latent = model.get_latent(adata)
+    latent = model.get_latent(adata, progress=progress)
     strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
     deltas = []
     for stratum in np.unique(strata[in_reference]):

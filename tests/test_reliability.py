@@ -1669,6 +1669,20 @@ def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_q
         trained.sample_counts(cells, progress="quiet")
     copy = cellvae.tl.rank_genes_groups(cells, "cell_type", model=trained, n_draws=100, copy=True)
     assert "\rdifferential_expression: " in capsys.readouterr().err and "rank_genes_groups" in copy.uns
+    source, target = cells.obs["cell_type"].dropna().unique()[:2]
+    latent_arithmetic = {  # they encode the cells with get_latent, whose bar they show
+        "interpolate": lambda progress: cellvae.tl.interpolate(
+            trained, 0, 1, adata=cells, batch="batch0", covariates={"donor": "d1", "percent_mito": 5.0}, progress=progress
+        ),
+        "latent_shift": lambda progress: cellvae.tl.latent_shift(
+            trained, cells, groupby="cell_type", source=source, target=target, apply_to=[0, 1], progress=progress
+        ),
+    }
+    for name, call in latent_arithmetic.items():
+        call(True)
+        assert "\rget_latent: " in capsys.readouterr().err, name
+        call(False)
+        assert capsys.readouterr().err == "", name
 
 
 def test_embed_records_fits_settings_from_fit_kwargs_in_uns(tmp_path):
