@@ -1196,15 +1196,16 @@ def _cells_meeting(adata: ad.AnnData, condition: str, name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- genes
 
 
-def gene_positions(var_names: pd.Index, gene_names) -> np.ndarray:
-    """The column of each of ``gene_names`` in ``var_names``, -1 where it is missing. A name repeated in
-    ``var_names`` is refused only when it is one of ``gene_names`` (which column would be the gene?)."""
+def gene_positions(var_names: pd.Index, gene_names, name: str = "adata") -> np.ndarray:
+    """The column of each of ``gene_names`` in ``var_names`` (those of the AnnData called ``name`` in
+    messages), -1 where it is missing. A name repeated in ``var_names`` is refused only when it is one of
+    ``gene_names`` (which column would be the gene?)."""
     repeated = var_names.duplicated(keep=False)
     ambiguous = pd.Index(gene_names).intersection(var_names[repeated])
     if len(ambiguous):
         raise ValueError(
-            f"adata.var_names repeat genes of the model (e.g. {ambiguous[:5].tolist()}); call "
-            "adata.var_names_make_unique() or keep one column per gene"
+            f"{name}.var_names repeat genes of the model (e.g. {ambiguous[:5].tolist()}); call "
+            f"{name}.var_names_make_unique() or keep one column per gene"
         )
     columns = pd.Series(np.arange(len(var_names)), index=var_names)[~repeated]
     return columns.reindex(gene_names).fillna(-1).to_numpy(dtype=np.int64)

@@ -2530,7 +2530,7 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str, var: 
     """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
     warning names the missing ones, and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error (which names
     a column of ``var`` that holds the model's genes, or versioned Ensembl IDs, where that is why)."""
-    positions = data.gene_positions(var_names, model_genes)
+    positions = data.gene_positions(var_names, model_genes, name)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
         missing = model_genes[~present]

@@ -383,6 +383,9 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     repeated.var_names = [*adata.var_names, adata.var_names[0], "MT-X"]
     with pytest.raises(ValueError, match=r"repeat genes of the model \(e.g. \['gene0'\]\)"):
         model.get_latent(repeated)
+    repeated.obs["batch"] = "new"
+    with pytest.raises(ValueError, match=r"query_adata.var_names repeat genes of the model.*query_adata.var_names_make_unique"):
+        model.map_query(repeated)
     # New data with its counts in X: the error names the layer the model reads and how to fill it.
     plain = ad.AnnData(adata.layers["counts"].copy(), obs=adata.obs.copy(), var=adata.var.copy())
     with pytest.raises(KeyError, match=r"reads counts from layers\['counts'\].*\(layers: \[\]\).*layers\['counts'\] = adata.X"):
