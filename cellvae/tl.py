@@ -431,6 +431,7 @@ def rank_genes_groups(
     key_added: str | None = "rank_genes_groups",
     copy: bool = False,
     progress: bool = True,
+    method: None = None,
 ) -> ad.AnnData | None:
     """Rank genes for each group by the model's differential expression, in scanpy's format.
 
@@ -467,6 +468,9 @@ def rank_genes_groups(
         ``adata`` as it is.
     progress
         Show a progress bar (where the work lasts over 2 seconds).
+    method
+        Scanpy's choice of test, which has no meaning here: the model's posterior ranks the genes. Any value
+        but ``None`` (e.g. ``"wilcoxon"``) is refused with the advice to call :func:`scanpy.tl.rank_genes_groups`.
 
     Returns
     -------
@@ -483,6 +487,12 @@ def rank_genes_groups(
     count). Genes of the model missing from ``adata`` are left out.
     """
     _check_is_anndata(adata)
+    if method is not None:
+        raise ValueError(
+            f"method={method!r}: cellvae.tl.rank_genes_groups ranks genes by the model's posterior and takes no "
+            f"method; for scanpy's {method!r} test call scanpy.tl.rank_genes_groups(adata, {groupby!r}, method={method!r}) "
+            "on normalised, log-transformed counts"
+        )
     copy = _check_flag(copy, "copy")
     _writable(adata, "adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     _check_model(model)

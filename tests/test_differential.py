@@ -422,6 +422,8 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
     adata.obs["as_text"] = adata.obs["cell_type"].astype(str)
     with pytest.raises(ValueError, match="astype\\('category'\\)"):
         cellvae.tl.rank_genes_groups(adata, "as_text", model=model)
+    with pytest.raises(ValueError, match=r"takes no method.*scanpy.tl.rank_genes_groups\(adata, .cell_type., method=.wilcoxon."):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, method="wilcoxon")
     adata.obs["with_unused"] = adata.obs["cell_type"].cat.add_categories(["empty"])
     with pytest.raises(ValueError, match="remove_unused_categories"):
         cellvae.tl.rank_genes_groups(adata, "with_unused", model=model)
