@@ -17,6 +17,7 @@ from dataclasses import replace
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from cellvae.data import cell_positions, check_one_name, copied_view_counts, gene_names, is_backed_matrix, warn_user
 from cellvae.differential import group_name
@@ -228,6 +229,7 @@ def transfer_labels(
     unlabeled_category: str | None = None,
     novelty_threshold: float | None = None,
     n_jobs: int | None = None,
+    soft: bool = False,
     copy: bool = False,
     label_key: str | None = None,
 ) -> ad.AnnData | None:
@@ -264,6 +266,10 @@ def transfer_labels(
     n_jobs
         Parallel jobs of the nearest-neighbour search (scikit-learn's ``n_jobs``; ``-1``: every core), which takes
         nearly all of the time for large sets; ``None``: scanpy's ``sc.settings.n_jobs``. The results do not depend on it.
+    soft
+        Also write each cell's weighted vote share of every reference label (as scANVI's ``predict(soft=True)``
+        gives per-label probabilities): a table of cells × labels in float32, which for an atlas's hundreds of labels
+        takes cells × labels × 4 bytes.
     copy
         Write the results into a copy of ``query_adata`` and return it (as scanpy's ``copy=True``),
         leaving ``query_adata`` as it is.
@@ -278,7 +284,10 @@ def transfer_labels(
     and ``query_adata.obs[f"{labels_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
     them drawn with a fixed seed, that lie closer to their own ``k`` nearest labelled reference cells, on
     average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the
-    reference has a single labelled cell, which no distance can be compared with); nothing else is changed.
+    reference has a single labelled cell, which no distance can be compared with); with ``soft=True`` also
+    ``query_adata.obsm[f"{labels_key}_vote_shares"]`` (a DataFrame indexed by the query's cells with a column per
+    reference label, named by its text, in the order of the predicted categories; each row sums to 1 and its largest
+    share is 1 − the uncertainty); nothing else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -286,6 +295,7 @@ def transfer_labels(
     _check_is_anndata(ref_adata, "ref_adata")
     _check_is_anndata(query_adata, "query_adata")
     copy = _check_flag(copy, "copy")
+    soft = _check_flag(soft, "soft")
     _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
     check_one_name(labels_key, "labels_key")
     check_one_name(use_rep, "use_rep", "obsm key")
@@ -333,6 +343,11 @@ def transfer_labels(
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
     names = np.asarray(names, dtype=object)
+    if soft and len(set(map(str, names))) < len(names):  # the table's columns are named by text
+        raise ValueError(
+            f"ref_adata.obs[{labels_key!r}] holds labels of different types with the same text (e.g. 1 and '1'), "
+            "which soft=True cannot name apart; convert the column to one type first, e.g. .astype(str)"
+        )
     voters = NearestNeighbors(n_neighbors=k, n_jobs=n_jobs).fit(reference[labelled])
     distances, neighbours = voters.kneighbors(query)
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
@@ -357,6 +372,8 @@ def transfer_labels(
     query_adata.obs[f"{labels_key}_predicted"] = pd.Categorical(predicted, categories=categories)
     query_adata.obs[f"{labels_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{labels_key}_novelty"] = novelty
+    if soft:
+        query_adata.obsm[f"{labels_key}_vote_shares"] = _vote_shares(codes[neighbours], weights, names, query_adata.obs_names)
     return query_adata if copy else None
 
 
@@ -396,6 +413,15 @@ def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
     best = label_weight.max(axis=1)
     winner = np.where(label_weight == best[:, None], labels, np.iinfo(labels.dtype).max).min(axis=1)
     return winner, best
+
+
+def _vote_shares(labels: np.ndarray, weights: np.ndarray, names: np.ndarray, cells: pd.Index) -> pd.DataFrame:
+    """Each cell's share of the summed weight that went to each label (cells × labels; ``labels`` as in
+    :func:`_weighted_vote`), with the labels' text as columns."""
+    rows = np.repeat(np.arange(len(labels)), labels.shape[1])
+    votes = sp.csr_matrix((weights.ravel(), (rows, labels.ravel())), shape=(len(labels), len(names)))  # sums repeats
+    shares = votes.toarray() / weights.sum(axis=1, keepdims=True)
+    return pd.DataFrame(shares.astype(np.float32), index=cells, columns=[str(name) for name in names])
 
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:

@@ -397,6 +397,33 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     np.testing.assert_array_equal(on_top.obs["score_predicted"].to_numpy(dtype=float), many.obs["score"].to_numpy())
 
 
+def test_transfer_labels_soft_gives_each_labels_vote_share_as_scanvis_soft_predictions(tmp_path):
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B", "B", "C"]}, index=[f"r{i}" for i in range(5)]))
+    reference.obsm["X_cellvae"] = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [50.0, 0.0]])
+    query = ad.AnnData(obs=pd.DataFrame(index=["near_A", "halfway"]))
+    query.obsm["X_cellvae"] = np.array([[0.0, 0.0], [2.5, 0.0]])
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=4, soft=True)
+    shares = query.obsm["cell_type_vote_shares"]
+    a, b = np.exp(-1 / 16) + np.exp(-4 / 16), np.exp(-9 / 16) + np.exp(-16 / 16)  # as in the test above
+    assert list(shares.columns) == ["A", "B", "C"] and list(shares.index) == ["near_A", "halfway"]
+    np.testing.assert_allclose(shares.to_numpy(), [[a / (a + b), b / (a + b), 0.0], [0.5, 0.5, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(shares.max(axis=1), 1 - query.obs["cell_type_uncertainty"], rtol=1e-6)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    # numeric labels are named by their text (h5ad needs text column names); 1 and "1" together cannot be told apart
+    reference.obs["cluster"] = [7, 7, 3, 3, 12]
+    cellvae.tl.transfer_labels(reference, query, "cluster", k=4, soft=True)
+    assert list(query.obsm["cluster_vote_shares"].columns) == ["3", "7", "12"]
+    assert query.obs["cluster_predicted"].tolist() == [7, 3]  # the tie goes to the label that sorts first
+    reference.obs["mixed"] = pd.Series([1, 1, "1", "1", "C"], index=reference.obs_names, dtype=object)
+    before = query.copy()
+    with pytest.raises(ValueError, match="same text.*astype\\(str\\)"):
+        cellvae.tl.transfer_labels(reference, query, "mixed", k=4, soft=True)
+    assert list(query.obs.columns) == list(before.obs.columns) and list(query.obsm) == list(before.obsm)
+    del query.obsm["cell_type_vote_shares"]
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=4)  # soft=False writes no table
+    assert "cell_type_vote_shares" not in query.obsm
+
+
 def labelled_reference(labels, positions) -> ad.AnnData:
     reference = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"r{i}" for i in range(len(labels))]))
     reference.obsm["X_cellvae"] = np.asarray(positions, dtype=float)

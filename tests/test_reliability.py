@@ -341,6 +341,10 @@ def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
     added = set(query.obs.columns) - set(query_before.obs.columns)
     assert added and all(c.startswith("cell_type_") for c in added)
     assert_unchanged(query_before, query, obs=added)
+    query = query_before.copy()
+    cellvae.tl.transfer_labels(reference, query, "cell_type", soft=True)
+    assert_unchanged(query_before, query, obs=added, obsm={"cell_type_vote_shares"})
+    assert set(query.obsm) - set(query_before.obsm) == {"cell_type_vote_shares"}
 
 
 def test_backed_file_is_not_written(messy, trained, tmp_path):
@@ -1380,6 +1384,7 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
             "resume must be",
         ),
         (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=m, pts="False"), "pts must be True or False"),
+        (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), "batch", use_rep="counts", soft=1), "soft must be True or False"),
         (lambda m, a: m.save(None), "save needs a folder path"),
         (lambda m, a: m.get_normalized_expression(a, library_size=True), "library_size must be"),
         (lambda m, a: m.get_normalized_expression(a, gene_list=a.var["highly_variable"]), r"adata.var_names\[mask\]"),
