@@ -1588,12 +1588,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         Array of length ``n_latent``.
         """
-        progress = _check_flag(progress, "progress")
-        loader, cells = self._loader(self._resolve(adata), self.device)
-        with diagnostics.evaluation(self.module, 0):
-            return diagnostics.posterior_statistics(
-                self.module, loader, cells, batch_size=batch_size, progress=progress, desc="kl_per_dimension"
-            )[0]
+        return self._posterior_statistics(adata, batch_size, progress, "kl_per_dimension")[0]
 
     def active_units(
         self,
@@ -1622,13 +1617,20 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The number of active dimensions, from 0 to ``n_latent``.
         """
         _check_threshold(threshold)
+        activity = self._posterior_statistics(adata, batch_size, progress, "active_units")[1]
+        return int((activity > threshold).sum())
+
+    def _posterior_statistics(
+        self, adata: ad.AnnData | None, batch_size: int, progress: bool, desc: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each latent dimension's mean KL and activity over the cells of ``adata``, in one pass
+        (:func:`~cellvae.diagnostics.posterior_statistics`), with a progress bar named ``desc``."""
         progress = _check_flag(progress, "progress")
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
-            activity = diagnostics.posterior_statistics(
-                self.module, loader, cells, batch_size=batch_size, progress=progress, desc="active_units"
-            )[1]
-        return int((activity > threshold).sum())
+            return diagnostics.posterior_statistics(
+                self.module, loader, cells, batch_size=batch_size, progress=progress, desc=desc
+            )
 
     @_scvi_tools_names
     def marginal_log_likelihood(

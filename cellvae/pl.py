@@ -153,6 +153,8 @@ def kl_per_dimension(
     adata: ad.AnnData | None = None,
     *,
     threshold: float = diagnostics.ACTIVITY_THRESHOLD,
+    batch_size: int = 4096,
+    progress: bool = True,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
@@ -168,6 +170,8 @@ def kl_per_dimension(
     threshold
         A dimension is inactive when the variance over cells of its posterior mean, Cov_x(E_q[z_d]),
         is at most this.
+    batch_size, progress
+        Cells per forward pass of the one pass over the cells; show a progress bar (where it lasts over 2 seconds).
     ax, show, save
         As described in :mod:`cellvae.pl`.
 
@@ -178,8 +182,7 @@ def kl_per_dimension(
     _check_model(model)
     _check_save(save)
     _check_threshold(threshold)
-    kl = model.kl_per_dimension(adata)
-    activity = model.get_latent(adata).astype(np.float64).var(0)  # as model.active_units computes it
+    kl, activity = model._posterior_statistics(adata, batch_size, progress, "kl_per_dimension")  # as active_units
     order = np.argsort(-kl)
     made = ax is None
     if ax is None:

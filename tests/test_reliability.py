@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -1652,6 +1653,9 @@ def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_q
         "rate_distortion": lambda progress: trained.rate_distortion(cells, progress=progress),
         "kl_per_dimension": lambda progress: trained.kl_per_dimension(cells, progress=progress),
         "active_units": lambda progress: trained.active_units(cells, progress=progress),
+        "kl_per_dimension (plot)": lambda progress: plt.close(
+            cellvae.pl.kl_per_dimension(trained, cells, batch_size=7, progress=progress, show=False).figure
+        ),
         "marginal_log_likelihood": lambda progress: trained.marginal_log_likelihood(cells, n_samples=2, progress=progress),
         "inference_gaps": lambda progress: trained.inference_gaps(
             cells[:4], n_steps=2, n_samples=2, n_elbo_samples=2, progress=progress
@@ -1667,7 +1671,7 @@ def test_long_work_after_training_shows_a_progress_bar_and_progress_false_or_a_q
     monkeypatch.setattr(cellvae.train, "PROGRESS_DELAY_S", 0.0)
     for name, call in calls.items():
         call(True)
-        assert f"\r{name}: " in capsys.readouterr().err, name  # the bar (cleared once the work ends)
+        assert f"\r{name.removesuffix(' (plot)')}: " in capsys.readouterr().err, name  # the bar (cleared once the work ends)
         call(False)
         assert capsys.readouterr().err == "", name
     with pytest.raises(TypeError, match="progress must be True or False"):
