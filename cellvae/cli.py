@@ -1,4 +1,4 @@
-"""The ``cellvae`` command line: ``demo``, ``fit`` and ``embed``."""
+"""The ``cellvae`` command line: ``demo``, ``fit``, ``embed`` and ``map``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import re
 import shlex
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from cellvae.config import DISPERSIONS, LIKELIHOODS
@@ -22,6 +23,8 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
   cellvae fit IN.h5ad --backed ...      the same, the .h5ad's counts streamed from disk
   torchrun --nproc_per_node=N -m cellvae.cli fit ...   the same, data-parallel over N processes
   cellvae embed IN.h5ad --model-dir DIR --out OUT.h5ad [--layer counts]
+  cellvae map QUERY.h5ad --model-dir DIR --out OUT.h5ad [--reference REF.h5ad --labels-key cell_type]
+                                        map new batches onto a reference model, transfer its labels
 """
 
 
@@ -58,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         # losses, out of memory): its message, not a traceback
         if isinstance(error, RuntimeError) and type(error).__name__ != "OutOfMemoryError":
             raise
-        message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-        raise SystemExit(f"error: {in_command_line_terms(message)}") from error
+        raise SystemExit(f"error: {in_command_line_terms(_message_of(error))}") from error
+
+
+def _message_of(error: Exception) -> str:
+    """An error's message (a KeyError's without the quotes ``str`` adds)."""
+    return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
 
 
 def in_command_line_terms(message: str) -> str:
@@ -85,7 +92,7 @@ def in_command_line_terms(message: str) -> str:
     if "layer=" in message:
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
     if "map_query(" in message:
-        notes.append("there is no mapping: map new batches onto the model with the Python API")
+        notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")
     return message + "".join(f"\n(on the command line: {note})" for note in notes)
 
 
@@ -127,6 +134,17 @@ def seed(text: str) -> int:
         value = -1
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 4294967295, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
     return value
 
 
@@ -233,6 +251,89 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     embed.set_defaults(command="embed", run=run_embed)
+
+    mapping = commands.add_parser(
+        "map",
+        help="map a query's new batches onto a saved reference model, embed it and transfer the reference's labels",
+        description="Map query cells, whose batches are new to a reference model, onto it (scArches-style architecture "
+        "surgery: only the new batches' parameters are trained, the reference's stay frozen), write their embedding "
+        "in the reference's latent space and, with --reference and --labels-key, the reference's labels voted by "
+        "each query cell's nearest reference cells. The reference model's folder is only read.",
+    )
+    mapping.add_argument("input", help="query .h5ad or .zarr store of raw counts on the reference model's genes")
+    mapping.add_argument(
+        "--model-dir", required=True, help="folder of the reference model, saved by 'cellvae fit --batch-key ...' (only read)"
+    )
+    mapping.add_argument(
+        "--out",
+        required=True,
+        help="output .h5ad: the query with its embedding in obsm, its record in uns['cellvae'] (uns[KEY_ADDED] for "
+        "another key) and, with --labels-key, the transferred labels in obs",
+    )
+    mapping.add_argument(
+        "--query-model-dir",
+        default=None,
+        help="folder to save the query model in, the reference with the query's batches added (default: not saved); "
+        "cellvae embed NEW.h5ad --model-dir QUERY_MODEL_DIR then embeds more cells of these batches",
+    )
+    mapping.add_argument(
+        "--batch-key", default=None, help="obs column of the query's batches (default: the reference model's batch key)"
+    )
+    mapping.add_argument(
+        "--layer", default=None, help="layer with the query's raw counts, or X (default: where the model read them in training)"
+    )
+    mapping.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
+    mapping.add_argument(
+        "--reference",
+        default=None,
+        help="labelled reference .h5ad or .zarr (cells of the reference model's batches, counts where the model read them "
+        "in training), for --labels-key; it is embedded with the model (an embedding stored in it is not used)",
+    )
+    mapping.add_argument(
+        "--labels-key",
+        default=None,
+        help="obs column of the reference's labels to transfer: writes obs[LABELS_KEY_predicted], "
+        "obs[LABELS_KEY_uncertainty] and obs[LABELS_KEY_novelty] (needs --reference)",
+    )
+    mapping.add_argument("--k", type=positive_int, default=15, help="reference neighbours that vote on a label (default: 15)")
+    mapping.add_argument(
+        "--unknown-threshold",
+        type=fraction,
+        default=None,
+        help="label 'Unknown' the query cells whose vote's uncertainty exceeds this, e.g. 0.5 (default: none)",
+    )
+    mapping.add_argument(
+        "--novelty-threshold",
+        type=fraction,
+        default=None,
+        help="label 'Unknown' the query cells whose novelty (unlike any reference cell) exceeds this, e.g. 0.95 (default: none)",
+    )
+    mapping.add_argument(
+        "--unlabeled-category",
+        default=None,
+        help="the label of unlabelled reference cells, which do not vote (cells with a missing label never do)",
+    )
+    mapping.add_argument(
+        "--train-input-layer",
+        action="store_true",
+        help="also train the encoder's first layer (for a query that is a perturbation of the reference): reference "
+        "cells then embed differently; embed them again with 'cellvae embed --model-dir QUERY_MODEL_DIR'",
+    )
+    mapping.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="mapping epochs over the query (default: chosen from its size, with early stopping)",
+    )
+    mapping.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
+    mapping.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
+    mapping.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    mapping.add_argument(
+        "--backed", action="store_true", help="stream the counts of the .h5ad files from disk instead of loading them"
+    )
+    mapping.add_argument("--overwrite", action="store_true", help="replace an existing --out file and --query-model-dir")
+    mapping.add_argument("--quiet", action="store_true", help="no progress bar")
+    mapping.set_defaults(command="map", run=run_map)
     return parser
 
 
@@ -271,7 +372,8 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.resume and args.checkpoint_dir is None:
         raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
     _check_input_and_output(args)
-    _check_model_dir(args)
+    separate = {"--checkpoint-dir": args.checkpoint_dir}
+    _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate)
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
@@ -348,35 +450,176 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
 
     from cellvae import CellVAE, tl
-    from cellvae.data import counts_location, layer_names
 
     _check_input_and_output(args)
-    model_dir, out = Path(args.model_dir).expanduser().resolve(), Path(args.out).expanduser().resolve()
-    if out == model_dir or model_dir in out.parents:
-        raise SystemExit("error: --out must not be --model-dir or inside it (it would replace the model's files)")
+    _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
     model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
-    layer = model.config.layer if args.layer is None else None if args.layer == "X" else args.layer
-    adata = _read(args.input, backed=args.backed, layer=layer)
-    if layer is not None and layer not in adata.layers:
-        trained = " (where the model read its counts in training)" if args.layer is None else ""
-        raise SystemExit(
-            f"error: {args.input} has no layers[{layer!r}]{trained}; name the counts' place with --layer NAME, "
-            f"or --layer X (layers here: {layer_names(adata)})"
-        )
+    adata, layer = _read_for_model(args.input, model, args.layer, args.backed)
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
-    counts = _counts_where_model_reads(adata, layer, model.config.layer)
     replaced = args.key_added in adata.obsm
-    try:
-        adata.obsm[args.key_added] = model.get_latent(counts)
-    except (ValueError, TypeError) as error:  # the checks name the model's place, where the counts were put for it
-        if counts is adata:
-            raise
-        moved_from, moved_to = counts_location(layer), counts_location(model.config.layer)
-        raise type(error)(str(error).replace(moved_to, moved_from)) from error
+    with _errors_name_where_counts_were_read(layer, model.config.layer):
+        adata.obsm[args.key_added] = model.get_latent(_counts_where_model_reads(adata, layer, model.config.layer))
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
+
+
+def run_map(args: argparse.Namespace) -> int:
+
+    import anndata as ad
+
+    from cellvae import CellVAE, tl
+
+    _check_input_and_output(args)
+    _check_labels_options(args)
+    _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
+    if args.query_model_dir is not None:  # never inside the reference's folder: --overwrite would replace the reference
+        separate = {"--model-dir": args.model_dir}
+        _check_model_dir(args.query_model_dir, "--query-model-dir", overwrite=args.overwrite, out=args.out, separate=separate)
+    reference_model = CellVAE.load(args.model_dir, load_anndata=False)  # only read: the query model is a new one
+    config = reference_model.config
+    if not config.batch_key:
+        raise SystemExit(
+            f"error: the model in {args.model_dir} was trained without --batch-key, so it has no batches to add the "
+            f"query's to: embed the query with cellvae embed {shlex.quote(args.input)} --model-dir "
+            f"{shlex.quote(args.model_dir)} --out ..., or train a reference with --batch-key"
+        )
+    query, layer = _read_for_model(args.input, reference_model, args.layer, args.backed)
+    batch_key = config.batch_key if args.batch_key is None else args.batch_key
+    _check_obs_columns(query, args.input, batch_key, config, given=args.batch_key is not None)
+    tl._check_record_is_its_own(query, args.key_added, tl._uns_key(args.key_added))
+    reference = None
+    if args.reference is not None:  # its labels and its embedding, checked before the query is trained
+        reference = _read_for_model(args.reference, reference_model, None, args.backed, option="--reference")[0]
+        if args.labels_key not in reference.obs.columns:
+            raise SystemExit(
+                f"error: --reference {args.reference} has no obs[{args.labels_key!r}] (--labels-key); "
+                f"obs columns there: {list(reference.obs.columns)}"
+            )
+        tl._voting_cells(reference, args.labels_key, args.k, args.unlabeled_category, args.novelty_threshold)
+        # (also checks its counts, genes and batches); the query model embeds reference cells alike, unless
+        # --train-input-layer trains their encoder's first layer too
+        reference_latent = _embed_reference(reference_model, reference, args)
+    replaced = args.key_added in query.obsm
+    with _errors_name_where_counts_were_read(layer, config.layer):
+        query_model = reference_model.map_query(
+            _counts_where_model_reads(query, layer, config.layer),
+            batch_key=args.batch_key,
+            train_input_layer=args.train_input_layer,
+            max_epochs=args.epochs,
+            batch_size=args.batch_size,
+            random_state=args.seed,
+            device=args.device,
+            progress=not args.quiet,
+        )
+    query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)  # the query's aligned counts
+    written = [f"obsm[{args.key_added!r}]"]
+    if reference is not None:
+        if args.train_input_layer:
+            reference_latent = _embed_reference(query_model, reference, args)
+        voters = ad.AnnData(obs=reference.obs[[args.labels_key]], obsm={args.key_added: reference_latent})
+        tl.transfer_labels(
+            voters,
+            query,
+            args.labels_key,
+            use_rep=args.key_added,
+            k=args.k,
+            unknown_threshold=args.unknown_threshold,
+            unlabeled_category=args.unlabeled_category,
+            novelty_threshold=args.novelty_threshold,
+        )
+        written += [f"obs[{args.labels_key + suffix!r}]" for suffix in ("_predicted", "_uncertainty", "_novelty")]
+    interrupted = bool(query_model.history.attrs.get("interrupted"))  # Ctrl-C while mapping: keep what was trained
+    record = {
+        "query_batch_key": batch_key,
+        "mapping_epochs": int(len(query_model.history)),
+        "train_input_layer": args.train_input_layer,
+        "query_model_dir": args.query_model_dir,
+        "reference": args.reference,
+        "labels_key": args.labels_key,
+        "interrupted": interrupted or None,
+    }
+    _record_embedding(query, args.key_added, reference_model, args.model_dir, layer, replaced, record)
+    if args.query_model_dir is not None:  # first, so that a failure below loses no training
+        query_model.save(args.query_model_dir, overwrite=args.overwrite)
+    _write(query, args.out)
+    new_batches = query_model.config.batch_categories[len(config.batch_categories) :]
+    mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}) in {len(query_model.history)} epochs"
+    saved = f"; saved the query model in {args.query_model_dir}" if args.query_model_dir is not None else ""
+    if interrupted:
+        print(f"interrupted: {mapped}, the best so far; wrote {args.out} with {', '.join(written)}{saved}", file=sys.stderr)
+        return 130
+    print(f"{mapped}; wrote {args.out} with {', '.join(written)}{saved}")
+    return 0
+
+
+def _check_labels_options(args: argparse.Namespace) -> None:
+    """``cellvae map``'s label-transfer options come together: --reference with --labels-key, and the vote's
+    options only with them."""
+    if (args.reference is None) != (args.labels_key is None):
+        given, missing = ("--reference", "--labels-key") if args.labels_key is None else ("--labels-key", "--reference")
+        raise SystemExit(
+            f"error: {given} needs {missing}: --reference names the labelled reference .h5ad, --labels-key its obs "
+            "column of labels to transfer (the query's embedding alone needs neither)"
+        )
+    vote = {"--unknown-threshold": args.unknown_threshold, "--novelty-threshold": args.novelty_threshold}
+    vote["--unlabeled-category"] = args.unlabeled_category
+    given = [option for option, value in vote.items() if value is not None]
+    if given and args.labels_key is None:
+        raise SystemExit(f"error: {given[0]} is an option of the label transfer: pass --reference and --labels-key too")
+
+
+def _check_obs_columns(query, path: str, batch_key: str, config, given: bool) -> None:
+    """Refuse a query without its batch column or the reference's covariates before any work (map_query would
+    find out only after the reference was read and embedded)."""
+    columns = list(query.obs.columns)
+    if batch_key not in columns:
+        name = "--batch-key" if given else "the reference model's batch key; name the query's batch column with --batch-key"
+        raise SystemExit(f"error: {path} has no obs[{batch_key!r}] ({name}); obs columns there: {columns}")
+    covariates = config.categorical_covariate_keys + config.continuous_covariate_keys
+    missing = [key for key in covariates if key not in columns]
+    if missing:
+        raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of the reference model; add them")
+
+
+def _embed_reference(model, reference, args: argparse.Namespace):
+    """The reference cells' embedding by ``model``, its errors naming the --reference file. A stored embedding is
+    never used: it may come from another model, and a vote across two spaces would be wrong without a word."""
+    try:
+        return model.get_latent(reference, progress=not args.quiet)
+    except (ValueError, KeyError, TypeError) as error:
+        raise type(error)(f"--reference {args.reference}: {_message_of(error)}") from error
+
+
+def _read_for_model(path: str, model, layer_option: str | None, backed: bool, option: str = "the input"):
+    """The AnnData at ``path`` and where its counts are read (``None``: X): ``layer_option`` (``"X"`` for X), or where
+    ``model`` read them in training; a missing layer is refused with the options that name another place."""
+    from cellvae.data import layer_names
+
+    layer = model.config.layer if layer_option is None else None if layer_option == "X" else layer_option
+    adata = _read(path, backed=backed, layer=layer)
+    if layer is not None and layer not in adata.layers:
+        trained = " (where the model read its counts in training)" if layer_option is None else ""
+        fix = "name the counts' place with --layer NAME, or --layer X" if option == "the input" else "put the counts there"
+        where = path if option == "the input" else f"{option} {path}"
+        raise SystemExit(f"error: {where} has no layers[{layer!r}]{trained}; {fix} (layers here: {layer_names(adata)})")
+    return adata, layer
+
+
+@contextmanager
+def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | None) -> Iterator[None]:
+    """Inside: an error about counts that :func:`_counts_where_model_reads` put where the model reads them names
+    the place they were read from (``layer``) instead."""
+    from cellvae.data import counts_location
+
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if layer == model_layer:
+            raise
+        moved_from, moved_to = counts_location(layer), counts_location(model_layer)
+        raise type(error)(str(error).replace(moved_to, moved_from)) from error
 
 
 def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None):
@@ -394,17 +637,19 @@ def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None)
     return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
 
 
-def _record_embedding(adata, key_added: str, model, model_dir: str, layer: str | None, replaced: bool) -> None:
-    """``embed``'s record in ``uns`` (where ``tl.embed`` keeps its settings; ``layer``: where the counts were read,
-    ``None`` for X), replacing an earlier fit's, and a warning where the input held an ``obsm[key_added]``
-    (``replaced``) and a graph or UMAP likely made from it."""
+def _record_embedding(
+    adata, key_added: str, model, model_dir: str, layer: str | None, replaced: bool, more: Mapping | None = None
+) -> None:
+    """``embed``'s (and ``map``'s, with its ``more`` entries) record in ``uns`` (where ``tl.embed`` keeps its settings;
+    ``layer``: where the counts were read, ``None`` for X), replacing an earlier fit's, and a warning where the input
+    held an ``obsm[key_added]`` (``replaced``) and a graph or UMAP likely made from it."""
     from cellvae import tl
 
     uns_key = tl._uns_key(key_added)
     record = adata.uns.get(uns_key)
     if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
         params = {"key_added": key_added, "model_dir": str(model_dir), "layer": layer}
-        params |= {"batch_key": model.config.batch_key, "epochs_trained": int(len(model.history))}
+        params |= {"batch_key": model.config.batch_key, "epochs_trained": int(len(model.history)), **(more or {})}
         adata.uns[uns_key] = {**(record or {}), "params": {k: v for k, v in params.items() if v is not None}}
     _warn_if_graph_is_stale(adata, key_added, replaced)
 
@@ -430,6 +675,9 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
     out = args.out
     if Path(out).resolve() == Path(args.input).resolve():
         raise SystemExit("error: --out is the input file; give another path (the input is never replaced)")
+    reference = getattr(args, "reference", None)  # (map's)
+    if reference is not None and Path(out).resolve() == Path(reference).resolve():
+        raise SystemExit("error: --out is the --reference file; give another path (the reference is never replaced)")
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
     folder = Path(out).resolve().parent
@@ -446,34 +694,50 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         )
 
 
-def _check_model_dir(args: argparse.Namespace) -> None:
-    """Fail before training, not after it, where the model could not be saved in --model-dir."""
+def _check_model_dir(
+    model_dir: str, option: str, *, overwrite: bool, out: str, separate: Mapping[str, str | None] | None = None
+) -> None:
+    """Fail before training, not after it, where the model could not be saved in ``model_dir`` (given as
+    ``option``), or where saving it or writing ``out`` would replace the files of a ``separate`` folder
+    (``{option: path}``: fit's checkpoints, map's reference model)."""
     from cellvae.model import is_model_folder
 
-    model_dir = Path(args.model_dir).expanduser()
-    resolved = model_dir.resolve()
-    if model_dir.name in ("", ".", "..") or resolved.name in ("", ".", ".."):
-        raise SystemExit(f"error: --model-dir needs a folder name for the model, e.g. my_model/, got {args.model_dir!r}")
+    folder = Path(model_dir).expanduser()
+    resolved = folder.resolve()
+    if folder.name in ("", ".", "..") or resolved.name in ("", ".", ".."):
+        raise SystemExit(f"error: {option} needs a folder name for the model, e.g. my_model/, got {model_dir!r}")
     blocked = next((path for path in (resolved, *resolved.parents) if path.exists() and not path.is_dir()), None)
     if blocked is not None:
-        raise SystemExit(f"error: --model-dir {args.model_dir} cannot be made: {blocked} is a file")
-    if model_dir.exists():
-        if not args.overwrite:
-            raise SystemExit(f"error: model directory {args.model_dir} exists; pass --overwrite to replace it")
-        if not is_model_folder(model_dir):
+        raise SystemExit(f"error: {option} {model_dir} cannot be made: {blocked} is a file")
+    others = {name: path for name, path in (separate or {}).items() if path is not None}
+    for other, path in others.items():
+        if _nested(Path(path), resolved):
+            raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
+    if folder.exists():
+        if not overwrite:
+            raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
+        if not is_model_folder(folder):
             raise SystemExit(
-                f"error: {args.model_dir} holds files that are not a saved cellvae model; --overwrite replaces only a "
-                "model folder: choose a new --model-dir or remove it yourself"
+                f"error: {model_dir} holds files that are not a saved cellvae model; --overwrite replaces only a "
+                f"model folder: choose a new {option} or remove it yourself"
             )
-    checkpoints = None if args.checkpoint_dir is None else Path(args.checkpoint_dir).resolve()
-    nested = checkpoints is not None and (checkpoints in (resolved, *resolved.parents) or resolved in checkpoints.parents)
-    if nested:
-        raise SystemExit("error: --checkpoint-dir and --model-dir must be separate folders, neither inside the other")
-    out = Path(args.out).resolve()
-    if out == resolved or resolved in out.parents:
-        raise SystemExit("error: --out must not be --model-dir or inside it")
-    if checkpoints is not None and (out == checkpoints or checkpoints in out.parents):
-        raise SystemExit("error: --out must not be --checkpoint-dir or inside it")
+    _check_out_is_outside(out, {option: model_dir, **others})
+
+
+def _nested(first: Path, second: Path) -> bool:
+    """Whether two folders are one, or one lies inside the other."""
+    first, second = first.expanduser().resolve(), second.expanduser().resolve()
+    return first == second or first in second.parents or second in first.parents
+
+
+def _check_out_is_outside(out: str, folders: Mapping[str, str]) -> None:
+    """Refuse an --out that is one of ``folders`` (``{option: path}``) or lies inside one: writing it would
+    replace a model's (or checkpoint's) files."""
+    target = Path(out).expanduser().resolve()
+    for option, folder in folders.items():
+        resolved = Path(folder).expanduser().resolve()
+        if target == resolved or resolved in target.parents:
+            raise SystemExit(f"error: --out must not be {option} or inside it (it would replace the files there)")
 
 
 def _write(adata, out: str) -> None:

@@ -304,8 +304,9 @@ def transfer_labels(
         is_number = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, (bool, np.bool_))
         if threshold is not None and not (is_number and 0.0 <= threshold <= 1.0):
             raise ValueError(f"{name} must be a number in [0, 1] or None, got {threshold!r}")
-    if labels_key not in ref_adata.obs.columns:
-        raise KeyError(f"labels_key {labels_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
+    labelled = _voting_cells(ref_adata, labels_key, k, unlabeled_category, novelty_threshold)
+    k = int(k)
+    n_jobs = _n_jobs(n_jobs)
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
         if use_rep not in adata.obsm:
             raise KeyError(
@@ -324,22 +325,6 @@ def transfer_labels(
             bad = int((~np.isfinite(values)).any(axis=1).sum())
             raise ValueError(f"{name}.obsm[{use_rep!r}] has NaN or infinite values in {bad:,} cells; embed them again")
     labels = ref_adata.obs[labels_key]
-    labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
-    if unlabeled_category is not None:
-        labelled = labelled & ~labels.isin([unlabeled_category]).to_numpy(dtype=bool)  # (!= gives NA on nullable columns)
-    _check_count(k, "k")
-    k = int(k)
-    n_jobs = _n_jobs(n_jobs)
-    if not labelled.any():
-        skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
-        raise ValueError(f"ref_adata.obs[{labels_key!r}] has no labelled cells (every label is {skipped})")
-    if k > labelled.sum():
-        raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
-    if novelty_threshold is not None and labelled.sum() < 2:
-        raise ValueError(
-            "novelty_threshold needs at least 2 labelled reference cells (novelty compares the query's distances with "
-            "the reference cells' distances to one another); ref_adata has 1: pass novelty_threshold=None"
-        )
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
     names = np.asarray(names, dtype=object)
@@ -375,6 +360,31 @@ def transfer_labels(
     if soft:
         query_adata.obsm[f"{labels_key}_vote_shares"] = _vote_shares(codes[neighbours], weights, names, query_adata.obs_names)
     return query_adata if copy else None
+
+
+def _voting_cells(
+    ref_adata: ad.AnnData, labels_key: str, k, unlabeled_category: str | None, novelty_threshold: float | None
+) -> np.ndarray:
+    """The reference cells that vote in :func:`transfer_labels` (those with a label), after its checks of the labels
+    and of ``k`` against them; also run by ``cellvae map`` before it trains."""
+    if labels_key not in ref_adata.obs.columns:
+        raise KeyError(f"labels_key {labels_key!r} not found in ref_adata.obs; available: {list(ref_adata.obs.columns)}")
+    labels = ref_adata.obs[labels_key]
+    labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
+    if unlabeled_category is not None:
+        labelled = labelled & ~labels.isin([unlabeled_category]).to_numpy(dtype=bool)  # (!= gives NA on nullable columns)
+    _check_count(k, "k")
+    if not labelled.any():
+        skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
+        raise ValueError(f"ref_adata.obs[{labels_key!r}] has no labelled cells (every label is {skipped})")
+    if k > labelled.sum():
+        raise ValueError(f"k={k} is larger than the {int(labelled.sum())} labelled reference cells; lower k")
+    if novelty_threshold is not None and labelled.sum() < 2:
+        raise ValueError(
+            "novelty_threshold needs at least 2 labelled reference cells (novelty compares the query's distances with "
+            "the reference cells' distances to one another); ref_adata has 1: pass novelty_threshold=None"
+        )
+    return labelled
 
 
 def _labels_key(labels_key, label_key) -> str:

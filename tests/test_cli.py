@@ -1,4 +1,4 @@
-"""The `cellvae` command line: demo, fit and embed write what they promise."""
+"""The `cellvae` command line: demo, fit, embed and map write what they promise."""
 
 import os
 import subprocess
@@ -29,7 +29,7 @@ def fit_args(tmp_path, n_cells: int, n_genes: int) -> list[str]:
 
 def test_help_lists_the_commands_without_loading_torch():
     result = subprocess.run([sys.executable, "-m", "cellvae.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("demo", "fit", "embed"):
+    for command in ("demo", "fit", "embed", "map"):
         assert command in result.stdout
     # the package loads its parts on first use: help and argument errors do not wait for torch and scanpy
     code = "import sys, cellvae, cellvae.cli; cellvae.cli.build_parser(); print(sorted({'torch', 'scanpy'} & set(sys.modules)))"
@@ -144,7 +144,7 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
         "reads: try CellVAE(..., dispersion='gene-cell') and compare; Map new batches with model.map_query(...)"
     )
     assert "(on the command line: --dispersion gene-cell sets dispersion='gene-cell')" in told
-    assert "(on the command line: there is no mapping" in told
+    assert "(on the command line: cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches" in told
     assert in_command_line_terms("use device='auto' or 'cpu'") == "use --device auto or --device cpu"
     assert in_command_line_terms("adata.layers['counts'] holds whole counts: pass layer='counts'").startswith(
         "adata.layers['counts'] holds whole counts: pass --layer counts"
@@ -672,7 +672,10 @@ def test_a_write_that_fails_half_way_leaves_no_partial_file(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", [["demo"], ["embed", "in.h5ad", "--model-dir", "model", "--out", "out.h5ad"]])
+@pytest.mark.parametrize(
+    "command",
+    [["demo"], *([name, "in.h5ad", "--model-dir", "model", "--out", "out.h5ad"] for name in ("embed", "map"))],
+)
 def test_commands_that_run_in_one_process_are_refused_under_torchrun(tmp_path, monkeypatch, command):
     """Under torchrun every process ran them and wrote the same outputs: one then failed on "--out exists"."""
     monkeypatch.chdir(tmp_path)
@@ -729,3 +732,153 @@ def test_embed_says_a_neighbour_graph_made_from_the_replaced_embedding_is_stale(
     command = ["embed", str(tmp_path / "graph.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]
     assert main(command) == 0
     assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- cellvae map
+
+
+@pytest.fixture(scope="module")
+def reference_folder(tmp_path_factory):
+    """A reference model trained on batch0 and batch1 of simulated cells of 4 types, saved in model/, with its
+    cells in ref.h5ad and the held-out batch2 in query.h5ad."""
+    folder = tmp_path_factory.mktemp("mapping")
+    data = cellvae.datasets.simulate(n_cells=800, n_genes=100, n_batches=3, n_cell_types=4, random_state=3, batch_effect=0.8)
+    is_query = (data.obs["batch"] == "batch2").to_numpy()
+    data[~is_query].copy().write_h5ad(folder / "ref.h5ad")
+    data[is_query].copy().write_h5ad(folder / "query.h5ad")
+    cellvae.CellVAE(data[~is_query].copy(), batch_key="batch").fit(max_epochs=40, progress=False).save(folder / "model")
+    return folder
+
+
+def folder_bytes(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_map_embeds_the_query_in_the_references_space_and_transfers_its_labels(reference_folder, tmp_path, capsys):
+    ref, model, out, query_model = reference_folder, reference_folder / "model", tmp_path / "out.h5ad", tmp_path / "qmodel"
+    before = folder_bytes(model)
+    command = [
+        "map",
+        str(ref / "query.h5ad"),
+        "--model-dir",
+        str(model),
+        "--out",
+        str(out),
+        "--query-model-dir",
+        str(query_model),
+    ]
+    command += ["--reference", str(ref / "ref.h5ad"), "--labels-key", "cell_type", "--epochs", "20", "--quiet"]
+    assert main(command) == 0
+    assert "new batches: ['batch2']" in capsys.readouterr().out
+    mapped, query = ad.read_h5ad(out), ad.read_h5ad(ref / "query.h5ad")
+    assert mapped.obsm["X_cellvae"].shape == (query.n_obs, 10) and np.isfinite(mapped.obsm["X_cellvae"]).all()
+    assert (mapped.obs_names == query.obs_names).all() and (mapped.X != query.X).nnz == 0  # the query, as it was, plus
+    accuracy = (mapped.obs["cell_type_predicted"].astype(str) == mapped.obs["cell_type"].astype(str)).mean()
+    assert accuracy > 0.9
+    assert mapped.obs["cell_type_uncertainty"].between(0, 1).all() and mapped.obs["cell_type_novelty"].between(0, 1).all()
+    params = mapped.uns["cellvae"]["params"]
+    assert params["model_dir"] == str(model) and params["query_model_dir"] == str(query_model)
+    assert params["labels_key"] == "cell_type" and 1 <= params["mapping_epochs"] <= 20 and params["epochs_trained"] == 40
+    assert folder_bytes(model) == before  # the reference model is only read
+    # the saved query model embeds the query as written, and the reference as the reference model does (frozen)
+    saved = cellvae.CellVAE.load(query_model)
+    assert saved.config.batch_categories == ["batch0", "batch1", "batch2"]
+    again = ["embed", str(ref / "query.h5ad"), "--model-dir", str(query_model), "--out", str(tmp_path / "again.h5ad")]
+    assert main(again) == 0
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "again.h5ad").obsm["X_cellvae"], mapped.obsm["X_cellvae"], atol=1e-5)
+    reference = ad.read_h5ad(ref / "ref.h5ad")
+    np.testing.assert_array_equal(saved.get_latent(reference), cellvae.CellVAE.load(model).get_latent(reference))
+    # Unknown where the vote is unsure: with a threshold of 0, every cell whose neighbours disagree at all
+    command[command.index("--out") + 1] = str(tmp_path / "unsure.h5ad")
+    assert main([*command, "--unknown-threshold", "0", "--overwrite"]) == 0
+    unsure = ad.read_h5ad(tmp_path / "unsure.h5ad")
+    expected = np.where(mapped.obs["cell_type_uncertainty"] > 0, "Unknown", mapped.obs["cell_type_predicted"].astype(str))
+    np.testing.assert_array_equal(unsure.obs["cell_type_predicted"].astype(str), expected)
+
+
+def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(reference_folder, tmp_path):
+    """Only the model is needed to embed; the query's batches under another obs column and its counts in a layer
+    are named with --batch-key and --layer; --train-input-layer embeds the reference anew for the vote."""
+    ref = reference_folder
+    query = ad.read_h5ad(ref / "query.h5ad")
+    query.obs = query.obs.rename(columns={"batch": "donor"})
+    query.layers["umis"] = query.X.copy()
+    query.X = query.X * 0.5  # not counts
+    query.write_h5ad(tmp_path / "query.h5ad")
+    command = ["map", str(tmp_path / "query.h5ad"), "--model-dir", str(ref / "model"), "--out", str(tmp_path / "out.h5ad")]
+    command += ["--batch-key", "donor", "--layer", "umis", "--epochs", "3", "--quiet"]
+    assert main(command) == 0
+    mapped = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert mapped.obsm["X_cellvae"].shape == (query.n_obs, 10)
+    assert not [column for column in mapped.obs.columns if column.endswith("_predicted")]
+    params = mapped.uns["cellvae"]["params"]
+    assert params["layer"] == "umis" and params["query_batch_key"] == "donor" and "query_model_dir" not in params
+    labels = ["--reference", str(ref / "ref.h5ad"), "--labels-key", "cell_type", "--train-input-layer", "--key-added", "X_ft"]
+    assert main([*command, *labels, "--overwrite"]) == 0
+    mapped = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert mapped.obsm["X_ft"].shape == (query.n_obs, 10) and mapped.uns["X_ft"]["params"]["train_input_layer"]
+    assert mapped.obs["cell_type_predicted"].notna().all()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--out", "{ref}/model/out.h5ad"], "--out must not be --model-dir or inside it"),
+        (["--out", "{ref}/ref.h5ad"], "--out is the --reference file"),
+        (["--out", "{tmp}/exists.h5ad"], "exists; pass --overwrite"),
+        (["--query-model-dir", "{ref}/model", "--overwrite"], "--model-dir and --query-model-dir must be separate"),
+        (["--query-model-dir", "{ref}/model/query"], "--model-dir and --query-model-dir must be separate"),
+        (["--query-model-dir", "{tmp}"], r"model directory .* exists; pass --overwrite"),
+        (["--reference", None], "--labels-key needs --reference"),
+        (["--labels-key", None], "--reference needs --labels-key"),
+        (["--reference", None, "--labels-key", None, "--novelty-threshold", "0.9"], "is an option of the label transfer"),
+        (["--batch-key", "donor"], r"has no obs\['donor'\] \(--batch-key\)"),
+        (["--labels-key", "tissue"], r"--reference .*ref.h5ad has no obs\['tissue'\] \(--labels-key\)"),
+        (["--k", "10000"], r"k=10000 is larger than the \d+ labelled reference cells"),
+        (["--layer", "counts"], r"query.h5ad has no layers\['counts'\]; name the counts' place with --layer"),
+        (["--model-dir", "{ref}/unbatched"], "trained without --batch-key, so it has no batches to add the query's to"),
+        (["--model-dir", "{tmp}/none"], "not a saved cellvae model"),
+        (["{tmp}/missing.h5ad"], "input .*missing.h5ad does not exist"),
+        (["{tmp}/unbatched.h5ad"], "the reference model's batch key; name the query's batch column with --batch-key"),
+        (["{tmp}/few_genes.h5ad"], r"only 50 of the model's 100 genes \(50%\) are in query_adata"),
+        (["--reference", "{tmp}/unbatched.h5ad"], r"--reference .*unbatched.h5ad: obs column 'batch' \(used by the model\)"),
+    ],
+)
+def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monkeypatch, options, message):
+    ref = reference_folder
+    if not (ref / "unbatched").exists():
+        model = cellvae.CellVAE(ad.read_h5ad(ref / "ref.h5ad")).fit(max_epochs=1, progress=False)
+        model.save(ref / "unbatched")
+    query = ad.read_h5ad(ref / "query.h5ad")
+    query[:, :50].copy().write_h5ad(tmp_path / "few_genes.h5ad")
+    del query.obs["batch"]
+    query.write_h5ad(tmp_path / "unbatched.h5ad")
+    (tmp_path / "exists.h5ad").write_text("an earlier result")
+    before = {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
+    model_before = folder_bytes(ref / "model")
+    monkeypatch.setattr(cellvae.model, "train", lambda *a, **k: pytest.fail("training started"))
+    command = ["map", str(ref / "query.h5ad"), "--model-dir", str(ref / "model"), "--out", str(tmp_path / "out.h5ad")]
+    command += ["--reference", str(ref / "ref.h5ad"), "--labels-key", "cell_type", "--epochs", "1", "--quiet"]
+    for position in range(0, len(options), 2):  # an option and its value; a None value leaves the option out
+        option, value = options[position : position + 2] if options[position].startswith("--") else (None, options[position])
+        if option is None:
+            command[1] = value.format(tmp=tmp_path, ref=ref)
+            continue
+        at = command.index(option) if option in command else None
+        if value is None:
+            del command[at : at + 2]
+        elif at is None:
+            command += [option, value.format(tmp=tmp_path, ref=ref)]
+        else:
+            command[at + 1] = value.format(tmp=tmp_path, ref=ref)
+    with pytest.raises(SystemExit, match=message):
+        main(command)
+    assert {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == before  # nothing written
+    assert folder_bytes(ref / "model") == model_before
+
+
+def test_map_thresholds_outside_0_to_1_are_refused_by_the_parser(capsys):
+    for option in ("--unknown-threshold", "--novelty-threshold"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["map", "q.h5ad", "--model-dir", "m", "--out", "o.h5ad", option, "1.5"])
+        assert stopped.value.code == 2 and f"{option}: must be a number from 0 to 1, got '1.5'" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_reference_mapping_runs_on_a_held_out_batch(tmp_path, monkeypatch):
 
 def test_every_command_line_the_readme_shows_parses():
     lines = [line for block in code_blocks("bash") for line in block.splitlines() if line.startswith("cellvae ")]
-    assert {line.split()[1] for line in lines} >= {"demo", "fit", "embed", "--help"}
+    assert {line.split()[1] for line in lines} >= {"demo", "fit", "embed", "map", "--help"}
     for line in lines:
         if line == "cellvae --help":
             continue
