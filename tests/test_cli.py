@@ -821,30 +821,32 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
 
 
 @pytest.mark.parametrize(
-    "options, message",
+    "edits, message",
     [
-        (["--out", "{ref}/model/out.h5ad"], "--out must not be --model-dir or inside it"),
-        (["--out", "{ref}/ref.h5ad"], "--out is the --reference file"),
-        (["--out", "{tmp}/exists.h5ad"], "exists; pass --overwrite"),
-        (["--query-model-dir", "{ref}/model", "--overwrite"], "--model-dir and --query-model-dir must be separate"),
-        (["--query-model-dir", "{ref}/model/query"], "--model-dir and --query-model-dir must be separate"),
-        (["--query-model-dir", "{tmp}"], r"model directory .* exists; pass --overwrite"),
-        (["--reference", None], "--labels-key needs --reference"),
-        (["--labels-key", None], "--reference needs --labels-key"),
-        (["--reference", None, "--labels-key", None, "--novelty-threshold", "0.9"], "is an option of the label transfer"),
-        (["--batch-key", "donor"], r"has no obs\['donor'\] \(--batch-key\)"),
-        (["--labels-key", "tissue"], r"--reference .*ref.h5ad has no obs\['tissue'\] \(--labels-key\)"),
-        (["--k", "10000"], r"k=10000 is larger than the \d+ labelled reference cells"),
-        (["--layer", "counts"], r"query.h5ad has no layers\['counts'\]; name the counts' place with --layer"),
-        (["--model-dir", "{ref}/unbatched"], "trained without --batch-key, so it has no batches to add the query's to"),
-        (["--model-dir", "{tmp}/none"], "not a saved cellvae model"),
-        (["{tmp}/missing.h5ad"], "input .*missing.h5ad does not exist"),
-        (["{tmp}/unbatched.h5ad"], "the reference model's batch key; name the query's batch column with --batch-key"),
-        (["{tmp}/few_genes.h5ad"], r"only 50 of the model's 100 genes \(50%\) are in query_adata"),
-        (["--reference", "{tmp}/unbatched.h5ad"], r"--reference .*unbatched.h5ad: obs column 'batch' \(used by the model\)"),
+        ({"--out": "{ref}/model/out.h5ad"}, "--out must not be --model-dir or inside it"),
+        ({"--out": "{ref}/ref.h5ad"}, "--out is the --reference file"),
+        ({"--out": "{tmp}/exists.h5ad"}, "exists; pass --overwrite"),
+        ({"--query-model-dir": "{ref}/model", "--overwrite": True}, "--model-dir and --query-model-dir must be separate"),
+        ({"--query-model-dir": "{ref}/model/query"}, "--model-dir and --query-model-dir must be separate"),
+        ({"--query-model-dir": "{tmp}"}, r"model directory .* exists; pass --overwrite"),
+        ({"--reference": None}, "--labels-key needs --reference"),
+        ({"--labels-key": None}, "--reference needs --labels-key"),
+        ({"--reference": None, "--labels-key": None, "--novelty-threshold": "0.9"}, "is an option of the label transfer"),
+        ({"--batch-key": "donor"}, r"has no obs\['donor'\] \(--batch-key\)"),
+        ({"--labels-key": "tissue"}, r"--reference .*ref.h5ad has no obs\['tissue'\] \(--labels-key\)"),
+        ({"--k": "10000"}, r"k=10000 is larger than the \d+ labelled reference cells"),
+        ({"--layer": "counts"}, r"query.h5ad has no layers\['counts'\]; name the counts' place with --layer"),
+        ({"--model-dir": "{ref}/unbatched"}, "trained without --batch-key, so it has no batches to add the query's to"),
+        ({"--model-dir": "{tmp}/none"}, "not a saved cellvae model"),
+        ({"input": "{tmp}/missing.h5ad"}, "input .*missing.h5ad does not exist"),
+        ({"input": "{tmp}/unbatched.h5ad"}, "the reference model's batch key; name the query's batch column with --batch-key"),
+        ({"input": "{tmp}/few_genes.h5ad"}, r"only 50 of the model's 100 genes \(50%\) are in query_adata"),
+        ({"--reference": "{tmp}/unbatched.h5ad"}, r"--reference .*unbatched.h5ad: obs column 'batch' \(used by the model\)"),
     ],
 )
-def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monkeypatch, options, message):
+def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monkeypatch, edits, message):
+    """Each error ends in one 'error: ...' line before mapping trains, with nothing written (edits: the input or
+    an option given another value, None to leave it out, True for a flag)."""
     ref = reference_folder
     if not (ref / "unbatched").exists():
         model = cellvae.CellVAE(ad.read_h5ad(ref / "ref.h5ad")).fit(max_epochs=1, progress=False)
@@ -859,18 +861,18 @@ def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monke
     monkeypatch.setattr(cellvae.model, "train", lambda *a, **k: pytest.fail("training started"))
     command = ["map", str(ref / "query.h5ad"), "--model-dir", str(ref / "model"), "--out", str(tmp_path / "out.h5ad")]
     command += ["--reference", str(ref / "ref.h5ad"), "--labels-key", "cell_type", "--epochs", "1", "--quiet"]
-    for position in range(0, len(options), 2):  # an option and its value; a None value leaves the option out
-        option, value = options[position : position + 2] if options[position].startswith("--") else (None, options[position])
-        if option is None:
-            command[1] = value.format(tmp=tmp_path, ref=ref)
-            continue
-        at = command.index(option) if option in command else None
-        if value is None:
-            del command[at : at + 2]
-        elif at is None:
-            command += [option, value.format(tmp=tmp_path, ref=ref)]
+    for option, value in edits.items():
+        value = value.format(tmp=tmp_path, ref=ref) if isinstance(value, str) else value
+        if option == "input":
+            command[1] = value
+        elif value is None:
+            del command[command.index(option) : command.index(option) + 2]
+        elif value is True:
+            command.append(option)
+        elif option in command:
+            command[command.index(option) + 1] = value
         else:
-            command[at + 1] = value.format(tmp=tmp_path, ref=ref)
+            command += [option, value]
     with pytest.raises(SystemExit, match=message):
         main(command)
     assert {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == before  # nothing written
