@@ -26,6 +26,10 @@ DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts
   cellvae map QUERY.h5ad --model-dir DIR --out OUT.h5ad [--reference REF.h5ad --labels-key cell_type]
                                         map new batches onto a reference model, transfer its labels
 """
+VAR_NAMES_HELP = (
+    "var column that names the genes as the model does, e.g. feature_name where var_names are Ensembl IDs "
+    "(default: var_names; a repeated name stays with its first gene, as var_names_make_unique() leaves it)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +86,10 @@ def in_command_line_terms(message: str) -> str:
     another_layer += r"|put them where the model reads them, adata\.layers\['[^']+'\] = adata\.layers\['([^']+)'\])"
     message = re.sub(another_layer, lambda found: f"pass --layer {shlex.quote(found[2] or found[3])}", message)
     message = message.replace("leave out layer= (layer=None reads X)", "leave out --layer (or pass --layer X)")
+    # genes named by a var column (cellvae embed and map): --var-names reads them from it
+    by_column = r"name the genes by it first, (\w+)\.var_names = \1\.var\['([^']+)'\]\.astype\(str\) "
+    by_column += r"\(then \1\.var_names_make_unique\(\) if some repeat\)"
+    message = re.sub(by_column, lambda found: f"pass --var-names {shlex.quote(found[2])}", message)
     message = re.sub(
         r"adata\.X holds whole counts: adata\.layers\['[^']+'\] = adata\.X", "adata.X holds whole counts: pass --layer X", message
     )
@@ -248,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer with the raw counts, or X (default: where the model read them in training)",
     )
+    embed.add_argument("--var-names", default=None, metavar="COLUMN", help=VAR_NAMES_HELP)
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     embed.set_defaults(command="embed", run=run_embed)
@@ -283,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer", default=None, help="layer with the query's raw counts, or X (default: where the model read them in training)"
     )
     mapping.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
+    mapping.add_argument("--var-names", default=None, metavar="COLUMN", help=VAR_NAMES_HELP + "; the query's")
     mapping.add_argument(
         "--reference",
         default=None,
@@ -454,11 +464,12 @@ def run_embed(args: argparse.Namespace) -> int:
     _check_input_and_output(args)
     _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
     model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
-    adata, layer = _read_for_model(args.input, model, args.layer, args.backed)
+    adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     replaced = args.key_added in adata.obsm
     with _errors_name_where_counts_were_read(layer, model.config.layer):
-        adata.obsm[args.key_added] = model.get_latent(_counts_where_model_reads(adata, layer, model.config.layer))
+        counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names)
+        adata.obsm[args.key_added] = model.get_latent(counts)
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
@@ -485,7 +496,7 @@ def run_map(args: argparse.Namespace) -> int:
             f"query's to: embed the query with cellvae embed {shlex.quote(args.input)} --model-dir "
             f"{shlex.quote(args.model_dir)} --out ..., or train a reference with --batch-key"
         )
-    query, layer = _read_for_model(args.input, reference_model, args.layer, args.backed)
+    query, layer = _read_for_model(args.input, reference_model, args.layer, args.backed, var_names=args.var_names)
     batch_key = config.batch_key if args.batch_key is None else args.batch_key
     _check_obs_columns(query, args.input, batch_key, config, given=args.batch_key is not None)
     tl._check_record_is_its_own(query, args.key_added, tl._uns_key(args.key_added))
@@ -504,7 +515,7 @@ def run_map(args: argparse.Namespace) -> int:
     replaced = args.key_added in query.obsm
     with _errors_name_where_counts_were_read(layer, config.layer):
         query_model = reference_model.map_query(
-            _counts_where_model_reads(query, layer, config.layer),
+            _counts_where_model_reads(query, layer, config.layer, args.var_names),
             batch_key=args.batch_key,
             train_input_layer=args.train_input_layer,
             max_epochs=args.epochs,
@@ -592,9 +603,12 @@ def _embed_reference(model, reference, args: argparse.Namespace):
         raise type(error)(f"--reference {args.reference}: {_message_of(error)}") from error
 
 
-def _read_for_model(path: str, model, layer_option: str | None, backed: bool, option: str = "the input"):
+def _read_for_model(
+    path: str, model, layer_option: str | None, backed: bool, option: str = "the input", var_names: str | None = None
+):
     """The AnnData at ``path`` and where its counts are read (``None``: X): ``layer_option`` (``"X"`` for X), or where
-    ``model`` read them in training; a missing layer is refused with the options that name another place."""
+    ``model`` read them in training; a missing layer, or a missing ``var`` column ``var_names`` (--var-names), is
+    refused with the options that name another place."""
     from cellvae.data import layer_names
 
     layer = model.config.layer if layer_option is None else None if layer_option == "X" else layer_option
@@ -604,6 +618,8 @@ def _read_for_model(path: str, model, layer_option: str | None, backed: bool, op
         fix = "name the counts' place with --layer NAME, or --layer X" if option == "the input" else "put the counts there"
         where = path if option == "the input" else f"{option} {path}"
         raise SystemExit(f"error: {where} has no layers[{layer!r}]{trained}; {fix} (layers here: {layer_names(adata)})")
+    if var_names is not None and var_names not in adata.var.columns:
+        raise SystemExit(f"error: {path} has no var[{var_names!r}] (--var-names); var columns there: {list(adata.var.columns)}")
     return adata, layer
 
 
@@ -622,18 +638,21 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
         raise type(error)(str(error).replace(moved_to, moved_from)) from error
 
 
-def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None):
-    """``adata`` itself if its counts are where the model reads them, else an AnnData with its obs (for
-    the covariates), its gene names and the same matrix, not copied, in that place."""
+def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None, var_names: str | None = None):
+    """``adata`` itself if its counts are where the model reads them under the model's gene names, else an AnnData
+    with its obs (for the covariates), its gene names (those of ``var[var_names]``, made unique as
+    ``var_names_make_unique`` makes them) and the same matrix, not copied, in that place."""
     import anndata as ad
     import pandas as pd
+    from anndata.utils import make_index_unique
 
     from cellvae.data import count_matrix
 
-    if layer == model_layer:
+    if layer == model_layer and var_names is None:
         return adata
     counts = count_matrix(adata, layer)
-    names = {"obs": adata.obs, "var": pd.DataFrame(index=adata.var_names)}
+    genes = adata.var_names if var_names is None else make_index_unique(pd.Index(adata.var[var_names].astype(str)))
+    names = {"obs": adata.obs, "var": pd.DataFrame(index=genes)}
     return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
 
 

@@ -734,6 +734,49 @@ def test_embed_says_a_neighbour_graph_made_from_the_replaced_embedding_is_stale(
     assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
 
 
+def test_embed_and_map_read_gene_names_from_the_var_column_var_names_names(fitted_model, capsys):
+    """CELLxGENE-style files: Ensembl IDs as var_names, the model's symbols in var['feature_name']."""
+    tmp_path = fitted_model
+    adata = ad.read_h5ad(tmp_path / "in.h5ad")
+    symbols = list(adata.var_names)
+    renamed = adata[:, ::-1].copy()  # the columns in another order, one symbol repeated on an extra gene
+    renamed = ad.concat([renamed, renamed[:, :1]], axis=1, merge="first")
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    renamed.var["feature_name"] = [*symbols[::-1], symbols[-1]]
+    renamed.obs = adata.obs.copy()
+    renamed.write_h5ad(tmp_path / "ensembl.h5ad")
+    model = ["--model-dir", str(tmp_path / "model")]
+    with pytest.raises(SystemExit, match=r"var\['feature_name'\] holds the model's genes: pass --var-names feature_name"):
+        main(["embed", str(tmp_path / "ensembl.h5ad"), *model, "--out", str(tmp_path / "e.h5ad")])
+    with pytest.raises(SystemExit, match=r"has no var\['symbol'\] \(--var-names\); var columns there: \['feature_name'\]"):
+        main(["embed", str(tmp_path / "ensembl.h5ad"), *model, "--out", str(tmp_path / "e.h5ad"), "--var-names", "symbol"])
+    assert not (tmp_path / "e.h5ad").exists()
+    assert (
+        main(["embed", str(tmp_path / "ensembl.h5ad"), *model, "--out", str(tmp_path / "e.h5ad"), "--var-names", "feature_name"])
+        == 0
+    )
+    assert main(["embed", str(tmp_path / "in.h5ad"), *model, "--out", str(tmp_path / "plain.h5ad")]) == 0
+    embedded = ad.read_h5ad(tmp_path / "e.h5ad")
+    np.testing.assert_allclose(embedded.obsm["X_cellvae"], ad.read_h5ad(tmp_path / "plain.h5ad").obsm["X_cellvae"], atol=1e-6)
+    assert list(embedded.var_names) == list(renamed.var_names)  # the file's own names are kept
+    # map reads them alike: a model with batches, a query whose batch is new
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    adata.write_h5ad(tmp_path / "batched.h5ad")
+    fit = ["fit", str(tmp_path / "batched.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "f.h5ad")]
+    assert main([*fit, "--model-dir", str(tmp_path / "ref"), "--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    for path in ("ensembl.h5ad", "batched.h5ad"):
+        query = ad.read_h5ad(tmp_path / path)
+        query.obs["batch"] = "new"
+        query.write_h5ad(tmp_path / f"query_{path}")
+    mapping = ["--model-dir", str(tmp_path / "ref"), "--epochs", "2", "--quiet"]
+    renamed_query = [str(tmp_path / "query_ensembl.h5ad"), "--var-names", "feature_name"]
+    assert main(["map", *renamed_query, *mapping, "--out", str(tmp_path / "m1.h5ad")]) == 0
+    assert main(["map", str(tmp_path / "query_batched.h5ad"), *mapping, "--out", str(tmp_path / "m2.h5ad")]) == 0
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "m1.h5ad").obsm["X_cellvae"], ad.read_h5ad(tmp_path / "m2.h5ad").obsm["X_cellvae"], atol=1e-5
+    )
+
+
 # ----------------------------------------------------------------------------- cellvae map
 
 
