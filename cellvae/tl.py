@@ -429,9 +429,9 @@ def _vote_shares(labels: np.ndarray, weights: np.ndarray, names: np.ndarray, cel
     """Each cell's share of the summed weight that went to each label (cells × labels; ``labels`` as in
     :func:`_weighted_vote`), with the labels' text as columns."""
     rows = np.repeat(np.arange(len(labels)), labels.shape[1])
-    votes = sp.csr_matrix((weights.ravel(), (rows, labels.ravel())), shape=(len(labels), len(names)))  # sums repeats
-    shares = votes.toarray() / weights.sum(axis=1, keepdims=True)
-    return pd.DataFrame(shares.astype(np.float32), index=cells, columns=[str(name) for name in names])
+    each_share = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32).ravel()
+    shares = sp.csr_matrix((each_share, (rows, labels.ravel())), shape=(len(labels), len(names)))  # sums repeats
+    return pd.DataFrame(shares.toarray(), index=cells, columns=[str(name) for name in names])  # the one dense table
 
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:
