@@ -6,6 +6,7 @@ directly (log-softmax plus log library size), so no ``log(0)`` ever occurs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -376,23 +377,29 @@ def _sample_gamma(shape: torch.Tensor, generator: torch.Generator | None) -> tor
         return torch._standard_gamma(shape)
 
 
+# torch's generators are process-wide: two threads in seeded blocks at once drew from each other's stream and
+# restored each other's state (the caller's was lost). Re-entrant: train's block holds its seeded passes.
+_ONE_SEEDED_BLOCK_AT_A_TIME = threading.RLock()
+
+
 @contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """torch's global generators seeded with ``seed`` inside the block (left as they are if None) and
-    restored after it: cellvae's seeds never change the caller's draws.
+    restored after it: cellvae's seeds never change the caller's draws. Blocks in other threads wait for this one.
 
     CUDA's are those of the devices started before the block (``fit`` moves the model to its device
     first). Also a decorator (``@seeded(None)``)."""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
-    try:
-        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            if seed is not None:
-                seed_generators(seed)
-            yield
-    finally:
-        if mps is not None:
-            torch.mps.set_rng_state(mps)
+    with _ONE_SEEDED_BLOCK_AT_A_TIME:
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        mps = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+        try:
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                if seed is not None:
+                    seed_generators(seed)
+                yield
+        finally:
+            if mps is not None:
+                torch.mps.set_rng_state(mps)
 
 
 @contextmanager

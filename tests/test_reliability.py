@@ -607,6 +607,37 @@ def test_training_and_inference_do_not_disturb_the_global_random_state(trained, 
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_seeded_calls_from_several_threads_give_their_own_draws_and_restore_the_callers_state(trained, messy):
+    """Two threads drawing at once (a thread pool over cell sets, a notebook's background thread) each get
+    what the call gives alone, and the caller's torch generator is as it was: torch's generator is
+    process-wide, so two seeded calls at once drew from each other's stream and restored each other's state."""
+    import threading
+
+    cells = messy[:120]
+    calls = {
+        "latent draw": lambda: trained.get_latent(cells, mean=False, random_state=1, batch_size=1, progress=False),
+        "sampled counts": lambda: trained.sample_counts(cells, random_state=2, batch_size=1, progress=False),
+    }
+    expected = {name: call() for name, call in calls.items()}
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    start, differing = threading.Barrier(2), []
+
+    def work(name: str) -> None:
+        start.wait()
+        for _ in range(4):
+            if not np.array_equal(calls[name](), expected[name]):
+                differing.append(name)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert differing == []
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 # ----------------------------------------------------------------------------- model files
 
 
