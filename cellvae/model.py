@@ -893,8 +893,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         are shrunk by a prior learnt from all genes of the comparison (adaptive shrinkage: most genes
         change little, so a gene measured too poorly to tell is not called). On simulated data with known
         truth the realised false discovery rate, averaged over 10–20 datasets, was 0.9–5.7% at the 5% target, but
-        7–9% with ~400 cells per group in one batch at ``delta=0.25``: the draws cover only part of how far the cells drawn
-        may lie from their population (``benchmarks/README.md``, "Differential expression"). The uncertainty is
+        7–9% with ~400 cells per group in one batch at ``delta=0.25``, where the genes a comparison leaves unchanged
+        share a common shift near ``delta`` (compared as shares of each cell's counts) that the prior, centred at no change,
+        does not expect (``benchmarks/README.md``, "Differential expression"). The uncertainty is
         the model's: it does not cover errors of the decoder itself, so an undertrained model can call genes that do not differ
         (train with the default epochs). ``expected_fdr`` belongs to the list
         down to a gene, not to the gene alone: a called gene may have ``proba_de`` well below 0.95.
