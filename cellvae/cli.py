@@ -324,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the label of unlabelled reference cells, which do not vote (cells with a missing label never do)",
     )
     mapping.add_argument(
+        "--soft",
+        action="store_true",
+        help="also write obsm[LABELS_KEY_vote_shares], each query cell's vote share of every reference label",
+    )
+    mapping.add_argument(
         "--train-input-layer",
         action="store_true",
         help="also train the encoder's first layer (for a query that is a perturbation of the reference): reference "
@@ -539,8 +544,10 @@ def run_map(args: argparse.Namespace) -> int:
             unknown_threshold=args.unknown_threshold,
             unlabeled_category=args.unlabeled_category,
             novelty_threshold=args.novelty_threshold,
+            soft=args.soft,
         )
         written += [f"obs[{args.labels_key + suffix!r}]" for suffix in ("_predicted", "_uncertainty", "_novelty")]
+        written += [f"obsm[{args.labels_key + '_vote_shares'!r}]"] if args.soft else []
     interrupted = bool(query_model.history.attrs.get("interrupted"))  # Ctrl-C while mapping: keep what was trained
     record = {
         "query_batch_key": batch_key,
@@ -575,7 +582,7 @@ def _check_labels_options(args: argparse.Namespace) -> None:
             "column of labels to transfer (the query's embedding alone needs neither)"
         )
     vote = {"--unknown-threshold": args.unknown_threshold, "--novelty-threshold": args.novelty_threshold}
-    vote["--unlabeled-category"] = args.unlabeled_category
+    vote |= {"--unlabeled-category": args.unlabeled_category, "--soft": True if args.soft else None}
     given = [option for option, value in vote.items() if value is not None]
     if given and args.labels_key is None:
         raise SystemExit(f"error: {given[0]} is an option of the label transfer: pass --reference and --labels-key too")

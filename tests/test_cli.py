@@ -833,10 +833,14 @@ def test_map_embeds_the_query_in_the_references_space_and_transfers_its_labels(r
     np.testing.assert_array_equal(saved.get_latent(reference), cellvae.CellVAE.load(model).get_latent(reference))
     # Unknown where the vote is unsure: with a threshold of 0, every cell whose neighbours disagree at all
     command[command.index("--out") + 1] = str(tmp_path / "unsure.h5ad")
-    assert main([*command, "--unknown-threshold", "0", "--overwrite"]) == 0
+    assert main([*command, "--unknown-threshold", "0", "--soft", "--overwrite"]) == 0
     unsure = ad.read_h5ad(tmp_path / "unsure.h5ad")
     expected = np.where(mapped.obs["cell_type_uncertainty"] > 0, "Unknown", mapped.obs["cell_type_predicted"].astype(str))
     np.testing.assert_array_equal(unsure.obs["cell_type_predicted"].astype(str), expected)
+    shares = unsure.obsm["cell_type_vote_shares"]  # --soft: each label's share of the vote, as transfer_labels(soft=True)
+    assert sorted(shares.columns) == sorted(reference.obs["cell_type"].astype(str).unique())
+    np.testing.assert_allclose(shares.max(axis=1), 1 - unsure.obs["cell_type_uncertainty"], rtol=1e-5)
+    assert "cell_type_vote_shares" not in mapped.obsm  # only when asked
 
 
 def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(reference_folder, tmp_path):
@@ -875,6 +879,7 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
         ({"--reference": None}, "--labels-key needs --reference"),
         ({"--labels-key": None}, "--reference needs --labels-key"),
         ({"--reference": None, "--labels-key": None, "--novelty-threshold": "0.9"}, "is an option of the label transfer"),
+        ({"--reference": None, "--labels-key": None, "--soft": True}, "--soft is an option of the label transfer"),
         ({"--batch-key": "donor"}, r"has no obs\['donor'\] \(--batch-key\)"),
         ({"--labels-key": "tissue"}, r"--reference .*ref.h5ad has no obs\['tissue'\] \(--labels-key\)"),
         ({"--k": "10000"}, r"k=10000 is larger than the \d+ labelled reference cells"),
