@@ -486,6 +486,7 @@ def run_map(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from cellvae import CellVAE, tl
+    from cellvae.model import _missing_genes_told
 
     _check_input_and_output(args)
     _check_labels_options(args)
@@ -529,7 +530,8 @@ def run_map(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet,
         )
-    query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)  # the query's aligned counts
+    with _missing_genes_told():  # map_query told them once; the query's aligned counts lack them again
+        query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)
     written = [f"obsm[{args.key_added!r}]"]
     if reference is not None:
         if args.train_input_layer:

@@ -927,6 +927,16 @@ def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monke
     assert folder_bytes(ref / "model") == model_before
 
 
+def test_map_warns_once_about_model_genes_missing_from_the_query(reference_folder, tmp_path):
+    query = ad.read_h5ad(reference_folder / "query.h5ad")[:, 5:].copy()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    command = ["map", str(tmp_path / "query.h5ad"), "--model-dir", str(reference_folder / "model")]
+    with pytest.warns(UserWarning) as warned:
+        assert main([*command, "--out", str(tmp_path / "out.h5ad"), "--epochs", "1", "--quiet"]) == 0
+    missing = [str(warning.message) for warning in warned if "genes are missing" in str(warning.message)]
+    assert len(missing) == 1 and missing[0].startswith("5 of the model's 100 genes are missing from query_adata")
+
+
 def test_map_thresholds_outside_0_to_1_are_refused_by_the_parser(capsys):
     for option in ("--unknown-threshold", "--novelty-threshold"):
         with pytest.raises(SystemExit) as stopped:
