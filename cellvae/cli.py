@@ -93,6 +93,7 @@ def in_command_line_terms(message: str) -> str:
     message = re.sub(
         r"adata\.X holds whole counts: adata\.layers\['[^']+'\] = adata\.X", "adata.X holds whole counts: pass --layer X", message
     )
+    message = message.replace("(written by CellVAE.save)", "(written by cellvae fit or CellVAE.save)")
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:
@@ -101,7 +102,21 @@ def in_command_line_terms(message: str) -> str:
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
     if "map_query(" in message:
         notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")
+    elif _needs_python(message):
+        notes.append(
+            "no cellvae option does this; fix the file in Python first, adata = anndata.read_h5ad('IN.h5ad'), "
+            "the change above, adata.write_h5ad('FIXED.h5ad'), then run cellvae on FIXED.h5ad"
+        )
     return message + "".join(f"\n(on the command line: {note})" for note in notes)
+
+
+def _needs_python(message: str) -> bool:
+    """Whether a message's fix is Python code (a call such as ``adata.var_names_make_unique()``, an assignment
+    such as ``adata.layers['counts'] = adata.raw[:, adata.var_names].X``) or an edit of
+    the file's cells (missing batch values) that no option translated into one that does it instead (a fix that
+    ends "then pass --layer counts" still needs its first step in Python)."""
+    python_fix = re.search(r"\w\.\w+\(|[\w\]] = \w+\.", message) or "missing (NaN)" in message
+    return bool(python_fix) and re.search(r"(?<!then )pass --", message) is None
 
 
 def _input_taken_as_a_key(words: list[str]) -> str | None:

@@ -165,6 +165,39 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
     assert in_command_line_terms("delete them or call fit(resume=False) to start over") == (
         "delete them or leave out --resume to start over"
     )
+    assert in_command_line_terms("it needs config.json (written by CellVAE.save)").endswith(
+        "(written by cellvae fit or CellVAE.save)"
+    )
+
+
+def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first(tmp_path):
+    """Where no option does what the advice's Python does (make names unique, drop missing batch values, strip Ensembl
+    versions, copy adata.raw into a layer), the command line says so, and how; not where an option does it."""
+    from cellvae.cli import in_command_line_terms
+
+    in_python = "(on the command line: no cellvae option does this; fix the file in Python first"
+    for message in (
+        "adata.var_names are not unique (e.g. ['a']); call adata.var_names_make_unique() first",
+        "drop the versions first, adata.var_names = adata.var_names.str.replace(r'\\.\\d+$', '', regex=True)",
+        "query_adata.obs['batch'] has 3 missing (NaN) batch values; fill them with a batch name or drop those cells",
+        "adata.raw.X holds whole counts: adata.layers['counts'] = adata.raw[:, adata.var_names].X, then pass layer='counts'",
+    ):
+        assert in_python in in_command_line_terms(message), message
+    for message in (
+        "adata.layers['counts'] holds whole counts: pass layer='counts'",
+        "adata.X holds whole counts: adata.layers['counts'] = adata.X",
+        "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)",
+    ):
+        assert in_python not in in_command_line_terms(message), message
+    # as a user meets it: fit of a file with missing batch values
+    data = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0)
+    data.obs["batch"] = data.obs["batch"].astype(object)
+    data.obs.iloc[:3, data.obs.columns.get_loc("batch")] = np.nan
+    data.write_h5ad(tmp_path / "in.h5ad")
+    command = ["fit", str(tmp_path / "in.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]
+    with pytest.raises(SystemExit, match=r"missing \(NaN\) values.*\n\(on the command line: no cellvae option does this"):
+        main([*command, "--model-dir", str(tmp_path / "model")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad"]
 
 
 def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_path, capsys):
@@ -889,6 +922,8 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
         ({"input": "{tmp}/missing.h5ad"}, "input .*missing.h5ad does not exist"),
         ({"input": "{tmp}/unbatched.h5ad"}, "the reference model's batch key; name the query's batch column with --batch-key"),
         ({"input": "{tmp}/few_genes.h5ad"}, r"only 50 of the model's 100 genes \(50%\) are in query_adata"),
+        ({"input": "{tmp}/nan_batch.h5ad"}, r"missing \(NaN\) batch values.*\n\(on the command line: no cellvae option"),
+        ({"input": "{tmp}/repeated_genes.h5ad"}, r"var_names_make_unique\(\).*\n\(on the command line: no cellvae option"),
         ({"--reference": "{tmp}/unbatched.h5ad"}, r"--reference .*unbatched.h5ad: obs column 'batch' \(used by the model\)"),
     ],
 )
@@ -901,6 +936,13 @@ def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monke
         model.save(ref / "unbatched")
     query = ad.read_h5ad(ref / "query.h5ad")
     query[:, :50].copy().write_h5ad(tmp_path / "few_genes.h5ad")
+    edited = query.copy()
+    edited.obs["batch"] = edited.obs["batch"].astype(object)
+    edited.obs.iloc[:3, edited.obs.columns.get_loc("batch")] = np.nan
+    edited.write_h5ad(tmp_path / "nan_batch.h5ad")
+    edited = query.copy()
+    edited.var_names = [edited.var_names[0], *edited.var_names[:-1]]
+    edited.write_h5ad(tmp_path / "repeated_genes.h5ad")
     del query.obs["batch"]
     query.write_h5ad(tmp_path / "unbatched.h5ad")
     (tmp_path / "exists.h5ad").write_text("an earlier result")
