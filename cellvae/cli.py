@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:
-        hint = _input_taken_as_a_key(sys.argv[1:] if argv is None else argv)
+        words = sys.argv[1:] if argv is None else argv
+        hint = _input_taken_as_a_key(words) or _options_meant(words, parser)
         if exit.code == 2 and hint:
             print(hint, file=sys.stderr)
         raise
@@ -136,6 +137,41 @@ def _input_taken_as_a_key(words: list[str]) -> str | None:
                     f"put the input first: cellvae fit {value} {word} ..."
                 )
     return None
+
+
+# options as scanpy and scvi-tools name them, and the option of cellvae's that does the same
+OTHER_TOOLS_OPTIONS = {
+    "--max-epochs": "--epochs",
+    "--n-epochs": "--epochs",
+    "--random-state": "--seed",
+    "--label-key": "--labels-key",
+    "--output": "--out",
+    "-o": "--out",
+    "--model": "--model-dir",
+    "--save-dir": "--model-dir",
+}
+
+
+def _options_meant(words: list[str], parser: argparse.ArgumentParser) -> str | None:
+    """Advice where options are spelled as in Python or another tool (``--batch_key``, ``--max-epochs``), which
+    argparse only calls unrecognized: the command's option meant by each."""
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
+    command = next((word for word in words if word in commands), None)
+    if command is None:
+        return None
+    known = set(commands[command]._option_string_actions)
+    meant = {}
+    for word in words:
+        option = word.split("=", 1)[0]
+        if not option.startswith("-") or option in known:
+            continue
+        spelled = option.replace("_", "-").lower()
+        option_meant = OTHER_TOOLS_OPTIONS.get(spelled, spelled)
+        if option_meant in known and not any(name.startswith(option) for name in known):  # (not an abbreviation)
+            meant[option] = option_meant
+    if not meant:
+        return None
+    return f"cellvae {command} spells these options so: " + ", ".join(f"{given} -> {it}" for given, it in meant.items())
 
 
 def positive_int(text: str) -> int:

@@ -200,6 +200,22 @@ def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad"]
 
 
+@pytest.mark.parametrize(
+    "given, meant",
+    [
+        (["fit", "in.h5ad", "--out", "o.h5ad", "--model-dir", "m", "--batch_key", "batch"], "--batch_key -> --batch-key"),
+        (["fit", "in.h5ad", "--out", "o.h5ad", "--model-dir", "m", "--max-epochs", "5"], "--max-epochs -> --epochs"),
+        (["fit", "in.h5ad", "-o", "o.h5ad", "--model-dir", "m"], "-o -> --out"),
+        (["embed", "in.h5ad", "--out", "o.h5ad", "--model-dir", "m", "--var_names=gene"], "--var_names -> --var-names"),
+        (["map", "q.h5ad", "--out", "o.h5ad", "--model-dir", "m", "--label-key", "cell_type"], "--label-key -> --labels-key"),
+    ],
+)
+def test_options_spelled_as_in_python_or_scvi_tools_are_told_their_cellvae_spelling(given, meant, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(given)
+    assert stopped.value.code == 2 and meant in capsys.readouterr().err
+
+
 def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_path, capsys):
     """The output of `cellvae fit` embedded by another model: uns["cellvae"] describes that model, and the
     neighbours and UMAP made from the earlier embedding are told to be recomputed."""
