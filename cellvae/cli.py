@@ -660,7 +660,10 @@ def _embed_reference(model, reference, args: argparse.Namespace):
     try:
         return model.get_latent(reference, progress=not args.quiet)
     except (ValueError, KeyError, TypeError) as error:
-        raise type(error)(f"--reference {args.reference}: {_message_of(error)}") from error
+        # the reference's cells are of the model's batches: map_query's advice for new ones is the query's
+        advice = "--reference holds cells of the model's own batches; cells of new batches are the query (the input)"
+        message = _message_of(error).replace("Map new batches with model.map_query(...)", advice)
+        raise type(error)(f"--reference {args.reference}: {message}") from error
 
 
 def _read_for_model(
@@ -672,7 +675,7 @@ def _read_for_model(
     from cellvae.data import layer_names
 
     layer = model.config.layer if layer_option is None else None if layer_option == "X" else layer_option
-    adata = _read(path, backed=backed, layer=layer)
+    adata = _read(path, backed=backed, layer=layer, option="input" if option == "the input" else option)
     if layer is not None and layer not in adata.layers:
         trained = " (where the model read its counts in training)" if layer_option is None else ""
         fix = "name the counts' place with --layer NAME, or --layer X" if option == "the input" else "put the counts there"
@@ -890,13 +893,14 @@ def _copy_in_blocks(source, group, name: str, rows: int, maxshape: tuple | None 
         target[start : start + rows] = source[start : start + rows]
 
 
-def _read(path: str, backed: bool = False, layer: str | None = None):
-    """An .h5ad read into memory (or opened read-only with ``backed``), or a .zarr store whose counts stay on disk."""
+def _read(path: str, backed: bool = False, layer: str | None = None, option: str = "input"):
+    """An .h5ad read into memory (or opened read-only with ``backed``), or a .zarr store whose counts stay on disk
+    (``option``: what the path was given as, for the error where it is missing)."""
     import anndata as ad
 
     source = Path(path)
     if not source.exists():
-        raise SystemExit(f"error: input {path} does not exist")
+        raise SystemExit(f"error: {option} {path} does not exist")
     try:
         if source.is_dir():
             from cellvae import read_zarr_lazy

@@ -941,6 +941,8 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
         ({"input": "{tmp}/nan_batch.h5ad"}, r"missing \(NaN\) batch values.*\n\(on the command line: no cellvae option"),
         ({"input": "{tmp}/repeated_genes.h5ad"}, r"var_names_make_unique\(\).*\n\(on the command line: no cellvae option"),
         ({"--reference": "{tmp}/unbatched.h5ad"}, r"--reference .*unbatched.h5ad: obs column 'batch' \(used by the model\)"),
+        ({"--reference": "{tmp}/missing.h5ad"}, r"^error: --reference .*missing.h5ad does not exist"),
+        ({"--reference": "{ref}/query.h5ad"}, r"unseen in training: \['batch2'\].*--reference holds cells of the model's own"),
     ],
 )
 def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monkeypatch, edits, message):
