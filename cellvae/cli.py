@@ -762,6 +762,10 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit("error: --out is the --reference file; give another path (the reference is never replaced)")
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
+    if Path(out).suffix.lower() == ".zarr":  # an .h5ad file under that name would not open as a Zarr store
+        raise SystemExit(
+            f"error: --out {out}: cellvae writes .h5ad files (it reads .zarr stores only); give a path ending in .h5ad"
+        )
     folder = Path(out).resolve().parent
     if not folder.is_dir():
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
@@ -893,6 +897,10 @@ def _copy_in_blocks(source, group, name: str, rows: int, maxshape: tuple | None 
         target[start : start + rows] = source[start : start + rows]
 
 
+# scanpy's readers of the formats a count matrix often comes in, by file suffix
+SCANPY_READERS = {".h5": "read_10x_h5", ".loom": "read_loom", ".csv": "read_csv", ".mtx": "read_mtx", ".txt": "read_text"}
+
+
 def _read(path: str, backed: bool = False, layer: str | None = None, option: str = "input"):
     """An .h5ad read into memory (or opened read-only with ``backed``), or a .zarr store whose counts stay on disk
     (``option``: what the path was given as, for the error where it is missing)."""
@@ -915,7 +923,14 @@ def _read(path: str, backed: bool = False, layer: str | None = None, option: str
         else:
             adata = ad.read_h5ad(source, backed="r" if backed else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SystemExit(f"error: could not read {path} as an AnnData ({type(error).__name__}: {error})") from error
+        convert = ""
+        if source.suffix.lower() not in (".h5ad", ".zarr"):  # another format (10x's .h5 or folder, .loom, .csv)
+            reader = "read_10x_mtx" if source.is_dir() else SCANPY_READERS.get(source.suffix.lower(), "read")
+            convert = (
+                "; cellvae reads .h5ad files and .zarr stores: convert it with scanpy first, "
+                f"python -c \"import scanpy as sc; sc.{reader}({str(path)!r}).write_h5ad('IN.h5ad')\""
+            )
+        raise SystemExit(f"error: could not read {path} as an AnnData ({type(error).__name__}: {error}){convert}") from error
     if not isinstance(adata, ad.AnnData):
         raise SystemExit(f"error: could not read {path} as an AnnData (it holds a {type(adata).__name__})")
     return adata

@@ -200,6 +200,29 @@ def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad"]
 
 
+def test_inputs_of_other_formats_are_told_how_to_convert_them_and_a_zarr_out_is_refused(tmp_path):
+    """A 10x .h5, a .csv or a 10x folder as the input: the error gives scanpy's one-line conversion to .h5ad; an
+    --out ending in .zarr (an .h5ad file under that name would not open as a Zarr store) is refused before any work."""
+    with h5py.File(tmp_path / "filtered.h5", "w") as file:
+        file.create_group("matrix")["data"] = [1]
+    (tmp_path / "counts.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "filtered_feature_bc_matrix").mkdir()
+    for given, reader in (
+        ("filtered.h5", "read_10x_h5"),
+        ("counts.csv", "read_csv"),
+        ("filtered_feature_bc_matrix", "read_10x_mtx"),
+    ):
+        command = ["fit", str(tmp_path / given), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "o.h5ad")]
+        with pytest.raises(SystemExit, match=f"could not read .*convert it with scanpy first, python -c .*sc.{reader}"):
+            main(command)
+    data = cellvae.datasets.simulate(n_cells=30, n_genes=10, random_state=0)
+    data.write_h5ad(tmp_path / "in.h5ad")
+    for command in (["embed", "--model-dir", str(tmp_path / "none")], ["fit", "--model-dir", str(tmp_path / "model")]):
+        with pytest.raises(SystemExit, match=r"cellvae writes .h5ad files \(it reads .zarr stores only\)"):
+            main([*command, str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.zarr")])
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "model").exists()
+
+
 @pytest.mark.parametrize(
     "given, meant",
     [
