@@ -223,6 +223,15 @@ def test_inputs_of_other_formats_are_told_how_to_convert_them_and_a_zarr_out_is_
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "model").exists()
 
 
+def test_fit_names_the_option_of_an_obs_column_the_input_lacks(tmp_path):
+    command = fit_args(tmp_path, 30, 10)
+    for option, keys in (("--batch-key", ["donor"]), ("--categorical-covariate-keys", ["batch", "sex"])):
+        message = rf"in.h5ad has no obs columns \['{keys[-1]}'\] \({option}\); obs columns there: \['batch', 'cell_type'\]"
+        with pytest.raises(SystemExit, match=message):
+            main([*command, option, *keys])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad"]
+
+
 @pytest.mark.parametrize(
     "given, meant",
     [
