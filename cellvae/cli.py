@@ -531,7 +531,7 @@ def run_embed(args: argparse.Namespace) -> int:
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     replaced = args.key_added in adata.obsm
-    with _errors_name_where_counts_were_read(layer, model.config.layer):
+    with _errors_name_where_counts_were_read(layer, model.config.layer), _errors_name_the_genes_column(args.var_names):
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names)
         adata.obsm[args.key_added] = model.get_latent(counts)
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced)
@@ -578,7 +578,7 @@ def run_map(args: argparse.Namespace) -> int:
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
     replaced = args.key_added in query.obsm
-    with _errors_name_where_counts_were_read(layer, config.layer):
+    with _errors_name_where_counts_were_read(layer, config.layer), _errors_name_the_genes_column(args.var_names):
         query_model = reference_model.map_query(
             _counts_where_model_reads(query, layer, config.layer, args.var_names),
             batch_key=args.batch_key,
@@ -707,6 +707,18 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
             raise
         moved_from, moved_to = counts_location(layer), counts_location(model_layer)
         raise type(error)(str(error).replace(moved_to, moved_from)) from error
+
+
+@contextmanager
+def _errors_name_the_genes_column(var_names: str | None) -> Iterator[None]:
+    """Inside: an error about the genes' names, read from ``var[var_names]`` (--var-names) by
+    :func:`_counts_where_model_reads`, names that column (and its fix acts on it) instead of ``var_names``."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if var_names is None or ".var_names" not in str(error):
+            raise
+        raise type(error)(str(error).replace(".var_names", f".var[{var_names!r}]")) from error
 
 
 def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None, var_names: str | None = None):

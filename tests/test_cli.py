@@ -1029,6 +1029,18 @@ def test_map_warns_once_about_model_genes_missing_from_the_query(reference_folde
     assert len(missing) == 1 and missing[0].startswith("5 of the model's 100 genes are missing from query_adata")
 
 
+def test_gene_name_errors_name_the_var_names_column(reference_folder, tmp_path):
+    """With --var-names, an error about the genes' names names that column (its fix acts on it), not var_names."""
+    query = ad.read_h5ad(reference_folder / "query.h5ad")
+    query.var["symbol"] = [f"{name}.2" for name in query.var_names]  # not the model's names
+    query.var_names = [f"feature{i}" for i in range(query.n_vars)]
+    query.write_h5ad(tmp_path / "query.h5ad")
+    for command in ("map", "embed"):
+        given = [command, str(tmp_path / "query.h5ad"), "--model-dir", str(reference_folder / "model"), "--var-names", "symbol"]
+        with pytest.raises(SystemExit, match=r"only 0 of the model's 100 genes \(0%\) are in (query_)?adata.var\['symbol'\]"):
+            main([*given, "--out", str(tmp_path / "out.h5ad")])
+
+
 def test_map_thresholds_outside_0_to_1_are_refused_by_the_parser(capsys):
     for option in ("--unknown-threshold", "--novelty-threshold"):
         with pytest.raises(SystemExit) as stopped:
