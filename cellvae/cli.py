@@ -101,6 +101,8 @@ def in_command_line_terms(message: str) -> str:
             notes.append(f"--dispersion {dispersion} sets dispersion='{dispersion}'")
     if "layer=" in message:
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
+    elif "not found in adata.layers" in message:
+        notes.append("--layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X")
     if "map_query(" in message:
         notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")
     elif _needs_python(message):

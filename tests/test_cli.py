@@ -165,6 +165,9 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
     assert in_command_line_terms("delete them or call fit(resume=False) to start over") == (
         "delete them or leave out --resume to start over"
     )
+    assert in_command_line_terms("layer 'counts' not found in adata.layers; available: []").endswith(
+        "(on the command line: --layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X)"
+    )
     assert in_command_line_terms("it needs config.json (written by CellVAE.save)").endswith(
         "(written by cellvae fit or CellVAE.save)"
     )
