@@ -95,6 +95,10 @@ def in_command_line_terms(message: str) -> str:
         r"adata\.X holds whole counts: adata\.layers\['[^']+'\] = adata\.X", "adata.X holds whole counts: pass --layer X", message
     )
     message = message.replace("(written by CellVAE.save)", "(written by cellvae fit or CellVAE.save)")
+    message = message.replace(
+        "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
+        "train it further with cellvae fit (its --resume continues a run from its --checkpoint-dir)",
+    )
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:
@@ -118,7 +122,8 @@ def _needs_python(message: str) -> bool:
     such as ``adata.layers['counts'] = adata.raw[:, adata.var_names].X``) or an edit of
     the file's cells (missing batch values) that no option translated into one that does it instead (a fix that
     ends "then pass --layer counts" still needs its first step in Python)."""
-    python_fix = re.search(r"\w\.\w+\(|[\w\]] = \w+\.", message) or "missing (NaN)" in message
+    on_the_data = r"(?:adata\S*|\bsc\.\w+|\bnp|\bad)\.\w+\(|[\w\]] = \w*adata\."  # (not model.fit(...): no file edit)
+    python_fix = re.search(on_the_data, message) or "missing (NaN)" in message
     return bool(python_fix) and re.search(r"(?<!then )pass --", message) is None
 
 

@@ -190,8 +190,15 @@ def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first
         "adata.layers['counts'] holds whole counts: pass layer='counts'",
         "adata.X holds whole counts: adata.layers['counts'] = adata.X",
         "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)",
+        "training diverged: fit it again with a smaller one, e.g. model.fit(lr=0.001), the default",
     ):
         assert in_python not in in_command_line_terms(message), message
+    interrupted = (
+        "stopped its training at epoch 3; train it further with model.fit(...) (or fit again with checkpoints and resume=True)"
+    )
+    assert in_command_line_terms(interrupted).endswith(
+        "train it further with cellvae fit (its --resume continues a run from its --checkpoint-dir)"
+    )
     # as a user meets it: fit of a file with missing batch values
     data = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0)
     data.obs["batch"] = data.obs["batch"].astype(object)
