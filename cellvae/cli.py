@@ -431,7 +431,7 @@ def run_demo(args: argparse.Namespace) -> int:
     history_png = out_dir / "training_history.png"
     pl.history(model, show=False, save=str(history_png))
     model.save(out_dir / "model", overwrite=True)
-    print(f"trained {len(model.history)} epochs; wrote:")
+    print(f"trained {_epochs(len(model.history))}; wrote:")
     for path in (h5ad, umap_png, history_png, out_dir / "model"):
         print(f"  {path}")
     return 0
@@ -491,7 +491,7 @@ def run_fit(args: argparse.Namespace) -> int:
         **model_kwargs,
     )
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
-    print(f"trained {len(model.history)} epochs; saved the model in {args.model_dir}")
+    print(f"trained {_epochs(len(model.history))}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
     if not interrupted and not args.embedding_only:
@@ -626,18 +626,25 @@ def run_map(args: argparse.Namespace) -> int:
         "labels_key": args.labels_key,
         "interrupted": interrupted or None,
     }
+    if reference is not None:  # the vote's settings (None ones are left out of the record)
+        record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}
+        record |= {"unlabeled_category": args.unlabeled_category, "soft": args.soft or None}
     _record_embedding(query, args.key_added, reference_model, args.model_dir, layer, replaced, record)
     if args.query_model_dir is not None:  # first, so that a failure below loses no training
         query_model.save(args.query_model_dir, overwrite=args.overwrite)
     _write(query, args.out)
     new_batches = query_model.config.batch_categories[len(config.batch_categories) :]
-    mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}) in {len(query_model.history)} epochs"
+    mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}) in {_epochs(len(query_model.history))}"
     saved = f"; saved the query model in {args.query_model_dir}" if args.query_model_dir is not None else ""
     if interrupted:
         print(f"interrupted: {mapped}, the best so far; wrote {args.out} with {', '.join(written)}{saved}", file=sys.stderr)
         return 130
     print(f"{mapped}; wrote {args.out} with {', '.join(written)}{saved}")
     return 0
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
 def _check_labels_options(args: argparse.Namespace) -> None:

@@ -334,6 +334,7 @@ def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
     lines = run.stderr.splitlines()
     assert any(line.startswith("UserWarning: 3 cells have zero total counts") for line in lines), run.stderr
     assert "runpy" not in run.stderr and "warn_user(" not in run.stderr
+    assert run.stdout.startswith("trained 1 epoch; saved the model in ")  # (not "1 epochs")
 
 
 def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_path, capsys):
@@ -913,6 +914,7 @@ def test_map_embeds_the_query_in_the_references_space_and_transfers_its_labels(r
     params = mapped.uns["cellvae"]["params"]
     assert params["model_dir"] == str(model) and params["query_model_dir"] == str(query_model)
     assert params["labels_key"] == "cell_type" and 1 <= params["mapping_epochs"] <= 20 and params["epochs_trained"] == 40
+    assert params["k"] == 15 and not {"unknown_threshold", "novelty_threshold", "soft"} & set(params)  # the vote's settings
     assert folder_bytes(model) == before  # the reference model is only read
     # the saved query model embeds the query as written, and the reference as the reference model does (frozen)
     saved = cellvae.CellVAE.load(query_model)
@@ -928,6 +930,7 @@ def test_map_embeds_the_query_in_the_references_space_and_transfers_its_labels(r
     unsure = ad.read_h5ad(tmp_path / "unsure.h5ad")
     expected = np.where(mapped.obs["cell_type_uncertainty"] > 0, "Unknown", mapped.obs["cell_type_predicted"].astype(str))
     np.testing.assert_array_equal(unsure.obs["cell_type_predicted"].astype(str), expected)
+    assert unsure.uns["cellvae"]["params"]["unknown_threshold"] == 0 and unsure.uns["cellvae"]["params"]["soft"]
     shares = unsure.obsm["cell_type_vote_shares"]  # --soft: each label's share of the vote, as transfer_labels(soft=True)
     assert sorted(shares.columns) == sorted(reference.obs["cell_type"].astype(str).unique())
     np.testing.assert_allclose(shares.max(axis=1), 1 - unsure.obs["cell_type_uncertainty"], rtol=1e-5)
