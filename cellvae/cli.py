@@ -449,14 +449,7 @@ def run_fit(args: argparse.Namespace) -> int:
     _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate)
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
-    keys = {"--batch-key": [args.batch_key] if args.batch_key is not None else []}
-    keys |= {"--categorical-covariate-keys": args.categorical_covariate_keys or []}
-    keys |= {"--continuous-covariate-keys": args.continuous_covariate_keys or []}
-    for option, given in keys.items():  # named by the option that gave them (the model's error names adata.obs)
-        missing = [key for key in given if key and key not in adata.obs.columns]  # ("": the model says why)
-        if missing:
-            columns = list(adata.obs.columns)
-            raise SystemExit(f"error: {args.input} has no obs columns {missing} ({option}); obs columns there: {columns}")
+    _check_fit_obs_columns(adata, args)
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
     model_kwargs = {
         "layer": layer,
@@ -661,6 +654,19 @@ def _check_labels_options(args: argparse.Namespace) -> None:
     given = [option for option, value in vote.items() if value is not None]
     if given and args.labels_key is None:
         raise SystemExit(f"error: {given[0]} is an option of the label transfer: pass --reference and --labels-key too")
+
+
+def _check_fit_obs_columns(adata, args: argparse.Namespace) -> None:
+    """Refuse obs columns that fit's options name and the input lacks before any work, naming the option that gave
+    them (the model's error names only adata.obs)."""
+    keys = {"--batch-key": [args.batch_key] if args.batch_key is not None else []}
+    keys |= {"--categorical-covariate-keys": args.categorical_covariate_keys or []}
+    keys |= {"--continuous-covariate-keys": args.continuous_covariate_keys or []}
+    for option, given in keys.items():
+        missing = [key for key in given if key and key not in adata.obs.columns]  # ("": the model says why)
+        if missing:
+            columns = list(adata.obs.columns)
+            raise SystemExit(f"error: {args.input} has no obs columns {missing} ({option}); obs columns there: {columns}")
 
 
 def _check_obs_columns(query, path: str, batch_key: str, config, given: bool) -> None:
