@@ -48,6 +48,8 @@ GPU_TESTS = [
     "tests/test_reliability.py::test_gpu_out_of_memory_suggests_a_smaller_batch_size",
     "tests/test_loader.py::test_gpu_training_replays_cuda_graphs_and_trains_like_step_by_step",
     "tests/test_reliability.py::test_nan_batch_restores_parameters_and_lowers_the_learning_rate[cuda-graphs]",
+    "tests/test_atlas.py::test_held_out_batch_is_mapped_and_labels_transfer[cuda]",
+    "tests/test_ddp.py::test_two_processes_on_gpus_train_one_model_as_good_as_one_process",
 ]
 KANG = "kang_ctrl_5donors_muscat.h5ad"
 

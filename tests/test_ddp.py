@@ -258,6 +258,53 @@ def test_two_process_gloo_training_gives_a_valid_model_as_good_as_one_process(tm
     )
 
 
+def _train_on_a_gpu_on_rank(rank: int, backend: str, init_file: str, path: str, out_dir: str) -> None:
+    import anndata as ad
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    os.environ["LOCAL_RANK"] = str(rank % torch.cuda.device_count())  # as torchrun sets it; gloo can share one GPU
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
+    adata = ad.read_h5ad(path, backed="r")
+    model = cellvae.CellVAE(adata, batch_key="batch", normalization="batch")
+    model.fit(max_epochs=EPOCHS, batch_size=64, progress=False, device="cuda")
+    state = {k: v.contiguous() for k, v in model.module.state_dict().items()}
+    save_file(state, str(Path(out_dir) / f"rank{rank}.safetensors"))
+    if rank == 0:
+        model.save(Path(out_dir) / "model")
+    dist.destroy_process_group()
+
+
+NCCL_NEEDS_TWO_GPUS = pytest.mark.skipif(
+    torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available(),
+    reason="nccl refuses two ranks on one GPU ('Duplicate GPU detected'): needs two GPUs",
+)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=NCCL_NEEDS_TWO_GPUS)])
+def test_two_processes_on_gpus_train_one_model_as_good_as_one_process(tmp_path, backend):
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, n_cell_types=5, random_state=3)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    args = (backend, str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path))
+    mp.spawn(_train_on_a_gpu_on_rank, args=args, nprocs=2, join=True)
+    first, second = (load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2))
+    assert any("running_mean" in key for key in first)
+    for key in first:  # gradients all-reduced, BatchNorm statistics averaged: the ranks hold one model
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=f"{key} differs between the ranks")
+    model = cellvae.CellVAE.load(tmp_path / "model", adata=adata)
+    assert len(model.history) == EPOCHS and np.isfinite(model.history["validation_elbo"]).all()
+    distributed = knn_accuracy(model.get_latent(), adata.obs["cell_type"])
+    single = cellvae.CellVAE(adata, batch_key="batch", normalization="batch")
+    single.fit(max_epochs=EPOCHS, progress=False, device="cuda")
+    alone = knn_accuracy(single.get_latent(), adata.obs["cell_type"])
+    assert distributed > 0.9 and distributed >= alone - 0.03, (distributed, alone)
+
+
 def _train_on_rank(rank: int, init_file: str, path: str, model_dir: str) -> None:
     import anndata as ad
     import torch
