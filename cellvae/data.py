@@ -1494,7 +1494,8 @@ class CellLoader:
             return False
         if self._on_device is None:
             free, _ = torch.cuda.mem_get_info(self.device)
-            self._on_device = self._resident_tensors(max_bytes=free // 4) or False
+            with torch.inference_mode(False):  # normal tensors, also when first asked for inside the caller's inference_mode
+                self._on_device = self._resident_tensors(max_bytes=free // 4) or False
         return self._on_device is not False
 
     def _resident_tensors(

@@ -27,7 +27,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from cellvae import data, diagnostics, differential
 from cellvae.config import CELLVAE_VERSION, ROLES, Config, check_unique
-from cellvae.distributions import seeded
+from cellvae.distributions import autograd_on, seeded
 from cellvae.module import VAE
 from cellvae.train import (
     DEFAULT_LR,
@@ -509,7 +509,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
                 self.device = loader.device
-                self.module.to(self.device)
+                _move(self.module, self.device)
                 start_loss = self._mean_loss(loader, probe, batch_size, random_state)
                 with _reference_frozen(self.module) if query else nullcontext():
                     history = train(
@@ -525,7 +525,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         trained_before=self.is_trained,
                     )
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
-                self.module.to("cpu")
+                _move(self.module, "cpu")
                 self.device = torch.device("cpu")
                 self.module.load_state_dict(before)
                 self.module.eval()
@@ -570,7 +570,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
-            self.module.to("cpu")
+            _move(self.module, "cpu")
             self.device = torch.device("cpu")
         return self
 
@@ -1515,7 +1515,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             random_state=random_state,
             progress=progress,
         )
-        query_model.module.to(loader.device)
+        _move(query_model.module, loader.device)
         try:
             with _reference_frozen(query_model.module):
                 # trained in this process alone: under torchrun a script may map a query on one rank only
@@ -1523,7 +1523,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     query_model.module, loader, train_cells, validation_cells, settings, data_parallel=False
                 )
         finally:
-            query_model.module.to("cpu")
+            _move(query_model.module, "cpu")
         query_model.train_settings = settings
         return query_model
 
@@ -2648,6 +2648,13 @@ def _query_parameters(query: VAE) -> list[tuple[torch.nn.Parameter, torch.Tensor
         first = query.encoder.body.linears[0]
         trainable = [(p, m) for p, m in trainable if p is not first.weight] + [(first.weight, None), (first.bias, None)]
     return trainable
+
+
+def _move(module: torch.nn.Module, device: str | torch.device) -> None:
+    """Move ``module``'s weights to ``device`` as trainable tensors, also inside the caller's
+    ``torch.inference_mode`` (where the moved copies would be inference tensors that training refuses)."""
+    with autograd_on():
+        module.to(device)
 
 
 @contextmanager

@@ -136,9 +136,13 @@ class Decoder(nn.Module):
         if self.config.dispersion == "gene":
             log_theta = self.log_theta
         elif self.config.dispersion == "gene-batch":
-            # index_select, not log_theta[batch_index]: indexing's backward adds the rows' gradients in an order that
-            # varies between runs on more than one CPU thread, so fits were not reproducible
-            log_theta = self.log_theta.index_select(0, batch_index)
+            # Each cell's row, picked so that its gradient sums in a fixed order. On the CPU by index_select, not
+            # log_theta[batch_index] (indexing's backward added the rows in an order that varied between runs on more
+            # than one thread); elsewhere as a one-hot product (index_select's backward adds with atomics on a GPU).
+            if batch_index.device.type == "cpu":
+                log_theta = self.log_theta.index_select(0, batch_index)
+            else:
+                log_theta = F.one_hot(batch_index.long(), self.log_theta.shape[0]).to(self.log_theta.dtype) @ self.log_theta
         else:
             log_theta = self.theta_head(h)
         theta = torch.exp(log_theta.clamp(-12.0, 12.0))

@@ -476,22 +476,30 @@ def test_groups_that_share_a_batch_are_not_warned_about_sharing_none(simulated, 
 
 
 def test_fewer_counts_in_the_same_cells_make_fold_changes_less_certain():
-    """The counting noise of a group's mean: the same comparison on counts thinned to 3% has much wider fold
-    change posteriors ("a difference is found with more certainty the more cells and counts support it")."""
+    """The counting noise of a group's mean: the same comparison on counts thinned to 3% has wider fold change
+    posteriors ("a difference is found with more certainty the more cells and counts support it"), most of all
+    for genes of few counts; a highly expressed gene's spread is mostly its overdispersion across cells, which
+    thinning keeps. (Over training seeds 0-5: the median spread grew 1.66-1.78x, 1.9-2.2x in the quarter of genes
+    with the fewest counts, 1.1-1.2x in the quarter with the most. After 30 epochs the model had not yet told the
+    two types apart in 5 of 6 seeds, and the spreads were those of shrinkage towards no change.)"""
     adata = cellvae.datasets.simulate(
         n_cells=600, n_genes=100, n_batches=1, n_cell_types=2, random_state=0, mean_library_size=3000.0
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = cellvae.CellVAE(adata, n_hidden=32).fit(max_epochs=30, progress=False)
+        model = cellvae.CellVAE(adata, n_hidden=32).fit(max_epochs=150, progress=False)
         thin = adata.copy()
         thin.X = sp.csr_matrix(np.random.default_rng(0).binomial(adata.X.toarray().astype(np.int64), 0.03).astype(np.float32))
-        spread = [
-            float(model.differential_expression(a, groupby="cell_type", group1="type0", group2="type1", n_draws=200,
-                                                progress=False)["lfc_std"].median())
+        full, thinned = (
+            model.differential_expression(a, groupby="cell_type", group1="type0", group2="type1", n_draws=200, progress=False)
             for a in (adata, thin)
-        ]  # fmt: skip
-    assert spread[1] > 3.0 * spread[0], spread
+        )
+    assert (full["lfc_mean"].abs() > 1.0).sum() >= 20  # the model tells the types apart (40 marker genes)
+    growth = thinned["lfc_std"].reindex(full.index) / full["lfc_std"]
+    mean_counts = pd.Series(np.asarray(adata.X.mean(axis=0)).ravel(), index=adata.var_names).reindex(full.index)
+    fewest, most = growth[mean_counts <= mean_counts.quantile(0.25)], growth[mean_counts >= mean_counts.quantile(0.75)]
+    assert growth.median() > 1.4, growth.describe()
+    assert fewest.median() > 1.6 and fewest.median() > most.median() + 0.4, (fewest.median(), most.median())
 
 
 def test_rank_genes_groups_returns_none_in_place_and_records_the_settings_it_ran_with(simulated, model):

@@ -770,6 +770,31 @@ def test_training_that_fails_mid_epoch_leaves_no_prefetch_thread(tmp_path, monke
     backed.file.close()
 
 
+@pytest.mark.parametrize("output", ["get_latent", "get_normalized_expression", "sample_counts"])
+def test_an_output_that_fails_midway_through_a_backed_file_leaves_no_reading_thread(tmp_path, monkeypatch, output):
+    """Outputs hold their minibatches in a local variable, which the traceback of an error (or of Ctrl-C in a
+    notebook) keeps alive: the pass must still stop the thread that reads ahead in the file."""
+    adata = cellvae.datasets.simulate(n_cells=900, n_genes=80, random_state=1)
+    model = cellvae.CellVAE(adata, n_latent=5, n_hidden=32).fit(max_epochs=1, progress=False, device="cpu")
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 80 * 100)  # blocks of about 100 cells: several per pass
+    inference, calls = VAE.inference, []
+
+    def inference_failing_at_the_third_minibatch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("failed midway")
+        return inference(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "inference", inference_failing_at_the_third_minibatch)
+    with pytest.raises(RuntimeError, match="failed midway") as kept:
+        getattr(model, output)(backed, batch_size=50)
+    assert kept.value is not None  # the traceback, with the output's frame, is still held here
+    assert [t.name for t in threading.enumerate() if t.name == "cellvae-loader"] == []
+    backed.file.close()
+
+
 # ----------------------------------------------------------------------------- reading and checking, case by case
 
 

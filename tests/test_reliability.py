@@ -455,7 +455,7 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch_size():
 
 
 def test_same_seed_gives_bitwise_identical_models_and_embeddings(messy):
-    first = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3)
+    first = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3, device="cpu")  # (a GPU draws other random numbers)
     torch.manual_seed(12345)  # the global torch seed must not matter
     np.random.seed(54321)
     second = quiet_fit(CellVAE(messy, **MODEL_ARGS), random_state=3, device=torch.device("cpu"))  # as scvi-tools users write
@@ -518,6 +518,11 @@ def test_training_and_refinement_work_where_the_caller_turned_gradients_off(mess
     np.testing.assert_array_equal(model.get_latent(messy), expected.get_latent(messy))
     np.testing.assert_array_equal(refined, expected.get_latent(cells, refine_steps=2))
     pd.testing.assert_frame_equal(gaps, expected.inference_gaps(cells[:3], n_steps=2, n_samples=3))
+    # trained further, inside and outside the mode (on a GPU the weights went there and back each time)
+    with gradients_off():
+        inside = quiet_fit(model, max_epochs=1).history["train_loss"]
+    outside = quiet_fit(model, max_epochs=1).history["train_loss"]
+    assert np.isfinite(inside).all() and np.isfinite(outside).all()
 
 
 def test_numpy_integer_seeds_work_wherever_a_seed_is_taken(trained, messy):
