@@ -1365,28 +1365,29 @@ class CellLoader:
         blocks = ((chunk, self._read_rows(chunk)) for chunk in chunks)
         if read_ahead:
             blocks = _prefetch(blocks, depth=1)
-        left_block, left_cells = None, None
-        for chunk, block in blocks:
-            start = 0
-            if left_cells is not None:  # filled up from the head of this chunk (not joined to all of it: one buffer held)
-                start = min(batch_size - len(left_cells), len(chunk))
-                parts = [left_block, block[:start].take()]
-                joined = sp.vstack(parts, format="csr") if sp.issparse(parts[1]) else np.concatenate(parts)
-                cells = np.concatenate([left_cells, chunk[:start]])
-                left_block, left_cells = None, None
-                if len(cells) < batch_size:  # this chunk was too short to fill it: carry on
-                    left_block, left_cells = joined, cells
-                    continue
-                yield self._minibatch(joined, cells, with_sparse)
-            whole = start + (len(chunk) - start) // batch_size * batch_size
-            for first in range(start, whole, batch_size):
-                rows = slice(first, first + batch_size)
-                yield self._minibatch(block[rows].take(), chunk[rows], with_sparse)
-            if whole < len(chunk):  # copied out now: the next chunk's buffer replaces this one
-                left_block, left_cells = block[whole:].take(), chunk[whole:]
-            del block  # before the next buffer is read, where nothing reads ahead
-        if left_cells is not None:
-            yield self._minibatch(left_block, left_cells, with_sparse)
+        with contextlib.closing(blocks):  # the reading thread stops when this generator is closed, not when it is collected
+            left_block, left_cells = None, None
+            for chunk, block in blocks:
+                start = 0
+                if left_cells is not None:  # filled up from the head of this chunk (not joined to all of it: one buffer held)
+                    start = min(batch_size - len(left_cells), len(chunk))
+                    parts = [left_block, block[:start].take()]
+                    joined = sp.vstack(parts, format="csr") if sp.issparse(parts[1]) else np.concatenate(parts)
+                    cells = np.concatenate([left_cells, chunk[:start]])
+                    left_block, left_cells = None, None
+                    if len(cells) < batch_size:  # this chunk was too short to fill it: carry on
+                        left_block, left_cells = joined, cells
+                        continue
+                    yield self._minibatch(joined, cells, with_sparse)
+                whole = start + (len(chunk) - start) // batch_size * batch_size
+                for first in range(start, whole, batch_size):
+                    rows = slice(first, first + batch_size)
+                    yield self._minibatch(block[rows].take(), chunk[rows], with_sparse)
+                if whole < len(chunk):  # copied out now: the next chunk's buffer replaces this one
+                    left_block, left_cells = block[whole:].take(), chunk[whole:]
+                del block  # before the next buffer is read, where nothing reads ahead
+            if left_cells is not None:
+                yield self._minibatch(left_block, left_cells, with_sparse)
 
     def _chunks(self, cells, chunk_rows, block_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:
