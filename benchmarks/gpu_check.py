@@ -25,13 +25,20 @@ its error and the others still run:
   trained from the backed ``.h5ad`` (read on the CPU, each minibatch copied to the GPU and trained step by
   step) against the same counts in memory (resident, as int16 where they fit, CUDA graphs), at batch 128
   and 1,024, float32.
+- ``suite``: the whole test suite on the GPU (``device="auto"`` picks it wherever a test leaves the device
+  open), in ``--suite-workers`` pytest-xdist processes of one thread each, stopped after ``--suite-seconds``
+  (the notebooks and the README's commands are left out: they need Jupyter and a fresh install). Session 55
+  found four faults of the CUDA path this way.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -295,6 +302,27 @@ def part_streaming(args) -> dict:
     return results
 
 
+def part_suite(args) -> dict:
+    # SIGINT first, for pytest's summary; a test's fit takes a Ctrl-C as "stop training", so KILL 20 s later
+    command = ["timeout", "-s", "INT", "-k", "20", str(args.suite_seconds), sys.executable, "-m", "pytest", "tests", "-v"]
+    command += ["-rfE", "-p", "no:cacheprovider", "--tb=short", f"--junitxml={args.out / 'suite.xml'}"]
+    command += ["--ignore", "tests/test_tutorials.py", "--ignore", "tests/test_readme.py"]
+    if importlib.util.find_spec("xdist") is not None:  # (the GPU image has pytest-xdist; without it, one process)
+        command += ["-n", str(args.suite_workers)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    done = subprocess.run(command, cwd=speed.REPO, capture_output=True, text=True, env=env)
+    (args.out / "suite.log").write_text(done.stdout + done.stderr)
+    print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
+    # -v names every test as it ends: the failures are known even where the run was killed before its summary
+    test, outcome = r"(tests/\S+?(?:\[[^\]]*\])?)", r"(PASSED|FAILED|ERROR|SKIPPED)"
+    outcomes = re.findall(rf"\b{outcome} {test}(?=\s|$)", done.stdout)  # pytest-xdist: "[gw3] [ 12%] PASSED tests/..."
+    outcomes += [found[::-1] for found in re.findall(rf"^{test} {outcome}\b", done.stdout, re.MULTILINE)]  # one process
+    failed = sorted({test for outcome, test in outcomes if outcome in ("FAILED", "ERROR")})
+    ended = {test for _, test in outcomes}
+    stopped = done.returncode in (124, 137, -9)  # INT, then KILL (timeout's process group)
+    return {"exit_code": done.returncode, "stopped_at_the_time_limit": stopped, "tests_ended": len(ended), "failed": failed}
+
+
 PARTS = {
     "environment": part_environment,
     "tests": part_tests,
@@ -303,6 +331,7 @@ PARTS = {
     "determinism": part_determinism,
     "step_overhead": part_step_overhead,
     "streaming": part_streaming,
+    "suite": part_suite,
 }
 
 
@@ -316,6 +345,8 @@ def main() -> None:
     parser.add_argument("--skip-scvi", action="store_true")
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the script itself")
+    parser.add_argument("--suite-seconds", type=int, default=240, help="time limit of the suite part")
+    parser.add_argument("--suite-workers", type=int, default=12, help="pytest-xdist processes of the suite part")
     args = parser.parse_args()
     import torch
 

@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="layer with the raw counts, or X (default: where the model read them in training)",
     )
     embed.add_argument("--var-names", default=None, metavar="COLUMN", help=VAR_NAMES_HELP)
+    embed.add_argument(
+        "--batch-key",
+        default=None,
+        help="obs column of the cells' batches, which must be among the model's (default: the model's batch key; "
+        "cellvae map adds new batches)",
+    )
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     embed.set_defaults(command="embed", run=run_embed)
@@ -528,13 +534,23 @@ def run_embed(args: argparse.Namespace) -> int:
     _check_input_and_output(args)
     _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
     model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
+    batch_key = model.config.batch_key
+    if args.batch_key is not None and not batch_key:
+        raise SystemExit(
+            f"error: the model in {args.model_dir} was trained without --batch-key, so it reads no batches; leave out --batch-key"
+        )
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
+    if batch_key:
+        whose = {"model": "the model", "cells": "the cells'"}
+        _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, args.batch_key is not None, **whose)
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     replaced = args.key_added in adata.obsm
+    batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with _errors_name_where_counts_were_read(layer, model.config.layer), _errors_name_the_genes_column(args.var_names):
-        counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names)
+        counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts)
-    _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced)
+    more = {} if batches_from is None else {"input_batch_key": args.batch_key}
+    _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced, more)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
@@ -669,17 +685,19 @@ def _check_fit_obs_columns(adata, args: argparse.Namespace) -> None:
             raise SystemExit(f"error: {args.input} has no obs columns {missing} ({option}); obs columns there: {columns}")
 
 
-def _check_obs_columns(query, path: str, batch_key: str, config, given: bool) -> None:
-    """Refuse a query without its batch column or the reference's covariates before any work (map_query would
-    find out only after the reference was read and embedded)."""
+def _check_obs_columns(
+    query, path: str, batch_key: str, config, given: bool, model: str = "the reference model", cells: str = "the query's"
+) -> None:
+    """Refuse a query (embed's input) without its batch column or the model's covariates before any work
+    (map_query would find out only after the reference was read and embedded)."""
     columns = list(query.obs.columns)
     if batch_key not in columns:
-        name = "--batch-key" if given else "the reference model's batch key; name the query's batch column with --batch-key"
+        name = "--batch-key" if given else f"{model}'s batch key; name {cells} batch column with --batch-key"
         raise SystemExit(f"error: {path} has no obs[{batch_key!r}] ({name}); obs columns there: {columns}")
     covariates = config.categorical_covariate_keys + config.continuous_covariate_keys
     missing = [key for key in covariates if key not in columns]
     if missing:
-        raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of the reference model; add them")
+        raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of {model}; add them")
 
 
 def _embed_reference(model, reference, args: argparse.Namespace):
@@ -741,21 +759,28 @@ def _errors_name_the_genes_column(var_names: str | None) -> Iterator[None]:
         raise type(error)(str(error).replace(".var_names", f".var[{var_names!r}]")) from error
 
 
-def _counts_where_model_reads(adata, layer: str | None, model_layer: str | None, var_names: str | None = None):
+def _counts_where_model_reads(
+    adata, layer: str | None, model_layer: str | None, var_names: str | None = None, batches_from: tuple[str, str] | None = None
+):
     """``adata`` itself if its counts are where the model reads them under the model's gene names, else an AnnData
     with its obs (for the covariates), its gene names (those of ``var[var_names]``, made unique as
-    ``var_names_make_unique`` makes them) and the same matrix, not copied, in that place."""
+    ``var_names_make_unique`` makes them) and the same matrix, not copied, in that place. ``batches_from``
+    (column, the model's batch key): that obs column is the batch column there (``adata`` keeps its obs)."""
     import anndata as ad
     import pandas as pd
     from anndata.utils import make_index_unique
 
     from cellvae.data import count_matrix
 
-    if layer == model_layer and var_names is None:
+    if layer == model_layer and var_names is None and batches_from is None:
         return adata
     counts = count_matrix(adata, layer)
     genes = adata.var_names if var_names is None else make_index_unique(pd.Index(adata.var[var_names].astype(str)))
-    names = {"obs": adata.obs, "var": pd.DataFrame(index=genes)}
+    obs = adata.obs
+    if batches_from is not None:
+        obs = obs.copy()
+        obs[batches_from[1]] = obs[batches_from[0]]
+    names = {"obs": obs, "var": pd.DataFrame(index=genes)}
     return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
 
 

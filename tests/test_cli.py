@@ -1032,6 +1032,37 @@ def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monke
     assert folder_bytes(ref / "model") == model_before
 
 
+def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folder, tmp_path):
+    """A file whose batch column is named otherwise than in training (sample, not batch): --batch-key names it. The
+    embedding is that of the same cells under the model's column, and the file written keeps the input's obs."""
+    model_dir = str(reference_folder / "model")
+    renamed = ad.read_h5ad(reference_folder / "ref.h5ad")
+    renamed.obs = renamed.obs.rename(columns={"batch": "sample"})
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
+    embed = ["embed", "--model-dir", model_dir, "--out"]
+    assert main([*embed, str(tmp_path / "expected.h5ad"), str(reference_folder / "ref.h5ad")]) == 0
+    assert main([*embed, str(tmp_path / "out.h5ad"), str(tmp_path / "renamed.h5ad"), "--batch-key", "sample"]) == 0
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    np.testing.assert_array_equal(written.obsm["X_cellvae"], ad.read_h5ad(tmp_path / "expected.h5ad").obsm["X_cellvae"])
+    assert list(written.obs.columns) == list(renamed.obs.columns)  # no batch column added
+    assert written.uns["cellvae"]["params"]["input_batch_key"] == "sample"
+    # refused before any work: the model's column missing, a column that is not there, batches the model lacks
+    missing = r"renamed.h5ad has no obs\['batch'\] \(the model's batch key; name the cells' batch column with --batch-key\)"
+    with pytest.raises(SystemExit, match=missing):
+        main([*embed, str(tmp_path / "o.h5ad"), str(tmp_path / "renamed.h5ad")])
+    with pytest.raises(SystemExit, match=r"renamed.h5ad has no obs\['donor'\] \(--batch-key\); obs columns there: \['sample'"):
+        main([*embed, str(tmp_path / "o.h5ad"), str(tmp_path / "renamed.h5ad"), "--batch-key", "donor"])
+    renamed.obs["sample"] = "batch2"
+    renamed.write_h5ad(tmp_path / "new_batch.h5ad")
+    with pytest.raises(SystemExit, match=r"batch2(.|\n)*cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches"):
+        main([*embed, str(tmp_path / "o.h5ad"), str(tmp_path / "new_batch.h5ad"), "--batch-key", "sample"])
+    cellvae.CellVAE(ad.read_h5ad(reference_folder / "ref.h5ad")).fit(max_epochs=1, progress=False).save(tmp_path / "plain")
+    with pytest.raises(SystemExit, match="trained without --batch-key, so it reads no batches; leave out --batch-key"):
+        main(["embed", str(tmp_path / "renamed.h5ad"), "--model-dir", str(tmp_path / "plain"), "--out", str(tmp_path / "o.h5ad"),
+              "--batch-key", "sample"])  # fmt: skip
+    assert not (tmp_path / "o.h5ad").exists()
+
+
 def test_map_warns_once_about_model_genes_missing_from_the_query(reference_folder, tmp_path):
     query = ad.read_h5ad(reference_folder / "query.h5ad")[:, 5:].copy()
     query.write_h5ad(tmp_path / "query.h5ad")
