@@ -975,18 +975,22 @@ def _read(path: str, backed: bool = False, layer: str | None = None, option: str
     if not source.exists():
         raise SystemExit(f"error: {option} {path} does not exist")
     try:
-        if source.is_dir():
-            from cellvae import read_zarr_lazy
+        with warnings.catch_warnings():
+            # anndata's warning about repeated gene names: cellvae's own error names them and the fix (or --var-names
+            # reads the names from a column, where the repeats do not matter)
+            warnings.filterwarnings("ignore", "Variable names are not unique", UserWarning)
+            if source.is_dir():
+                from cellvae import read_zarr_lazy
 
-            return read_zarr_lazy(source)
-        if backed and layer is not None:  # anndata's backed mode would read the layer into memory
-            import h5py
+                return read_zarr_lazy(source)
+            if backed and layer is not None:  # anndata's backed mode would read the layer into memory
+                import h5py
 
-            from cellvae.data import read_lazily
+                from cellvae.data import read_lazily
 
-            adata = read_lazily(h5py.File(source, "r"))  # open while the process runs, like a backed file
-        else:
-            adata = ad.read_h5ad(source, backed="r" if backed else None)
+                adata = read_lazily(h5py.File(source, "r"))  # open while the process runs, like a backed file
+            else:
+                adata = ad.read_h5ad(source, backed="r" if backed else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         convert = ""
         if source.suffix.lower() not in (".h5ad", ".zarr"):  # another format (10x's .h5 or folder, .loom, .csv)

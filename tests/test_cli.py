@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import anndata as ad
 import h5py
@@ -208,6 +209,20 @@ def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first
     with pytest.raises(SystemExit, match=r"missing \(NaN\) values.*\n\(on the command line: no cellvae option does this"):
         main([*command, "--model-dir", str(tmp_path / "model")])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+def test_repeated_gene_names_are_told_by_cellvaes_error_alone_not_first_by_anndatas_warning(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0)
+    adata.var_names = ["g0", "g0", *(f"g{i}" for i in range(2, 20))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata.write_h5ad(tmp_path / "repeated.h5ad")
+    command = ["fit", str(tmp_path / "repeated.h5ad"), "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "m")]
+    repeated = r"var_names are not unique \(e.g. \['g0'\]\)"
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit, match=repeated):
+        warnings.simplefilter("always")
+        main(command)
+    assert not [w for w in caught if "Variable names are not unique" in str(w.message)]
 
 
 def test_inputs_of_other_formats_are_told_how_to_convert_them_and_a_zarr_out_is_refused(tmp_path):
