@@ -285,7 +285,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         if layer is not None and _looks_like_counts(adata.X):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
             raise ValueError(f"{error}. adata.X holds whole counts: {fix}") from None
-        layers = [name for name in adata.layers.keys() if name != layer and _looks_like_counts(adata.layers[name])]
+        layers = [name for name in layer_names(adata) if name != layer and _looks_like_counts(adata.layers[name])]
         layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
         if layers:
             name = layers[0]
@@ -974,8 +974,8 @@ def as_text(column: pd.Series) -> pd.Categorical:
 def _check_no_missing(column: pd.Series, key: str, source: str = "obs") -> None:
     if column.isna().any():
         fix = (
-            f"(adata.obs[{key!r}] = adata.obs[{key!r}].astype(str) makes them one value of their own, 'nan') or drop "
-            f"those cells (adata = adata[adata.obs[{key!r}].notna()].copy())"
+            f"(adata.obs[{key!r}] = adata.obs[{key!r}].astype(object).fillna('unknown') makes them one value of their "
+            f"own) or drop those cells (adata = adata[adata.obs[{key!r}].notna()].copy())"
             if source == "obs"
             else ""
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from copy import deepcopy
 from dataclasses import replace
 
 import anndata as ad
@@ -19,7 +20,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellvae.data import cell_positions, check_one_name, copied_view_counts, gene_names, is_backed_matrix, warn_user
+from cellvae.data import (
+    cell_positions,
+    check_one_name,
+    copied_view_counts,
+    gene_names,
+    is_backed_matrix,
+    layer_names,
+    warn_user,
+)
 from cellvae.differential import group_name
 from cellvae.model import (
     CellVAE,
@@ -1001,7 +1010,20 @@ def _own_data(adata: ad.AnnData) -> None:
     of 203,340 cells: 2.1 s and 0.83 GB, for a result written into 1,000 cells)."""
     if not adata.is_view:
         return
-    copied = {layer: copied_view_counts(adata, layer) for layer in [None, *adata.layers.keys()]}
-    layers = {name: adata.layers[name].copy() if copied[name] is None else copied[name] for name in adata.layers.keys()}
-    x = {} if copied[None] is None else {"X": copied[None]}
-    adata._init_as_actual(adata._mutated_copy(layers=layers, **x))
+    names = layer_names(adata)
+    copied = {layer: copied_view_counts(adata, layer) for layer in [None, *names]}
+    layers = {name: adata.layers[name].copy() if copied[name] is None else copied[name] for name in names}
+    x = copied[None] if copied[None] is not None else None if adata.X is None else adata.X.copy()
+    own = ad.AnnData(
+        X=x,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        uns=deepcopy(dict(adata.uns)),
+        obsm={key: value.copy() for key, value in adata.obsm.items()},
+        varm={key: value.copy() for key, value in adata.varm.items()},
+        obsp={key: value.copy() for key, value in adata.obsp.items()},
+        varp={key: value.copy() for key, value in adata.varp.items()},
+        layers=layers,
+        raw=None if adata.raw is None else adata.raw.copy(),
+    )
+    adata._init_as_actual(own)  # (as anndata turns a view into its own data when one writes into it)

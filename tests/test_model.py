@@ -822,7 +822,7 @@ def test_cells_without_a_batch_are_refused_with_two_fixes_that_work_as_written(t
     exec(fill, {"adata": filled})
     namespace = {"adata": dropped}
     exec(drop, namespace)
-    assert CellVAE(filled, batch_key="batch").config.batch_categories == ["batch0", "batch1", "nan"]
+    assert CellVAE(filled, batch_key="batch").config.batch_categories == ["batch0", "batch1", "unknown"]
     assert namespace["adata"].n_obs == adata.n_obs - 7
     assert CellVAE(namespace["adata"], batch_key="batch").config.batch_categories == ["batch0", "batch1"]
 
