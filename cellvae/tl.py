@@ -291,7 +291,7 @@ def transfer_labels(
     (categorical, holding the reference's label values: numbers stay numbers; a tied vote goes to the label that sorts first),
     ``query_adata.obs[f"{labels_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
     and ``query_adata.obs[f"{labels_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
-    them drawn with a fixed seed, that lie closer to their own ``k`` nearest labelled reference cells, on
+    them drawn with a fixed seed whatever their order, that lie closer to their own ``k`` nearest labelled reference cells, on
     average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the
     reference has a single labelled cell, which no distance can be compared with); with ``soft=True`` also
     ``query_adata.obsm[f"{labels_key}_vote_shares"]`` (a DataFrame indexed by the query's cells with a column per
@@ -446,12 +446,14 @@ def _vote_shares(labels: np.ndarray, weights: np.ndarray, names: np.ndarray, cel
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:
     """Share of reference cells (at most 10,000, drawn with a fixed seed) whose mean distance to their own
     nearest reference cells is strictly below each query cell's to its nearest: a tie is not closer. Both sides
-    average over as many neighbours: ``k``, or one fewer than the reference cells (NaN for a one-cell reference)."""
+    average over as many neighbours: ``k``, or one fewer than the reference cells (NaN for a one-cell reference).
+    The draw is made from the cells sorted by their coordinates, so that it does not depend on their order."""
     n = min(k, len(reference) - 1)
     if n < 1:
         return np.full(len(query_distances), np.nan)
     if len(reference) > 10_000:
-        reference = reference[np.sort(np.random.default_rng(0).choice(len(reference), 10_000, replace=False))]
+        in_order = reference[np.lexsort(reference.T[::-1])]
+        reference = in_order[np.random.default_rng(0).choice(len(reference), 10_000, replace=False)]
     own = voters.kneighbors(reference, n_neighbors=n + 1)[0][:, 1:].mean(axis=1)
     return np.searchsorted(np.sort(own), query_distances[:, :n].mean(axis=1), side="left") / len(own)
 

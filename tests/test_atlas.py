@@ -775,6 +775,22 @@ def test_novelty_compares_with_labelled_reference_cells_only():
     assert query.obs["cell_type_predicted"].astype(str).tolist() == ["Unknown", "A"]
 
 
+def test_novelty_of_a_large_reference_does_not_depend_on_the_order_of_its_cells():
+    """Above 10,000 labelled reference cells novelty compares with a fixed-seed sample of them: the same cells
+    whatever their order (a concatenated atlas in another order of its batches gives the same scores)."""
+    rng = np.random.default_rng(1)
+    positions = rng.normal(0.0, 1.0, (12_000, 3)) * rng.uniform(0.2, 3.0, (12_000, 1))  # uneven density
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A"] * 12_000}, index=[f"r{i}" for i in range(12_000)]))
+    reference.obsm["X_cellvae"] = positions
+    shuffled = reference[rng.permutation(12_000)].copy()
+    queries = [ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(300)]), obsm={"X_cellvae": rng.normal(0, 2, (300, 3))})]
+    queries.append(queries[0].copy())
+    for voters, query in zip((reference, shuffled), queries):
+        cellvae.tl.transfer_labels(voters, query, "cell_type", k=10, n_jobs=1)
+    novelty = [query.obs["cell_type_novelty"].to_numpy() for query in queries]
+    assert 0.05 < novelty[0].mean() < 0.95 and np.array_equal(novelty[0], novelty[1])
+
+
 def test_novelty_averages_over_k_neighbours_not_only_the_nearest():
     """A query cell beside a lone outlier of the reference, far from all other reference cells: its nearest
     neighbour is close but its k nearest lie far on average, so it is novel."""
