@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
         matplotlib.use("Agg")  # figures only go to files
         # warnings as one line each: the source line they would name is cellvae's or runpy's, not the user's
-        warnings.formatwarning = lambda message, category, *_: f"{category.__name__}: {in_command_line_terms(str(message))}\n"
+        warnings.formatwarning = lambda text, category, *_: f"{category.__name__}: {in_command_line_terms(str(text), args)}\n"
     try:
         return args.run(args)
     except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         # losses, out of memory): its message, not a traceback
         if isinstance(error, RuntimeError) and type(error).__name__ != "OutOfMemoryError":
             raise
-        raise SystemExit(f"error: {in_command_line_terms(_message_of(error))}") from error
+        raise SystemExit(f"error: {in_command_line_terms(_message_of(error), args)}") from error
 
 
 def _message_of(error: Exception) -> str:
@@ -74,8 +74,9 @@ def _message_of(error: Exception) -> str:
     return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
 
 
-def in_command_line_terms(message: str) -> str:
-    """An error's or warning's advice, given in Python's terms, with the command line's options."""
+def in_command_line_terms(message: str, args: argparse.Namespace | None = None) -> str:
+    """An error's or warning's advice, given in Python's terms, with the command line's options (``args``: the
+    command's, whose input file a fix in Python reads)."""
     message = message.replace("pass overwrite=True", "pass --overwrite")
     message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
     message = message.replace("call fit(resume=False) to start over", "leave out --resume to start over")
@@ -110,11 +111,23 @@ def in_command_line_terms(message: str) -> str:
     if "map_query(" in message:
         notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")
     elif _needs_python(message):
-        notes.append(
-            "no cellvae option does this; fix the file in Python first, adata = anndata.read_h5ad('IN.h5ad'), "
-            "the change above, adata.write_h5ad('FIXED.h5ad'), then run cellvae on FIXED.h5ad"
-        )
+        notes.append(_fix_in_python(message, args))
     return message + "".join(f"\n(on the command line: {note})" for note in notes)
+
+
+def _fix_in_python(message: str, args: argparse.Namespace | None) -> str:
+    """How to make a fix that only Python can make: read the file the message is about (the input, or the
+    --reference it names) under the name the advice uses, change it, write it anew."""
+    path = getattr(args, "input", None) or "IN.h5ad"
+    about_the_reference = re.match(r"--reference (.+?): ", message)
+    if about_the_reference:
+        path = about_the_reference[1]
+    name = "query_adata" if "query_adata" in message else "adata"
+    reader = "read_zarr" if str(path).rstrip("/").endswith(".zarr") else "read_h5ad"
+    return (
+        f"no cellvae option does this; fix the file in Python first, {name} = anndata.{reader}({str(path)!r}), "
+        f"the change above, {name}.write_h5ad('FIXED.h5ad'), then run cellvae on FIXED.h5ad"
+    )
 
 
 def _needs_python(message: str) -> bool:

@@ -1,5 +1,6 @@
 """The `cellvae` command line: demo, fit, embed and map write what they promise."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -206,9 +207,18 @@ def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first
     data.obs.iloc[:3, data.obs.columns.get_loc("batch")] = np.nan
     data.write_h5ad(tmp_path / "in.h5ad")
     command = ["fit", str(tmp_path / "in.h5ad"), "--batch-key", "batch", "--out", str(tmp_path / "o.h5ad")]
-    with pytest.raises(SystemExit, match=r"missing \(NaN\) values.*\n\(on the command line: no cellvae option does this"):
+    with pytest.raises(SystemExit, match=r"missing \(NaN\) values.*\n\(on the command line: no cellvae option does this") as told:
         main([*command, "--model-dir", str(tmp_path / "model")])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.h5ad"]
+    # the fix reads the user's own file, under the name the advice uses (query_adata for map's query)
+    assert f"adata = anndata.read_h5ad({str(tmp_path / 'in.h5ad')!r}), the change above, adata.write_h5ad(" in str(told.value)
+    on_query = in_command_line_terms(
+        "query_adata.var_names are not unique; call query_adata.var_names_make_unique()", argparse.Namespace(input="q.zarr")
+    )
+    assert "first, query_adata = anndata.read_zarr('q.zarr'), the change above, query_adata.write_h5ad(" in on_query
+    repeated = "adata.var_names are not unique; call adata.var_names_make_unique()"
+    on_reference = in_command_line_terms(f"--reference ref.h5ad: {repeated}", argparse.Namespace(input="q.h5ad"))
+    assert "adata = anndata.read_h5ad('ref.h5ad')" in on_reference
 
 
 def test_repeated_gene_names_are_told_by_cellvaes_error_alone_not_first_by_anndatas_warning(tmp_path):
