@@ -554,8 +554,8 @@ def run_embed(args: argparse.Namespace) -> int:
         )
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
     if batch_key:
-        whose = {"model": "the model", "cells": "the cells'"}
-        _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, args.batch_key is not None, **whose)
+        given = args.batch_key is not None
+        _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     replaced = args.key_added in adata.obsm
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)

@@ -754,20 +754,29 @@ def test_training_that_fails_mid_epoch_leaves_no_prefetch_thread(tmp_path, monke
     cellvae.datasets.simulate(n_cells=900, n_genes=80, random_state=1).write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 80 * 100)  # blocks of about 100 cells: several per epoch
-    forward, calls = VAE.forward, []
-
-    def forward_failing_at_the_fifth_minibatch(self, *args, **kwargs):  # e.g. out of memory
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("failed mid-epoch")
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(VAE, "forward", forward_failing_at_the_fifth_minibatch)
+    fail_at_call(monkeypatch, "forward", 5, "failed mid-epoch")  # e.g. out of memory
     with pytest.raises(RuntimeError, match="failed mid-epoch") as kept:
         cellvae.CellVAE(backed, n_latent=5, n_hidden=32).fit(max_epochs=2, batch_size=32, progress=False)
     assert kept.value is not None  # the traceback is still held here
-    assert [t.name for t in threading.enumerate() if t.name == "cellvae-loader"] == []
+    assert reading_threads() == []
     backed.file.close()
+
+
+def fail_at_call(monkeypatch, method: str, call: int, message: str) -> None:
+    """Make ``VAE.<method>`` raise a RuntimeError(``message``) at its ``call``-th call (earlier calls run as usual)."""
+    original, calls = getattr(VAE, method), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(message)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, method, failing)
+
+
+def reading_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "cellvae-loader"]
 
 
 @pytest.mark.parametrize("output", ["get_latent", "get_normalized_expression", "sample_counts"])
@@ -779,19 +788,11 @@ def test_an_output_that_fails_midway_through_a_backed_file_leaves_no_reading_thr
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * 80 * 100)  # blocks of about 100 cells: several per pass
-    inference, calls = VAE.inference, []
-
-    def inference_failing_at_the_third_minibatch(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("failed midway")
-        return inference(self, *args, **kwargs)
-
-    monkeypatch.setattr(VAE, "inference", inference_failing_at_the_third_minibatch)
+    fail_at_call(monkeypatch, "inference", 3, "failed midway")
     with pytest.raises(RuntimeError, match="failed midway") as kept:
         getattr(model, output)(backed, batch_size=50)
     assert kept.value is not None  # the traceback, with the output's frame, is still held here
-    assert [t.name for t in threading.enumerate() if t.name == "cellvae-loader"] == []
+    assert reading_threads() == []
     backed.file.close()
 
 
