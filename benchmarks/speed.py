@@ -15,6 +15,7 @@ its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 1000000 --in-memory-max 1000000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ddp --epochs 3
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py layouts --sizes 20000
+    flock /tmp/cellvae-cpu.lock python3.12 benchmarks/speed.py loader   # annbatch needs Python >= 3.12
     python benchmarks/speed.py table
 
 Large simulated files and scVI checkpoints go to ``--work-dir`` (default /tmp/cellvae-speed),
@@ -66,13 +67,14 @@ def pbmc68k():
     return cellvae.datasets.pbmc68k()
 
 
-def merge(section: str, values: dict, out: Path) -> None:
-    """Write ``values`` under ``section`` of the results JSON, keeping the other sections."""
+def merge(section: str, values: dict, out: Path, own_machine: bool = False) -> None:
+    """Write ``values`` under ``section`` of the results JSON, keeping the other sections. ``own_machine``:
+    the section records its own Python and torch (a part run in another environment than the rest)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results[section] = values
-    # (a part run without the bench extra keeps the scVI version of the parts measured with it)
-    results["machine"] = {**results.get("machine", {}), **{k: v for k, v in machine().items() if v is not None}}
+    results[section] = {**values, "machine": machine()} if own_machine else values
+    if not own_machine:  # (a part run without the bench extra keeps the scVI version of the parts measured with it)
+        results["machine"] = {**results.get("machine", {}), **{k: v for k, v in machine().items() if v is not None}}
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({section: values}, indent=2))
 
@@ -799,53 +801,130 @@ def part_ddp(args) -> None:
 # ----------------------------------------------------------------------------- loader choice
 
 
-def part_loader(args) -> None:
-    """One shuffled pass over a backed 100k × 2,000 CSR file: our CellLoader against scdataset."""
+def child_read(spec: dict) -> dict:
+    """Run in a fresh process: one shuffled pass over a store by one loader, densified to torch tensors,
+    128 cells per batch. Reports cells per second, whether every cell came exactly once, and peak RSS."""
     import anndata as ad
     import scipy.sparse as sp
     import torch
-    from scdataset import BlockShuffling, scDataset
+    import zarr
 
+    import cellvae
     from cellvae.data import CellLoader
 
-    path = simulated_file(args.work_dir, 100_000)
-    adata = ad.read_h5ad(path, backed="r")
+    setup_threads(THREADS)
+    if spec["zarrs"]:  # the Rust codec pipeline annbatch recommends for local stores
+        zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+    path, reader = spec["store"], spec["reader"]
+    adata = ad.read_h5ad(path, backed="r") if path.endswith(".h5ad") else cellvae.read_zarr_lazy(path)
     n = adata.n_obs
-    loader = CellLoader(adata.X, np.zeros((n, 0), np.float32), np.ones(n), np.zeros(n, np.int64))
+    seen = []
     started = time.perf_counter()
-    seen = np.concatenate([mb.cell_index for mb in loader.batches(np.arange(n), 128, shuffle=True, rng=np.random.default_rng(0))])
-    ours = n / (time.perf_counter() - started)
-    assert np.array_equal(np.sort(seen), np.arange(n))
+    if reader == "cellvae":
+        loader = CellLoader(adata.X, np.zeros((n, 0), np.float32), np.ones(n), np.zeros(n, np.int64))
+        for minibatch in loader.batches(np.arange(n), 128, shuffle=True, rng=np.random.default_rng(0)):
+            seen.append(minibatch.cell_index)
+    elif reader == "scdataset":
+        from scdataset import BlockShuffling, scDataset
 
-    def densify(block):
-        return torch.from_numpy(block.toarray() if sp.issparse(block) else np.asarray(block))
+        class Rows:  # scdataset needs len(); h5py needs increasing indices
+            def __len__(self):
+                return n
 
-    class Rows:  # scdataset needs len(); h5py needs increasing indices
-        def __len__(self):
-            return n
+            def __getitem__(self, index):
+                order = np.argsort(index, kind="stable")
+                return adata.X[np.asarray(index)[order]][np.argsort(order)]
 
-        def __getitem__(self, index):
-            index = np.asarray(index)
-            order = np.argsort(index, kind="stable")
-            block = adata.X[index[order]]
-            return block[np.argsort(order)]
+        def densify(block):
+            return torch.from_numpy(block.toarray() if sp.issparse(block) else np.asarray(block))
 
-    dataset = scDataset(Rows(), BlockShuffling(block_size=256), batch_size=128, fetch_factor=16, batch_transform=densify, seed=0)
+        shuffling = BlockShuffling(block_size=256)
+        dataset = scDataset(Rows(), shuffling, batch_size=128, fetch_factor=16, batch_transform=densify, seed=0)
+        seen = [np.arange(sum(len(counts) for counts in dataset))]  # (it yields no cell indices: counted only)
+    else:
+        from annbatch import Loader
+
+        rng = np.random.default_rng(0)
+        loader = Loader(batch_size=128, shuffle=True, to="torch", preload_to_gpu=False, return_index=True, rng=rng)
+        try:
+            loader.add_dataset(adata.X)
+        except TypeError as error:  # annbatch reads Zarr and in-memory matrices only
+            return {"unsupported": str(error).splitlines()[0]}
+        for batch in loader:
+            batch["X"].to_dense()
+            seen.append(np.asarray(batch["index"]))
+    seconds = time.perf_counter() - started
+    seen = np.concatenate(seen)
+    return {
+        "cells_per_s": round(n / seconds),
+        "every_cell_once": bool(len(seen) == n and np.array_equal(np.sort(seen), np.arange(n))),
+        "peak_rss_mb": round(rss_bytes()[1] / 2**20),
+    }
+
+
+def child_collection(spec: dict) -> dict:
+    """Run in a fresh process: annbatch's one-off conversion of a .h5ad into its shuffled, sharded Zarr collection."""
+    import zarr
+    from annbatch import DatasetCollection
+
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
     started = time.perf_counter()
-    count = sum(batch.shape[0] for batch in dataset)
-    theirs = n / (time.perf_counter() - started)
-    merge(
-        "loader",
-        {
-            "cells": n,
-            "genes": 2000,
-            "cellvae_loader_cells_per_s": round(ours),
-            "scdataset_cells_per_s": round(theirs),
-            "scdataset_cells_seen": int(count),
-            "note": "one shuffled epoch from a backed CSR .h5ad, densified to torch, 128 cells per batch",
-        },
-        args.out,
+    DatasetCollection(spec["collection"]).add_adatas([spec["source"]], rng=np.random.default_rng(0))
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(rss_bytes()[1] / 2**20)}
+
+
+def part_loader(args) -> None:
+    """One shuffled pass over 100k × 2,000 simulated counts by our CellLoader, scdataset and annbatch, each
+    on the stores it reads: the backed CSR .h5ad, its Zarr copy (:func:`simulated_zarr`) and annbatch's
+    own shuffled collection made from the .h5ad. Loaders that are not installed are skipped (annbatch
+    needs Python >= 3.12; with it, `pip install "annbatch[zarrs]" scdataset`)."""
+    import importlib.util
+    import shutil
+
+    have = {name: importlib.util.find_spec(name) is not None for name in ("scdataset", "annbatch", "zarrs")}
+    h5ad = str(simulated_file(args.work_dir, 100_000))
+    stores = {"h5ad": h5ad, "zarr": str(simulated_zarr(args.work_dir, 100_000))}
+    runs: dict = {"installed": have}
+    if have["annbatch"]:
+        collection = args.work_dir / "annbatch_collection_100000.zarr"
+        shutil.rmtree(collection, ignore_errors=True)
+        runs["annbatch_collection"] = run_child({"kind": "collection", "source": h5ad, "collection": str(collection)})
+        stores["annbatch_collection"] = str(collection / "dataset_0")
+        store_bytes = sum(f.stat().st_size for f in collection.rglob("*") if f.is_file())
+        runs["annbatch_collection"]["store_mb"] = round(store_bytes / 2**20)
+    specs = {}
+    for store, path in stores.items():
+        for reader in ("cellvae", "scdataset", "annbatch"):
+            if reader != "cellvae" and not have[reader] or reader == "scdataset" and store != "h5ad":
+                continue
+            for zarrs in (False, True) if store != "h5ad" and have["zarrs"] else (False,):
+                specs[f"{reader}_on_{store}" + ("_zarrs" if zarrs else "")] = {
+                    "kind": "read",
+                    "reader": reader,
+                    "store": path,
+                    "zarrs": zarrs,
+                }
+    passes: dict = {name: [] for name in specs}
+    for _ in range(args.repeats):  # interleaved rounds: the shared machine's speed drifts
+        for name, spec in specs.items():
+            passes[name].append(run_child(spec))
+            print(name, passes[name][-1], flush=True)
+    for name, results in passes.items():
+        runs[name] = (
+            results[0]
+            if "unsupported" in results[0]
+            else {
+                "cells_per_s_median": round(float(np.median([r["cells_per_s"] for r in results]))),
+                "cells_per_s": [r["cells_per_s"] for r in results],
+                "every_cell_once": all(r["every_cell_once"] for r in results),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            }
+        )
+    runs["note"] = (
+        "one shuffled epoch of 100,000 x 2,000 simulated counts, densified to torch, 128 cells per batch, 2 threads; "
+        f"{args.repeats} interleaved passes each, in fresh processes"
     )
+    merge("loader", runs, args.out, own_machine=True)  # annbatch needs Python >= 3.12, the other parts run on 3.11
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -1044,7 +1123,8 @@ PARTS = {
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "child":
         spec = json.loads(sys.argv[2])
-        print(json.dumps(child_map(spec) if spec.get("kind") == "map" else child_fit(spec)))
+        children = {"map": child_map, "read": child_read, "collection": child_collection}
+        print(json.dumps(children.get(spec.get("kind"), child_fit)(spec)))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PARTS))
@@ -1059,7 +1139,7 @@ def main() -> None:
         "--layouts", nargs="+", default=None, help="layouts: only these runs, e.g. h5ad_dense zarr_csr (default: all)"
     )
     parser.add_argument("--latent-cells", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=5, help="latent: interleaved timings of each program")
+    parser.add_argument("--repeats", type=int, default=5, help="latent, loader: interleaved timings of each program")
     parser.add_argument("--in-memory-max", type=int, default=100_000, help="zarr: largest size also trained in memory")
     parser.add_argument("--ddp-cells", type=int, default=50_000)
     args = parser.parse_args()

@@ -14,6 +14,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -45,6 +46,8 @@ ROWS_PER_READ = 10_000
 CHUNK_BYTES = 128 * 2**20
 # Contiguous rows read from a backed file as one block; blocks are shuffled, then rows within a buffer.
 BACKED_BLOCK_ROWS = 256
+# concurrent slice reads of a Zarr array while a shuffled buffer is read (1.2-1.8x the reading speed of one)
+ZARR_READ_THREADS = 4
 # Stored values per read buffer of a backed CSC matrix (256 MB as CSR), where every buffer reads the whole file.
 BACKED_CSC_BUFFER_VALUES = 2**25
 # A dense store chunked by more rows than a block is read whole storage chunks at a time; a read
@@ -1595,13 +1598,10 @@ def _read_csr_rows(matrix, rows: np.ndarray, indptr: np.ndarray) -> tuple[sp.csr
     if runs is None:
         return sp.csr_matrix(matrix[unique]), np.searchsorted(unique, rows)
     first, last = unique[runs[0]], unique[runs[1] - 1] + 1  # each run reads the rows first..last-1
-    group = matrix.group
-    data, indices, lengths = [], [], []
-    for lo, hi in zip(first.tolist(), last.tolist()):
-        data.append(np.asarray(group["data"][indptr[lo] : indptr[hi]]))
-        indices.append(np.asarray(group["indices"][indptr[lo] : indptr[hi]]))
-        lengths.append(np.diff(indptr[lo : hi + 1]))
-    run_lengths = np.concatenate(lengths)
+    bounds = [(int(indptr[lo]), int(indptr[hi])) for lo, hi in zip(first.tolist(), last.tolist())]
+    data = _read_slices(matrix.group["data"], bounds)
+    indices = _read_slices(matrix.group["indices"], bounds)
+    run_lengths = np.concatenate([np.diff(indptr[lo : hi + 1]) for lo, hi in zip(first.tolist(), last.tolist())])
     stacked_indptr = np.zeros(len(run_lengths) + 1, dtype=np.int64)
     np.cumsum(run_lengths, out=stacked_indptr[1:])
     stacked = sp.csr_matrix(
@@ -1610,6 +1610,16 @@ def _read_csr_rows(matrix, rows: np.ndarray, indptr: np.ndarray) -> tuple[sp.csr
     run_offsets = np.concatenate([[0], np.cumsum(last - first)[:-1]])  # each run's first row in ``stacked``
     run = np.searchsorted(first, rows, side="right") - 1
     return stacked, run_offsets[run] + rows - first[run]
+
+
+def _read_slices(array, bounds: list[tuple[int, int]]) -> list[np.ndarray]:
+    """``array[lo:hi]`` of a store's 1-d array for each ``(lo, hi)``. A Zarr array's slices are read by
+    a few threads at once (one read decodes its chunks one slice at a time: a shuffled buffer is dozens
+    of single-chunk reads); an HDF5 dataset's one after another (h5py reads one at a time anyway)."""
+    if isinstance(array, h5py.Dataset) or len(bounds) < 2:
+        return [np.asarray(array[lo:hi]) for lo, hi in bounds]
+    with ThreadPoolExecutor(ZARR_READ_THREADS) as pool:  # the threads end with the read
+        return list(pool.map(lambda bound: np.asarray(array[bound[0] : bound[1]]), bounds))
 
 
 class _Rows:

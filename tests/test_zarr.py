@@ -1,5 +1,8 @@
 """Zarr stores read out of core: the streaming loader, training, embedding, and the CLI on a `.zarr` input."""
 
+import threading
+import time
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -17,6 +20,7 @@ from cellvae.data import (
     _csc_layout,
     _read_csc_rows,
     _read_csr_rows,
+    _read_slices,
     _read_sorted_rows,
     is_backed_matrix,
     library_sizes,
@@ -107,6 +111,33 @@ def test_blocks_of_nearby_rows_and_scattered_rows_read_from_a_store_match_memory
             for search in (True, False):
                 block, positions = _read_csc_rows(matrix, shuffled, indptr, search)
                 np.testing.assert_array_equal(block[positions].toarray(), simulated.X[shuffled].toarray())
+
+
+def test_the_zarr_slices_of_a_shuffled_buffer_are_read_by_several_threads_and_kept_in_order(stores):
+    data = cellvae.read_zarr_lazy(stores["csr"]).X.group["data"]
+    readers = set()
+
+    class SlowArray:  # the store's array, each read taking 20 ms and recording the thread that made it
+        def __init__(self, fail_at: int | None = None):
+            self.fail_at = fail_at
+
+        def __getitem__(self, key):
+            readers.add(threading.get_ident())
+            time.sleep(0.02)
+            if key.start == self.fail_at:
+                raise OSError("a chunk could not be read")
+            return data[key]
+
+    bounds = [(start, start + 40) for start in range(600, 0, -50)]  # 12 slices, not in the store's order
+    parts = _read_slices(SlowArray(), bounds)
+    assert [len(part) for part in parts] == [40] * 12
+    for part, (lo, hi) in zip(parts, bounds):
+        np.testing.assert_array_equal(part, data[lo:hi])
+    assert len(readers) > 1 and threading.get_ident() not in readers
+    before = threading.active_count()
+    with pytest.raises(OSError, match="could not be read"):
+        _read_slices(SlowArray(fail_at=300), bounds)
+    assert threading.active_count() == before  # the reading threads end with the failed read
 
 
 class RecordingArray:
