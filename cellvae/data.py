@@ -1612,14 +1612,20 @@ def _read_csr_rows(matrix, rows: np.ndarray, indptr: np.ndarray) -> tuple[sp.csr
     return stacked, run_offsets[run] + rows - first[run]
 
 
-def _read_slices(array, bounds: list[tuple[int, int]]) -> list[np.ndarray]:
-    """``array[lo:hi]`` of a store's 1-d array for each ``(lo, hi)``. A Zarr array's slices are read by
-    a few threads at once (one read decodes its chunks one slice at a time: a shuffled buffer is dozens
-    of single-chunk reads); an HDF5 dataset's one after another (h5py reads one at a time anyway)."""
+def _read_slices(array, bounds: list[tuple[int, int]]):
+    """``array[lo:hi]`` of a stored array for each ``(lo, hi)`` (rows of a matrix, values of a 1-d array).
+    A Zarr array's slices are read by a few threads at once (one read decodes only its own chunks: a
+    shuffled buffer is dozens of single-chunk reads); an HDF5 dataset's one after another (h5py reads
+    one at a time anyway)."""
+
+    def read(bound: tuple[int, int]):
+        part = array[bound[0] : bound[1]]
+        return part if sp.issparse(part) else np.asarray(part)
+
     if isinstance(array, h5py.Dataset) or len(bounds) < 2:
-        return [np.asarray(array[lo:hi]) for lo, hi in bounds]
+        return [read(bound) for bound in bounds]
     with ThreadPoolExecutor(ZARR_READ_THREADS) as pool:  # the threads end with the read
-        return list(pool.map(lambda bound: np.asarray(array[bound[0] : bound[1]]), bounds))
+        return list(pool.map(read, bounds))
 
 
 class _Rows:
@@ -1670,7 +1676,8 @@ def _read_sorted_rows(matrix, rows: np.ndarray):
     runs = _runs(rows)
     if runs is None:
         return matrix[rows]
-    parts = [matrix[rows[a] : rows[b - 1] + 1][rows[a:b] - rows[a]] for a, b in zip(*runs)]
+    slices = _read_slices(matrix, [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(*runs)])
+    parts = [part[rows[a:b] - rows[a]] for part, (a, b) in zip(slices, zip(*runs))]
     if len(parts) == 1:
         return parts[0]
     return sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
