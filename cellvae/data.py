@@ -1624,8 +1624,8 @@ def _read_slices(array, bounds: list[tuple[int, int]]):
 
     if isinstance(array, h5py.Dataset) or len(bounds) < 2:
         return [read(bound) for bound in bounds]
-    with ThreadPoolExecutor(ZARR_READ_THREADS) as pool:  # the threads end with the read
-        return list(pool.map(read, bounds))
+    with ThreadPoolExecutor(ZARR_READ_THREADS) as pool:  # the threads end with the read; after a failure or
+        return list(pool.map(read, bounds))  # Ctrl-C, map cancels the slices not yet begun
 
 
 class _Rows:

@@ -115,14 +115,14 @@ def test_blocks_of_nearby_rows_and_scattered_rows_read_from_a_store_match_memory
 
 def test_the_zarr_slices_of_a_shuffled_buffer_are_read_by_several_threads_and_kept_in_order(stores):
     data = cellvae.read_zarr_lazy(stores["csr"]).X.group["data"]
-    readers = set()
+    reads = []  # (thread, first value) of every read begun
 
-    class SlowArray:  # the store's array, each read taking 20 ms and recording the thread that made it
+    class SlowArray:  # the store's array, each read taking 20 ms
         def __init__(self, fail_at: int | None = None):
             self.fail_at = fail_at
 
         def __getitem__(self, key):
-            readers.add(threading.get_ident())
+            reads.append((threading.get_ident(), key.start))
             time.sleep(0.02)
             if key.start == self.fail_at:
                 raise OSError("a chunk could not be read")
@@ -133,11 +133,14 @@ def test_the_zarr_slices_of_a_shuffled_buffer_are_read_by_several_threads_and_ke
     assert [len(part) for part in parts] == [40] * 12
     for part, (lo, hi) in zip(parts, bounds):
         np.testing.assert_array_equal(part, data[lo:hi])
+    readers = {thread for thread, _ in reads}
     assert len(readers) > 1 and threading.get_ident() not in readers
     before = threading.active_count()
+    reads.clear()
     with pytest.raises(OSError, match="could not be read"):
-        _read_slices(SlowArray(fail_at=300), bounds)
+        _read_slices(SlowArray(fail_at=550), bounds)  # the second slice fails
     assert threading.active_count() == before  # the reading threads end with the failed read
+    assert len(reads) < len(bounds)  # and the slices not yet begun are not read
 
 
 class RecordingArray:
