@@ -866,6 +866,17 @@ def read_zarr_lazy(store) -> ad.AnnData:
         )
         raise FileNotFoundError(f"{os.fspath(store)!r} is not a Zarr store (a folder written by AnnData.write_zarr){hint}")
     group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
+    encoding = group.attrs.get("encoding-type")
+    if encoding == "annbatch-preshuffled":  # annbatch's DatasetCollection: a folder of AnnData stores
+        datasets = sorted(group.group_keys())
+        first = f"{os.fspath(store).rstrip('/')}/{datasets[0]}" if isinstance(store, (str, os.PathLike)) else None
+        example = f"cellvae.read_zarr_lazy({first!r})" if first else f"cellvae.read_zarr_lazy(group[{datasets[0]!r}])"
+        raise ValueError(
+            f"{store} is an annbatch collection of {len(datasets)} AnnData store{'s' * (len(datasets) != 1)}, not one store: "
+            f"open one of them ({', '.join(datasets[:3])}{', ...' if len(datasets) > 3 else ''}), {example}"
+        )
+    if encoding not in (None, "anndata"):
+        raise ValueError(f"{store} holds Zarr encoding {encoding!r}, not an AnnData store (written by AnnData.write_zarr)")
     adata = read_lazily(group)
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"{store} is a Zarr group but not an AnnData store (written by AnnData.write_zarr)")

@@ -294,6 +294,24 @@ def test_cli_fit_reads_a_zarr_store(stores, tmp_path):
     assert cellvae.CellVAE.load(model_dir).is_trained
 
 
+def test_an_annbatch_collection_is_refused_naming_a_store_inside_it_and_other_groups_are_refused(simulated, tmp_path):
+    path = tmp_path / "collection.zarr"  # as annbatch's DatasetCollection writes it: AnnData stores in a marked group
+    group = zarr.open_group(path, mode="w")
+    group.attrs.update({"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"})
+    for name, cells in (("dataset_0", slice(0, 600)), ("dataset_1", slice(600, None))):
+        ad.io.write_elem(group, name, simulated[cells].copy())
+    pattern = r"annbatch collection of 2 AnnData stores.*\(dataset_0, dataset_1\), "
+    pattern += r"cellvae.read_zarr_lazy\('.*collection.zarr/dataset_0'\)"
+    with pytest.raises(ValueError, match=pattern):
+        cellvae.read_zarr_lazy(path)
+    with pytest.raises(ValueError, match=r"read_zarr_lazy\(group\['dataset_0'\]\)"):
+        cellvae.read_zarr_lazy(zarr.open_group(path, mode="r"))
+    adata = cellvae.read_zarr_lazy(path / "dataset_0")
+    assert adata.shape == (600, simulated.n_vars) and is_backed_matrix(adata.X)
+    with pytest.raises(ValueError, match="holds Zarr encoding 'dataframe', not an AnnData store"):
+        cellvae.read_zarr_lazy(path / "dataset_0" / "obs")
+
+
 def test_cli_fit_names_a_missing_zarr_store(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["fit", str(tmp_path / "absent.zarr"), "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "m")])
