@@ -1012,7 +1012,8 @@ def _read(path: str, backed: bool = False, layer: str | None = None, option: str
                 "; cellvae reads .h5ad files and .zarr stores: convert it with scanpy first, "
                 f"python -c \"import scanpy as sc; sc.{reader}({str(path)!r}).write_h5ad('IN.h5ad')\""
             )
-        raise SystemExit(f"error: could not read {path} as an AnnData ({type(error).__name__}: {error}){convert}") from error
+        text = re.sub(r"cellvae\.read_zarr_lazy\('([^']+)'\)", lambda found: f"give cellvae {found[1]} as its input", str(error))
+        raise SystemExit(f"error: could not read {path} as an AnnData ({type(error).__name__}: {text}){convert}") from error
     if not isinstance(adata, ad.AnnData):
         raise SystemExit(f"error: could not read {path} as an AnnData (it holds a {type(adata).__name__})")
     return adata

@@ -310,6 +310,8 @@ def test_an_annbatch_collection_is_refused_naming_a_store_inside_it_and_other_gr
     assert adata.shape == (600, simulated.n_vars) and is_backed_matrix(adata.X)
     with pytest.raises(ValueError, match="holds Zarr encoding 'dataframe', not an AnnData store"):
         cellvae.read_zarr_lazy(path / "dataset_0" / "obs")
+    with pytest.raises(SystemExit, match=r"2 AnnData stores.*give cellvae .*collection.zarr/dataset_0 as its input"):
+        main(["fit", str(path), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")])
 
 
 def test_cli_fit_names_a_missing_zarr_store(tmp_path):
