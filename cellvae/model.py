@@ -404,8 +404,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             input, decoder output, and the per-cell dispersion and zero-inflation heads of
             ``dispersion="gene-cell"`` and ``likelihood="zinb"``) in bfloat16 while training, with float32 weights,
             optimizer, likelihood and outputs. On a CPU with native bfloat16 (AVX512-BF16 or AMX) this
-            trained 8–22% faster to the same held-out ELBO in interleaved benchmark fits, though the
-            latest throughput table had it from 6% slower to 11% faster; where bfloat16 is emulated it is slower.
+            trained 11% and 18% faster to the same held-out ELBO in interleaved benchmark fits, and from 6%
+            slower to 40% faster in whole-run comparisons since; where bfloat16 is emulated it is slower.
 
         Notes
         -----
