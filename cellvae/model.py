@@ -1459,10 +1459,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
         reference_batches = self.config.batch_categories
         overlapping = sorted(set(query_batches) & set(reference_batches))
+        key = batch_key or reference_key
         if overlapping:
             data.warn_user(
                 f"query batches {overlapping[:5]} already exist in the reference; their cells are treated as those "
-                "reference batches (frozen parameters). Rename them to map them as new batches.",
+                "reference batches (frozen parameters). Rename them to map them as new batches, e.g. "
+                f"query_adata.obs[{key!r}] = 'query ' + query_adata.obs[{key!r}].astype(str)",
                 UserWarning,
             )
         new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]

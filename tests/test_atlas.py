@@ -1,5 +1,7 @@
 """Atlas building: batch integration, reference mapping (map_query) and label transfer."""
 
+import argparse
+import re
 import warnings
 
 import anndata as ad
@@ -14,6 +16,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import cellvae
 from cellvae import CellVAE
+from cellvae.cli import in_command_line_terms
 from cellvae.module import batch_discrepancy
 from cellvae.train import default_max_epochs, default_query_epochs
 
@@ -282,10 +285,20 @@ def test_a_query_on_disk_is_streamed_and_maps_like_the_same_query_in_memory(refe
 def test_query_batch_already_in_reference_is_that_batch(reference_and_query):
     model, reference, _ = reference_and_query
     known = reference[reference.obs["batch"] == "batch1"].copy()
-    with pytest.warns(UserWarning, match=r"query batches \['batch1'\] already exist in the reference"):
+    with pytest.warns(UserWarning, match=r"query batches \['batch1'\] already exist in the reference") as caught:
         query_model = model.map_query(known, progress=False)
     assert query_model.config.batch_categories == model.config.batch_categories
     np.testing.assert_array_equal(query_model.get_latent(), model.get_latent(known))
+    # the advice, run as written, maps them as a new batch
+    message = next(str(w.message) for w in caught if "already exist" in str(w.message))
+    advice = re.search(r"e\.g\. (query_adata\.obs\[.*)$", message)[1]
+    query_adata = known.copy()
+    exec(advice)
+    with no_warnings():  # no longer said to be a reference batch
+        renamed = model.map_query(query_adata, max_epochs=2, progress=False)
+    assert renamed.config.batch_categories == [*model.config.batch_categories, "query batch1"]
+    told = in_command_line_terms(message, argparse.Namespace(input="q.h5ad"))
+    assert "fix the file in Python first, query_adata = anndata.read_h5ad('q.h5ad')" in told
 
 
 def test_query_batch_problems_raise_clear_errors(reference_and_query):
