@@ -840,7 +840,8 @@ def child_read(spec: dict) -> dict:
 
         shuffling = BlockShuffling(block_size=256)
         dataset = scDataset(Rows(), shuffling, batch_size=128, fetch_factor=16, batch_transform=densify, seed=0)
-        seen = [np.arange(sum(len(counts) for counts in dataset))]  # (it yields no cell indices: counted only)
+        seen = None  # it yields no cell indices: its cells are only counted
+        cells_seen = sum(len(counts) for counts in dataset)
     else:
         from annbatch import Loader
 
@@ -854,10 +855,14 @@ def child_read(spec: dict) -> dict:
             batch["X"].to_dense()
             seen.append(np.asarray(batch["index"]))
     seconds = time.perf_counter() - started
-    seen = np.concatenate(seen)
+    if seen is not None:
+        seen = np.concatenate(seen)
+        cells_seen = len(seen)
     return {
         "cells_per_s": round(n / seconds),
-        "every_cell_once": bool(len(seen) == n and np.array_equal(np.sort(seen), np.arange(n))),
+        "cells_seen": int(cells_seen),
+        # (None where the loader gives no cell indices)
+        "every_cell_once": None if seen is None else bool(cells_seen == n and np.array_equal(np.sort(seen), np.arange(n))),
         "peak_rss_mb": round(rss_bytes()[1] / 2**20),
     }
 
@@ -916,7 +921,8 @@ def part_loader(args) -> None:
             else {
                 "cells_per_s_median": round(float(np.median([r["cells_per_s"] for r in results]))),
                 "cells_per_s": [r["cells_per_s"] for r in results],
-                "every_cell_once": all(r["every_cell_once"] for r in results),
+                "cells_seen": sorted({r["cells_seen"] for r in results}),
+                "every_cell_once": None if results[0]["every_cell_once"] is None else all(r["every_cell_once"] for r in results),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             }
         )

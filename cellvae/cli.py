@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import re
@@ -1012,7 +1013,11 @@ def _read(path: str, backed: bool = False, layer: str | None = None, option: str
                 "; cellvae reads .h5ad files and .zarr stores: convert it with scanpy first, "
                 f"python -c \"import scanpy as sc; sc.{reader}({str(path)!r}).write_h5ad('IN.h5ad')\""
             )
-        text = re.sub(r"cellvae\.read_zarr_lazy\('([^']+)'\)", lambda found: f"give cellvae {found[1]} as its input", str(error))
+        text = re.sub(  # the store named by a Python call (any repr of its path), quoted for the shell
+            r"cellvae\.read_zarr_lazy\(('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\)",
+            lambda found: f"give cellvae {shlex.quote(ast.literal_eval(found[1]))} as its input",
+            str(error),
+        )
         raise SystemExit(f"error: could not read {path} as an AnnData ({type(error).__name__}: {text}){convert}") from error
     if not isinstance(adata, ad.AnnData):
         raise SystemExit(f"error: could not read {path} as an AnnData (it holds a {type(adata).__name__})")

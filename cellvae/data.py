@@ -868,7 +868,9 @@ def read_zarr_lazy(store) -> ad.AnnData:
     group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
     encoding = group.attrs.get("encoding-type")
     if encoding == "annbatch-preshuffled":  # annbatch's DatasetCollection: a folder of AnnData stores
-        datasets = sorted(group.group_keys())
+        datasets = sorted(group.group_keys(), key=lambda name: (len(name), name))  # dataset_2 before dataset_10
+        if not datasets:
+            raise ValueError(f"{store} is an annbatch collection with no AnnData stores in it, not an AnnData store")
         first = f"{os.fspath(store).rstrip('/')}/{datasets[0]}" if isinstance(store, (str, os.PathLike)) else None
         example = f"cellvae.read_zarr_lazy({first!r})" if first else f"cellvae.read_zarr_lazy(group[{datasets[0]!r}])"
         raise ValueError(

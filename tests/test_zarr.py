@@ -1,5 +1,7 @@
 """Zarr stores read out of core: the streaming loader, training, embedding, and the CLI on a `.zarr` input."""
 
+import re
+import shlex
 import threading
 import time
 
@@ -312,6 +314,17 @@ def test_an_annbatch_collection_is_refused_naming_a_store_inside_it_and_other_gr
         cellvae.read_zarr_lazy(path / "dataset_0" / "obs")
     with pytest.raises(SystemExit, match=r"2 AnnData stores.*give cellvae .*collection.zarr/dataset_0 as its input"):
         main(["fit", str(path), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")])
+    awkward = tmp_path / "it's my" / "collection.zarr"  # a quote and a space: the command line gets it quoted for the shell
+    awkward.parent.mkdir()
+    path.rename(awkward)
+    with pytest.raises(SystemExit) as refused:
+        main(["fit", str(awkward), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")])
+    advice = re.search(r"give cellvae (.+) as its input", str(refused.value))[1]
+    assert shlex.split(advice) == [str(awkward / "dataset_0")]
+    empty = tmp_path / "empty.zarr"
+    zarr.open_group(empty, mode="w").attrs.update({"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"})
+    with pytest.raises(ValueError, match="annbatch collection with no AnnData stores in it"):
+        cellvae.read_zarr_lazy(empty)
 
 
 def test_cli_fit_names_a_missing_zarr_store(tmp_path):
