@@ -1459,17 +1459,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
         reference_batches = self.config.batch_categories
         overlapping = sorted(set(query_batches) & set(reference_batches))
-        key = batch_key or reference_key
+        batch_column = batch_key or reference_key
         if overlapping:
             data.warn_user(
                 f"query batches {overlapping[:5]} already exist in the reference; their cells are treated as those "
                 "reference batches (frozen parameters). Rename them to map them as new batches, e.g. "
-                f"query_adata.obs[{key!r}] = 'query ' + query_adata.obs[{key!r}].astype(str)",
+                f"query_adata.obs[{batch_column!r}] = 'query ' + query_adata.obs[{batch_column!r}].astype(str)",
                 UserWarning,
             )
         new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
-        retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_key or reference_key, "query_adata")
+        retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             new = [c for c in data.category_names(aligned.obs[key], key) if c not in known]
