@@ -1099,6 +1099,20 @@ def part_table(args) -> None:
             f"| training step FLOPs vs matmul peak | {f['achieved_gflops']} GFLOP/s of "
             f"{max(f['matmul_gflops'].values())} = {100 * f['share_of_matmul_peak']:.0f}% | | |"
         )
+    loader = r.get("loader", {})
+    stores = {"zarr": "Zarr copy (zstd)", "annbatch_collection": "annbatch's shuffled collection"}
+    for store, label in stores.items():
+        for codecs in ("", "_zarrs"):
+            ours, theirs = loader.get(f"cellvae_on_{store}{codecs}"), loader.get(f"annbatch_on_{store}{codecs}")
+            if ours and theirs:
+                mine, peer = ours["cells_per_s_median"], theirs["cells_per_s_median"]
+                lines.append(
+                    f"| shuffled read, 100,000 × 2,000, {label}{', zarrs codecs' if codecs else ''}: cells/s (median), "
+                    f"cellvae's loader vs annbatch's | {mine:,} | annbatch {peer:,} | {mine / peer:.2f}× |"
+                )
+    if "cellvae_on_h5ad" in loader:
+        rate = loader["cellvae_on_h5ad"]["cells_per_s_median"]
+        lines.append(f"| shuffled read, 100,000 × 2,000, backed .h5ad: cells/s (median) | {rate:,} | annbatch cannot read it | |")
     table = "\n".join(lines) + "\n"
     args.out.with_suffix(".md").write_text(table)
     print(table)
