@@ -1611,10 +1611,11 @@ def _read_csr_rows(matrix, rows: np.ndarray, indptr: np.ndarray) -> tuple[sp.csr
     if runs is None:
         return sp.csr_matrix(matrix[unique]), np.searchsorted(unique, rows)
     first, last = unique[runs[0]], unique[runs[1] - 1] + 1  # each run reads the rows first..last-1
-    bounds = [(int(indptr[lo]), int(indptr[hi])) for lo, hi in zip(first.tolist(), last.tolist())]
+    row_runs = list(zip(first.tolist(), last.tolist()))
+    bounds = [(int(indptr[lo]), int(indptr[hi])) for lo, hi in row_runs]  # where each run's values lie
     data = _read_slices(matrix.group["data"], bounds)
     indices = _read_slices(matrix.group["indices"], bounds)
-    run_lengths = np.concatenate([np.diff(indptr[lo : hi + 1]) for lo, hi in zip(first.tolist(), last.tolist())])
+    run_lengths = np.concatenate([np.diff(indptr[lo : hi + 1]) for lo, hi in row_runs])
     stacked_indptr = np.zeros(len(run_lengths) + 1, dtype=np.int64)
     np.cumsum(run_lengths, out=stacked_indptr[1:])
     stacked = sp.csr_matrix(
