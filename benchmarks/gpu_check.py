@@ -22,9 +22,10 @@ its error and the others still run:
 - ``step_overhead``: a profile of a batch-128 ``fit`` on the Kang data, and cells/s of a plain loop with
   and without host syncs and of the step replayed from a CUDA graph.
 - ``streaming``: the path for counts that do not stay on the GPU. The simulated ``--cells`` × 2,000 counts
-  trained from the backed ``.h5ad`` (read on the CPU, each minibatch copied to the GPU and trained step by
-  step) against the same counts in memory (resident, as int16 where they fit, CUDA graphs), at batch 128
-  and 1,024, float32.
+  trained from the backed ``.h5ad`` through a device buffer (read on the CPU a buffer at a time, refilled
+  in place on the GPU, CUDA graphs; since session 57), the same file minibatch by minibatch (the way before
+  session 57: each minibatch copied to the GPU and trained step by step) and the same counts in memory
+  (resident, as int16 where they fit, CUDA graphs), at batch 128 and 1,024, float32.
 - ``suite``: the whole test suite on the GPU (``device="auto"`` picks it wherever a test leaves the device
   open), in ``--suite-workers`` pytest-xdist processes of one thread each, stopped after ``--suite-seconds``
   (the notebooks and the README's commands are left out: they need Jupyter and a fresh install). Session 55
@@ -54,6 +55,7 @@ GPU_TESTS = [
     "tests/test_loader.py::test_gpu_keeps_fitting_data_on_the_device",
     "tests/test_reliability.py::test_gpu_out_of_memory_suggests_a_smaller_batch_size",
     "tests/test_loader.py::test_gpu_training_replays_cuda_graphs_and_trains_like_step_by_step",
+    "tests/test_loader.py::test_gpu_training_on_a_backed_file_replays_cuda_graphs_over_a_device_buffer",
     "tests/test_reliability.py::test_nan_batch_restores_parameters_and_lowers_the_learning_rate[cuda-graphs]",
     "tests/test_atlas.py::test_held_out_batch_is_mapped_and_labels_transfer[cuda]",
     "tests/test_ddp.py::test_two_processes_on_gpus_train_one_model_as_good_as_one_process",
@@ -101,6 +103,9 @@ def cellvae_row(adata, batch_key, batch_size: int, precision: str, epochs: int, 
         row["resident_on_gpu"] = bool(loader._fits_on_device())
         if row["resident_on_gpu"]:
             row["resident_dtype"] = str(loader.resident()[0].dtype)
+        else:  # cells that do not stay on the GPU train through a buffer of them refilled in place, where one fits
+            buffer = loader.device_buffer(batch_size)
+            row["device_buffer_rows"] = None if buffer is None else buffer.rows
     return row
 
 
@@ -289,16 +294,24 @@ def resident_cells_per_s(vae, loader, cells, batch_size: int, graphs: bool, epoc
 def part_streaming(args) -> dict:
     import anndata as ad
 
+    from cellvae.data import CellLoader
+
     simulated = speed.simulated_file(args.work_dir, args.cells)
     results = {}
-    for storage in ("backed", "in_memory"):
-        adata = ad.read_h5ad(simulated, backed="r" if storage == "backed" else None)
-        for batch_size in (128, 1024):
-            row = cellvae_row(adata, "batch", batch_size, "float32", 3, args.device)
-            results[f"{storage}_batch{batch_size}"] = row
-            print(storage, batch_size, row, flush=True)
-        if storage == "backed":
-            adata.file.close()
+    device_buffer = CellLoader.device_buffer
+    for storage in ("backed", "backed_minibatches", "in_memory"):
+        adata = ad.read_h5ad(simulated, backed=None if storage == "in_memory" else "r")
+        if storage == "backed_minibatches":
+            CellLoader.device_buffer = lambda self, batch_size: None
+        try:
+            for batch_size in (128, 1024):
+                row = cellvae_row(adata, "batch", batch_size, "float32", 3, args.device)
+                results[f"{storage}_batch{batch_size}"] = row
+                print(storage, batch_size, row, flush=True)
+        finally:
+            CellLoader.device_buffer = device_buffer
+            if storage != "in_memory":
+                adata.file.close()
     return results
 
 

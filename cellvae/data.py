@@ -1341,6 +1341,13 @@ class CellLoader:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
         if self.device.type == "cuda" and self._fits_on_device():
             return self._device_batches(cells, batch_size, shuffle, rng)
+        chunk_rows, block_rows, read_ahead = self._read_plan(batch_size)
+        chunks = list(self._chunks(cells, chunk_rows, block_rows, shuffle, rng))
+        return self._read_batches(chunks, batch_size, with_sparse, read_ahead)
+
+    def _read_plan(self, batch_size: int) -> tuple[int, int, bool]:
+        """How an epoch reads the counts: cells per buffer (a whole number of minibatches), rows per block
+        (the unit that a backed file's shuffle keeps together) and whether a thread reads the next buffer ahead."""
         chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
         if not self.backed:  # gathered a minibatch at a time: no copy of many rows, and as fast
             chunk_rows = batch_size
@@ -1357,13 +1364,12 @@ class CellLoader:
             if n_chunks >= 1:
                 block_rows = row_chunk
                 chunk_rows = max(chunk_rows, -(-n_chunks * row_chunk // batch_size) * batch_size)
-        chunks = list(self._chunks(cells, chunk_rows, block_rows, shuffle, rng))
         # Backed: a thread reads the next buffer while this one is cut into minibatches (the reads
         # themselves run outside the GIL; minibatches are cut here, as numpy's many small operations in
         # a thread would hold the GIL against the training loop). Buffers above CHUNK_BYTES (CSC, dense
         # stores in large chunks) are read when needed, so that only one of them is held.
         read_ahead = self.backed and chunk_rows * 4 * max(self.n_genes, 1) <= CHUNK_BYTES
-        return self._read_batches(chunks, batch_size, with_sparse, read_ahead)
+        return chunk_rows, block_rows, read_ahead
 
     def evaluation_batch_size(self, batch_size: int) -> int:
         """``batch_size``, or fewer cells where genes are many: passes that only evaluate the model
@@ -1562,6 +1568,89 @@ class CellLoader:
         """The cells in the order of an epoch (one draw from ``rng`` when ``shuffle``), also on the device."""
         order = cells[rng.permutation(len(cells))] if shuffle else cells
         return order, torch.from_numpy(order).to(self.device)
+
+    def device_buffer(self, batch_size: int) -> DeviceBuffer | None:
+        """On a GPU that does not hold every cell's counts (a backed file, or more cells than fit), device
+        tensors that each epoch refills a buffer of cells at a time (:class:`DeviceBuffer`); else None."""
+        if self.device.type != "cuda" or self._fits_on_device():
+            return None
+        rows = DeviceBuffer.rows_for(self, batch_size)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if rows * (self.n_genes + self.covariates.shape[1] + 3) * 4 > free // 4:
+            return None  # (a very wide matrix, or a nearly full GPU) minibatch by minibatch
+        return DeviceBuffer(self, batch_size)
+
+
+class DeviceBuffer:
+    """Fixed device tensors that hold one buffer of cells at a time, for counts that do not all fit on the GPU.
+
+    Training steps replayed from CUDA graphs read fixed tensors (``tensors``, laid out as
+    :meth:`CellLoader.resident` gives them), so :meth:`epoch` refills these in place: each buffer of cells,
+    read as :meth:`CellLoader.batches` reads it (a backed file in shuffled blocks, the next buffer read
+    ahead by a thread; in-memory counts in a random order), is copied to the device as compressed rows and
+    densified there; then its minibatches are yielded as positions in the buffer. A buffer holds a whole
+    number of minibatches, so every minibatch is full but the epoch's last. ``cells`` names the cell at
+    each position.
+    """
+
+    def __init__(self, loader: CellLoader, batch_size: int):
+        self.loader, self.batch_size = loader, batch_size
+        self.rows = self.rows_for(loader, batch_size)
+        device = loader.device
+        self.counts = torch.zeros((self.rows, loader.n_genes), dtype=torch.float32, device=device)
+        self.covariates = torch.zeros((self.rows, loader.covariates.shape[1]), dtype=torch.float32, device=device)
+        self.library = torch.zeros((self.rows, 1), dtype=torch.float32, device=device)
+        self.batch_index = torch.from_numpy(np.zeros(self.rows, dtype=loader.batch_index.dtype)).to(device)
+        self.positions = torch.arange(self.rows, device=device)
+        self.cells = np.full(self.rows, -1, dtype=np.int64)
+
+    @staticmethod
+    def rows_for(loader: CellLoader, batch_size: int) -> int:
+        """Cells per buffer: ``CHUNK_BYTES`` of dense float32 counts, or the loader's own read buffer where
+        that is larger (a CSC file or large storage chunks), in whole minibatches."""
+        rows = max(batch_size, CHUNK_BYTES // (4 * max(loader.n_genes, 1)) // batch_size * batch_size)
+        return max(rows, loader._read_plan(batch_size)[0])
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Counts, covariates, library sizes and batch codes of the buffered cells."""
+        return self.counts, self.covariates, self.library, self.batch_index
+
+    def epoch(self, cells: np.ndarray, rng: np.random.Generator) -> Iterator[torch.Tensor]:
+        """The positions in the buffer of each shuffled minibatch of ``cells``, each buffer filled before its minibatches."""
+        cells = np.asarray(cells, dtype=np.int64)
+        chunk_rows, block_rows, read_ahead = self.loader._read_plan(self.batch_size)
+        order = np.concatenate([cells[:0], *self.loader._chunks(cells, chunk_rows, block_rows, True, rng)])
+        parts = (order[start : start + self.rows] for start in range(0, len(order), self.rows))
+        blocks = ((part, self.loader._read_rows(part)) for part in parts)
+        if read_ahead:
+            blocks = _prefetch(blocks, depth=1)
+        with contextlib.closing(blocks):  # the reading thread stops however the epoch ends
+            for part, rows in blocks:
+                self._fill(part, rows.take())
+                for start in range(0, len(part), self.batch_size):
+                    yield self.positions[start : min(start + self.batch_size, len(part))]
+
+    def _fill(self, cells: np.ndarray, block) -> None:
+        """Put the counts ``block`` of ``cells`` (CSR or dense, the model's genes) and their covariates,
+        library sizes and batch codes at the buffer's first positions. Copies on the device's stream
+        follow the steps queued before them, so those steps still read the previous buffer."""
+        n, device = len(cells), self.counts.device
+        counts = self.counts[:n]
+        if sp.issparse(block):
+            block = _summable(block)
+            lengths = torch.from_numpy(np.diff(block.indptr).astype(np.int64)).to(device)
+            rows = torch.repeat_interleave(self.positions[:n], lengths, output_size=block.nnz)
+            columns = torch.from_numpy(block.indices).to(device).long()
+            counts.zero_()
+            # sums any repeated entries of a cell and gene, as scipy's toarray does
+            counts.index_put_((rows, columns), torch.from_numpy(block.data).to(device), accumulate=True)
+        else:
+            counts.copy_(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
+        self.covariates[:n].copy_(torch.from_numpy(np.asarray(self.loader.covariates[cells], dtype=np.float32)))
+        self.library[:n, 0].copy_(torch.from_numpy(self.loader.library[cells]))
+        self.batch_index[:n].copy_(torch.from_numpy(self.loader.batch_index[cells]))
+        self.cells[:n] = cells
 
 
 def _summable(block: sp.csr_matrix) -> sp.csr_matrix:

@@ -2,7 +2,8 @@
 
 One plain loop, used by :meth:`cellvae.CellVAE.fit`. It works on any
 :class:`~cellvae.data.CellLoader`, so in-memory and backed data train the same way; counts
-resident on one GPU train in steps replayed from CUDA graphs (:class:`ResidentSteps`).
+on one GPU (resident there, or a buffer of them at a time) train in steps replayed from CUDA graphs
+(:class:`ResidentSteps`).
 """
 
 from __future__ import annotations
@@ -341,9 +342,12 @@ def train(
     # DDP averages the gradients of all ranks during backward (and starts them from rank 0's weights);
     # BatchNorm's running statistics are averaged over the ranks once per epoch (average_statistics).
     forward = DistributedDataParallel(vae, **NO_BUFFER_SYNC_IN_FORWARD) if world > 1 else vae
-    # Counts resident on one GPU train in steps replayed from CUDA graphs (see ResidentSteps).
+    # On one GPU the counts stay resident there or, where they do not all fit (a backed file, a large atlas), a
+    # buffer of them is refilled in place; either way steps are replayed from CUDA graphs (see ResidentSteps).
     resident = loader.resident() if world == 1 else None
-    steps = None if resident is None else ResidentSteps(vae, resident, optimizer)
+    buffer = loader.device_buffer(settings.batch_size) if world == 1 and resident is None else None
+    on_device = buffer.tensors if buffer is not None else resident
+    steps = None if on_device is None else ResidentSteps(vae, on_device, optimizer)
 
     def kl_weight_at(step: int) -> float:
         return settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
@@ -359,19 +363,24 @@ def train(
             at_full_weight = step >= warmup_steps  # the whole epoch trains at the full KL weight
             sums = {"loss": 0.0, "distortion": 0.0, "rate": 0.0}
             seen = 0
-            if steps is not None:  # counts resident on one GPU
-                for positions in loader.shuffled_rows(train_cells, settings.batch_size, rng):
-                    bar.update(len(positions))
-                    if len(positions) == 1 and vae.needs_two_cells:
-                        continue
-                    kl_weight = kl_weight_at(step)
-                    steps.step(positions, kl_weight)
-                    step += 1
+            if steps is not None:  # counts on one GPU
+                if buffer is None:
+                    epoch_rows = (rows for rows in loader.shuffled_rows(train_cells, settings.batch_size, rng))
+                else:  # the buffer's read-ahead thread is joined however the epoch ends
+                    epoch_rows = buffer.epoch(train_cells, rng)
+                with closing(epoch_rows):
+                    for positions in epoch_rows:
+                        bar.update(len(positions))
+                        if len(positions) == 1 and vae.needs_two_cells:
+                            continue
+                        kl_weight = kl_weight_at(step)
+                        steps.step(positions, kl_weight)
+                        step += 1
                 *totals, seen, failed = steps.collect()
                 sums = dict(zip(sums, totals))
                 if failed:  # found at the end of the epoch: back to the last good parameters, as below
                     optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
-                    steps = ResidentSteps(vae, resident, optimizer)
+                    steps = ResidentSteps(vae, on_device, optimizer)
             else:
                 batches = loader.batches(train_cells, settings.batch_size, shuffle=True, rng=rng, with_sparse=True)
                 with closing(batches):  # its prefetch thread is joined however the epoch ends (an error, Ctrl-C)
@@ -406,7 +415,7 @@ def train(
             else:
                 optimizer, retries = _recover(vae, last_good, optimizer, settings, loader, retries, epoch)
                 if steps is not None:  # its graphs step the optimizer they were built with
-                    steps = ResidentSteps(vae, resident, optimizer)
+                    steps = ResidentSteps(vae, on_device, optimizer)
             if world > 1:
                 *totals, seen = all_reduce_sums([*sums.values(), seen])
                 sums = dict(zip(sums, totals))
@@ -473,8 +482,9 @@ def train(
 
 
 class ResidentSteps:
-    """Training steps on counts resident on the device: gather, forward, backward and AdamW, with the
-    minibatch's loss, distortion and rate summed on the device and read once an epoch.
+    """Training steps on counts resident on the device (all cells, or a :class:`~cellvae.data.DeviceBuffer`
+    refilled in place): gather, forward, backward and AdamW, with the minibatch's loss, distortion and rate
+    summed on the device and read once an epoch.
 
     On a GPU each step is captured once per minibatch size as a CUDA graph and then replayed. A step
     at batch 128 is ~150 small kernels; launched one by one from Python they leave the GPU idle most of
