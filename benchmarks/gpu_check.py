@@ -87,6 +87,8 @@ def part_tests(args) -> dict:
 def cellvae_row(adata, batch_key, batch_size: int, precision: str, epochs: int, device: str) -> dict:
     import torch
 
+    from cellvae.data import DeviceBuffer
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model, cells_per_s = speed.cellvae_throughput(adata, batch_key, epochs, precision, batch_size, device)
@@ -104,8 +106,9 @@ def cellvae_row(adata, batch_key, batch_size: int, precision: str, epochs: int, 
         if row["resident_on_gpu"]:
             row["resident_dtype"] = str(loader.resident()[0].dtype)
         else:  # cells that do not stay on the GPU train through a buffer of them refilled in place, where one fits
-            buffer = loader.device_buffer(batch_size)
-            row["device_buffer_rows"] = None if buffer is None else buffer.rows
+            free, _ = torch.cuda.mem_get_info(loader.device)
+            fits = DeviceBuffer.bytes_for(loader, batch_size, adata.n_obs) <= free // 4
+            row["device_buffer_rows"] = DeviceBuffer.rows_for(loader, batch_size, adata.n_obs) if fits else None
     return row
 
 
@@ -302,7 +305,7 @@ def part_streaming(args) -> dict:
     for storage in ("backed", "backed_minibatches", "in_memory"):
         adata = ad.read_h5ad(simulated, backed=None if storage == "in_memory" else "r")
         if storage == "backed_minibatches":
-            CellLoader.device_buffer = lambda self, batch_size: None
+            CellLoader.device_buffer = lambda self, batch_size, n_cells: None
         try:
             for batch_size in (128, 1024):
                 row = cellvae_row(adata, "batch", batch_size, "float32", 3, args.device)

@@ -1569,33 +1569,32 @@ class CellLoader:
         order = cells[rng.permutation(len(cells))] if shuffle else cells
         return order, torch.from_numpy(order).to(self.device)
 
-    def device_buffer(self, batch_size: int) -> DeviceBuffer | None:
+    def device_buffer(self, batch_size: int, n_cells: int) -> DeviceBuffer | None:
         """On a GPU that does not hold every cell's counts (a backed file, or more cells than fit), device
-        tensors that each epoch refills a buffer of cells at a time (:class:`DeviceBuffer`); else None."""
+        tensors that each epoch of ``n_cells`` cells refills a buffer at a time (:class:`DeviceBuffer`); else None."""
         if self.device.type != "cuda" or self._fits_on_device():
             return None
-        rows = DeviceBuffer.rows_for(self, batch_size)
         free, _ = torch.cuda.mem_get_info(self.device)
-        if rows * (self.n_genes + self.covariates.shape[1] + 3) * 4 > free // 4:
+        if DeviceBuffer.bytes_for(self, batch_size, n_cells) > free // 4:
             return None  # (a very wide matrix, or a nearly full GPU) minibatch by minibatch
-        return DeviceBuffer(self, batch_size)
+        return DeviceBuffer(self, batch_size, n_cells)
 
 
 class DeviceBuffer:
-    """Fixed device tensors that hold one buffer of cells at a time, for counts that do not all fit on the GPU.
+    """Fixed device tensors that hold a buffer of cells at a time, for counts that do not all fit on the GPU.
 
     Training steps replayed from CUDA graphs read fixed tensors (``tensors``, laid out as
-    :meth:`CellLoader.resident` gives them), so :meth:`epoch` refills these in place: each buffer of cells,
-    read as :meth:`CellLoader.batches` reads it (a backed file in shuffled blocks, the next buffer read
-    ahead by a thread; in-memory counts in a random order), is copied to the device as compressed rows and
-    densified there; then its minibatches are yielded as positions in the buffer. A buffer holds a whole
-    number of minibatches, so every minibatch is full but the epoch's last. ``cells`` names the cell at
-    each position.
+    :meth:`CellLoader.resident` gives them), so :meth:`epoch` refills these in place. The cells come in the
+    order and read buffers of :meth:`CellLoader.batches` (a backed file in shuffled blocks, the next buffer read
+    ahead by a thread; in-memory counts in a random order); their rows go to the device as compressed rows,
+    are densified there and fill the device buffer, which then yields its minibatches as positions in it.
+    It holds a whole number of minibatches, so every minibatch is full but the epoch's last. ``cells``
+    names the cell at each position.
     """
 
-    def __init__(self, loader: CellLoader, batch_size: int):
+    def __init__(self, loader: CellLoader, batch_size: int, n_cells: int):
         self.loader, self.batch_size = loader, batch_size
-        self.rows = self.rows_for(loader, batch_size)
+        self.rows = self.rows_for(loader, batch_size, n_cells)
         device = loader.device
         self.counts = torch.zeros((self.rows, loader.n_genes), dtype=torch.float32, device=device)
         self.covariates = torch.zeros((self.rows, loader.covariates.shape[1]), dtype=torch.float32, device=device)
@@ -1605,11 +1604,17 @@ class DeviceBuffer:
         self.cells = np.full(self.rows, -1, dtype=np.int64)
 
     @staticmethod
-    def rows_for(loader: CellLoader, batch_size: int) -> int:
-        """Cells per buffer: ``CHUNK_BYTES`` of dense float32 counts, or the loader's own read buffer where
-        that is larger (a CSC file or large storage chunks), in whole minibatches."""
+    def rows_for(loader: CellLoader, batch_size: int, n_cells: int) -> int:
+        """Cells per buffer: ``CHUNK_BYTES`` of dense float32 counts in whole minibatches, at most the epoch's cells."""
         rows = max(batch_size, CHUNK_BYTES // (4 * max(loader.n_genes, 1)) // batch_size * batch_size)
-        return max(rows, loader._read_plan(batch_size)[0])
+        return min(rows, -(-max(n_cells, 1) // batch_size) * batch_size)
+
+    @staticmethod
+    def bytes_for(loader: CellLoader, batch_size: int, n_cells: int) -> int:
+        """Device memory a buffer takes at most: its tensors, and a refill's compressed rows where every count is
+        stored (4-byte values, their 8-byte rows and 4- and 8-byte columns: 24 bytes each)."""
+        rows = DeviceBuffer.rows_for(loader, batch_size, n_cells)
+        return rows * (loader.n_genes * (4 + 24) + loader.covariates.shape[1] * 4 + 4 + 8 + 8)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1620,37 +1625,48 @@ class DeviceBuffer:
         """The positions in the buffer of each shuffled minibatch of ``cells``, each buffer filled before its minibatches."""
         cells = np.asarray(cells, dtype=np.int64)
         chunk_rows, block_rows, read_ahead = self.loader._read_plan(self.batch_size)
-        order = np.concatenate([cells[:0], *self.loader._chunks(cells, chunk_rows, block_rows, True, rng)])
-        parts = (order[start : start + self.rows] for start in range(0, len(order), self.rows))
-        blocks = ((part, self.loader._read_rows(part)) for part in parts)
+        chunks = self.loader._chunks(cells, chunk_rows, block_rows, True, rng)
+        blocks = ((chunk, self.loader._read_rows(chunk)) for chunk in chunks)
         if read_ahead:
             blocks = _prefetch(blocks, depth=1)
+        filled = 0
         with contextlib.closing(blocks):  # the reading thread stops however the epoch ends
-            for part, rows in blocks:
-                self._fill(part, rows.take())
-                for start in range(0, len(part), self.batch_size):
-                    yield self.positions[start : min(start + self.batch_size, len(part))]
+            for chunk, rows in blocks:
+                block = rows.take()  # while the device trains on the minibatches already yielded
+                del rows  # (the read buffer) before the next one is read, where nothing reads ahead
+                start = 0
+                while start < len(chunk):  # the read buffer's cells fill the device buffer, in pieces where it is full
+                    n = min(self.rows - filled, len(chunk) - start)
+                    self._fill(filled, chunk[start : start + n], block[start : start + n])
+                    filled, start = filled + n, start + n
+                    if filled == self.rows:
+                        yield from self.positions[: self.rows].split(self.batch_size)
+                        filled = 0
+                del block
+            if filled:
+                yield from self.positions[:filled].split(self.batch_size)
 
-    def _fill(self, cells: np.ndarray, block) -> None:
+    def _fill(self, offset: int, cells: np.ndarray, block) -> None:
         """Put the counts ``block`` of ``cells`` (CSR or dense, the model's genes) and their covariates,
-        library sizes and batch codes at the buffer's first positions. Copies on the device's stream
-        follow the steps queued before them, so those steps still read the previous buffer."""
+        library sizes and batch codes at the buffer's positions from ``offset``. The copies run on the
+        device's stream after the steps queued before them, which so still read the previous buffer."""
         n, device = len(cells), self.counts.device
-        counts = self.counts[:n]
+        counts = self.counts[offset : offset + n]
         if sp.issparse(block):
             block = _summable(block)
+            if not block.has_canonical_format:  # a cell's gene stored twice: its sum, as scipy's toarray gives
+                block.sum_duplicates()
             lengths = torch.from_numpy(np.diff(block.indptr).astype(np.int64)).to(device)
             rows = torch.repeat_interleave(self.positions[:n], lengths, output_size=block.nnz)
             columns = torch.from_numpy(block.indices).to(device).long()
             counts.zero_()
-            # sums any repeated entries of a cell and gene, as scipy's toarray does
-            counts.index_put_((rows, columns), torch.from_numpy(block.data).to(device), accumulate=True)
+            counts.index_put_((rows, columns), torch.from_numpy(block.data).to(device))
         else:
             counts.copy_(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
-        self.covariates[:n].copy_(torch.from_numpy(np.asarray(self.loader.covariates[cells], dtype=np.float32)))
-        self.library[:n, 0].copy_(torch.from_numpy(self.loader.library[cells]))
-        self.batch_index[:n].copy_(torch.from_numpy(self.loader.batch_index[cells]))
-        self.cells[:n] = cells
+        self.covariates[offset : offset + n].copy_(torch.from_numpy(np.asarray(self.loader.covariates[cells], dtype=np.float32)))
+        self.library[offset : offset + n, 0].copy_(torch.from_numpy(self.loader.library[cells]))
+        self.batch_index[offset : offset + n].copy_(torch.from_numpy(self.loader.batch_index[cells]))
+        self.cells[offset : offset + n] = cells
 
 
 def _summable(block: sp.csr_matrix) -> sp.csr_matrix:

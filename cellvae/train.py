@@ -345,7 +345,7 @@ def train(
     # On one GPU the counts stay resident there or, where they do not all fit (a backed file, a large atlas), a
     # buffer of them is refilled in place; either way steps are replayed from CUDA graphs (see ResidentSteps).
     resident = loader.resident() if world == 1 else None
-    buffer = loader.device_buffer(settings.batch_size) if world == 1 and resident is None else None
+    buffer = loader.device_buffer(settings.batch_size, len(train_cells)) if world == 1 and resident is None else None
     on_device = buffer.tensors if buffer is not None else resident
     steps = None if on_device is None else ResidentSteps(vae, on_device, optimizer)
 

@@ -623,20 +623,31 @@ def buffered_loader(adata) -> CellLoader:
     return cellvae.CellVAE(adata, batch_key="batch")._loader(adata, torch.device("cpu"))[0]
 
 
-@pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense"])
+@pytest.mark.parametrize("kind", ["memory", "csr", "csc", "dense", "zarr"])
 def test_a_device_buffer_holds_each_cell_once_an_epoch_with_its_own_counts_and_covariates(
     counts, tmp_path_factory, kind, monkeypatch
 ):
     """Counts that do not all fit on a GPU are refilled into fixed device tensors a buffer at a time (here on the
-    CPU: 448 cells, so several buffers an epoch but for CSC, whose read buffer is the whole file). Each
-    minibatch's positions hold its cells' counts, batch one-hots, library sizes and batch codes; every cell comes
-    once an epoch; every minibatch is full but the last; shuffles differ between epochs and repeat with the seed."""
+    CPU: 448 cells, so two buffers an epoch). Each minibatch's positions hold its cells' counts, batch one-hots,
+    library sizes and batch codes; the cells come in the order that ``batches`` gives them, from the same reads
+    of the file (a device buffer takes pieces of the read buffers, not its own mix of them); every minibatch is
+    full but the last; shuffles differ between epochs and repeat with the seed."""
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * counts.n_vars * 500)
-    adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
-    buffer = DeviceBuffer(buffered_loader(adata), 64)
-    assert buffer.rows % 64 == 0 and (kind == "csc" or buffer.rows == 448)  # 500 cells' counts in whole minibatches
+    if kind == "zarr":
+        path = tmp_path_factory.mktemp("zarr") / "cells.zarr"
+        with ad.settings.override(zarr_write_format=3):
+            counts.write_zarr(path)
+        adata = cellvae.read_zarr_lazy(path)
+    else:
+        adata = counts if kind == "memory" else stored(counts, tmp_path_factory, kind)
+    loader = buffered_loader(adata)
+    cells = np.arange(counts.n_obs)[::2]  # a subset, like a training split: 659 cells
+    buffer = DeviceBuffer(loader, 64, len(cells))
+    assert buffer.rows == 448  # 500 cells' counts in whole minibatches
+    assert DeviceBuffer(loader, 64, 100).rows == 128  # no more than the epoch's cells, in whole minibatches
     expected, codes = counts.X.toarray(), counts.obs["batch"].cat.codes.to_numpy()
-    cells = np.arange(counts.n_obs)[::2]  # a subset, like a training split
+    reads, read_rows = [], CellLoader._read_rows
+    monkeypatch.setattr(CellLoader, "_read_rows", lambda self, rows: reads.append(rows.copy()) or read_rows(self, rows))
 
     def epochs(seed):
         rng, orders = np.random.default_rng(seed), []
@@ -652,11 +663,15 @@ def test_a_device_buffer_holds_each_cell_once_an_epoch_with_its_own_counts_and_c
                 sizes.append(len(positions))
             assert set(sizes[:-1]) == {64} and sum(sizes) == len(cells)
             orders.append(np.concatenate(seen))
-            assert sorted(orders[-1]) == list(cells)
         return orders
 
     first, second = epochs(0)
-    assert not np.array_equal(first, second)
+    buffer_reads, reads[:] = reads[:], []
+    rng = np.random.default_rng(0)
+    for order in (first, second):
+        np.testing.assert_array_equal(order, np.concatenate([mb.cell_index for mb in loader.batches(cells, 64, True, rng)]))
+    assert len(buffer_reads) == len(reads) and all(map(np.array_equal, buffer_reads, reads))
+    assert sorted(first) == list(cells) and not np.array_equal(first, second)
     again = epochs(0)
     np.testing.assert_array_equal(first, again[0])
     np.testing.assert_array_equal(second, again[1])
@@ -670,7 +685,7 @@ def test_a_device_buffer_sums_a_cells_repeated_entries_and_keeps_the_models_gene
     genes = np.array([5, 2, 40, 7])
     n = counts.n_obs
     loader = CellLoader(scrambled, np.zeros((n, 0), np.float32), library_sizes(counts.X), np.zeros(n, np.int64), genes)
-    buffer = DeviceBuffer(loader, 100)
+    buffer = DeviceBuffer(loader, 100, n)
     for positions in buffer.epoch(np.arange(n), np.random.default_rng(0)):
         here = buffer.cells[positions.numpy()]
         np.testing.assert_array_equal(buffer.counts[positions].numpy(), counts.X.toarray()[here][:, genes])
@@ -686,7 +701,7 @@ def test_a_backed_file_trained_through_a_device_buffer_on_the_cpu_trains_like_th
     usual = cellvae.CellVAE(backed).fit(**settings)
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * pbmc.n_vars * 256)  # buffers of 256 cells: 3 an epoch
     buffers = []
-    monkeypatch.setattr(CellLoader, "device_buffer", lambda self, size: buffers.append(DeviceBuffer(self, size)) or buffers[-1])
+    monkeypatch.setattr(CellLoader, "device_buffer", lambda self, *args: buffers.append(DeviceBuffer(self, *args)) or buffers[-1])
     buffered = cellvae.CellVAE(backed).fit(**settings)
     assert len(buffers) == 1 and buffers[0].rows == 256
     assert buffered.history["validation_elbo"].notna().all()
@@ -775,8 +790,8 @@ def test_gpu_training_on_a_backed_file_replays_cuda_graphs_over_a_device_buffer(
     backed = ad.read_h5ad(tmp_path / "pbmc.h5ad", backed="r")
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * pbmc.n_vars * 256)
     settings = {"max_epochs": 40, "random_state": 0, "progress": False, "device": "cuda"}
-    buffers, device_buffer = [], CellLoader.device_buffer
-    monkeypatch.setattr(CellLoader, "device_buffer", lambda self, size: buffers.append(device_buffer(self, size)) or buffers[-1])
+    buffers, made = [], CellLoader.device_buffer
+    monkeypatch.setattr(CellLoader, "device_buffer", lambda self, *args: buffers.append(made(self, *args)) or buffers[-1])
     replays = []
     replay = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
@@ -788,7 +803,7 @@ def test_gpu_training_on_a_backed_file_replays_cuda_graphs_over_a_device_buffer(
     steps_per_epoch = -(-(pbmc.n_obs - round(0.1 * pbmc.n_obs)) // 128)  # the last one smaller
     assert len(replays) == sum(len(model.history) * steps_per_epoch - 2 for model in (graphs, again))
     np.testing.assert_array_equal(graphs.get_latent(backed), again.get_latent(backed))
-    monkeypatch.setattr(CellLoader, "device_buffer", lambda self, size: None)
+    monkeypatch.setattr(CellLoader, "device_buffer", lambda self, *args: None)
     stepwise = cellvae.CellVAE(backed).fit(**settings)
     elbo, stepwise_elbo = graphs.history["validation_elbo"].iloc[-1], stepwise.history["validation_elbo"].iloc[-1]
     assert abs(elbo - stepwise_elbo) < 0.005 * abs(stepwise_elbo), (elbo, stepwise_elbo)
