@@ -1585,11 +1585,11 @@ class DeviceBuffer:
 
     Training steps replayed from CUDA graphs read fixed tensors (``tensors``, laid out as
     :meth:`CellLoader.resident` gives them), so :meth:`epoch` refills these in place. The cells come in the
-    order and read buffers of :meth:`CellLoader.batches` (a backed file in shuffled blocks, the next buffer read
-    ahead by a thread; in-memory counts in a random order); their rows go to the device as compressed rows,
-    are densified there and fill the device buffer, which then yields its minibatches as positions in it.
-    It holds a whole number of minibatches, so every minibatch is full but the epoch's last. ``cells``
-    names the cell at each position.
+    order of :meth:`CellLoader.batches`: a backed file in its shuffled blocks and read buffers (the next one
+    read ahead by a thread), in-memory counts in a random order, gathered a device buffer at a time. Their rows
+    go to the device as compressed rows, are densified there and fill the device buffer, which then yields its
+    minibatches as positions in it. It holds a whole number of minibatches, so every minibatch is full but the
+    epoch's last. ``cells`` names the cell at each position.
     """
 
     def __init__(self, loader: CellLoader, batch_size: int, n_cells: int):
@@ -1625,6 +1625,8 @@ class DeviceBuffer:
         """The positions in the buffer of each shuffled minibatch of ``cells``, each buffer filled before its minibatches."""
         cells = np.asarray(cells, dtype=np.int64)
         chunk_rows, block_rows, read_ahead = self.loader._read_plan(self.batch_size)
+        if not self.loader.backed:  # in-memory counts: gathered a device buffer at a time (one refill, not one a minibatch)
+            chunk_rows = self.rows
         chunks = self.loader._chunks(cells, chunk_rows, block_rows, True, rng)
         blocks = ((chunk, self.loader._read_rows(chunk)) for chunk in chunks)
         if read_ahead:
