@@ -1639,7 +1639,8 @@ class DeviceBuffer:
                 start = 0
                 while start < len(chunk):  # the read buffer's cells fill the device buffer, in pieces where it is full
                     n = min(self.rows - filled, len(chunk) - start)
-                    self._fill(filled, chunk[start : start + n], block[start : start + n])
+                    piece = block if n == len(chunk) else block[start : start + n]  # (a whole read buffer: no copy)
+                    self._fill(filled, chunk[start : start + n], piece)
                     filled, start = filled + n, start + n
                     if filled == self.rows:
                         yield from self.positions[: self.rows].split(self.batch_size)
