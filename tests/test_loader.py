@@ -631,8 +631,8 @@ def test_a_device_buffer_holds_each_cell_once_an_epoch_with_its_own_counts_and_c
     CPU: 448 cells, so three buffers an epoch). Each minibatch's positions hold its cells' counts, batch one-hots,
     library sizes and batch codes; the cells come in the order that ``batches`` gives them, from the same reads
     of a file (a device buffer takes pieces of the read buffers, not its own mix of them; in-memory counts are
-    gathered a device buffer at a time); every minibatch is
-    full but the last; shuffles differ between epochs and repeat with the seed."""
+    gathered a device buffer at a time); every minibatch is full but the last; shuffles differ between epochs
+    and repeat with the seed."""
     monkeypatch.setattr(cellvae.data, "CHUNK_BYTES", 4 * counts.n_vars * 500)
     if kind == "zarr":
         path = tmp_path_factory.mktemp("zarr") / "cells.zarr"
