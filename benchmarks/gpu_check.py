@@ -10,7 +10,8 @@ Each part writes its numbers into ``DIR/gpu_check.json`` as soon as it ends; a p
 its error and the others still run:
 
 - ``tests``: the tests that skip without CUDA (device-resident minibatches, the out-of-memory message,
-  CUDA-graph training against step by step, NaN recovery with graphs).
+  CUDA-graph training against step by step, NaN recovery with graphs, a backed file trained through the
+  device buffer with graphs).
 - ``throughput``: training cells/s over whole epochs (first dropped) with the speed benchmark's
   architecture, at batch 128 and 1,024, float32 and bfloat16 (``--precisions``), on pbmc68k, the Kang
   data and simulated ``--cells`` × 2,000 counts; whether the counts were resident on the GPU; peak GPU memory; scVI on the
