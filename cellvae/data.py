@@ -1633,9 +1633,9 @@ class DeviceBuffer:
             blocks = _prefetch(blocks, depth=1)
         filled = 0
         with contextlib.closing(blocks):  # the reading thread stops however the epoch ends
-            for chunk, rows in blocks:
-                block = rows.take()  # while the device trains on the minibatches already yielded
-                del rows  # (the read buffer) before the next one is read, where nothing reads ahead
+            for chunk, read in blocks:
+                block = read.take()  # while the device trains on the minibatches already yielded
+                del read  # (the read buffer) before the next one is read, where nothing reads ahead
                 start = 0
                 while start < len(chunk):  # the read buffer's cells fill the device buffer, in pieces where it is full
                     n = min(self.rows - filled, len(chunk) - start)
@@ -1660,10 +1660,10 @@ class DeviceBuffer:
             if not block.has_canonical_format:  # a cell's gene stored twice: its sum, as scipy's toarray gives
                 block.sum_duplicates()
             lengths = torch.from_numpy(np.diff(block.indptr).astype(np.int64)).to(device)
-            rows = torch.repeat_interleave(self.positions[:n], lengths, output_size=block.nnz)
+            row_of_value = torch.repeat_interleave(self.positions[:n], lengths, output_size=block.nnz)
             columns = torch.from_numpy(block.indices).to(device).long()
             counts.zero_()
-            counts.index_put_((rows, columns), torch.from_numpy(block.data).to(device))
+            counts.index_put_((row_of_value, columns), torch.from_numpy(block.data).to(device))
         else:
             counts.copy_(torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)))
         self.covariates[offset : offset + n].copy_(torch.from_numpy(np.asarray(self.loader.covariates[cells], dtype=np.float32)))
