@@ -1345,10 +1345,14 @@ class CellLoader:
         chunks = list(self._chunks(cells, chunk_rows, block_rows, shuffle, rng))
         return self._read_batches(chunks, batch_size, with_sparse, read_ahead)
 
+    def _buffer_cells(self, batch_size: int) -> int:
+        """Cells whose dense float32 counts fill ``CHUNK_BYTES``, in whole minibatches (at least one)."""
+        return max(batch_size, CHUNK_BYTES // (4 * max(self.n_genes, 1)) // batch_size * batch_size)
+
     def _read_plan(self, batch_size: int) -> tuple[int, int, bool]:
         """How an epoch reads the counts: cells per buffer (a whole number of minibatches), rows per block
         (the unit that a backed file's shuffle keeps together) and whether a thread reads the next buffer ahead."""
-        chunk_rows = max(batch_size, (CHUNK_BYTES // (4 * max(self.n_genes, 1))) // batch_size * batch_size)
+        chunk_rows = self._buffer_cells(batch_size)
         if not self.backed:  # gathered a minibatch at a time: no copy of many rows, and as fast
             chunk_rows = batch_size
         if self.backed and _is_csc(self.matrix):  # each buffer is a pass over the whole file: fewer, larger ones
@@ -1384,9 +1388,7 @@ class CellLoader:
         open the next one. So an epoch has ``ceil(cells / batch_size)`` steps however the chunks fall
         (data-parallel ranks must all take the same number). With ``read_ahead`` a thread reads the
         next chunk while this one is cut."""
-        blocks = ((chunk, self._read_rows(chunk)) for chunk in chunks)
-        if read_ahead:
-            blocks = _prefetch(blocks, depth=1)
+        blocks = self._read_buffers(chunks, read_ahead)
         with contextlib.closing(blocks):  # the reading thread stops when this generator is closed, not when it is collected
             left_block, left_cells = None, None
             for chunk, block in blocks:
@@ -1410,6 +1412,12 @@ class CellLoader:
                 del block  # before the next buffer is read, where nothing reads ahead
             if left_cells is not None:
                 yield self._minibatch(left_block, left_cells, with_sparse)
+
+    def _read_buffers(self, chunks, read_ahead: bool) -> Iterator[tuple[np.ndarray, _Rows]]:
+        """Each chunk of cells with its rows read, the next chunk read by a thread meanwhile where ``read_ahead``;
+        close the iterator to stop that thread."""
+        blocks = ((chunk, self._read_rows(chunk)) for chunk in chunks)
+        return _prefetch(blocks, depth=1) if read_ahead else blocks
 
     def _chunks(self, cells, chunk_rows, block_rows, shuffle, rng) -> Iterator[np.ndarray]:
         if not shuffle:
@@ -1606,8 +1614,7 @@ class DeviceBuffer:
     @staticmethod
     def rows_for(loader: CellLoader, batch_size: int, n_cells: int) -> int:
         """Cells per buffer: ``CHUNK_BYTES`` of dense float32 counts in whole minibatches, at most the epoch's cells."""
-        rows = max(batch_size, CHUNK_BYTES // (4 * max(loader.n_genes, 1)) // batch_size * batch_size)
-        return min(rows, -(-max(n_cells, 1) // batch_size) * batch_size)
+        return min(loader._buffer_cells(batch_size), -(-max(n_cells, 1) // batch_size) * batch_size)
 
     @staticmethod
     def bytes_for(loader: CellLoader, batch_size: int, n_cells: int) -> int:
@@ -1627,10 +1634,7 @@ class DeviceBuffer:
         chunk_rows, block_rows, read_ahead = self.loader._read_plan(self.batch_size)
         if not self.loader.backed:  # in-memory counts: gathered a device buffer at a time (one refill, not one a minibatch)
             chunk_rows = self.rows
-        chunks = self.loader._chunks(cells, chunk_rows, block_rows, True, rng)
-        blocks = ((chunk, self.loader._read_rows(chunk)) for chunk in chunks)
-        if read_ahead:
-            blocks = _prefetch(blocks, depth=1)
+        blocks = self.loader._read_buffers(self.loader._chunks(cells, chunk_rows, block_rows, True, rng), read_ahead)
         filled = 0
         with contextlib.closing(blocks):  # the reading thread stops however the epoch ends
             for chunk, read in blocks:
