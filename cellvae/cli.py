@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(command="embed", run=run_embed)
 
     mapping = commands.add_parser(
@@ -562,7 +563,7 @@ def run_embed(args: argparse.Namespace) -> int:
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with _errors_name_where_counts_were_read(layer, model.config.layer), _errors_name_the_genes_column(args.var_names):
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
-        adata.obsm[args.key_added] = model.get_latent(counts)
+        adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced, more)
     _write(adata, args.out)
@@ -929,7 +930,9 @@ COPY_BLOCK = 1 << 24  # stored values (or dense rows × genes) copied at once fr
 
 
 def _matrices(adata) -> list:
-    return [adata.X, *adata.layers.values(), *([adata.raw.X] if adata.raw is not None else [])]
+    from cellvae.data import stored_x
+
+    return [stored_x(adata), *adata.layers.values(), *([adata.raw.X] if adata.raw is not None else [])]
 
 
 def _on_disk(elem) -> bool:

@@ -127,7 +127,7 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     if copied is not None:
         return copied
     if layer is None:
-        matrix = adata.X  # (once: every access to a view's X copies it)
+        matrix = stored_x(adata)  # (once: every access to a view's X copies it)
         if matrix is None:
             raise ValueError(
                 "adata.X is empty (None); the raw counts must be in adata.X, or in a layer named when the model is "
@@ -159,6 +159,14 @@ class BackedView:
         self.dtype = matrix.dtype
 
 
+def stored_x(adata: ad.AnnData):
+    """``adata.X``, or None where it holds nothing, also for a backed AnnData whose file has no ``X`` (there
+    anndata's ``X`` raises h5py's KeyError)."""
+    if adata.isbacked and "X" not in adata.file:
+        return None
+    return adata.X
+
+
 def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.ndarray, np.ndarray] | None:
     """Where ``adata`` is a view: the viewed AnnData's count matrix and the view's rows and columns of it,
     else None. (anndata keeps the viewed AnnData and the view's indices in private attributes; where they
@@ -167,7 +175,7 @@ def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.nda
     if not adata.is_view or parent is None or cells is None or genes is None:
         return None
     if layer is None:
-        matrix = parent.X
+        matrix = stored_x(parent)
     else:
         matrix = parent.layers[layer] if layer in parent.layers else None
     if matrix is None or not _is_readable(matrix):
@@ -285,7 +293,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
     except ValueError as error:
         if not str(error).startswith((where, "query " + where)):
             raise
-        if layer is not None and _looks_like_counts(adata.X):
+        if layer is not None and _looks_like_counts(stored_x(adata)):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
             raise ValueError(f"{error}. adata.X holds whole counts: {fix}") from None
         layers = [name for name in layer_names(adata) if name != layer and _looks_like_counts(adata.layers[name])]

@@ -27,6 +27,7 @@ from cellvae.data import (
     gene_names,
     is_backed_matrix,
     layer_names,
+    stored_x,
     warn_user,
 )
 from cellvae.differential import group_name
@@ -992,7 +993,7 @@ def _writable(adata: ad.AnnData, name: str) -> None:
     if (
         adata.is_view
         and parent is not None
-        and any(is_backed_matrix(m) for m in [parent.X, *parent.layers.values()] if m is not None)
+        and any(is_backed_matrix(m) for m in [stored_x(parent), *parent.layers.values()] if m is not None)
     ):
         raise ValueError(
             f"{name} is a view of an AnnData whose counts are on disk (cellvae.read_zarr_lazy); writing results into "

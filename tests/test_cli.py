@@ -743,6 +743,24 @@ def test_counts_in_a_layer_are_named_with_the_layer_option_when_x_is_normalised(
     assert main([*embed, "--layer", "counts"]) == 0
 
 
+def test_a_backed_file_without_x_is_told_to_name_its_counts_layer(tmp_path):
+    """anndata's backed X raises h5py's KeyError where the file has no X: the same advice as in memory."""
+    assert main(fit_args(tmp_path, n_cells=200, n_genes=40) + ["--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    counts = ad.read_h5ad(tmp_path / "in.h5ad")
+    ad.AnnData(obs=counts.obs, var=counts.var, layers={"counts": counts.X}).write_h5ad(tmp_path / "layer_only.h5ad")
+    embed = ["embed", str(tmp_path / "layer_only.h5ad"), "--model-dir", str(tmp_path / "model"), "--backed"]
+    embed += ["--out", str(tmp_path / "embedded.h5ad"), "--quiet"]
+    fit = ["fit", str(tmp_path / "layer_only.h5ad"), "--backed", "--out", str(tmp_path / "fitted.h5ad")]
+    fit += ["--model-dir", str(tmp_path / "other"), "--epochs", "1", "--quiet", "--embedding-only"]
+    for command in (embed, fit):
+        with pytest.raises(SystemExit, match=r"adata.X is empty(.|\n)*--layer NAME reads the counts from adata.layers"):
+            main(command)
+    assert main([*embed, "--layer", "counts"]) == 0
+    expected = cellvae.CellVAE.load(tmp_path / "model", load_anndata=False).get_latent(counts, progress=False)
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "embedded.h5ad").obsm["X_cellvae"], expected)
+    assert main([*fit, "--layer", "counts"]) == 0
+
+
 def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
     def diverging(*args, **kwargs):
         raise FloatingPointError("training produced non-finite losses or gradients 6 times; lower lr")

@@ -433,11 +433,25 @@ def test_a_trained_model_whose_further_training_fails_is_given_back_unchanged(me
     np.testing.assert_array_equal(model.get_latent(), before)
 
 
-def test_counts_missing_from_x_are_explained(trained, messy):
+def test_counts_missing_from_x_are_explained(messy, tmp_path):
+    empty_x = r"adata.X is empty .*built \(CellVAE\(adata, layer=\.\.\.\)\)"
     adata = messy.copy()
     adata.X = None
-    with pytest.raises(ValueError, match=r"adata.X is empty .*built \(CellVAE\(adata, layer=\.\.\.\)\)"):
+    with pytest.raises(ValueError, match=empty_x):
         CellVAE(adata)
+    # a backed file without X (where anndata's X raises h5py's KeyError), whole and as views
+    adata.layers["lognormalised"] = messy.X
+    adata.write_h5ad(tmp_path / "no_x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "no_x.h5ad", backed="r")
+    for cells in (backed, backed[:100], backed[:, :30]):
+        with pytest.raises(ValueError, match=empty_x):
+            CellVAE(cells)
+    with pytest.raises(ValueError, match=r"adata.layers\['counts'\] holds whole counts: pass layer='counts'"):
+        CellVAE(backed, layer="lognormalised")  # (the hint looks for counts in X too)
+    on_x = quiet_fit(CellVAE(ad.AnnData(X=messy.layers["counts"], var=messy.var[[]]), n_hidden=8), max_epochs=1)
+    with pytest.raises(ValueError, match="adata.X is empty .*a trained model reads the layer it was trained on"):
+        on_x.get_latent(backed)
+    assert CellVAE(backed, layer="counts").config.layer == "counts"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run out of its memory")
