@@ -40,6 +40,14 @@ def _minus_log_factorial(log_p: torch.Tensor, x: torch.Tensor, nonzero: tuple[to
 STIRLING_THETA = 10.0
 
 
+def log1p_exp(s: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(s))``. Torch's softplus returns ``s`` itself above ``s = 20``, leaving out
+    ``log1p(exp(-s))`` (2e-9 there): below float32's resolution of ``s``, but in float64 an NB
+    log-probability then lost ``(x + theta) * theta / mu`` nats (1e-4 at mu / theta = 1e9, x = 1e5).
+    Above 40 (``exp(40)`` still fits float32) the term is under float64's resolution too."""
+    return F.softplus(s, threshold=40.0)
+
+
 def _stirling_tail(z: torch.Tensor) -> torch.Tensor:
     """1/(12z) - 1/(360z^3) + 1/(1260z^5): lgamma(z) minus (z - 1/2) log z - z + log(2 pi) / 2, for z >= 10."""
     r = 1.0 / z
@@ -222,7 +230,7 @@ class NegativeBinomial:
         where theta is held fixed (refining q(z|x) under a frozen decoder with a per-gene theta).
         """
         s = self.log_mean - self.theta.log()  # log(mu / theta)
-        softplus_s = F.softplus(s)  # -log(theta / (theta + mu))
+        softplus_s = log1p_exp(s)  # -log(theta / (theta + mu))
         log_p = x * (s - softplus_s) - self.theta * softplus_s
         if not include_theta_terms:
             return _minus_log_factorial(log_p, x, nonzero) if include_constant else log_p
@@ -274,7 +282,7 @@ class _NegativeBinomialCells(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_mean, theta, x, sparse: SparseCounts):
         s = log_mean - theta.log()
-        softplus_s = F.softplus(s)
+        softplus_s = log1p_exp(s)
         per_gene = theta.dim() == 1
         dense = (x * (s - softplus_s)).sum(-1) - (softplus_s @ theta if per_gene else (softplus_s * theta).sum(-1))
         if per_gene:

@@ -40,6 +40,17 @@ def test_negative_binomial_matches_scipy(params):
     np.testing.assert_allclose(ours, st.nbinom.logpmf(x, theta, p), rtol=1e-9, atol=1e-9)
 
 
+def test_negative_binomial_matches_scipy_where_the_mean_dwarfs_theta():
+    """mu / theta up to 1e9 (torch's softplus drops log1p(exp(-s)) above s = 20, 1e-4 nats here): float64
+    log_prob stays exact. (The training path's per-cell sums keep float32 constants, whose rounding is larger.)"""
+    mean = np.array([[1e6, 1e6, 3e4, 1e5, 50.0]])
+    theta = np.array([1e-3, 1e-3, 1e-5, 2e-4, 1e-2])
+    x = np.array([[1e5, 0.0, 7.0, 2e4, 30.0]])
+    expected = st.nbinom.logpmf(x, theta, theta / (theta + mean))
+    ours = NegativeBinomial(t(np.log(mean)), t(theta)).log_prob(t(x)).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-10, atol=1e-9)
+
+
 def test_zero_inflated_negative_binomial_matches_scipy(params):
     x, mean, theta, pi = params
     logits = np.log(pi) - np.log1p(-pi)
