@@ -73,12 +73,15 @@ SCVI_TOOLS_METHODS = {
     "get_marginal_ll": "marginal_log_likelihood(...) (per cell)",
     "get_elbo": "rate_distortion(...)['elbo'] (per cell; the ELBO itself, not its negative)",
     "get_reconstruction_error": "rate_distortion(...)['distortion'] (per cell)",
+    "prepare_query_anndata": "nothing: map_query and get_latent match a query's genes to the model's by name "
+    "(extra genes ignored, missing ones zero-filled with a warning)",
+    "summary_string": "print(model) or repr(model)",
 }
 # scvi-tools' argument: (the cellvae argument the advice names, which the method must take for it to apply; the advice)
 SCVI_TOOLS_ARGUMENTS = {
     "gene_likelihood": ("likelihood", "use likelihood= ('nb', the default, 'zinb' or 'poisson')"),
     "dropout_rate": ("dropout", "use dropout="),
-    "use_batch_norm": ("normalization", "use normalization='batch'"),
+    "use_batch_norm": ("normalization", "use normalization='batch' (BatchNorm in encoder and decoder)"),
     "use_layer_norm": ("normalization", "use normalization='layer' (the default)"),
     "encode_covariates": ("encode_batch", "use encode_batch="),
     "train_size": ("validation_size", "use validation_size=, the share held out (1 - train_size)"),
@@ -90,6 +93,17 @@ SCVI_TOOLS_ARGUMENTS = {
     "indices": ("adata", "pass those cells as an AnnData, adata[indices]"),
     "return_numpy": (None, "drop it: cellvae returns NumPy arrays"),
     "mode": ("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')"),
+    "n_mc_samples": ("n_samples", "use n_samples="),
+    "n_samples_overall": ("n_samples", "use n_samples="),
+    # get_normalized_expression (the one method taking transform_batch) decodes each cell's posterior mean
+    "n_samples": ("transform_batch", "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"),
+    "return_mean": ("transform_batch", "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"),
+}
+# Advice that depends on the value given: (scvi-tools' argument, its value) -> the advice.
+SCVI_TOOLS_ARGUMENT_VALUES = {
+    ("use_batch_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm (normalization='layer', the default)",
+    ("use_layer_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
+    "normalization='batch' uses BatchNorm, as scVI's default does",
 }
 
 
@@ -100,8 +114,10 @@ def _scvi_tools_names(method):
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
-        for name in kwargs.keys() - accepted:
+        for name in sorted(kwargs.keys() - accepted):
             needs, advice = SCVI_TOOLS_ARGUMENTS.get(name, ("", ""))
+            if isinstance(kwargs[name], str):
+                advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, kwargs[name]), advice)
             if advice and (needs is None or needs in accepted):
                 raise TypeError(
                     f"{method.__qualname__}() got an unexpected keyword argument {name!r}, scvi-tools' name: {advice}"
@@ -681,7 +697,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if isinstance(library_size, (bool, np.bool_)) or not (
             isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf
         ):
-            raise ValueError(f"library_size must be a positive number of counts, got {library_size!r}")
+            latent = " (scvi-tools' library_size='latent' has no counterpart: cellvae reads each cell's observed library size)"
+            raise ValueError(
+                f"library_size must be a positive number of counts, e.g. 1 for scvi-tools' scale, got {library_size!r}"
+                + (latent if isinstance(library_size, str) and library_size == "latent" else "")
+            )
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         genes = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
@@ -963,10 +983,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             (decoded mean expression per 10,000 counts; with ``likelihood="zinb"`` the negative
             binomial's, while the fold change compares the means with zero-inflation);
             ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
-            (observed: share of cells with a count, mean counts per 10,000); ``group1`` and ``group2``.
-            Genes of the model missing from ``adata`` (read as zeros) get no statistics (NaN, not called)
-            and come last. Each comparison's draws depend on ``random_state``, its two groups and
-            ``n_draws``, ``max_cells`` and ``batch_size``, not on the other comparisons requested.
+            (observed: share of cells with a count, mean counts per 10,000); ``group1``, ``group2`` and
+            ``comparison`` (``"<group1> vs <group2>"``, as in scvi-tools). Genes of the model missing from
+            ``adata`` (read as zeros) get no statistics (NaN, not called) and come last. Each comparison's
+            draws depend on ``random_state``, its two groups and ``n_draws``, ``max_cells`` and
+            ``batch_size``, not on the other comparisons requested.
 
         Notes
         -----
@@ -1081,6 +1102,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)
                     frame["raw_normalized_mean" + suffix] = np.where(measured, normalized, np.nan)
                 frame["group1"], frame["group2"] = name1, name2
+                frame["comparison"] = f"{name1} vs {name2}"
                 frame.index = pd.Index(self.config.gene_names, name="gene")
                 order = np.lexsort((-frame["lfc_mean"].abs().to_numpy(), -frame["proba_de"].to_numpy()))
                 frames.append(frame.iloc[order])
@@ -1636,6 +1658,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 self.module, loader, cells, batch_size=batch_size, progress=progress, desc=desc
             )
 
+    @_scvi_tools_names
     @_scvi_tools_names
     def marginal_log_likelihood(
         self,

@@ -39,6 +39,7 @@ def test_markers_of_a_type_rank_first_and_fold_changes_match_the_counts(simulate
     result = model.differential_expression(groupby="cell_type", group1="type0")
     assert list(result.index.unique()) == list(result.index) and set(result.index) == set(simulated.var_names)
     assert (result["group1"] == "type0").all() and (result["group2"] == "rest").all()
+    assert (result["comparison"] == "type0 vs rest").all()  # scvi-tools' column
     observed = _observed_log2_fold_change(simulated, (simulated.obs["cell_type"] == "type0").to_numpy())
     assert np.corrcoef(result.loc[simulated.var_names, "lfc_mean"], observed)[0, 1] > 0.95
     top_observed = set(simulated.var_names[np.argsort(-observed)[:20]])
@@ -71,7 +72,7 @@ def test_markers_are_found_with_every_likelihood_and_posterior(simulated, settin
     observed = _observed_log2_fold_change(simulated, (simulated.obs["cell_type"] == "type0").to_numpy())
     top_observed = set(simulated.var_names[np.argsort(-observed)[:20]])
     assert len(top_observed & set(result[result["lfc_mean"] > 0].index[:20])) >= 14
-    assert np.isfinite(result.drop(columns=["group1", "group2"]).to_numpy(dtype=float)).all()
+    assert np.isfinite(result.drop(columns=["group1", "group2", "comparison"]).to_numpy(dtype=float)).all()
 
 
 def test_the_prior_learnt_from_all_genes_shrinks_poorly_measured_ones_towards_no_change():

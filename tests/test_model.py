@@ -960,6 +960,17 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         CellVAE(adata, batch_key="batch", gene_likelihood="zinb")
     with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'n_hiden'$"):  # a typo: Python's own error
         CellVAE(adata, n_hiden=64)
+    # advice that depends on the value: scArches' recipe turns BatchNorm off and LayerNorm on
+    with pytest.raises(TypeError, match=r"'use_batch_norm', scvi-tools' name: drop it: cellvae's hidden layers use LayerNorm"):
+        CellVAE(adata, use_layer_norm="both", use_batch_norm="none")
+    with pytest.raises(TypeError, match=r"'use_layer_norm', scvi-tools' name: use normalization='layer' \(the default\)"):
+        CellVAE(adata, use_layer_norm="both")
+    with pytest.raises(TypeError, match=r"'use_batch_norm', scvi-tools' name: use normalization='batch'"):
+        CellVAE(adata, use_batch_norm="both")
+    with pytest.raises(TypeError, match=r"'use_layer_norm', scvi-tools' name: drop it: .*normalization='batch' uses BatchNorm"):
+        CellVAE(adata, use_layer_norm="none")
+    with pytest.raises(AttributeError, match=r"scvi-tools' prepare_query_anndata; in cellvae: nothing: map_query and get_latent"):
+        CellVAE.prepare_query_anndata(adata, "reference_dir")
     model = CellVAE(adata, batch_key="batch")
     reads = []
     monkeypatch.setattr(cellvae.model, "train", lambda *args, **kwargs: reads.append(1))
@@ -974,6 +985,12 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.get_latent(give_mean=False)
     with pytest.raises(TypeError, match=r"'mode', scvi-tools' name: drop it"):
         model.differential_expression(groupby="cell_type", group1="type0", mode="change")
+    with pytest.raises(TypeError, match=r"'n_samples', scvi-tools' name: drop it: cellvae decodes each cell's posterior mean"):
+        model.get_normalized_expression(n_samples=25, return_mean=True)
+    with pytest.raises(TypeError, match=r"'n_mc_samples', scvi-tools' name: use n_samples="):
+        model.marginal_log_likelihood(n_mc_samples=1000)
+    with pytest.raises(ValueError, match=r"1 for scvi-tools' scale, got 'latent' \(.*reads each cell's observed library size"):
+        model.get_normalized_expression(library_size="latent")
     # no advice naming an option the method lacks: Python's own error
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'give_mean'$"):
         model.get_likelihood_parameters(give_mean=True)
