@@ -601,8 +601,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch_size: int = 4096,
         random_state: int = 0,
         refine_steps: int = 0,
+        return_dist: bool = False,
         progress: bool = True,
-    ) -> np.ndarray:
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Latent codes of each cell: posterior means, or draws if not ``mean``.
 
         Parameters
@@ -622,20 +623,27 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
             encoder's output, the decoder frozen; this closes part of the amortization gap (see
             :meth:`inference_gaps`) at the price of an optimisation per cell.
+        return_dist
+            Return q(z|x) itself, as scvi-tools' ``return_dist=True``: each cell's posterior means and
+            variances (for ``posterior="full"`` the diagonal of its covariance), whatever ``mean``.
         progress
             Show a progress bar (where the work lasts over 2 seconds).
 
         Returns
         -------
-        n_cells × n_latent float32 array, cells in ``adata``'s order.
+        n_cells × n_latent float32 array, cells in ``adata``'s order; with ``return_dist`` a tuple
+        ``(means, variances)`` of two such arrays.
         """
         mean = _check_flag(mean, "mean")
+        return_dist = _check_flag(return_dist, "return_dist")
         progress = _check_flag(progress, "progress")
         refine_steps = _native(refine_steps)
         if not isinstance(refine_steps, int) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if refine_steps and not mean:
             raise ValueError("refine_steps refines posterior means; use it with mean=True")
+        if refine_steps and return_dist:
+            raise ValueError("return_dist gives the encoder's posterior, which refine_steps does not return; use one of them")
         random_state = _check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         if refine_steps:
@@ -650,11 +658,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     progress=progress,
                 )
         latent = np.empty((len(cells), self.config.n_latent), dtype=np.float32)
+        variances = np.empty_like(latent) if return_dist else None
         with torch.no_grad(), diagnostics.evaluation(self.module, random_state):
             batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
             for rows, mb in with_progress(batches, len(cells), "get_latent", progress):
-                latent[rows] = self.module.inference(mb.counts, mb.covariates, sample=not mean)["z"].float().cpu().numpy()
-        return latent
+                q = self.module.inference(mb.counts, mb.covariates, sample=not (mean or return_dist))
+                latent[rows] = q["z"].float().cpu().numpy()
+                if return_dist:
+                    variances[rows] = self.module.posterior_variances(q["scale"]).float().cpu().numpy()
+        return (latent, variances) if return_dist else latent
 
     @_scvi_tools_names
     def get_normalized_expression(

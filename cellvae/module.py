@@ -212,6 +212,13 @@ class VAE(nn.Module):
             return mean + torch.einsum("cij,...cj->...ci", scale, noise)
         return mean + torch.exp(0.5 * scale) * noise
 
+    def posterior_variances(self, scale: torch.Tensor) -> torch.Tensor:
+        """The variance of each latent dimension under q(z|x), from :meth:`inference`'s ``scale``
+        (log variances, or for ``posterior="full"`` the Cholesky factor L of the covariance L·Lᵀ)."""
+        if self.config.posterior == "full":
+            return (scale**2).sum(-1)
+        return scale.exp()
+
     def generative(
         self, z: torch.Tensor, covariates: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor
     ) -> Likelihood:
@@ -254,7 +261,7 @@ class VAE(nn.Module):
         For the full posterior the joint KL exceeds the sum of these by the total correlation,
         which :meth:`kl_divergence` adds.
         """
-        variance = scale.exp() if self.config.posterior == "diagonal" else (scale**2).sum(-1)
+        variance = self.posterior_variances(scale)
         return 0.5 * (variance + mean**2 - 1.0 - torch.log(variance))
 
     def kl_divergence(self, mean, scale) -> torch.Tensor:
@@ -262,7 +269,7 @@ class VAE(nn.Module):
         if self.config.posterior == "diagonal":
             return self.kl_per_dimension(mean, scale).sum(-1)
         log_det = 2.0 * torch.log(torch.diagonal(scale, dim1=-2, dim2=-1)).sum(-1)
-        variance = (scale**2).sum(-1)
+        variance = self.posterior_variances(scale)
         return 0.5 * (variance.sum(-1) + (mean**2).sum(-1) - mean.shape[-1] - log_det)
 
     def forward(

@@ -355,6 +355,23 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     assert not np.allclose(sampled_latent, model.get_latent())
 
 
+@pytest.mark.parametrize("posterior", ["diagonal", "full"])
+def test_return_dist_gives_the_posterior_means_and_the_variances_of_its_draws(two_batches, posterior):
+    """scvi-tools' return_dist=True: q(z|x)'s means and variances, the variances those of get_latent's draws."""
+    cells = two_batches[:60].copy()
+    model = CellVAE(cells, batch_key="batch", n_latent=4, posterior=posterior).fit(max_epochs=20, progress=False)
+    means, variances = model.get_latent(return_dist=True, mean=False)
+    np.testing.assert_array_equal(means, model.get_latent())
+    assert variances.shape == means.shape and variances.dtype == np.float32 and (variances > 0).all()
+    draws = np.stack([model.get_latent(mean=False, random_state=seed) for seed in range(400)])
+    np.testing.assert_allclose(draws.mean(0), means, atol=4 * np.sqrt(variances.max() / 400))
+    # a sample variance of 400 normal draws has a relative standard error of sqrt(2 / 399) = 7%
+    np.testing.assert_allclose(draws.var(0, ddof=1), variances, rtol=0.3)
+    assert abs(np.mean(draws.var(0, ddof=1) / variances) - 1) < 0.02
+    with pytest.raises(ValueError, match="return_dist gives the encoder's posterior"):
+        model.get_latent(return_dist=True, refine_steps=3)
+
+
 def test_integer_gene_ids_left_by_an_in_place_pandas_edit_are_the_same_genes(two_batches, tmp_path):
     """`adata.var.set_index("entrez", inplace=True)` leaves integer var_names (anndata's setters would make
     text); the model names genes as text, and finds them in that AnnData, a query and a loaded model's."""
