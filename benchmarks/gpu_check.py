@@ -60,6 +60,7 @@ GPU_TESTS = [
     "tests/test_reliability.py::test_nan_batch_restores_parameters_and_lowers_the_learning_rate[cuda-graphs]",
     "tests/test_atlas.py::test_held_out_batch_is_mapped_and_labels_transfer[cuda]",
     "tests/test_ddp.py::test_two_processes_on_gpus_train_one_model_as_good_as_one_process",
+    "tests/test_model.py::test_gpu_outputs_run_where_to_device_puts_the_model_and_fit_leaves_it_there",
 ]
 KANG = "kang_ctrl_5donors_muscat.h5ad"
 

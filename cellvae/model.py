@@ -516,6 +516,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # A model whose training fails or diverges is given back as it was (not half-trained or non-finite);
             # an untrained one with its weights from before this fit, not those drawn for it.
             before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            home = self.device  # where the outputs run (to_device), before and after training
             if not self.is_trained:
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
@@ -541,8 +542,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         trained_before=self.is_trained,
                     )
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
-                _move(self.module, "cpu")
-                self.device = torch.device("cpu")
+                _move(self.module, home)
+                self.device = home
                 self.module.load_state_dict(before)
                 self.module.eval()
                 if isinstance(error, Exception) and self.adata.isbacked and not self.adata.file.is_open:
@@ -586,11 +587,32 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
-            _move(self.module, "cpu")
-            self.device = torch.device("cpu")
+            _move(self.module, home)
+            self.device = home
         return self
 
     # ------------------------------------------------------------------ outputs
+
+    def to_device(self, device: str | torch.device = "auto") -> CellVAE:
+        """Run the outputs (:meth:`get_latent` and the rest) on ``device``, as scvi-tools' ``to_device``.
+
+        A model runs them on the CPU until moved; :meth:`fit` trains on its own ``device`` and leaves
+        the model where it was. On a GPU, outputs of many cells (``get_normalized_expression``,
+        ``differential_expression``, ``marginal_log_likelihood``) run many times faster; their values
+        differ from the CPU's by float rounding, and draws follow the device's random numbers.
+
+        Parameters
+        ----------
+        device
+            ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (or a ``torch.device``).
+
+        Returns
+        -------
+        The model itself.
+        """
+        self.device = pick_device(device)
+        _move(self.module, self.device)
+        return self
 
     @_scvi_tools_names
     def get_latent(

@@ -372,6 +372,41 @@ def test_return_dist_gives_the_posterior_means_and_the_variances_of_its_draws(tw
         model.get_latent(return_dist=True, refine_steps=3)
 
 
+def test_to_device_chooses_where_outputs_run_and_refuses_a_missing_device(two_batches):
+    model = CellVAE(two_batches[:100].copy(), batch_key="batch").fit(max_epochs=2, progress=False)
+    latent = model.get_latent()
+    assert model.to_device("cpu") is model and model.device == torch.device("cpu")
+    assert model.to_device(torch.device("cpu")).device.type == "cpu"
+    np.testing.assert_array_equal(model.get_latent(), latent)
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"):
+        model.to_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' was asked for but torch finds no CUDA GPU"):
+            model.to_device("cuda")
+        assert model.to_device("auto").device.type in ("cpu", "mps")
+    assert next(model.module.parameters()).device == model.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_outputs_run_where_to_device_puts_the_model_and_fit_leaves_it_there(two_batches, tmp_path):
+    cells = two_batches[:300].copy()
+    model = CellVAE(cells, batch_key="batch").fit(max_epochs=3, progress=False)
+    on_cpu = model.get_latent(), model.get_normalized_expression(), model.marginal_log_likelihood(n_samples=10)
+    model.to_device("cuda")
+    assert next(model.module.parameters()).is_cuda
+    on_gpu = model.get_latent(), model.get_normalized_expression(), model.marginal_log_likelihood(n_samples=10)
+    np.testing.assert_allclose(on_gpu[0], on_cpu[0], atol=1e-4)
+    np.testing.assert_allclose(on_gpu[1], on_cpu[1], rtol=1e-3, atol=1e-3)
+    assert np.abs(on_gpu[2] - on_cpu[2]).mean() < 0.05 * np.abs(on_cpu[2]).mean()  # other importance draws
+    assert (model.differential_expression(groupby="cell_type", group1="type0")["group1"] == "type0").all()
+    model.fit(max_epochs=1, device="cpu", progress=False)  # trains on the CPU, gives the model back on the GPU
+    assert model.device.type == "cuda" and next(model.module.parameters()).is_cuda
+    model.save(tmp_path / "model")
+    loaded = CellVAE.load(tmp_path / "model", adata=cells)
+    assert loaded.device.type == "cpu"
+    np.testing.assert_allclose(loaded.get_latent(), model.get_latent(), atol=1e-4)
+
+
 def test_integer_gene_ids_left_by_an_in_place_pandas_edit_are_the_same_genes(two_batches, tmp_path):
     """`adata.var.set_index("entrez", inplace=True)` leaves integer var_names (anndata's setters would make
     text); the model names genes as text, and finds them in that AnnData, a query and a loaded model's."""
