@@ -1469,7 +1469,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         or the counts left on disk, which must stay open) and embeds reference cells too. Save and load
         it like any model. Where the matrix is shared (as a model built on your AnnData reads it), counts
         changed in place afterwards (``sc.pp.downsample_counts``, ``normalize_total``) change what the query
-        model reads: pass ``query_adata.copy()`` to keep them apart.
+        model reads: pass ``query_adata.copy()`` to keep them apart. Its outputs run where the
+        reference's do (:meth:`to_device`), whatever ``device`` it trained on.
         """
         if not self.is_trained:
             raise ValueError("map_query needs a trained reference model; call model.fit() first")
@@ -1545,6 +1546,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
+        query_model.device = self.device  # its outputs run where the reference's do (to_device)
+        _move(query_model.module, self.device)  # (grafted on one device)
         with _missing_genes_told():  # validates the covariates before any work; trains the mapping below
             loader, cells = query_model._loader(aligned, training_device)
         _graft_reference(self.module, query_model.module)
@@ -1581,7 +1584,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     query_model.module, loader, train_cells, validation_cells, settings, data_parallel=False
                 )
         finally:
-            _move(query_model.module, "cpu")
+            _move(query_model.module, query_model.device)
         query_model.train_settings = settings
         return query_model
 

@@ -405,6 +405,12 @@ def test_gpu_outputs_run_where_to_device_puts_the_model_and_fit_leaves_it_there(
     loaded = CellVAE.load(tmp_path / "model", adata=cells)
     assert loaded.device.type == "cpu"
     np.testing.assert_allclose(loaded.get_latent(), model.get_latent(), atol=1e-4)
+    query = cells[cells.obs["batch"] == cells.obs["batch"].cat.categories[-1]].copy()
+    query.obs["batch"] = "new"
+    query_model = model.map_query(query, max_epochs=2, device="cpu", progress=False)  # grafted on the GPU
+    assert query_model.device.type == "cuda" and next(query_model.module.parameters()).is_cuda
+    on_cpu_map = loaded.map_query(query, max_epochs=2, device="cpu", progress=False)
+    np.testing.assert_allclose(query_model.get_latent(), on_cpu_map.get_latent(), atol=1e-3)
 
 
 def test_integer_gene_ids_left_by_an_in_place_pandas_edit_are_the_same_genes(two_batches, tmp_path):
