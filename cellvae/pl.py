@@ -1,11 +1,14 @@
-"""Plots in scanpy's style: each returns its matplotlib Axes and shows the figure unless ``show=False``
-or ``save`` is given.
+"""Plots in scanpy's style: each returns its matplotlib Axes and shows the figure unless ``show=False``.
 
 Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
-unless ``save`` is given or, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``
-(a file path, written as given with the format from its suffix, ``.png`` added when it has none; unlike
-scanpy, not placed under ``sc.settings.figdir``). As in scanpy, a figure the function made and saved
-is then closed (after showing it, where ``show=True``), so saving in a loop does not pile up figures.
+unless, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``, which takes scanpy's
+forms: ``True``, or a suffix that starts with ``_`` or ``.`` (``"_kang.png"``, ``".pdf"``), writes
+``<figdir>/<function name><suffix>`` (scanpy's ``sc.settings.figdir``, ``./figures`` without scanpy; the
+format from the suffix, else scanpy's ``sc.settings.file_format_figs``, ``pdf``); any other text is a file
+path, written as given (``.png`` added where it has no suffix). Figures are saved at matplotlib's
+``savefig.dpi`` (``sc.set_figure_params(dpi_save=...)`` sets it), 150 where it is left at ``"figure"``. As in
+scanpy, a figure the function made and saved is then closed (after showing it), so saving in a loop does
+not pile up figures.
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ __all__ = ["history", "kl_per_dimension", "rate_distortion"]
 
 
 def history(
-    model: CellVAE, *, ax: Axes | Sequence[Axes] | None = None, show: bool | None = None, save: str | os.PathLike | None = None
+    model: CellVAE,
+    *,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
 ) -> list[Axes]:
     """Training curves: distortion and rate per cell, train and validation, against epoch.
 
@@ -48,7 +55,7 @@ def history(
     A list of the two Axes (distortion, rate).
     """
     _check_model(model)
-    _check_save(save)
+    target = _save_target(save, "history")
     frame = model.history
     if frame.empty:
         reason = (
@@ -87,7 +94,7 @@ def history(
     if one_axes:
         lines = [line for axis in axes for line in axis.get_lines()]
         axes[0].legend(lines, [line.get_label() for line in lines], frameon=False)
-    _finish(axes[0].figure, show, save, made=ax is None)
+    _finish(axes[0].figure, show, target, made=ax is None)
     return axes
 
 
@@ -95,7 +102,7 @@ def history(
 
 
 def rate_distortion(
-    frame: pd.DataFrame, *, ax: Axes | None = None, show: bool | None = None, save: str | os.PathLike | None = None
+    frame: pd.DataFrame, *, ax: Axes | None = None, show: bool | None = None, save: bool | str | os.PathLike | None = None
 ) -> Axes:
     """The rate–distortion curve of :func:`cellvae.tl.rate_distortion_sweep`: rate on x, distortion on y, points labelled by beta.
 
@@ -114,7 +121,7 @@ def rate_distortion(
     -------
     The Axes.
     """
-    _check_save(save)
+    target = _save_target(save, "rate_distortion")
     if not isinstance(frame, pd.DataFrame):  # e.g. the model, as pl.history and pl.kl_per_dimension take
         raise TypeError(
             f"pl.rate_distortion plots a sweep over beta: pass the DataFrame returned by "
@@ -144,7 +151,7 @@ def rate_distortion(
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
     ax.legend(frameon=False)
     ax.grid(False)
-    _finish(ax.figure, show, save, made=made)
+    _finish(ax.figure, show, target, made=made)
     return ax
 
 
@@ -157,7 +164,7 @@ def kl_per_dimension(
     progress: bool = True,
     ax: Axes | None = None,
     show: bool | None = None,
-    save: str | os.PathLike | None = None,
+    save: bool | str | os.PathLike | None = None,
 ) -> Axes:
     """Mean KL of each latent dimension, largest first; inactive dimensions in grey.
 
@@ -180,7 +187,7 @@ def kl_per_dimension(
     The Axes.
     """
     _check_model(model)
-    _check_save(save)
+    target = _save_target(save, "kl_per_dimension")
     _check_threshold(threshold)
     kl, activity = model._posterior_statistics(adata, batch_size, progress, "kl_per_dimension")  # as active_units
     order = np.argsort(-kl)
@@ -195,39 +202,56 @@ def kl_per_dimension(
     n_active = int((activity > threshold).sum())
     ax.set_title(f"{n_active} of {len(kl)} dimensions active", fontsize=10)
     ax.grid(False)
-    _finish(ax.figure, show, save, made=made)
+    _finish(ax.figure, show, target, made=made)
     return ax
 
 
-def _check_save(save) -> None:
-    if isinstance(save, bool) or not (save is None or isinstance(save, (str, os.PathLike))):
-        raise TypeError(f"save must be a file path such as 'figure.png', got {save!r}; cellvae writes it as given")
-    if save and (os.fspath(save).endswith(("/", os.sep)) or Path(save).name in ("", ".", "..")):
-        raise ValueError(f"save={str(save)!r} names a folder; give a file name such as {str(Path(save) / 'figure.png')!r}")
-    if save and not Path(save).resolve().parent.is_dir():
-        raise FileNotFoundError(f"the folder of save={str(save)!r} does not exist; create it first")
+def _save_target(save, name: str) -> Path | None:
+    """The file ``save`` names for the plot ``name`` (see :mod:`cellvae.pl`), checked before any drawing."""
+    if save is None or save is False:
+        return None
+    if not (save is True or isinstance(save, (str, os.PathLike))):
+        raise TypeError(f"save must be True, a suffix such as '_kang.png' or a file path such as 'figure.png', got {save!r}")
     kinds = FigureCanvasBase.get_supported_filetypes()
-    suffix = Path(save).suffix.lstrip(".").lower() if save else ""
+    text = "" if save is True else os.fspath(save)
+    suffix_only = text.startswith(("_", ".")) and text not in (".", "..") and os.sep not in text and "/" not in text
+    if save is True or suffix_only:  # scanpy's forms
+        scanpy = sys.modules.get("scanpy")
+        settings = getattr(scanpy, "settings", None)
+        stem, dot, kind = text.rpartition(".")
+        if not dot or kind.lower() not in kinds:  # "_kang", "_v1.2": scanpy's format
+            stem, kind = text, str(getattr(settings, "file_format_figs", "pdf")).lstrip(".")
+        suffix = "." + kind
+        target = Path(getattr(settings, "figdir", "figures")) / f"{name}{stem}{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+    if text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
+        raise ValueError(f"save={text!r} names a folder; give a file name such as {str(Path(text) / 'figure.png')!r}")
+    if not Path(text).resolve().parent.is_dir():
+        raise FileNotFoundError(f"the folder of save={text!r} does not exist; create it first")
+    suffix = Path(text).suffix.lstrip(".").lower()
     if suffix and suffix not in kinds:
-        raise ValueError(f"save={str(save)!r}: matplotlib cannot write .{suffix} files; use one of {sorted(kinds)}")
+        raise ValueError(f"save={text!r}: matplotlib cannot write .{suffix} files; use one of {sorted(kinds)}")
+    return Path(text) if suffix else Path(text + ".png")
 
 
-def _finish(figure, show: bool | None, save: str | os.PathLike | None, made: bool) -> None:
+def _finish(figure, show: bool | None, target: Path | None, made: bool) -> None:
     if made:  # a figure of the caller's (ax given) keeps the layout the caller chose
         figure.tight_layout()
-    if save:
+    if target is not None:
         while not hasattr(figure, "savefig"):  # an axes in a subfigure (matplotlib >= 3.10): the whole figure
             figure = figure.figure
+        dpi = plt.rcParams["savefig.dpi"]
         try:
-            figure.savefig(save, dpi=150, bbox_inches="tight")
+            figure.savefig(target, dpi=150 if dpi == "figure" else dpi, bbox_inches="tight")
         except BaseException:
             if made:  # a figure of its own that could not be written is not left open
                 plt.close(figure)
             raise
     if show is None:  # as scanpy's plots: its settings.autoshow=False (scripts, pipelines) shows nothing
         scanpy = sys.modules.get("scanpy")
-        show = not save and (scanpy is None or bool(getattr(getattr(scanpy, "settings", None), "autoshow", True)))
+        show = scanpy is None or bool(getattr(getattr(scanpy, "settings", None), "autoshow", True))
     if show:
         plt.show()
-    if save and made:
+    if target is not None and made:
         plt.close(figure)

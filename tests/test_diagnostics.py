@@ -12,6 +12,7 @@ import pytest
 import scanpy as sc
 import torch
 from conftest import shared_dataset, simulated_module
+from PIL import Image
 
 import cellvae
 from cellvae import CellVAE
@@ -101,7 +102,7 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     open_figures = len(plt.get_fignums())
     axes = cellvae.pl.history(model, save=figure)
     assert isinstance(axes, list) and figure.read_bytes()[:4] == b"\x89PNG"
-    assert len(plt.get_fignums()) == open_figures  # saved, not shown: closed, as scanpy does
+    assert len(plt.get_fignums()) == open_figures  # saved (and shown: a no-op under Agg), then closed, as scanpy does
     shown = []
     monkeypatch.setattr(plt, "show", lambda *args, **kwargs: shown.append(1))
     autoshow = sc.settings.autoshow
@@ -121,8 +122,23 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     cellvae.pl.kl_per_dimension(model, ax=left.subplots(), save=tmp_path / "in_subfigure.png")
     assert (tmp_path / "in_subfigure.png").read_bytes()[:4] == b"\x89PNG"
     plt.close(whole)
-    with pytest.raises(TypeError, match="save must be a file path"):
+    # scanpy's forms of save: True or a suffix, under sc.settings.figdir, at savefig.dpi (sc.set_figure_params' dpi_save)
+    settings = sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"]
+    try:
+        sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = tmp_path / "figures", "png", 300
+        cellvae.pl.history(model, save=".pdf")
+        cellvae.pl.history(model, save="_kang.png")
         cellvae.pl.kl_per_dimension(model, save=True)
+        cellvae.pl.kl_per_dimension(model, save="_v1")
+    finally:
+        sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = settings
+    written = sorted(path.name for path in (tmp_path / "figures").iterdir())
+    assert written == ["history.pdf", "history_kang.png", "kl_per_dimension.png", "kl_per_dimension_v1.png"]
+    assert round(Image.open(tmp_path / "figures" / "history_kang.png").info["dpi"][0]) == 300
+    cellvae.pl.history(model, save=tmp_path / "default_dpi.png")  # matplotlib's "figure": 150
+    assert round(Image.open(tmp_path / "default_dpi.png").info["dpi"][0]) == 150
+    with pytest.raises(TypeError, match="save must be True, a suffix such as '_kang.png' or a file path"):
+        cellvae.pl.kl_per_dimension(model, save=1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         cellvae.pl.kl_per_dimension(model, save=tmp_path / "no_such_folder" / "kl.png")
     open_figures = len(plt.get_fignums())
