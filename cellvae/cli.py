@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument(
         "--soft",
         action="store_true",
-        help="also write obsm[LABELS_KEY_vote_shares], each query cell's vote share of every reference label",
+        help="also write obsm[LABELS_KEY_vote_shares], each query cell's vote share of every reference label "
+        "(the labels in uns[LABELS_KEY_vote_shares]['labels'])",
     )
     mapping.add_argument(
         "--train-input-layer",
@@ -639,7 +640,8 @@ def run_map(args: argparse.Namespace) -> int:
             soft=args.soft,
         )
         written += [f"obs[{args.labels_key + suffix!r}]" for suffix in ("_predicted", "_uncertainty", "_novelty")]
-        written += [f"obsm[{args.labels_key + '_vote_shares'!r}]"] if args.soft else []
+        shares = args.labels_key + "_vote_shares"
+        written += [f"obsm[{shares!r}] (labels in uns[{shares!r}]['labels'])"] if args.soft else []
     interrupted = bool(query_model.history.attrs.get("interrupted"))  # Ctrl-C while mapping: keep what was trained
     record = {
         "query_batch_key": batch_key,

@@ -279,7 +279,8 @@ def transfer_labels(
     soft
         Also write each cell's weighted vote share of every reference label (as scANVI's ``predict(soft=True)``
         gives per-label probabilities): a table of cells × labels in float32, which for an atlas's hundreds of labels
-        takes cells × labels × 4 bytes.
+        takes cells × labels × 4 bytes. As a DataFrame: ``pd.DataFrame(query_adata.obsm[key],
+        index=query_adata.obs_names, columns=query_adata.uns[key]["labels"])`` with ``key = f"{labels_key}_vote_shares"``.
     copy
         Write the results into a copy of ``query_adata`` and return it (as scanpy's ``copy=True``),
         leaving ``query_adata`` as it is.
@@ -290,14 +291,16 @@ def transfer_labels(
     -------
     None (with ``copy=True`` the copy). Writes ``query_adata.obs[f"{labels_key}_predicted"]``
     (categorical, holding the reference's label values: numbers stay numbers; a tied vote goes to the label that sorts first),
-    ``query_adata.obs[f"{labels_key}_uncertainty"]`` (1 − the winning label's weighted vote share, in [0, 1))
+    (its categories the labels some cell received), ``query_adata.obs[f"{labels_key}_uncertainty"]``
+    (1 − the winning label's weighted vote share, in [0, 1))
     and ``query_adata.obs[f"{labels_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
     them drawn with a fixed seed whatever their order, that lie closer to their own ``k`` nearest labelled reference cells, on
     average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the
     reference has a single labelled cell, which no distance can be compared with); with ``soft=True`` also
-    ``query_adata.obsm[f"{labels_key}_vote_shares"]`` (a DataFrame indexed by the query's cells with a column per
-    reference label, named by its text, in the order of the predicted categories; each row sums to 1 and its largest
-    share is 1 − the uncertainty); nothing else is changed.
+    ``query_adata.obsm[f"{labels_key}_vote_shares"]`` (cells × reference labels, float32; each row sums to 1 and its
+    largest share is 1 − the uncertainty) and ``query_adata.uns[f"{labels_key}_vote_shares"]["labels"]`` (the labels'
+    text, in the columns' order; as an array, not a DataFrame named by them, because anndata cannot write a label
+    holding ``/`` as a column name); nothing else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -306,7 +309,7 @@ def transfer_labels(
     _check_is_anndata(query_adata, "query_adata")
     copy = _check_flag(copy, "copy")
     soft = _check_flag(soft, "soft")
-    _writable(query_adata, "query_adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
+    _writable(query_adata, "query_adata", copy)
     check_one_name(labels_key, "labels_key")
     check_one_name(use_rep, "use_rep", "obsm key")
     check_one_name(unlabeled_category, "unlabeled_category", "label")
@@ -338,7 +341,7 @@ def transfer_labels(
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
     names = np.asarray(names, dtype=object)
-    if soft and len(set(map(str, names))) < len(names):  # the table's columns are named by text
+    if soft and len(set(map(str, names))) < len(names):  # the table's columns are named by text (uns)
         raise ValueError(
             f"ref_adata.obs[{labels_key!r}] holds labels of different types with the same text (e.g. 1 and '1'), "
             "which soft=True cannot name apart; convert the column to one type first, e.g. .astype(str)"
@@ -364,11 +367,13 @@ def transfer_labels(
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
     query_adata = query_adata.copy() if copy else query_adata
     _own_data(query_adata)
-    query_adata.obs[f"{labels_key}_predicted"] = pd.Categorical(predicted, categories=categories)
+    # only the labels some cell received: scanpy's legends and rank_genes_groups of the column need no empty ones
+    query_adata.obs[f"{labels_key}_predicted"] = pd.Categorical(predicted, categories=categories).remove_unused_categories()
     query_adata.obs[f"{labels_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{labels_key}_novelty"] = novelty
     if soft:
-        query_adata.obsm[f"{labels_key}_vote_shares"] = _vote_shares(codes[neighbours], weights, names, query_adata.obs_names)
+        query_adata.obsm[f"{labels_key}_vote_shares"] = _vote_shares(codes[neighbours], weights, len(names))
+        query_adata.uns[f"{labels_key}_vote_shares"] = {"labels": np.array([str(name) for name in names], dtype=object)}
     return query_adata if copy else None
 
 
@@ -435,13 +440,13 @@ def _weighted_vote(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
     return winner, best
 
 
-def _vote_shares(labels: np.ndarray, weights: np.ndarray, names: np.ndarray, cells: pd.Index) -> pd.DataFrame:
+def _vote_shares(labels: np.ndarray, weights: np.ndarray, n_labels: int) -> np.ndarray:
     """Each cell's share of the summed weight that went to each label (cells × labels; ``labels`` as in
-    :func:`_weighted_vote`), with the labels' text as columns."""
+    :func:`_weighted_vote`)."""
     rows = np.repeat(np.arange(len(labels)), labels.shape[1])
     each_share = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32).ravel()
-    shares = sp.csr_matrix((each_share, (rows, labels.ravel())), shape=(len(labels), len(names)))  # sums repeats
-    return pd.DataFrame(shares.toarray(), index=cells, columns=[str(name) for name in names])  # the one dense table
+    shares = sp.csr_matrix((each_share, (rows, labels.ravel())), shape=(len(labels), n_labels))  # sums repeats
+    return shares.toarray()  # the one dense table
 
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:
@@ -531,8 +536,9 @@ def rank_genes_groups(
     Bayesian, not frequentist p-values, and at least 1 / (n_draws + 1), the resolution of the draws;
     ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes whose expected FDR is below 5%;
     ``is_de`` of ``differential_expression`` also calls a list at exactly 5%) and ``params``; with
-    ``pts=True`` also ``pts`` and ``pts_rest`` (share of the group's and the reference's cells with a non-zero
-    count). Genes of the model missing from ``adata`` are left out.
+    ``pts=True`` also, as scanpy, ``pts`` (each group's share of cells with a non-zero count; with a ``reference``
+    group, its column too) and, against ``"rest"``, ``pts_rest`` (the share among the rest of the cells). Genes of
+    the model missing from ``adata`` are left out.
     """
     _check_is_anndata(adata)
     if method is not None:
@@ -542,7 +548,7 @@ def rank_genes_groups(
             "on normalised, log-transformed counts"
         )
     copy = _check_flag(copy, "copy")
-    _writable(adata, "adata")  # also with copy=True: a view on disk cannot be copied either (after the work)
+    _writable(adata, "adata", copy)
     _check_model(model)
     check_one_name(groupby, "groupby")
     pts = _check_flag(pts, "pts")
@@ -623,8 +629,13 @@ def rank_genes_groups(
         },
         **{field: np.rec.fromarrays(arrays, names=compared) for field, arrays in ranked.items()},
     }
-    if pts:
+    if pts and reference == "rest":
         ranking |= {"pts": pd.DataFrame(shares).loc[genes], "pts_rest": pd.DataFrame(shares_rest).loc[genes]}
+    elif pts:  # as scanpy: the reference group is a column of pts (every comparison's second group), and no rest
+        named = scanpy_name.get(reference, reference)
+        shares[named] = next(iter(shares_rest.values()))
+        order = [str(c) for c in column.cat.categories if str(c) in shares] if groups == "all" else list(shares)
+        ranking |= {"pts": pd.DataFrame(shares).loc[genes, order]}
     adata = adata.copy() if copy else adata
     _own_data(adata)
     adata.uns[key_added] = ranking
@@ -980,10 +991,16 @@ def _key(key_added, default: str) -> str:
     return key_added
 
 
-def _writable(adata: ad.AnnData, name: str) -> None:
-    """Refuse, before any work, a view of a backed AnnData (anndata cannot write into one) or of one whose
-    counts are in a Zarr store (:func:`cellvae.read_zarr_lazy`): writing results would make the view its own
-    AnnData with all its counts read into memory, after the work."""
+def _writable(adata: ad.AnnData, name: str, copy: bool = False) -> None:
+    """Refuse, before any work, a view of a backed AnnData (anndata cannot write into one, nor copy it) or of
+    one whose counts are in a Zarr store (:func:`cellvae.read_zarr_lazy`): writing results would make the view
+    its own AnnData with all its counts read into memory, after the work; and ``copy=True`` of a backed AnnData,
+    which anndata copies only into a new file."""
+    if copy and adata.isbacked and not adata.is_view:
+        raise ValueError(
+            f"copy=True cannot copy the backed {name}: anndata copies a backed AnnData only into a new file; pass "
+            f"copy=False (the results go into {name}'s obs, obsm and uns in memory) or {name}.to_memory()"
+        )
     if adata.is_view and adata.isbacked:
         raise ValueError(
             f"{name} is a view of a backed AnnData, into which anndata cannot write results; pass "

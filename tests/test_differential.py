@@ -415,7 +415,10 @@ def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):
     is_b, is_nk = (adata.obs["cell_type"] == name for name in ("CD19+ B", "CD56+ NK"))
     cd79a = adata[:, "CD79A"].X.toarray().ravel() > 0
     assert b_vs_nk.loc["CD79A", "pct_nz_group"] == pytest.approx(cd79a[is_b].mean())
-    assert b_vs_nk.loc["CD79A", "pct_nz_reference"] == pytest.approx(cd79a[is_nk].mean())
+    # as scanpy's: the reference group is a column of pts, and there is no pts_rest (nor pct_nz_reference)
+    assert list(adata.uns["b_vs_nk"]["pts"].columns) == ["CD19+ B", "CD56+ NK"] and "pts_rest" not in adata.uns["b_vs_nk"]
+    assert adata.uns["b_vs_nk"]["pts"].loc["CD79A", "CD56+ NK"] == pytest.approx(cd79a[is_nk].mean())
+    assert "pct_nz_reference" not in b_vs_nk
 
 
 def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, model):

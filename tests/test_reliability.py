@@ -264,6 +264,14 @@ def test_embed_refuses_a_view_of_a_backed_anndata_before_training(tmp_path, monk
     query = backed[200:]
     with pytest.raises(ValueError, match="query_adata is a view of a backed AnnData"):
         cellvae.tl.transfer_labels(backed, query, "cell_type")
+    # copy=True of a backed AnnData (anndata copies it only into a file): refused before the work, as scanpy fails at once
+    monkeypatch.setattr(CellVAE, "differential_expression", lambda *a, **k: pytest.fail("ranked before refusing"))
+    model = CellVAE(backed)
+    with pytest.raises(ValueError, match=r"copy=True cannot copy the backed adata.*copy=False"):
+        cellvae.tl.rank_genes_groups(backed, "cell_type", model=model, copy=True)
+    backed.obsm["X_cellvae"] = np.zeros((backed.n_obs, 2))
+    with pytest.raises(ValueError, match=r"copy=True cannot copy the backed query_adata"):
+        cellvae.tl.transfer_labels(backed, backed, "cell_type", copy=True)
     backed.file.close()
 
 
@@ -344,8 +352,9 @@ def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
     assert_unchanged(query_before, query, obs=added)
     query = query_before.copy()
     cellvae.tl.transfer_labels(reference, query, "cell_type", soft=True)
-    assert_unchanged(query_before, query, obs=added, obsm={"cell_type_vote_shares"})
+    assert_unchanged(query_before, query, obs=added, obsm={"cell_type_vote_shares"}, uns={"cell_type_vote_shares"})
     assert set(query.obsm) - set(query_before.obsm) == {"cell_type_vote_shares"}
+    assert set(query.uns) - set(query_before.uns) == {"cell_type_vote_shares"}
 
 
 def test_backed_file_is_not_written(messy, trained, tmp_path):
