@@ -161,10 +161,13 @@ class BackedView:
 
 def stored_x(adata: ad.AnnData):
     """``adata.X``, or None where it holds nothing, also for a backed AnnData whose file has no ``X`` (there
-    anndata's ``X`` raises h5py's KeyError)."""
-    if adata.isbacked and "X" not in adata.file:
+    anndata's ``X`` raises h5py's KeyError; it reopens a closed file, so the file is not asked first)."""
+    if not adata.isbacked:
+        return adata.X
+    try:
+        return adata.X
+    except KeyError:
         return None
-    return adata.X
 
 
 def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.ndarray, np.ndarray] | None:

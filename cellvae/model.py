@@ -94,7 +94,7 @@ SCVI_TOOLS_ARGUMENTS = {
     "return_numpy": (None, "drop it: cellvae returns NumPy arrays"),
     "mode": ("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')"),
     "n_mc_samples": ("n_samples", "use n_samples="),
-    "n_samples_overall": ("n_samples", "use n_samples="),
+    "n_samples_overall": ("transform_batch", "drop it: cellvae returns every cell of adata; pass adata[cells] for some"),
     # get_normalized_expression (the one method taking transform_batch) decodes each cell's posterior mean
     "n_samples": ("transform_batch", "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"),
     "return_mean": ("transform_batch", "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"),
@@ -1695,7 +1695,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 self.module, loader, cells, batch_size=batch_size, progress=progress, desc=desc
             )
 
-    @_scvi_tools_names
     @_scvi_tools_names
     def marginal_log_likelihood(
         self,

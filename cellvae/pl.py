@@ -2,13 +2,13 @@
 
 Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
 unless, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``, which takes scanpy's
-forms: ``True``, or a suffix that starts with ``_`` or ``.`` (``"_kang.png"``, ``".pdf"``), writes
-``<figdir>/<function name><suffix>`` (scanpy's ``sc.settings.figdir``, ``./figures`` without scanpy; the
-format from the suffix, else scanpy's ``sc.settings.file_format_figs``, ``pdf``); any other text is a file
-path, written as given (``.png`` added where it has no suffix). Figures are saved at matplotlib's
-``savefig.dpi`` (``sc.set_figure_params(dpi_save=...)`` sets it), 150 where it is left at ``"figure"``. As in
-scanpy, a figure the function made and saved is then closed (after showing it), so saving in a loop does
-not pile up figures.
+forms: ``True`` (or ``""``), or a text suffix that starts with ``_`` or ``.`` (``"_kang.png"``, ``".pdf"``),
+writes ``<figdir>/<function name><suffix>`` (scanpy's ``sc.settings.figdir``, ``./figures`` without scanpy,
+made on saving; the format from the suffix, else scanpy's ``sc.settings.file_format_figs``, ``pdf``); any
+other text, and any ``Path``, is a file path, written as given (``.png`` added where it has no suffix).
+Figures are saved at matplotlib's ``savefig.dpi`` (``sc.set_figure_params(dpi_save=...)`` sets it), 150
+where it is left at ``"figure"``. As in scanpy, a figure the function made and saved is then closed (after
+showing it), so saving in a loop does not pile up figures.
 """
 
 from __future__ import annotations
@@ -214,17 +214,15 @@ def _save_target(save, name: str) -> Path | None:
         raise TypeError(f"save must be True, a suffix such as '_kang.png' or a file path such as 'figure.png', got {save!r}")
     kinds = FigureCanvasBase.get_supported_filetypes()
     text = "" if save is True else os.fspath(save)
-    suffix_only = text.startswith(("_", ".")) and text not in (".", "..") and os.sep not in text and "/" not in text
-    if save is True or suffix_only:  # scanpy's forms
+    suffix_only = isinstance(save, str) and text.startswith(("_", ".")) and text not in (".", "..") and "/" not in text
+    if save is True or text == "" or (suffix_only and os.sep not in text):  # scanpy's forms ("" as True)
         scanpy = sys.modules.get("scanpy")
         settings = getattr(scanpy, "settings", None)
         stem, dot, kind = text.rpartition(".")
         if not dot or kind.lower() not in kinds:  # "_kang", "_v1.2": scanpy's format
             stem, kind = text, str(getattr(settings, "file_format_figs", "pdf")).lstrip(".")
         suffix = "." + kind
-        target = Path(getattr(settings, "figdir", "figures")) / f"{name}{stem}{suffix}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
+        return Path(getattr(settings, "figdir", "figures")) / f"{name}{stem}{suffix}"  # (the folder made on saving)
     if text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
         raise ValueError(f"save={text!r} names a folder; give a file name such as {str(Path(text) / 'figure.png')!r}")
     if not Path(text).resolve().parent.is_dir():
@@ -243,6 +241,7 @@ def _finish(figure, show: bool | None, target: Path | None, made: bool) -> None:
             figure = figure.figure
         dpi = plt.rcParams["savefig.dpi"]
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)  # scanpy's figdir
             figure.savefig(target, dpi=150 if dpi == "figure" else dpi, bbox_inches="tight")
         except BaseException:
             if made:  # a figure of its own that could not be written is not left open

@@ -605,8 +605,8 @@ def rank_genes_groups(
     shares, shares_rest = {}, {}
     for group, frame in result.groupby("group1", sort=False):
         frame = frame.reset_index().sort_values(["score", "lfc_mean"], ascending=False, kind="stable")
-        for field, column in fields.items():
-            ranked[field].append(frame[column].to_numpy()[:n_genes].astype(dtypes[field]))
+        for field, source in fields.items():
+            ranked[field].append(frame[source].to_numpy()[:n_genes].astype(dtypes[field]))
         shares[scanpy_name.get(group, group)] = frame.set_index("gene")["fraction_nonzero1"]
         shares_rest[scanpy_name.get(group, group)] = frame.set_index("gene")["fraction_nonzero2"]
     compared = list(shares)
@@ -634,7 +634,9 @@ def rank_genes_groups(
     elif pts:  # as scanpy: the reference group is a column of pts (every comparison's second group), and no rest
         named = scanpy_name.get(reference, reference)
         shares[named] = next(iter(shares_rest.values()))
-        order = [str(c) for c in column.cat.categories if str(c) in shares] if groups == "all" else list(shares)
+        # scanpy's order: the categories', or the groups as given with the reference added last unless among them
+        order = [str(c) for c in column.cat.categories] if groups == "all" else [scanpy_name.get(g, g) for g in groups]
+        order = [name for name in order if name in shares] + ([] if named in order else [named])
         ranking |= {"pts": pd.DataFrame(shares).loc[genes, order]}
     adata = adata.copy() if copy else adata
     _own_data(adata)
@@ -996,10 +998,14 @@ def _writable(adata: ad.AnnData, name: str, copy: bool = False) -> None:
     one whose counts are in a Zarr store (:func:`cellvae.read_zarr_lazy`): writing results would make the view
     its own AnnData with all its counts read into memory, after the work; and ``copy=True`` of a backed AnnData,
     which anndata copies only into a new file."""
-    if copy and adata.isbacked and not adata.is_view:
+    matrices = [] if adata.is_view or not copy else [stored_x(adata), *adata.layers.values()]  # (a view's X is a copy)
+    if matrices and adata.raw is not None:
+        matrices.append(adata.raw.X)
+    if copy and not adata.is_view and (adata.isbacked or any(is_backed_matrix(m) for m in matrices if m is not None)):
         raise ValueError(
-            f"copy=True cannot copy the backed {name}: anndata copies a backed AnnData only into a new file; pass "
-            f"copy=False (the results go into {name}'s obs, obsm and uns in memory) or {name}.to_memory()"
+            f"copy=True cannot copy {name}, whose counts are on disk (backed, or cellvae.read_zarr_lazy): anndata copies "
+            f"those only into a new file; pass copy=False (the results go into {name}'s obs, obsm and uns in memory) "
+            f"or {name}.to_memory()"
         )
     if adata.is_view and adata.isbacked:
         raise ValueError(

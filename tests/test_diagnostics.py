@@ -2,6 +2,7 @@
 
 import copy
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import matplotlib
@@ -126,14 +127,28 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     settings = sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"]
     try:
         sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = tmp_path / "figures", "png", 300
+        with pytest.raises(ValueError, match="no training history"):
+            cellvae.pl.history(CellVAE(model.adata), save=True)
+        assert not (tmp_path / "figures").exists()  # made on saving, not by a call that fails
         cellvae.pl.history(model, save=".pdf")
         cellvae.pl.history(model, save="_kang.png")
         cellvae.pl.kl_per_dimension(model, save=True)
         cellvae.pl.kl_per_dimension(model, save="_v1")
+        sweep = pd.DataFrame({"beta": [0.5, 1.0], "rate": [9.0, 5.0], "distortion": [100.0, 104.0]})
+        cellvae.pl.rate_distortion(sweep, save="")  # scanpy's "" is True
+        monkeypatch.chdir(tmp_path)
+        cellvae.pl.rate_distortion(sweep, save=Path("_draft.png"))  # a Path is a path, not a suffix
     finally:
         sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = settings
     written = sorted(path.name for path in (tmp_path / "figures").iterdir())
-    assert written == ["history.pdf", "history_kang.png", "kl_per_dimension.png", "kl_per_dimension_v1.png"]
+    assert written == [
+        "history.pdf",
+        "history_kang.png",
+        "kl_per_dimension.png",
+        "kl_per_dimension_v1.png",
+        "rate_distortion.png",
+    ]
+    assert (tmp_path / "_draft.png").is_file()
     assert round(Image.open(tmp_path / "figures" / "history_kang.png").info["dpi"][0]) == 300
     cellvae.pl.history(model, save=tmp_path / "default_dpi.png")  # matplotlib's "figure": 150
     assert round(Image.open(tmp_path / "default_dpi.png").info["dpi"][0]) == 150

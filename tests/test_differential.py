@@ -419,6 +419,16 @@ def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):
     assert list(adata.uns["b_vs_nk"]["pts"].columns) == ["CD19+ B", "CD56+ NK"] and "pts_rest" not in adata.uns["b_vs_nk"]
     assert adata.uns["b_vs_nk"]["pts"].loc["CD79A", "CD56+ NK"] == pytest.approx(cd79a[is_nk].mean())
     assert "pct_nz_reference" not in b_vs_nk
+    # every group against one: pts in the categories' order, the reference's column among them
+    cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, reference="CD56+ NK", pts=True, key_added="vs_nk")
+    pts = adata.uns["vs_nk"]["pts"]
+    assert list(pts.columns) == list(adata.obs["cell_type"].cat.categories) and "pts_rest" not in adata.uns["vs_nk"]
+    np.testing.assert_allclose(pts.loc["CD79A"], [cd79a[adata.obs["cell_type"] == c].mean() for c in pts.columns])
+    # groups as given, the reference among them where named there (scanpy's order)
+    cellvae.tl.rank_genes_groups(
+        adata, "cell_type", model=model, groups=["CD56+ NK", "CD19+ B"], reference="CD56+ NK", pts=True, key_added="given"
+    )
+    assert list(adata.uns["given"]["pts"].columns) == ["CD56+ NK", "CD19+ B"]
 
 
 def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, model):

@@ -1045,6 +1045,8 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.differential_expression(groupby="cell_type", group1="type0", mode="change")
     with pytest.raises(TypeError, match=r"'n_samples', scvi-tools' name: drop it: cellvae decodes each cell's posterior mean"):
         model.get_normalized_expression(n_samples=25, return_mean=True)
+    with pytest.raises(TypeError, match=r"'n_samples_overall', scvi-tools' name: drop it: cellvae returns every cell"):
+        model.get_normalized_expression(n_samples_overall=100)
     with pytest.raises(TypeError, match=r"'n_mc_samples', scvi-tools' name: use n_samples="):
         model.marginal_log_likelihood(n_mc_samples=1000)
     with pytest.raises(ValueError, match=r"1 for scvi-tools' scale, got 'latent' \(.*reads each cell's observed library size"):

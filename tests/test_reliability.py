@@ -267,11 +267,16 @@ def test_embed_refuses_a_view_of_a_backed_anndata_before_training(tmp_path, monk
     # copy=True of a backed AnnData (anndata copies it only into a file): refused before the work, as scanpy fails at once
     monkeypatch.setattr(CellVAE, "differential_expression", lambda *a, **k: pytest.fail("ranked before refusing"))
     model = CellVAE(backed)
-    with pytest.raises(ValueError, match=r"copy=True cannot copy the backed adata.*copy=False"):
+    with pytest.raises(ValueError, match=r"copy=True cannot copy adata, whose counts are on disk.*copy=False"):
         cellvae.tl.rank_genes_groups(backed, "cell_type", model=model, copy=True)
     backed.obsm["X_cellvae"] = np.zeros((backed.n_obs, 2))
-    with pytest.raises(ValueError, match=r"copy=True cannot copy the backed query_adata"):
+    with pytest.raises(ValueError, match=r"copy=True cannot copy query_adata, whose counts are on disk"):
         cellvae.tl.transfer_labels(backed, backed, "cell_type", copy=True)
+    backed.to_memory().write_zarr(tmp_path / "cells.zarr")
+    lazy = cellvae.read_zarr_lazy(tmp_path / "cells.zarr")
+    lazy.obsm["X_cellvae"] = np.zeros((lazy.n_obs, 2))
+    with pytest.raises(ValueError, match=r"copy=True cannot copy query_adata, whose counts are on disk"):
+        cellvae.tl.transfer_labels(lazy, lazy, "cell_type", copy=True)
     backed.file.close()
 
 
@@ -461,6 +466,12 @@ def test_counts_missing_from_x_are_explained(messy, tmp_path):
     with pytest.raises(ValueError, match="adata.X is empty .*a trained model reads the layer it was trained on"):
         on_x.get_latent(backed)
     assert CellVAE(backed, layer="counts").config.layer == "counts"
+    # a backed file with X whose file was closed: anndata opens it again to read X, and so does cellvae
+    in_memory = ad.AnnData(X=messy.layers["counts"], var=messy.var[[]])
+    in_memory.write_h5ad(tmp_path / "with_x.h5ad")
+    closed = ad.read_h5ad(tmp_path / "with_x.h5ad", backed="r")
+    closed.file.close()
+    np.testing.assert_allclose(on_x.get_latent(closed), on_x.get_latent(in_memory), atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run out of its memory")
