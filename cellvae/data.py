@@ -162,8 +162,6 @@ class BackedView:
 def stored_x(adata: ad.AnnData):
     """``adata.X``, or None where it holds nothing, also for a backed AnnData whose file has no ``X`` (there
     anndata's ``X`` raises h5py's KeyError; it reopens a closed file, so the file is not asked first)."""
-    if not adata.isbacked:
-        return adata.X
     try:
         return adata.X
     except KeyError:
