@@ -1889,7 +1889,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch, covariates
             As in :meth:`decode`. What is not given (and the library sizes, when ``library_size``
             is None) is copied from randomly drawn cells of the model's AnnData, so batches appear
-            in their training proportions.
+            in their training proportions; with ``batch`` given, each cell's are drawn from the cells of
+            its batch (so a generated batch has that batch's depths), or from all cells where the model's
+            AnnData holds none of that batch.
         library_size
             Library size of each generated cell (one number or one per cell): the negative binomial's
             mean sums to it, so it is the cell's expected total count (with ``likelihood="zinb"`` the
@@ -1914,8 +1916,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._warn_if_untrained()
         library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
-        if batch is not None:
-            self._batch_names(batch, n_cells)
         given = _covariate_values(covariates)
         needs_template = (
             library_size is None
@@ -1924,6 +1924,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         )
         rng = np.random.default_rng(random_state)
         template = None
+        batch_names = None if batch is None else self._batch_names(batch, n_cells)
         if needs_template:
             if self.adata is None:
                 raise ValueError(
@@ -1933,6 +1934,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             loader, cells = self._loader(self.adata, torch.device("cpu"))
             cells = cells[loader.library > 0]
             template = cells[rng.integers(0, len(cells), n_cells)]
+            if batch_names is not None:  # each generated cell copies a cell of its own batch
+                batch_of_cells = self.adata.obs[c.batch_key].astype(str).to_numpy()[cells]
+                for name in np.unique(batch_names):
+                    of_batch = cells[batch_of_cells == name]
+                    if len(of_batch):
+                        wanted = np.flatnonzero(batch_names == name)
+                        template[wanted] = of_batch[rng.integers(0, len(of_batch), len(wanted))]
             if library is None:
                 library = _library_sizes(loader.library[template], n_cells)
             template = self.adata.obs.iloc[template]

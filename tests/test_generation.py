@@ -58,7 +58,7 @@ def test_generate_with_fixed_batch_and_library_size(model):
 
 def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_batch_asked_for():
     """Without library_size each generated cell takes a model cell's library size (and batch): cells of a batch
-    sequenced three times deeper come out deeper; with batch= the cells are of that batch, at those sizes."""
+    sequenced three times deeper come out deeper; with batch= the cells are of that batch, at that batch's sizes."""
     adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, random_state=1)
     deep = (adata.obs["batch"] == "batch1").to_numpy()
     adata.X = sp.csr_matrix(adata.X.multiply(np.where(deep, 3.0, 1.0)[:, None]))
@@ -68,6 +68,10 @@ def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_bat
     assert library[in_deep].mean() / library[~in_deep].mean() > 2
     as_batch1 = model.generate(60, batch="batch1", random_state=0)
     assert (as_batch1.obs["batch"] == "batch1").all()
+    depths = np.asarray(adata.X.sum(1)).ravel()
+    assert set(as_batch1.obs["library_size"]) <= set(depths[deep])  # copied from cells of batch1, not of all batches
+    mixed = model.generate(100, batch=np.repeat(["batch0", "batch1"], 50), random_state=0)
+    assert set(mixed.obs["library_size"][:50]) <= set(depths[~deep]) and set(mixed.obs["library_size"][50:]) <= set(depths[deep])
     explicit = model.generate(60, batch="batch1", library_size=as_batch1.obs["library_size"].to_numpy(), random_state=0)
     assert (explicit.X != as_batch1.X).nnz == 0
 
