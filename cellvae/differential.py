@@ -94,8 +94,9 @@ def group_mean_draws(
     groups of the comparison), by Dirichlet(1, ..., 1) weights; draw r decodes every cell at its latent
     draw r mod ``POSTERIOR_DRAWS_PER_CELL`` (one product per latent draw, not one per cell and draw).
     The first set averages the decoded expression (denoised). The second is the mean that counts drawn
-    from the likelihood would have: it adds the counting noise of a mean over the same cells (Gaussian, the
-    sum of many cells; clipped at 0), which limits what a group can show about a gene with few counts.
+    from the likelihood would have: it adds the counting noise of a mean over the same cells, which limits
+    what a group can show about a gene with few counts. The noise is a Gamma with the mean and variance of
+    that mean (positive and, like a Poisson total, skewed when the group has few counts of the gene).
     Dirichlet(1, ..., 1) weights have E[sum of squares] = 2 / (n + 1), twice the 1 / n of equal weights,
     so half the weighted variance matches the counting variance of the group's observed mean.
     """
@@ -130,8 +131,17 @@ def group_mean_draws(
         noise_variance.index_add_(0, draws, prior**2 * variance)
     if not zero_inflated:
         predictive = denoised
-    counting_noise = torch.from_numpy(rng.standard_normal(tuple(denoised.shape)).astype(np.float32)).to(device)
-    return denoised, (predictive + (0.5 * noise_variance).sqrt() * counting_noise).clamp(min=0.0)
+    return denoised, with_counting_noise(predictive, 0.5 * noise_variance, rng)
+
+
+def with_counting_noise(mean: torch.Tensor, variance: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One Gamma draw per entry with this ``mean`` and ``variance`` (the mean itself where either is 0)."""
+    mean64, variance64 = mean.double().cpu().numpy(), variance.double().cpu().numpy()
+    positive = (mean64 > 0) & (variance64 > 0)
+    shape = np.where(positive, mean64**2 / np.where(positive, variance64, 1.0), 1.0)
+    scale = np.where(positive, variance64 / np.where(positive, mean64, 1.0), 0.0)
+    draws = np.where(positive, rng.gamma(shape, scale), mean64)
+    return torch.from_numpy(draws.astype(np.float32)).to(mean.device)
 
 
 def compare(

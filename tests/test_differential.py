@@ -607,6 +607,21 @@ def test_the_weights_of_a_groups_cells_and_its_pseudo_cells_sum_to_one_in_every_
     assert (predictive >= 0).all() and not torch.equal(predictive, denoised)  # plus the counting noise
 
 
+def test_the_counting_noise_keeps_the_mean_and_variance_and_never_draws_a_well_measured_mean_near_zero():
+    """A Gaussian clipped at 0 gave PPBP in pbmc3k's 14 platelets (lfc 9) a few draws of 0, hence proba_down > 0
+    and rank 26 among the platelets' markers; a Gamma with the same mean and variance is positive and skewed."""
+    mean = torch.tensor([2e-3, 1e-4, 0.0, 5e-4]).expand(400_000, 4)
+    variance = torch.tensor([(0.4 * 2e-3) ** 2, (3 * 1e-4) ** 2, 0.0, 0.0]).expand(400_000, 4)
+    draws = differential.with_counting_noise(mean, variance, np.random.default_rng(0))
+    assert draws.shape == mean.shape and draws.dtype == torch.float32 and (draws >= 0).all()
+    as64 = draws.double()
+    torch.testing.assert_close(as64[:, :2].mean(0), mean[0, :2].double(), rtol=0.01, atol=0)
+    torch.testing.assert_close(as64[:, :2].var(0), variance[0, :2].double(), rtol=0.05, atol=0)
+    assert (draws[:, 0] < 0.1 * 2e-3).double().mean() < 1e-3  # 2.25 sd below the mean: 1.2% of a Gaussian's draws
+    assert draws[:, 1].median() < 0.2 * 1e-4  # few counts: mostly near 0, as a Poisson total
+    assert (draws[:, 2] == 0).all() and (draws[:, 3] == 5e-4).all()  # no variance: the mean itself
+
+
 def test_pseudo_cells_are_drawn_from_both_groups_of_the_comparison(simulated, model):
     """Two cells of type0 weigh 2/6 of their mean; the 4 pseudo-cells, drawn from the 12 cells of both groups
     (these 2 and 10 of type1), the other 4/6: expected mean = 4/9 of type0's cells + 5/9 of type1's."""
