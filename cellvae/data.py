@@ -531,7 +531,7 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         return
     if not np.all(np.isfinite(values)):
         raise ValueError(
-            f"{where} contains NaN or infinite values; remove or fix those cells before training (NaN for genes "
+            f"{where} contains NaN or infinite values; remove or fix those cells first (NaN for genes "
             "that one dataset lacks come from anndata.concat(..., join='outer') on dense matrices: pass fill_value=0, "
             "or join='inner')"
         )
@@ -874,7 +874,12 @@ def read_zarr_lazy(store) -> ad.AnnData:
             else ""
         )
         raise FileNotFoundError(f"{os.fspath(store)!r} is not a Zarr store (a folder written by AnnData.write_zarr){hint}")
-    group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
+    try:
+        group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
+    except (FileNotFoundError, KeyError, ValueError) as error:  # zarr's GroupNotFoundError: a folder of something else
+        raise ValueError(
+            f"{os.fspath(store)!r} is a folder but not a Zarr store (written by AnnData.write_zarr): {error}"
+        ) from error
     encoding = group.attrs.get("encoding-type")
     if encoding == "annbatch-preshuffled":  # annbatch's DatasetCollection: a folder of AnnData stores
         datasets = sorted(group.group_keys(), key=lambda name: (len(name), name))  # dataset_2 before dataset_10

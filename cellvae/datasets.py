@@ -68,7 +68,7 @@ def simulate(
         Each batch multiplies every gene by a log-normal factor with this sd on the log scale (and
         shifts library sizes by a log-normal factor with sd 0.3).
     markers_per_type
-        Genes each cell type up-regulates (by a factor e^1 to e^3).
+        Genes each cell type up-regulates (by a factor e^1 to e^3); at most ``n_genes`` (every gene).
     mean_library_size
         Median total counts per cell before the batch's depth factor (log-normal, sd 0.35).
     sparse

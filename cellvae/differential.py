@@ -309,6 +309,10 @@ def group_name(group) -> str:
     return str(group)
 
 
+# Comparing every group of a column with more groups than this, most of them of one or two cells, is refused.
+MANY_GROUPS = 20
+
+
 def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2) -> list[tuple]:
     """(name1, name2, cells1, cells2) of each comparison, cells as sorted positions; against the rest,
     ``cells2`` is None (:func:`second_group` lists them when needed: kept for every group, the rest
@@ -337,6 +341,12 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
             else f"nothing to compare: {source} has no labelled cells"
         )
     n_labelled = int(labels.notna().sum())
+    if group1 is None and len(firsts) > MANY_GROUPS and len(firsts) > n_labelled / 2:
+        raise ValueError(
+            f"{source} has {len(names)} groups among {n_labelled} labelled cells, most of one or two cells: it looks "
+            f"like a measurement or cell IDs, not groups, and each group would be compared in turn; bin it first "
+            f"(e.g. pd.cut(adata.obs[...], 5)) or name the groups to compare with group1=..."
+        )
     comparisons = []
     for name in firsts:
         cells1 = cells_of(name)

@@ -658,8 +658,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         refine_steps
             ``> 0`` (semi-amortized inference, with ``mean=True``) improves each cell's posterior by
             that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
-            encoder's output, the decoder frozen; this closes part of the amortization gap (see
-            :meth:`inference_gaps`) at the price of an optimisation per cell.
+            encoder's output, the decoder frozen (Adam, learning rate 0.01 decaying to a tenth, one draw
+            of z per step; a cell keeps the refined mean only where it scores better); this closes part of the
+            amortization gap (see :meth:`inference_gaps`) at the price of an optimisation per cell: on
+            held-out cells of the Kang data 50 steps closed about 65% of the gap that 500 steps of
+            :meth:`inference_gaps` find, 200 steps about 90%.
         return_dist
             Return q(z|x) itself, as scvi-tools' ``return_dist=True``: each cell's posterior means and
             variances (for ``posterior="full"`` the diagonal of its covariance), whatever ``mean``.
@@ -1724,7 +1727,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     ) -> np.ndarray:
         """Importance-weighted estimate of log p(x) of each cell (nats), the IWAE bound with ``n_samples`` draws.
 
-        The bound tightens as ``n_samples`` grows; ``n_samples=1`` is the ELBO. Memory grows with
+        As in scVI, p(x) is conditional on the cell's observed library size (which scales the decoder's
+        mean), its batch and covariates: compare it with models that condition likewise. The bound
+        tightens as ``n_samples`` grows; ``n_samples=1`` is the ELBO. Memory grows with
         ``n_samples × cells × genes``, so cells are processed in chunks. For the estimate's Monte Carlo error, take
         the spread over a few ``random_state`` values: the importance weights from the encoder are heavy-tailed, so an
         error estimated from one run's weights (sd / (√K · mean)) understates it (1.6–1.8× for K = 10–300 on
@@ -1801,7 +1806,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         approximation gap is often within noise of 0, or below it. Quote their means; this costs an
         optimisation per cell, so pass a subset of cells for large data. With ``beta ≠ 1`` the encoder
         was trained for ``distortion + beta·rate``, not the ELBO refined here, so the amortization gap
-        also holds that difference of objectives.
+        also holds that difference of objectives. Measure on held-out cells: the encoder fits the cells it
+        trained on better, so their gap is smaller (on the Kang data 1.3 against 3.0 nats per cell). The
+        standard error of a mean gap over cells is their gaps' sd / √n (the per-cell ``*_se`` are only the
+        Monte Carlo part of each). Like :meth:`marginal_log_likelihood`, the ELBOs and ``log_px`` are
+        conditional on each cell's observed library size, batch and covariates.
         """
         for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
             _check_count(value, name)

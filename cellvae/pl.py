@@ -102,18 +102,28 @@ def history(
 
 
 def rate_distortion(
-    frame: pd.DataFrame, *, ax: Axes | None = None, show: bool | None = None, save: bool | str | os.PathLike | None = None
+    frame: pd.DataFrame,
+    *,
+    groupby: str | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
 ) -> Axes:
     """The rate–distortion curve of :func:`cellvae.tl.rate_distortion_sweep`: rate on x, distortion on y, points labelled by beta.
 
-    The dashed line of slope −1 through the best-ELBO point is where distortion + rate (the
-    negative ELBO) equals its value there: points above it have a worse ELBO.
+    The ringed point has the best ELBO (the least distortion + rate); the dashed line of slope −1
+    through it is where distortion + rate (the negative ELBO) equals its value there: points above it
+    have a worse ELBO. A sweep's figures are means over its held-out cells (the title says so).
 
     Parameters
     ----------
     frame
         The DataFrame returned by :func:`cellvae.tl.rate_distortion_sweep` (columns ``beta``, ``rate``,
-        ``distortion``).
+        ``distortion``), or several stacked (``pd.concat``).
+    groupby
+        A column of ``frame`` that tells stacked sweeps apart (e.g. a ``"seed"`` column): one line per
+        value. Without it, a beta that appears more than once (stacked sweeps) is drawn at the mean of its
+        rows, which are shown as small points.
     ax, show, save
         As described in :mod:`cellvae.pl`.
 
@@ -130,26 +140,41 @@ def rate_distortion(
     missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
     if missing:
         raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")
+    if groupby is not None and (not isinstance(groupby, str) or groupby not in frame):
+        raise KeyError(f"groupby={groupby!r} is not a column of the frame; its columns: {list(frame.columns)}")
+    held_out = "train_elbo" in frame  # a sweep's own frame: rate and distortion on held-out cells
+    groups = frame[groupby].to_numpy() if groupby is not None else np.zeros(len(frame))
     try:
         frame = frame[["beta", "rate", "distortion"]].astype(float)
     except (TypeError, ValueError) as error:
         raise TypeError(f"beta, rate and distortion must be numbers ({error})") from error
-    frame = frame[np.isfinite(frame.to_numpy()).all(axis=1)]
+    finite = np.isfinite(frame.to_numpy()).all(axis=1)
+    frame = frame.assign(group=groups)[finite].reset_index(drop=True)  # positions: stacked sweeps repeat index labels
     if frame.empty:
         raise ValueError("no row of the sweep has a finite beta, rate and distortion to plot")
-    frame = frame.sort_values("rate").reset_index(drop=True)  # positions: stacked sweeps repeat index labels
     made = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot(frame["rate"], frame["distortion"], "o-", color="tab:blue")
-    for _, row in frame.iterrows():
-        ax.annotate(f"β={row['beta']:g}", (row["rate"], row["distortion"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    best = frame.loc[(frame["rate"] + frame["distortion"]).idxmin()]
-    rates = np.linspace(frame["rate"].min(), frame["rate"].max(), 2)
+    curves = frame.groupby(["group", "beta"], sort=False, dropna=False)[["rate", "distortion"]].mean().reset_index()
+    repeated = len(curves) < len(frame)
+    if repeated:  # each row of a repeated beta, under the curve of their means
+        ax.plot(frame["rate"], frame["distortion"], ".", color="grey", alpha=0.5, label="each sweep")
+    for number, (group, curve) in enumerate(curves.groupby("group", sort=False, dropna=False)):
+        curve = curve.sort_values("rate")
+        label = f"{groupby}={group}" if groupby is not None else ("mean per β" if repeated else None)
+        ax.plot(curve["rate"], curve["distortion"], "o-", color=f"C{number}", label=label)
+        for _, row in curve.iterrows():
+            position = (row["rate"], row["distortion"])
+            ax.annotate(f"β={row['beta']:g}", position, textcoords="offset points", xytext=(5, 4), fontsize=8)
+    best = curves.loc[(curves["rate"] + curves["distortion"]).idxmin()]
+    ax.plot(best["rate"], best["distortion"], "o", ms=12, mfc="none", mec="black", label=f"best ELBO (β={best['beta']:g})")
+    rates = np.linspace(curves["rate"].min(), curves["rate"].max(), 2)
     ax.plot(rates, best["rate"] + best["distortion"] - rates, "--", color="grey", lw=1, label="equal ELBO")
     ax.set_xlabel("rate KL(q‖p) (nats per cell)")
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
-    ax.legend(frameon=False)
+    if held_out:
+        ax.set_title("means over held-out cells", fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
     ax.grid(False)
     _finish(ax.figure, show, target, made=made)
     return ax
@@ -167,6 +192,9 @@ def kl_per_dimension(
     save: bool | str | os.PathLike | None = None,
 ) -> Axes:
     """Mean KL of each latent dimension, largest first; inactive dimensions in grey.
+
+    The title counts the active dimensions and those carrying at least 0.1 nats per cell (the dotted
+    line): under a large beta a dimension can still vary a little across cells yet carry almost nothing.
 
     Parameters
     ----------
@@ -199,8 +227,9 @@ def kl_per_dimension(
     ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize=7)
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats per cell)")
-    n_active = int((activity > threshold).sum())
-    ax.set_title(f"{n_active} of {len(kl)} dimensions active", fontsize=10)
+    ax.axhline(diagnostics.COLLAPSED_KL, color="grey", lw=0.8, ls=":")
+    n_active, n_informative = int((activity > threshold).sum()), int((kl >= diagnostics.COLLAPSED_KL).sum())
+    ax.set_title(f"{n_active} of {len(kl)} active, {n_informative} ≥ {diagnostics.COLLAPSED_KL:g} nats", fontsize=10)
     ax.grid(False)
     _finish(ax.figure, show, target, made=made)
     return ax

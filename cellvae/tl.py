@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cellvae import diagnostics
 from cellvae.data import (
     cell_positions,
     check_one_name,
@@ -554,6 +555,12 @@ def rank_genes_groups(
     pts = _check_flag(pts, "pts")
     progress = _check_flag(progress, "progress")
     key_added = _key(key_added, "rank_genes_groups")
+    previous = adata.uns.get(key_added)
+    if previous is not None and not (isinstance(previous, Mapping) and "names" in previous and "params" in previous):
+        raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
+            f"adata.uns[{key_added!r}] holds another tool's entry, not a rank_genes_groups result, which this would "
+            "replace: choose another key_added"
+        )
     if n_genes is not None:
         _check_count(n_genes, "n_genes")
     if groupby not in adata.obs.columns:
@@ -661,6 +668,7 @@ def rate_distortion_sweep(
     labels_key: str | None = None,
     held_out: float = 0.1,
     warm_start: bool = False,
+    n_samples: int = 1,
     max_epochs: int | None = None,
     random_state: int = 0,
     progress: bool = False,
@@ -695,6 +703,9 @@ def rate_distortion_sweep(
         previous beta's weights with no KL warm-up (unless ``kl_warmup`` is passed): later betas then
         have had more training in total, so give each enough epochs to converge (early stopping)
         or the curve mixes the effect of beta with that of training time.
+    n_samples
+        Posterior draws of z per cell in the distortion (:meth:`~cellvae.CellVAE.rate_distortion`): more
+        draws make the held-out means steadier (their Monte Carlo part; the ``*_se`` columns hold both parts).
     max_epochs, random_state, progress, fit_kwargs
         As in :func:`embed` (but no progress bar by default); ``max_epochs`` applies to each beta.
     **model_kwargs
@@ -704,9 +715,15 @@ def rate_distortion_sweep(
     -------
     One row per beta: ``beta``, held-out means per cell of ``rate``, ``distortion``, ``elbo`` and
     ``loss`` = distortion + beta·rate (the trained objective, less the penalties of ``free_bits`` and
-    ``batch_mmd`` where they are set); ``train_rate``, ``train_distortion`` and
-    ``train_elbo``, the same on (up to 2,000) training cells; ``active_units``, ``epochs``; with
-    ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
+    ``batch_mmd`` where they are set); ``elbo_se``, the standard error of the mean ELBO (the held-out
+    cells' sd / √n: mostly how much cells differ, so other held-out cells would move every row's ELBO
+    together); ``elbo_to_best``, the mean difference per cell from the ELBO of the best row (0 there), with
+    its standard error ``elbo_to_best_se`` (paired over the same cells: whether a row is truly worse);
+    ``train_rate``, ``train_distortion`` and ``train_elbo``, the same on (up to 2,000) training cells;
+    ``active_units`` (dimensions whose posterior mean varies over held-out cells by more than 0.01, as
+    :meth:`~cellvae.CellVAE.active_units`) and ``informative_units`` (dimensions carrying at least 0.1
+    nats per held-out cell: a dimension can vary a little across cells yet carry almost nothing, as under
+    a large beta), ``epochs``; with ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
     ``label_nmi`` (NMI of k-means with one cluster per label).
     """
@@ -729,6 +746,7 @@ def rate_distortion_sweep(
     _check_fit_kwargs(fit_kwargs)
     warm_start = _check_flag(warm_start, "warm_start")
     progress = _check_flag(progress, "progress")
+    _check_count(n_samples, "n_samples")
     check_one_name(labels_key, "labels_key")
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
@@ -749,7 +767,7 @@ def rate_distortion_sweep(
     trained = np.flatnonzero(~held)  # a sample of the training cells, taken from adata (a backed view cannot be sliced again)
     sample = np.sort(np.random.default_rng(random_state).permutation(len(trained))[:TRAIN_EVALUATION_CELLS])
     training_sample = adata[trained[sample], genes]
-    rows, model = [], None
+    rows, elbos, model = [], [], None
     for beta in betas:
         if warm_start and model is not None:
             warmup = model_kwargs.get("kl_warmup", 0)
@@ -757,24 +775,36 @@ def rate_distortion_sweep(
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
         model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
-        terms = model.rate_distortion(test, random_state=random_state, progress=progress).mean()
-        trained_on = model.rate_distortion(training_sample, random_state=random_state, progress=progress).mean()
+        per_cell = model.rate_distortion(test, n_samples=n_samples, random_state=random_state, progress=progress)
+        terms = per_cell.mean()
+        elbos.append(per_cell["elbo"].to_numpy())
+        trained_on = model.rate_distortion(
+            training_sample, n_samples=n_samples, random_state=random_state, progress=progress
+        ).mean()
+        kl, activity = model._posterior_statistics(test, 4096, progress, "active_units")
         row = {
             "beta": beta,
             "rate": terms["rate"],
             "distortion": terms["distortion"],
             "elbo": terms["elbo"],
             "loss": terms["distortion"] + beta * terms["rate"],
+            "elbo_se": per_cell["elbo"].std() / np.sqrt(len(per_cell)),
             "train_rate": trained_on["rate"],
             "train_distortion": trained_on["distortion"],
             "train_elbo": trained_on["elbo"],
-            "active_units": model.active_units(test, progress=progress),
+            "active_units": int((activity > diagnostics.ACTIVITY_THRESHOLD).sum()),
+            "informative_units": int((kl >= diagnostics.COLLAPSED_KL).sum()),
             "epochs": len(model.history),
         }
         if labels_key is not None:
             row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    to_best = np.stack(elbos) - elbos[int(frame["elbo"].to_numpy().argmax())]  # per cell, paired
+    position = frame.columns.get_loc("elbo_se") + 1
+    frame.insert(position, "elbo_to_best", to_best.mean(axis=1))
+    frame.insert(position + 1, "elbo_to_best_se", to_best.std(axis=1, ddof=1) / np.sqrt(to_best.shape[1]))
+    return frame
 
 
 def _label_scores(latent: np.ndarray, labels: pd.Series, random_state: int) -> dict[str, float]:
@@ -939,16 +969,17 @@ def latent_shift(
     _library_sizes(library_size, len(shifted))
     if batch is not None:
         model._batch_names(batch, len(shifted))
-    latent = model.get_latent(adata, progress=progress)
     strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
-    deltas = []
-    for stratum in np.unique(strata[in_reference]):
-        here = in_reference & (strata == stratum)
-        if (here & (groups == source)).any() and (here & (groups == target)).any():
-            deltas.append(latent[here & (groups == target)].mean(0) - latent[here & (groups == source)].mean(0))
-    if not deltas:
+    usable = [  # the strata of reference cells that hold both groups, found before the cells are encoded
+        here
+        for here in (in_reference & (strata == stratum) for stratum in np.unique(strata[in_reference]))
+        if (here & (groups == source)).any() and (here & (groups == target)).any()
+    ]
+    if not usable:
         where = f"no {stratify} holds" if stratify else "they do not hold"
         raise ValueError(f"the reference cells cannot give the shift: {where} both {source!r} and {target!r} cells")
+    latent = model.get_latent(adata, progress=progress)
+    deltas = [latent[here & (groups == target)].mean(0) - latent[here & (groups == source)].mean(0) for here in usable]
     delta = np.mean(deltas, axis=0).astype(np.float32)
     z = latent[shifted] + delta
     obs = adata.obs.iloc[shifted]

@@ -68,7 +68,8 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     for threshold in (variance[:-1] + variance[1:]) / 2:
         assert model.active_units(kang, threshold=threshold) == int((variance > threshold).sum())
     ax = cellvae.pl.kl_per_dimension(model, show=False)
-    assert len(ax.patches) == 10 and ax.get_title() == f"{model.active_units()} of 10 dimensions active"
+    informative = int((model.kl_per_dimension() >= 0.1).sum())
+    assert len(ax.patches) == 10 and ax.get_title() == f"{model.active_units()} of 10 active, {informative} ≥ 0.1 nats"
     heights = np.array([bar.get_height() for bar in ax.patches])
     dimensions = [int(tick.get_text()) for tick in ax.get_xticklabels()]
     assert np.all(np.diff(heights) <= 0)  # largest first, each bar the KL of the dimension its tick names
@@ -237,13 +238,23 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     ax = cellvae.pl.rate_distortion(frame, show=False)
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"β={b:g}" for b in betas)
     plt.close(ax.figure)
-    # Two sweeps stacked (their index labels repeat): the equal-ELBO line still passes through the best point.
+    assert ax.get_title() == "means over held-out cells"
+    plt.close(ax.figure)
+    # Two sweeps stacked (their index labels repeat): the curve joins each beta's mean, and the equal-ELBO line
+    # passes through the best of those means.
     stacked = pd.concat([frame, frame.assign(rate=frame["rate"] + 1.0)])
     ax = cellvae.pl.rate_distortion(stacked, show=False)
     line = ax.get_lines()[-1]
-    best = (stacked["rate"] + stacked["distortion"]).min()
+    best = (frame["rate"] + frame["distortion"]).min() + 0.5
     np.testing.assert_allclose(line.get_xdata() + line.get_ydata(), best)
     plt.close(ax.figure)
+    # the standard errors of the held-out means, and the dimensions that carry information
+    assert (frame["elbo_se"] > 1).all()  # the cells' spread: other held-out cells would move every row together
+    best = frame["elbo"].idxmax()
+    np.testing.assert_allclose(frame["elbo_to_best"], frame["elbo"] - frame.loc[best, "elbo"], atol=1e-6)
+    assert frame.loc[best, "elbo_to_best_se"] == 0 and (frame["elbo_to_best_se"].drop(best) > 0).all()
+    assert (frame["elbo_to_best_se"] < frame["elbo_se"] / 3).all()  # paired over the same cells: far surer
+    assert (frame["informative_units"] <= 10).all() and frame["informative_units"].iloc[0] >= 5
 
 
 def test_iwae_bound_rises_with_samples_above_the_elbo(kang, trained):
@@ -345,7 +356,8 @@ def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cell
     settings = {"betas": (1.0, 4.0), "batch_key": "batch", "max_epochs": 3, "n_hidden": 32, "n_latent": 4}
     cold = cellvae.tl.rate_distortion_sweep(adata, **settings)
     warm = cellvae.tl.rate_distortion_sweep(adata, warm_start=True, **settings)
-    pd.testing.assert_series_equal(warm.iloc[0], cold.iloc[0])  # the first beta starts fresh either way
+    relative = ["elbo_to_best", "elbo_to_best_se"]  # to the best row of each sweep
+    pd.testing.assert_series_equal(warm.drop(columns=relative).iloc[0], cold.drop(columns=relative).iloc[0])  # fresh either way
     np.testing.assert_allclose(cold["loss"], cold["distortion"] + cold["beta"] * cold["rate"])  # what each trained
     # the second beta starts from the first one's trained weights: 3 + 3 epochs reconstruct better than 3
     # (here 342 against 358 nats per cell)
@@ -365,7 +377,9 @@ def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_
     in_memory = cellvae.tl.rate_distortion_sweep(adata, **settings)
     # the same split and settings; the models train on views of the file, streamed in shuffled blocks of
     # nearby cells rather than in one shuffled order, so they differ a little
-    pd.testing.assert_frame_equal(on_disk, in_memory, rtol=0.05)
+    counts = ["active_units", "informative_units"]  # whole dimensions: one near a threshold may fall either side
+    pd.testing.assert_frame_equal(on_disk.drop(columns=counts), in_memory.drop(columns=counts), rtol=0.05)
+    assert (on_disk[counts] - in_memory[counts]).abs().max(axis=None) <= 1
 
 
 def test_sweep_with_mask_var_trains_on_the_marked_genes_as_a_copy_of_them_would(tmp_path):
@@ -462,17 +476,21 @@ def test_sweep_warm_start_trains_later_betas_without_kl_warm_up_unless_asked(cel
     assert warmups == [1, 1, 1]
 
 
-def test_sweep_counts_active_units_on_the_held_out_cells(cells, monkeypatch):
+def test_sweep_counts_active_and_informative_units_on_the_held_out_cells(cells, monkeypatch):
     measured = []
-    active_units = CellVAE.active_units
+    posterior_statistics = CellVAE._posterior_statistics
 
-    def recording(self, adata=None, *args, **kwargs):
+    def recording(self, adata, *args, **kwargs):
         measured.append(adata.n_obs)
-        return active_units(self, adata, *args, **kwargs)
+        statistics = posterior_statistics(self, adata, *args, **kwargs)
+        measured.append(statistics)
+        return statistics
 
-    monkeypatch.setattr(CellVAE, "active_units", recording)
-    cellvae.tl.rate_distortion_sweep(cells, **SWEEP)
-    assert measured == [int(_held_out(cells).sum())]
+    monkeypatch.setattr(CellVAE, "_posterior_statistics", recording)
+    frame = cellvae.tl.rate_distortion_sweep(cells, **SWEEP)
+    assert measured[0] == int(_held_out(cells).sum()) and len(measured) == 2
+    kl, activity = measured[1]
+    assert frame.loc[0, "active_units"] == (activity > 0.01).sum() and frame.loc[0, "informative_units"] == (kl >= 0.1).sum()
 
 
 # ----------------------------------------------------------------------------- plots
@@ -568,7 +586,8 @@ def test_kl_per_dimension_greys_out_the_inactive_dimension_each_bar_names(small_
     inactive = [bar.get_facecolor() == grey for bar in ax.patches]
     assert inactive == [bool(activity[d] <= threshold) for d in dimensions]
     assert 0 < sum(inactive) < len(inactive)
-    assert ax.get_title() == f"{int((activity > threshold).sum())} of 6 dimensions active"
+    informative = int((small_model.kl_per_dimension() >= 0.1).sum())
+    assert ax.get_title() == f"{int((activity > threshold).sum())} of 6 active, {informative} ≥ 0.1 nats"
     plt.close(ax.figure)
 
 
@@ -580,6 +599,29 @@ def test_rate_distortion_draws_the_curve_in_order_of_rate_with_labelled_axes():
     np.testing.assert_array_equal(curve.get_ydata(), [120.0, 104.0, 100.0])
     assert ax.get_xlabel().startswith("rate") and ax.get_ylabel().startswith("distortion")
     plt.close(ax.figure)
+
+
+def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_the_best_elbo_is_ringed():
+    """Two seeds' sweeps stacked: sorted by rate as one line they zigzagged between the seeds' points."""
+    one = pd.DataFrame({"beta": [0.5, 1.0, 4.0], "rate": [9.0, 5.0, 2.0], "distortion": [100.0, 103.0, 120.0]})
+    stacked = pd.concat([one.assign(seed=0), one.assign(seed=1, rate=one["rate"] + 3.0, distortion=one["distortion"] - 2.0)])
+    ax = cellvae.pl.rate_distortion(stacked, groupby="seed", show=False)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_array_equal(lines["seed=0"].get_xdata(), [2.0, 5.0, 9.0])
+    np.testing.assert_array_equal(lines["seed=1"].get_xdata(), [5.0, 8.0, 12.0])
+    ring = lines["best ELBO (β=1)"]  # seed 0's beta 1: 5 + 103 = 108, the least distortion + rate
+    assert (ring.get_xdata()[0], ring.get_ydata()[0]) == (5.0, 103.0)
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["β=0.5", "β=1", "β=4"] * 2)
+    assert ax.get_title() == ""  # not a sweep's own frame: nothing says the cells were held out
+    plt.close(ax.figure)
+    ax = cellvae.pl.rate_distortion(stacked, show=False)  # no groupby: each beta at the mean of its rows
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_array_equal(lines["mean per β"].get_xdata(), [3.5, 6.5, 10.5])
+    np.testing.assert_array_equal(lines["mean per β"].get_ydata(), [119.0, 102.0, 99.0])
+    assert len(lines["each sweep"].get_xdata()) == 6 and len(ax.texts) == 3
+    plt.close(ax.figure)
+    with pytest.raises(KeyError, match=r"groupby='donor' is not a column of the frame"):
+        cellvae.pl.rate_distortion(stacked, groupby="donor", show=False)
 
 
 def test_rate_distortion_plot_given_the_model_says_to_pass_the_sweeps_frame(small_model):

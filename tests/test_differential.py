@@ -360,7 +360,7 @@ def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
         model.differential_expression()
 
 
-def test_bad_arguments_are_refused_before_any_work(simulated, model):
+def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch):
     with pytest.raises(KeyError, match="not found in adata.obs"):
         model.differential_expression(groupby="no_such_column")
     with pytest.raises(ValueError, match="has no cells"):
@@ -382,6 +382,17 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model):
         model.differential_expression(one_group, groupby="all")
     with pytest.warns(UserWarning, match="share no batch"):
         model.differential_expression(groupby="batch", group1="batch0", n_draws=100)
+    # a measurement (or cell IDs) given as groupby: 2,000 comparisons of one cell each, refused
+    measured = simulated.copy()
+    measured.obs["mito"] = np.random.default_rng(0).random(measured.n_obs).astype(np.float32)
+    measured.obs["cell_id"] = pd.Categorical(measured.obs_names)
+    decoded = []
+    monkeypatch.setattr(differential, "group_mean_draws", lambda *args, **kwargs: decoded.append(1))
+    with pytest.raises(ValueError, match=r"obs\['mito'\] has 2000 groups among 2000 labelled cells.*bin it first"):
+        model.differential_expression(measured, groupby="mito")
+    with pytest.raises(ValueError, match=r"obs\['cell_id'\] has 2000 groups"):
+        cellvae.tl.rank_genes_groups(measured, "cell_id", model=model)
+    assert not decoded
 
 
 def test_rank_genes_groups_writes_scanpys_format(pbmc, tmp_path):
@@ -456,6 +467,13 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
     with pytest.raises(ValueError, match="only the reference"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
     assert "rank_genes_groups" not in adata.uns
+    # another tool's entry is not replaced (a rank_genes_groups result is: scanpy's or an earlier run's)
+    adata.uns["neighbors"] = {"params": {"method": "umap"}, "connectivities_key": "connectivities"}
+    adata.uns["cell_type_colors"] = np.array(["#1f77b4", "#ff7f0e"])
+    for taken in ("neighbors", "cell_type_colors"):
+        with pytest.raises(ValueError, match=rf"adata.uns\['{taken}'\] holds another tool's entry"):
+            cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, key_added=taken)
+    assert adata.uns["neighbors"]["connectivities_key"] == "connectivities" and len(adata.uns["cell_type_colors"]) == 2
 
 
 def test_interferon_genes_lead_in_stimulated_monocytes():
