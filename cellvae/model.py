@@ -33,7 +33,6 @@ from cellvae.train import (
     DEFAULT_LR,
     PRECISIONS,
     AgreedInterrupt,
-    History,
     TrainSettings,
     all_reduce_max,
     default_kl_warmup,
@@ -106,20 +105,6 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
     ("use_layer_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
     "normalization='batch' uses BatchNorm, as scVI's default does",
 }
-
-# scvi-tools' get_likelihood_parameters() keys and cellvae's
-SCVI_TOOLS_LIKELIHOOD_KEYS = {
-    "dispersions": "'theta' (the inverse dispersion, as scVI's)",
-    "dropout": "'zero_inflation' (the probability of an extra zero; ZINB only)",
-}
-
-
-class LikelihoodParameters(dict):
-    """:meth:`CellVAE.get_likelihood_parameters`' dict; scvi-tools' keys raise a KeyError naming cellvae's."""
-
-    def __missing__(self, key):
-        hint = f", scvi-tools' name: read {SCVI_TOOLS_LIKELIHOOD_KEYS[key]}" if key in SCVI_TOOLS_LIKELIHOOD_KEYS else ""
-        raise KeyError(f"no likelihood parameter {key!r}{hint}; the keys: {', '.join(self)}")
 
 
 def _scvi_tools_names(method):
@@ -326,7 +311,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             self.module = VAE(config)
         self.module.eval()
         self.device = torch.device("cpu")
-        self.history = History()
+        self.history = pd.DataFrame()
         self.is_trained = False
         self.train_settings: TrainSettings | None = None
         # this process's rank in the process group whose ranks all trained the model (None: not trained data-parallel):
@@ -865,7 +850,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     parameters["zero_inflation"][rows] = torch.sigmoid(dist.zi_logits[:, columns]).cpu().numpy()
         if shared_theta:  # a dense copy would be n_cells × n_genes of the same row (1M × 30,000 genes: 120 GB)
             parameters["theta"] = np.broadcast_to(theta_row, (len(cells), self.config.n_genes))
-        return LikelihoodParameters({name: parameters[name] for name in names})
+        return {name: parameters[name] for name in names}
 
     @_scvi_tools_names
     def sample_counts(
@@ -1350,7 +1335,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 records = json.loads(history_file.read_text())
                 if not isinstance(records, list) or not all(isinstance(row, dict) for row in records):
                     raise ValueError("it holds no list of per-epoch records")
-                model.history = History(records)
+                model.history = pd.DataFrame(records)
             except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
                 raise ValueError(f"{history_file} is not a readable training history ({error})") from error
         model.is_trained = trained

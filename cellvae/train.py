@@ -247,36 +247,6 @@ class AgreedInterrupt:
             self.previous = None
 
 
-# scvi-tools' history keys (its history is a dict of per-epoch tables) and what to read in cellvae's instead
-SCVI_TOOLS_HISTORY_KEYS = {
-    "elbo_train": "-history['train_elbo'] (cellvae's is the ELBO itself, scvi-tools' its negative)",
-    "elbo_validation": "-history['validation_elbo'] (cellvae's is the ELBO itself, scvi-tools' its negative)",
-    "reconstruction_loss_train": "history['train_distortion']",
-    "reconstruction_loss_validation": "history['validation_distortion']",
-    "kl_local_train": "history['train_rate']",
-    "kl_local_validation": "history['validation_rate']",
-    "train_loss_epoch": "history['train_loss']",
-    "train_loss_step": "history['train_loss'] (per epoch: cellvae keeps no per-step losses)",
-}
-
-
-class History(pd.DataFrame):
-    """The per-epoch training history, one row per epoch; a key of scvi-tools' history that is not one of its
-    columns raises a KeyError that names the column to read instead."""
-
-    @property
-    def _constructor(self):
-        return History
-
-    def __getitem__(self, key):
-        if isinstance(key, str) and key in SCVI_TOOLS_HISTORY_KEYS and key not in self.columns:
-            raise KeyError(
-                f"history has no column {key!r}, scvi-tools' name: read {SCVI_TOOLS_HISTORY_KEYS[key]}; "
-                f"its columns: {', '.join(map(str, self.columns)) or 'none (not trained)'}"
-            )
-        return super().__getitem__(key)
-
-
 @autograd_on()
 @seeded(None)  # train seeds torch with its random_state; the caller's generator state is restored after
 def train(
@@ -506,7 +476,7 @@ def train(
     if best["epoch"] >= 0:
         vae.load_state_dict(best["state"])
     vae.eval()
-    history = History(rows)
+    history = pd.DataFrame(rows)
     history.attrs["interrupted"] = interrupted
     return history
 

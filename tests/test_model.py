@@ -1060,18 +1060,6 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.nothing_like_this  # noqa: B018
     assert not hasattr(model, "train") and hasattr(model, "fit")
     np.testing.assert_array_equal(copy.deepcopy(model).get_latent(), model.get_latent())
-    # the keys of scvi-tools' history and likelihood parameters, read where cellvae's differ
-    with pytest.raises(KeyError, match=r"'elbo_train', scvi-tools' name: read -history\['train_elbo'\] .*its columns: epoch,"):
-        model.history["elbo_train"]
-    with pytest.raises(KeyError, match=r"'kl_local_validation', scvi-tools' name: read history\['validation_rate'\]"):
-        model.history.tail(1)["kl_local_validation"]
-    np.testing.assert_array_equal(model.history[["train_elbo"]]["train_elbo"], model.history["train_elbo"])
-    with pytest.raises(KeyError, match=r"^'nothing_like_this'$"):  # any other column: pandas' own error
-        model.history["nothing_like_this"]
-    parameters = model.get_likelihood_parameters(progress=False)
-    with pytest.raises(KeyError, match=r"'dispersions', scvi-tools' name: read 'theta' .*; the keys: mean, theta"):
-        parameters["dispersions"]
-    assert parameters["theta"].shape == (adata.n_obs, adata.n_vars) and parameters.get("dropout") is None
 
 
 def test_dropout_of_one_is_refused():
