@@ -146,6 +146,13 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     with pytest.raises(TypeError, match=r"read the file first: anndata.read_h5ad\('small.h5ad'\)"):
         CellVAE.load(tmp_path / "model", "small.h5ad")
     pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False, check_exact=True)
+    # plain pandas and dict types, which anndata can store (it picks its writer by exact type)
+    assert type(first.history) is pd.DataFrame and type(first.get_likelihood_parameters(small)) is dict
+    stored = ad.AnnData(
+        np.zeros((2, 2)), uns={"history": first.history.tail(3), "theta": first.get_likelihood_parameters(small)["theta"][:2]}
+    )
+    stored.write_h5ad(tmp_path / "stored.h5ad")
+    pd.testing.assert_frame_equal(ad.read_h5ad(tmp_path / "stored.h5ad").uns["history"], first.history.tail(3), check_dtype=False)
     assert loaded.is_trained
     assert repr(loaded) == "CellVAE(trained; 300 genes, n_latent=10, likelihood='nb', batch_key='batch' with 2 batches)"
     assert repr(CellVAE(small)) == "CellVAE(untrained; 300 genes, n_latent=10, likelihood='nb', no batch_key)"
