@@ -96,7 +96,7 @@ def group_mean_draws(
     The first set averages the decoded expression (denoised). The second is the mean that counts drawn
     from the likelihood would have: it adds the counting noise of a mean over the same cells, which limits
     what a group can show about a gene with few counts. The noise is a Gamma with the mean and variance of
-    that mean (positive and, like a Poisson total, skewed when the group has few counts of the gene).
+    that mean (non-negative and, like a Poisson total, skewed when the group has few counts of the gene).
     Dirichlet(1, ..., 1) weights have E[sum of squares] = 2 / (n + 1), twice the 1 / n of equal weights,
     so half the weighted variance matches the counting variance of the group's observed mean.
     """
@@ -135,13 +135,21 @@ def group_mean_draws(
 
 
 def with_counting_noise(mean: torch.Tensor, variance: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """One Gamma draw per entry with this ``mean`` and ``variance`` (the mean itself where either is 0)."""
-    mean64, variance64 = mean.double().cpu().numpy(), variance.double().cpu().numpy()
-    positive = (mean64 > 0) & (variance64 > 0)
-    shape = np.where(positive, mean64**2 / np.where(positive, variance64, 1.0), 1.0)
-    scale = np.where(positive, variance64 / np.where(positive, mean64, 1.0), 0.0)
-    draws = np.where(positive, rng.gamma(shape, scale), mean64)
-    return torch.from_numpy(draws.astype(np.float32)).to(mean.device)
+    """One Gamma draw per entry with this ``mean`` and ``variance``: non-negative; the mean itself where either
+    is 0, NaN where the variance is not finite."""
+    mean32, variance32 = mean.float().cpu().numpy(), variance.float().cpu().numpy()
+    draws = mean32.copy()
+    finite = np.isfinite(variance32)
+    drawn = (mean32 > 0) & (variance32 > 0) & finite
+    with np.errstate(over="ignore"):
+        shape = mean32[drawn] / variance32[drawn] * mean32[drawn]
+    # a Gamma of shape 1e12 or more spreads by less than float32 resolves (sd / mean = 1e-6): its mean
+    drawn[drawn] = shape < 1e12
+    shape = shape[shape < 1e12]
+    # float32 draws take a third of float64's time: 30 million (1,000 draws × 30,000 genes) in about 1 s
+    draws[drawn] = rng.standard_gamma(shape, dtype=np.float32) * (variance32[drawn] / mean32[drawn])
+    draws[~finite] = np.nan
+    return torch.from_numpy(draws).to(mean.device)
 
 
 def compare(

@@ -638,6 +638,10 @@ def test_the_counting_noise_keeps_the_mean_and_variance_and_never_draws_a_well_m
     assert (draws[:, 0] < 0.1 * 2e-3).double().mean() < 1e-3  # 2.25 sd below the mean: 1.2% of a Gaussian's draws
     assert draws[:, 1].median() < 0.2 * 1e-4  # few counts: mostly near 0, as a Poisson total
     assert (draws[:, 2] == 0).all() and (draws[:, 3] == 5e-4).all()  # no variance: the mean itself
+    edges = differential.with_counting_noise(  # a shape past float32's range: the mean; a NaN variance: NaN
+        torch.tensor([[1.0, 1e-3, 1e-3]]), torch.tensor([[1e-40, float("nan"), float("inf")]]), np.random.default_rng(0)
+    )
+    assert edges[0, 0] == 1.0 and edges[0, 1:].isnan().all()
 
 
 def test_pseudo_cells_are_drawn_from_both_groups_of_the_comparison(simulated, model):
