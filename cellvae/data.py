@@ -877,7 +877,7 @@ def read_zarr_lazy(store) -> ad.AnnData:
     try:
         group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
     except (FileNotFoundError, KeyError, ValueError) as error:  # zarr's GroupNotFoundError: a folder of something else
-        raise ValueError(
+        raise FileNotFoundError(
             f"{os.fspath(store)!r} is a folder but not a Zarr store (written by AnnData.write_zarr): {error}"
         ) from error
     encoding = group.attrs.get("encoding-type")

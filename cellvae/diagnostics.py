@@ -32,9 +32,9 @@ SCORE_ELEMENTS = 2**22
 class PosteriorCollapseWarning(UserWarning):
     """Most latent dimensions of a trained model carry no information about the cell.
 
-    ``fit`` warns when more than half of the dimensions are collapsed (posterior means that vary across
-    cells by at most 0.01 and a KL under 0.1 nats per cell) or all dimensions together carry under 0.5
-    nats per cell. A dimension that varies a little yet carries almost nothing is not counted as collapsed
+    ``fit`` warns when more than half of the dimensions are collapsed (their posterior means' variance
+    across cells at most 0.01 and a KL under 0.1 nats per cell) or all dimensions together carry under
+    0.5 nats per cell. A dimension that varies a little yet carries almost nothing is not counted as collapsed
     by the first rule: ``kl_per_dimension`` shows each one's KL.
     """
 
@@ -95,7 +95,7 @@ def collapse_message(
 ) -> str | None:
     """The posterior-collapse warning text when most dimensions are collapsed or the total KL is near zero, else None.
 
-    A collapsed dimension is inactive (its posterior means vary across cells by at most ``threshold``) and
+    A collapsed dimension is inactive (its posterior means' variance across cells is at most ``threshold``) and
     its KL is near zero: its posterior is the prior. An inactive dimension with a large KL is not collapsed:
     narrow posteriors place the cells at a scale finer than the threshold (seen on deep read counts).
     Training at an ``lr`` above fit's default collapses posteriors too; the text then names it first.

@@ -353,7 +353,7 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
         raise ValueError(
             f"{source} has {len(names)} groups among {n_labelled} labelled cells, most of one or two cells: it looks "
             f"like a measurement or cell IDs, not groups, and each group would be compared in turn; bin it first "
-            f"(e.g. pd.cut(adata.obs[...], 5)) or name the groups to compare with group1=..."
+            f"(e.g. pd.cut(adata.obs[...], 5)) or name the groups to compare (group1=...; groups=[...] in tl.rank_genes_groups)"
         )
     comparisons = []
     for name in firsts:

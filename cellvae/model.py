@@ -647,7 +647,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             of z per step; a cell keeps the refined mean only where it scores better); this closes part of the
             amortization gap (see :meth:`inference_gaps`) at the price of an optimisation per cell: on
             held-out cells of the Kang data 50 steps closed about 65% of the gap that 500 steps of
-            :meth:`inference_gaps` find, 200 steps about 90%.
+            :meth:`inference_gaps` find, 200 steps about 90% (``benchmarks/README.md``, "One-off measurements").
         return_dist
             Return q(z|x) itself, as scvi-tools' ``return_dist=True``: each cell's posterior means and
             variances (for ``posterior="full"`` the diagonal of its covariance), whatever ``mean``.
@@ -1792,7 +1792,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         optimisation per cell, so pass a subset of cells for large data. With ``beta ≠ 1`` the encoder
         was trained for ``distortion + beta·rate``, not the ELBO refined here, so the amortization gap
         also holds that difference of objectives. Measure on held-out cells: the encoder fits the cells it
-        trained on better, so their gap is smaller (on the Kang data 1.3 against 3.0 nats per cell). The
+        trained on better, so their gap is smaller (tutorial 03, Kang: 2.25 against 3.95 nats per cell). The
         standard error of a mean gap over cells is their gaps' sd / √n (the per-cell ``*_se`` are only the
         Monte Carlo part of each). Like :meth:`marginal_log_likelihood`, the ELBOs and ``log_px`` are
         conditional on each cell's observed library size, batch and covariates.
@@ -1930,11 +1930,21 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             template = cells[rng.integers(0, len(cells), n_cells)]
             if batch_names is not None:  # each generated cell copies a cell of its own batch
                 batch_of_cells = self.adata.obs[c.batch_key].astype(str).to_numpy()[cells]
+                absent = []
                 for name in np.unique(batch_names):
                     of_batch = cells[batch_of_cells == name]
                     if len(of_batch):
                         wanted = np.flatnonzero(batch_names == name)
                         template[wanted] = of_batch[rng.integers(0, len(of_batch), len(wanted))]
+                    else:
+                        absent.append(str(name))
+                if absent:
+                    data.warn_user(
+                        f"the model's AnnData holds no cell of batch {absent[:5]}, so cells generated as that batch copy "
+                        "library sizes (and covariates not given) from cells of every batch; pass library_size= "
+                        "(and covariates=) for that batch's own",
+                        UserWarning,
+                    )
             if library is None:
                 library = _library_sizes(loader.library[template], n_cells)
             template = self.adata.obs.iloc[template]

@@ -140,7 +140,9 @@ def rate_distortion(
     missing = [c for c in ("beta", "rate", "distortion") if c not in frame]
     if missing:
         raise KeyError(f"columns {missing} not found; pass the DataFrame returned by cellvae.tl.rate_distortion_sweep")
-    if groupby is not None and (not isinstance(groupby, str) or groupby not in frame):
+    if groupby is not None and not isinstance(groupby, str):
+        raise TypeError(f"groupby takes one column name, e.g. groupby='seed', got {groupby!r}")
+    if groupby is not None and groupby not in frame:
         raise KeyError(f"groupby={groupby!r} is not a column of the frame; its columns: {list(frame.columns)}")
     held_out = "train_elbo" in frame  # a sweep's own frame: rate and distortion on held-out cells
     groups = frame[groupby].to_numpy() if groupby is not None else np.zeros(len(frame))
@@ -158,7 +160,7 @@ def rate_distortion(
     curves = frame.groupby(["group", "beta"], sort=False, dropna=False)[["rate", "distortion"]].mean().reset_index()
     repeated = len(curves) < len(frame)
     if repeated:  # each row of a repeated beta, under the curve of their means
-        ax.plot(frame["rate"], frame["distortion"], ".", color="grey", alpha=0.5, label="each sweep")
+        ax.plot(frame["rate"], frame["distortion"], ".", color="grey", alpha=0.5, label="each row")
     for number, (group, curve) in enumerate(curves.groupby("group", sort=False, dropna=False)):
         curve = curve.sort_values("rate")
         label = f"{groupby}={group}" if groupby is not None else ("mean per β" if repeated else None)

@@ -556,7 +556,7 @@ def rank_genes_groups(
     progress = _check_flag(progress, "progress")
     key_added = _key(key_added, "rank_genes_groups")
     previous = adata.uns.get(key_added)
-    if previous is not None and not (isinstance(previous, Mapping) and "names" in previous and "params" in previous):
+    if previous is not None and not (isinstance(previous, Mapping) and ({"names", "params"} <= set(previous) or not previous)):
         raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
             f"adata.uns[{key_added!r}] holds another tool's entry, not a rank_genes_groups result, which this would "
             "replace: choose another key_added"
@@ -718,9 +718,10 @@ def rate_distortion_sweep(
     ``batch_mmd`` where they are set); ``elbo_se``, the standard error of the mean ELBO (the held-out
     cells' sd / √n: mostly how much cells differ, so other held-out cells would move every row's ELBO
     together); ``elbo_to_best``, the mean difference per cell from the ELBO of the best row (0 there), with
-    its standard error ``elbo_to_best_se`` (paired over the same cells: whether a row is truly worse);
+    its standard error ``elbo_to_best_se`` (paired over the same cells: whether a row is truly worse; the
+    standard errors are NaN with one held-out cell);
     ``train_rate``, ``train_distortion`` and ``train_elbo``, the same on (up to 2,000) training cells;
-    ``active_units`` (dimensions whose posterior mean varies over held-out cells by more than 0.01, as
+    ``active_units`` (dimensions whose posterior means' variance over held-out cells exceeds 0.01, as
     :meth:`~cellvae.CellVAE.active_units`) and ``informative_units`` (dimensions carrying at least 0.1
     nats per held-out cell: a dimension can vary a little across cells yet carry almost nothing, as under
     a large beta), ``epochs``; with ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
@@ -800,10 +801,14 @@ def rate_distortion_sweep(
             row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
         rows.append(row)
     frame = pd.DataFrame(rows)
-    to_best = np.stack(elbos) - elbos[int(frame["elbo"].to_numpy().argmax())]  # per cell, paired
+    elbos = np.stack(elbos)
+    n_cells = elbos.shape[1]
+    # per cell, paired with the best row's (NaN throughout where no row has a finite ELBO)
+    to_best = elbos - elbos[frame["elbo"].idxmax()] if frame["elbo"].notna().any() else np.full_like(elbos, np.nan)
     position = frame.columns.get_loc("elbo_se") + 1
     frame.insert(position, "elbo_to_best", to_best.mean(axis=1))
-    frame.insert(position + 1, "elbo_to_best_se", to_best.std(axis=1, ddof=1) / np.sqrt(to_best.shape[1]))
+    spread = to_best.std(axis=1, ddof=1) if n_cells > 1 else np.full(len(frame), np.nan)  # one held-out cell: no se
+    frame.insert(position + 1, "elbo_to_best_se", spread / np.sqrt(n_cells))
     return frame
 
 

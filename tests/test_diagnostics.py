@@ -237,7 +237,6 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     assert frame["label_silhouette"].between(0, 1).all() and frame["label_nmi"].between(0, 1).all()
     ax = cellvae.pl.rate_distortion(frame, show=False)
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"β={b:g}" for b in betas)
-    plt.close(ax.figure)
     assert ax.get_title() == "means over held-out cells"
     plt.close(ax.figure)
     # Two sweeps stacked (their index labels repeat): the curve joins each beta's mean, and the equal-ELBO line
@@ -366,6 +365,23 @@ def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cell
     half = cellvae.tl.rate_distortion_sweep(adata, held_out=0.5, **settings)
     assert np.isfinite(half[["rate", "distortion", "elbo"]].to_numpy()).all()
     assert not np.allclose(half["distortion"], cold["distortion"])  # other cells trained on and scored
+
+
+@pytest.mark.filterwarnings("ignore::cellvae.diagnostics.PosteriorCollapseWarning")  # 1-2 epochs
+def test_a_beta_without_a_finite_elbo_leaves_the_others_compared_with_the_best(monkeypatch):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, random_state=0)
+    rate_distortion = CellVAE.rate_distortion
+
+    def diverged_at_beta_2(self, *args, **kwargs):
+        frame = rate_distortion(self, *args, **kwargs)
+        return frame.assign(elbo=np.nan) if self.config.beta == 2.0 else frame
+
+    monkeypatch.setattr(CellVAE, "rate_distortion", diverged_at_beta_2)
+    frame = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0, 2.0, 4.0), max_epochs=2, n_hidden=16, n_latent=4)
+    assert frame["elbo_to_best"].isna().tolist() == [False, True, False]
+    assert frame["elbo_to_best"].max() == 0 and np.isfinite(frame.loc[[0, 2], "elbo_to_best_se"]).all()
+    one = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0,), held_out=0.005, max_epochs=1, n_hidden=16, n_latent=4)
+    assert one[["elbo_se", "elbo_to_best_se"]].isna().all(axis=None)  # one held-out cell: no standard error
 
 
 def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_path):
@@ -618,10 +634,12 @@ def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_t
     lines = {line.get_label(): line for line in ax.get_lines()}
     np.testing.assert_array_equal(lines["mean per β"].get_xdata(), [3.5, 6.5, 10.5])
     np.testing.assert_array_equal(lines["mean per β"].get_ydata(), [119.0, 102.0, 99.0])
-    assert len(lines["each sweep"].get_xdata()) == 6 and len(ax.texts) == 3
+    assert len(lines["each row"].get_xdata()) == 6 and len(ax.texts) == 3
     plt.close(ax.figure)
     with pytest.raises(KeyError, match=r"groupby='donor' is not a column of the frame"):
         cellvae.pl.rate_distortion(stacked, groupby="donor", show=False)
+    with pytest.raises(TypeError, match=r"groupby takes one column name, e.g. groupby='seed', got \['seed'\]"):
+        cellvae.pl.rate_distortion(stacked, groupby=["seed"], show=False)
 
 
 def test_rate_distortion_plot_given_the_model_says_to_pass_the_sweeps_frame(small_model):

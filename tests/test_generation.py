@@ -75,6 +75,10 @@ def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_bat
     assert set(mixed.obs["library_size"][:50]) <= set(depths[~deep]) and set(mixed.obs["library_size"][50:]) <= set(depths[deep])
     explicit = model.generate(60, batch="batch1", library_size=as_batch1.obs["library_size"].to_numpy(), random_state=0)
     assert (explicit.X != as_batch1.X).nnz == 0
+    model.adata = adata[~deep].copy()  # e.g. loaded with another AnnData: no cell of batch1 to copy
+    with pytest.warns(UserWarning, match=r"holds no cell of batch \['batch1'\], so cells generated as that batch copy"):
+        elsewhere = model.generate(20, batch="batch1", random_state=0)
+    assert set(elsewhere.obs["library_size"]) <= set(depths[~deep])
 
 
 def test_generated_counts_stay_a_valid_csr_matrix_when_deeper_cells_come_later(model):
@@ -201,11 +205,12 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
         cellvae.tl.latent_shift(model, training, groupby="batch", source="ctrl", target="stim", apply_to=["not_a_cell"])
     only_held_out_type = (training.obs["cell_type"] == held_out).to_numpy()  # its stimulated cells were held out
     with pytest.raises(ValueError, match="cannot give the shift: no cell_type holds both 'ctrl' and 'stim' cells"):
+        # refused from obs alone, before any cell is encoded
         with unittest.mock.patch.object(CellVAE, "get_latent", side_effect=AssertionError("encoded first")):
             cellvae.tl.latent_shift(
                 model, training, groupby="batch", source="ctrl", target="stim", apply_to=controls,
                 reference=only_held_out_type, stratify="cell_type",
-            )  # fmt: skip  # refused from obs alone, before any cell is encoded
+            )  # fmt: skip
     # groups that are the model's batch key live in the decoder, not in z: a warning, decoded as the target
     batched = CellVAE(training, batch_key="batch", n_latent=10).fit(max_epochs=5, progress=False)
     with pytest.warns(UserWarning, match=r"obs\['batch'\] is an input of the model's decoder"):

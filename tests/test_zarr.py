@@ -281,7 +281,7 @@ def test_a_view_of_a_lazy_anndata_is_refused_by_the_tools_that_write_into_it(sto
         cellvae.read_zarr_lazy(tmp_path / "missing.zarr")
     (tmp_path / "model").mkdir()  # a folder of something else, e.g. a saved model
     (tmp_path / "model" / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"model' is a folder but not a Zarr store \(written by AnnData.write_zarr\)"):
+    with pytest.raises(FileNotFoundError, match=r"model' is a folder but not a Zarr store \(written by AnnData.write_zarr\)"):
         cellvae.read_zarr_lazy(tmp_path / "model")
     with pytest.raises(TypeError, match="read_zarr_lazy takes the path of a .zarr store, got None"):
         cellvae.read_zarr_lazy(None)
