@@ -949,7 +949,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         A difference is found with more certainty the more cells and counts support it. The fold changes
         are shrunk by a prior learnt from all genes of the comparison (adaptive shrinkage: most genes
         change little, so a gene measured too poorly to tell is not called). On simulated data with known
-        truth the realised false discovery rate, averaged over 10–20 datasets, was 1.3–6.0% at the 5% target, but
+        truth the realised false discovery rate, averaged over 10–20 datasets, was 1.4–5.9% at the 5% target, but
         7–9% with ~400 cells per group in one batch at ``delta=0.25``, where the genes a comparison leaves unchanged
         share a common shift near ``delta`` (compared as shares of each cell's counts) that the prior, centred at no change,
         does not expect (``benchmarks/README.md``, "Differential expression"). The uncertainty is
