@@ -1529,7 +1529,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 f"query_adata.obs[{batch_column!r}] = 'query ' + query_adata.obs[{batch_column!r}].astype(str)",
                 UserWarning,
             )
-        new_batches = [b for b in pd.unique(query_batches) if b not in reference_batches]
+        # in the column's category order (sorted where it is not categorical), as the reference's batches are
+        new_batches = [b for b in data.category_names(query_adata.obs[batch_column], batch_column) if b not in reference_batches]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
         retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones

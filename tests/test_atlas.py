@@ -297,6 +297,15 @@ def test_query_batch_already_in_reference_is_that_batch(reference_and_query):
     with no_warnings():  # no longer said to be a reference batch
         renamed = model.map_query(query_adata, max_epochs=2, progress=False)
     assert renamed.config.batch_categories == [*model.config.batch_categories, "query batch1"]
+    # new batches come in the column's category order (as the reference's did), not in the order of the cells
+    two_new = query_adata.copy()
+    two_new.obs["batch"] = pd.Categorical(np.where(np.arange(two_new.n_obs) < 20, "z first cells", "a later cells"))
+    two_new.obs["batch"] = two_new.obs["batch"].cat.reorder_categories(["z first cells", "a later cells"])
+    ordered = model.map_query(two_new, max_epochs=1, progress=False)
+    assert ordered.config.batch_categories == [*model.config.batch_categories, "z first cells", "a later cells"]
+    two_new.obs["batch"] = two_new.obs["batch"].astype(str)  # text: sorted
+    as_text = model.map_query(two_new, max_epochs=1, progress=False)
+    assert as_text.config.batch_categories[-2:] == ["a later cells", "z first cells"]
     told = in_command_line_terms(message, argparse.Namespace(input="q.h5ad"))
     assert "fix the file in Python first, query_adata = anndata.read_h5ad('q.h5ad')" in told
 
