@@ -369,7 +369,11 @@ def transfer_labels(
     query_adata = query_adata.copy() if copy else query_adata
     _own_data(query_adata)
     # only the labels some cell received: scanpy's legends and rank_genes_groups of the column need no empty ones
-    query_adata.obs[f"{labels_key}_predicted"] = pd.Categorical(predicted, categories=categories).remove_unused_categories()
+    # an ordered reference column (e.g. stages) stays ordered, unless "Unknown" joined its labels
+    ordered = isinstance(labels.dtype, pd.CategoricalDtype) and labels.cat.ordered and categories == list(names)
+    query_adata.obs[f"{labels_key}_predicted"] = pd.Categorical(
+        predicted, categories=categories, ordered=ordered
+    ).remove_unused_categories()
     query_adata.obs[f"{labels_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{labels_key}_novelty"] = novelty
     if soft:

@@ -417,6 +417,13 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     on_top = ad.AnnData(obs=pd.DataFrame(index=[f"o{i}" for i in range(5000)]), obsm={"X_cellvae": many.obsm["X_cellvae"].copy()})
     cellvae.tl.transfer_labels(many, on_top, "score")
     np.testing.assert_array_equal(on_top.obs["score_predicted"].to_numpy(dtype=float), many.obs["score"].to_numpy())
+    # an ordered label column (e.g. stages) keeps its order and orderedness, but not once "Unknown" joins it
+    reference.obs["stage"] = pd.Categorical(["late", "late", "early", "early", "mid"], ["early", "mid", "late"], ordered=True)
+    cellvae.tl.transfer_labels(reference, query, "stage", k=4)
+    predicted = query.obs["stage_predicted"]
+    assert predicted.cat.ordered and list(predicted.cat.categories) == ["early", "late"]  # those received, in order
+    cellvae.tl.transfer_labels(reference, query, "stage", k=4, unknown_threshold=0.3)
+    assert not query.obs["stage_predicted"].cat.ordered
 
 
 def test_transfer_labels_soft_gives_each_labels_vote_share_as_scanvis_soft_predictions(tmp_path):
