@@ -146,7 +146,7 @@ def with_counting_noise(mean: torch.Tensor, variance: torch.Tensor, rng: np.rand
     # a Gamma of shape 1e12 or more spreads by less than float32 resolves (sd / mean = 1e-6): its mean
     drawn[drawn] = shape < 1e12
     shape = shape[shape < 1e12]
-    # float32 draws take a third of float64's time: 30 million (1,000 draws × 30,000 genes) in about 1 s
+    # float32 draws take a third of float64's time: 30 million (1,000 draws × 30,000 genes) in under 2 s
     draws[drawn] = rng.standard_gamma(shape, dtype=np.float32) * (variance32[drawn] / mean32[drawn])
     draws[~finite] = np.nan
     return torch.from_numpy(draws).to(mean.device)
