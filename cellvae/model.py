@@ -1503,7 +1503,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
         with data.hint_where_counts_are(query_adata, self.config.layer, trained=True):
-            aligned = _align_query(query_adata, self.config, query_batches)
+            aligned = _align_query(query_adata, self.config, query_batches, self._typical_share)
         names = list(pd.unique(query_batches))  # the query's batches against each other (the reference's counts are gone)
         codes = pd.Categorical(query_batches, categories=names).codes
         location = "query_adata." + data.counts_location(self.config.layer).removeprefix("adata.")
@@ -2002,6 +2002,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             frame[key] = _per_row(covariates[key], n, f"covariates[{key!r}]")
         return frame
 
+    def _typical_share(self, genes: np.ndarray) -> float | None:
+        """The share of a typical cell's counts the model gives ``genes`` (a mask of its genes): decoded at the
+        latent space's centre, averaged over the batches; None for an untrained model or one with covariates."""
+        c = self.config
+        if not self.is_trained or c.categorical_covariate_keys or c.continuous_covariate_keys:
+            return None
+        return float(self.decode(np.zeros(c.n_latent, dtype=np.float32), library_size=1.0)[0][genes].sum())
+
     def _batch_names(self, batch, n: int) -> np.ndarray:
         """``batch=`` of the decoding methods as ``n`` names, each a batch of the model."""
         if batch is not None and not self.config.batch_key:
@@ -2084,7 +2092,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
         # model genes the data lacks are read as zero counts, as in map_query
-        columns = None if names.equals(genes) else _gene_positions(names, genes, "adata", adata.var)
+        columns = None if names.equals(genes) else _gene_positions(names, genes, "adata", adata.var, self._typical_share)
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
@@ -2483,6 +2491,8 @@ def _make_durable_and_shareable(folder: Path) -> None:
 # ----------------------------------------------------------------------------- reference mapping helpers
 
 MIN_QUERY_GENE_FRACTION = 0.8
+# Missing genes that hold this share of a typical cell's counts or more get a warning that the embedding may shift.
+MISSING_SHARE_WARNED = 0.1
 
 
 def _query_batches(query: ad.AnnData, batch_key: str) -> np.ndarray:
@@ -2574,7 +2584,7 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
     return data.count_matrix(adata, layer)
 
 
-def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.AnnData:
+def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray, share_of=None) -> ad.AnnData:
     """The AnnData the query model reads: a new one with the query's batches in the reference's batch column
     and its counts, in memory in the reference's gene order (missing genes zero), or on disk (a backed file or
     Zarr store) left there in the file's gene order, which the query model reads by name as it streams them;
@@ -2590,7 +2600,7 @@ def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray) -> ad.A
                 "query_adata.to_memory()"
             )
     data.validate_counts(matrix, "query " + data.counts_location(config.layer))
-    positions = _gene_positions(data.gene_names(query), pd.Index(config.gene_names), "query_adata", query.var)
+    positions = _gene_positions(data.gene_names(query), pd.Index(config.gene_names), "query_adata", query.var, share_of)
     if isinstance(matrix, data.BackedView):
         return query
     obs = query.obs.copy()
@@ -2624,10 +2634,13 @@ def _missing_genes_told() -> Iterator[None]:
         yield
 
 
-def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str, var: pd.DataFrame | None = None) -> np.ndarray:
+def _gene_positions(
+    var_names: pd.Index, model_genes: pd.Index, name: str, var: pd.DataFrame | None = None, share_of=None
+) -> np.ndarray:
     """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
-    warning names the missing ones, and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error (which names
-    a column of ``var`` that holds the model's genes, or versioned Ensembl IDs, where that is why)."""
+    warning names the missing ones (and, with ``share_of``, a model's :meth:`CellVAE._typical_share`, the share of
+    a typical cell's counts they hold), and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error (which
+    names a column of ``var`` that holds the model's genes, or versioned Ensembl IDs, where that is why)."""
     positions = data.gene_positions(var_names, model_genes, name)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
@@ -2641,9 +2654,13 @@ def _gene_positions(var_names: pd.Index, model_genes: pd.Index, name: str, var: 
             )
         )
     if not present.all():
+        share = None if share_of is None else share_of(~present)
+        held = "" if share is None else f"; the model gives them {share:.1%} of a typical cell's counts"
+        if share is not None and share >= MISSING_SHARE_WARNED:
+            held += ", so the embedding of these cells may shift: compare it on cells of a known type"
         data.warn_user(
             f"{int((~present).sum())} of the model's {len(model_genes)} genes are missing from {name} "
-            f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts",
+            f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts{held}",
             UserWarning,
         )
     return positions

@@ -233,6 +233,18 @@ def test_missing_query_genes_warn_or_fail(reference_and_query):
     with pytest.raises(ValueError, match=r"only 150 of the model's 300 genes \(50%\).*missing e\.g\. \['gene"):
         model.map_query(query[:, 150:].copy(), progress=False)
     assert query.obs.equals(before.obs) and (query.X != before.X).nnz == 0
+    # the warning says how much of a typical cell's counts the missing genes hold, and warns of a shift where it is much
+    counts = np.asarray(query.X.sum(0)).ravel()
+    expected = mapped.decode(np.zeros(mapped.config.n_latent, dtype=np.float32), library_size=1.0)[0]
+    for label, dropped in (("most expressed", np.argsort(-counts)[:30]), ("least expressed", np.argsort(counts)[:30])):
+        keep = np.setdiff1d(np.arange(query.n_vars), dropped)
+        with pytest.warns(UserWarning, match=r"30 of the model's 300 genes are missing") as caught:
+            mapped.get_latent(query[:, keep].copy())
+        told = next(str(w.message) for w in caught if "are missing" in str(w.message))
+        share = expected[np.isin(np.arange(300), dropped)].sum()
+        assert f"the model gives them {share:.1%} of a typical cell's counts" in told, (label, told)
+        assert ("may shift" in told) == (share >= 0.1), (label, share)
+    assert expected[np.argsort(-counts)[:30]].sum() >= 0.1 > expected[np.argsort(counts)[:30]].sum()
 
 
 def test_a_query_model_keeps_the_genes_its_query_lacks_as_missing_in_memory_and_on_disk(reference_and_query, tmp_path):
