@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
@@ -2584,7 +2584,9 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
     return data.count_matrix(adata, layer)
 
 
-def _align_query(query: ad.AnnData, config: Config, batches: np.ndarray, share_of=None) -> ad.AnnData:
+def _align_query(
+    query: ad.AnnData, config: Config, batches: np.ndarray, share_of: Callable[[np.ndarray], float | None] | None = None
+) -> ad.AnnData:
     """The AnnData the query model reads: a new one with the query's batches in the reference's batch column
     and its counts, in memory in the reference's gene order (missing genes zero), or on disk (a backed file or
     Zarr store) left there in the file's gene order, which the query model reads by name as it streams them;
@@ -2635,7 +2637,11 @@ def _missing_genes_told() -> Iterator[None]:
 
 
 def _gene_positions(
-    var_names: pd.Index, model_genes: pd.Index, name: str, var: pd.DataFrame | None = None, share_of=None
+    var_names: pd.Index,
+    model_genes: pd.Index,
+    name: str,
+    var: pd.DataFrame | None = None,
+    share_of: Callable[[np.ndarray], float | None] | None = None,
 ) -> np.ndarray:
     """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
     warning names the missing ones (and, with ``share_of``, a model's :meth:`CellVAE._typical_share`, the share of
