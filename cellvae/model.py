@@ -77,27 +77,33 @@ SCVI_TOOLS_METHODS = {
     "(extra genes ignored, missing ones zero-filled with a warning)",
     "summary_string": "print(model) or repr(model)",
 }
-# scvi-tools' argument: (the cellvae argument the advice names, which the method must take for it to apply; the advice)
+# scvi-tools' argument: its advice in each place, as (what the method must take for the advice to apply: a cellvae
+# argument or the method's own name; None: any method; the advice); the first that applies is given
+POSTERIOR_MEAN = "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"
 SCVI_TOOLS_ARGUMENTS = {
-    "gene_likelihood": ("likelihood", "use likelihood= ('nb', the default, 'zinb' or 'poisson')"),
-    "dropout_rate": ("dropout", "use dropout="),
-    "use_batch_norm": ("normalization", "use normalization='batch' (BatchNorm in encoder and decoder)"),
-    "use_layer_norm": ("normalization", "use normalization='layer' (the default)"),
-    "encode_covariates": ("encode_batch", "use encode_batch="),
-    "train_size": ("validation_size", "use validation_size=, the share held out (1 - train_size)"),
-    "accelerator": ("device", "use device= ('auto', 'cpu', 'cuda', ...)"),
-    "plan_kwargs": ("weight_decay", "give lr= and weight_decay= to fit itself"),
-    "early_stopping_patience": ("patience", "use patience="),
-    "enable_progress_bar": ("progress", "use progress="),
-    "give_mean": ("mean", "use mean="),
-    "indices": ("adata", "pass those cells as an AnnData, adata[indices]"),
-    "return_numpy": (None, "drop it: cellvae returns NumPy arrays"),
-    "mode": ("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')"),
-    "n_mc_samples": ("n_samples", "use n_samples="),
-    "n_samples_overall": ("transform_batch", "drop it: cellvae returns every cell of adata; pass adata[cells] for some"),
-    # get_normalized_expression (the one method taking transform_batch) decodes each cell's posterior mean
-    "n_samples": ("transform_batch", "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"),
-    "return_mean": ("transform_batch", "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"),
+    "gene_likelihood": [("likelihood", "use likelihood= ('nb', the default, 'zinb' or 'poisson')")],
+    "dropout_rate": [("dropout", "use dropout=")],
+    "use_batch_norm": [("normalization", "use normalization='batch' (BatchNorm in encoder and decoder)")],
+    "use_layer_norm": [("normalization", "use normalization='layer' (the default)")],
+    "encode_covariates": [("encode_batch", "use encode_batch=")],
+    "train_size": [("validation_size", "use validation_size=, the share held out (1 - train_size)")],
+    "accelerator": [("device", "use device= ('auto', 'cpu', 'cuda', ...)")],
+    "plan_kwargs": [("weight_decay", "give lr= and weight_decay= to fit itself")],
+    "early_stopping_patience": [("patience", "use patience=")],
+    "enable_progress_bar": [("progress", "use progress=")],
+    "give_mean": [("mean", "use mean="), ("get_likelihood_parameters", POSTERIOR_MEAN)],
+    "indices": [("adata", "pass those cells as an AnnData, adata[indices]")],
+    "return_numpy": [(None, "drop it: cellvae returns NumPy arrays")],
+    "mode": [("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')")],
+    "pseudocounts": [("pseudocount", "use pseudocount=")],
+    "n_mc_samples": [("n_samples", "use n_samples=")],
+    "n_samples_overall": [("transform_batch", "drop it: cellvae returns every cell of adata; pass adata[cells] for some")],
+    "n_samples": [
+        ("transform_batch", POSTERIOR_MEAN),
+        ("get_likelihood_parameters", POSTERIOR_MEAN),
+        ("n_draws", "use n_draws=, the posterior draws per group"),
+    ],
+    "return_mean": [("transform_batch", POSTERIOR_MEAN)],
 }
 # Advice that depends on the value given: (scvi-tools' argument, its value) -> the advice.
 SCVI_TOOLS_ARGUMENT_VALUES = {
@@ -111,14 +117,15 @@ def _scvi_tools_names(method):
     """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
     where ``method`` takes it (elsewhere Python's own error stands: the advice would name what it lacks)."""
     accepted = set(inspect.signature(method).parameters)
+    applies = accepted | {method.__name__}
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
         for name in sorted(kwargs.keys() - accepted):
-            needs, advice = SCVI_TOOLS_ARGUMENTS.get(name, ("", ""))
-            if isinstance(kwargs[name], str):
+            advice = next((advice for needs, advice in SCVI_TOOLS_ARGUMENTS.get(name, []) if needs in applies | {None}), "")
+            if advice and isinstance(kwargs[name], str):
                 advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, kwargs[name]), advice)
-            if advice and (needs is None or needs in accepted):
+            if advice:
                 raise TypeError(
                     f"{method.__qualname__}() got an unexpected keyword argument {name!r}, scvi-tools' name: {advice}"
                 )

@@ -1058,9 +1058,18 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.marginal_log_likelihood(n_mc_samples=1000)
     with pytest.raises(ValueError, match=r"1 for scvi-tools' scale, got 'latent' \(.*reads each cell's observed library size"):
         model.get_normalized_expression(library_size="latent")
-    # no advice naming an option the method lacks: Python's own error
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'give_mean'$"):
+    # the same scvi-tools name gets the advice of the method it is given to
+    with pytest.raises(TypeError, match=r"'give_mean', scvi-tools' name: drop it: cellvae decodes each cell's posterior mean"):
         model.get_likelihood_parameters(give_mean=True)
+    with pytest.raises(TypeError, match=r"'n_samples', scvi-tools' name: drop it: cellvae decodes each cell's posterior mean"):
+        model.get_likelihood_parameters(n_samples=5)
+    with pytest.raises(TypeError, match=r"'n_samples', scvi-tools' name: use n_draws="):
+        model.differential_expression(groupby="cell_type", group1="type0", n_samples=500)
+    with pytest.raises(TypeError, match=r"'pseudocounts', scvi-tools' name: use pseudocount="):
+        model.differential_expression(groupby="cell_type", group1="type0", pseudocounts=1e-4)
+    with pytest.raises(ValueError, match=r"group 'Rest' has no cells .*as scvi-tools' 'rest', pass group2=None"):
+        model.differential_expression(groupby="cell_type", group1="type0", group2="Rest")
+    # no advice naming an option the method lacks: Python's own error
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'plan_kwargs'$"):
         model.map_query(adata, plan_kwargs={"weight_decay": 0.0})
     with pytest.raises(AttributeError, match=r"^'CellVAE' object has no attribute 'nothing_like_this'$"):
