@@ -102,7 +102,9 @@ class SparseCounts:
     columns: torch.Tensor  # int64, gene of each entry
     values: torch.Tensor  # float32, the counts
     row_lengths: torch.Tensor  # int64, non-zero entries of each cell
-    log_factorial: torch.Tensor  # float32, sum over genes of log(x!) of each cell
+    # float32, log(x!) of each entry: subtracted entry by entry, as each cell's sum (~1e7 for a cell of 1e6
+    # counts) would cancel against the lgamma sum's in float32 and lose nats
+    log_factorial: torch.Tensor
     table_index: torch.Tensor  # int64, (min(x, TABLE_COUNTS) - 1) * n_genes + gene
     large: torch.Tensor  # int64, positions of the entries above TABLE_COUNTS
 
@@ -122,10 +124,6 @@ class SparseCounts:
         log_factorial = _LOG_FACTORIALS.take(whole, mode="clip")
         beyond = np.flatnonzero(whole >= len(_LOG_FACTORIALS))
         log_factorial[beyond] = gammaln(values[beyond].astype(np.float64) + 1.0)
-        per_cell = np.zeros(len(lengths))
-        if len(values):  # reduceat sums each row's run; rows without entries keep 0
-            filled = lengths > 0
-            per_cell[filled] = np.add.reduceat(log_factorial, indptr[:-1][filled])
         columns = np.asarray(indices, dtype=np.int64)
         large = np.flatnonzero(whole > TABLE_COUNTS)
         # (min(x, TABLE_COUNTS) - 1) * n_genes + gene, in place on the int64 copy of the counts
@@ -138,7 +136,7 @@ class SparseCounts:
             columns=torch.from_numpy(columns),
             values=torch.from_numpy(values),
             row_lengths=torch.from_numpy(lengths),
-            log_factorial=torch.from_numpy(per_cell.astype(np.float32)),
+            log_factorial=torch.from_numpy(log_factorial.astype(np.float32)),
             table_index=torch.from_numpy(table_index),
             large=torch.from_numpy(large),
         )
@@ -159,6 +157,10 @@ class SparseCounts:
     def sum_per_cell(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per cell of one value per non-zero entry."""
         return torch.segment_reduce(values, "sum", lengths=self.row_lengths)
+
+    def minus_log_factorial(self, log_p: torch.Tensor) -> torch.Tensor:
+        """``log_p`` (cells × genes) less ``log(x!)`` at each non-zero entry."""
+        return log_p.index_put((self.rows, self.columns), -self.log_factorial.to(log_p.dtype), accumulate=True)
 
 
 class Poisson:
@@ -186,7 +188,7 @@ class Poisson:
         """Log-probability of each cell's counts (summed over genes)."""
         if sparse is None:
             return self.log_prob(x).sum(-1)
-        return (x * self.log_mean - self.mean).sum(-1) - sparse.log_factorial
+        return sparse.minus_log_factorial(x * self.log_mean - self.mean).sum(-1)
 
     def of_genes(self, columns) -> Poisson:
         """The distribution of these genes (columns) only."""
@@ -295,7 +297,7 @@ class _NegativeBinomialCells(torch.autograd.Function):
             terms = lgamma_ratio(sparse.values, theta[sparse.rows, sparse.columns])
         ctx.save_for_backward(s, softplus_s, theta, x)
         ctx.sparse = sparse
-        return dense + sparse.sum_per_cell(terms) - sparse.log_factorial
+        return dense + sparse.sum_per_cell(terms - sparse.log_factorial)
 
     @staticmethod
     def backward(ctx, grad_cells):
@@ -362,7 +364,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         """Log-probability of each cell's counts (summed over genes)."""
         if sparse is None:
             return self.log_prob(x).sum(-1)
-        return self.log_prob(x, include_constant=False, nonzero=(sparse.rows, sparse.columns)).sum(-1) - sparse.log_factorial
+        return sparse.minus_log_factorial(self.log_prob(x, include_constant=False, nonzero=(sparse.rows, sparse.columns))).sum(-1)
 
     def of_genes(self, columns) -> ZeroInflatedNegativeBinomial:
         """The distribution of these genes (columns) only."""
