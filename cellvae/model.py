@@ -495,7 +495,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
+            drawn = len(validation_cells)
             train_cells, validation_cells = train_every_category(train_cells, validation_cells, loader.covariates.codes)
+            if drawn and not len(validation_cells):
+                data.warn_user(
+                    f"the {drawn} validation cell{'s' if drawn > 1 else ''} drawn by validation_size={validation_size} "
+                    "held the only cells of a batch or covariate category and went to training (their parameters would "
+                    "stay as drawn), so there is no validation: early stopping follows the training loss; pass a larger "
+                    "validation_size for a validation set",
+                    UserWarning,
+                )
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
             # keep as a bool that load refuses)

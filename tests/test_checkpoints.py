@@ -420,6 +420,18 @@ def test_train_every_category_moves_only_the_validation_cells_of_categories_with
     assert moved  # some seed held cell 0 out
 
 
+def test_a_validation_split_of_only_rare_category_cells_is_moved_to_training_with_a_warning():
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=30, n_batches=2, random_state=0)
+    assert (np.asarray(adata.X.sum(axis=1)).ravel() > 0).all()  # every cell is split
+    (held_out,) = split_cells(np.arange(adata.n_obs), 0.001, 0)[1]
+    adata.obs["batch"] = adata.obs["batch"].cat.add_categories("solo")
+    adata.obs.iloc[held_out, adata.obs.columns.get_loc("batch")] = "solo"
+    model = CellVAE(adata, batch_key="batch", n_hidden=8)
+    with pytest.warns(UserWarning, match=r"the 1 validation cell drawn by validation_size=0.001 held the only cells"):
+        model.fit(max_epochs=2, validation_size=0.001, progress=False)
+    assert not any(column.startswith("validation") for column in model.history.columns)
+
+
 def test_default_kl_warm_up_and_query_epochs():
     """Warm-up: a quarter of training, 1 to 50 epochs; query epochs: ~200,000 cell passes, 20 to 200 epochs."""
     assert [default_kl_warmup(n) for n in (1, 3, 4, 20, 100, 200, 201, 400)] == [1, 1, 1, 5, 25, 50, 50, 50]

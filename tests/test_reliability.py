@@ -235,7 +235,7 @@ def test_embed_trains_on_the_genes_mask_var_marks_and_writes_the_embedding_of_ev
     refusals = [
         ("no_such_column", KeyError, r"mask_var 'no_such_column' is not a column of adata.var .*highly_variable_genes"),
         ("score", TypeError, r"adata.var\['score'\] must be a boolean column .* got dtype float64"),
-        ("maybe", TypeError, r"adata.var\['maybe'\] must be a boolean column"),
+        ("maybe", ValueError, r"adata.var\['maybe'\] has 20 missing value\(s\); .*\.fillna\(False\)"),
         (np.zeros(adata.n_vars, dtype=bool), ValueError, "mask_var marks no genes"),
         (np.ones(3, dtype=bool), TypeError, "a boolean mask of the 40 genes, got bool of shape \\(3,\\)"),
         (np.arange(adata.n_vars), TypeError, "a boolean mask of the 40 genes, got int64"),
