@@ -40,6 +40,8 @@ def history(
 ) -> list[Axes]:
     """Training curves: distortion and rate per cell, train and validation, against epoch.
 
+    A dotted line marks the epoch whose parameters the model keeps (``model.history.attrs["best_epoch"]``).
+
     Parameters
     ----------
     model
@@ -85,6 +87,9 @@ def history(
                 alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
                 marks = {"marker": "o", "markevery": alone.tolist()} if alone.any() else {}
                 axis.plot(frame["epoch"], frame[column], style, label=label, **marks, **({"color": colour} if one_axes else {}))
+        if "best_epoch" in frame.attrs and (axis is axes[-1] or not one_axes):  # once (last) where both share an Axes
+            kept = frame.attrs["best_epoch"]
+            axis.axvline(kept, color="0.6", linestyle=":", linewidth=1, label=f"kept (epoch {kept})")
         axis.set_xlabel("epoch")
         axis.set_ylabel(f"{quantity}, nats per cell" if one_axes else "nats per cell")
         axis.grid(False)

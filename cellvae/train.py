@@ -478,6 +478,8 @@ def train(
     vae.eval()
     history = pd.DataFrame(rows)
     history.attrs["interrupted"] = interrupted
+    if best["epoch"] >= 0:
+        history.attrs["best_epoch"] = best["epoch"]
     return history
 
 

@@ -86,7 +86,12 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         lines = {line.get_label(): line.get_ydata() for line in panel.get_lines()}
         for split in ("train", "validation"):
             np.testing.assert_array_equal(lines[split], model.history[f"{split}_{quantity}"])
-    assert [len(a.get_lines()) for a in (distortion, rate)] == [2, 2]
+    kept = model.history.attrs["best_epoch"]  # the epoch whose parameters the model holds, dotted in each panel
+    assert kept in set(model.history["epoch"])
+    for panel in (distortion, rate):
+        marked = [list(line.get_xdata()) for line in panel.get_lines() if line.get_label() == f"kept (epoch {kept})"]
+        assert marked == [[kept] * 2]
+    assert [len(a.get_lines()) for a in (distortion, rate)] == [3, 3]
     plt.close(distortion.figure)
     _, one = plt.subplots()
     distortion, rate = cellvae.pl.history(model, ax=one, show=False)  # one Axes: the rate on a right-hand scale
@@ -96,6 +101,7 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         "validation distortion",
         "train rate",
         "validation rate",
+        f"kept (epoch {kept})",
     ]
     plt.close(one.figure)
     with pytest.raises(ValueError, match="ax must be one Axes or two"):
@@ -537,7 +543,7 @@ def test_a_one_epoch_history_is_drawn_as_points(cells):
         warnings.simplefilter("ignore")
         model = CellVAE(cells, n_hidden=8, n_latent=3).fit(max_epochs=1, progress=False)
     for axes in (cellvae.pl.history(model, show=False), cellvae.pl.history(model, ax=plt.subplots()[1], show=False)):
-        lines = [line for axis in axes for line in axis.get_lines()]
+        lines = [line for axis in axes for line in axis.get_lines() if line.get_label() != "kept (epoch 0)"]
         assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)  # a lone point draws no line
         plt.close(axes[0].figure)
 

@@ -146,6 +146,11 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     with pytest.raises(TypeError, match=r"read the file first: anndata.read_h5ad\('small.h5ad'\)"):
         CellVAE.load(tmp_path / "model", "small.h5ad")
     pd.testing.assert_frame_equal(loaded.history, first.history, check_dtype=False, check_exact=True)
+    # the epoch of the kept parameters: the lowest validation loss (a later one must beat it by a 1e-4 share)
+    best_loss = first.history["validation_loss"].cummin()
+    improved = first.history["validation_loss"] < best_loss.shift(fill_value=np.inf) * (1 - 1e-4)
+    assert first.history.attrs["best_epoch"] == first.history["epoch"][improved].iloc[-1]
+    assert loaded.history.attrs["best_epoch"] == first.history.attrs["best_epoch"]
     # plain pandas and dict types, which anndata can store (it picks its writer by exact type)
     assert type(first.history) is pd.DataFrame and type(first.get_likelihood_parameters(small)) is dict
     stored = ad.AnnData(
