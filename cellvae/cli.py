@@ -80,8 +80,9 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     command's, whose input file a fix in Python reads)."""
     message = message.replace("pass overwrite=True", "pass --overwrite")
     message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
-    message = message.replace("call fit(resume=False) to start over", "leave out --resume to start over")
     message = message.replace("fit(..., resume=True) continues", "--resume continues")
+    message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
+    message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
     message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {shlex.quote(found[1])}", message)
     # a trained model's counts from another layer: embed's --layer reads them and puts them where the model reads them

@@ -43,6 +43,7 @@ from cellvae.train import (
     pick_device,
     progress_bar,
     rank_and_world,
+    refuse_earlier_checkpoints,
     setup_distributed,
     split_cells,
     train,
@@ -487,6 +488,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _check_checkpoint_dir(checkpoint_dir)
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         training_device = setup_distributed(pick_device(device))
+        if checkpoint_dir is not None and not resume and rank_and_world()[1] == 1:  # (data-parallel: train, once the
+            refuse_earlier_checkpoints(checkpoint_dir, 1)  # ranks have agreed on resume)
         # Ctrl-C while the ranks read and sum the counts (collectives) is agreed too; train gives it back.
         with AgreedInterrupt(rank_and_world()[1]) as interrupts:
             loader, cells = self._loader(self.adata, training_device, all_ranks=True)

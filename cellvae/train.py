@@ -281,6 +281,8 @@ def train(
         checkpoints = {"checkpoints": checkpoint_dir is not None, "resume": resume, "checkpoint_every": checkpoint_every}
         _check_same_run_on_every_rank(describe_run(vae, loader, train_cells, validation_cells, settings) | checkpoints)
         train_cells, validation_cells = shard(train_cells, rank, world, pad=True), shard(validation_cells, rank, world)
+        if checkpoint_dir is not None and not resume:
+            refuse_earlier_checkpoints(checkpoint_dir, world)
     seed_generators(settings.random_state + rank)
     rng = np.random.default_rng(settings.random_state if world == 1 else [settings.random_state, rank])
     optimizer = make_optimizer(vae, settings.lr, settings.weight_decay, loader.device)
@@ -699,7 +701,7 @@ def read_checkpoint(
     """Restore ``vae``, ``optimizer``, ``rng`` and the torch RNG from ``path`` (a checkpoint of one of
     ``world`` processes); return the loop state."""
     files = path if world == 1 else f"the checkpoint.rank*.safetensors files in {path.parent}"
-    advice = f"delete {files} or call fit(resume=False) to start over"
+    advice = f"delete {files} (or name another checkpoint_dir) to start over"
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
@@ -774,7 +776,7 @@ def agreed_checkpoint(path: Path) -> Path | None:
     if agreed >= 0 and all_reduce_max([float(agreed not in epochs)])[0]:
         raise ValueError(
             f"the ranks' checkpoints next to {path} are from different epochs (this rank has {sorted(epochs)}, "
-            f"some rank only epoch {agreed}); delete them or call fit(resume=False) to start over"
+            f"some rank only epoch {agreed}); delete them (or name another checkpoint_dir) to start over"
         )
     return epochs.get(agreed)
 
@@ -837,6 +839,20 @@ def average_statistics(vae: VAE, world: int) -> None:
         dist.all_reduce(flat)
         for buffer, values in zip(statistics, flat.div_(world).split([b.numel() for b in statistics])):
             buffer.copy_(values.view_as(buffer))
+
+
+def refuse_earlier_checkpoints(checkpoint_dir: str | os.PathLike, world: int) -> None:
+    """Raise, on every rank, where ``checkpoint_dir`` holds an earlier run's checkpoints, which a run that does not
+    resume would replace after its first epoch."""
+    earlier = Path(checkpoint_dir).expanduser().is_dir() and any(checkpoint_ranks(Path(checkpoint_dir).expanduser()))
+    if world > 1:
+        earlier = bool(all_reduce_max([float(earlier)])[0])
+    if earlier:
+        raise FileExistsError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} holds the checkpoints of an earlier run, which this fit would "
+            "replace; pass resume=True to continue that run, or delete its checkpoint*.safetensors files (or name "
+            "another folder) to start afresh"
+        )
 
 
 def checkpoint_ranks(folder: Path) -> tuple[bool, int]:

@@ -199,6 +199,7 @@ def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
         CellVAE(other_counts, n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match=r"different run: \['cells_and_counts_sha256'\]"):
         CellVAE(adata[::-1].copy(), n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
+    (tmp_path / CHECKPOINT).unlink()  # a new run: refused while the old run's checkpoint is there (below)
     CellVAE(adata, n_hidden=8, batch_key="batch").fit(**fit, checkpoint_dir=tmp_path)
     other_batches = adata.copy()  # the same counts, half the cells' batch labels swapped
     swapped = other_batches.obs["batch"].to_numpy()[::2]
@@ -216,15 +217,16 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     blob = (tmp_path / CHECKPOINT).read_bytes()
     (tmp_path / CHECKPOINT).write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="not a readable cellvae checkpoint.*resume=False"):
+    with pytest.raises(ValueError, match="not a readable cellvae checkpoint.*or name another checkpoint_dir"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
     # a checkpoint written by a newer cellvae: the message names both versions
+    (tmp_path / CHECKPOINT).unlink()
     CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 99})
     save_file(tensors, tmp_path / CHECKPOINT, metadata=meta)
-    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 2: .*resume=False"):
+    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 2: .*or name another checkpoint_dir"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
     # well-framed files with a damaged part: told as damaged, never a bare KeyError or TypeError
     fields = json.loads(meta["cellvae_checkpoint"]) | {"version": 2}
@@ -236,7 +238,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     }
     for damaged_fields, damaged_tensors, message in damages.values():
         save_file(damaged_tensors, tmp_path / CHECKPOINT, metadata={"cellvae_checkpoint": json.dumps(damaged_fields)})
-        with pytest.raises(ValueError, match=f"{message}.*resume=False"):
+        with pytest.raises(ValueError, match=f"{message}.*or name another checkpoint_dir"):
             CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
@@ -432,6 +434,21 @@ def test_a_validation_split_of_only_rare_category_cells_is_moved_to_training_wit
     assert not any(column.startswith("validation") for column in model.history.columns)
 
 
+def test_a_new_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path, monkeypatch):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    kept = (tmp_path / CHECKPOINT).read_bytes()
+    monkeypatch.setattr(cellvae.model, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    model = CellVAE(adata, n_hidden=16)
+    with pytest.raises(FileExistsError, match=r"holds the checkpoints of an earlier run, .* pass resume=True .* delete"):
+        model.fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT).read_bytes() == kept and not model.is_trained
+    (tmp_path / "checkpoint.rank1.safetensors").write_bytes(kept)  # a data-parallel run's files count too
+    (tmp_path / CHECKPOINT).unlink()
+    with pytest.raises(FileExistsError, match="earlier run"):
+        model.fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path)
+
+
 def test_default_kl_warm_up_and_query_epochs():
     """Warm-up: a quarter of training, 1 to 50 epochs; query epochs: ~200,000 cell passes, 20 to 200 epochs."""
     assert [default_kl_warmup(n) for n in (1, 3, 4, 20, 100, 200, 201, 400)] == [1, 1, 1, 5, 25, 50, 50, 50]
@@ -445,11 +462,11 @@ def test_a_checkpoint_whose_best_parameters_do_not_fit_the_model_is_refused(tmp_
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     best = next(k for k in tensors if k.startswith("best.") and tensors[k].ndim == 2)
     save_file(tensors | {best: tensors[best][:, :-1].contiguous()}, tmp_path / CHECKPOINT, metadata=meta)
-    with pytest.raises(ValueError, match="(?s)does not fit this model.*resume=False"):
+    with pytest.raises(ValueError, match="(?s)does not fit this model.*or name another checkpoint_dir"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
     without_best = {k: v for k, v in tensors.items() if not k.startswith("best.")}
     save_file(without_best, tmp_path / CHECKPOINT, metadata=meta)
-    with pytest.raises(ValueError, match="(?s)does not fit this model.*resume=False"):
+    with pytest.raises(ValueError, match="(?s)does not fit this model.*or name another checkpoint_dir"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 

@@ -164,8 +164,12 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
     ):
         told = in_command_line_terms(f"adata.layers['counts'] holds whole counts: {fix}")
         assert told == "adata.layers['counts'] holds whole counts: pass --layer counts"
-    assert in_command_line_terms("delete them or call fit(resume=False) to start over") == (
-        "delete them or leave out --resume to start over"
+    assert in_command_line_terms(
+        "checkpoint_dir='ck' holds the checkpoints of an earlier run, which this fit would replace; pass resume=True to "
+        "continue that run, or delete its checkpoint*.safetensors files (or name another folder) to start afresh"
+    ) == (
+        "--checkpoint-dir 'ck' holds the checkpoints of an earlier run, which this fit would replace; pass --resume to "
+        "continue that run, or delete its checkpoint*.safetensors files (or name another folder) to start afresh"
     )
     assert in_command_line_terms("layer 'counts' not found in adata.layers; available: []").endswith(
         "(on the command line: --layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X)"

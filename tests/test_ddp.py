@@ -404,6 +404,10 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
         cellvae.CellVAE(reference, batch_key="batch").fit(**fit, resume=rank == 0)
     except ValueError as error:
         (out / f"resume_one{rank}.txt").write_text(str(error))
+    try:  # a new run beside the last run's checkpoints, which it would replace: refused on every rank
+        cellvae.CellVAE(reference, batch_key="batch").fit(**fit)
+    except FileExistsError as error:
+        (out / f"earlier{rank}.txt").write_text(str(error))
     # each rank maps a query of its own (other epochs): trained in that process, no collective to wait for
     query = adata[adata.obs["batch"] == "batch1"].copy()
     query.obs["batch"] = "new"
@@ -430,6 +434,7 @@ def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_s
     assert (tmp_path / "warnings1.txt").read_text() == ""  # the ranks run the same checks: rank 0 tells
     for rank in range(2):
         assert "given different data or settings" in (tmp_path / f"resume_one{rank}.txt").read_text()
+        assert "holds the checkpoints of an earlier run" in (tmp_path / f"earlier{rank}.txt").read_text()
         assert np.load(tmp_path / f"query_latent{rank}.npy").shape == ((adata.obs["batch"] == "batch1").sum(), 10)
         assert len(cellvae.CellVAE.load(tmp_path / f"query_model{rank}").history) == 2 + rank
     model = cellvae.CellVAE.load(tmp_path / "model")
