@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train on the bundled PBMC example and plot its UMAP")
-    demo.add_argument("--out-dir", default="cellvae_demo", help="folder for the results (default: cellvae_demo)")
+    demo.add_argument(
+        "--out-dir", default="cellvae_demo", help="folder for the results, replacing an earlier demo's (default: cellvae_demo)"
+    )
     demo.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
     demo.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -438,8 +440,18 @@ def run_demo(args: argparse.Namespace) -> int:
     import scanpy as sc
 
     from cellvae import datasets, pl, tl
+    from cellvae.model import is_model_folder
 
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir).expanduser()
+    # told before training, not after it: a file in the folder's place, or a model folder holding other files
+    blocked = next((path for path in (out_dir, *out_dir.parents) if path.exists() and not path.is_dir()), None)
+    if blocked is not None:
+        raise SystemExit(f"error: --out-dir {args.out_dir} cannot be made: {blocked} is a file; name a folder")
+    if (out_dir / "model").exists() and not is_model_folder(out_dir / "model"):
+        raise SystemExit(
+            f"error: {out_dir / 'model'} holds files that are not a saved cellvae model, where the demo saves its model; "
+            "choose another --out-dir or move them"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     adata = datasets.pbmc68k()
     print(f"cellvae demo: {adata.n_obs} PBMCs × {adata.n_vars} genes (scanpy's pbmc68k_reduced, raw counts restored)")
@@ -563,7 +575,11 @@ def run_embed(args: argparse.Namespace) -> int:
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     replaced = args.key_added in adata.obsm
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
-    with _errors_name_where_counts_were_read(layer, model.config.layer), _errors_name_the_genes_column(args.var_names):
+    with (
+        _errors_name_where_counts_were_read(layer, model.config.layer),
+        _errors_name_the_genes_column(args.var_names),
+        _errors_name_the_batch_column(batches_from),
+    ):
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
@@ -775,6 +791,19 @@ def _errors_name_the_genes_column(var_names: str | None) -> Iterator[None]:
         if var_names is None or ".var_names" not in str(error):
             raise
         raise type(error)(str(error).replace(".var_names", f".var[{var_names!r}]")) from error
+
+
+@contextmanager
+def _errors_name_the_batch_column(batches_from: tuple[str, str] | None) -> Iterator[None]:
+    """Inside: an error about the model's batch column, which :func:`_counts_where_model_reads` filled from
+    ``obs[column]`` (``batches_from``: column, the model's batch key; --batch-key), names that column instead."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as error:
+        model_column = None if batches_from is None else f"obs[{batches_from[1]!r}]"
+        if model_column is None or model_column not in _message_of(error):
+            raise
+        raise type(error)(_message_of(error).replace(model_column, f"obs[{batches_from[0]!r}]")) from error
 
 
 def _counts_where_model_reads(
