@@ -1912,9 +1912,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch, covariates
             As in :meth:`decode`. What is not given (and the library sizes, when ``library_size``
             is None) is copied from randomly drawn cells of the model's AnnData, so batches appear
-            in their training proportions; with ``batch`` given, each cell's are drawn from the cells of
-            its batch (so a generated batch has that batch's depths), or from all cells where the model's
-            AnnData holds none of that batch.
+            in their training proportions; with ``batch`` or categorical ``covariates`` given, each cell's are
+            drawn from the cells of its batch and covariate values (so a generated batch, or cell type where it is
+            a covariate, has their depths), or from all cells where the model's AnnData holds none of them.
         library_size
             Library size of each generated cell (one number or one per cell): the negative binomial's
             mean sums to it, so it is the cell's expected total count (with ``likelihood="zinb"`` the
@@ -1957,21 +1957,27 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             loader, cells = self._loader(self.adata, torch.device("cpu"))
             cells = cells[loader.library > 0]
             template = cells[rng.integers(0, len(cells), n_cells)]
-            if batch_names is not None:  # each generated cell copies a cell of its own batch
-                batch_of_cells = self.adata.obs[c.batch_key].astype(str).to_numpy()[cells]
+            # each generated cell copies a cell of the batch and categorical covariate values asked for
+            asked = {c.batch_key: batch_names} if batch_names is not None else {}
+            for key in c.categorical_covariate_keys:
+                if key in given:
+                    asked[key] = _per_row(given[key], n_cells, f"covariates[{key!r}]")
+            if asked:
+                wanted = _joined_text(asked.values())
+                held = _joined_text(self.adata.obs[key].to_numpy()[cells] for key in asked)
                 absent = []
-                for name in np.unique(batch_names):
-                    of_batch = cells[batch_of_cells == name]
-                    if len(of_batch):
-                        wanted = np.flatnonzero(batch_names == name)
-                        template[wanted] = of_batch[rng.integers(0, len(of_batch), len(wanted))]
+                for name in np.unique(wanted):
+                    matching = cells[held == name]
+                    if len(matching):
+                        these = np.flatnonzero(wanted == name)
+                        template[these] = matching[rng.integers(0, len(matching), len(these))]
                     else:
-                        absent.append(str(name))
+                        absent.append(", ".join(f"{key}={value!r}" for key, value in zip(asked, name.split("\x1f"))))
                 if absent:
                     data.warn_user(
-                        f"the model's AnnData holds no cell of batch {absent[:5]}, so cells generated as that batch copy "
-                        "library sizes (and covariates not given) from cells of every batch; pass library_size= "
-                        "(and covariates=) for that batch's own",
+                        f"the model's AnnData holds no cell of {'; '.join(absent[:5])}, so cells generated as that copy "
+                        "library sizes (and covariates not given) from cells of every batch and covariate value; pass "
+                        "library_size= (and covariates=) for their own",
                         UserWarning,
                     )
             if library is None:
@@ -2211,6 +2217,11 @@ def _check_weights_fit(found: dict[str, tuple], config: Config, weights: Path) -
         raise ValueError(
             f"{weights} does not match its config.json: tensors {diff[:5]} have other shapes or dtypes or are missing"
         )
+
+
+def _joined_text(columns) -> np.ndarray:
+    """Each row's values of equally long ``columns`` as one text, for matching rows by several values at once."""
+    return np.array(["\x1f".join(row) for row in zip(*(np.asarray(column).astype(str) for column in columns))], dtype=object)
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

@@ -76,9 +76,28 @@ def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_bat
     explicit = model.generate(60, batch="batch1", library_size=as_batch1.obs["library_size"].to_numpy(), random_state=0)
     assert (explicit.X != as_batch1.X).nnz == 0
     model.adata = adata[~deep].copy()  # e.g. loaded with another AnnData: no cell of batch1 to copy
-    with pytest.warns(UserWarning, match=r"holds no cell of batch \['batch1'\], so cells generated as that batch copy"):
+    with pytest.warns(UserWarning, match=r"holds no cell of batch='batch1', so cells generated as that copy"):
         elsewhere = model.generate(20, batch="batch1", random_state=0)
     assert set(elsewhere.obs["library_size"]) <= set(depths[~deep])
+
+
+def test_generated_cells_of_a_cell_type_covariate_take_that_types_library_sizes():
+    """With the cell type a categorical covariate, cells generated as one type copy the depths of that type's cells
+    in the batch asked for (a type sequenced deeper comes out deeper), not of the whole batch."""
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=50, n_batches=2, random_state=1)
+    deep = (adata.obs["cell_type"] == adata.obs["cell_type"].cat.categories[0]).to_numpy()
+    adata.X = sp.csr_matrix(adata.X.multiply(np.where(deep, 4.0, 1.0)[:, None]))
+    model = CellVAE(adata, batch_key="batch", categorical_covariate_keys=["cell_type"], n_latent=4, n_hidden=16)
+    model.fit(max_epochs=1, random_state=0, progress=False)
+    depths = np.asarray(adata.X.sum(1)).ravel()
+    deep_type = adata.obs["cell_type"].cat.categories[0]
+    in_batch0 = (adata.obs["batch"] == "batch0").to_numpy()
+    generated = model.generate(50, batch="batch0", covariates={"cell_type": deep_type}, random_state=0)
+    assert set(generated.obs["library_size"]) <= set(depths[deep & in_batch0])
+    assert (generated.obs["cell_type"] == deep_type).all()
+    model.adata = adata[~(deep & in_batch0)].copy()  # no cell of that type in batch0 to copy
+    with pytest.warns(UserWarning, match=rf"holds no cell of batch='batch0', cell_type='{deep_type}', so cells generated"):
+        model.generate(10, batch="batch0", covariates={"cell_type": deep_type}, random_state=0)
 
 
 def test_generated_counts_stay_a_valid_csr_matrix_when_deeper_cells_come_later(model):
