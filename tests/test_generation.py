@@ -164,6 +164,15 @@ def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
         cellvae.tl.interpolate(model, "cell", "cell", 3, adata=duplicated, batch="ctrl")
     by_position = cellvae.tl.interpolate(model, [0], [1], 3, adata=duplicated, batch="ctrl")
     np.testing.assert_allclose(by_position.X[[0, -1]], ends, rtol=1e-4, atol=1e-6)
+    # batch=None: endpoints of one batch decode as that batch, as the cells themselves do; of two, averaged
+    stim, ctrl = (np.flatnonzero((kang.obs["batch"] == name).to_numpy())[:2] for name in ("stim", "ctrl"))
+    own = cellvae.tl.interpolate(model, stim[:1], stim[1:], 3)
+    assert own.uns["interpolate"] == {"batch": "stim"}
+    np.testing.assert_allclose(own.X[[0, -1]], model.get_normalized_expression(kang[stim]), rtol=1e-4, atol=1e-6)
+    across = cellvae.tl.interpolate(model, stim[:1], ctrl[:1], 3)
+    assert across.uns["interpolate"] == {}
+    averaged = model.decode(model.get_latent(kang[[stim[0], ctrl[0]]]))
+    np.testing.assert_allclose(across.X[[0, -1]], averaged, rtol=1e-4, atol=1e-6)
 
 
 def _mean_log_expression(matrix) -> np.ndarray:
@@ -375,6 +384,13 @@ def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
     assert record["n_strata"] == 2
     np.testing.assert_allclose(record["delta"], np.mean(deltas, axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(shifted.obsm["z"], latent[apply_to] + record["delta"], rtol=1e-5, atol=1e-6)
+    shift = {"groupby": "condition", "source": "ctrl", "target": "stim", "reference": reference, "stratify": "cell_type"}
+    twice = np.r_[np.flatnonzero(apply_to)[:3], np.flatnonzero(apply_to)[:3]]  # one row per cell: a cell twice is refused
+    with pytest.raises(ValueError, match="apply_to lists 3 cells more than once; give each cell once"):
+        cellvae.tl.latent_shift(small_model, cells, apply_to=twice, **shift)
+    stim_cells = np.flatnonzero(stim)[:2]
+    with pytest.warns(UserWarning, match=r"2 of the 5 apply_to cells are 'stim' cells already: the shift takes them past it"):
+        cellvae.tl.latent_shift(small_model, cells, apply_to=np.r_[np.flatnonzero(apply_to)[:3], stim_cells], **shift)
 
 
 def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_target(cells):
