@@ -2315,7 +2315,11 @@ def _check_count(value, name: str) -> None:
 def _check_seed(random_state) -> int:
     """``random_state`` as a Python integer (torch's generators refuse numpy's)."""
     if not _is_whole(random_state):
-        raise TypeError(f"random_state must be an integer seed, got {random_state!r}")
+        not_taken = " (scanpy also takes None or a RandomState; cellvae's results are reproducible by seed)"
+        raise TypeError(
+            f"random_state must be an integer seed, e.g. 0, got {random_state!r:.60}"
+            + (not_taken if random_state is None or isinstance(random_state, np.random.RandomState | np.random.Generator) else "")
+        )
     if not 0 <= random_state < 2**32:  # what scanpy's and scikit-learn's seeds (numpy's RandomState) take
         raise ValueError(f"random_state must be a non-negative integer below 2**32, got {random_state}")
     return int(random_state)

@@ -1,4 +1,4 @@
-"""Plots in scanpy's style: each returns its matplotlib Axes and shows the figure unless ``show=False``.
+"""Plots in scanpy's style: each shows its figure, or with ``show=False`` returns its matplotlib Axes (as scanpy's do).
 
 Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
 unless, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``, which takes scanpy's
@@ -37,7 +37,7 @@ def history(
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     save: bool | str | os.PathLike | None = None,
-) -> list[Axes]:
+) -> list[Axes] | None:
     """Training curves: distortion and rate per cell, train and validation, against epoch.
 
     A dotted line marks the epoch whose parameters the model keeps (``model.history.attrs["best_epoch"]``).
@@ -54,7 +54,8 @@ def history(
 
     Returns
     -------
-    A list of the two Axes (distortion, rate).
+    A list of the two Axes (distortion, rate), where the figure is not shown (``show=False``, or scanpy's
+    ``autoshow`` off); else None, as scanpy's plots.
     """
     _check_model(model)
     target = _save_target(save, "history")
@@ -99,8 +100,8 @@ def history(
     if one_axes:
         lines = [line for axis in axes for line in axis.get_lines()]
         axes[0].legend(lines, [line.get_label() for line in lines], frameon=False)
-    _finish(axes[0].figure, show, target, made=ax is None)
-    return axes
+    shown = _finish(axes[0].figure, show, target, made=ax is None)
+    return None if shown else axes
 
 
 # ----------------------------------------------------------------------------- rate–distortion and posterior collapse
@@ -113,7 +114,7 @@ def rate_distortion(
     ax: Axes | None = None,
     show: bool | None = None,
     save: bool | str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """The rate–distortion curve of :func:`cellvae.tl.rate_distortion_sweep`: rate on x, distortion on y, points labelled by beta.
 
     The ringed point has the best ELBO (the least distortion + rate); the dashed line of slope −1
@@ -134,7 +135,7 @@ def rate_distortion(
 
     Returns
     -------
-    The Axes.
+    The Axes, where the figure is not shown (``show=False``, or scanpy's ``autoshow`` off); else None.
     """
     target = _save_target(save, "rate_distortion")
     if not isinstance(frame, pd.DataFrame):  # e.g. the model, as pl.history and pl.kl_per_dimension take
@@ -183,8 +184,8 @@ def rate_distortion(
         ax.set_title("means over held-out cells", fontsize=10)
     ax.legend(frameon=False, fontsize=8)
     ax.grid(False)
-    _finish(ax.figure, show, target, made=made)
-    return ax
+    shown = _finish(ax.figure, show, target, made=made)
+    return None if shown else ax
 
 
 def kl_per_dimension(
@@ -197,7 +198,7 @@ def kl_per_dimension(
     ax: Axes | None = None,
     show: bool | None = None,
     save: bool | str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """Mean KL of each latent dimension, largest first; inactive dimensions in grey.
 
     The title counts the active dimensions and those carrying at least 0.1 nats per cell (the dotted
@@ -219,7 +220,7 @@ def kl_per_dimension(
 
     Returns
     -------
-    The Axes.
+    The Axes, where the figure is not shown (``show=False``, or scanpy's ``autoshow`` off); else None.
     """
     _check_model(model)
     target = _save_target(save, "kl_per_dimension")
@@ -238,8 +239,8 @@ def kl_per_dimension(
     n_active, n_informative = int((activity > threshold).sum()), int((kl >= diagnostics.COLLAPSED_KL).sum())
     ax.set_title(f"{n_active} of {len(kl)} active, {n_informative} ≥ {diagnostics.COLLAPSED_KL:g} nats", fontsize=10)
     ax.grid(False)
-    _finish(ax.figure, show, target, made=made)
-    return ax
+    shown = _finish(ax.figure, show, target, made=made)
+    return None if shown else ax
 
 
 def _save_target(save, name: str) -> Path | None:
@@ -269,7 +270,8 @@ def _save_target(save, name: str) -> Path | None:
     return Path(text) if suffix else Path(text + ".png")
 
 
-def _finish(figure, show: bool | None, target: Path | None, made: bool) -> None:
+def _finish(figure, show: bool | None, target: Path | None, made: bool) -> bool:
+    """Lay out, save (``target``) and show the figure as scanpy does; return whether it was shown."""
     if made:  # a figure of the caller's (ax given) keeps the layout the caller chose
         figure.tight_layout()
     if target is not None:
@@ -290,3 +292,4 @@ def _finish(figure, show: bool | None, target: Path | None, made: bool) -> None:
         plt.show()
     if target is not None and made:
         plt.close(figure)
+    return bool(show)

@@ -67,6 +67,17 @@ def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
         raise TypeError(f"pass {repeated} as the function's own arguments (e.g. {repeated[0]}=...), not in fit_kwargs")
 
 
+# obsm keys (prefixes) scanpy's tools write, with their uns records: embed refuses such a key where the record is
+# there, as it would then describe the embedding written over the tool's
+SCANPY_EMBEDDINGS = {
+    "X_pca": ("sc.pp.pca", "pca"),
+    "X_umap": ("sc.tl.umap", "umap"),
+    "X_tsne": ("sc.tl.tsne", "tsne"),
+    "X_diffmap": ("sc.tl.diffmap", "diffmap_evals"),
+    "X_draw_graph_": ("sc.tl.draw_graph", "draw_graph"),
+}
+
+
 def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, fit_kwargs: dict | None) -> tuple[str, str]:
     """:func:`embed`'s checks of its arguments and of the keys it will write, before any work (also run by every
     data-parallel rank of ``cellvae fit``, where only rank 0 embeds); returns ``key_added`` and the ``uns`` key."""
@@ -76,6 +87,13 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     _check_model_kwargs(model_kwargs)
     if "copy" in model_kwargs or "inplace" in model_kwargs:
         raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
+    for prefix, (tool, record) in SCANPY_EMBEDDINGS.items():
+        if key_added.startswith(prefix) and record in adata.uns:
+            raise ValueError(
+                f"key_added={key_added!r} is where scanpy's {tool} wrote its embedding, whose record adata.uns[{record!r}] "
+                "would then describe another one; choose another key_added, e.g. 'X_cellvae', and pass it to scanpy as "
+                "use_rep"
+            )
     uns_key = _uns_key(key_added)
     record = adata.uns.get(uns_key, {})
     if not isinstance(record, Mapping):
@@ -84,6 +102,13 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
             f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
         )
     if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
+        if "connectivities_key" in record and uns_key != "neighbors":  # sc.pp.neighbors(..., key_added=uns_key)
+            raise ValueError(
+                f"adata.uns[{uns_key!r}] holds a neighbours graph's record, which sc.pp.neighbors(..., "
+                f"key_added={uns_key!r}) wrote there in place of embed's; embed would replace it with its own settings: "
+                f"name the graph otherwise (e.g. key_added='{uns_key}_neighbors'), delete adata.uns[{uns_key!r}] if the "
+                "graph is no longer needed, or choose another key_added here"
+            )
         raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
             f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
             "its own settings: choose another key_added"
@@ -201,6 +226,7 @@ def embed(
     each embedding keeps its own record).
     """
     key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
+    random_state = _check_seed(random_state)  # before the counts are read and checked
     genes = _genes_to_train(adata, mask_var)
     model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
@@ -523,7 +549,10 @@ def rank_genes_groups(
         a ``/``).
     n_genes
         Keep each group's ``n_genes`` top-ranked genes, as scanpy's ``n_genes`` does (``None``: all of the
-        model's genes; scanpy's default keeps 100). ``pts`` still covers every gene.
+        model's genes; scanpy's default keeps 100). ``pts`` still covers every gene. For a model trained on some
+        of the genes (``mask_var``), scanpy plots that read every gene's values
+        (``sc.pl.rank_genes_groups_dotplot(..., values_to_plot="logfoldchanges")``) ask for a result of all of
+        ``adata``'s genes: give them ``adata[:, model.config.gene_names].copy()``.
     key_added
         ``uns`` key of the result (``None``: ``"rank_genes_groups"``).
     copy

@@ -108,17 +108,18 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         cellvae.pl.history(model, ax=plt.subplots(1, 3)[1], show=False)
     figure = tmp_path / "history.png"  # save= writes the path as given
     open_figures = len(plt.get_fignums())
-    axes = cellvae.pl.history(model, save=figure)
-    assert isinstance(axes, list) and figure.read_bytes()[:4] == b"\x89PNG"
+    shown_axes = cellvae.pl.history(model, save=figure)
+    assert shown_axes is None and figure.read_bytes()[:4] == b"\x89PNG"  # shown: None, as scanpy's plots give
     assert len(plt.get_fignums()) == open_figures  # saved (and shown: a no-op under Agg), then closed, as scanpy does
     shown = []
     monkeypatch.setattr(plt, "show", lambda *args, **kwargs: shown.append(1))
     autoshow = sc.settings.autoshow
     try:
-        sc.settings.autoshow = False  # scanpy's setting for scripts: its plots and ours show nothing
+        sc.settings.autoshow = False  # scanpy's setting for scripts: its plots and ours show nothing, give the Axes
         plt.close(cellvae.pl.kl_per_dimension(model).figure)
         sc.settings.autoshow = True
-        plt.close(cellvae.pl.kl_per_dimension(model).figure)
+        assert cellvae.pl.kl_per_dimension(model) is None
+        plt.close("all")
     finally:
         sc.settings.autoshow = autoshow
     assert shown == [1]

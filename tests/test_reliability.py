@@ -1326,10 +1326,17 @@ def test_saved_model_gets_the_usual_file_permissions(trained, tmp_path, umask, m
 # ----------------------------------------------------------------------------- bad arguments
 
 
-def _with_scanpy_neighbors(adata: ad.AnnData) -> ad.AnnData:
+def _with_scanpy_neighbors(adata: ad.AnnData, key_added: str = "neighbors") -> ad.AnnData:
     with_graph = adata.copy()
-    with_graph.uns["neighbors"] = {"connectivities_key": "connectivities", "params": {"n_neighbors": 15, "method": "umap"}}
+    connectivities = "connectivities" if key_added == "neighbors" else f"{key_added}_connectivities"
+    with_graph.uns[key_added] = {"connectivities_key": connectivities, "params": {"n_neighbors": 15, "method": "umap"}}
     return with_graph
+
+
+def _with_record(adata: ad.AnnData, key: str) -> ad.AnnData:
+    recorded = adata.copy()
+    recorded.uns[key] = {"params": {}}  # e.g. sc.pp.pca's, beside its obsm["X_pca"]
+    return recorded
 
 
 def _counts_replaced_by_x(adata: ad.AnnData) -> ad.AnnData:
@@ -1348,7 +1355,11 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
     ("call", "message"),
     [
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, patience=0), "patience must be"),
-        (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=None), "random_state must be"),
+        (
+            lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=None),
+            r"random_state must be an integer seed, e.g. 0, got None \(scanpy also takes None or a RandomState",
+        ),
+        (lambda m, a: cellvae.tl.embed(a.copy(), random_state=np.random.RandomState(0)), "scanpy also takes None"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, random_state=-1), "random_state must be"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device=3), "device must be"),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, device="gpu"), "device must be"),
@@ -1471,6 +1482,12 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
             lambda m, a: cellvae.tl.embed(_with_scanpy_neighbors(a), layer="counts", key_added="neighbors"),
             r"adata.uns\['neighbors'\]\['params'\] is another tool's record",
         ),
+        (  # a graph named after the embedding's record (a second run of a pipeline)
+            lambda m, a: cellvae.tl.embed(_with_scanpy_neighbors(a, key_added="cellvae"), layer="counts"),
+            r"uns\['cellvae'\] holds a neighbours graph's record, which sc.pp.neighbors\(..., key_added='cellvae'\) wrote",
+        ),
+        (lambda m, a: cellvae.tl.embed(_with_record(a, "pca"), key_added="X_pca"), r"sc.pp.pca wrote .*uns\['pca'\]"),
+        (lambda m, a: cellvae.tl.embed(_with_record(a, "draw_graph"), key_added="X_draw_graph_fa"), "sc.tl.draw_graph wrote"),
         (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), "cell_type", unknown_threshold="0.5"), "must be a number in"),
         # a saved model's path or None where a tool takes the model
         (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=None), "model must be a CellVAE, got NoneType"),
