@@ -447,6 +447,8 @@ def run_demo(args: argparse.Namespace) -> int:
     blocked = next((path for path in (out_dir, *out_dir.parents) if path.exists() and not path.is_dir()), None)
     if blocked is not None:
         raise SystemExit(f"error: --out-dir {args.out_dir} cannot be made: {blocked} is a file; name a folder")
+    if (out_dir / "model").is_file():
+        raise SystemExit(f"error: {out_dir / 'model'} is a file, where the demo saves its model; choose another --out-dir")
     if (out_dir / "model").exists() and not is_model_folder(out_dir / "model"):
         raise SystemExit(
             f"error: {out_dir / 'model'} holds files that are not a saved cellvae model, where the demo saves its model; "

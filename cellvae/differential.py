@@ -330,7 +330,8 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
 
     def cells_of(name: str) -> np.ndarray:
         if name not in names:
-            rest = " (for every other cell, as scvi-tools' 'rest', pass group2=None)" if name.lower() == "rest" else ""
+            is_rest = name == second and name.lower() == "rest"
+            rest = " (for every other cell, as scvi-tools' 'rest', pass group2=None)" if is_rest else ""
             raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}{rest}")
         return np.flatnonzero(codes == code_of[name])
 

@@ -28,12 +28,18 @@ def log_factorial(x: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(x + 1.0)
 
 
-def _minus_log_factorial(log_p: torch.Tensor, x: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+def _minus_log_factorial(
+    log_p: torch.Tensor,
+    x: torch.Tensor,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None,
+    log_factorials: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``log_p - log(x!)``; given the positions of the non-zero counts of a 2-D ``x``, ``log(x!)`` (0 at x = 0) is
-    evaluated there only."""
+    subtracted there only, each entry's own (``log_factorials``, when given, holds them: the loader's)."""
     if nonzero is None or x.shape != log_p.shape:
         return log_p - log_factorial(x)
-    return log_p.index_put(nonzero, -log_factorial(x[nonzero]), accumulate=True)
+    entries = log_factorial(x[nonzero]) if log_factorials is None else log_factorials.to(log_p.dtype)
+    return log_p.index_put(nonzero, -entries, accumulate=True)
 
 
 # Above this theta, lgamma(x + theta) - lgamma(theta) comes from Stirling's series (error < 1e-10 nats).
@@ -95,7 +101,8 @@ class SparseCounts:
     """A minibatch's non-zero counts in row order, prepared once by the loader (on the CPU).
 
     With them the likelihoods evaluate the terms that vanish at zero counts (``lgamma``,
-    ``log x!``) at the non-zero entries only, and sum them per cell without a dense scatter.
+    ``log x!``) at the non-zero entries only: the negative binomial sums them per cell without a dense
+    scatter; ZINB and Poisson scatter ``log x!`` into their cells × genes terms.
     """
 
     rows: torch.Tensor  # int64, cell of each non-zero entry, non-decreasing
@@ -158,10 +165,6 @@ class SparseCounts:
         """Sum per cell of one value per non-zero entry."""
         return torch.segment_reduce(values, "sum", lengths=self.row_lengths)
 
-    def minus_log_factorial(self, log_p: torch.Tensor) -> torch.Tensor:
-        """``log_p`` (cells × genes) less ``log(x!)`` at each non-zero entry."""
-        return log_p.index_put((self.rows, self.columns), -self.log_factorial.to(log_p.dtype), accumulate=True)
-
 
 class Poisson:
     """Poisson counts with mean ``exp(log_mean)``."""
@@ -188,7 +191,7 @@ class Poisson:
         """Log-probability of each cell's counts (summed over genes)."""
         if sparse is None:
             return self.log_prob(x).sum(-1)
-        return sparse.minus_log_factorial(x * self.log_mean - self.mean).sum(-1)
+        return _minus_log_factorial(x * self.log_mean - self.mean, x, (sparse.rows, sparse.columns), sparse.log_factorial).sum(-1)
 
     def of_genes(self, columns) -> Poisson:
         """The distribution of these genes (columns) only."""
@@ -364,7 +367,9 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         """Log-probability of each cell's counts (summed over genes)."""
         if sparse is None:
             return self.log_prob(x).sum(-1)
-        return sparse.minus_log_factorial(self.log_prob(x, include_constant=False, nonzero=(sparse.rows, sparse.columns))).sum(-1)
+        nonzero = (sparse.rows, sparse.columns)
+        log_p = self.log_prob(x, include_constant=False, nonzero=nonzero)
+        return _minus_log_factorial(log_p, x, nonzero, sparse.log_factorial).sum(-1)
 
     def of_genes(self, columns) -> ZeroInflatedNegativeBinomial:
         """The distribution of these genes (columns) only."""

@@ -486,6 +486,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         if checkpoint_dir is not None:  # a folder that cannot take them is told now, not after the first epoch
             _check_checkpoint_dir(checkpoint_dir)
+            checkpoint_dir = Path(checkpoint_dir).expanduser()  # "~/ck" is the home's, where checks, writes and resume look
         # Under torchrun (or an initialised process group) each process trains on its shard, DDP-style.
         training_device = setup_distributed(pick_device(device))
         if checkpoint_dir is not None and not resume and rank_and_world()[1] == 1:  # (data-parallel: train, once the
@@ -1948,6 +1949,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         rng = np.random.default_rng(random_state)
         template = None
         batch_names = None if batch is None else self._batch_names(batch, n_cells)
+        # the values given checked now (those to be copied from cells stood in for), not after matching cells to them
+        stand_ins = {key: c.categorical_covariate_categories[key][0] for key in c.categorical_covariate_keys}
+        with warnings.catch_warnings():  # (their warnings come once, from the decoding itself)
+            warnings.simplefilter("ignore", UserWarning)
+            self._check_decoding(n_cells, batch_names, stand_ins | dict.fromkeys(c.continuous_covariate_keys, 0.0) | given, 1.0)
         if needs_template:
             if self.adata is None:
                 raise ValueError(
@@ -1963,21 +1969,22 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 if key in given:
                     asked[key] = _per_row(given[key], n_cells, f"covariates[{key!r}]")
             if asked:
-                wanted = _joined_text(asked.values())
-                held = _joined_text(self.adata.obs[key].to_numpy()[cells] for key in asked)
+                wanted, held_codes = _row_codes(
+                    [pd.Series(np.asarray(values)) for values in asked.values()], [self.adata.obs[k].iloc[cells] for k in asked]
+                )
                 absent = []
-                for name in np.unique(wanted):
-                    matching = cells[held == name]
+                for code in np.unique(wanted):
+                    these = np.flatnonzero(wanted == code)
+                    matching = cells[held_codes == code]
                     if len(matching):
-                        these = np.flatnonzero(wanted == name)
                         template[these] = matching[rng.integers(0, len(matching), len(these))]
                     else:
-                        absent.append(", ".join(f"{key}={value!r}" for key, value in zip(asked, name.split("\x1f"))))
+                        absent.append(", ".join(f"{key}={str(values[these[0]])!r}" for key, values in asked.items()))
                 if absent:
                     data.warn_user(
-                        f"the model's AnnData holds no cell of {'; '.join(absent[:5])}, so cells generated as that copy "
-                        "library sizes (and covariates not given) from cells of every batch and covariate value; pass "
-                        "library_size= (and covariates=) for their own",
+                        f"the model's AnnData holds no cell of {'; '.join(absent[:5])}, so the cells generated with those "
+                        "values copy library sizes (and covariates not given) from cells of every batch and covariate "
+                        "value; pass library_size= (and covariates=) for their own",
                         UserWarning,
                     )
             if library is None:
@@ -2219,9 +2226,16 @@ def _check_weights_fit(found: dict[str, tuple], config: Config, weights: Path) -
         )
 
 
-def _joined_text(columns) -> np.ndarray:
-    """Each row's values of equally long ``columns`` as one text, for matching rows by several values at once."""
-    return np.array(["\x1f".join(row) for row in zip(*(np.asarray(column).astype(str) for column in columns))], dtype=object)
+def _row_codes(asked: list[pd.Series], held: list[pd.Series]) -> tuple[np.ndarray, np.ndarray]:
+    """One integer per row of the ``asked`` and of the ``held`` columns (the same keys in the same order), equal
+    where two rows hold the same values, as text, under every key."""
+    n_asked = len(asked[0])
+    combined = np.zeros(n_asked + len(held[0]), dtype=np.int64)
+    for asked_values, held_values in zip(asked, held):
+        text = pd.concat([pd.Series(data.as_text(asked_values)), pd.Series(data.as_text(held_values))], ignore_index=True)
+        codes, uniques = pd.factorize(text)
+        combined = combined * (len(uniques) + 1) + codes
+    return combined[:n_asked], combined[n_asked:]
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

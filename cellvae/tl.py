@@ -67,8 +67,8 @@ def _check_fit_kwargs(fit_kwargs: dict | None) -> None:
         raise TypeError(f"pass {repeated} as the function's own arguments (e.g. {repeated[0]}=...), not in fit_kwargs")
 
 
-# obsm keys (prefixes) scanpy's tools write, with their uns records: embed refuses such a key where the record is
-# there, as it would then describe the embedding written over the tool's
+# obsm keys scanpy's tools write (a prefix where it ends in "_"), with their uns records: embed refuses such a key
+# where the record is there, as it would then describe the embedding written over the tool's
 SCANPY_EMBEDDINGS = {
     "X_pca": ("sc.pp.pca", "pca"),
     "X_umap": ("sc.tl.umap", "umap"),
@@ -87,13 +87,6 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     _check_model_kwargs(model_kwargs)
     if "copy" in model_kwargs or "inplace" in model_kwargs:
         raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
-    for prefix, (tool, record) in SCANPY_EMBEDDINGS.items():
-        if key_added.startswith(prefix) and record in adata.uns:
-            raise ValueError(
-                f"key_added={key_added!r} is where scanpy's {tool} wrote its embedding, whose record adata.uns[{record!r}] "
-                "would then describe another one; choose another key_added, e.g. 'X_cellvae', and pass it to scanpy as "
-                "use_rep"
-            )
     uns_key = _uns_key(key_added)
     record = adata.uns.get(uns_key, {})
     if not isinstance(record, Mapping):
@@ -168,7 +161,15 @@ def _uns_key(key_added: str) -> str:
 
 def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) -> None:
     """Refuse a ``key_added`` whose ``uns`` record describes another embedding still in ``obsm`` (``"cellvae"``
-    and the default ``"X_cellvae"`` share ``adata.uns["cellvae"]``); also run by ``cellvae embed``."""
+    and the default ``"X_cellvae"`` share ``adata.uns["cellvae"]``; scanpy's ``X_pca`` and ``uns["pca"]``, ...);
+    also run by ``cellvae embed`` and ``cellvae map``."""
+    for key, (tool, record) in SCANPY_EMBEDDINGS.items():
+        if (key_added == key or key.endswith("_") and key_added.startswith(key)) and record in adata.uns:
+            raise ValueError(
+                f"key_added={key_added!r} is where scanpy's {tool} wrote its embedding, whose record adata.uns[{record!r}] "
+                "would then describe another one; choose another key_added, e.g. 'X_cellvae', and pass it to scanpy as "
+                "use_rep"
+            )
     record = adata.uns.get(uns_key)
     params = record.get("params") if isinstance(record, Mapping) else None
     recorded = params.get("key_added") if isinstance(params, Mapping) else None
@@ -1014,8 +1015,9 @@ def latent_shift(
         if value not in set(groups):
             raise ValueError(f"{name} {value!r} is not a group of obs[{groupby!r}]; groups: {sorted(set(groups))[:10]}")
     shifted = cell_positions(adata, apply_to, "apply_to")
-    if len(np.unique(shifted)) < len(shifted):  # the result has a row per cell: one cell twice is two rows of one name
-        raise ValueError(f"apply_to lists {len(shifted) - len(np.unique(shifted))} cells more than once; give each cell once")
+    repeated = int((np.unique(shifted, return_counts=True)[1] > 1).sum())
+    if repeated:  # the result has a row per cell: one cell twice is two rows of one name
+        raise ValueError(f"apply_to lists {repeated} cell{'s' if repeated > 1 else ''} more than once; give each cell once")
     already = int((groups[shifted] == target).sum())
     if already:
         warn_user(

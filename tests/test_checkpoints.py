@@ -447,6 +447,13 @@ def test_a_new_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path, monkey
     (tmp_path / CHECKPOINT).unlink()
     with pytest.raises(FileExistsError, match="earlier run"):
         model.fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    CellVAE(adata, n_hidden=8).fit(max_epochs=1, progress=False, checkpoint_dir="~/ck")  # the home's folder, as written
+    assert (tmp_path / "home" / "ck" / CHECKPOINT).is_file() and not (tmp_path / "~").exists()
+    with pytest.raises(FileExistsError, match="earlier run"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=1, progress=False, checkpoint_dir="~/ck")
 
 
 def test_default_kl_warm_up_and_query_epochs():

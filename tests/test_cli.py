@@ -63,6 +63,10 @@ def test_demo_refuses_an_out_dir_it_cannot_use_before_training(tmp_path, monkeyp
     with pytest.raises(SystemExit, match=r"mine/model holds files that are not a saved cellvae model.*another --out-dir"):
         main(["demo", "--out-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "pbmc68k.h5ad").read_text() == "precious"
+    (tmp_path / "filed").mkdir()
+    (tmp_path / "filed" / "model").write_text("notes")
+    with pytest.raises(SystemExit, match=r"filed/model is a file, where the demo saves its model"):
+        main(["demo", "--out-dir", str(tmp_path / "filed")])
 
 
 def test_fit_then_embed(tmp_path):
@@ -1123,6 +1127,17 @@ def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folde
         main(["embed", str(tmp_path / "renamed.h5ad"), "--model-dir", str(tmp_path / "plain"), "--out", str(tmp_path / "o.h5ad"),
               "--batch-key", "sample"])  # fmt: skip
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_embed_refuses_to_write_over_scanpys_umap_while_its_record_is_there(reference_folder, tmp_path):
+    with_umap = ad.read_h5ad(reference_folder / "ref.h5ad")
+    with_umap.obsm["X_umap"], with_umap.uns["umap"] = np.zeros((with_umap.n_obs, 2)), {"params": {"a": 1.0}}
+    with_umap.write_h5ad(tmp_path / "umap.h5ad")
+    embed = ["embed", str(tmp_path / "umap.h5ad"), "--model-dir", str(reference_folder / "model"), "--out"]
+    with pytest.raises(SystemExit, match=r"key_added='X_umap' is where scanpy's sc.tl.umap wrote its embedding"):
+        main([*embed, str(tmp_path / "o.h5ad"), "--key-added", "X_umap"])
+    assert not (tmp_path / "o.h5ad").exists()
+    assert main([*embed, str(tmp_path / "o.h5ad"), "--key-added", "X_umap_cellvae", "--quiet"]) == 0  # a name of its own
 
 
 def test_map_warns_once_about_model_genes_missing_from_the_query(reference_folder, tmp_path):

@@ -76,7 +76,7 @@ def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_bat
     explicit = model.generate(60, batch="batch1", library_size=as_batch1.obs["library_size"].to_numpy(), random_state=0)
     assert (explicit.X != as_batch1.X).nnz == 0
     model.adata = adata[~deep].copy()  # e.g. loaded with another AnnData: no cell of batch1 to copy
-    with pytest.warns(UserWarning, match=r"holds no cell of batch='batch1', so cells generated as that copy"):
+    with pytest.warns(UserWarning, match=r"holds no cell of batch='batch1', so the cells generated with those values copy"):
         elsewhere = model.generate(20, batch="batch1", random_state=0)
     assert set(elsewhere.obs["library_size"]) <= set(depths[~deep])
 
@@ -96,8 +96,12 @@ def test_generated_cells_of_a_cell_type_covariate_take_that_types_library_sizes(
     assert set(generated.obs["library_size"]) <= set(depths[deep & in_batch0])
     assert (generated.obs["cell_type"] == deep_type).all()
     model.adata = adata[~(deep & in_batch0)].copy()  # no cell of that type in batch0 to copy
-    with pytest.warns(UserWarning, match=rf"holds no cell of batch='batch0', cell_type='{deep_type}', so cells generated"):
+    with pytest.warns(UserWarning, match=rf"holds no cell of batch='batch0', cell_type='{deep_type}', so the cells generated"):
         model.generate(10, batch="batch0", covariates={"cell_type": deep_type}, random_state=0)
+    with warnings.catch_warnings():  # an unknown value: refused before any cell is matched to it (no warning first)
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="unseen in training"):
+            model.generate(10, covariates={"cell_type": "bogus"}, random_state=0)
 
 
 def test_generated_counts_stay_a_valid_csr_matrix_when_deeper_cells_come_later(model):
@@ -385,9 +389,12 @@ def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
     np.testing.assert_allclose(record["delta"], np.mean(deltas, axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(shifted.obsm["z"], latent[apply_to] + record["delta"], rtol=1e-5, atol=1e-6)
     shift = {"groupby": "condition", "source": "ctrl", "target": "stim", "reference": reference, "stratify": "cell_type"}
-    twice = np.r_[np.flatnonzero(apply_to)[:3], np.flatnonzero(apply_to)[:3]]  # one row per cell: a cell twice is refused
+    first = np.flatnonzero(apply_to)[:3]
+    twice = np.r_[first, first]  # one row per cell: a cell twice is refused
     with pytest.raises(ValueError, match="apply_to lists 3 cells more than once; give each cell once"):
         cellvae.tl.latent_shift(small_model, cells, apply_to=twice, **shift)
+    with pytest.raises(ValueError, match="apply_to lists 1 cell more than once"):
+        cellvae.tl.latent_shift(small_model, cells, apply_to=np.r_[first[[0, 0, 0]], first[1:]], **shift)
     stim_cells = np.flatnonzero(stim)[:2]
     with pytest.warns(UserWarning, match=r"2 of the 5 apply_to cells are 'stim' cells already: the shift takes them past it"):
         cellvae.tl.latent_shift(small_model, cells, apply_to=np.r_[np.flatnonzero(apply_to)[:3], stim_cells], **shift)

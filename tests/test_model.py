@@ -1074,6 +1074,8 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.differential_expression(groupby="cell_type", group1="type0", pseudocounts=1e-4)
     with pytest.raises(ValueError, match=r"group 'Rest' has no cells .*as scvi-tools' 'rest', pass group2=None"):
         model.differential_expression(groupby="cell_type", group1="type0", group2="Rest")
+    with pytest.raises(ValueError, match=r"group 'Rest' has no cells in .*\]$"):  # group1: no group2 advice
+        model.differential_expression(groupby="cell_type", group1="Rest")
     # no advice naming an option the method lacks: Python's own error
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'plan_kwargs'$"):
         model.map_query(adata, plan_kwargs={"weight_decay": 0.0})

@@ -1488,6 +1488,7 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
         ),
         (lambda m, a: cellvae.tl.embed(_with_record(a, "pca"), key_added="X_pca"), r"sc.pp.pca wrote .*uns\['pca'\]"),
         (lambda m, a: cellvae.tl.embed(_with_record(a, "draw_graph"), key_added="X_draw_graph_fa"), "sc.tl.draw_graph wrote"),
+        (lambda m, a: cellvae.tl.embed(_with_record(a, "umap"), key_added="X_umap_vae", n_hidden=0), "n_hidden must be"),
         (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), "cell_type", unknown_threshold="0.5"), "must be a number in"),
         # a saved model's path or None where a tool takes the model
         (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=None), "model must be a CellVAE, got NoneType"),
