@@ -117,11 +117,22 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
 def _scvi_tools_names(method):
     """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
     where ``method`` takes it (elsewhere Python's own error stands: the advice would name what it lacks)."""
-    accepted = set(inspect.signature(method).parameters)
+    parameters = inspect.signature(method).parameters
+    accepted = set(parameters)
     applies = accepted | {method.__name__}
+    positional = [p for p in parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    by_keyword = [p.name for p in parameters.values() if p.kind == p.KEYWORD_ONLY]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters.values()):
+        by_keyword = []  # any number by position
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
+        if len(args) > len(positional) and by_keyword:  # e.g. fit(10), as scvi-tools' train(max_epochs) is called
+            by_position = ", ".join(p.name for p in positional[1:])
+            takes = f"takes {by_position} by position and the rest by keyword" if by_position else "takes keywords only"
+            raise TypeError(
+                f"{method.__qualname__}() {takes}, got {len(args) - 1} positional; e.g. {method.__name__}({by_keyword[0]}=...)"
+            )
         for name in sorted(kwargs.keys() - accepted):
             advice = next((advice for needs, advice in SCVI_TOOLS_ARGUMENTS.get(name, []) if needs in applies | {None}), "")
             if advice and isinstance(kwargs[name], str):

@@ -1076,6 +1076,10 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.differential_expression(groupby="cell_type", group1="type0", group2="Rest")
     with pytest.raises(ValueError, match=r"group 'Rest' has no cells in .*\]$"):  # group1: no group2 advice
         model.differential_expression(groupby="cell_type", group1="Rest")
+    with pytest.raises(TypeError, match=r"fit\(\) takes keywords only, got 1 positional; e.g. fit\(max_epochs=...\)"):
+        model.fit(1)  # scvi-tools' train(max_epochs) by position
+    with pytest.raises(TypeError, match=r"get_latent\(\) takes adata by position and the rest by keyword, got 2 positional"):
+        model.get_latent(adata, True)
     # no advice naming an option the method lacks: Python's own error
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'plan_kwargs'$"):
         model.map_query(adata, plan_kwargs={"weight_decay": 0.0})
