@@ -2732,12 +2732,40 @@ def _gene_positions(
         held = "" if share is None else f"; the model gives them {share:.1%} of a typical cell's counts"
         if share is not None and share >= MISSING_SHARE_WARNED:
             held += ", so the embedding of these cells may shift: compare it on cells of a known type"
+        versioned = _versions_advice(var_names, model_genes[~present], name)
         data.warn_user(
             f"{int((~present).sum())} of the model's {len(model_genes)} genes are missing from {name} "
-            f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts{held}",
+            f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts{held}"
+            + (f". {versioned}" if versioned else ""),
             UserWarning,
         )
     return positions
+
+
+def _unversioned(names) -> pd.Index:
+    """Ensembl IDs without their version (``ENSG00000141510.17`` -> ``ENSG00000141510``); other names as they are."""
+    return pd.Index(names, dtype=object).astype(str).str.replace(r"^(ENS\w*\d{6,})\.\d+$", r"\1", regex=True)
+
+
+def _versions_advice(var_names: pd.Index, missing: pd.Index, name: str) -> str:
+    """Advice where model genes missing from ``var_names`` are there with another Ensembl version, or without
+    the model's one (or with one the model's lack); else ''."""
+    data_names = _unversioned(var_names)
+    found = pd.Index(missing).isin(data_names) | _unversioned(missing).isin(data_names)
+    if not found.any():
+        return ""
+    example = pd.Index(missing)[found][0]
+    if _unversioned(var_names).equals(pd.Index(var_names, dtype=object).astype(str)):  # the model's carry versions
+        return (
+            f"{int(found.sum())} of them are in {name} without the model's Ensembl version (e.g. {example!r}): name them "
+            "as the model does first, e.g. genes = pd.Index(model.config.gene_names); lookup = dict(zip("
+            rf"genes.str.replace(r'\.\d+$', '', regex=True), genes)); {name}.var_names = [lookup.get(g, g) for g in "
+            f"{name}.var_names]"
+        )
+    return (
+        f"{int(found.sum())} of them are in {name} with an Ensembl version the model's lack (e.g. "
+        rf"{example!r}): drop the versions first, {name}.var_names = {name}.var_names.str.replace(r'\.\d+$', '', regex=True)"
+    )
 
 
 def _where_the_models_genes_are(var_names: pd.Index, model_genes: pd.Index, name: str, var: pd.DataFrame | None) -> str:
@@ -2757,13 +2785,12 @@ def _where_the_models_genes_are(var_names: pd.Index, model_genes: pd.Index, name
                 f"{name}.var[{column!r}] holds the model's genes: name the genes by it first, "
                 f"{name}.var_names = {name}.var[{column!r}].astype(str) (then {name}.var_names_make_unique() if some repeat)"
             )
-    unversioned = pd.Index(var_names).str.replace(r"^(ENS\w*\d{6,})\.\d+$", r"\1", regex=True)
-    if covered(unversioned) >= MIN_QUERY_GENE_FRACTION:
+    if covered(_unversioned(var_names)) >= MIN_QUERY_GENE_FRACTION:
         return (
             f"{name}.var_names are Ensembl IDs with a version (e.g. {var_names[0]!r}), the model's without: drop the "
             rf"versions first, {name}.var_names = {name}.var_names.str.replace(r'\.\d+$', '', regex=True)"
         )
-    return ""
+    return _versions_advice(var_names, model_genes, name)
 
 
 def _new_columns(config: Config) -> np.ndarray:

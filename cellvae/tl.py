@@ -129,13 +129,14 @@ def _gene_mask(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> np.ndarr
             )
         column = adata.var[mask_var]
         where = f"adata.var[{mask_var!r}]"
-        if not pd.api.types.is_bool_dtype(column.dtype):
-            raise TypeError(f"{where} must be a boolean column (True for the genes to train on), got dtype {column.dtype}")
-        if column.isna().any():
+        # booleans with missing values (a nullable column, or an object one from an outer anndata.concat)
+        if column.isna().any() and pd.api.types.infer_dtype(column, skipna=True) == "boolean":
             raise ValueError(
                 f"{where} has {int(column.isna().sum())} missing value(s); mark every gene True or False, e.g. "
-                f"adata.var[{mask_var!r}] = adata.var[{mask_var!r}].fillna(False)"
+                f"adata.var[{mask_var!r}] = adata.var[{mask_var!r}].fillna(False).astype(bool)"
             )
+        if not pd.api.types.is_bool_dtype(column.dtype) or column.isna().any():
+            raise TypeError(f"{where} must be a boolean column (True for the genes to train on), got dtype {column.dtype}")
         mask = column.to_numpy(dtype=bool)
     else:
         if isinstance(mask_var, pd.Series) and not mask_var.index.equals(adata.var_names):

@@ -990,6 +990,18 @@ def test_data_whose_genes_are_named_otherwise_is_told_where_the_models_gene_name
     fixed = versioned.copy()
     fixed.var_names = eval(re.search(r"var_names = (adata.var_names.str.replace\(.*\))$", str(told.value))[1], {"adata": fixed})
     np.testing.assert_array_equal(model.get_latent(fixed), model.get_latent(reference_ids))  # the advice, as written
+    partly = reference_ids.copy()  # a few versioned: a warning (not an error) that names the versions
+    partly.var_names = [f"{name}.3" if i < 30 else name for i, name in enumerate(reference_ids.var_names)]
+    with pytest.warns(UserWarning, match=r"30 of the model's 300 genes are missing.*30 of them are in adata with an Ensembl"):
+        model.get_latent(partly)
+    model_versioned = versioned.copy()  # the other way round: the model's IDs carry versions, the data's do not
+    trained_versioned = CellVAE(model_versioned, batch_key="batch").fit(max_epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"300 of them are in adata without the model's Ensembl version") as told:
+        trained_versioned.get_latent(reference_ids)
+    renamed = reference_ids.copy()
+    advice = re.search(r"e\.g\. (genes = .*)$", str(told.value))[1]
+    exec(advice, {"pd": pd, "model": trained_versioned, "adata": renamed})  # the advice, as written
+    np.testing.assert_array_equal(trained_versioned.get_latent(renamed), trained_versioned.get_latent(model_versioned))
 
 
 def test_loading_a_directory_that_is_not_a_model(tmp_path, two_batches):

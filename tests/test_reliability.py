@@ -232,10 +232,12 @@ def test_embed_trains_on_the_genes_mask_var_marks_and_writes_the_embedding_of_ev
     del adata.obs["leiden"]
     monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before refusing"))
     adata.var["score"], adata.var["maybe"] = np.linspace(0, 1, adata.n_vars), pd.array([True, None] * 20, dtype="boolean")
+    adata.var["concatenated"] = np.array([True, np.nan] * 20, dtype=object)
     refusals = [
         ("no_such_column", KeyError, r"mask_var 'no_such_column' is not a column of adata.var .*highly_variable_genes"),
         ("score", TypeError, r"adata.var\['score'\] must be a boolean column .* got dtype float64"),
-        ("maybe", ValueError, r"adata.var\['maybe'\] has 20 missing value\(s\); .*\.fillna\(False\)"),
+        ("maybe", ValueError, r"adata.var\['maybe'\] has 20 missing value\(s\); .*\.fillna\(False\)\.astype\(bool\)"),
+        ("concatenated", ValueError, r"adata.var\['concatenated'\] has 20 missing value\(s\)"),  # object, from an outer concat
         (np.zeros(adata.n_vars, dtype=bool), ValueError, "mask_var marks no genes"),
         (np.ones(3, dtype=bool), TypeError, "a boolean mask of the 40 genes, got bool of shape \\(3,\\)"),
         (np.arange(adata.n_vars), TypeError, "a boolean mask of the 40 genes, got int64"),
