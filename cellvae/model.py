@@ -2755,7 +2755,7 @@ def _versions_advice(var_names: pd.Index, missing: pd.Index, name: str) -> str:
     if not found.any():
         return ""
     example = pd.Index(missing)[found][0]
-    if _unversioned(var_names).equals(pd.Index(var_names, dtype=object).astype(str)):  # the model's carry versions
+    if data_names.equals(pd.Index(var_names, dtype=object).astype(str)):  # the data's have none: the model's do
         return (
             f"{int(found.sum())} of them are in {name} without the model's Ensembl version (e.g. {example!r}): name them "
             "as the model does first, e.g. genes = pd.Index(model.config.gene_names); lookup = dict(zip("

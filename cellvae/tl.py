@@ -135,7 +135,7 @@ def _gene_mask(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> np.ndarr
                 f"{where} has {int(column.isna().sum())} missing value(s); mark every gene True or False, e.g. "
                 f"adata.var[{mask_var!r}] = adata.var[{mask_var!r}].fillna(False).astype(bool)"
             )
-        if not pd.api.types.is_bool_dtype(column.dtype) or column.isna().any():
+        if not pd.api.types.is_bool_dtype(column.dtype):
             raise TypeError(f"{where} must be a boolean column (True for the genes to train on), got dtype {column.dtype}")
         mask = column.to_numpy(dtype=bool)
     else:

@@ -844,7 +844,7 @@ def average_statistics(vae: VAE, world: int) -> None:
 def refuse_earlier_checkpoints(checkpoint_dir: str | os.PathLike, world: int) -> None:
     """Raise, on every rank, where ``checkpoint_dir`` holds an earlier run's checkpoints, which a run that does not
     resume would replace after its first epoch."""
-    earlier = Path(checkpoint_dir).is_dir() and any(checkpoint_ranks(Path(checkpoint_dir)))
+    earlier = any(checkpoint_ranks(Path(checkpoint_dir)))  # (none in a folder not made yet)
     if world > 1:
         earlier = bool(all_reduce_max([float(earlier)])[0])
     if earlier:
