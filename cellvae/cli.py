@@ -844,9 +844,10 @@ def _record_embedding(
     uns_key = tl._uns_key(key_added)
     record = adata.uns.get(uns_key)
     if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
-        params = {"key_added": key_added, "model_dir": str(model_dir), "layer": layer}
-        params |= {"batch_key": model.config.batch_key, "epochs_trained": int(len(model.history)), **(more or {})}
-        adata.uns[uns_key] = {**(record or {}), "params": {k: v for k, v in params.items() if v is not None}}
+        # layer and batch_key as tl.embed and cellvae fit record them: None for X, or for no batches
+        params = {"key_added": key_added, "model_dir": str(model_dir), "layer": layer, "batch_key": model.config.batch_key}
+        params |= {"epochs_trained": int(len(model.history))} | {k: v for k, v in (more or {}).items() if v is not None}
+        adata.uns[uns_key] = {**(record or {}), "params": params}
     _warn_if_graph_is_stale(adata, key_added, replaced)
 
 

@@ -154,12 +154,18 @@ def _from_free(vae: VAE, free: torch.Tensor) -> torch.Tensor:
     return torch.tril(free, -1) + torch.diag_embed(torch.exp(torch.diagonal(free, dim1=-2, dim2=-1)))
 
 
-def _objective(vae: VAE, mb: Minibatch, mean, scale, noise, beta: float, constants: bool = True) -> torch.Tensor:
+def _objective(
+    vae: VAE, mb: Minibatch, mean, scale, noise, beta: float, constants: bool = True, free_dims: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p(x|z_s) − beta·KL per noise draw s and cell, samples × cells; its mean over draws is the ELBO at beta = 1.
-    ``constants=False`` leaves out the likelihood's terms that do not depend on z (for gradients and differences)."""
+    ``constants=False`` leaves out the likelihood's terms that do not depend on z (for gradients and differences);
+    ``free_dims`` (a mask of latent dimensions) leaves their KL out, as free bits do in training below the floor."""
     z = vae.reparameterise(mean, scale, noise)
     log_lik = vae.log_likelihood_draws(z, mb.counts, mb.covariates, mb.library, mb.batch_index, constants)
-    return log_lik - beta * vae.kl_divergence(mean, scale)
+    penalised = vae.kl_divergence(mean, scale)
+    if free_dims is not None:
+        penalised = penalised - (vae.kl_per_dimension(mean, scale) * free_dims).sum(-1)
+    return log_lik - beta * penalised
 
 
 @autograd_on()
@@ -174,15 +180,21 @@ def refine_posterior(
     beta: float = 1.0,
     n_samples: int = 1,
     n_check_samples: int = CHECK_DRAWS,
+    free_bits: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Improve each cell's own Gaussian q(z|x) by Adam steps on its objective, the decoder frozen.
 
     Starts from ``(mean, scale)`` (the encoder's output). Each cell's parameters get only the
     gradient of its own term, so cells are refined independently. Stochastic steps can overshoot,
     so at the end each cell keeps the refined q only where it scores higher than the start on
-    ``n_check_samples`` common draws. Returns the refined ``(mean, scale)``, detached.
+    ``n_check_samples`` common draws. ``free_bits > 0`` leaves out the KL of the dimensions whose mean KL over
+    these cells starts below it, as training's free bits do (else refinement pulls them back towards the
+    prior). Returns the refined ``(mean, scale)``, detached.
     """
     start_mean, start_scale = mean.detach(), scale.detach()
+    free_dims = None
+    if free_bits > 0:
+        free_dims = (vae.kl_per_dimension(start_mean, start_scale).mean(0) < free_bits).to(start_mean.dtype)
     free_mean = start_mean.clone().requires_grad_(True)
     free_scale = _to_free(vae, start_scale).requires_grad_(True)
     optimizer = torch.optim.Adam([free_mean, free_scale], lr=lr)
@@ -190,7 +202,8 @@ def refine_posterior(
         # cosine decay to a tenth of lr: large steps first, then small ones that settle despite the noise
         optimizer.param_groups[0]["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / n_steps)))
         noise = torch.randn((n_samples, *start_mean.shape), device=mean.device, dtype=mean.dtype)
-        loss = -_objective(vae, mb, free_mean, _from_free(vae, free_scale), noise, beta, constants=False).mean(0).sum()
+        objective = _objective(vae, mb, free_mean, _from_free(vae, free_scale), noise, beta, False, free_dims)
+        loss = -objective.mean(0).sum()
         grads = torch.autograd.grad(loss, [free_mean, free_scale])
         free_mean.grad, free_scale.grad = grads
         optimizer.step()
@@ -203,8 +216,8 @@ def refine_posterior(
         gain = torch.zeros(len(start_mean), device=mean.device, dtype=mean.dtype)
         for first in range(0, n_check_samples, draws):
             part = noise[first : first + draws]
-            refined = _objective(vae, mb, refined_mean, refined_scale, part, beta, constants=False)
-            gain += (refined - _objective(vae, mb, start_mean, start_scale, part, beta, constants=False)).sum(0)
+            refined = _objective(vae, mb, refined_mean, refined_scale, part, beta, False, free_dims)
+            gain += (refined - _objective(vae, mb, start_mean, start_scale, part, beta, False, free_dims)).sum(0)
         better = gain > 0
         keep = better.view(-1, *([1] * (start_scale.dim() - 1)))
         return torch.where(better[:, None], refined_mean, start_mean), torch.where(keep, refined_scale, start_scale)
@@ -218,6 +231,7 @@ def refined_latent(
     n_steps: int,
     lr: float = 0.01,
     beta: float = 1.0,
+    free_bits: float = 0.0,
     batch_size: int = 1024,
     progress: bool = False,
 ) -> np.ndarray:
@@ -227,7 +241,7 @@ def refined_latent(
     for rows, mb in with_progress(batches, len(cells), "get_latent (refining)", progress):
         with torch.no_grad():
             q = vae.inference(mb.counts, mb.covariates, sample=False)
-        mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta)
+        mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta, free_bits=free_bits)
         out[rows] = mean.float().cpu().numpy()
     return out
 

@@ -58,6 +58,8 @@ METADATA_KEY = "cellvae"  # the weights file's metadata: one JSON object under t
 ADATA_FILE = "adata.h5ad"  # written by save(save_anndata=True)
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
+# A query model whose loss after mapping exceeds this share of its loss before (the untrained mapping's) failed
+MAPPING_TOLERANCE = 1.002
 # Counts look like reads of amplified molecules, not UMIs, where fewer than this share of the non-zero values
 # are 1 (UMI data hold 20-70%), judged per batch once that many non-zero values are sampled from it.
 READ_SHARE_OF_ONES = 0.1
@@ -224,6 +226,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         (the ELBO itself, negative; scvi-tools' ``elbo_train`` is the negative ELBO).
     is_trained
         Whether :meth:`fit` (or :meth:`map_query`) has trained it.
+    train_indices, validation_indices
+        Positions (in the AnnData it trained on, as scvi-tools' names) of the cells the last :meth:`fit` (or
+        :meth:`map_query`) trained on and validated on, sorted; cells without counts are in neither. ``None``
+        before training and for a loaded model (they are not saved). Data-parallel training splits all cells
+        so (each process then trains its share of them).
     train_settings
         The settings of the last training (``None`` before it): :meth:`save` stores them with the weights and
         :meth:`load` restores them, so a saved model tells how it was trained.
@@ -333,6 +340,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.history = pd.DataFrame()
         self.is_trained = False
         self.train_settings: TrainSettings | None = None
+        self.train_indices: np.ndarray | None = None
+        self.validation_indices: np.ndarray | None = None
         # this process's rank in the process group whose ranks all trained the model (None: not trained data-parallel):
         # save writes on rank 0 only, also once the group is destroyed
         self._data_parallel_rank: int | None = None
@@ -553,7 +562,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
                     self.module = VAE(self.config)
-            previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank)
+            previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank, *self._split)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
@@ -593,6 +602,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "or device='cpu'"
                 ) from error
         self.history, self.train_settings, self.is_trained = history, settings, True
+        self._split = (np.sort(train_cells), np.sort(validation_cells))
         rank, world = rank_and_world()
         self._data_parallel_rank = rank if world > 1 else None
         try:  # checks that only warn: the model is trained whether or not they finish
@@ -603,7 +613,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if diverged:
                 # Fitting the diverged weights again, with any learning rate, would not bring them back.
                 self.module.load_state_dict(before)
-                self.history, self.train_settings, self.is_trained, self._data_parallel_rank = previous
+                self.history, self.train_settings, self.is_trained, self._data_parallel_rank, *self._split = previous
                 smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 data.warn_user(
                     f"training made the model worse: its loss on {len(probe):,} "
@@ -622,6 +632,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _move(self.module, home)
             self.device = home
         return self
+
+    @property
+    def _split(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return self.train_indices, self.validation_indices
+
+    @_split.setter
+    def _split(self, indices) -> None:
+        self.train_indices, self.validation_indices = indices
 
     # ------------------------------------------------------------------ outputs
 
@@ -680,6 +698,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             amortization gap (see :meth:`inference_gaps`) at the price of an optimisation per cell: on
             held-out cells of the Kang data 50 steps closed about 65% of the gap that 500 steps of
             :meth:`inference_gaps` find, 200 steps about 90% (``benchmarks/README.md``, "One-off measurements").
+            With ``free_bits``, the KL of dimensions below the floor is left out, as in training. Each cell is
+            refined for its own fit alone: ``batch_mmd``'s mixing penalty is not part of it, so refined means of
+            a model trained with it mix batches less, and even without it they can separate cell types less
+            well (on the Kang data 50 steps lowered the cell-type silhouette from 0.55 to 0.52): compare before
+            you cluster on them.
         return_dist
             Return q(z|x) itself, as scvi-tools' ``return_dist=True``: each cell's posterior means and
             variances (for ``posterior="full"`` the diagonal of its covariance), whatever ``mean``.
@@ -695,7 +718,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         return_dist = _check_flag(return_dist, "return_dist")
         progress = _check_flag(progress, "progress")
         refine_steps = _native(refine_steps)
-        if not isinstance(refine_steps, int) or refine_steps < 0:
+        if not isinstance(refine_steps, int) or isinstance(refine_steps, bool) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if refine_steps and not mean:
             raise ValueError("refine_steps refines posterior means; use it with mean=True")
@@ -711,6 +734,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     cells,
                     n_steps=refine_steps,
                     beta=self.config.beta,
+                    free_bits=self.config.free_bits,
                     batch_size=min(batch_size, 1024),
                     progress=progress,
                 )
@@ -975,8 +999,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
         For each group, draws of its mean normalised expression combine a Bayesian bootstrap over its
         cells, posterior draws of each cell's latent code and the likelihood's counting noise, plus a
-        weak prior: four pseudo-cells drawn from both groups together, which keeps groups of a few
-        cells from looking certain. The log2 fold change of two groups' means (with a small pseudocount)
+        weak prior: four pseudo-cells drawn from both groups together and scaled to the group's own mean,
+        which give a group of a few cells the spread between cells it cannot show, so that it does not look
+        certain, and leave its mean where its cells put it. The log2 fold change of two groups' means (with a small pseudocount)
         then has a posterior, and a gene is differentially expressed when ``|log2 fold change| > delta``.
         A difference is found with more certainty the more cells and counts support it. The fold changes
         are shrunk by a prior learnt from all genes of the comparison (adaptive shrinkage: most genes
@@ -1021,7 +1046,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batchid1, batchid2
             As in scvi-tools: the model's batches (one or a list) under whose uniform mixture group 1 (group 2) is
             decoded, instead of all of them (``None``). Two lists that differ compare the groups as if measured in
-            those batches, e.g. the same cells under two protocols. Needs ``batch_correction=True``.
+            those batches, e.g. the same cells under two protocols (then groups that share no batch get no
+            warning: the batches' effects are part of the comparison). Needs ``batch_correction=True``.
         fdr_target
             Genes are called (``is_de``) while the posterior expected false discovery rate of the
             called list stays at or below this.
@@ -1057,10 +1083,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             (observed: share of cells with a count, mean counts per 10,000); ``group1``, ``group2`` and
             ``comparison`` (``"<group1> vs <group2>"``, as in scvi-tools). Genes of the model missing from
             ``adata`` (read as zeros) get no statistics (NaN, not called) and come last. Each comparison's
-            draws depend on ``random_state``, its two groups and ``n_draws``, ``max_cells`` and
-            ``batch_size``, not on the other comparisons requested. The draws are seeded by the groups'
-            names (``idx1`` cells are named ``"idx1"``), so the same cells asked for by ``groupby`` and by
-            ``idx1``, or under a renamed group, get other draws: results that differ within Monte Carlo error
+            draws depend on ``random_state``, its two groups (and their cells' order in ``adata``) and
+            ``n_draws``, ``max_cells`` and ``batch_size``, not on the other comparisons requested. The draws
+            are seeded by the groups' names (``idx1`` cells are named ``"idx1"``), so the same cells asked for
+            by ``groupby`` and by ``idx1``, or under a renamed group, get other draws: results that differ within
+            Monte Carlo error
             (B cells of Kang's 1,267-gene example: fold changes moved by up to 0.13, 8 of ~800 calls changed;
             more ``n_draws`` narrow it).
 
@@ -1111,7 +1138,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         loader, _ = self._loader(adata, self.device)
         counted = loader.library > 0
         labelled = labels.notna().to_numpy()
-        correct_batches = bool(batch_correction) and bool(self.config.batch_key)
+        # (groups decoded under batches the user chose apart, batchid1 != batchid2, keep those batches' effects)
+        correct_batches = (
+            bool(batch_correction) and bool(self.config.batch_key) and np.array_equal(decode_under[0], decode_under[1])
+        )
         # Each comparison draws from its own generator, so its result does not depend on the others requested.
         generators = [
             np.random.default_rng(differential.comparison_seed(random_state, name1, name2, group2 is None))
@@ -1133,8 +1163,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         few = sorted(few)
         if few:
             data.warn_user(
-                f"groups {few[:5]} of {source} have fewer than 5 cells with counts: their mean expression rests "
-                "mostly on the prior (pseudo-cells drawn from both groups), so few genes can be called, and those not reliably",
+                f"groups {few[:5]} of {source} have fewer than 5 cells with counts: the spread of their mean expression "
+                "rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be called, and "
+                "those not reliably",
                 UserWarning,
             )
         if separate:
@@ -1623,15 +1654,36 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             progress=progress,
         )
         _move(query_model.module, loader.device)
+        # as in fit: a mapping that leaves the query's loss worse than the untrained mapping's is undone, with a warning
+        probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
+        before = {k: v.detach().clone() for k, v in query_model.module.state_dict().items()}
         try:
+            start_loss = query_model._mean_loss(loader, probe, batch_size, random_state)
             with _reference_frozen(query_model.module):
                 # trained in this process alone: under torchrun a script may map a query on one rank only
                 query_model.history = train(
                     query_model.module, loader, train_cells, validation_cells, settings, data_parallel=False
                 )
+            query_model.train_settings = settings
+            query_model._split = (np.sort(train_cells), np.sort(validation_cells))
+            end_loss = query_model._mean_loss(loader, probe, batch_size, random_state)
+            if not end_loss <= MAPPING_TOLERANCE * start_loss:  # NaN too
+                query_model.module.load_state_dict(before)
+                query_model.history.attrs.pop("best_epoch", None)
+                smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
+                data.warn_user(
+                    f"mapping made the query model worse: its loss on {len(probe):,} "
+                    f"{'held-out' if len(validation_cells) else 'training'} query cells is {end_loss:.4g} nats per "
+                    f"cell, against {start_loss:.4g} before mapping, most likely from too large a learning rate "
+                    f"(lr={lr:g}). The query model is given back unmapped (its new batches at their initial "
+                    f"parameters): map again with a smaller one, e.g. map_query(query_adata, lr={smaller:g})"
+                    f"{', the default' if smaller == DEFAULT_LR else ''}",
+                    RuntimeWarning,
+                )
+            else:
+                query_model._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
         finally:
             _move(query_model.module, query_model.device)
-        query_model.train_settings = settings
         return query_model
 
     # ------------------------------------------------------------------ diagnostics and generation
@@ -2719,8 +2771,9 @@ def _gene_positions(
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
         missing = model_genes[~present]
+        share = np.floor(present.mean() * 1000) / 10  # 79.96% is not 80%
         raise ValueError(
-            f"only {int(present.sum())} of the model's {len(model_genes)} genes ({present.mean():.0%}) are in "
+            f"only {int(present.sum())} of the model's {len(model_genes)} genes ({share:g}%) are in "
             f"{name}.var_names (at least {MIN_QUERY_GENE_FRACTION:.0%} needed); missing e.g. {missing[:5].tolist()}. "
             + (
                 _where_the_models_genes_are(var_names, model_genes, name, var)
@@ -2751,10 +2804,12 @@ def _versions_advice(var_names: pd.Index, missing: pd.Index, name: str) -> str:
     """Advice where model genes missing from ``var_names`` are there with another Ensembl version, or without
     the model's one (or with one the model's lack); else ''."""
     data_names = _unversioned(var_names)
-    found = pd.Index(missing).isin(data_names) | _unversioned(missing).isin(data_names)
+    missing = pd.Index(missing)
+    missing = missing[~missing.isin(pd.Index(var_names, dtype=object).astype(str))]  # only genes truly absent
+    found = missing.isin(data_names) | _unversioned(missing).isin(data_names)
     if not found.any():
         return ""
-    example = pd.Index(missing)[found][0]
+    example = missing[found][0]
     if data_names.equals(pd.Index(var_names, dtype=object).astype(str)):  # the data's have none: the model's do
         return (
             f"{int(found.sum())} of them are in {name} without the model's Ensembl version (e.g. {example!r}): name them "

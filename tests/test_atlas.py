@@ -387,6 +387,11 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     reference.obs["partly"] = np.where(np.arange(100) % 2 == 0, "unknown", reference.obs["cell_type"])
     cellvae.tl.transfer_labels(reference, query, "partly", k=10, unlabeled_category="unknown")
     assert query.obs["partly_predicted"].astype(str).tolist()[:2] == ["A", "B"]
+    # a misspelt placeholder leaves no cell out: told, with the label it likely meant
+    with pytest.warns(UserWarning, match=r"unlabeled_category 'Unknown' is no label of .*did you mean 'unknown'\?"):
+        cellvae.tl.transfer_labels(reference, query.copy(), "partly", k=10, unlabeled_category="Unknown")
+    with pytest.warns(UserWarning, match=r"'unassigned' is no label .*its labels are e.g. \['A', 'B', 'unknown'\]"):
+        cellvae.tl.transfer_labels(reference, query.copy(), "partly", k=10, unlabeled_category="unassigned")
     assert list(query.obs["partly_predicted"].cat.categories) == ["A", "B"]
     # pandas' nullable text column, with missing labels (NA) and placeholders both left out of the vote
     partly = reference.obs["partly"].astype("string").where(np.arange(100) % 4 != 1, pd.NA)
@@ -863,6 +868,25 @@ def small_reference():
         warnings.simplefilter("ignore")
         model = cellvae.CellVAE(reference, batch_key="batch", n_hidden=16, beta=5.0).fit(max_epochs=3, progress=False)
     return model, query
+
+
+def test_a_mapping_that_makes_the_query_worse_is_undone_with_a_warning():
+    """Too large an lr (as fit's check catches) left a collapsed query embedding with no word; the mapping is
+    now compared with the untrained one, as fit compares a model with its start."""
+    adata = cellvae.datasets.simulate(n_cells=900, n_genes=200, n_batches=3, n_cell_types=3, random_state=4)
+    is_query = (adata.obs["batch"] == "batch2").to_numpy()
+    query = adata[is_query].copy()
+    model = cellvae.CellVAE(adata[~is_query].copy(), batch_key="batch", n_hidden=32)
+    model.fit(max_epochs=20, progress=False, random_state=0)
+    with pytest.warns(
+        RuntimeWarning, match=r"mapping made the query model worse: .*lr=1000\).*map_query\(query_adata, lr=0\.001\)"
+    ):
+        failed = model.map_query(query, max_epochs=3, lr=1000.0, progress=False, random_state=0)
+    fine = model.map_query(query, max_epochs=3, progress=False, random_state=0)
+    unmapped = failed.get_latent()
+    assert np.isfinite(unmapped).all() and unmapped.std(0).mean() > 0.5 * fine.get_latent().std(0).mean()
+    assert "best_epoch" not in failed.history.attrs  # the weights are none of its epochs'
+    np.testing.assert_array_equal(failed.get_latent(model.adata), fine.get_latent(model.adata))  # reference intact
 
 
 def test_map_query_trains_with_the_references_beta(small_reference):

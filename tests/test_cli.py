@@ -131,7 +131,7 @@ def test_fit_then_embed(tmp_path):
         from_x = ad.read_h5ad(tmp_path / "x_out.h5ad")
         np.testing.assert_array_equal(from_x.obsm["X_cellvae"], embedded.obsm["X_cellvae"])
         assert layer_names(from_x) == [] and list(from_x.obs.columns) == list(data.obs.columns)
-        assert "layer" not in from_x.uns["cellvae"]["params"]  # read from X, not the model's layer
+        assert from_x.uns["cellvae"]["params"]["layer"] is None  # read from X (as tl.embed records it), not the model's layer
     # log-normalised values in X, read with --layer X: the error names X, not the layer the model was trained on
     logged = ad.AnnData(X=data.layers["counts"].astype(np.float32), obs=data.obs, var=data.var)
     logged.X.data = np.log1p(logged.X.data)
@@ -315,7 +315,7 @@ def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_p
     assert main(command) == 0
     assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
     params = ad.read_h5ad(tmp_path / "e.h5ad").uns["cellvae"]["params"]
-    assert params["epochs_trained"] == 3 and "batch_key" not in params and params["model_dir"] == str(tmp_path / "other")
+    assert params["epochs_trained"] == 3 and params["batch_key"] is None and params["model_dir"] == str(tmp_path / "other")
     # a file whose UMAP was made otherwise (scanpy's PCA) and that held no embedding of this key: nothing to tell
     scanpy_made = ad.read_h5ad(tmp_path / "in.h5ad")
     scanpy_made.obsm["X_umap"] = np.zeros((scanpy_made.n_obs, 2), dtype=np.float32)

@@ -203,6 +203,8 @@ def test_batchid1_and_batchid2_decode_each_group_under_the_batches_named_as_in_s
     groups = {"groupby": "type2_batch", "group1": "batch0", "group2": "batch1", "n_draws": 300}
     with pytest.warns(UserWarning, match="share no batch"):
         same = model.differential_expression(split, batchid1="batch1", batchid2=["batch1"], **groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batches chosen apart: their effects are meant to count, no warning
         apart = model.differential_expression(split, batchid1=["batch0"], batchid2="batch1", **groups)
     uncorrected = model.differential_expression(split, batch_correction=False, **groups)
     n_genes = simulated.n_vars
@@ -644,32 +646,53 @@ def test_the_counting_noise_keeps_the_mean_and_variance_and_never_draws_a_well_m
     assert edges[0, 0] == 1.0 and edges[0, 1:].isnan().all()
 
 
-def test_pseudo_cells_are_drawn_from_both_groups_of_the_comparison(simulated, model):
-    """Two cells of type0 weigh 2/6 of their mean; the 4 pseudo-cells, drawn from the 12 cells of both groups
-    (these 2 and 10 of type1), the other 4/6: expected mean = 4/9 of type0's cells + 5/9 of type1's."""
+def test_pseudo_cells_widen_a_small_group_without_moving_its_mean(simulated, model, monkeypatch):
+    """Two cells of type0 with 4 pseudo-cells drawn from both groups (these 2 and 10 of type1): each pseudo-cell is
+    scaled to the pair's own mean, so the mean of the draws stays the pair's (genes of type1 stay as low as the
+    pair has them), while the spread of the draws grows over that of the pair alone."""
     types = simulated.obs["cell_type"].to_numpy()
     a, b = np.flatnonzero(types == "type0")[:2], np.flatnonzero(types == "type1")[:10]
     group, pool = _cells(model, simulated, a), _cells(model, simulated, np.r_[a, b])
     with torch.no_grad():
         decoded = pool.decode(model.module, np.arange(12), 1, np.random.default_rng(0))[0][0].double()
         denoised, _ = differential.group_mean_draws(model.module, group, pool, 4000, np.random.default_rng(0), 1024)
-    expected = 4 / 9 * decoded[:2].mean(0) + 5 / 9 * decoded[2:].mean(0)
-    torch.testing.assert_close(denoised.double().mean(0), expected, rtol=0.05, atol=0)
+        monkeypatch.setattr(differential, "PRIOR_CELLS", 0)
+        alone, _ = differential.group_mean_draws(model.module, group, pool, 4000, np.random.default_rng(0), 1024)
+    pair, others = decoded[:2].mean(0), decoded[2:].mean(0)
+    torch.testing.assert_close(denoised.double().mean(0), pair, rtol=0.05, atol=0)
+    of_type1 = others > 4 * pair
+    assert of_type1.sum() >= 10  # (the old prior moved these to 4/9 of the pair's + 5/9 of type1's level)
+    spread, spread_alone = (draws.double().std(0) / draws.double().mean(0) for draws in (denoised, alone))
+    assert (spread > 1.5 * spread_alone).float().mean() > 0.9
 
 
-def test_a_group_of_two_cells_is_pulled_towards_pseudo_cells_of_both_groups(simulated, model):
-    """Two cells of type0 against type1: 4 pseudo-cells drawn from both groups (nearly all type1) weigh about
-    4/6 of the pair's mean, so genes of type1 read about 2/3 of type1's level in the pair."""
+def test_strong_changes_between_groups_of_twenty_cells_are_called(simulated, model):
+    """A group's pseudo-cells once came from both groups, so 20 cells of one type against 20 of another had every
+    marker pulled towards the other group's level and shrunk to no change (0 of 12 interferon genes called in
+    20 vs 20 monocytes of the Kang data); they now keep each group's own level."""
     whole = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=200)
-    pair = simulated.copy()
-    labels = np.where(pair.obs["cell_type"] == "type1", "B", "other").astype(object)
-    labels[np.flatnonzero(pair.obs["cell_type"] == "type0")[:2]] = "A"
-    pair.obs["pair"] = labels
+    rng = np.random.default_rng(0)
+    types = simulated.obs["cell_type"].to_numpy()
+    twenty = simulated.copy()
+    labels = np.full(twenty.n_obs, "other", dtype=object)
+    labels[rng.choice(np.flatnonzero(types == "type0"), 20, replace=False)] = "A"
+    labels[rng.choice(np.flatnonzero(types == "type1"), 20, replace=False)] = "B"
+    twenty.obs["twenty"] = labels
+    small = model.differential_expression(twenty, groupby="twenty", group1="A", group2="B", n_draws=200)
+    strong = whole.index[whole["is_de"] & (whole["lfc_mean"].abs() > 2)]
+    assert len(strong) >= 20
+    assert small.loc[strong, "is_de"].mean() > 0.5  # (none with the old prior; 0.71 with no pseudo-cells at all)
+    assert (np.sign(small.loc[strong, "lfc_mean"]) == np.sign(whole.loc[strong, "lfc_mean"])).all()
+    assert np.median(small.loc[strong, "lfc_mean"] / whole.loc[strong, "lfc_mean"]) > 0.5  # (old prior: 0.1)
+    # three cells: less certain than the whole type, still on the side of the change
+    labels[labels == "A"] = "other"
+    labels[rng.choice(np.flatnonzero(types == "type0"), 3, replace=False)] = "A"
+    twenty.obs["twenty"] = labels
     with pytest.warns(UserWarning, match="fewer than 5 cells"):
-        two = model.differential_expression(pair, groupby="pair", group1="A", group2="B", n_draws=200)
-    of_type1 = whole.index[whole["lfc_mean"] < -2]
-    assert len(of_type1) >= 5
-    assert 0.4 < np.median(two.loc[of_type1, "expression1"] / whole.loc[of_type1, "expression2"]) < 0.95
+        three = model.differential_expression(twenty, groupby="twenty", group1="A", group2="B", n_draws=200)
+    width = three["lfc_high"] - three["lfc_low"]
+    assert (width.loc[strong] > (whole["lfc_high"] - whole["lfc_low"]).loc[strong]).mean() > 0.9
+    assert (np.sign(three.loc[strong, "lfc_mean"]) == np.sign(whole.loc[strong, "lfc_mean"])).mean() > 0.9
 
 
 def test_shrinkage_keeps_a_point_mass_at_no_change_and_the_normal_posterior_of_changed_genes():

@@ -956,8 +956,12 @@ def test_new_data_with_missing_genes_or_unknown_batch(two_batches, tmp_path):
         with pytest.warns(UserWarning, match="2 of the model's 300 genes are missing from adata"):
             np.testing.assert_allclose(model.get_latent(backed), partial, rtol=1e-5, atol=1e-6)
         backed.file.close()
-    with pytest.raises(ValueError, match=r"only 210 of the model's 300 genes \(70%\) are in adata.var_names"):
+    with pytest.raises(ValueError, match=r"only 210 of the model's 300 genes \(70%\) are in adata.var_names") as told:
         model.get_latent(adata[:, 90:].copy())
+    # genes named alike, some absent: the generic advice, no Ensembl versions (the present genes are not "found")
+    assert "Ensembl version" not in str(told.value) and str(told.value).endswith("(symbols vs Ensembl IDs)")
+    with pytest.raises(ValueError, match=r"only 239 of the model's 300 genes \(79.6%\) are in adata.var_names"):
+        model.get_latent(adata[:, 61:].copy())  # not rounded up to the 80% needed
     renamed = adata.copy()
     renamed.obs["batch"] = "new-lab"
     with pytest.raises(ValueError, match="map_query"):
@@ -1213,3 +1217,23 @@ def test_the_ends_of_the_documented_ranges_are_accepted():
     adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, n_batches=2, random_state=0)
     config = CellVAE(adata, batch_key="batch", beta=0.0, kl_warmup=0, free_bits=MAX_WEIGHT, batch_mmd=MAX_WEIGHT).config
     assert (config.beta, config.kl_warmup, config.free_bits, config.batch_mmd) == (0.0, 0, MAX_WEIGHT, MAX_WEIGHT)
+
+
+def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_batches, tmp_path):
+    adata = two_batches[:400].copy()
+    adata.X[:3] = 0  # empty cells: in neither set
+    model = CellVAE(adata, batch_key="batch")
+    assert model.train_indices is None and model.validation_indices is None
+    model.fit(max_epochs=5, progress=False, random_state=0)
+    train, validation = model.train_indices, model.validation_indices
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(validation) > 0)
+    np.testing.assert_array_equal(np.union1d(train, validation), np.arange(3, 400))
+    assert len(validation) == 40 and not np.intersect1d(train, validation).size
+    # the held-out cells are those history's validation columns were measured on (the kept epoch's weights)
+    kept = model.history.set_index("epoch").loc[model.history.attrs["best_epoch"]]
+    measured = model.rate_distortion(adata[validation], n_samples=16, progress=False)["elbo"].mean()
+    np.testing.assert_allclose(measured, kept["validation_elbo"], rtol=0.01)
+    again = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False, random_state=0)
+    np.testing.assert_array_equal(again.validation_indices, validation)  # drawn from random_state
+    model.save(tmp_path / "m")
+    assert CellVAE.load(tmp_path / "m").validation_indices is None  # not saved
