@@ -647,17 +647,19 @@ def run_map(args: argparse.Namespace) -> int:
         if args.train_input_layer:
             reference_latent = _embed_reference(query_model, reference, args)
         voters = ad.AnnData(obs=reference.obs[[args.labels_key]], obsm={args.key_added: reference_latent})
-        tl.transfer_labels(
-            voters,
-            query,
-            args.labels_key,
-            use_rep=args.key_added,
-            k=args.k,
-            unknown_threshold=args.unknown_threshold,
-            unlabeled_category=args.unlabeled_category,
-            novelty_threshold=args.novelty_threshold,
-            soft=args.soft,
-        )
+        with warnings.catch_warnings():  # (the check before mapping told an unknown --unlabeled-category once)
+            warnings.filterwarnings("ignore", message=r"unlabeled_category .* is no label of")
+            tl.transfer_labels(
+                voters,
+                query,
+                args.labels_key,
+                use_rep=args.key_added,
+                k=args.k,
+                unknown_threshold=args.unknown_threshold,
+                unlabeled_category=args.unlabeled_category,
+                novelty_threshold=args.novelty_threshold,
+                soft=args.soft,
+            )
         written += [f"obs[{args.labels_key + suffix!r}]" for suffix in ("_predicted", "_uncertainty", "_novelty")]
         shares = args.labels_key + "_vote_shares"
         written += [f"obsm[{shares!r}] (labels in uns[{shares!r}]['labels'])"] if args.soft else []

@@ -180,21 +180,18 @@ def refine_posterior(
     beta: float = 1.0,
     n_samples: int = 1,
     n_check_samples: int = CHECK_DRAWS,
-    free_bits: float = 0.0,
+    free_dims: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Improve each cell's own Gaussian q(z|x) by Adam steps on its objective, the decoder frozen.
 
     Starts from ``(mean, scale)`` (the encoder's output). Each cell's parameters get only the
     gradient of its own term, so cells are refined independently. Stochastic steps can overshoot,
     so at the end each cell keeps the refined q only where it scores higher than the start on
-    ``n_check_samples`` common draws. ``free_bits > 0`` leaves out the KL of the dimensions whose mean KL over
-    these cells starts below it, as training's free bits do (else refinement pulls them back towards the
-    prior). Returns the refined ``(mean, scale)``, detached.
+    ``n_check_samples`` common draws. ``free_dims`` (a 0/1 mask of latent dimensions, from :func:`free_dimensions`)
+    leaves out their KL, as training's free bits do below the floor (else refinement pulls them back towards
+    the prior). Returns the refined ``(mean, scale)``, detached.
     """
     start_mean, start_scale = mean.detach(), scale.detach()
-    free_dims = None
-    if free_bits > 0:
-        free_dims = (vae.kl_per_dimension(start_mean, start_scale).mean(0) < free_bits).to(start_mean.dtype)
     free_mean = start_mean.clone().requires_grad_(True)
     free_scale = _to_free(vae, start_scale).requires_grad_(True)
     optimizer = torch.optim.Adam([free_mean, free_scale], lr=lr)
@@ -235,15 +232,29 @@ def refined_latent(
     batch_size: int = 1024,
     progress: bool = False,
 ) -> np.ndarray:
-    """Posterior means after :func:`refine_posterior` (semi-amortized inference), cells × n_latent."""
+    """Posterior means after :func:`refine_posterior` (semi-amortized inference), cells × n_latent; with
+    ``free_bits``, the dimensions whose mean KL over all ``cells`` is below it refine free of KL."""
+    free_dims = free_dimensions(vae, loader, cells, free_bits, batch_size) if free_bits > 0 else None
     out = np.empty((len(cells), vae.config.n_latent), dtype=np.float32)
     batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
     for rows, mb in with_progress(batches, len(cells), "get_latent (refining)", progress):
         with torch.no_grad():
             q = vae.inference(mb.counts, mb.covariates, sample=False)
-        mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta, free_bits=free_bits)
+        mean, _ = refine_posterior(vae, mb, q["mean"], q["scale"], n_steps=n_steps, lr=lr, beta=beta, free_dims=free_dims)
         out[rows] = mean.float().cpu().numpy()
     return out
+
+
+def free_dimensions(vae: VAE, loader: CellLoader, cells: np.ndarray, free_bits: float, batch_size: int) -> torch.Tensor:
+    """0/1 mask of the latent dimensions whose KL, averaged over the encoder's posteriors of ``cells``, is below
+    ``free_bits``: those training's free bits leave unpenalised."""
+    kl = None
+    with torch.no_grad():
+        for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
+            q = vae.inference(mb.counts, mb.covariates, sample=False)
+            part = vae.kl_per_dimension(q["mean"], q["scale"]).double().sum(0)
+            kl = part if kl is None else kl + part
+    return (kl / len(cells) < free_bits).to(torch.float32)
 
 
 def inference_gaps(

@@ -5,8 +5,8 @@ the population), where each cell lies in the latent space (its posterior q(z|x))
 of its counts (few counts say little about a gene). Each draw of a group's mean expression weights its
 cells by a Bayesian bootstrap (Dirichlet(1, ..., 1) weights, Rubin 1981), decodes each cell at a draw of
 its latent code, and adds the likelihood's counting noise for a mean over those cells; a few pseudo-cells
-drawn from both groups together, each scaled gene by gene to the group's own mean, bring the variation between
-cells that a group of a few cells cannot show, so that such a group does not look certain, without pulling its
+drawn from both groups together, each scaled gene by gene by the group's own mean over the pool's, bring the
+variation between cells that a group of a few cells cannot show, so that such a group does not look certain, without pulling its
 mean towards the other group's (pseudo-cells taken as they are hid a 100-fold change between 20 and 20 cells).
 Two groups' draws give the posterior of the log2 fold change
 of their means, from which the probability that it exceeds a threshold ``delta`` follows (the "change"
@@ -36,6 +36,7 @@ from cellvae.module import VAE
 
 POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean takes each cell's draw r mod 4
 PRIOR_CELLS = 4  # pseudo-cells from both groups, scaled to the group's mean: the spread a group of a few cells lacks
+POOL_MEAN_CELLS = 1000  # pool cells decoded for the mean that scales the pseudo-cells
 PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize_total
 PRIOR_WIDTH_STEP = math.sqrt(2.0)  # ratio of successive widths of the prior's normal components (as ashr's grid)
 MIN_SHRINKAGE_GENES = 50  # fewer measured genes are too few to learn the prior of fold changes from
@@ -93,10 +94,11 @@ def group_mean_draws(
     """Two ``n_draws`` × n_genes sets of draws of a group's mean normalised expression (per cell, summing to 1).
 
     Each draw weights the group's cells, and ``PRIOR_CELLS`` cells drawn afresh from ``pool`` (both
-    groups of the comparison), by Dirichlet(1, ..., 1) weights; each pseudo-cell is scaled, gene by gene, by the
-    group's own mean in that draw over the pool's mean, so it adds the pool's variation between cells (relative
-    to its mean) and leaves the group's mean where its cells put it. Draw r decodes every cell at its latent
-    draw r mod ``POSTERIOR_DRAWS_PER_CELL`` (one product per latent draw, not one per cell and draw).
+    groups of the comparison), by Dirichlet(1, ..., 1) weights. Each pseudo-cell is scaled, gene by gene, by the
+    group's own mean in that draw over the pool's mean (decoded over up to ``POOL_MEAN_CELLS`` of its cells), so
+    it adds how the pool's cells vary about their mean and leaves the group's mean where its cells put it.
+    Draw r decodes every cell at its latent draw r mod ``POSTERIOR_DRAWS_PER_CELL`` (one product per latent
+    draw, not one per cell and draw).
     The first set averages the decoded expression (denoised). The second is the mean that counts drawn
     from the likelihood would have: it adds the counting noise of a mean over the same cells, which limits
     what a group can show about a gene with few counts. The noise is a Gamma with the mean and variance of
@@ -123,40 +125,43 @@ def group_mean_draws(
             if zero_inflated:
                 predictive[block] += picked @ mean[draw]
             noise_variance[block] += picked**2 @ variance[draw]
-    # The pseudo-cells bring the pool's variation between cells, not its mean: each is scaled, gene by gene, by
-    # the group's own mean (in that draw) over the pool's, so a group of one cell is as uncertain as cells vary,
-    # and a gene the group lacks stays absent whatever the other group holds.
-    prior_rows = rng.integers(len(pool), size=n_draws * PRIOR_CELLS)
-    prior_denoised = torch.zeros_like(denoised)
-    prior_predictive = torch.zeros_like(denoised) if zero_inflated else prior_denoised
-    prior_variance = torch.zeros_like(denoised)
-    pool_denoised = torch.zeros(vae.config.n_genes, dtype=torch.float64, device=device)
-    pool_predictive = torch.zeros_like(pool_denoised) if zero_inflated else pool_denoised
-    for start in range(0, len(prior_rows), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(prior_rows)))
-        expression, mean, variance = (part[0] for part in pool.decode(vae, prior_rows[rows], 1, rng))
-        draws = torch.from_numpy(rows // PRIOR_CELLS).to(device)
-        prior = weights[draws, len(group) + torch.from_numpy(rows % PRIOR_CELLS).to(device)][:, None]
-        prior_denoised.index_add_(0, draws, prior * expression)
-        pool_denoised += expression.sum(0, dtype=torch.float64)
-        if zero_inflated:
-            prior_predictive.index_add_(0, draws, prior * mean)
-            pool_predictive += mean.sum(0, dtype=torch.float64)
-        prior_variance.index_add_(0, draws, prior**2 * variance)
     if not zero_inflated:
         predictive = denoised
-    if len(prior_rows):
-        own = weights[:, : len(group)].sum(1, keepdim=True)
-        pool_scale = (len(prior_rows) / pool_predictive).float()  # 1 / the pool's mean; inf where it is 0
-        predictive_ratio = torch.nan_to_num(predictive / own * pool_scale, posinf=0.0)
-        noise_variance += predictive_ratio**2 * prior_variance
+    if PRIOR_CELLS:
+        # Scaled pseudo-cells (pseudo-cells as they are pulled a group of 20 cells halfway to the other group's mean,
+        # hiding 100-fold changes): each adds the pool's variation between cells, relative to the pool's mean.
+        own_share = weights[:, : len(group)].sum(1, keepdim=True)
+        scale_denoised = denoised / own_share  # the group's own mean in each draw
+        scale_predictive = predictive / own_share if zero_inflated else scale_denoised
+        pool_expression, pool_mean = _pool_means(vae, pool, rng, batch_size)
+        scale_denoised.div_(pool_expression).nan_to_num_(nan=0.0, posinf=0.0)  # (a gene the pool lacks: none added)
         if zero_inflated:
-            predictive += predictive_ratio * prior_predictive
-            denoised_ratio = torch.nan_to_num(denoised / own * (len(prior_rows) / pool_denoised).float(), posinf=0.0)
-            denoised += denoised_ratio * prior_denoised
-        else:
-            denoised += predictive_ratio * prior_denoised  # (predictive is denoised)
+            scale_predictive.div_(pool_mean).nan_to_num_(nan=0.0, posinf=0.0)
+        prior_rows = rng.integers(len(pool), size=n_draws * PRIOR_CELLS)
+        for start in range(0, len(prior_rows), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(prior_rows)))
+            expression, mean, variance = (part[0] for part in pool.decode(vae, prior_rows[rows], 1, rng))
+            draws = torch.from_numpy(rows // PRIOR_CELLS).to(device)
+            prior = weights[draws, len(group) + torch.from_numpy(rows % PRIOR_CELLS).to(device)][:, None]
+            denoised.index_add_(0, draws, prior * scale_denoised[draws] * expression)
+            if zero_inflated:
+                predictive.index_add_(0, draws, prior * scale_predictive[draws] * mean)
+            noise_variance.index_add_(0, draws, prior**2 * scale_predictive[draws] ** 2 * variance)
+        del scale_denoised, scale_predictive
     return denoised, with_counting_noise(predictive, 0.5 * noise_variance, rng)
+
+
+def _pool_means(vae: VAE, pool: Cells, rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool's mean decoded expression and likelihood mean (n_genes each), over up to ``POOL_MEAN_CELLS`` of its
+    cells, each decoded once as the pseudo-cells are."""
+    cells = subsample(np.arange(len(pool)), POOL_MEAN_CELLS, rng)
+    expression_sum = torch.zeros(vae.config.n_genes, dtype=torch.float32, device=pool.mean.device)
+    mean_sum = torch.zeros_like(expression_sum)
+    for start in range(0, len(cells), batch_size):
+        expression, mean, _ = (part[0] for part in pool.decode(vae, cells[start : start + batch_size], 1, rng))
+        expression_sum += expression.sum(0)
+        mean_sum += mean.sum(0)
+    return expression_sum / len(cells), mean_sum / len(cells)
 
 
 def with_counting_noise(mean: torch.Tensor, variance: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -698,7 +698,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             amortization gap (see :meth:`inference_gaps`) at the price of an optimisation per cell: on
             held-out cells of the Kang data 50 steps closed about 65% of the gap that 500 steps of
             :meth:`inference_gaps` find, 200 steps about 90% (``benchmarks/README.md``, "One-off measurements").
-            With ``free_bits``, the KL of dimensions below the floor is left out, as in training. Each cell is
+            With ``free_bits``, the KL of the dimensions whose mean KL over the cells embedded is below the floor
+            is left out, as training leaves it out (refinement then does not pull them back to the prior). Each cell is
             refined for its own fit alone: ``batch_mmd``'s mixing penalty is not part of it, so refined means of
             a model trained with it mix batches less, and even without it they can separate cell types less
             well (on the Kang data 50 steps lowered the cell-type silhouette from 0.55 to 0.52): compare before
@@ -1006,8 +1007,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         A difference is found with more certainty the more cells and counts support it. The fold changes
         are shrunk by a prior learnt from all genes of the comparison (adaptive shrinkage: most genes
         change little, so a gene measured too poorly to tell is not called). On simulated data with known
-        truth the realised false discovery rate, averaged over 10–20 datasets, was 1.4–5.9% at the 5% target, but
-        7–9% with ~400 cells per group in one batch at ``delta=0.25``, where the genes a comparison leaves unchanged
+        truth the realised false discovery rate, averaged over 10–20 datasets, was 2.3–6.1% at the 5% target, but
+        8–10% with ~400 cells per group in one batch at ``delta=0.25``, where the genes a comparison leaves unchanged
         share a common shift near ``delta`` (compared as shares of each cell's counts) that the prior, centred at no change,
         does not expect (``benchmarks/README.md``, "Differential expression"). The uncertainty is
         the model's: it does not cover errors of the decoder itself, so an undertrained model can call genes that do not differ
@@ -1668,8 +1669,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             query_model._split = (np.sort(train_cells), np.sort(validation_cells))
             end_loss = query_model._mean_loss(loader, probe, batch_size, random_state)
             if not end_loss <= MAPPING_TOLERANCE * start_loss:  # NaN too
-                query_model.module.load_state_dict(before)
-                query_model.history.attrs.pop("best_epoch", None)
+                query_model.module.load_state_dict(before)  # unmapped: no record of a mapping
+                query_model.history, query_model.train_settings, query_model._split = pd.DataFrame(), None, (None, None)
                 smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 data.warn_user(
                     f"mapping made the query model worse: its loss on {len(probe):,} "
@@ -1680,8 +1681,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     f"{', the default' if smaller == DEFAULT_LR else ''}",
                     RuntimeWarning,
                 )
-            else:
+            elif lr > DEFAULT_LR:  # (a reference collapsed already was told so by its own fit)
                 query_model._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
+        except KeyboardInterrupt:
+            if not len(query_model.history):  # Ctrl-C before mapping's first epoch ended: nothing to give back
+                raise
+            data.warn_user("Ctrl-C: the checks after mapping were skipped; the query model is mapped", RuntimeWarning)
         finally:
             _move(query_model.module, query_model.device)
         return query_model
@@ -1775,9 +1780,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
         Returns
         -------
-        The number of active dimensions, from 0 to ``n_latent``.
+        The number of active dimensions, from 0 to ``n_latent`` (at least 2 cells are needed).
         """
         _check_threshold(threshold)
+        if adata is not None and getattr(adata, "n_obs", 2) < 2:  # (what adata is, _posterior_statistics checks)
+            raise ValueError(f"active_units measures how posterior means vary across cells: give 2 or more, got {adata.n_obs}")
         activity = self._posterior_statistics(adata, batch_size, progress, "active_units")[1]
         return int((activity > threshold).sum())
 

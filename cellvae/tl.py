@@ -426,6 +426,8 @@ def _voting_cells(
     labelled = labels.notna().to_numpy()  # read-only under pandas 3 (copy-on-write): combined, not changed in place
     if unlabeled_category is not None:
         unlabelled = labels.isin([unlabeled_category]).to_numpy(dtype=bool)  # (!= gives NA on nullable columns)
+        if not unlabelled.any():  # as text: cellvae map's --unlabeled-category -1 for a column of numbers
+            unlabelled = (labels.notna() & (labels.astype(str) == str(unlabeled_category))).to_numpy(dtype=bool)
         if not unlabelled.any():  # a misspelt name would let the unlabelled cells vote, silently
             names = pd.unique(labels.dropna().astype(str))
             alike = [name for name in names if name.casefold() == str(unlabeled_category).casefold()]
@@ -827,8 +829,9 @@ def rate_distortion_sweep(
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
         model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
-        # a sample of the cells fit trained on (not its validation cells)
-        sample = np.random.default_rng(random_state).permutation(model.train_indices)[:TRAIN_EVALUATION_CELLS]
+        # a sample of the cells fit trained on (not its validation cells; all of fit_data's where a diverged fit kept none)
+        fitted = np.arange(len(trained)) if model.train_indices is None else model.train_indices
+        sample = np.random.default_rng(random_state).permutation(fitted)[:TRAIN_EVALUATION_CELLS]
         training_sample = adata[trained[np.sort(sample)], genes]
         per_cell = model.rate_distortion(test, n_samples=n_samples, random_state=random_state, progress=progress)
         terms = per_cell.mean()

@@ -392,6 +392,13 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
         cellvae.tl.transfer_labels(reference, query.copy(), "partly", k=10, unlabeled_category="Unknown")
     with pytest.warns(UserWarning, match=r"'unassigned' is no label .*its labels are e.g. \['A', 'B', 'unknown'\]"):
         cellvae.tl.transfer_labels(reference, query.copy(), "partly", k=10, unlabeled_category="unassigned")
+    # a column of numbers, its placeholder given as text (as cellvae map's --unlabeled-category -1 gives it)
+    reference.obs["numbered"] = np.where(np.arange(100) % 2 == 0, -1, reference.obs["cluster"].astype(int))
+    numbered = query.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cellvae.tl.transfer_labels(reference, numbered, "numbered", k=10, unlabeled_category="-1")
+    assert -1 not in set(numbered.obs["numbered_predicted"].astype(int))
     assert list(query.obs["partly_predicted"].cat.categories) == ["A", "B"]
     # pandas' nullable text column, with missing labels (NA) and placeholders both left out of the vote
     partly = reference.obs["partly"].astype("string").where(np.arange(100) % 4 != 1, pd.NA)
@@ -885,7 +892,11 @@ def test_a_mapping_that_makes_the_query_worse_is_undone_with_a_warning():
     fine = model.map_query(query, max_epochs=3, progress=False, random_state=0)
     unmapped = failed.get_latent()
     assert np.isfinite(unmapped).all() and unmapped.std(0).mean() > 0.5 * fine.get_latent().std(0).mean()
-    assert "best_epoch" not in failed.history.attrs  # the weights are none of its epochs'
+    # no record of a mapping it does not hold; the one that worked has its own
+    assert failed.history.empty and failed.train_settings is None and failed.train_indices is None
+    counted = int((np.asarray(query.X.sum(1)).ravel() > 0).sum())  # (cells without counts are mapped by neither)
+    assert len(fine.history) and fine.train_settings.lr == 1e-3
+    assert len(fine.train_indices) + len(fine.validation_indices) == counted
     np.testing.assert_array_equal(failed.get_latent(model.adata), fine.get_latent(model.adata))  # reference intact
 
 

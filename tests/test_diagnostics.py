@@ -62,6 +62,8 @@ def test_kl_per_dimension_sums_to_the_rate(kang, trained):
 def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, trained, tmp_path, monkeypatch):
     model, collapse_warnings = trained
     assert model.active_units(kang) >= 8
+    with pytest.raises(ValueError, match=r"active_units measures how posterior means vary across cells: give 2 or more, got 1"):
+        model.active_units(kang[:1])  # (it gave 0: a variance over one cell)
     assert collapse_warnings == []
     # active: the posterior mean's variance over cells exceeds the threshold, whichever threshold
     variance = np.sort(model.get_latent(kang).astype(np.float64).var(0))

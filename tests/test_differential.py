@@ -487,6 +487,15 @@ def test_interferon_genes_lead_in_stimulated_monocytes():
     up = result[result["lfc_mean"] > 0].index[:30]
     assert len(set(interferon) & set(up)) >= 7
     assert (result.loc[interferon, "lfc_mean"] > 1).sum() >= 8 and result.loc[interferon, "is_de"].all()
+    # ten cells against ten: the interferon genes change ~100-fold, and are called (none were, while the
+    # prior's pseudo-cells pulled each group's mean towards the other's)
+    rng = np.random.default_rng(0)
+    monocytes = (kang.obs["cell_type"] == "CD14+ Monocytes").to_numpy()
+    stim, ctrl = (
+        rng.choice(np.flatnonzero(monocytes & (kang.obs["batch"] == b).to_numpy()), 10, replace=False) for b in ("stim", "ctrl")
+    )
+    ten = model.differential_expression(kang, idx1=stim, idx2=ctrl, progress=False)
+    assert ten.loc[interferon, "is_de"].sum() >= 8 and ten.loc[interferon, "lfc_mean"].median() > 3
 
 
 def test_default_pseudocount_is_a_hundredth_of_a_count_in_a_cell_of_median_depth(simulated, model):
@@ -648,8 +657,8 @@ def test_the_counting_noise_keeps_the_mean_and_variance_and_never_draws_a_well_m
 
 def test_pseudo_cells_widen_a_small_group_without_moving_its_mean(simulated, model, monkeypatch):
     """Two cells of type0 with 4 pseudo-cells drawn from both groups (these 2 and 10 of type1): each pseudo-cell is
-    scaled to the pair's own mean, so the mean of the draws stays the pair's (genes of type1 stay as low as the
-    pair has them), while the spread of the draws grows over that of the pair alone."""
+    scaled by the pair's own mean over the pool's, so the mean of the draws stays the pair's (genes of type1 stay
+    as low as the pair has them), while the spread of the draws grows over that of the pair alone."""
     types = simulated.obs["cell_type"].to_numpy()
     a, b = np.flatnonzero(types == "type0")[:2], np.flatnonzero(types == "type1")[:10]
     group, pool = _cells(model, simulated, a), _cells(model, simulated, np.r_[a, b])
