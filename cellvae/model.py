@@ -1359,8 +1359,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _check_anndata(adata)
         path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            # a save killed between its two renames leaves the previous model set aside beside the path
+            set_aside = sorted(path.parent.glob(f".{path.name}.old.*/{path.name}")) if not path.exists() else []
             raise ValueError(
                 f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
+                + (
+                    f"; a save into it was interrupted, and the model saved there before is in {set_aside[-1]}: move it "
+                    f"back to {path} to load it"
+                    if set_aside
+                    else ""
+                )
             )
         config = Config.from_json(path / CONFIG_FILE)
         weights = path / WEIGHTS_FILE
@@ -1374,7 +1382,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 metadata = json.loads(metadata[METADATA_KEY])
                 if not isinstance(metadata, dict):
                     raise ValueError(f"its {METADATA_KEY!r} metadata is not a JSON object")
-        except (SafetensorError, OSError, ValueError) as error:
+        except (SafetensorError, OSError, ValueError, RecursionError) as error:
             raise ValueError(f"{corrupt} ({error})") from error
         if config.n_layers > len(header):  # each layer holds tensors: bounds the modules built below
             raise ValueError(
@@ -1386,6 +1394,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 state = {name: handle.get_tensor(name) for name in header}
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{corrupt} ({error})") from error
+        if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
+            raise ValueError(
+                f"{weights} holds weights that are NaN or infinite (training never saves them: it undoes such steps), "
+                "so every output would be NaN; use another copy of the model, or train it again"
+            )
         trained = metadata.get("trained", "true") != "false"  # older files: trained
         if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
             raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
@@ -1411,8 +1424,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         model.is_trained = trained
         if "train_settings" in metadata:
             model.train_settings = _train_settings(metadata["train_settings"], weights)
-        if metadata.get("best_epoch", "").isdigit() and not model.history.empty:
-            model.history.attrs["best_epoch"] = int(metadata["best_epoch"])
+        best_epoch = metadata.get("best_epoch", "")
+        epochs = set(model.history["epoch"].tolist()) if "epoch" in model.history else set()
+        if isinstance(best_epoch, str) and best_epoch.isdigit() and int(best_epoch) in epochs:  # (else: no such epoch)
+            model.history.attrs["best_epoch"] = int(best_epoch)
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
             data.warn_user(
@@ -1421,7 +1436,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 UserWarning,
             )
         if adata is None and load_anndata and (path / ADATA_FILE).is_file():
-            adata = ad.read_h5ad(path / ADATA_FILE)
+            try:
+                adata = ad.read_h5ad(path / ADATA_FILE)
+            except (OSError, KeyError, ValueError) as error:
+                raise ValueError(
+                    f"{path / ADATA_FILE}, the AnnData saved with the model, cannot be read ({error}); load the model "
+                    "without it, CellVAE.load(path, load_anndata=False), and pass your AnnData"
+                ) from error
             model._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(adata))
         if adata is not None:
             model.adata = adata

@@ -712,8 +712,16 @@ def read_checkpoint(
         found = meta.get("version") if isinstance(meta, dict) else None
         raise ValueError(f"{path} has checkpoint version {found!r}; this cellvae reads version {CHECKPOINT_VERSION}: {advice}")
     damaged = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(meta.get(k), kind)]
+    if not damaged:  # the loop's counts agree (a hand-edited epoch of -5 trained 15 epochs for max_epochs=8)
+        epoch, history = meta["epoch"], meta["history"]
+        damaged += ["epoch"] if epoch < 0 or len(history) != epoch + 1 else []
+        damaged += ["history"] if not all(isinstance(row, dict) for row in history) else []
+        damaged += ["best_epoch"] if not -1 <= meta["best_epoch"] <= epoch else []
+        groups = meta["param_groups"]
+        numeric = all(isinstance(g, dict) and isinstance(g.get("lr"), (int, float)) and g["lr"] > 0 for g in groups)
+        damaged += ["param_groups"] if not numeric else []
     if damaged or "rng.torch" not in tensors:
-        raise ValueError(f"{path} is damaged: {damaged or ['rng.torch']} missing or of the wrong type; {advice}")
+        raise ValueError(f"{path} is damaged: {damaged or ['rng.torch']} missing, of the wrong type or inconsistent; {advice}")
     differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
     if differ:
         was = {k: meta["run"].get(k) for k in differ if not k.endswith("sha256")}

@@ -231,9 +231,18 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     # well-framed files with a damaged part: told as damaged, never a bare KeyError or TypeError
     fields = json.loads(meta["cellvae_checkpoint"]) | {"version": 2}
     damages = {
-        "run missing": ({k: v for k, v in fields.items() if k != "run"}, tensors, r"\['run'\] missing or of the wrong type"),
-        "epoch as text": (fields | {"epoch": "1"}, tensors, r"\['epoch'\] missing or of the wrong type"),
+        "run missing": ({k: v for k, v in fields.items() if k != "run"}, tensors, r"\['run'\] missing, of the wrong type"),
+        "epoch as text": (fields | {"epoch": "1"}, tensors, r"\['epoch'\] missing, of the wrong type or inconsistent"),
         "no torch RNG": (fields, {k: v for k, v in tensors.items() if k != "rng.torch"}, r"\['rng.torch'\] missing"),
+        # counts that disagree (a hand-edited epoch of -5 trained 15 epochs for max_epochs=8)
+        "epoch below 0": (fields | {"epoch": -5}, tensors, r"\['epoch', 'best_epoch'\] missing, of the wrong type or"),
+        "rows not records": (fields | {"history": [1, "x"]}, tensors, r"\['history'\] missing, of the wrong type or"),
+        "best after the last": (fields | {"best_epoch": 7}, tensors, r"\['best_epoch'\] missing"),
+        "lr as text": (
+            fields | {"param_groups": [g | {"lr": "x"} for g in fields["param_groups"]]},
+            tensors,
+            r"\['param_groups'\] missing",
+        ),
         "torch RNG cut": (fields, tensors | {"rng.torch": tensors["rng.torch"][:100]}, "does not fit this model"),
     }
     for damaged_fields, damaged_tensors, message in damages.values():

@@ -1018,6 +1018,51 @@ def test_loading_a_directory_that_is_not_a_model(tmp_path, two_batches):
         CellVAE.load(tmp_path / "m")
 
 
+def test_weights_and_metadata_a_save_never_writes_are_refused_or_ignored(tmp_path, two_batches):
+    """A model zoo's damaged or hand-made files: NaN weights (with a matching checksum) loaded and gave NaN outputs;
+    a best_epoch written as a number, or nested too deep, raised bare Python errors."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    adata = small(two_batches)
+    CellVAE(adata).fit(max_epochs=2, progress=False, random_state=0).save(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    with safe_open(weights, "pt") as handle:
+        state, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, json.loads(handle.metadata()["cellvae"])
+
+    def rewrite(tensors, meta):
+        meta = meta if isinstance(meta, str) else json.dumps(meta | {"sha256": cellvae.model._weights_digest(tensors)})
+        save_file(tensors, weights, metadata={"cellvae": meta})
+
+    bias = next(name for name in state if name.endswith("bias"))
+    rewrite(state | {bias: torch.full_like(state[bias], float("nan"))}, metadata)
+    with pytest.raises(ValueError, match=r"holds weights that are NaN or infinite .*so every output would be NaN"):
+        CellVAE.load(tmp_path / "m")
+    rewrite(state, metadata | {"best_epoch": 1})  # a number, not the text save writes: not kept
+    assert "best_epoch" not in CellVAE.load(tmp_path / "m").history.attrs
+    rewrite(state, metadata | {"best_epoch": "99"})  # no such epoch in the history
+    assert "best_epoch" not in CellVAE.load(tmp_path / "m").history.attrs
+    rewrite(state, "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="is corrupt or not a safetensors file"):
+        CellVAE.load(tmp_path / "m")
+    rewrite(state, metadata)
+    # a save killed between its two renames: the folder is gone, the model saved before it set aside
+    (tmp_path / ".m.old.x1").mkdir()
+    (tmp_path / "m").rename(tmp_path / ".m.old.x1" / "m")
+    told = r"save into it was interrupted, and the model saved there before is in .*\.m\.old\.x1/m"
+    with pytest.raises(ValueError, match=told):
+        CellVAE.load(tmp_path / "m")
+    (tmp_path / ".m.old.x1" / "m").rename(tmp_path / "m")
+    CellVAE(adata).save(tmp_path / "m", overwrite=True, save_anndata=True)
+    stored = (tmp_path / "m" / "adata.h5ad").read_bytes()
+    (tmp_path / "m" / "adata.h5ad").write_bytes(stored[: len(stored) // 3])  # cut short
+    with pytest.raises(ValueError, match=r"adata.h5ad, the AnnData saved with the model, cannot be read .*load_anndata=False"):
+        CellVAE.load(tmp_path / "m")
+    assert CellVAE.load(tmp_path / "m", load_anndata=False).adata is None
+
+
 def test_invalid_hyperparameters_are_rejected(two_batches):
     adata = small(two_batches)
     with pytest.raises(ValueError, match="likelihood"):
