@@ -1013,10 +1013,23 @@ def _check_no_missing(column: pd.Series, key: str, source: str = "obs") -> None:
 
 
 def _continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.ndarray:
-    values = pd.to_numeric(obs[key], errors="coerce").to_numpy(dtype=np.float64)
+    column = obs[key]
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values)):
+        text = column[column.notna().to_numpy() & np.isnan(values)]  # values that are not numbers at all
+        if len(text):
+            advice = (
+                "pass numbers: the model learnt it as a continuous covariate"
+                if source == "covariates"
+                else "a column of labels belongs in categorical_covariate_keys"
+            )
+            raise ValueError(
+                f"continuous covariate {source}[{key!r}] holds text, not numbers (e.g. {str(text.iloc[0])!r}, "
+                f"{len(text):,} of {len(column):,} values); {advice}"
+            )
         fix = "fill or drop them" if source == "obs" else "pass finite numbers"
-        raise ValueError(f"continuous covariate {source}[{key!r}] has NaN, infinite or non-numeric values; {fix}")
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"continuous covariate {source}[{key!r}] has NaN or infinite values ({bad:,} of {len(values):,}); {fix}")
     return values
 
 
@@ -1049,6 +1062,8 @@ class Covariates:
 # A continuous covariate whose median cell lies this many training standard deviations from the training mean
 # is likely in other units (percent_mito x10 lowered 15-NN label transfer on pbmc3k from 0.89 to 0.81).
 FAR_COVARIATE_SDS = 5.0
+# ... or where more than FAR_SHARE of the cells lie beyond FAR_SHARE_SDS (never the training cells themselves)
+FAR_SHARE, FAR_SHARE_SDS = 0.01, 10.0
 
 
 def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "obs") -> Covariates:
@@ -1094,11 +1109,21 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
         values = _continuous_values(obs, key, source)
         scaled = (values - mean) / std
         far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
+        # some cells far off: more than 1% beyond 10 sd, which the training cells cannot be (Chebyshev: at most 1%)
+        outlying = np.abs(scaled) > FAR_SHARE_SDS
+        trained_with = f"the values the model was trained with (mean {mean:.3g}, sd {std:.3g})"
         if far > FAR_COVARIATE_SDS:  # the training cells' own values lie within about 1 sd of their mean
             warn_user(
-                f"{source}[{key!r}] lies far from the values the model was trained with (mean {mean:.3g}, sd {std:.3g}): "
-                f"the median cell here is {far:.0f} sd away ({float(np.median(values)):.3g}), where the model can only "
-                "extrapolate; check its units (a fraction where the model saw percentages, counts where it saw logs)",
+                f"{source}[{key!r}] lies far from {trained_with}: the median cell here is {far:.0f} sd away "
+                f"({float(np.median(values)):.3g}), where the model can only extrapolate; check its units (a percentage "
+                "where the model saw fractions, counts where it saw logs)",
+                UserWarning,
+            )
+        elif outlying.mean() > FAR_SHARE:
+            warn_user(
+                f"{source}[{key!r}]: {outlying.mean():.1%} of the cells lie over {FAR_SHARE_SDS:.0f} sd from {trained_with}, "
+                f"e.g. {float(values[outlying][0]):.3g}, where the model can only extrapolate; check their units (cells "
+                "from sources that record it differently, e.g. percentages beside fractions)",
                 UserWarning,
             )
         continuous.append(scaled.astype(np.float32))

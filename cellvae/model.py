@@ -774,6 +774,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         transform_batch
             Decode every cell as if from this batch (a list averages over batches; ``None`` in it stands
             for the cell's own batch): batch-corrected expression. ``None`` decodes each cell with its own batch.
+            Other covariates stay each cell's own (as in scvi-tools): to decode under other values of them, use
+            :meth:`decode` with ``covariates=``.
         gene_list
             Return only these genes of the model, in this order (the rows still sum to ``library_size``
             over all genes); ``None``: all. Keeps the result small for many cells.
@@ -1040,7 +1042,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch_correction
             Decode both groups under the same uniform mixture of the model's batches, so that groups
             drawn from different batches are compared without the batch effect. ``False`` decodes
-            each cell with its own batch. Where the two groups share no batch (e.g. conditions when the
+            each cell with its own batch. Categorical and continuous covariates stay each cell's own (as in
+            scvi-tools), so a covariate that differs between the groups (a chemistry nested in the batches,
+            percent mito) still counts in the comparison. Where the two groups share no batch (e.g. conditions when the
             batches are samples, each of one condition), correction removes what the batch effects absorbed
             of their difference, and ``False`` would count the batch effects as differences: a warning
             says so; train with a batch key that crosses the groups (donors).
@@ -2136,11 +2140,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _typical_share(self, genes: np.ndarray) -> float | None:
         """The share of a typical cell's counts the model gives ``genes`` (a mask of its genes): decoded at the
-        latent space's centre, averaged over the batches; None for an untrained model or one with covariates."""
+        latent space's centre, averaged over the batches and over each categorical covariate's categories (taken in
+        turn), continuous covariates at their training mean; None for an untrained model."""
         c = self.config
-        if not self.is_trained or c.categorical_covariate_keys or c.continuous_covariate_keys:
+        if not self.is_trained:
             return None
-        return float(self.decode(np.zeros(c.n_latent, dtype=np.float32), library_size=1.0)[0][genes].sum())
+        categories = c.categorical_covariate_categories
+        rows = max([len(names) for names in categories.values()], default=1)
+        covariates = {key: [names[i % len(names)] for i in range(rows)] for key, names in categories.items()}
+        covariates |= {key: mean for key, mean in zip(c.continuous_covariate_keys, c.continuous_covariate_mean)}
+        decoded = self.decode(np.zeros((rows, c.n_latent), dtype=np.float32), covariates=covariates or None, library_size=1.0)
+        return float(decoded[:, genes].sum(1).mean())
 
     def _batch_names(self, batch, n: int) -> np.ndarray:
         """``batch=`` of the decoding methods as ``n`` names, each a batch of the model."""

@@ -322,9 +322,11 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
             call({"donor": "d3", "score": 0.5})
         with pytest.raises(ValueError, match=r"^covariates\['donor'\] has 3 missing \(NaN\) values; fill them$"):
             call({"donor": None, "score": 0.5})
-        for bad in ("high", float("nan"), np.inf):
-            with pytest.raises(ValueError, match=r"covariate covariates\['score'\] has NaN, .*; pass finite numbers$"):
+        for bad in (float("nan"), np.inf):
+            with pytest.raises(ValueError, match=r"covariate covariates\['score'\] has NaN or infinite .*; pass finite numbers$"):
                 call({"donor": "d1", "score": bad})
+        with pytest.raises(ValueError, match=r"covariates\['score'\] holds text, not numbers .*; pass numbers: the model learnt"):
+            call({"donor": "d1", "score": "high"})
         with pytest.warns(UserWarning, match=r"^covariates\['score'\] lies far from the values the model was trained") as told:
             call({"donor": "d1", "score": 100.0})
         far = [w for w in told if "lies far" in str(w.message)]  # (pytest.warns records other libraries' warnings too)

@@ -579,6 +579,19 @@ def test_covariates_are_used(two_batches):
     changed.obs["percent_mito"] = 4.5  # within the training range: no warning
     with no_warnings():
         model.get_latent(changed)
+    # a share of the cells in other units (combined sources): the median is fine, those cells are not
+    mixed = adata.copy()
+    mixed.obs["percent_mito"] = np.where(np.arange(300) % 10 == 0, mixed.obs["percent_mito"] * 100, mixed.obs["percent_mito"])
+    with pytest.warns(UserWarning, match=r"obs\['percent_mito'\]: 9\.3% of the cells lie over 10 sd from the values"):
+        model.get_latent(mixed)
+    # a column of labels given as continuous, and a gap in a numeric one
+    labelled = adata.copy()
+    labelled.obs["site"] = np.where(np.arange(300) % 2 == 0, "lung", "gut")
+    with pytest.raises(ValueError, match=r"obs\['site'\] holds text, not numbers \(e.g. 'lung', 300 of 300 values\); .*categ"):
+        CellVAE(labelled, continuous_covariate_keys=["site"])
+    labelled.obs.loc[labelled.obs_names[5], "percent_mito"] = np.nan
+    with pytest.raises(ValueError, match=r"obs\['percent_mito'\] has NaN or infinite values \(1 of 300\); fill or drop them"):
+        CellVAE(labelled, continuous_covariate_keys=["percent_mito"])
     # standardised with the training mean and sd: the covariate's unit does not matter
     in_other_units = adata.copy()
     in_other_units.obs["percent_mito"] *= 1000.0
