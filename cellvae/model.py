@@ -1491,7 +1491,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(
                 f"save_anndata=True writes an AnnData held in memory; this model's counts are read from disk{where}, "
                 "so they are saved already: save without save_anndata and load with CellVAE.load(path, adata=...) "
-                f"of the file read again{batches}"
+                f"of the file read again{batches}. Results written into the AnnData since it was read (obsm, uns, "
+                "obs) are in memory only, not in that file: keep them with adata.write_h5ad('with_results.h5ad')"
             )
 
     # ------------------------------------------------------------------ reference mapping

@@ -111,6 +111,17 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     return key_added, uns_key
 
 
+def _part(adata: ad.AnnData, cells, genes=slice(None)) -> ad.AnnData:
+    """``adata[cells, genes]``, also where ``adata`` is a view of a backed AnnData, which anndata cannot view
+    again: then a view of the AnnData it views."""
+    parent = getattr(adata, "_adata_ref", None)
+    if adata.is_view and adata.isbacked and parent is not None:
+        rows = np.atleast_1d(np.arange(parent.n_obs)[adata._oidx])
+        columns = np.atleast_1d(np.arange(parent.n_vars)[adata._vidx])
+        return parent[rows[cells], columns[genes]]
+    return adata[cells, genes]
+
+
 def _genes_to_train(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> ad.AnnData:
     """``adata`` (a view of it) restricted to the genes ``mask_var`` marks: a boolean var column or mask."""
     mask = _gene_mask(adata, mask_var)
@@ -819,8 +830,8 @@ def rate_distortion_sweep(
             held &= np.isin(codes, np.unique(codes[~held]))
     if not held.any():
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
-    test, fit_data = adata[held, genes], adata[~held, genes]
-    trained = np.flatnonzero(~held)  # the cells fit_data holds, in adata (a backed view cannot be sliced again)
+    test, fit_data = _part(adata, held, genes), _part(adata, ~held, genes)
+    trained = np.flatnonzero(~held)  # the cells fit_data holds, in adata
     rows, elbos, model = [], [], None
     for beta in betas:
         if warm_start and model is not None:
@@ -832,7 +843,7 @@ def rate_distortion_sweep(
         # a sample of the cells fit trained on (not its validation cells; all of fit_data's where a diverged fit kept none)
         fitted = np.arange(len(trained)) if model.train_indices is None else model.train_indices
         sample = np.random.default_rng(random_state).permutation(fitted)[:TRAIN_EVALUATION_CELLS]
-        training_sample = adata[trained[np.sort(sample)], genes]
+        training_sample = _part(adata, trained[np.sort(sample)], genes)
         per_cell = model.rate_distortion(test, n_samples=n_samples, random_state=random_state, progress=progress)
         terms = per_cell.mean()
         elbos.append(per_cell["elbo"].to_numpy())
@@ -941,8 +952,8 @@ def interpolate(
     if batch is None and key and key in adata.obs.columns:  # endpoints of one batch: decoded as it, as they are
         shared = pd.unique(adata.obs[key].iloc[np.r_[positions_a, positions_b]].astype(str))
         batch = shared[0] if len(shared) == 1 and shared[0] in model.config.batch_categories else None
-    z_a = model.get_latent(adata[positions_a], progress=progress).mean(0)
-    z_b = model.get_latent(adata[positions_b], progress=progress).mean(0)
+    z_a = model.get_latent(_part(adata, positions_a), progress=progress).mean(0)
+    z_b = model.get_latent(_part(adata, positions_b), progress=progress).mean(0)
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
     expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)

@@ -1047,6 +1047,7 @@ def test_save_anndata_without_data_in_memory_is_refused_before_anything_is_writt
     trained.adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = CellVAE.load(saved, adata=ad.read_h5ad(tmp_path / "cells.h5ad", backed="r"))
     advice = r"read from disk in .*cells.h5ad.*save without save_anndata.*with obs\['batch'\] holding each cell's batch"
+    advice += r".*Results written into the AnnData .* are in memory only.*adata.write_h5ad\('with_results.h5ad'\)"
     with pytest.raises(ValueError, match=advice):
         backed.save(tmp_path / "again", save_anndata=True)
     assert sorted(os.listdir(tmp_path)) == ["cells.h5ad", "model"]
