@@ -1017,7 +1017,7 @@ def _continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.n
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values)):
         text = column[column.notna().to_numpy() & np.isnan(values)]  # values that are not numbers at all
-        if len(text):
+        if len(text) > 0.5 * int(column.notna().sum()):  # mostly text: a column of labels
             advice = (
                 "pass numbers: the model learnt it as a continuous covariate"
                 if source == "covariates"
@@ -1029,7 +1029,11 @@ def _continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.n
             )
         fix = "fill or drop them" if source == "obs" else "pass finite numbers"
         bad = int((~np.isfinite(values)).sum())
-        raise ValueError(f"continuous covariate {source}[{key!r}] has NaN or infinite values ({bad:,} of {len(values):,}); {fix}")
+        example = f", e.g. {str(text.iloc[0])!r}" if len(text) else ""
+        raise ValueError(
+            f"continuous covariate {source}[{key!r}] has NaN, infinite or non-numeric values ({bad:,} of {len(values):,}"
+            f"{example}); {fix}"
+        )
     return values
 
 
@@ -1062,7 +1066,7 @@ class Covariates:
 # A continuous covariate whose median cell lies this many training standard deviations from the training mean
 # is likely in other units (percent_mito x10 lowered 15-NN label transfer on pbmc3k from 0.89 to 0.81).
 FAR_COVARIATE_SDS = 5.0
-# ... or where more than FAR_SHARE of the cells lie beyond FAR_SHARE_SDS (never the training cells themselves)
+# ... or where more than FAR_SHARE of the cells lie beyond FAR_SHARE_SDS (never all the training cells together)
 FAR_SHARE, FAR_SHARE_SDS = 0.01, 10.0
 
 
@@ -1109,8 +1113,10 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
         values = _continuous_values(obs, key, source)
         scaled = (values - mean) / std
         far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
-        # some cells far off: more than 1% beyond 10 sd, which the training cells cannot be (Chebyshev: at most 1%)
+        # some cells far off: more than 1% beyond 10 sd, which all the training cells together cannot be (Chebyshev:
+        # at most 1%), though a part of them can (a cluster of the rare cells far out)
         outlying = np.abs(scaled) > FAR_SHARE_SDS
+        outlying_share = float(outlying.mean()) if len(outlying) else 0.0
         trained_with = f"the values the model was trained with (mean {mean:.3g}, sd {std:.3g})"
         if far > FAR_COVARIATE_SDS:  # the training cells' own values lie within about 1 sd of their mean
             warn_user(
@@ -1119,11 +1125,12 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
                 "where the model saw fractions, counts where it saw logs)",
                 UserWarning,
             )
-        elif outlying.mean() > FAR_SHARE:
+        elif outlying_share > FAR_SHARE:
             warn_user(
-                f"{source}[{key!r}]: {outlying.mean():.1%} of the cells lie over {FAR_SHARE_SDS:.0f} sd from {trained_with}, "
+                f"{source}[{key!r}]: {outlying_share:.1%} of the cells lie over {FAR_SHARE_SDS:.0f} sd from {trained_with}, "
                 f"e.g. {float(values[outlying][0]):.3g}, where the model can only extrapolate; check their units (cells "
-                "from sources that record it differently, e.g. percentages beside fractions)",
+                "from sources that record it differently, e.g. percentages beside fractions), unless these are the "
+                "rare cells far out that the model was trained with",
                 UserWarning,
             )
         continuous.append(scaled.astype(np.float32))

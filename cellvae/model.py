@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import inspect
 import json
@@ -1364,7 +1365,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             # a save killed between its two renames leaves the previous model set aside beside the path
-            set_aside = sorted(path.parent.glob(f".{path.name}.old.*/{path.name}")) if not path.exists() else []
+            set_aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
+            set_aside = set_aside if not path.exists() else []
             raise ValueError(
                 f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
                 + (
@@ -1398,14 +1400,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 state = {name: handle.get_tensor(name) for name in header}
         except (SafetensorError, OSError, ValueError) as error:
             raise ValueError(f"{corrupt} ({error})") from error
+        trained = metadata.get("trained", "true") != "false"  # older files: trained
+        if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
+            raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
         if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
             raise ValueError(
                 f"{weights} holds weights that are NaN or infinite (training never saves them: it undoes such steps), "
                 "so every output would be NaN; use another copy of the model, or train it again"
             )
-        trained = metadata.get("trained", "true") != "false"  # older files: trained
-        if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
-            raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
         if "layout_sha256" in metadata and _layout_digest(config) != metadata["layout_sha256"]:  # (older files: none)
             raise ValueError(
                 f"{weights} was not saved with this {CONFIG_FILE}: the genes, batches or covariates its rows and columns "
@@ -1429,8 +1431,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if "train_settings" in metadata:
             model.train_settings = _train_settings(metadata["train_settings"], weights)
         best_epoch = metadata.get("best_epoch", "")
-        epochs = set(model.history["epoch"].tolist()) if "epoch" in model.history else set()
-        if isinstance(best_epoch, str) and best_epoch.isdigit() and int(best_epoch) in epochs:  # (else: no such epoch)
+        epochs = {e for e in model.history["epoch"].tolist() if isinstance(e, int)} if "epoch" in model.history else set()
+        if isinstance(best_epoch, str) and best_epoch.isdecimal() and int(best_epoch) in epochs:  # (else: no such epoch)
             model.history.attrs["best_epoch"] = int(best_epoch)
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
@@ -2147,10 +2149,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if not self.is_trained:
             return None
         categories = c.categorical_covariate_categories
-        rows = max([len(names) for names in categories.values()], default=1)
+        batches = c.batch_categories if c.batch_key else []
+        # one row per category (and batch) in turn, not every combination: as many rows as the most categories
+        rows = max([len(names) for names in [*categories.values(), batches]], default=1)
         covariates = {key: [names[i % len(names)] for i in range(rows)] for key, names in categories.items()}
         covariates |= {key: mean for key, mean in zip(c.continuous_covariate_keys, c.continuous_covariate_mean)}
-        decoded = self.decode(np.zeros((rows, c.n_latent), dtype=np.float32), covariates=covariates or None, library_size=1.0)
+        batch = [batches[i % len(batches)] for i in range(rows)] if batches else None
+        z = np.zeros((rows, c.n_latent), dtype=np.float32)
+        decoded = self.decode(z, batch=batch, covariates=covariates or None, library_size=1.0)
         return float(decoded[:, genes].sum(1).mean())
 
     def _batch_names(self, batch, n: int) -> np.ndarray:

@@ -706,7 +706,7 @@ def read_checkpoint(
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
+    except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as error:
         raise ValueError(f"{path} is not a readable cellvae checkpoint ({error}); {advice}") from error
     if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
         found = meta.get("version") if isinstance(meta, dict) else None
@@ -768,7 +768,7 @@ def agreed_checkpoint(path: Path) -> Path | None:
                 meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
             epochs[int(meta["epoch"])] = candidate
             writers.add(int(meta.get("world", 0)))  # 0: written before the number was recorded
-        except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError, RecursionError):
             continue
     world = rank_and_world()[1]
     # A rank without a file may have crashed before its first write, or the run had fewer processes (then

@@ -249,6 +249,9 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         save_file(damaged_tensors, tmp_path / CHECKPOINT, metadata={"cellvae_checkpoint": json.dumps(damaged_fields)})
         with pytest.raises(ValueError, match=f"{message}.*or name another checkpoint_dir"):
             CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    save_file(tensors, tmp_path / CHECKPOINT, metadata={"cellvae_checkpoint": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ValueError, match="not a readable cellvae checkpoint"):  # (a bare RecursionError before)
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_ctrl_c_while_a_new_best_epoch_is_kept_returns_the_previous_best_whole(monkeypatch):

@@ -323,7 +323,7 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
         with pytest.raises(ValueError, match=r"^covariates\['donor'\] has 3 missing \(NaN\) values; fill them$"):
             call({"donor": None, "score": 0.5})
         for bad in (float("nan"), np.inf):
-            with pytest.raises(ValueError, match=r"covariate covariates\['score'\] has NaN or infinite .*; pass finite numbers$"):
+            with pytest.raises(ValueError, match=r"covariates\['score'\] has NaN, infinite or non-numeric .*; pass finite"):
                 call({"donor": "d1", "score": bad})
         with pytest.raises(ValueError, match=r"covariates\['score'\] holds text, not numbers .*; pass numbers: the model learnt"):
             call({"donor": "d1", "score": "high"})

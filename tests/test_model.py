@@ -584,13 +584,22 @@ def test_covariates_are_used(two_batches):
     mixed.obs["percent_mito"] = np.where(np.arange(300) % 10 == 0, mixed.obs["percent_mito"] * 100, mixed.obs["percent_mito"])
     with pytest.warns(UserWarning, match=r"obs\['percent_mito'\]: 9\.3% of the cells lie over 10 sd from the values"):
         model.get_latent(mixed)
+    # the training cells themselves never are (Chebyshev), however heavy the covariate's tail
+    tailed = adata.copy()
+    tailed.obs["percent_mito"] = np.where(np.arange(300) < 2, 80.0, tailed.obs["percent_mito"])
+    with no_warnings():
+        tailed_model = CellVAE(tailed, continuous_covariate_keys=["percent_mito"], n_hidden=16)
+    tailed_model.fit(max_epochs=1, progress=False, random_state=0)
+    with no_warnings():
+        tailed_model.get_latent(tailed)
+        tailed_model.decode(np.zeros((0, 10), dtype=np.float32), covariates={"percent_mito": []})  # no cells, no warning
     # a column of labels given as continuous, and a gap in a numeric one
     labelled = adata.copy()
     labelled.obs["site"] = np.where(np.arange(300) % 2 == 0, "lung", "gut")
     with pytest.raises(ValueError, match=r"obs\['site'\] holds text, not numbers \(e.g. 'lung', 300 of 300 values\); .*categ"):
         CellVAE(labelled, continuous_covariate_keys=["site"])
     labelled.obs.loc[labelled.obs_names[5], "percent_mito"] = np.nan
-    with pytest.raises(ValueError, match=r"obs\['percent_mito'\] has NaN or infinite values \(1 of 300\); fill or drop them"):
+    with pytest.raises(ValueError, match=r"obs\['percent_mito'\] has NaN, infinite or non-numeric values \(1 of 300\); fill"):
         CellVAE(labelled, continuous_covariate_keys=["percent_mito"])
     # standardised with the training mean and sd: the covariate's unit does not matter
     in_other_units = adata.copy()
@@ -1054,6 +1063,8 @@ def test_weights_and_metadata_a_save_never_writes_are_refused_or_ignored(tmp_pat
     with pytest.raises(ValueError, match=r"holds weights that are NaN or infinite .*so every output would be NaN"):
         CellVAE.load(tmp_path / "m")
     rewrite(state, metadata | {"best_epoch": 1})  # a number, not the text save writes: not kept
+    assert "best_epoch" not in CellVAE.load(tmp_path / "m").history.attrs
+    rewrite(state, metadata | {"best_epoch": "²"})  # a digit to str.isdigit, not to int()
     assert "best_epoch" not in CellVAE.load(tmp_path / "m").history.attrs
     rewrite(state, metadata | {"best_epoch": "99"})  # no such epoch in the history
     assert "best_epoch" not in CellVAE.load(tmp_path / "m").history.attrs
