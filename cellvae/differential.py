@@ -6,12 +6,12 @@ of its counts (few counts say little about a gene). Each draw of a group's mean 
 cells by a Bayesian bootstrap (Dirichlet(1, ..., 1) weights, Rubin 1981), decodes each cell at a draw of
 its latent code, and adds the likelihood's counting noise for a mean over those cells; a few pseudo-cells
 drawn from both groups together, each scaled gene by gene by the group's own mean over the pool's, bring the
-variation between cells that a group of a few cells cannot show, so that such a group does not look certain, without pulling its
-mean towards the other group's (pseudo-cells taken as they are hid a 100-fold change between 20 and 20 cells).
-Two groups' draws give the posterior of the log2 fold change
-of their means, from which the probability that it exceeds a threshold ``delta`` follows (the "change"
-hypothesis of Boyeau et al. 2019, here for the groups' means rather than for random pairs of cells:
-scVI's pairs are so variable that it calls few genes).
+variation between cells that a group of a few cells cannot show, so that such a group does not look certain,
+without pulling its mean towards the other group's (pseudo-cells taken as they are hid a 100-fold change
+between 20 and 20 cells). Two groups' draws give the posterior of the log2 fold change of their means,
+from which the probability that it exceeds a threshold ``delta`` follows (the "change" hypothesis of
+Boyeau et al. 2019, here for the groups' means rather than for random pairs of cells: scVI's pairs are so
+variable that it calls few genes).
 
 Those draws alone would treat every fold change as equally likely beforehand, so a gene measured too
 poorly to say much (a wide posterior) would still look likely to exceed ``delta``. A prior on the log
