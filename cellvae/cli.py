@@ -681,7 +681,12 @@ def run_map(args: argparse.Namespace) -> int:
         query_model.save(args.query_model_dir, overwrite=args.overwrite)
     _write(query, args.out)
     new_batches = query_model.config.batch_categories[len(config.batch_categories) :]
-    mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}) in {_epochs(len(query_model.history))}"
+    new_categories = "".join(  # a categorical covariate's categories the reference lacked, mapped too
+        f", new {key}: {names[len(config.categorical_covariate_categories[key]) :]}"
+        for key, names in query_model.config.categorical_covariate_categories.items()
+        if len(names) > len(config.categorical_covariate_categories[key])
+    )
+    mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}{new_categories}) in {_epochs(len(query_model.history))}"
     saved = f"; saved the query model in {args.query_model_dir}" if args.query_model_dir is not None else ""
     if interrupted:
         print(f"interrupted: {mapped}, the best so far; wrote {args.out} with {', '.join(written)}{saved}", file=sys.stderr)

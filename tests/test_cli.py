@@ -531,6 +531,21 @@ def test_fit_model_options_reach_the_model(tmp_path):
     np.testing.assert_array_equal(ad.read_h5ad(out).obsm["X_cellvae"], expected.get_latent())
 
 
+def test_map_names_the_new_categories_of_a_covariate_it_mapped(tmp_path, capsys):
+    """The summary listed new batches only: a query's new donor, trained as well, went unmentioned."""
+    data = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=3, random_state=0)
+    data.obs["donor"] = np.where(data.obs["batch"] == "batch2", "d9", np.where(np.arange(300) % 2 == 0, "d1", "d2"))
+    is_query = (data.obs["batch"] == "batch2").to_numpy()
+    data[~is_query].copy().write_h5ad(tmp_path / "reference.h5ad")
+    data[is_query].copy().write_h5ad(tmp_path / "query.h5ad")
+    fit = ["fit", str(tmp_path / "reference.h5ad"), "--batch-key", "batch", "--categorical-covariate-keys", "donor"]
+    assert main([*fit, "--out", str(tmp_path / "r.h5ad"), "--model-dir", str(tmp_path / "m"), "--epochs", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    query = ["map", str(tmp_path / "query.h5ad"), "--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "q.h5ad")]
+    assert main([*query, "--epochs", "2", "--quiet"]) == 0
+    assert "(new batches: ['batch2'], new donor: ['d9'])" in capsys.readouterr().out
+
+
 def test_an_input_taken_as_a_covariate_key_is_told_to_come_first(tmp_path, capsys):
     """A key option takes every word up to the next option, so the input after it reads as a key."""
     source = str(tmp_path / "in.h5ad")
