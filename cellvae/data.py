@@ -168,21 +168,30 @@ def stored_x(adata: ad.AnnData):
         return None
 
 
-def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.ndarray, np.ndarray] | None:
-    """Where ``adata`` is a view: the viewed AnnData's count matrix and the view's rows and columns of it,
-    else None. (anndata keeps the viewed AnnData and the view's indices in private attributes; where they
-    are missing, anndata's own reading of the view applies.)"""
+def view_positions(adata: ad.AnnData) -> tuple[ad.AnnData, np.ndarray, np.ndarray] | None:
+    """Where ``adata`` is a view: the AnnData it views and the view's rows and columns of it, else None.
+    (anndata keeps them in private attributes; where they are missing, None.)"""
     parent, cells, genes = (getattr(adata, name, None) for name in ("_adata_ref", "_oidx", "_vidx"))
     if not adata.is_view or parent is None or cells is None or genes is None:
         return None
+    rows = np.atleast_1d(np.arange(parent.n_obs, dtype=np.int64)[cells])
+    columns = np.atleast_1d(np.arange(parent.n_vars, dtype=np.int64)[genes])
+    return parent, rows, columns
+
+
+def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.ndarray, np.ndarray] | None:
+    """Where ``adata`` is a view: the viewed AnnData's count matrix and the view's rows and columns of it,
+    else None (then anndata's own reading of the view applies)."""
+    viewed = view_positions(adata)
+    if viewed is None:
+        return None
+    parent, rows, columns = viewed
     if layer is None:
         matrix = stored_x(parent)
     else:
         matrix = parent.layers[layer] if layer in parent.layers else None
     if matrix is None or not _is_readable(matrix):
         return None
-    rows = np.atleast_1d(np.arange(parent.n_obs, dtype=np.int64)[cells])
-    columns = np.atleast_1d(np.arange(parent.n_vars, dtype=np.int64)[genes])
     return matrix, rows, columns
 
 

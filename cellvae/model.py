@@ -563,7 +563,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
                     self.module = VAE(self.config)
-            previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank, *self._split)
+            previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank)
+            previous_split = (self.train_indices, self.validation_indices)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
@@ -603,7 +604,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "or device='cpu'"
                 ) from error
         self.history, self.train_settings, self.is_trained = history, settings, True
-        self._split = (np.sort(train_cells), np.sort(validation_cells))
+        self.train_indices, self.validation_indices = np.sort(train_cells), np.sort(validation_cells)
         rank, world = rank_and_world()
         self._data_parallel_rank = rank if world > 1 else None
         try:  # checks that only warn: the model is trained whether or not they finish
@@ -614,7 +615,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if diverged:
                 # Fitting the diverged weights again, with any learning rate, would not bring them back.
                 self.module.load_state_dict(before)
-                self.history, self.train_settings, self.is_trained, self._data_parallel_rank, *self._split = previous
+                self.history, self.train_settings, self.is_trained, self._data_parallel_rank = previous
+                self.train_indices, self.validation_indices = previous_split
                 smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 data.warn_user(
                     f"training made the model worse: its loss on {len(probe):,} "
@@ -633,14 +635,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _move(self.module, home)
             self.device = home
         return self
-
-    @property
-    def _split(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        return self.train_indices, self.validation_indices
-
-    @_split.setter
-    def _split(self, indices) -> None:
-        self.train_indices, self.validation_indices = indices
 
     # ------------------------------------------------------------------ outputs
 
@@ -1093,9 +1087,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             ``n_draws``, ``max_cells`` and ``batch_size``, not on the other comparisons requested. The draws
             are seeded by the groups' names (``idx1`` cells are named ``"idx1"``), so the same cells asked for
             by ``groupby`` and by ``idx1``, or under a renamed group, get other draws: results that differ within
-            Monte Carlo error
-            (B cells of Kang's 1,267-gene example: fold changes moved by up to 0.13, 8 of ~800 calls changed;
-            more ``n_draws`` narrow it).
+            Monte Carlo error (B cells of Kang's 1,267-gene example: fold changes moved by up to 0.13, 8 of ~800
+            calls changed; more ``n_draws`` narrow it).
 
         Notes
         -----
@@ -1694,11 +1687,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     query_model.module, loader, train_cells, validation_cells, settings, data_parallel=False
                 )
             query_model.train_settings = settings
-            query_model._split = (np.sort(train_cells), np.sort(validation_cells))
+            query_model.train_indices, query_model.validation_indices = np.sort(train_cells), np.sort(validation_cells)
             end_loss = query_model._mean_loss(loader, probe, batch_size, random_state)
             if not end_loss <= MAPPING_TOLERANCE * start_loss:  # NaN too
                 query_model.module.load_state_dict(before)  # unmapped: no record of a mapping
-                query_model.history, query_model.train_settings, query_model._split = pd.DataFrame(), None, (None, None)
+                query_model.history, query_model.train_settings = pd.DataFrame(), None
+                query_model.train_indices = query_model.validation_indices = None
                 smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 data.warn_user(
                     f"mapping made the query model worse: its loss on {len(probe):,} "

@@ -29,6 +29,7 @@ from cellvae.data import (
     is_backed_matrix,
     layer_names,
     stored_x,
+    view_positions,
     warn_user,
 )
 from cellvae.differential import group_name
@@ -114,10 +115,9 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
 def _part(adata: ad.AnnData, cells, genes=slice(None)) -> ad.AnnData:
     """``adata[cells, genes]``, also where ``adata`` is a view of a backed AnnData, which anndata cannot view
     again: then a view of the AnnData it views."""
-    parent = getattr(adata, "_adata_ref", None)
-    if adata.is_view and adata.isbacked and parent is not None:
-        rows = np.atleast_1d(np.arange(parent.n_obs)[adata._oidx])
-        columns = np.atleast_1d(np.arange(parent.n_vars)[adata._vidx])
+    viewed = view_positions(adata) if adata.isbacked else None
+    if viewed is not None:
+        parent, rows, columns = viewed
         return parent[rows[cells], columns[genes]]
     return adata[cells, genes]
 
