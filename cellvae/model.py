@@ -1749,6 +1749,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
+        _warn_about_scoring_empty_cells(loader, cells)
         with diagnostics.evaluation(self.module, random_state):
             terms = diagnostics.rate_distortion(
                 self.module, loader, cells, n_samples=n_samples, batch_size=batch_size, progress=progress
@@ -1862,6 +1863,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         loader, cells = self._loader(self._resolve(adata), self.device)
+        _warn_about_scoring_empty_cells(loader, cells)
         with diagnostics.evaluation(self.module, random_state):
             return diagnostics.marginal_log_likelihood(
                 self.module, loader, cells, n_samples=n_samples, batch_size=batch_size, progress=progress
@@ -1926,6 +1928,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
+        _warn_about_scoring_empty_cells(loader, cells)
         with diagnostics.evaluation(self.module, random_state):
             gaps = diagnostics.inference_gaps(
                 self.module,
@@ -2722,6 +2725,19 @@ def _warn_about_empty_cells(
         f"drop them with sc.pp.filter_cells({name}, min_counts=1) to silence this",
         UserWarning,
     )
+
+
+def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) -> None:
+    """Warn that cells with zero total counts are scored although they have nothing to reconstruct: each one's
+    ELBO is minus its rate alone (a few nats, against thousands for a cell with counts), which skews any mean."""
+    empty = int(np.count_nonzero(loader.library[cells] == 0))
+    if empty:
+        data.warn_user(
+            f"{empty} of the {len(cells)} cells have zero total counts: with nothing to reconstruct, each scores "
+            "minus its rate alone (a few nats), which skews a mean over cells; drop them first with "
+            "sc.pp.filter_cells(adata, min_counts=1)",
+            UserWarning,
+        )
 
 
 def _check_cells_left_to_train(train_cells: np.ndarray, cells: np.ndarray, validation_size: float) -> None:

@@ -50,6 +50,29 @@ def test_rate_distortion_per_cell_and_consistent_with_the_elbo(kang, trained):
     np.testing.assert_array_equal(frame["distortion"], model.rate_distortion(kang)["distortion"])
 
 
+def test_scoring_cells_with_zero_counts_warns_that_they_skew_the_mean(kang, trained):
+    model, _ = trained
+    cells = kang[:12].copy()
+    counts = cells.X.tolil()
+    counts[:3] = 0
+    cells.X = counts.tocsr()
+    for score in (
+        lambda: model.rate_distortion(cells, progress=False),
+        lambda: model.marginal_log_likelihood(cells, n_samples=2, progress=False),
+        lambda: model.inference_gaps(cells, n_steps=2, n_samples=2, n_elbo_samples=2, progress=False),
+    ):
+        with pytest.warns(UserWarning, match=r"3 of the 12 cells have zero total counts.*filter_cells"):
+            score()
+    # the empty cells' ELBO is minus their rate alone, far above a cell with counts
+    with pytest.warns(UserWarning, match="zero total counts"):
+        frame = model.rate_distortion(cells, progress=False)
+    np.testing.assert_allclose(frame["elbo"][:3], -frame["rate"][:3], rtol=1e-6)
+    assert (frame["elbo"][:3] > 100 + frame["elbo"][3:].max()).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.rate_distortion(kang[:12], progress=False)
+
+
 def test_kl_per_dimension_sums_to_the_rate(kang, trained):
     model, _ = trained
     kl = model.kl_per_dimension(kang)
