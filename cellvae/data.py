@@ -970,6 +970,12 @@ def learn_covariate_layout(
                 f"continuous covariate obs[{key!r}] has values too large to scale (up to {np.abs(values).max():.3g}); "
                 "put them on a smaller scale first, e.g. np.log1p or a change of units"
             )
+        if std == 0 and len(obs) > 1:
+            warn_user(
+                f"continuous covariate obs[{key!r}] is {mean:.6g} in every cell, so the model cannot learn what it "
+                "does: leave it out of continuous_covariate_keys, or check the column",
+                UserWarning,
+            )
         means.append(mean)
         stds.append(std or 1.0)
     return CovariateLayout(

@@ -593,6 +593,11 @@ def test_covariates_are_used(two_batches):
     with no_warnings():
         tailed_model.get_latent(tailed)
         tailed_model.decode(np.zeros((0, 10), dtype=np.float32), covariates={"percent_mito": []})  # no cells, no warning
+    # a covariate that is the same in every cell cannot be learned from
+    constant = adata.copy()
+    constant.obs["percent_mito"] = 2.5
+    with pytest.warns(UserWarning, match=r"obs\['percent_mito'\] is 2\.5 in every cell, so the model cannot learn"):
+        CellVAE(constant, continuous_covariate_keys=["percent_mito"])
     # a column of labels given as continuous, and a gap in a numeric one
     labelled = adata.copy()
     labelled.obs["site"] = np.where(np.arange(300) % 2 == 0, "lung", "gut")
