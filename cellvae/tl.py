@@ -908,7 +908,7 @@ def interpolate(
     adata: ad.AnnData | None = None,
     batch: str | None = None,
     covariates: dict | None = None,
-    library_size: float = 1e4,
+    library_size: float | np.ndarray = 1e4,
     progress: bool = True,
 ) -> ad.AnnData:
     """Decode a straight path in latent space between two cells (or the mean codes of two groups).
@@ -935,7 +935,9 @@ def interpolate(
     Returns
     -------
     AnnData of ``n_steps`` points: ``X`` the decoded expression, ``obs["t"]`` from 0 (a) to 1 (b),
-    ``obsm["z"]`` the latent codes, ``uns["interpolate"]["batch"]`` the batch decoded as (absent where averaged).
+    ``obsm["z"]`` the latent codes, and in ``uns["interpolate"]`` the decoding's settings: ``"batch"``, the batch
+    decoded as, or one per point (absent where averaged), ``"covariates"`` (where the model has any: each one's
+    value, or values per point) and ``"library_size"``.
     """
     if not isinstance(n_steps, (int, np.integer)) or isinstance(n_steps, bool) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
@@ -963,8 +965,19 @@ def interpolate(
         var=pd.DataFrame(index=list(model.config.gene_names)),
     )
     path.obsm["z"] = z
-    path.uns["interpolate"] = {} if batch is None or np.ndim(batch) else {"batch": str(batch)}
+    record = {} if batch is None else {"batch": _as_record(batch)}
+    if covariates:
+        record["covariates"] = {key: _as_record(value) for key, value in covariates.items()}
+    path.uns["interpolate"] = record | {"library_size": _as_record(np.asarray(library_size, dtype=np.float64))}
     return path
+
+
+def _as_record(value):
+    """A covariate value (or values) as ``uns`` stores it in an ``.h5ad``: a number or text, or an array of them."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        array = array.astype(str)
+    return array.item() if array.ndim == 0 else array
 
 
 def latent_shift(

@@ -3,6 +3,7 @@
 import unittest.mock
 import warnings
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -171,10 +172,10 @@ def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
     # batch=None: endpoints of one batch decode as that batch, as the cells themselves do; of two, averaged
     stim, ctrl = (np.flatnonzero((kang.obs["batch"] == name).to_numpy())[:2] for name in ("stim", "ctrl"))
     own = cellvae.tl.interpolate(model, stim[:1], stim[1:], 3)
-    assert own.uns["interpolate"] == {"batch": "stim"}
+    assert own.uns["interpolate"] == {"batch": "stim", "library_size": 1e4}
     np.testing.assert_allclose(own.X[[0, -1]], model.get_normalized_expression(kang[stim]), rtol=1e-4, atol=1e-6)
     across = cellvae.tl.interpolate(model, stim[:1], ctrl[:1], 3)
-    assert across.uns["interpolate"] == {}
+    assert across.uns["interpolate"] == {"library_size": 1e4}
     averaged = model.decode(model.get_latent(kang[[stim[0], ctrl[0]]]))
     np.testing.assert_allclose(across.X[[0, -1]], averaged, rtol=1e-4, atol=1e-6)
 
@@ -277,7 +278,7 @@ def test_bad_decoding_arguments_are_refused_before_the_cells_are_encoded(kang, m
         CellVAE.load(tmp_path / "m").generate(5, batch="nope")
 
 
-def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
+def test_covariates_given_to_decode_and_generate_set_the_decoded_cells(tmp_path):
     """A categorical covariate (the simulated batches, which scale every gene) and a continuous one:
     the values passed decide the decoded expression and are what generated cells carry in obs."""
     adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, random_state=5, batch_effect=0.8)
@@ -303,6 +304,14 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells():
     other = model.generate(20, covariates={"batch": "batch0", "score": 0.5}, random_state=0)
     np.testing.assert_array_equal(other.obsm["z"], generated.obsm["z"])  # the same draws of z ...
     assert (other.X != generated.X).nnz > 0  # ... decoded under another covariate value
+    # interpolate records the covariates it decoded under, in a form an .h5ad keeps
+    steps = {"batch": ["batch0", "batch1", "batch1"], "score": 0.5}
+    path = cellvae.tl.interpolate(model, [0], [1], 3, covariates=steps, library_size=[1e3, 2e3, 3e3], progress=False)
+    np.testing.assert_allclose(path.X.sum(1), [1e3, 2e3, 3e3], rtol=1e-3)
+    path.write_h5ad(tmp_path / "path.h5ad")
+    record = ad.read_h5ad(tmp_path / "path.h5ad").uns["interpolate"]
+    assert list(record["covariates"]["batch"]) == steps["batch"] and record["covariates"]["score"] == 0.5
+    np.testing.assert_array_equal(record["library_size"], [1e3, 2e3, 3e3])
 
 
 def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
