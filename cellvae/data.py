@@ -989,10 +989,10 @@ def learn_covariate_layout(
     )
 
 
-def category_names(column: pd.Series, key: str) -> list[str]:
+def category_names(column: pd.Series, key: str, name: str = "adata") -> list[str]:
     """A categorical obs column's categories as text: a pandas categorical's order (unused ones dropped),
-    otherwise sorted; NaN values are refused."""
-    _check_no_missing(column, key)
+    otherwise sorted; NaN values are refused (the fix named for the AnnData the user calls ``name``)."""
+    _check_no_missing(column, key, name=name)
     text = as_text(column)
     present = set(text.categories[np.unique(text.codes)])
     if isinstance(column.dtype, pd.CategoricalDtype):  # (each category's text as astype(str) writes it, as in present)
@@ -1016,15 +1016,16 @@ def as_text(column: pd.Series) -> pd.Categorical:
     return pd.Categorical.from_codes(categorical.codes, categories=names)
 
 
-def _check_no_missing(column: pd.Series, key: str, source: str = "obs") -> None:
+def _check_no_missing(column: pd.Series, key: str, source: str = "obs", name: str = "adata") -> None:
     if column.isna().any():
         fix = (
-            f"(adata.obs[{key!r}] = adata.obs[{key!r}].astype(object).fillna('unknown') makes them one value of their "
-            f"own) or drop those cells (adata = adata[adata.obs[{key!r}].notna()].copy())"
+            f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown') makes them one value of "
+            f"their own) or drop those cells ({name} = {name}[{name}.obs[{key!r}].notna()].copy())"
             if source == "obs"
             else ""
         )
-        raise ValueError(f"{source}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
+        where = source if source != "obs" or name == "adata" else f"{name}.obs"
+        raise ValueError(f"{where}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
 
 
 def _continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.ndarray:

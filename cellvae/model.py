@@ -1623,12 +1623,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 UserWarning,
             )
         # in the column's category order (sorted where it is not categorical), as the reference's batches are
-        new_batches = [b for b in data.category_names(query_adata.obs[batch_column], batch_column) if b not in reference_batches]
+        new_batches = [
+            b
+            for b in data.category_names(query_adata.obs[batch_column], batch_column, "query_adata")
+            if b not in reference_batches
+        ]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
         retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
-            new = [c for c in data.category_names(aligned.obs[key], key) if c not in known]
+            new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
             retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
             categories[key] = known + new
         if retyped:

@@ -760,6 +760,11 @@ def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches)
     as_floats.obs["kit"] = 2.0
     with pytest.raises(ValueError, match=r"query_adata.obs\['kit'\] = query_adata.obs\['kit'\].astype\(int\)"):
         model_by_number.map_query(as_floats, progress=False)
+    unknown_kit = query.copy()
+    unknown_kit.obs["kit"] = unknown_kit.obs["kit"].where(np.arange(query.n_obs) > 0)
+    missing_kit = r"query_adata.obs\['kit'\] has 1 missing \(NaN\) values; .*\(query_adata = query_adata\["
+    with pytest.raises(ValueError, match=missing_kit):
+        model.map_query(unknown_kit, progress=False)
     without_kit = query.copy()
     del without_kit.obs["kit"]
     with pytest.raises(KeyError, match=r"obs columns \['kit'\] \(covariates of the reference\) not found in query_adata.obs"):
