@@ -55,8 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib
 
         matplotlib.use("Agg")  # figures only go to files
-        # warnings as one line each: the source line they would name is cellvae's or runpy's, not the user's
-        warnings.formatwarning = lambda text, category, *_: f"{category.__name__}: {in_command_line_terms(str(text), args)}\n"
+        # warnings as one line each (the source line they would name is cellvae's or runpy's, not the user's), and
+        # each once: a check that a later step repeats (map_query, then get_latent) would tell it again
+        shown: set[str] = set()
+
+        def show_once(text, category, *_args, **_kwargs) -> None:
+            line = f"{category.__name__}: {in_command_line_terms(str(text), args)}"
+            if line not in shown:
+                shown.add(line)
+                print(line, file=sys.stderr)
+
+        warnings.showwarning = show_once
     try:
         return args.run(args)
     except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)

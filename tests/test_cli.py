@@ -381,6 +381,19 @@ def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
     assert any(line.startswith("UserWarning: 3 cells have zero total counts") for line in lines), run.stderr
     assert "runpy" not in run.stderr and "warn_user(" not in run.stderr
     assert run.stdout.startswith("trained 1 epoch; saved the model in ")  # (not "1 epochs")
+    # a warning that mapping and then embedding the query would each give is told once
+    data.obs["score"] = np.random.default_rng(0).normal(size=data.n_obs)
+    data.write_h5ad(tmp_path / "in.h5ad")
+    fit = [*command[:-4], "--out", str(tmp_path / "ref.h5ad"), "--model-dir", str(tmp_path / "ref")]
+    subprocess.run([*fit, "--batch-key", "batch", "--continuous-covariate-keys", "score"], capture_output=True, check=True)
+    query = data[:60].copy()
+    query.obs["batch"], query.obs["score"] = "new", np.where(np.arange(60) % 5 == 0, 100.0, 0.0)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    mapping = [*command[:3], "map", str(tmp_path / "query.h5ad"), "--model-dir", str(tmp_path / "ref")]
+    mapping += ["--out", str(tmp_path / "q.h5ad"), "--epochs", "1", "--quiet"]
+    run = subprocess.run(mapping, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("of the cells lie over 10 sd from the values the model was trained with") == 1, run.stderr
 
 
 def test_embedding_only_writes_the_embedding_without_graph_umap_or_clusters(tmp_path, capsys):
