@@ -2103,6 +2103,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 bar.update(len(z[rows]))
         obs = frame.copy()
         obs.index = [f"generated{i}" for i in range(n_cells)]
+        # the batch and categorical covariates as categoricals in the model's order, as in its AnnData (the colours
+        # and order of plots of generated cells beside real ones)
+        named = ({c.batch_key: c.batch_categories} if c.batch_key else {}) | c.categorical_covariate_categories
+        for key, names in named.items():
+            obs[key] = pd.Categorical(data.as_text(obs[key]).astype(str), categories=names)
         # a covariate named library_size keeps its column
         obs["library_size" if "library_size" not in obs.columns else "generated_library_size"] = library
         generated = ad.AnnData(X=counts.matrix(), obs=obs, var=pd.DataFrame(index=list(c.gene_names)))

@@ -96,6 +96,11 @@ def test_generated_cells_of_a_cell_type_covariate_take_that_types_library_sizes(
     generated = model.generate(50, batch="batch0", covariates={"cell_type": deep_type}, random_state=0)
     assert set(generated.obs["library_size"]) <= set(depths[deep & in_batch0])
     assert (generated.obs["cell_type"] == deep_type).all()
+    # categoricals in the model's order, as in its AnnData, also when copied from its cells
+    copied = model.generate(20, random_state=0)
+    for key in ("batch", "cell_type"):
+        for cells in (generated, copied):
+            assert list(cells.obs[key].cat.categories) == list(adata.obs[key].cat.categories)
     model.adata = adata[~(deep & in_batch0)].copy()  # no cell of that type in batch0 to copy
     with pytest.warns(UserWarning, match=rf"holds no cell of batch='batch0', cell_type='{deep_type}', so the cells generated"):
         model.generate(10, batch="batch0", covariates={"cell_type": deep_type}, random_state=0)
