@@ -352,9 +352,9 @@ def validate_counts(matrix, where: str, read_values: bool = True) -> None:
         _check_count_values(values, where)
 
 
-def share_of_ones(matrix, batch_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The share of 1s among the non-zero counts of each batch, and how many non-zero values each share is
-    taken from, in a sample of about ``VALUES_PER_CHECK`` stored values.
+def count_profile(matrix, batch_codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The share of 1s among the non-zero counts of each batch, how many non-zero values each share is
+    taken from, and the largest value, in a sample of about ``VALUES_PER_CHECK`` stored values.
 
     UMI counts hold many 1s (a fifth to two thirds of the non-zero values); read counts of amplified
     molecules (full-length protocols such as Smart-seq) hold few. ``batch_codes`` gives each cell's batch
@@ -368,12 +368,13 @@ def share_of_ones(matrix, batch_codes: np.ndarray | None = None) -> tuple[np.nda
         codes_in_file = np.full(matrix.matrix.shape[0], -1, dtype=np.int64)
         codes_in_file[matrix.rows] = codes
         matrix, codes = matrix.matrix, codes_in_file
-    ones, non_zero = np.zeros(n_batches), np.zeros(n_batches)
+    ones, non_zero, largest = np.zeros(n_batches), np.zeros(n_batches), 0.0
     for values, rows in _sampled_values(matrix):
         bins = codes[rows] + 1  # bin 0: cells outside the view
         ones += np.bincount(bins, weights=values == 1, minlength=n_batches + 1)[1:]
         non_zero += np.bincount(bins, weights=values != 0, minlength=n_batches + 1)[1:]
-    return ones / np.maximum(non_zero, 1), non_zero.astype(np.int64)
+        largest = max(largest, float(values[bins > 0].max(initial=0)))
+    return ones / np.maximum(non_zero, 1), non_zero.astype(np.int64), largest
 
 
 def _sampled_values(matrix, slices: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -565,15 +566,21 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         looks = "normalised or log-transformed"
         if values[fractional].max() > 20:
             looks = "normalised (normalize_total, CPM or TPM) or like estimated counts (salmon, kallisto, RSEM)"
+        # rounding is advice for estimated counts only: values that all stay small are log-transformed (raw counts
+        # of as many values exceed 20 somewhere), and rounded they would pass for counts
+        rounding = (
+            "If these are estimated or ambient-corrected counts (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
+            "decontX; not TPM or CPM, which are not counts), round them "
+            "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
+            if values.max() > 20
+            else f"(Its largest value is {values.max():.3g}: do not round log-transformed values, they are not counts.)"
+        )
         raise ValueError(
             f"{where} has non-integer values (e.g. {example!s}); it looks {looks}. "
             "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
             "trained model reads them where it was trained, X or that layer: give it counts kept elsewhere as an "
             "AnnData of their own, e.g. ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)), or "
-            "rebuild an AnnData from adata.raw. "
-            "If these are estimated or ambient-corrected counts (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
-            "decontX; not TPM or CPM, which are not counts), round them "
-            "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
+            f"rebuild an AnnData from adata.raw. {rounding}"
         )
 
 

@@ -65,6 +65,10 @@ MAPPING_TOLERANCE = 1.002
 # are 1 (UMI data hold 20-70%), judged per batch once that many non-zero values are sampled from it.
 READ_SHARE_OF_ONES = 0.1
 READ_CHECK_VALUES = 10_000
+# ... and like rounded log-normalised values where none of that many sampled non-zero values exceeds this (the
+# six shared datasets' largest counts: 419-2,973; 23-173 thinned to 200 counts per cell; 28-88 in their less
+# expressed half of the genes; 6-8 in np.rint of their normalize_total + log1p values)
+LOG_LARGEST_COUNT, LOG_CHECK_VALUES = 10, 100_000
 
 # scvi-tools' names for what cellvae spells otherwise (README, "Coming from scvi-tools"): code ported from
 # scVI that uses one is told the cellvae name instead of Python's bare "no attribute" or "unexpected keyword".
@@ -2547,9 +2551,19 @@ def _warn_about_counts(
     if layout.batch_key:
         codes = data.as_text(obs[layout.batch_key]).set_categories(batch_names).codes
         _warn_about_unmeasured_genes(matrix, where, codes, batch_names, layout.batch_key)
+    share, non_zero, largest = data.count_profile(matrix, codes)
+    if non_zero.sum() >= LOG_CHECK_VALUES and largest <= LOG_LARGEST_COUNT:
+        data.warn_user(
+            f"the largest of {non_zero.sum():,} non-zero values sampled from {where} is {largest:g}: raw counts of so "
+            "many values almost always exceed 10 somewhere (mitochondrial, ribosomal and marker genes), so these look "
+            "like rounded log-normalised values (np.rint of log1p data), which are not counts; give the model the raw "
+            "counts (a layer, or an AnnData rebuilt from adata.raw). If they are raw counts of lowly expressed genes, "
+            "ignore this",
+            UserWarning,
+        )
+        return
     if dispersion == "gene-cell":
         return
-    share, non_zero = data.share_of_ones(matrix, codes)
     judged = non_zero >= READ_CHECK_VALUES  # batches with too few values sampled are not judged
     reads = judged & (share < READ_SHARE_OF_ONES)
     if not reads.any():

@@ -389,10 +389,11 @@ def test_the_share_of_ones_reads_all_of_a_small_matrix(storage, values_per_check
     counts = cellvae.datasets.simulate(n_cells=97, n_genes=61, random_state=1).X.toarray()
     codes = np.arange(97) % 5
     matrix = sp.csr_matrix(counts) if storage == "csr" else counts
-    share, non_zero = cellvae.data.share_of_ones(matrix, codes)
+    share, non_zero, largest = cellvae.data.count_profile(matrix, codes)
     expected = [np.count_nonzero(counts[codes == b]) for b in range(5)]
     np.testing.assert_array_equal(non_zero, expected)
     np.testing.assert_allclose(share, [(counts[codes == b] == 1).sum() / expected[b] for b in range(5)])
+    assert largest == counts.max()
     slices = [len(values) for values, _ in cellvae.data._sampled_values(matrix)]
     assert max(slices) <= max(values_per_check // 64, counts.shape[1]) and sum(slices) == (
         counts.size if storage == "dense" else np.count_nonzero(counts)

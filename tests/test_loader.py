@@ -950,19 +950,21 @@ def test_a_view_that_repeats_a_gene_reads_as_anndata_reads_it(small_counts):
 
 
 def test_the_share_of_ones_of_a_view_of_a_backed_file_is_taken_from_the_views_own_cells(small_counts, tmp_path):
-    """share_of_ones samples the whole file for a backed view but must count only the view's cells, each in its batch."""
+    """count_profile samples the whole file for a backed view but must count only the view's cells, each in its batch."""
     counts = small_counts.X.toarray()
     counts[150:] *= 7  # the second half: read counts (no 1s); the first half: UMI-like (many 1s)
+    counts[150, 0] = 500_000  # the largest count, in a cell outside the view
     ad.AnnData(sp.csr_matrix(counts)).write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     rows = np.r_[np.arange(299, 200, -1), np.arange(0, 40)]  # mostly second-half cells, out of file order
     codes = (rows < 150).astype(np.int64)  # batch 0: second-half cells, batch 1: first-half cells
     view = cellvae.data.count_matrix(backed[rows], None)
     assert isinstance(view, cellvae.data.BackedView)
-    share, non_zero = cellvae.data.share_of_ones(view, codes)
-    expected_share, expected_non_zero = cellvae.data.share_of_ones(sp.csr_matrix(counts[rows]), codes)
+    share, non_zero, largest = cellvae.data.count_profile(view, codes)
+    expected_share, expected_non_zero, expected_largest = cellvae.data.count_profile(sp.csr_matrix(counts[rows]), codes)
     np.testing.assert_allclose(share, expected_share)
     np.testing.assert_array_equal(non_zero, expected_non_zero)
+    assert largest == expected_largest == counts[rows].max() < 500_000  # (the view's own cells only)
     assert share[0] == 0 and share[1] > 0.05
     backed.file.close()
 

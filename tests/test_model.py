@@ -842,7 +842,7 @@ def test_the_share_of_ones_is_sampled_across_a_csc_matrix_not_from_its_first_gen
     ad.AnnData(csc).write_h5ad(tmp_path / "csc.h5ad")
     backed = ad.read_h5ad(tmp_path / "csc.h5ad", backed="r")
     for matrix in (csc, backed.X):
-        (share,), (seen,) = data.share_of_ones(matrix)
+        (share,), (seen,), _ = data.count_profile(matrix)
         assert abs(share - overall) < 0.05 and seen >= 2**11
     backed.file.close()
 
@@ -1190,6 +1190,26 @@ def test_a_fraction_far_from_round_off_is_called_non_integer_not_round_off():
     adata.X[0, 0] = 2.05  # e.g. ambient-corrected counts: a real fraction, not float round-off
     with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.05"):
         cellvae.CellVAE(adata)
+
+
+def test_log_normalised_values_are_not_told_to_be_rounded_and_rounded_ones_are_warned_about():
+    """Rounding is advice for estimated counts only: log1p values rounded would pass every check of whole counts."""
+    adata = shared_dataset("kang_ifnb_muscat_example.h5ad")
+    counts = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    with pytest.raises(ValueError, match=r"looks normalised or log-transformed.*do not round log-transformed values") as told:
+        CellVAE(adata)
+    assert "np.rint" not in str(told.value)
+    adata.layers["rounded"] = np.rint(adata.X)
+    with pytest.warns(UserWarning, match=r"the largest of [\d,]+ non-zero values sampled from adata.layers\['rounded'\] is 7"):
+        CellVAE(adata, layer="rounded")
+    adata.layers["counts"] = counts  # raw counts, however shallow, have larger ones
+    shallow = ad.AnnData(counts.copy(), obs=adata.obs)
+    sc.pp.downsample_counts(shallow, counts_per_cell=200, random_state=0)
+    with no_warnings():
+        CellVAE(adata, layer="counts")
+        CellVAE(shallow)
 
 
 def test_scaled_counts_between_20_and_thousands_are_called_normalised():
