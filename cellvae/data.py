@@ -1164,8 +1164,9 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
 
 def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
     """The way out when new category names are known numbers written another way: floats for the model's
-    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), even one of them beside truly new
-    names, or a flag's 0/1 for its True/False (and back) where all the new names are such; else None."""
+    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), IDs without the model's leading
+    zeros (1 for 01) or with zeros it lacks, even one of them beside truly new names, or a flag's 0/1 for its
+    True/False (and back) where all the new names are such; else None."""
     known_names = set(known)
     as_integers = [value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
     known_integers = [value for value in as_integers if value in known_names]
@@ -1180,6 +1181,24 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
         return (
             f"{name}.obs[{key!r}] holds integers ({known_floats[0][:-2]}) where the model's categories are floats "
             f"({known_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
+        )
+    # IDs that lost their leading zeros (01 read as a number by pandas.read_csv), or gained them
+    padded = {int(value): value for value in known if value.isdecimal() and len(value) > 1 and value.startswith("0")}
+    unpadded = [value.removesuffix(".0") for value in new if value.removesuffix(".0").isdecimal()]
+    lost = [value for value in unpadded if not value.startswith("0") and int(value) in padded]
+    if lost:
+        meant = padded[int(lost[0])]
+        return (
+            f"{name}.obs[{key!r}] holds {lost[0]} where the model's category is {meant!r}: the IDs lost their "
+            f"leading zeros (read as numbers, e.g. by pandas.read_csv): convert it first, {name}.obs[{key!r}] = "
+            f"{name}.obs[{key!r}].astype(int).astype(str).str.zfill({len(meant)})"
+        )
+    plain = {value for value in known if value.isdecimal() and not value.startswith("0")}
+    gained = [value for value in unpadded if value.startswith("0") and len(value) > 1 and str(int(value)) in plain]
+    if gained:
+        return (
+            f"{name}.obs[{key!r}] holds {gained[0]!r} where the model's category is {str(int(gained[0]))!r}: convert "
+            f"it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
         )
     # booleans written as 0/1 (or 0.0/1.0), or 0/1 written as booleans
     flags = {"0": "False", "1": "True", "0.0": "False", "1.0": "True", "False": "0", "True": "1"}

@@ -826,6 +826,30 @@ def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(refe
         by_float_plate.map_query(plates, progress=False)
 
 
+def test_donor_ids_that_lost_or_gained_leading_zeros_are_told_to_take_the_models(reference_and_query):
+    """'01' read back as the number 1 (pandas.read_csv) would become a new batch beside '01' in map_query."""
+    model, reference, _ = reference_and_query
+    donors = reference.copy()
+    donors.obs["donor"] = np.where(donors.obs["batch"] == "batch0", "01", "02")
+    by_donor = CellVAE(donors, batch_key="donor").fit(max_epochs=1, progress=False)
+    as_read = donors.copy()
+    as_read.obs["donor"] = np.where(donors.obs["batch"] == "batch0", 1, 2)
+    match = r"holds [12] where the model's category is '0[12]': the IDs lost their leading zeros .*str.zfill\(2\)"
+    with pytest.raises(ValueError, match=match):
+        by_donor.get_latent(as_read)
+    with pytest.raises(ValueError, match=match):
+        by_donor.map_query(as_read, progress=False)
+    fixed = as_read.copy()
+    fixed.obs["donor"] = fixed.obs["donor"].astype(int).astype(str).str.zfill(2)  # the fix it names works
+    np.testing.assert_array_equal(by_donor.get_latent(fixed), by_donor.get_latent(donors))
+    by_number = CellVAE(as_read, batch_key="donor").fit(max_epochs=1, progress=False)  # and the other way round
+    with pytest.raises(ValueError, match=r"holds '0[12]' where the model's category is '[12]': .*astype\(int\)"):
+        by_number.map_query(donors, progress=False)
+    truly_new = donors.copy()  # 03 beside a model's 1 and 2: a new donor, mapped
+    truly_new.obs["donor"] = "03"
+    assert by_number.map_query(truly_new, max_epochs=1, progress=False).config.batch_categories == ["1", "2", "03"]
+
+
 def test_a_flag_covariate_written_as_0_and_1_in_the_query_is_told_to_take_the_models_booleans(reference_and_query):
     """A True/False covariate given as 0/1 in the query would become two new categories in map_query,
     losing the reference's effect of the flag."""
