@@ -1023,14 +1023,18 @@ def as_text(column: pd.Series) -> pd.Categorical:
     return pd.Categorical.from_codes(categorical.codes, categories=names)
 
 
-def _check_no_missing(column: pd.Series, key: str, source: str = "obs", name: str = "adata") -> None:
+def _check_no_missing(
+    column: pd.Series, key: str, source: str = "obs", name: str = "adata", categories: list[str] | None = None
+) -> None:
+    """Refuse missing values, with a fix: one value of their own, or one of the ``categories`` of a model whose
+    categories are set."""
     if column.isna().any():
-        fix = (
-            f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown') makes them one value of "
-            f"their own) or drop those cells ({name} = {name}[{name}.obs[{key!r}].notna()].copy())"
-            if source == "obs"
-            else ""
+        fill = (
+            f"with one of the model's categories (e.g. {categories[0]!r})"
+            if categories
+            else f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown') makes them one value of their own)"
         )
+        fix = f"{fill} or drop those cells ({name} = {name}[{name}.obs[{key!r}].notna()].copy())" if source == "obs" else ""
         where = source if source != "obs" or name == "adata" else f"{name}.obs"
         raise ValueError(f"{where}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
 
@@ -1107,7 +1111,7 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
                 else f"obs column {key!r} (used by the model) not found in adata.obs"
             )
         column = obs[key]
-        _check_no_missing(column, key, source)
+        _check_no_missing(column, key, source, categories=categories)
         values = as_text(column)
         codes = values.set_categories(categories).codes
         if (codes < 0).any():
