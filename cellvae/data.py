@@ -536,9 +536,20 @@ def _stored_values(matrix) -> Iterator[np.ndarray]:
 def _check_count_values(values: np.ndarray, where: str) -> None:
     if values.dtype == np.bool_ or np.issubdtype(values.dtype, np.integer):
         if values.size and values.min() < 0:
-            raise ValueError(f"{where} has negative values (min {values.min()}); cellvae needs raw counts >= 0")
+            wrapped = (
+                f" (an {values.dtype} matrix holds at most {np.iinfo(values.dtype).max}: larger counts wrap round to "
+                "negative values; store the counts as int32 or float32)"
+                if values.dtype.itemsize <= 2 and np.issubdtype(values.dtype, np.signedinteger)
+                else ""
+            )
+            raise ValueError(f"{where} has negative values (min {values.min()}); cellvae needs raw counts >= 0{wrapped}")
         _check_largest_count(values, where)
         return
+    if values.dtype == np.float16 and np.isinf(values).any():
+        raise ValueError(
+            f"{where} holds infinite values in a float16 matrix, which holds at most 65,504: larger counts become "
+            "infinite; store the counts as float32 or int32"
+        )
     if not np.all(np.isfinite(values)):
         raise ValueError(
             f"{where} contains NaN or infinite values; remove or fix those cells first (NaN for genes "

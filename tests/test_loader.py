@@ -1052,6 +1052,21 @@ def test_negative_integer_counts_are_refused_however_small(small_counts, dtype, 
         cellvae.CellVAE(ad.AnnData(matrix, obs=small_counts.obs, var=small_counts.var))
 
 
+def test_counts_too_large_for_a_narrow_type_are_told_to_need_a_wider_one(small_counts):
+    """Counts cast to int8/int16 wrap round to negative values, and to float16 overflow to infinity: the error
+    names the type, not only the values it made."""
+    counts = small_counts.X.toarray()
+    assert counts.max() > 300
+    for dtype, told in (("int8", r"an int8 matrix holds at most 127: larger counts wrap round"), ("float16", None)):
+        with np.errstate(over="ignore"):
+            narrow = (counts * (1 if dtype == "int8" else 300)).astype(dtype)
+        told = told or r"infinite values in a float16 matrix, which holds at most 65,504.*float32"
+        with pytest.raises(ValueError, match=told):
+            cellvae.CellVAE(ad.AnnData(narrow, obs=small_counts.obs, var=small_counts.var))
+    with pytest.raises(ValueError, match=r"negative values \(min -1\); cellvae needs raw counts >= 0$"):
+        cellvae.CellVAE(ad.AnnData(np.where(counts > 0, counts, -1).astype("int32"), obs=small_counts.obs))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_counts_off_whole_numbers_by_less_than_a_thousandth_are_told_as_round_off(small_counts, dtype):
     """The documented bound: values within 0.001 of whole numbers are round-off (fixed by np.rint), not normalised data."""
