@@ -843,10 +843,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise TypeError(f"gene_list takes a list of gene names, e.g. gene_list=[{gene_list!r}]")
         values = np.asarray(gene_list)
         if values.ndim != 1 or not (values.dtype.kind in "OUS" or values.size == 0):
-            raise TypeError(
-                f"gene_list takes a list of gene names, got {type(gene_list).__name__} of {values.dtype} "
-                "(for a boolean mask or positions pass the names: adata.var_names[mask])"
-            )
+            advice = "for a boolean mask or positions pass the names: adata.var_names[mask]"
+            if values.dtype.kind in "iu" and all(name.isdecimal() for name in self.config.gene_names):
+                as_text = [str(v) for v in values.ravel()[:2]]
+                advice = f"this model's gene names are numbers as text: pass them so, e.g. gene_list={as_text}"
+            raise TypeError(f"gene_list takes a list of gene names, got {type(gene_list).__name__} of {values.dtype} ({advice})")
         names = [str(g) for g in gene_list]
         positions = pd.Index(self.config.gene_names).get_indexer(names)
         if len(names) == 0 or (positions < 0).any():

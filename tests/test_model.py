@@ -331,6 +331,14 @@ def test_outputs_on_new_data_with_reordered_genes(two_batches):
     np.testing.assert_allclose(model.get_normalized_expression(gene_list=chosen), expression[:, [7, 2, 40]], rtol=1e-6)
     with pytest.raises(ValueError, match="does not have"):
         model.get_normalized_expression(gene_list=["no_such_gene"])
+    numbered = adata.copy()
+    numbered.var_names = [str(i) for i in range(numbered.n_vars)]
+    numbered_model = CellVAE(numbered, n_hidden=8)
+    with pytest.raises(TypeError, match=r"gene names are numbers as text: pass them so, e.g. gene_list=\['7', '2'\]"):
+        numbered_model.get_normalized_expression(gene_list=[7, 2])
+    np.testing.assert_array_equal(
+        numbered_model.get_normalized_expression(gene_list=["7", "2"]), numbered_model.get_normalized_expression()[:, [7, 2]]
+    )
     # per-gene outputs of data holding the model's genes in another order follow its var_names
     order = adata.var_names.get_indexer(shuffled.var_names)
     np.testing.assert_allclose(model.get_normalized_expression(shuffled), expression[:, order], rtol=1e-5)
