@@ -939,7 +939,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             is dense, n_samples × cells × genes × 4 bytes, so list the genes needed when drawing many
             samples of many cells.
         random_state
-            Seed of the draws.
+            Seed of the draws (which depend also on the cells, ``batch_size`` and ``n_samples``: the first of two
+            samples can differ from the one drawn with ``n_samples=1``).
         batch_size
             Cells per forward pass.
         progress
