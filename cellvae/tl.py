@@ -928,7 +928,8 @@ def interpolate(
     batch, covariates, library_size
         As in :meth:`~cellvae.CellVAE.decode`, but ``batch=None`` decodes as the endpoint cells' batch where they
         all have one (so the endpoints decode as those cells do in ``get_normalized_expression``), and averages over
-        the model's batches where they have several.
+        the model's batches where they have several; a covariate not given is taken from the endpoint cells: the
+        category they all share (an error where they hold several), a continuous covariate's mean over them.
     progress
         Show a progress bar while the endpoints are encoded (where that lasts over 2 seconds).
 
@@ -947,9 +948,10 @@ def interpolate(
     if adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
     _check_is_anndata(adata)
-    model._check_decoding(n_steps, batch, covariates, library_size)
     progress = _check_flag(progress, "progress")
     positions_a, positions_b = cell_positions(adata, cells_a, "cells_a"), cell_positions(adata, cells_b, "cells_b")
+    covariates = _endpoint_covariates(model, adata, np.r_[positions_a, positions_b], covariates)
+    model._check_decoding(n_steps, batch, covariates, library_size)
     key = model.config.batch_key
     if batch is None and key and key in adata.obs.columns:  # endpoints of one batch: decoded as it, as they are
         shared = pd.unique(adata.obs[key].iloc[np.r_[positions_a, positions_b]].astype(str))
@@ -970,6 +972,26 @@ def interpolate(
         record["covariates"] = {key: _as_record(value) for key, value in covariates.items()}
     path.uns["interpolate"] = record | {"library_size": _as_record(np.asarray(library_size, dtype=np.float64))}
     return path
+
+
+def _endpoint_covariates(model: CellVAE, adata: ad.AnnData, cells: np.ndarray, covariates: dict | None) -> dict | None:
+    """The covariates a path is decoded with: those given, and each other covariate of the model as the endpoint
+    ``cells`` hold it, the category they all share or a continuous covariate's mean over them."""
+    c = model.config
+    filled = dict(covariates or {})
+    for key in c.categorical_covariate_keys:
+        if key not in filled and key in adata.obs.columns:
+            values = pd.unique(adata.obs[key].iloc[cells].astype(str))
+            if len(values) > 1:
+                raise ValueError(
+                    f"the endpoint cells hold several values of the covariate obs[{key!r}] ({list(values[:3])}): pass "
+                    f"the one to decode the path as, covariates={{{key!r}: ...}}"
+                )
+            filled[key] = values[0]
+    for key in c.continuous_covariate_keys:
+        if key not in filled and key in adata.obs.columns:
+            filled[key] = float(pd.to_numeric(adata.obs[key].iloc[cells], errors="coerce").mean())
+    return filled or None
 
 
 def _as_record(value):

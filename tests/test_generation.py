@@ -317,6 +317,19 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells(tmp_path)
     record = ad.read_h5ad(tmp_path / "path.h5ad").uns["interpolate"]
     assert list(record["covariates"]["batch"]) == steps["batch"] and record["covariates"]["score"] == 0.5
     np.testing.assert_array_equal(record["library_size"], [1e3, 2e3, 3e3])
+    # covariates not given are the endpoint cells': the category they share, a continuous one's mean
+    first, second = np.flatnonzero((adata.obs["batch"] == "batch1").to_numpy())[:2]
+    path = cellvae.tl.interpolate(model, [first], [second], 3, progress=False)
+    mean_score = adata.obs["score"].iloc[[first, second]].mean()
+    assert path.uns["interpolate"]["covariates"] == pytest.approx({"batch": "batch1", "score": mean_score})
+    ends = model.decode(model.get_latent(adata[[first, second]]), covariates={"batch": "batch1", "score": mean_score})
+    np.testing.assert_allclose(path.X[[0, -1]], ends, rtol=1e-5)
+    itself = cellvae.tl.interpolate(model, [first], [first], 2, progress=False)  # as the cell decodes in the model
+    np.testing.assert_allclose(itself.X[0], model.get_normalized_expression(adata[[first]])[0], rtol=1e-4)
+    across = np.flatnonzero((adata.obs["batch"] == "batch0").to_numpy())[0]
+    with pytest.raises(ValueError, match=r"the endpoint cells hold several values of the covariate obs\['batch'\]"):
+        cellvae.tl.interpolate(model, [first], [across], 3, progress=False)
+    assert cellvae.tl.interpolate(model, [first], [across], 3, covariates={"batch": "batch0"}, progress=False).n_obs == 3
 
 
 def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
