@@ -1295,8 +1295,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # and this: weights copied into another model's folder (the same shapes, other genes) are refused
                 "layout_sha256": _layout_digest(self.config),
             }
-            if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train)
-                metadata["train_settings"] = asdict(self.train_settings)
+            if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train); without
+                # whether a progress bar showed, so that the same model saves to the same bytes
+                metadata["train_settings"] = {k: v for k, v in asdict(self.train_settings).items() if k != "progress"}
             # one metadata entry: safetensors writes several in an order that varies from save to save, so the
             # same model's file would differ byte for byte
             metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
@@ -1366,6 +1367,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # a save killed between its two renames leaves the previous model set aside beside the path
             set_aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
             set_aside = set_aside if not path.exists() else []
+            if not path.exists() and not set_aside:  # (a typo in the path, most likely)
+                raise FileNotFoundError(
+                    f"{path} does not exist: give the folder a model was saved in (by CellVAE.save or cellvae fit --model-dir)"
+                )
             raise ValueError(
                 f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
                 + (

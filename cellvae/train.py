@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ class TrainSettings:
     early_stopping: bool
     patience: int
     random_state: int
-    progress: bool
+    progress: bool = field(default=True, compare=False)  # (not saved with the model: it changes nothing trained)
     precision: str = "float32"  # dtype of the gene-wide matrix multiplies while training (see PRECISIONS)
 
 

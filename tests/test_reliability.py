@@ -881,9 +881,11 @@ def test_things_that_are_not_a_model_are_refused(tmp_path, saved):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("hello")
     (tmp_path / "a_file").write_text("{}")
-    for path in (tmp_path / "empty", tmp_path / "other", tmp_path / "a_file", tmp_path / "missing", saved / "config.json"):
+    for path in (tmp_path / "empty", tmp_path / "other", tmp_path / "a_file", saved / "config.json"):
         with pytest.raises(ValueError, match="is not a saved cellvae model"):
             CellVAE.load(path)
+    with pytest.raises(FileNotFoundError, match=r"missing does not exist: give the folder a model was saved in"):
+        CellVAE.load(tmp_path / "missing")
 
 
 def test_deeply_nested_json_is_refused_as_unreadable(saved):
@@ -1264,6 +1266,15 @@ def test_weights_files_with_their_metadata_entries_one_by_one_still_load(messy, 
         save_file(tensors, weights, metadata={"cellvae": damaged})
         with pytest.raises(ValueError, match="is corrupt or not a safetensors file"):
             CellVAE.load(tmp_path / "trained")
+
+
+def test_a_model_saves_to_the_same_bytes_whether_or_not_its_progress_bar_showed(tmp_path):
+    """Pipelines that cache by file contents rerun nothing for --quiet: the bar changes nothing trained."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    for progress in (True, False):
+        CellVAE(adata, n_hidden=16).fit(max_epochs=2, random_state=0, progress=progress).save(tmp_path / str(progress))
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "True" / name).read_bytes() == (tmp_path / "False" / name).read_bytes()
 
 
 def test_saved_train_settings_are_restored_and_damaged_ones_refused(trained, tmp_path):
