@@ -9,12 +9,13 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from cellvae.config import DISPERSIONS, LIKELIHOODS
+from cellvae.config import CELLVAE_VERSION, DISPERSIONS, LIKELIHOODS
 
 DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts.
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
+    for option in PATH_OPTIONS:  # "~/x" quoted (or from a pipeline's config) is the home's, as the shell would read it
+        if isinstance(getattr(args, option, None), str):
+            setattr(args, option, os.path.expanduser(getattr(args, option)))
     if args.command != "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # every process would write the same outputs (one then failing on the other's "--out exists")
         raise SystemExit(
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {in_command_line_terms(_message_of(error), args)}") from error
 
 
+PATH_OPTIONS = ("input", "out", "out_dir", "model_dir", "query_model_dir", "checkpoint_dir", "reference")
+
+
 def _message_of(error: Exception) -> str:
     """An error's message (a KeyError's without the quotes ``str`` adds)."""
     return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
@@ -93,6 +100,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
     message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
+    message = re.sub(r"\bkey_added='([^']*)'", lambda found: f"--key-added {shlex.quote(found[1])}", message)
+    message = message.replace("another key_added", "another --key-added")
+    message = message.replace("pass batch_key=...", "pass --batch-key KEY")
+    message = message.replace("use dispersion='gene'", "use --dispersion gene")
+    message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
+    message = re.sub(r"\bk=(\d+) is larger than (.*); lower k$", r"--k \1 is larger than \2; lower --k", message)
     message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {shlex.quote(found[1])}", message)
     # a trained model's counts from another layer: embed's --layer reads them and puts them where the model reads them
     another_layer = r"(give the model ad\.AnnData\(X=adata\.layers\['([^']+)'\], obs=adata\.obs, var=adata\.var\)"
@@ -243,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cellvae", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.set_defaults(command=None)
+    parser.add_argument("--version", action="version", version=f"cellvae {CELLVAE_VERSION}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train on the bundled PBMC example and plot its UMAP")
@@ -347,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs column of the cells' batches, which must be among the model's (default: the model's batch key; "
         "cellvae map adds new batches)",
     )
+    embed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -469,7 +484,7 @@ def run_demo(args: argparse.Namespace) -> int:
     model = tl.embed(adata, random_state=args.seed, max_epochs=args.epochs, progress=not args.quiet)
     _neighbours_umap_leiden(adata, "X_cellvae", args.seed)
     h5ad = out_dir / "pbmc68k.h5ad"
-    adata.write_h5ad(h5ad)
+    _write(adata, str(h5ad))
     umap_png = out_dir / "umap_cell_type.png"
     figure = sc.pl.umap(adata, color=["cell_type", "leiden"], show=False, return_fig=True, wspace=0.6)
     figure.savefig(umap_png, dpi=150, bbox_inches="tight")
@@ -529,6 +544,7 @@ def run_fit(args: argparse.Namespace) -> int:
         fit_kwargs=fit_kwargs,
         **model_kwargs,
     )
+    adata.uns[tl._uns_key(args.key_added)]["params"]["model_dir"] = str(args.model_dir)  # (as embed and map record it)
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {_epochs(len(model.history))}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
@@ -574,6 +590,7 @@ def run_embed(args: argparse.Namespace) -> int:
     _check_input_and_output(args)
     _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
     model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
+    model.to_device(args.device)
     batch_key = model.config.batch_key
     if args.batch_key is not None and not batch_key:
         raise SystemExit(
@@ -614,6 +631,7 @@ def run_map(args: argparse.Namespace) -> int:
         separate = {"--model-dir": args.model_dir}
         _check_model_dir(args.query_model_dir, "--query-model-dir", overwrite=args.overwrite, out=args.out, separate=separate)
     reference_model = CellVAE.load(args.model_dir, load_anndata=False)  # only read: the query model is a new one
+    reference_model.to_device(args.device)  # (the query model's outputs run where the reference's do)
     config = reference_model.config
     if not config.batch_key:
         raise SystemExit(
@@ -861,7 +879,8 @@ def _record_embedding(
     record = adata.uns.get(uns_key)
     if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
         # layer and batch_key as tl.embed and cellvae fit record them: None for X, or for no batches
-        params = {"key_added": key_added, "model_dir": str(model_dir), "layer": layer, "batch_key": model.config.batch_key}
+        params = {"cellvae_version": CELLVAE_VERSION, "key_added": key_added, "model_dir": str(model_dir), "layer": layer}
+        params["batch_key"] = model.config.batch_key
         params |= {"epochs_trained": int(len(model.history))} | {k: v for k, v in (more or {}).items() if v is not None}
         adata.uns[uns_key] = {**(record or {}), "params": params}
     _warn_if_graph_is_stale(adata, key_added, replaced)
@@ -900,6 +919,7 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
     folder = Path(out).resolve().parent
     if not folder.is_dir():
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
+    _check_can_write(folder, "--out", out)
     if Path(out).exists() and not args.overwrite:
         raise SystemExit(f"error: --out {out} exists; pass --overwrite to replace it")
     if not args.key_added or "/" in args.key_added:
@@ -930,6 +950,7 @@ def _check_model_dir(
     for other, path in others.items():
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
+    _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
     if folder.exists():
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
@@ -939,6 +960,20 @@ def _check_model_dir(
                 f"model folder: choose a new {option} or remove it yourself"
             )
     _check_out_is_outside(out, {option: model_dir, **others})
+
+
+def _check_can_write(folder: Path, option: str, given: str) -> None:
+    """Fail before any work, not after training, where nothing can be written in ``folder`` (where ``option``'s
+    path ``given`` goes): a file is made there and removed."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".cellvae-write-check.", dir=folder)
+    except OSError as error:
+        raise SystemExit(
+            f"error: {option} {given} cannot be written: nothing can be written in {folder} ({error.strerror or error}); "
+            "choose a folder you can write to"
+        ) from error
+    os.close(handle)
+    os.unlink(probe)
 
 
 def _nested(first: Path, second: Path) -> bool:

@@ -234,7 +234,9 @@ def embed(
 
     Returns
     -------
-    The trained model. Writes ``adata.obsm[key_added]`` and its settings in ``adata.uns["cellvae"]["params"]``
+    The trained model, on the device it trained on (``fit_kwargs["device"]``, by default a GPU where there is one),
+    where it embedded the cells and runs its outputs (:meth:`~cellvae.CellVAE.to_device` moves it). Writes
+    ``adata.obsm[key_added]`` and its settings in ``adata.uns["cellvae"]["params"]``
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
     each embedding keeps its own record).
     """
@@ -242,9 +244,11 @@ def embed(
     random_state = _check_seed(random_state)  # before the counts are read and checked
     genes = _genes_to_train(adata, mask_var)
     model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
+    model.to_device((fit_kwargs or {}).get("device", "auto"))  # trained, then embedding, on one device
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     latent = model.get_latent(progress=progress)
     params = {
+        "cellvae_version": model.config.cellvae_version,
         "key_added": key_added,
         "layer": layer,
         "batch_key": batch_key,

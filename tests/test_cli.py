@@ -304,6 +304,32 @@ def test_options_spelled_as_in_python_or_scvi_tools_are_told_their_cellvae_spell
     assert stopped.value.code == 2 and meant in capsys.readouterr().err
 
 
+def test_paths_versions_devices_and_records_as_a_pipeline_needs_them(tmp_path, capsys, monkeypatch):
+    """~ in any path is the home's; folders nothing can be written in are refused before training; the version is
+    printed and recorded; fit records its model folder; embed takes --device; python -m cellvae runs the CLI."""
+    version = subprocess.run([sys.executable, "-m", "cellvae", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"cellvae {cellvae.__version__}"
+    args = fit_args(tmp_path, 150, 30)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home_args = ["fit", "~/in.h5ad", "--out", "~/home.h5ad", "--model-dir", "~/home_model"]
+    assert main([*home_args, "--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    written = ad.read_h5ad(tmp_path / "home.h5ad").uns["cellvae"]["params"]
+    assert written["model_dir"] == str(tmp_path / "home_model") and written["cellvae_version"] == cellvae.__version__
+    embed = ["embed", "~/in.h5ad", "--model-dir", "~/home_model", "--out", "~/embedded.h5ad", "--device", "cpu"]
+    assert main(embed) == 0
+    embedded = ad.read_h5ad(tmp_path / "embedded.h5ad")
+    np.testing.assert_array_equal(embedded.obsm["X_cellvae"], ad.read_h5ad(tmp_path / "home.h5ad").obsm["X_cellvae"])
+    assert embedded.uns["cellvae"]["params"]["cellvae_version"] == cellvae.__version__
+    with pytest.raises(SystemExit, match=r"needs a batch_key; pass --batch-key KEY or use --dispersion gene"):
+        main([*args, "--dispersion", "gene-batch", "--quiet"])
+    if os.path.isdir("/proc/self"):  # (Linux) a folder nobody can make files in, not even root
+        monkeypatch.setattr(cellvae.tl, "embed", lambda *a, **k: pytest.fail("trained before refusing"))
+        with pytest.raises(SystemExit, match=r"--model-dir /proc/m cannot be written: nothing can be written in /proc"):
+            main([*args[:4], "--model-dir", "/proc/m", "--quiet"])
+        with pytest.raises(SystemExit, match=r"--out /proc/o.h5ad cannot be written: nothing can be written in /proc"):
+            main([*args[:2], "--out", "/proc/o.h5ad", *args[4:], "--quiet"])
+
+
 def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_path, capsys):
     """The output of `cellvae fit` embedded by another model: uns["cellvae"] describes that model, and the
     neighbours and UMAP made from the earlier embedding are told to be recomputed."""
@@ -592,7 +618,7 @@ def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit, match="the folder of --out .* does not exist"):
         main(["fit", source, "--out", missing_folder, "--model-dir", model_dir, "--epochs", "1", "--quiet"])
     assert not (tmp_path / "model").exists()  # nothing was trained or saved
-    with pytest.raises(SystemExit, match=r"error: .*not a saved cellvae model"):
+    with pytest.raises(SystemExit, match=r"error: .*none does not exist: give the folder a model was saved in"):
         main(["embed", source, "--model-dir", str(tmp_path / "none"), "--out", out])
     with pytest.raises(SystemExit, match="error: --out .* is a folder"):
         main(["fit", source, "--out", str(tmp_path), "--model-dir", model_dir, "--epochs", "1", "--quiet"])
@@ -1069,10 +1095,10 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
         ({"--reference": None, "--labels-key": None, "--soft": True}, "--soft is an option of the label transfer"),
         ({"--batch-key": "donor"}, r"has no obs\['donor'\] \(--batch-key\)"),
         ({"--labels-key": "tissue"}, r"--reference .*ref.h5ad has no obs\['tissue'\] \(--labels-key\)"),
-        ({"--k": "10000"}, r"k=10000 is larger than the \d+ labelled reference cells"),
+        ({"--k": "10000"}, r"--k 10000 is larger than the \d+ labelled reference cells; lower --k"),
         ({"--layer": "counts"}, r"query.h5ad has no layers\['counts'\]; name the counts' place with --layer"),
         ({"--model-dir": "{ref}/unbatched"}, "trained without --batch-key, so it has no batches to add the query's to"),
-        ({"--model-dir": "{tmp}/none"}, "not a saved cellvae model"),
+        ({"--model-dir": "{tmp}/none"}, "none does not exist: give the folder a model was saved in"),
         ({"input": "{tmp}/missing.h5ad"}, "input .*missing.h5ad does not exist"),
         ({"input": "{tmp}/unbatched.h5ad"}, "the reference model's batch key; name the query's batch column with --batch-key"),
         ({"input": "{tmp}/few_genes.h5ad"}, r"only 50 of the model's 100 genes \(50%\) are in query_adata"),
@@ -1162,7 +1188,7 @@ def test_embed_refuses_to_write_over_scanpys_umap_while_its_record_is_there(refe
     with_umap.obsm["X_umap"], with_umap.uns["umap"] = np.zeros((with_umap.n_obs, 2)), {"params": {"a": 1.0}}
     with_umap.write_h5ad(tmp_path / "umap.h5ad")
     embed = ["embed", str(tmp_path / "umap.h5ad"), "--model-dir", str(reference_folder / "model"), "--out"]
-    with pytest.raises(SystemExit, match=r"key_added='X_umap' is where scanpy's sc.tl.umap wrote its embedding"):
+    with pytest.raises(SystemExit, match=r"--key-added X_umap is where scanpy's sc.tl.umap wrote its embedding"):
         main([*embed, str(tmp_path / "o.h5ad"), "--key-added", "X_umap"])
     assert not (tmp_path / "o.h5ad").exists()
     assert main([*embed, str(tmp_path / "o.h5ad"), "--key-added", "X_umap_cellvae", "--quiet"]) == 0  # a name of its own

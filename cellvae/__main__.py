@@ -1,0 +1,7 @@
+"""``python -m cellvae ...``: the command line, as ``cellvae ...``."""
+
+import sys
+
+from cellvae.cli import main
+
+sys.exit(main())
