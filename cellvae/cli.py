@@ -604,7 +604,7 @@ def run_embed(args: argparse.Namespace) -> int:
     replaced = args.key_added in adata.obsm
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with (
-        _errors_name_where_counts_were_read(layer, model.config.layer),
+        _errors_name_where_counts_were_read(layer, model.config.layer, adata),
         _errors_name_the_genes_column(args.var_names),
         _errors_name_the_batch_column(batches_from),
     ):
@@ -656,7 +656,7 @@ def run_map(args: argparse.Namespace) -> int:
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
     replaced = args.key_added in query.obsm
-    with _errors_name_where_counts_were_read(layer, config.layer), _errors_name_the_genes_column(args.var_names):
+    with _errors_name_where_counts_were_read(layer, config.layer, query), _errors_name_the_genes_column(args.var_names):
         query_model = reference_model.map_query(
             _counts_where_model_reads(query, layer, config.layer, args.var_names),
             batch_key=args.batch_key,
@@ -803,10 +803,11 @@ def _read_for_model(
 
 
 @contextmanager
-def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | None) -> Iterator[None]:
+def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | None, adata) -> Iterator[None]:
     """Inside: an error about counts that :func:`_counts_where_model_reads` put where the model reads them names
-    the place they were read from (``layer``) instead."""
-    from cellvae.data import counts_location
+    the place they were read from (``layer``, given with --layer) instead; where those values are no counts, the
+    advice is the option's: leave out --layer where the model's own place in ``adata`` holds counts."""
+    from cellvae.data import count_matrix, counts_location, validate_counts
 
     try:
         yield
@@ -814,7 +815,19 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
         if layer == model_layer:
             raise
         moved_from, moved_to = counts_location(layer), counts_location(model_layer)
-        raise type(error)(str(error).replace(moved_to, moved_from)) from error
+        message = str(error).replace(moved_to, moved_from)
+        no_counts = re.match(r"(.* has (?:non-integer|negative) values .*?; it looks [^.]*)\.", message)
+        if no_counts is None:
+            raise type(error)(message) from error
+        option = "X" if layer is None else shlex.quote(layer)
+        advice = f"give --layer the place of the raw counts (the model was trained on {moved_to})"
+        if model_layer is None or model_layer in adata.layers:
+            try:
+                validate_counts(count_matrix(adata, model_layer), moved_to)
+                advice = f"leave out --layer: the model reads its counts from {moved_to}, which holds whole counts"
+            except (ValueError, TypeError):
+                pass
+        raise type(error)(f"{no_counts[1]}, so --layer {option} gives no counts: {advice}") from error
 
 
 @contextmanager

@@ -106,6 +106,15 @@ def test_fit_then_embed(tmp_path):
     embedded = ad.read_h5ad(tmp_path / "e.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], fitted.obsm["X_cellvae"], rtol=1e-5, atol=1e-6)
     assert embedded.uns["cellvae"]["params"]["layer"] == "counts"
+    # --layer naming values that are no counts: the advice is the option's, not a fix in Python
+    normalised = data.copy()
+    sc.pp.normalize_total(normalised)
+    sc.pp.log1p(normalised)
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    embed_x = ["embed", str(tmp_path / "normalised.h5ad"), "--model-dir", str(tmp_path / "model"), "--layer", "X"]
+    told = r"adata.X has non-integer values .*, so --layer X gives no counts: leave out --layer: the model reads its"
+    with pytest.raises(SystemExit, match=told + r" counts from adata.layers\['counts'\], which holds whole counts$"):
+        main([*embed_x, "--out", str(tmp_path / "n.h5ad")])
     # a training AnnData saved in the model's folder (save_anndata=True) is not read to embed other cells
     (tmp_path / "model" / "adata.h5ad").write_text("an atlas, or a damaged file: embed needs only the weights")
     embed_again = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e2.h5ad")]
