@@ -988,6 +988,13 @@ def learn_covariate_layout(
                 f"continuous covariate obs[{key!r}] has values too large to scale (up to {np.abs(values).max():.3g}); "
                 "put them on a smaller scale first, e.g. np.log1p or a change of units"
             )
+        if isinstance(obs[key].dtype, pd.CategoricalDtype):  # numbers as labels (donor IDs such as "101")
+            warn_user(
+                f"continuous covariate obs[{key!r}] is a categorical column: its values are read as numbers (e.g. "
+                f"{values[0]:g}); if they are labels (IDs of donors, plates or samples), the column belongs in "
+                "categorical_covariate_keys",
+                UserWarning,
+            )
         if std == 0 and len(obs) > 1:
             warn_user(
                 f"continuous covariate obs[{key!r}] is {mean:.6g} in every cell, so the model cannot learn what it "

@@ -606,6 +606,11 @@ def test_covariates_are_used(two_batches):
     constant.obs["percent_mito"] = 2.5
     with pytest.warns(UserWarning, match=r"obs\['percent_mito'\] is 2\.5 in every cell, so the model cannot learn"):
         CellVAE(constant, continuous_covariate_keys=["percent_mito"])
+    # donor IDs of a categorical column, given as continuous: read as numbers, with a warning
+    donors = adata.copy()
+    donors.obs["donor"] = pd.Categorical(np.where(np.arange(300) % 2 == 0, "101", "107"))
+    with pytest.warns(UserWarning, match=r"obs\['donor'\] is a categorical column: its values are read as numbers \(e.g. 101\)"):
+        CellVAE(donors, continuous_covariate_keys=["donor"])
     # a column of labels given as continuous, and a gap in a numeric one
     labelled = adata.copy()
     labelled.obs["site"] = np.where(np.arange(300) % 2 == 0, "lung", "gut")
