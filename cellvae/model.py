@@ -84,6 +84,9 @@ SCVI_TOOLS_METHODS = {
     "prepare_query_anndata": "nothing: map_query and get_latent match a query's genes to the model's by name "
     "(extra genes ignored, missing ones zero-filled with a warning)",
     "summary_string": "print(model) or repr(model)",
+    "predict": "cellvae.tl.transfer_labels(reference, query, labels_key) on the embeddings (a k-NN vote, as scANVI's "
+    "predict labels cells; cellvae has no semi-supervised model)",
+    "from_scvi_model": "nothing: cellvae has no scANVI; label cells with cellvae.tl.transfer_labels on the embedding",
 }
 # scvi-tools' argument: its advice in each place, as (what the method must take for the advice to apply: a cellvae
 # argument or the method's own name; None: any method; the advice); the first that applies is given
@@ -96,12 +99,28 @@ SCVI_TOOLS_ARGUMENTS = {
     "encode_covariates": [("encode_batch", "use encode_batch=")],
     "train_size": [("validation_size", "use validation_size=, the share held out (1 - train_size)")],
     "accelerator": [("device", "use device= ('auto', 'cpu', 'cuda', ...)")],
-    "plan_kwargs": [("weight_decay", "give lr= and weight_decay= to fit itself")],
+    "plan_kwargs": [
+        ("weight_decay", "give lr= and weight_decay= to fit itself, and the KL warm-up to CellVAE(kl_warmup=...)"),
+        ("map_query", "give lr= to map_query itself (it trains the new parameters without weight decay, as scArches)"),
+    ],
+    "silent": [("progress", "use progress=False")],
+    "weight_decay": [("map_query", "drop it: map_query trains the new parameters without weight decay, as scArches")],
+    "unfrozen": [
+        (
+            "train_input_layer",
+            "cellvae trains only the new batches' parameters; train_input_layer=True also trains the encoder's first layer",
+        )
+    ],
+    "inplace_subset_query_vars": [("map_query", "drop it: map_query matches the query's genes to the model's by name")],
+    "labels_key": [("__init__", "cellvae has no scANVI: train without labels, then cellvae.tl.transfer_labels(...)")],
+    "size_factor_key": [("__init__", "drop it: cellvae scales each cell by its total counts, as scVI without it")],
     "early_stopping_patience": [("patience", "use patience=")],
     "enable_progress_bar": [("progress", "use progress=")],
     "give_mean": [("mean", "use mean="), ("get_likelihood_parameters", POSTERIOR_MEAN)],
     "indices": [("adata", "pass those cells as an AnnData, adata[indices]")],
-    "return_numpy": [(None, "drop it: cellvae returns NumPy arrays")],
+    "return_numpy": [
+        (None, "drop it: cellvae returns NumPy arrays (with gene_list, columns in its order; scvi-tools: var_names order)")
+    ],
     "mode": [("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')")],
     "pseudocounts": [("pseudocount", "use pseudocount=")],
     "n_mc_samples": [("n_samples", "use n_samples=")],
@@ -1367,6 +1386,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # a save killed between its two renames leaves the previous model set aside beside the path
             set_aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
             set_aside = set_aside if not path.exists() else []
+            if (path / "model.pt").is_file():
+                raise ValueError(
+                    f"{path} holds an scvi-tools model (model.pt), not a cellvae one: cellvae cannot read its weights; "
+                    "train a cellvae model on the same data (CellVAE(adata, ...).fit())"
+                )
             if not path.exists() and not set_aside:  # (a typo in the path, most likely)
                 raise FileNotFoundError(
                     f"{path} does not exist: give the folder a model was saved in (by CellVAE.save or cellvae fit --model-dir)"

@@ -1125,7 +1125,7 @@ def test_numpy_booleans_are_taken_as_python_booleans(two_batches):
     assert model.config.encode_batch is False
 
 
-def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monkeypatch):
+def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monkeypatch, tmp_path):
     adata = small(two_batches)
     with pytest.raises(AttributeError, match=r"'setup_anndata' \(scvi-tools' setup_anndata; in cellvae: CellVAE\(adata, layer="):
         CellVAE.setup_anndata(adata, batch_key="batch")
@@ -1183,9 +1183,25 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.fit(1)  # scvi-tools' train(max_epochs) by position
     with pytest.raises(TypeError, match=r"get_latent\(\) takes adata by position and the rest by keyword, got 2 positional"):
         model.get_latent(adata, True)
-    # no advice naming an option the method lacks: Python's own error
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'plan_kwargs'$"):
+    # scArches' and scANVI's spellings
+    with pytest.raises(TypeError, match=r"'plan_kwargs', scvi-tools' name: give lr= to map_query itself"):
         model.map_query(adata, plan_kwargs={"weight_decay": 0.0})
+    with pytest.raises(TypeError, match=r"'unfrozen', scvi-tools' name: .*train_input_layer=True also trains"):
+        model.map_query(adata, unfrozen=True)
+    with pytest.raises(TypeError, match=r"'silent', scvi-tools' name: use progress=False"):
+        model.get_normalized_expression(silent=True)
+    with pytest.raises(TypeError, match=r"'labels_key', scvi-tools' name: cellvae has no scANVI"):
+        CellVAE(adata, labels_key="cell_type")
+    with pytest.raises(AttributeError, match=r"scvi-tools' predict; in cellvae: cellvae.tl.transfer_labels"):
+        model.predict()
+    scvi_folder = tmp_path / "scvi_model"
+    scvi_folder.mkdir()
+    (scvi_folder / "model.pt").write_bytes(b"a pickle that is never opened")
+    with pytest.raises(ValueError, match=r"holds an scvi-tools model \(model.pt\), not a cellvae one"):
+        CellVAE.load(scvi_folder)
+    # no advice naming an option the method lacks: Python's own error
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'labels_key'$"):
+        model.get_latent(labels_key="cell_type")
     with pytest.raises(AttributeError, match=r"^'CellVAE' object has no attribute 'nothing_like_this'$"):
         model.nothing_like_this  # noqa: B018
     assert not hasattr(model, "train") and hasattr(model, "fit")
