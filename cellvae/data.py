@@ -995,14 +995,15 @@ def learn_covariate_layout(
                 "categorical_covariate_keys",
                 UserWarning,
             )
-        if std == 0 and len(obs) > 1:
+        constant = len(values) > 0 and values.min() == values.max()  # (np.std of 1,000 copies of 0.1 is 1.4e-17)
+        if constant and len(obs) > 1:
             warn_user(
                 f"continuous covariate obs[{key!r}] is {mean:.6g} in every cell, so the model cannot learn what it "
                 "does: leave it out of continuous_covariate_keys, or check the column",
                 UserWarning,
             )
         means.append(mean)
-        stds.append(std or 1.0)
+        stds.append(1.0 if constant else std)
     return CovariateLayout(
         batch_key=batch_key,
         batch_categories=categories.get(batch_key, []) if batch_key else [],

@@ -1314,9 +1314,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # and this: weights copied into another model's folder (the same shapes, other genes) are refused
                 "layout_sha256": _layout_digest(self.config),
             }
-            if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train); without
-                # whether a progress bar showed, so that the same model saves to the same bytes
-                metadata["train_settings"] = {k: v for k, v in asdict(self.train_settings).items() if k != "progress"}
+            if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train); progress
+                # always True, whether or not a bar showed, so that the same weights save to the same bytes (older
+                # cellvae needs the entry)
+                metadata["train_settings"] = asdict(self.train_settings) | {"progress": True}
             # one metadata entry: safetensors writes several in an order that varies from save to save, so the
             # same model's file would differ byte for byte
             metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}

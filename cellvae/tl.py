@@ -42,6 +42,7 @@ from cellvae.model import (
     _check_seed,
     _library_sizes,
 )
+from cellvae.train import pick_device, setup_distributed
 
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
@@ -100,8 +101,8 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
             raise ValueError(
                 f"adata.uns[{uns_key!r}] holds a neighbours graph's record, which sc.pp.neighbors(..., "
                 f"key_added={uns_key!r}) wrote there in place of embed's; embed would replace it with its own settings: "
-                f"name the graph otherwise (e.g. key_added='{uns_key}_neighbors'), delete adata.uns[{uns_key!r}] if the "
-                "graph is no longer needed, or choose another key_added here"
+                f"name the graph otherwise (e.g. sc.pp.neighbors(..., key_added='{uns_key}_neighbors')), delete "
+                f"adata.uns[{uns_key!r}] if the graph is no longer needed, or choose another key_added here"
             )
         raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
             f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
@@ -244,8 +245,9 @@ def embed(
     random_state = _check_seed(random_state)  # before the counts are read and checked
     genes = _genes_to_train(adata, mask_var)
     model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
-    model.to_device((fit_kwargs or {}).get("device", "auto"))  # trained, then embedding, on one device
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+    # embedded on the device it trained on (under torchrun, this process's own GPU, chosen by fit)
+    model.to_device(setup_distributed(pick_device((fit_kwargs or {}).get("device", "auto"))))
     latent = model.get_latent(progress=progress)
     params = {
         "cellvae_version": model.config.cellvae_version,

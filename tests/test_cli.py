@@ -178,6 +178,11 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
         "adata.layers['counts'] holds whole counts: pass --layer counts"
     )
     assert "pass --layer 'raw counts'" in in_command_line_terms("pass layer='raw counts'")  # quoted for the shell
+    # cellvae's key_added is --key-added; scanpy's, in a call to scanpy, stays as it is
+    graph = "sc.pp.neighbors(..., key_added='cellvae') wrote it; key_added='X_umap' is taken: choose another key_added"
+    assert in_command_line_terms(graph).startswith(
+        "sc.pp.neighbors(..., key_added='cellvae') wrote it; --key-added X_umap is taken: choose another --key-added"
+    )
     assert in_command_line_terms("adata.X holds whole counts: leave out layer= (layer=None reads X)").startswith(
         "adata.X holds whole counts: leave out --layer (or pass --layer X)"
     )

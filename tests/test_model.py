@@ -603,9 +603,11 @@ def test_covariates_are_used(two_batches):
         tailed_model.decode(np.zeros((0, 10), dtype=np.float32), covariates={"percent_mito": []})  # no cells, no warning
     # a covariate that is the same in every cell cannot be learned from
     constant = adata.copy()
-    constant.obs["percent_mito"] = 2.5
-    with pytest.warns(UserWarning, match=r"obs\['percent_mito'\] is 2\.5 in every cell, so the model cannot learn"):
-        CellVAE(constant, continuous_covariate_keys=["percent_mito"])
+    constant.obs["percent_mito"] = 0.1  # (np.std of its copies is not 0 but 1e-17: not a scale to divide by)
+    assert np.std(constant.obs["percent_mito"].to_numpy()) > 0
+    with pytest.warns(UserWarning, match=r"obs\['percent_mito'\] is 0\.1 in every cell, so the model cannot learn"):
+        constant_model = CellVAE(constant, continuous_covariate_keys=["percent_mito"])
+    assert constant_model.layout.continuous_std == [1.0]
     # donor IDs of a categorical column, given as continuous: read as numbers, with a warning
     donors = adata.copy()
     donors.obs["donor"] = pd.Categorical(np.where(np.arange(300) % 2 == 0, "101", "107"))

@@ -1275,6 +1275,10 @@ def test_a_model_saves_to_the_same_bytes_whether_or_not_its_progress_bar_showed(
         CellVAE(adata, n_hidden=16).fit(max_epochs=2, random_state=0, progress=progress).save(tmp_path / str(progress))
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "True" / name).read_bytes() == (tmp_path / "False" / name).read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "False" / "model.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["cellvae"])["train_settings"]["progress"] is True  # (older cellvae needs it)
 
 
 def test_saved_train_settings_are_restored_and_damaged_ones_refused(trained, tmp_path):
