@@ -807,8 +807,9 @@ def _read_for_model(
 def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | None, adata) -> Iterator[None]:
     """Inside: an error about counts that :func:`_counts_where_model_reads` put where the model reads them names
     the place they were read from (``layer``, given with --layer) instead; where those values are no counts, the
-    advice is the option's: leave out --layer where the model's own place in ``adata`` holds counts."""
-    from cellvae.data import count_matrix, counts_location, validate_counts
+    advice is the option's: leave out --layer to read them where the model was trained, where ``adata`` holds counts
+    there (checked in memory only: a backed file is not read for advice), and rounding where the error advised it."""
+    from cellvae.data import count_matrix, counts_location, is_backed_matrix, validate_counts
 
     try:
         yield
@@ -821,14 +822,19 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
         if no_counts is None:
             raise type(error)(message) from error
         option = "X" if layer is None else shlex.quote(layer)
-        advice = f"give --layer the place of the raw counts (the model was trained on {moved_to})"
+        advice = f"give --layer the place of the raw counts (the model was trained on {moved_to}, which this file lacks)"
         if model_layer is None or model_layer in adata.layers:
+            advice = f"leave out --layer to read the counts where the model was trained, {moved_to}"
+            matrix = count_matrix(adata, model_layer)
             try:
-                validate_counts(count_matrix(adata, model_layer), moved_to)
-                advice = f"leave out --layer: the model reads its counts from {moved_to}, which holds whole counts"
+                if not is_backed_matrix(matrix):
+                    validate_counts(matrix, moved_to)
+                    advice = f"leave out --layer: the model reads its counts from {moved_to}, which holds whole counts"
             except (ValueError, TypeError):
-                pass
-        raise type(error)(f"{no_counts[1]}, so --layer {option} gives no counts: {advice}") from error
+                advice = f"give --layer the place of the raw counts ({moved_to}, where the model was trained, holds none)"
+        rounding = re.search(r" If these are estimated or ambient-corrected counts .*", message)
+        rounding = f".{rounding[0]}" if rounding else ""
+        raise type(error)(f"{no_counts[1]}, so --layer {option} gives no counts: {advice}{rounding}") from error
 
 
 @contextmanager

@@ -1187,8 +1187,8 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
 
 def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
     """The way out when new category names are known numbers written another way: floats for the model's
-    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), IDs without the model's leading
-    zeros (1 for 01) or with zeros it lacks, even one of them beside truly new names, or a flag's 0/1 for its
+    integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), IDs with other leading zeros than
+    the model's (1 or 001 for 01, 01 for 1), even one of them beside truly new names, or a flag's 0/1 for its
     True/False (and back) where all the new names are such; else None."""
     known_names = set(known)
     as_integers = [value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
@@ -1205,23 +1205,18 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
             f"{name}.obs[{key!r}] holds integers ({known_floats[0][:-2]}) where the model's categories are floats "
             f"({known_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
         )
-    # IDs that lost their leading zeros (01 read as a number by pandas.read_csv), or gained them
-    padded = {int(value): value for value in known if value.isdecimal() and len(value) > 1 and value.startswith("0")}
-    unpadded = [value.removesuffix(".0") for value in new if value.removesuffix(".0").isdecimal()]
-    lost = [value for value in unpadded if not value.startswith("0") and int(value) in padded]
-    if lost:
-        meant = padded[int(lost[0])]
+    # IDs that lost their leading zeros (01 read as a number by pandas.read_csv), gained some or others
+    by_number = {int(value): value for value in known if value.isdecimal()}
+    numbers = [value.removesuffix(".0") for value in new if value.removesuffix(".0").isdecimal()]
+    padded_otherwise = [value for value in numbers if by_number.get(int(value), value) != value]
+    if padded_otherwise:
+        given, meant = padded_otherwise[0], by_number[int(padded_otherwise[0])]
+        conversion = ".astype(int)" + (f".astype(str).str.zfill({len(meant)})" if meant.startswith("0") else "")
+        lost = " (read as numbers, e.g. by pandas.read_csv)" if not given.startswith("0") else ""
         return (
-            f"{name}.obs[{key!r}] holds {lost[0]} where the model's category is {meant!r}: the IDs lost their "
-            f"leading zeros (read as numbers, e.g. by pandas.read_csv): convert it first, {name}.obs[{key!r}] = "
-            f"{name}.obs[{key!r}].astype(int).astype(str).str.zfill({len(meant)})"
-        )
-    plain = {value for value in known if value.isdecimal() and not value.startswith("0")}
-    gained = [value for value in unpadded if value.startswith("0") and len(value) > 1 and str(int(value)) in plain]
-    if gained:
-        return (
-            f"{name}.obs[{key!r}] holds {gained[0]!r} where the model's category is {str(int(gained[0]))!r}: convert "
-            f"it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
+            f"{name}.obs[{key!r}] holds {given!r} where the model's category is {meant!r}: the same ID with other "
+            f"leading zeros{lost}? Convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}]{conversion}; if they "
+            "are new batches or categories, give them names that no category of the model has"
         )
     # booleans written as 0/1 (or 0.0/1.0), or 0/1 written as booleans
     flags = {"0": "False", "1": "True", "0.0": "False", "1.0": "True", "False": "0", "True": "1"}

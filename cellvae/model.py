@@ -2584,7 +2584,7 @@ def _warn_about_counts(
         codes = data.as_text(obs[layout.batch_key]).set_categories(batch_names).codes
         _warn_about_unmeasured_genes(matrix, where, codes, batch_names, layout.batch_key)
     share, non_zero, largest = data.count_profile(matrix, codes)
-    if non_zero.sum() >= LOG_CHECK_VALUES and largest <= LOG_LARGEST_COUNT:
+    if non_zero.sum() >= LOG_CHECK_VALUES and 1 < largest <= LOG_LARGEST_COUNT:  # (0/1 data are no log values)
         data.warn_user(
             f"the largest of {non_zero.sum():,} non-zero values sampled from {where} is {largest:g}: raw counts of so "
             "many values almost always exceed 10 somewhere (mitochondrial, ribosomal and marker genes), so these look "

@@ -985,6 +985,13 @@ def _endpoint_covariates(model: CellVAE, adata: ad.AnnData, cells: np.ndarray, c
     ``cells`` hold it, the category they all share or a continuous covariate's mean over them."""
     c = model.config
     filled = dict(covariates or {})
+    for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
+        missing = int(adata.obs[key].iloc[cells].isna().sum()) if key not in filled and key in adata.obs.columns else 0
+        if missing:
+            raise ValueError(
+                f"the endpoint cells lack {missing} value{'s' * (missing > 1)} of the covariate obs[{key!r}] (NaN): pass "
+                f"the one to decode the path as, covariates={{{key!r}: ...}}"
+            )
     for key in c.categorical_covariate_keys:
         if key not in filled and key in adata.obs.columns:
             values = pd.unique(adata.obs[key].iloc[cells].astype(str))

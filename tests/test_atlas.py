@@ -837,7 +837,7 @@ def test_donor_ids_that_lost_or_gained_leading_zeros_are_told_to_take_the_models
     by_donor = CellVAE(donors, batch_key="donor").fit(max_epochs=1, progress=False)
     as_read = donors.copy()
     as_read.obs["donor"] = np.where(donors.obs["batch"] == "batch0", 1, 2)
-    match = r"holds [12] where the model's category is '0[12]': the IDs lost their leading zeros .*str.zfill\(2\)"
+    match = r"holds '[12]' where the model's category is '0[12]': the same ID with other leading zeros .*str.zfill\(2\)"
     with pytest.raises(ValueError, match=match):
         by_donor.get_latent(as_read)
     with pytest.raises(ValueError, match=match):
@@ -846,8 +846,12 @@ def test_donor_ids_that_lost_or_gained_leading_zeros_are_told_to_take_the_models
     fixed.obs["donor"] = fixed.obs["donor"].astype(int).astype(str).str.zfill(2)  # the fix it names works
     np.testing.assert_array_equal(by_donor.get_latent(fixed), by_donor.get_latent(donors))
     by_number = CellVAE(as_read, batch_key="donor").fit(max_epochs=1, progress=False)  # and the other way round
-    with pytest.raises(ValueError, match=r"holds '0[12]' where the model's category is '[12]': .*astype\(int\)"):
+    with pytest.raises(ValueError, match=r"holds '0[12]' where the model's category is '[12]': .*astype\(int\); if they"):
         by_number.map_query(donors, progress=False)
+    other_padding = donors.copy()  # 001 for the model's 01
+    other_padding.obs["donor"] = "001"
+    with pytest.raises(ValueError, match=r"holds '001' where the model's category is '01'.*zfill\(2\); if they are new"):
+        by_donor.map_query(other_padding, progress=False)
     truly_new = donors.copy()  # 03 beside a model's 1 and 2: a new donor, mapped
     truly_new.obs["donor"] = "03"
     assert by_number.map_query(truly_new, max_epochs=1, progress=False).config.batch_categories == ["1", "2", "03"]

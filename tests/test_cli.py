@@ -115,6 +115,11 @@ def test_fit_then_embed(tmp_path):
     told = r"adata.X has non-integer values .*, so --layer X gives no counts: leave out --layer: the model reads its"
     with pytest.raises(SystemExit, match=told + r" counts from adata.layers\['counts'\], which holds whole counts$"):
         main([*embed_x, "--out", str(tmp_path / "n.h5ad")])
+    normalised.layers["estimated"] = normalised.layers["counts"] * 1.37  # e.g. salmon's: rounding is the advice
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    embed_estimated = [*embed_x[:-1], "estimated", "--out", str(tmp_path / "n.h5ad")]
+    with pytest.raises(SystemExit, match=r"so --layer estimated gives no counts: leave out --layer: .*If these are estimated"):
+        main(embed_estimated)
     # a training AnnData saved in the model's folder (save_anndata=True) is not read to embed other cells
     (tmp_path / "model" / "adata.h5ad").write_text("an atlas, or a damaged file: embed needs only the weights")
     embed_again = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e2.h5ad")]

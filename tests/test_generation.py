@@ -329,6 +329,10 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells(tmp_path)
     across = np.flatnonzero((adata.obs["batch"] == "batch0").to_numpy())[0]
     with pytest.raises(ValueError, match=r"the endpoint cells hold several values of the covariate obs\['batch'\]"):
         cellvae.tl.interpolate(model, [first], [across], 3, progress=False)
+    gaps = adata[[first, second]].copy()
+    gaps.obs["score"] = [np.nan, 0.5]
+    with pytest.raises(ValueError, match=r"the endpoint cells lack 1 value of the covariate obs\['score'\] \(NaN\)"):
+        cellvae.tl.interpolate(model, [0], [1], 3, adata=gaps, progress=False)
     assert cellvae.tl.interpolate(model, [first], [across], 3, covariates={"batch": "batch0"}, progress=False).n_obs == 3
 
 

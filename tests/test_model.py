@@ -1238,9 +1238,11 @@ def test_log_normalised_values_are_not_told_to_be_rounded_and_rounded_ones_are_w
     adata.layers["counts"] = counts  # raw counts, however shallow, have larger ones
     shallow = ad.AnnData(counts.copy(), obs=adata.obs)
     sc.pp.downsample_counts(shallow, counts_per_cell=200, random_state=0)
+    binary = ad.AnnData((counts > 0).astype(np.float32), obs=adata.obs)  # 0/1 data (e.g. binarised peaks): no log values
     with no_warnings():
         CellVAE(adata, layer="counts")
         CellVAE(shallow)
+        CellVAE(binary)
 
 
 def test_scaled_counts_between_20_and_thousands_are_called_normalised():
