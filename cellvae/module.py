@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellvae.config import Config
-from cellvae.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial, autograd_on
+from cellvae.distributions import (
+    NegativeBinomial,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+    autograd_on,
+    lgamma_ratio,
+    log_factorial,
+)
 
 Likelihood = NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson  # what the decoder returns: p(x|z)
 
@@ -237,17 +244,26 @@ class VAE(nn.Module):
             z.reshape(-1, z.shape[-1]), covariates.repeat(repeat), library.repeat(repeat), batch_index.repeat(n_samples)
         )
         is_nb = isinstance(likelihood, NegativeBinomial)  # and ZINB
-        theta_terms = is_nb and (constants or self.config.dispersion == "gene-cell")
-        options = {"include_constant": constants, "nonzero": None}
+        theta_from_z = is_nb and self.config.dispersion == "gene-cell"
+        options = {"include_constant": False, "nonzero": None}
         if is_nb:
-            options["include_theta_terms"] = theta_terms
-        if constants or theta_terms:
-            # lgamma and log x! only at the non-zero counts (most of the work where draws are many: IWAE,
-            # refinement), found once and repeated for the draws
+            options["include_theta_terms"] = theta_from_z
+        if constants or theta_from_z:
+            # lgamma and log x! only at the non-zero counts, found once and repeated for the draws
             rows, columns = torch.nonzero(counts, as_tuple=True)
             draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
-            options["nonzero"] = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
-        return likelihood.log_prob(counts.repeat(repeat), **options).sum(-1).reshape(n_samples, -1)
+            nonzero = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
+            options["nonzero"] = nonzero if theta_from_z else None
+        log_p = likelihood.log_prob(counts.repeat(repeat), **options)
+        if constants:
+            # the terms that do not depend on z are the same in every draw: evaluated once for each non-zero count
+            # (most of the work where draws are many, as in IWAE) and added to each draw's, as log_prob adds them
+            values = counts[rows, columns]
+            terms = -log_factorial(values)
+            if is_nb and not theta_from_z:
+                terms = terms + lgamma_ratio(values, likelihood.theta.expand_as(likelihood.log_mean)[rows, columns])
+            log_p = log_p.index_put(nonzero, terms.repeat(n_samples), accumulate=True)
+        return log_p.sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
