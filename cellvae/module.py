@@ -248,22 +248,26 @@ class VAE(nn.Module):
         options = {"include_constant": False, "nonzero": None}
         if is_nb:
             options["include_theta_terms"] = theta_from_z
-        if constants or theta_from_z:
-            # lgamma and log x! only at the non-zero counts, found once and repeated for the draws
-            rows, columns = torch.nonzero(counts, as_tuple=True)
+        rows, columns = torch.nonzero(counts, as_tuple=True)  # lgamma and log x! only at the non-zero counts
+        nonzero = None
+        if theta_from_z or (constants and not is_nb):  # found once and repeated for the draws
             draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
             nonzero = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
             options["nonzero"] = nonzero if theta_from_z else None
         log_p = likelihood.log_prob(counts.repeat(repeat), **options)
-        if constants:
-            # the terms that do not depend on z are the same in every draw: evaluated once for each non-zero count
-            # (most of the work where draws are many, as in IWAE) and added to each draw's, as log_prob adds them
-            values = counts[rows, columns]
-            terms = -log_factorial(values)
-            if is_nb and not theta_from_z:
-                terms = terms + lgamma_ratio(values, likelihood.theta.expand_as(likelihood.log_mean)[rows, columns])
-            log_p = log_p.index_put(nonzero, terms.repeat(n_samples), accumulate=True)
-        return log_p.sum(-1).reshape(n_samples, -1)
+        if not constants:
+            return log_p.sum(-1).reshape(n_samples, -1)
+        # The terms free of z are the same in every draw: evaluated once per non-zero count (most of the work where
+        # draws are many, as in IWAE). With theta free of z, lgamma(x + theta) - lgamma(theta) - log x! and the rest
+        # are each of moderate size, so each cell's sum of them is added to each draw's; Poisson's x log mu and a
+        # theta decoded from z are about as large as the log x! they nearly cancel, so it is added count by count.
+        values = counts[rows, columns]
+        terms = -log_factorial(values)
+        if is_nb and not theta_from_z:
+            terms = terms + lgamma_ratio(values, likelihood.theta.expand_as(likelihood.log_mean)[rows, columns])
+            per_cell = torch.zeros(counts.shape[0], dtype=log_p.dtype, device=log_p.device).index_add(0, rows, terms)
+            return log_p.sum(-1).reshape(n_samples, -1) + per_cell
+        return log_p.index_put(nonzero, terms.repeat(n_samples), accumulate=True).sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
