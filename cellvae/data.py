@@ -50,6 +50,8 @@ BACKED_BLOCK_ROWS = 256
 ZARR_READ_THREADS = 4
 # Stored values per read buffer of a backed CSC matrix (256 MB as CSR), where every buffer reads the whole file.
 BACKED_CSC_BUFFER_VALUES = 2**25
+# An in-memory count matrix that is not CSR, copied into CSR by every loader, is warned about from this many values.
+CONVERTED_WARNING_VALUES = 10_000_000
 # A dense store chunked by more rows than a block is read whole storage chunks at a time; a read
 # buffer then holds this many chunks, so that minibatches mix parts of the file, within CHUNKED_BUFFER_BYTES.
 CHUNKS_PER_BUFFER = 4
@@ -1397,6 +1399,14 @@ class CellLoader:
         self.backed = is_backed_matrix(matrix)
         # Backed CSC cannot be re-written cheaply; it is read as stored, a band of columns at a time.
         self.matrix = matrix if self.backed else as_row_readable(matrix)
+        if not self.backed and sp.issparse(matrix) and matrix.format != "csr" and matrix.nnz > CONVERTED_WARNING_VALUES:
+            warn_user(
+                f"the counts are a {matrix.format.upper()} matrix in memory: each call (training, get_latent, ...) "
+                f"first copies them into a CSR one ({matrix.nnz * (matrix.data.itemsize + 4) / 1e9:.1f} GB more, and "
+                "the time of the copy); convert them once, e.g. adata.X = adata.X.tocsr() (for counts in a layer, "
+                "convert that layer)",
+                UserWarning,
+            )
         if self.backed and _is_csc(matrix) and _n_stored(matrix) > 4 * BACKED_CSC_BUFFER_VALUES:
             warn_user(
                 f"the backed count matrix ({matrix.shape[0]:,} cells) is stored column-major (CSC): every "
