@@ -669,7 +669,8 @@ def rank_genes_groups(
         random_state=random_state,
         progress=progress,
     )
-    result = result[result.index.isin(gene_names(adata))]  # genes the data lack (read as zeros) are left out
+    in_data = result.index.isin(gene_names(adata))  # genes the data lack (read as zeros) are left out
+    result = result if in_data.all() else result[in_data]  # (a copy of the whole table only where some are)
     # Stored as float32 (as scanpy does) before sorting, so that rounding does not order genes of equal score.
     result["score"] = (result["proba_up"] - result["proba_down"]).astype(np.float32)
     floor = 1.0 / (n_draws + 1)  # the resolution of n_draws draws: no probability is exactly 0 (log10 plots)
