@@ -245,29 +245,33 @@ class VAE(nn.Module):
         )
         is_nb = isinstance(likelihood, NegativeBinomial)  # and ZINB
         theta_from_z = is_nb and self.config.dispersion == "gene-cell"
-        options = {"include_constant": False, "nonzero": None}
+        # lgamma and log x! only at the non-zero counts, found once (and repeated for the draws where needed)
+        rows, columns = torch.nonzero(counts, as_tuple=True)
+
+        def every_draw() -> tuple[torch.Tensor, torch.Tensor]:
+            draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
+            return (rows + draw_offsets).reshape(-1), columns.repeat(n_samples)
+
+        options = {"include_constant": False, "nonzero": every_draw() if theta_from_z else None}
         if is_nb:
             options["include_theta_terms"] = theta_from_z
-        rows, columns = torch.nonzero(counts, as_tuple=True)  # lgamma and log x! only at the non-zero counts
-        nonzero = None
-        if theta_from_z or (constants and not is_nb):  # found once and repeated for the draws
-            draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
-            nonzero = ((rows + draw_offsets).reshape(-1), columns.repeat(n_samples))
-            options["nonzero"] = nonzero if theta_from_z else None
         log_p = likelihood.log_prob(counts.repeat(repeat), **options)
         if not constants:
             return log_p.sum(-1).reshape(n_samples, -1)
         # The terms free of z are the same in every draw: evaluated once per non-zero count (most of the work where
-        # draws are many, as in IWAE). With theta free of z, lgamma(x + theta) - lgamma(theta) - log x! and the rest
-        # are each of moderate size, so each cell's sum of them is added to each draw's; Poisson's x log mu and a
-        # theta decoded from z are about as large as the log x! they nearly cancel, so it is added count by count.
+        # draws are many, as in IWAE). With theta free of z, each cell's sum of them is added to each draw's sum of
+        # the rest, both in float64: where theta is large they are each of order 1e5-1e6 nats in a deep cell and
+        # nearly cancel. Poisson's log x!, a theta decoded from z's, and any on MPS (no float64) are added count by
+        # count, where they meet the terms they nearly cancel.
         values = counts[rows, columns]
         terms = -log_factorial(values)
         if is_nb and not theta_from_z:
             terms = terms + lgamma_ratio(values, likelihood.theta.expand_as(likelihood.log_mean)[rows, columns])
-            per_cell = torch.zeros(counts.shape[0], dtype=log_p.dtype, device=log_p.device).index_add(0, rows, terms)
-            return log_p.sum(-1).reshape(n_samples, -1) + per_cell
-        return log_p.index_put(nonzero, terms.repeat(n_samples), accumulate=True).sum(-1).reshape(n_samples, -1)
+            if log_p.device.type != "mps":
+                per_cell = torch.zeros(counts.shape[0], dtype=torch.float64, device=log_p.device)
+                per_cell = per_cell.index_add(0, rows, terms.double())
+                return (log_p.sum(-1, dtype=torch.float64).reshape(n_samples, -1) + per_cell).to(log_p.dtype)
+        return log_p.index_put(every_draw(), terms.repeat(n_samples), accumulate=True).sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
