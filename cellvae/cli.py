@@ -823,17 +823,25 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
             raise type(error)(message) from error
         option = "X" if layer is None else shlex.quote(layer)
         advice = f"give --layer the place of the raw counts (the model was trained on {moved_to}, which this file lacks)"
+        holds_counts = False
         if model_layer is None or model_layer in adata.layers:
             advice = f"leave out --layer to read the counts where the model was trained, {moved_to}"
             matrix = count_matrix(adata, model_layer)
             try:
                 if not is_backed_matrix(matrix):
                     validate_counts(matrix, moved_to)
+                    holds_counts = True
                     advice = f"leave out --layer: the model reads its counts from {moved_to}, which holds whole counts"
             except (ValueError, TypeError):
                 advice = f"give --layer the place of the raw counts ({moved_to}, where the model was trained, holds none)"
-        rounding = re.search(r" If these are estimated or ambient-corrected counts .*", message)
-        rounding = f".{rounding[0]}" if rounding else ""
+        rounding = ""  # estimated counts (the error advised rounding), rounded into a layer of their own
+        if not holds_counts and " If these are estimated or ambient-corrected counts" in message:
+            rounded = "rounded" if layer != "rounded" else "rounded_counts"
+            rounding = (
+                ". If these are estimated or ambient-corrected counts (salmon, kallisto, RSEM, alevin, SoupX, decontX; "
+                f"not TPM or CPM), round them into a layer of their own in Python, adata.layers[{rounded!r}] = "
+                f"np.rint({moved_from}), write the file and pass --layer {rounded}"
+            )
         raise type(error)(f"{no_counts[1]}, so --layer {option} gives no counts: {advice}{rounding}") from error
 
 

@@ -990,8 +990,8 @@ def _endpoint_covariates(model: CellVAE, adata: ad.AnnData, cells: np.ndarray, c
         missing = int(adata.obs[key].iloc[cells].isna().sum()) if key not in filled and key in adata.obs.columns else 0
         if missing:
             raise ValueError(
-                f"the endpoint cells lack {missing} value{'s' * (missing > 1)} of the covariate obs[{key!r}] (NaN): pass "
-                f"the one to decode the path as, covariates={{{key!r}: ...}}"
+                f"the endpoint cells lack {missing} value{'s' * (missing > 1)} of the covariate obs[{key!r}] (NaN), which "
+                "the encoder needs to embed them: fill them in adata.obs, or choose endpoint cells that have them"
             )
     for key in c.categorical_covariate_keys:
         if key not in filled and key in adata.obs.columns:

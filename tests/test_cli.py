@@ -118,7 +118,13 @@ def test_fit_then_embed(tmp_path):
     normalised.layers["estimated"] = normalised.layers["counts"] * 1.37  # e.g. salmon's: rounding is the advice
     normalised.write_h5ad(tmp_path / "normalised.h5ad")
     embed_estimated = [*embed_x[:-1], "estimated", "--out", str(tmp_path / "n.h5ad")]
-    with pytest.raises(SystemExit, match=r"so --layer estimated gives no counts: leave out --layer: .*If these are estimated"):
+    with pytest.raises(SystemExit, match=r"so --layer estimated gives no counts: leave out --layer: .* whole counts$"):
+        main(embed_estimated)  # the model's own counts are there: no rounding of estimates
+    del normalised.layers["counts"]
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    rounding = r"which this file lacks\)\. If these are estimated .* adata.layers\['rounded'\] = "
+    rounding += r"np.rint\(adata.layers\['estimated'\]\), write the file and pass --layer rounded$"
+    with pytest.raises(SystemExit, match=rounding):
         main(embed_estimated)
     # a training AnnData saved in the model's folder (save_anndata=True) is not read to embed other cells
     (tmp_path / "model" / "adata.h5ad").write_text("an atlas, or a damaged file: embed needs only the weights")

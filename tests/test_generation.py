@@ -331,7 +331,7 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells(tmp_path)
         cellvae.tl.interpolate(model, [first], [across], 3, progress=False)
     gaps = adata[[first, second]].copy()
     gaps.obs["score"] = [np.nan, 0.5]
-    with pytest.raises(ValueError, match=r"the endpoint cells lack 1 value of the covariate obs\['score'\] \(NaN\)"):
+    with pytest.raises(ValueError, match=r"lack 1 value of the covariate obs\[.score.\] \(NaN\), which the encoder needs"):
         cellvae.tl.interpolate(model, [0], [1], 3, adata=gaps, progress=False)
     assert cellvae.tl.interpolate(model, [first], [across], 3, covariates={"batch": "batch0"}, progress=False).n_obs == 3
 
