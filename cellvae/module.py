@@ -252,7 +252,8 @@ class VAE(nn.Module):
             draw_offsets = torch.arange(n_samples, device=rows.device)[:, None] * counts.shape[0]
             return (rows + draw_offsets).reshape(-1), columns.repeat(n_samples)
 
-        options = {"include_constant": False, "nonzero": every_draw() if theta_from_z else None}
+        nonzero = every_draw() if theta_from_z else None  # (built once, used again for the constants below)
+        options = {"include_constant": False, "nonzero": nonzero}
         if is_nb:
             options["include_theta_terms"] = theta_from_z
         log_p = likelihood.log_prob(counts.repeat(repeat), **options)
@@ -271,7 +272,8 @@ class VAE(nn.Module):
                 per_cell = torch.zeros(counts.shape[0], dtype=torch.float64, device=log_p.device)
                 per_cell = per_cell.index_add(0, rows, terms.double())
                 return (log_p.sum(-1, dtype=torch.float64).reshape(n_samples, -1) + per_cell).to(log_p.dtype)
-        return log_p.index_put(every_draw(), terms.repeat(n_samples), accumulate=True).sum(-1).reshape(n_samples, -1)
+        nonzero = every_draw() if nonzero is None else nonzero
+        return log_p.index_put(nonzero, terms.repeat(n_samples), accumulate=True).sum(-1).reshape(n_samples, -1)
 
     def log_posterior_density(self, z, mean, scale) -> torch.Tensor:
         """log q(z|x) summed over latent dimensions."""
