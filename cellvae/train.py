@@ -134,7 +134,13 @@ def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterab
     """The bar of work after training (over ``iterable``, if given): none unless ``show``, none on data-parallel
     ranks but 0 (as training's), and none for calls shorter than ``PROGRESS_DELAY_S``; it goes when the work ends."""
     options = {"desc": desc, "unit": unit, "unit_scale": True, "delay": PROGRESS_DELAY_S, "leave": False}
-    return tqdm(iterable, total=total, disable=not show or rank_and_world()[0] > 0, **options)
+    return tqdm(iterable, total=total, **_quiet_if(not show or rank_and_world()[0] > 0), **options)
+
+
+def _quiet_if(quiet: bool) -> dict:
+    """tqdm's ``disable`` where the bar must stay quiet; otherwise left unset, so that the environment variable
+    ``TQDM_DISABLE=1`` (tqdm's own switch, which an explicit ``disable=False`` would override) silences every bar."""
+    return {"disable": True} if quiet else {}
 
 
 def with_progress(batches: Iterator[Minibatch], total: int, desc: str, show: bool) -> Iterator[tuple[slice, Minibatch]]:
@@ -337,7 +343,7 @@ def train(
         desc="cellvae",
         unit=" cells",
         unit_scale=True,
-        disable=quiet,
+        **_quiet_if(quiet),
         initial=epochs.start * cells_per_epoch,
         total=settings.max_epochs * cells_per_epoch,
     )

@@ -1,7 +1,10 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
 import copy
+import os
 import re
+import subprocess
+import sys
 import warnings
 from dataclasses import asdict
 
@@ -235,6 +238,25 @@ def test_progress_bar_counts_cells_and_epochs_and_is_silent_when_asked(two_batch
     done = f"{3 * n_train / 1000:.2f}k"  # tqdm's unit scale: 3,240 cells read 3.24k
     assert f"{done}/{done}" in bar
     assert "cells/s" in bar and "epoch=3/3" in bar and len(model.history) == 3
+
+
+def test_tqdm_disable_environment_variable_silences_every_bar(tmp_path):
+    """TQDM_DISABLE=1, tqdm's own switch for pipelines and CI logs (read when tqdm is imported), silences training's
+    bar and the later calls' bars; without it they show."""
+    script = (
+        "import cellvae, cellvae.train\n"
+        "cellvae.train.PROGRESS_DELAY_S = 0.0  # a bar from the first moment, as for an atlas\n"
+        "adata = cellvae.datasets.simulate(n_cells=300, n_genes=50, n_batches=2, random_state=1)\n"
+        "model = cellvae.CellVAE(adata).fit(max_epochs=2, random_state=0, progress=True)\n"
+        "model.get_latent(progress=True)\n"
+        "model.differential_expression(groupby='cell_type', n_draws=100, progress=True)\n"
+    )
+    for disable, shown in (("1", False), (None, True)):
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | ({"TQDM_DISABLE": disable} if disable else {})
+        run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        bars = [name for name in ("cellvae", "get_latent", "differential_expression") if re.search(rf"{name}: +\d+%", run.stderr)]
+        assert bars == (["cellvae", "get_latent", "differential_expression"] if shown else []), run.stderr
 
 
 def test_bfloat16_training_is_reproducible_and_as_good_as_float32(two_batches):
