@@ -104,6 +104,9 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = re.sub(r"(?<!\.\.\., )\bkey_added='([^']*)'", lambda found: f"--key-added {shlex.quote(found[1])}", message)
     message = message.replace("another key_added", "another --key-added")
     message = message.replace("pass batch_key=...", "pass --batch-key KEY")
+    rename = r"Rename them to map them as new batches, e\.g\. query_adata\.obs\[[^\]]+\] = 'query ' \+ \S+\.astype\(str\)"
+    prefix = "Pass --batch-prefix 'query ' to map them as new batches (it puts that before each query batch name)"
+    message = re.sub(rename, prefix, message)
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
     message = re.sub(r"\bk=(\d+) is larger than (.*); lower k$", r"--k \1 is larger than \2; lower --k", message)
@@ -396,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-key", default=None, help="obs column of the query's batches (default: the reference model's batch key)"
     )
     mapping.add_argument(
+        "--batch-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="put PREFIX before each of the query's batch names (e.g. 'query '), so that query batches named like "
+        "reference batches are mapped as new ones; --out and --query-model-dir carry the new names",
+    )
+    mapping.add_argument(
         "--layer", default=None, help="layer with the query's raw counts, or X (default: where the model read them in training)"
     )
     mapping.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
@@ -644,6 +654,8 @@ def run_map(args: argparse.Namespace) -> int:
     batch_key = config.batch_key if args.batch_key is None else args.batch_key
     _check_obs_columns(query, args.input, batch_key, config, given=args.batch_key is not None)
     tl._check_record_is_its_own(query, args.key_added, tl._uns_key(args.key_added))
+    if args.batch_prefix:
+        query.obs[batch_key] = _prefixed(query.obs[batch_key], args.batch_prefix)
     reference = None
     if args.reference is not None:  # its labels and its embedding, checked before the query is trained
         reference = _read_for_model(args.reference, reference_model, None, args.backed, option="--reference")[0]
@@ -694,6 +706,7 @@ def run_map(args: argparse.Namespace) -> int:
     interrupted = bool(query_model.history.attrs.get("interrupted"))  # Ctrl-C while mapping: keep what was trained
     record = {
         "query_batch_key": batch_key,
+        "batch_prefix": args.batch_prefix or None,
         "mapping_epochs": int(len(query_model.history)),
         "train_input_layer": args.train_input_layer,
         "query_model_dir": args.query_model_dir,
@@ -769,6 +782,15 @@ def _check_obs_columns(
     missing = [key for key in covariates if key not in columns]
     if missing:
         raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of {model}; add them")
+
+
+def _prefixed(batches, prefix: str):
+    """Batch names with ``prefix`` before each (categories kept in their order; missing values stay missing)."""
+    import pandas as pd
+
+    if isinstance(batches.dtype, pd.CategoricalDtype):
+        return batches.cat.rename_categories([prefix + str(name) for name in batches.cat.categories])
+    return batches.map(lambda name: prefix + str(name), na_action="ignore")
 
 
 def _embed_reference(model, reference, args: argparse.Namespace):

@@ -19,7 +19,7 @@ import cellvae
 import cellvae.model  # before any test patches cellvae.train: model.py binds its names on import
 import cellvae.train
 from cellvae.cli import _write as write_output
-from cellvae.cli import build_parser, main
+from cellvae.cli import build_parser, in_command_line_terms, main
 from cellvae.data import layer_names
 
 
@@ -177,7 +177,6 @@ def test_a_seed_out_of_range_is_refused_by_the_parser_before_the_input_is_read(t
 
 
 def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
-    from cellvae.cli import in_command_line_terms
 
     told = in_command_line_terms(
         "reads: try CellVAE(..., dispersion='gene-cell') and compare; Map new batches with model.map_query(...)"
@@ -224,7 +223,6 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
 def test_advice_that_only_python_can_follow_says_to_fix_the_file_in_python_first(tmp_path):
     """Where no option does what the advice's Python does (make names unique, drop missing batch values, strip Ensembl
     versions, copy adata.raw into a layer), the command line says so, and how; not where an option does it."""
-    from cellvae.cli import in_command_line_terms
 
     in_python = "(on the command line: no cellvae option does this; fix the file in Python first"
     for message in (
@@ -1103,6 +1101,34 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
     mapped = ad.read_h5ad(tmp_path / "out.h5ad")
     assert mapped.obsm["X_ft"].shape == (query.n_obs, 10) and mapped.uns["X_ft"]["params"]["train_input_layer"]
     assert mapped.obs["cell_type_predicted"].notna().all()
+
+
+def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(reference_folder, tmp_path, capsys):
+    """A query batch named like a reference batch is that batch (frozen) with a warning that names --batch-prefix;
+    with it the query's batches are new ones, under the new names in --out and the query model."""
+    query = ad.read_h5ad(reference_folder / "query.h5ad")
+    query.obs["batch"] = pd.Categorical(["batch0"] * query.n_obs)
+    query.write_h5ad(tmp_path / "query.h5ad")
+    command = ["map", str(tmp_path / "query.h5ad"), "--model-dir", str(reference_folder / "model"), "--epochs", "2", "--quiet"]
+    with pytest.warns(UserWarning, match="already exist in the reference") as told:
+        assert main([*command, "--out", str(tmp_path / "frozen.h5ad")]) == 0
+    assert "new batches: []" in capsys.readouterr().out
+    advice = in_command_line_terms(str(told[0].message))  # as the shell shows it
+    assert "Pass --batch-prefix 'query ' to map them as new batches" in advice and "Python" not in advice
+    prefixed = [*command, "--out", str(tmp_path / "out.h5ad"), "--query-model-dir", str(tmp_path / "qmodel")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main([*prefixed, "--batch-prefix", "query "]) == 0
+    assert "new batches: ['query batch0']" in capsys.readouterr().out
+    mapped = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(mapped.obs["batch"].cat.categories) == ["query batch0"]
+    assert mapped.uns["cellvae"]["params"]["batch_prefix"] == "query "
+    assert cellvae.CellVAE.load(tmp_path / "qmodel").config.batch_categories == ["batch0", "batch1", "query batch0"]
+    assert not np.allclose(mapped.obsm["X_cellvae"], ad.read_h5ad(tmp_path / "frozen.h5ad").obsm["X_cellvae"], atol=1e-3)
+    again = ["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "again.h5ad")]
+    assert main([*again, "--quiet"]) == 0  # the output's batch names are the query model's
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "again.h5ad").obsm["X_cellvae"], mapped.obsm["X_cellvae"], atol=1e-5)
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "query.h5ad").obs["batch"], "batch0")  # the input as it was
 
 
 @pytest.mark.parametrize(
