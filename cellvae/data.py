@@ -1191,33 +1191,45 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
     """The way out when new category names are known numbers written another way: floats for the model's
     integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), IDs with other leading zeros than
     the model's (1 or 001 for 01, 01 for 1), even one of them beside truly new names, or a flag's 0/1 for its
-    True/False (and back) where all the new names are such; else None."""
+    True/False (and back) where all the new names are such; else None. Where some names (new or the model's) are
+    no numbers, the conversion named replaces just those written otherwise (one of the whole column would fail)."""
     known_names = set(known)
-    as_integers = [value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
-    known_integers = [value for value in as_integers if value in known_names]
+    column = f"{name}.obs[{key!r}]"
+    beside_words = any(not value.removesuffix(".0").removeprefix("-").isdigit() for value in [*new, *known])
+
+    def conversion(whole_column: str, meant: dict[str, str]) -> str:
+        if not beside_words:
+            return f"{column} = {column}{whole_column}"
+        return f"{column} = {column}.astype(str).replace({meant!r})"
+
+    integers = {value: value[:-2] for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()}
+    known_integers = {value: meant for value, meant in integers.items() if meant in known_names}
     if known_integers:
+        given, meant = next(iter(known_integers.items()))
         return (
-            f"{name}.obs[{key!r}] holds floats ({known_integers[0]}.0) where the model's categories are integers "
-            f"({known_integers[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(int)"
+            f"{column} holds floats ({given}) where the model's categories are integers "
+            f"({meant}): convert it first, {conversion('.astype(int)', known_integers)}"
         )
-    as_floats = [f"{value}.0" for value in new if value.removeprefix("-").isdigit()]
-    known_floats = [value for value in as_floats if value in known_names]
+    known_floats = {value: f"{value}.0" for value in new if value.removeprefix("-").isdigit() and f"{value}.0" in known_names}
     if known_floats:
+        given, meant = next(iter(known_floats.items()))
         return (
-            f"{name}.obs[{key!r}] holds integers ({known_floats[0][:-2]}) where the model's categories are floats "
-            f"({known_floats[0]}): convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}].astype(float)"
+            f"{column} holds integers ({given}) where the model's categories are floats "
+            f"({meant}): convert it first, {conversion('.astype(float)', known_floats)}"
         )
     # IDs that lost their leading zeros (01 read as a number by pandas.read_csv), gained some or others
     by_number = {int(value): value for value in known if value.isdecimal()}
-    numbers = [value.removesuffix(".0") for value in new if value.removesuffix(".0").isdecimal()]
-    padded_otherwise = [value for value in numbers if by_number.get(int(value), value) != value]
+    numbers = {value: value.removesuffix(".0") for value in new if value.removesuffix(".0").isdecimal()}
+    padded_otherwise = {value: by_number[int(number)] for value, number in numbers.items() if int(number) in by_number}
+    padded_otherwise = {value: meant for value, meant in padded_otherwise.items() if meant != numbers[value]}
     if padded_otherwise:
-        given, meant = padded_otherwise[0], by_number[int(padded_otherwise[0])]
-        conversion = ".astype(int)" + (f".astype(str).str.zfill({len(meant)})" if meant.startswith("0") else "")
+        value, meant = next(iter(padded_otherwise.items()))
+        given = numbers[value]
+        whole_column = ".astype(int)" + (f".astype(str).str.zfill({len(meant)})" if meant.startswith("0") else "")
         lost = " (read as numbers, e.g. by pandas.read_csv)" if not given.startswith("0") else ""
         return (
-            f"{name}.obs[{key!r}] holds {given!r} where the model's category is {meant!r}: the same ID with other "
-            f"leading zeros{lost}? Convert it first, {name}.obs[{key!r}] = {name}.obs[{key!r}]{conversion}; if they "
+            f"{column} holds {given!r} where the model's category is {meant!r}: the same ID with other "
+            f"leading zeros{lost}? Convert it first, {conversion(whole_column, padded_otherwise)}; if they "
             "are new batches or categories, give them names that no category of the model has"
         )
     # booleans written as 0/1 (or 0.0/1.0), or 0/1 written as booleans

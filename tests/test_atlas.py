@@ -852,6 +852,14 @@ def test_donor_ids_that_lost_or_gained_leading_zeros_are_told_to_take_the_models
     other_padding.obs["donor"] = "001"
     with pytest.raises(ValueError, match=r"holds '001' where the model's category is '01'.*zfill\(2\); if they are new"):
         by_donor.map_query(other_padding, progress=False)
+    beside_a_name = as_read.copy()  # 1 beside a new donor named in words: the conversion it names works there too
+    beside_a_name.obs["donor"] = np.where(donors.obs["batch"] == "batch0", "1", "donor X")
+    with pytest.raises(ValueError, match=r"holds '1' where the model's category is '01'") as told:
+        by_donor.map_query(beside_a_name, progress=False)
+    query_adata = beside_a_name.copy()
+    exec(re.search(r"Convert it first, (.*); if they", str(told.value))[1])  # query_adata.obs['donor'] = ...
+    assert sorted(query_adata.obs["donor"].unique()) == ["01", "donor X"]
+    assert by_donor.map_query(query_adata, max_epochs=1, progress=False).config.batch_categories == ["01", "02", "donor X"]
     truly_new = donors.copy()  # 03 beside a model's 1 and 2: a new donor, mapped
     truly_new.obs["donor"] = "03"
     assert by_number.map_query(truly_new, max_epochs=1, progress=False).config.batch_categories == ["1", "2", "03"]
