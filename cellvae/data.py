@@ -1273,7 +1273,9 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
         raise TypeError(f"{name} takes a list or array of cells (obs names, positions or a boolean mask), got a {kind}")
     if isinstance(cells, (pd.Series, pd.Index, pd.api.extensions.ExtensionArray)) and pd.isna(cells).any():
         raise ValueError(f"{name} has missing values (NA); fill them, e.g. {name}.fillna(False) for a mask")
-    is_mask = isinstance(cells, pd.Series) and pd.api.types.is_bool_dtype(cells.dtype)
+    # (True/False of object dtype, as an object column's comparison gives, are a mask too, not cell names)
+    holds_booleans = isinstance(cells, pd.Series) and pd.api.types.infer_dtype(cells, skipna=False) == "boolean"
+    is_mask = isinstance(cells, pd.Series) and (pd.api.types.is_bool_dtype(cells.dtype) or holds_booleans)
     if is_mask and not isinstance(cells.index, pd.RangeIndex) and not cells.index.equals(adata.obs_names):
         # e.g. a mask of another AnnData of the same cells in another order: by position it would pick other cells
         raise ValueError(
@@ -1283,6 +1285,8 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
     values = np.asarray(cells)
     if values.size == 0:  # np.asarray([]) is float
         raise ValueError(f"{name} selects no cells")
+    if values.dtype == object and pd.api.types.infer_dtype(values.ravel(), skipna=False) == "boolean":
+        values = values.astype(bool)
     if values.dtype.kind == "f":
         raise TypeError(f"{name} holds floats; give cell positions as integers, e.g. np.asarray({name}, dtype=int)")
     if values.dtype == bool:

@@ -365,15 +365,28 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
             raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}{rest}")
         return np.flatnonzero(codes == code_of[name])
 
+    def asked(group) -> str:
+        """A group named by the user: its label, or that of the whole number it writes ("1.0", as a float column
+        prints its 1.0, for the group labelled "1")."""
+        name = group_name(group)
+        if name not in names and isinstance(group, str):
+            try:
+                number = float(group)
+            except ValueError:
+                return name
+            if number.is_integer() and group_name(number) in names:
+                return group_name(number)
+        return name
+
     if group2 is not None and np.ndim(group2) != 0:
         raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
-    second = None if group2 is None else group_name(group2)
+    second = None if group2 is None else asked(group2)
     if group1 is None:
         firsts = [g for g in names if g != second]
     elif np.ndim(group1) == 0:
-        firsts = [group_name(group1)]
+        firsts = [asked(group1)]
     else:
-        firsts = list(dict.fromkeys(group_name(g) for g in group1))
+        firsts = list(dict.fromkeys(asked(g) for g in group1))
     if not firsts:
         raise ValueError(
             f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"
@@ -426,9 +439,10 @@ def warn_groups_share_no_batch(separate: list[str], batch_key: str) -> None:
     warn_user(
         f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
         f"obs[{batch_key!r}], so with batch_correction=True what their batches' effects absorbed of their "
-        f"difference (e.g. a condition whose samples are the batches) is removed; batch_correction=False would count "
-        "the batch effects as differences instead. Best: train with a batch key whose batches hold cells of both "
-        "groups (e.g. donors, not samples)",
+        f"difference (e.g. a condition whose samples are the batches) is removed, while what the model did not "
+        "separate from it can still be called (strong batch effects leak into a few genes' fold changes); "
+        "batch_correction=False would count the batch effects as differences instead. Neither is reliable here. "
+        "Best: train with a batch key whose batches hold cells of both groups (e.g. donors, not samples)",
         UserWarning,
     )
 

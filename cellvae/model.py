@@ -122,6 +122,10 @@ SCVI_TOOLS_ARGUMENTS = {
         (None, "drop it: cellvae returns NumPy arrays (with gene_list, columns in its order; scvi-tools: var_names order)")
     ],
     "mode": [("delta", "drop it: cellvae runs one test, of the change in mean expression (like scVI's mode='change')")],
+    "all_stats": [("delta", "drop it: cellvae always returns its statistics (lfc_*, proba_de, raw_* and the rest)")],
+    "weights": [("delta", "drop it: cellvae weighs every cell of a group alike (a Bayesian bootstrap over them)")],
+    "filter_outlier_cells": [("delta", "drop it: cellvae keeps every cell of a group")],
+    "importance_weighting": [("delta", "drop it: cellvae decodes draws of each cell's posterior, unweighted")],
     "pseudocounts": [("pseudocount", "use pseudocount=")],
     "n_mc_samples": [("n_samples", "use n_samples=")],
     "n_samples_overall": [("transform_batch", "drop it: cellvae returns every cell of adata; pass adata[cells] for some")],
@@ -707,7 +711,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Cells per forward pass, fewer where genes are many (at most 2**21 counts densified at
             once), so memory stays bounded.
         random_state
-            Seed of the draws (``mean=False``, and those of the refinement with ``refine_steps``).
+            Seed of the draws (``mean=False``, and those of the refinement with ``refine_steps``): a cell's draws
+            depend also on the other cells passed with it and on ``batch_size``.
         refine_steps
             ``> 0`` (semi-amortized inference, with ``mean=True``) improves each cell's posterior by
             that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
@@ -1105,7 +1110,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             (decoded mean expression per 10,000 counts; with ``likelihood="zinb"`` the negative
             binomial's, while the fold change compares the means with zero-inflation);
             ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
-            (observed: share of cells with a count, mean counts per 10,000); ``group1``, ``group2`` and
+            (observed: share of cells with a count, mean counts per 10,000 of the model's genes); ``group1``, ``group2`` and
             ``comparison`` (``"<group1> vs <group2>"``, as in scvi-tools). Genes of the model missing from
             ``adata`` (read as zeros) get no statistics (NaN, not called) and come last. Each comparison's
             draws depend on ``random_state``, its two groups (and their cells' order in ``adata``) and
@@ -1121,6 +1126,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``dispersion="gene-cell"`` fitted to read counts gives cells a tiny theta (huge overdispersion) where they have no
         count, and then calls far fewer genes; test with a model of one dispersion per gene (or batch).
         """
+        if delta is None:  # scvi-tools' delta=None picks one from the data
+            raise ValueError("delta must be a positive number, got None (scvi-tools picks one then): give it, e.g. 0.25")
         for name, value in (("delta", delta), ("fdr_target", fdr_target)):
             value = _native(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < np.inf:
@@ -1185,7 +1192,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 separate.append(f"{name1} vs {name2}")
             picked.append(tuple(differential.subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
         few = sorted(few)
-        if few:
+        if max_cells < 5:
+            data.warn_user(
+                f"max_cells={max_cells} draws each group's mean expression from fewer than 5 cells: its spread then rests "
+                "mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more",
+                UserWarning,
+            )
+        elif few:
             data.warn_user(
                 f"groups {few[:5]} of {source} have fewer than 5 cells with counts: the spread of their mean expression "
                 "rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be called, and "
@@ -1774,7 +1787,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_samples
             Posterior draws of z averaged in the distortion.
         batch_size, random_state
-            Cells per forward pass; seed of the draws.
+            Cells per forward pass; seed of the draws (a cell's draws depend also on the other cells passed with it
+            and on ``batch_size``: per-cell values move within Monte Carlo error, means over many cells hardly).
         progress
             Show a progress bar (where the work lasts over 2 seconds).
 
@@ -1890,7 +1904,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_samples
             Importance samples per cell.
         batch_size, random_state
-            Cells per chunk (fewer when ``n_samples`` is large); seed of the draws.
+            Cells per chunk (fewer when ``n_samples`` is large); seed of the draws (a cell's draws depend also on the
+            other cells passed with it and on ``batch_size``: per-cell values move within Monte Carlo error, means over
+            many cells hardly).
         progress
             Show a progress bar (where the work lasts over 2 seconds).
 
@@ -1940,7 +1956,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_elbo_samples
             Draws for both ELBOs (the same noise for the encoder's q and q*).
         random_state
-            Seed of all draws.
+            Seed of all draws (a cell's draws depend also on the other cells passed with it).
         progress
             Show a progress bar (where the work lasts over 2 seconds).
 

@@ -655,6 +655,8 @@ def rank_genes_groups(
         groups = [groups]
     groups = groups if isinstance(groups, str) else [own_name.get(str(g), g) for g in groups]
     group1 = None if isinstance(groups, str) else [g for g in groups if str(g) != str(reference)]
+    if groups == []:
+        raise ValueError("groups=[] names no group; name the groups to compare, or leave groups='all' for every group")
     if group1 == []:
         raise ValueError(f"groups={groups!r} holds only the reference {reference!r}; name other groups to compare with it")
     result = model.differential_expression(
@@ -807,6 +809,11 @@ def rate_distortion_sweep(
     _check_model_kwargs(model_kwargs)
     if isinstance(betas, (int, float, np.number)):
         raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
+    if not isinstance(betas, (str, bytes)):  # a generator or map is read once, here
+        try:
+            betas = tuple(betas)
+        except TypeError:
+            raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=(0.5, 1.0, 2.0), got {betas!r}") from None
     if isinstance(betas, (str, bytes)) or not all(
         isinstance(b, (int, float, np.number)) and not isinstance(b, bool) for b in betas
     ):

@@ -421,6 +421,8 @@ def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cell
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=2, random_state=3)
     settings = {"betas": (1.0, 4.0), "batch_key": "batch", "max_epochs": 3, "n_hidden": 32, "n_latent": 4}
     cold = cellvae.tl.rate_distortion_sweep(adata, **settings)
+    from_a_generator = cellvae.tl.rate_distortion_sweep(adata, **(settings | {"betas": (b for b in settings["betas"])}))
+    pd.testing.assert_frame_equal(from_a_generator, cold)  # any iterable of betas, read once
     warm = cellvae.tl.rate_distortion_sweep(adata, warm_start=True, **settings)
     relative = ["elbo_to_best", "elbo_to_best_se"]  # to the best row of each sweep
     pd.testing.assert_series_equal(warm.drop(columns=relative).iloc[0], cold.drop(columns=relative).iloc[0])  # fresh either way

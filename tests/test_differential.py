@@ -153,6 +153,9 @@ def test_number_labels_name_groups_as_integers(simulated, model):
     numbered.obs["cluster"] = numbered.obs["cluster"].astype("category")  # categories 0.0, 1.0, ...
     categorical = model.differential_expression(numbered, groupby="cluster", group1=1.0, group2=2, n_draws=100)
     pd.testing.assert_frame_equal(categorical, result)
+    # the groups as the column prints them ("1.0", as scanpy and rank_genes_groups name them) are those groups too
+    as_printed = model.differential_expression(numbered, groupby="cluster", group1=["1.0"], group2="2.0", n_draws=100)
+    pd.testing.assert_frame_equal(as_printed, result)
 
 
 def test_doses_and_columns_of_numbers_and_text_compare_as_their_categorical_twins(simulated, model):
@@ -352,6 +355,10 @@ def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
         model.differential_expression(nullable, idx1="type_number == 0")
     with pytest.raises(TypeError, match="got a set"):
         model.differential_expression(idx1={0, 1})
+    # True/False of object dtype (a comparison on an object column gives them) are a mask, not cell names
+    as_objects = model.differential_expression(idx1=pd.Series(first, index=simulated.obs_names).astype(object), n_draws=300)
+    pd.testing.assert_frame_equal(as_objects, model.differential_expression(idx1=first, n_draws=300))
+    pd.testing.assert_frame_equal(model.differential_expression(idx1=first.astype(object).tolist(), n_draws=300), as_objects)
     with pytest.raises(ValueError, match="idx1 has missing values"):
         model.differential_expression(idx1=pd.Series(first).astype("boolean").where(np.arange(len(first)) > 0))
     with pytest.raises(ValueError, match="not both"):
@@ -371,6 +378,13 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch
         model.differential_expression(groupby="cell_type", group1="type0", group2="type0")
     with pytest.raises(ValueError, match="delta"):
         model.differential_expression(groupby="cell_type", delta=0)
+    with pytest.raises(ValueError, match=r"got None \(scvi-tools picks one then\): give it, e.g. 0.25"):
+        model.differential_expression(groupby="cell_type", delta=None)
+    for scvi_tools_argument in ("all_stats", "weights", "filter_outlier_cells", "importance_weighting"):
+        with pytest.raises(TypeError, match=rf"{scvi_tools_argument}', scvi-tools' name: drop it"):
+            model.differential_expression(groupby="cell_type", **{scvi_tools_argument: True})
+    with pytest.warns(UserWarning, match=r"max_cells=3 draws each group's mean expression from fewer than 5 cells"):
+        model.differential_expression(groupby="cell_type", group1="type0", max_cells=3, n_draws=100)
     for too_few in (0, 10):
         with pytest.raises(ValueError, match="n_draws"):
             model.differential_expression(groupby="cell_type", n_draws=too_few)
@@ -468,6 +482,8 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, key_added=5)
     with pytest.raises(ValueError, match="only the reference"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
+    with pytest.raises(ValueError, match=r"groups=\[\] names no group"):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=[])
     assert "rank_genes_groups" not in adata.uns
     # another tool's entry is not replaced (a rank_genes_groups result is: scanpy's or an earlier run's)
     adata.uns["neighbors"] = {"params": {"method": "umap"}, "connectivities_key": "connectivities"}
