@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import glob
 import hashlib
@@ -1802,8 +1803,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
-        loader, cells = self._loader(adata, self.device)
-        _warn_about_scoring_empty_cells(loader, cells)
+        loader, cells = self._scoring_loader(adata)
         with diagnostics.evaluation(self.module, random_state):
             terms = diagnostics.rate_distortion(
                 self.module, loader, cells, n_samples=n_samples, batch_size=batch_size, progress=progress
@@ -1811,6 +1811,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         frame = pd.DataFrame(terms, index=adata.obs_names.copy())
         frame["elbo"] = -(frame["rate"] + frame["distortion"])
         return frame
+
+    def _scoring_loader(self, adata: ad.AnnData) -> tuple[data.CellLoader, np.ndarray]:
+        """The loader of cells whose likelihood is scored: its warnings say what zero-filled genes and empty
+        cells do to the scores."""
+        token = _SCORING_LIKELIHOODS.set(True)
+        try:
+            loader, cells = self._loader(adata, self.device)
+        finally:
+            _SCORING_LIKELIHOODS.reset(token)
+        _warn_about_scoring_empty_cells(loader, cells)
+        return loader, cells
 
     def kl_per_dimension(self, adata: ad.AnnData | None = None, *, batch_size: int = 4096, progress: bool = True) -> np.ndarray:
         """Mean over cells of each latent dimension's KL(q(z_d|x) ‖ N(0, 1)) in nats.
@@ -1918,8 +1929,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_count(batch_size, "batch_size")
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
-        loader, cells = self._loader(self._resolve(adata), self.device)
-        _warn_about_scoring_empty_cells(loader, cells)
+        loader, cells = self._scoring_loader(self._resolve(adata))
         with diagnostics.evaluation(self.module, random_state):
             return diagnostics.marginal_log_likelihood(
                 self.module, loader, cells, n_samples=n_samples, batch_size=batch_size, progress=progress
@@ -1983,8 +1993,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
-        loader, cells = self._loader(adata, self.device)
-        _warn_about_scoring_empty_cells(loader, cells)
+        loader, cells = self._scoring_loader(adata)
         with diagnostics.evaluation(self.module, random_state):
             gaps = diagnostics.inference_gaps(
                 self.module,
@@ -2873,6 +2882,10 @@ def _align_query(
     return ad.AnnData(obs=obs, var=var, layers={config.layer: counts})
 
 
+# Set while the cells of a likelihood score are read: zero-filled genes are then scored as observed zeros.
+_SCORING_LIKELIHOODS: contextvars.ContextVar[bool] = contextvars.ContextVar("cellvae_scoring_likelihoods", default=False)
+
+
 @contextmanager
 def _missing_genes_told() -> Iterator[None]:
     """Silence the warning about model genes missing from the data, which map_query gave once already (a
@@ -2911,6 +2924,11 @@ def _gene_positions(
         held = "" if share is None else f"; the model gives them {share:.1%} of a typical cell's counts"
         if share is not None and share >= MISSING_SHARE_WARNED:
             held += ", so the embedding of these cells may shift: compare it on cells of a known type"
+        if _SCORING_LIKELIHOODS.get():
+            held += (
+                "; the likelihood scores count them as observed zeros, so compare them only with scores of data "
+                "lacking the same genes"
+            )
         versioned = _versions_advice(var_names, model_genes[~present], name)
         data.warn_user(
             f"{int((~present).sum())} of the model's {len(model_genes)} genes are missing from {name} "

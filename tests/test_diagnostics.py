@@ -588,6 +588,25 @@ def small_model(cells):
         return CellVAE(cells, n_hidden=16, n_latent=6).fit(max_epochs=3, progress=False)
 
 
+def test_likelihood_scores_of_cells_missing_model_genes_say_they_score_observed_zeros(cells, small_model):
+    """Genes zero-filled in scoring count as observed zeros (log p(x) moves by several nats): the scores' warning says
+    so, the embedding's does not (there it only shifts the embedding)."""
+    lacking = cells[:40, 5:].copy()
+    scores = [
+        lambda: small_model.rate_distortion(lacking, progress=False),
+        lambda: small_model.marginal_log_likelihood(lacking, n_samples=2, progress=False),
+        lambda: small_model.inference_gaps(lacking[:3], n_steps=2, n_samples=2, n_elbo_samples=2, progress=False),
+    ]
+    for score in scores:
+        with pytest.warns(UserWarning, match=r"5 of the model's 50 genes are missing.*count them as observed zeros"):
+            score()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small_model.get_latent(lacking)
+    told = [str(w.message) for w in caught if "genes are missing" in str(w.message)]
+    assert len(told) == 1 and "observed zeros" not in told[0]
+
+
 def test_history_panels_are_titled_and_labelled(small_model):
     distortion, rate = cellvae.pl.history(small_model, show=False)
     assert distortion.get_title() == "distortion −E[log p(x|z)]" and rate.get_title() == "rate KL(q‖p)"
