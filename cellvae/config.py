@@ -14,6 +14,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     CELLVAE_VERSION = "0.0.0+local"
 FORMAT_VERSION = 1
+# Fields added to format 1 after its first readers: saved only where they differ from these defaults, so that a model
+# not using them loads in a cellvae that lacks them (a newer field's default keeps the older behaviour; a field whose
+# absence older readers would misread needs a new FORMAT_VERSION instead).
+LATER_FIELD_DEFAULTS = {"normalization": "layer", "batch_mmd": 0.0, "reference_categories": {}, "train_input_layer": False}
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 POSTERIORS = ("diagonal", "full")
@@ -181,7 +185,8 @@ class Config:
         return sum(len(names) for _, names in self.categories) + len(self.continuous_covariate_keys)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        values = {k: v for k, v in asdict(self).items() if k not in LATER_FIELD_DEFAULTS or v != LATER_FIELD_DEFAULTS[k]}
+        Path(path).write_text(json.dumps(values, indent=2))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Config:
@@ -203,7 +208,12 @@ class Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"{path} has unknown config fields {unknown}; is it a cellvae model?")
+            saved_by = raw.get("cellvae_version")
+            newer = f" (saved by cellvae {saved_by}, this is {CELLVAE_VERSION})" if isinstance(saved_by, str) and saved_by else ""
+            raise ValueError(
+                f"{path} has config fields this cellvae does not know, {unknown}: a model of a newer cellvae{newer} "
+                "needs that version to load it (upgrade cellvae); or is it no cellvae model?"
+            )
         try:
             return cls(**raw)
         except TypeError as error:  # a field of the wrong type, e.g. dropout="high"
