@@ -518,7 +518,8 @@ def run_fit(args: argparse.Namespace) -> int:
         raise SystemExit("error: --resume needs the --checkpoint-dir of the run to continue")
     _check_input_and_output(args)
     separate = {"--checkpoint-dir": args.checkpoint_dir}
-    _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate)
+    inputs = {"the input": args.input}
+    _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate, inputs=inputs)
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     _check_fit_obs_columns(adata, args)
@@ -640,7 +641,10 @@ def run_map(args: argparse.Namespace) -> int:
     _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
     if args.query_model_dir is not None:  # never inside the reference's folder: --overwrite would replace the reference
         separate = {"--model-dir": args.model_dir}
-        _check_model_dir(args.query_model_dir, "--query-model-dir", overwrite=args.overwrite, out=args.out, separate=separate)
+        inputs = {"the input": args.input, "--reference": args.reference}
+        _check_model_dir(
+            args.query_model_dir, "--query-model-dir", overwrite=args.overwrite, out=args.out, separate=separate, inputs=inputs
+        )
     reference_model = CellVAE.load(args.model_dir, load_anndata=False)  # only read: the query model is a new one
     reference_model.to_device(args.device)  # (the query model's outputs run where the reference's do)
     config = reference_model.config
@@ -982,11 +986,18 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
 
 
 def _check_model_dir(
-    model_dir: str, option: str, *, overwrite: bool, out: str, separate: Mapping[str, str | None] | None = None
+    model_dir: str,
+    option: str,
+    *,
+    overwrite: bool,
+    out: str,
+    separate: Mapping[str, str | None] | None = None,
+    inputs: Mapping[str, str | None] | None = None,
 ) -> None:
     """Fail before training, not after it, where the model could not be saved in ``model_dir`` (given as
-    ``option``), or where saving it or writing ``out`` would replace the files of a ``separate`` folder
-    (``{option: path}``: fit's checkpoints, map's reference model)."""
+    ``option``), where saving it or writing ``out`` would replace the files of a ``separate`` folder
+    (``{option: path}``: fit's checkpoints, map's reference model), or where replacing the folder would remove one
+    of the ``inputs`` (``{option: path}``: a model's ``adata.h5ad`` given as the input)."""
     from cellvae.model import is_model_folder
 
     folder = Path(model_dir).expanduser()
@@ -1009,6 +1020,12 @@ def _check_model_dir(
                 f"error: {model_dir} holds files that are not a saved cellvae model; --overwrite replaces only a "
                 f"model folder: choose a new {option} or remove it yourself"
             )
+        for name, path in (inputs or {}).items():
+            if path is not None and resolved in Path(path).expanduser().resolve().parents:
+                raise SystemExit(
+                    f"error: {name} {path} lies in {option} {model_dir}, which --overwrite replaces (removing it): "
+                    f"copy it out of the folder first, or choose another {option}"
+                )
     _check_out_is_outside(out, {option: model_dir, **others})
 
 

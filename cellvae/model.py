@@ -1301,9 +1301,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
             if not is_model_folder(path):
+                what = (
+                    "a symbolic link"
+                    if path.is_symlink()
+                    else "a file"
+                    if not path.is_dir()
+                    else "a folder holding other files than a model's"
+                )
                 raise ValueError(
-                    f"{path} exists and is not a saved cellvae model folder (it holds other files); overwrite=True "
-                    "replaces only a folder written by CellVAE.save: choose a new path or remove it yourself"
+                    f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
+                    "folder written by CellVAE.save: choose a new path, or remove it yourself"
+                    + (" (or save to the folder the link points to)" if path.is_symlink() else "")
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -474,8 +474,9 @@ def train(
         if checkpoint is not None and last_checkpoint is None:
             resumable = f"; no checkpoint was written yet (checkpoint_every={checkpoint_every}), so resume=True cannot continue"
         elif checkpoint is not None:
-            resumable = f"; fit(..., resume=True) continues the run from its checkpoint of epoch {last_checkpoint}"
-        warn_user(f"training interrupted at epoch {len(rows)}; keeping {kept}{resumable}", RuntimeWarning)
+            # (epochs numbered as in model.history, from 0)
+            resumable = f"; fit(..., resume=True) continues the run from its checkpoint after epoch {last_checkpoint - 1}"
+        warn_user(f"training interrupted during epoch {len(rows)}; keeping {kept}{resumable}", RuntimeWarning)
         interrupted = True
     finally:
         interrupts.restore()

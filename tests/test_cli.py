@@ -1103,6 +1103,21 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
     assert mapped.obs["cell_type_predicted"].notna().all()
 
 
+def test_an_input_inside_the_model_folder_that_overwrite_replaces_is_refused_not_removed(reference_folder, tmp_path):
+    """A model's adata.h5ad (save_anndata=True) given as the input of a fit or map that replaces that folder would be
+    removed with it: refused before any work, the file kept."""
+    cells = ad.read_h5ad(reference_folder / "ref.h5ad")
+    cellvae.CellVAE.load(reference_folder / "model", adata=cells).save(tmp_path / "held", save_anndata=True)
+    held = tmp_path / "held" / "adata.h5ad"
+    fit = ["fit", str(held), "--model-dir", str(tmp_path / "held"), "--out", str(tmp_path / "o.h5ad"), "--overwrite"]
+    mapping = ["map", str(held), "--model-dir", str(reference_folder / "model"), "--out", str(tmp_path / "o.h5ad")]
+    mapping += ["--query-model-dir", str(tmp_path / "held"), "--overwrite"]
+    for command in (fit, mapping):
+        with pytest.raises(SystemExit, match=r"the input .*adata.h5ad lies in --(query-)?model-dir .*which --overwrite replaces"):
+            main([*command, "--epochs", "1", "--quiet"])
+        assert held.exists() and not (tmp_path / "o.h5ad").exists()
+
+
 def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(reference_folder, tmp_path, capsys):
     """A query batch named like a reference batch is that batch (frozen) with a warning that names --batch-prefix;
     with it the query's batches are new ones, under the new names in --out and the query model."""

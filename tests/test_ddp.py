@@ -149,7 +149,7 @@ def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
         threading.Thread(target=ctrl_c_once_training, daemon=True).start()
     model = cellvae.CellVAE(adata, batch_key="batch")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # rank 0 warns "training interrupted at epoch ..."
+        warnings.simplefilter("ignore")  # rank 0 warns "training interrupted during epoch ..."
         model.fit(max_epochs=5000, early_stopping=False, batch_size=32, progress=False, device="cpu")
     weights = float(sum(parameter.detach().double().abs().sum() for parameter in model.module.parameters()))
     record = {"epochs": len(model.history), "interrupted": model.history.attrs["interrupted"], "weights": weights}

@@ -960,15 +960,18 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
     (results / "analysis.h5ad").write_text("the user's work")
     notes = tmp_path / "notes.txt"
     notes.write_text("notes")
-    for path in (results, notes):
-        with pytest.raises(ValueError, match="not a saved cellvae model folder"):
+    trained.save(tmp_path / "model_folder")
+    (tmp_path / "link").symlink_to(tmp_path / "model_folder", target_is_directory=True)
+    what_they_are = {results: "a folder holding other files", notes: "a file", tmp_path / "link": "a symbolic link"}
+    for path, what in what_they_are.items():
+        with pytest.raises(ValueError, match=f"exists and is {what}.*, not a saved cellvae model folder"):
             trained.save(path, overwrite=True)
     assert (results / "analysis.h5ad").read_text() == "the user's work" and notes.read_text() == "notes"
     monkeypatch.chdir(results)
     for path in (".", "..", ""):
         with pytest.raises(ValueError, match="needs a folder name"):
             trained.save(path, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "results"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "model_folder", "notes.txt", "results"]
 
 
 def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_anndata_as_it_was(trained, tmp_path):
