@@ -9,13 +9,20 @@ from cellvae.config import CELLVAE_VERSION as __version__
 
 if TYPE_CHECKING:
     from cellvae import datasets, pl, tl
-    from cellvae.data import read_zarr_lazy
+    from cellvae.data import read_h5ad_lazy, read_zarr_lazy
     from cellvae.model import CellVAE
 
 # Imported on first use, so that `cellvae --help` and argument errors do not wait for torch and scanpy.
-_HOMES = {"CellVAE": "cellvae.model", "read_zarr_lazy": "cellvae.data", "datasets": None, "pl": None, "tl": None}
+_HOMES = {
+    "CellVAE": "cellvae.model",
+    "read_h5ad_lazy": "cellvae.data",
+    "read_zarr_lazy": "cellvae.data",
+    "datasets": None,
+    "pl": None,
+    "tl": None,
+}
 
-__all__ = ["CellVAE", "datasets", "pl", "read_zarr_lazy", "tl", "__version__"]
+__all__ = ["CellVAE", "datasets", "pl", "read_h5ad_lazy", "read_zarr_lazy", "tl", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1154,11 +1154,9 @@ def _read(path: str, backed: bool = False, layer: str | None = None, option: str
 
                 return read_zarr_lazy(source)
             if backed and layer is not None:  # anndata's backed mode would read the layer into memory
-                import h5py
+                from cellvae import read_h5ad_lazy
 
-                from cellvae.data import read_lazily
-
-                adata = read_lazily(h5py.File(source, "r"))  # open while the process runs, like a backed file
+                adata = read_h5ad_lazy(source)  # open while the process runs, like a backed file
             else:
                 adata = ad.read_h5ad(source, backed="r" if backed else None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -52,6 +52,8 @@ ZARR_READ_THREADS = 4
 BACKED_CSC_BUFFER_VALUES = 2**25
 # An in-memory count matrix that is not CSR, copied into CSR by every loader, is warned about from this many values.
 CONVERTED_WARNING_VALUES = 10_000_000
+# A layer of a backed AnnData (which anndata reads into memory) is warned about from this many stored values.
+IN_MEMORY_LAYER_WARNING_VALUES = 10_000_000
 # A dense store chunked by more rows than a block is read whole storage chunks at a time; a read
 # buffer then holds this many chunks, so that minibatches mix parts of the file, within CHUNKED_BUFFER_BYTES.
 CHUNKS_PER_BUFFER = 4
@@ -897,11 +899,7 @@ def read_zarr_lazy(store) -> ad.AnnData:
     if not isinstance(store, (zarr.Group, str, os.PathLike)):
         raise TypeError(f"read_zarr_lazy takes the path of a .zarr store, got {store!r}")
     if not isinstance(store, zarr.Group) and not os.path.isdir(store):
-        hint = (
-            "; for an .h5ad file use anndata.read_h5ad(path, backed='r'), which cellvae streams the same way"
-            if os.path.isfile(store)
-            else ""
-        )
+        hint = "; for an .h5ad file use cellvae.read_h5ad_lazy(path), which streams it alike" if os.path.isfile(store) else ""
         raise FileNotFoundError(f"{os.fspath(store)!r} is not a Zarr store (a folder written by AnnData.write_zarr){hint}")
     try:
         group = store if isinstance(store, zarr.Group) else zarr.open_group(store, mode="r")
@@ -926,6 +924,58 @@ def read_zarr_lazy(store) -> ad.AnnData:
     if not isinstance(adata, ad.AnnData):
         raise ValueError(f"{store} is a Zarr group but not an AnnData store (written by AnnData.write_zarr)")
     return adata
+
+
+def read_h5ad_lazy(path) -> ad.AnnData:
+    """Open an ``.h5ad`` file with ``X``, ``layers`` and ``raw.X`` left on disk (out of core).
+
+    ``anndata.read_h5ad(path, backed="r")`` leaves only ``X`` on disk and reads every layer into memory; this
+    streams counts kept in a layer (``CellVAE(adata, layer="counts")``, as in files whose ``X`` holds normalised
+    values) as a backed ``X`` is streamed. ``obs``, ``var``, ``obsm``, ``uns`` and the rest are read into memory. The
+    file is opened read-only and must stay in place while the AnnData is used.
+
+    Parameters
+    ----------
+    path
+        Path of an ``.h5ad`` file.
+
+    Returns
+    -------
+    An AnnData that trains and embeds like an in-memory one, with memory independent of the cell count.
+    """
+    import h5py
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_h5ad_lazy takes the path of an .h5ad file, got {path!r}")
+    if not os.path.isfile(path):
+        hint = "; for a .zarr store use cellvae.read_zarr_lazy(path)" if os.path.isdir(path) else ""
+        raise FileNotFoundError(f"{os.fspath(path)!r} is not an .h5ad file{hint}")
+    try:
+        adata = read_lazily(h5py.File(path, "r"))  # (open while the AnnData's matrices are: they read from it)
+    except OSError as error:
+        raise OSError(f"{os.fspath(path)!r} is not a readable .h5ad file ({error})") from error
+    if not isinstance(adata, ad.AnnData):
+        raise ValueError(f"{os.fspath(path)!r} is an HDF5 file but not an AnnData (written by AnnData.write_h5ad)")
+    return adata
+
+
+def warn_about_an_in_memory_layer_of_a_backed_anndata(adata: ad.AnnData, layer: str | None) -> None:
+    """Warn where the counts are a large layer of an AnnData opened backed, which anndata read into memory."""
+    if layer is None or not adata.isbacked or layer not in adata.layers:
+        return
+    matrix = adata.layers[layer]
+    if is_backed_matrix(matrix) or isinstance(matrix, BackedView):
+        return
+    stored = matrix.nnz if sp.issparse(matrix) else int(np.prod(np.shape(matrix)))
+    if stored >= IN_MEMORY_LAYER_WARNING_VALUES:
+        size = (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) if sp.issparse(matrix) else matrix.nbytes
+        path = os.fspath(adata.filename)
+        warn_user(
+            f"adata is opened backed, but anndata's backed mode reads every layer into memory, so adata.layers[{layer!r}] "
+            f"is not streamed from disk (it holds {size / 1e9:.2g} GB, and the other layers take memory too); open the file "
+            f"with cellvae.read_h5ad_lazy({path!r}) to leave its layers on disk",
+            UserWarning,
+        )
 
 
 def read_lazily(group):
@@ -1055,7 +1105,12 @@ def _check_no_missing(
             if categories
             else f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown') makes them one value of their own)"
         )
-        fix = f"{fill} or drop those cells ({name} = {name}[{name}.obs[{key!r}].notna()].copy())" if source == "obs" else ""
+        fix = (
+            f"{fill} or drop those cells ({name} = {name}[{name}.obs[{key!r}].notna()].copy(); of an AnnData opened backed "
+            "leave out .copy(): the view streams from disk)"
+            if source == "obs"
+            else ""
+        )
         where = source if source != "obs" or name == "adata" else f"{name}.obs"
         raise ValueError(f"{where}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
 

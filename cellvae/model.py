@@ -199,7 +199,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     ----------
     adata
         Cells × genes AnnData with raw integer counts in ``X`` or ``layers[layer]``: in memory,
-        backed (``anndata.read_h5ad(path, backed="r")``, :func:`cellvae.read_zarr_lazy`) or a view
+        backed (``anndata.read_h5ad(path, backed="r")``, which reads layers into memory;
+        :func:`cellvae.read_h5ad_lazy` and :func:`cellvae.read_zarr_lazy` leave layers on disk too) or a view
         of either (``adata[cells, genes]``; a backed view's cells and genes are streamed from the file).
     layer
         Layer holding the counts; ``None`` uses ``adata.X``.
@@ -308,6 +309,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # before the columns are read (one of them may warn about its values); Config checks it again
         check_unique(([batch_key] if batch_key is not None else []) + categorical + continuous, ROLES)
         matrix = data.count_matrix(adata, layer)
+        data.warn_about_an_in_memory_layer_of_a_backed_anndata(adata, layer)
         layout = data.learn_covariate_layout(adata.obs, batch_key, categorical, continuous)
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
@@ -1586,8 +1588,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             are matched by name: genes the reference lacks are dropped, reference genes missing
             from the query are zero-filled with a warning, and fewer than 80% present is an error.
             The query is only read, never modified. Counts on disk (``read_h5ad(path, backed="r")``,
-            :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must
-            hold its batches in the reference's batch key). Cells with zero total counts are left out of
+            :func:`cellvae.read_h5ad_lazy`, :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not
+            copied (a view must hold its batches in the reference's batch key). Cells with zero total counts are left out of
             mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them).
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query

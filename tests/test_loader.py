@@ -302,6 +302,47 @@ def test_a_backed_model_trains_and_embeds_like_an_in_memory_one(counts, tmp_path
     np.testing.assert_allclose(latent, model.get_latent(counts), rtol=1e-4, atol=1e-5)
 
 
+def test_read_h5ad_lazy_streams_counts_in_a_layer_which_backed_mode_reads_into_memory(counts, tmp_path, monkeypatch):
+    """Files whose X holds normalised values keep counts in a layer: anndata's backed mode reads layers into memory
+    (warned about where large), read_h5ad_lazy leaves them on disk, and the model reads them alike."""
+    normalised = counts.copy()
+    normalised.layers["counts"] = normalised.X.copy()
+    normalised.X = normalised.X.multiply(1e4 / normalised.X.sum(axis=1)).tocsr().log1p()
+    normalised.write_h5ad(tmp_path / "norm.h5ad")
+    lazy = cellvae.read_h5ad_lazy(tmp_path / "norm.h5ad")
+    assert cellvae.data.is_backed_matrix(lazy.layers["counts"]) and cellvae.data.is_backed_matrix(lazy.X)
+    with no_warnings():
+        model = cellvae.CellVAE(lazy, layer="counts", batch_key="batch").fit(max_epochs=2, progress=False)
+    np.testing.assert_allclose(model.get_latent(lazy), model.get_latent(normalised), rtol=1e-4, atol=1e-5)
+    backed = ad.read_h5ad(tmp_path / "norm.h5ad", backed="r")
+    assert sp.issparse(backed.layers["counts"])  # anndata's backed mode: in memory
+    monkeypatch.setattr(cellvae.data, "IN_MEMORY_LAYER_WARNING_VALUES", 1)  # (a large layer, as an atlas's)
+    told = r"anndata's backed mode reads every layer into memory.*cellvae.read_h5ad_lazy\('.*norm.h5ad'\)"
+    with pytest.warns(UserWarning, match=told):
+        cellvae.CellVAE(backed, layer="counts", batch_key="batch")
+    counts.write_h5ad(tmp_path / "raw.h5ad")
+    with no_warnings():  # X of a backed file streams
+        cellvae.CellVAE(ad.read_h5ad(tmp_path / "raw.h5ad", backed="r"), batch_key="batch")
+    with pytest.raises(FileNotFoundError, match="is not an .h5ad file; for a .zarr store use cellvae.read_zarr_lazy"):
+        cellvae.read_h5ad_lazy(tmp_path)
+    (tmp_path / "notes.txt").write_text("not HDF5")
+    with pytest.raises(OSError, match="is not a readable .h5ad file"):
+        cellvae.read_h5ad_lazy(tmp_path / "notes.txt")
+
+
+def test_missing_batches_of_a_backed_file_are_told_to_be_dropped_by_a_view_which_streams(counts, tmp_path):
+    with_missing = counts.copy()
+    with_missing.obs["batch"] = with_missing.obs["batch"].astype(object)
+    with_missing.obs.iloc[:3, with_missing.obs.columns.get_loc("batch")] = np.nan
+    with_missing.write_h5ad(tmp_path / "missing.h5ad")
+    adata = ad.read_h5ad(tmp_path / "missing.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"3 missing \(NaN\) values.*\.copy\(\); of an AnnData opened backed leave out"):
+        cellvae.CellVAE(adata, batch_key="batch")
+    adata = adata[adata.obs["batch"].notna()]  # the fix named, which anndata cannot .copy() when backed
+    model = cellvae.CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
+    assert model.get_latent().shape == (counts.n_obs - 3, 10)
+
+
 def never_read_whole(monkeypatch) -> None:
     """Make reading a backed view's ``X`` through anndata (which loads the view's cells whole) fail."""
     original = ad.AnnData.X
