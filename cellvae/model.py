@@ -637,6 +637,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.train_indices, self.validation_indices = np.sort(train_cells), np.sort(validation_cells)
         rank, world = rank_and_world()
         self._data_parallel_rank = rank if world > 1 else None
+        if world > 1:  # each step's global minibatch was world × batch_size cells
+            self.history.attrs["processes"] = world
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
             diverged = not end_loss <= 1.05 * start_loss  # NaN too
@@ -1334,6 +1336,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
                 # the epoch whose parameters these are ("" where no epoch was kept or the history predates it)
                 "best_epoch": str(self.history.attrs.get("best_epoch", "")),
+                # how many data-parallel processes trained it ("" for one), each on minibatches of batch_size cells
+                "processes": str(self.history.attrs.get("processes", "")),
                 "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
                 # and this: weights copied into another model's folder (the same shapes, other genes) are refused
                 "layout_sha256": _layout_digest(self.config),
@@ -1487,6 +1491,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         epochs = {e for e in model.history["epoch"].tolist() if isinstance(e, int)} if "epoch" in model.history else set()
         if isinstance(best_epoch, str) and best_epoch.isdecimal() and int(best_epoch) in epochs:  # (else: no such epoch)
             model.history.attrs["best_epoch"] = int(best_epoch)
+        processes = metadata.get("processes", "")
+        if isinstance(processes, str) and processes.isdecimal() and int(processes) > 1:
+            model.history.attrs["processes"] = int(processes)
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
             data.warn_user(

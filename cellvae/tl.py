@@ -261,6 +261,8 @@ def embed(
         params["mask_var"] = mask_var if isinstance(mask_var, str) else f"{model.config.n_genes} genes"
     if model.history.attrs.get("interrupted"):  # Ctrl-C ended training early
         params["interrupted"] = True
+    if model.history.attrs.get("processes", 1) > 1:  # data-parallel: each step's minibatch was processes × batch_size
+        params["processes"] = int(model.history.attrs["processes"])
     for key, value in {**model_kwargs, **(fit_kwargs or {})}.items():  # what .h5ad can store: numbers, text, lists of text
         value = value.item() if isinstance(value, np.generic) else value
         value = value.tolist() if isinstance(value, (np.ndarray, pd.Index)) else value  # keys as an array or Index

@@ -247,6 +247,11 @@ def test_two_process_gloo_training_gives_a_valid_model_as_good_as_one_process(tm
     model = cellvae.CellVAE.load(tmp_path / "model", adata=adata)
     history = model.history
     assert len(history) == EPOCHS and np.isfinite(history["validation_elbo"]).all()
+    # the record says how many processes trained it (each step's minibatch: 2 x --batch-size)
+    import anndata as ad
+
+    params = ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
+    assert history.attrs["processes"] == 2 and params["processes"] == 2
     assert history["validation_elbo"].iloc[-1] > history["validation_elbo"].iloc[0]
     distributed = knn_accuracy(model.get_latent(), adata.obs["cell_type"])
 
