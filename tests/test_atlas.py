@@ -338,8 +338,8 @@ def test_query_batch_already_in_reference_is_that_batch(reference_and_query):
     two_new.obs["batch"] = two_new.obs["batch"].astype(str)  # text: sorted
     as_text = model.map_query(two_new, max_epochs=1, progress=False)
     assert as_text.config.batch_categories[-2:] == ["a later cells", "z first cells"]
-    told = in_command_line_terms(message, argparse.Namespace(input="q.h5ad"))
-    assert "fix the file in Python first, query_adata = anndata.read_h5ad('q.h5ad')" in told
+    told = in_command_line_terms(message, argparse.Namespace(input="q.h5ad"))  # cellvae map's option does it
+    assert "Pass --batch-prefix 'query ' to map them as new batches" in told and "in Python" not in told
 
 
 def test_query_batch_problems_raise_clear_errors(reference_and_query):
