@@ -104,7 +104,8 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = re.sub(r"(?<!\.\.\., )\bkey_added='([^']*)'", lambda found: f"--key-added {shlex.quote(found[1])}", message)
     message = message.replace("another key_added", "another --key-added")
     message = message.replace("pass batch_key=...", "pass --batch-key KEY")
-    rename = r"Rename them to map them as new batches, e\.g\. query_adata\.obs\[[^\]]+\] = 'query ' \+ \S+\.astype\(str\)"
+    column = r"query_adata\.obs\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\]"  # (a quoted name: spaces and ] too)
+    rename = rf"Rename them to map them as new batches, e\.g\. {column} = 'query ' \+ {column}\.astype\(str\)"
     prefix = "Pass --batch-prefix 'query ' to map them as new batches (it puts that before each query batch name)"
     message = re.sub(rename, prefix, message)
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
@@ -1012,13 +1013,15 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
-    if folder.exists():
+    if folder.exists() or folder.is_symlink():  # (a link to nowhere does not exist, but save refuses it too)
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
         if not is_model_folder(folder):
+            what = "a symbolic link" if folder.is_symlink() else "a folder holding other files than a model's"
+            link = " (or give the folder the link points to)" if folder.is_symlink() else ""
             raise SystemExit(
-                f"error: {model_dir} holds files that are not a saved cellvae model; --overwrite replaces only a "
-                f"model folder: choose a new {option} or remove it yourself"
+                f"error: {model_dir} is {what}, not a saved cellvae model folder; --overwrite replaces only a "
+                f"model folder: choose a new {option}{link}, or remove it yourself"
             )
         for name, path in (inputs or {}).items():
             if path is not None and resolved in Path(path).expanduser().resolve().parents:

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 try:
     CELLVAE_VERSION = version("cellvae")  # written into every saved config
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -209,10 +211,14 @@ class Config:
         unknown = sorted(set(raw) - known)
         if unknown:
             saved_by = raw.get("cellvae_version")
-            newer = f" (saved by cellvae {saved_by}, this is {CELLVAE_VERSION})" if isinstance(saved_by, str) and saved_by else ""
+            if _is_newer(saved_by, CELLVAE_VERSION):
+                raise ValueError(
+                    f"{path} has config fields this cellvae does not know, {unknown}: it was saved by cellvae {saved_by}, "
+                    f"newer than this one ({CELLVAE_VERSION}); upgrade cellvae to load it"
+                )
             raise ValueError(
-                f"{path} has config fields this cellvae does not know, {unknown}: a model of a newer cellvae{newer} "
-                "needs that version to load it (upgrade cellvae); or is it no cellvae model?"
+                f"{path} has config fields this cellvae does not know, {unknown}: mistyped, or saved by a newer build of "
+                "cellvae (then upgrade cellvae); or is it no cellvae model?"
             )
         try:
             return cls(**raw)
@@ -233,6 +239,14 @@ def check_unique(values: list, name: str) -> None:
     if len(set(values)) != len(values):
         duplicated = sorted((v for v, n in Counter(values).items() if n > 1), key=str)[:5]
         raise ValueError(f"{name} must be unique; duplicated: {duplicated}")
+
+
+def _is_newer(version: object, than: str) -> bool:
+    """Whether ``version`` (a config's ``cellvae_version``) is a release after ``than``."""
+    try:
+        return isinstance(version, str) and Version(version) > Version(than)
+    except InvalidVersion:
+        return False
 
 
 def _is_positive_int(value: object) -> bool:

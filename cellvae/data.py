@@ -13,6 +13,7 @@ import queue
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -142,6 +143,8 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
         raise KeyError(f"layer {layer!r} not found in adata.layers; available: {layer_names(adata)}{hint}")
     else:
         matrix = adata.layers[layer]
+        if adata.isbacked:
+            _warn_about_an_in_memory_layer_of_a_backed_anndata(adata, layer, matrix)
     if not _is_readable(matrix):
         kind = f"{type(matrix).__module__}.{type(matrix).__name__}"
         raise TypeError(
@@ -959,15 +962,19 @@ def read_h5ad_lazy(path) -> ad.AnnData:
     return adata
 
 
-def warn_about_an_in_memory_layer_of_a_backed_anndata(adata: ad.AnnData, layer: str | None) -> None:
-    """Warn where the counts are a large layer of an AnnData opened backed, which anndata read into memory."""
-    if layer is None or not adata.isbacked or layer not in adata.layers:
-        return
-    matrix = adata.layers[layer]
-    if is_backed_matrix(matrix) or isinstance(matrix, BackedView):
+# Each in-memory layer of a backed AnnData is warned about once: weak references by id (matrices are not hashable).
+_LAYERS_WARNED_ABOUT: dict[int, weakref.ref] = {}
+
+
+def _warn_about_an_in_memory_layer_of_a_backed_anndata(adata: ad.AnnData, layer: str, matrix) -> None:
+    """Warn, once per matrix, where the counts are a large layer of an AnnData opened backed, which anndata read
+    into memory."""
+    warned = _LAYERS_WARNED_ABOUT.get(id(matrix))
+    if is_backed_matrix(matrix) or (warned is not None and warned() is matrix):
         return
     stored = matrix.nnz if sp.issparse(matrix) else int(np.prod(np.shape(matrix)))
     if stored >= IN_MEMORY_LAYER_WARNING_VALUES:
+        _LAYERS_WARNED_ABOUT[id(matrix)] = weakref.ref(matrix)  # (a dead reference matches no later matrix)
         size = (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) if sp.issparse(matrix) else matrix.nbytes
         path = os.fspath(adata.filename)
         warn_user(

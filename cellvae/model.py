@@ -309,7 +309,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # before the columns are read (one of them may warn about its values); Config checks it again
         check_unique(([batch_key] if batch_key is not None else []) + categorical + continuous, ROLES)
         matrix = data.count_matrix(adata, layer)
-        data.warn_about_an_in_memory_layer_of_a_backed_anndata(adata, layer)
         layout = data.learn_covariate_layout(adata.obs, batch_key, categorical, continuous)
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
@@ -1594,9 +1593,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             Query cells with raw counts in the same place (``X`` or the reference's layer). Genes
             are matched by name: genes the reference lacks are dropped, reference genes missing
             from the query are zero-filled with a warning, and fewer than 80% present is an error.
-            The query is only read, never modified. Counts on disk (``read_h5ad(path, backed="r")``,
-            :func:`cellvae.read_h5ad_lazy`, :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not
-            copied (a view must hold its batches in the reference's batch key). Cells with zero total counts are left out of
+            The query is only read, never modified. Counts on disk (``X`` of ``read_h5ad(path, backed="r")``,
+            which reads layers into memory; ``X`` or a layer of :func:`cellvae.read_h5ad_lazy` or
+            :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must hold its batches
+            in the reference's batch key). Cells with zero total counts are left out of
             mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them).
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
@@ -2717,7 +2717,8 @@ def _check_anndata(adata, name: str = "adata") -> None:
     if not isinstance(adata.obs, pd.DataFrame):  # e.g. anndata.experimental.read_lazy's xarray obs
         raise TypeError(
             f"adata.obs is a {type(adata.obs).__name__}, not a pandas DataFrame (a lazily read AnnData?); read the file "
-            "with anndata.read_h5ad(path, backed='r') or cellvae.read_zarr_lazy(path), or call adata.to_memory()"
+            "with anndata.read_h5ad(path, backed='r'), cellvae.read_h5ad_lazy(path) or cellvae.read_zarr_lazy(path), or call "
+            "adata.to_memory()"
         )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{name} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")

@@ -88,7 +88,10 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     key_added = _key(key_added, "X_cellvae")
     _check_model_kwargs(model_kwargs)
     if "copy" in model_kwargs or "inplace" in model_kwargs:
-        raise TypeError("tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy()")
+        raise TypeError(
+            "tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy() "
+            "(of an AnnData whose counts are on disk: adata.to_memory())"
+        )
     uns_key = _uns_key(key_added)
     record = adata.uns.get(uns_key, {})
     if not isinstance(record, Mapping):
@@ -1178,17 +1181,17 @@ def _key(key_added, default: str) -> str:
 
 def _writable(adata: ad.AnnData, name: str, copy: bool = False) -> None:
     """Refuse, before any work, a view of a backed AnnData (anndata cannot write into one, nor copy it) or of
-    one whose counts are in a Zarr store (:func:`cellvae.read_zarr_lazy`): writing results would make the view
-    its own AnnData with all its counts read into memory, after the work; and ``copy=True`` of a backed AnnData,
-    which anndata copies only into a new file."""
+    one whose counts are on disk (:func:`cellvae.read_h5ad_lazy`, :func:`cellvae.read_zarr_lazy`): writing results
+    would make the view its own AnnData with all its counts read into memory, after the work; and ``copy=True`` of
+    a backed AnnData, which anndata copies only into a new file."""
     matrices = [] if adata.is_view or not copy else [stored_x(adata), *adata.layers.values()]  # (a view's X is a copy)
     if matrices and adata.raw is not None:
         matrices.append(adata.raw.X)
     if copy and not adata.is_view and (adata.isbacked or any(is_backed_matrix(m) for m in matrices if m is not None)):
         raise ValueError(
-            f"copy=True cannot copy {name}, whose counts are on disk (backed, or cellvae.read_zarr_lazy): anndata copies "
-            f"those only into a new file; pass copy=False (the results go into {name}'s obs, obsm and uns in memory) "
-            f"or {name}.to_memory()"
+            f"copy=True cannot copy {name}, whose counts are on disk (backed, cellvae.read_h5ad_lazy or read_zarr_lazy): "
+            f"anndata copies those only into a new file; pass copy=False (the results go into {name}'s obs, obsm and uns in "
+            f"memory) or {name}.to_memory()"
         )
     if adata.is_view and adata.isbacked:
         raise ValueError(
@@ -1202,10 +1205,10 @@ def _writable(adata: ad.AnnData, name: str, copy: bool = False) -> None:
         and any(is_backed_matrix(m) for m in [stored_x(parent), *parent.layers.values()] if m is not None)
     ):
         raise ValueError(
-            f"{name} is a view of an AnnData whose counts are on disk (cellvae.read_zarr_lazy); writing results into "
-            f"it would read all its counts into memory: pass {name}.to_memory(), or write the subset as a store of "
-            f"its own ({name}.write_zarr('subset.zarr')) and read that with cellvae.read_zarr_lazy (CellVAE(view).fit() "
-            "and get_latent(view) stream a view without writing into it)"
+            f"{name} is a view of an AnnData whose counts are on disk (cellvae.read_h5ad_lazy or read_zarr_lazy); writing "
+            f"results into it would read all its counts into memory: pass {name}.to_memory(), or write the subset as a "
+            f"file of its own ({name}.write_h5ad('subset.h5ad')) and open that with cellvae.read_h5ad_lazy "
+            "(CellVAE(view).fit() and get_latent(view) stream a view without writing into it)"
         )
 
 

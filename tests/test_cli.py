@@ -1118,6 +1118,22 @@ def test_an_input_inside_the_model_folder_that_overwrite_replaces_is_refused_not
         assert held.exists() and not (tmp_path / "o.h5ad").exists()
 
 
+def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path, monkeypatch):
+    command = fit_args(tmp_path, 150, 30)
+    trained = []
+    monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *args, **kwargs: trained.append(1))
+    (tmp_path / "nowhere_link").symlink_to(tmp_path / "nowhere")  # a link to nothing
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "saved", target_is_directory=True)
+    for link in ("nowhere_link", "link"):
+        command[command.index("--model-dir") + 1] = str(tmp_path / link)
+        with pytest.raises(SystemExit, match=r"exists; pass --overwrite"):
+            main(command)
+        with pytest.raises(SystemExit, match=r"is a symbolic link, not a saved cellvae model folder.*the folder the link points"):
+            main([*command, "--overwrite"])
+    assert not trained
+
+
 def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(reference_folder, tmp_path, capsys):
     """A query batch named like a reference batch is that batch (frozen) with a warning that names --batch-prefix;
     with it the query's batches are new ones, under the new names in --out and the query model."""

@@ -320,6 +320,11 @@ def test_read_h5ad_lazy_streams_counts_in_a_layer_which_backed_mode_reads_into_m
     told = r"anndata's backed mode reads every layer into memory.*cellvae.read_h5ad_lazy\('.*norm.h5ad'\)"
     with pytest.warns(UserWarning, match=told):
         cellvae.CellVAE(backed, layer="counts", batch_key="batch")
+    with no_warnings():  # once per layer
+        cellvae.CellVAE(backed, layer="counts", batch_key="batch")
+    reopened = ad.read_h5ad(tmp_path / "norm.h5ad", backed="r")  # read by a trained model: told too
+    with pytest.warns(UserWarning, match=told):
+        model.get_latent(reopened)
     counts.write_h5ad(tmp_path / "raw.h5ad")
     with no_warnings():  # X of a backed file streams
         cellvae.CellVAE(ad.read_h5ad(tmp_path / "raw.h5ad", backed="r"), batch_key="batch")

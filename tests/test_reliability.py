@@ -1903,9 +1903,12 @@ def test_every_field_of_a_config_survives_its_json_round_trip_and_unknown_fields
     assert Config.from_json(tmp_path / "config.json") == config
     with_extra = json.loads((tmp_path / "config.json").read_text()) | {"unknown_field": 1}
     (tmp_path / "config.json").write_text(json.dumps(with_extra))
-    newer = r"does not know, \['unknown_field'\]: a model of a newer cellvae \(saved by cellvae 1.2.3"
+    newer = r"does not know, \['unknown_field'\]: it was saved by cellvae 1.2.3, newer than this one .*; upgrade cellvae"
     with pytest.raises(ValueError, match=newer):
         Config.from_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(with_extra | {"cellvae_version": cellvae.__version__}))
+    with pytest.raises(ValueError, match=r"does not know, \['unknown_field'\]: mistyped, or saved by a newer build"):
+        Config.from_json(tmp_path / "config.json")  # (the same version: no "newer" said)
     # the fields added to format 1 later are left out at their defaults: such a model loads in a cellvae without them
     plain = Config(gene_names=["g1", "g2"])
     plain.to_json(tmp_path / "plain.json")
