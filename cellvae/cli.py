@@ -559,7 +559,7 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     adata.uns[tl._uns_key(args.key_added)]["params"]["model_dir"] = str(args.model_dir)  # (as embed and map record it)
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
-    print(f"trained {_epochs(len(model.history))}; saved the model in {args.model_dir}")
+    print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
     if not interrupted and not args.embedding_only:
@@ -743,6 +743,14 @@ def run_map(args: argparse.Namespace) -> int:
 
 def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _still_improving(model) -> str:
+    """A note where the best epoch was the last of several (training was still improving), else ''."""
+    history = model.history
+    if len(history) > 1 and history.attrs.get("best_epoch") == history["epoch"].iloc[-1] and not history.attrs.get("interrupted"):
+        return f" (the last was the best: still improving, more --epochs than {len(history)} may give a better model)"
+    return ""
 
 
 def _check_labels_options(args: argparse.Namespace) -> None:

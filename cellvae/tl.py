@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 from cellvae import diagnostics
 from cellvae.data import (
@@ -242,7 +243,9 @@ def embed(
     where it embedded the cells and runs its outputs (:meth:`~cellvae.CellVAE.to_device` moves it). Writes
     ``adata.obsm[key_added]`` and its settings in ``adata.uns["cellvae"]["params"]``
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
-    each embedding keeps its own record).
+    each embedding keeps its own record): the arguments given, the epochs trained and the epoch kept
+    (``best_epoch``; the last one: still improving), the device it trained on and, on a CPU, ``torch_threads``
+    (bitwise reproducibility needs the same count).
     """
     key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
     random_state = _check_seed(random_state)  # before the counts are read and checked
@@ -266,6 +269,8 @@ def embed(
         params["interrupted"] = True
     if model.history.attrs.get("processes", 1) > 1:  # data-parallel: each step's minibatch was processes × batch_size
         params["processes"] = int(model.history.attrs["processes"])
+    if "best_epoch" in model.history.attrs:  # the epoch whose weights embedded the cells (the last: still improving)
+        params["best_epoch"] = int(model.history.attrs["best_epoch"])
     for key, value in {**model_kwargs, **(fit_kwargs or {})}.items():  # what .h5ad can store: numbers, text, lists of text
         value = value.item() if isinstance(value, np.generic) else value
         value = value.tolist() if isinstance(value, (np.ndarray, pd.Index)) else value  # keys as an array or Index
@@ -273,6 +278,9 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
+    params["device"] = str(model.device)  # where it trained (not "auto")
+    if model.device.type == "cpu":  # bitwise reproducible with the same seed and thread count
+        params["torch_threads"] = torch.get_num_threads()
     _own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent

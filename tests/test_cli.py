@@ -1118,6 +1118,18 @@ def test_an_input_inside_the_model_folder_that_overwrite_replaces_is_refused_not
         assert held.exists() and not (tmp_path / "o.h5ad").exists()
 
 
+def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
+    """Training still improving at its last epoch is told, with the advice of more --epochs; the record keeps it."""
+    command = [*fit_args(tmp_path, 300, 30), "--quiet", "--embedding-only"]
+    assert main([*command, "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    params = ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
+    assert params["best_epoch"] == 2 and params["device"] == "cpu"
+    assert "trained 3 epochs (the last was the best: still improving, more --epochs than 3 may give a better model)" in out
+    assert main([*command, "--epochs", "1", "--overwrite"]) == 0
+    assert "still improving" not in capsys.readouterr().out  # (one epoch is no trend)
+
+
 def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path, monkeypatch):
     command = fit_args(tmp_path, 150, 30)
     trained = []

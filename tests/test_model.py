@@ -97,7 +97,11 @@ def test_pbmc_embedding_is_as_good_as_pca(pbmc):
         cellvae.tl.embed(adata, key_added=5)
     model = cellvae.tl.embed(adata, key_added=None, random_state=0, progress=False)  # None: the default key, as scanpy
     assert adata.obsm["X_cellvae"].shape == (700, 10) and adata.obsm["X_cellvae"].dtype == np.float32
-    assert adata.uns["cellvae"]["params"]["key_added"] == "X_cellvae"
+    params = adata.uns["cellvae"]["params"]
+    assert params["key_added"] == "X_cellvae"
+    # what a rerun needs to give the same embedding: the epoch kept, where it trained and, on the CPU, the threads
+    assert params["best_epoch"] == model.history.attrs["best_epoch"] and params["device"] == "cpu"
+    assert params["torch_threads"] == torch.get_num_threads()
     labels = pbmc.obs["cell_type"].to_numpy()
     pca_accuracy = knn_accuracy(pca_of(pbmc), labels)
     ours = knn_accuracy(adata.obsm["X_cellvae"], labels)
