@@ -80,8 +80,9 @@ def posterior_statistics(
         batches = loader.batches(cells, loader.evaluation_batch_size(batch_size))
         for _, mb in with_progress(batches, len(cells), desc, progress):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
-            total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).double().cpu()
-            codes = q["mean"].double().cpu()
+            # (on the CPU before float64, which MPS lacks)
+            total += vae.kl_per_dimension(q["mean"], q["scale"]).sum(0).cpu().double()
+            codes = q["mean"].cpu().double()
             n, batch_mean = len(codes), codes.mean(0)
             delta = batch_mean - mean
             mean += delta * n / (seen + n)
@@ -133,7 +134,7 @@ def marginal_log_likelihood(
     with torch.no_grad():
         for rows, mb in with_progress(loader.batches(cells, chunk), len(cells), "marginal_log_likelihood", progress):
             log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples)
-            out[rows] = iwae_bound(log_w).double().cpu().numpy()
+            out[rows] = iwae_bound(log_w).cpu().double().numpy()
     return out
 
 
@@ -252,9 +253,9 @@ def free_dimensions(vae: VAE, loader: CellLoader, cells: np.ndarray, free_bits: 
     with torch.no_grad():
         for mb in loader.batches(cells, loader.evaluation_batch_size(batch_size)):
             q = vae.inference(mb.counts, mb.covariates, sample=False)
-            part = vae.kl_per_dimension(q["mean"], q["scale"]).double().sum(0)
+            part = vae.kl_per_dimension(q["mean"], q["scale"]).cpu().double().sum(0)  # (float64 on the CPU: not on MPS)
             kl = part if kl is None else kl + part
-    return (kl / len(cells) < free_bits).to(torch.float32)
+    return (kl / len(cells) < free_bits).to(device=loader.device, dtype=torch.float32)
 
 
 def inference_gaps(
@@ -328,14 +329,15 @@ def _score_gaps(vae: VAE, mb: Minibatch, q: dict, mean, scale, n_samples: int, n
     """Append to ``parts`` the ELBOs of the encoder's q and of the refined ``(mean, scale)`` of the cells of
     ``mb``, on the same draws, the IWAE bound from the refined q, and their standard errors (see :func:`inference_gaps`)."""
     noise = torch.randn((n_elbo_samples, *mean.shape), device=mean.device, dtype=mean.dtype)
-    encoder = _objective(vae, mb, q["mean"], q["scale"], noise, 1.0).double()
-    refined = _objective(vae, mb, mean, scale, noise, 1.0).double()
+    encoder = _objective(vae, mb, q["mean"], q["scale"], noise, 1.0).cpu().double()  # (float64 on the CPU: not on MPS)
+    refined = _objective(vae, mb, mean, scale, noise, 1.0).cpu().double()
     parts["elbo_encoder"].append(encoder.mean(0).cpu().numpy())
     parts["elbo_refined"].append(refined.mean(0).cpu().numpy())
     unknown = torch.full_like(encoder[0], math.nan)  # one draw gives no standard error
     standard_error = (refined - encoder).std(0) / n_elbo_samples**0.5 if n_elbo_samples > 1 else unknown
     parts["amortization_gap_se"].append(standard_error.cpu().numpy())
-    log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples, (mean, scale)).double()
+    log_w = importance_log_weights(vae, mb.counts, mb.covariates, mb.library, mb.batch_index, n_samples, (mean, scale))
+    log_w = log_w.cpu().double()
     parts["log_px"].append(iwae_bound(log_w).cpu().numpy())
     weights = torch.exp(log_w - log_w.max(0).values)  # SE of log mean(w) ≈ SE of mean(w) / mean(w)
     iwae_se = weights.std(0) / n_samples**0.5 / weights.mean(0) if n_samples > 1 else unknown

@@ -460,10 +460,10 @@ def observed_by_group(loader: CellLoader, labels: pd.Series, batch_size: int):
     normalized = torch.zeros_like(nonzero)
     with torch.no_grad():
         for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
-            counts = mb.counts.double().cpu()
+            counts = mb.counts.cpu().double()  # (float64 on the CPU: MPS has none)
             group_codes = torch.from_numpy(codes[mb.cell_index])
             nonzero.index_add_(0, group_codes, (counts > 0).double())
-            normalized.index_add_(0, group_codes, counts / mb.library.double().cpu().clamp(min=1.0) * PER_10K)
+            normalized.index_add_(0, group_codes, counts / mb.library.cpu().double().clamp(min=1.0) * PER_10K)
     nonzero, normalized = nonzero.numpy(), normalized.numpy()
     sizes = np.bincount(codes[labelled], minlength=len(groups))
 

@@ -383,6 +383,22 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return torch.where(dropped, torch.zeros_like(counts), counts)
 
 
+def on_cpu(distribution):
+    """The same distribution with its parameters on the CPU: MPS has no Poisson or gamma sampler, so counts are
+    drawn there."""
+    moved = object.__new__(type(distribution))
+    moved.__dict__.update({name: value.cpu() for name, value in vars(distribution).items()})
+    return moved
+
+
+def count_sampler(device: torch.device, random_state: int, generator: torch.Generator):
+    """How counts are drawn on ``device``: ``(move, generator)``, ``move`` giving the distribution to sample from. On
+    MPS the distributions move to the CPU and draw from a CPU generator seeded with ``random_state``."""
+    if device.type == "mps":
+        return on_cpu, torch.Generator().manual_seed(random_state)
+    return (lambda distribution: distribution), generator
+
+
 def _sample_gamma(shape: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Gamma(shape, 1) draws; torch's gamma sampler takes no generator, so seed a forked RNG."""
     if generator is None:

@@ -172,10 +172,17 @@ def pick_device(device: str | torch.device) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+    index = device.removeprefix("cuda:")
+    numbered = device.startswith("cuda:") and index.isdecimal() and index == str(int(index))  # (not "cuda:01", "cuda:x")
+    if device not in ("cpu", "cuda", "mps") and not numbered:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but torch finds no CUDA GPU; use device='auto' or 'cpu'")
+    if device.startswith("cuda:") and int(index) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r} was asked for but torch finds {torch.cuda.device_count()} CUDA GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of those, or device='cuda'"
+        )
     if device == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device='mps' was asked for but MPS is not available; use device='auto' or 'cpu'")
     return torch.device(device)
@@ -808,7 +815,10 @@ def setup_distributed(device: torch.device) -> torch.device:
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if device.type == "cuda" and (launched or (dist.is_available() and dist.is_initialized())):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if "LOCAL_RANK" in os.environ:  # torchrun's: this process's GPU on its node
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        else:  # a group the caller made (mp.spawn, srun): the GPU it chose, cuda:N or torch.cuda.set_device's
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     if launched and dist.is_available() and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")

@@ -1,6 +1,7 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
 import copy
+import inspect
 import os
 import re
 import subprocess
@@ -431,6 +432,81 @@ def test_to_device_chooses_where_outputs_run_and_refuses_a_missing_device(two_ba
             model.to_device("cuda")
         assert model.to_device("auto").device.type in ("cpu", "mps")
     assert next(model.module.parameters()).device == model.device
+
+
+def test_cuda_device_numbers_are_checked_and_a_process_group_keeps_the_gpu_its_caller_chose(monkeypatch):
+    """pick_device refuses GPUs torch does not find and malformed numbers with its own error (not torch's, later);
+    setup_distributed takes torchrun's LOCAL_RANK, else the GPU a caller-made group chose (mp.spawn, srun), not cuda:0."""
+    from cellvae.train import pick_device, setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device='cuda:5' was asked for but torch finds 2 CUDA GPU\(s\), cuda:0 to cuda:1"):
+        pick_device("cuda:5")
+    for malformed in ("cuda:x", "cuda:", "cuda:-1", "cuda:01"):
+        with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"):
+            pick_device(malformed)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # the caller's torch.cuda.set_device(1)
+    monkeypatch.setattr(cellvae.train.dist, "is_initialized", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert setup_distributed(torch.device("cuda")) == torch.device("cuda", 1)
+    assert setup_distributed(torch.device("cuda", 0)) == torch.device("cuda", 0)  # named: kept
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert setup_distributed(torch.device("cuda")) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+class _AsOnMPS(torch.Tensor):
+    """A CPU tensor that fails as an MPS one does: no float64, no numpy() (and no Poisson sampler)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor).clone()
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert mps:0 device type tensor to numpy. Use Tensor.cpu() first")
+        if func is torch.poisson:
+            raise NotImplementedError("The operator 'aten::poisson' is not currently implemented for the MPS device")
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        in_float64_branch = any(frame.function == "log_likelihood_draws" for frame in inspect.stack()[1:8])  # (not on MPS)
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, _AsOnMPS) and tensor.dtype == torch.float64 and not in_float64_branch:
+                raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
+        return out
+
+
+def test_outputs_take_float64_and_draw_counts_only_on_the_cpu_as_mps_needs(two_batches, monkeypatch):
+    """MPS has no float64 and no Poisson or gamma sampler: the summaries convert after moving to the CPU (the
+    collapse check after fit, kl_per_dimension, marginal_log_likelihood, inference_gaps, refined latents with free
+    bits, the observed means of differential_expression had failed), and counts are drawn from CPU copies."""
+    adata = two_batches[:200].copy()
+    model = CellVAE(adata, n_hidden=16, n_latent=4, free_bits=0.2).fit(max_epochs=2, progress=False)
+    minibatch = cellvae.data.CellLoader._minibatch
+
+    def as_on_mps(self, block, cells, with_sparse):  # (the loader gives MPS no sparse counts)
+        mb = minibatch(self, block, cells, False)
+        on = [t.as_subclass(_AsOnMPS) for t in (mb.counts, mb.covariates, mb.library, mb.batch_index)]
+        return cellvae.data.Minibatch(*on, mb.cell_index, None)
+
+    monkeypatch.setattr(cellvae.data.CellLoader, "_minibatch", as_on_mps)
+    model.kl_per_dimension(progress=False)
+    model._warn_if_collapsed(model._loader(adata, model.device)[0], np.arange(adata.n_obs), 128, 0, 1e-3)  # after fit
+    model.marginal_log_likelihood(n_samples=3, progress=False)
+    model.inference_gaps(adata[:4], n_steps=2, n_samples=3, n_elbo_samples=2, progress=False)
+    model.get_latent(refine_steps=2, progress=False)
+    model.differential_expression(groupby="cell_type", group1="type0", n_draws=100, progress=False)
+    for dist in (
+        cellvae.distributions.NegativeBinomial(torch.zeros(3, 5).as_subclass(_AsOnMPS), torch.ones(5).as_subclass(_AsOnMPS)),
+        cellvae.distributions.Poisson(torch.zeros(3, 5).as_subclass(_AsOnMPS)),
+    ):
+        with pytest.raises(NotImplementedError, match="poisson"):
+            dist.sample(torch.Generator().manual_seed(0))
+        placed, generator = cellvae.distributions.count_sampler(torch.device("mps"), 0, None)  # as sample_counts, generate
+        assert generator.device.type == "cpu" and placed(dist).sample(generator).shape == (3, 5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
