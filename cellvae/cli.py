@@ -106,7 +106,10 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("pass batch_key=...", "pass --batch-key KEY")
     column = r"query_adata\.obs\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\]"  # (a quoted name: spaces and ] too)
     rename = rf"Rename them to map them as new batches, e\.g\. {column} = 'query ' \+ {column}\.astype\(str\)"
+    given = getattr(args, "batch_prefix", None)
     prefix = "Pass --batch-prefix 'query ' to map them as new batches (it puts that before each query batch name)"
+    if given:  # the prefixed names are the reference's too (a reference that is itself a query model, say)
+        prefix = f"Pass another --batch-prefix than {given!r} (e.g. 'query2 ') to map them as new batches"
     message = re.sub(rename, prefix, message)
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
@@ -483,6 +486,11 @@ def run_demo(args: argparse.Namespace) -> int:
     blocked = next((path for path in (out_dir, *out_dir.parents) if path.exists() and not path.is_dir()), None)
     if blocked is not None:
         raise SystemExit(f"error: --out-dir {args.out_dir} cannot be made: {blocked} is a file; name a folder")
+    if (out_dir / "model").is_symlink():  # (a link to nowhere does not exist, but save refuses it)
+        raise SystemExit(
+            f"error: {out_dir / 'model'} is a symbolic link, where the demo saves its model in a folder; choose another "
+            "--out-dir or remove the link"
+        )
     if (out_dir / "model").is_file():
         raise SystemExit(f"error: {out_dir / 'model'} is a file, where the demo saves its model; choose another --out-dir")
     if (out_dir / "model").exists() and not is_model_folder(out_dir / "model"):
@@ -1021,15 +1029,18 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
-    if folder.exists() or folder.is_symlink():  # (a link to nowhere does not exist, but save refuses it too)
+    if folder.is_symlink():  # (a link to nowhere does not exist, but save refuses it too)
+        raise SystemExit(
+            f"error: {model_dir} is a symbolic link, not a model folder; cellvae saves models only into folders: "
+            f"give {option} the folder the link points to, or a new one"
+        )
+    if folder.exists():
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
         if not is_model_folder(folder):
-            what = "a symbolic link" if folder.is_symlink() else "a folder holding other files than a model's"
-            link = " (or give the folder the link points to)" if folder.is_symlink() else ""
             raise SystemExit(
-                f"error: {model_dir} is {what}, not a saved cellvae model folder; --overwrite replaces only a "
-                f"model folder: choose a new {option}{link}, or remove it yourself"
+                f"error: {model_dir} is a folder holding other files than a model's, not a saved cellvae model folder; "
+                f"--overwrite replaces only a model folder: choose a new {option}, or remove it yourself"
             )
         for name, path in (inputs or {}).items():
             if path is not None and resolved in Path(path).expanduser().resolve().parents:

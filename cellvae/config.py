@@ -243,8 +243,8 @@ def check_unique(values: list, name: str) -> None:
 
 def _is_newer(version: object, than: str) -> bool:
     """Whether ``version`` (a config's ``cellvae_version``) is a release after ``than``."""
-    try:
-        return isinstance(version, str) and Version(version) > Version(than)
+    try:  # (a source tree run uninstalled is "0.0.0+local": no telling which is newer)
+        return isinstance(version, str) and not Version(than).local and Version(version) > Version(than)
     except InvalidVersion:
         return False
 

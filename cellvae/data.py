@@ -128,6 +128,8 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     viewed = _viewed_counts(adata, layer)
     if viewed is not None and is_backed_matrix(viewed[0]):
         return BackedView(*viewed)
+    if viewed is not None and layer is not None and adata.isbacked:  # (the viewed AnnData's layer: warned about once)
+        _warn_about_an_in_memory_layer_of_a_backed_anndata(adata, layer, viewed[0])
     copied = None if viewed is None else _copied_csr_view(*viewed)
     if copied is not None:
         return copied
@@ -978,7 +980,7 @@ def _warn_about_an_in_memory_layer_of_a_backed_anndata(adata: ad.AnnData, layer:
         size = (matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes) if sp.issparse(matrix) else matrix.nbytes
         path = os.fspath(adata.filename)
         warn_user(
-            f"adata is opened backed, but anndata's backed mode reads every layer into memory, so adata.layers[{layer!r}] "
+            f"the AnnData is opened backed, but anndata's backed mode reads every layer into memory, so its layers[{layer!r}] "
             f"is not streamed from disk (it holds {size / 1e9:.2g} GB, and the other layers take memory too); open the file "
             f"with cellvae.read_h5ad_lazy({path!r}) to leave its layers on disk",
             UserWarning,

@@ -1139,11 +1139,14 @@ def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path
     (tmp_path / "link").symlink_to(tmp_path / "saved", target_is_directory=True)
     for link in ("nowhere_link", "link"):
         command[command.index("--model-dir") + 1] = str(tmp_path / link)
-        with pytest.raises(SystemExit, match=r"exists; pass --overwrite"):
-            main(command)
-        with pytest.raises(SystemExit, match=r"is a symbolic link, not a saved cellvae model folder.*the folder the link points"):
-            main([*command, "--overwrite"])
-    assert not trained
+        for overwrite in ([], ["--overwrite"]):  # (--overwrite would not help: no advice to pass it)
+            with pytest.raises(SystemExit, match=r"is a symbolic link, not a model folder.*the folder the link points to"):
+                main([*command, *overwrite])
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "model").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match=r"demo/model is a symbolic link, where the demo saves its model"):
+        main(["demo", "--out-dir", str(tmp_path / "demo"), "--epochs", "1", "--quiet"])
+    assert not trained and sorted(os.listdir(tmp_path / "demo")) == ["model"]
 
 
 def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(reference_folder, tmp_path, capsys):
@@ -1158,6 +1161,8 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     assert "new batches: []" in capsys.readouterr().out
     advice = in_command_line_terms(str(told[0].message))  # as the shell shows it
     assert "Pass --batch-prefix 'query ' to map them as new batches" in advice and "Python" not in advice
+    prefixed_already = in_command_line_terms(str(told[0].message), argparse.Namespace(batch_prefix="query "))
+    assert "Pass another --batch-prefix than 'query ' (e.g. 'query2 ')" in prefixed_already
     prefixed = [*command, "--out", str(tmp_path / "out.h5ad"), "--query-model-dir", str(tmp_path / "qmodel")]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -320,8 +320,12 @@ def test_read_h5ad_lazy_streams_counts_in_a_layer_which_backed_mode_reads_into_m
     told = r"anndata's backed mode reads every layer into memory.*cellvae.read_h5ad_lazy\('.*norm.h5ad'\)"
     with pytest.warns(UserWarning, match=told):
         cellvae.CellVAE(backed, layer="counts", batch_key="batch")
-    with no_warnings():  # once per layer
+    with no_warnings():  # once per layer, views of its cells or genes too
         cellvae.CellVAE(backed, layer="counts", batch_key="batch")
+        cellvae.CellVAE(backed[:300, :40], layer="counts", batch_key="batch")
+    viewed = ad.read_h5ad(tmp_path / "norm.h5ad", backed="r")
+    with pytest.warns(UserWarning, match=told):  # a view of some cells of a file opened anew
+        cellvae.CellVAE(viewed[:300], layer="counts", batch_key="batch")
     reopened = ad.read_h5ad(tmp_path / "norm.h5ad", backed="r")  # read by a trained model: told too
     with pytest.warns(UserWarning, match=told):
         model.get_latent(reopened)

@@ -1871,7 +1871,7 @@ def test_a_config_whose_data_layout_no_model_can_have_is_refused():
         Config(**genes, train_input_layer="yes")
 
 
-def test_every_field_of_a_config_survives_its_json_round_trip_and_unknown_fields_are_named(tmp_path):
+def test_every_field_of_a_config_survives_its_json_round_trip_and_unknown_fields_are_named(tmp_path, monkeypatch):
     config = Config(
         gene_names=["g0", "g1", "g2"],
         layer="counts",
@@ -1909,6 +1909,10 @@ def test_every_field_of_a_config_survives_its_json_round_trip_and_unknown_fields
     (tmp_path / "config.json").write_text(json.dumps(with_extra | {"cellvae_version": cellvae.__version__}))
     with pytest.raises(ValueError, match=r"does not know, \['unknown_field'\]: mistyped, or saved by a newer build"):
         Config.from_json(tmp_path / "config.json")  # (the same version: no "newer" said)
+    monkeypatch.setattr(cellvae.config, "CELLVAE_VERSION", "0.0.0+local")  # a source tree run uninstalled
+    (tmp_path / "config.json").write_text(json.dumps(with_extra | {"cellvae_version": "0.1.0"}))
+    with pytest.raises(ValueError, match=r"mistyped, or saved by a newer build"):
+        Config.from_json(tmp_path / "config.json")
     # the fields added to format 1 later are left out at their defaults: such a model loads in a cellvae without them
     plain = Config(gene_names=["g1", "g2"])
     plain.to_json(tmp_path / "plain.json")
