@@ -672,6 +672,8 @@ def write_checkpoint(
     device = next(vae.parameters()).device
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":  # (dropout and the posterior draws use the device's generator)
+        tensors["rng.mps"] = torch.mps.get_rng_state()
     meta = {k: v for k, v in loop.items() if k != "best"}
     meta |= {"best_loss": loop["best"]["loss"], "best_epoch": loop["best"]["epoch"], "run": run}
     meta |= {"version": CHECKPOINT_VERSION, "numpy_rng": rng.bit_generator.state, "param_groups": optimizer_state["param_groups"]}
@@ -757,6 +759,8 @@ def read_checkpoint(
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], next(vae.parameters()).device)
+        if "rng.mps" in tensors:
+            torch.mps.set_rng_state(tensors["rng.mps"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} does not fit this model ({error}); {advice}") from error
     best = {"loss": meta["best_loss"], "state": best_state, "epoch": meta["best_epoch"]}
