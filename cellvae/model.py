@@ -659,7 +659,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     RuntimeWarning,
                 )
             else:  # (a diverged model's latent space says nothing about collapse)
-                self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
+                try:
+                    self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
+                except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:  # (e.g. the device's memory)
+                    data.warn_user(
+                        f"the posterior-collapse check after training failed ({type(error).__name__}: {error}); the model "
+                        "is trained: check model.kl_per_dimension() yourself",
+                        RuntimeWarning,
+                    )
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
