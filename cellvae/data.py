@@ -1720,9 +1720,8 @@ class CellLoader:
         if self.backed:
             return False
         if self._on_device is None:
-            free, _ = torch.cuda.mem_get_info(self.device)
             with torch.inference_mode(False):  # normal tensors, also when first asked for inside the caller's inference_mode
-                self._on_device = self._resident_tensors(max_bytes=free // 4) or False
+                self._on_device = self._resident_tensors(max_bytes=_device_memory_left(self.device) // 4) or False
         return self._on_device is not False
 
     def _resident_tensors(
@@ -1778,10 +1777,17 @@ class CellLoader:
         tensors that each epoch of ``n_cells`` cells refills a buffer at a time (:class:`DeviceBuffer`); else None."""
         if self.device.type != "cuda" or self._fits_on_device():
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if DeviceBuffer.bytes_for(self, batch_size, n_cells) > free // 4:
+        if DeviceBuffer.bytes_for(self, batch_size, n_cells) > _device_memory_left(self.device) // 4:
             return None  # (a very wide matrix, or a nearly full GPU) minibatch by minibatch
         return DeviceBuffer(self, batch_size, n_cells)
+
+
+def _device_memory_left(device: torch.device) -> int:
+    """Bytes this process may still allocate on a CUDA device: free memory, within the share that
+    ``torch.cuda.set_per_process_memory_fraction`` allows it (less what torch already holds)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allowed = int(torch.cuda.get_per_process_memory_fraction(device) * total) - torch.cuda.memory_reserved(device)
+    return max(0, min(free, allowed))
 
 
 class DeviceBuffer:

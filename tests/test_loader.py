@@ -352,6 +352,16 @@ def test_missing_batches_of_a_backed_file_are_told_to_be_dropped_by_a_view_which
     assert model.get_latent().shape == (counts.n_obs - 3, 10)
 
 
+def test_the_gpu_memory_counts_on_is_within_the_processs_share(monkeypatch):
+    """Counts kept on a GPU fit in what torch.cuda.set_per_process_memory_fraction leaves this process, not just in the
+    device's free memory (a small share ran out of memory with an advice to lower batch_size)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * 2**30)
+    for fraction, left in ((1.0, 10 * 2**30), (0.1, 6 * 2**30), (0.02, 0)):
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device, share=fraction: share)
+        assert cellvae.data._device_memory_left(torch.device("cuda")) == left
+
+
 def never_read_whole(monkeypatch) -> None:
     """Make reading a backed view's ``X`` through anndata (which loads the view's cells whole) fail."""
     original = ad.AnnData.X
