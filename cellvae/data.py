@@ -1786,7 +1786,7 @@ def _device_memory_left(device: torch.device) -> int:
     """Bytes this process may still allocate on a CUDA device: free memory, within the share that
     ``torch.cuda.set_per_process_memory_fraction`` allows it (less what torch already holds)."""
     free, total = torch.cuda.mem_get_info(device)
-    share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (a recent torch; where it is missing: the whole device)
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (recent torch; else the whole device)
     allowed = int((1.0 if share is None else share(device)) * total) - torch.cuda.memory_reserved(device)
     return max(0, min(free, allowed))
 
