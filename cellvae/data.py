@@ -1785,9 +1785,10 @@ class CellLoader:
 def _device_memory_left(device: torch.device) -> int:
     """Bytes this process may still allocate on a CUDA device: free memory, within the share that
     ``torch.cuda.set_per_process_memory_fraction`` allows it (less what torch already holds)."""
-    free, total = torch.cuda.mem_get_info(device)
+    index = torch.cuda.current_device() if device.index is None else device.index  # ("cuda" of device="auto": no index)
+    free, total = torch.cuda.mem_get_info(index)
     share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (recent torch; else the whole device)
-    allowed = int((1.0 if share is None else share(device)) * total) - torch.cuda.memory_reserved(device)
+    allowed = int((1.0 if share is None else share(index)) * total) - torch.cuda.memory_reserved(index)
     return max(0, min(free, allowed))
 
 

@@ -355,11 +355,15 @@ def test_missing_batches_of_a_backed_file_are_told_to_be_dropped_by_a_view_which
 def test_the_gpu_memory_counts_on_is_within_the_processs_share(monkeypatch):
     """Counts kept on a GPU fit in what torch.cuda.set_per_process_memory_fraction leaves this process, not just in the
     device's free memory (a small share ran out of memory with an advice to lower batch_size)."""
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * 2**30)
+    # torch's own argument handling runs (it wants a device index: "cuda", as device="auto" gives, has none)
+    monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * 2**30)
     for fraction, left in ((1.0, 10 * 2**30), (0.1, 6 * 2**30), (0.02, 0)):
-        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device, share=fraction: share)
-        assert cellvae.data._device_memory_left(torch.device("cuda")) == left
+        monkeypatch.setattr(torch._C, "_cuda_getMemoryFraction", lambda index, share=fraction: share, raising=False)
+        for device in (torch.device("cuda"), torch.device("cuda", 0)):
+            assert cellvae.data._device_memory_left(device) == left
 
 
 def never_read_whole(monkeypatch) -> None:
