@@ -109,7 +109,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     given = getattr(args, "batch_prefix", None)
     prefix = "Pass --batch-prefix 'query ' to map them as new batches (it puts that before each query batch name)"
     if given:  # the prefixed names are the reference's too (a reference that is itself a query model, say)
-        prefix = f"Pass another --batch-prefix than {given!r} (e.g. 'query2 ') to map them as new batches"
+        prefix = f"Pass another --batch-prefix than {given!r} (e.g. {given.strip() + '_2 '!r}) to map them as new batches"
     message = re.sub(rename, prefix, message)
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
@@ -1021,6 +1021,11 @@ def _check_model_dir(
     resolved = folder.resolve()
     if folder.name in ("", ".", "..") or resolved.name in ("", ".", ".."):
         raise SystemExit(f"error: {option} needs a folder name for the model, e.g. my_model/, got {model_dir!r}")
+    if folder.is_symlink():  # (first: where it points says nothing; a link to nowhere does not exist, but save refuses it)
+        raise SystemExit(
+            f"error: {model_dir} is a symbolic link, not a model folder; cellvae saves models only into folders: "
+            f"give {option} the folder the link points to, or a new one"
+        )
     blocked = next((path for path in (resolved, *resolved.parents) if path.exists() and not path.is_dir()), None)
     if blocked is not None:
         raise SystemExit(f"error: {option} {model_dir} cannot be made: {blocked} is a file")
@@ -1029,11 +1034,6 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
-    if folder.is_symlink():  # (a link to nowhere does not exist, but save refuses it too)
-        raise SystemExit(
-            f"error: {model_dir} is a symbolic link, not a model folder; cellvae saves models only into folders: "
-            f"give {option} the folder the link points to, or a new one"
-        )
     if folder.exists():
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")

@@ -145,7 +145,7 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
         raise KeyError(f"layer {layer!r} not found in adata.layers; available: {layer_names(adata)}{hint}")
     else:
         matrix = adata.layers[layer]
-        if adata.isbacked:
+        if adata.isbacked and viewed is None:  # (a view's layer is a new copy each time: its parent's was told above)
             _warn_about_an_in_memory_layer_of_a_backed_anndata(adata, layer, matrix)
     if not _is_readable(matrix):
         kind = f"{type(matrix).__module__}.{type(matrix).__name__}"

@@ -659,14 +659,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     RuntimeWarning,
                 )
             else:  # (a diverged model's latent space says nothing about collapse)
-                try:
-                    self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
-                except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:  # (e.g. the device's memory)
-                    data.warn_user(
-                        f"the posterior-collapse check after training failed ({type(error).__name__}: {error}); the model "
-                        "is trained: check model.kl_per_dimension() yourself",
-                        RuntimeWarning,
-                    )
+                self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
@@ -2299,9 +2292,18 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def _warn_if_collapsed(
         self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int, lr: float
     ) -> None:
-        """Warn if most latent dimensions carry nothing (encoded in training's minibatches: no more memory)."""
-        with diagnostics.evaluation(self.module, random_state):
-            kl, activity = diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)
+        """Warn if most latent dimensions carry nothing (encoded in training's minibatches: no more memory). A check
+        that fails (a device's quirk, its memory) warns too: the model it checks is trained, and kept."""
+        try:
+            with diagnostics.evaluation(self.module, random_state):
+                kl, activity = diagnostics.posterior_statistics(self.module, loader, cells, batch_size=batch_size)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+            data.warn_user(
+                f"the posterior-collapse check after training failed ({type(error).__name__}: {error}); the model is "
+                "trained: check model.kl_per_dimension() yourself",
+                RuntimeWarning,
+            )
+            return
         message = diagnostics.collapse_message(kl, activity, lr=lr)
         if message:
             data.warn_user(message, diagnostics.PosteriorCollapseWarning)

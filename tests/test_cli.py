@@ -1135,9 +1135,10 @@ def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path
     trained = []
     monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *args, **kwargs: trained.append(1))
     (tmp_path / "nowhere_link").symlink_to(tmp_path / "nowhere")  # a link to nothing
+    (tmp_path / "unwritable_link").symlink_to("/proc/nowhere/model")  # (told as a link, not as where it points)
     (tmp_path / "saved").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "saved", target_is_directory=True)
-    for link in ("nowhere_link", "link"):
+    for link in ("nowhere_link", "link", "unwritable_link"):
         command[command.index("--model-dir") + 1] = str(tmp_path / link)
         for overwrite in ([], ["--overwrite"]):  # (--overwrite would not help: no advice to pass it)
             with pytest.raises(SystemExit, match=r"is a symbolic link, not a model folder.*the folder the link points to"):
@@ -1162,7 +1163,7 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     advice = in_command_line_terms(str(told[0].message))  # as the shell shows it
     assert "Pass --batch-prefix 'query ' to map them as new batches" in advice and "Python" not in advice
     prefixed_already = in_command_line_terms(str(told[0].message), argparse.Namespace(batch_prefix="query "))
-    assert "Pass another --batch-prefix than 'query ' (e.g. 'query2 ')" in prefixed_already
+    assert "Pass another --batch-prefix than 'query ' (e.g. 'query_2 ')" in prefixed_already
     prefixed = [*command, "--out", str(tmp_path / "out.h5ad"), "--query-model-dir", str(tmp_path / "qmodel")]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -326,6 +326,15 @@ def test_read_h5ad_lazy_streams_counts_in_a_layer_which_backed_mode_reads_into_m
     viewed = ad.read_h5ad(tmp_path / "norm.h5ad", backed="r")
     with pytest.warns(UserWarning, match=told):  # a view of some cells of a file opened anew
         cellvae.CellVAE(viewed[:300], layer="counts", batch_key="batch")
+    dense = normalised.copy()  # a dense layer: a view's is a new array each time, told once all the same
+    dense.layers["counts"] = dense.layers["counts"].toarray()
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    viewed = ad.read_h5ad(tmp_path / "dense.h5ad", backed="r")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cellvae.CellVAE(viewed[:300], layer="counts", batch_key="batch")
+        cellvae.CellVAE(viewed[:, :40], layer="counts", batch_key="batch")
+    assert sum("backed mode reads every layer" in str(w.message) for w in caught) == 1
     reopened = ad.read_h5ad(tmp_path / "norm.h5ad", backed="r")  # read by a trained model: told too
     with pytest.warns(UserWarning, match=told):
         model.get_latent(reopened)

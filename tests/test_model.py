@@ -510,7 +510,11 @@ def test_outputs_take_float64_and_draw_counts_only_on_the_cpu_as_mps_needs(two_b
     with monkeypatch.context() as failing:  # a check after training that fails (a device's quirk, its memory) only warns
         failing.setattr(cellvae.diagnostics, "posterior_statistics", failing_check)
         with pytest.warns(RuntimeWarning, match=r"the posterior-collapse check after training failed \(TypeError"):
-            assert CellVAE(adata, n_hidden=16, n_latent=4).fit(max_epochs=1, progress=False).is_trained
+            reference = CellVAE(adata, batch_key="batch", n_hidden=16, n_latent=4).fit(max_epochs=1, progress=False)
+        query = adata.copy()
+        query.obs["batch"] = "new " + query.obs["batch"].astype(str)
+        with pytest.warns(RuntimeWarning, match=r"the posterior-collapse check after training failed \(TypeError"):
+            assert reference.map_query(query, max_epochs=1, lr=3e-3, progress=False).is_trained  # (checked above 1e-3)
     model._warn_if_collapsed(model._loader(adata, model.device)[0], np.arange(adata.n_obs), 128, 0, 1e-3)  # after fit
     model.marginal_log_likelihood(n_samples=3, progress=False)
     model.inference_gaps(adata[:4], n_steps=2, n_samples=3, n_elbo_samples=2, progress=False)
