@@ -814,7 +814,8 @@ def setup_distributed(device: torch.device) -> torch.device:
     """Join the process group when launched by ``torchrun``; return this process's device.
 
     ``torchrun --nproc_per_node=N`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; the group uses
-    nccl on CUDA and gloo on CPU. A group the caller initialised already is used as it is.
+    nccl on CUDA and gloo on CPU, and each process the GPU ``cuda:LOCAL_RANK``. A group the caller initialised
+    already is used as it is, on the GPU the caller chose (``device="cuda:N"``, or ``torch.cuda.set_device``).
     One process alone (no torchrun) is left untouched.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
