@@ -2237,7 +2237,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         categories = c.categorical_covariate_categories
         batches = c.batch_categories if c.batch_key else []
         # one row per category (and batch) in turn, not every combination: as many rows as the most categories
-        rows = max([len(names) for names in [*categories.values(), batches]], default=1)
+        rows = max([len(names) for names in [*categories.values(), batches] if len(names)], default=1)
         covariates = {key: [names[i % len(names)] for i in range(rows)] for key, names in categories.items()}
         covariates |= {key: mean for key, mean in zip(c.continuous_covariate_keys, c.continuous_covariate_mean)}
         batch = [batches[i % len(batches)] for i in range(rows)] if batches else None

@@ -267,6 +267,22 @@ def test_a_model_with_covariates_says_how_much_of_a_typical_cells_counts_missing
     assert abs(given - share) < 0.02 and share >= 0.1 and "may shift" in told
 
 
+def test_a_model_without_batches_says_how_much_of_a_typical_cells_counts_missing_genes_hold():
+    """A model with neither batches nor covariates decoded no rows: the share read "nan%" and the shift went untold."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=1, random_state=3)
+    model = cellvae.CellVAE(adata).fit(max_epochs=3, progress=False, random_state=0)
+    top = np.argsort(-np.asarray(adata.X.sum(0)).ravel())[:10]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.get_latent(adata[:, np.setdiff1d(np.arange(60), top)].copy())
+    told = [str(w.message) for w in caught]
+    assert not [m for m in told if "empty slice" in m or "invalid value" in m], told
+    missing = next(m for m in told if "are missing" in m)
+    share = model.decode(np.zeros((1, 10), dtype=np.float32), library_size=1.0)[0, top].sum()
+    given = float(re.search(r"the model gives them ([\d.]+)% of a typical cell's counts", missing)[1]) / 100
+    assert abs(given - share) < 0.001 and share >= 0.1 and "may shift" in missing
+
+
 def test_a_query_model_keeps_the_genes_its_query_lacks_as_missing_in_memory_and_on_disk(reference_and_query, tmp_path):
     """Genes the query never measured got statistics (and were called) by query_model.differential_expression() of an
     in-memory query, and query_model.fit() refused a query on disk that map_query had mapped."""
