@@ -2108,8 +2108,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Returns
         -------
         AnnData with ``X`` integer counts (CSR, float32), the model's genes as ``var_names``, ``obs``
-        holding the model's covariate columns (``obs[batch_key]`` etc.) and ``library_size``
-        (``generated_library_size`` where a covariate has that name), and the prior draws in ``obsm["z"]``.
+        holding the model's covariate columns (``obs[batch_key]`` etc., with the values and dtype of the model's
+        AnnData's columns, so that ``anndata.concat`` with real cells keeps one value per batch; text for a model
+        loaded without its AnnData) and ``library_size`` (``generated_library_size`` where a covariate has that
+        name), and the prior draws in ``obsm["z"]``.
         """
         _check_count(n_cells, "n_cells")
         _check_count(batch_size, "batch_size")
@@ -2183,11 +2185,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 bar.update(len(z[rows]))
         obs = frame.copy()
         obs.index = [f"generated{i}" for i in range(n_cells)]
-        # the batch and categorical covariates as categoricals in the model's order, as in its AnnData (the colours
-        # and order of plots of generated cells beside real ones)
+        # the batch and categorical covariates as categoricals in the model's order, with the values of its AnnData's
+        # column (the colours and order of plots of generated cells beside real ones, and one value per batch when
+        # both are concatenated)
         named = ({c.batch_key: c.batch_categories} if c.batch_key else {}) | c.categorical_covariate_categories
         for key, names in named.items():
-            obs[key] = pd.Categorical(data.as_text(obs[key]).astype(str), categories=names)
+            held = None if self.adata is None or key not in self.adata.obs.columns else self.adata.obs[key]
+            obs[key] = _as_held(pd.Categorical(data.as_text(obs[key]).astype(str), categories=names), held)
         # a covariate named library_size keeps its column
         obs["library_size" if "library_size" not in obs.columns else "generated_library_size"] = library
         generated = ad.AnnData(X=counts.matrix(), obs=obs, var=pd.DataFrame(index=list(c.gene_names)))
@@ -2866,6 +2870,22 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
             f"(layers: {data.layer_names(adata)}); if its counts are in X, add them: adata.layers[{layer!r}] = adata.X"
         )
     return data.count_matrix(adata, layer)
+
+
+def _as_held(names: pd.Categorical, held: pd.Series | None) -> pd.Categorical | pd.Index:
+    """Batch or covariate names (text) as the values of ``held``, the model's AnnData column they come from: numbers
+    as numbers of its dtype (categories where it is categorical); text where it holds text or is absent."""
+    if held is None:
+        return names
+    categorical = isinstance(held.dtype, pd.CategoricalDtype)
+    values = pd.Index(held.cat.categories if categorical else pd.unique(held.dropna()))
+    texts = values.astype(str)
+    where = texts.get_indexer(names.categories) if texts.is_unique else np.array([-1])
+    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty") or (where < 0).any():
+        return names
+    if categorical:
+        return pd.Categorical.from_codes(names.codes, categories=values[where])
+    return values[where].take(names.codes)
 
 
 def _align_query(

@@ -378,6 +378,30 @@ def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
     assert np.allclose(generated.obs["generated_library_size"], 1000)
 
 
+def test_generated_cells_carry_batch_and_covariate_values_as_the_anndata_holds_them(tmp_path):
+    """Donor numbers came back as text ('1015'): concatenated with the real cells each donor was two, and the
+    result could not be written."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=3, random_state=4)
+    adata.obs["donor"] = adata.obs["batch"].cat.codes.to_numpy().astype(np.int64) + 1015
+    adata.obs["site"] = pd.Categorical(np.where(np.arange(300) % 2 == 0, 7, 9))  # categorical of numbers
+    adata.obs["kind"] = np.where(np.arange(300) % 3 == 0, "a", "b")  # text stays text, as a categorical
+    model = CellVAE(adata, batch_key="donor", categorical_covariate_keys=["site", "kind"], n_hidden=16)
+    model.fit(max_epochs=1, progress=False, random_state=0)
+    generated = model.generate(60, random_state=0, progress=False)
+    assert generated.obs["donor"].dtype == np.int64 and set(generated.obs["donor"]) <= {1015, 1016, 1017}
+    assert list(generated.obs["site"].cat.categories) == [7, 9]
+    assert list(generated.obs["kind"].cat.categories) == ["a", "b"]
+    both = ad.concat({"real": adata, "generated": generated}, label="source")
+    assert both.obs["donor"].nunique() == 3 and both.obs["site"].nunique() == 2
+    both.write_h5ad(tmp_path / "both.h5ad")
+    # asked for by name, or by a model without its AnnData: the names asked for (text where none is held)
+    assert set(model.generate(5, batch=1016, random_state=0, progress=False).obs["donor"]) == {1016}
+    model.save(tmp_path / "model")
+    loaded = CellVAE.load(tmp_path / "model")
+    alone = loaded.generate(5, batch="1016", covariates={"site": 7, "kind": "a"}, library_size=500.0, progress=False)
+    assert list(alone.obs["donor"].astype(str)) == ["1016"] * 5
+
+
 # ----------------------------------------------------------------------------- a small simulated model: interpolate, latent_shift
 
 
