@@ -721,6 +721,7 @@ def run_map(args: argparse.Namespace) -> int:
         "query_batch_key": batch_key,
         "batch_prefix": args.batch_prefix or None,
         "mapping_epochs": int(len(query_model.history)),
+        "mapping_max_epochs": int(query_model.train_settings.max_epochs) if query_model.train_settings else None,
         "train_input_layer": args.train_input_layer,
         "query_model_dir": args.query_model_dir,
         "reference": args.reference,
@@ -952,7 +953,10 @@ def _record_embedding(
         # layer and batch_key as tl.embed and cellvae fit record them: None for X, or for no batches
         params = {"cellvae_version": CELLVAE_VERSION, "key_added": key_added, "model_dir": str(model_dir), "layer": layer}
         params["batch_key"] = model.config.batch_key
-        params |= {"epochs_trained": int(len(model.history))} | {k: v for k, v in (more or {}).items() if v is not None}
+        params |= {"epochs_trained": int(len(model.history))}
+        if model.train_settings is not None:  # the epochs the model was trained for (with early stopping, more)
+            params["max_epochs"] = int(model.train_settings.max_epochs)
+        params |= {k: v for k, v in (more or {}).items() if v is not None}
         adata.uns[uns_key] = {**(record or {}), "params": params}
     _warn_if_graph_is_stale(adata, key_added, replaced)
 

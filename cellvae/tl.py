@@ -243,9 +243,9 @@ def embed(
     where it embedded the cells and runs its outputs (:meth:`~cellvae.CellVAE.to_device` moves it). Writes
     ``adata.obsm[key_added]`` and its settings in ``adata.uns["cellvae"]["params"]``
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
-    each embedding keeps its own record): the arguments given, the epochs trained and the epoch kept
-    (``best_epoch``; the last one: still improving), the device it trained on and, on a CPU, ``torch_threads``
-    (bitwise reproducibility needs the same count).
+    each embedding keeps its own record): the arguments given, ``max_epochs`` (the number picked where None), the
+    epochs trained and the epoch kept (``best_epoch``; the last one: still improving), the device it trained on
+    and, on a CPU, ``torch_threads`` (bitwise reproducibility needs the same count).
     """
     key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
     random_state = _check_seed(random_state)  # before the counts are read and checked
@@ -262,6 +262,9 @@ def embed(
         "batch_key": batch_key,
         "random_state": random_state,
         "epochs_trained": int(len(model.history)),
+        # the epochs asked for (resolved where None): with early stopping they set the warm-up and the horizon, so
+        # rerunning with max_epochs=epochs_trained would give another model
+        "max_epochs": int(model.train_settings.max_epochs),
     }
     if mask_var is not None:  # (a mask given as an array is not stored: the model's genes are in its config)
         params["mask_var"] = mask_var if isinstance(mask_var, str) else f"{model.config.n_genes} genes"

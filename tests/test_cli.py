@@ -364,7 +364,8 @@ def test_embed_replaces_an_earlier_fits_record_and_says_its_graph_is_stale(tmp_p
     assert main(command) == 0
     assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
     params = ad.read_h5ad(tmp_path / "e.h5ad").uns["cellvae"]["params"]
-    assert params["epochs_trained"] == 3 and params["batch_key"] is None and params["model_dir"] == str(tmp_path / "other")
+    assert params["epochs_trained"] == params["max_epochs"] == 3 and params["batch_key"] is None
+    assert params["model_dir"] == str(tmp_path / "other")
     # a file whose UMAP was made otherwise (scanpy's PCA) and that held no embedding of this key: nothing to tell
     scanpy_made = ad.read_h5ad(tmp_path / "in.h5ad")
     scanpy_made.obsm["X_umap"] = np.zeros((scanpy_made.n_obs, 2), dtype=np.float32)
@@ -1054,7 +1055,8 @@ def test_map_embeds_the_query_in_the_references_space_and_transfers_its_labels(r
     assert mapped.obs["cell_type_uncertainty"].between(0, 1).all() and mapped.obs["cell_type_novelty"].between(0, 1).all()
     params = mapped.uns["cellvae"]["params"]
     assert params["model_dir"] == str(model) and params["query_model_dir"] == str(query_model)
-    assert params["labels_key"] == "cell_type" and 1 <= params["mapping_epochs"] <= 20 and params["epochs_trained"] == 40
+    assert params["labels_key"] == "cell_type" and 1 <= params["mapping_epochs"] <= params["mapping_max_epochs"] == 20
+    assert params["epochs_trained"] == params["max_epochs"] == 40
     assert params["k"] == 15 and not {"unknown_threshold", "novelty_threshold", "soft"} & set(params)  # the vote's settings
     assert folder_bytes(model) == before  # the reference model is only read
     # the saved query model embeds the query as written, and the reference as the reference model does (frozen)

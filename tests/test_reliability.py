@@ -347,6 +347,21 @@ def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path
     assert list(stored["categorical_covariate_keys"]) == ["donor"] and stored["epochs_trained"] == 1
 
 
+def test_embeds_record_holds_the_epochs_asked_for_so_an_early_stopped_fit_can_be_rerun():
+    """max_epochs was not recorded: with early stopping, rerunning with max_epochs=epochs_trained gave another model
+    (a shorter warm-up and horizon)."""
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=40, random_state=5)
+    cellvae.tl.embed(adata, max_epochs=40, progress=False, n_hidden=16, fit_kwargs={"patience": 1})
+    params = adata.uns["cellvae"]["params"]
+    assert params["max_epochs"] == 40 and params["epochs_trained"] < 40  # it stopped early
+    again = cellvae.datasets.simulate(n_cells=400, n_genes=40, random_state=5)
+    cellvae.tl.embed(again, max_epochs=params["max_epochs"], progress=False, n_hidden=16, fit_kwargs={"patience": 1})
+    np.testing.assert_array_equal(again.obsm["X_cellvae"], adata.obsm["X_cellvae"])
+    small = cellvae.datasets.simulate(n_cells=60, n_genes=20, random_state=5)
+    cellvae.tl.embed(small, progress=False, n_hidden=8)  # max_epochs=None: the number picked is recorded
+    assert small.uns["cellvae"]["params"]["max_epochs"] == cellvae.train.default_max_epochs(48)  # its training cells
+
+
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
     reference, query = messy[:150].copy(), messy[150:].copy()
     reference.obsm["X_cellvae"] = trained.get_latent(reference)
