@@ -853,13 +853,15 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
     the place they were read from (``layer``, given with --layer) instead; where those values are no counts, the
     advice is the option's: leave out --layer to read them where the model was trained, where ``adata`` holds counts
     there (checked in memory only: a backed file is not read for advice), and rounding where the error advised it."""
-    from cellvae.data import count_matrix, counts_location, is_backed_matrix, validate_counts
+    from cellvae.data import NO_COUNTS_ELSEWHERE, count_matrix, counts_location, is_backed_matrix, validate_counts
 
     try:
         yield
     except (ValueError, TypeError) as error:
+        if adata.isbacked and adata.raw is not None and NO_COUNTS_ELSEWHERE in str(error):  # (raw was left out)
+            error = type(error)(str(error).split(NO_COUNTS_ELSEWHERE)[0].rstrip())
         if layer == model_layer:
-            raise
+            raise error
         moved_from, moved_to = counts_location(layer), counts_location(model_layer)
         message = str(error).replace(moved_to, moved_from)
         no_counts = re.match(r"(.* has (?:non-integer|negative) values .*?; it looks [^.]*)\.", message)
@@ -935,8 +937,13 @@ def _counts_where_model_reads(
     if batches_from is not None:
         obs = obs.copy()
         obs[batches_from[1]] = obs[batches_from[0]]
-    names = {"obs": obs, "var": pd.DataFrame(index=genes)}
-    return ad.AnnData(X=counts, **names) if model_layer is None else ad.AnnData(layers={model_layer: counts}, **names)
+    # the other layers and (in memory: a backed file's would be read) raw ride along, not copied, for the advice of
+    # errors about the counts, which names another place holding counts
+    names = {"obs": obs, "var": pd.DataFrame(index=genes), "raw": None if adata.isbacked else adata.raw}
+    layers = {name: matrix for name, matrix in adata.layers.items() if name != model_layer}
+    if model_layer is None:
+        return ad.AnnData(X=counts, layers=layers, **names)
+    return ad.AnnData(layers=layers | {model_layer: counts}, **names)
 
 
 def _record_embedding(

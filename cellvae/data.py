@@ -301,6 +301,9 @@ def _looks_like_counts(matrix) -> bool:
         )
 
 
+NO_COUNTS_ELSEWHERE = "Here neither"  # begins the advice where no layer nor raw holds counts
+
+
 @contextmanager
 def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -> Iterator[None]:
     """Inside: an error about the values of the counts (``adata.X`` or ``layers[layer]``) also names ``X`` (where
@@ -338,6 +341,13 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                     "" if trained else f", then pass layer={target!r}"
                 )
             raise ValueError(f"{error}. adata.raw.X holds whole counts: {fix}") from None
+        if "layer=..." in str(error):  # the general advice, which names places: none of this AnnData holds counts
+            elsewhere = "adata.raw nor a layer" if raw is not None else "a layer (nor adata.raw: there is none)"
+            raise ValueError(
+                f"{error} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from their source "
+                "(e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
+                "(adata.layers['counts']) before normalising"
+            ) from None
         raise
 
 
@@ -1299,7 +1309,7 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
     # booleans written as 0/1 (or 0.0/1.0), or 0/1 written as booleans
     flags = {"0": "False", "1": "True", "0.0": "False", "1.0": "True", "False": "0", "True": "1"}
     retyped = [value for value in new if flags.get(value) in known_names]
-    if retyped and set(new) <= set(flags):
+    if retyped and set(new) <= set(flags) and known_names <= set(flags):  # (1/2 are no flags: .astype(int) gives 0/1)
         to_bool = retyped[0] not in ("False", "True")
         written, meant = ("0/1", "True/False") if to_bool else ("True/False", "0/1")
         return (

@@ -2340,7 +2340,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
         # model genes the data lacks are read as zero counts, as in map_query
-        columns = None if names.equals(genes) else _gene_positions(names, genes, "adata", adata.var, self._typical_share)
+        columns = None
+        if not names.equals(genes):
+            columns = _gene_positions(names, genes, "adata", adata.var, self._typical_share, _raw_gene_names(adata))
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
@@ -2906,7 +2908,9 @@ def _align_query(
                 "query_adata.to_memory()"
             )
     data.validate_counts(matrix, "query " + data.counts_location(config.layer))
-    positions = _gene_positions(data.gene_names(query), pd.Index(config.gene_names), "query_adata", query.var, share_of)
+    positions = _gene_positions(
+        data.gene_names(query), pd.Index(config.gene_names), "query_adata", query.var, share_of, _raw_gene_names(query)
+    )
     if isinstance(matrix, data.BackedView):
         return query
     obs = query.obs.copy()
@@ -2950,11 +2954,13 @@ def _gene_positions(
     name: str,
     var: pd.DataFrame | None = None,
     share_of: Callable[[np.ndarray], float | None] | None = None,
+    raw_names: pd.Index | None = None,
 ) -> np.ndarray:
     """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
     warning names the missing ones (and, with ``share_of``, a model's :meth:`CellVAE._typical_share`, the share of
     a typical cell's counts they hold), and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error (which
-    names a column of ``var`` that holds the model's genes, or versioned Ensembl IDs, where that is why)."""
+    names a column of ``var`` that holds the model's genes, versioned Ensembl IDs, or ``raw`` holding them
+    (``raw_names``: a subset of variable genes whose counts stayed in ``adata.raw``), where that is why)."""
     positions = data.gene_positions(var_names, model_genes, name)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
@@ -2965,6 +2971,7 @@ def _gene_positions(
             f"{name}.var_names (at least {MIN_QUERY_GENE_FRACTION:.0%} needed); missing e.g. {missing[:5].tolist()}. "
             + (
                 _where_the_models_genes_are(var_names, model_genes, name, var)
+                or _raw_holds_the_models_genes(raw_names, model_genes, name)
                 or "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
             )
         )
@@ -3013,6 +3020,22 @@ def _versions_advice(var_names: pd.Index, missing: pd.Index, name: str) -> str:
     return (
         f"{int(found.sum())} of them are in {name} with an Ensembl version the model's lack (e.g. "
         rf"{example!r}): drop the versions first, {name}.var_names = {name}.var_names.str.replace(r'\.\d+$', '', regex=True)"
+    )
+
+
+def _raw_gene_names(adata: ad.AnnData) -> pd.Index | None:
+    raw = getattr(adata, "raw", None)
+    return None if raw is None else pd.Index(raw.var_names)
+
+
+def _raw_holds_the_models_genes(raw_names: pd.Index | None, model_genes: pd.Index, name: str) -> str:
+    """Advice where ``adata.raw`` holds the model's genes that ``var_names`` lack (variable genes kept, the others in
+    ``raw``); else ''."""
+    if raw_names is None or model_genes.isin(raw_names).mean() < MIN_QUERY_GENE_FRACTION:
+        return ""
+    return (
+        f"{name}.raw holds the model's genes ({name} keeps a subset, e.g. its highly variable genes): give the model "
+        f"{name}.raw.to_adata() (its genes are matched by name), if raw keeps the counts"
     )
 
 

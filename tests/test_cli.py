@@ -842,6 +842,37 @@ def test_counts_in_a_layer_are_named_with_the_layer_option_when_x_is_normalised(
     assert main([*embed, "--layer", "counts"]) == 0
 
 
+def test_a_file_read_by_another_genes_column_is_told_which_layer_holds_its_counts(tmp_path):
+    """With --var-names the model reads an AnnData of the counts alone: the error could not name the layer that holds
+    counts and told to fix the file in Python beside --layer; it names the layer, and says nothing of raw where it
+    could not look (a backed file's raw is not read)."""
+    assert main(fit_args(tmp_path, n_cells=200, n_genes=40) + ["--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    ids = ad.read_h5ad(tmp_path / "in.h5ad")
+    ids.var["feature_name"] = ids.var_names
+    ids.var_names = [f"ENSG{i:011d}" for i in range(ids.n_vars)]
+    ids.layers["counts"] = ids.X.copy()
+    sc.pp.normalize_total(ids)
+    ids.write_h5ad(tmp_path / "ids.h5ad")
+    embed = ["embed", str(tmp_path / "ids.h5ad"), "--model-dir", str(tmp_path / "model"), "--var-names", "feature_name"]
+    embed += ["--out", str(tmp_path / "embedded.h5ad"), "--quiet"]
+    for backed in ([], ["--backed"]):
+        with pytest.raises(SystemExit) as told:
+            main([*embed, *backed])
+        assert "adata.layers['counts'] holds whole counts: pass --layer counts" in str(told.value), backed
+        assert "fix the file in Python" not in str(told.value) and "Here neither" not in str(told.value), backed
+    assert main([*embed, "--layer", "counts"]) == 0  # as advised
+    del ids.layers["counts"]
+    ids.raw = ad.read_h5ad(tmp_path / "in.h5ad")  # counts in raw, which a backed read leaves on disk
+    ids.write_h5ad(tmp_path / "raw.h5ad")
+    embed[1] = str(tmp_path / "raw.h5ad")
+    embed[embed.index("--out") + 1] = str(tmp_path / "from_raw.h5ad")
+    with pytest.raises(SystemExit, match=r"adata\.raw\.X holds whole counts"):
+        main(embed)
+    with pytest.raises(SystemExit) as told:
+        main([*embed, "--backed"])
+    assert "non-integer values" in str(told.value) and "Here neither" not in str(told.value)
+
+
 def test_a_backed_file_without_x_is_told_to_name_its_counts_layer(tmp_path):
     """anndata's backed X raises h5py's KeyError where the file has no X: the same advice as in memory."""
     assert main(fit_args(tmp_path, n_cells=200, n_genes=40) + ["--epochs", "1", "--quiet", "--embedding-only"]) == 0

@@ -604,6 +604,27 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     np.testing.assert_array_equal(model.get_latent(plain), model.get_latent(adata))
 
 
+def test_variable_genes_whose_counts_stayed_in_raw_and_flags_for_numbered_batches_get_the_right_advice(two_batches):
+    """A trained model given scanpy's variable genes (log-normalised, all genes' counts in raw) was told to check
+    gene identifiers; a True/False batch column was told .astype(int) where the model's batches are 1 and 2."""
+    adata = two_batches[:200].copy()
+    adata.obs["run"] = np.where(adata.obs["batch"] == adata.obs["batch"].iloc[0], 1, 2)
+    model = CellVAE(adata, batch_key="run").fit(max_epochs=1, progress=False)
+    variable = adata.copy()
+    variable.raw = variable.copy()
+    sc.pp.normalize_total(variable)
+    sc.pp.log1p(variable)
+    variable = variable[:, : adata.n_vars // 2].copy()
+    with pytest.raises(ValueError, match=r"adata\.raw holds the model's genes.*give the model adata\.raw\.to_adata\(\)"):
+        model.get_latent(variable)
+    np.testing.assert_array_equal(model.get_latent(variable.raw.to_adata()), model.get_latent(adata))  # as advised
+    flagged = adata.copy()
+    flagged.obs["run"] = flagged.obs["run"] == 1
+    with pytest.raises(ValueError, match="categories unseen in training") as told:
+        model.get_latent(flagged)
+    assert "astype(int)" not in str(told.value)  # (0/1 are not the model's 1/2)
+
+
 def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_counts(two_batches):
     """scanpy's workflow keeps the counts in layers['counts'] or adata.raw before normalize_total and log1p:
     the error points there, and its advice works."""
@@ -649,7 +670,13 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     del normalised_only.layers["counts"], normalised_only.layers["spliced"]
     with pytest.raises(ValueError, match="looks normalised") as refused:
         CellVAE(normalised_only, batch_key="batch")
-    assert "holds whole counts" not in str(refused.value)  # nothing to point to
+    assert "] holds whole counts" not in str(refused.value)  # nothing to point to: where counts come from instead
+    assert "Here neither a layer (nor adata.raw: there is none) holds whole counts: read the raw counts again" in str(
+        refused.value
+    )
+    normalised_only.raw = normalised_only  # scanpy's habit, after log1p: raw holds no counts either
+    with pytest.raises(ValueError, match=r"Here neither adata\.raw nor a layer holds whole counts: read the raw counts"):
+        CellVAE(normalised_only, batch_key="batch")
     # a trained model reads where it was trained (here X): the hint says how to give it the counts
     model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
     expected = model.get_latent(adata)
