@@ -2000,7 +2000,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         optimisation per cell, so pass a subset of cells for large data. With ``beta ≠ 1`` the encoder
         was trained for ``distortion + beta·rate``, not the ELBO refined here, so the amortization gap
         also holds that difference of objectives. Measure on held-out cells: the encoder fits the cells it
-        trained on better, so their gap is smaller (tutorial 03, Kang: 2.25 against 3.95 nats per cell). The
+        trained on better, so their gap is smaller (tutorial 03, Kang: 2.21 against 3.98 nats per cell). The
         standard error of a mean gap over cells is their gaps' sd / √n (the per-cell ``*_se`` are only the
         Monte Carlo part of each). Like :meth:`marginal_log_likelihood`, the ELBOs and ``log_px`` are
         conditional on each cell's observed library size, batch and covariates.
