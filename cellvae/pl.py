@@ -5,7 +5,8 @@ unless, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save`
 forms: ``True`` (or ``""``), or a text suffix that starts with ``_`` or ``.`` (``"_kang.png"``, ``".pdf"``),
 writes ``<figdir>/<function name><suffix>`` (scanpy's ``sc.settings.figdir``, ``./figures`` without scanpy,
 made on saving; the format from the suffix, else scanpy's ``sc.settings.file_format_figs``, ``pdf``); any
-other text, and any ``Path``, is a file path, written as given (``.png`` added where it has no suffix).
+other text, and any ``Path``, is a file path, written as given (``.png`` added where it has no suffix of letters:
+``"umap_beta0.5"`` is written as ``umap_beta0.5.png``).
 Figures are saved at matplotlib's ``savefig.dpi`` (``sc.set_figure_params(dpi_save=...)`` sets it), 150
 where it is left at ``"figure"``. As in scanpy, a figure the function made and saved is then closed (after
 showing it), so saving in a loop does not pile up figures.
@@ -24,9 +25,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.ticker import MaxNLocator
 
 from cellvae import diagnostics
 from cellvae.model import CellVAE, _check_model, _check_threshold
+
+MAX_LABELLED_DIMENSIONS = 40  # kl_per_dimension names each bar's dimension up to this many
 
 __all__ = ["history", "kl_per_dimension", "rate_distortion"]
 
@@ -74,9 +78,7 @@ def history(
     elif one_axes:
         axes = [ax, ax.twinx()]
     else:
-        axes = list(ax)
-        if len(axes) != 2:
-            raise ValueError(f"ax must be one Axes or two (distortion, rate), got {len(axes)}")
+        axes = _two_axes(ax)
     quantities = (("distortion", "distortion −E[log p(x|z)]", "C0"), ("rate", "rate KL(q‖p)", "C1"))
     for axis, (quantity, title, colour) in zip(axes, quantities):
         for split, style in (("train", "-"), ("validation", "--")):
@@ -92,6 +94,7 @@ def history(
             kept = frame.attrs["best_epoch"]
             axis.axvline(kept, color="0.6", linestyle=":", linewidth=1, label=f"kept (epoch {kept})")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axis.set_ylabel(f"{quantity}, nats per cell" if one_axes else "nats per cell")
         axis.grid(False)
         if not one_axes:
@@ -163,6 +166,8 @@ def rate_distortion(
     made = ax is None
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 3.5))
+    else:
+        _check_one_axes(ax)
     curves = frame.groupby(["group", "beta"], sort=False, dropna=False)[["rate", "distortion"]].mean().reset_index()
     repeated = len(curves) < len(frame)
     if repeated:  # each row of a repeated beta, under the curve of their means
@@ -225,15 +230,20 @@ def kl_per_dimension(
     _check_model(model)
     target = _save_target(save, "kl_per_dimension")
     _check_threshold(threshold)
+    if ax is not None:
+        _check_one_axes(ax)
     kl, activity = model._posterior_statistics(adata, batch_size, progress, "kl_per_dimension")  # as active_units
     order = np.argsort(-kl)
     made = ax is None
-    if ax is None:
-        _, ax = plt.subplots(figsize=(max(3.0, 0.3 * len(kl) + 1.5), 3.0))
+    if ax is None:  # a bar per dimension, up to a page's width
+        _, ax = plt.subplots(figsize=(min(12.0, max(3.0, 0.3 * len(kl) + 1.5)), 3.0))
     colors = np.where(activity[order] > threshold, "tab:blue", "lightgrey")
     ax.bar(np.arange(len(kl)), kl[order], color=colors)
-    ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize=7)
-    ax.set_xlabel("latent dimension")
+    if len(kl) <= MAX_LABELLED_DIMENSIONS:
+        ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize=7)
+        ax.set_xlabel("latent dimension")
+    else:  # too many to read: ranks only
+        ax.set_xlabel("latent dimensions, largest KL first")
     ax.set_ylabel("KL (nats per cell)")
     ax.axhline(diagnostics.COLLAPSED_KL, color="grey", lw=0.8, ls=":")
     n_active, n_informative = int((activity > threshold).sum()), int((kl >= diagnostics.COLLAPSED_KL).sum())
@@ -241,6 +251,20 @@ def kl_per_dimension(
     ax.grid(False)
     shown = _finish(ax.figure, show, target, made=made)
     return None if shown else ax
+
+
+def _check_one_axes(ax) -> None:
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax takes one matplotlib Axes (e.g. from plt.subplots()), got {type(ax).__name__} {ax!r:.60}")
+
+
+def _two_axes(ax) -> list[Axes]:
+    """``ax`` of :func:`history` given as two Axes (a list, tuple or array of them), checked."""
+    axes = list(np.ravel(np.asarray(ax, dtype=object))) if isinstance(ax, (list, tuple, np.ndarray)) else None
+    if axes is None or len(axes) != 2 or not all(isinstance(axis, Axes) for axis in axes):
+        got = f"{len(axes)} items" if axes is not None and len(axes) != 2 else f"{type(ax).__name__} {ax!r:.60}"
+        raise TypeError(f"ax takes one matplotlib Axes or two (distortion, rate), e.g. plt.subplots(1, 2)[1]; got {got}")
+    return axes
 
 
 def _save_target(save, name: str) -> Path | None:
@@ -265,6 +289,8 @@ def _save_target(save, name: str) -> Path | None:
     if not Path(text).resolve().parent.is_dir():
         raise FileNotFoundError(f"the folder of save={text!r} does not exist; create it first")
     suffix = Path(text).suffix.lstrip(".").lower()
+    if not suffix.isalpha():  # a dot inside the name ("umap_beta0.5", "run.v2"): no format
+        suffix = ""
     if suffix and suffix not in kinds:
         raise ValueError(f"save={text!r}: matplotlib cannot write .{suffix} files; use one of {sorted(kinds)}")
     return Path(text) if suffix else Path(text + ".png")

@@ -1143,7 +1143,13 @@ def latent_shift(
     ]
     if not usable:
         where = f"no {stratify} holds" if stratify else "they do not hold"
-        raise ValueError(f"the reference cells cannot give the shift: {where} both {source!r} and {target!r} cells")
+        left_out = (
+            f" (the apply_to cells, {len(shifted)}, are left out of the reference where reference=None: pass "
+            "reference=... to name the cells whose groups give the shift)"
+            if reference is None
+            else ""
+        )
+        raise ValueError(f"the reference cells cannot give the shift: {where} both {source!r} and {target!r} cells{left_out}")
     latent = model.get_latent(adata, progress=progress)
     deltas = [latent[here & (groups == target)].mean(0) - latent[here & (groups == source)].mean(0) for here in usable]
     delta = np.mean(deltas, axis=0).astype(np.float32)

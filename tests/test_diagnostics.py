@@ -129,7 +129,7 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         f"kept (epoch {kept})",
     ]
     plt.close(one.figure)
-    with pytest.raises(ValueError, match="ax must be one Axes or two"):
+    with pytest.raises(TypeError, match=r"ax takes one matplotlib Axes or two \(distortion, rate\).*got 3 items"):
         cellvae.pl.history(model, ax=plt.subplots(1, 3)[1], show=False)
     figure = tmp_path / "history.png"  # save= writes the path as given
     open_figures = len(plt.get_fignums())
@@ -679,6 +679,43 @@ def test_saving_into_the_callers_axes_leaves_the_callers_figure_open(small_model
     cellvae.pl.history(small_model, ax=axes, save=tmp_path / "history.png")
     assert plt.fignum_exists(figure2.number)
     plt.close("all")
+
+
+def test_plots_refuse_what_is_no_axes_and_save_names_with_a_dot_get_png(small_model, tmp_path):
+    """ax="foo" was counted as 3 Axes, a 2 × 2 array or a Figure failed inside matplotlib; "hist_beta0.5" was
+    refused as a .5 file."""
+    sweep = pd.DataFrame({"beta": [0.5, 1.0], "rate": [9.0, 5.0], "distortion": [100.0, 104.0]})
+    figure, grid = plt.subplots(2, 2)
+    open_figures = plt.get_fignums()
+    for wrong in ("foo", grid, [None, None], figure):
+        with pytest.raises(TypeError, match="ax takes one matplotlib Axes or two"):
+            cellvae.pl.history(small_model, ax=wrong, show=False)
+    for wrong in (list(grid[0]), figure, "foo"):
+        with pytest.raises(TypeError, match=r"ax takes one matplotlib Axes \(e.g. from plt.subplots\(\)\), got"):
+            cellvae.pl.kl_per_dimension(small_model, ax=wrong, show=False)
+        with pytest.raises(TypeError, match=r"ax takes one matplotlib Axes \(e.g. from plt.subplots\(\)\), got"):
+            cellvae.pl.rate_distortion(sweep, ax=wrong, show=False)
+    assert plt.get_fignums() == open_figures  # refused before drawing
+    distortion, _ = cellvae.pl.history(small_model, ax=grid[0], show=False)  # a row of an array of Axes: two Axes
+    assert distortion is grid[0, 0]
+    assert all(float(tick).is_integer() for tick in distortion.get_xticks())  # epochs: whole numbers
+    plt.close(figure)
+    cellvae.pl.rate_distortion(sweep, save=tmp_path / "rd_beta0.5", show=False)
+    cellvae.pl.rate_distortion(sweep, save=str(tmp_path / "run.v2"), show=False)
+    assert (tmp_path / "rd_beta0.5.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "run.v2.png").exists()
+    with pytest.raises(ValueError, match=r"matplotlib cannot write \.pnng files"):  # a misspelt format is still told
+        cellvae.pl.rate_distortion(sweep, save=tmp_path / "rd.pnng", show=False)
+    plt.close("all")
+
+
+def test_kl_per_dimension_of_many_dimensions_fits_a_page():
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=80, random_state=0)
+    model = cellvae.CellVAE(adata, n_latent=60, n_hidden=16).fit(max_epochs=1, progress=False)
+    ax = cellvae.pl.kl_per_dimension(model, show=False, progress=False)
+    assert ax.figure.get_size_inches()[0] <= 12 and len(ax.patches) == 60
+    assert len(ax.get_xticks()) < 60  # matplotlib's own ticks, not 60 names
+    assert ax.get_xlabel() == "latent dimensions, largest KL first"
+    plt.close(ax.figure)
 
 
 def test_kl_per_dimension_greys_out_the_inactive_dimension_each_bar_names(small_model):

@@ -455,6 +455,9 @@ def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
     stim_cells = np.flatnonzero(stim)[:2]
     with pytest.warns(UserWarning, match=r"2 of the 5 apply_to cells are 'stim' cells already: the shift takes them past it"):
         cellvae.tl.latent_shift(small_model, cells, apply_to=np.r_[np.flatnonzero(apply_to)[:3], stim_cells], **shift)
+    # every 'stim' cell shifted, none left to give the shift: the message says why (reference=None leaves them out)
+    with pytest.raises(ValueError, match=r"do not hold both 'ctrl' and 'stim' cells \(the apply_to cells, 120, are left out"):
+        cellvae.tl.latent_shift(small_model, cells, groupby="condition", source="ctrl", target="stim", apply_to=stim)
 
 
 def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_target(cells):
