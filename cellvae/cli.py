@@ -100,6 +100,11 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
     message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
+    # the model's genes, in a fix made in Python: read from the saved model (the command line's model has no name)
+    model_dir = str(getattr(args, "model_dir", None) or "MODEL_DIR")
+    message = message.replace(
+        "model.config.gene_names", f"cellvae.CellVAE.load({model_dir!r}, load_anndata=False).config.gene_names"
+    )
     # (not scanpy's own: sc.pp.neighbors(..., key_added='...'))
     message = re.sub(r"(?<!\.\.\., )\bkey_added='([^']*)'", lambda found: f"--key-added {shlex.quote(found[1])}", message)
     message = message.replace("another key_added", "another --key-added")

@@ -1598,7 +1598,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             which reads layers into memory; ``X`` or a layer of :func:`cellvae.read_h5ad_lazy` or
             :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must hold its batches
             in the reference's batch key). Cells with zero total counts are left out of
-            mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them).
+            mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them). Mapping new batches
+            or categories trains on at least 10 cells with counts.
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
             batch whose name is already a reference batch is treated as that reference batch
@@ -1729,7 +1730,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", "query_adata")
         cells = nonempty
         if len(cells) < data.MIN_CELLS:
-            raise ValueError(f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}")
+            raise ValueError(
+                f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}: the new batches' "
+                "parameters are trained on them; map the new batches' cells together (cells of the reference's own "
+                "batches need no mapping: embed them with model.get_latent)"
+            )
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
         # every new batch and new covariate category gets training cells, or its parameters stay at zero
@@ -2959,8 +2964,9 @@ def _gene_positions(
     """Position of each model gene in ``var_names``, -1 where it is missing (read as zero counts): a
     warning names the missing ones (and, with ``share_of``, a model's :meth:`CellVAE._typical_share`, the share of
     a typical cell's counts they hold), and fewer than ``MIN_QUERY_GENE_FRACTION`` present is an error (which
-    names a column of ``var`` that holds the model's genes, versioned Ensembl IDs, or ``raw`` holding them
-    (``raw_names``: a subset of variable genes whose counts stayed in ``adata.raw``), where that is why)."""
+    names a column of ``var`` that holds the model's genes, versioned Ensembl IDs, ``raw`` holding them
+    (``raw_names``: a subset of variable genes whose counts stayed in ``adata.raw``) or names in another case, where
+    that is why)."""
     positions = data.gene_positions(var_names, model_genes, name)
     present = positions >= 0
     if present.mean() < MIN_QUERY_GENE_FRACTION:
@@ -2972,6 +2978,7 @@ def _gene_positions(
             + (
                 _where_the_models_genes_are(var_names, model_genes, name, var)
                 or _raw_holds_the_models_genes(raw_names, model_genes, name)
+                or _case_advice(var_names, missing, name)
                 or "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
             )
         )
@@ -2985,11 +2992,13 @@ def _gene_positions(
                 "; the likelihood scores count them as observed zeros, so compare them only with scores of data "
                 "lacking the same genes"
             )
-        versioned = _versions_advice(var_names, model_genes[~present], name)
+        named_otherwise = _versions_advice(var_names, model_genes[~present], name) or _case_advice(
+            var_names, model_genes[~present], name
+        )
         data.warn_user(
             f"{int((~present).sum())} of the model's {len(model_genes)} genes are missing from {name} "
             f"(e.g. {model_genes[~present][:3].tolist()}); they are filled with zero counts{held}"
-            + (f". {versioned}" if versioned else ""),
+            + (f". {named_otherwise}" if named_otherwise else ""),
             UserWarning,
         )
     return positions
@@ -3020,6 +3029,23 @@ def _versions_advice(var_names: pd.Index, missing: pd.Index, name: str) -> str:
     return (
         f"{int(found.sum())} of them are in {name} with an Ensembl version the model's lack (e.g. "
         rf"{example!r}): drop the versions first, {name}.var_names = {name}.var_names.str.replace(r'\.\d+$', '', regex=True)"
+    )
+
+
+def _case_advice(var_names: pd.Index, missing: pd.Index, name: str) -> str:
+    """Advice where model genes missing from ``var_names`` are there in another case (``cd3e`` for ``CD3E``); else ''."""
+    names = pd.Index(var_names, dtype=object).astype(str)
+    by_case = dict(zip(names.str.casefold(), names))
+    missing = pd.Index(missing, dtype=object).astype(str)
+    found = [(gene, by_case[gene.casefold()]) for gene in missing if gene.casefold() in by_case and gene not in names]
+    if not found:
+        return ""
+    gene, written = found[0]
+    return (
+        f"{len(found)} of them are in {name} in another case (e.g. {gene!r} as {written!r}): if they are the same "
+        "genes (not another species' orthologs, as mouse Cd3e and human CD3E), name them as the model does first, "
+        f"e.g. lookup = {{g.casefold(): g for g in model.config.gene_names}}; {name}.var_names = "
+        f"{name}.var_names.map(lambda g: lookup.get(g.casefold(), g))"
     )
 
 

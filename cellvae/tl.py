@@ -385,6 +385,8 @@ def transfer_labels(
         if threshold is not None and not (is_number and 0.0 <= threshold <= 1.0):
             raise ValueError(f"{name} must be a number in [0, 1] or None, got {threshold!r}")
     labelled = _voting_cells(ref_adata, labels_key, k, unlabeled_category, novelty_threshold)
+    if query_adata.n_obs == 0:
+        raise ValueError(f"query_adata has no cells (0 × {query_adata.n_vars} genes): there is nothing to label")
     k = int(k)
     n_jobs = _n_jobs(n_jobs)
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
@@ -423,6 +425,13 @@ def transfer_labels(
     novelty = _novelty(voters, reference[labelled], distances, k)
     categories = list(names)
     if unknown_threshold is not None or novelty_threshold is not None:
+        if "Unknown" in map(str, names):  # cells voted "Unknown" would be told from those over a threshold by nothing
+            warn_user(
+                f"ref_adata.obs[{labels_key!r}] has a label 'Unknown', the label of query cells over unknown_threshold "
+                "or novelty_threshold too, so the two share one label; pass unlabeled_category='Unknown' if those "
+                "reference cells are unlabelled, or rename that label",
+                UserWarning,
+            )
         if not all(isinstance(name, str) for name in categories):  # one type per column, or h5ad cannot store it
             predicted, categories = predicted.astype(str).astype(object), [str(name) for name in categories]
         unknown = np.zeros(len(query), dtype=bool)

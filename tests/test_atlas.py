@@ -267,6 +267,50 @@ def test_a_model_with_covariates_says_how_much_of_a_typical_cells_counts_missing
     assert abs(given - share) < 0.02 and share >= 0.1 and "may shift" in told
 
 
+def test_genes_named_in_another_case_are_told_and_the_advice_works(reference_and_query):
+    """Lower-cased gene names matched none of the model's and were told to check identifiers; some upper-cased ones
+    (C12orf10 as C12ORF10) were zero-filled with no word of their case."""
+    model, reference, query = reference_and_query
+    lower = query.copy()
+    lower.var_names = lower.var_names.str.upper()  # the simulator's genes: gene0, gene1, ...
+    with pytest.raises(ValueError, match=r"300 of them are in query_adata in another case \(e.g. 'gene0' as 'GENE0'\)"):
+        model.map_query(lower, progress=False)
+    fixed = reference.copy()
+    fixed.var_names = fixed.var_names.str.upper()
+    lookup = {g.casefold(): g for g in model.config.gene_names}  # the advice, as told
+    fixed.var_names = fixed.var_names.map(lambda g: lookup.get(g.casefold(), g))
+    np.testing.assert_array_equal(model.get_latent(fixed), model.get_latent(reference))
+    some = reference.copy()
+    some.var_names = [name.upper() if i < 10 else name for i, name in enumerate(some.var_names)]
+    with pytest.warns(UserWarning, match=r"10 of the model's 300 genes are missing.*10 of them are in adata in another case"):
+        model.get_latent(some)
+    with pytest.raises(ValueError) as told:
+        model.get_latent(lower)
+    namespace = argparse.Namespace(input="q.h5ad", model_dir="ref_model")  # on the command line: the model is a folder
+    assert "cellvae.CellVAE.load('ref_model', load_anndata=False).config.gene_names" in in_command_line_terms(
+        str(told.value), namespace
+    )
+
+
+def test_label_transfer_refuses_an_empty_query_and_warns_of_a_reference_label_named_unknown(reference_and_query):
+    model, reference, query = reference_and_query
+    reference = reference.copy()
+    reference.obsm["X_cellvae"] = model.get_latent(reference)
+    embedded = reference[::10].copy()  # cells of the reference's batches, embedded as they are
+    embedded.obsm["X_cellvae"] = model.get_latent(embedded)
+    with pytest.raises(ValueError, match=r"query_adata has no cells \(0 × 300 genes\): there is nothing to label"):
+        cellvae.tl.transfer_labels(reference, embedded[:0].copy(), "cell_type")
+    reference.obs["cell_type"] = reference.obs["cell_type"].cat.rename_categories({"type0": "Unknown"})
+    with pytest.warns(UserWarning, match=r"has a label 'Unknown', the label of query cells over unknown_threshold"):
+        cellvae.tl.transfer_labels(reference, embedded, "cell_type", unknown_threshold=0.5)
+    with no_warnings():  # the reference's 'Unknown' cells left out of the vote, as advised; or no threshold
+        cellvae.tl.transfer_labels(reference, embedded, "cell_type", unknown_threshold=0.5, unlabeled_category="Unknown")
+        cellvae.tl.transfer_labels(reference, embedded, "cell_type")
+    one = query[:1].copy()
+    with pytest.raises(ValueError, match=r"at least 10 query cells with counts, got 1: .*map the new batches' cells together"):
+        model.map_query(one, progress=False)
+
+
 def test_a_model_without_batches_says_how_much_of_a_typical_cells_counts_missing_genes_hold():
     """A model with neither batches nor covariates decoded no rows: the share read "nan%" and the shift went untold."""
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=1, random_state=3)
