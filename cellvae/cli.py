@@ -145,6 +145,13 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
     elif "not found in adata.layers" in message:
         notes.append("--layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X")
+    if "free_bits=..." in message:  # the collapse warning's remedies are the model's arguments, no option's
+        notes.append(
+            "fit has no option for beta, kl_warmup or free_bits: train in Python with them, e.g. "
+            "cellvae.tl.embed(adata, beta=0.5, free_bits=0.5, ...), or lower --n-latent"
+        )
+    if "(symbols vs Ensembl IDs)" in message:
+        notes.append("--var-names COLUMN names the genes by a var column, e.g. feature_name where var_names are Ensembl IDs")
     if "map_query(" in message:
         notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")
     elif _needs_python(message):
@@ -418,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer", default=None, help="layer with the query's raw counts, or X (default: where the model read them in training)"
     )
     mapping.add_argument("--key-added", default="X_cellvae", help="obsm key of the embedding (default: X_cellvae)")
-    mapping.add_argument("--var-names", default=None, metavar="COLUMN", help=VAR_NAMES_HELP + "; the query's")
+    mapping.add_argument(
+        "--var-names", default=None, metavar="COLUMN", help=VAR_NAMES_HELP + " (the query's; --reference uses var_names)"
+    )
     mapping.add_argument(
         "--reference",
         default=None,
@@ -682,7 +691,11 @@ def run_map(args: argparse.Namespace) -> int:
                 f"error: --reference {args.reference} has no obs[{args.labels_key!r}] (--labels-key); "
                 f"obs columns there: {list(reference.obs.columns)}"
             )
-        tl._voting_cells(reference, args.labels_key, args.k, args.unlabeled_category, args.novelty_threshold)
+        try:
+            tl._voting_cells(reference, args.labels_key, args.k, args.unlabeled_category, args.novelty_threshold)
+        except (ValueError, KeyError) as error:  # named as the command line names them: the file and its option
+            message = _message_of(error).replace(f"ref_adata.obs[{args.labels_key!r}]", f"--labels-key {args.labels_key}")
+            raise type(error)(f"--reference {args.reference}: {message}") from error
         # (also checks its counts, genes and batches); the query model embeds reference cells alike, unless
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
@@ -781,6 +794,9 @@ def _check_labels_options(args: argparse.Namespace) -> None:
     given = [option for option, value in vote.items() if value is not None]
     if given and args.labels_key is None:
         raise SystemExit(f"error: {given[0]} is an option of the label transfer: pass --reference and --labels-key too")
+    shares = f"{args.labels_key}_vote_shares"
+    if args.soft and args.key_added == shares:  # the vote shares would replace the embedding in obsm (and uns)
+        raise SystemExit(f"error: --soft writes obsm[{shares!r}], the --key-added given for the embedding; choose another")
 
 
 def _check_fit_obs_columns(adata, args: argparse.Namespace) -> None:
@@ -986,6 +1002,9 @@ def _warn_if_graph_is_stale(adata, key_added: str, replaced: bool) -> None:
         )
 
 
+OUTPUT_FOLDER_OPTIONS = ("model_dir", "query_model_dir", "checkpoint_dir")  # folders a command writes (or reads) whole
+
+
 def _check_input_and_output(args: argparse.Namespace) -> None:
     """Fail before any work, not after training, on --backed misuse, a bad --key-added or an --out that
     cannot (or may not) be written."""
@@ -1003,6 +1022,9 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"error: --out {out}: cellvae writes .h5ad files (it reads .zarr stores only); give a path ending in .h5ad"
         )
+    # --out inside a model or checkpoint folder first: the advice below (create the folder, --overwrite) would not help
+    folders = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in OUTPUT_FOLDER_OPTIONS}
+    _check_out_is_outside(out, {option: path for option, path in folders.items() if path is not None})
     folder = Path(out).resolve().parent
     if not folder.is_dir():
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")

@@ -177,7 +177,7 @@ def pick_device(device: str | torch.device) -> torch.device:
     if device not in ("cpu", "cuda", "mps") and not numbered:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but torch finds no CUDA GPU; use device='auto' or 'cpu'")
+        raise ValueError(f"device={device!r} was asked for but torch finds no CUDA GPU; use device='auto' or 'cpu'")
     if device.startswith("cuda:") and int(index) >= torch.cuda.device_count():
         raise ValueError(
             f"device={device!r} was asked for but torch finds {torch.cuda.device_count()} CUDA GPU(s), "

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -1058,6 +1059,40 @@ def reference_folder(tmp_path_factory):
     return folder
 
 
+def test_map_refuses_options_that_would_lose_the_embedding_and_names_the_reference_as_the_command_line_does(
+    reference_folder, tmp_path
+):
+    """--soft with --key-added cell_type_vote_shares wrote the vote shares over the embedding (exit 0); a reference
+    whose labels are all missing was told as ref_adata.obs[...], a name the command line never showed."""
+    ref, model = reference_folder, reference_folder / "model"
+    command = ["map", str(ref / "query.h5ad"), "--model-dir", str(model), "--out", str(tmp_path / "out.h5ad"), "--quiet"]
+    labels = ["--reference", str(ref / "ref.h5ad"), "--labels-key", "cell_type", "--epochs", "1"]
+    with pytest.raises(SystemExit, match=r"--soft writes obsm\['cell_type_vote_shares'\], the --key-added given"):
+        main([*command, *labels, "--soft", "--key-added", "cell_type_vote_shares"])
+    unlabelled = ad.read_h5ad(ref / "ref.h5ad")
+    unlabelled.obs["cell_type"] = np.nan
+    unlabelled.write_h5ad(tmp_path / "unlabelled.h5ad")
+    labels[1] = str(tmp_path / "unlabelled.h5ad")
+    told = f"--reference {tmp_path / 'unlabelled.h5ad'}: --labels-key cell_type has no labelled cells"
+    with pytest.raises(SystemExit, match=re.escape(told)):
+        main([*command, *labels])
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(tmp_path):
+    """--out inside a --model-dir not yet made was told to create its folder, then to pass --overwrite, and only then
+    that it may not lie there; advice with no option (beta, free bits; gene identifiers) says what the command line
+    has."""
+    command = fit_args(tmp_path, n_cells=100, n_genes=20)
+    command[command.index("--out") + 1] = str(tmp_path / "model" / "out.h5ad")
+    with pytest.raises(SystemExit, match="--out must not be --model-dir or inside it"):
+        main(command)
+    collapse = cellvae.diagnostics.collapse_message(np.array([0.001, 0.002]), np.array([1e-6, 1e-6]), lr=1e-3)
+    assert "fit has no option for beta, kl_warmup or free_bits: train in Python" in in_command_line_terms(collapse)
+    identifiers = "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
+    assert "--var-names COLUMN names the genes by a var column" in in_command_line_terms(identifiers)
+
+
 def folder_bytes(folder) -> dict:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
@@ -1221,7 +1256,8 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
         ({"--out": "{tmp}/exists.h5ad"}, "exists; pass --overwrite"),
         ({"--query-model-dir": "{ref}/model", "--overwrite": True}, "--model-dir and --query-model-dir must be separate"),
         ({"--query-model-dir": "{ref}/model/query"}, "--model-dir and --query-model-dir must be separate"),
-        ({"--query-model-dir": "{tmp}"}, r"model directory .* exists; pass --overwrite"),
+        ({"--query-model-dir": "{tmp}/taken"}, r"model directory .* exists; pass --overwrite"),
+        ({"--query-model-dir": "{tmp}"}, r"--out must not be --query-model-dir or inside it"),
         ({"--reference": None}, "--labels-key needs --reference"),
         ({"--labels-key": None}, "--reference needs --labels-key"),
         ({"--reference": None, "--labels-key": None, "--novelty-threshold": "0.9"}, "is an option of the label transfer"),
@@ -1261,6 +1297,7 @@ def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monke
     del query.obs["batch"]
     query.write_h5ad(tmp_path / "unbatched.h5ad")
     (tmp_path / "exists.h5ad").write_text("an earlier result")
+    (tmp_path / "taken").mkdir()
     before = {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
     model_before = folder_bytes(ref / "model")
     monkeypatch.setattr(cellvae.model, "train", lambda *a, **k: pytest.fail("training started"))

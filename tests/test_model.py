@@ -429,6 +429,8 @@ def test_to_device_chooses_where_outputs_run_and_refuses_a_missing_device(two_ba
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device='cuda' was asked for but torch finds no CUDA GPU"):
             model.to_device("cuda")
+        with pytest.raises(ValueError, match="device='cuda:5' was asked for but torch finds no CUDA GPU"):
+            model.to_device("cuda:5")
         assert model.to_device("auto").device.type in ("cpu", "mps")
     assert next(model.module.parameters()).device == model.device
 
