@@ -100,6 +100,8 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
     message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
+    message = re.sub(r"\bunlabeled_category='([^']*)'", lambda found: f"--unlabeled-category {shlex.quote(found[1])}", message)
+    message = message.replace("embed them with model.get_latent", "embed them with cellvae embed")
     # the model's genes, in a fix made in Python: read from the saved model (the command line's model has no name)
     model_dir = str(getattr(args, "model_dir", None) or "MODEL_DIR")
     message = message.replace(
@@ -639,7 +641,7 @@ def run_embed(args: argparse.Namespace) -> int:
     replaced = args.key_added in adata.obsm
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with (
-        _errors_name_where_counts_were_read(layer, model.config.layer, adata),
+        _errors_name_where_counts_were_read(layer, model.config.layer, adata, args.var_names),
         _errors_name_the_genes_column(args.var_names),
         _errors_name_the_batch_column(batches_from),
     ):
@@ -700,7 +702,10 @@ def run_map(args: argparse.Namespace) -> int:
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
     replaced = args.key_added in query.obsm
-    with _errors_name_where_counts_were_read(layer, config.layer, query), _errors_name_the_genes_column(args.var_names):
+    with (
+        _errors_name_where_counts_were_read(layer, config.layer, query, args.var_names),
+        _errors_name_the_genes_column(args.var_names),
+    ):
         query_model = reference_model.map_query(
             _counts_where_model_reads(query, layer, config.layer, args.var_names),
             batch_key=args.batch_key,
@@ -869,7 +874,9 @@ def _read_for_model(
 
 
 @contextmanager
-def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | None, adata) -> Iterator[None]:
+def _errors_name_where_counts_were_read(
+    layer: str | None, model_layer: str | None, adata, var_names: str | None = None
+) -> Iterator[None]:
     """Inside: an error about counts that :func:`_counts_where_model_reads` put where the model reads them names
     the place they were read from (``layer``, given with --layer) instead; where those values are no counts, the
     advice is the option's: leave out --layer to read them where the model was trained, where ``adata`` holds counts
@@ -879,7 +886,8 @@ def _errors_name_where_counts_were_read(layer: str | None, model_layer: str | No
     try:
         yield
     except (ValueError, TypeError) as error:
-        if adata.isbacked and adata.raw is not None and NO_COUNTS_ELSEWHERE in str(error):  # (raw was left out)
+        raw_left_out = adata.raw is not None and (adata.isbacked or var_names is not None)  # (see _counts_where_model_reads)
+        if raw_left_out and NO_COUNTS_ELSEWHERE in str(error):
             error = type(error)(str(error).split(NO_COUNTS_ELSEWHERE)[0].rstrip())
         if layer == model_layer:
             raise error
@@ -948,7 +956,7 @@ def _counts_where_model_reads(
     import pandas as pd
     from anndata.utils import make_index_unique
 
-    from cellvae.data import count_matrix
+    from cellvae.data import count_matrix, stored_x
 
     if layer == model_layer and var_names is None and batches_from is None:
         return adata
@@ -958,13 +966,14 @@ def _counts_where_model_reads(
     if batches_from is not None:
         obs = obs.copy()
         obs[batches_from[1]] = obs[batches_from[0]]
-    # the other layers and (in memory: a backed file's would be read) raw ride along, not copied, for the advice of
-    # errors about the counts, which names another place holding counts
-    names = {"obs": obs, "var": pd.DataFrame(index=genes), "raw": None if adata.isbacked else adata.raw}
-    layers = {name: matrix for name, matrix in adata.layers.items() if name != model_layer}
+    # X, the other layers and raw ride along, not copied, for the advice of errors about the counts, which names
+    # another place holding counts; not raw of a backed file (it would be read) nor where its genes are named otherwise
+    raw = None if adata.isbacked or var_names is not None else adata.raw
+    names = {"obs": obs, "var": pd.DataFrame(index=genes), "raw": raw}
+    layers = {name: matrix for name, matrix in adata.layers.items() if name is not None and name != model_layer}
     if model_layer is None:
         return ad.AnnData(X=counts, layers=layers, **names)
-    return ad.AnnData(layers=layers | {model_layer: counts}, **names)
+    return ad.AnnData(X=stored_x(adata), layers=layers | {model_layer: counts}, **names)
 
 
 def _record_embedding(

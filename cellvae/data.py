@@ -341,7 +341,12 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                     "" if trained else f", then pass layer={target!r}"
                 )
             raise ValueError(f"{error}. adata.raw.X holds whole counts: {fix}") from None
-        if "layer=..." in str(error):  # the general advice, which names places: none of this AnnData holds counts
+        # the general advice names places: where every other place was read (in memory) and none holds counts, say so
+        places = [adata.layers[name] for name in layer_names(adata) if name != layer]
+        places += [stored_x(adata)] if layer is not None else []
+        places += [raw.X] if raw is not None else []
+        all_read = all(place is None or isinstance(place, IN_MEMORY_MATRICES) for place in places)
+        if "layer=..." in str(error) and all_read:
             elsewhere = "adata.raw nor a layer" if raw is not None else "a layer (nor adata.raw: there is none)"
             raise ValueError(
                 f"{error} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from their source "

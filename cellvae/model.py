@@ -1161,9 +1161,18 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("compare groups of obs[groupby] (groupby, group1, group2) or sets of cells (idx1, idx2), not both")
         if idx1 is None and groupby is None:
             raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
+        own_copy = adata is None and bool(self.config.reference_categories)  # a query model's copy of the query
         adata = self._resolve(adata)
         if idx1 is None:
-            labels, names = differential.group_labels(adata, groupby)
+            try:
+                labels, names = differential.group_labels(adata, groupby)
+            except KeyError as error:
+                if not own_copy:
+                    raise
+                raise KeyError(
+                    f"{error.args[0]}: a model from map_query reads its copy of the query, made when it was mapped; "
+                    "pass adata=query (the query AnnData) to compare groups added to it since, e.g. transferred labels"
+                ) from None
             source = f"obs[{groupby!r}]"
             if isinstance(group2, str) and group2 == differential.REST and group2 not in names:
                 group2 = None  # all other cells, as tl.rank_genes_groups' (and scanpy's) reference="rest"
@@ -1630,10 +1639,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Returns
         -------
         The query model: its config lists the reference batches followed by the new ones, it
-        holds the query as ``query_model.adata`` (so ``query_model.get_latent()`` embeds it: an aligned
-        copy of in-memory counts, or the query's own count matrix, not copied, where it is CSR or dense
-        and its genes are the reference's in the same order, as after ``query[:, reference.var_names]``;
-        or the counts left on disk, which must stay open) and embeds reference cells too. Save and load
+        holds the query as ``query_model.adata`` (so ``query_model.get_latent()`` embeds it: a new AnnData of
+        the query's genes that the reference has, in the query's order, so outputs without ``adata=`` come in that
+        order; its counts are the query's own matrix, not copied, where it is CSR or dense and holds no other genes,
+        else an aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
+        it was: pass ``adata=query`` to read columns added since) and embeds reference cells too. Save and load
         it like any model. Where the matrix is shared (as a model built on your AnnData reads it), counts
         changed in place afterwards (``sc.pp.downsample_counts``, ``normalize_total``) change what the query
         model reads: pass ``query_adata.copy()`` to keep them apart. Its outputs run where the
@@ -1665,7 +1675,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         query_batches = _query_batches(query_adata, batch_key or self.config.batch_key)
         reference_key = self.config.batch_key
         with data.hint_where_counts_are(query_adata, self.config.layer, trained=True):
-            aligned = _align_query(query_adata, self.config, query_batches, self._typical_share)
+            aligned = _align_query(
+                query_adata, self.config, query_batches, self._typical_share, batch_key or self.config.batch_key
+            )
         names = list(pd.unique(query_batches))  # the query's batches against each other (the reference's counts are gone)
         codes = pd.Categorical(query_batches, categories=names).codes
         location = "query_adata." + data.counts_location(self.config.layer).removeprefix("adata.")
@@ -2886,17 +2898,30 @@ def _as_held(names: pd.Categorical, held: pd.Series | None) -> pd.Categorical | 
         return names
     categorical = isinstance(held.dtype, pd.CategoricalDtype)
     values = pd.Index(held.cat.categories if categorical else pd.unique(held.dropna()))
+    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
+        return names
     texts = values.astype(str)
     where = texts.get_indexer(names.categories) if texts.is_unique else np.array([-1])
-    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty") or (where < 0).any():
-        return names
+    if (where >= 0).all():
+        originals = values[where]
+    else:  # names the column lacks (a query model's AnnData holds the query's batches only): in its dtype, where
+        try:  # they read back as they were written
+            originals = pd.Index(names.categories).astype(values.dtype)
+        except (TypeError, ValueError):
+            return names
+        if not np.array_equal(originals.astype(str), names.categories.astype(str)):
+            return names
     if categorical:
-        return pd.Categorical.from_codes(names.codes, categories=values[where])
-    return values[where].take(names.codes)
+        return pd.Categorical.from_codes(names.codes, categories=originals)
+    return originals.take(names.codes)
 
 
 def _align_query(
-    query: ad.AnnData, config: Config, batches: np.ndarray, share_of: Callable[[np.ndarray], float | None] | None = None
+    query: ad.AnnData,
+    config: Config,
+    batches: np.ndarray,
+    share_of: Callable[[np.ndarray], float | None] | None = None,
+    batch_column: str | None = None,
 ) -> ad.AnnData:
     """The AnnData the query model reads: a new one with the query's batches in the reference's batch column
     and its counts, in memory in the reference's gene order (missing genes zero), or on disk (a backed file or
@@ -2919,22 +2944,25 @@ def _align_query(
     if isinstance(matrix, data.BackedView):
         return query
     obs = query.obs.copy()
-    obs[config.batch_key] = pd.Categorical(batches)
+    # the query's own batch values where they are the batches (numbers stay numbers, as in the reference's column)
+    given = query.obs[batch_column] if batch_column in query.obs.columns else None
+    same = given is not None and np.array_equal(np.asarray(data.as_text(given).astype(str)), batches)
+    obs[config.batch_key] = given if same else pd.Categorical(batches)
     if data.is_backed_matrix(matrix):
         counts, var = matrix, pd.DataFrame(index=data.gene_names(query))
     else:
-        n_genes = len(config.gene_names)
-        same_genes = matrix.shape[1] == n_genes and np.array_equal(positions, np.arange(n_genes))
+        # Only the genes the query measured, in the query's own order (the query model reads genes by name, and its
+        # outputs come in the order of the query's genes, as scvi-tools' query model gives them): missing ones are
+        # not stored as zeros, so the query model still knows them as missing (differential_expression gives them no
+        # statistics), as it does for a query on disk; its loaders read them as zeros, as map_query's own does.
+        kept = np.sort(positions[positions >= 0])
+        same_genes = len(kept) == matrix.shape[1]  # no gene the reference lacks
         as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
-        # Only the genes the query measured (in the reference's order): missing ones are not stored as zeros, so
-        # the query model still knows them as missing (differential_expression gives them no statistics), as it
-        # does for a query on disk; its loaders read them as zeros, as map_query's own does.
-        measured = positions >= 0
         if same_genes and as_stored and not query.is_view:
             counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query
         else:
-            counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), positions[measured]))
-        var = pd.DataFrame(index=pd.Index(config.gene_names)[measured])
+            counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), kept))
+        var = pd.DataFrame(index=data.gene_names(query)[kept])
     if config.layer is None:
         return ad.AnnData(X=counts, obs=obs, var=var)
     return ad.AnnData(obs=obs, var=var, layers={config.layer: counts})

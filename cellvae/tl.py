@@ -262,10 +262,11 @@ def embed(
         "batch_key": batch_key,
         "random_state": random_state,
         "epochs_trained": int(len(model.history)),
-        # the epochs asked for (resolved where None): with early stopping they set the warm-up and the horizon, so
-        # rerunning with max_epochs=epochs_trained would give another model
-        "max_epochs": int(model.train_settings.max_epochs),
     }
+    # the epochs asked for (resolved where None): with early stopping they set the warm-up and the horizon, so
+    # rerunning with max_epochs=epochs_trained would give another model (no settings: a diverged fit was undone)
+    if model.train_settings is not None:
+        params["max_epochs"] = int(model.train_settings.max_epochs)
     if mask_var is not None:  # (a mask given as an array is not stored: the model's genes are in its config)
         params["mask_var"] = mask_var if isinstance(mask_var, str) else f"{model.config.n_genes} genes"
     if model.history.attrs.get("interrupted"):  # Ctrl-C ended training early
@@ -1152,10 +1153,11 @@ def latent_shift(
     ]
     if not usable:
         where = f"no {stratify} holds" if stratify else "they do not hold"
-        left_out = (
+        every_cell = [stratum for stratum in np.unique(strata) if {source, target} <= set(groups[strata == stratum])]
+        left_out = (  # said only where leaving out the apply_to cells is why
             f" (the apply_to cells, {len(shifted)}, are left out of the reference where reference=None: pass "
             "reference=... to name the cells whose groups give the shift)"
-            if reference is None
+            if reference is None and every_cell
             else ""
         )
         raise ValueError(f"the reference cells cannot give the shift: {where} both {source!r} and {target!r} cells{left_out}")

@@ -197,7 +197,22 @@ def test_query_genes_are_aligned_by_name(reference_and_query):
     with no_warnings():  # extra genes and a new order are handled silently
         aligned = model.map_query(with_extra, max_epochs=3, progress=False)
     np.testing.assert_allclose(aligned.get_latent(), expected, rtol=1e-5, atol=1e-5)
-    assert aligned.adata.var_names.tolist() == model.config.gene_names
+    # the query model keeps the query's gene order (its extra genes left out): outputs without adata= come in that
+    # order, as the query's own columns (they came in the reference's order, and stored in the query's layers they
+    # sat under other genes, silently)
+    assert aligned.adata.var_names.tolist() == shuffled.var_names.tolist()
+    permuted = model.map_query(shuffled, max_epochs=3, progress=False)
+    assert np.shares_memory(permuted.adata.X.data, shuffled.X.data)  # all the model's genes, none other: not copied
+    np.testing.assert_allclose(permuted.get_latent(), expected, rtol=1e-5, atol=1e-5)
+    own = permuted.get_normalized_expression()
+    np.testing.assert_allclose(own, permuted.get_normalized_expression(shuffled), rtol=1e-6)
+    positions = pd.Index(model.config.gene_names).get_indexer(shuffled.var_names)
+    np.testing.assert_allclose(own, permuted.get_normalized_expression(query)[:, positions], rtol=1e-6)
+    # its obs is a copy made when mapping: groups added to the query since are read with adata=query, as told
+    shuffled.obs["cluster"] = np.where(np.arange(shuffled.n_obs) % 2 == 0, "a", "b")
+    with pytest.raises(KeyError, match=r"a model from map_query reads its copy of the query.*pass adata=query"):
+        permuted.differential_expression(groupby="cluster", n_draws=100, progress=False)
+    permuted.differential_expression(shuffled, groupby="cluster", n_draws=100, progress=False)
 
 
 def test_a_query_in_the_reference_gene_order_is_mapped_without_copying_its_counts(reference_and_query):

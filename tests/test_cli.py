@@ -867,11 +867,22 @@ def test_a_file_read_by_another_genes_column_is_told_which_layer_holds_its_count
     ids.write_h5ad(tmp_path / "raw.h5ad")
     embed[1] = str(tmp_path / "raw.h5ad")
     embed[embed.index("--out") + 1] = str(tmp_path / "from_raw.h5ad")
-    with pytest.raises(SystemExit, match=r"adata\.raw\.X holds whole counts"):
-        main(embed)
+    for backed in ([], ["--backed"]):  # raw, named by the file's var_names, is not read under --var-names
+        with pytest.raises(SystemExit) as told:
+            main([*embed, *backed])
+        assert "non-integer values" in str(told.value) and "Here neither" not in str(told.value), backed
+    # a model trained on a layer, a file whose X holds the counts: X is named, not "read them again"
+    on_layer = ad.read_h5ad(tmp_path / "in.h5ad")
+    on_layer.layers["counts"] = on_layer.X.copy()
+    cellvae.CellVAE(on_layer, layer="counts").fit(max_epochs=1, progress=False).save(tmp_path / "layer_model")
+    swapped = ad.read_h5ad(tmp_path / "ids.h5ad")
+    swapped.X, swapped.layers["counts"] = swapped.layers["counts"], swapped.X
+    swapped.write_h5ad(tmp_path / "swapped.h5ad")
+    command = ["embed", str(tmp_path / "swapped.h5ad"), "--model-dir", str(tmp_path / "layer_model"), "--quiet"]
+    command += ["--out", str(tmp_path / "s.h5ad"), "--var-names", "feature_name"]
     with pytest.raises(SystemExit) as told:
-        main([*embed, "--backed"])
-    assert "non-integer values" in str(told.value) and "Here neither" not in str(told.value)
+        main(command)
+    assert "adata.X holds whole counts: pass --layer X" in str(told.value) and "Here neither" not in str(told.value)
 
 
 def test_a_backed_file_without_x_is_told_to_name_its_counts_layer(tmp_path):
@@ -1091,6 +1102,10 @@ def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(t
     assert "fit has no option for beta, kl_warmup or free_bits: train in Python" in in_command_line_terms(collapse)
     identifiers = "Check that the data and the model use the same gene identifiers (symbols vs Ensembl IDs)"
     assert "--var-names COLUMN names the genes by a var column" in in_command_line_terms(identifiers)
+    unknown = "pass unlabeled_category='Unknown' if those reference cells are unlabelled, or rename that label"
+    assert in_command_line_terms(unknown).startswith("pass --unlabeled-category Unknown if those")
+    few = "map the new batches' cells together (cells of the reference's own batches need no mapping: embed them with "
+    assert in_command_line_terms(few + "model.get_latent)").endswith("embed them with cellvae embed)")
 
 
 def folder_bytes(folder) -> dict:

@@ -394,6 +394,15 @@ def test_generated_cells_carry_batch_and_covariate_values_as_the_anndata_holds_t
     both = ad.concat({"real": adata, "generated": generated}, label="source")
     assert both.obs["donor"].nunique() == 3 and both.obs["site"].nunique() == 2
     both.write_h5ad(tmp_path / "both.h5ad")
+    # a query model's AnnData holds only the query's donors: the reference's come back as numbers too
+    query = cellvae.datasets.simulate(n_cells=60, n_genes=40, n_batches=1, random_state=5)
+    query.obs["donor"] = np.int64(2000)
+    query.obs["site"] = pd.Categorical(np.where(np.arange(60) % 2 == 0, 7, 9))
+    query.obs["kind"] = "a"
+    mapped = model.map_query(query, max_epochs=1, progress=False)
+    from_query = mapped.generate(200, random_state=0, progress=False)
+    assert from_query.obs["donor"].dtype == np.int64 and set(from_query.obs["donor"]) <= {1015, 1016, 1017, 2000}
+    ad.concat([adata, query, from_query]).write_h5ad(tmp_path / "with_query.h5ad")
     # asked for by name, or by a model without its AnnData: the names asked for (text where none is held)
     assert set(model.generate(5, batch=1016, random_state=0, progress=False).obs["donor"]) == {1016}
     model.save(tmp_path / "model")
@@ -458,6 +467,12 @@ def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
     # every 'stim' cell shifted, none left to give the shift: the message says why (reference=None leaves them out)
     with pytest.raises(ValueError, match=r"do not hold both 'ctrl' and 'stim' cells \(the apply_to cells, 120, are left out"):
         cellvae.tl.latent_shift(small_model, cells, groupby="condition", source="ctrl", target="stim", apply_to=stim)
+    split = cells.copy()  # no stratum holds both groups, whatever the reference: nothing said of apply_to
+    split.obs["site"] = np.where(stim, "s1", "s2")
+    with pytest.raises(ValueError, match=r"no site holds both 'ctrl' and 'stim' cells$"):
+        cellvae.tl.latent_shift(
+            small_model, split, groupby="condition", source="ctrl", target="stim", apply_to=split.obs_names[:3], stratify="site"
+        )
 
 
 def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_target(cells):

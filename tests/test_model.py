@@ -606,6 +606,34 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     np.testing.assert_array_equal(model.get_latent(plain), model.get_latent(adata))
 
 
+def test_counts_kept_on_disk_are_never_said_to_be_missing(two_batches, tmp_path):
+    """Layers and raw of a backed, lazy or Zarr AnnData are not read for advice: the note that no layer nor raw holds
+    counts (read them again from their source) was given for scanpy's usual file, counts in raw, read from disk."""
+    adata = two_batches[:200].copy()
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
+    normalised = adata.copy()
+    sc.pp.normalize_total(normalised)
+    sc.pp.log1p(normalised)
+    in_raw = normalised.copy()
+    in_raw.raw = adata
+    in_layer = normalised.copy()
+    in_layer.layers["counts"] = adata.X.copy()
+    for name, kept in (("raw", in_raw), ("layer", in_layer)):
+        kept.write_h5ad(tmp_path / f"{name}.h5ad")
+        kept.write_zarr(tmp_path / f"{name}.zarr")
+        readers = {
+            "backed": lambda path: ad.read_h5ad(path, backed="r"),
+            "lazy": cellvae.read_h5ad_lazy,
+            "zarr": lambda path: cellvae.read_zarr_lazy(path.with_suffix(".zarr")),
+        }
+        for kind, read in readers.items():
+            with pytest.raises(ValueError, match="looks normalised") as told:
+                model.get_latent(read(tmp_path / f"{name}.h5ad"))
+            assert "Here neither" not in str(told.value), (name, kind)
+    with pytest.raises(ValueError, match=r"adata\.raw\.X holds whole counts"):  # in memory it is read, and named
+        model.get_latent(ad.read_h5ad(tmp_path / "raw.h5ad"))
+
+
 def test_variable_genes_whose_counts_stayed_in_raw_and_flags_for_numbered_batches_get_the_right_advice(two_batches):
     """A trained model given scanpy's variable genes (log-normalised, all genes' counts in raw) was told to check
     gene identifiers; a True/False batch column was told .astype(int) where the model's batches are 1 and 2."""

@@ -1566,6 +1566,10 @@ def test_training_settings_that_undo_training_are_told():
     assert "lr=1)" in message and "as it was before this fit (untrained): fit it again with a smaller one" in message
     assert message.endswith("model.fit(lr=0.001), the default") and diverged[0].category is RuntimeWarning
     assert not model.is_trained and model.history.empty  # undone: following the advice on this model works
+    embedded = adata.copy()  # tl.embed records what it can of an undone fit (it raised AttributeError on max_epochs)
+    with pytest.warns(RuntimeWarning, match="training made the model worse"):
+        cellvae.tl.embed(embedded, max_epochs=10, progress=False, n_hidden=64, fit_kwargs={"lr": 1.0})
+    assert embedded.uns["cellvae"]["params"]["epochs_trained"] == 0 and "max_epochs" not in embedded.uns["cellvae"]["params"]
     untrained = CellVAE(adata, n_hidden=64)
     before = {k: v.clone() for k, v in untrained.module.state_dict().items()}
     with pytest.warns(RuntimeWarning, match="training made the model worse"):
