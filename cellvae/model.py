@@ -99,7 +99,14 @@ SCVI_TOOLS_ARGUMENTS = {
     "use_layer_norm": [("normalization", "use normalization='layer' (the default)")],
     "encode_covariates": [("encode_batch", "use encode_batch=")],
     "train_size": [("validation_size", "use validation_size=, the share held out (1 - train_size)")],
-    "accelerator": [("device", "use device= ('auto', 'cpu', 'cuda', ...)")],
+    "accelerator": [
+        ("device", "use device= ('auto', 'cpu', 'cuda', ...)"),
+        ("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"),
+    ],
+    "device": [("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it")],
+    "prefix": [("load", "drop it: a cellvae model folder holds one model, its files named without a prefix")],
+    "latent_distribution": [("__init__", "drop it: cellvae's posterior and prior are normal, as scVI's default 'normal'")],
+    "check_val_every_n_epoch": [("fit", "drop it: cellvae computes the validation loss after every epoch")],
     "plan_kwargs": [
         ("weight_decay", "give lr= and weight_decay= to fit itself, and the KL warm-up to CellVAE(kl_warmup=...)"),
         ("map_query", "give lr= to map_query itself (it trains the new parameters without weight decay, as scArches)"),
@@ -1395,6 +1402,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
 
     @classmethod
+    @_scvi_tools_names
     def load(cls, path: str | os.PathLike, adata: ad.AnnData | None = None, *, load_anndata: bool = True) -> CellVAE:
         """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
 

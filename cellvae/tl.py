@@ -625,7 +625,9 @@ def rank_genes_groups(
     -------
     None (with ``copy=True`` the copy). Writes ``adata.uns[key_added]``
     with ``names`` (each group's genes, up-regulated first: ordered by
-    ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta), in [−1, 1]),
+    ``scores``, then by the log2 fold change), ``scores`` (P(lfc > delta) − P(lfc < −delta), in [−1, 1]; a
+    group's top genes often all score 1, so ``sc.pl.rank_genes_groups``' score panels are flat there: plot with
+    ``sc.pl.rank_genes_groups_dotplot(..., values_to_plot="logfoldchanges")`` or ``_matrixplot`` instead),
     ``logfoldchanges`` (posterior mean log2 fold change, shrunk), ``pvals`` (the local false discovery rate 1
     − P(|lfc| > delta)), ``pvals_adj`` (the posterior expected false discovery rate of calling this gene and
     all genes with a higher P(|lfc| > delta), a property of the list, not of the gene alone; both are

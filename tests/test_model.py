@@ -1365,6 +1365,17 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.fit(1)  # scvi-tools' train(max_epochs) by position
     with pytest.raises(TypeError, match=r"get_latent\(\) takes adata by position and the rest by keyword, got 2 positional"):
         model.get_latent(adata, True)
+    with pytest.raises(TypeError, match=r"'check_val_every_n_epoch', scvi-tools' name: drop it: .*after every epoch"):
+        model.fit(max_epochs=1, check_val_every_n_epoch=1)
+    with pytest.raises(TypeError, match=r"'latent_distribution', scvi-tools' name: drop it: .*normal"):
+        CellVAE(adata, latent_distribution="ln")
+    model.save(tmp_path / "saved")
+    for argument in ("accelerator", "device"):  # scvi-tools' load(dir_path, adata, accelerator=..., device=...)
+        with pytest.raises(TypeError, match=rf"'{argument}', scvi-tools' name: drop it: load puts the model on the CPU"):
+            CellVAE.load(tmp_path / "saved", adata, **{argument: "cpu"})
+    with pytest.raises(TypeError, match=r"'prefix', scvi-tools' name: drop it: a cellvae model folder holds one model"):
+        CellVAE.load(tmp_path / "saved", prefix="reference_")
+    assert CellVAE.load(tmp_path / "saved", adata).device.type == "cpu"  # as told
     # scArches' and scANVI's spellings
     with pytest.raises(TypeError, match=r"'plan_kwargs', scvi-tools' name: give lr= to map_query itself"):
         model.map_query(adata, plan_kwargs={"weight_decay": 0.0})
