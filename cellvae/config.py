@@ -27,6 +27,7 @@ POSTERIORS = ("diagonal", "full")
 MAX_WEIGHT = 1e6
 ROLES = "the batch key and covariate keys together (each obs column has one role)"
 NORMALIZATIONS = ("layer", "batch")
+MIN_LAYER_NORMED_UNITS = 3  # LayerNorm of 1 unit gives its bias, of 2 units ±1: no information about the cell
 
 
 @dataclass
@@ -116,6 +117,12 @@ class Config:
                 raise ValueError(f"{name} is the empty string: give a key, or None (on the command line: leave the option out)")
         if isinstance(self.kl_warmup, bool):
             raise ValueError(f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}")
+        if self.normalization == "layer" and self.n_hidden < MIN_LAYER_NORMED_UNITS:
+            raise ValueError(
+                f"n_hidden={self.n_hidden} with normalization='layer': LayerNorm over {self.n_hidden} unit(s) leaves "
+                "every cell the same hidden values (one unit: its bias; two: ±1), so all cells would embed alike; "
+                f"use n_hidden of at least {MIN_LAYER_NORMED_UNITS} (the default is 128), or normalization='batch'"
+            )
         roles = ([self.batch_key] if self.batch_key else []) + self.categorical_covariate_keys + self.continuous_covariate_keys
         _check_names(roles, ROLES)
         if self.likelihood == "poisson" and self.dispersion != "gene":

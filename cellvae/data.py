@@ -1374,6 +1374,12 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
         positions = np.flatnonzero(values)
     elif np.issubdtype(values.dtype, np.integer):
         positions = values.ravel()
+        if pd.api.types.is_integer_dtype(adata.obs_names.dtype):  # names and positions alike: said which is read
+            warn_user(
+                f"adata.obs_names are integers, and the integers of {name} are read as positions (as scvi-tools reads "
+                f"them), not as names; to pick cells by name pass a boolean mask, adata.obs_names.isin(...)",
+                UserWarning,
+            )
         if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
             raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
         positions = positions % adata.n_obs

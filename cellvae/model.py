@@ -510,6 +510,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         _check_training(
             max_epochs, batch_size, lr, validation_size, patience, random_state, None if query else self.config.normalization
         )
+        _warn_if_mmd_sees_one_cell(self.config, batch_size)
         if query and weight_decay not in (None, 0):
             raise ValueError(
                 f"weight_decay={weight_decay} on a query model (from map_query) would shrink the reference's frozen "
@@ -825,12 +826,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         model's order (``model.config.gene_names``).
         """
         if isinstance(library_size, (bool, np.bool_)) or not (
-            isinstance(library_size, (int, float, np.number)) and 0 < library_size < np.inf
+            isinstance(library_size, (int, float, np.number)) and 0 < library_size <= data.MAX_COUNT
         ):
             latent = " (scvi-tools' library_size='latent' has no counterpart: cellvae reads each cell's observed library size)"
             raise ValueError(
-                f"library_size must be a positive number of counts, e.g. 1 for scvi-tools' scale, got {library_size!r}"
-                + (latent if isinstance(library_size, str) and library_size == "latent" else "")
+                f"library_size must be a positive number of counts up to {data.MAX_COUNT:.0e}, e.g. 1 for scvi-tools' "
+                f"scale, got {library_size!r}" + (latent if isinstance(library_size, str) and library_size == "latent" else "")
             )
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
@@ -1671,6 +1672,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _native, (max_epochs, batch_size, lr, validation_size, patience, random_state)
         )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
+        _warn_if_mmd_sees_one_cell(self.config, batch_size)
         progress = _check_flag(progress, "progress")
         train_input_layer = _check_flag(train_input_layer, "train_input_layer")
         training_device = pick_device(device)
@@ -2187,9 +2189,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         absent.append(", ".join(f"{key}={str(values[these[0]])!r}" for key, values in asked.items()))
                 if absent:
                     data.warn_user(
-                        f"the model's AnnData holds no cell of {'; '.join(absent[:5])}, so the cells generated with those "
-                        "values copy library sizes (and covariates not given) from cells of every batch and covariate "
-                        "value; pass library_size= (and covariates=) for their own",
+                        f"the model's AnnData holds no cell with counts of {'; '.join(absent[:5])}, so the cells "
+                        "generated with those values copy library sizes (and covariates not given) from cells of every "
+                        "batch and covariate value; pass library_size= (and covariates=) for their own",
                         UserWarning,
                     )
             if library is None:
@@ -2542,6 +2544,10 @@ def _library_sizes(value, n: int) -> np.ndarray:
     sizes = _per_row(value, n, "library_size")
     if not np.issubdtype(sizes.dtype, np.number) or not (np.isfinite(sizes) & (sizes > 0)).all():
         raise ValueError(f"library_size must be positive, finite numbers of counts, got {value!r}")
+    if (sizes > data.MAX_COUNT).any():  # (counts drawn beyond ~9e18 overflow torch's sampler, silently negative)
+        raise ValueError(
+            f"library_size must be at most {data.MAX_COUNT:.0e} counts (as counts given to cellvae), got {sizes.max():.3g}"
+        )
     return sizes.astype(np.float32)
 
 
@@ -2595,6 +2601,15 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
     if not _is_whole(patience) or patience < 1:
         raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
     _check_seed(random_state)
+
+
+def _warn_if_mmd_sees_one_cell(config: Config, batch_size: int) -> None:
+    if config.batch_mmd > 0 and batch_size == 1:
+        data.warn_user(
+            "batch_mmd has no effect with batch_size=1: the penalty compares the batches within each minibatch, and "
+            "one cell is one batch; use a batch_size of at least 2 (the default is 128)",
+            UserWarning,
+        )
 
 
 def _check_weight_decay(weight_decay) -> None:

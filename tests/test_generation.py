@@ -77,7 +77,9 @@ def test_generated_cells_take_the_library_size_of_the_cell_they_copy_and_the_bat
     explicit = model.generate(60, batch="batch1", library_size=as_batch1.obs["library_size"].to_numpy(), random_state=0)
     assert (explicit.X != as_batch1.X).nnz == 0
     model.adata = adata[~deep].copy()  # e.g. loaded with another AnnData: no cell of batch1 to copy
-    with pytest.warns(UserWarning, match=r"holds no cell of batch='batch1', so the cells generated with those values copy"):
+    with pytest.warns(
+        UserWarning, match=r"holds no cell with counts of batch='batch1', so the cells generated with those values copy"
+    ):
         elsewhere = model.generate(20, batch="batch1", random_state=0)
     assert set(elsewhere.obs["library_size"]) <= set(depths[~deep])
 
@@ -102,7 +104,9 @@ def test_generated_cells_of_a_cell_type_covariate_take_that_types_library_sizes(
         for cells in (generated, copied):
             assert list(cells.obs[key].cat.categories) == list(adata.obs[key].cat.categories)
     model.adata = adata[~(deep & in_batch0)].copy()  # no cell of that type in batch0 to copy
-    with pytest.warns(UserWarning, match=rf"holds no cell of batch='batch0', cell_type='{deep_type}', so the cells generated"):
+    with pytest.warns(
+        UserWarning, match=rf"holds no cell with counts of batch='batch0', cell_type='{deep_type}', so the cells generated"
+    ):
         model.generate(10, batch="batch0", covariates={"cell_type": deep_type}, random_state=0)
     with warnings.catch_warnings():  # an unknown value: refused before any cell is matched to it (no warning first)
         warnings.simplefilter("error")

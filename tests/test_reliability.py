@@ -1938,3 +1938,32 @@ def test_every_field_of_a_config_survives_its_json_round_trip_and_unknown_fields
     saved = json.loads((tmp_path / "plain.json").read_text())
     assert not {"normalization", "batch_mmd", "reference_categories", "train_input_layer"} & set(saved)
     assert Config.from_json(tmp_path / "plain.json") == plain and saved["n_latent"] == 10
+
+
+def test_settings_that_silently_give_nonsense_are_refused_or_told():
+    """n_hidden=1 or 2 under LayerNorm embedded every cell alike without a word; library sizes beyond the counts
+    cellvae accepts drew negative counts (torch's sampler overflows); batch_mmd with one-cell minibatches did nothing;
+    integers picking cells of an AnnData named by integers were read as positions without a word."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, n_batches=2, random_state=0)
+    for n_hidden in (1, 2):
+        with pytest.raises(ValueError, match=rf"n_hidden={n_hidden} with normalization='layer': LayerNorm over"):
+            CellVAE(adata, n_hidden=n_hidden)
+    CellVAE(adata, n_hidden=2, normalization="batch")  # BatchNorm keeps the cells apart
+    model = CellVAE(adata, batch_key="batch", n_hidden=8).fit(max_epochs=1, progress=False)
+    for call in (
+        lambda: model.generate(3, library_size=1e20, progress=False),
+        lambda: model.decode(np.zeros((2, 10), dtype=np.float32), library_size=1e39),
+        lambda: model.get_normalized_expression(library_size=1e39, progress=False),
+    ):
+        with pytest.raises(ValueError, match=r"library_size must be .*up to 1e\+12|at most 1e\+12 counts"):
+            call()
+    assert model.generate(3, library_size=1e12, progress=False, random_state=0).X.min() >= 0
+    with pytest.warns(UserWarning, match="batch_mmd has no effect with batch_size=1"):
+        CellVAE(adata, batch_key="batch", batch_mmd=1.0, n_hidden=8).fit(max_epochs=1, batch_size=1, progress=False)
+    numbered = adata.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own warning about integer names
+        numbered.obs_names = pd.Index(np.arange(1000, 1200, dtype=np.int64))
+    on_numbers = CellVAE(numbered, n_hidden=8).fit(max_epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=r"obs_names are integers, and the integers of idx1 are read as positions"):
+        on_numbers.differential_expression(idx1=np.arange(50), n_draws=100, progress=False)
