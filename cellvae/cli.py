@@ -101,6 +101,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
     message = re.sub(r"\bunlabeled_category='([^']*)'", lambda found: f"--unlabeled-category {shlex.quote(found[1])}", message)
+    message = re.sub(r"\bunlabeled_category '([^']*)'", lambda found: f"--unlabeled-category {shlex.quote(found[1])}", message)
+    message = message.replace("unknown_threshold or novelty_threshold", "--unknown-threshold or --novelty-threshold")
+    message = message.replace("ref_adata.obs[", "the --reference file's obs[")
+    # the --reference file is read where the model reads its counts, by its var_names: --layer and --var-names are the
+    # input's options, so its fixes stay in Python (made in the --reference file)
+    about_the_reference = message.startswith("--reference ")
     message = message.replace("embed them with model.get_latent", "embed them with cellvae embed")
     # the model's genes, in a fix made in Python: read from the saved model (the command line's model has no name)
     model_dir = str(getattr(args, "model_dir", None) or "MODEL_DIR")
@@ -121,19 +127,22 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
     message = re.sub(r"\bk=(\d+) is larger than (.*); lower k$", r"--k \1 is larger than \2; lower --k", message)
-    message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {shlex.quote(found[1])}", message)
-    # a trained model's counts from another layer: embed's --layer reads them and puts them where the model reads them
-    another_layer = r"(give the model ad\.AnnData\(X=adata\.layers\['([^']+)'\], obs=adata\.obs, var=adata\.var\)"
-    another_layer += r"|put them where the model reads them, adata\.layers\['[^']+'\] = adata\.layers\['([^']+)'\])"
-    message = re.sub(another_layer, lambda found: f"pass --layer {shlex.quote(found[2] or found[3])}", message)
-    message = message.replace("leave out layer= (layer=None reads X)", "leave out --layer (or pass --layer X)")
-    # genes named by a var column (cellvae embed and map): --var-names reads them from it
-    by_column = r"name the genes by it first, (\w+)\.var_names = \1\.var\['([^']+)'\]\.astype\(str\) "
-    by_column += r"\(then \1\.var_names_make_unique\(\) if some repeat\)"
-    message = re.sub(by_column, lambda found: f"pass --var-names {shlex.quote(found[2])}", message)
-    message = re.sub(
-        r"adata\.X holds whole counts: adata\.layers\['[^']+'\] = adata\.X", "adata.X holds whole counts: pass --layer X", message
-    )
+    if not about_the_reference:
+        message = re.sub(r"pass layer='([^']+)'", lambda found: f"pass --layer {shlex.quote(found[1])}", message)
+        # a trained model's counts from another layer: embed's --layer reads them and puts them where the model reads them
+        another_layer = r"(give the model ad\.AnnData\(X=adata\.layers\['([^']+)'\], obs=adata\.obs, var=adata\.var\)"
+        another_layer += r"|put them where the model reads them, adata\.layers\['[^']+'\] = adata\.layers\['([^']+)'\])"
+        message = re.sub(another_layer, lambda found: f"pass --layer {shlex.quote(found[2] or found[3])}", message)
+        message = message.replace("leave out layer= (layer=None reads X)", "leave out --layer (or pass --layer X)")
+        # genes named by a var column (cellvae embed and map): --var-names reads them from it
+        by_column = r"name the genes by it first, (\w+)\.var_names = \1\.var\['([^']+)'\]\.astype\(str\) "
+        by_column += r"\(then \1\.var_names_make_unique\(\) if some repeat\)"
+        message = re.sub(by_column, lambda found: f"pass --var-names {shlex.quote(found[2])}", message)
+        message = re.sub(
+            r"adata\.X holds whole counts: adata\.layers\['[^']+'\] = adata\.X",
+            "adata.X holds whole counts: pass --layer X",
+            message,
+        )
     message = message.replace("(written by CellVAE.save)", "(written by cellvae fit or CellVAE.save)")
     message = message.replace(
         "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
@@ -143,7 +152,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:
             notes.append(f"--dispersion {dispersion} sets dispersion='{dispersion}'")
-    if "layer=" in message:
+    if "layer=" in message and not about_the_reference:
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
     elif "not found in adata.layers" in message:
         notes.append("--layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X")
@@ -152,7 +161,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
             "fit has no option for beta, kl_warmup or free_bits: train in Python with them, e.g. "
             "cellvae.tl.embed(adata, beta=0.5, free_bits=0.5, ...), or lower --n-latent"
         )
-    if "(symbols vs Ensembl IDs)" in message:
+    if "(symbols vs Ensembl IDs)" in message and not about_the_reference:
         notes.append("--var-names COLUMN names the genes by a var column, e.g. feature_name where var_names are Ensembl IDs")
     if "map_query(" in message:
         notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")

@@ -387,6 +387,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # The folders the model was loaded from or saved to, each with the identity of the adata.h5ad it held then
         # (None: none): save keeps that file in its folder while it is the same file, not one another model wrote.
         self._folders: dict[Path, tuple | None] = {}
+        # the AnnData map_query made of the query (its genes, obs as it was then), while it is the model's adata
+        self._mapped_query: ad.AnnData | None = None
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -855,6 +857,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """Columns that put per-gene outputs in ``adata``'s gene order where it holds exactly the model's
         genes in another order (on the model's device); else all columns, in the model's order."""
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
+        if adata is self._mapped_query and self._mapped_query is not None and len(names) < len(genes):
+            data.warn_user(  # (the query's own columns, with others of its own, may number as many as the model's)
+                f"the query lacked {len(genes) - len(names):,} of the model's {len(genes):,} genes, so the output's columns "
+                "are the model's genes (model.config.gene_names), not the query's var_names: do not store it in the "
+                "query's layers; pass gene_list=[...] for named columns",
+                UserWarning,
+            )
         if len(names) != len(genes) or names.equals(genes):
             return slice(None)
         positions = genes.get_indexer(names) if genes.is_unique else np.full(len(genes), -1)
@@ -1169,7 +1178,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("compare groups of obs[groupby] (groupby, group1, group2) or sets of cells (idx1, idx2), not both")
         if idx1 is None and groupby is None:
             raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
-        own_copy = adata is None and bool(self.config.reference_categories)  # a query model's copy of the query
+        own_copy = adata is None and self.adata is not None and self.adata is self._mapped_query  # map_query's copy
         adata = self._resolve(adata)
         if idx1 is None:
             try:
@@ -1178,8 +1187,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 if not own_copy:
                     raise
                 raise KeyError(
-                    f"{error.args[0]}: a model from map_query reads its copy of the query, made when it was mapped; "
-                    "pass adata=query (the query AnnData) to compare groups added to it since, e.g. transferred labels"
+                    f"{error.args[0]}: a model from map_query reads its copy of the query, made when it was mapped; if "
+                    "the column was added to the query since (e.g. transferred labels), pass adata=query"
                 ) from None
             source = f"obs[{groupby!r}]"
             if isinstance(group2, str) and group2 == differential.REST and group2 not in names:
@@ -1650,8 +1659,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The query model: its config lists the reference batches followed by the new ones, it
         holds the query as ``query_model.adata`` (so ``query_model.get_latent()`` embeds it: a new AnnData of
         the query's genes that the reference has, in the query's order, so outputs without ``adata=`` come in that
-        order; its counts are the query's own matrix, not copied, where it is CSR or dense and holds no other genes,
-        else an aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
+        order where the query holds all of the model's genes, else in the model's order, with a warning; its
+        counts are the query's own matrix, not copied, where it is CSR or dense and holds no other genes, else an
+        aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
         it was: pass ``adata=query`` to read columns added since) and embeds reference cells too. Save and load
         it like any model. Where the matrix is shared (as a model built on your AnnData reads it), counts
         changed in place afterwards (``sc.pp.downsample_counts``, ``normalize_total``) change what the query
@@ -1740,6 +1750,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
+        query_model._mapped_query = aligned
         query_model.device = self.device  # its outputs run where the reference's do (to_device)
         _move(query_model.module, self.device)  # (grafted on one device)
         with _missing_genes_told():  # validates the covariates before any work; trains the mapping below
@@ -2194,8 +2205,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         "batch and covariate value; pass library_size= (and covariates=) for their own",
                         UserWarning,
                     )
-            if library is None:
-                library = _library_sizes(loader.library[template], n_cells)
+            if library is None:  # (a cell's total may exceed the largest single count accepted)
+                library = _library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
             template = self.adata.obs.iloc[template]
             if batch is None and c.batch_key:
                 batch = template[c.batch_key].astype(str).to_numpy()

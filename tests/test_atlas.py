@@ -186,7 +186,7 @@ def test_mapped_model_saves_and_loads(reference_and_query, tmp_path):
     np.testing.assert_array_equal(loaded.get_latent(query), query_model.get_latent())
 
 
-def test_query_genes_are_aligned_by_name(reference_and_query):
+def test_query_genes_are_aligned_by_name(reference_and_query, tmp_path):
     model, _, query = reference_and_query
     rng = np.random.default_rng(0)
     shuffled = query[:, rng.permutation(query.n_vars)].copy()
@@ -213,6 +213,19 @@ def test_query_genes_are_aligned_by_name(reference_and_query):
     with pytest.raises(KeyError, match=r"a model from map_query reads its copy of the query.*pass adata=query"):
         permuted.differential_expression(groupby="cluster", n_draws=100, progress=False)
     permuted.differential_expression(shuffled, groupby="cluster", n_draws=100, progress=False)
+    permuted.save(tmp_path / "query_model", save_anndata=True)
+    reloaded = CellVAE.load(tmp_path / "query_model", shuffled)  # the user's query itself: no word of a copy
+    with pytest.raises(KeyError) as told:
+        reloaded.differential_expression(groupby="no_such_column", n_draws=100, progress=False)
+    assert "map_query" not in str(told.value)
+    # a query lacking some model genes, with as many genes of its own: outputs come in the model's order, with a word
+    partial = ad.concat([shuffled[:, 10:], extra[:, :7], extra[:, :3]], axis=1, merge="first")
+    partial.var_names_make_unique()
+    assert partial.n_vars == model.config.n_genes
+    with pytest.warns(UserWarning, match="10 of the model's 300 genes are missing"):
+        lacking = model.map_query(partial, max_epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=r"the query lacked 10 of the model's 300 genes, so the output's columns are the model"):
+        assert lacking.get_normalized_expression(progress=False).shape == (partial.n_obs, 300)
 
 
 def test_a_query_in_the_reference_gene_order_is_mapped_without_copying_its_counts(reference_and_query):

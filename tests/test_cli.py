@@ -1104,6 +1104,22 @@ def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(t
     assert "--var-names COLUMN names the genes by a var column" in in_command_line_terms(identifiers)
     unknown = "pass unlabeled_category='Unknown' if those reference cells are unlabelled, or rename that label"
     assert in_command_line_terms(unknown).startswith("pass --unlabeled-category Unknown if those")
+    label = (
+        "ref_adata.obs['lab'] has a label 'Unknown', the label of query cells over unknown_threshold or novelty_threshold "
+        "too; unlabeled_category 'foo' is no label"
+    )
+    assert in_command_line_terms(label) == (
+        "the --reference file's obs['lab'] has a label 'Unknown', the label of query cells over --unknown-threshold or "
+        "--novelty-threshold too; --unlabeled-category foo is no label"
+    )
+    # the --reference file is read by its var_names where the model reads counts: its fixes are made in that file
+    by_column = (
+        "--reference ref.h5ad: only 0 of the model's 40 genes (0%) are in adata.var_names (at least 80% needed); missing "
+        "e.g. ['gene0']. adata.var['orig'] holds the model's genes: name the genes by it first, adata.var_names = "
+        "adata.var['orig'].astype(str) (then adata.var_names_make_unique() if some repeat)"
+    )
+    told = in_command_line_terms(by_column, argparse.Namespace(input="q.h5ad", model_dir="m"))
+    assert "--var-names" not in told and "fix the file in Python first, adata = anndata.read_h5ad('ref.h5ad')" in told
     few = "map the new batches' cells together (cells of the reference's own batches need no mapping: embed them with "
     assert in_command_line_terms(few + "model.get_latent)").endswith("embed them with cellvae embed)")
 

@@ -1958,6 +1958,15 @@ def test_settings_that_silently_give_nonsense_are_refused_or_told():
         with pytest.raises(ValueError, match=r"library_size must be .*up to 1e\+12|at most 1e\+12 counts"):
             call()
     assert model.generate(3, library_size=1e12, progress=False, random_state=0).X.min() >= 0
+    deep = adata.copy()  # a cell's total may exceed the largest single count: generate copies it without complaint
+    dense = deep.X.toarray()
+    dense[0, :20] = 1e11
+    deep.X = sp.csr_matrix(dense)
+    deep_model = CellVAE(deep, batch_key="batch", n_hidden=8).fit(max_epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the deep cell's counts are warned about as reads)
+        generated = deep_model.generate(400, random_state=0, progress=False)
+    assert generated.obs["library_size"].max() == 1e12
     with pytest.warns(UserWarning, match="batch_mmd has no effect with batch_size=1"):
         CellVAE(adata, batch_key="batch", batch_mmd=1.0, n_hidden=8).fit(max_epochs=1, batch_size=1, progress=False)
     numbered = adata.copy()
