@@ -100,10 +100,16 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
     message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
-    message = re.sub(r"\bunlabeled_category='([^']*)'", lambda found: f"--unlabeled-category {shlex.quote(found[1])}", message)
-    message = re.sub(r"\bunlabeled_category '([^']*)'", lambda found: f"--unlabeled-category {shlex.quote(found[1])}", message)
+    quoted = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""  # a Python repr of text, in either quotes
+    message = re.sub(
+        rf"\bunlabeled_category[= ]{quoted}",
+        lambda found: f"--unlabeled-category {shlex.quote(ast.literal_eval(found[1]))}",
+        message,
+    )
+    message = message.replace("pass novelty_threshold=None", "leave out --novelty-threshold")
     message = message.replace("unknown_threshold or novelty_threshold", "--unknown-threshold or --novelty-threshold")
     message = message.replace("ref_adata.obs[", "the --reference file's obs[")
+    message = message.replace("ref_adata has ", "the --reference file has ")
     # the --reference file is read where the model reads its counts, by its var_names: --layer and --var-names are the
     # input's options, so its fixes stay in Python (made in the --reference file)
     about_the_reference = message.startswith("--reference ")
@@ -175,13 +181,14 @@ def _fix_in_python(message: str, args: argparse.Namespace | None) -> str:
     --reference it names) under the name the advice uses, change it, write it anew."""
     path = getattr(args, "input", None) or "IN.h5ad"
     about_the_reference = re.match(r"--reference (.+?): ", message)
+    then = "then run cellvae on FIXED.h5ad"
     if about_the_reference:
-        path = about_the_reference[1]
+        path, then = about_the_reference[1], "then pass --reference FIXED.h5ad"
     name = "query_adata" if "query_adata" in message else "adata"
     reader = "read_zarr" if str(path).rstrip("/").endswith(".zarr") else "read_h5ad"
     return (
         f"no cellvae option does this; fix the file in Python first, {name} = anndata.{reader}({str(path)!r}), "
-        f"the change above, {name}.write_h5ad('FIXED.h5ad'), then run cellvae on FIXED.h5ad"
+        f"the change above, {name}.write_h5ad('FIXED.h5ad'), {then}"
     )
 
 
@@ -854,7 +861,12 @@ def _embed_reference(model, reference, args: argparse.Namespace):
     """The reference cells' embedding by ``model``, its errors naming the --reference file. A stored embedding is
     never used: it may come from another model, and a vote across two spaces would be wrong without a word."""
     try:
-        return model.get_latent(reference, progress=not args.quiet)
+        with warnings.catch_warnings(record=True) as told:  # its warnings too name the file they are about
+            warnings.simplefilter("always")
+            latent = model.get_latent(reference, progress=not args.quiet)
+        for warning in told:
+            warnings.warn(f"--reference {args.reference}: {warning.message}", warning.category, stacklevel=2)
+        return latent
     except (ValueError, KeyError, TypeError) as error:
         # the reference's cells are of the model's batches: map_query's advice for new ones is the query's
         advice = "--reference holds cells of the model's own batches; cells of new batches are the query (the input)"

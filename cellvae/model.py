@@ -387,8 +387,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # The folders the model was loaded from or saved to, each with the identity of the adata.h5ad it held then
         # (None: none): save keeps that file in its folder while it is the same file, not one another model wrote.
         self._folders: dict[Path, tuple | None] = {}
-        # the AnnData map_query made of the query (its genes, obs as it was then), while it is the model's adata
-        self._mapped_query: ad.AnnData | None = None
+        # (a weak reference to) the AnnData map_query made of the query: its genes, its obs as it was then
+        self._mapped_query: weakref.ref | None = None
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -853,15 +853,23 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 out[rows] = (total / len(targets)).cpu().numpy()
         return out
 
-    def _adata_gene_columns(self, adata: ad.AnnData) -> slice | torch.Tensor:
+    def _is_mapped_query(self, adata) -> bool:
+        """Whether ``adata`` is the AnnData map_query made of the query for this model (not the user's own)."""
+        return adata is not None and self._mapped_query is not None and self._mapped_query() is adata
+
+    def _adata_gene_columns(
+        self, adata: ad.AnnData, by_name: str = "pass gene_list=[...] for named columns"
+    ) -> slice | torch.Tensor:
         """Columns that put per-gene outputs in ``adata``'s gene order where it holds exactly the model's
-        genes in another order (on the model's device); else all columns, in the model's order."""
+        genes in another order (on the model's device); else all columns, in the model's order (``by_name``: how the
+        caller names its columns, told where they are not adata's)."""
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
-        if adata is self._mapped_query and self._mapped_query is not None and len(names) < len(genes):
-            data.warn_user(  # (the query's own columns, with others of its own, may number as many as the model's)
-                f"the query lacked {len(genes) - len(names):,} of the model's {len(genes):,} genes, so the output's columns "
-                "are the model's genes (model.config.gene_names), not the query's var_names: do not store it in the "
-                "query's layers; pass gene_list=[...] for named columns",
+        lacked = int((~genes.isin(names)).sum())
+        if lacked and self._is_mapped_query(adata):  # (the query's own columns may number as many as the model's)
+            data.warn_user(
+                f"the query lacked {lacked:,} of the model's {len(genes):,} genes, so the output's columns are the "
+                f"model's genes (model.config.gene_names), not the query's var_names: do not store it in the query's "
+                f"layers; {by_name}",
                 UserWarning,
             )
         if len(names) != len(genes) or names.equals(genes):
@@ -876,7 +884,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             data.warn_user(
                 f"adata holds as many genes as the model ({len(genes):,}) but not the same ones ({differ}): the output's "
                 "columns are the model's genes (model.config.gene_names), not adata.var_names, so do not store it in "
-                "adata.layers; pass gene_list=[...] for named columns",
+                f"adata.layers; {by_name}",
                 UserWarning,
             )
             return slice(None)
@@ -930,7 +938,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
-        columns = self._adata_gene_columns(adata)
+        columns = self._adata_gene_columns(adata, "select its columns by name with model.config.gene_names")
         likelihood = self.config.likelihood
         names = ["mean"] + ["theta"] * (likelihood != "poisson") + ["zero_inflation"] * (likelihood == "zinb")
         # written in place: the outputs are the only cells × genes arrays held
@@ -1178,7 +1186,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("compare groups of obs[groupby] (groupby, group1, group2) or sets of cells (idx1, idx2), not both")
         if idx1 is None and groupby is None:
             raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
-        own_copy = adata is None and self.adata is not None and self.adata is self._mapped_query  # map_query's copy
+        own_copy = adata is None and self._is_mapped_query(self.adata)  # map_query's copy of the query
         adata = self._resolve(adata)
         if idx1 is None:
             try:
@@ -1750,7 +1758,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
-        query_model._mapped_query = aligned
+        query_model._mapped_query = None if aligned is query_adata else weakref.ref(aligned)  # (a view: the user's own)
         query_model.device = self.device  # its outputs run where the reference's do (to_device)
         _move(query_model.module, self.device)  # (grafted on one device)
         with _missing_genes_told():  # validates the covariates before any work; trains the mapping below

@@ -1,8 +1,10 @@
 """Atlas building: batch integration, reference mapping (map_query) and label transfer."""
 
 import argparse
+import gc
 import re
 import warnings
+import weakref
 
 import anndata as ad
 import numpy as np
@@ -226,6 +228,23 @@ def test_query_genes_are_aligned_by_name(reference_and_query, tmp_path):
         lacking = model.map_query(partial, max_epochs=1, progress=False)
     with pytest.warns(UserWarning, match=r"the query lacked 10 of the model's 300 genes, so the output's columns are the model"):
         assert lacking.get_normalized_expression(progress=False).shape == (partial.n_obs, 300)
+    with pytest.warns(UserWarning, match=r"lacked 10 .* select its columns by name with model.config.gene_names"):
+        lacking.get_likelihood_parameters(progress=False)  # (it takes no gene_list)
+    copy = weakref.ref(lacking.adata)
+    lacking.adata = None  # the model lets its copy of the query go: nothing else holds it
+    gc.collect()
+    assert copy() is None
+    # on disk: the file's own genes are kept, the reference's it lacks counted as such (not offset by its extra genes)
+    partial.write_h5ad(tmp_path / "partial.h5ad")
+    on_disk = ad.read_h5ad(tmp_path / "partial.h5ad", backed="r")
+    with pytest.warns(UserWarning, match="10 of the model's 300 genes are missing"):
+        streamed = model.map_query(on_disk, max_epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=r"the query lacked 10 of the model's 300 genes"):
+        streamed.get_normalized_expression(progress=False)
+    view = model.map_query(on_disk[:100], max_epochs=1, progress=False)  # a view of counts on disk: the user's own
+    with pytest.raises(KeyError) as told:
+        view.differential_expression(groupby="no_such_column", n_draws=100, progress=False)
+    assert "map_query" not in str(told.value)
 
 
 def test_a_query_in_the_reference_gene_order_is_mapped_without_copying_its_counts(reference_and_query):

@@ -1088,6 +1088,13 @@ def test_map_refuses_options_that_would_lose_the_embedding_and_names_the_referen
     with pytest.raises(SystemExit, match=re.escape(told)):
         main([*command, *labels])
     assert not (tmp_path / "out.h5ad").exists()
+    # a warning about the reference's cells names that file (it was told of the input, to be fixed in Python there)
+    lacking = ad.read_h5ad(ref / "ref.h5ad")[:, 5:].copy()
+    lacking.write_h5ad(tmp_path / "lacking.h5ad")
+    labels[1] = str(tmp_path / "lacking.h5ad")
+    about = re.escape(f"--reference {tmp_path / 'lacking.h5ad'}: 5 of the model's 100 genes are missing")
+    with pytest.warns(UserWarning, match=about):  # (shown from the shell as "UserWarning: --reference ...: ...")
+        assert main([*command, *labels, "--overwrite"]) == 0
 
 
 def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(tmp_path):
@@ -1120,6 +1127,11 @@ def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(t
     )
     told = in_command_line_terms(by_column, argparse.Namespace(input="q.h5ad", model_dir="m"))
     assert "--var-names" not in told and "fix the file in Python first, adata = anndata.read_h5ad('ref.h5ad')" in told
+    assert told.endswith("adata.write_h5ad('FIXED.h5ad'), then pass --reference FIXED.h5ad)")
+    quoted = """unlabeled_category "it's" is no label; ref_adata has 1: pass novelty_threshold=None"""
+    assert in_command_line_terms(quoted) == (
+        "--unlabeled-category 'it'\"'\"'s' is no label; the --reference file has 1: leave out --novelty-threshold"
+    )
     few = "map the new batches' cells together (cells of the reference's own batches need no mapping: embed them with "
     assert in_command_line_terms(few + "model.get_latent)").endswith("embed them with cellvae embed)")
 
