@@ -363,6 +363,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             data.warn_user(f"batch_mmd has no effect: obs[{batch_key!r}] holds a single batch", UserWarning)
         self._setup(config, adata)
 
+    def __getstate__(self) -> dict:
+        # (pickle, copy.deepcopy) a weak reference cannot be pickled: kept as whether adata is map_query's copy
+        state = self.__dict__.copy()
+        state["_mapped_query"] = self._is_mapped_query(self.adata)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        mapped = state.pop("_mapped_query", False)
+        self.__dict__.update(state)
+        self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
+
     def __getattr__(self, name: str):
         # reached only for names the object lacks
         raise _missing_attribute(f"{type(self).__name__!r} object", name)

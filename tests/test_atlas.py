@@ -2,9 +2,11 @@
 
 import argparse
 import gc
+import pickle
 import re
 import warnings
 import weakref
+from copy import deepcopy
 
 import anndata as ad
 import numpy as np
@@ -230,6 +232,9 @@ def test_query_genes_are_aligned_by_name(reference_and_query, tmp_path):
         assert lacking.get_normalized_expression(progress=False).shape == (partial.n_obs, 300)
     with pytest.warns(UserWarning, match=r"lacked 10 .* select its columns by name with model.config.gene_names"):
         lacking.get_likelihood_parameters(progress=False)  # (it takes no gene_list)
+    for copied in (pickle.loads(pickle.dumps(lacking)), deepcopy(lacking)):  # (a weak reference is not picklable)
+        with pytest.warns(UserWarning, match=r"the query lacked 10 of the model's 300 genes"):
+            copied.get_normalized_expression(progress=False)
     copy = weakref.ref(lacking.adata)
     lacking.adata = None  # the model lets its copy of the query go: nothing else holds it
     gc.collect()
