@@ -100,12 +100,10 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
     message = message.replace("another checkpoint_dir", "another --checkpoint-dir")
     message = message.replace("mask_var ", "--mask-var ")
-    quoted = r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""  # a Python repr of text, in either quotes
     message = re.sub(
-        rf"\bunlabeled_category[= ]{quoted}",
-        lambda found: f"--unlabeled-category {shlex.quote(ast.literal_eval(found[1]))}",
-        message,
+        rf"\bunlabeled_category[= ]{PYTHON_TEXT}", lambda found: f"--unlabeled-category {_as_shell_word(found)}", message
     )
+    message = message.replace("novelty_threshold needs", "--novelty-threshold needs")
     message = message.replace("pass novelty_threshold=None", "leave out --novelty-threshold")
     message = message.replace("unknown_threshold or novelty_threshold", "--unknown-threshold or --novelty-threshold")
     message = message.replace("ref_adata.obs[", "the --reference file's obs[")
@@ -174,6 +172,17 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     elif _needs_python(message):
         notes.append(_fix_in_python(message, args))
     return message + "".join(f"\n(on the command line: {note})" for note in notes)
+
+
+PYTHON_TEXT = r"""('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""  # a Python repr of text, in either quotes, on one line
+
+
+def _as_shell_word(found: re.Match) -> str:
+    """The text a Python repr (``found[1]``) stands for, quoted for a shell; the repr itself where it is none."""
+    try:
+        return shlex.quote(ast.literal_eval(found[1]))
+    except (ValueError, SyntaxError):
+        return found[1]
 
 
 def _fix_in_python(message: str, args: argparse.Namespace | None) -> str:
@@ -860,18 +869,20 @@ def _prefixed(batches, prefix: str):
 def _embed_reference(model, reference, args: argparse.Namespace):
     """The reference cells' embedding by ``model``, its errors naming the --reference file. A stored embedding is
     never used: it may come from another model, and a vote across two spaces would be wrong without a word."""
+    told: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings(record=True) as told:  # its warnings too name the file they are about
-            warnings.simplefilter("always")
-            latent = model.get_latent(reference, progress=not args.quiet)
-        for warning in told:
-            warnings.warn(f"--reference {args.reference}: {warning.message}", warning.category, stacklevel=2)
-        return latent
+        # its warnings name the file too: recorded under the caller's filters (ignored ones stay ignored, errors
+        # raise), then given again, named, also where an error follows
+        with warnings.catch_warnings(record=True) as told:
+            return model.get_latent(reference, progress=not args.quiet)
     except (ValueError, KeyError, TypeError) as error:
         # the reference's cells are of the model's batches: map_query's advice for new ones is the query's
         advice = "--reference holds cells of the model's own batches; cells of new batches are the query (the input)"
         message = _message_of(error).replace("Map new batches with model.map_query(...)", advice)
         raise type(error)(f"--reference {args.reference}: {message}") from error
+    finally:
+        for warning in told:
+            warnings.warn(f"--reference {args.reference}: {warning.message}", warning.category, stacklevel=2)
 
 
 def _read_for_model(

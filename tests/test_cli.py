@@ -1095,6 +1095,17 @@ def test_map_refuses_options_that_would_lose_the_embedding_and_names_the_referen
     about = re.escape(f"--reference {tmp_path / 'lacking.h5ad'}: 5 of the model's 100 genes are missing")
     with pytest.warns(UserWarning, match=about):  # (shown from the shell as "UserWarning: --reference ...: ...")
         assert main([*command, *labels, "--overwrite"]) == 0
+    with warnings.catch_warnings(record=True) as shown:  # a filter on the message still applies to it
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=r"\d+ of the model's \d+ genes are missing")
+        assert main([*command, *labels, "--overwrite"]) == 0
+    assert not [w for w in shown if "genes are missing" in str(w.message)]
+    lacking.obs["batch"] = lacking.obs["batch"].astype(str)
+    lacking.obs.iloc[:3, lacking.obs.columns.get_loc("batch")] = "batchX"  # then an error about the same file
+    lacking.write_h5ad(tmp_path / "lacking.h5ad")
+    with pytest.warns(UserWarning, match=about):  # told before the error, not lost
+        with pytest.raises(SystemExit, match=r"--reference .*lacking.h5ad: obs\['batch'\] has categories unseen"):
+            main([*command, *labels, "--overwrite"])
 
 
 def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(tmp_path):
@@ -1128,6 +1139,8 @@ def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(t
     told = in_command_line_terms(by_column, argparse.Namespace(input="q.h5ad", model_dir="m"))
     assert "--var-names" not in told and "fix the file in Python first, adata = anndata.read_h5ad('ref.h5ad')" in told
     assert told.endswith("adata.write_h5ad('FIXED.h5ad'), then pass --reference FIXED.h5ad)")
+    assert in_command_line_terms("novelty_threshold needs at least 2 labelled").startswith("--novelty-threshold needs")
+    assert in_command_line_terms("unlabeled_category 'a\nb'") == "unlabeled_category 'a\nb'"  # no repr on one line
     quoted = """unlabeled_category "it's" is no label; ref_adata has 1: pass novelty_threshold=None"""
     assert in_command_line_terms(quoted) == (
         "--unlabeled-category 'it'\"'\"'s' is no label; the --reference file has 1: leave out --novelty-threshold"
