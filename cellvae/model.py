@@ -2399,7 +2399,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # model genes the data lacks are read as zero counts, as in map_query
         columns = None
         if not names.equals(genes):
-            columns = _gene_positions(names, genes, "adata", adata.var, self._typical_share, _raw_gene_names(adata))
+            # (map_query told of the genes its query lacks: not again for each use of its copy of the query)
+            with _missing_genes_told() if self._is_mapped_query(adata) else nullcontext():
+                columns = _gene_positions(names, genes, "adata", adata.var, self._typical_share, _raw_gene_names(adata))
         covariates = data.covariate_matrix(adata.obs, self.layout)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]

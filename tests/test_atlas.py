@@ -228,6 +228,10 @@ def test_query_genes_are_aligned_by_name(reference_and_query, tmp_path):
     assert partial.n_vars == model.config.n_genes
     with pytest.warns(UserWarning, match="10 of the model's 300 genes are missing"):
         lacking = model.map_query(partial, max_epochs=1, progress=False)
+    with no_warnings():  # told once, by map_query: not again for each use of its copy of the query
+        lacking.get_latent(progress=False)
+    with pytest.warns(UserWarning, match="10 of the model's 300 genes are missing"):  # the user's query: told
+        lacking.get_latent(partial, progress=False)
     with pytest.warns(UserWarning, match=r"the query lacked 10 of the model's 300 genes, so the output's columns are the model"):
         assert lacking.get_normalized_expression(progress=False).shape == (partial.n_obs, 300)
     with pytest.warns(UserWarning, match=r"lacked 10 .* select its columns by name with model.config.gene_names"):
