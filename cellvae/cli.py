@@ -649,8 +649,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
     from cellvae import CellVAE, tl
 
-    _check_input_and_output(args)
-    _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
+    _check_input_and_output(args)  # (also an --out inside --model-dir)
     model = CellVAE.load(args.model_dir, load_anndata=False)  # the weights alone: the input is what gets embedded
     model.to_device(args.device)
     batch_key = model.config.batch_key
@@ -688,7 +687,6 @@ def run_map(args: argparse.Namespace) -> int:
 
     _check_input_and_output(args)
     _check_labels_options(args)
-    _check_out_is_outside(args.out, {"--model-dir": args.model_dir})
     if args.query_model_dir is not None:  # never inside the reference's folder: --overwrite would replace the reference
         separate = {"--model-dir": args.model_dir}
         inputs = {"the input": args.input, "--reference": args.reference}

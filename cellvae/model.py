@@ -2979,9 +2979,10 @@ def _align_query(
     batch_column: str | None = None,
 ) -> ad.AnnData:
     """The AnnData the query model reads: a new one with the query's batches in the reference's batch column
-    and its counts, in memory in the reference's gene order (missing genes zero), or on disk (a backed file or
-    Zarr store) left there in the file's gene order, which the query model reads by name as it streams them;
-    or a view of counts on disk itself, where its batches are already in the reference's batch column."""
+    (``batch_column``'s own values where they are those batches) and its counts, in memory (the query's genes that
+    the reference has, in the query's order; missing ones are read as zeros) or on disk (a backed file or Zarr store)
+    left there in the file's gene order, which the query model reads by name; or a view of counts on disk itself,
+    where its batches are already in the reference's batch column."""
     matrix = _model_counts(query, config.layer, "query_adata")
     if isinstance(matrix, data.BackedView):
         column = query.obs[config.batch_key] if config.batch_key in query.obs.columns else None
