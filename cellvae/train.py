@@ -483,7 +483,11 @@ def train(
         elif checkpoint is not None:
             # (epochs numbered as in model.history, from 0)
             resumable = f"; fit(..., resume=True) continues the run from its checkpoint after epoch {last_checkpoint - 1}"
-        warn_user(f"training interrupted during epoch {len(rows)}; keeping {kept}{resumable}", RuntimeWarning)
+        warn_user(
+            f"training interrupted during epoch {len(rows)} ({len(rows)} finished; model.history numbers epochs from 0); "
+            f"keeping {kept}{resumable}",
+            RuntimeWarning,
+        )
         interrupted = True
     finally:
         interrupts.restore()

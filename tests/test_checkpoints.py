@@ -135,9 +135,10 @@ def test_ctrl_c_keeps_a_usable_model_and_resume_matches_uninterrupted_run(tmp_pa
     report = json.loads(stdout.strip().splitlines()[-1])
     assert 3 <= report["epochs"] < FIT["max_epochs"]
     assert any("training interrupted" in w and "keeping the best parameters" in w for w in report["warnings"])
-    told = re.search(r"interrupted during epoch (\d+); keeping .*from its checkpoint after epoch (\d+)", report["warnings"][-1])
+    told = re.search(r"during epoch (\d+) \((\d+) finished; .*from its checkpoint after epoch (\d+)", report["warnings"][-1])
     # epochs numbered as in the history (from 0): the one running when stopped, the last one finished and saved
-    assert told and int(told.group(1)) == report["epochs"] and 2 <= int(told.group(2)) <= report["epochs"] - 1
+    assert told and int(told.group(1)) == int(told.group(2)) == report["epochs"]
+    assert 2 <= int(told.group(3)) <= report["epochs"] - 1
 
     interrupted = CellVAE.load(tmp_path / "model", adata=simulated())
     assert len(interrupted.history) == report["epochs"]
@@ -296,7 +297,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_resume_cannot_continue_and_resu
     with monkeypatch.context() as patched:
         patched.setattr(cellvae.train.AgreedInterrupt, "check", ctrl_c_at_the_fifth_check)
         with pytest.warns(
-            RuntimeWarning, match=r"interrupted during epoch \d+; .*no checkpoint was written yet \(checkpoint_every=10\)"
+            RuntimeWarning, match=r"interrupted during epoch \d+ .*no checkpoint was written yet \(checkpoint_every=10\)"
         ):
             model.fit(**fit)
     assert model.is_trained and not (tmp_path / CHECKPOINT).exists()
