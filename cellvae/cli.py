@@ -1015,16 +1015,15 @@ def _record_embedding(
     from cellvae import tl
 
     uns_key = tl._uns_key(key_added)
-    record = adata.uns.get(uns_key)
-    if record is None or (isinstance(record, Mapping) and "epochs_trained" in record.get("params", {})):
-        # layer and batch_key as tl.embed and cellvae fit record them: None for X, or for no batches
-        params = {"cellvae_version": CELLVAE_VERSION, "key_added": key_added, "model_dir": str(model_dir), "layer": layer}
-        params["batch_key"] = model.config.batch_key
-        params |= {"epochs_trained": int(len(model.history))}
-        if model.train_settings is not None:  # the epochs the model was trained for (with early stopping, more)
-            params["max_epochs"] = int(model.train_settings.max_epochs)
-        params |= {k: v for k, v in (more or {}).items() if v is not None}
-        adata.uns[uns_key] = {**(record or {}), "params": params}
+    # layer and batch_key as tl.embed and cellvae fit record them: None for X, or for no batches (the record's other
+    # entries are kept; tl._check_record_is_its_own refused, before any work, a record that is not embed's to write)
+    params = {"cellvae_version": CELLVAE_VERSION, "key_added": key_added, "model_dir": str(model_dir), "layer": layer}
+    params["batch_key"] = model.config.batch_key
+    params |= {"epochs_trained": int(len(model.history))}
+    if model.train_settings is not None:  # the epochs the model was trained for (with early stopping, more)
+        params["max_epochs"] = int(model.train_settings.max_epochs)
+    params |= {k: v for k, v in (more or {}).items() if v is not None}
+    adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     _warn_if_graph_is_stale(adata, key_added, replaced)
 
 

@@ -364,15 +364,22 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._setup(config, adata)
 
     def __getstate__(self) -> dict:
-        # (pickle, copy.deepcopy) a weak reference cannot be pickled: kept as whether adata is map_query's copy
+        # (pickle, copy.deepcopy) a weak reference cannot be pickled: kept as whether it pointed at adata (map_query's
+        # copy; the AnnData read from or written to the model folder's file)
         state = self.__dict__.copy()
         state["_mapped_query"] = self._is_mapped_query(self.adata)
+        if self._anndata_file is not None:
+            file, held = self._anndata_file
+            state["_anndata_file"] = (file, self.adata is not None and held() is self.adata)
         return state
 
     def __setstate__(self, state: dict) -> None:
         mapped = state.pop("_mapped_query", False)
         self.__dict__.update(state)
         self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
+        if self._anndata_file is not None:
+            file, held = self._anndata_file
+            self._anndata_file = (file, weakref.ref(self.adata)) if held else None
 
     def __getattr__(self, name: str):
         # reached only for names the object lacks

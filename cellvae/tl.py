@@ -94,24 +94,6 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
             "(of an AnnData whose counts are on disk: adata.to_memory())"
         )
     uns_key = _uns_key(key_added)
-    record = adata.uns.get(uns_key, {})
-    if not isinstance(record, Mapping):
-        raise TypeError(
-            f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
-            f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
-        )
-    if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
-        if "connectivities_key" in record and uns_key != "neighbors":  # sc.pp.neighbors(..., key_added=uns_key)
-            raise ValueError(
-                f"adata.uns[{uns_key!r}] holds a neighbours graph's record, which sc.pp.neighbors(..., "
-                f"key_added={uns_key!r}) wrote there in place of embed's; embed would replace it with its own settings: "
-                f"name the graph otherwise (e.g. sc.pp.neighbors(..., key_added='{uns_key}_neighbors')), delete "
-                f"adata.uns[{uns_key!r}] if the graph is no longer needed, or choose another key_added here"
-            )
-        raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
-            f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
-            "its own settings: choose another key_added"
-        )
     _check_record_is_its_own(adata, key_added, uns_key)
     _writable(adata, "adata")
     return key_added, uns_key
@@ -177,18 +159,37 @@ def _uns_key(key_added: str) -> str:
 
 
 def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) -> None:
-    """Refuse a ``key_added`` whose ``uns`` record describes another embedding still in ``obsm`` (``"cellvae"``
-    and the default ``"X_cellvae"`` share ``adata.uns["cellvae"]``; scanpy's ``X_pca`` and ``uns["pca"]``, ...);
-    also run by ``cellvae embed`` and ``cellvae map``."""
-    for key, (tool, record) in SCANPY_EMBEDDINGS.items():
-        if (key_added == key or key.endswith("_") and key_added.startswith(key)) and record in adata.uns:
+    """Refuse a ``key_added`` whose ``uns`` record is not embed's to write (another tool's, or not a mapping) or
+    describes another embedding still in ``obsm`` (``"cellvae"`` and the default ``"X_cellvae"`` share
+    ``adata.uns["cellvae"]``; scanpy's ``X_pca`` and ``uns["pca"]``, ...); also run by ``cellvae embed`` and
+    ``cellvae map``."""
+    record = adata.uns.get(uns_key, {})
+    if not isinstance(record, Mapping):
+        raise TypeError(
+            f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
+            f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
+        )
+    if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
+        if "connectivities_key" in record and uns_key != "neighbors":  # sc.pp.neighbors(..., key_added=uns_key)
             raise ValueError(
-                f"key_added={key_added!r} is where scanpy's {tool} wrote its embedding, whose record adata.uns[{record!r}] "
+                f"adata.uns[{uns_key!r}] holds a neighbours graph's record, which sc.pp.neighbors(..., "
+                f"key_added={uns_key!r}) wrote there in place of embed's; embed would replace it with its own settings: "
+                f"name the graph otherwise (e.g. sc.pp.neighbors(..., key_added='{uns_key}_neighbors')), delete "
+                f"adata.uns[{uns_key!r}] if the graph is no longer needed, or choose another key_added here"
+            )
+        raise ValueError(  # e.g. key_added="neighbors": scanpy's later steps read that record
+            f"adata.uns[{uns_key!r}]['params'] is another tool's record (e.g. scanpy's), which embed would replace with "
+            "its own settings: choose another key_added"
+        )
+    for key, (tool, tool_record) in SCANPY_EMBEDDINGS.items():
+        if (key_added == key or key.endswith("_") and key_added.startswith(key)) and tool_record in adata.uns:
+            raise ValueError(
+                f"key_added={key_added!r} is where scanpy's {tool} wrote its embedding, whose record "
+                f"adata.uns[{tool_record!r}] "
                 "would then describe another one; choose another key_added, e.g. 'X_cellvae', and pass it to scanpy as "
                 "use_rep"
             )
-    record = adata.uns.get(uns_key)
-    params = record.get("params") if isinstance(record, Mapping) else None
+    params = record.get("params")
     recorded = params.get("key_added") if isinstance(params, Mapping) else None
     if isinstance(recorded, str) and recorded != key_added and recorded in adata.obsm:
         raise ValueError(

@@ -970,30 +970,22 @@ def fitted_model(tmp_path):
     return tmp_path
 
 
-def test_embed_leaves_another_tools_uns_record_and_keeps_the_other_entries_of_its_own(fitted_model):
+def test_embed_refuses_another_tools_uns_record_and_keeps_the_other_entries_of_its_own(fitted_model, capsys):
+    """As tl.embed: a record that is another tool's is refused before any work; one of the user's notes gets params."""
     tmp_path = fitted_model
     adata = ad.read_h5ad(tmp_path / "out.h5ad")
     adata.uns["X_mine"] = {"params": {"method": "another tool"}}
+    adata.uns["X_notes"] = {"note": "my own notes"}
     adata.uns["cellvae"]["note"] = "kept"
     adata.write_h5ad(tmp_path / "annotated.h5ad")
-    for key in ("X_mine", "X_cellvae"):
-        out = str(tmp_path / f"{key}.h5ad")
-        assert (
-            main(
-                [
-                    "embed",
-                    str(tmp_path / "annotated.h5ad"),
-                    "--model-dir",
-                    str(tmp_path / "model"),
-                    "--out",
-                    out,
-                    "--key-added",
-                    key,
-                ]
-            )
-            == 0
-        )
-    assert ad.read_h5ad(tmp_path / "X_mine.h5ad").uns["X_mine"]["params"] == {"method": "another tool"}
+    embed = ["embed", str(tmp_path / "annotated.h5ad"), "--model-dir", str(tmp_path / "model"), "--out"]
+    with pytest.raises(SystemExit, match=r"adata.uns\['X_mine'\]\['params'\] is another tool's record .* another --key-added"):
+        main([*embed, str(tmp_path / "X_mine.h5ad"), "--key-added", "X_mine"])
+    assert not (tmp_path / "X_mine.h5ad").exists()
+    for key in ("X_notes", "X_cellvae"):
+        assert main([*embed, str(tmp_path / f"{key}.h5ad"), "--key-added", key]) == 0
+    notes = ad.read_h5ad(tmp_path / "X_notes.h5ad").uns["X_notes"]
+    assert notes["note"] == "my own notes" and notes["params"]["key_added"] == "X_notes"
     record = ad.read_h5ad(tmp_path / "X_cellvae.h5ad").uns["cellvae"]
     assert record["note"] == "kept" and record["params"]["model_dir"] == str(tmp_path / "model")
 

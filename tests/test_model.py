@@ -2,6 +2,7 @@
 
 import copy
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -1285,6 +1286,21 @@ def test_weights_and_metadata_a_save_never_writes_are_refused_or_ignored(tmp_pat
     with pytest.raises(ValueError, match=r"adata.h5ad, the AnnData saved with the model, cannot be read .*load_anndata=False"):
         CellVAE.load(tmp_path / "m")
     assert CellVAE.load(tmp_path / "m", load_anndata=False).adata is None
+
+
+def test_a_model_saved_with_its_anndata_or_loaded_from_it_pickles_and_copies(tmp_path):
+    """save(save_anndata=True) and load() remember the folder's AnnData file by weak reference: not picklable as it is."""
+    adata = cellvae.datasets.simulate(n_cells=80, n_genes=30, random_state=0)
+    model = CellVAE(adata, n_hidden=16)
+    model.fit(max_epochs=2, progress=False)
+    model.save(tmp_path / "m", save_anndata=True)
+    loaded = CellVAE.load(tmp_path / "m")
+    for original in (model, loaded):
+        for copied in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
+            np.testing.assert_array_equal(copied.get_latent(progress=False), original.get_latent(progress=False))
+            # the copy holds the folder's data as the original does: saved back there, the data file stays
+            copied.save(tmp_path / "m", overwrite=True)
+            assert (tmp_path / "m" / "adata.h5ad").is_file()
 
 
 def test_invalid_hyperparameters_are_rejected(two_batches):
