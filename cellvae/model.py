@@ -405,8 +405,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # The folders the model was loaded from or saved to, each with the identity of the adata.h5ad it held then
         # (None: none): save keeps that file in its folder while it is the same file, not one another model wrote.
         self._folders: dict[Path, tuple | None] = {}
-        # (a weak reference to) the AnnData map_query made of the query: its genes, its obs as it was then
+        # (a weak reference to) the AnnData map_query read the query from, told then of the genes it lacks: a new one
+        # (_query_copied: its genes, its obs as it was then) or, for a view of counts on disk, the user's view itself
         self._mapped_query: weakref.ref | None = None
+        self._query_copied = False
 
     @property
     def layout(self) -> data.CovariateLayout:
@@ -872,7 +874,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         return out
 
     def _is_mapped_query(self, adata) -> bool:
-        """Whether ``adata`` is the AnnData map_query made of the query for this model (not the user's own)."""
+        """Whether ``adata`` is the AnnData map_query read the query from for this model (its copy of the user's query,
+        or a view of counts on disk given to it)."""
         return adata is not None and self._mapped_query is not None and self._mapped_query() is adata
 
     def _adata_gene_columns(
@@ -1204,7 +1207,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("compare groups of obs[groupby] (groupby, group1, group2) or sets of cells (idx1, idx2), not both")
         if idx1 is None and groupby is None:
             raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
-        own_copy = adata is None and self._is_mapped_query(self.adata)  # map_query's copy of the query
+        own_copy = adata is None and self._is_mapped_query(self.adata) and self._query_copied  # map_query's copy
         adata = self._resolve(adata)
         if idx1 is None:
             try:
@@ -1603,10 +1606,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             batches = ""
             if self.config.batch_key:  # a query mapped from another column has its batches in this one only
                 batches = f", with obs[{self.config.batch_key!r}] holding each cell's batch as the model's AnnData does now"
+            view = ""
+            if self.adata.is_view:  # the whole file would give outputs for other cells
+                view = (
+                    f" and viewed as now (this model's AnnData is a view of {self.adata.n_obs:,} cells and "
+                    f"{self.adata.n_vars:,} genes: take the same adata[cells, genes])"
+                )
             raise ValueError(
                 f"save_anndata=True writes an AnnData held in memory; this model's counts are read from disk{where}, "
                 "so they are saved already: save without save_anndata and load with CellVAE.load(path, adata=...) "
-                f"of the file read again{batches}. Results written into the AnnData since it was read (obsm, uns, "
+                f"of the file read again{view}{batches}. Results written into the AnnData since it was read (obsm, uns, "
                 "obs) are in memory only, not in that file: keep them with adata.write_h5ad('with_results.h5ad')"
             )
 
@@ -1688,7 +1697,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         order where the query holds all of the model's genes, else in the model's order, with a warning; its
         counts are the query's own matrix, not copied, where it is CSR or dense and holds no other genes, else an
         aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
-        it was: pass ``adata=query`` to read columns added since) and embeds reference cells too. Save and load
+        it was: pass ``adata=query`` to read columns added since; a view of counts on disk is held itself, all its
+        genes and its own ``obs``) and embeds reference cells too. Save and load
         it like any model. Where the matrix is shared (as a model built on your AnnData reads it), counts
         changed in place afterwards (``sc.pp.downsample_counts``, ``normalize_total``) change what the query
         model reads: pass ``query_adata.copy()`` to keep them apart. Its outputs run where the
@@ -1776,7 +1786,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         )
         query_model = CellVAE.__new__(CellVAE)
         query_model._setup(config, aligned)
-        query_model._mapped_query = None if aligned is query_adata else weakref.ref(aligned)  # (a view: the user's own)
+        query_model._mapped_query = weakref.ref(aligned)
+        query_model._query_copied = aligned is not query_adata  # (a view of counts on disk: the user's own)
         query_model.device = self.device  # its outputs run where the reference's do (to_device)
         _move(query_model.module, self.device)  # (grafted on one device)
         with _missing_genes_told():  # validates the covariates before any work; trains the mapping below
@@ -2163,7 +2174,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             mean sums to it, so it is the cell's expected total count (with ``likelihood="zinb"`` the
             zero inflation removes a share of those counts).
         random_state
-            Seed of the draws.
+            Seed of the draws: the codes and library sizes, then the counts, drawn per forward pass (so another
+            ``batch_size`` gives the same codes and library sizes but other counts).
         batch_size
             Cells per forward pass.
         progress

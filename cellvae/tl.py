@@ -123,7 +123,8 @@ def _gene_mask(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> np.ndarr
         if mask_var not in adata.var.columns:
             raise KeyError(
                 f"mask_var {mask_var!r} is not a column of adata.var (available: {list(adata.var.columns)[:10]}); mark "
-                "the genes first, e.g. sc.pp.highly_variable_genes(adata, n_top_genes=2000, flavor='seurat_v3')"
+                "the genes first, on the counts, e.g. sc.pp.highly_variable_genes(adata, n_top_genes=2000, "
+                "flavor='seurat_v3', batch_key='batch') (your batch column, if any; this flavor needs pip install scikit-misc)"
             )
         column = adata.var[mask_var]
         where = f"adata.var[{mask_var!r}]"

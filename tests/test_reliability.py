@@ -1070,6 +1070,10 @@ def test_save_anndata_without_data_in_memory_is_refused_before_anything_is_writt
     advice += r".*Results written into the AnnData .* are in memory only.*adata.write_h5ad\('with_results.h5ad'\)"
     with pytest.raises(ValueError, match=advice):
         backed.save(tmp_path / "again", save_anndata=True)
+    # a view of the file: loading the whole file again would give outputs for other cells
+    backed.adata = backed.adata[:40, 5:]
+    with pytest.raises(ValueError, match=r"file read again and viewed as now \(.* a view of 40 cells and \d+ genes"):
+        backed.save(tmp_path / "again", save_anndata=True)
     assert sorted(os.listdir(tmp_path)) == ["cells.h5ad", "model"]
 
 
