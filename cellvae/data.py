@@ -1374,6 +1374,11 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
         positions = np.flatnonzero(values)
     elif np.issubdtype(values.dtype, np.integer):
         positions = values.ravel()
+        if adata.n_obs > 2 and positions.shape == (adata.n_obs,) and np.isin(positions, (0, 1)).all():
+            raise ValueError(
+                f"{name} holds a 0 or 1 for every cell: as positions it would pick cells 0 and 1 only; for a mask pass "
+                f"booleans, e.g. np.asarray({name}, dtype=bool)"
+            )
         if pd.api.types.is_integer_dtype(adata.obs_names.dtype):  # names and positions alike: said which is read
             warn_user(
                 f"adata.obs_names are integers, and the integers of {name} are read as positions (as scvi-tools reads "

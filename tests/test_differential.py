@@ -11,7 +11,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from conftest import shared_dataset
+from conftest import no_warnings, shared_dataset
 
 import cellvae
 from cellvae import CellVAE, differential
@@ -121,6 +121,24 @@ def test_a_few_cells_against_their_own_type_differ_in_no_gene(simulated, model):
     with pytest.warns(UserWarning, match="fewer than 5 cells"):
         result = model.differential_expression(few, groupby="few", group1="A", group2="B")
     assert result["is_de"].sum() <= 3
+
+
+def test_groups_of_fewer_than_ten_cells_are_told_their_fold_changes_are_shrunk(simulated, model):
+    """An audit: 5 against 5 cells of two types shrank 16-fold changes to lfc_mean ~0.1, their intervals missing them."""
+    labels = np.full(simulated.n_obs, "other", dtype=object)
+    rng = np.random.default_rng(0)
+    for name, cell_type, n in (("A", "type0", 7), ("B", "type1", 12)):
+        labels[rng.choice(np.flatnonzero(simulated.obs["cell_type"] == cell_type), n, replace=False)] = name
+    small = simulated.copy()
+    small.obs["small"] = labels
+    shrunk = r"groups \['A'\] of obs\['small'\] have fewer than 10 cells with counts: their fold changes are shrunk"
+    with pytest.warns(UserWarning, match=shrunk + r".*compare expression1 with expression2 \(not shrunk\)"):
+        result = model.differential_expression(small, groupby="small", group1="A", group2="B", n_draws=100)
+    assert np.isfinite(result["expression1"]).all()
+    with no_warnings():  # 12 cells against the rest: no word
+        model.differential_expression(small, groupby="small", group1="B", n_draws=100)
+    with pytest.warns(UserWarning, match=r"max_cells=8 draws each group's mean expression from fewer than 10 cells: their"):
+        model.differential_expression(small, groupby="small", group1="B", n_draws=100, max_cells=8)
 
 
 def test_a_comparison_gives_the_same_result_alone_or_among_others(model):
@@ -336,6 +354,9 @@ def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
         model.differential_expression(idx1=np.ones(simulated.n_obs, dtype=bool))
     with pytest.raises(TypeError, match="idx1 holds floats"):
         model.differential_expression(idx1=[0.0, 1.0])
+    for zeros_and_ones in (first.astype(int), pd.Series(first, index=simulated.obs_names).astype(int)):  # not positions
+        with pytest.raises(ValueError, match=r"idx1 holds a 0 or 1 for every cell: .* np.asarray\(idx1, dtype=bool\)"):
+            model.differential_expression(idx1=zeros_and_ones)
     for empty in ([], np.array([], dtype=int)):
         with pytest.raises(ValueError, match="idx1 selects no cells"):
             model.differential_expression(idx1=empty)
@@ -380,7 +401,8 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch
         model.differential_expression(groupby="cell_type", delta=0)
     with pytest.raises(ValueError, match=r"got None \(scvi-tools picks one then\): give it, e.g. 0.25"):
         model.differential_expression(groupby="cell_type", delta=None)
-    for scvi_tools_argument in ("all_stats", "weights", "filter_outlier_cells", "importance_weighting"):
+    importance = ("importance_weighting", "importance_weighting_kwargs")
+    for scvi_tools_argument in ("all_stats", "weights", "filter_outlier_cells", *importance):
         with pytest.raises(TypeError, match=rf"{scvi_tools_argument}', scvi-tools' name: drop it"):
             model.differential_expression(groupby="cell_type", **{scvi_tools_argument: True})
     with pytest.warns(UserWarning, match=r"max_cells=3 draws each group's mean expression from fewer than 5 cells"):
