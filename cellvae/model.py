@@ -16,7 +16,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 import anndata as ad
@@ -1399,7 +1399,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 self._write_anndata(staging / ADATA_FILE)
             elif own_folder and saved_data.is_file():  # loaded from this folder, trained further, saved back
                 _link_or_copy(saved_data, staging / ADATA_FILE)
-            self.config.to_json(staging / CONFIG_FILE)
+            # the cellvae that wrote the file (a model loaded from an older one may hold fields that one does not know)
+            replace(self.config, cellvae_version=CELLVAE_VERSION).to_json(staging / CONFIG_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
             metadata = {
                 "format": "cellvae",

@@ -1,6 +1,7 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
 import copy
+import json
 import os
 import pickle
 import re
@@ -1301,6 +1302,17 @@ def test_a_model_saved_with_its_anndata_or_loaded_from_it_pickles_and_copies(tmp
             # the copy holds the folder's data as the original does: saved back there, the data file stays
             copied.save(tmp_path / "m", overwrite=True)
             assert (tmp_path / "m" / "adata.h5ad").is_file()
+
+
+def test_a_saved_config_names_the_cellvae_that_saved_it(tmp_path):
+    """A model loaded from an older cellvae's folder and saved again (or mapped) holds fields that one may not know: the
+    file says which cellvae wrote it, so that the older one asks for an upgrade rather than calling the file mistyped."""
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=20, random_state=0)
+    CellVAE(adata, n_hidden=8).save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config | {"cellvae_version": "0.0.1"}))
+    CellVAE.load(tmp_path / "old", adata=adata).save(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["cellvae_version"] == cellvae.__version__
 
 
 def test_invalid_hyperparameters_are_rejected(two_batches):
