@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -188,6 +189,11 @@ def view_positions(adata: ad.AnnData) -> tuple[ad.AnnData, np.ndarray, np.ndarra
     return parent, rows, columns
 
 
+def viewed_anndata(adata: ad.AnnData) -> ad.AnnData | None:
+    """The AnnData that ``adata`` views, else None (anndata keeps it in a private attribute; where it is missing, None)."""
+    return getattr(adata, "_adata_ref", None) if adata.is_view else None
+
+
 def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.ndarray, np.ndarray] | None:
     """Where ``adata`` is a view: the viewed AnnData's count matrix and the view's rows and columns of it,
     else None (then anndata's own reading of the view applies)."""
@@ -209,6 +215,35 @@ def copied_view_counts(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | 
     copies them (:func:`_copied_csr_view`); None where anndata's own copy is no worse (or ``adata`` is no such view)."""
     viewed = _viewed_counts(adata, layer)
     return None if viewed is None or is_backed_matrix(viewed[0]) else _copied_csr_view(*viewed)
+
+
+def make_view_own_data(adata: ad.AnnData) -> None:
+    """Make an in-memory view its own AnnData just before results are written into it, as anndata would,
+    but without its ImplicitModificationWarning (which under ``-W error`` would throw the work away). A call
+    that fails earlier leaves the view a view.
+
+    Its CSR matrices (X, layers) are copied as the model copies a view's counts: anndata's copy of a view of
+    some cells first converts the column indices of every cell to int64 where indptr is int64 (a view of 1,000
+    of 203,340 cells: 2.1 s and 0.83 GB, for a result written into 1,000 cells)."""
+    if not adata.is_view:
+        return
+    names = layer_names(adata)
+    copied = {layer: copied_view_counts(adata, layer) for layer in [None, *names]}
+    layers = {name: adata.layers[name].copy() if copied[name] is None else copied[name] for name in names}
+    x = copied[None] if copied[None] is not None else None if adata.X is None else adata.X.copy()
+    own = ad.AnnData(
+        X=x,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        uns=deepcopy(dict(adata.uns)),
+        obsm={key: value.copy() for key, value in adata.obsm.items()},
+        varm={key: value.copy() for key, value in adata.varm.items()},
+        obsp={key: value.copy() for key, value in adata.obsp.items()},
+        varp={key: value.copy() for key, value in adata.varp.items()},
+        layers=layers,
+        raw=None if adata.raw is None else adata.raw.copy(),
+    )
+    adata._init_as_actual(own)  # (as anndata turns a view into its own data when one writes into it)
 
 
 def _copied_csr_view(matrix, rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix | None:
@@ -1558,7 +1593,7 @@ class CellLoader:
         likelihood's fast path uses; encoding alone does not need them.
         """
         cells = np.asarray(cells, dtype=np.int64)
-        _check_batch_size(batch_size)
+        check_positive_int(batch_size, "batch_size")
         if shuffle and rng is None:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
         if self.device.type == "cuda" and self._fits_on_device():
@@ -1600,7 +1635,7 @@ class CellLoader:
     def evaluation_batch_size(self, batch_size: int) -> int:
         """``batch_size``, or fewer cells where genes are many: passes that only evaluate the model
         densify at most ``EVALUATION_VALUES`` counts per minibatch, which bounds their memory."""
-        _check_batch_size(batch_size)
+        check_positive_int(batch_size, "batch_size")
         return int(max(1, min(batch_size, EVALUATION_VALUES // max(self.n_genes, 1))))
 
     def _read_batches(
@@ -1918,9 +1953,10 @@ def _fits_int16(counts: np.ndarray) -> bool:
     return bool(np.all((counts >= 0) & (counts <= np.iinfo(np.int16).max) & (counts == np.round(counts))))
 
 
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def check_positive_int(value, name: str) -> None:
+    """Refuse what is not a whole number of at least 1 (a bool, a float like 128.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:

@@ -1028,7 +1028,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``gene_list``'s order, else as in ``adata.var_names`` where ``adata`` holds exactly the model's genes,
         else in the model's order.
         """
-        _check_count(n_samples, "n_samples")
+        data.check_positive_int(n_samples, "n_samples")
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
@@ -1188,7 +1188,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if not fdr_target < 1:
             raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
         for name, value in (("n_draws", n_draws), ("max_cells", max_cells), ("batch_size", batch_size)):
-            _check_count(value, name)
+            data.check_positive_int(value, name)
         minimum = differential.MIN_DE_DRAWS
         if n_draws < minimum:
             raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
@@ -1909,7 +1909,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         −E_q[log p(x|z)] (the full likelihood, including log x!) and ``elbo`` = −(distortion + rate).
         Their means over cells are the figures to quote.
         """
-        _check_count(n_samples, "n_samples")
+        data.check_positive_int(n_samples, "n_samples")
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         adata = self._resolve(adata)
@@ -2035,8 +2035,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         Array of length n_cells.
         """
-        _check_count(n_samples, "n_samples")
-        _check_count(batch_size, "batch_size")
+        data.check_positive_int(n_samples, "n_samples")
+        data.check_positive_int(batch_size, "batch_size")
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         loader, cells = self._scoring_loader(self._resolve(adata))
@@ -2098,7 +2098,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         conditional on each cell's observed library size, batch and covariates.
         """
         for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
-            _check_count(value, name)
+            data.check_positive_int(value, name)
         _check_positive(lr, "lr")
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
@@ -2146,7 +2146,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         n × n_genes float32 array, genes in the model's order.
         """
-        _check_count(batch_size, "batch_size")
+        data.check_positive_int(batch_size, "batch_size")
         self._warn_if_untrained()
         z = self._check_latent(z)
         library = _library_sizes(library_size, len(z))
@@ -2206,8 +2206,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         loaded without its AnnData) and ``library_size`` (``generated_library_size`` where a covariate has that
         name), and the prior draws in ``obsm["z"]``.
         """
-        _check_count(n_cells, "n_cells")
-        _check_count(batch_size, "batch_size")
+        data.check_positive_int(n_cells, "n_cells")
+        data.check_positive_int(batch_size, "batch_size")
         random_state = _check_seed(random_state)
         progress = _check_flag(progress, "progress")
         self._warn_if_untrained()
@@ -2629,11 +2629,6 @@ def _check_threshold(threshold) -> None:
         raise ValueError(f"threshold must be a non-negative finite number, got {threshold!r}")
 
 
-def _check_count(value, name: str) -> None:
-    if not _is_whole(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_seed(random_state) -> int:
     """``random_state`` as a Python integer (torch's generators refuse numpy's)."""
     if not _is_whole(random_state):
@@ -2662,7 +2657,7 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
         raise ValueError(f"validation_size must be a fraction in [0, 1), got {validation_size!r}")
     if max_epochs is not None and (not _is_whole(max_epochs) or max_epochs < 1):
         raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
-    _check_count(batch_size, "batch_size")
+    data.check_positive_int(batch_size, "batch_size")
     if batch_size < 2 and normalization == "batch":
         raise ValueError("normalization='batch' normalises over each minibatch, so it needs batch_size >= 2")
     _check_positive(lr, "lr")

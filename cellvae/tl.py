@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from copy import deepcopy
 from dataclasses import replace
 
 import anndata as ad
@@ -25,12 +24,12 @@ from cellvae import diagnostics
 from cellvae.data import (
     cell_positions,
     check_one_name,
-    copied_view_counts,
     gene_names,
     is_backed_matrix,
-    layer_names,
+    make_view_own_data,
     stored_x,
     view_positions,
+    viewed_anndata,
     warn_user,
 )
 from cellvae.differential import group_name
@@ -287,7 +286,7 @@ def embed(
     params["device"] = str(model.device)  # where it trained (not "auto")
     if model.device.type == "cpu":  # bitwise reproducible with the same seed and thread count
         params["torch_threads"] = torch.get_num_threads()
-    _own_data(adata)
+    make_view_own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
     if genes is not adata:  # trained on a view of the marked genes: from now on the model reads them from adata itself
@@ -445,7 +444,7 @@ def transfer_labels(
         predicted[unknown] = "Unknown"
         categories = categories + (["Unknown"] if "Unknown" not in categories else [])
     query_adata = query_adata.copy() if copy else query_adata
-    _own_data(query_adata)
+    make_view_own_data(query_adata)
     # only the labels some cell received: scanpy's legends and rank_genes_groups of the column need no empty ones
     # an ordered reference column (e.g. stages) stays ordered, unless "Unknown" joined its labels
     ordered = isinstance(labels.dtype, pd.CategoricalDtype) and labels.cat.ordered and categories == list(names)
@@ -748,7 +747,7 @@ def rank_genes_groups(
         order = [name for name in order if name in shares] + ([] if named in order else [named])
         ranking |= {"pts": pd.DataFrame(shares).loc[genes, order]}
     adata = adata.copy() if copy else adata
-    _own_data(adata)
+    make_view_own_data(adata)
     adata.uns[key_added] = ranking
     return adata if copy else None
 
@@ -1230,44 +1229,11 @@ def _writable(adata: ad.AnnData, name: str, copy: bool = False) -> None:
             f"{name} is a view of a backed AnnData, into which anndata cannot write results; pass "
             f"{name}.to_memory() (in memory) or {name}.copy(filename='subset.h5ad') (a new backed file)"
         )
-    parent = getattr(adata, "_adata_ref", None)
-    if (
-        adata.is_view
-        and parent is not None
-        and any(is_backed_matrix(m) for m in [stored_x(parent), *parent.layers.values()] if m is not None)
-    ):
+    parent = viewed_anndata(adata)
+    if parent is not None and any(is_backed_matrix(m) for m in [stored_x(parent), *parent.layers.values()] if m is not None):
         raise ValueError(
             f"{name} is a view of an AnnData whose counts are on disk (cellvae.read_h5ad_lazy or read_zarr_lazy); writing "
             f"results into it would read all its counts into memory: pass {name}.to_memory(), or write the subset as a "
             f"file of its own ({name}.write_h5ad('subset.h5ad')) and open that with cellvae.read_h5ad_lazy "
             "(CellVAE(view).fit() and get_latent(view) stream a view without writing into it)"
         )
-
-
-def _own_data(adata: ad.AnnData) -> None:
-    """Make an in-memory view its own AnnData just before results are written into it, as anndata would,
-    but without its ImplicitModificationWarning (which under ``-W error`` would throw the work away). A call
-    that fails earlier leaves the view a view.
-
-    Its CSR matrices (X, layers) are copied as the model copies a view's counts: anndata's copy of a view of
-    some cells first converts the column indices of every cell to int64 where indptr is int64 (a view of 1,000
-    of 203,340 cells: 2.1 s and 0.83 GB, for a result written into 1,000 cells)."""
-    if not adata.is_view:
-        return
-    names = layer_names(adata)
-    copied = {layer: copied_view_counts(adata, layer) for layer in [None, *names]}
-    layers = {name: adata.layers[name].copy() if copied[name] is None else copied[name] for name in names}
-    x = copied[None] if copied[None] is not None else None if adata.X is None else adata.X.copy()
-    own = ad.AnnData(
-        X=x,
-        obs=adata.obs.copy(),
-        var=adata.var.copy(),
-        uns=deepcopy(dict(adata.uns)),
-        obsm={key: value.copy() for key, value in adata.obsm.items()},
-        varm={key: value.copy() for key, value in adata.varm.items()},
-        obsp={key: value.copy() for key, value in adata.obsp.items()},
-        varp={key: value.copy() for key, value in adata.varp.items()},
-        layers=layers,
-        raw=None if adata.raw is None else adata.raw.copy(),
-    )
-    adata._init_as_actual(own)  # (as anndata turns a view into its own data when one writes into it)
