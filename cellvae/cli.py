@@ -606,7 +606,7 @@ def run_fit(args: argparse.Namespace) -> int:
         fit_kwargs=fit_kwargs,
         **model_kwargs,
     )
-    adata.uns[tl._uns_key(args.key_added)]["params"]["model_dir"] = str(args.model_dir)  # (as embed and map record it)
+    adata.uns[tl._uns_key(args.key_added)]["params"]["model_dir"] = _recorded_path(args.model_dir)  # (as embed, map)
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
@@ -769,8 +769,8 @@ def run_map(args: argparse.Namespace) -> int:
         "mapping_epochs": int(len(query_model.history)),
         "mapping_max_epochs": int(query_model.train_settings.max_epochs) if query_model.train_settings else None,
         "train_input_layer": args.train_input_layer,
-        "query_model_dir": args.query_model_dir,
-        "reference": args.reference,
+        "query_model_dir": _recorded_path(args.query_model_dir),
+        "reference": _recorded_path(args.reference),
         "labels_key": args.labels_key,
         "interrupted": interrupted or None,
     }
@@ -1017,7 +1017,7 @@ def _record_embedding(
     uns_key = tl._uns_key(key_added)
     # layer and batch_key as tl.embed and cellvae fit record them: None for X, or for no batches (the record's other
     # entries are kept; tl._check_record_is_its_own refused, before any work, a record that is not embed's to write)
-    params = {"cellvae_version": CELLVAE_VERSION, "key_added": key_added, "model_dir": str(model_dir), "layer": layer}
+    params = {"cellvae_version": CELLVAE_VERSION, "key_added": key_added, "model_dir": _recorded_path(model_dir), "layer": layer}
     params["batch_key"] = model.config.batch_key
     params |= {"epochs_trained": int(len(model.history))}
     if model.train_settings is not None:  # the epochs the model was trained for (with early stopping, more)
@@ -1025,6 +1025,11 @@ def _record_embedding(
     params |= {k: v for k, v in (more or {}).items() if v is not None}
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     _warn_if_graph_is_stale(adata, key_added, replaced)
+
+
+def _recorded_path(path: str | None) -> str | None:
+    """A path as the output's record keeps it: absolute, so that it names the same place from another folder."""
+    return None if path is None else os.path.abspath(path)
 
 
 def _warn_if_graph_is_stale(adata, key_added: str, replaced: bool) -> None:

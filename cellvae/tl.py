@@ -24,6 +24,7 @@ from cellvae import diagnostics
 from cellvae.data import (
     cell_positions,
     check_one_name,
+    check_positive_int,
     gene_names,
     is_backed_matrix,
     make_view_own_data,
@@ -35,7 +36,6 @@ from cellvae.data import (
 from cellvae.differential import group_name
 from cellvae.model import (
     CellVAE,
-    _check_count,
     _check_flag,
     _check_is_anndata,
     _check_model,
@@ -482,7 +482,7 @@ def _voting_cells(
                 UserWarning,
             )
         labelled = labelled & ~unlabelled
-    _check_count(k, "k")
+    check_positive_int(k, "k")
     if not labelled.any():
         skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")
         raise ValueError(f"ref_adata.obs[{labels_key!r}] has no labelled cells (every label is {skipped})")
@@ -660,7 +660,7 @@ def rank_genes_groups(
             "replace: choose another key_added"
         )
     if n_genes is not None:
-        _check_count(n_genes, "n_genes")
+        check_positive_int(n_genes, "n_genes")
     if groupby not in adata.obs.columns:
         raise KeyError(f"groupby {groupby!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     column = adata.obs[groupby]
@@ -856,7 +856,7 @@ def rate_distortion_sweep(
     _check_fit_kwargs(fit_kwargs)
     warm_start = _check_flag(warm_start, "warm_start")
     progress = _check_flag(progress, "progress")
-    _check_count(n_samples, "n_samples")
+    check_positive_int(n_samples, "n_samples")
     check_one_name(labels_key, "labels_key")
     if labels_key is not None and labels_key not in adata.obs.columns:
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -344,6 +345,10 @@ def test_paths_versions_devices_and_records_as_a_pipeline_needs_them(tmp_path, c
     embedded = ad.read_h5ad(tmp_path / "embedded.h5ad")
     np.testing.assert_array_equal(embedded.obsm["X_cellvae"], ad.read_h5ad(tmp_path / "home.h5ad").obsm["X_cellvae"])
     assert embedded.uns["cellvae"]["params"]["cellvae_version"] == cellvae.__version__
+    monkeypatch.chdir(tmp_path)  # a relative path is recorded absolute: it names the folder from anywhere
+    assert main(["embed", "in.h5ad", "--model-dir", "home_model", "--out", "relative.h5ad", "--quiet"]) == 0
+    recorded = ad.read_h5ad(tmp_path / "relative.h5ad").uns["cellvae"]["params"]["model_dir"]
+    assert Path(recorded).is_absolute() and Path(recorded).resolve() == (tmp_path / "home_model").resolve()
     with pytest.raises(SystemExit, match=r"needs a batch_key; pass --batch-key KEY or use --dispersion gene"):
         main([*args, "--dispersion", "gene-batch", "--quiet"])
     if os.path.isdir("/proc/self"):  # (Linux) a folder nobody can make files in, not even root
