@@ -388,8 +388,9 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
         firsts = [g for g in names if g != second]
     elif np.ndim(group1) == 0:
         firsts = [asked(group1)]
-    else:
+    else:  # a list holding the reference too: it is left out, as group1=None leaves it (and scanpy's groups=)
         firsts = list(dict.fromkeys(asked(g) for g in group1))
+        firsts = [g for g in firsts if g != second] if len(firsts) > 1 else firsts
     if not firsts:
         raise ValueError(
             f"nothing to compare: the only group{'' if group1 is None else ' asked for'} is the reference {second!r}"

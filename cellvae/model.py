@@ -1105,7 +1105,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             ``obs`` column of group labels (e.g. clusters or cell types). Cells without a label (NaN)
             take no part.
         group1
-            A group, or a list of groups each compared in turn; ``None`` compares every group.
+            A group, or a list of groups each compared in turn (``group2`` among them is left out); ``None`` compares
+            every group.
         group2
             The group to compare with; ``None`` (or ``"rest"``, where no group is called so) compares each group
             with all other labelled cells (``group2`` then reads ``"rest"``, or ``"<rest>"`` where a group is called

@@ -397,6 +397,10 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch
         model.differential_expression(groupby="cell_type", group1="type9")
     with pytest.raises(ValueError, match="same group"):
         model.differential_expression(groupby="cell_type", group1="type0", group2="type0")
+    # a list holding the reference too leaves it out, as group1=None does (an audit: the whole call was refused)
+    listed = model.differential_expression(groupby="cell_type", group1=["type0", "type1"], group2="type1", n_draws=100)
+    alone = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=100)
+    pd.testing.assert_frame_equal(listed, alone)
     with pytest.raises(ValueError, match="delta"):
         model.differential_expression(groupby="cell_type", delta=0)
     with pytest.raises(ValueError, match=r"got None \(scvi-tools picks one then\): give it, e.g. 0.25"):
