@@ -22,8 +22,11 @@ maximum likelihood.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anndata as ad
@@ -436,6 +439,39 @@ def comparison_seed(random_state: int, name1: str, name2: str, one_vs_rest: bool
     """The seed of one comparison's draws: ``random_state`` and its two groups' names (not their positions
     among the groups present, so that other groups do not change it)."""
     return [random_state, zlib.crc32(name1.encode()), zlib.crc32(name2.encode()), int(one_vs_rest)]
+
+
+# How the warning about small groups names the shrunk fold changes and what to compare instead: in the columns of
+# differential_expression's table, or in those of the caller's result (tl.rank_genes_groups: scanpy's fields)
+_SHRUNK_FOLD_CHANGES_TOLD_AS: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "cellvae_shrunk_fold_changes_told_as",
+    default=(
+        "lfc_mean and its interval (lfc_low, lfc_high) can miss large changes",
+        "compare expression1 with expression2 (not shrunk), or raw_normalized_mean1 with raw_normalized_mean2",
+    ),
+)
+
+
+@contextmanager
+def shrunk_fold_changes_told_as(missed: str, compare: str) -> Iterator[None]:
+    """Within it, the warning about small groups' fold changes names the caller's outputs: what can miss large
+    changes (``missed``), and what to look at instead (``compare``)."""
+    token = _SHRUNK_FOLD_CHANGES_TOLD_AS.set((missed, compare))
+    try:
+        yield
+    finally:
+        _SHRUNK_FOLD_CHANGES_TOLD_AS.reset(token)
+
+
+def warn_shrunk_groups(where: str) -> None:
+    """Warn that groups of fewer than ``SHRUNK_GROUP_CELLS`` cells (``where`` names them) get their fold changes
+    shrunk strongly towards no change."""
+    missed, compare = _SHRUNK_FOLD_CHANGES_TOLD_AS.get()
+    warn_user(
+        f"{where}: their fold changes are shrunk strongly towards no change, so {missed} (simulated groups of 5 cells: "
+        f"fold changes a third or less of the decoded ratio); {compare}",
+        UserWarning,
+    )
 
 
 def warn_groups_share_no_batch(separate: list[str], batch_key: str) -> None:

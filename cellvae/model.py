@@ -365,22 +365,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._setup(config, adata)
 
     def __getstate__(self) -> dict:
-        # (pickle, copy.deepcopy) a weak reference cannot be pickled: kept as whether it pointed at adata (map_query's
-        # copy; the AnnData read from or written to the model folder's file)
+        # (pickle, copy.deepcopy) a weak reference cannot be pickled: kept as whether adata is map_query's
         state = self.__dict__.copy()
         state["_mapped_query"] = self._is_mapped_query(self.adata)
-        if self._anndata_file is not None:
-            file, held = self._anndata_file
-            state["_anndata_file"] = (file, self.adata is not None and held() is self.adata)
         return state
 
     def __setstate__(self, state: dict) -> None:
         mapped = state.pop("_mapped_query", False)
+        state.setdefault("_query_copied", mapped)  # (pickled before it was kept: a mapped query was always a copy)
         self.__dict__.update(state)
         self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
-        if self._anndata_file is not None:
-            file, held = self._anndata_file
-            self._anndata_file = (file, weakref.ref(self.adata)) if held else None
 
     def __getattr__(self, name: str):
         # reached only for names the object lacks
@@ -401,8 +395,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # this process's rank in the process group whose ranks all trained the model (None: not trained data-parallel):
         # save writes on rank 0 only, also once the group is destroyed
         self._data_parallel_rank: int | None = None
-        # (the adata.h5ad a model folder holds, the AnnData read from it or written there): save keeps that file
-        self._anndata_file: tuple[Path, weakref.ref] | None = None
         # The folders the model was loaded from or saved to, each with the identity of the adata.h5ad it held then
         # (None: none): save keeps that file in its folder while it is the same file, not one another model wrote.
         self._folders: dict[Path, tuple | None] = {}
@@ -1276,12 +1268,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             where = f"groups {small[:5]} of {source} have {fewer} with counts"
             if max_cells < differential.SHRUNK_GROUP_CELLS:
                 where = f"max_cells={max_cells} draws each group's mean expression from {fewer}"
-            data.warn_user(
-                f"{where}: their fold changes are shrunk strongly towards no change, so lfc_mean and its interval (lfc_low, "
-                "lfc_high) can miss large changes (simulated groups of 5 cells: lfc_mean a third or less of the decoded "
-                "ratio); compare expression1 with expression2 (not shrunk), or raw_normalized_mean1 with raw_normalized_mean2",
-                UserWarning,
-            )
+            differential.warn_shrunk_groups(where)
         if separate:
             differential.warn_groups_share_no_batch(separate, self.config.batch_key)
         if pseudocount is None:
@@ -1393,7 +1380,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         saved_data = path / ADATA_FILE
         known = self._folders.get(path.resolve())
-        own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_anndata_file(saved_data)
+        own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_backed(saved_data)
         dropped = not save_anndata and not own_folder and saved_data.is_file()
         try:
             if save_anndata:
@@ -1447,8 +1434,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # set-aside name: whatever ``.{name}.old.*/{name}`` holds is a complete previous model.
             os.replace(previous / path.name, previous / ".deleting")
             shutil.rmtree(previous, ignore_errors=True)
-        if save_anndata:
-            self._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(self.adata))
         self._folders[path.resolve()] = _file_identity(saved_data)
         if dropped:
             data.warn_user(
@@ -1583,21 +1568,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     f"{path / ADATA_FILE}, the AnnData saved with the model, cannot be read ({error}); load the model "
                     "without it, CellVAE.load(path, load_anndata=False), and pass your AnnData"
                 ) from error
-            model._anndata_file = ((path / ADATA_FILE).resolve(), weakref.ref(adata))
         if adata is not None:
             model.adata = adata
             model._loader(adata, model.device)
         return model
 
-    def _reads_anndata_file(self, file: Path) -> bool:
-        """Whether the model's AnnData is ``file``'s: read from it by :meth:`load`, written there by ``save_anndata``,
-        or read backed from it (another model's data there is not this one's)."""
-        if self.adata is None or not file.is_file():
+    def _reads_backed(self, file: Path) -> bool:
+        """Whether the model's AnnData is ``file`` read backed (the folders it was loaded from or saved to are told
+        apart by the identity of their file, ``_folders``: another model's data written there since is not its own)."""
+        if self.adata is None or not self.adata.isbacked or not file.is_file():
             return False
-        if self.adata.isbacked:
-            return Path(self.adata.filename).resolve() == file.resolve()
-        known = self._anndata_file
-        return known is not None and known[0] == file.resolve() and known[1]() is self.adata
+        return Path(self.adata.filename).resolve() == file.resolve()
 
     def _write_anndata(self, file: Path) -> None:
         """``save_anndata``'s file, with anndata's own error put in terms of the option."""

@@ -33,7 +33,7 @@ from cellvae.data import (
     viewed_anndata,
     warn_user,
 )
-from cellvae.differential import group_name
+from cellvae.differential import group_name, shrunk_fold_changes_told_as
 from cellvae.model import (
     CellVAE,
     _check_flag,
@@ -168,6 +168,11 @@ def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) ->
         raise TypeError(
             f"adata.uns[{uns_key!r}] holds a {type(adata.uns[uns_key]).__name__}; embed writes its settings into "
             f"adata.uns[{uns_key!r}]['params']: move that entry, or choose another key_added"
+        )
+    if "params" in record and not isinstance(record["params"], Mapping):  # e.g. a note of the user's: not embed's
+        raise TypeError(
+            f"adata.uns[{uns_key!r}]['params'] holds a {type(record['params']).__name__}; embed writes its settings "
+            f"there: move that entry, or choose another key_added"
         )
     if isinstance(record.get("params"), Mapping) and "epochs_trained" not in record["params"]:
         if "connectivities_key" in record and uns_key != "neighbors":  # sc.pp.neighbors(..., key_added=uns_key)
@@ -688,18 +693,23 @@ def rank_genes_groups(
         raise ValueError("groups=[] names no group; name the groups to compare, or leave groups='all' for every group")
     if group1 == []:
         raise ValueError(f"groups={groups!r} holds only the reference {reference!r}; name other groups to compare with it")
-    result = model.differential_expression(
-        adata,
-        groupby=groupby,
-        group1=group1,
-        group2=None if reference == "rest" else reference,
-        delta=delta,
-        batch_correction=batch_correction,
-        n_draws=n_draws,
-        max_cells=max_cells,
-        random_state=random_state,
-        progress=progress,
-    )
+    with shrunk_fold_changes_told_as(
+        "their logfoldchanges can miss large changes",
+        f"for such a group's expression1 and expression2 (not shrunk) call model.differential_expression(adata, "
+        f"groupby={groupby!r}, group1=...)",
+    ):
+        result = model.differential_expression(
+            adata,
+            groupby=groupby,
+            group1=group1,
+            group2=None if reference == "rest" else reference,
+            delta=delta,
+            batch_correction=batch_correction,
+            n_draws=n_draws,
+            max_cells=max_cells,
+            random_state=random_state,
+            progress=progress,
+        )
     in_data = result.index.isin(gene_names(adata))  # genes the data lack (read as zeros) are left out
     result = result if in_data.all() else result[in_data]  # (a copy of the whole table only where some are)
     # Stored as float32 (as scanpy does) before sorting, so that rounding does not order genes of equal score.

@@ -987,6 +987,10 @@ def test_embed_refuses_another_tools_uns_record_and_keeps_the_other_entries_of_i
     with pytest.raises(SystemExit, match=r"adata.uns\['X_mine'\]\['params'\] is another tool's record .* another --key-added"):
         main([*embed, str(tmp_path / "X_mine.h5ad"), "--key-added", "X_mine"])
     assert not (tmp_path / "X_mine.h5ad").exists()
+    adata.uns["X_note"] = {"params": "my own note"}  # not a mapping: the user's, refused too
+    adata.write_h5ad(tmp_path / "noted.h5ad")
+    with pytest.raises(SystemExit, match=r"adata.uns\['X_note'\]\['params'\] holds a str; .* another --key-added"):
+        main(["embed", str(tmp_path / "noted.h5ad"), *embed[2:], str(tmp_path / "X_note.h5ad"), "--key-added", "X_note"])
     for key in ("X_notes", "X_cellvae"):
         assert main([*embed, str(tmp_path / f"{key}.h5ad"), "--key-added", key]) == 0
     notes = ad.read_h5ad(tmp_path / "X_notes.h5ad").uns["X_notes"]

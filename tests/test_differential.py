@@ -137,6 +137,11 @@ def test_groups_of_fewer_than_ten_cells_are_told_their_fold_changes_are_shrunk(s
     assert np.isfinite(result["expression1"]).all()
     with no_warnings():  # 12 cells against the rest: no word
         model.differential_expression(small, groupby="small", group1="B", n_draws=100)
+    small.obs["small"] = pd.Categorical(labels)  # in scanpy's fields: logfoldchanges, and where the rest is
+    told = r"groups \['A'\] .* shrunk strongly towards no change, so their logfoldchanges can miss large changes .*"
+    told += r"expression2 \(not shrunk\) call model.differential_expression\(adata, groupby='small', group1=...\)$"
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.rank_genes_groups(small, "small", model=model, groups=["A"], n_draws=100, progress=False)
     with pytest.warns(UserWarning, match=r"max_cells=8 draws each group's mean expression from fewer than 10 cells: their"):
         model.differential_expression(small, groupby="small", group1="B", n_draws=100, max_cells=8)
 

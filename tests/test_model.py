@@ -1302,6 +1302,12 @@ def test_a_model_saved_with_its_anndata_or_loaded_from_it_pickles_and_copies(tmp
             # the copy holds the folder's data as the original does: saved back there, the data file stays
             copied.save(tmp_path / "m", overwrite=True)
             assert (tmp_path / "m" / "adata.h5ad").is_file()
+    # another model's data saved there since is not the first one's: saving the first again removes it, with a word
+    other = CellVAE(cellvae.datasets.simulate(n_cells=50, n_genes=30, random_state=1), n_hidden=16)
+    other.save(tmp_path / "m", overwrite=True, save_anndata=True)
+    with pytest.warns(UserWarning, match=r"the adata.h5ad that .* held, saved with the model this one replaced, was removed"):
+        model.save(tmp_path / "m", overwrite=True)
+    assert not (tmp_path / "m" / "adata.h5ad").exists()
 
 
 def test_a_saved_config_names_the_cellvae_that_saved_it(tmp_path):
