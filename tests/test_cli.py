@@ -751,8 +751,10 @@ def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_su
 
     monkeypatch.setattr(cellvae.train, "evaluate", interrupted_in_the_second_epoch)
     args = fit_args(tmp_path, n_cells=300, n_genes=50)
-    with pytest.warns(RuntimeWarning, match="training interrupted"):
+    with pytest.warns(RuntimeWarning, match="training interrupted") as caught:
         assert main([*args, "--epochs", "5", "--quiet"]) == 130
+    told = in_command_line_terms(str(next(w.message for w in caught if "interrupted" in str(w.message))))
+    assert "during epoch 1 (1 finished; epochs numbered from 0)" in told  # (as the shell shows it: no model.history there)
     with pytest.warns(UserWarning, match="saved after Ctrl-C stopped its training at epoch 1"):
         assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
     written = ad.read_h5ad(tmp_path / "out.h5ad")
