@@ -139,9 +139,10 @@ def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterab
 
 
 def _quiet_if(quiet: bool) -> dict:
-    """tqdm's ``disable`` where the bar must stay quiet; otherwise left unset, so that the environment variable
-    ``TQDM_DISABLE=1`` (tqdm's own switch, which an explicit ``disable=False`` would override) silences every bar."""
-    return {"disable": True} if quiet else {}
+    """tqdm's ``disable`` where the bar must stay quiet, or where the environment variable ``TQDM_DISABLE`` is set
+    (tqdm's own switch, as tqdm reads it: any value); otherwise left unset. (Jupyter's bar, tqdm.notebook, passes an
+    explicit ``disable=False`` that overrides the variable: it is read here too.)"""
+    return {"disable": True} if quiet or os.environ.get("TQDM_DISABLE") else {}
 
 
 def with_progress(batches: Iterator[Minibatch], total: int, desc: str, show: bool) -> Iterator[tuple[slice, Minibatch]]:
