@@ -840,7 +840,8 @@ def rate_distortion_sweep(
     nats per held-out cell: a dimension can vary a little across cells yet carry almost nothing, as under
     a large beta), ``epochs``; with ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
-    ``label_nmi`` (NMI of k-means with one cluster per label).
+    ``label_nmi`` (NMI of k-means with one cluster per label). Ctrl-C stops the whole sweep: the betas
+    finished so far are returned, with a warning (where none finished, ``KeyboardInterrupt`` is raised).
     """
     _check_is_anndata(adata)
     if "beta" in model_kwargs:
@@ -893,6 +894,15 @@ def rate_distortion_sweep(
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
         model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+        if model.history.attrs.get("interrupted"):  # Ctrl-C: the sweep stops (not one Ctrl-C per beta), its rows kept
+            if not rows:
+                raise KeyboardInterrupt
+            finished = ", ".join(f"{row['beta']:g}" for row in rows)
+            warn_user(
+                f"Ctrl-C stopped the sweep while training beta={beta:g}: returning the betas finished ({finished})",
+                RuntimeWarning,
+            )
+            break
         # a sample of the cells fit trained on (not its validation cells; all of fit_data's where a diverged fit kept none)
         fitted = np.arange(len(trained)) if model.train_indices is None else model.train_indices
         sample = np.random.default_rng(random_state).permutation(fitted)[:TRAIN_EVALUATION_CELLS]

@@ -417,6 +417,30 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
     assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
 
 
+def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch):
+    """Ctrl-C (Jupyter's "interrupt kernel") turned one beta's fit into a warning and the sweep trained the next ones."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)
+    evaluate, calls = cellvae.train.evaluate, []
+
+    def ctrl_c_in_the_second_epoch_of_beta_one(vae, *args, **kwargs):
+        calls.append(vae.config.beta)
+        if calls.count(1.0) == 2:
+            raise KeyboardInterrupt
+        return evaluate(vae, *args, **kwargs)
+
+    monkeypatch.setattr(cellvae.train, "evaluate", ctrl_c_in_the_second_epoch_of_beta_one)
+    sweep = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4}
+    told = r"Ctrl-C stopped the sweep while training beta=1: returning the betas finished \(0.5\)"
+    with pytest.warns(RuntimeWarning, match=told):
+        frame = cellvae.tl.rate_distortion_sweep(adata, betas=(0.5, 1.0, 2.0), **sweep)
+    assert frame["beta"].tolist() == [0.5] and 2.0 not in calls and np.isfinite(frame["elbo"]).all()
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():  # nothing finished: nothing to return
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cellvae.tl.rate_distortion_sweep(adata, betas=(1.0, 2.0), **sweep)
+    assert 2.0 not in calls
+
+
 def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cells():
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=2, random_state=3)
     settings = {"betas": (1.0, 4.0), "batch_key": "batch", "max_epochs": 3, "n_hidden": 32, "n_latent": 4}
