@@ -374,7 +374,8 @@ def transfer_labels(
     ``query_adata.obsm[f"{labels_key}_vote_shares"]`` (cells × reference labels, float32; each row sums to 1 and its
     largest share is 1 − the uncertainty) and ``query_adata.uns[f"{labels_key}_vote_shares"]["labels"]`` (the labels'
     text, in the columns' order; as an array, not a DataFrame named by them, because anndata cannot write a label
-    holding ``/`` as a column name); nothing else is changed.
+    holding ``/`` as a column name); without ``soft``, the shares an earlier ``soft=True`` run wrote there are
+    removed (they would not match the new predictions); nothing else is changed.
     """
     from sklearn.neighbors import NearestNeighbors
 
@@ -458,10 +459,18 @@ def transfer_labels(
     ).remove_unused_categories()
     query_adata.obs[f"{labels_key}_uncertainty"] = uncertainty
     query_adata.obs[f"{labels_key}_novelty"] = novelty
+    shares_key = f"{labels_key}_vote_shares"
     if soft:
-        query_adata.obsm[f"{labels_key}_vote_shares"] = _vote_shares(codes[neighbours], weights, len(names))
-        query_adata.uns[f"{labels_key}_vote_shares"] = {"labels": np.array([str(name) for name in names], dtype=object)}
+        query_adata.obsm[shares_key] = _vote_shares(codes[neighbours], weights, len(names))
+        query_adata.uns[shares_key] = {"labels": np.array([str(name) for name in names], dtype=object)}
+    elif shares_key in query_adata.obsm and "labels" in _mapping_or_empty(query_adata.uns.get(shares_key)):
+        # an earlier soft=True run's shares, which no longer match these predictions
+        del query_adata.obsm[shares_key], query_adata.uns[shares_key]
     return query_adata if copy else None
+
+
+def _mapping_or_empty(value) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _voting_cells(

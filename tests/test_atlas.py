@@ -621,6 +621,9 @@ def test_transfer_labels_soft_gives_each_labels_vote_share_as_scanvis_soft_predi
     cellvae.tl.transfer_labels(reference, query, "cluster", k=4, soft=True)
     assert list(query.uns["cluster_vote_shares"]["labels"]) == ["3", "7", "12"]
     assert query.obs["cluster_predicted"].tolist() == [7, 3]  # the tie goes to the label that sorts first
+    cellvae.tl.transfer_labels(reference, query, "cluster", k=2)  # again without soft: the stale shares are removed
+    assert "cluster_vote_shares" not in query.obsm and "cluster_vote_shares" not in query.uns
+    assert "cell_type_vote_shares" in query.obsm  # (another labels_key's are not this run's)
     reference.obs["mixed"] = pd.Series([1, 1, "1", "1", "C"], index=reference.obs_names, dtype=object)
     before = query.copy()
     with pytest.raises(ValueError, match="same text.*astype\\(str\\)"):
