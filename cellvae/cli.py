@@ -596,17 +596,20 @@ def run_fit(args: argparse.Namespace) -> int:
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
         CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0
-    replaced = args.key_added in adata.obsm  # an earlier embedding, whose graph and UMAP the input may hold
-    model = tl.embed(
-        adata,
-        mask_var=args.mask_var,
-        key_added=args.key_added,
-        random_state=args.seed,
-        max_epochs=args.epochs,
-        progress=not args.quiet,
-        fit_kwargs=fit_kwargs,
-        **model_kwargs,
-    )
+    stale = tl.stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
+    with warnings.catch_warnings():  # told below, only where no new graph is computed
+        if stale:
+            warnings.filterwarnings("ignore", message=re.escape(stale), category=UserWarning)
+        model = tl.embed(
+            adata,
+            mask_var=args.mask_var,
+            key_added=args.key_added,
+            random_state=args.seed,
+            max_epochs=args.epochs,
+            progress=not args.quiet,
+            fit_kwargs=fit_kwargs,
+            **model_kwargs,
+        )
     adata.uns[tl._uns_key(args.key_added)]["params"]["model_dir"] = _recorded_path(args.model_dir)  # (as embed, map)
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
@@ -621,7 +624,7 @@ def run_fit(args: argparse.Namespace) -> int:
             graph_error = error
     graph_computed = not (interrupted or args.embedding_only or graph_stopped or graph_error is not None)
     if not graph_computed:  # the output keeps the input's graph, UMAP and clusters: say where they are stale
-        _warn_if_graph_is_stale(adata, args.key_added, replaced)
+        _warn_if_graph_is_stale(stale)
     try:
         _write(adata, args.out)
     except (OSError, KeyboardInterrupt) as error:
@@ -663,7 +666,7 @@ def run_embed(args: argparse.Namespace) -> int:
         given = args.batch_key is not None
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
-    replaced = args.key_added in adata.obsm
+    stale = tl.stale_graph_message(adata, args.key_added)
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with (
         _errors_name_where_counts_were_read(layer, model.config.layer, adata, args.var_names),
@@ -673,7 +676,7 @@ def run_embed(args: argparse.Namespace) -> int:
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
-    _record_embedding(adata, args.key_added, model, args.model_dir, layer, replaced, more)
+    _record_embedding(adata, args.key_added, model, args.model_dir, layer, stale, more)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
@@ -725,7 +728,7 @@ def run_map(args: argparse.Namespace) -> int:
         # (also checks its counts, genes and batches); the query model embeds reference cells alike, unless
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
-    replaced = args.key_added in query.obsm
+    stale = tl.stale_graph_message(query, args.key_added)
     with (
         _errors_name_where_counts_were_read(layer, config.layer, query, args.var_names),
         _errors_name_the_genes_column(args.var_names),
@@ -778,7 +781,7 @@ def run_map(args: argparse.Namespace) -> int:
     if reference is not None:  # the vote's settings (None ones are left out of the record)
         record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}
         record |= {"unlabeled_category": args.unlabeled_category, "soft": args.soft or None}
-    _record_embedding(query, args.key_added, reference_model, args.model_dir, layer, replaced, record)
+    _record_embedding(query, args.key_added, reference_model, args.model_dir, layer, stale, record)
     if args.query_model_dir is not None:  # first, so that a failure below loses no training
         query_model.save(args.query_model_dir, overwrite=args.overwrite)
     _write(query, args.out)
@@ -1008,11 +1011,11 @@ def _counts_where_model_reads(
 
 
 def _record_embedding(
-    adata, key_added: str, model, model_dir: str, layer: str | None, replaced: bool, more: Mapping | None = None
+    adata, key_added: str, model, model_dir: str, layer: str | None, stale: str | None, more: Mapping | None = None
 ) -> None:
     """``embed``'s (and ``map``'s, with its ``more`` entries) record in ``uns`` (where ``tl.embed`` keeps its settings;
-    ``layer``: where the counts were read, ``None`` for X), replacing an earlier fit's, and a warning where the input
-    held an ``obsm[key_added]`` (``replaced``) and a graph or UMAP likely made from it."""
+    ``layer``: where the counts were read, ``None`` for X), replacing an earlier fit's, and the word ``stale`` where the
+    input held an ``obsm[key_added]`` and a graph or UMAP likely made from it."""
     from cellvae import tl
 
     uns_key = tl._uns_key(key_added)
@@ -1025,7 +1028,7 @@ def _record_embedding(
         params["max_epochs"] = int(model.train_settings.max_epochs)
     params |= {k: v for k, v in (more or {}).items() if v is not None}
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
-    _warn_if_graph_is_stale(adata, key_added, replaced)
+    _warn_if_graph_is_stale(stale)
 
 
 def _recorded_path(path: str | None) -> str | None:
@@ -1033,17 +1036,12 @@ def _recorded_path(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
-def _warn_if_graph_is_stale(adata, key_added: str, replaced: bool) -> None:
-    """A warning where the input held an ``obsm[key_added]`` (``replaced``), now replaced, and a graph or UMAP likely
-    made from it, which the output keeps (``cellvae embed``; ``cellvae fit`` where it computed no graph)."""
-    neighbours = adata.uns.get("neighbors", {})
-    made_from_it = isinstance(neighbours, Mapping) and neighbours.get("params", {}).get("use_rep") == key_added
-    if replaced and (made_from_it or "X_umap" in adata.obsm):
-        print(
-            f"warning: the input's neighbours, UMAP and Leiden clusters were made from an earlier obsm[{key_added!r}]; "
-            f"recompute them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r})",
-            file=sys.stderr,
-        )
+def _warn_if_graph_is_stale(stale: str | None) -> None:
+    """Print ``stale``, :func:`tl.stale_graph_message`'s word taken before the input's ``obsm[key_added]`` was replaced,
+    where the output keeps the input's graph, UMAP and clusters (``cellvae embed``; ``cellvae fit`` where it computed no
+    graph)."""
+    if stale:
+        print(f"warning: {stale.replace('adata holds', 'the input holds')}", file=sys.stderr)
 
 
 OUTPUT_FOLDER_OPTIONS = ("model_dir", "query_model_dir", "checkpoint_dir")  # folders a command writes (or reads) whole

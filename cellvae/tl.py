@@ -158,6 +158,21 @@ def _uns_key(key_added: str) -> str:
     return "cellvae" if key_added == "X_cellvae" else key_added
 
 
+def stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
+    """What to recompute where ``adata`` holds an ``obsm[key_added]`` about to be replaced and a neighbours graph made
+    from it or a UMAP (``tl.embed`` warns; ``cellvae embed`` and ``cellvae fit`` print it); None otherwise."""
+    if key_added not in adata.obsm:
+        return None
+    neighbours = adata.uns.get("neighbors", {})
+    made_from_it = isinstance(neighbours, Mapping) and neighbours.get("params", {}).get("use_rep") == key_added
+    if not (made_from_it or "X_umap" in adata.obsm):
+        return None
+    return (
+        f"the neighbours, UMAP and Leiden clusters adata holds were made from an earlier obsm[{key_added!r}]; recompute "
+        f"them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r})"
+    )
+
+
 def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) -> None:
     """Refuse a ``key_added`` whose ``uns`` record is not embed's to write (another tool's, or not a mapping) or
     describes another embedding still in ``obsm`` (``"cellvae"`` and the default ``"X_cellvae"`` share
@@ -231,7 +246,8 @@ def embed(
         all genes cluster better (README). The model returned reads its genes from ``adata`` by name.
     key_added
         ``obsm`` key for the embedding (use it as ``sc.pp.neighbors(adata, use_rep=key_added)``; ``None``:
-        ``"X_cellvae"``).
+        ``"X_cellvae"``). Replacing an embedding from which adata's neighbours graph (or its UMAP) was made warns
+        that they are stale.
     random_state
         Seed of the split, initialisation and minibatch order.
     max_epochs
@@ -291,9 +307,12 @@ def embed(
     params["device"] = str(model.device)  # where it trained (not "auto")
     if model.device.type == "cpu":  # bitwise reproducible with the same seed and thread count
         params["torch_threads"] = torch.get_num_threads()
+    stale = stale_graph_message(adata, key_added)  # (before the earlier embedding is replaced)
     make_view_own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
+    if stale:
+        warn_user(stale, UserWarning)
     if genes is not adata:  # trained on a view of the marked genes: from now on the model reads them from adata itself
         model.adata = adata  # (by name), so that what is added to it later, e.g. Leiden clusters, is there too
     return model

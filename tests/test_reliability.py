@@ -362,6 +362,22 @@ def test_embeds_record_holds_the_epochs_asked_for_so_an_early_stopped_fit_can_be
     assert small.uns["cellvae"]["params"]["max_epochs"] == cellvae.train.default_max_epochs(48)  # its training cells
 
 
+def test_embed_again_says_the_graph_made_from_the_earlier_embedding_is_stale():
+    """Re-running a notebook's embed cell after neighbours, Leiden and UMAP: the CLI told it, tl.embed did not."""
+    import scanpy as sc
+
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    embed = {"max_epochs": 2, "progress": False, "n_hidden": 8}
+    with no_warnings():  # no graph yet
+        cellvae.tl.embed(adata, **embed)
+        cellvae.tl.embed(adata, **embed)
+    sc.pp.neighbors(adata, use_rep="X_cellvae")
+    with pytest.warns(UserWarning, match=r"were made from an earlier obsm\['X_cellvae'\]; recompute them .*use_rep='X_cellvae'"):
+        cellvae.tl.embed(adata, random_state=1, **embed)
+    with no_warnings():  # an embedding under another key leaves that graph as it was
+        cellvae.tl.embed(adata, key_added="X_other", **embed)
+
+
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
     reference, query = messy[:150].copy(), messy[150:].copy()
     reference.obsm["X_cellvae"] = trained.get_latent(reference)
