@@ -73,7 +73,8 @@ def history(
         raise ValueError(f"the model has no training history: {reason}")
     one_axes = isinstance(ax, Axes)
     if ax is None:
-        _, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        width, height = _panel_size()
+        _, axes = plt.subplots(1, 2, figsize=(2 * width, height))
         axes = list(axes)
     elif one_axes:
         axes = [ax, ax.twinx()]
@@ -165,7 +166,7 @@ def rate_distortion(
         raise ValueError("no row of the sweep has a finite beta, rate and distortion to plot")
     made = ax is None
     if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 3.5))
+        _, ax = plt.subplots(figsize=_panel_size())
     else:
         _check_one_axes(ax)
     curves = frame.groupby(["group", "beta"], sort=False, dropna=False)[["rate", "distortion"]].mean().reset_index()
@@ -236,7 +237,9 @@ def kl_per_dimension(
     order = np.argsort(-kl)
     made = ax is None
     if ax is None:  # a bar per dimension, up to a page's width
-        _, ax = plt.subplots(figsize=(min(12.0, max(3.0, 0.3 * len(kl) + 1.5)), 3.0))
+        width, height = _panel_size()
+        wide = min(12.0, max(0.75 * width, (0.3 * len(kl) + 1.5) * width / 4.0))  # (0.3 inch a bar at scanpy's 4 inches)
+        _, ax = plt.subplots(figsize=(wide, 0.75 * height))
     colors = np.where(activity[order] > threshold, "tab:blue", "lightgrey")
     ax.bar(np.arange(len(kl)), kl[order], color=colors)
     if len(kl) <= MAX_LABELLED_DIMENSIONS:
@@ -251,6 +254,13 @@ def kl_per_dimension(
     ax.grid(False)
     shown = _finish(ax.figure, show, target, made=made)
     return None if shown else ax
+
+
+def _panel_size() -> tuple[float, float]:
+    """The size of one panel, as scanpy's plots take it: matplotlib's ``figure.figsize`` (``sc.set_figure_params(figsize=...)``
+    sets it)."""
+    width, height = plt.rcParams["figure.figsize"]
+    return float(width), float(height)
 
 
 def _check_one_axes(ax) -> None:

@@ -737,6 +737,11 @@ def test_kl_per_dimension_of_many_dimensions_fits_a_page():
     model = cellvae.CellVAE(adata, n_latent=60, n_hidden=16).fit(max_epochs=1, progress=False)
     ax = cellvae.pl.kl_per_dimension(model, show=False, progress=False)
     assert ax.figure.get_size_inches()[0] <= 12 and len(ax.patches) == 60
+    plt.close(ax.figure)
+    with plt.rc_context({"figure.figsize": (3.0, 3.0)}):  # sc.set_figure_params(figsize=...) sets it: as scanpy's plots
+        small = cellvae.CellVAE(adata, n_latent=4, n_hidden=16).fit(max_epochs=1, progress=False)
+        assert tuple(cellvae.pl.kl_per_dimension(small, show=False, progress=False).figure.get_size_inches()) == (2.25, 2.25)
+        assert tuple(cellvae.pl.history(small, show=False)[0].figure.get_size_inches()) == (6.0, 3.0)
     assert len(ax.get_xticks()) < 60  # matplotlib's own ticks, not 60 names
     assert ax.get_xlabel() == "latent dimensions, largest KL first"
     plt.close(ax.figure)
