@@ -1232,9 +1232,10 @@ FAR_COVARIATE_SDS = 5.0
 FAR_SHARE, FAR_SHARE_SDS = 0.01, 10.0
 
 
-def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "obs") -> Covariates:
+def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "obs", trained: bool = True) -> Covariates:
     """One-hot batch and categorical covariates and scaled continuous ones (cells × width, see
-    :class:`Covariates`); errors name the values as ``source[key]`` (``"covariates"``: decode's argument)."""
+    :class:`Covariates`); errors name the values as ``source[key]`` (``"covariates"``: decode's argument) and,
+    for a model not ``trained`` yet, say to build it again."""
     codes_per_key, widths, continuous = [], [], []
     for key, categories in _categorical_items(layout):
         if key not in obs.columns:
@@ -1263,10 +1264,11 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
                     "A categorical covariate keeps the categories it was trained with, and this model (without "
                     "batch_key) cannot map new ones: train a model on data that holds them"
                 )
+            if not trained:  # its categories were fixed when it was built: nothing to map yet
+                advice = "This model is not trained yet: build it again on the data as it is now, CellVAE(adata, ...)"
             advice = numbers_written_otherwise(unknown, categories, key) or advice
-            raise ValueError(
-                f"{source}[{key!r}] has categories unseen in training: {unknown[:5]}; known: {categories[:10]}. {advice}"
-            )
+            seen = "unseen in training" if trained else "the model was not built with"
+            raise ValueError(f"{source}[{key!r}] has categories {seen}: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
         widths.append(len(categories))
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):

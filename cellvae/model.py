@@ -2420,7 +2420,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # (map_query told of the genes its query lacks: not again for each use of its copy of the query)
             with _missing_genes_told() if self._is_mapped_query(adata) else nullcontext():
                 columns = _gene_positions(names, genes, "adata", adata.var, self._typical_share, _raw_gene_names(adata))
-        covariates = data.covariate_matrix(adata.obs, self.layout)
+        covariates = data.covariate_matrix(adata.obs, self.layout, trained=self.is_trained)
         location = data.counts_location(self.config.layer)
         present = None if columns is None else columns[columns >= 0]
         # (fit of a new model reads the values its construction left unchecked: a backed matrix in a data-parallel

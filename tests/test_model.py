@@ -1331,6 +1331,15 @@ def test_a_saved_config_names_the_cellvae_that_saved_it(tmp_path):
     assert json.loads((tmp_path / "new" / "config.json").read_text())["cellvae_version"] == cellvae.__version__
 
 
+def test_an_untrained_model_whose_data_gained_a_batch_is_told_to_be_built_again():
+    """Not map_query, which needs a trained reference: the model took its batches when it was built."""
+    adata = cellvae.datasets.simulate(n_cells=80, n_genes=20, n_batches=2, random_state=0)
+    model = CellVAE(adata, batch_key="batch", n_hidden=8)
+    adata.obs["batch"] = adata.obs["batch"].cat.rename_categories({adata.obs["batch"].cat.categories[0]: "renamed"})
+    with pytest.raises(ValueError, match=r"categories the model was not built with: \['renamed'\].*build it again"):
+        model.fit(max_epochs=1, progress=False)
+
+
 def test_invalid_hyperparameters_are_rejected(two_batches):
     adata = small(two_batches)
     with pytest.raises(ValueError, match="likelihood"):
