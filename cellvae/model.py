@@ -405,6 +405,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     @property
     def layout(self) -> data.CovariateLayout:
+        """How the model reads cells' covariates from ``obs`` (from :attr:`config`): the batch key and its categories,
+        the categorical covariates and theirs, the continuous covariates with the mean and sd that scale them."""
         c = self.config
         return data.CovariateLayout(
             c.batch_key,
