@@ -129,6 +129,17 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     if given:  # the prefixed names are the reference's too (a reference that is itself a query model, say)
         prefix = f"Pass another --batch-prefix than {given!r} (e.g. {given.strip() + '_2 '!r}) to map them as new batches"
     message = re.sub(rename, prefix, message)
+    # map's output is embedded by the query model as mapped; a later cellvae embed of it reads the reference's column
+    other_column = (
+        rf"query_model\.get_latent\(query_adata\) would embed with those\. Use query_model\.get_latent\(\) \(the "
+        rf"aligned copy\), or set {column} = {column} first"
+    )
+    message = re.sub(
+        other_column,
+        lambda found: "the output's embedding reads the query's batches as mapped, but a later cellvae embed of this file "
+        f"with the query model (--query-model-dir) would read those: pass it --batch-key {_as_shell_word(found, 2)}",
+        message,
+    )
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
     message = re.sub(r"\bk=(\d+) is larger than (.*); lower k$", r"--k \1 is larger than \2; lower --k", message)
@@ -178,12 +189,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
 PYTHON_TEXT = r"""('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*")"""  # a Python repr of text, in either quotes, on one line
 
 
-def _as_shell_word(found: re.Match) -> str:
-    """The text a Python repr (``found[1]``) stands for, quoted for a shell; the repr itself where it is none."""
+def _as_shell_word(found: re.Match, group: int = 1) -> str:
+    """The text a Python repr (``found[group]``) stands for, quoted for a shell; the repr itself where it is none."""
     try:
-        return shlex.quote(ast.literal_eval(found[1]))
+        return shlex.quote(ast.literal_eval(found[group]))
     except (ValueError, SyntaxError):
-        return found[1]
+        return found[group]
 
 
 def _fix_in_python(message: str, args: argparse.Namespace | None) -> str:

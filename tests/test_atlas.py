@@ -828,8 +828,17 @@ def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(refer
     np.testing.assert_allclose(mapped.get_latent(renamed), mapped.get_latent(), rtol=1e-5, atol=1e-6)
     # a query whose reference-named column holds other values: map_query says which column get_latent reads
     renamed.obs["batch"] = "batch0"  # a reference batch
-    with pytest.warns(UserWarning, match=r"reads batches from obs\['batch'\].*query_model.get_latent\(\)"):
+    with pytest.warns(UserWarning, match=r"reads batches from obs\['batch'\].*query_model.get_latent\(\)") as told:
         model.map_query(renamed, batch_key="sample", max_epochs=1, progress=False)
+    # cellvae map's output is embedded as mapped: what needs a word is a later cellvae embed of it (no Python edit)
+    in_shell = in_command_line_terms(str(told[0].message), argparse.Namespace(input="q.h5ad", batch_key="sample"))
+    assert (
+        in_shell.endswith(
+            "a later cellvae embed of this file with the query model (--query-model-dir) would read those: "
+            "pass it --batch-key sample"
+        )
+        and "Python" not in in_shell
+    )
 
 
 def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference_frozen(reference_and_query, tmp_path):
