@@ -1645,7 +1645,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         reference's categorical covariates (e.g. a new kit or protocol; this needs a reference trained
         with ``batch_key``); only these new parameters
         are trained, every reference weight stays frozen, so the query lands in the reference's
-        latent space and reference cells embed as before. ``query_model.fit(...)`` trains the
+        latent space and reference cells embed as before (to float rounding, ~1e-6: the encoder's first matrix
+        multiply is wider by the new batches' columns, zero for reference cells, which reorders its sums). ``query_model.fit(...)`` trains the
         mapping further the same way (as scVI's ``train`` on a query model); a reference's ``batch_mmd``
         penalty applies among the query's batches while mapping too. A reference trained with
         ``encode_batch=False`` has no batch input in its encoder: the query is then embedded by the
