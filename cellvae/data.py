@@ -148,6 +148,12 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
         matrix = adata.layers[layer]
         if adata.isbacked and viewed is None:  # (a view's layer is a new copy each time: its parent's was told above)
             _warn_about_an_in_memory_layer_of_a_backed_anndata(adata, layer, matrix)
+    if _in_a_closed_file(matrix):  # (h5py's own error names no file nor fix)
+        raise ValueError(
+            f"the count matrix {counts_location(layer)} is read from an .h5ad file that has been closed (e.g. by "
+            "adata.file.close() of the backed AnnData it came from, as a query model's copy of a backed query reads "
+            "it): open the file again, anndata.read_h5ad(path, backed='r'), and pass that AnnData (adata=...)"
+        )
     if not _is_readable(matrix):
         kind = f"{type(matrix).__module__}.{type(matrix).__name__}"
         raise TypeError(
@@ -167,6 +173,12 @@ class BackedView:
         self.matrix, self.rows, self.columns = matrix, rows, columns
         self.shape = (len(rows), len(columns))
         self.dtype = matrix.dtype
+
+
+def _in_a_closed_file(matrix) -> bool:
+    """Whether ``matrix`` (an h5py dataset, anndata's backed sparse dataset over an h5py group) lies in a closed file."""
+    node = getattr(matrix, "group", matrix)  # (anndata's backed sparse datasets keep their h5py group there)
+    return isinstance(node, (h5py.Dataset, h5py.Group)) and not node.id.valid
 
 
 def stored_x(adata: ad.AnnData):

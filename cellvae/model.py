@@ -464,7 +464,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
-        stay frozen, so reference cells embed as before (unless it was mapped with
+        stay frozen, so reference cells embed as before, to float rounding (unless it was mapped with
         ``train_input_layer=True``, which trains the encoder's input layer again). A query model saved by
         cellvae before this rule does not know it is one: map again to get it.
 
@@ -1646,9 +1646,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with ``batch_key``); only these new parameters
         are trained, every reference weight stays frozen, so the query lands in the reference's
         latent space and reference cells embed as before (to float rounding, ~1e-6: the encoder's first matrix
-        multiply is wider by the new batches' columns, zero for reference cells, which reorders its sums). ``query_model.fit(...)`` trains the
-        mapping further the same way (as scVI's ``train`` on a query model); a reference's ``batch_mmd``
-        penalty applies among the query's batches while mapping too. A reference trained with
+        multiply is wider by the new batches' columns, zero for reference cells, which reorders its sums).
+        ``query_model.fit(...)`` trains the mapping further the same way (as scVI's ``train`` on a query model);
+        a reference's ``batch_mmd`` penalty applies among the query's batches while mapping too. A reference trained with
         ``encode_batch=False`` has no batch input in its encoder: the query is then embedded by the
         frozen encoder and mapping only fits the decoder's new columns (used by decoded expression).
 

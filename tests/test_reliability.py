@@ -1166,6 +1166,21 @@ def test_a_backed_file_closed_during_fit_is_named_in_the_error(tmp_path, monkeyp
         quiet_fit(CellVAE(backed, **TINY))
 
 
+def test_a_query_model_whose_backed_query_was_closed_says_to_open_it_again(tmp_path):
+    """A query model's copy of a backed query reads the file's matrix, which anndata does not reopen: h5py's error."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=30, n_batches=3, random_state=0)
+    last = adata.obs["batch"] == adata.obs["batch"].cat.categories[-1]
+    adata[last.to_numpy()].copy().write_h5ad(tmp_path / "query.h5ad")
+    reference = quiet_fit(CellVAE(adata[~last.to_numpy()].copy(), batch_key="batch", **TINY))
+    query = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    query_model = reference.map_query(query, max_epochs=1, progress=False)
+    query.file.close()
+    with pytest.raises(ValueError, match=r"from an .h5ad file that has been closed .* anndata.read_h5ad\(path, backed='r'\)"):
+        query_model.get_latent(progress=False)
+    reopened = query_model.get_latent(ad.read_h5ad(tmp_path / "query.h5ad", backed="r"), progress=False)
+    np.testing.assert_array_equal(reopened, query_model.get_latent(ad.read_h5ad(tmp_path / "query.h5ad"), progress=False))
+
+
 def test_ctrl_c_between_the_renames_of_save_puts_the_old_model_back(trained, tmp_path, monkeypatch):
     trained.save(tmp_path / "model")
     before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
