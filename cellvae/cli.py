@@ -607,7 +607,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
         CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0
-    stale = tl.stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
+    stale = tl._stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
     with warnings.catch_warnings():  # told below, only where no new graph is computed
         if stale:
             warnings.filterwarnings("ignore", message=re.escape(stale), category=UserWarning)
@@ -677,7 +677,7 @@ def run_embed(args: argparse.Namespace) -> int:
         given = args.batch_key is not None
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
-    stale = tl.stale_graph_message(adata, args.key_added)
+    stale = tl._stale_graph_message(adata, args.key_added)
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with (
         _errors_name_where_counts_were_read(layer, model.config.layer, adata, args.var_names),
@@ -739,7 +739,7 @@ def run_map(args: argparse.Namespace) -> int:
         # (also checks its counts, genes and batches); the query model embeds reference cells alike, unless
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
-    stale = tl.stale_graph_message(query, args.key_added)
+    stale = tl._stale_graph_message(query, args.key_added)
     with (
         _errors_name_where_counts_were_read(layer, config.layer, query, args.var_names),
         _errors_name_the_genes_column(args.var_names),
@@ -1048,7 +1048,7 @@ def _recorded_path(path: str | None) -> str | None:
 
 
 def _warn_if_graph_is_stale(stale: str | None) -> None:
-    """Print ``stale``, :func:`tl.stale_graph_message`'s word taken before the input's ``obsm[key_added]`` was replaced,
+    """Print ``stale``, :func:`tl._stale_graph_message`'s word taken before the input's ``obsm[key_added]`` was replaced,
     where the output keeps the input's graph, UMAP and clusters (``cellvae embed``; ``cellvae fit`` where it computed no
     graph)."""
     if stale:

@@ -158,7 +158,7 @@ def _uns_key(key_added: str) -> str:
     return "cellvae" if key_added == "X_cellvae" else key_added
 
 
-def stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
+def _stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
     """What to recompute where ``adata`` holds an ``obsm[key_added]`` about to be replaced and a neighbours graph made
     from it or a UMAP (``tl.embed`` warns; ``cellvae embed`` and ``cellvae fit`` print it); None otherwise."""
     if key_added not in adata.obsm:
@@ -307,7 +307,7 @@ def embed(
     params["device"] = str(model.device)  # where it trained (not "auto")
     if model.device.type == "cpu":  # bitwise reproducible with the same seed and thread count
         params["torch_threads"] = torch.get_num_threads()
-    stale = stale_graph_message(adata, key_added)  # (before the earlier embedding is replaced)
+    stale = _stale_graph_message(adata, key_added)  # (before the earlier embedding is replaced)
     make_view_own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent
