@@ -168,7 +168,9 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     for dispersion in ("gene-batch", "gene-cell"):
         if f"dispersion='{dispersion}'" in message:
             notes.append(f"--dispersion {dispersion} sets dispersion='{dispersion}'")
-    if "layer=" in message and not about_the_reference:
+    fixed_in_python = "map_query(" not in message and _needs_python(message)
+    names_a_layer = "layer=" in message and not about_the_reference
+    if names_a_layer and not fixed_in_python:
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
     elif "not found in adata.layers" in message:
         notes.append("--layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X")
@@ -181,8 +183,8 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         notes.append("--var-names COLUMN names the genes by a var column, e.g. feature_name where var_names are Ensembl IDs")
     if "map_query(" in message:
         notes.append("cellvae map NEW.h5ad --model-dir MODEL --out OUT.h5ad maps new batches onto a model")
-    elif _needs_python(message):
-        notes.append(_fix_in_python(message, args))
+    elif fixed_in_python:  # (a layer named in the fix is then read with --layer: one note, not two that disagree)
+        notes.append(_fix_in_python(message, args, names_a_layer))
     return message + "".join(f"\n(on the command line: {note})" for note in notes)
 
 
@@ -197,12 +199,13 @@ def _as_shell_word(found: re.Match, group: int = 1) -> str:
         return found[group]
 
 
-def _fix_in_python(message: str, args: argparse.Namespace | None) -> str:
+def _fix_in_python(message: str, args: argparse.Namespace | None, names_a_layer: bool = False) -> str:
     """How to make a fix that only Python can make: read the file the message is about (the input, or the
-    --reference it names) under the name the advice uses, change it, write it anew."""
+    --reference it names) under the name the advice uses, change it, write it anew (``names_a_layer``: and read
+    the counts from the layer the fix put them in)."""
     path = getattr(args, "input", None) or "IN.h5ad"
     about_the_reference = re.match(r"--reference (.+?): ", message)
-    then = "then run cellvae on FIXED.h5ad"
+    then = "then run cellvae on FIXED.h5ad" + (" with --layer NAME, the layer that holds the counts" if names_a_layer else "")
     if about_the_reference:
         path, then = about_the_reference[1], "then pass --reference FIXED.h5ad"
     name = "query_adata" if "query_adata" in message else "adata"

@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import warnings
@@ -396,11 +397,16 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         if "layer=..." in str(error) and all_read:
             elsewhere = "adata.raw nor a layer" if raw is not None else "a layer (nor adata.raw: there is none)"
             raise ValueError(
-                f"{error} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from their source "
-                "(e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
+                f"{_ended(str(error))} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from "
+                "their source (e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
                 "(adata.layers['counts']) before normalising"
             ) from None
         raise
+
+
+def _ended(sentence: str) -> str:
+    """``sentence`` with a full stop at its end, where it has none."""
+    return sentence if sentence.endswith((".", ".)")) else sentence + "."
 
 
 def is_backed_matrix(matrix) -> bool:
@@ -638,11 +644,12 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
     fractional = values != np.round(values)
     if fractional.any():
         example = values[fractional][0]
+        source, target = _rounded_into(where)
         if np.abs(values - np.round(values)).max() < 1e-3:  # counts that went through float arithmetic
             raise ValueError(
                 f"{where} holds counts with round-off (e.g. {example!s}: its values are within 0.001 of whole numbers); cellvae "
-                "needs whole counts: round them into a layer first, adata.layers['counts'] = np.rint(adata.X), and "
-                "build the model with layer='counts'"
+                f"needs whole counts: round them into a layer first, adata.layers[{target!r}] = np.rint({source}), and "
+                f"build the model with layer={target!r}"
             )
         # log1p of normalised counts stays below ~15; larger fractional values are scaled or estimated counts
         looks = "normalised or log-transformed"
@@ -653,17 +660,26 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         rounding = (
             "If these are estimated or ambient-corrected counts (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
             "decontX; not TPM or CPM, which are not counts), round them "
-            "into a layer first: adata.layers['counts'] = np.rint(adata.X) (dense or sparse)"
+            f"into a layer first: adata.layers[{target!r}] = np.rint({source}) (dense or sparse)."
             if values.max() > 20
             else f"(Its largest value is {values.max():.3g}: do not round log-transformed values, they are not counts.)"
         )
+        example_layer = "e.g. layer='counts'; " if target == "counts" else ""
         raise ValueError(
             f"{where} has non-integer values (e.g. {example!s}); it looks {looks}. "
-            "cellvae models raw counts: build the model with layer=... naming them (e.g. layer='counts'; a "
+            f"cellvae models raw counts: build the model with layer=... naming them ({example_layer}a "
             "trained model reads them where it was trained, X or that layer: give it counts kept elsewhere as an "
             "AnnData of their own, e.g. ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var)), or "
             f"rebuild an AnnData from adata.raw. {rounding}"
         )
+
+
+def _rounded_into(where: str) -> tuple[str, str]:
+    """The matrix an error about ``where`` (``adata.X``, ``adata.layers['counts']``, ...) names, and a layer to round
+    it into: ``'counts'``, unless that is the matrix itself (the rounded values would replace it)."""
+    found = re.search(r"\w*adata(?:\.X\b|\.layers\[[^\]]*\])", where)
+    source = found[0] if found else "adata.X"
+    return source, "counts_rounded" if source in ("adata.layers['counts']", 'adata.layers["counts"]') else "counts"
 
 
 def _check_largest_count(values: np.ndarray, where: str) -> None:

@@ -1,5 +1,6 @@
 """CellVAE end to end: embedding quality, batches, covariates, outputs, save/load, bad input."""
 
+import argparse
 import copy
 import json
 import os
@@ -1465,6 +1466,27 @@ def test_a_fraction_far_from_round_off_is_called_non_integer_not_round_off():
     adata.X[0, 0] = 2.05  # e.g. ambient-corrected counts: a real fraction, not float round-off
     with pytest.raises(ValueError, match=r"adata\.X has non-integer values \(e\.g\. 2\.05"):
         cellvae.CellVAE(adata)
+
+
+def test_rounding_advice_rounds_the_matrix_that_was_checked_into_a_layer_it_does_not_replace():
+    """An audit: estimated counts in layers['counts'] beside log-normalised X were told np.rint(adata.X) into that layer,
+    which then passed every check as counts."""
+    adata = cellvae.datasets.simulate(n_cells=100, n_genes=30, random_state=0)
+    adata.layers["counts"] = adata.X * 1.3  # estimated counts
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    with pytest.raises(ValueError) as told:
+        CellVAE(adata, layer="counts")
+    assert "adata.layers['counts_rounded'] = np.rint(adata.layers['counts'])" in str(told.value)
+    assert "np.rint(adata.X)" not in str(told.value) and "e.g. layer='counts'" not in str(told.value)
+    from cellvae.cli import in_command_line_terms
+
+    in_shell = in_command_line_terms(str(told.value), argparse.Namespace(input="est.h5ad"))  # one note, not two
+    assert in_shell.count("(on the command line:") == 1 and in_shell.endswith("--layer NAME, the layer that holds the counts)")
+    estimated = cellvae.datasets.simulate(n_cells=100, n_genes=30, random_state=0)
+    estimated.X = estimated.X * 1.3
+    with pytest.raises(ValueError, match=r"adata.layers\['counts'\] = np.rint\(adata.X\) \(dense or sparse\)\. Here neither"):
+        CellVAE(estimated)
 
 
 def test_log_normalised_values_are_not_told_to_be_rounded_and_rounded_ones_are_warned_about():
