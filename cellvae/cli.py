@@ -136,8 +136,10 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     )
     message = re.sub(
         other_column,
-        lambda found: "the output's embedding reads the query's batches as mapped, but a later cellvae embed of this file "
-        f"with the query model (--query-model-dir) would read those: pass it --batch-key {_as_shell_word(found, 2)}",
+        lambda found: (
+            "the output's embedding reads the query's batches as mapped, but a later cellvae embed of this file "
+            f"with the query model (--query-model-dir) would read those: pass it --batch-key {_as_shell_word(found, 2)}"
+        ),
         message,
     )
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
@@ -585,6 +587,10 @@ def run_fit(args: argparse.Namespace) -> int:
     separate = {"--checkpoint-dir": args.checkpoint_dir}
     inputs = {"the input": args.input}
     _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate, inputs=inputs)
+    if args.checkpoint_dir is not None:  # (fit checks it too, after the input is read)
+        from cellvae.model import _check_checkpoint_dir
+
+        _check_checkpoint_dir(args.checkpoint_dir)
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     _check_fit_obs_columns(adata, args)
@@ -624,7 +630,10 @@ def run_fit(args: argparse.Namespace) -> int:
             fit_kwargs=fit_kwargs,
             **model_kwargs,
         )
-    adata.uns[tl._uns_key(args.key_added)]["params"]["model_dir"] = _recorded_path(args.model_dir)  # (as embed, map)
+    recorded = adata.uns[tl._uns_key(args.key_added)]["params"]
+    recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
+    if args.checkpoint_dir is not None:
+        recorded["checkpoint_dir"] = _recorded_path(args.checkpoint_dir)
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
@@ -1082,6 +1091,9 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
     folders = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in OUTPUT_FOLDER_OPTIONS}
     _check_out_is_outside(out, {option: path for option, path in folders.items() if path is not None})
     folder = Path(out).resolve().parent
+    blocked = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocked is not None:  # (no folder can be made there)
+        raise SystemExit(f"error: --out {out} cannot be written: {blocked} is a file, not a folder")
     if not folder.is_dir():
         raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
     _check_can_write(folder, "--out", out)
@@ -1166,12 +1178,13 @@ def _nested(first: Path, second: Path) -> bool:
 
 
 def _check_out_is_outside(out: str, folders: Mapping[str, str]) -> None:
-    """Refuse an --out that is one of ``folders`` (``{option: path}``) or lies inside one: writing it would
-    replace a model's (or checkpoint's) files."""
+    """Refuse an --out that is one of ``folders`` (``{option: path}``) or lies inside a model folder: saving the model
+    replaces the folder whole (a checkpoint folder takes only its checkpoint files: --out may lie there)."""
     target = Path(out).expanduser().resolve()
     for option, folder in folders.items():
         resolved = Path(folder).expanduser().resolve()
-        if target == resolved or resolved in target.parents:
+        inside = resolved in target.parents and option != "--checkpoint-dir"
+        if target == resolved or inside:
             raise SystemExit(f"error: --out must not be {option} or inside it (it would replace the files there)")
 
 

@@ -2682,6 +2682,11 @@ def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a folder; name a folder for the checkpoints")
+    if (path / CONFIG_FILE).is_file() and is_model_folder(path):  # its checkpoints would keep overwrite from replacing it
+        raise ValueError(
+            f"checkpoint_dir={str(folder)!r} is a saved model's folder; checkpoints written there would keep that model "
+            "from being replaced by a later save with overwrite: give the checkpoints a folder of their own"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()

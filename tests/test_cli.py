@@ -349,6 +349,11 @@ def test_paths_versions_devices_and_records_as_a_pipeline_needs_them(tmp_path, c
     assert main(["embed", "in.h5ad", "--model-dir", "home_model", "--out", "relative.h5ad", "--quiet"]) == 0
     recorded = ad.read_h5ad(tmp_path / "relative.h5ad").uns["cellvae"]["params"]["model_dir"]
     assert Path(recorded).is_absolute() and Path(recorded).resolve() == (tmp_path / "home_model").resolve()
+    relative = ["fit", "in.h5ad", "--out", "fit.h5ad", "--model-dir", "m", "--checkpoint-dir", "ck", "--epochs", "1"]
+    assert main([*relative, "--quiet", "--embedding-only"]) == 0
+    params = ad.read_h5ad(tmp_path / "fit.h5ad").uns["cellvae"]["params"]
+    for key, name in (("model_dir", "m"), ("checkpoint_dir", "ck")):
+        assert Path(params[key]).is_absolute() and Path(params[key]).resolve() == (tmp_path / name).resolve()
     with pytest.raises(SystemExit, match=r"needs a batch_key; pass --batch-key KEY or use --dispersion gene"):
         main([*args, "--dispersion", "gene-batch", "--quiet"])
     if os.path.isdir("/proc/self"):  # (Linux) a folder nobody can make files in, not even root
@@ -722,6 +727,8 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
         (["--checkpoint-dir", "{tmp}/new_model/checkpoints"], "--checkpoint-dir and --model-dir must be separate"),
         (["--out", "{tmp}/new_model/out.h5ad"], "--out must not be --model-dir or inside it"),
         (["--checkpoint-dir", "{tmp}/out.h5ad"], "--out must not be --checkpoint-dir or inside it"),
+        (["--checkpoint-dir", "{tmp}/saved"], r"--checkpoint-dir '.*saved' is a saved model's folder; checkpoints"),
+        (["--out", "{tmp}/in.h5ad/out.h5ad"], r"--out .*in.h5ad/out.h5ad cannot be written: .*in.h5ad is a file"),
         (["--batch-key", ""], "batch_key is the empty string"),  # an unset shell variable: not "no batches"
     ],
 )
@@ -730,6 +737,9 @@ def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     (tmp_path / "new_model").mkdir()  # for the --out case: an output folder inside the model folder
+    (tmp_path / "saved").mkdir()  # another model's folder: its checkpoints would keep --overwrite from replacing it
+    (tmp_path / "saved" / "config.json").write_text("{}")
+    (tmp_path / "saved" / "model.safetensors").write_bytes(b"")
     monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *a, **k: pytest.fail("training started"))
     command = ["fit", str(tmp_path / "in.h5ad"), "--out", f"{tmp_path}/out.h5ad", "--model-dir", f"{tmp_path}/new_model"]
     command += ["--overwrite", "--epochs", "1"]  # later options win; --overwrite lets new_model/ be replaced
@@ -737,6 +747,16 @@ def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, 
     with pytest.raises(SystemExit, match=message):
         main(command)
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+
+
+def test_out_may_lie_in_the_checkpoint_folder_which_takes_only_checkpoint_files(tmp_path, monkeypatch):
+    """--checkpoint-dir . beside --out was refused as if checkpoints replaced the folder's files."""
+    cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0).write_h5ad(tmp_path / "in.h5ad")
+    monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "work").mkdir()
+    command = ["fit", str(tmp_path / "in.h5ad"), "--out", f"{tmp_path}/work/out.h5ad", "--model-dir", f"{tmp_path}/model"]
+    with pytest.raises(pytest.fail.Exception, match="training started"):  # every check passed
+        main([*command, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "work")])
 
 
 def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_success(tmp_path, monkeypatch):
