@@ -425,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="obs column of the cells' batches, which must be among the model's (default: the model's batch key; "
         "cellvae map adds new batches)",
     )
+    embed.add_argument(
+        "--batch-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="put PREFIX before each batch name, as cellvae map --batch-prefix PREFIX named the batches of the query model "
+        "in --model-dir; --out carries the new names",
+    )
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -453,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--query-model-dir",
         default=None,
         help="folder to save the query model in, the reference with the query's batches added (default: not saved); "
-        "cellvae embed NEW.h5ad --model-dir QUERY_MODEL_DIR then embeds more cells of these batches",
+        "cellvae embed NEW.h5ad --model-dir QUERY_MODEL_DIR (with the same --batch-prefix) then embeds more cells of "
+        "these batches",
     )
     mapping.add_argument(
         "--batch-key", default=None, help="obs column of the query's batches (default: the reference model's batch key)"
@@ -684,7 +692,12 @@ def run_embed(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"error: the model in {args.model_dir} was trained without --batch-key, so it reads no batches; leave out --batch-key"
         )
+    if args.batch_prefix and not batch_key:
+        raise SystemExit(f"error: the model in {args.model_dir} reads no batches; leave out --batch-prefix")
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
+    if args.batch_prefix and (args.batch_key or batch_key) in adata.obs.columns:  # (a missing column is told below)
+        column = args.batch_key or batch_key
+        adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
         given = args.batch_key is not None
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
@@ -699,6 +712,7 @@ def run_embed(args: argparse.Namespace) -> int:
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
+    more |= {"batch_prefix": args.batch_prefix or None}
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, stale, more)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")

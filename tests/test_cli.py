@@ -1325,6 +1325,13 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     assert main([*again, "--quiet"]) == 0  # the output's batch names are the query model's
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "again.h5ad").obsm["X_cellvae"], mapped.obsm["X_cellvae"], atol=1e-5)
     np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "query.h5ad").obs["batch"], "batch0")  # the input as it was
+    # more cells of those batches, under their own names: embed puts the same prefix before them
+    more = ["embed", str(tmp_path / "query.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--quiet"]
+    assert main([*more, "--out", str(tmp_path / "more.h5ad"), "--batch-prefix", "query "]) == 0
+    embedded = ad.read_h5ad(tmp_path / "more.h5ad")
+    np.testing.assert_allclose(embedded.obsm["X_cellvae"], mapped.obsm["X_cellvae"], atol=1e-5)
+    assert list(embedded.obs["batch"].cat.categories) == ["query batch0"]
+    assert embedded.uns["cellvae"]["params"]["batch_prefix"] == "query "
 
 
 @pytest.mark.parametrize(
