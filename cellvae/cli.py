@@ -138,7 +138,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         other_column,
         lambda found: (
             "the output's embedding reads the query's batches as mapped, but a later cellvae embed of this file "
-            f"with the query model (--query-model-dir) would read those: pass it --batch-key {_as_shell_word(found, 2)}"
+            f"with the query model (saved by --query-model-dir) would read those: pass it --batch-key {_as_shell_word(found, 2)}"
         ),
         message,
     )
@@ -595,10 +595,10 @@ def run_fit(args: argparse.Namespace) -> int:
     separate = {"--checkpoint-dir": args.checkpoint_dir}
     inputs = {"the input": args.input}
     _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate, inputs=inputs)
-    if args.checkpoint_dir is not None:  # (fit checks it too, after the input is read)
-        from cellvae.model import _check_checkpoint_dir
+    if args.checkpoint_dir is not None:  # (fit checks the rest, creating it, once the input is read)
+        from cellvae.model import _refuse_a_model_folder_for_checkpoints
 
-        _check_checkpoint_dir(args.checkpoint_dir)
+        _refuse_a_model_folder_for_checkpoints(args.checkpoint_dir)
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     _check_fit_obs_columns(adata, args)
@@ -1197,7 +1197,8 @@ def _check_out_is_outside(out: str, folders: Mapping[str, str]) -> None:
     target = Path(out).expanduser().resolve()
     for option, folder in folders.items():
         resolved = Path(folder).expanduser().resolve()
-        inside = resolved in target.parents and option != "--checkpoint-dir"
+        # (inside the checkpoint folder: only not under a checkpoint file's name)
+        inside = resolved in target.parents and (option != "--checkpoint-dir" or target.name.lstrip(".").startswith("checkpoint"))
         if target == resolved or inside:
             raise SystemExit(f"error: --out must not be {option} or inside it (it would replace the files there)")
 

@@ -350,6 +350,9 @@ def _looks_like_counts(matrix) -> bool:
 
 
 NO_COUNTS_ELSEWHERE = "Here neither"  # begins the advice where no layer nor raw holds counts
+# begin the advice to round (the end of the error), left out where whole counts lie elsewhere
+ROUNDING_ADVICE = "If these are estimated or ambient-corrected counts"
+ROUND_OFF_ADVICE = "To use these"
 
 
 @contextmanager
@@ -363,9 +366,11 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
     except ValueError as error:
         if not str(error).startswith((where, "query " + where)):
             raise
+        # whole counts elsewhere: rounding these is no fix (and its layer could be where those counts are)
+        told = _ended(re.split(f"{ROUNDING_ADVICE}|{ROUND_OFF_ADVICE}", str(error))[0].rstrip())
         if layer is not None and _looks_like_counts(stored_x(adata)):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
-            raise ValueError(f"{error}. adata.X holds whole counts: {fix}") from None
+            raise ValueError(f"{told} adata.X holds whole counts: {fix}") from None
         layers = [name for name in layer_names(adata) if name != layer and _looks_like_counts(adata.layers[name])]
         layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
         if layers:
@@ -376,7 +381,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 fix = f"give the model ad.AnnData(X=adata.layers[{name!r}], obs=adata.obs, var=adata.var)"
             else:
                 fix = f"put them where the model reads them, adata.layers[{layer!r}] = adata.layers[{name!r}]"
-            raise ValueError(f"{error}. adata.layers[{name!r}] holds whole counts: {fix}") from None
+            raise ValueError(f"{told} adata.layers[{name!r}] holds whole counts: {fix}") from None
         raw = getattr(adata, "raw", None)
         if raw is not None and _looks_like_counts(raw.X):
             if trained and layer is None:
@@ -388,7 +393,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 fix = f"adata.layers[{target!r}] = adata.raw[:, adata.var_names].X" + (
                     "" if trained else f", then pass layer={target!r}"
                 )
-            raise ValueError(f"{error}. adata.raw.X holds whole counts: {fix}") from None
+            raise ValueError(f"{told} adata.raw.X holds whole counts: {fix}") from None
         # the general advice names places: where every other place was read (in memory) and none holds counts, say so
         places = [adata.layers[name] for name in layer_names(adata) if name != layer]
         places += [stored_x(adata)] if layer is not None else []
@@ -648,8 +653,8 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         if np.abs(values - np.round(values)).max() < 1e-3:  # counts that went through float arithmetic
             raise ValueError(
                 f"{where} holds counts with round-off (e.g. {example!s}: its values are within 0.001 of whole numbers); cellvae "
-                f"needs whole counts: round them into a layer first, adata.layers[{target!r}] = np.rint({source}), and "
-                f"build the model with layer={target!r}"
+                f"needs whole counts. {ROUND_OFF_ADVICE}, round them into a layer first, adata.layers[{target!r}] = "
+                f"np.rint({source}), and build the model with layer={target!r}"
             )
         # log1p of normalised counts stays below ~15; larger fractional values are scaled or estimated counts
         looks = "normalised or log-transformed"
@@ -658,7 +663,7 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         # rounding is advice for estimated counts only: values that all stay small are log-transformed (raw counts
         # of as many values exceed 20 somewhere), and rounded they would pass for counts
         rounding = (
-            "If these are estimated or ambient-corrected counts (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
+            f"{ROUNDING_ADVICE} (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
             "decontX; not TPM or CPM, which are not counts), round them "
             f"into a layer first: adata.layers[{target!r}] = np.rint({source}) (dense or sparse)."
             if values.max() > 20

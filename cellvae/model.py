@@ -2682,11 +2682,7 @@ def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a folder; name a folder for the checkpoints")
-    if (path / CONFIG_FILE).is_file() and is_model_folder(path):  # its checkpoints would keep overwrite from replacing it
-        raise ValueError(
-            f"checkpoint_dir={str(folder)!r} is a saved model's folder; checkpoints written there would keep that model "
-            "from being replaced by a later save with overwrite: give the checkpoints a folder of their own"
-        )
+    _refuse_a_model_folder_for_checkpoints(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -2695,6 +2691,17 @@ def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
             f"checkpoint_dir={str(folder)!r} cannot hold the checkpoints ({error.strerror}: {error.filename}); "
             "name a folder that can be created and written to"
         ) from None
+
+
+def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
+    """Refuse a saved model's folder for checkpoints: their files would keep a later save with overwrite from replacing
+    that model (also checked by ``cellvae fit`` before it reads its input)."""
+    path = Path(folder).expanduser()
+    if (path / CONFIG_FILE).is_file() and is_model_folder(path):
+        raise ValueError(
+            f"checkpoint_dir={str(folder)!r} is a saved model's folder; checkpoints written there would keep that model "
+            "from being replaced by a later save with overwrite: give the checkpoints a folder of their own"
+        )
 
 
 def _key_list(keys) -> list:

@@ -163,9 +163,12 @@ def _stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
     from it or a UMAP (``tl.embed`` warns; ``cellvae embed`` and ``cellvae fit`` print it); None otherwise."""
     if key_added not in adata.obsm:
         return None
-    neighbours = adata.uns.get("neighbors", {})
-    made_from_it = isinstance(neighbours, Mapping) and neighbours.get("params", {}).get("use_rep") == key_added
-    if not (made_from_it or "X_umap" in adata.obsm):
+    neighbours = adata.uns.get("neighbors")
+    params = neighbours.get("params") if isinstance(neighbours, Mapping) else None
+    if isinstance(params, Mapping):  # the graph's record names what it was made from (no use_rep: X_pca or X)
+        if params.get("use_rep") != key_added:
+            return None
+    elif "X_umap" not in adata.obsm:  # no record: a UMAP may have come from it
         return None
     return (
         f"the neighbours, UMAP and Leiden clusters adata holds were made from an earlier obsm[{key_added!r}]; recompute "
@@ -921,44 +924,21 @@ def rate_distortion_sweep(
             model.config = replace(model.config, beta=beta, kl_warmup=warmup)
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
-        model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
-        if model.history.attrs.get("interrupted"):  # Ctrl-C: the sweep stops (not one Ctrl-C per beta), its rows kept
-            if not rows:
+        try:
+            model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+            if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
                 raise KeyboardInterrupt
+            row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
+            if labels_key is not None:
+                row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
+        except KeyboardInterrupt:  # the sweep stops (not one Ctrl-C per beta), the betas finished kept
+            if not rows:
+                raise
             finished = ", ".join(f"{row['beta']:g}" for row in rows)
-            warn_user(
-                f"Ctrl-C stopped the sweep while training beta={beta:g}: returning the betas finished ({finished})",
-                RuntimeWarning,
-            )
+            warn_user(f"Ctrl-C stopped the sweep at beta={beta:g}: returning the betas finished ({finished})", RuntimeWarning)
             break
-        # a sample of the cells fit trained on (not its validation cells; all of fit_data's where a diverged fit kept none)
-        fitted = np.arange(len(trained)) if model.train_indices is None else model.train_indices
-        sample = np.random.default_rng(random_state).permutation(fitted)[:TRAIN_EVALUATION_CELLS]
-        training_sample = _part(adata, trained[np.sort(sample)], genes)
-        per_cell = model.rate_distortion(test, n_samples=n_samples, random_state=random_state, progress=progress)
-        terms = per_cell.mean()
-        elbos.append(per_cell["elbo"].to_numpy())
-        trained_on = model.rate_distortion(
-            training_sample, n_samples=n_samples, random_state=random_state, progress=progress
-        ).mean()
-        kl, activity = model._posterior_statistics(test, 4096, progress, "active_units")
-        row = {
-            "beta": beta,
-            "rate": terms["rate"],
-            "distortion": terms["distortion"],
-            "elbo": terms["elbo"],
-            "loss": terms["distortion"] + beta * terms["rate"],
-            "elbo_se": per_cell["elbo"].std() / np.sqrt(len(per_cell)),
-            "train_rate": trained_on["rate"],
-            "train_distortion": trained_on["distortion"],
-            "train_elbo": trained_on["elbo"],
-            "active_units": int((activity > diagnostics.ACTIVITY_THRESHOLD).sum()),
-            "informative_units": int((kl >= diagnostics.COLLAPSED_KL).sum()),
-            "epochs": len(model.history),
-        }
-        if labels_key is not None:
-            row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
         rows.append(row)
+        elbos.append(per_cell_elbo)
     frame = pd.DataFrame(rows)
     elbos = np.stack(elbos)
     n_cells = elbos.shape[1]
@@ -969,6 +949,44 @@ def rate_distortion_sweep(
     spread = to_best.std(axis=1, ddof=1) if n_cells > 1 else np.full(len(frame), np.nan)  # one held-out cell: no se
     frame.insert(position + 1, "elbo_to_best_se", spread / np.sqrt(n_cells))
     return frame
+
+
+def _sweep_row(
+    model: CellVAE,
+    beta: float,
+    test: ad.AnnData,
+    adata: ad.AnnData,
+    trained: np.ndarray,
+    genes,
+    n_samples: int,
+    random_state: int,
+    progress: bool,
+) -> tuple[dict, np.ndarray]:
+    """:func:`rate_distortion_sweep`'s row of a trained model (its label scores aside) and its held-out cells' ELBOs."""
+    # a sample of the cells fit trained on (not its validation cells; all of fit_data's where a diverged fit kept none)
+    fitted = np.arange(len(trained)) if model.train_indices is None else model.train_indices
+    sample = np.random.default_rng(random_state).permutation(fitted)[:TRAIN_EVALUATION_CELLS]
+    training_sample = _part(adata, trained[np.sort(sample)], genes)
+    per_cell = model.rate_distortion(test, n_samples=n_samples, random_state=random_state, progress=progress)
+    terms = per_cell.mean()
+    trained_on = model.rate_distortion(training_sample, n_samples=n_samples, random_state=random_state, progress=progress)
+    trained_on = trained_on.mean()
+    kl, activity = model._posterior_statistics(test, 4096, progress, "active_units")
+    row = {
+        "beta": beta,
+        "rate": terms["rate"],
+        "distortion": terms["distortion"],
+        "elbo": terms["elbo"],
+        "loss": terms["distortion"] + beta * terms["rate"],
+        "elbo_se": per_cell["elbo"].std() / np.sqrt(len(per_cell)),
+        "train_rate": trained_on["rate"],
+        "train_distortion": trained_on["distortion"],
+        "train_elbo": trained_on["elbo"],
+        "active_units": int((activity > diagnostics.ACTIVITY_THRESHOLD).sum()),
+        "informative_units": int((kl >= diagnostics.COLLAPSED_KL).sum()),
+        "epochs": len(model.history),
+    }
+    return row, per_cell["elbo"].to_numpy()
 
 
 def _label_scores(latent: np.ndarray, labels: pd.Series, random_state: int) -> dict[str, float]:

@@ -834,7 +834,7 @@ def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(refer
     in_shell = in_command_line_terms(str(told[0].message), argparse.Namespace(input="q.h5ad", batch_key="sample"))
     assert (
         in_shell.endswith(
-            "a later cellvae embed of this file with the query model (--query-model-dir) would read those: "
+            "a later cellvae embed of this file with the query model (saved by --query-model-dir) would read those: "
             "pass it --batch-key sample"
         )
         and "Python" not in in_shell

@@ -729,6 +729,7 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
         (["--checkpoint-dir", "{tmp}/out.h5ad"], "--out must not be --checkpoint-dir or inside it"),
         (["--checkpoint-dir", "{tmp}/saved"], r"--checkpoint-dir '.*saved' is a saved model's folder; checkpoints"),
         (["--out", "{tmp}/in.h5ad/out.h5ad"], r"--out .*in.h5ad/out.h5ad cannot be written: .*in.h5ad is a file"),
+        (["--checkpoint-dir", "{tmp}/other", "--out", "{tmp}/other/checkpoint.safetensors"], "--out must not be --checkpoint"),
         (["--batch-key", ""], "batch_key is the empty string"),  # an unset shell variable: not "no batches"
     ],
 )
@@ -757,6 +758,13 @@ def test_out_may_lie_in_the_checkpoint_folder_which_takes_only_checkpoint_files(
     command = ["fit", str(tmp_path / "in.h5ad"), "--out", f"{tmp_path}/work/out.h5ad", "--model-dir", f"{tmp_path}/model"]
     with pytest.raises(pytest.fail.Exception, match="training started"):  # every check passed
         main([*command, "--epochs", "1", "--checkpoint-dir", str(tmp_path / "work")])
+    normalised = ad.read_h5ad(tmp_path / "in.h5ad")
+    normalised.X = normalised.X * 0.5
+    normalised.write_h5ad(tmp_path / "halved.h5ad")
+    command[1] = str(tmp_path / "halved.h5ad")
+    with pytest.raises(SystemExit, match="non-integer values"):  # refused: no checkpoint folder made
+        main([*command, "--checkpoint-dir", str(tmp_path / "new_ck")])
+    assert not (tmp_path / "new_ck").exists()
 
 
 def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_success(tmp_path, monkeypatch):

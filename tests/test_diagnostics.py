@@ -430,10 +430,23 @@ def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch
 
     monkeypatch.setattr(cellvae.train, "evaluate", ctrl_c_in_the_second_epoch_of_beta_one)
     sweep = {"max_epochs": 3, "n_hidden": 16, "n_latent": 4}
-    told = r"Ctrl-C stopped the sweep while training beta=1: returning the betas finished \(0.5\)"
+    told = r"Ctrl-C stopped the sweep at beta=1: returning the betas finished \(0.5\)"
     with pytest.warns(RuntimeWarning, match=told):
         frame = cellvae.tl.rate_distortion_sweep(adata, betas=(0.5, 1.0, 2.0), **sweep)
     assert frame["beta"].tolist() == [0.5] and 2.0 not in calls and np.isfinite(frame["elbo"]).all()
+    calls.clear()
+    scored, rate_distortion = [], CellVAE.rate_distortion
+
+    def ctrl_c_scoring_the_second_beta(model, *args, **kwargs):  # after its fit, while it is evaluated
+        scored.append(1)
+        if len(scored) == 3:
+            raise KeyboardInterrupt
+        return rate_distortion(model, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CellVAE, "rate_distortion", ctrl_c_scoring_the_second_beta)
+        with pytest.warns(RuntimeWarning, match=r"at beta=1: returning the betas finished \(0.5\)"):
+            assert cellvae.tl.rate_distortion_sweep(adata, betas=(0.5, 1.0, 2.0), **sweep)["beta"].tolist() == [0.5]
     calls.clear()
     with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():  # nothing finished: nothing to return
         warnings.simplefilter("ignore", RuntimeWarning)

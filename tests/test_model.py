@@ -681,7 +681,7 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     sc.pp.log1p(in_layer)
     before = in_layer.copy()
     with pytest.raises(
-        ValueError, match=r"looks normalised.*\. adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"
+        ValueError, match=r"looks normalised.*\.\)? adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"
     ):
         CellVAE(in_layer, batch_key="batch")
     with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"):

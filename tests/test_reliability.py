@@ -376,6 +376,10 @@ def test_embed_again_says_the_graph_made_from_the_earlier_embedding_is_stale():
         cellvae.tl.embed(adata, random_state=1, **embed)
     with no_warnings():  # an embedding under another key leaves that graph as it was
         cellvae.tl.embed(adata, key_added="X_other", **embed)
+    sc.pp.neighbors(adata, use_rep="X_other")
+    sc.tl.umap(adata)
+    with no_warnings():  # the graph (and its UMAP) came from another representation: nothing stale
+        cellvae.tl.embed(adata, **embed)
 
 
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
