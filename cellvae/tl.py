@@ -485,14 +485,11 @@ def transfer_labels(
     if soft:
         query_adata.obsm[shares_key] = _vote_shares(codes[neighbours], weights, len(names))
         query_adata.uns[shares_key] = {"labels": np.array([str(name) for name in names], dtype=object)}
-    elif shares_key in query_adata.obsm and "labels" in _mapping_or_empty(query_adata.uns.get(shares_key)):
-        # an earlier soft=True run's shares, which no longer match these predictions
-        del query_adata.obsm[shares_key], query_adata.uns[shares_key]
+    elif shares_key in query_adata.obsm:  # an earlier soft=True run's shares: they no longer match these predictions
+        earlier = query_adata.uns.get(shares_key)
+        if isinstance(earlier, Mapping) and "labels" in earlier:
+            del query_adata.obsm[shares_key], query_adata.uns[shares_key]
     return query_adata if copy else None
-
-
-def _mapping_or_empty(value) -> Mapping:
-    return value if isinstance(value, Mapping) else {}
 
 
 def _voting_cells(
