@@ -642,6 +642,8 @@ def run_fit(args: argparse.Namespace) -> int:
     recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
     if args.checkpoint_dir is not None:
         recorded["checkpoint_dir"] = _recorded_path(args.checkpoint_dir)
+    if args.backed:  # (read from disk in blocks: the same model as in memory, but not the same minibatches)
+        recorded["backed"] = True
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
@@ -712,7 +714,7 @@ def run_embed(args: argparse.Namespace) -> int:
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
-    more |= {"batch_prefix": args.batch_prefix or None}
+    more |= {"batch_prefix": args.batch_prefix or None, "var_names": args.var_names, "backed": args.backed or None}
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, stale, more)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
@@ -814,6 +816,10 @@ def run_map(args: argparse.Namespace) -> int:
         "reference": _recorded_path(args.reference),
         "labels_key": args.labels_key,
         "interrupted": interrupted or None,
+        "mapping_random_state": args.seed,
+        "mapping_batch_size": args.batch_size,
+        "var_names": args.var_names,
+        "backed": args.backed or None,
     }
     if reference is not None:  # the vote's settings (None ones are left out of the record)
         record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}

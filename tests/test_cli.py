@@ -421,7 +421,7 @@ def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
     fitted = ad.read_h5ad(tmp_path / "out.h5ad")
     assert fitted.obsm["X_cellvae"].shape == (300, 10) and np.isfinite(fitted.obsm["X_cellvae"]).all()
     assert (fitted.X != data.X).nnz == 0  # the counts are copied to the output as they were
-    assert source.read_bytes() == before
+    assert fitted.uns["cellvae"]["params"]["backed"] and source.read_bytes() == before
     with pytest.raises(SystemExit, match="--out is the input file"):
         main(["fit", str(source), "--backed", "--out", str(source), "--model-dir", str(tmp_path / "m2")])
     data.write_zarr(tmp_path / "in.zarr")
@@ -896,7 +896,9 @@ def test_a_file_read_by_another_genes_column_is_told_which_layer_holds_its_count
             main([*embed, *backed])
         assert "adata.layers['counts'] holds whole counts: pass --layer counts" in str(told.value), backed
         assert "fix the file in Python" not in str(told.value) and "Here neither" not in str(told.value), backed
-    assert main([*embed, "--layer", "counts"]) == 0  # as advised
+    assert main([*embed, "--layer", "counts", "--backed"]) == 0  # as advised
+    recorded = ad.read_h5ad(tmp_path / "embedded.h5ad").uns["cellvae"]["params"]
+    assert recorded["var_names"] == "feature_name" and recorded["backed"] and recorded["layer"] == "counts"
     del ids.layers["counts"]
     ids.raw = ad.read_h5ad(tmp_path / "in.h5ad")  # counts in raw, which a backed read leaves on disk
     ids.write_h5ad(tmp_path / "raw.h5ad")
@@ -1078,8 +1080,26 @@ def test_embed_and_map_read_gene_names_from_the_var_column_var_names_names(fitte
         query.write_h5ad(tmp_path / f"query_{path}")
     mapping = ["--model-dir", str(tmp_path / "ref"), "--epochs", "2", "--quiet"]
     renamed_query = [str(tmp_path / "query_ensembl.h5ad"), "--var-names", "feature_name"]
-    assert main(["map", *renamed_query, *mapping, "--out", str(tmp_path / "m1.h5ad")]) == 0
-    assert main(["map", str(tmp_path / "query_batched.h5ad"), *mapping, "--out", str(tmp_path / "m2.h5ad")]) == 0
+    assert main(["map", *renamed_query, *mapping, "--out", str(tmp_path / "m1.h5ad"), "--seed", "4", "--batch-size", "64"]) == 0
+    recorded = ad.read_h5ad(tmp_path / "m1.h5ad").uns["cellvae"]["params"]  # what reproduces the mapping
+    assert recorded["var_names"] == "feature_name" and recorded["mapping_random_state"] == 4
+    assert recorded["mapping_batch_size"] == 64 and "backed" not in recorded
+    assert (
+        main(
+            [
+                "map",
+                str(tmp_path / "query_batched.h5ad"),
+                *mapping,
+                "--out",
+                str(tmp_path / "m2.h5ad"),
+                "--seed",
+                "4",
+                "--batch-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(
         ad.read_h5ad(tmp_path / "m1.h5ad").obsm["X_cellvae"], ad.read_h5ad(tmp_path / "m2.h5ad").obsm["X_cellvae"], atol=1e-5
     )
