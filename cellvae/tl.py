@@ -42,7 +42,7 @@ from cellvae.model import (
     _check_seed,
     _library_sizes,
 )
-from cellvae.train import pick_device, setup_distributed
+from cellvae.train import bars_labelled, pick_device, setup_distributed
 
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
@@ -922,12 +922,13 @@ def rate_distortion_sweep(
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
         try:
-            model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
-            if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
-                raise KeyboardInterrupt
-            row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
-            if labels_key is not None:
-                row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
+            with bars_labelled(f"beta={beta:g}"):  # (each beta's bars say which they are)
+                model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+                if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
+                    raise KeyboardInterrupt
+                row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
+                if labels_key is not None:
+                    row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
         except KeyboardInterrupt:  # the sweep stops (not one Ctrl-C per beta), the betas finished kept
             if not rows:
                 raise

@@ -19,7 +19,8 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,10 +132,23 @@ def default_kl_warmup(max_epochs: int) -> int:
     return int(min(50, max(1, max_epochs // 4)))
 
 
+_bar_label: ContextVar[str] = ContextVar("bar_label", default="")
+
+
+@contextmanager
+def bars_labelled(label: str) -> Iterator[None]:
+    """Put ``label`` before the description of every progress bar made inside the block (a sweep's beta)."""
+    token = _bar_label.set(f"{label} ")
+    try:
+        yield
+    finally:
+        _bar_label.reset(token)
+
+
 def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterable: Iterable | None = None) -> tqdm:
     """The bar of work after training (over ``iterable``, if given): none unless ``show``, none on data-parallel
     ranks but 0 (as training's), and none for calls shorter than ``PROGRESS_DELAY_S``; it goes when the work ends."""
-    options = {"desc": desc, "unit": unit, "unit_scale": True, "delay": PROGRESS_DELAY_S, "leave": False}
+    options = {"desc": _bar_label.get() + desc, "unit": unit, "unit_scale": True, "delay": PROGRESS_DELAY_S, "leave": False}
     return tqdm(iterable, total=total, **_quiet_if(not show or rank_and_world()[0] > 0), **options)
 
 
@@ -349,7 +363,7 @@ def train(
     # The bar counts cells (all ranks step through equal shards), so a long epoch of an atlas shows progress too.
     cells_per_epoch = len(train_cells) * world
     bar = tqdm(
-        desc="cellvae",
+        desc=_bar_label.get() + "cellvae",
         unit=" cells",
         unit_scale=True,
         **_quiet_if(quiet),

@@ -454,6 +454,16 @@ def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch
     assert 2.0 not in calls
 
 
+def test_each_betas_progress_bars_name_it_and_later_bars_do_not(capsys):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)
+    cellvae.tl.rate_distortion_sweep(adata, betas=(0.5, 2.0), max_epochs=2, n_hidden=16, n_latent=4, progress=True)
+    shown = capsys.readouterr().err
+    assert "beta=0.5 cellvae:" in shown and "beta=2 cellvae:" in shown
+    CellVAE(adata).fit(max_epochs=1)
+    shown = capsys.readouterr().err
+    assert "cellvae:" in shown and "beta=" not in shown
+
+
 def test_sweep_warm_start_carries_the_weights_on_and_held_out_sets_the_test_cells():
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=100, n_batches=2, random_state=3)
     settings = {"betas": (1.0, 4.0), "batch_key": "batch", "max_epochs": 3, "n_hidden": 32, "n_latent": 4}
