@@ -422,6 +422,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         c = self.config
         state = "trained" if self.is_trained else "untrained"
         batches = f"batch_key={c.batch_key!r} with {len(c.batch_categories)} batches" if c.batch_key else "no batch_key"
+        if c.reference_categories:  # a map_query model: which of its batches are the query's
+            new = len(c.batch_categories) - c.reference_categories.get(c.batch_key, len(c.batch_categories))
+            batches += f", {new} of them the query's (a map_query model{', input layer trained' if c.train_input_layer else ''})"
         return f"CellVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, likelihood={c.likelihood!r}, {batches})"
 
     # ------------------------------------------------------------------ training

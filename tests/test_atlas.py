@@ -187,6 +187,9 @@ def test_mapped_model_saves_and_loads(reference_and_query, tmp_path):
     query_model.save(tmp_path / "mapped")
     loaded = CellVAE.load(tmp_path / "mapped")
     assert loaded.config.batch_categories == query_model.config.batch_categories
+    n_query = query.obs["batch"].nunique()
+    assert f"{len(loaded.config.batch_categories)} batches, {n_query} of them the query's (a map_query model)" in repr(loaded)
+    assert "query" not in repr(model)
     np.testing.assert_array_equal(loaded.get_latent(query), query_model.get_latent())
 
 
