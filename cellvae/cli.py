@@ -702,6 +702,8 @@ def run_embed(args: argparse.Namespace) -> int:
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
         given = args.batch_key is not None
+        if not given:
+            _check_batches_read_as_recorded(adata, args.input, tl._uns_key(args.key_added), batch_key)
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     stale = tl._stale_graph_message(adata, args.key_added)
@@ -900,6 +902,21 @@ def _check_obs_columns(
     missing = [key for key in covariates if key not in columns]
     if missing:
         raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of {model}; add them")
+
+
+def _check_batches_read_as_recorded(adata, path: str, uns_key: str, batch_key: str) -> None:
+    """Refuse, before any work, to read the model's batch column where the input's record (``map --batch-key``'s or
+    ``embed --batch-key``'s) says its cells' batches were read from another column it has: that column's values,
+    e.g. a reference batch's name, would embed the cells otherwise than before without a word."""
+    record = adata.uns.get(uns_key)
+    params = record.get("params") if isinstance(record, Mapping) else None
+    read_from = (params.get("query_batch_key") or params.get("input_batch_key")) if isinstance(params, Mapping) else None
+    if isinstance(read_from, str) and read_from != batch_key and read_from in adata.obs.columns:
+        raise SystemExit(
+            f"error: {path} records (in uns[{uns_key!r}]['params']) that its cells' batches were read from "
+            f"obs[{read_from!r}], not from the model's batch key {batch_key!r}: pass --batch-key {read_from} to read "
+            f"them as before, or --batch-key {batch_key} to read obs[{batch_key!r}]"
+        )
 
 
 def _prefixed(batches, prefix: str):

@@ -1449,6 +1449,29 @@ def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folde
     np.testing.assert_array_equal(written.obsm["X_cellvae"], ad.read_h5ad(tmp_path / "expected.h5ad").obsm["X_cellvae"])
     assert list(written.obs.columns) == list(renamed.obs.columns)  # no batch column added
     assert written.uns["cellvae"]["params"]["input_batch_key"] == "sample"
+    # an output whose record names the column its batches were read from, which also has the model's column with
+    # other values (a reference batch's name): embedding it again reads the recorded column only when told
+    written.obs["batch"] = "batch1"
+    written.write_h5ad(tmp_path / "recorded.h5ad")
+    recorded = r"recorded.h5ad records \(in uns\['cellvae'\]\['params'\]\) that its cells' batches were read from obs\['sample'\]"
+    with pytest.raises(SystemExit, match=recorded + r".*pass --batch-key sample to read them as before, or --batch-key batch"):
+        main([*embed, str(tmp_path / "o.h5ad"), str(tmp_path / "recorded.h5ad")])
+    assert main([*embed, str(tmp_path / "again.h5ad"), str(tmp_path / "recorded.h5ad"), "--batch-key", "sample"]) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "again.h5ad").obsm["X_cellvae"], written.obsm["X_cellvae"])
+    query = ad.read_h5ad(reference_folder / "query.h5ad")  # map's record alike: its batches read from --batch-key sample
+    query.obs["sample"], query.obs["batch"] = query.obs["batch"], "batch0"
+    query.write_h5ad(tmp_path / "query.h5ad")
+    mapping = ["map", str(tmp_path / "query.h5ad"), "--model-dir", model_dir, "--batch-key", "sample", "--epochs", "1"]
+    with pytest.warns(UserWarning, match="which this query also has with other values"):
+        mapped = [*mapping, "--out", str(tmp_path / "mapped.h5ad"), "--query-model-dir", str(tmp_path / "qm"), "--quiet"]
+        assert main(mapped) == 0
+    again = ["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "re.h5ad")]
+    with pytest.raises(SystemExit, match=r"read from obs\['sample'\].*pass --batch-key sample to read them as before"):
+        main(again)
+    assert main([*again, "--batch-key", "sample", "--quiet"]) == 0
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "re.h5ad").obsm["X_cellvae"], ad.read_h5ad(tmp_path / "mapped.h5ad").obsm["X_cellvae"], atol=1e-5
+    )
     # refused before any work: the model's column missing, a column that is not there, batches the model lacks
     missing = r"renamed.h5ad has no obs\['batch'\] \(the model's batch key; name the cells' batch column with --batch-key\)"
     with pytest.raises(SystemExit, match=missing):
