@@ -408,6 +408,12 @@ def transfer_labels(
     soft = _check_flag(soft, "soft")
     _writable(query_adata, "query_adata", copy)
     check_one_name(labels_key, "labels_key")
+    if soft and "/" in labels_key:  # obsm and uns keys named by it: anndata would write them as nested groups
+        raise ValueError(
+            f"soft=True writes obsm[{labels_key + '_vote_shares'!r}], which an .h5ad cannot hold ('/' nests groups, so the "
+            f"file could not be read back): rename the column, e.g. ref_adata.obs[{labels_key.replace('/', '_')!r}] = "
+            f"ref_adata.obs[{labels_key!r}], and pass that labels_key"
+        )
     check_one_name(use_rep, "use_rep", "obsm key")
     check_one_name(unlabeled_category, "unlabeled_category", "label")
     for name, threshold in (("unknown_threshold", unknown_threshold), ("novelty_threshold", novelty_threshold)):
@@ -1271,6 +1277,8 @@ def _key(key_added, default: str) -> str:
         return default
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"key_added must be a non-empty string (or None for {default!r}), got {key_added!r}")
+    if "/" in key_added:  # anndata would write it as nested groups: the .h5ad could not be read back
+        raise ValueError(f"key_added must not hold '/' (an .h5ad written with it could not be read back), got {key_added!r}")
     return key_added
 
 

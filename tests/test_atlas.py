@@ -619,6 +619,10 @@ def test_transfer_labels_soft_gives_each_labels_vote_share_as_scanvis_soft_predi
     for read in (ad.read_h5ad(tmp_path / "query.h5ad"), ad.read_zarr(tmp_path / "query.zarr")):
         np.testing.assert_array_equal(read.obsm["cell_type_vote_shares"], query.obsm["cell_type_vote_shares"])
         assert list(read.uns["cell_type_vote_shares"]["labels"]) == ["B/plasma", "C", "CD4+/CD25 T Reg"]
+    reference.obs["cell/type"] = reference.obs["cell_type"]  # a column named with "/": its obsm key could not be read back
+    with pytest.raises(ValueError, match=r"rename the column, e.g. ref_adata.obs\['cell_type'\] = ref_adata.obs\['cell/type'\]"):
+        cellvae.tl.transfer_labels(reference, query, "cell/type", k=4, soft=True)
+    assert "cell/type_predicted" not in query.obs
     # numeric labels are named by their text; 1 and "1" together cannot be told apart
     reference.obs["cluster"] = [7, 7, 3, 3, 12]
     cellvae.tl.transfer_labels(reference, query, "cluster", k=4, soft=True)

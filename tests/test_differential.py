@@ -511,6 +511,8 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
     del adata.uns["rank_genes_groups"]
     with pytest.raises(TypeError, match="key_added must be a non-empty string"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, key_added=5)
+    with pytest.raises(ValueError, match="key_added must not hold '/'"):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, key_added="rgg/cellvae")
     with pytest.raises(ValueError, match="only the reference"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
     with pytest.raises(ValueError, match=r"groups=\[\] names no group"):

@@ -98,6 +98,8 @@ def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     adata = pbmc.copy()
     with pytest.raises(TypeError, match="key_added must be a non-empty string"):
         cellvae.tl.embed(adata, key_added=5)
+    with pytest.raises(ValueError, match="key_added must not hold '/'"):  # (the .h5ad could not be read back)
+        cellvae.tl.embed(adata, key_added="X_cellvae/v2")
     model = cellvae.tl.embed(adata, key_added=None, random_state=0, progress=False)  # None: the default key, as scanpy
     assert adata.obsm["X_cellvae"].shape == (700, 10) and adata.obsm["X_cellvae"].dtype == np.float32
     params = adata.uns["cellvae"]["params"]
