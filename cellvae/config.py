@@ -227,6 +227,12 @@ class Config:
                 f"{path} has config fields this cellvae does not know, {unknown}: mistyped, or saved by a newer build of "
                 "cellvae (then upgrade cellvae); or is it no cellvae model?"
             )
+        missing = sorted(known - set(raw) - set(LATER_FIELD_DEFAULTS))  # (save writes the others where not at their default)
+        if missing:  # a default in their place could read the counts elsewhere (layer) or change the model without a word
+            raise ValueError(
+                f"{path} lacks config fields that save writes into every config.json, {missing}: it was edited or damaged; "
+                "use the folder as save wrote it"
+            )
         try:
             return cls(**raw)
         except TypeError as error:  # a field of the wrong type, e.g. dropout="high"

@@ -1394,7 +1394,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 _link_or_copy(saved_data, staging / ADATA_FILE)
             # the cellvae that wrote the file (a model loaded from an older one may hold fields that one does not know)
             replace(self.config, cellvae_version=CELLVAE_VERSION).to_json(staging / CONFIG_FILE)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+            # float32, as load expects them (a module cast with .double() or .half() would save weights it refuses)
+            state = {k: _as_saved(v) for k, v in self.module.state_dict().items()}
             metadata = {
                 "format": "cellvae",
                 "trained": str(self.is_trained).lower(),
@@ -1546,8 +1547,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 if not isinstance(records, list) or not all(isinstance(row, dict) for row in records):
                     raise ValueError("it holds no list of per-epoch records")
                 model.history = pd.DataFrame(records)
-            except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
-                raise ValueError(f"{history_file} is not a readable training history ({error})") from error
+            except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:  # the weights are whole: load them
+                data.warn_user(
+                    f"{history_file} is not a readable training history ({error}); the model is loaded without it "
+                    "(model.history is empty)",
+                    UserWarning,
+                )
         model.is_trained = trained
         if "train_settings" in metadata:
             model.train_settings = _train_settings(metadata["train_settings"], weights)
@@ -2513,9 +2518,21 @@ def _check_weights_fit(found: dict[str, tuple], config: Config, weights: Path) -
         raise ValueError(f"{weights.with_name(CONFIG_FILE)} describes no valid cellvae model ({error})") from error
     if expected != found:  # save writes float32 weights (and BatchNorm's int64 count): others are not its files
         diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
-        raise ValueError(
-            f"{weights} does not match its config.json: tensors {diff[:5]} have other shapes or dtypes or are missing"
+        told = "; ".join(
+            f"{k}: {_tensor_text(found.get(k))}, config.json's model has {_tensor_text(expected.get(k))}" for k in diff[:3]
         )
+        raise ValueError(f"{weights} does not match its config.json (tensors differing: {len(diff)}; {told})")
+
+
+def _as_saved(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight as save writes it: on the CPU, float32 where it is floating-point."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).contiguous()
+
+
+def _tensor_text(shape_and_dtype: tuple | None) -> str:
+    """A tensor's (shape, safetensors dtype) as an error names it."""
+    return "none" if shape_and_dtype is None else f"{list(shape_and_dtype[0])} {shape_and_dtype[1]}"
 
 
 def _row_codes(asked: list[pd.Series], held: list[pd.Series]) -> tuple[np.ndarray, np.ndarray]:
