@@ -455,7 +455,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         zero total counts carry no information and are left out of training with a warning (they are
         still embedded by :meth:`get_latent`). ``model.history`` holds the
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
-        keeps the parameters of its best epoch: the lowest validation loss (at the full beta, so warm-up epochs count;
+        keeps the parameters of its best epoch: the lowest validation loss (at the full beta, so warm-up epochs count, and
+        with ``free_bits`` charging the KL as training does;
         without validation cells, the lowest training loss after the KL warm-up), whose ``epoch`` value
         ``history.attrs["best_epoch"]`` holds (the last row is not always the model's). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
@@ -2373,11 +2374,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
 
     def _mean_loss(self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int) -> float:
-        """The training objective ``distortion + beta·rate`` of ``cells`` (nats per cell), dropout off, in
-        training's minibatches (so it needs no more memory than a training step)."""
+        """The training objective ``distortion + beta·rate`` of ``cells`` (nats per cell; the rate floored by free
+        bits as training floors it), dropout off, in training's minibatches (so it needs no more memory than a
+        training step)."""
         with diagnostics.evaluation(self.module, random_state):
             terms = evaluate(self.module, loader, cells, batch_size)
-        return terms["distortion"] + self.config.beta * terms["rate"]
+        return terms["distortion"] + self.config.beta * terms["penalised_rate"]
 
     def _warn_if_collapsed(
         self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int, lr: float

@@ -320,7 +320,7 @@ class VAE(nn.Module):
         loss = (distortion + kl_weight * penalised).mean()
         if self.training and self.config.batch_mmd > 0:
             loss = loss + self.config.batch_mmd * batch_discrepancy(q["z"], batch_index, self.config.n_batches)
-        return {"loss": loss, "distortion": distortion, "rate": rate}
+        return {"loss": loss, "distortion": distortion, "rate": rate, "kl_per_dimension": per_dim}
 
 
 # Widths of the Gaussian kernels of the batch discrepancy, in units of the latent space (prior: N(0, I)).

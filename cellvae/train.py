@@ -218,17 +218,25 @@ def make_optimizer(vae: VAE, lr: float, weight_decay: float, device: torch.devic
 
 
 def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Mean distortion and rate per cell over ``cells`` (one posterior draw each, no dropout)."""
+    """Mean distortion and rate per cell over ``cells`` (one posterior draw each, no dropout), and the rate as
+    training charges it (``penalised_rate``: with free bits, each dimension's mean KL over ``cells`` floored)."""
     was_training = vae.training
     vae.eval()
     totals = {"distortion": 0.0, "rate": 0.0}
+    per_dimension = torch.zeros(vae.config.n_latent, dtype=torch.float64)
     with torch.no_grad(), closing(loader.batches(cells, loader.evaluation_batch_size(batch_size), with_sparse=True)) as batches:
         for mb in batches:
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
+            per_dimension += out["kl_per_dimension"].sum(0).double().cpu()
     vae.train(was_training)
-    return {k: v / max(len(cells), 1) for k, v in totals.items()}
+    means = {k: v / max(len(cells), 1) for k, v in totals.items()}
+    per_dimension /= max(len(cells), 1)
+    # free KL charged as training charges it (the floor, not the KL below it), so that the best epoch and the
+    # divergence check score the objective training minimises
+    floored = per_dimension.clamp(min=vae.config.free_bits).sum() - per_dimension.sum()
+    return means | {"penalised_rate": means["rate"] + float(floored)}
 
 
 class AgreedInterrupt:
@@ -457,10 +465,10 @@ def train(
                 val = evaluate(vae, loader, validation_cells, max(settings.batch_size, VALIDATION_VALUES // loader.n_genes))
                 if world > 1:  # every rank gets the same validation loss, hence the same early stopping
                     n = len(validation_cells)
-                    distortion, rate, n = all_reduce_sums([val["distortion"] * n, val["rate"] * n, n])
-                    val = {"distortion": distortion / n, "rate": rate / n}
+                    *totals, n = all_reduce_sums([*(value * n for value in val.values()), n])
+                    val = {name: total / n for name, total in zip(val, totals)}
                 row["validation_distortion"], row["validation_rate"] = val["distortion"], val["rate"]
-                row["validation_loss"] = val["distortion"] + settings.beta * val["rate"]
+                row["validation_loss"] = val["distortion"] + settings.beta * val["penalised_rate"]
                 row["validation_elbo"] = -(val["distortion"] + val["rate"])
             row["seconds"] = time.perf_counter() - started
             rows.append(row)

@@ -218,6 +218,19 @@ def test_large_beta_collapses_the_posterior_and_free_bits_prevent_it(kang):
     assert floored.active_units() >= 8 > collapsed.active_units()
 
 
+def test_free_bits_are_charged_in_the_validation_loss_as_in_training(pbmc):
+    """The best epoch and the divergence check score the objective training minimises: the KL that free bits leave
+    free was charged at the full beta, so a fit at beta=30 with free bits was undone as "worse than untrained"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (the "training made the model worse" warning)
+        model = CellVAE(pbmc, beta=30.0, free_bits=2.0).fit(max_epochs=60, progress=False)
+    history = model.history
+    assert model.is_trained and history.attrs["best_epoch"] == history["validation_loss"].idxmin() > 30
+    floor = model.config.n_latent * model.config.free_bits  # each dimension charged at least free_bits nats
+    charged = (history["validation_loss"] - history["validation_distortion"]) / model.config.beta
+    assert (charged >= np.maximum(floor, history["validation_rate"]) - 1e-4).all()
+
+
 def test_narrow_posteriors_at_a_small_scale_are_not_called_collapse():
     """Measured on 96 cells of deep read counts: every dimension's posterior means varied by 0.003–0.007 across
     cells (below the activity threshold of 0.01) while the KLs summed to 65 nats per cell, and fit warned of
