@@ -1195,7 +1195,8 @@ def _check_no_missing(
         fill = (
             f"with one of the model's categories (e.g. {categories[0]!r})"
             if categories
-            else f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown') makes them one value of their own)"
+            else f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown').astype(str) makes them one "
+            "value of their own)"
         )
         fix = (
             f"{fill} or drop those cells ({name} = {name}[{name}.obs[{key!r}].notna()].copy(); of an AnnData opened backed "

@@ -2046,3 +2046,18 @@ def test_settings_that_silently_give_nonsense_are_refused_or_told():
     on_numbers = CellVAE(numbered, n_hidden=8).fit(max_epochs=1, progress=False)
     with pytest.warns(UserWarning, match=r"obs_names are integers, and the integers of idx1 are read as positions"):
         on_numbers.differential_expression(idx1=np.arange(50), n_draws=100, progress=False)
+
+
+def test_the_advice_for_missing_batch_values_leaves_an_anndata_that_can_be_written(tmp_path):
+    """Followed on a numeric column, the advice mixed floats and text in one column, which anndata cannot write."""
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=20, n_batches=3, random_state=0)
+    plates = adata.obs["batch"].cat.codes.astype(float).to_numpy()
+    plates[:3] = np.nan
+    adata.obs["plate"] = plates
+    with pytest.raises(ValueError, match="missing") as told:
+        CellVAE(adata, batch_key="plate")
+    advice = re.search(r"\((adata\.obs\['plate'\] = .*?) makes them one value of their own\)", str(told.value)).group(1)
+    exec(advice, {"adata": adata})  # as the user would run it
+    assert CellVAE(adata, batch_key="plate").config.batch_categories == ["0.0", "1.0", "2.0", "unknown"]
+    adata.write_h5ad(tmp_path / "filled.h5ad")
+    assert ad.read_h5ad(tmp_path / "filled.h5ad").obs["plate"].tolist() == adata.obs["plate"].tolist()
