@@ -574,7 +574,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with AgreedInterrupt(rank_and_world()[1]) as interrupts:
             loader, cells = self._loader(self.adata, training_device, all_ranks=True)
             nonempty = cells[loader.library[cells] > 0]
-            _warn_about_empty_cells(loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained")
+            _warn_about_empty_cells(
+                loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained", self.adata
+            )
             if len(nonempty) < data.MIN_CELLS:
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
@@ -1808,7 +1810,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if not _query_parameters(query_model.module):
             return query_model
         nonempty = cells[loader.library[cells] > 0]
-        _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", "query_adata")
+        _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", query_adata, "query_adata")
         cells = nonempty
         if len(cells) < data.MIN_CELLS:
             raise ValueError(
@@ -2940,11 +2942,18 @@ class _GrowingRows:
 
 
 def _warn_about_empty_cells(
-    loader: data.CellLoader, cells: np.ndarray, nonempty: np.ndarray, config: Config, untrained: str, name: str = "adata"
+    loader: data.CellLoader,
+    cells: np.ndarray,
+    nonempty: np.ndarray,
+    config: Config,
+    untrained: str,
+    adata: ad.AnnData,
+    name: str = "adata",
 ) -> None:
     """Warn that the cells with zero total counts are left out of training, naming the batches that trained
     parameters (not a query model's frozen reference batches) and have no other cells, whose parameters stay
-    ``untrained``."""
+    ``untrained``; where ``adata`` (or the AnnData it views) holds other genes, that these cells may have counts
+    in those, so that filtering ``adata`` itself would keep them."""
     if len(nonempty) == len(cells):
         return
     empty_batches = ""
@@ -2957,6 +2966,16 @@ def _warn_about_empty_cells(
                 f"; the batches {names[unseen].tolist()[:5]} have no cells with counts, so their parameters stay "
                 f"{untrained} and their cells' codes mean little"
             )
+    viewed = data.viewed_anndata(adata)
+    if adata.n_vars > config.n_genes or (viewed is not None and viewed.n_vars > adata.n_vars):  # a selection of genes
+        data.warn_user(
+            f"{len(cells) - len(nonempty)} cells have no counts in the model's {config.n_genes} genes (they may have "
+            f"counts in others) and are left out of training{empty_batches}; each gets the code of a cell without "
+            "counts, so they gather as a cluster of their own: drop them, e.g. keep the cells with "
+            f"np.asarray({name}[:, genes].X.sum(axis=1)).ravel() > 0, genes being the model's (config.gene_names)",
+            UserWarning,
+        )
+        return
     data.warn_user(
         f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training{empty_batches}; "
         f"drop them with sc.pp.filter_cells({name}, min_counts=1) to silence this",

@@ -917,6 +917,18 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     batched.obs["batch"] = pd.Categorical(np.where(np.arange(100) < 3, "empty", batched.obs["batch"].astype(str)))
     with pytest.warns(UserWarning, match=r"the batches \['empty'\] have no cells with counts, so their parameters stay"):
         CellVAE(batched, batch_key="batch").fit(max_epochs=1, progress=False)
+    # cells with counts only outside the genes chosen: filter_cells on adata would keep them; the advice drops them
+    dense = adata.X.toarray()
+    dense[:4, :50], dense[:4, 50:] = 0, 1
+    selected = ad.AnnData(sp.csr_matrix(dense), obs=adata.obs)
+    selected.var["chosen"] = np.arange(selected.n_vars) < 50
+    told = r"4 cells have no counts in the model's 50 genes \(they may have counts in others\).*a cluster of their own"
+    with pytest.warns(UserWarning, match=told):
+        chosen = CellVAE(selected[:, :50]).fit(max_epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.embed(selected, mask_var="chosen", max_epochs=1, progress=False)
+    genes = chosen.config.gene_names
+    assert (np.asarray(selected[:, genes].X.sum(axis=1)).ravel() > 0).sum() == 96  # the advice, as given
     scores = model.rate_distortion()  # an empty cell's counts have probability 1: distortion 0, not NaN
     assert np.isfinite(scores.to_numpy()).all() and np.allclose(scores["distortion"].iloc[:3], 0.0, atol=1e-5)
     assert np.isfinite(model.marginal_log_likelihood(n_samples=2)).all()
