@@ -223,11 +223,13 @@ def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.nda
     return matrix, rows, columns
 
 
-def copied_view_counts(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | None:
+def copied_view_counts(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | sp.csr_array | None:
     """``adata.X`` or ``adata.layers[layer]`` of a view of in-memory CSR counts, copied as :func:`count_matrix`
-    copies them (:func:`_copied_csr_view`); None where anndata's own copy is no worse (or ``adata`` is no such view)."""
+    copies them (:func:`_copied_csr_view`) into the class they are stored as (a ``csr_array`` stays one, as in
+    anndata's copy); None where anndata's own copy is no worse (or ``adata`` is no such view)."""
     viewed = _viewed_counts(adata, layer)
-    return None if viewed is None or is_backed_matrix(viewed[0]) else _copied_csr_view(*viewed)
+    copied = None if viewed is None or is_backed_matrix(viewed[0]) else _copied_csr_view(*viewed)
+    return sp.csr_array(copied) if copied is not None and isinstance(viewed[0], sp.sparray) else copied
 
 
 def make_view_own_data(adata: ad.AnnData) -> None:

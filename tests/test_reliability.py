@@ -208,6 +208,20 @@ def test_embed_writes_only_its_documented_keys(messy, trained):
     assert_unchanged(untouched, parent)
 
 
+def test_a_view_of_csr_array_counts_made_its_own_keeps_csr_arrays_as_anndatas_copy_does(messy):
+    parent = messy.copy()
+    parent.X, parent.layers["counts"] = sp.csr_array(parent.layers["counts"]), sp.csr_array(parent.layers["counts"])
+    for view in (parent[::2], parent[::2, 1:]):
+        expected = view.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cellvae.tl.embed(view, max_epochs=1, progress=False, **TINY)
+        for name, matrix in (("X", view.X), ("counts", view.layers["counts"])):
+            stored = expected.X if name == "X" else expected.layers[name]
+            assert type(matrix) is type(stored) is sp.csr_array, name
+            assert (matrix != stored).nnz == 0, name
+
+
 def test_embed_trains_on_the_genes_mask_var_marks_and_writes_the_embedding_of_every_cell(messy, monkeypatch):
     """mask_var (a boolean var column such as scanpy's highly_variable, or a mask): the model of those genes,
     the embedding in the full AnnData, as CellVAE on adata[:, mask] gives it; bad masks refused before training."""
