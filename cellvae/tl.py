@@ -163,16 +163,21 @@ def _stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
     from it or a UMAP (``tl.embed`` warns; ``cellvae embed`` and ``cellvae fit`` print it); None otherwise."""
     if key_added not in adata.obsm:
         return None
-    neighbours = adata.uns.get("neighbors")
-    params = neighbours.get("params") if isinstance(neighbours, Mapping) else None
-    if isinstance(params, Mapping):  # the graph's record names what it was made from (no use_rep: X_pca or X)
-        if params.get("use_rep") != key_added:
-            return None
-    elif "X_umap" not in adata.obsm:  # no record: a UMAP may have come from it
+    # scanpy's graphs: uns["neighbors"], or another uns key (sc.pp.neighbors(..., key_added=...)), whose records
+    # name what each was made from (no use_rep: X_pca or X)
+    graphs = {
+        name: entry.get("params")
+        for name, entry in adata.uns.items()
+        if isinstance(entry, Mapping) and (name == "neighbors" or "connectivities_key" in entry)
+    }
+    from_it = [name for name, params in graphs.items() if isinstance(params, Mapping) and params.get("use_rep") == key_added]
+    recorded = any(isinstance(params, Mapping) for params in graphs.values())
+    if not from_it and (recorded or "X_umap" not in adata.obsm):  # (no record: a UMAP may have come from it)
         return None
+    named = "" if from_it in ([], ["neighbors"]) else f", key_added={from_it[0]!r}"
     return (
         f"the neighbours, UMAP and Leiden clusters adata holds were made from an earlier obsm[{key_added!r}]; recompute "
-        f"them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r})"
+        f"them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r}{named})"
     )
 
 

@@ -395,6 +395,10 @@ def test_embed_again_says_the_graph_made_from_the_earlier_embedding_is_stale():
     sc.tl.umap(adata)
     with no_warnings():  # the graph (and its UMAP) came from another representation: nothing stale
         cellvae.tl.embed(adata, **embed)
+    sc.pp.neighbors(adata, use_rep="X_cellvae", key_added="cv")  # a graph of its own name, made from it
+    told = r"made from an earlier obsm\['X_cellvae'\].*sc.pp.neighbors\(adata, use_rep='X_cellvae', key_added='cv'\)"
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.embed(adata, **embed)
 
 
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
