@@ -138,9 +138,11 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     if layer is None:
         matrix = stored_x(adata)  # (once: every access to a view's X copies it)
         if matrix is None:
+            names = layer_names(adata)
+            layers = f": adata.layers holds {names}" if names else ""
             raise ValueError(
                 "adata.X is empty (None); the raw counts must be in adata.X, or in a layer named when the model is "
-                "built (CellVAE(adata, layer=...)); a trained model reads the layer it was trained on"
+                f"built (CellVAE(adata, layer=...)){layers}; a trained model reads the layer it was trained on"
             )
     elif layer not in adata.layers:
         hint = "; the counts in adata.X are read with layer=None" if layer == "X" else ""
