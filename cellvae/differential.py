@@ -493,23 +493,25 @@ def subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np
 
 def observed_by_group(loader: CellLoader, labels: pd.Series, batch_size: int):
     """A function of a set of labelled cells giving its observed share of cells with a non-zero count
-    and mean counts per 10,000, per gene, from one pass over the labelled cells."""
+    and mean counts per 10,000 (over its cells with counts: a cell without any has no share of its counts to give,
+    and counted as zeros it would lower every gene alike), per gene, from one pass over the labelled cells."""
     codes, groups = pd.factorize(labels, use_na_sentinel=True)
     labelled = np.flatnonzero(codes >= 0)
     nonzero = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
     normalized = torch.zeros_like(nonzero)
+    with_counts = torch.zeros(len(groups), dtype=torch.float64)
     with torch.no_grad():
         for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
-            counts = mb.counts.cpu().double()  # (float64 on the CPU: MPS has none)
+            counts, library = mb.counts.cpu().double(), mb.library.cpu().double()  # (float64 on the CPU: MPS has none)
             group_codes = torch.from_numpy(codes[mb.cell_index])
             nonzero.index_add_(0, group_codes, (counts > 0).double())
-            normalized.index_add_(0, group_codes, counts / mb.library.cpu().double().clamp(min=1.0) * PER_10K)
-    nonzero, normalized = nonzero.numpy(), normalized.numpy()
+            normalized.index_add_(0, group_codes, counts / library.clamp(min=1.0) * PER_10K)
+            with_counts.index_add_(0, group_codes, (library[:, 0] > 0).double())  # (library: cells × 1)
+    nonzero, normalized, with_counts = nonzero.numpy(), normalized.numpy(), with_counts.numpy()
     sizes = np.bincount(codes[labelled], minlength=len(groups))
 
     def summary(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         members = np.bincount(codes[cells], minlength=len(groups)) > 0  # cells are whole groups
-        n = sizes[members].sum()
-        return nonzero[members].sum(0) / n, normalized[members].sum(0) / n
+        return nonzero[members].sum(0) / sizes[members].sum(), normalized[members].sum(0) / max(with_counts[members].sum(), 1)
 
     return summary

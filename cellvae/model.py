@@ -1164,7 +1164,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             (decoded mean expression per 10,000 counts; with ``likelihood="zinb"`` the negative
             binomial's, while the fold change compares the means with zero-inflation);
             ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
-            (observed: share of cells with a count, mean counts per 10,000 of the model's genes); ``group1``, ``group2`` and
+            (observed: share of cells with a count, mean counts per 10,000 of the model's genes over the cells
+            with counts); ``group1``, ``group2`` and
             ``comparison`` (``"<group1> vs <group2>"``, as in scvi-tools). Genes of the model missing from
             ``adata`` (read as zeros) get no statistics (NaN, not called) and come last. Each comparison's
             draws depend on ``random_state``, its two groups (and their cells' order in ``adata``) and

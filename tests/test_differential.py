@@ -259,6 +259,14 @@ def test_every_group_against_the_rest_with_observed_columns_and_seeds(simulated,
     np.testing.assert_allclose(type3["fraction_nonzero2"], (counts[~in_type3] > 0).mean(0))
     normalized = counts / counts.sum(1, keepdims=True) * 1e4
     np.testing.assert_allclose(type3["raw_normalized_mean1"], normalized[in_type3].mean(0), rtol=1e-5)
+    emptied = simulated.copy()  # cells without counts: no share of counts to average (each gene's mean fell alike)
+    emptied.X = sp.csr_matrix(np.where(in_type3[:, None] & (np.cumsum(in_type3) <= 10)[:, None], 0, counts))
+    some_empty = model.differential_expression(emptied, groupby="cell_type", group1="type3", n_draws=100)
+    with_counts = in_type3 & (np.cumsum(in_type3) > 10)
+    np.testing.assert_allclose(
+        some_empty.loc[simulated.var_names, "raw_normalized_mean1"], normalized[with_counts].mean(0), rtol=1e-5
+    )
+    np.testing.assert_allclose(some_empty["raw_normalized_mean1"].sum(), 1e4, rtol=1e-5)
     again = model.differential_expression(groupby="cell_type", n_draws=200)
     pd.testing.assert_frame_equal(result, again)
     other_seed = model.differential_expression(groupby="cell_type", n_draws=200, random_state=1)
