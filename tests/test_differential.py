@@ -829,7 +829,7 @@ def test_subsample_draws_distinct_cells_in_order():
     assert len(np.unique(picked)) == 500 and np.all(np.diff(picked) > 0) and np.isin(picked, cells).all()
 
 
-def test_a_cell_without_counts_counts_as_zero_in_the_observed_means(simulated, model):
+def test_a_cell_without_counts_takes_no_part_in_the_normalized_means_nor_the_draws(simulated, model):
     adata = simulated.copy()
     counts = adata.X.toarray()
     empty = np.flatnonzero(adata.obs["cell_type"] == "type0")[0]
@@ -840,8 +840,10 @@ def test_a_cell_without_counts_counts_as_zero_in_the_observed_means(simulated, m
         result = model.differential_expression(adata, groupby="cell_type", group1="type0", n_draws=100)
     in_type0 = (adata.obs["cell_type"] == "type0").to_numpy()
     normalized = counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4
-    np.testing.assert_allclose(result.loc[adata.var_names, "raw_normalized_mean1"], normalized[in_type0].mean(0), rtol=1e-5)
-    # and it takes no part in the draws: the decoded columns are those of the comparison without it
+    with_counts = in_type0 & (counts.sum(1) > 0)  # (fraction_nonzero counts it, as a cell without a count)
+    np.testing.assert_allclose(result.loc[adata.var_names, "raw_normalized_mean1"], normalized[with_counts].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(result.loc[adata.var_names, "fraction_nonzero1"], (counts[in_type0] > 0).mean(0))
+    # nor in the draws: the decoded columns are those of the comparison without it
     unlabelled = adata.copy()
     unlabelled.obs["cell_type"] = unlabelled.obs["cell_type"].astype(object)
     unlabelled.obs.loc[unlabelled.obs_names[empty], "cell_type"] = np.nan
