@@ -92,14 +92,22 @@ def posterior_statistics(
 
 
 def collapse_message(
-    kl: np.ndarray, activity: np.ndarray, threshold: float = ACTIVITY_THRESHOLD, *, lr: float = DEFAULT_LR
+    kl: np.ndarray,
+    activity: np.ndarray,
+    threshold: float = ACTIVITY_THRESHOLD,
+    *,
+    lr: float = DEFAULT_LR,
+    n_layers: int = 1,
+    normalization: str = "layer",
 ) -> str | None:
     """The posterior-collapse warning text when most dimensions are collapsed or the total KL is near zero, else None.
 
     A collapsed dimension is inactive (its posterior means' variance across cells is at most ``threshold``) and
     its KL is near zero: its posterior is the prior. An inactive dimension with a large KL is not collapsed:
     narrow posteriors place the cells at a scale finer than the threshold (seen on deep read counts).
-    Training at an ``lr`` above fit's default collapses posteriors too; the text then names it first.
+    Training at an ``lr`` above fit's default collapses posteriors too; the text then names it first. So do deep
+    networks (``n_layers`` of 3 or more) with LayerNorm: on pbmc68k, 5 layers kept 1–4 of 10 dimensions active
+    (kNN cell-type accuracy 0.68–0.75), 1 layer all 10 (0.81), 5 layers with BatchNorm 0.79–0.80.
     """
     collapsed = (activity <= threshold) & (kl < COLLAPSED_KL)
     n_used, n_latent = len(activity) - int(collapsed.sum()), len(activity)
@@ -119,6 +127,8 @@ def collapse_message(
         "lower beta, lengthen KL warm-up (kl_warmup=...), or use free bits (free_bits=...); "
         "after very few epochs, train longer first"
     )
+    if n_layers >= 3 and normalization == "layer":
+        remedies = f"use fewer layers, or normalization='batch' (n_layers={n_layers} with LayerNorm collapses); else {remedies}"
     if lr > DEFAULT_LR:  # free bits then silence the warning, but the latent space stays worse than at the default lr
         remedies = f"train with a smaller learning rate first (lr={lr:g} is above the default {DEFAULT_LR:g}); else {remedies}"
     return f"{found}; {remedies}"

@@ -249,6 +249,9 @@ def test_narrow_posteriors_at_a_small_scale_are_not_called_collapse():
     assert "though 4 of 4 dimensions vary across cells" in little
     remedies = "; lower beta, lengthen KL warm-up (kl_warmup=...), or use free bits (free_bits=...); after very few epochs"
     assert message.endswith(f"{remedies}, train longer first")  # at the default learning rate
+    deep = collapse_message(np.full(10, 0.002), small_scale, n_layers=5)  # deep LayerNorm networks collapse
+    assert "; use fewer layers, or normalization='batch' (n_layers=5 with LayerNorm collapses); else lower beta" in deep
+    assert collapse_message(np.full(10, 0.002), small_scale, n_layers=5, normalization="batch") == message
 
 
 def test_a_collapse_after_too_large_a_learning_rate_names_the_learning_rate_first():
