@@ -229,7 +229,7 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
-            per_dimension += out["kl_per_dimension"].sum(0).double().cpu()
+            per_dimension += out["kl_per_dimension"].sum(0).cpu().double()  # (MPS has no float64)
     vae.train(was_training)
     means = {k: v / max(len(cells), 1) for k, v in totals.items()}
     per_dimension /= max(len(cells), 1)
