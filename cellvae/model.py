@@ -2970,12 +2970,15 @@ def _warn_about_empty_cells(
                 f"{untrained} and their cells' codes mean little"
             )
     viewed = data.viewed_anndata(adata)
-    if adata.n_vars > config.n_genes or (viewed is not None and viewed.n_vars > adata.n_vars):  # a selection of genes
+    others = not data.gene_names(adata).isin(config.gene_names).all()  # genes the model does not read
+    if others or (viewed is not None and viewed.n_vars > adata.n_vars):  # (a view of some of the genes)
+        matrix = ".X" if config.layer is None else f".layers[{config.layer!r}]"
         data.warn_user(
             f"{len(cells) - len(nonempty)} cells have no counts in the model's {config.n_genes} genes (they may have "
             f"counts in others) and are left out of training{empty_batches}; each gets the code of a cell without "
             "counts, so they gather as a cluster of their own: drop them, e.g. keep the cells with "
-            f"np.asarray({name}[:, genes].X.sum(axis=1)).ravel() > 0, genes being the model's (config.gene_names)",
+            f"np.asarray({name}[:, {name}.var_names.isin(genes)]{matrix}.sum(axis=1)).ravel() > 0, genes being the "
+            "model's (config.gene_names)",
             UserWarning,
         )
         return

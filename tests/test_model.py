@@ -928,7 +928,16 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.embed(selected, mask_var="chosen", max_epochs=1, progress=False)
     genes = chosen.config.gene_names
-    assert (np.asarray(selected[:, genes].X.sum(axis=1)).ravel() > 0).sum() == 96  # the advice, as given
+    assert (np.asarray(selected[:, selected.var_names.isin(genes)].X.sum(axis=1)).ravel() > 0).sum() == 96  # as advised
+    # a query lacking some of the model's genes and holding others, in a layer: the advice reads that layer
+    batched = selected.copy()
+    batched.layers["counts"] = batched.X
+    batched.obs["batch"] = np.where(np.arange(batched.n_obs) < 50, "a", "b")
+    reference = CellVAE(batched[50:, :50], layer="counts", batch_key="batch").fit(max_epochs=1, progress=False)
+    query = batched[:50, 10:].copy()  # 40 of the model's genes, 50 others
+    query.obs["batch"] = "q"
+    with pytest.warns(UserWarning, match=told + r".*query_adata.var_names.isin\(genes\)\]\.layers\['counts'\]\.sum"):
+        reference.map_query(query, max_epochs=1, progress=False)
     scores = model.rate_distortion()  # an empty cell's counts have probability 1: distortion 0, not NaN
     assert np.isfinite(scores.to_numpy()).all() and np.allclose(scores["distortion"].iloc[:3], 0.0, atol=1e-5)
     assert np.isfinite(model.marginal_log_likelihood(n_samples=2)).all()
