@@ -42,6 +42,7 @@ from cellvae.train import (
     default_query_epochs,
     evaluate,
     library_sizes_across_ranks,
+    penalised_rate,
     pick_device,
     progress_bar,
     rank_and_world,
@@ -2383,7 +2384,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         training step)."""
         with diagnostics.evaluation(self.module, random_state):
             terms = evaluate(self.module, loader, cells, batch_size)
-        return terms["distortion"] + self.config.beta * terms["penalised_rate"]
+        return terms["distortion"] + self.config.beta * penalised_rate(terms, self.config.free_bits)
 
     def _warn_if_collapsed(
         self, loader: data.CellLoader, cells: np.ndarray, batch_size: int, random_state: int, lr: float

@@ -217,9 +217,9 @@ def make_optimizer(vae: VAE, lr: float, weight_decay: float, device: torch.devic
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
-def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Mean distortion and rate per cell over ``cells`` (one posterior draw each, no dropout), and the rate as
-    training charges it (``penalised_rate``: with free bits, each dimension's mean KL over ``cells`` floored)."""
+def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -> dict:
+    """Mean distortion and rate per cell over ``cells`` (one posterior draw each, no dropout), and each latent
+    dimension's mean KL (``kl_per_dimension``, which :func:`penalised_rate` floors as training does)."""
     was_training = vae.training
     vae.eval()
     totals = {"distortion": 0.0, "rate": 0.0}
@@ -232,11 +232,17 @@ def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -
             per_dimension += out["kl_per_dimension"].sum(0).cpu().double()  # (MPS has no float64)
     vae.train(was_training)
     means = {k: v / max(len(cells), 1) for k, v in totals.items()}
-    per_dimension /= max(len(cells), 1)
-    # free KL charged as training charges it (the floor, not the KL below it), so that the best epoch and the
-    # divergence check score the objective training minimises
-    floored = per_dimension.clamp(min=vae.config.free_bits).sum() - per_dimension.sum()
-    return means | {"penalised_rate": means["rate"] + float(floored)}
+    return means | {"kl_per_dimension": per_dimension.numpy() / max(len(cells), 1)}
+
+
+def penalised_rate(terms: dict, free_bits: float) -> float:
+    """:func:`evaluate`'s rate as training charges it: with free bits, each dimension's mean KL floored at
+    ``free_bits`` (the floor, not the KL below it), so that the best epoch and the divergence check score the
+    objective training minimises."""
+    if free_bits <= 0:
+        return terms["rate"]
+    kl = terms["kl_per_dimension"]
+    return terms["rate"] + float(np.maximum(kl, free_bits).sum() - kl.sum())
 
 
 class AgreedInterrupt:
@@ -464,11 +470,13 @@ def train(
             if has_validation:
                 val = evaluate(vae, loader, validation_cells, max(settings.batch_size, VALIDATION_VALUES // loader.n_genes))
                 if world > 1:  # every rank gets the same validation loss, hence the same early stopping
-                    n = len(validation_cells)
-                    *totals, n = all_reduce_sums([*(value * n for value in val.values()), n])
-                    val = {name: total / n for name, total in zip(val, totals)}
+                    n, per_dimension = len(validation_cells), list(val["kl_per_dimension"])
+                    distortion, rate, *per_dimension, n = all_reduce_sums(
+                        [val["distortion"] * n, val["rate"] * n, *(kl * n for kl in per_dimension), n]
+                    )
+                    val = {"distortion": distortion / n, "rate": rate / n, "kl_per_dimension": np.array(per_dimension) / n}
                 row["validation_distortion"], row["validation_rate"] = val["distortion"], val["rate"]
-                row["validation_loss"] = val["distortion"] + settings.beta * val["penalised_rate"]
+                row["validation_loss"] = val["distortion"] + settings.beta * penalised_rate(val, vae.config.free_bits)
                 row["validation_elbo"] = -(val["distortion"] + val["rate"])
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
