@@ -174,7 +174,8 @@ def _stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
     recorded = any(isinstance(params, Mapping) for params in graphs.values())
     if not from_it and (recorded or "X_umap" not in adata.obsm):  # (no record: a UMAP may have come from it)
         return None
-    named = "" if from_it in ([], ["neighbors"]) else f", key_added={from_it[0]!r}"
+    others = [name for name in from_it if name != "neighbors"]  # (scanpy's default graph needs no key_added)
+    named = "" if "neighbors" in from_it or not others else f", key_added={others[0]!r}"
     return (
         f"the neighbours, UMAP and Leiden clusters adata holds were made from an earlier obsm[{key_added!r}]; recompute "
         f"them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r}{named})"

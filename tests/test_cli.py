@@ -1468,6 +1468,13 @@ def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folde
     again = ["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "re.h5ad")]
     with pytest.raises(SystemExit, match=r"read from obs\['sample'\].*pass --batch-key sample to read them as before"):
         main(again)
+    with pytest.raises(SystemExit, match=r"pass --batch-key sample to read them as before with the query model that mapped"):
+        main(["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", model_dir, "--out", str(tmp_path / "r.h5ad")])
+    mapped = ad.read_h5ad(tmp_path / "mapped.h5ad")  # without the model's column, the missing column is told
+    del mapped.obs["batch"]
+    mapped.write_h5ad(tmp_path / "no_batch.h5ad")
+    with pytest.raises(SystemExit, match=r"no_batch.h5ad has no obs\['batch'\] \(the model's batch key"):
+        main(["embed", str(tmp_path / "no_batch.h5ad"), *again[2:]])
     assert main([*again, "--batch-key", "sample", "--quiet"]) == 0
     np.testing.assert_allclose(
         ad.read_h5ad(tmp_path / "re.h5ad").obsm["X_cellvae"], ad.read_h5ad(tmp_path / "mapped.h5ad").obsm["X_cellvae"], atol=1e-5

@@ -399,6 +399,10 @@ def test_embed_again_says_the_graph_made_from_the_earlier_embedding_is_stale():
     told = r"made from an earlier obsm\['X_cellvae'\].*sc.pp.neighbors\(adata, use_rep='X_cellvae', key_added='cv'\)"
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.embed(adata, **embed)
+    sc.pp.neighbors(adata, use_rep="X_cellvae", key_added="cv")
+    sc.pp.neighbors(adata, use_rep="X_cellvae")  # both graphs from it: scanpy's default named, with no key_added
+    with pytest.warns(UserWarning, match=r"e.g. sc.pp.neighbors\(adata, use_rep='X_cellvae'\)$"):
+        cellvae.tl.embed(adata, **embed)
 
 
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
