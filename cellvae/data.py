@@ -1996,7 +1996,8 @@ def _fits_int16(counts: np.ndarray) -> bool:
 def check_positive_int(value, name: str) -> None:
     """Refuse what is not a whole number of at least 1 (a bool, a float like 128.0)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        default = " (leave it out for the default; scvi-tools' None)" if value is None else ""
+        raise ValueError(f"{name} must be a positive integer{default}, got {value!r}")
 
 
 def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:

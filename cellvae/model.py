@@ -145,10 +145,22 @@ SCVI_TOOLS_ARGUMENTS = {
         ("n_draws", "use n_draws=, the posterior draws per group"),
     ],
     "return_mean": [("transform_batch", POSTERIOR_MEAN)],
+    "n_epochs_kl_warmup": [("fit", "give the KL warm-up, in epochs, to the model: CellVAE(adata, kl_warmup=...)")],
+    "deeply_inject_covariates": [
+        (
+            "__init__",
+            "drop it: cellvae gives the batch and covariates to every hidden layer of the decoder (and of the encoder, "
+            "with encode_batch=True, the default)",
+        )
+    ],
 }
 # Advice that depends on the value given: (scvi-tools' argument, its value) -> the advice.
 SCVI_TOOLS_ARGUMENT_VALUES = {
     ("use_batch_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm (normalization='layer', the default)",
+    ("use_batch_norm", "encoder"): "cellvae has no BatchNorm in the encoder alone: normalization='batch' puts it in "
+    "encoder and decoder, normalization='layer' (the default) LayerNorm in both",
+    ("use_batch_norm", "decoder"): "cellvae has no BatchNorm in the decoder alone: normalization='batch' puts it in "
+    "encoder and decoder, normalization='layer' (the default) LayerNorm in both",
     ("use_layer_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
     "normalization='batch' uses BatchNorm, as scVI's default does",
 }

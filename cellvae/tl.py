@@ -51,7 +51,13 @@ OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own a
 
 
 def _check_model_kwargs(model_kwargs: dict) -> None:
-    """Refuse fit's options among a tool's CellVAE arguments, saying to pass them in ``fit_kwargs``."""
+    """Refuse fit's options among a tool's CellVAE arguments, saying to pass them in ``fit_kwargs``, and a dict of
+    them as scvi-tools users give one (``model_kwargs={...}``)."""
+    if "model_kwargs" in model_kwargs:
+        raise TypeError(
+            "pass the model's settings as keywords of their own, e.g. n_latent=20, likelihood='zinb', "
+            "not as model_kwargs={...} (fit's go in fit_kwargs={...})"
+        )
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
         example = ", ".join(f"{name!r}: ..." for name in misplaced)

@@ -1401,9 +1401,21 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         CellVAE(adata, use_batch_norm="both")
     with pytest.raises(TypeError, match=r"'use_layer_norm', scvi-tools' name: drop it: .*normalization='batch' uses BatchNorm"):
         CellVAE(adata, use_layer_norm="none")
+    with pytest.raises(TypeError, match=r"'use_batch_norm', scvi-tools' name: cellvae has no BatchNorm in the encoder alone"):
+        CellVAE(adata, use_batch_norm="encoder")
+    with pytest.raises(TypeError, match=r"'deeply_inject_covariates', scvi-tools' name: drop it: cellvae gives the batch"):
+        CellVAE(adata, deeply_inject_covariates=True)
+    with pytest.raises(TypeError, match=r"keywords of their own, e.g. n_latent=20, likelihood='zinb', not as model_kwargs"):
+        cellvae.tl.embed(adata.copy(), model_kwargs={"gene_likelihood": "nb"})
     with pytest.raises(AttributeError, match=r"scvi-tools' prepare_query_anndata; in cellvae: nothing: map_query and get_latent"):
         CellVAE.prepare_query_anndata(adata, "reference_dir")
     model = CellVAE(adata, batch_key="batch")
+    with pytest.raises(TypeError, match=r"'n_epochs_kl_warmup', scvi-tools' name: give the KL warm-up, in epochs, to the model"):
+        model.fit(n_epochs_kl_warmup=5)
+    with pytest.raises(
+        ValueError, match=r"batch_size must be a positive integer \(leave it out for the default; scvi-tools' None\)"
+    ):
+        model.get_latent(batch_size=None)
     reads = []
     monkeypatch.setattr(cellvae.model, "train", lambda *args, **kwargs: reads.append(1))
     with pytest.raises(TypeError, match=r"CellVAE.fit\(\) got .* 'train_size', scvi-tools' name: use validation_size="):
