@@ -367,7 +367,7 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
     def cells_of(name: str) -> np.ndarray:
         if name not in names:
             is_rest = name == second and name.lower() == "rest"
-            rest = " (for every other cell, as scvi-tools' 'rest', pass group2=None)" if is_rest else ""
+            rest = " (for every other cell pass group2=None, as in scvi-tools)" if is_rest else ""
             raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}{rest}")
         return np.flatnonzero(codes == code_of[name])
 

@@ -1173,7 +1173,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             ``proba_de`` and then by ``|lfc_mean|``. Columns: ``lfc_mean``, ``lfc_median``, ``lfc_std``,
             ``lfc_low``/``lfc_high`` (95% credible interval) of the log2 fold change group1/group2, shrunk;
             ``proba_up``, ``proba_down``, ``proba_de`` (= P(|lfc| > delta)), ``proba_not_de``,
-            ``bayes_factor`` (log odds of ``proba_de``); ``expected_fdr`` (posterior expected false
+            ``bayes_factor`` (log odds of ``proba_de``, its draws counted with 1/2 added to each side, so at
+            most log(2·n_draws + 1): 7.6 at 1,000 draws); ``expected_fdr`` (posterior expected false
             discovery rate of the list down to this gene) and ``is_de``; ``expression1``/``expression2``
             (decoded mean expression per 10,000 counts; with ``likelihood="zinb"`` the negative
             binomial's, while the fold change compares the means with zero-inflation);
