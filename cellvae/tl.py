@@ -355,6 +355,7 @@ def transfer_labels(
 
     Each neighbour's vote weighs ``exp(-(d / d_k)^2)``, with ``d_k`` the query cell's distance
     to its k-th neighbour, so closer reference cells count more whatever the embedding's scale.
+    Where ``k`` or more reference cells lie exactly at a query cell's point, all of them vote, alike.
     The vote cannot tell that a cell lies far from every reference cell (a cell type the reference
     lacks is often voted into its nearest type with confidence); the novelty score can.
 
@@ -468,8 +469,13 @@ def transfer_labels(
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
     weights = np.exp(-((distances / bandwidth) ** 2))
     winner, winning_weight = _weighted_vote(codes[neighbours], weights)
-    predicted = names[winner].astype(object)
     uncertainty = 1.0 - winning_weight / weights.sum(axis=1)
+    # k or more voters exactly where a query cell is (e.g. cells without counts, one point per batch): which k of
+    # them kneighbors returned depended on their order, so all of them vote, alike
+    tied = distances[:, -1] == 0
+    tied_shares = _shares_of_identical_cells(reference[labelled], codes, neighbours[tied, 0], len(names))
+    winner[tied], uncertainty[tied] = tied_shares.argmax(axis=1), 1.0 - tied_shares.max(axis=1)
+    predicted = names[winner].astype(object)
     novelty = _novelty(voters, reference[labelled], distances, k)
     categories = list(names)
     if unknown_threshold is not None or novelty_threshold is not None:
@@ -501,7 +507,9 @@ def transfer_labels(
     query_adata.obs[f"{labels_key}_novelty"] = novelty
     shares_key = f"{labels_key}_vote_shares"
     if soft:
-        query_adata.obsm[shares_key] = _vote_shares(codes[neighbours], weights, len(names))
+        shares = _vote_shares(codes[neighbours], weights, len(names))
+        shares[tied] = tied_shares
+        query_adata.obsm[shares_key] = shares
         query_adata.uns[shares_key] = {"labels": np.array([str(name) for name in names], dtype=object)}
     elif shares_key in query_adata.obsm:  # an earlier soft=True run's shares: they no longer match these predictions
         earlier = query_adata.uns.get(shares_key)
@@ -592,6 +600,17 @@ def _vote_shares(labels: np.ndarray, weights: np.ndarray, n_labels: int) -> np.n
     each_share = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32).ravel()
     shares = sp.csr_matrix((each_share, (rows, labels.ravel())), shape=(len(labels), n_labels))  # sums repeats
     return shares.toarray()  # the one dense table
+
+
+def _shares_of_identical_cells(reference: np.ndarray, codes: np.ndarray, voters: np.ndarray, n_labels: int) -> np.ndarray:
+    """Each label's share (cells × labels) among all the ``reference`` cells (with label ``codes``) that lie exactly
+    where each of the reference cells ``voters`` lies."""
+    if len(voters) == 0:
+        return np.zeros((0, n_labels))
+    point = np.unique(reference, axis=0, return_inverse=True)[1].ravel()
+    table = sp.csr_matrix((np.ones(len(codes)), (point, codes)), shape=(point.max() + 1, n_labels))  # sums repeats
+    counts = table[point[voters]].toarray()
+    return counts / counts.sum(axis=1, keepdims=True)
 
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:

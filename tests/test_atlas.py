@@ -597,6 +597,25 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     assert not query.obs["stage_predicted"].cat.ordered
 
 
+def test_reference_cells_tied_at_a_query_cells_point_all_vote_whatever_their_order():
+    """30 reference cells at one point (20 A, then 10 B; e.g. cells without counts) and k=15: the first 15 voted A,
+    uncertainty 0; reversed, B would have."""
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(100, 5))
+    points[:30] = 0.0
+    labels = ["A"] * 20 + ["B"] * 10 + list(rng.choice(["A", "B", "C"], size=70))
+    query = ad.AnnData(obs=pd.DataFrame(index=["at_the_point"]), obsm={"X_cellvae": np.zeros((1, 5))})
+    results = []
+    for order in (np.arange(100), np.arange(100)[::-1]):
+        reference = ad.AnnData(obs=pd.DataFrame({"cell_type": np.array(labels)[order]}, index=[f"r{i}" for i in order]))
+        reference.obsm["X_cellvae"] = points[order]
+        results.append(cellvae.tl.transfer_labels(reference, query, "cell_type", k=15, soft=True, copy=True))
+    for result in results:
+        assert result.obs["cell_type_predicted"].iloc[0] == "A"
+        np.testing.assert_allclose(result.obs["cell_type_uncertainty"].iloc[0], 1 / 3, rtol=1e-6)
+        np.testing.assert_allclose(result.obsm["cell_type_vote_shares"][0], [2 / 3, 1 / 3, 0.0], rtol=1e-6)
+
+
 def test_transfer_labels_soft_gives_each_labels_vote_share_as_scanvis_soft_predictions(tmp_path):
     reference = ad.AnnData(obs=pd.DataFrame({"cell_type": ["A", "A", "B", "B", "C"]}, index=[f"r{i}" for i in range(5)]))
     reference.obsm["X_cellvae"] = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0], [50.0, 0.0]])
