@@ -54,6 +54,7 @@ from cellvae.train import (
     with_progress,
 )
 
+MAX_LATENT = 1e6  # the largest latent code decode and generate take (the prior is N(0, I))
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "history.json"
@@ -2305,7 +2306,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _check_latent(self, z) -> np.ndarray:
         try:
-            z = np.asarray(z, dtype=np.float32)
+            z = np.asarray(z, dtype=np.float64)  # (float32 once checked: a cast of 1e39 would warn of overflow first)
         except (TypeError, ValueError) as error:
             raise TypeError(
                 f"z takes latent codes as numbers, n × {self.config.n_latent} (e.g. model.get_latent()), got {z!r:.80}"
@@ -2316,7 +2317,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"z must have shape (n, {self.config.n_latent}) for this model, got {z.shape}")
         if not np.all(np.isfinite(z)):
             raise ValueError("z contains NaN or infinite values")
-        return z
+        if np.abs(z).max(initial=0.0) > MAX_LATENT:  # the decoder's sums overflow to NaN from about 1e22
+            raise ValueError(
+                f"z holds codes as large as {np.abs(z).max():.3g}; codes lie within a few units of 0 (the prior is N(0, I)), "
+                f"and those beyond {MAX_LATENT:g} cannot be decoded"
+            )
+        return z.astype(np.float32)
 
     def _covariate_frame(self, n: int, batch, covariates: dict | None) -> pd.DataFrame:
         """An obs-like frame of ``n`` rows holding the model's covariate columns."""

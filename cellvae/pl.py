@@ -65,11 +65,12 @@ def history(
     target = _save_target(save, "history")
     frame = model.history
     if frame.empty:
-        reason = (
-            "map_query had nothing to train (every batch and covariate category of the query is the reference's)"
-            if model.config.reference_categories
-            else "call model.fit() first"
-        )
+        if model.config.reference_categories:
+            reason = "map_query had nothing to train (every batch and covariate category of the query is the reference's)"
+        elif model.is_trained:  # (load without the folder's history.json, or with one it could not read)
+            reason = "it was loaded from a folder without a readable history.json; fit it again to plot one"
+        else:
+            reason = "call model.fit() first"
         raise ValueError(f"the model has no training history: {reason}")
     one_axes = isinstance(ax, Axes)
     if ax is None:

@@ -160,8 +160,12 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     settings = sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"]
     try:
         sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = tmp_path / "figures", "png", 300
-        with pytest.raises(ValueError, match="no training history"):
+        with pytest.raises(ValueError, match="no training history: call model.fit"):
             cellvae.pl.history(CellVAE(model.adata), save=True)
+        model.save(tmp_path / "model")
+        (tmp_path / "model" / "history.json").unlink()
+        with pytest.raises(ValueError, match="no training history: it was loaded from a folder without a readable history"):
+            cellvae.pl.history(CellVAE.load(tmp_path / "model"), save=True)
         assert not (tmp_path / "figures").exists()  # made on saving, not by a call that fails
         cellvae.pl.history(model, save=".pdf")
         cellvae.pl.history(model, save="_kang.png")

@@ -1,5 +1,6 @@
 """Generation from the prior, decoding, interpolation and latent arithmetic (the scGen-style stimulation prediction)."""
 
+import re
 import unittest.mock
 import warnings
 
@@ -160,6 +161,14 @@ def test_decode_matches_normalized_expression(kang, model):
     np.testing.assert_allclose(decoded.sum(1), 1e4, rtol=1e-3)
     with pytest.raises(ValueError, match="shape"):
         model.decode(np.zeros((3, 4)))
+    for huge in (1e30, 1e39):  # (decoded to NaN from about 1e22; 1e39 overflowed float32 with a warning first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(
+                ValueError, match=rf"z holds codes as large as {re.escape(f'{huge:.3g}')}; .*beyond 1e\+06 cannot be decoded"
+            ):
+                model.decode(np.full((1, z.shape[1]), huge), batch="ctrl")
+    np.testing.assert_allclose(model.decode(z.astype(np.float64), batch="ctrl", library_size=1e4), decoded)
 
 
 def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
