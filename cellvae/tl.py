@@ -472,8 +472,9 @@ def transfer_labels(
     uncertainty = 1.0 - winning_weight / weights.sum(axis=1)
     # k or more voters exactly where a query cell is (e.g. cells without counts, one point per batch): which k of
     # them kneighbors returned depended on their order, so all of them vote, alike
-    tied = distances[:, -1] == 0
-    tied_shares = _shares_of_identical_cells(reference[labelled], codes, neighbours[tied, 0], len(names))
+    tied = _exactly_at_their_voters(query, reference[labelled], neighbours, distances)
+    points, point_of = np.unique(query[tied], axis=0, return_inverse=True)
+    tied_shares = _shares_at_points(reference[labelled], codes, points, len(names))[point_of.ravel()]
     winner[tied], uncertainty[tied] = tied_shares.argmax(axis=1), 1.0 - tied_shares.max(axis=1)
     predicted = names[winner].astype(object)
     novelty = _novelty(voters, reference[labelled], distances, k)
@@ -602,14 +603,24 @@ def _vote_shares(labels: np.ndarray, weights: np.ndarray, n_labels: int) -> np.n
     return shares.toarray()  # the one dense table
 
 
-def _shares_of_identical_cells(reference: np.ndarray, codes: np.ndarray, voters: np.ndarray, n_labels: int) -> np.ndarray:
-    """Each label's share (cells × labels) among all the ``reference`` cells (with label ``codes``) that lie exactly
-    where each of the reference cells ``voters`` lies."""
-    if len(voters) == 0:
-        return np.zeros((0, n_labels))
-    point = np.unique(reference, axis=0, return_inverse=True)[1].ravel()
-    table = sp.csr_matrix((np.ones(len(codes)), (point, codes)), shape=(point.max() + 1, n_labels))  # sums repeats
-    counts = table[point[voters]].toarray()
+def _exactly_at_their_voters(query: np.ndarray, reference: np.ndarray, neighbours: np.ndarray, distances) -> np.ndarray:
+    """Which query cells have all their nearest reference cells exactly at their own point, compared by coordinates
+    (above 15 dimensions scikit-learn's brute-force search gives identical points a distance of about 1e-7)."""
+    near = np.flatnonzero(distances[:, -1] <= 1e-6 * (1.0 + np.abs(query).max(axis=1)))
+    same = (reference[neighbours[near]] == query[near, None, :]).all(axis=(1, 2))
+    tied = np.zeros(len(query), dtype=bool)
+    tied[near[same]] = True
+    return tied
+
+
+def _shares_at_points(reference: np.ndarray, codes: np.ndarray, points: np.ndarray, n_labels: int) -> np.ndarray:
+    """Each label's share (points × labels) among the ``reference`` cells (with label ``codes``) that lie exactly at
+    each of ``points``."""
+    counts = np.zeros((len(points), n_labels))
+    candidates = np.flatnonzero(np.isin(reference[:, 0], points[:, 0]))  # (one coordinate first: a cheap pass)
+    for row, point in enumerate(points):
+        members = candidates[(reference[candidates] == point).all(axis=1)]
+        counts[row] = np.bincount(codes[members], minlength=n_labels)
     return counts / counts.sum(axis=1, keepdims=True)
 
 

@@ -614,6 +614,16 @@ def test_reference_cells_tied_at_a_query_cells_point_all_vote_whatever_their_ord
         assert result.obs["cell_type_predicted"].iloc[0] == "A"
         np.testing.assert_allclose(result.obs["cell_type_uncertainty"].iloc[0], 1 / 3, rtol=1e-6)
         np.testing.assert_allclose(result.obsm["cell_type_vote_shares"][0], [2 / 3, 1 / 3, 0.0], rtol=1e-6)
+    # above 15 dimensions scikit-learn's brute-force search gives identical points a distance of about 1e-7
+    points = (rng.normal(size=(100, 30)) * 2).astype(np.float32)
+    reference = ad.AnnData(
+        obs=pd.DataFrame({"cell_type": np.tile(["A"] * 20 + ["B"] * 10, 100)}, index=[f"r{i}" for i in range(3000)])
+    )
+    reference.obsm["X_cellvae"] = np.repeat(points, 30, axis=0)
+    query = ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(100)]), obsm={"X_cellvae": points})
+    for order in (np.arange(3000), rng.permutation(3000)):
+        result = cellvae.tl.transfer_labels(reference[order], query, "cell_type", k=15, copy=True)
+        np.testing.assert_allclose(result.obs["cell_type_uncertainty"], 1 / 3, rtol=1e-6)
 
 
 def test_transfer_labels_soft_gives_each_labels_vote_share_as_scanvis_soft_predictions(tmp_path):
