@@ -915,7 +915,7 @@ def _check_batches_read_as_recorded(adata, path: str, uns_key: str, batch_key: s
     columns = adata.obs.columns
     if isinstance(read_from, str) and read_from != batch_key and read_from in columns and batch_key in columns:
         mapped_by = params.get("query_model_dir")  # (map's record: its batches are the query model's)
-        other_model = isinstance(mapped_by, str) and mapped_by != _recorded_path(model_dir)
+        other_model = isinstance(mapped_by, str) and os.path.realpath(mapped_by) != os.path.realpath(model_dir)
         by = f" with the query model that mapped them (--model-dir {shlex.quote(mapped_by)})" if other_model else ""
         raise SystemExit(
             f"error: {path} records (in uns[{uns_key!r}]['params']) that its cells' batches were read from "

@@ -1996,7 +1996,7 @@ def _fits_int16(counts: np.ndarray) -> bool:
 def check_positive_int(value, name: str) -> None:
     """Refuse what is not a whole number of at least 1 (a bool, a float like 128.0)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        default = " (leave it out for the default; scvi-tools' None)" if value is None else ""
+        default = " (leave it out for the default; scvi-tools' None)" if value is None and name == "batch_size" else ""
         raise ValueError(f"{name} must be a positive integer{default}, got {value!r}")
 
 

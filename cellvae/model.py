@@ -1561,13 +1561,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         model._folders[path.resolve()] = _file_identity(path / ADATA_FILE)
         model.module.load_state_dict(state)
         history_file = path / HISTORY_FILE
-        if history_file.is_file():
+        if not history_file.is_file():  # (pl.history says why it has none)
+            model.history.attrs["history_unread"] = True
+        else:
             try:
                 records = json.loads(history_file.read_text())
                 if not isinstance(records, list) or not all(isinstance(row, dict) for row in records):
                     raise ValueError("it holds no list of per-epoch records")
                 model.history = pd.DataFrame(records)
             except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:  # the weights are whole: load them
+                model.history.attrs["history_unread"] = True
                 data.warn_user(
                     f"{history_file} is not a readable training history ({error}); the model is loaded without it "
                     "(model.history is empty)",

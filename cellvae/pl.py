@@ -65,10 +65,10 @@ def history(
     target = _save_target(save, "history")
     frame = model.history
     if frame.empty:
-        if model.config.reference_categories:
-            reason = "map_query had nothing to train (every batch and covariate category of the query is the reference's)"
-        elif model.is_trained:  # (load without the folder's history.json, or with one it could not read)
+        if frame.attrs.get("history_unread"):  # (load found the folder's history.json missing or unreadable)
             reason = "it was loaded from a folder without a readable history.json; fit it again to plot one"
+        elif model.config.reference_categories:
+            reason = "map_query had nothing to train (every batch and covariate category of the query is the reference's)"
         else:
             reason = "call model.fit() first"
         raise ValueError(f"the model has no training history: {reason}")

@@ -903,6 +903,9 @@ def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference
         known.fit(progress=False)
     with pytest.raises(ValueError, match="no training history: map_query had nothing to train"):
         cellvae.pl.history(known, show=False)
+    (tmp_path / "mapped" / "history.json").unlink()  # a query model that trained, loaded without its history
+    with pytest.raises(ValueError, match="no training history: it was loaded from a folder without a readable history"):
+        cellvae.pl.history(CellVAE.load(tmp_path / "mapped"), show=False)
 
 
 def test_map_query_adds_new_categories_of_a_categorical_covariate(three_batches):

@@ -1466,8 +1466,11 @@ def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folde
         mapped = [*mapping, "--out", str(tmp_path / "mapped.h5ad"), "--query-model-dir", str(tmp_path / "qm"), "--quiet"]
         assert main(mapped) == 0
     again = ["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "re.h5ad")]
-    with pytest.raises(SystemExit, match=r"read from obs\['sample'\].*pass --batch-key sample to read them as before"):
+    with pytest.raises(SystemExit, match=r"read from obs\['sample'\].*pass --batch-key sample to read them as before, or"):
         main(again)
+    (tmp_path / "link").symlink_to(tmp_path / "qm")  # the query model by another path: not told to use it
+    with pytest.raises(SystemExit, match=r"pass --batch-key sample to read them as before, or"):
+        main(["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "link"), "--out", str(tmp_path / "re.h5ad")])
     with pytest.raises(SystemExit, match=r"pass --batch-key sample to read them as before with the query model that mapped"):
         main(["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", model_dir, "--out", str(tmp_path / "r.h5ad")])
     mapped = ad.read_h5ad(tmp_path / "mapped.h5ad")  # without the model's column, the missing column is told

@@ -1416,6 +1416,8 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         ValueError, match=r"batch_size must be a positive integer \(leave it out for the default; scvi-tools' None\)"
     ):
         model.get_latent(batch_size=None)
+    with pytest.raises(ValueError, match=r"n_cells must be a positive integer, got None$"):  # (no default: no advice)
+        model.generate(None)
     reads = []
     monkeypatch.setattr(cellvae.model, "train", lambda *args, **kwargs: reads.append(1))
     with pytest.raises(TypeError, match=r"CellVAE.fit\(\) got .* 'train_size', scvi-tools' name: use validation_size="):
