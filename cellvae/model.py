@@ -2367,7 +2367,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """``batch=`` of the decoding methods as ``n`` names, each a batch of the model."""
         if batch is not None and not self.config.batch_key:
             raise ValueError("batch=... was given, but this model was trained without batch_key, so it has no batches")
-        names = _per_row(batch, n, "batch").astype(str)
+        codes, given = pd.factorize(pd.Series(_per_row(batch, n, "batch"), dtype=object), use_na_sentinel=False)
+        names = np.array([_as_batch_name(value, self.config.batch_categories) for value in given], dtype=object)[codes]
+        names = names.astype(str)
         unknown = sorted(set(names.tolist()) - set(self.config.batch_categories))
         if unknown:
             raise ValueError(
@@ -2493,8 +2495,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"{name} needs a model trained with batch_key")
         # Batch names are stored as strings (an integer column's 1016 is "1016"), as obs[batch_key].astype(str).
         scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
+        given = [transform_batch] if scalar else list(transform_batch)
         # None in a list: the cell's own batch, as in scvi-tools
-        names = [None if name is None else str(name) for name in ([transform_batch] if scalar else list(transform_batch))]
+        names = [None if name is None else _as_batch_name(name, self.config.batch_categories) for name in given]
         unknown = [n for n in names if n is not None and n not in self.config.batch_categories]
         if unknown or not names:
             raise ValueError(f"{name} {unknown or names} not among the model's batches {self.config.batch_categories}")
@@ -2575,6 +2578,28 @@ def _row_codes(asked: list[pd.Series], held: list[pd.Series]) -> tuple[np.ndarra
         codes, uniques = pd.factorize(text)
         combined = combined * (len(uniques) + 1) + codes
     return combined[:n_asked], combined[n_asked:]
+
+
+def _as_batch_name(value, batches: list[str]) -> str:
+    """A batch given by the user as the model names it: its text, or the one batch that is the same number (1 for
+    a float column's "1.0", 1.0 for an integer column's "1"), as differential expression and latent_shift match
+    groups."""
+    text = str(value)
+    if text in batches or isinstance(value, (bool, np.bool_)):
+        return text
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return text
+    same = [name for name in batches if _number_or_none(name) == number]
+    return same[0] if len(same) == 1 else text
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _per_row(value, n: int, name: str) -> np.ndarray:

@@ -502,3 +502,24 @@ def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_targ
     as_ctrl = model.decode(shifted.obsm["z"], covariates={"condition": "ctrl"})
     np.testing.assert_allclose(shifted.X, as_stim, rtol=1e-5, atol=1e-6)
     assert not np.allclose(shifted.X, as_ctrl, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_a_numeric_column_is_found_by_its_number_as_differential_expression_finds_groups():
+    """A float batch column's batches are named "1.0" and "2.0": batch=1 was refused by decode, generate and
+    transform_batch, while latent_shift and differential_expression found 1 as 1.0."""
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, n_batches=2, random_state=0)
+    adata.obs["run"] = np.where(adata.obs["batch"] == "batch0", 1.0, 2.0)
+    model = CellVAE(adata, batch_key="run", n_hidden=16, n_latent=4).fit(max_epochs=1, progress=False)
+    assert model.config.batch_categories == ["1.0", "2.0"]
+    z = model.get_latent()[:5]
+    np.testing.assert_array_equal(model.decode(z, batch=1), model.decode(z, batch="1.0"))
+    np.testing.assert_array_equal(
+        model.decode(z, batch=[1, 2.0, "2", 1, 1]), model.decode(z, batch=["1.0", "2.0", "2.0", "1.0", "1.0"])
+    )
+    generated = model.generate(4, batch=2, random_state=0)
+    assert (generated.obs["run"] == 2.0).all()
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(transform_batch=1), model.get_normalized_expression(transform_batch="1.0")
+    )
+    with pytest.raises(ValueError, match=r"batch='3' is not a batch of this model; its batches are \['1.0', '2.0'\]"):
+        model.decode(z, batch=3)
