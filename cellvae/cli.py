@@ -703,7 +703,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if batch_key:
         given = args.batch_key is not None
         if not given:
-            _check_batches_read_as_recorded(adata, args.input, tl._uns_key(args.key_added), batch_key, args.model_dir)
+            _check_batches_read_as_recorded(adata, args.input, batch_key, args.model_dir)
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     stale = tl._stale_graph_message(adata, args.key_added)
@@ -904,24 +904,27 @@ def _check_obs_columns(
         raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of {model}; add them")
 
 
-def _check_batches_read_as_recorded(adata, path: str, uns_key: str, batch_key: str, model_dir: str) -> None:
-    """Refuse, before any work, to read the model's batch column where the input's record (``map --batch-key``'s or
-    ``embed --batch-key``'s) says its cells' batches were read from another column it has: that column's values,
-    e.g. a reference batch's name, would embed the cells otherwise than before without a word. (Without the model's
-    column, the check of the columns that follows names it.)"""
-    record = adata.uns.get(uns_key)
-    params = record.get("params") if isinstance(record, Mapping) else None
-    read_from = (params.get("query_batch_key") or params.get("input_batch_key")) if isinstance(params, Mapping) else None
+def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir: str) -> None:
+    """Refuse, before any work, to read the model's batch column where a record of the input (``map --batch-key``'s
+    or ``embed --batch-key``'s, under any key in ``uns``), made by a model reading that same batch key, says its
+    cells' batches were read from another column it has: the model's column's values, e.g. a reference batch's name,
+    would embed the cells otherwise than before without a word. (Without the model's column, the check of the
+    columns that follows names it.)"""
     columns = adata.obs.columns
-    if isinstance(read_from, str) and read_from != batch_key and read_from in columns and batch_key in columns:
-        mapped_by = params.get("query_model_dir")  # (map's record: its batches are the query model's)
-        other_model = isinstance(mapped_by, str) and os.path.realpath(mapped_by) != os.path.realpath(model_dir)
-        by = f" with the query model that mapped them (--model-dir {shlex.quote(mapped_by)})" if other_model else ""
-        raise SystemExit(
-            f"error: {path} records (in uns[{uns_key!r}]['params']) that its cells' batches were read from "
-            f"obs[{read_from!r}], not from the model's batch key {batch_key!r}: pass --batch-key {read_from} to read "
-            f"them as before{by}, or --batch-key {batch_key} to read obs[{batch_key!r}]"
-        )
+    for uns_key, record in adata.uns.items():
+        params = record.get("params") if isinstance(record, Mapping) else None
+        if not isinstance(params, Mapping) or params.get("batch_key") != batch_key:
+            continue  # (a record of a model with another batch key says nothing of this one's column)
+        read_from = params.get("query_batch_key") or params.get("input_batch_key")
+        if isinstance(read_from, str) and read_from != batch_key and read_from in columns and batch_key in columns:
+            mapped_by = params.get("query_model_dir")  # (map's record: its batches are the query model's)
+            other_model = isinstance(mapped_by, str) and os.path.realpath(mapped_by) != os.path.realpath(model_dir)
+            by = f" with the query model that mapped them (--model-dir {shlex.quote(mapped_by)})" if other_model else ""
+            raise SystemExit(
+                f"error: {path} records (in uns[{uns_key!r}]['params']) that its cells' batches were read from "
+                f"obs[{read_from!r}], not from the model's batch key {batch_key!r}: pass --batch-key {read_from} to "
+                f"read them as before{by}, or --batch-key {batch_key} to read obs[{batch_key!r}]"
+            )
 
 
 def _prefixed(batches, prefix: str):

@@ -1468,6 +1468,22 @@ def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folde
     again = ["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "re.h5ad")]
     with pytest.raises(SystemExit, match=r"read from obs\['sample'\].*pass --batch-key sample to read them as before, or"):
         main(again)
+    with pytest.raises(SystemExit, match=r"records \(in uns\['cellvae'\]\['params'\]\) that its cells' batches were read"):
+        main([*again, "--key-added", "X_again"])  # any record of the file, not only the one of the key written
+    by_sample = ["fit", str(tmp_path / "renamed.h5ad"), "--batch-key", "sample", "--epochs", "1", "--embedding-only", "--quiet"]
+    assert main([*by_sample, "--out", str(tmp_path / "s.h5ad"), "--model-dir", str(tmp_path / "sample_model")]) == 0
+    # a model of another batch key: map's record says nothing of its column (the file's batches are new to it)
+    with pytest.raises(SystemExit, match=r"obs\['sample'\] has categories unseen in training"):
+        main(
+            [
+                "embed",
+                str(tmp_path / "mapped.h5ad"),
+                "--model-dir",
+                str(tmp_path / "sample_model"),
+                "--out",
+                str(tmp_path / "x.h5ad"),
+            ]
+        )
     (tmp_path / "link").symlink_to(tmp_path / "qm")  # the query model by another path: not told to use it
     with pytest.raises(SystemExit, match=r"pass --batch-key sample to read them as before, or"):
         main(["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "link"), "--out", str(tmp_path / "re.h5ad")])
