@@ -642,7 +642,7 @@ def run_fit(args: argparse.Namespace) -> int:
     recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
     if args.checkpoint_dir is not None:
         recorded["checkpoint_dir"] = _recorded_path(args.checkpoint_dir)
-    if args.backed:  # (read from disk in blocks: the same model as in memory, but not the same minibatches)
+    if _streamed(args):  # (read from disk in blocks: the same model as in memory, but not the same minibatches)
         recorded["backed"] = True
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
     print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
@@ -699,6 +699,13 @@ def run_embed(args: argparse.Namespace) -> int:
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
     if args.batch_prefix and (args.batch_key or batch_key) in adata.obs.columns:  # (a missing column is told below)
         column = args.batch_key or batch_key
+        given = set(adata.obs[column].dropna().astype(str))
+        known = set(model.config.batch_categories)
+        if given <= known and not {args.batch_prefix + name for name in given} <= known:  # e.g. map's own output
+            raise SystemExit(
+                f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): "
+                "leave out --batch-prefix"
+            )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
         given = args.batch_key is not None
@@ -716,7 +723,7 @@ def run_embed(args: argparse.Namespace) -> int:
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
-    more |= {"batch_prefix": args.batch_prefix or None, "var_names": args.var_names, "backed": args.backed or None}
+    more |= {"batch_prefix": args.batch_prefix or None, "var_names": args.var_names, "backed": _streamed(args) or None}
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, stale, more)
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
@@ -821,7 +828,7 @@ def run_map(args: argparse.Namespace) -> int:
         "mapping_random_state": args.seed,
         "mapping_batch_size": args.batch_size,
         "var_names": args.var_names,
-        "backed": args.backed or None,
+        "backed": _streamed(args) or None,
     }
     if reference is not None:  # the vote's settings (None ones are left out of the record)
         record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}
@@ -1099,6 +1106,11 @@ def _record_embedding(
     _warn_if_graph_is_stale(stale)
 
 
+def _streamed(args: argparse.Namespace) -> bool:
+    """Whether the input's counts were streamed from disk: --backed, or a .zarr store (always streamed)."""
+    return bool(args.backed) or Path(args.input).is_dir()
+
+
 def _recorded_path(path: str | None) -> str | None:
     """A path as the output's record keeps it: absolute, so that it names the same place from another folder."""
     return None if path is None else os.path.abspath(path)
@@ -1128,7 +1140,7 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit("error: --out is the --reference file; give another path (the reference is never replaced)")
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
-    if Path(out).suffix.lower() == ".zarr":  # an .h5ad file under that name would not open as a Zarr store
+    if Path(out).suffix.lower() != ".h5ad":  # (under .zarr an .h5ad file would not open as a Zarr store)
         raise SystemExit(
             f"error: --out {out}: cellvae writes .h5ad files (it reads .zarr stores only); give a path ending in .h5ad"
         )

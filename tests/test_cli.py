@@ -301,7 +301,9 @@ def test_inputs_of_other_formats_are_told_how_to_convert_them_and_a_zarr_out_is_
     for command in (["embed", "--model-dir", str(tmp_path / "none")], ["fit", "--model-dir", str(tmp_path / "model")]):
         with pytest.raises(SystemExit, match=r"cellvae writes .h5ad files \(it reads .zarr stores only\)"):
             main([*command, str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.zarr")])
-    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "model").exists()
+        with pytest.raises(SystemExit, match=r"--out .*out.txt: cellvae writes .h5ad files"):  # (HDF5 under .txt)
+            main([*command, str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.txt")])
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "model").exists() and not (tmp_path / "out.txt").exists()
 
 
 def test_fit_names_the_option_of_an_obs_column_the_input_lacks(tmp_path):
@@ -427,6 +429,9 @@ def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
     data.write_zarr(tmp_path / "in.zarr")
     with pytest.raises(SystemExit, match="a .zarr store is always streamed"):
         main(["fit", str(tmp_path / "in.zarr"), "--backed", "--out", str(tmp_path / "z.h5ad"), "--model-dir", "m3"])
+    zarr_fit = ["fit", str(tmp_path / "in.zarr"), "--epochs", "1", "--quiet", "--embedding-only"]
+    assert main([*zarr_fit, "--out", str(tmp_path / "z.h5ad"), "--model-dir", str(tmp_path / "m3")]) == 0
+    assert ad.read_h5ad(tmp_path / "z.h5ad").uns["cellvae"]["params"]["backed"]  # (a store is streamed: recorded)
 
 
 def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
@@ -1356,6 +1361,9 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     # more cells of those batches, under their own names: embed puts the same prefix before them
     more = ["embed", str(tmp_path / "query.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--quiet"]
     assert main([*more, "--out", str(tmp_path / "more.h5ad"), "--batch-prefix", "query "]) == 0
+    with pytest.raises(SystemExit, match=r"out.h5ad's obs\['batch'\] holds the model's batches as they are .*leave out --batch"):
+        main(["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "twice.h5ad"),
+              "--batch-prefix", "query "])  # fmt: skip
     embedded = ad.read_h5ad(tmp_path / "more.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], mapped.obsm["X_cellvae"], atol=1e-5)
     assert list(embedded.obs["batch"].cat.categories) == ["query batch0"]
