@@ -756,6 +756,8 @@ def run_map(args: argparse.Namespace) -> int:
         )
     query, layer = _read_for_model(args.input, reference_model, args.layer, args.backed, var_names=args.var_names)
     batch_key = config.batch_key if args.batch_key is None else args.batch_key
+    if args.batch_key is None:  # (an earlier map's output, mapped from another column, mapped again)
+        _check_batches_read_as_recorded(query, args.input, batch_key)
     _check_obs_columns(query, args.input, batch_key, config, given=args.batch_key is not None)
     tl._check_record_is_its_own(query, args.key_added, tl._uns_key(args.key_added))
     if args.batch_prefix:
@@ -911,12 +913,13 @@ def _check_obs_columns(
         raise SystemExit(f"error: {path} lacks obs columns {missing}, covariates of {model}; add them")
 
 
-def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir: str) -> None:
+def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir: str | None = None) -> None:
     """Refuse, before any work, to read the model's batch column where a record of the input (``map --batch-key``'s
     or ``embed --batch-key``'s, under any key in ``uns``), made by a model reading that same batch key, says its
     cells' batches were read from another column it has: the model's column's values, e.g. a reference batch's name,
     would embed the cells otherwise than before without a word. (Without the model's column, the check of the
-    columns that follows names it.)"""
+    columns that follows names it.) ``model_dir``: embed's, whose advice names the query model that mapped the
+    cells where it is another; None for map, which maps them anew onto the reference."""
     columns = adata.obs.columns
     for uns_key, record in adata.uns.items():
         params = record.get("params") if isinstance(record, Mapping) else None
@@ -925,7 +928,8 @@ def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir:
         read_from = params.get("query_batch_key") or params.get("input_batch_key")
         if isinstance(read_from, str) and read_from != batch_key and read_from in columns and batch_key in columns:
             mapped_by = params.get("query_model_dir")  # (map's record: its batches are the query model's)
-            other_model = isinstance(mapped_by, str) and os.path.realpath(mapped_by) != os.path.realpath(model_dir)
+            other_model = model_dir is not None and isinstance(mapped_by, str)
+            other_model = other_model and os.path.realpath(mapped_by) != os.path.realpath(model_dir)
             by = f" with the query model that mapped them (--model-dir {shlex.quote(mapped_by)})" if other_model else ""
             raise SystemExit(
                 f"error: {path} records (in uns[{uns_key!r}]['params']) that its cells' batches were read from "
@@ -1140,13 +1144,13 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit("error: --out is the --reference file; give another path (the reference is never replaced)")
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
+    # --out inside a model or checkpoint folder first: the advice below (create the folder, --overwrite) would not help
+    folders = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in OUTPUT_FOLDER_OPTIONS}
+    _check_out_is_outside(out, {option: path for option, path in folders.items() if path is not None})
     if Path(out).suffix.lower() != ".h5ad":  # (under .zarr an .h5ad file would not open as a Zarr store)
         raise SystemExit(
             f"error: --out {out}: cellvae writes .h5ad files (it reads .zarr stores only); give a path ending in .h5ad"
         )
-    # --out inside a model or checkpoint folder first: the advice below (create the folder, --overwrite) would not help
-    folders = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in OUTPUT_FOLDER_OPTIONS}
-    _check_out_is_outside(out, {option: path for option, path in folders.items() if path is not None})
     folder = Path(out).resolve().parent
     blocked = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
     if blocked is not None:  # (no folder can be made there)

@@ -1492,6 +1492,8 @@ def test_embed_reads_the_batches_from_the_column_batch_key_names(reference_folde
                 str(tmp_path / "x.h5ad"),
             ]
         )
+    with pytest.raises(SystemExit, match=r"read from obs\['sample'\].*pass --batch-key sample to read them as before, or"):
+        main(["map", str(tmp_path / "mapped.h5ad"), "--model-dir", model_dir, "--out", str(tmp_path / "remapped.h5ad")])
     (tmp_path / "link").symlink_to(tmp_path / "qm")  # the query model by another path: not told to use it
     with pytest.raises(SystemExit, match=r"pass --batch-key sample to read them as before, or"):
         main(["embed", str(tmp_path / "mapped.h5ad"), "--model-dir", str(tmp_path / "link"), "--out", str(tmp_path / "re.h5ad")])
