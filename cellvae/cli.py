@@ -1134,7 +1134,8 @@ OUTPUT_FOLDER_OPTIONS = ("model_dir", "query_model_dir", "checkpoint_dir")  # fo
 def _check_input_and_output(args: argparse.Namespace) -> None:
     """Fail before any work, not after training, on --backed misuse, a bad --key-added or an --out that
     cannot (or may not) be written."""
-    if args.backed and Path(args.input).is_dir():
+    read = [args.input, *([args.reference] if getattr(args, "reference", None) else [])]  # (map's --reference too)
+    if args.backed and all(Path(path).is_dir() for path in read):  # (it streams whichever of them is an .h5ad)
         raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
     out = args.out
     if Path(out).resolve() == Path(args.input).resolve():

@@ -1281,6 +1281,13 @@ def test_map_without_labels_reads_the_query_batches_and_counts_where_it_is_told(
     mapped = ad.read_h5ad(tmp_path / "out.h5ad")
     assert mapped.obsm["X_ft"].shape == (query.n_obs, 10) and mapped.uns["X_ft"]["params"]["train_input_layer"]
     assert mapped.obs["cell_type_predicted"].notna().all()
+    # a .zarr query (always streamed) with --backed for the .h5ad reference
+    query.write_zarr(tmp_path / "query.zarr")
+    streamed = ["map", str(tmp_path / "query.zarr"), *command[2:], *labels[:4], "--backed", "--out", str(tmp_path / "z.h5ad")]
+    assert main(streamed) == 0
+    assert ad.read_h5ad(tmp_path / "z.h5ad").obs["cell_type_predicted"].notna().all()
+    with pytest.raises(SystemExit, match="--backed is for .h5ad files; a .zarr store is always streamed"):
+        main(["map", str(tmp_path / "query.zarr"), *command[2:], "--backed", "--out", str(tmp_path / "z2.h5ad")])
 
 
 def test_an_input_inside_the_model_folder_that_overwrite_replaces_is_refused_not_removed(reference_folder, tmp_path):
