@@ -146,7 +146,9 @@ SCVI_TOOLS_ARGUMENTS = {
         ("n_draws", "use n_draws=, the posterior draws per group"),
     ],
     "return_mean": [("transform_batch", POSTERIOR_MEAN)],
-    "n_epochs_kl_warmup": [("fit", "give the KL warm-up, in epochs, to the model: CellVAE(adata, kl_warmup=...)")],
+    "n_epochs_kl_warmup": [
+        ("fit", "give the KL warm-up, in epochs, to the model: CellVAE(adata, kl_warmup=...), tl.embed(adata, kl_warmup=...)")
+    ],
     "deeply_inject_covariates": [
         (
             "__init__",

@@ -35,6 +35,7 @@ from cellvae.data import (
 )
 from cellvae.differential import group_name, shrunk_fold_changes_told_as
 from cellvae.model import (
+    SCVI_TOOLS_ARGUMENTS,
     CellVAE,
     _check_flag,
     _check_is_anndata,
@@ -47,10 +48,11 @@ from cellvae.train import bars_labelled, pick_device, setup_distributed
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
+MODEL_OPTIONS = frozenset(inspect.signature(CellVAE.__init__).parameters) - {"self"}
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
 
 
-def _check_model_kwargs(model_kwargs: dict) -> None:
+def _check_model_kwargs(model_kwargs: dict, tool: str) -> None:
     """Refuse fit's options among a tool's CellVAE arguments, saying to pass them in ``fit_kwargs``, and a dict of
     them as scvi-tools users give one (``model_kwargs={...}``)."""
     if "model_kwargs" in model_kwargs:
@@ -58,6 +60,14 @@ def _check_model_kwargs(model_kwargs: dict) -> None:
             "pass the model's settings as keywords of their own, e.g. n_latent=20, likelihood='zinb', "
             "not as model_kwargs={...} (fit's go in fit_kwargs={...})"
         )
+    fit_names = FIT_OPTIONS | {"fit"}
+    for name in sorted(model_kwargs.keys() - MODEL_OPTIONS):  # scvi-tools' names of fit options (train_size, ...)
+        advice = next((advice for needs, advice in SCVI_TOOLS_ARGUMENTS.get(name, []) if needs in fit_names), "")
+        if advice:
+            raise TypeError(
+                f"{tool}() got an unexpected keyword argument {name!r}, scvi-tools' name for an option of training: {advice} "
+                "(CellVAE.fit's options go in fit_kwargs={...})"
+            )
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
         example = ", ".join(f"{name!r}: ..." for name in misplaced)
@@ -92,7 +102,7 @@ def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, f
     _check_is_anndata(adata)
     _check_fit_kwargs(fit_kwargs)
     key_added = _key(key_added, "X_cellvae")
-    _check_model_kwargs(model_kwargs)
+    _check_model_kwargs(model_kwargs, "embed")
     if "copy" in model_kwargs or "inplace" in model_kwargs:
         raise TypeError(
             "tl.embed writes into adata in place and returns the model; to keep adata as it is, pass adata.copy() "
@@ -922,7 +932,7 @@ def rate_distortion_sweep(
     _check_is_anndata(adata)
     if "beta" in model_kwargs:
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
-    _check_model_kwargs(model_kwargs)
+    _check_model_kwargs(model_kwargs, "rate_distortion_sweep")
     if isinstance(betas, (int, float, np.number)):
         raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
     if not isinstance(betas, (str, bytes)):  # a generator or map is read once, here
