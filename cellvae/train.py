@@ -662,7 +662,9 @@ def _recover(
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-CHECKPOINT_VERSION = 2  # 2: the run's identity includes each cell's batch and covariates
+# 2: the run's identity includes each cell's batch and covariates; 3: the validation loss (best_loss, history) charges
+# each dimension's KL floored at free_bits, as training does (version 2 is read where free_bits is 0: the same loss)
+CHECKPOINT_VERSION = 3
 
 
 def describe_run(
@@ -760,8 +762,14 @@ def read_checkpoint(
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as error:
         raise ValueError(f"{path} is not a readable cellvae checkpoint ({error}); {advice}") from error
-    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
-        found = meta.get("version") if isinstance(meta, dict) else None
+    found = meta.get("version") if isinstance(meta, dict) else None
+    if found == 2 and vae.config.free_bits > 0:
+        raise ValueError(
+            f"{path} was written by an earlier cellvae (checkpoint version 2), whose validation loss did not floor "
+            f"each dimension's KL at free_bits={vae.config.free_bits:g} as training does: its best epoch cannot be "
+            f"compared with the epochs still to come; {advice}"
+        )
+    if found not in (2, CHECKPOINT_VERSION):
         raise ValueError(f"{path} has checkpoint version {found!r}; this cellvae reads version {CHECKPOINT_VERSION}: {advice}")
     damaged = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(meta.get(k), kind)]
     if not damaged:  # the loop's counts agree (a hand-edited epoch of -5 trained 15 epochs for max_epochs=8)

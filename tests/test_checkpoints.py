@@ -228,7 +228,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 99})
     save_file(tensors, tmp_path / CHECKPOINT, metadata=meta)
-    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 2: .*or name another checkpoint_dir"):
+    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 3: .*or name another checkpoint_dir"):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
     # well-framed files with a damaged part: told as damaged, never a bare KeyError or TypeError
     fields = json.loads(meta["cellvae_checkpoint"]) | {"version": 2}
@@ -254,6 +254,45 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     save_file(tensors, tmp_path / CHECKPOINT, metadata={"cellvae_checkpoint": "[" * 100_000 + "]" * 100_000})
     with pytest.raises(ValueError, match="not a readable cellvae checkpoint"):  # (a bare RecursionError before)
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def _as_version_2(path):
+    """Rewrite the checkpoint at ``path`` as an earlier cellvae wrote it (version 2, the same fields)."""
+    with safe_open(path, "pt") as handle:
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 2})
+    save_file(tensors, path, metadata=meta)
+
+
+def test_checkpoint_of_an_earlier_cellvae_resumes_unless_its_validation_loss_ignored_free_bits(tmp_path, monkeypatch):
+    """Version 2 checkpoints' validation losses did not floor the KL at free_bits: with free_bits > 0 their best
+    epoch would be compared with epochs charged otherwise, so they are refused; without free bits they resume."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    fit = {"max_epochs": 4, "progress": False, "checkpoint_dir": tmp_path}
+    whole = CellVAE(adata, n_hidden=8).fit(max_epochs=4, progress=False)
+    check, calls = cellvae.train.AgreedInterrupt.check, []
+
+    def ctrl_c_at_the_fifth_check(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return check(self)
+
+    with monkeypatch.context() as patched, pytest.warns(RuntimeWarning, match="training interrupted"):
+        patched.setattr(cellvae.train.AgreedInterrupt, "check", ctrl_c_at_the_fifth_check)
+        CellVAE(adata, n_hidden=8).fit(**fit)
+    _as_version_2(tmp_path / CHECKPOINT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "no checkpoint ... starting from scratch"
+        resumed = CellVAE(adata, n_hidden=8).fit(**fit, resume=True)
+    assert_same_parameters(resumed, whole)
+    (tmp_path / CHECKPOINT).unlink()
+    CellVAE(adata, n_hidden=8, free_bits=0.5).fit(**fit)
+    _as_version_2(tmp_path / CHECKPOINT)
+    with pytest.raises(
+        ValueError, match=r"checkpoint version 2.*did not floor .* free_bits=0.5 .*or name another checkpoint_dir"
+    ):
+        CellVAE(adata, n_hidden=8, free_bits=0.5).fit(**fit, resume=True)
 
 
 def test_ctrl_c_while_a_new_best_epoch_is_kept_returns_the_previous_best_whole(monkeypatch):
