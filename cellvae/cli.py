@@ -832,6 +832,7 @@ def run_map(args: argparse.Namespace) -> int:
         "var_names": args.var_names,
         "backed": _streamed(args) or None,
     }
+    record |= {f"mapping_{name}": value for name, value in tl._where_trained(query_model).items()}
     if reference is not None:  # the vote's settings (None ones are left out of the record)
         record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}
         record |= {"unlabeled_category": args.unlabeled_category, "soft": args.soft or None}

@@ -96,6 +96,15 @@ SCANPY_EMBEDDINGS = {
 }
 
 
+def _where_trained(model: CellVAE) -> dict:
+    """The device ``model`` trained on and, on a CPU, torch's thread count: with the seed, what makes its training
+    bitwise reproducible (for the record of an embedding)."""
+    record = {"device": str(model.device)}
+    if model.device.type == "cpu":
+        record["torch_threads"] = torch.get_num_threads()
+    return record
+
+
 def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, fit_kwargs: dict | None) -> tuple[str, str]:
     """:func:`embed`'s checks of its arguments and of the keys it will write, before any work (also run by every
     data-parallel rank of ``cellvae fit``, where only rank 0 embeds); returns ``key_added`` and the ``uns`` key."""
@@ -329,9 +338,7 @@ def embed(
             value = list(value)
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
-    params["device"] = str(model.device)  # where it trained (not "auto")
-    if model.device.type == "cpu":  # bitwise reproducible with the same seed and thread count
-        params["torch_threads"] = torch.get_num_threads()
+    params |= _where_trained(model)  # the device itself (not "auto")
     stale = _stale_graph_message(adata, key_added)  # (before the earlier embedding is replaced)
     make_view_own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+import torch
 import zarr
 
 import cellvae
@@ -1089,6 +1090,8 @@ def test_embed_and_map_read_gene_names_from_the_var_column_var_names_names(fitte
     recorded = ad.read_h5ad(tmp_path / "m1.h5ad").uns["cellvae"]["params"]  # what reproduces the mapping
     assert recorded["var_names"] == "feature_name" and recorded["mapping_random_state"] == 4
     assert recorded["mapping_batch_size"] == 64 and "backed" not in recorded
+    # where it trained: with the seed, what bitwise reproducibility needs
+    assert recorded["mapping_device"] == "cpu" and recorded["mapping_torch_threads"] == torch.get_num_threads()
     assert (
         main(
             [
