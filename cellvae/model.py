@@ -2389,6 +2389,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _decoded(self, z: np.ndarray, frame: pd.DataFrame, library: np.ndarray, batch_size: int):
         """(row slice, p(x|z)) for chunks of latent codes decoded with the covariates in ``frame``."""
+        self._check_float32()
         covariates = data.covariate_matrix(frame, self.layout, "covariates")
         codes = covariates.batch_codes
         with torch.no_grad(), diagnostics.evaluation(self.module, 0):
@@ -2434,6 +2435,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ helpers
 
+    def _check_float32(self) -> None:
+        """Refuse a module cast to another float type (``model.module.double()`` or ``.half()``): cellvae's counts,
+        covariates and losses are float32 (torch's own error named two dtypes and no way back)."""
+        cast = sorted({str(p.dtype).removeprefix("torch.") for p in self.module.parameters() if p.dtype != torch.float32})
+        if cast:
+            raise TypeError(
+                f"model.module's parameters are {', '.join(cast)} (cast, e.g. by .double() or .half()), but cellvae "
+                "computes in float32: call model.module.float() first (fit(precision='bfloat16') trains its "
+                "matrix multiplies in bfloat16 with float32 weights)"
+            )
+
     def _warn_if_untrained(self) -> None:
         if not self.is_trained:
             data.warn_user(
@@ -2457,6 +2469,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         sums only its part of a backed matrix.
         """
         _check_anndata(adata)
+        self._check_float32()
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
         # model genes the data lacks are read as zero counts, as in map_query

@@ -995,6 +995,20 @@ def test_a_model_cast_to_another_float_type_saves_float32_weights_that_load(trai
         torch.testing.assert_close(value, expected[name] if value.is_floating_point() else value, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cast", ["double", "half"])
+def test_a_model_cast_to_another_float_type_is_told_to_cast_back_before_any_output(trained, cast):
+    """torch's own error ("mat1 and mat2 must have the same dtype") named no way back; .float() is one."""
+    model = copy.deepcopy(trained)
+    getattr(model.module, cast)()
+    dtype = {"double": "float64", "half": "float16"}[cast]
+    told = rf"model.module's parameters are {dtype} \(cast, e.g. by .double\(\) or .half\(\)\).*model.module.float\(\)"
+    for output in (model.get_latent, model.get_normalized_expression, lambda: model.generate(5), model.fit):
+        with pytest.raises(TypeError, match=told):
+            output()
+    model.module.float()  # (the half cast rounded the weights)
+    np.testing.assert_allclose(model.get_latent(), trained.get_latent(), atol=1e-6 if cast == "double" else 1e-2)
+
+
 @pytest.mark.parametrize("field", ["layer", "batch_key", "n_hidden", "gene_names", "cellvae_version"])
 def test_a_config_without_a_field_save_always_writes_is_refused(saved, field):
     """A default in its place would, e.g., read counts from X instead of the layer the model was trained on."""
