@@ -278,7 +278,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The torch network (:class:`cellvae.module.VAE`).
     history
         One row per epoch of the last :meth:`fit`: train and validation loss, distortion, rate and ELBO
-        (the ELBO itself, negative; scvi-tools' ``elbo_train`` is the negative ELBO).
+        (the ELBO itself, negative; scvi-tools' ``elbo_train`` is the negative ELBO). ``kl_weight`` is the KL's
+        weight at the epoch's last step: ``train_loss`` averages the epoch's steps, whose weight rises during the
+        warm-up, while ``validation_loss`` charges the full ``beta``.
     is_trained
         Whether :meth:`fit` (or :meth:`map_query`) has trained it.
     train_indices, validation_indices
