@@ -43,7 +43,7 @@ from cellvae.model import (
     _check_seed,
     _library_sizes,
 )
-from cellvae.train import bars_labelled, pick_device, setup_distributed
+from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, setup_distributed
 
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
@@ -103,6 +103,16 @@ def _where_trained(model: CellVAE) -> dict:
     if model.device.type == "cpu":
         record["torch_threads"] = torch.get_num_threads()
     return record
+
+
+def _diverged_advice(fit_kwargs: dict | None) -> str:
+    """What to do where fit's training diverged and was undone (fit's RuntimeWarning gives the losses)."""
+    lr = (fit_kwargs or {}).get("lr", DEFAULT_LR)
+    smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
+    return (
+        "training diverged and was undone (the warning above gives the losses), most likely from too large a learning "
+        f"rate (lr={lr:g}): run it again with a smaller one, e.g. fit_kwargs={{'lr': {smaller:g}}}"
+    )
 
 
 def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, fit_kwargs: dict | None) -> tuple[str, str]:
@@ -301,13 +311,16 @@ def embed(
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
     each embedding keeps its own record): the arguments given, ``max_epochs`` (the number picked where None), the
     epochs trained and the epoch kept (``best_epoch``; the last one: still improving), the device it trained on
-    and, on a CPU, ``torch_threads`` (bitwise reproducibility needs the same count).
+    and, on a CPU, ``torch_threads`` (bitwise reproducibility needs the same count). Training that diverged (undone by
+    :meth:`~cellvae.CellVAE.fit`, with a warning) raises a ``RuntimeError`` and writes nothing.
     """
     key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
     random_state = _check_seed(random_state)  # before the counts are read and checked
     genes = _genes_to_train(adata, mask_var)
     model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+    if not model.is_trained:  # training diverged and fit gave the model back untrained: nothing to embed with
+        raise RuntimeError(f"tl.embed: {_diverged_advice(fit_kwargs)}; nothing was written into adata")
     # embedded on the device it trained on (under torchrun, this process's own GPU, chosen by fit)
     model.to_device(setup_distributed(pick_device((fit_kwargs or {}).get("device", "auto"))))
     latent = model.get_latent(progress=progress)
@@ -986,11 +999,15 @@ def rate_distortion_sweep(
             model.config = replace(model.config, beta=beta, kl_warmup=warmup)
         else:
             model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
+        history_before = model.history
         try:
             with bars_labelled(f"beta={beta:g}"):  # (each beta's bars say which they are)
                 model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
                 if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
                     raise KeyboardInterrupt
+                if model.history is history_before:  # fit undid training that diverged: the model is as before
+                    warn_user(f"beta={beta:g} left out of the sweep: {_diverged_advice(fit_kwargs)}", RuntimeWarning)
+                    continue
                 row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
                 if labels_key is not None:
                     row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
@@ -1002,6 +1019,8 @@ def rate_distortion_sweep(
             break
         rows.append(row)
         elbos.append(per_cell_elbo)
+    if not rows:
+        raise RuntimeError(f"rate_distortion_sweep: no beta trained; {_diverged_advice(fit_kwargs)}")
     frame = pd.DataFrame(rows)
     elbos = np.stack(elbos)
     n_cells = elbos.shape[1]

@@ -1677,10 +1677,24 @@ def test_training_settings_that_undo_training_are_told():
     assert "lr=1)" in message and "as it was before this fit (untrained): fit it again with a smaller one" in message
     assert message.endswith("model.fit(lr=0.001), the default") and diverged[0].category is RuntimeWarning
     assert not model.is_trained and model.history.empty  # undone: following the advice on this model works
-    embedded = adata.copy()  # tl.embed records what it can of an undone fit (it raised AttributeError on max_epochs)
+    # the tools refuse to go on with an undone fit: tl.embed wrote an untrained model's embedding over the earlier one
+    embedded = adata.copy()
+    embedded.obsm["X_cellvae"] = np.ones((adata.n_obs, 10), dtype=np.float32)
+    before = embedded.copy()
+    advice = r"training diverged and was undone .*\(lr=1\): run it again with a smaller one, e.g. fit_kwargs=\{'lr': 0.001\}"
     with pytest.warns(RuntimeWarning, match="training made the model worse"):
-        cellvae.tl.embed(embedded, max_epochs=10, progress=False, n_hidden=64, fit_kwargs={"lr": 1.0})
-    assert embedded.uns["cellvae"]["params"]["epochs_trained"] == 0 and "max_epochs" not in embedded.uns["cellvae"]["params"]
+        with pytest.raises(RuntimeError, match=rf"tl.embed: {advice}; nothing was written into adata"):
+            cellvae.tl.embed(embedded, max_epochs=10, progress=False, n_hidden=64, fit_kwargs={"lr": 1.0})
+    assert_unchanged(before, embedded)
+    with warnings.catch_warnings(record=True) as told:  # each beta left out is named (no rows of untrained models)
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match=rf"rate_distortion_sweep: no beta trained; {advice}"):
+            cellvae.tl.rate_distortion_sweep(adata, betas=(1, 2), max_epochs=10, progress=False, fit_kwargs={"lr": 1.0})
+    assert [str(w.message)[:32] for w in told if "left out" in str(w.message)] == [
+        "beta=1 left out of the sweep: tr",
+        "beta=2 left out of the sweep: tr",
+    ]
+    assert not any("not trained" in str(w.message) for w in told)
     untrained = CellVAE(adata, n_hidden=64)
     before = {k: v.clone() for k, v in untrained.module.state_dict().items()}
     with pytest.warns(RuntimeWarning, match="training made the model worse"):
