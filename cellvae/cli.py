@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
         # bad input found by cellvae, anndata, h5py or the file system, training that failed (non-finite
         # losses, out of memory): its message, not a traceback
-        if isinstance(error, RuntimeError) and type(error).__name__ != "OutOfMemoryError":
+        if isinstance(error, RuntimeError) and type(error).__name__ not in ("OutOfMemoryError", "TrainingDivergedError"):
             raise
         raise SystemExit(f"error: {in_command_line_terms(_message_of(error), args)}") from error
 
@@ -95,6 +95,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     """An error's or warning's advice, given in Python's terms, with the command line's options (``args``: the
     command's, whose input file a fix in Python reads)."""
     message = message.replace("pass overwrite=True", "pass --overwrite")
+    message = message.replace("nothing was written into adata", "nothing was written (neither --out nor the model)")
+    message = re.sub(  # the command line has no --lr
+        r"run it again with a smaller one, e.g. fit_kwargs=\{'lr': ([^}]+)\}",
+        r"the command line has no --lr: train in Python, cellvae.tl.embed(adata, fit_kwargs={'lr': \1}, ...)",
+        message,
+    )
     message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
     message = message.replace("fit(..., resume=True) continues", "--resume continues")
     message = message.replace("model.history numbers epochs from 0", "epochs numbered from 0")

@@ -105,6 +105,10 @@ def _where_trained(model: CellVAE) -> dict:
     return record
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training diverged and :meth:`~cellvae.CellVAE.fit` undid it: a tool has no trained model to go on with."""
+
+
 def _diverged_advice(fit_kwargs: dict | None) -> str:
     """What to do where fit's training diverged and was undone (fit's RuntimeWarning gives the losses)."""
     lr = (fit_kwargs or {}).get("lr", DEFAULT_LR)
@@ -320,7 +324,7 @@ def embed(
     model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     if not model.is_trained:  # training diverged and fit gave the model back untrained: nothing to embed with
-        raise RuntimeError(f"tl.embed: {_diverged_advice(fit_kwargs)}; nothing was written into adata")
+        raise TrainingDivergedError(f"tl.embed: {_diverged_advice(fit_kwargs)}; nothing was written into adata")
     # embedded on the device it trained on (under torchrun, this process's own GPU, chosen by fit)
     model.to_device(setup_distributed(pick_device((fit_kwargs or {}).get("device", "auto"))))
     latent = model.get_latent(progress=progress)
@@ -1020,7 +1024,7 @@ def rate_distortion_sweep(
         rows.append(row)
         elbos.append(per_cell_elbo)
     if not rows:
-        raise RuntimeError(f"rate_distortion_sweep: no beta trained; {_diverged_advice(fit_kwargs)}")
+        raise TrainingDivergedError(f"rate_distortion_sweep: no beta trained; {_diverged_advice(fit_kwargs)}")
     frame = pd.DataFrame(rows)
     elbos = np.stack(elbos)
     n_cells = elbos.shape[1]

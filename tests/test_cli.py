@@ -414,6 +414,17 @@ def test_fit_keeps_the_model_and_embedding_when_scanpys_steps_fail(tmp_path, mon
     assert cellvae.CellVAE.load(tmp_path / "model").is_trained
 
 
+def test_fit_whose_training_diverged_writes_nothing_and_says_so_in_one_line(tmp_path, monkeypatch):
+    """The command line has no --lr: a run that diverges at the default one (here made 1,000 times larger) ends in an
+    error naming the Python way, not in a traceback, and leaves no output or model behind."""
+    monkeypatch.setitem(cellvae.CellVAE.fit.__wrapped__.__kwdefaults__, "lr", 1.0)
+    args = fit_args(tmp_path, n_cells=400, n_genes=200)
+    with pytest.warns(RuntimeWarning, match="training made the model worse"):
+        with pytest.raises(SystemExit, match=r"error: tl.embed: training diverged .*the command line has no --lr: train in Py"):
+            main([*args, "--epochs", "10", "--quiet"])
+    assert not (tmp_path / "out.h5ad").exists() and not (tmp_path / "model").exists()
+
+
 def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
     data = cellvae.datasets.simulate(n_cells=300, n_genes=100, random_state=0)
     source = tmp_path / "in.h5ad"
