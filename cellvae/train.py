@@ -152,6 +152,15 @@ def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterab
     return tqdm(iterable, total=total, **_quiet_if(not show or rank_and_world()[0] > 0), **options)
 
 
+def _end_bar_here(bar: tqdm) -> None:
+    """Make the bar of training that stopped early end full, at the work done. (Jupyter's bar, tqdm.notebook, draws
+    against its widget's own maximum, which a new ``total`` leaves as it was: the bar ended "100%" but mostly empty.)"""
+    bar.total = bar.n
+    if hasattr(bar, "container"):
+        bar.container.children[1].max = bar.n
+        bar.refresh()
+
+
 def _quiet_if(quiet: bool) -> dict:
     """tqdm's ``disable`` where the bar must stay quiet, or where the environment variable ``TQDM_DISABLE`` is set
     (tqdm's own switch, as tqdm reads it: any value); otherwise left unset. (Jupyter's bar, tqdm.notebook, passes an
@@ -502,7 +511,7 @@ def train(
                 write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
                 last_checkpoint = epoch + 1
             if stop:
-                bar.total = bar.n  # stopped early: the bar ends full
+                _end_bar_here(bar)
                 break
             interrupts.check()
     except KeyboardInterrupt:

@@ -249,6 +249,26 @@ def test_progress_bar_counts_cells_and_epochs_and_is_silent_when_asked(two_batch
     assert "cells/s" in bar and "epoch=3/3" in bar and len(model.history) == 3
 
 
+def test_jupyters_bar_of_training_stopped_early_ends_full(two_batches, monkeypatch):
+    """tqdm.notebook (which tqdm.auto picks in Jupyter) draws against its widget's maximum: a run stopped early
+    ended "100%" with the widget a fraction full."""
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    bars = []
+
+    class Recorded(notebook_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(cellvae.train, "tqdm", Recorded)
+    model = CellVAE(two_batches, kl_warmup=0).fit(max_epochs=200, patience=1, random_state=0, progress=True)
+    assert len(model.history) < 200  # stopped early
+    widget = bars[0].container.children[1]
+    assert bars[0].n == bars[0].total == widget.max == widget.value > 0
+    assert widget.bar_style == "success"
+
+
 def test_tqdm_disable_environment_variable_silences_every_bar(tmp_path):
     """TQDM_DISABLE=1, tqdm's own switch for pipelines and CI logs (read when tqdm is imported), silences training's
     bar and the later calls' bars; without it they show."""
