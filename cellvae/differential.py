@@ -474,14 +474,21 @@ def warn_shrunk_groups(where: str) -> None:
     )
 
 
-def warn_groups_share_no_batch(separate: list[str], batch_key: str) -> None:
+def warn_groups_share_no_batch(separate: list[str], batch_key: str, batch_correction: bool) -> None:
     """Warn about the comparisons (``"a vs b"``) whose two groups share no batch."""
+    removed = (
+        "what their batches' effects absorbed of their difference (e.g. a condition whose samples are the batches) "
+        "is removed, while what the model did not separate from it can still be called (strong batch effects leak "
+        "into a few genes' fold changes)"
+    )
+    counted = "the batch effects are counted as differences (each cell decoded in its own batch)"
+    if batch_correction:
+        told = f"with batch_correction=True {removed}; batch_correction=False would count the batch effects as differences"
+    else:
+        told = f"with batch_correction=False {counted}; batch_correction=True would remove them, but with them {removed}"
     warn_user(
         f"{', '.join(separate[:3])}{' ...' if len(separate) > 3 else ''}: the two groups share no batch of "
-        f"obs[{batch_key!r}], so with batch_correction=True what their batches' effects absorbed of their "
-        f"difference (e.g. a condition whose samples are the batches) is removed, while what the model did not "
-        "separate from it can still be called (strong batch effects leak into a few genes' fold changes); "
-        "batch_correction=False would count the batch effects as differences instead. Neither is reliable here. "
+        f"obs[{batch_key!r}], so {told}. Neither is reliable here. "
         "Best: train with a batch key whose batches hold cells of both groups (e.g. donors, not samples)",
         UserWarning,
     )

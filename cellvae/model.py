@@ -1144,8 +1144,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             scvi-tools), so a covariate that differs between the groups (a chemistry nested in the batches,
             percent mito) still counts in the comparison. Where the two groups share no batch (e.g. conditions when the
             batches are samples, each of one condition), correction removes what the batch effects absorbed
-            of their difference, and ``False`` would count the batch effects as differences: a warning
-            says so; train with a batch key that crosses the groups (donors).
+            of their difference, and ``False`` counts the batch effects as differences: a warning
+            says so (with either); train with a batch key that crosses the groups (donors).
         batchid1, batchid2
             As in scvi-tools: the model's batches (one or a list) under whose uniform mixture group 1 (group 2) is
             decoded, instead of all of them (``None``). Two lists that differ compare the groups as if measured in
@@ -1253,10 +1253,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         loader, _ = self._loader(adata, self.device)
         counted = loader.library > 0
         labelled = labels.notna().to_numpy()
-        # (groups decoded under batches the user chose apart, batchid1 != batchid2, keep those batches' effects)
-        correct_batches = (
-            bool(batch_correction) and bool(self.config.batch_key) and np.array_equal(decode_under[0], decode_under[1])
-        )
+        # groups that share no batch are told of, with correction or without (each cell decoded in its own batch: the
+        # batch effects are counted as differences); not where batchid1 != batchid2 chose the batches' effects apart
+        tell_separate = bool(self.config.batch_key) and (not batch_correction or np.array_equal(decode_under[0], decode_under[1]))
         # Each comparison draws from its own generator, so its result does not depend on the others requested.
         generators = [
             np.random.default_rng(differential.comparison_seed(random_state, name1, name2, group2 is None))
@@ -1274,7 +1273,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     few.add(name)
                 elif min(n_counted, max_cells) < differential.SHRUNK_GROUP_CELLS:
                     small.add(name)
-            if correct_batches and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
+            if tell_separate and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
                 separate.append(f"{name1} vs {name2}")
             picked.append(tuple(differential.subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
         few = sorted(few)
@@ -1299,7 +1298,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 where = f"max_cells={max_cells} draws each group's mean expression from {fewer}"
             differential.warn_shrunk_groups(where)
         if separate:
-            differential.warn_groups_share_no_batch(separate, self.config.batch_key)
+            differential.warn_groups_share_no_batch(separate, self.config.batch_key, batch_correction)
         if pseudocount is None:
             depths = loader.library[labelled & counted]
             pseudocount = 0.01 / float(np.median(depths))
