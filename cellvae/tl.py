@@ -215,9 +215,16 @@ def _stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
         return None
     others = [name for name in from_it if name != "neighbors"]  # (scanpy's default graph needs no key_added)
     named = "" if "neighbors" in from_it or not others else f", key_added={others[0]!r}"
+    recompute = f"e.g. sc.pp.neighbors(adata, use_rep={key_added!r}{named})"
+    if not from_it:
+        return (
+            f"the UMAP adata holds (its graph has no record of what it was made from) may have been made from an earlier "
+            f"obsm[{key_added!r}]; if so, recompute the graph and UMAP from the new one, {recompute}"
+        )
+    graph = "neighbours graph" if len(from_it) == 1 else "neighbours graphs"
     return (
-        f"the neighbours, UMAP and Leiden clusters adata holds were made from an earlier obsm[{key_added!r}]; recompute "
-        f"them from the new one, e.g. sc.pp.neighbors(adata, use_rep={key_added!r}{named})"
+        f"the {graph} adata holds, and the UMAP or clusters computed from {'it' if len(from_it) == 1 else 'them'}, "
+        f"were made from an earlier obsm[{key_added!r}]; recompute them from the new one, {recompute}"
     )
 
 
@@ -357,6 +364,8 @@ def embed(
             params[key] = value
     params |= _where_trained(model)  # the device itself (not "auto")
     stale = _stale_graph_message(adata, key_added)  # (before the earlier embedding is replaced)
+    if stale and np.array_equal(adata.obsm[key_added], latent):  # the same embedding again (a notebook's cell re-run)
+        stale = None
     make_view_own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent

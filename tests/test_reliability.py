@@ -392,7 +392,10 @@ def test_embed_again_says_the_graph_made_from_the_earlier_embedding_is_stale():
         cellvae.tl.embed(adata, **embed)
         cellvae.tl.embed(adata, **embed)
     sc.pp.neighbors(adata, use_rep="X_cellvae")
-    with pytest.warns(UserWarning, match=r"were made from an earlier obsm\['X_cellvae'\]; recompute them .*use_rep='X_cellvae'"):
+    with no_warnings():  # the cell re-run as it was: the same embedding, the graph stays true
+        cellvae.tl.embed(adata, **embed)
+    told = r"^the neighbours graph adata holds, .* were made from an earlier obsm\['X_cellvae'\]; recompute them .*'X_cellvae'"
+    with pytest.warns(UserWarning, match=told):
         cellvae.tl.embed(adata, random_state=1, **embed)
     with no_warnings():  # an embedding under another key leaves that graph as it was
         cellvae.tl.embed(adata, key_added="X_other", **embed)
@@ -403,11 +406,15 @@ def test_embed_again_says_the_graph_made_from_the_earlier_embedding_is_stale():
     sc.pp.neighbors(adata, use_rep="X_cellvae", key_added="cv")  # a graph of its own name, made from it
     told = r"made from an earlier obsm\['X_cellvae'\].*sc.pp.neighbors\(adata, use_rep='X_cellvae', key_added='cv'\)"
     with pytest.warns(UserWarning, match=told):
-        cellvae.tl.embed(adata, **embed)
+        cellvae.tl.embed(adata, random_state=3, **embed)
     sc.pp.neighbors(adata, use_rep="X_cellvae", key_added="cv")
     sc.pp.neighbors(adata, use_rep="X_cellvae")  # both graphs from it: scanpy's default named, with no key_added
-    with pytest.warns(UserWarning, match=r"e.g. sc.pp.neighbors\(adata, use_rep='X_cellvae'\)$"):
-        cellvae.tl.embed(adata, **embed)
+    with pytest.warns(UserWarning, match=r"^the neighbours graphs .* e.g. sc.pp.neighbors\(adata, use_rep='X_cellvae'\)$"):
+        cellvae.tl.embed(adata, random_state=4, **embed)
+    for graph in ("neighbors", "cv"):  # a UMAP whose graph has no record: it may have come from the embedding
+        del adata.uns[graph]
+    with pytest.warns(UserWarning, match=r"^the UMAP adata holds \(its graph has no record .*\) may have been made from"):
+        cellvae.tl.embed(adata, random_state=2, **embed)
 
 
 def test_transfer_labels_writes_only_its_documented_keys(messy, trained):
