@@ -2486,7 +2486,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # run; there the counts' place is still the user's choice, layer=...)
         with data.hint_where_counts_are(adata, self.config.layer, trained=self.is_trained or not all_ranks):
             if all_ranks:
-                library = library_sizes_across_ranks(matrix, present, check_as=location)
+                library = library_sizes_across_ranks(matrix, present, check_as=location, cell_names=adata.obs_names)
             else:
                 library = data.library_sizes(matrix, present, check_as=location)
         loader = data.CellLoader(matrix, covariates, library, covariates.batch_codes, columns, device)

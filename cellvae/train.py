@@ -948,14 +948,17 @@ def checkpoint_ranks(folder: Path) -> tuple[bool, int]:
     return (folder / CHECKPOINT_FILE).exists(), max(ranks, default=-1) + 1
 
 
-def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str) -> np.ndarray:
+def library_sizes_across_ranks(
+    matrix, columns: np.ndarray | None, check_as: str, cell_names: pd.Index | None = None
+) -> np.ndarray:
     """Checked library sizes of all cells; in a data-parallel run each rank reads only its part of a backed matrix.
 
     Rank ``r`` of ``N`` checks and sums the ``r``-th contiguous ``1/N`` of the cells, then the ranks
     add up their parts. If any rank finds invalid counts, every rank raises (that rank with the
     details), so none waits forever for the others. In-memory matrices (every rank holds all of
     them) and single processes are checked and summed whole; ranks that disagree on which it is
-    all raise.
+    all raise, as do ranks given other cells (``cell_names``, the AnnData's obs_names, differ: e.g. each process
+    its own part of a backed file, whose library sizes would otherwise be summed across the parts unnoticed).
     """
     rank, world = rank_and_world()
     if world == 1:
@@ -967,8 +970,18 @@ def library_sizes_across_ranks(matrix, columns: np.ndarray | None, check_as: str
             f"some processes of this data-parallel run read {check_as} from disk (a backed or Zarr AnnData) and others "
             "from memory: every process must call fit on the same AnnData, opened the same way"
         )
-    if not backed:
+    if not backed:  # (every rank sums all of them: the run's fingerprint compares them)
         return library_sizes(matrix, columns, check_as=check_as)
+    if cell_names is not None:
+        names = hashlib.sha256("\0".join(map(str, cell_names)).encode()).hexdigest()
+        fingerprint = float(int(names[:12], 16))
+        largest, negated_smallest = all_reduce_max([fingerprint, -fingerprint])
+        if largest != -negated_smallest:
+            raise ValueError(
+                "the processes of this data-parallel run were given different cells (their AnnData objects' obs_names "
+                "differ): every process must call fit on the same AnnData (all of its cells, not its own part), and each "
+                "then reads and trains its own part"
+            )
     bounds = np.linspace(0, matrix.shape[0], world + 1).astype(np.int64)
     rows = range(int(bounds[rank]), int(bounds[rank + 1]))
     problem: Exception | None = None

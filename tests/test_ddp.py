@@ -472,6 +472,12 @@ def _check_counts_on_rank(rank: int, init_file: str, clean: str, spoiled: str, o
         model.fit(max_epochs=1, progress=False, device="cpu")
     except ValueError as error:
         (out / f"error{rank}.txt").write_text(str(error))
+    backed = ad.read_h5ad(clean, backed="r")  # each process its own half of the file: the library sizes of the two
+    own_half = backed[rank * 500 : (rank + 1) * 500]  # halves were summed unnoticed, half the cells' wrong
+    try:
+        cellvae.CellVAE(own_half).fit(max_epochs=1, progress=False, device="cpu")
+    except ValueError as error:
+        (out / f"own_half{rank}.txt").write_text(str(error))
     dist.destroy_process_group()
 
 
@@ -493,6 +499,9 @@ def test_each_rank_checks_and_sums_only_its_part_of_a_backed_file_and_all_ranks_
     # rank 1 found the fractional value; rank 0, which never read those cells, stops too instead of waiting
     assert "non-integer values (e.g. 0.5)" in (tmp_path / "error1.txt").read_text()
     assert "another process" in (tmp_path / "error0.txt").read_text()
+    for rank in range(2):
+        told = (tmp_path / f"own_half{rank}.txt").read_text()
+        assert "were given different cells (their AnnData objects' obs_names differ)" in told
 
 
 # ----------------------------------------------------------------------------- resume after a kill
