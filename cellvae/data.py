@@ -1024,7 +1024,9 @@ def read_h5ad_lazy(path) -> ad.AnnData:
     ``anndata.read_h5ad(path, backed="r")`` leaves only ``X`` on disk and reads every layer into memory; this
     streams counts kept in a layer (``CellVAE(adata, layer="counts")``, as in files whose ``X`` holds normalised
     values) as a backed ``X`` is streamed. ``obs``, ``var``, ``obsm``, ``uns`` and the rest are read into memory. The
-    file is opened read-only and must stay in place while the AnnData is used.
+    file is opened read-only and must stay in place while the AnnData is used; it stays open while the AnnData or a
+    model made from it exists (it closes once both are deleted), so write results to another file, not over this one.
+    ``adata.to_memory()`` or ``adata[cells].copy()`` read the matrices into memory; ``adata.copy()`` fails on them.
 
     Parameters
     ----------
