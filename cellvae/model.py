@@ -169,9 +169,10 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
 }
 
 
-def _scvi_tools_names(method):
+def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str = "scvi-tools'"):
     """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
-    where ``method`` takes it (elsewhere Python's own error stands: the advice would name what it lacks)."""
+    where ``method`` takes it (elsewhere Python's own error stands: the advice would name what it lacks).
+    ``arguments`` and ``whose``: another library's names, with their advice (scanpy's, for cellvae.tl)."""
     parameters = inspect.signature(method).parameters
     accepted = set(parameters)
     applies = accepted | {method.__name__}
@@ -179,23 +180,23 @@ def _scvi_tools_names(method):
     by_keyword = [p.name for p in parameters.values() if p.kind == p.KEYWORD_ONLY]
     if any(p.kind == p.VAR_POSITIONAL for p in parameters.values()):
         by_keyword = []  # any number by position
+    bound = 1 if positional and positional[0].name == "self" else 0  # a method's self is not counted
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
         if len(args) > len(positional) and by_keyword:  # e.g. fit(10), as scvi-tools' train(max_epochs) is called
-            by_position = ", ".join(p.name for p in positional[1:])
+            by_position = ", ".join(p.name for p in positional[bound:])
             takes = f"takes {by_position} by position and the rest by keyword" if by_position else "takes keywords only"
             raise TypeError(
-                f"{method.__qualname__}() {takes}, got {len(args) - 1} positional; e.g. {method.__name__}({by_keyword[0]}=...)"
+                f"{method.__qualname__}() {takes}, got {len(args) - bound} positional; "
+                f"e.g. {method.__name__}({by_keyword[0]}=...)"
             )
         for name in sorted(kwargs.keys() - accepted):
-            advice = next((advice for needs, advice in SCVI_TOOLS_ARGUMENTS.get(name, []) if needs in applies | {None}), "")
+            advice = next((advice for needs, advice in arguments.get(name, []) if needs in applies | {None}), "")
             if advice and isinstance(kwargs[name], str):
                 advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, kwargs[name]), advice)
             if advice:
-                raise TypeError(
-                    f"{method.__qualname__}() got an unexpected keyword argument {name!r}, scvi-tools' name: {advice}"
-                )
+                raise TypeError(f"{method.__qualname__}() got an unexpected keyword argument {name!r}, {whose} name: {advice}")
         return method(*args, **kwargs)
 
     return checked

@@ -10,6 +10,7 @@ objects of decoded cells.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import replace
@@ -42,6 +43,7 @@ from cellvae.model import (
     _check_model,
     _check_seed,
     _library_sizes,
+    _scvi_tools_names,
 )
 from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, setup_distributed
 
@@ -685,6 +687,20 @@ def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int)
 # ----------------------------------------------------------------------------- differential expression
 
 
+# scanpy's arguments of sc.tl.rank_genes_groups that cellvae's has not: the advice its error gives
+SCANPY_ARGUMENTS = {
+    "use_raw": [(None, "drop it: the model reads the raw counts it was trained on (X or its layer), not adata.raw")],
+    "layer": [
+        (None, "drop it: the model reads its counts where it was trained on them (model.config.layer), in X or that layer")
+    ],
+    "rankby_abs": [(None, "drop it: sort sc.get.rank_genes_groups_df(adata, group) by the absolute scores instead")],
+    "corr_method": [(None, "drop it: pvals_adj is the posterior expected false discovery rate, with nothing to correct")],
+    "tie_correct": [(None, "drop it: a setting of scanpy's Wilcoxon test; the model's posterior ranks the genes here")],
+    "mask_var": [(None, "drop it: the model's genes are ranked (those of its own mask_var, where it was trained on some)")],
+}
+
+
+@functools.partial(_scvi_tools_names, arguments=SCANPY_ARGUMENTS, whose="scanpy's")
 def rank_genes_groups(
     adata: ad.AnnData,
     groupby: str,

@@ -508,6 +508,18 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
         cellvae.tl.rank_genes_groups(adata, "as_text", model=model)
     with pytest.raises(ValueError, match=r"takes no method.*scanpy.tl.rank_genes_groups\(adata, .cell_type., method=.wilcoxon."):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, method="wilcoxon")
+    # scanpy's other arguments, passed out of habit: what to do instead (Python's bare error before)
+    for name, value, advice in (
+        ("use_raw", False, "the model reads the raw counts it was trained on"),
+        ("layer", "counts", "where it was trained on them"),
+        ("rankby_abs", True, "by the absolute scores"),
+        ("corr_method", "bonferroni", "posterior expected false discovery rate"),
+        ("tie_correct", True, "scanpy's Wilcoxon test"),
+    ):
+        with pytest.raises(TypeError, match=rf"rank_genes_groups\(\) got .* {name!r}, scanpy's name: drop it: .*{advice}"):
+            cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, **{name: value})
+    with pytest.raises(TypeError, match=r"takes adata, groupby by position .* got 3 positional; e.g. rank_genes_groups\(model="):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model)
     adata.obs["with_unused"] = adata.obs["cell_type"].cat.add_categories(["empty"])
     with pytest.raises(ValueError, match="remove_unused_categories"):
         cellvae.tl.rank_genes_groups(adata, "with_unused", model=model)
