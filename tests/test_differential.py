@@ -414,6 +414,9 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch
         model.differential_expression(groupby="cell_type", group1="type9")
     with pytest.raises(ValueError, match="same group"):
         model.differential_expression(groupby="cell_type", group1="type0", group2="type0")
+    for group2 in (None, "type1"):  # it said the column had no labelled cells, or that the reference was asked for
+        with pytest.raises(ValueError, match=r"^group1 names no group \(an empty list\); name one or more groups of obs"):
+            model.differential_expression(groupby="cell_type", group1=[], group2=group2)
     # a list holding the reference too leaves it out, as group1=None does (an audit: the whole call was refused)
     listed = model.differential_expression(groupby="cell_type", group1=["type0", "type1"], group2="type1", n_draws=100)
     alone = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=100)
