@@ -1150,7 +1150,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batchid1, batchid2
             As in scvi-tools: the model's batches (one or a list) under whose uniform mixture group 1 (group 2) is
             decoded, instead of all of them (``None``). Two lists that differ compare the groups as if measured in
-            those batches, e.g. the same cells under two protocols (then groups that share no batch get no
+            those batches, e.g. cells of one type as if under two protocols (the groups are still two sets of cells:
+            split the type's cells in two; groups that share no batch get no
             warning: the batches' effects are part of the comparison). Needs ``batch_correction=True``.
         fdr_target
             Genes are called (``is_de``) while the posterior expected false discovery rate of the
