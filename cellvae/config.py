@@ -27,6 +27,7 @@ POSTERIORS = ("diagonal", "full")
 MAX_WEIGHT = 1e6
 ROLES = "the batch key and covariate keys together (each obs column has one role)"
 NORMALIZATIONS = ("layer", "batch")
+REPR_ITEMS = 5  # items of a long list (the model's genes) that repr(config) shows
 MIN_LAYER_NORMED_UNITS = 3  # LayerNorm of 1 unit gives its bias, of 2 units ±1: no information about the cell
 
 
@@ -67,6 +68,18 @@ class Config:
     train_input_layer: bool = False
     format_version: int = FORMAT_VERSION
     cellvae_version: str = ""
+
+    def __repr__(self) -> str:
+        """Every field, long lists (gene names, categories, covariate scaling) shortened to their first items and length."""
+
+        def shown(value):
+            if isinstance(value, list) and len(value) > REPR_ITEMS:
+                return f"[{', '.join(map(repr, value[:REPR_ITEMS]))}, ... ({len(value)} in all)]"
+            if isinstance(value, dict):
+                return "{" + ", ".join(f"{key!r}: {shown(item)}" for key, item in value.items()) + "}"
+            return repr(value)
+
+        return f"Config({', '.join(f'{f.name}={shown(getattr(self, f.name))}' for f in fields(self))})"
 
     def __post_init__(self) -> None:
         # before the range checks compare them (a bool passes here as before: check_new_model refuses it in new models)

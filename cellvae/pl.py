@@ -35,6 +35,11 @@ MAX_LABELLED_DIMENSIONS = 40  # kl_per_dimension names each bar's dimension up t
 __all__ = ["history", "kl_per_dimension", "rate_distortion"]
 
 
+def __dir__() -> list[str]:
+    """The public functions only, for tab completion (as ``sc.tl``'s), not the modules and helpers this one uses."""
+    return sorted(__all__)
+
+
 def history(
     model: CellVAE,
     *,

@@ -49,6 +49,12 @@ from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, setup_distribu
 
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
+
+def __dir__() -> list[str]:
+    """The public functions only, for tab completion (as ``sc.tl``'s), not the modules and helpers this one uses."""
+    return sorted(__all__)
+
+
 FIT_OPTIONS = frozenset(inspect.signature(CellVAE.fit).parameters) - {"self"}  # what embed's fit_kwargs may hold
 MODEL_OPTIONS = frozenset(inspect.signature(CellVAE.__init__).parameters) - {"self"}
 OWN_FIT_OPTIONS = ("max_epochs", "random_state", "progress")  # the tools' own arguments, passed on to fit
