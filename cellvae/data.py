@@ -357,6 +357,7 @@ NO_COUNTS_ELSEWHERE = "Here neither"  # begins the advice where no layer nor raw
 # begin the advice to round (the end of the error), left out where whole counts lie elsewhere
 ROUNDING_ADVICE = "If these are estimated or ambient-corrected counts"
 ROUND_OFF_ADVICE = "To use these"
+GENERAL_ADVICE = "cellvae (?:models|needs) raw counts: build the model with layer="
 
 
 @contextmanager
@@ -370,8 +371,9 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
     except ValueError as error:
         if not str(error).startswith((where, "query " + where)):
             raise
-        # whole counts elsewhere: rounding these is no fix (and its layer could be where those counts are)
-        told = _ended(re.split(f"{ROUNDING_ADVICE}|{ROUND_OFF_ADVICE}", str(error))[0].rstrip())
+        # whole counts elsewhere: rounding these is no fix (and its layer could be where those counts are), and the
+        # general advice (build the model with layer=..., a trained model reads ...) gives way to the place found
+        told = _ended(re.split(f"{ROUNDING_ADVICE}|{ROUND_OFF_ADVICE}|{GENERAL_ADVICE}", str(error))[0].rstrip())
         if layer is not None and _looks_like_counts(stored_x(adata)):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
             raise ValueError(f"{told} adata.X holds whole counts: {fix}") from None

@@ -713,6 +713,13 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     with pytest.raises(ValueError, match=r"adata\.layers\['counts'\] holds whole counts: pass layer='counts'$"):
         cellvae.tl.embed(in_layer, batch_key="batch", max_epochs=1, progress=False)
     assert in_layer.layers.keys() == before.layers.keys() and (in_layer.X != before.X).nnz == 0  # left as it was
+    # a model trained on X, given the cells after normalize_total and log1p in place (a common scanpy session): the
+    # place found alone (the advice to build the model with layer=... was first, unfit for a trained model)
+    trained = CellVAE(adata, batch_key="batch", n_hidden=8).fit(max_epochs=1, progress=False)
+    advice = r"looks normalised or log-transformed\. adata\.layers\['counts'\] holds whole counts: give the model ad\.AnnData"
+    with pytest.raises(ValueError, match=advice + r"\(X=adata\.layers\['counts'\], obs=adata\.obs, var=adata\.var\)$"):
+        trained.get_latent(in_layer)
+    trained.get_latent(ad.AnnData(X=in_layer.layers["counts"], obs=in_layer.obs, var=in_layer.var))  # followed
     in_raw = adata.copy()
     in_raw.raw = in_raw.copy()
     sc.pp.normalize_total(in_raw)
