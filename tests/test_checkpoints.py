@@ -170,6 +170,18 @@ def test_resuming_a_finished_run_trains_no_further(tmp_path, uninterrupted):
     assert_same_history(again, uninterrupted)
 
 
+def test_resuming_a_finished_run_whose_last_epoch_was_the_best_says_so_on_its_bar(tmp_path, capsys):
+    """The bar's note that more epochs may help is read from the history: a resumed finished run trains no epoch."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=2)
+    fit = {"max_epochs": 3, "random_state": 0, "progress": True, "checkpoint_dir": tmp_path}
+    finished = CellVAE(adata, n_hidden=8).fit(**fit)
+    assert finished.history.attrs["best_epoch"] == 2  # still improving
+    capsys.readouterr()
+    again = CellVAE(adata, n_hidden=8).fit(**fit, resume=True)
+    assert again.history["seconds"].tolist() == finished.history["seconds"].tolist()
+    assert "best=the last: more epochs may help" in capsys.readouterr().err
+
+
 def test_resume_after_early_stopping_does_not_restart(tmp_path):
     fit = {**FIT, "max_epochs": 40, "patience": 1}
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=2)

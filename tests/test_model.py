@@ -251,6 +251,10 @@ def test_progress_bar_counts_cells_and_epochs_and_is_silent_when_asked(two_batch
     done = f"{3 * n_train / 1000:.2f}k"  # tqdm's unit scale: 3,240 cells read 3.24k
     assert f"{done}/{done}" in bar
     assert "cells/s" in bar and "epoch=3/3" in bar and len(model.history) == 3
+    # the last epoch was the best: the bar says more epochs may help (as cellvae fit prints; Python said nothing)
+    assert model.history.attrs["best_epoch"] == 2 and "best=the last: more epochs may help" in bar
+    CellVAE(two_batches, kl_warmup=0).fit(max_epochs=200, patience=1, random_state=0, progress=True)  # stopped early
+    assert "more epochs may help" not in capsys.readouterr().err
 
 
 def test_jupyters_bar_of_training_stopped_early_ends_full(two_batches, monkeypatch):
