@@ -531,11 +531,14 @@ def transfer_labels(
     novelty = _novelty(voters, reference[labelled], distances, k)
     categories = list(names)
     if unknown_threshold is not None or novelty_threshold is not None:
-        if "Unknown" in map(str, names):  # cells voted "Unknown" would be told from those over a threshold by nothing
+        # cells voted "Unknown" would be told from those over a threshold by nothing (or by the case of a letter)
+        clashing = [str(name) for name in names if str(name).casefold() == "unknown"]
+        if clashing:
+            shared = "so the two share one label" if clashing[0] == "Unknown" else "so the two differ in case alone"
             warn_user(
-                f"ref_adata.obs[{labels_key!r}] has a label 'Unknown', the label of query cells over unknown_threshold "
-                "or novelty_threshold too, so the two share one label; pass unlabeled_category='Unknown' if those "
-                "reference cells are unlabelled, or rename that label",
+                f"ref_adata.obs[{labels_key!r}] has a label {clashing[0]!r}, and query cells over unknown_threshold "
+                f"or novelty_threshold are labelled 'Unknown', {shared}; pass unlabeled_category={clashing[0]!r} if "
+                "those reference cells are unlabelled, or rename that label",
                 UserWarning,
             )
         if not all(isinstance(name, str) for name in categories):  # one type per column, or h5ad cannot store it

@@ -365,11 +365,17 @@ def test_label_transfer_refuses_an_empty_query_and_warns_of_a_reference_label_na
     with pytest.raises(ValueError, match=r"query_adata has no cells \(0 × 300 genes\): there is nothing to label"):
         cellvae.tl.transfer_labels(reference, embedded[:0].copy(), "cell_type")
     reference.obs["cell_type"] = reference.obs["cell_type"].cat.rename_categories({"type0": "Unknown"})
-    with pytest.warns(UserWarning, match=r"has a label 'Unknown', the label of query cells over unknown_threshold"):
+    told = r"has a label 'Unknown', and query cells over unknown_threshold .* are labelled 'Unknown', so the two share one"
+    with pytest.warns(UserWarning, match=told):
         cellvae.tl.transfer_labels(reference, embedded, "cell_type", unknown_threshold=0.5)
     with no_warnings():  # the reference's 'Unknown' cells left out of the vote, as advised; or no threshold
         cellvae.tl.transfer_labels(reference, embedded, "cell_type", unknown_threshold=0.5, unlabeled_category="Unknown")
         cellvae.tl.transfer_labels(reference, embedded, "cell_type")
+    # the atlas's unlabelled cells are 'unknown': beside 'Unknown' they made two labels differing in case, untold
+    reference.obs["cell_type"] = reference.obs["cell_type"].cat.rename_categories({"Unknown": "unknown"})
+    told = r"has a label 'unknown', .* so the two differ in case alone; pass unlabeled_category='unknown' if"
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.transfer_labels(reference, embedded, "cell_type", novelty_threshold=0.95)
     one = query[:1].copy()
     with pytest.raises(ValueError, match=r"at least 10 query cells with counts, got 1: .*map the new batches' cells together"):
         model.map_query(one, progress=False)
