@@ -387,8 +387,10 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
     if group2 is not None and np.ndim(group2) != 0:
         raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
     second = None if group2 is None else asked(group2)
+    if isinstance(group1, (set, frozenset)):  # (np.ndim takes a set for one value: it was looked up as one group)
+        raise TypeError(f"group1 takes a group or a list of groups, got a set {group1!r}: pass sorted(...) or a list")
     if group1 is not None and np.ndim(group1) != 0 and len(group1) == 0:
-        raise ValueError(f"group1 names no group (an empty list); name one or more groups of {source}, or None for each in turn")
+        raise ValueError(f"group1 names no group (it is empty); name one or more groups of {source}, or None for each in turn")
     if group1 is None:
         firsts = [g for g in names if g != second]
     elif np.ndim(group1) == 0:

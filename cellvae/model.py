@@ -180,7 +180,7 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
     by_keyword = [p.name for p in parameters.values() if p.kind == p.KEYWORD_ONLY]
     if any(p.kind == p.VAR_POSITIONAL for p in parameters.values()):
         by_keyword = []  # any number by position
-    bound = 1 if positional and positional[0].name == "self" else 0  # a method's self is not counted
+    bound = 1 if positional and positional[0].name in ("self", "cls") else 0  # a method's self (or cls) is not counted
 
     @functools.wraps(method)
     def checked(*args, **kwargs):
@@ -1744,6 +1744,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         if not self.is_trained:
             raise ValueError("map_query needs a trained reference model; call model.fit() first")
+        self._check_float32()  # (the query model is built in float32: grafting a cast reference's weights failed)
         if not self.config.batch_key:
             covariates = self.config.categorical_covariate_keys
             also = f" (query cells of categories of {covariates} it was not trained with need such a model)" if covariates else ""

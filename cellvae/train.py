@@ -782,7 +782,10 @@ def read_checkpoint(
             f"compared with the epochs still to come; {advice}"
         )
     if found not in (2, CHECKPOINT_VERSION):
-        raise ValueError(f"{path} has checkpoint version {found!r}; this cellvae reads version {CHECKPOINT_VERSION}: {advice}")
+        raise ValueError(
+            f"{path} has checkpoint version {found!r}; this cellvae reads version {CHECKPOINT_VERSION} (and 2, without "
+            f"free bits): {advice}"
+        )
     damaged = [k for k, kind in CHECKPOINT_FIELDS.items() if not isinstance(meta.get(k), kind)]
     if not damaged:  # the loop's counts agree (a hand-edited epoch of -5 trained 15 epochs for max_epochs=8)
         epoch, history = meta["epoch"], meta["history"]

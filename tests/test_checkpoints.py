@@ -240,7 +240,10 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
     meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 99})
     save_file(tensors, tmp_path / CHECKPOINT, metadata=meta)
-    with pytest.raises(ValueError, match="checkpoint version 99; this cellvae reads version 3: .*or name another checkpoint_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint version 99; this cellvae reads version 3 \(and 2, without free bits\): .*or name another checkpoint",
+    ):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
     # well-framed files with a damaged part: told as damaged, never a bare KeyError or TypeError
     fields = json.loads(meta["cellvae_checkpoint"]) | {"version": 2}

@@ -415,8 +415,10 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch
     with pytest.raises(ValueError, match="same group"):
         model.differential_expression(groupby="cell_type", group1="type0", group2="type0")
     for group2 in (None, "type1"):  # it said the column had no labelled cells, or that the reference was asked for
-        with pytest.raises(ValueError, match=r"^group1 names no group \(an empty list\); name one or more groups of obs"):
+        with pytest.raises(ValueError, match=r"^group1 names no group \(it is empty\); name one or more groups of obs"):
             model.differential_expression(groupby="cell_type", group1=[], group2=group2)
+    with pytest.raises(TypeError, match=r"group1 takes a group or a list of groups, got a set \{'type0'\}: pass sorted"):
+        model.differential_expression(groupby="cell_type", group1={"type0"})  # (looked up as the group "{'type0'}")
     # a list holding the reference too leaves it out, as group1=None does (an audit: the whole call was refused)
     listed = model.differential_expression(groupby="cell_type", group1=["type0", "type1"], group2="type1", n_draws=100)
     alone = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=100)

@@ -1489,6 +1489,8 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.differential_expression(groupby="cell_type", group1="Rest")
     with pytest.raises(TypeError, match=r"fit\(\) takes keywords only, got 1 positional; e.g. fit\(max_epochs=...\)"):
         model.fit(1)  # scvi-tools' train(max_epochs) by position
+    with pytest.raises(TypeError, match=r"^CellVAE.load\(\) takes path, adata by position .*, got 3 positional"):
+        CellVAE.load("no_such_folder", None, True)  # (a classmethod's cls is not counted, as a method's self)
     with pytest.raises(TypeError, match=r"get_latent\(\) takes adata by position and the rest by keyword, got 2 positional"):
         model.get_latent(adata, True)
     with pytest.raises(TypeError, match=r"'check_val_every_n_epoch', scvi-tools' name: drop it: .*after every epoch"):

@@ -1009,7 +1009,10 @@ def test_a_model_cast_to_another_float_type_is_told_to_cast_back_before_any_outp
     getattr(model.module, cast)()
     dtype = {"double": "float64", "half": "float16"}[cast]
     told = rf"model.module's parameters are {dtype} \(cast, e.g. by .double\(\) or .half\(\)\).*model.module.float\(\)"
-    for output in (model.get_latent, model.get_normalized_expression, lambda: model.generate(5), model.fit):
+    query = model.adata[:40].copy()
+    query.obs["batch"] = "new"  # (the reference's weights were grafted into a float32 query model: torch's error)
+    mapping = lambda: model.map_query(query, max_epochs=1, progress=False)  # noqa: E731
+    for output in (model.get_latent, model.get_normalized_expression, lambda: model.generate(5), model.fit, mapping):
         with pytest.raises(TypeError, match=told):
             output()
     model.module.float()  # (the half cast rounded the weights)
