@@ -70,11 +70,18 @@ def _check_model_kwargs(model_kwargs: dict, tool: str) -> None:
         )
     fit_names = FIT_OPTIONS | {"fit"}
     for name in sorted(model_kwargs.keys() - MODEL_OPTIONS):  # scvi-tools' names of fit options (train_size, ...)
-        advice = next((advice for needs, advice in SCVI_TOOLS_ARGUMENTS.get(name, []) if needs in fit_names), "")
-        if advice:
+        found = [(needs, advice) for needs, advice in SCVI_TOOLS_ARGUMENTS.get(name, []) if needs in fit_names]
+        if found:
+            needs, advice = found[0]
+            # where the cellvae name goes: the tool's own argument, fit_kwargs, or (kl_warmup, "drop it") as the advice says
+            where = ""
+            if needs in OWN_FIT_OPTIONS:
+                where = f" (pass {needs}= to {tool} itself)"
+            elif needs in FIT_OPTIONS:
+                where = " (CellVAE.fit's options go in fit_kwargs={...})"
             raise TypeError(
-                f"{tool}() got an unexpected keyword argument {name!r}, scvi-tools' name for an option of training: {advice} "
-                "(CellVAE.fit's options go in fit_kwargs={...})"
+                f"{tool}() got an unexpected keyword argument {name!r}, scvi-tools' name for an option of training: "
+                f"{advice}{where}"
             )
     misplaced = sorted(set(model_kwargs) & FIT_OPTIONS)
     if misplaced:
