@@ -631,6 +631,7 @@ def run_fit(args: argparse.Namespace) -> int:
         CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0
     stale = tl._stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
+    replaced = adata.obsm.get(args.key_added)
     with warnings.catch_warnings():  # told below, only where no new graph is computed
         if stale:
             warnings.filterwarnings("ignore", message=re.escape(stale), category=UserWarning)
@@ -644,6 +645,7 @@ def run_fit(args: argparse.Namespace) -> int:
             fit_kwargs=fit_kwargs,
             **model_kwargs,
         )
+    stale = tl._stale_unless_same(stale, replaced, adata.obsm[args.key_added])
     recorded = adata.uns[tl._uns_key(args.key_added)]["params"]
     recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
     if args.checkpoint_dir is not None:
@@ -719,7 +721,7 @@ def run_embed(args: argparse.Namespace) -> int:
             _check_batches_read_as_recorded(adata, args.input, batch_key, args.model_dir)
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
-    stale = tl._stale_graph_message(adata, args.key_added)
+    stale, replaced = tl._stale_graph_message(adata, args.key_added), adata.obsm.get(args.key_added)
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
     with (
         _errors_name_where_counts_were_read(layer, model.config.layer, adata, args.var_names),
@@ -728,6 +730,7 @@ def run_embed(args: argparse.Namespace) -> int:
     ):
         counts = _counts_where_model_reads(adata, layer, model.config.layer, args.var_names, batches_from)
         adata.obsm[args.key_added] = model.get_latent(counts, progress=not args.quiet)
+    stale = tl._stale_unless_same(stale, replaced, adata.obsm[args.key_added])
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
     more |= {"batch_prefix": args.batch_prefix or None, "var_names": args.var_names, "backed": _streamed(args) or None}
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, stale, more)
@@ -784,7 +787,7 @@ def run_map(args: argparse.Namespace) -> int:
         # (also checks its counts, genes and batches); the query model embeds reference cells alike, unless
         # --train-input-layer trains their encoder's first layer too
         reference_latent = _embed_reference(reference_model, reference, args)
-    stale = tl._stale_graph_message(query, args.key_added)
+    stale, replaced = tl._stale_graph_message(query, args.key_added), query.obsm.get(args.key_added)
     with (
         _errors_name_where_counts_were_read(layer, config.layer, query, args.var_names),
         _errors_name_the_genes_column(args.var_names),
@@ -801,6 +804,7 @@ def run_map(args: argparse.Namespace) -> int:
         )
     with _missing_genes_told():  # map_query told them once; the query's aligned counts lack them again
         query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)
+    stale = tl._stale_unless_same(stale, replaced, query.obsm[args.key_added])
     written = [f"obsm[{args.key_added!r}]"]
     if reference is not None:
         if args.train_input_layer:

@@ -243,6 +243,12 @@ def _stale_graph_message(adata: ad.AnnData, key_added: str) -> str | None:
     )
 
 
+def _stale_unless_same(stale: str | None, replaced, new: np.ndarray) -> str | None:
+    """``stale`` (:func:`_stale_graph_message`'s word), or None where the new embedding is the one it replaces: the
+    same model and seed again (a notebook's cell re-run) leave the graph made from it as true as it was."""
+    return stale if stale and not np.array_equal(replaced, new) else None
+
+
 def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) -> None:
     """Refuse a ``key_added`` whose ``uns`` record is not embed's to write (another tool's, or not a mapping) or
     describes another embedding still in ``obsm`` (``"cellvae"`` and the default ``"X_cellvae"`` share
@@ -378,9 +384,8 @@ def embed(
         if isinstance(value, (int, float, str, bool, list)):
             params[key] = value
     params |= _where_trained(model)  # the device itself (not "auto")
-    stale = _stale_graph_message(adata, key_added)  # (before the earlier embedding is replaced)
-    if stale and np.array_equal(adata.obsm[key_added], latent):  # the same embedding again (a notebook's cell re-run)
-        stale = None
+    # (before the earlier embedding is replaced)
+    stale = _stale_unless_same(_stale_graph_message(adata, key_added), adata.obsm.get(key_added), latent)
     make_view_own_data(adata)
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     adata.obsm[key_added] = latent

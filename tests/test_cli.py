@@ -1051,7 +1051,8 @@ def test_embed_refuses_another_tools_uns_record_and_keeps_the_other_entries_of_i
 
 
 def test_embed_says_a_neighbour_graph_made_from_the_replaced_embedding_is_stale(fitted_model, capsys):
-    """--embedding-only output, then sc.pp.neighbors (no UMAP): embedding it again still tells to recompute the graph."""
+    """--embedding-only output, then sc.pp.neighbors (no UMAP): embedding it again with another model still tells to
+    recompute the graph; with the same model, whose embedding is the same again, there is nothing stale to tell."""
     tmp_path = fitted_model
     adata = ad.read_h5ad(tmp_path / "out.h5ad")
     sc.pp.neighbors(adata, use_rep="X_cellvae")
@@ -1060,6 +1061,12 @@ def test_embed_says_a_neighbour_graph_made_from_the_replaced_embedding_is_stale(
     capsys.readouterr()
     command = ["embed", str(tmp_path / "graph.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]
     assert main(command) == 0
+    assert "recompute" not in capsys.readouterr().err  # the same model: the same embedding, the graph still true
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_cellvae"], adata.obsm["X_cellvae"])
+    adata.obsm["X_cellvae"] = adata.obsm["X_cellvae"] + 1.0  # an earlier embedding of another model, and its graph
+    sc.pp.neighbors(adata, use_rep="X_cellvae")
+    adata.write_h5ad(tmp_path / "graph.h5ad")
+    assert main([*command, "--overwrite"]) == 0
     assert "were made from an earlier obsm['X_cellvae']; recompute them" in capsys.readouterr().err
 
 
