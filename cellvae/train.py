@@ -978,16 +978,12 @@ def library_sizes_across_ranks(
         )
     if not backed:  # (every rank sums all of them: the run's fingerprint compares them)
         return library_sizes(matrix, columns, check_as=check_as)
-    if cell_names is not None:
-        names = hashlib.sha256("\0".join(map(str, cell_names)).encode()).hexdigest()
-        fingerprint = float(int(names[:12], 16))
-        largest, negated_smallest = all_reduce_max([fingerprint, -fingerprint])
-        if largest != -negated_smallest:
-            raise ValueError(
-                "the processes of this data-parallel run were given different cells (their AnnData objects' obs_names "
-                "differ): every process must call fit on the same AnnData (all of its cells, not its own part), and each "
-                "then reads and trains its own part"
-            )
+    if cell_names is not None and not _same_on_every_rank("\0".join(map(str, cell_names))):
+        raise ValueError(
+            "the processes of this data-parallel run were given different cells (their AnnData objects' obs_names "
+            "differ): every process must call fit on the same AnnData (all of its cells, not its own part), and each "
+            "then reads and trains its own part"
+        )
     bounds = np.linspace(0, matrix.shape[0], world + 1).astype(np.int64)
     rows = range(int(bounds[rank]), int(bounds[rank + 1]))
     problem: Exception | None = None
@@ -1011,12 +1007,18 @@ def library_sizes_across_ranks(
     return totals.cpu().numpy()
 
 
+def _same_on_every_rank(identity: str) -> bool:
+    """Whether every rank of the process group holds the same ``identity`` (compared by a 48-bit digest, which float64
+    carries exactly)."""
+    fingerprint = float(int(hashlib.sha256(identity.encode()).hexdigest()[:12], 16))
+    largest, negated_smallest = all_reduce_max([fingerprint, -fingerprint])
+    return largest == -negated_smallest
+
+
 def _check_same_run_on_every_rank(run: dict) -> None:
     """Every rank raises if the ranks were given different data or settings (their collectives would
     otherwise not match: a hang, or a crash in gloo/nccl)."""
-    fingerprint = float(int(hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:12], 16))
-    largest, negated_smallest = all_reduce_max([fingerprint, -fingerprint])
-    if largest != -negated_smallest:
+    if not _same_on_every_rank(json.dumps(run, sort_keys=True)):
         raise ValueError(
             "the processes of this data-parallel run were given different data or settings (the AnnData, the model's "
             "options or fit's arguments, e.g. random_state differs between ranks): every process must call fit with the "

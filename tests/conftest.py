@@ -37,6 +37,19 @@ def no_warnings() -> Iterator[None]:
         yield
 
 
+def ctrl_c_at_call(target, name: str, call: int, monkeypatch) -> None:
+    """Ctrl-C (KeyboardInterrupt) arriving during the ``call``-th call of ``target.name``; the others run as usual."""
+    original, calls = getattr(target, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, interrupted)
+
+
 def knn_accuracy(representation, labels) -> float:
     """5-fold (stratified, shuffled) accuracy of a 15-nearest-neighbour classifier of ``labels``."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score

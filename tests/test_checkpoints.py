@@ -14,6 +14,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from conftest import ctrl_c_at_call
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -285,16 +286,8 @@ def test_checkpoint_of_an_earlier_cellvae_resumes_unless_its_validation_loss_ign
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
     fit = {"max_epochs": 4, "progress": False, "checkpoint_dir": tmp_path}
     whole = CellVAE(adata, n_hidden=8).fit(max_epochs=4, progress=False)
-    check, calls = cellvae.train.AgreedInterrupt.check, []
-
-    def ctrl_c_at_the_fifth_check(self):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return check(self)
-
     with monkeypatch.context() as patched, pytest.warns(RuntimeWarning, match="training interrupted"):
-        patched.setattr(cellvae.train.AgreedInterrupt, "check", ctrl_c_at_the_fifth_check)
+        ctrl_c_at_call(cellvae.train.AgreedInterrupt, "check", 5, patched)
         CellVAE(adata, n_hidden=8).fit(**fit)
     _as_version_2(tmp_path / CHECKPOINT)
     with warnings.catch_warnings():
@@ -338,18 +331,10 @@ def test_ctrl_c_before_the_first_checkpoint_says_resume_cannot_continue_and_resu
     model then continues from its interrupted weights (not the uninterrupted run), and on a new model starts
     afresh. Each is told."""
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, n_batches=2, random_state=0)
-    check, calls = cellvae.train.AgreedInterrupt.check, []
-
-    def ctrl_c_at_the_fifth_check(self):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return check(self)
-
     fit = {"max_epochs": 30, "batch_size": 32, "progress": False, "checkpoint_dir": tmp_path, "checkpoint_every": 10}
     model = CellVAE(adata, batch_key="batch", n_hidden=16)
     with monkeypatch.context() as patched:
-        patched.setattr(cellvae.train.AgreedInterrupt, "check", ctrl_c_at_the_fifth_check)
+        ctrl_c_at_call(cellvae.train.AgreedInterrupt, "check", 5, patched)
         with pytest.warns(
             RuntimeWarning, match=r"interrupted during epoch \d+ .*no checkpoint was written yet \(checkpoint_every=10\)"
         ):

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import no_warnings, simulated_module
+from conftest import ctrl_c_at_call, no_warnings, simulated_module
 from safetensors.torch import save_file
 
 import cellvae
@@ -1179,19 +1179,6 @@ def test_save_anndata_without_data_in_memory_is_refused_before_anything_is_writt
     with pytest.raises(ValueError, match=r"file read again and viewed as now \(.* a view of 40 cells and \d+ genes"):
         backed.save(tmp_path / "again", save_anndata=True)
     assert sorted(os.listdir(tmp_path)) == ["cells.h5ad", "model"]
-
-
-def ctrl_c_at_call(target, name: str, call: int, monkeypatch) -> None:
-    """Ctrl-C (KeyboardInterrupt) arriving during the ``call``-th call of ``target.name``; the others run as usual."""
-    original, calls = getattr(target, name), []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(target, name, interrupted)
 
 
 def test_ctrl_c_before_the_first_epoch_ends_leaves_the_model_as_it_was(messy, monkeypatch):
