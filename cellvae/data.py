@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from copy import deepcopy
@@ -116,6 +116,13 @@ def check_one_name(value, name: str, of: str = "obs column") -> None:
     fail on it with "unhashable type" (``categorical_covariate_keys`` takes lists, ``batch_key`` does not)."""
     if isinstance(value, (list, tuple, set, dict, np.ndarray, pd.Index, pd.Series)):
         raise TypeError(f"{name} takes one {of} name (a string), got {value!r}")
+
+
+def check_ordered(value, name: str, takes: str, fix: str = "pass a list, e.g. sorted(...)") -> None:
+    """Refuse a set, dict view, generator or map where ``takes`` (one name or a list of them) is expected: numpy takes
+    them for one value, so they were looked up as one name, their repr (and a set's order would vary from run to run)."""
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, np.ndarray)) and np.ndim(value) == 0:
+        raise TypeError(f"{name} takes {takes}, got a {type(value).__name__} ({value!r:.80}): {fix}")
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None):

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellvae.data import CellLoader, cell_positions, warn_user
+from cellvae.data import CellLoader, cell_positions, check_ordered, warn_user
 from cellvae.module import VAE
 
 POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean takes each cell's draw r mod 4
@@ -387,8 +387,8 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
     if group2 is not None and np.ndim(group2) != 0:
         raise TypeError(f"group2 takes one group (or None for all other cells), got {group2!r}")
     second = None if group2 is None else asked(group2)
-    if isinstance(group1, (set, frozenset)):  # (np.ndim takes a set for one value: it was looked up as one group)
-        raise TypeError(f"group1 takes a group or a list of groups, got a set {group1!r}: pass sorted(...) or a list")
+    check_ordered(group1, "group1", "a group or a list of groups")
+    check_ordered(group2, "group2", "one group (or None for all other cells)", "name one group")
     if group1 is not None and np.ndim(group1) != 0 and len(group1) == 0:
         raise ValueError(f"group1 names no group (it is empty); name one or more groups of {source}, or None for each in turn")
     if group1 is None:

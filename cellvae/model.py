@@ -2512,6 +2512,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             return [None]
         if not self.config.batch_key:
             raise ValueError(f"{name} needs a model trained with batch_key")
+        data.check_ordered(transform_batch, name, "a batch or a list of batches")
         # Batch names are stored as strings (an integer column's 1016 is "1016"), as obs[batch_key].astype(str).
         scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
         given = [transform_batch] if scalar else list(transform_batch)

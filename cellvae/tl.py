@@ -25,6 +25,7 @@ from cellvae import diagnostics
 from cellvae.data import (
     cell_positions,
     check_one_name,
+    check_ordered,
     check_positive_int,
     gene_names,
     is_backed_matrix,
@@ -841,6 +842,7 @@ def rank_genes_groups(
     scanpy_name = {group_name(category): str(category) for category in column.cat.categories}
     own_name = {name: own for own, name in scanpy_name.items()}
     reference = own_name.get(str(reference), reference)
+    check_ordered(groups, "groups", "'all' or a list of groups (in the order the result lists them)")
     if isinstance(groups, str) and groups != "all":
         groups = [groups]
     groups = groups if isinstance(groups, str) else [own_name.get(str(g), g) for g in groups]

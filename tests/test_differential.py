@@ -417,8 +417,16 @@ def test_bad_arguments_are_refused_before_any_work(simulated, model, monkeypatch
     for group2 in (None, "type1"):  # it said the column had no labelled cells, or that the reference was asked for
         with pytest.raises(ValueError, match=r"^group1 names no group \(it is empty\); name one or more groups of obs"):
             model.differential_expression(groupby="cell_type", group1=[], group2=group2)
-    with pytest.raises(TypeError, match=r"group1 takes a group or a list of groups, got a set \{'type0'\}: pass sorted"):
-        model.differential_expression(groupby="cell_type", group1={"type0"})  # (looked up as the group "{'type0'}")
+    # sets, dict views, generators: numpy takes them for one value, looked up as a group named by their repr
+    for unordered in ({"type0"}, dict.fromkeys(["type0"]).keys(), (g for g in ["type0"])):
+        with pytest.raises(TypeError, match=r"^group1 takes a group or a list of groups, got a \w+ \(.*\): pass a list"):
+            model.differential_expression(groupby="cell_type", group1=unordered)
+    with pytest.raises(TypeError, match=r"^group2 takes one group \(or None for all other cells\), got a set .*: name one"):
+        model.differential_expression(groupby="cell_type", group1="type0", group2={"type1"})
+    with pytest.raises(TypeError, match=r"^batchid1 takes a batch or a list of batches, got a set"):
+        model.differential_expression(groupby="cell_type", group1="type0", batchid1={"batch0"})
+    with pytest.raises(TypeError, match=r"^groups takes 'all' or a list of groups \(in the order the result lists them\)"):
+        cellvae.tl.rank_genes_groups(simulated.copy(), "cell_type", model=model, groups={"type0", "type1"})
     # a list holding the reference too leaves it out, as group1=None does (an audit: the whole call was refused)
     listed = model.differential_expression(groupby="cell_type", group1=["type0", "type1"], group2="type1", n_draws=100)
     alone = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=100)
