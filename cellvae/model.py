@@ -147,7 +147,7 @@ SCVI_TOOLS_ARGUMENTS = {
     ],
     "return_mean": [("transform_batch", POSTERIOR_MEAN)],
     "n_epochs_kl_warmup": [
-        ("fit", "give the KL warm-up, in epochs, to the model: CellVAE(adata, kl_warmup=...), tl.embed(adata, kl_warmup=...)")
+        ("fit", "give the KL warm-up, in epochs, to the model as kl_warmup=... (of CellVAE, tl.embed, tl.rate_distortion_sweep)")
     ],
     "deeply_inject_covariates": [
         (

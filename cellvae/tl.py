@@ -79,7 +79,7 @@ def _check_model_kwargs(model_kwargs: dict, tool: str) -> None:
             if needs in OWN_FIT_OPTIONS:
                 where = f" (pass {needs}= to {tool} itself)"
             elif needs in FIT_OPTIONS:
-                where = " (CellVAE.fit's options go in fit_kwargs={...})"
+                where = " (CellVAE.fit's options go in fit_kwargs={...}; the model's, such as kl_warmup, are the tool's own)"
             raise TypeError(
                 f"{tool}() got an unexpected keyword argument {name!r}, scvi-tools' name for an option of training: "
                 f"{advice}{where}"
@@ -546,11 +546,11 @@ def transfer_labels(
     if unknown_threshold is not None or novelty_threshold is not None:
         # cells voted "Unknown" would be told from those over a threshold by nothing (or by the case of a letter)
         clashing = [str(name) for name in names if str(name).casefold() == "unknown"]
-        if clashing:
-            shared = "so the two share one label" if clashing[0] == "Unknown" else "so the two differ in case alone"
+        for label in clashing:  # ('Unknown' and 'unknown' both: each told)
+            shared = "so the two share one label" if label == "Unknown" else "so the two differ in case alone"
             warn_user(
-                f"ref_adata.obs[{labels_key!r}] has a label {clashing[0]!r}, and query cells over unknown_threshold "
-                f"or novelty_threshold are labelled 'Unknown', {shared}; pass unlabeled_category={clashing[0]!r} if "
+                f"ref_adata.obs[{labels_key!r}] has a label {label!r}, and query cells over unknown_threshold "
+                f"or novelty_threshold are labelled 'Unknown', {shared}; pass unlabeled_category={label!r} if "
                 "those reference cells are unlabelled, or rename that label",
                 UserWarning,
             )

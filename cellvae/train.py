@@ -516,7 +516,12 @@ def train(
             interrupts.check()
         if not stop and len(rows) > 1 and best["epoch"] == rows[-1]["epoch"]:  # the epochs ran out while improving
             last = rows[-1]["validation_loss" if has_validation else "train_loss"]  # (a resumed finished run trains none)
-            bar.set_postfix(epoch=f"{len(rows)}/{settings.max_epochs}", loss=f"{last:.1f}", best="the last: more epochs may help")
+            note = {
+                "epoch": f"{len(rows)}/{settings.max_epochs}",
+                "loss": f"{last:.1f}",
+                "best": "the last: more epochs may help",
+            }
+            bar.set_postfix(ordered_dict=note)  # (in this order: keywords would be sorted)
     except KeyboardInterrupt:
         if not rows:  # no epoch finished: nothing of this run to keep (the caller puts the model back)
             raise

@@ -376,6 +376,12 @@ def test_label_transfer_refuses_an_empty_query_and_warns_of_a_reference_label_na
     told = r"has a label 'unknown', .* so the two differ in case alone; pass unlabeled_category='unknown' if"
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.transfer_labels(reference, embedded, "cell_type", novelty_threshold=0.95)
+    reference.obs["cell_type"] = reference.obs["cell_type"].cat.rename_categories({"type1": "Unknown"})
+    with warnings.catch_warnings(record=True) as caught:  # both: each told (following one advice left the other)
+        warnings.simplefilter("always")
+        cellvae.tl.transfer_labels(reference, embedded, "cell_type", novelty_threshold=0.95)
+    told = sorted(str(w.message).split("has a label ")[1][:9] for w in caught if "has a label" in str(w.message))
+    assert told == ["'Unknown'", "'unknown'"]
     one = query[:1].copy()
     with pytest.raises(ValueError, match=r"at least 10 query cells with counts, got 1: .*map the new batches' cells together"):
         model.map_query(one, progress=False)

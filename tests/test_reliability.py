@@ -309,7 +309,10 @@ def test_embed_points_fit_options_to_fit_kwargs_before_training(messy, monkeypat
     # scvi-tools' names of training options, given as the model's: the cellvae name, and where fit's options go
     with pytest.raises(TypeError, match=r"embed\(\) got .* 'train_size', scvi-tools' name .*validation_size=.*fit_kwargs"):
         cellvae.tl.embed(adata, layer="counts", train_size=0.9)
-    with pytest.raises(TypeError, match=r"rate_distortion_sweep\(\) got .* 'n_epochs_kl_warmup', .*kl_warmup=\.\.\.\)$"):
+    with pytest.raises(
+        TypeError,
+        match=r"rate_distortion_sweep\(\) got .* 'n_epochs_kl_warmup', .*kl_warmup=\.\.\. \(.*tl.rate_distortion_sweep\)$",
+    ):
         cellvae.tl.rate_distortion_sweep(adata, layer="counts", n_epochs_kl_warmup=5)  # (a model argument: no fit_kwargs)
     with pytest.raises(TypeError, match=r"'enable_progress_bar', .*: use progress= \(pass progress= to embed itself\)$"):
         cellvae.tl.embed(adata, layer="counts", enable_progress_bar=False)  # (fit_kwargs refuses progress)
