@@ -95,6 +95,10 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     """An error's or warning's advice, given in Python's terms, with the command line's options (``args``: the
     command's, whose input file a fix in Python reads)."""
     message = message.replace("pass overwrite=True", "pass --overwrite")
+    message = message.replace(  # (map_query's word where every query batch is the reference's)
+        "embed the query with reference_model.get_latent(query_adata), or rename its batches to map them as new ones",
+        "embed it with cellvae embed and the reference model, or pass --batch-prefix to map its batches as new ones",
+    )
     message = message.replace("nothing was written into adata", "nothing was written (neither --out nor the model)")
     message = re.sub(  # the command line has no --lr
         r"run it again with a smaller one, e.g. fit_kwargs=\{'lr': ([^}]+)\}",

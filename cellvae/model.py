@@ -78,6 +78,8 @@ LOG_LARGEST_COUNT, LOG_CHECK_VALUES = 10, 100_000
 SCVI_TOOLS_METHODS = {
     "setup_anndata": "CellVAE(adata, layer=..., batch_key=..., categorical_covariate_keys=..., continuous_covariate_keys=...)",
     "train": "fit(...)",
+    "is_trained_": "is_trained",
+    "history_": "history",
     "get_latent_representation": "get_latent(...)",
     "posterior_predictive_sample": "sample_counts(...) (samples on the first axis)",
     "load_query_data": "reference_model.map_query(query) (which also trains the mapping)",
@@ -146,6 +148,10 @@ SCVI_TOOLS_ARGUMENTS = {
         ("n_draws", "use n_draws=, the posterior draws per group"),
     ],
     "return_mean": [("transform_batch", POSTERIOR_MEAN)],
+    "dir_path": [("path", "use path=, the model's folder")],
+    "freeze_dropout": [
+        ("map_query", "drop it: map_query trains with the model's dropout on, as scvi-tools' default freeze_dropout=False")
+    ],
     "n_epochs_kl_warmup": [
         ("fit", "give the KL warm-up, in epochs, to the model as kl_warmup=... (of CellVAE, tl.embed, tl.rate_distortion_sweep)")
     ],
@@ -1356,6 +1362,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ persistence
 
+    @_scvi_tools_names
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` (with :attr:`train_settings` in its metadata) and
         ``history.json`` into directory ``path``.
@@ -1833,7 +1840,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             loader, cells = query_model._loader(aligned, training_device)
         _graft_reference(self.module, query_model.module)
         query_model.is_trained = True
-        if not _query_parameters(query_model.module):
+        if not _query_parameters(query_model.module):  # (query_model.fit would refuse: nothing of it trains)
+            data.warn_user(
+                "map_query trained nothing: every query batch and covariate category is the reference's (and "
+                "train_input_layer=False), so the query model embeds as the reference model does; embed the query with "
+                "reference_model.get_latent(query_adata), or rename its batches to map them as new ones",
+                UserWarning,
+            )
             return query_model
         nonempty = cells[loader.library[cells] > 0]
         _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", query_adata, "query_adata")

@@ -806,7 +806,7 @@ def read_checkpoint(
     if differ:
         was = {k: meta["run"].get(k) for k in differ if not k.endswith("sha256")}
         raise ValueError(
-            f"{path} was written by a different run: {differ} differ (checkpoint: {was}); "
+            f"{path} was written by a different run: {differ} differ{f' (checkpoint: {was})' if was else ''}; "
             f"resume with the same data, model and fit arguments, or {advice}"
         )
     try:

@@ -910,7 +910,9 @@ def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference
         loaded.fit(weight_decay=1e-4, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in loaded.module.state_dict().items())
     with pytest.warns(UserWarning, match="already exist in the reference"):
-        known = model.map_query(reference[reference.obs["batch"] == "batch1"].copy(), progress=False)
+        # told at once (the next step of the README, query_model.fit, refused with nothing to train)
+        with pytest.warns(UserWarning, match=r"map_query trained nothing: .*reference_model.get_latent\(query_adata\)"):
+            known = model.map_query(reference[reference.obs["batch"] == "batch1"].copy(), progress=False)
     with pytest.raises(ValueError, match="nothing to train"):
         known.fit(progress=False)
     with pytest.raises(ValueError, match="no training history: map_query had nothing to train"):

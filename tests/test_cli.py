@@ -1370,6 +1370,8 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     with pytest.warns(UserWarning, match="already exist in the reference") as told:
         assert main([*command, "--out", str(tmp_path / "frozen.h5ad")]) == 0
     assert "new batches: []" in capsys.readouterr().out
+    nothing = next(str(w.message) for w in told if "trained nothing" in str(w.message))
+    assert "embed it with cellvae embed and the reference model, or pass --batch-prefix" in in_command_line_terms(nothing)
     advice = in_command_line_terms(str(told[0].message))  # as the shell shows it
     assert "Pass --batch-prefix 'query ' to map them as new batches" in advice and "Python" not in advice
     prefixed_already = in_command_line_terms(str(told[0].message), argparse.Namespace(batch_prefix="query "))

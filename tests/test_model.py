@@ -1491,6 +1491,14 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.differential_expression(groupby="cell_type", group1="Rest")
     with pytest.raises(TypeError, match=r"fit\(\) takes keywords only, got 1 positional; e.g. fit\(max_epochs=...\)"):
         model.fit(1)  # scvi-tools' train(max_epochs) by position
+    with pytest.raises(TypeError, match=r"'dir_path', scvi-tools' name: use path="):
+        model.save(dir_path="no_such_folder")
+    with pytest.raises(TypeError, match=r"'dir_path', scvi-tools' name: use path="):
+        CellVAE.load(dir_path="no_such_folder")
+    with pytest.raises(AttributeError, match=r"'history_' \(scvi-tools' history_; in cellvae: history\)"):
+        model.history_  # noqa: B018
+    with pytest.raises(TypeError, match=r"'freeze_dropout', scvi-tools' name: drop it: .*dropout on"):
+        model.map_query(model.adata, freeze_dropout=True)
     with pytest.raises(TypeError, match=r"^CellVAE.load\(\) takes path, adata by position .*, got 3 positional"):
         CellVAE.load("no_such_folder", None, True)  # (a classmethod's cls is not counted, as a method's self)
     with pytest.raises(TypeError, match=r"get_latent\(\) takes adata by position and the rest by keyword, got 2 positional"):
