@@ -1137,6 +1137,14 @@ def learn_covariate_layout(
                 "share; a column with about one value per cell (an ID, a QC number) cannot be corrected for: check the key",
                 UserWarning,
             )
+    for key, names in categories.items():
+        if len(names) == 1 and len(obs) > 1:
+            warn_user(
+                f"obs[{key!r}] is {names[0]!r} in all {len(obs):,} cells, so there is nothing to correct for: the model "
+                "learns what it would without it. Leave it out or check the column (a subset of one sample?)"
+                + ("; a reference that map_query will extend with new batches keeps its batch_key" if key == batch_key else ""),
+                UserWarning,
+            )
     means, stds = [], []
     for key in continuous_keys:
         values = _continuous_values(obs, key)

@@ -840,6 +840,14 @@ def test_covariates_are_used(two_batches):
     with pytest.warns(UserWarning, match=r"obs\['percent_mito'\] is 0\.1 in every cell, so the model cannot learn"):
         constant_model = CellVAE(constant, continuous_covariate_keys=["percent_mito"])
     assert constant_model.layout.continuous_std == [1.0]
+    # so is a batch or categorical covariate of one value (e.g. a subset of one sample): told, and trained
+    one_sample = two_batches[two_batches.obs["batch"] == "batch1"].copy()
+    with pytest.warns(UserWarning, match=r"obs\['batch'\] is 'batch1' in all .* cells, so there is nothing .*batch_key$"):
+        one_batch_model = CellVAE(one_sample, batch_key="batch", n_hidden=16)
+    assert one_batch_model.config.batch_categories == ["batch1"]
+    one_sample.obs["plate"] = "p1"
+    with pytest.warns(UserWarning, match=r"obs\['plate'\] is 'p1' in all .* sample\?\)$"):
+        CellVAE(one_sample, categorical_covariate_keys=["plate"], n_hidden=16)
     # donor IDs of a categorical column, given as continuous: read as numbers, with a warning
     donors = adata.copy()
     donors.obs["donor"] = pd.Categorical(np.where(np.arange(300) % 2 == 0, "101", "107"))
@@ -1089,8 +1097,9 @@ def test_reads_in_only_some_batches_get_a_warning_that_names_them_and_points_to_
     with pytest.warns(UserWarning, match=match) as caught:
         CellVAE(mixed, batch_key="batch")
     assert len(caught) == 1
-    with no_warnings():  # the advice taken, or reads left out
+    with no_warnings():  # the advice taken, or reads left out (one batch left: told that alone)
         CellVAE(mixed, batch_key="batch", dispersion="gene-batch")
+        warnings.filterwarnings("ignore", message=r"obs\['batch'\] is 'ctrl' in all 750 cells, so there is nothing")
         CellVAE(mixed[mixed.obs["batch"] == "ctrl"], batch_key="batch")
     with pytest.warns(UserWarning, match=r"adata.X looks like read counts, not UMI counts: only 1\.\d%.*'gene-cell'"):
         CellVAE(mixed[mixed.obs["batch"] == "stim"], batch_key="batch")  # reads in every batch: one dispersion per cell
