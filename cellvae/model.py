@@ -108,7 +108,14 @@ SCVI_TOOLS_ARGUMENTS = {
         ("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"),
     ],
     "device": [("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it")],
-    "prefix": [("load", "drop it: a cellvae model folder holds one model, its files named without a prefix")],
+    "devices": [("device", "use device= for one device ('cuda', 'cuda:1'); for several GPUs launch with torchrun (README)")],
+    "use_gpu": [("device", "use device= ('cuda', 'auto' or 'cpu')")],
+    "prefix": [
+        ("load", "drop it: a cellvae model folder holds one model, its files named without a prefix"),
+        ("save", "drop it: a cellvae model folder holds one model, its files named without a prefix"),
+    ],
+    "use_observed_lib_size": [("__init__", "drop it: cellvae scales each cell by its observed total counts, as scVI's default")],
+    "batch_representation": [("__init__", "drop it: cellvae gives the batch one-hot, as scVI's default 'one-hot'")],
     "latent_distribution": [("__init__", "drop it: cellvae's posterior and prior are normal, as scVI's default 'normal'")],
     "check_val_every_n_epoch": [("fit", "drop it: cellvae computes the validation loss after every epoch")],
     "plan_kwargs": [
@@ -127,6 +134,11 @@ SCVI_TOOLS_ARGUMENTS = {
     "labels_key": [("__init__", "cellvae has no scANVI: train without labels, then cellvae.tl.transfer_labels(...)")],
     "size_factor_key": [("__init__", "drop it: cellvae scales each cell by its total counts, as scVI without it")],
     "early_stopping_patience": [("patience", "use patience=")],
+    "early_stopping_monitor": [("patience", "drop it: cellvae stops on the validation loss (its negative ELBO per cell)")],
+    "early_stopping_min_delta": [("patience", "drop it: cellvae counts an epoch as better where its validation loss is lower")],
+    "datasplitter_kwargs": [("validation_size", "drop it: fit holds out validation_size= of the cells, drawn by random_state=")],
+    "shuffle_set_split": [("validation_size", "drop it: fit draws its validation cells at random (random_state=)")],
+    "load_sparse_tensor": [("fit", "drop it: cellvae reads sparse counts as they are stored")],
     "enable_progress_bar": [("progress", "use progress=")],
     "give_mean": [("mean", "use mean="), ("get_likelihood_parameters", POSTERIOR_MEAN)],
     "indices": [("adata", "pass those cells as an AnnData, adata[indices]")],
@@ -147,7 +159,13 @@ SCVI_TOOLS_ARGUMENTS = {
         ("get_likelihood_parameters", POSTERIOR_MEAN),
         ("n_draws", "use n_draws=, the posterior draws per group"),
     ],
-    "return_mean": [("transform_batch", POSTERIOR_MEAN)],
+    "return_mean": [
+        ("transform_batch", POSTERIOR_MEAN),
+        ("marginal_log_likelihood", "drop it: cellvae returns one value per cell; .mean() gives scvi-tools' default"),
+        ("rate_distortion", "drop it: cellvae returns one row per cell; .mean() gives the figures to quote"),
+    ],
+    "two_sided": [("delta", "drop it: proba_de is P(|lfc| > delta), both directions; proba_up and proba_down give each")],
+    "test_mode": [("delta", "drop it: proba_de is P(|lfc| > delta), both directions; proba_up and proba_down give each")],
     "dir_path": [("path", "use path=, the model's folder")],
     "freeze_dropout": [
         ("map_query", "drop it: map_query trains with the model's dropout on, as scvi-tools' default freeze_dropout=False")
@@ -193,9 +211,10 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
         if len(args) > len(positional) and by_keyword:  # e.g. fit(10), as scvi-tools' train(max_epochs) is called
             by_position = ", ".join(p.name for p in positional[bound:])
             takes = f"takes {by_position} by position and the rest by keyword" if by_position else "takes keywords only"
+            epochs = "max_epochs" in by_keyword and isinstance(args[len(positional)], int)  # map_query(query, 5)
             raise TypeError(
                 f"{method.__qualname__}() {takes}, got {len(args) - bound} positional; "
-                f"e.g. {method.__name__}({by_keyword[0]}=...)"
+                f"e.g. {method.__name__}({'max_epochs' if epochs else by_keyword[0]}=...)"
             )
         for name in sorted(kwargs.keys() - accepted):
             advice = next((advice for needs, advice in arguments.get(name, []) if needs in applies | {None}), "")

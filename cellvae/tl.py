@@ -420,6 +420,9 @@ def transfer_labels(
     Each neighbour's vote weighs ``exp(-(d / d_k)^2)``, with ``d_k`` the query cell's distance
     to its k-th neighbour, so closer reference cells count more whatever the embedding's scale.
     Where ``k`` or more reference cells lie exactly at a query cell's point, all of them vote, alike.
+    A query cell that is itself a labelled reference cell (the same obs name and embedding: e.g. one AnnData
+    passed as both, as scANVI's ``predict`` labels its own cells) does not vote for itself, so its prediction,
+    uncertainty and novelty are those of a cell the reference had not seen.
     The vote cannot tell that a cell lies far from every reference cell (a cell type the reference
     lacks is often voted into its nearest type with confidence); the novelty score can.
 
@@ -504,9 +507,11 @@ def transfer_labels(
     n_jobs = _n_jobs(n_jobs)
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
         if use_rep not in adata.obsm:
+            shared = [key for key in ref_adata.obsm if key in query_adata.obsm and _same_width(ref_adata, query_adata, key)]
+            either = f"pass use_rep={shared[0]!r} if both hold the same model's embedding there, or " if shared else ""
             raise KeyError(
                 f"use_rep {use_rep!r} not found in {name}.obsm (available: {list(adata.obsm.keys())}); "
-                "embed both with the same model first, e.g. query_model.get_latent(...)"
+                f"{either}embed both with the same model first, e.g. query_model.get_latent(...)"
             )
     reference = np.asarray(ref_adata.obsm[use_rep], dtype=np.float64)
     query = np.asarray(query_adata.obsm[use_rep], dtype=np.float64)
@@ -528,8 +533,18 @@ def transfer_labels(
             f"ref_adata.obs[{labels_key!r}] holds labels of different types with the same text (e.g. 1 and '1'), "
             "which soft=True cannot name apart; convert the column to one type first, e.g. .astype(str)"
         )
+    # a query cell that is itself a voter (ref_adata and query_adata one AnnData, as scANVI's predict) votes not for itself
+    own_voter = _own_voter(ref_adata, query_adata, labelled, reference, query)
+    leave_out = bool((own_voter >= 0).any())
+    if leave_out and k >= labelled.sum():
+        raise ValueError(
+            f"k={k} leaves no voter to spare: query cells that are labelled reference cells do not vote for themselves, "
+            f"so k must be below the {int(labelled.sum())} labelled reference cells; lower k"
+        )
     voters = NearestNeighbors(n_neighbors=k, n_jobs=n_jobs).fit(reference[labelled])
-    distances, neighbours = voters.kneighbors(query)
+    distances, neighbours = voters.kneighbors(query, n_neighbors=k + int(leave_out))
+    if leave_out:
+        distances, neighbours = _without_own_voter(distances, neighbours, own_voter)
     bandwidth = np.maximum(distances[:, -1:], 1e-12)
     weights = np.exp(-((distances / bandwidth) ** 2))
     winner, winning_weight = _weighted_vote(codes[neighbours], weights)
@@ -538,7 +553,10 @@ def transfer_labels(
     # them kneighbors returned depended on their order, so all of them vote, alike
     tied = _exactly_at_their_voters(query, reference[labelled], neighbours, distances)
     points, point_of = np.unique(query[tied], axis=0, return_inverse=True)
-    tied_shares = _shares_at_points(reference[labelled], codes, points, len(names))[point_of.ravel()]
+    tied_counts = _labels_at_points(reference[labelled], codes, points, len(names))[point_of.ravel()]
+    own_tied = own_voter[tied]
+    tied_counts[np.flatnonzero(own_tied >= 0), codes[own_tied[own_tied >= 0]]] -= 1  # (its own vote left out)
+    tied_shares = tied_counts / tied_counts.sum(axis=1, keepdims=True)
     winner[tied], uncertainty[tied] = tied_shares.argmax(axis=1), 1.0 - tied_shares.max(axis=1)
     predicted = names[winner].astype(object)
     novelty = _novelty(voters, reference[labelled], distances, k)
@@ -680,15 +698,46 @@ def _exactly_at_their_voters(query: np.ndarray, reference: np.ndarray, neighbour
     return tied
 
 
-def _shares_at_points(reference: np.ndarray, codes: np.ndarray, points: np.ndarray, n_labels: int) -> np.ndarray:
-    """Each label's share (points × labels) among the ``reference`` cells (with label ``codes``) that lie exactly at
-    each of ``points``."""
+def _same_width(ref_adata: ad.AnnData, query_adata: ad.AnnData, key: str) -> bool:
+    """Whether ``obsm[key]`` of both AnnDatas is a table of as many columns (an embedding they may share)."""
+    widths = {np.shape(adata.obsm[key])[1:] for adata in (ref_adata, query_adata)}
+    return len(widths) == 1 and len(widths.pop()) == 1
+
+
+def _labels_at_points(reference: np.ndarray, codes: np.ndarray, points: np.ndarray, n_labels: int) -> np.ndarray:
+    """How many of the ``reference`` cells (with label ``codes``) that lie exactly at each of ``points`` hold each
+    label (points × labels)."""
     counts = np.zeros((len(points), n_labels))
     candidates = np.flatnonzero(np.isin(reference[:, 0], points[:, 0]))  # (one coordinate first: a cheap pass)
     for row, point in enumerate(points):
         members = candidates[(reference[candidates] == point).all(axis=1)]
         counts[row] = np.bincount(codes[members], minlength=n_labels)
-    return counts / counts.sum(axis=1, keepdims=True)
+    return counts
+
+
+def _own_voter(
+    ref_adata: ad.AnnData, query_adata: ad.AnnData, labelled: np.ndarray, reference: np.ndarray, query: np.ndarray
+) -> np.ndarray:
+    """Per query cell, its row among the voting reference cells where it is one of them (the same obs name and
+    embedding), else -1. Obs names that are not unique in either AnnData name no cell for sure: then -1 for all."""
+    own = np.full(len(query), -1, dtype=np.int64)
+    if not (ref_adata.obs_names.is_unique and query_adata.obs_names.is_unique):
+        return own
+    found = ref_adata.obs_names[labelled].get_indexer(query_adata.obs_names)
+    cells = np.flatnonzero(found >= 0)
+    same = (reference[labelled][found[cells]] == query[cells]).all(axis=1)
+    own[cells[same]] = found[cells[same]]
+    return own
+
+
+def _without_own_voter(distances: np.ndarray, neighbours: np.ndarray, own_voter: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The ``k + 1`` nearest voters of each query cell less one: the cell itself where it is among them, else the
+    farthest (the cell's twins at its point may have come first)."""
+    dropped = neighbours == own_voter[:, None]
+    dropped[~dropped.any(axis=1), -1] = True
+    kept = ~dropped
+    shape = (len(neighbours), neighbours.shape[1] - 1)
+    return distances[kept].reshape(shape), neighbours[kept].reshape(shape)
 
 
 def _novelty(voters, reference: np.ndarray, query_distances: np.ndarray, k: int) -> np.ndarray:

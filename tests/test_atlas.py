@@ -609,6 +609,46 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     assert not query.obs["stage_predicted"].cat.ordered
 
 
+def test_a_query_cell_that_is_a_labelled_reference_cell_does_not_vote_for_itself():
+    """One AnnData as reference and query (as scANVI's predict labels its own cells): each labelled cell gets what it
+    would as a query of the reference without it, so its novelty is on the scale of cells the reference has not seen."""
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0.0, 1.0, (150, 5)), rng.normal(1.5, 1.0, (150, 5))])
+    points[:30] = 8.0  # 30 cells at one point far from the rest (20 A, 10 B): all of them vote, the cell itself not
+    labels = np.array(["A"] * 20 + ["B"] * 10 + ["A"] * 120 + ["B"] * 150, dtype=object)
+    labels[rng.choice(np.arange(30, 300), 60, replace=False)] = "unknown"
+    names = [f"c{i}" for i in range(300)]
+    adata = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=names), obsm={"X_cellvae": points})
+    options = {"labels_key": "cell_type", "unlabeled_category": "unknown", "soft": True, "copy": True}
+    together = cellvae.tl.transfer_labels(adata, adata, **options)
+    columns = ["cell_type_predicted", "cell_type_uncertainty", "cell_type_novelty"]
+    for cell in [0, 25, *np.flatnonzero(labels[30:] != "unknown")[::12] + 30]:
+        alone = cellvae.tl.transfer_labels(adata[np.arange(300) != cell].copy(), adata[[cell]].copy(), **options)
+        assert together.obs["cell_type_predicted"].iloc[cell] == alone.obs["cell_type_predicted"].iloc[0]
+        np.testing.assert_allclose(together.obs["cell_type_uncertainty"].iloc[cell], alone.obs["cell_type_uncertainty"].iloc[0])
+        np.testing.assert_allclose(together.obsm["cell_type_vote_shares"][cell], alone.obsm["cell_type_vote_shares"][0])
+    np.testing.assert_allclose(together.obsm["cell_type_vote_shares"][[0, 25]], [[19 / 29, 10 / 29], [20 / 29, 9 / 29]])
+    # cells seen by the reference score as unseen ones do (a cell voting for itself had a neighbour at distance 0)
+    seen = labels[30:] != "unknown"
+    assert 0.35 < np.median(together.obs["cell_type_novelty"].to_numpy()[30:][seen]) < 0.65
+    # unlabelled cells cast no vote: named otherwise, or their AnnData another object, the same results
+    renamed = adata.copy()
+    renamed.obs_names = [f"query{i}" for i in range(300)]
+    apart = cellvae.tl.transfer_labels(adata, renamed, **options)
+    unlabelled = labels == "unknown"
+    pd.testing.assert_frame_equal(
+        together.obs.loc[unlabelled, columns].reset_index(drop=True), apart.obs.loc[unlabelled, columns].reset_index(drop=True)
+    )
+    assert (
+        apart.obs["cell_type_novelty"].to_numpy()[~unlabelled] <= together.obs["cell_type_novelty"].to_numpy()[~unlabelled]
+    ).mean() > 0.9
+    same_object = adata.copy()
+    cellvae.tl.transfer_labels(same_object, same_object, **{**options, "copy": False})
+    pd.testing.assert_frame_equal(same_object.obs[columns], together.obs[columns])
+    with pytest.raises(ValueError, match=r"k=240 leaves no voter to spare: .* below the 240 labelled reference cells"):
+        cellvae.tl.transfer_labels(adata, adata, "cell_type", k=240, unlabeled_category="unknown")
+
+
 def test_reference_cells_tied_at_a_query_cells_point_all_vote_whatever_their_order():
     """30 reference cells at one point (20 A, then 10 B; e.g. cells without counts) and k=15: the first 15 voted A,
     uncertainty 0; reversed, B would have."""
@@ -691,6 +731,22 @@ def labelled_reference(labels, positions) -> ad.AnnData:
 def query_at(positions) -> ad.AnnData:
     positions = np.asarray(positions, dtype=float)
     return ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(len(positions))]), obsm={"X_cellvae": positions})
+
+
+def test_an_embedding_under_another_key_in_both_anndatas_is_named_in_the_missing_key_error():
+    reference = labelled_reference(["A", "B"], [[-1.0, 0.0], [1.0, 0.0]])
+    query = query_at([[0.0, 0.0]])
+    for adata in (reference, query):  # as scvi-tools stores it
+        adata.obsm["X_scVI"] = adata.obsm.pop("X_cellvae")
+    query.obsm["X_pca"] = np.zeros((1, 5))  # in one of them only, or of another width: not offered
+    reference.obsm["X_umap"], query.obsm["X_umap"] = np.zeros((2, 2)), np.zeros((1, 3))
+    with pytest.raises(KeyError, match=r"not found in ref_adata.obsm .*; pass use_rep='X_scVI' if both hold the same"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, use_rep="X_scVI")  # as told
+    assert "cell_type_predicted" in query.obs
+    del reference.obsm["X_scVI"]
+    with pytest.raises(KeyError, match=r"not found in ref_adata.obsm \(available: \['X_umap'\]\); embed both with the"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
 
 
 def test_transfer_labels_into_a_view_of_a_few_cells_copies_those_cells_not_every_cells_column_indices():

@@ -1523,6 +1523,29 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
     with pytest.raises(TypeError, match=r"'prefix', scvi-tools' name: drop it: a cellvae model folder holds one model"):
         CellVAE.load(tmp_path / "saved", prefix="reference_")
     assert CellVAE.load(tmp_path / "saved", adata).device.type == "cpu"  # as told
+    # more of scvi-tools 1.x's spellings, each answered where it is given
+    refused = [
+        (lambda: model.save(tmp_path / "other", prefix="ref_"), r"'prefix', .*: drop it: a cellvae model folder holds one"),
+        (lambda: model.fit(devices=1), r"'devices', .*: use device= for one device"),
+        (lambda: model.fit(use_gpu=False), r"'use_gpu', .*: use device= \('cuda', 'auto' or 'cpu'\)"),
+        (lambda: model.fit(early_stopping_monitor="elbo_validation"), r"'early_stopping_monitor', .*validation loss"),
+        (lambda: model.fit(early_stopping_min_delta=0.0), r"'early_stopping_min_delta', .*: drop it"),
+        (lambda: model.fit(datasplitter_kwargs={}), r"'datasplitter_kwargs', .*validation_size="),
+        (lambda: model.fit(shuffle_set_split=True), r"'shuffle_set_split', .*random_state="),
+        (lambda: model.fit(load_sparse_tensor=True), r"'load_sparse_tensor', .*: drop it"),
+        (lambda: CellVAE(adata, use_observed_lib_size=True), r"'use_observed_lib_size', .*observed total counts"),
+        (lambda: CellVAE(adata, batch_representation="one-hot"), r"'batch_representation', .*one-hot"),
+        (lambda: model.marginal_log_likelihood(return_mean=True), r"'return_mean', .*one value per cell; \.mean\(\)"),
+        (lambda: model.rate_distortion(return_mean=True), r"'return_mean', .*one row per cell; \.mean\(\)"),
+        (lambda: model.differential_expression(groupby="cell_type", group1="type0", two_sided=True), r"'two_sided', .*"),
+        (lambda: model.differential_expression(groupby="cell_type", group1="type0", test_mode="two"), r"'test_mode', .*"),
+        (lambda: cellvae.tl.embed(adata.copy(), use_gpu=False), r"^embed\(\) .* 'use_gpu', .*fit_kwargs=\{\.\.\.\}"),
+        (lambda: model.map_query(adata, 5), r"map_query\(\) takes .*; e.g. map_query\(max_epochs=\.\.\.\)$"),
+    ]
+    for call, message in refused:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert not (tmp_path / "other").exists()
     # scArches' and scANVI's spellings
     with pytest.raises(TypeError, match=r"'plan_kwargs', scvi-tools' name: give lr= to map_query itself"):
         model.map_query(adata, plan_kwargs={"weight_decay": 0.0})
