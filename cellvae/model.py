@@ -1724,8 +1724,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             which reads layers into memory; ``X`` or a layer of :func:`cellvae.read_h5ad_lazy` or
             :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must hold its batches
             in the reference's batch key). Cells with zero total counts are left out of
-            mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them). Mapping new batches
-            or categories trains on at least 10 cells with counts.
+            mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them). A new batch
+            or category's parameters learn from its own cells alone: one of under 10 cells with counts maps, with a
+            warning that so few place it less surely.
         batch_key
             ``obs`` column of the query's batches; ``None`` uses the reference's batch key. A query
             batch whose name is already a reference batch is treated as that reference batch
@@ -1870,12 +1871,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         nonempty = cells[loader.library[cells] > 0]
         _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", query_adata, "query_adata")
         cells = nonempty
-        if len(cells) < data.MIN_CELLS:
-            raise ValueError(
-                f"mapping needs at least {data.MIN_CELLS} query cells with counts, got {len(cells)}: the new batches' "
-                "parameters are trained on them; map the new batches' cells together (cells of the reference's own "
-                "batches need no mapping: embed them with model.get_latent)"
-            )
+        if not len(cells):
+            raise ValueError("query_adata has no cells with counts: the new batches' parameters would have nothing to learn from")
+        _warn_about_small_new_categories(config, loader.covariates.codes, cells)
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
         # every new batch and new covariate category gets training cells, or its parameters stay at zero
@@ -3098,6 +3096,28 @@ def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) 
             f"{empty} of the {len(cells)} cells have zero total counts: with nothing to reconstruct, each scores "
             "minus its rate alone (a few nats), which skews a mean over cells; drop them first with "
             "sc.pp.filter_cells(adata, min_counts=1)",
+            UserWarning,
+        )
+
+
+def _warn_about_small_new_categories(config: Config, codes: list[np.ndarray], cells: np.ndarray) -> None:
+    """Warn where a query's new batch or covariate category has under ``MIN_CELLS`` cells with counts: map_query learns
+    its parameters from those cells alone."""
+    keys = ([config.batch_key] if config.batch_key else []) + list(config.categorical_covariate_keys)
+    small = []
+    for key, code in zip(keys, codes):
+        names = config.batch_categories if key == config.batch_key else config.categorical_covariate_categories[key]
+        first_new = config.reference_categories.get(key, len(names))
+        counts = np.bincount(code[cells], minlength=len(names))
+        small += [
+            f"obs[{key!r}] {names[i]!r}: {counts[i]}" for i in range(first_new, len(names)) if 0 < counts[i] < data.MIN_CELLS
+        ]
+    if small:
+        shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        data.warn_user(
+            f"new batches or categories with under {data.MIN_CELLS} cells with counts ({shown}): map_query learns each "
+            "one's parameters from its own cells alone, and from so few they are uncertain; map more cells of them "
+            "together where you have them",
             UserWarning,
         )
 

@@ -168,6 +168,26 @@ def test_held_out_batch_is_mapped_and_labels_transfer(reference_and_query, devic
     assert knn_accuracy(joint, np.r_[np.zeros(reference.n_obs), np.ones(query.n_obs)]) < 0.8
 
 
+def test_a_new_batch_of_a_few_cells_is_mapped_with_a_warning(reference_and_query):
+    """A query of 1-9 cells (a small sample) maps: its batch's parameters learn from those cells alone, which the
+    warning says. The cells still land among their own type's reference cells."""
+    model, reference, query = reference_and_query
+    reference = reference.copy()
+    reference.obsm["X_cellvae"] = model.get_latent(reference)
+    for n_cells in (1, 4):
+        few = query[:n_cells].copy()
+        with pytest.warns(UserWarning, match=rf"under 10 cells with counts \(obs\['batch'\] 'batch2': {n_cells}\): map_query"):
+            query_model = model.map_query(few, progress=False, random_state=0)
+        few.obsm["X_cellvae"] = query_model.get_latent(few)
+        cellvae.tl.transfer_labels(reference, few, "cell_type")
+        assert (few.obs["cell_type_predicted"].astype(str) == few.obs["cell_type"].astype(str)).all()
+    empty = query[:3].copy()
+    empty.X = sp.csr_matrix(empty.shape, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"query_adata has no cells with counts"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the empty cells' own warning)
+        model.map_query(empty, progress=False)
+
+
 def test_batch_normalized_reference_keeps_its_statistics_when_mapping(reference_and_query):
     reference, query = (adata.copy() for adata in reference_and_query[1:])
     model = CellVAE(reference, batch_key="batch", normalization="batch").fit(max_epochs=60, progress=False)
