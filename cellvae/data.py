@@ -1103,6 +1103,9 @@ def read_lazily(group):
 # ----------------------------------------------------------------------------- covariates
 
 
+MISSING_AS_TEXT = ("nan", "NaN", "None", "<NA>", "NaT")  # what astype(str) writes for missing values
+
+
 @dataclass
 class CovariateLayout:
     """Which obs columns feed the model and how each is encoded."""
@@ -1138,6 +1141,14 @@ def learn_covariate_layout(
                 UserWarning,
             )
     for key, names in categories.items():
+        missing = [name for name in names if name in MISSING_AS_TEXT]
+        if missing:
+            warn_user(
+                f"obs[{key!r}] has a category {missing[0]!r}, the text of a missing value (.astype(str) writes NaN as "
+                "'nan', None as 'None'): those cells are corrected for as one group of their own; if they have no value, "
+                "give them a name that says so or leave them out",
+                UserWarning,
+            )
         if len(names) == 1 and len(obs) > 1:
             warn_user(
                 f"obs[{key!r}] is {names[0]!r} in all {len(obs):,} cells, so there is nothing to correct for: the model "

@@ -420,7 +420,8 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
                 raise ValueError(
                     "idx1 holds every cell, so there is no other cell to compare with; pass idx2=..."
                     if source == "idx1/idx2"
-                    else f"no cells outside group {name!r} to compare with; pass group2=... or add groups"
+                    else f"no cells outside group {name!r} to compare with: it holds every labelled cell of {source}; "
+                    "group by a column of several groups, or label other cells"
                 )
         else:
             if second == name:

@@ -504,7 +504,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with ``free_bits`` charging the KL as training does;
         without validation cells, the lowest training loss after the KL warm-up), whose ``epoch`` value
         ``history.attrs["best_epoch"]`` holds (the last row is not always the model's). A further
-        ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``.
+        ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``; it validates on
+        the cells its ``random_state`` and ``validation_size`` draw, the earlier fit's with the same values (others
+        are warned of where they include cells the earlier fit trained on).
         Ctrl-C stops training and keeps the best epoch so far, with a warning and
         ``history.attrs["interrupted"]``; Ctrl-C before the first epoch ends raises ``KeyboardInterrupt``
         and leaves the model as it was. Training that diverges (its best epoch worse than the model before
@@ -636,6 +638,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "validation_size for a validation set",
                     UserWarning,
                 )
+            if self.is_trained and self.train_indices is not None:  # a further fit of this session's model
+                seen = np.intersect1d(validation_cells, self.train_indices)
+                if len(seen):
+                    earlier = self.train_settings.random_state if self.train_settings is not None else None
+                    data.warn_user(
+                        f"{len(seen):,} of this fit's {len(validation_cells):,} validation cells were training cells of the "
+                        "earlier fit, so early stopping and the best epoch are judged partly on cells the model has "
+                        f"learnt; to keep the earlier validation cells, continue with its random_state={earlier!r} and "
+                        "validation_size",
+                        UserWarning,
+                    )
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
             # keep as a bool that load refuses)

@@ -1011,7 +1011,8 @@ def rate_distortion_sweep(
     mask_var
         As in :func:`embed`: train and measure on the genes a boolean ``var`` column (or mask) marks.
     labels_key
-        ``obs`` column of cell labels; when given, the held-out latent space is scored against it.
+        ``obs`` column of cell labels; when given, the held-out latent space is scored against it (NaN, with a
+        warning before training, where the labelled held-out cells hold one label, or as many labels as cells).
     held_out
         Fraction of cells (drawn with ``random_state``) kept out of all training and used for every figure;
         drawn cells whose batch or covariate category would be left with no training cell are trained on.
@@ -1093,6 +1094,15 @@ def rate_distortion_sweep(
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
     test, fit_data = _part(adata, held, genes), _part(adata, ~held, genes)
     trained = np.flatnonzero(~held)  # the cells fit_data holds, in adata
+    if labels_key is not None:  # told before training, not found as NaN after it
+        known = test.obs[labels_key].dropna().astype(str)
+        if not 2 <= known.nunique() < len(known):
+            warn_user(
+                f"label_silhouette and label_nmi will be NaN: the {len(known):,} labelled held-out cells hold "
+                f"{known.nunique():,} labels of obs[{labels_key!r}], and the scores need 2 to one fewer than the cells; "
+                "raise held_out, or check the column (labels are cell types or clusters that many cells share)",
+                UserWarning,
+            )
     rows, elbos, model = [], [], None
     for beta in betas:
         if warm_start and model is not None:

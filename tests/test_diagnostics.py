@@ -430,10 +430,16 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     adata.obs.iloc[rare, adata.obs.columns.get_loc("batch")] = "rare"
     adata.obs["unique"] = [f"cell{i}" for i in range(adata.n_obs)]  # as many labels as cells
-    frame = cellvae.tl.rate_distortion_sweep(
-        adata, betas=(1.0,), batch_key="batch", labels_key="unique", max_epochs=2, n_hidden=16, n_latent=4
-    )
+    told = r"label_silhouette and label_nmi will be NaN: the 19 labelled held-out cells hold 19 labels of obs\['unique'\]"
+    with pytest.warns(UserWarning, match=told):
+        frame = cellvae.tl.rate_distortion_sweep(
+            adata, betas=(1.0,), batch_key="batch", labels_key="unique", max_epochs=2, n_hidden=16, n_latent=4
+        )
     assert np.isfinite(frame[["rate", "distortion", "elbo"]].to_numpy()).all()
+    assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
+    adata.obs["few"] = pd.Series(np.where(np.arange(200) < 10, "A", None), index=adata.obs_names)  # 10 labelled cells
+    with pytest.warns(UserWarning, match=r"the \d labelled held-out cells hold [01] labels of obs\['few'\]"):
+        frame = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0,), labels_key="few", max_epochs=1, n_hidden=16, n_latent=4)
     assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
 
 

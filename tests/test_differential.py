@@ -351,6 +351,17 @@ def test_cells_without_a_label_take_no_part(simulated, model):
     np.testing.assert_allclose(result.loc[simulated.var_names, "fraction_nonzero2"], (counts[rest] > 0).mean(0))
 
 
+def test_a_group_holding_every_labelled_cell_is_refused_with_advice_both_entry_points_take(simulated, model):
+    one_group = simulated.copy()
+    one_group.obs["sample"] = pd.Categorical(["s1"] * one_group.n_obs)
+    message = r"no cells outside group 's1' to compare with: it holds every labelled cell of .*; group by a column of"
+    with pytest.raises(ValueError, match=message):
+        model.differential_expression(one_group, groupby="sample", group1="s1", n_draws=100)
+    with pytest.raises(ValueError, match=message):  # (it took no group2= it was told to pass)
+        cellvae.tl.rank_genes_groups(one_group, "sample", model=model, n_draws=100)
+    assert "rank_genes_groups" not in one_group.uns
+
+
 def test_sets_of_cells_are_compared_as_scvi_tools_idx1_idx2(simulated, model):
     types = simulated.obs["cell_type"].to_numpy()
     by_group = model.differential_expression(groupby="cell_type", group1="type0", group2="type1", n_draws=300)

@@ -845,6 +845,11 @@ def test_covariates_are_used(two_batches):
     with pytest.warns(UserWarning, match=r"obs\['batch'\] is 'batch1' in all .* cells, so there is nothing .*batch_key$"):
         one_batch_model = CellVAE(one_sample, batch_key="batch", n_hidden=16)
     assert one_batch_model.config.batch_categories == ["batch1"]
+    # a missing value written as text (astype(str) of NaN) is a category: told
+    named = two_batches.copy()
+    named.obs["batch"] = named.obs["batch"].astype(object).where(named.obs["batch"] == "batch0", np.nan).astype(str)
+    with pytest.warns(UserWarning, match=r"obs\['batch'\] has a category 'nan', the text of a missing value"):
+        CellVAE(named, batch_key="batch", n_hidden=16)
     one_sample.obs["plate"] = "p1"
     with pytest.warns(UserWarning, match=r"obs\['plate'\] is 'p1' in all .* sample\?\)$"):
         CellVAE(one_sample, categorical_covariate_keys=["plate"], n_hidden=16)
@@ -1746,3 +1751,13 @@ def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_b
     np.testing.assert_array_equal(again.validation_indices, validation)  # drawn from random_state
     model.save(tmp_path / "m")
     assert CellVAE.load(tmp_path / "m").validation_indices is None  # not saved
+    # a further fit validating on cells the earlier one trained on is told so, with the seed that keeps them apart
+    with no_warnings():
+        warnings.filterwarnings("ignore", message="3 cells have zero total counts")
+        again.fit(max_epochs=1, progress=False, random_state=0)
+    with pytest.warns(
+        UserWarning,
+        match=r"^3\d of this fit's 40 validation cells were training cells of the earlier fit, .*"
+        r"random_state=0 and validation_size$",
+    ):
+        again.fit(max_epochs=1, progress=False, random_state=1)
