@@ -2561,9 +2561,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         given = [transform_batch] if scalar else list(transform_batch)
         # None in a list: the cell's own batch, as in scvi-tools
         names = [None if name is None else _as_batch_name(name, self.config.batch_categories) for name in given]
+        if not names:
+            raise ValueError(f"{name} is empty; name one batch or more, or pass None for each cell's own batch")
         unknown = [n for n in names if n is not None and n not in self.config.batch_categories]
-        if unknown or not names:
-            raise ValueError(f"{name} {unknown or names} not among the model's batches {self.config.batch_categories}")
+        if unknown:
+            raise ValueError(f"{name} {unknown} not among the model's batches {self.config.batch_categories}")
         return [None if n is None else self.config.batch_categories.index(n) for n in names]
 
     def _decode_inputs(self, mb: data.Minibatch, targets: list[int | None]):

@@ -1243,6 +1243,8 @@ def test_integer_batch_labels_are_named_as_given(two_batches):
     np.testing.assert_array_equal(model.get_normalized_expression(transform_batch=[np.int64(1016), 1256]), both)
     with pytest.raises(ValueError, match=r"transform_batch \['7'\] not among the model's batches"):
         model.get_normalized_expression(transform_batch=7)
+    with pytest.raises(ValueError, match=r"transform_batch is empty; name one batch or more, or pass None"):
+        model.get_normalized_expression(transform_batch=[])
 
 
 def test_new_data_with_missing_genes_or_unknown_batch(two_batches, tmp_path):
