@@ -501,7 +501,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         still embedded by :meth:`get_latent`). ``model.history`` holds the
         per-epoch train/validation distortion, rate and ELBO (nats per cell). At the end the model
         keeps the parameters of its best epoch: the lowest validation loss (at the full beta, so warm-up epochs count, and
-        with ``free_bits`` charging the KL as training does;
+        with ``free_bits`` charging the KL as training does; a later epoch counts as better where it is lower by over
+        1e-4 of the best so far, the same test early stopping's patience counts with;
         without validation cells, the lowest training loss after the KL warm-up), whose ``epoch`` value
         ``history.attrs["best_epoch"]`` holds (the last row is not always the model's). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``; it validates on

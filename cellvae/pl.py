@@ -2,9 +2,10 @@
 
 Every function takes ``ax`` (draw into these Axes instead of a new figure), ``show`` (``None``: show
 unless, where scanpy is imported, ``sc.settings.autoshow`` is False) and ``save``, which takes scanpy's
-forms: ``True`` (or ``""``), or a text suffix that starts with ``_`` or ``.`` (``"_kang.png"``, ``".pdf"``),
-writes ``<figdir>/<function name><suffix>`` (scanpy's ``sc.settings.figdir``, ``./figures`` without scanpy,
-made on saving; the format from the suffix, else scanpy's ``sc.settings.file_format_figs``, ``pdf``); any
+forms: ``True`` (or ``""``; ``None`` as ``sc.settings.autosave`` where scanpy is imported), or a text suffix
+that starts with ``_`` or ``.`` (``"_kang.png"``, ``".pdf"``), writes ``<figdir>/<function name><suffix>``
+(scanpy's ``sc.settings.figdir``, ``./figures`` without scanpy, made on saving; the format from the suffix, else
+scanpy's ``sc.settings.file_format_figs``, ``pdf``; scanpy's ``sc.settings.plot_suffix`` before the format); any
 other text, and any ``Path``, is a file path, written as given (``.png`` added where it has no suffix of letters:
 ``"umap_beta0.5"`` is written as ``umap_beta0.5.png``).
 Figures are saved at matplotlib's ``savefig.dpi`` (``sc.set_figure_params(dpi_save=...)`` sets it), 150
@@ -83,7 +84,7 @@ def history(
         _, axes = plt.subplots(1, 2, figsize=(2 * width, height))
         axes = list(axes)
     elif one_axes:
-        axes = [ax, ax.twinx()]
+        axes = [ax, _right_scale(ax)]
     else:
         axes = _two_axes(ax)
     quantities = (("distortion", "distortion −E[log p(x|z)]", "C0"), ("rate", "rate KL(q‖p)", "C1"))
@@ -129,7 +130,10 @@ def rate_distortion(
 
     The ringed point has the best ELBO (the least distortion + rate); the dashed line of slope −1
     through it is where distortion + rate (the negative ELBO) equals its value there: points above it
-    have a worse ELBO. A sweep's figures are means over its held-out cells (the title says so).
+    have a worse ELBO. A sweep's figures are means over its held-out cells (the title says so). With
+    ``groupby`` each group's best is ringed (sweeps with another ``random_state`` hold out other cells);
+    without it, stacked sweeps' best is looked for among the betas of every sweep (a beta of fewer sweeps
+    has its mean over other held-out cells), which the legend says.
 
     Parameters
     ----------
@@ -186,10 +190,33 @@ def rate_distortion(
         for _, row in curve.iterrows():
             position = (row["rate"], row["distortion"])
             ax.annotate(f"β={row['beta']:g}", position, textcoords="offset points", xytext=(5, 4), fontsize=8)
-    best = curves.loc[(curves["rate"] + curves["distortion"]).idxmin()]
-    ax.plot(best["rate"], best["distortion"], "o", ms=12, mfc="none", mec="black", label=f"best ELBO (β={best['beta']:g})")
     rates = np.linspace(curves["rate"].min(), curves["rate"].max(), 2)
-    ax.plot(rates, best["rate"] + best["distortion"] - rates, "--", color="grey", lw=1, label="equal ELBO")
+    for number, (group, curve) in enumerate(curves.groupby("group", sort=False, dropna=False)):
+        # each group's own best, among the betas of as many rows as its most frequent one: a beta of fewer stacked
+        # sweeps is a mean over other held-out cells, so its mean is not comparable
+        rows_per_beta = frame[frame["group"].to_numpy() == group].groupby("beta").size() if groupby is not None else None
+        rows_per_beta = frame.groupby("beta").size() if rows_per_beta is None else rows_per_beta
+        in_all = rows_per_beta.index[rows_per_beta == rows_per_beta.max()]
+        candidates = curve[curve["beta"].isin(in_all)]
+        best = candidates.loc[(candidates["rate"] + candidates["distortion"]).idxmin()]
+        among = "" if len(in_all) == len(rows_per_beta) else f" of the {len(in_all)} β in every sweep"
+        edge = "black" if groupby is None else f"C{number}"
+        label = (
+            f"best ELBO{among} (β={best['beta']:g})"
+            if groupby is None
+            else f"best ELBO of {groupby}={group} (β={best['beta']:g})"
+        )
+        ax.plot(best["rate"], best["distortion"], "o", ms=12, mfc="none", mec=edge, label=label)
+        if len(curves) > 1:  # (one point: no line to draw)
+            equal = "equal ELBO" if number == 0 else None
+            ax.plot(
+                rates,
+                best["rate"] + best["distortion"] - rates,
+                "--",
+                color="grey" if groupby is None else edge,
+                lw=1,
+                label=equal,
+            )
     ax.set_xlabel("rate KL(q‖p) (nats per cell)")
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
     if held_out:
@@ -239,6 +266,10 @@ def kl_per_dimension(
     _check_threshold(threshold)
     if ax is not None:
         _check_one_axes(ax)
+    if adata is not None and getattr(adata, "n_obs", 2) < 2:  # (what adata is, _posterior_statistics checks)
+        raise ValueError(
+            f"kl_per_dimension colours the dimensions active across cells (as active_units): give 2 or more, got {adata.n_obs}"
+        )
     kl, activity = model._posterior_statistics(adata, batch_size, progress, "kl_per_dimension")  # as active_units
     order = np.argsort(-kl)
     made = ax is None
@@ -274,6 +305,21 @@ def _check_one_axes(ax) -> None:
         raise TypeError(f"ax takes one matplotlib Axes (e.g. from plt.subplots()), got {type(ax).__name__} {ax!r:.60}")
 
 
+def _right_scale(ax: Axes) -> Axes:
+    """A right-hand scale on ``ax``: the twin an earlier call made, else a new one; the Axes current in the
+    figure stays so (a following ``plt.ylabel`` is not drawn on a hidden twin)."""
+    twins = [
+        other for other in ax.get_shared_x_axes().get_siblings(ax) if other is not ax and other.bbox.bounds == ax.bbox.bounds
+    ]
+    if twins:
+        return twins[0]
+    figure = ax.figure
+    current = figure.gca()
+    twin = ax.twinx()
+    figure.sca(current)
+    return twin
+
+
 def _two_axes(ax) -> list[Axes]:
     """``ax`` of :func:`history` given as two Axes (a list, tuple or array of them), checked."""
     axes = list(np.ravel(np.asarray(ax, dtype=object))) if isinstance(ax, (list, tuple, np.ndarray)) else None
@@ -285,6 +331,9 @@ def _two_axes(ax) -> list[Axes]:
 
 def _save_target(save, name: str) -> Path | None:
     """The file ``save`` names for the plot ``name`` (see :mod:`cellvae.pl`), checked before any drawing."""
+    settings = getattr(sys.modules.get("scanpy"), "settings", None)  # scanpy's, where it is imported
+    if save is None and getattr(settings, "autosave", False) is True:  # as scanpy's plots: sc.settings.autosave
+        save = True
     if save is None or save is False:
         return None
     if not (save is True or isinstance(save, (str, os.PathLike))):
@@ -293,12 +342,11 @@ def _save_target(save, name: str) -> Path | None:
     text = "" if save is True else os.fspath(save)
     suffix_only = isinstance(save, str) and text.startswith(("_", ".")) and text not in (".", "..") and "/" not in text
     if save is True or text == "" or (suffix_only and os.sep not in text):  # scanpy's forms ("" as True)
-        scanpy = sys.modules.get("scanpy")
-        settings = getattr(scanpy, "settings", None)
         stem, dot, kind = text.rpartition(".")
         if not dot or kind.lower() not in kinds:  # "_kang", "_v1.2": scanpy's format
             stem, kind = text, str(getattr(settings, "file_format_figs", "pdf")).lstrip(".")
         suffix = "." + kind
+        stem += str(getattr(settings, "plot_suffix", "") or "")  # sc.settings.plot_suffix, as scanpy appends it
         return Path(getattr(settings, "figdir", "figures")) / f"{name}{stem}{suffix}"  # (the folder made on saving)
     if text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
         raise ValueError(f"save={text!r} names a folder; give a file name such as {str(Path(text) / 'figure.png')!r}")

@@ -158,6 +158,7 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     plt.close(whole)
     # scanpy's forms of save: True or a suffix, under sc.settings.figdir, at savefig.dpi (sc.set_figure_params' dpi_save)
     settings = sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"]
+    saving = sc.settings.autosave, sc.settings.plot_suffix
     try:
         sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = tmp_path / "figures", "png", 300
         with pytest.raises(ValueError, match="no training history: call model.fit"):
@@ -175,8 +176,14 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         cellvae.pl.rate_distortion(sweep, save="")  # scanpy's "" is True
         monkeypatch.chdir(tmp_path)
         cellvae.pl.rate_distortion(sweep, save=Path("_draft.png"))  # a Path is a path, not a suffix
+        # scanpy's autosave (save=None) and plot_suffix, as its own plots take them
+        sc.settings.autosave, sc.settings.plot_suffix = True, "_run2"
+        cellvae.pl.rate_distortion(sweep, show=False)
+        cellvae.pl.rate_distortion(sweep, save="_s.svg", show=False)
+        assert cellvae.pl.rate_distortion(sweep, save=False, show=False) is not None  # False: not saved
     finally:
         sc.settings.figdir, sc.settings.file_format_figs, plt.rcParams["savefig.dpi"] = settings
+        sc.settings.autosave, sc.settings.plot_suffix = saving
     written = sorted(path.name for path in (tmp_path / "figures").iterdir())
     assert written == [
         "history.pdf",
@@ -184,7 +191,10 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
         "kl_per_dimension.png",
         "kl_per_dimension_v1.png",
         "rate_distortion.png",
+        "rate_distortion_run2.png",
+        "rate_distortion_s_run2.svg",
     ]
+    plt.close("all")
     assert (tmp_path / "_draft.png").is_file()
     assert round(Image.open(tmp_path / "figures" / "history_kang.png").info["dpi"][0]) == 300
     cellvae.pl.history(model, save=tmp_path / "default_dpi.png")  # matplotlib's "figure": 150
@@ -781,6 +791,21 @@ def test_plots_refuse_what_is_no_axes_and_save_names_with_a_dot_get_png(small_mo
     plt.close("all")
 
 
+def test_kl_per_dimension_of_one_cell_is_refused_as_active_units_is(small_model, cells):
+    with pytest.raises(ValueError, match=r"kl_per_dimension colours the dimensions active across cells .*got 1"):
+        cellvae.pl.kl_per_dimension(small_model, cells[:1].copy(), show=False)
+
+
+def test_history_on_one_axes_leaves_the_current_axes_and_reuses_its_right_scale(small_model):
+    figure, (ax, other) = plt.subplots(1, 2)
+    plt.sca(other)
+    axes = cellvae.pl.history(small_model, ax=ax, show=False)
+    assert plt.gca() is other  # a following plt.ylabel lands where the user left it, not on the hidden twin
+    again = cellvae.pl.history(small_model, ax=ax, show=False)
+    assert again[1] is axes[1] and len(figure.axes) == 3  # drawn again: one right scale, not a pile of them
+    plt.close(figure)
+
+
 def test_kl_per_dimension_of_many_dimensions_fits_a_page():
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=80, random_state=0)
     model = cellvae.CellVAE(adata, n_latent=60, n_hidden=16).fit(max_epochs=1, progress=False)
@@ -828,8 +853,10 @@ def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_t
     lines = {line.get_label(): line for line in ax.get_lines()}
     np.testing.assert_array_equal(lines["seed=0"].get_xdata(), [2.0, 5.0, 9.0])
     np.testing.assert_array_equal(lines["seed=1"].get_xdata(), [5.0, 8.0, 12.0])
-    ring = lines["best ELBO (β=1)"]  # seed 0's beta 1: 5 + 103 = 108, the least distortion + rate
+    ring = lines["best ELBO of seed=0 (β=1)"]  # seed 0's beta 1: 5 + 103 = 108, the least distortion + rate
     assert (ring.get_xdata()[0], ring.get_ydata()[0]) == (5.0, 103.0)
+    ring = lines["best ELBO of seed=1 (β=1)"]  # each group's own: seed 1 held out other cells (8 + 101 = 109)
+    assert (ring.get_xdata()[0], ring.get_ydata()[0]) == (8.0, 101.0)
     assert sorted(t.get_text() for t in ax.texts) == sorted(["β=0.5", "β=1", "β=4"] * 2)
     assert ax.get_title() == ""  # not a sweep's own frame: nothing says the cells were held out
     plt.close(ax.figure)
@@ -838,6 +865,18 @@ def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_t
     np.testing.assert_array_equal(lines["mean per β"].get_xdata(), [3.5, 6.5, 10.5])
     np.testing.assert_array_equal(lines["mean per β"].get_ydata(), [119.0, 102.0, 99.0])
     assert len(lines["each row"].get_xdata()) == 6 and len(ax.texts) == 3
+    plt.close(ax.figure)
+    # a beta of one sweep only is a mean over that sweep's held-out cells: the best is looked for among the others
+    # (two real sweeps: beta 1 best in each, beta 0.5 of the sweep with easier cells ringed as best of all before)
+    first = pd.DataFrame({"beta": [0.5, 1.0, 4.0], "rate": [4.91, 4.03, 1.88], "distortion": [783.50, 782.76, 786.88]})
+    second = pd.DataFrame({"beta": [2.0, 1.0], "rate": [3.56, 4.62], "distortion": [811.00, 809.81]})
+    ax = cellvae.pl.rate_distortion(pd.concat([first, second]), show=False)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    ring = lines["best ELBO of the 1 β in every sweep (β=1)"]
+    np.testing.assert_allclose([ring.get_xdata()[0], ring.get_ydata()[0]], [(4.03 + 4.62) / 2, (782.76 + 809.81) / 2])
+    plt.close(ax.figure)
+    ax = cellvae.pl.rate_distortion(first.iloc[:1], show=False)  # one point: no equal-ELBO line of no length
+    assert [line.get_label() for line in ax.get_lines()] == ["_child0", "best ELBO (β=0.5)"]
     plt.close(ax.figure)
     with pytest.raises(KeyError, match=r"groupby='donor' is not a column of the frame"):
         cellvae.pl.rate_distortion(stacked, groupby="donor", show=False)
