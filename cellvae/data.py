@@ -1141,14 +1141,7 @@ def learn_covariate_layout(
                 UserWarning,
             )
     for key, names in categories.items():
-        missing = [name for name in names if name in MISSING_AS_TEXT]
-        if missing:
-            warn_user(
-                f"obs[{key!r}] has a category {missing[0]!r}, the text of a missing value (.astype(str) writes NaN as "
-                "'nan', None as 'None'): those cells are corrected for as one group of their own; if they have no value, "
-                "give them a name that says so or leave them out",
-                UserWarning,
-            )
+        warn_of_missing_as_text(key, names)
         if len(names) == 1 and len(obs) > 1:
             warn_user(
                 f"obs[{key!r}] is {names[0]!r} in all {len(obs):,} cells, so there is nothing to correct for: the model "
@@ -1191,6 +1184,18 @@ def learn_covariate_layout(
         continuous_mean=means,
         continuous_std=stds,
     )
+
+
+def warn_of_missing_as_text(key: str, names: list[str], name: str = "adata") -> None:
+    """Warn where a batch or covariate category of ``name``'s ``obs[key]`` reads as a missing value written as text."""
+    missing = [category for category in names if category in MISSING_AS_TEXT]
+    if missing:
+        warn_user(
+            f"{name}.obs[{key!r}] has a category {missing[0]!r}, the text of a missing value (.astype(str) writes NaN "
+            "as 'nan', None as 'None'): those cells are corrected for as one group of their own; if they have no value, "
+            "give them a name that says so or leave them out",
+            UserWarning,
+        )
 
 
 def category_names(column: pd.Series, key: str, name: str = "adata") -> list[str]:

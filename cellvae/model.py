@@ -109,7 +109,10 @@ SCVI_TOOLS_ARGUMENTS = {
     ],
     "device": [("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it")],
     "devices": [("device", "use device= for one device ('cuda', 'cuda:1'); for several GPUs launch with torchrun (README)")],
-    "use_gpu": [("device", "use device= ('cuda', 'auto' or 'cpu')")],
+    "use_gpu": [
+        ("device", "use device= ('cuda', 'auto' or 'cpu')"),
+        ("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"),
+    ],
     "prefix": [
         ("load", "drop it: a cellvae model folder holds one model, its files named without a prefix"),
         ("save", "drop it: a cellvae model folder holds one model, its files named without a prefix"),
@@ -136,9 +139,14 @@ SCVI_TOOLS_ARGUMENTS = {
     "early_stopping_patience": [("patience", "use patience=")],
     "early_stopping_monitor": [("patience", "drop it: cellvae stops on the validation loss (its negative ELBO per cell)")],
     "early_stopping_min_delta": [("patience", "drop it: cellvae counts an epoch as better where its validation loss is lower")],
-    "datasplitter_kwargs": [("validation_size", "drop it: fit holds out validation_size= of the cells, drawn by random_state=")],
+    "datasplitter_kwargs": [
+        ("validation_size", "drop it: validation_size= is the share of cells held out, drawn by random_state=")
+    ],
     "shuffle_set_split": [("validation_size", "drop it: fit draws its validation cells at random (random_state=)")],
-    "load_sparse_tensor": [("fit", "drop it: cellvae reads sparse counts as they are stored")],
+    "load_sparse_tensor": [
+        ("fit", "drop it: cellvae reads sparse counts as they are stored"),
+        ("map_query", "drop it: cellvae reads sparse counts as they are stored"),
+    ],
     "enable_progress_bar": [("progress", "use progress=")],
     "give_mean": [("mean", "use mean="), ("get_likelihood_parameters", POSTERIOR_MEAN)],
     "indices": [("adata", "pass those cells as an AnnData, adata[indices]")],
@@ -190,6 +198,10 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
     "encoder and decoder, normalization='layer' (the default) LayerNorm in both",
     ("use_layer_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
     "normalization='batch' uses BatchNorm, as scVI's default does",
+    ("use_observed_lib_size", False): "cellvae has no learnt library size: it scales each cell by its observed total "
+    "counts (scVI's default, use_observed_lib_size=True)",
+    ("batch_representation", "embedding"): "cellvae has no learnt batch embedding: it gives the batch one-hot (scVI's "
+    "default 'one-hot')",
 }
 
 
@@ -218,7 +230,7 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
             )
         for name in sorted(kwargs.keys() - accepted):
             advice = next((advice for needs, advice in arguments.get(name, []) if needs in applies | {None}), "")
-            if advice and isinstance(kwargs[name], str):
+            if advice and isinstance(kwargs[name], (str, bool)):
                 advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, kwargs[name]), advice)
             if advice:
                 raise TypeError(f"{method.__qualname__}() got an unexpected keyword argument {name!r}, {whose} name: {advice}")
@@ -625,7 +637,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _warn_about_empty_cells(
                 loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained", self.adata
             )
-            if len(nonempty) < data.MIN_CELLS:
+            if len(nonempty) < (1 if query else data.MIN_CELLS):  # (a query model's few new parameters: as map_query)
                 raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
@@ -642,12 +654,20 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if self.is_trained and self.train_indices is not None:  # a further fit of this session's model
                 seen = np.intersect1d(validation_cells, self.train_indices)
                 if len(seen):
-                    earlier = self.train_settings.random_state if self.train_settings is not None else None
+                    held = self.validation_indices if self.validation_indices is not None else np.array([])
+                    if len(held):
+                        earlier = self.train_settings.random_state if self.train_settings is not None else None
+                        share = len(held) / (len(held) + len(self.train_indices))
+                        keep = (
+                            f"to keep the earlier validation cells, continue with its random_state={earlier!r} and its "
+                            f"validation_size (it held out {share:.1%} of the cells)"
+                        )
+                    else:
+                        keep = "the earlier fit held out no cells (validation_size=0), so none are left unseen"
                     data.warn_user(
                         f"{len(seen):,} of this fit's {len(validation_cells):,} validation cells were training cells of the "
                         "earlier fit, so early stopping and the best epoch are judged partly on cells the model has "
-                        f"learnt; to keep the earlier validation cells, continue with its random_state={earlier!r} and "
-                        "validation_size",
+                        f"learnt; {keep}",
                         UserWarning,
                     )
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
@@ -1847,10 +1867,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
         retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+        data.warn_of_missing_as_text(batch_column, new_batches, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
             retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
+            data.warn_of_missing_as_text(key, new, "query_adata")
             categories[key] = known + new
         if retyped:
             raise ValueError(retyped)
@@ -2563,7 +2585,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # None in a list: the cell's own batch, as in scvi-tools
         names = [None if name is None else _as_batch_name(name, self.config.batch_categories) for name in given]
         if not names:
-            raise ValueError(f"{name} is empty; name one batch or more, or pass None for each cell's own batch")
+            none = "for each cell's own batch" if name == "transform_batch" else "to decode under all the model's batches"
+            raise ValueError(f"{name} is empty; name one batch or more, or pass None {none}")
         unknown = [n for n in names if n is not None and n not in self.config.batch_categories]
         if unknown:
             raise ValueError(f"{name} {unknown} not among the model's batches {self.config.batch_categories}")

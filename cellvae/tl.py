@@ -76,7 +76,9 @@ def _check_model_kwargs(model_kwargs: dict, tool: str) -> None:
             needs, advice = found[0]
             # where the cellvae name goes: the tool's own argument, fit_kwargs, or (kl_warmup, "drop it") as the advice says
             where = ""
-            if needs in OWN_FIT_OPTIONS:
+            if advice.startswith("drop it"):  # nothing to pass anywhere
+                pass
+            elif needs in OWN_FIT_OPTIONS:
                 where = f" (pass {needs}= to {tool} itself)"
             elif needs in FIT_OPTIONS:
                 where = " (CellVAE.fit's options go in fit_kwargs={...}; the model's, such as kl_warmup, are the tool's own)"
@@ -508,13 +510,13 @@ def transfer_labels(
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
         if use_rep not in adata.obsm:
             shared = [key for key in ref_adata.obsm if key in query_adata.obsm and _same_width(ref_adata, query_adata, key)]
+            shared.sort(key=lambda key: key.startswith(tuple(SCANPY_EMBEDDINGS)))  # a model's embedding first, then X_pca, ...
             either = f"pass use_rep={shared[0]!r} if both hold the same model's embedding there, or " if shared else ""
             raise KeyError(
                 f"use_rep {use_rep!r} not found in {name}.obsm (available: {list(adata.obsm.keys())}); "
                 f"{either}embed both with the same model first, e.g. query_model.get_latent(...)"
             )
-    reference = np.asarray(ref_adata.obsm[use_rep], dtype=np.float64)
-    query = np.asarray(query_adata.obsm[use_rep], dtype=np.float64)
+    reference, query = (_dense(adata.obsm[use_rep]) for adata in (ref_adata, query_adata))
     if reference.shape[1] != query.shape[1]:
         raise ValueError(
             f"obsm[{use_rep!r}] has {reference.shape[1]} dimensions in ref_adata but {query.shape[1]} in query_adata; "
@@ -536,6 +538,11 @@ def transfer_labels(
     # a query cell that is itself a voter (ref_adata and query_adata one AnnData, as scANVI's predict) votes not for itself
     own_voter = _own_voter(ref_adata, query_adata, labelled, reference, query)
     leave_out = bool((own_voter >= 0).any())
+    if leave_out and labelled.sum() == 1:
+        raise ValueError(
+            "the one labelled reference cell is itself a query cell, and a cell does not vote for itself: label more "
+            "reference cells"
+        )
     if leave_out and k >= labelled.sum():
         raise ValueError(
             f"k={k} leaves no voter to spare: query cells that are labelled reference cells do not vote for themselves, "
@@ -698,6 +705,11 @@ def _exactly_at_their_voters(query: np.ndarray, reference: np.ndarray, neighbour
     return tied
 
 
+def _dense(values) -> np.ndarray:
+    """An obsm value (array, sparse matrix or DataFrame) as a float64 array."""
+    return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float64)
+
+
 def _same_width(ref_adata: ad.AnnData, query_adata: ad.AnnData, key: str) -> bool:
     """Whether ``obsm[key]`` of both AnnDatas is a table of as many columns (an embedding they may share)."""
     widths = {np.shape(adata.obsm[key])[1:] for adata in (ref_adata, query_adata)}
@@ -719,9 +731,22 @@ def _own_voter(
     ref_adata: ad.AnnData, query_adata: ad.AnnData, labelled: np.ndarray, reference: np.ndarray, query: np.ndarray
 ) -> np.ndarray:
     """Per query cell, its row among the voting reference cells where it is one of them (the same obs name and
-    embedding), else -1. Obs names that are not unique in either AnnData name no cell for sure: then -1 for all."""
+    embedding), else -1. Where the two hold the same obs names in the same order (one AnnData, or a copy), cells are
+    matched by position, repeated names too; otherwise repeated names are matched by none, with a warning where
+    the two share names."""
     own = np.full(len(query), -1, dtype=np.int64)
+    voter_row = np.cumsum(labelled) - 1  # each reference cell's row among the voters
+    if ref_adata.obs_names.equals(query_adata.obs_names):
+        same = labelled & (reference == query).all(axis=1)
+        own[same] = voter_row[same]
+        return own
     if not (ref_adata.obs_names.is_unique and query_adata.obs_names.is_unique):
+        if ref_adata.obs_names.isin(query_adata.obs_names).any():
+            warn_user(
+                "ref_adata and query_adata share obs names, and the names repeat, so query cells that are reference cells "
+                "cannot be told and may vote for themselves; make the names unique first (adata.obs_names_make_unique())",
+                UserWarning,
+            )
         return own
     found = ref_adata.obs_names[labelled].get_indexer(query_adata.obs_names)
     cells = np.flatnonzero(found >= 0)

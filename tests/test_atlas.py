@@ -181,6 +181,12 @@ def test_a_new_batch_of_a_few_cells_is_mapped_with_a_warning(reference_and_query
         few.obsm["X_cellvae"] = query_model.get_latent(few)
         cellvae.tl.transfer_labels(reference, few, "cell_type")
         assert (few.obs["cell_type_predicted"].astype(str) == few.obs["cell_type"].astype(str)).all()
+    small = model.map_query(query[:4].copy(), progress=False, random_state=0)  # (its warning told above)
+    small.fit(max_epochs=2, progress=False)  # trained further on its 4 cells, as map_query trained it
+    named = query[:12].copy()
+    named.obs["batch"] = "nan"  # astype(str) of missing values
+    with pytest.warns(UserWarning, match=r"query_adata.obs\['batch'\] has a category 'nan', the text of a missing value"):
+        model.map_query(named, progress=False, max_epochs=1)
     empty = query[:3].copy()
     empty.X = sp.csr_matrix(empty.shape, dtype=np.float32)
     with pytest.raises(ValueError, match=r"query_adata has no cells with counts"), warnings.catch_warnings():
@@ -664,6 +670,18 @@ def test_a_query_cell_that_is_a_labelled_reference_cell_does_not_vote_for_itself
     pd.testing.assert_frame_equal(same_object.obs[columns], together.obs[columns])
     with pytest.raises(ValueError, match=r"k=240 leaves no voter to spare: .* below the 240 labelled reference cells"):
         cellvae.tl.transfer_labels(adata, adata, "cell_type", k=240, unlabeled_category="unknown")
+    # repeated obs names (10x barcodes of samples concatenated): the same names in the same order match by position
+    repeated = adata.copy()
+    repeated.obs_names = [f"c{i % 150}" for i in range(300)]
+    by_position = cellvae.tl.transfer_labels(repeated, repeated.copy(), **options)
+    np.testing.assert_array_equal(by_position.obs[columns].to_numpy(), together.obs[columns].to_numpy())
+    partly = repeated[:200].copy()  # names shared, not in the same order: which cell is which cannot be told
+    with pytest.warns(UserWarning, match=r"share obs names, and the names repeat, so query cells .*obs_names_make_unique"):
+        cellvae.tl.transfer_labels(repeated, partly, **options)
+    one = adata.copy()
+    one.obs["cell_type"] = ["A"] + [None] * 299
+    with pytest.raises(ValueError, match=r"the one labelled reference cell is itself a query cell, .*: label more reference"):
+        cellvae.tl.transfer_labels(one, one, "cell_type", k=1)
 
 
 def test_reference_cells_tied_at_a_query_cells_point_all_vote_whatever_their_order():
@@ -761,9 +779,20 @@ def test_an_embedding_under_another_key_in_both_anndatas_is_named_in_the_missing
         cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
     cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, use_rep="X_scVI")  # as told
     assert "cell_type_predicted" in query.obs
+    reference.obsm["X_pca"] = np.zeros((2, 5))  # scanpy's keys come after a model's
+    with pytest.raises(KeyError, match=r"; pass use_rep='X_scVI' if both"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=2, use_rep="X_other")
     del reference.obsm["X_scVI"]
+    with pytest.raises(KeyError, match=r"not found in ref_adata.obsm \(available: \['X_umap', 'X_pca'\]\); pass use_rep='X_pca'"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
+    del reference.obsm["X_pca"]
     with pytest.raises(KeyError, match=r"not found in ref_adata.obsm \(available: \['X_umap'\]\); embed both with the"):
         cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
+    # an embedding stored sparse (or as a DataFrame) is read as its values
+    reference.obsm["X_sparse"] = sp.csr_matrix([[-1.0, 0.0], [1.0, 0.0]])
+    query.obsm["X_sparse"] = pd.DataFrame([[0.9, 0.0]], index=query.obs_names)
+    cellvae.tl.transfer_labels(reference, query, "cell_type", k=1, use_rep="X_sparse")
+    assert query.obs["cell_type_predicted"].iloc[0] == "B"
 
 
 def test_transfer_labels_into_a_view_of_a_few_cells_copies_those_cells_not_every_cells_column_indices():

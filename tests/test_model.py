@@ -1243,8 +1243,10 @@ def test_integer_batch_labels_are_named_as_given(two_batches):
     np.testing.assert_array_equal(model.get_normalized_expression(transform_batch=[np.int64(1016), 1256]), both)
     with pytest.raises(ValueError, match=r"transform_batch \['7'\] not among the model's batches"):
         model.get_normalized_expression(transform_batch=7)
-    with pytest.raises(ValueError, match=r"transform_batch is empty; name one batch or more, or pass None"):
+    with pytest.raises(ValueError, match=r"transform_batch is empty; name one batch or more, or pass None for each cell's own"):
         model.get_normalized_expression(transform_batch=[])
+    with pytest.raises(ValueError, match=r"batchid1 is empty; .* pass None to decode under all the model's batches"):
+        model.differential_expression(groupby="batch", group1="1016", batchid1=[])
 
 
 def test_new_data_with_missing_genes_or_unknown_batch(two_batches, tmp_path):
@@ -1548,6 +1550,12 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         (lambda: model.differential_expression(groupby="cell_type", group1="type0", test_mode="two"), r"'test_mode', .*"),
         (lambda: cellvae.tl.embed(adata.copy(), use_gpu=False), r"^embed\(\) .* 'use_gpu', .*fit_kwargs=\{\.\.\.\}"),
         (lambda: model.map_query(adata, 5), r"map_query\(\) takes .*; e.g. map_query\(max_epochs=\.\.\.\)$"),
+        (lambda: model.map_query(adata, datasplitter_kwargs={}), r"'datasplitter_kwargs', .*: drop it: validation_size= is"),
+        (lambda: model.map_query(adata, load_sparse_tensor=True), r"'load_sparse_tensor', .*: drop it"),
+        (lambda: CellVAE.load(tmp_path / "saved", use_gpu=True), r"'use_gpu', .*: drop it: load puts the model on the CPU"),
+        (lambda: CellVAE(adata, use_observed_lib_size=False), r"'use_observed_lib_size', .*: cellvae has no learnt library"),
+        (lambda: CellVAE(adata, batch_representation="embedding"), r"'batch_representation', .*no learnt batch embedding"),
+        (lambda: cellvae.tl.embed(adata.copy(), early_stopping_monitor="x"), r"validation loss \(its negative ELBO per cell\)$"),
     ]
     for call, message in refused:
         with pytest.raises(TypeError, match=message):
@@ -1760,6 +1768,8 @@ def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_b
     with pytest.warns(
         UserWarning,
         match=r"^3\d of this fit's 40 validation cells were training cells of the earlier fit, .*"
-        r"random_state=0 and validation_size$",
+        r"random_state=0 and its validation_size \(it held out 10\.\d% of the cells\)$",
     ):
         again.fit(max_epochs=1, progress=False, random_state=1)
+    with pytest.warns(UserWarning, match=r"the earlier fit held out no cells \(validation_size=0\), so none are left unseen"):
+        again.fit(max_epochs=1, progress=False, validation_size=0.0).fit(max_epochs=1, progress=False)
