@@ -198,6 +198,9 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
     "encoder and decoder, normalization='layer' (the default) LayerNorm in both",
     ("use_layer_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
     "normalization='batch' uses BatchNorm, as scVI's default does",
+    ("use_batch_norm", False): "drop it: cellvae's hidden layers use LayerNorm (normalization='layer', the default)",
+    ("use_layer_norm", False): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
+    "normalization='batch' uses BatchNorm",
     ("use_observed_lib_size", False): "cellvae has no learnt library size: it scales each cell by its observed total "
     "counts (scVI's default, use_observed_lib_size=True)",
     ("batch_representation", "embedding"): "cellvae has no learnt batch embedding: it gives the batch one-hot (scVI's "
@@ -230,8 +233,11 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
             )
         for name in sorted(kwargs.keys() - accepted):
             advice = next((advice for needs, advice in arguments.get(name, []) if needs in applies | {None}), "")
-            if advice and isinstance(kwargs[name], (str, bool)):
-                advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, kwargs[name]), advice)
+            value = kwargs[name]
+            if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+                value = bool(value)  # (np.False_, 0: as False)
+            if advice and isinstance(value, (str, bool)):
+                advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, value), advice)
             if advice:
                 raise TypeError(f"{method.__qualname__}() got an unexpected keyword argument {name!r}, {whose} name: {advice}")
         return method(*args, **kwargs)
@@ -637,8 +643,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _warn_about_empty_cells(
                 loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained", self.adata
             )
-            if len(nonempty) < (1 if query else data.MIN_CELLS):  # (a query model's few new parameters: as map_query)
-                raise ValueError(f"training needs at least {data.MIN_CELLS} cells with counts, got {len(nonempty)}")
+            minimum = 1 if query else data.MIN_CELLS  # (a query model's few new parameters: as map_query)
+            if len(nonempty) < minimum:
+                raise ValueError(f"training needs at least {minimum} cell{'s' * (minimum > 1)} with counts, got {len(nonempty)}")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
             drawn = len(validation_cells)

@@ -171,7 +171,8 @@ def rate_distortion(
     except (TypeError, ValueError) as error:
         raise TypeError(f"beta, rate and distortion must be numbers ({error})") from error
     finite = np.isfinite(frame.to_numpy()).all(axis=1)
-    frame = frame.assign(group=groups)[finite].reset_index(drop=True)  # positions: stacked sweeps repeat index labels
+    # positions from here; the index labels kept as a column: stacked sweeps repeat them, once per sweep
+    frame = frame.assign(group=groups, label=frame.index.to_numpy())[finite].reset_index(drop=True)
     if frame.empty:
         raise ValueError("no row of the sweep has a finite beta, rate and distortion to plot")
     made = ax is None
@@ -191,15 +192,17 @@ def rate_distortion(
             position = (row["rate"], row["distortion"])
             ax.annotate(f"β={row['beta']:g}", position, textcoords="offset points", xytext=(5, 4), fontsize=8)
     rates = np.linspace(curves["rate"].min(), curves["rate"].max(), 2)
-    for number, (group, curve) in enumerate(curves.groupby("group", sort=False, dropna=False)):
-        # each group's own best, among the betas of as many rows as its most frequent one: a beta of fewer stacked
-        # sweeps is a mean over other held-out cells, so its mean is not comparable
-        rows_per_beta = frame[frame["group"].to_numpy() == group].groupby("beta").size() if groupby is not None else None
-        rows_per_beta = frame.groupby("beta").size() if rows_per_beta is None else rows_per_beta
-        in_all = rows_per_beta.index[rows_per_beta == rows_per_beta.max()]
-        candidates = curve[curve["beta"].isin(in_all)]
+    by_group = zip(curves.groupby("group", sort=False, dropna=False), frame.groupby("group", sort=False, dropna=False))
+    for number, ((group, curve), (_, rows)) in enumerate(by_group):
+        # each group's own best, among the betas of every sweep stacked in it (as many sweeps as an index label
+        # repeats): a beta of fewer sweeps is a mean over other held-out cells, not comparable
+        rows_per_beta = rows.groupby("beta").size()
+        in_all = rows_per_beta.index[rows_per_beta >= rows["label"].value_counts().max()]
+        candidates = curve[curve["beta"].isin(in_all)] if len(in_all) else curve
         best = candidates.loc[(candidates["rate"] + candidates["distortion"]).idxmin()]
-        among = "" if len(in_all) == len(rows_per_beta) else f" of the {len(in_all)} β in every sweep"
+        among = ""
+        if len(in_all) < len(rows_per_beta):
+            among = f" of the {len(in_all)} β in every sweep" if len(in_all) else ", though no β is in every sweep"
         edge = "black" if groupby is None else f"C{number}"
         label = (
             f"best ELBO{among} (β={best['beta']:g})"
@@ -306,16 +309,15 @@ def _check_one_axes(ax) -> None:
 
 
 def _right_scale(ax: Axes) -> Axes:
-    """A right-hand scale on ``ax``: the twin an earlier call made, else a new one; the Axes current in the
-    figure stays so (a following ``plt.ylabel`` is not drawn on a hidden twin)."""
-    twins = [
-        other for other in ax.get_shared_x_axes().get_siblings(ax) if other is not ax and other.bbox.bounds == ax.bbox.bounds
-    ]
-    if twins:
-        return twins[0]
+    """A right-hand scale on ``ax``: the one an earlier call made, else a new twin (not a twin of the user's own); the
+    Axes current in the figure stays so (a following ``plt.ylabel`` is not drawn on a hidden twin)."""
+    made = [other for other in ax.get_shared_x_axes().get_siblings(ax) if getattr(other, "_cellvae_scale_of", None) is ax]
+    if made:
+        return made[0]
     figure = ax.figure
     current = figure.gca()
     twin = ax.twinx()
+    twin._cellvae_scale_of = ax
     figure.sca(current)
     return twin
 

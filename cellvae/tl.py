@@ -509,8 +509,13 @@ def transfer_labels(
     n_jobs = _n_jobs(n_jobs)
     for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
         if use_rep not in adata.obsm:
-            shared = [key for key in ref_adata.obsm if key in query_adata.obsm and _same_width(ref_adata, query_adata, key)]
-            shared.sort(key=lambda key: key.startswith(tuple(SCANPY_EMBEDDINGS)))  # a model's embedding first, then X_pca, ...
+            shared = [
+                key
+                for key in ref_adata.obsm
+                if key in query_adata.obsm
+                and _same_width(ref_adata, query_adata, key)
+                and not key.startswith(tuple(SCANPY_EMBEDDINGS))  # (X_pca of each alone: no shared space)
+            ]
             either = f"pass use_rep={shared[0]!r} if both hold the same model's embedding there, or " if shared else ""
             raise KeyError(
                 f"use_rep {use_rep!r} not found in {name}.obsm (available: {list(adata.obsm.keys())}); "
@@ -732,21 +737,19 @@ def _own_voter(
 ) -> np.ndarray:
     """Per query cell, its row among the voting reference cells where it is one of them (the same obs name and
     embedding), else -1. Where the two hold the same obs names in the same order (one AnnData, or a copy), cells are
-    matched by position, repeated names too; otherwise repeated names are matched by none, with a warning where
-    the two share names."""
+    matched by position; otherwise by name, or where names repeat by name and embedding together."""
     own = np.full(len(query), -1, dtype=np.int64)
     voter_row = np.cumsum(labelled) - 1  # each reference cell's row among the voters
     if ref_adata.obs_names.equals(query_adata.obs_names):
         same = labelled & (reference == query).all(axis=1)
         own[same] = voter_row[same]
         return own
-    if not (ref_adata.obs_names.is_unique and query_adata.obs_names.is_unique):
-        if ref_adata.obs_names.isin(query_adata.obs_names).any():
-            warn_user(
-                "ref_adata and query_adata share obs names, and the names repeat, so query cells that are reference cells "
-                "cannot be told and may vote for themselves; make the names unique first (adata.obs_names_make_unique())",
-                UserWarning,
-            )
+    if not (ref_adata.obs_names.is_unique and query_adata.obs_names.is_unique):  # a name and an embedding: one cell
+        voters = pd.DataFrame({"name": ref_adata.obs_names[labelled], "row": np.arange(labelled.sum())})
+        voters["point"] = [row.tobytes() for row in reference[labelled]]
+        cells = pd.DataFrame({"name": query_adata.obs_names, "point": [row.tobytes() for row in query]})
+        matched = cells.reset_index().merge(voters.drop_duplicates(["name", "point"]), on=["name", "point"])
+        own[matched["index"].to_numpy()] = matched["row"].to_numpy()
         return own
     found = ref_adata.obs_names[labelled].get_indexer(query_adata.obs_names)
     cells = np.flatnonzero(found >= 0)

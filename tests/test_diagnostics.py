@@ -804,6 +804,10 @@ def test_history_on_one_axes_leaves_the_current_axes_and_reuses_its_right_scale(
     again = cellvae.pl.history(small_model, ax=ax, show=False)
     assert again[1] is axes[1] and len(figure.axes) == 3  # drawn again: one right scale, not a pile of them
     plt.close(figure)
+    figure, ax = plt.subplots()
+    mine = ax.twinx()  # the user's own right scale is left to them
+    assert cellvae.pl.history(small_model, ax=ax, show=False)[1] is not mine and not mine.get_lines()
+    plt.close(figure)
 
 
 def test_kl_per_dimension_of_many_dimensions_fits_a_page():
@@ -874,6 +878,18 @@ def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_t
     lines = {line.get_label(): line for line in ax.get_lines()}
     ring = lines["best ELBO of the 1 β in every sweep (β=1)"]
     np.testing.assert_allclose([ring.get_xdata()[0], ring.get_ydata()[0]], [(4.03 + 4.62) / 2, (782.76 + 809.81) / 2])
+    plt.close(ax.figure)
+    # one sweep that repeats a beta is one sweep: every beta is a candidate (its index labels do not repeat)
+    repeated = pd.DataFrame(
+        {"beta": [0.1, 0.5, 1.0, 1.0, 2.0], "rate": [20, 10, 5, 5.2, 2.0], "distortion": [80, 88, 100, 100.5, 110]}
+    )
+    ax = cellvae.pl.rate_distortion(repeated, show=False)
+    assert "best ELBO (β=0.5)" in [line.get_label() for line in ax.get_lines()]
+    plt.close(ax.figure)
+    # a group whose value is missing is a group of its own, ringed too
+    missing = pd.concat([one.assign(seed=0.0), one.assign(seed=np.nan, distortion=one["distortion"] + 1.0)])
+    ax = cellvae.pl.rate_distortion(missing, groupby="seed", show=False)
+    assert {"best ELBO of seed=0.0 (β=1)", "best ELBO of seed=nan (β=1)"} <= {line.get_label() for line in ax.get_lines()}
     plt.close(ax.figure)
     ax = cellvae.pl.rate_distortion(first.iloc[:1], show=False)  # one point: no equal-ELBO line of no length
     assert [line.get_label() for line in ax.get_lines()] == ["_child0", "best ELBO (β=0.5)"]

@@ -1555,6 +1555,9 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         (lambda: CellVAE.load(tmp_path / "saved", use_gpu=True), r"'use_gpu', .*: drop it: load puts the model on the CPU"),
         (lambda: CellVAE(adata, use_observed_lib_size=False), r"'use_observed_lib_size', .*: cellvae has no learnt library"),
         (lambda: CellVAE(adata, batch_representation="embedding"), r"'batch_representation', .*no learnt batch embedding"),
+        (lambda: CellVAE(adata, use_observed_lib_size=0), r"'use_observed_lib_size', .*: cellvae has no learnt library"),
+        (lambda: CellVAE(adata, use_observed_lib_size=np.False_), r"'use_observed_lib_size', .*: cellvae has no learnt"),
+        (lambda: CellVAE(adata, use_batch_norm=False), r"'use_batch_norm', .*: drop it: cellvae's hidden layers use LayerNorm"),
         (lambda: cellvae.tl.embed(adata.copy(), early_stopping_monitor="x"), r"validation loss \(its negative ELBO per cell\)$"),
     ]
     for call, message in refused:
