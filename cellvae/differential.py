@@ -36,6 +36,7 @@ import torch
 
 from cellvae.data import CellLoader, cell_positions, check_ordered, warn_user
 from cellvae.module import VAE
+from cellvae.train import progress_bar
 
 POSTERIOR_DRAWS_PER_CELL = 4  # latent draws decoded per cell; draw r of a mean takes each cell's draw r mod 4
 PRIOR_CELLS = 4  # pseudo-cells from both groups, scaled to the group's mean: the spread a group of a few cells lacks
@@ -503,17 +504,20 @@ def subsample(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> np
     return cells if len(cells) <= max_cells else np.sort(rng.choice(cells, max_cells, replace=False))
 
 
-def observed_by_group(loader: CellLoader, labels: pd.Series, batch_size: int):
+def observed_by_group(loader: CellLoader, labels: pd.Series, batch_size: int, progress: bool):
     """A function of a set of labelled cells giving its observed share of cells with a non-zero count
     and mean counts per 10,000 (over its cells with counts: a cell without any has no share of its counts to give,
-    and counted as zeros it would lower every gene alike), per gene, from one pass over the labelled cells."""
+    and counted as zeros it would lower every gene alike), per gene, from one pass over the labelled cells (those
+    a comparison needs: label the others missing), on a progress bar."""
     codes, groups = pd.factorize(labels, use_na_sentinel=True)
     labelled = np.flatnonzero(codes >= 0)
     nonzero = torch.zeros((len(groups), loader.n_genes), dtype=torch.float64)
     normalized = torch.zeros_like(nonzero)
     with_counts = torch.zeros(len(groups), dtype=torch.float64)
-    with torch.no_grad():
+    bar = progress_bar(len(labelled), "differential_expression (observed counts)", progress)
+    with torch.no_grad(), bar:
         for mb in loader.batches(labelled, loader.evaluation_batch_size(batch_size)):
+            bar.update(len(mb.cell_index))
             counts, library = mb.counts.cpu().double(), mb.library.cpu().double()  # (float64 on the CPU: MPS has none)
             group_codes = torch.from_numpy(codes[mb.cell_index])
             nonzero.index_add_(0, group_codes, (counts > 0).double())

@@ -1370,7 +1370,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if pseudocount is None:
             depths = loader.library[labelled & counted]
             pseudocount = 0.01 / float(np.median(depths))
-        observed = differential.observed_by_group(loader, labels, batch_size)
+        compared = np.zeros(len(labelled), dtype=bool)  # the observed columns read these cells only
+        for _, _, cells1, cells2 in comparisons:
+            compared[cells1] = compared[differential.second_group(labelled, cells1, cells2)] = True
+        observed = differential.observed_by_group(loader, labels.where(compared), batch_size, progress)
         measured = np.ones(self.config.n_genes, dtype=bool) if loader.gene_columns is None else loader.gene_columns >= 0
         encoded = np.unique(np.concatenate([np.concatenate(pair) for pair in picked]))
         n_batches = len(self.config.batch_categories)
@@ -1788,7 +1791,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             A reference built with ``normalization="batch"`` maps such a query at 0.81 with
             everything frozen (0.84 with this option too), but integrates worse.
         max_epochs
-            Epochs over the query; ``None`` picks about 200,000 cell passes, between 20 and 200 epochs.
+            Epochs over the query; ``None`` picks about 200,000 cell passes, between 5 and 200 epochs.
         batch_size, lr, validation_size, random_state, device, progress
             As in :meth:`fit` (no weight decay, so frozen weights stay bit-identical).
         patience
