@@ -198,6 +198,10 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
     "encoder and decoder, normalization='layer' (the default) LayerNorm in both",
     ("use_layer_norm", "none"): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
     "normalization='batch' uses BatchNorm, as scVI's default does",
+    ("use_layer_norm", "encoder"): "cellvae has no LayerNorm in the encoder alone: normalization='layer' (the default) "
+    "puts it in encoder and decoder",
+    ("use_layer_norm", "decoder"): "cellvae has no LayerNorm in the decoder alone: normalization='layer' (the default) "
+    "puts it in encoder and decoder",
     ("use_batch_norm", False): "drop it: cellvae's hidden layers use LayerNorm (normalization='layer', the default)",
     ("use_layer_norm", False): "drop it: cellvae's hidden layers use LayerNorm by default (normalization='layer'); "
     "normalization='batch' uses BatchNorm",
@@ -234,8 +238,9 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
         for name in sorted(kwargs.keys() - accepted):
             advice = next((advice for needs, advice in arguments.get(name, []) if needs in applies | {None}), "")
             value = kwargs[name]
-            if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
-                value = bool(value)  # (np.False_, 0: as False)
+            number = np.asarray(value).item() if not isinstance(value, str) and np.ndim(value) == 0 else None
+            if isinstance(number, (bool, int, float)) and number in (0, 1):
+                value = bool(number)  # (np.False_, 0, 0.0, np.array(False): as False)
             if advice and isinstance(value, (str, bool)):
                 advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, value), advice)
             if advice:

@@ -139,7 +139,8 @@ def rate_distortion(
     ----------
     frame
         The DataFrame returned by :func:`cellvae.tl.rate_distortion_sweep` (columns ``beta``, ``rate``,
-        ``distortion``), or several stacked (``pd.concat``).
+        ``distortion``), or several stacked (``pd.concat``): told apart by their ``random_state`` column, or
+        where it is missing by their repeated index labels.
     groupby
         A column of ``frame`` that tells stacked sweeps apart (e.g. a ``"seed"`` column): one line per
         value. Without it, a beta that appears more than once (stacked sweeps) is drawn at the mean of its
@@ -166,13 +167,16 @@ def rate_distortion(
         raise KeyError(f"groupby={groupby!r} is not a column of the frame; its columns: {list(frame.columns)}")
     held_out = "train_elbo" in frame  # a sweep's own frame: rate and distortion on held-out cells
     groups = frame[groupby].to_numpy() if groupby is not None else np.zeros(len(frame))
+    # which sweep each row is of: the seed that drew its held-out cells, else its index label (pd.concat keeps each
+    # sweep's 0, 1, ...)
+    sweeps = frame["random_state"].to_numpy() if "random_state" in frame else None
     try:
         frame = frame[["beta", "rate", "distortion"]].astype(float)
     except (TypeError, ValueError) as error:
         raise TypeError(f"beta, rate and distortion must be numbers ({error})") from error
     finite = np.isfinite(frame.to_numpy()).all(axis=1)
     # positions from here; the index labels kept as a column: stacked sweeps repeat them, once per sweep
-    frame = frame.assign(group=groups, label=frame.index.to_numpy())[finite].reset_index(drop=True)
+    frame = frame.assign(group=groups, label=frame.index.to_numpy(), sweep=sweeps)[finite].reset_index(drop=True)
     if frame.empty:
         raise ValueError("no row of the sweep has a finite beta, rate and distortion to plot")
     made = ax is None
@@ -194,10 +198,17 @@ def rate_distortion(
     rates = np.linspace(curves["rate"].min(), curves["rate"].max(), 2)
     by_group = zip(curves.groupby("group", sort=False, dropna=False), frame.groupby("group", sort=False, dropna=False))
     for number, ((group, curve), (_, rows)) in enumerate(by_group):
-        # each group's own best, among the betas of every sweep stacked in it (as many sweeps as an index label
-        # repeats): a beta of fewer sweeps is a mean over other held-out cells, not comparable
+        # each group's own best, among the betas of every sweep stacked in it: a beta of fewer sweeps is a mean over
+        # other held-out cells, not comparable. Sweeps are told apart by their seed, else counted by their repeated
+        # index labels; with neither (pd.concat(..., ignore_index=True) of frames without random_state), by the most
+        # frequent beta
         rows_per_beta = rows.groupby("beta").size()
-        in_all = rows_per_beta.index[rows_per_beta >= rows["label"].value_counts().max()]
+        if rows["sweep"].notna().any():
+            sweeps_per_beta = rows.groupby("beta")["sweep"].nunique()
+            in_all = sweeps_per_beta.index[sweeps_per_beta == rows["sweep"].nunique()]
+        else:
+            sweeps = rows["label"].value_counts().max()
+            in_all = rows_per_beta.index[rows_per_beta >= (sweeps if sweeps > 1 else rows_per_beta.max())]
         candidates = curve[curve["beta"].isin(in_all)] if len(in_all) else curve
         best = candidates.loc[(candidates["rate"] + candidates["distortion"]).idxmin()]
         among = ""

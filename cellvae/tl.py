@@ -514,7 +514,8 @@ def transfer_labels(
                 for key in ref_adata.obsm
                 if key in query_adata.obsm
                 and _same_width(ref_adata, query_adata, key)
-                and not key.startswith(tuple(SCANPY_EMBEDDINGS))  # (X_pca of each alone: no shared space)
+                and key not in SCANPY_EMBEDDINGS  # (X_pca of each alone: no shared space; X_pca_harmony is one)
+                and not key.startswith("X_draw_graph_")
             ]
             either = f"pass use_rep={shared[0]!r} if both hold the same model's embedding there, or " if shared else ""
             raise KeyError(
@@ -746,8 +747,8 @@ def _own_voter(
         return own
     if not (ref_adata.obs_names.is_unique and query_adata.obs_names.is_unique):  # a name and an embedding: one cell
         voters = pd.DataFrame({"name": ref_adata.obs_names[labelled], "row": np.arange(labelled.sum())})
-        voters["point"] = [row.tobytes() for row in reference[labelled]]
-        cells = pd.DataFrame({"name": query_adata.obs_names, "point": [row.tobytes() for row in query]})
+        voters["point"] = [(row + 0.0).tobytes() for row in reference[labelled]]  # (+ 0.0: -0.0 reads as 0.0, as ==)
+        cells = pd.DataFrame({"name": query_adata.obs_names, "point": [(row + 0.0).tobytes() for row in query]})
         matched = cells.reset_index().merge(voters.drop_duplicates(["name", "point"]), on=["name", "point"])
         own[matched["index"].to_numpy()] = matched["row"].to_numpy()
         return own
@@ -1076,8 +1077,10 @@ def rate_distortion_sweep(
     nats per held-out cell: a dimension can vary a little across cells yet carry almost nothing, as under
     a large beta), ``epochs``; with ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
-    ``label_nmi`` (NMI of k-means with one cluster per label). Ctrl-C stops the whole sweep: the betas
-    finished so far are returned, with a warning (where none finished, ``KeyboardInterrupt`` is raised).
+    ``label_nmi`` (NMI of k-means with one cluster per label); ``random_state``, the seed that drew the held-out
+    cells (sweeps stacked with ``pd.concat`` are told apart by it in :func:`cellvae.pl.rate_distortion`). Ctrl-C stops
+    the whole sweep: the betas finished so far are returned, with a warning (where none finished,
+    ``KeyboardInterrupt`` is raised).
     """
     _check_is_anndata(adata)
     if "beta" in model_kwargs:
@@ -1169,6 +1172,7 @@ def rate_distortion_sweep(
     frame.insert(position, "elbo_to_best", to_best.mean(axis=1))
     spread = to_best.std(axis=1, ddof=1) if n_cells > 1 else np.full(len(frame), np.nan)  # one held-out cell: no se
     frame.insert(position + 1, "elbo_to_best_se", spread / np.sqrt(n_cells))
+    frame["random_state"] = random_state  # (which cells were held out: stacked sweeps are told apart by it)
     return frame
 
 

@@ -678,6 +678,14 @@ def test_a_query_cell_that_is_a_labelled_reference_cell_does_not_vote_for_itself
     partly = repeated[:200].copy()  # names repeat, and not in the same order: each cell is its name and embedding
     partly_labelled = cellvae.tl.transfer_labels(repeated, partly, **options)
     np.testing.assert_array_equal(partly_labelled.obs[columns].to_numpy(), together.obs[columns].to_numpy()[:200])
+    zeroed = repeated.copy()
+    zeroed.obsm["X_cellvae"][:, 0] = 0.0
+    signed = zeroed[:200].copy()
+    signed.obsm["X_cellvae"][:, 0] = -0.0  # the same cells: -0.0 is 0.0, as == reads it
+    np.testing.assert_array_equal(
+        cellvae.tl.transfer_labels(zeroed, signed, **options).obs[columns].to_numpy(),
+        cellvae.tl.transfer_labels(zeroed, zeroed[:200].copy(), **options).obs[columns].to_numpy(),
+    )
     other_sample = repeated[:150].copy()  # the same barcodes in another sample: other cells, which vote
     other_sample.obsm["X_cellvae"] = other_sample.obsm["X_cellvae"] + 0.01
     unseen = cellvae.tl.transfer_labels(repeated, other_sample, **options)
@@ -790,6 +798,10 @@ def test_an_embedding_under_another_key_in_both_anndatas_is_named_in_the_missing
     del reference.obsm["X_scVI"]
     with pytest.raises(KeyError, match=r"not found in ref_adata.obsm \(available: \['X_umap', 'X_pca'\]\); embed both with"):
         cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
+    reference.obsm["X_pca_harmony"], query.obsm["X_pca_harmony"] = np.zeros((2, 4)), np.zeros((1, 4))  # an integrated space
+    with pytest.raises(KeyError, match=r"; pass use_rep='X_pca_harmony' if both"):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=2)
+    del reference.obsm["X_pca_harmony"], query.obsm["X_pca_harmony"]
     # an embedding stored sparse (or as a DataFrame) is read as its values
     reference.obsm["X_sparse"] = sp.csr_matrix([[-1.0, 0.0], [1.0, 0.0]])
     query.obsm["X_sparse"] = pd.DataFrame([[0.9, 0.0]], index=query.obs_names)

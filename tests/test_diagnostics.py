@@ -879,13 +879,21 @@ def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_t
     ring = lines["best ELBO of the 1 β in every sweep (β=1)"]
     np.testing.assert_allclose([ring.get_xdata()[0], ring.get_ydata()[0]], [(4.03 + 4.62) / 2, (782.76 + 809.81) / 2])
     plt.close(ax.figure)
-    # one sweep that repeats a beta is one sweep: every beta is a candidate (its index labels do not repeat)
+    # one sweep that repeats a beta is one sweep: every beta is a candidate (one random_state)
     repeated = pd.DataFrame(
         {"beta": [0.1, 0.5, 1.0, 1.0, 2.0], "rate": [20, 10, 5, 5.2, 2.0], "distortion": [80, 88, 100, 100.5, 110]}
     )
-    ax = cellvae.pl.rate_distortion(repeated, show=False)
+    ax = cellvae.pl.rate_distortion(repeated.assign(random_state=0), show=False)
     assert "best ELBO (β=0.5)" in [line.get_label() for line in ax.get_lines()]
     plt.close(ax.figure)
+    # sweeps stacked with ignore_index=True (or read back from a CSV) are told apart by their random_state
+    for stacked_again in (
+        pd.concat([first.assign(random_state=0), second.assign(random_state=1)], ignore_index=True),
+        pd.concat([first, second], ignore_index=True),  # (without it: by the most frequent beta)
+    ):
+        ax = cellvae.pl.rate_distortion(stacked_again, show=False)
+        assert "best ELBO of the 1 β in every sweep (β=1)" in [line.get_label() for line in ax.get_lines()]
+        plt.close(ax.figure)
     # a group whose value is missing is a group of its own, ringed too
     missing = pd.concat([one.assign(seed=0.0), one.assign(seed=np.nan, distortion=one["distortion"] + 1.0)])
     ax = cellvae.pl.rate_distortion(missing, groupby="seed", show=False)

@@ -1557,6 +1557,12 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         (lambda: CellVAE(adata, batch_representation="embedding"), r"'batch_representation', .*no learnt batch embedding"),
         (lambda: CellVAE(adata, use_observed_lib_size=0), r"'use_observed_lib_size', .*: cellvae has no learnt library"),
         (lambda: CellVAE(adata, use_observed_lib_size=np.False_), r"'use_observed_lib_size', .*: cellvae has no learnt"),
+        (lambda: CellVAE(adata, use_observed_lib_size=0.0), r"'use_observed_lib_size', .*: cellvae has no learnt"),
+        (lambda: CellVAE(adata, use_batch_norm=np.array(False)), r"'use_batch_norm', .*: drop it: cellvae's hidden layers"),
+        (
+            lambda: CellVAE(adata, use_layer_norm="encoder"),
+            r"'use_layer_norm', .*: cellvae has no LayerNorm in the encoder alone",
+        ),
         (lambda: CellVAE(adata, use_batch_norm=False), r"'use_batch_norm', .*: drop it: cellvae's hidden layers use LayerNorm"),
         (lambda: cellvae.tl.embed(adata.copy(), early_stopping_monitor="x"), r"validation loss \(its negative ELBO per cell\)$"),
     ]
