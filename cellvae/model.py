@@ -238,9 +238,10 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
         for name in sorted(kwargs.keys() - accepted):
             advice = next((advice for needs, advice in arguments.get(name, []) if needs in applies | {None}), "")
             value = kwargs[name]
-            number = np.asarray(value).item() if not isinstance(value, str) and np.ndim(value) == 0 else None
+            scalar = isinstance(value, (bool, int, float, np.generic)) or (isinstance(value, np.ndarray) and value.ndim == 0)
+            number = np.asarray(value).item() if scalar and not isinstance(value, (str, np.str_)) else None
             if isinstance(number, (bool, int, float)) and number in (0, 1):
-                value = bool(number)  # (np.False_, 0, 0.0, np.array(False): as False)
+                value = bool(number)  # (np.False_, 0, 0.0, np.array(False): as False; other values are not read)
             if advice and isinstance(value, (str, bool)):
                 advice = SCVI_TOOLS_ARGUMENT_VALUES.get((name, value), advice)
             if advice:

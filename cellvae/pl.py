@@ -139,8 +139,8 @@ def rate_distortion(
     ----------
     frame
         The DataFrame returned by :func:`cellvae.tl.rate_distortion_sweep` (columns ``beta``, ``rate``,
-        ``distortion``), or several stacked (``pd.concat``): told apart by their ``random_state`` column, or
-        where it is missing by their repeated index labels.
+        ``distortion``), or several stacked (``pd.concat``): told apart by their ``random_state`` column and
+        their repeated index labels (frames stacked with ``ignore_index=True`` and one seed read as one sweep).
     groupby
         A column of ``frame`` that tells stacked sweeps apart (e.g. a ``"seed"`` column): one line per
         value. Without it, a beta that appears more than once (stacked sweeps) is drawn at the mean of its
@@ -167,8 +167,8 @@ def rate_distortion(
         raise KeyError(f"groupby={groupby!r} is not a column of the frame; its columns: {list(frame.columns)}")
     held_out = "train_elbo" in frame  # a sweep's own frame: rate and distortion on held-out cells
     groups = frame[groupby].to_numpy() if groupby is not None else np.zeros(len(frame))
-    # which sweep each row is of: the seed that drew its held-out cells, else its index label (pd.concat keeps each
-    # sweep's 0, 1, ...)
+    # which sweep each row is of: its seed (which drew the held-out cells) and the how-manieth time its index label
+    # comes with that seed (pd.concat keeps each sweep's 0, 1, ...: sweeps of one seed but other settings)
     sweeps = frame["random_state"].to_numpy() if "random_state" in frame else None
     try:
         frame = frame[["beta", "rate", "distortion"]].astype(float)
@@ -199,20 +199,16 @@ def rate_distortion(
     by_group = zip(curves.groupby("group", sort=False, dropna=False), frame.groupby("group", sort=False, dropna=False))
     for number, ((group, curve), (_, rows)) in enumerate(by_group):
         # each group's own best, among the betas of every sweep stacked in it: a beta of fewer sweeps is a mean over
-        # other held-out cells, not comparable. Sweeps are told apart by their seed, else counted by their repeated
-        # index labels; with neither (pd.concat(..., ignore_index=True) of frames without random_state), by the most
-        # frequent beta
-        rows_per_beta = rows.groupby("beta").size()
-        if rows["sweep"].notna().any():
-            sweeps_per_beta = rows.groupby("beta")["sweep"].nunique()
-            in_all = sweeps_per_beta.index[sweeps_per_beta == rows["sweep"].nunique()]
-        else:
-            sweeps = rows["label"].value_counts().max()
-            in_all = rows_per_beta.index[rows_per_beta >= (sweeps if sweeps > 1 else rows_per_beta.max())]
+        # other held-out cells, not comparable
+        seed = rows["sweep"].astype(object).where(rows["sweep"].notna(), "no seed")
+        occurrence = rows.groupby([seed, rows["label"]], sort=False, dropna=False).cumcount()
+        sweep = pd.Series(list(zip(seed, occurrence)), index=rows.index)
+        sweeps_per_beta = sweep.groupby(rows["beta"]).nunique()
+        in_all = sweeps_per_beta.index[sweeps_per_beta == sweep.nunique()]
         candidates = curve[curve["beta"].isin(in_all)] if len(in_all) else curve
         best = candidates.loc[(candidates["rate"] + candidates["distortion"]).idxmin()]
         among = ""
-        if len(in_all) < len(rows_per_beta):
+        if len(in_all) < len(sweeps_per_beta):
             among = f" of the {len(in_all)} β in every sweep" if len(in_all) else ", though no β is in every sweep"
         edge = "black" if groupby is None else f"C{number}"
         label = (

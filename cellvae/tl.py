@@ -1078,7 +1078,7 @@ def rate_distortion_sweep(
     a large beta), ``epochs``; with ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
     ``label_nmi`` (NMI of k-means with one cluster per label); ``random_state``, the seed that drew the held-out
-    cells (sweeps stacked with ``pd.concat`` are told apart by it in :func:`cellvae.pl.rate_distortion`). Ctrl-C stops
+    cells (with the index, it tells sweeps stacked with ``pd.concat`` apart in :func:`cellvae.pl.rate_distortion`). Ctrl-C stops
     the whole sweep: the betas finished so far are returned, with a warning (where none finished,
     ``KeyboardInterrupt`` is raised).
     """

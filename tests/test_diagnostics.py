@@ -883,13 +883,17 @@ def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_t
     repeated = pd.DataFrame(
         {"beta": [0.1, 0.5, 1.0, 1.0, 2.0], "rate": [20, 10, 5, 5.2, 2.0], "distortion": [80, 88, 100, 100.5, 110]}
     )
-    ax = cellvae.pl.rate_distortion(repeated.assign(random_state=0), show=False)
-    assert "best ELBO (β=0.5)" in [line.get_label() for line in ax.get_lines()]
-    plt.close(ax.figure)
-    # sweeps stacked with ignore_index=True (or read back from a CSV) are told apart by their random_state
+    for one_sweep in (repeated, repeated.assign(random_state=0)):
+        ax = cellvae.pl.rate_distortion(one_sweep, show=False)
+        assert "best ELBO (β=0.5)" in [line.get_label() for line in ax.get_lines()]
+        plt.close(ax.figure)
+    # sweeps are told apart by their random_state and repeated index labels: stacked with ignore_index=True (or read
+    # back from a CSV), by their seeds; of one seed (other settings, the default seed), by their labels; an older frame
+    # without the column beside a newer one, by both
     for stacked_again in (
         pd.concat([first.assign(random_state=0), second.assign(random_state=1)], ignore_index=True),
-        pd.concat([first, second], ignore_index=True),  # (without it: by the most frequent beta)
+        pd.concat([first.assign(random_state=0), second.assign(random_state=0)]),
+        pd.concat([second, first.assign(random_state=1)]),
     ):
         ax = cellvae.pl.rate_distortion(stacked_again, show=False)
         assert "best ELBO of the 1 β in every sweep (β=1)" in [line.get_label() for line in ax.get_lines()]

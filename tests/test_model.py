@@ -1564,6 +1564,8 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
             r"'use_layer_norm', .*: cellvae has no LayerNorm in the encoder alone",
         ),
         (lambda: CellVAE(adata, use_batch_norm=False), r"'use_batch_norm', .*: drop it: cellvae's hidden layers use LayerNorm"),
+        (lambda: model.fit(adata=adata), r"fit\(\) got an unexpected keyword argument 'adata'$"),  # (the AnnData not read)
+        (lambda: CellVAE(adata, use_batch_norm=[[1], [1, 2]]), r"'use_batch_norm', scvi-tools' name: use normalization="),
         (lambda: cellvae.tl.embed(adata.copy(), early_stopping_monitor="x"), r"validation loss \(its negative ELBO per cell\)$"),
     ]
     for call, message in refused:
