@@ -76,11 +76,10 @@ def _check_model_kwargs(model_kwargs: dict, tool: str) -> None:
             needs, advice = found[0]
             # where the cellvae name goes: the tool's own argument, fit_kwargs, or (kl_warmup, "drop it") as the advice says
             where = ""
-            if advice.startswith("drop it"):  # nothing to pass anywhere
-                pass
-            elif needs in OWN_FIT_OPTIONS:
+            passed = not advice.startswith("drop it")  # (else nothing to pass anywhere)
+            if passed and needs in OWN_FIT_OPTIONS:
                 where = f" (pass {needs}= to {tool} itself)"
-            elif needs in FIT_OPTIONS:
+            elif passed and needs in FIT_OPTIONS:
                 where = " (CellVAE.fit's options go in fit_kwargs={...}; the model's, such as kl_warmup, are the tool's own)"
             raise TypeError(
                 f"{tool}() got an unexpected keyword argument {name!r}, scvi-tools' name for an option of training: "
@@ -1125,15 +1124,14 @@ def rate_distortion_sweep(
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
     test, fit_data = _part(adata, held, genes), _part(adata, ~held, genes)
     trained = np.flatnonzero(~held)  # the cells fit_data holds, in adata
-    if labels_key is not None:  # told before training, not found as NaN after it
+    if labels_key is not None and not _scorable(test.obs[labels_key]):  # told before training, not found as NaN after it
         known = test.obs[labels_key].dropna().astype(str)
-        if not 2 <= known.nunique() < len(known):
-            warn_user(
-                f"label_silhouette and label_nmi will be NaN: the {len(known):,} labelled held-out cells hold "
-                f"{known.nunique():,} labels of obs[{labels_key!r}], and the scores need 2 to one fewer than the cells; "
-                "raise held_out, or check the column (labels are cell types or clusters that many cells share)",
-                UserWarning,
-            )
+        warn_user(
+            f"label_silhouette and label_nmi will be NaN: the {len(known):,} labelled held-out cells hold "
+            f"{known.nunique():,} labels of obs[{labels_key!r}], and the scores need 2 to one fewer than the cells; "
+            "raise held_out, or check the column (labels are cell types or clusters that many cells share)",
+            UserWarning,
+        )
     rows, elbos, model = [], [], None
     for beta in betas:
         if warm_start and model is not None:
@@ -1214,15 +1212,21 @@ def _sweep_row(
     return row, per_cell["elbo"].to_numpy()
 
 
+def _scorable(labels: pd.Series) -> bool:
+    """Whether the labelled cells hold 2 to one fewer than their number of labels, as the silhouette needs."""
+    known = labels.dropna().astype(str)
+    return 2 <= known.nunique() < len(known)
+
+
 def _label_scores(latent: np.ndarray, labels: pd.Series, random_state: int) -> dict[str, float]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score, silhouette_score
 
+    if not _scorable(labels):
+        return {"label_silhouette": float("nan"), "label_nmi": float("nan")}
     known = labels.notna().to_numpy()  # unlabelled cells are not a class of their own
     latent, labels = latent[known], labels[known].astype(str).to_numpy()
     n_labels = len(set(labels))
-    if n_labels < 2 or n_labels >= len(labels):  # the silhouette needs 2 to n - 1 classes
-        return {"label_silhouette": float("nan"), "label_nmi": float("nan")}
     clusters = KMeans(n_clusters=n_labels, n_init=10, random_state=random_state).fit_predict(latent)
     # The silhouette takes all pairwise distances: on a sample of cells beyond SILHOUETTE_CELLS
     sample = SILHOUETTE_CELLS if len(labels) > SILHOUETTE_CELLS else None
