@@ -1310,7 +1310,7 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
     :class:`Covariates`); errors name the values as ``source[key]`` (``"covariates"``: decode's argument) and,
     for a model not ``trained`` yet, say to build it again."""
     codes_per_key, widths, continuous = [], [], []
-    for key, categories in _categorical_items(layout):
+    for key, categories in categorical_items(layout):
         if key not in obs.columns:
             raise KeyError(
                 f"obs column {key!r} (used by the model) not found in adata.obs; add it, e.g. "
@@ -1434,7 +1434,8 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
     return None
 
 
-def _categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:
+def categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:
+    """Each categorical key (the batch key first) with its categories, in the order of the cells' category codes."""
     items = [(layout.batch_key, layout.batch_categories)] if layout.batch_key else []
     return items + [(k, layout.categorical_categories[k]) for k in layout.categorical_keys]
 

@@ -95,6 +95,10 @@ SCVI_TOOLS_METHODS = {
 }
 # scvi-tools' argument: its advice in each place, as (what the method must take for the advice to apply: a cellvae
 # argument or the method's own name; None: any method; the advice); the first that applies is given
+ON_THE_CPU = "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"
+ONE_MODEL_PER_FOLDER = "drop it: a cellvae model folder holds one model, its files named without a prefix"
+SPARSE_AS_STORED = "drop it: cellvae reads sparse counts as they are stored"
+BOTH_DIRECTIONS = "drop it: proba_de is P(|lfc| > delta), both directions; proba_up and proba_down give each"
 POSTERIOR_MEAN = "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"
 SCVI_TOOLS_ARGUMENTS = {
     "gene_likelihood": [("likelihood", "use likelihood= ('nb', the default, 'zinb' or 'poisson')")],
@@ -105,17 +109,17 @@ SCVI_TOOLS_ARGUMENTS = {
     "train_size": [("validation_size", "use validation_size=, the share held out (1 - train_size)")],
     "accelerator": [
         ("device", "use device= ('auto', 'cpu', 'cuda', ...)"),
-        ("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"),
+        ("load", ON_THE_CPU),
     ],
-    "device": [("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it")],
+    "device": [("load", ON_THE_CPU)],
     "devices": [("device", "use device= for one device ('cuda', 'cuda:1'); for several GPUs launch with torchrun (README)")],
     "use_gpu": [
         ("device", "use device= ('cuda', 'auto' or 'cpu')"),
-        ("load", "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"),
+        ("load", ON_THE_CPU),
     ],
     "prefix": [
-        ("load", "drop it: a cellvae model folder holds one model, its files named without a prefix"),
-        ("save", "drop it: a cellvae model folder holds one model, its files named without a prefix"),
+        ("load", ONE_MODEL_PER_FOLDER),
+        ("save", ONE_MODEL_PER_FOLDER),
     ],
     "use_observed_lib_size": [("__init__", "drop it: cellvae scales each cell by its observed total counts, as scVI's default")],
     "batch_representation": [("__init__", "drop it: cellvae gives the batch one-hot, as scVI's default 'one-hot'")],
@@ -144,8 +148,8 @@ SCVI_TOOLS_ARGUMENTS = {
     ],
     "shuffle_set_split": [("validation_size", "drop it: fit draws its validation cells at random (random_state=)")],
     "load_sparse_tensor": [
-        ("fit", "drop it: cellvae reads sparse counts as they are stored"),
-        ("map_query", "drop it: cellvae reads sparse counts as they are stored"),
+        ("fit", SPARSE_AS_STORED),
+        ("map_query", SPARSE_AS_STORED),
     ],
     "enable_progress_bar": [("progress", "use progress=")],
     "give_mean": [("mean", "use mean="), ("get_likelihood_parameters", POSTERIOR_MEAN)],
@@ -172,8 +176,8 @@ SCVI_TOOLS_ARGUMENTS = {
         ("marginal_log_likelihood", "drop it: cellvae returns one value per cell; .mean() gives scvi-tools' default"),
         ("rate_distortion", "drop it: cellvae returns one row per cell; .mean() gives the figures to quote"),
     ],
-    "two_sided": [("delta", "drop it: proba_de is P(|lfc| > delta), both directions; proba_up and proba_down give each")],
-    "test_mode": [("delta", "drop it: proba_de is P(|lfc| > delta), both directions; proba_up and proba_down give each")],
+    "two_sided": [("delta", BOTH_DIRECTIONS)],
+    "test_mode": [("delta", BOTH_DIRECTIONS)],
     "dir_path": [("path", "use path=, the model's folder")],
     "freeze_dropout": [
         ("map_query", "drop it: map_query trains with the model's dropout on, as scvi-tools' default freeze_dropout=False")
@@ -664,25 +668,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "validation_size for a validation set",
                     UserWarning,
                 )
-            if self.is_trained and self.train_indices is not None:  # a further fit of this session's model
-                seen = np.intersect1d(validation_cells, self.train_indices)
-                if len(seen):
-                    held = self.validation_indices if self.validation_indices is not None else np.array([])
-                    if len(held):
-                        earlier = self.train_settings.random_state if self.train_settings is not None else None
-                        share = len(held) / (len(held) + len(self.train_indices))
-                        keep = (
-                            f"to keep the earlier validation cells, continue with its random_state={earlier!r} and its "
-                            f"validation_size (it held out {share:.1%} of the cells)"
-                        )
-                    else:
-                        keep = "the earlier fit held out no cells (validation_size=0), so none are left unseen"
-                    data.warn_user(
-                        f"{len(seen):,} of this fit's {len(validation_cells):,} validation cells were training cells of the "
-                        "earlier fit, so early stopping and the best epoch are judged partly on cells the model has "
-                        f"learnt; {keep}",
-                        UserWarning,
-                    )
+            _warn_about_seen_validation_cells(self, validation_cells)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
             # keep as a bool that load refuses)
@@ -1337,8 +1323,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ]
         # picked: the cells (with counts, at most max_cells) whose draws stand for each group
         picked, few, small, separate = [], set(), set(), []
+        compared = np.zeros(len(labelled), dtype=bool)  # the observed columns read these cells only
         for (name1, name2, cells1, cells2), rng in zip(comparisons, generators):
             cells2 = differential.second_group(labelled, cells1, cells2)
+            compared[cells1] = compared[cells2] = True
             for name, cells in ((name1, cells1), (name2, cells2)):
                 n_counted = int(counted[cells].sum())
                 if n_counted == 0:
@@ -1376,9 +1364,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if pseudocount is None:
             depths = loader.library[labelled & counted]
             pseudocount = 0.01 / float(np.median(depths))
-        compared = np.zeros(len(labelled), dtype=bool)  # the observed columns read these cells only
-        for _, _, cells1, cells2 in comparisons:
-            compared[cells1] = compared[differential.second_group(labelled, cells1, cells2)] = True
         observed = differential.observed_by_group(loader, labels.where(compared), batch_size, progress)
         measured = np.ones(self.config.n_genes, dtype=bool) if loader.gene_columns is None else loader.gene_columns >= 0
         encoded = np.unique(np.concatenate([np.concatenate(pair) for pair in picked]))
@@ -1925,7 +1910,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         cells = nonempty
         if not len(cells):
             raise ValueError("query_adata has no cells with counts: the new batches' parameters would have nothing to learn from")
-        _warn_about_small_new_categories(config, loader.covariates.codes, cells)
+        _warn_about_small_new_categories(query_model, loader.covariates.codes, cells)
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
         # every new batch and new covariate category gets training cells, or its parameters stay at zero
@@ -3155,14 +3140,36 @@ def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) 
         )
 
 
-def _warn_about_small_new_categories(config: Config, codes: list[np.ndarray], cells: np.ndarray) -> None:
+def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> None:
+    """Warn where a further fit of this session's model validates on cells its earlier fit trained on."""
+    if not model.is_trained or model.train_indices is None:
+        return
+    seen = np.intersect1d(validation_cells, model.train_indices)
+    if not len(seen):
+        return
+    held = model.validation_indices if model.validation_indices is not None else np.array([])
+    if len(held):
+        earlier = model.train_settings.random_state if model.train_settings is not None else None
+        share = len(held) / (len(held) + len(model.train_indices))
+        keep = (
+            f"to keep the earlier validation cells, continue with its random_state={earlier!r} and its "
+            f"validation_size (it held out {share:.1%} of the cells)"
+        )
+    else:
+        keep = "the earlier fit held out no cells (validation_size=0), so none are left unseen"
+    data.warn_user(
+        f"{len(seen):,} of this fit's {len(validation_cells):,} validation cells were training cells of the earlier fit, "
+        f"so early stopping and the best epoch are judged partly on cells the model has learnt; {keep}",
+        UserWarning,
+    )
+
+
+def _warn_about_small_new_categories(query_model: CellVAE, codes: list[np.ndarray], cells: np.ndarray) -> None:
     """Warn where a query's new batch or covariate category has under ``MIN_CELLS`` cells with counts: map_query learns
     its parameters from those cells alone."""
-    keys = ([config.batch_key] if config.batch_key else []) + list(config.categorical_covariate_keys)
     small = []
-    for key, code in zip(keys, codes):
-        names = config.batch_categories if key == config.batch_key else config.categorical_covariate_categories[key]
-        first_new = config.reference_categories.get(key, len(names))
+    for (key, names), code in zip(data.categorical_items(query_model.layout), codes):
+        first_new = query_model.config.reference_categories.get(key, len(names))
         counts = np.bincount(code[cells], minlength=len(names))
         small += [
             f"obs[{key!r}] {names[i]!r}: {counts[i]}" for i in range(first_new, len(names)) if 0 < counts[i] < data.MIN_CELLS
