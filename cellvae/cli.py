@@ -181,7 +181,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         if f"dispersion='{dispersion}'" in message:
             notes.append(f"--dispersion {dispersion} sets dispersion='{dispersion}'")
     fixed_in_python = "map_query(" not in message and _needs_python(message)
-    names_a_layer = "layer=" in message and not about_the_reference
+    names_a_layer = re.search(r"\blayer=", message) is not None and not about_the_reference  # (not train_input_layer=)
     if names_a_layer and not fixed_in_python:
         notes.append("--layer NAME reads the counts from adata.layers[NAME]")
     elif "not found in adata.layers" in message:

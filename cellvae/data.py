@@ -343,7 +343,7 @@ def counts_location(layer: str | None) -> str:
 VALUES_PER_HINT = 100_000
 
 
-def _looks_like_counts(matrix) -> bool:
+def looks_like_counts(matrix) -> bool:
     """Whether the first stored values of an in-memory matrix are whole, non-negative and not all zero."""
     if not isinstance(matrix, IN_MEMORY_MATRICES) or 0 in matrix.shape:
         return False
@@ -381,10 +381,10 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         # whole counts elsewhere: rounding these is no fix (and its layer could be where those counts are), and the
         # general advice (build the model with layer=..., a trained model reads ...) gives way to the place found
         told = _ended(re.split(f"{ROUNDING_ADVICE}|{ROUND_OFF_ADVICE}|{GENERAL_ADVICE}", str(error))[0].rstrip())
-        if layer is not None and _looks_like_counts(stored_x(adata)):
+        if layer is not None and looks_like_counts(stored_x(adata)):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
             raise ValueError(f"{told} adata.X holds whole counts: {fix}") from None
-        layers = [name for name in layer_names(adata) if name != layer and _looks_like_counts(adata.layers[name])]
+        layers = [name for name in layer_names(adata) if name != layer and looks_like_counts(adata.layers[name])]
         layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
         if layers:
             name = layers[0]
@@ -396,7 +396,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 fix = f"put them where the model reads them, adata.layers[{layer!r}] = adata.layers[{name!r}]"
             raise ValueError(f"{told} adata.layers[{name!r}] holds whole counts: {fix}") from None
         raw = getattr(adata, "raw", None)
-        if raw is not None and _looks_like_counts(raw.X):
+        if raw is not None and looks_like_counts(raw.X):
             if trained and layer is None:
                 fix = "give the model adata.raw.to_adata() (genes are matched by name)"
             elif not adata.var_names.isin(raw.var_names).all():  # raw[:, adata.var_names] would fail
@@ -412,12 +412,13 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         places += [stored_x(adata)] if layer is not None else []
         places += [raw.X] if raw is not None else []
         all_read = all(place is None or isinstance(place, IN_MEMORY_MATRICES) for place in places)
-        if "layer=..." in str(error) and all_read:
+        if "layer=..." in str(error) and all_read:  # (in place of the general advice, which names layers and raw)
             elsewhere = "adata.raw nor a layer" if raw is not None else "a layer (nor adata.raw: there is none)"
+            rounding = re.search(rf"(?:{ROUNDING_ADVICE}|\(Its largest value).*", str(error))
             raise ValueError(
-                f"{_ended(str(error))} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from "
-                "their source (e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
-                "(adata.layers['counts']) before normalising"
+                f"{told} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from their source "
+                "(e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
+                "(adata.layers['counts']) before normalising." + (f" {rounding[0]}" if rounding else "")
             ) from None
         raise
 
@@ -677,8 +678,9 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         # of as many values exceed 20 somewhere), and rounded they would pass for counts
         rounding = (
             f"{ROUNDING_ADVICE} (e.g. from salmon, kallisto, RSEM, alevin, SoupX or "
-            "decontX; not TPM or CPM, which are not counts), round them "
-            f"into a layer first: adata.layers[{target!r}] = np.rint({source}) (dense or sparse)."
+            "decontX; not TPM, CPM or sc.pp.normalize_total's output, which are not counts), round them "
+            f"into a layer first: adata.layers[{target!r}] = np.rint({source}) (dense or sparse), and build the model with "
+            f"layer={target!r}."
             if values.max() > 20
             else f"(Its largest value is {values.max():.3g}: do not round log-transformed values, they are not counts.)"
         )
@@ -1151,7 +1153,7 @@ def learn_covariate_layout(
             )
     means, stds = [], []
     for key in continuous_keys:
-        values = _continuous_values(obs, key)
+        values = continuous_values(obs, key)
         with np.errstate(over="ignore"):
             mean, std = float(values.mean()), float(values.std())
         if not (math.isfinite(mean) and math.isfinite(std)):
@@ -1205,7 +1207,7 @@ def category_names(column: pd.Series, key: str, name: str = "adata") -> list[str
     text = as_text(column)
     present = set(text.categories[np.unique(text.codes)])
     if isinstance(column.dtype, pd.CategoricalDtype):  # (each category's text as astype(str) writes it, as in present)
-        return list(dict.fromkeys(name for name in column.cat.categories.astype(str) if name in present))
+        return list(dict.fromkeys(name for name in _category_text(column.cat.categories) if name in present))
     return sorted(present)
 
 
@@ -1213,16 +1215,25 @@ def as_text(column: pd.Series) -> pd.Categorical:
     """An obs column's values as text (those of ``column.astype(str)``), as a categorical: each distinct
     value is converted once, not each cell's (a million cells: 0.2 s as one string per cell).
 
-    Columns whose equal values can read differently (0 and 0.0 or True and 1 in one object column,
-    0.0 and -0.0 among floats) are converted cell by cell."""
+    Columns whose equal values can read differently (0 and 0.0 or True and 1 in one object column) are converted
+    cell by cell; a float column's -0.0 reads as 0.0 (pandas' categories hold them as one value)."""
     kinds = ("string", "integer", "boolean", "empty")
+    if pd.api.types.is_float_dtype(column.dtype):
+        column = column + 0.0  # (as _category_text)
     if not isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.infer_dtype(column, skipna=True) not in kinds:
         return pd.Categorical(column.astype(str))
     categorical = pd.Categorical(column)
-    names = categorical.categories.astype(str)
+    names = _category_text(categorical.categories)
     if not names.is_unique:  # categories that read alike (1 and "1"): converted one by one
         return pd.Categorical(column.astype(str))
     return pd.Categorical.from_codes(categorical.codes, categories=names)
+
+
+def _category_text(categories: pd.Index) -> pd.Index:
+    """Categories as ``astype(str)`` writes them, a float's -0.0 as 0.0 (the same value, one name)."""
+    if pd.api.types.is_float_dtype(categories.dtype):
+        categories = categories + 0.0  # -0.0 + 0.0 is 0.0
+    return categories.astype(str)
 
 
 def _check_no_missing(
@@ -1247,7 +1258,8 @@ def _check_no_missing(
         raise ValueError(f"{where}[{key!r}] has {int(column.isna().sum())} missing (NaN) values; fill them {fix}".rstrip())
 
 
-def _continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.ndarray:
+def continuous_values(obs: pd.DataFrame, key: str, source: str = "obs") -> np.ndarray:
+    """A continuous covariate's values as float64; text, NaN and infinite values are refused, named as ``source[key]``."""
     column = obs[key]
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values)):
@@ -1339,7 +1351,10 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
                 )
             if not trained:  # its categories were fixed when it was built: nothing to map yet
                 advice = "This model is not trained yet: build it again on the data as it is now, CellVAE(adata, ...)"
-            advice = numbers_written_otherwise(unknown, categories, key) or advice
+            if source == "covariates":  # decode's argument, not a column of cells that map_query could add
+                advice = "Pass one of the known categories (a model from map_query knows its query's too)"
+            else:
+                advice = names_written_otherwise(unknown, categories, key) or advice
             seen = "unseen in training" if trained else "the model was not built with"
             raise ValueError(f"{source}[{key!r}] has categories {seen}: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
@@ -1347,8 +1362,13 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
     for key, mean, std in zip(layout.continuous_keys, layout.continuous_mean, layout.continuous_std):
         if key not in obs.columns:
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
-        values = _continuous_values(obs, key, source)
+        values = continuous_values(obs, key, source)
         scaled = (values - mean) / std
+        if not (np.abs(scaled) <= np.finfo(np.float32).max).all():  # beyond float32: the model's outputs would all be NaN
+            raise ValueError(
+                f"continuous covariate {source}[{key!r}] has values too large for the model (up to "
+                f"{float(np.abs(values).max()):.3g}; it was trained with mean {mean:.3g}, sd {std:.3g}): check their units"
+            )
         far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
         # some cells far off: more than 1% beyond 10 sd, which all the training cells together cannot be (Chebyshev:
         # at most 1%), though a part of them can (a cluster of the rare cells far out)
@@ -1376,11 +1396,12 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
     return Covariates(codes_per_key, widths, values, batch)
 
 
-def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
-    """The way out when new category names are known numbers written another way: floats for the model's
+def names_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
+    """The way out when new category names are known ones written another way: floats for the model's
     integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), IDs with other leading zeros than
-    the model's (1 or 001 for 01, 01 for 1), even one of them beside truly new names, or a flag's 0/1 for its
-    True/False (and back) where all the new names are such; else None. Where some names (new or the model's) are
+    the model's (1 or 001 for 01, 01 for 1), even one of them beside truly new names, a flag's 0/1 for its
+    True/False (and back) where all the new names are such, or names in other case or with spaces around them
+    ('10X v3 ' for '10x v3', 'TRUE' for 'True'); else None. Where some names (new or the model's) are
     no numbers, the conversion named replaces just those written otherwise (one of the whole column would fail)."""
     known_names = set(known)
     column = f"{name}.obs[{key!r}]"
@@ -1430,6 +1451,17 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
         return (
             f"{name}.obs[{key!r}] holds {written} where the model's categories are {meant}: convert it first, "
             f"{name}.obs[{key!r}] = {name}.obs[{key!r}].astype({'bool' if to_bool else 'int'})"
+        )
+    folded: dict[str, list[str]] = {}  # the model's names by their lower case without spaces around (one each, or it
+    for value in known:  # is not told which)
+        folded.setdefault(value.strip().casefold(), []).append(value)
+    alike = {value: folded[f][0] for value in new if len(folded.get(f := value.strip().casefold(), [])) == 1}
+    if alike:
+        value, meant = next(iter(alike.items()))
+        return (
+            f"{column} holds {value!r} where the model's category is {meant!r}: the same name in other case or with "
+            f"spaces around it? Convert it first, {column} = {column}.astype(str).replace({alike!r}); if they are new "
+            "batches or categories, give them names that differ from the model's in more than case and spaces"
         )
     return None
 
@@ -1530,6 +1562,11 @@ def _cells_meeting(adata: ad.AnnData, condition: str, name: str) -> np.ndarray:
         raise ValueError(
             f"{name}={condition!r} is undecided (NA) for {int(mask.isna().sum())} cells: the columns it reads have "
             "missing values; fill them or add a condition on them"
+        )
+    if not mask.any():  # e.g. donor == 101 where the donors are text ("101")
+        raise ValueError(
+            f"{name}={condition!r} holds for no cell of adata.obs; check the values it compares with and their type (a "
+            "column of text compares with text in quotes, \"donor == '101'\"; adata.obs[column].unique() lists them)"
         )
     return cell_positions(adata, mask.to_numpy(dtype=bool), name)
 

@@ -480,16 +480,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def layout(self) -> data.CovariateLayout:
         """How the model reads cells' covariates from ``obs`` (from :attr:`config`): the batch key and its categories,
         the categorical covariates and theirs, the continuous covariates with the mean and sd that scale them."""
-        c = self.config
-        return data.CovariateLayout(
-            c.batch_key,
-            c.batch_categories,
-            c.categorical_covariate_keys,
-            c.categorical_covariate_categories,
-            c.continuous_covariate_keys,
-            c.continuous_covariate_mean,
-            c.continuous_covariate_std,
-        )
+        return _layout(self.config)
 
     def __repr__(self) -> str:
         c = self.config
@@ -653,6 +644,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _warn_about_empty_cells(
                 loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained", self.adata
             )
+            _warn_about_equal_depths(loader.library[nonempty], data.counts_location(self.config.layer))
             minimum = 1 if query else data.MIN_CELLS  # (a query model's few new parameters: as map_query)
             if len(nonempty) < minimum:
                 raise ValueError(f"training needs at least {minimum} cell{'s' * (minimum > 1)} with counts, got {len(nonempty)}")
@@ -1460,7 +1452,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     if path.is_symlink()
                     else "a file"
                     if not path.is_dir()
-                    else "a folder holding other files than a model's"
+                    else f"a folder holding other files than a model's ({', '.join(_not_model_files(path))})"
                 )
                 raise ValueError(
                     f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
@@ -1867,12 +1859,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if b not in reference_batches
         ]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
-        retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+        retyped = data.names_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
         data.warn_of_missing_as_text(batch_column, new_batches, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
-            retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
+            retyped = retyped or data.names_written_otherwise(new, known, key, "query_adata")
             data.warn_of_missing_as_text(key, new, "query_adata")
             categories[key] = known + new
         if retyped:
@@ -1907,6 +1899,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             return query_model
         nonempty = cells[loader.library[cells] > 0]
         _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", query_adata, "query_adata")
+        _warn_about_equal_depths(loader.library[nonempty], location)
         cells = nonempty
         if not len(cells):
             raise ValueError("query_adata has no cells with counts: the new batches' parameters would have nothing to learn from")
@@ -2302,7 +2295,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._warn_if_untrained()
         library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
-        given = _covariate_values(covariates)
+        given = _covariate_values(covariates, c)
         needs_template = (
             library_size is None
             or (c.batch_key and batch is None)
@@ -2318,9 +2311,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             self._check_decoding(n_cells, batch_names, stand_ins | dict.fromkeys(c.continuous_covariate_keys, 0.0) | given, 1.0)
         if needs_template:
             if self.adata is None:
+                absent = [key for key in c.categorical_covariate_keys + c.continuous_covariate_keys if key not in given]
+                needed = (["batch=..."] if c.batch_key and batch is None else []) + (
+                    [f"covariates={{{', '.join(f'{key!r}: ...' for key in absent)}}}"] if absent else []
+                )
+                needed += ["library_size=..."] if library_size is None else []
+                listed = ", ".join(needed[:-1]) + " and " * (len(needed) > 1) + needed[-1]
                 raise ValueError(
                     "this model was loaded without an AnnData, so generate() cannot copy batches, covariates and "
-                    "library sizes from it; pass batch=..., covariates=... and library_size=..."
+                    f"library sizes from it; pass {listed}"
                 )
             loader, cells = self._loader(self.adata, torch.device("cpu"))
             cells = cells[loader.library > 0]
@@ -2403,7 +2402,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def _covariate_frame(self, n: int, batch, covariates: dict | None) -> pd.DataFrame:
         """An obs-like frame of ``n`` rows holding the model's covariate columns."""
         c = self.config
-        covariates = _covariate_values(covariates)
+        covariates = _covariate_values(covariates, c)
         needed = c.categorical_covariate_keys + c.continuous_covariate_keys
         unknown = sorted(set(covariates) - set(needed))
         if unknown:
@@ -2441,7 +2440,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if batch is not None and not self.config.batch_key:
             raise ValueError("batch=... was given, but this model was trained without batch_key, so it has no batches")
         codes, given = pd.factorize(pd.Series(_per_row(batch, n, "batch"), dtype=object), use_na_sentinel=False)
-        names = np.array([_as_batch_name(value, self.config.batch_categories) for value in given], dtype=object)[codes]
+        names = np.array([_as_category_name(value, self.config.batch_categories) for value in given], dtype=object)[codes]
         names = names.astype(str)
         unknown = sorted(set(names.tolist()) - set(self.config.batch_categories))
         if unknown:
@@ -2531,7 +2530,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             return adata
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass adata=... explicitly")
-        return self.adata
+        return self._own_adata()
+
+    def _own_adata(self) -> ad.AnnData:
+        """The model's AnnData as it is now. A view's ``obs`` is fixed when the view is made, so where the model was
+        built on one (``adata[:, adata.var["highly_variable"]]``), a view made now reads the columns the viewed
+        AnnData has since (leiden clusters added after training); map_query's copy of a query stays as it is."""
+        viewed = data.view_positions(self.adata)
+        if viewed is None or self._is_mapped_query(self.adata):
+            return self.adata
+        parent, rows, columns = viewed
+        return parent[rows, columns]
 
     def _loader(self, adata: ad.AnnData, device: torch.device, all_ranks: bool = False) -> tuple[data.CellLoader, np.ndarray]:
         """Validate ``adata`` against the model and wrap it in a loader (nothing is copied or modified).
@@ -2584,7 +2593,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
         given = [transform_batch] if scalar else list(transform_batch)
         # None in a list: the cell's own batch, as in scvi-tools
-        names = [None if name is None else _as_batch_name(name, self.config.batch_categories) for name in given]
+        names = [None if name is None else _as_category_name(name, self.config.batch_categories) for name in given]
         if not names:
             none = "for each cell's own batch" if name == "transform_batch" else "to decode under all the model's batches"
             raise ValueError(f"{name} is empty; name one batch or more, or pass None {none}")
@@ -2613,6 +2622,17 @@ def _file_identity(file: Path) -> tuple | None:
     except OSError:
         return None
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _not_model_files(folder: Path) -> list[str]:
+    """The first few names in ``folder`` that :meth:`CellVAE.save` does not write there (a folder as ``name/``)."""
+    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}
+    others = sorted(
+        entry.name + "/" * entry.is_dir()
+        for entry in folder.iterdir()
+        if entry.name not in model_files or not entry.is_file() or entry.is_symlink()
+    )
+    return others[:3] + ["..."] * (len(others) > 3)
 
 
 def is_model_folder(path: Path) -> bool:
@@ -2670,18 +2690,31 @@ def _row_codes(asked: list[pd.Series], held: list[pd.Series]) -> tuple[np.ndarra
     return combined[:n_asked], combined[n_asked:]
 
 
-def _as_batch_name(value, batches: list[str]) -> str:
-    """A batch given by the user as the model names it: its text, or the one batch that is the same number (1 for
-    a float column's "1.0", 1.0 for an integer column's "1"), as differential expression and latent_shift match
-    groups."""
+def _layout(c: Config) -> data.CovariateLayout:
+    """How a model of config ``c`` reads cells' covariates (see :attr:`CellVAE.layout`)."""
+    return data.CovariateLayout(
+        c.batch_key,
+        c.batch_categories,
+        c.categorical_covariate_keys,
+        c.categorical_covariate_categories,
+        c.continuous_covariate_keys,
+        c.continuous_covariate_mean,
+        c.continuous_covariate_std,
+    )
+
+
+def _as_category_name(value, names: list[str]) -> str:
+    """A batch or category given by the user as the model names it: its text, or the one name of ``names`` that is
+    the same number (1 for a float column's "1.0", 1.0 for an integer column's "1"), as differential expression and
+    latent_shift match groups."""
     text = str(value)
-    if text in batches or isinstance(value, (bool, np.bool_)):
+    if text in names or isinstance(value, (bool, np.bool_)):
         return text
     try:
         number = float(value)
     except (TypeError, ValueError):
         return text
-    same = [name for name in batches if _number_or_none(name) == number]
+    same = [name for name in names if _number_or_none(name) == number]
     return same[0] if len(same) == 1 else text
 
 
@@ -2744,9 +2777,10 @@ def _history_json(history: pd.DataFrame) -> str:
     return json.dumps([{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows])
 
 
-def _covariate_values(covariates) -> dict:
+def _covariate_values(covariates, config: Config) -> dict:
     """``covariates=`` of the decoding methods, ``{obs column: value or one value per row}`` (a DataFrame's columns
-    too), as a dict; a list of column names (or anything else) is refused before a bare error of ``dict()``."""
+    too), as a dict, a categorical covariate's values named as the model's categories are (101.0 or 101 for "101",
+    as ``batch=`` reads them); a list of column names (or anything else) is refused before a bare error of ``dict()``."""
     if covariates is None:
         return {}
     if not isinstance(covariates, (Mapping, pd.DataFrame)):
@@ -2754,7 +2788,14 @@ def _covariate_values(covariates) -> dict:
             f"covariates takes {{obs column: value or one value per cell}}, e.g. covariates={{'donor': 'd1'}}, got "
             f"{type(covariates).__name__} {covariates!r:.80}"
         )
-    return dict(covariates)
+    given = dict(covariates)
+    for key, names in config.categorical_covariate_categories.items():
+        values = np.asarray(given.get(key), dtype=object)
+        if key in given and values.ndim <= 1:  # (other shapes are refused by name later)
+            codes, distinct = pd.factorize(pd.Series(values.ravel(), dtype=object), use_na_sentinel=False)
+            named = np.array([value if pd.isna(value) else _as_category_name(value, names) for value in distinct], dtype=object)
+            given[key] = named[codes].reshape(values.shape)
+    return given
 
 
 def _library_sizes(value, n: int) -> np.ndarray:
@@ -2867,6 +2908,12 @@ def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
             f"checkpoint_dir={str(folder)!r} is a saved model's folder; checkpoints written there would keep that model "
             "from being replaced by a later save with overwrite: give the checkpoints a folder of their own"
         )
+    for above in path.absolute().parents:  # (a model folder that holds the checkpoints' folder is no model folder then)
+        if (above / CONFIG_FILE).is_file() and (above / WEIGHTS_FILE).is_file():
+            raise ValueError(
+                f"checkpoint_dir={str(folder)!r} lies inside the saved model's folder {str(above)!r}; its checkpoints would "
+                "keep that model from being replaced by a later save with overwrite: give them a folder outside it"
+            )
 
 
 def _key_list(keys) -> list:
@@ -3091,22 +3138,25 @@ def _warn_about_empty_cells(
     adata: ad.AnnData,
     name: str = "adata",
 ) -> None:
-    """Warn that the cells with zero total counts are left out of training, naming the batches that trained
-    parameters (not a query model's frozen reference batches) and have no other cells, whose parameters stay
-    ``untrained``; where ``adata`` (or the AnnData it views) holds other genes, that these cells may have counts
+    """Warn that the cells with zero total counts are left out of training, naming the batches and covariate
+    categories that train parameters (not a query model's frozen reference ones) and have no other cells, whose
+    parameters stay ``untrained``; where ``adata`` (or the AnnData it views) holds other genes, that these cells may have counts
     in those, so that filtering ``adata`` itself would keep them."""
     if len(nonempty) == len(cells):
         return
-    empty_batches = ""
-    if config.batch_key:  # a batch whose cells all have zero counts has nothing to train its parameters on
-        names = np.asarray(config.batch_categories)
-        unseen = np.setdiff1d(loader.batch_index[cells], loader.batch_index[nonempty])
-        unseen = unseen[unseen >= config.reference_categories.get(config.batch_key, 0)]
-        if len(unseen):
-            empty_batches = (
-                f"; the batches {names[unseen].tolist()[:5]} have no cells with counts, so their parameters stay "
-                f"{untrained} and their cells' codes mean little"
-            )
+    empty = []  # a batch (or category) whose cells all have zero counts has nothing to train its parameters on
+    for (key, names), codes in zip(data.categorical_items(_layout(config)), loader.covariates.codes):
+        unseen = np.setdiff1d(codes[cells], codes[nonempty])
+        unseen = unseen[unseen >= config.reference_categories.get(key, 0)].tolist()
+        if unseen:
+            kind = "the batches" if key == config.batch_key else f"the categories of obs[{key!r}]"
+            empty.append(f"{kind} {np.asarray(names)[unseen].tolist()[:5]}")
+    empty_batches = (
+        f"; {' and '.join(empty)} have no cells with counts, so their parameters stay {untrained} and their cells' codes "
+        "mean little"
+        if empty
+        else ""
+    )
     viewed = data.viewed_anndata(adata)
     others = not data.gene_names(adata).isin(config.gene_names).all()  # genes the model does not read
     if others or (viewed is not None and viewed.n_vars > adata.n_vars):  # (a view of some of the genes)
@@ -3125,6 +3175,27 @@ def _warn_about_empty_cells(
         f"drop them with sc.pp.filter_cells({name}, min_counts=1) to silence this",
         UserWarning,
     )
+
+
+# Raw counts' totals vary between cells with depth and cell size (a coefficient of variation of 0.32-0.75 in the
+# shared datasets, droplet and plate data); totals within about 10% of each other are normalised counts rounded.
+EQUAL_DEPTHS_CV = 0.1
+
+
+def _warn_about_equal_depths(library: np.ndarray, where: str) -> None:
+    """Warn where the training cells' total counts barely vary: counts normalised to one total (``normalize_total``)
+    and rounded pass every check of whole counts, but the model's library sizes and counting noise then mean nothing."""
+    if len(library) < 5 * data.MIN_CELLS:
+        return
+    spread = float(library.std() / library.mean())
+    if spread < EQUAL_DEPTHS_CV:
+        data.warn_user(
+            f"the cells' total counts in {where} barely vary ({library.min():,.0f} to {library.max():,.0f}, a coefficient of "
+            f"variation of {spread:.2f}, where raw counts vary 0.3-0.8): they look normalised to one total "
+            "(sc.pp.normalize_total) and rounded, which are no counts; give the model the raw counts. If you downsampled "
+            "the counts to one depth (sc.pp.downsample_counts), ignore this",
+            UserWarning,
+        )
 
 
 def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) -> None:
@@ -3196,9 +3267,15 @@ def _check_cells_left_to_train(train_cells: np.ndarray, cells: np.ndarray, valid
 def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
     """The counts where a trained model reads them (``X`` or the layer it was trained on)."""
     if layer is not None and layer not in adata.layers:
+        holding = [key for key in data.layer_names(adata) if data.looks_like_counts(adata.layers[key])]
+        fix = (  # a layer whose values look like counts (in memory), else X
+            f"adata.layers[{holding[0]!r}] looks like counts: add them, adata.layers[{layer!r}] = adata.layers[{holding[0]!r}]"
+            if holding and not data.looks_like_counts(data.stored_x(adata))
+            else f"if its counts are in X, add them: adata.layers[{layer!r}] = adata.X"
+        )
         raise KeyError(
             f"this model reads counts from layers[{layer!r}], the layer it was trained on, which {name} lacks "
-            f"(layers: {data.layer_names(adata)}); if its counts are in X, add them: adata.layers[{layer!r}] = adata.X"
+            f"(layers: {data.layer_names(adata)}); {fix}"
         )
     return data.count_matrix(adata, layer)
 

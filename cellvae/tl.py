@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -23,10 +25,12 @@ import torch
 
 from cellvae import diagnostics
 from cellvae.data import (
+    as_text,
     cell_positions,
     check_one_name,
     check_ordered,
     check_positive_int,
+    continuous_values,
     gene_names,
     is_backed_matrix,
     make_view_own_data,
@@ -43,10 +47,11 @@ from cellvae.model import (
     _check_is_anndata,
     _check_model,
     _check_seed,
+    _key_list,
     _library_sizes,
     _scvi_tools_names,
 )
-from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, setup_distributed
+from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, refuse_earlier_checkpoints, setup_distributed
 
 __all__ = ["embed", "interpolate", "latent_shift", "rank_genes_groups", "rate_distortion_sweep", "transfer_labels"]
 
@@ -1054,7 +1059,9 @@ def rate_distortion_sweep(
         Posterior draws of z per cell in the distortion (:meth:`~cellvae.CellVAE.rate_distortion`): more
         draws make the held-out means steadier (their Monte Carlo part; the ``*_se`` columns hold both parts).
     max_epochs, random_state, progress, fit_kwargs
-        As in :func:`embed` (but no progress bar by default); ``max_epochs`` applies to each beta.
+        As in :func:`embed` (but no progress bar by default); ``max_epochs`` applies to each beta. Each beta is a
+        run of its own: a ``checkpoint_dir`` in ``fit_kwargs`` holds a folder per beta (``beta_0.5``, ...), and
+        ``resume=True`` continues each (a sweep cut short runs again to its end, the betas finished unchanged).
     **model_kwargs
         Further :class:`~cellvae.CellVAE` arguments (``n_latent``, ``free_bits``, ...).
 
@@ -1103,6 +1110,9 @@ def rate_distortion_sweep(
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     random_state = _check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
+    if not (fit_kwargs or {}).get("resume") and _beta_fit_kwargs(fit_kwargs, 0.0).get("checkpoint_dir") is not None:
+        for beta in betas:  # an earlier sweep's checkpoints, told before the first beta trains
+            refuse_earlier_checkpoints(_beta_fit_kwargs(fit_kwargs, beta)["checkpoint_dir"], 1)
     warm_start = _check_flag(warm_start, "warm_start")
     progress = _check_flag(progress, "progress")
     check_positive_int(n_samples, "n_samples")
@@ -1111,12 +1121,15 @@ def rate_distortion_sweep(
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     gene_mask = _gene_mask(adata, mask_var)
     genes = slice(None) if gene_mask is None else np.flatnonzero(gene_mask)
+    for key in _key_list(model_kwargs.get("continuous_covariate_keys")):  # the held-out cells' too, before training
+        if key in adata.obs.columns:
+            continuous_values(adata.obs, key)
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
     held = np.zeros(adata.n_obs, dtype=bool)
     held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
     # A held-out cell whose batch (or covariate category) no training cell shares is trained on instead:
     # the models could not embed it.
-    for key in [batch_key, *(model_kwargs.get("categorical_covariate_keys") or [])]:
+    for key in [batch_key, *_key_list(model_kwargs.get("categorical_covariate_keys"))]:
         if key is not None and key in adata.obs.columns:
             codes = pd.factorize(adata.obs[key].astype(str))[0]
             held &= np.isin(codes, np.unique(codes[~held]))
@@ -1142,7 +1155,8 @@ def rate_distortion_sweep(
         history_before = model.history
         try:
             with bars_labelled(f"beta={beta:g}"):  # (each beta's bars say which they are)
-                model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
+                own_fit_kwargs = _beta_fit_kwargs(fit_kwargs, beta)
+                model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **own_fit_kwargs)
                 if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
                     raise KeyboardInterrupt
                 if model.history is history_before:  # fit undid training that diverged: the model is as before
@@ -1172,6 +1186,14 @@ def rate_distortion_sweep(
     frame.insert(position + 1, "elbo_to_best_se", spread / np.sqrt(n_cells))
     frame["random_state"] = random_state  # (which cells were held out: stacked sweeps are told apart by it)
     return frame
+
+
+def _beta_fit_kwargs(fit_kwargs: dict | None, beta: float) -> dict:
+    """``fit_kwargs`` for one beta of a sweep, whose ``checkpoint_dir`` (a path) becomes a folder of that beta's."""
+    kwargs = dict(fit_kwargs or {})
+    if isinstance(kwargs.get("checkpoint_dir"), (str, os.PathLike)):
+        kwargs["checkpoint_dir"] = Path(kwargs["checkpoint_dir"]).expanduser() / f"beta_{beta:g}"
+    return kwargs
 
 
 def _sweep_row(
@@ -1265,9 +1287,10 @@ def interpolate(
         Cells to pick from; ``None`` uses the model's AnnData.
     batch, covariates, library_size
         As in :meth:`~cellvae.CellVAE.decode`, but ``batch=None`` decodes as the endpoint cells' batch where they
-        all have one (so the endpoints decode as those cells do in ``get_normalized_expression``), and averages over
-        the model's batches where they have several; a covariate not given is taken from the endpoint cells: the
-        category they all share (an error where they hold several), a continuous covariate's mean over them.
+        all have one, and averages over the model's batches where they have several; a covariate not given is taken
+        from the endpoint cells: the category they all share (an error where they hold several), a continuous
+        covariate's mean over each endpoint's cells, from a's to b's along the path (so two cells of one batch and
+        category decode at the ends as they do in ``get_normalized_expression``).
     progress
         Show a progress bar while the endpoints are encoded (where that lasts over 2 seconds).
 
@@ -1282,13 +1305,14 @@ def interpolate(
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
     n_steps = int(n_steps)
     _check_model(model)
-    adata = model.adata if adata is None else adata
-    if adata is None:
+    if adata is None and model.adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
+    adata = model._own_adata() if adata is None else adata
     _check_is_anndata(adata)
     progress = _check_flag(progress, "progress")
     positions_a, positions_b = cell_positions(adata, cells_a, "cells_a"), cell_positions(adata, cells_b, "cells_b")
-    covariates = _endpoint_covariates(model, adata, np.r_[positions_a, positions_b], covariates)
+    t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
+    covariates = _endpoint_covariates(model, adata, positions_a, positions_b, t, covariates)
     model._check_decoding(n_steps, batch, covariates, library_size)
     key = model.config.batch_key
     if batch is None and key and key in adata.obs.columns:  # endpoints of one batch: decoded as it, as they are
@@ -1296,7 +1320,6 @@ def interpolate(
         batch = shared[0] if len(shared) == 1 and shared[0] in model.config.batch_categories else None
     z_a = model.get_latent(_part(adata, positions_a), progress=progress).mean(0)
     z_b = model.get_latent(_part(adata, positions_b), progress=progress).mean(0)
-    t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     z = (1.0 - t)[:, None] * z_a + t[:, None] * z_b
     expression = model.decode(z, batch=batch, covariates=covariates, library_size=library_size)
     path = ad.AnnData(
@@ -1312,10 +1335,14 @@ def interpolate(
     return path
 
 
-def _endpoint_covariates(model: CellVAE, adata: ad.AnnData, cells: np.ndarray, covariates: dict | None) -> dict | None:
-    """The covariates a path is decoded with: those given, and each other covariate of the model as the endpoint
-    ``cells`` hold it, the category they all share or a continuous covariate's mean over them."""
+def _endpoint_covariates(
+    model: CellVAE, adata: ad.AnnData, cells_a: np.ndarray, cells_b: np.ndarray, t: np.ndarray, covariates: dict | None
+) -> dict | None:
+    """The covariates a path at points ``t`` (0 at a, 1 at b) is decoded with: those given, and each other covariate
+    of the model as the endpoint cells hold it, the category they all share or a continuous covariate's mean over
+    ``cells_a`` and over ``cells_b``, from one to the other along the path."""
     c = model.config
+    cells = np.r_[cells_a, cells_b]
     filled = dict(covariates or {})
     for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
         missing = int(adata.obs[key].iloc[cells].isna().sum()) if key not in filled and key in adata.obs.columns else 0
@@ -1335,7 +1362,9 @@ def _endpoint_covariates(model: CellVAE, adata: ad.AnnData, cells: np.ndarray, c
             filled[key] = values[0]
     for key in c.continuous_covariate_keys:
         if key not in filled and key in adata.obs.columns:
-            filled[key] = float(pd.to_numeric(adata.obs[key].iloc[cells], errors="coerce").mean())
+            values = pd.to_numeric(adata.obs[key], errors="coerce")
+            at_a, at_b = float(values.iloc[cells_a].mean()), float(values.iloc[cells_b].mean())
+            filled[key] = at_a if at_a == at_b else (1.0 - t) * at_a + t * at_b
     return filled or None
 
 
@@ -1393,7 +1422,10 @@ def latent_shift(
         shift little), a warning says so, and cells are decoded as ``target``. Such a prediction can be as
         good: on Kang's held-out stimulated CD14+ monocytes, CD4 T and B cells it was as good or better (monocytes,
         R² over all genes 0.88 against 0.85–0.87 without the covariate). A model without ``groupby`` as a
-        covariate puts the difference in the shift itself.
+        covariate puts the difference in the shift itself. The same holds where the reference's source and target
+        cells share no batch (or category of a covariate) of the model, e.g. a condition column that repeats the
+        batches, or samples each of one condition: a warning says so, and the cells are decoded as the target cells'
+        batch (category) where they all have one.
     library_size
         Total counts of the decoded expression.
     progress
@@ -1479,6 +1511,26 @@ def latent_shift(
             batches = target
         elif groupby != c.batch_key:
             covariates[groupby] = np.full(len(obs), target, dtype=object)
+    for key, values in _inputs_separating(model, adata.obs, groupby, groups, in_reference, source, target).items():
+        is_batch = key == c.batch_key
+        if is_batch and batch is not None:
+            decoded = f"the cells are decoded as batch {batch!r}"
+        elif len(values) == 1:
+            decoded = f"the cells are decoded as the target cells' {values[0]!r}"
+            if is_batch:
+                batches = values[0]
+            else:
+                covariates[key] = np.full(len(obs), values[0], dtype=object)
+        else:  # which of the target's values would the cells take?
+            choose = f"pass batch=... (the target cells' are {values[:3]})" if is_batch else f"the target cells hold {values[:3]}"
+            decoded = f"the cells keep their own values of it, so the prediction understates the difference: {choose}"
+        warn_user(
+            f"the reference's {source!r} and {target!r} cells of obs[{groupby!r}] share no value of obs[{key!r}], an input "
+            f"of the model's decoder ({'batch_key' if is_batch else 'a covariate'}), so the latent space was trained to "
+            f"leave their difference out: the decoder's input carries most of it and the shift little; {decoded}. For a "
+            f"shift that carries the difference itself, train a model without {key!r} as a covariate",
+            UserWarning,
+        )
     expression = model.decode(z, batch=batches, covariates=covariates, library_size=library_size)
     predicted = ad.AnnData(X=expression, obs=obs.copy(), var=pd.DataFrame(index=list(c.gene_names)))
     predicted.obsm["z"] = z
@@ -1494,6 +1546,23 @@ def latent_shift(
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted
+
+
+def _inputs_separating(
+    model: CellVAE, obs: pd.DataFrame, groupby: str, groups: np.ndarray, in_reference: np.ndarray, source: str, target: str
+) -> dict[str, list[str]]:
+    """The model's batch key and categorical covariates (other than ``groupby``) of which the reference's ``source`` and
+    ``target`` cells share no value (e.g. a condition column that repeats the batches), each with the target
+    cells' values: there the decoder's input, not the latent space, tells the groups apart."""
+    c = model.config
+    separating = {}
+    for key in [c.batch_key] * bool(c.batch_key) + c.categorical_covariate_keys:
+        if key != groupby and key in obs.columns:
+            values = np.asarray(as_text(obs[key])).astype(str)
+            of_target = set(values[in_reference & (groups == target)].tolist())
+            if not set(values[in_reference & (groups == source)].tolist()) & of_target:
+                separating[key] = sorted(of_target)
+    return separating
 
 
 def _key(key_added, default: str) -> str:

@@ -806,8 +806,13 @@ def read_checkpoint(
     differ = sorted(k for k in set(run) | set(meta["run"]) if run.get(k) != meta["run"].get(k))
     if differ:
         was = {k: meta["run"].get(k) for k in differ if not k.endswith("sha256")}
+        seeded = (  # (the hash covers the training cells, which the seed draws)
+            "; random_state draws the validation cells, so the training cells' hash differs with it alone"
+            if "random_state" in differ and "cells_and_counts_sha256" in differ
+            else ""
+        )
         raise ValueError(
-            f"{path} was written by a different run: {differ} differ{f' (checkpoint: {was})' if was else ''}; "
+            f"{path} was written by a different run: {differ} differ{f' (checkpoint: {was})' if was else ''}{seeded}; "
             f"resume with the same data, model and fit arguments, or {advice}"
         )
     try:

@@ -21,6 +21,7 @@ from sklearn.neighbors import KNeighborsClassifier
 import cellvae
 from cellvae import CellVAE
 from cellvae.cli import in_command_line_terms
+from cellvae.data import names_written_otherwise
 from cellvae.module import batch_discrepancy
 from cellvae.train import default_max_epochs, default_query_epochs
 
@@ -1027,8 +1028,10 @@ def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference
     assert all(torch.equal(v, before[k]) for k, v in loaded.module.state_dict().items())
     with pytest.warns(UserWarning, match="already exist in the reference"):
         # told at once (the next step of the README, query_model.fit, refused with nothing to train)
-        with pytest.warns(UserWarning, match=r"map_query trained nothing: .*reference_model.get_latent\(query_adata\)"):
+        with pytest.warns(UserWarning, match=r"map_query trained nothing: .*reference_model.get_latent\(query_adata\)") as told:
             known = model.map_query(reference[reference.obs["batch"] == "batch1"].copy(), progress=False)
+    nothing_trained = next(str(w.message) for w in told if "trained nothing" in str(w.message))
+    assert "--layer" not in in_command_line_terms(nothing_trained, argparse.Namespace(input="q.h5ad"))  # (train_input_layer=)
     with pytest.raises(ValueError, match="nothing to train"):
         known.fit(progress=False)
     with pytest.raises(ValueError, match="no training history: map_query had nothing to train"):
@@ -1188,6 +1191,49 @@ def test_a_flag_covariate_written_as_0_and_1_in_the_query_is_told_to_take_the_mo
         "False",
         "True",
     ]
+
+
+def test_a_query_category_in_other_case_or_with_spaces_around_is_told_to_take_the_models(reference_and_query):
+    """'10X v3 ' or 'TRUE' in the query, the reference's '10x v3' and 'True': map_query made them new categories,
+    trained from the query alone, without a word."""
+    _, reference, query = reference_and_query
+    labelled = reference.copy()
+    labelled.obs["chem"] = np.where(np.arange(labelled.n_obs) % 2, "10x v2", "10x v3")
+    labelled.obs["flag"] = np.arange(labelled.n_obs) % 3 == 0
+    model = CellVAE(labelled, batch_key="batch", categorical_covariate_keys=["chem", "flag"]).fit(max_epochs=1, progress=False)
+    query_adata = query.copy()
+    query_adata.obs["chem"] = np.where(np.arange(query_adata.n_obs) % 2, "10X v2", "10x v3 ")
+    query_adata.obs["flag"] = np.where(np.arange(query_adata.n_obs) % 3 == 0, "TRUE", "FALSE")
+    match = r"holds '10X v2' where the model's category is '10x v2': the same name in other case"
+    with pytest.raises(ValueError, match=match) as told:
+        model.map_query(query_adata, progress=False)
+    in_known_batches = query_adata.copy()
+    in_known_batches.obs["batch"] = "batch0"
+    with pytest.raises(ValueError, match=r"the same name in other case or with spaces around it\? Convert it first"):
+        model.get_latent(in_known_batches)  # (its advice led to map_query)
+    exec(re.search(r"Convert it first, (.*); if they", str(told.value))[1])  # query_adata.obs['chem'] = ...
+    with pytest.raises(ValueError, match=r"holds 'FALSE' where the model's category is 'False'") as told:
+        model.map_query(query_adata, progress=False)
+    exec(re.search(r"Convert it first, (.*); if they", str(told.value))[1])
+    mapped = model.map_query(query_adata, max_epochs=1, progress=False)
+    assert mapped.config.categorical_covariate_categories == {"chem": ["10x v2", "10x v3"], "flag": ["False", "True"]}
+    assert names_written_otherwise(["A "], ["A", "a"], "chem") is None  # which of the model's 'A' and 'a'? not told
+
+
+def test_a_new_query_category_without_cells_with_counts_is_named_as_untrained(reference_and_query):
+    """A new category whose every cell has zero counts trains nothing; it was told only as cells without counts."""
+    _, reference, query = reference_and_query
+    labelled = reference.copy()
+    labelled.obs["kit"] = "v2"
+    labelled.obs.loc[labelled.obs_names[::2], "kit"] = "v3"
+    model = CellVAE(labelled, batch_key="batch", categorical_covariate_keys=["kit"]).fit(max_epochs=1, progress=False)
+    query_adata = query.copy()
+    query_adata.obs["kit"] = "v2"
+    query_adata.obs.iloc[:5, query_adata.obs.columns.get_loc("kit")] = "v4"
+    query_adata.X = sp.csr_matrix(sp.diags((np.arange(query_adata.n_obs) >= 5).astype(np.float32)) @ query_adata.X)
+    match = r"5 cells have zero total counts .*; the categories of obs\['kit'\] \['v4'\] have no cells with counts, so"
+    with pytest.warns(UserWarning, match=match):
+        model.map_query(query_adata, max_epochs=1, progress=False)
 
 
 def test_novelty_compares_with_labelled_reference_cells_only():

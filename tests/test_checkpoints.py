@@ -204,6 +204,9 @@ def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
     CellVAE(adata, n_hidden=8).fit(**fit, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"different run: \['lr'\]"):
         CellVAE(adata, n_hidden=8).fit(**fit, lr=1e-2, checkpoint_dir=tmp_path, resume=True)
+    seeded = r"\['cells_and_counts_sha256', 'random_state'\] differ \(checkpoint: \{'random_state': 0\}\); random_state draws"
+    with pytest.raises(ValueError, match=seeded):  # the data are the same: the seed drew other validation cells
+        CellVAE(adata, n_hidden=8).fit(**fit, random_state=1, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match="model_config_sha256"):
         CellVAE(adata, n_hidden=16).fit(**fit, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match=r"different run: \['cells_and_counts_sha256'\] differ; resume"):  # no "(checkpoint: {})"

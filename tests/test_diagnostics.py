@@ -453,6 +453,40 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
     assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
 
 
+def test_sweep_refuses_a_held_out_cells_bad_covariate_before_training_and_takes_keys_as_any_collection(monkeypatch):
+    """A NaN continuous covariate in a held-out cell was refused after the first beta trained, counted among the
+    held-out cells; categorical_covariate_keys as a NumPy array (CellVAE takes one) raised an ambiguous truth value."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
+    adata.obs["score"] = np.linspace(0.0, 1.0, adata.n_obs)
+    adata.obs["kit"] = np.where(np.arange(adata.n_obs) % 2, "v2", "v3")
+    held = int(np.random.default_rng(0).permutation(adata.n_obs)[0])  # the first cell the sweep holds out
+    adata.obs.iloc[held, adata.obs.columns.get_loc("score")] = np.nan
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before the covariate was checked"))
+    with pytest.raises(ValueError, match=r"obs\['score'\] has NaN, infinite or non-numeric values \(1 of 200\)"):
+        cellvae.tl.rate_distortion_sweep(adata, betas=(1.0, 2.0), continuous_covariate_keys=["score"], max_epochs=1)
+    monkeypatch.undo()
+    adata.obs["score"] = adata.obs["score"].fillna(0.5)
+    for keys in (np.array(["kit"]), pd.Index(["kit"])):
+        frame = cellvae.tl.rate_distortion_sweep(
+            adata, betas=(1.0,), categorical_covariate_keys=keys, max_epochs=1, n_hidden=16, n_latent=4, progress=False
+        )
+        assert np.isfinite(frame["elbo"]).all()
+
+
+def test_a_sweeps_checkpoints_go_into_a_folder_per_beta_and_resume_continues_each(tmp_path, monkeypatch):
+    """One checkpoint_dir for every beta: the second beta found the first's checkpoints and failed after it trained
+    (and resume=True then found another model's)."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
+    sweep = {"betas": (0.5, 1.0), "batch_key": "batch", "max_epochs": 2, "n_hidden": 16, "n_latent": 4, "progress": False}
+    frame = cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["beta_0.5", "beta_1"]
+    resumed = cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path, "resume": True})
+    pd.testing.assert_frame_equal(resumed, frame)  # (each beta's run had finished: nothing trained again)
+    monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before the earlier checkpoints were told"))
+    with pytest.raises(FileExistsError, match=r"beta_0.5' holds the checkpoints of an earlier run"):
+        cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path})
+
+
 def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch):
     """Ctrl-C (Jupyter's "interrupt kernel") turned one beta's fit into a warning and the sweep trained the next ones."""
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)

@@ -199,6 +199,22 @@ def test_doses_and_columns_of_numbers_and_text_compare_as_their_categorical_twin
         pd.testing.assert_frame_equal(result, expected)
 
 
+def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_since(simulated):
+    """The README's route, CellVAE(adata[:, hvg]): a view's obs is fixed when it is made, so clusters added to
+    adata after training (leiden on the embedding) were missing, or, where a column was replaced, the old ones."""
+    adata = simulated.copy()
+    adata.obs["leiden"] = pd.Categorical(np.where(np.arange(adata.n_obs) % 2, "0", "1"))  # an earlier clustering
+    model = CellVAE(adata[:, : adata.n_vars // 2], n_hidden=16, n_latent=4).fit(max_epochs=1, progress=False)
+    adata.obs["leiden"] = pd.Categorical(adata.obs["cell_type"].astype(str))  # replaced by the embedding's clusters
+    adata.obs["new"] = adata.obs["leiden"]
+    for groupby in ("leiden", "new"):
+        found = model.differential_expression(groupby=groupby, group1="type0", n_draws=100)
+        given = model.differential_expression(adata[:, : adata.n_vars // 2], groupby=groupby, group1="type0", n_draws=100)
+        pd.testing.assert_frame_equal(found, given)
+    path = cellvae.tl.interpolate(model, "new == 'type0'", "new == 'type1'", 2, progress=False)
+    assert path.n_obs == 2
+
+
 def test_a_group_named_rest_is_not_mistaken_for_all_other_cells(simulated, model):
     named = simulated.copy()
     named.obs["with_rest"] = named.obs["cell_type"].cat.rename_categories({"type4": "rest"})

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import shared_dataset
+from conftest import no_warnings, shared_dataset
 
 import cellvae
 from cellvae import CellVAE
@@ -144,8 +144,12 @@ def test_a_batch_for_a_model_without_batches_is_refused(kang):
 def test_loaded_model_needs_explicit_inputs_to_generate(model, tmp_path):
     model.save(tmp_path / "m")
     loaded = CellVAE.load(tmp_path / "m")
-    with pytest.raises(ValueError, match="library_size"):
+    with pytest.raises(
+        ValueError, match=r"cannot copy batches, covariates and library sizes from it; pass batch=\.\.\. and library_size=\.\.\.$"
+    ):
         loaded.generate(10)
+    with pytest.raises(ValueError, match=r"from it; pass library_size=\.\.\.$"):  # only what is missing
+        loaded.generate(10, batch="ctrl")
     generated = loaded.generate(10, batch="ctrl", library_size=1000.0, random_state=3)
     expected = model.generate(10, batch="ctrl", library_size=1000.0, random_state=3)
     assert generated.n_obs == 10
@@ -333,10 +337,12 @@ def test_covariates_given_to_decode_and_generate_set_the_decoded_cells(tmp_path)
     # covariates not given are the endpoint cells': the category they share, a continuous one's mean
     first, second = np.flatnonzero((adata.obs["batch"] == "batch1").to_numpy())[:2]
     path = cellvae.tl.interpolate(model, [first], [second], 3, progress=False)
-    mean_score = adata.obs["score"].iloc[[first, second]].mean()
-    assert path.uns["interpolate"]["covariates"] == pytest.approx({"batch": "batch1", "score": mean_score})
-    ends = model.decode(model.get_latent(adata[[first, second]]), covariates={"batch": "batch1", "score": mean_score})
-    np.testing.assert_allclose(path.X[[0, -1]], ends, rtol=1e-5)
+    scores = adata.obs["score"].iloc[[first, second]].to_numpy()  # from a's to b's along the path (their mean at both ends
+    assert path.uns["interpolate"]["covariates"]["batch"] == "batch1"  # decoded the ends off the cells' own expression)
+    np.testing.assert_allclose(path.uns["interpolate"]["covariates"]["score"], [scores[0], scores.mean(), scores[1]], rtol=1e-6)
+    np.testing.assert_allclose(path.X[[0, -1]], model.get_normalized_expression(adata[[first, second]]), rtol=1e-4)
+    groups = cellvae.tl.interpolate(model, [first, second], [second], 2, progress=False)  # a group's end: its cells' mean
+    np.testing.assert_allclose(groups.uns["interpolate"]["covariates"]["score"], [scores.mean(), scores[1]], rtol=1e-6)
     itself = cellvae.tl.interpolate(model, [first], [first], 2, progress=False)  # as the cell decodes in the model
     np.testing.assert_allclose(itself.X[0], model.get_normalized_expression(adata[[first]])[0], rtol=1e-4)
     across = np.flatnonzero((adata.obs["batch"] == "batch0").to_numpy())[0]
@@ -380,6 +386,28 @@ def test_bad_covariates_given_to_decode_are_named_as_the_argument_not_as_obs():
             call(["donor", "score"])
     generated = model.generate(3, covariates=pd.DataFrame({"donor": ["d1"] * 3, "score": 0.5}), progress=False)
     assert (generated.obs["donor"] == "d1").all()  # a table of one row per cell is still read by its columns
+
+
+def test_a_category_of_a_numeric_covariate_is_found_by_its_number_as_a_batch_is():
+    """covariates={'donor': 101.0} for integer donors was refused with advice to convert adata.obs (which decode
+    does not read), while batch=101.0 was found as '101'; an unknown category's advice led to map_query."""
+    adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, n_batches=2, random_state=0)
+    adata.obs["donor"] = np.where(adata.obs["batch"] == "batch0", 101, 102)
+    model = CellVAE(adata, categorical_covariate_keys=["donor"], n_hidden=16, n_latent=4).fit(max_epochs=1, progress=False)
+    z = model.get_latent()[:5]
+    np.testing.assert_array_equal(model.decode(z, covariates={"donor": 101.0}), model.decode(z, covariates={"donor": "101"}))
+    np.testing.assert_array_equal(
+        model.decode(z, covariates={"donor": [101, 102.0, "102", np.int64(101), 101]}),
+        model.decode(z, covariates={"donor": ["101", "102", "102", "101", "101"]}),
+    )
+    generated = model.generate(4, covariates={"donor": 102.0}, random_state=0, progress=False)
+    assert (generated.obs["donor"] == 102).all()
+    unseen = r"categories unseen in training: \['103'\]; known: \['101', '102'\]. Pass one of"
+    with pytest.raises(ValueError, match=unseen) as told:
+        model.decode(z, covariates={"donor": 103})
+    assert "adata.obs" not in str(told.value)
+    with pytest.raises(ValueError, match=r"idx1=.donor == .101.. holds for no cell of adata.obs; check the values it compares"):
+        model.differential_expression(idx1="donor == '101'")  # the donors are numbers here
 
 
 def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
@@ -502,6 +530,30 @@ def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_targ
     as_ctrl = model.decode(shifted.obsm["z"], covariates={"condition": "ctrl"})
     np.testing.assert_allclose(shifted.X, as_stim, rtol=1e-5, atol=1e-6)
     assert not np.allclose(shifted.X, as_ctrl, rtol=1e-5, atol=1e-6)
+
+
+def test_latent_shift_over_a_column_that_repeats_the_batches_decodes_the_cells_as_the_target_batch(cells):
+    """groupby a column whose groups are the model's batches under another name (group_id beside batch): the cells
+    were decoded in their source batch without a word, as if the batch input carried no difference."""
+    adata = cells.copy()
+    adata.obs["group_id"] = adata.obs["condition"].astype(str)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CellVAE(adata, batch_key="condition", n_hidden=16, n_latent=4).fit(max_epochs=2, progress=False)
+    controls = (adata.obs["condition"] == "ctrl").to_numpy() & (adata.obs["cell_type"] == "type0").to_numpy()
+    shift = {"source": "ctrl", "target": "stim", "apply_to": controls}
+    with pytest.warns(UserWarning, match=r"is an input of the model's decoder \(batch_key\).*decoded as 'stim'"):
+        by_batch = cellvae.tl.latent_shift(model, adata, groupby="condition", **shift)
+    told = r"'ctrl' and 'stim' cells of obs\['group_id'\] share no value of obs\['condition'\], an input of the model's decoder"
+    with pytest.warns(UserWarning, match=told + r" .*decoded as the target cells' 'stim'"):
+        by_group = cellvae.tl.latent_shift(model, adata, groupby="group_id", **shift)
+    np.testing.assert_array_equal(by_group.X, by_batch.X)
+    assert by_group.uns["latent_shift"]["decoded_batch"] == "stim"
+    with pytest.warns(UserWarning, match=told + r" .*decoded as batch 'ctrl'"):  # the batch asked for is kept
+        kept = cellvae.tl.latent_shift(model, adata, groupby="group_id", batch="ctrl", **shift)
+    assert kept.uns["latent_shift"]["decoded_batch"] == "ctrl"
+    with no_warnings():  # groups that share the batches: nothing to tell
+        cellvae.tl.latent_shift(model, adata, groupby="cell_type", source="type0", target="type1", apply_to=controls)
 
 
 def test_a_batch_of_a_numeric_column_is_found_by_its_number_as_differential_expression_finds_groups():

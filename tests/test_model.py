@@ -647,8 +647,35 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     query.obs["batch"] = "new"
     with pytest.raises(KeyError, match=r"which query_adata lacks.*adata.layers\['counts'\] = adata.X"):
         model.map_query(query)
+    renamed = plain.copy()  # log-normalised X, the counts in a layer of another name: that layer is named
+    renamed.layers["raw"] = renamed.X.copy()
+    sc.pp.normalize_total(renamed)
+    sc.pp.log1p(renamed)
+    with pytest.raises(KeyError, match=r"adata.layers\['raw'\] looks like counts: add them, adata.layers\['counts'\] = adata.l"):
+        model.get_latent(renamed)
     plain.layers["counts"] = plain.X
     np.testing.assert_array_equal(model.get_latent(plain), model.get_latent(adata))
+
+
+def test_counts_normalised_to_one_total_and_rounded_are_told_when_trained_on(two_batches):
+    """The rounding advice followed on normalize_total's output gave whole numbers that passed every check: each cell's
+    total the same, so the library sizes and the counting noise meant nothing, without a word."""
+    adata = two_batches[:300].copy()
+    normalised = adata.copy()
+    sc.pp.normalize_total(normalised)
+    normalised.layers["counts"] = np.rint(normalised.X)
+    with pytest.warns(UserWarning, match=r"total counts in adata.layers\['counts'\] barely vary .* look normalised to one total"):
+        CellVAE(normalised, batch_key="batch", layer="counts").fit(max_epochs=1, progress=False)
+    with no_warnings():  # the raw counts: their totals vary
+        CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (one batch: nothing to correct for yet)
+        reference = CellVAE(adata[adata.obs["batch"] == "batch0"].copy(), batch_key="batch", n_hidden=16)
+        reference.fit(max_epochs=1, progress=False)
+    query = normalised[normalised.obs["batch"] == "batch1"].copy()
+    query.X = query.layers["counts"]
+    with pytest.warns(UserWarning, match=r"total counts in query_adata.X barely vary"):
+        reference.map_query(query, max_epochs=1, progress=False)
 
 
 def test_counts_kept_on_disk_are_never_said_to_be_missing(two_batches, tmp_path):
@@ -756,6 +783,7 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     assert "Here neither a layer (nor adata.raw: there is none) holds whole counts: read the raw counts again" in str(
         refused.value
     )
+    assert "layer=..." not in str(refused.value) and "adata.raw" not in str(refused.value).split("Here neither")[0]  # (ruled out)
     normalised_only.raw = normalised_only  # scanpy's habit, after log1p: raw holds no counts either
     with pytest.raises(ValueError, match=r"Here neither adata\.raw nor a layer holds whole counts: read the raw counts"):
         CellVAE(normalised_only, batch_key="batch")
@@ -967,6 +995,10 @@ def test_too_few_cells_and_zero_count_cells(two_batches):
     batched.obs["batch"] = pd.Categorical(np.where(np.arange(100) < 3, "empty", batched.obs["batch"].astype(str)))
     with pytest.warns(UserWarning, match=r"the batches \['empty'\] have no cells with counts, so their parameters stay"):
         CellVAE(batched, batch_key="batch").fit(max_epochs=1, progress=False)
+    batched.obs["kit"] = pd.Categorical(np.where(np.arange(100) < 3, "v4", "v2"))  # a covariate's category, too
+    told = r"the batches \['empty'\] and the categories of obs\['kit'\] \['v4'\] have no cells with counts, so"
+    with pytest.warns(UserWarning, match=told):
+        CellVAE(batched, batch_key="batch", categorical_covariate_keys=["kit"]).fit(max_epochs=1, progress=False)
     # cells with counts only outside the genes chosen: filter_cells on adata would keep them; the advice drops them
     dense = adata.X.toarray()
     dense[:4, :50], dense[:4, 50:] = 0, 1
@@ -1627,7 +1659,8 @@ def test_rounding_advice_rounds_the_matrix_that_was_checked_into_a_layer_it_does
     assert in_shell.count("(on the command line:") == 1 and in_shell.endswith("--layer NAME, the layer that holds the counts)")
     estimated = cellvae.datasets.simulate(n_cells=100, n_genes=30, random_state=0)
     estimated.X = estimated.X * 1.3
-    with pytest.raises(ValueError, match=r"adata.layers\['counts'\] = np.rint\(adata.X\) \(dense or sparse\)\. Here neither"):
+    rounding = r"If these are estimated .* adata.layers\[.counts.\] = np.rint\(adata.X\) \(dense or sparse\), and build the model"
+    with pytest.raises(ValueError, match=r"Here neither a layer .* before normalising\. " + rounding):
         CellVAE(estimated)
 
 

@@ -1046,6 +1046,35 @@ def test_continuous_covariate_scales_that_would_break_the_embedding_are_refused(
         CellVAE.load(tmp_path / "model")
 
 
+def test_continuous_covariate_values_too_large_for_the_model_are_refused_where_cells_are_embedded_or_decoded():
+    """1e40 (float32 reaches 3.4e38) made every embedding and expression value NaN, told only by warnings."""
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=20, random_state=0)
+    adata.obs["depth"] = np.log1p(np.asarray(adata.X.sum(axis=1)).ravel())
+    model = CellVAE(adata, continuous_covariate_keys=["depth"], n_hidden=8, n_latent=2).fit(max_epochs=1, progress=False)
+    huge = adata.copy()
+    huge.obs["depth"] = 1e40
+    told = r"continuous covariate (obs|covariates)\['depth'\] has values too large for the model \(up to 1e\+40; it was"
+    for call in (
+        lambda: model.get_latent(huge),
+        lambda: model.get_normalized_expression(huge),
+        lambda: model.decode(np.zeros((2, 2)), covariates={"depth": 1e40}),
+    ):
+        with pytest.raises(ValueError, match=told):
+            call()
+
+
+def test_minus_zero_and_zero_are_one_category_as_pandas_holds_them():
+    """A float column's -0.0 was written '-0.0': a category of its own beside 0.0 in training, and a new one in
+    map_query (pd.Categorical([0.0, -0.0]) has the one category 0.0)."""
+    adata = cellvae.datasets.simulate(n_cells=60, n_genes=20, n_batches=2, random_state=0)
+    adata.obs["dose"] = np.where(np.arange(adata.n_obs) % 3 == 0, 1.0, np.where(np.arange(adata.n_obs) % 2, -0.0, 0.0))
+    model = CellVAE(adata, batch_key="batch", categorical_covariate_keys=["dose"])
+    assert model.config.categorical_covariate_categories["dose"] == ["0.0", "1.0"]
+    as_categories = adata.copy()
+    as_categories.obs["dose"] = pd.Categorical(as_categories.obs["dose"])
+    assert CellVAE(as_categories, batch_key="batch", categorical_covariate_keys=["dose"]).config == model.config
+
+
 def test_a_folder_whose_subfolder_has_a_model_files_name_is_not_overwritten(trained, tmp_path):
     folder = tmp_path / "thesis"
     (folder / "config.json").mkdir(parents=True)  # a folder, not a model's file
