@@ -384,8 +384,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
         if layer is not None and looks_like_counts(stored_x(adata)):
             fix = f"adata.layers[{layer!r}] = adata.X" if trained else "leave out layer= (layer=None reads X)"
             raise ValueError(f"{told} adata.X holds whole counts: {fix}") from None
-        layers = [name for name in layer_names(adata) if name != layer and looks_like_counts(adata.layers[name])]
-        layers.sort(key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))  # 'counts' before 'spliced'
+        layers = layers_holding_counts(adata, layer)
         if layers:
             name = layers[0]
             if not trained:
@@ -421,6 +420,13 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 "(adata.layers['counts']) before normalising." + (f" {rounding[0]}" if rounding else "")
             ) from None
         raise
+
+
+def layers_holding_counts(adata: ad.AnnData, but: str | None = None) -> list[str]:
+    """The layers (in memory, other than ``but``) whose values look like counts, those named like counts first
+    ('counts' and 'raw_counts' before 'spliced' or 'ambiguous')."""
+    layers = [name for name in layer_names(adata) if name != but and looks_like_counts(adata.layers[name])]
+    return sorted(layers, key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))
 
 
 def _ended(sentence: str) -> str:
@@ -1221,18 +1227,25 @@ def as_text(column: pd.Series) -> pd.Categorical:
     if pd.api.types.is_float_dtype(column.dtype):
         column = column + 0.0  # (as _category_text)
     if not isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.infer_dtype(column, skipna=True) not in kinds:
-        return pd.Categorical(column.astype(str))
+        return pd.Categorical(pd.Series(_unsigned_zeros(column), dtype=object).astype(str))
     categorical = pd.Categorical(column)
     names = _category_text(categorical.categories)
     if not names.is_unique:  # categories that read alike (1 and "1"): converted one by one
-        return pd.Categorical(column.astype(str))
+        return pd.Categorical(pd.Series(_unsigned_zeros(column), dtype=object).astype(str))
     return pd.Categorical.from_codes(categorical.codes, categories=names)
+
+
+def _unsigned_zeros(values) -> list:
+    """The values, each float's -0.0 as 0.0 (the same number, which pandas holds as one category)."""
+    return [value + 0.0 if isinstance(value, (float, np.floating)) else value for value in values]
 
 
 def _category_text(categories: pd.Index) -> pd.Index:
     """Categories as ``astype(str)`` writes them, a float's -0.0 as 0.0 (the same value, one name)."""
     if pd.api.types.is_float_dtype(categories.dtype):
         categories = categories + 0.0  # -0.0 + 0.0 is 0.0
+    elif categories.dtype == object:  # (floats among other values)
+        categories = pd.Index(_unsigned_zeros(categories), dtype=object)
     return categories.astype(str)
 
 
@@ -1315,6 +1328,8 @@ class Covariates:
 FAR_COVARIATE_SDS = 5.0
 # ... or where more than FAR_SHARE of the cells lie beyond FAR_SHARE_SDS (never all the training cells together)
 FAR_SHARE, FAR_SHARE_SDS = 0.01, 10.0
+# Values this many sd away are refused: no units differ so much, and from about 1e22 the outputs are NaN.
+MAX_COVARIATE_SDS = 1e6
 
 
 def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "obs", trained: bool = True) -> Covariates:
@@ -1354,7 +1369,9 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
             if source == "covariates":  # decode's argument, not a column of cells that map_query could add
                 advice = "Pass one of the known categories (a model from map_query knows its query's too)"
             else:
-                advice = names_written_otherwise(unknown, categories, key) or advice
+                advice = (
+                    numbers_written_otherwise(unknown, categories, key) or names_in_other_case(unknown, categories, key) or advice
+                )
             seen = "unseen in training" if trained else "the model was not built with"
             raise ValueError(f"{source}[{key!r}] has categories {seen}: {unknown[:5]}; known: {categories[:10]}. {advice}")
         codes_per_key.append(codes.astype(np.int32))
@@ -1364,10 +1381,11 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
         values = continuous_values(obs, key, source)
         scaled = (values - mean) / std
-        if not (np.abs(scaled) <= np.finfo(np.float32).max).all():  # beyond float32: the model's outputs would all be NaN
+        if not (np.abs(scaled) <= MAX_COVARIATE_SDS).all():  # the network's sums overflow from about 1e22: NaN outputs
             raise ValueError(
-                f"continuous covariate {source}[{key!r}] has values too large for the model (up to "
-                f"{float(np.abs(values).max()):.3g}; it was trained with mean {mean:.3g}, sd {std:.3g}): check their units"
+                f"continuous covariate {source}[{key!r}] has values too far from those the model was trained with (up to "
+                f"{float(np.abs(values).max()):.3g}, over {MAX_COVARIATE_SDS:.0e} sd from their mean {mean:.3g}, sd "
+                f"{std:.3g}): check their units"
             )
         far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
         # some cells far off: more than 1% beyond 10 sd, which all the training cells together cannot be (Chebyshev:
@@ -1396,12 +1414,11 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
     return Covariates(codes_per_key, widths, values, batch)
 
 
-def names_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
-    """The way out when new category names are known ones written another way: floats for the model's
+def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
+    """The way out when new category names are known numbers written another way: floats for the model's
     integers (1016.0 for 1016) or integers for its floats (1016 for 1016.0), IDs with other leading zeros than
-    the model's (1 or 001 for 01, 01 for 1), even one of them beside truly new names, a flag's 0/1 for its
-    True/False (and back) where all the new names are such, or names in other case or with spaces around them
-    ('10X v3 ' for '10x v3', 'TRUE' for 'True'); else None. Where some names (new or the model's) are
+    the model's (1 or 001 for 01, 01 for 1), even one of them beside truly new names, or a flag's 0/1 for its
+    True/False (and back) where all the new names are such; else None. Where some names (new or the model's) are
     no numbers, the conversion named replaces just those written otherwise (one of the whole column would fail)."""
     known_names = set(known)
     column = f"{name}.obs[{key!r}]"
@@ -1452,18 +1469,24 @@ def names_written_otherwise(new: list[str], known: list[str], key: str, name: st
             f"{name}.obs[{key!r}] holds {written} where the model's categories are {meant}: convert it first, "
             f"{name}.obs[{key!r}] = {name}.obs[{key!r}].astype({'bool' if to_bool else 'int'})"
         )
-    folded: dict[str, list[str]] = {}  # the model's names by their lower case without spaces around (one each, or it
-    for value in known:  # is not told which)
+    return None
+
+
+def names_in_other_case(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
+    """Where new category names are the model's in other case or with spaces around them ('10X v3 ' for '10x v3',
+    'TRUE' for 'True'; one model name each, or it is not told which), the conversion to the model's; else None."""
+    folded: dict[str, list[str]] = {}
+    for value in known:
         folded.setdefault(value.strip().casefold(), []).append(value)
     alike = {value: folded[f][0] for value in new if len(folded.get(f := value.strip().casefold(), [])) == 1}
-    if alike:
-        value, meant = next(iter(alike.items()))
-        return (
-            f"{column} holds {value!r} where the model's category is {meant!r}: the same name in other case or with "
-            f"spaces around it? Convert it first, {column} = {column}.astype(str).replace({alike!r}); if they are new "
-            "batches or categories, give them names that differ from the model's in more than case and spaces"
-        )
-    return None
+    if not alike:
+        return None
+    value, meant = next(iter(alike.items()))
+    column = f"{name}.obs[{key!r}]"
+    return (
+        f"{column} holds {value!r} where the model's category is {meant!r}: the same name in other case or with spaces "
+        f"around it? Convert it first, {column} = {column}.astype(str).replace({alike!r})"
+    )
 
 
 def categorical_items(layout: CovariateLayout) -> list[tuple[str, list[str]]]:

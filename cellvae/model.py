@@ -1676,7 +1676,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         try:
             # pandas string columns (read from files of anndata 0.13 with pandas 3) are written as they are
             with ad.settings.override(allow_write_nullable_strings=True):
-                self.adata.write_h5ad(file, convert_strings_to_categoricals=False)
+                self._own_adata().write_h5ad(file, convert_strings_to_categoricals=False)  # (obs columns added since)
         except Exception as error:
             raise ValueError(
                 f"save_anndata=True could not write the model's AnnData as {ADATA_FILE} ({type(error).__name__}: {error}); "
@@ -1859,16 +1859,24 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if b not in reference_batches
         ]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
-        retyped = data.names_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+        retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+        alike = [data.names_in_other_case(new_batches, reference_batches, batch_column, "query_adata")]
         data.warn_of_missing_as_text(batch_column, new_batches, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
-            retyped = retyped or data.names_written_otherwise(new, known, key, "query_adata")
+            retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
+            alike.append(data.names_in_other_case(new, known, key, "query_adata"))
             data.warn_of_missing_as_text(key, new, "query_adata")
             categories[key] = known + new
         if retyped:
             raise ValueError(retyped)
+        for told in filter(None, alike):  # (a new batch "D1" beside the reference's "d1" may be meant)
+            data.warn_user(
+                f"{told}; map_query adds it as a new batch or category, whose parameters learn from the query alone. If "
+                "it is indeed new, ignore this",
+                UserWarning,
+            )
         config = Config(
             **{
                 **asdict(self.config),
@@ -2624,6 +2632,15 @@ def _file_identity(file: Path) -> tuple | None:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
+def _is_cellvae_config(file: Path) -> bool:
+    """Whether ``file`` is a config.json that :meth:`CellVAE.save` wrote (not another library's of that name)."""
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"gene_names", "n_latent", "likelihood"} <= set(config)
+
+
 def _not_model_files(folder: Path) -> list[str]:
     """The first few names in ``folder`` that :meth:`CellVAE.save` does not write there (a folder as ``name/``)."""
     model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}
@@ -2908,8 +2925,8 @@ def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
             f"checkpoint_dir={str(folder)!r} is a saved model's folder; checkpoints written there would keep that model "
             "from being replaced by a later save with overwrite: give the checkpoints a folder of their own"
         )
-    for above in path.absolute().parents:  # (a model folder that holds the checkpoints' folder is no model folder then)
-        if (above / CONFIG_FILE).is_file() and (above / WEIGHTS_FILE).is_file():
+    for above in path.resolve().parents:  # (a model folder that holds the checkpoints' folder is no model folder then)
+        if (above / WEIGHTS_FILE).is_file() and _is_cellvae_config(above / CONFIG_FILE):
             raise ValueError(
                 f"checkpoint_dir={str(folder)!r} lies inside the saved model's folder {str(above)!r}; its checkpoints would "
                 "keep that model from being replaced by a later save with overwrite: give them a folder outside it"
@@ -3267,7 +3284,7 @@ def _check_cells_left_to_train(train_cells: np.ndarray, cells: np.ndarray, valid
 def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
     """The counts where a trained model reads them (``X`` or the layer it was trained on)."""
     if layer is not None and layer not in adata.layers:
-        holding = [key for key in data.layer_names(adata) if data.looks_like_counts(adata.layers[key])]
+        holding = data.layers_holding_counts(adata)
         fix = (  # a layer whose values look like counts (in memory), else X
             f"adata.layers[{holding[0]!r}] looks like counts: add them, adata.layers[{layer!r}] = adata.layers[{holding[0]!r}]"
             if holding and not data.looks_like_counts(data.stored_x(adata))

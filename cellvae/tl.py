@@ -1110,9 +1110,16 @@ def rate_distortion_sweep(
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     random_state = _check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
-    if not (fit_kwargs or {}).get("resume") and _beta_fit_kwargs(fit_kwargs, 0.0).get("checkpoint_dir") is not None:
-        for beta in betas:  # an earlier sweep's checkpoints, told before the first beta trains
-            refuse_earlier_checkpoints(_beta_fit_kwargs(fit_kwargs, beta)["checkpoint_dir"], 1)
+    if _beta_fit_kwargs(fit_kwargs, 0.0).get("checkpoint_dir") is not None:  # told before the first beta trains:
+        folders = [_beta_fit_kwargs(fit_kwargs, beta)["checkpoint_dir"] for beta in betas]
+        shared = [folder.name for folder in folders if folders.count(folder) > 1]
+        if shared:  # betas given twice (or alike to 6 digits)
+            raise ValueError(
+                f"betas={betas} give the checkpoint folder {shared[0]} to more than one beta, and each beta is a run of "
+                "its own: give each beta once"
+            )
+        for folder in folders if not (fit_kwargs or {}).get("resume") else []:  # an earlier sweep's checkpoints
+            refuse_earlier_checkpoints(folder, 1)
     warm_start = _check_flag(warm_start, "warm_start")
     progress = _check_flag(progress, "progress")
     check_positive_int(n_samples, "n_samples")
@@ -1131,7 +1138,7 @@ def rate_distortion_sweep(
     # the models could not embed it.
     for key in [batch_key, *_key_list(model_kwargs.get("categorical_covariate_keys"))]:
         if key is not None and key in adata.obs.columns:
-            codes = pd.factorize(adata.obs[key].astype(str))[0]
+            codes = as_text(adata.obs[key]).codes  # (the model's categories: -0.0 is 0.0)
             held &= np.isin(codes, np.unique(codes[~held]))
     if not held.any():
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
@@ -1435,7 +1442,8 @@ def latent_shift(
     -------
     AnnData of the ``apply_to`` cells: ``X`` the predicted expression (float32, at
     ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``
-    with the shift vector and the parameters.
+    with the shift vector and the parameters (``decoded_batch`` and ``decoded_covariates``: those the cells were
+    decoded with in place of their own).
     """
     _check_model(model)
     _check_is_anndata(adata)
@@ -1445,10 +1453,11 @@ def latent_shift(
     for key in [groupby] + ([stratify] if stratify else []):
         if key not in adata.obs.columns:
             raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
-    groups = adata.obs[groupby].astype(str).to_numpy()
-    # group names as strings, like the column's (1 is "1"); a float column's 1.0 is also found as 1 or "1", as in
-    # differential_expression
-    named = {group_name(value): str(value) for value in pd.unique(adata.obs[groupby].dropna())}
+    groups = pd.Series(as_text(adata.obs[groupby])).astype(str).to_numpy()
+    # group names as strings, like the column's (1 is "1"; -0.0 is "0.0", as the model names categories); a float
+    # column's 1.0 is also found as 1 or "1", as in differential_expression
+    values = pd.unique(adata.obs[groupby].dropna())
+    named = {group_name(value): text for value, text in zip(values, np.asarray(as_text(pd.Series(values))).astype(str))}
     source, target = (str(g) if str(g) in set(groups) else named.get(group_name(g), str(g)) for g in (source, target))
     if source == target:
         raise ValueError(f"source and target are the same group ({source!r}): the shift between them is zero")
@@ -1475,7 +1484,7 @@ def latent_shift(
     _library_sizes(library_size, len(shifted))
     if batch is not None:
         model._batch_names(batch, len(shifted))
-    strata = adata.obs[stratify].astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
+    strata = pd.Series(as_text(adata.obs[stratify])).astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
     usable = [  # the strata of reference cells that hold both groups, found before the cells are encoded
         here
         for here in (in_reference & (strata == stratum) for stratum in np.unique(strata[in_reference]))
@@ -1498,6 +1507,7 @@ def latent_shift(
     obs = adata.obs.iloc[shifted]
     batches = batch if batch is not None or not c.batch_key else obs[c.batch_key].astype(str).to_numpy()
     covariates = {k: obs[k].to_numpy() for k in c.categorical_covariate_keys + c.continuous_covariate_keys}
+    decoded_covariates = {}  # those not each cell's own
     if groupby == c.batch_key or groupby in c.categorical_covariate_keys:
         decoded_as = batch if groupby == c.batch_key and batch is not None else target
         warn_user(
@@ -1511,6 +1521,7 @@ def latent_shift(
             batches = target
         elif groupby != c.batch_key:
             covariates[groupby] = np.full(len(obs), target, dtype=object)
+            decoded_covariates[groupby] = target
     for key, values in _inputs_separating(model, adata.obs, groupby, groups, in_reference, source, target).items():
         is_batch = key == c.batch_key
         if is_batch and batch is not None:
@@ -1521,6 +1532,7 @@ def latent_shift(
                 batches = values[0]
             else:
                 covariates[key] = np.full(len(obs), values[0], dtype=object)
+                decoded_covariates[key] = values[0]
         else:  # which of the target's values would the cells take?
             choose = f"pass batch=... (the target cells' are {values[:3]})" if is_batch else f"the target cells hold {values[:3]}"
             decoded = f"the cells keep their own values of it, so the prediction understates the difference: {choose}"
@@ -1543,6 +1555,7 @@ def latent_shift(
         "n_strata": len(deltas),
         "n_reference_cells": int(in_reference.sum()),
         "decoded_batch": batches if isinstance(batches, str) else None,  # None: each cell's own batch
+        "decoded_covariates": decoded_covariates,
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted

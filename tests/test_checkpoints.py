@@ -562,3 +562,24 @@ def test_resuming_the_files_of_a_data_parallel_run_in_one_process_names_how_many
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=1)
     with pytest.raises(ValueError, match=rf"written by at least {processes} processes and this run has 1"):
         CellVAE(adata).fit(max_epochs=1, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_checkpoint_folder_inside_a_saved_models_folder_is_refused_and_other_folders_are_not(tmp_path, monkeypatch):
+    """Checkpoints in saved/ck made saved/ no model folder: save(saved, overwrite=True) then refused it, saying it was
+    not a model's folder. Folders that merely pass through it (saved/../ck) or hold another library's config.json and
+    model.safetensors (a Hugging Face save_pretrained) are no saved cellvae model."""
+    adata = cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0)
+    model = CellVAE(adata, n_hidden=8, n_latent=2).fit(max_epochs=1, progress=False)
+    model.save(tmp_path / "saved")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint_dir='saved/ck' lies inside the saved model's folder '.*saved'"):
+        model.fit(max_epochs=1, checkpoint_dir="saved/ck", progress=False)
+    assert not (tmp_path / "saved" / "ck").exists()
+    model.fit(max_epochs=1, checkpoint_dir="saved/../ck", progress=False)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 8}))
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    model.fit(max_epochs=1, checkpoint_dir="hf/cellvae_checkpoints", progress=False)
+    (tmp_path / "saved" / "notes").mkdir()  # a folder the user added: named when an overwrite is refused
+    with pytest.raises(ValueError, match=r"is a folder holding other files than a model's \(notes/\), not a saved cellvae"):
+        model.save(tmp_path / "saved", overwrite=True)

@@ -485,6 +485,8 @@ def test_a_sweeps_checkpoints_go_into_a_folder_per_beta_and_resume_continues_eac
     monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before the earlier checkpoints were told"))
     with pytest.raises(FileExistsError, match=r"beta_0.5' holds the checkpoints of an earlier run"):
         cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path})
+    with pytest.raises(ValueError, match=r"give the checkpoint folder beta_1 to more than one beta, .*: give each beta once"):
+        cellvae.tl.rate_distortion_sweep(adata, **sweep | {"betas": (1.0, 1.0)}, fit_kwargs={"checkpoint_dir": tmp_path / "new"})
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch):

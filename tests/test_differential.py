@@ -199,7 +199,7 @@ def test_doses_and_columns_of_numbers_and_text_compare_as_their_categorical_twin
         pd.testing.assert_frame_equal(result, expected)
 
 
-def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_since(simulated):
+def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_since(simulated, tmp_path):
     """The README's route, CellVAE(adata[:, hvg]): a view's obs is fixed when it is made, so clusters added to
     adata after training (leiden on the embedding) were missing, or, where a column was replaced, the old ones."""
     adata = simulated.copy()
@@ -213,6 +213,8 @@ def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_
         pd.testing.assert_frame_equal(found, given)
     path = cellvae.tl.interpolate(model, "new == 'type0'", "new == 'type1'", 2, progress=False)
     assert path.n_obs == 2
+    model.save(tmp_path / "model", save_anndata=True)  # the AnnData as the model reads it now
+    assert "new" in CellVAE.load(tmp_path / "model").adata.obs.columns
 
 
 def test_a_group_named_rest_is_not_mistaken_for_all_other_cells(simulated, model):

@@ -526,6 +526,7 @@ def test_latent_shift_over_a_categorical_covariate_decodes_the_cells_as_the_targ
     controls = (cells.obs["condition"] == "ctrl").to_numpy() & (cells.obs["cell_type"] == "type0").to_numpy()
     with pytest.warns(UserWarning, match=r"obs\['condition'\] is an input of the model's decoder .*decoded as 'stim'"):
         shifted = cellvae.tl.latent_shift(model, cells, groupby="condition", source="ctrl", target="stim", apply_to=controls)
+    assert shifted.uns["latent_shift"]["decoded_covariates"] == {"condition": "stim"}
     as_stim = model.decode(shifted.obsm["z"], covariates={"condition": "stim"})
     as_ctrl = model.decode(shifted.obsm["z"], covariates={"condition": "ctrl"})
     np.testing.assert_allclose(shifted.X, as_stim, rtol=1e-5, atol=1e-6)

@@ -647,7 +647,8 @@ def test_new_data_with_repeated_gene_names_or_counts_in_another_place(two_batche
     query.obs["batch"] = "new"
     with pytest.raises(KeyError, match=r"which query_adata lacks.*adata.layers\['counts'\] = adata.X"):
         model.map_query(query)
-    renamed = plain.copy()  # log-normalised X, the counts in a layer of another name: that layer is named
+    renamed = plain.copy()  # log-normalised X, the counts in a layer of another name: that layer is named (one
+    renamed.layers["ambiguous"] = renamed.X.copy()  # named like counts first)
     renamed.layers["raw"] = renamed.X.copy()
     sc.pp.normalize_total(renamed)
     sc.pp.log1p(renamed)

@@ -1047,17 +1047,18 @@ def test_continuous_covariate_scales_that_would_break_the_embedding_are_refused(
 
 
 def test_continuous_covariate_values_too_large_for_the_model_are_refused_where_cells_are_embedded_or_decoded():
-    """1e40 (float32 reaches 3.4e38) made every embedding and expression value NaN, told only by warnings."""
+    """1e22 and beyond (float32 reaches 3.4e38) made every embedding and expression value NaN, told only by warnings."""
     adata = cellvae.datasets.simulate(n_cells=60, n_genes=20, random_state=0)
     adata.obs["depth"] = np.log1p(np.asarray(adata.X.sum(axis=1)).ravel())
     model = CellVAE(adata, continuous_covariate_keys=["depth"], n_hidden=8, n_latent=2).fit(max_epochs=1, progress=False)
     huge = adata.copy()
-    huge.obs["depth"] = 1e40
-    told = r"continuous covariate (obs|covariates)\['depth'\] has values too large for the model \(up to 1e\+40; it was"
+    huge.obs["depth"] = 1e22  # (NaN outputs from about here; 1e40 is beyond float32)
+    told = r"continuous covariate (obs|covariates)\['depth'\] has values too far from those the model was trained with \(up to "
     for call in (
         lambda: model.get_latent(huge),
         lambda: model.get_normalized_expression(huge),
         lambda: model.decode(np.zeros((2, 2)), covariates={"depth": 1e40}),
+        lambda: model.decode(np.zeros((2, 2)), covariates={"depth": 1e22}),
     ):
         with pytest.raises(ValueError, match=told):
             call()
@@ -1808,6 +1809,13 @@ def test_latent_shift_finds_the_groups_of_a_float_column_as_differential_express
     np.testing.assert_array_equal(by_number.X, by_name.X)
     with pytest.raises(ValueError, match=r"source '3' is not a group of obs\['dose'\]; groups: \['1.0', '2.0'\]"):
         cellvae.tl.latent_shift(trained, adata, groupby="dose", source=3, target=2, apply_to=[0])
+    signed = adata.copy()  # -log10 of a dose of 1 is -0.0: one group with the cells at 0.0, as pandas holds them
+    signed.obs["dose"] = np.where(adata.obs["condition"] == "ctrl", np.where(np.arange(adata.n_obs) % 2, -0.0, 0.0), 2.0)
+    shifted = cellvae.tl.latent_shift(trained, signed, groupby="dose", source=0, target=2, apply_to=[0, 1])
+    assert shifted.uns["latent_shift"]["source"] == "0.0"
+    np.testing.assert_array_equal(
+        shifted.X, cellvae.tl.latent_shift(trained, adata, groupby="dose", source=1, target=2, apply_to=[0, 1]).X
+    )
 
 
 def test_copy_true_returns_the_results_in_a_copy_and_leaves_the_anndata_as_it_was(messy, trained):
