@@ -710,8 +710,10 @@ def run_embed(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: the model in {args.model_dir} reads no batches; leave out --batch-prefix")
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
     if args.batch_prefix and (args.batch_key or batch_key) in adata.obs.columns:  # (a missing column is told below)
+        from cellvae.data import cell_texts
+
         column = args.batch_key or batch_key
-        given = set(adata.obs[column].dropna().astype(str))
+        given = set(cell_texts(adata.obs[column].dropna()))
         known = set(model.config.batch_categories)
         if given <= known and not {args.batch_prefix + name for name in given} <= known:  # e.g. map's own output
             raise SystemExit(

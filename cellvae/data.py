@@ -1227,12 +1227,20 @@ def as_text(column: pd.Series) -> pd.Categorical:
     if pd.api.types.is_float_dtype(column.dtype):
         column = column + 0.0  # (as _category_text)
     if not isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.infer_dtype(column, skipna=True) not in kinds:
-        return pd.Categorical(pd.Series(_unsigned_zeros(column), dtype=object).astype(str))
+        if column.dtype == object:  # (a float32 or date column keeps the text astype(str) gives it)
+            column = pd.Series(_unsigned_zeros(column), dtype=object)
+        return pd.Categorical(column.astype(str))
     categorical = pd.Categorical(column)
     names = _category_text(categorical.categories)
     if not names.is_unique:  # categories that read alike (1 and "1"): converted one by one
         return pd.Categorical(pd.Series(_unsigned_zeros(column), dtype=object).astype(str))
     return pd.Categorical.from_codes(categorical.codes, categories=names)
+
+
+def cell_texts(column: pd.Series) -> np.ndarray:
+    """Each cell's value of an obs column as the model names batches and categories (:func:`as_text`), as an object
+    array of str (missing values as 'nan')."""
+    return pd.Series(as_text(column), index=column.index).astype(str).to_numpy()
 
 
 def _unsigned_zeros(values) -> list:
@@ -1381,11 +1389,13 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
             raise KeyError(f"obs column {key!r} (used by the model) not found in adata.obs")
         values = continuous_values(obs, key, source)
         scaled = (values - mean) / std
-        if not (np.abs(scaled) <= MAX_COVARIATE_SDS).all():  # the network's sums overflow from about 1e22: NaN outputs
+        beyond = ~(np.abs(scaled) <= MAX_COVARIATE_SDS)
+        if beyond.any():  # the network's sums overflow from about 1e22: NaN outputs
+            farthest = float(values[np.argmax(np.abs(scaled))])
             raise ValueError(
-                f"continuous covariate {source}[{key!r}] has values too far from those the model was trained with (up to "
-                f"{float(np.abs(values).max()):.3g}, over {MAX_COVARIATE_SDS:.0e} sd from their mean {mean:.3g}, sd "
-                f"{std:.3g}): check their units"
+                f"continuous covariate {source}[{key!r}] has {int(beyond.sum()):,} value{'s' * int(beyond.sum() > 1)} too far "
+                f"from those the model was trained with (e.g. {farthest:.3g}, over {MAX_COVARIATE_SDS:.0e} sd from their "
+                f"mean {mean:.3g}, sd {std:.3g}): check their units"
             )
         far = float(np.median(np.abs(scaled))) if len(scaled) else 0.0
         # some cells far off: more than 1% beyond 10 sd, which all the training cells together cannot be (Chebyshev:

@@ -1834,7 +1834,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _model_counts(aligned, self.config.layer, "query_adata"), location, codes, names, batch_key or reference_key
         )
         if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
-            if not np.array_equal(query_adata.obs[reference_key].astype(str).to_numpy(), query_batches):
+            if not np.array_equal(data.cell_texts(query_adata.obs[reference_key]), query_batches):
                 data.warn_user(
                     f"the query's batches are read from obs[{batch_key!r}], but the returned model reads batches from "
                     f"obs[{reference_key!r}] (the reference's batch key), which this query also has with other values: "
@@ -2360,7 +2360,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 library = _library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
             template = self.adata.obs.iloc[template]
             if batch is None and c.batch_key:
-                batch = template[c.batch_key].astype(str).to_numpy()
+                batch = data.cell_texts(template[c.batch_key])
             for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
                 given.setdefault(key, template[key].to_numpy())
         frame = self._covariate_frame(n_cells, batch, given)
@@ -2920,7 +2920,7 @@ def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
     """Refuse a saved model's folder for checkpoints: their files would keep a later save with overwrite from replacing
     that model (also checked by ``cellvae fit`` before it reads its input)."""
     path = Path(folder).expanduser()
-    if (path / CONFIG_FILE).is_file() and is_model_folder(path):
+    if (path / CONFIG_FILE).is_file() and is_model_folder(path.resolve()):  # (a link to a model's folder too)
         raise ValueError(
             f"checkpoint_dir={str(folder)!r} is a saved model's folder; checkpoints written there would keep that model "
             "from being replaced by a later save with overwrite: give the checkpoints a folder of their own"
@@ -3114,7 +3114,7 @@ def _query_batches(query: ad.AnnData, batch_key: str) -> np.ndarray:
             f"query_adata.obs[{batch_key!r}] has {int(column.isna().sum())} missing (NaN) batch values; "
             "fill them with a batch name or drop those cells before map_query"
         )
-    return column.astype(str).to_numpy()
+    return data.cell_texts(column)
 
 
 class _GrowingRows:
@@ -3337,7 +3337,7 @@ def _align_query(
     matrix = _model_counts(query, config.layer, "query_adata")
     if isinstance(matrix, data.BackedView):
         column = query.obs[config.batch_key] if config.batch_key in query.obs.columns else None
-        if column is None or not np.array_equal(column.astype(str).to_numpy(), batches):
+        if column is None or not np.array_equal(data.cell_texts(column), batches):
             raise ValueError(
                 f"query_adata is a view of an AnnData whose counts are on disk, and obs[{config.batch_key!r}] (the "
                 "reference's batch key, where the query model reads batches) does not hold its batches; a view cannot "

@@ -27,6 +27,7 @@ from cellvae import diagnostics
 from cellvae.data import (
     as_text,
     cell_positions,
+    cell_texts,
     check_one_name,
     check_ordered,
     check_positive_int,
@@ -1115,8 +1116,8 @@ def rate_distortion_sweep(
         shared = [folder.name for folder in folders if folders.count(folder) > 1]
         if shared:  # betas given twice (or alike to 6 digits)
             raise ValueError(
-                f"betas={betas} give the checkpoint folder {shared[0]} to more than one beta, and each beta is a run of "
-                "its own: give each beta once"
+                f"betas={betas} repeat a beta (checkpoint folder {shared[0]}), and each beta is a run of its own: give each "
+                "beta once"
             )
         for folder in folders if not (fit_kwargs or {}).get("resume") else []:  # an earlier sweep's checkpoints
             refuse_earlier_checkpoints(folder, 1)
@@ -1199,7 +1200,7 @@ def _beta_fit_kwargs(fit_kwargs: dict | None, beta: float) -> dict:
     """``fit_kwargs`` for one beta of a sweep, whose ``checkpoint_dir`` (a path) becomes a folder of that beta's."""
     kwargs = dict(fit_kwargs or {})
     if isinstance(kwargs.get("checkpoint_dir"), (str, os.PathLike)):
-        kwargs["checkpoint_dir"] = Path(kwargs["checkpoint_dir"]).expanduser() / f"beta_{beta:g}"
+        kwargs["checkpoint_dir"] = Path(kwargs["checkpoint_dir"]).expanduser() / f"beta_{float(beta)!r}"  # (all its digits)
     return kwargs
 
 
@@ -1323,7 +1324,7 @@ def interpolate(
     model._check_decoding(n_steps, batch, covariates, library_size)
     key = model.config.batch_key
     if batch is None and key and key in adata.obs.columns:  # endpoints of one batch: decoded as it, as they are
-        shared = pd.unique(adata.obs[key].iloc[np.r_[positions_a, positions_b]].astype(str))
+        shared = pd.unique(cell_texts(adata.obs[key].iloc[np.r_[positions_a, positions_b]]))
         batch = shared[0] if len(shared) == 1 and shared[0] in model.config.batch_categories else None
     z_a = model.get_latent(_part(adata, positions_a), progress=progress).mean(0)
     z_b = model.get_latent(_part(adata, positions_b), progress=progress).mean(0)
@@ -1360,7 +1361,7 @@ def _endpoint_covariates(
             )
     for key in c.categorical_covariate_keys:
         if key not in filled and key in adata.obs.columns:
-            values = pd.unique(adata.obs[key].iloc[cells].astype(str))
+            values = pd.unique(cell_texts(adata.obs[key].iloc[cells]))
             if len(values) > 1:
                 raise ValueError(
                     f"the endpoint cells hold several values of the covariate obs[{key!r}] ({list(values[:3])}): pass "
@@ -1453,11 +1454,11 @@ def latent_shift(
     for key in [groupby] + ([stratify] if stratify else []):
         if key not in adata.obs.columns:
             raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
-    groups = pd.Series(as_text(adata.obs[groupby])).astype(str).to_numpy()
+    groups = cell_texts(adata.obs[groupby])
     # group names as strings, like the column's (1 is "1"; -0.0 is "0.0", as the model names categories); a float
     # column's 1.0 is also found as 1 or "1", as in differential_expression
     values = pd.unique(adata.obs[groupby].dropna())
-    named = {group_name(value): text for value, text in zip(values, np.asarray(as_text(pd.Series(values))).astype(str))}
+    named = {group_name(value): text for value, text in zip(values, cell_texts(pd.Series(values)))}
     source, target = (str(g) if str(g) in set(groups) else named.get(group_name(g), str(g)) for g in (source, target))
     if source == target:
         raise ValueError(f"source and target are the same group ({source!r}): the shift between them is zero")
@@ -1484,7 +1485,7 @@ def latent_shift(
     _library_sizes(library_size, len(shifted))
     if batch is not None:
         model._batch_names(batch, len(shifted))
-    strata = pd.Series(as_text(adata.obs[stratify])).astype(str).to_numpy() if stratify else np.zeros(adata.n_obs, dtype=str)
+    strata = cell_texts(adata.obs[stratify]) if stratify else np.zeros(adata.n_obs, dtype=str)
     usable = [  # the strata of reference cells that hold both groups, found before the cells are encoded
         here
         for here in (in_reference & (strata == stratum) for stratum in np.unique(strata[in_reference]))
@@ -1505,7 +1506,7 @@ def latent_shift(
     delta = np.mean(deltas, axis=0).astype(np.float32)
     z = latent[shifted] + delta
     obs = adata.obs.iloc[shifted]
-    batches = batch if batch is not None or not c.batch_key else obs[c.batch_key].astype(str).to_numpy()
+    batches = batch if batch is not None or not c.batch_key else cell_texts(obs[c.batch_key])
     covariates = {k: obs[k].to_numpy() for k in c.categorical_covariate_keys + c.continuous_covariate_keys}
     decoded_covariates = {}  # those not each cell's own
     if groupby == c.batch_key or groupby in c.categorical_covariate_keys:
@@ -1571,7 +1572,7 @@ def _inputs_separating(
     separating = {}
     for key in [c.batch_key] * bool(c.batch_key) + c.categorical_covariate_keys:
         if key != groupby and key in obs.columns:
-            values = np.asarray(as_text(obs[key])).astype(str)
+            values = cell_texts(obs[key])
             of_target = set(values[in_reference & (groups == target)].tolist())
             if not set(values[in_reference & (groups == source)].tolist()) & of_target:
                 separating[key] = sorted(of_target)

@@ -576,6 +576,9 @@ def test_a_checkpoint_folder_inside_a_saved_models_folder_is_refused_and_other_f
         model.fit(max_epochs=1, checkpoint_dir="saved/ck", progress=False)
     assert not (tmp_path / "saved" / "ck").exists()
     model.fit(max_epochs=1, checkpoint_dir="saved/../ck", progress=False)
+    os.symlink(tmp_path / "saved", tmp_path / "link")  # a link to the model's folder is that folder
+    with pytest.raises(ValueError, match=r"checkpoint_dir='link' is a saved model's folder"):
+        model.fit(max_epochs=1, checkpoint_dir="link", progress=False)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 8}))
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")

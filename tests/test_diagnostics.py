@@ -479,14 +479,15 @@ def test_a_sweeps_checkpoints_go_into_a_folder_per_beta_and_resume_continues_eac
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
     sweep = {"betas": (0.5, 1.0), "batch_key": "batch", "max_epochs": 2, "n_hidden": 16, "n_latent": 4, "progress": False}
     frame = cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path})
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["beta_0.5", "beta_1"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["beta_0.5", "beta_1.0"]
     resumed = cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path, "resume": True})
     pd.testing.assert_frame_equal(resumed, frame)  # (each beta's run had finished: nothing trained again)
     monkeypatch.setattr(CellVAE, "fit", lambda *a, **k: pytest.fail("trained before the earlier checkpoints were told"))
     with pytest.raises(FileExistsError, match=r"beta_0.5' holds the checkpoints of an earlier run"):
         cellvae.tl.rate_distortion_sweep(adata, **sweep, fit_kwargs={"checkpoint_dir": tmp_path})
-    with pytest.raises(ValueError, match=r"give the checkpoint folder beta_1 to more than one beta, .*: give each beta once"):
+    with pytest.raises(ValueError, match=r"repeat a beta \(checkpoint folder beta_1.0\), .*: give each beta once"):
         cellvae.tl.rate_distortion_sweep(adata, **sweep | {"betas": (1.0, 1.0)}, fit_kwargs={"checkpoint_dir": tmp_path / "new"})
+    assert not (tmp_path / "new").exists()
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch):

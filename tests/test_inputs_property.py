@@ -368,17 +368,24 @@ def test_obs_columns_are_read_as_the_text_astype_str_gives(values, categorical):
     assert list(np.asarray(cellvae.data.as_text(column))) == list(expected)
 
 
+@pytest.mark.parametrize("categorical", [True, False])
 @pytest.mark.parametrize("kind", ["datetime", "float32"])
-def test_a_categorical_batch_column_whose_categories_print_otherwise_keeps_its_batches(kind):
+def test_a_categorical_batch_column_whose_categories_print_otherwise_keeps_its_batches(kind, categorical):
     """A categorical's categories are named as astype(str) writes them (a date "2020-01-01", not str()'s
-    "2020-01-01 00:00:00"; a float32 0.1, not 0.10000000149011612): before, such a column gave no batches."""
+    "2020-01-01 00:00:00"; a float32 0.1, not 0.10000000149011612): before, such a column gave no batches. The
+    column as it is (not categorical) is named alike (a change for -0.0 named float32 0.1 by its float64 digits)."""
     adata = cellvae.datasets.simulate(n_cells=120, n_genes=30, random_state=0)
     values = pd.to_datetime(["2020-01-01", "2020-01-02"]) if kind == "datetime" else np.array([0.1, 0.2], np.float32)
-    adata.obs["day"] = pd.Categorical(values[(adata.obs["batch"] == "batch1").to_numpy().astype(int)])
+    values = values[(adata.obs["batch"] == "batch1").to_numpy().astype(int)]
+    adata.obs["day"] = pd.Categorical(values) if categorical else values
     model = CellVAE(adata, batch_key="day", **TINY_MODEL)
-    assert model.config.batch_categories == list(adata.obs["day"].cat.categories.astype(str))
+    assert model.config.batch_categories == (["2020-01-01", "2020-01-02"] if kind == "datetime" else ["0.1", "0.2"])
     model.fit(max_epochs=1, progress=False)
     assert np.isfinite(model.get_latent()).all()
+    assert model.generate(4, random_state=0, progress=False).n_obs == 4  # (it names each template cell's batch)
+    later = np.flatnonzero(np.asarray(values) == values.max())[:2]  # two cells of the later day (or larger dose)
+    path = cellvae.tl.interpolate(model, [later[0]], [later[1]], 2, progress=False)
+    assert path.uns["interpolate"]["batch"] == model.config.batch_categories[1]  # decoded as their batch, not a mix
 
 
 @pytest.mark.parametrize("storage", ["csr", "dense"])

@@ -1053,7 +1053,11 @@ def test_continuous_covariate_values_too_large_for_the_model_are_refused_where_c
     model = CellVAE(adata, continuous_covariate_keys=["depth"], n_hidden=8, n_latent=2).fit(max_epochs=1, progress=False)
     huge = adata.copy()
     huge.obs["depth"] = 1e22  # (NaN outputs from about here; 1e40 is beyond float32)
-    told = r"continuous covariate (obs|covariates)\['depth'\] has values too far from those the model was trained with \(up to "
+    told = r"continuous covariate (obs|covariates)\[.depth.\] has \d+ values? too far from those the model was trained with"
+    far = adata.copy()  # one cell far off is named, by its own value
+    far.obs["depth"] = far.obs["depth"].to_numpy() + np.where(np.arange(far.n_obs) == 7, -1e15, 0.0)
+    with pytest.raises(ValueError, match=r"has 1 value too far from those the model was trained with \(e.g. -1e\+15, over"):
+        model.get_latent(far)
     for call in (
         lambda: model.get_latent(huge),
         lambda: model.get_normalized_expression(huge),
@@ -1809,6 +1813,16 @@ def test_latent_shift_finds_the_groups_of_a_float_column_as_differential_express
     np.testing.assert_array_equal(by_number.X, by_name.X)
     with pytest.raises(ValueError, match=r"source '3' is not a group of obs\['dose'\]; groups: \['1.0', '2.0'\]"):
         cellvae.tl.latent_shift(trained, adata, groupby="dose", source=3, target=2, apply_to=[0])
+    signed_batches = adata.copy()  # a batch column of -0.0 and 0.0: one batch, which interpolate decodes its cells as
+    signed_batches.obs["plate"] = np.where(np.arange(adata.n_obs) % 2, -0.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (one batch)
+        by_plate = CellVAE(signed_batches, batch_key="plate", layer="counts", n_hidden=8, n_latent=2)
+        by_plate.fit(max_epochs=1, progress=False)
+    assert by_plate.config.batch_categories == ["0.0"]
+    assert (
+        cellvae.tl.interpolate(by_plate, [1], [3], 2, adata=signed_batches, progress=False).uns["interpolate"]["batch"] == "0.0"
+    )
     signed = adata.copy()  # -log10 of a dose of 1 is -0.0: one group with the cells at 0.0, as pandas holds them
     signed.obs["dose"] = np.where(adata.obs["condition"] == "ctrl", np.where(np.arange(adata.n_obs) % 2, -0.0, 0.0), 2.0)
     shifted = cellvae.tl.latent_shift(trained, signed, groupby="dose", source=0, target=2, apply_to=[0, 1])
