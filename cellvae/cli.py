@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         if exit.code == 2 and hint:
             print(hint, file=sys.stderr)
         raise
-    if args.command is None:
-        parser.print_help()
-        return 1
+    if args.command is None:  # (as argparse tells a missing argument: usage on stderr, exit status 2)
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: name a command, e.g. {parser.prog} demo (or {parser.prog} --help)", file=sys.stderr)
+        return 2
     for option in PATH_OPTIONS:  # "~/x" quoted (or from a pipeline's config) is the home's, as the shell would read it
         if isinstance(getattr(args, option, None), str):
             setattr(args, option, os.path.expanduser(getattr(args, option)))
@@ -153,6 +154,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         message,
     )
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
+    message = message.replace(
+        "leave dispersion='gene' (the default) or use likelihood='nb'",
+        "leave out --dispersion (or pass --dispersion gene), or pass --likelihood nb",
+    )
+    message = message.replace("a later save with overwrite", "a later run with --overwrite")
+    message = message.replace("random_state draws the validation cells", "--seed draws the validation cells")
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
     message = re.sub(r"\bk=(\d+) is larger than (.*); lower k$", r"--k \1 is larger than \2; lower --k", message)
     if not about_the_reference:
@@ -178,8 +185,18 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     )
     notes = []
     for dispersion in ("gene-batch", "gene-cell"):
-        if f"dispersion='{dispersion}'" in message:
+        if f"dispersion='{dispersion}'" in message and "--dispersion gene)" not in message:  # (not the Poisson refusal)
             notes.append(f"--dispersion {dispersion} sets dispersion='{dispersion}'")
+    if "was written by a different run:" in message:  # the checkpoint's arguments, by the options that set them
+        options = {
+            "random_state": "--seed",
+            "max_epochs": "--epochs",
+            "kl_warmup_epochs": "--epochs",
+            "batch_size": "--batch-size",
+        }
+        named = sorted({option for name, option in options.items() if f"'{name}'" in message})
+        if named:
+            notes.append(f"pass {' and '.join(named)} as the run that wrote the checkpoint did (its values above)")
     fixed_in_python = "map_query(" not in message and _needs_python(message)
     names_a_layer = re.search(r"\blayer=", message) is not None and not about_the_reference  # (not train_input_layer=)
     if names_a_layer and not fixed_in_python:
@@ -1164,7 +1181,8 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
     # --out inside a model or checkpoint folder first: the advice below (create the folder, --overwrite) would not help
     folders = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in OUTPUT_FOLDER_OPTIONS}
-    _check_out_is_outside(out, {option: path for option, path in folders.items() if path is not None})
+    read_only = ("--model-dir",) if args.command in ("map", "embed") else ()  # (the model these commands read)
+    _check_out_is_outside(out, {option: path for option, path in folders.items() if path is not None}, read_only)
     if Path(out).suffix.lower() != ".h5ad":  # (under .zarr an .h5ad file would not open as a Zarr store)
         raise SystemExit(
             f"error: --out {out}: cellvae writes .h5ad files (it reads .zarr stores only); give a path ending in .h5ad"
@@ -1256,16 +1274,22 @@ def _nested(first: Path, second: Path) -> bool:
     return first == second or first in second.parents or second in first.parents
 
 
-def _check_out_is_outside(out: str, folders: Mapping[str, str]) -> None:
+def _check_out_is_outside(out: str, folders: Mapping[str, str], read_only: tuple[str, ...] = ()) -> None:
     """Refuse an --out that is one of ``folders`` (``{option: path}``) or lies inside a model folder: saving the model
-    replaces the folder whole (a checkpoint folder takes only its checkpoint files: --out may lie there)."""
+    replaces the folder whole (a checkpoint folder takes only its checkpoint files: --out may lie there); a model
+    folder the command only reads (``read_only``) holds a model's files only."""
     target = Path(out).expanduser().resolve()
     for option, folder in folders.items():
         resolved = Path(folder).expanduser().resolve()
         # (inside the checkpoint folder: only not under a checkpoint file's name)
         inside = resolved in target.parents and (option != "--checkpoint-dir" or target.name.lstrip(".").startswith("checkpoint"))
         if target == resolved or inside:
-            raise SystemExit(f"error: --out must not be {option} or inside it (it would replace the files there)")
+            why = (
+                "it is the model's folder, which holds a saved model's files only: a later save with --overwrite would refuse it"
+                if option in read_only
+                else "it would replace the files there"
+            )
+            raise SystemExit(f"error: --out must not be {option} or inside it ({why})")
 
 
 def _write(adata, out: str) -> None:

@@ -1596,3 +1596,43 @@ def test_map_thresholds_outside_0_to_1_are_refused_by_the_parser(capsys):
         with pytest.raises(SystemExit) as stopped:
             main(["map", "q.h5ad", "--model-dir", "m", "--out", "o.h5ad", option, "1.5"])
         assert stopped.value.code == 2 and f"{option}: must be a number from 0 to 1, got '1.5'" in capsys.readouterr().err
+
+
+def test_messages_on_the_command_line_name_options_and_no_command_is_an_error(tmp_path, capsys):
+    """A CLI audit: `cellvae` alone printed its help to stdout and exited 1 (a pipeline read the help as its result);
+    the Poisson refusal, a checkpoint of another seed or epoch count, and a checkpoint folder in a model's folder
+    named Python arguments; map's --out inside the model it reads was refused as if it replaced files there."""
+    assert main([]) == 2
+    told = capsys.readouterr()
+    assert told.out == "" and "usage:" in told.err and "name a command" in told.err
+    adata = cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0)
+    with pytest.raises(ValueError) as poisson:
+        cellvae.CellVAE(adata, likelihood="poisson", dispersion="gene-cell")
+    in_shell = in_command_line_terms(str(poisson.value), argparse.Namespace(input="in.h5ad"))
+    assert "leave out --dispersion (or pass --dispersion gene), or pass --likelihood nb" in in_shell
+    assert "likelihood='nb'" not in in_shell and "--dispersion gene-cell sets" not in in_shell
+    model = cellvae.CellVAE(adata, n_hidden=8, n_latent=2)
+    model.fit(max_epochs=2, checkpoint_dir=tmp_path / "ck", progress=False)
+    with pytest.raises(ValueError) as seeded:
+        cellvae.CellVAE(adata, n_hidden=8, n_latent=2).fit(
+            max_epochs=3, random_state=1, checkpoint_dir=tmp_path / "ck", resume=True
+        )
+    in_shell = in_command_line_terms(str(seeded.value), argparse.Namespace(input="in.h5ad"))
+    assert "--seed draws the validation cells" in in_shell
+    assert "pass --epochs and --seed as the run that wrote the checkpoint did (its values above)" in in_shell
+    model.save(tmp_path / "model")
+    with pytest.raises(ValueError) as nested:
+        model.fit(max_epochs=1, checkpoint_dir=tmp_path / "model" / "ck", progress=False)
+    assert "a later run with --overwrite" in in_command_line_terms(str(nested.value), argparse.Namespace(input="in.h5ad"))
+    adata.write_h5ad(tmp_path / "query.h5ad")
+    with pytest.raises(SystemExit, match=r"--out must not be --model-dir or inside it \(it is the model's folder, which holds"):
+        main(
+            [
+                "map",
+                str(tmp_path / "query.h5ad"),
+                "--model-dir",
+                str(tmp_path / "model"),
+                "--out",
+                str(tmp_path / "model" / "q.h5ad"),
+            ]
+        )
