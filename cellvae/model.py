@@ -2643,7 +2643,7 @@ def _is_cellvae_config(file: Path) -> bool:
 
 def _not_model_files(folder: Path) -> list[str]:
     """The first few names in ``folder`` that :meth:`CellVAE.save` does not write there (a folder as ``name/``)."""
-    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}
+    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}  # (.DS_Store: macOS's own)
     others = sorted(
         entry.name + "/" * entry.is_dir()
         for entry in folder.iterdir()
@@ -2654,14 +2654,10 @@ def _not_model_files(folder: Path) -> list[str]:
 
 def is_model_folder(path: Path) -> bool:
     """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save`."""
-    model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}
-    if not path.is_dir() or path.is_symlink():
-        return False
-    entries = list(path.iterdir())
-    if not all(entry.name in model_files and entry.is_file() and not entry.is_symlink() for entry in entries):
+    if not path.is_dir() or path.is_symlink() or _not_model_files(path):
         return False
     # an adata.h5ad without the model's files beside it is the user's data, not a saved model's
-    names = {entry.name for entry in entries}
+    names = {entry.name for entry in path.iterdir()}
     return ADATA_FILE not in names or {CONFIG_FILE, WEIGHTS_FILE} <= names
 
 
