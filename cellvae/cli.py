@@ -154,6 +154,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         message,
     )
     message = message.replace("use dispersion='gene'", "use --dispersion gene")
+    message = re.sub(r"so dispersion='([\w-]+)' would be ignored", r"so --dispersion \1 would be ignored", message)
     message = message.replace(
         "leave dispersion='gene' (the default) or use likelihood='nb'",
         "leave out --dispersion (or pass --dispersion gene), or pass --likelihood nb",
@@ -1285,7 +1286,12 @@ def _check_out_is_outside(out: str, folders: Mapping[str, str], read_only: tuple
         inside = resolved in target.parents and (option != "--checkpoint-dir" or target.name.lstrip(".").startswith("checkpoint"))
         if target == resolved or inside:
             why = (
-                "it is the model's folder, which holds a saved model's files only: a later save with --overwrite would refuse it"
+                "it is the model's folder, which holds a saved model's files only: "
+                + (
+                    "adata.h5ad there is the data CellVAE.load gives the model"
+                    if target.name == "adata.h5ad"
+                    else "a later cellvae fit --model-dir of it with --overwrite would refuse it"
+                )
                 if option in read_only
                 else "it would replace the files there"
             )

@@ -1357,6 +1357,8 @@ def covariate_matrix(obs: pd.DataFrame, layout: CovariateLayout, source: str = "
         column = obs[key]
         _check_no_missing(column, key, source, categories=categories)
         values = as_text(column)
+        if "-0.0" in categories and "0.0" in values.categories:  # (a model saved before -0.0 was read as 0.0)
+            values = values.rename_categories({"0.0": "-0.0"})
         codes = values.set_categories(categories).codes
         if (codes < 0).any():
             unknown = sorted(set(np.asarray(values)[codes < 0]))

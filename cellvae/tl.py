@@ -1114,7 +1114,7 @@ def rate_distortion_sweep(
     if _beta_fit_kwargs(fit_kwargs, 0.0).get("checkpoint_dir") is not None:  # told before the first beta trains:
         folders = [_beta_fit_kwargs(fit_kwargs, beta)["checkpoint_dir"] for beta in betas]
         shared = [folder.name for folder in folders if folders.count(folder) > 1]
-        if shared:  # betas given twice (or alike to 6 digits)
+        if shared:  # betas given twice
             raise ValueError(
                 f"betas={betas} repeat a beta (checkpoint folder {shared[0]}), and each beta is a run of its own: give each "
                 "beta once"

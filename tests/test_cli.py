@@ -1609,7 +1609,10 @@ def test_messages_on_the_command_line_name_options_and_no_command_is_an_error(tm
     with pytest.raises(ValueError) as poisson:
         cellvae.CellVAE(adata, likelihood="poisson", dispersion="gene-cell")
     in_shell = in_command_line_terms(str(poisson.value), argparse.Namespace(input="in.h5ad"))
-    assert "leave out --dispersion (or pass --dispersion gene), or pass --likelihood nb" in in_shell
+    assert (
+        "so --dispersion gene-cell would be ignored; leave out --dispersion (or pass --dispersion gene), or pass --likelihood nb"
+        in in_shell
+    )
     assert "likelihood='nb'" not in in_shell and "--dispersion gene-cell sets" not in in_shell
     model = cellvae.CellVAE(adata, n_hidden=8, n_latent=2)
     model.fit(max_epochs=2, checkpoint_dir=tmp_path / "ck", progress=False)
@@ -1625,6 +1628,17 @@ def test_messages_on_the_command_line_name_options_and_no_command_is_an_error(tm
         model.fit(max_epochs=1, checkpoint_dir=tmp_path / "model" / "ck", progress=False)
     assert "a later run with --overwrite" in in_command_line_terms(str(nested.value), argparse.Namespace(input="in.h5ad"))
     adata.write_h5ad(tmp_path / "query.h5ad")
+    with pytest.raises(SystemExit, match=r"inside it \(it is the model's folder, .*: adata.h5ad there is the data CellVAE.load"):
+        main(
+            [
+                "embed",
+                str(tmp_path / "query.h5ad"),
+                "--model-dir",
+                str(tmp_path / "model"),
+                "--out",
+                str(tmp_path / "model" / "adata.h5ad"),
+            ]
+        )
     with pytest.raises(SystemExit, match=r"--out must not be --model-dir or inside it \(it is the model's folder, which holds"):
         main(
             [

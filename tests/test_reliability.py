@@ -1078,6 +1078,12 @@ def test_minus_zero_and_zero_are_one_category_as_pandas_holds_them():
     as_categories = adata.copy()
     as_categories.obs["dose"] = pd.Categorical(as_categories.obs["dose"])
     assert CellVAE(as_categories, batch_key="batch", categorical_covariate_keys=["dose"]).config == model.config
+    written = adata.copy()  # a model whose category is '-0.0' (saved before -0.0 was read as 0.0): still reads its cells
+    written.obs["dose"] = np.where(adata.obs["dose"] == 1.0, "1.0", "-0.0")
+    old = CellVAE(written, batch_key="batch", categorical_covariate_keys=["dose"], n_hidden=8, n_latent=2)
+    assert old.config.categorical_covariate_categories["dose"] == ["-0.0", "1.0"]
+    old.fit(max_epochs=1, progress=False)
+    np.testing.assert_array_equal(old.get_latent(adata), old.get_latent(written))
 
 
 def test_a_folder_whose_subfolder_has_a_model_files_name_is_not_overwritten(trained, tmp_path):
