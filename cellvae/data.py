@@ -232,6 +232,16 @@ def _viewed_counts(adata: ad.AnnData, layer: str | None) -> tuple[object, np.nda
     return matrix, rows, columns
 
 
+def totals_over_all_genes(adata: ad.AnnData, layer: str | None) -> np.ndarray | None:
+    """Where ``adata`` is a view of some of the genes of in-memory counts (``adata[:, hvg]``): each of its cells'
+    total counts over all the viewed AnnData's genes; else None."""
+    viewed = _viewed_counts(adata, layer)
+    if viewed is None or not isinstance(viewed[0], IN_MEMORY_MATRICES) or len(viewed[2]) == viewed[0].shape[1]:
+        return None
+    matrix, rows, _ = viewed
+    return np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()[rows]  # (sums each row, copies none)
+
+
 def copied_view_counts(adata: ad.AnnData, layer: str | None) -> sp.csr_matrix | sp.csr_array | None:
     """``adata.X`` or ``adata.layers[layer]`` of a view of in-memory CSR counts, copied as :func:`count_matrix`
     copies them (:func:`_copied_csr_view`) into the class they are stored as (a ``csr_array`` stays one, as in

@@ -644,7 +644,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _warn_about_empty_cells(
                 loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained", self.adata
             )
-            _warn_about_equal_depths(loader.library[nonempty], data.counts_location(self.config.layer))
+            totals = data.totals_over_all_genes(self.adata, self.config.layer)  # (those of the model's genes vary)
+            _warn_about_equal_depths(
+                (loader.library if totals is None else totals)[nonempty], data.counts_location(self.config.layer)
+            )
             minimum = 1 if query else data.MIN_CELLS  # (a query model's few new parameters: as map_query)
             if len(nonempty) < minimum:
                 raise ValueError(f"training needs at least {minimum} cell{'s' * (minimum > 1)} with counts, got {len(nonempty)}")

@@ -667,6 +667,11 @@ def test_counts_normalised_to_one_total_and_rounded_are_told_when_trained_on(two
     normalised.layers["counts"] = np.rint(normalised.X)
     with pytest.warns(UserWarning, match=r"total counts in adata.layers\['counts'\] barely vary .* look normalised to one total"):
         CellVAE(normalised, batch_key="batch", layer="counts").fit(max_epochs=1, progress=False)
+    some_genes = normalised[:, : normalised.n_vars // 3]  # (the README's route to highly variable genes: their totals vary)
+    with pytest.warns(UserWarning, match=r"total counts in adata.layers\['counts'\] barely vary"):
+        CellVAE(some_genes, batch_key="batch", layer="counts").fit(max_epochs=1, progress=False)
+    with no_warnings():  # the raw counts' genes alike: nothing to tell
+        CellVAE(adata[:, : adata.n_vars // 3], batch_key="batch").fit(max_epochs=1, progress=False)
     with no_warnings():  # the raw counts: their totals vary
         CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)
     with warnings.catch_warnings():
