@@ -1111,7 +1111,7 @@ def rate_distortion_sweep(
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     random_state = _check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
-    if _beta_fit_kwargs(fit_kwargs, 0.0).get("checkpoint_dir") is not None:  # told before the first beta trains:
+    if isinstance((fit_kwargs or {}).get("checkpoint_dir"), (str, os.PathLike)):  # told before the first beta trains:
         folders = [_beta_fit_kwargs(fit_kwargs, beta)["checkpoint_dir"] for beta in betas]
         shared = [folder.name for folder in folders if folders.count(folder) > 1]
         if shared:  # betas given twice
@@ -1370,8 +1370,7 @@ def _endpoint_covariates(
             filled[key] = values[0]
     for key in c.continuous_covariate_keys:
         if key not in filled and key in adata.obs.columns:
-            values = pd.to_numeric(adata.obs[key], errors="coerce")
-            at_a, at_b = float(values.iloc[cells_a].mean()), float(values.iloc[cells_b].mean())
+            at_a, at_b = (float(pd.to_numeric(adata.obs[key].iloc[ends], errors="coerce").mean()) for ends in (cells_a, cells_b))
             filled[key] = at_a if at_a == at_b else (1.0 - t) * at_a + t * at_b
     return filled or None
 
