@@ -2109,7 +2109,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``n_samples × cells × genes``, so cells are processed in chunks. For the estimate's Monte Carlo error, take
         the spread over a few ``random_state`` values: the importance weights from the encoder are heavy-tailed, so an
         error estimated from one run's weights (sd / (√K · mean)) understates it (1.6–1.8× for K = 10–300 on
-        interferon-stimulated PBMCs).
+        interferon-stimulated PBMCs). The bound holds in expectation: one cell's estimate can lie above its
+        log p(x), by more than a nat where a draw falls far in the tail of a posterior narrower than the true one
+        (means over cells stay below it); average over cells, or over seeds, before comparing.
 
         Parameters
         ----------

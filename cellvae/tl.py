@@ -1084,7 +1084,10 @@ def rate_distortion_sweep(
     nats per held-out cell: a dimension can vary a little across cells yet carry almost nothing, as under
     a large beta), ``epochs``; with ``labels_key`` also ``label_silhouette`` (silhouette of the labels in the latent space,
     rescaled to [0, 1]; on a sample of 10,000 held-out cells where there are more) and
-    ``label_nmi`` (NMI of k-means with one cluster per label); ``random_state``, the seed that drew the held-out
+    ``label_nmi`` (NMI of k-means with one cluster per label), both of the posterior means, whatever their
+    spread: where ``informative_units`` is 0 (a collapsed posterior) the means still differ a little by label,
+    far inside the posteriors' width, and the scores stay high though the latent carries almost nothing, so
+    read them only with ``informative_units`` above 0; ``random_state``, the seed that drew the held-out
     cells (with the index, it tells sweeps stacked with ``pd.concat`` apart in :func:`cellvae.pl.rate_distortion`). Ctrl-C stops
     the whole sweep: the betas finished so far are returned, with a warning (where none finished,
     ``KeyboardInterrupt`` is raised).
