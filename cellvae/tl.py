@@ -286,13 +286,20 @@ def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) ->
             "its own settings: choose another key_added"
         )
     for key, (tool, tool_record) in SCANPY_EMBEDDINGS.items():
-        if (key_added == key or key.endswith("_") and key_added.startswith(key)) and tool_record in adata.uns:
+        if not (key_added == key or key.endswith("_") and key_added.startswith(key)):
+            continue
+        if tool_record in adata.uns:
             raise ValueError(
                 f"key_added={key_added!r} is where scanpy's {tool} wrote its embedding, whose record "
                 f"adata.uns[{tool_record!r}] "
                 "would then describe another one; choose another key_added, e.g. 'X_cellvae', and pass it to scanpy as "
                 "use_rep"
             )
+        warn_user(
+            f"key_added={key_added!r} is where scanpy's {tool} writes its embedding: a later {tool}(adata) replaces "
+            f"cellvae's there, and adata.uns[{uns_key!r}] would then describe it; choose another key_added, e.g. "
+            "'X_cellvae', and pass it to scanpy as use_rep"
+        )
     params = record.get("params")
     recorded = params.get("key_added") if isinstance(params, Mapping) else None
     if isinstance(recorded, str) and recorded != key_added and recorded in adata.obsm:

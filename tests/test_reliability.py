@@ -354,6 +354,24 @@ def test_embed_refuses_a_key_added_whose_uns_record_is_another_embeddings(messy,
         cellvae.tl.embed(adata, layer="counts", key_added="cellvae")
 
 
+def test_embed_warns_before_training_that_scanpys_own_embedding_keys_are_replaced_by_its_tools(messy, monkeypatch):
+    """key_added="X_umap" on an AnnData without a UMAP was taken silently; sc.tl.umap then wrote over the latent."""
+    adata = messy.copy()
+
+    def reached(*args, **kwargs):
+        raise RuntimeError("reached training")
+
+    monkeypatch.setattr(CellVAE, "fit", reached)
+    for key, tool in [("X_umap", "sc.tl.umap"), ("X_pca", "sc.pp.pca"), ("X_draw_graph_fa", "sc.tl.draw_graph")]:
+        with pytest.warns(UserWarning, match=rf"key_added='{key}' is where scanpy's {tool} writes its embedding: a later "):
+            with pytest.raises(RuntimeError, match="reached training"):
+                cellvae.tl.embed(adata, layer="counts", key_added=key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="reached training"):
+            cellvae.tl.embed(adata, layer="counts", key_added="X_umap_cellvae")
+
+
 def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path):
     adata = messy.copy()
     settings = {"categorical_covariate_keys": ["donor"], "beta": np.float32(0.5), "n_latent": np.int64(4)}
