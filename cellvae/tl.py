@@ -888,7 +888,8 @@ def rank_genes_groups(
     ``sc.get.rank_genes_groups_df(..., pval_cutoff=0.05)`` keeps the genes whose expected FDR is below 5%;
     ``is_de`` of ``differential_expression`` also calls a list at exactly 5%) and ``params``; with
     ``pts=True`` also, as scanpy, ``pts`` (each group's share of cells with a non-zero count; with a ``reference``
-    group, its column too) and, against ``"rest"``, ``pts_rest`` (the share among the rest of the cells). Genes of
+    group, its column too) and, against ``"rest"``, ``pts_rest`` (the share among the rest of the labelled cells: cells with no
+    label in ``groupby`` are left out, where scanpy's ``pts_rest`` counts them). Genes of
     the model missing from ``adata`` are left out.
     """
     _check_is_anndata(adata)
@@ -1346,7 +1347,10 @@ def interpolate(
         var=pd.DataFrame(index=list(model.config.gene_names)),
     )
     path.obsm["z"] = z
-    record = {} if batch is None else {"batch": _as_record(batch)}
+    record = {}
+    if batch is not None:  # as the model names it (batch=1 of a model whose batches are "0" and "1": "1")
+        names = model._batch_names(batch, n_steps)
+        record["batch"] = _as_record(names[0] if len(set(names)) == 1 else names)
     if covariates:
         record["covariates"] = {key: _as_record(value) for key, value in covariates.items()}
     path.uns["interpolate"] = record | {"library_size": _as_record(np.asarray(library_size, dtype=np.float64))}

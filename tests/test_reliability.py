@@ -1847,6 +1847,9 @@ def test_latent_shift_finds_the_groups_of_a_float_column_as_differential_express
     assert (
         cellvae.tl.interpolate(by_plate, [1], [3], 2, adata=signed_batches, progress=False).uns["interpolate"]["batch"] == "0.0"
     )
+    for number in (0, -0.0):  # recorded as the model names the batch, as batch=None records it
+        path = cellvae.tl.interpolate(by_plate, [1], [3], 2, adata=signed_batches, batch=number, progress=False)
+        assert path.uns["interpolate"]["batch"] == "0.0"
     signed = adata.copy()  # -log10 of a dose of 1 is -0.0: one group with the cells at 0.0, as pandas holds them
     signed.obs["dose"] = np.where(adata.obs["condition"] == "ctrl", np.where(np.arange(adata.n_obs) % 2, -0.0, 0.0), 2.0)
     shifted = cellvae.tl.latent_shift(trained, signed, groupby="dose", source=0, target=2, apply_to=[0, 1])
