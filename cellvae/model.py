@@ -153,6 +153,13 @@ SCVI_TOOLS_ARGUMENTS = {
     ],
     "enable_progress_bar": [("progress", "use progress=")],
     "give_mean": [("mean", "use mean="), ("get_likelihood_parameters", POSTERIOR_MEAN)],
+    "mc_samples": [
+        (
+            "return_dist",
+            "drop it: cellvae's posterior is normal, so mean=True gives its exact mean (scvi-tools samples only for "
+            "latent_distribution='ln'); mean=False draws one z per cell",
+        )
+    ],
     "indices": [("adata", "pass those cells as an AnnData, adata[indices]")],
     "return_numpy": [
         (None, "drop it: cellvae returns NumPy arrays (with gene_list, columns in its order; scvi-tools: var_names order)")

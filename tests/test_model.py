@@ -1522,6 +1522,8 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
         model.get_latent_representation()
     with pytest.raises(TypeError, match=r"'give_mean', scvi-tools' name: use mean="):
         model.get_latent(give_mean=False)
+    with pytest.raises(TypeError, match=r"'mc_samples', scvi-tools' name: drop it: cellvae's posterior is normal, so mean=True"):
+        model.get_latent(mc_samples=100)
     with pytest.raises(TypeError, match=r"'mode', scvi-tools' name: drop it"):
         model.differential_expression(groupby="cell_type", group1="type0", mode="change")
     with pytest.raises(TypeError, match=r"'n_samples', scvi-tools' name: drop it: cellvae decodes each cell's posterior mean"):
