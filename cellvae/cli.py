@@ -1219,7 +1219,7 @@ def _check_model_dir(
     ``option``), where saving it or writing ``out`` would replace the files of a ``separate`` folder
     (``{option: path}``: fit's checkpoints, map's reference model), or where replacing the folder would remove one
     of the ``inputs`` (``{option: path}``: a model's ``adata.h5ad`` given as the input)."""
-    from cellvae.model import is_model_folder
+    from cellvae.model import why_not_a_model_folder
 
     folder = Path(model_dir).expanduser()
     resolved = folder.resolve()
@@ -1241,9 +1241,10 @@ def _check_model_dir(
     if folder.exists():
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
-        if not is_model_folder(folder):
+        what = why_not_a_model_folder(folder)
+        if what is not None:
             raise SystemExit(
-                f"error: {model_dir} is a folder holding other files than a model's, not a saved cellvae model folder; "
+                f"error: {model_dir} is {what}, not a saved cellvae model folder; "
                 f"--overwrite replaces only a model folder: choose a new {option}, or remove it yourself"
             )
         for name, path in (inputs or {}).items():

@@ -1456,14 +1456,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-            if not is_model_folder(path):
-                what = (
-                    "a symbolic link"
-                    if path.is_symlink()
-                    else "a file"
-                    if not path.is_dir()
-                    else f"a folder holding other files than a model's ({', '.join(_not_model_files(path))})"
-                )
+            what = why_not_a_model_folder(path)
+            if what is not None:
                 raise ValueError(
                     f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
                     "folder written by CellVAE.save: choose a new path, or remove it yourself"
@@ -2665,12 +2659,27 @@ def _not_model_files(folder: Path) -> list[str]:
 
 
 def is_model_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save`."""
-    if not path.is_dir() or path.is_symlink() or _not_model_files(path):
-        return False
-    # an adata.h5ad without the model's files beside it is the user's data, not a saved model's
-    names = {entry.name for entry in path.iterdir()}
-    return ADATA_FILE not in names or {CONFIG_FILE, WEIGHTS_FILE} <= names
+    """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save` (or nothing)."""
+    return why_not_a_model_folder(path) is None
+
+
+def why_not_a_model_folder(path: Path) -> str | None:
+    """What ``path`` is where it is not a saved model's folder (or an empty one), e.g. ``"a file"``; None where it is."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if not path.is_dir():
+        return "a file"
+    others = _not_model_files(path)
+    if others:
+        return f"a folder holding other files than a model's ({', '.join(others)})"
+    names = {entry.name for entry in path.iterdir()} - {".DS_Store"}
+    if not names:
+        return None
+    # files of those names that CellVAE.save did not write: another library's model (config.json and
+    # model.safetensors are common names), the user's notes or an adata.h5ad of the user's data
+    if not {CONFIG_FILE, WEIGHTS_FILE} <= names or not _is_cellvae_config(path / CONFIG_FILE):
+        return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's (no config.json of cellvae's)"
+    return None
 
 
 # safetensors' names of the dtypes a saved model holds (float32 weights, BatchNorm's int64 count)

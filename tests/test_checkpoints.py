@@ -582,6 +582,8 @@ def test_a_checkpoint_folder_inside_a_saved_models_folder_is_refused_and_other_f
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "hidden_size": 8}))
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    model.fit(max_epochs=1, checkpoint_dir="hf", progress=False)  # (that folder itself is no cellvae model's either)
+    assert (tmp_path / "hf" / "checkpoint.safetensors").is_file()
     model.fit(max_epochs=1, checkpoint_dir="hf/cellvae_checkpoints", progress=False)
     (tmp_path / "saved" / "notes").mkdir()  # a folder the user added: named when an overwrite is refused
     with pytest.raises(ValueError, match=r"is a folder holding other files than a model's \(notes/\), not a saved cellvae"):

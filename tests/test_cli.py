@@ -740,6 +740,7 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
         (["--model-dir", "."], "--model-dir needs a folder name"),
         (["--model-dir", "{tmp}/in.h5ad/model"], "is a file"),
         (["--model-dir", "{tmp}/other", "--overwrite"], "not a saved cellvae model"),
+        (["--model-dir", "{tmp}/bert"], r"bert is a folder whose files \(config.json, model.safetensors\) are not a cellvae model"),
         (["--checkpoint-dir", "{tmp}/new_model"], "--checkpoint-dir and --model-dir must be separate"),
         (["--checkpoint-dir", "{tmp}/new_model/checkpoints"], "--checkpoint-dir and --model-dir must be separate"),
         (["--out", "{tmp}/new_model/out.h5ad"], "--out must not be --model-dir or inside it"),
@@ -756,8 +757,11 @@ def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, 
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     (tmp_path / "new_model").mkdir()  # for the --out case: an output folder inside the model folder
     (tmp_path / "saved").mkdir()  # another model's folder: its checkpoints would keep --overwrite from replacing it
-    (tmp_path / "saved" / "config.json").write_text("{}")
+    (tmp_path / "saved" / "config.json").write_text('{"gene_names": [], "n_latent": 2, "likelihood": "nb"}')
     (tmp_path / "saved" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "bert").mkdir()  # another library's model, in files of a cellvae model's names
+    (tmp_path / "bert" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    (tmp_path / "bert" / "model.safetensors").write_bytes(b"weights")
     monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *a, **k: pytest.fail("training started"))
     command = ["fit", str(tmp_path / "in.h5ad"), "--out", f"{tmp_path}/out.h5ad", "--model-dir", f"{tmp_path}/new_model"]
     command += ["--overwrite", "--epochs", "1"]  # later options win; --overwrite lets new_model/ be replaced
@@ -765,6 +769,7 @@ def test_options_that_would_fail_after_training_are_refused_before_it(tmp_path, 
     with pytest.raises(SystemExit, match=message):
         main(command)
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "bert" / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_out_may_lie_in_the_checkpoint_folder_which_takes_only_checkpoint_files(tmp_path, monkeypatch):

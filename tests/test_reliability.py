@@ -1147,6 +1147,22 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f"exists and is {what}.*, not a saved cellvae model folder"):
             trained.save(path, overwrite=True)
     assert (results / "analysis.h5ad").read_text() == "the user's work" and notes.read_text() == "notes"
+    # files of a model's names that CellVAE.save did not write: another library's model, the user's notes
+    other_library, own_notes = tmp_path / "bert", tmp_path / "notes"
+    other_library.mkdir(), own_notes.mkdir()
+    (other_library / "config.json").write_text('{"architectures": ["BertModel"]}')
+    save_file({"w": torch.ones(3)}, other_library / "model.safetensors")
+    (own_notes / "config.json").write_text('{"gene_names": ["a"], "n_latent": 2, "likelihood": "nb"}')
+    for folder in (other_library, own_notes):
+        before = {entry.name: entry.read_bytes() for entry in folder.iterdir()}
+        with pytest.raises(ValueError, match=r"exists and is a folder whose files \(config.json.*\) are not a cellvae model's"):
+            trained.save(folder, overwrite=True)
+        assert {entry.name: entry.read_bytes() for entry in folder.iterdir()} == before
+    (tmp_path / "empty").mkdir()
+    trained.save(tmp_path / "empty", overwrite=True)  # an empty folder (e.g. made for it) takes the model
+    assert CellVAE.load(tmp_path / "empty").config == trained.config
+    for folder in (other_library, own_notes, tmp_path / "empty"):
+        shutil.rmtree(folder)
     monkeypatch.chdir(results)
     for path in (".", "..", ""):
         with pytest.raises(ValueError, match="needs a folder name"):
