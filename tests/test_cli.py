@@ -740,7 +740,7 @@ def test_outputs_are_replaced_only_when_asked_and_never_mixed_with_an_old_file(t
         (["--model-dir", "."], "--model-dir needs a folder name"),
         (["--model-dir", "{tmp}/in.h5ad/model"], "is a file"),
         (["--model-dir", "{tmp}/other", "--overwrite"], "not a saved cellvae model"),
-        (["--model-dir", "{tmp}/bert"], r"bert is a folder whose files \(config.json, model.safetensors\) are not a cellvae model"),
+        (["--model-dir", "{tmp}/bert"], r"bert is a folder whose files \(config.json, model.safetensors\) are not"),
         (["--checkpoint-dir", "{tmp}/new_model"], "--checkpoint-dir and --model-dir must be separate"),
         (["--checkpoint-dir", "{tmp}/new_model/checkpoints"], "--checkpoint-dir and --model-dir must be separate"),
         (["--out", "{tmp}/new_model/out.h5ad"], "--out must not be --model-dir or inside it"),
