@@ -211,6 +211,16 @@ def view_positions(adata: ad.AnnData) -> tuple[ad.AnnData, np.ndarray, np.ndarra
     return parent, rows, columns
 
 
+def fresh_view(adata: ad.AnnData) -> ad.AnnData | None:
+    """Where ``adata`` is a view: a view made now of the same cells and genes of the AnnData it views (whose
+    ``obs`` reads that AnnData's columns as they are now), indexed as ``adata`` was, so that anndata copies a
+    view of all cells as one (indexing every cell by position copies the whole matrix first); else None."""
+    parent, cells, genes = (getattr(adata, name, None) for name in ("_adata_ref", "_oidx", "_vidx"))
+    if not adata.is_view or parent is None or cells is None or genes is None:
+        return None
+    return parent[cells, genes]
+
+
 def viewed_anndata(adata: ad.AnnData) -> ad.AnnData | None:
     """The AnnData that ``adata`` views, else None (anndata keeps it in a private attribute; where it is missing, None)."""
     return getattr(adata, "_adata_ref", None) if adata.is_view else None
@@ -302,7 +312,7 @@ def _copied_csr_view(matrix, rows: np.ndarray, columns: np.ndarray) -> sp.csr_ma
         return sp.csr_matrix(_gather_csr_rows(matrix, rows))
     if len(rows) == matrix.shape[0] or len(columns) == matrix.shape[1] or len(np.unique(columns)) < len(columns):
         return None  # (a gene viewed twice, as well, is left to anndata)
-    kept_per_row = _values_in_columns(matrix, columns)[rows]
+    kept_per_row = _values_in_columns(matrix, columns, rows)
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(kept_per_row, out=indptr[1:])
     index_type = np.int32 if indptr[-1] <= np.iinfo(np.int32).max else np.int64
@@ -317,20 +327,24 @@ def _copied_csr_view(matrix, rows: np.ndarray, columns: np.ndarray) -> sp.csr_ma
     return sp.csr_matrix((values, indices, indptr.astype(index_type)), shape=(len(rows), len(columns)))
 
 
-def _values_in_columns(matrix: sp.csr_matrix, columns: np.ndarray) -> np.ndarray:
-    """How many stored values each row of the CSR ``matrix`` holds in ``columns``, a block of rows at a time."""
+def _values_in_columns(matrix: sp.csr_matrix, columns: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """How many stored values each of ``rows`` of the CSR ``matrix`` holds in ``columns``, a block of rows at a
+    time, reading only those rows' column indices (a view of a few cells costs what they hold, not the matrix)."""
     wanted = np.zeros(matrix.shape[1], dtype=np.uint8)
     wanted[columns] = 1
-    counts = np.zeros(matrix.shape[0], dtype=np.int64)
-    indptr = matrix.indptr.astype(np.int64, copy=False)
-    lengths = np.diff(indptr)
+    starts = matrix.indptr[rows].astype(np.int64)
+    lengths = matrix.indptr[rows + 1].astype(np.int64) - starts
+    counts = np.zeros(len(rows), dtype=np.int64)
     block_rows = max(1, int(VALUES_PER_CHECK_OF_COLUMNS * max(matrix.shape[0], 1) / max(matrix.nnz, 1)))
-    for start in range(0, matrix.shape[0], block_rows):
-        stop = min(start + block_rows, matrix.shape[0])
-        lo, hi = indptr[start], indptr[stop]
-        filled = start + np.flatnonzero(lengths[start:stop])  # (reduceat sums a row per start: empty rows have none)
+    for start in range(0, len(rows), block_rows):
+        block_starts, block_lengths = starts[start : start + block_rows], lengths[start : start + block_rows]
+        offsets = np.zeros(len(block_lengths) + 1, dtype=np.int64)
+        np.cumsum(block_lengths, out=offsets[1:])
+        taken = np.repeat(block_starts - offsets[:-1], block_lengths) + np.arange(offsets[-1])
+        filled = np.flatnonzero(block_lengths)  # (reduceat sums a row per start: empty rows have none)
         if len(filled):
-            counts[filled] = np.add.reduceat(wanted[matrix.indices[lo:hi]], indptr[filled] - lo, dtype=np.int64)
+            kept = np.add.reduceat(wanted[matrix.indices[taken]], offsets[filled], dtype=np.int64)
+            counts[start + filled] = kept
     return counts
 
 

@@ -2550,11 +2550,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """The model's AnnData as it is now. A view's ``obs`` is fixed when the view is made, so where the model was
         built on one (``adata[:, adata.var["highly_variable"]]``), a view made now reads the columns the viewed
         AnnData has since (leiden clusters added after training); map_query's copy of a query stays as it is."""
-        viewed = data.view_positions(self.adata)
-        if viewed is None or self._is_mapped_query(self.adata):
-            return self.adata
-        parent, rows, columns = viewed
-        return parent[rows, columns]
+        fresh = data.fresh_view(self.adata)
+        return self.adata if fresh is None or self._is_mapped_query(self.adata) else fresh
 
     def _loader(self, adata: ad.AnnData, device: torch.device, all_ranks: bool = False) -> tuple[data.CellLoader, np.ndarray]:
         """Validate ``adata`` against the model and wrap it in a loader (nothing is copied or modified).
