@@ -96,6 +96,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     """An error's or warning's advice, given in Python's terms, with the command line's options (``args``: the
     command's, whose input file a fix in Python reads)."""
     message = message.replace("pass overwrite=True", "pass --overwrite")
+    message = message.replace(  # (adata.X holding nothing)
+        "or in a layer named when the model is built (CellVAE(adata, layer=...))", "or in a layer named by --layer"
+    )
+    trained = getattr(args, "command", None) in ("embed", "map")
+    told = "; without --layer, the counts are read where the model read them in training" if trained else ""
+    message = message.replace("; a trained model reads the layer it was trained on", told)
     message = message.replace(  # (map_query's word where every query batch is the reference's)
         "embed the query with reference_model.get_latent(query_adata), or rename its batches to map them as new ones",
         "embed it with cellvae embed and the reference model, or pass --batch-prefix to map its batches as new ones",

@@ -1588,7 +1588,9 @@ def cell_positions(adata: ad.AnnData, cells, name: str) -> np.ndarray:
                 UserWarning,
             )
         if positions.size and (positions.min() < -adata.n_obs or positions.max() >= adata.n_obs):
-            raise ValueError(f"{name} has positions outside 0..{adata.n_obs - 1}")
+            raise ValueError(
+                f"{name} has positions outside 0..{adata.n_obs - 1} (or -{adata.n_obs}..-1, counted from the end as in NumPy)"
+            )
         positions = positions % adata.n_obs
     else:
         if not adata.obs_names.is_unique:

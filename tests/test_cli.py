@@ -1031,6 +1031,22 @@ def fitted_model(tmp_path):
     return tmp_path
 
 
+def test_an_empty_x_is_told_in_the_command_lines_terms(fitted_model):
+    """The advice named CellVAE(adata, layer=...) and "a trained model reads the layer it was trained on" first."""
+    tmp_path = fitted_model
+    adata = ad.read_h5ad(tmp_path / "in.h5ad")
+    adata.layers["counts"], adata.X = adata.X, None
+    adata.write_h5ad(tmp_path / "layered.h5ad")
+    told = r"adata.X is empty \(None\); the raw counts must be in adata.X, or in a layer named by --layer: adata.layers holds"
+    fit = ["fit", str(tmp_path / "layered.h5ad"), "--out", str(tmp_path / "o.h5ad"), "--model-dir", str(tmp_path / "new")]
+    with pytest.raises(SystemExit, match=rf"{told} \['counts'\]$"):
+        main([*fit, "--epochs", "1"])
+    embed = ["embed", str(tmp_path / "layered.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "o.h5ad")]
+    with pytest.raises(SystemExit, match=rf"{told} \['counts'\]; without --layer, the counts are read where the model read"):
+        main(embed)
+    assert main([*embed, "--layer", "counts", "--quiet"]) == 0
+
+
 def test_embed_refuses_another_tools_uns_record_and_keeps_the_other_entries_of_its_own(fitted_model, capsys):
     """As tl.embed: a record that is another tool's is refused before any work; one of the user's notes gets params."""
     tmp_path = fitted_model

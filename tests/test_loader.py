@@ -1202,7 +1202,7 @@ def test_cell_positions_accepts_every_position_and_refuses_the_rest(small_counts
     n = small_counts.n_obs
     np.testing.assert_array_equal(cell_positions(small_counts, [0, n - 1, -1, -n], "cells"), [0, n - 1, n - 1, 0])
     for outside in ([n], [-n - 1], [0, n + 5]):
-        with pytest.raises(ValueError, match=rf"cells has positions outside 0\.\.{n - 1}"):
+        with pytest.raises(ValueError, match=rf"cells has positions outside 0\.\.{n - 1} \(or -{n}\.\.-1, counted from the end"):
             cell_positions(small_counts, outside, "cells")
     mask = np.zeros(n, dtype=bool)
     mask[[3, 9]] = True
