@@ -1618,6 +1618,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 f"stand for (gene_names, batch_categories, the covariates' categories and scales) differ from "
                 f"{CONFIG_FILE}'s; keep each model's files together in the folder save wrote"
             )
+        if metadata.get("format") != "cellvae":  # (every file save wrote holds it, those of the first format too)
+            data.warn_user(
+                f"{weights} holds none of the metadata CellVAE.save writes (a file written again by another program, "
+                "e.g. safetensors' save_file, loses it), so whether its weights were saved with this "
+                f"{CONFIG_FILE} cannot be checked, and how they were trained is unknown; keep the file save wrote",
+                UserWarning,
+            )
         model = cls.__new__(cls)
         model._setup(config, None)
         model._folders[path.resolve()] = _file_identity(path / ADATA_FILE)
@@ -1641,6 +1648,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         model.is_trained = trained
         if "train_settings" in metadata:
             model.train_settings = _train_settings(metadata["train_settings"], weights)
+            if model.train_settings.beta != config.beta:  # (fit takes it from the config: another model's weights?)
+                data.warn_user(
+                    f"{weights} was trained with beta={model.train_settings.beta:g}, but {CONFIG_FILE} says "
+                    f"beta={config.beta:g}: were the weights copied from another model's folder? Further training would "
+                    f"use {CONFIG_FILE}'s; keep each model's files together",
+                    UserWarning,
+                )
         best_epoch = metadata.get("best_epoch", "")
         epochs = {e for e in model.history["epoch"].tolist() if isinstance(e, int)} if "epoch" in model.history else set()
         if isinstance(best_epoch, str) and best_epoch.isdecimal() and int(best_epoch) in epochs:  # (else: no such epoch)

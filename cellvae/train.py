@@ -733,6 +733,7 @@ def write_checkpoint(
     meta = {k: v for k, v in loop.items() if k != "best"}
     meta |= {"best_loss": loop["best"]["loss"], "best_epoch": loop["best"]["epoch"], "run": run}
     meta |= {"version": CHECKPOINT_VERSION, "numpy_rng": rng.bit_generator.state, "param_groups": optimizer_state["param_groups"]}
+    meta["model_config_fields"] = _config_fields(vae.config)  # (read only to name what differs: run holds their hash)
     blob = safetensors_bytes(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"cellvae_checkpoint": json.dumps(meta)}
     )
@@ -749,6 +750,19 @@ def write_checkpoint(
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+
+
+def _config_fields(config) -> dict[str, str]:
+    """Each field of a model's config as short text (a long one, such as the gene names, as its length and hash):
+    what a checkpoint keeps to name the fields of another run's model that differ."""
+    fields = {}
+    for name, value in asdict(config).items():
+        text = json.dumps(value, sort_keys=True)
+        if len(text) > 80:
+            text = f"{len(value)} entries, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        fields[name] = text
+    fields.pop("cellvae_version", None)
+    return fields
 
 
 # What read_checkpoint takes from a checkpoint's metadata, with its type (a damaged file is refused, not half read).
@@ -811,9 +825,16 @@ def read_checkpoint(
             if "random_state" in differ and "cells_and_counts_sha256" in differ
             else ""
         )
+        written = meta.get("model_config_fields")
+        model = ""
+        if "model_config_sha256" in differ and isinstance(written, dict):  # (earlier checkpoints hold only the hash)
+            now = _config_fields(vae.config)
+            changed = [k for k in sorted(set(now) | set(written)) if now.get(k) != written.get(k)]
+            told = "; ".join(f"{k}: checkpoint {written.get(k, 'none')}, this run {now.get(k, 'none')}" for k in changed[:4])
+            model = f"; the model's settings that differ: {told}" if changed else ""
         raise ValueError(
-            f"{path} was written by a different run: {differ} differ{f' (checkpoint: {was})' if was else ''}{seeded}; "
-            f"resume with the same data, model and fit arguments, or {advice}"
+            f"{path} was written by a different run: {differ} differ{f' (checkpoint: {was})' if was else ''}{model}"
+            f"{seeded}; resume with the same data, model and fit arguments, or {advice}"
         )
     try:
         best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}

@@ -207,8 +207,14 @@ def test_resume_with_other_arguments_or_data_is_refused(tmp_path):
     seeded = r"\['cells_and_counts_sha256', 'random_state'\] differ \(checkpoint: \{'random_state': 0\}\); random_state draws"
     with pytest.raises(ValueError, match=seeded):  # the data are the same: the seed drew other validation cells
         CellVAE(adata, n_hidden=8).fit(**fit, random_state=1, checkpoint_dir=tmp_path, resume=True)
-    with pytest.raises(ValueError, match="model_config_sha256"):
+    other_model = (
+        r"\['model_config_sha256'\] differ; the model's settings that differ: n_hidden: checkpoint 8, this run 16; resume"
+    )
+    with pytest.raises(ValueError, match=other_model):
         CellVAE(adata, n_hidden=16).fit(**fit, checkpoint_dir=tmp_path, resume=True)
+    reordered = r"the model's settings that differ: gene_names: checkpoint 30 entries, sha256 \w+, this run 30 entries, sha256"
+    with pytest.raises(ValueError, match=reordered):  # the same genes in another order
+        CellVAE(adata[:, ::-1].copy(), n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
     with pytest.raises(ValueError, match=r"different run: \['cells_and_counts_sha256'\] differ; resume"):  # no "(checkpoint: {})"
         CellVAE(adata[:150].copy(), n_hidden=8).fit(**fit, checkpoint_dir=tmp_path, resume=True)
     other_counts = adata.copy()

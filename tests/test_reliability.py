@@ -896,6 +896,29 @@ def test_weights_copied_from_another_models_folder_are_refused(saved, trained, t
     assert CellVAE.load(saved).config.layer == "raw_counts"
 
 
+def test_weights_without_cellvaes_metadata_or_trained_with_another_beta_load_with_a_warning(saved, trained, tmp_path):
+    """Another model's weights written again by safetensors' save_file (which drops the metadata holding the checksum
+    and layout) loaded silently under this config.json's genes; weights of a model with another beta (same genes,
+    batches and shapes) loaded under a config.json that described them wrongly."""
+    from safetensors.torch import load_file
+
+    other = trained.adata.copy()
+    other.var_names = [f"other{i}" for i in range(other.n_vars)]
+    CellVAE(other, **MODEL_ARGS).save(tmp_path / "other")
+    save_file(load_file(saved / "model.safetensors"), tmp_path / "other" / "model.safetensors")
+    with pytest.warns(UserWarning, match=r"model.safetensors holds none of the metadata CellVAE.save writes .*cannot be checked"):
+        CellVAE.load(tmp_path / "other")
+    with no_warnings():  # the model's own files
+        CellVAE.load(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (one epoch: collapsed)
+        CellVAE(trained.adata, **(MODEL_ARGS | {"beta": 5.0})).fit(max_epochs=1, progress=False).save(tmp_path / "beta5")
+    shutil.copy(tmp_path / "beta5" / "model.safetensors", saved / "model.safetensors")
+    with pytest.warns(UserWarning, match=r"was trained with beta=5, but config.json says beta=1: were the weights copied"):
+        loaded = CellVAE.load(saved)
+    assert loaded.config.beta == 1.0 and loaded.train_settings.beta == 5.0
+
+
 def test_weights_of_the_wrong_shape_are_refused_before_any_tensor_is_read(saved, trained, monkeypatch):
     """A file whose header promises other shapes (e.g. a huge tensor) is refused from its header alone."""
     state = {k: v.contiguous() for k, v in trained.module.state_dict().items()}
