@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -1523,6 +1524,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             os.replace(previous / path.name, previous / ".deleting")
             shutil.rmtree(previous, ignore_errors=True)
         self._folders[path.resolve()] = _file_identity(saved_data)
+        left = _left_by_interrupted_saves(path)
+        if left:
+            data.warn_user(
+                f"beside {path}, {', '.join(left[:3])}{' and more' if len(left) > 3 else ''} hold what saves into it "
+                "that were killed left (a model each, whole or in part; a save into it running now writes there too): "
+                "remove them once no save into it runs",
+                UserWarning,
+            )
         if dropped:
             data.warn_user(
                 f"the {ADATA_FILE} that {path} held, saved with the model this one replaced, was removed with it (this "
@@ -1560,8 +1569,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             # a save killed between its two renames leaves the previous model set aside beside the path
-            set_aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
-            set_aside = set_aside if not path.exists() else []
+            set_aside = list(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
+            set_aside = sorted(set_aside, key=_modified) if not path.exists() else []  # the last one saved last
             if (path / "model.pt").is_file():
                 raise ValueError(
                     f"{path} holds an scvi-tools model (model.pt), not a cellvae one: cellvae cannot read its weights; "
@@ -2638,6 +2647,21 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             covariates[:, :n_batches] = 0.0
             covariates[:, target] = 1.0
             yield covariates, torch.full_like(mb.batch_index, target)
+
+
+def _modified(path: Path) -> float:
+    """When ``path`` was last modified (0 where it is gone)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _left_by_interrupted_saves(path: Path) -> list[str]:
+    """The names of the folders :meth:`CellVAE.save` makes beside ``path`` (``.NAME.xxxxxxxx``, the new model
+    written there first, and ``.NAME.old.xxxxxxxx``, the one it replaces set aside) that are still there."""
+    made = re.compile(rf"\.{re.escape(path.name)}\.(old\.)?[a-z0-9_]{{8}}")
+    return sorted(entry.name for entry in path.parent.iterdir() if made.fullmatch(entry.name) and entry.is_dir())
 
 
 def _file_identity(file: Path) -> tuple | None:

@@ -1373,6 +1373,7 @@ def test_weights_and_metadata_a_save_never_writes_are_refused_or_ignored(tmp_pat
     """A model zoo's damaged or hand-made files: NaN weights (with a matching checksum) loaded and gave NaN outputs;
     a best_epoch written as a number, or nested too deep, raised bare Python errors."""
     import json
+    import shutil
 
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -1407,7 +1408,21 @@ def test_weights_and_metadata_a_save_never_writes_are_refused_or_ignored(tmp_pat
     told = r"save into it was interrupted, and the model saved there before is in .*\.m\.old\.x1/m"
     with pytest.raises(ValueError, match=told):
         CellVAE.load(tmp_path / "m")
+    (tmp_path / ".m.old.z9").mkdir()  # two saves killed so: the hint names the model saved last (not by name)
+    shutil.copytree(tmp_path / ".m.old.x1" / "m", tmp_path / ".m.old.z9" / "m")
+    os.utime(tmp_path / ".m.old.z9" / "m", (1e9, 1e9))
+    with pytest.raises(ValueError, match=told):
+        CellVAE.load(tmp_path / "m")
+    shutil.rmtree(tmp_path / ".m.old.z9")
     (tmp_path / ".m.old.x1" / "m").rename(tmp_path / "m")
+    os.rmdir(tmp_path / ".m.old.x1")
+    (tmp_path / ".m.abcd_123").mkdir()  # what saves killed before their renames left, kept: told when saving
+    (tmp_path / ".m.old.efgh4567" / "m").mkdir(parents=True)
+    (tmp_path / ".m.notes").mkdir()  # (not a name save makes)
+    with pytest.warns(UserWarning, match=r"beside .*m, .m.abcd_123, .m.old.efgh4567 hold what saves into it that were killed"):
+        CellVAE.load(tmp_path / "m").save(tmp_path / "m", overwrite=True)
+    for name in (".m.abcd_123", ".m.old.efgh4567"):
+        shutil.rmtree(tmp_path / name)
     CellVAE(adata).save(tmp_path / "m", overwrite=True, save_anndata=True)
     stored = (tmp_path / "m" / "adata.h5ad").read_bytes()
     (tmp_path / "m" / "adata.h5ad").write_bytes(stored[: len(stored) // 3])  # cut short
