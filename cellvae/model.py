@@ -2661,7 +2661,17 @@ def _left_by_interrupted_saves(path: Path) -> list[str]:
     """The names of the folders :meth:`CellVAE.save` makes beside ``path`` (``.NAME.xxxxxxxx``, the new model
     written there first, and ``.NAME.old.xxxxxxxx``, the one it replaces set aside) that are still there."""
     made = re.compile(rf"\.{re.escape(path.name)}\.(old\.)?[a-z0-9_]{{8}}")
-    return sorted(entry.name for entry in path.parent.iterdir() if made.fullmatch(entry.name) and entry.is_dir())
+    left = []
+    for entry in path.parent.iterdir():
+        found = made.fullmatch(entry.name)
+        if not found or not entry.is_dir():
+            continue
+        # ".m.old.xxxxxxxx" is also where a save into a model named "m.old" writes first: a set-aside model of m's
+        # holds m (or .deleting, as save renames it before removing it)
+        if found[1] and not any((entry / name).exists() for name in (path.name, ".deleting")):
+            continue
+        left.append(entry.name)
+    return sorted(left)
 
 
 def _file_identity(file: Path) -> tuple | None:
@@ -2712,8 +2722,10 @@ def why_not_a_model_folder(path: Path) -> str | None:
         return None
     # files of those names that CellVAE.save did not write: another library's model (config.json and
     # model.safetensors are common names), the user's notes or an adata.h5ad of the user's data
-    if not {CONFIG_FILE, WEIGHTS_FILE} <= names or not _is_cellvae_config(path / CONFIG_FILE):
-        return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's (no config.json of cellvae's)"
+    if not {CONFIG_FILE, WEIGHTS_FILE} <= names:
+        return f"a folder holding {', '.join(sorted(names))}, not both {CONFIG_FILE} and {WEIGHTS_FILE} as a saved model"
+    if not _is_cellvae_config(path / CONFIG_FILE):
+        return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's ({CONFIG_FILE} is another's)"
     return None
 
 

@@ -296,7 +296,7 @@ def _check_record_is_its_own(adata: ad.AnnData, key_added: str, uns_key: str) ->
                 "use_rep"
             )
         warn_user(
-            f"key_added={key_added!r} is where scanpy's {tool} writes its embedding: a later {tool}(adata) replaces "
+            f"key_added={key_added!r} is where scanpy's {tool} writes its embedding: a later {tool} replaces "
             f"cellvae's there, and adata.uns[{uns_key!r}] would then describe it; choose another key_added, e.g. "
             "'X_cellvae', and pass it to scanpy as use_rep"
         )

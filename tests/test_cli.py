@@ -1031,6 +1031,19 @@ def fitted_model(tmp_path):
     return tmp_path
 
 
+def test_embed_under_scanpys_umap_key_warns_with_the_option_that_avoids_it(fitted_model):
+    """The warning was followed by a note to fix the file in Python, which needs no change."""
+    tmp_path = fitted_model
+    embed = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "o.h5ad")]
+    run = subprocess.run(
+        [sys.executable, "-m", "cellvae", *embed, "--key-added", "X_umap", "--quiet"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    told = run.stderr
+    assert "--key-added X_umap is where scanpy's sc.tl.umap writes its embedding" in told and "choose another --key-added" in told
+    assert "in Python" not in told
+
+
 def test_an_empty_x_is_told_in_the_command_lines_terms(fitted_model):
     """The advice named CellVAE(adata, layer=...) and "a trained model reads the layer it was trained on" first."""
     tmp_path = fitted_model

@@ -1419,6 +1419,8 @@ def test_weights_and_metadata_a_save_never_writes_are_refused_or_ignored(tmp_pat
     (tmp_path / ".m.abcd_123").mkdir()  # what saves killed before their renames left, kept: told when saving
     (tmp_path / ".m.old.efgh4567" / "m").mkdir(parents=True)
     (tmp_path / ".m.notes").mkdir()  # (not a name save makes)
+    (tmp_path / ".m.old.qwertyui").mkdir()  # where a save into a model named "m.old" writes first: not m's
+    (tmp_path / ".m.old.qwertyui" / "config.json").write_text("{}")
     with pytest.warns(UserWarning, match=r"beside .*m, .m.abcd_123, .m.old.efgh4567 hold what saves into it that were killed"):
         CellVAE.load(tmp_path / "m").save(tmp_path / "m", overwrite=True)
     for name in (".m.abcd_123", ".m.old.efgh4567"):

@@ -1176,9 +1176,13 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
     (other_library / "config.json").write_text('{"architectures": ["BertModel"]}')
     save_file({"w": torch.ones(3)}, other_library / "model.safetensors")
     (own_notes / "config.json").write_text('{"gene_names": ["a"], "n_latent": 2, "likelihood": "nb"}')
-    for folder in (other_library, own_notes):
+    told = {
+        other_library: r"a folder whose files \(config.json, model.safetensors\) are not a cellvae model's \(\S+ is another's\)",
+        own_notes: r"a folder holding config.json, not both config.json and model.safetensors as a saved model",
+    }
+    for folder, what in told.items():
         before = {entry.name: entry.read_bytes() for entry in folder.iterdir()}
-        with pytest.raises(ValueError, match=r"exists and is a folder whose files \(config.json.*\) are not a cellvae model's"):
+        with pytest.raises(ValueError, match=rf"exists and is {what}, not a saved cellvae model folder"):
             trained.save(folder, overwrite=True)
         assert {entry.name: entry.read_bytes() for entry in folder.iterdir()} == before
     (tmp_path / "empty").mkdir()
