@@ -206,8 +206,19 @@ def view_positions(adata: ad.AnnData) -> tuple[ad.AnnData, np.ndarray, np.ndarra
     parent, cells, genes = (getattr(adata, name, None) for name in ("_adata_ref", "_oidx", "_vidx"))
     if not adata.is_view or parent is None or cells is None or genes is None:
         return None
-    rows = np.atleast_1d(np.arange(parent.n_obs, dtype=np.int64)[cells])
-    columns = np.atleast_1d(np.arange(parent.n_vars, dtype=np.int64)[genes])
+    changed = ValueError(
+        "the AnnData this view was made of has changed since (its cells or genes filtered, reordered or renamed in "
+        "place, e.g. by sc.pp.filter_cells(adata)), so the view no longer picks the cells and genes it did; make the "
+        "view again from the AnnData as it is now (a model built on the old view: pass adata=... to its methods)"
+    )
+    try:
+        rows = np.atleast_1d(np.arange(parent.n_obs, dtype=np.int64)[cells])
+        columns = np.atleast_1d(np.arange(parent.n_vars, dtype=np.int64)[genes])
+    except IndexError:  # (a mask of the former length)
+        raise changed from None
+    # a view keeps the names of its cells and genes as they were when it was made
+    if not (parent.obs_names[rows].equals(adata.obs_names) and parent.var_names[columns].equals(adata.var_names)):
+        raise changed
     return parent, rows, columns
 
 
@@ -215,10 +226,9 @@ def fresh_view(adata: ad.AnnData) -> ad.AnnData | None:
     """Where ``adata`` is a view: a view made now of the same cells and genes of the AnnData it views (whose
     ``obs`` reads that AnnData's columns as they are now), indexed as ``adata`` was, so that anndata copies a
     view of all cells as one (indexing every cell by position copies the whole matrix first); else None."""
-    parent, cells, genes = (getattr(adata, name, None) for name in ("_adata_ref", "_oidx", "_vidx"))
-    if not adata.is_view or parent is None or cells is None or genes is None:
+    if view_positions(adata) is None:  # (which also refuses a view of an AnnData changed since)
         return None
-    return parent[cells, genes]
+    return adata._adata_ref[adata._oidx, adata._vidx]
 
 
 def viewed_anndata(adata: ad.AnnData) -> ad.AnnData | None:

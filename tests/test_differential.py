@@ -215,6 +215,18 @@ def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_
     assert path.n_obs == 2
     model.save(tmp_path / "model", save_anndata=True)  # the AnnData as the model reads it now
     assert "new" in CellVAE.load(tmp_path / "model").adata.obs.columns
+    # its cells filtered in place since: the view would pick other cells (a slice) or fail in anndata (a mask)
+    for as_mask in (False, True):
+        parent = simulated.copy()
+        view = parent[np.arange(parent.n_obs) < 150, :20] if as_mask else parent[:150, :20]
+        model = CellVAE(view, n_hidden=16, n_latent=4).fit(max_epochs=1, progress=False)
+        totals = np.asarray(parent.X.sum(axis=1)).ravel()
+        sc.pp.filter_cells(parent, min_counts=float(np.quantile(totals, 0.2)))
+        changed = r"the AnnData this view was made of has changed since .* pass adata=\.\.\. to its methods"
+        with pytest.raises(ValueError, match=changed):
+            model.get_latent(progress=False)
+        with pytest.raises(ValueError, match=changed):
+            model.differential_expression(groupby="cell_type", group1="type0", n_draws=100)
 
 
 def test_a_group_named_rest_is_not_mistaken_for_all_other_cells(simulated, model):
