@@ -1812,8 +1812,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         The query model: its config lists the reference batches followed by the new ones, it
         holds the query as ``query_model.adata`` (so ``query_model.get_latent()`` embeds it: a new AnnData of
-        the query's genes that the reference has, in the query's order, so outputs without ``adata=`` come in that
-        order where the query holds all of the model's genes, else in the model's order, with a warning; its
+        the query's genes that the reference has, so outputs without ``adata=`` come in the query's gene order
+        where it holds just the model's genes (as outputs for the query itself do), else in the model's order
+        (``config.gene_names``; with a warning where the query lacks some); its
         counts are the query's own matrix, not copied, where it is CSR or dense and holds no other genes, else an
         aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
         it was: pass ``adata=query`` to read columns added since; a view of counts on disk is held itself, all its
@@ -3395,7 +3396,8 @@ def _align_query(
 ) -> ad.AnnData:
     """The AnnData the query model reads: a new one with the query's batches in the reference's batch column
     (``batch_column``'s own values where they are those batches) and its counts, in memory (the query's genes that
-    the reference has, in the query's order; missing ones are read as zeros) or on disk (a backed file or Zarr store)
+    the reference has, in the query's order where it holds just those, else in the reference's; missing ones are
+    read as zeros) or on disk (a backed file or Zarr store)
     left there in the file's gene order, which the query model reads by name; or a view of counts on disk itself,
     where its batches are already in the reference's batch column."""
     matrix = _model_counts(query, config.layer, "query_adata")
@@ -3422,12 +3424,15 @@ def _align_query(
     if data.is_backed_matrix(matrix):
         counts, var = matrix, pd.DataFrame(index=data.gene_names(query))
     else:
-        # Only the genes the query measured, in the query's own order (the query model reads genes by name, and its
-        # outputs come in the order of the query's genes, as scvi-tools' query model gives them): missing ones are
-        # not stored as zeros, so the query model still knows them as missing (differential_expression gives them no
-        # statistics), as it does for a query on disk; its loaders read them as zeros, as map_query's own does.
-        kept = np.sort(positions[positions >= 0])
+        # Only the genes the query measured (the query model reads genes by name): missing ones are not stored as
+        # zeros, so the query model still knows them as missing (differential_expression gives them no statistics),
+        # as it does for a query on disk; its loaders read them as zeros, as map_query's own does. In the query's own
+        # order where it holds just the reference's genes (outputs then fit its layers, as they do for the query
+        # itself), else in the reference's, as outputs for the query itself then come (and scvi-tools'
+        # prepare_query_anndata orders a query's genes)
+        kept = positions[positions >= 0]
         same_genes = len(kept) == matrix.shape[1]  # no gene the reference lacks
+        kept = np.sort(kept) if same_genes and len(kept) == len(config.gene_names) else kept
         as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
         if same_genes and as_stored and not query.is_view:
             counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query

@@ -231,10 +231,16 @@ def test_query_genes_are_aligned_by_name(reference_and_query, tmp_path):
     with no_warnings():  # extra genes and a new order are handled silently
         aligned = model.map_query(with_extra, max_epochs=3, progress=False)
     np.testing.assert_allclose(aligned.get_latent(), expected, rtol=1e-5, atol=1e-5)
-    # the query model keeps the query's gene order (its extra genes left out): outputs without adata= come in that
-    # order, as the query's own columns (they came in the reference's order, and stored in the query's layers they
-    # sat under other genes, silently)
-    assert aligned.adata.var_names.tolist() == shuffled.var_names.tolist()
+    # a query with genes of its own: outputs without adata= come in the model's order, as those with adata=query
+    # (they came in the query's order there, and in the model's for the same query passed as adata=)
+    assert aligned.adata.var_names.tolist() == model.config.gene_names
+    np.testing.assert_array_equal(aligned.get_normalized_expression(), aligned.get_normalized_expression(with_extra))
+    # a query of just the model's genes keeps its order: outputs without adata= come in that order, as the query's
+    # own columns (they came in the reference's order, and stored in the query's layers they sat under other genes)
+    for just_the_genes in (shuffled[:, :], shuffled.copy()):  # (a view is copied, the query itself not)
+        mapped = model.map_query(just_the_genes, max_epochs=1, progress=False)
+        assert mapped.adata.var_names.tolist() == shuffled.var_names.tolist()
+        np.testing.assert_array_equal(mapped.get_normalized_expression(), mapped.get_normalized_expression(shuffled))
     permuted = model.map_query(shuffled, max_epochs=3, progress=False)
     assert np.shares_memory(permuted.adata.X.data, shuffled.X.data)  # all the model's genes, none other: not copied
     np.testing.assert_allclose(permuted.get_latent(), expected, rtol=1e-5, atol=1e-5)
