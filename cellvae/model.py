@@ -100,7 +100,11 @@ ON_THE_CPU = "drop it: load puts the model on the CPU; then model.to_device('cud
 ONE_MODEL_PER_FOLDER = "drop it: a cellvae model folder holds one model, its files named without a prefix"
 SPARSE_AS_STORED = "drop it: cellvae reads sparse counts as they are stored"
 BOTH_DIRECTIONS = "drop it: proba_de is P(|lfc| > delta), both directions; proba_up and proba_down give each"
-POSTERIOR_MEAN = "drop it: cellvae decodes each cell's posterior mean (sample_counts draws counts)"
+POSTERIOR_MEAN = (
+    "drop it: cellvae decodes each cell's posterior mean, where scvi-tools' n_samples averages what draws of z decode "
+    "to (a few percent higher for lowly expressed genes); for draws, decode model.get_latent(adata, mean=False, "
+    "random_state=seed) with batch= and covariates= the cells' own (sample_counts draws counts)"
+)
 SCVI_TOOLS_ARGUMENTS = {
     "gene_likelihood": [("likelihood", "use likelihood= ('nb', the default, 'zinb' or 'poisson')")],
     "dropout_rate": [("dropout", "use dropout=")],
@@ -1239,7 +1243,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         pandas.DataFrame
             One row per gene and comparison (index: gene names), genes of each comparison ordered by
             ``proba_de`` and then by ``|lfc_mean|``. Columns: ``lfc_mean``, ``lfc_median``, ``lfc_std``,
-            ``lfc_low``/``lfc_high`` (95% credible interval) of the log2 fold change group1/group2, shrunk;
+            ``lfc_low``/``lfc_high`` (95% credible interval) of the log2 fold change group1/group2, shrunk
+            (where few genes of the comparison change beyond their error, the prior learnt from them sits at no
+            change, and every gene's interval is narrow around 0, narrower than its own error: the gene is not
+            called, its change not measured; ``expression1``/``expression2`` keep the decoded means);
             ``proba_up``, ``proba_down``, ``proba_de`` (= P(|lfc| > delta)), ``proba_not_de``,
             ``bayes_factor`` (log odds of ``proba_de``, its draws counted with 1/2 added to each side, so at
             most log(2·n_draws + 1): 7.6 at 1,000 draws); ``expected_fdr`` (posterior expected false
