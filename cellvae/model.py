@@ -3441,7 +3441,7 @@ def _align_query(
         same_genes = len(kept) == matrix.shape[1]  # no gene the reference lacks
         kept = np.sort(kept) if same_genes and len(kept) == len(config.gene_names) else kept
         as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
-        if same_genes and as_stored and not query.is_view:
+        if np.array_equal(kept, np.arange(matrix.shape[1])) and as_stored and not query.is_view:  # its own columns
             counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query
         else:
             counts = sp.csr_matrix(data.select_genes(sp.csr_matrix(matrix, dtype=np.float32), kept))

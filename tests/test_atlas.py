@@ -241,6 +241,19 @@ def test_query_genes_are_aligned_by_name(reference_and_query, tmp_path):
         mapped = model.map_query(just_the_genes, max_epochs=1, progress=False)
         assert mapped.adata.var_names.tolist() == shuffled.var_names.tolist()
         np.testing.assert_array_equal(mapped.get_normalized_expression(), mapped.get_normalized_expression(shuffled))
+    # lacking some of the model's genes, the rest in another order (query[:, query.var_names.isin(genes)]): each
+    # column keeps its gene's name (the query's matrix was held under names in the model's order)
+    lacking_some = shuffled[:, 5:].copy()
+    counts = lacking_some.X.toarray()
+    for form in (sp.csr_matrix, np.asarray):
+        lacking_some.X = form(counts)
+        with pytest.warns(UserWarning, match="5 of the model's 300 genes are missing"):
+            mapped = model.map_query(lacking_some, max_epochs=1, progress=False)
+        held = mapped.adata[:, lacking_some.var_names].X
+        np.testing.assert_array_equal(held.toarray() if sp.issparse(held) else held, counts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the genes missing, told again)
+            np.testing.assert_array_equal(mapped.get_latent(), mapped.get_latent(lacking_some))
     permuted = model.map_query(shuffled, max_epochs=3, progress=False)
     assert np.shares_memory(permuted.adata.X.data, shuffled.X.data)  # all the model's genes, none other: not copied
     np.testing.assert_allclose(permuted.get_latent(), expected, rtol=1e-5, atol=1e-5)
