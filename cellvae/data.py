@@ -353,8 +353,7 @@ def _values_in_columns(matrix: sp.csr_matrix, columns: np.ndarray, rows: np.ndar
         taken = np.repeat(block_starts - offsets[:-1], block_lengths) + np.arange(offsets[-1])
         filled = np.flatnonzero(block_lengths)  # (reduceat sums a row per start: empty rows have none)
         if len(filled):
-            kept = np.add.reduceat(wanted[matrix.indices[taken]], offsets[filled], dtype=np.int64)
-            counts[start + filled] = kept
+            counts[start + filled] = np.add.reduceat(wanted[matrix.indices[taken]], offsets[filled], dtype=np.int64)
     return counts
 
 

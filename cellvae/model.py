@@ -1822,8 +1822,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         the query's genes that the reference has, so outputs without ``adata=`` come in the query's gene order
         where it holds just the model's genes (as outputs for the query itself do), else in the model's order
         (``config.gene_names``; with a warning where the query lacks some); its
-        counts are the query's own matrix, not copied, where it is CSR or dense and holds no other genes, else an
-        aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
+        counts are the query's own matrix, not copied, where it is CSR or dense and its columns are those genes in
+        that order, else an aligned copy; or the counts left on disk, which must stay open; and a copy of the query's ``obs`` as
         it was: pass ``adata=query`` to read columns added since; a view of counts on disk is held itself, all its
         genes and its own ``obs``) and embeds reference cells too. Save and load
         it like any model. Where the matrix is shared (as a model built on your AnnData reads it), counts
@@ -3438,8 +3438,7 @@ def _align_query(
         # itself), else in the reference's, as outputs for the query itself then come (and scvi-tools'
         # prepare_query_anndata orders a query's genes)
         kept = positions[positions >= 0]
-        same_genes = len(kept) == matrix.shape[1]  # no gene the reference lacks
-        kept = np.sort(kept) if same_genes and len(kept) == len(config.gene_names) else kept
+        kept = np.sort(kept) if len(kept) == matrix.shape[1] == len(config.gene_names) else kept
         as_stored = isinstance(matrix, np.ndarray) or (sp.issparse(matrix) and matrix.format == "csr")
         if np.array_equal(kept, np.arange(matrix.shape[1])) and as_stored and not query.is_view:  # its own columns
             counts = matrix  # as fit reads the user's own matrix: a copy would double the memory of a large query
