@@ -374,10 +374,18 @@ def counts_location(layer: str | None) -> str:
 
 # Stored values looked at to tell whether another layer (or adata.raw) holds raw counts, for an error's hint.
 VALUES_PER_HINT = 100_000
+HINT_ROWS = 256  # rows of a matrix on disk read to tell whether it holds counts
 
 
 def looks_like_counts(matrix) -> bool:
-    """Whether the first stored values of an in-memory matrix are whole, non-negative and not all zero."""
+    """Whether the first stored values of a matrix (of one on disk, those of its first rows) are whole,
+    non-negative and not all zero."""
+    if matrix is not None and not isinstance(matrix, IN_MEMORY_MATRICES):  # (a lazy layer, a backed X)
+        try:
+            matrix = matrix[: min(HINT_ROWS, matrix.shape[0])]
+            matrix = matrix.compute() if hasattr(matrix, "compute") else matrix
+        except Exception:  # (a store that cannot be read here: no hint, the error stays as it is)
+            return False
     if not isinstance(matrix, IN_MEMORY_MATRICES) or 0 in matrix.shape:
         return False
     values = np.asarray(next(_stored_values(matrix), np.zeros(0))[:VALUES_PER_HINT])  # (none: sparse, all zeros)

@@ -340,6 +340,9 @@ def test_read_h5ad_lazy_streams_counts_in_a_layer_which_backed_mode_reads_into_m
     normalised.write_h5ad(tmp_path / "norm.h5ad")
     lazy = cellvae.read_h5ad_lazy(tmp_path / "norm.h5ad")
     assert cellvae.data.is_backed_matrix(lazy.layers["counts"]) and cellvae.data.is_backed_matrix(lazy.X)
+    # without layer=: told where the counts are, as for the same file in memory (the layers on disk were not read)
+    with pytest.raises(ValueError, match=r"looks normalised or log-transformed. adata.layers\['counts'\] holds whole counts"):
+        cellvae.CellVAE(lazy, batch_key="batch")
     with no_warnings():
         model = cellvae.CellVAE(lazy, layer="counts", batch_key="batch").fit(max_epochs=2, progress=False)
     np.testing.assert_allclose(model.get_latent(lazy), model.get_latent(normalised), rtol=1e-4, atol=1e-5)
