@@ -113,6 +113,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         message,
     )
     message = message.replace("device='auto' or 'cpu'", "--device auto or --device cpu")
+    message = message.replace("train on the CPU (device='cpu')", "train on the CPU (--device cpu)")
     message = message.replace("fit(..., resume=True) continues", "--resume continues")
     message = message.replace("model.history numbers epochs from 0", "epochs numbered from 0")
     message = message.replace("checkpoint_dir=", "--checkpoint-dir ").replace("pass resume=True", "pass --resume")
@@ -204,6 +205,13 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         named = sorted({option for name, option in options.items() if f"'{name}'" in message})
         if named:
             notes.append(f"pass {' and '.join(named)} as the run that wrote the checkpoint did (its values above)")
+        streamed = re.search(r"\{'counts_streamed_from_disk': (True|False)", message)
+        if streamed:  # (read from the file as it streams, or into memory: the order of the minibatches differs)
+            notes.append(
+                "pass --backed, as the run that wrote the checkpoint did"
+                if streamed[1] == "True"
+                else "leave out --backed, as the run that wrote the checkpoint did"
+            )
     fixed_in_python = "map_query(" not in message and _needs_python(message)
     names_a_layer = re.search(r"\blayer=", message) is not None and not about_the_reference  # (not train_input_layer=)
     if names_a_layer and not fixed_in_python:

@@ -1448,7 +1448,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -----
         The files are written to a temporary directory first and moved into place at the end,
         so an interrupted save never leaves a half-written model. A model
-        trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model.
+        trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model, and the others
+        return at once, without waiting for it (call ``torch.distributed.barrier()`` before reading the folder on
+        every rank).
         """
         overwrite = _check_flag(overwrite, "overwrite")
         save_anndata = _check_flag(save_anndata, "save_anndata")

@@ -912,7 +912,14 @@ def setup_distributed(device: torch.device) -> torch.device:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if device.type == "cuda" and (launched or (dist.is_available() and dist.is_initialized())):
         if "LOCAL_RANK" in os.environ:  # torchrun's: this process's GPU on its node
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+            if local >= gpus:  # (torch's "invalid device ordinal" otherwise, from set_device)
+                raise ValueError(
+                    f"this process is torchrun's local rank {local}, which trains on cuda:{local}, but torch finds "
+                    f"{gpus} CUDA GPU(s) on this node: start at most {gpus} processes per node "
+                    f"(torchrun --nproc_per_node={gpus}), or train on the CPU (device='cpu')"
+                )
+            device = torch.device("cuda", local)
         else:  # a group the caller made (mp.spawn, srun): the GPU it chose, cuda:N or torch.cuda.set_device's
             device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)

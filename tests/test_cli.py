@@ -1657,6 +1657,15 @@ def test_messages_on_the_command_line_name_options_and_no_command_is_an_error(tm
     in_shell = in_command_line_terms(str(seeded.value), argparse.Namespace(input="in.h5ad"))
     assert "--seed draws the validation cells" in in_shell
     assert "pass --epochs and --seed as the run that wrote the checkpoint did (its values above)" in in_shell
+    adata.write_h5ad(tmp_path / "counts.h5ad")  # a checkpoint of counts streamed from the file, resumed in memory
+    streamed = cellvae.CellVAE(ad.read_h5ad(tmp_path / "counts.h5ad", backed="r"), n_hidden=8, n_latent=2)
+    streamed.fit(max_epochs=1, checkpoint_dir=tmp_path / "streamed", progress=False)
+    with pytest.raises(ValueError) as in_memory:
+        cellvae.CellVAE(adata, n_hidden=8, n_latent=2).fit(
+            max_epochs=1, checkpoint_dir=tmp_path / "streamed", resume=True, progress=False
+        )
+    in_shell = in_command_line_terms(str(in_memory.value), argparse.Namespace(input="in.h5ad"))
+    assert "(on the command line: pass --backed, as the run that wrote the checkpoint did)" in in_shell
     model.save(tmp_path / "model")
     with pytest.raises(ValueError) as nested:
         model.fit(max_epochs=1, checkpoint_dir=tmp_path / "model" / "ck", progress=False)

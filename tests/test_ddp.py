@@ -56,6 +56,17 @@ def _train_batchnorm_on_rank(rank: int, init_file: str, path: str, out_dir: str)
     dist.destroy_process_group()
 
 
+def test_more_torchrun_processes_than_gpus_are_refused_before_torch_picks_a_gpu(monkeypatch):
+    """torch.cuda.set_device raised torch's bare "invalid device ordinal" on the process with no GPU of its own."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("a GPU was picked"))
+    told = r"torchrun's local rank 1, which trains on cuda:1, but torch finds 1 CUDA GPU\(s\) on this node: .*nproc_per_node=1"
+    with pytest.raises(ValueError, match=told):
+        cellvae.train.setup_distributed(torch.device("cuda"))
+
+
 def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
     import torch
     import torch.multiprocessing as mp
