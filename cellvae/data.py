@@ -464,8 +464,8 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
 
 
 def layers_holding_counts(adata: ad.AnnData, but: str | None = None) -> list[str]:
-    """The layers (in memory, other than ``but``) whose values look like counts, those named like counts first
-    ('counts' and 'raw_counts' before 'spliced' or 'ambiguous')."""
+    """The layers (other than ``but``; of one on disk, its first rows read) whose values look like counts, those
+    named like counts first ('counts' and 'raw_counts' before 'spliced' or 'ambiguous')."""
     layers = [name for name in layer_names(adata) if name != but and looks_like_counts(adata.layers[name])]
     return sorted(layers, key=lambda name: ("count" not in name.lower(), "raw" not in name.lower()))
 
