@@ -2253,6 +2253,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         batch: str | np.ndarray | None = None,
         covariates: dict | None = None,
         library_size: float | np.ndarray = 1e4,
+        gene_list: list[str] | None = None,
         batch_size: int = 1024,
     ) -> np.ndarray:
         """Expected expression of latent codes: the decoder mean at ``library_size`` counts per cell
@@ -2268,26 +2269,31 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The model's other covariates: ``{obs column: value or one value per code}``.
         library_size
             Total counts to scale the expression to (one number, or one per code).
+        gene_list
+            Return only these genes of the model, in this order (rows still sum to ``library_size`` over all genes);
+            ``None``: all. Keeps the result small for many codes, as in :meth:`get_normalized_expression`.
         batch_size
             Codes per forward pass.
 
         Returns
         -------
-        n × n_genes float32 array, genes in the model's order.
+        n × n_genes float32 array, genes in ``gene_list``'s order, else in the model's order.
         """
         data.check_positive_int(batch_size, "batch_size")
+        genes = self._gene_indices(gene_list) if gene_list is not None else slice(None)
         self._warn_if_untrained()
         z = self._check_latent(z)
         library = _library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
-        expression = np.zeros((len(z), self.config.n_genes), dtype=np.float32)  # the output, and no other copy
+        n_out = self.config.n_genes if gene_list is None else len(genes)
+        expression = np.zeros((len(z), n_out), dtype=np.float32)  # the output, and no other copy
         for position, target in enumerate(targets):
             frame = self._covariate_frame(len(z), target, covariates)
             with warnings.catch_warnings():
                 if position > 0:  # the covariates' warnings, told for the first batch, once (not once per batch)
                     warnings.simplefilter("ignore", UserWarning)
                 for rows, dist in self._decoded(z, frame, library, batch_size):
-                    expression[rows] += dist.log_mean.exp().cpu().numpy()
+                    expression[rows] += dist.log_mean[:, genes].exp().cpu().numpy()
         if len(targets) > 1:
             expression /= len(targets)
         return expression

@@ -175,6 +175,17 @@ def test_decode_matches_normalized_expression(kang, model):
     np.testing.assert_allclose(model.decode(z.astype(np.float64), batch="ctrl", library_size=1e4), decoded)
 
 
+def test_decode_of_a_gene_list_gives_those_columns_in_its_order(kang, model):
+    z = model.get_latent(kang[:20])
+    genes = [model.config.gene_names[i] for i in (7, 2, 30)]
+    decoded = model.decode(z, library_size=1e4)  # averaged over both batches
+    np.testing.assert_allclose(model.decode(z, library_size=1e4, gene_list=genes), decoded[:, [7, 2, 30]], rtol=1e-6)
+    with pytest.raises(ValueError, match="gene_list names genes the model does not have: .'no-such-gene'."):
+        model.decode(z, gene_list=["no-such-gene"])
+    with pytest.raises(TypeError, match=r"gene_list takes a list of gene names, e.g. gene_list=\['CD3E'\]"):
+        model.decode(z, gene_list="CD3E")
+
+
 def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
     a, b = kang.obs_names[0], kang.obs_names[1]
     path = cellvae.tl.interpolate(model, a, b, 5, batch="ctrl")
