@@ -905,7 +905,8 @@ def setup_distributed(device: torch.device) -> torch.device:
     """Join the process group when launched by ``torchrun``; return this process's device.
 
     ``torchrun --nproc_per_node=N`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; the group uses
-    nccl on CUDA and gloo on CPU, and each process the GPU ``cuda:LOCAL_RANK``. A group the caller initialised
+    nccl on CUDA and gloo on CPU, and each process the GPU ``cuda:LOCAL_RANK`` (another ``cuda:N`` asked for is
+    replaced, with a warning: ``CUDA_VISIBLE_DEVICES`` chooses torchrun's GPUs). A group the caller initialised
     already is used as it is, on the GPU the caller chose (``device="cuda:N"``, or ``torch.cuda.set_device``).
     One process alone (no torchrun) is left untouched.
     """
@@ -918,6 +919,14 @@ def setup_distributed(device: torch.device) -> torch.device:
                     f"this process is torchrun's local rank {local}, which trains on cuda:{local}, but torch finds "
                     f"{gpus} CUDA GPU(s) on this node: start at most {gpus} processes per node "
                     f"(torchrun --nproc_per_node={gpus}), or train on the CPU (device='cpu')"
+                )
+            if device.index is not None and device.index != local:
+                warn_user(
+                    f"device cuda:{device.index} was asked for, but under torchrun each process trains on the GPU of "
+                    f"its local rank: this one (local rank {local}) on cuda:{local}; to choose the GPUs torchrun's "
+                    "processes use, set CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun "
+                    "--nproc_per_node=2 ...) and pass device='cuda'",
+                    UserWarning,
                 )
             device = torch.device("cuda", local)
         else:  # a group the caller made (mp.spawn, srun): the GPU it chose, cuda:N or torch.cuda.set_device's

@@ -67,6 +67,25 @@ def test_more_torchrun_processes_than_gpus_are_refused_before_torch_picks_a_gpu(
         cellvae.train.setup_distributed(torch.device("cuda"))
 
 
+def test_a_gpu_asked_for_under_torchrun_other_than_the_local_ranks_is_replaced_with_a_warning(monkeypatch):
+    """device='cuda:0' given to every process was replaced by cuda:LOCAL_RANK without a word."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen, backends = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: backends.append(backend))
+    told = r"device cuda:0 was asked for, but under torchrun .* \(local rank 1\) on cuda:1; .*CUDA_VISIBLE_DEVICES"
+    with pytest.warns(UserWarning, match=told):
+        assert cellvae.train.setup_distributed(torch.device("cuda", 0)) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)] and backends == ["nccl"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the GPU of the local rank, or none named: no warning
+        assert cellvae.train.setup_distributed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+        assert cellvae.train.setup_distributed(torch.device("cuda")) == torch.device("cuda", 1)
+
+
 def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
     import torch
     import torch.multiprocessing as mp
