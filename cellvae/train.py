@@ -920,11 +920,12 @@ def setup_distributed(device: torch.device) -> torch.device:
                     f"{gpus} CUDA GPU(s) on this node: start at most {gpus} processes per node "
                     f"(torchrun --nproc_per_node={gpus}), or train on the CPU (device='cpu')"
                 )
-            if device.index is not None and device.index != local:
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            if device.index is not None and (device.index != local or per_node > 1):  # (told by rank 0, for all)
                 warn_user(
                     f"device cuda:{device.index} was asked for, but under torchrun each process trains on the GPU of "
-                    f"its local rank: this one (local rank {local}) on cuda:{local}; to choose the GPUs torchrun's "
-                    "processes use, set CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun "
+                    f"its local rank (cuda:0 to cuda:{per_node - 1} on each node), not on the one named; to choose the "
+                    "GPUs torchrun's processes use, set CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun "
                     "--nproc_per_node=2 ...) and pass device='cuda'",
                     UserWarning,
                 )
