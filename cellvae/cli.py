@@ -908,10 +908,9 @@ def _epochs(n: int) -> str:
 
 
 def _still_improving(model) -> str:
-    """A note where the best epoch was the last of several (training was still improving), else ''."""
-    history = model.history
-    if len(history) > 1 and history.attrs.get("best_epoch") == history["epoch"].iloc[-1] and not history.attrs.get("interrupted"):
-        return f" (the last was the best: still improving, more --epochs than {len(history)} may give a better model)"
+    """A note where training was still improving at its last epoch (``history.attrs["still_improving"]``), else ''."""
+    if model.history.attrs.get("still_improving"):
+        return f" (still improving at the last epoch: more --epochs than {len(model.history)} may give a better model)"
     return ""
 
 

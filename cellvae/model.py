@@ -535,7 +535,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         with ``free_bits`` charging the KL as training does; a later epoch counts as better where it is lower by over
         1e-4 of the best so far, the same test early stopping's patience counts with;
         without validation cells, the lowest training loss after the KL warm-up), whose ``epoch`` value
-        ``history.attrs["best_epoch"]`` holds (the last row is not always the model's). A further
+        ``history.attrs["best_epoch"]`` holds (the last row is not always the model's;
+        ``history.attrs["still_improving"]`` says the epochs ran out while the validation loss still fell). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``; it validates on
         the cells its ``random_state`` and ``validation_size`` draw, the earlier fit's with the same values (others
         are warned of where they include cells the earlier fit trained on).

@@ -349,7 +349,7 @@ def train(
     last_good = _snapshot(vae)
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
-    start_epoch, stop, interrupted, last_checkpoint = 0, False, False, None
+    start_epoch, stop, interrupted, last_checkpoint, still_improving = 0, False, False, None, False
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
@@ -515,13 +515,11 @@ def train(
                 _end_bar_here(bar)
                 break
             interrupts.check()
-        if not stop and len(rows) > 1 and best["epoch"] == rows[-1]["epoch"]:  # the epochs ran out while improving
-            last = rows[-1]["validation_loss" if has_validation else "train_loss"]  # (a resumed finished run trains none)
-            note = {
-                "epoch": f"{len(rows)}/{settings.max_epochs}",
-                "loss": f"{last:.1f}",
-                "best": "the last: more epochs may help",
-            }
+        still_improving = not stop and _ran_out_improving(rows, best["epoch"], has_validation)
+        if still_improving:  # (read from the rows: a resumed finished run trains none)
+            last = rows[-1]["validation_loss" if has_validation else "train_loss"]
+            kept = "the last" if best["epoch"] == rows[-1]["epoch"] else f"epoch {best['epoch']}, the last lower by under 1e-4"
+            note = {"epoch": f"{len(rows)}/{settings.max_epochs}", "loss": f"{last:.1f}", "best": f"{kept}: more epochs may help"}
             bar.set_postfix(ordered_dict=note)  # (in this order: keywords would be sorted)
     except KeyboardInterrupt:
         if not rows:  # no epoch finished: nothing of this run to keep (the caller puts the model back)
@@ -548,9 +546,21 @@ def train(
     vae.eval()
     history = pd.DataFrame(rows)
     history.attrs["interrupted"] = interrupted
+    history.attrs["still_improving"] = still_improving
     if best["epoch"] >= 0:
         history.attrs["best_epoch"] = best["epoch"]
     return history
+
+
+def _ran_out_improving(rows: list[dict], best_epoch: int, has_validation: bool) -> bool:
+    """Whether the epochs ran out while training still improved: the last of several epochs was the best, or its
+    validation loss is the lowest of all by less than the 1e-4 (relative) an epoch must gain to count as the best."""
+    if len(rows) < 2:  # (one epoch is no trend)
+        return False
+    if best_epoch == rows[-1]["epoch"]:
+        return True
+    losses = [row["validation_loss"] for row in rows] if has_validation else []
+    return bool(losses) and all(loss > losses[-1] for loss in losses[:-1])
 
 
 class ResidentSteps:

@@ -1369,7 +1369,7 @@ def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
     out = capsys.readouterr().out
     params = ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
     assert params["best_epoch"] == 2 and params["device"] == "cpu"
-    assert "trained 3 epochs (the last was the best: still improving, more --epochs than 3 may give a better model)" in out
+    assert "trained 3 epochs (still improving at the last epoch: more --epochs than 3 may give a better model)" in out
     assert main([*command, "--epochs", "1", "--overwrite"]) == 0
     assert "still improving" not in capsys.readouterr().out  # (one epoch is no trend)
 

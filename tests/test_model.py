@@ -255,8 +255,23 @@ def test_progress_bar_counts_cells_and_epochs_and_is_silent_when_asked(two_batch
     assert model.history.attrs["best_epoch"] == 2 and re.search(
         r"epoch=3/3, loss=[\d.]+, best=the last: more epochs may help", bar
     )
-    CellVAE(two_batches, kl_warmup=0).fit(max_epochs=200, patience=1, random_state=0, progress=True)  # stopped early
-    assert "more epochs may help" not in capsys.readouterr().err
+    assert model.history.attrs["still_improving"]
+    stopped = CellVAE(two_batches, kl_warmup=0).fit(max_epochs=200, patience=1, random_state=0, progress=True)
+    assert "more epochs may help" not in capsys.readouterr().err and not stopped.history.attrs["still_improving"]
+
+
+def test_a_last_epoch_lower_by_less_than_counts_as_a_new_best_is_still_improving():
+    """The atlas's 30 epochs (seed 0) kept epoch 28: epoch 29's validation loss was lower by 0.104 nats, under the 1e-4
+    of the best (0.12) an epoch must gain to count, so neither the bar nor `cellvae fit` said more epochs may help."""
+    from cellvae.train import _ran_out_improving
+
+    rows = [{"epoch": e, "validation_loss": v} for e, v in enumerate([1205.0, 1199.29, 1198.74, 1198.25, 1198.14])]
+    assert _ran_out_improving(rows, best_epoch=3, has_validation=True)
+    assert _ran_out_improving(rows, best_epoch=4, has_validation=True)
+    rows[-1]["validation_loss"] = 1198.3  # the last above the lowest: no longer improving
+    assert not _ran_out_improving(rows, best_epoch=3, has_validation=True)
+    assert not _ran_out_improving(rows[:1], best_epoch=0, has_validation=True)  # one epoch is no trend
+    assert not _ran_out_improving(rows, best_epoch=3, has_validation=False)  # training losses: the best epoch decides
 
 
 def test_jupyters_bar_of_training_stopped_early_ends_full(two_batches, monkeypatch):
