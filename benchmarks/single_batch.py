@@ -115,7 +115,13 @@ def main() -> None:
     rows = [row for name in args.datasets for row in run_dataset(name, args.seeds, not args.no_scvi)]
     table = pd.DataFrame(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    table.to_csv(RESULTS / "single_batch.csv", index=False)
+    path = RESULTS / "single_batch.csv"
+    if path.exists():  # keep the rows of datasets and methods not re-run (--no-scvi keeps scVI's, --datasets the others)
+        earlier = pd.read_csv(path)
+        rerun = pd.MultiIndex.from_frame(table[["dataset", "method"]]).unique()
+        kept = earlier[~pd.MultiIndex.from_frame(earlier[["dataset", "method"]]).isin(rerun)]
+        table = pd.concat([kept, table], ignore_index=True)
+    table.to_csv(path, index=False)
     scores = ["kmeans_nmi", "kmeans_ari", "leiden_nmi", "leiden_ari", "silhouette_label", "seconds"]
     summary = table.groupby(["dataset", "method"])[scores].agg(
         lambda x: f"{x.mean():.3f} ± {x.std():.3f}" if len(x) > 1 else f"{x.iloc[0]:.3f}"

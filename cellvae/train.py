@@ -85,8 +85,8 @@ PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 def default_max_epochs(n_cells: int) -> int:
     """Epochs for a dataset size: about 500,000 cell passes, between 20 and 400 epochs, and never
-    more epochs than scVI's default, ``SCVI_CELL_PASSES / n_cells`` (so from 400,000 cells on: 8 at
-    1M cells, 1 from 8M).
+    more epochs than scVI's default, ``SCVI_CELL_PASSES / n_cells`` rounded (so from 400,000 cells on: 8 at
+    1M cells, 1 from about 5.33M, whose rounding gives 1.5 down).
 
     ``n_cells`` counts every cell given to fit, its validation share too. On the 5-donor Kang data
     (7,816 of its 8,684 cells, the rest held out for the comparison: 64 epochs) this reaches a lower held-out
