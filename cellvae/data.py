@@ -598,18 +598,20 @@ def genes_unmeasured_by_batch(matrix, batch_codes: np.ndarray, n_batches: int) -
     if not isinstance(matrix, IN_MEMORY_MATRICES) or not 2 <= n_batches <= UNMEASURED_CHECK_VALUES // matrix.shape[1]:
         return None  # (a flag per batch and gene: at most 32 MB)
     stored = matrix.nnz if sp.issparse(matrix) else matrix.size
+    sample = None  # every cell
     if stored > UNMEASURED_CHECK_VALUES:  # every few cells (each batch in proportion): the same rates, in bounded time
-        rows = np.arange(0, matrix.shape[0], -(-stored // UNMEASURED_CHECK_VALUES))
-        matrix = _gather_csr_rows(as_row_readable(matrix), rows) if sp.issparse(matrix) else matrix[rows]
-        batch_codes = batch_codes[rows]
+        sample = np.arange(0, matrix.shape[0], -(-stored // UNMEASURED_CHECK_VALUES))
+        batch_codes = batch_codes[sample]
     n_genes = matrix.shape[1]
     seen = np.zeros(n_batches * n_genes, dtype=bool)  # (batch, gene): a count in some cell of the batch
     cells_detecting = np.zeros(n_genes, dtype=np.int64)  # cells with a count of each gene
-    cells_with_counts = np.zeros(matrix.shape[0], dtype=bool)
-    for rows, genes in _nonzero_positions(matrix):
-        seen[batch_codes[rows] * n_genes + genes] = True
-        cells_detecting += np.bincount(genes, minlength=n_genes)
-        cells_with_counts[rows] = True
+    cells_with_counts = np.zeros(len(batch_codes), dtype=bool)
+    for first, block in _blocks_of_rows(matrix, sample):
+        for rows, genes in _nonzero_positions(block):
+            rows = rows + first
+            seen[batch_codes[rows] * n_genes + genes] = True
+            cells_detecting += np.bincount(genes, minlength=n_genes)
+            cells_with_counts[rows] = True
     seen = seen.reshape(n_batches, n_genes)
     cells = np.bincount(batch_codes[cells_with_counts], minlength=n_batches)
     unmeasured, expected = np.zeros(n_batches, dtype=np.int64), np.zeros(n_batches, dtype=np.int64)
@@ -626,6 +628,21 @@ def genes_unmeasured_by_batch(matrix, batch_codes: np.ndarray, n_batches: int) -
 UNMEASURED_EXPECTED_CELLS = 10
 # Stored values read at most by that check (about 0.4 s); a larger matrix is checked on a subset of its cells.
 UNMEASURED_CHECK_VALUES = 2**25
+
+
+def _blocks_of_rows(matrix, rows: np.ndarray | None) -> Iterator[tuple[int, object]]:
+    """(position among ``rows`` of the block's first row, block): the ``rows`` of an in-memory matrix copied about
+    ``VALUES_PER_PASS`` values at a time (a copy of all of them at once took 200 MB whatever the matrix's size);
+    ``None``: the whole matrix, uncopied, as one block."""
+    if rows is None:
+        yield 0, matrix
+        return
+    source = as_row_readable(matrix) if sp.issparse(matrix) else matrix
+    per_row = (source.nnz if sp.issparse(source) else source.shape[1]) / max(source.shape[0], 1)
+    step = max(1, int(VALUES_PER_PASS // max(per_row, 1)))
+    for start in range(0, len(rows), step):
+        chosen = rows[start : start + step]
+        yield start, _gather_csr_rows(source, chosen) if sp.issparse(source) else source[chosen]
 
 
 def _nonzero_positions(matrix) -> Iterator[tuple[np.ndarray, np.ndarray]]:

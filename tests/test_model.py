@@ -1204,7 +1204,7 @@ def test_many_genes_without_counts_get_a_warning_to_filter_them(two_batches, tmp
         CellVAE(adata)  # every gene seen
 
 
-@pytest.mark.parametrize("storage", ["csr", "csc", "dense", "sampled"])
+@pytest.mark.parametrize("storage", ["csr", "csc", "dense", "sampled", "sampled_dense"])
 def test_genes_one_batch_never_measured_as_an_outer_join_fills_them_get_a_warning(two_batches, storage, monkeypatch):
     first = two_batches[two_batches.obs["batch"] == "batch0"]
     second = two_batches[two_batches.obs["batch"] == "batch1", :200]  # a dataset that measured 200 of the 300 genes
@@ -1212,10 +1212,11 @@ def test_genes_one_batch_never_measured_as_an_outer_join_fills_them_get_a_warnin
     inner = ad.concat([first, second], join="inner")
     empty = ad.AnnData(sp.csr_matrix(second.shape, dtype=np.float32), obs=second.obs, var=second.var)  # no counts
     with_empty_cells = ad.concat([inner, empty], index_unique="-")
-    if storage == "sampled":  # a large matrix is checked on every few cells
+    if storage.startswith("sampled"):  # a large matrix is checked on every few cells, copied a block of them at a time
         monkeypatch.setattr(cellvae.data, "UNMEASURED_CHECK_VALUES", outer.X.nnz // 5)
+        monkeypatch.setattr(cellvae.data, "VALUES_PER_PASS", 2_000)
     for adata in (outer, inner, with_empty_cells):
-        adata.X = {"csc": adata.X.tocsc(), "dense": adata.X.toarray()}.get(storage, adata.X)
+        adata.X = {"csc": adata.X.tocsc(), "dense": adata.X.toarray(), "sampled_dense": adata.X.toarray()}.get(storage, adata.X)
     told = r"in 1 of the 2 batches of obs\['batch'\].*'batch1' lacks \d+ of \d+ \(\d+%\).*join='inner'"
     with pytest.warns(UserWarning, match=told):
         CellVAE(outer, batch_key="batch")
