@@ -464,8 +464,10 @@ def child_fit(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
+    # this checkout's cellvae, not the one pip installed (an editable install of another clone would be measured)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run(
-        [sys.executable, __file__, "child", json.dumps(spec)], capture_output=True, text=True, check=False, cwd=REPO
+        [sys.executable, __file__, "child", json.dumps(spec)], capture_output=True, text=True, check=False, cwd=REPO, env=env
     )
     if out.returncode:
         raise RuntimeError(f"child run {spec} failed:\n{out.stderr[-3000:]}")
