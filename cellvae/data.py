@@ -81,14 +81,14 @@ def process_rank() -> int:
     return 0
 
 
-def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+def warn_user(message: str, category: type[Warning] = UserWarning, every_rank: bool = False) -> None:
     """Warn, attributing the warning to the first caller outside cellvae (the user's line).
 
     A fixed ``stacklevel`` points inside the package when the same check is reached through
     another public function (``tl.embed`` builds a ``CellVAE``, which reads the data). In a
-    data-parallel run only rank 0 warns (the ranks run the same checks).
+    data-parallel run only rank 0 warns (the ranks run the same checks), unless ``every_rank`` (of one rank's own state).
     """
-    if process_rank() > 0:
+    if process_rank() > 0 and not every_rank:
         return
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None:

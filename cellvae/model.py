@@ -536,7 +536,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         1e-4 of the best so far, the same test early stopping's patience counts with;
         without validation cells, the lowest training loss after the KL warm-up), whose ``epoch`` value
         ``history.attrs["best_epoch"]`` holds (the last row is not always the model's;
-        ``history.attrs["still_improving"]`` says the epochs ran out while the validation loss still fell). A further
+        ``history.attrs["still_improving"]`` says the epochs ran out while the validation loss still fell, or without
+        validation cells while the best epoch was the last; :meth:`save` keeps it). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``; it validates on
         the cells its ``random_state`` and ``validation_size`` draw, the earlier fit's with the same values (others
         are warned of where they include cells the earlier fit trained on).
@@ -1493,6 +1494,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "format": "cellvae",
                 "trained": str(self.is_trained).lower(),
                 "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
+                "still_improving": str(bool(self.history.attrs.get("still_improving"))).lower(),
                 # the epoch whose parameters these are ("" where no epoch was kept or the history predates it)
                 "best_epoch": str(self.history.attrs.get("best_epoch", "")),
                 # how many data-parallel processes trained it ("" for one), each on minibatches of batch_size cells
@@ -1681,6 +1683,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         processes = metadata.get("processes", "")
         if isinstance(processes, str) and processes.isdecimal() and int(processes) > 1:
             model.history.attrs["processes"] = int(processes)
+        if "still_improving" in metadata:  # (not in files saved before session 71)
+            model.history.attrs["still_improving"] = metadata["still_improving"] == "true"
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
             data.warn_user(

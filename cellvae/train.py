@@ -86,7 +86,7 @@ PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 def default_max_epochs(n_cells: int) -> int:
     """Epochs for a dataset size: about 500,000 cell passes, between 20 and 400 epochs, and never
     more epochs than scVI's default, ``SCVI_CELL_PASSES / n_cells`` rounded (so from 400,000 cells on: 8 at
-    1M cells, 1 from about 5.33M, whose rounding gives 1.5 down).
+    1M cells, 1 from about 5.33M cells, where 8,000,000 / cells rounds to 1).
 
     ``n_cells`` counts every cell given to fit, its validation share too. On the 5-donor Kang data
     (7,816 of its 8,684 cells, the rest held out for the comparison: 64 epochs) this reaches a lower held-out
@@ -930,14 +930,14 @@ def setup_distributed(device: torch.device) -> torch.device:
                     f"{gpus} CUDA GPU(s) on this node: start at most {gpus} processes per node "
                     f"(torchrun --nproc_per_node={gpus}), or train on the CPU (device='cpu')"
                 )
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-            if device.index is not None and (device.index != local or per_node > 1):  # (told by rank 0, for all)
+            if device.index is not None and device.index != local:  # (told by the rank it concerns)
                 warn_user(
                     f"device cuda:{device.index} was asked for, but under torchrun each process trains on the GPU of "
-                    f"its local rank (cuda:0 to cuda:{per_node - 1} on each node), not on the one named; to choose the "
-                    "GPUs torchrun's processes use, set CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun "
-                    "--nproc_per_node=2 ...) and pass device='cuda'",
+                    f"its local rank: this one (local rank {local}) on cuda:{local}; to choose the GPUs torchrun's "
+                    "processes use, set CUDA_VISIBLE_DEVICES (e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun --nproc_per_node=2 "
+                    "...) and pass device='cuda' (or f'cuda:{LOCAL_RANK}')",
                     UserWarning,
+                    every_rank=True,
                 )
             device = torch.device("cuda", local)
         else:  # a group the caller made (mp.spawn, srun): the GPU it chose, cuda:N or torch.cuda.set_device's

@@ -69,25 +69,21 @@ def test_more_torchrun_processes_than_gpus_are_refused_before_torch_picks_a_gpu(
 
 def test_a_gpu_asked_for_under_torchrun_other_than_the_local_ranks_is_replaced_with_a_warning(monkeypatch):
     """device='cuda:0' given to every process was replaced by cuda:LOCAL_RANK without a word."""
-    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(name, value)  # rank 0 of two on one node, the rank that warns for all
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)  # rank 1 of two on one node: it warns itself (other warnings come from rank 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     chosen, backends = [], []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: backends.append(backend))
-    told = r"device cuda:1 was asked for, but under torchrun .* \(cuda:0 to cuda:1 on each node\).*CUDA_VISIBLE_DEVICES"
+    told = r"device cuda:0 was asked for, but under torchrun .* \(local rank 1\) on cuda:1; .*CUDA_VISIBLE_DEVICES"
     with pytest.warns(UserWarning, match=told):
-        assert cellvae.train.setup_distributed(torch.device("cuda", 1)) == torch.device("cuda", 0)
-    # rank 0 asked for its own GPU: the other rank was not (cuda:0 for every process), so rank 0 tells it
-    with pytest.warns(UserWarning, match=told.replace("cuda:1 was", "cuda:0 was")):
-        assert cellvae.train.setup_distributed(torch.device("cuda", 0)) == torch.device("cuda", 0)
-    assert chosen == [torch.device("cuda", 0)] * 2 and backends == ["nccl"] * 2
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node on its node's first GPU, or none named: no warning
+        assert cellvae.train.setup_distributed(torch.device("cuda", 0)) == torch.device("cuda", 1)
+    assert chosen == [torch.device("cuda", 1)] and backends == ["nccl"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert cellvae.train.setup_distributed(torch.device("cuda", 0)) == torch.device("cuda", 0)
-        assert cellvae.train.setup_distributed(torch.device("cuda")) == torch.device("cuda", 0)
+        warnings.simplefilter("error")  # the GPU of its local rank (the usual f"cuda:{LOCAL_RANK}"), or none named
+        assert cellvae.train.setup_distributed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+        assert cellvae.train.setup_distributed(torch.device("cuda")) == torch.device("cuda", 1)
 
 
 def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):

@@ -163,6 +163,7 @@ def test_same_seed_same_result_and_save_load_roundtrip(two_batches, tmp_path):
     improved = first.history["validation_loss"] < best_loss.shift(fill_value=np.inf) * (1 - 1e-4)
     assert first.history.attrs["best_epoch"] == first.history["epoch"][improved].iloc[-1]
     assert loaded.history.attrs["best_epoch"] == first.history.attrs["best_epoch"]
+    assert loaded.history.attrs["still_improving"] is first.history.attrs["still_improving"]
     # plain pandas and dict types, which anndata can store (it picks its writer by exact type)
     assert type(first.history) is pd.DataFrame and type(first.get_likelihood_parameters(small)) is dict
     stored = ad.AnnData(
