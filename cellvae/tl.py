@@ -358,7 +358,8 @@ def embed(
     ``adata.obsm[key_added]`` and its settings in ``adata.uns["cellvae"]["params"]``
     (for another ``key_added``, in ``adata.uns[key_added]["params"]``, as scanpy keys ``pca`` and ``neighbors``:
     each embedding keeps its own record): the arguments given, ``max_epochs`` (the number picked where None), the
-    epochs trained and the epoch kept (``best_epoch``; the last one: still improving), the device it trained on
+    epochs trained and the epoch kept (``best_epoch``; ``still_improving``, present where the epochs ran out while
+    training still improved: more ``max_epochs`` may help), the device it trained on
     and, on a CPU, ``torch_threads`` (bitwise reproducibility needs the same count). Training that diverged (undone by
     :meth:`~cellvae.CellVAE.fit`, with a warning) raises a ``RuntimeError`` and writes nothing.
     """
@@ -388,6 +389,8 @@ def embed(
         params["mask_var"] = mask_var if isinstance(mask_var, str) else f"{model.config.n_genes} genes"
     if model.history.attrs.get("interrupted"):  # Ctrl-C ended training early
         params["interrupted"] = True
+    if model.history.attrs.get("still_improving"):  # the epochs ran out while it improved: more may help
+        params["still_improving"] = True
     if model.history.attrs.get("processes", 1) > 1:  # data-parallel: each step's minibatch was processes × batch_size
         params["processes"] = int(model.history.attrs["processes"])
     if "best_epoch" in model.history.attrs:  # the epoch whose weights embedded the cells (the last: still improving)

@@ -1368,10 +1368,11 @@ def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
     assert main([*command, "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     params = ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
-    assert params["best_epoch"] == 2 and params["device"] == "cpu"
+    assert params["best_epoch"] == 2 and params["device"] == "cpu" and params["still_improving"]
     assert "trained 3 epochs (still improving at the last epoch: more --epochs than 3 may give a better model)" in out
     assert main([*command, "--epochs", "1", "--overwrite"]) == 0
     assert "still improving" not in capsys.readouterr().out  # (one epoch is no trend)
+    assert "still_improving" not in ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
 
 
 def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path, monkeypatch):
