@@ -118,13 +118,16 @@ def unnormalised_lfc(programme: np.ndarray, group1: str, group2: str) -> np.ndar
 
 
 def scores(genes: pd.DataFrame, delta: float) -> dict:
-    """Realised FDR (under each truth), the mean expected FDR of the calls and power, from a per-gene table."""
+    """Realised FDR (under each truth), the mean expected FDR of the calls, power, and the sign errors: the share of
+    the calls of truly changed genes whose ``lfc_mean`` has the other sign (a change called in the wrong direction)."""
     called = genes["is_de"].to_numpy(dtype=bool)
 
     def false_share(column: str) -> float:
         return round(float((called & (np.abs(genes[column].to_numpy()) <= delta)).sum() / max(called.sum(), 1)), 4)
 
     changed = np.abs(genes["true_lfc"].to_numpy()) > delta
+    found = called & changed
+    wrong_way = found & (np.sign(genes["lfc_mean"].to_numpy()) != np.sign(genes["true_lfc"].to_numpy()))
     return {
         "n_called": int(called.sum()),
         "n_changed": int(changed.sum()),
@@ -133,6 +136,7 @@ def scores(genes: pd.DataFrame, delta: float) -> dict:
         "power": round(float((called & changed).sum() / max(changed.sum(), 1)), 4),
         "realised_fdr_sample_truth": false_share("sample_lfc"),
         "realised_fdr_unnormalised_truth": false_share("unnormalised_lfc"),
+        "sign_errors": round(float(wrong_way.sum() / max(found.sum(), 1)), 4),
     }
 
 
@@ -181,6 +185,7 @@ def run(setting: str, seed: int, genes_dir: Path | None) -> list[dict]:
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd over seeds of each setting and comparison kind (the rows' realised FDR is one draw each)."""
     columns = ["realised_fdr", "expected_fdr", "power", "realised_fdr_sample_truth", "realised_fdr_unnormalised_truth"]
+    columns += ["sign_errors"] * ("sign_errors" in frame)  # (rows written before session 71 have none)
     grouped = frame.groupby(["setting", "kind"], sort=False)[columns]
     table = grouped.agg(["mean", "std"]).round(4)
     table.insert(0, "seeds", grouped.size())
