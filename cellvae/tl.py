@@ -25,6 +25,7 @@ import torch
 
 from cellvae import diagnostics
 from cellvae.data import (
+    MIN_CELLS,
     as_text,
     cell_positions,
     cell_texts,
@@ -1147,6 +1148,11 @@ def rate_distortion_sweep(
     for key in _key_list(model_kwargs.get("continuous_covariate_keys")):  # the held-out cells' too, before training
         if key in adata.obs.columns:
             continuous_values(adata.obs, key)
+    if adata.n_obs < MIN_CELLS + 1:  # (the held-out draw takes at least one cell)
+        raise ValueError(
+            f"rate_distortion_sweep trains on at least {MIN_CELLS} cells and holds out at least one (held_out="
+            f"{held_out:g}); adata has {adata.n_obs}"
+        )
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
     held = np.zeros(adata.n_obs, dtype=bool)
     held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
@@ -1572,11 +1578,20 @@ def latent_shift(
         "delta": delta,
         "n_strata": len(deltas),
         "n_reference_cells": int(in_reference.sum()),
-        "decoded_batch": batches if isinstance(batches, str) else None,  # None: each cell's own batch
+        "decoded_batch": _one_name(model, batch, batches, len(shifted)),  # None: each cell's own batch
         "decoded_covariates": decoded_covariates,
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted
+
+
+def _one_name(model: CellVAE, batch, batches, n: int) -> str | None:
+    """The batch every shifted cell was decoded as, as the model names it (``batch=107`` is "107"); None where the
+    cells were decoded each as its own batch, or as several named in ``batch=``."""
+    if batch is None:
+        return batches if isinstance(batches, str) else None
+    names = np.unique(model._batch_names(batch, n))
+    return str(names[0]) if len(names) == 1 else None
 
 
 def _inputs_separating(

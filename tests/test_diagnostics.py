@@ -453,6 +453,16 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
     assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
 
 
+def test_sweep_of_too_few_cells_is_refused_as_such_before_training(monkeypatch):
+    """An empty AnnData was told that no held-out cell shared a batch, one cell that adata is empty."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=1, random_state=0)
+    monkeypatch.setattr(CellVAE, "fit", lambda *args, **kwargs: pytest.fail("trained"))
+    for n in (0, 1, 8, 10):
+        told = rf"rate_distortion_sweep trains on at least 10 cells and holds out at least one \(held_out=0.1\); adata has {n}$"
+        with pytest.raises(ValueError, match=told):
+            cellvae.tl.rate_distortion_sweep(adata[:n].copy(), betas=(1.0,))
+
+
 def test_sweep_refuses_a_held_out_cells_bad_covariate_before_training_and_takes_keys_as_any_collection(monkeypatch):
     """A NaN continuous covariate in a held-out cell was refused after the first beta trained, counted among the
     held-out cells; categorical_covariate_keys as a NumPy array (CellVAE takes one) raised an ambiguous truth value."""
@@ -747,6 +757,8 @@ def test_a_one_epoch_history_is_drawn_as_points(cells):
     for axes in (cellvae.pl.history(model, show=False), cellvae.pl.history(model, ax=plt.subplots()[1], show=False)):
         lines = [line for axis in axes for line in axis.get_lines() if line.get_label() != "kept (epoch 0)"]
         assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)  # a lone point draws no line
+        assert all(axis.get_xlim() == (-0.5, 0.5) for axis in axes)  # whole epochs: the locator drew ticks at ±0.045
+        assert [tick for tick in axes[0].get_xticks() if -0.5 <= tick <= 0.5] == [0]
         plt.close(axes[0].figure)
 
 

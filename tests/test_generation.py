@@ -287,6 +287,16 @@ def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
             batched, training, groupby="batch", source="ctrl", target="stim", apply_to=controls, batch="ctrl"
         )
     assert as_asked.uns["latent_shift"]["decoded_batch"] == "ctrl"
+    # one name per cell, the same for all, is recorded as that batch (it was recorded as None: each cell's own)
+    mixed = np.resize(["ctrl", "stim"], controls.sum())
+    for names, recorded in ((np.full(controls.sum(), "ctrl"), "ctrl"), (mixed, None)):
+        with pytest.warns(UserWarning, match="the cells are decoded as"):
+            by_name = cellvae.tl.latent_shift(
+                batched, training, groupby="batch", source="ctrl", target="stim", apply_to=controls, batch=names
+            )
+        assert by_name.uns["latent_shift"]["decoded_batch"] == recorded
+        if recorded is not None:
+            np.testing.assert_array_equal(by_name.X, as_asked.X)
 
 
 def test_bad_decoding_arguments_are_refused_before_the_cells_are_encoded(kang, model, monkeypatch, tmp_path):
