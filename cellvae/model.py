@@ -1102,7 +1102,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             samples of many cells.
         random_state
             Seed of the draws (which depend also on the cells, ``batch_size`` and ``n_samples``: the first of two
-            samples can differ from the one drawn with ``n_samples=1``).
+            samples can differ from the one drawn with ``n_samples=1``). Two calls with the same seed (the default 0
+            too) draw the same counts: for replicates pass ``n_samples``, or another seed per call.
         batch_size
             Cells per forward pass.
         progress
@@ -2332,7 +2333,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             zero inflation removes a share of those counts).
         random_state
             Seed of the draws: the codes and library sizes, then the counts, drawn per forward pass (so another
-            ``batch_size`` gives the same codes and library sizes but other counts).
+            ``batch_size`` gives the same codes and library sizes but other counts). Two calls with the same seed
+            (the default 0 too) generate the same cells: pass another seed per call to add more.
         batch_size
             Cells per forward pass.
         progress
