@@ -203,6 +203,8 @@ def main() -> None:
     torch.set_num_threads(2)
     if not args.append:
         args.out.unlink(missing_ok=True)
+    elif args.out.exists() and "sign_errors" not in pd.read_csv(args.out, nrows=0).columns:
+        raise SystemExit(f"{args.out} was written before the sign_errors column: append to a new --out, or rerun all seeds")
     for setting in args.settings:
         for seed in args.seeds:
             frame = pd.DataFrame(run(setting, seed, args.genes))

@@ -102,11 +102,8 @@ def history(
             kept = frame.attrs["best_epoch"]
             axis.axvline(kept, color="0.6", linestyle=":", linewidth=1, label=f"kept (epoch {kept})")
         axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        if frame["epoch"].nunique() == 1:  # (a span of zero: the locator would fall back to fractions around it)
-            epoch = frame["epoch"].iloc[0]
-            axis.set_xlim(epoch - 0.5, epoch + 0.5)
-            axis.set_xticks([epoch])
+        # epochs are whole numbers (min_n_ticks=1: around one epoch alone it fell back to fractional ticks)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axis.set_ylabel(f"{quantity}, nats per cell" if one_axes else "nats per cell")
         axis.grid(False)
         if not one_axes:

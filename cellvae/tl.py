@@ -1148,11 +1148,6 @@ def rate_distortion_sweep(
     for key in _key_list(model_kwargs.get("continuous_covariate_keys")):  # the held-out cells' too, before training
         if key in adata.obs.columns:
             continuous_values(adata.obs, key)
-    if adata.n_obs < MIN_CELLS + 1:  # (the held-out draw takes at least one cell)
-        raise ValueError(
-            f"rate_distortion_sweep trains on at least {MIN_CELLS} cells and holds out at least one (held_out="
-            f"{held_out:g}); adata has {adata.n_obs}"
-        )
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
     held = np.zeros(adata.n_obs, dtype=bool)
     held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
@@ -1162,6 +1157,11 @@ def rate_distortion_sweep(
         if key is not None and key in adata.obs.columns:
             codes = as_text(adata.obs[key]).codes  # (the model's categories: -0.0 is 0.0)
             held &= np.isin(codes, np.unique(codes[~held]))
+    if (~held).sum() < MIN_CELLS:  # (before fit finds it, told in its terms: a model of the training part)
+        raise ValueError(
+            f"rate_distortion_sweep trains on at least {MIN_CELLS} cells besides those it holds out: held_out="
+            f"{held_out:g} of adata's {adata.n_obs} cells leaves {int((~held).sum())}; lower held_out or give more cells"
+        )
     if not held.any():
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
     test, fit_data = _part(adata, held, genes), _part(adata, ~held, genes)

@@ -1370,6 +1370,10 @@ def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
     params = ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
     assert params["best_epoch"] == 2 and params["device"] == "cpu" and params["still_improving"]
     assert "trained 3 epochs (still improving at the last epoch: more --epochs than 3 may give a better model)" in out
+    embed = ["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]
+    assert main(embed) == 0
+    again = ad.read_h5ad(tmp_path / "e.h5ad").uns["cellvae"]["params"]  # the loaded model's record says so too
+    assert again["best_epoch"] == 2 and again["still_improving"]
     assert main([*command, "--epochs", "1", "--overwrite"]) == 0
     assert "still improving" not in capsys.readouterr().out  # (one epoch is no trend)
     assert "still_improving" not in ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]

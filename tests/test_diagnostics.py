@@ -457,10 +457,10 @@ def test_sweep_of_too_few_cells_is_refused_as_such_before_training(monkeypatch):
     """An empty AnnData was told that no held-out cell shared a batch, one cell that adata is empty."""
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=1, random_state=0)
     monkeypatch.setattr(CellVAE, "fit", lambda *args, **kwargs: pytest.fail("trained"))
-    for n in (0, 1, 8, 10):
-        told = rf"rate_distortion_sweep trains on at least 10 cells and holds out at least one \(held_out=0.1\); adata has {n}$"
+    for n, held_out, left in ((0, 0.1, 0), (1, 0.1, 0), (8, 0.1, 7), (10, 0.1, 9), (11, 0.99, 0), (100, 0.95, 5)):
+        told = rf"at least 10 cells besides those it holds out: held_out={held_out:g} of adata's {n} cells leaves {left};"
         with pytest.raises(ValueError, match=told):
-            cellvae.tl.rate_distortion_sweep(adata[:n].copy(), betas=(1.0,))
+            cellvae.tl.rate_distortion_sweep(adata[:n].copy(), betas=(1.0,), held_out=held_out)
 
 
 def test_sweep_refuses_a_held_out_cells_bad_covariate_before_training_and_takes_keys_as_any_collection(monkeypatch):
@@ -757,9 +757,18 @@ def test_a_one_epoch_history_is_drawn_as_points(cells):
     for axes in (cellvae.pl.history(model, show=False), cellvae.pl.history(model, ax=plt.subplots()[1], show=False)):
         lines = [line for axis in axes for line in axis.get_lines() if line.get_label() != "kept (epoch 0)"]
         assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)  # a lone point draws no line
-        assert all(axis.get_xlim() == (-0.5, 0.5) for axis in axes)  # whole epochs: the locator drew ticks at ±0.045
-        assert [tick for tick in axes[0].get_xticks() if -0.5 <= tick <= 0.5] == [0]
+        low, high = axes[0].get_xlim()  # whole epochs: the locator drew ticks at ±0.01, ±0.02, ...
+        assert [tick for tick in axes[0].get_xticks() if low <= tick <= high] == [0]
         plt.close(axes[0].figure)
+    longer = CellVAE(cells, n_hidden=8, n_latent=3).fit(max_epochs=4, progress=False)
+    _, shared = plt.subplots(1, 2)
+    for first, second in ((model, longer), (longer, model)):  # overlaid on the same Axes, either order
+        for axis in shared:
+            axis.clear()
+        cellvae.pl.history(first, ax=shared, show=False)
+        cellvae.pl.history(second, ax=shared, show=False)
+        assert shared[0].get_xlim()[0] < 0 and shared[0].get_xlim()[1] > 3  # every epoch of the longer run in view
+    plt.close(shared[0].figure)
 
 
 def test_history_marks_only_points_with_no_finite_neighbour(small_model):
