@@ -1208,6 +1208,7 @@ def learn_covariate_layout(
             )
     for key, names in categories.items():
         warn_of_missing_as_text(key, names)
+        warn_of_numbers_beside_text(obs[key], key)
         if len(names) == 1 and len(obs) > 1:
             warn_user(
                 f"obs[{key!r}] is {names[0]!r} in all {len(obs):,} cells, so there is nothing to correct for: the model "
@@ -1260,6 +1261,25 @@ def warn_of_missing_as_text(key: str, names: list[str], name: str = "adata") -> 
             f"{name}.obs[{key!r}] has a category {missing[0]!r}, the text of a missing value (.astype(str) writes NaN "
             "as 'nan', None as 'None'): those cells are corrected for as one group of their own; if they have no value, "
             "give them a name that says so or leave them out",
+            UserWarning,
+        )
+
+
+def warn_of_numbers_beside_text(column: pd.Series, key: str) -> None:
+    """Warn where a column of mixed values holds a whole float beside the text of that number (2.0 beside "2", as
+    ``pd.concat`` of a column read as floats with one read as text gives): their names differ ("2.0", "2"), so they
+    are two batches or categories, while an integer beside its text (1 and "1") reads as one."""
+    values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column.dropna())
+    texts = {value for value in values if isinstance(value, str)}
+    whole = [v for v in values if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer()]
+    clashes = [value for value in whole if str(int(value)) in texts]
+    if clashes:
+        number = clashes[0]
+        warn_user(
+            f"obs[{key!r}] holds numbers beside text: {float(number)!r} and {str(int(number))!r} name two different "
+            f"groups ({len(clashes)} such pair{'s' * (len(clashes) > 1)}); if they are the same, make the column one "
+            f"type first, e.g. adata.obs[{key!r}] = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) "
+            f"for v in adata.obs[{key!r}]]",
             UserWarning,
         )
 

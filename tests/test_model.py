@@ -900,6 +900,18 @@ def test_covariates_are_used(two_batches):
     named.obs["batch"] = named.obs["batch"].astype(object).where(named.obs["batch"] == "batch0", np.nan).astype(str)
     with pytest.warns(UserWarning, match=r"obs\['batch'\] has a category 'nan', the text of a missing value"):
         CellVAE(named, batch_key="batch", n_hidden=16)
+    # a whole float beside the text of its number (pd.concat of a float column with a text one) names two groups:
+    # told (an integer beside its text reads as one group), as an object column and as a categorical one
+    mixed = two_batches.copy()
+    values = np.array(["1", "2", 2.0, 1] * (mixed.n_obs // 4), dtype=object)
+    for column in (pd.Series(values, index=mixed.obs_names, dtype=object), pd.Categorical(values)):
+        mixed.obs["sample"] = column
+        told = r"obs\['sample'\] holds numbers beside text: 2.0 and '2' name two different groups \(1 such pair\)"
+        with pytest.warns(UserWarning, match=told):
+            assert sorted(CellVAE(mixed, batch_key="sample", n_hidden=16).config.batch_categories) == ["1", "2", "2.0"]
+    mixed.obs["sample"] = pd.Series(np.where(values == 2.0, 2, values), index=mixed.obs_names, dtype=object)
+    with no_warnings():
+        assert CellVAE(mixed, batch_key="sample", n_hidden=16).config.batch_categories == ["1", "2"]
     one_sample.obs["plate"] = "p1"
     with pytest.warns(UserWarning, match=r"obs\['plate'\] is 'p1' in all .* sample\?\)$"):
         CellVAE(one_sample, categorical_covariate_keys=["plate"], n_hidden=16)
