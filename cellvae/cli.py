@@ -1153,10 +1153,7 @@ def _record_embedding(
     params |= {"epochs_trained": int(len(model.history))}
     if model.train_settings is not None:  # the epochs the model was trained for (with early stopping, more)
         params["max_epochs"] = int(model.train_settings.max_epochs)
-    if "best_epoch" in model.history.attrs:  # as tl.embed and cellvae fit record them
-        params["best_epoch"] = int(model.history.attrs["best_epoch"])
-    if model.history.attrs.get("still_improving"):
-        params["still_improving"] = True
+    params |= tl._kept_epoch_record(model.history)  # as tl.embed and cellvae fit record them
     params |= {k: v for k, v in (more or {}).items() if v is not None}
     adata.uns[uns_key] = {**adata.uns.get(uns_key, {}), "params": params}
     _warn_if_graph_is_stale(stale)

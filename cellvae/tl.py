@@ -390,12 +390,9 @@ def embed(
         params["mask_var"] = mask_var if isinstance(mask_var, str) else f"{model.config.n_genes} genes"
     if model.history.attrs.get("interrupted"):  # Ctrl-C ended training early
         params["interrupted"] = True
-    if model.history.attrs.get("still_improving"):  # the epochs ran out while it improved: more may help
-        params["still_improving"] = True
     if model.history.attrs.get("processes", 1) > 1:  # data-parallel: each step's minibatch was processes × batch_size
         params["processes"] = int(model.history.attrs["processes"])
-    if "best_epoch" in model.history.attrs:  # the epoch whose weights embedded the cells (the last: still improving)
-        params["best_epoch"] = int(model.history.attrs["best_epoch"])
+    params |= _kept_epoch_record(model.history)
     for key, value in {**model_kwargs, **(fit_kwargs or {})}.items():  # what .h5ad can store: numbers, text, lists of text
         value = value.item() if isinstance(value, np.generic) else value
         value = value.tolist() if isinstance(value, (np.ndarray, pd.Index)) else value  # keys as an array or Index
@@ -1583,6 +1580,17 @@ def latent_shift(
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",
     }
     return predicted
+
+
+def _kept_epoch_record(history: pd.DataFrame) -> dict:
+    """The record's entries of the epoch whose weights embed the cells (``best_epoch``) and, where the epochs ran out
+    while training improved, ``still_improving`` (as tl.embed, cellvae fit and cellvae embed record them)."""
+    record = {}
+    if "best_epoch" in history.attrs:
+        record["best_epoch"] = int(history.attrs["best_epoch"])
+    if history.attrs.get("still_improving"):  # more epochs may help
+        record["still_improving"] = True
+    return record
 
 
 def _one_name(model: CellVAE, batch, batches, n: int) -> str | None:
