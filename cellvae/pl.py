@@ -193,9 +193,19 @@ def rate_distortion(
         curve = curve.sort_values("rate")
         label = f"{groupby}={group}" if groupby is not None else ("mean per β" if repeated else None)
         ax.plot(curve["rate"], curve["distortion"], "o-", color=f"C{number}", label=label)
+        middle = (frame["rate"].min() + frame["rate"].max()) / 2
         for _, row in curve.iterrows():
             position = (row["rate"], row["distortion"])
-            ax.annotate(f"β={row['beta']:g}", position, textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # labels in the right half to the left of their point, so that the rightmost stays inside the Axes
+            left = row["rate"] > middle
+            ax.annotate(
+                f"β={row['beta']:g}",
+                position,
+                textcoords="offset points",
+                xytext=(-5 if left else 5, 4),
+                ha="right" if left else "left",
+                fontsize=8,
+            )
     rates = np.linspace(curves["rate"].min(), curves["rate"].max(), 2)
     by_group = zip(curves.groupby("group", sort=False, dropna=False), frame.groupby("group", sort=False, dropna=False))
     for number, ((group, curve), (_, rows)) in enumerate(by_group):

@@ -904,6 +904,12 @@ def test_rate_distortion_draws_the_curve_in_order_of_rate_with_labelled_axes():
     np.testing.assert_array_equal(curve.get_xdata(), [2.0, 5.0, 9.0])
     np.testing.assert_array_equal(curve.get_ydata(), [120.0, 104.0, 100.0])
     assert ax.get_xlabel().startswith("rate") and ax.get_ylabel().startswith("distortion")
+    # every beta's label lies inside the Axes (the smallest beta's, at the largest rate, ran off its right edge)
+    ax.figure.canvas.draw()
+    inside = ax.get_window_extent()
+    for text in ax.texts:
+        box = text.get_window_extent()
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1, text.get_text()
     plt.close(ax.figure)
 
 
