@@ -435,7 +435,9 @@ def transfer_labels(
 
     Each neighbour's vote weighs ``exp(-(d / d_k)^2)``, with ``d_k`` the query cell's distance
     to its k-th neighbour, so closer reference cells count more whatever the embedding's scale.
-    Where ``k`` or more reference cells lie exactly at a query cell's point, all of them vote, alike.
+    Where ``k`` or more reference cells lie exactly at a query cell's point, all of them vote, alike. Other
+    reference cells tied at exactly the k-th distance (duplicated cells, a coarsely rounded embedding) are picked by
+    their order in ``ref_adata``, as scikit-learn's neighbour search picks them.
     A query cell that is itself a labelled reference cell (the same obs name and embedding: e.g. one AnnData
     passed as both, as scANVI's ``predict`` labels its own cells) does not vote for itself, so its prediction,
     uncertainty and novelty are those of a cell the reference had not seen.
