@@ -26,6 +26,7 @@ import torch
 from cellvae import diagnostics
 from cellvae.data import (
     MIN_CELLS,
+    MISSING_AS_TEXT,
     as_text,
     cell_positions,
     cell_texts,
@@ -656,6 +657,19 @@ def _voting_cells(
                 UserWarning,
             )
         labelled = labelled & ~unlabelled
+    # missing labels written as text (.astype(str) of NaN, a file's empty cells) would vote as a label of their own
+    texts = labels[labelled].astype(str)
+    missing = sorted(set(texts[texts.isin(MISSING_AS_TEXT) | (texts.str.strip() == "")]))
+    if missing:
+        counts = ", ".join(f"{int((texts == label).sum())} {label!r}" for label in missing)
+        replaced = ", ".join(f"{label!r}: np.nan" for label in missing)
+        warn_user(
+            f"ref_adata.obs[{labels_key!r}] labels cells with the text of a missing value ({counts}; .astype(str) writes "
+            f"NaN as 'nan'): they vote as a label of their own, which query cells can be given; if they are unlabelled, "
+            f"make them missing, ref_adata.obs[{labels_key!r}] = ref_adata.obs[{labels_key!r}].replace({{{replaced}}})"
+            + (f", or pass unlabeled_category={missing[0]!r}" if len(missing) == 1 else ""),
+            UserWarning,
+        )
     check_positive_int(k, "k")
     if not labelled.any():
         skipped = "missing" + (f" or {unlabeled_category!r}" if unlabeled_category is not None else "")

@@ -589,6 +589,24 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     reference.obs["partly"] = np.where(np.arange(100) % 2 == 0, "unknown", reference.obs["cell_type"])
     cellvae.tl.transfer_labels(reference, query, "partly", k=10, unlabeled_category="unknown")
     assert query.obs["partly_predicted"].astype(str).tolist()[:2] == ["A", "B"]
+    # missing labels written as text (.astype(str) of NaN, a file's empty cells) vote as a label: told, with the fix
+    reference.obs["as_text"] = pd.Series(np.where(np.arange(100) % 2 == 0, None, reference.obs["cell_type"])).astype(str).values
+    reference.obs.loc[reference.obs_names[:4], "as_text"] = ""
+    told = (
+        r"obs\['as_text'\] labels cells with the text of a missing value \(4 '', 48 'None'; .* they vote as a label of "
+        r"their own, .*replace\(\{'': np.nan, 'None': np.nan\}\)$"
+    )
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.transfer_labels(reference, query.copy(), "as_text", k=10)
+    reference.obs["one_kind"] = reference.obs["as_text"].replace({"": "nan", "None": "nan"})
+    with pytest.warns(UserWarning, match=r"\(52 'nan'; .*replace\(\{'nan': np.nan\}\), or pass unlabeled_category='nan'$"):
+        cellvae.tl.transfer_labels(reference, query.copy(), "one_kind", k=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        made_missing = reference.obs["as_text"].replace({"": np.nan, "None": np.nan})
+        cellvae.tl.transfer_labels(reference[:, :].copy(), query.copy(), "cell_type", k=10)  # real labels: quiet
+        reference.obs["as_text"] = made_missing
+        cellvae.tl.transfer_labels(reference, query.copy(), "as_text", k=10)
     # a misspelt placeholder leaves no cell out: told, with the label it likely meant
     with pytest.warns(UserWarning, match=r"unlabeled_category 'Unknown' is no label of .*did you mean 'unknown'\?"):
         cellvae.tl.transfer_labels(reference, query.copy(), "partly", k=10, unlabeled_category="Unknown")
