@@ -10,7 +10,8 @@ other text, and any ``Path``, is a file path, written as given (``.png`` added w
 ``"umap_beta0.5"`` is written as ``umap_beta0.5.png``).
 Figures are saved at matplotlib's ``savefig.dpi`` (``sc.set_figure_params(dpi_save=...)`` sets it), 150
 where it is left at ``"figure"``. As in scanpy, a figure the function made and saved is then closed (after
-showing it), so saving in a loop does not pile up figures.
+showing it), so saving in a loop does not pile up figures. Drawing into a grid of your own Axes, pass ``show=False``
+to each call (the first call would otherwise show the grid with one panel drawn, as scanpy's plots would).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.ticker import MaxNLocator
 
 from cellvae import diagnostics
+from cellvae.data import warn_user
 from cellvae.model import CellVAE, _check_model, _check_threshold
 
 MAX_LABELLED_DIMENSIONS = 40  # kl_per_dimension names each bar's dimension up to this many
@@ -91,10 +93,12 @@ def history(
     for axis, (quantity, title, colour) in zip(axes, quantities):
         for split, style in (("train", "-"), ("validation", "--")):
             column = f"{split}_{quantity}"
-            if column in frame:
+            finite = np.isfinite(frame[column].to_numpy(dtype=float)) if column in frame else np.zeros(0, dtype=bool)
+            if column in frame and not finite.any():  # (a legend entry for a line not drawn)
+                warn_user(f"pl.history leaves out history[{column!r}]: it holds no finite value", UserWarning)
+            elif column in frame:
                 label = f"{split} {quantity}" if one_axes else split
                 # a point with no finite neighbour (a one-epoch history) draws no line: marked instead
-                finite = np.isfinite(frame[column].to_numpy(dtype=float))
                 alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
                 marks = {"marker": "o", "markevery": alone.tolist()} if alone.any() else {}
                 axis.plot(frame["epoch"], frame[column], style, label=label, **marks, **({"color": colour} if one_axes else {}))
@@ -110,8 +114,20 @@ def history(
             axis.set_title(title)
             axis.legend(frameon=False)
     if one_axes:
+        if len(frame) == 1:  # each scale's two values would land at the same two heights: the rate's kept apart
+            axes[1].margins(y=1.0)
         lines = [line for axis in axes for line in axis.get_lines()]
-        axes[0].legend(lines, [line.get_label() for line in lines], frameon=False)
+        # above the Axes: inside, "best" placement avoids only its own Axes' curves, and the other scale's ran through it
+        axes[1].legend(
+            lines,
+            [line.get_label() for line in lines],
+            loc="lower left",
+            bbox_to_anchor=(0, 1.02),
+            ncols=2,
+            borderaxespad=0,
+            frameon=False,
+            fontsize="small",
+        )
     shown = _finish(axes[0].figure, show, target, made=ax is None)
     return None if shown else axes
 
@@ -176,6 +192,13 @@ def rate_distortion(
     except (TypeError, ValueError) as error:
         raise TypeError(f"beta, rate and distortion must be numbers ({error})") from error
     finite = np.isfinite(frame.to_numpy()).all(axis=1)
+    if not finite.all():
+        left_out = ", ".join(f"{beta:g}" for beta in frame["beta"][~finite])
+        warn_user(
+            f"pl.rate_distortion leaves out {int((~finite).sum())} row(s) whose beta, rate or distortion is not finite "
+            f"(beta {left_out}): their training diverged or was not measured",
+            UserWarning,
+        )
     # positions from here; the index labels kept as a column: stacked sweeps repeat them, once per sweep
     frame = frame.assign(group=groups, label=frame.index.to_numpy(), sweep=sweeps)[finite].reset_index(drop=True)
     if frame.empty:
@@ -202,11 +225,10 @@ def rate_distortion(
                 f"β={row['beta']:g}",
                 position,
                 textcoords="offset points",
-                xytext=(-5 if left else 5, 4),
+                xytext=(-8 if left else 8, 6),  # (clear of the best point's ring)
                 ha="right" if left else "left",
-                fontsize=8,
+                fontsize="small",
             )
-    rates = np.linspace(curves["rate"].min(), curves["rate"].max(), 2)
     by_group = zip(curves.groupby("group", sort=False, dropna=False), frame.groupby("group", sort=False, dropna=False))
     for number, ((group, curve), (_, rows)) in enumerate(by_group):
         # each group's own best, among the betas of every sweep stacked in it: a beta of fewer sweeps is a mean over
@@ -229,20 +251,16 @@ def rate_distortion(
         )
         ax.plot(best["rate"], best["distortion"], "o", ms=12, mfc="none", mec=edge, label=label)
         if len(curves) > 1:  # (one point: no line to draw)
+            # an unbounded line, which the Axes' limits leave out: they follow the points
             equal = "equal ELBO" if number == 0 else None
-            ax.plot(
-                rates,
-                best["rate"] + best["distortion"] - rates,
-                "--",
-                color="grey" if groupby is None else edge,
-                lw=1,
-                label=equal,
-            )
+            colour = "grey" if groupby is None else edge
+            ax.axline((best["rate"], best["distortion"]), slope=-1.0, ls="--", color=colour, lw=1, label=equal)
+    ax.margins(0.1)  # room for the labels beside the outermost points
     ax.set_xlabel("rate KL(q‖p) (nats per cell)")
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
     if held_out:
-        ax.set_title("means over held-out cells", fontsize=10)
-    ax.legend(frameon=False, fontsize=8)
+        ax.set_title("means over held-out cells", fontsize="medium")
+    ax.legend(frameon=False, fontsize="small")
     ax.grid(False)
     shown = _finish(ax.figure, show, target, made=made)
     return None if shown else ax
@@ -301,14 +319,14 @@ def kl_per_dimension(
     colors = np.where(activity[order] > threshold, "tab:blue", "lightgrey")
     ax.bar(np.arange(len(kl)), kl[order], color=colors)
     if len(kl) <= MAX_LABELLED_DIMENSIONS:
-        ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize=7)
+        ax.set_xticks(np.arange(len(kl)), [str(d) for d in order], fontsize="small")
         ax.set_xlabel("latent dimension")
     else:  # too many to read: ranks only
         ax.set_xlabel("latent dimensions, largest KL first")
     ax.set_ylabel("KL (nats per cell)")
     ax.axhline(diagnostics.COLLAPSED_KL, color="grey", lw=0.8, ls=":")
     n_active, n_informative = int((activity > threshold).sum()), int((kl >= diagnostics.COLLAPSED_KL).sum())
-    ax.set_title(f"{n_active} of {len(kl)} active, {n_informative} ≥ {diagnostics.COLLAPSED_KL:g} nats", fontsize=10)
+    ax.set_title(f"{n_active} of {len(kl)} active, {n_informative} ≥ {diagnostics.COLLAPSED_KL:g} nats", fontsize="medium")
     ax.grid(False)
     shown = _finish(ax.figure, show, target, made=made)
     return None if shown else ax
@@ -346,6 +364,8 @@ def _two_axes(ax) -> list[Axes]:
     if axes is None or len(axes) != 2 or not all(isinstance(axis, Axes) for axis in axes):
         got = f"{len(axes)} items" if axes is not None and len(axes) != 2 else f"{type(ax).__name__} {ax!r:.60}"
         raise TypeError(f"ax takes one matplotlib Axes or two (distortion, rate), e.g. plt.subplots(1, 2)[1]; got {got}")
+    if axes[0] is axes[1]:  # distortion (hundreds of nats) and rate (a few) on one scale
+        raise ValueError("ax names the same Axes twice; give two Axes, or that one alone (the rate then gets a right scale)")
     return axes
 
 
@@ -367,7 +387,12 @@ def _save_target(save, name: str) -> Path | None:
             stem, kind = text, str(getattr(settings, "file_format_figs", "pdf")).lstrip(".")
         suffix = "." + kind
         stem += str(getattr(settings, "plot_suffix", "") or "")  # sc.settings.plot_suffix, as scanpy appends it
-        return Path(getattr(settings, "figdir", "figures")) / f"{name}{stem}{suffix}"  # (the folder made on saving)
+        folder = Path(getattr(settings, "figdir", "figures")).expanduser()  # (made on saving)
+        blocked = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+        if blocked is not None:
+            raise NotADirectoryError(f"the figure folder {folder} (sc.settings.figdir) cannot be made: {blocked} is a file")
+        return folder / f"{name}{stem}{suffix}"
+    text = os.path.expanduser(text)  # ("~/figures/x.png", as the shell would read it)
     if text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
         raise ValueError(f"save={text!r} names a folder; give a file name such as {str(Path(text) / 'figure.png')!r}")
     if not Path(text).resolve().parent.is_dir():
@@ -382,7 +407,7 @@ def _save_target(save, name: str) -> Path | None:
 
 def _finish(figure, show: bool | None, target: Path | None, made: bool) -> bool:
     """Lay out, save (``target``) and show the figure as scanpy does; return whether it was shown."""
-    if made:  # a figure of the caller's (ax given) keeps the layout the caller chose
+    if made and figure.get_layout_engine() is None:  # a caller's figure (ax given) or rcParams' layout: kept
         figure.tight_layout()
     if target is not None:
         while not hasattr(figure, "savefig"):  # an axes in a subfigure (matplotlib >= 3.10): the whole figure

@@ -121,7 +121,10 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     _, one = plt.subplots()
     distortion, rate = cellvae.pl.history(model, ax=one, show=False)  # one Axes: the rate on a right-hand scale
     assert distortion is one and rate.get_shared_x_axes().joined(rate, one)
-    assert [t.get_text() for t in one.get_legend().get_texts()] == [
+    # the legend above the Axes (inside, on the left scale, the rate curves ran through its text)
+    one.figure.canvas.draw()
+    assert one.get_legend() is None and rate.get_legend().get_window_extent().y0 >= one.get_window_extent().y1
+    assert [t.get_text() for t in rate.get_legend().get_texts()] == [
         "train distortion",
         "validation distortion",
         "train rate",
@@ -327,7 +330,12 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     ax = cellvae.pl.rate_distortion(stacked, show=False)
     line = ax.get_lines()[-1]
     best = (frame["rate"] + frame["distortion"]).min() + 0.5
-    np.testing.assert_allclose(line.get_xdata() + line.get_ydata(), best)
+    assert line.get_slope() == -1.0 and line.get_label() == "equal ELBO"
+    np.testing.assert_allclose(sum(line.get_xy1()), best)
+    # the line leaves the limits to the points: the curve fills the height (it sat in a quarter of it)
+    low, high = ax.get_ylim()
+    span = stacked.groupby("beta")["distortion"].mean()
+    assert low >= span.min() - 0.1 * (span.max() - span.min()) and high <= span.max() + 0.1 * (span.max() - span.min())
     plt.close(ax.figure)
     # the standard errors of the held-out means, and the dimensions that carry information
     assert (frame["elbo_se"] > 1).all()  # the cells' spread: other held-out cells would move every row together
@@ -754,11 +762,16 @@ def test_a_one_epoch_history_is_drawn_as_points(cells):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = CellVAE(cells, n_hidden=8, n_latent=3).fit(max_epochs=1, progress=False)
-    for axes in (cellvae.pl.history(model, show=False), cellvae.pl.history(model, ax=plt.subplots()[1], show=False)):
+    for one_axes in (False, True):
+        axes = cellvae.pl.history(model, ax=plt.subplots()[1] if one_axes else None, show=False)
         lines = [line for axis in axes for line in axis.get_lines() if line.get_label() != "kept (epoch 0)"]
         assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)  # a lone point draws no line
         low, high = axes[0].get_xlim()  # whole epochs: the locator drew ticks at ±0.01, ±0.02, ...
         assert [tick for tick in axes[0].get_xticks() if low <= tick <= high] == [0]
+        # on one Axes the four points lie at four heights (each scale put its two at the same two: two points hidden)
+        axes[0].figure.canvas.draw()
+        heights = [axis.transData.transform((0, line.get_ydata()[0]))[1] for axis in axes for line in axis.get_lines()[:2]]
+        assert not one_axes or min(np.diff(sorted(heights))) > 5, heights
         plt.close(axes[0].figure)
     longer = CellVAE(cells, n_hidden=8, n_latent=3).fit(max_epochs=4, progress=False)
     _, shared = plt.subplots(1, 2)
@@ -780,6 +793,48 @@ def test_history_marks_only_points_with_no_finite_neighbour(small_model):
     assert lines["train"].get_marker() == "o" and list(lines["train"].get_markevery()) == [True, False, True]
     assert lines["validation"].get_marker() in ("None", None, "")
     plt.close(distortion.figure)
+
+
+def test_plots_tell_what_they_leave_out_and_refuse_one_axes_given_twice(small_model):
+    """Rows and columns without finite values were left out silently (a legend entry with no line, for history)."""
+    sweep = pd.DataFrame({"beta": [0.5, 1.0, 2.0, 4.0], "rate": [9.0, 5.0, np.inf, 1.0], "distortion": [100, 104, 108, np.nan]})
+    with pytest.warns(UserWarning, match=r"leaves out 2 row\(s\) whose beta, rate or distortion is not finite \(beta 2, 4\)"):
+        ax = cellvae.pl.rate_distortion(sweep, show=False)
+    assert sorted(t.get_text() for t in ax.texts) == ["β=0.5", "β=1"]
+    plt.close(ax.figure)
+    model = copy.copy(small_model)
+    model.history = small_model.history.copy()
+    model.history["validation_rate"] = np.nan
+    with pytest.warns(UserWarning, match=r"leaves out history\['validation_rate'\]: it holds no finite value"):
+        distortion, rate = cellvae.pl.history(model, ax=plt.subplots()[1], show=False)
+    assert "validation rate" not in [t.get_text() for t in rate.get_legend().get_texts()]
+    plt.close(distortion.figure)
+    _, one = plt.subplots()
+    with pytest.raises(ValueError, match="ax names the same Axes twice; give two Axes, or that one alone"):
+        cellvae.pl.history(small_model, ax=(one, one), show=False)
+    assert not one.get_lines()
+    plt.close(one.figure)
+
+
+def test_a_figure_folder_that_cannot_be_made_is_told_before_drawing_and_a_layout_engine_is_kept(tmp_path, monkeypatch):
+    sweep = pd.DataFrame({"beta": [0.5, 1.0], "rate": [9.0, 5.0], "distortion": [100.0, 104.0]})
+    (tmp_path / "a_file").write_text("")
+    figdir, sc.settings.figdir = sc.settings.figdir, tmp_path / "a_file" / "figures"
+    open_figures = plt.get_fignums()
+    try:
+        with pytest.raises(NotADirectoryError, match=r"folder .*a_file/figures \(sc.settings.figdir\) cannot be made"):
+            cellvae.pl.rate_distortion(sweep, save=True)
+    finally:
+        sc.settings.figdir = figdir
+    assert plt.get_fignums() == open_figures
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cellvae.pl.rate_distortion(sweep, save="~/rd.png", show=False)  # "~" is the home folder, as the shell reads it
+    assert (tmp_path / "rd.png").is_file()
+    with matplotlib.rc_context({"figure.constrained_layout.use": True}), warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The figure layout has changed to tight"
+        ax = cellvae.pl.rate_distortion(sweep, show=False)
+    assert ax.figure.get_layout_engine().__class__.__name__ == "ConstrainedLayoutEngine"
+    plt.close(ax.figure)
 
 
 def test_save_naming_a_folder_is_refused_before_drawing(tmp_path):
