@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar, overload
 
 import anndata as ad
 import numpy as np
@@ -228,7 +229,13 @@ SCVI_TOOLS_ARGUMENT_VALUES = {
 }
 
 
-def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str = "scvi-tools'"):
+Parameters = ParamSpec("Parameters")
+Returned = TypeVar("Returned")
+
+
+def _scvi_tools_names(
+    method: Callable[Parameters, Returned], arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str = "scvi-tools'"
+) -> Callable[Parameters, Returned]:
     """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
     where ``method`` takes it (elsewhere Python's own error stands: the advice would name what it lacks).
     ``arguments`` and ``whose``: another library's names, with their advice (scanpy's, for cellvae.tl)."""
@@ -242,7 +249,7 @@ def _scvi_tools_names(method, arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str
     bound = 1 if positional and positional[0].name in ("self", "cls") else 0  # a method's self (or cls) is not counted
 
     @functools.wraps(method)
-    def checked(*args, **kwargs):
+    def checked(*args: Parameters.args, **kwargs: Parameters.kwargs) -> Returned:
         if len(args) > len(positional) and by_keyword:  # e.g. fit(10), as scvi-tools' train(max_epochs) is called
             by_position = ", ".join(p.name for p in positional[bound:])
             takes = f"takes {by_position} by position and the rest by keyword" if by_position else "takes keywords only"
@@ -278,8 +285,10 @@ def _missing_attribute(owner: str, name: str) -> AttributeError:
 class _NamesScviToolsMethods(type):
     """CellVAE's metaclass: ``CellVAE.setup_anndata`` (scvi-tools' first call) says what to call instead."""
 
-    def __getattr__(cls, name: str):
-        raise _missing_attribute(f"type object {cls.__name__!r}", name)
+    if not TYPE_CHECKING:  # (to a type checker, a misspelt or scvi-tools name on the class stays an error)
+
+        def __getattr__(cls, name: str):
+            raise _missing_attribute(f"type object {cls.__name__!r}", name)
 
 
 class CellVAE(metaclass=_NamesScviToolsMethods):
@@ -461,9 +470,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.__dict__.update(state)
         self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
 
-    def __getattr__(self, name: str):
-        # reached only for names the object lacks
-        raise _missing_attribute(f"{type(self).__name__!r} object", name)
+    if not TYPE_CHECKING:  # (as the metaclass's: not for type checkers)
+
+        def __getattr__(self, name: str):
+            # reached only for names the object lacks
+            raise _missing_attribute(f"{type(self).__name__!r} object", name)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
         self.config = config
@@ -807,6 +818,45 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.device = pick_device(device)
         _move(self.module, self.device)
         return self
+
+    @overload
+    def get_latent(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        mean: bool = True,
+        batch_size: int = 4096,
+        random_state: int = 0,
+        refine_steps: int = 0,
+        return_dist: Literal[False] = False,
+        progress: bool = True,
+    ) -> np.ndarray: ...
+
+    @overload
+    def get_latent(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        mean: bool = True,
+        batch_size: int = 4096,
+        random_state: int = 0,
+        refine_steps: int = 0,
+        return_dist: Literal[True],
+        progress: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    @overload
+    def get_latent(
+        self,
+        adata: ad.AnnData | None = None,
+        *,
+        mean: bool = True,
+        batch_size: int = 4096,
+        random_state: int = 0,
+        refine_steps: int = 0,
+        return_dist: bool = False,
+        progress: bool = True,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
 
     @_scvi_tools_names
     def get_latent(

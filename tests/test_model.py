@@ -93,6 +93,39 @@ def test_every_package_cellvae_imports_is_a_declared_dependency():
     assert not undeclared, f"imported by cellvae but not in pyproject's dependencies: {sorted(undeclared)}"
 
 
+def test_a_type_checker_sees_the_public_api(tmp_path):
+    """The package ships py.typed: mypy must see the real signatures (the scvi-tools-name decorator hid them, and
+    the __getattr__ that names scvi-tools' methods made every misspelt attribute valid)."""
+    from pathlib import Path
+
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import cellvae\n"
+        "from cellvae import CellVAE\n"
+        "model = CellVAE(cellvae.datasets.pbmc68k(), n_latent=10)\n"
+        "model.fit(random_state=0, max_epoch=3)\n"
+        "z = model.get_latent()\n"
+        "print(z.shape)\n"
+        "means, variances = model.get_latent(return_dist=True)\n"
+        "print(means.shape, variances.shape)\n"
+        "model.histroy\n"
+        "CellVAE.setup_anndata\n"
+        "reveal_type(CellVAE.load('folder'))\n"
+    )
+    root = Path(cellvae.__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental"]
+    command += ["--cache-dir", os.devnull, str(script)]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=os.environ | {"MYPYPATH": str(root)})
+    found = [line.split(": ", 1)[1] for line in run.stdout.splitlines() if re.match(r"(.*/)?user\.py:\d+: ", line)]
+    assert found == [
+        'error: Unexpected keyword argument "max_epoch" for "fit" of "CellVAE"; did you mean "max_epochs"?  [call-arg]',
+        'note: "fit" defined in "cellvae.model"',
+        'error: "CellVAE" has no attribute "histroy"; maybe "history"?  [attr-defined]',
+        'error: "type[CellVAE]" has no attribute "setup_anndata"  [attr-defined]',
+        'note: Revealed type is "cellvae.model.CellVAE"',
+    ], run.stdout + run.stderr
+
+
 def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     """15-NN cell-type accuracy on the embedding ≥ 0.95 × that on 10 PCs of log-normalised data."""
     adata = pbmc.copy()
