@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from cellvae import diagnostics
@@ -116,18 +117,7 @@ def history(
     if one_axes:
         if len(frame) == 1:  # each scale's two values would land at the same two heights: the rate's kept apart
             axes[1].margins(y=1.0)
-        lines = [line for axis in axes for line in axis.get_lines()]
-        # above the Axes: inside, "best" placement avoids only its own Axes' curves, and the other scale's ran through it
-        axes[1].legend(
-            lines,
-            [line.get_label() for line in lines],
-            loc="lower left",
-            bbox_to_anchor=(0, 1.02),
-            ncols=2,
-            borderaxespad=0,
-            frameon=False,
-            fontsize="small",
-        )
+        _legend_clear_of_curves(axes)
     shown = _finish(axes[0].figure, show, target, made=ax is None)
     return None if shown else axes
 
@@ -251,10 +241,10 @@ def rate_distortion(
         )
         ax.plot(best["rate"], best["distortion"], "o", ms=12, mfc="none", mec=edge, label=label)
         if len(curves) > 1:  # (one point: no line to draw)
-            # an unbounded line, which the Axes' limits leave out: they follow the points
-            equal = "equal ELBO" if number == 0 else None
+            equal = "equal ELBO" if number == 0 else "_equal ELBO"
             colour = "grey" if groupby is None else edge
-            ax.axline((best["rate"], best["distortion"]), slope=-1.0, ls="--", color=colour, lw=1, label=equal)
+            line = _equal_elbo_line(best["rate"] + best["distortion"], curves["rate"], ls="--", color=colour, lw=1, label=equal)
+            ax.add_artist(line)
     ax.margins(0.1)  # room for the labels beside the outermost points
     ax.set_xlabel("rate KL(q‖p) (nats per cell)")
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
@@ -332,11 +322,44 @@ def kl_per_dimension(
     return None if shown else ax
 
 
+def _equal_elbo_line(total: float, rates: pd.Series, **style) -> Line2D:
+    """The line rate + distortion = ``total``, far beyond the rates on both sides and densely on a log scale too (a
+    user may set one), for ``Axes.add_artist``: unlike ``plot``, it leaves the Axes' limits to the points."""
+    low, high = float(rates.min()), float(rates.max())
+    span = max(high - low, abs(high), 1.0)
+    positive = max(low, span * 1e-6) if low > 0 else span * 1e-6
+    linear = np.linspace(low - 100 * span, high + 100 * span, 401)
+    x = np.unique(np.r_[linear, np.geomspace(positive / 1e3, high * 1e3 + span, 401)])
+    return Line2D(x, total - x, **style)
+
+
 def _panel_size() -> tuple[float, float]:
     """The size of one panel, as scanpy's plots take it: matplotlib's ``figure.figsize`` (``sc.set_figure_params(figsize=...)``
     sets it)."""
     width, height = plt.rcParams["figure.figsize"]
     return float(width), float(height)
+
+
+def _legend_clear_of_curves(axes: list[Axes]) -> None:
+    """The legend of one Axes holding two scales (``axes``: it and its right-hand twin, which is drawn over it), at the
+    place where it covers the fewest curve points and crossings of either scale: matplotlib's ``loc="best"`` sees only
+    the curves of the Axes that holds the legend, and the other scale's ran through it. The user's own Axes keeps its
+    size and layout (the legend stays inside it)."""
+    lines = [line for axis in axes for line in axis.get_lines()]
+    labels = [line.get_label() for line in lines]
+    style = {"framealpha": 0.8, "edgecolor": "none", "fontsize": "small"}
+    get_renderer = getattr(axes[0].figure.canvas, "get_renderer", None)  # (Agg's: scripts, notebooks; else "best")
+    if get_renderer is None:
+        axes[1].legend(lines, labels, loc="best", **style)
+        return
+    for axis in axes:  # (the limits are settled lazily: now, before the curves' places are read)
+        axis.get_xlim(), axis.get_ylim()
+    paths = [line.get_transform().transform_path(line.get_path()) for line in lines]
+    renderer, costs = get_renderer(), {}
+    for place in ("upper right", "upper left", "lower left", "lower right", "center right", "center left", "upper center"):
+        box = axes[1].legend(lines, labels, loc=place, **style).get_window_extent(renderer)
+        costs[place] = sum(int(box.count_contains(path.vertices)) + path.intersects_bbox(box, filled=False) for path in paths)
+    axes[1].legend(lines, labels, loc=min(costs, key=costs.get), **style)
 
 
 def _check_one_axes(ax) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -662,12 +662,18 @@ def _voting_cells(
     missing = sorted(set(texts[texts.isin(MISSING_AS_TEXT) | (texts.str.strip() == "")]))
     if missing:
         counts = ", ".join(f"{int((texts == label).sum())} {label!r}" for label in missing)
-        replaced = ", ".join(f"{label!r}: np.nan" for label in missing)
+        # (prose, not a line of code: cellvae map words ref_adata as its --reference file)
+        how = (
+            f"the column's .cat.remove_categories({missing})"
+            if isinstance(labels.dtype, pd.CategoricalDtype)
+            else f"the column's .replace({{{', '.join(f'{label!r}: np.nan' for label in missing)}}})"
+        )
+        offer = len(missing) == 1 and unlabeled_category is None  # (it takes one label: not in place of the user's)
         warn_user(
             f"ref_adata.obs[{labels_key!r}] labels cells with the text of a missing value ({counts}; .astype(str) writes "
             f"NaN as 'nan'): they vote as a label of their own, which query cells can be given; if they are unlabelled, "
-            f"make them missing, ref_adata.obs[{labels_key!r}] = ref_adata.obs[{labels_key!r}].replace({{{replaced}}})"
-            + (f", or pass unlabeled_category={missing[0]!r}" if len(missing) == 1 else ""),
+            f"make them missing values in ref_adata.obs[{labels_key!r}] (e.g. with {how})"
+            + (f", or pass unlabeled_category={missing[0]!r}" if offer else ""),
             UserWarning,
         )
     check_positive_int(k, "k")
@@ -1038,7 +1044,7 @@ SILHOUETTE_CELLS = 10_000  # held-out cells beyond which the sweep's label silho
 
 def rate_distortion_sweep(
     adata: ad.AnnData,
-    betas: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    betas: Sequence[float] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     *,
     layer: str | None = None,
     batch_key: str | None = None,

@@ -594,13 +594,20 @@ def test_transfer_labels_writes_only_its_keys_and_flags_unknowns(tmp_path):
     reference.obs.loc[reference.obs_names[:4], "as_text"] = ""
     told = (
         r"obs\['as_text'\] labels cells with the text of a missing value \(4 '', 48 'None'; .* they vote as a label of "
-        r"their own, .*replace\(\{'': np.nan, 'None': np.nan\}\)$"
+        r"their own, .*missing values in ref_adata.obs\['as_text'\] \(e.g. with the column's "
+        r"\.replace\(\{'': np.nan, 'None': np.nan\}\)\)$"
     )
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.transfer_labels(reference, query.copy(), "as_text", k=10)
     reference.obs["one_kind"] = reference.obs["as_text"].replace({"": "nan", "None": "nan"})
-    with pytest.warns(UserWarning, match=r"\(52 'nan'; .*replace\(\{'nan': np.nan\}\), or pass unlabeled_category='nan'$"):
+    with pytest.warns(UserWarning, match=r"\(52 'nan'; .*replace\(\{'nan': np.nan\}\)\), or pass unlabeled_category='nan'$"):
         cellvae.tl.transfer_labels(reference, query.copy(), "one_kind", k=10)
+    # a categorical column (as anndata stores text): its categories removed; no unlabeled_category offered in place of
+    # the user's own (it takes one label)
+    reference.obs["one_kind"] = reference.obs["one_kind"].where(np.arange(100) != 1, "unlabelled").astype("category")
+    told = r"\(51 'nan'; .*with the column's \.cat\.remove_categories\(\['nan'\]\)\)$"
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.transfer_labels(reference, query.copy(), "one_kind", k=10, unlabeled_category="unlabelled")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         made_missing = reference.obs["as_text"].replace({"": np.nan, "None": np.nan})

@@ -121,9 +121,14 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     _, one = plt.subplots()
     distortion, rate = cellvae.pl.history(model, ax=one, show=False)  # one Axes: the rate on a right-hand scale
     assert distortion is one and rate.get_shared_x_axes().joined(rate, one)
-    # the legend above the Axes (inside, on the left scale, the rate curves ran through its text)
+    # the legend on the right scale (drawn over both), inside the user's Axes, clear of both scales' curves (on the
+    # left scale, matplotlib's "best" place let the rate curves run through it)
     one.figure.canvas.draw()
-    assert one.get_legend() is None and rate.get_legend().get_window_extent().y0 >= one.get_window_extent().y1
+    box = rate.get_legend().get_window_extent()
+    assert one.get_legend() is None and one.get_window_extent().contains(box.x0, box.y0)
+    assert one.get_window_extent().contains(box.x1, box.y1)
+    curves = [line.get_transform().transform_path(line.get_path()) for axis in (one, rate) for line in axis.get_lines()]
+    assert sum(box.count_contains(curve.vertices) for curve in curves[:4]) <= 2
     assert [t.get_text() for t in rate.get_legend().get_texts()] == [
         "train distortion",
         "validation distortion",
@@ -330,8 +335,8 @@ def test_rate_falls_and_distortion_rises_with_beta(kang):
     ax = cellvae.pl.rate_distortion(stacked, show=False)
     line = ax.get_lines()[-1]
     best = (frame["rate"] + frame["distortion"]).min() + 0.5
-    assert line.get_slope() == -1.0 and line.get_label() == "equal ELBO"
-    np.testing.assert_allclose(sum(line.get_xy1()), best)
+    assert line.get_label() == "equal ELBO"
+    np.testing.assert_allclose(line.get_xdata() + line.get_ydata(), best)
     # the line leaves the limits to the points: the curve fills the height (it sat in a quarter of it)
     low, high = ax.get_ylim()
     span = stacked.groupby("beta")["distortion"].mean()
@@ -966,6 +971,21 @@ def test_rate_distortion_draws_the_curve_in_order_of_rate_with_labelled_axes():
         box = text.get_window_extent()
         assert inside.x0 <= box.x0 and box.x1 <= inside.x1, text.get_text()
     plt.close(ax.figure)
+    # on log scales, set before or after (matplotlib's axline takes no slope there, or draws it in log space)
+    for before in (True, False):
+        _, ax = plt.subplots()
+        if before:
+            ax.set_xscale("log"), ax.set_yscale("log")
+        cellvae.pl.rate_distortion(sweep, ax=ax, show=False)
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.figure.canvas.draw()
+        line = next(line for line in ax.get_lines() if line.get_label() == "equal ELBO")
+        drawn = line.get_transform().transform_path(line.get_path())  # the points drawn, back in data units
+        x, y = ax.transData.inverted().transform(drawn.vertices).T
+        visible = (x > ax.get_xlim()[0]) & (x < ax.get_xlim()[1]) & (y > ax.get_ylim()[0]) & (y < ax.get_ylim()[1])
+        assert visible.sum() > 10
+        np.testing.assert_allclose((x + y)[visible], 109.0, rtol=1e-6)  # the best: beta 0.5, 9 + 100
+        plt.close(ax.figure)
 
 
 def test_stacked_sweeps_are_drawn_one_line_per_group_or_as_each_betas_mean_and_the_best_elbo_is_ringed():
