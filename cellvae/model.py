@@ -1281,8 +1281,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             the result for very large groups slightly conservative). The observed columns use all cells.
         pseudocount
             Added to the normalised expression (proportions summing to 1 per cell) before the log;
-            ``None``: a hundredth of a count in a cell of median depth, so that genes barely
-            expressed in both groups do not get large fold changes.
+            ``None``: a hundredth of a count in a cell of median depth (over every labelled cell of ``groupby``, or
+            the cells of ``idx1`` and ``idx2``, not only those of the two groups compared: the same two groups under
+            another labelling get a slightly different pseudocount), so that genes barely expressed in both groups
+            do not get large fold changes.
         random_state
             Seed of the cells, weights and latent draws.
         batch_size

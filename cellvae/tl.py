@@ -956,7 +956,15 @@ def rank_genes_groups(
     # scanpy names a group str(category) (1.0 is "1.0"); differential_expression reads whole numbers as "1"
     scanpy_name = {group_name(category): str(category) for category in column.cat.categories}
     own_name = {name: own for own, name in scanpy_name.items()}
+    if reference is None or (str(reference) != "rest" and str(reference) not in own_name | scanpy_name):
+        rest = " (for all other cells pass reference='rest')" if reference is None or str(reference).lower() == "rest" else ""
+        raise ValueError(
+            f"reference takes 'rest' or one group of obs[{groupby!r}], as scanpy's; got {reference!r}{rest}; its groups "
+            f"are {list(scanpy_name.values())[:20]}"
+        )
     reference = own_name.get(str(reference), reference)
+    if groups is None:  # (differential_expression's group1=None means every group: here that is groups='all')
+        raise TypeError(f"groups takes 'all' or a list of groups of obs[{groupby!r}]; for every group pass groups='all'")
     check_ordered(groups, "groups", "'all' or a list of groups (in the order the result lists them)")
     if isinstance(groups, str) and groups != "all":
         groups = [groups]

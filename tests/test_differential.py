@@ -595,6 +595,17 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
     with pytest.raises(ValueError, match=r"groups=\[\] names no group"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=[])
+    # reference=None (scvi-tools' group2=None) ran against the rest but recorded None, and with pts the AnnData could
+    # not be written; 'Rest' was told to pass group2=None, an argument of another function
+    for reference, hint in ((None, " \\(for all other cells pass reference='rest'\\)"), ("Rest", " \\(for all"), ("type9", "")):
+        told = rf"reference takes 'rest' or one group of obs\['cell_type'\], as scanpy's; got {reference!r}{hint}"
+        with pytest.raises(ValueError, match=told + r".*; its groups are \['type0', "):
+            cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, reference=reference, pts=True)
+    with pytest.raises(TypeError, match=r"groups takes 'all' or a list of groups of obs\['cell_type'\]; for every group pass"):
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=None)
+    cellvae.tl.rank_genes_groups(adata, "number", model=model, groups=["2"], reference="1", key_added="by_own_name")
+    assert adata.uns["by_own_name"]["params"]["reference"] == "1.0"  # (differential_expression's name of 1.0 is "1")
+    del adata.uns["by_own_name"]
     assert "rank_genes_groups" not in adata.uns
     # another tool's entry is not replaced (a rank_genes_groups result is: scanpy's or an earlier run's)
     adata.uns["neighbors"] = {"params": {"method": "umap"}, "connectivities_key": "connectivities"}
