@@ -1206,9 +1206,8 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
     blocked = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
     if blocked is not None:  # (no folder can be made there)
         raise SystemExit(f"error: --out {out} cannot be written: {blocked} is a file, not a folder")
-    if not folder.is_dir():
-        raise SystemExit(f"error: the folder of --out {out} does not exist; create it first")
-    _check_can_write(folder, "--out", out)
+    # a folder that does not exist yet is made when --out is written (as --model-dir's): checked where it would be
+    _check_can_write(next(path for path in (folder, *folder.parents) if path.exists()), "--out", out)
     if Path(out).exists() and not args.overwrite:
         raise SystemExit(f"error: --out {out} exists; pass --overwrite to replace it")
     if not args.key_added or "/" in args.key_added:
@@ -1319,6 +1318,7 @@ def _write(adata, out: str) -> None:
     import anndata as ad
 
     target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)  # (checked before any work: _check_input_and_output)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial.h5ad")
     try:
         # An input written by anndata 0.13 with pandas 3 holds pandas string arrays, which anndata 0.12 writes

@@ -3,6 +3,7 @@
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -666,10 +667,14 @@ def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", source, "--out", out, "--model-dir", model_dir, "--epochs", "0"])
     assert "--epochs: must be a positive integer, got '0'" in capsys.readouterr().err
-    missing_folder = str(tmp_path / "no_such_folder" / "out.h5ad")
-    with pytest.raises(SystemExit, match="the folder of --out .* does not exist"):
-        main(["fit", source, "--out", missing_folder, "--model-dir", model_dir, "--epochs", "1", "--quiet"])
+    blocked = str(tmp_path / "in.h5ad" / "out.h5ad")  # a folder that cannot be made (a file is in the way)
+    with pytest.raises(SystemExit, match=r"--out .*in.h5ad/out.h5ad cannot be written: .*in.h5ad is a file, not a folder"):
+        main(["fit", source, "--out", blocked, "--model-dir", model_dir, "--epochs", "1", "--quiet"])
     assert not (tmp_path / "model").exists()  # nothing was trained or saved
+    # a folder that does not exist yet is made, as --model-dir's is (it was refused, after a check of its own)
+    main(["fit", source, "--out", str(tmp_path / "new" / "folder" / "out.h5ad"), "--model-dir", model_dir, "--epochs", "1"])
+    assert (tmp_path / "new" / "folder" / "out.h5ad").is_file()
+    shutil.rmtree(model_dir)
     with pytest.raises(SystemExit, match=r"error: .*none does not exist: give the folder a model was saved in"):
         main(["embed", source, "--model-dir", str(tmp_path / "none"), "--out", out])
     with pytest.raises(SystemExit, match="error: --out .* is a folder"):
