@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
-from matplotlib.lines import Line2D
+from matplotlib.collections import LineCollection
 from matplotlib.ticker import MaxNLocator
 
 from cellvae import diagnostics
@@ -243,8 +243,8 @@ def rate_distortion(
         if len(curves) > 1:  # (one point: no line to draw)
             equal = "equal ELBO" if number == 0 else "_equal ELBO"
             colour = "grey" if groupby is None else edge
-            line = _equal_elbo_line(best["rate"] + best["distortion"], curves["rate"], ls="--", color=colour, lw=1, label=equal)
-            ax.add_artist(line)
+            line = _equal_elbo_line(best["rate"] + best["distortion"], curves["rate"], ls="--", colors=colour, lw=1, label=equal)
+            ax.add_collection(line, autolim=False)
     ax.margins(0.1)  # room for the labels beside the outermost points
     ax.set_xlabel("rate KL(q‖p) (nats per cell)")
     ax.set_ylabel("distortion −E[log p(x|z)] (nats per cell)")
@@ -322,15 +322,15 @@ def kl_per_dimension(
     return None if shown else ax
 
 
-def _equal_elbo_line(total: float, rates: pd.Series, **style) -> Line2D:
-    """The line rate + distortion = ``total``, far beyond the rates on both sides and densely on a log scale too (a
-    user may set one), for ``Axes.add_artist``: unlike ``plot``, it leaves the Axes' limits to the points."""
+def _equal_elbo_line(total: float, rates: pd.Series, **style) -> LineCollection:
+    """The line rate + distortion = ``total``, far beyond the rates on both sides and densely over positive rates on a
+    log scale too (a user may set one). A collection added without ``autolim``: the Axes' limits follow the points, also
+    after ``relim`` (matplotlib's axline takes no slope on a log scale, and before 3.10 ``relim`` counts every Line2D)."""
     low, high = float(rates.min()), float(rates.max())
-    span = max(high - low, abs(high), 1.0)
-    positive = max(low, span * 1e-6) if low > 0 else span * 1e-6
+    span = max(high - low, abs(low), abs(high), 1.0)
     linear = np.linspace(low - 100 * span, high + 100 * span, 401)
-    x = np.unique(np.r_[linear, np.geomspace(positive / 1e3, high * 1e3 + span, 401)])
-    return Line2D(x, total - x, **style)
+    x = np.unique(np.r_[linear, np.geomspace(span * 1e-9, max(high, span) * 1e3, 401)])
+    return LineCollection([np.column_stack([x, total - x])], **style)
 
 
 def _panel_size() -> tuple[float, float]:
@@ -348,7 +348,10 @@ def _legend_clear_of_curves(axes: list[Axes]) -> None:
     lines = [line for axis in axes for line in axis.get_lines()]
     labels = [line.get_label() for line in lines]
     style = {"framealpha": 0.8, "edgecolor": "none", "fontsize": "small"}
-    get_renderer = getattr(axes[0].figure.canvas, "get_renderer", None)  # (Agg's: scripts, notebooks; else "best")
+    figure = axes[0].figure
+    while not hasattr(figure, "savefig"):  # (an Axes of a subfigure: the figure that draws it)
+        figure = figure.figure
+    get_renderer = getattr(figure, "_get_renderer", None)  # (any backend's, PDF and SVG too; else matplotlib's "best")
     if get_renderer is None:
         axes[1].legend(lines, labels, loc="best", **style)
         return

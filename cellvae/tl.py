@@ -969,7 +969,8 @@ def rank_genes_groups(
     if isinstance(groups, str) and groups != "all":
         groups = [groups]
     groups = groups if isinstance(groups, str) else [own_name.get(str(g), g) for g in groups]
-    group1 = None if isinstance(groups, str) else [g for g in groups if str(g) != str(reference)]
+    # (a group named "rest" is compared with the rest, as scanpy compares it)
+    group1 = None if isinstance(groups, str) else [g for g in groups if reference == "rest" or str(g) != str(reference)]
     if groups == []:
         raise ValueError("groups=[] names no group; name the groups to compare, or leave groups='all' for every group")
     if group1 == []:

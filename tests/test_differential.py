@@ -603,6 +603,10 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
             cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, reference=reference, pts=True)
     with pytest.raises(TypeError, match=r"groups takes 'all' or a list of groups of obs\['cell_type'\]; for every group pass"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=None)
+    adata.obs["named_rest"] = adata.obs["cell_type"].cat.rename_categories({"type0": "rest"})  # a group called "rest"
+    cellvae.tl.rank_genes_groups(adata, "named_rest", model=model, groups=["rest", "type1"], key_added="with_rest")
+    assert list(adata.uns["with_rest"]["names"].dtype.names) == ["rest", "type1"]  # (it was left out, silently)
+    del adata.uns["with_rest"]
     cellvae.tl.rank_genes_groups(adata, "number", model=model, groups=["2"], reference="1", key_added="by_own_name")
     assert adata.uns["by_own_name"]["params"]["reference"] == "1.0"  # (differential_expression's name of 1.0 is "1")
     del adata.uns["by_own_name"]
