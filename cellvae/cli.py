@@ -1317,8 +1317,9 @@ def _write(adata, out: str) -> None:
     one mixed with an old one (anndata writes a backed AnnData into an existing file)."""
     import anndata as ad
 
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)  # (checked before any work: _check_input_and_output)
+    # in the folder the check before any work looked at (_check_input_and_output: through links, without "..")
+    target = Path(out).parent.resolve() / Path(out).name
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial.h5ad")
     try:
         # An input written by anndata 0.13 with pandas 3 holds pandas string arrays, which anndata 0.12 writes

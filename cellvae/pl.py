@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.collections import LineCollection
 from matplotlib.ticker import MaxNLocator
 
@@ -351,14 +352,13 @@ def _legend_clear_of_curves(axes: list[Axes]) -> None:
     figure = axes[0].figure
     while not hasattr(figure, "savefig"):  # (an Axes of a subfigure: the figure that draws it)
         figure = figure.figure
-    get_renderer = getattr(figure, "_get_renderer", None)  # (any backend's, PDF and SVG too; else matplotlib's "best")
-    if get_renderer is None:
-        axes[1].legend(lines, labels, loc="best", **style)
-        return
+    # measured with a renderer of the figure's own size and dpi, whatever its backend (the PDF and SVG backends' own
+    # renderers print the figure at 72 dpi and leave it there)
+    width, height = figure.get_size_inches() * figure.dpi
+    renderer, costs = RendererAgg(int(width), int(height), figure.dpi), {}
     for axis in axes:  # (the limits are settled lazily: now, before the curves' places are read)
         axis.get_xlim(), axis.get_ylim()
     paths = [line.get_transform().transform_path(line.get_path()) for line in lines]
-    renderer, costs = get_renderer(), {}
     for place in ("upper right", "upper left", "lower left", "lower right", "center right", "center left", "upper center"):
         box = axes[1].legend(lines, labels, loc=place, **style).get_window_extent(renderer)
         costs[place] = sum(int(box.count_contains(path.vertices)) + path.intersects_bbox(box, filled=False) for path in paths)

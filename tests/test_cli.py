@@ -675,6 +675,15 @@ def test_bad_input_stops_with_a_message_before_any_work(tmp_path, capsys):
     main(["fit", source, "--out", str(tmp_path / "new" / "folder" / "out.h5ad"), "--model-dir", model_dir, "--epochs", "1"])
     assert (tmp_path / "new" / "folder" / "out.h5ad").is_file()
     shutil.rmtree(model_dir)
+    # through a link to a folder not made yet: the folder the check looked at is made (mkdir on the link itself failed,
+    # after the training); '..' leaves no empty folder behind
+    (tmp_path / "link").symlink_to(tmp_path / "target" / "deep")
+    main(["fit", source, "--out", str(tmp_path / "link" / "out.h5ad"), "--model-dir", model_dir, "--epochs", "1"])
+    assert (tmp_path / "target" / "deep" / "out.h5ad").is_file()
+    shutil.rmtree(model_dir)
+    main(["fit", source, "--out", str(tmp_path / "a" / "b" / ".." / "c" / "out.h5ad"), "--model-dir", model_dir, "--epochs", "1"])
+    assert (tmp_path / "a" / "c" / "out.h5ad").is_file() and not (tmp_path / "a" / "b").exists()
+    shutil.rmtree(model_dir)
     with pytest.raises(SystemExit, match=r"error: .*none does not exist: give the folder a model was saved in"):
         main(["embed", source, "--model-dir", str(tmp_path / "none"), "--out", out])
     with pytest.raises(SystemExit, match="error: --out .* is a folder"):

@@ -13,6 +13,7 @@ import pytest
 import scanpy as sc
 import torch
 from conftest import shared_dataset, simulated_module
+from matplotlib.backends.backend_pdf import FigureCanvasPdf
 from PIL import Image
 
 import cellvae
@@ -130,10 +131,12 @@ def test_beta_one_on_real_data_keeps_most_units_active_without_warning(kang, tra
     curves = [line.get_transform().transform_path(line.get_path()) for axis in (one, rate) for line in axis.get_lines()]
     assert sum(box.count_contains(curve.vertices) for curve in curves[:4]) <= 2
     plt.close(one.figure)
-    # the same on a figure made without pyplot (no Agg canvas), drawn to PDF: "best" had been left to matplotlib there
-    bare = matplotlib.figure.Figure()
+    # the same on a figure of the PDF backend (its renderer printed the figure at 72 dpi, and left it there)
+    bare = matplotlib.figure.Figure(dpi=100)
+    FigureCanvasPdf(bare)
     mine = bare.add_subplot()
     distortion, rate = cellvae.pl.history(model, ax=mine, show=False)
+    assert bare.dpi == 100
     bare.savefig(tmp_path / "bare.pdf")
     box = rate.get_legend().get_window_extent()
     curves = [line.get_transform().transform_path(line.get_path()) for axis in (mine, rate) for line in axis.get_lines()]
