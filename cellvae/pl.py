@@ -95,15 +95,17 @@ def history(
     for axis, (quantity, title, colour) in zip(axes, quantities):
         for split, style in (("train", "-"), ("validation", "--")):
             column = f"{split}_{quantity}"
-            finite = np.isfinite(frame[column].to_numpy(dtype=float)) if column in frame else np.zeros(0, dtype=bool)
-            if column in frame and not finite.any():  # (a legend entry for a line not drawn)
+            if column not in frame:
+                continue
+            finite = np.isfinite(frame[column].to_numpy(dtype=float))
+            if not finite.any():  # (a legend entry for a line not drawn)
                 warn_user(f"pl.history leaves out history[{column!r}]: it holds no finite value", UserWarning)
-            elif column in frame:
-                label = f"{split} {quantity}" if one_axes else split
-                # a point with no finite neighbour (a one-epoch history) draws no line: marked instead
-                alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
-                marks = {"marker": "o", "markevery": alone.tolist()} if alone.any() else {}
-                axis.plot(frame["epoch"], frame[column], style, label=label, **marks, **({"color": colour} if one_axes else {}))
+                continue
+            label = f"{split} {quantity}" if one_axes else split
+            # a point with no finite neighbour (a one-epoch history) draws no line: marked instead
+            alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
+            marks = {"marker": "o", "markevery": alone.tolist()} if alone.any() else {}
+            axis.plot(frame["epoch"], frame[column], style, label=label, **marks, **({"color": colour} if one_axes else {}))
         if "best_epoch" in frame.attrs and (axis is axes[-1] or not one_axes):  # once (last) where both share an Axes
             kept = frame.attrs["best_epoch"]
             axis.axvline(kept, color="0.6", linestyle=":", linewidth=1, label=f"kept (epoch {kept})")
@@ -349,9 +351,7 @@ def _legend_clear_of_curves(axes: list[Axes]) -> None:
     lines = [line for axis in axes for line in axis.get_lines()]
     labels = [line.get_label() for line in lines]
     style = {"framealpha": 0.8, "edgecolor": "none", "fontsize": "small"}
-    figure = axes[0].figure
-    while not hasattr(figure, "savefig"):  # (an Axes of a subfigure: the figure that draws it)
-        figure = figure.figure
+    figure = _root_figure(axes[0].figure)
     # measured with a renderer of the figure's own size and dpi, whatever its backend (the PDF and SVG backends' own
     # renderers print the figure at 72 dpi and leave it there)
     width, height = figure.get_size_inches() * figure.dpi
@@ -363,6 +363,13 @@ def _legend_clear_of_curves(axes: list[Axes]) -> None:
         box = axes[1].legend(lines, labels, loc=place, **style).get_window_extent(renderer)
         costs[place] = sum(int(box.count_contains(path.vertices)) + path.intersects_bbox(box, filled=False) for path in paths)
     axes[1].legend(lines, labels, loc=min(costs, key=costs.get), **style)
+
+
+def _root_figure(figure):
+    """The Figure that draws ``figure`` (itself, or the figure a subfigure lies in, at any depth)."""
+    while not hasattr(figure, "savefig"):
+        figure = figure.figure
+    return figure
 
 
 def _check_one_axes(ax) -> None:
@@ -436,8 +443,7 @@ def _finish(figure, show: bool | None, target: Path | None, made: bool) -> bool:
     if made and figure.get_layout_engine() is None:  # a caller's figure (ax given) or rcParams' layout: kept
         figure.tight_layout()
     if target is not None:
-        while not hasattr(figure, "savefig"):  # an axes in a subfigure (matplotlib >= 3.10): the whole figure
-            figure = figure.figure
+        figure = _root_figure(figure)  # (an Axes of a subfigure: the whole figure is saved)
         dpi = plt.rcParams["savefig.dpi"]
         try:
             target.parent.mkdir(parents=True, exist_ok=True)  # scanpy's figdir
