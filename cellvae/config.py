@@ -104,7 +104,7 @@ class Config:
             (0.0 <= self.batch_mmd < math.inf, f"batch_mmd must be a non-negative finite number, got {self.batch_mmd!r}"),
             (
                 self.kl_warmup is None or (isinstance(self.kl_warmup, int) and self.kl_warmup >= 0),
-                f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}",
+                f"kl_warmup must be None or a non-negative whole number of epochs, got {self.kl_warmup!r}",
             ),
         ]
         for ok, message in checks:
@@ -129,7 +129,7 @@ class Config:
             if getattr(self, name) == "":
                 raise ValueError(f"{name} is the empty string: give a key, or None (on the command line: leave the option out)")
         if isinstance(self.kl_warmup, bool):
-            raise ValueError(f"kl_warmup must be None or a non-negative number of epochs, got {self.kl_warmup!r}")
+            raise ValueError(f"kl_warmup must be None or a non-negative whole number of epochs, got {self.kl_warmup!r}")
         if self.normalization == "layer" and self.n_hidden < MIN_LAYER_NORMED_UNITS:
             raise ValueError(
                 f"n_hidden={self.n_hidden} with normalization='layer': LayerNorm over {self.n_hidden} unit(s) leaves "

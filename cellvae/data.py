@@ -32,8 +32,10 @@ import torch
 from cellvae.distributions import SparseCounts
 
 MIN_CELLS = 10
-# Largest count accepted in one entry: far above any read or UMI count, far below where float32 and
-# int64 arithmetic (likelihood, log x!) would overflow or lose the value.
+# Largest count accepted in one entry (and library size): far above any read or UMI count, below where float32 and
+# int64 arithmetic (likelihood, log x!) would overflow. Counts are computed in float32, which holds whole numbers
+# exactly up to 2**24 only: an entry above that is rounded (to 1e-7 of itself) and its cell's log-likelihood loses
+# precision (README.md, Reliability).
 MAX_COUNT = 1e12
 # Stored values of a backed matrix read and checked at once: bounds the temporary arrays (~64 MB of float32).
 VALUES_PER_CHECK = 2**24
@@ -707,8 +709,8 @@ def _check_count_values(values: np.ndarray, where: str) -> None:
         return
     if values.dtype == np.float16 and np.isinf(values).any():
         raise ValueError(
-            f"{where} holds infinite values in a float16 matrix, which holds at most 65,504: larger counts become "
-            "infinite; store the counts as float32 or int32"
+            f"{where} holds infinite values in a float16 matrix, which holds at most 65,504 (and whole numbers "
+            "exactly only up to 2,048): larger counts become infinite; store the counts as float32 or int32"
         )
     if not np.all(np.isfinite(values)):
         raise ValueError(
@@ -789,13 +791,13 @@ def library_sizes(
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
         cells = matrix.rows if rows is None else matrix.rows[rows.start : rows.stop]
-        with _reading_from_disk(cells, check_as or "the counts"):
+        with _reading_from_disk(cells, check_as or "the counts"), _rounding_in_memory():
             return _view_library_sizes(matrix, cells, columns, check_as)
     if is_backed_matrix(matrix):
         if check_as is not None:
             _check_count_matrix(matrix, check_as)
         rows = range(matrix.shape[0]) if rows is None else rows
-        with _reading_from_disk(rows, check_as or "the counts"):
+        with _reading_from_disk(rows, check_as or "the counts"), _rounding_in_memory():
             if _is_csc(matrix):
                 return _csc_library_sizes(matrix, columns, check_as, rows)
             return _backed_library_sizes(matrix, columns, check_as, rows)
@@ -830,6 +832,20 @@ def _reading_from_disk(rows: range | np.ndarray, where: str) -> Iterator[None]:
         raise OSError(
             f"reading cells {first}–{last} of {where} from disk failed ({error}); the file may be damaged or truncated"
         ) from error
+
+
+@contextmanager
+def _rounding_in_memory() -> Iterator[None]:
+    """Inside: advice to round counts read from disk says how (``np.rint`` cannot read a backed matrix)."""
+    try:
+        yield
+    except ValueError as error:
+        if "np.rint(" not in str(error):
+            raise
+        raise ValueError(
+            f"{str(error).rstrip('.')}. These counts are read from disk (a backed AnnData), which np.rint cannot read: "
+            "round them in memory, adata = adata.to_memory() first (or read the file without backed=, round, and write it again)"
+        ) from None
 
 
 def _backed_library_sizes(matrix, columns: np.ndarray | None, check_as: str | None, rows: range) -> np.ndarray:

@@ -126,6 +126,7 @@ def simulate(
         },
         index=[f"cell{i}" for i in range(n_cells)],
     )
+    obs = obs.apply(lambda column: column.cat.remove_unused_categories())  # (few cells may not draw every one)
     var = pd.DataFrame(index=[f"gene{g}" for g in range(n_genes)])
     adata = ad.AnnData(X=sp.csr_matrix(counts) if sparse else counts, obs=obs, var=var)
     adata.uns["source"] = f"cellvae.datasets.simulate(random_state={random_state})"

@@ -64,8 +64,13 @@ METADATA_KEY = "cellvae"  # the weights file's metadata: one JSON object under t
 ADATA_FILE = "adata.h5ad"  # written by save(save_anndata=True)
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
-# A query model whose loss after mapping exceeds this share of its loss before (the untrained mapping's) failed
-MAPPING_TOLERANCE = 1.002
+# A further fit, or a mapping, whose loss after training exceeds this share of its loss before made the model worse
+# (undone: room for the noise of one draw of z per cell, 0.2% of ~300 nats; a first fit from random weights may end
+# no more than 5% below them)
+FURTHER_TRAINING_TOLERANCE = 1.002
+FIRST_FIT_TOLERANCE = 1.05
+# An epoch whose loss is this many times the loss before training stops it as diverged (no sound run comes near)
+DIVERGED_LOSS_RATIO = 10
 # Counts look like reads of amplified molecules, not UMIs, where fewer than this share of the non-zero values
 # are 1 (UMI data hold 20-70%), judged per batch once that many non-zero values are sampled from it.
 READ_SHARE_OF_ONES = 0.1
@@ -314,7 +319,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``"layer"`` (default): LayerNorm in the hidden layers, each cell normalised on its own.
         ``"batch"``: BatchNorm, each hidden unit normalised over the minibatch while training and
         by running statistics afterwards (kept frozen by :meth:`map_query`). In the benchmarks it
-        integrated worse on three of four datasets, but mapped a perturbed query (stimulated cells
+        integrated worse on all four datasets, but mapped a perturbed query (stimulated cells
         onto a control reference) better with the reference frozen. Deep networks (``n_layers`` of 3 or more)
         with LayerNorm collapsed most latent dimensions on pbmc68k (5 layers: 1–4 of 10 active), with BatchNorm not.
     likelihood
@@ -326,8 +331,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Weight of the KL term (rate) in the objective ``distortion + beta * rate``; ``beta``,
         ``free_bits`` and ``batch_mmd`` may be 0 to 1e6.
     kl_warmup
-        Epochs of linear KL warm-up; ``None`` picks a quarter of training (at most 50). A warm-up
-        longer than ``fit``'s epochs gets a warning.
+        Epochs of linear KL warm-up; ``None`` picks a quarter of training (at most 50 epochs; whole
+        epochs from 4 epochs of training on, else a quarter of its steps). A warm-up longer than ``fit``'s
+        epochs gets a warning.
     free_bits
         Per-dimension KL floor (nats) below which the KL costs nothing; counters posterior collapse.
     batch_mmd
@@ -462,11 +468,20 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # (pickle, copy.deepcopy) a weak reference cannot be pickled: kept as whether adata is map_query's
         state = self.__dict__.copy()
         state["_mapped_query"] = self._is_mapped_query(self.adata)
+        if self.adata is not None and self._reads_from_disk():  # (h5py's own error names neither model nor way out)
+            where = f" ({self.adata.filename}, backed)" if self.adata.isbacked else ""
+            raise TypeError(
+                f"this model reads its counts from disk{where}, and an open file cannot be copied or pickled: save "
+                "the model, model.save(path), and load a copy with CellVAE.load(path, adata=...)"
+            )
+        if self.adata is not None and self.adata.is_view:  # anndata deep-copies a view wrongly (its parent's shape)
+            state["adata"] = self.adata.copy()
         return state
 
     def __setstate__(self, state: dict) -> None:
         mapped = state.pop("_mapped_query", False)
         state.setdefault("_query_copied", mapped)  # (pickled before it was kept: a mapped query was always a copy)
+        state.setdefault("_split_obs_names", None)
         self.__dict__.update(state)
         self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
 
@@ -488,6 +503,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self.train_settings: TrainSettings | None = None
         self.train_indices: np.ndarray | None = None
         self.validation_indices: np.ndarray | None = None
+        self._split_obs_names: pd.Index | None = None  # the cells those positions are of (the AnnData may change since)
         # this process's rank in the process group whose ranks all trained the model (None: not trained data-parallel):
         # save writes on rank 0 only, also once the group is destroyed
         self._data_parallel_rank: int | None = None
@@ -551,11 +567,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         validation cells while the best epoch was the last; :meth:`save` keeps it). A further
         ``fit`` continues from the trained weights with a new KL warm-up and replaces ``history``; it validates on
         the cells its ``random_state`` and ``validation_size`` draw, the earlier fit's with the same values (others
-        are warned of where they include cells the earlier fit trained on).
+        are warned of where they include cells the earlier fit trained on, matched by name where cells were filtered
+        since; a loaded model does not know them).
         Ctrl-C stops training and keeps the best epoch so far, with a warning and
         ``history.attrs["interrupted"]``; Ctrl-C before the first epoch ends raises ``KeyboardInterrupt``
-        and leaves the model as it was. Training that diverges (its best epoch worse than the model before
-        ``fit``, as too large an ``lr`` does) is undone too, with a warning: the model, its ``history`` and
+        and leaves the model as it was. An epoch whose loss is over 10 times the loss before ``fit`` ends
+        training at once, as diverged (too large an ``lr``), with a warning. Training whose best epoch is worse
+        than the model before ``fit`` (on up to 1,000 held-out cells: for a first fit, not 5% below the random
+        weights; for a further fit, by over 0.2%) is undone, with a warning: the model, its ``history`` and
         whether it is trained are as before, so a further ``fit`` with a smaller ``lr`` starts afresh.
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
@@ -722,7 +741,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 with seeded(random_state):
                     self.module = VAE(self.config)
             previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank)
-            previous_split = (self.train_indices, self.validation_indices)
+            previous_split = (self.train_indices, self.validation_indices, self._split_obs_names)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
@@ -741,6 +760,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         resume,
                         interrupts=interrupts,
                         trained_before=self.is_trained,
+                        diverged_above=DIVERGED_LOSS_RATIO * start_loss,
                     )
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
                 _move(self.module, home)
@@ -763,28 +783,51 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 ) from error
         self.history, self.train_settings, self.is_trained = history, settings, True
         self.train_indices, self.validation_indices = np.sort(train_cells), np.sort(validation_cells)
+        self._split_obs_names = self.adata.obs_names
         rank, world = rank_and_world()
         self._data_parallel_rank = rank if world > 1 else None
         if world > 1:  # each step's global minibatch was world × batch_size cells
             self.history.attrs["processes"] = world
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
-            diverged = not end_loss <= 1.05 * start_loss  # NaN too
+            # a further fit competes with the model it began from: one that ended worse gives it back
+            tolerance = FURTHER_TRAINING_TOLERANCE if previous[2] else FIRST_FIT_TOLERANCE
+            diverged = not end_loss <= tolerance * start_loss  # NaN too
             if rank_and_world()[1] > 1:  # every process gives back the same model
                 diverged = bool(all_reduce_max([float(diverged)])[0])
             if diverged:
                 # Fitting the diverged weights again, with any learning rate, would not bring them back.
                 self.module.load_state_dict(before)
                 self.history, self.train_settings, self.is_trained, self._data_parallel_rank = previous
-                self.train_indices, self.validation_indices = previous_split
+                self.train_indices, self.validation_indices, self._split_obs_names = previous_split
                 smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
+                stopped = ""
+                if "diverged_epoch" in history.attrs:
+                    stopped = f" (stopped after epoch {history.attrs['diverged_epoch']} of {epochs}, numbered from 0)"
+                why = (
+                    f"so this further fit did not improve on the trained model it continued from (lr={lr:g} may be "
+                    "too large to train it further, or it had converged)"
+                    if end_loss <= FIRST_FIT_TOLERANCE * start_loss
+                    else f"so training diverged{stopped}, most likely from too large a learning rate (lr={lr:g})"
+                )
                 data.warn_user(
                     f"training made the model worse: its loss on {len(probe):,} "
                     f"{'held-out' if len(validation_cells) else 'training'} cells is {end_loss:.4g} nats per cell, "
-                    f"against {start_loss:.4g} when fit began, so training diverged, most likely from too large a "
-                    f"learning rate (lr={lr:g}). The model is given back as it was before this fit"
+                    f"against {start_loss:.4g} when fit began, {why}. The model is given back as it was before this fit"
                     f"{'' if self.is_trained else ' (untrained)'}: fit it again with a smaller one, e.g. "
                     f"model.fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
+                    RuntimeWarning,
+                )
+            elif "diverged_epoch" in history.attrs:  # diverged after a sound best epoch, which is kept
+                smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
+                last = history.iloc[-1]
+                loss = last["validation_loss"] if "validation_loss" in history else last["train_loss"]
+                data.warn_user(
+                    f"training diverged at epoch {history.attrs['diverged_epoch']} of {epochs} (numbered from 0), most "
+                    f"likely from too large a learning rate (lr={lr:g}): its loss, {loss:.4g} nats per cell, was over "
+                    f"{DIVERGED_LOSS_RATIO} times the {start_loss:.4g} when fit began, so training stopped there. The "
+                    f"model keeps its best epoch, epoch {history.attrs['best_epoch']}; a smaller lr may train a better "
+                    f"one, e.g. fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
                     RuntimeWarning,
                 )
             else:  # (a diverged model's latent space says nothing about collapse)
@@ -1392,10 +1435,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         for (name1, name2, cells1, cells2), rng in zip(comparisons, generators):
             cells2 = differential.second_group(labelled, cells1, cells2)
             compared[cells1] = compared[cells2] = True
-            for name, cells in ((name1, cells1), (name2, cells2)):
+            # (the rest of the cells, where group2 is None, is no group of the column: told as what it is)
+            rest = None if group2 is not None else f"the rest (all but {name1!r})"
+            for name, cells in ((repr(name1), cells1), (rest or repr(name2), cells2)):
                 n_counted = int(counted[cells].sum())
                 if n_counted == 0:
-                    raise ValueError(f"group {name!r} of {source} has no cell with a non-zero count")
+                    what = f"{name} of {source}" if name == rest else f"group {name} of {source}"
+                    leave_out = "" if name == rest else " (leave it out of the groups compared, or remove its cells)"
+                    raise ValueError(f"{what} has no cell with a non-zero count{leave_out}")
                 if n_counted < 5:
                     few.add(name)
                 elif min(n_counted, max_cells) < differential.SHRUNK_GROUP_CELLS:
@@ -1412,15 +1459,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         elif few:
             data.warn_user(
-                f"groups {few[:5]} of {source} have fewer than 5 cells with counts: the spread of their mean expression "
-                "rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be called, and "
-                "those not reliably",
+                f"groups {', '.join(few[:5])} of {source} have fewer than 5 cells with counts: the spread of their mean "
+                "expression rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be "
+                "called, and those not reliably",
                 UserWarning,
             )
         small = sorted(small - set(few))
         if small and max_cells >= 5:
             fewer = f"fewer than {differential.SHRUNK_GROUP_CELLS} cells"
-            where = f"groups {small[:5]} of {source} have {fewer} with counts"
+            where = f"groups {', '.join(small[:5])} of {source} have {fewer} with counts"
             if max_cells < differential.SHRUNK_GROUP_CELLS:
                 where = f"max_cells={max_cells} draws each group's mean expression from {fewer}"
             differential.warn_shrunk_groups(where)
@@ -1745,7 +1792,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
                 UserWarning,
             )
-        if adata is None and load_anndata and (path / ADATA_FILE).is_file():
+        from_folder = adata is None and load_anndata and (path / ADATA_FILE).is_file()
+        if from_folder:
             try:
                 adata = ad.read_h5ad(path / ADATA_FILE)
             except (OSError, KeyError, ValueError) as error:
@@ -1755,7 +1803,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 ) from error
         if adata is not None:
             model.adata = adata
-            model._loader(adata, model.device)
+            try:
+                model._loader(adata, model.device)
+            except (ValueError, KeyError) as error:
+                if not from_folder:
+                    raise
+                raise type(error)(
+                    f"{path / ADATA_FILE}, the AnnData saved with the model, does not fit it: {error}. Load the model "
+                    "without it, CellVAE.load(path, load_anndata=False), and pass your AnnData with adata=..."
+                ) from error
         return model
 
     def _reads_backed(self, file: Path) -> bool:
@@ -1778,6 +1834,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "keys): remove or convert it, or save without save_anndata and keep your data file yourself"
             ) from error
 
+    def _reads_from_disk(self) -> bool:
+        """Whether the model's AnnData is backed, or its counts a matrix read lazily from a file."""
+        layer = self.config.layer
+        if self.adata.isbacked or (layer is not None and layer not in self.adata.layers):
+            return self.adata.isbacked
+        return data.is_backed_matrix(data.count_matrix(self.adata, layer))
+
     def _check_anndata_can_be_saved(self) -> None:
         """Refuse ``save(save_anndata=True)`` before anything is written where there is no AnnData in memory to save."""
         if self.adata is None:
@@ -1785,7 +1848,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "save_anndata=True needs the model's AnnData, and this model has none (loaded without adata=): "
                 "pass the data to CellVAE.load(path, adata=adata), or save without save_anndata"
             )
-        if self.adata.isbacked or data.is_backed_matrix(data.count_matrix(self.adata, self.config.layer)):
+        if self._reads_from_disk():
             where = f" in {self.adata.filename}" if self.adata.isbacked else ""
             batches = ""
             if self.config.batch_key:  # a query mapped from another column has its batches in this one only
@@ -1801,6 +1864,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "so they are saved already: save without save_anndata and load with CellVAE.load(path, adata=...) "
                 f"of the file read again{view}{batches}. Results written into the AnnData since it was read (obsm, uns, "
                 "obs) are in memory only, not in that file: keep them with adata.write_h5ad('with_results.h5ad')"
+            )
+        genes = pd.Index(self.config.gene_names)
+        present = genes.isin(self.adata.var_names)
+        if present.mean() < MIN_QUERY_GENE_FRACTION:  # CellVAE.load(path) would refuse the file written
+            raise ValueError(
+                f"save_anndata=True writes the model's AnnData, but only {int(present.sum())} of the model's "
+                f"{len(genes)} genes are in its var_names now (missing e.g. {genes[~present][:5].tolist()}: renamed or "
+                "removed since the model was built?), so the model could not be loaded with it: put the model's gene "
+                "names back, or save without save_anndata"
             )
 
     # ------------------------------------------------------------------ reference mapping
@@ -2033,12 +2105,19 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             with _reference_frozen(query_model.module):
                 # trained in this process alone: under torchrun a script may map a query on one rank only
                 query_model.history = train(
-                    query_model.module, loader, train_cells, validation_cells, settings, data_parallel=False
+                    query_model.module,
+                    loader,
+                    train_cells,
+                    validation_cells,
+                    settings,
+                    data_parallel=False,
+                    diverged_above=DIVERGED_LOSS_RATIO * start_loss,
                 )
             query_model.train_settings = settings
             query_model.train_indices, query_model.validation_indices = np.sort(train_cells), np.sort(validation_cells)
+            query_model._split_obs_names = query_model.adata.obs_names
             end_loss = query_model._mean_loss(loader, probe, batch_size, random_state)
-            if not end_loss <= MAPPING_TOLERANCE * start_loss:  # NaN too
+            if not end_loss <= FURTHER_TRAINING_TOLERANCE * start_loss:  # NaN too
                 query_model.module.load_state_dict(before)  # unmapped: no record of a mapping
                 query_model.history, query_model.train_settings = pd.DataFrame(), None
                 query_model.train_indices = query_model.validation_indices = None
@@ -2279,7 +2358,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         optimisation per cell, so pass a subset of cells for large data. With ``beta ≠ 1`` the encoder
         was trained for ``distortion + beta·rate``, not the ELBO refined here, so the amortization gap
         also holds that difference of objectives. Measure on held-out cells: the encoder fits the cells it
-        trained on better, so their gap is smaller (tutorial 03, Kang: 2.21 against 3.98 nats per cell). The
+        trained on better, so their gap is smaller (tutorial 03, Kang: 2.19 against 3.95 nats per cell). The
         standard error of a mean gap over cells is their gaps' sd / √n (the per-cell ``*_se`` are only the
         Monte Carlo part of each). Like :meth:`marginal_log_likelihood`, the ELBOs and ``log_px`` are
         conditional on each cell's observed library size, batch and covariates.
@@ -3371,11 +3450,21 @@ def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarr
     """Warn where a further fit of this session's model validates on cells its earlier fit trained on."""
     if not model.is_trained or model.train_indices is None:
         return
-    seen = np.intersect1d(validation_cells, model.train_indices)
+    then, now = model._split_obs_names, model.adata.obs_names
+    changed = then is not None and then is not now and not then.equals(now)
+    if changed:  # cells filtered or reordered since: the earlier positions are of other cells, matched by name
+        seen = np.flatnonzero(now[validation_cells].isin(then[model.train_indices]))
+    else:
+        seen = np.intersect1d(validation_cells, model.train_indices)
     if not len(seen):
         return
     held = model.validation_indices if model.validation_indices is not None else np.array([])
-    if len(held):
+    if changed:
+        keep = (
+            "the cells have changed since the earlier fit (filtered or reordered), so its validation cells cannot be "
+            "drawn again: to judge on unseen cells only, fit a new CellVAE"
+        )
+    elif len(held):
         earlier = model.train_settings.random_state if model.train_settings is not None else None
         share = len(held) / (len(held) + len(model.train_indices))
         keep = (

@@ -453,7 +453,8 @@ def transfer_labels(
     query_adata
         Query cells embedded in the same space (e.g. by a model from :meth:`~cellvae.CellVAE.map_query`).
     labels_key
-        ``obs`` column of the reference labels.
+        ``obs`` column of the reference labels (required: its default of None only lets the deprecated
+        ``label_key`` be given instead).
     use_rep
         ``obsm`` key of the shared embedding.
     k
@@ -1117,7 +1118,8 @@ def rate_distortion_sweep(
     its standard error ``elbo_to_best_se`` (paired over the same cells: whether a row is worse for these
     trained models; training with another seed moves the rows by more, e.g. a 0.34 nats sd over 4 seeds against
     standard errors of 0.14–0.18 on 2,500 Kang cells, so rerun with other ``random_state`` values, which draw other
-    held-out cells too, before reading a small difference; the standard errors are NaN with one held-out cell);
+    held-out cells too, before reading a small difference; the standard errors and ``active_units`` are NaN with
+    one held-out cell, with a warning before training);
     ``train_rate``, ``train_distortion`` and ``train_elbo``, the same on (up to 2,000) of the cells each fit
     trained on (not its validation cells);
     ``active_units`` (dimensions whose posterior means' variance over held-out cells exceeds 0.01, as
@@ -1194,6 +1196,13 @@ def rate_distortion_sweep(
         raise ValueError("no held-out cell shares a batch or covariate category with the training cells; raise held_out")
     test, fit_data = _part(adata, held, genes), _part(adata, ~held, genes)
     trained = np.flatnonzero(~held)  # the cells fit_data holds, in adata
+    if test.n_obs == 1:  # told before training, not found as NaN (or 0 active units, which reads as collapse) after it
+        warn_user(
+            f"one cell is held out (held_out={held_out:g} of {adata.n_obs} cells), so active_units and the standard "
+            "errors will be NaN: a dimension's activity is the variance of its posterior means across held-out cells; "
+            "raise held_out",
+            UserWarning,
+        )
     if labels_key is not None and not _scorable(test.obs[labels_key]):  # told before training, not found as NaN after it
         known = test.obs[labels_key].dropna().astype(str)
         warn_user(
@@ -1284,7 +1293,8 @@ def _sweep_row(
         "train_rate": trained_on["rate"],
         "train_distortion": trained_on["distortion"],
         "train_elbo": trained_on["elbo"],
-        "active_units": int((activity > diagnostics.ACTIVITY_THRESHOLD).sum()),
+        # (with one held-out cell the variance of its means is 0: no dimension's activity can be measured)
+        "active_units": int((activity > diagnostics.ACTIVITY_THRESHOLD).sum()) if test.n_obs > 1 else np.nan,
         "informative_units": int((kl >= diagnostics.COLLAPSED_KL).sum()),
         "epochs": len(model.history),
     }
@@ -1493,9 +1503,11 @@ def latent_shift(
     Returns
     -------
     AnnData of the ``apply_to`` cells: ``X`` the predicted expression (float32, at
-    ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``
-    with the shift vector and the parameters (``decoded_batch`` and ``decoded_covariates``: those the cells were
-    decoded with in place of their own).
+    ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``:
+    ``groupby``, ``source``, ``target``, ``stratify``, the shift vector ``delta`` (the mean of the strata's shifts where
+    stratified), ``n_strata``, ``n_reference_cells``, ``decoded_batch`` and ``decoded_covariates`` (those the
+    cells were decoded with in place of their own; None: their own) and ``library_size`` (``"one per cell"``
+    where an array was given).
     """
     _check_model(model)
     _check_is_anndata(adata)

@@ -67,7 +67,7 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float
-    kl_warmup_epochs: int
+    kl_warmup_epochs: float  # (whole epochs unless training is shorter than 4: see default_kl_warmup)
     beta: float
     early_stopping: bool
     patience: int
@@ -128,9 +128,10 @@ def train_every_category(training: np.ndarray, validation: np.ndarray, codes: li
 DEFAULT_LR = 1e-3  # of fit and map_query; the posterior-collapse warning names a larger one as a cause
 
 
-def default_kl_warmup(max_epochs: int) -> int:
-    """Linear KL warm-up over a quarter of training, at most 50 epochs."""
-    return int(min(50, max(1, max_epochs // 4)))
+def default_kl_warmup(max_epochs: int) -> float:
+    """Linear KL warm-up over a quarter of training, at most 50 epochs: whole epochs from 4 epochs on, else a
+    quarter of the steps (an atlas trains 1-3 epochs: a whole epoch of warm-up would be all or most of training)."""
+    return int(min(50, max_epochs // 4)) if max_epochs >= 4 else max_epochs / 4
 
 
 _bar_label: ContextVar[str] = ContextVar("bar_label", default="")
@@ -314,6 +315,7 @@ def train(
     data_parallel: bool = True,
     interrupts: AgreedInterrupt | None = None,
     trained_before: bool = False,
+    diverged_above: float = math.inf,
 ) -> pd.DataFrame:
     """Fit ``vae`` in place and return the per-epoch history.
 
@@ -326,7 +328,9 @@ def train(
     calls it and trains its own shard of the cells (DDP), unless ``data_parallel=False``; ``interrupts``
     is the caller's :class:`AgreedInterrupt` where it listened before (while preparing the data), and
     Ctrl-C is given back to its previous handler when training ends. ``trained_before``: ``vae`` holds
-    trained weights (a ``resume`` that finds no checkpoint says it continues from them).
+    trained weights (a ``resume`` that finds no checkpoint says it continues from them). An epoch whose loss
+    (validation, else training) is above ``diverged_above`` nats per cell stops training there, as diverged:
+    ``history.attrs["diverged_epoch"]`` names it (waiting for early stopping would spend the run on it).
     """
     has_validation = len(validation_cells) > 0
     rank, world = rank_and_world() if data_parallel else (0, 1)
@@ -342,7 +346,7 @@ def train(
     # a last minibatch of one cell is skipped where BatchNorm needs two, so it is not a step of the warm-up
     full, leftover = divmod(len(train_cells), settings.batch_size)
     steps_per_epoch = max(1, full + int(leftover > (1 if vae.needs_two_cells else 0)))
-    warmup_steps = settings.kl_warmup_epochs * steps_per_epoch
+    warmup_steps = round(settings.kl_warmup_epochs * steps_per_epoch)
     best = {"loss": math.inf, "state": _snapshot(vae), "epoch": -1}
     # A new best epoch is copied here and then swapped in, so that Ctrl-C during the copy keeps the old one whole.
     spare = _snapshot(vae)
@@ -350,6 +354,7 @@ def train(
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
     start_epoch, stop, interrupted, last_checkpoint, still_improving = 0, False, False, None, False
+    diverged_epoch = None
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
@@ -505,6 +510,8 @@ def train(
             elif warmed_up:  # early stopping waits for the warm-up to end
                 epochs_without_improvement += 1
                 stop = settings.early_stopping and epochs_without_improvement >= settings.patience
+            if not monitored <= diverged_above:  # (every rank: the losses are all-reduced)
+                stop, diverged_epoch = True, epoch
             if checkpoint is not None and (stop or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == settings.max_epochs):
                 # world: resuming with another number of processes is refused (agreed_checkpoint)
                 loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows, "world": world}
@@ -547,6 +554,8 @@ def train(
     history = pd.DataFrame(rows)
     history.attrs["interrupted"] = interrupted
     history.attrs["still_improving"] = still_improving
+    if diverged_epoch is not None:
+        history.attrs["diverged_epoch"] = diverged_epoch
     if best["epoch"] >= 0:
         history.attrs["best_epoch"] = best["epoch"]
     return history

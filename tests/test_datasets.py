@@ -41,6 +41,15 @@ def test_simulate_shapes_and_batch_effects():
         cellvae.datasets.simulate(n_cells=600, seed=3, random_state=4)
 
 
+def test_simulate_with_few_cells_keeps_only_the_categories_its_cells_drew():
+    """12 cells of 8 types and 6 batches: empty categories made tl.rank_genes_groups refuse the cell types."""
+    adata = cellvae.datasets.simulate(n_cells=12, n_genes=50, n_batches=6, n_cell_types=8, random_state=0)
+    for key in ("batch", "cell_type"):
+        counts = adata.obs[key].value_counts()
+        assert (counts > 0).all() and counts.sum() == 12, key
+    assert adata.obs["cell_type"].cat.categories.tolist() == sorted(set(adata.obs["cell_type"]))
+
+
 def _normalised_log_means(adata, mask):
     counts = adata.X.toarray()[mask]
     proportions = counts / counts.sum(1, keepdims=True)

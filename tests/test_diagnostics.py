@@ -608,8 +608,11 @@ def test_a_beta_without_a_finite_elbo_leaves_the_others_compared_with_the_best(m
     frame = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0, 2.0, 4.0), max_epochs=2, n_hidden=16, n_latent=4)
     assert frame["elbo_to_best"].isna().tolist() == [False, True, False]
     assert frame["elbo_to_best"].max() == 0 and np.isfinite(frame.loc[[0, 2], "elbo_to_best_se"]).all()
-    one = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0,), held_out=0.005, max_epochs=1, n_hidden=16, n_latent=4)
-    assert one[["elbo_se", "elbo_to_best_se"]].isna().all(axis=None)  # one held-out cell: no standard error
+    told = r"one cell is held out \(held_out=0.005 of 200 cells\), so active_units and the standard errors will be NaN"
+    with pytest.warns(UserWarning, match=told):
+        one = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0,), held_out=0.005, max_epochs=1, n_hidden=16, n_latent=4)
+    # one held-out cell: no standard error, and no activity (a variance across cells; it read 0, like collapse)
+    assert one[["elbo_se", "elbo_to_best_se", "active_units"]].isna().all(axis=None)
 
 
 def test_sweep_streams_a_backed_file_and_comes_close_to_the_in_memory_sweep(tmp_path):

@@ -123,6 +123,23 @@ def test_a_few_cells_against_their_own_type_differ_in_no_gene(simulated, model):
     assert result["is_de"].sum() <= 3
 
 
+def test_the_rest_of_the_cells_is_named_as_such_not_as_a_group_of_the_column(simulated, model):
+    """An audit: one group against the rest, where the rest was one cell, was told as "groups ['rest', 'y'] of obs['ct']"
+    though obs['ct'] has no group 'rest'; a group whose cells are all empty is told with the way out."""
+    adata = simulated[:300].copy()
+    adata.obs["ct"] = pd.Categorical(["x"] * 298 + ["y", "z"])
+    told = r"groups 'y', the rest \(all but 'x'\) of obs\['ct'\] have fewer than 5 cells with counts"
+    with pytest.warns(UserWarning, match=told):
+        cellvae.tl.rank_genes_groups(adata, "ct", model=model, groups=["x", "y"], n_draws=100)
+    counts = adata.X.toarray()
+    counts[298:] = 0
+    adata.X = sp.csr_matrix(counts)
+    with pytest.raises(ValueError, match=r"^the rest \(all but 'x'\) of obs\['ct'\] has no cell with a non-zero count$"):
+        model.differential_expression(adata, groupby="ct", group1="x", n_draws=100)
+    with pytest.raises(ValueError, match=r"group 'y' of obs\['ct'\] has no cell .*\(leave it out of the groups compared"):
+        model.differential_expression(adata, groupby="ct", group1="y", group2="x", n_draws=100)
+
+
 def test_groups_of_fewer_than_ten_cells_are_told_their_fold_changes_are_shrunk(simulated, model):
     """An audit: 5 against 5 cells of two types shrank 16-fold changes to lfc_mean ~0.1, their intervals missing them."""
     labels = np.full(simulated.n_obs, "other", dtype=object)
@@ -131,14 +148,14 @@ def test_groups_of_fewer_than_ten_cells_are_told_their_fold_changes_are_shrunk(s
         labels[rng.choice(np.flatnonzero(simulated.obs["cell_type"] == cell_type), n, replace=False)] = name
     small = simulated.copy()
     small.obs["small"] = labels
-    shrunk = r"groups \['A'\] of obs\['small'\] have fewer than 10 cells with counts: their fold changes are shrunk"
+    shrunk = r"groups 'A' of obs\['small'\] have fewer than 10 cells with counts: their fold changes are shrunk"
     with pytest.warns(UserWarning, match=shrunk + r".*compare expression1 with expression2 \(not shrunk\)"):
         result = model.differential_expression(small, groupby="small", group1="A", group2="B", n_draws=100)
     assert np.isfinite(result["expression1"]).all()
     with no_warnings():  # 12 cells against the rest: no word
         model.differential_expression(small, groupby="small", group1="B", n_draws=100)
     small.obs["small"] = pd.Categorical(labels)  # in scanpy's fields: logfoldchanges, and where the rest is
-    told = r"groups \['A'\] .* shrunk strongly towards no change, so their logfoldchanges can miss large changes .*"
+    told = r"groups 'A' .* shrunk strongly towards no change, so their logfoldchanges can miss large changes .*"
     told += r"expression2 \(not shrunk\) call model.differential_expression\(adata, groupby='small', group1=...\)$"
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.rank_genes_groups(small, "small", model=model, groups=["A"], n_draws=100, progress=False)

@@ -524,6 +524,26 @@ def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_
         cellvae.CellVAE(ad.AnnData(estimated, obs=counts.obs, var=counts.var))
 
 
+@pytest.mark.parametrize("storage", ["csr", "dense"])
+def test_rounding_advice_for_a_backed_file_says_to_round_in_memory(counts, tmp_path, storage):
+    """The advice np.rint(adata.X) fails on a backed AnnData (a TypeError on anndata's _CSRDataset): the error says
+    to round the counts in memory, and that works."""
+    matrix = counts.X.astype(np.float64).toarray()
+    matrix[matrix > 0] += 1e-7
+    ad.AnnData(sp.csr_matrix(matrix) if storage == "csr" else matrix, obs=counts.obs, var=counts.var).write_h5ad(
+        tmp_path / "r.h5ad"
+    )
+    backed = ad.read_h5ad(tmp_path / "r.h5ad", backed="r")
+    advice = r"np\.rint\(adata\.X\), .*layer='counts'\. These counts are read from disk .*adata = adata\.to_memory\(\) first"
+    with pytest.raises(ValueError, match=advice):
+        cellvae.CellVAE(backed)
+    with pytest.raises(ValueError, match=advice):
+        cellvae.CellVAE(backed[:50])  # a view of the file
+    adata = backed.to_memory()
+    adata.layers["counts"] = np.rint(adata.X)
+    assert cellvae.CellVAE(adata, layer="counts").config.n_genes == counts.n_vars
+
+
 def test_counts_beyond_any_real_count_are_refused_before_they_overflow_the_likelihood(counts, tmp_path):
     # above 2**63 the count would wrap to a wrong integer, above float32's range to inf: refused at the model's build
     for dtype, value in (("float32", 1e13), ("float64", 1e39), ("int64", 2**62)):

@@ -1905,3 +1905,17 @@ def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_b
         again.fit(max_epochs=1, progress=False, random_state=1)
     with pytest.warns(UserWarning, match=r"the earlier fit held out no cells \(validation_size=0\), so none are left unseen"):
         again.fit(max_epochs=1, progress=False, validation_size=0.0).fit(max_epochs=1, progress=False)
+    # cells filtered in place since (sc.pp.filter_cells): the earlier training cells are matched by name, not position
+    again.fit(max_epochs=1, progress=False, random_state=0)
+    trained_on = adata.obs_names[again.train_indices]
+    adata._inplace_subset_obs(np.arange(3, 400, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again.fit(max_epochs=1, progress=False, random_state=0)
+    overlap = adata.obs_names[again.validation_indices].isin(trained_on).sum()
+    told = [str(w.message) for w in caught if "validation cells were training cells" in str(w.message)]
+    assert len(told) == 1 and told[0].startswith(f"{overlap} of this fit's {len(again.validation_indices)} validation")
+    assert told[0].endswith(
+        "the cells have changed since the earlier fit (filtered or reordered), so its validation "
+        "cells cannot be drawn again: to judge on unseen cells only, fit a new CellVAE"
+    )

@@ -1197,6 +1197,40 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["link", "model_folder", "notes.txt", "results"]
 
 
+def test_save_anndata_refuses_an_anndata_whose_genes_were_renamed_before_writing_it(tmp_path):
+    """An audit: var_names changed after fitting (e.g. to other gene IDs) were written, and load failed later, in words
+    that named neither the folder's file nor load_anndata=False."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, random_state=0)
+    model = CellVAE(adata, n_hidden=16).fit(max_epochs=1, progress=False)
+    adata.var_names = ["x" + name for name in adata.var_names]
+    with pytest.raises(ValueError, match=r"only 0 of the model's 50 genes are in its var_names now .*renamed or removed"):
+        model.save(tmp_path / "model", save_anndata=True)
+    assert not (tmp_path / "model").exists()
+    model.save(tmp_path / "model")  # (without its data) and a folder whose saved AnnData no longer fits it
+    adata.write_h5ad(tmp_path / "model" / "adata.h5ad")
+    with pytest.raises(
+        ValueError, match=r"adata.h5ad, the AnnData saved with the model, does not fit it: only 0 of .*load_anndata"
+    ):
+        CellVAE.load(tmp_path / "model")
+    assert CellVAE.load(tmp_path / "model", load_anndata=False).adata is None
+
+
+def test_copies_of_a_model_built_on_a_view_are_whole_and_of_a_backed_one_refused_with_the_way_out(tmp_path):
+    """copy.deepcopy of a model on adata[:, genes] (anndata deep-copies a view with its parent's shape) gave a model
+    whose outputs said the data had been filtered; a backed model failed in h5py's words."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=60, random_state=0)
+    model = CellVAE(adata[:, :40], n_hidden=16).fit(max_epochs=1, progress=False)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.adata.shape == (200, 40)
+        np.testing.assert_array_equal(copied.get_latent(), model.get_latent())
+    assert model.adata.is_view  # the original keeps its view
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = CellVAE(ad.read_h5ad(tmp_path / "cells.h5ad", backed="r"), n_hidden=16)
+    for copy_it in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"reads its counts from disk \(.*cells.h5ad, backed\).*CellVAE.load\(path, adata"):
+            copy_it(backed)
+
+
 def test_save_anndata_writes_the_data_that_load_then_uses_and_leaves_the_users_anndata_as_it_was(trained, tmp_path):
     """scvi-tools' ``save(save_anndata=True)``: ``load(path)`` gives the model back with its data."""
     obs_before, uns_keys = trained.adata.obs.copy(), sorted(trained.adata.uns)
@@ -1819,6 +1853,59 @@ def test_training_settings_that_undo_training_are_told():
     adata.obs["depth"] = np.linspace(1e299, 1e300, adata.n_obs)  # its variance overflows float64
     with pytest.raises(ValueError, match=r"obs\['depth'\] has values too large to scale.*np.log1p"):
         CellVAE(adata, continuous_covariate_keys=["depth"])
+
+
+def test_a_further_fit_that_ends_worse_than_the_model_it_continued_from_gives_that_model_back():
+    """A trained model fitted further with too large a learning rate ended 4% worse on its held-out cells and was kept
+    silently (only a loss 5% above the start counted as diverged, a bar set for training from random weights)."""
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=300, n_batches=2, random_state=0)
+    model = CellVAE(adata, batch_key="batch").fit(max_epochs=60, progress=False)
+    latent, history, settings = model.get_latent(), model.history, model.train_settings
+    message = (
+        r"against 4\d\d\.\d when fit began, so this further fit did not improve on the trained model it continued from "
+        r"\(lr=0.02 may be too large .*\)\. The model is given back as it was before this fit: .*model.fit\(lr=0.001\)"
+    )
+    with pytest.warns(RuntimeWarning, match=message):
+        model.fit(max_epochs=5, lr=2e-2, progress=False)
+    np.testing.assert_array_equal(model.get_latent(), latent)
+    assert model.history is history and model.train_settings is settings
+    with no_warnings():  # at the default lr it trains further: kept
+        model.fit(max_epochs=10, progress=False)
+    assert len(model.history) == 10 and model.history["validation_loss"].min() < history["validation_loss"].min()
+
+
+def test_training_that_diverges_stops_at_the_first_epoch_far_above_the_loss_it_began_with(monkeypatch):
+    """lr=10: the held-out loss was 2,804 nats per cell before training and 11 million after the first epoch, yet
+    training ran on until early stopping (71 epochs on 1,000 atlas cells, most of a run at atlas scale)."""
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=200, n_batches=2, random_state=0)
+    evaluated, evaluate = [], cellvae.train.evaluate
+    monkeypatch.setattr(cellvae.train, "evaluate", lambda *args, **kw: evaluated.append(1) or evaluate(*args, **kw))
+    message = r"so training diverged \(stopped after epoch 0 of 100, numbered from 0\), most likely .* \(lr=10\)"
+    with pytest.warns(RuntimeWarning, match=message):
+        model = CellVAE(adata, batch_key="batch").fit(max_epochs=100, lr=10.0, progress=False)
+    assert not model.is_trained and len(evaluated) == 1  # one epoch's validation, then undone
+    # a run whose best epoch is sound is kept, and told where it stopped (here a bar of 0.9 times the start's loss)
+    monkeypatch.setattr(cellvae.model, "DIVERGED_LOSS_RATIO", 0.9)
+    message = (
+        r"training diverged at epoch 0 of 100 \(numbered from 0\), .*lr=0.001\): its loss, \d+\.\d nats per cell, was "
+        r"over 0.9 times the \d+\.\d when fit began, so training stopped there\. The model keeps its best epoch, "
+        r"epoch 0; a smaller lr may train a better one, e.g. fit\(lr=0.0001\)$"
+    )
+    with pytest.warns(RuntimeWarning, match=message):
+        model = CellVAE(adata, batch_key="batch").fit(max_epochs=100, progress=False)
+    assert model.is_trained and len(model.history) == 1 and model.history.attrs["diverged_epoch"] == 0
+
+
+def test_the_default_kl_warm_up_of_a_run_of_under_four_epochs_is_a_quarter_of_its_steps():
+    """A whole epoch of warm-up made a 1-epoch run (the default from ~5.3M cells) train with the KL at its full weight
+    for its last step only, and half of a 2-epoch run."""
+    adata = cellvae.datasets.simulate(n_cells=1000, n_genes=100, random_state=0)
+    for epochs, weights in ((1, [1.0]), (2, [1.0, 1.0]), (4, [8 / 9, 1.0, 1.0, 1.0])):
+        model = CellVAE(adata).fit(max_epochs=epochs, batch_size=100, progress=False)  # 9 steps per epoch
+        assert model.train_settings.kl_warmup_epochs == (epochs / 4 if epochs < 4 else 1)
+        np.testing.assert_allclose(model.history["kl_weight"], weights)  # the epoch's last step's weight
+    model = CellVAE(adata).fit(max_epochs=8, batch_size=100, progress=False)
+    np.testing.assert_allclose(model.history["kl_weight"][:2], [8 / 18, 17 / 18])  # two whole epochs from 8 on
 
 
 def test_a_skipped_one_cell_minibatch_is_not_a_step_of_the_kl_warm_up():
