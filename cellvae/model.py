@@ -574,8 +574,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         and leaves the model as it was. An epoch whose loss is over 10 times the loss before ``fit`` ends
         training at once, as diverged (too large an ``lr``), with a warning. Training whose best epoch is worse
         than the model before ``fit`` (on up to 1,000 held-out cells: for a first fit, not 5% below the random
-        weights; for a further fit, by over 0.2%) is undone, with a warning: the model, its ``history`` and
-        whether it is trained are as before, so a further ``fit`` with a smaller ``lr`` starts afresh.
+        weights; for a further fit of the same ``beta``, by over 0.2%) is undone, with a warning: the model, its
+        ``history`` and whether it is trained are as before, so a further ``fit`` with a smaller ``lr`` starts
+        afresh.
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
@@ -790,8 +791,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             self.history.attrs["processes"] = world
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
-            # a further fit competes with the model it began from: one that ended worse gives it back
-            tolerance = FURTHER_TRAINING_TOLERANCE if previous[2] else FIRST_FIT_TOLERANCE
+            # a further fit of the same objective competes with the model it began from: one that ended worse gives it
+            # back (a changed beta, as tl.rate_distortion_sweep's warm start, began from another objective's optimum)
+            same_objective = previous[2] and previous[1] is not None and previous[1].beta == settings.beta
+            tolerance = FURTHER_TRAINING_TOLERANCE if same_objective else FIRST_FIT_TOLERANCE
             diverged = not end_loss <= tolerance * start_loss  # NaN too
             if rank_and_world()[1] > 1:  # every process gives back the same model
                 diverged = bool(all_reduce_max([float(diverged)])[0])

@@ -519,8 +519,9 @@ def test_a_new_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path, monkey
 
 
 def test_default_kl_warm_up_and_query_epochs():
-    """Warm-up: a quarter of training, 1 to 50 epochs; query epochs: ~200,000 cell passes, 5 to 200 epochs."""
-    assert [default_kl_warmup(n) for n in (1, 3, 4, 20, 100, 200, 201, 400)] == [1, 1, 1, 5, 25, 50, 50, 50]
+    """Warm-up: a quarter of training, whole epochs from 4 on, at most 50; query epochs: ~200,000 cell passes, 5 to
+    200 epochs."""
+    assert [default_kl_warmup(n) for n in (1, 2, 3, 4, 7, 20, 100, 200, 201, 400)] == [0.25, 0.5, 0.75, 1, 1, 5, 25, 50, 50, 50]
     assert [default_query_epochs(n) for n in (1, 1_000, 2_000, 10_000, 20_000, 100_000)] == [200, 200, 100, 20, 10, 5]
 
 
