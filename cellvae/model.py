@@ -574,9 +574,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         and leaves the model as it was. An epoch whose loss is over 10 times the loss before ``fit`` ends
         training at once, as diverged (too large an ``lr``), with a warning. Training whose best epoch is worse
         than the model before ``fit`` (on up to 1,000 held-out cells: for a first fit, not 5% below the random
-        weights; for a further fit of the same ``beta``, by over 0.2%) is undone, with a warning: the model, its
-        ``history`` and whether it is trained are as before, so a further ``fit`` with a smaller ``lr`` starts
-        afresh.
+        weights; for a further fit of the same ``beta`` judged on cells the earlier fit of this session held out
+        too, by over 0.2%) is undone, with a warning: the model, its ``history`` and whether it is trained are as
+        before, so a further ``fit`` with a smaller ``lr`` starts afresh.
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
@@ -708,7 +708,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "validation_size for a validation set",
                     UserWarning,
                 )
-            _warn_about_seen_validation_cells(self, validation_cells)
+            seen = _warn_about_seen_validation_cells(self, validation_cells)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
             # keep as a bool that load refuses)
@@ -791,10 +791,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             self.history.attrs["processes"] = world
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
-            # a further fit of the same objective competes with the model it began from: one that ended worse gives it
-            # back (a changed beta, as tl.rate_distortion_sweep's warm start, began from another objective's optimum)
+            # A further fit of the same objective, judged on cells its earlier fit held out too, competes with the model
+            # it began from: one that ended worse gives it back. (A changed beta, as tl.rate_distortion_sweep's warm
+            # start, began from another objective's optimum; cells the earlier fit trained on favour the start.)
             same_objective = previous[2] and previous[1] is not None and previous[1].beta == settings.beta
-            tolerance = FURTHER_TRAINING_TOLERANCE if same_objective else FIRST_FIT_TOLERANCE
+            held_out_alone = len(validation_cells) > 0 and seen == 0
+            tolerance = FURTHER_TRAINING_TOLERANCE if same_objective and held_out_alone else FIRST_FIT_TOLERANCE
             diverged = not end_loss <= tolerance * start_loss  # NaN too
             if rank_and_world()[1] > 1:  # every process gives back the same model
                 diverged = bool(all_reduce_max([float(diverged)])[0])
@@ -1811,8 +1813,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             except (ValueError, KeyError) as error:
                 if not from_folder:
                     raise
-                raise type(error)(
-                    f"{path / ADATA_FILE}, the AnnData saved with the model, does not fit it: {error}. Load the model "
+                told = error.args[0] if error.args else error  # (str() of a KeyError is its message quoted again)
+                raise ValueError(
+                    f"{path / ADATA_FILE}, the AnnData saved with the model, does not fit it: {told}. Load the model "
                     "without it, CellVAE.load(path, load_anndata=False), and pass your AnnData with adata=..."
                 ) from error
         return model
@@ -1839,10 +1842,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _reads_from_disk(self) -> bool:
         """Whether the model's AnnData is backed, or its counts a matrix read lazily from a file."""
-        layer = self.config.layer
-        if self.adata.isbacked or (layer is not None and layer not in self.adata.layers):
-            return self.adata.isbacked
-        return data.is_backed_matrix(data.count_matrix(self.adata, layer))
+        if self.adata.isbacked:
+            return True
+        try:
+            return data.is_backed_matrix(data.count_matrix(self.adata, self.config.layer))
+        except (KeyError, ValueError):  # no counts where the model reads them (X set to None, a layer deleted)
+            return False
 
     def _check_anndata_can_be_saved(self) -> None:
         """Refuse ``save(save_anndata=True)`` before anything is written where there is no AnnData in memory to save."""
@@ -3449,18 +3454,36 @@ def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) 
         )
 
 
-def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> None:
-    """Warn where a further fit of this session's model validates on cells its earlier fit trained on."""
+def _seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> tuple[int | None, bool]:
+    """How many of a further fit's validation cells the earlier fit of this session's model trained on (None where
+    that cannot be told: a loaded or untrained model, or cells changed since whose names repeat), and whether the
+    cells changed since (filtered or reordered: the earlier positions are then of other cells, matched by name)."""
     if not model.is_trained or model.train_indices is None:
-        return
+        return None, False
     then, now = model._split_obs_names, model.adata.obs_names
     changed = then is not None and then is not now and not then.equals(now)
-    if changed:  # cells filtered or reordered since: the earlier positions are of other cells, matched by name
-        seen = np.flatnonzero(now[validation_cells].isin(then[model.train_indices]))
-    else:
-        seen = np.intersect1d(validation_cells, model.train_indices)
-    if not len(seen):
-        return
+    if changed and len(then) == len(now) and not then.isin(now).any():  # renamed, not filtered: the positions hold
+        changed = False
+    if not changed:
+        return len(np.intersect1d(validation_cells, model.train_indices)), False
+    if not (then.is_unique and now.is_unique):
+        return None, True
+    return int(now[validation_cells].isin(then[model.train_indices]).sum()), True
+
+
+def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> int | None:
+    """Warn where a further fit of this session's model validates on cells its earlier fit trained on; return how
+    many (None: not known)."""
+    seen, changed = _seen_validation_cells(model, validation_cells)
+    if seen is None and changed:
+        data.warn_user(
+            "this fit's validation cells may include cells the earlier fit trained on: the cells have changed since "
+            "(filtered or reordered) and their names repeat, so they cannot be matched; to judge on unseen cells "
+            "only, fit a new CellVAE (after adata.obs_names_make_unique())",
+            UserWarning,
+        )
+    if not seen:
+        return seen
     held = model.validation_indices if model.validation_indices is not None else np.array([])
     if changed:
         keep = (
@@ -3477,10 +3500,11 @@ def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarr
     else:
         keep = "the earlier fit held out no cells (validation_size=0), so none are left unseen"
     data.warn_user(
-        f"{len(seen):,} of this fit's {len(validation_cells):,} validation cells were training cells of the earlier fit, "
+        f"{seen:,} of this fit's {len(validation_cells):,} validation cells were training cells of the earlier fit, "
         f"so early stopping and the best epoch are judged partly on cells the model has learnt; {keep}",
         UserWarning,
     )
+    return seen
 
 
 def _warn_about_small_new_categories(query_model: CellVAE, codes: list[np.ndarray], cells: np.ndarray) -> None:

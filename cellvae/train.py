@@ -375,6 +375,7 @@ def train(
         if source is not None and source.exists():
             loop = read_checkpoint(source, run, vae, optimizer, rng, world)
             best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
+            diverged_epoch = loop["diverged_epoch"]
             epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
             last_checkpoint = start_epoch
             last_good = _snapshot(vae)
@@ -515,7 +516,7 @@ def train(
             if checkpoint is not None and (stop or (epoch + 1) % checkpoint_every == 0 or epoch + 1 == settings.max_epochs):
                 # world: resuming with another number of processes is refused (agreed_checkpoint)
                 loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows, "world": world}
-                loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best}
+                loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best, "diverged_epoch": diverged_epoch}
                 write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
                 last_checkpoint = epoch + 1
             if stop:
@@ -851,6 +852,12 @@ def read_checkpoint(
             changed = [k for k in sorted(set(now) | set(written)) if now.get(k) != written.get(k)]
             told = "; ".join(f"{k}: checkpoint {written.get(k, 'none')}, this run {now.get(k, 'none')}" for k in changed[:4])
             model = f"; the model's settings that differ: {told}" if changed else ""
+        if "kl_warmup_epochs" in differ and meta["run"].get("kl_warmup_epochs") == 1 and run["kl_warmup_epochs"] < 1:
+            raise ValueError(  # (the same arguments: cellvae's default changed)
+                f"{path} was written by an earlier cellvae, whose default KL warm-up for a run of "
+                f"{run['max_epochs']} epochs was one whole epoch (now a quarter of the run's steps), so it cannot be "
+                f"continued bit for bit: {advice}"
+            )
         raise ValueError(
             f"{path} was written by a different run: {differ} differ{f' (checkpoint: {was})' if was else ''}{model}"
             f"{seeded}; resume with the same data, model and fit arguments, or {advice}"
@@ -874,7 +881,9 @@ def read_checkpoint(
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} does not fit this model ({error}); {advice}") from error
     best = {"loss": meta["best_loss"], "state": best_state, "epoch": meta["best_epoch"]}
-    return {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")} | {"best": best}
+    diverged = meta.get("diverged_epoch")  # (None: not stopped as diverged, or written before it was kept)
+    loop = {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")}
+    return loop | {"best": best, "diverged_epoch": diverged if isinstance(diverged, int) else None}
 
 
 def previous_checkpoint(path: Path) -> Path:

@@ -518,6 +518,31 @@ def test_a_new_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path, monkey
         CellVAE(adata, n_hidden=8).fit(max_epochs=1, progress=False, checkpoint_dir="~/ck")
 
 
+def test_a_checkpoint_of_a_short_run_under_the_earlier_default_warm_up_is_told_as_such(tmp_path, monkeypatch):
+    """A 2-epoch run's checkpoint written when the default warm-up was one whole epoch: the same arguments now give
+    half an epoch, so the run cannot continue bit for bit; told as cellvae's change, not as the user's arguments."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    with monkeypatch.context() as earlier:
+        earlier.setattr(cellvae.model, "default_kl_warmup", lambda epochs: 1)
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
+    told = r"written by an earlier cellvae, whose default KL warm-up for a run of 2 epochs was one whole epoch .*start over"
+    with pytest.raises(ValueError, match=told):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_run_stopped_as_diverged_keeps_that_record_when_resumed(tmp_path, monkeypatch):
+    """A review: resuming a finished run that had stopped as diverged gave a clean-looking model, with no warning."""
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=200, n_batches=2, random_state=0)
+    monkeypatch.setattr(cellvae.model, "DIVERGED_LOSS_RATIO", 0.9)  # epoch 0 passes the bar (see test_reliability)
+    runs = []
+    for resume in (False, True):
+        with pytest.warns(RuntimeWarning, match=r"training diverged at epoch 0 of 50"):
+            model = CellVAE(adata, batch_key="batch").fit(max_epochs=50, progress=False, checkpoint_dir=tmp_path, resume=resume)
+        runs.append(model)
+    assert [m.history.attrs["diverged_epoch"] for m in runs] == [0, 0]
+    np.testing.assert_array_equal(runs[0].get_latent(), runs[1].get_latent())
+
+
 def test_default_kl_warm_up_and_query_epochs():
     """Warm-up: a quarter of training, whole epochs from 4 on, at most 50; query epochs: ~200,000 cell passes, 5 to
     200 epochs."""

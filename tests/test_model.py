@@ -1875,6 +1875,22 @@ def test_the_ends_of_the_documented_ranges_are_accepted():
     assert (config.beta, config.kl_warmup, config.free_bits, config.batch_mmd) == (0.0, 0, MAX_WEIGHT, MAX_WEIGHT)
 
 
+def test_seen_validation_cells_after_renaming_or_with_repeated_names_are_told_as_they_can_be():
+    """A review: cells renamed (none filtered) lost the warning, and repeated names after filtering were overcounted."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=0)
+    model = CellVAE(adata, n_hidden=16).fit(max_epochs=1, progress=False, random_state=0)
+    seen = np.intersect1d(model.train_indices, model.fit(max_epochs=1, progress=False, random_state=1).validation_indices)
+    model.fit(max_epochs=1, progress=False, random_state=0)
+    adata.obs_names = "renamed_" + adata.obs_names  # the same cells: matched by position
+    with pytest.warns(UserWarning, match=rf"^{len(seen)} of this fit's 30 validation cells were training cells"):
+        model.fit(max_epochs=1, progress=False, random_state=1)
+    adata.obs_names = ["cell"] * 150 + ["other"] * 150  # repeated names (anndata.concat without index_unique)
+    model.fit(max_epochs=1, progress=False, random_state=0)
+    adata._inplace_subset_obs(np.arange(1, 300))
+    with pytest.warns(UserWarning, match=r"validation cells may include cells the earlier fit trained on: .* names repeat"):
+        model.fit(max_epochs=1, progress=False, random_state=0)
+
+
 def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_batches, tmp_path):
     adata = two_batches[:400].copy()
     adata.X[:3] = 0  # empty cells: in neither set

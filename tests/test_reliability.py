@@ -1213,6 +1213,13 @@ def test_save_anndata_refuses_an_anndata_whose_genes_were_renamed_before_writing
     ):
         CellVAE.load(tmp_path / "model")
     assert CellVAE.load(tmp_path / "model", load_anndata=False).adata is None
+    batches = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
+    CellVAE(batches, batch_key="batch", n_hidden=16).save(tmp_path / "batches")
+    del batches.obs["batch"]
+    batches.write_h5ad(tmp_path / "batches" / "adata.h5ad")
+    with pytest.raises(ValueError, match=r"does not fit it: obs column 'batch' .*found.*\. Load the model without it") as told:
+        CellVAE.load(tmp_path / "batches")
+    assert '"' not in str(told.value)  # (a KeyError's text quoted again)
 
 
 def test_copies_of_a_model_built_on_a_view_are_whole_and_of_a_backed_one_refused_with_the_way_out(tmp_path):
@@ -1224,6 +1231,9 @@ def test_copies_of_a_model_built_on_a_view_are_whole_and_of_a_backed_one_refused
         assert copied.adata.shape == (200, 40)
         np.testing.assert_array_equal(copied.get_latent(), model.get_latent())
     assert model.adata.is_view  # the original keeps its view
+    copied = CellVAE(adata.copy(), n_hidden=16)
+    copied.adata.X = None  # no counts left where the model reads them: still copied (a review: the check raised)
+    assert copy.deepcopy(copied).adata.X is None
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = CellVAE(ad.read_h5ad(tmp_path / "cells.h5ad", backed="r"), n_hidden=16)
     for copy_it in (copy.deepcopy, pickle.dumps):
@@ -1872,6 +1882,14 @@ def test_a_further_fit_that_ends_worse_than_the_model_it_continued_from_gives_th
     with no_warnings():  # at the default lr it trains further: kept
         model.fit(max_epochs=10, progress=False)
     assert len(model.history) == 10 and model.history["validation_loss"].min() < history["validation_loss"].min()
+    # judged on cells the earlier fit trained on (another random_state), which favour the model it began from, a
+    # further fit is held to the first fit's bar (a review: such fits, better on unseen cells, were undone)
+    other = CellVAE(adata, batch_key="batch").fit(max_epochs=60, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        other.fit(max_epochs=10, random_state=1, progress=False)
+    assert [str(w.message)[:48] for w in caught] == ["55 of this fit's 60 validation cells were traini"]
+    assert len(other.history) == 10
 
 
 def test_training_that_diverges_stops_at_the_first_epoch_far_above_the_loss_it_began_with(monkeypatch):
