@@ -3456,18 +3456,23 @@ def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) 
 
 def _seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> tuple[int | None, bool]:
     """How many of a further fit's validation cells the earlier fit of this session's model trained on (None where
-    that cannot be told: a loaded or untrained model, or cells changed since whose names repeat), and whether the
-    cells changed since (filtered or reordered: the earlier positions are then of other cells, matched by name)."""
+    that cannot be told: a loaded or untrained model, or cells filtered or added since that their names cannot match),
+    and whether the cells changed since (filtered, added or reordered: the earlier positions are then of other cells,
+    matched by name)."""
     if not model.is_trained or model.train_indices is None:
         return None, False
     then, now = model._split_obs_names, model.adata.obs_names
-    changed = then is not None and then is not now and not then.equals(now)
-    if changed and len(then) == len(now) and not then.isin(now).any():  # renamed, not filtered: the positions hold
+    unique = then is not None and then.is_unique and now.is_unique
+    if then is None or then is now or then.equals(now):
         changed = False
+    elif len(then) == len(now):  # reordered where the names are the same set, else renamed (the positions hold)
+        changed = unique and bool(now.isin(then).all())
+    else:  # filtered or added: matched by name, where most names are the earlier fit's
+        if not (unique and now.isin(then).mean() >= 0.5):
+            return None, True
+        changed = True
     if not changed:
         return len(np.intersect1d(validation_cells, model.train_indices)), False
-    if not (then.is_unique and now.is_unique):
-        return None, True
     return int(now[validation_cells].isin(then[model.train_indices]).sum()), True
 
 
@@ -3477,9 +3482,9 @@ def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarr
     seen, changed = _seen_validation_cells(model, validation_cells)
     if seen is None and changed:
         data.warn_user(
-            "this fit's validation cells may include cells the earlier fit trained on: the cells have changed since "
-            "(filtered or reordered) and their names repeat, so they cannot be matched; to judge on unseen cells "
-            "only, fit a new CellVAE (after adata.obs_names_make_unique())",
+            "this fit's validation cells may include cells the earlier fit trained on: cells were filtered or added "
+            "since, and their names cannot match them with the earlier fit's (names that repeat, or were changed); "
+            "to judge on unseen cells only, fit a new CellVAE",
             UserWarning,
         )
     if not seen:

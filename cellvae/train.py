@@ -852,7 +852,7 @@ def read_checkpoint(
             changed = [k for k in sorted(set(now) | set(written)) if now.get(k) != written.get(k)]
             told = "; ".join(f"{k}: checkpoint {written.get(k, 'none')}, this run {now.get(k, 'none')}" for k in changed[:4])
             model = f"; the model's settings that differ: {told}" if changed else ""
-        if "kl_warmup_epochs" in differ and meta["run"].get("kl_warmup_epochs") == 1 and run["kl_warmup_epochs"] < 1:
+        if differ == ["kl_warmup_epochs"] and meta["run"].get("kl_warmup_epochs") == 1 and run["kl_warmup_epochs"] < 1:
             raise ValueError(  # (the same arguments: cellvae's default changed)
                 f"{path} was written by an earlier cellvae, whose default KL warm-up for a run of "
                 f"{run['max_epochs']} epochs was one whole epoch (now a quarter of the run's steps), so it cannot be "

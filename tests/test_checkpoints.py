@@ -528,6 +528,9 @@ def test_a_checkpoint_of_a_short_run_under_the_earlier_default_warm_up_is_told_a
     told = r"written by an earlier cellvae, whose default KL warm-up for a run of 2 epochs was one whole epoch .*start over"
     with pytest.raises(ValueError, match=told):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    # the user's own changes beside it are named as before (a review: this message hid them)
+    with pytest.raises(ValueError, match=r"was written by a different run: \['kl_warmup_epochs', 'max_epochs'\] differ"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=3, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
 def test_a_run_stopped_as_diverged_keeps_that_record_when_resumed(tmp_path, monkeypatch):

@@ -1884,11 +1884,26 @@ def test_seen_validation_cells_after_renaming_or_with_repeated_names_are_told_as
     adata.obs_names = "renamed_" + adata.obs_names  # the same cells: matched by position
     with pytest.warns(UserWarning, match=rf"^{len(seen)} of this fit's 30 validation cells were training cells"):
         model.fit(max_epochs=1, progress=False, random_state=1)
-    adata.obs_names = ["cell"] * 150 + ["other"] * 150  # repeated names (anndata.concat without index_unique)
+    adata.obs_names = [f"c{i % 150}" for i in range(300)]  # repeated names (anndata.concat without index_unique)
+    model.fit(max_epochs=1, progress=False, random_state=0)
+    adata.obs_names_make_unique()  # anndata's advice: the same cells, matched by position (a review: called filtered)
+    with no_warnings():
+        model.fit(max_epochs=1, progress=False, random_state=0)
+    adata.obs_names = [str(i + 1) for i in range(300)]  # renumbered: most names are others' (a review: 27 told seen)
+    with no_warnings():
+        model.fit(max_epochs=1, progress=False, random_state=0)
+    adata.obs_names = [f"c{i % 150}" for i in range(300)]
     model.fit(max_epochs=1, progress=False, random_state=0)
     adata._inplace_subset_obs(np.arange(1, 300))
-    with pytest.warns(UserWarning, match=r"validation cells may include cells the earlier fit trained on: .* names repeat"):
+    match = r"validation cells may include cells the earlier fit trained on: cells were filtered or added since, .*repeat"
+    with pytest.warns(UserWarning, match=match):
         model.fit(max_epochs=1, progress=False, random_state=0)
+    adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
+    model.fit(max_epochs=1, progress=False, random_state=0)
+    adata._inplace_subset_obs(np.arange(1, 299))
+    adata.obs_names = "s1_" + adata.obs_names  # filtered, then renamed: no name to match (a review: told none seen)
+    with pytest.warns(UserWarning, match=match):
+        model.fit(max_epochs=1, progress=False, random_state=1)
 
 
 def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_batches, tmp_path):
