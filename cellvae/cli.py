@@ -125,6 +125,9 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     message = message.replace("novelty_threshold needs", "--novelty-threshold needs")
     message = message.replace("pass novelty_threshold=None", "leave out --novelty-threshold")
     message = message.replace("unknown_threshold or novelty_threshold", "--unknown-threshold or --novelty-threshold")
+    # (a warning of the --reference file's comes prefixed with its path)
+    where = "that file" if message.startswith("--reference ") else f"the input, {getattr(args, 'input', None) or 'IN.h5ad'}"
+    message = re.sub(r"(genes are missing from) (?:query_)?adata\b", lambda found: f"{found[1]} {where}", message)
     message = message.replace("ref_adata.obs[", "the --reference file's obs[")
     message = message.replace("ref_adata has ", "the --reference file has ")
     # the --reference file is read where the model reads its counts, by its var_names: --layer and --var-names are the

@@ -687,7 +687,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             loader, cells = self._loader(self.adata, training_device, all_ranks=True)
             nonempty = cells[loader.library[cells] > 0]
             _warn_about_empty_cells(
-                loader, cells, nonempty, self.config, "as they were drawn" if not query else "untrained", self.adata
+                loader,
+                cells,
+                nonempty,
+                self.config,
+                "as they were drawn" if not query else "untrained",
+                self.adata,
+                "query_adata" if query else "adata",  # (the name map_query's warning gave the same cells)
             )
             totals = data.totals_over_all_genes(self.adata, self.config.layer)  # (those of the model's genes vary)
             _warn_about_equal_depths(
@@ -3387,6 +3393,8 @@ def _warn_about_empty_cells(
     in those, so that filtering ``adata`` itself would keep them."""
     if len(nonempty) == len(cells):
         return
+    n_empty = len(cells) - len(nonempty)
+    cells_have, are, them = (f"{n_empty} cells have", "are", "them") if n_empty > 1 else ("1 cell has", "is", "it")
     empty = []  # a batch (or category) whose cells all have zero counts has nothing to train its parameters on
     for (key, names), codes in zip(data.categorical_items(_layout(config)), loader.covariates.codes):
         unseen = np.setdiff1d(codes[cells], codes[nonempty])
@@ -3405,8 +3413,8 @@ def _warn_about_empty_cells(
     if others or (viewed is not None and viewed.n_vars > adata.n_vars):  # (a view of some of the genes)
         matrix = ".X" if config.layer is None else f".layers[{config.layer!r}]"
         data.warn_user(
-            f"{len(cells) - len(nonempty)} cells have no counts in the model's {config.n_genes} genes (they may have "
-            f"counts in others) and are left out of training{empty_batches}; each gets the code of a cell without "
+            f"{cells_have} no counts in the model's {config.n_genes} genes (they may have "
+            f"counts in others) and {are} left out of training{empty_batches}; each gets the code of a cell without "
             "counts, so they gather as a cluster of their own: drop them, e.g. keep the cells with "
             f"np.asarray({name}[:, {name}.var_names.isin(genes)]{matrix}.sum(axis=1)).ravel() > 0, genes being the "
             "model's (config.gene_names)",
@@ -3414,8 +3422,8 @@ def _warn_about_empty_cells(
         )
         return
     data.warn_user(
-        f"{len(cells) - len(nonempty)} cells have zero total counts and are left out of training{empty_batches}; "
-        f"drop them with sc.pp.filter_cells({name}, min_counts=1) to silence this",
+        f"{cells_have} zero total counts and {are} left out of training{empty_batches}; "
+        f"drop {them} with sc.pp.filter_cells({name}, min_counts=1) to silence this",
         UserWarning,
     )
 

@@ -149,8 +149,10 @@ def bars_labelled(label: str) -> Iterator[None]:
 
 def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterable: Iterable | None = None) -> tqdm:
     """The bar of work after training (over ``iterable``, if given): none unless ``show``, none on data-parallel
-    ranks but 0 (as training's), and none for calls shorter than ``PROGRESS_DELAY_S``; it goes when the work ends."""
-    options = {"desc": _bar_label.get() + desc, "unit": unit, "unit_scale": True, "delay": PROGRESS_DELAY_S, "leave": False}
+    ranks but 0 (as training's), and none for calls shorter than ``PROGRESS_DELAY_S``; it goes when the work ends.
+    Cells are counted in k and M; other units (a few comparisons) in whole numbers."""
+    scaled = unit == " cells"
+    options = {"desc": _bar_label.get() + desc, "unit": unit, "unit_scale": scaled, "delay": PROGRESS_DELAY_S, "leave": False}
     return tqdm(iterable, total=total, **_quiet_if(not show or rank_and_world()[0] > 0), **options)
 
 
@@ -525,10 +527,7 @@ def train(
             interrupts.check()
         still_improving = not stop and _ran_out_improving(rows, best["epoch"], has_validation)
         if still_improving:  # (read from the rows: a resumed finished run trains none)
-            last = rows[-1]["validation_loss" if has_validation else "train_loss"]
-            kept = "the last" if best["epoch"] == rows[-1]["epoch"] else f"epoch {best['epoch']}, the last lower by under 1e-4"
-            note = {"epoch": f"{len(rows)}/{settings.max_epochs}", "loss": f"{last:.1f}", "best": f"{kept}: more epochs may help"}
-            bar.set_postfix(ordered_dict=note)  # (in this order: keywords would be sorted)
+            bar.set_postfix(ordered_dict=_more_epochs_note(rows, best["epoch"], settings.max_epochs, has_validation))
     except KeyboardInterrupt:
         if not rows:  # no epoch finished: nothing of this run to keep (the caller puts the model back)
             raise
@@ -560,6 +559,18 @@ def train(
     if best["epoch"] >= 0:
         history.attrs["best_epoch"] = best["epoch"]
     return history
+
+
+def _more_epochs_note(rows: list[dict], best_epoch: int, max_epochs: int, has_validation: bool) -> dict[str, str]:
+    """The training bar's closing note where the epochs ran out while training improved (in this order: keywords
+    would be sorted). The bar counts epochs from 1, model.history numbers them from 0: the best is given in both."""
+    last = rows[-1]["validation_loss" if has_validation else "train_loss"]
+    kept = (
+        "the last"
+        if best_epoch == rows[-1]["epoch"]
+        else f"epoch {best_epoch + 1} (model.history's {best_epoch}), the last lower by under 1e-4"
+    )
+    return {"epoch": f"{len(rows)}/{max_epochs}", "loss": f"{last:.1f}", "best": f"{kept}: more epochs may help"}
 
 
 def _ran_out_improving(rows: list[dict], best_epoch: int, has_validation: bool) -> bool:

@@ -1632,6 +1632,16 @@ def test_map_warns_once_about_model_genes_missing_from_the_query(reference_folde
     assert len(missing) == 1 and missing[0].startswith("5 of the model's 100 genes are missing from query_adata")
 
 
+def test_the_shells_warning_about_missing_genes_names_the_file_they_are_missing_from():
+    """An audit: `cellvae map q.h5ad` warned that genes were 'missing from query_adata', a name the shell has not."""
+    args = argparse.Namespace(command="map", input="q.h5ad", reference="ref.h5ad")
+    for name in ("adata", "query_adata"):
+        told = in_command_line_terms(f"5 of the model's 100 genes are missing from {name} (e.g. ['g1']); they are", args)
+        assert told.startswith("5 of the model's 100 genes are missing from the input, q.h5ad (e.g. ['g1'])")
+    told = in_command_line_terms("--reference ref.h5ad: 5 of the model's 100 genes are missing from adata (e.g.", args)
+    assert told == "--reference ref.h5ad: 5 of the model's 100 genes are missing from that file (e.g."
+
+
 def test_gene_name_errors_name_the_var_names_column(reference_folder, tmp_path):
     """With --var-names, an error about the genes' names names that column (its fix acts on it), not var_names."""
     query = ad.read_h5ad(reference_folder / "query.h5ad")

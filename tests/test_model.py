@@ -308,6 +308,43 @@ def test_a_last_epoch_lower_by_less_than_counts_as_a_new_best_is_still_improving
     assert not _ran_out_improving(rows, best_epoch=3, has_validation=False)  # training losses: the best epoch decides
 
 
+def test_bars_after_training_count_cells_in_thousands_and_comparisons_in_whole_numbers():
+    """An audit: differential expression's bar read '3.00/7.00 comparisons'."""
+    from cellvae.train import progress_bar
+
+    with progress_bar(7, "differential_expression", True, unit=" comparisons") as bar:
+        bar.update(3)
+        assert " 3/7 " in str(bar)
+    with progress_bar(150_000, "generate", True) as bar:
+        bar.update(30_000)
+        assert " 30.0k/150k " in str(bar)
+
+
+def test_the_empty_cells_warning_counts_one_cell_in_the_singular_and_names_a_querys_data_as_map_query_does():
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=40, n_batches=2, random_state=0)
+    counts = adata.X.toarray()
+    counts[np.flatnonzero(adata.obs["batch"] == "batch1")[0]] = 0  # a query cell
+    adata.X = sp.csr_matrix(counts)
+    reference, query = (adata[adata.obs["batch"] == b].copy() for b in ("batch0", "batch1"))
+    model = CellVAE(reference, batch_key="batch", n_hidden=16).fit(max_epochs=1, progress=False)
+    told = r"^1 cell has zero total counts and is left out of training; drop it with sc.pp.filter_cells\(query_adata,"
+    with pytest.warns(UserWarning, match=told):
+        query_model = model.map_query(query, max_epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=told):  # its further fit names the query's data as map_query did
+        query_model.fit(max_epochs=1, progress=False)
+
+    """An audit: 'epoch=111/111 ... best=epoch 109' counted epochs from 1 and the best from 0 in one line."""
+    from cellvae.train import _more_epochs_note
+
+    rows = [{"epoch": e, "validation_loss": v} for e, v in enumerate([1205.0, 1199.29, 1198.25, 1198.14])]
+    assert _more_epochs_note(rows, 2, 4, has_validation=True) == {
+        "epoch": "4/4",
+        "loss": "1198.1",
+        "best": "epoch 3 (model.history's 2), the last lower by under 1e-4: more epochs may help",
+    }
+    assert _more_epochs_note(rows, 3, 4, has_validation=True)["best"] == "the last: more epochs may help"
+
+
 def test_jupyters_bar_of_training_stopped_early_ends_full(two_batches, monkeypatch):
     """tqdm.notebook (which tqdm.auto picks in Jupyter) draws against its widget's maximum: a run stopped early
     ended "100%" with the widget a fraction full."""
