@@ -3455,33 +3455,37 @@ def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) 
     empty = int(np.count_nonzero(loader.library[cells] == 0))
     if empty:
         data.warn_user(
-            f"{empty} of the {len(cells)} cells have zero total counts: with nothing to reconstruct, each scores "
-            "minus its rate alone (a few nats), which skews a mean over cells; drop them first with "
-            "sc.pp.filter_cells(adata, min_counts=1)",
+            f"{empty} of the {len(cells)} cells {'have' if empty > 1 else 'has'} zero total counts: with nothing to "
+            "reconstruct, each scores minus its rate alone (a few nats), which skews a mean over cells; drop "
+            f"{'them' if empty > 1 else 'it'} first with sc.pp.filter_cells(adata, min_counts=1)",
             UserWarning,
         )
 
 
 def _seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> tuple[int | None, bool]:
-    """How many of a further fit's validation cells the earlier fit of this session's model trained on (None where
-    that cannot be told: a loaded or untrained model, or cells filtered or added since that their names cannot match),
-    and whether the cells changed since (filtered, added or reordered: the earlier positions are then of other cells,
-    matched by name)."""
+    """How many of a further fit's validation cells the earlier fit of this session's model trained on, and whether
+    the cells changed since. Filtered, added or reordered cells with unique names are matched by name; renamed cells
+    (no name in common, as many cells) and names made unique keep their positions. None where it cannot be told: a
+    loaded or untrained model, other names for another number of cells, or repeated names changed otherwise."""
     if not model.is_trained or model.train_indices is None:
         return None, False
     then, now = model._split_obs_names, model.adata.obs_names
-    unique = then is not None and then.is_unique and now.is_unique
-    if then is None or then is now or then.equals(now):
-        changed = False
-    elif len(then) == len(now):  # reordered where the names are the same set, else renamed (the positions hold)
-        changed = unique and bool(now.isin(then).all())
-    else:  # filtered or added: matched by name, where most names are the earlier fit's
-        if not (unique and now.isin(then).mean() >= 0.5):
+    same_cells = then is None or then is now or then.equals(now)
+    if not same_cells and then.is_unique and now.is_unique:
+        if now.isin(then).any():  # filtered, added or reordered: matched by name
+            return int(now[validation_cells].isin(then[model.train_indices]).sum()), True
+        if len(then) != len(now):  # other names, another number of cells: no way to match them
             return None, True
-        changed = True
-    if not changed:
-        return len(np.intersect1d(validation_cells, model.train_indices)), False
-    return int(now[validation_cells].isin(then[model.train_indices]).sum()), True
+        same_cells = True  # renamed (no name in common): the same cells, by position
+    if not same_cells and not (len(then) == len(now) and _made_unique(then, now)):
+        return None, True  # names that repeat, changed since
+    return len(np.intersect1d(validation_cells, model.train_indices)), False
+
+
+def _made_unique(then: pd.Index, now: pd.Index) -> bool:
+    """Whether ``now`` is ``then`` after ``obs_names_make_unique()`` (a repeated name suffixed "-1", "-2", ...)."""
+    before, after = np.asarray(then, dtype=str), np.asarray(now, dtype=str)
+    return bool(np.all((before == after) | np.char.startswith(after, np.char.add(before, "-"))))
 
 
 def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> int | None:

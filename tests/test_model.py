@@ -1926,9 +1926,21 @@ def test_seen_validation_cells_after_renaming_or_with_repeated_names_are_told_as
     adata.obs_names_make_unique()  # anndata's advice: the same cells, matched by position (a review: called filtered)
     with no_warnings():
         model.fit(max_epochs=1, progress=False, random_state=0)
-    adata.obs_names = [str(i + 1) for i in range(300)]  # renumbered: most names are others' (a review: 27 told seen)
-    with no_warnings():
+    # cells of another sample in place of half of them, or added (ad.concat): matched by name, counted exactly
+    others = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=1)
+    others.obs_names = "other_" + others.obs_names
+    for mixed in (ad.concat([adata[150:], others[:150]]), ad.concat([adata, others])):
+        model.adata = adata
         model.fit(max_epochs=1, progress=False, random_state=0)
+        trained_on = adata.obs_names[model.train_indices]
+        model.adata = mixed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(max_epochs=1, progress=False, random_state=1)
+        overlap = mixed.obs_names[model.validation_indices].isin(trained_on).sum()
+        told = [str(w.message) for w in caught if "validation cells" in str(w.message)]
+        assert told == [] if overlap == 0 else told[0].startswith(f"{overlap} of this fit's "), (overlap, told)
+    model.adata = adata
     adata.obs_names = [f"c{i % 150}" for i in range(300)]
     model.fit(max_epochs=1, progress=False, random_state=0)
     adata._inplace_subset_obs(np.arange(1, 300))
