@@ -3464,28 +3464,32 @@ def _warn_about_scoring_empty_cells(loader: data.CellLoader, cells: np.ndarray) 
 
 def _seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> tuple[int | None, bool]:
     """How many of a further fit's validation cells the earlier fit of this session's model trained on, and whether
-    the cells changed since. Filtered, added or reordered cells with unique names are matched by name; renamed cells
-    (no name in common, as many cells) and names made unique keep their positions. None where it cannot be told: a
-    loaded or untrained model, other names for another number of cells, or repeated names changed otherwise."""
+    the cells changed since. Unique names are matched by name where one fit's cells hold the other's (cells filtered,
+    reordered or added); renamed cells (no name in common, as many cells) and names made unique keep their positions.
+    None where it cannot be told: a loaded or untrained model, or names changed otherwise (renumbered, partly replaced:
+    matching them by name or position could count other cells)."""
     if not model.is_trained or model.train_indices is None:
         return None, False
     then, now = model._split_obs_names, model.adata.obs_names
     same_cells = then is None or then is now or then.equals(now)
     if not same_cells and then.is_unique and now.is_unique:
-        if now.isin(then).any():  # filtered, added or reordered: matched by name
+        if now.isin(then).all() or then.isin(now).all():  # filtered, reordered or added: matched by name
             return int(now[validation_cells].isin(then[model.train_indices]).sum()), True
-        if len(then) != len(now):  # other names, another number of cells: no way to match them
-            return None, True
-        same_cells = True  # renamed (no name in common): the same cells, by position
-    if not same_cells and not (len(then) == len(now) and _made_unique(then, now)):
-        return None, True  # names that repeat, changed since
+        same_cells = len(then) == len(now) and not now.isin(then).any()  # renamed: the same cells, by position
+    elif not same_cells:
+        same_cells = len(then) == len(now) and _made_unique(then, now)
+    if not same_cells:
+        return None, True
     return len(np.intersect1d(validation_cells, model.train_indices)), False
 
 
 def _made_unique(then: pd.Index, now: pd.Index) -> bool:
-    """Whether ``now`` is ``then`` after ``obs_names_make_unique()`` (a repeated name suffixed "-1", "-2", ...)."""
-    before, after = np.asarray(then, dtype=str), np.asarray(now, dtype=str)
-    return bool(np.all((before == after) | np.char.startswith(after, np.char.add(before, "-"))))
+    """Whether ``now`` is ``then`` after ``obs_names_make_unique()``: a name changed only by a suffix "-1", "-2", ..."""
+    before, after = np.asarray(then, dtype=object), np.asarray(now, dtype=object)
+    changed = np.flatnonzero(before != after)
+    return all(
+        str(a).startswith(f"{b}-") and str(a)[len(str(b)) + 1 :].isdecimal() for a, b in zip(after[changed], before[changed])
+    )
 
 
 def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarray) -> int | None:
@@ -3494,9 +3498,9 @@ def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarr
     seen, changed = _seen_validation_cells(model, validation_cells)
     if seen is None and changed:
         data.warn_user(
-            "this fit's validation cells may include cells the earlier fit trained on: cells were filtered or added "
-            "since, and their names cannot match them with the earlier fit's (names that repeat, or were changed); "
-            "to judge on unseen cells only, fit a new CellVAE",
+            "this fit's validation cells may include cells the earlier fit trained on: the cells' names changed since "
+            "in a way that does not tell which cells are the earlier fit's (renumbered, partly replaced, or names "
+            "that repeat); to judge on unseen cells only, fit a new CellVAE",
             UserWarning,
         )
     if not seen:

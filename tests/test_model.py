@@ -1926,25 +1926,37 @@ def test_seen_validation_cells_after_renaming_or_with_repeated_names_are_told_as
     adata.obs_names_make_unique()  # anndata's advice: the same cells, matched by position (a review: called filtered)
     with no_warnings():
         model.fit(max_epochs=1, progress=False, random_state=0)
-    # cells of another sample in place of half of them, or added (ad.concat): matched by name, counted exactly
+    # cells of another sample added (ad.concat): matched by name, counted exactly
     others = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=1)
     others.obs_names = "other_" + others.obs_names
-    for mixed in (ad.concat([adata[150:], others[:150]]), ad.concat([adata, others])):
+    model.fit(max_epochs=1, progress=False, random_state=0)
+    trained_on = adata.obs_names[model.train_indices]
+    model.adata = ad.concat([adata, others])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(max_epochs=1, progress=False, random_state=1)
+    overlap = model.adata.obs_names[model.validation_indices].isin(trained_on).sum()
+    assert [str(w.message) for w in caught][0].startswith(f"{overlap} of this fit's 60 validation cells were training")
+    # half of them replaced by other cells, or renumbered: which cells are the earlier fit's cannot be told (a review:
+    # counted by position, silently 0 with the strict bar; another: renumbered cells counted by name, 29 of 30)
+    match = r"validation cells may include cells the earlier fit trained on: the cells' names changed since .*new CellVAE$"
+    adata.obs_names = [str(i) for i in range(300)]  # (anndata's default names)
+    renumbered = adata.copy()
+    renumbered.obs_names = [str(i + 1) for i in range(300)]
+    for changed in (ad.concat([adata[150:], others[:150]]), renumbered):
         model.adata = adata
         model.fit(max_epochs=1, progress=False, random_state=0)
-        trained_on = adata.obs_names[model.train_indices]
-        model.adata = mixed
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.fit(max_epochs=1, progress=False, random_state=1)
-        overlap = mixed.obs_names[model.validation_indices].isin(trained_on).sum()
-        told = [str(w.message) for w in caught if "validation cells" in str(w.message)]
-        assert told == [] if overlap == 0 else told[0].startswith(f"{overlap} of this fit's "), (overlap, told)
+        model.adata = changed
+        with pytest.warns(UserWarning, match=match):
+            model.fit(max_epochs=1, progress=False, random_state=0)
+    from cellvae.model import _made_unique
+
+    assert _made_unique(pd.Index(["a", "a", "b-1", "b-1"]), pd.Index(["a", "a-1", "b-1", "b-1-1"]))
+    assert not _made_unique(pd.Index(["a", "a"]), pd.Index(["a-b-c", "a-zzz"]))  # not anndata's suffixes
     model.adata = adata
     adata.obs_names = [f"c{i % 150}" for i in range(300)]
     model.fit(max_epochs=1, progress=False, random_state=0)
     adata._inplace_subset_obs(np.arange(1, 300))
-    match = r"validation cells may include cells the earlier fit trained on: cells were filtered or added since, .*repeat"
     with pytest.warns(UserWarning, match=match):
         model.fit(max_epochs=1, progress=False, random_state=0)
     adata.obs_names = [f"cell{i}" for i in range(adata.n_obs)]
