@@ -806,12 +806,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             diverged = not end_loss <= tolerance * start_loss  # NaN too
             if rank_and_world()[1] > 1:  # every process gives back the same model
                 diverged = bool(all_reduce_max([float(diverged)])[0])
+            smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10  # the learning rate advised where training went wrong
             if diverged:
                 # Fitting the diverged weights again, with any learning rate, would not bring them back.
                 self.module.load_state_dict(before)
                 self.history, self.train_settings, self.is_trained, self._data_parallel_rank = previous
                 self.train_indices, self.validation_indices, self._split_obs_names = previous_split
-                smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 stopped = ""
                 if "diverged_epoch" in history.attrs:
                     stopped = f" (stopped after epoch {history.attrs['diverged_epoch']} of {epochs}, numbered from 0)"
@@ -830,7 +830,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     RuntimeWarning,
                 )
             elif "diverged_epoch" in history.attrs:  # diverged after a sound best epoch, which is kept
-                smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10
                 last = history.iloc[-1]
                 loss = last["validation_loss"] if "validation_loss" in history else last["train_loss"]
                 data.warn_user(
