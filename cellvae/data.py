@@ -1840,7 +1840,7 @@ class CellLoader:
         check_positive_int(batch_size, "batch_size")
         if shuffle and rng is None:
             raise ValueError("shuffle=True needs rng=np.random.default_rng(seed)")
-        if self.device.type == "cuda" and self._fits_on_device():
+        if isinstance(self._on_device, tuple):  # counts a training made resident on the GPU (see resident)
             return self._device_batches(cells, batch_size, shuffle, rng)
         chunk_rows, block_rows, read_ahead = self._read_plan(batch_size)
         chunks = list(self._chunks(cells, chunk_rows, block_rows, shuffle, rng))
@@ -2010,10 +2010,18 @@ class CellLoader:
     # -------------------------------------------------------------- GPU: data resident on the device
 
     def resident(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Every cell's dense counts, covariates, library size and batch code on the GPU, where they fit; else None."""
+        """Every cell's dense counts, covariates, library size and batch code on the GPU, where they fit; else None.
+
+        Training asks for them (it reads every cell each epoch); ``batches`` then gathers its minibatches from them.
+        Other calls read each cell once and stream only the cells they ask for, leaving the GPU's memory free.
+        """
         if self.device.type == "cuda" and self._fits_on_device():
             return self._on_device
         return None
+
+    def release_device(self) -> None:
+        """Let go of the counts held on the GPU (they are copied again where needed)."""
+        self._on_device = None
 
     def shuffled_rows(self, cells: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[torch.Tensor]:
         """Positions of ``cells`` on the loader's device, ``batch_size`` at a time, in the order that
@@ -2088,13 +2096,15 @@ class CellLoader:
 
 
 def _device_memory_left(device: torch.device) -> int:
-    """Bytes this process may still allocate on a CUDA device: free memory, within the share that
-    ``torch.cuda.set_per_process_memory_fraction`` allows it (less what torch already holds)."""
+    """Bytes this process may still allocate on a CUDA device: free memory and torch's cache of it, within the
+    share that ``torch.cuda.set_per_process_memory_fraction`` allows it (less what torch's tensors hold)."""
     index = torch.cuda.current_device() if device.index is None else device.index  # ("cuda" of device="auto": no index)
     free, total = torch.cuda.mem_get_info(index)
+    # torch's cache (reserved, not allocated: e.g. an earlier fit's freed tensors) is free to this process too
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
     share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (recent torch; else the whole device)
-    allowed = int((1.0 if share is None else share(index)) * total) - torch.cuda.memory_reserved(index)
-    return max(0, min(free, allowed))
+    allowed = int((1.0 if share is None else share(index)) * total) - torch.cuda.memory_allocated(index)
+    return max(0, min(free + cached, allowed))
 
 
 class DeviceBuffer:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -781,6 +782,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     ) from error
                 if not isinstance(error, torch.OutOfMemoryError):
                     raise
+                # The error's traceback holds training's frames (their optimizer state, model copies and CUDA graphs),
+                # and the loader holds the counts on the GPU. Freed here, a retry (in an except block, or in Jupyter,
+                # which keeps the last error) finds the memory free.
+                loader.release_device()
+                traceback.clear_frames(error.__traceback__)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise torch.OutOfMemoryError(
@@ -3507,8 +3513,8 @@ def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarr
     held = model.validation_indices if model.validation_indices is not None else np.array([])
     if changed:
         keep = (
-            "the cells have changed since the earlier fit (filtered or reordered), so its validation cells cannot be "
-            "drawn again: to judge on unseen cells only, fit a new CellVAE"
+            "the cells have changed since the earlier fit (filtered, reordered, added to or renamed), so its validation "
+            "cells cannot be drawn again: to judge on unseen cells only, fit a new CellVAE"
         )
     elif len(held):
         earlier = model.train_settings.random_state if model.train_settings is not None else None

@@ -407,10 +407,11 @@ def train(
     forward = DistributedDataParallel(vae, **NO_BUFFER_SYNC_IN_FORWARD) if world > 1 else vae
     # On one GPU the counts stay resident there or, where they do not all fit (a backed file, a large atlas), a
     # buffer of them is refilled in place; either way steps are replayed from CUDA graphs (see ResidentSteps).
-    resident = loader.resident() if world == 1 else None
+    # (Data-parallel ranks gather their minibatches from resident counts too, but step by step: no graphs.)
+    resident = loader.resident()
     buffer = loader.device_buffer(settings.batch_size, len(train_cells)) if world == 1 and resident is None else None
     on_device = buffer.tensors if buffer is not None else resident
-    steps = None if on_device is None else ResidentSteps(vae, on_device, optimizer)
+    steps = ResidentSteps(vae, on_device, optimizer) if on_device is not None and world == 1 else None
 
     def kl_weight_at(step: int) -> float:
         return settings.beta * (min(1.0, step / warmup_steps) if warmup_steps else 1.0)
@@ -652,6 +653,8 @@ class ResidentSteps:
             # on the side stream, so on the minibatch's GPU (a capture stream of its own would be the current GPU's)
             with torch.cuda.graph(graph, stream=side):  # recorded, not run
                 self._step(static_rows)
+        except torch.OutOfMemoryError:  # (a RuntimeError too) fit tells how to need less memory
+            raise
         except RuntimeError as error:  # an operation that cannot be captured: go on step by step
             warn_user(f"training without CUDA graphs (slower at small batches): {error}", RuntimeWarning)
             self.graphs = None

@@ -661,13 +661,34 @@ def test_shuffle_needs_a_generator(counts):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_gpu_keeps_fitting_data_on_the_device(counts):
+def test_gpu_keeps_fitting_data_on_the_device_for_training_only(counts):
+    """Training (``resident``) keeps counts that fit on the GPU; a call that reads cells once streams just them."""
     loader = loader_for(counts, device="cuda")
+    few = list(loader.batches(np.arange(20), 128))
+    assert loader._on_device is None and few[0].counts.is_cuda  # streamed: no copy of all cells for 20 of them
+    np.testing.assert_array_equal(few[0].counts.cpu().numpy(), counts.X[:20].toarray())
+    assert loader.resident() is not None
     rng = np.random.default_rng(0)
     seen = [mb for mb in loader.batches(np.arange(counts.n_obs), 128, shuffle=True, rng=rng)]
     assert all(mb.counts.is_cuda for mb in seen)
     assert sorted(np.concatenate([mb.cell_index for mb in seen])) == list(range(counts.n_obs))
     np.testing.assert_array_equal(seen[0].counts.cpu().numpy(), counts.X.toarray()[seen[0].cell_index])
+    loader.release_device()
+    assert loader._on_device is None
+
+
+def test_gpu_memory_budget_counts_torchs_own_cache_as_free(monkeypatch):
+    """Memory torch has cached but holds no tensor in (an earlier fit's) is free for the next copy of the counts;
+    ``set_per_process_memory_fraction`` caps the budget at its share less the tensors torch holds."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0, raising=False)
+    assert cellvae.data._device_memory_left(torch.device("cuda")) == 38 * gib  # 10 free + 28 cached
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 0.25, raising=False)
+    assert cellvae.data._device_memory_left(torch.device("cuda")) == 18 * gib  # a quarter of 80, less 2 in tensors
 
 
 def test_counts_copied_to_the_device_in_chunks_equal_the_matrix(counts, monkeypatch):

@@ -2008,6 +2008,6 @@ def test_the_cells_fit_trained_and_validated_on_are_named_as_in_scvi_tools(two_b
     told = [str(w.message) for w in caught if "validation cells were training cells" in str(w.message)]
     assert len(told) == 1 and told[0].startswith(f"{overlap} of this fit's {len(again.validation_indices)} validation")
     assert told[0].endswith(
-        "the cells have changed since the earlier fit (filtered or reordered), so its validation "
+        "the cells have changed since the earlier fit (filtered, reordered, added to or renamed), so its validation "
         "cells cannot be drawn again: to judge on unseen cells only, fit a new CellVAE"
     )

@@ -1,6 +1,7 @@
 """Reliability: numerical faults, determinism, safe model files, the user's AnnData left untouched, extreme inputs."""
 
 import copy
+import gc
 import importlib
 import inspect
 import json
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import anndata as ad
@@ -578,6 +580,33 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch_size():
             CellVAE(adata, n_hidden=1024).fit(max_epochs=1, batch_size=4000, device="cuda", progress=False)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_out_of_memory_in_training_frees_what_training_held_and_keeps_the_model(monkeypatch):
+    """An out-of-memory error mid-training (here raised by the optimizer's third step) is told with a smaller
+    batch_size, the model is as before, and the error (kept by an except block or Jupyter) no longer holds the
+    optimizer and the copies training made: a retry finds that memory free."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=0)
+    model = CellVAE(adata, n_hidden=16)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    optimizers, original_step = [], torch.optim.AdamW.step
+
+    def step_then_run_out(self, *args, **kwargs):
+        optimizers.append(weakref.ref(self))
+        if len(optimizers) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_run_out)
+    with pytest.raises(torch.OutOfMemoryError, match=r"pass a smaller batch_size \(e.g. fit\(batch_size=32\)\)") as caught:
+        model.fit(max_epochs=2, batch_size=64, progress=False)
+    gc.collect()
+    assert caught.value.__cause__ is not None and optimizers[-1]() is None  # the error keeps no optimizer alive
+    assert not model.is_trained
+    for name, tensor in model.module.state_dict().items():
+        torch.testing.assert_close(tensor, before[name])
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    assert model.fit(max_epochs=1, batch_size=64, progress=False).is_trained  # the retry trains
 
 
 # ----------------------------------------------------------------------------- determinism
