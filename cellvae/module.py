@@ -8,8 +8,6 @@ cell's observed library size, are the mean of a count likelihood.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +24,9 @@ from cellvae.distributions import (
 )
 
 Likelihood = NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson  # what the decoder returns: p(x|z)
+# Every weight is made float32 whatever torch's default dtype (a caller may have set float64); named in each layer,
+# not set as the default while building, which would change the default of the caller's other threads meanwhile.
+FLOAT32 = {"dtype": torch.float32}
 
 
 class GeneLinear(nn.Linear):
@@ -64,11 +65,11 @@ class CovariateMLP(nn.Module):
         width = n_input
         for layer in range(n_layers):
             linear = GeneLinear if wide_input and layer == 0 else nn.Linear
-            self.linears.append(linear(width + n_covariates, n_hidden))
+            self.linears.append(linear(width + n_covariates, n_hidden, **FLOAT32))
             if normalization == "layer":  # each cell's hidden units normalised on their own
-                self.norms.append(nn.LayerNorm(n_hidden))
+                self.norms.append(nn.LayerNorm(n_hidden, **FLOAT32))
             else:  # each hidden unit normalised over the minibatch while training, by running statistics after
-                self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3))
+                self.norms.append(nn.BatchNorm1d(n_hidden, momentum=0.01, eps=1e-3, **FLOAT32))
             width = n_hidden
         self.dropout = nn.Dropout(dropout)
         self.n_covariates = n_covariates
@@ -91,10 +92,10 @@ class Encoder(nn.Module):
         self.body = CovariateMLP(
             config.n_genes, n_cov, config.n_hidden, config.n_layers, config.dropout, config.normalization, wide_input=True
         )
-        self.mean = nn.Linear(config.n_hidden, config.n_latent)
+        self.mean = nn.Linear(config.n_hidden, config.n_latent, **FLOAT32)
         self.full = config.posterior == "full"
         n_scale = config.n_latent * (config.n_latent + 1) // 2 if self.full else config.n_latent
-        self.scale = nn.Linear(config.n_hidden, n_scale)
+        self.scale = nn.Linear(config.n_hidden, n_scale, **FLOAT32)
         # Non-persistent buffer: it moves with the model (an index on the CPU would stall a CUDA graph).
         tril = torch.tril_indices(config.n_latent, config.n_latent) if self.full else None
         self.register_buffer("tril", tril, persistent=False)
@@ -123,16 +124,16 @@ class Decoder(nn.Module):
         self.body = CovariateMLP(
             config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout, config.normalization
         )
-        self.proportions = GeneLinear(config.n_hidden, config.n_genes)
+        self.proportions = GeneLinear(config.n_hidden, config.n_genes, **FLOAT32)
         if config.likelihood != "poisson":
             if config.dispersion == "gene":
-                self.log_theta = nn.Parameter(torch.zeros(config.n_genes))
+                self.log_theta = nn.Parameter(torch.zeros(config.n_genes, **FLOAT32))
             elif config.dispersion == "gene-batch":
-                self.log_theta = nn.Parameter(torch.zeros(config.n_batches, config.n_genes))
+                self.log_theta = nn.Parameter(torch.zeros(config.n_batches, config.n_genes, **FLOAT32))
             else:
-                self.theta_head = GeneLinear(config.n_hidden, config.n_genes)
+                self.theta_head = GeneLinear(config.n_hidden, config.n_genes, **FLOAT32)
         if config.likelihood == "zinb":
-            self.dropout_head = GeneLinear(config.n_hidden, config.n_genes)
+            self.dropout_head = GeneLinear(config.n_hidden, config.n_genes, **FLOAT32)
 
     def forward(self, z: torch.Tensor, covariates: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor) -> Likelihood:
         h = self.body(z, covariates)
@@ -158,21 +159,9 @@ class Decoder(nn.Module):
         return NegativeBinomial(log_mean, theta)
 
 
-@contextmanager
-def float32_by_default() -> Iterator[None]:
-    """torch's default dtype float32 inside (a caller may have set float64): the weights are float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 class VAE(nn.Module):
     """Encoder, decoder and the negative ELBO ``distortion + beta * rate``, with float32 weights."""
 
-    @float32_by_default()
     @autograd_on()  # trainable weights (not inference tensors), even when built inside the caller's inference_mode
     def __init__(self, config: Config):
         super().__init__()

@@ -395,16 +395,23 @@ def test_missing_batches_of_a_backed_file_are_told_to_be_dropped_by_a_view_which
 
 def test_the_gpu_memory_counts_on_is_within_the_processs_share(monkeypatch):
     """Counts kept on a GPU fit in what torch.cuda.set_per_process_memory_fraction leaves this process, not just in the
-    device's free memory (a small share ran out of memory with an advice to lower batch_size)."""
+    device's free memory (a small share ran out of memory with an advice to lower batch_size); torch's cache counts as
+    free."""
     # torch's own argument handling runs (it wants a device index: "cuda", as device="auto" gives, has none)
     monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lambda: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)  # (none of it cached)
     for fraction, left in ((1.0, 10 * 2**30), (0.1, 6 * 2**30), (0.02, 0)):
         monkeypatch.setattr(torch._C, "_cuda_getMemoryFraction", lambda index, share=fraction: share, raising=False)
         for device in (torch.device("cuda"), torch.device("cuda", 0)):
             assert cellvae.data._device_memory_left(device) == left
+    # memory torch has cached but holds no tensor in (an earlier fit's) is free for the next copy of the counts
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 * 2**30)
+    for fraction, left in ((1.0, 38 * 2**30), (0.25, 18 * 2**30)):  # 10 free + 28 cached; a quarter of 80, less 2 held
+        monkeypatch.setattr(torch._C, "_cuda_getMemoryFraction", lambda index, share=fraction: share, raising=False)
+        assert cellvae.data._device_memory_left(torch.device("cuda")) == left
 
 
 def never_read_whole(monkeypatch) -> None:
@@ -675,20 +682,6 @@ def test_gpu_keeps_fitting_data_on_the_device_for_training_only(counts):
     np.testing.assert_array_equal(seen[0].counts.cpu().numpy(), counts.X.toarray()[seen[0].cell_index])
     loader.release_device()
     assert loader._on_device is None
-
-
-def test_gpu_memory_budget_counts_torchs_own_cache_as_free(monkeypatch):
-    """Memory torch has cached but holds no tensor in (an earlier fit's) is free for the next copy of the counts;
-    ``set_per_process_memory_fraction`` caps the budget at its share less the tensors torch holds."""
-    gib = 2**30
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (10 * gib, 80 * gib))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 30 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 2 * gib)
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0, raising=False)
-    assert cellvae.data._device_memory_left(torch.device("cuda")) == 38 * gib  # 10 free + 28 cached
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 0.25, raising=False)
-    assert cellvae.data._device_memory_left(torch.device("cuda")) == 18 * gib  # a quarter of 80, less 2 in tensors
 
 
 def test_counts_copied_to_the_device_in_chunks_equal_the_matrix(counts, monkeypatch):
