@@ -761,6 +761,8 @@ def run_embed(args: argparse.Namespace) -> int:
                 "leave out --batch-prefix"
             )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
+    elif batch_key and (args.batch_key or batch_key) in adata.obs.columns:
+        _warn_if_a_batch_prefix_seems_meant(adata.obs[args.batch_key or batch_key], model.config, args)
     if batch_key:
         given = args.batch_key is not None
         if not given:
@@ -1007,6 +1009,27 @@ def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir:
                 f"obs[{read_from!r}], not from the model's batch key {batch_key!r}: pass --batch-key {read_from} to "
                 f"read them as before{by}, or --batch-key {batch_key} to read obs[{batch_key!r}]"
             )
+
+
+def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespace) -> None:
+    """Warn where every batch of the input is a reference batch that the (query) model also holds as a mapped batch
+    with a prefix before it (cellvae map --batch-prefix): the cells would be embedded as the reference's."""
+    from cellvae.data import cell_texts, warn_user
+
+    given = sorted(set(cell_texts(batches.dropna())))
+    mapped = config.batch_categories[config.reference_categories.get(config.batch_key, len(config.batch_categories)) :]
+    prefixes = {name: {new[: -len(name)] for new in mapped if new != name and new.endswith(name)} for name in given}
+    if not given or not all(prefixes.values()):
+        return
+    common = set.intersection(*prefixes.values())
+    if len(common) == 1:
+        prefix = common.pop()
+        warn_user(
+            f"{args.input}'s batches {given[:5]} are embedded with the reference's parameters for them, but the model "
+            f"also holds them as mapped query batches named with {prefix!r} before them ({prefix + given[0]!r}): if "
+            f"these are the query's cells, pass --batch-prefix {prefix!r}; if they are the reference's, ignore this",
+            UserWarning,
+        )
 
 
 def _prefixed(batches, prefix: str):

@@ -462,6 +462,11 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 "(e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
                 "(adata.layers['counts']) before normalising." + (f" {rounding[0]}" if rounding else "")
             ) from None
+        if trained and ROUND_OFF_ADVICE in str(error):  # (a trained model takes no layer=: round where it reads)
+            raise ValueError(
+                f"{told} {ROUND_OFF_ADVICE}, round them where the model reads them, {where} = np.rint({where}) (on a "
+                "copy, adata = adata.copy(), to keep the values as they were)"
+            ) from None
         raise
 
 

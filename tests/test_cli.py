@@ -1445,7 +1445,13 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "query.h5ad").obs["batch"], "batch0")  # the input as it was
     # more cells of those batches, under their own names: embed puts the same prefix before them
     more = ["embed", str(tmp_path / "query.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--quiet"]
-    assert main([*more, "--out", str(tmp_path / "more.h5ad"), "--batch-prefix", "query "]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main([*more, "--out", str(tmp_path / "more.h5ad"), "--batch-prefix", "query "]) == 0
+    # the prefix forgotten: the cells would be embedded as the reference's batch0, which the warning says
+    forgot = r"batches \['batch0'\] are embedded with the reference's parameters .*pass --batch-prefix 'query '; if they"
+    with pytest.warns(UserWarning, match=forgot):
+        assert main([*more, "--out", str(tmp_path / "forgot.h5ad")]) == 0
     with pytest.raises(SystemExit, match=r"out.h5ad's obs\['batch'\] holds the model's batches as they are .*leave out --batch"):
         main(["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "twice.h5ad"),
               "--batch-prefix", "query "])  # fmt: skip

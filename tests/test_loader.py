@@ -526,6 +526,15 @@ def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_
         matrix[3, 1] = 2.5  # and a real fraction beside them: normalised data, not round-off
         with pytest.raises(ValueError, match=r"non-integer values .*looks normalised or log-transformed"):
             cellvae.CellVAE(ad.AnnData(matrix, obs=counts.obs, var=counts.var))
+    # a trained model (get_latent, map_query) takes no layer=: the advice is to round the counts where it reads them
+    model = cellvae.CellVAE(counts, batch_key="batch", n_hidden=8).fit(max_epochs=1, progress=False)
+    query = ad.AnnData(counts.X.astype(np.float64).toarray() + 1e-9, obs=counts.obs, var=counts.var)
+    for call, batch in ((model.get_latent, "batch0"), (model.map_query, "new")):
+        query.obs["batch"] = batch
+        with pytest.raises(ValueError, match=r"round-off .*where the model reads them, adata\.X = np\.rint\(adata\.X\)"):
+            call(query)
+    query.X = np.rint(query.X)  # the advice, which works
+    assert model.map_query(query, max_epochs=1, progress=False).get_latent().shape == (counts.n_obs, 10)
     estimated = counts.X.astype(np.float32).toarray() * 500.25  # e.g. RSEM's expected counts of deep reads
     with pytest.raises(ValueError, match=r"looks normalised \(normalize_total, CPM or TPM\) or like estimated counts \(salmon"):
         cellvae.CellVAE(ad.AnnData(estimated, obs=counts.obs, var=counts.var))
