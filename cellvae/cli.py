@@ -647,7 +647,6 @@ def run_fit(args: argparse.Namespace) -> int:
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     _check_fit_obs_columns(adata, args)
-    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _in_a_process_group()
     setup_distributed(pick_device(args.device))  # joins the process group under torchrun (else does nothing)
     model_kwargs = {
         "layer": layer,
@@ -669,8 +668,6 @@ def run_fit(args: argparse.Namespace) -> int:
     genes = tl._genes_to_train(adata, args.mask_var)  # (checked here, before any work)
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
         CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
-        if joins:
-            _leave_the_process_group()
         return 0
     stale = tl._stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
     replaced = adata.obsm.get(args.key_added)
@@ -687,8 +684,6 @@ def run_fit(args: argparse.Namespace) -> int:
             fit_kwargs=fit_kwargs,
             **model_kwargs,
         )
-    if joins:  # (the other ranks wait for it here, not through rank 0's graph and UMAP)
-        _leave_the_process_group()
     stale = tl._stale_unless_same(stale, replaced, adata.obsm[args.key_added])
     recorded = adata.uns[tl._uns_key(args.key_added)]["params"]
     recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
@@ -785,21 +780,6 @@ def run_embed(args: argparse.Namespace) -> int:
     _write(adata, args.out)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
-
-
-def _in_a_process_group() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _leave_the_process_group() -> None:
-    """Once every rank has trained, destroy the process group that fit joined under torchrun (torch warns at exit
-    about an nccl group left behind); the barrier first, so that no rank tears it down while another still uses it."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def run_map(args: argparse.Namespace) -> int:

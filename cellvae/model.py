@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Literal, NoReturn, ParamSpec, TypeVar, overload
 
 import anndata as ad
 import numpy as np
@@ -780,20 +780,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         f"the backed file {self.adata.filename} was closed while fit was reading it; "
                         "keep it open until fit returns"
                     ) from error
-                if not isinstance(error, torch.OutOfMemoryError):
-                    raise
-                # The error's traceback holds training's frames (their optimizer state, model copies and CUDA graphs),
-                # and the loader holds the counts on the GPU. Freed here, a retry (in an except block, or in Jupyter,
-                # which keeps the last error) finds the memory free.
-                loader.release_device()
-                traceback.clear_frames(error.__traceback__)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise torch.OutOfMemoryError(
-                    f"the {loader.device.type} device ran out of memory training with batch_size={batch_size}; "
-                    f"pass a smaller batch_size (e.g. fit(batch_size={max(1, batch_size // 2)})), a smaller n_hidden, "
-                    "or device='cpu'"
-                ) from error
+                loader.release_device()  # (the error keeps fit's frame, and so the loader, while it is held)
+                if isinstance(error, torch.OutOfMemoryError):
+                    _raise_out_of_memory(error, loader, batch_size, "fit(", also=", a smaller n_hidden")
+                raise
         self.history, self.train_settings, self.is_trained = history, settings, True
         self.train_indices, self.validation_indices = np.sort(train_cells), np.sort(validation_cells)
         self._split_obs_names = self.adata.obs_names
@@ -2152,8 +2142,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
             elif lr > DEFAULT_LR:  # (a reference collapsed already was told so by its own fit)
                 query_model._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
+        except torch.OutOfMemoryError as error:
+            _raise_out_of_memory(error, loader, batch_size, "map_query(query_adata, ")
         except KeyboardInterrupt:
             if not len(query_model.history):  # Ctrl-C before mapping's first epoch ended: nothing to give back
+                loader.release_device()
                 raise
             data.warn_user("Ctrl-C: the checks after mapping were skipped; the query model is mapped", RuntimeWarning)
         finally:
@@ -3873,6 +3866,25 @@ def _query_parameters(query: VAE) -> list[tuple[torch.nn.Parameter, torch.Tensor
         first = query.encoder.body.linears[0]
         trainable = [(p, m) for p, m in trainable if p is not first.weight] + [(first.weight, None), (first.bias, None)]
     return trainable
+
+
+def _raise_out_of_memory(
+    error: torch.OutOfMemoryError, loader: data.CellLoader, batch_size: int, call: str, also: str = ""
+) -> NoReturn:
+    """Free what training held and raise ``error`` again with the ways to need less memory: ``call`` (begun, e.g.
+    ``"fit("``) with half the batch size, and ``also`` what else to lower.
+
+    The error's traceback holds training's frames (their optimizer state, model copies and CUDA graphs), and the
+    loader holds the counts on the GPU: freed here, a retry (in an except block, or in Jupyter, which keeps the last
+    error) finds the memory free."""
+    loader.release_device()
+    traceback.clear_frames(error.__traceback__)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise torch.OutOfMemoryError(
+        f"the {loader.device.type} device ran out of memory training with batch_size={batch_size}; "
+        f"pass a smaller batch_size (e.g. {call}batch_size={max(1, batch_size // 2)})){also}, or device='cpu'"
+    ) from error
 
 
 def _move(module: torch.nn.Module, device: str | torch.device) -> None:

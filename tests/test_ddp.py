@@ -417,36 +417,6 @@ def test_the_model_of_a_data_parallel_run_is_saved_by_rank_0_alone_after_the_pro
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def _cli_fit_on_rank(rank: int, port: int, path: str, out_dir: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    import cellvae.cli
-
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    out = Path(out_dir)
-    options = ["--epochs", "2", "--device", "cpu", "--quiet", "--embedding-only"]
-    code = cellvae.cli.main(["fit", path, "--out", str(out / "out.h5ad"), "--model-dir", str(out / "model"), *options])
-    (out / f"rank{rank}.txt").write_text(f"{code} {dist.is_initialized()}")
-
-
-def test_the_command_line_fit_leaves_no_process_group_behind(tmp_path):
-    """`cellvae fit` under torchrun destroys the process group it joined once every rank has trained (nccl warns
-    at exit about a group left behind), and still writes its outputs."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    cellvae.datasets.simulate(n_cells=300, n_genes=30, random_state=0).write_h5ad(tmp_path / "cells.h5ad")
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    mp.spawn(_cli_fit_on_rank, args=(port, str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2, join=True)
-    assert [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)] == ["0 False", "0 False"]
-    assert (tmp_path / "out.h5ad").exists() and len(cellvae.CellVAE.load(tmp_path / "model").history) == 2
-
-
 def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: str) -> None:
     """What a user's script under torchrun may do, with the mistakes cellvae must catch rather than hang on."""
     import warnings

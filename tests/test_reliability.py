@@ -585,9 +585,9 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch_size():
 def test_out_of_memory_in_training_frees_what_training_held_and_keeps_the_model(monkeypatch):
     """An out-of-memory error mid-training (here raised by the optimizer's third step) is told with a smaller
     batch_size, the model is as before, and the error (kept by an except block or Jupyter) no longer holds the
-    optimizer and the copies training made: a retry finds that memory free."""
+    optimizer and the copies training made: a retry finds that memory free. Likewise in map_query."""
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=0)
-    model = CellVAE(adata, n_hidden=16)
+    model = CellVAE(adata, n_hidden=16, batch_key="batch")
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     optimizers, original_step = [], torch.optim.AdamW.step
 
@@ -607,6 +607,15 @@ def test_out_of_memory_in_training_frees_what_training_held_and_keeps_the_model(
         torch.testing.assert_close(tensor, before[name])
     monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
     assert model.fit(max_epochs=1, batch_size=64, progress=False).is_trained  # the retry trains
+    # map_query likewise
+    query = adata.copy()
+    query.obs["batch"] = "new"
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_run_out)
+    optimizers.clear()
+    with pytest.raises(torch.OutOfMemoryError, match=r"e\.g\. map_query\(query_adata, batch_size=32\)\), or device") as caught:
+        model.map_query(query, max_epochs=2, batch_size=64, progress=False)
+    gc.collect()
+    assert optimizers[-1]() is None
 
 
 # ----------------------------------------------------------------------------- determinism
