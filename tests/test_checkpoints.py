@@ -139,7 +139,9 @@ def test_ctrl_c_keeps_a_usable_model_and_resume_matches_uninterrupted_run(tmp_pa
     told = re.search(r"during epoch (\d+) \((\d+) finished; .*from its checkpoint after epoch (\d+)", report["warnings"][-1])
     # epochs numbered as in the history (from 0): the one running when stopped, the last one finished and saved
     assert told and int(told.group(1)) == int(told.group(2)) == report["epochs"]
-    assert 2 <= int(told.group(3)) <= report["epochs"] - 1
+    # the checkpoint named: the one seen (epoch 2) or a later one; one epoch older where Ctrl-C landed in the moment
+    # between the rename that wrote epoch 2's file and training's note of it (seen once on a loaded machine)
+    assert 1 <= int(told.group(3)) <= report["epochs"] - 1
 
     interrupted = CellVAE.load(tmp_path / "model", adata=simulated())
     assert len(interrupted.history) == report["epochs"]
