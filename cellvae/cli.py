@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(line, file=sys.stderr)
 
         warnings.showwarning = show_once
+        # a path or batch name that the console's encoding lacks (Windows' ANSI code page, redirected) is escaped,
+        # not an error after the work is done
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return args.run(args)
     except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)
@@ -107,6 +111,12 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
         "embed it with cellvae embed and the reference model, or pass --batch-prefix to map its batches as new ones",
     )
     message = message.replace("nothing was written into adata", "nothing was written (neither --out nor the model)")
+    message = re.sub(  # (out of memory in fit or map_query)
+        r"pass a smaller batch_size \(e\.g\. (?:fit\(|map_query\(query_adata, )batch_size=(\d+)\)\)(?:, a smaller n_hidden)?"
+        r"(, or device='cpu')?",
+        lambda found: f"pass a smaller --batch-size (e.g. --batch-size {found[1]}){' or --device cpu' if found[2] else ''}",
+        message,
+    )
     message = re.sub(  # the command line has no --lr
         r"run it again with a smaller one, e.g. fit_kwargs=\{'lr': ([^}]+)\}",
         r"the command line has no --lr: train in Python, cellvae.tl.embed(adata, fit_kwargs={'lr': \1}, ...)",
@@ -756,13 +766,13 @@ def run_embed(args: argparse.Namespace) -> int:
                 "leave out --batch-prefix"
             )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
-    elif batch_key and (args.batch_key or batch_key) in adata.obs.columns:
-        _warn_if_a_batch_prefix_seems_meant(adata.obs[args.batch_key or batch_key], model.config, args)
     if batch_key:
         given = args.batch_key is not None
         if not given:
             _check_batches_read_as_recorded(adata, args.input, batch_key, args.model_dir)
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
+        if not args.batch_prefix:
+            _warn_if_a_batch_prefix_seems_meant(adata.obs[args.batch_key or batch_key], model.config, args)
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     stale, replaced = tl._stale_graph_message(adata, args.key_added), adata.obsm.get(args.key_added)
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
@@ -993,13 +1003,19 @@ def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir:
 
 def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespace) -> None:
     """Warn where every batch of the input is a reference batch that the (query) model also holds as a mapped batch
-    with a prefix before it (cellvae map --batch-prefix): the cells would be embedded as the reference's."""
+    with a prefix before it (cellvae map --batch-prefix): the cells would be embedded as the reference's. A prefix
+    ends in a separator ("query ", "new_"): "1" before "0" is no prefix but batch "10" of a numbered query."""
     from cellvae.data import cell_texts, warn_user
 
     given = sorted(set(cell_texts(batches.dropna())))
-    mapped = config.batch_categories[config.reference_categories.get(config.batch_key, len(config.batch_categories)) :]
-    prefixes = {name: {new[: -len(name)] for new in mapped if new != name and new.endswith(name)} for name in given}
-    if not given or not all(prefixes.values()):
+    n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
+    reference, mapped = config.batch_categories[:n_reference], config.batch_categories[n_reference:]
+    prefixes = {
+        name: {new[: -len(name)] for new in mapped if new.endswith(name) and not new[: -len(name)][-1:].isalnum()}
+        for name in given
+    }
+    prefixes = {name: found - {""} for name, found in prefixes.items()}
+    if not given or not set(given) <= set(reference) or not all(prefixes.values()):
         return
     common = set.intersection(*prefixes.values())
     if len(common) == 1:
@@ -1213,10 +1229,10 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
     if args.backed and all(Path(path).is_dir() for path in read):  # (it streams whichever of them is an .h5ad)
         raise SystemExit("error: --backed is for .h5ad files; a .zarr store is always streamed from disk")
     out = args.out
-    if Path(out).resolve() == Path(args.input).resolve():
+    if _same_file(out, args.input):
         raise SystemExit("error: --out is the input file; give another path (the input is never replaced)")
     reference = getattr(args, "reference", None)  # (map's)
-    if reference is not None and Path(out).resolve() == Path(reference).resolve():
+    if reference is not None and _same_file(out, reference):
         raise SystemExit("error: --out is the --reference file; give another path (the reference is never replaced)")
     if Path(out).is_dir():
         raise SystemExit(f"error: --out {out} is a folder; give the path of the .h5ad file to write")
@@ -1243,6 +1259,14 @@ def _check_input_and_output(args: argparse.Namespace) -> None:
             f"error: --key-added {args.key_added} would be overwritten by what fit's neighbours, Leiden and UMAP "
             f"write ({', '.join(GRAPH_KEYS)}); choose another key"
         )
+
+
+def _same_file(path: str, other: str) -> bool:
+    """Whether two paths name one file: the same path once resolved, or (existing) the same file on disk, as on a
+    case-insensitive file system (macOS, Windows: data.h5ad and Data.h5ad) or through a hard link."""
+    if Path(path).resolve() == Path(other).resolve():
+        return True
+    return Path(path).exists() and Path(other).exists() and os.path.samefile(path, other)
 
 
 def _check_model_dir(

@@ -463,9 +463,14 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 "(adata.layers['counts']) before normalising." + (f" {rounding[0]}" if rounding else "")
             ) from None
         if trained and ROUND_OFF_ADVICE in str(error):  # (a trained model takes no layer=: round where it reads)
+            read = stored_x(adata) if layer is None else adata.layers[layer]
+            first = (
+                "on a copy, adata = adata.copy(), to keep the values as they were"
+                if isinstance(read, IN_MEMORY_MATRICES)
+                else "in memory: first adata = adata.to_memory(), as counts on disk cannot be rounded in place"
+            )
             raise ValueError(
-                f"{told} {ROUND_OFF_ADVICE}, round them where the model reads them, {where} = np.rint({where}) (on a "
-                "copy, adata = adata.copy(), to keep the values as they were)"
+                f"{told} {ROUND_OFF_ADVICE}, round them where the model reads them, {where} = np.rint({where}) ({first})"
             ) from None
         raise
 

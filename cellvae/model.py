@@ -781,7 +781,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         "keep it open until fit returns"
                     ) from error
                 loader.release_device()  # (the error keeps fit's frame, and so the loader, while it is held)
-                if isinstance(error, torch.OutOfMemoryError):
+                if _is_out_of_memory(error):
                     _raise_out_of_memory(error, loader, batch_size, "fit(", also=", a smaller n_hidden")
                 raise
         self.history, self.train_settings, self.is_trained = history, settings, True
@@ -2142,7 +2142,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
             elif lr > DEFAULT_LR:  # (a reference collapsed already was told so by its own fit)
                 query_model._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
-        except torch.OutOfMemoryError as error:
+        except RuntimeError as error:
+            if not _is_out_of_memory(error):
+                raise
             _raise_out_of_memory(error, loader, batch_size, "map_query(query_adata, ")
         except KeyboardInterrupt:
             if not len(query_model.history):  # Ctrl-C before mapping's first epoch ended: nothing to give back
@@ -3316,7 +3318,7 @@ def _make_durable_and_shareable(folder: Path) -> None:
     mode = probe.stat().st_mode & 0o777
     probe.rmdir()
     for file in folder.iterdir():
-        descriptor = os.open(file, os.O_RDONLY)
+        descriptor = os.open(file, os.O_RDWR)  # (Windows' fsync, FlushFileBuffers, needs a handle open for writing)
         try:
             os.fsync(descriptor)
         finally:
@@ -3868,9 +3870,14 @@ def _query_parameters(query: VAE) -> list[tuple[torch.nn.Parameter, torch.Tensor
     return trainable
 
 
-def _raise_out_of_memory(
-    error: torch.OutOfMemoryError, loader: data.CellLoader, batch_size: int, call: str, also: str = ""
-) -> NoReturn:
+def _is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device running out of memory (on an Apple GPU a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "MPS backend out of memory" in str(error)
+    )
+
+
+def _raise_out_of_memory(error: RuntimeError, loader: data.CellLoader, batch_size: int, call: str, also: str = "") -> NoReturn:
     """Free what training held and raise ``error`` again with the ways to need less memory: ``call`` (begun, e.g.
     ``"fit("``) with half the batch size, and ``also`` what else to lower.
 
@@ -3883,7 +3890,8 @@ def _raise_out_of_memory(
         torch.cuda.empty_cache()
     raise torch.OutOfMemoryError(
         f"the {loader.device.type} device ran out of memory training with batch_size={batch_size}; "
-        f"pass a smaller batch_size (e.g. {call}batch_size={max(1, batch_size // 2)})){also}, or device='cpu'"
+        f"pass a smaller batch_size (e.g. {call}batch_size={max(1, batch_size // 2)})){also}"
+        + ("" if loader.device.type == "cpu" else ", or device='cpu'")
     ) from error
 
 

@@ -327,7 +327,8 @@ def batch_discrepancy(z: torch.Tensor, batch_index: torch.Tensor, n_batches: int
     The biased estimate: it includes each code's kernel with itself, a constant that adds
     ``len(MMD_BANDWIDTHS) * (1 / n_b + 1 / n_other)`` for each batch b (its cells, and the other batches')
     and no gradient."""
-    squared = torch.cdist(z, z).pow(2)
+    # (by matrix multiplies at every size: for 25 cells or fewer cdist's own kernel, whose backward MPS lacks)
+    squared = torch.cdist(z, z, compute_mode="use_mm_for_euclid_dist").pow(2)
     kernel = sum(torch.exp(squared / (-2.0 * width**2)) for width in MMD_BANDWIDTHS)
     inside = F.one_hot(batch_index.long().reshape(-1), n_batches).to(z.dtype)  # cells × batches
     outside = 1.0 - inside

@@ -193,6 +193,8 @@ def pick_device(device: str | torch.device) -> torch.device:
     """Resolve ``"auto"`` to cuda, then mps, then cpu; check that an explicit device exists."""
     if isinstance(device, torch.device):  # torch.device("cuda", 1) as its text, "cuda:1"
         device = device.type if device.type in ("cpu", "mps") else str(device)
+    if device == "mps:0":  # (how torch prints a Mac's tensors' device: the one GPU there is)
+        device = "mps"
     if not isinstance(device, str):
         raise TypeError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or a torch.device, got {device!r}")
     if device == "auto":
@@ -825,7 +827,9 @@ def read_checkpoint(
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {})["cellvae_checkpoint"])
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            # copies, not views of the file mapped into memory: Windows cannot replace a mapped file, which the next
+            # checkpoint does while the best parameters and the optimizer's moments are kept
+            tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as error:
         raise ValueError(f"{path} is not a readable cellvae checkpoint ({error}); {advice}") from error
     found = meta.get("version") if isinstance(meta, dict) else None
@@ -953,7 +957,13 @@ def setup_distributed(device: torch.device) -> torch.device:
     One process alone (no torchrun) is left untouched.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if device.type == "cuda" and (launched or (dist.is_available() and dist.is_initialized())):
+    grouped = launched or (dist.is_available() and dist.is_initialized())
+    if device.type == "mps" and grouped:  # (DistributedDataParallel would refuse it once the data is read)
+        raise ValueError(
+            "data-parallel training runs on CUDA GPUs (nccl) or on CPUs (gloo), whose process groups cannot reduce "
+            "tensors on an Apple GPU (mps): pass device='cpu' (--device cpu), or train in one process on mps"
+        )
+    if device.type == "cuda" and grouped:
         if "LOCAL_RANK" in os.environ:  # torchrun's: this process's GPU on its node
             local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
             if local >= gpus:  # (torch's "invalid device ordinal" otherwise, from set_device)

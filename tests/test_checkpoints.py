@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -103,6 +104,26 @@ def assert_same_history(a: CellVAE, b: CellVAE) -> None:
 def uninterrupted():
     """The reference: the same fit without checkpoints and without interruption."""
     return CellVAE(simulated(), **MODEL).fit(**FIT)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory mappings from /proc")
+def test_a_resumed_run_keeps_no_view_of_its_checkpoint_file_mapped_while_it_writes_the_next(tmp_path, monkeypatch):
+    """Resuming copies what it reads from the checkpoint: tensors read from safetensors map the file, and Windows
+    cannot replace a mapped file, which each later checkpoint does (resuming failed there after one epoch)."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=40, random_state=0)
+    fit = {"max_epochs": 6, "progress": False, "checkpoint_dir": tmp_path}
+    with monkeypatch.context() as patched, pytest.warns(RuntimeWarning, match="training interrupted"):
+        ctrl_c_at_call(cellvae.train.AgreedInterrupt, "check", 3, patched)
+        CellVAE(adata, n_hidden=8).fit(**fit)
+    mapped_at_write, write = [], cellvae.train.write_checkpoint
+
+    def noting_mappings(path, *args):
+        mapped_at_write.append(str(path.resolve()) in Path("/proc/self/maps").read_text())
+        write(path, *args)
+
+    monkeypatch.setattr(cellvae.train, "write_checkpoint", noting_mappings)
+    CellVAE(adata, n_hidden=8).fit(**fit, resume=True)
+    assert mapped_at_write and not any(mapped_at_write)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, uninterrupted):

@@ -192,6 +192,15 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
         "adata.layers['counts'] holds whole counts: pass --layer counts"
     )
     assert "pass --layer 'raw counts'" in in_command_line_terms("pass layer='raw counts'")  # quoted for the shell
+    # out of memory: the options that need less of it (no --n-hidden on the command line), not map_query's note
+    mapping = "ran out of memory training with batch_size=64; pass a smaller batch_size (e.g. map_query(query_adata, "
+    assert in_command_line_terms(mapping + "batch_size=32)), or device='cpu'").endswith(
+        "batch_size=64; pass a smaller --batch-size (e.g. --batch-size 32) or --device cpu"
+    )
+    fitting = (
+        "ran out of memory training with batch_size=64; pass a smaller batch_size (e.g. fit(batch_size=32)), a smaller n_hidden"
+    )
+    assert in_command_line_terms(fitting).endswith("pass a smaller --batch-size (e.g. --batch-size 32)")
     # cellvae's key_added is --key-added; scanpy's, in a call to scanpy, stays as it is
     graph = "sc.pp.neighbors(..., key_added='cellvae') wrote it; key_added='X_umap' is taken: choose another key_added"
     assert in_command_line_terms(graph).startswith(
@@ -439,6 +448,10 @@ def test_fit_backed_streams_the_h5ad_and_leaves_it_unchanged(tmp_path):
     assert fitted.uns["cellvae"]["params"]["backed"] and source.read_bytes() == before
     with pytest.raises(SystemExit, match="--out is the input file"):
         main(["fit", str(source), "--backed", "--out", str(source), "--model-dir", str(tmp_path / "m2")])
+    # another name of the same file (a hard link here; Data.h5ad for data.h5ad on macOS's and Windows' file systems)
+    os.link(source, tmp_path / "same.h5ad")
+    with pytest.raises(SystemExit, match="--out is the input file"):
+        main(["fit", str(source), "--out", str(tmp_path / "same.h5ad"), "--overwrite", "--model-dir", str(tmp_path / "m2")])
     data.write_zarr(tmp_path / "in.zarr")
     with pytest.raises(SystemExit, match="a .zarr store is always streamed"):
         main(["fit", str(tmp_path / "in.zarr"), "--backed", "--out", str(tmp_path / "z.h5ad"), "--model-dir", "m3"])
@@ -1184,6 +1197,18 @@ def test_embed_and_map_read_gene_names_from_the_var_column_var_names_names(fitte
 # ----------------------------------------------------------------------------- cellvae map
 
 
+def test_names_the_console_cannot_encode_are_escaped_not_an_error_after_training(tmp_path):
+    """A redirected stdout in a code page without a path's characters (Windows' ANSI code page): the summary lines
+    escape them, and --out is written (an encoding error after the model was saved lost it)."""
+    cellvae.datasets.simulate(n_cells=150, n_genes=30, random_state=0).write_h5ad(tmp_path / "in.h5ad")
+    out, model = tmp_path / "out β.h5ad", tmp_path / "model β"
+    command = [sys.executable, "-m", "cellvae", "fit", str(tmp_path / "in.h5ad"), "--out", str(out), "--model-dir", str(model)]
+    env = dict(os.environ, PYTHONIOENCODING="cp1252", MPLBACKEND="Agg")
+    run = subprocess.run([*command, "--epochs", "1", "--quiet", "--embedding-only"], env=env, capture_output=True, check=False)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    assert out.exists() and (model / "config.json").exists() and b"model \\u03b2" in run.stdout
+
+
 @pytest.fixture(scope="module")
 def reference_folder(tmp_path_factory):
     """A reference model trained on batch0 and batch1 of simulated cells of 4 types, saved in model/, with its
@@ -1452,6 +1477,18 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     forgot = r"batches \['batch0'\] are embedded with the reference's parameters .*pass --batch-prefix 'query '; if they"
     with pytest.warns(UserWarning, match=forgot):
         assert main([*more, "--out", str(tmp_path / "forgot.h5ad")]) == 0
+    # no warning where no prefix was used: numbered batches ("10" over "0"), or cells that are not the reference's
+    from dataclasses import replace
+
+    from cellvae.cli import _warn_if_a_batch_prefix_seems_meant
+
+    config = cellvae.CellVAE.load(tmp_path / "qmodel").config
+    numbered = replace(config, batch_categories=["0", "1", "10", "11"], reference_categories={"batch": 2})
+    arguments = argparse.Namespace(input="ref.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _warn_if_a_batch_prefix_seems_meant(pd.Series(["0", "1"]), numbered, arguments)
+        _warn_if_a_batch_prefix_seems_meant(pd.Series(["query batch0"]), config, arguments)
     with pytest.raises(SystemExit, match=r"out.h5ad's obs\['batch'\] holds the model's batches as they are .*leave out --batch"):
         main(["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "twice.h5ad"),
               "--batch-prefix", "query "])  # fmt: skip

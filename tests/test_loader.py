@@ -517,7 +517,7 @@ def test_a_backed_file_is_checked_while_its_library_sizes_are_read(counts, tmp_p
         library_sizes(spoiled.X, rows=after)
 
 
-def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_fixes_them(counts):
+def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_fixes_them(counts, tmp_path):
     for dtype, value in (("float32", np.float32(1) - np.finfo(np.float32).eps / 2), ("float64", 3 + 1e-9)):
         matrix = counts.X.astype(dtype).toarray()
         matrix[2, 1] = value
@@ -533,6 +533,10 @@ def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_
         query.obs["batch"] = batch
         with pytest.raises(ValueError, match=r"round-off .*where the model reads them, adata\.X = np\.rint\(adata\.X\)"):
             call(query)
+    query.write_h5ad(tmp_path / "round_off.h5ad")  # on disk: rounded once read into memory
+    backed = ad.read_h5ad(tmp_path / "round_off.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"adata\.X = np\.rint\(adata\.X\) \(in memory: first adata = adata\.to_memory\(\)"):
+        model.map_query(backed)
     query.X = np.rint(query.X)  # the advice, which works
     assert model.map_query(query, max_epochs=1, progress=False).get_latent().shape == (counts.n_obs, 10)
     estimated = counts.X.astype(np.float32).toarray() * 500.25  # e.g. RSEM's expected counts of deep reads

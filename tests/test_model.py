@@ -566,6 +566,36 @@ def test_to_device_chooses_where_outputs_run_and_refuses_a_missing_device(two_ba
     assert next(model.module.parameters()).device == model.device
 
 
+def test_the_batch_discrepancy_of_a_small_minibatch_needs_no_cdist_backward_kernel():
+    """batch_mmd's distances use matrix multiplies at every minibatch size: for 25 cells or fewer torch's cdist
+    otherwise runs a kernel of its own, whose backward MPS lacks (a small last minibatch failed there)."""
+    from cellvae.module import batch_discrepancy
+
+    z = torch.randn(14, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    loss = batch_discrepancy(z, torch.arange(14) % 2, 2)
+    nodes, seen = [loss.grad_fn], {}
+    while nodes:
+        node = nodes.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node.name()
+            nodes += [next_node for next_node, _ in node.next_functions]
+    assert "CdistBackward0" not in seen.values() and "EuclideanDistBackward0" in seen.values()
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_a_macs_mps_device_is_taken_as_torch_prints_it_and_refused_for_data_parallel_training(monkeypatch):
+    """torch prints a Mac's tensors' device as "mps:0", which names its one GPU; gloo's process groups cannot
+    reduce mps tensors, so data-parallel training there is refused before any work, with the way out."""
+    from cellvae.train import pick_device, setup_distributed
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("mps:0") == pick_device(torch.device("mps", 0)) == torch.device("mps")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(ValueError, match=r"cannot reduce tensors on an Apple GPU \(mps\): pass device='cpu' \(--device cpu\)"):
+        setup_distributed(torch.device("mps"))
+
+
 def test_cuda_device_numbers_are_checked_and_a_process_group_keeps_the_gpu_its_caller_chose(monkeypatch):
     """pick_device refuses GPUs torch does not find and malformed numbers with its own error (not torch's, later);
     setup_distributed takes torchrun's LOCAL_RANK, else the GPU a caller-made group chose (mp.spawn, srun), not cuda:0."""
