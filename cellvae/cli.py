@@ -83,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
         # bad input found by cellvae, anndata, h5py or the file system, training that failed (non-finite
         # losses, out of memory): its message, not a traceback
-        if isinstance(error, RuntimeError) and type(error).__name__ not in ("OutOfMemoryError", "TrainingDivergedError"):
-            raise
+        if isinstance(error, RuntimeError) and type(error).__name__ != "TrainingDivergedError":
+            from cellvae.model import _is_out_of_memory  # (an Apple GPU's is a plain RuntimeError)
+
+            if not _is_out_of_memory(error):
+                raise
         raise SystemExit(f"error: {in_command_line_terms(_message_of(error), args)}") from error
 
 

@@ -466,7 +466,7 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
             read = stored_x(adata) if layer is None else adata.layers[layer]
             first = (
                 "on a copy, adata = adata.copy(), to keep the values as they were"
-                if isinstance(read, IN_MEMORY_MATRICES)
+                if isinstance(read, IN_MEMORY_MATRICES) and not adata.isbacked
                 else "in memory: first adata = adata.to_memory(), as counts on disk cannot be rounded in place"
             )
             raise ValueError(

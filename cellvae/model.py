@@ -3318,7 +3318,10 @@ def _make_durable_and_shareable(folder: Path) -> None:
     mode = probe.stat().st_mode & 0o777
     probe.rmdir()
     for file in folder.iterdir():
-        descriptor = os.open(file, os.O_RDWR)  # (Windows' fsync, FlushFileBuffers, needs a handle open for writing)
+        try:  # (Windows' fsync, FlushFileBuffers, needs a handle open for writing)
+            descriptor = os.open(file, os.O_RDWR)
+        except PermissionError:  # a read-only file linked in (the user's adata.h5ad): POSIX's fsync takes either
+            descriptor = os.open(file, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:

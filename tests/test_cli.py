@@ -180,6 +180,21 @@ def test_a_seed_out_of_range_is_refused_by_the_parser_before_the_input_is_read(t
         assert stopped.value.code == 2 and "--seed: must be a whole number from 0 to 4294967295" in capsys.readouterr().err
 
 
+def test_an_apple_gpus_out_of_memory_error_is_one_line_in_the_shell(tmp_path, monkeypatch):
+    """On MPS running out of memory is a plain RuntimeError: told in one line as CUDA's is, not as a traceback."""
+    data = cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0)
+    data.write_h5ad(tmp_path / "in.h5ad")
+    cellvae.CellVAE(data).save(tmp_path / "model")
+    monkeypatch.setattr(cellvae.CellVAE, "get_latent", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(
+        "MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1.00 GB, max allowed: 9.07 GB)")))  # fmt: skip
+    embed = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "o.h5ad")]
+    with pytest.raises(SystemExit, match=r"^error: MPS backend out of memory"):
+        main(embed)
+    monkeypatch.setattr(cellvae.CellVAE, "get_latent", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):  # any other RuntimeError keeps its traceback
+        main(embed)
+
+
 def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
 
     told = in_command_line_terms(

@@ -537,6 +537,16 @@ def test_counts_with_float_round_off_are_refused_as_such_with_the_rounding_that_
     backed = ad.read_h5ad(tmp_path / "round_off.h5ad", backed="r")
     with pytest.raises(ValueError, match=r"adata\.X = np\.rint\(adata\.X\) \(in memory: first adata = adata\.to_memory\(\)"):
         model.map_query(backed)
+    # backed with the counts in a layer, which anndata reads into memory: still no .copy() of a backed AnnData
+    dense = counts.X.toarray().astype(np.float64)
+    layered = ad.AnnData(np.log1p(dense), obs=counts.obs, var=counts.var, layers={"counts": dense})
+    layer_model = cellvae.CellVAE(layered, layer="counts", n_hidden=8).fit(max_epochs=1, progress=False)
+    layered.layers["counts"] = dense + 1e-4
+    layered.write_h5ad(tmp_path / "layered.h5ad")
+    with pytest.raises(
+        ValueError, match=r"round them where the model reads them, .* \(in memory: first adata = adata\.to_memory"
+    ):
+        layer_model.get_latent(ad.read_h5ad(tmp_path / "layered.h5ad", backed="r"))
     query.X = np.rint(query.X)  # the advice, which works
     assert model.map_query(query, max_epochs=1, progress=False).get_latent().shape == (counts.n_obs, 10)
     estimated = counts.X.astype(np.float32).toarray() * 500.25  # e.g. RSEM's expected counts of deep reads

@@ -591,6 +591,9 @@ def test_a_macs_mps_device_is_taken_as_torch_prints_it_and_refused_for_data_para
 
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert pick_device("mps:0") == pick_device(torch.device("mps", 0)) == torch.device("mps")
+    monkeypatch.setattr(cellvae.train.dist, "is_initialized", lambda: True)  # a caller's group of one process: no DDP
+    monkeypatch.setattr(cellvae.train.dist, "get_world_size", lambda: 1)
+    assert setup_distributed(torch.device("mps")) == torch.device("mps")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
     with pytest.raises(ValueError, match=r"cannot reduce tensors on an Apple GPU \(mps\): pass device='cpu' \(--device cpu\)"):
         setup_distributed(torch.device("mps"))

@@ -861,8 +861,22 @@ def test_save_makes_its_files_durable_through_handles_open_for_writing(trained, 
         fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", fsync_as_on_windows)
-    trained.save(tmp_path / "model")
+    trained.save(tmp_path / "model", save_anndata=True)
     np.testing.assert_array_equal(CellVAE.load(tmp_path / "model", adata=trained.adata).get_latent(), trained.get_latent())
+    # saved again into its folder, whose adata.h5ad (linked in) the user made read-only: fsync'd read-only (as root
+    # may write any file, a non-root user's refusal is emulated)
+    monkeypatch.setattr(os, "fsync", fsync)
+    (tmp_path / "model" / "adata.h5ad").chmod(0o444)
+    opened = os.open
+
+    def open_as_a_user(path, flags, *args):
+        if flags & os.O_ACCMODE != os.O_RDONLY and not os.stat(path).st_mode & 0o200:
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_as_a_user)
+    CellVAE.load(tmp_path / "model").save(tmp_path / "model", overwrite=True)
+    assert CellVAE.load(tmp_path / "model").adata.n_obs == trained.adata.n_obs
 
 
 def test_pickles_beside_a_model_are_never_executed(saved, tmp_path, messy):
