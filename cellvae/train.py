@@ -958,8 +958,8 @@ def setup_distributed(device: torch.device) -> torch.device:
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     grouped = launched or (dist.is_available() and dist.is_initialized())
-    several = launched or (grouped and dist.get_world_size() > 1)
-    if device.type == "mps" and several:  # (DistributedDataParallel would refuse it once the data is read)
+    # (a group of several processes: DistributedDataParallel would refuse mps once the data is read)
+    if device.type == "mps" and (launched or (grouped and dist.get_world_size() > 1)):
         raise ValueError(
             "data-parallel training runs on CUDA GPUs (nccl) or on CPUs (gloo), whose process groups cannot reduce "
             "tensors on an Apple GPU (mps): pass device='cpu' (--device cpu), or train in one process on mps"
