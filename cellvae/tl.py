@@ -1231,9 +1231,10 @@ def rate_distortion_sweep(
                 row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
                 if labels_key is not None:
                     row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
-        except KeyboardInterrupt:  # the sweep stops (not one Ctrl-C per beta), the betas finished kept
+        except KeyboardInterrupt as interrupt:  # the sweep stops (not one Ctrl-C per beta), the betas finished kept
             if not rows:
-                raise
+                told = f"Ctrl-C stopped the sweep at beta={beta:g}, before any beta finished: nothing to return"
+                raise KeyboardInterrupt(told) from interrupt
             finished = ", ".join(f"{row['beta']:g}" for row in rows)
             warn_user(f"Ctrl-C stopped the sweep at beta={beta:g}: returning the betas finished ({finished})", RuntimeWarning)
             break

@@ -40,6 +40,7 @@ from cellvae.module import VAE
 with warnings.catch_warnings():  # a notebook without ipywidgets gets the text progress bar, without a warning
     warnings.simplefilter("ignore", TqdmWarning)
     from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_tqdm
 
 MAX_NONFINITE_RETRIES = 5
 # Work after training (embedding, sampling, diagnostics) shows its bar only once it has lasted this long.
@@ -147,13 +148,15 @@ def bars_labelled(label: str) -> Iterator[None]:
         _bar_label.reset(token)
 
 
-def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterable: Iterable | None = None) -> tqdm:
+def progress_bar(total: int, desc: str, show: bool, unit: str = " cells", iterable: Iterable | None = None) -> text_tqdm:
     """The bar of work after training (over ``iterable``, if given): none unless ``show``, none on data-parallel
     ranks but 0 (as training's), and none for calls shorter than ``PROGRESS_DELAY_S``; it goes when the work ends.
-    Cells are counted in k and M; other units (a few comparisons) in whole numbers."""
+    Cells are counted in k and M; other units (a few comparisons) in whole numbers. A text bar, in Jupyter too:
+    Jupyter's widget bar (tqdm.notebook) builds its widgets at once, whatever the delay, and leaves them behind
+    (ten a call, never shown for short calls), in the kernel and in the saved notebook."""
     scaled = unit == " cells"
     options = {"desc": _bar_label.get() + desc, "unit": unit, "unit_scale": scaled, "delay": PROGRESS_DELAY_S, "leave": False}
-    return tqdm(iterable, total=total, **_quiet_if(not show or rank_and_world()[0] > 0), **options)
+    return text_tqdm(iterable, total=total, **_quiet_if(not show or rank_and_world()[0] > 0), **options)
 
 
 def _end_bar_here(bar: tqdm) -> None:
@@ -546,6 +549,8 @@ def train(
             f"keeping {kept}{resumable}",
             RuntimeWarning,
         )
+        _end_bar_here(bar)  # (a bar stopped short reads as failed in Jupyter: red)
+        bar.set_postfix_str("stopped by Ctrl-C")
         interrupted = True
     finally:
         interrupts.restore()

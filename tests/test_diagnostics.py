@@ -547,6 +547,11 @@ def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch
         frame = cellvae.tl.rate_distortion_sweep(adata, betas=(0.5, 1.0, 2.0), **sweep)
     assert frame["beta"].tolist() == [0.5] and 2.0 not in calls and np.isfinite(frame["elbo"]).all()
     calls.clear()
+    # during the first beta: nothing to return, which the interrupt says (fit had said it keeps its parameters)
+    with pytest.raises(KeyboardInterrupt, match=r"at beta=1, before any beta finished: nothing to return"):
+        with pytest.warns(RuntimeWarning, match="training interrupted"):
+            cellvae.tl.rate_distortion_sweep(adata, betas=(1.0, 2.0), **sweep)
+    calls.clear()
     scored, rate_distortion = [], CellVAE.rate_distortion
 
     def ctrl_c_scoring_the_second_beta(model, *args, **kwargs):  # after its fit, while it is evaluated

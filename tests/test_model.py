@@ -18,7 +18,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from conftest import knn_accuracy, no_warnings, pca_of, shared_dataset, simulated_module
+from conftest import ctrl_c_at_call, knn_accuracy, no_warnings, pca_of, shared_dataset, simulated_module
 
 import cellvae
 from cellvae import CellVAE
@@ -363,6 +363,18 @@ def test_jupyters_bar_of_training_stopped_early_ends_full(two_batches, monkeypat
     widget = bars[0].container.children[1]
     assert bars[0].n == bars[0].total == widget.max == widget.value > 0
     assert widget.bar_style == "success"
+    # stopped by Ctrl-C, the model kept: full and green too, not red as a failure
+    with monkeypatch.context() as patched, pytest.warns(RuntimeWarning, match="training interrupted"):
+        ctrl_c_at_call(cellvae.train.AgreedInterrupt, "check", 3, patched)
+        CellVAE(two_batches).fit(max_epochs=50, random_state=0, progress=True)
+    assert bars[-1].container.children[1].bar_style == "success" and "Ctrl-C" in bars[-1].postfix
+    # the later calls' bars, shown after 2 s, make no widgets (tqdm.notebook's, made at once, were left behind)
+    import ipywidgets
+
+    made = len(ipywidgets.Widget.widgets)
+    for _ in range(3):
+        model.get_latent(progress=True)
+    assert len(ipywidgets.Widget.widgets) == made
 
 
 def test_tqdm_disable_environment_variable_silences_every_bar(tmp_path):
