@@ -1014,10 +1014,13 @@ def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespac
     n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
     reference, mapped = config.batch_categories[:n_reference], config.batch_categories[n_reference:]
     prefixes = {
-        name: {new[: -len(name)] for new in mapped if new.endswith(name) and not new[: -len(name)][-1:].isalnum()}
+        name: {
+            new[: -len(name)]
+            for new in mapped
+            if len(new) > len(name) and new.endswith(name) and not new[-len(name) - 1].isalnum()
+        }
         for name in given
     }
-    prefixes = {name: found - {""} for name, found in prefixes.items()}
     if not given or not set(given) <= set(reference) or not all(prefixes.values()):
         return
     common = set.intersection(*prefixes.values())
