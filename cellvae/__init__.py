@@ -34,5 +34,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def __dir__() -> list[str]:  # (the public names and the module's own, for completion: not its imports)
+    return sorted({name for name in globals() if name.startswith("__")} | set(__all__))

@@ -203,6 +203,7 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
             message,
         )
     message = message.replace("(written by CellVAE.save)", "(written by cellvae fit or CellVAE.save)")
+    message = message.replace(" (on a copy, adata = adata.copy(), to keep the values as they were)", "")  # (a new file)
     message = message.replace(
         "train it further with model.fit(...) (or fit again with checkpoints and resume=True)",
         "train it further with cellvae fit (its --resume continues a run from its --checkpoint-dir)",
@@ -266,6 +267,9 @@ def _fix_in_python(message: str, args: argparse.Namespace | None, names_a_layer:
     path = getattr(args, "input", None) or "IN.h5ad"
     about_the_reference = re.match(r"--reference (.+?): ", message)
     then = "then run cellvae on FIXED.h5ad" + (" with --layer NAME, the layer that holds the counts" if names_a_layer else "")
+    layer = getattr(args, "layer", None)
+    if not names_a_layer and layer not in (None, "X") and f"adata.layers[{layer!r}] = " in message:  # (changed in place)
+        then += f" with --layer {shlex.quote(layer)} again"
     if about_the_reference:
         path, then = about_the_reference[1], "then pass --reference FIXED.h5ad"
     name = "query_adata" if "query_adata" in message else "adata"

@@ -41,6 +41,7 @@ def test_help_lists_the_commands_without_loading_torch():
     code = "import sys, cellvae, cellvae.cli; cellvae.cli.build_parser(); print(sorted({'torch', 'scanpy'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
     assert callable(cellvae.CellVAE) and callable(cellvae.tl.embed) and "CellVAE" in dir(cellvae)
+    assert {"importlib", "TYPE_CHECKING", "annotations"}.isdisjoint(dir(cellvae))  # (completion offers no imports)
 
 
 def test_demo_writes_embedding_and_plots(tmp_path, capsys):
@@ -130,6 +131,13 @@ def test_fit_then_embed(tmp_path):
     rounding += r"np.rint\(adata.layers\['estimated'\]\), write the file and pass --layer rounded$"
     with pytest.raises(SystemExit, match=rounding):
         main(embed_estimated)
+    # counts with round-off in the layer --layer names: rounded in the file, then read from that layer again
+    normalised.layers["estimated"] = data.layers["counts"].multiply(1.37).multiply(1 / 1.37).tocsr()
+    normalised.write_h5ad(tmp_path / "normalised.h5ad")
+    with pytest.raises(SystemExit) as refused:
+        main(embed_estimated)
+    assert "adata.layers['estimated'] = np.rint(adata.layers['estimated'])\n" in str(refused.value)
+    assert str(refused.value).endswith("then run cellvae on FIXED.h5ad with --layer estimated again)")
     # a training AnnData saved in the model's folder (save_anndata=True) is not read to embed other cells
     (tmp_path / "model" / "adata.h5ad").write_text("an atlas, or a damaged file: embed needs only the weights")
     embed_again = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e2.h5ad")]
