@@ -49,3 +49,9 @@ def test_tutorial_runs(path, kernel):
         raise
     kernel["km"] = client.km
     client.kc.stop_channels()
+
+
+def test_committed_tutorials_carry_no_widget_state():
+    """The stored runs hold no Jupyter widget state (progress bars are text): none is left behind in the files."""
+    for path in TUTORIALS:
+        assert "widgets" not in nbformat.read(path, as_version=4).metadata, path.name
