@@ -2,6 +2,8 @@
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -73,3 +75,20 @@ def test_every_command_line_the_readme_shows_parses():
 def test_the_readme_test_command_is_what_ci_runs():
     command = block_with("bash", "python -m pytest").strip()
     assert command in (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+
+
+def test_the_gpu_checks_tests_part_names_tests_that_exist():
+    """benchmarks/gpu_check.py's ``tests`` part runs tests by id on a lent GPU: a renamed test would leave it none."""
+    root = Path(__file__).resolve().parents[1]
+    listed = re.search(r"GPU_TESTS = \[(.*?)\]\n", (root / "benchmarks" / "gpu_check.py").read_text(), re.S)[1]
+    ids = re.findall(r'"(tests/[^"]+)"', listed)
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert len(ids) == 8 and collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
+    found = collected.stdout.split()
+    for test in ids:  # (an id without [parameters] runs each of them)
+        assert any(name == test or name.startswith(test + "[") for name in found), (test, collected.stdout)
