@@ -494,6 +494,7 @@ def test_warnings_from_the_shell_read_as_one_line_each(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ, MPLBACKEND="Agg"))
     lines = run.stderr.splitlines()
     assert any(line.startswith("UserWarning: 3 cells have zero total counts") for line in lines), run.stderr
+    assert "(on the command line: this run goes on; fix the file in Python first" in run.stderr  # (a warning: no failure)
     assert "runpy" not in run.stderr and "warn_user(" not in run.stderr
     assert run.stdout.startswith("trained 1 epoch; saved the model in ")  # (not "1 epochs")
     # a warning that mapping and then embedding the query would each give is told once
