@@ -1222,7 +1222,10 @@ def learn_covariate_layout(
     keys = ([batch_key] if batch_key else []) + categorical_keys + continuous_keys
     missing = [k for k in keys if k not in obs.columns]
     if missing:
-        raise KeyError(f"obs columns {missing} not found in adata.obs; available: {list(obs.columns)}")
+        arguments = [("batch_key", [batch_key]), ("categorical_covariate_keys", categorical_keys)]
+        arguments.append(("continuous_covariate_keys", continuous_keys))
+        given = ", ".join(f"{name}: {[k for k in keys if k in missing]}" for name, keys in arguments if set(keys) & set(missing))
+        raise KeyError(f"obs columns {missing} not found in adata.obs ({given}); available: {list(obs.columns)}")
     categories = {key: category_names(obs[key], key) for key in ([batch_key] if batch_key else []) + categorical_keys}
     for key, names in categories.items():
         if len(names) >= 10 and len(obs) < 5 * len(names):

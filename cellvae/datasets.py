@@ -91,10 +91,21 @@ def simulate(
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):  # 1e4 is a float: numpy's error is bare
             whole = isinstance(value, float) and value.is_integer()
             raise TypeError(f"{name} must be a whole number, got {value!r}" + (f"; write {name}={int(value)}" if whole else ""))
+    if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool):
+        raise TypeError(  # (None would draw new data each call: the source recorded could not replay it)
+            f"random_state must be an integer seed, e.g. 0, got {random_state!r:.60}; equal seeds give equal data"
+        )
+    if not 0 <= random_state < 2**32:
+        raise ValueError(f"random_state must be a non-negative integer below 2**32, got {random_state}")
+    for name, value in {"mean_library_size": mean_library_size, "batch_effect": batch_effect}.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(f"{name} must be a number, got {value!r:.60}")
+    if not isinstance(sparse, (bool, np.bool_)):
+        raise TypeError(f"sparse must be True (a CSR matrix) or False (a dense array), got {sparse!r:.60}")
     if min(n_cells, n_genes, n_batches, n_cell_types) < 1:
         raise ValueError("n_cells, n_genes, n_batches and n_cell_types must all be at least 1")
-    if not (np.isfinite(mean_library_size) and mean_library_size > 0):
-        raise ValueError(f"mean_library_size must be a positive number of counts, got {mean_library_size!r}")
+    if not (np.isfinite(mean_library_size) and 0 < mean_library_size <= 1e7):  # (counts stay exact in float32)
+        raise ValueError(f"mean_library_size must be a positive number of counts up to 1e7, got {mean_library_size!r}")
     if not (np.isfinite(batch_effect) and batch_effect >= 0) or markers_per_type < 0:
         raise ValueError(
             f"batch_effect must be a finite number >= 0 and markers_per_type a count >= 0, got {batch_effect!r} and "

@@ -365,11 +365,11 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
     codes, groups = pd.factorize(labels)  # compared as integers: string comparisons per group were slow on atlases
     code_of = {name: code for code, name in enumerate(groups)}
 
-    def cells_of(name: str) -> np.ndarray:
+    def cells_of(name: str, argument: str) -> np.ndarray:
         if name not in names:
             is_rest = name == second and name.lower() == "rest"
             rest = " (for every other cell pass group2=None, as in scvi-tools)" if is_rest else ""
-            raise ValueError(f"group {name!r} has no cells in {source}; its groups are {names[:20]}{rest}")
+            raise ValueError(f"{argument}: group {name!r} has no cells in {source}; its groups are {names[:20]}{rest}")
         return np.flatnonzero(codes == code_of[name])
 
     def asked(group) -> str:
@@ -414,7 +414,7 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
         )
     comparisons = []
     for name in firsts:
-        cells1 = cells_of(name)
+        cells1 = cells_of(name, "group1")
         if second is None:
             cells2, name2 = None, REST if REST not in names else f"<{REST}>"
             if len(cells1) == n_labelled:
@@ -427,7 +427,7 @@ def comparisons(labels: pd.Series, names: list[str], source: str, group1, group2
         else:
             if second == name:
                 raise ValueError(f"group1 and group2 are the same group {name!r}")
-            cells2, name2 = cells_of(second), second
+            cells2, name2 = cells_of(second, "group2"), second
         comparisons.append((name, name2, cells1, cells2))
     return comparisons
 

@@ -660,7 +660,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         early_stopping = _check_flag(early_stopping, "early_stopping")
         progress = _check_flag(progress, "progress")
         resume = _check_flag(resume, "resume")
-        if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        if not _is_whole(checkpoint_every) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
@@ -1684,6 +1684,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         load_anndata = _check_flag(load_anndata, "load_anndata")
         if adata is not None:
             _check_anndata(adata)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"load needs the folder a model was saved in, e.g. 'my_model/', got {path!r:.60}")
         path = Path(path).expanduser()
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             # a save killed between its two renames leaves the previous model set aside beside the path
@@ -2586,6 +2588,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _check_latent(self, z) -> np.ndarray:
         try:
+            if z is None:  # (numpy reads None as NaN)
+                raise TypeError("z is None")
             z = np.asarray(z, dtype=np.float64)  # (float32 once checked: a cast of 1e39 would warn of overflow first)
         except (TypeError, ValueError) as error:
             raise TypeError(

@@ -1515,9 +1515,9 @@ def latent_shift(
     progress = _check_flag(progress, "progress")
     check_one_name(groupby, "groupby")
     check_one_name(stratify, "stratify")
-    for key in [groupby] + ([stratify] if stratify else []):
+    for argument, key in [("groupby", groupby)] + ([("stratify", stratify)] if stratify else []):
         if key not in adata.obs.columns:
-            raise KeyError(f"obs column {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
+            raise KeyError(f"{argument} {key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     groups = cell_texts(adata.obs[groupby])
     # group names as strings, like the column's (1 is "1"; -0.0 is "0.0", as the model names categories); a float
     # column's 1.0 is also found as 1 or "1", as in differential_expression

@@ -115,6 +115,30 @@ def test_simulate_refuses_a_size_that_is_not_a_whole_number_naming_it(size):
     cellvae.datasets.simulate(**{"n_cells": 10, "n_genes": 5, size: np.int64(4)})  # numpy's integers are whole numbers
 
 
+@pytest.mark.parametrize(
+    ("arguments", "error", "told"),
+    [
+        ({"random_state": None}, TypeError, "random_state must be an integer seed, e.g. 0, got None; equal seeds give equal"),
+        ({"random_state": True}, TypeError, "random_state must be an integer seed, e.g. 0, got True"),
+        ({"random_state": 1.5}, TypeError, "random_state must be an integer seed, e.g. 0, got 1.5"),
+        ({"random_state": -1}, ValueError, r"random_state must be a non-negative integer below 2\*\*32, got -1"),
+        ({"mean_library_size": "1e3"}, TypeError, "mean_library_size must be a number, got '1e3'"),
+        ({"mean_library_size": 1e300}, ValueError, "mean_library_size must be a positive number of counts up to 1e7"),
+        ({"batch_effect": None}, TypeError, "batch_effect must be a number, got None"),
+        ({"sparse": "no"}, TypeError, "sparse must be True .* or False .*, got 'no'"),
+    ],
+)
+def test_simulate_refuses_a_seed_or_setting_it_cannot_replay_or_use_naming_it(arguments, error, told):
+    """A seed of None drew new data each call (and recorded a source that could not replay it); others met numpy's
+    errors, which name no argument, or (sparse="no") were taken as True."""
+    with pytest.raises(error, match=told):
+        cellvae.datasets.simulate(n_cells=10, n_genes=5, **arguments)
+    np.testing.assert_array_equal(  # numpy's integers are seeds
+        cellvae.datasets.simulate(n_cells=10, n_genes=5, random_state=np.int64(3)).X.toarray(),
+        cellvae.datasets.simulate(n_cells=10, n_genes=5, random_state=3).X.toarray(),
+    )
+
+
 def test_simulate_refuses_a_negative_number_of_markers_naming_it():
     with pytest.raises(ValueError, match="markers_per_type a count >= 0, got 0.5 and -1"):
         cellvae.datasets.simulate(n_cells=10, n_genes=5, markers_per_type=-1)

@@ -1842,6 +1842,13 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
         (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=m, pts="False"), "pts must be True or False"),
         (lambda m, a: cellvae.tl.transfer_labels(a, a.copy(), "batch", use_rep="counts", soft=1), "soft must be True or False"),
         (lambda m, a: m.save(None), "save needs a folder path"),
+        (lambda m, a: CellVAE.load(None), "load needs the folder a model was saved in, e.g. 'my_model/', got None"),
+        (
+            lambda m, a: CellVAE(a, **MODEL_ARGS).fit(
+                max_epochs=1, checkpoint_dir=os.path.join(__file__, "ck"), checkpoint_every=True
+            ),
+            "checkpoint_every must be a positive number of epochs, got True",
+        ),
         (lambda m, a: m.get_normalized_expression(a, library_size=True), "library_size must be"),
         (lambda m, a: m.get_normalized_expression(a, gene_list=a.var["highly_variable"]), r"adata.var_names\[mask\]"),
         (lambda m, a: m.get_normalized_expression(a, gene_list=[0, 1]), r"adata.var_names\[mask\]"),
@@ -1875,6 +1882,7 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
         ),
         (lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=123), "checkpoint_dir takes a folder path"),
         (lambda m, a: m.decode("abc"), "z takes latent codes as numbers"),
+        (lambda m, a: m.decode(None), r"z takes latent codes as numbers, n × \d+ \(e.g. model.get_latent\(\)\), got None"),
         (
             lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, validation_size=0.99),
             r"validation_size=0.99 leaves 2 of 240 cells to train on",
@@ -2423,3 +2431,12 @@ def test_the_advice_for_missing_batch_values_leaves_an_anndata_that_can_be_writt
     assert CellVAE(adata, batch_key="plate").config.batch_categories == ["0.0", "1.0", "2.0", "unknown"]
     adata.write_h5ad(tmp_path / "filled.h5ad")
     assert ad.read_h5ad(tmp_path / "filled.h5ad").obs["plate"].tolist() == adata.obs["plate"].tolist()
+
+
+def test_obs_columns_the_data_lacks_are_named_with_the_argument_that_gave_them():
+    adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0)
+    told = r"obs columns \['Batch', 'Donor'\] not found in adata.obs \(batch_key: \['Batch'\], categorical_covariate_keys: "
+    with pytest.raises(KeyError, match=told + r"\['Donor'\]\); available: \['batch', 'cell_type'\]"):
+        CellVAE(adata, batch_key="Batch", categorical_covariate_keys=["Donor"])
+    with pytest.raises(KeyError, match=r"\(continuous_covariate_keys: \['score'\]\)"):
+        CellVAE(adata, batch_key="batch", continuous_covariate_keys=["score"])
