@@ -506,8 +506,10 @@ def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
         small_model, cells, groupby="condition", source="ctrl", target="stim", apply_to=apply_to, reference=reference,
         stratify="cell_type",
     )  # fmt: skip
-    with pytest.raises(KeyError, match=r"stratify 'celltype' not found in adata.obs; available: "):  # (named by argument)
-        cellvae.tl.latent_shift(small_model, cells, groupby="condition", source="ctrl", target="stim", stratify="celltype")
+    with pytest.raises(KeyError, match=r"stratify 'x' not found in adata.obs; available: "):  # (named by argument)
+        cellvae.tl.latent_shift(
+            small_model, cells, groupby="condition", source="ctrl", target="stim", apply_to=apply_to, stratify="x"
+        )
     latent = small_model.get_latent(cells)
     stim = (cells.obs["condition"] == "stim").to_numpy()
     deltas = []
