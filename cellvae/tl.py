@@ -1168,6 +1168,13 @@ def rate_distortion_sweep(
         for folder in folders if not (fit_kwargs or {}).get("resume") else []:  # an earlier sweep's checkpoints
             refuse_earlier_checkpoints(folder, 1)
     warm_start = _check_flag(warm_start, "warm_start")
+    repeated = sorted({beta for beta in betas if betas.count(beta) > 1})
+    if repeated and not warm_start:  # (each beta trains from the same seed: a repeat is the same model again)
+        raise ValueError(
+            f"betas={betas} repeat {repeated}: each beta trains a model from the same seed, so a repeat would train the "
+            "same model again; give each beta once (with warm_start=True, which starts each beta from the one before, a "
+            "path may come back to a beta)"
+        )
     progress = _check_flag(progress, "progress")
     check_positive_int(n_samples, "n_samples")
     check_one_name(labels_key, "labels_key")

@@ -527,6 +527,8 @@ def test_a_sweeps_checkpoints_go_into_a_folder_per_beta_and_resume_continues_eac
     with pytest.raises(ValueError, match=r"repeat a beta \(checkpoint folder beta_1.0\), .*: give each beta once"):
         cellvae.tl.rate_distortion_sweep(adata, **sweep | {"betas": (1.0, 1.0)}, fit_kwargs={"checkpoint_dir": tmp_path / "new"})
     assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match=r"betas=\(1.0, 0.5, 1.0\) repeat \[1.0\]: .* would train the same model again"):
+        cellvae.tl.rate_distortion_sweep(adata, **sweep | {"betas": (1.0, 0.5, 1.0)})  # (no checkpoints: told all the same)
 
 
 def test_ctrl_c_stops_the_whole_sweep_and_returns_the_betas_finished(monkeypatch):
