@@ -21,7 +21,9 @@ those called at each method's 5% FDR (the realised FDR) and the share of true ge
 
     flock /tmp/cellvae-cpu.lock python benchmarks/differential.py   # ~9 min on 2 cores (~1 min with --no-scvi)
 
-Writes ``results/differential.csv`` (one row per method and test) and prints it.
+Writes ``results/differential.csv`` (one row per method and test, with the seed, date and commit) and prints
+it; the rows of a method and test re-run replace the earlier ones, the others are kept (``--no-scvi`` keeps
+scVI's rows).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import torch
+from bench_common import merge_rows, require, run_stamp
 from sklearn.metrics import roc_auc_score
 
 import cellvae
@@ -208,15 +211,16 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_file():
         raise SystemExit(f"{DATA} not found: this benchmark reads the shared Kang data beside the repository")
+    if not args.no_scvi:
+        require({"scvi": "scvi-tools"}, skip_hint="pass --no-scvi to run without scVI")
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     adata = ad.read_h5ad(DATA)
     rows = run_cellvae(adata, args.seed) + run_wilcoxon(adata) + ([] if args.no_scvi else run_scvi(adata, args.seed))
     for n_cells in SAMPLE_SIZES:
         rows += run_calibration(args.seed, not args.no_scvi, n_cells)
-    frame = pd.DataFrame(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(RESULTS / "differential.csv", index=False)
+    new_rows = pd.DataFrame(rows).assign(seed=args.seed, **run_stamp())
+    frame = merge_rows(RESULTS / "differential.csv", new_rows, keys=["method", "test"])
     print(frame.to_string(index=False))
     null = frame[frame["test"].str.startswith("null")].groupby("method")["n_de"].agg(["mean", "max"])
     print("\nfalse calls between random halves (mean, max over splits):\n" + null.to_string())
