@@ -14,11 +14,13 @@ extra) with its defaults and the NB likelihood::
 
     flock /tmp/cellvae-cpu.lock python benchmarks/read_counts.py   # ~8 min on 2 cores
 
-Writes ``results/read_counts.csv``. ``--mapping`` instead maps a query of reads onto a reference of UMIs
+Writes ``results/read_counts.csv``: the rows of each case, method and seed run replace the earlier ones, the
+others are kept (``--seeds 1`` adds seed 1; ``--no-scvi`` keeps scVI's rows). ``--mapping`` instead maps a
+query of reads onto a reference of UMIs
 (``kang_ctrl_5donors_muscat``: donors 1015-1256 as the reference, donor 1488 as the query, as UMIs and
 as reads; the reference with ``dispersion="gene"`` and ``"gene-batch"``) and scores the query by the
 15-NN vote of reference labels and by the share of its 15 neighbours that are reference cells over
-that share under perfect mixing; writes ``results/read_counts_mapping.csv`` (~5 min).
+that share under perfect mixing; writes ``results/read_counts_mapping.csv`` (~5 min), merged the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from bench_common import merge_rows, require, run_stamp
 from sklearn.neighbors import NearestNeighbors
 
 import cellvae
@@ -104,7 +107,7 @@ def mapping_scores(reference: ad.AnnData, query: ad.AnnData, dispersion: str, se
     return {"label_transfer_accuracy": round(float(accuracy), 3), "query_mixing": round(float(from_reference), 3)}
 
 
-def mapping(seeds: int) -> None:
+def mapping(seeds: list[int]) -> None:
     kang = ad.read_h5ad(DATA / "kang_ctrl_5donors_muscat.h5ad")
     donors = sorted(kang.obs["batch"].astype(str).unique())
     in_query = (kang.obs["batch"].astype(str) == donors[-1]).to_numpy()
@@ -112,24 +115,26 @@ def mapping(seeds: int) -> None:
     rows = []
     for query_counts, query in {"umis": umis, "reads": as_reads(umis, np.ones(umis.n_obs, bool))}.items():
         for dispersion in ("gene", "gene-batch"):
-            for seed in range(seeds):
+            for seed in seeds:
                 started = time.perf_counter()
                 row = {"query": query_counts, "reference_dispersion": dispersion, "seed": seed}
                 row |= mapping_scores(reference, query, dispersion, seed)
                 row["seconds"] = round(time.perf_counter() - started, 1)
                 print(row, flush=True)
-                rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(RESULTS / "read_counts_mapping.csv", index=False)
+                rows.append(row | run_stamp())
+    merge_rows(RESULTS / "read_counts_mapping.csv", pd.DataFrame(rows), keys=["query", "reference_dispersion", "seed"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--mapping", action="store_true", help="map a query of reads onto a reference of UMIs instead")
+    parser.add_argument("--no-scvi", action="store_true", help="skip scVI (needs the bench extra); keeps its rows")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: this benchmark reads the shared datasets beside the repository")
+    if not (args.mapping or args.no_scvi):
+        require({"scvi": "scvi-tools"}, skip_hint="pass --no-scvi to run without scVI")
     torch.set_num_threads(2)
     if args.mapping:
         mapping(args.seeds)
@@ -142,23 +147,21 @@ def main() -> None:
         "kang_umis": (kang, "batch"),
         "kang_mixed": (as_reads(kang, (kang.obs["batch"] == "stim").to_numpy()), "batch"),
     }
-    methods = ["cellvae", "cellvae_gene-cell", "cellvae_gene-batch", "scvi"]
+    methods = ["cellvae", "cellvae_gene-cell", "cellvae_gene-batch"] + ([] if args.no_scvi else ["scvi"])
     rows = []
     for case, (adata, batch_key) in cases.items():
         nonzero = sp.csr_matrix(adata.X).data
         for method in methods:
             if method == "cellvae_gene-batch" and batch_key is None:
                 continue
-            for seed in range(args.seeds):
+            for seed in args.seeds:
                 started = time.perf_counter()
                 embedding = embed(adata, method, batch_key, seed)
                 row = {"case": case, "method": method, "seed": seed, "share_of_ones": round(float(np.mean(nonzero == 1)), 3)}
                 row |= scores(embedding, adata) | {"seconds": round(time.perf_counter() - started, 1)}
                 print(row, flush=True)
-                rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(RESULTS / "read_counts.csv", index=False)
+                rows.append(row | run_stamp())
+    table = merge_rows(RESULTS / "read_counts.csv", pd.DataFrame(rows), keys=["case", "method", "seed"])
     print(table.groupby(["case", "method"], sort=False).mean(numeric_only=True).round(3).to_string())
 
 
