@@ -21,8 +21,9 @@ against the rest at ``delta`` 0.25 (the default) and 0.5, and pairwise (every ot
     flock /tmp/cellvae-cpu.lock python benchmarks/differential_calibration.py --seeds 0 1 2 --settings batch
 
 Writes one row per setting, seed and comparison kind to ``results/differential_calibration.csv`` (``--append``:
-adds to its rows, for a study run in parts) and prints the mean and sd over seeds; ``--genes DIR`` also writes
-each run's per-gene table (with the truths) there. ~40 s per setting and seed on 2 cores.
+adds to its rows, for a study run in parts; a setting, seed and kind run again replaces its earlier row) and prints
+the mean and sd over seeds; ``--genes DIR`` also writes each run's per-gene table (with the truths) there. ~40 s
+per setting and seed on 2 cores.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bench_common import merge_rows, run_stamp
 
 import cellvae
 
@@ -203,14 +205,13 @@ def main() -> None:
     torch.set_num_threads(2)
     if not args.append:
         args.out.unlink(missing_ok=True)
-    elif args.out.exists() and "sign_errors" not in pd.read_csv(args.out, nrows=0).columns:
-        raise SystemExit(f"{args.out} was written before the sign_errors column: append to a new --out, or rerun all seeds")
     for setting in args.settings:
         for seed in args.seeds:
-            frame = pd.DataFrame(run(setting, seed, args.genes))
+            frame = pd.DataFrame(run(setting, seed, args.genes)).assign(**run_stamp())
             print(frame.to_string(index=False), flush=True)
-            frame.to_csv(args.out, mode="a", header=not args.out.exists(), index=False)
-    print(summary(pd.read_csv(args.out)).to_string())
+            # the whole file is rewritten: columns added since earlier rows (sign_errors, date, commit) stay empty there
+            table = merge_rows(args.out, frame, keys=["setting", "seed", "kind"])
+    print(summary(table).to_string())
 
 
 if __name__ == "__main__":
