@@ -12,7 +12,8 @@ Query cells without a label (the atlas's 20 ``unknown`` pbmc4k cells) are in nei
 
     flock /tmp/cellvae-cpu.lock python benchmarks/novelty.py --seeds 0 1 2   # ~3 min per seed on 2 cores
 
-Writes one row per dataset and seed to ``results/novelty.csv`` and prints the mean and sd over seeds.
+Writes one row per dataset and seed to ``results/novelty.csv`` (replacing the rows of the datasets and seeds
+re-run, keeping the others) and prints the mean and sd over seeds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from bench_common import merge_rows, run_stamp
 from sklearn.metrics import roc_auc_score
 
 import cellvae
@@ -95,11 +97,9 @@ def main() -> None:
         for seed in args.seeds:
             row = {"data": name, **novelty_scores(reference, query, left_out, seed)}
             print(row, flush=True)
-            rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame(rows)
-    table.to_csv(RESULTS / "novelty.csv", index=False)
-    scores = table.drop(columns=["seed", "left_out"]).groupby("data")
+            rows.append(row | run_stamp())
+    table = merge_rows(RESULTS / "novelty.csv", pd.DataFrame(rows), keys=["data", "seed"])
+    scores = table.drop(columns=["seed", "left_out", "date", "commit"]).groupby("data")
     print(pd.concat({"mean": scores.mean(), "sd": scores.std()}, axis=1).round(3).T.to_string())
 
 

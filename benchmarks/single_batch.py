@@ -8,7 +8,8 @@ its usual input; PCA is 50 components of the log-normalised variable genes (the 
 
     flock /tmp/cellvae-cpu.lock python benchmarks/single_batch.py   # ~15 min on 2 cores
 
-Writes ``results/single_batch.csv`` (one row per embedding) and prints the mean per method.
+Writes ``results/single_batch.csv`` (one row per embedding; the rows of each dataset, method and seed re-run
+replace the earlier ones, the others are kept) and prints the mean per method.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import torch
+from bench_common import merge_rows, require, run_stamp
 
 import cellvae
 
@@ -72,7 +74,7 @@ def run_dataset(name: str, seeds: list[int], with_scvi: bool) -> list[dict]:
 
     def record(method: str, seed: int, genes: int, seconds: float, embedding: np.ndarray) -> None:
         row = {"dataset": name, "method": method, "seed": seed, "genes": genes, "seconds": round(seconds, 1)}
-        rows.append(row | bio_scores(embedding, labels))
+        rows.append(row | bio_scores(embedding, labels) | run_stamp())
         print(rows[-1], flush=True)
 
     started = time.perf_counter()
@@ -110,18 +112,14 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: the benchmark needs ../shared/data beside the repository")
+    require({"scib_metrics": "scib-metrics"})
+    if not args.no_scvi:
+        require({"scvi": "scvi-tools"}, skip_hint="pass --no-scvi to run without scVI")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rows = [row for name in args.datasets for row in run_dataset(name, args.seeds, not args.no_scvi)]
-    table = pd.DataFrame(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "single_batch.csv"
-    if path.exists():  # keep the rows of datasets and methods not re-run (--no-scvi keeps scVI's, --datasets the others)
-        earlier = pd.read_csv(path)
-        rerun = pd.MultiIndex.from_frame(table[["dataset", "method"]]).unique()
-        kept = earlier[~pd.MultiIndex.from_frame(earlier[["dataset", "method"]]).isin(rerun)]
-        table = pd.concat([kept, table], ignore_index=True)
-    table.to_csv(path, index=False)
+    # (--no-scvi keeps scVI's rows, --datasets the other datasets', --seeds the other seeds')
+    table = merge_rows(RESULTS / "single_batch.csv", pd.DataFrame(rows), keys=["dataset", "method", "seed"])
     scores = ["kmeans_nmi", "kmeans_ari", "leiden_nmi", "leiden_ari", "silhouette_label", "seconds"]
     summary = table.groupby(["dataset", "method"])[scores].agg(
         lambda x: f"{x.mean():.3f} ± {x.std():.3f}" if len(x) > 1 else f"{x.iloc[0]:.3f}"
