@@ -37,6 +37,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 import torch
+from bench_common import require, run_stamp
 
 import cellvae
 
@@ -135,6 +136,24 @@ def method_of(key: str) -> str:
     return key.rsplit("_s", 1)[0] if "_s" in key else key
 
 
+def cached_request(cache: Path, dataset: str, key: str) -> dict | None:
+    """The settings a cached embedding was made with (None: not cached; {} if it predates this record)."""
+    path = cache_path(cache, dataset, key)
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        return json.loads(str(stored["info"])).get("request", {})
+
+
+def embedding_request(method: str, args) -> dict:
+    """The options of ``embed`` that change ``method``'s embedding: a cached one is reused only if they match."""
+    if method == "cellvae":
+        return {"max_epochs": args.cellvae_max_epochs, "all_genes": args.all_genes, "model_kwargs": args.cellvae_kwargs}
+    if method in ("scvi", "scvi_nb"):
+        return {"max_epochs": args.scvi_max_epochs}
+    return {}
+
+
 def cached(cache: Path, dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
     out = {}
     for path in sorted((cache / dataset).glob("*.npz")):
@@ -155,9 +174,12 @@ def stage_embed(args) -> None:
             seeds = args.seeds if method in ("cellvae", "scvi", "scvi_nb") else [0]
             for seed in seeds:
                 key = f"{method}{args.tag}_s{seed}" if method in ("cellvae", "scvi", "scvi_nb") else method
-                if cache_path(args.cache, dataset, key).is_file() and not args.overwrite:
+                request, earlier = embedding_request(method, args), cached_request(args.cache, dataset, key)
+                if earlier == request and not args.overwrite:
                     print(f"{dataset} {key}: cached, skipped", flush=True)
                     continue
+                if earlier is not None and earlier != request:
+                    print(f"{dataset} {key}: cached with {earlier or 'unrecorded settings'}, not {request}: embedding again")
                 started = time.perf_counter()
                 if method == "cellvae":
                     model = train_cellvae(adata, seed, args.cellvae_max_epochs, args.cellvae_kwargs)
@@ -183,7 +205,8 @@ def stage_embed(args) -> None:
                     info = {"note": "seconds exclude the PCA"}
                 else:
                     raise SystemExit(f"unknown method {method!r}")
-                save_embedding(args.cache, dataset, key, embedding, {"seconds": round(seconds, 2), "seed": seed, **info})
+                info = {"seconds": round(seconds, 2), "seed": seed, **info, "request": request}
+                save_embedding(args.cache, dataset, key, embedding, info)
 
 
 def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: int) -> pd.DataFrame:
@@ -223,11 +246,12 @@ def stage_score(args) -> None:
         table["train_seconds"] = [stored[k][1]["seconds"] for k in table.index]
         table["epochs"] = [stored[k][1].get("epochs", np.nan) for k in table.index]
         table["settings"] = [
-            json.dumps({x: y for x, y in stored[k][1].items() if x not in ("seconds", "seed")}) for k in table.index
+            json.dumps({x: y for x, y in stored[k][1].items() if x not in ("seconds", "seed", "request")}) for k in table.index
         ]
         table.index.name = "embedding"
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"integration_{dataset}.csv"
+        table = table.assign(**run_stamp())  # (date and commit of the scores; rows kept by --append keep theirs)
         if out.is_file() and args.append:
             previous = pd.read_csv(out, index_col=0)
             table = pd.concat([previous[~previous.index.isin(table.index)], table])
@@ -275,7 +299,7 @@ def stage_kmeans(args) -> None:
             )
         table = pd.DataFrame(rows).set_index("embedding")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        table.to_csv(RESULTS / f"kmeans_inits_{dataset}.csv")
+        table.assign(**run_stamp()).to_csv(RESULTS / f"kmeans_inits_{dataset}.csv")
         print(dataset, table.round(3).to_string(), sep="\n", flush=True)
 
 
@@ -447,6 +471,7 @@ def stage_map(args) -> None:
         table.insert(0, "held_out_batch", held_out)
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"integration_mapping_{dataset}{args.tag}.csv"
+        table = table.assign(**run_stamp())  # (date and commit of the scores; rows kept by --append keep theirs)
         if out.is_file() and args.append:
             previous = pd.read_csv(out, index_col=0)
             table = pd.concat([previous[~previous.index.isin(table.index)], table])
@@ -539,6 +564,18 @@ def stage_summary(args) -> None:
     print("\n".join(lines))
 
 
+def needed_packages(args) -> dict[str, str]:
+    """The optional packages (import name -> package) the chosen stage and methods need."""
+    needed = {"skmisc": "scikit-misc"} if args.stage != "summary" else {}  # (the variable genes: seurat_v3)
+    if args.stage in ("embed", "map") and {"scvi", "scvi_nb", "scanvi"} & set(args.methods):
+        needed["scvi"] = "scvi-tools"
+    if args.stage == "embed" and "harmony" in args.methods:
+        needed["harmonypy"] = "harmonypy"
+    if args.stage in ("score", "kmeans") or (args.stage == "map" and not args.skip_scib):
+        needed["scib_metrics"] = "scib-metrics"
+    return needed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["embed", "score", "kmeans", "map", "summary"])
@@ -559,6 +596,8 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    skip_hints = {"embed": "leave out the --methods that need them", "map": "leave out scvi and scanvi, and pass --skip-scib"}
+    require(needed_packages(args), skip_hint=skip_hints.get(args.stage, ""))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     stages = {"embed": stage_embed, "score": stage_score, "kmeans": stage_kmeans, "map": stage_map, "summary": stage_summary}
