@@ -5,6 +5,7 @@ its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`
 
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py throughput
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ttq-scvi     # repeat until it says "done"
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ttq-scvi-scores
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ttq-cellvae
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py latent
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py memory
@@ -13,13 +14,18 @@ its numbers into ``benchmarks/results/speed.json``; ``table`` writes ``speed.md`
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py roofline
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 10000 100000
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py zarr --sizes 1000000 --in-memory-max 1000000
-    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ddp --epochs 3
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py ddp --ddp-cells 100000 --epochs 2
     flock /tmp/cellvae-cpu.lock python benchmarks/speed.py layouts --sizes 20000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py query --sizes 100000
+    flock /tmp/cellvae-cpu.lock python benchmarks/speed.py views --sizes 1000000
     flock /tmp/cellvae-cpu.lock python3.12 benchmarks/speed.py loader   # annbatch needs Python >= 3.12
     python benchmarks/speed.py table
 
 Large simulated files and scVI checkpoints go to ``--work-dir`` (default /tmp/cellvae-speed),
-never into the repository.
+never into the repository. ``scaling`` and ``zarr`` run every ``--sizes`` value; ``layouts``, ``views`` and
+``query`` one size, the first. The parts with scVI (throughput, ttq-scvi, ttq-scvi-scores, latent) and
+``loader`` need the bench extra (``pip install -e ".[bench]"``). Each section's date, commit, CPU and versions
+are recorded under ``provenance`` in the JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_common import environment, package_version, require
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -67,36 +74,15 @@ def pbmc68k():
     return cellvae.datasets.pbmc68k()
 
 
-def merge(section: str, values: dict, out: Path, own_machine: bool = False) -> None:
-    """Write ``values`` under ``section`` of the results JSON, keeping the other sections. ``own_machine``:
-    the section records its own Python and torch (a part run in another environment than the rest)."""
+def merge(section: str, values: dict, out: Path) -> None:
+    """Write ``values`` under ``section`` of the results JSON, keeping the other sections, and the date, commit,
+    machine and versions of this run under ``provenance[section]`` (the top-level ``machine`` block is older runs')."""
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results[section] = {**values, "machine": machine()} if own_machine else values
-    if not own_machine:  # (a part run without the bench extra keeps the scVI version of the parts measured with it)
-        results["machine"] = {**results.get("machine", {}), **{k: v for k, v in machine().items() if v is not None}}
+    results[section] = values
+    results.setdefault("provenance", {})[section] = environment()
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({section: values}, indent=2))
-
-
-def machine() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    try:
-        scvi_tools = version("scvi-tools")
-    except PackageNotFoundError:  # the parts that run only cellvae need not have the bench extra
-        scvi_tools = None
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": THREADS,
-        "torch": torch.__version__,
-        "scvi_tools": scvi_tools,
-        "python": platform.python_version(),
-    }
+    print(json.dumps({section: values, "provenance": results["provenance"][section]}, indent=2))
 
 
 def holdout_split(n_cells: int, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -225,21 +211,45 @@ def part_throughput(args) -> None:
 # ----------------------------------------------------------------------------- time to quality
 
 
+SCVI_TTQ_BATCH_SIZE = 128  # scVI's default, passed explicitly so that the recorded settings say what ran
+
+
+def scvi_ttq_settings(max_epochs: int, train_cells: int) -> dict:
+    """What makes one ttq-scvi run: a checkpoint or a resumed time is reused only under the same settings."""
+    return {
+        "data": "kang_ctrl_5donors_muscat",
+        "train_cells": train_cells,
+        "seed": 0,
+        "max_epochs": max_epochs,
+        "batch_size": SCVI_TTQ_BATCH_SIZE,
+        "scvi_tools": package_version("scvi-tools"),
+    }
+
+
+def scvi_ttq_state(work: Path) -> dict:
+    state_file = work / "state.json"
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+
+
 def part_ttq_scvi(args) -> None:
     """scVI's default run on 90% of the Kang cells, checkpointed so it can run in several commands."""
     import torch
 
     work = args.work_dir / "scvi_ttq"
     work.mkdir(parents=True, exist_ok=True)
-    state_file = work / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"seconds": 0.0, "epochs_done": 0}
+    state_file, ckpt = work / "state.json", work / "last.ckpt"
     adata = read("kang_ctrl_5donors_muscat.h5ad")
     train_cells, test_cells = holdout_split(adata.n_obs)
     model, train_adata = scvi_model(adata[train_cells], "batch")
-    max_epochs = args.scvi_max_epochs
-    if max_epochs is None:  # scVI's own default for this data size
-        max_epochs = int(min(round((20_000 / train_adata.n_obs) * 400), 400))
-    ckpt = work / "last.ckpt"
+    default_epochs = int(min(round((20_000 / train_adata.n_obs) * 400), 400))  # scVI's own default for this size
+    max_epochs = args.scvi_max_epochs or default_epochs
+    settings = scvi_ttq_settings(max_epochs, train_adata.n_obs)
+    state = scvi_ttq_state(work)
+    if state.get("settings") != settings:
+        if state:
+            print(f"note: {work} holds a run with other settings ({state.get('settings', 'not recorded')}): starting afresh")
+        ckpt.unlink(missing_ok=True)
+        state = {"settings": settings, "seconds": 0.0, "epochs_done": 0}
     from lightning.pytorch.callbacks import Callback
 
     budget = args.chunk_seconds
@@ -258,6 +268,7 @@ def part_ttq_scvi(args) -> None:
     if state["epochs_done"] < max_epochs:
         model.train(
             max_epochs=max_epochs,
+            batch_size=SCVI_TTQ_BATCH_SIZE,
             callbacks=[Budget()],
             enable_progress_bar=False,
             accelerator="cpu",
@@ -285,7 +296,9 @@ def part_ttq_scvi(args) -> None:
             "epochs": max_epochs,
             "train_seconds": round(state["seconds"], 1),
             "heldout_neg_elbo_per_cell": round(elbo, 2),
-            "default_epochs": args.scvi_max_epochs is None,
+            "default_epochs": max_epochs == default_epochs,
+            "scvi_default_epochs": default_epochs,
+            "run_settings": settings,
         },
         args.out,
     )
@@ -318,9 +331,14 @@ def part_ttq_cellvae(args) -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     summary = {"runs": runs, "settings": "CellVAE(adata, batch_key='batch').fit() with the shipped defaults"}
     scvi_run = results.get("time_to_quality_scvi")
-    if scvi_run:
+    if scvi_run and scvi_run.get("default_epochs"):
+        summary["scvi_comparison"] = f"time_to_quality_scvi, scVI's default {scvi_run['epochs']} epochs"
         summary["speedup_vs_scvi"] = round(scvi_run["train_seconds"] / np.mean([r["fit_seconds"] for r in runs]), 1)
         summary["reaches_scvi_elbo"] = all(r["heldout_neg_elbo_per_cell"] <= scvi_run["heldout_neg_elbo_per_cell"] for r in runs)
+    else:
+        reason = f"scVI ran {scvi_run['epochs']} epochs, not its default" if scvi_run else "no time_to_quality_scvi entry"
+        summary |= {"scvi_comparison": f"missing: {reason}", "speedup_vs_scvi": None, "reaches_scvi_elbo": None}
+        print(f"no comparison with scVI ({reason}): run ttq-scvi without --scvi-max-epochs to the end first")
     merge("time_to_quality_cellvae", summary, args.out)
 
 
@@ -343,17 +361,26 @@ def part_ttq_scvi_scores(args) -> None:
     """Integration scores of scVI's default run (from its checkpoint), beside cellvae's."""
     import torch
 
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    entry = results.get("time_to_quality_scvi", {})
+    work = args.work_dir / "scvi_ttq"
+    state = scvi_ttq_state(work)
+    finished = (state.get("settings"), state.get("epochs_done"))
+    if "run_settings" not in entry or finished != (entry["run_settings"], entry["epochs"]) or not (work / "last.ckpt").is_file():
+        sys.exit(
+            f"the checkpoint in {work} (settings {state.get('settings')}, {state.get('epochs_done')} epochs) is not the run "
+            f"of time_to_quality_scvi in {args.out} ({entry.get('run_settings')}, {entry.get('epochs')} epochs): "
+            "run ttq-scvi to the end first"
+        )
     adata = read("kang_ctrl_5donors_muscat.h5ad")
     train_cells, _ = holdout_split(adata.n_obs)
     model, train_adata = scvi_model(adata[train_cells], "batch")
-    weights = torch.load(args.work_dir / "scvi_ttq" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    weights = torch.load(work / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     model.module.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
     model.is_trained_ = True
     # A module built afresh is in training mode: its dropout would add noise to every code (session 35: the
     # donor-mixing entropy came out 0.015-0.02 higher so). scVI's trainer and load() leave it in eval mode.
     model.module.eval()
-    results = json.loads(args.out.read_text())
-    entry = results["time_to_quality_scvi"]
     entry |= integration_scores(model.get_latent_representation(), train_adata)
     merge("time_to_quality_scvi", entry, args.out)
 
@@ -387,6 +414,7 @@ def part_latent(args) -> None:
             "cellvae_cells_per_s": round(float(np.median(ours))),
             "scvi_cells_per_s": round(float(np.median(theirs))),
             "ratio": round(float(np.median(ours) / np.median(theirs)), 2),
+            "batch_sizes": "cellvae 4,096 (get_latent's default), scVI 128 (its default, scvi.settings.batch_size)",
             "repeats": {"cellvae": [round(x) for x in ours], "scvi": [round(x) for x in theirs]},
         },
         args.out,
@@ -932,7 +960,7 @@ def part_loader(args) -> None:
         "one shuffled epoch of 100,000 x 2,000 simulated counts, densified to torch, 128 cells per batch, 2 threads; "
         f"{args.repeats} interleaved passes each, in fresh processes"
     )
-    merge("loader", runs, args.out, own_machine=True)  # annbatch needs Python >= 3.12, the other parts run on 3.11
+    merge("loader", runs, args.out)  # (annbatch needs Python >= 3.12, the other parts run on 3.11: see its provenance)
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -996,6 +1024,14 @@ def part_roofline(args) -> None:
 # ----------------------------------------------------------------------------- table
 
 
+def speedup_text(cellvae_run: dict) -> str:
+    """The time-to-quality ratio cell, or why there is none (scVI not run with its default epochs)."""
+    speedup = cellvae_run.get("speedup_vs_scvi")
+    if not speedup:
+        return f"no comparison ({cellvae_run.get('scvi_comparison', 'missing')})"
+    return f"{speedup}× less time (target ≥ 10×)"
+
+
 def part_table(args) -> None:
     r = json.loads(args.out.read_text())
     lines = ["| measure | cellvae | scVI | ratio / target |", "|---|---|---|---|"]
@@ -1016,7 +1052,7 @@ def part_table(args) -> None:
         lines.append(
             f"| time to quality, Kang 5 donors (s; held-out −ELBO nats/cell) | {np.mean(secs):.0f} s; "
             f"{min(elbos):.1f}–{max(elbos):.1f} | {s['train_seconds']:.0f} s ({s['epochs']} epochs); "
-            f"{s['heldout_neg_elbo_per_cell']:.1f} | {c.get('speedup_vs_scvi')}× less time (target ≥ 10×) |"
+            f"{s['heldout_neg_elbo_per_cell']:.1f} | {speedup_text(c)} |"
         )
         if "celltype_knn_accuracy" in s:
             acc = [x["celltype_knn_accuracy"] for x in c["runs"]]
@@ -1028,7 +1064,8 @@ def part_table(args) -> None:
     if "get_latent" in r:
         g = r["get_latent"]
         lines.append(
-            f"| get_latent cells/s, {g['genes']} genes | {g['cellvae_cells_per_s']:,} | {g['scvi_cells_per_s']:,} | "
+            f"| get_latent cells/s, {g['genes']} genes (cellvae batch 4,096, scVI its default 128) | "
+            f"{g['cellvae_cells_per_s']:,} | {g['scvi_cells_per_s']:,} | "
             f"{g['ratio']}× (target ≥ 50,000 cells/s) |"
         )
     for name, m in r.get("memory", {}).items():
@@ -1142,6 +1179,13 @@ PARTS = {
 }
 
 
+SCVI = {"scvi": "scvi-tools"}
+LOADERS = {"annbatch": "annbatch", "scdataset": "scdataset"}
+NEEDS = {"throughput": SCVI, "ttq-scvi": SCVI, "ttq-scvi-scores": SCVI, "latent": SCVI, "loader": LOADERS}  # the bench extra
+TIMED_FROM_SECOND_EPOCH = ("throughput", "ddp")  # their cells/s drop the first epoch (warm-up)
+ONE_SIZE = ("layouts", "views", "query")  # these run the first --sizes value only
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "child":
         spec = json.loads(sys.argv[2])
@@ -1156,7 +1200,8 @@ def main() -> None:
     parser.add_argument("--scvi-max-epochs", type=int, default=None, help="cap scVI's epochs (default: scVI's own)")
     parser.add_argument("--chunk-seconds", type=float, default=480.0, help="scVI training time per ttq-scvi command")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    sizes_help = "simulated cells: scaling and zarr run each (default 10000 100000); layouts, views, query only the first"
+    parser.add_argument("--sizes", type=int, nargs="+", help=sizes_help)
     parser.add_argument(
         "--layouts", nargs="+", default=None, help="layouts: only these runs, e.g. h5ad_dense zarr_csr (default: all)"
     )
@@ -1165,6 +1210,12 @@ def main() -> None:
     parser.add_argument("--in-memory-max", type=int, default=100_000, help="zarr: largest size also trained in memory")
     parser.add_argument("--ddp-cells", type=int, default=50_000)
     args = parser.parse_args()
+    if args.part in TIMED_FROM_SECOND_EPOCH and args.epochs < 2:
+        parser.error(f"{args.part} needs --epochs 2 or more: its cells/s leave out the first epoch (warm-up)")
+    if args.part in ONE_SIZE and args.sizes and len(args.sizes) > 1:
+        print(f"warning: {args.part} runs one size, the first of --sizes ({args.sizes[0]}); run it again for the others")
+    args.sizes = args.sizes or [10_000, 100_000]
+    require(NEEDS.get(args.part, {}))
     setup_threads()
     PARTS[args.part](args)
     print(f"peak RSS of this command: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB")
