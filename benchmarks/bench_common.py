@@ -77,13 +77,31 @@ def merge_rows(path: Path, rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if path.is_file():
         earlier = pd.read_csv(path)
         if set(keys) <= set(earlier.columns):
-            replaced = pd.MultiIndex.from_frame(earlier[keys].astype(str)).isin(pd.MultiIndex.from_frame(rows[keys].astype(str)))
+            replaced = identities(earlier, keys).isin(identities(rows, keys))
             rows = pd.concat([earlier[~replaced], rows], ignore_index=True)
+            for key in dict.fromkeys([*keys, *(["seed"] if "seed" in rows else [])]):  # (with an empty cell a column
+                values = rows[key]  # reads as floats: seeds and other whole-number keys stay whole)
+                if pd.api.types.is_float_dtype(values) and (values.dropna() % 1 == 0).all():
+                    rows[key] = values.astype("Int64")
         else:
             raise SystemExit(f"{path} lacks the columns {keys} that identify its rows: write to another file")
     path.parent.mkdir(parents=True, exist_ok=True)
     rows.to_csv(path, index=False)
     return rows
+
+
+def identities(rows: pd.DataFrame, keys: list[str]) -> pd.MultiIndex:
+    """Each row's ``keys`` as text, whole numbers without a decimal point (a key column with an empty cell reads as
+    floats: seed 0 as 0.0), empty cells as ""."""
+
+    def text(value) -> str:
+        if pd.isna(value):
+            return ""
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+    return pd.MultiIndex.from_frame(rows[keys].map(text))
 
 
 def require(modules: dict[str, str], skip_hint: str = "") -> None:

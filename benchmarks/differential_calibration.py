@@ -191,6 +191,8 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby(["setting", "kind"], sort=False)[columns]
     table = grouped.agg(["mean", "std"]).round(4)
     table.insert(0, "seeds", grouped.size())
+    if "sign_errors" in frame:  # (their mean is over the seeds that have them)
+        table.insert(1, "seeds_with_sign_errors", grouped["sign_errors"].count())
     return table
 
 

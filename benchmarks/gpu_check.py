@@ -83,9 +83,13 @@ def part_tests(args) -> dict:
         text=True,
     )
     print(done.stdout[-3000:], done.stderr[-2000:], flush=True)
+    summary = done.stdout.strip().splitlines()[-1:]
     if done.returncode in (4, 5):  # (pytest: a usage error, such as a test id that names no test; no test collected)
-        raise RuntimeError(f"pytest ran none of the GPU tests (exit code {done.returncode}): {done.stdout.strip()[-500:]}")
-    return {"exit_code": done.returncode, "summary": done.stdout.strip().splitlines()[-1:]}
+        told = (done.stderr.strip() or done.stdout.strip())[-500:]  # ("ERROR: not found: <id>" is on stderr)
+        raise RuntimeError(f"pytest ran none of the GPU tests (exit code {done.returncode}): {told}")
+    if args.device == "cuda" and summary and "passed" not in summary[0] and "failed" not in summary[0]:
+        raise RuntimeError(f"every GPU test skipped on the GPU (is CUDA visible to pytest?): {done.stdout.strip()[-1500:]}")
+    return {"exit_code": done.returncode, "summary": summary}
 
 
 def cellvae_row(adata, batch_key, batch_size: int, precision: str, epochs: int, device: str) -> dict:

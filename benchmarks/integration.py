@@ -77,6 +77,12 @@ def load(name: str, all_genes: bool = False) -> ad.AnnData:
     return adata
 
 
+def n_genes(name: str) -> int:
+    """The genes of a dataset, read from its file's var alone (0 where the file is missing: load says so)."""
+    path = DATA / f"{name}.h5ad"
+    return ad.read_h5ad(path, backed="r").n_vars if path.is_file() else 0
+
+
 def log_normalised(adata: ad.AnnData) -> ad.AnnData:
     out = ad.AnnData(adata.X.copy(), obs=adata.obs[["batch", "cell_type"]].copy(), var=pd.DataFrame(index=adata.var_names))
     sc.pp.normalize_total(out, target_sum=1e4)
@@ -566,7 +572,10 @@ def stage_summary(args) -> None:
 
 def needed_packages(args) -> dict[str, str]:
     """The optional packages (import name -> package) the chosen stage and methods need."""
-    needed = {"skmisc": "scikit-misc"} if args.stage != "summary" else {}  # (the variable genes: seurat_v3)
+    needed = {}
+    every_gene = args.stage == "embed" and args.all_genes  # (the other stages load each dataset's variable genes)
+    if args.stage != "summary" and not every_gene and any(n_genes(name) > N_TOP_GENES for name in args.datasets):
+        needed["skmisc"] = "scikit-misc"  # (the variable genes: seurat_v3)
     if args.stage in ("embed", "map") and {"scvi", "scvi_nb", "scanvi"} & set(args.methods):
         needed["scvi"] = "scvi-tools"
     if args.stage == "embed" and "harmony" in args.methods:

@@ -91,12 +91,13 @@ def simulate(
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool):  # 1e4 is a float: numpy's error is bare
             whole = isinstance(value, float) and value.is_integer()
             raise TypeError(f"{name} must be a whole number, got {value!r}" + (f"; write {name}={int(value)}" if whole else ""))
+    named = "random_state" if seed is None else "seed"  # (the name the caller used)
     if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool):
         raise TypeError(  # (None would draw new data each call: the source recorded could not replay it)
-            f"random_state must be an integer seed, e.g. 0, got {random_state!r:.60}; equal seeds give equal data"
+            f"{named} must be an integer seed, e.g. 0, got {random_state!r:.60}; equal seeds give equal data"
         )
     if not 0 <= random_state < 2**32:
-        raise ValueError(f"random_state must be a non-negative integer below 2**32, got {random_state}")
+        raise ValueError(f"{named} must be a non-negative integer below 2**32, got {random_state}")
     for name, value in {"mean_library_size": mean_library_size, "batch_effect": batch_effect}.items():
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
             raise TypeError(f"{name} must be a number, got {value!r:.60}")

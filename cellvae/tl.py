@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -981,18 +982,24 @@ def rank_genes_groups(
         f"for such a group's expression1 and expression2 (not shrunk) call model.differential_expression(adata, "
         f"groupby={groupby!r}, group1=...)",
     ):
-        result = model.differential_expression(
-            adata,
-            groupby=groupby,
-            group1=group1,
-            group2=None if reference == "rest" else reference,
-            delta=delta,
-            batch_correction=batch_correction,
-            n_draws=n_draws,
-            max_cells=max_cells,
-            random_state=random_state,
-            progress=progress,
-        )
+        try:
+            result = model.differential_expression(
+                adata,
+                groupby=groupby,
+                group1=group1,
+                group2=None if reference == "rest" else reference,
+                delta=delta,
+                batch_correction=batch_correction,
+                n_draws=n_draws,
+                max_cells=max_cells,
+                random_state=random_state,
+                progress=progress,
+            )
+        except ValueError as error:  # a group without cells, named by this function's arguments
+            told = re.sub(r"^group1: ", "groups: ", re.sub(r"^group2: ", "reference: ", str(error)))
+            if told == str(error):
+                raise
+            raise ValueError(told) from None
     in_data = result.index.isin(gene_names(adata))  # genes the data lack (read as zeros) are left out
     result = result if in_data.all() else result[in_data]  # (a copy of the whole table only where some are)
     # Stored as float32 (as scanpy does) before sorting, so that rounding does not order genes of equal score.
@@ -1163,7 +1170,8 @@ def rate_distortion_sweep(
         if shared:  # betas given twice
             raise ValueError(
                 f"betas={betas} repeat a beta (checkpoint folder {shared[0]}), and each beta is a run of its own: give each "
-                "beta once"
+                "beta once (a warm_start path that comes back to a beta trains without checkpoint_dir: each beta's "
+                "checkpoints go into a folder named by it)"
             )
         for folder in folders if not (fit_kwargs or {}).get("resume") else []:  # an earlier sweep's checkpoints
             refuse_earlier_checkpoints(folder, 1)
@@ -1173,7 +1181,7 @@ def rate_distortion_sweep(
         raise ValueError(
             f"betas={betas} repeat {repeated}: each beta trains a model from the same seed, so a repeat would train the "
             "same model again; give each beta once (with warm_start=True, which starts each beta from the one before, a "
-            "path may come back to a beta)"
+            "path may come back to a beta, without checkpoint_dir)"
         )
     progress = _check_flag(progress, "progress")
     check_positive_int(n_samples, "n_samples")

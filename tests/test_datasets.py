@@ -133,6 +133,8 @@ def test_simulate_refuses_a_seed_or_setting_it_cannot_replay_or_use_naming_it(ar
     errors, which name no argument, or (sparse="no") were taken as True."""
     with pytest.raises(error, match=told):
         cellvae.datasets.simulate(n_cells=10, n_genes=5, **arguments)
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="^seed must be an integer seed"):  # (the name used)
+        cellvae.datasets.simulate(n_cells=10, n_genes=5, seed=1.5)
     np.testing.assert_array_equal(  # numpy's integers are seeds
         cellvae.datasets.simulate(n_cells=10, n_genes=5, random_state=np.int64(3)).X.toarray(),
         cellvae.datasets.simulate(n_cells=10, n_genes=5, random_state=3).X.toarray(),

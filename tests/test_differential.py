@@ -612,6 +612,8 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type1"], reference="type1")
     with pytest.raises(ValueError, match=r"groups=\[\] names no group"):
         cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=[])
+    with pytest.raises(ValueError, match=r"^groups: group 'type9' has no cells in obs\['cell_type'\]"):  # (its own argument)
+        cellvae.tl.rank_genes_groups(adata, "cell_type", model=model, groups=["type9"])
     # reference=None (scvi-tools' group2=None) ran against the rest but recorded None, and with pts the AnnData could
     # not be written; 'Rest' was told to pass group2=None, an argument of another function
     for reference, hint in ((None, " \\(for all other cells pass reference='rest'\\)"), ("Rest", " \\(for all"), ("type9", "")):
