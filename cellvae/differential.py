@@ -475,7 +475,10 @@ def warn_shrunk_groups(where: str) -> None:
     missed, compare = _SHRUNK_FOLD_CHANGES_TOLD_AS.get()
     warn_user(
         f"{where}: their fold changes are shrunk strongly towards no change, so {missed} (simulated groups of 5 cells: "
-        f"fold changes a third or less of the decoded ratio); {compare}",
+        "fold changes a third or less of the decoded ratio), while a gene too sparse to tell in so few cells (about a "
+        "count or less expected even at the other group's level) can be called down on its decoding alone (random 6-8 "
+        "cells of one simulated gut-cell type: 14% of the calls were genes their type does not change; at 12, 1 of 41); "
+        f"{compare}",
         UserWarning,
     )
 

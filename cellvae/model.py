@@ -1273,7 +1273,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         A difference is found with more certainty the more cells and counts support it. The fold changes
         are shrunk by a prior learnt from all genes of the comparison (adaptive shrinkage: most genes
         change little, so a gene measured too poorly to tell is not called; groups of fewer than 10 cells get their
-        fold changes shrunk strongly, with a warning: compare ``expression1`` with ``expression2`` there). On simulated
+        fold changes shrunk strongly, with a warning: compare ``expression1`` with ``expression2`` there; their genes
+        with about a count or less expected can be called down on the decoding alone). On simulated
         data with known truth the realised false discovery rate, averaged over 10–20 datasets, was 2.3–6.1% at the 5% target, but
         8–10% with ~400 cells per group in one batch at ``delta=0.25``, where the genes a comparison leaves unchanged
         share a common shift near ``delta`` (compared as shares of each cell's counts) that the prior, centred at no change,
