@@ -933,7 +933,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             once), so memory stays bounded.
         random_state
             Seed of the draws (``mean=False``, and those of the refinement with ``refine_steps``): a cell's draws
-            depend also on the other cells passed with it and on ``batch_size``.
+            depend also on the other cells passed with it and on ``batch_size``. Calls with the same seed return the
+            same draws (scvi-tools draws anew each call): pass another seed for further draws.
         refine_steps
             ``> 0`` (semi-amortized inference, with ``mean=True``) improves each cell's posterior by
             that many gradient steps on its own objective ``E_q[log p(x|z)] − beta·KL`` from the
