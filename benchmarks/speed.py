@@ -282,7 +282,7 @@ def part_ttq_scvi(args) -> None:
         print(f"scVI trained {state['epochs_done']}/{max_epochs} epochs in {state['seconds']:.0f} s; run again to continue")
         return
     if ckpt.is_file():  # the weights of the last epoch, from the checkpoint
-        weights = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        weights = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
         model.module.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
         model.is_trained_ = True
     model.module.eval()  # as scVI's trainer leaves it; a module built afresh is in training mode (dropout on)
@@ -377,7 +377,7 @@ def part_ttq_scvi_scores(args) -> None:
     adata = read("kang_ctrl_5donors_muscat.h5ad")
     train_cells, _ = holdout_split(adata.n_obs)
     model, train_adata = scvi_model(adata[train_cells], "batch")
-    weights = torch.load(work / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    weights = torch.load(work / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     model.module.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
     model.is_trained_ = True
     # A module built afresh is in training mode: its dropout would add noise to every code (session 35: the
