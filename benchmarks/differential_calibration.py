@@ -192,7 +192,8 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     table = grouped.agg(["mean", "std"]).round(4)
     table.insert(0, "seeds", grouped.size())
     if "sign_errors" in frame:  # (their mean is over the seeds that have them)
-        table.insert(1, "seeds_with_sign_errors", grouped["sign_errors"].count())
+        counted = frame.groupby(["setting", "kind"], sort=False)["sign_errors"].count()  # (grouped holds its columns)
+        table.insert(1, "seeds_with_sign_errors", counted)
     return table
 
 
