@@ -469,16 +469,22 @@ def shrunk_fold_changes_told_as(missed: str, compare: str) -> Iterator[None]:
         _SHRUNK_FOLD_CHANGES_TOLD_AS.reset(token)
 
 
+# Told to groups of fewer than SHRUNK_GROUP_CELLS cells: calls of genes their counts cannot tell (an audit, session 75:
+# random groups of 6-12 cells of Haber's gut types against the other types, benchmarks/README.md "One-off measurements")
+SPARSE_CALLS = (
+    "A gene the group holds about a count or less of (expected_counts < 1 in differential_expression's table) is called "
+    "on the model's decoding alone: right for most (other types' markers it lacks), but in random groups of 6-8 cells "
+    "of one gut-cell type 4-8% of the calls were errors, all such down-calls (0.6-1.5% at 12 cells)"
+)
+
+
 def warn_shrunk_groups(where: str) -> None:
     """Warn that groups of fewer than ``SHRUNK_GROUP_CELLS`` cells (``where`` names them) get their fold changes
     shrunk strongly towards no change."""
     missed, compare = _SHRUNK_FOLD_CHANGES_TOLD_AS.get()
     warn_user(
         f"{where}: their fold changes are shrunk strongly towards no change, so {missed} (simulated groups of 5 cells: "
-        "fold changes a third or less of the decoded ratio), while a gene too sparse to tell in so few cells (about a "
-        "count or less expected even at the other group's level) can be called down on its decoding alone (random 6-8 "
-        "cells of one simulated gut-cell type: 14% of the calls were genes their type does not change; at 12, 1 of 41); "
-        f"{compare}",
+        f"fold changes a third or less of the decoded ratio); {compare}. {SPARSE_CALLS}",
         UserWarning,
     )
 

@@ -1361,7 +1361,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             binomial's, while the fold change compares the means with zero-inflation);
             ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
             (observed: share of cells with a count, mean counts per 10,000 of the model's genes over the cells
-            with counts); ``group1``, ``group2`` and
+            with counts); ``expected_counts`` (the counts the smaller group, its cells drawn up to ``max_cells``, would
+            hold of the gene at the higher of ``expression1`` and ``expression2``: under about 1 its own counts cannot
+            tell a change, and a call rests on the model's decoding alone, mostly right but less reliable in groups of
+            a few cells); ``group1``, ``group2`` and
             ``comparison`` (``"<group1> vs <group2>"``, as in scvi-tools). Genes of the model missing from
             ``adata`` (read as zeros) get no statistics (NaN, not called) and come last. Each comparison's
             draws depend on ``random_state``, its two groups (and their cells' order in ``adata``) and
@@ -1469,7 +1472,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             data.warn_user(
                 f"groups {', '.join(few[:5])} of {source} have fewer than 5 cells with counts: the spread of their mean "
                 "expression rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be "
-                "called, and those not reliably",
+                f"called, and those not reliably. {differential.SPARSE_CALLS}",
                 UserWarning,
             )
         small = sorted(small - set(few))
@@ -1514,6 +1517,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 frame["expected_fdr"] = np.nan
                 frame.loc[measured, "expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy()[measured])
                 frame["is_de"] = frame["expected_fdr"] <= round(fdr_target, 12)  # as expected_fdr is rounded
+                # what the smaller group's own counts can tell: its counts of the gene at the higher decoded level
+                exposure = min(float(loader.library[cells].sum()) for cells in pair)
+                higher = np.maximum(frame["expression1"], frame["expression2"])
+                frame["expected_counts"] = exposure * higher / differential.PER_10K
                 for suffix, cells in (("1", cells1), ("2", differential.second_group(labelled, cells1, cells2))):
                     nonzero, normalized = observed(cells)
                     frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)

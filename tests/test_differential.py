@@ -128,7 +128,7 @@ def test_the_rest_of_the_cells_is_named_as_such_not_as_a_group_of_the_column(sim
     though obs['ct'] has no group 'rest'; a group whose cells are all empty is told with the way out."""
     adata = simulated[:300].copy()
     adata.obs["ct"] = pd.Categorical(["x"] * 298 + ["y", "z"])
-    told = r"groups 'y', the rest \(all but 'x'\) of obs\['ct'\] have fewer than 5 cells with counts"
+    told = r"groups 'y', the rest \(all but 'x'\) of obs\['ct'\] have fewer than 5 cells with counts.*expected_counts < 1"
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.rank_genes_groups(adata, "ct", model=model, groups=["x", "y"], n_draws=100)
     counts = adata.X.toarray()
@@ -149,15 +149,15 @@ def test_groups_of_fewer_than_ten_cells_are_told_their_fold_changes_are_shrunk(s
     small = simulated.copy()
     small.obs["small"] = labels
     shrunk = r"groups 'A' of obs\['small'\] have fewer than 10 cells with counts: their fold changes are shrunk"
-    calls = r".*can be called down on its decoding alone .*; "  # (sparse genes: a call the group's counts cannot support)
-    with pytest.warns(UserWarning, match=shrunk + calls + r"compare expression1 with expression2 \(not shrunk\)"):
+    calls = r"\. A gene the group holds about a count or less of \(expected_counts < 1 .*\(0.6-1.5% at 12 cells\)$"
+    with pytest.warns(UserWarning, match=shrunk + r".*compare expression1 with expression2 \(not shrunk\).*" + calls):
         result = model.differential_expression(small, groupby="small", group1="A", group2="B", n_draws=100)
     assert np.isfinite(result["expression1"]).all()
     with no_warnings():  # 12 cells against the rest: no word
         model.differential_expression(small, groupby="small", group1="B", n_draws=100)
     small.obs["small"] = pd.Categorical(labels)  # in scanpy's fields: logfoldchanges, and where the rest is
     told = r"groups 'A' .* shrunk strongly towards no change, so their logfoldchanges can miss large changes .*"
-    told += r"expression2 \(not shrunk\) call model.differential_expression\(adata, groupby='small', group1=...\)$"
+    told += r"expression2 \(not shrunk\) call model.differential_expression\(adata, groupby='small', group1=...\)" + calls
     with pytest.warns(UserWarning, match=told):
         cellvae.tl.rank_genes_groups(small, "small", model=model, groups=["A"], n_draws=100, progress=False)
     with pytest.warns(UserWarning, match=r"max_cells=8 draws each group's mean expression from fewer than 10 cells: their"):
@@ -998,3 +998,16 @@ def test_each_comparison_draws_from_a_stream_of_its_own_two_groups():
     assert differential.comparison_seed(0, "a", "b", False) != differential.comparison_seed(0, "b", "a", False)
     assert differential.comparison_seed(0, "a", "b", False) != differential.comparison_seed(1, "a", "b", False)
     assert differential.comparison_seed(0, "a", "rest", True) != differential.comparison_seed(0, "a", "rest", False)
+
+
+def test_expected_counts_are_the_smaller_groups_counts_at_the_higher_decoded_level(simulated, model):
+    """A small group's call of a gene it holds about a count or less of rests on the decoding alone: the column says
+    how many counts the smaller group would hold of each gene at the higher of the two groups' decoded levels."""
+    in_group = np.zeros(simulated.n_obs, dtype=bool)
+    in_group[np.flatnonzero(simulated.obs["cell_type"] == "type0")[:8]] = True
+    with pytest.warns(UserWarning, match="expected_counts < 1"):
+        result = model.differential_expression(simulated, idx1=in_group, n_draws=100, progress=False)
+    group_counts = float(simulated.X[in_group].sum())  # the smaller group: its cells' total counts
+    expected = group_counts * np.maximum(result["expression1"], result["expression2"]) / 1e4
+    np.testing.assert_allclose(result["expected_counts"], expected, rtol=1e-5)
+    assert (result["expected_counts"] < 1).any() and (result["expected_counts"] > 10).any()  # sparse genes and others
