@@ -193,7 +193,7 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     table.insert(0, "seeds", grouped.size())
     if "sign_errors" in frame:  # (their mean is over the seeds that have them)
         counted = frame.groupby(["setting", "kind"], sort=False)["sign_errors"].count()  # (grouped holds its columns)
-        table.insert(1, "seeds_with_sign_errors", counted)
+        table.insert(1, "seeds_measuring_sign_errors", counted)
     return table
 
 

@@ -472,7 +472,7 @@ def shrunk_fold_changes_told_as(missed: str, compare: str) -> Iterator[None]:
 # Told to groups of fewer than SHRUNK_GROUP_CELLS cells: calls of genes their counts cannot tell (an audit, session 75:
 # random groups of 6-12 cells of Haber's gut types against the other types, benchmarks/README.md "One-off measurements")
 SPARSE_CALLS = (
-    "A gene the group holds about a count or less of (expected_counts < 1 in differential_expression's table) is called "
+    "A gene such a group holds about a count or less of (expected_counts < 1 in differential_expression's table) is called "
     "on the model's decoding alone: right for most (other types' markers it lacks), but in random groups of 6-8 cells "
     "of one gut-cell type 4-8% of the calls were errors, nearly all such down-calls (0.6-1.5% at 12 cells)"
 )

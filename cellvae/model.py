@@ -1361,10 +1361,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             binomial's, while the fold change compares the means with zero-inflation);
             ``fraction_nonzero1``/``fraction_nonzero2`` and ``raw_normalized_mean1``/``raw_normalized_mean2``
             (observed: share of cells with a count, mean counts per 10,000 of the model's genes over the cells
-            with counts); ``expected_counts`` (the counts the smaller group, its cells drawn up to ``max_cells``, would
-            hold of the gene at the higher of ``expression1`` and ``expression2``: under about 1 its own counts cannot
-            tell a change, and a call rests on the model's decoding alone, mostly right but less reliable in groups of
-            a few cells); ``group1``, ``group2`` and
+            with counts); ``expected_counts`` (the counts that the group holding fewer counts, its cells drawn up to
+            ``max_cells``, would hold of the gene at the higher of the two groups' levels, the likelihood's mean: under
+            about 1 its own counts cannot tell a change, and a call rests on the model's decoding alone, mostly right
+            but less reliable in groups of a few cells); ``group1``, ``group2`` and
             ``comparison`` (``"<group1> vs <group2>"``, as in scvi-tools). Genes of the model missing from
             ``adata`` (read as zeros) get no statistics (NaN, not called) and come last. Each comparison's
             draws depend on ``random_state``, its two groups (and their cells' order in ``adata``) and
@@ -1465,7 +1465,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if max_cells < 5:
             data.warn_user(
                 f"max_cells={max_cells} draws each group's mean expression from fewer than 5 cells: its spread then rests "
-                "mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more",
+                "mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more. "
+                + differential.SPARSE_CALLS,
                 UserWarning,
             )
         elif few:
@@ -1517,14 +1518,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 frame["expected_fdr"] = np.nan
                 frame.loc[measured, "expected_fdr"] = differential.expected_fdr(frame["proba_de"].to_numpy()[measured])
                 frame["is_de"] = frame["expected_fdr"] <= round(fdr_target, 12)  # as expected_fdr is rounded
-                # what the smaller group's own counts can tell: its counts of the gene at the higher decoded level
-                exposure = min(float(loader.library[cells].sum()) for cells in pair)
-                higher = np.maximum(frame["expression1"], frame["expression2"])
-                frame["expected_counts"] = exposure * higher / differential.PER_10K
                 for suffix, cells in (("1", cells1), ("2", differential.second_group(labelled, cells1, cells2))):
                     nonzero, normalized = observed(cells)
                     frame["fraction_nonzero" + suffix] = np.where(measured, nonzero, np.nan)
                     frame["raw_normalized_mean" + suffix] = np.where(measured, normalized, np.nan)
+                # what the group of fewer counts can tell from its own: its counts of the gene at the higher of the two
+                # levels (the likelihood's mean: with zero-inflation, that of the draws with counting noise)
+                exposure = min(float(loader.library[cells].sum()) for cells in pair)
+                level = 1 if self.config.likelihood == "zinb" else 0  # (else the decoded means, expression1/2)
+                higher = torch.maximum(*(pair_draws[level].float().nanmean(0) for pair_draws in draws)).cpu().numpy()
+                frame["expected_counts"] = np.where(measured, exposure * higher, np.nan)
                 frame["group1"], frame["group2"] = name1, name2
                 frame["comparison"] = f"{name1} vs {name2}"
                 frame.index = pd.Index(self.config.gene_names, name="gene")

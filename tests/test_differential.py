@@ -149,7 +149,7 @@ def test_groups_of_fewer_than_ten_cells_are_told_their_fold_changes_are_shrunk(s
     small = simulated.copy()
     small.obs["small"] = labels
     shrunk = r"groups 'A' of obs\['small'\] have fewer than 10 cells with counts: their fold changes are shrunk"
-    calls = r"\. A gene the group holds about a count or less of \(expected_counts < 1 .*\(0.6-1.5% at 12 cells\)$"
+    calls = r"\. A gene such a group holds about a count or less of \(expected_counts < 1 .*\(0.6-1.5% at 12 cells\)$"
     with pytest.warns(UserWarning, match=shrunk + r".*compare expression1 with expression2 \(not shrunk\).*" + calls):
         result = model.differential_expression(small, groupby="small", group1="A", group2="B", n_draws=100)
     assert np.isfinite(result["expression1"]).all()
