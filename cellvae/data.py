@@ -1222,9 +1222,13 @@ def learn_covariate_layout(
     keys = ([batch_key] if batch_key else []) + categorical_keys + continuous_keys
     missing = [k for k in keys if k not in obs.columns]
     if missing:
-        arguments = [("batch_key", [batch_key]), ("categorical_covariate_keys", categorical_keys)]
-        arguments.append(("continuous_covariate_keys", continuous_keys))
-        given = ", ".join(f"{name}: {[k for k in keys if k in missing]}" for name, keys in arguments if set(keys) & set(missing))
+        arguments = {
+            "batch_key": [batch_key],
+            "categorical_covariate_keys": categorical_keys,
+            "continuous_covariate_keys": continuous_keys,
+        }
+        lacking = {argument: [key for key in named if key in missing] for argument, named in arguments.items()}
+        given = ", ".join(f"{argument}: {keys}" for argument, keys in lacking.items() if keys)
         raise KeyError(f"obs columns {missing} not found in adata.obs ({given}); available: {list(obs.columns)}")
     categories = {key: category_names(obs[key], key) for key in ([batch_key] if batch_key else []) + categorical_keys}
     for key, names in categories.items():
