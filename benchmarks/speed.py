@@ -40,9 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import environment, package_version, require
+from bench_common import REPO, environment, package_version, require
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 THREADS = 2
