@@ -958,19 +958,23 @@ def rank_genes_groups(
     # scanpy names a group str(category) (1.0 is "1.0"); differential_expression reads whole numbers as "1"
     scanpy_name = {group_name(category): str(category) for category in column.cat.categories}
     own_name = {name: own for own, name in scanpy_name.items()}
-    if reference is None or (str(reference) != "rest" and str(reference) not in own_name | scanpy_name):
+
+    def as_own(group):  # a group as differential_expression names it: "1.0", 1.0 and 1 are one group, "1"
+        return own_name.get(str(group), group_name(group) if group_name(group) in scanpy_name else group)
+
+    if reference is None or (str(reference) != "rest" and as_own(reference) not in scanpy_name):
         rest = " (for all other cells pass reference='rest')" if reference is None or str(reference).lower() == "rest" else ""
         raise ValueError(
             f"reference takes 'rest' or one group of obs[{groupby!r}], as scanpy's; got {reference!r}{rest}; its groups "
             f"are {list(scanpy_name.values())[:20]}"
         )
-    reference = own_name.get(str(reference), reference)
+    reference = as_own(reference)
     if groups is None:  # (differential_expression's group1=None means every group: here that is groups='all')
         raise TypeError(f"groups takes 'all' or a list of groups of obs[{groupby!r}]; for every group pass groups='all'")
     check_ordered(groups, "groups", "'all' or a list of groups (in the order the result lists them)")
     if isinstance(groups, str) and groups != "all":
         groups = [groups]
-    groups = groups if isinstance(groups, str) else [own_name.get(str(g), g) for g in groups]
+    groups = groups if isinstance(groups, str) else [as_own(g) for g in groups]
     # (a group named "rest" is compared with the rest, as scanpy compares it)
     group1 = None if isinstance(groups, str) else [g for g in groups if reference == "rest" or str(g) != str(reference)]
     if groups == []:
@@ -1498,7 +1502,8 @@ def latent_shift(
         To predict a held-out cell type, leave that cell type out of the reference.
     stratify
         ``obs`` column (e.g. cell type): the shift is averaged over its categories that have both
-        groups in the reference, so composition differences between the groups do not leak in.
+        groups in the reference, so composition differences between the groups do not leak in. Cells
+        without a value (NaN) belong to no category and give no shift.
     batch
         Decode as this batch of the model; ``None`` keeps each cell's own covariates, except when
         ``groupby`` is the model's batch key or one of its categorical covariates: then the groups
@@ -1565,14 +1570,15 @@ def latent_shift(
     if batch is not None:
         model._batch_names(batch, len(shifted))
     strata = cell_texts(adata.obs[stratify]) if stratify else np.zeros(adata.n_obs, dtype=str)
+    labelled = adata.obs[stratify].notna().to_numpy() if stratify else np.ones(adata.n_obs, dtype=bool)
     usable = [  # the strata of reference cells that hold both groups, found before the cells are encoded
-        here
-        for here in (in_reference & (strata == stratum) for stratum in np.unique(strata[in_reference]))
+        here  # (cells without a label, a mix of strata, are none: left out)
+        for here in (in_reference & (strata == stratum) for stratum in np.unique(strata[in_reference & labelled]))
         if (here & (groups == source)).any() and (here & (groups == target)).any()
     ]
     if not usable:
         where = f"no {stratify} holds" if stratify else "they do not hold"
-        every_cell = [stratum for stratum in np.unique(strata) if {source, target} <= set(groups[strata == stratum])]
+        every_cell = [s for s in np.unique(strata[labelled]) if {source, target} <= set(groups[labelled & (strata == s)])]
         left_out = (  # said only where leaving out the apply_to cells is why
             f" (the apply_to cells, {len(shifted)}, are left out of the reference where reference=None: pass "
             "reference=... to name the cells whose groups give the shift)"

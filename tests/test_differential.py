@@ -186,7 +186,7 @@ def test_genes_missing_from_the_data_are_not_called(simulated, model):
     sc.pl.rank_genes_groups_dotplot(partial, n_genes=2, show=False, dendrogram=False)
 
 
-def test_number_labels_name_groups_as_integers(simulated, model):
+def test_number_labels_name_groups_as_integers(simulated, model, tmp_path):
     numbered = simulated.copy()
     numbered.obs["cluster"] = numbered.obs["cell_type"].cat.codes.astype(float)
     result = model.differential_expression(numbered, groupby="cluster", group1=1, group2=2.0, n_draws=100)
@@ -197,6 +197,15 @@ def test_number_labels_name_groups_as_integers(simulated, model):
     # the groups as the column prints them ("1.0", as scanpy and rank_genes_groups name them) are those groups too
     as_printed = model.differential_expression(numbered, groupby="cluster", group1=["1.0"], group2="2.0", n_draws=100)
     pd.testing.assert_frame_equal(as_printed, result)
+    # rank_genes_groups names the groups as scanpy does ("1.0") whichever way they are given, and the file writes
+    for groups, reference in (([0, 2], "1.0"), (["0.0", 2.0], 1)):
+        cellvae.tl.rank_genes_groups(
+            numbered, "cluster", model=model, groups=groups, reference=reference, pts=True, n_draws=100, progress=False
+        )
+        record = numbered.uns["rank_genes_groups"]
+        assert record["names"].dtype.names == ("0.0", "2.0") and record["params"]["reference"] == "1.0"
+        assert list(record["pts"].columns) == ["0.0", "2.0", "1.0"]
+        numbered.write_h5ad(tmp_path / "ranked.h5ad")
 
 
 def test_doses_and_columns_of_numbers_and_text_compare_as_their_categorical_twins(simulated, model):
