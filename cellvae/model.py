@@ -66,8 +66,8 @@ ADATA_FILE = "adata.h5ad"  # written by save(save_anndata=True)
 # Monitored cells whose loss fit compares before and after training, to tell a run that diverged.
 DIVERGENCE_PROBE_CELLS = 1000
 # A further fit, or a mapping, whose loss after training exceeds this share of its loss before made the model worse
-# (undone: room for the noise of one draw of z per cell, 0.2% of ~300 nats; a first fit from random weights may end
-# no more than 5% below them)
+# (undone: room for the noise of one draw of z per cell, 0.2% of ~300 nats); a first fit from random weights, or one
+# of another beta, is undone where it ends over 5% above its start (one that ends no more than 0.2% lower is kept, warned of)
 FURTHER_TRAINING_TOLERANCE = 1.002
 FIRST_FIT_TOLERANCE = 1.05
 # An epoch whose loss is this many times the loss before training stops it as diverged (no sound run comes near)
@@ -476,6 +476,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "the model, model.save(path), and load a copy with CellVAE.load(path, adata=...)"
             )
         if self.adata is not None and self.adata.is_view:  # anndata deep-copies a view wrongly (its parent's shape)
+            data.view_positions(self.adata)  # a view of an AnnData changed since: told so, not scipy's IndexError
             state["adata"] = self.adata.copy()
         return state
 
@@ -574,10 +575,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``history.attrs["interrupted"]``; Ctrl-C before the first epoch ends raises ``KeyboardInterrupt``
         and leaves the model as it was. An epoch whose loss is over 10 times the loss before ``fit`` ends
         training at once, as diverged (too large an ``lr``), with a warning. Training whose best epoch is worse
-        than the model before ``fit`` (on up to 1,000 held-out cells: for a first fit, not 5% below the random
-        weights; for a further fit of the same ``beta`` judged on cells the earlier fit of this session held out
+        than the model before ``fit`` (on up to 1,000 held-out cells: for a first fit, by over 5% of the random
+        weights' loss; for a further fit of the same ``beta`` judged on cells the earlier fit of this session held out
         too, by over 0.2%) is undone, with a warning: the model, its ``history`` and whether it is trained are as
-        before, so a further ``fit`` with a smaller ``lr`` starts afresh.
+        before, so a further ``fit`` with a smaller ``lr`` starts afresh. A first fit that ends no more than 0.2% below
+        the random weights is kept, with a warning (its ``lr`` too small or too large).
 
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
@@ -836,7 +838,20 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     f"one, e.g. fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
                     RuntimeWarning,
                 )
-            else:  # (a diverged model's latent space says nothing about collapse)
+            elif not previous[2] and not end_loss * FURTHER_TRAINING_TOLERANCE < start_loss:  # a first fit that learned
+                # nothing beyond the noise of its measure (kept: not worse)
+                fix = "train it longer (a larger max_epochs)"
+                if lr != DEFAULT_LR:
+                    fix = f"lr={lr:g} is likely too {'small' if lr < DEFAULT_LR else 'large'}: fit it with lr={DEFAULT_LR:g}"
+                data.warn_user(
+                    f"training did not lower the loss by more than its noise (0.2%): on {len(probe):,} "
+                    f"{'held-out' if len(validation_cells) else 'training'}"
+                    f" cells it is {end_loss:.6g} nats per cell, against {start_loss:.6g} with the random weights fit began "
+                    f"from, so the model learned nothing of use. It is kept (trained); {fix}",
+                    RuntimeWarning,
+                )
+            elif not self.config.reference_categories or lr > DEFAULT_LR:  # (a diverged model's latent space says
+                # nothing about collapse; a query model's is its reference's, whose own fit told of it, as in map_query)
                 self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
@@ -1871,6 +1886,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "save_anndata=True needs the model's AnnData, and this model has none (loaded without adata=): "
                 "pass the data to CellVAE.load(path, adata=adata), or save without save_anndata"
             )
+        if self.adata.is_view:
+            data.view_positions(self.adata)  # a view of an AnnData changed since: told so before anything is written
         if self._reads_from_disk():
             where = f" in {self.adata.filename}" if self.adata.isbacked else ""
             batches = ""

@@ -1,6 +1,7 @@
 """Differential expression: markers found, nothing found between halves of one population, batch
 effects removed, scanpy's rank_genes_groups format, and interferon genes on real stimulated cells."""
 
+import copy
 import warnings
 
 import anndata as ad
@@ -254,6 +255,11 @@ def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_
             model.get_latent(progress=False)
         with pytest.raises(ValueError, match=changed):
             model.differential_expression(groupby="cell_type", group1="type0", n_draws=100)
+        with pytest.raises(ValueError, match=changed):  # (were scipy's IndexError in copying the view)
+            copy.deepcopy(model)
+        with pytest.raises(ValueError, match=changed + r"\)$"):  # (once with advice of unwritable obs), nothing written
+            model.save(tmp_path / f"stale{as_mask}", save_anndata=True)
+        assert not (tmp_path / f"stale{as_mask}").exists()
 
 
 def test_a_group_named_rest_is_not_mistaken_for_all_other_cells(simulated, model):

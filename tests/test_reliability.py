@@ -1979,6 +1979,30 @@ def test_a_further_fit_that_ends_worse_than_the_model_it_continued_from_gives_th
     assert len(other.history) == 10
 
 
+def test_a_first_fit_that_learns_nothing_is_kept_with_a_warning_and_a_query_fit_repeats_no_collapse_warning():
+    """lr=1e-6 left the loss where the random weights had it (254.25 to 254.24 nats per cell), without a word, as
+    did a first fit that ended 4.8% worse (under the 5% bar for undoing one)."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=2, random_state=1)
+    message = (
+        r"training did not lower the loss by more than its noise \(0.2%\): on 30 held-out cells it is 254\.\d+ nats per "
+        r"cell, against 254\.\d+ with the random weights .* It is kept \(trained\); lr=1e-06 is likely too small: fit it "
+        r"with lr=0.001$"
+    )
+    with pytest.warns(RuntimeWarning, match=message):
+        model = CellVAE(adata, batch_key="batch", n_latent=4, n_hidden=16).fit(max_epochs=2, lr=1e-6, progress=False)
+    assert model.is_trained
+    # a query model's latent space is its reference's, whose fit told of its collapse: the query's fit does not repeat it
+    adata = cellvae.datasets.simulate(n_cells=600, n_genes=80, n_batches=3, random_state=1)
+    reference = adata[adata.obs["batch"] != "batch2"].copy()
+    query = adata[adata.obs["batch"] == "batch2"].copy()
+    with pytest.warns(cellvae.diagnostics.PosteriorCollapseWarning):
+        model = CellVAE(reference, batch_key="batch", n_latent=4, n_hidden=16, encode_batch=False)
+        model.fit(max_epochs=2, progress=False)
+    query_model = model.map_query(query, max_epochs=2, progress=False)
+    with no_warnings():
+        query_model.fit(max_epochs=2, progress=False)
+
+
 def test_training_that_diverges_stops_at_the_first_epoch_far_above_the_loss_it_began_with(monkeypatch):
     """lr=10: the held-out loss was 2,804 nats per cell before training and 11 million after the first epoch, yet
     training ran on until early stopping (71 epochs on 1,000 atlas cells, most of a run at atlas scale)."""
