@@ -897,8 +897,11 @@ def _view_library_sizes(view: BackedView, cells: np.ndarray, columns: np.ndarray
         if first == last:  # no cell of the view in these rows
             continue
         start = window * step
-        block = matrix[start : min(start + step, matrix.shape[0])]
-        block = select_genes(block[unique[first:last] - start], view.columns)
+        if last - first < step // 64:  # a few of the view's cells: read them alone (their runs, or a fancy index)
+            block = _read_sorted_rows(matrix, unique[first:last])
+        else:
+            block = matrix[start : min(start + step, matrix.shape[0])][unique[first:last] - start]
+        block = select_genes(block, view.columns)
         if check_as is not None:
             _check_count_values(block.data if sp.issparse(block) else np.asarray(block).ravel(), check_as)
         totals[first:last] = _row_sums(block, columns)
@@ -1775,8 +1778,8 @@ class CellLoader:
     In-memory matrices are gathered in a fully random order; backed (on-disk) matrices are
     read in contiguous blocks whose order is shuffled, then shuffled again inside a buffer of
     blocks, so a pass reads each row exactly once with large sequential reads and the memory
-    held is a buffer or two, whatever the size of the file; a background thread reads the next
-    buffer while the model trains on minibatches cut from the current one. A backed CSC matrix is read a band of
+    held is up to three buffers (the one cut into minibatches, one read ahead and waiting, one that the background
+    thread has read and waits to hand over), whatever the size of the file. A backed CSC matrix is read a band of
     columns at a time (a pass over the file per buffer of 2**25 stored values; CSR streams faster). On a
     GPU, an in-memory matrix that fits is copied to the device once and minibatches are gathered there.
     """

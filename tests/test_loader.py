@@ -1271,3 +1271,26 @@ def test_cell_positions_accepts_every_position_and_refuses_the_rest(small_counts
         with pytest.raises(ValueError, match=rf"cells as a boolean mask must have length adata\.n_obs \({n}\)"):
             cell_positions(small_counts, wrong, "cells")
     np.testing.assert_array_equal(cell_positions(small_counts, small_counts.obs_names[[5, 2]], "cells"), [5, 2])
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense"])
+def test_a_view_of_a_few_scattered_cells_of_a_large_backed_file_reads_those_cells_not_their_blocks(tmp_path, kind, monkeypatch):
+    """A view of 40 cells scattered over 400,000 read 250,000 rows to sum and check its counts (whole blocks of
+    10,000 rows around each of its cells): on a large file, as long as a pass over all of it."""
+    n_cells, rng = 60_000, np.random.default_rng(0)
+    matrix = sp.random(n_cells, 20, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    matrix.data[:] = rng.integers(1, 5, matrix.nnz)
+    ad.AnnData(matrix if kind == "csr" else matrix.toarray()).write_h5ad(tmp_path / "large.h5ad")
+    backed = ad.read_h5ad(tmp_path / "large.h5ad", backed="r")
+    rows = np.sort(rng.choice(n_cells, 40, replace=False))
+    rows_read = []
+    if kind == "csr":
+        stored_class = type(backed.X)
+        original = stored_class.__getitem__
+        monkeypatch.setattr(
+            stored_class, "__getitem__", lambda self, key: rows_read.append(original(self, key).shape[0]) or original(self, key)
+        )
+    view = backed[rows, [3, 0, 7]]
+    totals = library_sizes(cellvae.data.count_matrix(view, None), check_as="adata.X")
+    np.testing.assert_array_equal(totals, matrix[rows][:, [3, 0, 7]].toarray().sum(1))
+    assert sum(rows_read) <= 40 * 16  # the cells (or short runs about them), not blocks of 10,000
