@@ -476,8 +476,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "the model, model.save(path), and load a copy with CellVAE.load(path, adata=...)"
             )
         if self.adata is not None and self.adata.is_view:  # anndata deep-copies a view wrongly (its parent's shape)
-            data.view_positions(self.adata)  # a view of an AnnData changed since: told so, not scipy's IndexError
-            state["adata"] = self.adata.copy()
+            try:  # the view made afresh: with the obs columns the viewed AnnData gained since, as save_anndata keeps
+                state["adata"] = self._own_adata().copy()
+            except ValueError as error:  # a view of an AnnData changed since (not scipy's IndexError in copying it)
+                raise ValueError(
+                    f"{error}; to copy this model, save it, model.save(path), and load it with CellVAE.load(path, adata=...)"
+                ) from None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -1887,7 +1891,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "pass the data to CellVAE.load(path, adata=adata), or save without save_anndata"
             )
         if self.adata.is_view:
-            data.view_positions(self.adata)  # a view of an AnnData changed since: told so before anything is written
+            try:  # a view of an AnnData changed since: told so before anything is written
+                data.view_positions(self.adata)
+            except ValueError as error:
+                raise ValueError(f"{error}; or save the model without save_anndata=True") from None
         if self._reads_from_disk():
             where = f" in {self.adata.filename}" if self.adata.isbacked else ""
             batches = ""

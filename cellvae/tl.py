@@ -960,7 +960,13 @@ def rank_genes_groups(
     own_name = {name: own for own, name in scanpy_name.items()}
 
     def as_own(group):  # a group as differential_expression names it: "1.0", 1.0 and 1 are one group, "1"
-        return own_name.get(str(group), group_name(group) if group_name(group) in scanpy_name else group)
+        if str(group) in own_name:
+            return own_name[str(group)]
+        try:
+            number = float(group) if isinstance(group, str) else group
+        except ValueError:
+            return group
+        return group_name(number) if group_name(number) in scanpy_name else group
 
     if reference is None or (str(reference) != "rest" and as_own(reference) not in scanpy_name):
         rest = " (for all other cells pass reference='rest')" if reference is None or str(reference).lower() == "rest" else ""
@@ -975,6 +981,9 @@ def rank_genes_groups(
     if isinstance(groups, str) and groups != "all":
         groups = [groups]
     groups = groups if isinstance(groups, str) else [as_own(g) for g in groups]
+    repeated = [] if isinstance(groups, str) else sorted({str(g) for g in groups if groups.count(g) > 1})
+    if repeated:  # (each would be a second column of pts, which anndata cannot write)
+        raise ValueError(f"groups names {[scanpy_name.get(g, g) for g in repeated]} more than once; name each group once")
     # (a group named "rest" is compared with the rest, as scanpy compares it)
     group1 = None if isinstance(groups, str) else [g for g in groups if reference == "rest" or str(g) != str(reference)]
     if groups == []:
@@ -1526,9 +1535,9 @@ def latent_shift(
     AnnData of the ``apply_to`` cells: ``X`` the predicted expression (float32, at
     ``library_size``), their ``obs``, the shifted codes in ``obsm["z"]``, and ``uns["latent_shift"]``:
     ``groupby``, ``source``, ``target``, ``stratify``, the shift vector ``delta`` (the mean of the strata's shifts where
-    stratified), ``n_strata``, ``n_reference_cells``, ``decoded_batch`` and ``decoded_covariates`` (those the
-    cells were decoded with in place of their own; None: their own) and ``library_size`` (``"one per cell"``
-    where an array was given).
+    stratified), ``n_strata``, ``n_reference_cells`` (with a stratify value), ``decoded_batch`` and
+    ``decoded_covariates`` (those the cells were decoded with in place of their own; None: their own) and
+    ``library_size`` (``"one per cell"`` where an array was given).
     """
     _check_model(model)
     _check_is_anndata(adata)
@@ -1571,9 +1580,11 @@ def latent_shift(
         model._batch_names(batch, len(shifted))
     strata = cell_texts(adata.obs[stratify]) if stratify else np.zeros(adata.n_obs, dtype=str)
     labelled = adata.obs[stratify].notna().to_numpy() if stratify else np.ones(adata.n_obs, dtype=bool)
+    if stratify and not (in_reference & labelled).any():
+        raise ValueError(f"obs[{stratify!r}] (stratify) has no value in the reference cells: fill it in, or leave stratify out")
     usable = [  # the strata of reference cells that hold both groups, found before the cells are encoded
         here  # (cells without a label, a mix of strata, are none: left out)
-        for here in (in_reference & (strata == stratum) for stratum in np.unique(strata[in_reference & labelled]))
+        for here in (in_reference & labelled & (strata == stratum) for stratum in np.unique(strata[in_reference & labelled]))
         if (here & (groups == source)).any() and (here & (groups == target)).any()
     ]
     if not usable:
@@ -1639,7 +1650,7 @@ def latent_shift(
         "stratify": stratify,
         "delta": delta,
         "n_strata": len(deltas),
-        "n_reference_cells": int(in_reference.sum()),
+        "n_reference_cells": int((in_reference & labelled).sum()),
         "decoded_batch": _one_name(model, batch, batches, len(shifted)),  # None: each cell's own batch
         "decoded_covariates": decoded_covariates,
         "library_size": float(library_size) if np.ndim(library_size) == 0 else "one per cell",

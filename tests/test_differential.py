@@ -207,6 +207,13 @@ def test_number_labels_name_groups_as_integers(simulated, model, tmp_path):
         assert record["names"].dtype.names == ("0.0", "2.0") and record["params"]["reference"] == "1.0"
         assert list(record["pts"].columns) == ["0.0", "2.0", "1.0"]
         numbered.write_h5ad(tmp_path / "ranked.h5ad")
+    whole = numbered.copy()  # categories 0, 1, ...: "1.0" is group 1 there too (as differential_expression reads it)
+    whole.obs["cluster"] = pd.Categorical(whole.obs["cluster"].astype(int))
+    ranked = {"model": model, "pts": True, "n_draws": 100, "progress": False}
+    cellvae.tl.rank_genes_groups(whole, "cluster", groups=["1.0", "3"], reference="2.0", **ranked)
+    assert list(whole.uns["rank_genes_groups"]["pts"].columns) == ["1", "3", "2"]
+    with pytest.raises(ValueError, match=r"groups names \['1.0'\] more than once; name each group once"):
+        cellvae.tl.rank_genes_groups(numbered, "cluster", groups=[1, "1.0", 2], reference=3, **ranked)
 
 
 def test_doses_and_columns_of_numbers_and_text_compare_as_their_categorical_twins(simulated, model):
@@ -241,6 +248,8 @@ def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_
         pd.testing.assert_frame_equal(found, given)
     path = cellvae.tl.interpolate(model, "new == 'type0'", "new == 'type1'", 2, progress=False)
     assert path.n_obs == 2
+    copied = copy.deepcopy(model)  # a copy reads the viewed AnnData as it is now too (was the view's obs, without "new")
+    pd.testing.assert_frame_equal(copied.differential_expression(groupby="new", group1="type0", n_draws=100), found)
     model.save(tmp_path / "model", save_anndata=True)  # the AnnData as the model reads it now
     assert "new" in CellVAE.load(tmp_path / "model").adata.obs.columns
     # its cells filtered in place since: the view would pick other cells (a slice) or fail in anndata (a mask)
@@ -255,10 +264,10 @@ def test_a_model_built_on_a_view_reads_the_clusters_added_to_the_viewed_anndata_
             model.get_latent(progress=False)
         with pytest.raises(ValueError, match=changed):
             model.differential_expression(groupby="cell_type", group1="type0", n_draws=100)
-        with pytest.raises(ValueError, match=changed):  # (were scipy's IndexError in copying the view)
+        with pytest.raises(ValueError, match=changed + r"\); to copy this model, save it"):  # (were scipy's IndexError)
             copy.deepcopy(model)
-        with pytest.raises(ValueError, match=changed + r"\)$"):  # (once with advice of unwritable obs), nothing written
-            model.save(tmp_path / f"stale{as_mask}", save_anndata=True)
+        with pytest.raises(ValueError, match=changed + r"\); or save the model without save_anndata=True$"):  # (once with
+            model.save(tmp_path / f"stale{as_mask}", save_anndata=True)  # advice of unwritable obs); nothing written
         assert not (tmp_path / f"stale{as_mask}").exists()
 
 

@@ -522,17 +522,24 @@ def test_latent_shift_averages_the_shift_over_the_strata(cells, small_model):
     unlabelled = cells.copy()  # cells without a type are a mix of types, no stratum of their own: left out
     unlabelled.obs["cell_type"] = unlabelled.obs["cell_type"].astype(object)
     unlabelled.obs.loc[unlabelled.obs_names[1::3], "cell_type"] = np.nan
+    unlabelled.obs.loc[unlabelled.obs_names[2::3], "cell_type"] = "nan"  # (a label that reads as a missing one's text)
     some = cellvae.tl.latent_shift(
         small_model, unlabelled, groupby="condition", source="ctrl", target="stim", apply_to=apply_to, reference=reference,
         stratify="cell_type",
     )  # fmt: skip
     labelled = unlabelled.obs["cell_type"].notna().to_numpy()
     deltas_of_labelled = []
-    for stratum in ("type1", "type2"):
-        here = labelled & reference & (cells.obs["cell_type"] == stratum).to_numpy()
+    for stratum in ("nan", "type1", "type2"):
+        here = labelled & reference & (unlabelled.obs["cell_type"] == stratum).to_numpy()
         deltas_of_labelled.append(latent[here & stim].mean(0) - latent[here & ~stim].mean(0))
-    assert some.uns["latent_shift"]["n_strata"] == 2
+    assert some.uns["latent_shift"]["n_strata"] == 3
+    assert some.uns["latent_shift"]["n_reference_cells"] == (labelled & reference).sum()
     np.testing.assert_allclose(some.uns["latent_shift"]["delta"], np.mean(deltas_of_labelled, axis=0), rtol=1e-5, atol=1e-6)
+    unlabelled.obs["cell_type"] = np.nan
+    with pytest.raises(ValueError, match=r"obs\['cell_type'\] \(stratify\) has no value in the reference cells"):
+        cellvae.tl.latent_shift(
+            small_model, unlabelled, groupby="condition", source="ctrl", target="stim", apply_to=apply_to, stratify="cell_type"
+        )
     np.testing.assert_allclose(shifted.obsm["z"], latent[apply_to] + record["delta"], rtol=1e-5, atol=1e-6)
     shift = {"groupby": "condition", "source": "ctrl", "target": "stim", "reference": reference, "stratify": "cell_type"}
     first = np.flatnonzero(apply_to)[:3]
