@@ -188,6 +188,14 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     )
     message = message.replace("a later save with overwrite", "a later run with --overwrite")
     message = message.replace("random_state draws the validation cells", "--seed draws the validation cells")
+    message = re.sub(
+        r"\bn_latent=(\d+) is not below (.*); lower n_latent", r"--n-latent \1 is not below \2; lower --n-latent", message
+    )
+    message = re.sub(  # a checkpoint's settings that differ from this run's, named by the options that set them
+        r"\b(n_latent|likelihood|dispersion|batch_key|layer|categorical_covariate_keys|continuous_covariate_keys): checkpoint",
+        lambda found: f"--{found[1].replace('_', '-')}: checkpoint",
+        message,
+    )
     message = message.replace("belongs in categorical_covariate_keys", "belongs in --categorical-covariate-keys")
     message = re.sub(r"\bk=(\d+) is larger than (.*); lower k$", r"--k \1 is larger than \2; lower --k", message)
     if not about_the_reference:
@@ -685,26 +693,21 @@ def run_fit(args: argparse.Namespace) -> int:
         "checkpoint_dir": args.checkpoint_dir,
         "resume": args.resume,
     }
-    tl._check_embed(adata, args.key_added, model_kwargs, fit_kwargs)  # on every rank: all stop at a bad key alike
+    key_added, _ = tl._check_embed(adata, args.key_added, model_kwargs, fit_kwargs)  # on every rank: all stop alike
     genes = tl._genes_to_train(adata, args.mask_var)  # (checked here, before any work)
     if rank_and_world()[0] > 0:  # under torchrun every rank trains the same model; rank 0 embeds and writes it
         CellVAE(genes, **model_kwargs).fit(max_epochs=args.epochs, random_state=args.seed, progress=False, **fit_kwargs)
         return 0
     stale = tl._stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
     replaced = adata.obsm.get(args.key_added)
+    seed, progress = tl._check_seed(args.seed), not args.quiet
+    model = tl._trained_model(genes, model_kwargs, args.epochs, seed, progress, fit_kwargs)
+    model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure (or Ctrl-C) below loses no training
+    print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
     with warnings.catch_warnings():  # told below, only where no new graph is computed
         if stale:
             warnings.filterwarnings("ignore", message=re.escape(stale), category=UserWarning)
-        model = tl.embed(
-            adata,
-            mask_var=args.mask_var,
-            key_added=args.key_added,
-            random_state=args.seed,
-            max_epochs=args.epochs,
-            progress=not args.quiet,
-            fit_kwargs=fit_kwargs,
-            **model_kwargs,
-        )
+        tl._store_embedding(adata, genes, model, key_added, seed, args.mask_var, progress, model_kwargs, fit_kwargs)
     stale = tl._stale_unless_same(stale, replaced, adata.obsm[args.key_added])
     recorded = adata.uns[tl._uns_key(args.key_added)]["params"]
     recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
@@ -712,8 +715,6 @@ def run_fit(args: argparse.Namespace) -> int:
         recorded["checkpoint_dir"] = _recorded_path(args.checkpoint_dir)
     if _streamed(args):  # (read from disk in blocks: the same model as in memory, but not the same minibatches)
         recorded["backed"] = True
-    model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure below loses no training
-    print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
     if not interrupted and not args.embedding_only:
@@ -772,9 +773,15 @@ def run_embed(args: argparse.Namespace) -> int:
         given = set(cell_texts(adata.obs[column].dropna()))
         known = set(model.config.batch_categories)
         if given <= known and not {args.batch_prefix + name for name in given} <= known:  # e.g. map's own output
+            held = _prefix_of_mapped_batches(sorted(given), model.config)  # (another prefix mistyped, say)
+            fix = "leave out --batch-prefix"
+            if held is not None:
+                fix = (
+                    f"the model holds them as mapped query batches with --batch-prefix {held!r}, not {args.batch_prefix!r}: "
+                    f"pass --batch-prefix {shlex.quote(held)} for the query's cells, or {fix} for the reference's"
+                )
             raise SystemExit(
-                f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): "
-                "leave out --batch-prefix"
+                f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
             )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
@@ -866,6 +873,8 @@ def run_map(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet,
         )
+    if args.query_model_dir is not None:  # first, so that a failure (or Ctrl-C) below loses no training
+        query_model.save(args.query_model_dir, overwrite=args.overwrite)
     with _missing_genes_told():  # map_query told them once; the query's aligned counts lack them again
         query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)
     stale = tl._stale_unless_same(stale, replaced, query.obsm[args.key_added])
@@ -911,8 +920,6 @@ def run_map(args: argparse.Namespace) -> int:
         record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}
         record |= {"unlabeled_category": args.unlabeled_category, "soft": args.soft or None}
     _record_embedding(query, args.key_added, reference_model, args.model_dir, layer, stale, record)
-    if args.query_model_dir is not None:  # first, so that a failure below loses no training
-        query_model.save(args.query_model_dir, overwrite=args.overwrite)
     _write(query, args.out)
     new_batches = query_model.config.batch_categories[len(config.batch_categories) :]
     new_categories = "".join(  # a categorical covariate's categories the reference lacked, mapped too
@@ -1014,11 +1021,24 @@ def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir:
 
 def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespace) -> None:
     """Warn where every batch of the input is a reference batch that the (query) model also holds as a mapped batch
-    with a prefix before it (cellvae map --batch-prefix): the cells would be embedded as the reference's. A prefix
-    ends in a separator ("query ", "new_"): "1" before "0" is no prefix but batch "10" of a numbered query."""
+    with a prefix before it (cellvae map --batch-prefix): the cells would be embedded as the reference's."""
     from cellvae.data import cell_texts, warn_user
 
     given = sorted(set(cell_texts(batches.dropna())))
+    prefix = _prefix_of_mapped_batches(given, config)
+    if prefix is not None:
+        warn_user(
+            f"{args.input}'s batches {given[:5]} are embedded with the reference's parameters for them, but the model "
+            f"also holds them as mapped query batches named with {prefix!r} before them ({prefix + given[0]!r}): if "
+            f"these are the query's cells, pass --batch-prefix {prefix!r}; if they are the reference's, ignore this",
+            UserWarning,
+        )
+
+
+def _prefix_of_mapped_batches(given: list[str], config) -> str | None:
+    """Where every batch ``given`` is a reference batch that the (query) model also holds as a mapped batch with one
+    prefix before it (cellvae map --batch-prefix), that prefix. A prefix ends in a separator ("query ", "new_"): "1"
+    before "0" is no prefix but batch "10" of a numbered query."""
     n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
     reference, mapped = config.batch_categories[:n_reference], config.batch_categories[n_reference:]
     prefixes = {
@@ -1030,16 +1050,9 @@ def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespac
         for name in given
     }
     if not given or not set(given) <= set(reference) or not all(prefixes.values()):
-        return
+        return None
     common = set.intersection(*prefixes.values())
-    if len(common) == 1:
-        prefix = common.pop()
-        warn_user(
-            f"{args.input}'s batches {given[:5]} are embedded with the reference's parameters for them, but the model "
-            f"also holds them as mapped query batches named with {prefix!r} before them ({prefix + given[0]!r}): if "
-            f"these are the query's cells, pass --batch-prefix {prefix!r}; if they are the reference's, ignore this",
-            UserWarning,
-        )
+    return common.pop() if len(common) == 1 else None
 
 
 def _prefixed(batches, prefix: str):

@@ -366,13 +366,41 @@ def embed(
     and, on a CPU, ``torch_threads`` (bitwise reproducibility needs the same count). Training that diverged (undone by
     :meth:`~cellvae.CellVAE.fit`, with a warning) raises a ``RuntimeError`` and writes nothing.
     """
-    key_added, uns_key = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
+    key_added, _ = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
     random_state = _check_seed(random_state)  # before the counts are read and checked
     genes = _genes_to_train(adata, mask_var)
-    model = CellVAE(genes, layer=layer, batch_key=batch_key, **model_kwargs)
+    model_kwargs = {"layer": layer, "batch_key": batch_key, **model_kwargs}
+    model = _trained_model(genes, model_kwargs, max_epochs, random_state, progress, fit_kwargs)
+    _store_embedding(adata, genes, model, key_added, random_state, mask_var, progress, model_kwargs, fit_kwargs)
+    return model
+
+
+def _trained_model(
+    genes: ad.AnnData, model_kwargs: dict, max_epochs: int | None, random_state: int, progress: bool, fit_kwargs: dict | None
+) -> CellVAE:
+    """:func:`embed`'s model, trained on ``genes`` (``cellvae fit`` saves it before the cells are embedded)."""
+    model = CellVAE(genes, **model_kwargs)
     model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **(fit_kwargs or {}))
     if not model.is_trained:  # training diverged and fit gave the model back untrained: nothing to embed with
         raise TrainingDivergedError(f"tl.embed: {_diverged_advice(fit_kwargs)}; nothing was written into adata")
+    return model
+
+
+def _store_embedding(
+    adata: ad.AnnData,
+    genes: ad.AnnData,
+    model: CellVAE,
+    key_added: str,
+    random_state: int,
+    mask_var,
+    progress: bool,
+    model_kwargs: dict,
+    fit_kwargs: dict | None,
+) -> None:
+    """Embed ``adata``'s cells with :func:`embed`'s trained ``model``; write ``obsm[key_added]`` and the record."""
+    uns_key = _uns_key(key_added)
+    model_kwargs = dict(model_kwargs)
+    layer, batch_key = model_kwargs.pop("layer", None), model_kwargs.pop("batch_key", None)
     # embedded on the device it trained on (under torchrun, this process's own GPU, chosen by fit)
     model.to_device(setup_distributed(pick_device((fit_kwargs or {}).get("device", "auto"))))
     latent = model.get_latent(progress=progress)
@@ -412,7 +440,6 @@ def embed(
         warn_user(stale, UserWarning)
     if genes is not adata:  # trained on a view of the marked genes: from now on the model reads them from adata itself
         model.adata = adata  # (by name), so that what is added to it later, e.g. Leiden clusters, is there too
-    return model
 
 
 # ----------------------------------------------------------------------------- label transfer

@@ -1425,6 +1425,27 @@ def test_an_input_inside_the_model_folder_that_overwrite_replaces_is_refused_not
         assert held.exists() and not (tmp_path / "o.h5ad").exists()
 
 
+def test_ctrl_c_while_the_cells_are_embedded_keeps_the_trained_model(reference_folder, tmp_path, monkeypatch, capsys):
+    """fit and map saved their model only after embedding every cell (a pass over the whole file of a backed atlas):
+    Ctrl-C there lost the training (exit 130, no model)."""
+    embedded = cellvae.CellVAE.get_latent
+
+    def ctrl_c(*args, **kwargs):  # as the embedding pass receives Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cellvae.CellVAE, "get_latent", ctrl_c)
+    assert main([*fit_args(tmp_path, 300, 30), "--epochs", "2", "--quiet"]) == 130
+    assert f"saved the model in {tmp_path / 'model'}" in capsys.readouterr().out
+    assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 2 and not (tmp_path / "out.h5ad").exists()
+    query, reference = reference_folder / "query.h5ad", reference_folder / "model"
+    command = ["map", str(query), "--model-dir", str(reference), "--out", str(tmp_path / "mapped.h5ad")]
+    assert main([*command, "--query-model-dir", str(tmp_path / "query_model"), "--epochs", "2", "--quiet"]) == 130
+    monkeypatch.setattr(cellvae.CellVAE, "get_latent", embedded)
+    query_model = cellvae.CellVAE.load(tmp_path / "query_model")
+    assert len(query_model.history) == 2 and "batch2" in query_model.config.batch_categories
+    assert not (tmp_path / "mapped.h5ad").exists()
+
+
 def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
     """Training still improving at its last epoch is told, with the advice of more --epochs; the record keeps it."""
     command = [*fit_args(tmp_path, 300, 30), "--quiet", "--embedding-only"]
@@ -1516,6 +1537,10 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
     with pytest.raises(SystemExit, match=r"out.h5ad's obs\['batch'\] holds the model's batches as they are .*leave out --batch"):
         main(["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "twice.h5ad"),
               "--batch-prefix", "query "])  # fmt: skip
+    # a mistyped prefix: the message names the model's (leaving --batch-prefix out would embed them as the reference's)
+    mistyped = r"as mapped query batches with --batch-prefix 'query ', not 'query_': pass --batch-prefix 'query ' for the"
+    with pytest.raises(SystemExit, match=mistyped):
+        main([*more, "--out", str(tmp_path / "typo.h5ad"), "--batch-prefix", "query_"])
     embedded = ad.read_h5ad(tmp_path / "more.h5ad")
     np.testing.assert_allclose(embedded.obsm["X_cellvae"], mapped.obsm["X_cellvae"], atol=1e-5)
     assert list(embedded.obs["batch"].cat.categories) == ["query batch0"]
@@ -1726,6 +1751,19 @@ def test_map_thresholds_outside_0_to_1_are_refused_by_the_parser(capsys):
         with pytest.raises(SystemExit) as stopped:
             main(["map", "q.h5ad", "--model-dir", "m", "--out", "o.h5ad", option, "1.5"])
         assert stopped.value.code == 2 and f"{option}: must be a number from 0 to 1, got '1.5'" in capsys.readouterr().err
+
+
+def test_a_large_latent_space_and_a_checkpoint_of_other_settings_are_told_by_their_options(tmp_path):
+    """A CLI code reading: both named the Python parameter (n_latent=160, n_latent: checkpoint 10) in the shell."""
+    adata = cellvae.datasets.simulate(n_cells=100, n_genes=20, random_state=0)
+    with pytest.warns(UserWarning) as caught:
+        cellvae.CellVAE(adata, n_latent=30)
+    told = in_command_line_terms(str(caught[0].message))
+    assert told.startswith("--n-latent 30 is not below the 20 genes") and told.endswith("lower --n-latent (the default is 10)")
+    cellvae.CellVAE(adata, n_latent=4).fit(max_epochs=1, checkpoint_dir=tmp_path / "ck", progress=False)
+    with pytest.raises(ValueError) as other:
+        cellvae.CellVAE(adata, n_latent=5).fit(max_epochs=1, checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    assert "settings that differ: --n-latent: checkpoint 4, this run 5" in in_command_line_terms(str(other.value))
 
 
 def test_messages_on_the_command_line_name_options_and_no_command_is_an_error(tmp_path, capsys):
