@@ -1598,6 +1598,29 @@ def numbers_written_otherwise(new: list[str], known: list[str], key: str, name: 
     return None
 
 
+def new_numbers_typed_otherwise(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
+    """Where new categories (of a query mapped as new ones) are whole numbers written as floats (1018.0) and every one
+    of the model's an integer (1016), or the other way round, the conversion to the model's type; else None. Kept so,
+    a column holding the reference's cells and the query's together (``anndata.concat``) would name one set of them
+    as the model does not, whichever type it has."""
+    column = f"{name}.obs[{key!r}]"
+    whole_floats = [value for value in new if value.endswith(".0") and value[:-2].removeprefix("-").isdigit()]
+    integers = [value for value in new if value.removeprefix("-").isdigit()]
+    model_integers = all(value.removeprefix("-").isdigit() for value in known)
+    model_whole_floats = all(value.endswith(".0") and value[:-2].removeprefix("-").isdigit() for value in known)
+    for given, model_type, meant, conversion in (
+        (whole_floats, model_integers, "integers", ".astype(int)"),
+        (integers, model_whole_floats, "floats", ".astype(float)"),
+    ):
+        if new and known and len(given) == len(new) and model_type:
+            return (
+                f"{column} holds {given[0]} where the model's categories are {meant} ({known[0]}): mapped so, the query's "
+                f"cells and the reference's could not be read together (one column of both names one of them otherwise); "
+                f"give the query's column the reference's type first, {column} = {column}{conversion}"
+            )
+    return None
+
+
 def names_in_other_case(new: list[str], known: list[str], key: str, name: str = "adata") -> str | None:
     """Where new category names are the model's in other case or with spaces around them ('10X v3 ' for '10x v3',
     'TRUE' for 'True'; one model name each, or it is not told which), the conversion to the model's; else None."""

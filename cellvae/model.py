@@ -2074,12 +2074,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ]
         # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
         retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+        retyped = retyped or data.new_numbers_typed_otherwise(new_batches, reference_batches, batch_column, "query_adata")
         alike = [data.names_in_other_case(new_batches, reference_batches, batch_column, "query_adata")]
         data.warn_of_missing_as_text(batch_column, new_batches, "query_adata")
         categories = {}  # each categorical covariate's reference categories, then the query's new ones
         for key, known in self.config.categorical_covariate_categories.items():
             new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
             retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
+            retyped = retyped or data.new_numbers_typed_otherwise(new, known, key, "query_adata")
             alike.append(data.names_in_other_case(new, known, key, "query_adata"))
             data.warn_of_missing_as_text(key, new, "query_adata")
             categories[key] = known + new
@@ -2564,7 +2566,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     "this model was loaded without an AnnData, so generate() cannot copy batches, covariates and "
                     f"library sizes from it; pass {listed}"
                 )
-            loader, cells = self._loader(self.adata, torch.device("cpu"))
+            own = self._own_adata()  # as it is now, as the other methods read it (obs changed since the view was made)
+            loader, cells = self._loader(own, torch.device("cpu"))
             cells = cells[loader.library > 0]
             template = cells[rng.integers(0, len(cells), n_cells)]
             # each generated cell copies a cell of the batch and categorical covariate values asked for
@@ -2574,7 +2577,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     asked[key] = _per_row(given[key], n_cells, f"covariates[{key!r}]")
             if asked:
                 wanted, held_codes = _row_codes(
-                    [pd.Series(np.asarray(values)) for values in asked.values()], [self.adata.obs[k].iloc[cells] for k in asked]
+                    [pd.Series(np.asarray(values)) for values in asked.values()], [own.obs[k].iloc[cells] for k in asked]
                 )
                 absent = []
                 for code in np.unique(wanted):
@@ -2593,7 +2596,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     )
             if library is None:  # (a cell's total may exceed the largest single count accepted)
                 library = _library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
-            template = self.adata.obs.iloc[template]
+            template = own.obs.iloc[template]
             if batch is None and c.batch_key:
                 batch = data.cell_texts(template[c.batch_key])
             for key in c.categorical_covariate_keys + c.continuous_covariate_keys:
@@ -2797,8 +2800,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # model genes the data lacks are read as zero counts, as in map_query
         columns = None
         if not names.equals(genes):
-            # (map_query told of the genes its query lacks: not again for each use of its copy of the query)
-            with _missing_genes_told() if self._is_mapped_query(adata) else nullcontext():
+            # (map_query told of the genes its query lacks: not again for each use of its copy of the query, except
+            # for what they do to likelihood scores, which it did not tell)
+            told = self._is_mapped_query(adata) and not _SCORING_LIKELIHOODS.get()
+            with _missing_genes_told() if told else nullcontext():
                 columns = _gene_positions(names, genes, "adata", adata.var, self._typical_share, _raw_gene_names(adata))
         covariates = data.covariate_matrix(adata.obs, self.layout, trained=self.is_trained)
         location = data.counts_location(self.config.layer)

@@ -481,7 +481,10 @@ def test_a_query_on_disk_is_streamed_and_maps_like_the_same_query_in_memory(refe
     with pytest.warns(UserWarning, match="missing from adata"):
         latent = on_disk.get_latent()
         np.testing.assert_allclose(latent, on_disk.get_latent(partial), rtol=1e-4, atol=1e-5)
-    in_memory = model.map_query(partial, max_epochs=30, progress=False).get_latent()
+    mapped_in_memory = model.map_query(partial, max_epochs=30, progress=False)
+    in_memory = mapped_in_memory.get_latent()
+    with pytest.warns(UserWarning, match="the likelihood scores count them as observed zeros"):  # (map_query told not this)
+        mapped_in_memory.marginal_log_likelihood(n_samples=2, progress=False)
     classifier = KNeighborsClassifier(15).fit(model.get_latent(reference), reference.obs["cell_type"])
     for mapped in (latent, in_memory):
         assert (classifier.predict(mapped) == query.obs["cell_type"].to_numpy()).mean() > 0.95
@@ -1163,6 +1166,12 @@ def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(refe
     with_a_new_plate.obs["plate"] = np.where(plates.obs["plate"] == 1016, 1016.0, 1244.0)
     with pytest.raises(ValueError, match=r"holds floats \(1016.0\) where the model's categories are integers"):
         by_plate.map_query(with_a_new_plate, progress=False)
+    # new plates alone, as floats: mapped so, no column could hold the reference's plates and these (read apart)
+    new_plates = plates.copy()
+    new_plates.obs["plate"] = np.where(plates.obs["plate"] == 1016, 1300.0, 1301.0)
+    typed = r"holds 130[01].0 where the model's categories are integers \(1016\): .* = query_adata.obs\['plate'\].astype\(int\)$"
+    with pytest.raises(ValueError, match=typed):
+        by_plate.map_query(new_plates, progress=False)
     kits = reference.copy()  # names that merely end in ".0" are no numbers: new batches, mapped
     kits.obs["kit"] = np.where(kits.obs["batch"] == "batch0", "kit-v2", "kit-v3")
     by_kit = CellVAE(kits, batch_key="kit").fit(max_epochs=1, progress=False)
@@ -1176,6 +1185,9 @@ def test_a_batch_column_of_the_other_number_type_is_told_to_take_the_models(refe
         by_float_plate.get_latent(plates)
     with pytest.raises(ValueError, match=match):
         by_float_plate.map_query(plates, progress=False)
+    new_plates.obs["plate"] = new_plates.obs["plate"].astype(int)
+    with pytest.raises(ValueError, match=r"holds 130[01] where the model's categories are floats \(1016.0\): .*astype\(float\)$"):
+        by_float_plate.map_query(new_plates, progress=False)
 
 
 def test_donor_ids_that_lost_or_gained_leading_zeros_are_told_to_take_the_models(reference_and_query):

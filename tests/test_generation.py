@@ -440,6 +440,20 @@ def test_a_covariate_named_library_size_keeps_its_column_in_generated_cells():
     assert np.allclose(generated.obs["generated_library_size"], 1000)
 
 
+def test_generate_reads_a_viewed_anndata_as_it_is_now_as_the_other_methods_do():
+    """A model on a view whose parent's covariate was relabelled since: get_latent refused the new labels (unseen),
+    generate copied the old ones silently."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, random_state=0)
+    adata.obs["kit"] = pd.Categorical(np.where(np.arange(300) % 2 == 0, "k1", "k2"))
+    model = CellVAE(adata[:, :50], categorical_covariate_keys=["kit"], n_hidden=16, n_latent=4)
+    model.fit(max_epochs=1, progress=False)
+    assert set(model.generate(20, random_state=0, progress=False).obs["kit"]) <= {"k1", "k2"}
+    adata.obs["kit"] = adata.obs["kit"].cat.rename_categories({"k1": "K1", "k2": "K2"})
+    for method in (model.get_latent, lambda **kwargs: model.generate(20, random_state=0, **kwargs)):
+        with pytest.raises(ValueError, match=r"obs\['kit'\] has categories unseen in training: \['K1', 'K2'\]"):
+            method(progress=False)
+
+
 def test_generated_cells_carry_batch_and_covariate_values_as_the_anndata_holds_them(tmp_path):
     """Donor numbers came back as text ('1015'): concatenated with the real cells each donor was two, and the
     result could not be written."""
