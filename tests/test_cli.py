@@ -1606,6 +1606,7 @@ def test_map_refuses_bad_input_before_any_work(reference_folder, tmp_path, monke
     query.write_h5ad(tmp_path / "unbatched.h5ad")
     (tmp_path / "exists.h5ad").write_text("an earlier result")
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("a folder in use (an empty one would be used)")
     before = {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
     model_before = folder_bytes(ref / "model")
     monkeypatch.setattr(cellvae.model, "train", lambda *a, **k: pytest.fail("training started"))
