@@ -1309,7 +1309,7 @@ def _check_model_dir(
     ``option``), where saving it or writing ``out`` would replace the files of a ``separate`` folder
     (``{option: path}``: fit's checkpoints, map's reference model), or where replacing the folder would remove one
     of the ``inputs`` (``{option: path}``: a model's ``adata.h5ad`` given as the input)."""
-    from cellvae.model import _is_empty_folder, why_not_a_model_folder
+    from cellvae.model import why_not_a_model_folder
 
     folder = Path(model_dir).expanduser()
     resolved = folder.resolve()
@@ -1328,7 +1328,7 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
-    if folder.exists() and not _is_empty_folder(folder):  # (an empty one, made beforehand by a pipeline: used)
+    if folder.exists():
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
         what = why_not_a_model_folder(folder)

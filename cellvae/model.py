@@ -1602,7 +1602,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path = Path(path).expanduser()
         if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
             raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
-        if path.is_symlink() or (path.exists() and not _is_empty_folder(path)):  # (an empty one, made by a pipeline: used)
+        if path.exists() or path.is_symlink():
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
             what = why_not_a_model_folder(path)
@@ -3603,11 +3603,6 @@ def _check_cells_left_to_train(train_cells: np.ndarray, cells: np.ndarray, valid
             f"validation_size={validation_size} leaves {len(train_cells)} of {len(cells)} cells to train on; "
             "lower validation_size (the default is 0.1)"
         )
-
-
-def _is_empty_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder with nothing in it."""
-    return path.is_dir() and next(path.iterdir(), None) is None
 
 
 def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
