@@ -783,6 +783,12 @@ def run_embed(args: argparse.Namespace) -> int:
             raise SystemExit(
                 f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
             )
+        held = _prefix_of_mapped_batches(sorted(given), model.config, reference_names=False)
+        if not {args.batch_prefix + name for name in given} <= known and held not in (None, args.batch_prefix):
+            raise SystemExit(  # (else told as unseen batches, with the advice to map them)
+                f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
+                f"({held + sorted(given)[0]!r}), not {args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)}"
+            )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
         given = args.batch_key is not None
@@ -875,6 +881,7 @@ def run_map(args: argparse.Namespace) -> int:
         )
     if args.query_model_dir is not None:  # first, so that a failure (or Ctrl-C) below loses no training
         query_model.save(args.query_model_dir, overwrite=args.overwrite)
+        print(f"mapped in {_epochs(len(query_model.history))}; saved the query model in {args.query_model_dir}")
     with _missing_genes_told():  # map_query told them once; the query's aligned counts lack them again
         query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)
     stale = tl._stale_unless_same(stale, replaced, query.obsm[args.key_added])
@@ -928,11 +935,10 @@ def run_map(args: argparse.Namespace) -> int:
         if len(names) > len(config.categorical_covariate_categories[key])
     )
     mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}{new_categories}) in {_epochs(len(query_model.history))}"
-    saved = f"; saved the query model in {args.query_model_dir}" if args.query_model_dir is not None else ""
     if interrupted:
-        print(f"interrupted: {mapped}, the best so far; wrote {args.out} with {', '.join(written)}{saved}", file=sys.stderr)
+        print(f"interrupted: {mapped}, the best so far; wrote {args.out} with {', '.join(written)}", file=sys.stderr)
         return 130
-    print(f"{mapped}; wrote {args.out} with {', '.join(written)}{saved}")
+    print(f"{mapped}; wrote {args.out} with {', '.join(written)}")
     return 0
 
 
@@ -1035,10 +1041,10 @@ def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespac
         )
 
 
-def _prefix_of_mapped_batches(given: list[str], config) -> str | None:
-    """Where every batch ``given`` is a reference batch that the (query) model also holds as a mapped batch with one
-    prefix before it (cellvae map --batch-prefix), that prefix. A prefix ends in a separator ("query ", "new_"): "1"
-    before "0" is no prefix but batch "10" of a numbered query."""
+def _prefix_of_mapped_batches(given: list[str], config, reference_names: bool = True) -> str | None:
+    """Where every batch ``given`` (with ``reference_names``, each a reference batch too) the (query) model holds as a
+    mapped batch with one prefix before it (cellvae map --batch-prefix), that prefix. A prefix ends in a separator
+    ("query ", "new_"): "1" before "0" is no prefix but batch "10" of a numbered query."""
     n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
     reference, mapped = config.batch_categories[:n_reference], config.batch_categories[n_reference:]
     prefixes = {
@@ -1049,7 +1055,7 @@ def _prefix_of_mapped_batches(given: list[str], config) -> str | None:
         }
         for name in given
     }
-    if not given or not set(given) <= set(reference) or not all(prefixes.values()):
+    if not given or (reference_names and not set(given) <= set(reference)) or not all(prefixes.values()):
         return None
     common = set.intersection(*prefixes.values())
     return common.pop() if len(common) == 1 else None

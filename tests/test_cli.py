@@ -1440,10 +1440,26 @@ def test_ctrl_c_while_the_cells_are_embedded_keeps_the_trained_model(reference_f
     query, reference = reference_folder / "query.h5ad", reference_folder / "model"
     command = ["map", str(query), "--model-dir", str(reference), "--out", str(tmp_path / "mapped.h5ad")]
     assert main([*command, "--query-model-dir", str(tmp_path / "query_model"), "--epochs", "2", "--quiet"]) == 130
+    assert f"mapped in 2 epochs; saved the query model in {tmp_path / 'query_model'}" in capsys.readouterr().out
     monkeypatch.setattr(cellvae.CellVAE, "get_latent", embedded)
     query_model = cellvae.CellVAE.load(tmp_path / "query_model")
     assert len(query_model.history) == 2 and "batch2" in query_model.config.batch_categories
     assert not (tmp_path / "mapped.h5ad").exists()
+
+
+def test_a_mistyped_batch_prefix_of_new_batches_is_told_the_models_prefix(reference_folder, tmp_path):
+    """A review: embedding a mapped query's new batches with a mistyped --batch-prefix was told the batches were
+    unseen, with the advice to map them again."""
+    query = str(reference_folder / "query.h5ad")
+    mapping = ["map", query, "--model-dir", str(reference_folder / "model"), "--out", str(tmp_path / "mapped.h5ad")]
+    assert (
+        main([*mapping, "--batch-prefix", "query_", "--query-model-dir", str(tmp_path / "qm"), "--epochs", "1", "--quiet"]) == 0
+    )
+    embed = ["embed", query, "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "e.h5ad"), "--quiet"]
+    told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$"
+    with pytest.raises(SystemExit, match=told):
+        main([*embed, "--batch-prefix", "qry_"])
+    assert main([*embed, "--batch-prefix", "query_"]) == 0
 
 
 def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
