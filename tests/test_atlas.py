@@ -1373,6 +1373,7 @@ def test_map_query_trains_with_the_references_beta(small_reference):
     query_model = model.map_query(query, max_epochs=2, progress=False)
     h = query_model.history
     np.testing.assert_allclose(h["validation_loss"], h["validation_distortion"] + 5.0 * h["validation_rate"], rtol=1e-9)
+    assert (h["kl_weight"] == 5.0).all()  # the weight the steps trained with (no warm-up in mapping)
 
 
 def test_map_query_validation_size_zero_holds_out_no_cells(small_reference):
@@ -1430,6 +1431,13 @@ def test_refinement_optimises_the_objective_at_the_models_beta(small_reference):
     at_one.config.beta = 1.0
     refined = model.get_latent(refine_steps=5, progress=False)
     assert not np.allclose(refined, at_one.get_latent(refine_steps=5, progress=False), atol=1e-4)
+    loader, cells = model._loader(model.adata, model.device)  # refinement itself, at beta 5 and at twice that
+    with cellvae.diagnostics.evaluation(model.module, 0):
+        at_five = cellvae.diagnostics.refined_latent(model.module, loader, cells, n_steps=5, beta=5.0)
+    with cellvae.diagnostics.evaluation(model.module, 0):
+        at_ten = cellvae.diagnostics.refined_latent(model.module, loader, cells, n_steps=5, beta=10.0)
+    np.testing.assert_allclose(refined, at_five, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(refined, at_ten, atol=1e-4)
 
 
 def test_rate_distortion_averages_the_distortion_over_n_samples(small_reference):

@@ -192,6 +192,9 @@ def test_interpolation_endpoints_are_the_decoded_endpoints(kang, model):
     assert path.shape == (5, kang.n_vars) and list(path.obs["t"]) == [0.0, 0.25, 0.5, 0.75, 1.0]
     ends = model.decode(model.get_latent(kang[[0, 1]]), batch="ctrl")
     np.testing.assert_allclose(path.X[[0, -1]], ends, rtol=1e-4, atol=1e-6)
+    codes = model.get_latent(kang[[0, 1]])  # the path between them is a straight line, in steps of equal length
+    np.testing.assert_allclose(path.obsm["z"], [(1 - t) * codes[0] + t * codes[1] for t in path.obs["t"]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(path.X[2], model.decode(path.obsm["z"][[2]], batch="ctrl")[0], rtol=1e-4, atol=1e-6)
     monocytes = (kang.obs["cell_type"] == "CD14+ Monocytes").to_numpy()
     groups = cellvae.tl.interpolate(model, monocytes, ~monocytes, 3, batch="ctrl")
     np.testing.assert_allclose(groups.obsm["z"][0], model.get_latent(kang[monocytes]).mean(0), rtol=1e-5, atol=1e-6)

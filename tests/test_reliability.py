@@ -775,6 +775,15 @@ def test_different_seeds_give_different_results(trained, messy):
         trained.get_latent(messy, mean=False, random_state=0), trained.get_latent(messy, mean=False, random_state=1)
     )
     assert not np.array_equal(trained.sample_counts(messy, random_state=0), trained.sample_counts(messy, random_state=1))
+    # (a test audit: a seed ignored by these three passed every test; users add cells, and take the Monte Carlo error
+    # of log p(x), over seeds)
+    generated = [trained.generate(20, random_state=seed, progress=False) for seed in (0, 1)]
+    assert not np.array_equal(generated[0].obsm["z"], generated[1].obsm["z"])
+    cells = messy[:40]
+    scores = [trained.marginal_log_likelihood(cells, n_samples=5, random_state=seed, progress=False) for seed in (0, 1)]
+    assert not np.array_equal(scores[0], scores[1])
+    gaps = [trained.inference_gaps(cells, n_samples=5, n_steps=5, random_state=seed, progress=False) for seed in (0, 1)]
+    assert not np.array_equal(gaps[0]["log_px"], gaps[1]["log_px"])
 
 
 def test_training_and_inference_do_not_disturb_the_global_random_state(trained, messy):
