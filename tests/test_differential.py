@@ -335,6 +335,7 @@ def test_every_group_against_the_rest_with_observed_columns_and_seeds(simulated,
     np.testing.assert_allclose(type3["fraction_nonzero2"], (counts[~in_type3] > 0).mean(0))
     normalized = counts / counts.sum(1, keepdims=True) * 1e4
     np.testing.assert_allclose(type3["raw_normalized_mean1"], normalized[in_type3].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(type3["raw_normalized_mean2"], normalized[~in_type3].mean(0), rtol=1e-5)
     emptied = simulated.copy()  # cells without counts: no share of counts to average (each gene's mean fell alike)
     emptied.X = sp.csr_matrix(np.where(in_type3[:, None] & (np.cumsum(in_type3) <= 10)[:, None], 0, counts))
     some_empty = model.differential_expression(emptied, groupby="cell_type", group1="type3", n_draws=100)
@@ -820,6 +821,21 @@ def test_the_weights_of_a_groups_cells_and_its_pseudo_cells_sum_to_one_in_every_
     assert denoised.shape == predictive.shape == (200, simulated.n_vars)
     torch.testing.assert_close(denoised, expression.expand_as(denoised), rtol=1e-4, atol=0)
     assert (predictive >= 0).all() and not torch.equal(predictive, denoised)  # plus the counting noise
+
+
+def test_each_draw_weighs_the_groups_cells_by_a_flat_dirichlet(simulated, model, monkeypatch):
+    """The Bayesian bootstrap: a group of two cells of fixed expression a and b draws means w a + (1 - w) b with
+    w ~ Dirichlet(1, 1), uniform on (0, 1) (a test audit: equal weights, no spread at all, passed every test)."""
+    monkeypatch.setattr(differential, "PRIOR_CELLS", 0)  # the group's own cells alone
+    cells = _cells(model, simulated, np.array([0, 1]))  # (no posterior spread: each cell decodes to one expression)
+    with torch.no_grad():
+        denoised, _ = differential.group_mean_draws(model.module, cells, cells, 4000, np.random.default_rng(0), 1024)
+    draws = denoised.double().numpy()
+    gene = int(np.argmax(draws.max(0) - draws.min(0)))
+    share = (draws[:, gene] - draws[:, gene].min()) / (draws[:, gene].max() - draws[:, gene].min())
+    assert abs(share.mean() - 0.5) < 0.02 and abs(share.var() - 1 / 12) < 0.006  # U(0, 1): mean 1/2, variance 1/12
+    other = int(np.argsort(draws.max(0) - draws.min(0))[-2])  # every gene moves with the same weight
+    assert abs(np.corrcoef(draws[:, gene], draws[:, other])[0, 1]) > 0.999
 
 
 def test_the_counting_noise_keeps_the_mean_and_variance_and_never_draws_a_well_measured_mean_near_zero():
