@@ -772,23 +772,24 @@ def run_embed(args: argparse.Namespace) -> int:
         column = args.batch_key or batch_key
         given = set(cell_texts(adata.obs[column].dropna()))
         known = set(model.config.batch_categories)
-        if given <= known and not {args.batch_prefix + name for name in given} <= known:  # e.g. map's own output
-            held = _prefix_of_mapped_batches(sorted(given), model.config)  # (another prefix mistyped, say)
-            fix = "leave out --batch-prefix"
-            if held is not None:
-                fix = (
-                    f"the model holds them as mapped query batches with --batch-prefix {held!r}, not {args.batch_prefix!r}: "
-                    f"pass --batch-prefix {shlex.quote(held)} for the query's cells, or {fix} for the reference's"
+        if not {args.batch_prefix + name for name in given} <= known:
+            held = _prefix_of_mapped_batches(sorted(given), model.config, reference_names=False)  # (one mistyped, say)
+            if given <= known:  # e.g. map's own output, or the reference's batches
+                fix = "leave out --batch-prefix"
+                if held is not None:
+                    fix = (
+                        f"the model holds them as mapped query batches with --batch-prefix {held!r}, not "
+                        f"{args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)} for the query's cells, or {fix} "
+                        "for the reference's"
+                    )
+                raise SystemExit(
+                    f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
                 )
-            raise SystemExit(
-                f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
-            )
-        held = _prefix_of_mapped_batches(sorted(given), model.config, reference_names=False)
-        if not {args.batch_prefix + name for name in given} <= known and held not in (None, args.batch_prefix):
-            raise SystemExit(  # (else told as unseen batches, with the advice to map them)
-                f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
-                f"({held + sorted(given)[0]!r}), not {args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)}"
-            )
+            if held is not None:  # (else told as unseen batches, with the advice to map them)
+                raise SystemExit(
+                    f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
+                    f"({held + sorted(given)[0]!r}), not {args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)}"
+                )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
         given = args.batch_key is not None
