@@ -481,6 +481,9 @@ def test_model_variants_train_and_decode(two_batches, options):
         assert np.array_equal(theta, np.broadcast_to(theta[0], theta.shape)) == shared
     # every likelihood's denoised expression (zinb: without the zero-inflation) sums to the library size
     np.testing.assert_allclose(model.get_normalized_expression(library_size=1e4).sum(1), 1e4, rtol=1e-3)
+    np.testing.assert_allclose(  # scaled to the library_size asked for (scvi-tools' scale: 1)
+        model.get_normalized_expression(library_size=1.0), model.get_normalized_expression(library_size=1e4) / 1e4, rtol=1e-4
+    )
     np.testing.assert_allclose(model.decode(model.get_latent()[:5], library_size=500.0).sum(1), 500.0, rtol=1e-3)
     if options.get("encode_batch") is False:  # the encoder reads no batch: relabelled cells embed alike
         relabelled = adata.copy()
