@@ -795,6 +795,8 @@ def run_embed(args: argparse.Namespace) -> int:
         given = args.batch_key is not None
         if not given:
             _check_batches_read_as_recorded(adata, args.input, batch_key, args.model_dir)
+        if not args.batch_prefix:
+            _refuse_mapped_batches_without_their_prefix(adata, args.batch_key or batch_key, model.config, args)
         _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
         if not args.batch_prefix:
             _warn_if_a_batch_prefix_seems_meant(adata.obs[args.batch_key or batch_key], model.config, args)
@@ -1040,6 +1042,28 @@ def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespac
             f"these are the query's cells, pass --batch-prefix {prefix!r}; if they are the reference's, ignore this",
             UserWarning,
         )
+
+
+def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args: argparse.Namespace) -> None:
+    """Refuse input batches new to the (query) model that it holds as mapped batches with a prefix before them
+    (cellvae map --batch-prefix), naming the prefix: the advice for unseen batches (map them) would train a second
+    query model for cells the model already maps."""
+    from cellvae.data import cell_texts
+
+    if column not in adata.obs.columns:  # (told by _check_obs_columns)
+        return
+    given = set(cell_texts(adata.obs[column].dropna()))
+    unseen = sorted(given - set(config.batch_categories))
+    prefix = _prefix_of_mapped_batches(unseen, config, reference_names=False)
+    if prefix is None:
+        return
+    seen = sorted(given - set(unseen))
+    others = f", and embed its cells of the model's batches {seen[:5]} in a run of their own, without it" if seen else ""
+    raise SystemExit(
+        f"error: {args.input}'s obs[{column!r}] holds batches {unseen[:5]} that the model does not know by these names but "
+        f"holds as mapped query batches with --batch-prefix {prefix!r} ({prefix + unseen[0]!r}): if these are the mapped "
+        f"query's cells, pass --batch-prefix {shlex.quote(prefix)}{others}; if they are other batches, map them (cellvae map)"
+    )
 
 
 def _prefix_of_mapped_batches(given: list[str], config, reference_names: bool = True) -> str | None:

@@ -1447,9 +1447,9 @@ def test_ctrl_c_while_the_cells_are_embedded_keeps_the_trained_model(reference_f
     assert not (tmp_path / "mapped.h5ad").exists()
 
 
-def test_a_mistyped_batch_prefix_of_new_batches_is_told_the_models_prefix(reference_folder, tmp_path):
+def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_prefix(reference_folder, tmp_path):
     """A review: embedding a mapped query's new batches with a mistyped --batch-prefix was told the batches were
-    unseen, with the advice to map them again."""
+    unseen, with the advice to map them again; an audit: so was leaving --batch-prefix out."""
     query = str(reference_folder / "query.h5ad")
     mapping = ["map", query, "--model-dir", str(reference_folder / "model"), "--out", str(tmp_path / "mapped.h5ad")]
     assert (
@@ -1459,6 +1459,15 @@ def test_a_mistyped_batch_prefix_of_new_batches_is_told_the_models_prefix(refere
     told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$"
     with pytest.raises(SystemExit, match=told):
         main([*embed, "--batch-prefix", "qry_"])
+    left_out = r"batches \['batch2'\] .* as mapped query batches with --batch-prefix 'query_' \('query_batch2'\): if these "
+    with pytest.raises(SystemExit, match=left_out + r".*pass --batch-prefix query_; if they are other batches, map them"):
+        main(embed)
+    mixed = ad.concat([ad.read_h5ad(query), ad.read_h5ad(reference_folder / "ref.h5ad")[:5]])
+    mixed.write_h5ad(tmp_path / "mixed.h5ad")
+    also = r"pass --batch-prefix query_, and embed its cells of the model's batches \['batch[01]'\] in a run of their own"
+    with pytest.raises(SystemExit, match=also):
+        main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:]])
+    assert not (tmp_path / "e.h5ad").exists()
     assert main([*embed, "--batch-prefix", "query_"]) == 0
 
 
