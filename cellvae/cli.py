@@ -921,7 +921,7 @@ def run_map(args: argparse.Namespace) -> int:
         "labels_key": args.labels_key,
         "interrupted": interrupted or None,
         "mapping_random_state": args.seed,
-        "mapping_batch_size": args.batch_size,
+        "mapping_batch_size": int(query_model.train_settings.batch_size) if query_model.train_settings else args.batch_size,
         "var_names": args.var_names,
         "backed": _streamed(args) or None,
     }

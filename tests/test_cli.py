@@ -1030,13 +1030,38 @@ def test_training_that_fails_ends_in_an_error_line(tmp_path, monkeypatch):
         main(["fit", str(tmp_path / "plain.h5"), "--backed", "--layer", "counts", *args[2:]])
 
 
-def test_fit_dispersion_option_reaches_the_model(tmp_path):
+def test_fit_dispersion_and_batch_size_options_reach_the_model(tmp_path):
     cellvae.datasets.simulate(n_cells=200, n_genes=60, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     args = ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
-    args += "--batch-key batch --dispersion gene-batch --epochs 1 --quiet --embedding-only".split()
+    args += "--batch-key batch --dispersion gene-batch --batch-size 32 --epochs 1 --quiet --embedding-only".split()
     assert main(args) == 0
     saved = cellvae.CellVAE.load(tmp_path / "model")
-    assert saved.config.dispersion == "gene-batch"
+    assert saved.config.dispersion == "gene-batch" and saved.train_settings.batch_size == 32
+    assert ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]["batch_size"] == 32
+
+
+def test_quiet_leaves_out_the_progress_bars_that_fit_embed_and_map_show_otherwise(tmp_path, capsys, monkeypatch):
+    """An audit: --quiet given to fit was not checked to reach training's and embedding's bars."""
+    monkeypatch.setattr(cellvae.train, "PROGRESS_DELAY_S", 0.0)  # a bar from the first moment, as for an atlas
+    cellvae.datasets.simulate(n_cells=200, n_genes=60, random_state=0).write_h5ad(tmp_path / "in.h5ad")
+    fit = ["fit", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--epochs", "2", "--embedding-only"]
+    fit += ["--batch-key", "batch"]
+    embed = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]
+    more = cellvae.datasets.simulate(n_cells=100, n_genes=60, random_state=1)
+    more.obs["batch"] = "new"
+    more.write_h5ad(tmp_path / "new.h5ad")
+    mapping = ["map", str(tmp_path / "new.h5ad"), "--model-dir", str(tmp_path / "model"), "--epochs", "2"]
+    for quiet in (False, True):
+        flag = ["--quiet"] if quiet else []
+        runs = [
+            ("cellvae", [*fit, "--out", str(tmp_path / f"fit{quiet}.h5ad"), "--overwrite", *flag]),
+            ("get_latent", [*embed, "--overwrite", *flag]),
+            ("cellvae", [*mapping, "--out", str(tmp_path / f"map{quiet}.h5ad"), *flag]),
+        ]
+        for bar, command in runs:
+            assert main(command) == 0
+            shown = capsys.readouterr().err
+            assert ("%|" in shown and bar in shown) != quiet, (command, shown[-500:])
 
 
 def test_a_seed_of_2_to_the_32_is_refused_and_the_largest_seed_accepted(capsys):

@@ -368,6 +368,7 @@ def _train_on_rank(rank: int, init_file: str, path: str, model_dir: str) -> None
     model = cellvae.CellVAE(view, batch_key="batch").fit(max_epochs=EPOCHS, batch_size=64, progress=False, device="cpu")
     if rank == 0:
         model.save(model_dir)
+    model.history.to_csv(Path(model_dir).parent / f"history{rank}.csv", index=False)
     dist.destroy_process_group()
 
 
@@ -383,6 +384,12 @@ def test_python_processes_with_their_own_process_group_train_one_model_on_a_view
     assert model.config.gene_names == list(view.var_names)
     assert len(model.history) == EPOCHS and np.isfinite(model.history["train_elbo"]).all()
     assert knn_accuracy(model.get_latent(), view.obs["cell_type"]) > 0.9
+    # every rank scores all validation cells, not its own share: the same losses, hence the same early stopping
+    import pandas as pd
+
+    histories = [pd.read_csv(tmp_path / f"history{rank}.csv") for rank in (0, 1)]
+    for column in ("validation_loss", "validation_distortion", "validation_rate", "train_loss"):
+        np.testing.assert_allclose(histories[0][column], histories[1][column], rtol=1e-6, err_msg=column)
 
 
 def _save_after_destroying_the_group_on_rank(rank: int, init_file: str, path: str, out_dir: str) -> None:

@@ -1000,6 +1000,10 @@ def test_kl_per_dimension_greys_out_the_inactive_dimension_each_bar_names(small_
     inactive = [bar.get_facecolor() == grey for bar in ax.patches]
     assert inactive == [bool(activity[d] <= threshold) for d in dimensions]
     assert 0 < sum(inactive) < len(inactive)
+    # each bar is as high as its dimension's KL, largest first
+    heights = np.array([bar.get_height() for bar in ax.patches])
+    np.testing.assert_allclose(heights, small_model.kl_per_dimension()[dimensions], rtol=1e-5)
+    assert (np.diff(heights) <= 0).all()
     informative = int((small_model.kl_per_dimension() >= 0.1).sum())
     assert ax.get_title() == f"{int((activity > threshold).sum())} of 6 active, {informative} ≥ 0.1 nats"
     plt.close(ax.figure)
