@@ -18,7 +18,7 @@ its error and the others still run:
   same data and batch size when scvi-tools imports; ``get_latent`` cells/s after each fit (``fit`` hands
   the model back on the CPU, so this is the machine's CPU encoding).
 - ``time_to_quality``: cellvae's default ``fit`` on 90% of the Kang cells and its held-out negative ELBO
-  per cell (the CPU runs reach 1,241.8–1,242.3 nats in 35–46 s; scVI's default run 1,260.4).
+  per cell (the CPU runs reach 1,241.9–1,242.5 nats in 46–52 s; scVI's default run 1,258.5 in 983 s).
 - ``determinism``: two fits with the same seed; how far apart their embeddings are.
 - ``step_overhead``: a profile of a batch-128 ``fit`` on the Kang data, and cells/s of a plain loop with
   and without host syncs and of the step replayed from a CUDA graph.

@@ -374,7 +374,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The settings of the last training (``None`` before it): :meth:`save` stores them with the weights and
         :meth:`load` restores them, so a saved model tells how it was trained.
     device
-        Where the module lives between calls (the CPU; training moves it to ``fit``'s device and back).
+        Where the module lives between calls: the CPU after :meth:`fit` (which trains on its ``device`` and moves
+        the module back), or the device :meth:`to_device` chose (``tl.embed`` returns the model on the device it
+        trained on).
 
     Notes
     -----
