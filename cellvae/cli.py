@@ -1052,17 +1052,22 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
 
     if column not in adata.obs.columns:  # (told by _check_obs_columns)
         return
-    given = set(cell_texts(adata.obs[column].dropna()))
-    unseen = sorted(given - set(config.batch_categories))
+    given, known = set(cell_texts(adata.obs[column].dropna())), set(config.batch_categories)
+    unseen = sorted(given - known)
     prefix = _prefix_of_mapped_batches(unseen, config, reference_names=False)
     if prefix is None:
         return
-    seen = sorted(given - set(unseen))
-    others = f", and embed its cells of the model's batches {seen[:5]} in a run of their own, without it" if seen else ""
+    # a batch the model knows both as it is and with the prefix (a query batch named like a reference one) goes with
+    # the query's; those it knows only as they are are the reference's
+    reference_only = sorted(name for name in given & known if prefix + name not in known)
+    others = ""
+    if reference_only:
+        others = f" for the cells of the other batches, and embed those of {reference_only[:5]} in a run of their own, without it"
     raise SystemExit(
-        f"error: {args.input}'s obs[{column!r}] holds batches {unseen[:5]} that the model does not know by these names but "
-        f"holds as mapped query batches with --batch-prefix {prefix!r} ({prefix + unseen[0]!r}): if these are the mapped "
-        f"query's cells, pass --batch-prefix {shlex.quote(prefix)}{others}; if they are other batches, map them (cellvae map)"
+        f"error: {args.input}'s obs[{column!r}] holds batches {unseen[:5]} that the model does not know by these names, "
+        f"but it holds mapped query batches of these names with {prefix!r} before them ({prefix + unseen[0]!r}, as "
+        f"cellvae map --batch-prefix {shlex.quote(prefix)} names them): if these are the mapped query's cells, pass "
+        f"--batch-prefix {shlex.quote(prefix)}{others}; if they are other batches, map them (cellvae map)"
     )
 
 

@@ -1046,8 +1046,8 @@ def refuse_earlier_checkpoints(checkpoint_dir: str | os.PathLike, world: int) ->
     if earlier:
         raise FileExistsError(
             f"checkpoint_dir={str(checkpoint_dir)!r} holds the checkpoints of an earlier run, which this fit would "
-            "replace; pass resume=True to continue that run, or delete its checkpoint*.safetensors files (or name "
-            "another folder) to start afresh"
+            "replace; pass resume=True to continue that run (with the settings it was started with), or delete its "
+            "checkpoint*.safetensors files (or name another folder) to start afresh (with other settings, e.g. more epochs)"
         )
 
 

@@ -243,10 +243,12 @@ def test_python_advice_in_warnings_and_errors_names_the_command_line_options():
         assert told == "adata.layers['counts'] holds whole counts: pass --layer counts"
     assert in_command_line_terms(
         "checkpoint_dir='ck' holds the checkpoints of an earlier run, which this fit would replace; pass resume=True to "
-        "continue that run, or delete its checkpoint*.safetensors files (or name another folder) to start afresh"
+        "continue that run (with the settings it was started with), or delete its checkpoint*.safetensors files (or name "
+        "another folder) to start afresh (with other settings, e.g. more epochs)"
     ) == (
         "--checkpoint-dir 'ck' holds the checkpoints of an earlier run, which this fit would replace; pass --resume to "
-        "continue that run, or delete its checkpoint*.safetensors files (or name another folder) to start afresh"
+        "continue that run (with the settings it was started with), or delete its checkpoint*.safetensors files (or name "
+        "another folder) to start afresh (with other settings, e.g. more epochs)"
     )
     assert in_command_line_terms("layer 'counts' not found in adata.layers; available: []").endswith(
         "(on the command line: --layer NAME names another of the layers; leave out --layer (or pass --layer X) to read adata.X)"
@@ -1474,22 +1476,27 @@ def test_ctrl_c_while_the_cells_are_embedded_keeps_the_trained_model(reference_f
 
 def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_prefix(reference_folder, tmp_path):
     """A review: embedding a mapped query's new batches with a mistyped --batch-prefix was told the batches were
-    unseen, with the advice to map them again; an audit: so was leaving --batch-prefix out."""
-    query = str(reference_folder / "query.h5ad")
+    unseen, with the advice to map them again; an audit: so was leaving --batch-prefix out. The query also holds a
+    batch named like a reference one (batch0), mapped as query_batch0: it goes with the query's batches."""
+    cells = ad.read_h5ad(reference_folder / "query.h5ad")
+    cells.obs["batch"] = np.where(np.arange(cells.n_obs) < 30, "batch0", "batch2")
+    query = str(tmp_path / "query.h5ad")
+    cells.write_h5ad(query)
     mapping = ["map", query, "--model-dir", str(reference_folder / "model"), "--out", str(tmp_path / "mapped.h5ad")]
     assert (
         main([*mapping, "--batch-prefix", "query_", "--query-model-dir", str(tmp_path / "qm"), "--epochs", "1", "--quiet"]) == 0
     )
     embed = ["embed", query, "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "e.h5ad"), "--quiet"]
-    told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$"
+    told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch0'\), not 'qry_': pass --batch-prefix query_$"
     with pytest.raises(SystemExit, match=told):
         main([*embed, "--batch-prefix", "qry_"])
-    left_out = r"batches \['batch2'\] .* as mapped query batches with --batch-prefix 'query_' \('query_batch2'\): if these "
-    with pytest.raises(SystemExit, match=left_out + r".*pass --batch-prefix query_; if they are other batches, map them"):
+    left_out = r"batches \['batch2'\] that the model does not know .* with 'query_' before them \('query_batch2', as "
+    with pytest.raises(SystemExit, match=left_out + r".*cells, pass --batch-prefix query_; if they are other batches, map them"):
         main(embed)
-    mixed = ad.concat([ad.read_h5ad(query), ad.read_h5ad(reference_folder / "ref.h5ad")[:5]])
+    reference = ad.read_h5ad(reference_folder / "ref.h5ad")
+    mixed = ad.concat([cells, reference[reference.obs["batch"] == "batch1"][:5]])
     mixed.write_h5ad(tmp_path / "mixed.h5ad")
-    also = r"pass --batch-prefix query_, and embed its cells of the model's batches \['batch[01]'\] in a run of their own"
+    also = r"pass --batch-prefix query_ for the cells of the other batches, and embed those of \['batch1'\] in a run of"
     with pytest.raises(SystemExit, match=also):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:]])
     assert not (tmp_path / "e.h5ad").exists()
