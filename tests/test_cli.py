@@ -1885,3 +1885,62 @@ def test_messages_on_the_command_line_name_options_and_no_command_is_an_error(tm
                 str(tmp_path / "model" / "q.h5ad"),
             ]
         )
+
+
+def test_map_runs_the_mapping_and_the_vote_its_options_name_as_python_does(reference_folder, tmp_path):
+    """An audit: --train-input-layer, --k, --novelty-threshold, --unknown-threshold, --unlabeled-category, --seed and
+    --batch-size could be dropped unseen (the record copies the options, not what ran). The command's outputs equal
+    map_query and transfer_labels called with the same settings."""
+    reference = ad.read_h5ad(reference_folder / "ref.h5ad")
+    reference.obs["cell_type"] = reference.obs["cell_type"].astype(str)
+    reference.obs.iloc[:40, reference.obs.columns.get_loc("cell_type")] = "unassigned"  # (cells with no label)
+    reference.write_h5ad(tmp_path / "ref.h5ad")
+    query = reference_folder / "query.h5ad"
+    command = ["map", str(query), "--model-dir", str(reference_folder / "model"), "--out", str(tmp_path / "out.h5ad")]
+    command += ["--reference", str(tmp_path / "ref.h5ad"), "--labels-key", "cell_type", "--unlabeled-category", "unassigned"]
+    command += "--train-input-layer --k 30 --unknown-threshold 0.05 --novelty-threshold 0.97 --soft".split()
+    command += "--seed 4 --epochs 3 --batch-size 64 --quiet".split()
+    assert main(command) == 0
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+
+    model = cellvae.CellVAE.load(reference_folder / "model", load_anndata=False)
+    expected = ad.read_h5ad(query)
+    query_model = model.map_query(expected, train_input_layer=True, max_epochs=3, batch_size=64, random_state=4, progress=False)
+    expected.obsm["X_cellvae"] = query_model.get_latent(progress=False)
+    np.testing.assert_array_equal(out.obsm["X_cellvae"], expected.obsm["X_cellvae"])
+    voters = ad.AnnData(obs=reference.obs[["cell_type"]], obsm={"X_cellvae": query_model.get_latent(reference, progress=False)})
+    cellvae.tl.transfer_labels(
+        voters, expected, "cell_type", use_rep="X_cellvae", k=30, unknown_threshold=0.05,
+        unlabeled_category="unassigned", novelty_threshold=0.97, soft=True,
+    )  # fmt: skip
+    for column in ("cell_type_predicted", "cell_type_uncertainty", "cell_type_novelty"):
+        np.testing.assert_array_equal(out.obs[column].astype(str), expected.obs[column].astype(str), err_msg=column)
+    np.testing.assert_array_equal(out.obsm["cell_type_vote_shares"], expected.obsm["cell_type_vote_shares"])
+    assert "unassigned" not in list(out.uns["cell_type_vote_shares"]["labels"])
+    unknown = (out.obs["cell_type_predicted"] == "Unknown").mean()
+    assert 0 < unknown < 1, unknown  # (the thresholds decide some cells)
+    recorded = out.uns["cellvae"]["params"]
+    assert recorded["reference"] == os.path.abspath(tmp_path / "ref.h5ad") and recorded["mapping_random_state"] == 4
+
+
+def test_a_mapping_interrupted_in_training_keeps_its_embedding_and_does_not_report_success(
+    reference_folder, tmp_path, monkeypatch, capsys
+):
+    """An audit: an interrupted mapping could exit 0, as a success."""
+    evaluate = cellvae.train.evaluate
+    calls = []
+
+    def interrupted_in_the_second_epoch(*args, **kwargs):  # Ctrl-C, as the training loop receives it
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(cellvae.train, "evaluate", interrupted_in_the_second_epoch)
+    query, out = reference_folder / "query.h5ad", tmp_path / "mapped.h5ad"
+    command = ["map", str(query), "--model-dir", str(reference_folder / "model"), "--out", str(out), "--epochs", "5"]
+    with pytest.warns(RuntimeWarning, match="training interrupted"):
+        assert main([*command, "--quiet"]) == 130
+    assert "interrupted: mapped" in capsys.readouterr().err
+    mapped = ad.read_h5ad(out)
+    assert mapped.obsm["X_cellvae"].shape == (mapped.n_obs, 10) and mapped.uns["cellvae"]["params"]["interrupted"]
