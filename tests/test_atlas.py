@@ -680,6 +680,26 @@ def test_transfer_labels_weighs_votes_by_distance_and_gives_ties_to_the_first_la
     assert not query.obs["stage_predicted"].cat.ordered
 
 
+def test_transfer_labels_votes_with_the_k_nearest_labelled_cells_it_is_given():
+    """An audit: k could be ignored for references of more than 16 labelled cells, unseen. The vote of each query cell
+    is computed here by brute force: its k nearest reference cells, each weighing exp(-(d / d_k)^2)."""
+    rng = np.random.default_rng(1)
+    labels = rng.choice(["A", "B", "C"], size=300)
+    reference = ad.AnnData(obs=pd.DataFrame({"cell_type": labels}, index=[f"r{i}" for i in range(300)]))
+    reference.obsm["X_cellvae"] = rng.normal(size=(300, 3))
+    query = ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(80)]), obsm={"X_cellvae": rng.normal(size=(80, 3))})
+    distances = np.linalg.norm(query.obsm["X_cellvae"][:, None] - reference.obsm["X_cellvae"][None], axis=2)
+    for k in (1, 7, 40):
+        cellvae.tl.transfer_labels(reference, query, "cell_type", k=k)
+        nearest = np.argsort(distances, axis=1)[:, :k]
+        near = np.take_along_axis(distances, nearest, axis=1)
+        weights = np.exp(-((near / near[:, -1:]) ** 2))
+        votes = np.stack([(weights * (labels[nearest] == label)).sum(1) for label in ["A", "B", "C"]], axis=1)
+        expected = np.array(["A", "B", "C"])[votes.argmax(1)]
+        assert query.obs["cell_type_predicted"].astype(str).tolist() == expected.tolist(), k
+        np.testing.assert_allclose(query.obs["cell_type_uncertainty"], 1 - votes.max(1) / votes.sum(1), rtol=1e-9, atol=1e-12)
+
+
 def test_a_query_cell_that_is_a_labelled_reference_cell_does_not_vote_for_itself():
     """One AnnData as reference and query (as scANVI's predict labels its own cells): each labelled cell gets what it
     would as a query of the reference without it, so its novelty is on the scale of cells the reference has not seen."""
