@@ -1073,6 +1073,27 @@ def test_a_query_mapped_from_another_batch_column_says_which_column_to_add(refer
     )
 
 
+def test_mapping_onto_a_dispersion_per_batch_keeps_the_references_rows_and_starts_new_ones_at_their_mean():
+    """An audit: no test mapped a query onto a "gene-batch" model, so the reference batches' dispersions could train
+    in mapping, or a new batch's start at 0 (theta 1) instead of the reference batches' mean."""
+    cells = cellvae.datasets.simulate(n_cells=900, n_genes=80, n_batches=3, n_cell_types=3, random_state=4)
+    is_query = (cells.obs["batch"] == "batch2").to_numpy()
+    reference = CellVAE(cells[~is_query].copy(), batch_key="batch", dispersion="gene-batch")
+    reference.fit(max_epochs=30, progress=False, random_state=0)
+    before = reference.module.decoder.log_theta.detach().clone()
+    # with cells of a reference batch too, whose row the query's gradients reach (frozen all the same)
+    also_reference = is_query | (np.arange(cells.n_obs) < 60) & (cells.obs["batch"] == "batch0").to_numpy()
+    with pytest.warns(UserWarning, match="batch0"):
+        query = reference.map_query(cells[also_reference].copy(), max_epochs=1, progress=False, random_state=0)
+    after = query.module.decoder.log_theta.detach()
+    assert after.shape == (3, 80)
+    torch.testing.assert_close(after[:2], before, rtol=0, atol=0)  # the reference's rows, frozen
+    start = before.mean(0)
+    assert start.abs().max() > 0.1  # (so that a start at 0 would be told apart)
+    assert (after[2] - start).abs().max() < 0.02  # one epoch (2 steps) from the mean of the reference's rows
+    assert not torch.equal(after[2], start)  # and trained
+
+
 def test_fit_on_a_query_model_trains_the_mapping_further_and_keeps_the_reference_frozen(reference_and_query, tmp_path):
     model, reference, query = reference_and_query
     query_model = model.map_query(query, max_epochs=3, progress=False)
