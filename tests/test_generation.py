@@ -179,6 +179,9 @@ def test_decode_of_a_gene_list_gives_those_columns_in_its_order(kang, model):
     z = model.get_latent(kang[:20])
     genes = [model.config.gene_names[i] for i in (7, 2, 30)]
     decoded = model.decode(z, library_size=1e4)  # averaged over both batches
+    each = [model.decode(z, batch=batch, library_size=1e4) for batch in model.config.batch_categories]
+    np.testing.assert_allclose(decoded, np.mean(each, axis=0), rtol=1e-5)
+    assert np.abs(each[0] - each[1]).max() > 1.0  # (so that one batch's decoding would be told apart)
     np.testing.assert_allclose(model.decode(z, library_size=1e4, gene_list=genes), decoded[:, [7, 2, 30]], rtol=1e-6)
     with pytest.raises(ValueError, match="gene_list names genes the model does not have: .'no-such-gene'."):
         model.decode(z, gene_list=["no-such-gene"])
