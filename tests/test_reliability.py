@@ -386,6 +386,12 @@ def test_embed_records_its_settings_in_uns_and_they_survive_h5ad(messy, tmp_path
     params = adata.uns["cellvae"]["params"]
     assert params["random_state"] == 7
     assert params["categorical_covariate_keys"] == ["donor"] and params["beta"] == 0.5 and params["n_latent"] == 4
+    # and it ran with them: the embedding is that of CellVAE(...).fit(...) with the same settings and seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = CellVAE(messy.copy(), layer="counts", batch_key="batch", n_hidden=16, **settings)
+        expected = model.fit(max_epochs=1, random_state=7, progress=False).get_latent(progress=False)
+    np.testing.assert_array_equal(adata.obsm["X_cellvae"], expected)
     assert params["continuous_covariate_keys"] == ["percent_mito"]
     adata.write_h5ad(tmp_path / "embedded.h5ad")
     stored = ad.read_h5ad(tmp_path / "embedded.h5ad").uns["cellvae"]["params"]
