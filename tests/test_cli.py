@@ -842,17 +842,22 @@ def test_out_may_lie_in_the_checkpoint_folder_which_takes_only_checkpoint_files(
     assert not (tmp_path / "new_ck").exists()
 
 
-def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_success(tmp_path, monkeypatch):
+def _ctrl_c_in_the_second_epoch(monkeypatch) -> None:
+    """Ctrl-C, as the training loop receives it, while the second epoch is validated."""
     evaluate = cellvae.train.evaluate
     calls = []
 
-    def interrupted_in_the_second_epoch(*args, **kwargs):  # Ctrl-C, as the training loop receives it
+    def interrupted_in_the_second_epoch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(cellvae.train, "evaluate", interrupted_in_the_second_epoch)
+
+
+def test_an_interrupted_fit_keeps_its_model_and_embedding_and_does_not_report_success(tmp_path, monkeypatch):
+    _ctrl_c_in_the_second_epoch(monkeypatch)
     args = fit_args(tmp_path, n_cells=300, n_genes=50)
     with pytest.warns(RuntimeWarning, match="training interrupted") as caught:
         assert main([*args, "--epochs", "5", "--quiet"]) == 130
@@ -1927,16 +1932,7 @@ def test_a_mapping_interrupted_in_training_keeps_its_embedding_and_does_not_repo
     reference_folder, tmp_path, monkeypatch, capsys
 ):
     """An audit: an interrupted mapping could exit 0, as a success."""
-    evaluate = cellvae.train.evaluate
-    calls = []
-
-    def interrupted_in_the_second_epoch(*args, **kwargs):  # Ctrl-C, as the training loop receives it
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(cellvae.train, "evaluate", interrupted_in_the_second_epoch)
+    _ctrl_c_in_the_second_epoch(monkeypatch)
     query, out = reference_folder / "query.h5ad", tmp_path / "mapped.h5ad"
     command = ["map", str(query), "--model-dir", str(reference_folder / "model"), "--out", str(out), "--epochs", "5"]
     with pytest.warns(RuntimeWarning, match="training interrupted"):
