@@ -1089,7 +1089,7 @@ def test_mapping_onto_a_dispersion_per_batch_keeps_the_references_rows_and_start
     assert after.shape == (3, 80)
     torch.testing.assert_close(after[:2], before, rtol=0, atol=0)  # the reference's rows, frozen
     start = before.mean(0)
-    assert start.abs().max() > 0.1  # (so that a start at 0 would be told apart)
+    assert start.abs().max() > 0.05  # (so that a start at 0 would be told apart: 0.10-0.11 for seeds 0-5)
     assert (after[2] - start).abs().max() < 0.02  # one epoch (2 steps) from the mean of the reference's rows
     assert not torch.equal(after[2], start)  # and trained
 
