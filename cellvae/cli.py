@@ -785,6 +785,14 @@ def run_embed(args: argparse.Namespace) -> int:
                 raise SystemExit(
                     f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
                 )
+            as_is = sorted(name for name in given & known if args.batch_prefix + name not in known)
+            if held is None and as_is and any(args.batch_prefix + name in known for name in given):
+                new = sorted(name for name in given - known if args.batch_prefix + name not in known)
+                mapped = f"; those of {new[:5]} are new to the model: map them (cellvae map)" if new else ""
+                raise SystemExit(
+                    f"error: the model holds {args.input}'s batches {as_is[:5]} as they are, not with --batch-prefix "
+                    f"{args.batch_prefix!r}: embed their cells in a run of their own, without --batch-prefix{mapped}"
+                )
             if held is not None:  # (else told as unseen batches, with the advice to map them)
                 raise SystemExit(
                     f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
@@ -1054,20 +1062,28 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
         return
     given, known = set(cell_texts(adata.obs[column].dropna())), set(config.batch_categories)
     unseen = sorted(given - known)
-    prefix = _prefix_of_mapped_batches(unseen, config, reference_names=False)
+    held = [name for name in unseen if _prefix_of_mapped_batches([name], config, reference_names=False) is not None]
+    prefix = _prefix_of_mapped_batches(held, config, reference_names=False)
     if prefix is None:
         return
+    new = [name for name in unseen if name not in held]  # (neither as they are nor with the prefix)
     # a batch the model knows both as it is and with the prefix (a query batch named like a reference one) goes with
     # the query's; those it knows only as they are are the reference's
-    reference_only = sorted(name for name in given & known if prefix + name not in known)
-    others = ""
-    if reference_only:
-        others = f" for the cells of the other batches, and embed those of {reference_only[:5]} in a run of their own, without it"
+    both = sorted(name for name in given & known if prefix + name in known)
+    as_is = sorted(name for name in given & known if prefix + name not in known)
+    prefixed = sorted(held + both)
+    steps = [f"pass --batch-prefix {shlex.quote(prefix)}" + (f" for the cells of {prefixed[:5]}" if as_is or new else "")]
+    if both:
+        steps[0] += f" ({both[:5]} also name reference batches: embed the reference's cells of them without it)"
+    if as_is:
+        steps.append(f"embed those of {as_is[:5]} in a run of their own, without it")
+    if new:
+        steps.append(f"map those of {new[:5]}, new to the model (cellvae map)")
     raise SystemExit(
-        f"error: {args.input}'s obs[{column!r}] holds batches {unseen[:5]} that the model does not know by these names, "
-        f"but it holds mapped query batches of these names with {prefix!r} before them ({prefix + unseen[0]!r}, as "
-        f"cellvae map --batch-prefix {shlex.quote(prefix)} names them): if these are the mapped query's cells, pass "
-        f"--batch-prefix {shlex.quote(prefix)}{others}; if they are other batches, map them (cellvae map)"
+        f"error: {args.input}'s obs[{column!r}] holds batches {held[:5]} that the model does not know by these names, "
+        f"but it holds mapped query batches of these names with {prefix!r} before them ({prefix + held[0]!r}, as "
+        f"cellvae map --batch-prefix {shlex.quote(prefix)} names them): if these are the mapped query's cells, "
+        f"{'; '.join(steps)}; if they are other batches, map them (cellvae map)"
     )
 
 

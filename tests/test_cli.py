@@ -1496,14 +1496,24 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
     with pytest.raises(SystemExit, match=told):
         main([*embed, "--batch-prefix", "qry_"])
     left_out = r"batches \['batch2'\] that the model does not know .* with 'query_' before them \('query_batch2', as "
-    with pytest.raises(SystemExit, match=left_out + r".*cells, pass --batch-prefix query_; if they are other batches, map them"):
+    both = r" \(\['batch0'\] also name reference batches: embed the reference's cells of them without it\)"
+    with pytest.raises(SystemExit, match=left_out + r".*cells, pass --batch-prefix query_" + both + "; if they are other"):
         main(embed)
+    # (review 42) with a reference batch and a new one: each told what to do, not all "map them"
     reference = ad.read_h5ad(reference_folder / "ref.h5ad")
-    mixed = ad.concat([cells, reference[reference.obs["batch"] == "batch1"][:5]])
+    new = cells[:10].copy()
+    new.obs["batch"] = "batch3"
+    mixed = ad.concat([cells, reference[reference.obs["batch"] == "batch1"][:5], new])
+    mixed.obs_names_make_unique()
     mixed.write_h5ad(tmp_path / "mixed.h5ad")
-    also = r"pass --batch-prefix query_ for the cells of the other batches, and embed those of \['batch1'\] in a run of"
+    also = r"pass --batch-prefix query_ for the cells of \['batch0', 'batch2'\] \(\['batch0'\] also name reference "
+    also += r"batches: .*\); embed those of \['batch1'\] in a run of their own, without it; map those of \['batch3'\], new"
     with pytest.raises(SystemExit, match=also):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:]])
+    # with the prefix, the reference's batch is told so (it was told to map it as a new batch)
+    as_is = r"holds .*'s batches \['batch1'\] as they are, not with --batch-prefix 'query_': embed their cells in a run of "
+    with pytest.raises(SystemExit, match=as_is + r"their own, without --batch-prefix; those of \['batch3'\] are new"):
+        main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:], "--batch-prefix", "query_"])
     assert not (tmp_path / "e.h5ad").exists()
     assert main([*embed, "--batch-prefix", "query_"]) == 0
 
