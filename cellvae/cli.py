@@ -773,7 +773,21 @@ def run_embed(args: argparse.Namespace) -> int:
         given = set(cell_texts(adata.obs[column].dropna()))
         known = set(model.config.batch_categories)
         if not {args.batch_prefix + name for name in given} <= known:
-            held = _prefix_of_mapped_batches(sorted(given), model.config, reference_names=False)  # (one mistyped, say)
+            held = _prefix_of_batches_held_so(sorted(given), model.config)  # (one mistyped, say)
+            # batches the model holds as they are only, where the prefix is one of its mapped batches': the
+            # reference's cells, beside the query's (a whole file of them is told below to leave out the prefix)
+            as_is = sorted(name for name in given & known if args.batch_prefix + name not in known)
+            mapped = model.config.batch_categories[model.config.reference_categories.get(batch_key, len(known)) :]
+            if as_is and set(as_is) != given and any(name.startswith(args.batch_prefix) for name in mapped):
+                new = sorted(name for name in given - known if args.batch_prefix + name not in known)
+                with_it = sorted(given - set(as_is) - set(new))
+                steps = f"embed those of {as_is[:5]} in a run of their own, without --batch-prefix"
+                steps += f", and those of {with_it[:5]} with it" if with_it else ""
+                steps += f"; those of {new[:5]} are new to the model: map them (cellvae map)" if new else ""
+                raise SystemExit(
+                    f"error: the model holds {args.input}'s batches {as_is[:5]} as they are, not with --batch-prefix "
+                    f"{args.batch_prefix!r}: {steps}"
+                )
             if given <= known:  # e.g. map's own output, or the reference's batches
                 fix = "leave out --batch-prefix"
                 if held is not None:
@@ -785,18 +799,11 @@ def run_embed(args: argparse.Namespace) -> int:
                 raise SystemExit(
                     f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
                 )
-            as_is = sorted(name for name in given & known if args.batch_prefix + name not in known)
-            if held is None and as_is and any(args.batch_prefix + name in known for name in given):
-                new = sorted(name for name in given - known if args.batch_prefix + name not in known)
-                mapped = f"; those of {new[:5]} are new to the model: map them (cellvae map)" if new else ""
-                raise SystemExit(
-                    f"error: the model holds {args.input}'s batches {as_is[:5]} as they are, not with --batch-prefix "
-                    f"{args.batch_prefix!r}: embed their cells in a run of their own, without --batch-prefix{mapped}"
-                )
-            if held is not None:  # (else told as unseen batches, with the advice to map them)
+            if held is not None and held != args.batch_prefix:  # (else told as unseen batches, with the advice to map them)
+                example = held + next(name for name in sorted(given) if held + name in known)
                 raise SystemExit(
                     f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
-                    f"({held + sorted(given)[0]!r}), not {args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)}"
+                    f"({example!r}), not {args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)}"
                 )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
@@ -1062,10 +1069,10 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
         return
     given, known = set(cell_texts(adata.obs[column].dropna())), set(config.batch_categories)
     unseen = sorted(given - known)
-    held = [name for name in unseen if _prefix_of_mapped_batches([name], config, reference_names=False) is not None]
-    prefix = _prefix_of_mapped_batches(held, config, reference_names=False)
+    prefix = _prefix_of_batches_held_so(unseen, config)
     if prefix is None:
         return
+    held = [name for name in unseen if prefix + name in known]
     new = [name for name in unseen if name not in held]  # (neither as they are nor with the prefix)
     # a batch the model knows both as it is and with the prefix (a query batch named like a reference one) goes with
     # the query's; those it knows only as they are are the reference's
@@ -1085,6 +1092,13 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
         f"cellvae map --batch-prefix {shlex.quote(prefix)} names them): if these are the mapped query's cells, "
         f"{'; '.join(steps)}; if they are other batches, map them (cellvae map)"
     )
+
+
+def _prefix_of_batches_held_so(names: list[str], config) -> str | None:
+    """The prefix before those of ``names`` that the (query) model holds as mapped batches with a prefix before them,
+    where they share one (the others may be reference batches, or new)."""
+    held = [name for name in names if _prefix_of_mapped_batches([name], config, reference_names=False) is not None]
+    return _prefix_of_mapped_batches(held, config, reference_names=False)
 
 
 def _prefix_of_mapped_batches(given: list[str], config, reference_names: bool = True) -> str | None:

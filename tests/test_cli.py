@@ -1511,9 +1511,31 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
     with pytest.raises(SystemExit, match=also):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:]])
     # with the prefix, the reference's batch is told so (it was told to map it as a new batch)
-    as_is = r"holds .*'s batches \['batch1'\] as they are, not with --batch-prefix 'query_': embed their cells in a run of "
-    with pytest.raises(SystemExit, match=as_is + r"their own, without --batch-prefix; those of \['batch3'\] are new"):
+    as_is = r"holds .*'s batches \['batch1'\] as they are, not with --batch-prefix 'query_': embed those of \['batch1'\] in "
+    with_it = (
+        r"a run of their own, without --batch-prefix, and those of \['batch0', 'batch2'\] with it; those of \['batch3'\] are new"
+    )
+    with pytest.raises(SystemExit, match=as_is + with_it):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:], "--batch-prefix", "query_"])
+    # (review 43) only reference names, one of them also the query's: told apart, not "leave out --batch-prefix"
+    for batches, told in [
+        (
+            ["batch0", "batch1"],
+            r"embed those of \['batch1'\] in a run of their own, without --batch-prefix, and those of \['batch0'\]",
+        ),
+        (["batch1", "batch3"], r"without --batch-prefix; those of \['batch3'\] are new to the model: map them"),
+    ]:
+        part = mixed[mixed.obs["batch"].isin(batches)].copy()
+        part.write_h5ad(tmp_path / "part.h5ad")
+        with pytest.raises(SystemExit, match=told):
+            main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", "query_"])
+    # a mistyped prefix is told the model's also where some batches are new ones (they were all told "map them")
+    part = mixed[mixed.obs["batch"].isin(["batch2", "batch3"])].copy()
+    part.write_h5ad(tmp_path / "part.h5ad")
+    with pytest.raises(
+        SystemExit, match=r"with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$"
+    ):
+        main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", "qry_"])
     assert not (tmp_path / "e.h5ad").exists()
     assert main([*embed, "--batch-prefix", "query_"]) == 0
 
