@@ -773,37 +773,32 @@ def run_embed(args: argparse.Namespace) -> int:
         given = set(cell_texts(adata.obs[column].dropna()))
         known = set(model.config.batch_categories)
         if not {args.batch_prefix + name for name in given} <= known:
-            held = _prefix_of_batches_held_so(sorted(given), model.config)  # (one mistyped, say)
-            # batches the model holds as they are only, where the prefix is one of its mapped batches': the
-            # reference's cells, beside the query's (a whole file of them is told below to leave out the prefix)
-            as_is = sorted(name for name in given & known if args.batch_prefix + name not in known)
-            mapped = model.config.batch_categories[model.config.reference_categories.get(batch_key, len(known)) :]
-            if as_is and set(as_is) != given and any(name.startswith(args.batch_prefix) for name in mapped):
-                new = sorted(name for name in given - known if args.batch_prefix + name not in known)
-                with_it = sorted(given - set(as_is) - set(new))
-                steps = f"embed those of {as_is[:5]} in a run of their own, without --batch-prefix"
-                steps += f", and those of {with_it[:5]} with it" if with_it else ""
-                steps += f"; those of {new[:5]} are new to the model: map them (cellvae map)" if new else ""
-                raise SystemExit(
-                    f"error: the model holds {args.input}'s batches {as_is[:5]} as they are, not with --batch-prefix "
-                    f"{args.batch_prefix!r}: {steps}"
-                )
-            if given <= known:  # e.g. map's own output, or the reference's batches
-                fix = "leave out --batch-prefix"
-                if held is not None:
-                    fix = (
-                        f"the model holds them as mapped query batches with --batch-prefix {held!r}, not "
-                        f"{args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)} for the query's cells, or {fix} "
-                        "for the reference's"
-                    )
-                raise SystemExit(
-                    f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): {fix}"
-                )
-            if held is not None and held != args.batch_prefix:  # (else told as unseen batches, with the advice to map them)
+            prefix = args.batch_prefix
+            held = _prefix_of_batches_held_so(sorted(given), model.config)  # the model's prefix, where some are held so
+            if held is not None and held != prefix:  # mistyped (or "query" for "query_")
                 example = held + next(name for name in sorted(given) if held + name in known)
+                fix = " for the query's cells, or leave out --batch-prefix for the reference's" if given <= known else ""
                 raise SystemExit(
                     f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
-                    f"({example!r}), not {args.batch_prefix!r}: pass --batch-prefix {shlex.quote(held)}"
+                    f"({example!r}), not {prefix!r}: pass --batch-prefix {shlex.quote(held)}{fix}"
+                )
+            with_it = sorted(name for name in given if prefix + name in known)
+            as_is = sorted(name for name in given & known if prefix + name not in known)  # the model's as they are
+            new = sorted(name for name in given - known if prefix + name not in known)
+            if not with_it and not new:  # e.g. map's own output, or the reference's batches
+                raise SystemExit(
+                    f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): "
+                    "leave out --batch-prefix"
+                )
+            if as_is or with_it:  # (new ones alone are told as unseen batches, with the advice to map them)
+                steps = (
+                    [f"embed those of {as_is[:5]} (the model's as they are) in a run of their own, without it"] if as_is else []
+                )
+                steps += [f"{'those' if as_is else 'embed those'} of {with_it[:5]} with it"] if with_it else []
+                steps += [f"map those of {new[:5]}, new to the model (cellvae map)"] if new else []
+                raise SystemExit(
+                    f"error: not all of {args.input}'s batches are held by the model with --batch-prefix {prefix!r} before "
+                    f"them: {'; '.join(steps)}"
                 )
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
@@ -1044,17 +1039,20 @@ def _check_batches_read_as_recorded(adata, path: str, batch_key: str, model_dir:
 
 
 def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespace) -> None:
-    """Warn where every batch of the input is a reference batch that the (query) model also holds as a mapped batch
-    with a prefix before it (cellvae map --batch-prefix): the cells would be embedded as the reference's."""
+    """Warn where batches of the input are reference batches that the (query) model also holds as mapped batches
+    with a prefix before them (cellvae map --batch-prefix): the cells would be embedded as the reference's."""
     from cellvae.data import cell_texts, warn_user
 
     given = sorted(set(cell_texts(batches.dropna())))
-    prefix = _prefix_of_mapped_batches(given, config)
+    held = [name for name in given if _prefix_of_mapped_batches([name], config) is not None]
+    prefix = _prefix_of_mapped_batches(held, config)
     if prefix is not None:
+        others = sorted(set(given) - set(held))
+        alone = f" for them, in a run of their own (those of {others[:5]} without it)" if others else ""
         warn_user(
-            f"{args.input}'s batches {given[:5]} are embedded with the reference's parameters for them, but the model "
-            f"also holds them as mapped query batches named with {prefix!r} before them ({prefix + given[0]!r}): if "
-            f"these are the query's cells, pass --batch-prefix {prefix!r}; if they are the reference's, ignore this",
+            f"{args.input}'s batches {held[:5]} are embedded with the reference's parameters for them, but the model "
+            f"also holds them as mapped query batches named with {prefix!r} before them ({prefix + held[0]!r}): if "
+            f"these are the query's cells, pass --batch-prefix {prefix!r}{alone}; if they are the reference's, ignore this",
             UserWarning,
         )
 

@@ -1511,31 +1511,33 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
     with pytest.raises(SystemExit, match=also):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:]])
     # with the prefix, the reference's batch is told so (it was told to map it as a new batch)
-    as_is = r"holds .*'s batches \['batch1'\] as they are, not with --batch-prefix 'query_': embed those of \['batch1'\] in "
-    with_it = (
-        r"a run of their own, without --batch-prefix, and those of \['batch0', 'batch2'\] with it; those of \['batch3'\] are new"
-    )
-    with pytest.raises(SystemExit, match=as_is + with_it):
+    told = r"not all of .*'s batches are held by the model with --batch-prefix 'query_' before them: embed those of "
+    as_is = told + r"\['batch1'\] \(the model's as they are\) in a run of their own, without it"
+    with pytest.raises(SystemExit, match=as_is + r"; those of \['batch0', 'batch2'\] with it; map those of \['batch3'\], new"):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:], "--batch-prefix", "query_"])
-    # (review 43) only reference names, one of them also the query's: told apart, not "leave out --batch-prefix"
-    for batches, told in [
+    # (reviews 43-44) every subset told what to do with each batch
+    for batches, prefix, expected in [
+        (["batch0", "batch1"], "query_", as_is + r"; those of \['batch0'\] with it$"),
+        (["batch1", "batch3"], "query_", as_is + r"; map those of \['batch3'\], new to the model"),
+        (["batch2", "batch3"], "query_", told + r"\['batch2'\] with it; map those of \['batch3'\], new to the model"),
+        (["batch1", "batch3"], "qry_", r"embed those of \['batch1'\] \(the model's as they are\) in a run of their own"),
         (
-            ["batch0", "batch1"],
-            r"embed those of \['batch1'\] in a run of their own, without --batch-prefix, and those of \['batch0'\]",
+            ["batch2", "batch3"],
+            "qry_",
+            r"with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$",
         ),
-        (["batch1", "batch3"], r"without --batch-prefix; those of \['batch3'\] are new to the model: map them"),
+        (["batch0", "batch1", "batch2"], "query", r"\('query_batch0'\), not 'query': pass --batch-prefix query_$"),
     ]:
         part = mixed[mixed.obs["batch"].isin(batches)].copy()
         part.write_h5ad(tmp_path / "part.h5ad")
-        with pytest.raises(SystemExit, match=told):
-            main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", "query_"])
-    # a mistyped prefix is told the model's also where some batches are new ones (they were all told "map them")
-    part = mixed[mixed.obs["batch"].isin(["batch2", "batch3"])].copy()
+        with pytest.raises(SystemExit, match=expected):
+            main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", prefix])
+    # without the prefix, a query batch named like a reference one beside a reference batch is warned of
+    part = mixed[mixed.obs["batch"].isin(["batch0", "batch1"])].copy()
     part.write_h5ad(tmp_path / "part.h5ad")
-    with pytest.raises(
-        SystemExit, match=r"with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$"
-    ):
-        main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", "qry_"])
+    beside = r"batches \['batch0'\] are embedded .* pass --batch-prefix 'query_' for them, in a run of their own \(those of "
+    with pytest.warns(UserWarning, match=beside + r"\['batch1'\] without it\); if they are the reference's, ignore this"):
+        assert main(["embed", str(tmp_path / "part.h5ad"), *embed[2:4], "--out", str(tmp_path / "p.h5ad"), "--quiet"]) == 0
     assert not (tmp_path / "e.h5ad").exists()
     assert main([*embed, "--batch-prefix", "query_"]) == 0
 
@@ -1632,7 +1634,9 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
         main(["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "twice.h5ad"),
               "--batch-prefix", "query "])  # fmt: skip
     # a mistyped prefix: the message names the model's (leaving --batch-prefix out would embed them as the reference's)
-    mistyped = r"as mapped query batches with --batch-prefix 'query ', not 'query_': pass --batch-prefix 'query ' for the"
+    mistyped = (
+        r"as mapped query batches with --batch-prefix 'query ' \('query batch0'\), not 'query_': pass --batch-prefix 'query ' for"
+    )
     with pytest.raises(SystemExit, match=mistyped):
         main([*more, "--out", str(tmp_path / "typo.h5ad"), "--batch-prefix", "query_"])
     embedded = ad.read_h5ad(tmp_path / "more.h5ad")
