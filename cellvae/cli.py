@@ -778,6 +778,12 @@ def run_embed(args: argparse.Namespace) -> int:
             if held is not None and held != prefix:  # mistyped (or "query" for "query_")
                 example = held + next(name for name in sorted(given) if held + name in known)
                 fix = " for the query's cells, or leave out --batch-prefix for the reference's" if given <= known else ""
+                also = sorted(name for name in given & known if held + name in known)
+                fix += (
+                    f" ({also[:5]} also name reference batches: their reference cells go without it)"
+                    if also and fix == ""
+                    else ""
+                )
                 raise SystemExit(
                     f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
                     f"({example!r}), not {prefix!r}: pass --batch-prefix {shlex.quote(held)}{fix}"
@@ -795,6 +801,8 @@ def run_embed(args: argparse.Namespace) -> int:
                     [f"embed those of {as_is[:5]} (the model's as they are) in a run of their own, without it"] if as_is else []
                 )
                 steps += [f"{'those' if as_is else 'embed those'} of {with_it[:5]} with it"] if with_it else []
+                also = sorted(set(with_it) & known)  # a query batch named like a reference one: which cells are which?
+                steps[-1] += f" ({also[:5]} also name reference batches: their reference cells go without it)" if also else ""
                 steps += [f"map those of {new[:5]}, new to the model (cellvae map)"] if new else []
                 raise SystemExit(
                     f"error: not all of {args.input}'s batches are held by the model with --batch-prefix {prefix!r} before "
@@ -1067,7 +1075,7 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
         return
     given, known = set(cell_texts(adata.obs[column].dropna())), set(config.batch_categories)
     unseen = sorted(given - known)
-    prefix = _prefix_of_batches_held_so(unseen, config)
+    prefix = _prefix_of_batches_held_so(sorted(given), config)  # (of unseen batches, or of reference-named ones)
     if prefix is None:
         return
     held = [name for name in unseen if prefix + name in known]
@@ -1076,6 +1084,8 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
     # the query's; those it knows only as they are are the reference's
     both = sorted(name for name in given & known if prefix + name in known)
     as_is = sorted(name for name in given & known if prefix + name not in known)
+    if not held and not new:  # (reference-named batches alone are warned of once embedded)
+        return
     prefixed = sorted(held + both)
     steps = [f"pass --batch-prefix {shlex.quote(prefix)}" + (f" for the cells of {prefixed[:5]}" if as_is or new else "")]
     if both:
@@ -1084,6 +1094,13 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
         steps.append(f"embed those of {as_is[:5]} in a run of their own, without it")
     if new:
         steps.append(f"map those of {new[:5]}, new to the model (cellvae map)")
+    if not held:  # new batches beside reference-named ones the model also holds with the prefix
+        raise SystemExit(
+            f"error: {args.input}'s obs[{column!r}] holds batches {new[:5]} new to the model, and {both[:5]}, which it "
+            f"holds both as reference batches and as mapped query batches with {prefix!r} before them ({prefix + both[0]!r}, "
+            f"as cellvae map --batch-prefix {shlex.quote(prefix)} names them): {'; '.join(steps[1:])}; and embed the cells "
+            f"of {both[:5]} with --batch-prefix {shlex.quote(prefix)} where they are the mapped query's, else without it"
+        )
     raise SystemExit(
         f"error: {args.input}'s obs[{column!r}] holds batches {held[:5]} that the model does not know by these names, "
         f"but it holds mapped query batches of these names with {prefix!r} before them ({prefix + held[0]!r}, as "

@@ -1492,7 +1492,8 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
         main([*mapping, "--batch-prefix", "query_", "--query-model-dir", str(tmp_path / "qm"), "--epochs", "1", "--quiet"]) == 0
     )
     embed = ["embed", query, "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "e.h5ad"), "--quiet"]
-    told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch0'\), not 'qry_': pass --batch-prefix query_$"
+    told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch0'\), not 'qry_': pass --batch-prefix query_ "
+    told += r"\(\['batch0'\] also name reference batches: their reference cells go without it\)$"
     with pytest.raises(SystemExit, match=told):
         main([*embed, "--batch-prefix", "qry_"])
     left_out = r"batches \['batch2'\] that the model does not know .* with 'query_' before them \('query_batch2', as "
@@ -1513,11 +1514,13 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
     # with the prefix, the reference's batch is told so (it was told to map it as a new batch)
     told = r"not all of .*'s batches are held by the model with --batch-prefix 'query_' before them: embed those of "
     as_is = told + r"\['batch1'\] \(the model's as they are\) in a run of their own, without it"
-    with pytest.raises(SystemExit, match=as_is + r"; those of \['batch0', 'batch2'\] with it; map those of \['batch3'\], new"):
+    caveat = r" \(\['batch0'\] also name reference batches: their reference cells go without it\)"
+    with_it = r"; those of \['batch0', 'batch2'\] with it" + caveat + r"; map those of \['batch3'\], new"
+    with pytest.raises(SystemExit, match=as_is + with_it):
         main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:], "--batch-prefix", "query_"])
     # (reviews 43-44) every subset told what to do with each batch
     for batches, prefix, expected in [
-        (["batch0", "batch1"], "query_", as_is + r"; those of \['batch0'\] with it$"),
+        (["batch0", "batch1"], "query_", as_is + r"; those of \['batch0'\] with it" + caveat + "$"),
         (["batch1", "batch3"], "query_", as_is + r"; map those of \['batch3'\], new to the model"),
         (["batch2", "batch3"], "query_", told + r"\['batch2'\] with it; map those of \['batch3'\], new to the model"),
         (["batch1", "batch3"], "qry_", r"embed those of \['batch1'\] \(the model's as they are\) in a run of their own"),
@@ -1526,12 +1529,23 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
             "qry_",
             r"with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$",
         ),
-        (["batch0", "batch1", "batch2"], "query", r"\('query_batch0'\), not 'query': pass --batch-prefix query_$"),
+        (
+            ["batch0", "batch1", "batch2"],
+            "query",
+            r"\('query_batch0'\), not 'query': pass --batch-prefix query_ \(\['batch0'\] also name",
+        ),
     ]:
         part = mixed[mixed.obs["batch"].isin(batches)].copy()
         part.write_h5ad(tmp_path / "part.h5ad")
         with pytest.raises(SystemExit, match=expected):
             main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", prefix])
+    # (review 45) without the prefix, a reference-named batch the model also holds prefixed, beside a new one
+    part = mixed[mixed.obs["batch"].isin(["batch0", "batch3"])].copy()
+    part.write_h5ad(tmp_path / "part.h5ad")
+    beside_new = r"holds batches \['batch3'\] new to the model, and \['batch0'\], which it holds both as reference batches and"
+    beside_new += r" .*: map those of \['batch3'\], new to the model \(cellvae map\); and embed the cells of \['batch0'\] with"
+    with pytest.raises(SystemExit, match=beside_new):
+        main(["embed", str(tmp_path / "part.h5ad"), *embed[2:]])
     # without the prefix, a query batch named like a reference one beside a reference batch is warned of
     part = mixed[mixed.obs["batch"].isin(["batch0", "batch1"])].copy()
     part.write_h5ad(tmp_path / "part.h5ad")
