@@ -772,42 +772,7 @@ def run_embed(args: argparse.Namespace) -> int:
         column = args.batch_key or batch_key
         given = set(cell_texts(adata.obs[column].dropna()))
         known = set(model.config.batch_categories)
-        if not {args.batch_prefix + name for name in given} <= known:
-            prefix = args.batch_prefix
-            held = _prefix_of_batches_held_so(sorted(given), model.config)  # the model's prefix, where some are held so
-            if held is not None and held != prefix:  # mistyped (or "query" for "query_")
-                example = held + next(name for name in sorted(given) if held + name in known)
-                fix = " for the query's cells, or leave out --batch-prefix for the reference's" if given <= known else ""
-                also = sorted(name for name in given & known if held + name in known)
-                fix += (
-                    f" ({also[:5]} also name reference batches: their reference cells go without it)"
-                    if also and fix == ""
-                    else ""
-                )
-                raise SystemExit(
-                    f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
-                    f"({example!r}), not {prefix!r}: pass --batch-prefix {shlex.quote(held)}{fix}"
-                )
-            with_it = sorted(name for name in given if prefix + name in known)
-            as_is = sorted(name for name in given & known if prefix + name not in known)  # the model's as they are
-            new = sorted(name for name in given - known if prefix + name not in known)
-            if not with_it and not new:  # e.g. map's own output, or the reference's batches
-                raise SystemExit(
-                    f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): "
-                    "leave out --batch-prefix"
-                )
-            if as_is or with_it:  # (new ones alone are told as unseen batches, with the advice to map them)
-                steps = (
-                    [f"embed those of {as_is[:5]} (the model's as they are) in a run of their own, without it"] if as_is else []
-                )
-                steps += [f"{'those' if as_is else 'embed those'} of {with_it[:5]} with it"] if with_it else []
-                also = sorted(set(with_it) & known)  # a query batch named like a reference one: which cells are which?
-                steps[-1] += f" ({also[:5]} also name reference batches: their reference cells go without it)" if also else ""
-                steps += [f"map those of {new[:5]}, new to the model (cellvae map)"] if new else []
-                raise SystemExit(
-                    f"error: not all of {args.input}'s batches are held by the model with --batch-prefix {prefix!r} before "
-                    f"them: {'; '.join(steps)}"
-                )
+        _refuse_batches_the_prefix_does_not_fit(given, known, model.config, args, column)
         adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
         given = args.batch_key is not None
@@ -1065,6 +1030,50 @@ def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespac
         )
 
 
+def _refuse_batches_the_prefix_does_not_fit(given: set[str], known: set[str], config, args, column: str) -> None:
+    """Refuse, naming each batch's step, an input whose batches are not all held by the model with --batch-prefix
+    before them: a mistyped prefix, the reference's batches (without it), new ones (map them)."""
+    prefix = args.batch_prefix
+    if {prefix + name for name in given} <= known:
+        return
+    held = _prefix_of_batches_held_so(sorted(given), config)  # the model's prefix, where some are held so
+    if held is not None and held != prefix:  # mistyped (or "query" for "query_")
+        example = held + next(name for name in sorted(given) if held + name in known)
+        also = sorted(name for name in given & known if held + name in known)
+        if given <= known:
+            fix = " for the query's cells, or leave out --batch-prefix for the reference's"
+        else:
+            fix = f" ({also[:5]} also name reference batches: their reference cells go without it)" if also else ""
+        raise SystemExit(
+            f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
+            f"({example!r}), not {prefix!r}: pass --batch-prefix {shlex.quote(held)}{fix}"
+        )
+    with_it, as_is, new = _batches_by_prefix(given, known, prefix)
+    if not with_it and not new:  # e.g. map's own output, or the reference's batches
+        raise SystemExit(
+            f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): "
+            "leave out --batch-prefix"
+        )
+    if as_is or with_it:  # (new ones alone are told as unseen batches, with the advice to map them)
+        steps = [f"embed those of {as_is[:5]} (the model's as they are) in a run of their own, without it"] if as_is else []
+        steps += [f"{'those' if as_is else 'embed those'} of {with_it[:5]} with it"] if with_it else []
+        also = sorted(set(with_it) & known)  # a query batch named like a reference one: which cells are which?
+        steps[-1] += f" ({also[:5]} also name reference batches: their reference cells go without it)" if also else ""
+        steps += [f"map those of {new[:5]}, new to the model (cellvae map)"] if new else []
+        raise SystemExit(
+            f"error: not all of {args.input}'s batches are held by the model with --batch-prefix {prefix!r} before "
+            f"them: {'; '.join(steps)}"
+        )
+
+
+def _batches_by_prefix(given: set[str], known: set[str], prefix: str) -> tuple[list[str], list[str], list[str]]:
+    """``given``'s batches the model holds with ``prefix`` before them, those it holds only as they are, and new ones."""
+    with_it = sorted(name for name in given if prefix + name in known)
+    as_is = sorted(name for name in given & known if prefix + name not in known)
+    new = sorted(name for name in given - known if prefix + name not in known)
+    return with_it, as_is, new
+
+
 def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args: argparse.Namespace) -> None:
     """Refuse input batches new to the (query) model that it holds as mapped batches with a prefix before them
     (cellvae map --batch-prefix), naming the prefix: the advice for unseen batches (map them) would train a second
@@ -1074,19 +1083,15 @@ def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args
     if column not in adata.obs.columns:  # (told by _check_obs_columns)
         return
     given, known = set(cell_texts(adata.obs[column].dropna())), set(config.batch_categories)
-    unseen = sorted(given - known)
     prefix = _prefix_of_batches_held_so(sorted(given), config)  # (of unseen batches, or of reference-named ones)
     if prefix is None:
         return
-    held = [name for name in unseen if prefix + name in known]
-    new = [name for name in unseen if name not in held]  # (neither as they are nor with the prefix)
     # a batch the model knows both as it is and with the prefix (a query batch named like a reference one) goes with
     # the query's; those it knows only as they are are the reference's
-    both = sorted(name for name in given & known if prefix + name in known)
-    as_is = sorted(name for name in given & known if prefix + name not in known)
+    prefixed, as_is, new = _batches_by_prefix(given, known, prefix)
+    held, both = [name for name in prefixed if name not in known], [name for name in prefixed if name in known]
     if not held and not new:  # (reference-named batches alone are warned of once embedded)
         return
-    prefixed = sorted(held + both)
     steps = [f"pass --batch-prefix {shlex.quote(prefix)}" + (f" for the cells of {prefixed[:5]}" if as_is or new else "")]
     if both:
         steps[0] += f" ({both[:5]} also name reference batches: embed the reference's cells of them without it)"
