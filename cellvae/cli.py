@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for option in PATH_OPTIONS:  # "~/x" quoted (or from a pipeline's config) is the home's, as the shell would read it
         if isinstance(getattr(args, option, None), str):
             setattr(args, option, os.path.expanduser(getattr(args, option)))
-    if args.command != "fit" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.command != "fit" and int(os.environ.get("WORLD_SIZE") or 1) > 1:  # (torch is not loaded for this)
         # every process would write the same outputs (one then failing on the other's "--out exists")
         raise SystemExit(
             f"error: cellvae {args.command} runs in one process: run it without torchrun (only cellvae fit trains data-parallel)"
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         # not an error after the work is done
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="backslashreplace")
+    grouped = _in_a_process_group()  # a group the caller made is kept; the one fit joins under torchrun is left at the end
     try:
         return args.run(args)
     except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)
@@ -93,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             if not _is_out_of_memory(error):
                 raise
         raise SystemExit(f"error: {in_command_line_terms(_message_of(error), args)}") from error
+    finally:
+        if not grouped and _in_a_process_group():  # (nccl warns at exit of a group that was never destroyed)
+            sys.modules["torch.distributed"].destroy_process_group()
+
+
+def _in_a_process_group() -> bool:
+    """Whether this process is in a torch.distributed process group (torch is not loaded to tell)."""
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
 PATH_OPTIONS = ("input", "out", "out_dir", "model_dir", "query_model_dir", "checkpoint_dir", "reference")
@@ -150,7 +160,6 @@ def in_command_line_terms(message: str, args: argparse.Namespace | None = None) 
     # the --reference file is read where the model reads its counts, by its var_names: --layer and --var-names are the
     # input's options, so its fixes stay in Python (made in the --reference file)
     about_the_reference = message.startswith("--reference ")
-    message = message.replace("embed them with model.get_latent", "embed them with cellvae embed")
     # the model's genes, in a fix made in Python: read from the saved model (the command line's model has no name)
     model_dir = str(getattr(args, "model_dir", None) or "MODEL_DIR")
     message = message.replace(
@@ -700,7 +709,7 @@ def run_fit(args: argparse.Namespace) -> int:
         return 0
     stale = tl._stale_graph_message(adata, args.key_added)  # an earlier embedding, whose graph and UMAP the input may hold
     replaced = adata.obsm.get(args.key_added)
-    seed, progress = tl._check_seed(args.seed), not args.quiet
+    seed, progress = tl.check_seed(args.seed), not args.quiet
     model = tl._trained_model(genes, model_kwargs, args.epochs, seed, progress, fit_kwargs)
     model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure (or Ctrl-C) below loses no training
     print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
@@ -766,23 +775,17 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.batch_prefix and not batch_key:
         raise SystemExit(f"error: the model in {args.model_dir} reads no batches; leave out --batch-prefix")
     adata, layer = _read_for_model(args.input, model, args.layer, args.backed, var_names=args.var_names)
-    if args.batch_prefix and (args.batch_key or batch_key) in adata.obs.columns:  # (a missing column is told below)
-        from cellvae.data import cell_texts
-
-        column = args.batch_key or batch_key
-        given = set(cell_texts(adata.obs[column].dropna()))
-        known = set(model.config.batch_categories)
-        _refuse_batches_the_prefix_does_not_fit(given, known, model.config, args, column)
-        adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
+    column = args.batch_key or batch_key
+    if batch_key and args.batch_key is None:
+        _check_batches_read_as_recorded(adata, args.input, batch_key, args.model_dir)
+    if batch_key and column in adata.obs.columns:  # (a missing column is told below)
+        _refuse_batches_this_run_would_embed_wrongly(adata.obs[column], column, model.config, args)
+        if args.batch_prefix:
+            adata.obs[column] = _prefixed(adata.obs[column], args.batch_prefix)
     if batch_key:
-        given = args.batch_key is not None
-        if not given:
-            _check_batches_read_as_recorded(adata, args.input, batch_key, args.model_dir)
+        _check_obs_columns(adata, args.input, column, model.config, args.batch_key is not None, "the model", "the cells'")
         if not args.batch_prefix:
-            _refuse_mapped_batches_without_their_prefix(adata, args.batch_key or batch_key, model.config, args)
-        _check_obs_columns(adata, args.input, args.batch_key or batch_key, model.config, given, "the model", "the cells'")
-        if not args.batch_prefix:
-            _warn_if_a_batch_prefix_seems_meant(adata.obs[args.batch_key or batch_key], model.config, args)
+            _warn_if_a_batch_prefix_seems_meant(adata.obs[column], model.config, args)
     tl._check_record_is_its_own(adata, args.key_added, tl._uns_key(args.key_added))
     stale, replaced = tl._stale_graph_message(adata, args.key_added), adata.obsm.get(args.key_added)
     batches_from = None if args.batch_key in (None, batch_key) else (args.batch_key, batch_key)
@@ -1021,49 +1024,78 @@ def _warn_if_a_batch_prefix_seems_meant(batches, config, args: argparse.Namespac
     prefix = _prefix_of_mapped_batches(held, config)
     if prefix is not None:
         others = sorted(set(given) - set(held))
-        alone = f" for them, in a run of their own (those of {others[:5]} without it)" if others else ""
+        alone = f" for them, in a run of their own (those of {_listed(others)} without it)" if others else ""
         warn_user(
-            f"{args.input}'s batches {held[:5]} are embedded with the reference's parameters for them, but the model "
+            f"{args.input}'s batches {_listed(held)} are embedded with the reference's parameters for them, but the model "
             f"also holds them as mapped query batches named with {prefix!r} before them ({prefix + held[0]!r}): if "
             f"these are the query's cells, pass --batch-prefix {prefix!r}{alone}; if they are the reference's, ignore this",
             UserWarning,
         )
 
 
-def _refuse_batches_the_prefix_does_not_fit(given: set[str], known: set[str], config, args, column: str) -> None:
-    """Refuse, naming each batch's step, an input whose batches are not all held by the model with --batch-prefix
-    before them: a mistyped prefix, the reference's batches (without it), new ones (map them)."""
+def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, args: argparse.Namespace) -> None:
+    """Refuse, before any work, input batches that this run would not embed with their own parameters, telling each
+    batch its step: a mapped query's (cellvae map --batch-prefix) with the model's prefix, the model's batches as they
+    are without one, new ones to map. Without --batch-prefix, the advice for unseen batches (map them) would map the
+    mapped query's cells a second time; with a mistyped one, or beside reference or new batches, the run cannot work."""
+    from cellvae.data import cell_texts
+
+    given, known = set(cell_texts(batches.dropna())), set(config.batch_categories)
     prefix = args.batch_prefix
-    if {prefix + name for name in given} <= known:
+    if prefix and {prefix + name for name in given} <= known:
         return
-    held = _prefix_of_batches_held_so(sorted(given), config)  # the model's prefix, where some are held so
-    if held is not None and held != prefix:  # mistyped (or "query" for "query_")
-        example = held + next(name for name in sorted(given) if held + name in known)
-        also = sorted(name for name in given & known if held + name in known)
-        if given <= known:
-            fix = " for the query's cells, or leave out --batch-prefix for the reference's"
-        else:
-            fix = f" ({also[:5]} also name reference batches: their reference cells go without it)" if also else ""
+    held = _prefix_of_batches_held_so(sorted(given), config)  # the model's prefix, where it holds some of them so
+    if not prefix and held is None:  # (new batches alone are told as unseen, with the advice to map them)
+        return
+    with_it, as_is, new = _batches_by_prefix(given, known, held or prefix)
+    where = f"{args.input}'s obs[{column!r}]"
+    if prefix and not with_it and not new:  # e.g. map's own output, or the reference's batches
+        raise SystemExit(f"error: {where} holds the model's batches as they are ({_listed(as_is)}): leave out --batch-prefix")
+    if prefix and not with_it and not as_is:
         raise SystemExit(
-            f"error: the model holds {args.input}'s batches as mapped query batches with --batch-prefix {held!r} "
-            f"({example!r}), not {prefix!r}: pass --batch-prefix {shlex.quote(held)}{fix}"
+            f"error: {where} holds batches {_listed(new)} new to the model, with or without --batch-prefix {prefix!r}: "
+            "map them (cellvae map)"
         )
-    with_it, as_is, new = _batches_by_prefix(given, known, prefix)
-    if not with_it and not new:  # e.g. map's own output, or the reference's batches
+    unknown = [name for name in with_it if name not in known]  # (the others also name reference batches)
+    if not prefix and not unknown and not new:  # reference-named batches alone: warned of once embedded
+        return
+    steps = _steps_for_batches(with_it, as_is, new, held or prefix, known)
+    # (held by the model with its prefix: an example; with_it is empty only where a given prefix fits none)
+    named = f"({held + with_it[0]!r}, as cellvae map --batch-prefix {shlex.quote(held)} names them)" if held else ""
+    if prefix and held not in (None, prefix):  # mistyped, or "query" for "query_"
+        lead = f"the model holds mapped query batches with --batch-prefix {held!r} before them {named}, not {prefix!r}"
+    elif prefix:
+        lead = f"not all of the batches in {where} are held by the model with --batch-prefix {prefix!r} before them"
+    elif unknown:
         raise SystemExit(
-            f"error: {args.input}'s obs[{column!r}] holds the model's batches as they are ({sorted(given)[:5]}): "
-            "leave out --batch-prefix"
+            f"error: {where} holds batches {_listed(unknown)} that the model does not know by these names, but it holds "
+            f"mapped query batches of these names with {held!r} before them {named}: if these are the mapped query's "
+            f"cells, {steps}; if they are other batches, map them (cellvae map)"
         )
-    if as_is or with_it:  # (new ones alone are told as unseen batches, with the advice to map them)
-        steps = [f"embed those of {as_is[:5]} (the model's as they are) in a run of their own, without it"] if as_is else []
-        steps += [f"{'those' if as_is else 'embed those'} of {with_it[:5]} with it"] if with_it else []
-        also = sorted(set(with_it) & known)  # a query batch named like a reference one: which cells are which?
-        steps[-1] += f" ({also[:5]} also name reference batches: their reference cells go without it)" if also else ""
-        steps += [f"map those of {new[:5]}, new to the model (cellvae map)"] if new else []
-        raise SystemExit(
-            f"error: not all of {args.input}'s batches are held by the model with --batch-prefix {prefix!r} before "
-            f"them: {'; '.join(steps)}"
+    else:
+        lead = (
+            f"{where} holds batches {_listed(new)} new to the model, and {_listed(with_it)}, which it holds both as "
+            f"reference batches and as mapped query batches with {held!r} before them {named}"
         )
+    raise SystemExit(f"error: {lead}: {steps}")
+
+
+def _steps_for_batches(with_it: list[str], as_is: list[str], new: list[str], prefix: str, known: set[str]) -> str:
+    """Each batch's step, for :func:`_refuse_batches_this_run_would_embed_wrongly`: those the model holds with
+    ``prefix`` before them, those it holds as they are, and new ones."""
+    option = f"--batch-prefix {shlex.quote(prefix)}"
+    steps = []
+    if with_it:
+        steps.append(f"pass {option}" if not as_is and not new else f"embed the cells of {_listed(with_it)} with {option}")
+        both = [name for name in with_it if name in known]  # a query batch named like a reference one
+        if both:
+            them = ("names a reference batch", "it") if len(both) == 1 else ("name reference batches", "them")
+            steps[-1] += f" ({_listed(both)} also {them[0]}: embed the reference's cells of {them[1]} without --batch-prefix)"
+    if as_is:
+        steps.append(f"embed the cells of {_listed(as_is)} (the model's batches as they are) without --batch-prefix")
+    if new:
+        steps.append(f"map the cells of {_listed(new)}, new to the model (cellvae map)")
+    return "; ".join(steps) if len(steps) == 1 else "in separate runs, " + "; ".join(steps)
 
 
 def _batches_by_prefix(given: set[str], known: set[str], prefix: str) -> tuple[list[str], list[str], list[str]]:
@@ -1074,44 +1106,9 @@ def _batches_by_prefix(given: set[str], known: set[str], prefix: str) -> tuple[l
     return with_it, as_is, new
 
 
-def _refuse_mapped_batches_without_their_prefix(adata, column: str, config, args: argparse.Namespace) -> None:
-    """Refuse input batches new to the (query) model that it holds as mapped batches with a prefix before them
-    (cellvae map --batch-prefix), naming the prefix: the advice for unseen batches (map them) would train a second
-    query model for cells the model already maps."""
-    from cellvae.data import cell_texts
-
-    if column not in adata.obs.columns:  # (told by _check_obs_columns)
-        return
-    given, known = set(cell_texts(adata.obs[column].dropna())), set(config.batch_categories)
-    prefix = _prefix_of_batches_held_so(sorted(given), config)  # (of unseen batches, or of reference-named ones)
-    if prefix is None:
-        return
-    # a batch the model knows both as it is and with the prefix (a query batch named like a reference one) goes with
-    # the query's; those it knows only as they are are the reference's
-    prefixed, as_is, new = _batches_by_prefix(given, known, prefix)
-    held, both = [name for name in prefixed if name not in known], [name for name in prefixed if name in known]
-    if not held and not new:  # (reference-named batches alone are warned of once embedded)
-        return
-    steps = [f"pass --batch-prefix {shlex.quote(prefix)}" + (f" for the cells of {prefixed[:5]}" if as_is or new else "")]
-    if both:
-        steps[0] += f" ({both[:5]} also name reference batches: embed the reference's cells of them without it)"
-    if as_is:
-        steps.append(f"embed those of {as_is[:5]} in a run of their own, without it")
-    if new:
-        steps.append(f"map those of {new[:5]}, new to the model (cellvae map)")
-    if not held:  # new batches beside reference-named ones the model also holds with the prefix
-        raise SystemExit(
-            f"error: {args.input}'s obs[{column!r}] holds batches {new[:5]} new to the model, and {both[:5]}, which it "
-            f"holds both as reference batches and as mapped query batches with {prefix!r} before them ({prefix + both[0]!r}, "
-            f"as cellvae map --batch-prefix {shlex.quote(prefix)} names them): {'; '.join(steps[1:])}; and embed the cells "
-            f"of {both[:5]} with --batch-prefix {shlex.quote(prefix)} where they are the mapped query's, else without it"
-        )
-    raise SystemExit(
-        f"error: {args.input}'s obs[{column!r}] holds batches {held[:5]} that the model does not know by these names, "
-        f"but it holds mapped query batches of these names with {prefix!r} before them ({prefix + held[0]!r}, as "
-        f"cellvae map --batch-prefix {shlex.quote(prefix)} names them): if these are the mapped query's cells, "
-        f"{'; '.join(steps)}; if they are other batches, map them (cellvae map)"
-    )
+def _listed(names: list[str], at_most: int = 10) -> str:
+    """``names`` as a list for a message, cut after ``at_most`` names with how many there are in all."""
+    return repr(names) if len(names) <= at_most else f"{repr(names[:at_most])[:-1]}, ... ({len(names)} in all)]"
 
 
 def _prefix_of_batches_held_so(names: list[str], config) -> str | None:
@@ -1395,7 +1392,7 @@ def _check_model_dir(
     ``option``), where saving it or writing ``out`` would replace the files of a ``separate`` folder
     (``{option: path}``: fit's checkpoints, map's reference model), or where replacing the folder would remove one
     of the ``inputs`` (``{option: path}``: a model's ``adata.h5ad`` given as the input)."""
-    from cellvae.model import why_not_a_model_folder
+    from cellvae.model import is_empty_folder, why_not_a_model_folder
 
     folder = Path(model_dir).expanduser()
     resolved = folder.resolve()
@@ -1414,7 +1411,7 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
-    if folder.exists():
+    if folder.exists() and not is_empty_folder(folder):  # (an empty one, made ahead, is taken)
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
         what = why_not_a_model_folder(folder)

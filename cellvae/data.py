@@ -73,13 +73,18 @@ PACKAGE_DIRECTORY = os.path.dirname(os.path.abspath(__file__)) + os.sep
 CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)  # @contextmanager decorators sit between cellvae's frames
 
 
+def launched_processes() -> int:
+    """How many processes torchrun launched for this run: its ``WORLD_SIZE`` (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def process_rank() -> int:
     """This process's rank in a data-parallel run: torch.distributed's, else torchrun's ``RANK`` where
     ``WORLD_SIZE`` says there are several processes (0 alone)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return int(os.environ.get("RANK", "0") or 0)
+    if launched_processes() > 1:
+        return int(os.environ.get("RANK") or 0)
     return 0
 
 
@@ -125,6 +130,80 @@ def check_ordered(value, name: str, takes: str, fix: str = "pass a list, e.g. so
     them for one value, so they were looked up as one name, their repr (and a set's order would vary from run to run)."""
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes, np.ndarray)) and np.ndim(value) == 0:
         raise TypeError(f"{name} takes {takes}, got a {type(value).__name__} ({value!r:.80}): {fix}")
+
+
+def is_whole(value) -> bool:
+    """Whether ``value`` is an integer, Python's or NumPy's (not a bool, nor a float such as 128.0)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def native(value):
+    """A numpy scalar as the Python number it holds; anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def check_positive_int(value, name: str) -> None:
+    """Refuse what is not a whole number of at least 1 (a bool, a float like 128.0)."""
+    if not is_whole(value) or value < 1:
+        default = " (leave it out for the default; scvi-tools' None)" if value is None and name == "batch_size" else ""
+        raise ValueError(f"{name} must be a positive integer{default}, got {value!r}")
+
+
+def check_positive(value, name: str) -> None:
+    """Refuse what is not a positive, finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
+
+
+def check_threshold(threshold) -> None:
+    """Refuse a ``threshold`` that is not a non-negative, finite number."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0 <= threshold < np.inf:
+        raise ValueError(f"threshold must be a non-negative finite number, got {threshold!r}")
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` as a Python bool (NumPy's too, which JSON records cannot hold); anything else is refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_seed(random_state) -> int:
+    """``random_state`` as a Python integer (torch's generators refuse numpy's)."""
+    if not is_whole(random_state):
+        not_taken = " (scanpy also takes None or a RandomState; cellvae's results are reproducible by seed)"
+        raise TypeError(
+            f"random_state must be an integer seed, e.g. 0, got {random_state!r:.60}"
+            + (not_taken if random_state is None or isinstance(random_state, np.random.RandomState | np.random.Generator) else "")
+        )
+    if not 0 <= random_state < 2**32:  # what scanpy's and scikit-learn's seeds (numpy's RandomState) take
+        raise ValueError(f"random_state must be a non-negative integer below 2**32, got {random_state}")
+    return int(random_state)
+
+
+def check_is_anndata(adata, name: str = "adata") -> None:
+    """Refuse anything but an AnnData where one is expected (e.g. the path of a file, not yet read), before an
+    attribute error deep inside."""
+    if isinstance(adata, ad.AnnData):
+        return
+    if not isinstance(adata, (str, os.PathLike)):
+        raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}")
+    path = str(adata)
+    read = f"cellvae.read_zarr_lazy({path!r})" if path.rstrip("/").endswith(".zarr") else f"anndata.read_h5ad({path!r})"
+    raise TypeError(f"{name} must be an AnnData, got the path {path!r}; read the file first: {read}")
+
+
+def check_nonempty_anndata(adata, name: str = "adata") -> None:
+    """Refuse anything but an AnnData with cells and genes, whose obs is a pandas DataFrame."""
+    check_is_anndata(adata, name)
+    if not isinstance(adata.obs, pd.DataFrame):  # e.g. anndata.experimental.read_lazy's xarray obs
+        raise TypeError(
+            f"adata.obs is a {type(adata.obs).__name__}, not a pandas DataFrame (a lazily read AnnData?); read the file "
+            "with anndata.read_h5ad(path, backed='r'), cellvae.read_h5ad_lazy(path) or cellvae.read_zarr_lazy(path), or call "
+            "adata.to_memory()"
+        )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"{name} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
 
 
 def count_matrix(adata: ad.AnnData, layer: str | None):
@@ -640,6 +719,113 @@ def genes_unmeasured_by_batch(matrix, batch_codes: np.ndarray, n_batches: int) -
 UNMEASURED_EXPECTED_CELLS = 10
 # Stored values read at most by that check (about 0.4 s); a larger matrix is checked on a subset of its cells.
 UNMEASURED_CHECK_VALUES = 2**25
+
+
+# Counts look like reads of amplified molecules, not UMIs, where fewer than this share of the non-zero values
+# are 1 (UMI data hold 20-70%), judged per batch once that many non-zero values are sampled from it.
+READ_SHARE_OF_ONES = 0.1
+READ_CHECK_VALUES = 10_000
+# ... and like rounded log-normalised values where none of that many sampled non-zero values exceeds this (the
+# six shared datasets' largest counts: 419-2,973; 23-173 thinned to 200 counts per cell; 28-88 in their less
+# expressed half of the genes; 6-8 in np.rint of their normalize_total + log1p values)
+LOG_LARGEST_COUNT, LOG_CHECK_VALUES = 10, 100_000
+# Share of the genes the other batches detect often (genes_unmeasured_by_batch) that a batch may lack before
+# a warning: the shared datasets' batches lack at most 0.1% (a batch thinned 10x, 6.3%; one cell type against the
+# rest, 1.1%), pbmc4k outer-joined with pbmc3k's 16,579 genes 77%.
+UNMEASURED_SHARE = 0.1
+
+
+def warn_about_counts(matrix, where: str, likelihood: str, dispersion: str, obs: pd.DataFrame, layout: CovariateLayout) -> None:
+    """Warn about training counts that are valid but poorly served as they are: many genes without any
+    count (they cost time and tell nothing), and reads of amplified molecules rather than UMIs, which one
+    dispersion per gene fits poorly (``benchmarks/read_counts.py``: simulated reads of mouse gut cells,
+    15-NN cell-type accuracy 0.37 with it, as scVI's, and 0.53 with one per gene and cell; Kang's stimulated
+    cells as reads beside UMIs of the controls, batch mixing 0.59 with it and 0.71 with one per gene and batch).
+
+    The advice says how to judge it: by the clusters and batch mixing, not the validation ELBO, which a
+    dispersion per cell improves even where it mixes batches less (measured on deep UMI counts of
+    CellBench's 1,000 most expressed genes, 5.7% ones, mixing 0.80 with a dispersion per gene, 0.53 per cell)."""
+    n_genes = matrix.shape[1]
+    empty_genes = genes_without_counts(matrix)
+    if empty_genes is not None and empty_genes >= 0.1 * n_genes:
+        warn_user(
+            f"{empty_genes:,} of the {n_genes:,} genes have no counts in any cell: they cost training time (about "
+            "in proportion to the genes) and tell the model nothing; drop them first, e.g. "
+            "sc.pp.filter_genes(adata, min_cells=1)",
+            UserWarning,
+        )
+    batch_names = layout.batch_categories or ["all cells"]
+    codes = None
+    if layout.batch_key:
+        codes = as_text(obs[layout.batch_key]).set_categories(batch_names).codes
+        warn_about_unmeasured_genes(matrix, where, codes, batch_names, layout.batch_key)
+    share, non_zero, largest = count_profile(matrix, codes)
+    if non_zero.sum() >= LOG_CHECK_VALUES and 1 < largest <= LOG_LARGEST_COUNT:  # (0/1 data are no log values)
+        warn_user(
+            f"the largest of {non_zero.sum():,} non-zero values sampled from {where} is {largest:g}: raw counts of so "
+            "many values almost always exceed 10 somewhere (mitochondrial, ribosomal and marker genes), so these look "
+            "like rounded log-normalised values (np.rint of log1p data), which are not counts; give the model the raw "
+            "counts (a layer, or an AnnData rebuilt from adata.raw). If they are raw counts of lowly expressed genes, "
+            "ignore this",
+            UserWarning,
+        )
+        return
+    if dispersion == "gene-cell":
+        return
+    judged = non_zero >= READ_CHECK_VALUES  # batches with too few values sampled are not judged
+    reads = judged & (share < READ_SHARE_OF_ONES)
+    if not reads.any():
+        return
+    poisson = "likelihood='nb', " if likelihood == "poisson" else ""  # a Poisson model has no dispersion to choose
+    if reads.sum() < judged.sum():  # UMIs in some batches, reads in others
+        if dispersion == "gene-batch":
+            return
+        read_batches = np.flatnonzero(reads)
+        shown = ", ".join(f"{share[b]:.1%} ({batch_names[b]!r})" for b in read_batches[:5])
+        warn_user(
+            f"{where} looks like read counts, not UMI counts, in {len(read_batches)} of the {len(batch_names)} batches of "
+            f"obs[{layout.batch_key!r}]: only {shown}{', ...' if len(read_batches) > 5 else ''} of their non-zero values are 1, "
+            "where UMI counts hold 20-70%, as the other batches do. One dispersion per gene fits reads and UMIs poorly "
+            f"together: try CellVAE(..., {poisson}dispersion='gene-batch'), which gives each batch its own, and compare the "
+            "batch mixing and clusters (if these batches hold deep UMI counts, ignore this)",
+            UserWarning,
+        )
+        return
+    overall = (share * non_zero)[judged].sum() / non_zero[judged].sum()
+    warn_user(
+        f"{where} looks like read counts, not UMI counts: only {overall:.1%} of its non-zero values are 1 (UMI "
+        "data hold 20-70%, very deep cells or a panel of highly expressed genes fewer: if these are UMIs, ignore this). "
+        f"A dispersion per gene fits amplified reads poorly: try CellVAE(..., {poisson}dispersion='gene-cell') and compare "
+        "the clusters and batch mixing, not model.history['validation_elbo'] (a dispersion per cell always fits better). "
+        "Keep a model with one per gene for differential_expression: with one per cell it calls far fewer genes",
+        UserWarning,
+    )
+
+
+def warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, batch_names: list[str], batch_key: str) -> None:
+    """Warn where a batch lacks many genes the other batches detect in so many cells that it must not have measured
+    them: zeros filled in by ``anndata.concat(..., join='outer')``. The model reads them as silence in that batch and
+    keeps the batches apart (pbmc3k's 16,579 genes joined so with the atlas's pbmc4k on its 2,431, 25 epochs: 0% of
+    each cell's 15 nearest neighbours from the other batch, 15% on the 2,431 shared genes)."""
+    found = genes_unmeasured_by_batch(matrix, codes.astype(np.int64), len(batch_names))
+    if found is None:
+        return
+    unmeasured, expected = found
+    lacking = np.flatnonzero(unmeasured >= np.maximum(UNMEASURED_SHARE * expected, 1))
+    if not len(lacking):
+        return
+    shown = ", ".join(
+        f"{batch_names[b]!r} lacks {unmeasured[b]:,} of {expected[b]:,} ({unmeasured[b] / expected[b]:.0%})" for b in lacking[:5]
+    )
+    warn_user(
+        f"in {len(lacking)} of the {len(batch_names)} batches of obs[{batch_key!r}], {where} has no "
+        "count in any cell for many genes that the other batches detect in too many cells for that to be chance: "
+        f"{shown}{', ...' if len(lacking) > 5 else ''} of those genes. They were most likely not measured there "
+        "(anndata.concat(..., join='outer') fills the genes one dataset lacks with zeros), and the model would read "
+        "their absence as biology and keep the batches apart: train on the genes every batch measured, e.g. concat "
+        "with join='inner'",
+        UserWarning,
+    )
 
 
 def _blocks_of_rows(matrix, rows: np.ndarray | None) -> Iterator[tuple[int, object]]:
@@ -2248,13 +2434,6 @@ def _summable(block: sp.csr_matrix) -> sp.csr_matrix:
 def _fits_int16(counts: np.ndarray) -> bool:
     """Whether every count is a whole number in 0..32,767 (int16 holds it exactly)."""
     return bool(np.all((counts >= 0) & (counts <= np.iinfo(np.int16).max) & (counts == np.round(counts))))
-
-
-def check_positive_int(value, name: str) -> None:
-    """Refuse what is not a whole number of at least 1 (a bool, a float like 128.0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        default = " (leave it out for the default; scvi-tools' None)" if value is None and name == "batch_size" else ""
-        raise ValueError(f"{name} must be a positive integer{default}, got {value!r}")
 
 
 def _gather_csr_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:

@@ -42,13 +42,8 @@ class PosteriorCollapseWarning(UserWarning):
 @contextmanager
 def evaluation(vae: VAE, random_state: int) -> Iterator[None]:
     """Dropout off and torch's global generators seeded, both restored afterwards."""
-    was_training = vae.training
-    vae.eval()
-    try:
-        with seeded(random_state):
-            yield
-    finally:
-        vae.train(was_training)
+    with vae.evaluating(), seeded(random_state):
+        yield
 
 
 def rate_distortion(

@@ -43,7 +43,7 @@ PRIOR_CELLS = 4  # pseudo-cells from both groups, scaled to the group's mean: th
 POOL_MEAN_CELLS = 1000  # pool cells decoded for the mean that scales the pseudo-cells
 PER_10K = 1e4  # expression is reported per 10,000 counts, as scanpy's normalize_total
 PRIOR_WIDTH_STEP = math.sqrt(2.0)  # ratio of successive widths of the prior's normal components (as ashr's grid)
-# Groups of fewer cells with counts get fold changes shrunk strongly (an audit's simulation, 31 genes of |lfc| > 2: lfc_mean
+# Groups of fewer cells with counts get fold changes shrunk strongly (a simulation, 31 genes of |lfc| > 2: lfc_mean
 # at a median 0.12 of the decoded ratio at 5 cells, 0.33-0.44 at 8-10, 0.88 at 20), which a warning tells
 SHRUNK_GROUP_CELLS = 10
 MIN_SHRINKAGE_GENES = 50  # fewer measured genes are too few to learn the prior of fold changes from
@@ -469,7 +469,7 @@ def shrunk_fold_changes_told_as(missed: str, compare: str) -> Iterator[None]:
         _SHRUNK_FOLD_CHANGES_TOLD_AS.reset(token)
 
 
-# Told to groups of fewer than SHRUNK_GROUP_CELLS cells: calls of genes their counts cannot tell (an audit, session 75:
+# Told to groups of fewer than SHRUNK_GROUP_CELLS cells: calls of genes their counts cannot tell (measured on
 # random groups of 6-12 cells of Haber's gut types against the other types, benchmarks/README.md "One-off measurements")
 SPARSE_CALLS = (
     "A gene such a group holds about a count or less of (expected_counts < 1 in differential_expression's table) is called "

@@ -72,14 +72,6 @@ FURTHER_TRAINING_TOLERANCE = 1.002
 FIRST_FIT_TOLERANCE = 1.05
 # An epoch whose loss is this many times the loss before training stops it as diverged (no sound run comes near)
 DIVERGED_LOSS_RATIO = 10
-# Counts look like reads of amplified molecules, not UMIs, where fewer than this share of the non-zero values
-# are 1 (UMI data hold 20-70%), judged per batch once that many non-zero values are sampled from it.
-READ_SHARE_OF_ONES = 0.1
-READ_CHECK_VALUES = 10_000
-# ... and like rounded log-normalised values where none of that many sampled non-zero values exceeds this (the
-# six shared datasets' largest counts: 419-2,973; 23-173 thinned to 200 counts per cell; 28-88 in their less
-# expressed half of the genes; 6-8 in np.rint of their normalize_total + log1p values)
-LOG_LARGEST_COUNT, LOG_CHECK_VALUES = 10, 100_000
 
 # scvi-tools' names for what cellvae spells otherwise (README, "Coming from scvi-tools"): code ported from
 # scVI that uses one is told the cellvae name instead of Python's bare "no attribute" or "unexpected keyword".
@@ -239,7 +231,7 @@ Parameters = ParamSpec("Parameters")
 Returned = TypeVar("Returned")
 
 
-def _scvi_tools_names(
+def _advise_on_foreign_arguments(
     method: Callable[Parameters, Returned], arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str = "scvi-tools'"
 ) -> Callable[Parameters, Returned]:
     """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
@@ -383,7 +375,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     The AnnData is only read, never modified.
     """
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def __init__(
         self,
         adata: ad.AnnData,
@@ -406,7 +398,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         encode_batch: bool = True,
         posterior: str = "diagonal",
     ):
-        _check_anndata(adata)
+        data.check_nonempty_anndata(adata)
         for name, keys in (
             ("categorical_covariate_keys", categorical_covariate_keys),
             ("continuous_covariate_keys", continuous_covariate_keys),
@@ -426,7 +418,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"adata.var_names are not unique (e.g. {dup}); call adata.var_names_make_unique() first")
         # In a data-parallel run (a process group, or torchrun's WORLD_SIZE before fit joins one) fit checks a
         # backed matrix's values, each process only its part of the cells.
-        in_parallel_run = rank_and_world()[1] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        in_parallel_run = rank_and_world()[1] > 1 or data.launched_processes() > 1
         values_checked_in_fit = data.is_backed_matrix(matrix) and in_parallel_run
         config = Config(
             gene_names=list(data.gene_names(adata)),
@@ -438,18 +430,18 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             continuous_covariate_keys=layout.continuous_keys,
             continuous_covariate_mean=layout.continuous_mean,
             continuous_covariate_std=layout.continuous_std,
-            n_latent=_native(n_latent),
-            n_hidden=_native(n_hidden),
-            n_layers=_native(n_layers),
-            dropout=_native(dropout),
+            n_latent=data.native(n_latent),
+            n_hidden=data.native(n_hidden),
+            n_layers=data.native(n_layers),
+            dropout=data.native(dropout),
             normalization=normalization,
             likelihood=likelihood,
             dispersion=dispersion,
-            beta=_native(beta),
-            kl_warmup=_native(kl_warmup),
-            free_bits=_native(free_bits),
-            batch_mmd=_native(batch_mmd),
-            encode_batch=_native(encode_batch),
+            beta=data.native(beta),
+            kl_warmup=data.native(kl_warmup),
+            free_bits=data.native(free_bits),
+            batch_mmd=data.native(batch_mmd),
+            encode_batch=data.native(encode_batch),
             posterior=posterior,
             cellvae_version=CELLVAE_VERSION,
         )  # checks the settings before the counts are read, which can take long for a large backed matrix
@@ -462,7 +454,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         with data.hint_where_counts_are(adata, layer, trained=False):
             data.validate_counts(matrix, data.counts_location(layer), read_values=not values_checked_in_fit)
-        _warn_about_counts(matrix, data.counts_location(layer), likelihood, dispersion, adata.obs, layout)
+        data.warn_about_counts(matrix, data.counts_location(layer), likelihood, dispersion, adata.obs, layout)
         if config.batch_mmd > 0 and len(config.batch_categories) < 2:
             data.warn_user(f"batch_mmd has no effect: obs[{batch_key!r}] holds a single batch", UserWarning)
         self._setup(config, adata)
@@ -540,7 +532,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ training
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def fit(
         self,
         *,
@@ -590,8 +582,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         On a query model (from :meth:`map_query`) ``fit`` trains the mapping further: as in mapping,
         only the query's new parameters train (no KL warm-up, no weight decay) and the reference's
         stay frozen, so reference cells embed as before, to float rounding (unless it was mapped with
-        ``train_input_layer=True``, which trains the encoder's input layer again). A query model saved by
-        cellvae before this rule does not know it is one: map again to get it.
+        ``train_input_layer=True``, which trains the encoder's input layer again). A query model saved by an
+        older cellvae may not record that it is one: map again to get it.
 
         Parameters
         ----------
@@ -645,7 +637,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("this model was loaded without an AnnData; pass one with CellVAE.load(path, adata=...)")
         # numpy scalars become Python numbers: the checks, the history and checkpoints (JSON) expect them
         max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every = map(
-            _native, (max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every)
+            data.native, (max_epochs, batch_size, lr, weight_decay, validation_size, patience, random_state, checkpoint_every)
         )
         query = bool(self.config.reference_categories)
         # BatchNorm keeps the reference's statistics while a query model trains, so any batch size works
@@ -665,10 +657,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         weight_decay = (0.0 if query else 1e-6) if weight_decay is None else weight_decay
         _check_weight_decay(weight_decay)
-        early_stopping = _check_flag(early_stopping, "early_stopping")
-        progress = _check_flag(progress, "progress")
-        resume = _check_flag(resume, "resume")
-        if not _is_whole(checkpoint_every) or checkpoint_every < 1:
+        early_stopping = data.check_flag(early_stopping, "early_stopping")
+        progress = data.check_flag(progress, "progress")
+        resume = data.check_flag(resume, "resume")
+        if not data.is_whole(checkpoint_every) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of epochs, got {checkpoint_every!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir=... of the run to continue")
@@ -928,7 +920,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         progress: bool = True,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def get_latent(
         self,
         adata: ad.AnnData | None = None,
@@ -981,17 +973,17 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_cells × n_latent float32 array, cells in ``adata``'s order; with ``return_dist`` a tuple
         ``(means, variances)`` of two such arrays.
         """
-        mean = _check_flag(mean, "mean")
-        return_dist = _check_flag(return_dist, "return_dist")
-        progress = _check_flag(progress, "progress")
-        refine_steps = _native(refine_steps)
-        if not isinstance(refine_steps, int) or isinstance(refine_steps, bool) or refine_steps < 0:
+        mean = data.check_flag(mean, "mean")
+        return_dist = data.check_flag(return_dist, "return_dist")
+        progress = data.check_flag(progress, "progress")
+        refine_steps = data.native(refine_steps)
+        if not data.is_whole(refine_steps) or refine_steps < 0:
             raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if refine_steps and not mean:
             raise ValueError("refine_steps refines posterior means; use it with mean=True")
         if refine_steps and return_dist:
             raise ValueError("return_dist gives the encoder's posterior, which refine_steps does not return; use one of them")
-        random_state = _check_seed(random_state)
+        random_state = data.check_seed(random_state)
         loader, cells = self._loader(self._resolve(adata), self.device)
         if refine_steps:
             with diagnostics.evaluation(self.module, random_state):
@@ -1016,7 +1008,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     variances[rows] = self.module.posterior_variances(q["scale"]).float().cpu().numpy()
         return (latent, variances) if return_dist else latent
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def get_normalized_expression(
         self,
         adata: ad.AnnData | None = None,
@@ -1064,7 +1056,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 f"library_size must be a positive number of counts up to {data.MAX_COUNT:.0e}, e.g. 1 for scvi-tools' "
                 f"scale, got {library_size!r}" + (latent if isinstance(library_size, str) and library_size == "latent" else "")
             )
-        progress = _check_flag(progress, "progress")
+        progress = data.check_flag(progress, "progress")
         adata = self._resolve(adata)
         genes = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         targets = self._batch_overrides(transform_batch)
@@ -1138,7 +1130,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"gene_list names genes the model does not have: {unknown[:5]}" if unknown else "gene_list is empty")
         return torch.from_numpy(positions).to(self.device)
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def get_likelihood_parameters(
         self, adata: ad.AnnData | None = None, *, batch_size: int = 1024, progress: bool = True
     ) -> dict[str, np.ndarray]:
@@ -1165,7 +1157,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         of 1). Genes as in ``adata.var_names`` where ``adata`` holds
         exactly the model's genes, else in the model's order.
         """
-        progress = _check_flag(progress, "progress")
+        progress = data.check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._loader(adata, self.device)
         columns = self._adata_gene_columns(adata, "select its columns by name with model.config.gene_names")
@@ -1194,7 +1186,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             parameters["theta"] = np.broadcast_to(theta_row, (len(cells), self.config.n_genes))
         return {name: parameters[name] for name in names}
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def sample_counts(
         self,
         adata: ad.AnnData | None = None,
@@ -1238,8 +1230,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         else in the model's order.
         """
         data.check_positive_int(n_samples, "n_samples")
-        random_state = _check_seed(random_state)
-        progress = _check_flag(progress, "progress")
+        random_state = data.check_seed(random_state)
+        progress = data.check_flag(progress, "progress")
         adata = self._resolve(adata)
         columns = self._gene_indices(gene_list) if gene_list is not None else self._adata_gene_columns(adata)
         loader, cells = self._loader(adata, self.device)
@@ -1262,7 +1254,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     draws[s, rows] = drawn.cpu().numpy()
         return draws[0] if n_samples == 1 else draws
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def differential_expression(
         self,
         adata: ad.AnnData | None = None,
@@ -1404,7 +1396,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if delta is None:  # scvi-tools' delta=None picks one from the data
             raise ValueError("delta must be a positive number, got None (scvi-tools picks one then): give it, e.g. 0.25")
         for name, value in (("delta", delta), ("fdr_target", fdr_target)):
-            value = _native(value)
+            value = data.native(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < np.inf:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not fdr_target < 1:
@@ -1414,9 +1406,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         minimum = differential.MIN_DE_DRAWS
         if n_draws < minimum:
             raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
-        random_state = _check_seed(random_state)
-        batch_correction = _check_flag(batch_correction, "batch_correction")
-        progress = _check_flag(progress, "progress")
+        random_state = data.check_seed(random_state)
+        batch_correction = data.check_flag(batch_correction, "batch_correction")
+        progress = data.check_flag(progress, "progress")
         decode_under = [
             self._decode_batches(batchid, name, batch_correction)
             for name, batchid in (("batchid1", batchid1), ("batchid2", batchid2))
@@ -1567,7 +1559,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ persistence
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` (with :attr:`train_settings` in its metadata) and
         ``history.json`` into directory ``path``.
@@ -1577,7 +1569,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path
             The model's folder; its parent folders are created.
         overwrite
-            Replace an existing ``path``; otherwise a ``FileExistsError`` is raised. An ``adata.h5ad`` the
+            Replace an existing ``path``; otherwise a ``FileExistsError`` is raised (an empty folder, made
+            ahead, is simply filled). An ``adata.h5ad`` the
             folder holds is kept where it is this model's (the model was loaded from or saved to this folder
             while it held that very file, or reads its counts from it), unless ``save_anndata`` replaces it;
             saving another model over the folder removes it, with a warning.
@@ -1593,8 +1586,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         return at once, without waiting for it (call ``torch.distributed.barrier()`` before reading the folder on
         every rank).
         """
-        overwrite = _check_flag(overwrite, "overwrite")
-        save_anndata = _check_flag(save_anndata, "save_anndata")
+        overwrite = data.check_flag(overwrite, "overwrite")
+        save_anndata = data.check_flag(save_anndata, "save_anndata")
         if save_anndata:
             self._check_anndata_can_be_saved()
         if (self._data_parallel_rank or 0) > 0:  # (the group may have been destroyed since: its rank is kept)
@@ -1604,7 +1597,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path = Path(path).expanduser()
         if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
             raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
-        if path.exists() or path.is_symlink():
+        if (path.exists() or path.is_symlink()) and not is_empty_folder(path):  # (an empty one, made ahead, is taken)
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
             what = why_not_a_model_folder(path)
@@ -1692,7 +1685,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
 
     @classmethod
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def load(cls, path: str | os.PathLike, adata: ad.AnnData | None = None, *, load_anndata: bool = True) -> CellVAE:
         """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
 
@@ -1714,9 +1707,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The model, on the CPU, trained if it was when saved (with a warning where Ctrl-C had stopped its
         training). Weights that fail the checksum written by :meth:`save` are refused.
         """
-        load_anndata = _check_flag(load_anndata, "load_anndata")
+        load_anndata = data.check_flag(load_anndata, "load_anndata")
         if adata is not None:
-            _check_anndata(adata)
+            data.check_nonempty_anndata(adata)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"load needs the folder a model was saved in, e.g. 'my_model/', got {path!r:.60}")
         path = Path(path).expanduser()
@@ -1824,7 +1817,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         processes = metadata.get("processes", "")
         if isinstance(processes, str) and processes.isdecimal() and int(processes) > 1:
             model.history.attrs["processes"] = int(processes)
-        if "still_improving" in metadata:  # (not in files saved before session 71)
+        if "still_improving" in metadata:  # (older cellvae did not record it)
             model.history.attrs["still_improving"] = metadata["still_improving"] == "true"
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
@@ -1926,7 +1919,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ reference mapping
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def map_query(
         self,
         query_adata: ad.AnnData,
@@ -2024,14 +2017,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
         # BatchNorm keeps the reference's statistics while mapping, so any batch size works
         max_epochs, batch_size, lr, validation_size, patience, random_state = map(
-            _native, (max_epochs, batch_size, lr, validation_size, patience, random_state)
+            data.native, (max_epochs, batch_size, lr, validation_size, patience, random_state)
         )
         _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization=None)
         _warn_if_mmd_sees_one_cell(self.config, batch_size)
-        progress = _check_flag(progress, "progress")
-        train_input_layer = _check_flag(train_input_layer, "train_input_layer")
+        progress = data.check_flag(progress, "progress")
+        train_input_layer = data.check_flag(train_input_layer, "train_input_layer")
         training_device = pick_device(device)
-        _check_anndata(query_adata, "query_adata")
+        data.check_nonempty_anndata(query_adata, "query_adata")
         data.check_one_name(batch_key, "batch_key")
         covariates = self.config.categorical_covariate_keys + self.config.continuous_covariate_keys
         missing = [key for key in covariates if key not in query_adata.obs.columns]
@@ -2046,7 +2039,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         names = list(pd.unique(query_batches))  # the query's batches against each other (the reference's counts are gone)
         codes = pd.Categorical(query_batches, categories=names).codes
         location = "query_adata." + data.counts_location(self.config.layer).removeprefix("adata.")
-        _warn_about_unmeasured_genes(
+        data.warn_about_unmeasured_genes(
             _model_counts(aligned, self.config.layer, "query_adata"), location, codes, names, batch_key or reference_key
         )
         if batch_key not in (None, reference_key) and reference_key in query_adata.obs.columns:
@@ -2199,7 +2192,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ diagnostics and generation
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def rate_distortion(
         self,
         adata: ad.AnnData | None = None,
@@ -2230,8 +2223,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Their means over cells are the figures to quote.
         """
         data.check_positive_int(n_samples, "n_samples")
-        random_state = _check_seed(random_state)
-        progress = _check_flag(progress, "progress")
+        random_state = data.check_seed(random_state)
+        progress = data.check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._scoring_loader(adata)
         with diagnostics.evaluation(self.module, random_state):
@@ -2300,7 +2293,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -------
         The number of active dimensions, from 0 to ``n_latent`` (at least 2 cells are needed).
         """
-        _check_threshold(threshold)
+        data.check_threshold(threshold)
         if adata is not None and getattr(adata, "n_obs", 2) < 2:  # (what adata is, _posterior_statistics checks)
             raise ValueError(f"active_units measures how posterior means vary across cells: give 2 or more, got {adata.n_obs}")
         activity = self._posterior_statistics(adata, batch_size, progress, "active_units")[1]
@@ -2311,14 +2304,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each latent dimension's mean KL and activity over the cells of ``adata``, in one pass
         (:func:`~cellvae.diagnostics.posterior_statistics`), with a progress bar named ``desc``."""
-        progress = _check_flag(progress, "progress")
+        progress = data.check_flag(progress, "progress")
         loader, cells = self._loader(self._resolve(adata), self.device)
         with diagnostics.evaluation(self.module, 0):
             return diagnostics.posterior_statistics(
                 self.module, loader, cells, batch_size=batch_size, progress=progress, desc=desc
             )
 
-    @_scvi_tools_names
+    @_advise_on_foreign_arguments
     def marginal_log_likelihood(
         self,
         adata: ad.AnnData | None = None,
@@ -2359,8 +2352,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         data.check_positive_int(n_samples, "n_samples")
         data.check_positive_int(batch_size, "batch_size")
-        random_state = _check_seed(random_state)
-        progress = _check_flag(progress, "progress")
+        random_state = data.check_seed(random_state)
+        progress = data.check_flag(progress, "progress")
         loader, cells = self._scoring_loader(self._resolve(adata))
         with diagnostics.evaluation(self.module, random_state):
             return diagnostics.marginal_log_likelihood(
@@ -2421,9 +2414,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         for name, value in (("n_steps", n_steps), ("n_samples", n_samples), ("n_elbo_samples", n_elbo_samples)):
             data.check_positive_int(value, name)
-        _check_positive(lr, "lr")
-        random_state = _check_seed(random_state)
-        progress = _check_flag(progress, "progress")
+        data.check_positive(lr, "lr")
+        random_state = data.check_seed(random_state)
+        progress = data.check_flag(progress, "progress")
         adata = self._resolve(adata)
         loader, cells = self._scoring_loader(adata)
         with diagnostics.evaluation(self.module, random_state):
@@ -2476,7 +2469,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         genes = self._gene_indices(gene_list) if gene_list is not None else slice(None)
         self._warn_if_untrained()
         z = self._check_latent(z)
-        library = _library_sizes(library_size, len(z))
+        library = _checked_library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
         n_out = self.config.n_genes if gene_list is None else len(genes)
         expression = np.zeros((len(z), n_out), dtype=np.float32)  # the output, and no other copy
@@ -2537,10 +2530,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         """
         data.check_positive_int(n_cells, "n_cells")
         data.check_positive_int(batch_size, "batch_size")
-        random_state = _check_seed(random_state)
-        progress = _check_flag(progress, "progress")
+        random_state = data.check_seed(random_state)
+        progress = data.check_flag(progress, "progress")
         self._warn_if_untrained()
-        library = None if library_size is None else _library_sizes(library_size, n_cells)  # checked before any work
+        library = None if library_size is None else _checked_library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
         given = _covariate_values(covariates, c)
         needs_template = (
@@ -2597,7 +2590,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         UserWarning,
                     )
             if library is None:  # (a cell's total may exceed the largest single count accepted)
-                library = _library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
+                library = _checked_library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
             template = own.obs.iloc[template]
             if batch is None and c.batch_key:
                 batch = data.cell_texts(template[c.batch_key])
@@ -2702,7 +2695,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _check_decoding(self, n: int, batch, covariates: dict | None, library_size) -> None:
         """Refuse, before any work, decoding arguments for ``n`` codes that :meth:`decode` would refuse."""
-        _library_sizes(library_size, n)
+        _checked_library_sizes(library_size, n)
         if batch is None and self.config.batch_key:  # decoded as each batch of the model
             batch = self.config.batch_categories[0]
         data.covariate_matrix(self._covariate_frame(n, batch, covariates), self.layout, "covariates")
@@ -2776,7 +2769,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     def _resolve(self, adata: ad.AnnData | None) -> ad.AnnData:
         self._warn_if_untrained()
         if adata is not None:
-            _check_is_anndata(adata)
+            data.check_is_anndata(adata)
             return adata
         if self.adata is None:
             raise ValueError("this model was loaded without an AnnData; pass adata=... explicitly")
@@ -2795,7 +2788,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``all_ranks`` (in ``fit``, which every rank of a data-parallel run calls): each rank checks and
         sums only its part of a backed matrix.
         """
-        _check_anndata(adata)
+        data.check_nonempty_anndata(adata)
         self._check_float32()
         matrix = _model_counts(adata, self.config.layer, "this AnnData")
         genes, names = pd.Index(self.config.gene_names), data.gene_names(adata)
@@ -2842,7 +2835,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         scalar = isinstance(transform_batch, str) or np.ndim(transform_batch) == 0
         given = [transform_batch] if scalar else list(transform_batch)
         # None in a list: the cell's own batch, as in scvi-tools
-        names = [None if name is None else _as_category_name(name, self.config.batch_categories) for name in given]
+        names = [None if batch is None else _as_category_name(batch, self.config.batch_categories) for batch in given]
         if not names:
             none = "for each cell's own batch" if name == "transform_batch" else "to decode under all the model's batches"
             raise ValueError(f"{name} is empty; name one batch or more, or pass None {none}")
@@ -2921,6 +2914,11 @@ def _not_model_files(folder: Path) -> list[str]:
 def is_model_folder(path: Path) -> bool:
     """Whether ``path`` is a folder that holds nothing but files written by :meth:`CellVAE.save` (or nothing)."""
     return why_not_a_model_folder(path) is None
+
+
+def is_empty_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a link to one) that holds nothing, or only macOS's ``.DS_Store``."""
+    return path.is_dir() and not path.is_symlink() and not {entry.name for entry in path.iterdir()} - {".DS_Store"}
 
 
 def why_not_a_model_folder(path: Path) -> str | None:
@@ -3094,7 +3092,7 @@ def _covariate_values(covariates, config: Config) -> dict:
     return given
 
 
-def _library_sizes(value, n: int) -> np.ndarray:
+def _checked_library_sizes(value, n: int) -> np.ndarray:
     """``library_size`` (one number, or one per row) as float32, each a positive, finite number of counts."""
     sizes = _per_row(value, n, "library_size")
     if not np.issubdtype(sizes.dtype, np.number) or not (np.isfinite(sizes) & (sizes > 0)).all():
@@ -3106,51 +3104,19 @@ def _library_sizes(value, n: int) -> np.ndarray:
     return sizes.astype(np.float32)
 
 
-def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
-
-
-def _check_threshold(threshold) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) or not 0 <= threshold < np.inf:
-        raise ValueError(f"threshold must be a non-negative finite number, got {threshold!r}")
-
-
-def _check_seed(random_state) -> int:
-    """``random_state`` as a Python integer (torch's generators refuse numpy's)."""
-    if not _is_whole(random_state):
-        not_taken = " (scanpy also takes None or a RandomState; cellvae's results are reproducible by seed)"
-        raise TypeError(
-            f"random_state must be an integer seed, e.g. 0, got {random_state!r:.60}"
-            + (not_taken if random_state is None or isinstance(random_state, np.random.RandomState | np.random.Generator) else "")
-        )
-    if not 0 <= random_state < 2**32:  # what scanpy's and scikit-learn's seeds (numpy's RandomState) take
-        raise ValueError(f"random_state must be a non-negative integer below 2**32, got {random_state}")
-    return int(random_state)
-
-
-def _native(value):
-    """A numpy scalar as the Python number it holds; anything else as it is."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization) -> None:
     """The training arguments that fit and map_query share, checked before any work."""
     if not isinstance(validation_size, (int, float, np.number)) or not 0.0 <= validation_size < 1.0:
         raise ValueError(f"validation_size must be a fraction in [0, 1), got {validation_size!r}")
-    if max_epochs is not None and (not _is_whole(max_epochs) or max_epochs < 1):
+    if max_epochs is not None and (not data.is_whole(max_epochs) or max_epochs < 1):
         raise ValueError(f"max_epochs must be a positive integer or None, got {max_epochs!r}")
     data.check_positive_int(batch_size, "batch_size")
     if batch_size < 2 and normalization == "batch":
         raise ValueError("normalization='batch' normalises over each minibatch, so it needs batch_size >= 2")
-    _check_positive(lr, "lr")
-    if not _is_whole(patience) or patience < 1:
+    data.check_positive(lr, "lr")
+    if not data.is_whole(patience) or patience < 1:
         raise ValueError(f"patience must be a positive number of epochs, got {patience!r}")
-    _check_seed(random_state)
+    data.check_seed(random_state)
 
 
 def _warn_if_mmd_sees_one_cell(config: Config, batch_size: int) -> None:
@@ -3215,138 +3181,6 @@ def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
 def _key_list(keys) -> list:
     """obs column names given as any collection (a list, a pandas Index, a NumPy array); None is none."""
     return [] if keys is None else [str(key) if isinstance(key, str) else key for key in keys]
-
-
-def _check_flag(value, name: str) -> bool:
-    """``value`` as a Python bool (NumPy's too, which JSON records cannot hold); anything else is refused."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _warn_about_counts(
-    matrix, where: str, likelihood: str, dispersion: str, obs: pd.DataFrame, layout: data.CovariateLayout
-) -> None:
-    """Warn about training counts that are valid but poorly served as they are: many genes without any
-    count (they cost time and tell nothing), and reads of amplified molecules rather than UMIs, which one
-    dispersion per gene fits poorly (``benchmarks/read_counts.py``: simulated reads of mouse gut cells,
-    15-NN cell-type accuracy 0.37 with it, as scVI's, and 0.53 with one per gene and cell; Kang's stimulated
-    cells as reads beside UMIs of the controls, batch mixing 0.59 with it and 0.71 with one per gene and batch).
-
-    The advice says how to judge it: by the clusters and batch mixing, not the validation ELBO, which a
-    dispersion per cell improves even where it mixes batches less (a review of session 42: deep UMI counts of
-    CellBench's 1,000 most expressed genes, 5.7% ones, mixing 0.80 with a dispersion per gene, 0.53 per cell)."""
-    n_genes = matrix.shape[1]
-    empty_genes = data.genes_without_counts(matrix)
-    if empty_genes is not None and empty_genes >= 0.1 * n_genes:
-        data.warn_user(
-            f"{empty_genes:,} of the {n_genes:,} genes have no counts in any cell: they cost training time (about "
-            "in proportion to the genes) and tell the model nothing; drop them first, e.g. "
-            "sc.pp.filter_genes(adata, min_cells=1)",
-            UserWarning,
-        )
-    batch_names = layout.batch_categories or ["all cells"]
-    codes = None
-    if layout.batch_key:
-        codes = data.as_text(obs[layout.batch_key]).set_categories(batch_names).codes
-        _warn_about_unmeasured_genes(matrix, where, codes, batch_names, layout.batch_key)
-    share, non_zero, largest = data.count_profile(matrix, codes)
-    if non_zero.sum() >= LOG_CHECK_VALUES and 1 < largest <= LOG_LARGEST_COUNT:  # (0/1 data are no log values)
-        data.warn_user(
-            f"the largest of {non_zero.sum():,} non-zero values sampled from {where} is {largest:g}: raw counts of so "
-            "many values almost always exceed 10 somewhere (mitochondrial, ribosomal and marker genes), so these look "
-            "like rounded log-normalised values (np.rint of log1p data), which are not counts; give the model the raw "
-            "counts (a layer, or an AnnData rebuilt from adata.raw). If they are raw counts of lowly expressed genes, "
-            "ignore this",
-            UserWarning,
-        )
-        return
-    if dispersion == "gene-cell":
-        return
-    judged = non_zero >= READ_CHECK_VALUES  # batches with too few values sampled are not judged
-    reads = judged & (share < READ_SHARE_OF_ONES)
-    if not reads.any():
-        return
-    poisson = "likelihood='nb', " if likelihood == "poisson" else ""  # a Poisson model has no dispersion to choose
-    if reads.sum() < judged.sum():  # UMIs in some batches, reads in others
-        if dispersion == "gene-batch":
-            return
-        read_batches = np.flatnonzero(reads)
-        shown = ", ".join(f"{share[b]:.1%} ({batch_names[b]!r})" for b in read_batches[:5])
-        data.warn_user(
-            f"{where} looks like read counts, not UMI counts, in {len(read_batches)} of the {len(batch_names)} batches of "
-            f"obs[{layout.batch_key!r}]: only {shown}{', ...' if len(read_batches) > 5 else ''} of their non-zero values are 1, "
-            "where UMI counts hold 20-70%, as the other batches do. One dispersion per gene fits reads and UMIs poorly "
-            f"together: try CellVAE(..., {poisson}dispersion='gene-batch'), which gives each batch its own, and compare the "
-            "batch mixing and clusters (if these batches hold deep UMI counts, ignore this)",
-            UserWarning,
-        )
-        return
-    overall = (share * non_zero)[judged].sum() / non_zero[judged].sum()
-    data.warn_user(
-        f"{where} looks like read counts, not UMI counts: only {overall:.1%} of its non-zero values are 1 (UMI "
-        "data hold 20-70%, very deep cells or a panel of highly expressed genes fewer: if these are UMIs, ignore this). "
-        f"A dispersion per gene fits amplified reads poorly: try CellVAE(..., {poisson}dispersion='gene-cell') and compare "
-        "the clusters and batch mixing, not model.history['validation_elbo'] (a dispersion per cell always fits better). "
-        "Keep a model with one per gene for differential_expression: with one per cell it calls far fewer genes",
-        UserWarning,
-    )
-
-
-def _warn_about_unmeasured_genes(matrix, where: str, codes: np.ndarray, batch_names: list[str], batch_key: str) -> None:
-    """Warn where a batch lacks many genes the other batches detect in so many cells that it must not have measured
-    them: zeros filled in by ``anndata.concat(..., join='outer')``. The model reads them as silence in that batch and
-    keeps the batches apart (pbmc3k's 16,579 genes joined so with the atlas's pbmc4k on its 2,431, 25 epochs: 0% of
-    each cell's 15 nearest neighbours from the other batch, 15% on the 2,431 shared genes)."""
-    found = data.genes_unmeasured_by_batch(matrix, codes.astype(np.int64), len(batch_names))
-    if found is None:
-        return
-    unmeasured, expected = found
-    lacking = np.flatnonzero(unmeasured >= np.maximum(UNMEASURED_SHARE * expected, 1))
-    if not len(lacking):
-        return
-    shown = ", ".join(
-        f"{batch_names[b]!r} lacks {unmeasured[b]:,} of {expected[b]:,} ({unmeasured[b] / expected[b]:.0%})" for b in lacking[:5]
-    )
-    data.warn_user(
-        f"in {len(lacking)} of the {len(batch_names)} batches of obs[{batch_key!r}], {where} has no "
-        "count in any cell for many genes that the other batches detect in too many cells for that to be chance: "
-        f"{shown}{', ...' if len(lacking) > 5 else ''} of those genes. They were most likely not measured there "
-        "(anndata.concat(..., join='outer') fills the genes one dataset lacks with zeros), and the model would read "
-        "their absence as biology and keep the batches apart: train on the genes every batch measured, e.g. concat "
-        "with join='inner'",
-        UserWarning,
-    )
-
-
-# Share of the genes the other batches detect often (data.genes_unmeasured_by_batch) that a batch may lack before
-# a warning: the shared datasets' batches lack at most 0.1% (a batch thinned 10x, 6.3%; one cell type against the
-# rest, 1.1%), pbmc4k outer-joined with pbmc3k's 16,579 genes 77%.
-UNMEASURED_SHARE = 0.1
-
-
-def _check_is_anndata(adata, name: str = "adata") -> None:
-    """Refuse anything but an AnnData where one is expected (e.g. the path of a file, not yet read), before an
-    attribute error deep inside."""
-    if isinstance(adata, ad.AnnData):
-        return
-    if not isinstance(adata, (str, os.PathLike)):
-        raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}")
-    path = str(adata)
-    read = f"cellvae.read_zarr_lazy({path!r})" if path.rstrip("/").endswith(".zarr") else f"anndata.read_h5ad({path!r})"
-    raise TypeError(f"{name} must be an AnnData, got the path {path!r}; read the file first: {read}")
-
-
-def _check_anndata(adata, name: str = "adata") -> None:
-    _check_is_anndata(adata, name)
-    if not isinstance(adata.obs, pd.DataFrame):  # e.g. anndata.experimental.read_lazy's xarray obs
-        raise TypeError(
-            f"adata.obs is a {type(adata.obs).__name__}, not a pandas DataFrame (a lazily read AnnData?); read the file "
-            "with anndata.read_h5ad(path, backed='r'), cellvae.read_h5ad_lazy(path) or cellvae.read_zarr_lazy(path), or call "
-            "adata.to_memory()"
-        )
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"{name} is empty ({adata.n_obs} cells × {adata.n_vars} genes)")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -8,6 +8,8 @@ cell's observed library size, are the mean of a count likelihood.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +181,16 @@ class VAE(nn.Module):
                 if isinstance(module, nn.BatchNorm1d):
                     module.eval()
         return self
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Evaluation mode (no dropout, BatchNorm's running statistics), the mode before restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     @property
     def needs_two_cells(self) -> bool:

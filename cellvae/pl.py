@@ -32,8 +32,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.ticker import MaxNLocator
 
 from cellvae import diagnostics
-from cellvae.data import warn_user
-from cellvae.model import CellVAE, _check_model, _check_threshold
+from cellvae.data import check_threshold, warn_user
+from cellvae.model import CellVAE, _check_model
 
 MAX_LABELLED_DIMENSIONS = 40  # kl_per_dimension names each bar's dimension up to this many
 
@@ -295,7 +295,7 @@ def kl_per_dimension(
     """
     _check_model(model)
     target = _save_target(save, "kl_per_dimension")
-    _check_threshold(threshold)
+    check_threshold(threshold)
     if ax is not None:
         _check_one_axes(ax)
     if adata is not None and getattr(adata, "n_obs", 2) < 2:  # (what adata is, _posterior_statistics checks)

@@ -31,12 +31,16 @@ from cellvae.data import (
     as_text,
     cell_positions,
     cell_texts,
+    check_flag,
+    check_is_anndata,
     check_one_name,
     check_ordered,
     check_positive_int,
+    check_seed,
     continuous_values,
     gene_names,
     is_backed_matrix,
+    is_whole,
     make_view_own_data,
     stored_x,
     view_positions,
@@ -47,13 +51,10 @@ from cellvae.differential import group_name, shrunk_fold_changes_told_as
 from cellvae.model import (
     SCVI_TOOLS_ARGUMENTS,
     CellVAE,
-    _check_flag,
-    _check_is_anndata,
+    _advise_on_foreign_arguments,
     _check_model,
-    _check_seed,
+    _checked_library_sizes,
     _key_list,
-    _library_sizes,
-    _scvi_tools_names,
 )
 from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, refuse_earlier_checkpoints, setup_distributed
 
@@ -148,7 +149,7 @@ def _diverged_advice(fit_kwargs: dict | None) -> str:
 def _check_embed(adata: ad.AnnData, key_added: str | None, model_kwargs: dict, fit_kwargs: dict | None) -> tuple[str, str]:
     """:func:`embed`'s checks of its arguments and of the keys it will write, before any work (also run by every
     data-parallel rank of ``cellvae fit``, where only rank 0 embeds); returns ``key_added`` and the ``uns`` key."""
-    _check_is_anndata(adata)
+    check_is_anndata(adata)
     _check_fit_kwargs(fit_kwargs)
     key_added = _key(key_added, "X_cellvae")
     _check_model_kwargs(model_kwargs, "embed")
@@ -367,7 +368,7 @@ def embed(
     :meth:`~cellvae.CellVAE.fit`, with a warning) raises a ``RuntimeError`` and writes nothing.
     """
     key_added, _ = _check_embed(adata, key_added, model_kwargs, fit_kwargs)
-    random_state = _check_seed(random_state)  # before the counts are read and checked
+    random_state = check_seed(random_state)  # before the counts are read and checked
     genes = _genes_to_train(adata, mask_var)
     model_kwargs = {"layer": layer, "batch_key": batch_key, **model_kwargs}
     model = _trained_model(genes, model_kwargs, max_epochs, random_state, progress, fit_kwargs)
@@ -513,27 +514,28 @@ def transfer_labels(
 
     Returns
     -------
-    None (with ``copy=True`` the copy). Writes ``query_adata.obs[f"{labels_key}_predicted"]``
-    (categorical, holding the reference's label values: numbers stay numbers; a tied vote goes to the label that sorts first),
-    (its categories the labels some cell received), ``query_adata.obs[f"{labels_key}_uncertainty"]``
-    (1 − the winning label's weighted vote share, in [0, 1))
-    and ``query_adata.obs[f"{labels_key}_novelty"]`` (the share of labelled reference cells, at most 10,000 of
-    them drawn with a fixed seed whatever their order, that lie closer to their own ``k`` nearest labelled reference cells, on
-    average, than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the
-    reference has a single labelled cell, which no distance can be compared with); with ``soft=True`` also
-    ``query_adata.obsm[f"{labels_key}_vote_shares"]`` (cells × reference labels, float32; each row sums to 1 and its
-    largest share is 1 − the uncertainty) and ``query_adata.uns[f"{labels_key}_vote_shares"]["labels"]`` (the labels'
-    text, in the columns' order; as an array, not a DataFrame named by them, because anndata cannot write a label
-    holding ``/`` as a column name); without ``soft``, the shares an earlier ``soft=True`` run wrote there are
-    removed (they would not match the new predictions); nothing else is changed.
+    None (with ``copy=True`` the copy). Writes into ``query_adata``, and changes nothing else:
+
+    - ``obs[f"{labels_key}_predicted"]``: categorical, holding the reference's label values (numbers stay numbers),
+      its categories the labels some cell received; a tied vote goes to the label that sorts first.
+    - ``obs[f"{labels_key}_uncertainty"]``: 1 − the winning label's weighted vote share, in [0, 1).
+    - ``obs[f"{labels_key}_novelty"]``: the share of labelled reference cells (at most 10,000 of them, drawn with a
+      fixed seed whatever their order) that lie closer to their own ``k`` nearest labelled reference cells, on average,
+      than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the reference has a
+      single labelled cell, which no distance can be compared with.
+    - with ``soft=True``, ``obsm[f"{labels_key}_vote_shares"]``: cells × reference labels, float32; each row sums to 1
+      and its largest share is 1 − the uncertainty; and ``uns[f"{labels_key}_vote_shares"]["labels"]``: the labels'
+      text, in the columns' order (an array, not a DataFrame named by them, because anndata cannot write a label
+      holding ``/`` as a column name). Without ``soft``, the shares an earlier ``soft=True`` run wrote there are
+      removed (they would not match the new predictions).
     """
     from sklearn.neighbors import NearestNeighbors
 
     labels_key = _labels_key(labels_key, label_key)
-    _check_is_anndata(ref_adata, "ref_adata")
-    _check_is_anndata(query_adata, "query_adata")
-    copy = _check_flag(copy, "copy")
-    soft = _check_flag(soft, "soft")
+    check_is_anndata(ref_adata, "ref_adata")
+    check_is_anndata(query_adata, "query_adata")
+    copy = check_flag(copy, "copy")
+    soft = check_flag(soft, "soft")
     _writable(query_adata, "query_adata", copy)
     check_one_name(labels_key, "labels_key")
     if soft and "/" in labels_key:  # obsm and uns keys named by it: anndata would write them as nested groups
@@ -737,7 +739,7 @@ def _n_jobs(n_jobs) -> int:
         import scanpy as sc
 
         n_jobs = sc.settings.n_jobs
-    is_integer = isinstance(n_jobs, (int, np.integer)) and not isinstance(n_jobs, (bool, np.bool_))
+    is_integer = is_whole(n_jobs)
     if not is_integer or n_jobs == 0:
         raise ValueError(f"n_jobs must be a whole number of jobs (e.g. 2, or -1 for every core) or None, got {n_jobs!r}")
     return int(n_jobs)
@@ -865,7 +867,7 @@ SCANPY_ARGUMENTS = {
 }
 
 
-@functools.partial(_scvi_tools_names, arguments=SCANPY_ARGUMENTS, whose="scanpy's")
+@functools.partial(_advise_on_foreign_arguments, arguments=SCANPY_ARGUMENTS, whose="scanpy's")
 def rank_genes_groups(
     adata: ad.AnnData,
     groupby: str,
@@ -945,19 +947,19 @@ def rank_genes_groups(
     label in ``groupby`` are left out, where scanpy's ``pts_rest`` counts them). Genes of
     the model missing from ``adata`` are left out.
     """
-    _check_is_anndata(adata)
+    check_is_anndata(adata)
     if method is not None:
         raise ValueError(
             f"method={method!r}: cellvae.tl.rank_genes_groups ranks genes by the model's posterior and takes no "
             f"method; for scanpy's {method!r} test call scanpy.tl.rank_genes_groups(adata, {groupby!r}, method={method!r}) "
             "on normalised, log-transformed counts"
         )
-    copy = _check_flag(copy, "copy")
+    copy = check_flag(copy, "copy")
     _writable(adata, "adata", copy)
     _check_model(model)
     check_one_name(groupby, "groupby")
-    pts = _check_flag(pts, "pts")
-    progress = _check_flag(progress, "progress")
+    pts = check_flag(pts, "pts")
+    progress = check_flag(progress, "progress")
     key_added = _key(key_added, "rank_genes_groups")
     previous = adata.uns.get(key_added)
     if previous is not None and not (isinstance(previous, Mapping) and ({"names", "params"} <= set(previous) or not previous)):
@@ -1182,7 +1184,7 @@ def rate_distortion_sweep(
     the whole sweep: the betas finished so far are returned, with a warning (where none finished,
     ``KeyboardInterrupt`` is raised).
     """
-    _check_is_anndata(adata)
+    check_is_anndata(adata)
     if "beta" in model_kwargs:
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
     _check_model_kwargs(model_kwargs, "rate_distortion_sweep")
@@ -1202,7 +1204,7 @@ def rate_distortion_sweep(
         raise ValueError(f"betas must be a non-empty sequence of non-negative finite numbers, got {betas}")
     if not (isinstance(held_out, (int, float, np.number)) and 0.0 < held_out < 1.0):
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
-    random_state = _check_seed(random_state)
+    random_state = check_seed(random_state)
     _check_fit_kwargs(fit_kwargs)
     if isinstance((fit_kwargs or {}).get("checkpoint_dir"), (str, os.PathLike)):  # told before the first beta trains:
         folders = [_beta_fit_kwargs(fit_kwargs, beta)["checkpoint_dir"] for beta in betas]
@@ -1215,7 +1217,7 @@ def rate_distortion_sweep(
             )
         for folder in folders if not (fit_kwargs or {}).get("resume") else []:  # an earlier sweep's checkpoints
             refuse_earlier_checkpoints(folder, 1)
-    warm_start = _check_flag(warm_start, "warm_start")
+    warm_start = check_flag(warm_start, "warm_start")
     repeated = sorted({beta for beta in betas if betas.count(beta) > 1})
     if repeated and not warm_start:  # (each beta trains from the same seed: a repeat is the same model again)
         raise ValueError(
@@ -1223,7 +1225,7 @@ def rate_distortion_sweep(
             "same model again; give each beta once (with warm_start=True, which starts each beta from the one before, a "
             "path may come back to a beta, without checkpoint_dir)"
         )
-    progress = _check_flag(progress, "progress")
+    progress = check_flag(progress, "progress")
     check_positive_int(n_samples, "n_samples")
     check_one_name(labels_key, "labels_key")
     if labels_key is not None and labels_key not in adata.obs.columns:
@@ -1424,15 +1426,15 @@ def interpolate(
     decoded as, or one per point (absent where averaged), ``"covariates"`` (where the model has any: each one's
     value, or values per point) and ``"library_size"``.
     """
-    if not isinstance(n_steps, (int, np.integer)) or isinstance(n_steps, bool) or n_steps < 2:
+    if not is_whole(n_steps) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
     n_steps = int(n_steps)
     _check_model(model)
     if adata is None and model.adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
     adata = model._own_adata() if adata is None else adata
-    _check_is_anndata(adata)
-    progress = _check_flag(progress, "progress")
+    check_is_anndata(adata)
+    progress = check_flag(progress, "progress")
     positions_a, positions_b = cell_positions(adata, cells_a, "cells_a"), cell_positions(adata, cells_b, "cells_b")
     t = np.linspace(0.0, 1.0, n_steps, dtype=np.float32)
     covariates = _endpoint_covariates(model, adata, positions_a, positions_b, t, covariates)
@@ -1567,8 +1569,8 @@ def latent_shift(
     ``library_size`` (``"one per cell"`` where an array was given).
     """
     _check_model(model)
-    _check_is_anndata(adata)
-    progress = _check_flag(progress, "progress")
+    check_is_anndata(adata)
+    progress = check_flag(progress, "progress")
     check_one_name(groupby, "groupby")
     check_one_name(stratify, "stratify")
     for argument, key in [("groupby", groupby)] + ([("stratify", stratify)] if stratify else []):
@@ -1602,7 +1604,7 @@ def latent_shift(
         in_reference = np.zeros(adata.n_obs, dtype=bool)
         in_reference[cell_positions(adata, reference, "reference")] = True
     c = model.config
-    _library_sizes(library_size, len(shifted))
+    _checked_library_sizes(library_size, len(shifted))
     if batch is not None:
         model._batch_names(batch, len(shifted))
     strata = cell_texts(adata.obs[stratify]) if stratify else np.zeros(adata.n_obs, dtype=str)

@@ -33,7 +33,16 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import TqdmWarning
 
-from cellvae.data import BACKED_BLOCK_ROWS, CellLoader, Covariates, Minibatch, is_backed_matrix, library_sizes, warn_user
+from cellvae.data import (
+    BACKED_BLOCK_ROWS,
+    CellLoader,
+    Covariates,
+    Minibatch,
+    is_backed_matrix,
+    launched_processes,
+    library_sizes,
+    warn_user,
+)
 from cellvae.distributions import autograd_on, seed_generators, seeded
 from cellvae.module import VAE
 
@@ -238,17 +247,15 @@ def make_optimizer(vae: VAE, lr: float, weight_decay: float, device: torch.devic
 def evaluate(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int) -> dict:
     """Mean distortion and rate per cell over ``cells`` (one posterior draw each, no dropout), and each latent
     dimension's mean KL (``kl_per_dimension``, which :func:`penalised_rate` floors as training does)."""
-    was_training = vae.training
-    vae.eval()
     totals = {"distortion": 0.0, "rate": 0.0}
     per_dimension = torch.zeros(vae.config.n_latent, dtype=torch.float64)
-    with torch.no_grad(), closing(loader.batches(cells, loader.evaluation_batch_size(batch_size), with_sparse=True)) as batches:
+    batches = loader.batches(cells, loader.evaluation_batch_size(batch_size), with_sparse=True)
+    with vae.evaluating(), torch.no_grad(), closing(batches):
         for mb in batches:
             out = vae(mb.counts, mb.covariates, mb.library, mb.batch_index, sparse=mb.sparse)
             totals["distortion"] += float(out["distortion"].sum())
             totals["rate"] += float(out["rate"].sum())
             per_dimension += out["kl_per_dimension"].sum(0).cpu().double()  # (MPS has no float64)
-    vae.train(was_training)
     means = {k: v / max(len(cells), 1) for k, v in totals.items()}
     return means | {"kl_per_dimension": per_dimension.numpy() / max(len(cells), 1)}
 
@@ -961,7 +968,7 @@ def setup_distributed(device: torch.device) -> torch.device:
     already is used as it is, on the GPU the caller chose (``device="cuda:N"``, or ``torch.cuda.set_device``).
     One process alone (no torchrun) is left untouched.
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = launched_processes() > 1
     grouped = launched or (dist.is_available() and dist.is_initialized())
     # (a group of several processes: DistributedDataParallel would refuse mps once the data is read)
     if device.type == "mps" and (launched or (grouped and dist.get_world_size() > 1)):

@@ -1,6 +1,8 @@
 """The `cellvae` command line: demo, fit, embed and map write what they promise."""
 
 import argparse
+import ast
+import itertools
 import os
 import re
 import shutil
@@ -1353,8 +1355,6 @@ def test_an_out_inside_the_model_folder_is_told_first_and_advice_names_options(t
     assert in_command_line_terms(quoted) == (
         "--unlabeled-category 'it'\"'\"'s' is no label; the --reference file has 1: leave out --novelty-threshold"
     )
-    few = "map the new batches' cells together (cells of the reference's own batches need no mapping: embed them with "
-    assert in_command_line_terms(few + "model.get_latent)").endswith("embed them with cellvae embed)")
 
 
 def folder_bytes(folder) -> dict:
@@ -1479,10 +1479,27 @@ def test_ctrl_c_while_the_cells_are_embedded_keeps_the_trained_model(reference_f
     assert not (tmp_path / "mapped.h5ad").exists()
 
 
-def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_prefix(reference_folder, tmp_path):
-    """A review: embedding a mapped query's new batches with a mistyped --batch-prefix was told the batches were
-    unseen, with the advice to map them again; an audit: so was leaving --batch-prefix out. The query also holds a
-    batch named like a reference one (batch0), mapped as query_batch0: it goes with the query's batches."""
+def told_steps(message: str) -> dict[str, list[str]]:
+    """The batches each step of an embed refusal names: with the prefix, as they are, to map."""
+    steps = {}
+    for step, pattern in {
+        "with_it": r"embed the cells of (\[[^]]*\]) with --batch-prefix",
+        "as_is": r"embed the cells of (\[[^]]*\]) \(the model's batches as they are\)",
+        "new": r"map the cells of (\[[^]]*\]), new to the model",
+    }.items():
+        found = re.findall(pattern, message)
+        assert len(found) <= 1, message
+        if found:
+            steps[step] = ast.literal_eval(found[0])
+    return steps
+
+
+def test_embed_tells_each_batch_of_a_mapped_query_its_step_whatever_the_prefix(reference_folder, tmp_path):
+    """Reviews and audits: a mapped query's batches embedded with a mistyped --batch-prefix, or without it, were told
+    they were unseen (map them again); a mistyped prefix beside reference or new batches was told only the prefix (then
+    refused again); lists were cut at 5 batches without a word. Every subset of a reference batch (batch1), a query
+    batch named like a reference one (batch0, mapped as query_batch0), another query batch (batch2) and a new batch
+    (batch3), under every prefix, either embeds or names each batch's step."""
     cells = ad.read_h5ad(reference_folder / "query.h5ad")
     cells.obs["batch"] = np.where(np.arange(cells.n_obs) < 30, "batch0", "batch2")
     query = str(tmp_path / "query.h5ad")
@@ -1491,69 +1508,63 @@ def test_a_mistyped_or_left_out_batch_prefix_of_new_batches_is_told_the_models_p
     assert (
         main([*mapping, "--batch-prefix", "query_", "--query-model-dir", str(tmp_path / "qm"), "--epochs", "1", "--quiet"]) == 0
     )
-    embed = ["embed", query, "--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "e.h5ad"), "--quiet"]
-    told = r"as mapped query batches with --batch-prefix 'query_' \('query_batch0'\), not 'qry_': pass --batch-prefix query_ "
-    told += r"\(\['batch0'\] also name reference batches: their reference cells go without it\)$"
-    with pytest.raises(SystemExit, match=told):
-        main([*embed, "--batch-prefix", "qry_"])
-    left_out = r"batches \['batch2'\] that the model does not know .* with 'query_' before them \('query_batch2', as "
-    both = r" \(\['batch0'\] also name reference batches: embed the reference's cells of them without it\)"
-    with pytest.raises(SystemExit, match=left_out + r".*cells, pass --batch-prefix query_" + both + "; if they are other"):
-        main(embed)
-    # (review 42) with a reference batch and a new one: each told what to do, not all "map them"
     reference = ad.read_h5ad(reference_folder / "ref.h5ad")
     new = cells[:10].copy()
     new.obs["batch"] = "batch3"
     mixed = ad.concat([cells, reference[reference.obs["batch"] == "batch1"][:5], new])
     mixed.obs_names_make_unique()
-    mixed.write_h5ad(tmp_path / "mixed.h5ad")
-    also = r"pass --batch-prefix query_ for the cells of \['batch0', 'batch2'\] \(\['batch0'\] also name reference "
-    also += r"batches: .*\); embed those of \['batch1'\] in a run of their own, without it; map those of \['batch3'\], new"
-    with pytest.raises(SystemExit, match=also):
-        main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:]])
-    # with the prefix, the reference's batch is told so (it was told to map it as a new batch)
-    told = r"not all of .*'s batches are held by the model with --batch-prefix 'query_' before them: embed those of "
-    as_is = told + r"\['batch1'\] \(the model's as they are\) in a run of their own, without it"
-    caveat = r" \(\['batch0'\] also name reference batches: their reference cells go without it\)"
-    with_it = r"; those of \['batch0', 'batch2'\] with it" + caveat + r"; map those of \['batch3'\], new"
-    with pytest.raises(SystemExit, match=as_is + with_it):
-        main(["embed", str(tmp_path / "mixed.h5ad"), *embed[2:], "--batch-prefix", "query_"])
-    # (reviews 43-44) every subset told what to do with each batch
-    for batches, prefix, expected in [
-        (["batch0", "batch1"], "query_", as_is + r"; those of \['batch0'\] with it" + caveat + "$"),
-        (["batch1", "batch3"], "query_", as_is + r"; map those of \['batch3'\], new to the model"),
-        (["batch2", "batch3"], "query_", told + r"\['batch2'\] with it; map those of \['batch3'\], new to the model"),
-        (["batch1", "batch3"], "qry_", r"embed those of \['batch1'\] \(the model's as they are\) in a run of their own"),
-        (
-            ["batch2", "batch3"],
-            "qry_",
-            r"with --batch-prefix 'query_' \('query_batch2'\), not 'qry_': pass --batch-prefix query_$",
-        ),
-        (
-            ["batch0", "batch1", "batch2"],
-            "query",
-            r"\('query_batch0'\), not 'query': pass --batch-prefix query_ \(\['batch0'\] also name",
-        ),
-    ]:
-        part = mixed[mixed.obs["batch"].isin(batches)].copy()
-        part.write_h5ad(tmp_path / "part.h5ad")
-        with pytest.raises(SystemExit, match=expected):
-            main(["embed", str(tmp_path / "part.h5ad"), *embed[2:], "--batch-prefix", prefix])
-    # (review 45) without the prefix, a reference-named batch the model also holds prefixed, beside a new one
-    part = mixed[mixed.obs["batch"].isin(["batch0", "batch3"])].copy()
-    part.write_h5ad(tmp_path / "part.h5ad")
-    beside_new = r"holds batches \['batch3'\] new to the model, and \['batch0'\], which it holds both as reference batches and"
-    beside_new += r" .*: map those of \['batch3'\], new to the model \(cellvae map\); and embed the cells of \['batch0'\] with"
-    with pytest.raises(SystemExit, match=beside_new):
-        main(["embed", str(tmp_path / "part.h5ad"), *embed[2:]])
+    embed = ["--model-dir", str(tmp_path / "qm"), "--out", str(tmp_path / "e.h5ad"), "--quiet", "--overwrite"]
+    classes = {"batch0": "with_it", "batch2": "with_it", "batch1": "as_is", "batch3": "new"}
+    for size in range(1, 5):
+        for batches in itertools.combinations(["batch0", "batch1", "batch2", "batch3"], size):
+            part = mixed[mixed.obs["batch"].isin(batches)].copy()
+            part.write_h5ad(tmp_path / "part.h5ad")
+            expected = {c: sorted(b for b in batches if classes[b] == c) for c in ("with_it", "as_is", "new")}
+            expected = {c: names for c, names in expected.items() if names}
+            for prefix in (None, "query_", "qry_", "query"):
+                command = ["embed", str(tmp_path / "part.h5ad"), *embed] + (["--batch-prefix", prefix] if prefix else [])
+                works = set(batches) <= (
+                    {"batch0", "batch1"} if prefix is None else {"batch0", "batch2"} if prefix == "query_" else set()
+                )
+                case = f"{batches} with --batch-prefix {prefix}"
+                if works:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # (batch0 beside batch1, without a prefix: warned of)
+                        assert main(command) == 0, case
+                    continue
+                with pytest.raises(SystemExit) as refused:
+                    main(command)
+                message = str(refused.value)
+                if prefix is None and "batch0" not in batches and "batch2" not in batches:  # nothing mapped: unseen, map
+                    assert "unseen in training" in message and "map_query" in message, (case, message)
+                elif set(batches) == {"batch1"}:
+                    assert "holds the model's batches as they are (['batch1']): leave out --batch-prefix" in message, case
+                elif set(batches) == {"batch3"}:
+                    assert f"['batch3'] new to the model, with or without --batch-prefix {prefix!r}: map them" in message, case
+                elif set(expected) == {"with_it"}:  # one step: the model's prefix
+                    first = "if these are the mapped query's cells, " if prefix is None else f"not {prefix!r}: "
+                    assert first + "pass --batch-prefix query_" in message, (case, message)
+                else:
+                    assert told_steps(message) == expected, (case, message)
+                    assert message.count("in separate runs, ") == 1, (case, message)
+                if "batch0" in batches:
+                    note = "(['batch0'] also names a reference batch: embed the reference's cells of it without --batch-prefix)"
+                    assert note in message, (case, message)
     # without the prefix, a query batch named like a reference one beside a reference batch is warned of
     part = mixed[mixed.obs["batch"].isin(["batch0", "batch1"])].copy()
     part.write_h5ad(tmp_path / "part.h5ad")
     beside = r"batches \['batch0'\] are embedded .* pass --batch-prefix 'query_' for them, in a run of their own \(those of "
     with pytest.warns(UserWarning, match=beside + r"\['batch1'\] without it\); if they are the reference's, ignore this"):
-        assert main(["embed", str(tmp_path / "part.h5ad"), *embed[2:4], "--out", str(tmp_path / "p.h5ad"), "--quiet"]) == 0
-    assert not (tmp_path / "e.h5ad").exists()
-    assert main([*embed, "--batch-prefix", "query_"]) == 0
+        assert main(["embed", str(tmp_path / "part.h5ad"), *embed[:2], "--out", str(tmp_path / "p.h5ad"), "--quiet"]) == 0
+    assert main(["embed", query, *embed, "--batch-prefix", "query_"]) == 0
+
+
+def test_batch_lists_in_messages_say_how_many_there_are_where_cut():
+    from cellvae.cli import _listed
+
+    assert _listed(["a", "b"]) == "['a', 'b']"
+    cut = _listed([f"donor{i}" for i in range(12)])
+    assert cut.startswith("['donor0', 'donor1', ") and cut.endswith(", 'donor9', ... (12 in all)]") and "donor10" not in cut
 
 
 def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
@@ -1571,6 +1582,18 @@ def test_fit_says_when_the_last_epoch_was_the_best(tmp_path, capsys):
     assert main([*command, "--epochs", "1", "--overwrite"]) == 0
     assert "still improving" not in capsys.readouterr().out  # (one epoch is no trend)
     assert "still_improving" not in ad.read_h5ad(tmp_path / "out.h5ad").uns["cellvae"]["params"]
+
+
+def test_fit_and_map_save_into_empty_model_folders_made_ahead(tmp_path):
+    """mkdir model/ before cellvae fit --model-dir model/ was refused: "exists; pass --overwrite"."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "query_model").mkdir()
+    assert main([*fit_args(tmp_path, 150, 30), "--batch-key", "batch", "--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "history.json", "model.safetensors"]
+    command = ["map", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "q.h5ad")]
+    command += ["--batch-prefix", "query_", "--query-model-dir", str(tmp_path / "query_model"), "--epochs", "1", "--quiet"]
+    assert main(command) == 0
+    assert sorted(os.listdir(tmp_path / "query_model")) == ["config.json", "history.json", "model.safetensors"]
 
 
 def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path, monkeypatch):
@@ -1648,9 +1671,8 @@ def test_map_batch_prefix_maps_query_batches_named_like_reference_ones_as_new(re
         main(["embed", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "qmodel"), "--out", str(tmp_path / "twice.h5ad"),
               "--batch-prefix", "query "])  # fmt: skip
     # a mistyped prefix: the message names the model's (leaving --batch-prefix out would embed them as the reference's)
-    mistyped = (
-        r"as mapped query batches with --batch-prefix 'query ' \('query batch0'\), not 'query_': pass --batch-prefix 'query ' for"
-    )
+    mistyped = r"mapped query batches with --batch-prefix 'query ' before them \('query batch0', .*\), not 'query_': "
+    mistyped += "pass --batch-prefix 'query '"
     with pytest.raises(SystemExit, match=mistyped):
         main([*more, "--out", str(tmp_path / "typo.h5ad"), "--batch-prefix", "query_"])
     embedded = ad.read_h5ad(tmp_path / "more.h5ad")

@@ -309,6 +309,37 @@ def test_two_process_gloo_training_gives_a_valid_model_as_good_as_one_process(tm
     )
 
 
+FIT_THEN_TELL_THE_GROUP = """
+import os, sys
+import torch.distributed as dist
+import cellvae.cli
+if sys.argv[1] == "own":  # a group the caller made before calling cellvae
+    dist.init_process_group("gloo")
+code = cellvae.cli.main(sys.argv[2:])
+print(f"rank {os.environ['RANK']} group up: {dist.is_initialized()}")
+if dist.is_initialized():
+    dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+@pytest.mark.parametrize("own_group", [False, True])
+def test_cellvae_fit_leaves_the_process_group_it_joined_under_torchrun_but_keeps_the_callers(tmp_path, own_group):
+    """The group cellvae fit joins was never destroyed (nccl warns at exit of leaked resources); the caller's is theirs."""
+    cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=1).write_h5ad(tmp_path / "cells.h5ad")
+    (tmp_path / "fit_then_tell.py").write_text(FIT_THEN_TELL_THE_GROUP)
+    fit = ["fit", str(tmp_path / "cells.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
+    fit += ["--epochs", "1", "--device", "cpu", "--embedding-only", "--quiet"]
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2", str(tmp_path / "fit_then_tell.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    run = subprocess.run([*torchrun, "own" if own_group else "none", *fit], env=env, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    told = sorted(line for line in run.stdout.splitlines() if " group up: " in line)
+    assert told == [f"rank {rank} group up: {own_group}" for rank in (0, 1)]
+    assert cellvae.CellVAE.load(tmp_path / "model").history.attrs["processes"] == 2
+
+
 def _train_on_a_gpu_on_rank(rank: int, backend: str, init_file: str, path: str, out_dir: str) -> None:
     import anndata as ad
     import torch

@@ -1243,6 +1243,20 @@ def test_a_weight_of_the_wrong_type_is_named(messy, name):
         CellVAE(messy, **{name: "0.1"})
 
 
+def test_save_takes_an_empty_folder_made_ahead_but_not_a_link_to_one(trained, tmp_path):
+    """A folder made first (mkdir, then save) was refused as existing: overwrite=True was needed to fill it."""
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / ".DS_Store").write_bytes(b"")  # (macOS's Finder leaves one in folders it shows)
+    trained.save(tmp_path / "made")
+    assert sorted(os.listdir(tmp_path / "made")) == ["config.json", "history.json", "model.safetensors"]
+    np.testing.assert_array_equal(CellVAE.load(tmp_path / "made", adata=trained.adata).get_latent(), trained.get_latent())
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        trained.save(tmp_path / "link")
+    assert os.listdir(tmp_path / "empty") == []
+
+
 def test_save_refuses_to_overwrite_unless_asked(trained, saved):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         trained.save(saved)
