@@ -1038,12 +1038,17 @@ def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, a
     batch its step: a mapped query's (cellvae map --batch-prefix) with the model's prefix, the model's batches as they
     are without one, new ones to map. Without --batch-prefix, the advice for unseen batches (map them) would map the
     mapped query's cells a second time; with a mistyped one, or beside reference or new batches, the run cannot work."""
-    from cellvae.data import cell_texts
+    from cellvae.data import cell_texts, numbers_written_otherwise
 
     given, known = set(cell_texts(batches.dropna())), set(config.batch_categories)
     prefix = args.batch_prefix
     if prefix and {prefix + name for name in given} <= known:
         return
+    if prefix:  # numbers written otherwise (1.0 for the model's query_1) are told as such, not as batches to map
+        unprefixed = {name.removeprefix(prefix) for name in known}
+        retyped = numbers_written_otherwise(sorted(given - unprefixed), sorted(unprefixed), column)
+        if retyped:
+            raise ValueError(retyped)
     held = _prefix_of_batches_held_so(sorted(given), config)  # the model's prefix, where it holds some of them so
     if not prefix and held is None:  # (new batches alone are told as unseen, with the advice to map them)
         return

@@ -2525,7 +2525,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         AnnData with ``X`` integer counts (CSR, float32), the model's genes as ``var_names``, ``obs``
         holding the model's covariate columns (``obs[batch_key]`` etc., with the values and dtype of the model's
         AnnData's columns, so that ``anndata.concat`` with real cells keeps one value per batch; text for a model
-        loaded without its AnnData) and ``library_size`` (``generated_library_size`` where a covariate has that
+        loaded without its AnnData, or where the model's names do not all read back in the column's type, e.g. a
+        query of numbered batches mapped onto a reference of named ones: ``.astype(str)`` the real cells' column
+        before concatenating) and ``library_size`` (``generated_library_size`` where a covariate has that
         name), and the prior draws in ``obsm["z"]``.
         """
         data.check_positive_int(n_cells, "n_cells")
@@ -3459,7 +3461,8 @@ def _model_counts(adata: ad.AnnData, layer: str | None, name: str):
 
 def _as_held(names: pd.Categorical, held: pd.Series | None) -> pd.Categorical | pd.Index:
     """Batch or covariate names (text) as the values of ``held``, the model's AnnData column they come from: numbers
-    as numbers of its dtype (categories where it is categorical); text where it holds text or is absent."""
+    as numbers of its dtype (categories where it is categorical); text where it holds text or is absent, or where
+    some name does not read back in its dtype (one column of mixed types could not be written to .h5ad)."""
     if held is None:
         return names
     categorical = isinstance(held.dtype, pd.CategoricalDtype)

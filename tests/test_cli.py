@@ -1559,6 +1559,40 @@ def test_embed_tells_each_batch_of_a_mapped_query_its_step_whatever_the_prefix(r
     assert main(["embed", query, *embed, "--batch-prefix", "query_"]) == 0
 
 
+def test_embed_with_a_batch_prefix_tells_numbers_written_otherwise(tmp_path):
+    """An audit: floats (2.0) for a mapped query's numbered batch (query_2) were told as a new batch to map."""
+    cells = cellvae.datasets.simulate(n_cells=300, n_genes=30, n_batches=3, random_state=0)
+    cells.obs["batch"] = cells.obs["batch"].cat.codes.astype(int)  # batches numbered 0, 1, 2
+    cells[cells.obs["batch"] < 2].copy().write_h5ad(tmp_path / "ref.h5ad")
+    query = cells[cells.obs["batch"] == 2].copy()
+    query.write_h5ad(tmp_path / "query.h5ad")
+    model, query_model = str(tmp_path / "model"), str(tmp_path / "query_model")
+    fit = [
+        "fit",
+        str(tmp_path / "ref.h5ad"),
+        "--batch-key",
+        "batch",
+        "--out",
+        str(tmp_path / "ref_out.h5ad"),
+        "--model-dir",
+        model,
+    ]
+    assert main([*fit, "--epochs", "1", "--quiet", "--embedding-only"]) == 0
+    mapping = ["map", str(tmp_path / "query.h5ad"), "--model-dir", model, "--out", str(tmp_path / "mapped.h5ad")]
+    assert main([*mapping, "--batch-prefix", "query_", "--query-model-dir", query_model, "--epochs", "1", "--quiet"]) == 0
+    query.obs["batch"] = query.obs["batch"].astype(float)
+    query.write_h5ad(tmp_path / "floats.h5ad")
+    embed = ["embed", str(tmp_path / "floats.h5ad"), "--model-dir", query_model, "--out", str(tmp_path / "e.h5ad"), "--quiet"]
+    with pytest.raises(SystemExit, match=r"holds floats \(2.0\) where the model's categories are integers \(2\): convert"):
+        main([*embed, "--batch-prefix", "query_"])
+    query.obs["batch"] = query.obs["batch"].astype(int)
+    query.write_h5ad(tmp_path / "floats.h5ad")  # (converted, as told)
+    assert main([*embed, "--batch-prefix", "query_"]) == 0
+    np.testing.assert_allclose(
+        ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_cellvae"], ad.read_h5ad(tmp_path / "mapped.h5ad").obsm["X_cellvae"], atol=1e-5
+    )
+
+
 def test_batch_lists_in_messages_say_how_many_there_are_where_cut():
     from cellvae.cli import _listed
 
