@@ -2507,3 +2507,51 @@ def test_obs_columns_the_data_lacks_are_named_with_the_argument_that_gave_them()
         CellVAE(adata, batch_key="Batch", categorical_covariate_keys=["Donor"])
     with pytest.raises(KeyError, match=r"\(continuous_covariate_keys: \['score'\]\)"):
         CellVAE(adata, batch_key="batch", continuous_covariate_keys=["score"])
+
+
+def test_a_model_loaded_without_its_anndata_says_to_pass_one(trained, saved, messy):
+    """Found untested by a coverage audit: what a model loaded with load_anndata=False cannot do without cells."""
+    bare = CellVAE.load(saved, load_anndata=False)
+    with pytest.raises(ValueError, match=r"loaded without an AnnData; pass one with CellVAE.load\(path, adata=...\)"):
+        bare.fit(**QUICK)
+    with pytest.raises(ValueError, match=r"loaded without an AnnData; pass adata=... explicitly"):
+        bare.get_latent()
+    with pytest.raises(ValueError, match=r"loaded without an AnnData; pass adata=... holding cells_a and cells_b"):
+        cellvae.tl.interpolate(bare, messy.obs_names[0], messy.obs_names[1])
+    np.testing.assert_array_equal(bare.get_latent(messy), trained.get_latent(messy))  # (given the cells, it embeds them)
+
+
+def test_decode_refuses_latent_codes_and_covariates_it_cannot_decode(trained):
+    z = np.zeros((3, TINY["n_latent"]), dtype=np.float32)
+    given = {"batch": "batch0", "covariates": {"donor": "d1", "percent_mito": 1.0}}
+    assert trained.decode(z, **given).shape == (3, 40)
+    broken = z.copy()
+    broken[0, 0] = np.nan
+    with pytest.raises(ValueError, match="z contains NaN or infinite values"):
+        trained.decode(broken, **given)
+    with pytest.raises(ValueError, match=r"covariates\['donor'\] has categories unseen in training: \['d9'\]; known: \['d1', "):
+        trained.decode(z, batch="batch0", covariates={"donor": "d9", "percent_mito": 1.0})
+    with pytest.raises(ValueError, match=r"this model needs covariates \['donor', 'percent_mito'\]; pass covariates="):
+        trained.decode(z, batch="batch0")
+    with pytest.raises(ValueError, match=r"library_size must be one value or one per row \(3\), got shape \(2,\)"):
+        trained.decode(z, **given, library_size=[1e4, 2e4])
+    with pytest.raises(ValueError, match=r"batch='1' is not a batch of this model; its batches are \['batch0', 'batch1'\]"):
+        trained.decode(z, batch=1, covariates=given["covariates"])
+
+
+def test_transfer_labels_refuses_embeddings_of_other_models_or_with_nan_rows(trained, messy):
+    reference, query = messy.copy(), messy.copy()
+    reference.obsm["X_cellvae"] = query.obsm["X_cellvae"] = trained.get_latent(messy)
+    query.obsm["X_cellvae"] = query.obsm["X_cellvae"][:, :3]
+    with pytest.raises(ValueError, match=r"obsm\['X_cellvae'\] has 4 dimensions in ref_adata but 3 in query_adata; both must"):
+        cellvae.tl.transfer_labels(reference, query, labels_key="cell_type")
+    query.obsm["X_cellvae"] = reference.obsm["X_cellvae"].copy()
+    query.obsm["X_cellvae"][[0, 5], 1] = np.nan
+    with pytest.raises(ValueError, match=r"query_adata.obsm\['X_cellvae'\] has NaN or infinite values in 2 cells; embed them"):
+        cellvae.tl.transfer_labels(reference, query, labels_key="cell_type")
+    assert "cell_type_predicted" not in query.obs  # (refused before writing)
+
+
+def test_rate_distortion_sweep_points_beta_to_betas(messy):
+    with pytest.raises(ValueError, match=r"pass the KL weights as betas=\(...\), not beta=..."):
+        cellvae.tl.rate_distortion_sweep(messy, beta=1)
