@@ -1044,11 +1044,14 @@ def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, a
     prefix = args.batch_prefix
     if prefix and {prefix + name for name in given} <= known:
         return
-    if prefix:  # numbers written otherwise (1.0 for the model's query_1) are told as such, not as batches to map
-        unprefixed = {name.removeprefix(prefix) for name in known}
-        retyped = numbers_written_otherwise(sorted(given - unprefixed), sorted(unprefixed), column)
-        if retyped:
-            raise ValueError(retyped)
+    # numbers written otherwise (2.0 for the model's 2, or for a mapped query's query_2) are told as such, not as
+    # batches to map: compared with the model's names, mapped ones without the given prefix or any (query_2: 2)
+    n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
+    mapped = config.batch_categories[n_reference:]
+    unprefixed = (known - set(mapped)) | {_number_after_a_prefix(name, prefix) for name in mapped}
+    retyped = numbers_written_otherwise(sorted(given - unprefixed), sorted(unprefixed), column)
+    if retyped:
+        raise ValueError(retyped)
     held = _prefix_of_batches_held_so(sorted(given), config)  # the model's prefix, where it holds some of them so
     if not prefix and held is None:  # (new batches alone are told as unseen, with the advice to map them)
         return
@@ -1065,41 +1068,46 @@ def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, a
     if not prefix and not unknown and not new:  # reference-named batches alone: warned of once embedded
         return
     steps = _steps_for_batches(with_it, as_is, new, held or prefix, known)
-    # (held by the model with its prefix: an example; with_it is empty only where a given prefix fits none)
-    named = f"({held + with_it[0]!r}, as cellvae map --batch-prefix {shlex.quote(held)} names them)" if held else ""
+    # an example of a batch the model holds with its prefix (with_it is empty only where a given prefix fits none)
+    named = f"({held + (unknown or with_it)[0]!r}, named so by cellvae map --batch-prefix {shlex.quote(held)})" if held else ""
     if prefix and held not in (None, prefix):  # mistyped, or "query" for "query_"
         lead = f"the model holds mapped query batches with --batch-prefix {held!r} before them {named}, not {prefix!r}"
     elif prefix:
         lead = f"not all of the batches in {where} are held by the model with --batch-prefix {prefix!r} before them"
     elif unknown:
+        names, mapped, them = (
+            ("this name", "a mapped query batch", "it") if len(unknown) == 1 else ("these names", "mapped query batches", "them")
+        )
         raise SystemExit(
-            f"error: {where} holds batches {_listed(unknown)} that the model does not know by these names, but it holds "
-            f"mapped query batches of these names with {held!r} before them {named}: if these are the mapped query's "
-            f"cells, {steps}; if they are other batches, map them (cellvae map)"
+            f"error: {where} holds {_batches(unknown)} that the model does not know by {names}, but it holds {mapped} of "
+            f"{names} with {held!r} before {them} {named}. If these are the mapped query's cells: {steps}. If they are "
+            "other batches, map them (cellvae map)"
         )
     else:
+        one = len(with_it) == 1
         lead = (
-            f"{where} holds batches {_listed(new)} new to the model, and {_listed(with_it)}, which it holds both as "
-            f"reference batches and as mapped query batches with {held!r} before them {named}"
+            f"{where} holds {_batches(new)} new to the model, and {_listed(with_it)}, which it holds both as "
+            f"{'a reference batch and as a mapped query batch' if one else 'reference batches and as mapped query batches'} "
+            f"with {held!r} before {'it' if one else 'them'} {named}"
         )
     raise SystemExit(f"error: {lead}: {steps}")
 
 
 def _steps_for_batches(with_it: list[str], as_is: list[str], new: list[str], prefix: str, known: set[str]) -> str:
     """Each batch's step, for :func:`_refuse_batches_this_run_would_embed_wrongly`: those the model holds with
-    ``prefix`` before them, those it holds as they are, and new ones."""
+    ``prefix`` before them, those it holds as they are, and new ones (every batch named: a user splits the file so)."""
     option = f"--batch-prefix {shlex.quote(prefix)}"
     steps = []
     if with_it:
-        steps.append(f"pass {option}" if not as_is and not new else f"embed the cells of {_listed(with_it)} with {option}")
+        steps.append(f"pass {option}" if not as_is and not new else f"embed the cells of {with_it} with {option}")
         both = [name for name in with_it if name in known]  # a query batch named like a reference one
         if both:
             them = ("names a reference batch", "it") if len(both) == 1 else ("name reference batches", "them")
-            steps[-1] += f" ({_listed(both)} also {them[0]}: embed the reference's cells of {them[1]} without --batch-prefix)"
+            steps[-1] += f" ({both} also {them[0]}: embed the reference's cells of {them[1]} without --batch-prefix)"
     if as_is:
-        steps.append(f"embed the cells of {_listed(as_is)} (the model's batches as they are) without --batch-prefix")
+        steps.append(f"embed the cells of {as_is} (the model's batches as they are) without --batch-prefix")
     if new:
-        steps.append(f"map the cells of {_listed(new)}, new to the model (cellvae map)")
+        steps.append(f"map the cells of {new}, new to the model (cellvae map)")
     return "; ".join(steps) if len(steps) == 1 else "in separate runs, " + "; ".join(steps)
 
 
@@ -1109,6 +1117,20 @@ def _batches_by_prefix(given: set[str], known: set[str], prefix: str) -> tuple[l
     as_is = sorted(name for name in given & known if prefix + name not in known)
     new = sorted(name for name in given - known if prefix + name not in known)
     return with_it, as_is, new
+
+
+def _number_after_a_prefix(name: str, prefix: str | None) -> str:
+    """A mapped batch's name without ``prefix`` where it starts so, else the number it ends in after a separator
+    (query_2: 2, as cellvae map --batch-prefix names a numbered query's), else as it is."""
+    if prefix and name.startswith(prefix):
+        return name.removeprefix(prefix)
+    found = re.fullmatch(r".*[^0-9A-Za-z.](-?[0-9]+(?:\.[0-9]+)?)", name)
+    return found[1] if found else name
+
+
+def _batches(names: list[str]) -> str:
+    """``batch ['a']`` or ``batches ['a', 'b']`` (cut as :func:`_listed`), for a message."""
+    return f"batch {names!r}" if len(names) == 1 else f"batches {_listed(names)}"
 
 
 def _listed(names: list[str], at_most: int = 10) -> str:

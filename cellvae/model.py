@@ -1570,7 +1570,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The model's folder; its parent folders are created.
         overwrite
             Replace an existing ``path``; otherwise a ``FileExistsError`` is raised (an empty folder, made
-            ahead, is simply filled). An ``adata.h5ad`` the
+            ahead, is filled without it, keeping its permissions). An ``adata.h5ad`` the
             folder holds is kept where it is this model's (the model was loaded from or saved to this folder
             while it held that very file, or reads its counts from it), unless ``save_anndata`` replaces it;
             saving another model over the folder removes it, with a warning.
@@ -1581,7 +1581,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Notes
         -----
         The files are written to a temporary directory first and moved into place at the end,
-        so an interrupted save never leaves a half-written model. A model
+        so an interrupted save never leaves a half-written model (a folder made ahead and left empty, a mount point
+        or the working directory is kept and written into, file by file, the weights first). A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model, and the others
         return at once, without waiting for it (call ``torch.distributed.barrier()`` before reading the folder on
         every rank).
@@ -1608,7 +1609,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     + (" (or save to the folder the link points to)" if path.is_symlink() else "")
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        # A folder made ahead, empty, and one that cannot be swapped for another (a mount point, the working directory)
+        # are written into, keeping their permissions and inode: the files are made inside it (on its file system)
+        in_place = path.is_dir() and not path.is_symlink()
+        in_place = in_place and (is_empty_folder(path) or os.path.ismount(path) or path.resolve() == Path.cwd().resolve())
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path if in_place else path.parent))
         saved_data = path / ADATA_FILE
         known = self._folders.get(path.resolve())
         own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_backed(saved_data)
@@ -1648,13 +1653,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        # Move the old model aside before renaming the new one in, so it is never deleted first.
         previous = None
         try:
-            if path.exists():
-                previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                os.replace(path, previous / path.name)
-            os.replace(staging, path)
+            if in_place:
+                _move_files_in(staging, path)
+            else:  # the old model moved aside before the new one is renamed in, so it is never deleted first
+                if path.exists():
+                    previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                    os.replace(path, previous / path.name)
+                os.replace(staging, path)
         except BaseException:  # Ctrl-C between the two renames too: the old model goes back in place
             if previous is not None and (previous / path.name).exists() and not path.exists():
                 os.replace(previous / path.name, path)  # put the old model back
@@ -3191,6 +3198,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # a file system without hard links
         shutil.copy2(source, target)
+
+
+def _move_files_in(staging: Path, folder: Path) -> None:
+    """Move a saved model's files from ``staging`` (inside ``folder``) into ``folder``, the weights first, removing
+    those of the model there before that the new one lacks; then remove ``staging``."""
+    for name in (WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, CONFIG_FILE):  # (a save stopped midway: load refuses a mix)
+        new, old = staging / name, folder / name
+        if new.exists() and old.exists() and os.path.samefile(new, old):  # this model's adata.h5ad, linked: kept
+            new.unlink()
+        elif new.exists():
+            os.replace(new, old)
+        elif old.exists():
+            old.unlink()
+    staging.rmdir()
 
 
 def _make_durable_and_shareable(folder: Path) -> None:

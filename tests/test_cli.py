@@ -1542,7 +1542,7 @@ def test_embed_tells_each_batch_of_a_mapped_query_its_step_whatever_the_prefix(r
                 elif set(batches) == {"batch3"}:
                     assert f"['batch3'] new to the model, with or without --batch-prefix {prefix!r}: map them" in message, case
                 elif set(expected) == {"with_it"}:  # one step: the model's prefix
-                    first = "if these are the mapped query's cells, " if prefix is None else f"not {prefix!r}: "
+                    first = "If these are the mapped query's cells: " if prefix is None else f"not {prefix!r}: "
                     assert first + "pass --batch-prefix query_" in message, (case, message)
                 else:
                     assert told_steps(message) == expected, (case, message)
@@ -1583,8 +1583,15 @@ def test_embed_with_a_batch_prefix_tells_numbers_written_otherwise(tmp_path):
     query.obs["batch"] = query.obs["batch"].astype(float)
     query.write_h5ad(tmp_path / "floats.h5ad")
     embed = ["embed", str(tmp_path / "floats.h5ad"), "--model-dir", query_model, "--out", str(tmp_path / "e.h5ad"), "--quiet"]
-    with pytest.raises(SystemExit, match=r"holds floats \(2.0\) where the model's categories are integers \(2\): convert"):
-        main([*embed, "--batch-prefix", "query_"])
+    for prefix in (["--batch-prefix", "query_"], [], ["--batch-prefix", "qry_"]):  # (review 47: without it, or mistyped,
+        # told as new batches to map)
+        with pytest.raises(SystemExit, match=r"holds floats \(2.0\) where the model's categories are integers \(2\): convert"):
+            main([*embed, *prefix])
+    both = ad.concat([query, ad.read_h5ad(tmp_path / "ref.h5ad")[:20]])  # a reference batch's cells beside, as floats too
+    both.obs["batch"] = both.obs["batch"].astype(float)
+    both.write_h5ad(tmp_path / "both.h5ad")
+    with pytest.raises(SystemExit, match=r"convert it first, adata.obs\['batch'\] = adata.obs\['batch'\].astype\(int\)"):
+        main(["embed", str(tmp_path / "both.h5ad"), *embed[2:]])
     query.obs["batch"] = query.obs["batch"].astype(int)
     query.write_h5ad(tmp_path / "floats.h5ad")  # (converted, as told)
     assert main([*embed, "--batch-prefix", "query_"]) == 0

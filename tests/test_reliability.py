@@ -1244,17 +1244,45 @@ def test_a_weight_of_the_wrong_type_is_named(messy, name):
 
 
 def test_save_takes_an_empty_folder_made_ahead_but_not_a_link_to_one(trained, tmp_path):
-    """A folder made first (mkdir, then save) was refused as existing: overwrite=True was needed to fill it."""
+    """A folder made first (mkdir, then save) was refused as existing: overwrite=True was needed to fill it. It is
+    filled, not replaced (review 47: its permissions were lost, a private folder made world-readable)."""
     (tmp_path / "made").mkdir()
+    (tmp_path / "made").chmod(0o700)
     (tmp_path / "made" / ".DS_Store").write_bytes(b"")  # (macOS's Finder leaves one in folders it shows)
+    folder = (tmp_path / "made").stat()
     trained.save(tmp_path / "made")
-    assert sorted(os.listdir(tmp_path / "made")) == ["config.json", "history.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "made")) == [".DS_Store", "config.json", "history.json", "model.safetensors"]
+    assert (tmp_path / "made").stat().st_ino == folder.st_ino and (tmp_path / "made").stat().st_mode == folder.st_mode
     np.testing.assert_array_equal(CellVAE.load(tmp_path / "made", adata=trained.adata).get_latent(), trained.get_latent())
     (tmp_path / "empty").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         trained.save(tmp_path / "link")
     assert os.listdir(tmp_path / "empty") == []
+
+
+def test_save_writes_into_the_working_directory_and_mount_points_in_place(trained, messy, tmp_path, monkeypatch):
+    """Review 47: a model folder that is the working directory was replaced by renames (the shell left in a deleted
+    folder, later writes failing), and a mount point (docker -v) could not be renamed: training lost at the end."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    trained.save(tmp_path / "here", save_anndata=True)
+    loaded = CellVAE.load(tmp_path / "here")  # (its adata.h5ad, read backed from this folder)
+    loaded.save(tmp_path / "here", overwrite=True)  # saved back: its adata.h5ad is kept
+    assert os.getcwd() == str(tmp_path / "here") and Path("notes.txt").write_text("still here")
+    assert sorted(os.listdir()) == ["adata.h5ad", "config.json", "history.json", "model.safetensors", "notes.txt"]
+    Path("notes.txt").unlink()
+    with pytest.warns(UserWarning, match="adata.h5ad that .* held, saved with the model this one replaced, was removed"):
+        CellVAE(messy, **MODEL_ARGS).save(tmp_path / "here", overwrite=True)  # another model: the adata.h5ad goes
+    assert sorted(os.listdir()) == ["config.json", "history.json", "model.safetensors"]
+    monkeypatch.chdir(tmp_path)
+    saved = tmp_path / "mounted"
+    trained.save(saved)
+    inode = saved.stat().st_ino
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == saved)  # as a mount point, renamed at no price
+    CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)  # (an untrained model over the trained one)
+    assert saved.stat().st_ino == inode and not CellVAE.load(saved, adata=messy).is_trained
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
 
 
 def test_save_refuses_to_overwrite_unless_asked(trained, saved):
