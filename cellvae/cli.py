@@ -1438,6 +1438,8 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
+    if folder.is_dir() and is_empty_folder(folder):  # (written into, not replaced)
+        _check_can_write(folder, option, model_dir)
     if folder.exists() and not is_empty_folder(folder):  # (an empty one, made ahead, is taken)
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
