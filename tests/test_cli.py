@@ -1600,6 +1600,35 @@ def test_embed_with_a_batch_prefix_tells_numbers_written_otherwise(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "option, value, told",
+    [
+        ("--epochs", "abc", "--epochs: must be a positive integer, got 'abc'"),
+        ("--batch-size", "1.5", "--batch-size: must be a positive integer, got '1.5'"),
+        ("--seed", "abc", "--seed: must be a whole number from 0 to 4294967295, got 'abc'"),
+        ("--seed", "4294967296", "--seed: must be a whole number from 0 to 4294967295, got '4294967296'"),
+        ("--unknown-threshold", "abc", "--unknown-threshold: must be a number from 0 to 1, got 'abc'"),
+        ("--novelty-threshold", "1.5", "--novelty-threshold: must be a number from 0 to 1, got '1.5'"),
+    ],
+)
+def test_option_values_of_the_wrong_kind_are_told_by_argparse(option, value, told, capsys):
+    """Found untested by a coverage audit: numbers that are not numbers, out of range."""
+    command = "fit" if option in ("--epochs", "--batch-size", "--seed") else "map"
+    with pytest.raises(SystemExit) as exit:
+        main([command, "in.h5ad", "--model-dir", "m", "--out", "o.h5ad", option, value])
+    assert exit.value.code == 2 and told in capsys.readouterr().err
+
+
+def test_resume_without_checkpoints_and_a_prefix_for_a_model_without_batches_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--resume needs the --checkpoint-dir of the run to continue"):
+        main([*fit_args(tmp_path, 100, 20), "--resume"])
+    assert main([*fit_args(tmp_path, 100, 20), "--epochs", "1", "--quiet", "--embedding-only"]) == 0  # (no --batch-key)
+    embed = ["embed", str(tmp_path / "in.h5ad"), "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path / "e.h5ad")]
+    with pytest.raises(SystemExit, match=r"the model in .*model reads no batches; leave out --batch-prefix"):
+        main([*embed, "--batch-prefix", "query_"])
+    assert not (tmp_path / "e.h5ad").exists()
+
+
 def test_batch_lists_in_messages_say_how_many_there_are_where_cut():
     from cellvae.cli import _listed
 
