@@ -1061,7 +1061,7 @@ def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, a
         raise SystemExit(f"error: {where} holds the model's batches as they are ({_listed(as_is)}): leave out --batch-prefix")
     if prefix and not with_it and not as_is:
         raise SystemExit(
-            f"error: {where} holds batches {_listed(new)} new to the model, with or without --batch-prefix {prefix!r}: "
+            f"error: {where} holds {_batches(new)} new to the model, with or without --batch-prefix {prefix!r}: "
             "map them (cellvae map)"
         )
     unknown = [name for name in with_it if name not in known]  # (the others also name reference batches)
@@ -1124,7 +1124,7 @@ def _number_after_a_prefix(name: str, prefix: str | None) -> str:
     (query_2: 2, as cellvae map --batch-prefix names a numbered query's), else as it is."""
     if prefix and name.startswith(prefix):
         return name.removeprefix(prefix)
-    found = re.fullmatch(r".*[^0-9A-Za-z.](-?[0-9]+(?:\.[0-9]+)?)", name)
+    found = re.fullmatch(r".*?[^0-9A-Za-z.](-?[0-9]+(?:\.[0-9]+)?)", name)  # (query_-1: -1)
     return found[1] if found else name
 
 
@@ -1419,7 +1419,7 @@ def _check_model_dir(
     ``option``), where saving it or writing ``out`` would replace the files of a ``separate`` folder
     (``{option: path}``: fit's checkpoints, map's reference model), or where replacing the folder would remove one
     of the ``inputs`` (``{option: path}``: a model's ``adata.h5ad`` given as the input)."""
-    from cellvae.model import is_empty_folder, why_not_a_model_folder
+    from cellvae.model import is_empty_folder, saves_in_place, why_not_a_model_folder
 
     folder = Path(model_dir).expanduser()
     resolved = folder.resolve()
@@ -1437,9 +1437,9 @@ def _check_model_dir(
     for other, path in others.items():
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
-    _check_can_write(next(path for path in resolved.parents if path.exists()), option, model_dir)
-    if folder.is_dir() and is_empty_folder(folder):  # (written into, not replaced)
-        _check_can_write(folder, option, model_dir)
+    # where save writes: into the folder (empty, a mount point, the working directory), else beside it
+    written_in = folder if saves_in_place(folder) else next(path for path in resolved.parents if path.exists())
+    _check_can_write(written_in, option, model_dir)
     if folder.exists() and not is_empty_folder(folder):  # (an empty one, made ahead, is taken)
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")

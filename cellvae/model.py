@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import errno
 import functools
 import glob
 import hashlib
@@ -1609,10 +1610,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     + (" (or save to the folder the link points to)" if path.is_symlink() else "")
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A folder made ahead, empty, and one that cannot be swapped for another (a mount point, the working directory)
-        # are written into, keeping their permissions and inode: the files are made inside it (on its file system)
-        in_place = path.is_dir() and not path.is_symlink()
-        in_place = in_place and (is_empty_folder(path) or os.path.ismount(path) or path.resolve() == Path.cwd().resolve())
+        in_place = saves_in_place(path)  # (the files are then made inside it, on its file system)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path if in_place else path.parent))
         saved_data = path / ADATA_FILE
         known = self._folders.get(path.resolve())
@@ -1660,8 +1658,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             else:  # the old model moved aside before the new one is renamed in, so it is never deleted first
                 if path.exists():
                     previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                    os.replace(path, previous / path.name)
-                os.replace(staging, path)
+                    try:
+                        os.replace(path, previous / path.name)
+                    except OSError as error:  # a bind mount (not told by os.path.ismount) cannot be renamed: fill it
+                        if error.errno not in (errno.EBUSY, errno.EXDEV):
+                            raise
+                        previous.rmdir()
+                        previous = None
+                        _move_files_in(staging, path)
+                if previous is not None or not path.exists():
+                    os.replace(staging, path)
         except BaseException:  # Ctrl-C between the two renames too: the old model goes back in place
             if previous is not None and (previous / path.name).exists() and not path.exists():
                 os.replace(previous / path.name, path)  # put the old model back
@@ -2925,6 +2931,14 @@ def is_model_folder(path: Path) -> bool:
     return why_not_a_model_folder(path) is None
 
 
+def saves_in_place(path: Path) -> bool:
+    """Whether :meth:`CellVAE.save` writes into the folder ``path`` rather than swapping it for a new one: a folder
+    made ahead and left empty, a mount point or the working directory (which keep their permissions and inode)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return is_empty_folder(path) or os.path.ismount(path) or path.resolve() == Path.cwd().resolve()
+
+
 def is_empty_folder(path: Path) -> bool:
     """Whether ``path`` is a folder (not a link to one) that holds nothing, or only macOS's ``.DS_Store``."""
     return path.is_dir() and not path.is_symlink() and not {entry.name for entry in path.iterdir()} - {".DS_Store"}
@@ -2937,6 +2951,9 @@ def why_not_a_model_folder(path: Path) -> str | None:
     if not path.is_dir():
         return "a file"
     others = _not_model_files(path)
+    left = [name for name in others if re.fullmatch(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}/", name)]
+    if left:  # (where save writes into the folder: a mount point, the working directory)
+        return f"a folder holding what a save into it that was killed left ({', '.join(left)}: remove that)"
     if others:
         return f"a folder holding other files than a model's ({', '.join(others)})"
     names = {entry.name for entry in path.iterdir()} - {".DS_Store"}
@@ -3201,17 +3218,19 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def _move_files_in(staging: Path, folder: Path) -> None:
-    """Move a saved model's files from ``staging`` (inside ``folder``) into ``folder``, the weights first, removing
-    those of the model there before that the new one lacks; then remove ``staging``."""
-    for name in (WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, CONFIG_FILE):  # (a save stopped midway: load refuses a mix)
+    """Move a saved model's files from ``staging`` into ``folder``, removing those of the model there before that
+    the new one lacks; then remove ``staging``. The old config.json goes first and the new one comes last: a save
+    stopped midway leaves no mix of two models, but a folder without config.json, which load refuses."""
+    (folder / CONFIG_FILE).unlink(missing_ok=True)
+    for name in (WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, CONFIG_FILE):
         new, old = staging / name, folder / name
         if new.exists() and old.exists() and os.path.samefile(new, old):  # this model's adata.h5ad, linked: kept
             new.unlink()
         elif new.exists():
-            os.replace(new, old)
+            shutil.move(new, old)  # (a rename; a copy where staging lies on another file system)
         elif old.exists():
             old.unlink()
-    staging.rmdir()
+    shutil.rmtree(staging)
 
 
 def _make_durable_and_shareable(folder: Path) -> None:

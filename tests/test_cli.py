@@ -1629,6 +1629,15 @@ def test_resume_without_checkpoints_and_a_prefix_for_a_model_without_batches_are
     assert not (tmp_path / "e.h5ad").exists()
 
 
+def test_the_number_a_mapped_batch_name_ends_in_keeps_its_sign():
+    """Review 48: query_-1 was read as 1 (the minus taken for the separator)."""
+    from cellvae.cli import _number_after_a_prefix
+
+    names = ["query_-1", "query_2", "query-2", "query_donor_1", "query_2.5", "batch0", "query_x"]
+    assert [_number_after_a_prefix(name, None) for name in names] == ["-1", "2", "2", "1", "2.5", "batch0", "query_x"]
+    assert _number_after_a_prefix("qry_-1", "qry_") == "-1" and _number_after_a_prefix("query_x", "query_") == "x"
+
+
 def test_batch_lists_in_messages_say_how_many_there_are_where_cut():
     from cellvae.cli import _listed
 

@@ -1,6 +1,7 @@
 """Reliability: numerical faults, determinism, safe model files, the user's AnnData left untouched, extreme inputs."""
 
 import copy
+import errno
 import gc
 import importlib
 import inspect
@@ -1283,6 +1284,36 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)  # (an untrained model over the trained one)
     assert saved.stat().st_ino == inode and not CellVAE.load(saved, adata=messy).is_trained
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
+    # review 48: a bind mount, which os.path.ismount does not tell, refuses the rename (EBUSY): filled in place
+    monkeypatch.undo()
+    replace = os.replace
+
+    def busy(source, target):
+        if Path(source) == saved:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(source))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", busy)
+    trained.save(saved, overwrite=True)
+    assert saved.stat().st_ino == inode and CellVAE.load(saved, adata=messy).is_trained
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
+    # stopped between its files: no mix of two models (new weights, old config), but no config.json, which load refuses
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == saved)
+    move = shutil.move
+    monkeypatch.setattr(shutil, "move", lambda source, target: move(source, target) if "history" not in str(source) else ctrl_c())
+    with pytest.raises(KeyboardInterrupt):
+        CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
+    assert sorted(os.listdir(saved)) == ["history.json", "model.safetensors"]  # (the new weights, the old history)
+    with pytest.raises(ValueError, match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors"):
+        CellVAE.load(saved, adata=messy)
+    # a save killed inside the folder leaves its staging folder there: told as such when saving again
+    (saved / ".mounted.abcd1234").mkdir()
+    with pytest.raises(ValueError, match=r"holding what a save into it that was killed left \(.mounted.abcd1234/: remove that\)"):
+        trained.save(saved, overwrite=True)
+
+
+def ctrl_c():
+    raise KeyboardInterrupt
 
 
 def test_save_refuses_to_overwrite_unless_asked(trained, saved):
