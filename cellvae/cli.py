@@ -1438,8 +1438,8 @@ def _check_model_dir(
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
     # where save writes: into the folder (empty, a mount point, the working directory), else beside it
-    written_in = folder if saves_in_place(folder) else next(path for path in resolved.parents if path.exists())
-    _check_can_write(written_in, option, model_dir)
+    in_place = saves_in_place(folder)
+    _check_can_write(folder if in_place else next(path for path in resolved.parents if path.exists()), option, model_dir)
     if folder.exists() and not is_empty_folder(folder):  # (an empty one, made ahead, is taken)
         if not overwrite:
             raise SystemExit(f"error: model directory {model_dir} exists; pass --overwrite to replace it")
@@ -1447,7 +1447,7 @@ def _check_model_dir(
         if what is not None:
             raise SystemExit(
                 f"error: {model_dir} is {what}, not a saved cellvae model folder; "
-                f"--overwrite replaces only a model folder: choose a new {option}, or remove it yourself"
+                f"--overwrite replaces only a model folder: choose a new {option}, or empty or remove it yourself"
             )
         for name, path in (inputs or {}).items():
             if path is not None and resolved in Path(path).expanduser().resolve().parents:
@@ -1455,6 +1455,11 @@ def _check_model_dir(
                     f"error: {name} {path} lies in {option} {model_dir}, which --overwrite replaces (removing it): "
                     f"copy it out of the folder first, or choose another {option}"
                 )
+        if not in_place and not os.access(folder, os.W_OK):  # (a folder moved aside has its ".." entry rewritten)
+            raise SystemExit(
+                f"error: {option} {model_dir} cannot be replaced: the folder is read-only, and cellvae moves the old "
+                f"model aside; make it writable (chmod u+w), or choose another {option}"
+            )
     _check_out_is_outside(out, {option: model_dir, **others})
 
 

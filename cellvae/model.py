@@ -1606,7 +1606,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if what is not None:
                 raise ValueError(
                     f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
-                    "folder written by CellVAE.save: choose a new path, or remove it yourself"
+                    "folder written by CellVAE.save: choose a new path, or empty or remove it yourself"
                     + (" (or save to the folder the link points to)" if path.is_symlink() else "")
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1665,6 +1665,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                             raise
                         previous.rmdir()
                         previous = None
+                        staging = _staged_inside(staging, path)  # (copied first: a full disk leaves the old model whole)
                         _move_files_in(staging, path)
                 if previous is not None or not path.exists():
                     os.replace(staging, path)
@@ -2885,7 +2886,11 @@ def _left_by_interrupted_saves(path: Path) -> list[str]:
     written there first, and ``.NAME.old.xxxxxxxx``, the one it replaces set aside) that are still there."""
     made = re.compile(rf"\.{re.escape(path.name)}\.(old\.)?[a-z0-9_]{{8}}")
     left = []
-    for entry in path.parent.iterdir():
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:  # a folder that can be written but not listed: nothing to tell
+        return []
+    for entry in entries:
         found = made.fullmatch(entry.name)
         if not found or not entry.is_dir():
             continue
@@ -2933,10 +2938,12 @@ def is_model_folder(path: Path) -> bool:
 
 def saves_in_place(path: Path) -> bool:
     """Whether :meth:`CellVAE.save` writes into the folder ``path`` rather than swapping it for a new one: a folder
-    made ahead and left empty, a mount point or the working directory (which keep their permissions and inode)."""
+    made ahead and left empty, a mount point or the working directory (which keep their permissions and inode), or a
+    folder whose parent cannot be written (a mount inside a read-only one, which os.path.ismount may not tell)."""
     if not path.is_dir() or path.is_symlink():
         return False
-    return is_empty_folder(path) or os.path.ismount(path) or path.resolve() == Path.cwd().resolve()
+    special = os.path.ismount(path) or path.resolve() == Path.cwd().resolve() or not os.access(path.parent, os.W_OK)
+    return special or is_empty_folder(path)
 
 
 def is_empty_folder(path: Path) -> bool:
@@ -2962,7 +2969,10 @@ def why_not_a_model_folder(path: Path) -> str | None:
     # files of those names that CellVAE.save did not write: another library's model (config.json and
     # model.safetensors are common names), the user's notes or an adata.h5ad of the user's data
     if not {CONFIG_FILE, WEIGHTS_FILE} <= names:
-        return f"a folder holding {', '.join(sorted(names))}, not both {CONFIG_FILE} and {WEIGHTS_FILE} as a saved model"
+        lacking = " or ".join(sorted({CONFIG_FILE, WEIGHTS_FILE} - names))
+        # (new weights without config.json: what a save into the folder itself, stopped midway, leaves)
+        stopped = " (as a save into it that was stopped midway leaves it)" if CONFIG_FILE not in names else ""
+        return f"a folder holding {', '.join(sorted(names))} but no {lacking}{stopped}"
     if not _is_cellvae_config(path / CONFIG_FILE):
         return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's ({CONFIG_FILE} is another's)"
     return None
@@ -3215,6 +3225,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # a file system without hard links
         shutil.copy2(source, target)
+
+
+def _staged_inside(staging: Path, folder: Path) -> Path:
+    """A copy of ``staging`` made inside ``folder`` (on its file system, so that its files are then renamed in), with
+    ``staging`` removed; a copy that fails (a full disk) is removed, leaving ``folder`` as it was."""
+    inside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder))
+    try:
+        shutil.copytree(staging, inside, dirs_exist_ok=True)
+        _make_durable_and_shareable(inside)
+    except BaseException:
+        shutil.rmtree(inside, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return inside
 
 
 def _move_files_in(staging: Path, folder: Path) -> None:

@@ -1675,6 +1675,18 @@ def test_fit_and_map_save_into_empty_model_folders_made_ahead(tmp_path):
     assert sorted(os.listdir(tmp_path / "query_model")) == ["config.json", "history.json", "model.safetensors"]
 
 
+def test_a_read_only_model_folder_is_refused_before_training(tmp_path, monkeypatch):
+    """Review 49: a read-only model folder (in a writable parent) trained, then failed to be moved aside (as root here,
+    os.access stands in for a user's chmod 555)."""
+    command = [*fit_args(tmp_path, 150, 30), "--epochs", "1", "--quiet", "--embedding-only"]
+    assert main(command) == 0
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode: Path(where) != tmp_path / "model" and access(where, mode))
+    monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *args, **kwargs: pytest.fail("training started"))
+    with pytest.raises(SystemExit, match=r"model cannot be replaced: the folder is read-only, .* \(chmod u\+w\), or choose"):
+        main([*command, "--overwrite"])
+
+
 def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path, monkeypatch):
     command = fit_args(tmp_path, 150, 30)
     trained = []

@@ -1297,6 +1297,25 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     trained.save(saved, overwrite=True)
     assert saved.stat().st_ino == inode and CellVAE.load(saved, adata=messy).is_trained
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
+    # review 49: its files were copied over the old ones, so a full disk left neither model: now copied in first
+    copytree = shutil.copytree
+
+    def disk_full(source, target, **kwargs):
+        copytree(source, target, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(shutil, "copytree", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
+    assert CellVAE.load(saved, adata=messy).is_trained  # the old model, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
+    monkeypatch.undo()
+    # a folder whose parent cannot be written (a mount in a read-only one) is written into
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda where, mode: Path(where) != tmp_path and access(where, mode))
+    CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
+    assert saved.stat().st_ino == inode and not CellVAE.load(saved, adata=messy).is_trained
+    monkeypatch.undo()
     # stopped between its files: no mix of two models (new weights, old config), but no config.json, which load refuses
     monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == saved)
     move = shutil.move
@@ -1306,6 +1325,9 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     assert sorted(os.listdir(saved)) == ["history.json", "model.safetensors"]  # (the new weights, the old history)
     with pytest.raises(ValueError, match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors"):
         CellVAE.load(saved, adata=messy)
+    stopped = r"holding history.json, model.safetensors but no config.json \(as a save into it that was stopped midway"
+    with pytest.raises(ValueError, match=stopped + r".*choose a new path, or empty or remove it yourself"):
+        trained.save(saved, overwrite=True)
     # a save killed inside the folder leaves its staging folder there: told as such when saving again
     (saved / ".mounted.abcd1234").mkdir()
     with pytest.raises(ValueError, match=r"holding what a save into it that was killed left \(.mounted.abcd1234/: remove that\)"):
@@ -1345,7 +1367,7 @@ def test_save_overwrites_only_a_model_folder(trained, tmp_path, monkeypatch):
     (own_notes / "config.json").write_text('{"gene_names": ["a"], "n_latent": 2, "likelihood": "nb"}')
     told = {
         other_library: r"a folder whose files \(config.json, model.safetensors\) are not a cellvae model's \(\S+ is another's\)",
-        own_notes: r"a folder holding config.json, not both config.json and model.safetensors as a saved model",
+        own_notes: r"a folder holding config.json but no model.safetensors",
     }
     for folder, what in told.items():
         before = {entry.name: entry.read_bytes() for entry in folder.iterdir()}
