@@ -1437,7 +1437,7 @@ def _check_model_dir(
     for other, path in others.items():
         if _nested(Path(path), resolved):
             raise SystemExit(f"error: {other} and {option} must be separate folders, neither inside the other")
-    # where save writes: into the folder (empty, a mount point, the working directory), else beside it
+    # where save writes: into the folder (empty, a mount point, the working directory, in a read-only one), else beside it
     in_place = saves_in_place(folder)
     _check_can_write(folder if in_place else next(path for path in resolved.parents if path.exists()), option, model_dir)
     if folder.exists() and not is_empty_folder(folder):  # (an empty one, made ahead, is taken)

@@ -1582,8 +1582,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Notes
         -----
         The files are written to a temporary directory first and moved into place at the end,
-        so an interrupted save never leaves a half-written model (a folder made ahead and left empty, a mount point
-        or the working directory is kept and written into, file by file, the weights first). A model
+        so an interrupted save never leaves a half-written model (a folder made ahead and left empty, a mount point,
+        the working directory or a folder whose parent cannot be written is kept and written into, file by file: a
+        save stopped midway leaves it without config.json, which load refuses and the next save replaces). A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model, and the others
         return at once, without waiting for it (call ``torch.distributed.barrier()`` before reading the folder on
         every rank).
@@ -1665,7 +1666,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                             raise
                         previous.rmdir()
                         previous = None
-                        staging = _staged_inside(staging, path)  # (copied first: a full disk leaves the old model whole)
+                        # copied inside first (a full disk leaves the old model whole), the folder's own adata.h5ad linked
+                        staging = _staged_inside(staging, path, keep_data=own_folder and not save_anndata)
                         _move_files_in(staging, path)
                 if previous is not None or not path.exists():
                     os.replace(staging, path)
@@ -2920,6 +2922,16 @@ def _is_cellvae_config(file: Path) -> bool:
     return isinstance(config, dict) and {"gene_names", "n_latent", "likelihood"} <= set(config)
 
 
+def _is_cellvae_weights(file: Path) -> bool:
+    """Whether ``file`` is a model.safetensors that :meth:`CellVAE.save` wrote (its metadata says so)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError, RecursionError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == "cellvae"
+
+
 def _not_model_files(folder: Path) -> list[str]:
     """The first few names in ``folder`` that :meth:`CellVAE.save` does not write there (a folder as ``name/``)."""
     model_files = {CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, ".DS_Store"}  # (.DS_Store: macOS's own)
@@ -2968,11 +2980,10 @@ def why_not_a_model_folder(path: Path) -> str | None:
         return None
     # files of those names that CellVAE.save did not write: another library's model (config.json and
     # model.safetensors are common names), the user's notes or an adata.h5ad of the user's data
+    if CONFIG_FILE not in names and WEIGHTS_FILE in names and _is_cellvae_weights(path / WEIGHTS_FILE):
+        return None  # what a save into the folder itself (a mount point), stopped midway, leaves: replaced by the next
     if not {CONFIG_FILE, WEIGHTS_FILE} <= names:
-        lacking = " or ".join(sorted({CONFIG_FILE, WEIGHTS_FILE} - names))
-        # (new weights without config.json: what a save into the folder itself, stopped midway, leaves)
-        stopped = " (as a save into it that was stopped midway leaves it)" if CONFIG_FILE not in names else ""
-        return f"a folder holding {', '.join(sorted(names))} but no {lacking}{stopped}"
+        return f"a folder holding {', '.join(sorted(names))} but no {' or '.join(sorted({CONFIG_FILE, WEIGHTS_FILE} - names))}"
     if not _is_cellvae_config(path / CONFIG_FILE):
         return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's ({CONFIG_FILE} is another's)"
     return None
@@ -3227,12 +3238,17 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _staged_inside(staging: Path, folder: Path) -> Path:
+def _staged_inside(staging: Path, folder: Path, keep_data: bool) -> Path:
     """A copy of ``staging`` made inside ``folder`` (on its file system, so that its files are then renamed in), with
-    ``staging`` removed; a copy that fails (a full disk) is removed, leaving ``folder`` as it was."""
+    ``staging`` removed; a copy that fails (a full disk) is removed, leaving ``folder`` as it was. With ``keep_data``
+    the folder's own adata.h5ad is linked in, not copied (it stays as it is)."""
     inside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder))
     try:
-        shutil.copytree(staging, inside, dirs_exist_ok=True)
+        for file in staging.iterdir():
+            if file.name == ADATA_FILE and keep_data:
+                _link_or_copy(folder / ADATA_FILE, inside / ADATA_FILE)
+            else:
+                shutil.copy2(file, inside / file.name)
         _make_durable_and_shareable(inside)
     except BaseException:
         shutil.rmtree(inside, ignore_errors=True)
@@ -3251,7 +3267,7 @@ def _move_files_in(staging: Path, folder: Path) -> None:
         if new.exists() and old.exists() and os.path.samefile(new, old):  # this model's adata.h5ad, linked: kept
             new.unlink()
         elif new.exists():
-            shutil.move(new, old)  # (a rename; a copy where staging lies on another file system)
+            os.replace(new, old)
         elif old.exists():
             old.unlink()
     shutil.rmtree(staging)

@@ -1298,17 +1298,28 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     assert saved.stat().st_ino == inode and CellVAE.load(saved, adata=messy).is_trained
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
     # review 49: its files were copied over the old ones, so a full disk left neither model: now copied in first
-    copytree = shutil.copytree
+    copy2 = shutil.copy2
 
     def disk_full(source, target, **kwargs):
-        copytree(source, target, **kwargs)
-        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        if Path(source).name == "model.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return copy2(source, target, **kwargs)
 
-    monkeypatch.setattr(shutil, "copytree", disk_full)
+    monkeypatch.setattr(shutil, "copy2", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
     assert CellVAE.load(saved, adata=messy).is_trained  # the old model, whole
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
+    # review 50: a model loaded from the folder, saved back: its adata.h5ad (read backed) is kept, not copied twice
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    trained.save(saved, overwrite=True, save_anndata=True)
+    monkeypatch.setattr(shutil, "copy2", lambda *a, **k: pytest.fail("copied") if "adata" in str(a[0]) else copy2(*a, **k))
+    loaded = CellVAE.load(saved)
+    data_inode = (saved / "adata.h5ad").stat().st_ino
+    loaded.save(saved, overwrite=True)
+    assert (saved / "adata.h5ad").stat().st_ino == data_inode and saved.stat().st_ino == inode
+    np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
+    del loaded
     monkeypatch.undo()
     # a folder whose parent cannot be written (a mount in a read-only one) is written into
     access = os.access
@@ -1318,16 +1329,22 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     monkeypatch.undo()
     # stopped between its files: no mix of two models (new weights, old config), but no config.json, which load refuses
     monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == saved)
-    move = shutil.move
-    monkeypatch.setattr(shutil, "move", lambda source, target: move(source, target) if "history" not in str(source) else ctrl_c())
+    replace = os.replace
+    monkeypatch.setattr(
+        os, "replace", lambda source, target: replace(source, target) if "history" not in str(source) else ctrl_c()
+    )
     with pytest.raises(KeyboardInterrupt):
         CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
     assert sorted(os.listdir(saved)) == ["history.json", "model.safetensors"]  # (the new weights, the old history)
     with pytest.raises(ValueError, match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors"):
         CellVAE.load(saved, adata=messy)
-    stopped = r"holding history.json, model.safetensors but no config.json \(as a save into it that was stopped midway"
-    with pytest.raises(ValueError, match=stopped + r".*choose a new path, or empty or remove it yourself"):
-        trained.save(saved, overwrite=True)
+    monkeypatch.setattr(os, "replace", replace)
+    trained.save(saved, overwrite=True)  # (review 50: such a folder, its weights cellvae's, is replaced by the next save)
+    assert CellVAE.load(saved, adata=messy).is_trained
+    (tmp_path / "results").mkdir()  # the user's data alone: no model's, and not told as a stopped save's
+    (tmp_path / "results" / "adata.h5ad").write_text("the user's data")
+    with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
+        trained.save(tmp_path / "results", overwrite=True)
     # a save killed inside the folder leaves its staging folder there: told as such when saving again
     (saved / ".mounted.abcd1234").mkdir()
     with pytest.raises(ValueError, match=r"holding what a save into it that was killed left \(.mounted.abcd1234/: remove that\)"):
