@@ -1654,23 +1654,21 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise
         previous = None
         try:
+            if not in_place and path.exists():  # the old model moved aside before the new one is renamed in
+                previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+                try:
+                    os.replace(path, previous / path.name)
+                except OSError as error:  # a bind mount (not told by os.path.ismount) cannot be renamed: filled
+                    if error.errno not in (errno.EBUSY, errno.EXDEV):
+                        raise
+                    previous.rmdir()
+                    previous, in_place = None, True
+                    # copied inside first (a full disk leaves the old model whole), the folder's own adata.h5ad linked
+                    staging = _staged_inside(staging, path, keep_data=own_folder and not save_anndata)
             if in_place:
                 _move_files_in(staging, path)
-            else:  # the old model moved aside before the new one is renamed in, so it is never deleted first
-                if path.exists():
-                    previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                    try:
-                        os.replace(path, previous / path.name)
-                    except OSError as error:  # a bind mount (not told by os.path.ismount) cannot be renamed: fill it
-                        if error.errno not in (errno.EBUSY, errno.EXDEV):
-                            raise
-                        previous.rmdir()
-                        previous = None
-                        # copied inside first (a full disk leaves the old model whole), the folder's own adata.h5ad linked
-                        staging = _staged_inside(staging, path, keep_data=own_folder and not save_anndata)
-                        _move_files_in(staging, path)
-                if previous is not None or not path.exists():
-                    os.replace(staging, path)
+            else:
+                os.replace(staging, path)
         except BaseException:  # Ctrl-C between the two renames too: the old model goes back in place
             if previous is not None and (previous / path.name).exists() and not path.exists():
                 os.replace(previous / path.name, path)  # put the old model back
