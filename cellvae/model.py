@@ -1584,7 +1584,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The files are written to a temporary directory first and moved into place at the end,
         so an interrupted save never leaves a half-written model (a folder made ahead and left empty, a mount point,
         the working directory or a folder whose parent cannot be written is kept and written into, file by file: a
-        save stopped midway leaves it without config.json, which load refuses and the next save replaces). A model
+        save stopped midway leaves it without config.json, which load and save refuse, saying so). A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model, and the others
         return at once, without waiting for it (call ``torch.distributed.barrier()`` before reading the folder on
         every rank).
@@ -2978,10 +2978,13 @@ def why_not_a_model_folder(path: Path) -> str | None:
         return None
     # files of those names that CellVAE.save did not write: another library's model (config.json and
     # model.safetensors are common names), the user's notes or an adata.h5ad of the user's data
-    if CONFIG_FILE not in names and WEIGHTS_FILE in names and _is_cellvae_weights(path / WEIGHTS_FILE):
-        return None  # what a save into the folder itself (a mount point), stopped midway, leaves: replaced by the next
     if not {CONFIG_FILE, WEIGHTS_FILE} <= names:
-        return f"a folder holding {', '.join(sorted(names))} but no {' or '.join(sorted({CONFIG_FILE, WEIGHTS_FILE} - names))}"
+        lacking = " or ".join(sorted({CONFIG_FILE, WEIGHTS_FILE} - names))
+        # cellvae's weights without config.json: what a save into the folder itself (a mount point), stopped midway,
+        # leaves; told, not replaced (the user may have put the weights beside files of their own)
+        stopped = CONFIG_FILE not in names and WEIGHTS_FILE in names and _is_cellvae_weights(path / WEIGHTS_FILE)
+        hint = " (as a save into the folder itself that was stopped midway leaves it: if so, empty it)" if stopped else ""
+        return f"a folder holding {', '.join(sorted(names))} but no {lacking}{hint}"
     if not _is_cellvae_config(path / CONFIG_FILE):
         return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's ({CONFIG_FILE} is another's)"
     return None

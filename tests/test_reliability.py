@@ -1339,12 +1339,21 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     with pytest.raises(ValueError, match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors"):
         CellVAE.load(saved, adata=messy)
     monkeypatch.setattr(os, "replace", replace)
-    trained.save(saved, overwrite=True)  # (review 50: such a folder, its weights cellvae's, is replaced by the next save)
+    stopped = r"holding history.json, model.safetensors but no config.json \(as a save into the folder itself that was stopped"
+    with pytest.raises(ValueError, match=stopped + r" midway leaves it: if so, empty it\).*or empty or remove it yourself"):
+        trained.save(saved, overwrite=True)  # (review 51: replacing it would replace a user's folder holding such weights)
+    for file in saved.iterdir():
+        file.unlink()
+    trained.save(saved)
     assert CellVAE.load(saved, adata=messy).is_trained
     (tmp_path / "results").mkdir()  # the user's data alone: no model's, and not told as a stopped save's
     (tmp_path / "results" / "adata.h5ad").write_text("the user's data")
     with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
         trained.save(tmp_path / "results", overwrite=True)
+    shutil.copy(saved / "model.safetensors", tmp_path / "results")  # (review 51: beside cellvae's weights it was replaced)
+    with pytest.raises(ValueError, match=r"holding adata.h5ad, model.safetensors but no config.json \(as a save into"):
+        trained.save(tmp_path / "results", overwrite=True)
+    assert (tmp_path / "results" / "adata.h5ad").read_text() == "the user's data"
     # a save killed inside the folder leaves its staging folder there: told as such when saving again
     (saved / ".mounted.abcd1234").mkdir()
     with pytest.raises(ValueError, match=r"holding what a save into it that was killed left \(.mounted.abcd1234/: remove that\)"):
