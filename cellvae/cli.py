@@ -1046,9 +1046,8 @@ def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, a
         return
     # numbers written otherwise (2.0 for the model's 2, or for a mapped query's query_2) are told as such, not as
     # batches to map: compared with the model's names, mapped ones without the given prefix or any (query_2: 2)
-    n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
-    mapped = config.batch_categories[n_reference:]
-    unprefixed = (known - set(mapped)) | {_number_after_a_prefix(name, prefix) for name in mapped}
+    reference, mapped = _reference_and_mapped_batches(config)
+    unprefixed = set(reference) | {_number_after_a_prefix(name, prefix) for name in mapped}
     retyped = numbers_written_otherwise(sorted(given - unprefixed), sorted(unprefixed), column)
     if retyped:
         raise ValueError(retyped)
@@ -1075,11 +1074,11 @@ def _refuse_batches_this_run_would_embed_wrongly(batches, column: str, config, a
     elif prefix:
         lead = f"not all of the batches in {where} are held by the model with --batch-prefix {prefix!r} before them"
     elif unknown:
-        names, mapped, them = (
+        names, held_as, them = (
             ("this name", "a mapped query batch", "it") if len(unknown) == 1 else ("these names", "mapped query batches", "them")
         )
         raise SystemExit(
-            f"error: {where} holds {_batches(unknown)} that the model does not know by {names}, but it holds {mapped} of "
+            f"error: {where} holds {_batches(unknown)} that the model does not know by {names}, but it holds {held_as} of "
             f"{names} with {held!r} before {them} {named}. If these are the mapped query's cells: {steps}. If they are "
             "other batches, map them (cellvae map)"
         )
@@ -1145,12 +1144,17 @@ def _prefix_of_batches_held_so(names: list[str], config) -> str | None:
     return _prefix_of_mapped_batches(held, config, reference_names=False)
 
 
+def _reference_and_mapped_batches(config) -> tuple[list[str], list[str]]:
+    """The (query) model's batches: the reference's, and those map_query added (none for a reference model)."""
+    n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
+    return config.batch_categories[:n_reference], config.batch_categories[n_reference:]
+
+
 def _prefix_of_mapped_batches(given: list[str], config, reference_names: bool = True) -> str | None:
     """Where every batch ``given`` (with ``reference_names``, each a reference batch too) the (query) model holds as a
     mapped batch with one prefix before it (cellvae map --batch-prefix), that prefix. A prefix ends in a separator
     ("query ", "new_"): "1" before "0" is no prefix but batch "10" of a numbered query."""
-    n_reference = config.reference_categories.get(config.batch_key, len(config.batch_categories))
-    reference, mapped = config.batch_categories[:n_reference], config.batch_categories[n_reference:]
+    reference, mapped = _reference_and_mapped_batches(config)
     prefixes = {
         name: {
             new[: -len(name)]
