@@ -348,6 +348,13 @@ def _options_meant(words: list[str], parser: argparse.ArgumentParser) -> str | N
     argparse only calls unrecognized: the command's option meant by each."""
     commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
     command = next((word for word in words if word in commands), None)
+    before_command = words[: words.index(command)] if command else words
+    if any(word.startswith("-") and word not in ("-h", "--help", "--version") for word in before_command):
+        # (argparse takes the option's value for the command: "invalid choice: 'batch'")
+        return (
+            f"name the command first, then its options: cellvae COMMAND [options], e.g. cellvae fit counts.h5ad --out "
+            f"embedded.h5ad --model-dir model --batch-key batch (commands: {', '.join(commands)}; cellvae COMMAND --help)"
+        )
     if command is None:
         return None
     known = set(commands[command]._option_string_actions)

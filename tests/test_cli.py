@@ -361,6 +361,8 @@ def test_fit_names_the_option_of_an_obs_column_the_input_lacks(tmp_path):
         (["fit", "in.h5ad", "-o", "o.h5ad", "--model-dir", "m"], "-o -> --out"),
         (["embed", "in.h5ad", "--out", "o.h5ad", "--model-dir", "m", "--var_names=gene"], "--var_names -> --var-names"),
         (["map", "q.h5ad", "--out", "o.h5ad", "--model-dir", "m", "--label-key", "cell_type"], "--label-key -> --labels-key"),
+        (["--batch_key", "batch"], "name the command first, then its options: cellvae COMMAND [options]"),
+        (["--batch-key", "batch", "fit", "in.h5ad"], "(commands: demo, fit, embed, map; cellvae COMMAND --help)"),
     ],
 )
 def test_options_spelled_as_in_python_or_scvi_tools_are_told_their_cellvae_spelling(given, meant, capsys):
