@@ -635,7 +635,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import scanpy as sc
 
     from cellvae import datasets, pl, tl
-    from cellvae.model import is_model_folder
+    from cellvae.model import why_not_a_model_folder
 
     out_dir = Path(args.out_dir).expanduser()
     # told before training, not after it: a file in the folder's place, or a model folder holding other files
@@ -649,9 +649,10 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     if (out_dir / "model").is_file():
         raise SystemExit(f"error: {out_dir / 'model'} is a file, where the demo saves its model; choose another --out-dir")
-    if (out_dir / "model").exists() and not is_model_folder(out_dir / "model"):
+    not_a_model = why_not_a_model_folder(out_dir / "model") if (out_dir / "model").exists() else None
+    if not_a_model is not None:
         raise SystemExit(
-            f"error: {out_dir / 'model'} holds files that are not a saved cellvae model, where the demo saves its model; "
+            f"error: {out_dir / 'model'} is {not_a_model}, not a saved cellvae model, where the demo saves its model; "
             "choose another --out-dir or move them"
         )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1621,7 +1621,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if save_anndata:
                 self._write_anndata(staging / ADATA_FILE)
             elif own_folder and saved_data.is_file():  # loaded from this folder, trained further, saved back
-                _link_or_copy(saved_data, staging / ADATA_FILE)
+                try:
+                    os.link(saved_data, staging / ADATA_FILE)  # (a backed AnnData keeps reading it)
+                except OSError as error:
+                    if error.errno == errno.EXDEV and not in_place:  # a bind mount, which os.path.ismount does not
+                        # tell: its files are made inside it (the data copied out would need its size on the other disk)
+                        shutil.rmtree(staging, ignore_errors=True)
+                        staging, in_place = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path)), True
+                    _link_or_copy(saved_data, staging / ADATA_FILE)
             # the cellvae that wrote the file (a model loaded from an older one may hold fields that one does not know)
             replace(self.config, cellvae_version=CELLVAE_VERSION).to_json(staging / CONFIG_FILE)
             # float32, as load expects them (a module cast with .double() or .half() would save weights it refuses)
@@ -1742,6 +1749,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 )
             raise ValueError(
                 f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
+                + (_stopped_save_hint(path) if path.is_dir() else "")
                 + (
                     f"; a save into it was interrupted, and the model saved there before is in {set_aside[-1]}: move it "
                     f"back to {path} to load it"
@@ -2946,6 +2954,20 @@ def is_model_folder(path: Path) -> bool:
     return why_not_a_model_folder(path) is None
 
 
+def _stopped_save_hint(path: Path) -> str:
+    """Where ``path`` holds cellvae's weights but no config.json, as a save into the folder itself (a mount point)
+    stopped midway leaves it, what to do if so; else "". Told, not repaired: the user may have put the weights there
+    beside files of their own."""
+    if (path / CONFIG_FILE).exists() or not _is_cellvae_weights(path / WEIGHTS_FILE):
+        return ""
+    half_written = " and ".join(name for name in (WEIGHTS_FILE, HISTORY_FILE) if (path / name).exists())
+    data_file = f"; its {ADATA_FILE} is whole: keep it" if (path / ADATA_FILE).exists() else ""
+    return (
+        f" (as a save into the folder itself that was stopped midway leaves it: if so, delete its {half_written} and "
+        f"save the model again{data_file})"
+    )
+
+
 def saves_in_place(path: Path) -> bool:
     """Whether :meth:`CellVAE.save` writes into the folder ``path`` rather than swapping it for a new one: a folder
     made ahead and left empty, a mount point or the working directory (which keep their permissions and inode), or a
@@ -2980,11 +3002,7 @@ def why_not_a_model_folder(path: Path) -> str | None:
     # model.safetensors are common names), the user's notes or an adata.h5ad of the user's data
     if not {CONFIG_FILE, WEIGHTS_FILE} <= names:
         lacking = " or ".join(sorted({CONFIG_FILE, WEIGHTS_FILE} - names))
-        # cellvae's weights without config.json: what a save into the folder itself (a mount point), stopped midway,
-        # leaves; told, not replaced (the user may have put the weights beside files of their own)
-        stopped = CONFIG_FILE not in names and WEIGHTS_FILE in names and _is_cellvae_weights(path / WEIGHTS_FILE)
-        hint = " (as a save into the folder itself that was stopped midway leaves it: if so, empty it)" if stopped else ""
-        return f"a folder holding {', '.join(sorted(names))} but no {lacking}{hint}"
+        return f"a folder holding {', '.join(sorted(names))} but no {lacking}{_stopped_save_hint(path)}"
     if not _is_cellvae_config(path / CONFIG_FILE):
         return f"a folder whose files ({', '.join(sorted(names))}) are not a cellvae model's ({CONFIG_FILE} is another's)"
     return None

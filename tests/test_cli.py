@@ -67,7 +67,8 @@ def test_demo_refuses_an_out_dir_it_cannot_use_before_training(tmp_path, monkeyp
     (tmp_path / "mine" / "model").mkdir(parents=True)
     (tmp_path / "mine" / "model" / "notes.txt").write_text("notes")
     (tmp_path / "mine" / "pbmc68k.h5ad").write_text("precious")
-    with pytest.raises(SystemExit, match=r"mine/model holds files that are not a saved cellvae model.*another --out-dir"):
+    not_a_model = r"mine/model is a folder holding other files than a model's \(notes.txt\), not a saved cellvae model"
+    with pytest.raises(SystemExit, match=not_a_model + ".*another --out-dir"):
         main(["demo", "--out-dir", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "pbmc68k.h5ad").read_text() == "precious"
     (tmp_path / "filed").mkdir()

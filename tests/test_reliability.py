@@ -1314,6 +1314,14 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     monkeypatch.setattr(shutil, "copy2", copy2)
     trained.save(saved, overwrite=True, save_anndata=True)
     monkeypatch.setattr(shutil, "copy2", lambda *a, **k: pytest.fail("copied") if "adata" in str(a[0]) else copy2(*a, **k))
+    link = os.link
+
+    def across_mounts(source, target):  # (review 52: the data was copied out to the parent first, then thrown away)
+        if Path(source).parent == saved and Path(target).parent.parent != saved:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+        link(source, target)
+
+    monkeypatch.setattr(os, "link", across_mounts)
     loaded = CellVAE.load(saved)
     data_inode = (saved / "adata.h5ad").stat().st_ino
     loaded.save(saved, overwrite=True)
@@ -1336,11 +1344,17 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     with pytest.raises(KeyboardInterrupt):
         CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
     assert sorted(os.listdir(saved)) == ["history.json", "model.safetensors"]  # (the new weights, the old history)
-    with pytest.raises(ValueError, match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors"):
+    hint = r"\(as a save into the folder itself that was stopped midway leaves it: if so, delete its model.safetensors and "
+    hint += r"history.json and save the model again\)"
+    with pytest.raises(
+        ValueError,
+        match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors \(written by CellVAE.save\) "
+        + hint,
+    ):
         CellVAE.load(saved, adata=messy)
     monkeypatch.setattr(os, "replace", replace)
-    stopped = r"holding history.json, model.safetensors but no config.json \(as a save into the folder itself that was stopped"
-    with pytest.raises(ValueError, match=stopped + r" midway leaves it: if so, empty it\).*or empty or remove it yourself"):
+    stopped = r"holding history.json, model.safetensors but no config.json "
+    with pytest.raises(ValueError, match=stopped + hint + ".*or empty or remove it yourself"):
         trained.save(saved, overwrite=True)  # (review 51: replacing it would replace a user's folder holding such weights)
     for file in saved.iterdir():
         file.unlink()
@@ -1351,7 +1365,8 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
         trained.save(tmp_path / "results", overwrite=True)
     shutil.copy(saved / "model.safetensors", tmp_path / "results")  # (review 51: beside cellvae's weights it was replaced)
-    with pytest.raises(ValueError, match=r"holding adata.h5ad, model.safetensors but no config.json \(as a save into"):
+    keep = r"delete its model.safetensors and save the model again; its adata.h5ad is whole: keep it\)"
+    with pytest.raises(ValueError, match=r"holding adata.h5ad, model.safetensors but no config.json \(as a save into.*" + keep):
         trained.save(tmp_path / "results", overwrite=True)
     assert (tmp_path / "results" / "adata.h5ad").read_text() == "the user's data"
     # a save killed inside the folder leaves its staging folder there: told as such when saving again
