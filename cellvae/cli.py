@@ -734,6 +734,7 @@ def run_fit(args: argparse.Namespace) -> int:
         recorded["backed"] = True
     interrupted = bool(model.history.attrs.get("interrupted"))  # Ctrl-C in training: keep what was trained
     graph_stopped, graph_error = False, None
+    replacing = _graph_results_held(adata)  # (the input's own, e.g. from PCA: the output's are the embedding's)
     if not interrupted and not args.embedding_only:
         try:
             _neighbours_umap_leiden(adata, args.key_added, args.seed)
@@ -764,8 +765,19 @@ def run_fit(args: argparse.Namespace) -> int:
     if graph_error is not None:
         failed = f"{type(graph_error).__name__}: {graph_error}"
         raise SystemExit(f"error: neighbours/UMAP/Leiden failed ({failed}); {only}") from graph_error
-    print(f"wrote {args.out} (obsm[{args.key_added!r}]{'' if args.embedding_only else ', UMAP, leiden'})")
+    replaced_there = f"; replacing the input's {', '.join(replacing)}" if replacing and not args.embedding_only else ""
+    print(f"wrote {args.out} (obsm[{args.key_added!r}]{'' if args.embedding_only else ', UMAP, leiden'}{replaced_there})")
     return 0
+
+
+def _graph_results_held(adata) -> list[str]:
+    """What of a neighbours graph, UMAP and Leiden clusters ``adata`` holds (where fit writes the embedding's)."""
+    held = {
+        "neighbours graph": "neighbors" in adata.uns or "connectivities" in adata.obsp,
+        "UMAP": "X_umap" in adata.obsm,
+        "leiden clusters": "leiden" in adata.obs,
+    }
+    return [name for name, present in held.items() if present]
 
 
 def run_embed(args: argparse.Namespace) -> int:

@@ -539,7 +539,14 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
             raise ValueError(
                 f"{told} {NO_COUNTS_ELSEWHERE} {elsewhere} holds whole counts: read the raw counts again from their source "
                 "(e.g. scanpy.read_10x_h5 of the Cell Ranger output) and keep a copy of them in a layer "
-                "(adata.layers['counts']) before normalising." + (f" {rounding[0]}" if rounding else "")
+                "(adata.layers['counts']) before normalising."
+                + (f" {rounding[0]}" if rounding else "")
+                + (
+                    " (An AnnData made by adata.raw.to_adata() holds adata.raw's values, often log-normalised, and no "
+                    "layers: where the AnnData it came from keeps counts in a layer, give that one, with layer= naming it.)"
+                    if raw is None and not layer_names(adata)
+                    else ""
+                )
             ) from None
         if trained and ROUND_OFF_ADVICE in str(error):  # (a trained model takes no layer=: round where it reads)
             read = stored_x(adata) if layer is None else adata.layers[layer]

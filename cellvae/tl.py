@@ -189,7 +189,8 @@ def _gene_mask(adata: ad.AnnData, mask_var: str | np.ndarray | None) -> np.ndarr
             raise KeyError(
                 f"mask_var {mask_var!r} is not a column of adata.var (available: {list(adata.var.columns)[:10]}); mark "
                 "the genes first, on the counts, e.g. sc.pp.highly_variable_genes(adata, n_top_genes=2000, "
-                "flavor='seurat_v3', batch_key='batch') (your batch column, if any; this flavor needs pip install scikit-misc, "
+                "flavor='seurat_v3', batch_key='batch', layer='counts') (your batch column, if any, and the layer holding "
+                "the counts: leave out layer= where X holds them; this flavor needs pip install scikit-misc, "
                 "and its fit can fail with many small batches: sc.pp.filter_genes(adata, min_cells=10) first)"
             )
         column = adata.var[mask_var]

@@ -35,6 +35,20 @@ def fit_args(tmp_path, n_cells: int, n_genes: int) -> list[str]:
     return ["fit", str(tmp_path / "in.h5ad"), "--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
 
 
+def test_fit_says_it_replaced_the_inputs_graph_umap_and_clusters(tmp_path, capsys):
+    """A scanpy user's file holds a PCA graph, UMAP and Leiden clusters: the output's are the embedding's, and fit says
+    so (it printed only what it wrote)."""
+    args = fit_args(tmp_path, 150, 30)
+    assert main([*args, "--epochs", "1", "--quiet"]) == 0
+    assert "replacing" not in capsys.readouterr().out  # (a file without them: nothing replaced)
+    shutil.copy(tmp_path / "out.h5ad", tmp_path / "in.h5ad")
+    assert main([*args, "--epochs", "1", "--quiet", "--overwrite"]) == 0
+    told = capsys.readouterr().out
+    assert told.endswith("UMAP, leiden; replacing the input's neighbours graph, UMAP, leiden clusters)\n")
+    assert main([*args, "--epochs", "1", "--quiet", "--overwrite", "--embedding-only"]) == 0
+    assert "replacing" not in capsys.readouterr().out
+
+
 def test_help_lists_the_commands_without_loading_torch():
     result = subprocess.run([sys.executable, "-m", "cellvae.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("demo", "fit", "embed", "map"):

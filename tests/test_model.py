@@ -942,6 +942,12 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
         refused.value
     )
     assert "layer=..." not in str(refused.value) and "adata.raw" not in str(refused.value).split("Here neither")[0]  # (ruled out)
+    assert "raw.to_adata()" not in str(refused.value)  # (it has layers: not an AnnData made from raw)
+    # a scanpy user passing adata.raw.to_adata() of log-normalised values is pointed back to the AnnData with its layer
+    from_raw = in_layer.copy()
+    from_raw.raw = from_raw
+    with pytest.raises(ValueError, match=r"give that one, with layer= naming it\.\)$"):
+        CellVAE(from_raw.raw.to_adata(), batch_key="batch")
     normalised_only.raw = normalised_only  # scanpy's habit, after log1p: raw holds no counts either
     with pytest.raises(ValueError, match=r"Here neither adata\.raw nor a layer holds whole counts: read the raw counts"):
         CellVAE(normalised_only, batch_key="batch")
