@@ -1520,8 +1520,9 @@ def category_names(column: pd.Series, key: str, name: str = "adata") -> list[str
     text = as_text(column)
     present = set(text.categories[np.unique(text.codes)])
     if isinstance(column.dtype, pd.CategoricalDtype):  # (each category's text as astype(str) writes it, as in present)
-        return list(dict.fromkeys(name for name in _category_text(column.cat.categories) if name in present))
-    return sorted(present)
+        # (str(): NumPy's strings among the categories of an object Index stay np.str_ after astype(str))
+        return list(dict.fromkeys(str(name) for name in _category_text(column.cat.categories) if name in present))
+    return sorted(str(name) for name in present)
 
 
 def as_text(column: pd.Series) -> pd.Categorical:
@@ -1570,8 +1571,8 @@ def _check_no_missing(
     """Refuse missing values, with a fix: one value of their own, or one of the ``categories`` of a model whose
     categories are set."""
     if column.isna().any():
-        fill = (
-            f"with one of the model's categories (e.g. {categories[0]!r})"
+        fill = (  # (a trained model's: a made-up value would put cells of unknown origin in some batch)
+            f"with the model's category each belongs to, where known (e.g. {categories[0]!r})"
             if categories
             else f"({name}.obs[{key!r}] = {name}.obs[{key!r}].astype(object).fillna('unknown').astype(str) makes them one "
             "value of their own)"

@@ -1621,14 +1621,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if save_anndata:
                 self._write_anndata(staging / ADATA_FILE)
             elif own_folder and saved_data.is_file():  # loaded from this folder, trained further, saved back
-                try:
-                    os.link(saved_data, staging / ADATA_FILE)  # (a backed AnnData keeps reading it)
-                except OSError as error:
-                    if error.errno == errno.EXDEV and not in_place:  # a bind mount, which os.path.ismount does not
-                        # tell: its files are made inside it (the data copied out would need its size on the other disk)
-                        shutil.rmtree(staging, ignore_errors=True)
-                        staging, in_place = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path)), True
-                    _link_or_copy(saved_data, staging / ADATA_FILE)
+                staging, in_place = _staged_with_own_data(staging, path, in_place)
             # the cellvae that wrote the file (a model loaded from an older one may hold fields that one does not know)
             replace(self.config, cellvae_version=CELLVAE_VERSION).to_json(staging / CONFIG_FILE)
             # float32, as load expects them (a module cast with .double() or .half() would save weights it refuses)
@@ -2960,11 +2953,10 @@ def _stopped_save_hint(path: Path) -> str:
     beside files of their own."""
     if (path / CONFIG_FILE).exists() or not _is_cellvae_weights(path / WEIGHTS_FILE):
         return ""
-    half_written = " and ".join(name for name in (WEIGHTS_FILE, HISTORY_FILE) if (path / name).exists())
-    data_file = f"; its {ADATA_FILE} is whole: keep it" if (path / ADATA_FILE).exists() else ""
+    data_file = f"move its {ADATA_FILE} (whole) out, then " if (path / ADATA_FILE).exists() else ""
     return (
-        f" (as a save into the folder itself that was stopped midway leaves it: if so, delete its {half_written} and "
-        f"save the model again{data_file})"
+        f" (as a save into the folder itself that was stopped midway leaves it: if so, {data_file}empty it and save the "
+        "model into it again, or train it anew)"
     )
 
 
@@ -3255,6 +3247,35 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # a file system without hard links
         shutil.copy2(source, target)
+
+
+def _staged_with_own_data(staging: Path, folder: Path, in_place: bool) -> tuple[Path, bool]:
+    """Link ``folder``'s own adata.h5ad into ``staging`` (a backed AnnData keeps reading it), returning the staging
+    folder and whether the save writes in place. Where the link crosses into another mount beside the folder (a bind
+    mount that os.path.ismount does not tell) but works inside it, the staging moves inside and the save writes in
+    place (a copy would need the data's size on the other disk); else the file is copied (no hard links there, or the
+    file alone is mounted)."""
+    data_file = folder / ADATA_FILE
+    try:
+        os.link(data_file, staging / ADATA_FILE)
+        return staging, in_place
+    except OSError as error:
+        if error.errno != errno.EXDEV or in_place:
+            shutil.copy2(data_file, staging / ADATA_FILE)
+            return staging, in_place
+    inside = None
+    try:
+        inside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder))
+        os.link(data_file, inside / ADATA_FILE)
+    except BaseException as error:
+        if inside is not None:
+            shutil.rmtree(inside, ignore_errors=True)
+        if not isinstance(error, OSError):
+            raise
+        shutil.copy2(data_file, staging / ADATA_FILE)
+        return staging, in_place
+    shutil.rmtree(staging, ignore_errors=True)
+    return inside, True
 
 
 def _staged_inside(staging: Path, folder: Path, keep_data: bool) -> Path:

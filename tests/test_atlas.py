@@ -533,7 +533,9 @@ def test_query_batch_problems_raise_clear_errors(reference_and_query):
     with pytest.raises(ValueError, match=r"3 missing \(NaN\) batch values"):
         model.map_query(broken, progress=False)
     # the trained model's batches are set: filled with a value of their own, the cells would be of an unknown batch
-    with pytest.raises(ValueError, match=r"fill them with one of the model's categories \(e.g. 'batch0'\) or drop those"):
+    with pytest.raises(
+        ValueError, match=r"fill them with the model's category each belongs to, where known \(e.g. 'batch0'\) or drop those"
+    ):
         model.get_latent(broken)
     pd.testing.assert_frame_equal(broken.obs, observed)
     with pytest.raises(KeyError, match="batch column 'donor' not found"):

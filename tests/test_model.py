@@ -1054,6 +1054,11 @@ def test_covariates_are_used(two_batches):
     mixed.obs["sample"] = pd.Series(np.where(values == 2.0, 2, values), index=mixed.obs_names, dtype=object)
     with no_warnings():
         assert CellVAE(mixed, batch_key="sample", n_hidden=16).config.batch_categories == ["1", "2"]
+    # categories of NumPy strings (pd.Categorical(np.array([...])[codes], categories=[...])): names as plain text
+    names = np.array(["donor 0/lane", "donor 1"])
+    mixed.obs["sample"] = pd.Categorical(names[np.arange(mixed.n_obs) % 2], categories=[*names, "unused"])
+    categories = CellVAE(mixed, batch_key="sample", n_hidden=16).config.batch_categories
+    assert categories == ["donor 0/lane", "donor 1"] and {type(name) for name in categories} == {str}
     one_sample.obs["plate"] = "p1"
     with pytest.warns(UserWarning, match=r"obs\['plate'\] is 'p1' in all .* sample\?\)$"):
         CellVAE(one_sample, categorical_covariate_keys=["plate"], n_hidden=16)

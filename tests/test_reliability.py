@@ -1329,6 +1329,28 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
     del loaded
     monkeypatch.undo()
+    # review 53: adata.h5ad alone mounted (docker -v data.h5ad:/models/m/adata.h5ad) links nowhere and cannot be
+    # replaced: copied beside, the folder swapped (written in place, the model was left without config.json)
+    mounted_data = saved / "adata.h5ad"
+
+    def file_mounted_link(source, target):
+        if Path(source) == mounted_data:
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+        link(source, target)
+
+    def file_mounted_replace(source, target):
+        if Path(target) == mounted_data:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(source))
+        replace(source, target)
+
+    loaded = CellVAE.load(saved)
+    monkeypatch.setattr(os, "link", file_mounted_link)
+    monkeypatch.setattr(os, "replace", file_mounted_replace)
+    loaded.save(saved, overwrite=True)
+    np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
+    del loaded
+    monkeypatch.undo()
+    inode = saved.stat().st_ino  # (swapped)
     # a folder whose parent cannot be written (a mount in a read-only one) is written into
     access = os.access
     monkeypatch.setattr(os, "access", lambda where, mode: Path(where) != tmp_path and access(where, mode))
@@ -1344,8 +1366,8 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     with pytest.raises(KeyboardInterrupt):
         CellVAE(messy, **MODEL_ARGS).save(saved, overwrite=True)
     assert sorted(os.listdir(saved)) == ["history.json", "model.safetensors"]  # (the new weights, the old history)
-    hint = r"\(as a save into the folder itself that was stopped midway leaves it: if so, delete its model.safetensors and "
-    hint += r"history.json and save the model again\)"
+    hint = r"\(as a save into the folder itself that was stopped midway leaves it: if so, empty it and save the model into "
+    hint += r"it again, or train it anew\)"
     with pytest.raises(
         ValueError,
         match=r"mounted is not a saved cellvae model: it needs config.json and model.safetensors \(written by CellVAE.save\) "
@@ -1365,10 +1387,15 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
         trained.save(tmp_path / "results", overwrite=True)
     shutil.copy(saved / "model.safetensors", tmp_path / "results")  # (review 51: beside cellvae's weights it was replaced)
-    keep = r"delete its model.safetensors and save the model again; its adata.h5ad is whole: keep it\)"
+    keep = r"if so, move its adata.h5ad \(whole\) out, then empty it and save the model into it again, or train it anew\)"
     with pytest.raises(ValueError, match=r"holding adata.h5ad, model.safetensors but no config.json \(as a save into.*" + keep):
         trained.save(tmp_path / "results", overwrite=True)
     assert (tmp_path / "results" / "adata.h5ad").read_text() == "the user's data"
+    shutil.move(tmp_path / "results" / "adata.h5ad", tmp_path / "adata.h5ad")  # the advice, followed (review 53)
+    for file in (tmp_path / "results").iterdir():
+        file.unlink()
+    trained.save(tmp_path / "results")
+    assert CellVAE.load(tmp_path / "results", adata=messy).is_trained
     # a save killed inside the folder leaves its staging folder there: told as such when saving again
     (saved / ".mounted.abcd1234").mkdir()
     with pytest.raises(ValueError, match=r"holding what a save into it that was killed left \(.mounted.abcd1234/: remove that\)"):
