@@ -543,7 +543,13 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                 + (f" {rounding[0]}" if rounding else "")
                 + (
                     " (An AnnData made by adata.raw.to_adata() holds adata.raw's values, often log-normalised, and no "
-                    "layers: where the AnnData it came from keeps counts in a layer, give that one, with layer= naming it.)"
+                    "layers: where the AnnData it came from keeps counts in a layer, give "
+                    + (  # (a trained model reads where it was trained: here X)
+                        "the model ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var) of that one, "
+                        "naming its layer.)"
+                        if trained
+                        else "that one, with layer= naming it.)"
+                    )
                     if raw is None and not layer_names(adata)
                     else ""
                 )

@@ -1617,11 +1617,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         known = self._folders.get(path.resolve())
         own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_backed(saved_data)
         dropped = not save_anndata and not own_folder and saved_data.is_file()
+        beside, data_left = staging, False  # (data_left: the folder's adata.h5ad stays as it is, where written in place)
         try:
             if save_anndata:
                 self._write_anndata(staging / ADATA_FILE)
             elif own_folder and saved_data.is_file():  # loaded from this folder, trained further, saved back
-                staging, in_place = _staged_with_own_data(staging, path, in_place)
+                staging, data_left = _staged_with_own_data(staging, path)
+                in_place = in_place or data_left
             # the cellvae that wrote the file (a model loaded from an older one may hold fields that one does not know)
             replace(self.config, cellvae_version=CELLVAE_VERSION).to_json(staging / CONFIG_FILE)
             # float32, as load expects them (a module cast with .double() or .half() would save weights it refuses)
@@ -1651,7 +1653,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             _make_durable_and_shareable(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(beside, ignore_errors=True)
             raise
+        if beside != staging:  # (left beside the folder when its files are made inside it)
+            shutil.rmtree(beside, ignore_errors=True)
         previous = None
         try:
             if not in_place and path.exists():  # the old model moved aside before the new one is renamed in
@@ -1666,7 +1671,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     # copied inside first (a full disk leaves the old model whole), the folder's own adata.h5ad linked
                     staging = _staged_inside(staging, path, keep_data=own_folder and not save_anndata)
             if in_place:
-                _move_files_in(staging, path)
+                _move_files_in(staging, path, keep_data=data_left)
             else:
                 os.replace(staging, path)
         except BaseException:  # Ctrl-C between the two renames too: the old model goes back in place
@@ -2953,11 +2958,10 @@ def _stopped_save_hint(path: Path) -> str:
     beside files of their own."""
     if (path / CONFIG_FILE).exists() or not _is_cellvae_weights(path / WEIGHTS_FILE):
         return ""
-    data_file = f"move its {ADATA_FILE} (whole) out, then " if (path / ADATA_FILE).exists() else ""
-    return (
-        f" (as a save into the folder itself that was stopped midway leaves it: if so, {data_file}empty it and save the "
-        "model into it again, or train it anew)"
-    )
+    steps = "empty it and save the model into it again"
+    if (path / ADATA_FILE).exists():  # (whole: files are renamed in one by one)
+        steps = f"move its {ADATA_FILE} out, empty the folder, save the model into it again and move {ADATA_FILE} back"
+    return f" (as a save into the folder itself that was stopped midway leaves it: if so, {steps}, or train it anew)"
 
 
 def saves_in_place(path: Path) -> bool:
@@ -3249,33 +3253,24 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _staged_with_own_data(staging: Path, folder: Path, in_place: bool) -> tuple[Path, bool]:
-    """Link ``folder``'s own adata.h5ad into ``staging`` (a backed AnnData keeps reading it), returning the staging
-    folder and whether the save writes in place. Where the link crosses into another mount beside the folder (a bind
-    mount that os.path.ismount does not tell) but works inside it, the staging moves inside and the save writes in
-    place (a copy would need the data's size on the other disk); else the file is copied (no hard links there, or the
-    file alone is mounted)."""
+def _staged_with_own_data(staging: Path, folder: Path) -> tuple[Path, bool]:
+    """Link ``folder``'s own adata.h5ad into ``staging`` (a backed AnnData keeps reading it), or copy it where the
+    file system has no hard links; returns the staging folder and whether the file is left as it is instead. Where
+    the link crosses mounts (the folder is a bind mount that os.path.ismount does not tell, or the file alone is
+    mounted), the file is left in place and the save writes into the folder, from a staging folder made inside it
+    (``staging`` itself is then left for the caller to remove): a copy would need the data's size on the other
+    disk, and a mounted file can be neither replaced nor moved aside with its folder."""
     data_file = folder / ADATA_FILE
     try:
         os.link(data_file, staging / ADATA_FILE)
-        return staging, in_place
+        return staging, False
     except OSError as error:
-        if error.errno != errno.EXDEV or in_place:
+        if error.errno != errno.EXDEV:
             shutil.copy2(data_file, staging / ADATA_FILE)
-            return staging, in_place
-    inside = None
-    try:
-        inside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder))
-        os.link(data_file, inside / ADATA_FILE)
-    except BaseException as error:
-        if inside is not None:
-            shutil.rmtree(inside, ignore_errors=True)
-        if not isinstance(error, OSError):
-            raise
-        shutil.copy2(data_file, staging / ADATA_FILE)
-        return staging, in_place
-    shutil.rmtree(staging, ignore_errors=True)
-    return inside, True
+            return staging, False
+    if staging.parent != folder:  # (staged beside the folder)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder))
+    return staging, True
 
 
 def _staged_inside(staging: Path, folder: Path, keep_data: bool) -> Path:
@@ -3297,12 +3292,13 @@ def _staged_inside(staging: Path, folder: Path, keep_data: bool) -> Path:
     return inside
 
 
-def _move_files_in(staging: Path, folder: Path) -> None:
+def _move_files_in(staging: Path, folder: Path, keep_data: bool = False) -> None:
     """Move a saved model's files from ``staging`` into ``folder``, removing those of the model there before that
-    the new one lacks; then remove ``staging``. The old config.json goes first and the new one comes last: a save
-    stopped midway leaves no mix of two models, but a folder without config.json, which load refuses."""
+    the new one lacks (with ``keep_data``, its adata.h5ad stays); then remove ``staging``. The old config.json goes
+    first and the new one comes last: a save stopped midway leaves no mix of two models, but a folder without
+    config.json, which load refuses."""
     (folder / CONFIG_FILE).unlink(missing_ok=True)
-    for name in (WEIGHTS_FILE, HISTORY_FILE, ADATA_FILE, CONFIG_FILE):
+    for name in (WEIGHTS_FILE, HISTORY_FILE, *([] if keep_data else [ADATA_FILE]), CONFIG_FILE):
         new, old = staging / name, folder / name
         if new.exists() and old.exists() and os.path.samefile(new, old):  # this model's adata.h5ad, linked: kept
             new.unlink()

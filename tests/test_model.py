@@ -948,6 +948,9 @@ def test_an_error_about_normalised_counts_names_the_layer_or_raw_that_holds_the_
     from_raw.raw = from_raw
     with pytest.raises(ValueError, match=r"give that one, with layer= naming it\.\)$"):
         CellVAE(from_raw.raw.to_adata(), batch_key="batch")
+    trained_on_x = CellVAE(adata, batch_key="batch").fit(max_epochs=1, progress=False)  # (which takes no layer=)
+    with pytest.raises(ValueError, match=r"give the model ad.AnnData\(X=adata.layers\['counts'\], obs=adata.obs, var="):
+        trained_on_x.get_latent(from_raw.raw.to_adata())
     normalised_only.raw = normalised_only  # scanpy's habit, after log1p: raw holds no counts either
     with pytest.raises(ValueError, match=r"Here neither adata\.raw nor a layer holds whole counts: read the raw counts"):
         CellVAE(normalised_only, batch_key="batch")

@@ -1329,9 +1329,10 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
     del loaded
     monkeypatch.undo()
-    # review 53: adata.h5ad alone mounted (docker -v data.h5ad:/models/m/adata.h5ad) links nowhere and cannot be
-    # replaced: copied beside, the folder swapped (written in place, the model was left without config.json)
+    # reviews 53-54: adata.h5ad alone mounted (docker -v data.h5ad:/models/m/adata.h5ad) links nowhere and cannot be
+    # replaced (the model was left without config.json) nor moved aside with its folder (a stray folder): left as it is
     mounted_data = saved / "adata.h5ad"
+    data_inode = mounted_data.stat().st_ino
 
     def file_mounted_link(source, target):
         if Path(source) == mounted_data:
@@ -1347,10 +1348,11 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     monkeypatch.setattr(os, "link", file_mounted_link)
     monkeypatch.setattr(os, "replace", file_mounted_replace)
     loaded.save(saved, overwrite=True)
+    assert mounted_data.stat().st_ino == data_inode and saved.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
     np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
     del loaded
     monkeypatch.undo()
-    inode = saved.stat().st_ino  # (swapped)
     # a folder whose parent cannot be written (a mount in a read-only one) is written into
     access = os.access
     monkeypatch.setattr(os, "access", lambda where, mode: Path(where) != tmp_path and access(where, mode))
@@ -1387,7 +1389,7 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
         trained.save(tmp_path / "results", overwrite=True)
     shutil.copy(saved / "model.safetensors", tmp_path / "results")  # (review 51: beside cellvae's weights it was replaced)
-    keep = r"if so, move its adata.h5ad \(whole\) out, then empty it and save the model into it again, or train it anew\)"
+    keep = r"if so, move its adata.h5ad out, empty the folder, save the model into it again and move adata.h5ad back, or train"
     with pytest.raises(ValueError, match=r"holding adata.h5ad, model.safetensors but no config.json \(as a save into.*" + keep):
         trained.save(tmp_path / "results", overwrite=True)
     assert (tmp_path / "results" / "adata.h5ad").read_text() == "the user's data"
@@ -1395,6 +1397,7 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     for file in (tmp_path / "results").iterdir():
         file.unlink()
     trained.save(tmp_path / "results")
+    shutil.move(tmp_path / "adata.h5ad", tmp_path / "results" / "adata.h5ad")
     assert CellVAE.load(tmp_path / "results", adata=messy).is_trained
     # a save killed inside the folder leaves its staging folder there: told as such when saving again
     (saved / ".mounted.abcd1234").mkdir()
