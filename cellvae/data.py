@@ -545,8 +545,8 @@ def hint_where_counts_are(adata: ad.AnnData, layer: str | None, trained: bool) -
                     " (An AnnData made by adata.raw.to_adata() holds adata.raw's values, often log-normalised, and no "
                     "layers: where the AnnData it came from keeps counts in a layer, give "
                     + (  # (a trained model reads where it was trained: here X)
-                        "the model ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var) of that one, "
-                        "naming its layer.)"
+                        "the model ad.AnnData(X=adata.layers['counts'], obs=adata.obs, var=adata.var) of that one "
+                        "(its counts layer's name for 'counts').)"
                         if trained
                         else "that one, with layer= naming it.)"
                     )

@@ -1583,8 +1583,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         -----
         The files are written to a temporary directory first and moved into place at the end,
         so an interrupted save never leaves a half-written model (a folder made ahead and left empty, a mount point,
-        the working directory or a folder whose parent cannot be written is kept and written into, file by file: a
-        save stopped midway leaves it without config.json, which load and save refuse, saying so). A model
+        the working directory, a folder whose parent cannot be written, or one whose adata.h5ad, this model's own, is
+        mounted or on another mount, is kept and written into, file by file: a save stopped midway leaves it without
+        config.json, which load and save refuse, saying so). An adata.h5ad mounted on its own (``docker -v``) that
+        the save would replace or remove is refused before any change. A model
         trained data-parallel (torchrun) is written by rank 0 only: the ranks hold the same model, and the others
         return at once, without waiting for it (call ``torch.distributed.barrier()`` before reading the folder on
         every rank).
@@ -1600,22 +1602,29 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         path = Path(path).expanduser()
         if path.resolve().name in ("", ".", "..") or path.name in ("", ".", ".."):
             raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
+        saved_data = path / ADATA_FILE
+        known = self._folders.get(path.resolve())
+        own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_backed(saved_data)
         if (path.exists() or path.is_symlink()) and not is_empty_folder(path):  # (an empty one, made ahead, is taken)
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
             what = why_not_a_model_folder(path)
-            if what is not None:
+            # (this model's own data alone is kept, and the model saved beside it: a stopped save's folder, emptied)
+            only_own_data = own_folder and not path.is_symlink() and {p.name for p in path.iterdir()} <= {ADATA_FILE, ".DS_Store"}
+            if what is not None and not only_own_data:
                 raise ValueError(
                     f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
                     "folder written by CellVAE.save: choose a new path, or empty or remove it yourself"
                     + (" (or save to the folder the link points to)" if path.is_symlink() else "")
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
+        if saved_data.is_file() and (save_anndata or not own_folder) and is_mounted_file(saved_data):
+            raise OSError(
+                f"{saved_data} is mounted on its own (e.g. docker -v FILE:{saved_data}), so this save cannot "
+                f"{'replace' if save_anndata else 'remove'} it: save the model to another folder, or unmount the file first"
+            )
         in_place = saves_in_place(path)  # (the files are then made inside it, on its file system)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path if in_place else path.parent))
-        saved_data = path / ADATA_FILE
-        known = self._folders.get(path.resolve())
-        own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_backed(saved_data)
         dropped = not save_anndata and not own_folder and saved_data.is_file()
         beside, data_left = staging, False  # (data_left: the folder's adata.h5ad stays as it is, where written in place)
         try:
@@ -1655,10 +1664,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(beside, ignore_errors=True)
             raise
-        if beside != staging:  # (left beside the folder when its files are made inside it)
-            shutil.rmtree(beside, ignore_errors=True)
         previous = None
         try:
+            if beside != staging:  # (left beside the folder when its files are made inside it)
+                shutil.rmtree(beside, ignore_errors=True)
             if not in_place and path.exists():  # the old model moved aside before the new one is renamed in
                 previous = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
                 try:
@@ -2952,6 +2961,22 @@ def is_model_folder(path: Path) -> bool:
     return why_not_a_model_folder(path) is None
 
 
+def is_mounted_file(file: Path) -> bool:
+    """Whether ``file`` is mounted on its own (``docker -v FILE:...``), which can be neither replaced nor removed: a
+    hard link to it from a folder made beside it fails across devices. False where no such folder can be made."""
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=f".{file.parent.name}.", dir=file.parent))
+    except OSError:
+        return False
+    try:
+        os.link(file, probe / file.name)
+    except OSError as error:
+        return error.errno == errno.EXDEV
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    return False
+
+
 def _stopped_save_hint(path: Path) -> str:
     """Where ``path`` holds cellvae's weights but no config.json, as a save into the folder itself (a mount point)
     stopped midway leaves it, what to do if so; else "". Told, not repaired: the user may have put the weights there
@@ -2959,7 +2984,9 @@ def _stopped_save_hint(path: Path) -> str:
     if (path / CONFIG_FILE).exists() or not _is_cellvae_weights(path / WEIGHTS_FILE):
         return ""
     steps = "empty it and save the model into it again"
-    if (path / ADATA_FILE).exists():  # (whole: files are renamed in one by one)
+    if (path / ADATA_FILE).is_file() and is_mounted_file(path / ADATA_FILE):  # (it cannot be moved)
+        steps = f"delete all but its {ADATA_FILE}, which is mounted, and save the model whose data it is into it again"
+    elif (path / ADATA_FILE).exists():  # (whole: files are renamed in one by one)
         steps = f"move its {ADATA_FILE} out, empty the folder, save the model into it again and move {ADATA_FILE} back"
     return f" (as a save into the folder itself that was stopped midway leaves it: if so, {steps}, or train it anew)"
 

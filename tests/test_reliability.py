@@ -1351,6 +1351,27 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     assert mounted_data.stat().st_ino == data_inode and saved.stat().st_ino == inode
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [] and not list(saved.glob(".*"))
     np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
+    # review 55: saves that would replace or remove the mounted file are refused before any change (the old model
+    # was left without config.json, or moved aside with the mount in it)
+    model_files = {file.name: file.read_bytes() for file in saved.iterdir()}
+    for other, keywords in ((loaded, {"save_anndata": True}), (CellVAE(messy, **MODEL_ARGS), {})):
+        verb = "replace" if keywords else "remove"
+        with pytest.raises(OSError, match=rf"adata.h5ad is mounted on its own .* this save cannot {verb} it: save the model"):
+            other.save(saved, overwrite=True, **keywords)
+        assert {file.name: file.read_bytes() for file in saved.iterdir()} == model_files
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # stopped midway in place: the hint says what works with a file that cannot be moved, and the model saves again
+    monkeypatch.setattr(os, "replace", lambda source, target: ctrl_c() if "history" in str(source) else replace(source, target))
+    with pytest.raises(KeyboardInterrupt):
+        loaded.save(saved, overwrite=True)
+    assert sorted(os.listdir(saved)) == ["adata.h5ad", "history.json", "model.safetensors"]
+    monkeypatch.setattr(os, "replace", file_mounted_replace)
+    with pytest.raises(ValueError, match=r"if so, delete all but its adata.h5ad, which is mounted, and save the model whose"):
+        CellVAE.load(saved)
+    (saved / "history.json").unlink()
+    (saved / "model.safetensors").unlink()
+    loaded.save(saved, overwrite=True)  # (a folder holding only this model's own data)
+    np.testing.assert_array_equal(CellVAE.load(saved).get_latent(), trained.get_latent(messy))
     del loaded
     monkeypatch.undo()
     # a folder whose parent cannot be written (a mount in a read-only one) is written into
