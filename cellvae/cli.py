@@ -1443,7 +1443,7 @@ def _check_model_dir(
     ``option``), where saving it or writing ``out`` would replace the files of a ``separate`` folder
     (``{option: path}``: fit's checkpoints, map's reference model), or where replacing the folder would remove one
     of the ``inputs`` (``{option: path}``: a model's ``adata.h5ad`` given as the input)."""
-    from cellvae.model import is_empty_folder, saves_in_place, why_not_a_model_folder
+    from cellvae.model import ADATA_FILE, is_empty_folder, is_mounted_file, saves_in_place, why_not_a_model_folder
 
     folder = Path(model_dir).expanduser()
     resolved = folder.resolve()
@@ -1472,6 +1472,11 @@ def _check_model_dir(
             raise SystemExit(
                 f"error: {model_dir} is {what}, not a saved cellvae model folder; "
                 f"--overwrite replaces only a model folder: choose a new {option}, or empty or remove it yourself"
+            )
+        if (folder / ADATA_FILE).is_file() and is_mounted_file(folder / ADATA_FILE):  # (save refuses it, after training)
+            raise SystemExit(
+                f"error: {folder / ADATA_FILE} is mounted on its own (e.g. docker -v FILE:...), so the new model's save "
+                f"cannot remove it: choose another {option}, or unmount the file first"
             )
         for name, path in (inputs or {}).items():
             if path is not None and resolved in Path(path).expanduser().resolve().parents:

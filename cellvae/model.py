@@ -1609,8 +1609,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
             what = why_not_a_model_folder(path)
-            # (this model's own data alone is kept, and the model saved beside it: a stopped save's folder, emptied)
-            only_own_data = own_folder and not path.is_symlink() and {p.name for p in path.iterdir()} <= {ADATA_FILE, ".DS_Store"}
+            # the data this model was loaded from or saved with there, alone: a stopped save's folder, emptied but for
+            # a mounted adata.h5ad (not a file the model merely reads backed: a user's data folder is no model's)
+            only_own_data = known is not None and known == _file_identity(saved_data) and not path.is_symlink()
+            only_own_data = only_own_data and {p.name for p in path.iterdir()} <= {ADATA_FILE, ".DS_Store"}
             if what is not None and not only_own_data:
                 raise ValueError(
                     f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
@@ -2964,16 +2966,15 @@ def is_model_folder(path: Path) -> bool:
 def is_mounted_file(file: Path) -> bool:
     """Whether ``file`` is mounted on its own (``docker -v FILE:...``), which can be neither replaced nor removed: a
     hard link to it from a folder made beside it fails across devices. False where no such folder can be made."""
+    probe = None
     try:
         probe = Path(tempfile.mkdtemp(prefix=f".{file.parent.name}.", dir=file.parent))
-    except OSError:
-        return False
-    try:
         os.link(file, probe / file.name)
     except OSError as error:
-        return error.errno == errno.EXDEV
+        return probe is not None and error.errno == errno.EXDEV
     finally:
-        shutil.rmtree(probe, ignore_errors=True)
+        if probe is not None:
+            shutil.rmtree(probe, ignore_errors=True)
     return False
 
 
@@ -2985,7 +2986,10 @@ def _stopped_save_hint(path: Path) -> str:
         return ""
     steps = "empty it and save the model into it again"
     if (path / ADATA_FILE).is_file() and is_mounted_file(path / ADATA_FILE):  # (it cannot be moved)
-        steps = f"delete all but its {ADATA_FILE}, which is mounted, and save the model whose data it is into it again"
+        steps = (
+            f"delete all but its {ADATA_FILE}, which is mounted, and save into it again the model loaded from it, in the "
+            "session that loaded it (or unmount the file and empty the folder)"
+        )
     elif (path / ADATA_FILE).exists():  # (whole: files are renamed in one by one)
         steps = f"move its {ADATA_FILE} out, empty the folder, save the model into it again and move {ADATA_FILE} back"
     return f" (as a save into the folder itself that was stopped midway leaves it: if so, {steps}, or train it anew)"

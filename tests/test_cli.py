@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import errno
 import itertools
 import os
 import re
@@ -1702,6 +1703,26 @@ def test_a_read_only_model_folder_is_refused_before_training(tmp_path, monkeypat
     monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *args, **kwargs: pytest.fail("training started"))
     with pytest.raises(SystemExit, match=r"model cannot be replaced: the folder is read-only, .* \(chmod u\+w\), or choose"):
         main([*command, "--overwrite"])
+
+
+def test_a_model_folder_whose_adata_is_mounted_on_its_own_is_refused_before_training(tmp_path, monkeypatch):
+    """Review 56: saving a new model over a folder whose adata.h5ad is mounted alone (docker -v FILE:...) is refused by
+    save, which cellvae fit reached only after training (the link refused across devices stands in for the mount)."""
+    command = [*fit_args(tmp_path, 150, 30), "--epochs", "1", "--quiet", "--embedding-only"]
+    assert main(command) == 0
+    shutil.copy(tmp_path / "in.h5ad", tmp_path / "model" / "adata.h5ad")
+    link = os.link
+
+    def across_devices(source, target):
+        if Path(source) == tmp_path / "model" / "adata.h5ad":
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+        link(source, target)
+
+    monkeypatch.setattr(os, "link", across_devices)
+    monkeypatch.setattr(cellvae.CellVAE, "fit", lambda *args, **kwargs: pytest.fail("training started"))
+    with pytest.raises(SystemExit, match=r"model/adata.h5ad is mounted on its own .* choose another --model-dir, or unmount"):
+        main([*command, "--overwrite"])
+    assert sorted(os.listdir(tmp_path / "model")) == ["adata.h5ad", "config.json", "history.json", "model.safetensors"]
 
 
 def test_a_model_dir_that_is_a_symbolic_link_is_refused_before_training(tmp_path, monkeypatch):

@@ -1366,7 +1366,10 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
         loaded.save(saved, overwrite=True)
     assert sorted(os.listdir(saved)) == ["adata.h5ad", "history.json", "model.safetensors"]
     monkeypatch.setattr(os, "replace", file_mounted_replace)
-    with pytest.raises(ValueError, match=r"if so, delete all but its adata.h5ad, which is mounted, and save the model whose"):
+    with pytest.raises(
+        ValueError,
+        match=r"if so, delete all but its adata.h5ad, which is mounted, and save into it again the model loaded from it",
+    ):
         CellVAE.load(saved)
     (saved / "history.json").unlink()
     (saved / "model.safetensors").unlink()
@@ -1409,6 +1412,13 @@ def test_save_writes_into_the_working_directory_and_mount_points_in_place(traine
     (tmp_path / "results" / "adata.h5ad").write_text("the user's data")
     with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
         trained.save(tmp_path / "results", overwrite=True)
+    messy.write_h5ad(tmp_path / "data.h5ad")  # (review 56: a model reading the user's data backed made it a model folder)
+    shutil.copy(tmp_path / "data.h5ad", tmp_path / "results" / "adata.h5ad")
+    backed = CellVAE(ad.read_h5ad(tmp_path / "results" / "adata.h5ad", backed="r"), **MODEL_ARGS)
+    with pytest.raises(ValueError, match=r"results exists and is a folder holding adata.h5ad but no config.json or model.safe"):
+        backed.save(tmp_path / "results", overwrite=True)
+    del backed
+    (tmp_path / "results" / "adata.h5ad").write_text("the user's data")
     shutil.copy(saved / "model.safetensors", tmp_path / "results")  # (review 51: beside cellvae's weights it was replaced)
     keep = r"if so, move its adata.h5ad out, empty the folder, save the model into it again and move adata.h5ad back, or train"
     with pytest.raises(ValueError, match=r"holding adata.h5ad, model.safetensors but no config.json \(as a save into.*" + keep):
