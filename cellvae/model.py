@@ -1604,15 +1604,15 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"save needs a folder name for the model, e.g. 'my_model/', got {str(path)!r}")
         saved_data = path / ADATA_FILE
         known = self._folders.get(path.resolve())
-        own_folder = (known is not None and known == _file_identity(saved_data)) or self._reads_backed(saved_data)
+        kept_here = known is not None and known == _file_identity(saved_data)  # (loaded from there, or saved there with it)
+        own_folder = kept_here or self._reads_backed(saved_data)
         if (path.exists() or path.is_symlink()) and not is_empty_folder(path):  # (an empty one, made ahead, is taken)
             if not overwrite:
                 raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
             what = why_not_a_model_folder(path)
             # the data this model was loaded from or saved with there, alone: a stopped save's folder, emptied but for
             # a mounted adata.h5ad (not a file the model merely reads backed: a user's data folder is no model's)
-            only_own_data = known is not None and known == _file_identity(saved_data) and not path.is_symlink()
-            only_own_data = only_own_data and {p.name for p in path.iterdir()} <= {ADATA_FILE, ".DS_Store"}
+            only_own_data = kept_here and not path.is_symlink() and {p.name for p in path.iterdir()} <= {ADATA_FILE, ".DS_Store"}
             if what is not None and not only_own_data:
                 raise ValueError(
                     f"{path} exists and is {what}, not a saved cellvae model folder; overwrite=True replaces only a "
