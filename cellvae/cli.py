@@ -484,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--checkpoint-dir",
         default=None,
-        help="folder for a training checkpoint written after every epoch (one file per process under torchrun)",
+        help="folder for a training checkpoint written after every epoch (under torchrun each process keeps its newest and the "
+        "one before, which --resume falls back to: keep both)",
     )
     fit.add_argument(
         "--resume",

@@ -523,7 +523,7 @@ def transfer_labels(
     - ``obs[f"{labels_key}_novelty"]``: the share of labelled reference cells (at most 10,000 of them, drawn with a
       fixed seed whatever their order) that lie closer to their own ``k`` nearest labelled reference cells, on average,
       than this cell lies to its ``k``; in [0, 1], near 1 for cells unlike the reference; NaN where the reference has a
-      single labelled cell, which no distance can be compared with.
+      single labelled cell (so ``k=1``), which no distance can be compared with.
     - with ``soft=True``, ``obsm[f"{labels_key}_vote_shares"]``: cells × reference labels, float32; each row sums to 1
       and its largest share is 1 − the uncertainty; and ``uns[f"{labels_key}_vote_shares"]["labels"]``: the labels'
       text, in the columns' order (an array, not a DataFrame named by them, because anndata cannot write a label
