@@ -21,6 +21,15 @@ from the scVI reference, ``--methods scanvi``; PCA fitted on the reference), tra
 the same distance-weighted kNN (k=15; scANVI also by its own classifier) and writes
 ``results/integration_mapping_<dataset>.csv``; ``summary`` writes ``results/integration_summary.md``.
 Cells labelled ``unknown`` are embedded but neither scored nor used as votes or truth.
+
+Your own data: ``--datasets`` also takes paths of ``.h5ad`` files holding raw counts (in ``X``, or the layer
+``--layer`` names) with a batch column (``--batch-key``, default ``batch``) and a cell-type column
+(``--labels-key``, default ``cell_type``); ``map`` needs ``--held-out BATCH``. Write their results elsewhere than
+the repository's tables with ``--results-dir``:
+
+    python benchmarks/integration.py embed --datasets atlas.h5ad --batch-key sample --labels-key celltype
+    python benchmarks/integration.py score --datasets atlas.h5ad --batch-key sample --labels-key celltype \
+        --results-dir my_results
 """
 
 from __future__ import annotations
@@ -60,15 +69,48 @@ UNLABELLED = {"unknown", "Unknown", "nan"}
 # ----------------------------------------------------------------------------- data and embeddings
 
 
-def load(name: str, all_genes: bool = False) -> ad.AnnData:
-    """The dataset's raw counts, cut to its N_TOP_GENES most variable genes unless ``all_genes``."""
-    path = DATA / f"{name}.h5ad"
-    if not path.is_file():
-        raise SystemExit(f"{path} not found; the shared data folder must sit beside the repository")
-    adata = ad.read_h5ad(path)
-    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    adata.obs["batch"] = adata.obs["batch"].astype(str).astype("category")
-    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str).astype("category")
+def dataset_files(specs: list[str]) -> dict[str, Path]:
+    """Each ``--datasets`` entry's name (a shared dataset's, or a file's stem) and its file."""
+    files = {}
+    for spec in specs:
+        if spec in DATASETS:
+            path = DATA / f"{spec}.h5ad"
+            if not path.is_file():
+                raise SystemExit(f"{path} not found; the shared data folder must sit beside the repository")
+        elif spec.endswith(".h5ad"):
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise SystemExit(f"--datasets {spec}: no such file")
+            if path.stem in DATASETS or path.stem in files:  # (its cache and results would be another dataset's)
+                raise SystemExit(f"--datasets {spec}: another dataset has the name {path.stem!r}; rename the file")
+        else:
+            raise SystemExit(f"--datasets {spec!r}: give one of {list(DATASETS)} or the path of an .h5ad file")
+        files[path.stem if spec not in DATASETS else spec] = path
+    return files
+
+
+def load(args, name: str, all_genes: bool = False) -> ad.AnnData:
+    """The dataset's raw counts with its batches as ``obs["batch"]`` and cell types as ``obs["cell_type"]``, cut to
+    its N_TOP_GENES most variable genes unless ``all_genes``."""
+    path = args.files[name]
+    source = ad.read_h5ad(path)
+    for key, option in ((args.batch_key, "--batch-key"), (args.labels_key, "--labels-key")):
+        if key not in source.obs:
+            raise SystemExit(f"{path}: obs has no column {key!r} (pass {option}); it has {list(source.obs.columns)}")
+    if args.layer is not None and args.layer not in source.layers:
+        raise SystemExit(f"{path}: no layer {args.layer!r}; its layers are {list(source.layers)}")
+    counts = sp.csr_matrix(source.X if args.layer is None else source.layers[args.layer], dtype=np.float32)
+    if counts.data.size and (counts.data.min() < 0 or not np.array_equal(counts.data, np.round(counts.data))):
+        where = "X" if args.layer is None else f"layers[{args.layer!r}]"
+        raise SystemExit(f"{path}: {where} holds no raw counts (negative or fractional values); name their layer with --layer")
+    obs = pd.DataFrame(
+        {
+            "batch": source.obs[args.batch_key].astype(str).astype("category"),
+            "cell_type": source.obs[args.labels_key].astype(str).astype("category"),
+        },
+        index=source.obs_names,
+    )
+    adata = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=source.var_names))
     if N_TOP_GENES and adata.n_vars > N_TOP_GENES and not all_genes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -77,10 +119,9 @@ def load(name: str, all_genes: bool = False) -> ad.AnnData:
     return adata
 
 
-def n_genes(name: str) -> int:
-    """The genes of a dataset, read from its file's var alone (0 where the file is missing: load says so)."""
-    path = DATA / f"{name}.h5ad"
-    return ad.read_h5ad(path, backed="r").n_vars if path.is_file() else 0
+def n_genes(path: Path) -> int:
+    """The genes of a dataset, read from its file's var alone."""
+    return ad.read_h5ad(path, backed="r").n_vars
 
 
 def log_normalised(adata: ad.AnnData) -> ad.AnnData:
@@ -175,7 +216,7 @@ def stage_embed(args) -> None:
     if args.all_genes and (set(args.methods) != {"cellvae"} or not args.tag):
         raise SystemExit("--all-genes is for cellvae variants: pass --methods cellvae --tag _allgenes")
     for dataset in args.datasets:
-        adata = load(dataset, args.all_genes)
+        adata = load(args, dataset, args.all_genes)
         for method in args.methods:
             seeds = args.seeds if method in ("cellvae", "scvi", "scvi_nb") else [0]
             for seed in seeds:
@@ -241,7 +282,7 @@ def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: in
 
 def stage_score(args) -> None:
     for dataset in args.datasets:
-        adata = load(dataset)
+        adata = load(args, dataset)
         stored = cached(args.cache, dataset)
         if "pca" not in stored:
             raise SystemExit(f"{dataset}: run the embed stage with the pca method first")
@@ -255,8 +296,8 @@ def stage_score(args) -> None:
             json.dumps({x: y for x, y in stored[k][1].items() if x not in ("seconds", "seed", "request")}) for k in table.index
         ]
         table.index.name = "embedding"
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"integration_{dataset}.csv"
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        out = args.results_dir / f"integration_{dataset}.csv"
         table = table.assign(**run_stamp())  # (date and commit of the scores; rows kept by --append keep theirs)
         if out.is_file() and args.append:
             previous = pd.read_csv(out, index_col=0)
@@ -278,7 +319,7 @@ def stage_kmeans(args) -> None:
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     for dataset in args.datasets:
-        adata = load(dataset)
+        adata = load(args, dataset)
         labels = adata.obs["cell_type"].astype(str).to_numpy()
         keep = ~np.isin(labels, list(UNLABELLED))
         labels = labels[keep]
@@ -304,8 +345,8 @@ def stage_kmeans(args) -> None:
                 }
             )
         table = pd.DataFrame(rows).set_index("embedding")
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        table.assign(**run_stamp()).to_csv(RESULTS / f"kmeans_inits_{dataset}.csv")
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        table.assign(**run_stamp()).to_csv(args.results_dir / f"kmeans_inits_{dataset}.csv")
         print(dataset, table.round(3).to_string(), sep="\n", flush=True)
 
 
@@ -377,8 +418,11 @@ def map_scanvi(scvi_reference, ref_scvi: ad.AnnData, query: ad.AnnData, seed: in
 
 def stage_map(args) -> None:
     for dataset in args.datasets:
-        adata = load(dataset)
-        held_out = DATASETS[dataset]
+        adata = load(args, dataset)
+        held_out = args.held_out if args.held_out is not None else DATASETS.get(dataset)
+        if held_out not in adata.obs["batch"].cat.categories:
+            batches = adata.obs["batch"].cat.categories.tolist()
+            raise SystemExit(f"{dataset}: pass --held-out with the batch to map as the query, one of {batches}")
         is_query = (adata.obs["batch"] == held_out).to_numpy()
         ref, query = adata[~is_query].copy(), adata[is_query].copy()
         for key in ("batch", "cell_type"):
@@ -475,8 +519,8 @@ def stage_map(args) -> None:
             scores = scib_scores(combined, embeddings, args.n_jobs)
             table = table.join(scores[["Bio conservation", "Batch correction", "Total"]])
         table.insert(0, "held_out_batch", held_out)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"integration_mapping_{dataset}{args.tag}.csv"
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        out = args.results_dir / f"integration_mapping_{dataset}{args.tag}.csv"
         table = table.assign(**run_stamp())  # (date and commit of the scores; rows kept by --append keep theirs)
         if out.is_file() and args.append:
             previous = pd.read_csv(out, index_col=0)
@@ -494,7 +538,7 @@ def mean_sd(values: pd.Series, digits: int = 3) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f} (n={len(values)})"
 
 
-def kmeans_section() -> list[str]:
+def kmeans_section(results: Path) -> list[str]:
     """Summary rows of the ``kmeans`` stage, with the scib total recomputed from the best-of-10 clustering."""
     lines = [
         "",
@@ -509,9 +553,9 @@ def kmeans_section() -> list[str]:
         "total (scib) | total with best-of-10 KMeans |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(RESULTS.glob("kmeans_inits_*.csv")):
+    for path in sorted(results.glob("kmeans_inits_*.csv")):
         dataset = path.stem.removeprefix("kmeans_inits_")
-        scores = RESULTS / f"integration_{dataset}.csv"
+        scores = results / f"integration_{dataset}.csv"
         if not scores.is_file():
             continue
         table = pd.read_csv(path, index_col=0).join(pd.read_csv(scores, index_col=0)[["KMeans NMI", "KMeans ARI", "Total"]])
@@ -528,7 +572,7 @@ def kmeans_section() -> list[str]:
 
 def stage_summary(args) -> None:
     lines = ["# Integration benchmark (generated by `benchmarks/integration.py summary`)", ""]
-    notes = RESULTS / "integration_settings.md"
+    notes = args.results_dir / "integration_settings.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
     lines += [
@@ -537,7 +581,7 @@ def stage_summary(args) -> None:
         "| dataset | method | seeds | bio conservation | batch correction | total | train seconds | epochs |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(RESULTS.glob("integration_*.csv")):
+    for path in sorted(args.results_dir.glob("integration_*.csv")):
         if path.name.startswith("integration_mapping_"):
             continue
         dataset = path.stem.removeprefix("integration_")
@@ -548,7 +592,7 @@ def stage_summary(args) -> None:
                 f"{mean_sd(group['Batch correction'])} | {mean_sd(group['Total'])} | {mean_sd(group['train_seconds'], 1)} | "
                 f"{mean_sd(group['epochs'], 0)} |"
             )
-    lines += kmeans_section()
+    lines += kmeans_section(args.results_dir)
     lines += [
         "",
         "## Reference mapping (held-out batch as query; kNN label transfer, k=15, distance-weighted)",
@@ -556,7 +600,7 @@ def stage_summary(args) -> None:
         "| dataset | held-out batch | method | seeds | accuracy | macro-F1 | scib total (ref+query) | ref train s | map s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(RESULTS.glob("integration_mapping_*.csv")):
+    for path in sorted(args.results_dir.glob("integration_mapping_*.csv")):
         dataset = path.stem.removeprefix("integration_mapping_")
         table = pd.read_csv(path)
         for method, group in table.groupby("method", sort=False):
@@ -566,7 +610,7 @@ def stage_summary(args) -> None:
                 f"{mean_sd(group['macro_f1'])} | {total} | {mean_sd(group['ref_train_seconds'], 1)} | "
                 f"{mean_sd(group['map_seconds'], 1)} |"
             )
-    (RESULTS / "integration_summary.md").write_text("\n".join(lines) + "\n")
+    (args.results_dir / "integration_summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -574,7 +618,7 @@ def needed_packages(args) -> dict[str, str]:
     """The optional packages (import name -> package) the chosen stage and methods need."""
     needed = {}
     every_gene = args.stage == "embed" and args.all_genes  # (the other stages load each dataset's variable genes)
-    if args.stage != "summary" and not every_gene and any(n_genes(name) > N_TOP_GENES for name in args.datasets):
+    if args.stage != "summary" and not every_gene and any(n_genes(path) > N_TOP_GENES for path in args.files.values()):
         needed["skmisc"] = "scikit-misc"  # (the variable genes: seurat_v3)
     if args.stage in ("embed", "map") and {"scvi", "scvi_nb", "scanvi"} & set(args.methods):
         needed["scvi"] = "scvi-tools"
@@ -588,7 +632,14 @@ def needed_packages(args) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["embed", "score", "kmeans", "map", "summary"])
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(DATASETS), help=f"of {list(DATASETS)} (default: all), or .h5ad files of your own"
+    )
+    parser.add_argument("--batch-key", default="batch", help="the batch column of your own files' obs")
+    parser.add_argument("--labels-key", default="cell_type", help="the cell-type column of your own files' obs")
+    parser.add_argument("--layer", default=None, help="the layer of your own files' raw counts (default: X)")
+    parser.add_argument("--held-out", default=None, help="map: the batch to map as the query (set for shared datasets)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs and the summary go")
     parser.add_argument("--methods", nargs="+", default=["pca", "harmony", "cellvae", "scvi"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cellvae-max-epochs", type=int, default=None, help="default: cellvae's own choice")
@@ -606,6 +657,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     skip_hints = {"embed": "leave out the --methods that need them", "map": "leave out scvi and scanvi, and pass --skip-scib"}
+    args.files = dataset_files(args.datasets) if args.stage != "summary" else {}
+    args.datasets = list(args.files)
     require(needed_packages(args), skip_hint=skip_hints.get(args.stage, ""))
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,49 @@
+"""The integration benchmark runs on a user's own .h5ad (its own column names, counts in a layer), as documented."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+
+import cellvae
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "integration.py"
+
+
+def run_benchmark(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True, timeout=600)
+
+
+def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=400, n_genes=120, n_batches=3, n_cell_types=3, random_state=4)
+    adata.obs = adata.obs.rename(columns={"batch": "sample", "cell_type": "celltype"})
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)  # X log-normalised, as in most shared files: the counts are in the layer
+    path = tmp_path / "my_atlas.h5ad"
+    adata.write_h5ad(path)
+    own = ["--datasets", path, "--batch-key", "sample", "--labels-key", "celltype", "--results-dir", tmp_path / "results"]
+    common = [*own, "--layer", "counts", "--cache", tmp_path / "cache", "--seeds", 0, "--cellvae-max-epochs", 3]
+
+    refused = run_benchmark("embed", *own, "--methods", "pca")  # without --layer: X holds no counts
+    assert refused.returncode != 0 and "holds no raw counts" in refused.stderr and "--layer" in refused.stderr
+
+    embedded = run_benchmark("embed", *common, "--methods", "pca", "cellvae")
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    with np.load(tmp_path / "cache" / "my_atlas" / "cellvae_s0.npz") as stored:
+        assert stored["embedding"].shape == (400, 10)
+    with np.load(tmp_path / "cache" / "my_atlas" / "pca.npz") as stored:
+        assert stored["embedding"].shape[0] == 400
+
+    unnamed = run_benchmark("map", *common, "--methods", "cellvae", "--skip-scib")
+    assert unnamed.returncode != 0 and "--held-out" in unnamed.stderr and "batch2" in unnamed.stderr
+
+    mapped = run_benchmark("map", *common, "--methods", "cellvae", "--skip-scib", "--held-out", "batch2")
+    assert mapped.returncode == 0, mapped.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results" / "integration_mapping_my_atlas.csv", index_col=0)
+    assert set(table.index) == {"cellvae_s0", "pca"} and (table["held_out_batch"] == "batch2").all()
+    assert table.loc["pca", "n_query_scored"] == (adata.obs["sample"] == "batch2").sum()
+    assert (table["accuracy"] > 0.8).all(), table  # three simulated cell types with 20 markers each
