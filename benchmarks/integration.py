@@ -192,13 +192,16 @@ def cached_request(cache: Path, dataset: str, key: str) -> dict | None:
         return json.loads(str(stored["info"])).get("request", {})
 
 
-def embedding_request(method: str, args) -> dict:
+def embedding_request(method: str, args, dataset: str) -> dict:
     """The options of ``embed`` that change ``method``'s embedding: a cached one is reused only if they match."""
+    request = {}
+    if dataset not in DATASETS:  # (a file of one's own: which one, and where its counts and batches are)
+        request["data"] = {"file": str(args.files[dataset].resolve()), "batch_key": args.batch_key, "layer": args.layer}
     if method == "cellvae":
-        return {"max_epochs": args.cellvae_max_epochs, "all_genes": args.all_genes, "model_kwargs": args.cellvae_kwargs}
+        request |= {"max_epochs": args.cellvae_max_epochs, "all_genes": args.all_genes, "model_kwargs": args.cellvae_kwargs}
     if method in ("scvi", "scvi_nb"):
-        return {"max_epochs": args.scvi_max_epochs}
-    return {}
+        request |= {"max_epochs": args.scvi_max_epochs}
+    return request
 
 
 def cached(cache: Path, dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
@@ -221,7 +224,7 @@ def stage_embed(args) -> None:
             seeds = args.seeds if method in ("cellvae", "scvi", "scvi_nb") else [0]
             for seed in seeds:
                 key = f"{method}{args.tag}_s{seed}" if method in ("cellvae", "scvi", "scvi_nb") else method
-                request, earlier = embedding_request(method, args), cached_request(args.cache, dataset, key)
+                request, earlier = embedding_request(method, args, dataset), cached_request(args.cache, dataset, key)
                 if earlier == request and not args.overwrite:
                     print(f"{dataset} {key}: cached, skipped", flush=True)
                     continue
