@@ -35,6 +35,7 @@ the repository's tables with ``--results-dir``:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 import warnings
@@ -73,40 +74,92 @@ def dataset_files(specs: list[str]) -> dict[str, Path]:
     """Each ``--datasets`` entry's name (a shared dataset's, or a file's stem) and its file."""
     files = {}
     for spec in specs:
-        if spec in DATASETS:
-            path = DATA / f"{spec}.h5ad"
-            if not path.is_file():
-                raise SystemExit(f"{path} not found; the shared data folder must sit beside the repository")
-        elif spec.endswith(".h5ad"):
-            path = Path(spec).expanduser()
-            if not path.is_file():
-                raise SystemExit(f"--datasets {spec}: no such file")
-            if path.stem in DATASETS or path.stem in files:  # (its cache and results would be another dataset's)
-                raise SystemExit(f"--datasets {spec}: another dataset has the name {path.stem!r}; rename the file")
-        else:
+        if spec not in DATASETS and not spec.endswith(".h5ad"):
             raise SystemExit(f"--datasets {spec!r}: give one of {list(DATASETS)} or the path of an .h5ad file")
-        files[path.stem if spec not in DATASETS else spec] = path
+        path = DATA / f"{spec}.h5ad" if spec in DATASETS else Path(spec).expanduser()
+        if not path.is_file():
+            where = "; the shared data folder must sit beside the repository" if spec in DATASETS else ""
+            raise SystemExit(f"--datasets {spec}: no such file {path}{where}")
+        shared = path.stem in DATASETS and path.resolve() == (DATA / path.name).resolve()
+        if path.stem in files or (path.stem in DATASETS and not shared):  # (its cache and results would be another's)
+            raise SystemExit(f"--datasets {spec}: another dataset has the name {path.stem!r}; rename the file")
+        files[path.stem] = path
     return files
+
+
+def keys_of(args, dataset: str) -> dict:
+    """Where a dataset's batches, labels and counts are: fixed for the shared files, the options for one's own."""
+    if dataset in DATASETS:
+        return {"batch_key": "batch", "labels_key": "cell_type", "layer": None}
+    return {
+        "batch_key": args.batch_key,
+        "labels_key": args.labels_key,
+        "layer": None if args.layer in (None, "X") else args.layer,
+    }
+
+
+def held_out_batch(args, dataset: str) -> str | None:
+    """The batch ``map`` holds out as the query: a shared dataset's own, ``--held-out`` for one's own file."""
+    return DATASETS[dataset] if dataset in DATASETS else args.held_out
+
+
+RAW_HINT = "counts in raw.X, as CELLxGENE files keep them: write adata.raw.to_adata() to a file of its own and give that"
+
+
+def check_files(args) -> None:
+    """Refuse, before any work, a file whose columns, layer, batches or held-out batch will not do."""
+    for dataset, path in args.files.items():
+        keys = keys_of(args, dataset)
+        backed = ad.read_h5ad(path, backed="r")
+        try:
+            obs = backed.obs
+            for key, option in ((keys["batch_key"], "--batch-key"), (keys["labels_key"], "--labels-key")):
+                if key not in obs:
+                    raise SystemExit(f"{path}: obs has no column {key!r} (pass {option}); it has {list(obs.columns)}")
+            layer = keys["layer"]
+            if layer is not None and layer not in backed.layers:
+                raise SystemExit(f"{path}: no layer {layer!r}; its layers are {list(backed.layers)} ({RAW_HINT})")
+            first = (backed.X if layer is None else backed.layers[layer])[: min(backed.n_obs, 2000)]
+            check_counts(first, path, layer)
+            batches = obs[keys["batch_key"]]
+            if batches.isna().any():
+                raise SystemExit(
+                    f"{path}: obs[{keys['batch_key']!r}] has {int(batches.isna().sum())} missing values (NaN); give those "
+                    "cells a batch, or drop them, in a copy of the file"
+                )
+            if args.stage == "map":
+                names, held_out = batches.astype(str), held_out_batch(args, dataset)
+                if held_out not in set(names):
+                    raise SystemExit(f"{path}: pass --held-out with the batch to map as the query, one of {sorted(set(names))}")
+                if (names == held_out).all():
+                    raise SystemExit(f"{path}: --held-out {held_out} is every cell's batch; a reference needs another")
+                if obs[keys["labels_key"]].astype(str)[names == held_out].isin(UNLABELLED).all():
+                    raise SystemExit(f"{path}: batch {held_out} has no labelled cells to score the mapping on")
+        finally:
+            backed.file.close()
+
+
+def check_counts(matrix, path: Path, layer: str | None) -> None:
+    """Refuse a matrix that holds no raw counts (negative or fractional values)."""
+    values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if values.size and (values.min() < 0 or not np.array_equal(values, np.round(values))):
+        where = "X" if layer is None else f"layers[{layer!r}]"
+        raise SystemExit(
+            f"{path}: {where} holds no raw counts (negative or fractional values); name their layer with --layer ({RAW_HINT})"
+        )
 
 
 def load(args, name: str, all_genes: bool = False) -> ad.AnnData:
     """The dataset's raw counts with its batches as ``obs["batch"]`` and cell types as ``obs["cell_type"]``, cut to
-    its N_TOP_GENES most variable genes unless ``all_genes``."""
-    path = args.files[name]
+    its N_TOP_GENES most variable genes unless ``all_genes`` (its columns and layer checked by ``check_files``)."""
+    path, keys = args.files[name], keys_of(args, name)
     source = ad.read_h5ad(path)
-    for key, option in ((args.batch_key, "--batch-key"), (args.labels_key, "--labels-key")):
-        if key not in source.obs:
-            raise SystemExit(f"{path}: obs has no column {key!r} (pass {option}); it has {list(source.obs.columns)}")
-    if args.layer is not None and args.layer not in source.layers:
-        raise SystemExit(f"{path}: no layer {args.layer!r}; its layers are {list(source.layers)}")
-    counts = sp.csr_matrix(source.X if args.layer is None else source.layers[args.layer], dtype=np.float32)
-    if counts.data.size and (counts.data.min() < 0 or not np.array_equal(counts.data, np.round(counts.data))):
-        where = "X" if args.layer is None else f"layers[{args.layer!r}]"
-        raise SystemExit(f"{path}: {where} holds no raw counts (negative or fractional values); name their layer with --layer")
+    counts = sp.csr_matrix(source.X if keys["layer"] is None else source.layers[keys["layer"]], dtype=np.float32)
+    check_counts(counts, path, keys["layer"])
     obs = pd.DataFrame(
         {
-            "batch": source.obs[args.batch_key].astype(str).astype("category"),
-            "cell_type": source.obs[args.labels_key].astype(str).astype("category"),
+            "batch": source.obs[keys["batch_key"]].astype(str).astype("category"),
+            "cell_type": source.obs[keys["labels_key"]].astype(str).astype("category"),
         },
         index=source.obs_names,
     )
@@ -114,7 +167,11 @@ def load(args, name: str, all_genes: bool = False) -> ad.AnnData:
     if N_TOP_GENES and adata.n_vars > N_TOP_GENES and not all_genes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key="batch")
+            try:
+                sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key="batch")
+            except ValueError as error:  # (seurat_v3's loess fit fails on a batch of few cells)
+                print(f"{name}: variable genes per batch failed ({error}); choosing them over all cells at once")
+                sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3")
         adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
     return adata
 
@@ -196,7 +253,8 @@ def embedding_request(method: str, args, dataset: str) -> dict:
     """The options of ``embed`` that change ``method``'s embedding: a cached one is reused only if they match."""
     request = {}
     if dataset not in DATASETS:  # (a file of one's own: which one, and where its counts and batches are)
-        request["data"] = {"file": str(args.files[dataset].resolve()), "batch_key": args.batch_key, "layer": args.layer}
+        keys = keys_of(args, dataset)
+        request["data"] = {"file": str(args.files[dataset].resolve()), "batch_key": keys["batch_key"], "layer": keys["layer"]}
     if method == "cellvae":
         request |= {"max_epochs": args.cellvae_max_epochs, "all_genes": args.all_genes, "model_kwargs": args.cellvae_kwargs}
     if method in ("scvi", "scvi_nb"):
@@ -422,10 +480,7 @@ def map_scanvi(scvi_reference, ref_scvi: ad.AnnData, query: ad.AnnData, seed: in
 def stage_map(args) -> None:
     for dataset in args.datasets:
         adata = load(args, dataset)
-        held_out = args.held_out if args.held_out is not None else DATASETS.get(dataset)
-        if held_out not in adata.obs["batch"].cat.categories:
-            batches = adata.obs["batch"].cat.categories.tolist()
-            raise SystemExit(f"{dataset}: pass --held-out with the batch to map as the query, one of {batches}")
+        held_out = held_out_batch(args, dataset)  # (checked by check_files)
         is_query = (adata.obs["batch"] == held_out).to_numpy()
         ref, query = adata[~is_query].copy(), adata[is_query].copy()
         for key in ("batch", "cell_type"):
@@ -641,8 +696,10 @@ def main() -> None:
     parser.add_argument("--batch-key", default="batch", help="the batch column of your own files' obs")
     parser.add_argument("--labels-key", default="cell_type", help="the cell-type column of your own files' obs")
     parser.add_argument("--layer", default=None, help="the layer of your own files' raw counts (default: X)")
-    parser.add_argument("--held-out", default=None, help="map: the batch to map as the query (set for shared datasets)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs and the summary go")
+    parser.add_argument("--held-out", default=None, help="map: the batch of your own files to map as the query")
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="where the CSVs and the summary go (default: benchmarks/results)"
+    )
     parser.add_argument("--methods", nargs="+", default=["pca", "harmony", "cellvae", "scvi"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cellvae-max-epochs", type=int, default=None, help="default: cellvae's own choice")
@@ -662,7 +719,16 @@ def main() -> None:
     skip_hints = {"embed": "leave out the --methods that need them", "map": "leave out scvi and scanvi, and pass --skip-scib"}
     args.files = dataset_files(args.datasets) if args.stage != "summary" else {}
     args.datasets = list(args.files)
-    require(needed_packages(args), skip_hint=skip_hints.get(args.stage, ""))
+    own = [name for name in args.files if name not in DATASETS]
+    if own and args.results_dir is None:
+        raise SystemExit(f"pass --results-dir DIR for the results of {own} (benchmarks/results holds the repository's own)")
+    args.results_dir = args.results_dir or RESULTS
+    needed = needed_packages(args)
+    hint = skip_hints.get(args.stage, "")
+    if "skmisc" in needed and importlib.util.find_spec("skmisc") is None:  # (whatever the methods)
+        hint = f"pip install scikit-misc: it picks the {N_TOP_GENES:,} most variable genes of files with more genes"
+    require(needed, skip_hint=hint)
+    check_files(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     stages = {"embed": stage_embed, "score": stage_score, "kmeans": stage_kmeans, "map": stage_map, "summary": stage_summary}

@@ -31,6 +31,13 @@ def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path):
     refused = run_benchmark("embed", *own, "--methods", "pca")  # without --layer: X holds no counts
     assert refused.returncode != 0 and "holds no raw counts" in refused.stderr and "--layer" in refused.stderr
 
+    unbatched = adata.copy()  # a second file, with cells of no batch: refused before the first file's embeddings
+    unbatched.obs.loc[unbatched.obs_names[:5], "sample"] = np.nan
+    unbatched.write_h5ad(tmp_path / "unbatched.h5ad")
+    refused = run_benchmark("embed", *common, "--methods", "pca", "--datasets", path, tmp_path / "unbatched.h5ad")
+    assert refused.returncode != 0 and "unbatched.h5ad: obs['sample'] has 5 missing values" in refused.stderr
+    assert not (tmp_path / "cache").exists()
+
     embedded = run_benchmark("embed", *common, "--methods", "pca", "cellvae")
     assert embedded.returncode == 0, embedded.stderr[-3000:]
     with np.load(tmp_path / "cache" / "my_atlas" / "cellvae_s0.npz") as stored:
