@@ -24,10 +24,11 @@ Cells labelled ``unknown`` are embedded but neither scored nor used as votes or 
 
 Your own data: ``--datasets`` also takes paths of ``.h5ad`` files holding raw counts (in ``X``, or the layer
 ``--layer`` names) with a batch column (``--batch-key``, default ``batch``) and a cell-type column
-(``--labels-key``, default ``cell_type``); ``map`` needs ``--held-out BATCH``. Write their results elsewhere than
-the repository's tables with ``--results-dir``:
+(``--labels-key``, default ``cell_type``); ``map`` needs ``--held-out BATCH``, and their results a
+``--results-dir`` of their own (every file is checked before any work):
 
-    python benchmarks/integration.py embed --datasets atlas.h5ad --batch-key sample --labels-key celltype
+    python benchmarks/integration.py embed --datasets atlas.h5ad --batch-key sample --labels-key celltype \
+        --results-dir my_results
     python benchmarks/integration.py score --datasets atlas.h5ad --batch-key sample --labels-key celltype \
         --results-dir my_results
 """
