@@ -26,7 +26,7 @@ def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path):
     path = tmp_path / "my_atlas.h5ad"
     adata.write_h5ad(path)
     own = ["--datasets", path, "--batch-key", "sample", "--labels-key", "celltype", "--results-dir", tmp_path / "results"]
-    common = [*own, "--layer", "counts", "--cache", tmp_path / "cache", "--seeds", 0, "--cellvae-max-epochs", 3]
+    common = [*own, "--layer", "counts", "--cache", tmp_path / "cache", "--seeds", 0, "--cellvae-max-epochs", 20]
 
     refused = run_benchmark("embed", *own, "--methods", "pca")  # without --layer: X holds no counts
     assert refused.returncode != 0 and "holds no raw counts" in refused.stderr and "--layer" in refused.stderr
