@@ -81,10 +81,14 @@ def dataset_files(specs: list[str]) -> dict[str, Path]:
         if not path.is_file():
             where = "; the shared data folder must sit beside the repository" if spec in DATASETS else ""
             raise SystemExit(f"--datasets {spec}: no such file {path}{where}")
-        shared = path.stem in DATASETS and path.resolve() == (DATA / path.name).resolve()
-        if path.stem in files or (path.stem in DATASETS and not shared):  # (its cache and results would be another's)
-            raise SystemExit(f"--datasets {spec}: another dataset has the name {path.stem!r}; rename the file")
-        files[path.stem] = path
+        name, shared = path.stem, path.resolve() == (DATA / path.name).resolve()
+        if name in files:
+            raise SystemExit(f"--datasets {spec}: a dataset named {name!r} is given twice (give each once, with unique names)")
+        if name in DATASETS and not shared:  # (its cache and results would be the shared dataset's)
+            raise SystemExit(f"--datasets {spec}: {name!r} is the name of a shared dataset; rename the file")
+        if name.startswith("mapping_"):  # (score's results would be named as map's of another dataset)
+            raise SystemExit(f"--datasets {spec}: a name beginning with 'mapping_' would mix up the results; rename the file")
+        files[name] = path
     return files
 
 
@@ -93,8 +97,8 @@ def keys_of(args, dataset: str) -> dict:
     if dataset in DATASETS:
         return {"batch_key": "batch", "labels_key": "cell_type", "layer": None}
     return {
-        "batch_key": args.batch_key,
-        "labels_key": args.labels_key,
+        "batch_key": args.batch_key or "batch",
+        "labels_key": args.labels_key or "cell_type",
         "layer": None if args.layer in (None, "X") else args.layer,
     }
 
@@ -104,44 +108,57 @@ def held_out_batch(args, dataset: str) -> str | None:
     return DATASETS[dataset] if dataset in DATASETS else args.held_out
 
 
+def data_record(args, dataset: str) -> dict | None:
+    """What an embedding of one's own file was made from (None for a shared dataset): a cached embedding is used
+    only where it matches, so that an edited file, another file of that name or another batch column is embedded anew."""
+    if dataset in DATASETS:
+        return None
+    path, keys = args.files[dataset], keys_of(args, dataset)
+    found = path.stat()
+    return {"file": str(path.resolve()), "size": found.st_size, "modified": found.st_mtime_ns} | {
+        key: keys[key] for key in ("batch_key", "layer")
+    }
+
+
+OWN_FILE_OPTIONS = ("batch_key", "labels_key", "layer", "held_out")  # (the shared datasets' are fixed)
 RAW_HINT = "counts in raw.X, as CELLxGENE files keep them: write adata.raw.to_adata() to a file of its own and give that"
 
 
 def check_files(args) -> None:
-    """Refuse, before any work, a file whose columns, layer, batches or held-out batch will not do."""
+    """Refuse, before any work, a file whose columns, counts, batches or held-out batch will not do."""
     for dataset, path in args.files.items():
         keys = keys_of(args, dataset)
-        backed = ad.read_h5ad(path, backed="r")
-        try:
-            obs = backed.obs
-            for key, option in ((keys["batch_key"], "--batch-key"), (keys["labels_key"], "--labels-key")):
-                if key not in obs:
-                    raise SystemExit(f"{path}: obs has no column {key!r} (pass {option}); it has {list(obs.columns)}")
-            layer = keys["layer"]
-            if layer is not None and layer not in backed.layers:
-                raise SystemExit(f"{path}: no layer {layer!r}; its layers are {list(backed.layers)} ({RAW_HINT})")
-            first = (backed.X if layer is None else backed.layers[layer])[: min(backed.n_obs, 2000)]
-            check_counts(first, path, layer)
-            batches = obs[keys["batch_key"]]
-            if batches.isna().any():
-                raise SystemExit(
-                    f"{path}: obs[{keys['batch_key']!r}] has {int(batches.isna().sum())} missing values (NaN); give those "
-                    "cells a batch, or drop them, in a copy of the file"
-                )
-            if args.stage == "map":
-                names, held_out = batches.astype(str), held_out_batch(args, dataset)
-                if held_out not in set(names):
-                    raise SystemExit(f"{path}: pass --held-out with the batch to map as the query, one of {sorted(set(names))}")
-                if (names == held_out).all():
-                    raise SystemExit(f"{path}: --held-out {held_out} is every cell's batch; a reference needs another")
-                if obs[keys["labels_key"]].astype(str)[names == held_out].isin(UNLABELLED).all():
-                    raise SystemExit(f"{path}: batch {held_out} has no labelled cells to score the mapping on")
-        finally:
-            backed.file.close()
+        source = ad.read_h5ad(path)
+        for key, option in ((keys["batch_key"], "--batch-key"), (keys["labels_key"], "--labels-key")):
+            if key not in source.obs:
+                raise SystemExit(f"{path}: obs has no column {key!r} (pass {option}); it has {list(source.obs.columns)}")
+        check_counts(source, path, keys["layer"])
+        batches = source.obs[keys["batch_key"]]
+        if batches.isna().any():
+            raise SystemExit(
+                f"{path}: obs[{keys['batch_key']!r}] has {int(batches.isna().sum())} missing values (NaN); give those "
+                "cells a batch, or drop them, in a copy of the file"
+            )
+        if args.stage != "map":
+            continue
+        names, held_out = batches.astype(str), held_out_batch(args, dataset)
+        if held_out not in set(names):
+            raise SystemExit(f"{path}: pass --held-out with the batch to map as the query, one of {sorted(set(names))}")
+        if (names == held_out).all():
+            raise SystemExit(f"{path}: --held-out {held_out} is every cell's batch; a reference needs another")
+        labelled = ~source.obs[keys["labels_key"]].astype(str).isin(UNLABELLED)
+        for part, cells in (("the held-out batch", names == held_out), ("the reference", names != held_out)):
+            if not labelled[cells].any():
+                raise SystemExit(f"{path}: {part} has no cells labelled in obs[{keys['labels_key']!r}]: nothing to score")
 
 
-def check_counts(matrix, path: Path, layer: str | None) -> None:
-    """Refuse a matrix that holds no raw counts (negative or fractional values)."""
+def check_counts(source: ad.AnnData, path: Path, layer: str | None) -> None:
+    """Refuse a file without raw counts (non-negative whole numbers) where ``layer`` says they are."""
+    if layer is not None and layer not in source.layers:
+        raise SystemExit(f"{path}: no layer {layer!r}; its layers are {list(source.layers)} ({RAW_HINT})")
+    matrix = source.X if layer is None else source.layers[layer]
+    if matrix is None:
+        raise SystemExit(f"{path}: X is empty; name the layer of the counts with --layer (its layers: {list(source.layers)})")
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
     if values.size and (values.min() < 0 or not np.array_equal(values, np.round(values))):
         where = "X" if layer is None else f"layers[{layer!r}]"
@@ -150,13 +167,17 @@ def check_counts(matrix, path: Path, layer: str | None) -> None:
         )
 
 
+# Variable genes are chosen per batch (seurat_v3) where every batch has this many cells: its loess fit fails on small
+# ones (an error from a few hundred cells of 16,000 genes down, a crash of the process at one cell).
+MIN_CELLS_PER_BATCH_FOR_GENES = 100
+
+
 def load(args, name: str, all_genes: bool = False) -> ad.AnnData:
     """The dataset's raw counts with its batches as ``obs["batch"]`` and cell types as ``obs["cell_type"]``, cut to
-    its N_TOP_GENES most variable genes unless ``all_genes`` (its columns and layer checked by ``check_files``)."""
+    its N_TOP_GENES most variable genes unless ``all_genes`` (the file checked by ``check_files``)."""
     path, keys = args.files[name], keys_of(args, name)
     source = ad.read_h5ad(path)
     counts = sp.csr_matrix(source.X if keys["layer"] is None else source.layers[keys["layer"]], dtype=np.float32)
-    check_counts(counts, path, keys["layer"])
     obs = pd.DataFrame(
         {
             "batch": source.obs[keys["batch_key"]].astype(str).astype("category"),
@@ -166,11 +187,17 @@ def load(args, name: str, all_genes: bool = False) -> ad.AnnData:
     )
     adata = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=source.var_names))
     if N_TOP_GENES and adata.n_vars > N_TOP_GENES and not all_genes:
+        smallest = adata.obs["batch"].value_counts().min()
+        per_batch = smallest >= MIN_CELLS_PER_BATCH_FOR_GENES
+        if not per_batch:
+            print(f"{name}: a batch has {smallest} cells, so the variable genes are chosen over all cells at once")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key="batch")
-            except ValueError as error:  # (seurat_v3's loess fit fails on a batch of few cells)
+                sc.pp.highly_variable_genes(
+                    adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3", batch_key="batch" if per_batch else None
+                )
+            except ValueError as error:  # (seurat_v3's loess fit fails on a small batch)
                 print(f"{name}: variable genes per batch failed ({error}); choosing them over all cells at once")
                 sc.pp.highly_variable_genes(adata, n_top_genes=N_TOP_GENES, flavor="seurat_v3")
         adata = adata[:, adata.var["highly_variable"].to_numpy()].copy()
@@ -252,10 +279,7 @@ def cached_request(cache: Path, dataset: str, key: str) -> dict | None:
 
 def embedding_request(method: str, args, dataset: str) -> dict:
     """The options of ``embed`` that change ``method``'s embedding: a cached one is reused only if they match."""
-    request = {}
-    if dataset not in DATASETS:  # (a file of one's own: which one, and where its counts and batches are)
-        keys = keys_of(args, dataset)
-        request["data"] = {"file": str(args.files[dataset].resolve()), "batch_key": keys["batch_key"], "layer": keys["layer"]}
+    request = {} if dataset in DATASETS else {"data": data_record(args, dataset)}
     if method == "cellvae":
         request |= {"max_epochs": args.cellvae_max_epochs, "all_genes": args.all_genes, "model_kwargs": args.cellvae_kwargs}
     if method in ("scvi", "scvi_nb"):
@@ -263,11 +287,16 @@ def embedding_request(method: str, args, dataset: str) -> dict:
     return request
 
 
-def cached(cache: Path, dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
+def cached(cache: Path, dataset: str, data: dict | None) -> dict[str, tuple[np.ndarray, dict]]:
+    """The cached embeddings of ``dataset`` made from ``data`` (see ``data_record``); others are named and left out."""
     out = {}
     for path in sorted((cache / dataset).glob("*.npz")):
         with np.load(path) as stored:
-            out[path.stem] = (stored["embedding"], json.loads(str(stored["info"])))
+            info = json.loads(str(stored["info"]))
+            if info.get("request", {}).get("data") != data:
+                print(f"{dataset} {path.stem}: cached from other data ({info['request'].get('data')}), left out", flush=True)
+                continue
+            out[path.stem] = (stored["embedding"], info)
     return out
 
 
@@ -345,7 +374,7 @@ def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: in
 def stage_score(args) -> None:
     for dataset in args.datasets:
         adata = load(args, dataset)
-        stored = cached(args.cache, dataset)
+        stored = cached(args.cache, dataset, data_record(args, dataset))
         if "pca" not in stored:
             raise SystemExit(f"{dataset}: run the embed stage with the pca method first")
         started = time.perf_counter()
@@ -387,7 +416,7 @@ def stage_kmeans(args) -> None:
         labels = labels[keep]
         k = len(np.unique(labels))
         rows = []
-        for key, (embedding, info) in cached(args.cache, dataset).items():
+        for key, (embedding, info) in cached(args.cache, dataset, data_record(args, dataset)).items():
             x = np.ascontiguousarray(embedding[keep], dtype=np.float32)
             scib = ScibKMeans(k)
             scib.fit(x)
@@ -694,8 +723,8 @@ def main() -> None:
     parser.add_argument(
         "--datasets", nargs="+", default=list(DATASETS), help=f"of {list(DATASETS)} (default: all), or .h5ad files of your own"
     )
-    parser.add_argument("--batch-key", default="batch", help="the batch column of your own files' obs")
-    parser.add_argument("--labels-key", default="cell_type", help="the cell-type column of your own files' obs")
+    parser.add_argument("--batch-key", default=None, help="the batch column of your own files' obs (default: batch)")
+    parser.add_argument("--labels-key", default=None, help="the cell-type column of your own files' obs (default: cell_type)")
     parser.add_argument("--layer", default=None, help="the layer of your own files' raw counts (default: X)")
     parser.add_argument("--held-out", default=None, help="map: the batch of your own files to map as the query")
     parser.add_argument(
@@ -724,10 +753,13 @@ def main() -> None:
     if own and args.results_dir is None:
         raise SystemExit(f"pass --results-dir DIR for the results of {own} (benchmarks/results holds the repository's own)")
     args.results_dir = args.results_dir or RESULTS
+    given = [f"--{name.replace('_', '-')}" for name in OWN_FILE_OPTIONS if vars(args)[name] is not None]
+    if args.files and not own and given:
+        raise SystemExit(f"{', '.join(given)}: for .h5ad files of your own; the shared datasets' are fixed")
     needed = needed_packages(args)
     hint = skip_hints.get(args.stage, "")
     if "skmisc" in needed and importlib.util.find_spec("skmisc") is None:  # (whatever the methods)
-        hint = f"pip install scikit-misc: it picks the {N_TOP_GENES:,} most variable genes of files with more genes"
+        hint += ("; " if hint else "") + f"scikit-misc picks the {N_TOP_GENES:,} most variable genes of files with more genes"
     require(needed, skip_hint=hint)
     check_files(args)
     torch.set_num_threads(args.threads)
