@@ -1,27 +1,45 @@
 """The integration benchmark runs on a user's own .h5ad (its own column names, counts in a layer), as documented."""
 
-import os
-import subprocess
+import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 import scanpy as sc
 
 import cellvae
 
-ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_benchmark(*arguments) -> subprocess.CompletedProcess:
-    """``benchmarks/integration.py`` with this checkout's cellvae."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(ROOT / "benchmarks" / "integration.py"), *map(str, arguments)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+@pytest.fixture
+def run_benchmark(monkeypatch, capsys):
+    """``python benchmarks/integration.py ARGUMENTS`` run in this process (spared the imports of one of its own):
+    gives its return code (that of a ``SystemExit``), stdout and stderr."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # (the script imports bench_common beside it)
+    spec = importlib.util.spec_from_file_location("integration_benchmark", BENCHMARKS / "integration.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(*arguments) -> SimpleNamespace:
+        monkeypatch.setattr(sys, "argv", ["integration.py", *map(str, arguments)])
+        capsys.readouterr()
+        try:
+            script.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            print(stop.code, file=sys.stderr)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
 
 
-def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path):
+def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path, run_benchmark):
     adata = cellvae.datasets.simulate(n_cells=400, n_genes=120, n_batches=3, n_cell_types=3, random_state=4)
     adata.obs = adata.obs.rename(columns={"batch": "sample", "cell_type": "celltype"})
     adata.layers["counts"] = adata.X.copy()
