@@ -83,7 +83,9 @@ def dataset_files(specs: list[str]) -> dict[str, Path]:
             raise SystemExit(f"--datasets {spec}: no such file {path}{where}")
         name, shared = path.stem, path.resolve() == (DATA / path.name).resolve()
         if name in files:
-            raise SystemExit(f"--datasets {spec}: a dataset named {name!r} is given twice (give each once, with unique names)")
+            twice = files[name].resolve() == path.resolve()
+            told = f"{name!r} is given twice" if twice else f"two files are named {name!r}; rename one"
+            raise SystemExit(f"--datasets {spec}: {told}")
         if name in DATASETS and not shared:  # (its cache and results would be the shared dataset's)
             raise SystemExit(f"--datasets {spec}: {name!r} is the name of a shared dataset; rename the file")
         if name.startswith("mapping_"):  # (score's results would be named as map's of another dataset)
@@ -128,7 +130,10 @@ def check_files(args) -> None:
     """Refuse, before any work, a file whose columns, counts, batches or held-out batch will not do."""
     for dataset, path in args.files.items():
         keys = keys_of(args, dataset)
-        source = ad.read_h5ad(path)
+        try:
+            source = ad.read_h5ad(path)
+        except OSError as error:
+            raise SystemExit(f"{path}: not a readable .h5ad file ({error})") from error
         for key, option in ((keys["batch_key"], "--batch-key"), (keys["labels_key"], "--labels-key")):
             if key not in source.obs:
                 raise SystemExit(f"{path}: obs has no column {key!r} (pass {option}); it has {list(source.obs.columns)}")
@@ -139,14 +144,17 @@ def check_files(args) -> None:
                 f"{path}: obs[{keys['batch_key']!r}] has {int(batches.isna().sum())} missing values (NaN); give those "
                 "cells a batch, or drop them, in a copy of the file"
             )
+        labelled = ~source.obs[keys["labels_key"]].astype(str).isin(UNLABELLED).to_numpy()  # (arrays: obs names may repeat)
+        if not labelled.any():
+            raise SystemExit(f"{path}: no cell is labelled in obs[{keys['labels_key']!r}]: nothing to score")
         if args.stage != "map":
             continue
-        names, held_out = batches.astype(str), held_out_batch(args, dataset)
+        names, held_out = batches.astype(str).to_numpy(), held_out_batch(args, dataset)
         if held_out not in set(names):
-            raise SystemExit(f"{path}: pass --held-out with the batch to map as the query, one of {sorted(set(names))}")
+            found = "" if held_out is None else f"batch {held_out!r} is not in obs[{keys['batch_key']!r}]; "
+            raise SystemExit(f"{path}: {found}pass --held-out with the batch to map as the query, one of {sorted(set(names))}")
         if (names == held_out).all():
             raise SystemExit(f"{path}: --held-out {held_out} is every cell's batch; a reference needs another")
-        labelled = ~source.obs[keys["labels_key"]].astype(str).isin(UNLABELLED)
         for part, cells in (("the held-out batch", names == held_out), ("the reference", names != held_out)):
             if not labelled[cells].any():
                 raise SystemExit(f"{path}: {part} has no cells labelled in obs[{keys['labels_key']!r}]: nothing to score")
@@ -287,14 +295,16 @@ def embedding_request(method: str, args, dataset: str) -> dict:
     return request
 
 
-def cached(cache: Path, dataset: str, data: dict | None) -> dict[str, tuple[np.ndarray, dict]]:
+def cached(cache: Path, dataset: str, data: dict | None, quiet: bool = False) -> dict[str, tuple[np.ndarray, dict]]:
     """The cached embeddings of ``dataset`` made from ``data`` (see ``data_record``); others are named and left out."""
     out = {}
     for path in sorted((cache / dataset).glob("*.npz")):
         with np.load(path) as stored:
             info = json.loads(str(stored["info"]))
-            if info.get("request", {}).get("data") != data:
-                print(f"{dataset} {path.stem}: cached from other data ({info['request'].get('data')}), left out", flush=True)
+            made_from = info.get("request", {}).get("data")
+            if made_from != data:
+                if not quiet:
+                    print(f"{dataset} {path.stem}: cached from other data ({made_from}), left out", flush=True)
                 continue
             out[path.stem] = (stored["embedding"], info)
     return out
@@ -371,12 +381,18 @@ def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: in
     return table
 
 
+def check_cached(args) -> None:
+    """Refuse, before any dataset is scored, a dataset with no cached PCA (the unintegrated baseline) from its data."""
+    for dataset in args.datasets:
+        if "pca" not in cached(args.cache, dataset, data_record(args, dataset), quiet=True):
+            raise SystemExit(f"{dataset}: nothing cached from its file as it is now; run the embed stage (with pca) first")
+
+
 def stage_score(args) -> None:
+    check_cached(args)
     for dataset in args.datasets:
         adata = load(args, dataset)
         stored = cached(args.cache, dataset, data_record(args, dataset))
-        if "pca" not in stored:
-            raise SystemExit(f"{dataset}: run the embed stage with the pca method first")
         started = time.perf_counter()
         table = scib_scores(adata, {k: e for k, (e, _) in stored.items()}, args.n_jobs)
         table.insert(0, "method", [method_of(k) for k in table.index])
@@ -390,9 +406,10 @@ def stage_score(args) -> None:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         out = args.results_dir / f"integration_{dataset}.csv"
         table = table.assign(**run_stamp())  # (date and commit of the scores; rows kept by --append keep theirs)
-        if out.is_file() and args.append:
+        if out.is_file() and args.append:  # (not the rows of embeddings cached now, scored anew or left out as stale)
             previous = pd.read_csv(out, index_col=0)
-            table = pd.concat([previous[~previous.index.isin(table.index)], table])
+            in_cache = {path.stem for path in (args.cache / dataset).glob("*.npz")}
+            table = pd.concat([previous[~previous.index.isin(set(table.index) | in_cache)], table])
         table.to_csv(out)
         print(f"{dataset}: scored {len(stored)} embeddings in {time.perf_counter() - started:.0f} s", flush=True)
         print(table[["method", "seed", "Bio conservation", "Batch correction", "Total", "train_seconds"]], flush=True)
@@ -409,6 +426,7 @@ def stage_kmeans(args) -> None:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    check_cached(args)
     for dataset in args.datasets:
         adata = load(args, dataset)
         labels = adata.obs["cell_type"].astype(str).to_numpy()
@@ -756,12 +774,16 @@ def main() -> None:
     given = [f"--{name.replace('_', '-')}" for name in OWN_FILE_OPTIONS if vars(args)[name] is not None]
     if args.files and not own and given:
         raise SystemExit(f"{', '.join(given)}: for .h5ad files of your own; the shared datasets' are fixed")
+    check_files(args)
     needed = needed_packages(args)
     hint = skip_hints.get(args.stage, "")
+    others = [module for module in needed if module != "skmisc" and importlib.util.find_spec(module) is None]
     if "skmisc" in needed and importlib.util.find_spec("skmisc") is None:  # (whatever the methods)
-        hint += ("; " if hint else "") + f"scikit-misc picks the {N_TOP_GENES:,} most variable genes of files with more genes"
+        hint = (
+            f"pip install scikit-misc (it picks the {N_TOP_GENES:,} most variable genes of files with more genes, whatever "
+            "the methods)" + (f" and {hint}" if others and hint else "")
+        )
     require(needed, skip_hint=hint)
-    check_files(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     stages = {"embed": stage_embed, "score": stage_score, "kmeans": stage_kmeans, "map": stage_map, "summary": stage_summary}

@@ -36,6 +36,7 @@ def run_benchmark(monkeypatch, capsys):
         out, err = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
+    run.script = script
     return run
 
 
@@ -66,9 +67,14 @@ def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path, run
         assert stored["embedding"].shape == (400, 10)
     with np.load(cache / "my_atlas" / "pca.npz") as stored:
         assert stored["embedding"].shape[0] == 400
-    adata[adata.obs["sample"] != "batch0"].copy().write_h5ad(path)  # the file changed: its cached embedding is not used
+    unchanged = run_benchmark("embed", *common, "--methods", "pca")
+    assert unchanged.returncode == 0 and "my_atlas pca: cached, skipped" in unchanged.stdout
+    adata[adata.obs["sample"] != "batch0"].copy().write_h5ad(path)  # the file changed: its cached embeddings are not used
     again = run_benchmark("embed", *common, "--methods", "pca")
-    assert "embedding again" in again.stdout and "cached, skipped" not in again.stdout
+    assert again.returncode == 0 and "embedding again" in again.stdout and "cached, skipped" not in again.stdout
+    script = run_benchmark.script  # what score and kmeans read (they need scib-metrics, the bench extra)
+    settings = SimpleNamespace(files={"my_atlas": path}, batch_key="sample", labels_key="celltype", layer="counts")
+    assert list(script.cached(cache, "my_atlas", script.data_record(settings, "my_atlas"))) == ["pca"]  # not cellvae_s0
     adata.write_h5ad(path)
 
     unnamed = run_benchmark("map", *common, "--methods", "cellvae", "--skip-scib")
