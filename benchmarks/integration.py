@@ -132,7 +132,7 @@ def check_files(args) -> None:
         keys = keys_of(args, dataset)
         try:
             source = ad.read_h5ad(path)
-        except OSError as error:
+        except Exception as error:  # (not HDF5, truncated, or HDF5 but no AnnData, as a 10x .h5)
             raise SystemExit(f"{path}: not a readable .h5ad file ({error})") from error
         for key, option in ((keys["batch_key"], "--batch-key"), (keys["labels_key"], "--labels-key")):
             if key not in source.obs:
@@ -382,10 +382,14 @@ def scib_scores(adata: ad.AnnData, embeddings: dict[str, np.ndarray], n_jobs: in
 
 
 def check_cached(args) -> None:
-    """Refuse, before any dataset is scored, a dataset with no cached PCA (the unintegrated baseline) from its data."""
+    """Refuse, before any dataset is scored, a dataset with no cached embedding made from its data as it is now, or
+    (``score``) no cached PCA, scib's unintegrated baseline."""
     for dataset in args.datasets:
-        if "pca" not in cached(args.cache, dataset, data_record(args, dataset), quiet=True):
-            raise SystemExit(f"{dataset}: nothing cached from its file as it is now; run the embed stage (with pca) first")
+        stored = cached(args.cache, dataset, data_record(args, dataset), quiet=True)
+        if not stored:
+            raise SystemExit(f"{dataset}: nothing is cached from its file as it is now; run the embed stage first")
+        if args.stage == "score" and "pca" not in stored:
+            raise SystemExit(f"{dataset}: run the embed stage with the pca method first (scib's unintegrated baseline)")
 
 
 def stage_score(args) -> None:
@@ -779,10 +783,11 @@ def main() -> None:
     hint = skip_hints.get(args.stage, "")
     others = [module for module in needed if module != "skmisc" and importlib.util.find_spec(module) is None]
     if "skmisc" in needed and importlib.util.find_spec("skmisc") is None:  # (whatever the methods)
-        hint = (
+        install = (
             f"pip install scikit-misc (it picks the {N_TOP_GENES:,} most variable genes of files with more genes, whatever "
-            "the methods)" + (f" and {hint}" if others and hint else "")
+            "the methods)"
         )
+        hint = install if not others else f"{install} and {hint}" if hint else ""  # (the others: the bench extra)
     require(needed, skip_hint=hint)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)

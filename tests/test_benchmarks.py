@@ -75,7 +75,12 @@ def test_integration_benchmark_embeds_and_maps_an_h5ad_of_ones_own(tmp_path, run
     script = run_benchmark.script  # what score and kmeans read (they need scib-metrics, the bench extra)
     settings = SimpleNamespace(files={"my_atlas": path}, batch_key="sample", labels_key="celltype", layer="counts")
     assert list(script.cached(cache, "my_atlas", script.data_record(settings, "my_atlas"))) == ["pca"]  # not cellvae_s0
+    settings.stage, settings.datasets, settings.cache = "score", ["my_atlas"], cache
+    script.check_cached(settings)  # score and kmeans find the PCA of the file as it is
     adata.write_h5ad(path)
+    for settings.stage in ("score", "kmeans"):  # the file changed again: nothing cached is of it, refused before any work
+        with pytest.raises(SystemExit, match="nothing is cached from its file as it is now"):
+            script.check_cached(settings)
 
     unnamed = run_benchmark("map", *common, "--methods", "cellvae", "--skip-scib")
     assert unnamed.returncode != 0 and "--held-out" in unnamed.stderr and "batch2" in unnamed.stderr
