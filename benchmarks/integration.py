@@ -787,7 +787,12 @@ def main() -> None:
             f"pip install scikit-misc (it picks the {N_TOP_GENES:,} most variable genes of files with more genes, whatever "
             "the methods)"
         )
-        hint = install if not others else f"{install} and {hint}" if hint else ""  # (the others: the bench extra)
+        if not others:
+            hint = install
+        elif hint:  # (the stage's way round the others)
+            hint = f"{install} and {hint}"
+        else:  # (the others come with the bench extra alone)
+            hint = ""
     require(needed, skip_hint=hint)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
