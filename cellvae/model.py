@@ -704,6 +704,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             minimum = 1 if query else data.MIN_CELLS  # (a query model's few new parameters: as map_query)
             if len(nonempty) < minimum:
                 raise ValueError(f"training needs at least {minimum} cell{'s' * (minimum > 1)} with counts, got {len(nonempty)}")
+            _warn_about_small_categories(self, loader.covariates.codes, nonempty, "fit")
             train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
             _check_cells_left_to_train(train_cells, nonempty, validation_size)
             drawn = len(validation_cells)
@@ -2153,7 +2154,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         cells = nonempty
         if not len(cells):
             raise ValueError("query_adata has no cells with counts: the new batches' parameters would have nothing to learn from")
-        _warn_about_small_new_categories(query_model, loader.covariates.codes, cells)
+        _warn_about_small_categories(query_model, loader.covariates.codes, cells, "map_query")
         train_cells, validation_cells = split_cells(cells, validation_size, random_state)
         _check_cells_left_to_train(train_cells, cells, validation_size)
         # every new batch and new covariate category gets training cells, or its parameters stay at zero
@@ -3561,22 +3562,28 @@ def _warn_about_seen_validation_cells(model: CellVAE, validation_cells: np.ndarr
     return seen
 
 
-def _warn_about_small_new_categories(query_model: CellVAE, codes: list[np.ndarray], cells: np.ndarray) -> None:
-    """Warn where a query's new batch or covariate category has under ``MIN_CELLS`` cells with counts: map_query learns
-    its parameters from those cells alone."""
+def _warn_about_small_categories(model: CellVAE, codes: list[np.ndarray], cells: np.ndarray, training: str) -> None:
+    """Warn where a batch or covariate category that ``training`` (``"fit"`` or ``"map_query"``) learns has under
+    ``MIN_CELLS`` cells with counts: its parameters are learnt from those cells alone. A query model learns only the
+    categories its reference lacks."""
+    query = bool(model.config.reference_categories)
     small = []
-    for (key, names), code in zip(data.categorical_items(query_model.layout), codes):
-        first_new = query_model.config.reference_categories.get(key, len(names))
+    for (key, names), code in zip(data.categorical_items(model.layout), codes):
+        first_learnt = model.config.reference_categories.get(key, len(names)) if query else 0
         counts = np.bincount(code[cells], minlength=len(names))
         small += [
-            f"obs[{key!r}] {names[i]!r}: {counts[i]}" for i in range(first_new, len(names)) if 0 < counts[i] < data.MIN_CELLS
+            f"obs[{key!r}] {names[i]!r}: {counts[i]}" for i in range(first_learnt, len(names)) if 0 < counts[i] < data.MIN_CELLS
         ]
     if small:
         shown = ", ".join(small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
+        fix = (
+            "map more cells of them together where you have them"
+            if query
+            else "pool each with one of like origin (e.g. the same protocol or donor), or leave its cells out"
+        )
         data.warn_user(
-            f"new batches or categories with under {data.MIN_CELLS} cells with counts ({shown}): map_query learns each "
-            "one's parameters from its own cells alone, and from so few they are uncertain; map more cells of them "
-            "together where you have them",
+            f"{'new ' if query else ''}batches or categories with under {data.MIN_CELLS} cells with counts ({shown}): "
+            f"{training} learns each one's parameters from its own cells alone, and from so few they are uncertain; {fix}",
             UserWarning,
         )
 
