@@ -416,7 +416,8 @@ _ONE_SEEDED_BLOCK_AT_A_TIME = threading.RLock()
 @contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """torch's global generators seeded with ``seed`` inside the block (left as they are if None) and
-    restored after it: cellvae's seeds never change the caller's draws. Blocks in other threads wait for this one.
+    restored after it: cellvae's seeds never change the caller's draws. Blocks in other threads wait for this one;
+    draws of other threads outside such blocks (torch's generators are process-wide) take from its stream meanwhile.
 
     CUDA's are those of the devices started before the block (``fit`` moves the model to its device
     first). Also a decorator (``@seeded(None)``)."""

@@ -606,7 +606,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         random_state
             Seeds the initial weights of an untrained model, the validation split, the minibatch
             order and dropout, so equal seeds give bitwise-equal models on the CPU (with the same
-            torch thread count); the global random state of torch and numpy is left as it was.
+            torch thread count); the global random state of torch and numpy is left as it was. (Dropout
+            draws from torch's process-wide generator: another thread of yours drawing from it while fit
+            runs changes the model.)
         device
             ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (or a ``torch.device``).
         progress
@@ -3230,8 +3232,10 @@ def _check_weight_decay(weight_decay) -> None:
 def _check_model(model) -> None:
     """Refuse anything but a CellVAE where a tool takes the model (None, or a saved model's path)."""
     if not isinstance(model, CellVAE):
+        # (a path is shown, the likely mistake; the repr of a frame or an array would spread over many lines)
+        shown = f" {model!r:.80}" if isinstance(model, (str, os.PathLike)) else ""
         raise TypeError(
-            f"model must be a CellVAE, got {type(model).__name__} {model!r:.80}; train one, or load a saved one "
+            f"model must be a CellVAE, got {type(model).__name__}{shown}; train one, or load a saved one "
             "with cellvae.CellVAE.load('my_model/', adata=adata)"
         )
 

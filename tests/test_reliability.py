@@ -2087,6 +2087,10 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
         (lambda m, a: cellvae.tl.interpolate("my_model/", [0], [1]), "model must be a CellVAE, got str"),
         (lambda m, a: cellvae.pl.history("my_model/", show=False), "CellVAE.load"),
         (lambda m, a: cellvae.pl.kl_per_dimension(None, show=False), "model must be a CellVAE"),
+        (  # a sweep's frame where the model goes: told in one line, not with the frame's repr
+            lambda m, a: cellvae.pl.history(pd.DataFrame({"beta": [1.0], "rate": [2.0]}), show=False),
+            r"^model must be a CellVAE, got DataFrame; train one",
+        ),
         # told before training, not as a bare OSError after the first epoch; and not training on 2 cells
         (
             lambda m, a: CellVAE(a, **MODEL_ARGS).fit(max_epochs=1, checkpoint_dir=os.path.join(__file__, "ck")),
