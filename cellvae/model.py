@@ -1992,7 +1992,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             The query is only read, never modified. Counts on disk (``X`` of ``read_h5ad(path, backed="r")``,
             which reads layers into memory; ``X`` or a layer of :func:`cellvae.read_h5ad_lazy` or
             :func:`cellvae.read_zarr_lazy`), or a view of them, are streamed, not copied (a view must hold its batches
-            in the reference's batch key). Cells with zero total counts are left out of
+            in the reference's batch key); streamed cells are shuffled in blocks, so such a mapping is equally good but
+            not bitwise equal to that of the same counts in memory. Cells with zero total counts are left out of
             mapping with a warning (as in :meth:`fit`; :meth:`get_latent` still embeds them). A new batch
             or category's parameters learn from its own cells alone: one of under 10 cells with counts maps, with a
             warning that so few place it less surely.
@@ -2068,7 +2069,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         reference_key = self.config.batch_key
         with data.hint_where_counts_are(query_adata, self.config.layer, trained=True):
             aligned = _align_query(
-                query_adata, self.config, query_batches, self._typical_share, batch_key or self.config.batch_key
+                query_adata,
+                self.config,
+                query_batches,
+                functools.partial(self._typical_share, reference_only=False),  # (the returned model's reference categories)
+                batch_key or self.config.batch_key,
             )
         names = list(pd.unique(query_batches))  # the query's batches against each other (the reference's counts are gone)
         codes = pd.Categorical(query_batches, categories=names).codes
@@ -2696,15 +2701,18 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             frame[key] = _per_row(covariates[key], n, f"covariates[{key!r}]")
         return frame
 
-    def _typical_share(self, genes: np.ndarray) -> float | None:
+    def _typical_share(self, genes: np.ndarray, reference_only: bool = True) -> float | None:
         """The share of a typical cell's counts the model gives ``genes`` (a mask of its genes): decoded at the
         latent space's centre, averaged over the batches and over each categorical covariate's categories (taken in
-        turn), continuous covariates at their training mean; None for an untrained model."""
+        turn), continuous covariates at their training mean; None for an untrained model. A query model averages
+        over its reference's categories where ``reference_only``, so its warnings give the share that map_query's
+        gave (map_query, from its reference, over all of that model's)."""
         c = self.config
         if not self.is_trained:
             return None
-        categories = c.categorical_covariate_categories
-        batches = c.batch_categories if c.batch_key else []
+        limit = c.reference_categories if reference_only else {}
+        categories = {key: names[: limit.get(key, len(names))] for key, names in c.categorical_covariate_categories.items()}
+        batches = c.batch_categories[: limit.get(c.batch_key, len(c.batch_categories))] if c.batch_key else []
         # one row per category (and batch) in turn, not every combination: as many rows as the most categories
         rows = max([len(names) for names in [*categories.values(), batches] if len(names)], default=1)
         covariates = {key: [names[i % len(names)] for i in range(rows)] for key, names in categories.items()}

@@ -334,18 +334,28 @@ def test_a_query_in_the_reference_gene_order_is_mapped_without_copying_its_count
 def test_missing_query_genes_warn_or_fail(reference_and_query):
     model, _, query = reference_and_query
     partial = query[:, 30:].copy()
-    with pytest.warns(UserWarning, match="30 of the model's 300 genes are missing from query_adata"):
+    with pytest.warns(UserWarning, match="30 of the model's 300 genes are missing from query_adata") as at_mapping:
         mapped = model.map_query(partial, max_epochs=2, progress=False)
-    with pytest.warns(UserWarning, match="30 of the model's 300 genes are missing from adata"):
+    with pytest.warns(UserWarning, match="30 of the model's 300 genes are missing from adata") as at_embedding:
         embedded = mapped.get_latent(partial)  # the user's query, as in the README: zero-filled the same way
     np.testing.assert_array_equal(embedded, mapped.get_latent())
+    # both give the share of the reference's typical cell (the query model's new batch left out), not two numbers
+    shares = [
+        re.search(r"the model gives them ([\d.]+)% of a typical cell's counts", str(w.message))[1]
+        for told in (at_mapping, at_embedding)
+        for w in told
+        if "are missing" in str(w.message)
+    ]
+    assert len(shares) == 2 and shares[0] == shares[1], shares
     before = query.copy()
     with pytest.raises(ValueError, match=r"only 150 of the model's 300 genes \(50%\).*missing e\.g\. \['gene"):
         model.map_query(query[:, 150:].copy(), progress=False)
     assert query.obs.equals(before.obs) and (query.X != before.X).nnz == 0
     # the warning says how much of a typical cell's counts the missing genes hold, and warns of a shift where it is much
     counts = np.asarray(query.X.sum(0)).ravel()
-    expected = mapped.decode(np.zeros(mapped.config.n_latent, dtype=np.float32), library_size=1.0)[0]
+    reference_batches = model.config.batch_categories  # a typical cell of the reference's batches
+    centre = np.zeros((len(reference_batches), mapped.config.n_latent), dtype=np.float32)
+    expected = mapped.decode(centre, batch=reference_batches, library_size=1.0).mean(0)
     for label, dropped in (("most expressed", np.argsort(-counts)[:30]), ("least expressed", np.argsort(counts)[:30])):
         keep = np.setdiff1d(np.arange(query.n_vars), dropped)
         with pytest.warns(UserWarning, match=r"30 of the model's 300 genes are missing") as caught:
