@@ -14,7 +14,9 @@ import functools
 import inspect
 import os
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -1269,35 +1271,36 @@ def rate_distortion_sweep(
             "raise held_out, or check the column (labels are cell types or clusters that many cells share)",
             UserWarning,
         )
-    rows, elbos, model = [], [], None
+    rows, elbos, model, warned = [], [], None, set()
     for beta in betas:
-        if warm_start and model is not None:
-            warmup = model_kwargs.get("kl_warmup", 0)
-            model.config = replace(model.config, beta=beta, kl_warmup=warmup)
-        else:
-            model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
-        history_before = model.history
-        try:
-            with bars_labelled(f"beta={beta:g}"):  # (each beta's bars say which they are)
-                own_fit_kwargs = _beta_fit_kwargs(fit_kwargs, beta)
-                model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **own_fit_kwargs)
-                if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
-                    raise KeyboardInterrupt
-                if model.history is history_before:  # fit undid training that diverged: the model is as before
-                    warn_user(f"beta={beta:g} left out of the sweep: {_diverged_advice(fit_kwargs)}", RuntimeWarning)
-                    continue
-                row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
-                if labels_key is not None:
-                    row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
-        except KeyboardInterrupt as interrupt:  # the sweep stops (not one Ctrl-C per beta), the betas finished kept
-            if not rows:
-                told = f"Ctrl-C stopped the sweep at beta={beta:g}, before any beta finished: nothing to return"
-                raise KeyboardInterrupt(told) from interrupt
-            finished = ", ".join(f"{row['beta']:g}" for row in rows)
-            warn_user(f"Ctrl-C stopped the sweep at beta={beta:g}: returning the betas finished ({finished})", RuntimeWarning)
-            break
-        rows.append(row)
-        elbos.append(per_cell_elbo)
+        with _each_warning_told_once(warned):  # (every beta's fit of the same cells gives the same data warnings)
+            if warm_start and model is not None:
+                warmup = model_kwargs.get("kl_warmup", 0)
+                model.config = replace(model.config, beta=beta, kl_warmup=warmup)
+            else:
+                model = CellVAE(fit_data, layer=layer, batch_key=batch_key, beta=beta, **model_kwargs)
+            history_before = model.history
+            try:
+                with bars_labelled(f"beta={beta:g}"):  # (each beta's bars say which they are)
+                    own_fit_kwargs = _beta_fit_kwargs(fit_kwargs, beta)
+                    model.fit(max_epochs=max_epochs, random_state=random_state, progress=progress, **own_fit_kwargs)
+                    if model.history.attrs.get("interrupted"):  # (fit took Ctrl-C as its own stop)
+                        raise KeyboardInterrupt
+                    if model.history is history_before:  # fit undid training that diverged: the model is as before
+                        warn_user(f"beta={beta:g} left out of the sweep: {_diverged_advice(fit_kwargs)}", RuntimeWarning)
+                        continue
+                    row, per_cell_elbo = _sweep_row(model, beta, test, adata, trained, genes, n_samples, random_state, progress)
+                    if labels_key is not None:
+                        row |= _label_scores(model.get_latent(test, progress=progress), test.obs[labels_key], random_state)
+            except KeyboardInterrupt as interrupt:  # the sweep stops (not one Ctrl-C per beta), the betas finished kept
+                if not rows:
+                    told = f"Ctrl-C stopped the sweep at beta={beta:g}, before any beta finished: nothing to return"
+                    raise KeyboardInterrupt(told) from interrupt
+                finished = ", ".join(f"{row['beta']:g}" for row in rows)
+                warn_user(f"Ctrl-C stopped the sweep at beta={beta:g}: returning the betas finished ({finished})", RuntimeWarning)
+                break
+            rows.append(row)
+            elbos.append(per_cell_elbo)
     if not rows:
         raise TrainingDivergedError(f"rate_distortion_sweep: no beta trained; {_diverged_advice(fit_kwargs)}")
     frame = pd.DataFrame(rows)
@@ -1311,6 +1314,23 @@ def rate_distortion_sweep(
     frame.insert(position + 1, "elbo_to_best_se", spread / np.sqrt(n_cells))
     frame["random_state"] = random_state  # (which cells were held out: stacked sweeps are told apart by it)
     return frame
+
+
+@contextmanager
+def _each_warning_told_once(told: set[tuple[type[Warning], str]]) -> Iterator[None]:
+    """Inside the block, show a warning only where ``told`` lacks its category and text, then add them there.
+    (Python's record of warnings shown once per line is reset by every ``catch_warnings`` block, cellvae's too.)
+    Filters apply as before: under ``-W error`` a warning still raises where it is given."""
+    with warnings.catch_warnings():  # (gives the caller's showwarning back)
+        show = warnings.showwarning
+
+        def show_once(message, category, filename, lineno, file=None, line=None) -> None:
+            if (category, str(message)) not in told:
+                told.add((category, str(message)))
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_once
+        yield
 
 
 def _beta_fit_kwargs(fit_kwargs: dict | None, beta: float) -> dict:

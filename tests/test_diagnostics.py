@@ -1,6 +1,7 @@
 """Rate and distortion, the beta knob, posterior collapse, log p(x) and the inference gaps, on real PBMC counts."""
 
 import copy
+import functools
 import warnings
 from pathlib import Path
 
@@ -507,6 +508,26 @@ def test_sweep_trains_on_a_rare_batch_and_scores_nan_where_labels_cannot_be_scor
     with pytest.warns(UserWarning, match=r"the \d labelled held-out cells hold [01] labels of obs\['few'\]"):
         frame = cellvae.tl.rate_distortion_sweep(adata, betas=(1.0,), labels_key="few", max_epochs=1, n_hidden=16, n_latent=4)
     assert frame[["label_silhouette", "label_nmi"]].isna().all(axis=None)
+
+
+def test_a_sweep_tells_each_data_warning_once_not_once_per_beta():
+    """Every beta's fit of the same cells warned of the same small batch again (each beta: the same text)."""
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=50, n_batches=2, random_state=0)
+    adata.obs["batch"] = adata.obs["batch"].cat.add_categories(["late"])
+    adata.obs.iloc[:4, adata.obs.columns.get_loc("batch")] = "late"
+    sweep = functools.partial(
+        cellvae.tl.rate_distortion_sweep, adata, betas=(0.5, 2.0), batch_key="batch", max_epochs=1, n_hidden=16, n_latent=4
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shown_by = warnings.showwarning
+        frame = sweep(progress=False)
+        assert warnings.showwarning is shown_by  # the caller's, given back
+    small = [str(w.message) for w in caught if "under 10 cells with counts" in str(w.message)]
+    assert len(small) == 1 and "obs['batch'] 'late'" in small[0] and len(frame) == 2
+    with warnings.catch_warnings(), pytest.raises(UserWarning, match="under 10 cells with counts"):
+        warnings.simplefilter("error")  # -W error: raised where it is given, before training
+        sweep(progress=False)
 
 
 def test_sweep_of_too_few_cells_is_refused_as_such_before_training(monkeypatch):
