@@ -3241,7 +3241,7 @@ def _check_model(model) -> None:
     """Refuse anything but a CellVAE where a tool takes the model (None, or a saved model's path)."""
     if not isinstance(model, CellVAE):
         # (a path is shown, the likely mistake; the repr of a frame or an array would spread over many lines)
-        shown = f" {os.fspath(model)!r:.80}" if isinstance(model, (str, os.PathLike)) else ""
+        shown = f" {os.fspath(model)!r}" if isinstance(model, (str, os.PathLike)) else ""
         raise TypeError(
             f"model must be a CellVAE, got {type(model).__name__}{shown}; train one, or load a saved one "
             "with cellvae.CellVAE.load('my_model/', adata=adata)"

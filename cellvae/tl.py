@@ -1185,7 +1185,8 @@ def rate_distortion_sweep(
     read them only with ``informative_units`` above 0; ``random_state``, the seed that drew the held-out
     cells (with the index, it tells sweeps stacked with ``pd.concat`` apart in :func:`cellvae.pl.rate_distortion`). Ctrl-C stops
     the whole sweep: the betas finished so far are returned, with a warning (where none finished,
-    ``KeyboardInterrupt`` is raised).
+    ``KeyboardInterrupt`` is raised). A warning about the data or the settings, which every beta's fit would give
+    again, is told once per sweep; one about a beta's training (a non-finite loss, collapse) each time.
     """
     check_is_anndata(adata)
     if "beta" in model_kwargs:
@@ -1317,17 +1318,20 @@ def rate_distortion_sweep(
 
 
 @contextmanager
-def _each_warning_told_once(told: set[tuple[type[Warning], str]]) -> Iterator[None]:
-    """Inside the block, show a warning only where ``told`` lacks its category and text, then add them there.
-    (Python's record of warnings shown once per line is reset by every ``catch_warnings`` block, cellvae's too.)
-    Filters apply as before: under ``-W error`` a warning still raises where it is given."""
+def _each_warning_told_once(told: set[str]) -> Iterator[None]:
+    """Inside the block, show a plain ``UserWarning`` (cellvae's checks of the data and settings) only where ``told``
+    lacks its text, then add it there; others (of training going wrong, of collapse) are shown each time. (Python's
+    record of warnings shown once per line is reset by every ``catch_warnings`` block, cellvae's too.) Filters still
+    decide first: under ``-W error`` a warning raises where it is given, and ``-W always`` repeats none of these."""
     with warnings.catch_warnings():  # (gives the caller's showwarning back)
         show = warnings.showwarning
 
         def show_once(message, category, filename, lineno, file=None, line=None) -> None:
-            if (category, str(message)) not in told:
-                told.add((category, str(message)))
-                show(message, category, filename, lineno, file, line)
+            if category is UserWarning:
+                if str(message) in told:
+                    return
+                told.add(str(message))
+            show(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show_once
         yield

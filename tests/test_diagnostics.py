@@ -525,6 +525,11 @@ def test_a_sweep_tells_each_data_warning_once_not_once_per_beta():
         assert warnings.showwarning is shown_by  # the caller's, given back
     small = [str(w.message) for w in caught if "under 10 cells with counts" in str(w.message)]
     assert len(small) == 1 and "obs['batch'] 'late'" in small[0] and len(frame) == 2
+    with warnings.catch_warnings(record=True) as caught:  # a beta's training going wrong is told for each beta,
+        warnings.simplefilter("always")  # though its text is the same for both
+        sweep(progress=False, max_epochs=2, fit_kwargs={"lr": 1e30})
+    non_finite = [str(w.message) for w in caught if "non-finite loss" in str(w.message)]
+    assert len(non_finite) == 4 and len(set(non_finite)) == 2, non_finite
     with warnings.catch_warnings(), pytest.raises(UserWarning, match="under 10 cells with counts"):
         warnings.simplefilter("error")  # -W error: raised where it is given, before training
         sweep(progress=False)

@@ -2085,6 +2085,7 @@ def _in_new_batches(adata: ad.AnnData) -> ad.AnnData:
         # a saved model's path or None where a tool takes the model
         (lambda m, a: cellvae.tl.rank_genes_groups(a.copy(), "batch", model=None), "model must be a CellVAE, got NoneType"),
         (lambda m, a: cellvae.tl.interpolate("my_model/", [0], [1]), "model must be a CellVAE, got str"),
+        (lambda m, a: cellvae.tl.interpolate(Path("my_model"), [0], [1]), r"got \w+Path 'my_model'; train one"),
         (lambda m, a: cellvae.pl.history("my_model/", show=False), "CellVAE.load"),
         (lambda m, a: cellvae.pl.kl_per_dimension(None, show=False), "model must be a CellVAE"),
         (  # a sweep's frame where the model goes: told in one line, not with the frame's repr
