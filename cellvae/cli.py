@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         # bad input found by cellvae, anndata, h5py or the file system, training that failed (non-finite
         # losses, out of memory): its message, not a traceback
         if isinstance(error, RuntimeError) and type(error).__name__ != "TrainingDivergedError":
-            from cellvae.model import _is_out_of_memory  # (an Apple GPU's is a plain RuntimeError)
+            from cellvae.model import is_out_of_memory  # (an Apple GPU's is a plain RuntimeError)
 
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
         raise SystemExit(f"error: {in_command_line_terms(_message_of(error), args)}") from error
     finally:
@@ -688,9 +688,9 @@ def run_fit(args: argparse.Namespace) -> int:
     inputs = {"the input": args.input}
     _check_model_dir(args.model_dir, "--model-dir", overwrite=args.overwrite, out=args.out, separate=separate, inputs=inputs)
     if args.checkpoint_dir is not None:  # (fit checks the rest, creating it, once the input is read)
-        from cellvae.model import _refuse_a_model_folder_for_checkpoints
+        from cellvae.model import refuse_a_model_folder_for_checkpoints
 
-        _refuse_a_model_folder_for_checkpoints(args.checkpoint_dir)
+        refuse_a_model_folder_for_checkpoints(args.checkpoint_dir)
     layer = None if args.layer == "X" else args.layer
     adata = _read(args.input, backed=args.backed, layer=layer)
     _check_fit_obs_columns(adata, args)
@@ -831,7 +831,7 @@ def run_map(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from cellvae import CellVAE, tl
-    from cellvae.model import _missing_genes_told
+    from cellvae.model import missing_genes_told
 
     _check_input_and_output(args)
     _check_labels_options(args)
@@ -892,7 +892,7 @@ def run_map(args: argparse.Namespace) -> int:
     if args.query_model_dir is not None:  # first, so that a failure (or Ctrl-C) below loses no training
         query_model.save(args.query_model_dir, overwrite=args.overwrite)
         print(f"mapped in {_epochs(len(query_model.history))}; saved the query model in {args.query_model_dir}")
-    with _missing_genes_told():  # map_query told them once; the query's aligned counts lack them again
+    with missing_genes_told():  # map_query told them once; the query's aligned counts lack them again
         query.obsm[args.key_added] = query_model.get_latent(progress=not args.quiet)
     stale = tl._stale_unless_same(stale, replaced, query.obsm[args.key_added])
     written = [f"obsm[{args.key_added!r}]"]

@@ -232,7 +232,7 @@ Parameters = ParamSpec("Parameters")
 Returned = TypeVar("Returned")
 
 
-def _advise_on_foreign_arguments(
+def advise_on_foreign_arguments(
     method: Callable[Parameters, Returned], arguments: dict = SCVI_TOOLS_ARGUMENTS, whose: str = "scvi-tools'"
 ) -> Callable[Parameters, Returned]:
     """Refuse an argument named as in scvi-tools that ``method`` spells otherwise, saying the cellvae name
@@ -376,7 +376,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
     The AnnData is only read, never modified.
     """
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def __init__(
         self,
         adata: ad.AnnData,
@@ -406,9 +406,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ):
             if isinstance(keys, str):
                 raise TypeError(f"{name} takes a list of obs columns, e.g. {name}=[{keys!r}], got the string {keys!r}")
-            for key in _key_list(keys):
+            for key in key_list(keys):
                 data.check_one_name(key, f"each entry of {name}")
-        categorical, continuous = _key_list(categorical_covariate_keys), _key_list(continuous_covariate_keys)
+        categorical, continuous = key_list(categorical_covariate_keys), key_list(continuous_covariate_keys)
         data.check_one_name(batch_key, "batch_key")
         # before the columns are read (one of them may warn about its values); Config checks it again
         check_unique(([batch_key] if batch_key is not None else []) + categorical + continuous, ROLES)
@@ -533,7 +533,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ training
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def fit(
         self,
         *,
@@ -785,7 +785,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         "keep it open until fit returns"
                     ) from error
                 loader.release_device()  # (the error keeps fit's frame, and so the loader, while it is held)
-                if _is_out_of_memory(error):
+                if is_out_of_memory(error):
                     _raise_out_of_memory(error, loader, batch_size, "fit(", also=", a smaller n_hidden")
                 raise
         self.history, self.train_settings, self.is_trained = history, settings, True
@@ -924,7 +924,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         progress: bool = True,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def get_latent(
         self,
         adata: ad.AnnData | None = None,
@@ -1012,7 +1012,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     variances[rows] = self.module.posterior_variances(q["scale"]).float().cpu().numpy()
         return (latent, variances) if return_dist else latent
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def get_normalized_expression(
         self,
         adata: ad.AnnData | None = None,
@@ -1134,7 +1134,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError(f"gene_list names genes the model does not have: {unknown[:5]}" if unknown else "gene_list is empty")
         return torch.from_numpy(positions).to(self.device)
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def get_likelihood_parameters(
         self, adata: ad.AnnData | None = None, *, batch_size: int = 1024, progress: bool = True
     ) -> dict[str, np.ndarray]:
@@ -1190,7 +1190,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             parameters["theta"] = np.broadcast_to(theta_row, (len(cells), self.config.n_genes))
         return {name: parameters[name] for name in names}
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def sample_counts(
         self,
         adata: ad.AnnData | None = None,
@@ -1258,7 +1258,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     draws[s, rows] = drawn.cpu().numpy()
         return draws[0] if n_samples == 1 else draws
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def differential_expression(
         self,
         adata: ad.AnnData | None = None,
@@ -1563,7 +1563,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ persistence
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` (with :attr:`train_settings` in its metadata) and
         ``history.json`` into directory ``path``.
@@ -1718,7 +1718,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
 
     @classmethod
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def load(cls, path: str | os.PathLike, adata: ad.AnnData | None = None, *, load_anndata: bool = True) -> CellVAE:
         """Load a model saved by :meth:`save`; reads only JSON and safetensors, never unpickles.
 
@@ -1953,7 +1953,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ reference mapping
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def map_query(
         self,
         query_adata: ad.AnnData,
@@ -2143,7 +2143,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         query_model._query_copied = aligned is not query_adata  # (a view of counts on disk: the user's own)
         query_model.device = self.device  # its outputs run where the reference's do (to_device)
         _move(query_model.module, self.device)  # (grafted on one device)
-        with _missing_genes_told():  # validates the covariates before any work; trains the mapping below
+        with missing_genes_told():  # validates the covariates before any work; trains the mapping below
             loader, cells = query_model._loader(aligned, training_device)
         _graft_reference(self.module, query_model.module)
         query_model.is_trained = True
@@ -2217,7 +2217,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             elif lr > DEFAULT_LR:  # (a reference collapsed already was told so by its own fit)
                 query_model._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
         except RuntimeError as error:
-            if not _is_out_of_memory(error):
+            if not is_out_of_memory(error):
                 raise
             _raise_out_of_memory(error, loader, batch_size, "map_query(query_adata, ")
         except KeyboardInterrupt:
@@ -2231,7 +2231,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     # ------------------------------------------------------------------ diagnostics and generation
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def rate_distortion(
         self,
         adata: ad.AnnData | None = None,
@@ -2350,7 +2350,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 self.module, loader, cells, batch_size=batch_size, progress=progress, desc=desc
             )
 
-    @_advise_on_foreign_arguments
+    @advise_on_foreign_arguments
     def marginal_log_likelihood(
         self,
         adata: ad.AnnData | None = None,
@@ -2508,7 +2508,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         genes = self._gene_indices(gene_list) if gene_list is not None else slice(None)
         self._warn_if_untrained()
         z = self._check_latent(z)
-        library = _checked_library_sizes(library_size, len(z))
+        library = checked_library_sizes(library_size, len(z))
         targets = [batch] if batch is not None or not self.config.batch_key else list(self.config.batch_categories)
         n_out = self.config.n_genes if gene_list is None else len(genes)
         expression = np.zeros((len(z), n_out), dtype=np.float32)  # the output, and no other copy
@@ -2574,7 +2574,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         random_state = data.check_seed(random_state)
         progress = data.check_flag(progress, "progress")
         self._warn_if_untrained()
-        library = None if library_size is None else _checked_library_sizes(library_size, n_cells)  # checked before any work
+        library = None if library_size is None else checked_library_sizes(library_size, n_cells)  # checked before any work
         c = self.config
         given = _covariate_values(covariates, c)
         needs_template = (
@@ -2631,7 +2631,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                         UserWarning,
                     )
             if library is None:  # (a cell's total may exceed the largest single count accepted)
-                library = _checked_library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
+                library = checked_library_sizes(np.minimum(loader.library[template], data.MAX_COUNT), n_cells)
             template = own.obs.iloc[template]
             if batch is None and c.batch_key:
                 batch = data.cell_texts(template[c.batch_key])
@@ -2739,7 +2739,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     def _check_decoding(self, n: int, batch, covariates: dict | None, library_size) -> None:
         """Refuse, before any work, decoding arguments for ``n`` codes that :meth:`decode` would refuse."""
-        _checked_library_sizes(library_size, n)
+        checked_library_sizes(library_size, n)
         if batch is None and self.config.batch_key:  # decoded as each batch of the model
             batch = self.config.batch_categories[0]
         data.covariate_matrix(self._covariate_frame(n, batch, covariates), self.layout, "covariates")
@@ -2842,7 +2842,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             # (map_query told of the genes its query lacks: not again for each use of its copy of the query, except
             # for what they do to likelihood scores, which it did not tell)
             told = self._is_mapped_query(adata) and not _SCORING_LIKELIHOODS.get()
-            with _missing_genes_told() if told else nullcontext():
+            with missing_genes_told() if told else nullcontext():
                 columns = _gene_positions(names, genes, "adata", adata.var, self._typical_share, _raw_gene_names(adata))
         covariates = data.covariate_matrix(adata.obs, self.layout, trained=self.is_trained)
         location = data.counts_location(self.config.layer)
@@ -3196,7 +3196,7 @@ def _covariate_values(covariates, config: Config) -> dict:
     return given
 
 
-def _checked_library_sizes(value, n: int) -> np.ndarray:
+def checked_library_sizes(value, n: int) -> np.ndarray:
     """``library_size`` (one number, or one per row) as float32, each a positive, finite number of counts."""
     sizes = _per_row(value, n, "library_size")
     if not np.issubdtype(sizes.dtype, np.number) or not (np.isfinite(sizes) & (sizes > 0)).all():
@@ -3237,7 +3237,7 @@ def _check_weight_decay(weight_decay) -> None:
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
 
 
-def _check_model(model) -> None:
+def check_model(model) -> None:
     """Refuse anything but a CellVAE where a tool takes the model (None, or a saved model's path)."""
     if not isinstance(model, CellVAE):
         # (a path is shown, the likely mistake; the repr of a frame or an array would spread over many lines)
@@ -3256,7 +3256,7 @@ def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a folder; name a folder for the checkpoints")
-    _refuse_a_model_folder_for_checkpoints(folder)
+    refuse_a_model_folder_for_checkpoints(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -3267,7 +3267,7 @@ def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
         ) from None
 
 
-def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
+def refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
     """Refuse a saved model's folder for checkpoints: their files would keep a later save with overwrite from replacing
     that model (also checked by ``cellvae fit`` before it reads its input)."""
     path = Path(folder).expanduser()
@@ -3284,7 +3284,7 @@ def _refuse_a_model_folder_for_checkpoints(folder: str | os.PathLike) -> None:
             )
 
 
-def _key_list(keys) -> list:
+def key_list(keys) -> list:
     """obs column names given as any collection (a list, a pandas Index, a NumPy array); None is none."""
     return [] if keys is None else [str(key) if isinstance(key, str) else key for key in keys]
 
@@ -3712,7 +3712,7 @@ _SCORING_LIKELIHOODS: contextvars.ContextVar[bool] = contextvars.ContextVar("cel
 
 
 @contextmanager
-def _missing_genes_told() -> Iterator[None]:
+def missing_genes_told() -> Iterator[None]:
     """Silence the warning about model genes missing from the data, which map_query gave once already (a
     query on disk keeps its own genes, so each loader over it finds them missing again)."""
     with warnings.catch_warnings():
@@ -3923,7 +3923,7 @@ def _query_parameters(query: VAE) -> list[tuple[torch.nn.Parameter, torch.Tensor
     return trainable
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
+def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a device running out of memory (on an Apple GPU a plain RuntimeError)."""
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "MPS backend out of memory" in str(error)

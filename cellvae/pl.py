@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cellvae import diagnostics
 from cellvae.data import check_threshold, warn_user
-from cellvae.model import CellVAE, _check_model
+from cellvae.model import CellVAE, check_model
 
 MAX_LABELLED_DIMENSIONS = 40  # kl_per_dimension names each bar's dimension up to this many
 
@@ -71,7 +71,7 @@ def history(
     A list of the two Axes (distortion, rate), where the figure is not shown (``show=False``, or scanpy's
     ``autoshow`` off); else None, as scanpy's plots.
     """
-    _check_model(model)
+    check_model(model)
     target = _save_target(save, "history")
     frame = model.history
     if frame.empty:
@@ -293,7 +293,7 @@ def kl_per_dimension(
     -------
     The Axes, where the figure is not shown (``show=False``, or scanpy's ``autoshow`` off); else None.
     """
-    _check_model(model)
+    check_model(model)
     target = _save_target(save, "kl_per_dimension")
     check_threshold(threshold)
     if ax is not None:

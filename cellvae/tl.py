@@ -53,10 +53,10 @@ from cellvae.differential import group_name, shrunk_fold_changes_told_as
 from cellvae.model import (
     SCVI_TOOLS_ARGUMENTS,
     CellVAE,
-    _advise_on_foreign_arguments,
-    _check_model,
-    _checked_library_sizes,
-    _key_list,
+    advise_on_foreign_arguments,
+    check_model,
+    checked_library_sizes,
+    key_list,
 )
 from cellvae.train import DEFAULT_LR, bars_labelled, pick_device, refuse_earlier_checkpoints, setup_distributed
 
@@ -870,7 +870,7 @@ SCANPY_ARGUMENTS = {
 }
 
 
-@functools.partial(_advise_on_foreign_arguments, arguments=SCANPY_ARGUMENTS, whose="scanpy's")
+@functools.partial(advise_on_foreign_arguments, arguments=SCANPY_ARGUMENTS, whose="scanpy's")
 def rank_genes_groups(
     adata: ad.AnnData,
     groupby: str,
@@ -959,7 +959,7 @@ def rank_genes_groups(
         )
     copy = check_flag(copy, "copy")
     _writable(adata, "adata", copy)
-    _check_model(model)
+    check_model(model)
     check_one_name(groupby, "groupby")
     pts = check_flag(pts, "pts")
     progress = check_flag(progress, "progress")
@@ -1236,7 +1236,7 @@ def rate_distortion_sweep(
         raise KeyError(f"labels_key {labels_key!r} not found in adata.obs; available: {list(adata.obs.columns)}")
     gene_mask = _gene_mask(adata, mask_var)
     genes = slice(None) if gene_mask is None else np.flatnonzero(gene_mask)
-    for key in _key_list(model_kwargs.get("continuous_covariate_keys")):  # the held-out cells' too, before training
+    for key in key_list(model_kwargs.get("continuous_covariate_keys")):  # the held-out cells' too, before training
         if key in adata.obs.columns:
             continuous_values(adata.obs, key)
     order = np.random.default_rng(random_state).permutation(adata.n_obs)
@@ -1244,7 +1244,7 @@ def rate_distortion_sweep(
     held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
     # A held-out cell whose batch (or covariate category) no training cell shares is trained on instead:
     # the models could not embed it.
-    for key in [batch_key, *_key_list(model_kwargs.get("categorical_covariate_keys"))]:
+    for key in [batch_key, *key_list(model_kwargs.get("categorical_covariate_keys"))]:
         if key is not None and key in adata.obs.columns:
             codes = as_text(adata.obs[key]).codes  # (the model's categories: -0.0 is 0.0)
             held &= np.isin(codes, np.unique(codes[~held]))
@@ -1454,7 +1454,7 @@ def interpolate(
     if not is_whole(n_steps) or n_steps < 2:
         raise ValueError(f"n_steps must be an integer of at least 2, got {n_steps!r}")
     n_steps = int(n_steps)
-    _check_model(model)
+    check_model(model)
     if adata is None and model.adata is None:
         raise ValueError("the model was loaded without an AnnData; pass adata=... holding cells_a and cells_b")
     adata = model._own_adata() if adata is None else adata
@@ -1593,7 +1593,7 @@ def latent_shift(
     ``decoded_covariates`` (those the cells were decoded with in place of their own; None: their own) and
     ``library_size`` (``"one per cell"`` where an array was given).
     """
-    _check_model(model)
+    check_model(model)
     check_is_anndata(adata)
     progress = check_flag(progress, "progress")
     check_one_name(groupby, "groupby")
@@ -1629,7 +1629,7 @@ def latent_shift(
         in_reference = np.zeros(adata.n_obs, dtype=bool)
         in_reference[cell_positions(adata, reference, "reference")] = True
     c = model.config
-    _checked_library_sizes(library_size, len(shifted))
+    checked_library_sizes(library_size, len(shifted))
     if batch is not None:
         model._batch_names(batch, len(shifted))
     strata = cell_texts(adata.obs[stratify]) if stratify else np.zeros(adata.n_obs, dtype=str)
