@@ -103,6 +103,30 @@ def test_the_prior_learnt_from_all_genes_shrinks_poorly_measured_ones_towards_no
     np.testing.assert_array_equal(differential.shrink(few, fitted[: few.shape[1]], np.random.default_rng(1)), few)
 
 
+def test_comparing_groups_with_a_model_stopped_far_too_early_is_warned_about(tmp_path):
+    """A model trained a few epochs, still improving, muted every difference (pbmc3k, B vs NK after 3 epochs: no gene
+    called) and said nothing; one trained to the end, and a query model (its reference's decoder), are not told."""
+    adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=2, n_cell_types=3, random_state=0)
+    brief = CellVAE(adata, batch_key="batch").fit(max_epochs=2, progress=False)
+    assert brief.history.attrs["still_improving"]
+    told = r"this model trained for 2 epochs, against the 400 that fit gives its 300 cells by default, .* train it longer"
+    compare = {"groupby": "cell_type", "group1": "type0", "n_draws": 100, "progress": False}
+    with pytest.warns(UserWarning, match=told):
+        brief.differential_expression(**compare)
+    brief.save(tmp_path / "brief")
+    with pytest.warns(UserWarning, match=told):  # loaded with its AnnData, which stands for the cells it trained on
+        cellvae.tl.rank_genes_groups(adata.copy(), "cell_type", model=CellVAE.load(tmp_path / "brief", adata=adata))
+    query = adata[adata.obs["batch"] == "batch1"].copy()
+    query.obs["batch"] = "new"
+    query_model = brief.map_query(query, max_epochs=2, progress=False)
+    brief.history.attrs["still_improving"] = False  # as where training ended by early stopping
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        brief.differential_expression(**compare)
+        query_model.differential_expression(**compare)
+    assert not [w for w in caught if "epochs, against the" in str(w.message)]
+
+
 def test_random_halves_of_one_type_differ_in_no_gene(simulated, model):
     halves = simulated.copy()
     rng = np.random.default_rng(0)
