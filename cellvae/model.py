@@ -795,6 +795,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._data_parallel_rank = rank if world > 1 else None
         if world > 1:  # each step's global minibatch was world × batch_size cells
             self.history.attrs["processes"] = world
+        brief = None if previous[2] or query else _brief_training(history, len(nonempty))  # (a further fit: not judged)
+        if brief:  # told by differential_expression, and saved with the model
+            self.history.attrs["brief_training"] = brief
         try:  # checks that only warn: the model is trained whether or not they finish
             end_loss = self._mean_loss(loader, probe, batch_size, random_state)
             # A further fit of the same objective, judged on cells its earlier fit held out too, competes with the model
@@ -1430,7 +1433,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             raise ValueError("pass groupby=... (an obs column of groups), or idx1=... (and idx2=...) to compare sets of cells")
         own_copy = adata is None and self._is_mapped_query(self.adata) and self._query_copied  # map_query's copy
         adata = self._resolve(adata)
-        _warn_if_trained_briefly(self)
         if idx1 is None:
             try:
                 labels, names = differential.group_labels(adata, groupby)
@@ -1448,6 +1450,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             labels, names = differential.cell_set_labels(adata, idx1, idx2)
             group1, group2, source = "idx1", None if idx2 is None else "idx2", "idx1/idx2"
         comparisons = differential.comparisons(labels, names, source, group1, group2)
+        _warn_if_trained_briefly(self)  # (once the groups are known to be right)
         loader, _ = self._loader(adata, self.device)
         counted = loader.library > 0
         labelled = labels.notna().to_numpy()
@@ -1658,6 +1661,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 # and this: weights copied into another model's folder (the same shapes, other genes) are refused
                 "layout_sha256": _layout_digest(self.config),
             }
+            if self.history.attrs.get("brief_training"):  # a first fit stopped far short of its default epochs
+                metadata["brief_training"] = self.history.attrs["brief_training"]  # (differential_expression tells it)
             if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train); progress
                 # always True, whether or not a bar showed, so that the same weights save to the same bytes (older
                 # cellvae needs the entry)
@@ -1856,6 +1861,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             model.history.attrs["processes"] = int(processes)
         if "still_improving" in metadata:  # (older cellvae did not record it)
             model.history.attrs["still_improving"] = metadata["still_improving"] == "true"
+        brief = metadata.get("brief_training")
+        if isinstance(brief, dict) and brief.keys() == {"epochs", "default_epochs", "cells", "interrupted"}:
+            model.history.attrs["brief_training"] = brief
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True
             data.warn_user(
@@ -3226,28 +3234,35 @@ def _check_training(max_epochs, batch_size, lr, validation_size, patience, rando
     data.check_seed(random_state)
 
 
+def _brief_training(history: pd.DataFrame, n_cells: int) -> dict | None:
+    """Where a first fit stopped (its epochs ran out, or Ctrl-C) with its loss still falling, under a quarter of the
+    epochs fit gives ``n_cells`` by default: its epochs, that default and the cells; else None."""
+    epochs, default = len(history), default_max_epochs(n_cells)
+    if not epochs or 4 * epochs >= default:
+        return None
+    interrupted = bool(history.attrs.get("interrupted"))
+    last_was_best = "epoch" in history and history.attrs.get("best_epoch") == history["epoch"].iloc[-1]
+    if not (history.attrs.get("still_improving") or (interrupted and last_was_best)):
+        return None
+    return {"epochs": epochs, "default_epochs": default, "cells": n_cells, "interrupted": interrupted}
+
+
 def _warn_if_trained_briefly(model: CellVAE) -> None:
-    """Warn where training ran out of epochs, with its loss still falling, under a quarter of the epochs fit gives
-    its cells by default: such a decoder spreads each gene over every group, so differential expression finds
-    differences small and calls few (pbmc3k, B vs NK: none after 3 epochs, 1,108 genes after 20)."""
-    history = model.history
-    if not model.is_trained or model.config.reference_categories or not history.attrs.get("still_improving"):
-        return  # (a query model decodes with its reference's decoder, trained in the reference's own fit)
-    if model.train_indices is not None:
-        n_cells = len(model.train_indices) + len(model.validation_indices)
-    elif model.adata is not None:  # loaded: its AnnData stands for the cells it trained on
-        n_cells = model.adata.n_obs
-    else:
+    """Warn where the model's first fit stopped far short of its default epochs, its loss still falling
+    (:func:`_brief_training`): such a decoder spreads each gene over every group, so differential expression finds
+    differences small and calls few (pbmc3k, B vs NK: none after 3 epochs, 1,108 genes after 20). A query model
+    decodes with its reference's decoder, trained in the reference's own fit."""
+    brief = model.history.attrs.get("brief_training")
+    if not brief or model.config.reference_categories:
         return
-    default = default_max_epochs(n_cells)
-    if 4 * len(history) < default:
-        data.warn_user(
-            f"this model trained for {len(history)} epoch{'s' * (len(history) > 1)}, against the {default} that fit "
-            f"gives its {n_cells:,} cells by default, and its loss was still falling when they ran out: an undertrained "
-            "decoder spreads each gene's expression over every group, so differences come out small and few genes are "
-            "called; train it longer (model.fit() with the default max_epochs) before comparing groups",
-            UserWarning,
-        )
+    epochs, default = brief["epochs"], brief["default_epochs"]
+    data.warn_user(
+        f"this model's training stopped{' by Ctrl-C' if brief['interrupted'] else ''} after {epochs} "
+        f"epoch{'s' * (epochs != 1)}, under a quarter of the {default} that fit gives its {brief['cells']:,} cells by "
+        "default, with its loss still falling: an undertrained decoder spreads each gene's expression over every group, "
+        "so differences come out small and few genes are called; train it further (model.fit()) before comparing groups",
+        UserWarning,
+    )
 
 
 def _warn_if_mmd_sees_one_cell(config: Config, batch_size: int) -> None:

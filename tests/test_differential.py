@@ -12,7 +12,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from conftest import no_warnings, shared_dataset
+from conftest import ctrl_c_at_call, no_warnings, shared_dataset
 
 import cellvae
 from cellvae import CellVAE, differential
@@ -103,28 +103,44 @@ def test_the_prior_learnt_from_all_genes_shrinks_poorly_measured_ones_towards_no
     np.testing.assert_array_equal(differential.shrink(few, fitted[: few.shape[1]], np.random.default_rng(1)), few)
 
 
-def test_comparing_groups_with_a_model_stopped_far_too_early_is_warned_about(tmp_path):
+def test_comparing_groups_with_a_model_stopped_far_too_early_is_warned_about(tmp_path, monkeypatch):
     """A model trained a few epochs, still improving, muted every difference (pbmc3k, B vs NK after 3 epochs: no gene
-    called) and said nothing; one trained to the end, and a query model (its reference's decoder), are not told."""
+    called) and said nothing. Told after fit and after save/load (whatever AnnData it is loaded with); not for a model
+    trained further, to its end, or mapped (a query model decodes with its reference's decoder)."""
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=2, n_cell_types=3, random_state=0)
     brief = CellVAE(adata, batch_key="batch").fit(max_epochs=2, progress=False)
     assert brief.history.attrs["still_improving"]
-    told = r"this model trained for 2 epochs, against the 400 that fit gives its 300 cells by default, .* train it longer"
+    told = r"this model's training stopped after 2 epochs, under a quarter of the 400 that fit gives its 300 cells by"
     compare = {"groupby": "cell_type", "group1": "type0", "n_draws": 100, "progress": False}
-    with pytest.warns(UserWarning, match=told):
+    with pytest.warns(UserWarning, match=told + r" default, with its loss still falling: .* train it further"):
         brief.differential_expression(**compare)
     brief.save(tmp_path / "brief")
-    with pytest.warns(UserWarning, match=told):  # loaded with its AnnData, which stands for the cells it trained on
-        cellvae.tl.rank_genes_groups(adata.copy(), "cell_type", model=CellVAE.load(tmp_path / "brief", adata=adata))
+    (tmp_path / "brief" / "history.json").unlink()  # (the numbers come with the weights)
+    for loaded_with in (adata, adata[:50].copy()):  # its own AnnData, or a few of its cells
+        with pytest.warns(UserWarning, match=told):
+            loaded = CellVAE.load(tmp_path / "brief", adata=loaded_with)
+            cellvae.tl.rank_genes_groups(loaded_with.copy(), "cell_type", model=loaded)
+
+    def quiet(*models: CellVAE) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for model in models:
+                model.differential_expression(**compare)
+        return not [w for w in caught if "training stopped" in str(w.message)]
+
     query = adata[adata.obs["batch"] == "batch1"].copy()
     query.obs["batch"] = "new"
     query_model = brief.map_query(query, max_epochs=2, progress=False)
-    brief.history.attrs["still_improving"] = False  # as where training ended by early stopping
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        brief.differential_expression(**compare)
-        query_model.differential_expression(**compare)
-    assert not [w for w in caught if "epochs, against the" in str(w.message)]
+    assert quiet(query_model)
+    brief.fit(max_epochs=2, progress=False)  # trained further: 4 epochs in all, not judged as a first fit
+    assert quiet(brief, CellVAE(adata, batch_key="batch").fit(max_epochs=100, patience=2, progress=False))
+    # stopped by Ctrl-C at its best epoch so far: told as such
+    with monkeypatch.context() as patched, pytest.warns(RuntimeWarning, match="training interrupted"):
+        ctrl_c_at_call(cellvae.train.AgreedInterrupt, "check", 4, patched)
+        interrupted = CellVAE(adata, batch_key="batch").fit(max_epochs=50, progress=False)
+    assert interrupted.history.attrs["interrupted"] and len(interrupted.history) >= 1
+    with pytest.warns(UserWarning, match=r"this model's training stopped by Ctrl-C after \d+ epochs?, under a quarter"):
+        interrupted.differential_expression(**compare)
 
 
 def test_random_halves_of_one_type_differ_in_no_gene(simulated, model):
