@@ -1861,8 +1861,14 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             model.history.attrs["processes"] = int(processes)
         if "still_improving" in metadata:  # (older cellvae did not record it)
             model.history.attrs["still_improving"] = metadata["still_improving"] == "true"
-        brief = metadata.get("brief_training")
-        if isinstance(brief, dict) and brief.keys() == {"epochs", "default_epochs", "cells", "interrupted"}:
+        brief = metadata.get("brief_training")  # (an entry edited by hand into other values is left out)
+        counts = ("epochs", "default_epochs", "cells")
+        if (
+            isinstance(brief, dict)
+            and brief.keys() == {*counts, "interrupted"}
+            and all(type(brief[key]) is int and brief[key] > 0 for key in counts)
+            and isinstance(brief["interrupted"], bool)
+        ):
             model.history.attrs["brief_training"] = brief
         if metadata.get("interrupted") == "true":
             model.history.attrs["interrupted"] = True

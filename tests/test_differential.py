@@ -2,6 +2,7 @@
 effects removed, scanpy's rank_genes_groups format, and interferon genes on real stimulated cells."""
 
 import copy
+import json
 import warnings
 
 import anndata as ad
@@ -13,6 +14,8 @@ import scanpy as sc
 import scipy.sparse as sp
 import torch
 from conftest import ctrl_c_at_call, no_warnings, shared_dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import cellvae
 from cellvae import CellVAE, differential
@@ -132,6 +135,13 @@ def test_comparing_groups_with_a_model_stopped_far_too_early_is_warned_about(tmp
     query.obs["batch"] = "new"
     query_model = brief.map_query(query, max_epochs=2, progress=False)
     assert quiet(query_model)
+    weights = tmp_path / "brief" / "model.safetensors"  # an entry edited by hand into other values: left out
+    with safe_open(str(weights), framework="pt") as handle:
+        entries = json.loads(handle.metadata()["cellvae"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    entries["brief_training"]["cells"] = "300"
+    save_file(tensors, weights, metadata={"cellvae": json.dumps(entries, sort_keys=True)})
+    assert quiet(CellVAE.load(tmp_path / "brief", adata=adata))
     brief.fit(max_epochs=2, progress=False)  # trained further: 4 epochs in all, not judged as a first fit
     assert quiet(brief, CellVAE(adata, batch_key="batch").fit(max_epochs=100, patience=2, progress=False))
     # stopped by Ctrl-C at its best epoch so far: told as such
