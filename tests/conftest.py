@@ -16,6 +16,20 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 torch.set_num_threads(2)
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run the long evaluations on real data (marked slow)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip the tests marked slow unless ``--run-slow`` is given: they keep CI's run within its time."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: a long evaluation on real data; run it with python -m pytest --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_dataset(name: str):
     """Read ``../shared/data/<name>`` or skip the test with the reason."""
     import anndata as ad

@@ -1026,6 +1026,7 @@ def test_a_query_cell_placed_exactly_as_the_reference_cells_is_not_novel():
 # ----------------------------------------------------------------------------- real data: CellBench
 
 
+@pytest.mark.slow
 def test_cellbench_platforms_integrate_and_transfer_labels():
     """Two platforms (CEL-seq2, Drop-seq), three cell lines with demuxlet ground truth."""
     adata = shared_dataset("cellbench_3cl.h5ad")

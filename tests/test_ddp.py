@@ -276,7 +276,8 @@ def test_two_process_gloo_training_gives_a_valid_model_as_good_as_one_process(tm
     adata.write_h5ad(path)
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
     # 2 ranks x 64 cells per step: the same global batch and number of steps as one process with 128.
-    options = f"--batch-key batch --epochs {EPOCHS} --batch-size 64 --device cpu --quiet --backed".split()
+    # (--embedding-only: the graph and UMAP would add half a minute of numba compilation, not data-parallel training)
+    options = f"--batch-key batch --epochs {EPOCHS} --batch-size 64 --device cpu --quiet --backed --embedding-only".split()
     outputs = ["--out", str(tmp_path / "out.h5ad"), "--model-dir", str(tmp_path / "model")]
     command = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "cellvae.cli", "fit", str(path), *outputs, *options]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150, check=False)

@@ -325,6 +325,7 @@ def test_the_sweeps_training_columns_come_from_the_cells_each_fit_trained_on(mon
     assert not set(scored) & set(model.adata.obs_names[model.validation_indices])
 
 
+@pytest.mark.slow
 def test_rate_falls_and_distortion_rises_with_beta(kang):
     betas = (0.25, 0.5, 1.0, 2.0, 4.0)
     # 30 epochs (tutorial 03 runs this sweep with 60); seeds 0-2 give rate drops of 13.9-14.5 nats, distortion

@@ -715,6 +715,7 @@ def test_rank_genes_groups_refuses_columns_scanpys_plots_cannot_show(simulated, 
     assert adata.uns["neighbors"]["connectivities_key"] == "connectivities" and len(adata.uns["cell_type_colors"]) == 2
 
 
+@pytest.mark.slow
 def test_interferon_genes_lead_in_stimulated_monocytes():
     kang = shared_dataset("kang_ifnb_muscat_example.h5ad")
     model = CellVAE(kang, batch_key="donor").fit(max_epochs=100, progress=False)

@@ -224,6 +224,7 @@ def _mean_log_expression(matrix) -> np.ndarray:
     return np.log1p((counts / counts.sum(1, keepdims=True) * 1e4).mean(0))
 
 
+@pytest.mark.slow
 def test_latent_shift_predicts_a_held_out_stimulation_response(kang):
     """Hold out the stimulated CD4 T cells, predict them from control CD4 T cells plus the stim − ctrl latent vector."""
     held_out = "CD4 T cells"

@@ -153,6 +153,7 @@ def test_pbmc_embedding_is_as_good_as_pca(pbmc):
     assert adata.obs["leiden"].nunique() > 3
 
 
+@pytest.mark.slow
 def test_fine_mouse_cell_types_separate_as_well_as_with_pca():
     """Haber et al.'s 15 intestinal epithelial types (real counts, 2,160 cells): 15-NN accuracy on the default
     embedding ≥ 0.95 × that on 10 PCs of log-normalised counts (both about 0.54 here: the types form a continuum)."""

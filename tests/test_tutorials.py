@@ -10,12 +10,23 @@ from nbclient.util import run_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
-EPOCH_DIVISOR = 4  # the test checks that every cell runs; the numbers shown come from the stored full run
+# The test checks that every cell runs; the numbers shown come from the stored full run.
+EPOCH_DIVISOR, MIN_EPOCHS = 10, 5
+DEFAULT_EPOCHS_TESTED = 20  # for a training call that leaves max_epochs at its default (hundreds for a small dataset)
 
 
 def with_fewer_epochs(source: str) -> str:
-    """A cell's ``max_epochs=N`` as N / EPOCH_DIVISOR (at least 10): the same calls, a quarter of the training."""
-    return re.sub(r"max_epochs=(\d+)", lambda m: f"max_epochs={max(10, int(m.group(1)) // EPOCH_DIVISOR)}", source)
+    """A cell's ``max_epochs=N`` as N / EPOCH_DIVISOR (at least MIN_EPOCHS), and ``DEFAULT_EPOCHS_TESTED`` given to
+    ``model.fit``, ``tl.embed`` and ``map_query`` calls without ``max_epochs``: the same calls, a tenth of the training."""
+    source = re.sub(r"max_epochs=(\d+)", lambda m: f"max_epochs={max(MIN_EPOCHS, int(m.group(1)) // EPOCH_DIVISOR)}", source)
+
+    def with_epochs(call: re.Match) -> str:
+        arguments = call.group(2)
+        if "max_epochs" in arguments:
+            return call.group(0)
+        return f"{call.group(1)}({arguments}{', ' if arguments.strip() else ''}max_epochs={DEFAULT_EPOCHS_TESTED})"
+
+    return re.sub(r"(model\.fit|tl\.embed|\.map_query)\(([^()]*)\)", with_epochs, source)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +40,18 @@ def kernel():
         run_sync(holder["km"].shutdown_kernel)(now=True)
 
 
-@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def as_parameter(path: Path):
+    """A notebook on the real datasets of ``../shared/data`` is a long evaluation (marked slow); the quick start's
+    bundled example is not."""
+    cells = nbformat.read(path, as_version=4).cells
+    on_shared_data = any('"shared"' in cell.source for cell in cells if cell.cell_type == "code")
+    return pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if on_shared_data else [])
+
+
+@pytest.mark.parametrize("path", [as_parameter(path) for path in TUTORIALS])
 def test_tutorial_runs(path, kernel):
-    """Notebooks write only to temp dirs. Their training runs a quarter of the epochs they show (see
-    ``with_fewer_epochs``): every call runs as written, in a quarter of the time."""
+    """Notebooks write only to temp dirs. Their training runs a tenth of the epochs they show (see
+    ``with_fewer_epochs``): every call runs as written, in a fraction of the time."""
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type == "code":
