@@ -925,6 +925,26 @@ def test_the_counting_noise_keeps_the_mean_and_variance_and_never_draws_a_well_m
     assert edges[0, 0] == 1.0 and edges[0, 1:].isnan().all()
 
 
+def test_comparing_in_blocks_of_genes_and_draws_gives_the_same_numbers(monkeypatch):
+    """compare and the counting noise work a block at a time to bound their memory (16,579 genes × 1,000 draws: 750 MB
+    at the peak before, 430 MB after); the blocks' size changes no number, as each block draws the same random numbers."""
+    generator = np.random.default_rng(3)
+    means = [torch.from_numpy(generator.gamma(2.0, 1e-3, size=(200, 37)).astype(np.float32)) for _ in range(4)]
+    measured = np.ones(37, dtype=bool)
+
+    def frame() -> pd.DataFrame:
+        rng = np.random.default_rng(0)
+        draws = [(m, differential.with_counting_noise(m, m * 1e-3, rng)) for m in means[:2]]
+        return differential.compare(draws[0], draws[1], 0.25, 1e-4, measured, rng)
+
+    whole = frame()
+    monkeypatch.setattr(differential, "GENES_PER_CHUNK", 5)  # blocks of 5 genes (37 = 7 × 5 + 2)
+    monkeypatch.setattr(differential, "NOISE_VALUES_PER_BLOCK", 3 * 37 + 10)  # of 3 draws
+    blocked = frame()
+    pd.testing.assert_frame_equal(whole, blocked, check_exact=True)
+    assert whole["proba_de"].between(0, 1).all() and whole["lfc_std"].gt(0).all()
+
+
 def test_pseudo_cells_widen_a_small_group_without_moving_its_mean(simulated, model, monkeypatch):
     """Two cells of type0 with 4 pseudo-cells drawn from both groups (these 2 and 10 of type1): each pseudo-cell is
     scaled by the pair's own mean over the pool's, so the mean of the draws stays the pair's (genes of type1 stay
