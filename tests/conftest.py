@@ -1,5 +1,6 @@
 """Shared fixtures: the bundled PBMC example, simulated batches, the shared real-data folder."""
 
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,25 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("slow") is not None:
             item.add_marker(skip)
+
+
+EPOCH_DIVISOR, MIN_EPOCHS = 10, 5
+DEFAULT_EPOCHS_TESTED = 20  # for a training call that leaves max_epochs at its default (hundreds for a small dataset)
+
+
+def with_fewer_epochs(source: str) -> str:
+    """Code shown to users (a tutorial cell, a README block) with a tenth of its training: ``max_epochs=N`` as
+    N / EPOCH_DIVISOR (at least MIN_EPOCHS), and ``DEFAULT_EPOCHS_TESTED`` given to ``model.fit``, ``CellVAE(...).fit``,
+    ``tl.embed`` and ``map_query`` calls without ``max_epochs``: the same calls, run in a fraction of the time."""
+    source = re.sub(r"max_epochs=(\d+)", lambda m: f"max_epochs={max(MIN_EPOCHS, int(m.group(1)) // EPOCH_DIVISOR)}", source)
+
+    def with_epochs(call: re.Match) -> str:
+        arguments = call.group(2)
+        if "max_epochs" in arguments:
+            return call.group(0)
+        return f"{call.group(1)}({arguments}{', ' if arguments.strip() else ''}max_epochs={DEFAULT_EPOCHS_TESTED})"
+
+    return re.sub(r"(model\.fit|CellVAE\([^()]*\)\.fit|tl\.embed|\.map_query)\(([^()]*)\)", with_epochs, source)
 
 
 def shared_dataset(name: str):

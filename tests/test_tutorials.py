@@ -1,32 +1,16 @@
 """Every tutorial notebook executes top to bottom."""
 
-import re
 from pathlib import Path
 
 import nbclient
 import nbformat
 import pytest
+from conftest import with_fewer_epochs
 from nbclient.util import run_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 # The test checks that every cell runs; the numbers shown come from the stored full run.
-EPOCH_DIVISOR, MIN_EPOCHS = 10, 5
-DEFAULT_EPOCHS_TESTED = 20  # for a training call that leaves max_epochs at its default (hundreds for a small dataset)
-
-
-def with_fewer_epochs(source: str) -> str:
-    """A cell's ``max_epochs=N`` as N / EPOCH_DIVISOR (at least MIN_EPOCHS), and ``DEFAULT_EPOCHS_TESTED`` given to
-    ``model.fit``, ``tl.embed`` and ``map_query`` calls without ``max_epochs``: the same calls, a tenth of the training."""
-    source = re.sub(r"max_epochs=(\d+)", lambda m: f"max_epochs={max(MIN_EPOCHS, int(m.group(1)) // EPOCH_DIVISOR)}", source)
-
-    def with_epochs(call: re.Match) -> str:
-        arguments = call.group(2)
-        if "max_epochs" in arguments:
-            return call.group(0)
-        return f"{call.group(1)}({arguments}{', ' if arguments.strip() else ''}max_epochs={DEFAULT_EPOCHS_TESTED})"
-
-    return re.sub(r"(model\.fit|tl\.embed|\.map_query)\(([^()]*)\)", with_epochs, source)
 
 
 @pytest.fixture(scope="module")
