@@ -24,6 +24,21 @@ from cellvae.train import agreed_checkpoint, average_statistics, previous_checkp
 EPOCHS = 20
 
 
+def _on_one_thread(rank: int, function, *args) -> None:
+    torch.set_num_threads(1)  # first: a forked process hangs in its parent's OpenMP threads (tried: 2 threads hang)
+    function(rank, *args)
+
+
+def run_ranks(function, args: tuple, nprocs: int) -> None:
+    """``function(rank, *args)`` in ``nprocs`` processes of one thread each, as ``torch.multiprocessing.spawn`` runs
+    them. Without CUDA they are forked from this process, which has torch, anndata and cellvae imported already (a
+    spawned process spends ~6 s of CPU importing them again); a process forked after CUDA started cannot use it."""
+    import torch.multiprocessing as mp
+
+    start_method = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_on_one_thread, args=(function, *args), nprocs=nprocs, join=True, start_method=start_method)
+
+
 def test_shards_cover_every_cell_once_and_have_equal_length():
     cells = np.random.default_rng(0).permutation(1003)
     parts = [shard(cells, rank, 4, pad=True) for rank in range(4)]
@@ -88,13 +103,12 @@ def test_a_gpu_asked_for_under_torchrun_other_than_the_local_ranks_is_replaced_w
 
 def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
     import torch
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     adata = cellvae.datasets.simulate(n_cells=1200, n_genes=100, n_batches=2, n_cell_types=4, random_state=2, batch_effect=1.0)
     adata = adata[np.argsort(adata.obs["batch"].to_numpy(), kind="stable")].copy()  # sorted by batch, as ad.concat writes
     adata.write_h5ad(tmp_path / "cells.h5ad")
-    mp.spawn(_train_batchnorm_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2)
+    run_ranks(_train_batchnorm_on_rank, (str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path)), 2)
     first, second = (load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2))
     assert first.keys() == second.keys() and any("running_mean" in key for key in first)
     for key in first:
@@ -122,7 +136,6 @@ def _fit_query_model_on_rank(rank: int, world: int, init_file: str, folder: str)
 def test_a_query_model_trained_by_three_processes_keeps_the_reference_batchnorm_statistics(tmp_path):
     """Averaging equal statistics over 3 ranks in float32 is not always exact: a query model, whose BatchNorm
     statistics are the reference's and frozen, must not average them at all."""
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     adata = cellvae.datasets.simulate(n_cells=450, n_genes=60, n_batches=3, random_state=1)
@@ -132,7 +145,7 @@ def test_a_query_model_trained_by_three_processes_keeps_the_reference_batchnorm_
     query = reference.map_query(adata[is_query].copy(), max_epochs=3, progress=False)
     query.save(tmp_path / "query_model")
     query.adata.write_h5ad(tmp_path / "query.h5ad")
-    mp.spawn(_fit_query_model_on_rank, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
+    run_ranks(_fit_query_model_on_rank, (3, str(tmp_path / "init"), str(tmp_path)), 3)
     frozen = {k: v for k, v in reference.module.state_dict().items() if "running" in k}
     for rank in range(3):
         trained = load_file(str(tmp_path / f"rank{rank}.safetensors"))
@@ -189,9 +202,8 @@ def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_epoch(tmp_path):
-    import torch.multiprocessing as mp
 
-    mp.spawn(_ctrl_c_on_rank_one_only, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_ctrl_c_on_rank_one_only, (str(tmp_path / "init"), str(tmp_path)), 2)
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
     assert first == second
     assert first["interrupted"] and 1 <= first["epochs"] < 5000
@@ -234,7 +246,7 @@ def test_ctrl_c_reaching_one_rank_while_fit_prepares_stops_every_rank(tmp_path):
     for attempt in range(2):
         try:
             spawned = (str(tmp_path / f"init{attempt}"), str(tmp_path))
-            mp.spawn(_ctrl_c_on_rank_one_while_fit_prepares, args=spawned, nprocs=2, join=True)
+            run_ranks(_ctrl_c_on_rank_one_while_fit_prepares, spawned, 2)
             break
         except mp.ProcessExitedException as error:
             # gloo aborted rank 0 once as the ranks stopped ("terminate called without an active exception", 1 of 6
@@ -368,13 +380,12 @@ NCCL_NEEDS_TWO_GPUS = pytest.mark.skipif(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=NCCL_NEEDS_TWO_GPUS)])
 def test_two_processes_on_gpus_train_one_model_as_good_as_one_process(tmp_path, backend):
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     adata = cellvae.datasets.simulate(n_cells=1500, n_genes=200, n_batches=2, n_cell_types=5, random_state=3)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     args = (backend, str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path))
-    mp.spawn(_train_on_a_gpu_on_rank, args=args, nprocs=2, join=True)
+    run_ranks(_train_on_a_gpu_on_rank, args, 2)
     first, second = (load_file(str(tmp_path / f"rank{rank}.safetensors")) for rank in range(2))
     assert any("running_mean" in key for key in first)
     for key in first:  # gradients all-reduced, BatchNorm statistics averaged: the ranks hold one model
@@ -405,12 +416,11 @@ def _train_on_rank(rank: int, init_file: str, path: str, model_dir: str) -> None
 
 
 def test_python_processes_with_their_own_process_group_train_one_model_on_a_view_of_a_backed_file(tmp_path):
-    import torch.multiprocessing as mp
 
     adata = cellvae.datasets.simulate(n_cells=1200, n_genes=150, n_batches=2, n_cell_types=4, random_state=5)
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
-    mp.spawn(_train_on_rank, args=(str(tmp_path / "init"), str(path), str(tmp_path / "model")), nprocs=2, join=True)
+    run_ranks(_train_on_rank, (str(tmp_path / "init"), str(path), str(tmp_path / "model")), 2)
     view = adata[adata.obs["cell_type"] != "type3", 20:].copy()
     model = cellvae.CellVAE.load(tmp_path / "model", adata=view)
     assert model.config.gene_names == list(view.var_names)
@@ -445,11 +455,10 @@ def _save_after_destroying_the_group_on_rank(rank: int, init_file: str, path: st
 
 
 def test_the_model_of_a_data_parallel_run_is_saved_by_rank_0_alone_after_the_process_group_is_destroyed(tmp_path):
-    import torch.multiprocessing as mp
 
     cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0).write_h5ad(tmp_path / "cells.h5ad")
     args = (str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path))
-    mp.spawn(_save_after_destroying_the_group_on_rank, args=args, nprocs=2, join=True)
+    run_ranks(_save_after_destroying_the_group_on_rank, args, 2)
     assert (tmp_path / "saved0.txt").exists() and (tmp_path / "saved1.txt").exists()
     assert "'model'" not in (tmp_path / "seen_by_rank0.txt").read_text()  # rank 1 wrote nothing
     assert len(cellvae.CellVAE.load(tmp_path / "model").history) == 1
@@ -510,13 +519,12 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
 
 
 def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_saved_model(tmp_path):
-    import torch.multiprocessing as mp
 
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=2, n_cell_types=3, random_state=7)
     adata.X.data[: adata.X.indptr[5]] = 0  # cells without counts: fit warns
     adata.X.eliminate_zeros()
     adata.write_h5ad(tmp_path / "cells.h5ad")
-    mp.spawn(_script_on_rank, args=(2, str(tmp_path / "init2"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=2)
+    run_ranks(_script_on_rank, (2, str(tmp_path / "init2"), str(tmp_path / "cells.h5ad"), str(tmp_path)), 2)
     for rank in range(2):
         assert "given different data or settings" in (tmp_path / f"seeds{rank}.txt").read_text()
         assert "from disk (a backed or Zarr AnnData) and others from memory" in (tmp_path / f"opened{rank}.txt").read_text()
@@ -530,7 +538,7 @@ def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_s
     model = cellvae.CellVAE.load(tmp_path / "model")
     assert len(model.history) == 2 and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
-    mp.spawn(_script_on_rank, args=(3, str(tmp_path / "init3"), str(tmp_path / "cells.h5ad"), str(tmp_path)), nprocs=3)
+    run_ranks(_script_on_rank, (3, str(tmp_path / "init3"), str(tmp_path / "cells.h5ad"), str(tmp_path)), 3)
     for rank in range(3):  # not a silent start from scratch that overwrites the 2-process run's checkpoints
         message = (tmp_path / f"resume{rank}.txt").read_text()
         assert "written by 2 processes and this run has 3" in message, message
@@ -560,7 +568,6 @@ def _check_counts_on_rank(rank: int, init_file: str, clean: str, spoiled: str, o
 
 
 def test_each_rank_checks_and_sums_only_its_part_of_a_backed_file_and_all_ranks_stop_on_bad_counts(tmp_path):
-    import torch.multiprocessing as mp
 
     adata = cellvae.datasets.simulate(n_cells=1000, n_genes=80, n_batches=2, random_state=6)
     adata.write_h5ad(tmp_path / "clean.h5ad")
@@ -569,7 +576,7 @@ def test_each_rank_checks_and_sums_only_its_part_of_a_backed_file_and_all_ranks_
     spoiled.X.data[spoiled.X.indptr[900]] = 0.5  # in the second half of the cells: rank 1's part
     spoiled.write_h5ad(tmp_path / "spoiled.h5ad")
     files = [str(tmp_path / name) for name in ("clean.h5ad", "spoiled.h5ad")]
-    mp.spawn(_check_counts_on_rank, args=(str(tmp_path / "init"), *files, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_check_counts_on_rank, (str(tmp_path / "init"), *files, str(tmp_path)), 2)
 
     whole = np.asarray(adata.X.sum(1)).ravel()
     for rank in range(2):  # every rank gets every cell's library size, though it read only half of them
@@ -694,9 +701,8 @@ def _average_on_rank(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_average_statistics_leaves_every_rank_with_the_mean_of_the_ranks_batchnorm_statistics(tmp_path):
     """Not just the same statistics on every rank: their mean (a sum would scale the model's normalisation)."""
-    import torch.multiprocessing as mp
 
-    mp.spawn(_average_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_average_on_rank, (str(tmp_path / "init"), str(tmp_path)), 2)
     for rank in range(2):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         np.testing.assert_allclose(state["1.running_mean"].numpy(), 1.5)
@@ -727,12 +733,11 @@ def _agree_on_rank(rank: int, init_file: str, folder: str, epochs_per_rank: list
 def test_ranks_resume_from_the_newest_epoch_they_all_have_or_all_refuse_checkpoints_epochs_apart(tmp_path):
     """One rank a checkpoint ahead (killed between the ranks' writes) falls back to its previous file; ranks
     whose files share no epoch all refuse, rather than one starting over while the other resumes."""
-    import torch.multiprocessing as mp
 
     for case, epochs_per_rank in (("ahead", [(3, 4), (4, 5)]), ("apart", [(3, 4), (5, 6)])):
         folder = tmp_path / case
         folder.mkdir()
-        mp.spawn(_agree_on_rank, args=(str(folder / "init"), str(folder), epochs_per_rank), nprocs=2, join=True)
+        run_ranks(_agree_on_rank, (str(folder / "init"), str(folder), epochs_per_rank), 2)
         outcomes = [(folder / f"outcome{rank}.txt").read_text() for rank in range(2)]
         if case == "ahead":
             assert outcomes == ["resumes from checkpoint.rank0.safetensors", "resumes from checkpoint.rank1.previous.safetensors"]
