@@ -29,14 +29,21 @@ def _on_one_thread(rank: int, function, *args) -> None:
     function(rank, *args)
 
 
-def run_ranks(function, args: tuple, nprocs: int) -> None:
+def run_ranks(function, args: tuple, nprocs: int, timeout_s: float = 300.0) -> None:
     """``function(rank, *args)`` in ``nprocs`` processes of one thread each, as ``torch.multiprocessing.spawn`` runs
     them. Without CUDA they are forked from this process, which has torch, anndata and cellvae imported already (a
-    spawned process spends ~6 s of CPU importing them again); a process forked after CUDA started cannot use it."""
+    spawned process spends ~6 s of CPU importing them again); a process forked after CUDA started cannot use it.
+    Ranks still running after ``timeout_s`` are killed and the test fails, rather than the suite hanging."""
     import torch.multiprocessing as mp
 
     start_method = "spawn" if torch.cuda.is_available() else "fork"
-    mp.start_processes(_on_one_thread, args=(function, *args), nprocs=nprocs, join=True, start_method=start_method)
+    ranks = mp.start_processes(_on_one_thread, args=(function, *args), nprocs=nprocs, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout_s
+    while not ranks.join(timeout=0.5):  # raises where a rank failed, as spawn does
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} ranks of {function.__name__} did not finish within {timeout_s:.0f} s")
 
 
 def test_shards_cover_every_cell_once_and_have_equal_length():
