@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -31,12 +32,13 @@ def _on_one_thread(rank: int, function, *args) -> None:
 
 def run_ranks(function, args: tuple, nprocs: int, timeout_s: float = 300.0) -> None:
     """``function(rank, *args)`` in ``nprocs`` processes of one thread each, as ``torch.multiprocessing.spawn`` runs
-    them. Without CUDA they are forked from this process, which has torch, anndata and cellvae imported already (a
-    spawned process spends ~6 s of CPU importing them again); a process forked after CUDA started cannot use it.
+    them. On Linux without CUDA they are forked from this process, which has torch, anndata and cellvae imported already
+    (a spawned process spends ~6 s of CPU importing them again); a process forked after CUDA started cannot use it,
+    and macOS's system libraries are not safe to fork.
     Ranks still running after ``timeout_s`` are killed and the test fails, rather than the suite hanging."""
     import torch.multiprocessing as mp
 
-    start_method = "spawn" if torch.cuda.is_available() else "fork"
+    start_method = "fork" if sys.platform.startswith("linux") and not torch.cuda.is_available() else "spawn"
     ranks = mp.start_processes(_on_one_thread, args=(function, *args), nprocs=nprocs, join=False, start_method=start_method)
     deadline = time.monotonic() + timeout_s
     while not ranks.join(timeout=0.5):  # raises where a rank failed, as spawn does
