@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled PBMC example, simulated batches, the shared real-data folder."""
+"""Shared fixtures: the bundled PBMC example, simulated batches, the shared real-data folder; the slow marker; code
+shown to users (README, tutorials) run with a tenth of its training."""
 
 import re
 import warnings
