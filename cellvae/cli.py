@@ -405,6 +405,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def add_compression_option(command: argparse.ArgumentParser) -> None:
+    """``--compression`` for a command that writes ``--out``."""
+    command.add_argument(
+        "--compression",
+        choices=("gzip", "lzf"),
+        default=None,
+        help="compress the arrays of --out: gzip (smaller, slower to write and read) or lzf (faster, larger) "
+        "(default: none, as anndata's write_h5ad)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellvae", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -480,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(for atlases where you run those yourself, e.g. on a GPU)",
     )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing model directory and --out file")
+    add_compression_option(fit)
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.add_argument(
         "--checkpoint-dir",
@@ -526,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     embed.add_argument("--backed", action="store_true", help="stream the counts of an .h5ad from disk instead of loading them")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_compression_option(embed)
     embed.add_argument("--quiet", action="store_true", help="no progress bar")
     embed.set_defaults(command="embed", run=run_embed)
 
@@ -626,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backed", action="store_true", help="stream the counts of the .h5ad files from disk instead of loading them"
     )
     mapping.add_argument("--overwrite", action="store_true", help="replace an existing --out file and --query-model-dir")
+    add_compression_option(mapping)
     mapping.add_argument("--quiet", action="store_true", help="no progress bar")
     mapping.set_defaults(command="map", run=run_map)
     return parser
@@ -747,7 +761,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if not graph_computed:  # the output keeps the input's graph, UMAP and clusters: say where they are stale
         _warn_if_graph_is_stale(stale)
     try:
-        _write(adata, args.out)
+        _write(adata, args.out, args.compression)
     except (OSError, KeyboardInterrupt) as error:
         earlier = " (the file there is from an earlier run)" if Path(args.out).is_file() else ""
         told = f"could not write {args.out}{earlier}; the model is saved in {args.model_dir}"
@@ -821,7 +835,7 @@ def run_embed(args: argparse.Namespace) -> int:
     more = {} if batches_from is None else {"input_batch_key": args.batch_key}
     more |= {"batch_prefix": args.batch_prefix or None, "var_names": args.var_names, "backed": _streamed(args) or None}
     _record_embedding(adata, args.key_added, model, args.model_dir, layer, stale, more)
-    _write(adata, args.out)
+    _write(adata, args.out, args.compression)
     print(f"wrote {args.out} with obsm[{args.key_added!r}] ({adata.n_obs} cells × {model.config.n_latent})")
     return 0
 
@@ -937,7 +951,7 @@ def run_map(args: argparse.Namespace) -> int:
         record |= {"k": args.k, "unknown_threshold": args.unknown_threshold, "novelty_threshold": args.novelty_threshold}
         record |= {"unlabeled_category": args.unlabeled_category, "soft": args.soft or None}
     _record_embedding(query, args.key_added, reference_model, args.model_dir, layer, stale, record)
-    _write(query, args.out)
+    _write(query, args.out, args.compression)
     new_batches = query_model.config.batch_categories[len(config.batch_categories) :]
     new_categories = "".join(  # a categorical covariate's categories the reference lacked, mapped too
         f", new {key}: {names[len(config.categorical_covariate_categories[key]) :]}"
@@ -1536,9 +1550,10 @@ def _check_out_is_outside(out: str, folders: Mapping[str, str], read_only: tuple
             raise SystemExit(f"error: --out must not be {option} or inside it ({why})")
 
 
-def _write(adata, out: str) -> None:
+def _write(adata, out: str, compression: str | None = None) -> None:
     """Write ``adata`` to a new file beside ``out``, then move it into place: never a half-written file, nor
-    one mixed with an old one (anndata writes a backed AnnData into an existing file)."""
+    one mixed with an old one (anndata writes a backed AnnData into an existing file). ``compression``: h5py's
+    filter for the arrays ("gzip", "lzf"), as anndata's ``write_h5ad`` takes it."""
     import anndata as ad
 
     # in the folder the check before any work looked at (_check_input_and_output: through links, without "..")
@@ -1550,9 +1565,9 @@ def _write(adata, out: str) -> None:
         # only when allowed; the output keeps them as the input stored them.
         with ad.settings.override(allow_write_nullable_strings=True):
             if any(_on_disk(matrix) for matrix in _matrices(adata)):
-                _write_copying_on_disk_matrices_in_blocks(adata, partial)
+                _write_copying_on_disk_matrices_in_blocks(adata, partial, compression)
             else:
-                ad.AnnData.write_h5ad(adata, partial)
+                ad.AnnData.write_h5ad(adata, partial, compression=compression)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -1575,7 +1590,7 @@ def _on_disk(elem) -> bool:
     return isinstance(elem, (CSRDataset, CSCDataset, h5py.Dataset, zarr.Array))
 
 
-def _write_copying_on_disk_matrices_in_blocks(adata, path: Path) -> None:
+def _write_copying_on_disk_matrices_in_blocks(adata, path: Path, compression: str | None = None) -> None:
     """Write ``adata`` as anndata would, but copy its count matrices that are still on disk (a backed file,
     a Zarr store) a block at a time: anndata reads each stored array of a sparse one into memory whole, which
     for a file larger than memory would fail after training."""
@@ -1592,21 +1607,21 @@ def _write_copying_on_disk_matrices_in_blocks(adata, path: Path) -> None:
             group.attrs.update({"encoding-type": f"{elem.format}_matrix", "encoding-version": "0.1.0"})
             group.attrs["shape"] = tuple(int(n) for n in elem.shape)
             for name in ("data", "indices", "indptr"):  # resizable, as anndata writes them (for appending)
-                _copy_in_blocks(elem.group[name], group, name, COPY_BLOCK, maxshape=(None,))
+                _copy_in_blocks(elem.group[name], group, name, COPY_BLOCK, maxshape=(None,), **dataset_kwargs)
         else:  # a dense array, whole rows at a time
             rows = max(1, COPY_BLOCK // max(1, math.prod(elem.shape[1:])))
-            _copy_in_blocks(elem, store, key, rows)
+            _copy_in_blocks(elem, store, key, rows, **dataset_kwargs)
             store[key].attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
 
     adata.strings_to_categoricals()  # as anndata's write_h5ad does
     if adata.raw is not None:
         adata.strings_to_categoricals(adata.raw.var)
     with h5py.File(path, "w") as file:
-        write_dispatched(file, "/", adata, callback=write)
+        write_dispatched(file, "/", adata, callback=write, dataset_kwargs={"compression": compression} if compression else {})
 
 
-def _copy_in_blocks(source, group, name: str, rows: int, maxshape: tuple | None = None) -> None:
-    target = group.create_dataset(name, shape=source.shape, dtype=source.dtype, maxshape=maxshape)
+def _copy_in_blocks(source, group, name: str, rows: int, maxshape: tuple | None = None, **dataset_kwargs) -> None:
+    target = group.create_dataset(name, shape=source.shape, dtype=source.dtype, maxshape=maxshape, **dataset_kwargs)
     for start in range(0, source.shape[0], rows):
         target[start : start + rows] = source[start : start + rows]
 
