@@ -66,12 +66,10 @@ def test_shards_cover_every_cell_once_and_have_equal_length():
 
 def _train_batchnorm_on_rank(rank: int, init_file: str, path: str, out_dir: str) -> None:
     import anndata as ad
-    import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     adata = ad.read_h5ad(path, backed="r")
     model = cellvae.CellVAE(adata, batch_key="batch", normalization="batch")
     model.fit(max_epochs=3, batch_size=64, progress=False, device="cpu")
@@ -126,11 +124,9 @@ def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
 
 def _fit_query_model_on_rank(rank: int, world: int, init_file: str, folder: str) -> None:
     import anndata as ad
-    import torch
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     query = cellvae.CellVAE.load(Path(folder) / "query_model", adata=ad.read_h5ad(Path(folder) / "query.h5ad"))
     with warnings.catch_warnings():
@@ -172,13 +168,11 @@ def main_thread_ctrl_c() -> None:
 def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
     import datetime
 
-    import torch
     import torch.distributed as dist
 
     # a short timeout: a rank left waiting in a collective fails the test in 40 s rather than 30 minutes
     timeout = datetime.timedelta(seconds=40)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timeout)
-    torch.set_num_threads(1)
     adata = cellvae.datasets.simulate(n_cells=2000, n_genes=100, n_batches=2, random_state=3)
     # Ctrl-C as in a terminal: a process started in the background of a shell script (as CI may be) inherits
     # SIGINT ignored, and cellvae then leaves it so (fit takes over only Python's default handler)
@@ -410,11 +404,9 @@ def test_two_processes_on_gpus_train_one_model_as_good_as_one_process(tmp_path, 
 
 def _train_on_rank(rank: int, init_file: str, path: str, model_dir: str) -> None:
     import anndata as ad
-    import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     adata = ad.read_h5ad(path, backed="r")  # each rank reads only its own shard of the file
     view = adata[adata.obs["cell_type"] != "type3", 20:]  # a view of it: streamed, each rank its part of the view's cells
     model = cellvae.CellVAE(view, batch_key="batch").fit(max_epochs=EPOCHS, batch_size=64, progress=False, device="cpu")
@@ -445,11 +437,9 @@ def test_python_processes_with_their_own_process_group_train_one_model_on_a_view
 
 def _save_after_destroying_the_group_on_rank(rank: int, init_file: str, path: str, out_dir: str) -> None:
     import anndata as ad
-    import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     model = cellvae.CellVAE(ad.read_h5ad(path), n_hidden=8).fit(max_epochs=1, batch_size=64, progress=False, device="cpu")
     dist.barrier()
     dist.destroy_process_group()  # as scripts do at their end, before or after saving
@@ -479,11 +469,9 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
     import warnings
 
     import anndata as ad
-    import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     out, adata = Path(out_dir), ad.read_h5ad(path)
     fit = {"max_epochs": 2, "batch_size": 64, "progress": False, "device": "cpu", "checkpoint_dir": out / "checkpoints"}
     if world == 3:  # resuming the 2-process run's checkpoints with more processes
@@ -697,7 +685,6 @@ def test_two_process_run_killed_mid_training_resumes_to_the_uninterrupted_model(
 def _average_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     for index, module in enumerate(m for m in model if isinstance(m, torch.nn.BatchNorm1d)):
@@ -724,7 +711,6 @@ def _agree_on_rank(rank: int, init_file: str, folder: str, epochs_per_rank: list
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     path = Path(folder) / f"checkpoint.rank{rank}.safetensors"
     older, newer = epochs_per_rank[rank]
