@@ -205,7 +205,6 @@ def _ctrl_c_on_rank_one_only(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_epoch(tmp_path):
-
     run_ranks(_ctrl_c_on_rank_one_only, (str(tmp_path / "init"), str(tmp_path)), 2)
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
     assert first == second
@@ -417,7 +416,6 @@ def _train_on_rank(rank: int, init_file: str, path: str, model_dir: str) -> None
 
 
 def test_python_processes_with_their_own_process_group_train_one_model_on_a_view_of_a_backed_file(tmp_path):
-
     adata = cellvae.datasets.simulate(n_cells=1200, n_genes=150, n_batches=2, n_cell_types=4, random_state=5)
     path = tmp_path / "cells.h5ad"
     adata.write_h5ad(path)
@@ -454,7 +452,6 @@ def _save_after_destroying_the_group_on_rank(rank: int, init_file: str, path: st
 
 
 def test_the_model_of_a_data_parallel_run_is_saved_by_rank_0_alone_after_the_process_group_is_destroyed(tmp_path):
-
     cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0).write_h5ad(tmp_path / "cells.h5ad")
     args = (str(tmp_path / "init"), str(tmp_path / "cells.h5ad"), str(tmp_path))
     run_ranks(_save_after_destroying_the_group_on_rank, args, 2)
@@ -516,7 +513,6 @@ def _script_on_rank(rank: int, world: int, init_file: str, path: str, out_dir: s
 
 
 def test_a_script_under_torchrun_gets_clear_errors_one_set_of_warnings_and_one_saved_model(tmp_path):
-
     adata = cellvae.datasets.simulate(n_cells=600, n_genes=60, n_batches=2, n_cell_types=3, random_state=7)
     adata.X.data[: adata.X.indptr[5]] = 0  # cells without counts: fit warns
     adata.X.eliminate_zeros()
@@ -565,7 +561,6 @@ def _check_counts_on_rank(rank: int, init_file: str, clean: str, spoiled: str, o
 
 
 def test_each_rank_checks_and_sums_only_its_part_of_a_backed_file_and_all_ranks_stop_on_bad_counts(tmp_path):
-
     adata = cellvae.datasets.simulate(n_cells=1000, n_genes=80, n_batches=2, random_state=6)
     adata.write_h5ad(tmp_path / "clean.h5ad")
     spoiled = adata.copy()

@@ -10,7 +10,6 @@ from nbclient.util import run_sync
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.ipynb"))
-# The test checks that every cell runs; the numbers shown come from the stored full run.
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,8 @@ def as_parameter(path: Path):
 @pytest.mark.parametrize("path", [as_parameter(path) for path in TUTORIALS])
 def test_tutorial_runs(path, kernel):
     """Notebooks write only to temp dirs. Their training runs a tenth of the epochs they show (see
-    ``with_fewer_epochs``): every call runs as written, in a fraction of the time."""
+    ``with_fewer_epochs``): every call runs as written, in a fraction of the time; the numbers shown come from the
+    stored full run."""
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type == "code":
