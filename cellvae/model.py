@@ -19,7 +19,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, asdict, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn, ParamSpec, TypeVar, overload
 
@@ -689,37 +689,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         # Ctrl-C while the ranks read and sum the counts (collectives) is agreed too; train gives it back.
         with AgreedInterrupt(rank_and_world()[1]) as interrupts:
             loader, cells = self._loader(self.adata, training_device, all_ranks=True)
-            nonempty = cells[loader.library[cells] > 0]
-            _warn_about_empty_cells(
-                loader,
-                cells,
-                nonempty,
-                self.config,
-                "as they were drawn" if not query else "untrained",
-                self.adata,
-                "query_adata" if query else "adata",  # (the name map_query's warning gave the same cells)
-            )
-            totals = data.totals_over_all_genes(self.adata, self.config.layer)  # (those of the model's genes vary)
-            _warn_about_equal_depths(
-                (loader.library if totals is None else totals)[nonempty], data.counts_location(self.config.layer)
-            )
-            minimum = 1 if query else data.MIN_CELLS  # (a query model's few new parameters: as map_query)
-            if len(nonempty) < minimum:
-                raise ValueError(f"training needs at least {minimum} cell{'s' * (minimum > 1)} with counts, got {len(nonempty)}")
-            _warn_about_small_categories(self, loader.covariates.codes, nonempty, "fit")
-            train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
-            _check_cells_left_to_train(train_cells, nonempty, validation_size)
-            drawn = len(validation_cells)
-            train_cells, validation_cells = train_every_category(train_cells, validation_cells, loader.covariates.codes)
-            if drawn and not len(validation_cells):
-                data.warn_user(
-                    f"the {drawn} validation cell{'s' if drawn > 1 else ''} drawn by validation_size={validation_size} "
-                    "held the only cells of a batch or covariate category and went to training (their parameters would "
-                    "stay as drawn), so there is no validation: early stopping follows the training loss; pass a larger "
-                    "validation_size for a validation set",
-                    UserWarning,
-                )
-            seen = _warn_about_seen_validation_cells(self, validation_cells)
+            nonempty, train_cells, validation_cells, seen = self._training_split(loader, cells, validation_size, random_state)
             epochs = max_epochs or (default_query_epochs if query else default_max_epochs)(len(nonempty))
             # (int and float: a config saved by older cellvae may hold True for 1, which the saved settings would
             # keep as a bool that load refuses)
@@ -746,14 +716,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             )
             # A model whose training fails or diverges is given back as it was (not half-trained or non-finite);
             # an untrained one with its weights from before this fit, not those drawn for it.
-            before = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            before = _ModelBeforeFit.of(self)
             home = self.device  # where the outputs run (to_device), before and after training
             if not self.is_trained:
                 # Initial weights from random_state (not the global torch RNG): equal seeds give equal models.
                 with seeded(random_state):
                     self.module = VAE(self.config)
-            previous = (self.history, self.train_settings, self.is_trained, self._data_parallel_rank)
-            previous_split = (self.train_indices, self.validation_indices, self._split_obs_names)
             # a few monitored cells' loss before and after: training that diverged (too large an lr) is told, not kept silently
             probe = (validation_cells if len(validation_cells) else train_cells)[:DIVERGENCE_PROBE_CELLS]
             try:
@@ -777,7 +745,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             except BaseException as error:  # Ctrl-C before the first epoch ended too: the model stays as it was
                 _move(self.module, home)
                 self.device = home
-                self.module.load_state_dict(before)
+                self.module.load_state_dict(before.weights)
                 self.module.eval()
                 if isinstance(error, Exception) and self.adata.isbacked and not self.adata.file.is_open:
                     raise ValueError(
@@ -795,75 +763,129 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._data_parallel_rank = rank if world > 1 else None
         if world > 1:  # each step's global minibatch was world × batch_size cells
             self.history.attrs["processes"] = world
-        brief = None if previous[2] or query else _brief_training(history, len(nonempty))  # (a further fit: not judged)
+        brief = None if before.is_trained or query else _brief_training(history, len(nonempty))  # (a further fit: not judged)
         if brief:  # told by differential_expression, and saved with the model
             self.history.attrs["brief_training"] = brief
         try:  # checks that only warn: the model is trained whether or not they finish
-            end_loss = self._mean_loss(loader, probe, batch_size, random_state)
-            # A further fit of the same objective, judged on cells its earlier fit held out too, competes with the model
-            # it began from: one that ended worse gives it back. (A changed beta, as tl.rate_distortion_sweep's warm
-            # start, began from another objective's optimum; cells the earlier fit trained on favour the start.)
-            same_objective = previous[2] and previous[1] is not None and previous[1].beta == settings.beta
-            held_out_alone = len(validation_cells) > 0 and seen == 0
-            tolerance = FURTHER_TRAINING_TOLERANCE if same_objective and held_out_alone else FIRST_FIT_TOLERANCE
-            diverged = not end_loss <= tolerance * start_loss  # NaN too
-            if rank_and_world()[1] > 1:  # every process gives back the same model
-                diverged = bool(all_reduce_max([float(diverged)])[0])
-            smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10  # the learning rate advised where training went wrong
-            if diverged:
-                # Fitting the diverged weights again, with any learning rate, would not bring them back.
-                self.module.load_state_dict(before)
-                self.history, self.train_settings, self.is_trained, self._data_parallel_rank = previous
-                self.train_indices, self.validation_indices, self._split_obs_names = previous_split
-                stopped = ""
-                if "diverged_epoch" in history.attrs:
-                    stopped = f" (stopped after epoch {history.attrs['diverged_epoch']} of {epochs}, numbered from 0)"
-                why = (
-                    f"so this further fit did not improve on the trained model it continued from (lr={lr:g} may be "
-                    "too large to train it further, or it had converged)"
-                    if end_loss <= FIRST_FIT_TOLERANCE * start_loss
-                    else f"so training diverged{stopped}, most likely from too large a learning rate (lr={lr:g})"
-                )
-                data.warn_user(
-                    f"training made the model worse: its loss on {len(probe):,} "
-                    f"{'held-out' if len(validation_cells) else 'training'} cells is {end_loss:.4g} nats per cell, "
-                    f"against {start_loss:.4g} when fit began, {why}. The model is given back as it was before this fit"
-                    f"{'' if self.is_trained else ' (untrained)'}: fit it again with a smaller one, e.g. "
-                    f"model.fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
-                    RuntimeWarning,
-                )
-            elif "diverged_epoch" in history.attrs:  # diverged after a sound best epoch, which is kept
-                last = history.iloc[-1]
-                loss = last["validation_loss"] if "validation_loss" in history else last["train_loss"]
-                data.warn_user(
-                    f"training diverged at epoch {history.attrs['diverged_epoch']} of {epochs} (numbered from 0), most "
-                    f"likely from too large a learning rate (lr={lr:g}): its loss, {loss:.4g} nats per cell, was over "
-                    f"{DIVERGED_LOSS_RATIO} times the {start_loss:.4g} when fit began, so training stopped there. The "
-                    f"model keeps its best epoch, epoch {history.attrs['best_epoch']}; a smaller lr may train a better "
-                    f"one, e.g. fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
-                    RuntimeWarning,
-                )
-            elif not previous[2] and not end_loss * FURTHER_TRAINING_TOLERANCE < start_loss:  # a first fit that learned
-                # nothing beyond the noise of its measure (kept: not worse)
-                fix = "train it longer (a larger max_epochs)"
-                if lr != DEFAULT_LR:
-                    fix = f"lr={lr:g} is likely too {'small' if lr < DEFAULT_LR else 'large'}: fit it with lr={DEFAULT_LR:g}"
-                data.warn_user(
-                    f"training did not lower the loss by more than its noise (0.2%): on {len(probe):,} "
-                    f"{'held-out' if len(validation_cells) else 'training'}"
-                    f" cells it is {end_loss:.6g} nats per cell, against {start_loss:.6g} with the random weights fit began "
-                    f"from, so the model learned nothing of use. It is kept (trained); {fix}",
-                    RuntimeWarning,
-                )
-            elif not self.config.reference_categories or lr > DEFAULT_LR:  # (a diverged model's latent space says
-                # nothing about collapse; a query model's is its reference's, whose own fit told of it, as in map_query)
-                self._warn_if_collapsed(loader, train_cells[:5000], batch_size, random_state, lr)
+            self._keep_or_give_back(
+                before, loader, probe, start_loss, train_cells, held_out_alone=len(validation_cells) > 0 and seen == 0
+            )
         except KeyboardInterrupt:  # as Ctrl-C in training: stop, and give back the trained model
             data.warn_user("Ctrl-C: the checks after training were skipped; the model is trained", RuntimeWarning)
         finally:
             _move(self.module, home)
             self.device = home
         return self
+
+    def _training_split(
+        self, loader: data.CellLoader, cells: np.ndarray, validation_size: float, random_state: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+        """The cells fit trains on: those with counts (the others warned about), split into training and validation
+        cells (every batch and covariate category trained); returns them with how many validation cells an earlier
+        fit trained on (:func:`_warn_about_seen_validation_cells`)."""
+        query = bool(self.config.reference_categories)
+        nonempty = cells[loader.library[cells] > 0]
+        _warn_about_empty_cells(
+            loader,
+            cells,
+            nonempty,
+            self.config,
+            "as they were drawn" if not query else "untrained",
+            self.adata,
+            "query_adata" if query else "adata",  # (the name map_query's warning gave the same cells)
+        )
+        totals = data.totals_over_all_genes(self.adata, self.config.layer)  # (those of the model's genes vary)
+        _warn_about_equal_depths(
+            (loader.library if totals is None else totals)[nonempty], data.counts_location(self.config.layer)
+        )
+        minimum = 1 if query else data.MIN_CELLS  # (a query model's few new parameters: as map_query)
+        if len(nonempty) < minimum:
+            raise ValueError(f"training needs at least {minimum} cell{'s' * (minimum > 1)} with counts, got {len(nonempty)}")
+        _warn_about_small_categories(self, loader.covariates.codes, nonempty, "fit")
+        train_cells, validation_cells = split_cells(nonempty, validation_size, random_state)
+        _check_cells_left_to_train(train_cells, nonempty, validation_size)
+        drawn = len(validation_cells)
+        train_cells, validation_cells = train_every_category(train_cells, validation_cells, loader.covariates.codes)
+        if drawn and not len(validation_cells):
+            data.warn_user(
+                f"the {drawn} validation cell{'s' if drawn > 1 else ''} drawn by validation_size={validation_size} "
+                "held the only cells of a batch or covariate category and went to training (their parameters would "
+                "stay as drawn), so there is no validation: early stopping follows the training loss; pass a larger "
+                "validation_size for a validation set",
+                UserWarning,
+            )
+        seen = _warn_about_seen_validation_cells(self, validation_cells)
+        return nonempty, train_cells, validation_cells, seen
+
+    def _keep_or_give_back(
+        self,
+        before: _ModelBeforeFit,
+        loader: data.CellLoader,
+        probe: np.ndarray,
+        start_loss: float,
+        train_cells: np.ndarray,
+        held_out_alone: bool,
+    ) -> None:
+        """After fit: give back the model as it was ``before`` where training made its loss on the ``probe`` cells
+        worse (diverged), else warn where it diverged after a sound best epoch, learned nothing or collapsed.
+        ``held_out_alone``: the probe cells are validation cells that no earlier fit trained on."""
+        history, settings = self.history, self.train_settings
+        lr, epochs = settings.lr, settings.max_epochs
+        end_loss = self._mean_loss(loader, probe, settings.batch_size, settings.random_state)
+        # A further fit of the same objective, judged on cells its earlier fit held out too, competes with the model
+        # it began from: one that ended worse gives it back. (A changed beta, as tl.rate_distortion_sweep's warm
+        # start, began from another objective's optimum; cells the earlier fit trained on favour the start.)
+        same_objective = before.is_trained and before.train_settings is not None and before.train_settings.beta == settings.beta
+        tolerance = FURTHER_TRAINING_TOLERANCE if same_objective and held_out_alone else FIRST_FIT_TOLERANCE
+        diverged = not end_loss <= tolerance * start_loss  # NaN too
+        if rank_and_world()[1] > 1:  # every process gives back the same model
+            diverged = bool(all_reduce_max([float(diverged)])[0])
+        smaller = DEFAULT_LR if lr > DEFAULT_LR else lr / 10  # the learning rate advised where training went wrong
+        cells_judged = f"{len(probe):,} {'held-out' if self.validation_indices.size else 'training'} cells"
+        if diverged:
+            # Fitting the diverged weights again, with any learning rate, would not bring them back.
+            before.restore(self)
+            stopped = ""
+            if "diverged_epoch" in history.attrs:
+                stopped = f" (stopped after epoch {history.attrs['diverged_epoch']} of {epochs}, numbered from 0)"
+            why = (
+                f"so this further fit did not improve on the trained model it continued from (lr={lr:g} may be "
+                "too large to train it further, or it had converged)"
+                if end_loss <= FIRST_FIT_TOLERANCE * start_loss
+                else f"so training diverged{stopped}, most likely from too large a learning rate (lr={lr:g})"
+            )
+            data.warn_user(
+                f"training made the model worse: its loss on {cells_judged} is {end_loss:.4g} nats per cell, "
+                f"against {start_loss:.4g} when fit began, {why}. The model is given back as it was before this fit"
+                f"{'' if self.is_trained else ' (untrained)'}: fit it again with a smaller one, e.g. "
+                f"model.fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
+                RuntimeWarning,
+            )
+        elif "diverged_epoch" in history.attrs:  # diverged after a sound best epoch, which is kept
+            last = history.iloc[-1]
+            loss = last["validation_loss"] if "validation_loss" in history else last["train_loss"]
+            data.warn_user(
+                f"training diverged at epoch {history.attrs['diverged_epoch']} of {epochs} (numbered from 0), most "
+                f"likely from too large a learning rate (lr={lr:g}): its loss, {loss:.4g} nats per cell, was over "
+                f"{DIVERGED_LOSS_RATIO} times the {start_loss:.4g} when fit began, so training stopped there. The "
+                f"model keeps its best epoch, epoch {history.attrs['best_epoch']}; a smaller lr may train a better "
+                f"one, e.g. fit(lr={smaller:g}){', the default' if smaller == DEFAULT_LR else ''}",
+                RuntimeWarning,
+            )
+        elif not before.is_trained and not end_loss * FURTHER_TRAINING_TOLERANCE < start_loss:  # a first fit that
+            # learned nothing beyond the noise of its measure (kept: not worse)
+            fix = "train it longer (a larger max_epochs)"
+            if lr != DEFAULT_LR:
+                fix = f"lr={lr:g} is likely too {'small' if lr < DEFAULT_LR else 'large'}: fit it with lr={DEFAULT_LR:g}"
+            data.warn_user(
+                f"training did not lower the loss by more than its noise (0.2%): on {cells_judged} it is {end_loss:.6g} "
+                f"nats per cell, against {start_loss:.6g} with the random weights fit began from, so the model learned "
+                f"nothing of use. It is kept (trained); {fix}",
+                RuntimeWarning,
+            )
+        elif not self.config.reference_categories or lr > DEFAULT_LR:  # (a diverged model's latent space says
+            # nothing about collapse; a query model's is its reference's, whose own fit told of it, as in map_query)
+            self._warn_if_collapsed(loader, train_cells[:5000], settings.batch_size, settings.random_state, lr)
 
     # ------------------------------------------------------------------ outputs
 
@@ -3225,6 +3247,40 @@ def checked_library_sizes(value, n: int) -> np.ndarray:
             f"library_size must be at most {data.MAX_COUNT:.0e} counts (as counts given to cellvae), got {sizes.max():.3g}"
         )
     return sizes.astype(np.float32)
+
+
+@dataclass
+class _ModelBeforeFit:
+    """What :meth:`CellVAE.fit` gives back where training fails or makes the model worse."""
+
+    weights: dict[str, torch.Tensor]
+    history: pd.DataFrame | None
+    train_settings: TrainSettings | None
+    is_trained: bool
+    data_parallel_rank: int | None
+    train_indices: np.ndarray | None
+    validation_indices: np.ndarray | None
+    split_obs_names: pd.Index | None
+
+    @classmethod
+    def of(cls, model: CellVAE) -> _ModelBeforeFit:
+        weights = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        return cls(
+            weights,
+            model.history,
+            model.train_settings,
+            model.is_trained,
+            model._data_parallel_rank,
+            model.train_indices,
+            model.validation_indices,
+            model._split_obs_names,
+        )
+
+    def restore(self, model: CellVAE) -> None:
+        model.module.load_state_dict(self.weights)
+        model.history, model.train_settings, model.is_trained = self.history, self.train_settings, self.is_trained
+        model._data_parallel_rank, model._split_obs_names = self.data_parallel_rank, self.split_obs_names
+        model.train_indices, model.validation_indices = self.train_indices, self.validation_indices
 
 
 def _check_training(max_epochs, batch_size, lr, validation_size, patience, random_state, normalization) -> None:
