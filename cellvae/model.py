@@ -2132,42 +2132,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                     UserWarning,
                 )
         reference_batches = self.config.batch_categories
-        overlapping = sorted(set(query_batches) & set(reference_batches))
         batch_column = batch_key or reference_key
-        if overlapping:
-            data.warn_user(
-                f"query batches {overlapping[:5]} already exist in the reference; their cells are treated as those "
-                "reference batches (frozen parameters). Rename them to map them as new batches, e.g. "
-                f"query_adata.obs[{batch_column!r}] = 'query ' + query_adata.obs[{batch_column!r}].astype(str)",
-                UserWarning,
-            )
-        # in the column's category order (sorted where it is not categorical), as the reference's batches are
-        new_batches = [
-            b
-            for b in data.category_names(query_adata.obs[batch_column], batch_column, "query_adata")
-            if b not in reference_batches
-        ]
-        # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
-        retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
-        retyped = retyped or data.new_numbers_typed_otherwise(new_batches, reference_batches, batch_column, "query_adata")
-        alike = [data.names_in_other_case(new_batches, reference_batches, batch_column, "query_adata")]
-        data.warn_of_missing_as_text(batch_column, new_batches, "query_adata")
-        categories = {}  # each categorical covariate's reference categories, then the query's new ones
-        for key, known in self.config.categorical_covariate_categories.items():
-            new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
-            retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
-            retyped = retyped or data.new_numbers_typed_otherwise(new, known, key, "query_adata")
-            alike.append(data.names_in_other_case(new, known, key, "query_adata"))
-            data.warn_of_missing_as_text(key, new, "query_adata")
-            categories[key] = known + new
-        if retyped:
-            raise ValueError(retyped)
-        for told in filter(None, alike):  # (a new batch "D1" beside the reference's "d1" may be meant)
-            data.warn_user(
-                f"{told}; map_query adds it as a new batch or category, whose parameters learn from the query alone. If "
-                "it is indeed new, ignore this",
-                UserWarning,
-            )
+        new_batches, categories = _new_query_categories(self.config, query_adata, aligned, query_batches, batch_column)
         config = Config(
             **{
                 **asdict(self.config),
@@ -3483,6 +3449,50 @@ def _make_durable_and_shareable(folder: Path) -> None:
 MIN_QUERY_GENE_FRACTION = 0.8
 # Missing genes that hold this share of a typical cell's counts or more get a warning that the embedding may shift.
 MISSING_SHARE_WARNED = 0.1
+
+
+def _new_query_categories(
+    config: Config, query_adata: ad.AnnData, aligned: ad.AnnData, query_batches: np.ndarray, batch_column: str
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The query's batches new to the reference ``config`` (in the column's category order) and each categorical
+    covariate's categories, the reference's then the query's new ones; refuses new names that are the reference's
+    written as another type (1016.0 beside 1016) and warns of batches already in the reference and of names
+    that differ from the reference's only in case."""
+    reference_batches = config.batch_categories
+    overlapping = sorted(set(query_batches) & set(reference_batches))
+    if overlapping:
+        data.warn_user(
+            f"query batches {overlapping[:5]} already exist in the reference; their cells are treated as those "
+            "reference batches (frozen parameters). Rename them to map them as new batches, e.g. "
+            f"query_adata.obs[{batch_column!r}] = 'query ' + query_adata.obs[{batch_column!r}].astype(str)",
+            UserWarning,
+        )
+    # in the column's category order (sorted where it is not categorical), as the reference's batches are
+    new_batches = [
+        b for b in data.category_names(query_adata.obs[batch_column], batch_column, "query_adata") if b not in reference_batches
+    ]
+    # 1016.0 would be a new category beside the reference's 1016 (or 1016 beside its 1016.0)
+    retyped = data.numbers_written_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+    retyped = retyped or data.new_numbers_typed_otherwise(new_batches, reference_batches, batch_column, "query_adata")
+    alike = [data.names_in_other_case(new_batches, reference_batches, batch_column, "query_adata")]
+    data.warn_of_missing_as_text(batch_column, new_batches, "query_adata")
+    categories = {}  # each categorical covariate's reference categories, then the query's new ones
+    for key, known in config.categorical_covariate_categories.items():
+        new = [c for c in data.category_names(aligned.obs[key], key, "query_adata") if c not in known]
+        retyped = retyped or data.numbers_written_otherwise(new, known, key, "query_adata")
+        retyped = retyped or data.new_numbers_typed_otherwise(new, known, key, "query_adata")
+        alike.append(data.names_in_other_case(new, known, key, "query_adata"))
+        data.warn_of_missing_as_text(key, new, "query_adata")
+        categories[key] = known + new
+    if retyped:
+        raise ValueError(retyped)
+    for told in filter(None, alike):  # (a new batch "D1" beside the reference's "d1" may be meant)
+        data.warn_user(
+            f"{told}; map_query adds it as a new batch or category, whose parameters learn from the query alone. If "
+            "it is indeed new, ignore this",
+            UserWarning,
+        )
+    return new_batches, categories
 
 
 def _query_batches(query: ad.AnnData, batch_key: str) -> np.ndarray:
