@@ -373,35 +373,13 @@ def train(
     if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
         checkpoint = checkpoint.with_name(f"{checkpoint.stem}.rank{rank}{checkpoint.suffix}")
     run = None if checkpoint is None else describe_run(vae, loader, train_cells, validation_cells, settings)
-    if checkpoint is not None and resume:
-        single, ranks = checkpoint_ranks(checkpoint.parent)
-        if world > 1:  # each node may see only its own ranks' files
-            single, ranks = (int(v) for v in all_reduce_max([single, ranks]))
-        # Fewer ranks' files than processes is not refused here (a crash can come before some rank's first
-        # checkpoint); agreed_checkpoint refuses files that fewer processes wrote.
-        if (world == 1 and ranks and not single) or (world > 1 and single and not ranks) or ranks > world:
-            writers = "one process" if single and not ranks else f"at least {ranks} processes"
-            raise ValueError(
-                f"the checkpoints in {checkpoint_dir} were written by {writers} and this run has {world}: resume with "
-                "as many (torchrun --nproc_per_node=N), or delete them to start over"
-            )
-        source = checkpoint if world == 1 else agreed_checkpoint(checkpoint)
-        if source is not None and source.exists():
-            loop = read_checkpoint(source, run, vae, optimizer, rng, world)
-            best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
-            diverged_epoch = loop["diverged_epoch"]
-            epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
-            last_checkpoint = start_epoch
-            last_good = _snapshot(vae)
-        elif trained_before:  # e.g. Ctrl-C before the first checkpoint: the model keeps its best epoch so far
-            warn_user(
-                f"no checkpoint in {checkpoint_dir}: this fit continues from the model's trained weights with a new "
-                "KL warm-up, which is not the result of an uninterrupted run; for that, fit a new CellVAE with the "
-                "same arguments",
-                UserWarning,
-            )
-        else:
-            warn_user(f"no checkpoint in {checkpoint_dir}; training from the start", UserWarning)
+    loop = None if checkpoint is None or not resume else _resumed(checkpoint, run, vae, optimizer, rng, world, trained_before)
+    if loop is not None:
+        best, rows, step, retries = loop["best"], loop["history"], loop["step"], loop["retries"]
+        diverged_epoch = loop["diverged_epoch"]
+        epochs_without_improvement, start_epoch, stop = loop["epochs_without_improvement"], loop["epoch"] + 1, loop["stopped"]
+        last_checkpoint = start_epoch
+        last_good = _snapshot(vae)
     epochs = range(settings.max_epochs if stop else start_epoch, settings.max_epochs)
     quiet = not settings.progress or rank > 0
     # The bar counts cells (all ranks step through equal shards), so a long epoch of an atlas shows progress too.
@@ -499,13 +477,7 @@ def train(
             row |= {f"train_{k}": v / max(seen, 1) for k, v in sums.items()}
             row["train_elbo"] = -(row["train_distortion"] + row["train_rate"])
             if has_validation:
-                val = evaluate(vae, loader, validation_cells, max(settings.batch_size, VALIDATION_VALUES // loader.n_genes))
-                if world > 1:  # every rank gets the same validation loss, hence the same early stopping
-                    n, per_dimension = len(validation_cells), list(val["kl_per_dimension"])
-                    distortion, rate, *per_dimension, n = all_reduce_sums(
-                        [val["distortion"] * n, val["rate"] * n, *(kl * n for kl in per_dimension), n]
-                    )
-                    val = {"distortion": distortion / n, "rate": rate / n, "kl_per_dimension": np.array(per_dimension) / n}
+                val = _validation_terms(vae, loader, validation_cells, settings.batch_size, world)
                 row["validation_distortion"], row["validation_rate"] = val["distortion"], val["rate"]
                 row["validation_loss"] = val["distortion"] + settings.beta * penalised_rate(val, vae.config.free_bits)
                 row["validation_elbo"] = -(val["distortion"] + val["rate"])
@@ -574,6 +546,56 @@ def train(
     if best["epoch"] >= 0:
         history.attrs["best_epoch"] = best["epoch"]
     return history
+
+
+def _resumed(
+    checkpoint: Path,
+    run: dict,
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    world: int,
+    trained_before: bool,
+) -> dict | None:
+    """The training state of the run to resume, read into ``vae``, ``optimizer`` and ``rng`` from ``checkpoint``
+    (this rank's file, agreed by every rank); None, with a warning, where no checkpoint was written yet."""
+    single, ranks = checkpoint_ranks(checkpoint.parent)
+    if world > 1:  # each node may see only its own ranks' files
+        single, ranks = (int(v) for v in all_reduce_max([single, ranks]))
+    # Fewer ranks' files than processes is not refused here (a crash can come before some rank's first
+    # checkpoint); agreed_checkpoint refuses files that fewer processes wrote.
+    if (world == 1 and ranks and not single) or (world > 1 and single and not ranks) or ranks > world:
+        writers = "one process" if single and not ranks else f"at least {ranks} processes"
+        raise ValueError(
+            f"the checkpoints in {checkpoint.parent} were written by {writers} and this run has {world}: resume with "
+            "as many (torchrun --nproc_per_node=N), or delete them to start over"
+        )
+    source = checkpoint if world == 1 else agreed_checkpoint(checkpoint)
+    if source is not None and source.exists():
+        return read_checkpoint(source, run, vae, optimizer, rng, world)
+    if trained_before:  # e.g. Ctrl-C before the first checkpoint: the model keeps its best epoch so far
+        warn_user(
+            f"no checkpoint in {checkpoint.parent}: this fit continues from the model's trained weights with a new "
+            "KL warm-up, which is not the result of an uninterrupted run; for that, fit a new CellVAE with the "
+            "same arguments",
+            UserWarning,
+        )
+    else:
+        warn_user(f"no checkpoint in {checkpoint.parent}; training from the start", UserWarning)
+    return None
+
+
+def _validation_terms(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int, world: int) -> dict:
+    """Mean distortion, rate and KL per latent dimension of the validation ``cells`` (nats per cell), in minibatches of
+    at least ``batch_size`` cells; over the cells of every rank where ``world`` > 1 (so all stop early alike)."""
+    terms = evaluate(vae, loader, cells, max(batch_size, VALIDATION_VALUES // loader.n_genes))
+    if world == 1:
+        return terms
+    n, per_dimension = len(cells), list(terms["kl_per_dimension"])
+    distortion, rate, *per_dimension, n = all_reduce_sums(
+        [terms["distortion"] * n, terms["rate"] * n, *(kl * n for kl in per_dimension), n]
+    )
+    return {"distortion": distortion / n, "rate": rate / n, "kl_per_dimension": np.array(per_dimension) / n}
 
 
 def _more_epochs_note(rows: list[dict], best_epoch: int, max_epochs: int, has_validation: bool) -> dict[str, str]:
