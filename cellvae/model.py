@@ -1778,95 +1778,16 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"load needs the folder a model was saved in, e.g. 'my_model/', got {path!r:.60}")
         path = Path(path).expanduser()
-        if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            # a save killed between its two renames leaves the previous model set aside beside the path
-            set_aside = list(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
-            set_aside = sorted(set_aside, key=_modified) if not path.exists() else []  # the last one saved last
-            if (path / "model.pt").is_file():
-                raise ValueError(
-                    f"{path} holds an scvi-tools model (model.pt), not a cellvae one: cellvae cannot read its weights; "
-                    "train a cellvae model on the same data (CellVAE(adata, ...).fit())"
-                )
-            if not path.exists() and not set_aside:  # (a typo in the path, most likely)
-                raise FileNotFoundError(
-                    f"{path} does not exist: give the folder a model was saved in (by CellVAE.save or cellvae fit --model-dir)"
-                )
-            raise ValueError(
-                f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
-                + (_stopped_save_hint(path) if path.is_dir() else "")
-                + (
-                    f"; a save into it was interrupted, and the model saved there before is in {set_aside[-1]}: move it "
-                    f"back to {path} to load it"
-                    if set_aside
-                    else ""
-                )
-            )
+        _refuse_unless_model_folder(path)
         config = Config.from_json(path / CONFIG_FILE)
         weights = path / WEIGHTS_FILE
-        corrupt = f"{weights} is corrupt or not a safetensors file"
-        try:  # first the file's header: the tensors' shapes and dtypes, before any is read
-            with safe_open(str(weights), framework="pt") as handle:
-                slices = {name: handle.get_slice(name) for name in handle.keys()}
-                header = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
-                metadata = handle.metadata() or {}
-            if METADATA_KEY in metadata:  # (older files hold its entries one by one)
-                metadata = json.loads(metadata[METADATA_KEY])
-                if not isinstance(metadata, dict):
-                    raise ValueError(f"its {METADATA_KEY!r} metadata is not a JSON object")
-        except (SafetensorError, OSError, ValueError, RecursionError) as error:
-            raise ValueError(f"{corrupt} ({error})") from error
-        if config.n_layers > len(header):  # each layer holds tensors: bounds the modules built below
-            raise ValueError(
-                f"{weights} does not match its config.json: n_layers={config.n_layers} but the file holds {len(header)} tensors"
-            )
-        _check_weights_fit(header, config, weights)
-        try:
-            with safe_open(str(weights), framework="pt") as handle:
-                state = {name: handle.get_tensor(name) for name in header}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{corrupt} ({error})") from error
-        trained = metadata.get("trained", "true") != "false"  # older files: trained
-        if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
-            raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
-        if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
-            raise ValueError(
-                f"{weights} holds weights that are NaN or infinite (training never saves them: it undoes such steps), "
-                "so every output would be NaN; use another copy of the model, or train it again"
-            )
-        if "layout_sha256" in metadata and _layout_digest(config) != metadata["layout_sha256"]:  # (older files: none)
-            raise ValueError(
-                f"{weights} was not saved with this {CONFIG_FILE}: the genes, batches or covariates its rows and columns "
-                f"stand for (gene_names, batch_categories, the covariates' categories and scales) differ from "
-                f"{CONFIG_FILE}'s; keep each model's files together in the folder save wrote"
-            )
-        if metadata.get("format") != "cellvae":  # (every file save wrote holds it, those of the first format too)
-            data.warn_user(
-                f"{weights} holds none of the metadata CellVAE.save writes (a file written again by another program, "
-                "e.g. safetensors' save_file, loses it), so whether its weights were saved with this "
-                f"{CONFIG_FILE} cannot be checked, and how they were trained is unknown; keep the file save wrote",
-                UserWarning,
-            )
+        state, metadata = _read_weights(weights, config)
         model = cls.__new__(cls)
         model._setup(config, None)
         model._folders[path.resolve()] = _file_identity(path / ADATA_FILE)
         model.module.load_state_dict(state)
-        history_file = path / HISTORY_FILE
-        if not history_file.is_file():  # (pl.history says why it has none)
-            model.history.attrs["history_unread"] = True
-        else:
-            try:
-                records = json.loads(history_file.read_text())
-                if not isinstance(records, list) or not all(isinstance(row, dict) for row in records):
-                    raise ValueError("it holds no list of per-epoch records")
-                model.history = pd.DataFrame(records)
-            except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:  # the weights are whole: load them
-                model.history.attrs["history_unread"] = True
-                data.warn_user(
-                    f"{history_file} is not a readable training history ({error}); the model is loaded without it "
-                    "(model.history is empty)",
-                    UserWarning,
-                )
-        model.is_trained = trained
+        model.history = _read_history(path / HISTORY_FILE)
+        model.is_trained = metadata.get("trained", "true") != "false"  # older files: trained
         if "train_settings" in metadata:
             model.train_settings = _train_settings(metadata["train_settings"], weights)
             if model.train_settings.beta != config.beta:  # (fit takes it from the config: another model's weights?)
@@ -3055,6 +2976,104 @@ def why_not_a_model_folder(path: Path) -> str | None:
 
 # safetensors' names of the dtypes a saved model holds (float32 weights, BatchNorm's int64 count)
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64"}
+
+
+def _refuse_unless_model_folder(path: Path) -> None:
+    """Raise a clear error unless ``path`` holds a saved model's config and weights (saying where a save into it
+    that was interrupted set the model saved there before aside, and telling scvi-tools' models apart)."""
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return
+    # a save killed between its two renames leaves the previous model set aside beside the path
+    set_aside = list(path.parent.glob(f".{glob.escape(path.name)}.old.*/{glob.escape(path.name)}"))
+    set_aside = sorted(set_aside, key=_modified) if not path.exists() else []  # the last one saved last
+    if (path / "model.pt").is_file():
+        raise ValueError(
+            f"{path} holds an scvi-tools model (model.pt), not a cellvae one: cellvae cannot read its weights; "
+            "train a cellvae model on the same data (CellVAE(adata, ...).fit())"
+        )
+    if not path.exists() and not set_aside:  # (a typo in the path, most likely)
+        raise FileNotFoundError(
+            f"{path} does not exist: give the folder a model was saved in (by CellVAE.save or cellvae fit --model-dir)"
+        )
+    raise ValueError(
+        f"{path} is not a saved cellvae model: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (written by CellVAE.save)"
+        + (_stopped_save_hint(path) if path.is_dir() else "")
+        + (
+            f"; a save into it was interrupted, and the model saved there before is in {set_aside[-1]}: move it "
+            f"back to {path} to load it"
+            if set_aside
+            else ""
+        )
+    )
+
+
+def _read_weights(weights: Path, config: Config) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a model's safetensors file, checked against its ``config`` (shapes before any
+    tensor is read, then checksum, finiteness and the genes and batches the weights were saved for)."""
+    corrupt = f"{weights} is corrupt or not a safetensors file"
+    try:  # first the file's header: the tensors' shapes and dtypes, before any is read
+        with safe_open(str(weights), framework="pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            header = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
+            metadata = handle.metadata() or {}
+        if METADATA_KEY in metadata:  # (older files hold its entries one by one)
+            metadata = json.loads(metadata[METADATA_KEY])
+            if not isinstance(metadata, dict):
+                raise ValueError(f"its {METADATA_KEY!r} metadata is not a JSON object")
+    except (SafetensorError, OSError, ValueError, RecursionError) as error:
+        raise ValueError(f"{corrupt} ({error})") from error
+    if config.n_layers > len(header):  # each layer holds tensors: bounds the modules load builds
+        raise ValueError(
+            f"{weights} does not match its config.json: n_layers={config.n_layers} but the file holds {len(header)} tensors"
+        )
+    _check_weights_fit(header, config, weights)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            state = {name: handle.get_tensor(name) for name in header}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{corrupt} ({error})") from error
+    if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
+        raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
+    if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
+        raise ValueError(
+            f"{weights} holds weights that are NaN or infinite (training never saves them: it undoes such steps), "
+            "so every output would be NaN; use another copy of the model, or train it again"
+        )
+    if "layout_sha256" in metadata and _layout_digest(config) != metadata["layout_sha256"]:  # (older files: none)
+        raise ValueError(
+            f"{weights} was not saved with this {CONFIG_FILE}: the genes, batches or covariates its rows and columns "
+            f"stand for (gene_names, batch_categories, the covariates' categories and scales) differ from "
+            f"{CONFIG_FILE}'s; keep each model's files together in the folder save wrote"
+        )
+    if metadata.get("format") != "cellvae":  # (every file save wrote holds it, those of the first format too)
+        data.warn_user(
+            f"{weights} holds none of the metadata CellVAE.save writes (a file written again by another program, "
+            "e.g. safetensors' save_file, loses it), so whether its weights were saved with this "
+            f"{CONFIG_FILE} cannot be checked, and how they were trained is unknown; keep the file save wrote",
+            UserWarning,
+        )
+    return state, metadata
+
+
+def _read_history(history_file: Path) -> pd.DataFrame:
+    """The per-epoch training history saved beside a model; empty, marked unread (``attrs["history_unread"]``, which
+    pl.history explains), where the file is missing or unreadable (with a warning: the weights load all the same)."""
+    unread = pd.DataFrame()
+    unread.attrs["history_unread"] = True
+    if not history_file.is_file():
+        return unread
+    try:
+        records = json.loads(history_file.read_text())
+        if not isinstance(records, list) or not all(isinstance(row, dict) for row in records):
+            raise ValueError("it holds no list of per-epoch records")
+        return pd.DataFrame(records)
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as error:
+        data.warn_user(
+            f"{history_file} is not a readable training history ({error}); the model is loaded without it "
+            "(model.history is empty)",
+            UserWarning,
+        )
+        return unread
 
 
 def _check_weights_fit(found: dict[str, tuple], config: Config, weights: Path) -> None:

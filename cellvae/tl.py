@@ -558,31 +558,7 @@ def transfer_labels(
         raise ValueError(f"query_adata has no cells (0 × {query_adata.n_vars} genes): there is nothing to label")
     k = int(k)
     n_jobs = _n_jobs(n_jobs)
-    for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
-        if use_rep not in adata.obsm:
-            shared = [
-                key
-                for key in ref_adata.obsm
-                if key in query_adata.obsm
-                and _same_width(ref_adata, query_adata, key)
-                and key not in SCANPY_EMBEDDINGS  # (X_pca of each alone: no shared space; X_pca_harmony is one)
-                and not key.startswith("X_draw_graph_")
-            ]
-            either = f"pass use_rep={shared[0]!r} if both hold the same model's embedding there, or " if shared else ""
-            raise KeyError(
-                f"use_rep {use_rep!r} not found in {name}.obsm (available: {list(adata.obsm.keys())}); "
-                f"{either}embed both with the same model first, e.g. query_model.get_latent(...)"
-            )
-    reference, query = (_dense(adata.obsm[use_rep]) for adata in (ref_adata, query_adata))
-    if reference.shape[1] != query.shape[1]:
-        raise ValueError(
-            f"obsm[{use_rep!r}] has {reference.shape[1]} dimensions in ref_adata but {query.shape[1]} in query_adata; "
-            "both must come from the same model"
-        )
-    for name, values in (("ref_adata", reference), ("query_adata", query)):
-        if not np.isfinite(values).all():
-            bad = int((~np.isfinite(values)).any(axis=1).sum())
-            raise ValueError(f"{name}.obsm[{use_rep!r}] has NaN or infinite values in {bad:,} cells; embed them again")
+    reference, query = _shared_embedding(ref_adata, query_adata, use_rep)
     labels = ref_adata.obs[labels_key]
     # the reference's own label values (numbers stay numbers; a categorical keeps its order)
     codes, names = pd.factorize(labels[labelled], sort=True)
@@ -666,6 +642,37 @@ def transfer_labels(
         if isinstance(earlier, Mapping) and "labels" in earlier:
             del query_adata.obsm[shares_key], query_adata.uns[shares_key]
     return query_adata if copy else None
+
+
+def _shared_embedding(ref_adata: ad.AnnData, query_adata: ad.AnnData, use_rep: str) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's and the query's ``obsm[use_rep]`` as dense arrays; clear errors where either lacks it (naming
+    a key both hold alike), where their widths differ or where they hold NaN or infinite values."""
+    for name, adata in (("ref_adata", ref_adata), ("query_adata", query_adata)):
+        if use_rep not in adata.obsm:
+            shared = [
+                key
+                for key in ref_adata.obsm
+                if key in query_adata.obsm
+                and _same_width(ref_adata, query_adata, key)
+                and key not in SCANPY_EMBEDDINGS  # (X_pca of each alone: no shared space; X_pca_harmony is one)
+                and not key.startswith("X_draw_graph_")
+            ]
+            either = f"pass use_rep={shared[0]!r} if both hold the same model's embedding there, or " if shared else ""
+            raise KeyError(
+                f"use_rep {use_rep!r} not found in {name}.obsm (available: {list(adata.obsm.keys())}); "
+                f"{either}embed both with the same model first, e.g. query_model.get_latent(...)"
+            )
+    reference, query = (_dense(adata.obsm[use_rep]) for adata in (ref_adata, query_adata))
+    if reference.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"obsm[{use_rep!r}] has {reference.shape[1]} dimensions in ref_adata but {query.shape[1]} in query_adata; "
+            "both must come from the same model"
+        )
+    for name, values in (("ref_adata", reference), ("query_adata", query)):
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).any(axis=1).sum())
+            raise ValueError(f"{name}.obsm[{use_rep!r}] has NaN or infinite values in {bad:,} cells; embed them again")
+    return reference, query
 
 
 def _voting_cells(
