@@ -495,6 +495,33 @@ SPARSE_CALLS = (
 )
 
 
+def warn_about_group_sizes(few: list[str], small: list[str], max_cells: int, source: str) -> None:
+    """Warn where the groups ``few`` (under 5 cells with counts) or ``small`` (under ``SHRUNK_GROUP_CELLS``), or
+    ``max_cells`` itself, leave a group's mean expression to rest on too few cells; ``source``: where the groups
+    are (e.g. ``obs['cell_type']``)."""
+    if max_cells < 5:
+        warn_user(
+            f"max_cells={max_cells} draws each group's mean expression from fewer than 5 cells: its spread then rests "
+            f"mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more. "
+            f"{SPARSE_CALLS}",
+            UserWarning,
+        )
+        return
+    if few:
+        warn_user(
+            f"groups {', '.join(few[:5])} of {source} have fewer than 5 cells with counts: the spread of their mean "
+            "expression rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be "
+            f"called, and those not reliably. {SPARSE_CALLS}",
+            UserWarning,
+        )
+    if small:
+        fewer = f"fewer than {SHRUNK_GROUP_CELLS} cells"
+        where = f"groups {', '.join(small[:5])} of {source} have {fewer} with counts"
+        if max_cells < SHRUNK_GROUP_CELLS:
+            where = f"max_cells={max_cells} draws each group's mean expression from {fewer}"
+        warn_shrunk_groups(where)
+
+
 def warn_shrunk_groups(where: str) -> None:
     """Warn that groups of fewer than ``SHRUNK_GROUP_CELLS`` cells (``where`` names them) get their fold changes
     shrunk strongly towards no change."""

@@ -1507,28 +1507,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             if tell_separate and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
                 separate.append(f"{name1} vs {name2}")
             picked.append(tuple(differential.subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
-        few = sorted(few)
-        if max_cells < 5:
-            data.warn_user(
-                f"max_cells={max_cells} draws each group's mean expression from fewer than 5 cells: its spread then rests "
-                "mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more. "
-                + differential.SPARSE_CALLS,
-                UserWarning,
-            )
-        elif few:
-            data.warn_user(
-                f"groups {', '.join(few[:5])} of {source} have fewer than 5 cells with counts: the spread of their mean "
-                "expression rests mostly on the prior (pseudo-cells drawn from both groups), so only large changes can be "
-                f"called, and those not reliably. {differential.SPARSE_CALLS}",
-                UserWarning,
-            )
-        small = sorted(small - set(few))
-        if small and max_cells >= 5:
-            fewer = f"fewer than {differential.SHRUNK_GROUP_CELLS} cells"
-            where = f"groups {', '.join(small[:5])} of {source} have {fewer} with counts"
-            if max_cells < differential.SHRUNK_GROUP_CELLS:
-                where = f"max_cells={max_cells} draws each group's mean expression from {fewer}"
-            differential.warn_shrunk_groups(where)
+        differential.warn_about_group_sizes(sorted(few), sorted(small - few), max_cells, source)
         if separate:
             differential.warn_groups_share_no_batch(separate, self.config.batch_key, batch_correction)
         if pseudocount is None:
@@ -1670,31 +1649,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 in_place = in_place or data_left
             # the cellvae that wrote the file (a model loaded from an older one may hold fields that one does not know)
             replace(self.config, cellvae_version=CELLVAE_VERSION).to_json(staging / CONFIG_FILE)
-            # float32, as load expects them (a module cast with .double() or .half() would save weights it refuses)
-            state = {k: _as_saved(v) for k, v in self.module.state_dict().items()}
-            metadata = {
-                "format": "cellvae",
-                "trained": str(self.is_trained).lower(),
-                "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
-                "still_improving": str(bool(self.history.attrs.get("still_improving"))).lower(),
-                # the epoch whose parameters these are ("" where no epoch was kept or the history predates it)
-                "best_epoch": str(self.history.attrs.get("best_epoch", "")),
-                # how many data-parallel processes trained it ("" for one), each on minibatches of batch_size cells
-                "processes": str(self.history.attrs.get("processes", "")),
-                "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
-                # and this: weights copied into another model's folder (the same shapes, other genes) are refused
-                "layout_sha256": _layout_digest(self.config),
-            }
-            if self.history.attrs.get("brief_training"):  # a first fit stopped far short of its default epochs
-                metadata["brief_training"] = self.history.attrs["brief_training"]  # (differential_expression tells it)
-            if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train); progress
-                # always True, whether or not a bar showed, so that the same weights save to the same bytes (older
-                # cellvae needs the entry)
-                metadata["train_settings"] = asdict(self.train_settings) | {"progress": True}
-            # one metadata entry: safetensors writes several in an order that varies from save to save, so the
-            # same model's file would differ byte for byte
-            metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
-            (staging / WEIGHTS_FILE).write_bytes(safetensors_bytes(state, metadata=metadata))
+            (staging / WEIGHTS_FILE).write_bytes(self._weights_file())
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
         except BaseException:
@@ -1748,6 +1703,35 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "this model's AnnData",
                 UserWarning,
             )
+
+    def _weights_file(self) -> bytes:
+        """The safetensors file of the weights, with the metadata :meth:`load` checks them by and tells the user of
+        (whether and how the model was trained, checksums of the weights and of the genes and batches they are for)."""
+        # float32, as load expects them (a module cast with .double() or .half() would save weights it refuses)
+        state = {k: _as_saved(v) for k, v in self.module.state_dict().items()}
+        metadata = {
+            "format": "cellvae",
+            "trained": str(self.is_trained).lower(),
+            "interrupted": str(bool(self.history.attrs.get("interrupted"))).lower(),
+            "still_improving": str(bool(self.history.attrs.get("still_improving"))).lower(),
+            # the epoch whose parameters these are ("" where no epoch was kept or the history predates it)
+            "best_epoch": str(self.history.attrs.get("best_epoch", "")),
+            # how many data-parallel processes trained it ("" for one), each on minibatches of batch_size cells
+            "processes": str(self.history.attrs.get("processes", "")),
+            "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
+            # and this: weights copied into another model's folder (the same shapes, other genes) are refused
+            "layout_sha256": _layout_digest(self.config),
+        }
+        if self.history.attrs.get("brief_training"):  # a first fit stopped far short of its default epochs
+            metadata["brief_training"] = self.history.attrs["brief_training"]  # (differential_expression tells it)
+        if self.train_settings is not None:  # how it was trained, for whoever loads it (not used to train); progress
+            # always True, whether or not a bar showed, so that the same weights save to the same bytes (older
+            # cellvae needs the entry)
+            metadata["train_settings"] = asdict(self.train_settings) | {"progress": True}
+        # one metadata entry: safetensors writes several in an order that varies from save to save, so the
+        # same model's file would differ byte for byte
+        metadata = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+        return safetensors_bytes(state, metadata=metadata)
 
     @classmethod
     @advise_on_foreign_arguments
