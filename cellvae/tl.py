@@ -994,41 +994,7 @@ def rank_genes_groups(
             f"obs[{groupby!r}] has categories without cells {unused[:5]}, which scanpy's plots of the result cannot "
             f"show; drop them first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}].cat.remove_unused_categories()"
         )
-    # scanpy names a group str(category) (1.0 is "1.0"); differential_expression reads whole numbers as "1"
-    scanpy_name = {group_name(category): str(category) for category in column.cat.categories}
-    own_name = {name: own for own, name in scanpy_name.items()}
-
-    def as_own(group):  # a group as differential_expression names it: "1.0", 1.0 and 1 are one group, "1"
-        if str(group) in own_name:
-            return own_name[str(group)]
-        try:
-            number = float(group) if isinstance(group, str) else group
-        except ValueError:
-            return group
-        return group_name(number) if group_name(number) in scanpy_name else group
-
-    if reference is None or (str(reference) != "rest" and as_own(reference) not in scanpy_name):
-        rest = " (for all other cells pass reference='rest')" if reference is None or str(reference).lower() == "rest" else ""
-        raise ValueError(
-            f"reference takes 'rest' or one group of obs[{groupby!r}], as scanpy's; got {reference!r}{rest}; its groups "
-            f"are {list(scanpy_name.values())[:20]}"
-        )
-    reference = as_own(reference)
-    if groups is None:  # (differential_expression's group1=None means every group: here that is groups='all')
-        raise TypeError(f"groups takes 'all' or a list of groups of obs[{groupby!r}]; for every group pass groups='all'")
-    check_ordered(groups, "groups", "'all' or a list of groups (in the order the result lists them)")
-    if isinstance(groups, str) and groups != "all":
-        groups = [groups]
-    groups = groups if isinstance(groups, str) else [as_own(g) for g in groups]
-    repeated = [] if isinstance(groups, str) else sorted({str(g) for g in groups if groups.count(g) > 1})
-    if repeated:  # (each would be a second column of pts, which anndata cannot write)
-        raise ValueError(f"groups names {[scanpy_name.get(g, g) for g in repeated]} more than once; name each group once")
-    # (a group named "rest" is compared with the rest, as scanpy compares it)
-    group1 = None if isinstance(groups, str) else [g for g in groups if reference == "rest" or str(g) != str(reference)]
-    if groups == []:
-        raise ValueError("groups=[] names no group; name the groups to compare, or leave groups='all' for every group")
-    if group1 == []:
-        raise ValueError(f"groups={groups!r} holds only the reference {reference!r}; name other groups to compare with it")
+    groups, group1, reference, scanpy_name = _groups_to_compare(column, groupby, groups, reference)
     with shrunk_fold_changes_told_as(
         "their logfoldchanges can miss large changes",
         f"for such a group's expression1 and expression2 (not shrunk) call model.differential_expression(adata, "
@@ -1102,6 +1068,48 @@ def rank_genes_groups(
     make_view_own_data(adata)
     adata.uns[key_added] = ranking
     return adata if copy else None
+
+
+def _groups_to_compare(column: pd.Series, groupby: str, groups, reference) -> tuple[list | str, list | None, object, dict]:
+    """rank_genes_groups' ``groups`` and ``reference`` of the categorical ``column`` (obs[groupby]) as
+    differential_expression names them: ``groups`` checked ('all' or a list), the first groups of its comparisons
+    (None for every group), the reference ('rest' or a group) and each group's name in scanpy's result."""
+    # scanpy names a group str(category) (1.0 is "1.0"); differential_expression reads whole numbers as "1"
+    scanpy_name = {group_name(category): str(category) for category in column.cat.categories}
+    own_name = {name: own for own, name in scanpy_name.items()}
+
+    def as_own(group):  # a group as differential_expression names it: "1.0", 1.0 and 1 are one group, "1"
+        if str(group) in own_name:
+            return own_name[str(group)]
+        try:
+            number = float(group) if isinstance(group, str) else group
+        except ValueError:
+            return group
+        return group_name(number) if group_name(number) in scanpy_name else group
+
+    if reference is None or (str(reference) != "rest" and as_own(reference) not in scanpy_name):
+        rest = " (for all other cells pass reference='rest')" if reference is None or str(reference).lower() == "rest" else ""
+        raise ValueError(
+            f"reference takes 'rest' or one group of obs[{groupby!r}], as scanpy's; got {reference!r}{rest}; its groups "
+            f"are {list(scanpy_name.values())[:20]}"
+        )
+    reference = as_own(reference)
+    if groups is None:  # (differential_expression's group1=None means every group: here that is groups='all')
+        raise TypeError(f"groups takes 'all' or a list of groups of obs[{groupby!r}]; for every group pass groups='all'")
+    check_ordered(groups, "groups", "'all' or a list of groups (in the order the result lists them)")
+    if isinstance(groups, str) and groups != "all":
+        groups = [groups]
+    groups = groups if isinstance(groups, str) else [as_own(g) for g in groups]
+    repeated = [] if isinstance(groups, str) else sorted({str(g) for g in groups if groups.count(g) > 1})
+    if repeated:  # (each would be a second column of pts, which anndata cannot write)
+        raise ValueError(f"groups names {[scanpy_name.get(g, g) for g in repeated]} more than once; name each group once")
+    # (a group named "rest" is compared with the rest, as scanpy compares it)
+    group1 = None if isinstance(groups, str) else [g for g in groups if reference == "rest" or str(g) != str(reference)]
+    if groups == []:
+        raise ValueError("groups=[] names no group; name the groups to compare, or leave groups='all' for every group")
+    if group1 == []:
+        raise ValueError(f"groups={groups!r} holds only the reference {reference!r}; name other groups to compare with it")
+    return groups, group1, reference, scanpy_name
 
 
 # ----------------------------------------------------------------------------- rate–distortion and latent arithmetic
