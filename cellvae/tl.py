@@ -1207,20 +1207,7 @@ def rate_distortion_sweep(
     if "beta" in model_kwargs:
         raise ValueError("pass the KL weights as betas=(...), not beta=...")
     _check_model_kwargs(model_kwargs, "rate_distortion_sweep")
-    if isinstance(betas, (int, float, np.number)):
-        raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
-    if not isinstance(betas, (str, bytes)):  # a generator or map is read once, here
-        try:
-            betas = tuple(betas)
-        except TypeError:
-            raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=(0.5, 1.0, 2.0), got {betas!r}") from None
-    if isinstance(betas, (str, bytes)) or not all(
-        isinstance(b, (int, float, np.number)) and not isinstance(b, bool) for b in betas
-    ):
-        raise TypeError(f"betas takes numbers, e.g. betas=(0.5, 1.0, 2.0), got {betas!r}")
-    betas = tuple(float(b) for b in betas)
-    if not betas or min(betas) < 0 or not np.isfinite(betas).all():
-        raise ValueError(f"betas must be a non-empty sequence of non-negative finite numbers, got {betas}")
+    betas = _checked_betas(betas)
     if not (isinstance(held_out, (int, float, np.number)) and 0.0 < held_out < 1.0):
         raise ValueError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
     random_state = check_seed(random_state)
@@ -1254,15 +1241,7 @@ def rate_distortion_sweep(
     for key in key_list(model_kwargs.get("continuous_covariate_keys")):  # the held-out cells' too, before training
         if key in adata.obs.columns:
             continuous_values(adata.obs, key)
-    order = np.random.default_rng(random_state).permutation(adata.n_obs)
-    held = np.zeros(adata.n_obs, dtype=bool)
-    held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
-    # A held-out cell whose batch (or covariate category) no training cell shares is trained on instead:
-    # the models could not embed it.
-    for key in [batch_key, *key_list(model_kwargs.get("categorical_covariate_keys"))]:
-        if key is not None and key in adata.obs.columns:
-            codes = as_text(adata.obs[key]).codes  # (the model's categories: -0.0 is 0.0)
-            held &= np.isin(codes, np.unique(codes[~held]))
+    held = _held_out_cells(adata, held_out, random_state, [batch_key, *key_list(model_kwargs.get("categorical_covariate_keys"))])
     if (~held).sum() < MIN_CELLS:  # (before fit finds it, told in its terms: a model of the training part)
         raise ValueError(
             f"rate_distortion_sweep trains on at least {MIN_CELLS} cells besides those it holds out: held_out="
@@ -1330,6 +1309,38 @@ def rate_distortion_sweep(
     frame.insert(position + 1, "elbo_to_best_se", spread / np.sqrt(n_cells))
     frame["random_state"] = random_state  # (which cells were held out: stacked sweeps are told apart by it)
     return frame
+
+
+def _checked_betas(betas) -> tuple[float, ...]:
+    """The sweep's KL weights as a tuple of floats (a generator read once); clear errors for anything else."""
+    if isinstance(betas, (int, float, np.number)):
+        raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=({betas},), got the number {betas!r}")
+    if not isinstance(betas, (str, bytes)):  # a generator or map is read once, here
+        try:
+            betas = tuple(betas)
+        except TypeError:
+            raise TypeError(f"betas takes a sequence of KL weights, e.g. betas=(0.5, 1.0, 2.0), got {betas!r}") from None
+    if isinstance(betas, (str, bytes)) or not all(
+        isinstance(b, (int, float, np.number)) and not isinstance(b, bool) for b in betas
+    ):
+        raise TypeError(f"betas takes numbers, e.g. betas=(0.5, 1.0, 2.0), got {betas!r}")
+    betas = tuple(float(b) for b in betas)
+    if not betas or min(betas) < 0 or not np.isfinite(betas).all():
+        raise ValueError(f"betas must be a non-empty sequence of non-negative finite numbers, got {betas}")
+    return betas
+
+
+def _held_out_cells(adata: ad.AnnData, held_out: float, random_state: int, category_keys: list[str | None]) -> np.ndarray:
+    """Which cells the sweep holds out (a seeded share ``held_out`` of them), leaving in training those whose batch or
+    covariate category (the obs columns ``category_keys``) no training cell shares: the models could not embed them."""
+    order = np.random.default_rng(random_state).permutation(adata.n_obs)
+    held = np.zeros(adata.n_obs, dtype=bool)
+    held[order[: max(1, int(round(held_out * adata.n_obs)))]] = True
+    for key in category_keys:
+        if key is not None and key in adata.obs.columns:
+            codes = as_text(adata.obs[key]).codes  # (the model's categories: -0.0 is 0.0)
+            held &= np.isin(codes, np.unique(codes[~held]))
+    return held
 
 
 @contextmanager
