@@ -35,6 +35,7 @@ VAR_NAMES_HELP = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``cellvae`` command with ``argv`` (``None``: the process's arguments); returns its exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -417,6 +418,7 @@ def add_compression_option(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``cellvae`` command and its subcommands (demo, fit, embed, map)."""
     parser = argparse.ArgumentParser(
         prog="cellvae", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -646,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """``cellvae demo``: train on the bundled PBMC example; write the embedded data, its UMAP, the training history and the
+    model to ``--out-dir``."""
     import matplotlib.pyplot as plt
     import scanpy as sc
 
@@ -691,7 +695,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-
+    """``cellvae fit``: train a model on the input's counts, save it and write the embedding (and graph) to ``--out``."""
     from cellvae import CellVAE, tl
     from cellvae.train import pick_device, rank_and_world, setup_distributed
 
@@ -796,7 +800,7 @@ def _graph_results_held(adata) -> list[str]:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-
+    """``cellvae embed``: embed the input's cells with a saved model and write the embedding to ``--out``."""
     from cellvae import CellVAE, tl
 
     _check_input_and_output(args)  # (also an --out inside --model-dir)
@@ -841,7 +845,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_map(args: argparse.Namespace) -> int:
-
+    """``cellvae map``: map a query onto a saved reference model (its new batches trained), embed it, transfer
+    labels from ``--reference`` where given, and write the result to ``--out``."""
     import anndata as ad
 
     from cellvae import CellVAE, tl
