@@ -763,7 +763,10 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         self._data_parallel_rank = rank if world > 1 else None
         if world > 1:  # each step's global minibatch was world × batch_size cells
             self.history.attrs["processes"] = world
-        brief = None if before.is_trained or query else _brief_training(history, len(nonempty))  # (a further fit: not judged)
+        if query:  # it decodes with its reference's decoder: the record map_query gave it stays
+            brief = before.history.attrs.get("brief_training")
+        else:  # (a further fit: not judged)
+            brief = None if before.is_trained else _brief_training(history, len(nonempty))
         if brief:  # told by differential_expression, and saved with the model
             self.history.attrs["brief_training"] = brief
         try:  # checks that only warn: the model is trained whether or not they finish
@@ -1324,7 +1327,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         does not expect (``benchmarks/README.md``, "Differential expression"). The uncertainty is
         the model's: it does not cover errors of the decoder itself, so an undertrained model can call genes that do not differ
         (train with the default epochs), or, stopped far sooner, find every difference small and call few (a warning
-        says so where its first fit stopped under a quarter of the default epochs, its loss still falling), and a change
+        says so where its first fit, or a query model's reference's, stopped under a quarter of the default epochs, its loss
+        still falling), and a change
         the latent space does not separate (a modest effect inside one
         cell type whose cells of both groups overlap there) is shrunk towards no change; compare
         ``raw_normalized_mean1``/``raw_normalized_mean2`` there. ``expected_fdr`` belongs to the list
@@ -2066,7 +2070,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
                 "reference_model.get_latent(query_adata), or rename its batches to map them as new ones",
                 UserWarning,
             )
-            return query_model
+            return _decoding_as(self, query_model)
         nonempty = cells[loader.library[cells] > 0]
         _warn_about_empty_cells(loader, cells, nonempty, config, "at zero, untrained", query_adata, "query_adata")
         _warn_about_equal_depths(loader.library[nonempty], location)
@@ -2139,7 +2143,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             data.warn_user("Ctrl-C: the checks after mapping were skipped; the query model is mapped", RuntimeWarning)
         finally:
             _move(query_model.module, query_model.device)
-        return query_model
+        return _decoding_as(self, query_model)
 
     # ------------------------------------------------------------------ diagnostics and generation
 
@@ -3284,18 +3288,34 @@ def _warn_if_trained_briefly(model: CellVAE) -> None:
     """Warn where the model's first fit stopped far short of its default epochs, its loss still falling
     (:func:`_brief_training`): such a decoder spreads each gene over every group, so differential expression finds
     differences small and calls few (pbmc3k, B vs NK: none after 3 epochs, 1,108 genes after 20). A query model
-    decodes with its reference's decoder, trained in the reference's own fit."""
+    decodes with its reference's decoder: it is told of its reference's brief fit (:func:`_decoding_as`)."""
     brief = model.history.attrs.get("brief_training")
-    if not brief or model.config.reference_categories:
+    if not brief:
         return
     epochs, default = brief["epochs"], brief["default_epochs"]
+    query = bool(model.config.reference_categories)
+    whose = "the training of the reference model this query model was mapped onto" if query else "this model's training"
+    fix = (
+        "train the reference further (reference_model.fit()) and map the query again"
+        if query
+        else "train it further (model.fit())"
+    )
     data.warn_user(
-        f"this model's training stopped{' by Ctrl-C' if brief['interrupted'] else ''} after {epochs} "
+        f"{whose} stopped{' by Ctrl-C' if brief['interrupted'] else ''} after {epochs} "
         f"epoch{'s' * (epochs != 1)}, under a quarter of the {default} that fit gives its {brief['cells']:,} cells by "
         "default, with its loss still falling: an undertrained decoder spreads each gene's expression over every group, "
-        "so differences come out small and few genes are called; train it further (model.fit()) before comparing groups",
+        f"so differences come out small and few genes are called; {fix} before comparing groups",
         UserWarning,
     )
+
+
+def _decoding_as(reference: CellVAE, query_model: CellVAE) -> CellVAE:
+    """``query_model``, given its ``reference``'s record of brief training (:func:`_brief_training`), which
+    differential_expression tells of: a query model decodes with its reference's decoder."""
+    brief = reference.history.attrs.get("brief_training")
+    if brief:
+        query_model.history.attrs["brief_training"] = brief
+    return query_model
 
 
 def _warn_if_mmd_sees_one_cell(config: Config, batch_size: int) -> None:

@@ -109,7 +109,8 @@ def test_the_prior_learnt_from_all_genes_shrinks_poorly_measured_ones_towards_no
 def test_comparing_groups_with_a_model_stopped_far_too_early_is_warned_about(tmp_path, monkeypatch):
     """A model trained a few epochs, still improving, muted every difference (pbmc3k, B vs NK after 3 epochs: no gene
     called) and said nothing. Told after fit and after save/load (whatever AnnData it is loaded with); not for a model
-    trained further, to its end, or mapped (a query model decodes with its reference's decoder)."""
+    trained further or to its end. A query model decodes with its reference's decoder: mapped onto a brief reference it is
+    told of the reference's training, after mapping, a further fit of the mapping, and save/load."""
     adata = cellvae.datasets.simulate(n_cells=300, n_genes=60, n_batches=2, n_cell_types=3, random_state=0)
     brief = CellVAE(adata, batch_key="batch").fit(max_epochs=2, progress=False)
     assert brief.history.attrs["still_improving"]
@@ -134,7 +135,15 @@ def test_comparing_groups_with_a_model_stopped_far_too_early_is_warned_about(tmp
     query = adata[adata.obs["batch"] == "batch1"].copy()
     query.obs["batch"] = "new"
     query_model = brief.map_query(query, max_epochs=2, progress=False)
-    assert quiet(query_model)
+    mapped_told = r"the training of the reference model this query model was mapped onto stopped after 2 epochs"
+    mapped_told += r".* train the reference further \(reference_model.fit\(\)\) and map the query again"
+    with pytest.warns(UserWarning, match=mapped_told):
+        query_model.differential_expression(**compare)
+    query_model.save(tmp_path / "query")
+    query_model.fit(max_epochs=1, progress=False)  # (the mapping trained further: the decoder is still the reference's)
+    for mapped in (query_model, CellVAE.load(tmp_path / "query", adata=query_model.adata)):
+        with pytest.warns(UserWarning, match=mapped_told):
+            mapped.differential_expression(**compare)
     weights = tmp_path / "brief" / "model.safetensors"  # an entry edited by hand into other values: left out
     with safe_open(str(weights), framework="pt") as handle:
         entries = json.loads(handle.metadata()["cellvae"])
