@@ -502,7 +502,7 @@ def warn_about_group_sizes(few: list[str], small: list[str], max_cells: int, sou
     if max_cells < 5:
         warn_user(
             f"max_cells={max_cells} draws each group's mean expression from fewer than 5 cells: its spread then rests "
-            f"mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more. "
+            "mostly on the prior, so only large changes can be called, and those not reliably; use max_cells=5 or more. "
             f"{SPARSE_CALLS}",
             UserWarning,
         )

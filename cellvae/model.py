@@ -1327,10 +1327,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         does not expect (``benchmarks/README.md``, "Differential expression"). The uncertainty is
         the model's: it does not cover errors of the decoder itself, so an undertrained model can call genes that do not differ
         (train with the default epochs), or, stopped far sooner, find every difference small and call few (a warning
-        says so where its first fit, or a query model's reference's, stopped under a quarter of the default epochs, its loss
-        still falling), and a change
-        the latent space does not separate (a modest effect inside one
-        cell type whose cells of both groups overlap there) is shrunk towards no change; compare
+        says so where its first fit, or a query model's reference's, stopped under a quarter of the default epochs, its
+        loss still falling), and a change the latent space does not separate (a modest effect inside one cell type whose
+        cells of both groups overlap there) is shrunk towards no change; compare
         ``raw_normalized_mean1``/``raw_normalized_mean2`` there. ``expected_fdr`` belongs to the list
         down to a gene, not to the gene alone: a called gene may have ``proba_de`` well below 0.95.
 
