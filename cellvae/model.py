@@ -93,6 +93,10 @@ SCVI_TOOLS_METHODS = {
     "predict": "cellvae.tl.transfer_labels(reference, query, labels_key) on the embeddings (a k-NN vote, as scANVI's "
     "predict labels cells; cellvae has no semi-supervised model)",
     "from_scvi_model": "nothing: cellvae has no scANVI; label cells with cellvae.tl.transfer_labels on the embedding",
+    "get_latent_library_size": "nothing: cellvae takes each cell's observed total counts over the model's genes as its "
+    "library size, not a latent one",
+    "get_feature_correlation_matrix": "np.corrcoef(model.get_normalized_expression(adata), rowvar=False) "
+    "(gene by gene, on decoded expression)",
 }
 # scvi-tools' argument: its advice in each place, as (what the method must take for the advice to apply: a cellvae
 # argument or the method's own name; None: any method; the advice); the first that applies is given

@@ -1702,6 +1702,11 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
     adata = small(two_batches)
     with pytest.raises(AttributeError, match=r"'setup_anndata' \(scvi-tools' setup_anndata; in cellvae: CellVAE\(adata, layer="):
         CellVAE.setup_anndata(adata, batch_key="batch")
+    model = CellVAE(adata)
+    with pytest.raises(AttributeError, match=r"get_latent_library_size.* observed total counts over the model's genes"):
+        model.get_latent_library_size()
+    with pytest.raises(AttributeError, match=r"get_feature_correlation_matrix.*np\.corrcoef\(model\.get_normalized_expression"):
+        model.get_feature_correlation_matrix()
     with pytest.raises(TypeError, match=r"argument 'gene_likelihood', scvi-tools' name: use likelihood="):
         CellVAE(adata, batch_key="batch", gene_likelihood="zinb")
     with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'n_hiden'$"):  # a typo: Python's own error
