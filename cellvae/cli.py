@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import math
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass
 from pathlib import Path
 
 from cellvae.config import CELLVAE_VERSION, DISPERSIONS, LIKELIHOODS
@@ -80,12 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         # not an error after the work is done
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="backslashreplace")
+        # A cluster's scheduler stops a job at its time limit (or scancel) with SIGTERM: taken as Ctrl-C, so that
+        # fit keeps its best epoch so far, saves the model and writes --out before the scheduler's SIGKILL
+        signal.signal(signal.SIGTERM, _stop_as_ctrl_c)
+        return _run_past_hdf5_write_failures(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; its exit status (a user error: ``SystemExit`` with a one-line message)."""
     grouped = _in_a_process_group()  # a group the caller made is kept; the one fit joins under torchrun is left at the end
     try:
-        return args.run(args)
+        status = args.run(args)
+        return EXIT_TERMINATED if status == EXIT_INTERRUPTED and _SHELL_RUN.terminated else status
     except KeyboardInterrupt:  # one line, not a traceback (fit tells what it wrote when Ctrl-C stopped training)
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("terminated (SIGTERM)" if _SHELL_RUN.terminated else "interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if _SHELL_RUN.terminated else EXIT_INTERRUPTED
     except (ValueError, KeyError, TypeError, OSError, FloatingPointError, RuntimeError) as error:
         # bad input found by cellvae, anndata, h5py or the file system, training that failed (non-finite
         # losses, out of memory): its message, not a traceback
@@ -98,6 +111,48 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not grouped and _in_a_process_group():  # (nccl warns at exit of a group that was never destroyed)
             sys.modules["torch.distributed"].destroy_process_group()
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's statuses for SIGINT and SIGTERM (128 + signal)
+
+
+@dataclass
+class _ShellRun:
+    """What happened to a command run from the shell that its exit must take into account."""
+
+    terminated: bool = False  # by SIGTERM: exit status 143, not Ctrl-C's 130
+    hdf5_left_open: bool = False  # h5py could not close a file it failed to write (a full disk or quota)
+
+
+_SHELL_RUN = _ShellRun()
+
+
+def _run_past_hdf5_write_failures(args: argparse.Namespace) -> int:
+    """:func:`_run`, but where h5py failed to close a file it wrote (--out on a full disk; see :func:`_write`), the
+    process ends at once after the command's message: Python's exit would close that file again and crash (a
+    segmentation fault)."""
+    try:
+        status = _run(args)
+    except SystemExit as exit:
+        if not _SHELL_RUN.hdf5_left_open:
+            raise
+        if not isinstance(exit.code, int):
+            print(exit.code, file=sys.stderr)
+        status = exit.code if isinstance(exit.code, int) else 1
+    if _SHELL_RUN.hdf5_left_open:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _stop_as_ctrl_c(signum: int, frame) -> None:
+    """SIGTERM handled as Ctrl-C is at that moment (training's handler while it trains data-parallel)."""
+    _SHELL_RUN.terminated = True
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # Ctrl-C ignored (a background job) or the system's default
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 def _in_a_process_group() -> bool:
@@ -738,15 +793,21 @@ def run_fit(args: argparse.Namespace) -> int:
     replaced = adata.obsm.get(args.key_added)
     seed, progress = tl.check_seed(args.seed), not args.quiet
     model = tl._trained_model(genes, model_kwargs, args.epochs, seed, progress, fit_kwargs)
-    model.save(args.model_dir, overwrite=args.overwrite)  # first, so that a failure (or Ctrl-C) below loses no training
-    print(f"trained {_epochs(len(model.history))}{_still_improving(model)}; saved the model in {args.model_dir}")
+    trained = f"trained {_epochs(len(model.history))}{_still_improving(model)}"
+    try:  # first, so that a failure (or Ctrl-C) below loses no training
+        model.save(args.model_dir, overwrite=args.overwrite)
+        print(f"{trained}; saved the model in {args.model_dir}")
+        save_error = None
+    except OSError as error:  # a full disk or quota there: the embedding is still written to --out, then told
+        print(f"{trained}; could not save the model in {args.model_dir}", file=sys.stderr)
+        save_error = error
     with warnings.catch_warnings():  # told below, only where no new graph is computed
         if stale:
             warnings.filterwarnings("ignore", message=re.escape(stale), category=UserWarning)
         tl._store_embedding(adata, genes, model, key_added, seed, args.mask_var, progress, model_kwargs, fit_kwargs)
     stale = tl._stale_unless_same(stale, replaced, adata.obsm[args.key_added])
     recorded = adata.uns[tl._uns_key(args.key_added)]["params"]
-    recorded["model_dir"] = _recorded_path(args.model_dir)  # (as embed and map record it)
+    recorded["model_dir"] = None if save_error else _recorded_path(args.model_dir)  # (as embed and map record it)
     if args.checkpoint_dir is not None:
         recorded["checkpoint_dir"] = _recorded_path(args.checkpoint_dir)
     if _streamed(args):  # (read from disk in blocks: the same model as in memory, but not the same minibatches)
@@ -768,19 +829,30 @@ def run_fit(args: argparse.Namespace) -> int:
         _write(adata, args.out, args.compression)
     except (OSError, KeyboardInterrupt) as error:
         earlier = " (the file there is from an earlier run)" if Path(args.out).is_file() else ""
-        told = f"could not write {args.out}{earlier}; the model is saved in {args.model_dir}"
+        saved = (
+            f"the model could not be saved in {args.model_dir} either"
+            if save_error
+            else f"the model is saved in {args.model_dir}"
+        )
+        told = f"could not write {args.out}{earlier}; {saved}"
         if isinstance(error, KeyboardInterrupt):
             print(f"interrupted: {told}", file=sys.stderr)
-            return 130
-        raise SystemExit(f"error: {told} ({type(error).__name__}: {error})") from error
+            return EXIT_INTERRUPTED
+        reason = os.strerror(error.errno) if error.errno is not None else f"{type(error).__name__}: {error}"
+        raise SystemExit(f"error: {told} ({reason})") from error
+    if save_error is not None:
+        raise SystemExit(
+            f"error: {save_error} (wrote {args.out} with obsm[{args.key_added!r}]); free space there, or name another "
+            "--model-dir, and fit again"
+        ) from save_error
     if interrupted:
         resume = " (continue with --resume --overwrite)" if args.checkpoint_dir else ""
         print(f"interrupted: wrote {args.out} with obsm[{args.key_added!r}] of the best epoch so far{resume}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     only = f"wrote {args.out} with obsm[{args.key_added!r}] only (the model is saved): run them with scanpy"
     if graph_stopped:
         print(f"interrupted: neighbours/UMAP/Leiden stopped; {only}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     if graph_error is not None:
         failed = f"{type(graph_error).__name__}: {graph_error}"
         raise SystemExit(f"error: neighbours/UMAP/Leiden failed ({failed}); {only}") from graph_error
@@ -966,7 +1038,7 @@ def run_map(args: argparse.Namespace) -> int:
     mapped = f"mapped {query.n_obs} cells (new batches: {new_batches}{new_categories}) in {_epochs(len(query_model.history))}"
     if interrupted:
         print(f"interrupted: {mapped}, the best so far; wrote {args.out} with {', '.join(written)}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(f"{mapped}; wrote {args.out} with {', '.join(written)}")
     return 0
 
@@ -1568,14 +1640,42 @@ def _write(adata, out: str, compression: str | None = None) -> None:
     try:
         # An input written by anndata 0.13 with pandas 3 holds pandas string arrays, which anndata 0.12 writes
         # only when allowed; the output keeps them as the input stored them.
-        with ad.settings.override(allow_write_nullable_strings=True):
+        with ad.settings.override(allow_write_nullable_strings=True), _quiet_if_hdf5_cannot_close():
             if any(_on_disk(matrix) for matrix in _matrices(adata)):
                 _write_copying_on_disk_matrices_in_blocks(adata, partial, compression)
             else:
                 ad.AnnData.write_h5ad(adata, partial, compression=compression)
         os.replace(partial, target)
+    except OSError as error:  # HDF5's own message names the partial file and its write offsets, over several lines
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, f"could not write {out}: {os.strerror(error.errno)}") from error
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextmanager
+def _quiet_if_hdf5_cannot_close() -> Iterator[None]:
+    """Where h5py cannot close a file it writes (a full disk or quota), it prints a traceback for each of the file's
+    objects (a page of them) besides raising the error that the command tells in one line: those are left out, and
+    the process is marked to end without closing the file again (:func:`_run_past_hdf5_write_failures`). Anything
+    else written to stderr meanwhile is printed after."""
+    previous_hook, captured = sys.unraisablehook, io.StringIO()
+
+    def hdf5_objects_left_open(unraisable) -> None:
+        if "h5py" in str(unraisable.object):
+            _SHELL_RUN.hdf5_left_open = True
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hdf5_objects_left_open
+    try:
+        with redirect_stderr(captured):
+            yield
+    finally:
+        sys.unraisablehook = previous_hook
+        if not _SHELL_RUN.hdf5_left_open:
+            sys.stderr.write(captured.getvalue())
 
 
 COPY_BLOCK = 1 << 24  # stored values (or dense rows × genes) copied at once from a backed input to --out

@@ -53,6 +53,7 @@ from cellvae.train import (
     refuse_earlier_checkpoints,
     setup_distributed,
     split_cells,
+    tensors_digest,
     train,
     train_every_category,
     with_progress,
@@ -1659,9 +1660,13 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             (staging / WEIGHTS_FILE).write_bytes(self._weights_file())
             (staging / HISTORY_FILE).write_text(_history_json(self.history))
             _make_durable_and_shareable(staging)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(beside, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno is not None and error.filename is None:  # a full disk: where?
+                raise OSError(
+                    error.errno, f"could not save the model in {path}: {error.strerror}; nothing there changed"
+                ) from error
             raise
         previous = None
         try:
@@ -1725,7 +1730,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             "best_epoch": str(self.history.attrs.get("best_epoch", "")),
             # how many data-parallel processes trained it ("" for one), each on minibatches of batch_size cells
             "processes": str(self.history.attrs.get("processes", "")),
-            "sha256": _weights_digest(state),  # load checks it: a damaged file is refused, not used
+            "sha256": tensors_digest(state),  # load checks it: a damaged file is refused, not used
             # and this: weights copied into another model's folder (the same shapes, other genes) are refused
             "layout_sha256": _layout_digest(self.config),
         }
@@ -3023,7 +3028,7 @@ def _read_weights(weights: Path, config: Config) -> tuple[dict[str, torch.Tensor
             state = {name: handle.get_tensor(name) for name in header}
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{corrupt} ({error})") from error
-    if "sha256" in metadata and _weights_digest(state) != metadata["sha256"]:  # (files saved before it have none)
+    if "sha256" in metadata and tensors_digest(state) != metadata["sha256"]:  # (files saved before it have none)
         raise ValueError(f"{weights} is corrupt: its tensors do not match the checksum save wrote")
     if not all(torch.isfinite(tensor).all() for tensor in state.values() if tensor.is_floating_point()):
         raise ValueError(
@@ -3148,16 +3153,6 @@ def _per_row(value, n: int, name: str) -> np.ndarray:
     if values.shape != (n,):
         raise ValueError(f"{name} must be one value or one per row ({n}), got shape {values.shape}")
     return values
-
-
-def _weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _layout_digest(config: Config) -> str:

@@ -368,6 +368,7 @@ def train(
     rows: list[dict] = []
     step, retries, epochs_without_improvement = 0, 0, 0
     start_epoch, stop, interrupted, last_checkpoint, still_improving = 0, False, False, None, False
+    checkpoint_failed = False  # a checkpoint could not be written (told once)
     diverged_epoch = None
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_FILE
     if checkpoint is not None and world > 1:  # each rank keeps its own random-number state
@@ -504,8 +505,10 @@ def train(
                 # world: resuming with another number of processes is refused (agreed_checkpoint)
                 loop = {"epoch": epoch, "step": step, "retries": retries, "stopped": stop, "history": rows, "world": world}
                 loop |= {"epochs_without_improvement": epochs_without_improvement, "best": best, "diverged_epoch": diverged_epoch}
-                write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
-                last_checkpoint = epoch + 1
+                if _checkpoint_written(checkpoint, run, vae, optimizer, rng, loop, last_checkpoint, warned=checkpoint_failed):
+                    last_checkpoint = epoch + 1
+                else:
+                    checkpoint_failed = True
             if stop:
                 _end_bar_here(bar)
                 break
@@ -583,6 +586,36 @@ def _resumed(
     else:
         warn_user(f"no checkpoint in {checkpoint.parent}; training from the start", UserWarning)
     return None
+
+
+def _checkpoint_written(
+    checkpoint: Path,
+    run: dict,
+    vae: VAE,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    loop: dict,
+    last_checkpoint: int | None,
+    warned: bool,
+) -> bool:
+    """Write the checkpoint; where the file system refuses it (a full disk, a quota) one process warns (unless
+    ``warned``) and trains on, as the checkpoint written before is still whole. Data-parallel ranks raise instead:
+    their checkpoints must stay within an epoch of each other."""
+    try:
+        write_checkpoint(checkpoint, run, vae, optimizer, rng, loop)
+        return True
+    except OSError as error:
+        failed = f"could not write the checkpoint {checkpoint} after epoch {loop['epoch']} ({type(error).__name__}: {error})"
+        if loop["world"] > 1:
+            raise OSError(error.errno, f"{failed}; the run stops, as its processes' checkpoints must agree") from error
+        if not warned:
+            kept = (
+                "no checkpoint was written yet"
+                if last_checkpoint is None
+                else f"the checkpoint after epoch {last_checkpoint - 1} is kept, and fit(..., resume=True) continues from it"
+            )
+            warn_user(f"{failed}; training goes on and tries again at the next checkpoint; {kept}", RuntimeWarning)
+        return False
 
 
 def _validation_terms(vae: VAE, loader: CellLoader, cells: np.ndarray, batch_size: int, world: int) -> dict:
@@ -785,6 +818,16 @@ def _covariates_digest(covariates: Covariates | np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order (saved models and checkpoints carry it)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def write_checkpoint(
     path: Path, run: dict, vae: VAE, optimizer: torch.optim.Optimizer, rng: np.random.Generator, loop: dict
 ) -> None:
@@ -804,9 +847,10 @@ def write_checkpoint(
     meta |= {"best_loss": loop["best"]["loss"], "best_epoch": loop["best"]["epoch"], "run": run}
     meta |= {"version": CHECKPOINT_VERSION, "numpy_rng": rng.bit_generator.state, "param_groups": optimizer_state["param_groups"]}
     meta["model_config_fields"] = _config_fields(vae.config)  # (read only to name what differs: run holds their hash)
-    blob = safetensors_bytes(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"cellvae_checkpoint": json.dumps(meta)}
-    )
+    meta["torch_threads"] = torch.get_num_threads()  # (resuming with another count is not bitwise the same run)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta["tensors_sha256"] = tensors_digest(tensors)  # read_checkpoint checks it: damaged bytes are refused, not resumed
+    blob = safetensors_bytes(tensors, metadata={"cellvae_checkpoint": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -866,6 +910,9 @@ def read_checkpoint(
             tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}
     except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as error:
         raise ValueError(f"{path} is not a readable cellvae checkpoint ({error}); {advice}") from error
+    written_digest = meta.get("tensors_sha256") if isinstance(meta, dict) else None  # (earlier checkpoints have none)
+    if written_digest is not None and written_digest != tensors_digest(tensors):
+        raise ValueError(f"{path} is damaged: its tensors do not match the checksum written with them; {advice}")
     found = meta.get("version") if isinstance(meta, dict) else None
     if found == 2 and vae.config.free_bits > 0:
         raise ValueError(
@@ -932,6 +979,14 @@ def read_checkpoint(
             torch.mps.set_rng_state(tensors["rng.mps"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} does not fit this model ({error}); {advice}") from error
+    threads = meta.get("torch_threads")  # (earlier checkpoints: not recorded)
+    if next(vae.parameters()).device.type == "cpu" and isinstance(threads, int) and threads != torch.get_num_threads():
+        warn_user(
+            f"{path} was written by a run on {threads} torch threads and this one has {torch.get_num_threads()}: "
+            "training goes on, but sums in another order, so the model will not be bitwise the one an uninterrupted "
+            f"run gives; for that, resume with torch.set_num_threads({threads}) (or OMP_NUM_THREADS={threads})",
+            UserWarning,
+        )
     best = {"loss": meta["best_loss"], "state": best_state, "epoch": meta["best_epoch"]}
     diverged = meta.get("diverged_epoch")  # (None: not stopped as diverged, or written before it was kept)
     loop = {k: meta[k] for k in ("epoch", "step", "retries", "stopped", "history", "epochs_without_improvement")}

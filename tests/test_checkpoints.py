@@ -278,8 +278,16 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         match=r"checkpoint version 99; this cellvae reads version 3 \(and 2, without free bits\): .*or name another checkpoint",
     ):
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
-    # well-framed files with a damaged part: told as damaged, never a bare KeyError or TypeError
+    # bytes changed on disk (a flipped sign bit in the best parameters): refused by the checksum, not resumed from
+    flipped = tensors | {"best.decoder.body.linears.0.weight": -tensors["best.decoder.body.linears.0.weight"]}
+    meta["cellvae_checkpoint"] = json.dumps(json.loads(meta["cellvae_checkpoint"]) | {"version": 3})
+    save_file(flipped, tmp_path / CHECKPOINT, metadata=meta)
+    with pytest.raises(ValueError, match="is damaged: its tensors do not match the checksum written with them.*or name another"):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
+    # well-framed files with a damaged part (written before checkpoints had a checksum): told as damaged, never a
+    # bare KeyError or TypeError
     fields = json.loads(meta["cellvae_checkpoint"]) | {"version": 2}
+    del fields["tensors_sha256"]
     damages = {
         "run missing": ({k: v for k, v in fields.items() if k != "run"}, tensors, r"\['run'\] missing, of the wrong type"),
         "epoch as text": (fields | {"epoch": "1"}, tensors, r"\['epoch'\] missing, of the wrong type or inconsistent"),
@@ -581,6 +589,10 @@ def test_a_checkpoint_whose_best_parameters_do_not_fit_the_model_is_refused(tmp_
     CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
     with safe_open(tmp_path / CHECKPOINT, "pt") as handle:
         meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    # as written before checkpoints had a checksum (which refuses any change to the tensors first)
+    fields = json.loads(meta["cellvae_checkpoint"])
+    del fields["tensors_sha256"]
+    meta["cellvae_checkpoint"] = json.dumps(fields)
     best = next(k for k in tensors if k.startswith("best.") and tensors[k].ndim == 2)
     save_file(tensors | {best: tensors[best][:, :-1].contiguous()}, tmp_path / CHECKPOINT, metadata=meta)
     with pytest.raises(ValueError, match="(?s)does not fit this model.*or name another checkpoint_dir"):
@@ -591,17 +603,51 @@ def test_a_checkpoint_whose_best_parameters_do_not_fit_the_model_is_refused(tmp_
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
-def test_a_checkpoint_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
-    """A failure between writing the staging file and renaming it (a full disk, a Ctrl-C) removes the staging file."""
+def test_a_checkpoint_the_disk_refuses_is_told_with_its_path_and_training_goes_on(tmp_path, monkeypatch):
+    """A full disk at a checkpoint (here from the third on) loses no training: one warning names the file and the
+    checkpoint kept, no staging file is left, and resume continues from the kept checkpoint."""
     adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    replace, calls = os.replace, []
 
-    def failing_replace(source, target):
-        raise OSError(28, "No space left on device")
+    def full_disk_from_the_third(source, target):
+        calls.append(target)
+        if len(calls) > 2:
+            raise OSError(28, "No space left on device")
+        replace(source, target)
 
-    monkeypatch.setattr(cellvae.train.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(cellvae.train.os, "replace", full_disk_from_the_third)
+    fit = {"max_epochs": 5, "early_stopping": False, "progress": False, "checkpoint_dir": tmp_path}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = CellVAE(adata, n_hidden=8).fit(**fit)
+    told = [str(w.message) for w in caught if "could not write the checkpoint" in str(w.message)]
+    assert len(told) == 1 and len(model.history) == 5  # told once, though epochs 2, 3 and 4 each failed
+    assert re.search(
+        rf"could not write the checkpoint {re.escape(str(tmp_path / CHECKPOINT))} after epoch 2 \(OSError: .*No space left"
+        r".*training goes on .* the checkpoint after epoch 1 is kept, and fit\(\.\.\., resume=True\) continues from it",
+        told[0],
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+    monkeypatch.setattr(cellvae.train.os, "replace", replace)
+    resumed = CellVAE(adata, n_hidden=8).fit(**fit, resume=True)
+    assert resumed.history["epoch"].tolist() == [0, 1, 2, 3, 4]  # epochs 0-1 read back, 2-4 trained again
+    np.testing.assert_array_equal(resumed.get_latent(progress=False), model.get_latent(progress=False))
+
+
+def test_resuming_with_another_torch_thread_count_is_told(tmp_path):
+    adata = cellvae.datasets.simulate(n_cells=200, n_genes=30, random_state=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
         CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == []
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.warns(
+        UserWarning,
+        match=rf"written by a run on {threads + 1} torch threads and this one has {threads}: .*"
+        rf"resume with torch.set_num_threads\({threads + 1}\)",
+    ):
+        CellVAE(adata, n_hidden=8).fit(max_epochs=2, progress=False, checkpoint_dir=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize(

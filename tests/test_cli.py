@@ -7,8 +7,10 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -944,12 +946,54 @@ def test_ctrl_c_or_a_full_disk_after_training_keeps_the_model_and_says_what_was_
 
     weights, output = (tmp_path / "model" / "model.safetensors").read_bytes(), (tmp_path / "out.h5ad").read_bytes()
     monkeypatch.setattr(ad.AnnData, "write_h5ad", disk_full)
-    told = r"could not write .*out.h5ad \(the file there is from an earlier run\); the model is saved"
+    told = (
+        r"could not write .*out.h5ad \(the file there is from an earlier run\); the model is saved in .*"
+        r"\(No space left on device\)$"
+    )
     with pytest.raises(SystemExit, match=told):
         main([*args, "--overwrite", "--seed", "1"])
     assert (tmp_path / "model" / "model.safetensors").read_bytes() != weights  # the new model is saved
     assert (tmp_path / "out.h5ad").read_bytes() == output  # the earlier run's output, as the message says
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "model", "out.h5ad"]
+
+
+def test_a_model_the_disk_refuses_is_told_with_its_folder_and_the_embedding_is_still_written(tmp_path, monkeypatch, capsys):
+    """A full disk (or quota) under --model-dir lost the whole run, with a message naming no path."""
+
+    def disk_full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cellvae.CellVAE, "_weights_file", disk_full)
+    args = [*fit_args(tmp_path, n_cells=300, n_genes=50), "--epochs", "2", "--quiet", "--embedding-only"]
+    told = (
+        r"^error: \[Errno 28\] could not save the model in .*model: No space left on device; nothing there changed "
+        r"\(wrote .*out.h5ad with obsm\['X_cellvae'\]\); free space there, or name another --model-dir, and fit again$"
+    )
+    with pytest.raises(SystemExit, match=told):
+        main(args)
+    assert "trained 2 epochs" in capsys.readouterr().err
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert written.obsm["X_cellvae"].shape == (300, 10) and written.uns["cellvae"]["params"]["model_dir"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.h5ad"]  # no model folder, nothing half made
+
+
+def test_sigterm_from_a_scheduler_stops_fit_as_ctrl_c_does(tmp_path):
+    """SLURM and PBS stop a job at its time limit with SIGTERM: fit keeps the best epoch so far, saves the model, writes
+    --out and exits with status 143 (it died at once, leaving nothing)."""
+    args = fit_args(tmp_path, n_cells=2000, n_genes=100)
+    command = [sys.executable, "-m", "cellvae", *args, "--epochs", "400", "--checkpoint-dir", str(tmp_path / "ck"), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ck" / "checkpoint.safetensors").exists():  # (an epoch has ended)
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "interrupted: wrote" in stderr and "saved the model in" in stdout
+    with pytest.warns(UserWarning, match="saved after Ctrl-C stopped its training"):
+        assert 1 <= len(cellvae.CellVAE.load(tmp_path / "model", load_anndata=False).history) < 400
+    assert ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_cellvae"].shape == (2000, 10)
 
 
 def test_ctrl_c_during_the_graph_leaves_an_earlier_analysis_of_the_input_as_it_was(tmp_path, monkeypatch, capsys):
