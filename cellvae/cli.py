@@ -136,9 +136,9 @@ def _run_past_hdf5_write_failures(args: argparse.Namespace) -> int:
     except SystemExit as exit:
         if not _SHELL_RUN.hdf5_left_open:
             raise
-        if not isinstance(exit.code, int):
+        if not isinstance(exit.code, int | None):
             print(exit.code, file=sys.stderr)
-        status = exit.code if isinstance(exit.code, int) else 1
+        status = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
     if _SHELL_RUN.hdf5_left_open:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -1660,11 +1660,11 @@ def _quiet_if_hdf5_cannot_close() -> Iterator[None]:
     objects (a page of them) besides raising the error that the command tells in one line: those are left out, and
     the process is marked to end without closing the file again (:func:`_run_past_hdf5_write_failures`). Anything
     else written to stderr meanwhile is printed after."""
-    previous_hook, captured = sys.unraisablehook, io.StringIO()
+    previous_hook, captured, left_open = sys.unraisablehook, io.StringIO(), []
 
     def hdf5_objects_left_open(unraisable) -> None:
         if "h5py" in str(unraisable.object):
-            _SHELL_RUN.hdf5_left_open = True
+            left_open.append(unraisable.object)
         else:
             previous_hook(unraisable)
 
@@ -1674,7 +1674,9 @@ def _quiet_if_hdf5_cannot_close() -> Iterator[None]:
             yield
     finally:
         sys.unraisablehook = previous_hook
-        if not _SHELL_RUN.hdf5_left_open:
+        if left_open:
+            _SHELL_RUN.hdf5_left_open = True
+        else:
             sys.stderr.write(captured.getvalue())
 
 
