@@ -607,7 +607,8 @@ def _checkpoint_written(
     except OSError as error:
         failed = f"could not write the checkpoint {checkpoint} after epoch {loop['epoch']} ({type(error).__name__}: {error})"
         if loop["world"] > 1:
-            raise OSError(error.errno, f"{failed}; the run stops, as its processes' checkpoints must agree") from error
+            stops = f"{failed}; the run stops, as its processes' checkpoints must agree"
+            raise (OSError(stops) if error.errno is None else OSError(error.errno, stops)) from error
         if not warned:
             kept = (
                 "no checkpoint was written yet"
