@@ -1487,19 +1487,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         ``dispersion="gene-cell"`` fitted to read counts gives cells a tiny theta (huge overdispersion) where they have no
         count, and then calls far fewer genes; test with a model of one dispersion per gene (or batch).
         """
-        if delta is None:  # scvi-tools' delta=None picks one from the data
-            raise ValueError("delta must be a positive number, got None (scvi-tools picks one then): give it, e.g. 0.25")
-        for name, value in (("delta", delta), ("fdr_target", fdr_target)):
-            value = data.native(value)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < np.inf:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not fdr_target < 1:
-            raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
-        for name, value in (("n_draws", n_draws), ("max_cells", max_cells), ("batch_size", batch_size)):
-            data.check_positive_int(value, name)
-        minimum = differential.MIN_DE_DRAWS
-        if n_draws < minimum:
-            raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
+        _check_differential_arguments(delta, fdr_target, n_draws, max_cells, batch_size, pseudocount)
         random_state = data.check_seed(random_state)
         batch_correction = data.check_flag(batch_correction, "batch_correction")
         progress = data.check_flag(progress, "progress")
@@ -1507,10 +1495,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             self._decode_batches(batchid, name, batch_correction)
             for name, batchid in (("batchid1", batchid1), ("batchid2", batchid2))
         ]
-        if pseudocount is not None and (
-            isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
-        ):
-            raise ValueError(f"pseudocount must be a positive number (log2 of 0 is undefined) or None, got {pseudocount!r}")
         if idx1 is None and idx2 is not None:
             raise ValueError("idx2 needs idx1, the cells of the first group")
         if idx1 is not None and not (groupby is None and group1 is None and group2 is None):
@@ -1549,27 +1533,12 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             for name1, name2, _, _ in comparisons
         ]
         # picked: the cells (with counts, at most max_cells) whose draws stand for each group
-        picked, few, small, separate = [], set(), set(), []
-        compared = np.zeros(len(labelled), dtype=bool)  # the observed columns read these cells only
-        for (name1, name2, cells1, cells2), rng in zip(comparisons, generators):
-            cells2 = differential.second_group(labelled, cells1, cells2)
-            compared[cells1] = compared[cells2] = True
-            # (the rest of the cells, where group2 is None, is no group of the column: told as what it is)
-            rest = None if group2 is not None else f"the rest (all but {name1!r})"
-            for name, cells in ((repr(name1), cells1), (rest or repr(name2), cells2)):
-                n_counted = int(counted[cells].sum())
-                if n_counted == 0:
-                    what = f"{name} of {source}" if name == rest else f"group {name} of {source}"
-                    leave_out = "" if name == rest else " (leave it out of the groups compared, or remove its cells)"
-                    raise ValueError(f"{what} has no cell with a non-zero count{leave_out}")
-                if n_counted < 5:
-                    few.add(name)
-                elif min(n_counted, max_cells) < differential.SHRUNK_GROUP_CELLS:
-                    small.add(name)
-            if tell_separate and not np.isin(loader.batch_index[cells2], np.unique(loader.batch_index[cells1])).any():
+        picked, compared = _picked_groups(comparisons, generators, labelled, counted, group2 is None, source, max_cells)
+        separate = []  # comparisons of groups that share no batch
+        for name1, name2, cells1, cells2 in comparisons if tell_separate else []:
+            batches2 = loader.batch_index[differential.second_group(labelled, cells1, cells2)]
+            if not np.isin(batches2, np.unique(loader.batch_index[cells1])).any():
                 separate.append(f"{name1} vs {name2}")
-            picked.append(tuple(differential.subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
-        differential.warn_about_group_sizes(sorted(few), sorted(small - few), max_cells, source)
         if separate:
             differential.warn_groups_share_no_batch(separate, self.config.batch_key, batch_correction)
         if pseudocount is None:
@@ -3334,6 +3303,62 @@ def _brief_training(history: pd.DataFrame, n_cells: int) -> dict | None:
     if not (history.attrs.get("still_improving") or (interrupted and last_was_best)):
         return None
     return {"epochs": epochs, "default_epochs": default, "cells": n_cells, "interrupted": interrupted}
+
+
+def _check_differential_arguments(delta, fdr_target, n_draws, max_cells, batch_size, pseudocount) -> None:
+    """Refuse :meth:`CellVAE.differential_expression`'s numbers where they are not what it needs."""
+    if delta is None:  # scvi-tools' delta=None picks one from the data
+        raise ValueError("delta must be a positive number, got None (scvi-tools picks one then): give it, e.g. 0.25")
+    for name, value in (("delta", delta), ("fdr_target", fdr_target)):
+        value = data.native(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < np.inf:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not fdr_target < 1:
+        raise ValueError(f"fdr_target must lie between 0 and 1, got {fdr_target!r}")
+    for name, value in (("n_draws", n_draws), ("max_cells", max_cells), ("batch_size", batch_size)):
+        data.check_positive_int(value, name)
+    minimum = differential.MIN_DE_DRAWS
+    if n_draws < minimum:
+        raise ValueError(f"n_draws must be at least {minimum} (probabilities from fewer draws are too coarse), got {n_draws}")
+    if pseudocount is not None and (
+        isinstance(pseudocount, bool) or not isinstance(pseudocount, (int, float, np.number)) or not 0 < pseudocount < np.inf
+    ):
+        raise ValueError(f"pseudocount must be a positive number (log2 of 0 is undefined) or None, got {pseudocount!r}")
+
+
+def _picked_groups(
+    comparisons: list,
+    generators: list,
+    labelled: np.ndarray,
+    counted: np.ndarray,
+    against_rest: bool,
+    source: str,
+    max_cells: int,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """For each comparison of :meth:`CellVAE.differential_expression`, the cells with counts (at most ``max_cells``,
+    drawn by the comparison's generator) whose draws stand for each of its two groups, and a mask of all cells of the
+    groups compared (which the observed columns read). A group without counts is refused; groups of few cells are told
+    of in one warning."""
+    picked, few, small = [], set(), set()
+    compared = np.zeros(len(labelled), dtype=bool)
+    for (name1, name2, cells1, cells2), rng in zip(comparisons, generators):
+        cells2 = differential.second_group(labelled, cells1, cells2)
+        compared[cells1] = compared[cells2] = True
+        # (the rest of the cells is no group of the column: told as what it is)
+        rest = f"the rest (all but {name1!r})" if against_rest else None
+        for name, cells in ((repr(name1), cells1), (rest or repr(name2), cells2)):
+            n_counted = int(counted[cells].sum())
+            if n_counted == 0:
+                what = f"{name} of {source}" if name == rest else f"group {name} of {source}"
+                leave_out = "" if name == rest else " (leave it out of the groups compared, or remove its cells)"
+                raise ValueError(f"{what} has no cell with a non-zero count{leave_out}")
+            if n_counted < 5:
+                few.add(name)
+            elif min(n_counted, max_cells) < differential.SHRUNK_GROUP_CELLS:
+                small.add(name)
+        picked.append(tuple(differential.subsample(cells[counted[cells]], max_cells, rng) for cells in (cells1, cells2)))
+    differential.warn_about_group_sizes(sorted(few), sorted(small - few), max_cells, source)
+    return picked, compared
 
 
 def _warn_if_trained_briefly(model: CellVAE) -> None:
