@@ -18,7 +18,7 @@ from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
-from cellvae.config import CELLVAE_VERSION, DISPERSIONS, LIKELIHOODS
+from cellvae.config import CELLVAE_VERSION, DECODERS, DISPERSIONS, LIKELIHOODS
 
 DESCRIPTION = """cellvae: a negative-binomial VAE for single-cell RNA-seq counts.
 
@@ -530,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--dispersion", choices=DISPERSIONS, default="gene", help="dispersion per gene (default), gene and batch, or cell"
     )
+    fit.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        default="mlp",
+        help="decoder with hidden layers (default), or linear: genes' log expression linear in the latent space, its "
+        "weights read by CellVAE.load(MODEL_DIR).get_loadings()",
+    )
     fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: chosen from data size)")
     fit.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default: 128)")
     fit.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
@@ -776,6 +783,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "n_latent": args.n_latent,
         "likelihood": args.likelihood,
         "dispersion": args.dispersion,
+        "decoder": args.decoder,
     }
     fit_kwargs = {
         "batch_size": args.batch_size,

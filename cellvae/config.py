@@ -19,7 +19,13 @@ FORMAT_VERSION = 1
 # Fields added to format 1 after its first readers: saved only where they differ from these defaults, so that a model
 # not using them loads in a cellvae that lacks them (a newer field's default keeps the older behaviour; a field whose
 # absence older readers would misread needs a new FORMAT_VERSION instead).
-LATER_FIELD_DEFAULTS = {"normalization": "layer", "batch_mmd": 0.0, "reference_categories": {}, "train_input_layer": False}
+LATER_FIELD_DEFAULTS = {
+    "normalization": "layer",
+    "batch_mmd": 0.0,
+    "reference_categories": {},
+    "train_input_layer": False,
+    "decoder": "mlp",
+}
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-cell")
 POSTERIORS = ("diagonal", "full")
@@ -27,6 +33,7 @@ POSTERIORS = ("diagonal", "full")
 MAX_WEIGHT = 1e6
 ROLES = "the batch key and covariate keys together (each obs column has one role)"
 NORMALIZATIONS = ("layer", "batch")
+DECODERS = ("mlp", "linear")
 REPR_ITEMS = 5  # items of a long list (the model's genes) that repr(config) shows
 MIN_LAYER_NORMED_UNITS = 3  # LayerNorm of 1 unit gives its bias, of 2 units ±1: no information about the cell
 
@@ -51,6 +58,7 @@ class Config:
     n_latent: int = 10
     n_hidden: int = 128
     n_layers: int = 1
+    decoder: str = "mlp"
     dropout: float = 0.1
     normalization: str = "layer"
     likelihood: str = "nb"
@@ -91,6 +99,7 @@ class Config:
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}"),
             (self.dispersion in DISPERSIONS, f"dispersion must be one of {DISPERSIONS}, got {self.dispersion!r}"),
             (self.posterior in POSTERIORS, f"posterior must be one of {POSTERIORS}, got {self.posterior!r}"),
+            (self.decoder in DECODERS, f"decoder must be one of {DECODERS}, got {self.decoder!r}"),
             (
                 self.normalization in NORMALIZATIONS,
                 f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}",

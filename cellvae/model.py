@@ -358,6 +358,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         Further ``obs`` columns injected like the batch.
     n_latent, n_hidden, n_layers, dropout
         Size of the latent space and of the encoder/decoder networks.
+    decoder
+        ``"mlp"`` (default): the decoder's hidden layers, as scVI's. ``"linear"``: z and the covariates map straight
+        to the genes' log expression (an LDVAE: scvi-tools' ``LinearSCVI``, Svensson et al. 2020), whose weights
+        :meth:`get_loadings` returns, the genes each latent dimension drives; ``n_hidden`` and ``n_layers`` then shape
+        the encoder alone.
     normalization
         ``"layer"`` (default): LayerNorm in the hidden layers, each cell normalised on its own.
         ``"batch"``: BatchNorm, each hidden unit normalised over the minibatch while training and
@@ -437,6 +442,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         n_latent: int = 10,
         n_hidden: int = 128,
         n_layers: int = 1,
+        decoder: str = "mlp",
         dropout: float = 0.1,
         normalization: str = "layer",
         likelihood: str = "nb",
@@ -483,6 +489,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
             n_latent=data.native(n_latent),
             n_hidden=data.native(n_hidden),
             n_layers=data.native(n_layers),
+            decoder=decoder,
             dropout=data.native(dropout),
             normalization=normalization,
             likelihood=likelihood,
@@ -533,7 +540,7 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         state.setdefault("_query_copied", mapped)  # (pickled before it was kept: a mapped query was always a copy)
         state.setdefault("_split_obs_names", None)
         if "history" in state:  # (pickled before history was a property)
-            state["_history"] = TrainingHistory.of(state.pop("history"))
+            state["_training_history"] = TrainingHistory.of(state.pop("history"))
         self.__dict__.update(state)
         self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
 
@@ -545,11 +552,11 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
 
     @property
     def history(self) -> TrainingHistory:
-        return self._history
+        return self._training_history
 
     @history.setter
     def history(self, frame: pd.DataFrame) -> None:
-        self._history = TrainingHistory.of(frame)
+        self._training_history = TrainingHistory.of(frame)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
         self.config = config
@@ -588,7 +595,8 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if c.reference_categories:  # a map_query model: which of its batches are the query's
             new = len(c.batch_categories) - c.reference_categories.get(c.batch_key, len(c.batch_categories))
             batches += f", {new} of them the query's (a map_query model{', input layer trained' if c.train_input_layer else ''})"
-        return f"CellVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, likelihood={c.likelihood!r}, {batches})"
+        decoder = ", decoder='linear'" if c.decoder == "linear" else ""
+        return f"CellVAE({state}; {c.n_genes} genes, n_latent={c.n_latent}, likelihood={c.likelihood!r}{decoder}, {batches})"
 
     # ------------------------------------------------------------------ training
 
@@ -1276,6 +1284,29 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         if shared_theta:  # a dense copy would be n_cells × n_genes of the same row (1M × 30,000 genes: 120 GB)
             parameters["theta"] = np.broadcast_to(theta_row, (len(cells), self.config.n_genes))
         return {name: parameters[name] for name in names}
+
+    def get_loadings(self) -> pd.DataFrame:
+        """The weights of a linear decoder (``decoder="linear"``): genes × latent dimensions, as scvi-tools' LinearSCVI.
+
+        A cell's decoded log expression of gene g is ``loadings.loc[g] @ z`` plus the gene's covariate and bias
+        terms, less a normalisation shared by all genes; a dimension's largest (and most negative) loadings name
+        the genes it drives. Within a column, compare genes (a shift of a whole column changes no cell's expression).
+
+        Returns
+        -------
+        DataFrame indexed by the model's genes, one column per latent dimension (``Z_0``, ``Z_1``, ...).
+        """
+        if self.config.decoder != "linear":
+            raise ValueError(
+                f"get_loadings reads the weights of a linear decoder, and this model's decoder is {self.config.decoder!r} "
+                "(hidden layers): build the model with CellVAE(adata, decoder='linear') and train it"
+            )
+        if not self.is_trained:
+            raise ValueError("get_loadings reads a trained decoder's weights; call model.fit() first")
+        weights = self.module.decoder.proportions.weight[:, : self.config.n_latent].detach().cpu().numpy().copy()
+        return pd.DataFrame(
+            weights, index=pd.Index(self.config.gene_names), columns=[f"Z_{i}" for i in range(self.config.n_latent)]
+        )
 
     @advise_on_foreign_arguments
     def sample_counts(
@@ -4083,10 +4114,10 @@ def _new_columns(config: Config) -> np.ndarray:
 
 
 def _covariate_linears(vae: VAE) -> list[torch.nn.Linear]:
-    """The layers whose input ends with the covariate vector: every hidden layer of the decoder, and of the
-    encoder when it sees the covariates."""
-    bodies = [vae.encoder.body, vae.decoder.body] if vae.encoder.use_covariates else [vae.decoder.body]
-    return [linear for body in bodies for linear in body.linears]
+    """The layers whose input ends with the covariate vector: every hidden layer of the decoder (a linear decoder's
+    heads), and of the encoder when it sees the covariates."""
+    encoder = list(vae.encoder.body.linears) if vae.encoder.use_covariates else []
+    return encoder + vae.decoder.covariate_linears()
 
 
 def _graft_reference(reference: VAE, query: VAE) -> None:

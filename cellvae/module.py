@@ -118,27 +118,45 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z + covariates → log mean, inverse dispersion and zero-inflation of the count likelihood."""
+    """z + covariates → log mean, inverse dispersion and zero-inflation of the count likelihood: through hidden
+    layers (``decoder="mlp"``), or straight from z and the covariates (``decoder="linear"``, an LDVAE: each gene's
+    log mean is then linear in z, up to the normalisation over genes)."""
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.body = CovariateMLP(
-            config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout, config.normalization
-        )
-        self.proportions = GeneLinear(config.n_hidden, config.n_genes, **FLOAT32)
+        self.linear = config.decoder == "linear"
+        if self.linear:
+            self.body = None
+            width = config.n_latent + config.n_covariates
+        else:
+            self.body = CovariateMLP(
+                config.n_latent, config.n_covariates, config.n_hidden, config.n_layers, config.dropout, config.normalization
+            )
+            width = config.n_hidden
+        self.proportions = GeneLinear(width, config.n_genes, **FLOAT32)
         if config.likelihood != "poisson":
             if config.dispersion == "gene":
                 self.log_theta = nn.Parameter(torch.zeros(config.n_genes, **FLOAT32))
             elif config.dispersion == "gene-batch":
                 self.log_theta = nn.Parameter(torch.zeros(config.n_batches, config.n_genes, **FLOAT32))
             else:
-                self.theta_head = GeneLinear(config.n_hidden, config.n_genes, **FLOAT32)
+                self.theta_head = GeneLinear(width, config.n_genes, **FLOAT32)
         if config.likelihood == "zinb":
-            self.dropout_head = GeneLinear(config.n_hidden, config.n_genes, **FLOAT32)
+            self.dropout_head = GeneLinear(width, config.n_genes, **FLOAT32)
+
+    def covariate_linears(self) -> list[nn.Linear]:
+        """The layers whose input ends with the covariates: the hidden layers, or a linear decoder's heads."""
+        if not self.linear:
+            return list(self.body.linears)
+        heads = [self.proportions, getattr(self, "theta_head", None), getattr(self, "dropout_head", None)]
+        return [head for head in heads if head is not None]
 
     def forward(self, z: torch.Tensor, covariates: torch.Tensor, library: torch.Tensor, batch_index: torch.Tensor) -> Likelihood:
-        h = self.body(z, covariates)
+        if not self.linear:
+            h = self.body(z, covariates)
+        else:
+            h = torch.cat([z, covariates], dim=-1) if self.config.n_covariates else z
         # An empty cell's library of 0 becomes 1e-30: its mean is then ~0 and log p(x = 0) ~0, not 0 · log 0 = NaN.
         log_mean = torch.log_softmax(self.proportions(h), dim=-1) + torch.log(library.clamp(min=1e-30))
         if self.config.likelihood == "poisson":

@@ -208,6 +208,23 @@ def test_batch_normalized_reference_keeps_its_statistics_when_mapping(reference_
     assert (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean() > 0.95
 
 
+def test_a_linear_decoder_maps_a_query_through_its_new_batch_columns_and_keeps_the_reference_loadings(reference_and_query):
+    reference, query = (adata.copy() for adata in reference_and_query[1:])
+    model = CellVAE(reference, batch_key="batch", decoder="linear").fit(max_epochs=100, random_state=0, progress=False)
+    loadings = model.get_loadings()
+    query_model = model.map_query(query, max_epochs=30, progress=False)
+    # the decoder's weights on z are the reference's; only the new batch's column of the linear decoder trained
+    pd.testing.assert_frame_equal(query_model.get_loadings(), loadings)
+    weight = query_model.module.decoder.proportions.weight.detach()
+    assert weight.shape[1] == model.config.n_latent + 3  # z, then one column per batch (two known, one new)
+    torch.testing.assert_close(weight[:, :-1], model.module.decoder.proportions.weight.detach(), rtol=0, atol=0)
+    assert weight[:, -1].abs().max() > 0  # (it starts at zero)
+    np.testing.assert_array_equal(query_model.get_latent(reference), model.get_latent(reference))
+    reference.obsm["X_linear"], query.obsm["X_linear"] = query_model.get_latent(reference), query_model.get_latent()
+    cellvae.tl.transfer_labels(reference, query, "cell_type", use_rep="X_linear")
+    assert (query.obs["cell_type_predicted"].astype(str) == query.obs["cell_type"].astype(str)).mean() > 0.95
+
+
 def test_mapped_model_saves_and_loads(reference_and_query, tmp_path):
     model, _, query = reference_and_query
     query_model = model.map_query(query, max_epochs=5, progress=False)

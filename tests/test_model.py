@@ -1864,6 +1864,42 @@ def test_scvi_tools_names_are_answered_with_the_cellvae_names(two_batches, monke
     np.testing.assert_array_equal(copy.deepcopy(model).get_latent(), model.get_latent())
 
 
+def test_linear_decoder_loadings_are_how_decoded_log_expression_moves_with_z(two_batches, tmp_path):
+    adata = two_batches[:400].copy()
+    model = CellVAE(adata, batch_key="batch", decoder="linear", likelihood="zinb", dispersion="gene-cell")
+    with pytest.raises(ValueError, match=r"get_loadings reads a trained decoder's weights; call model.fit\(\) first"):
+        model.get_loadings()
+    model.fit(max_epochs=5, random_state=0, progress=False)
+    assert "likelihood='zinb', decoder='linear', batch_key='batch'" in repr(model)
+    loadings = model.get_loadings()
+    assert loadings.shape == (adata.n_vars, 10) and list(loadings.columns) == [f"Z_{i}" for i in range(10)]
+    assert list(loadings.index) == list(adata.var_names)
+    # moving z moves every gene's log expression by its loadings, plus one shift shared by all genes (the
+    # normalisation over genes): the meaning a user reads the loadings with
+    z = np.random.default_rng(0).normal(size=(2, 10)).astype(np.float32)
+    batch = adata.obs["batch"].cat.categories[1]
+    log_expression = np.log(model.decode(z, batch=batch).astype(np.float64))
+    moved = log_expression[1] - log_expression[0] - loadings.to_numpy() @ (z[1] - z[0])
+    assert np.ptp(moved) < 1e-3 and np.ptp(loadings.to_numpy() @ (z[1] - z[0])) > 0.1
+    model.save(tmp_path / "linear")
+    assert json.loads((tmp_path / "linear" / "config.json").read_text())["decoder"] == "linear"
+    loaded = CellVAE.load(tmp_path / "linear")
+    pd.testing.assert_frame_equal(loaded.get_loadings(), loadings)
+    np.testing.assert_array_equal(loaded.decode(z, batch=batch), model.decode(z, batch=batch))
+    # a decoder with hidden layers has no loadings; its config is written without the field, as before it existed
+    default = CellVAE(adata, batch_key="batch").fit(max_epochs=1, random_state=0, progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"this model's decoder is 'mlp' \(hidden layers\): build the model with CellVAE\(adata, decoder='linear'\)",
+    ):
+        default.get_loadings()
+    default.save(tmp_path / "mlp")
+    assert "decoder" not in json.loads((tmp_path / "mlp" / "config.json").read_text())
+    assert CellVAE.load(tmp_path / "mlp").config.decoder == "mlp"
+    with pytest.raises(ValueError, match=r"decoder must be one of \('mlp', 'linear'\), got 'nonlinear'"):
+        CellVAE(adata, decoder="nonlinear")
+
+
 def test_scvi_tools_history_keys_name_the_column_that_holds_them(two_batches, tmp_path):
     model = CellVAE(small(two_batches), batch_key="batch", n_hidden=16)
     model.fit(max_epochs=3, batch_size=32, random_state=0, progress=False)
