@@ -99,21 +99,6 @@ SCVI_TOOLS_METHODS = {
     "get_feature_correlation_matrix": "np.corrcoef(model.get_normalized_expression(adata), rowvar=False) "
     "(gene by gene, on decoded expression)",
 }
-# scvi-tools' history keys (its model.history is a dict of one-column DataFrames): what cellvae's one DataFrame holds
-SCVI_TOOLS_HISTORY = {
-    "elbo_train": "-history['train_elbo'] (cellvae's column is the ELBO itself, scvi-tools' its negative)",
-    "elbo_validation": "-history['validation_elbo'] (cellvae's column is the ELBO itself, scvi-tools' its negative)",
-    "reconstruction_loss_train": "history['train_distortion']",
-    "reconstruction_loss_validation": "history['validation_distortion']",
-    "kl_local_train": "history['train_rate']",
-    "kl_local_validation": "history['validation_rate']",
-    "kl_global_train": "nothing: cellvae's model has no global latent variables, so no global KL",
-    "kl_global_validation": "nothing: cellvae's model has no global latent variables, so no global KL",
-    "train_loss_epoch": "history['train_loss']",
-    "train_loss_step": "history['train_loss'] (one value per epoch: cellvae keeps no loss per step)",
-    "lr-Adam": "history['lr']",
-    "lr-AdamW": "history['lr']",
-}
 # scvi-tools' argument: its advice in each place, as (what the method must take for the advice to apply: a cellvae
 # argument or the method's own name; None: any method; the advice); the first that applies is given
 ON_THE_CPU = "drop it: load puts the model on the CPU; then model.to_device('cuda') (or 'auto') moves it"
@@ -301,35 +286,6 @@ def _missing_attribute(owner: str, name: str) -> AttributeError:
     return AttributeError(message)
 
 
-class TrainingHistory(pd.DataFrame):
-    """``model.history``: a DataFrame (one row per epoch) in which scvi-tools' keys, ``history["elbo_train"]``,
-    say which column holds that quantity instead of raising a bare KeyError."""
-
-    @property
-    def _constructor(self):  # (pandas' hook: what its operations on the history return)
-        return TrainingHistory
-
-    def __getitem__(self, key):
-        try:
-            return super().__getitem__(key)
-        except KeyError:
-            if not isinstance(key, str) or key not in SCVI_TOOLS_HISTORY:
-                raise
-            raise KeyError(
-                f"{key!r}: model.history is one DataFrame with a column per quantity (scvi-tools' is a dict of them); "
-                f"scvi-tools' {key!r} is {SCVI_TOOLS_HISTORY[key]} here. Its columns: {', '.join(map(str, self.columns))}"
-            ) from None
-
-    @classmethod
-    def of(cls, frame: pd.DataFrame) -> TrainingHistory:
-        """``frame`` as a TrainingHistory (its ``attrs`` kept); one already is stays the same object."""
-        if isinstance(frame, cls):
-            return frame
-        history = cls(frame)
-        history.attrs = dict(frame.attrs)
-        return history
-
-
 class _NamesScviToolsMethods(type):
     """CellVAE's metaclass: ``CellVAE.setup_anndata`` (scvi-tools' first call) says what to call instead."""
 
@@ -407,9 +363,9 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         The torch network (:class:`cellvae.module.VAE`).
     history
         One row per epoch of the last :meth:`fit`: train and validation loss, distortion, rate and ELBO
-        (the ELBO itself, negative; scvi-tools' ``elbo_train`` is the negative ELBO: its keys raise a KeyError naming
-        the column). ``kl_weight`` is the KL's weight at the epoch's last step: ``train_loss`` averages the epoch's
-        steps, whose weight rises during the warm-up, while ``validation_loss`` charges the full ``beta``.
+        (the ELBO itself, negative; scvi-tools' ``elbo_train`` is the negative ELBO). ``kl_weight`` is the KL's
+        weight at the epoch's last step: ``train_loss`` averages the epoch's steps, whose weight rises during the
+        warm-up, while ``validation_loss`` charges the full ``beta``.
     is_trained
         Whether :meth:`fit` (or :meth:`map_query`) has trained it.
     train_indices, validation_indices
@@ -539,8 +495,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         mapped = state.pop("_mapped_query", False)
         state.setdefault("_query_copied", mapped)  # (pickled before it was kept: a mapped query was always a copy)
         state.setdefault("_split_obs_names", None)
-        if "history" in state:  # (pickled before history was a property)
-            state["_training_history"] = TrainingHistory.of(state.pop("history"))
         self.__dict__.update(state)
         self._mapped_query = weakref.ref(self.adata) if mapped and self.adata is not None else None
 
@@ -549,14 +503,6 @@ class CellVAE(metaclass=_NamesScviToolsMethods):
         def __getattr__(self, name: str):
             # reached only for names the object lacks
             raise _missing_attribute(f"{type(self).__name__!r} object", name)
-
-    @property
-    def history(self) -> TrainingHistory:
-        return self._training_history
-
-    @history.setter
-    def history(self, frame: pd.DataFrame) -> None:
-        self._training_history = TrainingHistory.of(frame)
 
     def _setup(self, config: Config, adata: ad.AnnData | None) -> None:
         self.config = config

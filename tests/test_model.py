@@ -1900,38 +1900,6 @@ def test_linear_decoder_loadings_are_how_decoded_log_expression_moves_with_z(two
         CellVAE(adata, decoder="nonlinear")
 
 
-def test_scvi_tools_history_keys_name_the_column_that_holds_them(two_batches, tmp_path):
-    model = CellVAE(small(two_batches), batch_key="batch", n_hidden=16)
-    model.fit(max_epochs=3, batch_size=32, random_state=0, progress=False)
-    history = model.history
-    assert isinstance(history, pd.DataFrame) and len(history) == 3
-    # scvi-tools' elbo_train is the negative ELBO: reconstruction plus KL, as the message's recipe gives it
-    with pytest.raises(KeyError, match=r"'elbo_train': model.history is one DataFrame .* is -history\['train_elbo'\]"):
-        history["elbo_train"]
-    np.testing.assert_allclose(-history["train_elbo"], history["train_distortion"] + history["train_rate"], rtol=1e-6)
-    with pytest.raises(KeyError, match=r"'kl_local_validation'.* is history\['validation_rate'\] here\. Its columns: epoch, "):
-        history["kl_local_validation"]
-    with pytest.raises(KeyError, match=r"^'no_such_column'$"):  # any other missing column: pandas' own error
-        history["no_such_column"]
-    assert list(history[["epoch", "train_loss"]].columns) == ["epoch", "train_loss"]
-    # what fit recorded is kept through copies, slices, pickling and saving
-    best = history.attrs["best_epoch"]
-    assert history.iloc[1:].attrs["best_epoch"] == best
-    for again in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        pd.testing.assert_frame_equal(again.history, history)
-        assert again.history.attrs["best_epoch"] == best
-        with pytest.raises(KeyError, match=r"'train_loss_step'.* \(one value per epoch"):
-            again.history["train_loss_step"]
-    model.save(tmp_path / "m")
-    loaded = CellVAE.load(tmp_path / "m")
-    assert loaded.history.attrs["best_epoch"] == best
-    with pytest.raises(KeyError, match=r"'reconstruction_loss_train'.* is history\['train_distortion'\]"):
-        loaded.history["reconstruction_loss_train"]
-    model.history = pd.DataFrame({"epoch": [0]})  # a frame set by hand answers so too
-    with pytest.raises(KeyError, match=r"'elbo_validation'.* Its columns: epoch\"$"):
-        model.history["elbo_validation"]
-
-
 def test_dropout_of_one_is_refused():
     adata = cellvae.datasets.simulate(n_cells=50, n_genes=20, random_state=0)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
